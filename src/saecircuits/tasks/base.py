@@ -1,0 +1,67 @@
+"""The task contract: prompts, the absolute prediction position, and the answer token.
+
+Every analysis reads a :class:`Task`. One position contract holds everywhere (analysis-spec.md section 12.2):
+``token_ids[i]`` is the BOS-prefixed prompt *without* the answer token, ``prediction_pos[i] ==
+len(token_ids[i]) - 1`` is the absolute index whose residual stream / MLP activation predicts the answer, and
+``answer_ids[i]`` is the answer token. In the reference notebook's terms, P = L-2 of the prompt that still ends
+with the answer, which is the last index of ``token_ids[i]`` here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class TaskError(ValueError):
+    """A task cannot be built (no matching prompts, an answer that is not one token, ...)."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """A behaviour as data.
+
+    Attributes:
+        name: short identifier, e.g. ``"closing-quote"``.
+        prompts: the prompt texts, answer excluded; ``len == n_prompts``.
+        token_ids: per prompt, the token ids the model sees (BOS first when the model uses one), answer excluded.
+        answer_ids: per prompt, the id of the answer token that should follow ``token_ids[i]``.
+        source_index: per prompt, the index of the corpus document it came from (for provenance).
+    """
+
+    name: str
+    prompts: list[str]
+    token_ids: list[list[int]]
+    answer_ids: list[int]
+    source_index: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.token_ids)
+        if n == 0:
+            raise TaskError(f"task {self.name!r} has no prompts; check the corpus and the task's filter")
+        if len(self.prompts) != n or len(self.answer_ids) != n:
+            raise TaskError(
+                f"task {self.name!r}: {len(self.prompts)} prompts, {n} token lists and "
+                f"{len(self.answer_ids)} answers must have the same length"
+            )
+        if any(len(t) == 0 for t in self.token_ids):
+            raise TaskError(f"task {self.name!r} has an empty prompt")
+
+    @property
+    def n_prompts(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def prediction_pos(self) -> list[int]:
+        """Absolute index of the prediction position P of each prompt (= its last token)."""
+        return [len(t) - 1 for t in self.token_ids]
+
+    def subset(self, indices: list[int] | range) -> Task:
+        """A task holding only the prompts at ``indices`` (in that order)."""
+        idx = list(indices)
+        return Task(
+            name=self.name,
+            prompts=[self.prompts[i] for i in idx],
+            token_ids=[self.token_ids[i] for i in idx],
+            answer_ids=[self.answer_ids[i] for i in idx],
+            source_index=[self.source_index[i] for i in idx] if self.source_index else [],
+        )
