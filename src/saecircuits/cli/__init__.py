@@ -26,7 +26,6 @@ def _register() -> None:
 
 def main() -> None:
     """Console entry point."""
-    # Never wait ~50 s on hub retries when offline; users online can still set these to 0.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _register()
     app()
