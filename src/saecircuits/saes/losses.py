@@ -1,0 +1,300 @@
+"""SAE training loss: reconstruction MSE + sparsity penalty (+ AuxK for dead latents).
+
+Conventions (analysis-spec.md 4.2-4.3, pitfalls 28, 30, 31):
+
+* MSE per token = sum over ``d_in`` of the squared error, then the mean over the batch (reference notebook 4.2).
+* Every penalty is computed per token (sum over features of one batch row) and, by default, averaged over the
+  batch (``batch_reduction="mean"``), so a coefficient means the same at any batch size. The reference notebook
+  summed penalties over the batch (pitfall 28): ``batch_reduction="sum"`` reproduces it, so its coefficients
+  (e.g. L1 3e-4 at batch 4096 for 54_serene_plasma) equal ``coefficient * batch_size`` in the per-token convention.
+
+Regularizers (``f`` = feature activations of one token, ``a_k = |f_k|``, optionally weighted by decoder norms):
+
+============================  ======================================================================  =========
+name                          per-token penalty                                                       coeffs
+============================  ======================================================================  =========
+``l1``                        ``c * sum_k a_k``                                                         1
+``sqrt``                      ``c * sum_k g(a_k)``, ``g(a) = sqrt(a)`` if ``a < 1`` else ``a``          1
+``pure_sqrt``                 ``c * sum_k sqrt(a_k)``                                                   1
+``hoyer_square``              ``c * (sum_k a_k)^2 / (sum_k a_k^2 + 1e-9)``                              1
+``combined_hoyer_l1``         ``l1(c1) + hoyer_square(c2)``                                             2
+``combined_hoyer_sqrt``       ``sqrt(c1) + hoyer_square(c2)`` (189_giddy_water: 1e-4, 1.5e-4, "sum")    2
+``l0``                        ``c * sum_k H(hidden_pre_k - threshold_k)`` (JumpReLU only, STE)          1
+``none``                      no penalty                                                                0
+============================  ======================================================================  =========
+
+``sqrt`` and ``pure_sqrt`` follow the later (HEAD) reference code: no ``1e-9`` inside the square root (pitfall 30's
+constant offset), and a square root whose gradient at exactly 0 is 0 instead of ``inf`` (the reference's 2023-12
+NaN-gradient bug). The gradient ``1/(2 sqrt(a))`` still grows for tiny positive activations (pitfall 30); that is the
+penalty's nature. ``hoyer_square`` keeps the reference's ``1e-9`` denominator epsilon; it is scale-invariant per row
+(pitfall 31) and bounds nothing on its own, hence the combined variants.
+
+``decoder_norm_weighted=True`` replaces ``a_k`` by ``|f_k| * ||W_dec[k]||`` (Anthropic, "Circuits Updates - April
+2024": the penalty then cannot be dodged by shrinking ``f`` and growing the decoder row; use it without the
+unit-norm decoder constraint). It does not apply to ``l0``.
+
+AuxK (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", appendix A.2; SAELens ``TopKTrainingSAE``): the
+``aux_k`` largest pre-activations among dead latents (``dead_mask``), ReLU'd and decoded without ``b_dec``, must
+reconstruct the (detached) residual ``x - x_hat``; the loss is that squared error (sum over ``d_in``, mean over the
+batch) times ``min(n_dead / aux_k, 1)`` times ``aux_coefficient`` (1/32 in the paper).
+
+TopK and BatchTopK SAEs get their sparsity from ``k``: for them the regularizer is ignored (no penalty term).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from saecircuits.saes.base import SAE, SAEError
+
+#: regularizer name -> number of coefficients it takes.
+REGULARIZERS: dict[str, int] = {
+    "none": 0,
+    "l1": 1,
+    "sqrt": 1,
+    "pure_sqrt": 1,
+    "hoyer_square": 1,
+    "combined_hoyer_l1": 2,
+    "combined_hoyer_sqrt": 2,
+    "l0": 1,
+}
+
+HOYER_EPS = 1e-9
+
+
+@dataclass
+class LossConfig:
+    """How :func:`sae_training_loss` penalises sparsity.
+
+    Attributes:
+        regularizer: a key of :data:`REGULARIZERS`.
+        coefficients: one coefficient per term (two for the ``combined_*`` regularizers, none for ``none``).
+        batch_reduction: ``"mean"`` (per-token coefficients, default) or ``"sum"`` (the reference notebook's
+            batch-summed penalty, pitfall 28). MSE is always averaged over the batch.
+        decoder_norm_weighted: weight each ``|f_k|`` by ``||W_dec[k]||`` in the penalty.
+        aux_k: number of dead latents used by the AuxK loss (``None`` disables it; Gao et al. use d_in/2 or 512).
+        aux_coefficient: weight of the AuxK loss (1/32 in Gao et al. 2024).
+    """
+
+    regularizer: str = "l1"
+    coefficients: tuple[float, ...] = (1e-3,)
+    batch_reduction: Literal["mean", "sum"] = "mean"
+    decoder_norm_weighted: bool = False
+    aux_k: int | None = None
+    aux_coefficient: float = 1 / 32
+
+    def __post_init__(self) -> None:
+        if isinstance(self.coefficients, (int, float)):
+            self.coefficients = (float(self.coefficients),)
+        self.coefficients = tuple(float(c) for c in self.coefficients)
+        if self.regularizer not in REGULARIZERS:
+            raise SAEError(f"unknown regularizer {self.regularizer!r}; choose one of {sorted(REGULARIZERS)}")
+        n = REGULARIZERS[self.regularizer]
+        if len(self.coefficients) != n:
+            raise SAEError(
+                f"regularizer {self.regularizer!r} takes {n} coefficient(s), got {len(self.coefficients)} "
+                f"({self.coefficients}); e.g. combined_hoyer_sqrt takes (sqrt_coeff, hoyer_coeff)"
+            )
+        if any(not math.isfinite(c) or c < 0 for c in self.coefficients):
+            raise SAEError(f"coefficients must be finite and >= 0, got {self.coefficients}")
+        if self.batch_reduction not in ("mean", "sum"):
+            raise SAEError(f"batch_reduction must be 'mean' or 'sum', got {self.batch_reduction!r}")
+        if self.aux_k is not None and self.aux_k <= 0:
+            raise SAEError(f"aux_k must be a positive number of latents or None, got {self.aux_k}")
+
+
+@dataclass
+class LossOutput:
+    """Result of :func:`sae_training_loss`.
+
+    Attributes:
+        total: scalar loss to backpropagate.
+        terms: float value of every term (``mse``, the penalty terms by name, ``auxk``) and ``total``.
+        f: feature activations ``[batch, d_sae]`` (training path).
+        x_hat: reconstruction ``[batch, d_in]``.
+        hidden_pre: encoder pre-activations ``[batch, d_sae]``.
+    """
+
+    total: torch.Tensor
+    terms: dict[str, float]
+    f: torch.Tensor
+    x_hat: torch.Tensor
+    hidden_pre: torch.Tensor | None = field(default=None, repr=False)
+
+
+# ---------------------------------------------------------------------------------------------- penalties
+class _SafeSqrt(torch.autograd.Function):
+    """``sqrt(a)`` for ``a >= 0`` with gradient ``1/(2 sqrt(a))`` for ``a > 0`` and ``0`` at ``a == 0``."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = a.sqrt()
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (out,) = ctx.saved_tensors
+        safe = torch.where(out > 0, out, torch.ones_like(out))
+        return torch.where(out > 0, grad / (2 * safe), torch.zeros_like(grad))
+
+
+def safe_sqrt(a: torch.Tensor) -> torch.Tensor:
+    """Elementwise square root of ``a >= 0`` whose gradient at 0 is 0 (not ``inf``/NaN)."""
+    return _SafeSqrt.apply(a)
+
+
+def l1_per_token(a: torch.Tensor) -> torch.Tensor:
+    """``sum_k a_k``: ``[batch, d_sae] -> [batch]`` (``a`` = absolute activations)."""
+    return a.sum(dim=-1)
+
+
+def sqrt_per_token(a: torch.Tensor) -> torch.Tensor:
+    """``sum_k g(a_k)``, ``g(a) = sqrt(a)`` below 1 and ``a`` from 1 on: ``[batch, d_sae] -> [batch]``."""
+    below = a < 1
+    return torch.where(below, safe_sqrt(torch.where(below, a, torch.zeros_like(a))), a).sum(dim=-1)
+
+
+def pure_sqrt_per_token(a: torch.Tensor) -> torch.Tensor:
+    """``sum_k sqrt(a_k)``: ``[batch, d_sae] -> [batch]``."""
+    return safe_sqrt(a).sum(dim=-1)
+
+
+def hoyer_square_per_token(a: torch.Tensor) -> torch.Tensor:
+    """``(sum_k a_k)^2 / (sum_k a_k^2 + 1e-9)`` (reference epsilon): ``[batch, d_sae] -> [batch]``."""
+    return a.sum(dim=-1) ** 2 / ((a**2).sum(dim=-1) + HOYER_EPS)
+
+
+_TERMS: dict[str, list[tuple[str, object]]] = {
+    "l1": [("l1", l1_per_token)],
+    "sqrt": [("sqrt", sqrt_per_token)],
+    "pure_sqrt": [("pure_sqrt", pure_sqrt_per_token)],
+    "hoyer_square": [("hoyer_square", hoyer_square_per_token)],
+    "combined_hoyer_l1": [("l1", l1_per_token), ("hoyer_square", hoyer_square_per_token)],
+    "combined_hoyer_sqrt": [("sqrt", sqrt_per_token), ("hoyer_square", hoyer_square_per_token)],
+}
+
+
+def _reduce(per_token: torch.Tensor, how: str) -> torch.Tensor:
+    return per_token.mean() if how == "mean" else per_token.sum()
+
+
+def sparsity_penalties(
+    sae: SAE, f: torch.Tensor, hidden_pre: torch.Tensor, cfg: LossConfig
+) -> dict[str, torch.Tensor]:
+    """The penalty terms of ``cfg`` (coefficients applied, batch-reduced): name -> scalar tensor.
+
+    Args:
+        sae: the SAE (decoder norms for ``decoder_norm_weighted``, thresholds for ``l0``).
+        f: feature activations ``[batch, d_sae]``.
+        hidden_pre: pre-activations ``[batch, d_sae]`` (used by ``l0``).
+        cfg: the loss configuration.
+
+    Raises:
+        SAEError: ``l0`` on an SAE without thresholds.
+    """
+    if cfg.regularizer == "none" or not sae.uses_sparsity_penalty:
+        return {}
+    if cfg.regularizer == "l0":
+        step = getattr(sae, "heaviside_ste", None)
+        if step is None:
+            raise SAEError(
+                f"regularizer 'l0' needs a JumpReLU SAE (straight-through threshold gradient); "
+                f"this SAE is {sae.architecture!r}: use 'l1' or another regularizer"
+            )
+        return {"l0": cfg.coefficients[0] * _reduce(step(hidden_pre).sum(dim=-1), cfg.batch_reduction)}
+    a = f.abs()
+    if cfg.decoder_norm_weighted:
+        a = a * sae.W_dec.norm(dim=1)
+    return {
+        name: c * _reduce(fn(a), cfg.batch_reduction)  # type: ignore[operator]
+        for (name, fn), c in zip(_TERMS[cfg.regularizer], cfg.coefficients, strict=True)
+    }
+
+
+def auxk_loss(
+    sae: SAE,
+    x: torch.Tensor,
+    x_hat: torch.Tensor,
+    hidden_pre: torch.Tensor,
+    dead_mask: torch.Tensor,
+    aux_k: int,
+) -> torch.Tensor:
+    """AuxK loss (Gao et al. 2024, A.2): dead latents reconstruct the residual error.
+
+    Args:
+        x, x_hat: input and reconstruction ``[batch, d_in]``; the residual ``x - x_hat`` is detached.
+        hidden_pre: pre-activations ``[batch, d_sae]``.
+        dead_mask: ``[d_sae]`` bool, True for dead latents.
+        aux_k: number of dead latents kept per token (capped at the number of dead latents).
+
+    Returns:
+        Scalar ``min(n_dead/aux_k, 1) * mean_b sum_d (e_hat - e)^2``; 0 when no latent is dead.
+    """
+    n_dead = int(dead_mask.sum())
+    if n_dead == 0:
+        return hidden_pre.new_zeros(())
+    k = min(aux_k, n_dead)
+    residual = (x - x_hat).detach()
+    masked = torch.where(dead_mask, hidden_pre, torch.full_like(hidden_pre, -math.inf))
+    vals, idx = masked.topk(k, dim=-1)
+    f_aux = torch.zeros_like(hidden_pre).scatter(-1, idx, torch.relu(vals))
+    e_hat = f_aux @ sae.W_dec
+    scale = min(n_dead / aux_k, 1.0)
+    return scale * ((e_hat - residual) ** 2).sum(dim=-1).mean()
+
+
+def sae_training_loss(
+    sae: SAE,
+    x: torch.Tensor,
+    cfg: LossConfig,
+    sparsity_scale: float = 1.0,
+    dead_mask: torch.Tensor | None = None,
+) -> LossOutput:
+    """Training loss of one batch (analysis-spec.md 4.2-4.3; Gao et al. 2024 for AuxK).
+
+    ``total = mse + sparsity_scale * sum(penalties) + aux_coefficient * auxk``.
+
+    Args:
+        sae: any registered SAE; its training path :meth:`SAE.encode_with_hidden_pre` is used.
+        x: activations ``[batch, d_in]`` (already scaled by the trainer's normalisation, if any).
+        cfg: the loss configuration.
+        sparsity_scale: multiplies the penalty terms (the trainer's coefficient warm-up), not MSE or AuxK.
+        dead_mask: ``[d_sae]`` bool of dead latents for AuxK (ignored when ``cfg.aux_k`` is None).
+
+    Returns:
+        :class:`LossOutput`; ``terms`` holds ``mse``, each penalty (already times coefficient, before
+        ``sparsity_scale``), ``auxk`` (before ``aux_coefficient``) when enabled, and ``total``.
+
+    Raises:
+        SAEError: ``x`` is not 2-D ``[batch, d_in]``, ``dead_mask`` has the wrong shape, or ``l0`` on a
+            non-JumpReLU SAE.
+    """
+    if x.ndim != 2:
+        raise SAEError(
+            f"training batches must be [batch, d_in], got shape {tuple(x.shape)}; flatten batch/pos"
+        )
+    f, hidden_pre = sae.encode_with_hidden_pre(x)
+    x_hat = sae.decode(f)
+    mse = ((x_hat - x) ** 2).sum(dim=-1).mean()
+    penalties = sparsity_penalties(sae, f, hidden_pre, cfg)
+    total = mse
+    for p in penalties.values():
+        total = total + sparsity_scale * p
+    terms: dict[str, float] = {"mse": float(mse.detach())}
+    terms.update({name: float(p.detach()) for name, p in penalties.items()})
+    if cfg.aux_k is not None and dead_mask is not None:
+        if dead_mask.shape != (sae.d_sae,) or dead_mask.dtype != torch.bool:
+            raise SAEError(
+                f"dead_mask must be a bool tensor of shape ({sae.d_sae},), got {dead_mask.dtype} "
+                f"{tuple(dead_mask.shape)}"
+            )
+        aux = auxk_loss(sae, x, x_hat, hidden_pre, dead_mask.to(hidden_pre.device), cfg.aux_k)
+        total = total + cfg.aux_coefficient * aux
+        terms["auxk"] = float(aux.detach())
+    terms["total"] = float(total.detach())
+    return LossOutput(total=total, terms=terms, f=f, x_hat=x_hat, hidden_pre=hidden_pre)
