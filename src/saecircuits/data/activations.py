@@ -1,0 +1,424 @@
+"""Activations for SAE training: packed token rows, one LM pass for many hook points, a shuffling buffer, a disk cache.
+
+The pipeline (analysis-spec.md sections 3 B2 and 4.6, SAELens ``ActivationsStore`` / ``mixing_buffer``):
+
+1. :func:`pack_token_rows` concatenates BOS-prefixed documents into one stream and cuts it into rows of ``seq_len``
+   tokens, each starting with BOS (the reference notebook's training rows; story-boundary BOS tokens stay inside rows).
+2. :func:`model_activation_chunks` runs the language model ONCE per chunk of rows and returns the activations of
+   every requested hook point (``run_with_cache`` with an exact ``names_filter`` and ``stop_at_layer``), flattened
+   over (row, position). The BOS policy (:data:`BOS_POLICIES`) is the single switch deciding whether BOS positions
+   are part of the data; :func:`bos_keep_mask` applies the same switch anywhere else (statistics, analysis).
+3. :func:`shuffled_batches` mixes the chunks in a seeded buffer (refill half, shuffle, emit half) and yields
+   training batches ``{hook_point: [batch_size, d_in]}``.
+4. :func:`write_activation_cache` / :func:`iter_activation_cache` store chunks as safetensors shards, so several
+   SAEs or sweeps can be trained without re-running the model.
+
+Everything is deterministic for a given seed: no global RNG is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BOSPolicy = Literal["include", "exclude"]
+BOS_POLICIES: tuple[str, ...] = ("include", "exclude")
+"""``"include"``: every position is data (54_serene_plasma's training). ``"exclude"``: every position holding the BOS
+token (the leading column and story-boundary BOS inside rows) is dropped (modern default; pitfall 33)."""
+
+_LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+class ActivationDataError(ValueError):
+    """Token rows, hook points or an activation cache do not fit the request."""
+
+
+# --------------------------------------------------------------------------------------------------- token rows
+def pack_token_rows(
+    documents: Iterable[Sequence[int]],
+    seq_len: int,
+    bos_id: int,
+    *,
+    leading_bos: bool = True,
+    shuffle_seed: int | None = None,
+) -> torch.Tensor:
+    """Pack tokenised documents into rows of ``seq_len`` tokens (analysis-spec.md B2).
+
+    Every document is prefixed with ``bos_id`` and all are concatenated into one stream; the stream is cut into
+    pieces of ``seq_len - 1`` tokens (``seq_len`` when ``leading_bos=False``) and, with ``leading_bos``, a BOS
+    column is prepended, so each row starts with BOS as in the reference notebook. The incomplete tail is dropped.
+
+    Args:
+        documents: token id lists WITHOUT BOS (one per document).
+        seq_len: tokens per row (128 in the reference notebook).
+        bos_id: the BOS token id (50256 for GPT-2 BPE).
+        leading_bos: put BOS at column 0 of every row.
+        shuffle_seed: if given, rows are permuted with a seeded generator (the notebook's permutation was unseeded,
+            pitfall 34).
+
+    Returns:
+        int64 ``[n_rows, seq_len]``.
+
+    Raises:
+        ActivationDataError: ``seq_len < 2`` or fewer tokens than one row.
+    """
+    if seq_len < 2:
+        raise ActivationDataError(f"seq_len must be >= 2, got {seq_len}")
+    stream: list[int] = []
+    for doc in documents:
+        stream.append(int(bos_id))
+        stream.extend(int(t) for t in doc)
+    body = seq_len - 1 if leading_bos else seq_len
+    n_rows = len(stream) // body
+    if n_rows == 0:
+        raise ActivationDataError(
+            f"{len(stream)} tokens (with BOS) are fewer than one row of {seq_len}; give more documents or a smaller seq_len"
+        )
+    rows = torch.tensor(stream[: n_rows * body], dtype=torch.long).view(n_rows, body)
+    if leading_bos:
+        rows = torch.cat([torch.full((n_rows, 1), int(bos_id), dtype=torch.long), rows], dim=1)
+    if shuffle_seed is not None:
+        gen = torch.Generator().manual_seed(int(shuffle_seed))
+        rows = rows[torch.randperm(n_rows, generator=gen)]
+    return rows
+
+
+def bos_keep_mask(tokens: torch.Tensor, bos_id: int | None, policy: BOSPolicy) -> torch.Tensor:
+    """Which positions are data under the BOS policy.
+
+    Args:
+        tokens: int ``[..., pos]``.
+        bos_id: BOS token id (required when ``policy == "exclude"``).
+        policy: one of :data:`BOS_POLICIES`.
+
+    Returns:
+        bool, same shape as ``tokens``; ``False`` where the position is BOS and the policy excludes it.
+
+    Raises:
+        ActivationDataError: unknown policy, or ``"exclude"`` without ``bos_id``.
+    """
+    if policy not in BOS_POLICIES:
+        raise ActivationDataError(f"unknown BOS policy {policy!r}; use one of {BOS_POLICIES}")
+    if policy == "include":
+        return torch.ones_like(tokens, dtype=torch.bool)
+    if bos_id is None:
+        raise ActivationDataError("BOS policy 'exclude' needs bos_id (the tokenizer's BOS token id)")
+    return tokens != int(bos_id)
+
+
+def shard_rows(token_rows: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's rows for data-parallel training: rows ``rank, rank + world_size, ...`` (``[n // world, seq]``).
+
+    Rows are dealt round-robin and truncated to a multiple of ``world_size`` so every rank has the same count.
+    """
+    if not 0 <= rank < world_size:
+        raise ActivationDataError(f"rank {rank} outside world of size {world_size}")
+    n = (token_rows.shape[0] // world_size) * world_size
+    return token_rows[rank:n:world_size]
+
+
+# --------------------------------------------------------------------------------------------------- one LM pass
+def _stop_layer(hook_points: Sequence[str], n_layers: int | None) -> int | None:
+    layers = []
+    for hp in hook_points:
+        m = _LAYER_RE.match(hp)
+        if m is None:  # hook_embed, ln_final, ...: needs the whole model
+            return None
+        layers.append(int(m.group(1)))
+    stop = max(layers) + 1
+    if n_layers is not None and stop >= n_layers:
+        return None
+    return stop
+
+
+def model_activation_chunks(
+    model: Any,
+    token_rows: torch.Tensor,
+    hook_points: Sequence[str],
+    *,
+    model_batch_rows: int = 32,
+    bos_id: int | None = None,
+    bos_policy: BOSPolicy = "include",
+    dtype: torch.dtype = torch.float32,
+    storage_device: torch.device | str = "cpu",
+    epochs: int | None = 1,
+    shuffle_seed: int | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Run the model once per chunk of rows and yield the activations of all ``hook_points`` from that ONE pass.
+
+    Uses ``model.run_with_cache(tokens, names_filter=<exact set>, stop_at_layer=<last needed block + 1>)`` (a
+    TransformerLens ``TransformerBridge`` or ``HookedTransformer``), under ``torch.no_grad``.
+
+    Args:
+        model: TransformerLens model; must accept ``run_with_cache``.
+        token_rows: int64 ``[n_rows, seq]`` (see :func:`pack_token_rows`).
+        hook_points: hook names as TL spells them, e.g. ``["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"]``.
+        model_batch_rows: rows per forward pass.
+        bos_id, bos_policy: which positions count as data (:func:`bos_keep_mask`).
+        dtype: storage dtype of the yielded activations (float32 default; bfloat16 halves memory, pitfall 33).
+        storage_device: where the yielded activations live.
+        epochs: passes over the rows (``None`` = forever; each epoch reshuffles rows when ``shuffle_seed`` is set).
+        shuffle_seed: seed of the per-epoch row order (``None`` keeps the given order).
+
+    Yields:
+        ``{hook_point: [n_kept_positions, d_in]}`` for each chunk, positions flattened row-major.
+
+    Raises:
+        ActivationDataError: empty ``hook_points``, non-2-D rows, or a hook point the model does not produce.
+    """
+    if not hook_points:
+        raise ActivationDataError("give at least one hook point, e.g. 'blocks.0.mlp.hook_post'")
+    if token_rows.ndim != 2 or token_rows.shape[0] == 0:
+        raise ActivationDataError(
+            f"token_rows must be a non-empty int tensor [n_rows, seq], got {tuple(token_rows.shape)}"
+        )
+    wanted = list(dict.fromkeys(hook_points))
+    wanted_set = set(wanted)
+    n_layers = getattr(getattr(model, "cfg", None), "n_layers", None)
+    stop = _stop_layer(wanted, n_layers)
+    try:
+        device = next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        device = torch.device("cpu")
+    gen = torch.Generator().manual_seed(int(shuffle_seed)) if shuffle_seed is not None else None
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        order = torch.randperm(token_rows.shape[0], generator=gen) if gen is not None else None
+        for start in range(0, token_rows.shape[0], model_batch_rows):
+            idx = slice(start, start + model_batch_rows)
+            rows = token_rows[order[idx]] if order is not None else token_rows[idx]
+            keep = bos_keep_mask(rows, bos_id, bos_policy).reshape(-1)
+            kwargs: dict[str, Any] = {"names_filter": lambda name: name in wanted_set}
+            if stop is not None:
+                kwargs["stop_at_layer"] = stop
+            with torch.no_grad():
+                _, cache = model.run_with_cache(rows.to(device), **kwargs)
+            out: dict[str, torch.Tensor] = {}
+            for hp in wanted:
+                try:
+                    act = cache[hp]
+                except KeyError as err:
+                    raise ActivationDataError(
+                        f"the model produced no activation for hook point {hp!r}; check the name "
+                        f"(e.g. 'blocks.0.mlp.hook_post') and the layer count"
+                    ) from err
+                act = act.reshape(-1, act.shape[-1])[keep.to(act.device)]
+                out[hp] = act.to(device=storage_device, dtype=dtype)
+            yield out
+        epoch += 1
+
+
+# --------------------------------------------------------------------------------------------------- shuffling buffer
+def shuffled_batches(
+    chunks: Iterable[dict[str, torch.Tensor]],
+    batch_size: int,
+    *,
+    buffer_size: int = 65536,
+    seed: int = 0,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Mix activation chunks in a shuffling buffer and yield batches of ``batch_size`` rows per hook point.
+
+    The reference notebook's buffer (analysis-spec.md 4.6, SAELens ``mixing_buffer``): fill to ``buffer_size`` rows,
+    shuffle (seeded), emit the first half as batches, keep the second half, refill. The same permutation is used for
+    every hook point, so row ``i`` of every tensor in a batch comes from the same token. When the source ends the
+    remaining rows are shuffled and emitted; a last partial batch is dropped.
+
+    Args:
+        chunks: iterator of ``{hook_point: [n, d_in]}`` (all hook points with the same ``n``).
+        batch_size: rows per yielded batch (tokens per optimiser step on this rank).
+        buffer_size: rows held for mixing (>= 2 * batch_size).
+        seed: seed of the buffer's own generator.
+
+    Yields:
+        ``{hook_point: [batch_size, d_in]}``.
+    """
+    if buffer_size < 2 * batch_size:
+        raise ActivationDataError(
+            f"buffer_size ({buffer_size}) must be at least 2 * batch_size ({2 * batch_size})"
+        )
+    gen = torch.Generator().manual_seed(int(seed))
+    buf: dict[str, torch.Tensor] | None = None
+    source = iter(chunks)
+    exhausted = False
+    while True:
+        pieces: list[dict[str, torch.Tensor]] = [buf] if buf is not None else []
+        have = 0 if buf is None else next(iter(buf.values())).shape[0]
+        while have < buffer_size and not exhausted:
+            try:
+                chunk = next(source)
+            except StopIteration:
+                exhausted = True
+                break
+            pieces.append(chunk)
+            have += next(iter(chunk.values())).shape[0]
+        if not pieces or have < batch_size:
+            return
+        keys = list(pieces[0].keys())
+        merged = {k: torch.cat([p[k] for p in pieces]) for k in keys}
+        perm = torch.randperm(have, generator=gen)
+        merged = {k: v[perm.to(v.device)] for k, v in merged.items()}
+        n_emit = have if exhausted else max(batch_size, (have // 2) // batch_size * batch_size)
+        n_emit = n_emit // batch_size * batch_size
+        for s in range(0, n_emit, batch_size):
+            yield {k: v[s : s + batch_size] for k, v in merged.items()}
+        if exhausted:
+            return
+        buf = {k: v[n_emit:] for k, v in merged.items()}
+
+
+def model_activation_batches(
+    model: Any,
+    token_rows: torch.Tensor,
+    hook_points: Sequence[str],
+    batch_size: int,
+    *,
+    model_batch_rows: int = 32,
+    buffer_size: int = 65536,
+    bos_id: int | None = None,
+    bos_policy: BOSPolicy = "include",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    epochs: int | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Training batches ``{hook_point: [batch_size, d_in]}`` straight from the model (one pass for all hook points).
+
+    :func:`model_activation_chunks` (rows reshuffled each epoch with ``seed``) through :func:`shuffled_batches`.
+    With ``epochs=None`` the rows repeat forever (the trainer decides when to stop).
+    """
+    chunks = model_activation_chunks(
+        model,
+        token_rows,
+        hook_points,
+        model_batch_rows=model_batch_rows,
+        bos_id=bos_id,
+        bos_policy=bos_policy,
+        dtype=dtype,
+        epochs=epochs,
+        shuffle_seed=seed,
+    )
+    return shuffled_batches(chunks, batch_size, buffer_size=buffer_size, seed=seed + 1)
+
+
+# --------------------------------------------------------------------------------------------------- disk cache
+_MANIFEST = "manifest.json"
+
+
+def write_activation_cache(
+    chunks: Iterable[dict[str, torch.Tensor]], folder: str | os.PathLike, *, shard_rows: int = 65536
+) -> Path:
+    """Write activation chunks to ``folder`` as safetensors shards plus ``manifest.json``.
+
+    Each shard ``shard_{i:05d}.safetensors`` holds one tensor per hook point (same row count). Shards are written
+    atomically (temp file, then ``os.replace``) and the manifest last, so a half-written cache is never read.
+
+    Returns:
+        the folder path.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pending: list[dict[str, torch.Tensor]] = []
+    n_pending = 0
+    shards: list[dict[str, Any]] = []
+    hooks: dict[str, dict[str, Any]] | None = None
+
+    def flush() -> None:
+        nonlocal pending, n_pending
+        if not pending:
+            return
+        merged = {k: torch.cat([p[k] for p in pending]).contiguous() for k in pending[0]}
+        name = f"shard_{len(shards):05d}.safetensors"
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        os.close(fd)
+        save_file(merged, tmp)
+        os.replace(tmp, folder / name)
+        shards.append({"file": name, "rows": int(next(iter(merged.values())).shape[0])})
+        pending, n_pending = [], 0
+
+    for chunk in chunks:
+        if hooks is None:
+            hooks = {
+                k: {"d_in": int(v.shape[-1]), "dtype": str(v.dtype).removeprefix("torch.")}
+                for k, v in chunk.items()
+            }
+        elif set(chunk) != set(hooks):
+            raise ActivationDataError(
+                f"chunk hook points {sorted(chunk)} differ from the first chunk's {sorted(hooks)}"
+            )
+        pending.append({k: v.detach().cpu() for k, v in chunk.items()})
+        n_pending += next(iter(chunk.values())).shape[0]
+        if n_pending >= shard_rows:
+            flush()
+    flush()
+    if hooks is None:
+        raise ActivationDataError("no activations to cache (the chunk iterator was empty)")
+    manifest = {"format": "saecircuits-activation-cache-v1", "hook_points": hooks, "shards": shards}
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(manifest, fh, indent=1)
+    os.replace(tmp, folder / _MANIFEST)
+    return folder
+
+
+def iter_activation_cache(
+    folder: str | os.PathLike,
+    hook_points: Sequence[str] | None = None,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    epochs: int | None = 1,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Read an activation cache written by :func:`write_activation_cache`, shard by shard.
+
+    Args:
+        folder: the cache folder.
+        hook_points: subset to read (default all).
+        rank, world_size: data-parallel training reads shards ``rank, rank + world_size, ...``.
+        epochs: passes over the shards (``None`` = forever).
+
+    Yields:
+        ``{hook_point: [rows, d_in]}`` per shard.
+
+    Raises:
+        ActivationDataError: missing/corrupt manifest, unknown hook point, or fewer shards than ranks.
+    """
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / _MANIFEST).read_text())
+    except FileNotFoundError as err:
+        raise ActivationDataError(
+            f"{folder} is not an activation cache (no {_MANIFEST}); write one first"
+        ) from err
+    except json.JSONDecodeError as err:
+        raise ActivationDataError(
+            f"{folder / _MANIFEST} is corrupt: {err}; delete the cache and rebuild it"
+        ) from err
+    available = manifest["hook_points"]
+    keys = list(hook_points) if hook_points is not None else list(available)
+    missing = [k for k in keys if k not in available]
+    if missing:
+        raise ActivationDataError(f"hook points {missing} are not in the cache (it has {sorted(available)})")
+    shards = manifest["shards"][rank::world_size]
+    if not shards:
+        raise ActivationDataError(
+            f"cache has {len(manifest['shards'])} shards, fewer than world_size={world_size}"
+        )
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        for shard in shards:
+            with safe_open(str(folder / shard["file"]), framework="pt") as fh:
+                yield {k: fh.get_tensor(k) for k in keys}
+        epoch += 1
