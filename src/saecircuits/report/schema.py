@@ -1,0 +1,459 @@
+"""results.json, version 1: what the pipeline saves and the report reads (and nothing else).
+
+The report re-renders from this file alone, so everything it shows must be in here. This module imports neither
+torch nor the model. Keys marked ``*`` are required; unknown extra keys are allowed everywhere (forward
+compatible) and ignored by the renderer. "float" values may be ``null``: :func:`write_json_atomic` writes NaN and
++-inf as ``null`` (JSON has no NaN), e.g. a CI half-width computed from a single prompt.
+
+Units: losses are next-token cross-entropy in nats at the task's prediction position; logit differences in logits;
+rank differences in ranks; DLA in logits; activations in SAE feature units; timings in seconds. CI half-widths
+are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95% interval bounds.
+
+::
+
+    {
+      *"schema_version": 1,
+      "saecircuits_version": str,
+      *"model": str,                                # model name, e.g. "roneneldan/TinyStories-1Layer-21M"
+      "model_info": {"n_layers": int, "d_model": int, "d_mlp": int, "d_vocab": int, "n_heads": int,
+                     "architecture": str},
+      *"task": {*"name": str, *"n_prompts": int, *"answer_token_ids": [int, ...(>=1)],
+                "answer_tokens": [str] (same length as answer_token_ids), "example_prompts": [str]},
+      *"dla": {                                     # direct logit attribution to the answer (analysis-spec F1/F2)
+          *"labels": [str],                         # one per component, e.g. "embed", "L0H3", "MLP1", "bias"
+          *"mean": [float] (same length),           # mean over prompts, logits
+          "ci95": [float] (same length),            # half-widths
+          "answer_logit_mean": float,               # mean answer logit (what the components sum to)
+          *"completeness_max_abs_error": float},    # max |sum of components - answer logit| over prompts
+      *"saes": [{                                   # one entry per SAE
+          *"hook_point": str, *"d_in": int, *"d_sae": int, "architecture": str,
+          *"l0": float, "explained_variance": float,
+          *"clean_loss": float, *"sae_loss": float, *"zero_ablation_loss": float, *"mean_ablation_loss": float,
+          "loss_ci95": {"clean"|"sae"|"zero"|"mean": float half-width},
+          *"loss_recovered": float,                 # (zero - sae) / (zero - clean)
+          "loss_recovered_ci95": [lo, hi],
+          *"loss_recovered_mean_ablation": float,   # (mean - sae) / (mean - clean)
+          "loss_recovered_mean_ablation_ci95": [lo, hi],
+          "n_active_features": int,
+          *"top_features": [{                       # ranked by loss increase when ablated (analysis-spec F3)
+              *"feature": int (0 <= feature < d_sae), *"loss_increase": float (nats, ablated - clean),
+              "loss_increase_ci95": CI, *"mean_activation": float, *"fraction_active": float in [0, 1],
+              "n_prompts": int}],
+          "multi_ablation": {                       # all `features` ablated together
+              "features": [int], "n_prompts": int,
+              "logprob_diff": {"mean": float, "ci95": CI},   # original - ablated, answer log-prob (nats)
+              "logit_diff":   {"mean": float, "ci95": CI},   # original - ablated, answer logit
+              "rank_diff":    {"mean": float, "ci95": CI}},  # original - ablated, answer rank
+          "examples": [{"feature": int, "examples": [{
+              "doc_index": int, "tokens": [str], "activations": [float] (same length as tokens),
+              "max_activation": float}]}],          # top activating examples (analysis-spec F14)
+          "training": {...free-form...}}],
+      "timings": {stage: seconds},
+      "config": {...free-form...},
+      "notes": [str]
+    }
+
+``CI`` means either a float half-width (preferred) or a ``[lo, hi]`` pair; :func:`ci_bounds` turns either into
+bounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ResultsSchemaError",
+    "validate_results",
+    "load_results",
+    "write_json_atomic",
+    "write_text_atomic",
+    "to_jsonable",
+    "ci_bounds",
+]
+
+SCHEMA_VERSION = 1
+
+
+class ResultsSchemaError(ValueError):
+    """results.json (or the dict the pipeline built) does not match schema version 1."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The schema as data. Kinds: "int", "float" (int accepted, null accepted), "str", "dict" (free-form), "ci"
+# (float half-width or [lo, hi]), ("list", kind, length or None), ("map", kind) (str keys), Obj(fields).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _F:
+    kind: Any
+    required: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _Obj:
+    fields: dict[str, _F]
+
+
+def _req(kind: Any) -> _F:
+    return _F(kind, True)
+
+
+def _opt(kind: Any) -> _F:
+    return _F(kind, False)
+
+
+_PAIR = ("list", "float", 2)
+_STAT = _Obj({"mean": _req("float"), "ci95": _opt("ci")})
+
+_EXAMPLE = _Obj(
+    {
+        "doc_index": _opt("int"),
+        "tokens": _req(("list", "str", None)),
+        "activations": _req(("list", "float", None)),
+        "max_activation": _opt("float"),
+    }
+)
+
+_SAE = _Obj(
+    {
+        "hook_point": _req("str"),
+        "d_in": _req("int"),
+        "d_sae": _req("int"),
+        "architecture": _opt("str"),
+        "l0": _req("float"),
+        "explained_variance": _opt("float"),
+        "clean_loss": _req("float"),
+        "sae_loss": _req("float"),
+        "zero_ablation_loss": _req("float"),
+        "mean_ablation_loss": _req("float"),
+        "loss_ci95": _opt(_Obj({k: _opt("float") for k in ("clean", "sae", "zero", "mean")})),
+        "loss_recovered": _req("float"),
+        "loss_recovered_ci95": _opt(_PAIR),
+        "loss_recovered_mean_ablation": _req("float"),
+        "loss_recovered_mean_ablation_ci95": _opt(_PAIR),
+        "n_active_features": _opt("int"),
+        "top_features": _req(
+            (
+                "list",
+                _Obj(
+                    {
+                        "feature": _req("int"),
+                        "loss_increase": _req("float"),
+                        "loss_increase_ci95": _opt("ci"),
+                        "mean_activation": _req("float"),
+                        "fraction_active": _req("float"),
+                        "n_prompts": _opt("int"),
+                    }
+                ),
+                None,
+            )
+        ),
+        "multi_ablation": _opt(
+            _Obj(
+                {
+                    "features": _opt(("list", "int", None)),
+                    "n_prompts": _opt("int"),
+                    "logprob_diff": _opt(_STAT),
+                    "logit_diff": _opt(_STAT),
+                    "rank_diff": _opt(_STAT),
+                }
+            )
+        ),
+        "examples": _opt(
+            ("list", _Obj({"feature": _req("int"), "examples": _req(("list", _EXAMPLE, None))}), None)
+        ),
+        "training": _opt("dict"),
+    }
+)
+
+RESULTS_SCHEMA = _Obj(
+    {
+        "schema_version": _req("int"),
+        "saecircuits_version": _opt("str"),
+        "model": _req("str"),
+        "model_info": _opt(
+            _Obj(
+                {
+                    "n_layers": _opt("int"),
+                    "d_model": _opt("int"),
+                    "d_mlp": _opt("int"),
+                    "d_vocab": _opt("int"),
+                    "n_heads": _opt("int"),
+                    "architecture": _opt("str"),
+                }
+            )
+        ),
+        "task": _req(
+            _Obj(
+                {
+                    "name": _req("str"),
+                    "n_prompts": _req("int"),
+                    "answer_token_ids": _req(("list", "int", None)),
+                    "answer_tokens": _opt(("list", "str", None)),
+                    "example_prompts": _opt(("list", "str", None)),
+                }
+            )
+        ),
+        "dla": _req(
+            _Obj(
+                {
+                    "labels": _req(("list", "str", None)),
+                    "mean": _req(("list", "float", None)),
+                    "ci95": _opt(("list", "float", None)),
+                    "answer_logit_mean": _opt("float"),
+                    "completeness_max_abs_error": _req("float"),
+                }
+            )
+        ),
+        "saes": _req(("list", _SAE, None)),
+        "timings": _opt(("map", "float")),
+        "config": _opt("dict"),
+        "notes": _opt(("list", "str", None)),
+    }
+)
+
+
+def _path_str(path: tuple[str | int, ...]) -> str:
+    out = "results"
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else f"[{p!r}]"
+    return out
+
+
+def _type_name(v: Any) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_float(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _check(v: Any, kind: Any, path: tuple[str | int, ...]) -> None:
+    where = _path_str(path)
+    if kind == "int":
+        if not _is_int(v):
+            raise ResultsSchemaError(f"{where} must be an int, got {_type_name(v)} ({v!r:.60}).")
+    elif kind == "float":
+        if not _is_float(v):
+            raise ResultsSchemaError(f"{where} must be a number (or null), got {_type_name(v)} ({v!r:.60}).")
+    elif kind == "str":
+        if not isinstance(v, str):
+            raise ResultsSchemaError(f"{where} must be a string, got {_type_name(v)} ({v!r:.60}).")
+    elif kind == "dict":
+        if not isinstance(v, Mapping):
+            raise ResultsSchemaError(f"{where} must be an object (dict), got {_type_name(v)}.")
+    elif kind == "ci":
+        if _is_float(v):
+            return
+        if isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_float(x) for x in v):
+            return
+        raise ResultsSchemaError(
+            f"{where} must be a CI: a number (half-width) or a [lo, hi] pair, got {_type_name(v)} ({v!r:.60})."
+        )
+    elif isinstance(kind, tuple) and kind[0] == "list":
+        _, item_kind, length = kind
+        if not isinstance(v, (list, tuple)):
+            raise ResultsSchemaError(f"{where} must be a list, got {_type_name(v)}.")
+        if length is not None and len(v) != length:
+            raise ResultsSchemaError(f"{where} must have exactly {length} items, got {len(v)}.")
+        for i, item in enumerate(v):
+            _check(item, item_kind, (*path, i))
+    elif isinstance(kind, tuple) and kind[0] == "map":
+        if not isinstance(v, Mapping):
+            raise ResultsSchemaError(f"{where} must be an object (dict), got {_type_name(v)}.")
+        for k, item in v.items():
+            if not isinstance(k, str):
+                raise ResultsSchemaError(f"{where} keys must be strings, got {k!r}.")
+            _check(item, kind[1], (*path, k))
+    elif isinstance(kind, _Obj):
+        if not isinstance(v, Mapping):
+            raise ResultsSchemaError(f"{where} must be an object (dict), got {_type_name(v)}.")
+        for name, field in kind.fields.items():
+            if name not in v:
+                if field.required:
+                    raise ResultsSchemaError(
+                        f"{where} is missing the required key {name!r} (results.json schema version "
+                        f"{SCHEMA_VERSION}; see saecircuits.report.schema)."
+                    )
+                continue
+            _check(v[name], field.kind, (*path, name))
+    else:  # pragma: no cover - a bug in the schema table itself
+        raise AssertionError(f"unknown schema kind {kind!r}")
+
+
+def _same_length(d: Mapping, a: str, b: str, path: tuple[str | int, ...]) -> None:
+    if a in d and b in d and len(d[a]) != len(d[b]):
+        raise ResultsSchemaError(
+            f"{_path_str((*path, b))} has {len(d[b])} items but {_path_str((*path, a))} has {len(d[a])}; "
+            "they must be aligned one-to-one."
+        )
+
+
+def validate_results(d: Any) -> None:
+    """Check that ``d`` is a valid results dict (schema version 1, see the module docstring).
+
+    Checks required keys, types (bool is not a number; int is accepted where a float is expected; null is
+    accepted for floats), and cross-field consistency: aligned list lengths (DLA labels/mean/ci95, answer tokens,
+    example tokens/activations) and feature indices within ``[0, d_sae)``. Unknown extra keys are allowed.
+
+    Raises:
+        ResultsSchemaError: naming the first offending key by its full path, e.g.
+            ``results['saes'][0]['top_features'][2] is missing the required key 'loss_increase'``.
+    """
+    if not isinstance(d, Mapping):
+        raise ResultsSchemaError(f"results must be a dict (the parsed results.json), got {_type_name(d)}.")
+    if "schema_version" in d and d["schema_version"] != SCHEMA_VERSION:
+        raise ResultsSchemaError(
+            f"results['schema_version'] is {d['schema_version']!r}; this saecircuits reads version "
+            f"{SCHEMA_VERSION} only. Re-run the pipeline with this saecircuits version to regenerate results.json."
+        )
+    _check(d, RESULTS_SCHEMA, ())
+
+    task = d["task"]
+    if len(task["answer_token_ids"]) == 0:
+        raise ResultsSchemaError(
+            "results['task']['answer_token_ids'] is empty; it needs at least one token id."
+        )
+    _same_length(task, "answer_token_ids", "answer_tokens", ("task",))
+    if task["n_prompts"] < 0:
+        raise ResultsSchemaError(f"results['task']['n_prompts'] must be >= 0, got {task['n_prompts']}.")
+
+    dla = d["dla"]
+    _same_length(dla, "labels", "mean", ("dla",))
+    _same_length(dla, "labels", "ci95", ("dla",))
+
+    for i, sae in enumerate(d["saes"]):
+        d_sae = sae["d_sae"]
+        if d_sae <= 0 or sae["d_in"] <= 0:
+            raise ResultsSchemaError(f"results['saes'][{i}]: d_in and d_sae must be positive.")
+
+        def _feature_ok(f: int, where: tuple[str | int, ...], d_sae: int = d_sae) -> None:
+            if not 0 <= f < d_sae:
+                raise ResultsSchemaError(f"{_path_str(where)} = {f} is out of range for d_sae = {d_sae}.")
+
+        for j, tf in enumerate(sae["top_features"]):
+            _feature_ok(tf["feature"], ("saes", i, "top_features", j, "feature"))
+            fa = tf["fraction_active"]
+            if fa is not None and not -1e-9 <= fa <= 1 + 1e-9:
+                raise ResultsSchemaError(
+                    f"results['saes'][{i}]['top_features'][{j}]['fraction_active'] = {fa} is not in [0, 1]."
+                )
+        for j, f in enumerate(sae.get("multi_ablation", {}).get("features", [])):
+            _feature_ok(f, ("saes", i, "multi_ablation", "features", j))
+        for j, fe in enumerate(sae.get("examples", [])):
+            _feature_ok(fe["feature"], ("saes", i, "examples", j, "feature"))
+            for m, ex in enumerate(fe["examples"]):
+                _same_length(ex, "tokens", "activations", ("saes", i, "examples", j, "examples", m))
+
+
+def load_results(path: str | os.PathLike) -> dict:
+    """Read and validate a results.json file.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ResultsSchemaError: the file is not valid JSON or does not match the schema (message names the key).
+    """
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ResultsSchemaError(f"{p} is not valid JSON: {e}") from e
+    validate_results(d)
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert ``obj`` to plain JSON types: NaN/+-inf -> None, tuples -> lists, Paths -> str, dataclasses -> dicts,
+    and anything with ``.tolist()`` (numpy arrays and scalars, torch tensors; duck-typed, nothing imported) -> lists
+    or Python scalars.
+
+    Raises:
+        TypeError: an object that cannot be represented in JSON, or a dict key that is not a str/int.
+    """
+    if obj is None or isinstance(obj, (bool, str, int)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        out = {}
+        for k, v in obj.items():
+            if isinstance(k, bool) or not isinstance(k, (str, int)):
+                raise TypeError(f"JSON object keys must be str (or int), got {type(k).__name__} key {k!r}.")
+            out[str(k)] = to_jsonable(v)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(dataclasses.asdict(obj))
+    if hasattr(obj, "tolist") and callable(obj.tolist):
+        return to_jsonable(obj.tolist())
+    raise TypeError(f"Cannot write an object of type {type(obj).__name__} to JSON ({obj!r:.80}).")
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically: a temp file in the same folder, fsync, then ``os.replace``.
+
+    On any failure the temp file is removed and an existing file at ``path`` is left untouched.
+    Creates the parent folder if needed. Returns the path.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return p
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = 1) -> Path:
+    """Write ``obj`` as JSON to ``path`` atomically (temp file + ``os.replace``); NaN and +-inf are written as null.
+
+    The object is fully serialised before any file is touched (see :func:`to_jsonable` for the conversions).
+
+    Raises:
+        TypeError: ``obj`` holds something JSON cannot represent; no file is written or changed.
+    """
+    text = json.dumps(to_jsonable(obj), indent=indent, ensure_ascii=False, allow_nan=False)
+    return write_text_atomic(path, text + "\n")
+
+
+def ci_bounds(mean: float | None, ci: Any) -> tuple[float | None, float | None]:
+    """Lower and upper 95% bounds from a CI given as a half-width (``mean -+ ci``) or a ``[lo, hi]`` pair.
+
+    Returns ``(None, None)`` when the mean or the CI is missing/null.
+    """
+    if ci is None or mean is None:
+        return None, None
+    if isinstance(ci, (list, tuple)):
+        lo, hi = ci
+        return lo, hi
+    return mean - ci, mean + ci
