@@ -1,0 +1,507 @@
+"""One self-contained HTML page from a results dict (results.json, schema version 1; see ``report/schema.py``).
+
+The page reads saved evidence only (no torch, no model), so ``saecircuits report results.json`` re-renders it.
+plotly.js is inlined once in ``<head>``; every figure is a ``Plotly.newPlot`` call on its own div. Every string that
+comes from the data is HTML-escaped (``html.escape``), including tick labels handed to plotly (plotly's JSON writer
+also escapes ``<``, ``>`` and ``/`` inside the script).
+
+Sections: header (model, task, answer tokens, example prompts with the answer highlighted); direct logit
+attribution (analysis-spec F1/F2) with CIs and the completeness error; per SAE: summary table (L0, losses, loss
+recovered vs zero and vs mean ablation, with CIs), the four losses, the top features by loss increase when ablated
+(analysis-spec F3) as a table and a chart, the multi-feature ablation (original - ablated), the top activating
+examples per feature (analysis-spec F14 colours, see ``tokens_html.py``); appendix (training, timings, config,
+notes).
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+from plotly.offline import get_plotlyjs
+from plotly.subplots import make_subplots
+
+from saecircuits.report.schema import ci_bounds, to_jsonable, validate_results, write_text_atomic
+from saecircuits.report.tokens_html import tokens_to_html, visible_token
+
+__all__ = ["render_report", "build_report_html"]
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 0 auto; max-width: 1200px;
+       padding: 0 24px 48px; color: #222; line-height: 1.45; }
+h1 { border-bottom: 2px solid #444; padding-bottom: 6px; }
+h2 { border-bottom: 1px solid #bbb; padding-bottom: 4px; margin-top: 40px; }
+h3 { margin-top: 28px; }
+table.data { border-collapse: collapse; margin: 8px 0 16px; font-size: 14px; }
+table.data th, table.data td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+table.data th { background: #f0f0f0; }
+table.data td.l, table.data th.l { text-align: left; }
+table.data tr.sig td { background: #fff4e5; font-weight: 600; }
+nav.toc { background: #f7f7f7; border: 1px solid #ddd; padding: 8px 16px; margin: 16px 0; }
+nav.toc ul { margin: 4px 0; padding-left: 20px; }
+.prompt { white-space: pre-wrap; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px;
+          background: #fafafa; border-left: 3px solid #ccc; padding: 4px 8px; margin: 6px 0; }
+mark.answer { background: #ffd54f; font-weight: 700; }
+.tokens { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; line-height: 1.9;
+          border: 1px solid #e3e3e3; padding: 6px; margin: 4px 0 12px; }
+.tokens span.tok { padding: 2px 1px; }
+.note { color: #555; font-size: 14px; }
+.muted { color: #888; }
+code { background: #f2f2f2; padding: 0 3px; }
+pre.json { background: #fafafa; border: 1px solid #e3e3e3; padding: 8px; font-size: 12px; overflow-x: auto; }
+"""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _esc(s: Any) -> str:
+    return html.escape(str(s), quote=True)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _num(v: Any, fmt: str = ".4f") -> str:
+    return format(v, fmt) if _finite(v) else "n/a"
+
+
+def _pm(mean: Any, ci: Any, fmt: str = ".4f") -> str:
+    """'mean ± half' for a half-width CI, 'mean [lo, hi]' for a pair, 'mean' without a CI."""
+    if ci is None or not _finite(mean):
+        return _num(mean, fmt)
+    if isinstance(ci, (list, tuple)):
+        return f"{_num(mean, fmt)} [{_num(ci[0], fmt)}, {_num(ci[1], fmt)}]"
+    return f"{_num(mean, fmt)} \u00b1 {_num(ci, fmt)}"
+
+
+def _table(
+    headers: Sequence[str] | None,
+    rows: Sequence[Sequence[Any]],
+    *,
+    left_cols: Sequence[int] = (),
+    row_classes: Sequence[str] | None = None,
+) -> str:
+    """An escaped HTML table (no header row if ``headers`` is None); every header and cell is escaped here."""
+    lc = set(left_cols)
+
+    def cls(j: int) -> str:
+        return ' class="l"' if j in lc else ""
+
+    out = ['<table class="data">']
+    if headers is not None:
+        out.append("<thead><tr>")
+        out += [f"<th{cls(j)}>{_esc(h)}</th>" for j, h in enumerate(headers)]
+        out.append("</tr></thead>")
+    out.append("<tbody>")
+    for i, row in enumerate(rows):
+        rc = row_classes[i] if row_classes else ""
+        out.append(f'<tr class="{_esc(rc)}">' if rc else "<tr>")
+        out += [f"<td{cls(j)}>{_esc(c)}</td>" for j, c in enumerate(row)]
+        out.append("</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _error_bars(means: Sequence[Any], cis: Sequence[Any] | None) -> dict | None:
+    """plotly ``error_y`` for CIs given per bar as half-widths or [lo, hi] pairs (None where missing)."""
+    if cis is None or all(c is None for c in cis):
+        return None
+    if not any(isinstance(c, (list, tuple)) for c in cis):  # all half-widths: symmetric bars
+        return dict(type="data", array=_nulls(cis), visible=True)
+    plus, minus = [], []
+    for m, c in zip(means, cis, strict=True):
+        lo, hi = ci_bounds(m, c)
+        plus.append(hi - m if _finite(hi) and _finite(m) else None)
+        minus.append(m - lo if _finite(lo) and _finite(m) else None)
+    return dict(type="data", symmetric=False, array=plus, arrayminus=minus, visible=True)
+
+
+def _nulls(vs: Sequence[Any]) -> list:
+    return [v if _finite(v) else None for v in vs]
+
+
+class _Figures:
+    """Turns plotly figures into divs with stable ids; plotly.js itself is inlined once in the page head."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def __call__(self, fig: go.Figure, *, height: int = 380) -> str:
+        self.n += 1
+        fig.update_layout(template="plotly_white", height=height, margin=dict(l=60, r=20, t=50, b=60))
+        return fig.to_html(
+            full_html=False,
+            include_plotlyjs=False,
+            div_id=f"fig{self.n}",
+            config={"displaylogo": False, "responsive": True},
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _header(r: Mapping) -> str:
+    task = r["task"]
+    ids = task["answer_token_ids"]
+    toks = task.get("answer_tokens")
+    answers = (
+        [f"{visible_token(t)} (id {i})" for t, i in zip(toks, ids, strict=True)]
+        if toks
+        else [f"id {i}" for i in ids]
+    )
+    rows = [
+        ("Model", r["model"]),
+        ("Task", task["name"]),
+        ("Prompts", task["n_prompts"]),
+        ("Answer token(s)", ", ".join(answers)),
+    ]
+    mi = r.get("model_info") or {}
+    if mi:
+        rows.append(("Model shape", ", ".join(f"{k}={v}" for k, v in mi.items())))
+    out = [f"<h1>SAE circuit report: {_esc(task['name'])} on {_esc(r['model'])}</h1>"]
+    out.append(_table(None, rows, left_cols=(0, 1)))
+    examples = task.get("example_prompts") or []
+    if examples:
+        answer = toks[0] if toks else f"<id {ids[0]}>"
+        out.append(
+            f'<p class="note">Example prompts ({min(len(examples), 5)} of {len(examples)} shown); the '
+            "highlighted text is the answer the model should predict next.</p>"
+        )
+        for p in examples[:5]:
+            out.append(f'<div class="prompt">{_esc(p)}<mark class="answer">{_esc(answer)}</mark></div>')
+    return "\n".join(out)
+
+
+def _dla_section(r: Mapping, fig: _Figures) -> str:
+    dla = r["dla"]
+    labels, means, cis = dla["labels"], dla["mean"], dla.get("ci95")
+    out = ['<h2 id="dla">Direct logit attribution</h2>']
+    err = dla["completeness_max_abs_error"]
+    alm = dla.get("answer_logit_mean")
+    out.append(
+        '<p class="note">Mean direct contribution of each component to the answer logit (logits), with 95% CI '
+        f"over prompts. Completeness check: max |sum of components - answer logit| = {_esc(_num(err, '.2e'))}"
+        " logits" + (f"; mean answer logit = {_esc(_num(alm))}." if alm is not None else ".") + "</p>"
+    )
+    if labels:
+        f = go.Figure(
+            go.Bar(
+                x=[_esc(s) for s in labels],
+                y=_nulls(means),
+                error_y=_error_bars(means, cis),
+                marker_color=["#d62728" if _finite(m) and m >= 0 else "#1f77b4" for m in means],
+            )
+        )
+        f.update_layout(
+            title="Direct logit attribution to the answer",
+            xaxis_title="component",
+            yaxis_title="mean DLA (logits)",
+            xaxis_type="category",
+        )
+        out.append(fig(f, height=420))
+        order = sorted(range(len(labels)), key=lambda i: -abs(means[i]) if _finite(means[i]) else 0.0)[:8]
+        out.append('<p class="note">Largest components by |mean|:</p>')
+        out.append(
+            _table(
+                ["component", "mean DLA (logits)", "95% CI half-width"],
+                [(labels[i], _num(means[i]), _num(cis[i]) if cis else "n/a") for i in order],
+                left_cols=(0,),
+            )
+        )
+    else:
+        out.append('<p class="muted">No components recorded.</p>')
+    return "\n".join(out)
+
+
+def _sae_title(i: int, sae: Mapping) -> str:
+    return f"SAE {i}: {sae['hook_point']} (d_sae = {sae['d_sae']})"
+
+
+def _sae_summary(sae: Mapping, fig: _Figures) -> str:
+    lc = sae.get("loss_ci95") or {}
+    rows = [
+        ("hook point", sae["hook_point"]),
+        ("architecture", sae.get("architecture", "n/a")),
+        ("d_in / d_sae", f"{sae['d_in']} / {sae['d_sae']}"),
+        ("L0 (mean active features per token)", _num(sae["l0"], ".2f")),
+        ("explained variance", _num(sae.get("explained_variance"), ".4f")),
+        ("features active on the task", sae.get("n_active_features", "n/a")),
+        ("clean loss (nats)", _pm(sae["clean_loss"], lc.get("clean"))),
+        ("loss with SAE spliced in (nats)", _pm(sae["sae_loss"], lc.get("sae"))),
+        ("loss with zero ablation (nats)", _pm(sae["zero_ablation_loss"], lc.get("zero"))),
+        ("loss with mean ablation (nats)", _pm(sae["mean_ablation_loss"], lc.get("mean"))),
+        (
+            "loss recovered vs zero ablation",
+            _pm(sae["loss_recovered"], sae.get("loss_recovered_ci95"), ".3f"),
+        ),
+        (
+            "loss recovered vs mean ablation",
+            _pm(sae["loss_recovered_mean_ablation"], sae.get("loss_recovered_mean_ablation_ci95"), ".3f"),
+        ),
+    ]
+    out = [_table(["quantity", "value (95% CI)"], rows, left_cols=(0, 1))]
+    out.append(
+        '<p class="note">Loss recovered = (ablated - SAE) / (ablated - clean): 1 means splicing the SAE in '
+        "costs nothing, 0 means it is as bad as ablating the layer.</p>"
+    )
+    names = ["clean", "SAE", "zero ablation", "mean ablation"]
+    means = [sae["clean_loss"], sae["sae_loss"], sae["zero_ablation_loss"], sae["mean_ablation_loss"]]
+    cis = [lc.get("clean"), lc.get("sae"), lc.get("zero"), lc.get("mean")]
+    f = go.Figure(
+        go.Bar(
+            x=names,
+            y=_nulls(means),
+            error_y=_error_bars(means, cis),
+            marker_color=["#2ca02c", "#1f77b4", "#7f7f7f", "#bcbd22"],
+        )
+    )
+    f.update_layout(
+        title=f"Task loss at the prediction position: {_esc(sae['hook_point'])}",
+        yaxis_title="cross-entropy (nats)",
+        xaxis_type="category",
+    )
+    out.append(fig(f, height=360))
+    return "\n".join(out)
+
+
+def _sorted_features(sae: Mapping) -> list[Mapping]:
+    return sorted(
+        sae["top_features"], key=lambda t: -t["loss_increase"] if _finite(t["loss_increase"]) else math.inf
+    )
+
+
+def _features_section(sae: Mapping, fig: _Figures) -> str:
+    tfs = _sorted_features(sae)
+    if not tfs:
+        return '<p class="muted">No top features recorded.</p>'
+    rows, classes = [], []
+    for rank, t in enumerate(tfs, 1):
+        lo, _ = ci_bounds(t["loss_increase"], t.get("loss_increase_ci95"))
+        sig = _finite(lo) and lo > 0
+        classes.append("sig" if sig else "")
+        rows.append(
+            (
+                rank,
+                t["feature"],
+                _pm(t["loss_increase"], t.get("loss_increase_ci95")),
+                "yes" if sig else "no",
+                _num(t["mean_activation"]),
+                _num(t["fraction_active"], ".3f"),
+                t.get("n_prompts", "n/a"),
+            )
+        )
+    out = [
+        '<p class="note">Features ranked by the mean increase of the task loss (nats) when the feature alone is '
+        "ablated at the prediction position (ablated - clean; analysis-spec F3). Highlighted rows: the 95% CI "
+        "excludes 0.</p>"
+    ]
+    out.append(
+        _table(
+            [
+                "rank",
+                "feature",
+                "loss increase (nats, 95% CI)",
+                "CI > 0",
+                "mean activation",
+                "fraction active",
+                "n prompts",
+            ],
+            rows,
+            row_classes=classes,
+        )
+    )
+    means = [t["loss_increase"] for t in tfs]
+    f = go.Figure(
+        go.Bar(
+            x=[f"f{t['feature']}" for t in tfs],
+            y=_nulls(means),
+            error_y=_error_bars(means, [t.get("loss_increase_ci95") for t in tfs]),
+            marker_color="#d62728",
+        )
+    )
+    f.update_layout(
+        title="Loss increase when each feature is ablated",
+        xaxis_title="feature",
+        yaxis_title="loss increase (nats)",
+        xaxis_type="category",
+    )
+    out.append(fig(f, height=380))
+    return "\n".join(out)
+
+
+_MULTI = (
+    ("logprob_diff", "answer log-prob (nats)"),
+    ("logit_diff", "answer logit"),
+    ("rank_diff", "answer rank"),
+)
+
+
+def _multi_section(sae: Mapping, fig: _Figures) -> str:
+    ma = sae.get("multi_ablation")
+    if not ma:
+        return '<p class="muted">No multi-feature ablation recorded.</p>'
+    feats = ma.get("features", [])
+    present = [(k, label) for k, label in _MULTI if k in ma]
+    out = [
+        f'<p class="note">All of the features {_esc(", ".join(str(x) for x in feats)) or "(not recorded)"} '
+        f"ablated together on {_esc(ma.get('n_prompts', 'n/a'))} prompts. Sign convention: "
+        "<b>original - ablated</b>. A positive log-prob or logit difference means the ablation lowered the "
+        "answer; a negative rank difference means the answer's rank got worse (a larger rank number) after "
+        "the ablation. Error bars: 95% CI.</p>"
+    ]
+    rows = [(label, _pm(ma[k]["mean"], ma[k].get("ci95"))) for k, label in present]
+    out.append(_table(["original - ablated", "mean (95% CI)"], rows, left_cols=(0,)))
+    if present:
+        f = make_subplots(rows=1, cols=len(present), subplot_titles=[label for _, label in present])
+        for j, (k, label) in enumerate(present, 1):
+            m = ma[k]["mean"]
+            f.add_trace(
+                go.Bar(
+                    x=[label],
+                    y=_nulls([m]),
+                    error_y=_error_bars([m], [ma[k].get("ci95")]),
+                    marker_color="#9467bd",
+                    showlegend=False,
+                ),
+                row=1,
+                col=j,
+            )
+        f.update_layout(title="Multi-feature ablation: original - ablated")
+        out.append(fig(f, height=340))
+    return "\n".join(out)
+
+
+def _examples_section(sae: Mapping, sid: str) -> str:
+    by_feature: dict[int, list[Mapping]] = {}
+    for fe in sae.get("examples", []):
+        by_feature.setdefault(fe["feature"], []).extend(fe["examples"])
+    if not by_feature:
+        return '<p class="muted">No activating examples recorded.</p>'
+    order = [t["feature"] for t in _sorted_features(sae) if t["feature"] in by_feature]
+    order += [k for k in by_feature if k not in order]
+    out = [
+        '<p class="note">Top activating examples per feature. Token background: red for positive activation '
+        "(normalised by the example's max), blue for negative; hover a token for its value. A newline is shown "
+        "as \u00b6 and whitespace as \u00b7 (analysis-spec F14).</p>"
+    ]
+    for k in order:
+        out.append(f'<h4 id="{sid}-f{k}">Feature {k}</h4>')
+        for ex in by_feature[k]:
+            acts = ex["activations"]
+            mx = ex.get("max_activation")
+            if not _finite(mx):
+                mx = max((a for a in acts if _finite(a)), default=None)
+            doc = ex.get("doc_index", "n/a")
+            out.append(f'<div class="note">doc {_esc(doc)}, max activation {_esc(_num(mx))}</div>')
+            out.append(tokens_to_html(ex["tokens"], acts, max_value=mx if _finite(mx) else None))
+    return "\n".join(out)
+
+
+def _appendix(r: Mapping) -> str:
+    out = ['<h2 id="appendix">Appendix</h2>']
+    timings = r.get("timings") or {}
+    if timings:
+        out.append("<h3>Timings</h3>")
+        out.append(
+            _table(["stage", "seconds"], [(k, _num(v, ".1f")) for k, v in timings.items()], left_cols=(0,))
+        )
+    for i, sae in enumerate(r["saes"]):
+        if sae.get("training"):
+            out.append(f"<h3>Training: SAE {i} ({_esc(sae['hook_point'])})</h3>")
+            out.append(f'<pre class="json">{_esc(json.dumps(to_jsonable(sae["training"]), indent=1))}</pre>')
+    if r.get("config"):
+        out.append("<h3>Config</h3>")
+        out.append(f'<pre class="json">{_esc(json.dumps(to_jsonable(r["config"]), indent=1))}</pre>')
+    if r.get("notes"):
+        out.append("<h3>Notes</h3><ul>" + "".join(f"<li>{_esc(n)}</li>" for n in r["notes"]) + "</ul>")
+    ver = r.get("saecircuits_version")
+    out.append(
+        f'<p class="muted">results.json schema version {_esc(r["schema_version"])}'
+        + (f", saecircuits {_esc(ver)}" if ver else "")
+        + ".</p>"
+    )
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_report_html(results: Mapping) -> str:
+    """The report page as a string (see the module docstring for its sections).
+
+    Raises:
+        ResultsSchemaError: ``results`` does not match results.json schema version 1.
+    """
+    validate_results(results)
+    fig = _Figures()
+    toc = ['<li><a href="#dla">Direct logit attribution</a></li>']
+    body = [_dla_section(results, fig)]
+    for i, sae in enumerate(results["saes"]):
+        sid = f"sae-{i}"
+        title = _sae_title(i, sae)
+        top = ", ".join(f"f{t['feature']}" for t in _sorted_features(sae)[:5])
+        toc.append(
+            f'<li><a href="#{sid}">{_esc(title)}</a>'
+            + (f' <span class="muted">top features: {_esc(top)}</span>' if top else "")
+            + f'<ul><li><a href="#{sid}-summary">summary</a></li>'
+            f'<li><a href="#{sid}-features">top features</a></li>'
+            f'<li><a href="#{sid}-multi">multi-feature ablation</a></li>'
+            f'<li><a href="#{sid}-examples">activating examples</a></li></ul></li>'
+        )
+        body.append(f'<h2 id="{sid}">{_esc(title)}</h2>')
+        body.append(f'<h3 id="{sid}-summary">Summary</h3>')
+        body.append(_sae_summary(sae, fig))
+        body.append(f'<h3 id="{sid}-features">Top features</h3>')
+        body.append(_features_section(sae, fig))
+        body.append(f'<h3 id="{sid}-multi">Multi-feature ablation</h3>')
+        body.append(_multi_section(sae, fig))
+        body.append(f'<h3 id="{sid}-examples">Activating examples</h3>')
+        body.append(_examples_section(sae, sid))
+    if not results["saes"]:
+        body.append('<p class="muted">No SAEs in these results.</p>')
+    toc.append('<li><a href="#appendix">Appendix</a></li>')
+    body.append(_appendix(results))
+    title = f"saecircuits report: {results['task']['name']} on {results['model']}"
+    return "\n".join(
+        [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f"<title>{_esc(title)}</title>",
+            f"<style>{_CSS}</style>",
+            f'<script type="text/javascript">{get_plotlyjs()}</script>',
+            "</head><body>",
+            _header(results),
+            '<nav class="toc"><b>Contents</b><ul>' + "".join(toc) + "</ul></nav>",
+            *body,
+            "</body></html>",
+        ]
+    )
+
+
+def render_report(results: Mapping, out_path: str | os.PathLike) -> Path:
+    """Validate ``results`` and write the self-contained HTML report to ``out_path`` atomically.
+
+    The page inlines plotly.js once (about 4.8 MB) and needs no network to view. Reads nothing but ``results``.
+
+    Raises:
+        ResultsSchemaError: ``results`` does not match results.json schema version 1 (message names the key);
+            nothing is written then.
+    Returns:
+        The path written.
+    """
+    text = build_report_html(results)
+    return write_text_atomic(out_path, text)
