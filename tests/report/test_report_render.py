@@ -1,0 +1,205 @@
+"""The HTML report: figures, numbers, escaping of every data string, atomic writing, no torch, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import HOSTILE, N_FIGURES
+from plotly.offline import get_plotlyjs
+
+from saecircuits.report import render as render_mod
+from saecircuits.report import schema
+from saecircuits.report.render import build_report_html, render_report
+from saecircuits.report.schema import ResultsSchemaError, write_json_atomic
+
+
+def _table_rows(page: str, section_id: str) -> list[list[str]]:
+    """Cells of the first table after the element with id ``section_id``."""
+    start = page.index(f'id="{section_id}"')
+    table = page[start : page.index("</table>", start)]
+    rows = re.findall(r"<tr[^>]*>(.*?)</tr>", table)
+    return [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in rows if "<td" in r]
+
+
+def test_render_writes_one_self_contained_page(results, tmp_path):
+    out = render_report(results, tmp_path / "report.html")
+    assert out == tmp_path / "report.html"
+    page = out.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    # plotly.js inlined exactly once, and nothing loaded from the network.
+    bundle = get_plotlyjs()
+    assert page.count(bundle) == 1
+    rest = page.replace(bundle, "")
+    assert "cdn.plot.ly" not in rest and "<script src" not in rest and "http" not in rest
+    # One Plotly.newPlot per figure: DLA + (losses, features, multi) for SAE 0 + (losses, features) for SAE 1.
+    assert page.count("Plotly.newPlot(") == N_FIGURES
+    assert page.count("<script") == 1 + N_FIGURES
+    assert sorted(set(re.findall(r'Plotly.newPlot\(\s*"(fig\d+)"', page))) == sorted(
+        f"fig{i}" for i in range(1, N_FIGURES + 1)
+    )
+    assert os.listdir(tmp_path) == ["report.html"]
+
+
+def test_report_shows_the_numbers(results, tmp_path):
+    page = build_report_html(results)
+    # Header.
+    assert "roneneldan/TinyStories-1Layer-21M" in page and "closing_quote" in page
+    assert (
+        '<div class="prompt">Tom said, &quot;I like the dog<mark class="answer">.&quot;</mark></div>' in page
+    )
+    assert ".&quot; (id 526)" in page and ">120<" in page
+    # DLA: completeness error, the biggest component first in the summary table.
+    assert "= 3.20e-05 logits" in page
+    dla_rows = _table_rows(page, "dla")
+    assert dla_rows[0] == ["MLP0", "6.5000", "0.9000"] and dla_rows[1] == ["L0H0", "1.7500", "0.3000"]
+    # SAE 0 summary with CIs.
+    summary = dict((r[0], r[1]) for r in _table_rows(page, "sae-0-summary"))
+    assert summary["L0 (mean active features per token)"] == "23.75"
+    assert summary["clean loss (nats)"] == "0.4321 \u00b1 0.0500"
+    assert summary["loss with zero ablation (nats)"] == "3.9876 \u00b1 0.2000"
+    assert summary["loss recovered vs zero ablation"] == "0.962 [0.941, 0.979]"
+    assert summary["loss recovered vs mean ablation"] == "0.932 [0.901, 0.956]"
+    # SAE 1 without optional keys shows n/a rather than failing.
+    summary1 = dict((r[0], r[1]) for r in _table_rows(page, "sae-1-summary"))
+    assert summary1["explained variance"] == "n/a" and summary1["clean loss (nats)"] == "0.4321"
+    # Top features sorted by loss increase; the CI column says which exclude 0 (2077: 0.0123 +- 0.02 does not).
+    feats = _table_rows(page, "sae-0-features")
+    assert [r[1] for r in feats] == ["12345", "9001", "2077"]
+    assert feats[0][2] == "0.8765 \u00b1 0.1000" and feats[1][2] == "0.2468 [0.2000, 0.3000]"
+    assert [r[3] for r in feats] == ["yes", "yes", "no"]
+    assert '"x":["f12345","f9001","f2077"]' in page
+    # Multi-feature ablation with its sign convention.
+    multi = _table_rows(page, "sae-0-multi")
+    assert multi == [
+        ["answer log-prob (nats)", "1.2345 \u00b1 0.1100"],
+        ["answer logit", "2.3456 \u00b1 0.2200"],
+        ["answer rank", "-3.5000 \u00b1 1.2500"],
+    ]
+    assert "<b>original - ablated</b>" in page
+    # Examples in feature order, coloured with the example's max (2.0 / 4.0 -> g = 127).
+    assert page.index('id="sae-0-f12345"') < page.index('id="sae-0-f9001"')
+    assert (
+        'style="background-color: rgb(255, 127, 127); color: black" title="Activation: 2.0000">Hi</span>'
+        in page
+    )
+    assert ">\u00b6</span>" in page and ">\u00b7said</span><wbr><span" in page
+    # Appendix.
+    assert "train_sae" in page and "1234.5" in page and "Synthetic results for the report tests." in page
+
+
+def test_every_data_string_is_escaped(results, tmp_path):
+    results["model"] = HOSTILE
+    results["task"]["name"] = HOSTILE
+    results["task"]["answer_tokens"] = [HOSTILE]
+    results["task"]["example_prompts"] = [HOSTILE, 'a & b "c"']
+    results["dla"]["labels"][0] = HOSTILE
+    results["saes"][0]["hook_point"] = HOSTILE
+    results["saes"][0]["architecture"] = HOSTILE
+    results["model_info"]["architecture"] = HOSTILE
+    results["timings"][HOSTILE] = 1.0
+    results["config"][HOSTILE] = HOSTILE
+    results["saes"][0]["training"][HOSTILE] = HOSTILE
+    results["notes"].append(HOSTILE)
+    results["saes"][0]["examples"][0]["examples"][0]["tokens"][1] = '" onmouseover="alert(2)'
+    page = render_report(results, tmp_path / "r.html").read_text(encoding="utf-8")
+    assert HOSTILE not in page
+    assert "<script>alert" not in page and 'onmouseover="alert' not in page
+    # Only our own script tags: plotly.js once plus one per figure.
+    assert page.count("<script") == 1 + N_FIGURES
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "a &amp; b &quot;c&quot;" in page
+    assert "<title>saecircuits report: &lt;script&gt;" in page
+    assert "&quot;\u00b7onmouseover=&quot;alert(2)" in page
+
+
+def test_invalid_results_write_nothing(results, tmp_path):
+    out = tmp_path / "report.html"
+    out.write_text("old report", encoding="utf-8")
+    del results["saes"][0]["top_features"][0]["feature"]
+    with pytest.raises(
+        ResultsSchemaError, match=r"\['top_features'\]\[0\] is missing the required key 'feature'"
+    ):
+        render_report(results, out)
+    assert out.read_text(encoding="utf-8") == "old report"
+    assert os.listdir(tmp_path) == ["report.html"]
+
+
+def test_failure_while_writing_keeps_old_report(results, tmp_path, monkeypatch):
+    out = tmp_path / "report.html"
+    out.write_text("old report", encoding="utf-8")
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(schema.os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        render_report(results, out)
+    monkeypatch.undo()
+    assert out.read_text(encoding="utf-8") == "old report"
+    assert os.listdir(tmp_path) == ["report.html"]
+
+
+def test_figure_failure_writes_nothing(results, tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("plotly failed (simulated)")
+
+    monkeypatch.setattr(render_mod, "make_subplots", boom)  # the multi-ablation figure, late in the page
+    with pytest.raises(RuntimeError, match="plotly failed"):
+        render_report(results, tmp_path / "report.html")
+    assert os.listdir(tmp_path) == []
+
+
+def test_rerender_from_saved_json_is_identical(results, tmp_path):
+    path = write_json_atomic(tmp_path / "results.json", results)
+    direct = build_report_html(results)
+    again = build_report_html(json.loads(path.read_text(encoding="utf-8")))
+    assert direct == again
+
+
+def test_report_modules_do_not_import_torch():
+    code = (
+        "import sys; import saecircuits.report.render, saecircuits.report.schema, saecircuits.report.tokens_html; "
+        "bad = [m for m in ('torch', 'transformer_lens', 'transformers') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def _invoke_cli(args: list[str]):
+    import typer
+    from typer.testing import CliRunner
+
+    import saecircuits.cli.report  # noqa: F401  (registers the sub-command)
+    from saecircuits.cli import app
+
+    # typer runs a lone command without its name; with several sub-commands the name is needed.
+    cmd = typer.main.get_command(app)
+    import click
+
+    argv = args if isinstance(cmd, click.Group) else args[1:]
+    return CliRunner().invoke(app, argv)
+
+
+def test_cli_report_rerenders_from_results_json(results, tmp_path):
+    src = write_json_atomic(tmp_path / "results.json", results)
+    out = tmp_path / "out" / "report.html"
+    res = _invoke_cli(["report", str(src), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert f"Wrote {out}" in res.output
+    assert out.read_text(encoding="utf-8") == build_report_html(results)
+
+
+def test_cli_report_bad_input(results, tmp_path):
+    res = _invoke_cli(["report", str(tmp_path / "absent.json"), "--out", str(tmp_path / "r.html")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+    del results["dla"]
+    src = write_json_atomic(tmp_path / "results.json", results)
+    res = _invoke_cli(["report", str(src), "--out", str(tmp_path / "r.html")])
+    assert res.exit_code == 2 and "missing the required key 'dla'" in res.output
+    assert not Path(tmp_path / "r.html").exists()

@@ -1,0 +1,101 @@
+"""Token heat-map spans: colours hand-worked from analysis-spec F14, visible whitespace, escaping."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from saecircuits.report.tokens_html import token_color, tokens_to_html, visible_token
+
+
+@pytest.mark.parametrize(
+    ("value", "max_value", "rgb", "text"),
+    [
+        # v = max: g = 255 * (1 - 1) = 0; luminance = 0.299 -> white text.
+        (4.0, 4.0, (255, 0, 0), "white"),
+        # v = 0: white background, black text.
+        (0.0, 4.0, (255, 255, 255), "black"),
+        # v = max / 2: g = int(127.5) = 127; luminance = (0.299*255 + 0.701*127) / 255 = 0.648 -> black.
+        (2.0, 4.0, (255, 127, 127), "black"),
+        # v = 3/4 max: g = int(63.75) = 63; luminance = (76.245 + 0.701*63) / 255 = 0.472 -> white.
+        (3.0, 4.0, (255, 63, 63), "white"),
+        # v above max is clamped: g = clamp(255 * (1 - 2)) = 0.
+        (8.0, 4.0, (255, 0, 0), "white"),
+        # negative: r = g = int(255 * (1 - 1/4)) = int(191.25) = 191, b = 255; luminance 0.773 -> black.
+        (-1.0, 4.0, (191, 191, 255), "black"),
+        # v = -max: (0, 0, 255), luminance 0.114 -> white.
+        (-4.0, 4.0, (0, 0, 255), "white"),
+        # no usable max / NaN / None: white.
+        (1.0, 0.0, (255, 255, 255), "black"),
+        (float("nan"), 4.0, (255, 255, 255), "black"),
+        (None, 4.0, (255, 255, 255), "black"),
+    ],
+)
+def test_token_color_hand_worked(value, max_value, rgb, text):
+    assert token_color(value, max_value) == (rgb, text)
+
+
+@pytest.mark.parametrize(
+    ("token", "shown"),
+    [
+        ("\n", "\u00b6"),
+        ("\n\n", "\u00b6\u00b6"),
+        (" hello", "\u00b7hello"),
+        ("a  \t b", "a\u00b7b"),
+        (" \n ", "\u00b7\u00b6\u00b7"),
+        ("plain", "plain"),
+        ("", ""),
+    ],
+)
+def test_visible_token(token, shown):
+    assert visible_token(token) == shown
+
+
+def _spans(html_text):
+    return re.findall(r'<span class="tok" style="([^"]*)" title="([^"]*)">([^<]*)</span>', html_text)
+
+
+def test_tokens_to_html_colours_titles_and_order():
+    out = tokens_to_html(["A", " cat", "\n"], [0.0, 2.0, 4.0], max_value=4.0)
+    assert out.startswith('<div class="tokens">') and out.endswith("</div>")
+    spans = _spans(out)
+    assert [s[2] for s in spans] == ["A", "\u00b7cat", "\u00b6"]
+    assert [s[1] for s in spans] == ["Activation: 0.0000", "Activation: 2.0000", "Activation: 4.0000"]
+    assert "rgb(255, 255, 255); color: black" in spans[0][0]
+    assert "rgb(255, 127, 127); color: black" in spans[1][0]
+    assert "rgb(255, 0, 0); color: white" in spans[2][0]
+
+
+def test_tokens_to_html_default_max_is_max_abs():
+    # No max given: max |v| = 2 (from the negative value), so v = 1 -> g = int(127.5) = 127 and v = -2 -> blue.
+    spans = _spans(tokens_to_html(["a", "b"], [1.0, -2.0]))
+    assert "rgb(255, 127, 127)" in spans[0][0]
+    assert "rgb(0, 0, 255)" in spans[1][0]
+    # All zeros: white, no division by zero.
+    spans = _spans(tokens_to_html(["a", "b"], [0.0, 0.0]))
+    assert all("rgb(255, 255, 255)" in s[0] for s in spans)
+
+
+def test_tokens_to_html_escapes_hostile_tokens_and_names():
+    hostile = ["<script>alert(1)</script>", "&", '"', "'", '" onmouseover="x']
+    out = tokens_to_html(hostile, [1.0] * 5, value_name='<b>"v"</b>', extra_measures={"<i>": [0.5] * 5})
+    assert "<script>" not in out and "<b>" not in out and "<i>" not in out
+    assert 'onmouseover="x' not in out
+    spans = _spans(out)
+    assert len(spans) == 5  # nothing broke out of its span or attribute
+    assert [s[2] for s in spans] == [
+        "&lt;script&gt;alert(1)&lt;/script&gt;",
+        "&amp;",
+        "&quot;",
+        "&#x27;",
+        "&quot;\u00b7onmouseover=&quot;x",
+    ]
+    assert spans[0][1] == "&lt;b&gt;&quot;v&quot;&lt;/b&gt;: 1.0000, &lt;i&gt;: 0.5000"
+
+
+def test_tokens_to_html_rejects_misaligned_inputs():
+    with pytest.raises(ValueError, match="2 tokens but 3 values"):
+        tokens_to_html(["a", "b"], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="extra measure 'loss' has 1 values for 2 tokens"):
+        tokens_to_html(["a", "b"], [1.0, 2.0], extra_measures={"loss": [1.0]})
