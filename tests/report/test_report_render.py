@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import HOSTILE, N_FIGURES
 from plotly.offline import get_plotlyjs
+from report_fixtures import HOSTILE, N_FIGURES
 
 from saecircuits.report import render as render_mod
 from saecircuits.report import schema
