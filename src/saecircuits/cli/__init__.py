@@ -14,6 +14,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """Train SAEs on a language model, find the features behind a behaviour, test them causally, report."""
+
+
 def _register() -> None:
     # Sub-command modules register themselves on `app` when imported.
     import importlib
