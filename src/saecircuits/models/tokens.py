@@ -63,3 +63,26 @@ def gather_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         ``[batch, ...]``.
     """
     return x[torch.arange(x.shape[0], device=x.device), positions.to(x.device)]
+
+
+def encode_documents(
+    tokenizer, documents: Sequence[str], *, max_len: int | None = None, prepend_bos: bool = True
+) -> list[list[int]]:
+    """Tokenize documents as the model sees them: BOS (if ``prepend_bos``) + tokens, cut to ``max_len`` tokens.
+
+    Uses ``tokenizer(texts, add_special_tokens=False)`` in one batched call, which matches ``bridge.to_tokens``
+    (see tasks/closing_quote.py). Empty documents are kept as ``[BOS]`` so indices stay aligned.
+
+    Raises:
+        ValueError: ``prepend_bos`` but the tokenizer has no BOS id.
+    """
+    bos: list[int] = []
+    if prepend_bos:
+        if getattr(tokenizer, "bos_token_id", None) is None:
+            raise ValueError("prepend_bos=True but the tokenizer has no bos_token_id")
+        bos = [int(tokenizer.bos_token_id)]
+    encoded = tokenizer(list(documents), add_special_tokens=False)["input_ids"] if documents else []
+    out = [bos + list(ids) for ids in encoded]
+    if max_len is not None:
+        out = [ids[:max_len] for ids in out]
+    return out
