@@ -205,6 +205,7 @@ def _decoder_constraints() -> tuple[Callable[[SAE], Any], Callable[[SAE], Any]]:
 
 def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over a batch ``[batch, d_in]`` (1 = perfect, 0 = the mean)."""
+    x, x_hat = x.detach().float(), x_hat.detach().float()
     resid = (x - x_hat).pow(2).sum()
     total = (x - x.mean(0, keepdim=True)).pow(2).sum()
     return float(1.0 - resid / total.clamp_min(torch.finfo(total.dtype).tiny))
@@ -467,7 +468,8 @@ class SAETrainer:
         ``resample_pool_batches`` fresh batches is drawn (gathered over ranks, so all ranks agree); rows are drawn
         without replacement with probability ``||x - x_hat||^resample_error_power`` from the trainer's seeded
         generator; ``W_dec[D] = x / ||x||``, ``W_enc[:, D] = W_dec[D].T * resample_encoder_scale * mean alive encoder
-        column norm``, ``b_enc[D] = 0``; Adam moments of those entries are zeroed (``b_dec`` untouched).
+        column norm``, ``b_enc[D] = 0``; Adam moments of those entries are zeroed (``b_dec`` untouched). If there
+        are more dead features than pool rows with non-zero error, only that many (the first dead ones) are resampled.
         """
         cfg, sae = self.cfg, self.sae
         window = min(cfg.resample_window, self.step)
@@ -489,7 +491,8 @@ class SAETrainer:
         weights = err.pow(cfg.resample_error_power)
         if not torch.isfinite(weights).all() or float(weights.sum()) <= 0:
             weights = torch.ones_like(weights)
-        n = min(dead.numel(), x.shape[0])
+        # without replacement: at most as many draws as rows with positive weight (the notebook would crash)
+        n = min(dead.numel(), int((weights > 0).sum()))
         dead = dead[:n]
         idx = torch.multinomial(weights.cpu(), n, replacement=False, generator=self.generator).to(x.device)
         v = x[idx]
