@@ -285,8 +285,7 @@ def sae_training_loss(
     total = mse
     for p in penalties.values():
         total = total + sparsity_scale * p
-    terms: dict[str, float] = {"mse": float(mse.detach())}
-    terms.update({name: float(p.detach()) for name, p in penalties.items()})
+    named: dict[str, torch.Tensor] = {"mse": mse, **penalties}
     if cfg.aux_k is not None and dead_mask is not None:
         if dead_mask.shape != (sae.d_sae,) or dead_mask.dtype != torch.bool:
             raise SAEError(
@@ -295,6 +294,9 @@ def sae_training_loss(
             )
         aux = auxk_loss(sae, x, x_hat, hidden_pre, dead_mask.to(hidden_pre.device), cfg.aux_k)
         total = total + cfg.aux_coefficient * aux
-        terms["auxk"] = float(aux.detach())
-    terms["total"] = float(total.detach())
+        named["auxk"] = aux
+    named["total"] = total
+    # one device->host transfer for all logged values (one GPU sync per step, not one per term)
+    values = torch.stack([v.detach().float().reshape(()) for v in named.values()]).tolist()
+    terms = dict(zip(named, values, strict=True))
     return LossOutput(total=total, terms=terms, f=f, x_hat=x_hat, hidden_pre=hidden_pre)

@@ -6,7 +6,10 @@ Names follow SAELens: ``"standard"`` (ReLU), ``"topk"``, ``"batchtopk"``, ``"jum
 from __future__ import annotations
 
 from saecircuits.saes.base import SAE, SAEConfig, SAEError
+from saecircuits.saes.batchtopk import BatchTopKSAE
+from saecircuits.saes.jumprelu import JumpReLUSAE
 from saecircuits.saes.relu import StandardSAE
+from saecircuits.saes.topk import TopKSAE
 
 _REGISTRY: dict[str, type[SAE]] = {}
 
@@ -59,4 +62,5 @@ def build_sae(cfg: SAEConfig, *, seed: int | None = None, initialize: bool = Tru
     return sae
 
 
-register_architecture(StandardSAE)
+for _cls in (StandardSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE):
+    register_architecture(_cls)

@@ -1,0 +1,40 @@
+"""TopK SAE (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"; SAELens ``"topk"``).
+
+Per token, the ``k`` largest pre-activations are kept and ReLU'd, every other feature is 0:
+``f = scatter(topk(hidden_pre, k).indices, ReLU(topk(hidden_pre, k).values))``. Sparsity comes from ``k``
+(``cfg.extra["k"]``), so the loss adds no penalty; pair it with AuxK (``LossConfig.aux_k``) against dead latents.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from saecircuits.saes.base import SAE, SAEConfig, SAEError
+
+
+def _k_from_cfg(cfg: SAEConfig) -> int:
+    k = cfg.extra.get("k")
+    if not isinstance(k, int) or isinstance(k, bool) or not 0 < k <= cfg.d_sae:
+        raise SAEError(
+            f"{cfg.architecture} SAE needs an integer cfg.extra['k'] in 1..d_sae={cfg.d_sae}, got {k!r}; "
+            "e.g. SAEConfig(..., extra={'k': 32})"
+        )
+    return k
+
+
+class TopKSAE(SAE):
+    """TopK SAE; ``k = cfg.extra["k"]``. Training and inference paths are the same (per token)."""
+
+    architecture = "topk"
+    uses_sparsity_penalty = False
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        self.k = _k_from_cfg(cfg)
+
+    def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(f, hidden_pre)``, both ``[..., d_sae]``; at most ``k`` non-zero features per token."""
+        hidden_pre = self.hidden_pre(x)
+        vals, idx = hidden_pre.topk(self.k, dim=-1)
+        f = torch.zeros_like(hidden_pre).scatter(-1, idx, torch.relu(vals))
+        return f, hidden_pre

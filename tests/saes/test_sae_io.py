@@ -1,0 +1,155 @@
+"""SAELens layout round trips, clear errors for bad files, reference-checkpoint import."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from saecircuits.saes.base import SAEConfig, SAEError
+from saecircuits.saes.io import import_reference_checkpoint, load_sae, save_sae
+from saecircuits.saes.registry import build_sae
+
+HOOK = "blocks.1.mlp.hook_post"
+EXTRA = {"standard": {}, "topk": {"k": 3}, "batchtopk": {"k": 3}, "jumprelu": {"threshold_init": 0.05}}
+
+
+def _sae(arch="standard", dtype="float32"):
+    sae = build_sae(SAEConfig(arch, 6, 16, HOOK, model_name="tiny", dtype=dtype, extra=EXTRA[arch]), seed=5)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen).to(p.dtype))
+        if arch == "batchtopk":
+            sae.threshold.fill_(0.3)
+    return sae.eval()
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk", "batchtopk", "jumprelu"])
+def test_round_trip_every_architecture(tmp_path, arch):
+    sae = _sae(arch)
+    folder = save_sae(sae, tmp_path / arch)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    for key in ("architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input"):
+        assert key in cfg
+    assert cfg["architecture"] == arch and cfg["hook_name"] == HOOK and cfg["normalize_activations"] == "none"
+    assert cfg["metadata"]["model_name"] == "tiny" and cfg["metadata"]["hook_name"] == HOOK
+    names = set(load_file(str(folder / "sae_weights.safetensors")))
+    assert names == {"W_enc", "W_dec", "b_enc", "b_dec"} | (
+        {"threshold"} if arch in ("batchtopk", "jumprelu") else set()
+    )
+    loaded = load_sae(folder, device="cpu")
+    assert type(loaded) is type(sae) and loaded.cfg == sae.cfg and not loaded.training
+    for name, t in sae.export_weights().items():
+        torch.testing.assert_close(loaded.export_weights()[name], t, rtol=1e-6, atol=0)
+    x = torch.randn(7, 6, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(loaded(x), sae(x), rtol=1e-6, atol=1e-6)
+    assert not list(folder.glob("*.tmp"))  # atomic writes leave no temp files
+
+
+def test_bf16_round_trip(tmp_path):
+    sae = _sae(dtype="bfloat16")
+    loaded = load_sae(save_sae(sae, tmp_path / "bf"))
+    assert loaded.W_enc.dtype == torch.bfloat16 and torch.equal(loaded.W_enc, sae.W_enc)
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(SAEError, match="does not exist"):
+        load_sae(tmp_path / "nope")
+    folder = save_sae(_sae(), tmp_path / "s")
+    w = folder / "sae_weights.safetensors"
+    good = w.read_bytes()
+    w.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(SAEError, match=r"sae_weights\.safetensors cannot be read.*corrupt"):
+        load_sae(folder)
+    w.write_bytes(good)
+    (folder / "cfg.json").write_text("{not json")
+    with pytest.raises(SAEError, match=r"cfg\.json is not valid JSON"):
+        load_sae(folder)
+    (folder / "cfg.json").unlink()
+    with pytest.raises(SAEError, match=r"cfg\.json is missing"):
+        load_sae(folder)
+
+
+def test_wrong_shapes_and_missing_tensor(tmp_path):
+    folder = save_sae(_sae(), tmp_path / "s")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    cfg["saecircuits"]["config"]["d_sae"] = 32
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(SAEError, match=r"W_enc has shape \(6, 16\), expected \(6, 32\)"):
+        load_sae(folder)
+    folder = save_sae(_sae(), tmp_path / "t")
+    w = load_file(str(folder / "sae_weights.safetensors"))
+    del w["b_dec"]
+    save_file(w, str(folder / "sae_weights.safetensors"))
+    with pytest.raises(SAEError, match=r"missing \['b_dec'\]"):
+        load_sae(folder)
+
+
+def test_plain_saelens_cfg_is_read(tmp_path):
+    folder = save_sae(_sae("topk"), tmp_path / "s")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    del cfg["saecircuits"]
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    loaded = load_sae(folder)
+    assert loaded.cfg.architecture == "topk" and loaded.cfg.extra == {"k": 3} and loaded.hook_point == HOOK
+
+
+def _write_reference(tmp_path, d_in=8, expansion=4, **overrides):
+    gen = torch.Generator().manual_seed(0)
+    state = {
+        "W_enc": torch.randn(d_in, d_in * expansion, generator=gen),
+        "W_dec": torch.randn(d_in * expansion, d_in, generator=gen),
+        "b_enc": torch.randn(d_in * expansion, generator=gen),
+        "b_dec": torch.randn(d_in, generator=gen),
+    }
+    cfg = {
+        "layer": 1,
+        "act": "mlp.hook_post",
+        "expansion_factor": expansion,
+        "l1_coeff": [0.0001, 0.00015],
+        "reg": "combined_hoyer_sqrt",
+        "d_in": d_in,
+        "model_name": "tiny-stories-2L-33M",
+        "save_name": "189_giddy_water",
+        "batch_size": 5080,
+        **overrides,
+    }
+    torch.save(state, tmp_path / "189_giddy_water.pt")
+    (tmp_path / "189_giddy_water.json").write_text(json.dumps(cfg))
+    return state, tmp_path / "189_giddy_water.pt", tmp_path / "189_giddy_water.json"
+
+
+def test_import_reference_checkpoint(tmp_path):
+    state, pt, js = _write_reference(tmp_path)
+    sae = import_reference_checkpoint(pt, js)
+    assert sae.cfg.architecture == "standard" and sae.hook_point == "blocks.1.mlp.hook_post"
+    assert sae.d_in == 8 and sae.d_sae == 32 and sae.cfg.model_name == "tiny-stories-2L-33M"
+    assert sae.cfg.extra["reference_config"]["reg"] == "combined_hoyer_sqrt"
+    # the reference forward (analysis-spec.md 4.2), written out independently
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+    f = torch.relu((x - state["b_dec"]) @ state["W_enc"] + state["b_enc"])
+    torch.testing.assert_close(sae.encode(x), f)
+    torch.testing.assert_close(sae(x), f @ state["W_dec"] + state["b_dec"])
+    # and it saves/loads in the SAELens layout
+    torch.testing.assert_close(load_sae(save_sae(sae, tmp_path / "converted"))(x), sae(x))
+
+
+def test_import_reference_errors(tmp_path):
+    _, pt, js = _write_reference(tmp_path, expansion_factor=2)  # JSON says 2, tensors are x4
+    with pytest.raises(SAEError, match=r"189_giddy_water\.pt: W_enc has shape \(8, 32\), expected \(8, 16\)"):
+        import_reference_checkpoint(pt, js)
+    js.write_text(json.dumps({"layer": 0, "act": "mlp.hook_post"}))
+    with pytest.raises(SAEError, match=r"lacks keys \['expansion_factor'\]"):
+        import_reference_checkpoint(pt, js)
+    with pytest.raises(SAEError, match="is missing"):
+        import_reference_checkpoint(tmp_path / "x.pt", js)
+    # a pickle that is not plain weights is refused (weights_only=True), with the file named
+    _, pt, js = _write_reference(tmp_path)
+    torch.save({"W_enc": torch.zeros(1), "evil": _Unpicklable()}, pt)
+    with pytest.raises(SAEError, match=r"189_giddy_water\.pt cannot be loaded as a weights-only"):
+        import_reference_checkpoint(pt, js)
+
+
+class _Unpicklable:
+    """A custom class: torch.load(weights_only=True) refuses to rebuild it."""
