@@ -1,0 +1,152 @@
+"""``saecircuits run`` (any model and corpus) and ``saecircuits demo`` (the embedded default)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from saecircuits.cli import app
+
+DEFAULT_WORKSPACE = Path(os.environ.get("SAECIRCUITS_WORKSPACE", Path.home() / ".cache" / "saecircuits"))
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(show_path=False, show_time=False)],
+        force=True,
+    )
+
+
+def _say(line: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[bold cyan]saecircuits[/] {line}", highlight=False)
+
+
+def _summary(results: dict) -> None:
+    """Print the headline numbers: loss recovered and the top features of every SAE."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    task = results["task"]
+    console.print(
+        f"[bold]{results['model']}[/] | task {task['name']}: {task['n_prompts']} prompts | "
+        f"DLA completeness error {results['dla']['completeness_max_abs_error']:.2e} logits"
+    )
+    for sae in results["saes"]:
+        table = Table(title=f"{sae['hook_point']}  (d_sae {sae['d_sae']}, L0 at P {sae['l0']:.1f}, loss recovered "
+                      f"{sae['loss_recovered']:.3f} vs zero / {sae.get('loss_recovered_mean_ablation') or float('nan'):.3f}"
+                      " vs mean ablation)")
+        for col in ("feature", "loss increase (nats)", "±95%", "mean act", "frac active"):
+            table.add_column(col, justify="right")
+        for f in sae["top_features"][:8]:
+            table.add_row(str(f["feature"]), f"{f['loss_increase']:.4f}", f"{f.get('loss_increase_ci95') or 0:.4f}",
+                          f"{f['mean_activation']:.3f}", f"{f['fraction_active']:.3f}")
+        console.print(table)
+        if "multi_ablation" in sae:
+            m = sae["multi_ablation"]
+            console.print(
+                f"  ablating {m['features']} together: logprob -{m['logprob_diff']['mean']:.3f} "
+                f"± {m['logprob_diff']['ci95']:.3f} nats, logit -{m['logit_diff']['mean']:.3f}, "
+                f"rank {m['rank_diff']['mean']:+.2f} (original - ablated)"
+            )
+
+
+def _execute(cfg, model=None) -> None:
+    from saecircuits.models.load import ModelLoadError
+    from saecircuits.pipeline import PipelineError, run_pipeline
+    from saecircuits.saes.base import SAEError
+    from saecircuits.tasks.base import TaskError
+
+    try:
+        results = run_pipeline(cfg, model=model, log=_say)
+    except (PipelineError, TaskError, ModelLoadError, SAEError, FileNotFoundError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+    _summary(results)
+    typer.echo(f"report: {Path(cfg.out) / 'report.html'}")
+
+
+@app.command("run")
+def run(
+    model: Annotated[str, typer.Option(help="Hub name, local Hugging Face folder, or llama2.c .bin checkpoint.")],
+    data: Annotated[Path, typer.Option(help="Corpus for prompts and statistics: text (<|endoftext|> or blank-line "
+                                            "separated), JSONL with 'text', or Parquet with a 'text' column.")],
+    out: Annotated[Path, typer.Option(help="Output folder for results.json, report.html.")],
+    task: Annotated[str, typer.Option(help="'closing-quote' or a JSONL task file ({prompt, answer} per line).")] = "closing-quote",
+    train_data: Annotated[Path | None, typer.Option(help="Corpus the SAEs are trained on (default: --data).")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer: llama2.c tok*.bin or an HF tokenizer folder.")] = None,
+    layers: Annotated[list[int] | None, typer.Option(help="Layers to put SAEs on (repeat or space-separate; default all).")] = None,
+    sae: Annotated[list[Path] | None, typer.Option("--sae", help="Reuse an SAE folder (cfg.json + sae_weights.safetensors); repeatable.")] = None,
+    sae_tokens: Annotated[int, typer.Option(help="Activations each new SAE is trained on.")] = 400_000,
+    expansion_factor: Annotated[int, typer.Option(help="d_sae = expansion_factor * d_in.")] = 4,
+    l1_coefficient: Annotated[float, typer.Option(help="Per-token L1 coefficient.")] = 1e-3,
+    all_closings: Annotated[bool, typer.Option(help='Also accept !" and ?" as the closing (default: ." only).')] = False,
+    max_prompts: Annotated[int, typer.Option(help="Use at most this many task prompts.")] = 1000,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps.")] = "cpu",
+    seed: Annotated[int, typer.Option(help="Seed of SAE training and bootstraps.")] = 0,
+    workspace: Annotated[Path, typer.Option(help="Cache folder (converted models, trained SAEs).")] = DEFAULT_WORKSPACE,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each stage.")] = False,
+) -> None:
+    """Find the SAE features behind a behaviour of any model: train SAEs, attribute, ablate, report."""
+    from saecircuits.pipeline import RunConfig
+
+    _setup_logging(verbose)
+    cfg = RunConfig(
+        model=model, data=data, out=out, train_data=train_data, tokenizer=tokenizer, task=task,
+        closings=('."', '!"', '?"') if all_closings else ('."',),
+        layers=_split_ints(layers), sae_paths=list(sae or []), sae_tokens=sae_tokens,
+        expansion_factor=expansion_factor, l1_coefficient=l1_coefficient, max_prompts=max_prompts,
+        device=device, seed=seed, workspace=workspace,
+    )
+    _execute(cfg)
+
+
+def _split_ints(values: list[int] | None) -> list[int] | None:
+    return list(values) if values else None
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Path, typer.Option(help="Output folder for results.json, report.html.")] = Path("runs/demo"),
+    workspace: Annotated[Path, typer.Option(help="Cache folder (default model, corpora, trained SAEs).")] = DEFAULT_WORKSPACE,
+    sae_tokens: Annotated[int, typer.Option(help="Activations each SAE is trained on.")] = 400_000,
+    device: Annotated[str, typer.Option(help="cpu, cuda, mps.")] = "cpu",
+    seed: Annotated[int, typer.Option(help="Seed of SAE training and bootstraps.")] = 0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each stage.")] = False,
+) -> None:
+    """The whole pipeline on the embedded default: a 2-layer GPT-Neo trained on generated dialogue stories."""
+    from saecircuits.data.storygen import write_corpus
+    from saecircuits.models.default import DEFAULT_CONFIG, ensure_default_model
+    from saecircuits.pipeline import RunConfig
+
+    _setup_logging(verbose)
+    _say(f"workspace {workspace}")
+    folder = ensure_default_model(workspace, progress=True)
+    corpora = Path(workspace) / "data"
+    heldout = corpora / f"default-heldout-seed{DEFAULT_CONFIG.heldout_seed}-n{DEFAULT_CONFIG.n_heldout_stories}.txt"
+    # SAEs train on a fresh stream (its own seed), the prompts come from the LM's held-out stories.
+    sae_train = corpora / "default-sae-train-seed7-n4000.txt"
+    if not heldout.is_file():
+        write_corpus(heldout, DEFAULT_CONFIG.n_heldout_stories, seed=DEFAULT_CONFIG.heldout_seed)
+    if not sae_train.is_file():
+        write_corpus(sae_train, 4000, seed=7)
+    cfg = RunConfig(
+        model=str(folder), data=heldout, train_data=sae_train, out=out, sae_tokens=sae_tokens, device=device,
+        seed=seed, workspace=workspace, model_label=f"saecircuits default (2-layer GPT-Neo, {folder.name})",
+    )
+    _execute(cfg)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,471 @@
+"""The end-to-end job: model + corpus + behaviour -> SAEs -> features -> causal tests -> results.json + report.html.
+
+This module only wires the stages together (models -> data -> saes -> tasks -> analysis -> report); every number is
+computed by the stage modules, which document their methods. ``saecircuits run`` and ``saecircuits demo`` call
+:func:`run_pipeline`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import saecircuits
+
+logger = logging.getLogger(__name__)
+
+HOOK_TEMPLATE = "blocks.{layer}.mlp.hook_post"
+
+
+class PipelineError(ValueError):
+    """The run cannot start: bad input files, an SAE that does not fit the model, an unknown task."""
+
+
+@dataclass
+class RunConfig:
+    """Settings of one end-to-end run (every CLI flag of ``saecircuits run`` maps to one field).
+
+    Attributes:
+        model: a hub name, a local Hugging Face folder, or a llama2.c ``.bin``.
+        data: corpus the task prompts, mean activations and top examples come from.
+        out: output folder (``results.json``, ``report.html``, ``saes/``).
+        train_data: corpus the SAEs are trained on (default: ``data``).
+        tokenizer: tokenizer for the model (a llama2.c ``tok*.bin`` or an HF tokenizer folder); default: the model's.
+        task: ``"closing-quote"`` or the path of a JSONL task file (``{"prompt": ..., "answer": ...}`` per line).
+        closings: closing strings the closing-quote task accepts (``'."'``; add ``'!"'``, ``'?"'`` to widen it).
+        layers: layers whose ``blocks.{L}.mlp.hook_post`` get an SAE (default: all).
+        sae_paths: existing SAEs (SAELens folders) to analyse instead of training new ones.
+        sae_tokens: activations (tokens) each SAE is trained on.
+        expansion_factor: ``d_sae = expansion_factor * d_in`` for new SAEs.
+        l1_coefficient: per-token L1 coefficient of the reference notebook's ReLU SAE.
+        sae_lr, sae_batch_size, seq_len: SAE training learning rate, tokens per step, packed row length.
+        max_prompts: use at most this many task prompts (the first ones in corpus order).
+        max_prompt_tokens: drop prompts longer than this many tokens (default: the model's context).
+        n_stat_docs: corpus documents used for the mean activation and top examples.
+        max_candidates, min_fraction_active: candidate features for the ablation table (analysis.features).
+        n_ablate: size of the top-feature set ablated together (largest loss increases).
+        n_example_features, n_examples: features shown with top activating examples, and examples per feature.
+        device, seed: where to compute; seed of SAE training and bootstraps.
+        workspace: cache folder for converted models and trained SAEs.
+        model_label: name written into results.json (default: ``model``).
+    """
+
+    model: str
+    data: Path
+    out: Path
+    train_data: Path | None = None
+    tokenizer: str | None = None
+    task: str = "closing-quote"
+    closings: tuple[str, ...] = ('."',)
+    layers: list[int] | None = None
+    sae_paths: list[Path] = field(default_factory=list)
+    sae_tokens: int = 400_000
+    expansion_factor: int = 4
+    l1_coefficient: float = 1e-3
+    sae_lr: float = 1e-3
+    sae_batch_size: int = 2048
+    seq_len: int = 128
+    max_prompts: int | None = 1000
+    max_prompt_tokens: int | None = None
+    n_stat_docs: int = 1000
+    max_candidates: int = 30
+    min_fraction_active: float = 0.05
+    n_ablate: int = 3
+    n_example_features: int = 6
+    n_examples: int = 5
+    device: str = "cpu"
+    seed: int = 0
+    workspace: Path = Path(".saecircuits")
+    model_label: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()} | {
+            "sae_paths": [str(p) for p in self.sae_paths]
+        }
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file, or of the sorted files of a folder (names and contents)."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        h.update(p.name.encode())
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _stage(timings: dict[str, float], name: str, t0: float) -> float:
+    now = time.perf_counter()
+    timings[name] = round(now - t0, 3)
+    logger.info("%s: %.1f s", name, now - t0)
+    return now
+
+
+def _load_saes(paths: list[Path], device: str) -> list:
+    from saecircuits.saes.io import load_sae
+
+    return [load_sae(p, device=device) for p in paths]
+
+
+def _check_sae_fits(sae, model) -> None:
+    """The SAE's hook point must exist in this model and its d_in must equal that hook's width.
+
+    Raises:
+        PipelineError: unknown hook point or a width mismatch, naming both and the fix.
+    """
+    probe = torch.tensor([[int(model.tokenizer.bos_token_id or 0)]])
+    try:
+        _, cache = model.run_with_cache(probe, names_filter=[sae.hook_point])
+        act = cache[sae.hook_point]
+    except Exception as err:  # noqa: BLE001 - TransformerLens raises several types for unknown names
+        raise PipelineError(
+            f"the SAE reads hook point {sae.hook_point!r}, which this model does not have ({err}); "
+            "give an SAE trained on this model, with the hook name as TransformerLens spells it "
+            "(e.g. blocks.0.mlp.hook_post)"
+        ) from err
+    width = int(act.shape[-1])
+    if width != sae.d_in:
+        raise PipelineError(
+            f"SAE on {sae.hook_point} has d_in={sae.d_in} but this model's {sae.hook_point} has width {width}; "
+            "use an SAE trained on this model and hook point"
+        )
+
+
+def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list[str], progress: bool) -> tuple[list, dict]:
+    """Train one reference-notebook SAE per layer from one pass of the model, cached in the workspace."""
+    from saecircuits.data.activations import pack_token_rows
+    from saecircuits.models.tokens import encode_documents
+    from saecircuits.saes.io import load_sae
+    from saecircuits.saes.trainer import TrainConfig, train_saes_on_model
+
+    n_layers = int(model.cfg.n_layers)
+    layers = list(range(n_layers)) if cfg.layers is None else list(cfg.layers)
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        raise PipelineError(f"--layers {bad} out of range: the model has layers 0..{n_layers - 1}")
+    hook_points = [HOOK_TEMPLATE.format(layer=layer) for layer in layers]
+    steps = max(1, cfg.sae_tokens // cfg.sae_batch_size)
+    train_cfg = TrainConfig(
+        batch_size=cfg.sae_batch_size,
+        total_steps=steps,
+        lr=cfg.sae_lr,
+        lr_warmup_steps=min(50, steps // 10),
+        lr_decay_steps=steps // 5,
+        sparsity_warmup_steps=steps // 10,
+        loss={"regularizer": "l1", "coefficients": [cfg.l1_coefficient]},
+        unit_norm_decoder=True,
+        seed=cfg.seed,
+        log_every=max(1, steps // 50),
+    )
+    key_blob = json.dumps(
+        {
+            "model": model_key,
+            "train_data": hashlib.sha256("\x00".join(train_docs).encode()).hexdigest(),
+            "hooks": hook_points,
+            "train": train_cfg.to_dict(),
+            "expansion": cfg.expansion_factor,
+            "seq_len": cfg.seq_len,
+            "version": saecircuits.__version__,
+        },
+        sort_keys=True,
+    )
+    key = hashlib.sha256(key_blob.encode()).hexdigest()[:16]
+    cache_dir = Path(cfg.workspace) / "saes" / key
+    folders = {hp: cache_dir / hp / "sae" for hp in hook_points}
+    info = {"tokens": steps * cfg.sae_batch_size, "steps": steps, "cache": str(cache_dir), "reused": False,
+            "train_config": train_cfg.to_dict()}
+    if all((f / "cfg.json").is_file() for f in folders.values()):
+        logger.info("reusing SAEs from %s", cache_dir)
+        info["reused"] = True
+        return [load_sae(folders[hp], device=cfg.device) for hp in hook_points], info
+
+    tok = model.tokenizer
+    n_ctx = int(model.cfg.n_ctx)
+    docs = encode_documents(tok, train_docs, prepend_bos=False)
+    rows = pack_token_rows(docs, min(cfg.seq_len, n_ctx), int(tok.bos_token_id), shuffle_seed=cfg.seed)
+    needed_rows = -(-steps * cfg.sae_batch_size // rows.shape[1])
+    if rows.shape[0] < needed_rows:
+        logger.info("SAE training data has %d rows; they are reused for the %d rows needed", rows.shape[0], needed_rows)
+    tmp = cache_dir.parent / f".{key}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        trained = train_saes_on_model(
+            model,
+            rows,
+            hook_points,
+            train_cfg,
+            expansion_factor=cfg.expansion_factor,
+            bos_id=int(tok.bos_token_id),
+            bos_policy="exclude",
+            output_dir=tmp,
+            progress=progress,
+            model_name=model_key,
+        )
+        if cache_dir.exists():
+            shutil.rmtree(cache_dir)
+        os.replace(tmp, cache_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    metrics = {}
+    for hp in hook_points:
+        log = cache_dir / hp / "metrics.jsonl"
+        if log.is_file():
+            lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+            if lines:
+                metrics[hp] = lines[-1]
+    info["final_metrics"] = metrics
+    return [trained[hp] for hp in hook_points], info
+
+
+def _build_task(cfg: RunConfig, model, docs: list[str]):
+    from saecircuits.tasks.base import TaskError
+    from saecircuits.tasks.closing_quote import closing_quote_task
+    from saecircuits.tasks.jsonl import jsonl_task
+
+    max_tokens = cfg.max_prompt_tokens or int(model.cfg.n_ctx)
+    if cfg.task == "closing-quote":
+        task = closing_quote_task(docs, model.tokenizer, closings=cfg.closings, max_prompts=cfg.max_prompts,
+                                  max_tokens=max_tokens)
+    elif cfg.task.endswith(".jsonl") or Path(cfg.task).is_file():
+        task = jsonl_task(cfg.task, model.tokenizer)
+        if cfg.max_prompts is not None and task.n_prompts > cfg.max_prompts:
+            task = task.subset(range(cfg.max_prompts))
+    else:
+        raise TaskError(f"unknown task {cfg.task!r}: use 'closing-quote' or the path of a .jsonl task file")
+    return task
+
+
+def _round(x: float, nd: int = 6) -> float:
+    return float(round(float(x), nd))
+
+
+def analyse_sae(model, sae, task, stat_docs: list[list[int]], cfg: RunConfig, progress: Callable[[str], None]) -> dict:
+    """All first-slice analyses of one SAE; returns its ``results.json`` entry (schema in report/schema.py)."""
+    from saecircuits.analysis.ablation import ablate_features
+    from saecircuits.analysis.examples import top_activating_examples
+    from saecircuits.analysis.features import answer_losses, feature_ablation_table, feature_activations
+    from saecircuits.analysis.reconstruction import mean_activation, reconstruction_at_prediction
+
+    progress(f"{sae.hook_point}: mean activation over {len(stat_docs)} documents")
+    mean_act = mean_activation(model, stat_docs, sae.hook_point, exclude_bos=True)
+    progress(f"{sae.hook_point}: loss at the answer position (clean / SAE / zero / mean ablation)")
+    rec = reconstruction_at_prediction(model, sae, task, mean_act=mean_act, seed=cfg.seed)
+    progress(f"{sae.hook_point}: feature activations and single-feature ablations")
+    acts = feature_activations(model, sae, task)
+    clean = answer_losses(model, task)
+    table = feature_ablation_table(
+        model, sae, task, min_fraction_active=cfg.min_fraction_active, max_candidates=cfg.max_candidates,
+        acts=acts, clean_loss=clean,
+    )
+    top_features = [
+        {
+            "feature": int(r.feature),
+            "loss_increase": _round(r.loss_increase),
+            "loss_increase_ci95": _round(r.loss_increase_ci95),
+            "mean_activation": _round(r.mean_activation),
+            "fraction_active": _round(r.fraction_active),
+            "n_prompts": int(r.n_prompts),
+        }
+        for r in table.itertuples()
+    ]
+    entry: dict[str, Any] = {
+        "hook_point": sae.hook_point,
+        "d_in": int(sae.d_in),
+        "d_sae": int(sae.d_sae),
+        "architecture": sae.cfg.architecture,
+        "l0": _round(rec.l0.float().mean()),
+        "explained_variance": _round(rec.explained_variance),
+        "clean_loss": _round(rec.clean_loss.mean()),
+        "sae_loss": _round(rec.sae_loss.mean()),
+        "zero_ablation_loss": _round(rec.zero_loss.mean()),
+        "mean_ablation_loss": _round(rec.mean_loss.mean()) if rec.mean_loss is not None else None,
+        "loss_recovered": _round(rec.loss_recovered_zero.value),
+        "loss_recovered_ci95": [_round(rec.loss_recovered_zero.low), _round(rec.loss_recovered_zero.high)],
+        "n_active_features": int((acts > 0).any(0).sum()),
+        "top_features": top_features,
+    }
+    from saecircuits.analysis.stats import mean_ci95
+
+    entry["loss_ci95"] = {
+        name: _round(mean_ci95(v).half_width)
+        for name, v in (("clean", rec.clean_loss), ("sae", rec.sae_loss), ("zero", rec.zero_loss),
+                        ("mean", rec.mean_loss))
+        if v is not None
+    }
+    if rec.loss_recovered_mean is not None:
+        entry["loss_recovered_mean_ablation"] = _round(rec.loss_recovered_mean.value)
+        entry["loss_recovered_mean_ablation_ci95"] = [
+            _round(rec.loss_recovered_mean.low), _round(rec.loss_recovered_mean.high)]
+    else:
+        entry["loss_recovered_mean_ablation"] = None
+
+    chosen = [f["feature"] for f in top_features if f["loss_increase"] > 0][: cfg.n_ablate]
+    if chosen:
+        progress(f"{sae.hook_point}: ablating features {chosen} together")
+        abl = ablate_features(model, sae, task, chosen)
+        entry["multi_ablation"] = {
+            "features": chosen,
+            "n_prompts": int(task.n_prompts),
+            **{
+                name: {"mean": _round(abl.summary[name].mean), "ci95": _round(abl.summary[name].half_width)}
+                for name in ("logprob_diff", "logit_diff", "rank_diff", "loss_increase")
+            },
+        }
+    shown = [f["feature"] for f in top_features[: cfg.n_example_features]]
+    if shown:
+        progress(f"{sae.hook_point}: top activating examples of {len(shown)} features")
+        examples = top_activating_examples(model, sae, stat_docs, shown, k=cfg.n_examples)
+        entry["examples"] = [
+            {
+                "feature": int(k),
+                "examples": [
+                    {
+                        "doc_index": int(e.doc_index),
+                        "tokens": list(e.tokens),
+                        "activations": [_round(a, 4) for a in e.activations],
+                        "max_activation": _round(e.max_activation, 4),
+                    }
+                    for e in examples.get(k, [])
+                ],
+            }
+            for k in shown
+        ]
+    return entry
+
+
+def run_pipeline(
+    cfg: RunConfig,
+    *,
+    model=None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Run every stage and write ``cfg.out/results.json`` and ``cfg.out/report.html``.
+
+    Args:
+        cfg: the run settings.
+        model: an already-loaded TransformerBridge (skips loading ``cfg.model``; used by the demo and tests).
+        progress: show progress bars.
+        log: called with one line per stage (the CLI prints them).
+
+    Returns:
+        The results dict written to ``results.json`` (schema: saecircuits.report.schema).
+
+    Raises:
+        PipelineError, TaskError, ModelLoadError, SAEError: bad input, with the fix in the message.
+    """
+    from saecircuits.analysis.dla import direct_logit_attribution
+    from saecircuits.data.corpus import read_documents
+    from saecircuits.models.load import load_model, model_provenance
+    from saecircuits.models.tokens import encode_documents
+    from saecircuits.report.render import render_report
+    from saecircuits.report.schema import validate_results, write_json_atomic
+
+    say = log or (lambda s: logger.info(s))
+    timings: dict[str, float] = {}
+    t = t_start = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    if model is None:
+        say(f"loading model {cfg.model}")
+        model = load_model(cfg.model, tokenizer=cfg.tokenizer, device=cfg.device,
+                           cache_dir=Path(cfg.workspace) / "models")
+    try:
+        prov = model_provenance(model).to_dict()
+    except Exception:  # noqa: BLE001 - injected bridges carry no provenance
+        prov = {"source": cfg.model}
+    model_key = prov.get("weights_sha256") or prov.get("hf_folder") or cfg.model
+    if prov.get("hf_folder") and Path(prov["hf_folder"]).is_dir():
+        model_key = _file_digest(Path(prov["hf_folder"]) / "config.json") + ":" + str(prov["hf_folder"])
+    t = _stage(timings, "load_model", t)
+
+    say(f"reading corpus {cfg.data}")
+    docs = read_documents(cfg.data)
+    train_docs = read_documents(cfg.train_data) if cfg.train_data is not None else docs
+    task = _build_task(cfg, model, docs)
+    answers = sorted(set(task.answer_ids))
+    say(f"task {task.name}: {task.n_prompts} prompts, answer tokens "
+        + ", ".join(repr(model.tokenizer.decode([a])) for a in answers))
+    n_ctx = int(model.cfg.n_ctx)
+    stat_docs = encode_documents(model.tokenizer, docs[: cfg.n_stat_docs], max_len=n_ctx)
+    stat_docs = [d for d in stat_docs if len(d) > 1]
+    t = _stage(timings, "data_and_task", t)
+
+    if cfg.sae_paths:
+        say(f"loading {len(cfg.sae_paths)} SAE(s)")
+        saes = _load_saes(list(cfg.sae_paths), cfg.device)
+        training = {"reused": True, "paths": [str(p) for p in cfg.sae_paths]}
+    else:
+        say("training SAEs on " + ", ".join(HOOK_TEMPLATE.format(layer=layer) for layer in
+                                            (cfg.layers if cfg.layers is not None else range(model.cfg.n_layers))))
+        saes, training = _train_or_reuse_saes(cfg, model, str(model_key), train_docs, progress)
+    for sae in saes:
+        _check_sae_fits(sae, model)
+    t = _stage(timings, "saes", t)
+
+    say("direct logit attribution")
+    dla = direct_logit_attribution(model, task)
+    t = _stage(timings, "dla", t)
+
+    entries = []
+    for sae in saes:
+        entry = analyse_sae(model, sae, task, stat_docs, cfg, say)
+        fm = training.get("final_metrics", {}).get(sae.hook_point)
+        entry["training"] = {k: v for k, v in training.items() if k != "final_metrics"} | (
+            {"final_metrics": fm} if fm else {})
+        entries.append(entry)
+        t = _stage(timings, f"analyse {sae.hook_point}", t)
+
+    n_show = min(5, task.n_prompts)
+    results = {
+        "schema_version": 1,
+        "saecircuits_version": saecircuits.__version__,
+        "model": cfg.model_label or cfg.model,
+        "model_info": {
+            "n_layers": int(model.cfg.n_layers),
+            "d_model": int(model.cfg.d_model),
+            "d_mlp": int(model.cfg.d_mlp),
+            "d_vocab": int(model.cfg.d_vocab),
+            "n_heads": int(model.cfg.n_heads),
+            "architecture": str(prov.get("architecture", "")),
+            "provenance": prov,
+        },
+        "task": {
+            "name": task.name,
+            "n_prompts": task.n_prompts,
+            "answer_token_ids": answers,
+            "answer_tokens": [model.tokenizer.decode([a]) for a in answers],
+            "example_prompts": [task.prompts[i] for i in range(n_show)],
+        },
+        "dla": {
+            "labels": list(dla.labels),
+            "mean": [_round(v) for v in dla.mean.tolist()],
+            "ci95": [_round(h - m) for h, m in zip(dla.ci95_high.tolist(), dla.mean.tolist(), strict=True)],
+            "answer_logit_mean": _round(dla.target_logit.mean()),
+            "completeness_max_abs_error": float(dla.max_abs_error),
+        },
+        "saes": entries,
+        "timings": timings | {"total": round(time.perf_counter() - t_start, 3)},
+        "config": cfg.to_dict(),
+    }
+    validate_results(results)
+    write_json_atomic(out / "results.json", results)
+    render_report(results, out / "report.html")
+    _stage(timings, "report", t)
+    say(f"wrote {out / 'results.json'} and {out / 'report.html'}")
+    return results
