@@ -14,7 +14,9 @@ SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 def test_eot_separated_text_keeps_paragraphs(tmp_path):
     f = tmp_path / "c.txt"
-    f.write_text("  First story.\n\nSecond paragraph.\n<|endoftext|>\nSecond story.\n<|endoftext|>\n\n<|endoftext|>\n")
+    f.write_text(
+        "  First story.\n\nSecond paragraph.\n<|endoftext|>\nSecond story.\n<|endoftext|>\n\n<|endoftext|>\n"
+    )
     assert read_documents(f) == ["First story.\n\nSecond paragraph.", "Second story."]
 
 
@@ -32,7 +34,10 @@ def test_blank_line_separated_text(tmp_path):
 
 def test_jsonl(tmp_path):
     f = tmp_path / "c.jsonl"
-    f.write_text("\n".join(json.dumps(r) for r in [{"text": " x ", "id": 1}, {"text": ""}, {"text": "y\n\nz"}]) + "\n\n")
+    f.write_text(
+        "\n".join(json.dumps(r) for r in [{"text": " x ", "id": 1}, {"text": ""}, {"text": "y\n\nz"}])
+        + "\n\n"
+    )
     assert read_documents(f) == ["x", "y\n\nz"]
 
 

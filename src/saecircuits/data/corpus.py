@@ -52,11 +52,17 @@ def _read_jsonl(path: Path) -> list[str]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise CorpusError(f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one object per line") from exc
+                raise CorpusError(
+                    f"{path}:{lineno}: not valid JSON ({exc.msg}); expected one object per line"
+                ) from exc
             if not isinstance(row, dict) or "text" not in row:
-                raise CorpusError(f"{path}:{lineno}: no 'text' field; each JSONL line must be an object with 'text'")
+                raise CorpusError(
+                    f"{path}:{lineno}: no 'text' field; each JSONL line must be an object with 'text'"
+                )
             if not isinstance(row["text"], str):
-                raise CorpusError(f"{path}:{lineno}: 'text' is {type(row['text']).__name__}, expected a string")
+                raise CorpusError(
+                    f"{path}:{lineno}: 'text' is {type(row['text']).__name__}, expected a string"
+                )
             docs.append(row["text"])
     return docs
 
