@@ -182,12 +182,15 @@ class FiringCounter:
         return dead_mask(self.counts, self.n_tokens, max_frequency)
 
     def dead_fraction(self, max_frequency: float = 0.0) -> float:
+        """Fraction of dead features in the window, see :func:`dead_fraction`."""
         return dead_fraction(self.counts, self.n_tokens, max_frequency)
 
     def dense_fraction(self, min_frequency: float = 0.1) -> float:
+        """Fraction of dense features in the window, see :func:`dense_fraction`."""
         return dense_fraction(self.counts, self.n_tokens, min_frequency)
 
     def log10_density(self, eps: float = 1e-10) -> torch.Tensor:
+        """Per-feature ``log10(frequency + eps)`` [d_sae] over the window."""
         return log10_feature_density(self.counts, self.n_tokens, eps)
 
     def state_dict(self) -> dict[str, object]:
@@ -195,6 +198,7 @@ class FiringCounter:
         return {"counts": self.counts.cpu().clone(), "n_tokens": self.n_tokens, "n_steps": self.n_steps}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore :meth:`state_dict` output. Raises SAEError on a different d_sae."""
         counts = state["counts"]
         assert isinstance(counts, torch.Tensor)
         if counts.shape != self.counts.shape:
