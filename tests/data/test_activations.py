@@ -40,6 +40,10 @@ def test_bos_mask_and_shards():
     t = torch.tensor([[9, 1, 9, 2], [9, 3, 4, 5]])
     assert bos_keep_mask(t, 9, "include").all()
     assert bos_keep_mask(t, 9, "exclude").tolist() == [[False, True, False, True], [False, True, True, True]]
+    assert bos_keep_mask(t, None, "exclude_first").tolist() == [
+        [False, True, True, True],
+        [False, True, True, True],
+    ]
     with pytest.raises(ActivationDataError, match="needs bos_id"):
         bos_keep_mask(t, None, "exclude")
     with pytest.raises(ActivationDataError, match="unknown BOS policy"):

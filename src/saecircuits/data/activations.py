@@ -31,10 +31,12 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-BOSPolicy = Literal["include", "exclude"]
-BOS_POLICIES: tuple[str, ...] = ("include", "exclude")
+BOSPolicy = Literal["include", "exclude", "exclude_first"]
+BOS_POLICIES: tuple[str, ...] = ("include", "exclude", "exclude_first")
 """``"include"``: every position is data (54_serene_plasma's training). ``"exclude"``: every position holding the BOS
-token (the leading column and story-boundary BOS inside rows) is dropped (modern default; pitfall 33)."""
+token (the leading column and story-boundary BOS inside rows) is dropped (modern default; pitfall 33).
+``"exclude_first"``: only position 0 of each row is dropped, story-boundary BOS inside rows stay (189_giddy_water's
+rows of 127, analysis-spec.md B2)."""
 
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
 
@@ -102,7 +104,8 @@ def bos_keep_mask(tokens: torch.Tensor, bos_id: int | None, policy: BOSPolicy) -
         policy: one of :data:`BOS_POLICIES`.
 
     Returns:
-        bool, same shape as ``tokens``; ``False`` where the position is BOS and the policy excludes it.
+        bool, same shape as ``tokens``; ``False`` where the position is BOS and the policy excludes it (for
+        ``"exclude_first"``: position 0 of every row).
 
     Raises:
         ActivationDataError: unknown policy, or ``"exclude"`` without ``bos_id``.
@@ -111,6 +114,10 @@ def bos_keep_mask(tokens: torch.Tensor, bos_id: int | None, policy: BOSPolicy) -
         raise ActivationDataError(f"unknown BOS policy {policy!r}; use one of {BOS_POLICIES}")
     if policy == "include":
         return torch.ones_like(tokens, dtype=torch.bool)
+    if policy == "exclude_first":
+        keep = torch.ones_like(tokens, dtype=torch.bool)
+        keep[..., 0] = False
+        return keep
     if bos_id is None:
         raise ActivationDataError("BOS policy 'exclude' needs bos_id (the tokenizer's BOS token id)")
     return tokens != int(bos_id)

@@ -1,0 +1,349 @@
+"""``saecircuits train-sae``: train SAEs on a model's activations (one pass for all hook points), resumable, DDP-ready.
+
+Configuration: a preset (``--preset 54_serene_plasma``), a JSON file (``--config job.json``, keys of
+:class:`saecircuits.saes.presets.TrainSAEJob`, ``train`` = :class:`saecircuits.saes.trainer.TrainConfig`), or flags;
+flags override the file/preset. The resolved job is written to ``<out>/train_sae_job.json``.
+
+Outputs under ``--out``: ``<hook_point>/sae/`` (SAELens layout: ``cfg.json`` + ``sae_weights.safetensors``, works on
+raw activations), ``<hook_point>/metrics.jsonl``, ``<hook_point>/checkpoint.pt`` (with ``--checkpoint-every``).
+``--resume`` continues a killed run from its checkpoints and ends with the same weights as an uninterrupted run.
+
+Precision: fp32 by default; ``--autocast bfloat16`` runs the SAE forward/loss under bf16 autocast (GPU tensor
+cores), ``--activation-dtype bfloat16`` stores activations in bf16 as the reference notebook did (pitfall 33).
+
+Several GPUs / machines (PyTorch DDP; every rank reads its own shard of token rows, rank 0 writes)::
+
+    torchrun --nproc_per_node=8 --no-python saecircuits train-sae --config job.json --out runs/x
+    # two machines, 8 GPUs each (run on both, node_rank 0 and 1):
+    torchrun --nnodes=2 --node_rank=0 --master_addr=HOST0 --master_port=29500 --nproc_per_node=8 \\
+        --no-python saecircuits train-sae --config job.json --out /shared/runs/x
+
+``--batch-size`` is the GLOBAL batch (tokens per step over all ranks). NCCL is used on GPUs, gloo on CPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from saecircuits.cli import app
+
+JOB_FILE = "train_sae_job.json"
+
+
+def _read_documents(path: Path, max_documents: int | None) -> list[str]:
+    text = path.read_text(encoding="utf-8")
+    sep = "<|endoftext|>"
+    docs = text.split(sep) if sep in text else text.split("\n\n")
+    docs = [d.strip() for d in docs if d.strip()]
+    if max_documents is not None:
+        docs = docs[:max_documents]
+    if not docs:
+        raise typer.BadParameter(f"{path} holds no documents")
+    return docs
+
+
+def _setup_distributed(device: str) -> tuple[int, int, str]:
+    """Initialise torch.distributed under torchrun; returns (rank, world_size, device of this rank)."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    rank = torch.distributed.get_rank()
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    return rank, world, device
+
+
+@app.command("train-sae")
+def train_sae_command(
+    out: Annotated[Path, typer.Option("--out", help="Output folder (SAEs, metrics, checkpoints).")],
+    config: Annotated[Path | None, typer.Option("--config", help="JSON job file (TrainSAEJob keys).")] = None,
+    preset_name: Annotated[
+        str | None,
+        typer.Option("--preset", help="54_serene_plasma or 189_giddy_water (analysis-spec.md 10)."),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="Hub name, HF folder or llama2.c .bin.")
+    ] = None,
+    data: Annotated[
+        Path | None, typer.Option("--data", help="Text file of documents (<|endoftext|>-separated).")
+    ] = None,
+    activation_cache: Annotated[
+        Path | None,
+        typer.Option("--activation-cache", help="Train from a saved activation cache, not the model."),
+    ] = None,
+    hook_point: Annotated[
+        list[str] | None, typer.Option("--hook-point", help="Hook name (repeatable).")
+    ] = None,
+    layer: Annotated[
+        list[int] | None, typer.Option("--layer", help="Shorthand for blocks.L.mlp.hook_post.")
+    ] = None,
+    architecture: Annotated[
+        str | None, typer.Option("--architecture", help="standard|topk|batchtopk|jumprelu")
+    ] = None,
+    expansion_factor: Annotated[int | None, typer.Option("--expansion-factor")] = None,
+    d_sae: Annotated[int | None, typer.Option("--d-sae")] = None,
+    k: Annotated[
+        int | None, typer.Option("--k", help="Active features per token for topk/batchtopk.")
+    ] = None,
+    regularizer: Annotated[
+        str | None, typer.Option("--regularizer", help="l1, sqrt, combined_hoyer_sqrt, ...")
+    ] = None,
+    coefficient: Annotated[
+        list[float] | None, typer.Option("--coefficient", help="Penalty coefficient(s).")
+    ] = None,
+    batch_reduction: Annotated[
+        str | None, typer.Option("--batch-reduction", help="mean (per token) or sum.")
+    ] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Optimiser steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Tokens per step (global).")] = None,
+    lr: Annotated[float | None, typer.Option("--lr")] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    seq_len: Annotated[int | None, typer.Option("--seq-len")] = None,
+    bos_policy: Annotated[
+        str | None, typer.Option("--bos-policy", help="include|exclude|exclude_first")
+    ] = None,
+    max_documents: Annotated[int | None, typer.Option("--max-documents")] = None,
+    normalize: Annotated[
+        bool | None, typer.Option("--normalize/--no-normalize", help="Activation scaling.")
+    ] = None,
+    checkpoint_every: Annotated[int | None, typer.Option("--checkpoint-every")] = None,
+    log_every: Annotated[int | None, typer.Option("--log-every")] = None,
+    autocast: Annotated[str | None, typer.Option("--autocast", help="bfloat16 or float16 autocast.")] = None,
+    activation_dtype: Annotated[
+        str | None, typer.Option("--activation-dtype", help="float32|bfloat16")
+    ] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1, ...")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue a killed run from <out>'s checkpoints.")
+    ] = False,
+    wandb: Annotated[
+        bool, typer.Option("--wandb", help="Also log to Weights & Biases (pip extra 'wandb').")
+    ] = False,
+    wandb_project: Annotated[str, typer.Option("--wandb-project")] = "saecircuits-sae",
+    threads: Annotated[
+        int | None, typer.Option("--threads", help="torch.set_num_threads for this run.")
+    ] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Train SAEs on a model's activations and print where each SAE was written."""
+    import dataclasses
+
+    import torch
+
+    from saecircuits.saes.base import SAEError
+    from saecircuits.saes.presets import TrainSAEJob, preset
+
+    try:
+        if config is not None and preset_name is not None:
+            raise SAEError("give --config or --preset, not both")
+        if config is not None:
+            job = TrainSAEJob.from_json(config)
+        elif preset_name is not None:
+            job = preset(preset_name)
+        else:
+            job = TrainSAEJob()
+        top = {
+            "model": model,
+            "data": str(data) if data is not None else None,
+            "activation_cache": str(activation_cache) if activation_cache is not None else None,
+            "architecture": architecture,
+            "expansion_factor": expansion_factor,
+            "d_sae": d_sae,
+            "seq_len": seq_len,
+            "bos_policy": bos_policy,
+            "max_documents": max_documents,
+            "activation_dtype": activation_dtype,
+            "device": device,
+        }
+        hooks = list(hook_point or []) + [f"blocks.{L}.mlp.hook_post" for L in (layer or [])]
+        if hooks:
+            top["hook_points"] = hooks
+        job_d = job.to_dict()
+        job_d.update({kk: v for kk, v in top.items() if v is not None})
+        if k is not None:
+            job_d["sae_extra"] = {**job_d["sae_extra"], "k": k}
+        tr = job_d["train"]
+        loss = dict(tr["loss"])
+        if regularizer is not None:
+            loss["regularizer"] = regularizer
+        if coefficient:
+            loss["coefficients"] = list(coefficient)
+        if batch_reduction is not None:
+            loss["batch_reduction"] = batch_reduction
+        tr["loss"] = loss
+        for key, val in {
+            "total_steps": steps,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+            "normalize_activations": normalize,
+            "checkpoint_every": checkpoint_every,
+            "log_every": log_every,
+            "autocast_dtype": autocast,
+            "device": job_d["device"],
+        }.items():
+            if val is not None:
+                tr[key] = val
+        job = TrainSAEJob.from_dict(job_d)
+        job.train.loss_config()  # validate the loss now, not after loading the model
+    except (SAEError, TypeError, ValueError) as err:
+        raise typer.BadParameter(str(err)) from err
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    rank, world, dev = _setup_distributed(job.device)
+    if dev != job.device:
+        job.train = dataclasses.replace(job.train, device=dev)
+
+    out.mkdir(parents=True, exist_ok=True)
+    job_path = out / JOB_FILE
+    if job_path.exists():
+        saved = json.loads(job_path.read_text())
+        mine = json.loads(json.dumps(job.to_dict()))
+        if not resume:
+            raise typer.BadParameter(
+                f"{out} already holds a run; pass --resume to continue it or choose another --out"
+            )
+        saved["train"].pop("device", None), mine["train"].pop("device", None)
+        saved.pop("device", None), mine.pop("device", None)
+        diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
+        if diff:
+            raise typer.BadParameter(
+                f"--resume with a different config than the saved run ({', '.join(diff)} differ)"
+            )
+    elif rank == 0:
+        tmp = job_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(job.to_dict(), indent=1))
+        os.replace(tmp, job_path)
+
+    wandb_run = None
+    if wandb and rank == 0:
+        try:
+            import wandb as wandb_lib
+        except ImportError as err:
+            raise typer.BadParameter(
+                "--wandb needs the optional extra: pip install 'saecircuits[wandb]'"
+            ) from err
+        wandb_run = wandb_lib.init(project=wandb_project, config=job.to_dict(), resume="allow")
+
+    try:
+        saes = _run(job, out, resume=resume, progress=progress, rank=rank, world=world, wandb_run=wandb_run)
+    except SAEError as err:
+        raise typer.BadParameter(str(err)) from err
+    finally:
+        if wandb_run is not None:
+            wandb_run.finish()
+    if rank == 0:
+        for name, sae in saes.items():
+            typer.echo(
+                f"SAE for {name} (d_in {sae.d_in}, d_sae {sae.d_sae}) written to {out / _folder(name) / 'sae'}"
+            )
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _folder(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
+def _run(job, out: Path, *, resume: bool, progress: bool, rank: int, world: int, wandb_run) -> dict:
+    import torch
+
+    from saecircuits.saes.base import SAEConfig, SAEError
+    from saecircuits.saes.registry import build_sae
+    from saecircuits.saes.trainer import train_saes, train_saes_on_model
+
+    act_dtype = getattr(torch, job.activation_dtype)
+    local_batch = job.train.batch_size // world
+    buffer = job.buffer_size or 16 * local_batch
+    if job.activation_cache:
+        from saecircuits.data.activations import iter_activation_cache, shuffled_batches
+
+        manifest = json.loads((Path(job.activation_cache) / "manifest.json").read_text())
+        chunks = iter_activation_cache(
+            job.activation_cache, job.hook_points, rank=rank, world_size=world, epochs=None
+        )
+        batches = shuffled_batches(
+            chunks, local_batch, buffer_size=max(buffer, 2 * local_batch), seed=job.train.seed
+        )
+        saes = []
+        for hp in job.hook_points:
+            d_in = int(manifest["hook_points"][hp]["d_in"])
+            cfg = SAEConfig(
+                job.architecture,
+                d_in,
+                job.d_sae or job.expansion_factor * d_in,
+                hp,
+                model_name=job.model,
+                extra=dict(job.sae_extra),
+            )
+            saes.append((hp, build_sae(cfg)))
+        return train_saes(
+            batches, saes, job.train, output_dir=out, resume=resume, progress=progress, wandb_run=wandb_run
+        )
+
+    if not job.model or not job.data:
+        raise SAEError(
+            "give --model and --data (or --activation-cache, or a --config/--preset that sets them)"
+        )
+    from saecircuits.data.activations import pack_token_rows
+    from saecircuits.models.load import load_model
+    from saecircuits.models.tokens import encode_documents
+
+    bridge = load_model(job.model, device=job.train.device)
+    tok = bridge.tokenizer
+    bos_id = int(tok.bos_token_id)
+    docs = encode_documents(tok, _read_documents(Path(job.data), job.max_documents), prepend_bos=False)
+    seq_len = min(job.seq_len, int(bridge.cfg.n_ctx))
+    rows = pack_token_rows(docs, seq_len, bos_id, shuffle_seed=job.train.seed)
+    d_in_probe = None
+    sae_cfgs = None
+    if job.d_sae is not None or job.sae_extra or job.architecture != "standard":
+        _, cache = bridge.run_with_cache(
+            rows[:1].to(job.train.device), names_filter=lambda n: n in job.hook_points
+        )
+        d_in_probe = {hp: int(cache[hp].shape[-1]) for hp in job.hook_points}
+        sae_cfgs = [
+            SAEConfig(
+                job.architecture,
+                d_in_probe[hp],
+                job.d_sae or job.expansion_factor * d_in_probe[hp],
+                hp,
+                model_name=job.model,
+                extra=dict(job.sae_extra),
+            )
+            for hp in job.hook_points
+        ]
+    return train_saes_on_model(
+        bridge,
+        rows,
+        job.hook_points,
+        job.train,
+        sae_cfgs,
+        expansion_factor=job.expansion_factor,
+        architecture=job.architecture,
+        bos_id=bos_id,
+        bos_policy=job.bos_policy,
+        model_batch_rows=job.model_batch_rows,
+        buffer_size=buffer,
+        activation_dtype=act_dtype,
+        output_dir=out,
+        resume=resume,
+        progress=progress,
+        model_name=job.model,
+        wandb_run=wandb_run,
+    )

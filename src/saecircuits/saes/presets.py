@@ -1,0 +1,180 @@
+"""Typed SAE training jobs (JSON file or flags) and presets reproducing the reference notebook's two SAEs.
+
+A :class:`TrainSAEJob` is everything ``saecircuits train-sae`` needs: which model and data, which hook points, the
+SAE shape and the :class:`~saecircuits.saes.trainer.TrainConfig`. ``PRESETS`` holds the settings of
+``54_serene_plasma`` and ``189_giddy_water`` from analysis-spec.md section 10, in the ORIGINAL batch-summed penalty
+convention (``batch_reduction="sum"``, pitfall 28), with the notebook's optimiser, batch, step count, resampling
+schedule, dead threshold and p ~ err^4 resampling rule (pitfall 32). What cannot be reproduced: the private,
+unseeded-shuffled token dataset (pitfall 34) and the bf16 activation buffer (pitfall 33; use
+``activation_dtype="bfloat16"`` to mimic it).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from saecircuits.saes.base import SAEError
+from saecircuits.saes.trainer import TrainConfig
+
+
+@dataclass
+class TrainSAEJob:
+    """One ``train-sae`` run.
+
+    Attributes:
+        model: model source for :func:`saecircuits.models.load.load_model` (hub name, HF folder, llama2.c ``.bin``);
+            ignored when ``activation_cache`` is given.
+        hook_points: TL hook names; one SAE each, all from one pass of the model.
+        architecture: ``"standard"`` (ReLU), ``"topk"``, ``"batchtopk"``, ``"jumprelu"``.
+        expansion_factor: d_sae = expansion_factor * d_in (unless ``d_sae`` is set).
+        d_sae: explicit number of features.
+        sae_extra: architecture settings written to ``cfg.extra`` (``k`` for TopK/BatchTopK, ``seed``).
+        data: text file of documents separated by ``<|endoftext|>`` (or blank lines if it has none).
+        max_documents: use only the first documents of ``data``.
+        seq_len: tokens per packed row (incl. the leading BOS).
+        bos_policy: ``"include"``, ``"exclude"`` (all BOS positions) or ``"exclude_first"`` (the leading column
+            only: 189_giddy_water's rows of 127).
+        model_batch_rows: rows per model forward.
+        buffer_size: activations in the shuffling buffer (default 16 batches).
+        activation_dtype: ``"float32"`` (default) or ``"bfloat16"`` storage of activations.
+        activation_cache: a folder written by :func:`saecircuits.data.activations.write_activation_cache`, used
+            instead of running the model.
+        device: device of the model and the SAEs.
+        train: the :class:`TrainConfig` fields.
+    """
+
+    model: str = ""
+    hook_points: list[str] = field(default_factory=lambda: ["blocks.0.mlp.hook_post"])
+    architecture: str = "standard"
+    expansion_factor: int = 4
+    d_sae: int | None = None
+    sae_extra: dict[str, Any] = field(default_factory=dict)
+    data: str | None = None
+    max_documents: int | None = None
+    seq_len: int = 128
+    bos_policy: str = "exclude"
+    model_batch_rows: int = 32
+    buffer_size: int | None = None
+    activation_dtype: str = "float32"
+    activation_cache: str | None = None
+    device: str = "cpu"
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, dict):
+            self.train = TrainConfig.from_dict(self.train)
+        self.hook_points = list(self.hook_points)
+        if not self.hook_points:
+            raise SAEError("give at least one hook point, e.g. blocks.0.mlp.hook_post")
+        if self.bos_policy not in ("include", "exclude", "exclude_first"):
+            raise SAEError(f"bos_policy must be include, exclude or exclude_first (got {self.bos_policy!r})")
+        if self.activation_dtype not in ("float32", "bfloat16"):
+            raise SAEError(f"activation_dtype must be float32 or bfloat16 (got {self.activation_dtype!r})")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["train"] = self.train.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainSAEJob:
+        """Build from a dict; unknown keys raise :class:`SAEError` naming the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise SAEError(f"unknown train-sae config keys {sorted(unknown)}; known keys are {sorted(known)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> TrainSAEJob:
+        """Read a JSON config file (same keys as :meth:`to_dict`; ``train`` may be partial)."""
+        try:
+            d = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise SAEError(f"config file {path} does not exist") from None
+        except json.JSONDecodeError as err:
+            raise SAEError(f"config file {path} is not valid JSON: {err}") from None
+        return cls.from_dict(d)
+
+
+def _reference_train(**overrides: Any) -> dict[str, Any]:
+    base = dict(
+        lr=1e-4,
+        betas=(0.9, 0.99),
+        unit_norm_decoder=True,
+        normalize_activations=False,
+        resample_error_power=4.0,
+        resample_encoder_scale=0.2,
+        seed=47,
+        checkpoint_every=10000,
+        log_every=500,
+    )
+    base.update(overrides)
+    return base
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # analysis-spec.md section 10, column 54_serene_plasma
+    "54_serene_plasma": dict(
+        hook_points=["blocks.0.mlp.hook_post"],
+        architecture="standard",
+        expansion_factor=4,
+        seq_len=128,
+        bos_policy="include",  # rows of 128 with the leading BOS, all positions trained on
+        model_batch_rows=32,
+        buffer_size=4096 * 128,
+        train=_reference_train(
+            batch_size=4096,
+            total_steps=122_070,  # 5e8 tokens
+            loss={"regularizer": "l1", "coefficients": [3e-4], "batch_reduction": "sum"},
+            resample_steps=(25_000, 50_000, 75_000, 100_000),
+            resample_window=12_500,
+            dead_frequency=5e-4,
+            resample_pool_batches=195,  # 8e5 eval tokens
+        ),
+    ),
+    # analysis-spec.md section 10, column 189_giddy_water
+    "189_giddy_water": dict(
+        hook_points=["blocks.1.mlp.hook_post"],
+        architecture="standard",
+        expansion_factor=4,
+        seq_len=128,
+        bos_policy="exclude_first",  # leading BOS dropped (rows of 127), story-boundary BOS kept
+        model_batch_rows=40,
+        buffer_size=5080 * 128,
+        train=_reference_train(
+            batch_size=5080,
+            total_steps=98_425,  # 5e8 tokens
+            loss={
+                "regularizer": "combined_hoyer_sqrt",
+                "coefficients": [1e-4, 1.5e-4],
+                "batch_reduction": "sum",
+            },
+            resample_steps=(15_000, 25_000, 50_000, 75_000),
+            resample_window=10_000,
+            dead_frequency=1e-5,
+            resample_pool_batches=157,
+            log_every=1000,
+        ),
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> TrainSAEJob:
+    """The :class:`TrainSAEJob` of a preset, with top-level fields (and ``train`` entries) overridden.
+
+    Raises:
+        SAEError: unknown preset name (the message lists the known ones).
+    """
+    if name not in PRESETS:
+        raise SAEError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    d = copy.deepcopy(PRESETS[name])
+    train_over = overrides.pop("train", {}) or {}
+    d.update(overrides)
+    d["train"] = {**d["train"], **train_over}
+    return TrainSAEJob.from_dict(d)
