@@ -1,0 +1,173 @@
+"""Shared test fixtures: a tiny tokenizer, tiny random GPT-Neo / Llama models through TransformerBridge, tiny SAEs.
+
+Everything is built offline in-process and cached per test session (building a bridge costs ~1 s).
+- ``tiny_tokenizer()``: byte-level BPE trained on a few story sentences; BOS = EOS = PAD = ``<|endoftext|>`` = 0 (as
+  GPT-2 BPE) and ``."``, ``!"``, ``?"`` are single tokens (as in GPT-2 BPE, where ``."`` is 526).
+- ``tiny_neo()``: 2-layer GPT-Neo (LayerNorm, learned positions, biases), processed with ``enable_compatibility_mode``
+  (fold_ln, center_writing_weights, center_unembed).
+- ``tiny_llama()``: 2-layer Llama (RMSNorm, rotary, bias-free, GQA with 2 query heads per KV head).
+- ``exact_sae(d_in, hook)``: d_sae = 2 d_in, W_enc = [I, -I], W_dec = [I; -I], biases 0, so decode(encode(x)) =
+  ReLU(x) - ReLU(-x) = x exactly. ``zero_sae``: all parameters 0 (reconstruction 0). ``random_sae``: sparse-ish
+  random ReLU SAE.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from saecircuits.saes.base import SAE, SAEConfig  # noqa: E402
+
+HOOK = "blocks.1.mlp.hook_post"
+D_MLP = 64
+SENTENCES = [
+    'Tom said, "I like the dog." Then Sue said, "Yes!" They ran home.',
+    'Mom said, "Go to bed." He went to bed.',
+    'The cat said, "Can I play?" The dog said, "No." The cat was sad.',
+    'Lily said, "Look at the big red ball!" Ben smiled.',
+    "Once upon a time, there was a little girl named Lily. She liked to play in the park.",
+    'The bird said, "I can fly high." Then it flew away. The sun was warm.',
+    'Ben asked, "Why?" Sue asked, "Who?" Tom asked, "Can we go?" Mom said, "Wow!"',
+]
+
+STORIES = [
+    'Once upon a time, Tom said, "I want to play." Mom smiled.',
+    'The dog ran. Sue said, "Stop!" The dog said, "Why?" Sue said, "It is late." They went home.',
+    'Lily was happy. She said, "Look at the sun." It was warm and big and red.',
+    "There was no quote in this story at all.",
+    'Ben said, "Hello, friend." He waved.',
+    'The bird said, "I can fly high, look at me, I am in the sky." Then it flew away.',
+    'Mom said, "Go to bed now, it is very late and the moon is up." Tom went to bed.',
+    'Sue said, "Where is the ball?" Tom said, "Here it is." She was glad.',
+]
+
+
+@functools.cache
+def tiny_tokenizer():
+    """A ``PreTrainedTokenizerFast`` (saved and reloaded from a temp dir, as TL requires)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(SENTENCES * 30 + STORIES * 5, trainer)
+    folder = tempfile.mkdtemp(prefix="saecircuits-tok-")
+    special = "<|endoftext|>"
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=special, eos_token=special, pad_token=special
+    ).save_pretrained(folder)
+    hf_tok = PreTrainedTokenizerFast.from_pretrained(folder)
+    for closing in ('."', '!"', '?"'):
+        ids = hf_tok(closing, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1, f"fixture tokenizer must encode {closing!r} as one token, got {ids}"
+    return hf_tok
+
+
+@functools.cache
+def tiny_neo(seed: int = 0):
+    """Tiny random GPT-Neo (d_model 32, 4 heads, d_mlp 64, 2 layers: global + local attention) as a bridge."""
+    from transformer_lens import TransformerBridge
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    tok = tiny_tokenizer()
+    cfg = GPTNeoConfig(
+        vocab_size=len(tok),
+        max_position_embeddings=128,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=D_MLP,
+        attention_types=[[["global", "local"], 1]],
+        window_size=16,
+        embed_dropout=0.0,
+        attention_dropout=0.0,
+        resid_dropout=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(seed)
+    hf = GPTNeoForCausalLM(cfg).eval()
+    with torch.no_grad():  # larger weights than the default init so features and logits vary visibly
+        for p in hf.parameters():
+            p.mul_(3.0)
+    bridge = TransformerBridge.boot_transformers("tiny-neo", hf_model=hf, tokenizer=tok)
+    bridge.enable_compatibility_mode()
+    return bridge
+
+
+@functools.cache
+def tiny_llama(seed: int = 0):
+    """Tiny random Llama (RMSNorm, rotary, no biases, 4 query heads sharing 2 KV heads) as a bridge."""
+    from transformer_lens import TransformerBridge
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = tiny_tokenizer()
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    hf = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))  # non-trivial RMSNorm weights, so folding matters
+    bridge = TransformerBridge.boot_transformers("tiny-llama", hf_model=hf, tokenizer=tok)
+    bridge.enable_compatibility_mode()
+    return bridge
+
+
+def exact_sae(d_in: int = D_MLP, hook_point: str = HOOK) -> SAE:
+    """SAE with decode(encode(x)) == x exactly: W_enc = [I, -I], W_dec = [I; -I], all biases 0."""
+    sae = SAE(SAEConfig("standard", d_in=d_in, d_sae=2 * d_in, hook_point=hook_point))
+    eye = torch.eye(d_in)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+    return sae
+
+
+def zero_sae(d_in: int = D_MLP, d_sae: int = 16, hook_point: str = HOOK) -> SAE:
+    """SAE whose parameters are all zero: encode(x) = 0 and decode(f) = 0 (b_dec = 0)."""
+    return SAE(SAEConfig("standard", d_in=d_in, d_sae=d_sae, hook_point=hook_point))
+
+
+def random_sae(d_in: int = D_MLP, d_sae: int = 96, hook_point: str = HOOK, seed: int = 0) -> SAE:
+    """Random ReLU SAE with a negative encoder bias, so each feature fires on some positions and not others."""
+    gen = torch.Generator().manual_seed(seed)
+    sae = SAE(SAEConfig("standard", d_in=d_in, d_sae=d_sae, hook_point=hook_point))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=gen) / d_in**0.5)
+        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=gen) / d_in**0.5)
+        sae.b_enc.copy_(-0.3 * torch.rand(d_sae, generator=gen))
+        sae.b_dec.copy_(0.05 * torch.randn(d_in, generator=gen))
+    return sae
+
+
+def quote_task(model=None):
+    """The closing-quote task over :data:`STORIES` (several prompts of different lengths)."""
+    from saecircuits.tasks.closing_quote import closing_quote_task
+
+    return closing_quote_task(STORIES, tiny_tokenizer(), closings=('."', '!"', '?"'))
