@@ -1,0 +1,215 @@
+"""Scoped hook helpers: batched forward passes over a Task, read and edited at each row's own prediction position.
+
+Every analysis goes through these helpers so that one position contract holds (tasks/base.py): rows are right-padded
+(``models/tokens.py``), and each row is read *and* edited at its own absolute prediction index ``P_i`` with a gather /
+scatter, never at ``-1`` or ``-2`` and never only in batch row 0 (analysis-spec.md pitfalls 3 and 8). Hooks are
+installed with ``model.run_with_hooks`` and removed when the call returns.
+
+Right padding cannot change a real position's value in a causal model (see ``models/tokens.py``), so a row's result
+is the same whether it is run alone or in a batch (tested to 1e-5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from saecircuits.models.tokens import batches_by_length, pad_right
+from saecircuits.tasks.base import Task
+
+__all__ = [
+    "TaskBatch",
+    "pad_id_of",
+    "bos_id_of",
+    "row_batches",
+    "task_batches",
+    "edit_at_positions",
+    "run_at_positions",
+    "answer_metrics",
+    "DEFAULT_MAX_TOKENS",
+    "DEFAULT_MAX_BATCH",
+]
+
+DEFAULT_MAX_TOKENS = 8192
+"""Default padded-token budget per forward (logits are ``[batch, pos, d_vocab]``; lower it for big vocabularies)."""
+DEFAULT_MAX_BATCH = 64
+
+EditFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TaskBatch:
+    """One right-padded batch of rows.
+
+    Attributes:
+        indices: the row indices (into the caller's row list) in batch order, ``len == b``.
+        tokens: int64 ``[b, max_len]``, right-padded.
+        positions: int64 ``[b]``, absolute prediction index of each row (its last real token).
+        answer_ids: int64 ``[b]`` (``-1`` when the rows have no answers).
+    """
+
+    indices: list[int]
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    answer_ids: torch.Tensor
+
+
+def pad_id_of(model) -> int:
+    """Pad id for right padding: the tokenizer's pad id, else its EOS/BOS id, else 0 (its value never matters)."""
+    tok = getattr(model, "tokenizer", None)
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        value = getattr(tok, name, None) if tok is not None else None
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def bos_id_of(model) -> int | None:
+    """BOS id of the model's tokenizer (``None`` when it has none)."""
+    tok = getattr(model, "tokenizer", None)
+    value = getattr(tok, "bos_token_id", None) if tok is not None else None
+    return None if value is None else int(value)
+
+
+def _device_of(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def row_batches(
+    token_rows: Sequence[Sequence[int]],
+    pad_id: int,
+    *,
+    answer_ids: Sequence[int] | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    device: torch.device | str | None = None,
+) -> Iterator[TaskBatch]:
+    """Right-padded batches of arbitrary token rows, grouped by length; prediction position = last real token.
+
+    Args:
+        token_rows: ``n`` non-empty token lists.
+        pad_id: padding id.
+        answer_ids: optional ``n`` answer ids (else ``-1``).
+        max_tokens, max_batch: batch budget (``batches_by_length``).
+        device: where the tensors go.
+
+    Yields:
+        :class:`TaskBatch`; every row index appears exactly once over all batches.
+    """
+    for idx in batches_by_length(token_rows, max_tokens=max_tokens, max_batch=max_batch):
+        tokens, lengths = pad_right([token_rows[i] for i in idx], pad_id)
+        answers = torch.tensor([answer_ids[i] for i in idx] if answer_ids is not None else [-1] * len(idx))
+        yield TaskBatch(idx, tokens.to(device), (lengths - 1).to(device), answers.to(device))
+
+
+def task_batches(
+    model,
+    task: Task,
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+) -> Iterator[TaskBatch]:
+    """Right-padded batches of a Task's prompts on the model's device (``row_batches`` with the task's answers)."""
+    yield from row_batches(
+        task.token_ids,
+        pad_id_of(model),
+        answer_ids=task.answer_ids,
+        max_tokens=max_tokens,
+        max_batch=max_batch,
+        device=_device_of(model),
+    )
+
+
+def edit_at_positions(positions: torch.Tensor, edit: EditFn) -> Callable:
+    """A hook that edits each row at its own position and leaves every other position untouched.
+
+    Args:
+        positions: int64 ``[b]``, absolute index per row.
+        edit: ``edit(rows, row_index) -> new_rows`` with ``rows [b, *act_shape]`` the activations of each row at its
+            position and ``row_index`` int64 ``[b]`` (0..b-1); must return the same shape. Row-dependent edits
+            (e.g. ablating a different feature in each row) use ``row_index`` or closures over per-row tensors.
+
+    Returns:
+        A TransformerLens hook function ``(value, hook) -> value``.
+    """
+
+    def hook(value: torch.Tensor, hook=None) -> torch.Tensor:
+        rows = torch.arange(value.shape[0], device=value.device)
+        pos = positions.to(value.device)
+        new = value.clone()
+        new[rows, pos] = edit(value[rows, pos], rows).to(value.dtype)
+        return new
+
+    return hook
+
+
+def run_at_positions(
+    model,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    read: Sequence[str] = (),
+    edits: Sequence[tuple[str, Callable]] = (),
+    return_logits: bool = True,
+) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """One forward pass; returns the logits and the named activations, each gathered at every row's position.
+
+    Read hooks run before edit hooks on the same hook point, so ``read`` gives the clean value of an edited hook.
+
+    Args:
+        model: a TransformerBridge (or anything with ``run_with_hooks``).
+        tokens: int64 ``[b, pos]`` right-padded.
+        positions: int64 ``[b]``.
+        read: hook names (TL legacy names are fine) to capture at the positions -> ``[b, *act_shape]``.
+        edits: ``(hook_name, hook_fn)`` pairs, e.g. from :func:`edit_at_positions`.
+        return_logits: also return the logits at the positions ``[b, d_vocab]`` (float32).
+
+    Returns:
+        ``(logits_at_positions or None, {name: activation_at_positions})``.
+    """
+    captured: dict[str, torch.Tensor] = {}
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+
+    def reader(name: str) -> Callable:
+        def hook(value: torch.Tensor, hook=None) -> None:
+            captured[name] = value[rows.to(value.device), positions.to(value.device)].detach().clone()
+
+        return hook
+
+    fwd_hooks = [(name, reader(name)) for name in read] + list(edits)
+    with torch.no_grad():
+        out = model.run_with_hooks(
+            tokens, fwd_hooks=fwd_hooks, return_type="logits" if return_logits else None
+        )
+    missing = [n for n in read if n not in captured]
+    if missing:
+        raise KeyError(f"hook(s) {missing} never fired; check the hook names against model.hook_dict")
+    logits = None
+    if return_logits:
+        logits = out[rows.to(out.device), positions.to(out.device)].float()
+    return logits, captured
+
+
+def answer_metrics(logits: torch.Tensor, answer_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Loss, log-prob, logit and rank of the answer from the logits at the prediction position.
+
+    Args:
+        logits: ``[b, d_vocab]`` at each row's prediction position.
+        answer_ids: int64 ``[b]``.
+
+    Returns:
+        dict of float tensors ``[b]``: ``loss`` (nats, ``-logprob``), ``logprob`` (nats), ``logit``, and ``rank``
+        (number of tokens with a strictly higher logit; 0 = top, ties favourable, as analysis-spec.md F11).
+    """
+    logits = logits.float()
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    ans = answer_ids.to(logits.device)
+    logprob = torch.log_softmax(logits, dim=-1)[rows, ans]
+    logit = logits[rows, ans]
+    rank = (logits > logit[:, None]).sum(-1).float()
+    return {"loss": -logprob, "logprob": logprob, "logit": logit, "rank": rank}

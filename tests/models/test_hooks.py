@@ -1,0 +1,69 @@
+"""Scoped hook helpers: per-row reads and edits at each row's own position, padding invariance."""
+
+from __future__ import annotations
+
+import torch
+from helpers import HOOK, quote_task, tiny_neo
+
+from saecircuits.models.hooks import answer_metrics, edit_at_positions, run_at_positions, task_batches
+
+
+def test_batches_cover_every_prompt_once_with_own_positions():
+    model, task = tiny_neo(), quote_task()
+    seen = []
+    for batch in task_batches(model, task, max_tokens=80, max_batch=3):
+        assert batch.tokens.shape[0] == len(batch.indices) <= 3
+        for r, i in enumerate(batch.indices):
+            assert int(batch.positions[r]) == task.prediction_pos[i]
+            assert batch.tokens[r, : len(task.token_ids[i])].tolist() == task.token_ids[i]
+            assert int(batch.answer_ids[r]) == task.answer_ids[i]
+        seen += batch.indices
+    assert sorted(seen) == list(range(task.n_prompts))
+
+
+def test_reads_at_positions_equal_single_prompt_cache():
+    model, task = tiny_neo(), quote_task()
+    batch = next(task_batches(model, task))
+    assert len(set(batch.positions.tolist())) > 1  # different lengths, right-padded
+    logits, acts = run_at_positions(model, batch.tokens, batch.positions, read=[HOOK, "blocks.0.attn.hook_z"])
+    for r, i in enumerate(batch.indices):
+        single_logits, cache = model.run_with_cache(torch.tensor([task.token_ids[i]]))
+        p = task.prediction_pos[i]
+        torch.testing.assert_close(acts[HOOK][r], cache[HOOK][0, p], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            acts["blocks.0.attn.hook_z"][r], cache["blocks.0.attn.hook_z"][0, p], atol=1e-5, rtol=0
+        )
+        torch.testing.assert_close(logits[r], single_logits[0, p], atol=1e-5, rtol=0)
+
+
+def test_edit_touches_only_each_rows_position():
+    model, task = tiny_neo(), quote_task()
+    batch = next(task_batches(model, task))
+    seen = {}
+
+    def spy(value, hook=None):
+        seen["after"] = value.detach().clone()
+
+    def before(value, hook=None):
+        seen["before"] = value.detach().clone()
+
+    edit = edit_at_positions(batch.positions, lambda x, rows: x + 1.0 + rows[:, None].float())
+    with torch.no_grad():
+        model.run_with_hooks(batch.tokens, fwd_hooks=[(HOOK, before), (HOOK, edit), (HOOK, spy)])
+    diff = seen["after"] - seen["before"]
+    expected = torch.zeros_like(diff)
+    for r, p in enumerate(batch.positions.tolist()):
+        expected[r, p] = 1.0 + r
+    torch.testing.assert_close(diff, expected, atol=1e-6, rtol=0)
+
+
+def test_answer_metrics_hand_worked():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 0.0, 0.0, 0.0]])
+    m = answer_metrics(logits, torch.tensor([1, 0]))
+    assert m["rank"].tolist() == [0.0, 0.0]  # tie with token 2 is favourable
+    m2 = answer_metrics(logits, torch.tensor([0, 3]))
+    assert m2["rank"].tolist() == [2.0, 1.0]
+    lse = torch.logsumexp(logits[0], 0)
+    torch.testing.assert_close(m["logprob"][0], 3.0 - lse)
+    torch.testing.assert_close(m["loss"], -m["logprob"])
+    assert m2["logit"].tolist() == [1.0, 0.0]
