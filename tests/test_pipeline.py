@@ -1,0 +1,84 @@
+"""End-to-end pipeline on a tiny random GPT-Neo: results.json is valid and agrees with independent computations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import STORIES, exact_sae, tiny_neo
+
+from saecircuits.pipeline import PipelineError, RunConfig, run_pipeline
+from saecircuits.report.schema import validate_results
+from saecircuits.saes.io import save_sae
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    path = tmp_path / "stories.txt"
+    path.write_text("".join(f"{s}\n<|endoftext|>\n" for s in STORIES * 3), encoding="utf-8")
+    return path
+
+
+def _cfg(tmp_path, corpus, **kw) -> RunConfig:
+    base = dict(model="tiny-neo", data=corpus, out=tmp_path / "out", workspace=tmp_path / "ws",
+                closings=('."', '!"', '?"'), sae_tokens=2048, sae_batch_size=256, seq_len=32,
+                max_candidates=5, n_example_features=2, n_examples=2, seed=0)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def _answer_loss_by_hand(model, token_ids, answer_id) -> float:
+    """-log p(answer | prompt) from one unbatched forward pass of the raw tokens."""
+    with torch.no_grad():
+        logits = model(torch.tensor([token_ids]))[0, -1]
+    return float(-torch.log_softmax(logits.double(), -1)[answer_id])
+
+
+def test_pipeline_trains_saes_writes_valid_results_and_report(tmp_path, corpus):
+    model = tiny_neo()
+    results = run_pipeline(_cfg(tmp_path, corpus), model=model, progress=False)
+    out = tmp_path / "out"
+    on_disk = json.loads((out / "results.json").read_text())
+    validate_results(on_disk)
+    assert (out / "report.html").stat().st_size > 100_000  # plotly.js inlined
+    assert [s["hook_point"] for s in on_disk["saes"]] == ["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"]
+    assert on_disk["dla"]["completeness_max_abs_error"] < 1e-3
+
+    # The clean answer loss in results.json equals the mean of unbatched forward passes done here.
+    from saecircuits.tasks.closing_quote import closing_quote_task
+
+    task = closing_quote_task(STORIES * 3, model.tokenizer, closings=('."', '!"', '?"'))
+    assert on_disk["task"]["n_prompts"] == task.n_prompts
+    by_hand = sum(_answer_loss_by_hand(model, t, a) for t, a in zip(task.token_ids, task.answer_ids)) / task.n_prompts
+    for sae in on_disk["saes"]:
+        assert sae["clean_loss"] == pytest.approx(by_hand, abs=1e-4)
+        assert sae["d_sae"] == 4 * sae["d_in"]
+    assert results["saes"][0]["training"]["reused"] is False
+
+    # A second run reuses the cached SAEs.
+    again = run_pipeline(_cfg(tmp_path, corpus, out=tmp_path / "out2"), model=model, progress=False)
+    assert again["saes"][0]["training"]["reused"] is True
+    assert again["saes"][1]["loss_recovered"] == pytest.approx(results["saes"][1]["loss_recovered"], abs=1e-9)
+
+
+def test_pipeline_with_an_exact_sae_recovers_all_loss(tmp_path, corpus):
+    folder = save_sae(exact_sae(), tmp_path / "exact")
+    results = run_pipeline(_cfg(tmp_path, corpus, sae_paths=[folder]), model=tiny_neo(), progress=False)
+    (sae,) = results["saes"]
+    assert sae["sae_loss"] == pytest.approx(sae["clean_loss"], abs=1e-6)
+    assert sae["loss_recovered"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_sae_that_does_not_fit_the_hook_is_a_clear_error(tmp_path, corpus):
+    wrong_width = save_sae(exact_sae(d_in=10), tmp_path / "w")
+    with pytest.raises(PipelineError, match="d_in=10"):
+        run_pipeline(_cfg(tmp_path, corpus, sae_paths=[wrong_width]), model=tiny_neo(), progress=False)
+    unknown = save_sae(exact_sae(hook_point="blocks.7.mlp.hook_post"), tmp_path / "u")
+    with pytest.raises(PipelineError, match="blocks.7.mlp.hook_post"):
+        run_pipeline(_cfg(tmp_path, corpus, sae_paths=[unknown]), model=tiny_neo(), progress=False)
+
+
+def test_layers_out_of_range_is_a_clear_error(tmp_path, corpus):
+    with pytest.raises(PipelineError, match="out of range"):
+        run_pipeline(_cfg(tmp_path, corpus, layers=[5]), model=tiny_neo(), progress=False)
