@@ -81,12 +81,14 @@ def test_lr_and_sparsity_schedules_hand_values():
         lr_decay_steps=5,
         lr_end_factor=0.0,
         sparsity_warmup_steps=4,
+        log_every=1,
     )
     tr = SAETrainer(_sae(), iter(_batches(10)), cfg, progress=False)
-    lrs = []
+    lrs, logged = [], []
     for _ in range(10):
         lrs.append(tr.optimizer.param_groups[0]["lr"])
-        tr.train_step()
+        logged.append(tr.train_step()["lr"])
+    assert logged == lrs  # the metrics line reports the rate used by that step
     # warm-up 1/4, 2/4, 3/4, 1; constant; decay over the last 5 steps: (10 - s) / 5 for s = 5..9
     assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 0.8, 0.6, 0.4, 0.2])
     assert [tr.sparsity_scale(s) for s in range(6)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])

@@ -391,6 +391,7 @@ class SAETrainer:
                 offset += g.numel()
         if cfg.unit_norm_decoder:
             self._project(sae)
+        self._lr_used = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         if cfg.unit_norm_decoder:
@@ -431,7 +432,7 @@ class SAETrainer:
         m = {
             "step": self.step,
             "tokens": self.step * self.cfg.batch_size,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": self._lr_used,  # the rate of this step's update
             "sparsity_scale": self.sparsity_scale(self.step - 1),
             "loss": float(out.total.detach()),
             "l0": float((f > 0).float().sum(-1).mean()),
