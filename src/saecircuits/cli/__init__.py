@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import typer
 
@@ -29,8 +30,37 @@ def _register() -> None:
             importlib.import_module(f"{__name__}.{mod.name}")
 
 
-def main() -> None:
+# Options that take several values after one flag (`--layers 0 1`), as well as the repeated form click supports.
+MULTI_VALUE_OPTIONS = ("--layers", "--sae")
+
+
+def expand_multi_value_options(argv: list[str]) -> list[str]:
+    """Rewrite ``--layers 0 1`` as ``--layers 0 --layers 1`` (click options take one value per flag)."""
+    out: list[str] = []
+    current: str | None = None
+    pending = False  # a flag seen without a value yet: keep it so click reports the missing value
+    for arg in argv:
+        if arg in MULTI_VALUE_OPTIONS:
+            if pending:
+                out.append(current)
+            current, pending = arg, True
+            continue
+        if current is not None and not arg.startswith("-"):
+            out += [current, arg]
+            pending = False
+            continue
+        if pending:
+            out.append(current)
+        current, pending = None, False
+        out.append(arg)
+    if pending:
+        out.append(current)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _register()
-    app()
+    args = expand_multi_value_options(list(sys.argv[1:] if argv is None else argv))
+    app(args=args, prog_name="saecircuits")
