@@ -67,3 +67,17 @@ def test_write_corpus_round_trips(tmp_path):
     docs = [d.strip() for d in text.split(EOT) if d.strip()]
     assert docs == generate_stories(20, seed=5)
     assert [p.name for p in path.parent.iterdir()] == ["stories.txt"]  # no temp file left
+
+
+def test_generator_output_is_pinned_to_its_version():
+    """Editing the generator changes this digest: bump GENERATOR_VERSION (and re-ship the default model)."""
+    import hashlib
+
+    from saecircuits.data.storygen import GENERATOR_VERSION
+
+    digest = hashlib.sha256(stories_to_text(generate_stories(200, 0)).encode()).hexdigest()
+    pinned = {1: "e577c3c529b05205b103cdc7f7dd09a7ee5e5451fddc55b6e80960d6015a41ec"}
+    assert pinned.get(GENERATOR_VERSION) == digest, (
+        "story text changed without a GENERATOR_VERSION bump; bump it, pin the new digest here, and re-ship "
+        "saecircuits/assets/default with `saecircuits train-lm --workspace W`"
+    )

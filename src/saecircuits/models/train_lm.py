@@ -403,6 +403,15 @@ def closing_quote_metrics(model, token_ids: Sequence[Sequence[int]], answer_id: 
 # The whole recipe
 
 
+def make_readable(folder: str | os.PathLike) -> None:
+    """chmod a model folder to 0755 and its files to 0644 (``mkdtemp`` and some writers create them private)."""
+    folder = Path(folder)
+    os.chmod(folder, 0o755)
+    for f in folder.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o644)
+
+
 def load_lm(folder: str | os.PathLike):
     """Load ``(model, tokenizer)`` from a folder written by :func:`train_lm_to_folder` (model in eval mode).
 
@@ -478,6 +487,7 @@ def train_lm_to_folder(out: str | os.PathLike, cfg: LMConfig, progress: bool = T
         )
         model.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / TRAIN_INFO).write_text(json.dumps(info, indent=1))
+        make_readable(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
