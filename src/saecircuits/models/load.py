@@ -1,0 +1,376 @@
+"""Load a language model as a TransformerLens ``TransformerBridge``, from one of three sources.
+
+``load_model(source)`` accepts
+
+(a) a Hugging Face hub name (``roneneldan/TinyStories-2Layers-33M``): needs the network or a filled HF cache;
+(b) a local Hugging Face folder (``config.json`` + weights + tokenizer files);
+(c) a llama2.c legacy checkpoint ``.bin`` with its ``tok*.bin`` beside it (or given as ``tokenizer=``), converted
+    once to an HF Llama folder (:mod:`saecircuits.models.llama2c`) and cached by content hash.
+
+All three end in :func:`load_hf_model`, which puts the HF model in eval mode on the requested device/dtype, wraps it
+with ``TransformerBridge.boot_transformers`` and applies TransformerLens' weight processing through
+``enable_compatibility_mode`` (which also turns on the legacy hook names, e.g. ``blocks.1.mlp.hook_post``):
+
+- ``fold_ln``: LayerNorm/RMSNorm gains (and LN biases) are folded into the following weights; the norms become
+  "LNPre"/"RMSPre" (centre and/or divide by the scale only).
+- ``center_writing_weights``: W_E, W_pos, W_O, W_out (and b_O, b_out) are made zero-mean over d_model (residual
+  writes lose their mean component, which the next LayerNorm removes anyway).
+- ``center_unembed``: W_U columns are made zero-mean over the vocabulary (logits shift by a per-position constant;
+  log-softmax is unchanged).
+- ``fold_value_biases``: b_V is moved into b_O (attention patterns sum to 1), as HookedTransformer did.
+
+None of these changes the model's log-probabilities (checked in tests/models/test_load.py to ~1e-4). They equal
+HookedTransformer.from_pretrained's defaults, which the reference notebook used (analysis-spec.md A1).
+
+Where the model came from is recorded on the bridge: :func:`model_provenance` returns a :class:`ModelProvenance`
+(source string, ``model_name``, kind, weight hash for llama2.c, the processing switches); ``bridge.cfg.model_name``
+is set to the same ``model_name``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_PROVENANCE_ATTR = "saecircuits_provenance"
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$|^[A-Za-z0-9][\w.-]*$")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+GPT2_EOT = "<|endoftext|>"
+GPT2_EOT_ID = 50256
+
+
+class ModelLoadError(ValueError):
+    """A model source cannot be loaded (unknown path, incomplete folder, hub unreachable, bad tokenizer)."""
+
+
+@dataclass(frozen=True)
+class ModelProvenance:
+    """Where a loaded model came from and how its weights were processed.
+
+    Attributes:
+        source: the string given to :func:`load_model` (or ``"<injected>"`` for :func:`load_hf_model`).
+        model_name: short name (hub name, folder name, or checkpoint file stem) also set as ``bridge.cfg.model_name``.
+        kind: ``"hub"``, ``"hf_folder"``, ``"llama2c"`` or ``"injected"``.
+        architecture: the HF architecture class name, e.g. ``GPTNeoForCausalLM``.
+        weights_sha256: sha256 of the llama2.c checkpoint file (None for other kinds).
+        hf_folder: the local HF folder the weights were read from (the llama2.c conversion cache, or the folder).
+        processing: the weight-processing switches applied (fold_ln, center_writing_weights, center_unembed,
+            fold_value_biases).
+        dtype, device: as loaded.
+    """
+
+    source: str
+    model_name: str
+    kind: Literal["hub", "hf_folder", "llama2c", "injected"]
+    architecture: str = ""
+    weights_sha256: str | None = None
+    hf_folder: str | None = None
+    processing: dict[str, bool] = field(default_factory=dict)
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def model_provenance(bridge: Any) -> ModelProvenance:
+    """The :class:`ModelProvenance` recorded by :func:`load_model` / :func:`load_hf_model`.
+
+    Raises:
+        ModelLoadError: the bridge was not loaded through this module.
+    """
+    prov = getattr(bridge, "__dict__", {}).get(_PROVENANCE_ATTR)
+    if prov is None:
+        raise ModelLoadError("this model was not loaded with saecircuits.models.load; no provenance recorded")
+    return prov
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def _reloadable_tokenizer(tokenizer: Any) -> Any:
+    """Return a tokenizer whose ``name_or_path`` is a local folder it can be reloaded from (TL reloads it).
+
+    A ``PreTrainedTokenizerFast(tokenizer_object=...)`` has no such folder and makes TransformerLens fail with
+    ``KeyError: 'name_or_path'``; it is saved to a temporary folder and reloaded from there.
+    """
+    from transformers import AutoTokenizer
+
+    name = getattr(tokenizer, "name_or_path", "") or ""
+    if name and Path(name).is_dir():
+        return tokenizer
+    folder = tempfile.mkdtemp(prefix="saecircuits-tokenizer-")
+    tokenizer.save_pretrained(folder)
+    reloaded = AutoTokenizer.from_pretrained(folder)
+    reloaded.padding_side = getattr(tokenizer, "padding_side", "right")
+    return reloaded
+
+
+def gpt2_bpe_tokenizer(folder: str | os.PathLike[str], save_dir: str | os.PathLike[str] | None = None):
+    """Build the GPT-2 byte-level BPE tokenizer (as used by GPT-Neo and the TinyStories models) from local files.
+
+    Reads ``vocab.json`` and ``merges.txt`` from ``folder`` with ``tokenizers.models.BPE.from_file`` (which, unlike
+    transformers' slow ``GPT2Tokenizer``, does not skip the first merges line, so a merges.txt without the
+    ``#version`` header keeps its first merge ``Ġ t``; a header line, if present, is skipped by tokenizers too).
+    ByteLevel pre-tokenizer (no prefix space), decoder and post-processor, as GPT-2's ``tokenizer.json``.
+    BOS = EOS = PAD = UNK = ``<|endoftext|>`` (id 50256). The tokenizer adds no BOS itself (GPT-2 convention);
+    TransformerLens' ``to_tokens`` prepends it.
+
+    Args:
+        folder: folder holding ``vocab.json`` and ``merges.txt`` (e.g. ``../shared/data/gpt2-bpe-tokenizer``).
+        save_dir: where to save the HF tokenizer files; a fresh temporary folder if None.
+
+    Returns:
+        ``PreTrainedTokenizerFast`` reloaded from ``save_dir`` (so TransformerLens can use it).
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        ModelLoadError: ``<|endoftext|>`` is not id 50256 in ``vocab.json``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    vocab, merges = folder / "vocab.json", folder / "merges.txt"
+    for f in (vocab, merges):
+        if not f.is_file():
+            raise FileNotFoundError(
+                f"GPT-2 BPE file not found: {f} (need vocab.json and merges.txt in {folder})"
+            )
+    tok = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    if tok.token_to_id(GPT2_EOT) != GPT2_EOT_ID:
+        raise ModelLoadError(
+            f"{vocab}: {GPT2_EOT!r} has id {tok.token_to_id(GPT2_EOT)}, expected {GPT2_EOT_ID}"
+        )
+    tok.add_special_tokens([GPT2_EOT])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=GPT2_EOT,
+        eos_token=GPT2_EOT,
+        unk_token=GPT2_EOT,
+        pad_token=GPT2_EOT,
+        padding_side="right",
+        model_max_length=2048,
+    )
+    out = Path(save_dir) if save_dir is not None else Path(tempfile.mkdtemp(prefix="saecircuits-gpt2bpe-"))
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out)
+    return PreTrainedTokenizerFast.from_pretrained(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_hf_model(
+    hf_model: Any,
+    hf_tokenizer: Any,
+    *,
+    model_name: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    fold_ln: bool = True,
+    center_writing_weights: bool = True,
+    center_unembed: bool = True,
+    fold_value_biases: bool = True,
+    provenance: ModelProvenance | None = None,
+):
+    """Wrap an in-memory Hugging Face causal LM as a processed ``TransformerBridge``.
+
+    The HF model is moved to ``device``/``dtype``, put in eval mode (dropout off) and modified in place by the
+    bridge. Weight processing follows the switches (see the module docstring); with all of them False the bridge
+    keeps the raw HF weights (``enable_compatibility_mode(no_processing=True)``, legacy hook names still on).
+    Parameters are frozen (``requires_grad=False``); gradients with respect to activations still work.
+
+    Args:
+        hf_model: a ``PreTrainedModel`` for causal LM (GPT-Neo, GPT-2, Llama, ...).
+        hf_tokenizer: its tokenizer; one without a local ``name_or_path`` folder is saved and reloaded first.
+        model_name: recorded as ``bridge.cfg.model_name``; defaults to ``hf_model.config._name_or_path`` or
+            ``"injected-model"``.
+        provenance: used by :func:`load_model`; leave None.
+
+    Returns:
+        ``TransformerBridge`` whose logits ``[batch, pos, d_vocab]`` have the HF model's log-softmax.
+
+    Raises:
+        ModelLoadError: no tokenizer was given (TransformerLens would try the hub).
+    """
+    from transformer_lens import TransformerBridge
+
+    if hf_tokenizer is None:
+        raise ModelLoadError("load_hf_model needs the model's tokenizer (hf_tokenizer=...); none was given")
+    name = model_name or getattr(hf_model.config, "_name_or_path", "") or "injected-model"
+    hf_model = hf_model.to(device=device, dtype=dtype).eval()
+    tokenizer = _reloadable_tokenizer(hf_tokenizer)
+    bridge = TransformerBridge.boot_transformers(
+        name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+    )
+    processing = {
+        "fold_ln": fold_ln,
+        "center_writing_weights": center_writing_weights,
+        "center_unembed": center_unembed,
+        "fold_value_biases": fold_value_biases,
+    }
+    bridge.enable_compatibility_mode(
+        disable_warnings=True,
+        no_processing=not any(processing.values()),
+        fold_ln=fold_ln,
+        center_writing_weights=center_writing_weights,
+        center_unembed=center_unembed,
+        fold_value_biases=fold_value_biases,
+    )
+    bridge.eval()
+    for p in bridge.parameters():
+        p.requires_grad_(False)
+    bridge.cfg.model_name = name
+    architectures = getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__]
+    base = provenance or ModelProvenance(source="<injected>", model_name=name, kind="injected")
+    prov = ModelProvenance(
+        source=base.source,
+        model_name=name,
+        kind=base.kind,
+        architecture=architectures[0],
+        weights_sha256=base.weights_sha256,
+        hf_folder=base.hf_folder,
+        processing=processing,
+        dtype=str(dtype).removeprefix("torch."),
+        device=str(device),
+    )
+    setattr(bridge, _PROVENANCE_ATTR, prov)
+    logger.info("loaded %s (%s) with processing %s", name, prov.kind, processing)
+    return bridge
+
+
+def _looks_like_path(source: str) -> bool:
+    """True when ``source`` cannot be a hub id (``name`` or ``owner/name``), so it must have been meant as a path."""
+    if source.startswith((".", "/", "~", "\\")) or not _HUB_NAME.match(source):
+        return True
+    return Path(source).suffix.lower() in {".bin", ".pt", ".safetensors", ".json", ".gguf", ".txt"}
+
+
+def _load_tokenizer_arg(tokenizer: Any, default_folder: str | None) -> Any:
+    from transformers import AutoTokenizer
+
+    if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
+        return tokenizer
+    where = str(tokenizer) if tokenizer is not None else default_folder
+    try:
+        return AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"could not load a tokenizer from {where!r}: {exc}. Put tokenizer files (tokenizer.json, or "
+            "vocab.json + merges.txt) in the folder or pass tokenizer=<folder or tokenizer object>."
+        ) from exc
+
+
+def load_model(
+    source: str | os.PathLike[str],
+    *,
+    tokenizer: Any = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    fold_ln: bool = True,
+    center_writing_weights: bool = True,
+    center_unembed: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+):
+    """Load a causal LM from a hub name, a local HF folder or a llama2.c ``.bin`` as a processed TransformerBridge.
+
+    Args:
+        source: (a) hub name ``owner/name``; (b) folder with ``config.json``, weights and tokenizer files;
+            (c) llama2.c legacy checkpoint ``.bin`` (its ``tok*.bin`` must sit beside it unless ``tokenizer`` is
+            given).
+        tokenizer: None (use the source's own), a tokenizer object, a folder (HF tokenizer files), or for
+            llama2.c the path of its ``tok*.bin``.
+        device, dtype: where the weights go (float32 recommended on CPU).
+        fold_ln, center_writing_weights, center_unembed: TransformerLens weight processing (module docstring);
+            value biases are folded whenever any of them is on.
+        cache_dir: where llama2.c conversions are cached (``llama2c-<sha>`` subfolders); a temporary folder if None.
+
+    Returns:
+        ``TransformerBridge`` with legacy hook names; :func:`model_provenance` tells where it came from.
+
+    Raises:
+        FileNotFoundError: ``source`` looks like a path that does not exist.
+        ModelLoadError: a folder without ``config.json``/weights/tokenizer, an unsupported file type, or a hub
+            name that cannot be fetched (offline, unknown name).
+        saecircuits.models.llama2c.Llama2cError: corrupt or truncated llama2.c files.
+    """
+    from transformers import AutoModelForCausalLM
+
+    text = str(source)
+    path = Path(text).expanduser()
+    switches = dict(
+        fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed
+    )
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{path} is a folder but has no config.json; it is not a Hugging Face model folder"
+            )
+        if not any((path / w).is_file() for w in _WEIGHT_FILES):
+            raise ModelLoadError(f"{path} has no weights ({' / '.join(_WEIGHT_FILES)})")
+        tok = _load_tokenizer_arg(tokenizer, str(path))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        prov = ModelProvenance(
+            source=text, model_name=path.resolve().name, kind="hf_folder", hf_folder=str(path.resolve())
+        )
+        return load_hf_model(
+            model, tok, model_name=prov.model_name, device=device, dtype=dtype, provenance=prov, **switches
+        )
+    if path.is_file():
+        if path.suffix.lower() != ".bin":
+            raise ModelLoadError(
+                f"{path} is a file of an unsupported type; give a llama2.c checkpoint (.bin) or a Hugging Face folder"
+            )
+        from saecircuits.models.llama2c import load_llama2c_hf, sha256_file
+
+        tok_path = tokenizer if isinstance(tokenizer, (str, os.PathLike)) else None
+        model, tok, folder = load_llama2c_hf(path, tok_path, cache_dir)
+        if tokenizer is not None and tok_path is None:
+            tok = tokenizer
+        prov = ModelProvenance(
+            source=text,
+            model_name=path.stem,
+            kind="llama2c",
+            weights_sha256=sha256_file(path),
+            hf_folder=str(folder),
+        )
+        return load_hf_model(
+            model, tok, model_name=path.stem, device=device, dtype=dtype, provenance=prov, **switches
+        )
+    if _looks_like_path(text):
+        raise FileNotFoundError(
+            f"model source {text!r} is neither an existing folder/file nor a hub name ('owner/name'); check the path"
+        )
+    try:
+        tok = _load_tokenizer_arg(tokenizer, text)
+        model = AutoModelForCausalLM.from_pretrained(text, dtype=dtype)
+    except (OSError, ModelLoadError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+        hint = " (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set)" if offline else ""
+        raise ModelLoadError(
+            f"{text!r} is not a local folder or file, and loading it as a hub model failed{hint}: "
+            f"{exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0]}. Check the path, or connect to the network once so it lands in the Hugging Face cache, or download it and pass the local "
+            "folder instead."
+        ) from exc
+    prov = ModelProvenance(source=text, model_name=text, kind="hub")
+    return load_hf_model(model, tok, model_name=text, device=device, dtype=dtype, provenance=prov, **switches)
