@@ -340,3 +340,28 @@ def test_sequence_loss_recovered_identities():
         res["zero"]["ce_clean"], rel=1e-3
     )  # the hook really matters
     assert HOOK == exact_sae().hook_point
+
+
+def test_presets_follow_spec_section_10():
+    from saecircuits.saes.presets import TrainSAEJob, preset
+
+    p54, p189 = preset("54_serene_plasma"), preset("189_giddy_water", train={"total_steps": 7})
+    assert p54.hook_points == ["blocks.0.mlp.hook_post"] and p189.hook_points == ["blocks.1.mlp.hook_post"]
+    assert p54.train.loss == {"regularizer": "l1", "coefficients": [3e-4], "batch_reduction": "sum"}
+    lc = p189.train.loss_config()
+    assert (
+        lc.regularizer == "combined_hoyer_sqrt"
+        and lc.coefficients == (1e-4, 1.5e-4)
+        and lc.batch_reduction == "sum"
+    )
+    assert (p54.train.batch_size, p189.train.batch_size) == (4096, 5080)
+    assert p54.train.total_steps == 5 * 10**8 // 4096 and p189.train.total_steps == 7
+    assert (
+        p54.train.resample_steps == (25_000, 50_000, 75_000, 100_000) and p54.train.resample_window == 12_500
+    )
+    assert p189.train.resample_steps == (15_000, 25_000, 50_000, 75_000) and p189.train.dead_frequency == 1e-5
+    assert p54.train.lr == p189.train.lr == 1e-4 and p54.train.betas == (0.9, 0.99) and p54.train.seed == 47
+    assert (p54.bos_policy, p189.bos_policy) == ("include", "exclude_first")
+    assert TrainSAEJob.from_dict(p189.to_dict()) == p189  # JSON round trip
+    with pytest.raises(SAEError, match="unknown preset"):
+        preset("55_serene_plasma")
