@@ -178,28 +178,10 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
         raise
 
 
-@torch.no_grad()
-def _normalize_rows_fallback(sae: SAE) -> None:
-    sae.W_dec.div_(sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-
-
-@torch.no_grad()
-def _project_fallback(sae: SAE) -> None:
-    if sae.W_dec.grad is None:
-        return
-    w = sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    sae.W_dec.grad.sub_((sae.W_dec.grad * w).sum(-1, keepdim=True) * w)
-
-
 def _decoder_constraints() -> tuple[Callable[[SAE], Any], Callable[[SAE], Any]]:
-    """(normalize_decoder_rows_, remove_parallel_grad_component_) from ``saes.constraints`` (analysis-spec.md 4.4).
+    """(normalize_decoder_rows_, remove_parallel_grad_component_) from ``saes.constraints`` (analysis-spec.md 4.4)."""
+    from saecircuits.saes import constraints
 
-    Falls back to the same two operations written here while the constraints module is not available.
-    """
-    try:
-        from saecircuits.saes import constraints
-    except ImportError:
-        return _normalize_rows_fallback, _project_fallback
     return constraints.normalize_decoder_rows_, constraints.remove_parallel_grad_component_
 
 
