@@ -71,8 +71,8 @@ class RunConfig:
     sae_paths: list[Path] = field(default_factory=list)
     sae_tokens: int = 400_000
     expansion_factor: int = 4
-    l1_coefficient: float = 1e-3
-    sae_lr: float = 1e-3
+    l1_coefficient: float = 0.5
+    sae_lr: float = 2e-3
     sae_batch_size: int = 2048
     seq_len: int = 128
     max_prompts: int | None = 1000

@@ -90,7 +90,7 @@ def run(
     sae: Annotated[list[Path] | None, typer.Option("--sae", help="Reuse an SAE folder (cfg.json + sae_weights.safetensors); repeatable.")] = None,
     sae_tokens: Annotated[int, typer.Option(help="Activations each new SAE is trained on.")] = 400_000,
     expansion_factor: Annotated[int, typer.Option(help="d_sae = expansion_factor * d_in.")] = 4,
-    l1_coefficient: Annotated[float, typer.Option(help="Per-token L1 coefficient.")] = 1e-3,
+    l1_coefficient: Annotated[float, typer.Option(help="Per-token L1 coefficient (penalty mean over the batch).")] = 0.5,
     all_closings: Annotated[bool, typer.Option(help='Also accept !" and ?" as the closing (default: ." only).')] = False,
     max_prompts: Annotated[int, typer.Option(help="Use at most this many task prompts.")] = 1000,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps.")] = "cpu",
