@@ -50,7 +50,7 @@ def test_pipeline_trains_saes_writes_valid_results_and_report(tmp_path, corpus):
 
     task = closing_quote_task(STORIES * 3, model.tokenizer, closings=('."', '!"', '?"'))
     assert on_disk["task"]["n_prompts"] == task.n_prompts
-    by_hand = sum(_answer_loss_by_hand(model, t, a) for t, a in zip(task.token_ids, task.answer_ids)) / task.n_prompts
+    by_hand = sum(_answer_loss_by_hand(model, t, a) for t, a in zip(task.token_ids, task.answer_ids, strict=True)) / task.n_prompts
     for sae in on_disk["saes"]:
         assert sae["clean_loss"] == pytest.approx(by_hand, abs=1e-4)
         assert sae["d_sae"] == 4 * sae["d_in"]
