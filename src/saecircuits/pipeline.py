@@ -53,6 +53,8 @@ class RunConfig:
         max_prompt_tokens: drop prompts longer than this many tokens (default: the model's context).
         n_stat_docs: corpus documents used for the mean activation and top examples.
         max_candidates, min_fraction_active: candidate features for the ablation table (analysis.features).
+        max_prompts_per_feature: each candidate is ablated on at most this many of its active prompts (the
+            reference notebook used 200).
         n_ablate: size of the top-feature set ablated together (largest loss increases).
         n_example_features, n_examples: features shown with top activating examples, and examples per feature.
         device, seed: where to compute; seed of SAE training and bootstraps.
@@ -78,8 +80,9 @@ class RunConfig:
     max_prompts: int | None = 1000
     max_prompt_tokens: int | None = None
     n_stat_docs: int = 1000
-    max_candidates: int = 30
+    max_candidates: int = 20
     min_fraction_active: float = 0.05
+    max_prompts_per_feature: int | None = 200
     n_ablate: int = 3
     n_example_features: int = 6
     n_examples: int = 5
@@ -269,7 +272,7 @@ def analyse_sae(model, sae, task, stat_docs: list[list[int]], cfg: RunConfig, pr
     clean = answer_losses(model, task)
     table = feature_ablation_table(
         model, sae, task, min_fraction_active=cfg.min_fraction_active, max_candidates=cfg.max_candidates,
-        acts=acts, clean_loss=clean,
+        max_prompts_per_feature=cfg.max_prompts_per_feature, acts=acts, clean_loss=clean,
     )
     top_features = [
         {

@@ -121,6 +121,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Output folder for results.json, report.html.")] = Path("runs/demo"),
     workspace: Annotated[Path, typer.Option(help="Cache folder (default model, corpora, trained SAEs).")] = DEFAULT_WORKSPACE,
     sae_tokens: Annotated[int, typer.Option(help="Activations each SAE is trained on.")] = 400_000,
+    max_prompts: Annotated[int, typer.Option(help="Use at most this many task prompts.")] = 300,
     device: Annotated[str, typer.Option(help="cpu, cuda, mps.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of SAE training and bootstraps.")] = 0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each stage.")] = False,
@@ -144,6 +145,7 @@ def demo(
     cfg = RunConfig(
         model=str(folder), data=heldout, train_data=sae_train, out=out, sae_tokens=sae_tokens, device=device,
         seed=seed, workspace=workspace, model_label=f"saecircuits default (2-layer GPT-Neo, {folder.name})",
+        max_prompts=max_prompts, max_prompts_per_feature=100,
     )
     _execute(cfg)
 
