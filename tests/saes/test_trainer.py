@@ -365,3 +365,19 @@ def test_presets_follow_spec_section_10():
     assert TrainSAEJob.from_dict(p189.to_dict()) == p189  # JSON round trip
     with pytest.raises(SAEError, match="unknown preset"):
         preset("55_serene_plasma")
+
+
+def test_metrics_log_has_the_log10_density_histogram(tmp_path):
+    """Every logged line carries a log10 feature-density histogram over its window; a feature that never fires
+    (encoder bias very negative) lands in the first bin, and the bins count every feature once."""
+    sae = _sae()
+    with torch.no_grad():
+        sae.b_enc[0] = -1e6
+    cfg = TrainConfig(batch_size=16, total_steps=4, lr=1e-3, log_every=2, loss={"regularizer": "l1", "coefficients": [0.0]})
+    SAETrainer(sae, iter(_batches(4)), cfg, checkpoint_dir=tmp_path, progress=False).fit()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 2
+    for m in lines:
+        hist = m["log10_density_hist"]["counts"]
+        assert sum(hist) == D_SAE
+        assert hist[0] >= 1

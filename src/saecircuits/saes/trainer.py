@@ -425,6 +425,11 @@ class SAETrainer:
             "dense_fraction": float((freq > self.cfg.dense_frequency).float().mean()),
             "resampled_total": self.n_resampled_total,
         }
+        # log10 feature density over this log window: 20 bins on [-8, 0]; dead features land in the first bin.
+        from saecircuits.saes.metrics import feature_density_histogram
+
+        edges, hist = feature_density_histogram(self.log_counts.cpu(), max(self.log_tokens, 1), bins=20, low=-8.0)
+        m["log10_density_hist"] = {"low": -8.0, "high": 0.0, "counts": hist.tolist()}
         for k, v in out.terms.items():
             m[f"loss/{k}"] = float(v)
         self.log_counts.zero_()
