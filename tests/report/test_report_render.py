@@ -172,18 +172,13 @@ def test_report_modules_do_not_import_torch():
 
 
 def _invoke_cli(args: list[str]):
-    import typer
     from typer.testing import CliRunner
 
     import saecircuits.cli.report  # noqa: F401  (registers the sub-command)
     from saecircuits.cli import app
 
-    # typer runs a lone command without its name; with several sub-commands the name is needed.
-    cmd = typer.main.get_command(app)
-    import click
-
-    argv = args if isinstance(cmd, click.Group) else args[1:]
-    return CliRunner().invoke(app, argv)
+    # The root callback in saecircuits.cli makes `app` a group, so the sub-command name is always needed.
+    return CliRunner().invoke(app, args)
 
 
 def test_cli_report_rerenders_from_results_json(results, tmp_path):

@@ -22,12 +22,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+from saecircuits.atomic import atomic_write, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -346,10 +347,7 @@ def write_activation_cache(
             return
         merged = {k: torch.cat([p[k] for p in pending]).contiguous() for k in pending[0]}
         name = f"shard_{len(shards):05d}.safetensors"
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        os.close(fd)
-        save_file(merged, tmp)
-        os.replace(tmp, folder / name)
+        atomic_write(folder / name, lambda tmp: save_file(merged, tmp))
         shards.append({"file": name, "rows": int(next(iter(merged.values())).shape[0])})
         pending, n_pending = [], 0
 
@@ -371,10 +369,7 @@ def write_activation_cache(
     if hooks is None:
         raise ActivationDataError("no activations to cache (the chunk iterator was empty)")
     manifest = {"format": "saecircuits-activation-cache-v1", "hook_points": hooks, "shards": shards}
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(manifest, fh, indent=1)
-    os.replace(tmp, folder / _MANIFEST)
+    atomic_write_text(folder / _MANIFEST, json.dumps(manifest, indent=1))
     return folder
 
 

@@ -25,10 +25,11 @@ from __future__ import annotations
 import os
 import random
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from saecircuits.atomic import atomic_write_text
 
 GENERATOR_VERSION = 1
 """Bump when the text produced for a given seed changes (it keys the cached default model)."""
@@ -365,18 +366,7 @@ def stories_to_text(stories: Sequence[str]) -> str:
 
 def write_corpus(path: str | os.PathLike, n: int, seed: int = 0) -> Path:
     """Write ``n`` stories of stream ``seed`` as one text file (atomically) and return its path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(stories_to_text(generate_stories(n, seed)))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_text(path, stories_to_text(generate_stories(n, seed)))
 
 
 _NESTED = re.compile(r"""(?:^|[\s"])'[A-Z][^'"]*[.!?]'""")

@@ -63,10 +63,11 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from saecircuits.atomic import atomic_write_text
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -416,22 +417,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     On any failure the temp file is removed and an existing file at ``path`` is left untouched.
     Creates the parent folder if needed. Returns the path.
     """
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return p
+    return atomic_write_text(path, text)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int | None = 1) -> Path:

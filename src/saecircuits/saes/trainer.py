@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -45,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from saecircuits.atomic import atomic_write, atomic_write_text
 from saecircuits.saes.base import SAE, SAEConfig, SAEError
 
 logger = logging.getLogger(__name__)
@@ -167,15 +167,7 @@ def _dist_info() -> tuple[int, int]:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _decoder_constraints() -> tuple[Callable[[SAE], Any], Callable[[SAE], Any]]:
@@ -624,10 +616,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except json.JSONDecodeError:
             continue
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:

@@ -1,0 +1,50 @@
+"""Atomic file writes: never leave a partial file behind (write a temp file in the same folder, fsync, rename).
+
+Every module that writes results, checkpoints, corpora or caches goes through :func:`atomic_write`, so a crash or
+an exception mid-write leaves either the old file or no file, and no ``.tmp`` litter. Imports no torch (the report
+uses it too).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` to fill a temp file beside ``path``, fsync it, then ``os.replace`` it onto ``path``.
+
+    On any failure (in ``write``, the fsync or the rename) the temp file is removed, an existing file at ``path``
+    is left untouched, and the exception propagates. The parent folder is created if needed.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return p
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` as UTF-8 (``\\n`` newlines) with :func:`atomic_write`."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+
+    return atomic_write(path, write)
