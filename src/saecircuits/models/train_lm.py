@@ -327,7 +327,8 @@ def mean_loss(model, rows: torch.Tensor, batch_size: int = 32) -> float:
 
 
 def closing_quote_prompts(stories: Sequence[str], tokenizer, max_tokens: int | None = None):
-    """Closing-quote prompts as in analysis-spec.md E1 (the reference notebook's In[11]).
+    """Closing-quote prompts as in analysis-spec.md E1 (the reference notebook's In[11]), via
+    :func:`saecircuits.tasks.closing_quote.closing_quote_task`.
 
     For each story containing ``said, "``: start = first occurrence + 7, end = first ``."`` at or after start;
     the prompt text is ``story[:end + 2]``, kept if its BOS-prefixed tokenisation ends with the single token
@@ -343,24 +344,16 @@ def closing_quote_prompts(stories: Sequence[str], tokenizer, max_tokens: int | N
         ``(token_ids, answer_id, source_index)``: lists of BOS-prefixed prompts, the id of ``."``, and the index
         of the story each prompt comes from.
     """
+    from saecircuits.tasks.base import TaskError
+    from saecircuits.tasks.closing_quote import closing_quote_task
+
     answer_id = check_closing_tokens(tokenizer)['."']
-    bos = tokenizer.bos_token_id
-    token_ids, source = [], []
-    for i, s in enumerate(stories):
-        k = s.find('said, "')
-        if k < 0:
-            continue
-        end = s.find('."', k + 7)
-        if end < 0:
-            continue
-        ids = [bos] + tokenizer(s[: end + 2], add_special_tokens=False)["input_ids"]
-        if ids[-1] != answer_id:
-            continue
-        if max_tokens is not None and len(ids) - 1 > max_tokens:
-            continue
-        token_ids.append(ids[:-1])
-        source.append(i)
-    return token_ids, answer_id, source
+    try:
+        # Task.max_tokens counts the answer token too.
+        task = closing_quote_task(stories, tokenizer, max_tokens=None if max_tokens is None else max_tokens + 1)
+    except TaskError:
+        return [], answer_id, []
+    return task.token_ids, answer_id, task.source_index
 
 
 @torch.no_grad()
