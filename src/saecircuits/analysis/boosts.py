@@ -1,0 +1,284 @@
+"""Which tokens an SAE feature promotes: prompt-based log-prob boosts (analysis-spec.md F16), weight-based logit
+boosts (F17), and the common-token mask both use (B3).
+
+- :func:`common_tokens`: a token is common when it occurs more than ``min_count`` times in a corpus. Departure from
+  the notebook (pitfall 25): each row's leading BOS is not counted (the notebook counted it).
+- :func:`prompt_logprob_boosts` (F16): on the prompts where the feature is active at P (first ``max_prompts``, the
+  notebook's 100), the log-probs at P are averaged over prompts clean and with the feature ablated residual-
+  preservingly at P (F3: ``x - f_k(x) W_dec[k]``, SAE error kept); ``boosts = mean clean - mean ablated`` (nats). As
+  in the notebook, log-probs (not probabilities) are averaged (pitfall 24) and a token's boost is set to 0 where the
+  averaged clean log-prob is below ``min_logprob`` or the token is rare. Top lists keep only strictly positive
+  (boosted) / strictly negative (deboosted) values (the notebook kept any non-zero value in its top-15).
+- :func:`weight_logit_boosts` (F17): ``W_dec[k] @ W_out[L] @ W_U`` ``[d_vocab]`` (logits per unit activation; no final-
+  norm scale, no activation size, pitfall 25; see ``scaled_dla.py`` for both). Rare tokens are set to 0 as in the
+  notebook and left out of the top/bottom lists (the notebook could list them with value 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from saecircuits.analysis.ablation import features_ablation_edit
+from saecircuits.analysis.error_dla import mlp_post_layer
+from saecircuits.analysis.features import feature_activations
+from saecircuits.models.hooks import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_TOKENS,
+    bos_id_of,
+    edit_at_positions,
+    run_at_positions,
+    task_batches,
+)
+from saecircuits.saes.base import SAE
+from saecircuits.tasks.base import Task
+
+__all__ = [
+    "TokenValue",
+    "PromptBoosts",
+    "WeightBoosts",
+    "common_tokens",
+    "prompt_logprob_boosts",
+    "weight_logit_boosts",
+    "token_string",
+]
+
+
+@dataclass(frozen=True)
+class TokenValue:
+    """A token id, its decoded string and a value (nats or logits, as the producer says)."""
+
+    token_id: int
+    token: str
+    value: float
+
+
+def token_string(model, token_id: int) -> str:
+    """The decoded string of one token (``str(id)`` when the model has no tokenizer)."""
+    tok = getattr(model, "tokenizer", None)
+    return tok.decode([int(token_id)]) if tok is not None else str(int(token_id))
+
+
+def common_tokens(
+    model, token_rows: Sequence[Sequence[int]], min_count: int = 100, *, exclude_bos: bool = True
+) -> torch.Tensor:
+    """Tokens occurring more than ``min_count`` times in ``token_rows`` (analysis-spec B3; the notebook used 100).
+
+    Args:
+        model: anything with ``cfg.d_vocab`` (and a tokenizer for the BOS id).
+        token_rows: corpus rows of token ids.
+        min_count: a token is common when its count is strictly greater.
+        exclude_bos: do not count a row's leading BOS (departure from the notebook, pitfall 25).
+
+    Returns:
+        bool ``[d_vocab]`` on CPU.
+
+    Raises:
+        ValueError: a token id outside ``0..d_vocab-1``.
+    """
+    d_vocab = int(model.cfg.d_vocab)
+    bos = bos_id_of(model) if exclude_bos else None
+    ids: list[int] = []
+    for row in token_rows:
+        row = list(row)
+        ids += row[1:] if (bos is not None and row and row[0] == bos) else row
+    t = torch.tensor(ids, dtype=torch.long)
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= d_vocab):
+        raise ValueError(f"token ids must lie in 0..{d_vocab - 1}; these rows are from another tokenizer")
+    return torch.bincount(t, minlength=d_vocab)[:d_vocab] > min_count
+
+
+def _check_mask(mask: torch.Tensor | None, d_vocab: int) -> torch.Tensor:
+    if mask is None:
+        return torch.ones(d_vocab, dtype=torch.bool)
+    if mask.dtype != torch.bool or tuple(mask.shape) != (d_vocab,):
+        raise ValueError(
+            f"common_tokens must be a bool mask of shape [d_vocab] = [{d_vocab}] (see common_tokens())"
+        )
+    return mask.cpu()
+
+
+def _top(model, values: torch.Tensor, eligible: torch.Tensor, n: int, largest: bool) -> list[TokenValue]:
+    v = values.clone()
+    v[~eligible] = -float("inf") if largest else float("inf")
+    vals, ids = torch.topk(v, min(n, int(eligible.sum())), largest=largest)
+    return [TokenValue(int(i), token_string(model, int(i)), float(x)) for x, i in zip(vals, ids, strict=True)]
+
+
+@dataclass
+class PromptBoosts:
+    """Prompt-based log-prob boosts of one feature (analysis-spec F16).
+
+    Attributes:
+        feature: k.
+        prompt_indices: task indices used (active at P, first ``max_prompts``).
+        clean_logprob, ablated_logprob: float32 ``[d_vocab]`` log-probs at P averaged over those prompts (nats).
+        boosts: ``[d_vocab]`` ``clean - ablated`` (nats), 0 where masked.
+        masked: bool ``[d_vocab]`` True where the boost was zeroed (rare token or clean mean log-prob < min_logprob).
+        boosted, deboosted: the top tokens with a strictly positive / negative boost, largest magnitude first.
+        answer_logprob_clean, answer_logprob_ablated: mean over the prompts of each prompt's answer log-prob (nats).
+    """
+
+    feature: int
+    prompt_indices: list[int]
+    clean_logprob: torch.Tensor
+    ablated_logprob: torch.Tensor
+    boosts: torch.Tensor
+    masked: torch.Tensor
+    boosted: list[TokenValue]
+    deboosted: list[TokenValue]
+    answer_logprob_clean: float
+    answer_logprob_ablated: float
+
+
+def prompt_logprob_boosts(
+    model,
+    sae: SAE,
+    task: Task,
+    feature: int,
+    *,
+    common_tokens: torch.Tensor | None = None,
+    min_logprob: float = -9.0,
+    top: int = 15,
+    threshold: float = 0.0,
+    max_prompts: int | None = 100,
+    acts: torch.Tensor | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+) -> PromptBoosts:
+    """Mean log-prob change at P when feature ``feature`` is ablated, on the prompts where it is active (F16).
+
+    Args:
+        model, sae, task: any SAE hook point works (the ablation is at ``sae.hook_point``).
+        feature: k.
+        common_tokens: bool ``[d_vocab]`` from :func:`common_tokens` (``None``: every token counts as common).
+        min_logprob: boosts of tokens whose averaged clean log-prob is below this are zeroed (nats; notebook -9).
+        top: length of each top list (notebook 15).
+        threshold: activity threshold at P (strict).
+        max_prompts: at most this many active prompts, first in task order (notebook 100); ``None`` = all.
+        acts: precomputed ``feature_activations`` ``[n_prompts, d_sae]``.
+        max_tokens, max_batch: batch budget.
+
+    Returns:
+        :class:`PromptBoosts`; with no active prompt the vectors are NaN and the lists empty.
+
+    Raises:
+        IndexError: ``feature`` out of range. ValueError: bad ``common_tokens`` or ``acts`` shape.
+    """
+    k = int(feature)
+    if not 0 <= k < sae.d_sae:
+        raise IndexError(f"feature {k} out of range 0..{sae.d_sae - 1}")
+    d_vocab = int(model.cfg.d_vocab)
+    mask = _check_mask(common_tokens, d_vocab)
+    if acts is None:
+        acts = feature_activations(model, sae, task, max_tokens=max_tokens, max_batch=max_batch)
+    if tuple(acts.shape) != (task.n_prompts, sae.d_sae):
+        raise ValueError(
+            f"acts must be [n_prompts, d_sae] = [{task.n_prompts}, {sae.d_sae}], got {list(acts.shape)}"
+        )
+    prompts = torch.nonzero(acts[:, k] > threshold).flatten().tolist()[:max_prompts]
+    if not prompts:
+        nan = torch.full((d_vocab,), float("nan"))
+        return PromptBoosts(
+            k,
+            [],
+            nan,
+            nan.clone(),
+            torch.zeros(d_vocab),
+            torch.ones(d_vocab, dtype=torch.bool),
+            [],
+            [],
+            float("nan"),
+            float("nan"),
+        )
+    sub = task.subset(prompts)
+    clean_sum = torch.zeros(d_vocab, dtype=torch.float64)
+    abl_sum = torch.zeros(d_vocab, dtype=torch.float64)
+    ans_clean = ans_abl = 0.0
+    edit = features_ablation_edit(sae, [k])
+    with torch.no_grad():
+        for batch in task_batches(model, sub, max_tokens=max_tokens, max_batch=max_batch):
+            clean, _ = run_at_positions(model, batch.tokens, batch.positions)
+            abl, _ = run_at_positions(
+                model,
+                batch.tokens,
+                batch.positions,
+                edits=[(sae.hook_point, edit_at_positions(batch.positions, edit))],
+            )
+            rows = torch.arange(len(batch.indices), device=clean.device)
+            ans = batch.answer_ids.to(clean.device)
+            lp_c, lp_a = clean.log_softmax(-1), abl.log_softmax(-1)
+            clean_sum += lp_c.double().sum(0).cpu()
+            abl_sum += lp_a.double().sum(0).cpu()
+            ans_clean += float(lp_c[rows, ans].double().sum())
+            ans_abl += float(lp_a[rows, ans].double().sum())
+    n = len(prompts)
+    clean_lp, abl_lp = (clean_sum / n).float(), (abl_sum / n).float()
+    masked = (clean_lp < min_logprob) | ~mask
+    boosts = (clean_lp - abl_lp).masked_fill(masked, 0.0)
+    return PromptBoosts(
+        feature=k,
+        prompt_indices=prompts,
+        clean_logprob=clean_lp,
+        ablated_logprob=abl_lp,
+        boosts=boosts,
+        masked=masked,
+        boosted=_top(model, boosts, boosts > 0, top, largest=True),
+        deboosted=_top(model, boosts, boosts < 0, top, largest=False),
+        answer_logprob_clean=ans_clean / n,
+        answer_logprob_ablated=ans_abl / n,
+    )
+
+
+@dataclass
+class WeightBoosts:
+    """Weight-based logit boosts of one feature (analysis-spec F17).
+
+    Attributes:
+        feature: k.
+        boosts: float32 ``[d_vocab]`` ``W_dec[k] @ W_out[L] @ W_U`` (logits per unit activation), 0 on rare tokens.
+        top, bottom: the ``top`` largest / smallest boosts among common tokens.
+    """
+
+    feature: int
+    boosts: torch.Tensor
+    top: list[TokenValue]
+    bottom: list[TokenValue]
+
+
+def weight_logit_boosts(
+    model, sae: SAE, feature: int, *, common_tokens: torch.Tensor | None = None, top: int = 25
+) -> WeightBoosts:
+    """``W_dec[k] @ W_out[L] @ W_U`` with rare tokens masked (analysis-spec F17).
+
+    Args:
+        model: a TransformerBridge (processed weights: W_U carries the folded final-norm weight).
+        sae: an SAE on ``blocks.L.mlp.hook_post``.
+        feature: k.
+        common_tokens: bool ``[d_vocab]`` (``None``: all tokens common).
+        top: length of the top and bottom lists (notebook 25).
+
+    Returns:
+        :class:`WeightBoosts` (logits per unit feature activation, no final-norm scale).
+
+    Raises:
+        ValueError: the SAE is not on ``mlp.hook_post``; bad ``common_tokens``. IndexError: ``feature`` out of range.
+    """
+    layer = mlp_post_layer(sae.hook_point)
+    k = int(feature)
+    if not 0 <= k < sae.d_sae:
+        raise IndexError(f"feature {k} out of range 0..{sae.d_sae - 1}")
+    mask = _check_mask(common_tokens, int(model.cfg.d_vocab))
+    with torch.no_grad():
+        W_out = model.W_out[layer].detach().float()
+        d = sae.W_dec[k].detach().float().to(W_out.device)
+        boosts = ((d @ W_out) @ model.W_U.detach().float().to(W_out.device)).cpu()
+    boosts = boosts.masked_fill(~mask, 0.0)
+    return WeightBoosts(
+        feature=k,
+        boosts=boosts,
+        top=_top(model, boosts, mask, top, largest=True),
+        bottom=_top(model, boosts, mask, top, largest=False),
+    )

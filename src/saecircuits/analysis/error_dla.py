@@ -1,0 +1,131 @@
+"""DLA of the SAE's MLP layer split into the SAE reconstruction and the SAE error (analysis-spec.md F6).
+
+For an SAE on ``blocks.L.mlp.hook_post`` and each prompt at its own prediction position P, with ``h`` the MLP
+post-activation ``[d_mlp]`` and ``x_hat = sae(h)``:
+
+- ``MLP = h @ W_out[L]``, ``reconstruction = x_hat @ W_out[L]``, ``error = (h - x_hat) @ W_out[L]`` (all ``[d_model]``;
+  ``b_out[L]`` is excluded from all three, as in the notebook, so ``MLP`` is ``hook_mlp_out - b_out``);
+- each vector goes through the final norm as a linear map with the prompt's cached ``ln_final.hook_scale`` at P
+  (centred over d_model for LayerNorm, not for RMSNorm) and is dotted with ``W_U[:, answer]`` (as ``dla.py``).
+
+Identity: ``reconstruction + error == MLP`` per prompt (exact up to float rounding).
+
+Departures from the notebook: each prompt is read at its own P in right-padded batches (the notebook ran 200 prompts
+one at a time, batch row 0, index -2); each prompt uses its own answer id; per-prompt values and t intervals are
+returned, not only the mean (pitfall 23).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from saecircuits.analysis.dla import _centres
+from saecircuits.analysis.stats import mean_ci95
+from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, run_at_positions, task_batches
+from saecircuits.saes.base import SAE
+from saecircuits.tasks.base import Task
+
+__all__ = ["ErrorDLAResult", "sae_error_dla", "mlp_post_layer", "final_norm_linear"]
+
+ERROR_DLA_LABELS = ["MLP", "reconstruction", "error"]
+
+_MLP_POST = re.compile(r"^blocks\.(\d+)\.mlp\.hook_post$")
+
+
+def mlp_post_layer(hook_point: str) -> int:
+    """Layer ``L`` of an SAE hook point ``blocks.L.mlp.hook_post``.
+
+    Raises:
+        ValueError: the hook point is not an MLP post-activation (these analyses go through ``W_out[L]``); use an
+            SAE trained on ``blocks.L.mlp.hook_post``.
+    """
+    m = _MLP_POST.match(hook_point)
+    if m is None:
+        raise ValueError(
+            f"this analysis needs an SAE on an MLP post-activation 'blocks.L.mlp.hook_post', got {hook_point!r}; "
+            "use an SAE trained on blocks.L.mlp.hook_post"
+        )
+    return int(m.group(1))
+
+
+def final_norm_linear(vectors: torch.Tensor, scale: torch.Tensor, centre: bool) -> torch.Tensor:
+    """The final norm as a linear map: ``vectors [b, ..., d_model]`` centred over d_model (LayerNorm only) and divided
+    by the cached per-row ``scale`` (``[b]`` or ``[b, 1]``). With fold_ln the norm's weight/bias live in W_U/b_U."""
+    v = vectors - vectors.mean(-1, keepdim=True) if centre else vectors
+    return v / scale.reshape(-1, *([1] * (v.dim() - 1)))
+
+
+@dataclass
+class ErrorDLAResult:
+    """DLA (logits) of the SAE layer's MLP output, its SAE reconstruction and the SAE error, per prompt.
+
+    Attributes:
+        labels: ``["MLP", "reconstruction", "error"]``.
+        per_prompt: float32 ``[n_prompts, 3]`` (logits), prompts in task order.
+        mean: ``[3]`` mean over prompts.
+        ci95: ``[3]`` half-width of the Student-t 95% interval (NaN for one prompt).
+        max_identity_error: ``max_i |reconstruction_i + error_i - MLP_i|`` (logits; float rounding only).
+    """
+
+    labels: list[str]
+    per_prompt: torch.Tensor
+    mean: torch.Tensor
+    ci95: torch.Tensor
+    max_identity_error: float
+
+
+def sae_error_dla(
+    model,
+    sae: SAE,
+    task: Task,
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+) -> ErrorDLAResult:
+    """DLA of the MLP output at P split into the SAE reconstruction's and the SAE error's shares (analysis-spec F6).
+
+    Args:
+        model: a TransformerBridge with processed weights (``enable_compatibility_mode()``: fold_ln).
+        sae: an SAE on ``blocks.L.mlp.hook_post``.
+        task: prompts, prediction positions, answers.
+        max_tokens, max_batch: batch budget.
+
+    Returns:
+        :class:`ErrorDLAResult` (logits; ``b_out`` excluded).
+
+    Raises:
+        ValueError: the SAE is not on an MLP post-activation, or the model's norm is neither LayerNorm nor RMSNorm.
+    """
+    layer = mlp_post_layer(sae.hook_point)
+    centre = _centres(model)
+    W_out = model.W_out[layer].detach().float()  # [d_mlp, d_model]
+    W_U = model.W_U.detach().float()
+    per_prompt = torch.zeros(task.n_prompts, 3)
+    with torch.no_grad():
+        for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
+            _, acts = run_at_positions(
+                model,
+                batch.tokens,
+                batch.positions,
+                read=[sae.hook_point, "ln_final.hook_scale"],
+                return_logits=False,
+            )
+            h = acts[sae.hook_point].float()  # [b, d_mlp]
+            x_hat = sae(h.to(sae.W_dec.dtype)).float().to(h.device)
+            mlp = h @ W_out.to(h.device)
+            rec = x_hat @ W_out.to(h.device)
+            comps = torch.stack([mlp, rec, mlp - rec], 1)  # [b, 3, d_model]
+            comps = final_norm_linear(comps, acts["ln_final.hook_scale"].float(), centre)
+            u = W_U[:, batch.answer_ids.to(W_U.device)].T.to(comps.device)  # [b, d_model]
+            per_prompt[torch.tensor(batch.indices)] = torch.einsum("bcm,bm->bc", comps, u).cpu()
+    stats = [mean_ci95(per_prompt[:, c]) for c in range(3)]
+    return ErrorDLAResult(
+        labels=list(ERROR_DLA_LABELS),
+        per_prompt=per_prompt,
+        mean=torch.tensor([s.mean for s in stats]),
+        ci95=torch.tensor([s.half_width for s in stats], dtype=torch.float32),
+        max_identity_error=float((per_prompt[:, 1] + per_prompt[:, 2] - per_prompt[:, 0]).abs().max()),
+    )
