@@ -9,7 +9,9 @@ Sections: header (model, task, answer tokens, example prompts with the answer hi
 attribution (analysis-spec F1/F2) with CIs and the completeness error; per SAE: summary table (L0, losses, loss
 recovered vs zero and vs mean ablation, with CIs), the four losses, the top features by loss increase when ablated
 (analysis-spec F3) as a table and a chart, the multi-feature ablation (original - ablated), the top activating
-examples per feature (analysis-spec F14 colours, see ``tokens_html.py``); appendix (training, timings, config,
+examples per feature (analysis-spec F14 colours, see ``tokens_html.py``); when present, the SAE-error DLA (F6),
+per-feature details (log-prob and logit boosts F16/F17, activation vs loss increase F18, DFA F7), the upstream
+ablation (F8) and the activation-scaled DLA (F20); appendix (training, timings, config,
 notes).
 """
 
@@ -409,6 +411,256 @@ def _examples_section(sae: Mapping, sid: str) -> str:
     return "\n".join(out)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Per-feature and attribution evidence (optional keys; analysis/evidence.py, analysis-spec F6 F7 F8 F16-F18 F20)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _error_dla_section(sae: Mapping, fig: _Figures) -> str:
+    e = sae["error_dla"]
+    labels, means, cis = e["labels"], e["mean"], e.get("ci95")
+    out = [
+        '<p class="note">Direct logit attribution (logits) of this SAE layer\'s MLP output to the answer, split into '
+        "the SAE reconstruction's and the SAE error's shares (reconstruction + error = MLP; b_out excluded; final "
+        "norm applied with each prompt's cached scale; analysis-spec F6). Error bars: 95% CI over prompts.</p>"
+    ]
+    out.append(
+        _table(
+            ["part", "mean DLA (logits, 95% CI)"],
+            [
+                (lab, _pm(m, cis[j] if cis else None))
+                for j, (lab, m) in enumerate(zip(labels, means, strict=True))
+            ],
+            left_cols=(0,),
+        )
+    )
+    f = go.Figure(
+        go.Bar(
+            x=[_esc(s) for s in labels],
+            y=_nulls(means),
+            error_y=_error_bars(means, cis),
+            marker_color="#2ca02c",
+        )
+    )
+    f.update_layout(
+        title="MLP DLA: reconstruction vs SAE error",
+        xaxis_title="part",
+        yaxis_title="mean DLA (logits)",
+        xaxis_type="category",
+    )
+    out.append(fig(f, height=320))
+    return "\n".join(out)
+
+
+def _token_value_table(title_a: str, a: Sequence, title_b: str, b: Sequence, unit: str) -> str:
+    n = max(len(a), len(b))
+    rows = []
+    for j in range(n):
+        left = a[j] if j < len(a) else None
+        right = b[j] if j < len(b) else None
+        rows.append(
+            (
+                visible_token(left[0]) if left else "",
+                _num(left[1]) if left else "",
+                visible_token(right[0]) if right else "",
+                _num(right[1]) if right else "",
+            )
+        )
+    if not rows:
+        return '<p class="muted">No tokens passed the masks.</p>'
+    return _table([title_a, unit, title_b, unit], rows, left_cols=(0, 2))
+
+
+def _feature_detail(fd: Mapping, fig: _Figures, sid: str) -> str:
+    k = fd["feature"]
+    out = [f'<h4 id="{sid}-detail-f{k}">Feature {_esc(k)}</h4>']
+    pb = fd.get("prompt_boosts")
+    if pb:
+        extra = ""
+        if "answer_logprob_clean" in pb:
+            extra = (
+                f" Mean answer log-prob: clean {_esc(_num(pb.get('answer_logprob_clean')))}, ablated "
+                f"{_esc(_num(pb.get('answer_logprob_ablated')))} nats."
+            )
+        out.append(
+            '<p class="note"><b>Prompt-based log-prob boosts</b> (analysis-spec F16): mean log-prob at the prediction '
+            "position, clean - with the feature ablated, over "
+            f"{_esc(pb.get('n_prompts', 'n/a'))} prompts where it is active; rare tokens and tokens with mean clean "
+            f"log-prob below the cutoff are masked.{extra}</p>"
+        )
+        out.append(_token_value_table("boosted", pb["boosted"], "deboosted", pb["deboosted"], "nats"))
+    wb = fd.get("weight_boosts")
+    if wb:
+        out.append(
+            '<p class="note"><b>Weight-based logit boosts</b> (analysis-spec F17): W_dec[k] @ W_out @ W_U, logits per '
+            "unit activation, common tokens only, no final-norm scale.</p>"
+        )
+        out.append(_token_value_table("top", wb["top"], "bottom", wb["bottom"], "logits"))
+    lva = fd.get("loss_vs_activation")
+    if lva:
+        out.append(
+            '<p class="note"><b>Activation vs loss increase when ablated</b> (analysis-spec F18), one point per active '
+            f"prompt; Pearson r = {_esc(_num(lva.get('pearson_r'), '.3f'))}.</p>"
+        )
+        if lva["activation"]:
+            f = go.Figure(
+                go.Scatter(
+                    x=_nulls(lva["activation"]),
+                    y=_nulls(lva["loss_increase"]),
+                    mode="markers",
+                    marker=dict(color="#d62728", size=6, opacity=0.7),
+                )
+            )
+            f.update_layout(
+                title=f"Feature {int(k)}: activation vs loss increase",
+                xaxis_title="activation at the prediction position",
+                yaxis_title="loss increase when ablated (nats)",
+            )
+            out.append(fig(f, height=320))
+    dfa = fd.get("dfa")
+    if dfa:
+        comp = dfa.get("completeness_max_abs_error")
+        tang = dfa.get("tangent_error_mean")
+        out.append(
+            '<p class="note"><b>Direct feature attribution</b> (analysis-spec F7): each upstream component\'s '
+            "contribution to the feature's encoder pre-activation through ln2 and W_in, inactive MLP neurons "
+            f"treated as {_esc(dfa.get('variant', 'zero'))}, active ones as if GELU were the identity; "
+            f"{_esc(dfa.get('n_prompts', 'n/a'))} prompts. Completeness of the linearised variant: max |sum - "
+            f"actual pre-activation| = {_esc(_num(comp, '.2e'))}; a pure tangent (no curvature term) misses "
+            f"{_esc(_num(tang, '.3f'))} on average.</p>"
+        )
+        if dfa["labels"]:
+            means, cis = dfa["mean"], dfa.get("ci95")
+            f = go.Figure(
+                go.Bar(
+                    x=[_esc(s) for s in dfa["labels"]],
+                    y=_nulls(means),
+                    error_y=_error_bars(means, cis),
+                    marker_color="#8c564b",
+                )
+            )
+            f.update_layout(
+                title=f"Feature {int(k)}: DFA",
+                xaxis_title="component",
+                yaxis_title="contribution to pre-activation",
+                xaxis_type="category",
+            )
+            out.append(fig(f, height=340))
+    return "\n".join(out)
+
+
+def _upstream_section(sae: Mapping, fig: _Figures) -> str:
+    up = sae["upstream_ablation"]
+    feats = up["features"]
+
+    def col(key: str) -> list:
+        v = up.get(key)
+        return v if v is not None and len(v) == len(feats) else [None] * len(feats)
+
+    out = [
+        f'<p class="note">Feature activations at the prediction position, clean vs with <code>{_esc(up["hook"])}'
+        f"</code> {_esc(up.get('mode', 'zero'))}-ablated at that position only, on the same prompts "
+        "(analysis-spec F8). Unconditional means over all prompts, and conditional means over the prompts where the "
+        "feature is active in the clean run (both columns over the same prompts).</p>"
+    ]
+    rows = [
+        (f, _num(c), _num(a), _num(d), _num(ca), _num(aa), _num(fc, ".3f"), _num(fa, ".3f"))
+        for f, c, a, d, ca, aa, fc, fa in zip(
+            feats,
+            col("clean_mean"),
+            col("ablated_mean"),
+            col("diff_ci95"),
+            col("clean_mean_active"),
+            col("ablated_mean_active"),
+            col("fraction_active_clean"),
+            col("fraction_active_ablated"),
+            strict=True,
+        )
+    ]
+    out.append(
+        _table(
+            [
+                "feature",
+                "clean mean",
+                "ablated mean",
+                "diff 95% CI half-width",
+                "clean mean (active)",
+                "ablated mean (same prompts)",
+                "fraction active clean",
+                "fraction active ablated",
+            ],
+            rows,
+        )
+    )
+    f = go.Figure(
+        [
+            go.Bar(
+                name="clean", x=[f"f{x}" for x in feats], y=_nulls(col("clean_mean")), marker_color="#1f77b4"
+            ),
+            go.Bar(
+                name="ablated",
+                x=[f"f{x}" for x in feats],
+                y=_nulls(col("ablated_mean")),
+                marker_color="#ff7f0e",
+            ),
+        ]
+    )
+    f.update_layout(
+        barmode="group",
+        title="Mean feature activation: clean vs upstream ablated",
+        xaxis_title="feature",
+        yaxis_title="mean activation",
+        xaxis_type="category",
+    )
+    out.append(fig(f, height=320))
+    return "\n".join(out)
+
+
+def _scaled_dla_section(sae: Mapping) -> str:
+    entries = sae["activation_scaled_dla"]
+    has_ln = any("scaled_ln" in e for e in entries)
+    out = [
+        '<p class="note">Activation-scaled DLA (analysis-spec F20): mean activation at the prediction position over '
+        "all prompts, the feature's direct logit effect on the answer per unit activation (W_dec[k] @ W_out @ "
+        "W_U[:, answer], no norm scale), their product"
+        + (", and the product through the final norm with each prompt's cached scale" if has_ln else "")
+        + " (logits).</p>"
+    ]
+    headers = ["feature", "mean activation", "DLA per unit", "scaled"] + (["scaled (norm)"] if has_ln else [])
+    rows = [
+        (e["feature"], _num(e["mean_activation"]), _num(e["dla_per_unit"]), _num(e["scaled"]))
+        + ((_num(e.get("scaled_ln")),) if has_ln else ())
+        for e in entries
+    ]
+    out.append(_table(headers, rows))
+    return "\n".join(out)
+
+
+_EVIDENCE = (
+    ("error_dla", "errdla", "SAE error DLA"),
+    ("feature_details", "details", "Feature details"),
+    ("upstream_ablation", "upstream", "Upstream ablation"),
+    ("activation_scaled_dla", "scaled", "Activation-scaled DLA"),
+)
+
+
+def _evidence_sections(sae: Mapping, fig: _Figures, sid: str) -> list[str]:
+    out = []
+    for key, slug, title in _EVIDENCE:
+        if not sae.get(key):
+            continue
+        out.append(f'<h3 id="{sid}-{slug}">{_esc(title)}</h3>')
+        if key == "error_dla":
+            out.append(_error_dla_section(sae, fig))
+        elif key == "feature_details":
+            out += [_feature_detail(fd, fig, sid) for fd in sae["feature_details"]]
+        elif key == "upstream_ablation":
+            out.append(_upstream_section(sae, fig))
+        else:
+            out.append(_scaled_dla_section(sae))
+    return out
+
+
 def _appendix(r: Mapping) -> str:
     out = ['<h2 id="appendix">Appendix</h2>']
     timings = r.get("timings") or {}
@@ -460,7 +712,13 @@ def build_report_html(results: Mapping) -> str:
             + f'<ul><li><a href="#{sid}-summary">summary</a></li>'
             f'<li><a href="#{sid}-features">top features</a></li>'
             f'<li><a href="#{sid}-multi">multi-feature ablation</a></li>'
-            f'<li><a href="#{sid}-examples">activating examples</a></li></ul></li>'
+            f'<li><a href="#{sid}-examples">activating examples</a></li>'
+            + "".join(
+                f'<li><a href="#{sid}-{slug}">{_esc(title.lower())}</a></li>'
+                for key, slug, title in _EVIDENCE
+                if sae.get(key)
+            )
+            + "</ul></li>"
         )
         body.append(f'<h2 id="{sid}">{_esc(title)}</h2>')
         body.append(f'<h3 id="{sid}-summary">Summary</h3>')
@@ -471,6 +729,7 @@ def build_report_html(results: Mapping) -> str:
         body.append(_multi_section(sae, fig))
         body.append(f'<h3 id="{sid}-examples">Activating examples</h3>')
         body.append(_examples_section(sae, sid))
+        body.extend(_evidence_sections(sae, fig, sid))
     if not results["saes"]:
         body.append('<p class="muted">No SAEs in these results.</p>')
     toc.append('<li><a href="#appendix">Appendix</a></li>')

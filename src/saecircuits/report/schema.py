@@ -47,7 +47,23 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
           "examples": [{"feature": int, "examples": [{
               "doc_index": int, "tokens": [str], "activations": [float] (same length as tokens),
               "max_activation": float}]}],          # top activating examples (analysis-spec F14)
-          "training": {...free-form...}}],
+          "training": {...free-form...},
+          # optional per-feature / attribution evidence (analysis/evidence.py; validated when present)
+          "error_dla": {*"labels": [str], *"mean": [float], "ci95": [float]},   # F6, logits (MLP, recon, error)
+          "feature_details": [{*"feature": int,
+              "prompt_boosts": {*"boosted": [[str, float]], *"deboosted": [[str, float]], "n_prompts": int,
+                                "answer_logprob_clean": float, "answer_logprob_ablated": float},  # F16, nats
+              "weight_boosts": {*"top": [[str, float]], *"bottom": [[str, float]]},   # F17, logits per unit act.
+              "loss_vs_activation": {*"activation": [float], *"loss_increase": [float] (same length),
+                                     *"pearson_r": float},                           # F18
+              "dfa": {*"labels": [str], *"mean": [float], "ci95": [float], "variant": str, "n_prompts": int,
+                      "completeness_max_abs_error": float, "tangent_error_mean": float}}],  # F7
+          "upstream_ablation": {*"hook": str, *"features": [int], *"clean_mean": [float],
+                                *"ablated_mean": [float], "mode": str, "diff_ci95": [float],
+                                "clean_mean_active": [float], "ablated_mean_active": [float],
+                                "fraction_active_clean": [float], "fraction_active_ablated": [float]},  # F8
+          "activation_scaled_dla": [{*"feature": int, *"mean_activation": float, *"dla_per_unit": float,
+                                     *"scaled": float, "scaled_ln": float}]}],       # F20, logits
       "timings": {stage: seconds},
       "config": {...free-form...},
       "notes": [str]
@@ -124,6 +140,47 @@ _EXAMPLE = _Obj(
     }
 )
 
+_TOKEN_VALUES = ("list", ("tokval",), None)  # [[token str, value float], ...]
+_FEATURE_DETAIL = _Obj(
+    {
+        "feature": _req("int"),
+        "prompt_boosts": _opt(
+            _Obj(
+                {
+                    "boosted": _req(_TOKEN_VALUES),
+                    "deboosted": _req(_TOKEN_VALUES),
+                    "n_prompts": _opt("int"),
+                    "answer_logprob_clean": _opt("float"),
+                    "answer_logprob_ablated": _opt("float"),
+                }
+            )
+        ),
+        "weight_boosts": _opt(_Obj({"top": _req(_TOKEN_VALUES), "bottom": _req(_TOKEN_VALUES)})),
+        "loss_vs_activation": _opt(
+            _Obj(
+                {
+                    "activation": _req(("list", "float", None)),
+                    "loss_increase": _req(("list", "float", None)),
+                    "pearson_r": _req("float"),
+                }
+            )
+        ),
+        "dfa": _opt(
+            _Obj(
+                {
+                    "labels": _req(("list", "str", None)),
+                    "mean": _req(("list", "float", None)),
+                    "ci95": _opt(("list", "float", None)),
+                    "variant": _opt("str"),
+                    "n_prompts": _opt("int"),
+                    "completeness_max_abs_error": _opt("float"),
+                    "tangent_error_mean": _opt("float"),
+                }
+            )
+        ),
+    }
+)
+
 _SAE = _Obj(
     {
         "hook_point": _req("str"),
@@ -173,6 +230,52 @@ _SAE = _Obj(
             ("list", _Obj({"feature": _req("int"), "examples": _req(("list", _EXAMPLE, None))}), None)
         ),
         "training": _opt("dict"),
+        "error_dla": _opt(
+            _Obj(
+                {
+                    "labels": _req(("list", "str", None)),
+                    "mean": _req(("list", "float", None)),
+                    "ci95": _opt(("list", "float", None)),
+                }
+            )
+        ),
+        "feature_details": _opt(("list", _FEATURE_DETAIL, None)),
+        "upstream_ablation": _opt(
+            _Obj(
+                {
+                    "hook": _req("str"),
+                    "mode": _opt("str"),
+                    "features": _req(("list", "int", None)),
+                    "clean_mean": _req(("list", "float", None)),
+                    "ablated_mean": _req(("list", "float", None)),
+                    **{
+                        k: _opt(("list", "float", None))
+                        for k in (
+                            "diff_ci95",
+                            "clean_mean_active",
+                            "ablated_mean_active",
+                            "fraction_active_clean",
+                            "fraction_active_ablated",
+                        )
+                    },
+                }
+            )
+        ),
+        "activation_scaled_dla": _opt(
+            (
+                "list",
+                _Obj(
+                    {
+                        "feature": _req("int"),
+                        "mean_activation": _req("float"),
+                        "dla_per_unit": _req("float"),
+                        "scaled": _req("float"),
+                        "scaled_ln": _opt("float"),
+                    }
+                ),
+                None,
+            )
+        ),
     }
 )
 
@@ -264,6 +367,9 @@ def _check(v: Any, kind: Any, path: tuple[str | int, ...]) -> None:
         raise ResultsSchemaError(
             f"{where} must be a CI: a number (half-width) or a [lo, hi] pair, got {_type_name(v)} ({v!r:.60})."
         )
+    elif kind == ("tokval",):
+        if not (isinstance(v, (list, tuple)) and len(v) == 2 and isinstance(v[0], str) and _is_float(v[1])):
+            raise ResultsSchemaError(f"{where} must be a [token string, number] pair, got {v!r:.60}.")
     elif isinstance(kind, tuple) and kind[0] == "list":
         _, item_kind, length = kind
         if not isinstance(v, (list, tuple)):
@@ -301,6 +407,41 @@ def _same_length(d: Mapping, a: str, b: str, path: tuple[str | int, ...]) -> Non
             f"{_path_str((*path, b))} has {len(d[b])} items but {_path_str((*path, a))} has {len(d[a])}; "
             "they must be aligned one-to-one."
         )
+
+
+def _validate_evidence(sae: Mapping, i: int, feature_ok) -> None:
+    """Cross-field checks of the optional evidence keys of ``results['saes'][i]`` (aligned lengths, feature range)."""
+    base: tuple[str | int, ...] = ("saes", i)
+    if "error_dla" in sae:
+        _same_length(sae["error_dla"], "labels", "mean", (*base, "error_dla"))
+        _same_length(sae["error_dla"], "labels", "ci95", (*base, "error_dla"))
+    for j, fd in enumerate(sae.get("feature_details", [])):
+        where = (*base, "feature_details", j)
+        feature_ok(fd["feature"], (*where, "feature"))
+        if "loss_vs_activation" in fd:
+            _same_length(
+                fd["loss_vs_activation"], "activation", "loss_increase", (*where, "loss_vs_activation")
+            )
+        if "dfa" in fd:
+            _same_length(fd["dfa"], "labels", "mean", (*where, "dfa"))
+            _same_length(fd["dfa"], "labels", "ci95", (*where, "dfa"))
+    if "upstream_ablation" in sae:
+        up = sae["upstream_ablation"]
+        where = (*base, "upstream_ablation")
+        for j, f in enumerate(up["features"]):
+            feature_ok(f, (*where, "features", j))
+        for key in (
+            "clean_mean",
+            "ablated_mean",
+            "diff_ci95",
+            "clean_mean_active",
+            "ablated_mean_active",
+            "fraction_active_clean",
+            "fraction_active_ablated",
+        ):
+            _same_length(up, "features", key, where)
+    for j, e in enumerate(sae.get("activation_scaled_dla", [])):
+        feature_ok(e["feature"], (*base, "activation_scaled_dla", j, "feature"))
 
 
 def validate_results(d: Any) -> None:
@@ -354,6 +495,7 @@ def validate_results(d: Any) -> None:
                 )
         for j, f in enumerate(sae.get("multi_ablation", {}).get("features", [])):
             _feature_ok(f, ("saes", i, "multi_ablation", "features", j))
+        _validate_evidence(sae, i, _feature_ok)
         for j, fe in enumerate(sae.get("examples", [])):
             _feature_ok(fe["feature"], ("saes", i, "examples", j, "feature"))
             for m, ex in enumerate(fe["examples"]):
