@@ -56,6 +56,13 @@ def test_pipeline_trains_saes_writes_valid_results_and_report(tmp_path, corpus):
         assert sae["d_sae"] == 4 * sae["d_in"]
     assert results["saes"][0]["training"]["reused"] is False
 
+    # Per-feature evidence is there, and the SAE-error DLA splits the MLP's DLA exactly (F6 identity).
+    layer1 = on_disk["saes"][1]
+    mlp, rec, err = layer1["error_dla"]["mean"]
+    assert rec + err == pytest.approx(mlp, abs=1e-4)
+    assert "upstream_ablation" in layer1 and "upstream_ablation" not in on_disk["saes"][0]
+    assert {d["feature"] for d in layer1["feature_details"]} <= {f["feature"] for f in layer1["top_features"]}
+
     # A second run reuses the cached SAEs.
     again = run_pipeline(_cfg(tmp_path, corpus, out=tmp_path / "out2"), model=model, progress=False)
     assert again["saes"][0]["training"]["reused"] is True

@@ -57,6 +57,9 @@ class RunConfig:
             reference notebook used 200).
         n_ablate: size of the top-feature set ablated together (largest loss increases).
         n_example_features, n_examples: features shown with top activating examples, and examples per feature.
+        n_evidence_features: top features that get the per-feature evidence (prompt and weight logit boosts,
+            loss increase vs activation, DFA; analysis.evidence), plus the SAE-error DLA, upstream ablation and
+            activation-scaled DLA of the SAE. 0 skips all of it.
         device, seed: where to compute; seed of SAE training and bootstraps.
         workspace: cache folder for converted models and trained SAEs.
         model_label: name written into results.json (default: ``model``).
@@ -86,6 +89,7 @@ class RunConfig:
     n_ablate: int = 3
     n_example_features: int = 6
     n_examples: int = 5
+    n_evidence_features: int = 3
     device: str = "cpu"
     seed: int = 0
     workspace: Path = Path(".saecircuits")
@@ -328,6 +332,12 @@ def analyse_sae(model, sae, task, stat_docs: list[list[int]], cfg: RunConfig, pr
                 for name in ("logprob_diff", "logit_diff", "rank_diff", "loss_increase")
             },
         }
+    if cfg.n_evidence_features > 0 and top_features:
+        from saecircuits.analysis.evidence import feature_evidence
+
+        evidence_features = [f["feature"] for f in top_features[: cfg.n_evidence_features]]
+        progress(f"{sae.hook_point}: per-feature evidence for {evidence_features}")
+        entry.update(feature_evidence(model, sae, task, evidence_features, stat_docs, acts=acts, clean_loss=clean))
     shown = [f["feature"] for f in top_features[: cfg.n_example_features]]
     if shown:
         progress(f"{sae.hook_point}: top activating examples of {len(shown)} features")
