@@ -67,3 +67,12 @@ def test_answer_metrics_hand_worked():
     torch.testing.assert_close(m["logprob"][0], 3.0 - lse)
     torch.testing.assert_close(m["loss"], -m["logprob"])
     assert m2["logit"].tolist() == [1.0, 0.0]
+
+
+def test_stop_layer_for():
+    from saecircuits.models.hooks import stop_layer_for
+
+    assert stop_layer_for(["blocks.0.mlp.hook_post"], 2) == 1
+    assert stop_layer_for(["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"], 2) is None  # last block: no saving
+    assert stop_layer_for(["blocks.1.mlp.hook_post"], 4) == 2
+    assert stop_layer_for(["hook_embed"], 2) is None

@@ -24,6 +24,7 @@ from saecircuits.models.hooks import (
     bos_id_of,
     pad_id_of,
     row_batches,
+    stop_layer_for,
 )
 from saecircuits.saes.base import SAE
 
@@ -69,8 +70,10 @@ def feature_activations_over_rows(
     def grab(value: torch.Tensor, hook=None) -> None:
         store["x"] = value.detach()
 
+    layer = stop_layer_for([sae.hook_point], model.cfg.n_layers)
+    stop = {} if layer is None else {"stop_at_layer": layer}  # nothing after the hook is needed
     with torch.no_grad():
-        model.run_with_hooks(tokens, fwd_hooks=[(sae.hook_point, grab)], return_type=None)
+        model.run_with_hooks(tokens, fwd_hooks=[(sae.hook_point, grab)], return_type=None, **stop)
         return sae.encode(store["x"].to(sae.W_dec.dtype))[..., features.to(sae.W_dec.device)].float()
 
 

@@ -31,6 +31,7 @@ from saecircuits.models.hooks import (
     pad_id_of,
     row_batches,
     run_at_positions,
+    stop_layer_for,
     task_batches,
 )
 from saecircuits.saes.base import SAE
@@ -63,6 +64,8 @@ def mean_activation(
         ValueError: no position is left to average.
     """
     bos = bos_id_of(model)
+    layer = stop_layer_for([hook_point], model.cfg.n_layers)
+    stop = {} if layer is None else {"stop_at_layer": layer}  # nothing after the hook is needed
     total: torch.Tensor | None = None
     count = 0
     for batch in row_batches(
@@ -78,7 +81,7 @@ def mean_activation(
             store["x"] = value.detach()
 
         with torch.no_grad():
-            model.run_with_hooks(batch.tokens, fwd_hooks=[(hook_point, grab)], return_type=None)
+            model.run_with_hooks(batch.tokens, fwd_hooks=[(hook_point, grab)], return_type=None, **stop)
         x = store["x"].float()
         summed = x[mask.to(x.device)].sum(0)
         total = summed if total is None else total + summed

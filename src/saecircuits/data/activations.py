@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +28,7 @@ from typing import Any, Literal
 import torch
 
 from saecircuits.atomic import atomic_write, atomic_write_text
+from saecircuits.models.hooks import stop_layer_for
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,6 @@ token (the leading column and story-boundary BOS inside rows) is dropped (modern
 ``"exclude_first"``: only position 0 of each row is dropped, story-boundary BOS inside rows stay (189_giddy_water's
 rows of 127, analysis-spec.md B2)."""
 
-_LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
 class ActivationDataError(ValueError):
@@ -137,16 +136,7 @@ def shard_rows(token_rows: torch.Tensor, rank: int, world_size: int) -> torch.Te
 
 # --------------------------------------------------------------------------------------------------- one LM pass
 def _stop_layer(hook_points: Sequence[str], n_layers: int | None) -> int | None:
-    layers = []
-    for hp in hook_points:
-        m = _LAYER_RE.match(hp)
-        if m is None:  # hook_embed, ln_final, ...: needs the whole model
-            return None
-        layers.append(int(m.group(1)))
-    stop = max(layers) + 1
-    if n_layers is not None and stop >= n_layers:
-        return None
-    return stop
+    return stop_layer_for(hook_points, n_layers)
 
 
 def model_activation_chunks(

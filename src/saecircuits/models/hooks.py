@@ -11,6 +11,7 @@ is the same whether it is run alone or in a batch (tested to 1e-5).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -148,6 +149,29 @@ def edit_at_positions(positions: torch.Tensor, edit: EditFn) -> Callable:
     return hook
 
 
+_LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+def stop_layer_for(hook_points: Sequence[str], n_layers: int | None) -> int | None:
+    """The ``stop_at_layer`` that still fires every hook in ``hook_points`` (None: the whole model is needed).
+
+    ``blocks.{L}.*`` hooks need blocks ``0..L`` only, so a forward that just reads them can stop after block
+    ``max(L) + 1``; any other hook (``hook_embed``, ``ln_final.*``) needs the whole model.
+    """
+    layers = []
+    for hp in hook_points:
+        m = _LAYER_RE.match(hp)
+        if m is None:
+            return None
+        layers.append(int(m.group(1)))
+    if not layers:
+        return None
+    stop = max(layers) + 1
+    if n_layers is not None and stop >= n_layers:
+        return None
+    return stop
+
+
 def run_at_positions(
     model,
     tokens: torch.Tensor,
@@ -182,9 +206,14 @@ def run_at_positions(
         return hook
 
     fwd_hooks = [(name, reader(name)) for name in read] + list(edits)
+    kwargs = {}
+    if not return_logits and not edits:  # reading only: later blocks cannot change what is read
+        stop = stop_layer_for(list(read), getattr(getattr(model, "cfg", None), "n_layers", None))
+        if stop is not None:
+            kwargs["stop_at_layer"] = stop
     with torch.no_grad():
         out = model.run_with_hooks(
-            tokens, fwd_hooks=fwd_hooks, return_type="logits" if return_logits else None
+            tokens, fwd_hooks=fwd_hooks, return_type="logits" if return_logits else None, **kwargs
         )
     missing = [n for n in read if n not in captured]
     if missing:
