@@ -27,3 +27,12 @@ def test_failure_keeps_old_file_and_leaves_no_temp(tmp_path):
         atomic_write(p, half_then_fail)
     assert p.read_text() == "old"
     assert os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_written_files_get_umask_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        p = atomic_write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(old)
+    assert p.stat().st_mode & 0o777 == 0o644

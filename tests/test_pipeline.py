@@ -89,3 +89,20 @@ def test_sae_that_does_not_fit_the_hook_is_a_clear_error(tmp_path, corpus):
 def test_layers_out_of_range_is_a_clear_error(tmp_path, corpus):
     with pytest.raises(PipelineError, match="out of range"):
         run_pipeline(_cfg(tmp_path, corpus, layers=[5]), model=tiny_neo(), progress=False)
+
+
+def test_bad_settings_are_refused_before_any_work(tmp_path, corpus):
+    with pytest.raises(PipelineError, match="max-prompts"):
+        _cfg(tmp_path, corpus, max_prompts=0)
+    with pytest.raises(PipelineError, match="--layers chooses"):
+        _cfg(tmp_path, corpus, layers=[0], sae_paths=[tmp_path])
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(PipelineError, match="is a file"):
+        _cfg(tmp_path, corpus, out=tmp_path / "afile")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch build without CUDA")
+def test_missing_cuda_is_a_clear_error_and_leaves_no_output_folder(tmp_path, corpus):
+    with pytest.raises(PipelineError, match="no CUDA"):
+        run_pipeline(_cfg(tmp_path, corpus, device="cuda"), model=tiny_neo(), progress=False)
+    assert not (tmp_path / "out").exists()

@@ -95,6 +95,22 @@ class RunConfig:
     workspace: Path = Path(".saecircuits")
     model_label: str | None = None
 
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_prompts is not None and self.max_prompts < 1:
+            problems.append(f"--max-prompts must be at least 1 (got {self.max_prompts})")
+        if self.sae_tokens < 1 or self.expansion_factor < 1:
+            problems.append("--sae-tokens and --expansion-factor must be positive")
+        if self.sae_paths and self.layers is not None:
+            problems.append(
+                "--layers chooses where NEW SAEs are trained; with --sae the SAEs' own hook points are used. "
+                "Drop --layers, or drop --sae to train SAEs on those layers"
+            )
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            problems.append(f"--out {self.out} is a file; give a folder (it is created if missing)")
+        if problems:
+            raise PipelineError("; ".join(problems))
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()} | {
@@ -119,6 +135,21 @@ def _stage(timings: dict[str, float], name: str, t0: float) -> float:
     timings[name] = round(now - t0, 3)
     logger.info("%s: %.1f s", name, now - t0)
     return now
+
+
+def _check_device(device: str) -> None:
+    """Fail early, with the fix, when the requested device does not exist in this torch build."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise PipelineError(f"--device {device!r} is not a torch device (use cpu, cuda, cuda:1, mps)") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(
+            f"--device {device}: this torch build has no CUDA (torch {torch.__version__}); "
+            "use --device cpu, or install a CUDA build of torch"
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise PipelineError(f"--device {device}: MPS is not available here; use --device cpu")
 
 
 def _load_saes(paths: list[Path], device: str) -> list:
@@ -160,9 +191,6 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
 
     n_layers = int(model.cfg.n_layers)
     layers = list(range(n_layers)) if cfg.layers is None else list(cfg.layers)
-    bad = [layer for layer in layers if not 0 <= layer < n_layers]
-    if bad:
-        raise PipelineError(f"--layers {bad} out of range: the model has layers 0..{n_layers - 1}")
     hook_points = [HOOK_TEMPLATE.format(layer=layer) for layer in layers]
     steps = max(1, cfg.sae_tokens // cfg.sae_batch_size)
     train_cfg = TrainConfig(
@@ -391,8 +419,8 @@ def run_pipeline(
     say = log or (lambda s: logger.info(s))
     timings: dict[str, float] = {}
     t = t_start = time.perf_counter()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out)  # created only when the results are written, so a failed run leaves no empty folder
+    _check_device(cfg.device)
 
     if model is None:
         say(f"loading model {cfg.model}")
@@ -402,9 +430,15 @@ def run_pipeline(
         prov = model_provenance(model).to_dict()
     except Exception:  # noqa: BLE001 - injected bridges carry no provenance
         prov = {"source": cfg.model}
-    model_key = prov.get("weights_sha256") or prov.get("hf_folder") or cfg.model
+    # The SAE cache key: the weights themselves (not the path), so retraining a model in place is noticed.
+    model_key = prov.get("weights_sha256") or cfg.model
     if prov.get("hf_folder") and Path(prov["hf_folder"]).is_dir():
-        model_key = _file_digest(Path(prov["hf_folder"]) / "config.json") + ":" + str(prov["hf_folder"])
+        model_key = _file_digest(Path(prov["hf_folder"]))
+    if cfg.layers is not None:
+        n_layers = int(model.cfg.n_layers)
+        bad = [layer for layer in cfg.layers if not 0 <= layer < n_layers]
+        if bad:
+            raise PipelineError(f"--layers {bad} out of range: the model has layers 0..{n_layers - 1}")
     t = _stage(timings, "load_model", t)
 
     say(f"reading corpus {cfg.data}")
@@ -424,9 +458,11 @@ def run_pipeline(
         saes = _load_saes(list(cfg.sae_paths), cfg.device)
         training = {"reused": True, "paths": [str(p) for p in cfg.sae_paths]}
     else:
-        say("training SAEs on " + ", ".join(HOOK_TEMPLATE.format(layer=layer) for layer in
-                                            (cfg.layers if cfg.layers is not None else range(model.cfg.n_layers))))
+        say("SAEs on " + ", ".join(HOOK_TEMPLATE.format(layer=layer) for layer in
+                                   (cfg.layers if cfg.layers is not None else range(model.cfg.n_layers))))
         saes, training = _train_or_reuse_saes(cfg, model, str(model_key), train_docs, progress)
+        say(f"reused cached SAEs from {training['cache']}" if training["reused"] else
+            f"trained on {training['tokens']} activations each; cached in {training['cache']}")
     for sae in saes:
         _check_sae_fits(sae, model)
     t = _stage(timings, "saes", t)
@@ -444,6 +480,12 @@ def run_pipeline(
         entries.append(entry)
         t = _stage(timings, f"analyse {sae.hook_point}", t)
 
+    notes = []
+    if task.n_prompts < 20:
+        notes.append(
+            f"Only {task.n_prompts} prompts: means are noisy and 95% intervals are wide or undefined (n < 2). "
+            "Use a larger corpus or task file."
+        )
     n_show = min(5, task.n_prompts)
     results = {
         "schema_version": 1,
@@ -475,6 +517,7 @@ def run_pipeline(
         "saes": entries,
         "timings": timings | {"total": round(time.perf_counter() - t_start, 3)},
         "config": cfg.to_dict(),
+        "notes": notes,
     }
     validate_results(results)
     write_json_atomic(out / "results.json", results)

@@ -12,6 +12,7 @@ app = typer.Typer(
     help="Train SAEs on a language model, find the features behind a behaviour, test them causally, report.",
     no_args_is_help=True,
     add_completion=False,
+    context_settings={"max_content_width": 120},
 )
 
 

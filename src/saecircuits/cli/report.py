@@ -15,7 +15,7 @@ def report(
     results_json: Annotated[
         Path, typer.Argument(help="results.json written by the pipeline (schema version 1).")
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the HTML report.")] = Path(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the HTML report (a file, or a folder to write report.html into).")] = Path(
         "report.html"
     ),
 ) -> None:
@@ -23,6 +23,8 @@ def report(
     from saecircuits.report.render import render_report
     from saecircuits.report.schema import ResultsSchemaError, load_results
 
+    if out.is_dir():
+        out = out / "report.html"  # a folder was given: write the page inside it
     if not results_json.is_file():
         typer.echo(f"Error: {results_json} does not exist or is not a file.", err=True)
         raise typer.Exit(code=2)

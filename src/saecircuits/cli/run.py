@@ -56,10 +56,13 @@ def _summary(results: dict) -> None:
         if "multi_ablation" in sae:
             m = sae["multi_ablation"]
             console.print(
-                f"  ablating {m['features']} together: logprob -{m['logprob_diff']['mean']:.3f} "
-                f"± {m['logprob_diff']['ci95']:.3f} nats, logit -{m['logit_diff']['mean']:.3f}, "
-                f"rank {m['rank_diff']['mean']:+.2f} (original - ablated)"
+                f"  ablating {m['features']} together, original - ablated: answer logprob "
+                f"{m['logprob_diff']['mean']:+.3f} ± {m['logprob_diff']['ci95'] or float('nan'):.3f} nats, "
+                f"logit {m['logit_diff']['mean']:+.3f}, rank {m['rank_diff']['mean']:+.2f} "
+                "(positive logprob/logit: the ablation hurts the answer)"
             )
+    for note in results.get("notes", []):
+        console.print(f"[yellow]note:[/] {note}")
 
 
 def _execute(cfg, model=None) -> None:
@@ -70,7 +73,8 @@ def _execute(cfg, model=None) -> None:
 
     try:
         results = run_pipeline(cfg, model=model, log=_say)
-    except (PipelineError, TaskError, ModelLoadError, SAEError, FileNotFoundError, ValueError) as err:
+    except (PipelineError, TaskError, ModelLoadError, SAEError, FileNotFoundError, NotADirectoryError,
+            IsADirectoryError, ValueError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from err
     _summary(results)
