@@ -498,8 +498,8 @@ def run_pipeline(
             "d_vocab": int(model.cfg.d_vocab),
             "n_heads": int(model.cfg.n_heads),
             "architecture": str(prov.get("architecture", "")),
-            "provenance": prov,
         },
+        "provenance": prov,
         "task": {
             "name": task.name,
             "n_prompts": task.n_prompts,
