@@ -4,6 +4,7 @@ Same model, SAE and prompts for both; prints both times, the speed-up and the la
 (which should be float noise). Defaults to a tiny random GPT-Neo so it runs anywhere in well under a minute:
 
     python benchmarks/bench_analyses.py                      # CPU, tiny model
+    python benchmarks/bench_analyses.py --model DIR --data stories.txt --sae SAE_DIR   # a real model and SAE
     python benchmarks/bench_analyses.py --device cuda --n-prompts 256 --d-model 256 --d-mlp 1024
 
 Analyses timed: DLA (spec F1), losses at P clean / SAE / zero ablation (F2), the single-feature ablation table over
@@ -195,11 +196,30 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--n-features", type=int, default=8, help="candidates in the feature table")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", help="a real model (HF folder / llama2.c .bin) instead of the tiny random one")
+    parser.add_argument("--data", help="with --model: corpus for the closing-quote task")
+    parser.add_argument("--sae", help="with --model: an SAE folder (SAELens layout) for that model")
     args = parser.parse_args()
 
-    model = build_model(args)
-    sae = build_sae(args, args.device)
-    task = build_task(args, model.cfg.d_vocab)
+    if args.model:
+        from saecircuits.data.corpus import read_documents
+        from saecircuits.models.load import load_model
+        from saecircuits.saes.io import load_sae
+        from saecircuits.tasks.closing_quote import closing_quote_task
+
+        if not (args.data and args.sae):
+            parser.error("--model needs --data and --sae")
+        model = load_model(args.model, device=args.device)
+        sae = load_sae(args.sae, device=args.device)
+        task = closing_quote_task(read_documents(args.data), model.tokenizer, max_prompts=args.n_prompts,
+                                  max_tokens=int(model.cfg.n_ctx))
+        lens = [len(t) for t in task.token_ids]
+        args.d_model, args.d_mlp, args.d_sae = model.cfg.d_model, sae.d_in, sae.d_sae
+        args.min_len, args.max_len = min(lens), max(lens)
+    else:
+        model = build_model(args)
+        sae = build_sae(args, args.device)
+        task = build_task(args, model.cfg.d_vocab)
     acts = feature_activations(model, sae, task)
     active = acts > 0
     mean_act = (acts * active).sum(0) / active.sum(0).clamp(min=1)
