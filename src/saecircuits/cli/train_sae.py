@@ -33,6 +33,8 @@ import typer
 
 from saecircuits.cli import app
 
+logger = logging.getLogger(__name__)
+
 JOB_FILE = "train_sae_job.json"
 
 
@@ -226,9 +228,9 @@ def train_sae_command(
                 f"--resume with a different config than the saved run ({', '.join(diff)} differ)"
             )
     elif rank == 0:
-        tmp = job_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(job.to_dict(), indent=1))
-        os.replace(tmp, job_path)
+        from saecircuits.atomic import atomic_write_text
+
+        atomic_write_text(job_path, json.dumps(job.to_dict(), indent=1))
 
     wandb_run = None
     if wandb and rank == 0:
@@ -248,10 +250,18 @@ def train_sae_command(
         if wandb_run is not None:
             wandb_run.finish()
     if rank == 0:
+        evals = json.loads((out / "eval.json").read_text()) if (out / "eval.json").is_file() else {}
         for name, sae in saes.items():
             typer.echo(
                 f"SAE for {name} (d_in {sae.d_in}, d_sae {sae.d_sae}) written to {out / _folder(name) / 'sae'}"
             )
+            if name in evals:
+                e = evals[name]
+                typer.echo(
+                    f"  held-out: L0 {e['l0']:.1f}, explained variance {e['explained_variance']:.3f}, "
+                    f"loss recovered over whole sequences {e['loss_recovered']:.3f} "
+                    f"(CE clean {e['ce_clean']:.3f} / SAE {e['ce_spliced']:.3f} / zero {e['ce_zero']:.3f} nats)"
+                )
     if world > 1:
         torch.distributed.barrier()
 
@@ -310,6 +320,9 @@ def _run(job, out: Path, *, resume: bool, progress: bool, rank: int, world: int,
     docs = encode_documents(tok, _read_documents(Path(job.data), job.max_documents), prepend_bos=False)
     seq_len = min(job.seq_len, int(bridge.cfg.n_ctx))
     rows = pack_token_rows(docs, seq_len, bos_id, shuffle_seed=job.train.seed)
+    # Hold out a few rows for the after-training evaluation (sequence-level loss recovered).
+    n_eval = min(32, rows.shape[0] // 10)
+    eval_rows, rows = rows[:n_eval], rows[n_eval:]
     d_in_probe = None
     sae_cfgs = None
     if job.d_sae is not None or job.sae_extra or job.architecture != "standard":
@@ -328,7 +341,7 @@ def _run(job, out: Path, *, resume: bool, progress: bool, rank: int, world: int,
             )
             for hp in job.hook_points
         ]
-    return train_saes_on_model(
+    saes = train_saes_on_model(
         bridge,
         rows,
         job.hook_points,
@@ -347,3 +360,40 @@ def _run(job, out: Path, *, resume: bool, progress: bool, rank: int, world: int,
         model_name=job.model,
         wandb_run=wandb_run,
     )
+    if rank == 0 and n_eval > 0:
+        _evaluate(bridge, saes, eval_rows, bos_id, job.bos_policy, out)
+    return saes
+
+
+def _evaluate(bridge, saes: dict, eval_rows, bos_id: int, bos_policy: str, out: Path) -> None:
+    """After training, on held-out ``eval_rows [n, seq]``: loss recovered over whole sequences, L0, explained variance and shrinkage on their
+    activations; written to ``out/eval.json`` (issue: metrics after training)."""
+    import torch
+
+    from saecircuits.atomic import atomic_write_text
+    from saecircuits.data.activations import bos_keep_mask
+    from saecircuits.saes.metrics import dead_fraction, explained_variance, l0, shrinkage
+    from saecircuits.saes.trainer import sequence_loss_recovered
+
+    tokens = eval_rows.to(next(iter(saes.values())).W_dec.device)
+    seq = sequence_loss_recovered(bridge, saes, tokens, bos_id=bos_id, bos_policy=bos_policy)
+    keep = bos_keep_mask(eval_rows, bos_id, bos_policy).reshape(-1)
+    with torch.no_grad():
+        _, cache = bridge.run_with_cache(tokens, names_filter=lambda n: n in {s.hook_point for s in saes.values()})
+    report = {}
+    for name, sae in saes.items():
+        x = cache[sae.hook_point].reshape(-1, sae.d_in)[keep.to(tokens.device)].float()
+        with torch.no_grad():
+            f = sae.encode(x)
+            x_hat = sae.decode(f)
+        counts = (f > 0).sum(0)
+        report[name] = {
+            **seq[name],
+            "l0": float(l0(f)),
+            "explained_variance": float(explained_variance(x, x_hat)),
+            "shrinkage": float(shrinkage(x, x_hat)),
+            "dead_fraction_on_eval": float(dead_fraction(counts, x.shape[0])),
+            "n_eval_tokens": int(x.shape[0]),
+        }
+        logger.info("%s: %s", name, report[name])
+    atomic_write_text(out / "eval.json", json.dumps(report, indent=1))
