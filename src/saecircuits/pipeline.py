@@ -60,6 +60,9 @@ class RunConfig:
         n_evidence_features: top features that get the per-feature evidence (prompt and weight logit boosts,
             loss increase vs activation, DFA; analysis.evidence), plus the SAE-error DLA, upstream ablation and
             activation-scaled DLA of the SAE. 0 skips all of it.
+        exclude_bos: the one BOS switch: BOS positions are left out of SAE training activations and of the mean
+            activation used for mean ablation (top examples always skip BOS). The reference notebook trained
+            54_serene_plasma with BOS positions and 189_giddy_water without (pitfall 33).
         device, seed: where to compute; seed of SAE training and bootstraps.
         workspace: cache folder for converted models and trained SAEs.
         model_label: name written into results.json (default: ``model``).
@@ -90,6 +93,7 @@ class RunConfig:
     n_example_features: int = 6
     n_examples: int = 5
     n_evidence_features: int = 3
+    exclude_bos: bool = True
     device: str = "cpu"
     seed: int = 0
     workspace: Path = Path(".saecircuits")
@@ -212,6 +216,7 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
             "hooks": hook_points,
             "train": train_cfg.to_dict(),
             "expansion": cfg.expansion_factor,
+            "exclude_bos": cfg.exclude_bos,
             "seq_len": cfg.seq_len,
             "version": saecircuits.__version__,
         },
@@ -244,7 +249,7 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
             train_cfg,
             expansion_factor=cfg.expansion_factor,
             bos_id=int(tok.bos_token_id),
-            bos_policy="exclude",
+            bos_policy="exclude" if cfg.exclude_bos else "include",
             output_dir=tmp,
             progress=progress,
             model_name=model_key,
@@ -296,7 +301,7 @@ def analyse_sae(model, sae, task, stat_docs: list[list[int]], cfg: RunConfig, pr
     from saecircuits.analysis.reconstruction import mean_activation, reconstruction_at_prediction
 
     progress(f"{sae.hook_point}: mean activation over {len(stat_docs)} documents")
-    mean_act = mean_activation(model, stat_docs, sae.hook_point, exclude_bos=True)
+    mean_act = mean_activation(model, stat_docs, sae.hook_point, exclude_bos=cfg.exclude_bos)
     progress(f"{sae.hook_point}: loss at the answer position (clean / SAE / zero / mean ablation)")
     rec = reconstruction_at_prediction(model, sae, task, mean_act=mean_act, seed=cfg.seed)
     progress(f"{sae.hook_point}: feature activations and single-feature ablations")

@@ -379,5 +379,6 @@ def test_metrics_log_has_the_log10_density_histogram(tmp_path):
     assert len(lines) == 2
     for m in lines:
         hist = m["log10_density_hist"]["counts"]
+        assert 0 < m["shrinkage"] < 2
         assert sum(hist) == D_SAE
         assert hist[0] >= 1

@@ -97,6 +97,7 @@ def run(
     l1_coefficient: Annotated[float, typer.Option(help="Per-token L1 coefficient (penalty mean over the batch).")] = 0.5,
     all_closings: Annotated[bool, typer.Option(help='Also accept !" and ?" as the closing (default: ." only).')] = False,
     max_prompts: Annotated[int, typer.Option(help="Use at most this many task prompts.")] = 1000,
+    include_bos: Annotated[bool, typer.Option("--include-bos", help="Keep BOS positions in SAE training and mean activations.")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of SAE training and bootstraps.")] = 0,
     workspace: Annotated[Path, typer.Option(help="Cache folder (converted models, trained SAEs).")] = DEFAULT_WORKSPACE,
@@ -111,7 +112,7 @@ def run(
         closings=('."', '!"', '?"') if all_closings else ('."',),
         layers=_split_ints(layers), sae_paths=list(sae or []), sae_tokens=sae_tokens,
         expansion_factor=expansion_factor, l1_coefficient=l1_coefficient, max_prompts=max_prompts,
-        device=device, seed=seed, workspace=workspace,
+        device=device, seed=seed, workspace=workspace, exclude_bos=not include_bos,
     )
     _execute(cfg)
 

@@ -413,6 +413,8 @@ class SAETrainer:
             # per token, summed over d_in, in the units the SAE sees (scaled when normalize_activations)
             "mse": float((x_hat - x).pow(2).sum(-1).mean()),
             "explained_variance": explained_variance(x, x_hat),
+            # mean ||x_hat|| / ||x||: below 1 when the sparsity penalty shrinks reconstructions
+            "shrinkage": float(x_hat.norm(dim=-1).mean() / x.norm(dim=-1).mean().clamp(min=1e-12)),
             "dead_fraction": float((self.steps_since_fired >= self.cfg.dead_window_steps).float().mean()),
             "dense_fraction": float((freq > self.cfg.dense_frequency).float().mean()),
             "resampled_total": self.n_resampled_total,
