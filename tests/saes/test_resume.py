@@ -130,7 +130,8 @@ def test_cli_train_sae_resume_matches_uninterrupted(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_mod.SAETrainer, "train_step", original)
     res = runner.invoke(app, [*args, "--out", str(tmp_path / "cut")])
     assert res.exit_code != 0 and "--resume" in res.output  # refuses to overwrite a run silently
-    res = runner.invoke(app, [*args, "--out", str(tmp_path / "cut"), "--resume"])
+    # `--out DIR --resume` alone continues the saved job.
+    res = runner.invoke(app, ["train-sae", "--out", str(tmp_path / "cut"), "--resume", "--no-progress"])
     assert res.exit_code == 0, res.output
     a = load_sae(tmp_path / "full" / "blocks.0.mlp.hook_post" / "sae")
     b = load_sae(tmp_path / "cut" / "blocks.0.mlp.hook_post" / "sae")

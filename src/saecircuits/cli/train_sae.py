@@ -151,8 +151,12 @@ def train_sae_command(
     try:
         if config is not None and preset_name is not None:
             raise SAEError("give --config or --preset, not both")
+        saved_job = out / JOB_FILE
         if config is not None:
             job = TrainSAEJob.from_json(config)
+        elif resume and saved_job.is_file():
+            # `--out DIR --resume` alone continues the saved job; flags given with it must still match it.
+            job = TrainSAEJob.from_json(saved_job)
         elif preset_name is not None:
             job = preset(preset_name)
         else:
