@@ -60,6 +60,8 @@ class RunConfig:
         n_evidence_features: top features that get the per-feature evidence (prompt and weight logit boosts,
             loss increase vs activation, DFA; analysis.evidence), plus the SAE-error DLA, upstream ablation and
             activation-scaled DLA of the SAE. 0 skips all of it.
+        fold_ln, center_writing_weights, center_unembed: TransformerLens weight processing (all on by default;
+            log-probs are unchanged, DLA components are expressed in the processed basis).
         exclude_bos: the one BOS switch: BOS positions are left out of SAE training activations and of the mean
             activation used for mean ablation (top examples always skip BOS). The reference notebook trained
             54_serene_plasma with BOS positions and 189_giddy_water without (pitfall 33).
@@ -93,6 +95,9 @@ class RunConfig:
     n_example_features: int = 6
     n_examples: int = 5
     n_evidence_features: int = 3
+    fold_ln: bool = True
+    center_writing_weights: bool = True
+    center_unembed: bool = True
     exclude_bos: bool = True
     device: str = "cpu"
     seed: int = 0
@@ -430,7 +435,8 @@ def run_pipeline(
     if model is None:
         say(f"loading model {cfg.model}")
         model = load_model(cfg.model, tokenizer=cfg.tokenizer, device=cfg.device,
-                           cache_dir=Path(cfg.workspace) / "models")
+                           cache_dir=Path(cfg.workspace) / "models", fold_ln=cfg.fold_ln,
+                           center_writing_weights=cfg.center_writing_weights, center_unembed=cfg.center_unembed)
     try:
         prov = model_provenance(model).to_dict()
     except Exception:  # noqa: BLE001 - injected bridges carry no provenance

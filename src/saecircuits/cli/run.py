@@ -97,6 +97,9 @@ def run(
     l1_coefficient: Annotated[float, typer.Option(help="Per-token L1 coefficient (penalty mean over the batch).")] = 0.5,
     all_closings: Annotated[bool, typer.Option(help='Also accept !" and ?" as the closing (default: ." only).')] = False,
     max_prompts: Annotated[int, typer.Option(help="Use at most this many task prompts.")] = 1000,
+    fold_ln: Annotated[bool, typer.Option("--fold-ln/--no-fold-ln", help="Fold LayerNorm weights into the next layer.")] = True,
+    center_writing_weights: Annotated[bool, typer.Option("--center-writing-weights/--no-center-writing-weights")] = True,
+    center_unembed: Annotated[bool, typer.Option("--center-unembed/--no-center-unembed")] = True,
     include_bos: Annotated[bool, typer.Option("--include-bos", help="Keep BOS positions in SAE training and mean activations.")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of SAE training and bootstraps.")] = 0,
@@ -113,6 +116,7 @@ def run(
         layers=_split_ints(layers), sae_paths=list(sae or []), sae_tokens=sae_tokens,
         expansion_factor=expansion_factor, l1_coefficient=l1_coefficient, max_prompts=max_prompts,
         device=device, seed=seed, workspace=workspace, exclude_bos=not include_bos,
+        fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
     )
     _execute(cfg)
 
