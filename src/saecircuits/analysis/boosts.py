@@ -23,7 +23,7 @@ import torch
 
 from saecircuits.analysis.ablation import features_ablation_edit
 from saecircuits.analysis.error_dla import mlp_post_layer
-from saecircuits.analysis.features import feature_activations
+from saecircuits.analysis.features import activations_or_compute
 from saecircuits.models.hooks import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_TOKENS,
@@ -172,12 +172,7 @@ def prompt_logprob_boosts(
         raise IndexError(f"feature {k} out of range 0..{sae.d_sae - 1}")
     d_vocab = int(model.cfg.d_vocab)
     mask = _check_mask(common_tokens, d_vocab)
-    if acts is None:
-        acts = feature_activations(model, sae, task, max_tokens=max_tokens, max_batch=max_batch)
-    if tuple(acts.shape) != (task.n_prompts, sae.d_sae):
-        raise ValueError(
-            f"acts must be [n_prompts, d_sae] = [{task.n_prompts}, {sae.d_sae}], got {list(acts.shape)}"
-        )
+    acts = activations_or_compute(model, sae, task, acts, max_tokens=max_tokens, max_batch=max_batch)
     prompts = torch.nonzero(acts[:, k] > threshold).flatten().tolist()[:max_prompts]
     if not prompts:
         nan = torch.full((d_vocab,), float("nan"))

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from saecircuits.analysis.dla import _attn_bias_sum, _centres, _has_pos_embed
 from saecircuits.analysis.error_dla import mlp_post_layer
-from saecircuits.analysis.features import feature_activations
+from saecircuits.analysis.features import activations_or_compute
 from saecircuits.analysis.stats import mean_ci95
 from saecircuits.models.hooks import (
     DEFAULT_MAX_BATCH,
@@ -331,12 +331,7 @@ def direct_feature_attribution(
     act_fn = str(model.cfg.act_fn)
     if act_fn not in _ACTS:
         raise ValueError(f"unsupported MLP activation {act_fn!r}; DFA knows {sorted(_ACTS)}")
-    if acts is None:
-        acts = feature_activations(model, sae, task, max_tokens=max_tokens, max_batch=max_batch)
-    if tuple(acts.shape) != (task.n_prompts, sae.d_sae):
-        raise ValueError(
-            f"acts must be [n_prompts, d_sae] = [{task.n_prompts}, {sae.d_sae}], got {list(acts.shape)}"
-        )
+    acts = activations_or_compute(model, sae, task, acts, max_tokens=max_tokens, max_batch=max_batch)
     prompts = torch.nonzero(acts[:, k] > threshold).flatten().tolist()[:max_prompts]
     labels = dfa_component_labels(model, layer)
     C = len(labels)

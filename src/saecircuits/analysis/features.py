@@ -77,6 +77,29 @@ def feature_activations(
     return acts
 
 
+def activations_or_compute(
+    model,
+    sae: SAE,
+    task: Task,
+    acts: torch.Tensor | None,
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+) -> torch.Tensor:
+    """``acts`` (precomputed :func:`feature_activations`) checked to be ``[n_prompts, d_sae]``, or computed if None.
+
+    Raises:
+        ValueError: ``acts`` of the wrong shape.
+    """
+    if acts is None:
+        return feature_activations(model, sae, task, max_tokens=max_tokens, max_batch=max_batch)
+    if tuple(acts.shape) != (task.n_prompts, sae.d_sae):
+        raise ValueError(
+            f"acts must be [n_prompts, d_sae] = [{task.n_prompts}, {sae.d_sae}], got {list(acts.shape)}"
+        )
+    return acts
+
+
 def answer_losses(
     model, task: Task, *, max_tokens: int = DEFAULT_MAX_TOKENS, max_batch: int = DEFAULT_MAX_BATCH
 ) -> torch.Tensor:
@@ -184,12 +207,7 @@ def feature_ablation_table(
     Raises:
         ValueError: ``acts`` or ``clean_loss`` of the wrong shape.
     """
-    if acts is None:
-        acts = feature_activations(model, sae, task, max_tokens=max_tokens, max_batch=max_batch)
-    if tuple(acts.shape) != (task.n_prompts, sae.d_sae):
-        raise ValueError(
-            f"acts must be [n_prompts, d_sae] = [{task.n_prompts}, {sae.d_sae}], got {tuple(acts.shape)}"
-        )
+    acts = activations_or_compute(model, sae, task, acts, max_tokens=max_tokens, max_batch=max_batch)
     active = acts > threshold
     count = active.sum(0)
     fraction = count.float() / task.n_prompts

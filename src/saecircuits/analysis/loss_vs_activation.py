@@ -15,7 +15,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from saecircuits.analysis.features import answer_losses, feature_activations, single_feature_ablation_losses
+from saecircuits.analysis.features import (
+    activations_or_compute,
+    answer_losses,
+    single_feature_ablation_losses,
+)
 from saecircuits.analysis.stats import MeanCI, mean_ci95
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS
 from saecircuits.saes.base import SAE
@@ -83,12 +87,7 @@ def loss_increase_vs_activation(
     k = int(feature)
     if not 0 <= k < sae.d_sae:
         raise IndexError(f"feature {k} out of range 0..{sae.d_sae - 1}")
-    if acts is None:
-        acts = feature_activations(model, sae, task, max_tokens=max_tokens, max_batch=max_batch)
-    if tuple(acts.shape) != (task.n_prompts, sae.d_sae):
-        raise ValueError(
-            f"acts must be [n_prompts, d_sae] = [{task.n_prompts}, {sae.d_sae}], got {list(acts.shape)}"
-        )
+    acts = activations_or_compute(model, sae, task, acts, max_tokens=max_tokens, max_batch=max_batch)
     prompts = torch.nonzero(acts[:, k] > threshold).flatten().tolist()[:max_prompts]
     if prompts and clean_loss is None:
         clean_loss = answer_losses(model, task, max_tokens=max_tokens, max_batch=max_batch)
