@@ -302,7 +302,7 @@ def analyse_sae(model, sae, task, stat_docs: list[list[int]], cfg: RunConfig, pr
     """All first-slice analyses of one SAE; returns its ``results.json`` entry (schema in report/schema.py)."""
     from saecircuits.analysis.ablation import ablate_features
     from saecircuits.analysis.examples import top_activating_examples
-    from saecircuits.analysis.features import answer_losses, feature_ablation_table, feature_activations
+    from saecircuits.analysis.features import feature_ablation_table, feature_activations
     from saecircuits.analysis.reconstruction import mean_activation, reconstruction_at_prediction
 
     progress(f"{sae.hook_point}: mean activation over {len(stat_docs)} documents")
@@ -311,7 +311,7 @@ def analyse_sae(model, sae, task, stat_docs: list[list[int]], cfg: RunConfig, pr
     rec = reconstruction_at_prediction(model, sae, task, mean_act=mean_act, seed=cfg.seed)
     progress(f"{sae.hook_point}: feature activations and single-feature ablations")
     acts = feature_activations(model, sae, task)
-    clean = answer_losses(model, task)
+    clean = rec.clean_loss  # the clean forward of the reconstruction pass already gave these; no second pass
     table = feature_ablation_table(
         model, sae, task, min_fraction_active=cfg.min_fraction_active, max_candidates=cfg.max_candidates,
         max_prompts_per_feature=cfg.max_prompts_per_feature, acts=acts, clean_loss=clean,
