@@ -6,6 +6,8 @@ Everything is built offline in-process and cached per test session (building a b
 - ``tiny_neo()``: 2-layer GPT-Neo (LayerNorm, learned positions, biases), processed with ``enable_compatibility_mode``
   (fold_ln, center_writing_weights, center_unembed).
 - ``tiny_llama()``: 2-layer Llama (RMSNorm, rotary, bias-free, GQA with 2 query heads per KV head).
+- ``tiny_gpt2()``: 2-layer GPT-2 (LayerNorm, learned positions, Conv1D weights, scaled attention).
+- ``token_rows(n, lengths)``: random token rows (BOS first) of the given lengths, for padded-batch tests.
 - ``exact_sae(d_in, hook)``: d_sae = 2 d_in, W_enc = [I, -I], W_dec = [I; -I], biases 0, so decode(encode(x)) =
   ReLU(x) - ReLU(-x) = x exactly. ``zero_sae``: all parameters 0 (reconstruction 0). ``random_sae``: sparse-ish
   random ReLU SAE.
@@ -76,10 +78,8 @@ def tiny_tokenizer():
     return hf_tok
 
 
-@functools.cache
-def tiny_neo(seed: int = 0):
-    """Tiny random GPT-Neo (d_model 32, 4 heads, d_mlp 64, 2 layers: global + local attention) as a bridge."""
-    from transformer_lens import TransformerBridge
+def tiny_neo_hf(seed: int = 0):
+    """A fresh tiny random GPT-Neo (d_model 32, 4 heads, d_mlp 64, 2 layers: global + local, window 16), HF only."""
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
     tok = tiny_tokenizer()
@@ -103,15 +103,25 @@ def tiny_neo(seed: int = 0):
     with torch.no_grad():  # larger weights than the default init so features and logits vary visibly
         for p in hf.parameters():
             p.mul_(3.0)
-    bridge = TransformerBridge.boot_transformers("tiny-neo", hf_model=hf, tokenizer=tok)
+    return hf
+
+
+def _boot(name: str, hf):
+    from transformer_lens import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tiny_tokenizer())
     bridge.enable_compatibility_mode()
     return bridge
 
 
 @functools.cache
-def tiny_llama(seed: int = 0):
-    """Tiny random Llama (RMSNorm, rotary, no biases, 4 query heads sharing 2 KV heads) as a bridge."""
-    from transformer_lens import TransformerBridge
+def tiny_neo(seed: int = 0):
+    """Tiny random GPT-Neo (d_model 32, 4 heads, d_mlp 64, 2 layers: global + local attention) as a bridge."""
+    return _boot("tiny-neo", tiny_neo_hf(seed))
+
+
+def tiny_llama_hf(seed: int = 0):
+    """A fresh tiny random Llama (RMSNorm, rotary, no biases, 4 query heads sharing 2 KV heads), HF only."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = tiny_tokenizer()
@@ -134,9 +144,56 @@ def tiny_llama(seed: int = 0):
         for name, p in hf.named_parameters():
             if "norm" in name:
                 p.copy_(1.0 + 0.3 * torch.randn_like(p))  # non-trivial RMSNorm weights, so folding matters
-    bridge = TransformerBridge.boot_transformers("tiny-llama", hf_model=hf, tokenizer=tok)
-    bridge.enable_compatibility_mode()
-    return bridge
+    return hf
+
+
+@functools.cache
+def tiny_llama(seed: int = 0):
+    """Tiny random Llama (RMSNorm, rotary, no biases, 4 query heads sharing 2 KV heads) as a bridge."""
+    return _boot("tiny-llama", tiny_llama_hf(seed))
+
+
+def tiny_gpt2_hf(seed: int = 0):
+    """A fresh tiny random GPT-2 (d_model 32, 4 heads, d_mlp 64, 2 layers), HF only."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = tiny_tokenizer()
+    cfg = GPT2Config(
+        vocab_size=len(tok),
+        n_positions=128,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_inner=D_MLP,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(seed)
+    hf = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(3.0)
+    return hf
+
+
+@functools.cache
+def tiny_gpt2(seed: int = 0):
+    """Tiny random GPT-2 (d_model 32, 4 heads, d_mlp 64, 2 layers) as a processed bridge."""
+    return _boot("tiny-gpt2", tiny_gpt2_hf(seed))
+
+
+ARCHITECTURES = {"gpt_neo": tiny_neo, "gpt2": tiny_gpt2, "llama": tiny_llama}
+HF_BUILDERS = {"gpt_neo": tiny_neo_hf, "gpt2": tiny_gpt2_hf, "llama": tiny_llama_hf}
+"""The block shapes the prefix-cached engine must reproduce (GPT-Neo global + local, GPT-2, Llama rotary + GQA)."""
+
+
+def token_rows(lengths, seed: int = 0, vocab: int = 300) -> list[list[int]]:
+    """Random token rows starting with BOS (id 0) of the given lengths (longer than tiny_neo's 16-token window)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [[0] + torch.randint(1, vocab, (n - 1,), generator=gen).tolist() for n in lengths]
 
 
 def exact_sae(d_in: int = D_MLP, hook_point: str = HOOK) -> SAE:

@@ -228,17 +228,19 @@ def answer_metrics(logits: torch.Tensor, answer_ids: torch.Tensor) -> dict[str, 
     """Loss, log-prob, logit and rank of the answer from the logits at the prediction position.
 
     Args:
-        logits: ``[b, d_vocab]`` at each row's prediction position.
-        answer_ids: int64 ``[b]``.
+        logits: ``[b, d_vocab]`` at each row's prediction position, or ``[b, V, d_vocab]`` (V edited variants of
+            each row, as :meth:`saecircuits.models.interventions.Interventions.run` returns).
+        answer_ids: int64 ``[b]`` (shared by a row's variants).
 
     Returns:
-        dict of float tensors ``[b]``: ``loss`` (nats, ``-logprob``), ``logprob`` (nats), ``logit``, and ``rank``
-        (number of tokens with a strictly higher logit; 0 = top, ties favourable, as analysis-spec.md F11).
+        dict of float32 tensors ``[b]`` (or ``[b, V]``): ``loss`` (nats, ``-logprob``), ``logprob`` (nats),
+        ``logit``, and ``rank`` (number of tokens with a strictly higher logit; 0 = top, ties favourable, as the
+        reference notebook's rank analysis).
     """
     logits = logits.float()
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    ans = answer_ids.to(logits.device)
-    logprob = torch.log_softmax(logits, dim=-1)[rows, ans]
-    logit = logits[rows, ans]
-    rank = (logits > logit[:, None]).sum(-1).float()
+    ans = answer_ids.to(logits.device).reshape(-1, *([1] * (logits.dim() - 1)))
+    ans = ans.expand(*logits.shape[:-1], 1)
+    logit = logits.gather(-1, ans)[..., 0]
+    logprob = logit - torch.logsumexp(logits, dim=-1)
+    rank = (logits > logit[..., None]).sum(-1).float()
     return {"loss": -logprob, "logprob": logprob, "logit": logit, "rank": rank}

@@ -1,0 +1,586 @@
+"""A forward pass in TransformerLens's weight basis that computes only the positions it is asked for.
+
+Why it exists: every causal number of a run is an intervention at the prediction position P. In a causal model
+nothing before P changes under such an edit, so the edited answer logits need only the clean keys/values of the
+positions before P and one pass of position P through the layers from the edit onward, then the final norm and
+the unembedding at P alone (see :mod:`saecircuits.models.interventions`). The TransformerBridge can do neither
+cheaply: its forward recomputes every position through every layer and unembeds every position (with GPT-2's
+50,257-token vocabulary that is ~90% of a pass), and its KV-cache path does not apply (TransformerLens 4.3 with
+transformers 5 drops the cache on Llama, so the recomputed query attends to itself alone). So this module holds
+the model's maths once, in TransformerLens's processed basis, for the block shapes it supports:
+
+- sequential pre-norm blocks ``resid_mid = resid_pre + attn(ln1(resid_pre))``, ``resid_post = resid_mid +
+  mlp(ln2(resid_mid))``, then ``ln_final`` and ``W_U``/``b_U``;
+- LayerNorm or RMSNorm (with whatever weight/bias the bridge left in the norm: ones/zeros after ``fold_ln``, the
+  trained values without it), ``eps`` from the bridge config;
+- learned absolute positions (``W_pos``) or rotary positions (rotate-half, full head width) from the Hugging Face
+  model's own ``rotary_emb`` module;
+- multi-head or grouped-query attention (query head ``h`` reads key/value head ``h // (n_heads / n_kv_heads)``, as
+  ``transformers``' ``repeat_kv``), the attention module's own ``scaling`` (GPT-Neo: none), local layers with the
+  model's sliding window (key ``t`` visible from query ``s`` when ``0 <= s - t < window``, GPT-Neo's rule);
+- plain MLPs ``act(x W_in + b_in) W_out + b_out`` and gated ones ``(act(x W_gate) * (x W_in)) W_out``, with the
+  activation function taken from ``transformers.activations.ACT2FN`` by the model's own config name.
+
+That covers GPT-2, GPT-Neo (global and local layers) and Llama (rotary + GQA). Every weight is read from the
+bridge after its weight processing, and :meth:`Engine.from_bridge` refuses any model whose logits it does not
+reproduce on a short check sequence, so an unsupported architecture fails loudly (the intervention layer then
+runs full bridge forwards instead). ``tests/models/test_engine.py`` checks every hook activation against the
+bridge for each architecture, on right-padded batches.
+
+Tensor layout: each activation inside a call is ``[B, F, S, *shape]``: ``B`` prompts, ``F`` variants (1 while every
+variant still shares the value, ``V`` after the first edit that makes them differ), ``S`` positions computed in this
+call. Hook functions receive and return that layout (TransformerLens's ``[batch, pos, *shape]`` with ``F``
+inserted); the attention pattern is only fired when no cached prefix is used.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Engine",
+    "EngineError",
+    "KVPrefix",
+    "HookFns",
+    "layer_hook_names",
+    "stage_of_hook",
+]
+
+HookFns = Mapping[str, Sequence[Callable[[torch.Tensor], torch.Tensor | None]]]
+"""Hook name -> functions called in order on the activation; a function returns the new value or None (read)."""
+
+# Hook names of one block, in execution order, and the sub-block ("attn" = 0, "mlp" = 1) each belongs to.
+_BLOCK_HOOKS = (
+    ("hook_resid_pre", 0),
+    ("ln1.hook_scale", 0),
+    ("ln1.hook_normalized", 0),
+    ("attn.hook_q", 0),
+    ("attn.hook_k", 0),
+    ("attn.hook_v", 0),
+    ("attn.hook_rot_q", 0),
+    ("attn.hook_rot_k", 0),
+    ("attn.hook_pattern", 0),
+    ("attn.hook_z", 0),
+    ("hook_attn_out", 0),
+    ("hook_resid_mid", 1),
+    ("ln2.hook_scale", 1),
+    ("ln2.hook_normalized", 1),
+    ("mlp.hook_pre", 1),
+    ("mlp.hook_pre_linear", 1),
+    ("mlp.hook_post", 1),
+    ("hook_mlp_out", 1),
+    ("hook_resid_post", 1),
+)
+_TOP_HOOKS = ("hook_embed", "hook_pos_embed")
+_FINAL_HOOKS = ("ln_final.hook_scale", "ln_final.hook_normalized")
+
+
+class EngineError(ValueError):
+    """The model's blocks are not of a shape this engine computes, or a hook name it does not fire."""
+
+
+def layer_hook_names(layer: int) -> list[str]:
+    """The TransformerLens hook names of block ``layer`` that the engine fires, in execution order."""
+    return [f"blocks.{layer}.{name}" for name, _ in _BLOCK_HOOKS]
+
+
+def stage_of_hook(name: str, n_layers: int) -> tuple[int, int]:
+    """Where a hook fires, as ``(layer, sub)`` ordered like execution.
+
+    ``(-1, 0)``: embeddings; ``(L, 0)``: block L's attention half (from ``hook_resid_pre``); ``(L, 1)``: its MLP half
+    (from ``hook_resid_mid``); ``(n_layers, 0)``: the final norm.
+
+    Raises:
+        EngineError: a hook name the engine does not fire.
+    """
+    if name in _TOP_HOOKS:
+        return (-1, 0)
+    if name in _FINAL_HOOKS:
+        return (n_layers, 0)
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit():
+        layer = int(parts[1])
+        for hook, sub in _BLOCK_HOOKS:
+            if hook == parts[2] and 0 <= layer < n_layers:
+                return (layer, sub)
+    raise EngineError(
+        f"hook {name!r} is not one the engine fires; use the TransformerLens names of "
+        f"{', '.join(_TOP_HOOKS + tuple(h for h, _ in _BLOCK_HOOKS) + _FINAL_HOOKS)} (blocks.L.<name>)"
+    )
+
+
+@dataclass
+class _Layer:
+    W_Q: torch.Tensor  # [h, d_model, d_head]
+    b_Q: torch.Tensor  # [h, d_head]
+    W_K: torch.Tensor  # [kv, d_model, d_head]
+    b_K: torch.Tensor
+    W_V: torch.Tensor
+    b_V: torch.Tensor
+    W_O: torch.Tensor  # [h, d_head, d_model]
+    b_O: torch.Tensor  # [d_model]
+    ln1: tuple[torch.Tensor, torch.Tensor | None]
+    ln2: tuple[torch.Tensor, torch.Tensor | None]
+    W_in: torch.Tensor  # [d_model, d_mlp]
+    b_in: torch.Tensor
+    W_gate: torch.Tensor | None
+    W_out: torch.Tensor  # [d_mlp, d_model]
+    b_out: torch.Tensor
+    scale: float
+    window: int | None
+
+
+@dataclass
+class KVPrefix:
+    """Cached keys/values of one layer for a batch of prompts (read-only).
+
+    Attributes:
+        keys, values: ``[B, n_kv_heads, T, d_head]``, keys after the rotary rotation (TransformerLens's
+            ``hook_rot_k``; ``hook_k`` for learned positions).
+        valid: bool ``[B, T]``: which cached positions a query may see (``t < P_b`` for an intervention at P).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def _param(value) -> torch.Tensor | None:
+    return None if value is None else value.detach()
+
+
+def _bridge_attr(model, name: str):
+    """``model.<name>`` or None for the bias-free parameters TransformerLens refuses with AttributeError."""
+    try:
+        return _param(getattr(model, name))
+    except AttributeError:
+        return None
+
+
+class Engine:
+    """The model's maths in TransformerLens's processed basis, for the positions a call asks for.
+
+    Build it with :meth:`from_bridge`; then :meth:`forward` runs a batch from token ids (all positions) or from a
+    residual stream at given positions with cached key/value prefixes (one position per prompt for interventions).
+    """
+
+    def __init__(
+        self,
+        *,
+        layers: list[_Layer],
+        norm: str,
+        eps: float,
+        act: Callable[[torch.Tensor], torch.Tensor],
+        W_E: torch.Tensor,
+        W_pos: torch.Tensor | None,
+        rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None,
+        ln_final: tuple[torch.Tensor, torch.Tensor | None],
+        W_U: torch.Tensor,
+        b_U: torch.Tensor,
+        n_ctx: int,
+    ) -> None:
+        self.layers = layers
+        self.n_layers = len(layers)
+        self.norm = norm
+        self.eps = eps
+        self.act = act
+        self.W_E = W_E
+        self.W_pos = W_pos
+        self.rotary = rotary
+        self.ln_final = ln_final
+        self.W_U = W_U
+        self.b_U = b_U
+        self.n_ctx = n_ctx
+        self.d_model = W_E.shape[1]
+        self.d_vocab = W_U.shape[1]
+        self.n_heads = layers[0].W_Q.shape[0]
+        self.n_kv_heads = layers[0].W_K.shape[0]
+        self.d_head = layers[0].W_Q.shape[2]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # construction
+
+    @classmethod
+    def from_bridge(cls, model, *, check: bool = True) -> Engine:
+        """Read every weight of a TransformerBridge (after its weight processing) into an engine.
+
+        Args:
+            model: a ``TransformerBridge`` over a Hugging Face causal LM, with legacy hook names on
+                (``enable_compatibility_mode``, as :func:`saecircuits.models.load.load_model` does).
+            check: run a short random token batch through both and require equal logits (fp32: 1e-4 relative).
+
+        Returns:
+            An :class:`Engine` holding detached references to the bridge's weights (no copies where TransformerLens
+            returns views).
+
+        Raises:
+            EngineError: a block shape the engine does not compute (parallel attention and MLP, partial rotary,
+                ALiBi, norms other than LayerNorm/RMSNorm, ...), or logits that differ from the bridge's.
+        """
+        from transformers.activations import ACT2FN
+
+        cfg = model.cfg
+        hf = getattr(model, "original_model", None)
+        if hf is None:
+            raise EngineError("the engine needs a TransformerBridge over a Hugging Face model (original_model)")
+        hf_cfg = hf.config
+        if getattr(cfg, "parallel_attn_mlp", False):
+            raise EngineError("parallel attention + MLP blocks are not supported by the engine")
+        if getattr(cfg, "use_normalization_before_and_after", False):
+            raise EngineError("blocks with norms before and after each sub-layer are not supported by the engine")
+        norm_type = str(getattr(cfg, "normalization_type", "LN"))
+        if norm_type.startswith("LN"):
+            norm = "LN"
+        elif norm_type.startswith("RMS"):
+            norm = "RMS"
+        else:
+            raise EngineError(f"normalization_type {norm_type!r} is not supported by the engine")
+        act_name = getattr(hf_cfg, "activation_function", None) or getattr(hf_cfg, "hidden_act", None)
+        if act_name not in ACT2FN:
+            raise EngineError(f"MLP activation {act_name!r} is not known to transformers' ACT2FN")
+        act = ACT2FN[act_name]
+
+        n_layers, n_heads = int(cfg.n_layers), int(cfg.n_heads)
+        W_Q, W_K, W_V, W_O = (_bridge_attr(model, n) for n in ("W_Q", "W_K", "W_V", "W_O"))
+        W_in, W_out, W_gate = (_bridge_attr(model, n) for n in ("W_in", "W_out", "W_gate"))
+        if any(w is None for w in (W_Q, W_K, W_V, W_O, W_in, W_out)):
+            raise EngineError("the bridge does not expose W_Q/W_K/W_V/W_O/W_in/W_out for this model")
+        gated = bool(getattr(cfg, "gated_mlp", False))
+        if gated != (W_gate is not None):
+            raise EngineError("gated_mlp and W_gate disagree; this MLP shape is not supported by the engine")
+        d_model, d_head = W_Q.shape[2], W_Q.shape[3]
+        d_mlp = W_in.shape[2]
+        dtype, device = W_Q.dtype, W_Q.device
+
+        def bias(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+            b = _bridge_attr(model, name)
+            return torch.zeros((n_layers, *shape), dtype=dtype, device=device) if b is None else b
+
+        b_Q, b_K, b_V = bias("b_Q", (n_heads, d_head)), bias("b_K", W_K.shape[1:2] + (d_head,)), bias(
+            "b_V", W_V.shape[1:2] + (d_head,)
+        )
+        b_O, b_in, b_out = bias("b_O", (d_model,)), bias("b_in", (d_mlp,)), bias("b_out", (d_model,))
+
+        windows = _layer_windows(hf, n_layers)
+        layers = []
+        for layer in range(n_layers):
+            block = model.blocks[layer]
+            hf_attn = getattr(block.attn, "original_component", None)
+            scaling = getattr(hf_attn, "scaling", None)
+            if scaling is None:
+                scaling = 1.0 if _is_gpt_neo(hf) else d_head**-0.5
+            layers.append(
+                _Layer(
+                    W_Q=W_Q[layer], b_Q=b_Q[layer], W_K=W_K[layer], b_K=b_K[layer], W_V=W_V[layer], b_V=b_V[layer],
+                    W_O=W_O[layer], b_O=b_O[layer],
+                    ln1=_norm_params(block.ln1), ln2=_norm_params(block.ln2),
+                    W_in=W_in[layer], b_in=b_in[layer], W_gate=None if W_gate is None else W_gate[layer],
+                    W_out=W_out[layer], b_out=b_out[layer],
+                    scale=float(scaling), window=windows[layer],
+                )
+            )
+        pos_type = getattr(cfg, "positional_embedding_type", "standard")
+        W_pos, rotary = None, None
+        if pos_type == "standard":
+            W_pos = _bridge_attr(model, "W_pos")
+        elif pos_type == "rotary":
+            rotary = _rotary_fn(hf, d_head)
+        else:
+            raise EngineError(f"positional_embedding_type {pos_type!r} is not supported by the engine")
+        W_U = _bridge_attr(model, "W_U")
+        b_U = _bridge_attr(model, "b_U")
+        if b_U is None:
+            b_U = torch.zeros(W_U.shape[1], dtype=dtype, device=device)
+        engine = cls(
+            layers=layers,
+            norm=norm,
+            eps=float(getattr(cfg, "eps", 1e-5)),
+            act=act,
+            W_E=_bridge_attr(model, "W_E"),
+            W_pos=W_pos,
+            rotary=rotary,
+            ln_final=_norm_params(model.ln_final),
+            W_U=W_U,
+            b_U=b_U,
+            n_ctx=int(cfg.n_ctx),
+        )
+        if check:
+            engine.check_against(model)
+        return engine
+
+    def check_against(self, model, *, seq_len: int = 24, seed: int = 0) -> float:
+        """Compare this engine's logits with the bridge's on a random 2-row batch; return the max abs difference.
+
+        Raises:
+            EngineError: the difference exceeds ``1e-4 * (1 + max |logit|)`` (fp32; 2e-2 for 16-bit weights).
+        """
+        gen = torch.Generator().manual_seed(seed)
+        n = min(seq_len, self.n_ctx)
+        tokens = torch.randint(0, self.d_vocab, (2, n), generator=gen).to(self.W_E.device)
+        with torch.no_grad():
+            ref = model(tokens, return_type="logits").float()
+            out = self.logits(self.forward_tokens(tokens))[:, 0]
+        diff = float((out - ref).abs().max())
+        tol = (1e-4 if self.W_E.dtype == torch.float32 else 2e-2) * (1.0 + float(ref.abs().max()))
+        if not diff <= tol:
+            raise EngineError(
+                f"the engine's logits differ from the bridge's by {diff:.3g} (tolerance {tol:.3g}); this model's "
+                "blocks are not of a shape the engine computes"
+            )
+        return diff
+
+    # ------------------------------------------------------------------------------------------------------------
+    # pieces
+
+    @staticmethod
+    def _fire(hooks: HookFns | None, name: str, x: torch.Tensor) -> torch.Tensor:
+        if hooks is None:
+            return x
+        for fn in hooks.get(name, ()):
+            out = fn(x)
+            if out is not None:
+                x = out
+        return x
+
+    def _norm(self, x: torch.Tensor, params, prefix: str, hooks: HookFns | None) -> torch.Tensor:
+        w, b = params
+        dtype = x.dtype
+        h = x.float() if dtype not in (torch.float32, torch.float64) else x
+        if self.norm == "LN":
+            h = h - h.mean(-1, keepdim=True)
+        scale = self._fire(hooks, f"{prefix}.hook_scale", (h.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
+        h = self._fire(hooks, f"{prefix}.hook_normalized", h / scale)
+        h = h * w
+        if b is not None:
+            h = h + b
+        return h.to(dtype)
+
+    def _attention(
+        self,
+        layer: int,
+        xn: torch.Tensor,
+        qpos: torch.Tensor,
+        prefix: KVPrefix | None,
+        hooks: HookFns | None,
+        keep_kv: list | None,
+    ) -> torch.Tensor:
+        """Attention of block ``layer`` for the positions in ``xn [B, F, S, d_model]`` at absolute ``qpos [B, S]``."""
+        lw = self.layers[layer]
+        name = f"blocks.{layer}.attn"
+        q = self._fire(hooks, f"{name}.hook_q", torch.einsum("bfsd,hde->bfshe", xn, lw.W_Q) + lw.b_Q)
+        k = self._fire(hooks, f"{name}.hook_k", torch.einsum("bfsd,hde->bfshe", xn, lw.W_K) + lw.b_K)
+        v = self._fire(hooks, f"{name}.hook_v", torch.einsum("bfsd,hde->bfshe", xn, lw.W_V) + lw.b_V)
+        if self.rotary is not None:
+            cos, sin = self.rotary(qpos)  # [B, S, d_head]
+            cos, sin = cos[:, None, :, None, :].to(q.dtype), sin[:, None, :, None, :].to(q.dtype)
+            q = self._fire(hooks, f"{name}.hook_rot_q", q * cos + _rotate_half(q) * sin)
+            k = self._fire(hooks, f"{name}.hook_rot_k", k * cos + _rotate_half(k) * sin)
+        if keep_kv is not None:
+            keep_kv.append((k, v))
+        B, F, S, H, E = q.shape
+        K = self.n_kv_heads
+        G = H // K
+        qg = q.reshape(B, F, S, K, G, E).float()
+        # scores against the new positions themselves: [B, F, K, G, S, S']
+        own = torch.einsum("bfskge,bftke->bfkgst", qg, k.float()) * lw.scale
+        d = qpos[:, :, None] - qpos[:, None, :]  # [B, S, S'] query minus key position
+        ok = d >= 0
+        if lw.window is not None:
+            ok = ok & (d < lw.window)
+        own = own.masked_fill(~ok[:, None, None, None], float("-inf"))
+        if prefix is None:
+            pattern = torch.softmax(own, dim=-1)
+            if hooks is not None and f"{name}.hook_pattern" in hooks:
+                pattern = self._fire(hooks, f"{name}.hook_pattern", pattern.reshape(B, F, H, S, S)).reshape(
+                    pattern.shape
+                )
+            z = torch.einsum("bfkgst,bftke->bfskge", pattern, v.float())
+        else:
+            T = prefix.keys.shape[2]
+            pre = torch.einsum("bfskge,bkte->bfkgst", qg, prefix.keys.float()) * lw.scale
+            kpos = torch.arange(T, device=qpos.device)
+            dp = qpos[:, :, None] - kpos[None, None, :]  # [B, S, T]
+            okp = (dp >= 0) & prefix.valid[:, None, :]
+            if lw.window is not None:
+                okp = okp & (dp < lw.window)
+            pre = pre.masked_fill(~okp[:, None, None, None], float("-inf"))
+            pattern = torch.softmax(torch.cat([pre, own], dim=-1), dim=-1)
+            z = torch.einsum("bfkgst,bkte->bfskge", pattern[..., :T], prefix.values.float()) + torch.einsum(
+                "bfkgst,bftke->bfskge", pattern[..., T:], v.float()
+            )
+        z = self._fire(hooks, f"{name}.hook_z", z.reshape(B, F, S, H, E).to(xn.dtype))
+        return torch.einsum("bfshe,hed->bfsd", z, lw.W_O) + lw.b_O
+
+    def _mlp(self, layer: int, xn: torch.Tensor, hooks: HookFns | None) -> torch.Tensor:
+        lw = self.layers[layer]
+        name = f"blocks.{layer}.mlp"
+        if lw.W_gate is None:
+            pre = self._fire(hooks, f"{name}.hook_pre", xn @ lw.W_in + lw.b_in)
+            post = self.act(pre)
+        else:
+            pre = self._fire(hooks, f"{name}.hook_pre", xn @ lw.W_gate)
+            lin = self._fire(hooks, f"{name}.hook_pre_linear", xn @ lw.W_in + lw.b_in)
+            post = self.act(pre) * lin
+        post = self._fire(hooks, f"{name}.hook_post", post)
+        return post @ lw.W_out + lw.b_out
+
+    def _block(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        qpos: torch.Tensor,
+        prefix: KVPrefix | None,
+        hooks: HookFns | None,
+        *,
+        start_sub: int = 0,
+        keep_kv: list | None = None,
+        keep_resid: dict | None = None,
+    ) -> torch.Tensor:
+        lw = self.layers[layer]
+        name = f"blocks.{layer}"
+        if start_sub == 0:
+            x = self._fire(hooks, f"{name}.hook_resid_pre", x)
+            if keep_resid is not None:
+                keep_resid[(layer, 0)] = x
+            xn = self._norm(x, lw.ln1, f"{name}.ln1", hooks)
+            attn = self._fire(hooks, f"{name}.hook_attn_out", self._attention(layer, xn, qpos, prefix, hooks, keep_kv))
+            x = x + attn
+        x = self._fire(hooks, f"{name}.hook_resid_mid", x)
+        if keep_resid is not None:
+            keep_resid[(layer, 1)] = x
+        xn = self._norm(x, lw.ln2, f"{name}.ln2", hooks)
+        x = x + self._fire(hooks, f"{name}.hook_mlp_out", self._mlp(layer, xn, hooks))
+        return self._fire(hooks, f"{name}.hook_resid_post", x)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # passes
+
+    def embed(self, tokens: torch.Tensor, pos: torch.Tensor, hooks: HookFns | None = None) -> torch.Tensor:
+        """Residual stream entering block 0: ``[B, 1, S, d_model]`` from tokens and absolute positions ``[B, S]``."""
+        x = self._fire(hooks, "hook_embed", self.W_E[tokens][:, None])
+        if self.W_pos is not None:
+            x = x + self._fire(hooks, "hook_pos_embed", self.W_pos[pos][:, None])
+        return x
+
+    def forward_tokens(
+        self,
+        tokens: torch.Tensor,
+        hooks: HookFns | None = None,
+        *,
+        stop_after: tuple[int, int] | None = None,
+        keep_kv: list | None = None,
+        keep_resid: dict | None = None,
+    ) -> torch.Tensor:
+        """Every position of right-padded token rows: the residual stream after the last block run.
+
+        Args:
+            tokens: int64 ``[B, S]`` (right padding never changes a real position: attention is causal).
+            hooks: hook name -> functions (see the module docstring for the layout).
+            stop_after: ``(layer, sub)``: stop once that half-block has run (no later block, no final norm).
+            keep_kv: a list that receives ``(keys, values)`` per block run (``[B, 1, S, n_kv, d_head]``, keys rotated).
+            keep_resid: a dict that receives ``{(layer, 0): resid_pre, (layer, 1): resid_mid}`` ``[B, F, S, d]``.
+
+        Returns:
+            ``[B, F, S, d_model]``: the residual stream entering the final norm (or after ``stop_after``).
+        """
+        B, S = tokens.shape
+        pos = torch.arange(S, device=tokens.device).expand(B, S)
+        x = self.embed(tokens, pos, hooks)
+        return self.forward_resid(x, pos, None, hooks, start=(0, 0), stop_after=stop_after, keep_kv=keep_kv,
+                                  keep_resid=keep_resid)
+
+    def forward_resid(
+        self,
+        x: torch.Tensor,
+        qpos: torch.Tensor,
+        prefixes: Sequence[KVPrefix] | None,
+        hooks: HookFns | None = None,
+        *,
+        start: tuple[int, int] = (0, 0),
+        stop_after: tuple[int, int] | None = None,
+        keep_kv: list | None = None,
+        keep_resid: dict | None = None,
+    ) -> torch.Tensor:
+        """Run from half-block ``start`` with the residual stream ``x [B, F, S, d_model]`` at positions ``qpos [B, S]``.
+
+        Args:
+            prefixes: per layer, the cached keys/values of earlier positions (None: the positions in ``x`` are the
+                whole sequence).
+            start: ``(layer, 0)`` starts at block ``layer``'s ``hook_resid_pre``; ``(layer, 1)`` at its
+                ``hook_resid_mid`` (attention skipped); ``(n_layers, 0)`` runs nothing.
+        """
+        layer, sub = start
+        while layer < self.n_layers:
+            if stop_after is not None and (layer, sub) > stop_after:
+                return x
+            prefix = None if prefixes is None else prefixes[layer]
+            x = self._block(layer, x, qpos, prefix, hooks, start_sub=sub, keep_kv=keep_kv, keep_resid=keep_resid)
+            if stop_after is not None and stop_after[0] == layer:
+                return x
+            layer, sub = layer + 1, 0
+        return x
+
+    def logits(self, resid: torch.Tensor, hooks: HookFns | None = None) -> torch.Tensor:
+        """Final norm and unembedding of a residual stream ``[..., d_model]`` -> logits ``[..., d_vocab]`` (float32)."""
+        xn = self._norm(resid, self.ln_final, "ln_final", hooks)
+        return (xn @ self.W_U + self.b_U).float()
+
+
+def _norm_params(bridge_norm) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) a bridge norm applies after normalising; bias None for RMSNorm or bias-free LayerNorms."""
+    if getattr(bridge_norm, "uses_weight_offset", False):
+        raise EngineError("norms with a (1 + weight) offset are not supported by the engine")
+    weight = _param(bridge_norm.weight)
+    comp = getattr(bridge_norm, "original_component", None)
+    bias = None
+    if not getattr(bridge_norm, "uses_rms_norm", False) and comp is not None:
+        bias = _param(getattr(comp, "bias", None))
+    return weight, bias
+
+
+def _is_gpt_neo(hf_model) -> bool:
+    return getattr(hf_model.config, "model_type", "") == "gpt_neo"
+
+
+def _layer_windows(hf_model, n_layers: int) -> list[int | None]:
+    """Sliding-window size per layer (None = global): GPT-Neo's ``attention_layers``, else ``layer_types``."""
+    cfg = hf_model.config
+    if _is_gpt_neo(hf_model):
+        kinds = list(cfg.attention_layers)
+        return [int(cfg.window_size) if kinds[i] == "local" else None for i in range(n_layers)]
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if window is None or getattr(cfg, "use_sliding_window", True) is False:
+        return [None] * n_layers
+    if types is None:
+        return [int(window)] * n_layers
+    return [int(window) if types[i] == "sliding_attention" else None for i in range(n_layers)]
+
+
+def _rotary_fn(hf_model, d_head: int):
+    """cos/sin ``[B, S, d_head]`` at absolute positions ``[B, S]`` from the Hugging Face model's own rotary module."""
+    base = getattr(hf_model, "model", hf_model)
+    rotary = getattr(base, "rotary_emb", None)
+    if rotary is None:
+        raise EngineError("rotary model without a model-level rotary_emb module; not supported by the engine")
+    probe = next(hf_model.parameters())
+
+    def fn(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dummy = torch.zeros(1, dtype=probe.dtype, device=pos.device)
+        cos, sin = rotary(dummy, pos)
+        if cos.shape[-1] != d_head:
+            raise EngineError("partial rotary embeddings are not supported by the engine")
+        return cos, sin
+
+    return fn

@@ -1,0 +1,381 @@
+"""Prefix-cached interventions at the prediction position: the one intervention layer every analysis uses.
+
+An edit at layer L and position P of a causal model changes nothing at positions before P, and position P only from
+layer L onward. So each batch of prompts gets one clean pass (:meth:`Interventions.clean`) that keeps what later
+positions need: the keys and values of every layer, and the residual stream at each prompt's own P entering each
+half-block. An intervention (:meth:`Interventions.run`) then recomputes only position P, from the earliest edited
+or read hook to the unembedding, its query attending to the cached keys/values of positions ``< P`` (each row's own
+P, so right padding never matters; local layers keep their window; rotary queries get position P), and unembeds P
+alone. Edits are still written on TransformerLens hook names (``blocks.1.mlp.hook_post``), so each analysis keeps its
+meaning; many variants of an edit (one per feature, say) run as one batch of ``B x V`` rows that share the cache,
+and everything before the first edit is computed once per prompt.
+
+Backends: the fast path is :class:`saecircuits.models.engine.Engine` (GPT-2, GPT-Neo global/local, Llama rotary +
+GQA, self-checked against the bridge when it is built). For any model the engine refuses, the same calls run full
+TransformerBridge forwards with hooks at each row's P (exact, slower; the engine's reason is logged once).
+``tests/models/test_interventions.py`` checks every result of the fast path against full-prompt interventions
+through the bridge, on right-padded batches of prompts of different lengths, per architecture.
+
+Cost per prompt and intervention: (layers after the edit) x one query over P cached keys + one ``[d_vocab]``
+unembedding, instead of all positions x all layers + ``[pos, d_vocab]`` logits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from saecircuits.models.engine import Engine, EngineError, KVPrefix, stage_of_hook
+from saecircuits.models.hooks import TaskBatch, run_at_positions, stop_layer_for
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Edit", "CleanPass", "Interventions", "interventions_for"]
+
+_ATTR = "_saecircuits_interventions"
+
+
+@dataclass(frozen=True)
+class Edit:
+    """An edit of one hook's activation at each prompt's prediction position P.
+
+    Attributes:
+        hook: TransformerLens hook name, e.g. ``blocks.1.mlp.hook_post``.
+        fn: ``fn(x) -> x'`` with ``x`` of shape ``[B, F, *act_shape]`` (B prompts of the batch in batch order; ``F``
+            is 1 while every variant still shares the value, else ``V``) returning ``[B, F or V, *act_shape]``.
+            Returning ``V`` variants turns one prompt into ``V`` edited rows (one ablated feature each, say).
+    """
+
+    hook: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class CleanPass:
+    """One clean forward of a batch, with what interventions at P need.
+
+    Attributes:
+        batch: the right-padded batch (``tokens [B, T]``, ``positions [B]`` = each row's P, ``answer_ids [B]``).
+        logits: float32 ``[B, d_vocab]`` at P (None when not asked for).
+        reads: hook name -> activation at P ``[B, *act_shape]`` (clean).
+        kv: per layer, cached keys/values with ``valid = t < P`` (engine backend only).
+        resid: ``{(layer, 0): resid_pre, (layer, 1): resid_mid, (n_layers, 0): final resid}`` at P, ``[B, d_model]``
+            (engine backend only).
+    """
+
+    batch: TaskBatch
+    logits: torch.Tensor | None
+    reads: dict[str, torch.Tensor]
+    kv: list[KVPrefix] | None = None
+    resid: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+
+class Interventions:
+    """Clean passes and prefix-cached interventions at P for one model (get it with :func:`interventions_for`)."""
+
+    def __init__(self, model, engine: Engine | None, reason: str = "") -> None:
+        self.model = model
+        self.engine = engine
+        self.reason = reason
+        self.n_layers = int(model.cfg.n_layers)
+
+    @property
+    def backend(self) -> str:
+        """``"engine"`` (prefix-cached, one position) or ``"bridge"`` (full forwards through the bridge)."""
+        return "engine" if self.engine is not None else "bridge"
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    def clean(
+        self, batch: TaskBatch, read: Sequence[str] = (), *, logits: bool = True, cache: bool = True
+    ) -> CleanPass:
+        """One clean forward of ``batch``: logits and ``read`` activations at each row's P, plus the prefix cache.
+
+        Args:
+            batch: from :func:`saecircuits.models.hooks.task_batches` / ``row_batches``.
+            read: hook names to return at P (``[B, *act_shape]``).
+            logits: compute the logits at P.
+            cache: keep what :meth:`run` needs (otherwise the pass stops after the last block it must run).
+
+        Returns:
+            :class:`CleanPass`.
+
+        Raises:
+            KeyError: a hook in ``read`` that never fired (bridge backend) or EngineError (engine backend).
+        """
+        with torch.no_grad():
+            if self.engine is None:
+                lg, reads = run_at_positions(
+                    self.model, batch.tokens, batch.positions, read=list(read), return_logits=logits
+                )
+                return CleanPass(batch, lg, reads)
+            return self._engine_clean(batch, list(read), logits=logits, cache=cache)
+
+    def run(
+        self,
+        clean: CleanPass,
+        edits: Sequence[Edit],
+        *,
+        n_variants: int = 1,
+        read: Sequence[str] = (),
+        logits: bool = True,
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Apply ``edits`` at every row's P and return the logits (and ``read`` activations) at P.
+
+        Only position P is recomputed, from the earliest hook in ``edits``/``read`` on, attending to the clean
+        cache of positions ``< P``. Edits at one hook run in the given order, after any read of that hook (a read
+        of an edited hook gives its value before the edit).
+
+        Args:
+            clean: the batch's :meth:`clean` pass (with ``cache=True``).
+            edits: the edits (each hook's ``fn`` may expand to ``n_variants`` rows per prompt).
+            n_variants: ``V``; outputs are ``[B, V, ...]``.
+            read: hook names to return at P.
+            logits: compute the logits at P.
+
+        Returns:
+            ``(logits [B, V, d_vocab] float32 or None, {hook: [B, V, *act_shape]})``.
+
+        Raises:
+            EngineError: a hook the engine does not fire. ValueError: an edit returned a bad shape.
+        """
+        with torch.no_grad():
+            if self.engine is None:
+                return self._bridge_run(clean, list(edits), n_variants, list(read), logits)
+            return self._engine_run(clean, list(edits), n_variants, list(read), logits)
+
+    def read_all(
+        self, tokens: torch.Tensor, read: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        """Activations of ``read`` at every position of right-padded ``tokens [B, T]`` -> ``{hook: [B, T, *shape]}``.
+
+        The pass stops after the last block it needs and never unembeds (corpus statistics, top examples).
+        """
+        read = list(read)
+        with torch.no_grad():
+            if self.engine is None:
+                store: dict[str, torch.Tensor] = {}
+
+                def grab(name):
+                    def hook(value, hook=None):
+                        store[name] = value.detach()
+
+                    return hook
+
+                stop = stop_layer_for(read, self.n_layers)
+                kwargs = {} if stop is None else {"stop_at_layer": stop}
+                self.model.run_with_hooks(tokens, fwd_hooks=[(n, grab(n)) for n in read], return_type=None, **kwargs)
+                missing = [n for n in read if n not in store]
+                if missing:
+                    raise KeyError(f"hook(s) {missing} never fired; check the names against model.hook_dict")
+                return store
+            store = {}
+            hooks = {n: [self._full_reader(store, n)] for n in read}
+            last = max(stage_of_hook(n, self.n_layers) for n in read)
+            x = self.engine.forward_tokens(tokens, hooks, stop_after=last if last[0] < self.n_layers else None)
+            if last[0] >= self.n_layers:
+                self.engine.logits(x, hooks)
+            return store
+
+    # ------------------------------------------------------------------------------------------------------------
+    # engine backend
+
+    @staticmethod
+    def _full_reader(store: dict, name: str):
+        def fn(x: torch.Tensor) -> None:
+            store[name] = x[:, 0].detach()
+
+        return fn
+
+    def _engine_clean(self, batch: TaskBatch, read: list[str], *, logits: bool, cache: bool) -> CleanPass:
+        eng = self.engine
+        B, T = batch.tokens.shape
+        rows = torch.arange(B, device=batch.tokens.device)
+        pos = batch.positions.to(batch.tokens.device)
+        reads: dict[str, torch.Tensor] = {}
+        resid: dict[tuple[int, int], torch.Tensor] = {}
+        hooks: dict[str, list] = {}
+
+        def at_p(store: dict, key):
+            def fn(x: torch.Tensor) -> None:
+                store[key] = x[rows, 0, pos].detach()
+
+            return fn
+
+        final_hooks: dict[str, list] = {}
+        for name in read:
+            if stage_of_hook(name, self.n_layers)[0] == self.n_layers:  # ln_final: run on the gathered rows
+                final_hooks.setdefault(name, []).append(self._squeeze_reader(reads, name))
+            else:
+                hooks.setdefault(name, []).append(at_p(reads, name))
+        keep_kv: list | None = None
+        if cache:
+            keep_kv = []
+            for layer in range(self.n_layers):
+                hooks.setdefault(f"blocks.{layer}.hook_resid_pre", []).append(at_p(resid, (layer, 0)))
+                hooks.setdefault(f"blocks.{layer}.hook_resid_mid", []).append(at_p(resid, (layer, 1)))
+        stop = None
+        if not cache and not logits and not final_hooks and read:
+            stop = max(stage_of_hook(n, self.n_layers) for n in read)
+        x = eng.forward_tokens(batch.tokens, hooks, stop_after=stop, keep_kv=keep_kv)
+        lg = None
+        if stop is None:
+            final = x[rows, 0, pos]  # [B, d_model]
+            resid[(self.n_layers, 0)] = final
+            if logits or final_hooks:
+                lg = eng.logits(final[:, None, None], final_hooks)[:, 0, 0]
+        lg = lg if logits else None
+        kv = None
+        if cache:
+            valid = torch.arange(T, device=pos.device)[None] < pos[:, None]
+            kv = [KVPrefix(k[:, 0].transpose(1, 2), v[:, 0].transpose(1, 2), valid) for k, v in keep_kv]
+        return CleanPass(batch, lg, reads, kv=kv, resid=resid if cache else {})
+
+    @staticmethod
+    def _squeeze_reader(store: dict, name: str):
+        def fn(x: torch.Tensor) -> None:
+            store[name] = x[:, 0, 0].detach()
+
+        return fn
+
+    def _engine_run(
+        self, clean: CleanPass, edits: list[Edit], V: int, read: list[str], logits: bool
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        eng = self.engine
+        if clean.kv is None:
+            raise ValueError("this CleanPass has no prefix cache; call clean(batch, cache=True)")
+        n = self.n_layers
+        stages = [stage_of_hook(e.hook, n) for e in edits] + [stage_of_hook(r, n) for r in read]
+        if not stages:
+            raise ValueError("run() needs at least one edit or read hook")
+        start = min(stages)
+        batch = clean.batch
+        B = batch.tokens.shape[0]
+        pos = batch.positions.to(batch.tokens.device)
+        reads: dict[str, torch.Tensor] = {}
+        hooks: dict[str, list] = {}
+        for name in read:
+            hooks.setdefault(name, []).append(_variant_reader(reads, name))
+        for e in edits:
+            hooks.setdefault(e.hook, []).append(_edit_at_single_position(e, B, V))
+        qpos = pos[:, None]
+        if start[0] < 0:
+            tokens_p = batch.tokens[torch.arange(B, device=pos.device), pos][:, None]
+            x = eng.embed(tokens_p, qpos, hooks)[:, :, :, :]
+            start = (0, 0)
+        else:
+            x = clean.resid[start][:, None, None]
+        stop = None
+        if not logits:
+            last = max(stages)
+            stop = last if last[0] < n else None
+        x = eng.forward_resid(x, qpos, clean.kv, hooks, start=start, stop_after=stop)
+        lg = None
+        if stop is None and (logits or any(s[0] == n for s in stages)):
+            lg = eng.logits(x, hooks)[:, :, 0]
+            lg = lg.expand(B, V, lg.shape[-1]) if logits else None
+        return lg, {k: _expand_variants(v, B, V) for k, v in reads.items()}
+
+    # ------------------------------------------------------------------------------------------------------------
+    # bridge backend (full forwards, exact, slow)
+
+    def _bridge_run(
+        self, clean: CleanPass, edits: list[Edit], V: int, read: list[str], logits: bool
+    ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        batch = clean.batch
+        B = batch.tokens.shape[0]
+        tokens = batch.tokens.repeat_interleave(V, 0)
+        pos = batch.positions.repeat_interleave(V, 0)
+        fwd = [(e.hook, _edit_hook_full(e, pos, B, V)) for e in edits]
+        lg, reads = run_at_positions(self.model, tokens, pos, read=read, edits=fwd, return_logits=logits)
+        out = {k: v.reshape(B, V, *v.shape[1:]) for k, v in reads.items()}
+        return (None if lg is None else lg.reshape(B, V, -1)), out
+
+
+def _variant_reader(store: dict, name: str):
+    """Engine hook that keeps ``[B, F, 1, *shape]`` at P as ``[B, F, *shape]``."""
+
+    def fn(x: torch.Tensor) -> None:
+        store[name] = x[:, :, 0].detach()
+
+    return fn
+
+
+def _expand_variants(x: torch.Tensor, B: int, V: int) -> torch.Tensor:
+    """``[B, F, *shape]`` with F in {1, V} -> ``[B, V, *shape]``."""
+    return x if x.shape[1] == V else x.expand(B, V, *x.shape[2:])
+
+
+def _check_edit_output(e: Edit, out: torch.Tensor, x: torch.Tensor, V: int) -> None:
+    if out.shape[0] != x.shape[0] or out.shape[1] not in (1, V, x.shape[1]) or out.shape[2:] != x.shape[2:]:
+        raise ValueError(
+            f"edit on {e.hook} returned shape {list(out.shape)} for input {list(x.shape)}; it must return "
+            f"[B, 1 or V={V}, *act_shape]"
+        )
+
+
+def _edit_at_single_position(e: Edit, B: int, V: int):
+    """Engine hook: activations ``[B, F, 1, *shape]`` at P -> the edit's ``[B, F', 1, *shape]``."""
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        rows = x[:, :, 0]
+        out = e.fn(rows)
+        _check_edit_output(e, out, rows, V)
+        return out.to(x.dtype)[:, :, None]
+
+    return fn
+
+
+def _edit_hook_full(e: Edit, pos: torch.Tensor, B: int, V: int):
+    """Bridge hook on ``[B*V, T, *shape]``: edit each row at its P with the rows viewed as ``[B, V, *shape]``."""
+
+    def hook(value: torch.Tensor, hook=None) -> torch.Tensor:
+        r = torch.arange(value.shape[0], device=value.device)
+        p = pos.to(value.device)
+        rows = value[r, p].reshape(B, V, *value.shape[2:])
+        out = e.fn(rows)
+        _check_edit_output(e, out, rows, V)
+        new = value.clone()
+        new[r, p] = _expand_variants(out, B, V).reshape(B * V, *value.shape[2:]).to(value.dtype)
+        return new
+
+    return hook
+
+
+def interventions_for(model, *, backend: str = "auto") -> Interventions:
+    """The model's :class:`Interventions`, built once and kept on the model object.
+
+    Args:
+        model: a TransformerBridge (as from :func:`saecircuits.models.load.load_model`).
+        backend: ``"auto"`` (the engine when it reproduces the bridge's logits, else the bridge), ``"engine"``
+            (raise when the engine cannot serve this model) or ``"bridge"`` (full bridge forwards only).
+
+    Returns:
+        :class:`Interventions`. The engine holds references to the weights at the time it was built; after
+        editing weights in place, call again with the same ``backend`` on a fresh model.
+
+    Raises:
+        EngineError: ``backend="engine"`` for a model the engine cannot compute.
+        ValueError: unknown ``backend``.
+    """
+    if backend not in ("auto", "engine", "bridge"):
+        raise ValueError(f"backend must be 'auto', 'engine' or 'bridge', got {backend!r}")
+    cached = model.__dict__.get(_ATTR, {})
+    if backend in cached:
+        return cached[backend]
+    if backend == "bridge":
+        iv = Interventions(model, None, "bridge backend requested")
+    else:
+        try:
+            iv = Interventions(model, Engine.from_bridge(model))
+        except EngineError as err:
+            if backend == "engine":
+                raise
+            logger.warning("prefix-cached interventions unavailable (%s); using full bridge forwards", err)
+            iv = Interventions(model, None, str(err))
+    cached[backend] = iv
+    model.__dict__[_ATTR] = cached
+    return iv

@@ -1,0 +1,117 @@
+"""The engine (a forward in TransformerLens's processed basis) gives the bridge's activations, per architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import ARCHITECTURES, HF_BUILDERS, tiny_neo, tiny_tokenizer, token_rows
+
+from saecircuits.models.engine import Engine, EngineError, layer_hook_names, stage_of_hook
+from saecircuits.models.load import load_hf_model
+from saecircuits.models.tokens import pad_right
+
+LENGTHS = [7, 40, 23, 31]  # > tiny_neo's local window of 16, so the window is exercised
+
+
+def _all_hooks(model) -> list[str]:
+    names = ["hook_embed"]
+    if model.cfg.positional_embedding_type == "standard":
+        names.append("hook_pos_embed")
+    for layer in range(model.cfg.n_layers):
+        for n in layer_hook_names(layer):
+            if n in model.hook_dict and not (n.endswith("pre_linear") and not model.cfg.gated_mlp):
+                names.append(n)
+    return names + ["ln_final.hook_scale", "ln_final.hook_normalized"]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_hook_equals_the_bridge_on_a_padded_batch(arch):
+    model = ARCHITECTURES[arch]()
+    engine = Engine.from_bridge(model)
+    rows = token_rows(LENGTHS, seed=1)
+    tokens, lengths = pad_right(rows, pad_id=0)
+    names = [n for n in _all_hooks(model) if n in model.hook_dict]
+    got: dict[str, torch.Tensor] = {}
+
+    def grab(name):
+        def fn(x):
+            got[name] = x[:, 0].clone()
+
+        return fn
+
+    hooks = {n: [grab(n)] for n in names}
+    with torch.no_grad():
+        logits = engine.logits(engine.forward_tokens(tokens, hooks), hooks)[:, 0]
+    for b, row in enumerate(rows):
+        n = len(row)
+        with torch.no_grad():
+            ref_logits, cache = model.run_with_cache(torch.tensor([row]))
+        torch.testing.assert_close(logits[b, :n], ref_logits[0], atol=2e-5, rtol=0)
+        for name in names:
+            ref = cache[name][0]
+            mine = got[name][b]
+            if name.endswith("hook_pattern"):  # [head, q, k]
+                mine = mine[:, :n, :n]
+            else:
+                mine = mine[:n]
+            torch.testing.assert_close(mine, ref, atol=2e-5, rtol=0, msg=f"{arch} {name} row {b}")
+
+
+SWITCHES = [
+    dict(fold_ln=True, center_writing_weights=True, center_unembed=True),
+    dict(fold_ln=False, center_writing_weights=False, center_unembed=False),
+    dict(fold_ln=False, center_writing_weights=True, center_unembed=True),
+    dict(fold_ln=True, center_writing_weights=False, center_unembed=True),
+    dict(fold_ln=True, center_writing_weights=True, center_unembed=False),
+]
+
+
+@pytest.mark.parametrize("arch", sorted(HF_BUILDERS))
+@pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: "-".join(k for k, v in s.items() if v) or "none")
+def test_engine_log_probs_equal_the_unprocessed_model_under_every_switch(arch, switches):
+    """Weight processing never changes log-probs; the engine reads whatever the bridge left (norm weights too)."""
+    raw = HF_BUILDERS[arch](seed=3)
+    rows = token_rows([12, 30], seed=2)
+    tokens, _ = pad_right(rows, pad_id=0)
+    with torch.no_grad():
+        ref = raw(tokens).logits.log_softmax(-1)
+    bridge = load_hf_model(HF_BUILDERS[arch](seed=3), tiny_tokenizer(), **switches)
+    engine = Engine.from_bridge(bridge)  # includes the check against the bridge's own logits
+    with torch.no_grad():
+        mine = engine.logits(engine.forward_tokens(tokens))[:, 0].log_softmax(-1)
+    for b, row in enumerate(rows):
+        torch.testing.assert_close(mine[b, : len(row)], ref[b, : len(row)], atol=5e-5, rtol=0)
+
+
+def test_stop_after_and_kept_kv_shapes():
+    model = tiny_neo()
+    engine = Engine.from_bridge(model)
+    tokens, _ = pad_right(token_rows([10, 6]), pad_id=0)
+    kv: list = []
+    with torch.no_grad():
+        x = engine.forward_tokens(tokens, stop_after=(0, 1), keep_kv=kv)
+        _, cache = model.run_with_cache(tokens)
+    assert len(kv) == 1  # block 1 never ran
+    torch.testing.assert_close(x[:, 0], cache["blocks.0.hook_resid_post"], atol=1e-5, rtol=0)
+    k, v = kv[0]
+    assert k.shape == (2, 1, 10, model.cfg.n_heads, model.cfg.d_head)
+    torch.testing.assert_close(k[:, 0], cache["blocks.0.attn.hook_k"], atol=1e-5, rtol=0)
+
+
+def test_a_wrong_engine_is_refused_by_its_own_check():
+    model = tiny_neo()
+    engine = Engine.from_bridge(model)
+    engine.layers[1].window = None  # pretend layer 1 were global: the 40-token check must notice
+    with pytest.raises(EngineError, match="differ from the bridge"):
+        engine.check_against(model, seq_len=40)
+
+
+def test_unknown_hook_names_are_refused_with_the_supported_list():
+    assert stage_of_hook("blocks.1.mlp.hook_post", 2) == (1, 1)
+    assert stage_of_hook("blocks.0.attn.hook_z", 2) == (0, 0)
+    assert stage_of_hook("hook_embed", 2) == (-1, 0)
+    assert stage_of_hook("ln_final.hook_scale", 2) == (2, 0)
+    with pytest.raises(EngineError, match="hook_resid_pre"):
+        stage_of_hook("blocks.0.attn.hook_result", 2)
+    with pytest.raises(EngineError):
+        stage_of_hook("blocks.5.mlp.hook_post", 2)

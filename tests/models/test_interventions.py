@@ -1,0 +1,192 @@
+"""Prefix-cached interventions at P equal full-prompt interventions through the bridge, per architecture.
+
+The reference is computed one prompt at a time, unpadded, through the TransformerBridge with a hook that edits the
+prompt's last position (independent of the engine); the prefix-cached results come from right-padded batches of
+prompts of different lengths. Loss, log-prob and logit agree to 1e-5 (fp32) and ranks exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import ARCHITECTURES, random_sae, token_rows
+
+from saecircuits.models.engine import EngineError
+from saecircuits.models.hooks import answer_metrics, row_batches
+from saecircuits.models.interventions import Edit, interventions_for
+
+LENGTHS = [9, 40, 23, 31, 17, 2]  # different lengths, several beyond tiny_neo's 16-token local window
+TOL = dict(atol=1e-5, rtol=0)
+
+
+def _setup(arch: str, layer: int):
+    model = ARCHITECTURES[arch]()
+    hook = f"blocks.{layer}.mlp.hook_post"
+    sae = random_sae(d_in=int(model.cfg.d_mlp), d_sae=96, hook_point=hook, seed=layer)
+    rows = token_rows(LENGTHS, seed=5)
+    gen = torch.Generator().manual_seed(7)
+    answers = torch.randint(1, 300, (len(rows),), generator=gen).tolist()
+    return model, hook, sae, rows, answers
+
+
+def _reference(model, row, answer, hook_edits, read=()):
+    """One prompt, unpadded, through the bridge: ``hook_edits`` = [(hook, fn(x [d]) -> x')] at the last position."""
+    p = len(row) - 1
+    store = {}
+
+    def make(fn):
+        def hook(value, hook=None):
+            new = value.clone()
+            new[0, p] = fn(value[0, p])
+            return new
+
+        return hook
+
+    def grab(name):
+        def hook(value, hook=None):
+            store[name] = value[0, p].detach().clone()
+
+        return hook
+
+    with torch.no_grad():
+        logits = model.run_with_hooks(
+            torch.tensor([row]), fwd_hooks=[(n, grab(n)) for n in read] + [(h, make(f)) for h, f in hook_edits]
+        )
+    m = answer_metrics(logits[:, p], torch.tensor([answer]))
+    return {k: float(v[0]) for k, v in m.items()}, store
+
+
+def _check(metrics_bv, b, v, ref):
+    for name in ("loss", "logprob", "logit"):
+        torch.testing.assert_close(metrics_bv[name][b, v], torch.tensor(ref[name]), **TOL, msg=name)
+    assert float(metrics_bv["rank"][b, v]) == ref["rank"]
+
+
+def _feature_table(sae, x_at_p: torch.Tensor, V: int) -> torch.Tensor:
+    """Per prompt, the V most active features at P (ties broken by index)."""
+    return torch.topk(sae.encode(x_at_p), V, dim=-1).indices
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("layer", [0, 1])
+def test_mlp_edits_at_p_equal_full_prompt_interventions(arch, layer):
+    model, hook, sae, rows, answers = _setup(arch, layer)
+    iv = interventions_for(model)
+    assert iv.backend == "engine"
+    V = 4
+    for batch in row_batches(rows, 0, answer_ids=answers, max_tokens=200, max_batch=4):
+        clean = iv.clean(batch, read=[hook])
+        x = clean.reads[hook]
+        feats = _feature_table(sae, x, V)  # [B, V]
+        W_dec = sae.W_dec.detach()
+
+        def ablate_each(xb, feats=feats):  # one feature per variant: [B, F, d] -> [B, V, d]
+            f = sae.encode(xb).expand(-1, V, -1).gather(-1, feats[:, :, None])
+            return xb - f * W_dec[feats]
+
+        def ablate_set(xb, feats=feats):  # all V features together, in one variant
+            f = sae.encode(xb).gather(-1, feats[:, None, :].expand(-1, xb.shape[1], -1))  # [B, F, V]
+            return xb - torch.einsum("bfk,bkd->bfd", f, W_dec[feats])
+
+        cases = {
+            "zero": ([Edit(hook, torch.zeros_like)], 1),
+            "splice": ([Edit(hook, lambda xb: sae.decode(sae.encode(xb)))], 1),
+            "each": ([Edit(hook, ablate_each)], V),
+            "set": ([Edit(hook, ablate_set)], 1),
+        }
+        for name, (edits, n_var) in cases.items():
+            logits, _ = iv.run(clean, edits, n_variants=n_var)
+            assert logits.shape == (len(batch.indices), n_var, model.cfg.d_vocab)
+            m = answer_metrics(logits, batch.answer_ids)
+            for b, i in enumerate(batch.indices):
+                for v in range(n_var):
+                    k = int(feats[b, v])
+                    ref_fn = {
+                        "zero": lambda xp: torch.zeros_like(xp),
+                        "splice": lambda xp: sae.decode(sae.encode(xp)),
+                        "each": lambda xp, k=k: xp - sae.encode(xp)[k] * W_dec[k],
+                        "set": lambda xp, b=b: xp - sae.encode(xp)[feats[b]] @ W_dec[feats[b]],
+                    }[name]
+                    ref, _ = _reference(model, rows[i], answers[i], [(hook, ref_fn)])
+                    _check(m, b, v, ref)
+        # the clean logits of the cached pass are the bridge's too
+        mc = answer_metrics(clean.logits, batch.answer_ids)
+        for b, i in enumerate(batch.indices):
+            ref, _ = _reference(model, rows[i], answers[i], [])
+            for name in ("loss", "logit"):
+                torch.testing.assert_close(mc[name][b], torch.tensor(ref[name]), **TOL)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_upstream_edit_read_downstream_and_attention_edits(arch):
+    """Zero MLP0 at P and read MLP1 at P; ablate one head's z; edit the embedding and resid_pre."""
+    model, _, _, rows, answers = _setup(arch, 0)
+    iv = interventions_for(model)
+    up, down = "blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"
+    batch = next(row_batches(rows, 0, answer_ids=answers, max_tokens=400, max_batch=8))
+    clean = iv.clean(batch)
+
+    def kill_head(z):
+        z = z.clone()
+        z[..., 1, :] = 0
+        return z
+
+    cases = [
+        ([(up, torch.zeros_like)], [down]),
+        ([("blocks.1.attn.hook_z", kill_head)], ["blocks.1.attn.hook_z"]),
+        ([("hook_embed", lambda e: 0.5 * e)], []),
+        ([("blocks.0.hook_resid_pre", lambda r: -r)], ["ln_final.hook_scale"]),
+        ([("blocks.1.attn.hook_v", lambda v: 2 * v)], []),
+    ]
+    for edits, read in cases:
+        logits, reads = iv.run(clean, [Edit(h, f) for h, f in edits], read=read)
+        m = answer_metrics(logits, batch.answer_ids)
+        for b, i in enumerate(batch.indices):
+            ref, store = _reference(model, rows[i], answers[i], edits, read=read)
+            _check(m, b, 0, ref)
+            for name in read:
+                torch.testing.assert_close(reads[name][b, 0], store[name], **TOL, msg=name)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_bridge_backend_gives_the_same_numbers(arch):
+    model, hook, sae, rows, answers = _setup(arch, 1)
+    fast, slow = interventions_for(model), interventions_for(model, backend="bridge")
+    assert slow.backend == "bridge"
+    batch = next(row_batches(rows, 0, answer_ids=answers, max_tokens=400, max_batch=8))
+    feats = torch.arange(3)[None].expand(len(batch.indices), 3)
+
+    def ablate_each(xb):
+        f = sae.encode(xb).expand(-1, 3, -1).gather(-1, feats[:, :, None])
+        return xb - f * sae.W_dec.detach()[feats]
+
+    outs = []
+    for iv in (fast, slow):
+        clean = iv.clean(batch, read=[hook])
+        logits, reads = iv.run(clean, [Edit(hook, ablate_each)], n_variants=3, read=["ln_final.hook_scale"])
+        outs.append((clean.logits, clean.reads[hook], logits, reads["ln_final.hook_scale"]))
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_read_all_positions_equals_the_bridge():
+    model = ARCHITECTURES["llama"]()
+    tokens = torch.tensor([r + [0] * (40 - len(r)) for r in token_rows([40, 12, 25])])
+    names = ["blocks.0.mlp.hook_post", "blocks.1.hook_resid_mid"]
+    fast = interventions_for(model).read_all(tokens, names)
+    slow = interventions_for(model, backend="bridge").read_all(tokens, names)
+    for n in names:
+        torch.testing.assert_close(fast[n], slow[n], **TOL)
+
+
+def test_bad_edit_shape_and_unknown_hooks_are_clear_errors():
+    model, hook, _, rows, answers = _setup("gpt_neo", 1)
+    iv = interventions_for(model)
+    batch = next(row_batches(rows, 0, answer_ids=answers))
+    clean = iv.clean(batch)
+    with pytest.raises(ValueError, match="must return"):
+        iv.run(clean, [Edit(hook, lambda x: x[:, :, :3])])
+    with pytest.raises(EngineError, match="not one the engine fires"):
+        iv.run(clean, [Edit("blocks.1.attn.hook_result", lambda x: x)])
+    with pytest.raises(ValueError, match="backend"):
+        interventions_for(model, backend="fast")
