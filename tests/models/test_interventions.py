@@ -2,7 +2,9 @@
 
 The reference is computed one prompt at a time, unpadded, through the TransformerBridge with a hook that edits the
 prompt's last position (independent of the engine); the prefix-cached results come from right-padded batches of
-prompts of different lengths. Loss, log-prob and logit agree to 1e-5 (fp32) and ranks exactly.
+prompts of different lengths. Loss, log-prob and logit agree to 1e-5 (fp32; relative for values above 1 in size:
+a logit of 21 carries float32 steps of 1.9e-6, and the two paths round the SAE encoder's matmuls differently), and
+ranks exactly.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def _reference(model, row, answer, hook_edits, read=()):
 
 def _check(metrics_bv, b, v, ref):
     for name in ("loss", "logprob", "logit"):
-        torch.testing.assert_close(metrics_bv[name][b, v], torch.tensor(ref[name]), **TOL, msg=name)
+        got = float(metrics_bv[name][b, v])
+        assert abs(got - ref[name]) <= 1e-5 * max(1.0, abs(ref[name])), f"{name}: {got} vs full-prompt {ref[name]}"
     assert float(metrics_bv["rank"][b, v]) == ref["rank"]
 
 
@@ -74,11 +77,11 @@ def test_mlp_edits_at_p_equal_full_prompt_interventions(arch, layer):
     iv = interventions_for(model)
     assert iv.backend == "engine"
     V = 4
+    W_dec = sae.W_dec.detach()
     for batch in row_batches(rows, 0, answer_ids=answers, max_tokens=200, max_batch=4):
         clean = iv.clean(batch, read=[hook])
         x = clean.reads[hook]
         feats = _feature_table(sae, x, V)  # [B, V]
-        W_dec = sae.W_dec.detach()
 
         def ablate_each(xb, feats=feats):  # one feature per variant: [B, F, d] -> [B, V, d]
             f = sae.encode(xb).expand(-1, V, -1).gather(-1, feats[:, :, None])
@@ -105,7 +108,7 @@ def test_mlp_edits_at_p_equal_full_prompt_interventions(arch, layer):
                         "zero": lambda xp: torch.zeros_like(xp),
                         "splice": lambda xp: sae.decode(sae.encode(xp)),
                         "each": lambda xp, k=k: xp - sae.encode(xp)[k] * W_dec[k],
-                        "set": lambda xp, b=b: xp - sae.encode(xp)[feats[b]] @ W_dec[feats[b]],
+                        "set": lambda xp, ks=feats[b]: xp - sae.encode(xp)[ks] @ W_dec[ks],
                     }[name]
                     ref, _ = _reference(model, rows[i], answers[i], [(hook, ref_fn)])
                     _check(m, b, v, ref)
@@ -190,3 +193,43 @@ def test_bad_edit_shape_and_unknown_hooks_are_clear_errors():
         iv.run(clean, [Edit("blocks.1.attn.hook_result", lambda x: x)])
     with pytest.raises(ValueError, match="backend"):
         interventions_for(model, backend="fast")
+
+
+SHARED = __import__("pathlib").Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("layer", [0, 4])
+def test_stories260k_prefix_cached_ablations_equal_full_prompts(tmp_path_factory, layer):
+    """The real llama2.c checkpoint (rotary + GQA, 5 layers) on real closing-quote prompts, L = 0 and the last."""
+    ckpt = SHARED / "stories260K" / "stories260K.bin"
+    val = SHARED / "tinystories-v1-valid-first1000" / "tinystories_val.txt"
+    if not (ckpt.is_file() and val.is_file()):
+        pytest.skip(f"shared data absent: {ckpt} / {val}")
+    from saecircuits.data.corpus import read_documents
+    from saecircuits.models.load import load_model
+    from saecircuits.tasks.closing_quote import closing_quote_task
+
+    model = load_model(ckpt, cache_dir=tmp_path_factory.mktemp("llama2c"))
+    task = closing_quote_task(read_documents(val)[:200], model.tokenizer, max_prompts=6)
+    hook = f"blocks.{layer}.mlp.hook_post"
+    sae = random_sae(d_in=int(model.cfg.d_mlp), d_sae=64, hook_point=hook, seed=layer)
+    iv = interventions_for(model)
+    assert iv.backend == "engine"
+    for batch in row_batches(task.token_ids, 0, answer_ids=task.answer_ids, max_tokens=2000, max_batch=3):
+        assert len(set(batch.positions.tolist())) > 1
+        clean = iv.clean(batch, read=[hook])
+        feats = torch.topk(sae.encode(clean.reads[hook]), 2, dim=-1).indices
+
+        def ablate_each(xb, feats=feats):
+            f = sae.encode(xb).expand(-1, 2, -1).gather(-1, feats[:, :, None])
+            return xb - f * sae.W_dec.detach()[feats]
+
+        for edits, n_var in (([Edit(hook, torch.zeros_like)], 1), ([Edit(hook, ablate_each)], 2)):
+            m = answer_metrics(iv.run(clean, edits, n_variants=n_var)[0], batch.answer_ids)
+            for b, i in enumerate(batch.indices):
+                for v in range(n_var):
+                    k = int(feats[b, v])
+                    fn = torch.zeros_like if n_var == 1 else (lambda xp, k=k: xp - sae.encode(xp)[k] * sae.W_dec[k])
+                    ref, _ = _reference(model, task.token_ids[i], task.answer_ids[i], [(hook, fn)])
+                    _check(m, b, v, ref)
