@@ -52,9 +52,11 @@ class RunConfig:
         max_prompts: use at most this many task prompts (the first ones in corpus order).
         max_prompt_tokens: drop prompts longer than this many tokens (default: the model's context).
         n_stat_docs: corpus documents used for the mean activation and top examples.
-        max_candidates, min_fraction_active: candidate features for the ablation table (analysis.features).
-        max_prompts_per_feature: each candidate is ablated on at most this many of its active prompts (the
-            reference notebook used 200).
+        feature_selection: which active features get their exact single-feature ablation effect at P on each
+            prompt: ``"all"`` (default) or an int N (per prompt, the N with the largest |activation x DLA|).
+        max_candidates, min_fraction_active: rows of the ranked feature table (analysis.features): features active
+            on at least ``min_fraction_active`` of the prompts, optionally only the ``max_candidates`` with the
+            largest mean activation (the reference notebook's 100 candidates; None = all).
         n_ablate: size of the top-feature set ablated together (largest loss increases).
         n_example_features, n_examples: features shown with top activating examples, and examples per feature.
         n_evidence_features: top features that get the per-feature evidence (prompt and weight logit boosts,
@@ -88,9 +90,9 @@ class RunConfig:
     max_prompts: int | None = 1000
     max_prompt_tokens: int | None = None
     n_stat_docs: int = 1000
-    max_candidates: int = 20
+    feature_selection: str | int = "all"
+    max_candidates: int | None = None
     min_fraction_active: float = 0.05
-    max_prompts_per_feature: int | None = 200
     n_ablate: int = 3
     n_example_features: int = 6
     n_examples: int = 5
@@ -298,23 +300,28 @@ def _round(x: float, nd: int = 6) -> float:
     return float(round(float(x), nd))
 
 
-def analyse_sae(model, sae, task, stat_docs: list[list[int]], cfg: RunConfig, progress: Callable[[str], None]) -> dict:
+def analyse_sae(
+    model, sae, task, stat_docs: list[list[int]], cfg: RunConfig, progress: Callable[[str], None],
+    bars: bool = False,
+) -> dict:
     """All first-slice analyses of one SAE; returns its ``results.json`` entry (schema in report/schema.py)."""
     from saecircuits.analysis.ablation import ablate_features
     from saecircuits.analysis.examples import top_activating_examples
-    from saecircuits.analysis.features import feature_ablation_table, feature_activations
+    from saecircuits.analysis.features import feature_ablation_table, feature_activations, feature_effects
     from saecircuits.analysis.reconstruction import mean_activation, reconstruction_at_prediction
 
     progress(f"{sae.hook_point}: mean activation over {len(stat_docs)} documents")
     mean_act = mean_activation(model, stat_docs, sae.hook_point, exclude_bos=cfg.exclude_bos)
     progress(f"{sae.hook_point}: loss at the answer position (clean / SAE / zero / mean ablation)")
     rec = reconstruction_at_prediction(model, sae, task, mean_act=mean_act, seed=cfg.seed)
-    progress(f"{sae.hook_point}: feature activations and single-feature ablations")
     acts = feature_activations(model, sae, task)
-    clean = rec.clean_loss  # the clean forward of the reconstruction pass already gave these; no second pass
+    progress(f"{sae.hook_point}: exact effect of ablating each of {int(acts.value.numel())} active "
+             f"(prompt, feature) pairs at P")
+    effects = feature_effects(model, sae, task, features=cfg.feature_selection, acts=acts, progress=bars)
+    clean = effects.clean_loss
     table = feature_ablation_table(
         model, sae, task, min_fraction_active=cfg.min_fraction_active, max_candidates=cfg.max_candidates,
-        max_prompts_per_feature=cfg.max_prompts_per_feature, acts=acts, clean_loss=clean,
+        effects=effects,
     )
     top_features = [
         {
@@ -340,8 +347,24 @@ def analyse_sae(model, sae, task, stat_docs: list[list[int]], cfg: RunConfig, pr
         "mean_ablation_loss": _round(rec.mean_loss.mean()) if rec.mean_loss is not None else None,
         "loss_recovered": _round(rec.loss_recovered_zero.value),
         "loss_recovered_ci95": [_round(rec.loss_recovered_zero.low), _round(rec.loss_recovered_zero.high)],
-        "n_active_features": int((acts > 0).any(0).sum()),
+        "n_active_features": int((acts.count() > 0).sum()),
         "top_features": top_features,
+        "feature_effects": [
+            {
+                "feature": int(r.feature),
+                "n_active_prompts": int(r.n_active_prompts),
+                "fraction_active": _round(r.fraction_active),
+                "mean_activation": _round(r.mean_activation),
+                "mean_loss_increase": _round(r.loss_increase),
+                "ci95": _round(r.loss_increase_ci95),
+                "logprob_diff": _round(r.logprob_diff),
+                "logit_diff": _round(r.logit_diff),
+                "rank_diff": _round(r.rank_diff),
+            }
+            for r in effects.summary().itertuples()
+        ],
+        "feature_effects_info": {"selection": effects.selection, "n_pairs": int(effects.prompt.numel()),
+                                 "ablation": "residual-preserving (x - f_k W_dec[k] at P, SAE error kept)"},
     }
     from saecircuits.analysis.stats import mean_ci95
 
@@ -375,7 +398,8 @@ def analyse_sae(model, sae, task, stat_docs: list[list[int]], cfg: RunConfig, pr
 
         evidence_features = [f["feature"] for f in top_features[: cfg.n_evidence_features]]
         progress(f"{sae.hook_point}: per-feature evidence for {evidence_features}")
-        entry.update(feature_evidence(model, sae, task, evidence_features, stat_docs, acts=acts, clean_loss=clean))
+        entry.update(feature_evidence(model, sae, task, evidence_features, stat_docs, acts=acts, clean_loss=clean,
+                                      effects=effects))
     shown = [f["feature"] for f in top_features[: cfg.n_example_features]]
     if shown:
         progress(f"{sae.hook_point}: top activating examples of {len(shown)} features")
@@ -484,7 +508,7 @@ def run_pipeline(
 
     entries = []
     for sae in saes:
-        entry = analyse_sae(model, sae, task, stat_docs, cfg, say)
+        entry = analyse_sae(model, sae, task, stat_docs, cfg, say, bars=progress)
         fm = training.get("final_metrics", {}).get(sae.hook_point)
         entry["training"] = {k: v for k, v in training.items() if k != "final_metrics"} | (
             {"final_metrics": fm} if fm else {})

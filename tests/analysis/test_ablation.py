@@ -33,7 +33,7 @@ def _manual(model, sae, tokens, pos, answer, features):
 
 def test_matches_manual_intervention_and_batching():
     model, task, sae = tiny_neo(), quote_task(), random_sae()
-    acts = feature_activations(model, sae, task)
+    acts = feature_activations(model, sae, task).dense()
     features = torch.argsort((acts > 0).sum(0), descending=True)[:3].tolist()
     result = ablate_features(model, sae, task, features, max_tokens=200, max_batch=5)
     df = result.per_prompt

@@ -21,7 +21,7 @@ def test_common_tokens_counts_without_leading_bos():
 
 
 def _feature(model, sae, task):
-    acts = feature_activations(model, sae, task)
+    acts = feature_activations(model, sae, task).dense()
     return acts, int(torch.argmax((acts > 0).sum(0)))
 
 

@@ -17,7 +17,7 @@ from saecircuits.analysis.features import feature_activations
 
 
 def _active_features(model, sae, task, n=3):
-    acts = feature_activations(model, sae, task)
+    acts = feature_activations(model, sae, task).dense()
     return acts, [int(k) for k in torch.argsort((acts > 0).sum(0), descending=True)[:n]]
 
 

@@ -39,7 +39,7 @@ def _results(entry_extra, d_sae):
 
 def test_neo_evidence_is_valid_and_renders():
     model, task, sae = tiny_neo(), quote_task(), random_sae()
-    acts = feature_activations(model, sae, task)
+    acts = feature_activations(model, sae, task).dense()
     feats = [int(k) for k in torch.argsort((acts > 0).sum(0), descending=True)[:2]]
     ev = feature_evidence(
         model, sae, task, feats, task.token_ids, max_prompts_per_feature=3, min_token_count=1

@@ -15,9 +15,9 @@ from saecircuits.analysis.loss_vs_activation import loss_increase_vs_activation
 
 def test_matches_single_ablation_and_table():
     model, task, sae = tiny_neo(), quote_task(), random_sae()
-    acts = feature_activations(model, sae, task)
+    acts = feature_activations(model, sae, task).dense()
     clean = answer_losses(model, task)
-    table = feature_ablation_table(model, sae, task, acts=acts, clean_loss=clean, max_candidates=3)
+    table = feature_ablation_table(model, sae, task, acts=acts, max_candidates=3)
     for k in table["feature"]:
         res = loss_increase_vs_activation(model, sae, task, int(k))
         prompts = torch.nonzero(acts[:, k] > 0).flatten().tolist()
@@ -38,7 +38,7 @@ def test_matches_single_ablation_and_table():
 
 def test_one_prompt_against_manual_ablation_and_cap():
     model, task, sae = tiny_neo(), quote_task(), random_sae()
-    acts = feature_activations(model, sae, task)
+    acts = feature_activations(model, sae, task).dense()
     k = int(torch.argmax((acts > 0).sum(0)))
     res = loss_increase_vs_activation(model, sae, task, k, max_prompts=2, acts=acts)
     assert len(res.table) == 2

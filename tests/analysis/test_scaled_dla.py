@@ -15,7 +15,7 @@ def test_single_answer_product():
     sub = task.subset([i for i, a in enumerate(task.answer_ids) if a == answer])
     res = activation_scaled_dla(model, sae, sub)
     g = (sae.W_dec @ model.W_out[1] @ model.W_U[:, answer]).detach()
-    a = feature_activations(model, sae, sub).mean(0)
+    a = feature_activations(model, sae, sub).dense().mean(0)
     torch.testing.assert_close(res.dla_per_unit, g, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(res.mean_activation, a, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(res.scaled, a * g, atol=1e-6, rtol=1e-5)
@@ -36,7 +36,7 @@ def test_ln_scaled_sums_to_reconstruction_dla_minus_b_dec():
     expected = float(rec.mean()) - sum(b_dec_terms) / len(b_dec_terms)
     assert abs(float(res.scaled_ln.double().sum()) - expected) < 1e-4
     # without the norm: per-prompt answers, mean_i f_ik G[k, a_i]
-    f = feature_activations(model, sae, task)
+    f = feature_activations(model, sae, task).dense()
     G = (sae.W_dec @ model.W_out[1] @ model.W_U[:, task.answer_ids]).detach()  # [d_sae, n]
     torch.testing.assert_close(res.scaled, (f.T * G).mean(1), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(res.dla_per_unit, G.mean(1), atol=1e-6, rtol=1e-5)

@@ -16,15 +16,10 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from saecircuits.analysis.features import features_ablation_edit
 from saecircuits.analysis.stats import MeanCI, mean_ci95
-from saecircuits.models.hooks import (
-    DEFAULT_MAX_BATCH,
-    DEFAULT_MAX_TOKENS,
-    answer_metrics,
-    edit_at_positions,
-    run_at_positions,
-    task_batches,
-)
+from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, answer_metrics, task_batches
+from saecircuits.models.interventions import interventions_for
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
 
@@ -51,17 +46,6 @@ class AblationResult:
     summary: dict[str, MeanCI]
 
 
-def features_ablation_edit(sae: SAE, features: Sequence[int]):
-    """Edit function (for :func:`edit_at_positions`): ``x - encode(x)[:, S] @ W_dec[S]`` on ``x [b, d_in]``."""
-    idx = torch.as_tensor(list(features), dtype=torch.long, device=sae.W_dec.device)
-
-    def edit(x: torch.Tensor, _row: torch.Tensor) -> torch.Tensor:
-        x = x.to(sae.W_dec.dtype)
-        return x - sae.encode(x)[:, idx] @ sae.W_dec[idx]
-
-    return edit
-
-
 def ablate_features(
     model,
     sae: SAE,
@@ -82,19 +66,14 @@ def ablate_features(
     n = task.n_prompts
     cols = {f"{p}{m}": torch.zeros(n) for m in ("loss", *_METRICS) for p in ("", "ablated_")}
     edit = features_ablation_edit(sae, feats)
-    with torch.no_grad():
-        for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
-            idx = torch.tensor(batch.indices)
-            clean, _ = run_at_positions(model, batch.tokens, batch.positions)
-            ablated, _ = run_at_positions(
-                model,
-                batch.tokens,
-                batch.positions,
-                edits=[(sae.hook_point, edit_at_positions(batch.positions, edit))],
-            )
-            for prefix, logits in (("", clean), ("ablated_", ablated)):
-                for name, value in answer_metrics(logits, batch.answer_ids).items():
-                    cols[f"{prefix}{name}"][idx] = value.cpu()
+    iv = interventions_for(model)
+    for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
+        idx = torch.tensor(batch.indices)
+        clean = iv.clean(batch)
+        ablated, _ = iv.run(clean, [edit])
+        for prefix, logits in (("", clean.logits), ("ablated_", ablated[:, 0])):
+            for name, value in answer_metrics(logits, batch.answer_ids).items():
+                cols[f"{prefix}{name}"][idx] = value.cpu()
     df = pd.DataFrame({"prompt_index": list(range(n)), **{k: v.numpy() for k, v in cols.items()}})
     for m in _METRICS:
         df[f"{m}_diff"] = df[m] - df[f"ablated_{m}"]

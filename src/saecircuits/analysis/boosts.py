@@ -9,9 +9,11 @@ boosts (F17), and the common-token mask both use (B3).
   in the notebook, log-probs (not probabilities) are averaged (pitfall 24) and a token's boost is set to 0 where the
   averaged clean log-prob is below ``min_logprob`` or the token is rare. Top lists keep only strictly positive
   (boosted) / strictly negative (deboosted) values (the notebook kept any non-zero value in its top-15).
-- :func:`weight_logit_boosts` (F17): ``W_dec[k] @ W_out[L] @ W_U`` ``[d_vocab]`` (logits per unit activation; no final-
-  norm scale, no activation size, pitfall 25; see ``scaled_dla.py`` for both). Rare tokens are set to 0 as in the
-  notebook and left out of the top/bottom lists (the notebook could list them with value 0).
+- :func:`weight_logit_boosts` (F17): ``W_dec[k] @ W_out[L]`` through the final norm's centring and weight, then ``W_U``
+  ``[d_vocab]`` (logits per unit activation; no final-norm scale, no activation size, pitfall 25; see ``scaled_dla.py``
+  for both). The notebook's ``W_dec[k] @ W_out[L] @ W_U`` assumed ``fold_ln``; applying the norm's weight explicitly
+  gives the same values under every weight-processing switch (up to a per-feature constant with ``center_unembed``).
+  Rare tokens are set to 0 as in the notebook and left out of the top/bottom lists.
 """
 
 from __future__ import annotations
@@ -21,17 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-from saecircuits.analysis.ablation import features_ablation_edit
 from saecircuits.analysis.error_dla import mlp_post_layer
-from saecircuits.analysis.features import activations_or_compute
-from saecircuits.models.hooks import (
-    DEFAULT_MAX_BATCH,
-    DEFAULT_MAX_TOKENS,
-    bos_id_of,
-    edit_at_positions,
-    run_at_positions,
-    task_batches,
-)
+from saecircuits.analysis.features import activations_or_compute, features_ablation_edit
+from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, bos_id_of, task_batches
+from saecircuits.models.interventions import interventions_for
+from saecircuits.models.norms import readout_of
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
 
@@ -173,7 +169,7 @@ def prompt_logprob_boosts(
     d_vocab = int(model.cfg.d_vocab)
     mask = _check_mask(common_tokens, d_vocab)
     acts = activations_or_compute(model, sae, task, acts, max_tokens=max_tokens, max_batch=max_batch)
-    prompts = torch.nonzero(acts[:, k] > threshold).flatten().tolist()[:max_prompts]
+    prompts = acts.active_prompts(k, threshold)[:max_prompts]
     if not prompts:
         nan = torch.full((d_vocab,), float("nan"))
         return PromptBoosts(
@@ -193,15 +189,12 @@ def prompt_logprob_boosts(
     abl_sum = torch.zeros(d_vocab, dtype=torch.float64)
     ans_clean = ans_abl = 0.0
     edit = features_ablation_edit(sae, [k])
+    iv = interventions_for(model)
     with torch.no_grad():
         for batch in task_batches(model, sub, max_tokens=max_tokens, max_batch=max_batch):
-            clean, _ = run_at_positions(model, batch.tokens, batch.positions)
-            abl, _ = run_at_positions(
-                model,
-                batch.tokens,
-                batch.positions,
-                edits=[(sae.hook_point, edit_at_positions(batch.positions, edit))],
-            )
+            clean_pass = iv.clean(batch)
+            clean = clean_pass.logits
+            abl = iv.run(clean_pass, [edit])[0][:, 0]
             rows = torch.arange(len(batch.indices), device=clean.device)
             ans = batch.answer_ids.to(clean.device)
             lp_c, lp_a = clean.log_softmax(-1), abl.log_softmax(-1)
@@ -233,7 +226,8 @@ class WeightBoosts:
 
     Attributes:
         feature: k.
-        boosts: float32 ``[d_vocab]`` ``W_dec[k] @ W_out[L] @ W_U`` (logits per unit activation), 0 on rare tokens.
+        boosts: float32 ``[d_vocab]`` ``W_dec[k] @ W_out[L]`` read out through the final norm's centring and weight
+            and ``W_U`` (logits per unit activation), 0 on rare tokens.
         top, bottom: the ``top`` largest / smallest boosts among common tokens.
     """
 
@@ -246,10 +240,11 @@ class WeightBoosts:
 def weight_logit_boosts(
     model, sae: SAE, feature: int, *, common_tokens: torch.Tensor | None = None, top: int = 25
 ) -> WeightBoosts:
-    """``W_dec[k] @ W_out[L] @ W_U`` with rare tokens masked (analysis-spec F17).
+    """``W_dec[k] @ W_out[L]`` read out through the final norm's centring and weight and ``W_U``, rare tokens masked
+    (the reference notebook's weight-based logit boosts).
 
     Args:
-        model: a TransformerBridge (processed weights: W_U carries the folded final-norm weight).
+        model: a TransformerBridge (any weight processing).
         sae: an SAE on ``blocks.L.mlp.hook_post``.
         feature: k.
         common_tokens: bool ``[d_vocab]`` (``None``: all tokens common).
@@ -269,7 +264,7 @@ def weight_logit_boosts(
     with torch.no_grad():
         W_out = model.W_out[layer].detach().float()
         d = sae.W_dec[k].detach().float().to(W_out.device)
-        boosts = ((d @ W_out) @ model.W_U.detach().float().to(W_out.device)).cpu()
+        boosts = readout_of(model).vocab_logits(d @ W_out).cpu()
     boosts = boosts.masked_fill(~mask, 0.0)
     return WeightBoosts(
         feature=k,

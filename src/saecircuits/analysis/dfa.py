@@ -8,8 +8,9 @@ For an SAE on ``blocks.L.mlp.hook_post`` and feature k, at each prompt's predict
    ``pos_embed`` (learned positions only) and ``bias`` (``sum_{l<=L} b_O[l]``; zeros for bias-free models). Labels
    follow ``dla.py``: ``L{l}H{h}``, ``MLP{l}``, ``embed``, ``pos_embed``, ``bias``.
 2. ``ln2`` of block L is applied as a linear map with the cached ``blocks.L.ln2.hook_scale`` at P (centred over d_model
-   for LayerNorm), then ``M = components @ W_in[L]`` ``[C, d_mlp]`` (each component's share of every neuron's
-   pre-activation; with fold_ln, ``sum_c M_c + b_in == hook_pre``).
+   for LayerNorm, times the norm's weight; :mod:`saecircuits.models.norms`), then ``M = components @ W_in[L]``
+   ``[C, d_mlp]`` (each component's share of every neuron's pre-activation; ``sum_c M_c + b_in' == hook_pre`` with
+   ``b_in' = b_in + ln2.bias @ W_in``, which is ``b_in`` under fold_ln).
 3. Notebook variant ("identity GELU"): neurons with ``hook_post <= 0`` are inactive; their column of M is set to 0
    (``inactive="zero"``) or to the mean contribution ``mean_contrib`` (``inactive="mean"``); active neurons pass as if
    the activation function were the identity. ``dfa = M @ W_enc[:, k]`` ``[C]``. b_in, b_dec, b_enc and the GELU
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from saecircuits.analysis.dla import _attn_bias_sum, _centres, _has_pos_embed
+from saecircuits.analysis.dla import _attn_bias_sum, _has_pos_embed
 from saecircuits.analysis.error_dla import mlp_post_layer
 from saecircuits.analysis.features import activations_or_compute
 from saecircuits.analysis.stats import mean_ci95
@@ -48,9 +49,10 @@ from saecircuits.models.hooks import (
     bos_id_of,
     pad_id_of,
     row_batches,
-    run_at_positions,
     task_batches,
 )
+from saecircuits.models.interventions import interventions_for
+from saecircuits.models.norms import norm_params
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
 
@@ -209,24 +211,16 @@ def mean_mlp_in_contributions(
         ValueError: no usable position, a gated MLP, or a layer out of range.
     """
     _check_model(model, layer)
-    centre = _centres(model)
+    ln2 = norm_params(model, f"blocks.{layer}.ln2")
     reads = _reads(model, layer) + [f"blocks.{layer}.ln2.hook_scale"]
     bos = bos_id_of(model)
+    iv = interventions_for(model)
     total: torch.Tensor | None = None
     count = 0.0
     for batch in row_batches(
         token_rows, pad_id_of(model), max_tokens=max_tokens, max_batch=max_batch, device=_device_of(model)
     ):
-        captured: dict[str, torch.Tensor] = {}
-
-        def grab(name: str, captured: dict[str, torch.Tensor] = captured):
-            def hook(value, hook=None):
-                captured[name] = value.detach()
-
-            return hook
-
-        with torch.no_grad():
-            model.run_with_hooks(batch.tokens, fwd_hooks=[(n, grab(n)) for n in reads], return_type=None)
+        captured = iv.read_all(batch.tokens, reads)
         n_pos = batch.tokens.shape[1]
         mask = torch.arange(n_pos, device=batch.tokens.device)[None] <= batch.positions[:, None]
         if exclude_bos and bos is not None:
@@ -240,8 +234,7 @@ def mean_mlp_in_contributions(
         count += float(mask.sum())
     if total is None or count == 0:
         raise ValueError("mean_mlp_in_contributions needs at least one real non-BOS position in token_rows")
-    if centre:
-        total = total - total.mean(-1, keepdim=True)
+    total = ln2.linear(total, torch.ones(1))  # the scale was applied per position above
     W_in = model.W_in[layer].detach().float().to(total.device)
     return (total @ W_in / count).cpu()
 
@@ -332,19 +325,21 @@ def direct_feature_attribution(
     if act_fn not in _ACTS:
         raise ValueError(f"unsupported MLP activation {act_fn!r}; DFA knows {sorted(_ACTS)}")
     acts = activations_or_compute(model, sae, task, acts, max_tokens=max_tokens, max_batch=max_batch)
-    prompts = torch.nonzero(acts[:, k] > threshold).flatten().tolist()[:max_prompts]
+    prompts = acts.active_prompts(k, threshold)[:max_prompts]
     labels = dfa_component_labels(model, layer)
     C = len(labels)
     if inactive == "mean" and mean_contrib is None and prompts:
         mean_contrib = mean_mlp_in_contributions(
             model, layer, task.token_ids, max_tokens=max_tokens, max_batch=max_batch
         )
-    centre = _centres(model)
+    ln2 = norm_params(model, f"blocks.{layer}.ln2")
     W_in = model.W_in[layer].detach().float()
     try:
         b_in = model.b_in[layer].detach().float()
     except AttributeError:
         b_in = torch.zeros(W_in.shape[1])
+    if ln2.bias is not None:  # unfolded ln2 bias: a constant share of every pre-activation
+        b_in = b_in + ln2.bias.float().to(W_in.device) @ W_in
     w_enc = sae.W_enc[:, k].detach().float()
     b_dec_term = -(sae.b_dec.detach().float() @ w_enc) if sae.cfg.apply_b_dec_to_input else torch.zeros(())
     b_enc_term = sae.b_enc[k].detach().float()
@@ -360,16 +355,13 @@ def direct_feature_attribution(
     ]
     if n:
         sub = task.subset(prompts)
+        iv = interventions_for(model)
         with torch.no_grad():
             for batch in task_batches(model, sub, max_tokens=max_tokens, max_batch=max_batch):
-                _, read = run_at_positions(
-                    model, batch.tokens, batch.positions, read=reads, return_logits=False
-                )
+                read = iv.clean(batch, read=reads, logits=False, cache=False).reads
                 dev = read[sae.hook_point].device
                 comps = _components(model, layer, read)  # [b, C, d_model]
-                if centre:
-                    comps = comps - comps.mean(-1, keepdim=True)
-                normed = comps / read[f"blocks.{layer}.ln2.hook_scale"].float().reshape(-1, 1, 1)
+                normed = ln2.linear(comps, read[f"blocks.{layer}.ln2.hook_scale"])
                 post = read[sae.hook_point].float()
                 pre = read[f"blocks.{layer}.mlp.hook_pre"].float()
                 Wi, we = W_in.to(dev), w_enc.to(dev)

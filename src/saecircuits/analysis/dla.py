@@ -1,11 +1,13 @@
 """Direct logit attribution (DLA) of every model component to the answer logit (analysis-spec.md F1).
 
-The residual stream at the final LayerNorm's input is the sum of the components (MLPs not expanded):
+The residual stream at the final norm's input is the sum of the components (MLPs not expanded):
 ``embed + pos_embed + sum_l sum_h z_{l,h} W_O[l,h] + sum_l b_O[l] + sum_l mlp_out_l``. The final norm is applied as a
-linear map with the cached ``ln_final.hook_scale`` of the prompt at P: each component is centred over d_model (only
-for LayerNorm; RMSNorm does not centre) and divided by the scale. The DLA of a component is its normalised vector
-dotted with ``W_U[:, answer]``. With fold_ln (``enable_compatibility_mode``) the components sum to the answer logit
-minus ``b_U[answer]`` (completeness, checked per prompt and returned as ``max_abs_error``).
+linear map with the cached ``ln_final.hook_scale`` of the prompt at P (:mod:`saecircuits.models.norms`): each component
+is centred over d_model (LayerNorm only), divided by the scale and multiplied by the norm's weight; the DLA of a
+component is that vector dotted with ``W_U[:, answer]``. The norm's bias and ``b_U`` form the constant
+``Readout.constant``. So the components plus that constant sum to the answer logit under every weight-processing
+switch (completeness, checked per prompt and returned as ``max_abs_error``); with ``fold_ln`` the constant is
+``b_U[answer]``, as in TransformerLens.
 
 Departures from the reference notebook: every prompt is read at its own prediction position in a right-padded batch
 (the notebook runs one prompt at a time); per-prompt values and 95% t intervals are returned, not just the mean
@@ -20,7 +22,9 @@ import numpy as np
 import torch
 
 from saecircuits.analysis.stats import mean_ci95
-from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, run_at_positions, task_batches
+from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches
+from saecircuits.models.interventions import interventions_for
+from saecircuits.models.norms import readout_of
 from saecircuits.tasks.base import Task
 
 __all__ = ["DLAResult", "direct_logit_attribution", "component_labels"]
@@ -36,7 +40,8 @@ class DLAResult:
         per_prompt: float32 ``[n_prompts, n_components]`` (logits), prompts in task order.
         mean: ``[n_components]`` mean over prompts.
         ci95_low, ci95_high: ``[n_components]`` Student-t 95% interval of the mean (``stats.mean_ci95``).
-        target_logit: ``[n_prompts]`` answer logit minus ``b_U[answer]`` from the model's actual forward pass.
+        target_logit: ``[n_prompts]`` answer logit minus the readout constant (``b_U[answer]`` plus the final norm's
+            bias read out) from the model's actual forward pass.
         max_abs_error: ``max_i |sum_c per_prompt[i, c] - target_logit[i]|`` (completeness check, logits).
     """
 
@@ -51,17 +56,6 @@ class DLAResult:
 
 def _has_pos_embed(model) -> bool:
     return getattr(model.cfg, "positional_embedding_type", "standard") == "standard"
-
-
-def _centres(model) -> bool:
-    norm = str(getattr(model.cfg, "normalization_type", "LN"))
-    if norm.startswith("LN"):
-        return True
-    if norm.startswith("RMS"):
-        return False
-    raise ValueError(
-        f"DLA needs a final LayerNorm or RMSNorm, got normalization_type={norm!r}; this model is not supported"
-    )
 
 
 def component_labels(model) -> list[str]:
@@ -95,8 +89,8 @@ def direct_logit_attribution(
     """DLA of every attention head, MLP, embedding and the attention-bias sum to the answer logit at P (F1).
 
     Args:
-        model: a TransformerBridge with processed weights (``enable_compatibility_mode()``, i.e. fold_ln), so that
-            ``W_U`` already carries the final norm's weight and ``b_U`` its bias.
+        model: a TransformerBridge, with any weight processing (the final norm's weight and bias are applied
+            explicitly).
         task: prompts, prediction positions and answers.
         max_tokens, max_batch: batch budget.
 
@@ -107,21 +101,21 @@ def direct_logit_attribution(
         ValueError: unsupported normalisation type.
     """
     n_layers = model.cfg.n_layers
-    centre = _centres(model)
+    readout = readout_of(model)
     pos_embed = _has_pos_embed(model)
     reads = [f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)]
     reads += [f"blocks.{layer}.hook_mlp_out" for layer in range(n_layers)]
     reads += ["hook_embed"] + (["hook_pos_embed"] if pos_embed else []) + ["ln_final.hook_scale"]
     W_O = model.W_O.detach().float()  # [l, h, d_head, d_model]
-    W_U = model.W_U.detach().float()  # [d_model, d_vocab]
-    b_U = model.b_U.detach().float()
     bias = _attn_bias_sum(model).detach().float()
+    iv = interventions_for(model)
 
     n = task.n_prompts
     per_prompt = torch.zeros(n, len(component_labels(model)))
     target = torch.zeros(n)
     for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
-        logits, acts = run_at_positions(model, batch.tokens, batch.positions, read=reads)
+        clean = iv.clean(batch, read=reads, cache=False)
+        logits, acts = clean.logits, clean.reads
         parts = []
         for layer in range(n_layers):
             z = acts[f"blocks.{layer}.attn.hook_z"].float()  # [b, h, d_head]
@@ -134,16 +128,12 @@ def direct_logit_attribution(
             parts.append(acts["hook_pos_embed"].float()[:, None])
         parts.append(bias.to(logits.device).expand(len(batch.indices), 1, -1))
         comps = torch.cat(parts, dim=1)  # [b, n_components, d_model]
-        if centre:
-            comps = comps - comps.mean(-1, keepdim=True)
-        comps = comps / acts["ln_final.hook_scale"].float().reshape(-1, 1, 1)
-        u = W_U[:, batch.answer_ids.to(W_U.device)].T  # [b, d_model]
-        dla = torch.einsum("bcm,bm->bc", comps, u.to(comps.device))
+        dla = readout.dla(comps, acts["ln_final.hook_scale"], batch.answer_ids)
         rows = torch.arange(len(batch.indices), device=logits.device)
         answers = batch.answer_ids.to(logits.device)
         idx = torch.tensor(batch.indices)
         per_prompt[idx] = dla.cpu()
-        target[idx] = (logits[rows, answers] - b_U.to(logits.device)[answers]).cpu()
+        target[idx] = (logits[rows, answers] - readout.constant(batch.answer_ids).to(logits.device)).cpu()
 
     stats = [mean_ci95(per_prompt[:, c]) for c in range(per_prompt.shape[1])]
     return DLAResult(

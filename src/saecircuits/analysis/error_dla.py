@@ -6,7 +6,8 @@ post-activation ``[d_mlp]`` and ``x_hat = sae(h)``:
 - ``MLP = h @ W_out[L]``, ``reconstruction = x_hat @ W_out[L]``, ``error = (h - x_hat) @ W_out[L]`` (all ``[d_model]``;
   ``b_out[L]`` is excluded from all three, as in the notebook, so ``MLP`` is ``hook_mlp_out - b_out``);
 - each vector goes through the final norm as a linear map with the prompt's cached ``ln_final.hook_scale`` at P
-  (centred over d_model for LayerNorm, not for RMSNorm) and is dotted with ``W_U[:, answer]`` (as ``dla.py``).
+  (centred over d_model for LayerNorm, not for RMSNorm, times the norm's weight; :mod:`saecircuits.models.norms`) and
+  is dotted with ``W_U[:, answer]`` (as ``dla.py``), so the values do not depend on weight processing.
 
 Identity: ``reconstruction + error == MLP`` per prompt (exact up to float rounding).
 
@@ -22,13 +23,14 @@ from dataclasses import dataclass
 
 import torch
 
-from saecircuits.analysis.dla import _centres
 from saecircuits.analysis.stats import mean_ci95
-from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, run_at_positions, task_batches
+from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches
+from saecircuits.models.interventions import interventions_for
+from saecircuits.models.norms import readout_of
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
 
-__all__ = ["ErrorDLAResult", "sae_error_dla", "mlp_post_layer", "final_norm_linear"]
+__all__ = ["ErrorDLAResult", "sae_error_dla", "mlp_post_layer"]
 
 ERROR_DLA_LABELS = ["MLP", "reconstruction", "error"]
 
@@ -49,13 +51,6 @@ def mlp_post_layer(hook_point: str) -> int:
             "use an SAE trained on blocks.L.mlp.hook_post"
         )
     return int(m.group(1))
-
-
-def final_norm_linear(vectors: torch.Tensor, scale: torch.Tensor, centre: bool) -> torch.Tensor:
-    """The final norm as a linear map: ``vectors [b, ..., d_model]`` centred over d_model (LayerNorm only) and divided
-    by the cached per-row ``scale`` (``[b]`` or ``[b, 1]``). With fold_ln the norm's weight/bias live in W_U/b_U."""
-    v = vectors - vectors.mean(-1, keepdim=True) if centre else vectors
-    return v / scale.reshape(-1, *([1] * (v.dim() - 1)))
 
 
 @dataclass
@@ -88,7 +83,7 @@ def sae_error_dla(
     """DLA of the MLP output at P split into the SAE reconstruction's and the SAE error's shares (analysis-spec F6).
 
     Args:
-        model: a TransformerBridge with processed weights (``enable_compatibility_mode()``: fold_ln).
+        model: a TransformerBridge (any weight processing).
         sae: an SAE on ``blocks.L.mlp.hook_post``.
         task: prompts, prediction positions, answers.
         max_tokens, max_batch: batch budget.
@@ -100,27 +95,22 @@ def sae_error_dla(
         ValueError: the SAE is not on an MLP post-activation, or the model's norm is neither LayerNorm nor RMSNorm.
     """
     layer = mlp_post_layer(sae.hook_point)
-    centre = _centres(model)
+    readout = readout_of(model)
     W_out = model.W_out[layer].detach().float()  # [d_mlp, d_model]
-    W_U = model.W_U.detach().float()
     per_prompt = torch.zeros(task.n_prompts, 3)
+    iv = interventions_for(model)
     with torch.no_grad():
         for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
-            _, acts = run_at_positions(
-                model,
-                batch.tokens,
-                batch.positions,
-                read=[sae.hook_point, "ln_final.hook_scale"],
-                return_logits=False,
-            )
+            acts = iv.clean(
+                batch, read=[sae.hook_point, "ln_final.hook_scale"], logits=False, cache=False
+            ).reads
             h = acts[sae.hook_point].float()  # [b, d_mlp]
             x_hat = sae(h.to(sae.W_dec.dtype)).float().to(h.device)
             mlp = h @ W_out.to(h.device)
             rec = x_hat @ W_out.to(h.device)
             comps = torch.stack([mlp, rec, mlp - rec], 1)  # [b, 3, d_model]
-            comps = final_norm_linear(comps, acts["ln_final.hook_scale"].float(), centre)
-            u = W_U[:, batch.answer_ids.to(W_U.device)].T.to(comps.device)  # [b, d_model]
-            per_prompt[torch.tensor(batch.indices)] = torch.einsum("bcm,bm->bc", comps, u).cpu()
+            dla = readout.dla(comps, acts["ln_final.hook_scale"], batch.answer_ids)
+            per_prompt[torch.tensor(batch.indices)] = dla.cpu()
     stats = [mean_ci95(per_prompt[:, c]) for c in range(3)]
     return ErrorDLAResult(
         labels=list(ERROR_DLA_LABELS),

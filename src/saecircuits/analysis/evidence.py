@@ -50,8 +50,9 @@ def feature_evidence(
     max_prompts_per_feature: int = 100,
     min_token_count: int = 5,
     n_scaled: int = 10,
-    acts: torch.Tensor | None = None,
+    acts=None,
     clean_loss: torch.Tensor | None = None,
+    effects=None,
 ) -> dict[str, Any]:
     """The keys ``error_dla``, ``feature_details``, ``upstream_ablation`` and ``activation_scaled_dla`` of an SAE entry.
 
@@ -68,6 +69,8 @@ def feature_evidence(
         n_scaled: number of features listed in ``activation_scaled_dla`` (largest ``scaled`` first, then any of
             ``features`` not among them).
         acts, clean_loss: precomputed ``feature_activations`` / ``answer_losses`` of the task.
+        effects: precomputed ``feature_effects`` holding ``features`` (their exact per-prompt ablation effects are
+            reused for the loss-vs-activation view instead of new ablations).
 
     Returns:
         dict with (when applicable) ``error_dla``, ``feature_details``, ``upstream_ablation``,
@@ -110,7 +113,8 @@ def feature_evidence(
             wb = weight_logit_boosts(model, sae, k, common_tokens=common)
             d["weight_boosts"] = {"top": _pairs(wb.top), "bottom": _pairs(wb.bottom)}
         lva = loss_increase_vs_activation(
-            model, sae, task, k, max_prompts=max_prompts_per_feature, acts=acts, clean_loss=clean_loss
+            model, sae, task, k, max_prompts=max_prompts_per_feature, acts=acts, clean_loss=clean_loss,
+            effects=effects,
         )
         d["loss_vs_activation"] = {
             "activation": [_f(v, 4) for v in lva.table["activation"]],

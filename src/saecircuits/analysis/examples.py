@@ -24,8 +24,8 @@ from saecircuits.models.hooks import (
     bos_id_of,
     pad_id_of,
     row_batches,
-    stop_layer_for,
 )
+from saecircuits.models.interventions import interventions_for
 from saecircuits.saes.base import SAE
 
 __all__ = ["Example", "top_activating_examples", "feature_activations_over_rows"]
@@ -64,17 +64,12 @@ def _valid_mask(tokens: torch.Tensor, lengths: torch.Tensor, bos: int | None) ->
 def feature_activations_over_rows(
     model, sae: SAE, tokens: torch.Tensor, features: torch.Tensor
 ) -> torch.Tensor:
-    """Activations of ``features`` at every position: ``tokens [b, pos]`` -> float32 ``[b, pos, n_features]``."""
-    store: dict[str, torch.Tensor] = {}
+    """Activations of ``features`` at every position: ``tokens [b, pos]`` -> float32 ``[b, pos, n_features]``.
 
-    def grab(value: torch.Tensor, hook=None) -> None:
-        store["x"] = value.detach()
-
-    layer = stop_layer_for([sae.hook_point], model.cfg.n_layers)
-    stop = {} if layer is None else {"stop_at_layer": layer}  # nothing after the hook is needed
+    The forward stops after the SAE's block and never unembeds."""
+    x = interventions_for(model).read_all(tokens, [sae.hook_point])[sae.hook_point]
     with torch.no_grad():
-        model.run_with_hooks(tokens, fwd_hooks=[(sae.hook_point, grab)], return_type=None, **stop)
-        return sae.encode(store["x"].to(sae.W_dec.dtype))[..., features.to(sae.W_dec.device)].float()
+        return sae.encode(x.to(sae.W_dec.dtype))[..., features.to(sae.W_dec.device)].float()
 
 
 def top_activating_examples(

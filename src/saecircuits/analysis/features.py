@@ -1,50 +1,52 @@
-"""SAE feature activations at the prediction position and the single-feature ablation table (spec E2, F3, F5).
+"""SAE feature activations at the prediction position, and the exact effect of ablating each active feature alone.
 
-Activations: ``f = sae.encode(x_P)`` at every prompt's own P -> ``[n_prompts, d_sae]``.
+Activations: ``f = sae.encode(x_P)`` at every prompt's own P, kept sparse (:class:`FeatureActs`: only ``f > 0``), so a
+16,384-feature SAE over thousands of prompts never holds a dense ``[n_prompts, d_sae]`` array.
 
-Ablation table: for each candidate feature k and each prompt i where it is active (``f_ik > threshold``), the loss
-(nats) of the answer at P with k ablated residual-preservingly at P (F3): ``x_P - f_k(x_P) W_dec[k]`` (the SAE error is
-kept; only the feature's decoded contribution is removed). All (prompt x feature) pairs are run as rows of right-padded
-batches, never one prompt per forward.
+Exact effects (:func:`feature_effects`): for each prompt and each feature k active at its P, the answer's loss, log-prob,
+logit and rank at P with k ablated residual-preservingly at P, ``x_P - f_k(x_P) W_dec[k]`` (the SAE error is kept; only
+the feature's decoded contribution is removed, the reference notebook's ablation). Every active feature of every prompt
+is computed by default, in batches of features that share the prompt's prefix cache
+(:mod:`saecircuits.models.interventions`): one clean pass per batch of prompts, then only position P from the SAE's
+layer onward, once per feature; for an SAE on the last layer that is one batched matmul on the residual at P. The
+ablation table (:func:`feature_ablation_table`) summarises the effects per feature.
 
 Departures from the reference notebook (on purpose):
-- one explicit activity threshold (default 0, i.e. ``f > 0``) is used for the fraction active, the mean activation and
-  the prompts a feature is ablated on (the notebook mixed ``f > 0.1`` and ``f > 0.17 * max``, pitfall 5);
-- candidates = features active on at least ``min_fraction_active`` (default 0.05, the notebook's 5%) of the prompts,
-  top ``max_candidates`` (default 100, as the notebook) by mean activation over active prompts;
+- one explicit activity threshold (default 0, i.e. ``f > 0``) for the fraction active, the mean activation and the
+  prompts a feature is ablated on (the notebook mixed ``f > 0.1`` and ``f > 0.17 * max``, pitfall 5);
+- every active prompt of every active feature is ablated (the notebook ablated 100 candidates on their first 200
+  active prompts); table candidates need ``min_fraction_active`` (default 0.05, the notebook's 5%) so a feature seen
+  on one prompt does not top the ranking on a single number;
 - activations and ablation losses use the same BOS-prefixed prompts (pitfall 4);
-- every active prompt is used unless ``max_prompts_per_feature`` is set (the notebook used the first 200);
-- losses come with a t-based 95% interval and the actual n.
+- every mean comes with a t-based 95% interval and the actual n.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
 
 from saecircuits.analysis.stats import mean_ci95
-from saecircuits.models.hooks import (
-    DEFAULT_MAX_BATCH,
-    DEFAULT_MAX_TOKENS,
-    _device_of,
-    answer_metrics,
-    edit_at_positions,
-    pad_id_of,
-    row_batches,
-    run_at_positions,
-    task_batches,
-)
+from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, answer_metrics, task_batches
+from saecircuits.models.interventions import Edit, interventions_for
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
 
 __all__ = [
+    "FeatureActs",
     "feature_activations",
+    "activations_or_compute",
     "answer_losses",
+    "FeatureEffects",
+    "feature_effects",
     "single_feature_ablation_losses",
     "feature_ablation_table",
+    "features_ablation_edit",
     "TABLE_COLUMNS",
+    "MAX_LOGIT_FLOATS",
 ]
 
 TABLE_COLUMNS = [
@@ -54,39 +56,115 @@ TABLE_COLUMNS = [
     "mean_activation",
     "fraction_active",
     "n_prompts",
+    "logprob_diff",
+    "logit_diff",
+    "rank_diff",
 ]
+
+MAX_LOGIT_FLOATS = 1 << 24
+"""Budget for one chunk of edited logits (``B x V x d_vocab`` floats, 64 MB): the feature chunk size follows."""
+
+
+@dataclass
+class FeatureActs:
+    """SAE feature activations at each prompt's P, sparse: the ``f > 0`` entries only, ordered by prompt then feature.
+
+    Attributes:
+        n_prompts, d_sae: the dense shape ``[n_prompts, d_sae]``.
+        prompt, feature: int64 ``[nnz]`` coordinates; value: float32 ``[nnz]`` activations (SAE feature units).
+    """
+
+    n_prompts: int
+    d_sae: int
+    prompt: torch.Tensor
+    feature: torch.Tensor
+    value: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n_prompts, self.d_sae)
+
+    @classmethod
+    def from_dense(cls, acts: torch.Tensor) -> FeatureActs:
+        """From a dense ``[n_prompts, d_sae]`` tensor (entries ``<= 0`` dropped)."""
+        acts = acts.detach().float().cpu()
+        p, k = torch.nonzero(acts > 0, as_tuple=True)
+        return cls(acts.shape[0], acts.shape[1], p, k, acts[p, k])
+
+    def dense(self) -> torch.Tensor:
+        """float32 ``[n_prompts, d_sae]`` (for small tasks and tests)."""
+        out = torch.zeros(self.n_prompts, self.d_sae)
+        out[self.prompt, self.feature] = self.value
+        return out
+
+    def columns(self, features: Sequence[int]) -> torch.Tensor:
+        """float32 ``[n_prompts, len(features)]``: the activations of ``features`` on every prompt (0 = inactive)."""
+        feats = torch.as_tensor(list(features), dtype=torch.long)
+        out = torch.zeros(self.n_prompts, len(feats))
+        for j, k in enumerate(feats.tolist()):
+            sel = self.feature == k
+            out[self.prompt[sel], j] = self.value[sel]
+        return out
+
+    def column(self, feature: int) -> torch.Tensor:
+        """float32 ``[n_prompts]``: feature ``feature`` on every prompt."""
+        return self.columns([feature])[:, 0]
+
+    def count(self, threshold: float = 0.0) -> torch.Tensor:
+        """int64 ``[d_sae]``: prompts with ``f > threshold`` per feature."""
+        return torch.bincount(self.feature[self.value > threshold], minlength=self.d_sae)
+
+    def sum(self, threshold: float = 0.0) -> torch.Tensor:
+        """float32 ``[d_sae]``: sum over prompts of the activations above ``threshold``."""
+        keep = self.value > threshold
+        return torch.zeros(self.d_sae).index_add_(0, self.feature[keep], self.value[keep])
+
+    def l0(self) -> torch.Tensor:
+        """float32 ``[n_prompts]``: active features per prompt."""
+        return torch.bincount(self.prompt, minlength=self.n_prompts).float()
+
+    def active_prompts(self, feature: int, threshold: float = 0.0) -> list[int]:
+        """Prompt indices (ascending) where ``f_feature > threshold``."""
+        sel = (self.feature == feature) & (self.value > threshold)
+        return sorted(self.prompt[sel].tolist())
 
 
 def feature_activations(
     model, sae: SAE, task: Task, *, max_tokens: int = DEFAULT_MAX_TOKENS, max_batch: int = DEFAULT_MAX_BATCH
-) -> torch.Tensor:
-    """SAE feature activations at each prompt's prediction position (spec E2 without the threshold).
+) -> FeatureActs:
+    """SAE feature activations at each prompt's prediction position (the notebook's feature-activation table).
+
+    One clean pass per batch that stops after the SAE's layer (no unembedding).
 
     Returns:
-        float32 ``[n_prompts, d_sae]`` on CPU, prompts in task order.
+        :class:`FeatureActs` (sparse; ``.dense()`` gives ``[n_prompts, d_sae]``), prompts in task order.
     """
-    acts = torch.zeros(task.n_prompts, sae.d_sae)
-    with torch.no_grad():
-        for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
-            _, read = run_at_positions(
-                model, batch.tokens, batch.positions, read=[sae.hook_point], return_logits=False
-            )
-            acts[torch.tensor(batch.indices)] = (
-                sae.encode(read[sae.hook_point].to(sae.W_dec.dtype)).float().cpu()
-            )
-    return acts
+    iv = interventions_for(model)
+    coords: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
+        clean = iv.clean(batch, read=[sae.hook_point], logits=False, cache=False)
+        with torch.no_grad():
+            f = sae.encode(clean.reads[sae.hook_point].to(sae.W_dec.dtype)).float().cpu()
+        r, k = torch.nonzero(f > 0, as_tuple=True)
+        coords.append((torch.tensor(batch.indices)[r], k, f[r, k]))
+    p = torch.cat([c[0] for c in coords])
+    k = torch.cat([c[1] for c in coords])
+    v = torch.cat([c[2] for c in coords])
+    order = torch.argsort(p * sae.d_sae + k)
+    return FeatureActs(task.n_prompts, sae.d_sae, p[order], k[order], v[order])
 
 
 def activations_or_compute(
     model,
     sae: SAE,
     task: Task,
-    acts: torch.Tensor | None,
+    acts: FeatureActs | torch.Tensor | None,
     *,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
-) -> torch.Tensor:
-    """``acts`` (precomputed :func:`feature_activations`) checked to be ``[n_prompts, d_sae]``, or computed if None.
+) -> FeatureActs:
+    """``acts`` (precomputed :func:`feature_activations`, or a dense tensor) checked against the task and SAE, or
+    computed when None.
 
     Raises:
         ValueError: ``acts`` of the wrong shape.
@@ -97,18 +175,287 @@ def activations_or_compute(
         raise ValueError(
             f"acts must be [n_prompts, d_sae] = [{task.n_prompts}, {sae.d_sae}], got {list(acts.shape)}"
         )
-    return acts
+    return acts if isinstance(acts, FeatureActs) else FeatureActs.from_dense(acts)
 
 
 def answer_losses(
     model, task: Task, *, max_tokens: int = DEFAULT_MAX_TOKENS, max_batch: int = DEFAULT_MAX_BATCH
 ) -> torch.Tensor:
-    """Clean loss (nats) of the answer at P per prompt: float32 ``[n_prompts]`` in task order."""
+    """Clean loss (nats) of the answer at P per prompt: float32 ``[n_prompts]`` in task order (logits at P only)."""
+    iv = interventions_for(model)
     out = torch.zeros(task.n_prompts)
     for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
-        logits, _ = run_at_positions(model, batch.tokens, batch.positions)
-        out[torch.tensor(batch.indices)] = answer_metrics(logits, batch.answer_ids)["loss"].cpu()
+        clean = iv.clean(batch, cache=False)
+        out[torch.tensor(batch.indices)] = answer_metrics(clean.logits, batch.answer_ids)["loss"].cpu()
     return out
+
+
+def features_ablation_edit(sae: SAE, features: Sequence[int]) -> Edit:
+    """Edit at ``sae.hook_point`` ablating the set ``S`` together: ``x - encode(x)[S] @ W_dec[S]`` (one variant)."""
+    idx = torch.as_tensor(list(features), dtype=torch.long, device=sae.W_dec.device)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(sae.W_dec.dtype)
+        return x - sae.encode(x)[..., idx] @ sae.W_dec[idx]
+
+    return Edit(sae.hook_point, fn)
+
+
+def one_feature_each_edit(sae: SAE, table: torch.Tensor) -> Edit:
+    """Edit at ``sae.hook_point`` with ``V`` variants per prompt: variant ``v`` of prompt ``b`` ablates feature
+    ``table[b, v]`` alone (``x - f_k(x) W_dec[k]``); ``-1`` leaves the activation unchanged.
+
+    Args:
+        table: int64 ``[B, V]`` feature indices (or -1).
+    """
+    W_dec = sae.W_dec
+    table = table.to(W_dec.device)
+    valid = (table >= 0).to(W_dec.dtype)
+    k = table.clamp(min=0)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(W_dec.dtype)
+        f = sae.encode(x)  # [B, F, d_sae], F = 1 (clean value shared by every variant) or V
+        f_k = f.expand(-1, table.shape[1], -1).gather(-1, k[..., None])[..., 0] * valid  # [B, V]
+        return x - f_k[..., None] * W_dec[k]
+
+    return Edit(sae.hook_point, fn)
+
+
+@dataclass
+class FeatureEffects:
+    """Exact effects of ablating single features at P, one entry per (prompt, active feature) pair.
+
+    Attributes:
+        n_prompts, d_sae: of the task and SAE.
+        prompt, feature: int64 ``[N]`` the pairs, ordered by prompt then feature.
+        activation: float32 ``[N]`` ``f_k`` at P (SAE feature units).
+        loss_increase: ``[N]`` ablated minus clean answer loss (nats).
+        logprob_diff, logit_diff: ``[N]`` clean minus ablated answer log-prob (nats) / logit (positive = the feature
+            helped the answer).
+        rank_diff: ``[N]`` clean minus ablated rank (negative = the ablation pushed the answer down).
+        clean_loss: float32 ``[n_prompts]`` clean answer loss (nats).
+        selection: how features were chosen (``"all_active"``, ``"top_<N>_dla"`` or ``"given"``).
+    """
+
+    n_prompts: int
+    d_sae: int
+    prompt: torch.Tensor
+    feature: torch.Tensor
+    activation: torch.Tensor
+    loss_increase: torch.Tensor
+    logprob_diff: torch.Tensor
+    logit_diff: torch.Tensor
+    rank_diff: torch.Tensor
+    clean_loss: torch.Tensor
+    selection: str = "all_active"
+
+    def of(self, feature: int) -> pd.DataFrame:
+        """Per-prompt effects of one feature: columns ``prompt_index``, ``activation``, ``loss_increase``,
+        ``logprob_diff``, ``logit_diff``, ``rank_diff`` (prompts ascending)."""
+        sel = self.feature == int(feature)
+        return pd.DataFrame(
+            {
+                "prompt_index": self.prompt[sel].numpy(),
+                "activation": self.activation[sel].numpy(),
+                "loss_increase": self.loss_increase[sel].numpy(),
+                "logprob_diff": self.logprob_diff[sel].numpy(),
+                "logit_diff": self.logit_diff[sel].numpy(),
+                "rank_diff": self.rank_diff[sel].numpy(),
+            }
+        )
+
+    def summary(self, *, min_prompts: int = 1) -> pd.DataFrame:
+        """One row per feature with at least ``min_prompts`` ablated prompts, sorted by mean loss increase (desc).
+
+        Columns: ``feature``, ``n_active_prompts``, ``fraction_active``, ``mean_activation``, ``loss_increase``
+        (mean, nats), ``loss_increase_ci95`` (t half-width; NaN for n < 2), ``logprob_diff``, ``logit_diff``,
+        ``rank_diff`` (means).
+        """
+        records = []
+        for k in torch.unique(self.feature).tolist():
+            sel = self.feature == k
+            n = int(sel.sum())
+            if n < min_prompts:
+                continue
+            ci = mean_ci95(self.loss_increase[sel])
+            records.append(
+                {
+                    "feature": int(k),
+                    "n_active_prompts": n,
+                    "fraction_active": n / self.n_prompts,
+                    "mean_activation": float(self.activation[sel].mean()),
+                    "loss_increase": ci.mean,
+                    "loss_increase_ci95": ci.half_width,
+                    "logprob_diff": float(self.logprob_diff[sel].mean()),
+                    "logit_diff": float(self.logit_diff[sel].mean()),
+                    "rank_diff": float(self.rank_diff[sel].mean()),
+                }
+            )
+        cols = ["feature", "n_active_prompts", "fraction_active", "mean_activation", "loss_increase",
+                "loss_increase_ci95", "logprob_diff", "logit_diff", "rank_diff"]
+        df = pd.DataFrame.from_records(records, columns=cols)
+        return df.sort_values(["loss_increase", "feature"], ascending=[False, True], kind="stable").reset_index(
+            drop=True
+        )
+
+
+def _feature_write(model, sae: SAE) -> torch.Tensor:
+    """``[d_sae, d_model]``: what one unit of each feature writes into the residual stream at its layer."""
+    from saecircuits.analysis.error_dla import mlp_post_layer
+
+    hp = sae.hook_point
+    if hp.endswith("mlp.hook_post"):
+        return sae.W_dec.detach().float() @ model.W_out[mlp_post_layer(hp)].detach().float()
+    if hp.endswith(("hook_mlp_out", "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out")):
+        return sae.W_dec.detach().float()
+    raise ValueError(
+        f"top-N selection by |activation x DLA| needs an SAE whose features write to the residual stream directly "
+        f"or through W_out (mlp.hook_post, hook_mlp_out, hook_resid_*); got {hp!r}. Use features='all'."
+    )
+
+
+def feature_effects(
+    model,
+    sae: SAE,
+    task: Task,
+    *,
+    features: str | int | Sequence[int] = "all",
+    threshold: float = 0.0,
+    acts: FeatureActs | torch.Tensor | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    progress: bool = False,
+) -> FeatureEffects:
+    """Exact single-feature ablation effects at P of every feature active on each prompt (residual-preserving).
+
+    For each prompt i and selected feature k with ``f_k > threshold`` at P, the answer metrics with
+    ``x_P <- x_P - f_k(x_P) W_dec[k]`` at ``sae.hook_point`` (the reference notebook's single-feature ablation), via
+    prefix-cached interventions: per batch of prompts one clean pass, then ``V`` features per prompt as ``V`` variants
+    of position P (chunked so ``B x V x d_vocab`` stays under :data:`MAX_LOGIT_FLOATS`).
+
+    Args:
+        model: a TransformerBridge.
+        sae: any :class:`SAE` on a hook the intervention layer edits.
+        task: prompts and answers.
+        features: ``"all"`` (every active feature, default); an int N (per prompt, the N active features with the
+            largest ``|f_k x DLA_k|``, the feature's direct effect on the answer logit through the final norm at the
+            prompt's scale); or a list of feature indices (those of them that are active).
+        threshold: activity threshold (strict).
+        acts: precomputed :func:`feature_activations` (avoids one pass).
+        max_tokens, max_batch: prompt batch budget.
+        progress: show a tqdm bar over (prompt, feature) pairs with an ETA.
+
+    Returns:
+        :class:`FeatureEffects`.
+
+    Raises:
+        ValueError: a bad ``features`` value, or top-N selection on an SAE whose features do not write to the
+            residual stream (directly or through ``W_out``).
+    """
+    from saecircuits.models.norms import readout_of
+
+    acts = activations_or_compute(model, sae, task, acts, max_tokens=max_tokens, max_batch=max_batch)
+    d_vocab = int(model.cfg.d_vocab)
+    top_n: int | None = None
+    given: torch.Tensor | None = None
+    if isinstance(features, str):
+        if features != "all":
+            raise ValueError(f"features must be 'all', a positive int or a list of indices, got {features!r}")
+        selection = "all_active"
+    elif isinstance(features, int):
+        if features < 1:
+            raise ValueError(f"features (top N) must be at least 1, got {features}")
+        top_n, selection = features, f"top_{features}_dla"
+        write = _feature_write(model, sae)
+        readout = readout_of(model)
+    else:
+        given = torch.as_tensor(list(features), dtype=torch.long)
+        if given.numel() and (int(given.min()) < 0 or int(given.max()) >= sae.d_sae):
+            raise ValueError(f"feature indices must lie in 0..{sae.d_sae - 1}")
+        selection = "given"
+    keep = acts.value > threshold
+    if given is not None:
+        keep &= torch.isin(acts.feature, given)
+    per_prompt = torch.bincount(acts.prompt[keep], minlength=task.n_prompts)
+    total = int(per_prompt.sum() if top_n is None else per_prompt.clamp(max=top_n).sum())
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=f"ablate features at {sae.hook_point}", unit="ablation")
+    iv = interventions_for(model)
+    clean_loss = torch.zeros(task.n_prompts)
+    parts: list[tuple[torch.Tensor, ...]] = []
+    reads = [sae.hook_point] + (["ln_final.hook_scale"] if top_n is not None else [])
+    for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
+        clean = iv.clean(batch, read=reads)
+        with torch.no_grad():
+            f = sae.encode(clean.reads[sae.hook_point].to(sae.W_dec.dtype)).float()  # [B, d_sae]
+        active = f > threshold
+        if given is not None:
+            active &= torch.isin(torch.arange(sae.d_sae, device=f.device), given.to(f.device))[None]
+        score = f.clone()
+        if top_n is not None:
+            score = (f * _per_feature_dla(readout, write, clean, batch)).abs()
+        score = score.masked_fill(~active, -float("inf"))
+        n_act = active.sum(1)
+        V = int(n_act.max()) if top_n is None else int(min(top_n, int(n_act.max())))
+        idx = torch.tensor(batch.indices)
+        base = answer_metrics(clean.logits, batch.answer_ids)
+        clean_loss[idx] = base["loss"].cpu()
+        if V == 0:
+            continue
+        order = torch.topk(score, V, dim=1)  # features by score, inactive last (-inf)
+        table = torch.where(torch.isfinite(order.values), order.indices, torch.full_like(order.indices, -1))
+        B = table.shape[0]
+        chunk = max(1, MAX_LOGIT_FLOATS // max(1, B * d_vocab))
+        for v0 in range(0, V, chunk):
+            sub = table[:, v0 : v0 + chunk]
+            logits, _ = iv.run(clean, [one_feature_each_edit(sae, sub)], n_variants=sub.shape[1])
+            m = answer_metrics(logits, batch.answer_ids)
+            ok = sub >= 0
+            b_idx, v_idx = torch.nonzero(ok, as_tuple=True)
+            k = sub[b_idx, v_idx]
+            parts.append(
+                (
+                    idx[b_idx.cpu()],
+                    k.cpu(),
+                    f[b_idx, k].cpu(),
+                    (m["loss"][b_idx, v_idx] - base["loss"][b_idx]).cpu(),
+                    (base["logprob"][b_idx] - m["logprob"][b_idx, v_idx]).cpu(),
+                    (base["logit"][b_idx] - m["logit"][b_idx, v_idx]).cpu(),
+                    (base["rank"][b_idx] - m["rank"][b_idx, v_idx]).cpu(),
+                )
+            )
+            if bar is not None:
+                bar.update(int(ok.sum()))
+    if bar is not None:
+        bar.close()
+    cols = [torch.cat([p[j] for p in parts]) if parts else torch.zeros(0) for j in range(7)]
+    prompt, feature = cols[0].long(), cols[1].long()
+    order = torch.argsort(prompt * sae.d_sae + feature)
+    return FeatureEffects(
+        n_prompts=task.n_prompts,
+        d_sae=sae.d_sae,
+        prompt=prompt[order],
+        feature=feature[order],
+        activation=cols[2][order].float(),
+        loss_increase=cols[3][order].float(),
+        logprob_diff=cols[4][order].float(),
+        logit_diff=cols[5][order].float(),
+        rank_diff=cols[6][order].float(),
+        clean_loss=clean_loss,
+        selection=selection,
+    )
+
+
+def _per_feature_dla(readout, write: torch.Tensor, clean, batch) -> torch.Tensor:
+    """``[B, d_sae]``: DLA per unit activation of every feature on each prompt's answer (final-norm scale at P)."""
+    scale = clean.reads["ln_final.hook_scale"].reshape(-1).float()
+    normed = readout.norm.linear(write.to(scale.device), torch.ones(1))  # centred, weighted; scale applied below
+    u = readout.answer_columns(batch.answer_ids).to(normed.device)  # [B, d_model]
+    return (u @ normed.T) / scale[:, None]
 
 
 def single_feature_ablation_losses(
@@ -122,12 +469,8 @@ def single_feature_ablation_losses(
 ) -> torch.Tensor:
     """Answer loss (nats) at P with one feature ablated residual-preservingly at P, for each (prompt, feature) pair.
 
-    Each pair is one row of a right-padded batch; the row's hook-point activation at its P becomes
-    ``x - f_k(x) * W_dec[k]`` with ``f_k(x) = sae.encode(x)[k]`` computed from that row's own activation (F3). A
-    feature inactive at P (``f_k = 0``) leaves the activation exactly unchanged.
-
-    Args:
-        pairs: ``(prompt_index, feature_index)`` pairs.
+    The pairs of one prompt are variants of one prefix-cached pass. A feature inactive at P (``f_k = 0``) leaves the
+    activation exactly unchanged.
 
     Returns:
         float32 ``[n_pairs]`` in pair order.
@@ -138,38 +481,34 @@ def single_feature_ablation_losses(
     if not pairs:
         return torch.zeros(0)
     prompt_idx = [int(i) for i, _ in pairs]
-    feats = torch.tensor([int(k) for _, k in pairs])
+    feats = [int(k) for _, k in pairs]
     if min(prompt_idx) < 0 or max(prompt_idx) >= task.n_prompts:
         raise IndexError(f"prompt index out of range 0..{task.n_prompts - 1}")
-    if int(feats.min()) < 0 or int(feats.max()) >= sae.d_sae:
+    if min(feats) < 0 or max(feats) >= sae.d_sae:
         raise IndexError(f"feature index out of range 0..{sae.d_sae - 1}")
-    rows = [task.token_ids[i] for i in prompt_idx]
-    answers = [task.answer_ids[i] for i in prompt_idx]
+    per_prompt: dict[int, list[int]] = {}
+    for j, i in enumerate(prompt_idx):
+        per_prompt.setdefault(i, []).append(j)
+    prompts = sorted(per_prompt)
+    sub = task.subset(prompts)
+    iv = interventions_for(model)
     out = torch.zeros(len(pairs))
-    W_dec = sae.W_dec.detach()
-    with torch.no_grad():
-        for batch in row_batches(
-            rows,
-            pad_id_of(model),
-            answer_ids=answers,
-            max_tokens=max_tokens,
-            max_batch=max_batch,
-            device=_device_of(model),
-        ):
-            k = feats[batch.indices].to(W_dec.device)
-
-            def ablate(x: torch.Tensor, row: torch.Tensor, k=k) -> torch.Tensor:
-                x = x.to(W_dec.dtype)
-                f_k = sae.encode(x)[row, k]  # [b]
-                return x - f_k[:, None] * W_dec[k]
-
-            logits, _ = run_at_positions(
-                model,
-                batch.tokens,
-                batch.positions,
-                edits=[(sae.hook_point, edit_at_positions(batch.positions, ablate))],
-            )
-            out[torch.tensor(batch.indices)] = answer_metrics(logits, batch.answer_ids)["loss"].cpu()
+    d_vocab = int(model.cfg.d_vocab)
+    for batch in task_batches(model, sub, max_tokens=max_tokens, max_batch=max_batch):
+        clean = iv.clean(batch)
+        rows = [per_prompt[prompts[i]] for i in batch.indices]
+        V = max(len(r) for r in rows)
+        table = torch.full((len(rows), V), -1, dtype=torch.long)
+        for b, r in enumerate(rows):
+            table[b, : len(r)] = torch.tensor([feats[j] for j in r])
+        chunk = max(1, MAX_LOGIT_FLOATS // max(1, len(rows) * d_vocab))
+        for v0 in range(0, V, chunk):
+            t = table[:, v0 : v0 + chunk]
+            logits, _ = iv.run(clean, [one_feature_each_edit(sae, t)], n_variants=t.shape[1])
+            loss = answer_metrics(logits, batch.answer_ids)["loss"].cpu()
+            for b, r in enumerate(rows):
+                for v, j in enumerate(r[v0 : v0 + chunk]):
+                    out[j] = loss[b, v]
     return out
 
 
@@ -180,73 +519,45 @@ def feature_ablation_table(
     *,
     threshold: float = 0.0,
     min_fraction_active: float = 0.05,
-    max_candidates: int = 100,
-    max_prompts_per_feature: int | None = None,
-    acts: torch.Tensor | None = None,
-    clean_loss: torch.Tensor | None = None,
+    max_candidates: int | None = None,
+    effects: FeatureEffects | None = None,
+    acts: FeatureActs | torch.Tensor | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
+    progress: bool = False,
 ) -> pd.DataFrame:
-    """Candidate features and the loss increase at P when each is ablated alone (spec F5 with F3 ablation).
+    """Features and the mean loss increase at P when each is ablated alone on its active prompts (the reference
+    notebook's single-feature ablation table, exact for every active feature).
 
     Args:
         model, sae, task: the model, any SAE, the behaviour.
         threshold: a feature is active on a prompt when ``f > threshold`` at P (strict).
-        min_fraction_active: candidates must be active on at least this fraction of prompts.
-        max_candidates: keep the top this many by mean activation over active prompts.
-        max_prompts_per_feature: ablate on at most this many active prompts per feature (first in task order).
-        acts: precomputed ``feature_activations`` ``[n_prompts, d_sae]`` (else computed).
-        clean_loss: precomputed ``answer_losses`` ``[n_prompts]`` (else computed).
+        min_fraction_active: rows need the feature active on at least this fraction of prompts (notebook: 5%).
+        max_candidates: keep only the top this many by mean activation over active prompts before ranking (the
+            notebook's 100); None = every feature that passes ``min_fraction_active``.
+        effects: precomputed :func:`feature_effects` (else computed for all active features).
+        acts: precomputed :func:`feature_activations`.
+        max_tokens, max_batch: batch budget.
+        progress: progress bar while computing the effects.
 
     Returns:
-        DataFrame with columns ``feature`` (int), ``loss_increase`` (mean over the feature's active prompts of
-        ablated - clean loss, nats), ``loss_increase_ci95`` (half-width of the t interval; NaN for n < 2),
-        ``mean_activation`` (over active prompts), ``fraction_active`` (over all prompts), ``n_prompts`` (prompts
-        ablated on); sorted by ``loss_increase`` descending. Empty (same columns) when no feature qualifies.
-
-    Raises:
-        ValueError: ``acts`` or ``clean_loss`` of the wrong shape.
+        DataFrame with columns :data:`TABLE_COLUMNS`: ``feature``, ``loss_increase`` (mean over the feature's active
+        prompts of ablated - clean loss, nats), ``loss_increase_ci95`` (t half-width; NaN for n < 2),
+        ``mean_activation`` (over active prompts), ``fraction_active``, ``n_prompts`` (prompts ablated on), and the
+        mean ``logprob_diff``, ``logit_diff``, ``rank_diff`` (clean - ablated); sorted by ``loss_increase``
+        descending. Empty (same columns) when no feature qualifies.
     """
-    acts = activations_or_compute(model, sae, task, acts, max_tokens=max_tokens, max_batch=max_batch)
-    active = acts > threshold
-    count = active.sum(0)
-    fraction = count.float() / task.n_prompts
-    mean_act = torch.where(count > 0, (acts * active).sum(0) / count.clamp(min=1), torch.zeros(()))
-    eligible = (fraction >= min_fraction_active) & (count > 0)
-    order = torch.argsort(
-        torch.where(eligible, mean_act, torch.full_like(mean_act, -float("inf"))), descending=True
-    )
-    candidates = [int(k) for k in order[: int(eligible.sum())][:max_candidates]]
-    if not candidates:
-        return pd.DataFrame({c: [] for c in TABLE_COLUMNS})
-    if clean_loss is None:
-        clean_loss = answer_losses(model, task, max_tokens=max_tokens, max_batch=max_batch)
-    if clean_loss.shape != (task.n_prompts,):
-        raise ValueError(
-            f"clean_loss must be [n_prompts] = [{task.n_prompts}], got {tuple(clean_loss.shape)}"
+    if effects is None:
+        effects = feature_effects(
+            model, sae, task, threshold=threshold, acts=acts, max_tokens=max_tokens, max_batch=max_batch,
+            progress=progress,
         )
-
-    pairs: list[tuple[int, int]] = []
-    for k in candidates:
-        prompts_k = torch.nonzero(active[:, k]).flatten().tolist()
-        pairs += [(i, k) for i in prompts_k[:max_prompts_per_feature]]
-    ablated = single_feature_ablation_losses(
-        model, sae, task, pairs, max_tokens=max_tokens, max_batch=max_batch
+    summary = effects.summary()
+    summary = summary[summary["fraction_active"] >= min_fraction_active]
+    if max_candidates is not None:
+        summary = summary.sort_values(["mean_activation", "feature"], ascending=[False, True], kind="stable")
+        summary = summary.head(max_candidates)
+    table = summary.rename(columns={"n_active_prompts": "n_prompts"})[TABLE_COLUMNS]
+    return table.sort_values(["loss_increase", "feature"], ascending=[False, True], kind="stable").reset_index(
+        drop=True
     )
-    increase = ablated - clean_loss[torch.tensor([i for i, _ in pairs])]
-    pair_feat = torch.tensor([k for _, k in pairs])
-    records = []
-    for k in candidates:
-        ci = mean_ci95(increase[pair_feat == k])
-        records.append(
-            {
-                "feature": k,
-                "loss_increase": ci.mean,
-                "loss_increase_ci95": ci.half_width,
-                "mean_activation": float(mean_act[k]),
-                "fraction_active": float(fraction[k]),
-                "n_prompts": ci.n,
-            }
-        )
-    table = pd.DataFrame.from_records(records, columns=TABLE_COLUMNS)
-    return table.sort_values("loss_increase", ascending=False, kind="stable").reset_index(drop=True)

@@ -64,6 +64,7 @@ def loss_increase_vs_activation(
     max_prompts: int | None = None,
     acts: torch.Tensor | None = None,
     clean_loss: torch.Tensor | None = None,
+    effects=None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
 ) -> LossVsActivation:
@@ -76,6 +77,8 @@ def loss_increase_vs_activation(
         max_prompts: at most this many active prompts (first in task order); ``None`` = all (the notebook).
         acts: precomputed ``feature_activations`` ``[n_prompts, d_sae]``.
         clean_loss: precomputed ``answer_losses`` ``[n_prompts]``.
+        effects: precomputed :class:`~saecircuits.analysis.features.FeatureEffects` holding this feature (with the
+            same ``threshold``); its exact per-prompt effects are used instead of new ablations.
         max_tokens, max_batch: batch budget.
 
     Returns:
@@ -87,8 +90,17 @@ def loss_increase_vs_activation(
     k = int(feature)
     if not 0 <= k < sae.d_sae:
         raise IndexError(f"feature {k} out of range 0..{sae.d_sae - 1}")
+    if effects is not None:
+        rows = effects.of(k).head(max_prompts) if max_prompts is not None else effects.of(k)
+        table = rows[["prompt_index", "activation", "loss_increase"]].reset_index(drop=True)
+        return LossVsActivation(
+            feature=k,
+            table=table,
+            pearson_r=pearson_r(table["activation"], table["loss_increase"]),
+            loss_increase=mean_ci95(table["loss_increase"].to_numpy()),
+        )
     acts = activations_or_compute(model, sae, task, acts, max_tokens=max_tokens, max_batch=max_batch)
-    prompts = torch.nonzero(acts[:, k] > threshold).flatten().tolist()[:max_prompts]
+    prompts = acts.active_prompts(k, threshold)[:max_prompts]
     if prompts and clean_loss is None:
         clean_loss = answer_losses(model, task, max_tokens=max_tokens, max_batch=max_batch)
     if clean_loss is not None and tuple(clean_loss.shape) != (task.n_prompts,):
@@ -98,7 +110,7 @@ def loss_increase_vs_activation(
     )
     idx = torch.tensor(prompts, dtype=torch.long)
     increase = (ablated - clean_loss[idx]) if prompts else torch.zeros(0)
-    activation = acts[idx, k] if prompts else torch.zeros(0)
+    activation = acts.column(k)[idx] if prompts else torch.zeros(0)
     table = pd.DataFrame(
         {
             "prompt_index": np.asarray(prompts, dtype=np.int64),

@@ -27,13 +27,11 @@ from saecircuits.models.hooks import (
     _device_of,
     answer_metrics,
     bos_id_of,
-    edit_at_positions,
     pad_id_of,
     row_batches,
-    run_at_positions,
-    stop_layer_for,
     task_batches,
 )
+from saecircuits.models.interventions import Edit, interventions_for
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
 
@@ -64,8 +62,7 @@ def mean_activation(
         ValueError: no position is left to average.
     """
     bos = bos_id_of(model)
-    layer = stop_layer_for([hook_point], model.cfg.n_layers)
-    stop = {} if layer is None else {"stop_at_layer": layer}  # nothing after the hook is needed
+    iv = interventions_for(model)
     total: torch.Tensor | None = None
     count = 0
     for batch in row_batches(
@@ -75,14 +72,7 @@ def mean_activation(
         mask = torch.arange(batch.tokens.shape[1], device=lengths.device)[None] < lengths[:, None]
         if exclude_bos and bos is not None:
             mask[:, 0] &= batch.tokens[:, 0] != bos
-        store: dict[str, torch.Tensor] = {}
-
-        def grab(value: torch.Tensor, hook=None, store=store) -> None:
-            store["x"] = value.detach()
-
-        with torch.no_grad():
-            model.run_with_hooks(batch.tokens, fwd_hooks=[(hook_point, grab)], return_type=None, **stop)
-        x = store["x"].float()
+        x = iv.read_all(batch.tokens, [hook_point])[hook_point].float()  # stops after the hook's block
         summed = x[mask.to(x.device)].sum(0)
         total = summed if total is None else total + summed
         count += int(mask.sum())
@@ -150,31 +140,32 @@ def reconstruction_at_prediction(
     out = {k: torch.zeros(n) for k in ("clean", "sae", "zero", "mean", "l0", "resid_sq")}
     xs = torch.zeros(n, sae.d_in)
 
-    def splice(rows: torch.Tensor, _idx: torch.Tensor) -> torch.Tensor:
-        return sae.decode(sae.encode(rows.to(sae.W_dec.dtype)))
+    mean_row = None if mean_act is None else mean_act.detach().reshape(1, 1, -1)
 
+    def variants(x: torch.Tensor) -> torch.Tensor:  # [B, 1, d_in] -> [B, V, d_in]: SAE, zero(, mean)
+        x = x.to(sae.W_dec.dtype)
+        out = [sae.decode(sae.encode(x)), torch.zeros_like(x)]
+        if mean_row is not None:
+            out.append(mean_row.to(x).expand_as(x))
+        return torch.cat(out, dim=1)
+
+    names = ["sae", "zero"] + (["mean"] if mean_act is not None else [])
+    iv = interventions_for(model)
     with torch.no_grad():
         for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
             idx = torch.tensor(batch.indices)
-            logits, acts = run_at_positions(model, batch.tokens, batch.positions, read=[hook])
-            x = acts[hook].float()
+            clean = iv.clean(batch, read=[hook])
+            x = clean.reads[hook].float()
             f = sae.encode(x.to(sae.W_dec.dtype))
             x_hat = sae.decode(f).float()
             xs[idx] = x.cpu()
             out["l0"][idx] = (f > 0).sum(-1).float().cpu()
             out["resid_sq"][idx] = ((x - x_hat) ** 2).sum(-1).cpu()
-            out["clean"][idx] = answer_metrics(logits, batch.answer_ids)["loss"].cpu()
-            variants = {"sae": splice, "zero": lambda rows, _i: torch.zeros_like(rows)}
-            if mean_act is not None:
-                variants["mean"] = lambda rows, _i: mean_act.to(rows.device, rows.dtype).expand_as(rows)
-            for name, edit in variants.items():
-                logits_v, _ = run_at_positions(
-                    model,
-                    batch.tokens,
-                    batch.positions,
-                    edits=[(hook, edit_at_positions(batch.positions, edit))],
-                )
-                out[name][idx] = answer_metrics(logits_v, batch.answer_ids)["loss"].cpu()
+            out["clean"][idx] = answer_metrics(clean.logits, batch.answer_ids)["loss"].cpu()
+            logits, _ = iv.run(clean, [Edit(hook, variants)], n_variants=len(names))
+            loss = answer_metrics(logits, batch.answer_ids)["loss"].cpu()
+            for v, name in enumerate(names):
+                out[name][idx] = loss[:, v]
 
     total_var = ((xs - xs.mean(0)) ** 2).sum()
     ev = float(1 - out["resid_sq"].sum() / total_var) if total_var > 0 else float("nan")

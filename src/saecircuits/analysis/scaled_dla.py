@@ -2,12 +2,14 @@
 
 For an SAE on ``blocks.L.mlp.hook_post`` with activations ``f_ik`` at each prompt's P and answers ``a_i``:
 
-- ``D = W_dec @ W_out[L]`` ``[d_sae, d_model]``; ``G[k, a] = D[k] . W_U[:, a]`` (logits per unit activation);
+- ``D = W_dec @ W_out[L]`` ``[d_sae, d_model]``; ``G[k, a] = norm(D[k]) . W_U[:, a]`` (logits per unit activation),
+  with ``norm`` the final norm's centring and weight but no scale (the notebook's ``D[k] . W_U[:, a]`` under
+  ``fold_ln``; explicit here so every weight-processing switch gives the same numbers);
 - ``mean_activation_k = mean_i f_ik`` (unconditional, = the notebook's ``X.mean(0)``);
 - ``dla_per_unit_k = mean_i G[k, a_i]`` (one vector when every prompt has the same answer, as in the notebook);
 - ``scaled_k = mean_i f_ik G[k, a_i]`` (``= mean_activation_k * dla_per_unit_k`` for a single answer id);
-- ``scaled_ln_k = mean_i f_ik (norm(D[k]) . W_U[:, a_i]) / s_i`` with the final norm as a linear map (centred for
-  LayerNorm) and ``s_i`` the prompt's cached ``ln_final.hook_scale`` at P: the feature's actual direct contribution
+- ``scaled_ln_k = mean_i f_ik G[k, a_i] / s_i`` with ``s_i`` the prompt's cached ``ln_final.hook_scale`` at P (the final
+  norm as a linear map, :mod:`saecircuits.models.norms`): the feature's actual direct contribution
   to the answer logit (pitfall 25: the notebook used no scale). Summed over k this is the DLA of ``(x_hat - b_dec)
   @ W_out[L]``, i.e. F6's reconstruction row minus the ``b_dec`` term.
 
@@ -20,9 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from saecircuits.analysis.dla import _centres
 from saecircuits.analysis.error_dla import mlp_post_layer
-from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, run_at_positions, task_batches
+from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches
+from saecircuits.models.interventions import interventions_for
+from saecircuits.models.norms import readout_of
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
 
@@ -62,7 +65,7 @@ def activation_scaled_dla(
     """Mean activation, DLA per unit activation and their product for every feature (analysis-spec F20).
 
     Args:
-        model: a TransformerBridge with processed weights (fold_ln).
+        model: a TransformerBridge (any weight processing).
         sae: an SAE on ``blocks.L.mlp.hook_post``.
         task: prompts and answers.
         max_tokens, max_batch: batch budget.
@@ -74,7 +77,8 @@ def activation_scaled_dla(
         ValueError: the SAE is not on ``mlp.hook_post``; unsupported final norm.
     """
     layer = mlp_post_layer(sae.hook_point)
-    centre = _centres(model)
+    readout = readout_of(model)
+    iv = interventions_for(model)
     answers = sorted(set(int(a) for a in task.answer_ids))
     col = {a: j for j, a in enumerate(answers)}
     d_sae = sae.d_sae
@@ -84,13 +88,7 @@ def activation_scaled_dla(
     counts = torch.zeros(len(answers), dtype=torch.float64)
     with torch.no_grad():
         for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
-            _, read = run_at_positions(
-                model,
-                batch.tokens,
-                batch.positions,
-                read=[sae.hook_point, "ln_final.hook_scale"],
-                return_logits=False,
-            )
+            read = iv.clean(batch, read=[sae.hook_point, "ln_final.hook_scale"], logits=False, cache=False).reads
             f = sae.encode(read[sae.hook_point].to(sae.W_dec.dtype)).double().cpu()  # [b, d_sae]
             s = read["ln_final.hook_scale"].double().reshape(-1).cpu()
             j = torch.tensor([col[int(a)] for a in batch.answer_ids.tolist()])
@@ -99,14 +97,15 @@ def activation_scaled_dla(
             counts.index_add_(0, j, torch.ones(len(j), dtype=torch.float64))
         W_out = model.W_out[layer].detach().double()
         D = sae.W_dec.detach().double().to(W_out.device) @ W_out  # [d_sae, d_model]
-        U = model.W_U.detach().double()[:, answers].to(W_out.device)  # [d_model, A]
+        if readout.norm.centre:
+            D = D - D.mean(-1, keepdim=True)
+        D = D * readout.norm.weight.double().to(D.device)
+        U = readout.W_U.detach().double()[:, answers].to(W_out.device)  # [d_model, A]
         G = (D @ U).cpu()  # [d_sae, A]
-        D_n = D - D.mean(-1, keepdim=True) if centre else D
-        G_n = (D_n @ U).cpu()
     n = float(counts.sum())
     return ScaledDLAResult(
         mean_activation=(f_sum.sum(0) / n).float(),
         dla_per_unit=((G * counts[None]).sum(1) / n).float(),
         scaled=((f_sum.T * G).sum(1) / n).float(),
-        scaled_ln=((f_scaled_sum.T * G_n).sum(1) / n).float(),
+        scaled_ln=((f_scaled_sum.T * G).sum(1) / n).float(),
     )

@@ -19,13 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from saecircuits.analysis.stats import MeanCI, mean_ci95
-from saecircuits.models.hooks import (
-    DEFAULT_MAX_BATCH,
-    DEFAULT_MAX_TOKENS,
-    edit_at_positions,
-    run_at_positions,
-    task_batches,
-)
+from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches
+from saecircuits.models.interventions import Edit, interventions_for
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
 
@@ -113,12 +108,11 @@ def upstream_ablation_effect(
     clean = torch.zeros(n, len(feats))
     ablated = torch.zeros(n, len(feats))
     batches = list(task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch))
+    iv = interventions_for(model)
     with torch.no_grad():
         upstream_sum: torch.Tensor | None = None
         for batch in batches:
-            _, read = run_at_positions(
-                model, batch.tokens, batch.positions, read=[sae.hook_point, ablate_hook], return_logits=False
-            )
+            read = iv.clean(batch, read=[sae.hook_point, ablate_hook], logits=False, cache=False).reads
             x = read[sae.hook_point].to(sae.W_dec.dtype)
             clean[torch.tensor(batch.indices)] = sae.encode(x)[:, idx.to(x.device)].float().cpu()
             part = read[ablate_hook].float().sum(0)
@@ -131,26 +125,14 @@ def upstream_ablation_effect(
                     f"mean_value must have the shape of one position of {ablate_hook} "
                     f"{list(upstream_sum.shape)}, got {list(mean_value.shape)}"
                 )
+        if mode == "zero":
+            edit = Edit(ablate_hook, torch.zeros_like)
+        else:
+            edit = Edit(ablate_hook, lambda v: mean_value.to(v).expand_as(v))
         for batch in batches:
-            if mode == "zero":
-
-                def edit(v: torch.Tensor, _row: torch.Tensor) -> torch.Tensor:
-                    return torch.zeros_like(v)
-
-            else:
-
-                def edit(v: torch.Tensor, _row: torch.Tensor) -> torch.Tensor:
-                    return mean_value.to(v).expand_as(v)
-
-            _, read = run_at_positions(
-                model,
-                batch.tokens,
-                batch.positions,
-                read=[sae.hook_point],
-                edits=[(ablate_hook, edit_at_positions(batch.positions, edit))],
-                return_logits=False,
-            )
-            x = read[sae.hook_point].to(sae.W_dec.dtype)
+            cached = iv.clean(batch, logits=False)
+            _, read = iv.run(cached, [edit], read=[sae.hook_point], logits=False)
+            x = read[sae.hook_point][:, 0].to(sae.W_dec.dtype)
             ablated[torch.tensor(batch.indices)] = sae.encode(x)[:, idx.to(x.device)].float().cpu()
     active = clean > threshold
     return UpstreamAblationResult(

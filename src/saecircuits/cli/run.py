@@ -154,7 +154,7 @@ def demo(
     cfg = RunConfig(
         model=str(folder), data=heldout, train_data=sae_train, out=out, sae_tokens=sae_tokens, device=device,
         seed=seed, workspace=workspace, model_label=f"saecircuits default (2-layer GPT-Neo, {folder.name})",
-        max_prompts=max_prompts, max_prompts_per_feature=100,
+        max_prompts=max_prompts,
     )
     _execute(cfg)
 

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 
 import torch
 
+from saecircuits.models.norms import module_norm_params
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -538,15 +540,12 @@ class Engine:
 
 
 def _norm_params(bridge_norm) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight, bias) a bridge norm applies after normalising; bias None for RMSNorm or bias-free LayerNorms."""
-    if getattr(bridge_norm, "uses_weight_offset", False):
-        raise EngineError("norms with a (1 + weight) offset are not supported by the engine")
-    weight = _param(bridge_norm.weight)
-    comp = getattr(bridge_norm, "original_component", None)
-    bias = None
-    if not getattr(bridge_norm, "uses_rms_norm", False) and comp is not None:
-        bias = _param(getattr(comp, "bias", None))
-    return weight, bias
+    """(weight, bias) a bridge norm applies after normalising (:func:`saecircuits.models.norms.module_norm_params`)."""
+    try:
+        params = module_norm_params(bridge_norm)
+    except ValueError as err:
+        raise EngineError(str(err)) from err
+    return params.weight, params.bias
 
 
 def _is_gpt_neo(hf_model) -> bool:

@@ -39,6 +39,11 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
               *"feature": int (0 <= feature < d_sae), *"loss_increase": float (nats, ablated - clean),
               "loss_increase_ci95": CI, *"mean_activation": float, *"fraction_active": float in [0, 1],
               "n_prompts": int}],
+          "feature_effects": [{                     # exact single-feature ablation at P, every active feature
+              *"feature": int, *"n_active_prompts": int, *"mean_loss_increase": float (nats), "ci95": float,
+              "fraction_active": float, "mean_activation": float, "logprob_diff": float, "logit_diff": float,
+              "rank_diff": float}],
+          "feature_effects_info": {"selection": str, "n_pairs": int, "ablation": str},
           "multi_ablation": {                       # all `features` ablated together
               "features": [int], "n_prompts": int,
               "logprob_diff": {"mean": float, "ci95": CI},   # original - ablated, answer log-prob (nats)
@@ -215,6 +220,23 @@ _SAE = _Obj(
                 None,
             )
         ),
+        "feature_effects": _opt(
+            (
+                "list",
+                _Obj(
+                    {
+                        "feature": _req("int"),
+                        "n_active_prompts": _req("int"),
+                        "mean_loss_increase": _req("float"),
+                        "ci95": _opt("float"),
+                        **{k: _opt("float") for k in ("fraction_active", "mean_activation", "logprob_diff",
+                                                      "logit_diff", "rank_diff")},
+                    }
+                ),
+                None,
+            )
+        ),
+        "feature_effects_info": _opt("dict"),
         "multi_ablation": _opt(
             _Obj(
                 {

@@ -1,0 +1,137 @@
+"""The model's norms as linear maps at a cached scale, and the unembedding read-out built on the final one.
+
+Attribution methods (DLA, SAE-error DLA, activation-scaled DLA, weight-based logit boosts, DFA) treat a LayerNorm or
+RMSNorm as linear by freezing its scale at the value the clean run computed (TransformerLens's ``hook_scale``):
+``norm(x) = centre(x) / scale * w + b`` with ``centre`` removing the mean over ``d_model`` for LayerNorm only. The
+weight ``w`` and bias ``b`` are whatever the bridge left in the norm: ones and zeros after ``fold_ln`` (folded into
+the next weights), the trained values without it. Applying them here, explicitly, makes every attribution mean the
+same under every weight-processing switch (``fold_ln``, ``center_writing_weights``, ``center_unembed``): the
+components of the answer logit sum to it, and logit-difference attributions do not move (tested in
+tests/analysis/test_processing_invariance.py). This is the one place that formula lives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["NormParams", "module_norm_params", "norm_params", "Readout", "readout_of"]
+
+
+@dataclass(frozen=True)
+class NormParams:
+    """One norm as a linear map at a frozen scale.
+
+    Attributes:
+        centre: True for LayerNorm (subtract the mean over d_model), False for RMSNorm.
+        weight: ``[d_model]`` applied after dividing by the scale.
+        bias: ``[d_model]`` added last, or None (RMSNorm, bias-free LayerNorm).
+    """
+
+    centre: bool
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+    def linear(self, vectors: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The linear part ``centre(v) / scale * w`` of the norm on ``vectors [b, ..., d_model]``.
+
+        Args:
+            vectors: residual-stream components (sum of them = the norm's input).
+            scale: ``[b]`` or ``[b, 1]``: the scale of each row's actual input (``hook_scale``).
+
+        Returns:
+            ``[b, ..., d_model]`` float32; summed over components it equals ``norm(x) - bias`` of their sum.
+        """
+        v = vectors.float()
+        if self.centre:
+            v = v - v.mean(-1, keepdim=True)
+        v = v / scale.float().reshape(-1, *([1] * (v.dim() - 1)))
+        return v * self.weight.float().to(v.device)
+
+
+def module_norm_params(module) -> NormParams:
+    """The :class:`NormParams` of one bridge norm module (``NormalizationBridge`` / ``RMSNormalizationBridge``).
+
+    Raises:
+        ValueError: a norm with a ``(1 + weight)`` offset (Gemma style), which is not supported.
+    """
+    if getattr(module, "uses_weight_offset", False):
+        raise ValueError(f"{getattr(module, 'name', module)}: norms with a (1 + weight) offset are not supported")
+    rms = bool(getattr(module, "uses_rms_norm", False))
+    weight = module.weight.detach()
+    comp = getattr(module, "original_component", None)
+    bias = None if rms or comp is None or getattr(comp, "bias", None) is None else comp.bias.detach()
+    return NormParams(centre=not rms, weight=weight, bias=bias)
+
+
+def norm_params(model, name: str) -> NormParams:
+    """The :class:`NormParams` of the bridge's norm module at ``name`` (``ln_final``, ``blocks.1.ln2``, ...).
+
+    Raises:
+        ValueError: a norm other than LayerNorm/RMSNorm, or one with a ``(1 + weight)`` offset (Gemma style).
+    """
+    kind = str(getattr(model.cfg, "normalization_type", "LN"))
+    if not (kind.startswith("LN") or kind.startswith("RMS")):
+        raise ValueError(f"normalization_type {kind!r} is not supported (LayerNorm or RMSNorm only)")
+    return module_norm_params(model.get_submodule(name))
+
+
+@dataclass(frozen=True)
+class Readout:
+    """How a residual-stream vector at P becomes an answer logit: ``logit_a = ln_final(x) @ W_U[:, a] + b_U[a]``.
+
+    With the final norm's scale frozen at the clean run's, each residual component ``c`` contributes
+    ``centre(c) / scale * w . W_U[:, a]`` (its DLA), and ``b . W_U[:, a] + b_U[a]`` is the constant rest.
+
+    Attributes:
+        norm: the final norm (:class:`NormParams`).
+        W_U: ``[d_model, d_vocab]``; b_U: ``[d_vocab]`` (zeros when the model has none).
+    """
+
+    norm: NormParams
+    W_U: torch.Tensor
+    b_U: torch.Tensor
+
+    def answer_columns(self, answer_ids: torch.Tensor) -> torch.Tensor:
+        """``W_U[:, a]`` per answer: float32 ``[b, d_model]`` (to dot with :meth:`NormParams.linear` outputs)."""
+        return self.W_U.float()[:, answer_ids.to(self.W_U.device)].T
+
+    def constant(self, answer_ids: torch.Tensor) -> torch.Tensor:
+        """``b . W_U[:, a] + b_U[a]`` per answer: float32 ``[b]`` (logits no residual component accounts for)."""
+        a = answer_ids.to(self.W_U.device)
+        out = self.b_U.float()[a]
+        if self.norm.bias is not None:
+            out = out + self.norm.bias.float().to(self.W_U.device) @ self.W_U.float()[:, a]
+        return out
+
+    def dla(self, components: torch.Tensor, scale: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
+        """Direct logit attribution of ``components [b, C, d_model]`` to each row's answer: ``[b, C]`` (logits).
+
+        Args:
+            components: residual-stream writes at P whose sum is the final norm's input.
+            scale: ``[b]`` the final norm's scale at P (``ln_final.hook_scale``).
+            answer_ids: ``[b]``.
+        """
+        normed = self.norm.linear(components, scale)
+        return torch.einsum("bcm,bm->bc", normed, self.answer_columns(answer_ids).to(normed.device))
+
+    def vocab_logits(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Logits per unit of ``vectors [..., d_model]`` over the whole vocabulary, centred and weighted by the final
+        norm but not divided by any scale: ``[..., d_vocab]`` (weight-based logit boosts)."""
+        v = vectors.float()
+        if self.norm.centre:
+            v = v - v.mean(-1, keepdim=True)
+        v = v * self.norm.weight.float().to(v.device)
+        return v @ self.W_U.float().to(v.device)
+
+
+def readout_of(model) -> Readout:
+    """The model's :class:`Readout` (final norm + unembedding), whatever weight processing it was loaded with."""
+    W_U = model.W_U.detach()
+    try:
+        b_U = model.b_U
+    except AttributeError:
+        b_U = None
+    b_U = torch.zeros(W_U.shape[1], dtype=W_U.dtype, device=W_U.device) if b_U is None else b_U.detach()
+    return Readout(norm=norm_params(model, "ln_final"), W_U=W_U, b_U=b_U)
