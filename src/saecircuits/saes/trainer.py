@@ -22,9 +22,12 @@ reference notebook's recipe (analysis-spec.md sections 4.4-4.8) plus the modern 
 
 :func:`train_saes_on_model` feeds several trainers from ONE pass of the model over packed token rows.
 
-Precision: parameters, optimiser and inputs are fp32. ``TrainConfig.autocast_dtype="bfloat16"`` runs the SAE forward
-and loss under ``torch.autocast`` (faster on GPUs with bf16 tensor cores, ~3 significant digits in the matmuls);
-activations may also be stored in bf16 by the data path (``dtype=torch.bfloat16``), as the notebook did (pitfall 33).
+Precision: parameters, optimiser and inputs are fp32 (or fp64); :class:`SAETrainer` refuses an SAE with float16 or
+bfloat16 parameters, whose Adam steps of about ``lr`` would be rounded away (8 significant bits). For speed,
+``TrainConfig.autocast_dtype="bfloat16"`` runs the SAE forward and loss under ``torch.autocast`` (faster on GPUs with
+bf16 tensor cores, ~3 significant digits in the matmuls) while the parameters stay fp32; convert the trained SAE with
+``.to(torch.bfloat16)`` afterwards if wanted (thresholds stay fp32). Activations may also be stored in bf16 by the
+data path (``dtype=torch.bfloat16``), as the notebook did (pitfall 33).
 """
 
 from __future__ import annotations
@@ -84,7 +87,8 @@ class TrainConfig:
         seed: seed of the trainer's own generator (resampling); the global RNG is never touched.
         log_every: steps between metrics lines (JSONL and progress bar).
         checkpoint_every: steps between checkpoints (0 = only when a checkpoint_dir is given, at the end).
-        autocast_dtype: ``None`` (fp32) or ``"bfloat16"``/``"float16"`` autocast for forward and loss.
+        autocast_dtype: ``None`` (fp32) or ``"bfloat16"``/``"float16"`` autocast for forward and loss (a
+            ``"torch."`` prefix is accepted).
         device: where the SAE trains (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
     """
 
@@ -118,6 +122,8 @@ class TrainConfig:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
         self.resample_steps = tuple(int(s) for s in self.resample_steps)
         self.loss = dict(self.loss)
+        if isinstance(self.autocast_dtype, str):  # "torch.bfloat16" names the same dtype
+            self.autocast_dtype = self.autocast_dtype.strip().removeprefix("torch.")
         problems = []
         if self.batch_size <= 0:
             problems.append(f"batch_size must be positive (got {self.batch_size})")
@@ -177,6 +183,24 @@ def _decoder_constraints() -> tuple[Callable[[SAE], Any], Callable[[SAE], Any]]:
     return constraints.normalize_decoder_rows_, constraints.remove_parallel_grad_component_
 
 
+def _check_trainable_precision(sae: SAE) -> None:
+    """Refuse float16/bfloat16 trainable parameters: Adam's per-step change (about ``lr``) is below their resolution.
+
+    Raises:
+        SAEError: naming the parameter, its dtype and the fix.
+    """
+    from saecircuits.saes.base import LOW_PRECISION_DTYPES
+
+    for name, p in sae.named_parameters():
+        if p.requires_grad and p.dtype in LOW_PRECISION_DTYPES:
+            raise SAEError(
+                f"SAE parameter {name} is {str(p.dtype).removeprefix('torch.')}: Adam steps of about lr would be "
+                "rounded away at that precision, so the SAE is not trained; build it in float32 "
+                "(SAEConfig(dtype='float32') or sae.float()), use TrainConfig(autocast_dtype='bfloat16') for "
+                "bf16 speed, and convert the trained SAE with .to(torch.bfloat16) afterwards"
+            )
+
+
 def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over a batch ``[batch, d_in]`` (1 = perfect, 0 = the mean)."""
     x, x_hat = x.detach().float(), x_hat.detach().float()
@@ -203,7 +227,7 @@ class SAETrainer:
 
     Raises:
         SAEError: batches of the wrong width, a batch size not divisible by the world size, a checkpoint that does
-            not match this SAE.
+            not match this SAE, an SAE with float16/bfloat16 parameters.
     """
 
     def __init__(
@@ -226,6 +250,7 @@ class SAETrainer:
                 "choose a global batch that splits evenly over the ranks"
             )
         self.local_batch = cfg.batch_size // self.world_size
+        _check_trainable_precision(sae)
         self.device = torch.device(cfg.device)
         self.sae = sae.to(self.device)
         self.name = name or sae.hook_point
