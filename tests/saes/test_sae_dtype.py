@@ -210,3 +210,14 @@ def test_jumprelu_settings_survive_a_round_trip(tmp_path):
     d = json.loads((tmp_path / "s" / "cfg.json").read_text())
     details = d["metadata"]["training_architecture_details"]
     assert details == {"jumprelu_bandwidth": 0.05, "jumprelu_init_threshold": 0.2}  # SAELens' names
+
+
+def test_batchtopk_threshold_never_estimated_stays_unestimated_after_a_reload(tmp_path):
+    fresh = load_sae(save_sae(_sae("batchtopk"), tmp_path / "fresh")).train()
+    assert int(fresh.threshold_updates) == 0
+    x = _x(8)
+    f, _ = fresh.encode_with_hidden_pre(x)
+    # the first update sets the threshold to the smallest kept activation (no average with the unset 0)
+    torch.testing.assert_close(fresh.threshold, torch.full((16,), float(f.detach()[f > 0].min())))
+    trained = load_sae(save_sae(fresh, tmp_path / "trained"))
+    assert int(trained.threshold_updates) == 1

@@ -92,5 +92,6 @@ class BatchTopKSAE(SAE):
     def import_weights_(self, weights: dict[str, torch.Tensor]) -> SAE:
         super().import_weights_(weights)
         self.threshold.copy_(weights["threshold"])
-        self.threshold_updates.fill_(1)
+        # a threshold never estimated (all zero) is set directly by the first training update, as before saving
+        self.threshold_updates.fill_(int(bool((self.threshold != 0).any())))
         return self

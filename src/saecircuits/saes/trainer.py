@@ -675,12 +675,15 @@ def train_saes(
     resume: bool = False,
     progress: bool = True,
     wandb_run: Any = None,
+    data_settings: dict[str, Any] | None = None,
 ) -> dict[str, SAE]:
     """Train several SAEs in lock-step from ONE stream of multi-hook batches ``{hook_point: [batch, d_in]}``.
 
     Each entry of ``saes`` is ``(name, sae)``; the SAE reads ``batch[sae.hook_point]``, so several SAEs may share a
     hook point (a hyper-parameter sweep). Every SAE gets its own :class:`SAETrainer` with checkpoints and metrics in
     ``output_dir/<name>/`` and, at the end, the SAELens folder ``output_dir/<name>/sae/`` (rank 0).
+    ``data_settings`` (JSON-serialisable: how the batches were made, e.g. the BOS policy) is recorded in every
+    SAE's ``cfg.extra["training"]["data"]`` beside the train config, so ``cfg.json`` says how it was trained.
 
     Returns:
         ``{name: trained SAE}`` (normalisation folded, on the CPU).
@@ -728,6 +731,8 @@ def train_saes(
     result = {}
     for t in trainers:
         sae = t.finished_sae()
+        if data_settings:
+            sae.cfg.extra["training"]["data"] = dict(data_settings)
         result[t.name] = sae
         if out_root is not None and rank == 0:
             folder = out_root / _safe(t.name) / "sae"
@@ -831,8 +836,19 @@ def train_saes_on_model(
                 f"sae_cfgs hook points {[c.hook_point for c in cfgs]} must equal hook_points {hook_points} (same order)"
             )
     saes = [(c.hook_point, build_sae(c)) for c in cfgs]
+    data_settings = {
+        "seq_len": int(token_rows.shape[1]),
+        "n_rows": int(token_rows.shape[0]),
+        "bos_id": None if bos_id is None else int(bos_id),
+        "bos_policy": bos_policy,
+        "model_batch_rows": int(model_batch_rows),
+        "buffer_size": int(buffer_size or max(16 * local_batch, 2 * local_batch)),
+        "activation_dtype": str(activation_dtype).removeprefix("torch."),
+        "world_size": int(world),
+    }
     return train_saes(
-        batches, saes, train_cfg, output_dir=output_dir, resume=resume, progress=progress, wandb_run=wandb_run
+        batches, saes, train_cfg, output_dir=output_dir, resume=resume, progress=progress, wandb_run=wandb_run,
+        data_settings=data_settings,
     )
 
 
