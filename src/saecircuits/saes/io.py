@@ -16,7 +16,7 @@ What SAELens 6.x does with such a folder (``SAE.load_from_disk``; ``sae_lens/sae
 * ``architecture`` picks the inference class: ``standard``, ``topk`` (``k``, ``rescale_acts_by_decoder_norm``),
   ``jumprelu`` (tensor ``threshold``). SAELens has no inference class for ``batchtopk``: it writes its own BatchTopK
   SAEs for inference as ``jumprelu`` with the per-feature threshold, and so do we (our block keeps it BatchTopK).
-* ``dtype`` (``"float32"``; SAELens up to ~6.2x wrote ``"torch.float32"`` after a ``.to()``, both are read) is the
+* ``dtype`` (``"float32"``; SAELens 6.18 wrote ``"torch.float32"`` after a ``.to()``, both are read) is the
   dtype every tensor is cast to; ``apply_b_dec_to_input`` subtracts ``b_dec`` before encoding;
   ``normalize_activations`` ``"none"`` (others need scaling at run time); ``reshape_activations`` ``"none"``.
   Other keys are dropped by SAELens (its config dataclasses filter them), so our ``"saecircuits"`` block is

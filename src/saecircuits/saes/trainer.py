@@ -53,6 +53,10 @@ from saecircuits.saes.base import SAE, SAEConfig, SAEError
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
+#: cfg.extra settings that steer training steps: a resumed run must have the same.
+_RESUME_SETTINGS = ("k", "bandwidth", "threshold_lr")
+#: cfg.extra settings of the initialisation only: a resumed run takes the checkpoint's (its weights come from them).
+_INIT_SETTINGS = ("seed", "threshold_init")
 METRICS_NAME = "metrics.jsonl"
 
 
@@ -560,8 +564,12 @@ class SAETrainer:
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint` and skip the batches the run had consumed.
 
+        The SAE's initialisation settings (``seed``, ``threshold_init``) become the checkpoint's, since its
+        weights come from them.
+
         Raises:
-            SAEError: unreadable file, or a checkpoint for a different SAE shape/architecture.
+            SAEError: unreadable file, or a checkpoint for a different SAE (architecture, sizes, hook point,
+                ``apply_b_dec_to_input``, dtype, ``k``, ``bandwidth``, ``threshold_lr``).
         """
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -569,13 +577,23 @@ class SAETrainer:
             raise SAEError(f"cannot read checkpoint {path}: {err}; delete it to start over") from err
         saved_cfg = json.loads(state["sae_cfg"])
         mine = self.sae.cfg.to_dict()
-        for key in ("architecture", "d_in", "d_sae", "hook_point"):
-            if saved_cfg.get(key) != mine.get(key):
+        pairs = [(key, saved_cfg.get(key), mine.get(key)) for key in
+                 ("architecture", "d_in", "d_sae", "hook_point", "apply_b_dec_to_input", "dtype")]
+        # architecture settings: a resumed run must keep them (checkpoints from before they were all recorded
+        # may lack some; those are not compared)
+        saved_extra, my_extra = saved_cfg.get("extra", {}), mine["extra"]
+        pairs += [(f"extra[{key!r}]", saved_extra[key], my_extra.get(key)) for key in _RESUME_SETTINGS
+                  if key in saved_extra]
+        for key, theirs, ours in pairs:
+            if theirs != ours:
                 raise SAEError(
-                    f"checkpoint {path} is for {key}={saved_cfg.get(key)!r}, this run has {mine.get(key)!r}; "
+                    f"checkpoint {path} is for {key}={theirs!r}, this run has {ours!r}; "
                     "use another checkpoint folder or the same SAE config"
                 )
         self.sae.load_state_dict({k: v.to(self.device) for k, v in state["sae"].items()})
+        for key in _INIT_SETTINGS:
+            if key in saved_extra:
+                self.sae.cfg.extra[key] = saved_extra[key]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
