@@ -74,6 +74,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     other_init = build_sae(SAEConfig("standard", D_IN, D_SAE, "blocks.0.mlp.hook_post"), seed=99)
     resumed = SAETrainer(other_init, iter(data), _cfg(), checkpoint_dir=cut_dir, resume=True, progress=False)
     assert resumed.step == 10
+    assert resumed.sae.cfg.extra["seed"] == 5  # the checkpoint's weights come from seed 5, not 99
     resumed_sae = resumed.fit()
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         torch.testing.assert_close(getattr(resumed_sae, name), getattr(full_sae, name), rtol=1e-6, atol=1e-7)
@@ -88,6 +89,14 @@ def test_resume_refuses_a_checkpoint_of_another_sae(tmp_path):
     wider = build_sae(SAEConfig("standard", D_IN, 2 * D_SAE, "blocks.0.mlp.hook_post"))
     with pytest.raises(SAEError, match="d_sae"):
         SAETrainer(wider, iter(_data()), _cfg(), checkpoint_dir=tmp_path, resume=True, progress=False)
+    # settings that steer training must match too
+    jump = build_sae(SAEConfig("jumprelu", D_IN, D_SAE, "blocks.0.mlp.hook_post", extra={"bandwidth": 0.1}))
+    cfg = TrainConfig(batch_size=BATCH, total_steps=2, checkpoint_every=1,
+                      loss={"regularizer": "l0", "coefficients": [1e-3]})
+    SAETrainer(jump, iter(_data()), cfg, checkpoint_dir=tmp_path / "j", progress=False).fit()
+    other = build_sae(SAEConfig("jumprelu", D_IN, D_SAE, "blocks.0.mlp.hook_post", extra={"bandwidth": 0.2}))
+    with pytest.raises(SAEError, match=r"extra\['bandwidth'\]=0.1, this run has 0.2"):
+        SAETrainer(other, iter(_data()), cfg, checkpoint_dir=tmp_path / "j", resume=True, progress=False)
     (tmp_path / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
     with pytest.raises(SAEError, match="cannot read checkpoint"):
         SAETrainer(_sae(), iter(_data()), _cfg(), checkpoint_dir=tmp_path, resume=True, progress=False)

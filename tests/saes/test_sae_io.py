@@ -1,6 +1,7 @@
 """SAELens layout round trips, clear errors for bad files, reference-checkpoint import."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from saecircuits.saes.io import import_reference_checkpoint, load_sae, save_sae
 from saecircuits.saes.registry import build_sae
 
 HOOK = "blocks.1.mlp.hook_post"
+DATA = Path(__file__).parent / "data"
 EXTRA = {"standard": {}, "topk": {"k": 3}, "batchtopk": {"k": 3}, "jumprelu": {"threshold_init": 0.05}}
 
 
@@ -26,13 +28,15 @@ def _sae(arch="standard", dtype="float32"):
 
 
 @pytest.mark.parametrize("arch", ["standard", "topk", "batchtopk", "jumprelu"])
-def test_round_trip_every_architecture(tmp_path, arch):
-    sae = _sae(arch)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+def test_round_trip_every_architecture(tmp_path, arch, dtype):
+    sae = _sae(arch, dtype)
     folder = save_sae(sae, tmp_path / arch)
     cfg = json.loads((folder / "cfg.json").read_text())
     for key in ("architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input"):
         assert key in cfg
-    assert cfg["architecture"] == arch and cfg["hook_name"] == HOOK and cfg["normalize_activations"] == "none"
+    assert cfg["architecture"] == ("jumprelu" if arch == "batchtopk" else arch)  # as SAELens writes BatchTopK
+    assert cfg["dtype"] == dtype and cfg["normalize_activations"] == "none"
     assert cfg["metadata"]["model_name"] == "tiny" and cfg["metadata"]["hook_name"] == HOOK
     names = set(load_file(str(folder / "sae_weights.safetensors")))
     assert names == {"W_enc", "W_dec", "b_enc", "b_dec"} | (
@@ -40,17 +44,12 @@ def test_round_trip_every_architecture(tmp_path, arch):
     )
     loaded = load_sae(folder, device="cpu")
     assert type(loaded) is type(sae) and loaded.cfg == sae.cfg and not loaded.training
+    # nothing is rounded: every tensor, and so every feature and reconstruction, comes back bit for bit
     for name, t in sae.export_weights().items():
-        torch.testing.assert_close(loaded.export_weights()[name], t, rtol=1e-6, atol=0)
+        assert loaded.export_weights()[name].dtype == t.dtype and torch.equal(loaded.export_weights()[name], t)
     x = torch.randn(7, 6, generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(loaded(x), sae(x), rtol=1e-6, atol=1e-6)
-    assert not list(folder.glob("*.tmp"))  # atomic writes leave no temp files
-
-
-def test_bf16_round_trip(tmp_path):
-    sae = _sae(dtype="bfloat16")
-    loaded = load_sae(save_sae(sae, tmp_path / "bf"))
-    assert loaded.W_enc.dtype == torch.bfloat16 and torch.equal(loaded.W_enc, sae.W_enc)
+    assert torch.equal(loaded.encode(x), sae.encode(x)) and torch.equal(loaded(x), sae(x))
+    assert not list(folder.glob("*.tmp")) and not list(folder.glob(".*.tmp"))  # atomic writes leave no temp files
 
 
 def test_missing_and_corrupt_files(tmp_path):
@@ -74,7 +73,7 @@ def test_missing_and_corrupt_files(tmp_path):
 def test_wrong_shapes_and_missing_tensor(tmp_path):
     folder = save_sae(_sae(), tmp_path / "s")
     cfg = json.loads((folder / "cfg.json").read_text())
-    cfg["saecircuits"]["config"]["d_sae"] = 32
+    cfg["saecircuits"]["config"]["d_sae"] = cfg["d_sae"] = 32
     (folder / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(SAEError, match=r"W_enc has shape \(6, 16\), expected \(6, 32\)"):
         load_sae(folder)
@@ -87,12 +86,67 @@ def test_wrong_shapes_and_missing_tensor(tmp_path):
 
 
 def test_plain_saelens_cfg_is_read(tmp_path):
+    # our file with the "saecircuits" block removed is a plain SAELens 6.x file
     folder = save_sae(_sae("topk"), tmp_path / "s")
     cfg = json.loads((folder / "cfg.json").read_text())
     del cfg["saecircuits"]
     (folder / "cfg.json").write_text(json.dumps(cfg))
     loaded = load_sae(folder)
-    assert loaded.cfg.architecture == "topk" and loaded.cfg.extra == {"k": 3} and loaded.hook_point == HOOK
+    assert loaded.cfg.architecture == "topk" and loaded.cfg.extra["k"] == 3 and loaded.hook_point == HOOK
+    assert loaded.cfg.model_name == "tiny"
+    x = torch.randn(7, 6, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(loaded.encode(x), _sae("topk").encode(x))
+
+
+def test_saelens_keys_must_agree_with_our_block(tmp_path):
+    folder = save_sae(_sae("standard"), tmp_path / "s")
+    good = json.loads((folder / "cfg.json").read_text())
+    for key, value in [("apply_b_dec_to_input", False), ("normalize_activations", "layer_norm"),
+                       ("architecture", "topk"), ("d_sae", 32), ("dtype", "bfloat16")]:
+        (folder / "cfg.json").write_text(json.dumps({**good, key: value}))
+        with pytest.raises(SAEError, match=f"'{key}' is .* in the SAELens keys but .* in the 'saecircuits' block"):
+            load_sae(folder)
+    (folder / "cfg.json").write_text(json.dumps({**good, "new_switch": 1}))
+    with pytest.raises(SAEError, match=r"keys \['new_switch'\] are not understood"):
+        load_sae(folder)
+
+
+def _write_v1(tmp_path, name, weights):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "cfg.json").write_text((DATA / "saecircuits_v1" / f"{name}.json").read_text())
+    save_file(weights, str(folder / "sae_weights.safetensors"))
+    return folder
+
+
+def _core(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"W_enc": torch.randn(6, 16, generator=g), "W_dec": torch.randn(16, 6, generator=g),
+            "b_enc": torch.randn(16, generator=g), "b_dec": torch.randn(6, generator=g)}
+
+
+def test_our_format_1_files_still_load(tmp_path):
+    # hand-written in the form the first save_sae wrote (tests/saes/data/saecircuits_v1/SOURCE.md)
+    core = _core()
+    g = torch.Generator().manual_seed(1)
+    x, threshold = torch.randn(9, 6, generator=g), torch.rand(16, generator=g) + 0.1
+    h = (x - core["b_dec"]) @ core["W_enc"] + core["b_enc"]
+    sae = load_sae(_write_v1(tmp_path, "batchtopk", {**core, "threshold": torch.full((16,), 0.5)}))
+    assert sae.architecture == "batchtopk" and sae.cfg.extra["k"] == 3 and sae.cfg.extra["threshold_lr"] == 0.01
+    torch.testing.assert_close(sae.encode(x), torch.where(h > 0.5, h, torch.zeros_like(h)))
+    sae = load_sae(_write_v1(tmp_path, "jumprelu", {**core, "threshold": threshold}))
+    assert sae.cfg.extra["threshold_init"] == 0.05 and sae.cfg.extra["bandwidth"] == 1e-3  # the old default
+    torch.testing.assert_close(sae.encode(x), torch.where(h > threshold, h, torch.zeros_like(h)))
+    # an arbitrary float32 threshold is not always exp of a float32: at most one ulp off
+    torch.testing.assert_close(sae.threshold.detach(), threshold, rtol=2.4e-7, atol=0)
+
+
+def test_old_file_with_a_stale_dtype_is_not_rounded(tmp_path, caplog):
+    # issue 7: config bfloat16, weights float32 (moved with .to(torch.float32) before the fix)
+    core = _core()
+    sae = load_sae(_write_v1(tmp_path, "standard_bf16_config_fp32_weights", core))
+    assert sae.cfg.dtype == "float32" and torch.equal(sae.W_enc, core["W_enc"])
+    assert "stored as float32" in caplog.text
 
 
 def _write_reference(tmp_path, d_in=8, expansion=4, **overrides):

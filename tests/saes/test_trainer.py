@@ -304,6 +304,12 @@ def test_train_saes_on_model_one_pass_two_layers(tmp_path):
         assert [m["step"] for m in lines] == [20, 40, 60]
         assert lines[-1]["mse"] < lines[0]["mse"]
         loaded = load_sae(tmp_path / hp / "sae")
+        # how the SAE was trained is in its cfg.json: the train config and how the batches were made
+        training = loaded.cfg.extra["training"]
+        assert training["steps"] == 60 and training["loss"]["coefficients"] == [1e-3]
+        assert training["data"]["bos_policy"] == "exclude" and training["data"]["bos_id"] == tok.bos_token_id
+        assert training["data"]["seq_len"] == rows.shape[1] and training["data"]["activation_dtype"] == "float32"
+        assert loaded.cfg.extra["seed"] == 47
         _, cache = original(rows[:2], names_filter=[hp])
         act = cache[hp].reshape(-1, 64)
         torch.testing.assert_close(loaded(act), sae(act))

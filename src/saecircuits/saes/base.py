@@ -11,7 +11,9 @@ are the inference path every analysis uses. Build SAEs by name with :func:`saeci
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,6 +28,51 @@ class SAEError(ValueError):
     """An SAE does not fit its use (wrong width for the hook, unknown architecture, corrupt file)."""
 
 
+#: parameter dtypes an SAE may have, by canonical name (the names SAELens writes in ``cfg.json``).
+SAE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+#: dtypes too coarse for optimiser updates and running averages (8 and 11 significant bits).
+LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """Canonical name (``"float32"``, ``"bfloat16"``, ...) of an SAE dtype.
+
+    Accepts a :class:`torch.dtype` or a string with or without the ``"torch."`` prefix (SAELens 6.x before its
+    ``dtype_to_str`` helper wrote ``str(torch.float32) == "torch.float32"`` into ``cfg.json``).
+
+    Raises:
+        SAEError: not one of float32, float64, float16, bfloat16.
+    """
+    if isinstance(dtype, torch.dtype):
+        for name, d in SAE_DTYPES.items():
+            if d == dtype:
+                return name
+    elif isinstance(dtype, str):
+        name = dtype.strip().removeprefix("torch.")
+        if name in SAE_DTYPES:
+            return name
+    raise SAEError(
+        f"SAE dtype {dtype!r} is not a supported torch floating-point dtype; "
+        f"use one of {sorted(SAE_DTYPES)} (with or without the 'torch.' prefix)"
+    )
+
+
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The :class:`torch.dtype` named by ``dtype`` (see :func:`dtype_name`). Raises :class:`SAEError`."""
+    return SAE_DTYPES[dtype_name(dtype)]
+
+
+def full_precision_dtype(dtype: torch.dtype) -> torch.dtype:
+    """``dtype``, raised to float32 when it is float16/bfloat16: the dtype of an SAE's precision-kept tensors."""
+    return torch.float32 if dtype in LOW_PRECISION_DTYPES else dtype
+
+
 @dataclass
 class SAEConfig:
     """Everything needed to rebuild an SAE; written to ``cfg.json``.
@@ -37,10 +84,18 @@ class SAEConfig:
         d_sae: number of features.
         hook_point: TransformerLens hook name the SAE reads and writes, e.g. ``blocks.1.mlp.hook_post``.
         model_name: the model the SAE was trained on (provenance only).
-        dtype: parameter dtype name.
+        dtype: dtype of ``W_enc``, ``W_dec``, ``b_enc``, ``b_dec``: ``"float32"``, ``"float64"``, ``"float16"`` or
+            ``"bfloat16"`` (a ``"torch."`` prefix or a :class:`torch.dtype` is accepted and normalised). An SAE
+            keeps it equal to its parameters' dtype through every move (``.to``, ``.half()``, ``.bfloat16()``,
+            ...). Thresholds are kept in at least float32 whatever this says (:attr:`SAE.full_precision_tensors`).
         apply_b_dec_to_input: subtract ``b_dec`` before encoding (the reference notebook does).
-        extra: architecture-specific settings (``k`` for TopK/BatchTopK, ``bandwidth`` and
-            ``threshold_init`` for JumpReLU, ``seed``, training metadata, ...). Must be JSON-serialisable.
+        extra: architecture-specific settings (``k`` for TopK/BatchTopK, ``threshold_lr`` for BatchTopK,
+            ``bandwidth`` and ``threshold_init`` for JumpReLU, ``seed``, training metadata, ...). Building an SAE
+            writes the value it used for every setting, defaults included, into its own copy of the config, so
+            ``cfg.json`` records them all. Must be JSON-serialisable.
+
+    Raises:
+        SAEError: an unsupported ``dtype``.
     """
 
     architecture: str
@@ -51,6 +106,9 @@ class SAEConfig:
     dtype: str = "float32"
     apply_b_dec_to_input: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.dtype = dtype_name(self.dtype)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -65,20 +123,19 @@ class SAEConfig:
         return cls(**d)
 
 
-def _torch_dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise SAEError(
-            f"dtype {name!r} is not a torch floating-point dtype; use e.g. 'float32' or 'bfloat16'"
-        )
-    return dtype
-
-
 class SAE(nn.Module):
     """Base SAE: linear encoder, architecture-specific activation, linear decoder (ReLU by default).
 
     Shapes: ``x [..., d_in]`` -> ``encode`` -> ``f [..., d_sae]`` -> ``decode`` -> ``x_hat [..., d_in]``.
-    A freshly constructed SAE has all-zero parameters; call :meth:`initialize_` (``build_sae`` does).
+    A freshly constructed SAE has all-zero parameters; call :meth:`initialize_` (``build_sae`` does). The SAE
+    works on its own deep copy of ``cfg`` (moving or folding one SAE never changes another built from the same
+    config).
+
+    Precision: ``W_enc, W_dec, b_enc, b_dec`` have ``cfg.dtype``; inputs are cast to it. The tensors named in
+    :attr:`full_precision_tensors` (thresholds) stay in at least float32 through every move, because Adam steps
+    of about ``lr`` and running-average updates fall below the resolution of bfloat16/float16 (a bfloat16
+    threshold of 1.1 has steps of 2**-7 ~ 0.008) and would be lost. After any ``.to()``/``.half()``/...,
+    ``cfg.dtype`` is the new dtype of the parameters, so saving and reloading never rounds them.
     """
 
     #: architecture name in the registry and in ``cfg.json``; set by each subclass.
@@ -87,13 +144,15 @@ class SAE(nn.Module):
     uses_sparsity_penalty: bool = True
     #: extra tensors (besides W_enc, W_dec, b_enc, b_dec) in the SAELens ``sae_weights.safetensors``.
     extra_weight_names: tuple[str, ...] = ()
+    #: parameters/buffers kept in at least float32 when the rest of the SAE is float16/bfloat16.
+    full_precision_tensors: tuple[str, ...] = ()
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
         if cfg.d_in <= 0 or cfg.d_sae <= 0:
             raise SAEError(f"d_in and d_sae must be positive, got d_in={cfg.d_in}, d_sae={cfg.d_sae}")
-        self.cfg = cfg
-        dtype = _torch_dtype(cfg.dtype)
+        self.cfg = copy.deepcopy(cfg)
+        dtype = torch_dtype(cfg.dtype)
         self.W_enc = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_sae, dtype=dtype))
         self.W_dec = nn.Parameter(torch.zeros(cfg.d_sae, cfg.d_in, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
@@ -111,6 +170,39 @@ class SAE(nn.Module):
     def hook_point(self) -> str:
         return self.cfg.hook_point
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of ``W_enc, W_dec, b_enc, b_dec`` (what ``cfg.dtype`` names)."""
+        return self.W_enc.dtype
+
+    # ------------------------------------------------------------------ moves keep config and precision right
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> SAE:
+        """Every ``.to()``, ``.half()``, ``.bfloat16()``, ``.float()``, ``.cuda()`` ... goes through here.
+
+        Tensors in :attr:`full_precision_tensors` follow the device of a move but are converted from their
+        current values (not through the low-precision result) to float32 when the move would make them
+        float16/bfloat16. Afterwards ``cfg.dtype`` names the parameters' new dtype.
+
+        Raises:
+            SAEError: the move gave the parameters a dtype an SAE does not support (e.g. float8).
+        """
+        kept = set()
+        for name in self.full_precision_tensors:
+            t = getattr(self, name)
+            kept.add(id(t))
+            if t.grad is not None:
+                kept.add(id(t.grad))
+
+        def keep_precision(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            if id(t) in kept and out.dtype in LOW_PRECISION_DTYPES:
+                return t.to(device=out.device, dtype=full_precision_dtype(out.dtype))
+            return out
+
+        super()._apply(keep_precision, recurse)
+        self.cfg.dtype = dtype_name(self.W_enc.dtype)
+        return self
+
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
     def initialize_(self, seed: int | None = None) -> SAE:
@@ -120,10 +212,12 @@ class SAE(nn.Module):
         dim 1, i.e. d_sae for ``W_enc`` and d_in for ``W_dec``) from one local CPU ``torch.Generator`` seeded with
         ``seed`` (default ``cfg.extra["seed"]`` or 47), so with seed 47 the values equal the notebook's
         ``torch.manual_seed(47)`` construction; biases are zero and every ``W_dec`` row is then scaled to unit L2
-        norm. Unlike the notebook (pitfall 40) the process-wide RNG is untouched. Returns ``self``.
+        norm. Unlike the notebook (pitfall 40) the process-wide RNG is untouched. The seed used is recorded in
+        ``cfg.extra["seed"]``. Returns ``self``.
         """
         if seed is None:
             seed = int(self.cfg.extra.get("seed", DEFAULT_SEED))
+        self.cfg.extra["seed"] = int(seed)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         w_enc = torch.empty(self.d_in, self.d_sae, dtype=torch.float32)
         w_dec = torch.empty(self.d_sae, self.d_in, dtype=torch.float32)
@@ -152,6 +246,7 @@ class SAE(nn.Module):
                 f"SAE on {self.hook_point} expects inputs of width d_in={self.d_in}, got {x.shape[-1]}; "
                 "use an SAE trained on this hook point of this model"
             )
+        x = x.to(self.W_enc.dtype)  # as SAELens' process_sae_in: inputs take the SAE's dtype
         x_in = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
         return x_in @ self.W_enc + self.b_enc
 
@@ -169,8 +264,8 @@ class SAE(nn.Module):
         return self.encode_with_hidden_pre(x)[0]
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
-        """Reconstruction ``f @ W_dec + b_dec``: ``[..., d_sae] -> [..., d_in]``."""
-        return f @ self.W_dec + self.b_dec
+        """Reconstruction ``f @ W_dec + b_dec``: ``[..., d_sae] -> [..., d_in]`` (in the SAE's dtype)."""
+        return f.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruction ``x_hat [..., d_in]`` of ``x [..., d_in]`` (inference path)."""

@@ -7,14 +7,19 @@ value broadcast over features), ``f = hidden_pre * (hidden_pre > threshold)``, s
 other tokens of a batch. The threshold is estimated during training, in train mode only, as an exponential moving
 average (rate ``cfg.extra["threshold_lr"]``, default 0.01, as SAELens) of the smallest kept positive activation of
 each batch; the first update sets it directly. It lives in buffers (``threshold``, ``threshold_updates``), so it is
-in ``state_dict`` checkpoints and in ``sae_weights.safetensors`` (``threshold``).
+in ``state_dict`` checkpoints and in ``sae_weights.safetensors`` (``threshold``). The threshold is kept in float32
+even in a bfloat16/float16 SAE: a 1% moving-average step is below bfloat16's resolution (SAELens keeps its
+``topk_threshold`` in float64 for the same reason).
+
+On disk it is written as SAELens writes its own BatchTopK SAEs for inference: architecture ``"jumprelu"`` with the
+threshold per feature (:func:`saecircuits.saes.io.save_sae`); our own config block keeps it a BatchTopK SAE.
 """
 
 from __future__ import annotations
 
 import torch
 
-from saecircuits.saes.base import SAE, SAEConfig, SAEError
+from saecircuits.saes.base import SAE, SAEConfig, SAEError, full_precision_dtype
 from saecircuits.saes.topk import _k_from_cfg
 
 
@@ -24,14 +29,19 @@ class BatchTopKSAE(SAE):
     architecture = "batchtopk"
     uses_sparsity_penalty = False
     extra_weight_names = ("threshold",)
+    full_precision_tensors = ("threshold",)
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
         self.k = _k_from_cfg(cfg)
-        self.threshold_lr = float(cfg.extra.get("threshold_lr", 0.01))
+        try:
+            self.threshold_lr = float(cfg.extra.get("threshold_lr", 0.01))
+        except (TypeError, ValueError):
+            raise SAEError(f"cfg.extra['threshold_lr'] must be a number, got {cfg.extra['threshold_lr']!r}") from None
         if not 0 < self.threshold_lr <= 1:
             raise SAEError(f"cfg.extra['threshold_lr'] must be in (0, 1], got {self.threshold_lr}")
-        dtype = self.W_enc.dtype
+        self.cfg.extra["threshold_lr"] = self.threshold_lr  # recorded, so cfg.json holds the value used
+        dtype = full_precision_dtype(self.W_enc.dtype)
         self.register_buffer("threshold", torch.zeros(cfg.d_sae, dtype=dtype))
         self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.long))
 
@@ -72,6 +82,7 @@ class BatchTopKSAE(SAE):
         return torch.where(hidden_pre > self.threshold, torch.relu(hidden_pre), torch.zeros_like(hidden_pre))
 
     def export_weights(self) -> dict[str, torch.Tensor]:
+        """SAELens-named tensors; ``threshold [d_sae]`` in its own (at least float32) dtype."""
         return {**super().export_weights(), "threshold": self.threshold.detach().clone()}
 
     def expected_weight_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -81,5 +92,6 @@ class BatchTopKSAE(SAE):
     def import_weights_(self, weights: dict[str, torch.Tensor]) -> SAE:
         super().import_weights_(weights)
         self.threshold.copy_(weights["threshold"])
-        self.threshold_updates.fill_(1)
+        # a threshold never estimated (all zero) is set directly by the first training update, as before saving
+        self.threshold_updates.fill_(int(bool((self.threshold != 0).any())))
         return self

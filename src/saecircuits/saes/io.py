@@ -1,15 +1,48 @@
-"""SAEs on disk: the SAELens folder layout, and the reference notebook's checkpoint format.
+"""SAEs on disk: the SAELens 6.x folder layout (both ways), and the reference notebook's checkpoint format.
 
 SAELens layout (``save_sae`` / ``load_sae``)::
 
-    folder/cfg.json                   SAELens keys (architecture, d_in, d_sae, dtype, device,
-                                      apply_b_dec_to_input, normalize_activations, hook_name, metadata{...})
-                                      plus ours under "saecircuits" (the full :class:`SAEConfig`)
+    folder/cfg.json                   SAELens 6.x keys + ours under "saecircuits" (the full SAEConfig)
     folder/sae_weights.safetensors    W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in]
                                       (+ threshold [d_sae] for jumprelu / batchtopk)
 
-Saved SAEs take RAW activations (``normalize_activations = "none"``): the trainer folds its scale into the
-weights first (:meth:`saecircuits.saes.base.SAE.fold_activation_scale_`).
+What SAELens 6.x does with such a folder (``SAE.load_from_disk``; ``sae_lens/saes/sae.py`` and
+``sae_lens/loading/pretrained_sae_loaders.py``), and so what :func:`save_sae` writes:
+
+* ``metadata.sae_lens_version`` (or a top-level ``sae_lens_version``) of 6.0 or later marks the current layout;
+  without it SAELens converts the file as a pre-6 layout and rebuilds ``metadata`` from top-level keys, losing the
+  model name. We write ``"6.0.0"``, the layout version we follow, plus ``metadata.model_name``,
+  ``metadata.hook_name`` and ``metadata.hook_head_index = null``.
+* ``architecture`` picks the inference class: ``standard``, ``topk`` (``k``, ``rescale_acts_by_decoder_norm``),
+  ``jumprelu`` (tensor ``threshold``). SAELens has no inference class for ``batchtopk``: it writes its own BatchTopK
+  SAEs for inference as ``jumprelu`` with the per-feature threshold, and so do we (our block keeps it BatchTopK).
+* ``dtype`` (``"float32"``; SAELens 6.18 wrote ``"torch.float32"`` after a ``.to()``, both are read) is the
+  dtype every tensor is cast to; ``apply_b_dec_to_input`` subtracts ``b_dec`` before encoding;
+  ``normalize_activations`` ``"none"`` (others need scaling at run time); ``reshape_activations`` ``"none"``.
+  Other keys are dropped by SAELens (its config dataclasses filter them), so our ``"saecircuits"`` block is
+  invisible to it, and a file SAELens re-saves no longer has it.
+
+What :func:`load_sae` accepts from a plain SAELens folder (no ``"saecircuits"`` block), with the same maths as
+SAELens 6.x (``standard``: ``ReLU``; ``topk``: top-k of the pre-activations, ReLU'd; ``jumprelu``: ``ReLU(h) *
+(h > max(threshold, 0))``):
+
+* every key is either understood or known not to affect encoding/decoding (training coefficients, provenance);
+  any other key is refused, naming it, because it could change the maths;
+* ``rescale_acts_by_decoder_norm: true`` (the default of SAELens TopK/BatchTopK training, whose checkpoints keep
+  unit-norm-free decoders) is folded into the weights: ``W_enc[:, i] *= ||W_dec[i]||``, ``b_enc[i] *= ||W_dec[i]||``,
+  ``W_dec[i] /= ||W_dec[i]||``, which gives exactly the same features and reconstruction (SAELens
+  ``TopKSAE.fold_W_dec_norm``);
+* ``normalize_activations: "expected_average_only_in"`` (a training checkpoint taken before the end of training) is
+  folded from the ``activation_scaler.json`` SAELens saves beside it (``W_enc *= s``, ``W_dec /= s``, ``b_dec /= s``,
+  after the decoder-norm fold), so the SAE takes raw activations; without that file it is refused;
+  ``"constant_norm_rescale"``/``"layer_norm"`` (per-token normalisation at run time) are refused;
+* a ``batchtopk`` training checkpoint's scalar ``topk_threshold`` becomes the per-feature inference threshold;
+* a ``scaling_factor`` tensor of ones is dropped (SAELens does the same); any other is refused;
+* ``hook_head_index`` other than null, ``reshape_activations`` other than ``"none"``, a pre-6 ``activation_fn``
+  other than ``relu``/``topk`` and architectures other than the four above are refused.
+
+Tensors are folded in float64; the SAE is built in the dtype its weights are stored in (float32 at least when a
+fold was applied), so loading never rounds stored weights.
 
 Reference format (``import_reference_checkpoint``, analysis-spec.md 4.11): ``{name}.pt`` = torch state dict with
 ``W_enc, W_dec, b_enc, b_dec`` (float32) and ``{name}.json`` = the training config (``layer``, ``act``,
@@ -20,8 +53,11 @@ Reference format (``import_reference_checkpoint``, analysis-spec.md 4.11): ``{na
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,98 +66,434 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from saecircuits.atomic import atomic_write
-from saecircuits.saes.base import SAE, SAEConfig, SAEError
+from saecircuits.saes.base import SAE, SAEConfig, SAEError, dtype_name, torch_dtype
 from saecircuits.saes.registry import build_sae
+
+logger = logging.getLogger(__name__)
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
-FORMAT_VERSION = 1
+#: SAELens' file of the activation-normalisation factor, beside its training checkpoints.
+SCALER_FILE = "activation_scaler.json"
+#: version of our "saecircuits" block: 1 = first layout (batchtopk written as "batchtopk"); 2 = SAELens 6.x metadata,
+#: batchtopk written as "jumprelu", every architecture setting recorded.
+FORMAT_VERSION = 2
+#: the SAELens on-disk layout version our files follow (written as metadata.sae_lens_version).
+SAELENS_LAYOUT_VERSION = "6.0.0"
+
+_CORE = ("W_enc", "W_dec", "b_enc", "b_dec")
+_ARCHITECTURES = ("standard", "topk", "jumprelu", "batchtopk")
+
+# ---- SAELens 6.x cfg.json keys, by what they do (sae_lens/saes/*.py config dataclasses) ----
+#: SAEConfig fields every architecture has.
+_BASE_KEYS = frozenset(
+    {"architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input", "normalize_activations",
+     "reshape_activations", "metadata"}
+)
+#: fields that change an architecture's inference maths (TopKSAEConfig; BatchTopKTrainingSAEConfig).
+_ARCH_KEYS = {
+    "standard": frozenset(),
+    "topk": frozenset({"k", "rescale_acts_by_decoder_norm"}),
+    "jumprelu": frozenset(),
+    "batchtopk": frozenset({"k", "rescale_acts_by_decoder_norm"}),
+}
+#: training-config fields that do not change encode/decode (coefficients, initialisation, sparse kernels).
+_TRAINING_ONLY_KEYS = frozenset(
+    {"decoder_init_norm", "l1_coefficient", "lp_norm", "l1_warm_up_steps", "use_sparse_activations",
+     "aux_loss_coefficient", "topk_threshold_lr", "jumprelu_init_threshold", "jumprelu_bandwidth",
+     "jumprelu_sparsity_loss_mode", "l0_coefficient", "l0_warm_up_steps", "pre_act_loss_coefficient",
+     "jumprelu_tanh_scale"}
+)
+#: provenance keys (SAELens' LLM_METADATA_KEYS): in ``metadata`` in 6.x, top-level in older files.
+_METADATA_KEYS = frozenset(
+    {"model_name", "hook_name", "model_class_name", "hook_head_index", "model_from_pretrained_kwargs",
+     "prepend_bos", "exclude_special_tokens", "neuronpedia_id", "context_size", "seqpos_slice", "dataset_path",
+     "sae_lens_version", "sae_lens_training_version", "hook_name_out", "hook_head_index_out"}
+)
+#: pre-6 names SAELens' converter renames (handle_pre_6_0_config), and its data-loading flag.
+_PRE6_RENAMES = {"hook_point": "hook_name", "hook_point_head_index": "hook_head_index",
+                 "activation_fn_str": "activation_fn"}
+_PRE6_EXTRA_KEYS = frozenset({"activation_fn", "activation_fn_kwargs", "finetuning_scaling_factor",
+                              "dataset_trust_remote_code"})
+#: tensors SAELens 6.x loads for each architecture (strict load_state_dict).
+_SAELENS_TENSORS = {
+    "standard": frozenset(_CORE),
+    "topk": frozenset(_CORE),
+    "jumprelu": frozenset(_CORE) | {"threshold"},
+    "batchtopk": frozenset(_CORE) | {"topk_threshold"},
+}
 
 
 _atomic_write = atomic_write
 
 
+# --------------------------------------------------------------------------------------------------- writing
+def _core_dtype(sae: SAE) -> str:
+    dtypes = {name: getattr(sae, name).dtype for name in _CORE}
+    if len(set(dtypes.values())) != 1:
+        raise SAEError(
+            f"SAE parameters have different dtypes {({k: str(v) for k, v in dtypes.items()})}; move the whole "
+            "SAE with sae.to(dtype) instead of assigning .data, then save it"
+        )
+    return dtype_name(dtypes["W_enc"])
+
+
 def sae_cfg_json(sae: SAE) -> dict[str, Any]:
-    """The ``cfg.json`` dict of ``sae`` (SAELens keys + ``"saecircuits"`` with our full config)."""
+    """The ``cfg.json`` dict of ``sae``: SAELens 6.x keys (see the module docstring) + ``"saecircuits"``.
+
+    ``dtype`` is read from the parameters themselves, so it is right whatever happened to the SAE.
+
+    Raises:
+        SAEError: ``W_enc, W_dec, b_enc, b_dec`` do not share one supported dtype.
+    """
     cfg = sae.cfg
-    device = str(sae.W_enc.device)
+    dtype = _core_dtype(sae)
+    ours = cfg.to_dict()
+    ours["dtype"] = dtype
+    arch = cfg.architecture
+    metadata: dict[str, Any] = {
+        "sae_lens_version": SAELENS_LAYOUT_VERSION,
+        "sae_lens_training_version": None,
+        "model_name": cfg.model_name,
+        "hook_name": cfg.hook_point,
+        "hook_head_index": None,
+        "training_architecture": arch,
+    }
+    if arch == "batchtopk":
+        metadata["training_architecture_details"] = {
+            "k": cfg.extra.get("k"),
+            "topk_threshold_lr": cfg.extra.get("threshold_lr"),
+        }
+    elif arch == "jumprelu":
+        metadata["training_architecture_details"] = {
+            "jumprelu_bandwidth": cfg.extra.get("bandwidth"),
+            "jumprelu_init_threshold": cfg.extra.get("threshold_init"),
+        }
     out: dict[str, Any] = {
-        "architecture": cfg.architecture,
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
-        "dtype": cfg.dtype,
-        "device": device,
+        "dtype": dtype,
+        "device": "cpu",  # where the tensors in the file live; SAELens replaces it by its device argument
         "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
         "normalize_activations": "none",
-        "hook_name": cfg.hook_point,
         "reshape_activations": "none",
-        "metadata": {
-            "model_name": cfg.model_name,
-            "hook_name": cfg.hook_point,
-            "hook_head_index": None,
-            "sae_lens_training_version": None,
-        },
-        "saecircuits": {"format_version": FORMAT_VERSION, "config": cfg.to_dict()},
+        "metadata": metadata,
+        # SAELens writes its BatchTopK SAEs for inference as JumpReLU with the per-feature threshold
+        "architecture": "jumprelu" if arch == "batchtopk" else arch,
     }
-    if "k" in cfg.extra:
+    if arch == "topk":
         out["k"] = cfg.extra["k"]
+        out["rescale_acts_by_decoder_norm"] = False
+    out["saecircuits"] = {"format_version": FORMAT_VERSION, "config": ours}
     return out
 
 
 def save_sae(sae: SAE, folder: str | os.PathLike) -> Path:
-    """Write ``sae`` in the SAELens layout to ``folder`` (created if needed); returns the folder.
+    """Write ``sae`` in the SAELens 6.x layout to ``folder`` (created if needed); returns the folder.
 
-    Each file is written atomically (temp file, then ``os.replace``); the weights are written before
-    ``cfg.json``, so a folder with a ``cfg.json`` always has the weights it describes.
+    SAELens 6.x loads the folder with ``SAE.load_from_disk`` (a BatchTopK SAE as the JumpReLU SAE it is at
+    inference), and reads back the hook name, model name and dtype. Tensors are written in their own dtypes
+    (thresholds at least float32), so :func:`load_sae` gives back exactly the same SAE. Each file is written
+    atomically (temp file, then ``os.replace``); the weights are written before ``cfg.json``, so a folder with a
+    ``cfg.json`` always has the weights it describes.
 
     Raises:
-        SAEError: ``cfg.extra`` is not JSON-serialisable.
+        SAEError: ``cfg.extra`` is not JSON-serialisable, or the parameters do not share one dtype.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    cfg_dict = sae_cfg_json(sae)
     try:
-        cfg_text = json.dumps(sae_cfg_json(sae), indent=2, allow_nan=False)
+        cfg_text = json.dumps(cfg_dict, indent=2, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise SAEError(
             f"SAE config of {folder} is not JSON-serialisable ({e}); keep cfg.extra to plain values"
         ) from e
+    folder.mkdir(parents=True, exist_ok=True)
     weights = {k: v.cpu() for k, v in sae.export_weights().items()}
     _atomic_write(folder / WEIGHTS_FILE, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
     _atomic_write(folder / CFG_FILE, lambda tmp: Path(tmp).write_text(cfg_text + "\n"))
     return folder
 
 
-def _config_from_json(d: dict[str, Any], path: Path) -> SAEConfig:
-    ours = d.get("saecircuits")
-    if isinstance(ours, dict) and "config" in ours:
-        try:
-            return SAEConfig.from_dict(dict(ours["config"]))
-        except (TypeError, SAEError) as e:
-            raise SAEError(f"{path}: the 'saecircuits.config' entry is invalid ({e}); re-save the SAE") from e
-    # A plain SAELens cfg.json (saved by SAELens itself).
-    missing = [k for k in ("architecture", "d_in", "d_sae") if k not in d]
-    hook = d.get("hook_name") or (d.get("metadata") or {}).get("hook_name")
-    if missing or not hook:
-        raise SAEError(
-            f"{path} lacks required keys {missing + ([] if hook else ['hook_name'])}; "
-            "it is not an SAELens/saecircuits cfg.json: re-save the SAE with save_sae"
+# --------------------------------------------------------------------------------------------------- reading
+@dataclass
+class _Plan:
+    """What turns the stored tensors into our SAE's (all exact rewrites of the same maths)."""
+
+    fold_decoder_norms: bool = False
+    activation_scale: float | None = None
+    topk_threshold: bool = False  # BatchTopK training checkpoint: scalar topk_threshold -> threshold [d_sae]
+    clamp_threshold: bool = False  # SAELens gates with max(threshold, 0)
+    saelens_tensors: frozenset[str] | None = None  # names expected in a plain SAELens file
+
+    @property
+    def folds(self) -> bool:
+        return self.fold_decoder_norms or self.activation_scale is not None
+
+
+def _fail(path: Path, what: str) -> SAEError:
+    return SAEError(f"{path}: {what}")
+
+
+def _int(d: dict[str, Any], key: str, path: Path) -> int:
+    v = d.get(key)
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise _fail(path, f"'{key}' must be a positive integer, got {v!r}; the file is not an SAE config")
+    return v
+
+
+def _bool(d: dict[str, Any], key: str, default: bool, path: Path) -> bool:
+    v = d.get(key, default)
+    if not isinstance(v, bool):
+        raise _fail(path, f"'{key}' must be true or false, got {v!r}")
+    return v
+
+
+def _major_version(version: Any) -> int | None:
+    m = re.match(r"\s*v?(\d+)", str(version)) if version else None
+    return int(m.group(1)) if m else None
+
+
+def _check_keys(d: dict[str, Any], arch: str, path: Path, allowed_extra: frozenset[str] = frozenset()) -> None:
+    """Refuse every key that is neither understood nor known to leave encode/decode unchanged."""
+    allowed = _BASE_KEYS | _ARCH_KEYS[arch] | _TRAINING_ONLY_KEYS | _METADATA_KEYS | allowed_extra
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise _fail(
+            path,
+            f"keys {unknown} are not understood by saecircuits for a {arch!r} SAE; they may change how the SAE "
+            "encodes or decodes, so it is not loaded (a file from SAELens < 6 can be converted by loading it in "
+            "sae-lens 6 with SAE.load_from_disk and saving it with save_model)",
         )
-    if d.get("normalize_activations", "none") not in ("none", None):
-        raise SAEError(
-            f"{path}: normalize_activations={d['normalize_activations']!r} is not supported; "
-            "fold the scaling into the weights before saving"
-        )
-    extra = {"k": d["k"]} if "k" in d else {}
-    return SAEConfig(
-        architecture=d["architecture"],
-        d_in=int(d["d_in"]),
-        d_sae=int(d["d_sae"]),
+
+
+def _from_pre6(d: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A cfg.json without a 6.x version marker, put in the 6.x shape as SAELens' converter does.
+
+    Raises:
+        SAEError: an activation function, its arguments or a fine-tuning scale that saecircuits cannot reproduce.
+    """
+    new = {_PRE6_RENAMES.get(k, k): v for k, v in d.items()}
+    act = new.pop("activation_fn", None) or "relu"
+    kwargs = new.pop("activation_fn_kwargs", None) or {}
+    new.pop("dataset_trust_remote_code", None)
+    arch = new.get("architecture", "standard")
+    if act == "topk":
+        if arch not in ("standard", "topk") or not isinstance(kwargs, dict) or "k" not in kwargs:
+            raise _fail(path, f"activation_fn 'topk' needs activation_fn_kwargs.k and a topk architecture "
+                              f"(got architecture {arch!r}, kwargs {kwargs!r})")
+        new["architecture"], new["k"] = "topk", kwargs["k"]
+    elif act != "relu":
+        raise _fail(path, f"activation_fn {act!r} is not supported (only relu and topk); the SAE is not loaded")
+    elif kwargs:
+        raise _fail(path, f"activation_fn_kwargs {kwargs!r} are not understood for a relu SAE; not loaded")
+    if new.pop("finetuning_scaling_factor", False):
+        raise _fail(path, "finetuning_scaling_factor is true: a per-feature output scale is not supported "
+                          "(SAELens 6 cannot load it either); not loaded")
+    norm = new.get("normalize_activations")
+    if isinstance(norm, bool):
+        new["normalize_activations"] = "expected_average_only_in" if norm else "none"
+    metadata = dict(new.pop("metadata", None) or {})
+    for key in _METADATA_KEYS & set(new):
+        value = new.pop(key)
+        if key in metadata and metadata[key] != value:
+            raise _fail(path, f"'{key}' is {value!r} at the top level but {metadata[key]!r} in metadata; "
+                              "fix the file so they agree")
+        metadata[key] = value
+    new["metadata"] = metadata
+    return new
+
+
+def _activation_scale(d: dict[str, Any], folder: Path, path: Path) -> float | None:
+    norm = d.get("normalize_activations", "none")
+    if norm in ("none", None):
+        return None
+    if norm != "expected_average_only_in":
+        raise _fail(path, f"normalize_activations={norm!r} normalises every input at run time, which "
+                          "saecircuits does not do; the SAE is not loaded")
+    scaler = folder / SCALER_FILE
+    if not scaler.is_file():
+        raise _fail(path, f"normalize_activations='expected_average_only_in' but {SCALER_FILE} with the "
+                          "scaling factor is not beside it; copy it from the SAELens checkpoint folder, or "
+                          "use the final SAE of the run (its factor is folded in)")
+    try:
+        factor = json.loads(scaler.read_text()).get("scaling_factor")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise SAEError(f"{scaler} is not a SAELens activation scaler file ({e})") from e
+    if factor is None:  # the factor was not estimated yet: SAELens scales nothing either
+        return None
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (
+        math.isfinite(factor) and factor > 0
+    ):
+        raise SAEError(f"{scaler}: scaling_factor must be a positive number, got {factor!r}")
+    return float(factor)
+
+
+def _saelens_config(d: dict[str, Any], folder: Path, path: Path) -> tuple[SAEConfig, _Plan]:
+    """Our config and load plan for a cfg.json written by SAELens (see the module docstring)."""
+    version = d.get("sae_lens_version") or (d.get("metadata") or {}).get("sae_lens_version")
+    major = _major_version(version)
+    if major is None or major < 6:
+        d = _from_pre6(d, path)
+    arch = d.get("architecture", "standard")
+    if arch not in _ARCHITECTURES:
+        raise _fail(path, f"SAELens architecture {arch!r} is not supported; saecircuits reads "
+                          f"{list(_ARCHITECTURES)}")
+    _check_keys(d, arch, path)
+    metadata = d.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise _fail(path, "'metadata' must be a JSON object")
+    hook = metadata.get("hook_name")
+    if not hook or not isinstance(hook, str):
+        raise _fail(path, "lacks the hook name (metadata.hook_name); it is not an SAELens 6.x cfg.json: "
+                          "re-save the SAE with save_sae or SAELens' save_model")
+    if d.get("hook_name") not in (None, hook):
+        raise _fail(path, f"'hook_name' is {d['hook_name']!r} at the top level but {hook!r} in metadata")
+    for key in ("hook_head_index", "hook_name_out", "hook_head_index_out"):
+        if metadata.get(key) is not None or d.get(key) is not None:
+            raise _fail(path, f"{key}={metadata.get(key, d.get(key))!r}: SAEs on one attention head or "
+                              "transcoders are not supported; the SAE is not loaded")
+    if d.get("reshape_activations", "none") not in ("none", None):
+        raise _fail(path, f"reshape_activations={d['reshape_activations']!r} (attention hook_z SAEs) is not "
+                          "supported; the SAE is not loaded")
+    d_in, d_sae = _int(d, "d_in", path), _int(d, "d_sae", path)
+    try:
+        dtype = dtype_name(d.get("dtype", "float32"))
+    except SAEError as e:
+        raise _fail(path, str(e)) from None
+    plan = _Plan(activation_scale=_activation_scale(d, folder, path), saelens_tensors=_SAELENS_TENSORS[arch])
+    extra: dict[str, Any] = {}
+    if arch in ("topk", "batchtopk"):
+        k = d.get("k", 100)  # SAELens' default
+        if isinstance(k, float) and k.is_integer():
+            k = int(k)
+        if not isinstance(k, int) or isinstance(k, bool):
+            raise _fail(path, f"k={k!r} is not a whole number of features, which saecircuits' {arch} SAE "
+                              "needs; the SAE is not loaded")
+        extra["k"] = k
+        # SAELens' defaults: False for the TopK inference config, True for the (training-only) BatchTopK one
+        plan.fold_decoder_norms = _bool(d, "rescale_acts_by_decoder_norm", arch == "batchtopk", path)
+    if arch == "batchtopk":
+        extra["threshold_lr"] = d.get("topk_threshold_lr", 0.01)
+        plan.topk_threshold = True
+    if arch == "jumprelu":
+        plan.clamp_threshold = True
+        for ours, theirs in (("bandwidth", "jumprelu_bandwidth"), ("threshold_init", "jumprelu_init_threshold")):
+            if theirs in d:
+                extra[ours] = d[theirs]
+    training = {k: d[k] for k in sorted(_TRAINING_ONLY_KEYS & set(d))}
+    extra["saelens"] = {"metadata": metadata, **({"training": training} if training else {})}
+    if plan.fold_decoder_norms:
+        extra["saelens"]["folded_decoder_norms"] = True
+    if plan.activation_scale is not None:
+        extra["folded_activation_scale"] = plan.activation_scale
+    cfg = SAEConfig(
+        architecture=arch,
+        d_in=d_in,
+        d_sae=d_sae,
         hook_point=hook,
-        model_name=(d.get("metadata") or {}).get("model_name", d.get("model_name", "")) or "",
-        dtype=d.get("dtype", "float32"),
-        apply_b_dec_to_input=bool(d.get("apply_b_dec_to_input", True)),
+        model_name=str(metadata.get("model_name") or ""),
+        dtype=dtype,
+        apply_b_dec_to_input=_bool(d, "apply_b_dec_to_input", True, path),
         extra=extra,
     )
+    return cfg, plan
+
+
+def _own_config(d: dict[str, Any], path: Path) -> SAEConfig:
+    """Our config from the ``"saecircuits"`` block, checked against the SAELens keys beside it."""
+    ours = d["saecircuits"]
+    if not isinstance(ours, dict) or "config" not in ours:
+        raise _fail(path, "the 'saecircuits' entry is invalid; re-save the SAE")
+    version = ours.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise _fail(path, f"format_version {version!r} is newer than this saecircuits reads ({FORMAT_VERSION}); "
+                          "update saecircuits")
+    try:
+        cfg = SAEConfig.from_dict(dict(ours["config"]))
+    except (TypeError, SAEError) as e:
+        raise _fail(path, f"the 'saecircuits.config' entry is invalid ({e}); re-save the SAE") from e
+    arch = cfg.architecture
+    if arch not in _ARCH_KEYS:
+        return cfg  # an architecture registered by the user: build_sae says whether it exists
+    saelens_arch = d.get("architecture")
+    expected = {arch, "jumprelu"} if arch == "batchtopk" else {arch}
+    # the SAELens keys are what other tools read: they must say the same as our block
+    checks: list[tuple[str, Any, Any]] = [
+        ("architecture", saelens_arch, saelens_arch if saelens_arch in expected else sorted(expected)),
+        ("d_in", d.get("d_in"), cfg.d_in),
+        ("d_sae", d.get("d_sae"), cfg.d_sae),
+        ("apply_b_dec_to_input", d.get("apply_b_dec_to_input", True), cfg.apply_b_dec_to_input),
+        ("normalize_activations", d.get("normalize_activations") or "none", "none"),
+        ("reshape_activations", d.get("reshape_activations") or "none", "none"),
+        ("rescale_acts_by_decoder_norm", bool(d.get("rescale_acts_by_decoder_norm", False)), False),
+        ("hook_name", (d.get("metadata") or {}).get("hook_name", d.get("hook_name")), cfg.hook_point),
+    ]
+    if "k" in d:
+        checks.append(("k", d["k"], cfg.extra.get("k")))
+    try:
+        checks.append(("dtype", dtype_name(d.get("dtype", cfg.dtype)), cfg.dtype))
+    except SAEError:
+        checks.append(("dtype", d.get("dtype"), cfg.dtype))
+    for key, theirs, mine in checks:
+        if theirs != mine:
+            raise _fail(
+                path,
+                f"'{key}' is {theirs!r} in the SAELens keys but {mine!r} in the 'saecircuits' block: the file "
+                "was changed by another tool; re-save it with save_sae, or delete the 'saecircuits' block to "
+                "read it as a plain SAELens file",
+            )
+    _check_keys(d, saelens_arch, path, allowed_extra=frozenset({"saecircuits", "hook_name"}))
+    return cfg
+
+
+def _stored_dtype(weights: dict[str, torch.Tensor]) -> torch.dtype | None:
+    """dtype the core tensors are stored in (the most precise one if they differ); None if any is missing."""
+    if not all(k in weights and weights[k].is_floating_point() for k in _CORE):
+        return None
+    dtypes = {weights[k].dtype for k in _CORE}
+    if len(dtypes) == 1:
+        return dtypes.pop()
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+@torch.no_grad()
+def _apply_plan(weights: dict[str, torch.Tensor], plan: _Plan, d_sae: int, path: Path) -> dict[str, torch.Tensor]:
+    """Turn SAELens tensors into ours (in float64); checks the names SAELens 6.x itself would load."""
+    weights = dict(weights)
+    if "scaling_factor" in weights:  # SAELens drops an all-ones one and cannot load any other
+        sf = weights.pop("scaling_factor")
+        if not torch.all(sf == 1):
+            raise _fail(path, "has a 'scaling_factor' tensor that is not all ones (a fine-tuning output scale), "
+                              "which is not supported; the SAE is not loaded")
+    if plan.saelens_tensors is not None:
+        missing = sorted(plan.saelens_tensors - set(weights))
+        unexpected = sorted(set(weights) - plan.saelens_tensors)
+        if missing or unexpected:
+            raise _fail(path, f"tensors do not match the cfg.json architecture (missing {missing}, unexpected "
+                              f"{unexpected}); the weights do not belong to this cfg.json")
+    w = {k: (v.double() if v.is_floating_point() else v) for k, v in weights.items()}
+    if plan.topk_threshold:
+        t = w.pop("topk_threshold")
+        if t.numel() != 1:
+            raise _fail(path, f"topk_threshold has shape {tuple(t.shape)}, expected a single number")
+        w["threshold"] = t.reshape(()).expand(d_sae).clone()
+    if plan.clamp_threshold and "threshold" in w:
+        w["threshold"] = w["threshold"].clamp_min(0.0)
+    if plan.fold_decoder_norms:
+        norms = w["W_dec"].norm(dim=1)
+        if not bool(torch.all(norms > 0)):
+            raise _fail(path, "rescale_acts_by_decoder_norm is true but some W_dec rows are zero; the decoder "
+                              "norms cannot be folded")
+        w["W_enc"] = w["W_enc"] * norms[None, :]
+        w["b_enc"] = w["b_enc"] * norms
+        w["W_dec"] = w["W_dec"] / norms[:, None]
+    if plan.activation_scale is not None:
+        s = plan.activation_scale
+        w["W_enc"], w["W_dec"], w["b_dec"] = w["W_enc"] * s, w["W_dec"] / s, w["b_dec"] / s
+    return w
 
 
 def _check_weights(sae: SAE, weights: dict[str, torch.Tensor], path: Path, fix: str) -> None:
@@ -144,12 +516,17 @@ def _check_weights(sae: SAE, weights: dict[str, torch.Tensor], path: Path, fix: 
 
 
 def load_sae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
-    """Load an SAE saved by :func:`save_sae` (or by SAELens in its ``"standard"``/``"topk"``/``"jumprelu"``
-    layout) onto ``device``, whatever device it was saved from. The SAE is returned in eval mode.
+    """Load an SAE folder written by :func:`save_sae` (any format version) or by SAELens 6.x onto ``device``.
+
+    A folder with our ``"saecircuits"`` block is rebuilt from it (its SAELens keys must agree with it); a plain
+    SAELens folder is read as the module docstring describes, with exactly SAELens' maths, or refused. The SAE
+    is built in the dtype its weights are stored in (so nothing is rounded; ``cfg.dtype`` says which), and
+    returned in eval mode.
 
     Raises:
-        SAEError: the folder or a file is missing, ``cfg.json`` is not valid JSON or lacks keys, the weights
-            file is corrupt, or tensor names/shapes do not match the config; the message names the file.
+        SAEError: the folder or a file is missing, ``cfg.json`` is not valid JSON, lacks keys, has a key that
+            changes the maths in a way saecircuits does not reproduce (named in the message), the weights file is
+            corrupt, or tensor names/shapes do not match the config; the message names the file.
     """
     folder = Path(folder)
     cfg_path, w_path = folder / CFG_FILE, folder / WEIGHTS_FILE
@@ -166,14 +543,28 @@ def load_sae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> S
         raise SAEError(f"{cfg_path} is not valid JSON ({e}); the file is corrupt: re-save the SAE") from e
     if not isinstance(d, dict):
         raise SAEError(f"{cfg_path} must hold a JSON object; re-save the SAE")
-    cfg = _config_from_json(d, cfg_path)
-    sae = build_sae(cfg, initialize=False)
+    if "saecircuits" in d:
+        cfg, plan = _own_config(d, cfg_path), _Plan()
+    else:
+        cfg, plan = _saelens_config(d, folder, cfg_path)
     try:
         weights = load_file(str(w_path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise SAEError(
             f"{w_path} cannot be read as safetensors ({e}); the file is corrupt: re-save the SAE"
         ) from e
+    stored = _stored_dtype(weights)
+    if stored is not None:
+        if plan.folds and stored in (torch.float16, torch.bfloat16):
+            stored = torch.float32  # folded values are not representable in 16 bits: keep them exact
+        if stored != torch_dtype(cfg.dtype):
+            logger.warning(
+                "%s says dtype %s but its weights are stored as %s; building the SAE in %s so nothing is rounded",
+                cfg_path, cfg.dtype, dtype_name(stored), dtype_name(stored),
+            )
+            cfg.dtype = dtype_name(stored)
+    weights = _apply_plan(weights, plan, cfg.d_sae, w_path)
+    sae = build_sae(cfg, initialize=False)
     _check_weights(sae, weights, w_path, "the weights do not belong to this cfg.json: re-save the SAE")
     sae.import_weights_(weights)
     return sae.to(device).eval()

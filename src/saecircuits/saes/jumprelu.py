@@ -11,7 +11,10 @@ threshold is trained with straight-through estimators (paper section 4 / appendi
 * Step (for the L0 penalty, regularizer ``"l0"``): ``d H / d hidden_pre = 0``; ``d H / d threshold = -(1 / eps)
   K((hidden_pre - threshold) / eps)``.
 
-On disk (SAELens layout) the tensor is ``threshold``; in ``state_dict`` it is the parameter ``log_threshold``.
+On disk (SAELens layout) the tensor is ``threshold``; in ``state_dict`` it is the parameter ``log_threshold``, kept
+in float32 even in a bfloat16/float16 SAE: Adam moves it by about ``lr`` per step, far below bfloat16's resolution
+(2**-7 relative), so a bfloat16 threshold would never move. ``bandwidth`` and ``threshold_init`` are written into
+``cfg.extra`` (defaults included) and so into ``cfg.json``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,22 @@ import math
 import torch
 from torch import nn
 
-from saecircuits.saes.base import SAE, SAEConfig, SAEError
+from saecircuits.saes.base import SAE, SAEConfig, SAEError, full_precision_dtype
+
+#: defaults of ``cfg.extra["bandwidth"]`` and ``cfg.extra["threshold_init"]`` (pre-activation units).
+DEFAULT_BANDWIDTH = 1e-3
+DEFAULT_THRESHOLD_INIT = 1e-3
+
+
+def _positive_setting(cfg: SAEConfig, key: str, default: float) -> float:
+    value = cfg.extra.get(key, default)
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not (value > 0 and math.isfinite(value)):
+        raise SAEError(f"cfg.extra[{key!r}] must be a positive number, got {cfg.extra.get(key)!r}")
+    return value
 
 
 def _rectangle(u: torch.Tensor) -> torch.Tensor:
@@ -68,18 +86,18 @@ class JumpReLUSAE(SAE):
 
     architecture = "jumprelu"
     extra_weight_names = ("threshold",)
+    full_precision_tensors = ("log_threshold",)
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
-        self.bandwidth = float(cfg.extra.get("bandwidth", 1e-3))
-        self.threshold_init = float(cfg.extra.get("threshold_init", 1e-3))
-        if not (self.bandwidth > 0 and math.isfinite(self.bandwidth)):
-            raise SAEError(f"cfg.extra['bandwidth'] must be a positive number, got {self.bandwidth}")
-        if not (self.threshold_init > 0 and math.isfinite(self.threshold_init)):
-            raise SAEError(
-                f"cfg.extra['threshold_init'] must be a positive number, got {self.threshold_init}"
-            )
-        self.log_threshold = nn.Parameter(torch.zeros(cfg.d_sae, dtype=self.W_enc.dtype))
+        self.bandwidth = _positive_setting(cfg, "bandwidth", DEFAULT_BANDWIDTH)
+        self.threshold_init = _positive_setting(cfg, "threshold_init", DEFAULT_THRESHOLD_INIT)
+        # recorded, so cfg.json holds the values used (defaults included)
+        self.cfg.extra["bandwidth"] = self.bandwidth
+        self.cfg.extra["threshold_init"] = self.threshold_init
+        self.log_threshold = nn.Parameter(
+            torch.zeros(cfg.d_sae, dtype=full_precision_dtype(self.W_enc.dtype))
+        )
 
     def _initialize_extra_(self) -> None:
         self.log_threshold.fill_(math.log(self.threshold_init))
@@ -99,6 +117,7 @@ class JumpReLUSAE(SAE):
         return _StepFn.apply(hidden_pre, self.threshold, self.bandwidth)
 
     def export_weights(self) -> dict[str, torch.Tensor]:
+        """SAELens-named tensors; ``threshold = exp(log_threshold) [d_sae]`` in its own (at least float32) dtype."""
         return {**super().export_weights(), "threshold": self.threshold.detach().contiguous()}
 
     def expected_weight_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -112,5 +131,24 @@ class JumpReLUSAE(SAE):
                 "JumpReLU threshold must be finite and >= 0; the weights file is not a JumpReLU SAE's"
             )
         super().import_weights_(weights)
-        self.log_threshold.copy_(threshold.to(self.log_threshold.dtype).log())
+        self.log_threshold.copy_(_exact_log(threshold.to(self.log_threshold.dtype)))
         return self
+
+
+def _exact_log(threshold: torch.Tensor, max_steps: int = 4) -> torch.Tensor:
+    """``log(threshold)`` nudged by a few ulps so that ``exp`` of it gives back ``threshold`` exactly where it can.
+
+    A threshold written as ``exp(log_threshold)`` then read back with a plain ``log`` can come back one ulp off,
+    which would move an on/off decision for a pre-activation sitting exactly on it; saving and reloading must
+    not change the SAE. Zero thresholds give ``-inf`` (exp gives 0 back).
+    """
+    log_t = threshold.double().log().to(threshold.dtype)
+    for _ in range(max_steps):
+        back = log_t.exp()
+        low, high = back < threshold, back > threshold
+        if not bool((low | high).any()):
+            break
+        up = torch.nextafter(log_t, torch.full_like(log_t, math.inf))
+        down = torch.nextafter(log_t, torch.full_like(log_t, -math.inf))
+        log_t = torch.where(low, up, torch.where(high, down, log_t))
+    return log_t

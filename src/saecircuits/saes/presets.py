@@ -41,7 +41,8 @@ class TrainSAEJob:
             only: 189_giddy_water's rows of 127).
         model_batch_rows: rows per model forward.
         buffer_size: activations in the shuffling buffer (default 16 batches).
-        activation_dtype: ``"float32"`` (default) or ``"bfloat16"`` storage of activations.
+        activation_dtype: ``"float32"`` (default) or ``"bfloat16"`` storage of activations (a ``"torch."`` prefix
+            is accepted).
         activation_cache: a folder written by :func:`saecircuits.data.activations.write_activation_cache`, used
             instead of running the model.
         device: device of the model and the SAEs.
@@ -73,6 +74,8 @@ class TrainSAEJob:
             raise SAEError("give at least one hook point, e.g. blocks.0.mlp.hook_post")
         if self.bos_policy not in ("include", "exclude", "exclude_first"):
             raise SAEError(f"bos_policy must be include, exclude or exclude_first (got {self.bos_policy!r})")
+        if isinstance(self.activation_dtype, str):  # "torch.bfloat16" names the same dtype
+            self.activation_dtype = self.activation_dtype.strip().removeprefix("torch.")
         if self.activation_dtype not in ("float32", "bfloat16"):
             raise SAEError(f"activation_dtype must be float32 or bfloat16 (got {self.activation_dtype!r})")
 

@@ -22,9 +22,12 @@ reference notebook's recipe (analysis-spec.md sections 4.4-4.8) plus the modern 
 
 :func:`train_saes_on_model` feeds several trainers from ONE pass of the model over packed token rows.
 
-Precision: parameters, optimiser and inputs are fp32. ``TrainConfig.autocast_dtype="bfloat16"`` runs the SAE forward
-and loss under ``torch.autocast`` (faster on GPUs with bf16 tensor cores, ~3 significant digits in the matmuls);
-activations may also be stored in bf16 by the data path (``dtype=torch.bfloat16``), as the notebook did (pitfall 33).
+Precision: parameters, optimiser and inputs are fp32 (or fp64); :class:`SAETrainer` refuses an SAE with float16 or
+bfloat16 parameters, whose Adam steps of about ``lr`` would be rounded away (8 significant bits). For speed,
+``TrainConfig.autocast_dtype="bfloat16"`` runs the SAE forward and loss under ``torch.autocast`` (faster on GPUs with
+bf16 tensor cores, ~3 significant digits in the matmuls) while the parameters stay fp32; convert the trained SAE with
+``.to(torch.bfloat16)`` afterwards if wanted (thresholds stay fp32). Activations may also be stored in bf16 by the
+data path (``dtype=torch.bfloat16``), as the notebook did (pitfall 33).
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ from saecircuits.saes.base import SAE, SAEConfig, SAEError
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
+#: cfg.extra settings that steer training steps: a resumed run must have the same.
+_RESUME_SETTINGS = ("k", "bandwidth", "threshold_lr")
+#: cfg.extra settings of the initialisation only: a resumed run takes the checkpoint's (its weights come from them).
+_INIT_SETTINGS = ("seed", "threshold_init")
 METRICS_NAME = "metrics.jsonl"
 
 
@@ -84,7 +91,8 @@ class TrainConfig:
         seed: seed of the trainer's own generator (resampling); the global RNG is never touched.
         log_every: steps between metrics lines (JSONL and progress bar).
         checkpoint_every: steps between checkpoints (0 = only when a checkpoint_dir is given, at the end).
-        autocast_dtype: ``None`` (fp32) or ``"bfloat16"``/``"float16"`` autocast for forward and loss.
+        autocast_dtype: ``None`` (fp32) or ``"bfloat16"``/``"float16"`` autocast for forward and loss (a
+            ``"torch."`` prefix is accepted).
         device: where the SAE trains (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
     """
 
@@ -118,6 +126,8 @@ class TrainConfig:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
         self.resample_steps = tuple(int(s) for s in self.resample_steps)
         self.loss = dict(self.loss)
+        if isinstance(self.autocast_dtype, str):  # "torch.bfloat16" names the same dtype
+            self.autocast_dtype = self.autocast_dtype.strip().removeprefix("torch.")
         problems = []
         if self.batch_size <= 0:
             problems.append(f"batch_size must be positive (got {self.batch_size})")
@@ -177,6 +187,24 @@ def _decoder_constraints() -> tuple[Callable[[SAE], Any], Callable[[SAE], Any]]:
     return constraints.normalize_decoder_rows_, constraints.remove_parallel_grad_component_
 
 
+def _check_trainable_precision(sae: SAE) -> None:
+    """Refuse float16/bfloat16 trainable parameters: Adam's per-step change (about ``lr``) is below their resolution.
+
+    Raises:
+        SAEError: naming the parameter, its dtype and the fix.
+    """
+    from saecircuits.saes.base import LOW_PRECISION_DTYPES
+
+    for name, p in sae.named_parameters():
+        if p.requires_grad and p.dtype in LOW_PRECISION_DTYPES:
+            raise SAEError(
+                f"SAE parameter {name} is {str(p.dtype).removeprefix('torch.')}: Adam steps of about lr would be "
+                "rounded away at that precision, so the SAE is not trained; build it in float32 "
+                "(SAEConfig(dtype='float32') or sae.float()), use TrainConfig(autocast_dtype='bfloat16') for "
+                "bf16 speed, and convert the trained SAE with .to(torch.bfloat16) afterwards"
+            )
+
+
 def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over a batch ``[batch, d_in]`` (1 = perfect, 0 = the mean)."""
     x, x_hat = x.detach().float(), x_hat.detach().float()
@@ -203,7 +231,7 @@ class SAETrainer:
 
     Raises:
         SAEError: batches of the wrong width, a batch size not divisible by the world size, a checkpoint that does
-            not match this SAE.
+            not match this SAE, an SAE with float16/bfloat16 parameters.
     """
 
     def __init__(
@@ -226,6 +254,7 @@ class SAETrainer:
                 "choose a global batch that splits evenly over the ranks"
             )
         self.local_batch = cfg.batch_size // self.world_size
+        _check_trainable_precision(sae)
         self.device = torch.device(cfg.device)
         self.sae = sae.to(self.device)
         self.name = name or sae.hook_point
@@ -535,8 +564,12 @@ class SAETrainer:
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Restore a checkpoint written by :meth:`save_checkpoint` and skip the batches the run had consumed.
 
+        The SAE's initialisation settings (``seed``, ``threshold_init``) become the checkpoint's, since its
+        weights come from them.
+
         Raises:
-            SAEError: unreadable file, or a checkpoint for a different SAE shape/architecture.
+            SAEError: unreadable file, or a checkpoint for a different SAE (architecture, sizes, hook point,
+                ``apply_b_dec_to_input``, dtype, ``k``, ``bandwidth``, ``threshold_lr``).
         """
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -544,13 +577,23 @@ class SAETrainer:
             raise SAEError(f"cannot read checkpoint {path}: {err}; delete it to start over") from err
         saved_cfg = json.loads(state["sae_cfg"])
         mine = self.sae.cfg.to_dict()
-        for key in ("architecture", "d_in", "d_sae", "hook_point"):
-            if saved_cfg.get(key) != mine.get(key):
+        pairs = [(key, saved_cfg.get(key), mine.get(key)) for key in
+                 ("architecture", "d_in", "d_sae", "hook_point", "apply_b_dec_to_input", "dtype")]
+        # architecture settings: a resumed run must keep them (checkpoints from before they were all recorded
+        # may lack some; those are not compared)
+        saved_extra, my_extra = saved_cfg.get("extra", {}), mine["extra"]
+        pairs += [(f"extra[{key!r}]", saved_extra[key], my_extra.get(key)) for key in _RESUME_SETTINGS
+                  if key in saved_extra]
+        for key, theirs, ours in pairs:
+            if theirs != ours:
                 raise SAEError(
-                    f"checkpoint {path} is for {key}={saved_cfg.get(key)!r}, this run has {mine.get(key)!r}; "
+                    f"checkpoint {path} is for {key}={theirs!r}, this run has {ours!r}; "
                     "use another checkpoint folder or the same SAE config"
                 )
         self.sae.load_state_dict({k: v.to(self.device) for k, v in state["sae"].items()})
+        for key in _INIT_SETTINGS:
+            if key in saved_extra:
+                self.sae.cfg.extra[key] = saved_extra[key]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.generator.set_state(state["generator"])
@@ -650,12 +693,15 @@ def train_saes(
     resume: bool = False,
     progress: bool = True,
     wandb_run: Any = None,
+    data_settings: dict[str, Any] | None = None,
 ) -> dict[str, SAE]:
     """Train several SAEs in lock-step from ONE stream of multi-hook batches ``{hook_point: [batch, d_in]}``.
 
     Each entry of ``saes`` is ``(name, sae)``; the SAE reads ``batch[sae.hook_point]``, so several SAEs may share a
     hook point (a hyper-parameter sweep). Every SAE gets its own :class:`SAETrainer` with checkpoints and metrics in
     ``output_dir/<name>/`` and, at the end, the SAELens folder ``output_dir/<name>/sae/`` (rank 0).
+    ``data_settings`` (JSON-serialisable: how the batches were made, e.g. the BOS policy) is recorded in every
+    SAE's ``cfg.extra["training"]["data"]`` beside the train config, so ``cfg.json`` says how it was trained.
 
     Returns:
         ``{name: trained SAE}`` (normalisation folded, on the CPU).
@@ -703,6 +749,8 @@ def train_saes(
     result = {}
     for t in trainers:
         sae = t.finished_sae()
+        if data_settings:
+            sae.cfg.extra["training"]["data"] = dict(data_settings)
         result[t.name] = sae
         if out_root is not None and rank == 0:
             folder = out_root / _safe(t.name) / "sae"
@@ -806,8 +854,19 @@ def train_saes_on_model(
                 f"sae_cfgs hook points {[c.hook_point for c in cfgs]} must equal hook_points {hook_points} (same order)"
             )
     saes = [(c.hook_point, build_sae(c)) for c in cfgs]
+    data_settings = {
+        "seq_len": int(token_rows.shape[1]),
+        "n_rows": int(token_rows.shape[0]),
+        "bos_id": None if bos_id is None else int(bos_id),
+        "bos_policy": bos_policy,
+        "model_batch_rows": int(model_batch_rows),
+        "buffer_size": int(buffer_size or max(16 * local_batch, 2 * local_batch)),
+        "activation_dtype": str(activation_dtype).removeprefix("torch."),
+        "world_size": int(world),
+    }
     return train_saes(
-        batches, saes, train_cfg, output_dir=output_dir, resume=resume, progress=progress, wandb_run=wandb_run
+        batches, saes, train_cfg, output_dir=output_dir, resume=resume, progress=progress, wandb_run=wandb_run,
+        data_settings=data_settings,
     )
 
 
