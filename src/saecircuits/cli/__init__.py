@@ -7,7 +7,10 @@ Console conventions, shared by every command:
   default shown.
 - A bad setting is ONE line on stderr, ``error: <what is wrong and the fix> (see 'saecircuits CMD --help')``, and
   exit status 2; click's own usage errors (unknown option, a value that is not a number) are shown the same way.
-  Commands raise :class:`typer.BadParameter` (or print ``error: ...`` and raise ``typer.Exit(2)``) for theirs.
+  Commands raise :class:`InputError` for theirs, and run their work inside :func:`user_errors`, which turns the
+  project's own errors (a bad setting or input found deeper down) into the same one line.
+- Progress is a tqdm bar on a terminal and plain lines in a log (:mod:`saecircuits.progress`); status lines are
+  never folded at the console width.
 """
 
 from __future__ import annotations

@@ -39,12 +39,13 @@ def _say(line: str) -> None:
 def _summary(results: dict) -> None:
     """Print the headline numbers: loss recovered and the top features of every SAE."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console(soft_wrap=True)  # lines are not folded at 80 columns when written to a log file
     task = results["task"]
     console.print(
-        f"[bold]{results['model']}[/] | task {task['name']}: {task['n_prompts']} prompts | "
+        f"[bold]{escape(str(results['model']))}[/] | task {task['name']}: {task['n_prompts']} prompts | "
         f"DLA completeness error {results['dla']['completeness_max_abs_error']:.2e} logits"
     )
     for sae in results["saes"]:
@@ -66,7 +67,7 @@ def _summary(results: dict) -> None:
                 "(positive logprob/logit: the ablation hurts the answer)"
             )
     for note in results.get("notes", []):
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}")
 
 
 def _execute(cfg, model=None) -> None:
