@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,15 @@ def test_run_bad_settings(tmp_path, corpus):
     _refused(["run", "--model", MODEL, "--data", str(corpus), "--out", str(corpus)], "is a file")
     _refused(["run", "--model", str(tmp_path / "no-model"), "--data", str(corpus), "--out", str(out)],
              "neither an existing folder/file", only_line=False)
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00junk")
+    _refused(["run", "--model", MODEL, "--data", str(binary), "--out", str(out)], "is not UTF-8 text",
+             only_line=False)
+    broken = tmp_path / "broken-model"
+    shutil.copytree(MODEL, broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    _refused(["run", "--model", str(broken), "--data", str(corpus), "--out", str(out)],
+             "the Hugging Face model cannot be loaded", only_line=False)
     # Found once the model is loaded (it has layers 0..1): still one line, exit 2.
     _refused(base + ["--layers", "7"], "out of range: the model has layers 0..1", only_line=False)
     assert not out.exists() and not (tmp_path / "ws" / "saes").exists()

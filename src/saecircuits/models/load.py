@@ -365,8 +365,9 @@ def load_model(
 
     Raises:
         FileNotFoundError: ``source`` looks like a path that does not exist.
-        ModelLoadError: a folder without ``config.json``/weights/tokenizer, an unsupported file type, or a hub
-            name that cannot be fetched (offline, unknown name).
+        ModelLoadError: a folder without ``config.json``/weights/tokenizer or whose model cannot be loaded
+            (bad config, corrupt weights), an unsupported file type, or a hub name that cannot be fetched (offline,
+            hub unreachable and not cached, unknown name; fails within seconds, see :func:`hub_reachable`).
         saecircuits.models.llama2c.Llama2cError: corrupt or truncated llama2.c files.
     """
     from transformers import AutoModelForCausalLM
@@ -384,7 +385,15 @@ def load_model(
         if not any((path / w).is_file() for w in _WEIGHT_FILES):
             raise ModelLoadError(f"{path} has no weights ({' / '.join(_WEIGHT_FILES)})")
         tok = _load_tokenizer_arg(tokenizer, str(path))
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        from safetensors import SafetensorError
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # bad config, corrupt or mismatched weights
+            raise ModelLoadError(
+                f"{path}: the Hugging Face model cannot be loaded ({exc.__class__.__name__}: "
+                f"{(str(exc).splitlines() or [''])[0]}); check config.json and the weight files"
+            ) from exc
         prov = ModelProvenance(
             source=text, model_name=path.resolve().name, kind="hf_folder", hf_folder=str(path.resolve())
         )
