@@ -107,18 +107,82 @@ class RunConfig:
     model_label: str | None = None
 
     def __post_init__(self) -> None:
+        """Check every setting that can be checked without reading files or loading the model.
+
+        Raises:
+            PipelineError: all the problems found, in one line, each naming the CLI flag and the fix.
+        """
         problems = []
-        if self.max_prompts is not None and self.max_prompts < 1:
-            problems.append(f"--max-prompts must be at least 1 (got {self.max_prompts})")
-        if self.sae_tokens < 1 or self.expansion_factor < 1:
-            problems.append("--sae-tokens and --expansion-factor must be positive")
+
+        def at_least(flag: str, value: Any, low: int | float, allow_none: bool = False) -> None:
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
+                problems.append(f"{flag} must be a number >= {low} (got {value!r})")
+
+        at_least("--max-prompts", self.max_prompts, 1, allow_none=True)
+        at_least("--sae-tokens", self.sae_tokens, 1)
+        at_least("--expansion-factor", self.expansion_factor, 1)
+        at_least("--l1-coefficient", self.l1_coefficient, 0)
+        at_least("--seed", self.seed, 0)
+        for name, low in (("sae_batch_size", 1), ("seq_len", 2), ("n_stat_docs", 1),
+                          ("n_ablate", 0), ("n_example_features", 0), ("n_examples", 1),
+                          ("n_evidence_features", 0)):
+            at_least(name, getattr(self, name), low)
+        at_least("max_prompt_tokens", self.max_prompt_tokens, 2, allow_none=True)
+        at_least("max_candidates", self.max_candidates, 1, allow_none=True)
+        if self.feature_selection != "all":
+            at_least("--feature-selection", self.feature_selection, 1)
+        if not (isinstance(self.sae_lr, (int, float)) and self.sae_lr > 0):
+            problems.append(f"sae_lr must be positive (got {self.sae_lr!r})")
+        if not (isinstance(self.min_fraction_active, (int, float)) and 0 <= self.min_fraction_active <= 1):
+            problems.append(f"min_fraction_active must be in [0, 1] (got {self.min_fraction_active!r})")
+        if not self.closings:
+            problems.append("give at least one closing string (e.g. '.\"')")
+        if self.layers is not None:
+            negative = [layer for layer in self.layers if layer < 0]
+            if negative:
+                problems.append(f"--layers {negative}: layers are numbered from 0")
+            if len(set(self.layers)) != len(self.layers):
+                problems.append(f"--layers {list(self.layers)} names a layer twice; give each layer once")
         if self.sae_paths and self.layers is not None:
             problems.append(
                 "--layers chooses where NEW SAEs are trained; with --sae the SAEs' own hook points are used. "
                 "Drop --layers, or drop --sae to train SAEs on those layers"
             )
+        if self.task != "closing-quote" and not str(self.task).endswith(".jsonl") and not Path(self.task).is_file():
+            problems.append(f"unknown task {self.task!r}: use 'closing-quote' or the path of a .jsonl task file")
         if Path(self.out).exists() and not Path(self.out).is_dir():
             problems.append(f"--out {self.out} is a file; give a folder (it is created if missing)")
+        if Path(self.workspace).exists() and not Path(self.workspace).is_dir():
+            problems.append(f"--workspace {self.workspace} is a file; give a folder (it is created if missing)")
+        try:
+            check_device(self.device)
+        except PipelineError as err:
+            problems.append(str(err))
+        if problems:
+            raise PipelineError("; ".join(problems))
+
+    def check_inputs(self) -> None:
+        """Check that the input files exist (corpora, task file, SAE folders, a tokenizer path), before any work.
+
+        Raises:
+            PipelineError: every missing input, in one line, naming its flag.
+        """
+        problems = []
+        for flag, path in (("--data", self.data), ("--train-data", self.train_data)):
+            if path is not None and not Path(path).expanduser().exists():
+                problems.append(f"{flag} {path}: no such file or folder")
+        if self.task != "closing-quote" and not Path(self.task).is_file():
+            problems.append(f"--task {self.task}: no such task file")
+        for path in self.sae_paths:
+            if not (Path(path) / "cfg.json").is_file():
+                problems.append(f"--sae {path}: not an SAE folder (no cfg.json)")
+        from saecircuits.models.load import looks_like_path
+
+        if self.tokenizer is not None and looks_like_path(str(self.tokenizer)) \
+                and not Path(self.tokenizer).expanduser().exists():
+            problems.append(f"--tokenizer {self.tokenizer}: no such file or folder")
         if problems:
             raise PipelineError("; ".join(problems))
 
@@ -148,7 +212,7 @@ def _stage(timings: dict[str, float], name: str, t0: float) -> float:
     return now
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
     """Fail early, with the fix, when the requested device does not exist in this torch build."""
     try:
         dev = torch.device(device)
@@ -454,7 +518,8 @@ def run_pipeline(
     timings: dict[str, float] = {}
     t = t_start = time.perf_counter()
     out = Path(cfg.out)  # created only when the results are written, so a failed run leaves no empty folder
-    _check_device(cfg.device)
+    check_device(cfg.device)
+    cfg.check_inputs()
 
     if model is None:
         say(f"loading model {cfg.model}")

@@ -181,6 +181,6 @@ def test_cli_train_lm(tmp_path):
     assert '"heldout_loss"' in res.output
     # a second run into the same folder is refused with a message naming the fix
     res = runner.invoke(app, [*args, "--out", str(tmp_path / "m")])
-    assert res.exit_code == 1 and "--overwrite" in res.output
+    assert res.exit_code == 2 and "--overwrite" in res.output
     res = runner.invoke(app, [*args, "--d-model", "15"] + ["--out", str(tmp_path / "x")])
-    assert res.exit_code != 0 and "divisible" in res.output
+    assert res.exit_code == 2 and "divisible" in res.output

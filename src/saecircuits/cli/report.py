@@ -7,31 +7,53 @@ from typing import Annotated
 
 import typer
 
-from saecircuits.cli import app
+from saecircuits.cli import InputError, SaeCommand, app, user_errors
+
+REPORT_NAME = "report.html"
 
 
-@app.command("report")
+def report_path(out: str | Path) -> Path:
+    """Where ``--out`` puts the report: a name ending in ``.html``/``.htm`` is the file itself; anything else (a
+    trailing slash, an existing folder, a name without ``.html``) is a folder, created if missing, holding
+    ``report.html``.
+
+    Raises:
+        InputError: ``out`` is an existing file without ``.html``, or a folder is wanted where a file exists.
+    """
+    text = str(out)
+    path = Path(text).expanduser()
+    is_file_name = not text.endswith(("/", "\\")) and path.suffix.lower() in (".html", ".htm")
+    if is_file_name and not path.is_dir():
+        if path.parent.exists() and not path.parent.is_dir():
+            raise InputError(f"--out {out}: {path.parent} is a file, not a folder")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--out {out} is an existing file without .html; give a name ending in .html, or a folder")
+    path.mkdir(parents=True, exist_ok=True)
+    return path / REPORT_NAME
+
+
+@app.command("report", cls=SaeCommand, short_help="Re-render report.html from a saved results.json.")
 def report(
-    results_json: Annotated[
-        Path, typer.Argument(help="results.json written by the pipeline (schema version 1).")
-    ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the HTML report (a file, or a folder to write report.html into).")] = Path(
-        "report.html"
-    ),
+    results_json: Annotated[Path, typer.Argument(
+        metavar="RESULTS_JSON", help="results.json written by the pipeline (schema version 1).", show_default=False)],
+    out: Annotated[str, typer.Option(
+        "--out", "-o", metavar="FILE|DIR",
+        help="The report file (a name ending in .html), or a folder to write report.html into (a trailing slash "
+             "or a name without .html; created if missing).")] = REPORT_NAME,
 ) -> None:
     """Re-render the self-contained HTML report from a saved results.json (no model or torch needed)."""
     from saecircuits.report.render import render_report
     from saecircuits.report.schema import ResultsSchemaError, load_results
 
-    if out.is_dir():
-        out = out / "report.html"  # a folder was given: write the page inside it
     if not results_json.is_file():
-        typer.echo(f"Error: {results_json} does not exist or is not a file.", err=True)
-        raise typer.Exit(code=2)
+        raise InputError(f"{results_json} does not exist or is not a file")
     try:
-        results = load_results(results_json)
-        path = render_report(results, out)
-    except ResultsSchemaError as e:
-        typer.echo(f"Error: {results_json} is not a valid results file: {e}", err=True)
-        raise typer.Exit(code=2) from e
+        results = load_results(results_json)  # before --out is created: a bad file leaves nothing behind
+    except ResultsSchemaError as err:
+        msg = str(err) if str(results_json) in str(err) else f"{results_json} is not a valid results file: {err}"
+        raise InputError(msg) from err
+    with user_errors():
+        path = render_report(results, report_path(out))
     typer.echo(f"Wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

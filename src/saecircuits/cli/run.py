@@ -10,37 +10,42 @@ from typing import Annotated
 
 import typer
 
-from saecircuits.cli import app
+from saecircuits.cli import SaeCommand, app, user_errors
 
 DEFAULT_WORKSPACE = Path(os.environ.get("SAECIRCUITS_WORKSPACE", Path.home() / ".cache" / "saecircuits"))
 
 
 def _setup_logging(verbose: bool) -> None:
-    from rich.logging import RichHandler
+    """Stage logs on stderr: rich on a terminal; plain lines (never wrapped) in a log file or pipe."""
+    level = logging.INFO if verbose else logging.WARNING
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
 
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(show_path=False, show_time=False)],
-        force=True,
-    )
+        handler: logging.Handler = RichHandler(show_path=False, show_time=False)
+        fmt = "%(message)s"
+    else:
+        handler, fmt = logging.StreamHandler(sys.stderr), "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, handlers=[handler], force=True)
 
 
 def _say(line: str) -> None:
+    """One status line on stderr; soft_wrap: a long path is never folded at the console width (80 in a log)."""
     from rich.console import Console
+    from rich.markup import escape  # "[0, 1]" or a path with brackets is text, not rich markup
 
-    Console(stderr=True).print(f"[bold cyan]saecircuits[/] {line}", highlight=False)
+    Console(stderr=True, soft_wrap=True).print(f"[bold cyan]saecircuits[/] {escape(line)}", highlight=False)
 
 
 def _summary(results: dict) -> None:
     """Print the headline numbers: loss recovered and the top features of every SAE."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    console = Console()
+    console = Console(soft_wrap=True)  # lines are not folded at 80 columns when written to a log file
     task = results["task"]
     console.print(
-        f"[bold]{results['model']}[/] | task {task['name']}: {task['n_prompts']} prompts | "
+        f"[bold]{escape(str(results['model']))}[/] | task {task['name']}: {task['n_prompts']} prompts | "
         f"DLA completeness error {results['dla']['completeness_max_abs_error']:.2e} logits"
     )
     for sae in results["saes"]:
@@ -62,100 +67,127 @@ def _summary(results: dict) -> None:
                 "(positive logprob/logit: the ablation hurts the answer)"
             )
     for note in results.get("notes", []):
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}")
 
 
 def _execute(cfg, model=None) -> None:
-    from saecircuits.models.load import ModelLoadError
-    from saecircuits.pipeline import PipelineError, run_pipeline
-    from saecircuits.saes.base import SAEError
-    from saecircuits.tasks.base import TaskError
+    from saecircuits.pipeline import run_pipeline
 
-    try:
+    with user_errors():
         results = run_pipeline(cfg, model=model, log=_say)
-    except (PipelineError, TaskError, ModelLoadError, SAEError, FileNotFoundError, NotADirectoryError,
-            IsADirectoryError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
     _summary(results)
     typer.echo(f"report: {Path(cfg.out) / 'report.html'}")
 
 
-@app.command("run")
+_WORKSPACE_SHOWN = "$SAECIRCUITS_WORKSPACE, else ~/.cache/saecircuits"
+
+
+@app.command("run", cls=SaeCommand, short_help="Find the SAE features behind a behaviour of any model.")
 def run(
-    model: Annotated[str, typer.Option(help="Hub name, local Hugging Face folder, or llama2.c .bin checkpoint.")],
-    data: Annotated[Path, typer.Option(help="Corpus for prompts and statistics: text (<|endoftext|> or blank-line "
-                                            "separated), JSONL with 'text', or Parquet with a 'text' column.")],
-    out: Annotated[Path, typer.Option(help="Output folder for results.json, report.html.")],
-    task: Annotated[str, typer.Option(help="'closing-quote' or a JSONL task file ({prompt, answer} per line).")] = "closing-quote",
-    train_data: Annotated[Path | None, typer.Option(help="Corpus the SAEs are trained on (default: --data).")] = None,
-    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer: llama2.c tok*.bin or an HF tokenizer folder.")] = None,
-    layers: Annotated[list[int] | None, typer.Option(help="Layers to put SAEs on (repeat or space-separate; default all).")] = None,
-    sae: Annotated[list[Path] | None, typer.Option("--sae", help="Reuse an SAE folder (cfg.json + sae_weights.safetensors); repeatable.")] = None,
-    sae_tokens: Annotated[int, typer.Option(help="Activations each new SAE is trained on.")] = 400_000,
-    expansion_factor: Annotated[int, typer.Option(help="d_sae = expansion_factor * d_in.")] = 4,
-    l1_coefficient: Annotated[float, typer.Option(help="Per-token L1 coefficient (penalty mean over the batch).")] = 0.5,
-    all_closings: Annotated[bool, typer.Option(help='Also accept !" and ?" as the closing (default: ." only).')] = False,
-    max_prompts: Annotated[int, typer.Option(help="Use at most this many task prompts.")] = 1000,
-    fold_ln: Annotated[bool, typer.Option("--fold-ln/--no-fold-ln", help="Fold LayerNorm weights into the next layer.")] = True,
-    center_writing_weights: Annotated[bool, typer.Option("--center-writing-weights/--no-center-writing-weights")] = True,
-    center_unembed: Annotated[bool, typer.Option("--center-unembed/--no-center-unembed")] = True,
-    include_bos: Annotated[bool, typer.Option("--include-bos", help="Keep BOS positions in SAE training and mean activations.")] = False,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, mps.")] = "cpu",
-    seed: Annotated[int, typer.Option(help="Seed of SAE training and bootstraps.")] = 0,
-    workspace: Annotated[Path, typer.Option(help="Cache folder (converted models, trained SAEs).")] = DEFAULT_WORKSPACE,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each stage.")] = False,
+    model: Annotated[str, typer.Option(
+        metavar="NAME|DIR|FILE", help="Hub name, local Hugging Face folder, or llama2.c .bin checkpoint.")],
+    data: Annotated[Path, typer.Option(
+        metavar="FILE", help="Corpus for prompts and statistics: text (<|endoftext|> or blank-line separated), "
+                             "JSONL with 'text', or Parquet with a 'text' column.")],
+    out: Annotated[Path, typer.Option(metavar="DIR", help="Output folder for results.json and report.html.")],
+    task: Annotated[str, typer.Option(
+        metavar="TASK", help="'closing-quote', or a JSONL task file ({prompt, answer} per line).")] = "closing-quote",
+    train_data: Annotated[Path | None, typer.Option(
+        metavar="FILE", show_default="the --data corpus", help="Corpus the SAEs are trained on.")] = None,
+    tokenizer: Annotated[str | None, typer.Option(
+        metavar="FILE|DIR", show_default="the model's own",
+        help="Tokenizer: a llama2.c tok*.bin or a Hugging Face tokenizer folder.")] = None,
+    layers: Annotated[list[int] | None, typer.Option(
+        metavar="L...", show_default="every layer",
+        help="Layers whose MLP output gets a new SAE (space-separated or repeated).")] = None,
+    sae: Annotated[list[Path] | None, typer.Option(
+        "--sae", metavar="DIR...", show_default="none: train new SAEs",
+        help="Analyse existing SAE folders (cfg.json + sae_weights.safetensors) instead.")] = None,
+    sae_tokens: Annotated[int, typer.Option(
+        metavar="N", min=1, help="Activations each new SAE is trained on.")] = 400_000,
+    expansion_factor: Annotated[int, typer.Option(
+        metavar="N", min=1, help="d_sae = expansion_factor * d_in.")] = 4,
+    l1_coefficient: Annotated[float, typer.Option(
+        metavar="X", min=0.0, help="Per-token L1 coefficient (penalty mean over the batch).")] = 0.5,
+    all_closings: Annotated[bool, typer.Option(
+        "--all-closings", show_default="off: only .\" closes",
+        help='Also accept !" and ?" as the closing.')] = False,
+    max_prompts: Annotated[int, typer.Option(metavar="N", min=1, help="Use at most this many task prompts.")] = 1000,
+    fold_ln: Annotated[bool, typer.Option(
+        "--fold-ln/--no-fold-ln", help="Fold LayerNorm weights into the next layer.")] = True,
+    center_writing_weights: Annotated[bool, typer.Option(
+        "--center-writing-weights/--no-center-writing-weights",
+        help="Remove the mean over d_model from every weight that writes to the residual stream.")] = True,
+    center_unembed: Annotated[bool, typer.Option(
+        "--center-unembed/--no-center-unembed",
+        help="Remove the mean over the vocabulary from the unembedding (log-probs unchanged).")] = True,
+    include_bos: Annotated[bool, typer.Option(
+        "--include-bos", show_default="off",
+        help="Keep BOS positions in SAE training and in the mean activation.")] = False,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="cpu, cuda, cuda:1, mps.")] = "cpu",
+    seed: Annotated[int, typer.Option(metavar="N", min=0, help="Seed of SAE training and bootstraps.")] = 0,
+    workspace: Annotated[Path, typer.Option(
+        metavar="DIR", show_default=_WORKSPACE_SHOWN,
+        help="Cache folder (converted models, trained SAEs).")] = DEFAULT_WORKSPACE,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", show_default="off", help="Log each stage.")] = False,
 ) -> None:
     """Find the SAE features behind a behaviour of any model: train SAEs, attribute, ablate, report."""
     from saecircuits.pipeline import RunConfig
 
     _setup_logging(verbose)
-    cfg = RunConfig(
-        model=model, data=data, out=out, train_data=train_data, tokenizer=tokenizer, task=task,
-        closings=('."', '!"', '?"') if all_closings else ('."',),
-        layers=_split_ints(layers), sae_paths=list(sae or []), sae_tokens=sae_tokens,
-        expansion_factor=expansion_factor, l1_coefficient=l1_coefficient, max_prompts=max_prompts,
-        device=device, seed=seed, workspace=workspace, exclude_bos=not include_bos,
-        fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
-    )
+    with user_errors():  # settings are checked here, where a bad one becomes a one-line error
+        cfg = RunConfig(
+            model=model, data=data, out=out, train_data=train_data, tokenizer=tokenizer, task=task,
+            closings=('."', '!"', '?"') if all_closings else ('."',),
+            layers=list(layers) if layers else None, sae_paths=list(sae or []), sae_tokens=sae_tokens,
+            expansion_factor=expansion_factor, l1_coefficient=l1_coefficient, max_prompts=max_prompts,
+            device=device, seed=seed, workspace=workspace, exclude_bos=not include_bos,
+            fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
+        )
     _execute(cfg)
 
 
-def _split_ints(values: list[int] | None) -> list[int] | None:
-    return list(values) if values else None
-
-
-@app.command("demo")
+@app.command("demo", cls=SaeCommand, short_help="The whole pipeline on the embedded default model.")
 def demo(
-    out: Annotated[Path, typer.Option(help="Output folder for results.json, report.html.")] = Path("runs/demo"),
-    workspace: Annotated[Path, typer.Option(help="Cache folder (default model, corpora, trained SAEs).")] = DEFAULT_WORKSPACE,
-    sae_tokens: Annotated[int, typer.Option(help="Activations each SAE is trained on.")] = 400_000,
-    max_prompts: Annotated[int, typer.Option(help="Use at most this many task prompts.")] = 300,
-    device: Annotated[str, typer.Option(help="cpu, cuda, mps.")] = "cpu",
-    seed: Annotated[int, typer.Option(help="Seed of SAE training and bootstraps.")] = 0,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each stage.")] = False,
+    out: Annotated[Path, typer.Option(metavar="DIR", help="Output folder for results.json and report.html.")] = Path(
+        "runs/demo"),
+    workspace: Annotated[Path, typer.Option(
+        metavar="DIR", show_default=_WORKSPACE_SHOWN,
+        help="Cache folder (default model, corpora, trained SAEs).")] = DEFAULT_WORKSPACE,
+    sae_tokens: Annotated[int, typer.Option(metavar="N", min=1, help="Activations each SAE is trained on.")] = 400_000,
+    max_prompts: Annotated[int, typer.Option(metavar="N", min=1, help="Use at most this many task prompts.")] = 300,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="cpu, cuda, cuda:1, mps.")] = "cpu",
+    seed: Annotated[int, typer.Option(metavar="N", min=0, help="Seed of SAE training and bootstraps.")] = 0,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", show_default="off", help="Log each stage.")] = False,
 ) -> None:
     """The whole pipeline on the embedded default: a 2-layer GPT-Neo trained on generated dialogue stories."""
+    import dataclasses
+
     from saecircuits.data.storygen import write_corpus
     from saecircuits.models.default import DEFAULT_CONFIG, ensure_default_model
     from saecircuits.pipeline import RunConfig
 
     _setup_logging(verbose)
-    _say(f"workspace {workspace}")
-    folder = ensure_default_model(workspace, progress=True)
     corpora = Path(workspace) / "data"
     heldout = corpora / f"default-heldout-seed{DEFAULT_CONFIG.heldout_seed}-n{DEFAULT_CONFIG.n_heldout_stories}.txt"
     # SAEs train on a fresh stream (its own seed), the prompts come from the LM's held-out stories.
     sae_train = corpora / "default-sae-train-seed7-n4000.txt"
-    if not heldout.is_file():
-        write_corpus(heldout, DEFAULT_CONFIG.n_heldout_stories, seed=DEFAULT_CONFIG.heldout_seed)
-    if not sae_train.is_file():
-        write_corpus(sae_train, 4000, seed=7)
-    cfg = RunConfig(
-        model=str(folder), data=heldout, train_data=sae_train, out=out, sae_tokens=sae_tokens, device=device,
-        seed=seed, workspace=workspace, model_label=f"saecircuits default (2-layer GPT-Neo, {folder.name})",
-        max_prompts=max_prompts,
-    )
+    with user_errors():
+        # The settings are checked before the default model is copied or trained (the model is filled in below).
+        cfg = RunConfig(
+            model="saecircuits-default", data=heldout, train_data=sae_train, out=out, sae_tokens=sae_tokens,
+            device=device, seed=seed, workspace=workspace, max_prompts=max_prompts,
+        )
+        _say(f"workspace {workspace}")
+        folder = ensure_default_model(workspace, progress=True)
+        if not heldout.is_file():
+            write_corpus(heldout, DEFAULT_CONFIG.n_heldout_stories, seed=DEFAULT_CONFIG.heldout_seed)
+        if not sae_train.is_file():
+            write_corpus(sae_train, 4000, seed=7)
+    cfg = dataclasses.replace(
+        cfg, model=str(folder), model_label=f"saecircuits default (2-layer GPT-Neo, {folder.name})")
     _execute(cfg)
 
 

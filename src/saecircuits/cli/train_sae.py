@@ -31,23 +31,11 @@ from typing import Annotated
 
 import typer
 
-from saecircuits.cli import app
+from saecircuits.cli import InputError, SaeCommand, app, user_errors
 
 logger = logging.getLogger(__name__)
 
 JOB_FILE = "train_sae_job.json"
-
-
-def _read_documents(path: Path, max_documents: int | None) -> list[str]:
-    text = path.read_text(encoding="utf-8")
-    sep = "<|endoftext|>"
-    docs = text.split(sep) if sep in text else text.split("\n\n")
-    docs = [d.strip() for d in docs if d.strip()]
-    if max_documents is not None:
-        docs = docs[:max_documents]
-    if not docs:
-        raise typer.BadParameter(f"{path} holds no documents")
-    return docs
 
 
 def _setup_distributed(device: str) -> tuple[int, int, str]:
@@ -68,79 +56,100 @@ def _setup_distributed(device: str) -> tuple[int, int, str]:
     return rank, world, device
 
 
-@app.command("train-sae")
+# Shown defaults are TrainSAEJob's and TrainConfig's (saes/presets.py, saes/trainer.py); importing them here would
+# load torch for every --help. tests/cli/test_cli_help.py checks that they agree.
+@app.command("train-sae", cls=SaeCommand, short_help="Train SAEs on a model's activations (resumable, DDP).")
 def train_sae_command(
-    out: Annotated[Path, typer.Option("--out", help="Output folder (SAEs, metrics, checkpoints).")],
-    config: Annotated[Path | None, typer.Option("--config", help="JSON job file (TrainSAEJob keys).")] = None,
-    preset_name: Annotated[
-        str | None,
-        typer.Option("--preset", help="54_serene_plasma or 189_giddy_water (analysis-spec.md 10)."),
-    ] = None,
-    model: Annotated[
-        str | None, typer.Option("--model", help="Hub name, HF folder or llama2.c .bin.")
-    ] = None,
-    data: Annotated[
-        Path | None, typer.Option("--data", help="Text file of documents (<|endoftext|>-separated).")
-    ] = None,
-    activation_cache: Annotated[
-        Path | None,
-        typer.Option("--activation-cache", help="Train from a saved activation cache, not the model."),
-    ] = None,
-    hook_point: Annotated[
-        list[str] | None, typer.Option("--hook-point", help="Hook name (repeatable).")
-    ] = None,
-    layer: Annotated[
-        list[int] | None, typer.Option("--layer", help="Shorthand for blocks.L.mlp.hook_post.")
-    ] = None,
-    architecture: Annotated[
-        str | None, typer.Option("--architecture", help="standard|topk|batchtopk|jumprelu")
-    ] = None,
-    expansion_factor: Annotated[int | None, typer.Option("--expansion-factor")] = None,
-    d_sae: Annotated[int | None, typer.Option("--d-sae")] = None,
-    k: Annotated[
-        int | None, typer.Option("--k", help="Active features per token for topk/batchtopk.")
-    ] = None,
-    regularizer: Annotated[
-        str | None, typer.Option("--regularizer", help="l1, sqrt, combined_hoyer_sqrt, ...")
-    ] = None,
-    coefficient: Annotated[
-        list[float] | None, typer.Option("--coefficient", help="Penalty coefficient(s).")
-    ] = None,
-    batch_reduction: Annotated[
-        str | None, typer.Option("--batch-reduction", help="mean (per token) or sum.")
-    ] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Optimiser steps.")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Tokens per step (global).")] = None,
-    lr: Annotated[float | None, typer.Option("--lr")] = None,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
-    seq_len: Annotated[int | None, typer.Option("--seq-len")] = None,
-    bos_policy: Annotated[
-        str | None, typer.Option("--bos-policy", help="include|exclude|exclude_first")
-    ] = None,
-    max_documents: Annotated[int | None, typer.Option("--max-documents")] = None,
-    normalize: Annotated[
-        bool | None, typer.Option("--normalize/--no-normalize", help="Activation scaling.")
-    ] = None,
-    checkpoint_every: Annotated[int | None, typer.Option("--checkpoint-every")] = None,
-    log_every: Annotated[int | None, typer.Option("--log-every")] = None,
-    autocast: Annotated[str | None, typer.Option("--autocast", help="bfloat16 or float16 autocast.")] = None,
-    activation_dtype: Annotated[
-        str | None, typer.Option("--activation-dtype", help="float32|bfloat16")
-    ] = None,
-    device: Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1, ...")] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue a killed run from <out>'s checkpoints.")
-    ] = False,
-    wandb: Annotated[
-        bool, typer.Option("--wandb", help="Also log to Weights & Biases (pip extra 'wandb').")
-    ] = False,
-    wandb_project: Annotated[str, typer.Option("--wandb-project")] = "saecircuits-sae",
-    threads: Annotated[
-        int | None, typer.Option("--threads", help="torch.set_num_threads for this run.")
-    ] = None,
-    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    out: Annotated[Path, typer.Option(
+        "--out", metavar="DIR", help="Output folder (SAEs, metrics, checkpoints).")],
+    config: Annotated[Path | None, typer.Option(
+        "--config", metavar="FILE", show_default="none", help="JSON job file (TrainSAEJob keys).")] = None,
+    preset_name: Annotated[str | None, typer.Option(
+        "--preset", metavar="NAME", show_default="none",
+        help="54_serene_plasma or 189_giddy_water: the reference notebook's two SAEs.")] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", metavar="NAME|DIR|FILE", show_default="none",
+        help="Hub name, Hugging Face folder or llama2.c .bin.")] = None,
+    data: Annotated[Path | None, typer.Option(
+        "--data", metavar="FILE", show_default="none",
+        help="Corpus: text (<|endoftext|> or blank-line separated), JSONL with 'text', or Parquet.")] = None,
+    activation_cache: Annotated[Path | None, typer.Option(
+        "--activation-cache", metavar="DIR", show_default="none",
+        help="Train from a saved activation cache instead of running the model.")] = None,
+    hook_point: Annotated[list[str] | None, typer.Option(
+        "--hook-point", metavar="NAME", show_default="blocks.0.mlp.hook_post",
+        help="TransformerLens hook name (repeatable).")] = None,
+    layer: Annotated[list[int] | None, typer.Option(
+        "--layer", metavar="L", show_default="none", help="Shorthand for --hook-point blocks.L.mlp.hook_post.")] = None,
+    architecture: Annotated[str | None, typer.Option(
+        "--architecture", metavar="NAME", show_default="standard",
+        help="SAE architecture: standard, topk, batchtopk or jumprelu.")] = None,
+    expansion_factor: Annotated[int | None, typer.Option(
+        "--expansion-factor", metavar="N", min=1, show_default="4", help="d_sae = expansion_factor * d_in.")] = None,
+    d_sae: Annotated[int | None, typer.Option(
+        "--d-sae", metavar="N", min=1, show_default="from --expansion-factor",
+        help="Number of features (overrides --expansion-factor).")] = None,
+    k: Annotated[int | None, typer.Option(
+        "--k", metavar="N", min=1, show_default="none",
+        help="Active features per token; needed by topk and batchtopk.")] = None,
+    regularizer: Annotated[str | None, typer.Option(
+        "--regularizer", metavar="NAME", show_default="l1",
+        help="Sparsity penalty: none, l1, sqrt, pure_sqrt, hoyer_square, combined_hoyer_l1, "
+             "combined_hoyer_sqrt or l0.")] = None,
+    coefficient: Annotated[list[float] | None, typer.Option(
+        "--coefficient", metavar="X", show_default="0.001",
+        help="Penalty coefficient (repeat for the two of a combined_* regularizer).")] = None,
+    batch_reduction: Annotated[str | None, typer.Option(
+        "--batch-reduction", metavar="mean|sum", show_default="mean",
+        help="Penalty mean (per token) or sum over the batch.")] = None,
+    steps: Annotated[int | None, typer.Option(
+        "--steps", metavar="N", min=1, show_default="1000", help="Optimiser steps.")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        "--batch-size", metavar="N", min=1, show_default="4096", help="Tokens per step (global).")] = None,
+    lr: Annotated[float | None, typer.Option(
+        "--lr", metavar="X", show_default="0.0001", help="Peak learning rate (AdamW).")] = None,
+    seed: Annotated[int | None, typer.Option(
+        "--seed", metavar="N", min=0, show_default="47", help="Seed of initialisation and resampling.")] = None,
+    seq_len: Annotated[int | None, typer.Option(
+        "--seq-len", metavar="N", min=2, show_default="128", help="Tokens per packed row, BOS included.")] = None,
+    bos_policy: Annotated[str | None, typer.Option(
+        "--bos-policy", metavar="include|exclude|exclude_first", show_default="exclude",
+        help="Which BOS positions train the SAE (exclude_first: only the row's leading one is dropped).")] = None,
+    max_documents: Annotated[int | None, typer.Option(
+        "--max-documents", metavar="N", min=1, show_default="all", help="Use only the first N documents.")] = None,
+    normalize: Annotated[bool | None, typer.Option(
+        "--normalize/--no-normalize", show_default="no-normalize",
+        help="Scale activations to mean norm sqrt(d_in) while training (folded into the saved SAE).")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(
+        "--checkpoint-every", metavar="N", min=0, show_default="0: only at the end",
+        help="Steps between checkpoints.")] = None,
+    log_every: Annotated[int | None, typer.Option(
+        "--log-every", metavar="N", min=1, show_default="10", help="Steps between metrics lines.")] = None,
+    autocast: Annotated[str | None, typer.Option(
+        "--autocast", metavar="bfloat16|float16", show_default="none: fp32",
+        help="Autocast dtype of the SAE forward and loss.")] = None,
+    activation_dtype: Annotated[str | None, typer.Option(
+        "--activation-dtype", metavar="float32|bfloat16", show_default="float32",
+        help="Storage dtype of the activations.")] = None,
+    device: Annotated[str | None, typer.Option(
+        "--device", metavar="DEVICE", show_default="cpu", help="cpu, cuda, cuda:1, ...")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", show_default="off", help="Continue a killed run from <out>'s checkpoints.")] = False,
+    wandb: Annotated[bool, typer.Option(
+        "--wandb", show_default="off", help="Also log to Weights & Biases (pip extra 'wandb').")] = False,
+    wandb_project: Annotated[str, typer.Option(
+        "--wandb-project", metavar="NAME", help="Weights & Biases project.")] = "saecircuits-sae",
+    threads: Annotated[int | None, typer.Option(
+        "--threads", metavar="N", min=1, show_default="torch's default",
+        help="torch.set_num_threads for this run.")] = None,
+    progress: Annotated[bool, typer.Option(
+        "--progress/--no-progress", help="Show training progress (plain lines when not on a terminal).")] = True,
 ) -> None:
-    """Train SAEs on a model's activations and print where each SAE was written."""
+    """Train SAEs on a model's activations and print where each SAE was written.
+
+    A setting not given on the command line comes from --config, --preset or (with --resume) the saved job, else
+    from the default shown.
+    """
     import dataclasses
 
     import torch
@@ -148,65 +157,67 @@ def train_sae_command(
     from saecircuits.saes.base import SAEError
     from saecircuits.saes.presets import TrainSAEJob, preset
 
-    try:
-        if config is not None and preset_name is not None:
-            raise SAEError("give --config or --preset, not both")
-        saved_job = out / JOB_FILE
-        if config is not None:
-            job = TrainSAEJob.from_json(config)
-        elif resume and saved_job.is_file():
-            # `--out DIR --resume` alone continues the saved job; flags given with it must still match it.
-            job = TrainSAEJob.from_json(saved_job)
-        elif preset_name is not None:
-            job = preset(preset_name)
-        else:
-            job = TrainSAEJob()
-        top = {
-            "model": model,
-            "data": str(data) if data is not None else None,
-            "activation_cache": str(activation_cache) if activation_cache is not None else None,
-            "architecture": architecture,
-            "expansion_factor": expansion_factor,
-            "d_sae": d_sae,
-            "seq_len": seq_len,
-            "bos_policy": bos_policy,
-            "max_documents": max_documents,
-            "activation_dtype": activation_dtype,
-            "device": device,
-        }
-        hooks = list(hook_point or []) + [f"blocks.{L}.mlp.hook_post" for L in (layer or [])]
-        if hooks:
-            top["hook_points"] = hooks
-        job_d = job.to_dict()
-        job_d.update({kk: v for kk, v in top.items() if v is not None})
-        if k is not None:
-            job_d["sae_extra"] = {**job_d["sae_extra"], "k": k}
-        tr = job_d["train"]
-        loss = dict(tr["loss"])
-        if regularizer is not None:
-            loss["regularizer"] = regularizer
-        if coefficient:
-            loss["coefficients"] = list(coefficient)
-        if batch_reduction is not None:
-            loss["batch_reduction"] = batch_reduction
-        tr["loss"] = loss
-        for key, val in {
-            "total_steps": steps,
-            "batch_size": batch_size,
-            "lr": lr,
-            "seed": seed,
-            "normalize_activations": normalize,
-            "checkpoint_every": checkpoint_every,
-            "log_every": log_every,
-            "autocast_dtype": autocast,
-            "device": job_d["device"],
-        }.items():
-            if val is not None:
-                tr[key] = val
-        job = TrainSAEJob.from_dict(job_d)
-        job.train.loss_config()  # validate the loss now, not after loading the model
-    except (SAEError, TypeError, ValueError) as err:
-        raise typer.BadParameter(str(err)) from err
+    with user_errors():
+        try:
+            if config is not None and preset_name is not None:
+                raise SAEError("give --config or --preset, not both")
+            saved_job = out / JOB_FILE
+            if config is not None:
+                job = TrainSAEJob.from_json(config)
+            elif resume and saved_job.is_file():
+                # `--out DIR --resume` alone continues the saved job; flags given with it must still match it.
+                job = TrainSAEJob.from_json(saved_job)
+            elif preset_name is not None:
+                job = preset(preset_name)
+            else:
+                job = TrainSAEJob()
+            top = {
+                "model": model,
+                "data": str(data) if data is not None else None,
+                "activation_cache": str(activation_cache) if activation_cache is not None else None,
+                "architecture": architecture,
+                "expansion_factor": expansion_factor,
+                "d_sae": d_sae,
+                "seq_len": seq_len,
+                "bos_policy": bos_policy,
+                "max_documents": max_documents,
+                "activation_dtype": activation_dtype,
+                "device": device,
+            }
+            hooks = list(hook_point or []) + [f"blocks.{L}.mlp.hook_post" for L in (layer or [])]
+            if hooks:
+                top["hook_points"] = hooks
+            job_d = job.to_dict()
+            job_d.update({kk: v for kk, v in top.items() if v is not None})
+            if k is not None:
+                job_d["sae_extra"] = {**job_d["sae_extra"], "k": k}
+            tr = job_d["train"]
+            loss = dict(tr["loss"])
+            if regularizer is not None:
+                loss["regularizer"] = regularizer
+            if coefficient:
+                loss["coefficients"] = list(coefficient)
+            if batch_reduction is not None:
+                loss["batch_reduction"] = batch_reduction
+            tr["loss"] = loss
+            for key, val in {
+                "total_steps": steps,
+                "batch_size": batch_size,
+                "lr": lr,
+                "seed": seed,
+                "normalize_activations": normalize,
+                "checkpoint_every": checkpoint_every,
+                "log_every": log_every,
+                "autocast_dtype": autocast,
+                "device": job_d["device"],
+            }.items():
+                if val is not None:
+                    tr[key] = val
+            job = TrainSAEJob.from_dict(job_d)
+            job.train.loss_config()  # validate the loss now, not after loading the model
+            _check_job_inputs(job)
+        except TypeError as err:  # a JSON value of the wrong type (e.g. "steps": "ten")
+            raise SAEError(f"a train-sae setting has the wrong type ({err}); check the --config file") from err
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if threads is not None:
@@ -215,22 +226,21 @@ def train_sae_command(
     if dev != job.device:
         job.train = dataclasses.replace(job.train, device=dev)
 
-    out.mkdir(parents=True, exist_ok=True)
+    created_out = not out.exists()
+    with user_errors():
+        out.mkdir(parents=True, exist_ok=True)
     job_path = out / JOB_FILE
-    if job_path.exists():
+    fresh = not job_path.exists()
+    if not fresh:
         saved = json.loads(job_path.read_text())
         mine = json.loads(json.dumps(job.to_dict()))
         if not resume:
-            raise typer.BadParameter(
-                f"{out} already holds a run; pass --resume to continue it or choose another --out"
-            )
+            raise InputError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
         saved["train"].pop("device", None), mine["train"].pop("device", None)
         saved.pop("device", None), mine.pop("device", None)
         diff = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
         if diff:
-            raise typer.BadParameter(
-                f"--resume with a different config than the saved run ({', '.join(diff)} differ)"
-            )
+            raise InputError(f"--resume with a different config than the saved run ({', '.join(diff)} differ)")
     elif rank == 0:
         from saecircuits.atomic import atomic_write_text
 
@@ -241,15 +251,16 @@ def train_sae_command(
         try:
             import wandb as wandb_lib
         except ImportError as err:
-            raise typer.BadParameter(
-                "--wandb needs the optional extra: pip install 'saecircuits[wandb]'"
-            ) from err
+            raise InputError("--wandb needs the optional extra: pip install 'saecircuits[wandb]'") from err
         wandb_run = wandb_lib.init(project=wandb_project, config=job.to_dict(), resume="allow")
 
     try:
-        saes = _run(job, out, resume=resume, progress=progress, rank=rank, world=world, wandb_run=wandb_run)
-    except SAEError as err:
-        raise typer.BadParameter(str(err)) from err
+        with user_errors():
+            saes = _run(job, out, resume=resume, progress=progress, rank=rank, world=world, wandb_run=wandb_run)
+    except InputError:
+        if fresh and rank == 0:  # refused before training (e.g. an unknown hook point): leave no half-made run
+            _remove_unstarted_run(out, created_out)
+        raise
     finally:
         if wandb_run is not None:
             wandb_run.finish()
@@ -270,6 +281,60 @@ def train_sae_command(
         torch.distributed.barrier()
 
 
+def _check_job_inputs(job) -> None:
+    """What can be checked before the model is loaded or ``--out`` is created: the device, the input files and the
+    SAE settings (a dry build of each SAE with d_in=1 catches an unknown architecture or a missing ``--k``).
+
+    Raises:
+        SAEError, PipelineError: naming the setting and the fix.
+    """
+    from saecircuits.models.load import looks_like_path
+    from saecircuits.pipeline import check_device
+    from saecircuits.saes.base import SAEConfig, SAEError
+    from saecircuits.saes.registry import build_sae
+
+    check_device(job.device)
+    if job.activation_cache:
+        manifest = Path(job.activation_cache) / "manifest.json"
+        if not manifest.is_file():
+            raise SAEError(f"--activation-cache {job.activation_cache}: no manifest.json; give a folder written "
+                           "by saecircuits.data.activations.write_activation_cache")
+        cached = json.loads(manifest.read_text()).get("hook_points", {})
+        missing = [hp for hp in job.hook_points if hp not in cached]
+        if missing:
+            raise SAEError(f"the activation cache has no {missing}; it holds {sorted(cached)}")
+    else:
+        if not job.model or not job.data:
+            raise SAEError("give --model and --data (or --activation-cache, or a --config/--preset that sets them)")
+        if looks_like_path(job.model) and not Path(job.model).expanduser().exists():
+            raise SAEError(f"--model {job.model}: no such file or folder")
+        if not Path(job.data).expanduser().exists():
+            raise SAEError(f"--data {job.data}: no such file or folder")
+    k = job.sae_extra.get("k")
+    d_sae = job.d_sae or max(job.expansion_factor, k if isinstance(k, int) and k > 0 else 1)
+    build_sae(SAEConfig(job.architecture, 1, d_sae, job.hook_points[0], extra=dict(job.sae_extra)),
+              initialize=False)
+
+
+def _check_hook_points(bridge, hook_points: list[str]) -> None:
+    from saecircuits.saes.base import SAEError
+
+    unknown = [hp for hp in hook_points if hp not in bridge.hook_dict]
+    if unknown:
+        raise SAEError(f"this model has no hook point {unknown}; e.g. blocks.0.mlp.hook_post "
+                       f"(layers 0..{int(bridge.cfg.n_layers) - 1})")
+
+
+def _remove_unstarted_run(out: Path, created_out: bool) -> None:
+    """Delete the job file of a run that never trained (and ``out`` itself if this command created it and it is now
+    empty), so that the corrected command is not refused with "already holds a run"."""
+    if any(p.name != JOB_FILE for p in out.iterdir()):
+        return
+    (out / JOB_FILE).unlink(missing_ok=True)
+    if created_out:
+        out.rmdir()
+
+
 def _folder(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
 
@@ -277,7 +342,7 @@ def _folder(name: str) -> str:
 def _run(job, out: Path, *, resume: bool, progress: bool, rank: int, world: int, wandb_run) -> dict:
     import torch
 
-    from saecircuits.saes.base import SAEConfig, SAEError
+    from saecircuits.saes.base import SAEConfig
     from saecircuits.saes.registry import build_sae
     from saecircuits.saes.trainer import train_saes, train_saes_on_model
 
@@ -310,18 +375,16 @@ def _run(job, out: Path, *, resume: bool, progress: bool, rank: int, world: int,
             batches, saes, job.train, output_dir=out, resume=resume, progress=progress, wandb_run=wandb_run
         )
 
-    if not job.model or not job.data:
-        raise SAEError(
-            "give --model and --data (or --activation-cache, or a --config/--preset that sets them)"
-        )
     from saecircuits.data.activations import pack_token_rows
+    from saecircuits.data.corpus import read_documents
     from saecircuits.models.load import load_model
     from saecircuits.models.tokens import encode_documents
 
     bridge = load_model(job.model, device=job.train.device)
+    _check_hook_points(bridge, job.hook_points)
     tok = bridge.tokenizer
     bos_id = int(tok.bos_token_id)
-    docs = encode_documents(tok, _read_documents(Path(job.data), job.max_documents), prepend_bos=False)
+    docs = encode_documents(tok, read_documents(job.data)[: job.max_documents], prepend_bos=False)
     seq_len = min(job.seq_len, int(bridge.cfg.n_ctx))
     rows = pack_token_rows(docs, seq_len, bos_id, shuffle_seed=job.train.seed)
     # Hold out a few rows for the after-training evaluation (sequence-level loss recovered).

@@ -88,8 +88,8 @@ def read_documents(path: str | os.PathLike[str]) -> list[str]:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        CorpusError: a folder with zero or several corpus files, a JSONL line without a string ``text``, a parquet
-            file without a ``text`` column, or no non-empty document at all.
+        CorpusError: a folder with zero or several corpus files, a text file that is not UTF-8, a JSONL line
+            without a string ``text``, a parquet file without a ``text`` column, or no non-empty document at all.
     """
     p = Path(path).expanduser()
     if not p.exists():
@@ -109,7 +109,11 @@ def read_documents(path: str | os.PathLike[str]) -> list[str]:
     elif suffix == ".parquet":
         docs = _read_parquet(p)
     else:
-        docs = _split_text(p.read_text(encoding="utf-8"))
+        try:
+            docs = _split_text(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise CorpusError(f"{p} is not UTF-8 text ({exc.reason} at byte {exc.start}); give a text, .jsonl or "
+                              ".parquet corpus") from exc
     docs = _clean(docs)
     if not docs:
         raise CorpusError(f"{p} contains no non-empty documents")

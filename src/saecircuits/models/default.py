@@ -87,7 +87,7 @@ def ensure_default_model(
     Args:
         workspace: the project workspace folder (created if missing).
         config: the recipe; :data:`DEFAULT_CONFIG` unless you study another one.
-        progress: show a tqdm bar while training.
+        progress: show training progress (a tqdm bar on a terminal, plain lines in a log).
 
     Returns:
         A folder loadable with :func:`saecircuits.models.train_lm.load_lm` (``GPTNeoForCausalLM`` +

@@ -259,21 +259,76 @@ def load_hf_model(
     return bridge
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
     """True when ``source`` cannot be a hub id (``name`` or ``owner/name``), so it must have been meant as a path."""
     if source.startswith((".", "/", "~", "\\")) or not _HUB_NAME.match(source):
         return True
     return Path(source).suffix.lower() in {".bin", ".pt", ".safetensors", ".json", ".gguf", ".txt"}
 
 
-def _load_tokenizer_arg(tokenizer: Any, default_folder: str | None) -> Any:
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def hub_offline_requested() -> bool:
+    """True when ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` is set (now, or when huggingface_hub was imported)."""
+    from huggingface_hub import is_offline_mode
+
+    env = (os.environ.get(v, "").strip().upper() for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return is_offline_mode() or any(v in {"1", "ON", "YES", "TRUE"} for v in env)
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """One HEAD request to the hub endpoint (``HF_ENDPOINT``), no retries, through huggingface_hub's own HTTP client
+    (so its proxy settings apply). Any answer, even an HTTP error status, counts as reachable.
+
+    Why: without it, a hub name on a machine without network fails only after huggingface_hub's five retries with
+    back-off, once for the tokenizer and once for the model (about 50 s), with the retry log printed twice.
+    """
+    from huggingface_hub import constants, get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # noqa: BLE001 - DNS, refused, timeout, proxy, TLS: all mean "cannot reach the hub"
+        return False
+    return True
+
+
+def _hub_failure(name: str, what: str, exc: BaseException, *, offline: bool, reachable: bool) -> ModelLoadError:
+    from huggingface_hub import constants
+
+    first = (str(exc).splitlines() or [""])[0]
+    if offline:
+        why = ("HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, so only the local Hugging Face cache was searched, "
+               "and it is not there. Unset HF_HUB_OFFLINE to download it once")
+    elif not reachable:
+        why = (f"the Hugging Face hub ({constants.ENDPOINT}) cannot be reached and it is not in the local cache. "
+               "Connect to the network once so it is cached (later runs may set HF_HUB_OFFLINE=1 to skip the hub)")
+    else:
+        why = f"loading it from the hub failed ({exc.__class__.__name__}: {first}). Check the name and your access"
+    return ModelLoadError(f"{what} {name!r} is not a local folder or file; {why}, or download it and pass the local "
+                          "folder instead.")
+
+
+def _load_tokenizer_arg(tokenizer: Any, default_folder: str | None, *, local_files_only: bool | None = None) -> Any:
+    """The tokenizer object for ``tokenizer`` (an object, a folder, or a hub name), else ``default_folder``'s.
+
+    ``local_files_only=None`` decides for a hub name: the local cache only when offline or the hub is unreachable.
+    """
     from transformers import AutoTokenizer
 
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
     where = str(tokenizer) if tokenizer is not None else default_folder
+    is_local = where is not None and Path(where).expanduser().exists()
+    if not is_local and local_files_only is None:
+        offline = hub_offline_requested()
+        reachable = not offline and hub_reachable()
+        try:
+            return AutoTokenizer.from_pretrained(where, local_files_only=not reachable)
+        except (OSError, ValueError) as exc:
+            raise _hub_failure(str(where), "tokenizer", exc, offline=offline, reachable=reachable) from exc
     try:
-        return AutoTokenizer.from_pretrained(where)
+        return AutoTokenizer.from_pretrained(where, local_files_only=bool(local_files_only))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"could not load a tokenizer from {where!r}: {exc}. Put tokenizer files (tokenizer.json, or "
@@ -310,8 +365,9 @@ def load_model(
 
     Raises:
         FileNotFoundError: ``source`` looks like a path that does not exist.
-        ModelLoadError: a folder without ``config.json``/weights/tokenizer, an unsupported file type, or a hub
-            name that cannot be fetched (offline, unknown name).
+        ModelLoadError: a folder without ``config.json``/weights/tokenizer or whose model cannot be loaded
+            (bad config, corrupt weights), an unsupported file type, or a hub name that cannot be fetched (offline,
+            hub unreachable and not cached, unknown name; fails within seconds, see :func:`hub_reachable`).
         saecircuits.models.llama2c.Llama2cError: corrupt or truncated llama2.c files.
     """
     from transformers import AutoModelForCausalLM
@@ -329,7 +385,15 @@ def load_model(
         if not any((path / w).is_file() for w in _WEIGHT_FILES):
             raise ModelLoadError(f"{path} has no weights ({' / '.join(_WEIGHT_FILES)})")
         tok = _load_tokenizer_arg(tokenizer, str(path))
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        from safetensors import SafetensorError
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # bad config, corrupt or mismatched weights
+            raise ModelLoadError(
+                f"{path}: the Hugging Face model cannot be loaded ({exc.__class__.__name__}: "
+                f"{(str(exc).splitlines() or [''])[0]}); check config.json and the weight files"
+            ) from exc
         prov = ModelProvenance(
             source=text, model_name=path.resolve().name, kind="hf_folder", hf_folder=str(path.resolve())
         )
@@ -357,20 +421,21 @@ def load_model(
         return load_hf_model(
             model, tok, model_name=path.stem, device=device, dtype=dtype, provenance=prov, **switches
         )
-    if _looks_like_path(text):
+    if looks_like_path(text):
         raise FileNotFoundError(
             f"model source {text!r} is neither an existing folder/file nor a hub name ('owner/name'); check the path"
         )
+    # A hub name: probe the hub once (seconds), then read only the local cache if it cannot be reached, so a machine
+    # without network fails at once with one message instead of retrying for ~50 s.
+    offline = hub_offline_requested()
+    reachable = not offline and hub_reachable()
     try:
-        tok = _load_tokenizer_arg(tokenizer, text)
-        model = AutoModelForCausalLM.from_pretrained(text, dtype=dtype)
+        tok = _load_tokenizer_arg(tokenizer, text, local_files_only=not reachable)
+        model = AutoModelForCausalLM.from_pretrained(text, dtype=dtype, local_files_only=not reachable)
     except (OSError, ModelLoadError) as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-        hint = " (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set)" if offline else ""
-        raise ModelLoadError(
-            f"{text!r} is not a local folder or file, and loading it as a hub model failed{hint}: "
-            f"{exc.__class__.__name__}: {(str(exc).splitlines() or [''])[0]}. Check the path, or connect to the network once so it lands in the Hugging Face cache, or download it and pass the local "
-            "folder instead."
-        ) from exc
+        raise _hub_failure(text, "model", exc, offline=offline, reachable=reachable) from exc
+    if not offline and not reachable:
+        logger.warning("the Hugging Face hub cannot be reached; %r was loaded from the local cache "
+                       "(set HF_HUB_OFFLINE=1 to skip the hub check)", text)
     prov = ModelProvenance(source=text, model_name=text, kind="hub")
     return load_hf_model(model, tok, model_name=text, device=device, dtype=dtype, provenance=prov, **switches)

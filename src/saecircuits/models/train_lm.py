@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from saecircuits.data.storygen import EOT, GENERATOR_VERSION, generate_stories
+from saecircuits.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -102,12 +102,12 @@ class LMConfig:
                 f"generator_version={self.generator_version} but this code generates version {GENERATOR_VERSION}; "
                 "older story streams cannot be reproduced: use the current version"
             )
-        if self.d_model % self.n_heads:
-            raise TrainLMError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         for name in ("n_train_stories", "n_heldout_stories", "n_tokenizer_stories", "d_model", "n_heads",
-                     "d_mlp", "n_ctx", "window_size", "steps", "batch_size"):
+                     "d_mlp", "n_ctx", "window_size", "steps", "batch_size", "lr"):
             if getattr(self, name) <= 0:
                 raise TrainLMError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.d_model % self.n_heads:  # after the sign checks: n_heads=0 would divide by zero
+            raise TrainLMError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.vocab_size < 300:
             raise TrainLMError(f"vocab_size={self.vocab_size} is too small: the byte alphabet alone needs 257")
         if self.heldout_seed == self.story_seed:
@@ -288,7 +288,7 @@ def train_model(model, rows: torch.Tensor, cfg: LMConfig, progress: bool = True)
     cursor = 0
     losses: list[float] = []
     model.train()
-    bar = tqdm(range(cfg.steps), desc="train-lm", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(range(cfg.steps), desc="train-lm", enabled=progress)  # plain lines in a log file
     for step in bar:
         if cursor + cfg.batch_size > len(order):
             order = torch.randperm(rows.shape[0], generator=gen)

@@ -78,6 +78,12 @@ class TrainSAEJob:
             self.activation_dtype = self.activation_dtype.strip().removeprefix("torch.")
         if self.activation_dtype not in ("float32", "bfloat16"):
             raise SAEError(f"activation_dtype must be float32 or bfloat16 (got {self.activation_dtype!r})")
+        for name, low, optional in (("expansion_factor", 1, False), ("d_sae", 1, True), ("seq_len", 2, False),
+                                    ("max_documents", 1, True), ("model_batch_rows", 1, False),
+                                    ("buffer_size", 1, True)):
+            value = getattr(self, name)
+            if (value is None and not optional) or (value is not None and not value >= low):
+                raise SAEError(f"{name} must be an integer >= {low} (got {value!r})")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -102,6 +108,8 @@ class TrainSAEJob:
             raise SAEError(f"config file {path} does not exist") from None
         except json.JSONDecodeError as err:
             raise SAEError(f"config file {path} is not valid JSON: {err}") from None
+        if not isinstance(d, dict):
+            raise SAEError(f"config file {path} must hold one JSON object of TrainSAEJob keys, not a {type(d).__name__}")
         return cls.from_dict(d)
 
 

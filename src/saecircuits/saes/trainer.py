@@ -15,7 +15,7 @@ reference notebook's recipe (analysis-spec.md sections 4.4-4.8) plus the modern 
   dead = count <= frequency * window * batch, inputs drawn from a pool with probability proportional to
   ``||x - x_hat||^power`` (``power=4`` is the original rule, pitfall 32; ``2`` is Anthropic's), seeded; Adam moments
   of the resampled rows/columns reset;
-- metrics log (JSONL), tqdm bar with live L0/MSE, periodic atomic checkpoints with optimiser, scheduler and RNG
+- metrics log (JSONL), progress bar with live L0/MSE (plain lines in a log file), periodic atomic checkpoints with optimiser, scheduler and RNG
   state; ``resume=True`` continues from the last checkpoint and ends with the same weights as an uninterrupted run;
 - data parallel training with ``torch.distributed`` (torchrun; NCCL on GPUs, gloo on CPU): every rank trains on its
   own batches, gradients are averaged with ``all_reduce``, rank 0 writes checkpoints, logs and the final SAE.
@@ -226,7 +226,7 @@ class SAETrainer:
         cfg: the :class:`TrainConfig`.
         checkpoint_dir: folder for ``checkpoint.pt`` and ``metrics.jsonl`` (rank 0 writes); ``None`` = neither.
         resume: continue from ``checkpoint_dir/checkpoint.pt`` if it exists.
-        progress: show a tqdm bar (rank 0 only).
+        progress: show progress (rank 0 only; a tqdm bar on a terminal, plain lines in a log).
         wandb_run: an optional ``wandb`` run object; metrics lines are also sent to it (rank 0).
 
     Raises:
@@ -665,9 +665,10 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
+    # A tqdm bar on a terminal; whole lines (about ten per run) in a log file.
+    from saecircuits.progress import progress_bar
 
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True)
+    return progress_bar(total=total, initial=initial, desc=desc, enabled=enabled)
 
 
 # --------------------------------------------------------------------------------------------------- one LM pass

@@ -1,0 +1,188 @@
+"""Every bad setting of every command is ONE line on stderr, ``error: ...`` naming the problem, with exit status 2:
+no traceback, no exit 1, no half-made output (issue 7, item 10)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from saecircuits.cli import _register, app, expand_multi_value_options
+from saecircuits.models.default import shipped_model_dir
+
+MODEL = str(shipped_model_dir())
+
+
+@pytest.fixture()
+def corpus(tmp_path) -> Path:
+    path = tmp_path / "stories.txt"
+    path.write_text('Tom said, "Hi."\n<|endoftext|>\nSue said, "Yes."\n', encoding="utf-8")
+    return path
+
+
+def _refused(args: list[str], expected: str, *, only_line: bool = True) -> str:
+    """Run the CLI in-process; assert exit status 2 and one ``error:`` line containing ``expected``."""
+    _register()
+    res = CliRunner().invoke(app, args)
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert res.exit_code == 2, (args, res.output, res.exception)
+    assert isinstance(res.exception, SystemExit), res.exception  # not an exception escaping the command
+    assert "Traceback" not in res.output
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0] == lines[-1], res.output
+    if only_line:  # refused before any work: nothing else was printed
+        assert lines == errors, res.output
+    assert expected in errors[0], (expected, errors[0])
+    return errors[0]
+
+
+def _file(tmp_path, name: str, text: str) -> str:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_run_bad_settings(tmp_path, corpus):
+    out = tmp_path / "out"
+    base = ["run", "--model", MODEL, "--data", str(corpus), "--out", str(out), "--workspace", str(tmp_path / "ws")]
+    sae_dir = tmp_path / "sae"
+    sae_dir.mkdir()
+    cases = [
+        (["--sae", str(sae_dir), "--layers", "0"], "--layers chooses where NEW SAEs are trained"),  # the report
+        (["--max-prompts", "0"], "--max-prompts"),
+        (["--sae-tokens", "-5"], "--sae-tokens"),
+        (["--expansion-factor", "0"], "--expansion-factor"),
+        (["--l1-coefficient", "-1"], "--l1-coefficient"),
+        (["--seed", "-1"], "--seed"),
+        (["--seed", "x"], "--seed"),
+        (["--layers", "0", "0"], "names a layer twice"),
+        (["--layers", "0", "-1"], "numbered from 0"),
+        (["--device", "gpu7"], "--device 'gpu7' is not a torch device"),
+        (["--task", "bogus"], "unknown task 'bogus'"),
+        (["--task", str(tmp_path / "none.jsonl")], "no such task file"),
+        (["--tokenizer", str(tmp_path / "nope" / "tok512.bin")], "--tokenizer"),
+        (["--sae", str(sae_dir)], "not an SAE folder (no cfg.json)"),
+        (["--bogus"], "No such option: --bogus"),
+    ]
+    for extra, expected in cases:
+        _refused(base + extra, expected)
+    _refused(["run", "--model", MODEL, "--data", str(tmp_path / "absent.txt"), "--out", str(out)], "--data")
+    _refused(["run", "--data", str(corpus), "--out", str(out)], "Missing option '--model'")
+    _refused(["run", "--model", MODEL, "--data", str(corpus), "--out", str(corpus)], "is a file")
+    _refused(["run", "--model", str(tmp_path / "no-model"), "--data", str(corpus), "--out", str(out)],
+             "neither an existing folder/file", only_line=False)
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00junk")
+    _refused(["run", "--model", MODEL, "--data", str(binary), "--out", str(out)], "is not UTF-8 text",
+             only_line=False)
+    broken = tmp_path / "broken-model"
+    shutil.copytree(MODEL, broken)
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    _refused(["run", "--model", str(broken), "--data", str(corpus), "--out", str(out)],
+             "the Hugging Face model cannot be loaded", only_line=False)
+    # Found once the model is loaded (it has layers 0..1): still one line, exit 2.
+    _refused(base + ["--layers", "7"], "out of range: the model has layers 0..1", only_line=False)
+    assert not out.exists() and not (tmp_path / "ws" / "saes").exists()
+
+
+def test_demo_bad_settings_are_refused_before_the_model_is_made(tmp_path):
+    ws = tmp_path / "ws"
+    base = ["demo", "--workspace", str(ws), "--out", str(tmp_path / "out")]
+    for extra, expected in [(["--max-prompts", "0"], "--max-prompts"), (["--sae-tokens", "0"], "--sae-tokens"),
+                            (["--seed", "-2"], "--seed"), (["--device", "nope"], "not a torch device"),
+                            (["--out", _file(tmp_path, "f.txt", "x")], "is a file")]:
+        _refused(base + extra, expected)
+    assert not ws.exists()  # nothing copied, trained or generated
+
+
+def test_train_lm_bad_settings(tmp_path):
+    small = ["--steps", "1", "--n-train-stories", "20", "--n-tokenizer-stories", "20", "--n-heldout-stories", "5"]
+    out = ["--out", str(tmp_path / "m")]
+    _refused(["train-lm"], "give exactly one of --out DIR or --workspace DIR")
+    _refused(["train-lm", *out, "--workspace", str(tmp_path / "ws")], "give exactly one")
+    _refused(["train-lm", *out, "--n-heads", "0"], "--n-heads")
+    _refused(["train-lm", *out, "--d-model", "15", "--n-heads", "2"], "not divisible")
+    _refused(["train-lm", *out, "--lr", "-1"], "lr must be positive")
+    _refused(["train-lm", *out, "--vocab-size", "10"], "--vocab-size")
+    _refused(["train-lm", *out, "--threads", "0"], "--threads")
+    _refused(["train-lm", *out, *small, "--n-tokenizer-stories", "50"], "n_tokenizer_stories must be <=")
+    _refused(["train-lm", "--workspace", _file(tmp_path, "ws.txt", "x")], "is a file")
+    (tmp_path / "m").mkdir()
+    _refused(["train-lm", *out], "--overwrite")
+
+
+def test_train_sae_bad_settings(tmp_path, corpus):
+    out = tmp_path / "run"
+    base = ["train-sae", "--out", str(out)]
+    flags = [*base, "--model", MODEL, "--data", str(corpus), "--no-progress"]
+    cases = [
+        ([*base, "--config", _file(tmp_path, "bad.json", "{")], "is not valid JSON"),
+        ([*base, "--config", str(tmp_path / "absent.json")], "does not exist"),
+        ([*base, "--config", _file(tmp_path, "list.json", "[1, 2]")], "must hold one JSON object"),
+        ([*base, "--config", _file(tmp_path, "keys.json", '{"epochs": 3}')], "unknown train-sae config keys"),
+        ([*base, "--config", _file(tmp_path, "type.json", '{"seq_len": "long"}')], "wrong type"),
+        ([*base, "--config", _file(tmp_path, "type2.json", '{"train": {"batch_size": "x"}}')], "wrong type"),
+        ([*base, "--config", _file(tmp_path, "ok.json", "{}"), "--preset", "54_serene_plasma"], "not both"),
+        ([*base, "--preset", "nope"], "unknown preset 'nope'"),
+        (base, "give --model and --data"),
+        ([*base, "--model", MODEL, "--data", str(tmp_path / "absent.txt")], "--data"),
+        ([*base, "--model", str(tmp_path / "absent-model"), "--data", str(corpus)], "--model"),
+        ([*flags, "--architecture", "foo"], "unknown SAE architecture 'foo'"),
+        ([*flags, "--architecture", "topk"], "needs an integer cfg.extra['k']"),
+        ([*flags, "--device", "nope"], "not a torch device"),
+        ([*flags, "--regularizer", "foo"], "unknown regularizer 'foo'"),
+        ([*flags, "--regularizer", "combined_hoyer_sqrt", "--coefficient", "1"], "takes 2 coefficient(s)"),
+        ([*flags, "--coefficient", "-1"], "coefficients must be finite and >= 0"),
+        ([*flags, "--batch-reduction", "max"], "batch_reduction must be 'mean' or 'sum'"),
+        ([*flags, "--bos-policy", "some"], "bos_policy must be include"),
+        ([*flags, "--activation-dtype", "int8"], "activation_dtype must be"),
+        ([*flags, "--autocast", "fp8"], "autocast_dtype must be"),
+        ([*flags, "--steps", "0"], "--steps"),
+        ([*flags, "--lr", "0"], "lr must be positive"),
+        ([*flags, "--seq-len", "1"], "--seq-len"),
+        ([*flags, "--threads", "0"], "--threads"),
+        ([*base, "--activation-cache", str(tmp_path)], "no manifest.json"),
+    ]
+    for args, expected in cases:
+        _refused(args, expected)
+    assert not out.exists()
+    # Found once the model is loaded: one line, exit 2, and no half-made run left behind (a corrected command
+    # must not be refused with "already holds a run").
+    _refused([*flags, "--hook-point", "blocks.9.mlp.hook_post"], "no hook point ['blocks.9.mlp.hook_post']",
+             only_line=False)
+    assert not out.exists()
+    out.mkdir()
+    (out / "train_sae_job.json").write_text(json.dumps({}))
+    _refused(flags, "already holds a run; pass --resume")
+
+
+def test_report_bad_settings(tmp_path):
+    _refused(["report", str(tmp_path / "absent.json")], "does not exist")
+    _refused(["report", _file(tmp_path, "bad.json", "{")], "is not valid JSON")
+    _refused(["report", _file(tmp_path, "old.json", '{"schema_version": 0}')], "old.json")
+    _refused(["report", "--bogus"], "No such option")
+
+
+def test_negative_numbers_after_a_multi_value_option_are_values():
+    assert expand_multi_value_options(["run", "--layers", "0", "-1", "-v"]) == [
+        "run", "--layers", "0", "--layers", "-1", "-v"]
+
+
+def test_console_entry_point_prints_one_line_and_exits_2(tmp_path, corpus):
+    # The real `saecircuits` entry point (a fresh process): the example of the issue.
+    code = "import sys; from saecircuits.cli import main; sys.argv[0] = 'saecircuits'; main()"
+    args = ["run", "--sae", str(tmp_path), "--layers", "0", "--model", MODEL, "--data", str(corpus),
+            "--out", str(tmp_path / "out")]
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "error: --layers chooses where NEW SAEs are trained; with --sae the SAEs' own hook points are used. "
+        "Drop --layers, or drop --sae to train SAEs on those layers"]
