@@ -1,22 +1,49 @@
-"""Time the first-slice analyses batched vs a one-prompt-at-a-time loop in the reference notebook's style.
+"""Time the first-slice analyses, batched and prefix-cached, against the reference notebook's one-prompt loops.
 
-Same model, SAE and prompts for both; prints both times, the speed-up and the largest disagreement between the two
-(which should be float noise). Defaults to a tiny random GPT-Neo so it runs anywhere in well under a minute:
+For each model class (same model, SAE and prompts on both sides; both at ``--threads`` threads, 1 by default) it
+prints the time of every analysis, the speed-up, and the largest disagreement between the two (float noise):
 
-    python benchmarks/bench_analyses.py                      # CPU, tiny model
-    python benchmarks/bench_analyses.py --model DIR --data stories.txt --sae SAE_DIR   # a real model and SAE
-    python benchmarks/bench_analyses.py --device cuda --n-prompts 256 --d-model 256 --d-mlp 1024
+- DLA of every head/MLP/embedding (notebook: ``run_with_cache`` + ``get_full_resid_decomposition`` per prompt);
+- the answer loss at P clean / SAE spliced / MLP zero- and mean-ablated (notebook: four forwards per prompt);
+- the single-feature ablation table of EVERY feature active at P (notebook: one forward per (prompt, feature) pair;
+  the loop is timed on ``--loop-pairs`` random pairs and scaled to all pairs, and says so);
+- the top-3 features ablated together (notebook: two forwards per prompt);
+- the prompt-based log-prob boosts of the top 3 features on up to 100 active prompts each (two forwards each);
+- top activating examples of the top 6 features over ``--n-docs`` corpus documents (one forward per document).
 
-Analyses timed: DLA (spec F1), losses at P clean / SAE / zero ablation (F2), the single-feature ablation table over
-the top candidates (F5 with F3 ablation) and a multi-feature ablation (F11).
+Model classes (``--models``, comma-separated):
+  default     the embedded default (2-layer GPT-Neo, d_model 128, 1,140-token BPE), its held-out stories;
+  stories260k Karpathy's stories260K llama2.c checkpoint (rotary + GQA), TinyStories validation text;
+  gpt2bpe     a random 2-layer GPT-Neo (d_model 128, d_mlp 512, global + local) with the GPT-2 BPE tokenizer
+              (50,257 tokens), TinyStories validation text;
+  reference   the reference model's shape with random weights: GPT-Neo, 2 layers, d_model 1024, 16 heads,
+              d_mlp 4096, 50,257 tokens, local window 256 on layer 1, a 16,384-feature SAE, ``--ref-prompts``
+              prompts. Only the product is run in full; the loop is timed on ``--ref-loop-prompts`` prompts (and
+              ``--loop-pairs`` pairs) and scaled.
+Each SAE is random with its encoder bias set per feature so the mean L0 at P is about ``--l0`` (timings depend on
+how many features are active, not on what they mean).
+
+Other modes:
+  --forward   one clean batched pass per model class: TransformerBridge forward vs the engine's clean pass
+              (:mod:`saecircuits.models.engine`, what every analysis now uses) vs plain ``transformers`` (SDPA);
+  --memory    5,000 prompts and a 16,384-feature SAE on the default model: activations + exact effects of every
+              active feature + the table; prints peak resident memory (``resource.getrusage``);
+  --table-2cores  the all-features ablation table of a 2,048-feature SAE over 200 prompts at 2 threads.
+
+Examples:
+    python benchmarks/bench_analyses.py                               # default, stories260k, gpt2bpe
+    python benchmarks/bench_analyses.py --models reference --threads 2
+    python benchmarks/bench_analyses.py --forward --memory --table-2cores
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -24,84 +51,123 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from saecircuits.analysis.ablation import ablate_features  # noqa: E402
+from saecircuits.analysis.boosts import prompt_logprob_boosts  # noqa: E402
 from saecircuits.analysis.dla import direct_logit_attribution  # noqa: E402
-from saecircuits.analysis.features import feature_ablation_table, feature_activations  # noqa: E402
-from saecircuits.analysis.reconstruction import reconstruction_at_prediction  # noqa: E402
+from saecircuits.analysis.examples import top_activating_examples  # noqa: E402
+from saecircuits.analysis.features import feature_ablation_table, feature_activations, feature_effects  # noqa: E402
+from saecircuits.analysis.reconstruction import mean_activation, reconstruction_at_prediction  # noqa: E402
+from saecircuits.models.interventions import interventions_for  # noqa: E402
+from saecircuits.models.tokens import encode_documents  # noqa: E402
 from saecircuits.saes.base import SAE, SAEConfig  # noqa: E402
-from saecircuits.tasks.base import Task  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+VAL = SHARED / "tinystories-v1-valid-first1000" / "tinystories_val.txt"
 
 
-def build_model(args):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformer_lens import TransformerBridge
-    from transformers import GPTNeoConfig, GPTNeoForCausalLM, PreTrainedTokenizerFast
+# --------------------------------------------------------------------------------------------------------------
+# models, prompts, SAEs
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=args.vocab,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(['Tom said, "I like the dog." Sue said, "Yes!" They ran home.'] * 20, trainer)
-    folder = tempfile.mkdtemp(prefix="bench-tok-")
-    eot = "<|endoftext|>"
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=eot, eos_token=eot, pad_token=eot
-    ).save_pretrained(folder)
-    hf_tok = PreTrainedTokenizerFast.from_pretrained(folder)
+
+def _gpt2_tokenizer():
+    from saecircuits.models.load import gpt2_bpe_tokenizer
+
+    return gpt2_bpe_tokenizer(SHARED / "gpt2-bpe-tokenizer")
+
+
+def _random_neo(tok, *, d_model, n_heads, d_mlp, window, n_ctx, seed=0):
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    from saecircuits.models.load import load_hf_model
+
     cfg = GPTNeoConfig(
-        vocab_size=len(hf_tok),
-        max_position_embeddings=512,
-        hidden_size=args.d_model,
-        num_layers=2,
-        num_heads=4,
-        intermediate_size=args.d_mlp,
-        attention_types=[[["global", "local"], 1]],
-        window_size=256,
-        embed_dropout=0.0,
-        attention_dropout=0.0,
-        resid_dropout=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
+        vocab_size=50257, max_position_embeddings=n_ctx, hidden_size=d_model, num_layers=2, num_heads=n_heads,
+        intermediate_size=d_mlp, attention_types=[[["global", "local"], 1]], window_size=window,
+        embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0, bos_token_id=50256, eos_token_id=50256,
     )
-    torch.manual_seed(args.seed)
-    hf = GPTNeoForCausalLM(cfg).eval()
-    bridge = TransformerBridge.boot_transformers("bench-neo", hf_model=hf, tokenizer=hf_tok)
-    bridge.enable_compatibility_mode()
-    return bridge.to(args.device)
+    torch.manual_seed(seed)
+    return load_hf_model(GPTNeoForCausalLM(cfg), tok, model_name=f"random-neo-d{d_model}")
 
 
-def build_sae(args, device):
-    gen = torch.Generator().manual_seed(args.seed)
-    sae = SAE(SAEConfig("standard", d_in=args.d_mlp, d_sae=args.d_sae, hook_point="blocks.1.mlp.hook_post"))
+def load_case(name: str, args):
+    """(model, task, corpus documents as token rows, label)."""
+    from saecircuits.data.corpus import read_documents
+    from saecircuits.models.load import load_model
+    from saecircuits.tasks.closing_quote import closing_quote_task
+
+    if name == "default":
+        from saecircuits.data.storygen import generate_stories
+        from saecircuits.models.default import DEFAULT_CONFIG, ensure_default_model
+
+        folder = ensure_default_model(args.workspace, progress=False)
+        model = load_model(folder)
+        docs = generate_stories(max(args.n_prompts * 3, args.n_docs), seed=DEFAULT_CONFIG.heldout_seed)
+        label = "embedded default (GPT-Neo 2L d128, vocab 1,140)"
+    else:
+        if not VAL.is_file():
+            raise SystemExit(f"{name} needs {VAL} (../shared/data)")
+        docs = read_documents(VAL)
+        if name == "stories260k":
+            model = load_model(SHARED / "stories260K" / "stories260K.bin", cache_dir=Path(args.workspace) / "models")
+            label = "stories260K (Llama 5L d64, rotary + GQA, vocab 512)"
+        elif name == "gpt2bpe":
+            model = _random_neo(_gpt2_tokenizer(), d_model=128, n_heads=4, d_mlp=512, window=256, n_ctx=2048)
+            label = "GPT-Neo 2L d128 random, GPT-2 BPE (vocab 50,257)"
+        elif name == "reference":
+            model = _random_neo(_gpt2_tokenizer(), d_model=1024, n_heads=16, d_mlp=4096, window=256, n_ctx=2048)
+            label = "reference shape random (GPT-Neo 2L d1024 16 heads d_mlp 4096, vocab 50,257)"
+        else:
+            raise SystemExit(f"unknown model class {name!r}")
+    n_prompts = args.ref_prompts if name == "reference" else args.n_prompts
+    task = closing_quote_task(docs, model.tokenizer, max_prompts=n_prompts, max_tokens=int(model.cfg.n_ctx))
+    rows = [r for r in encode_documents(model.tokenizer, docs[: args.n_docs], max_len=int(model.cfg.n_ctx))
+            if len(r) > 1]
+    return model, task, rows, label
+
+
+def calibrated_sae(model, task, hook: str, d_sae: int, l0: float, seed: int = 0) -> SAE:
+    """A random ReLU SAE whose encoder bias puts each feature's firing rate at P near ``l0 / d_sae``."""
+    d_in = int(model.cfg.d_mlp)
+    gen = torch.Generator().manual_seed(seed)
+    sae = SAE(SAEConfig("standard", d_in=d_in, d_sae=d_sae, hook_point=hook))
     with torch.no_grad():
-        sae.W_enc.copy_(torch.randn(args.d_mlp, args.d_sae, generator=gen) / args.d_mlp**0.5)
-        sae.W_dec.copy_(torch.randn(args.d_sae, args.d_mlp, generator=gen) / args.d_mlp**0.5)
-        sae.b_enc.copy_(-0.2 * torch.rand(args.d_sae, generator=gen))
-    return sae.to(device)
+        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=gen) / d_in**0.5)
+        W_dec = torch.randn(d_sae, d_in, generator=gen)
+        sae.W_dec.copy_(W_dec / W_dec.norm(dim=1, keepdim=True))
+        iv = interventions_for(model)
+        from saecircuits.models.hooks import task_batches
+
+        xs = torch.cat([iv.clean(b, read=[hook], logits=False, cache=False).reads[hook].float()
+                        for b in task_batches(model, task.subset(range(min(200, task.n_prompts))))])
+        pre = (xs - sae.b_dec) @ sae.W_enc
+        q = max(0.0, min(1.0, 1 - l0 / d_sae))
+        sae.b_enc.copy_(-torch.quantile(pre, q, dim=0))
+    return sae
 
 
-def build_task(args, vocab: int) -> Task:
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    lengths = torch.randint(args.min_len, args.max_len + 1, (args.n_prompts,), generator=gen).tolist()
-    rows = [[0] + torch.randint(1, vocab, (n - 1,), generator=gen).tolist() for n in lengths]
-    answers = torch.randint(1, vocab, (args.n_prompts,), generator=gen).tolist()
-    return Task("bench", prompts=[""] * len(rows), token_ids=rows, answer_ids=answers)
-
-
-# --- one prompt at a time, as the reference notebook does (batch of 1, answer appended, positions -2 / -1) ----------
+# --------------------------------------------------------------------------------------------------------------
+# the reference notebook's loops: one prompt per forward, answer appended, read at -2
 
 
 def _full(task, i, device):
     return torch.tensor([task.token_ids[i] + [task.answer_ids[i]]], device=device)
 
 
-def _loss_at_p(model, tokens, hooks=()):
-    logits = model.run_with_hooks(tokens, fwd_hooks=list(hooks))
-    return -torch.log_softmax(logits[0, -2].float(), -1)[tokens[0, -1]]
+def _logits_at_p(model, tokens, hooks=()):
+    return model.run_with_hooks(tokens, fwd_hooks=list(hooks))[0, -2].float()
+
+
+def _loss(logits, answer) -> float:
+    return float(-torch.log_softmax(logits, -1)[answer])
+
+
+def _at_p(fn):
+    def hook(v, hook=None):
+        v = v.clone()
+        v[0, -2] = fn(v[0, -2])
+        return v
+
+    return hook
 
 
 def loop_dla(model, task, device):
@@ -109,162 +175,261 @@ def loop_dla(model, task, device):
     for i in range(task.n_prompts):
         tokens = _full(task, i, device)
         _, cache = model.run_with_cache(tokens[:, :-1])
-        stack = cache.get_full_resid_decomposition(
-            layer=-1, expand_neurons=False, apply_ln=True, pos_slice=-1
-        )
-        out.append((stack[:, 0] @ model.W_U[:, tokens[0, -1]]).cpu())
+        stack = cache.get_full_resid_decomposition(layer=-1, expand_neurons=False, apply_ln=True, pos_slice=-1)
+        out.append((stack[:, 0] @ model.W_U[:, tokens[0, -1]]).float().cpu())
     return torch.stack(out)
 
 
-def loop_reconstruction(model, sae, task, device):
-    hook = sae.hook_point
-    out = []
+def loop_mean(model, rows, hook, device):
+    """The notebook's mean activation: one forward per document, BOS dropped, token-weighted here."""
+    total, count = 0, 0
+    for r in rows:
+        _, cache = model.run_with_cache(torch.tensor([r], device=device), names_filter=[hook])
+        total = total + cache[hook][0, 1:].sum(0)
+        count += len(r) - 1
+    return total / count
+
+
+def loop_losses(model, sae, task, rows, device):
+    hook, out = sae.hook_point, []
+    mean_act = loop_mean(model, rows, hook, device)
     for i in range(task.n_prompts):
-        tokens = _full(task, i, device)
-
-        def zero(v, hook=None):
-            v = v.clone()
-            v[:, -2] = 0.0
-            return v
-
-        def splice(v, hook=None):
-            v = v.clone()
-            v[0, -2] = sae(v[0, -2])
-            return v
-
-        out.append([float(_loss_at_p(model, tokens, h)) for h in ([], [(hook, splice)], [(hook, zero)])])
+        tokens, a = _full(task, i, device), task.answer_ids[i]
+        edits = ([], [(hook, _at_p(lambda h: sae(h)))], [(hook, _at_p(torch.zeros_like))],
+                 [(hook, _at_p(lambda h: mean_act.to(h)))])
+        out.append([_loss(_logits_at_p(model, tokens, e), a) for e in edits])
     return torch.tensor(out)
 
 
-def loop_feature_losses(model, sae, task, features, acts, device):
-    out = {}
-    for k in features:
-        for i in torch.nonzero(acts[:, k] > 0).flatten().tolist():
+def _ablate_k(sae, k):
+    return lambda h: h - torch.relu((h - sae.b_dec) @ sae.W_enc[:, k] + sae.b_enc[k]) * sae.W_dec[k]
+
+
+def loop_pairs(model, sae, task, pairs, device):
+    out, clean = [], {}
+    for i, k in pairs:
+        tokens, a = _full(task, i, device), task.answer_ids[i]
+        if i not in clean:
+            clean[i] = _loss(_logits_at_p(model, tokens), a)
+        out.append(_loss(_logits_at_p(model, tokens, [(sae.hook_point, _at_p(_ablate_k(sae, k)))]), a) - clean[i])
+    return torch.tensor(out)
+
+
+def loop_multi(model, sae, task, feats, device):
+    idx = torch.tensor(feats, device=device)
+    fn = lambda h: h - torch.relu((h - sae.b_dec) @ sae.W_enc[:, idx] + sae.b_enc[idx]) @ sae.W_dec[idx]  # noqa: E731
+    out = []
+    for i in range(task.n_prompts):
+        tokens, a = _full(task, i, device), task.answer_ids[i]
+        out.append(_loss(_logits_at_p(model, tokens, [(sae.hook_point, _at_p(fn))]), a)
+                   - _loss(_logits_at_p(model, tokens), a))
+    return torch.tensor(out)
+
+
+def loop_boosts(model, sae, task, feats, dense_cols, device):
+    out = []
+    for j, k in enumerate(feats):
+        prompts = torch.nonzero(dense_cols[:, j] > 0).flatten().tolist()[:100]
+        clean = abl = 0
+        for i in prompts:
             tokens = _full(task, i, device)
-
-            def ablate(v, hook=None, k=k):
-                v = v.clone()
-                h = v[0, -2]
-                f_k = torch.relu((h - sae.b_dec) @ sae.W_enc[:, k] + sae.b_enc[k])
-                v[:, -2] = h - f_k * sae.W_dec[k]
-                return v
-
-            out[(i, k)] = float(
-                _loss_at_p(model, tokens, [(sae.hook_point, ablate)]) - _loss_at_p(model, tokens)
-            )
+            clean = clean + torch.log_softmax(_logits_at_p(model, tokens), -1)
+            abl = abl + torch.log_softmax(
+                _logits_at_p(model, tokens, [(sae.hook_point, _at_p(_ablate_k(sae, k)))]), -1)
+        out.append((clean - abl) / max(1, len(prompts)))
     return out
 
 
-def loop_multi_ablation(model, sae, task, features, device):
-    idx = torch.tensor(features, device=device)
-    out = []
-    for i in range(task.n_prompts):
-        tokens = _full(task, i, device)
-
-        def ablate(v, hook=None):
-            v = v.clone()
-            h = v[0, -2]
-            v[:, -2] = h - torch.relu((h - sae.b_dec) @ sae.W_enc[:, idx] + sae.b_enc[idx]) @ sae.W_dec[idx]
-            return v
-
-        out.append(float(_loss_at_p(model, tokens, [(sae.hook_point, ablate)]) - _loss_at_p(model, tokens)))
-    return torch.tensor(out)
+def loop_examples(model, sae, rows, feats, device):
+    idx = torch.tensor(feats, device=device)
+    best = torch.full((len(feats),), -float("inf"))
+    for r in rows:
+        _, cache = model.run_with_cache(torch.tensor([r], device=device), names_filter=[sae.hook_point])
+        f = sae.encode(cache[sae.hook_point][0, 1:])[:, idx]
+        best = torch.maximum(best, f.max(0).values.cpu())
+    return best
 
 
-def _timed(fn):
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+# --------------------------------------------------------------------------------------------------------------
+
+
+def timed(fn):
     start = time.perf_counter()
     with torch.no_grad():
         value = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
     return value, time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--n-prompts", type=int, default=48)
-    parser.add_argument("--min-len", type=int, default=20)
-    parser.add_argument("--max-len", type=int, default=120)
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--d-mlp", type=int, default=256)
-    parser.add_argument("--d-sae", type=int, default=1024)
-    parser.add_argument("--vocab", type=int, default=512)
-    parser.add_argument("--n-features", type=int, default=8, help="candidates in the feature table")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", help="a real model (HF folder / llama2.c .bin) instead of the tiny random one")
-    parser.add_argument("--data", help="with --model: corpus for the closing-quote task")
-    parser.add_argument("--sae", help="with --model: an SAE folder (SAELens layout) for that model")
-    args = parser.parse_args()
+def bench_case(name: str, args) -> list[tuple]:
+    model, task, rows, label = load_case(name, args)
+    device = "cpu"
+    L = args.layer if args.layer >= 0 else int(model.cfg.n_layers) + args.layer
+    hook = f"blocks.{L}.mlp.hook_post"
+    d_sae = args.ref_d_sae if name == "reference" else args.d_sae
+    sae = calibrated_sae(model, task, hook, d_sae, args.l0)
+    lens = [len(t) for t in task.token_ids]
+    print(f"\n== {label}\n   {task.n_prompts} closing-quote prompts of {min(lens)}..{max(lens)} tokens; SAE on "
+          f"{hook}, d_sae {d_sae}; {len(rows)} corpus documents; {torch.get_num_threads()} thread(s)")
+    loop_task = task.subset(range(min(task.n_prompts, args.ref_loop_prompts))) if name == "reference" else task
+    scale_prompts = task.n_prompts / loop_task.n_prompts
+    out = []
 
-    if args.model:
-        from saecircuits.data.corpus import read_documents
-        from saecircuits.models.load import load_model
-        from saecircuits.saes.io import load_sae
-        from saecircuits.tasks.closing_quote import closing_quote_task
+    dla, tb = timed(lambda: direct_logit_attribution(model, task).per_prompt)
+    ref, tl = timed(lambda: loop_dla(model, loop_task, device))
+    out.append(("DLA", tb, tl * scale_prompts, float((dla[: loop_task.n_prompts] - ref).abs().max())))
 
-        if not (args.data and args.sae):
-            parser.error("--model needs --data and --sae")
-        model = load_model(args.model, device=args.device)
-        sae = load_sae(args.sae, device=args.device)
-        task = closing_quote_task(read_documents(args.data), model.tokenizer, max_prompts=args.n_prompts,
-                                  max_tokens=int(model.cfg.n_ctx))
-        lens = [len(t) for t in task.token_ids]
-        args.d_model, args.d_mlp, args.d_sae = model.cfg.d_model, sae.d_in, sae.d_sae
-        args.min_len, args.max_len = min(lens), max(lens)
+    def product_losses():
+        mean = mean_activation(model, rows, hook)
+        return mean, reconstruction_at_prediction(model, sae, task, mean_act=mean, n_bootstrap=200)
+
+    (mean, rec), tb = timed(product_losses)
+    ref, tl = timed(lambda: loop_losses(model, sae, loop_task, rows, device))
+    mine = torch.stack([rec.clean_loss, rec.sae_loss, rec.zero_loss, rec.mean_loss], 1)[: loop_task.n_prompts]
+    out.append(("losses clean/SAE/zero/mean", tb, tl * scale_prompts, float((mine - ref).abs().max())))
+
+    def product_table():
+        acts = feature_activations(model, sae, task)
+        eff = feature_effects(model, sae, task, acts=acts)
+        return acts, eff, feature_ablation_table(model, sae, task, effects=eff, min_fraction_active=0.05)
+
+    (acts, eff, table), tb = timed(product_table)
+    n_pairs = int(eff.prompt.numel())
+    gen = torch.Generator().manual_seed(0)
+    pick = torch.randperm(n_pairs, generator=gen)[: args.loop_pairs].sort().values
+    pairs = [(int(eff.prompt[j]), int(eff.feature[j])) for j in pick]
+    ref, tl = timed(lambda: loop_pairs(model, sae, task, pairs, device))
+    diff = float((eff.loss_increase[pick] - ref).abs().max())
+    out.append((f"table: all {n_pairs} active pairs (loop: {len(pairs)} timed, scaled)", tb,
+                tl * n_pairs / max(1, len(pairs)), diff))
+
+    top = table["feature"].tolist()[:3] or eff.feature[:3].tolist()
+    abl, tb = timed(lambda: ablate_features(model, sae, task, top))
+    ref, tl = timed(lambda: loop_multi(model, sae, loop_task, top, device))
+    mine = torch.tensor(abl.per_prompt["loss_increase"].to_numpy())[: loop_task.n_prompts]
+    out.append(("top-3 features ablated together", tb, tl * scale_prompts, float((mine - ref).abs().max())))
+
+    cols = acts.columns(top)
+    boosts, tb = timed(lambda: [prompt_logprob_boosts(model, sae, task, k, acts=acts, min_logprob=-1e9).boosts
+                                for k in top])
+    loop_cols = cols[: loop_task.n_prompts]
+    ref, tl = timed(lambda: loop_boosts(model, sae, loop_task, top, loop_cols, device))
+    if name == "reference":  # the loop saw fewer prompts: compare nothing, scale the time
+        diff, tl = float("nan"), tl * scale_prompts
     else:
-        model = build_model(args)
-        sae = build_sae(args, args.device)
-        task = build_task(args, model.cfg.d_vocab)
-    acts = feature_activations(model, sae, task)
-    active = acts > 0
-    mean_act = (acts * active).sum(0) / active.sum(0).clamp(min=1)
-    features = torch.argsort(mean_act * (active.float().mean(0) >= 0.05), descending=True)[
-        : args.n_features
-    ].tolist()
-    print(
-        f"model d_model={args.d_model} d_mlp={args.d_mlp} vocab={model.cfg.d_vocab}; SAE d_sae={args.d_sae}; "
-        f"{task.n_prompts} prompts of {args.min_len}..{args.max_len} tokens; device {args.device}"
-    )
-    rows = []
+        diff = max(float((b - r).abs().max()) for b, r in zip(boosts, ref, strict=True))
+    out.append(("log-prob boosts of 3 features", tb, tl, diff))
 
-    batched, t_b = _timed(lambda: direct_logit_attribution(model, task).per_prompt)
-    looped, t_l = _timed(lambda: loop_dla(model, task, args.device))
-    rows.append(("DLA (F1)", t_b, t_l, float((batched - looped.float()).abs().max())))
+    shown = table["feature"].tolist()[:6] or eff.feature[:6].tolist()
+    ex, tb = timed(lambda: top_activating_examples(model, sae, rows, shown, k=5))
+    loop_rows = rows[: max(1, len(rows) // (10 if name == "reference" else 1))]
+    ref, tl = timed(lambda: loop_examples(model, sae, loop_rows, shown, device))
+    if len(loop_rows) == len(rows):
+        mine = torch.tensor([ex[k][0].max_activation if ex[k] else -float("inf") for k in shown])
+        diff = float((mine - ref).abs().max()) if torch.isfinite(ref).all() else 0.0
+    else:
+        diff = float("nan")
+    out.append((f"top examples of 6 features over {len(rows)} docs", tb, tl * len(rows) / len(loop_rows), diff))
 
-    rec, t_b = _timed(lambda: reconstruction_at_prediction(model, sae, task, n_bootstrap=200))
-    looped, t_l = _timed(lambda: loop_reconstruction(model, sae, task, args.device))
-    batched = torch.stack([rec.clean_loss, rec.sae_loss, rec.zero_loss], 1)
-    rows.append(("losses clean/SAE/zero (F2)", t_b, t_l, float((batched - looped).abs().max())))
+    print(f"   {'analysis':62s} {'product s':>10s} {'loop s':>10s} {'speed-up':>9s} {'max |diff|':>11s}")
+    for row, tb, tl, d in out:
+        print(f"   {row:62s} {tb:10.2f} {tl:10.2f} {tl / tb:8.1f}x {d:11.2e}")
+    tb, tl = sum(r[1] for r in out), sum(r[2] for r in out)
+    print(f"   {'total':62s} {tb:10.2f} {tl:10.2f} {tl / tb:8.1f}x")
+    return [(label, *r) for r in out]
 
-    table, t_b = _timed(
-        lambda: feature_ablation_table(
-            model, sae, task, min_fraction_active=0.05, max_candidates=args.n_features, acts=acts
-        )
-    )
-    table_features = table["feature"].tolist()
-    looped, t_l = _timed(lambda: loop_feature_losses(model, sae, task, table_features, acts, args.device))
-    loop_means = {
-        k: sum(v for (i, kk), v in looped.items() if kk == k) / table["n_prompts"][j]
-        for j, k in enumerate(table_features)
-    }
-    diff = max(abs(loop_means[k] - v) for k, v in zip(table_features, table["loss_increase"], strict=True))
-    rows.append((f"feature table, {len(looped)} (prompt x feature) pairs (F5)", t_b, t_l, diff))
 
-    abl, t_b = _timed(lambda: ablate_features(model, sae, task, features))
-    looped, t_l = _timed(lambda: loop_multi_ablation(model, sae, task, features, args.device))
-    diff = float((torch.tensor(abl.per_prompt["loss_increase"].to_numpy()) - looped).abs().max())
-    rows.append((f"ablate {len(features)} features together (F11)", t_b, t_l, diff))
+def bench_forward(args) -> None:
+    """One clean batched pass: bridge vs engine (the analyses' path) vs plain transformers with SDPA."""
+    import copy
 
-    print(f"{'analysis':58s} {'batched s':>10s} {'loop s':>10s} {'speed-up':>9s} {'max |diff|':>11s}")
-    for name, tb, tl, d in rows:
-        print(f"{name:58s} {tb:10.3f} {tl:10.3f} {tl / tb:8.1f}x {d:11.2e}")
-    tb, tl = sum(r[1] for r in rows), sum(r[2] for r in rows)
-    print(f"{'total':58s} {tb:10.3f} {tl:10.3f} {tl / tb:8.1f}x")
+    from saecircuits.models.hooks import task_batches
+
+    print(f"\n== one clean pass over the prompts ({torch.get_num_threads()} thread(s)); seconds")
+    print(f"   {'model':58s} {'bridge':>8s} {'engine':>8s} {'HF sdpa':>8s} {'bridge/HF':>10s}")
+    for name in args.models.split(","):
+        model, task, _, label = load_case(name, args)
+        hf = copy.deepcopy(model.original_model)  # processed weights; same FLOPs as the original
+        hf.config._attn_implementation = "sdpa"
+        batches = list(task_batches(model, task))
+        iv = interventions_for(model)
+
+        def run(fn):
+            fn()
+            return timed(fn)[1]
+
+        t_bridge = run(lambda: [model(b.tokens) for b in batches])
+        t_engine = run(lambda: [iv.clean(b) for b in batches])
+        t_hf = run(lambda: [hf(b.tokens) for b in batches])
+        print(f"   {label:58s} {t_bridge:8.2f} {t_engine:8.2f} {t_hf:8.2f} {t_bridge / t_hf:9.1f}x")
+
+
+def bench_memory(args) -> None:
+    """5,000 prompts x a 16,384-feature SAE on the default model: activations, exact effects, table; peak RSS."""
+    import argparse as ap
+
+    a = ap.Namespace(**vars(args))
+    a.n_prompts, a.n_docs = 5000, 10
+    model, task, _, _ = load_case("default", a)
+    sae = calibrated_sae(model, task, "blocks.0.mlp.hook_post", 16384, args.l0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    (eff, table), t = timed(lambda: (lambda e: (e, feature_ablation_table(model, sae, task, effects=e)))(
+        feature_effects(model, sae, task)))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    dense_mb = task.n_prompts * sae.d_sae * 4 / 2**20
+    print(f"\n== memory: {task.n_prompts} prompts x 16,384-feature SAE (default model, layer 0), "
+          f"{eff.prompt.numel()} active pairs ablated in {t:.1f} s")
+    print(f"   peak resident memory {peak:.0f} MiB ({before:.0f} MiB before the analysis); a dense "
+          f"[prompts x d_sae] float32 array alone would be {dense_mb:.0f} MiB")
+
+
+def bench_table_2cores(args) -> None:
+    torch.set_num_threads(2)
+    a = argparse.Namespace(**vars(args))
+    a.n_prompts = 200
+    print("\n== all-features ablation table, 2,048-feature SAE, 200 prompts, 2 threads")
+    for name in args.models.split(","):
+        model, task, _, label = load_case(name, a)
+        for layer in (0, int(model.cfg.n_layers) - 1):
+            sae = calibrated_sae(model, task, f"blocks.{layer}.mlp.hook_post", 2048, args.l0)
+
+            def table():
+                eff = feature_effects(model, sae, task)
+                return eff, feature_ablation_table(model, sae, task, effects=eff)
+
+            (eff, _), t = timed(table)
+            print(f"   {label:58s} layer {layer}: {eff.prompt.numel():6d} pairs in {t:6.2f} s")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="default,stories260k,gpt2bpe")
+    p.add_argument("--threads", type=int, default=1, help="torch threads for both sides (default 1)")
+    p.add_argument("--n-prompts", type=int, default=200)
+    p.add_argument("--n-docs", type=int, default=200, help="corpus documents for mean activation and examples")
+    p.add_argument("--d-sae", type=int, default=2048)
+    p.add_argument("--l0", type=float, default=40.0, help="target mean L0 of the random SAEs at P")
+    p.add_argument("--layer", type=int, default=0, help="SAE layer (negative counts from the last)")
+    p.add_argument("--loop-pairs", type=int, default=300, help="(prompt, feature) pairs the loop is timed on")
+    p.add_argument("--ref-prompts", type=int, default=1000)
+    p.add_argument("--ref-d-sae", type=int, default=16384)
+    p.add_argument("--ref-loop-prompts", type=int, default=20)
+    p.add_argument("--workspace", default=os.environ.get("SAECIRCUITS_WORKSPACE",
+                                                         str(Path(tempfile.gettempdir()) / "saecircuits-bench")))
+    p.add_argument("--forward", action="store_true", help="also time one clean pass: bridge / engine / plain HF")
+    p.add_argument("--memory", action="store_true", help="also run the 5,000-prompt x 16,384-feature memory check")
+    p.add_argument("--table-2cores", action="store_true", help="also time the all-features table at 2 threads")
+    p.add_argument("--only", action="store_true", help="run only the extra modes given")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if not args.only:
+        for name in args.models.split(","):
+            bench_case(name, args)
+    if args.forward:
+        bench_forward(args)
+    if args.memory:
+        bench_memory(args)
+    if args.table_2cores:
+        bench_table_2cores(args)
 
 
 if __name__ == "__main__":

@@ -184,3 +184,22 @@ def test_feature_effects_bridge_backend_agrees():
     assert torch.equal(fast.feature, slow.feature) and torch.equal(fast.prompt, slow.prompt)
     torch.testing.assert_close(fast.loss_increase, slow.loss_increase, atol=1e-5, rtol=0)
     assert torch.equal(fast.rank_diff, slow.rank_diff)
+
+
+def test_effects_summary_equals_per_feature_statistics():
+    from saecircuits.analysis.stats import mean_ci95
+
+    model, task, sae = tiny_neo(), quote_task(), random_sae()
+    eff = feature_effects(model, sae, task)
+    summary = eff.summary()
+    assert len(summary) == len(torch.unique(eff.feature))
+    for row in summary.itertuples():
+        sel = eff.feature == row.feature
+        ci = mean_ci95(eff.loss_increase[sel])
+        assert row.n_active_prompts == ci.n == int(sel.sum())
+        assert row.loss_increase == pytest.approx(ci.mean, abs=1e-6)
+        if ci.n >= 2:
+            assert row.loss_increase_ci95 == pytest.approx(ci.half_width, rel=1e-6)
+        else:
+            assert row.loss_increase_ci95 != row.loss_increase_ci95  # NaN
+        assert row.mean_activation == pytest.approx(float(eff.activation[sel].mean()), abs=1e-6)

@@ -166,3 +166,16 @@ def test_bad_dtype_and_sizes():
         build_sae(SAEConfig("standard", 0, 8, HOOK))
     with pytest.raises(SAEError, match="bandwidth"):
         build_sae(SAEConfig("jumprelu", 4, 8, HOOK, extra={"bandwidth": 0.0}))
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk", "batchtopk", "jumprelu"])
+def test_encode_features_equals_selecting_columns_of_encode(arch):
+    sae = build_sae(_cfg(arch, d_in=16, d_sae=40), seed=3)
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.linspace(-0.5, 0.5, 40))
+    x = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(1))
+    feats = torch.tensor([0, 7, 39, 12, 7])
+    with torch.no_grad():
+        full = sae.encode(x)
+        torch.testing.assert_close(sae.encode_features(x, feats), full[..., feats], atol=1e-6, rtol=0)
+    assert (full > 0).any()

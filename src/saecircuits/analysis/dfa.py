@@ -358,7 +358,7 @@ def direct_feature_attribution(
         iv = interventions_for(model)
         with torch.no_grad():
             for batch in task_batches(model, sub, max_tokens=max_tokens, max_batch=max_batch):
-                read = iv.clean(batch, read=reads, logits=False, cache=False).reads
+                read = iv.clean(batch, read=reads, logits=False).reads
                 dev = read[sae.hook_point].device
                 comps = _components(model, layer, read)  # [b, C, d_model]
                 normed = ln2.linear(comps, read[f"blocks.{layer}.ln2.hook_scale"])

@@ -114,7 +114,7 @@ def direct_logit_attribution(
     per_prompt = torch.zeros(n, len(component_labels(model)))
     target = torch.zeros(n)
     for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
-        clean = iv.clean(batch, read=reads, cache=False)
+        clean = iv.clean(batch, read=reads)
         logits, acts = clean.logits, clean.reads
         parts = []
         for layer in range(n_layers):

@@ -102,7 +102,7 @@ def sae_error_dla(
     with torch.no_grad():
         for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
             acts = iv.clean(
-                batch, read=[sae.hook_point, "ln_final.hook_scale"], logits=False, cache=False
+                batch, read=[sae.hook_point, "ln_final.hook_scale"], logits=False
             ).reads
             h = acts[sae.hook_point].float()  # [b, d_mlp]
             x_hat = sae(h.to(sae.W_dec.dtype)).float().to(h.device)

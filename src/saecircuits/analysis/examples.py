@@ -69,7 +69,7 @@ def feature_activations_over_rows(
     The forward stops after the SAE's block and never unembeds."""
     x = interventions_for(model).read_all(tokens, [sae.hook_point])[sae.hook_point]
     with torch.no_grad():
-        return sae.encode(x.to(sae.W_dec.dtype))[..., features.to(sae.W_dec.device)].float()
+        return sae.encode_features(x, features).float()
 
 
 def top_activating_examples(

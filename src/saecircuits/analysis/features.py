@@ -26,10 +26,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 
-from saecircuits.analysis.stats import mean_ci95
+from saecircuits.analysis.stats import t_quantile
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, answer_metrics, task_batches
 from saecircuits.models.interventions import Edit, interventions_for
 from saecircuits.saes.base import SAE
@@ -185,7 +186,7 @@ def answer_losses(
     iv = interventions_for(model)
     out = torch.zeros(task.n_prompts)
     for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
-        clean = iv.clean(batch, cache=False)
+        clean = iv.clean(batch)
         out[torch.tensor(batch.indices)] = answer_metrics(clean.logits, batch.answer_ids)["loss"].cpu()
     return out
 
@@ -272,30 +273,37 @@ class FeatureEffects:
         (mean, nats), ``loss_increase_ci95`` (t half-width; NaN for n < 2), ``logprob_diff``, ``logit_diff``,
         ``rank_diff`` (means).
         """
-        records = []
-        for k in torch.unique(self.feature).tolist():
-            sel = self.feature == k
-            n = int(sel.sum())
-            if n < min_prompts:
-                continue
-            ci = mean_ci95(self.loss_increase[sel])
-            records.append(
-                {
-                    "feature": int(k),
-                    "n_active_prompts": n,
-                    "fraction_active": n / self.n_prompts,
-                    "mean_activation": float(self.activation[sel].mean()),
-                    "loss_increase": ci.mean,
-                    "loss_increase_ci95": ci.half_width,
-                    "logprob_diff": float(self.logprob_diff[sel].mean()),
-                    "logit_diff": float(self.logit_diff[sel].mean()),
-                    "rank_diff": float(self.rank_diff[sel].mean()),
-                }
-            )
-        cols = ["feature", "n_active_prompts", "fraction_active", "mean_activation", "loss_increase",
-                "loss_increase_ci95", "logprob_diff", "logit_diff", "rank_diff"]
-        df = pd.DataFrame.from_records(records, columns=cols)
-        return df.sort_values(["loss_increase", "feature"], ascending=[False, True], kind="stable").reset_index(
+        df = pd.DataFrame(
+            {
+                "feature": self.feature.numpy(),
+                "activation": self.activation.double().numpy(),
+                "loss_increase": self.loss_increase.double().numpy(),
+                "logprob_diff": self.logprob_diff.double().numpy(),
+                "logit_diff": self.logit_diff.double().numpy(),
+                "rank_diff": self.rank_diff.double().numpy(),
+            }
+        )
+        g = df.groupby("feature", sort=True)
+        out = g.mean()
+        n = g.size()
+        std = g["loss_increase"].std(ddof=1)
+        # Student-t half-width per feature, as stats.mean_ci95 (NaN for n < 2); one quantile per distinct n
+        t = n.map(lambda m: t_quantile(0.975, m - 1) if m >= 2 else float("nan"))
+        summary = pd.DataFrame(
+            {
+                "feature": out.index.to_numpy(dtype=np.int64),
+                "n_active_prompts": n.to_numpy(),
+                "fraction_active": n.to_numpy() / self.n_prompts,
+                "mean_activation": out["activation"].to_numpy(),
+                "loss_increase": out["loss_increase"].to_numpy(),
+                "loss_increase_ci95": (t * std / np.sqrt(n)).to_numpy(),
+                "logprob_diff": out["logprob_diff"].to_numpy(),
+                "logit_diff": out["logit_diff"].to_numpy(),
+                "rank_diff": out["rank_diff"].to_numpy(),
+            }
+        )
+        summary = summary[summary["n_active_prompts"] >= min_prompts]
+        return summary.sort_values(["loss_increase", "feature"], ascending=[False, True], kind="stable").reset_index(
             drop=True
         )
 

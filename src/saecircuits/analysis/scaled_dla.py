@@ -88,7 +88,7 @@ def activation_scaled_dla(
     counts = torch.zeros(len(answers), dtype=torch.float64)
     with torch.no_grad():
         for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
-            read = iv.clean(batch, read=[sae.hook_point, "ln_final.hook_scale"], logits=False, cache=False).reads
+            read = iv.clean(batch, read=[sae.hook_point, "ln_final.hook_scale"], logits=False).reads
             f = sae.encode(read[sae.hook_point].to(sae.W_dec.dtype)).double().cpu()  # [b, d_sae]
             s = read["ln_final.hook_scale"].double().reshape(-1).cpu()
             j = torch.tensor([col[int(a)] for a in batch.answer_ids.tolist()])

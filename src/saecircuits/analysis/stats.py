@@ -9,6 +9,7 @@ integrated t CDF (accurate to about 1e-9).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -57,6 +58,7 @@ def _t_cdf(x: float, df: float, n_steps: int = 4000) -> float:
     return 0.5 + float(integral)
 
 
+@functools.lru_cache(maxsize=4096)
 def t_quantile(p: float, df: float) -> float:
     """Quantile of Student's t distribution for ``0.5 <= p < 1`` (e.g. 0.975 for a two-sided 95% interval).
 

@@ -112,7 +112,7 @@ def upstream_ablation_effect(
     with torch.no_grad():
         upstream_sum: torch.Tensor | None = None
         for batch in batches:
-            read = iv.clean(batch, read=[sae.hook_point, ablate_hook], logits=False, cache=False).reads
+            read = iv.clean(batch, read=[sae.hook_point, ablate_hook], logits=False).reads
             x = read[sae.hook_point].to(sae.W_dec.dtype)
             clean[torch.tensor(batch.indices)] = sae.encode(x)[:, idx.to(x.device)].float().cpu()
             part = read[ablate_hook].float().sum(0)

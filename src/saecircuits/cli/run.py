@@ -70,6 +70,31 @@ def _summary(results: dict) -> None:
         console.print(f"[yellow]note:[/] {escape(note)}")
 
 
+def _threads(n: int | None) -> None:
+    """Set torch's intra-op thread count once for the whole run (default: every core this process may use).
+
+    Two processes that each take every core slow each other several times over; give each its share."""
+    import torch
+
+    if n is None:
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, n))
+
+
+def _feature_selection(value: str) -> str | int:
+    """``--feature-selection``: 'all' or a positive int N (per prompt, the N features with the largest |act x DLA|)."""
+    if value == "all":
+        return value
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise typer.BadParameter(f"must be 'all' or a positive integer, got {value!r}")
+
+
+THREADS_HELP = "torch threads for the whole run (default: the cores this process may use)."
+SELECTION_HELP = ("Features whose exact ablation effect is computed on each prompt: 'all' active ones, or the N "
+                  "with the largest |activation x DLA|.")
+
+
 def _execute(cfg, model=None) -> None:
     from saecircuits.pipeline import run_pipeline
 
@@ -129,6 +154,10 @@ def run(
     workspace: Annotated[Path, typer.Option(
         metavar="DIR", show_default=_WORKSPACE_SHOWN,
         help="Cache folder (converted models, trained SAEs).")] = DEFAULT_WORKSPACE,
+    feature_selection: Annotated[str, typer.Option(
+        metavar="all|N", callback=_feature_selection, help=SELECTION_HELP)] = "all",
+    threads: Annotated[int | None, typer.Option(
+        metavar="N", min=1, show_default="all cores", help=THREADS_HELP)] = None,
     verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", show_default="off", help="Log each stage.")] = False,
 ) -> None:
@@ -144,7 +173,9 @@ def run(
             expansion_factor=expansion_factor, l1_coefficient=l1_coefficient, max_prompts=max_prompts,
             device=device, seed=seed, workspace=workspace, exclude_bos=not include_bos,
             fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
+            feature_selection=feature_selection,
         )
+    _threads(threads)
     _execute(cfg)
 
 
@@ -159,6 +190,8 @@ def demo(
     max_prompts: Annotated[int, typer.Option(metavar="N", min=1, help="Use at most this many task prompts.")] = 300,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="cpu, cuda, cuda:1, mps.")] = "cpu",
     seed: Annotated[int, typer.Option(metavar="N", min=0, help="Seed of SAE training and bootstraps.")] = 0,
+    threads: Annotated[int | None, typer.Option(
+        metavar="N", min=1, show_default="all cores", help=THREADS_HELP)] = None,
     verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", show_default="off", help="Log each stage.")] = False,
 ) -> None:
@@ -174,6 +207,7 @@ def demo(
     heldout = corpora / f"default-heldout-seed{DEFAULT_CONFIG.heldout_seed}-n{DEFAULT_CONFIG.n_heldout_stories}.txt"
     # SAEs train on a fresh stream (its own seed), the prompts come from the LM's held-out stories.
     sae_train = corpora / "default-sae-train-seed7-n4000.txt"
+    _threads(threads)
     with user_errors():
         # The settings are checked before the default model is copied or trained (the model is filled in below).
         cfg = RunConfig(

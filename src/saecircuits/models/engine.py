@@ -153,6 +153,17 @@ class KVPrefix:
     valid: torch.Tensor
 
 
+_FUSED_ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu_new": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh"),
+    "gelu": torch.nn.functional.gelu,
+    "silu": torch.nn.functional.silu,
+    "swish": torch.nn.functional.silu,
+    "relu": torch.nn.functional.relu,
+}
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
@@ -251,7 +262,9 @@ class Engine:
         act_name = getattr(hf_cfg, "activation_function", None) or getattr(hf_cfg, "hidden_act", None)
         if act_name not in ACT2FN:
             raise EngineError(f"MLP activation {act_name!r} is not known to transformers' ACT2FN")
-        act = ACT2FN[act_name]
+        # torch's fused kernels for the functions transformers writes out op by op (same formula; the check
+        # below compares the logits); anything else runs transformers' own module
+        act = _FUSED_ACTS.get(act_name, ACT2FN[act_name])
 
         n_layers, n_heads = int(cfg.n_layers), int(cfg.n_heads)
         W_Q, W_K, W_V, W_O = (_bridge_attr(model, n) for n in ("W_Q", "W_K", "W_V", "W_O"))

@@ -76,11 +76,19 @@ class CleanPass:
 class Interventions:
     """Clean passes and prefix-cached interventions at P for one model (get it with :func:`interventions_for`)."""
 
-    def __init__(self, model, engine: Engine | None, reason: str = "") -> None:
+    def __init__(self, model, engine: Engine | None, reason: str = "", cache_bytes: int = 512 << 20) -> None:
         self.model = model
         self.engine = engine
         self.reason = reason
         self.n_layers = int(model.cfg.n_layers)
+        self.cache_bytes = cache_bytes
+        self._passes: dict[bytes, CleanPass] = {}
+        self._passes_bytes = 0
+
+    def clear_cache(self) -> None:
+        """Forget the clean passes kept between calls (see :meth:`clean`)."""
+        self._passes.clear()
+        self._passes_bytes = 0
 
     @property
     def backend(self) -> str:
@@ -100,19 +108,38 @@ class Interventions:
             logits: compute the logits at P.
             cache: keep what :meth:`run` needs (otherwise the pass stops after the last block it must run).
 
+        Every analysis of a run reads the same batches, so with the engine the full clean pass of a batch (its
+        key/value cache, the residual stream at P, the logits at P) is kept between calls, keyed by the batch's
+        tokens and positions, until ``cache_bytes`` (512 MiB) is used; later calls on the same batch then compute
+        their ``read`` activations by running position P alone from the cache. Batches that do not fit are
+        recomputed each time (never evicted, so a run's first batches stay cached). :meth:`clear_cache` frees it.
+
         Returns:
             :class:`CleanPass`.
 
         Raises:
             KeyError: a hook in ``read`` that never fired (bridge backend) or EngineError (engine backend).
         """
+        read = list(read)
         with torch.no_grad():
             if self.engine is None:
-                lg, reads = run_at_positions(
-                    self.model, batch.tokens, batch.positions, read=list(read), return_logits=logits
-                )
+                lg, reads = run_at_positions(self.model, batch.tokens, batch.positions, read=read, return_logits=logits)
                 return CleanPass(batch, lg, reads)
-            return self._engine_clean(batch, list(read), logits=logits, cache=cache)
+            key = _batch_key(batch)
+            kept = self._passes.get(key)
+            if kept is None and cache:
+                kept = self._engine_clean(batch, [], logits=True, cache=True)
+                size = _pass_bytes(kept)
+                if self._passes_bytes + size <= self.cache_bytes:
+                    self._passes[key] = kept
+                    self._passes_bytes += size
+            if kept is None or any(n.endswith("hook_pattern") for n in read):
+                return self._engine_clean(batch, read, logits=logits, cache=cache)
+            reads = {}
+            if read:  # position P alone, from the cached prefix
+                _, got = self._engine_run(kept, [], 1, read, logits=False)
+                reads = {k: v[:, 0] for k, v in got.items()}
+            return CleanPass(batch, kept.logits if logits else None, reads, kv=kept.kv, resid=kept.resid)
 
     def run(
         self,
@@ -293,6 +320,23 @@ class Interventions:
         lg, reads = run_at_positions(self.model, tokens, pos, read=read, edits=fwd, return_logits=logits)
         out = {k: v.reshape(B, V, *v.shape[1:]) for k, v in reads.items()}
         return (None if lg is None else lg.reshape(B, V, -1)), out
+
+
+def _batch_key(batch: TaskBatch) -> bytes:
+    """Content key of a batch: its tokens and prediction positions."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for t in (batch.tokens, batch.positions):
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.digest()
+
+
+def _pass_bytes(p: CleanPass) -> int:
+    tensors = [t for kv in (p.kv or []) for t in (kv.keys, kv.values)] + list(p.resid.values())
+    tensors += [p.logits] if p.logits is not None else []
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _variant_reader(store: dict, name: str):

@@ -284,8 +284,50 @@ def _sorted_features(sae: Mapping) -> list[Mapping]:
     )
 
 
+TOP_ROWS = 30
+"""Rows of the ranked feature table and bars of its chart (every feature's effect is in the effects chart)."""
+
+
+def _effects_section(sae: Mapping, fig: _Figures) -> str:
+    """Exact single-feature ablation effect of every active feature: mean loss increase vs fraction of prompts."""
+    eff = sae.get("feature_effects")
+    if not eff:
+        return ""
+    info = sae.get("feature_effects_info") or {}
+    n_pairs = info.get("n_pairs", sum(e["n_active_prompts"] for e in eff))
+    sel = info.get("selection", "all_active")
+    which = "every feature active at P on each prompt" if sel == "all_active" else f"features chosen as {sel}"
+    out = [
+        f'<p class="note">Exact effect of ablating each feature alone at the prediction position, for {_esc(which)}: '
+        f"{len(eff)} features over {n_pairs} (prompt, feature) pairs, each an intervention on the model "
+        "(x &minus; f<sub>k</sub> W<sub>dec</sub>[k], the SAE error kept), computed from the cached prefix. "
+        "Each point is one feature: mean loss increase over the prompts where it is active (nats, 95% CI) "
+        "against the fraction of prompts where it is active. Points far above 0 on the right carry the behaviour "
+        "broadly; high points on the left matter only on a few prompts.</p>"
+    ]
+    means = [e["mean_loss_increase"] for e in eff]
+    f = go.Figure(
+        go.Scatter(
+            x=[e.get("fraction_active") for e in eff],
+            y=_nulls(means),
+            error_y=_error_bars(means, [e.get("ci95") for e in eff]),
+            mode="markers",
+            marker={"size": 6, "color": "#1f77b4", "opacity": 0.7},
+            text=[f"f{e['feature']} (n={e['n_active_prompts']})" for e in eff],
+            hovertemplate="%{text}<br>loss increase %{y:.4f} nats<br>fraction active %{x:.3f}<extra></extra>",
+        )
+    )
+    f.update_layout(
+        title="Every active feature: loss increase when ablated alone vs how often it is active",
+        xaxis_title="fraction of prompts where the feature is active at P",
+        yaxis_title="mean loss increase (nats)",
+    )
+    out.append(fig(f, height=420))
+    return "\n".join(out)
+
+
 def _features_section(sae: Mapping, fig: _Figures) -> str:
-    tfs = _sorted_features(sae)
+    tfs = _sorted_features(sae)[:TOP_ROWS]
     if not tfs:
         return '<p class="muted">No top features recorded.</p>'
     rows, classes = [], []
@@ -305,9 +347,9 @@ def _features_section(sae: Mapping, fig: _Figures) -> str:
             )
         )
     out = [
-        '<p class="note">Features ranked by the mean increase of the task loss (nats) when the feature alone is '
-        "ablated at the prediction position (ablated - clean; analysis-spec F3). Highlighted rows: the 95% CI "
-        "excludes 0.</p>"
+        '<p class="note">Features active on at least 5% of the prompts, ranked by the mean increase of the task loss '
+        "(nats) when the feature alone is ablated at the prediction position (ablated - clean, on every prompt where "
+        f"it is active; the top {TOP_ROWS} are shown). Highlighted rows: the 95% CI excludes 0.</p>"
     ]
     out.append(
         _table(
@@ -711,7 +753,12 @@ def build_report_html(results: Mapping) -> str:
             + (f' <span class="muted">top features: {_esc(top)}</span>' if top else "")
             + f'<ul><li><a href="#{sid}-summary">summary</a></li>'
             f'<li><a href="#{sid}-features">top features</a></li>'
-            f'<li><a href="#{sid}-multi">multi-feature ablation</a></li>'
+            + (
+                f'<li><a href="#{sid}-effects">every active feature</a></li>'
+                if sae.get("feature_effects")
+                else ""
+            )
+            + f'<li><a href="#{sid}-multi">multi-feature ablation</a></li>'
             f'<li><a href="#{sid}-examples">activating examples</a></li>'
             + "".join(
                 f'<li><a href="#{sid}-{slug}">{_esc(title.lower())}</a></li>'
@@ -725,6 +772,9 @@ def build_report_html(results: Mapping) -> str:
         body.append(_sae_summary(sae, fig))
         body.append(f'<h3 id="{sid}-features">Top features</h3>')
         body.append(_features_section(sae, fig))
+        if sae.get("feature_effects"):
+            body.append(f'<h3 id="{sid}-effects">Exact effects of every active feature</h3>')
+            body.append(_effects_section(sae, fig))
         body.append(f'<h3 id="{sid}-multi">Multi-feature ablation</h3>')
         body.append(_multi_section(sae, fig))
         body.append(f'<h3 id="{sid}-examples">Activating examples</h3>')

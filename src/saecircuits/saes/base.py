@@ -263,6 +263,28 @@ class SAE(nn.Module):
         """Inference path: feature activations ``f [..., d_sae]`` of ``x [..., d_in]`` (per token)."""
         return self.encode_with_hidden_pre(x)[0]
 
+    def encode_features(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Activations of some features only: ``encode(x)[..., features]`` as ``[..., n]`` for ``x [..., d_in]``.
+
+        Architectures whose activation is per feature (ReLU, JumpReLU) compute only those encoder columns (a
+        corpus pass over a few features then costs ``n`` columns, not ``d_sae``); the others (TopK, BatchTopK,
+        which compare features) encode everything and select.
+        """
+        if not self.per_feature_activation:
+            return self.encode(x)[..., features.to(self.W_enc.device)]
+        idx = features.to(self.W_enc.device)
+        x = x.to(self.W_enc.dtype)
+        x_in = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+        pre = x_in @ self.W_enc[:, idx] + self.b_enc[idx]
+        return self._activate_columns(pre, idx)
+
+    per_feature_activation = True
+    """Each feature's activation depends on its own pre-activation only (False for TopK/BatchTopK)."""
+
+    def _activate_columns(self, pre: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The activation applied to pre-activations of ``features`` (ReLU here)."""
+        return torch.relu(pre)
+
     def decode(self, f: torch.Tensor) -> torch.Tensor:
         """Reconstruction ``f @ W_dec + b_dec``: ``[..., d_sae] -> [..., d_in]`` (in the SAE's dtype)."""
         return f.to(self.W_dec.dtype) @ self.W_dec + self.b_dec

@@ -27,6 +27,7 @@ class BatchTopKSAE(SAE):
     """BatchTopK SAE; ``k = cfg.extra["k"]`` (mean active features per token)."""
 
     architecture = "batchtopk"
+    per_feature_activation = False
     uses_sparsity_penalty = False
     extra_weight_names = ("threshold",)
     full_precision_tensors = ("threshold",)

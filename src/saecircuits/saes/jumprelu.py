@@ -112,6 +112,9 @@ class JumpReLUSAE(SAE):
         hidden_pre = self.hidden_pre(x)
         return _JumpReLUFn.apply(hidden_pre, self.threshold, self.bandwidth), hidden_pre
 
+    def _activate_columns(self, pre: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return pre * (pre > self.threshold[features].to(pre.dtype))
+
     def heaviside_ste(self, hidden_pre: torch.Tensor) -> torch.Tensor:
         """``H(hidden_pre - threshold)`` [..., d_sae] with the step STE (gradient to the threshold only)."""
         return _StepFn.apply(hidden_pre, self.threshold, self.bandwidth)

@@ -26,6 +26,7 @@ class TopKSAE(SAE):
     """TopK SAE; ``k = cfg.extra["k"]``. Training and inference paths are the same (per token)."""
 
     architecture = "topk"
+    per_feature_activation = False
     uses_sparsity_penalty = False
 
     def __init__(self, cfg: SAEConfig) -> None:
