@@ -375,7 +375,7 @@ def analyse_sae(
     from saecircuits.analysis.reconstruction import mean_activation, reconstruction_at_prediction
 
     progress(f"{sae.hook_point}: mean activation over {len(stat_docs)} documents")
-    mean_act = mean_activation(model, stat_docs, sae.hook_point, exclude_bos=cfg.exclude_bos)
+    mean_act = mean_activation(model, stat_docs, sae.hook_point, exclude_bos=cfg.exclude_bos, progress=bars)
     progress(f"{sae.hook_point}: loss at the answer position (clean / SAE / zero / mean ablation)")
     rec = reconstruction_at_prediction(model, sae, task, mean_act=mean_act, seed=cfg.seed)
     acts = feature_activations(model, sae, task)
@@ -467,7 +467,7 @@ def analyse_sae(
     shown = [f["feature"] for f in top_features[: cfg.n_example_features]]
     if shown:
         progress(f"{sae.hook_point}: top activating examples of {len(shown)} features")
-        examples = top_activating_examples(model, sae, stat_docs, shown, k=cfg.n_examples)
+        examples = top_activating_examples(model, sae, stat_docs, shown, k=cfg.n_examples, progress=bars)
         entry["examples"] = [
             {
                 "feature": int(k),
@@ -567,8 +567,11 @@ def run_pipeline(
         _check_sae_fits(sae, model)
     t = _stage(timings, "saes", t)
 
+    from saecircuits.models.interventions import interventions_for
+
+    iv = interventions_for(model)
     say("direct logit attribution")
-    dla = direct_logit_attribution(model, task)
+    dla = direct_logit_attribution(model, task, progress=progress)
     t = _stage(timings, "dla", t)
 
     entries = []
@@ -615,10 +618,12 @@ def run_pipeline(
             "completeness_max_abs_error": float(dla.max_abs_error),
         },
         "saes": entries,
+        "interventions": {"backend": iv.backend, "note": iv.reason or "prefix-cached: position P recomputed alone"},
         "timings": timings | {"total": round(time.perf_counter() - t_start, 3)},
         "config": cfg.to_dict(),
         "notes": notes,
     }
+    iv.clear_cache()
     validate_results(results)
     write_json_atomic(out / "results.json", results)
     render_report(results, out / "report.html")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from saecircuits.analysis.stats import mean_ci95
-from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches
+from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches, with_progress
 from saecircuits.models.interventions import interventions_for
 from saecircuits.models.norms import readout_of
 from saecircuits.tasks.base import Task
@@ -85,6 +85,7 @@ def direct_logit_attribution(
     *,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
+    progress: bool = False,
 ) -> DLAResult:
     """DLA of every attention head, MLP, embedding and the attention-bias sum to the answer logit at P (F1).
 
@@ -93,6 +94,7 @@ def direct_logit_attribution(
             explicitly).
         task: prompts, prediction positions and answers.
         max_tokens, max_batch: batch budget.
+        progress: show a progress bar over prompts.
 
     Returns:
         :class:`DLAResult` (logits).
@@ -113,7 +115,8 @@ def direct_logit_attribution(
     n = task.n_prompts
     per_prompt = torch.zeros(n, len(component_labels(model)))
     target = torch.zeros(n)
-    for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
+    batches = task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch)
+    for batch in with_progress(batches, task.n_prompts, "DLA (prompts)", progress):
         clean = iv.clean(batch, read=reads)
         logits, acts = clean.logits, clean.reads
         parts = []

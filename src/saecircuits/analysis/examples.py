@@ -24,6 +24,7 @@ from saecircuits.models.hooks import (
     bos_id_of,
     pad_id_of,
     row_batches,
+    with_progress,
 )
 from saecircuits.models.interventions import interventions_for
 from saecircuits.saes.base import SAE
@@ -83,6 +84,7 @@ def top_activating_examples(
     window_after: int = 5,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
+    progress: bool = False,
 ) -> dict[int, list[Example]]:
     """The ``k`` documents with the largest per-document maximum of each feature, with a token window around it.
 
@@ -94,6 +96,7 @@ def top_activating_examples(
         k: examples per feature.
         window_before, window_after: tokens shown before / after the maximum (clipped to the document).
         max_tokens, max_batch: batch budget (results do not depend on it).
+        progress: show a progress bar over documents.
 
     Returns:
         ``{feature: [Example, ...]}`` in decreasing ``max_activation``; features that never fire get ``[]``.
@@ -110,9 +113,8 @@ def top_activating_examples(
     best_val = torch.full((n_f, k), -float("inf"))
     best_doc = torch.full((n_f, k), -1, dtype=torch.long)
     best_pos = torch.zeros((n_f, k), dtype=torch.long)
-    for batch in row_batches(
-        token_rows, pad_id_of(model), max_tokens=max_tokens, max_batch=max_batch, device=device
-    ):
+    batches = row_batches(token_rows, pad_id_of(model), max_tokens=max_tokens, max_batch=max_batch, device=device)
+    for batch in with_progress(batches, len(token_rows), f"top examples at {sae.hook_point} (documents)", progress):
         acts = feature_activations_over_rows(model, sae, batch.tokens, feats)  # [b, pos, F]
         mask = _valid_mask(batch.tokens, batch.positions + 1, bos).to(acts.device)
         acts = acts.masked_fill(~mask[..., None], -float("inf"))

@@ -352,7 +352,7 @@ def feature_effects(
         threshold: activity threshold (strict).
         acts: precomputed :func:`feature_activations` (avoids one pass).
         max_tokens, max_batch: prompt batch budget.
-        progress: show a tqdm bar over (prompt, feature) pairs with an ETA.
+        progress: show a progress bar over (prompt, feature) pairs with an ETA.
 
     Returns:
         :class:`FeatureEffects`.
@@ -387,11 +387,9 @@ def feature_effects(
         keep &= torch.isin(acts.feature, given)
     per_prompt = torch.bincount(acts.prompt[keep], minlength=task.n_prompts)
     total = int(per_prompt.sum() if top_n is None else per_prompt.clamp(max=top_n).sum())
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    from saecircuits.progress import progress_bar
 
-        bar = tqdm(total=total, desc=f"ablate features at {sae.hook_point}", unit="ablation")
+    bar = progress_bar(total=total, desc=f"{sae.hook_point}: (prompt, feature) ablations", enabled=progress)
     iv = interventions_for(model)
     clean_loss = torch.zeros(task.n_prompts)
     parts: list[tuple[torch.Tensor, ...]] = []
@@ -436,10 +434,8 @@ def feature_effects(
                     (base["rank"][b_idx] - m["rank"][b_idx, v_idx]).cpu(),
                 )
             )
-            if bar is not None:
-                bar.update(int(ok.sum()))
-    if bar is not None:
-        bar.close()
+            bar.update(int(ok.sum()))
+    bar.close()
     cols = [torch.cat([p[j] for p in parts]) if parts else torch.zeros(0) for j in range(7)]
     prompt, feature = cols[0].long(), cols[1].long()
     order = torch.argsort(prompt * sae.d_sae + feature)

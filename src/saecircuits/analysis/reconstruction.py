@@ -30,6 +30,7 @@ from saecircuits.models.hooks import (
     pad_id_of,
     row_batches,
     task_batches,
+    with_progress,
 )
 from saecircuits.models.interventions import Edit, interventions_for
 from saecircuits.saes.base import SAE
@@ -46,6 +47,7 @@ def mean_activation(
     exclude_bos: bool = True,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Mean activation of ``hook_point`` over every real token position of ``token_rows`` (token-weighted).
 
@@ -54,6 +56,7 @@ def mean_activation(
         token_rows: token lists (e.g. corpus documents, BOS first).
         hook_point: TL hook name, e.g. ``blocks.1.mlp.hook_post``.
         exclude_bos: skip position 0 of rows that start with the tokenizer's BOS id. Padding is always skipped.
+        progress: show a progress bar over rows.
 
     Returns:
         float32 ``[*act_shape]`` (e.g. ``[d_mlp]``), on the model's device.
@@ -65,9 +68,10 @@ def mean_activation(
     iv = interventions_for(model)
     total: torch.Tensor | None = None
     count = 0
-    for batch in row_batches(
+    batches = row_batches(
         token_rows, pad_id_of(model), max_tokens=max_tokens, max_batch=max_batch, device=_device_of(model)
-    ):
+    )
+    for batch in with_progress(batches, len(token_rows), f"mean of {hook_point} (documents)", progress):
         lengths = batch.positions + 1
         mask = torch.arange(batch.tokens.shape[1], device=lengths.device)[None] < lengths[:, None]
         if exclude_bos and bos is not None:

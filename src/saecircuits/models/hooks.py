@@ -26,6 +26,7 @@ __all__ = [
     "bos_id_of",
     "row_batches",
     "task_batches",
+    "with_progress",
     "edit_at_positions",
     "run_at_positions",
     "answer_metrics",
@@ -124,6 +125,19 @@ def task_batches(
         max_batch=max_batch,
         device=_device_of(model),
     )
+
+
+def with_progress(batches: Iterator[TaskBatch], total: int, desc: str, enabled: bool) -> Iterator[TaskBatch]:
+    """Yield ``batches`` while a progress bar (tqdm on a terminal, plain lines in a log) counts their rows."""
+    from saecircuits.progress import progress_bar
+
+    bar = progress_bar(total=total, desc=desc, enabled=enabled)
+    try:
+        for batch in batches:
+            yield batch
+            bar.update(len(batch.indices))
+    finally:
+        bar.close()
 
 
 def edit_at_positions(positions: torch.Tensor, edit: EditFn) -> Callable:
