@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from saecircuits.analysis.stats import bootstrap_ratio_ci, mean_ci95, t_quantile
+from saecircuits.analysis.stats import bootstrap_ratio_ci, mean_ci95, paired_bootstrap_means, t_quantile
 
 
 @pytest.mark.parametrize(
@@ -45,3 +45,22 @@ def test_bootstrap_ratio_is_seeded_paired_and_brackets_value():
     assert exact.low == exact.high == 1.0
     with pytest.raises(ValueError):
         bootstrap_ratio_ci(num, den[:3])
+
+
+def test_paired_bootstrap_means_share_resamples():
+    a = np.array([1.0, 2.0, 4.0, 8.0, 16.0])
+    m = paired_bootstrap_means(a, 2 * a + 1, n_bootstrap=50, seed=7)
+    assert m.shape == (2, 50)
+    np.testing.assert_allclose(m[1], 2 * m[0] + 1)  # same indices for both arrays
+    idx = np.random.default_rng(7).integers(0, 5, size=(50, 5))  # independent: the documented resampling
+    np.testing.assert_allclose(m[0], a[idx].mean(1))
+    with pytest.raises(ValueError, match="equal length"):
+        paired_bootstrap_means(a, a[:2])
+
+
+def test_bootstrap_ratio_has_no_interval_when_the_denominator_may_be_zero():
+    """Fieller: a ratio's interval is bounded only if the denominator is clearly non-zero."""
+    den = np.array([1.1, -0.9, 1.1, -0.9, 0.6, -0.4])  # mean 0.1; resampled means straddle 0
+    r = bootstrap_ratio_ci(np.ones(6), den)
+    assert r.value == pytest.approx(10.0)
+    assert math.isnan(r.low) and math.isnan(r.high)

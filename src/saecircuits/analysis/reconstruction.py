@@ -1,10 +1,10 @@
-"""Reconstruction quality of an SAE at the prediction position: losses and loss recovered (analysis-spec.md F2/F13).
+"""Reconstruction quality of an SAE: losses and loss recovered, at the prediction position and over whole sequences.
 
 Per prompt, the loss (nats) of the answer at P under four runs: clean; SAE spliced in at P (the hook point's
 activation at P replaced by ``x_hat = decode(encode(x))``); the hook zero-ablated at P; the hook mean-ablated at P
-(a mean activation vector from :func:`mean_activation`). Loss recovered = ``(mean zero - mean sae) / (mean zero -
-mean clean)`` (ratio of means, as the notebook), and the same against mean ablation, each with a seeded paired
-bootstrap 95% interval over prompts.
+(a mean activation vector from :func:`mean_activation`). Loss recovered, against zero and against mean ablation, and
+the sequence-level variant of ``train-sae`` (:func:`sequence_loss_recovered`) all come from ONE formula,
+:func:`loss_recovered`, which also decides when the ratio has no meaning (then it is NaN with a reason).
 
 Departures from the reference notebook (on purpose): every edit acts on every batch row at that row's own P (the
 notebook's splice touched batch row 0 only, pitfall 3); loss recovered gets a CI (pitfall 13); the mean activation is
@@ -15,12 +15,15 @@ leaves the MLP's ``b_out`` in its output (pitfall 11).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
-from saecircuits.analysis.stats import RatioCI, bootstrap_ratio_ci
+from saecircuits.analysis.stats import bootstrap_ratio_ci, t_quantile
 from saecircuits.models.hooks import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_TOKENS,
@@ -33,10 +36,164 @@ from saecircuits.models.hooks import (
     with_progress,
 )
 from saecircuits.models.interventions import Edit, interventions_for
-from saecircuits.saes.base import SAE
+from saecircuits.saes.base import SAE, SAEError
+from saecircuits.saes.metrics import explained_variance
 from saecircuits.tasks.base import Task
 
-__all__ = ["ReconstructionResult", "mean_activation", "reconstruction_at_prediction"]
+__all__ = [
+    "MIN_ABLATION_EFFECT",
+    "LossRecovered",
+    "ReconstructionResult",
+    "loss_recovered",
+    "mean_activation",
+    "reconstruction_at_prediction",
+    "sequence_loss_recovered",
+]
+
+MIN_ABLATION_EFFECT = 0.01
+"""Smallest mean loss increase (nats) an ablation must cause for loss recovered to be defined (see
+:func:`loss_recovered`): 0.01 nats is a 1% change of the answer's probability."""
+
+
+@dataclass(frozen=True)
+class LossRecovered:
+    """Loss recovered ``(ablated - spliced) / (ablated - clean)`` with its 95% interval, or undefined with a reason.
+
+    Attributes:
+        value, low, high: the ratio and its paired-bootstrap 95% interval; all NaN when undefined.
+        n: number of units (prompts, or token rows for the sequence-level metric).
+        reason: ``None`` when defined, else one sentence saying why the ratio has no meaning.
+        clean, spliced, ablated: mean losses (nats) of the three runs (weighted as the ratio is); always reported.
+        effect, effect_low, effect_high: mean ``ablated - clean`` (nats) and its Student-t 95% interval (NaN when
+            ``n < 2``): how much the ablation hurts, the ratio's denominator.
+        ablation: what ``ablated`` is (``"zero ablation"``, ``"mean ablation"``), used in ``reason``.
+    """
+
+    value: float
+    low: float
+    high: float
+    n: int
+    reason: str | None
+    clean: float
+    spliced: float
+    ablated: float
+    effect: float
+    effect_low: float
+    effect_high: float
+    ablation: str = "ablation"
+
+    @property
+    def defined(self) -> bool:
+        """True when the ratio has a meaning (``reason is None``)."""
+        return self.reason is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``value``/``ci95`` (null when undefined), ``reason``, the raw mean losses and the effect."""
+        return {
+            "value": self.value, "ci95": [self.low, self.high], "reason": self.reason, "n": self.n,
+            "clean": self.clean, "spliced": self.spliced, "ablated": self.ablated,
+            "effect": self.effect, "effect_ci95": [self.effect_low, self.effect_high], "ablation": self.ablation,
+        }
+
+
+def _weighted_mean_ci95(d: np.ndarray, w: np.ndarray) -> tuple[float, float, float]:
+    """Weighted mean ``sum(w d) / sum(w)`` and its Student-t 95% interval (NaN bounds when ``n < 2``).
+
+    Standard error of the ratio estimator, ``se^2 = n / (n - 1) * sum_i w_i^2 (d_i - mean)^2 / (sum_i w_i)^2``
+    (Cochran, *Sampling Techniques*, 3rd ed., 1977, section 6.4); with equal weights it is ``std(d, ddof=1) /
+    sqrt(n)``, the usual t interval of :func:`saecircuits.analysis.stats.mean_ci95`.
+    """
+    n = d.size
+    mean = float((w * d).sum() / w.sum())
+    if n < 2:
+        return mean, float("nan"), float("nan")
+    se = math.sqrt(n / (n - 1) * float((w**2 * (d - mean) ** 2).sum())) / float(w.sum())
+    half = t_quantile(0.975, n - 1) * se
+    return mean, mean - half, mean + half
+
+
+def loss_recovered(
+    clean: torch.Tensor | np.ndarray,
+    spliced: torch.Tensor | np.ndarray,
+    ablated: torch.Tensor | np.ndarray,
+    *,
+    weights: torch.Tensor | np.ndarray | None = None,
+    min_effect: float = MIN_ABLATION_EFFECT,
+    ablation: str = "ablation",
+    n_bootstrap: int = 2000,
+    seed: int = 0,
+) -> LossRecovered:
+    """THE loss-recovered formula (at P vs zero and vs mean ablation, and over whole sequences).
+
+    ``LR = (mean ablated - mean spliced) / (mean ablated - mean clean)``: 1 means splicing the SAE in costs
+    nothing, 0 that it is as bad as the ablation (reference notebook; Bricken et al. 2023, "Towards
+    Monosemanticity", loss recovered). Means are weighted by ``weights`` (e.g. scored tokens per row) when given.
+    The 95% interval is a seeded paired percentile bootstrap over units (:func:`bootstrap_ratio_ci` on the
+    weighted values; the weights cancel in the ratio).
+
+    **When it is undefined** (value and interval NaN, ``reason`` set). The ratio only means "fraction of the
+    ablation's damage that the SAE avoids" when the ablation clearly does damage. It is undefined when
+
+    1. ``n < 2``: one unit cannot show that the ablation hurts;
+    2. the mean effect ``ablated - clean`` is below ``min_effect`` (0.01 nats by default), which includes an
+       ablation that lowers the loss: the ratio then divides by (almost) nothing, so any splice error is magnified
+       by ``1 / effect`` (100x or more), e.g. ``spliced - clean = 0.3`` over ``ablated - clean = 1e-4`` gives
+       -2999;
+    3. the effect's Student-t 95% interval includes 0 (the lower bound is <= 0): by Fieller's theorem (Fieller
+       1954, JRSS B 16:175-185) a confidence set for a ratio of means is a bounded interval only when the
+       denominator differs from 0 at the same level, so no finite interval, and no point value, can be trusted.
+
+    The floor is a choice of this package, not a published constant: below a 1% change of the answer's
+    probability the hook barely matters for the answer and "fraction recovered" is not worth reading. The raw
+    mean losses (``clean``, ``spliced``, ``ablated``) are always returned; show them instead.
+
+    Args:
+        clean, spliced, ablated: per-unit losses (nats), ``[n]`` each (per prompt at P, or per-row mean losses).
+        weights: ``[n]`` non-negative unit weights (default: all 1).
+        min_effect: the floor of rule 2 (nats).
+        ablation: name of the ablation for the reason text (``"zero ablation"``, ``"mean ablation"``).
+        n_bootstrap, seed: the paired bootstrap.
+
+    Returns:
+        :class:`LossRecovered`.
+
+    Raises:
+        ValueError: the arrays are empty or differ in length, or a weight is negative or all are 0.
+    """
+    c, s, a = (np.asarray(torch.as_tensor(v).detach().cpu().double()).reshape(-1) for v in (clean, spliced, ablated))
+    if c.size == 0 or not (c.shape == s.shape == a.shape):
+        raise ValueError(f"loss_recovered needs three non-empty arrays of equal length, got {c.size}, {s.size}, {a.size}")
+    w = np.ones_like(c) if weights is None else np.asarray(torch.as_tensor(weights).cpu().double()).reshape(-1)
+    if w.shape != c.shape or (w < 0).any() or w.sum() <= 0:
+        raise ValueError("loss_recovered weights must be [n], non-negative, and not all 0")
+    n = int(c.size)
+
+    def wmean(v: np.ndarray) -> float:
+        return float((w * v).sum() / w.sum())
+
+    effect, e_low, e_high = _weighted_mean_ci95(a - c, w)
+    nan = float("nan")
+    reason = None
+    if n < 2:
+        reason = f"{n} unit(s): at least 2 are needed to tell whether {ablation} hurts the loss"
+    elif effect < min_effect:
+        reason = (
+            f"{ablation} {'lowers' if effect < 0 else 'barely raises'} the loss (ablated - clean = {effect:.4g} "
+            f"nats, below the {min_effect:g}-nat floor): there is no loss to recover"
+        )
+    elif not e_low > 0:
+        reason = (
+            f"the loss increase from {ablation}, {effect:.4g} nats, has a 95% interval [{e_low:.4g}, {e_high:.4g}] "
+            "that includes 0, so the ratio has no bounded interval"
+        )
+    value = low = high = nan
+    if reason is None:
+        ci = bootstrap_ratio_ci(w * (a - s), w * (a - c), n_bootstrap=n_bootstrap, seed=seed)
+        value, low, high = ci.value, ci.low, ci.high
+    return LossRecovered(
+        value=value, low=low, high=high, n=n, reason=reason, clean=wmean(c), spliced=wmean(s), ablated=wmean(a),
+        effect=effect, effect_low=e_low, effect_high=e_high, ablation=ablation,
+    )
 
 
 def mean_activation(
@@ -95,8 +252,10 @@ class ReconstructionResult:
         clean_loss, sae_loss, zero_loss: per-prompt losses (clean, SAE spliced in at P, hook zero-ablated at P).
         mean_loss: per-prompt loss with the hook mean-ablated at P (``None`` without a mean vector).
         l0: number of active SAE features (f > 0) at P per prompt.
-        explained_variance: ``1 - sum_i |x_i - x_hat_i|^2 / sum_i |x_i - mean_i x_i|^2`` over prompts, at P.
-        loss_recovered_zero: ``(mean zero - mean sae) / (mean zero - mean clean)`` with a paired bootstrap 95% CI.
+        explained_variance: ``1 - sum_i |x_i - x_hat_i|^2 / sum_i |x_i - mean_i x_i|^2`` over prompts, at P
+            (:func:`saecircuits.saes.metrics.explained_variance`; NaN when the activations at P do not vary, e.g.
+            one prompt). Negative: the reconstruction is further from x than the mean activation is.
+        loss_recovered_zero: :func:`loss_recovered` against zero ablation (NaN with a reason when undefined).
         loss_recovered_mean: the same against mean ablation (``None`` without a mean vector).
     """
 
@@ -106,8 +265,8 @@ class ReconstructionResult:
     mean_loss: torch.Tensor | None
     l0: torch.Tensor
     explained_variance: float
-    loss_recovered_zero: RatioCI
-    loss_recovered_mean: RatioCI | None
+    loss_recovered_zero: LossRecovered
+    loss_recovered_mean: LossRecovered | None
 
 
 def reconstruction_at_prediction(
@@ -141,8 +300,8 @@ def reconstruction_at_prediction(
     if mean_act is not None and mean_act.shape[-1] != sae.d_in:
         raise ValueError(f"mean_act has width {mean_act.shape[-1]}, the SAE on {hook} has d_in={sae.d_in}")
     n = task.n_prompts
-    out = {k: torch.zeros(n) for k in ("clean", "sae", "zero", "mean", "l0", "resid_sq")}
-    xs = torch.zeros(n, sae.d_in)
+    out = {k: torch.zeros(n) for k in ("clean", "sae", "zero", "mean", "l0")}
+    xs, xhats = torch.zeros(n, sae.d_in), torch.zeros(n, sae.d_in)
 
     mean_row = None if mean_act is None else mean_act.detach().reshape(1, 1, -1)
 
@@ -164,22 +323,23 @@ def reconstruction_at_prediction(
             x_hat = sae.decode(f).float()
             xs[idx] = x.cpu()
             out["l0"][idx] = (f > 0).sum(-1).float().cpu()
-            out["resid_sq"][idx] = ((x - x_hat) ** 2).sum(-1).cpu()
+            xhats[idx] = x_hat.cpu()
             out["clean"][idx] = answer_metrics(clean.logits, batch.answer_ids)["loss"].cpu()
             logits, _ = iv.run(clean, [Edit(hook, variants)], n_variants=len(names))
             loss = answer_metrics(logits, batch.answer_ids)["loss"].cpu()
             for v, name in enumerate(names):
                 out[name][idx] = loss[:, v]
 
-    total_var = ((xs - xs.mean(0)) ** 2).sum()
-    ev = float(1 - out["resid_sq"].sum() / total_var) if total_var > 0 else float("nan")
+    try:
+        ev = explained_variance(xs, xhats)
+    except SAEError:  # activations at P do not vary (e.g. one prompt): the ratio is undefined
+        ev = float("nan")
     clean, sae_l, zero = out["clean"], out["sae"], out["zero"]
-    lr_zero = bootstrap_ratio_ci(zero - sae_l, zero - clean, n_bootstrap=n_bootstrap, seed=seed)
+    boot = dict(n_bootstrap=n_bootstrap, seed=seed)
+    lr_zero = loss_recovered(clean, sae_l, zero, ablation="zero ablation", **boot)
     lr_mean = None
     if mean_act is not None:
-        lr_mean = bootstrap_ratio_ci(
-            out["mean"] - sae_l, out["mean"] - clean, n_bootstrap=n_bootstrap, seed=seed
-        )
+        lr_mean = loss_recovered(clean, sae_l, out["mean"], ablation="mean ablation", **boot)
     return ReconstructionResult(
         clean_loss=clean,
         sae_loss=sae_l,
@@ -190,3 +350,104 @@ def reconstruction_at_prediction(
         loss_recovered_zero=lr_zero,
         loss_recovered_mean=lr_mean,
     )
+
+
+@torch.no_grad()
+def sequence_loss_recovered(
+    model,
+    saes: dict[str, SAE] | Sequence[SAE],
+    token_rows: torch.Tensor,
+    *,
+    bos_id: int | None,
+    pad_id: int | None = None,
+    bos_policy: str = "exclude",
+    batch_rows: int = 16,
+    n_bootstrap: int = 2000,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Loss recovered over whole sequences, one SAE spliced in at a time (reference notebook, ``train-sae`` eval).
+
+    For each SAE: mean next-token cross-entropy (nats) of the clean model, of the model with the hook's activation
+    replaced by the SAE reconstruction at every data position, and with that activation zero-ablated at the same
+    positions; loss recovered from :func:`loss_recovered` with token rows as the units (each row weighted by its
+    scored tokens, so the means are per token), undefined with a reason when zero ablation does not clearly hurt.
+    Positions the BOS policy excludes keep their original activation; targets that are BOS or padding are not
+    scored. Not comparable with the single-position numbers of :func:`reconstruction_at_prediction`.
+
+    Args:
+        model: TransformerLens model (``__call__`` returns logits ``[batch, pos, d_vocab]``, ``run_with_hooks``).
+        saes: ``{name: SAE}`` or a list (named by hook point); each reads and writes ``sae.hook_point``.
+        token_rows: int64 ``[n_rows, seq]``.
+        bos_id, pad_id, bos_policy: see :func:`saecircuits.data.activations.bos_keep_mask`.
+        batch_rows: rows per forward pass.
+        n_bootstrap, seed: the paired bootstrap over rows.
+
+    Returns:
+        ``{name: {"ce_clean", "ce_spliced", "ce_zero" (nats), "loss_recovered" (NaN when undefined),
+        "loss_recovered_ci95" ([lo, hi]), "loss_recovered_undefined_reason" (str or None), "n_tokens", "n_rows"}}``.
+
+    Raises:
+        SAEError: no scored token (every target is BOS or padding).
+    """
+    from saecircuits.data.activations import bos_keep_mask
+
+    items = list(saes.items()) if isinstance(saes, dict) else [(s.hook_point, s) for s in saes]
+    try:
+        device = next(model.parameters()).device
+    except (AttributeError, StopIteration):
+        device = torch.device("cpu")
+    sums: dict[str, dict[str, list[torch.Tensor]]] = {
+        name: {"clean": [], "spliced": [], "zero": []} for name, _ in items
+    }
+    counts: list[torch.Tensor] = []
+
+    def row_nll(logits: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Summed NLL (nats) of the scored targets of each row: ``[rows]`` float64."""
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        nll = -logp.gather(-1, rows[:, 1:, None]).squeeze(-1)
+        return (nll.double() * valid).sum(-1).cpu()
+
+    for start in range(0, token_rows.shape[0], batch_rows):
+        rows = token_rows[start : start + batch_rows].to(device)
+        target = rows[:, 1:]
+        valid = torch.ones_like(target, dtype=torch.bool)
+        for special in (bos_id, pad_id):
+            if special is not None:
+                valid &= target != int(special)
+        keep = bos_keep_mask(rows, bos_id, bos_policy)[..., None]  # type: ignore[arg-type]
+        counts.append(valid.sum(-1).cpu())
+        clean = row_nll(model(rows), rows, valid)
+        for name, sae in items:
+            sae_dev = sae.to(device)
+
+            def splice(act: torch.Tensor, hook: Any = None, _sae: SAE = sae_dev, _keep=keep) -> torch.Tensor:
+                return torch.where(_keep, _sae(act.float()).to(act.dtype), act)
+
+            def zero(act: torch.Tensor, hook: Any = None, _keep=keep) -> torch.Tensor:
+                return torch.where(_keep, torch.zeros_like(act), act)
+
+            sums[name]["clean"].append(clean)
+            sums[name]["spliced"].append(
+                row_nll(model.run_with_hooks(rows, fwd_hooks=[(sae.hook_point, splice)]), rows, valid))
+            sums[name]["zero"].append(row_nll(model.run_with_hooks(rows, fwd_hooks=[(sae.hook_point, zero)]), rows, valid))
+    n_tok = torch.cat(counts).double() if counts else torch.zeros(0, dtype=torch.float64)
+    if int(n_tok.sum()) == 0:
+        raise SAEError("no scored tokens (all targets are BOS/padding); give longer rows")
+    scored = n_tok > 0
+    out = {}
+    for name, s in sums.items():
+        # per-row mean losses, weighted by scored tokens: the weighted means are the per-token means
+        per_row = {k: (torch.cat(v)[scored] / n_tok[scored]) for k, v in s.items()}
+        lr = loss_recovered(per_row["clean"], per_row["spliced"], per_row["zero"], weights=n_tok[scored],
+                            ablation="zero ablation", n_bootstrap=n_bootstrap, seed=seed)
+        out[name] = {
+            "ce_clean": lr.clean,
+            "ce_spliced": lr.spliced,
+            "ce_zero": lr.ablated,
+            "loss_recovered": lr.value,
+            "loss_recovered_ci95": [lr.low, lr.high],
+            "loss_recovered_undefined_reason": lr.reason,
+            "n_tokens": int(n_tok.sum()),
+            "n_rows": int(scored.sum()),
+        }
+    return out

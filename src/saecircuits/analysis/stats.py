@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["MeanCI", "mean_ci95", "t_quantile", "bootstrap_ratio_ci", "RatioCI"]
+__all__ = ["MeanCI", "mean_ci95", "t_quantile", "bootstrap_ratio_ci", "paired_bootstrap_means", "RatioCI"]
 
 
 class MeanCI(NamedTuple):
@@ -103,6 +103,32 @@ def mean_ci95(x: torch.Tensor | np.ndarray | list[float]) -> MeanCI:
     return MeanCI(m, m - half, m + half, n)
 
 
+def paired_bootstrap_means(
+    *arrays: torch.Tensor | np.ndarray, n_bootstrap: int = 2000, seed: int = 0
+) -> np.ndarray:
+    """Means of several per-prompt arrays over the SAME bootstrap resamples of prompt indices.
+
+    Args:
+        arrays: ``k`` arrays of one value per unit (``[n]`` each, e.g. per-prompt losses).
+        n_bootstrap: resamples drawn (each draws ``n`` indices with replacement, shared by all arrays).
+        seed: seed of a private generator; the global RNG is untouched.
+
+    Returns:
+        float64 ``[k, n_bootstrap]``: row ``j`` holds the resampled means of ``arrays[j]``.
+
+    Raises:
+        ValueError: no arrays, arrays of different lengths, or empty arrays.
+    """
+    vs = [_as_numpy(a) for a in arrays]
+    if not vs or vs[0].size == 0 or any(v.shape != vs[0].shape for v in vs):
+        raise ValueError(
+            f"paired_bootstrap_means needs non-empty arrays of equal length, got lengths {[v.size for v in vs]}"
+        )
+    n = int(vs[0].size)
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_bootstrap, n))
+    return np.stack([v[idx].mean(1) for v in vs])
+
+
 def bootstrap_ratio_ci(
     numerator: torch.Tensor | np.ndarray,
     denominator: torch.Tensor | np.ndarray,
@@ -113,9 +139,13 @@ def bootstrap_ratio_ci(
     """Ratio of means ``mean(numerator) / mean(denominator)`` with a paired percentile-bootstrap 95% interval.
 
     Both arrays hold one value per prompt (``[n]``); each bootstrap sample resamples prompt indices once and uses them
-    for both, so the pairing is kept. Used for loss recovered, ``(mean zero - mean sae) / (mean zero - mean clean)``
-    (analysis-spec.md F2/F13), which the notebook reports without an interval (pitfall 13). Seeded with ``seed``
-    through a private generator; the global RNG is untouched.
+    for both, so the pairing is kept (:func:`paired_bootstrap_means`). The reference notebook reports its ratios
+    without an interval. This is the bare ratio: loss recovered goes through
+    :func:`saecircuits.analysis.reconstruction.loss_recovered`, which first decides whether the ratio means anything.
+
+    A ratio's confidence set is a bounded interval only when the denominator is clearly non-zero (Fieller 1954,
+    "Some problems in interval estimation", JRSS B 16:175-185); so ``low``/``high`` are NaN when the 2.5-97.5%
+    percentile range of the resampled denominators includes 0, and ``value`` is NaN when ``mean(denominator)`` is 0.
 
     Raises:
         ValueError: if the arrays differ in length or are empty.
@@ -129,10 +159,12 @@ def bootstrap_ratio_ci(
     value = float(a.mean() / b.mean()) if b.mean() != 0 else float("nan")
     if n < 2:
         return RatioCI(value, float("nan"), float("nan"), n)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_bootstrap, n))
+    num_b, den_b = paired_bootstrap_means(a, b, n_bootstrap=n_bootstrap, seed=seed)
+    den_low, den_high = np.quantile(den_b, [0.025, 0.975])
+    if den_low <= 0 <= den_high:
+        return RatioCI(value, float("nan"), float("nan"), n)
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratios = a[idx].mean(1) / b[idx].mean(1)
+        ratios = num_b / den_b
     ratios = ratios[np.isfinite(ratios)]
     if ratios.size == 0:
         return RatioCI(value, float("nan"), float("nan"), n)

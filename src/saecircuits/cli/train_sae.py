@@ -272,13 +272,22 @@ def train_sae_command(
             )
             if name in evals:
                 e = evals[name]
-                typer.echo(
-                    f"  held-out: L0 {e['l0']:.1f}, explained variance {e['explained_variance']:.3f}, "
-                    f"loss recovered over whole sequences {e['loss_recovered']:.3f} "
-                    f"(CE clean {e['ce_clean']:.3f} / SAE {e['ce_spliced']:.3f} / zero {e['ce_zero']:.3f} nats)"
-                )
+                typer.echo(f"  held-out: {_eval_line(e)}")
     if world > 1:
         torch.distributed.barrier()
+
+
+def _eval_line(e: dict) -> str:
+    """The held-out evaluation in one line; an undefined loss recovered is said so, with its reason."""
+    lr, ci = e.get("loss_recovered"), e.get("loss_recovered_ci95") or [None, None]
+    if lr is None:
+        recovered = f"loss recovered over whole sequences undefined: {e.get('loss_recovered_undefined_reason')}"
+    else:
+        bounds = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if None not in ci else ""
+        recovered = f"loss recovered over whole sequences {lr:.3f}{bounds}"
+    ev = e.get("explained_variance")
+    return (f"L0 {e['l0']:.1f}, explained variance {'undefined' if ev is None else format(ev, '.3f')}, {recovered} "
+            f"(CE clean {e['ce_clean']:.3f} / SAE {e['ce_spliced']:.3f} / zero {e['ce_zero']:.3f} nats)")
 
 
 def _check_job_inputs(job) -> None:
@@ -437,10 +446,11 @@ def _evaluate(bridge, saes: dict, eval_rows, bos_id: int, bos_policy: str, out: 
     activations; written to ``out/eval.json`` (issue: metrics after training)."""
     import torch
 
+    from saecircuits.analysis.reconstruction import sequence_loss_recovered
     from saecircuits.atomic import atomic_write_text
     from saecircuits.data.activations import bos_keep_mask
+    from saecircuits.report.schema import to_jsonable
     from saecircuits.saes.metrics import dead_fraction, explained_variance, l0, shrinkage
-    from saecircuits.saes.trainer import sequence_loss_recovered
 
     tokens = eval_rows.to(next(iter(saes.values())).W_dec.device)
     seq = sequence_loss_recovered(bridge, saes, tokens, bos_id=bos_id, bos_policy=bos_policy)
@@ -463,4 +473,5 @@ def _evaluate(bridge, saes: dict, eval_rows, bos_id: int, bos_policy: str, out: 
             "n_eval_tokens": int(x.shape[0]),
         }
         logger.info("%s: %s", name, report[name])
-    atomic_write_text(out / "eval.json", json.dumps(report, indent=1))
+    # NaN (an undefined loss recovered) is written as null: JSON has no NaN
+    atomic_write_text(out / "eval.json", json.dumps(to_jsonable(report), indent=1, allow_nan=False))

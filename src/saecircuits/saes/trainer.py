@@ -206,11 +206,17 @@ def _check_trainable_precision(sae: SAE) -> None:
 
 
 def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    """``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over a batch ``[batch, d_in]`` (1 = perfect, 0 = the mean)."""
-    x, x_hat = x.detach().float(), x_hat.detach().float()
-    resid = (x - x_hat).pow(2).sum()
-    total = (x - x.mean(0, keepdim=True)).pow(2).sum()
-    return float(1.0 - resid / total.clamp_min(torch.finfo(total.dtype).tiny))
+    """``1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` over a batch ``[batch, d_in]`` (1 = perfect, 0 = the mean).
+
+    :func:`saecircuits.saes.metrics.explained_variance` (the one formula), except that a batch whose activations
+    do not vary gives NaN (undefined, logged as such) instead of stopping the training run.
+    """
+    from saecircuits.saes.metrics import explained_variance as ev
+
+    try:
+        return ev(x.detach(), x_hat.detach())
+    except SAEError:
+        return float("nan")
 
 
 # --------------------------------------------------------------------------------------------------- trainer
@@ -869,89 +875,3 @@ def train_saes_on_model(
         batches, saes, train_cfg, output_dir=output_dir, resume=resume, progress=progress, wandb_run=wandb_run,
         data_settings=data_settings,
     )
-
-
-# --------------------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def sequence_loss_recovered(
-    model: Any,
-    saes: dict[str, SAE] | Sequence[SAE],
-    token_rows: torch.Tensor,
-    *,
-    bos_id: int | None,
-    pad_id: int | None = None,
-    bos_policy: str = "exclude",
-    batch_rows: int = 16,
-) -> dict[str, dict[str, float]]:
-    """Loss recovered over whole sequences, one SAE spliced in at a time (reference notebook 4.9, 43313e6 onward).
-
-    For each SAE: mean next-token cross-entropy (nats) of the clean model, of the model with the hook's activation
-    replaced by the SAE reconstruction at every data position, and with that activation zero-ablated at the same
-    positions; ``recovered = (zero - spliced) / (zero - clean)`` (1 = as good as the model, 0 = no better than
-    zero ablation). Positions the BOS policy excludes keep their original activation; targets that are BOS or
-    padding are not scored (pitfall 37: not comparable with single-position numbers).
-
-    Args:
-        model: TransformerLens model (``__call__`` returns logits ``[batch, pos, d_vocab]``, ``run_with_hooks``).
-        saes: ``{name: SAE}`` or a list (named by hook point); each reads and writes ``sae.hook_point``.
-        token_rows: int64 ``[n_rows, seq]``.
-        bos_id, pad_id, bos_policy: see :func:`saecircuits.data.activations.bos_keep_mask`.
-        batch_rows: rows per forward pass.
-
-    Returns:
-        ``{name: {"ce_clean", "ce_spliced", "ce_zero", "loss_recovered", "n_tokens"}}``.
-    """
-    from saecircuits.data.activations import bos_keep_mask
-
-    items = list(saes.items()) if isinstance(saes, dict) else [(s.hook_point, s) for s in saes]
-    try:
-        device = next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        device = torch.device("cpu")
-    sums = {name: {"clean": 0.0, "spliced": 0.0, "zero": 0.0} for name, _ in items}
-    n_tok = 0
-
-    def ce(logits: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor) -> float:
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        nll = -logp.gather(-1, rows[:, 1:, None]).squeeze(-1)
-        return float(nll[valid].sum())
-
-    for start in range(0, token_rows.shape[0], batch_rows):
-        rows = token_rows[start : start + batch_rows].to(device)
-        target = rows[:, 1:]
-        valid = torch.ones_like(target, dtype=torch.bool)
-        for special in (bos_id, pad_id):
-            if special is not None:
-                valid &= target != int(special)
-        keep = bos_keep_mask(rows, bos_id, bos_policy)[..., None]  # type: ignore[arg-type]
-        n_tok += int(valid.sum())
-        clean = ce(model(rows), rows, valid)
-        for name, sae in items:
-            sae_dev = sae.to(device)
-
-            def splice(act: torch.Tensor, hook: Any = None, _sae: SAE = sae_dev, _keep=keep) -> torch.Tensor:
-                return torch.where(_keep, _sae(act.float()).to(act.dtype), act)
-
-            def zero(act: torch.Tensor, hook: Any = None, _keep=keep) -> torch.Tensor:
-                return torch.where(_keep, torch.zeros_like(act), act)
-
-            sums[name]["clean"] += clean
-            sums[name]["spliced"] += ce(
-                model.run_with_hooks(rows, fwd_hooks=[(sae.hook_point, splice)]), rows, valid
-            )
-            sums[name]["zero"] += ce(
-                model.run_with_hooks(rows, fwd_hooks=[(sae.hook_point, zero)]), rows, valid
-            )
-    if n_tok == 0:
-        raise SAEError("no scored tokens (all targets are BOS/padding); give longer rows")
-    out = {}
-    for name, s in sums.items():
-        c, sp, z = s["clean"] / n_tok, s["spliced"] / n_tok, s["zero"] / n_tok
-        out[name] = {
-            "ce_clean": c,
-            "ce_spliced": sp,
-            "ce_zero": z,
-            "loss_recovered": (z - sp) / (z - c) if z != c else float("nan"),
-            "n_tokens": n_tok,
-        }
-    return out
