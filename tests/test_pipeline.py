@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 from helpers import STORIES, exact_sae, tiny_neo
 
+from saecircuits.data.corpus import read_documents
 from saecircuits.pipeline import PipelineError, RunConfig, run_pipeline
 from saecircuits.report.schema import validate_results
 from saecircuits.saes.io import save_sae
@@ -69,12 +71,100 @@ def test_pipeline_trains_saes_writes_valid_results_and_report(tmp_path, corpus):
     assert again["saes"][1]["loss_recovered"] == pytest.approx(results["saes"][1]["loss_recovered"], abs=1e-9)
 
 
-def test_pipeline_with_an_exact_sae_recovers_all_loss(tmp_path, corpus):
+def _clean_by_hand(model, task):
+    """(top-1 hits, losses) of unbatched forward passes of the raw tokens, one prompt at a time."""
+    hits, losses = [], []
+    for ids, answer in zip(task.token_ids, task.answer_ids, strict=True):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]))[0, -1].double()
+        hits.append(int(logits.argmax()) == answer)
+        losses.append(float(-torch.log_softmax(logits, -1)[answer]))
+    return hits, losses
+
+
+def test_exact_sae_on_a_random_model_reports_undefined_loss_recovered_and_warns(tmp_path, corpus, capsys):
+    """tiny_neo is random: zero ablation at P does not clearly hurt (undefined loss recovered, no interval) and the
+    model does not perform the behaviour; both are warnings in results.json, the console and the report."""
+    from saecircuits.cli.run import _summary
+    from saecircuits.tasks.closing_quote import closing_quote_task
+
+    model = tiny_neo()
     folder = save_sae(exact_sae(), tmp_path / "exact")
-    results = run_pipeline(_cfg(tmp_path, corpus, sae_paths=[folder]), model=tiny_neo(), progress=False)
+    results = run_pipeline(_cfg(tmp_path, corpus, sae_paths=[folder]), model=model, progress=False)
     (sae,) = results["saes"]
     assert sae["sae_loss"] == pytest.approx(sae["clean_loss"], abs=1e-6)
+    on_disk = json.loads((tmp_path / "out" / "results.json").read_text())
+    validate_results(on_disk)
+    sae = on_disk["saes"][0]
+    assert sae["loss_recovered"] is None and "loss_recovered_ci95" not in sae
+    assert sae["loss_recovered_undefined_reason"]
+    assert "loss_recovered_undefined_zero" in sae["failed_checks"]
+
+    # independent: the model's top-1 accuracy and mean loss from unbatched passes
+    task = closing_quote_task(STORIES * 3, model.tokenizer, closings=('."', '!"', '?"'))
+    hits, losses = _clean_by_hand(model, task)
+    b = on_disk["behaviour"]
+    assert b["top1_accuracy"] == pytest.approx(sum(hits) / len(hits), abs=1e-9) and b["performs"] is False
+    assert b["mean_loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-4)
+    ids = [(c["scope"], c["id"]) for c in on_disk["checks"]]
+    assert ("task", "behaviour_not_performed") in ids and (sae["hook_point"], "loss_recovered_undefined_zero") in ids
+    assert all(c["what_to_try"] for c in on_disk["checks"])
+
+    _summary(on_disk)
+    printed = capsys.readouterr().out
+    assert "does NOT perform the behaviour" in printed and "undefined" in printed
+    assert "checks:" in printed and "try:" in printed and "WARNING blocks.1.mlp.hook_post" in printed
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "The model does not perform the behaviour" in html and "undefined: " in html
+    assert html.count("the feature ranking of this SAE cannot support a conclusion") == 2  # summary + ranking
+
+
+def test_jsonl_task_the_model_does_not_perform_is_flagged(tmp_path, corpus):
+    """Issue 7 item 8b: a JSONL task whose answer the model does not predict (checked by hand first)."""
+    model = tiny_neo()
+    prompts = ['Tom said, "I want to play', "Once upon a time, there was a little girl named", 'Mom said, "Go to bed']
+    path = tmp_path / "task.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "answer": " dog"}) + "\n" for p in prompts))
+    from saecircuits.tasks.jsonl import jsonl_task
+
+    task = jsonl_task(path, model.tokenizer)
+    hits, losses = _clean_by_hand(model, task)
+    assert not any(hits)  # the precondition, by hand: " dog" is never the top prediction
+    folder = save_sae(exact_sae(), tmp_path / "exact")
+    results = run_pipeline(_cfg(tmp_path, corpus, task=str(path), sae_paths=[folder]), model=model, progress=False)
+    b = results["behaviour"]
+    assert b["n_prompts"] == 3 and b["top1_accuracy"] == 0.0 and b["performs"] is False
+    assert b["mean_loss"] == pytest.approx(sum(losses) / 3, abs=1e-4)
+    assert b["mean_p_answer"] == pytest.approx(sum(math.exp(-x) for x in losses) / 3, abs=1e-5)
+    (check,) = [c for c in results["checks"] if c["id"] == "behaviour_not_performed"]
+    assert check["scope"] == "task" and "0.0%" in check["message"] and "answer token" in check["what_to_try"]
+
+
+def test_exact_sae_on_the_default_model_recovers_all_loss_and_passes_the_checks(tmp_path):
+    """The shipped default on its own stories performs the behaviour; an exact SAE recovers exactly 1."""
+    from saecircuits.data.storygen import write_corpus
+    from saecircuits.models.default import shipped_model_dir
+    from saecircuits.models.load import load_model
+    from saecircuits.tasks.closing_quote import closing_quote_task
+
+    model = load_model(shipped_model_dir())
+    corpus = write_corpus(tmp_path / "stories.txt", 60, seed=11)
+    hook = "blocks.1.mlp.hook_post"
+    folder = save_sae(exact_sae(d_in=int(model.cfg.d_mlp), hook_point=hook), tmp_path / "exact")
+    cfg = _cfg(tmp_path, corpus, sae_paths=[folder], closings=('."',), max_prompts=40, n_stat_docs=40,
+               feature_selection=3, n_evidence_features=0, n_example_features=1)
+    results = run_pipeline(cfg, model=model, progress=False)
+    (sae,) = results["saes"]
     assert sae["loss_recovered"] == pytest.approx(1.0, abs=1e-5)
+    assert sae["loss_recovered_ci95"] == pytest.approx([1.0, 1.0], abs=1e-5)
+    assert sae["loss_recovered_mean_ablation"] == pytest.approx(1.0, abs=1e-5)
+    assert sae["failed_checks"] == [] and results["checks"] == []
+    task = closing_quote_task(read_documents(corpus), model.tokenizer, max_prompts=40)
+    hits, losses = _clean_by_hand(model, task)
+    b = results["behaviour"]
+    assert b["n_prompts"] == len(hits) and b["performs"] is True
+    assert b["top1_accuracy"] == pytest.approx(sum(hits) / len(hits), abs=1e-9)
+    assert b["mean_loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-4)
 
 
 def test_sae_that_does_not_fit_the_hook_is_a_clear_error(tmp_path, corpus):

@@ -16,11 +16,14 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 import saecircuits
+
+if TYPE_CHECKING:
+    from saecircuits.saes.trainer import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +50,11 @@ class RunConfig:
         sae_paths: existing SAEs (SAELens folders) to analyse instead of training new ones.
         sae_tokens: activations (tokens) each SAE is trained on.
         expansion_factor: ``d_sae = expansion_factor * d_in`` for new SAEs.
-        l1_coefficient: per-token L1 coefficient of the reference notebook's ReLU SAE.
+        l1_coefficient: per-token L1 coefficient of the reference notebook's ReLU SAE, on normalised activations
+            (see ``normalize_activations``).
+        normalize_activations: train on activations scaled so their mean L2 norm is sqrt(d_in) (the scale is
+            folded into the saved weights, so the SAE reads raw activations). On by default: with it one
+            ``l1_coefficient`` gives comparable sparsity on models whose activations differ in scale.
         sae_lr, sae_batch_size, seq_len: SAE training learning rate, tokens per step, packed row length.
         max_prompts: use at most this many task prompts (the first ones in corpus order).
         max_prompt_tokens: drop prompts longer than this many tokens (default: the model's context).
@@ -84,6 +91,7 @@ class RunConfig:
     sae_tokens: int = 400_000
     expansion_factor: int = 4
     l1_coefficient: float = 0.5
+    normalize_activations: bool = True
     sae_lr: float = 2e-3
     sae_batch_size: int = 2048
     seq_len: int = 128
@@ -257,18 +265,17 @@ def _check_sae_fits(sae, model) -> None:
         )
 
 
-def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list[str], progress: bool) -> tuple[list, dict]:
-    """Train one reference-notebook SAE per layer from one pass of the model, cached in the workspace."""
-    from saecircuits.data.activations import pack_token_rows
-    from saecircuits.models.tokens import encode_documents
-    from saecircuits.saes.io import load_sae
-    from saecircuits.saes.trainer import TrainConfig, train_saes_on_model
+def sae_train_config(cfg: RunConfig) -> TrainConfig:
+    """The :class:`~saecircuits.saes.trainer.TrainConfig` of the pipeline's SAEs (the reference notebook's ReLU SAE
+    with an L1 penalty and unit-norm decoder rows) for ``cfg``: ``cfg.sae_tokens // cfg.sae_batch_size`` steps,
+    learning-rate warm-up and decay, sparsity warm-up, and activation normalisation when
+    ``cfg.normalize_activations`` (inputs scaled to mean L2 norm sqrt(d_in), folded into the saved weights), so
+    ``cfg.l1_coefficient`` means the same on every model whatever the scale of its activations.
+    """
+    from saecircuits.saes.trainer import TrainConfig
 
-    n_layers = int(model.cfg.n_layers)
-    layers = list(range(n_layers)) if cfg.layers is None else list(cfg.layers)
-    hook_points = [HOOK_TEMPLATE.format(layer=layer) for layer in layers]
     steps = max(1, cfg.sae_tokens // cfg.sae_batch_size)
-    train_cfg = TrainConfig(
+    return TrainConfig(
         batch_size=cfg.sae_batch_size,
         total_steps=steps,
         lr=cfg.sae_lr,
@@ -277,9 +284,24 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
         sparsity_warmup_steps=steps // 10,
         loss={"regularizer": "l1", "coefficients": [cfg.l1_coefficient]},
         unit_norm_decoder=True,
+        normalize_activations=cfg.normalize_activations,
         seed=cfg.seed,
         log_every=max(1, steps // 50),
     )
+
+
+def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list[str], progress: bool) -> tuple[list, dict]:
+    """Train one reference-notebook SAE per layer from one pass of the model, cached in the workspace."""
+    from saecircuits.data.activations import pack_token_rows
+    from saecircuits.models.tokens import encode_documents
+    from saecircuits.saes.io import load_sae
+    from saecircuits.saes.trainer import train_saes_on_model
+
+    n_layers = int(model.cfg.n_layers)
+    layers = list(range(n_layers)) if cfg.layers is None else list(cfg.layers)
+    hook_points = [HOOK_TEMPLATE.format(layer=layer) for layer in layers]
+    train_cfg = sae_train_config(cfg)
+    steps = train_cfg.total_steps
     key_blob = json.dumps(
         {
             "model": model_key,
@@ -364,12 +386,21 @@ def _round(x: float, nd: int = 6) -> float:
     return float(round(float(x), nd))
 
 
+def _loss_recovered_keys(key: str, lr) -> dict[str, Any]:
+    """results.json keys of one loss recovered: the value (null when undefined), its interval only when defined,
+    and the reason when undefined (the raw losses are always in the entry)."""
+    if not lr.defined:
+        return {key: None, f"{key}_undefined_reason": lr.reason}
+    return {key: _round(lr.value), f"{key}_ci95": [_round(lr.low), _round(lr.high)]}
+
+
 def analyse_sae(
     model, sae, task, stat_docs: list[list[int]], cfg: RunConfig, progress: Callable[[str], None],
     bars: bool = False,
 ) -> dict:
     """All first-slice analyses of one SAE; returns its ``results.json`` entry (schema in report/schema.py)."""
     from saecircuits.analysis.ablation import ablate_features
+    from saecircuits.analysis.checks import sae_checks
     from saecircuits.analysis.examples import top_activating_examples
     from saecircuits.analysis.features import feature_ablation_table, feature_activations, feature_effects
     from saecircuits.analysis.reconstruction import mean_activation, reconstruction_at_prediction
@@ -409,8 +440,7 @@ def analyse_sae(
         "sae_loss": _round(rec.sae_loss.mean()),
         "zero_ablation_loss": _round(rec.zero_loss.mean()),
         "mean_ablation_loss": _round(rec.mean_loss.mean()) if rec.mean_loss is not None else None,
-        "loss_recovered": _round(rec.loss_recovered_zero.value),
-        "loss_recovered_ci95": [_round(rec.loss_recovered_zero.low), _round(rec.loss_recovered_zero.high)],
+        **_loss_recovered_keys("loss_recovered", rec.loss_recovered_zero),
         "n_active_features": int((acts.count() > 0).sum()),
         "top_features": top_features,
         "feature_effects": [
@@ -439,11 +469,12 @@ def analyse_sae(
         if v is not None
     }
     if rec.loss_recovered_mean is not None:
-        entry["loss_recovered_mean_ablation"] = _round(rec.loss_recovered_mean.value)
-        entry["loss_recovered_mean_ablation_ci95"] = [
-            _round(rec.loss_recovered_mean.low), _round(rec.loss_recovered_mean.high)]
+        entry.update(_loss_recovered_keys("loss_recovered_mean_ablation", rec.loss_recovered_mean))
     else:
         entry["loss_recovered_mean_ablation"] = None
+    checks = sae_checks(sae.hook_point, rec)
+    entry["failed_checks"] = [c.id for c in checks]
+    entry["checks"] = [c.to_dict() for c in checks]  # moved to results["checks"] by run_pipeline
 
     chosen = [f["feature"] for f in top_features if f["loss_increase"] > 0][: cfg.n_ablate]
     if chosen:
@@ -507,6 +538,8 @@ def run_pipeline(
     Raises:
         PipelineError, TaskError, ModelLoadError, SAEError: bad input, with the fix in the message.
     """
+    from saecircuits.analysis.behaviour import behaviour_summary
+    from saecircuits.analysis.checks import behaviour_checks
     from saecircuits.analysis.dla import direct_logit_attribution
     from saecircuits.data.corpus import read_documents
     from saecircuits.models.load import load_model, model_provenance
@@ -548,6 +581,11 @@ def run_pipeline(
     answers = sorted(set(task.answer_ids))
     say(f"task {task.name}: {task.n_prompts} prompts, answer tokens "
         + ", ".join(repr(model.tokenizer.decode([a])) for a in answers))
+    # First: does the model perform the behaviour at all? Everything below explains the answer's loss.
+    behaviour = behaviour_summary(model, task)
+    checks = [c.to_dict() for c in behaviour_checks(behaviour)]
+    say(("the model performs the behaviour: " if behaviour.performs else
+         "WARNING: the model does NOT perform the behaviour: ") + behaviour.describe())
     n_ctx = int(model.cfg.n_ctx)
     stat_docs = encode_documents(model.tokenizer, docs[: cfg.n_stat_docs], max_len=n_ctx)
     stat_docs = [d for d in stat_docs if len(d) > 1]
@@ -581,6 +619,9 @@ def run_pipeline(
         entry["training"] = {k: v for k, v in training.items() if k != "final_metrics"} | (
             {"final_metrics": fm} if fm else {})
         entries.append(entry)
+        for c in entry.pop("checks"):  # all checks go to one block; the entry keeps their ids (failed_checks)
+            checks.append(c)
+            say(f"WARNING ({sae.hook_point}): {c['message']}")
         t = _stage(timings, f"analyse {sae.hook_point}", t)
 
     notes = []
@@ -610,6 +651,8 @@ def run_pipeline(
             "answer_tokens": [model.tokenizer.decode([a]) for a in answers],
             "example_prompts": [task.prompts[i] for i in range(n_show)],
         },
+        "behaviour": behaviour.to_dict(),
+        "checks": checks,
         "dla": {
             "labels": list(dla.labels),
             "mean": [_round(v) for v in dla.mean.tolist()],

@@ -36,8 +36,34 @@ def _say(line: str) -> None:
     Console(stderr=True, soft_wrap=True).print(f"[bold cyan]saecircuits[/] {escape(line)}", highlight=False)
 
 
+def _ratio_text(sae: dict, key: str) -> str:
+    """A loss recovered for the console: 'value [lo, hi]', or 'undefined' (its reason is in the checks block)."""
+    value = sae.get(key)
+    if value is None or value != value:  # null or NaN: undefined, so no interval either
+        return "undefined"
+    lo, hi = sae.get(f"{key}_ci95") or (None, None)
+    return f"{value:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
+
+
+def _checks_block(console, results: dict) -> None:
+    """Every failed check with what to try, or one line saying all passed."""
+    from rich.markup import escape
+
+    checks = results.get("checks")
+    if checks is None:
+        return
+    if not checks:
+        console.print("[green]checks:[/] all passed (the model performs the behaviour; every SAE reconstructs "
+                      "the hook at P better than mean ablation, with defined loss recovered)")
+        return
+    console.print(f"[bold yellow]checks: {len(checks)} warning(s)[/]")
+    for c in checks:
+        console.print(f"  [yellow]WARNING[/] [{escape(c['scope'])}] {escape(c['message'])}")
+        console.print(f"    try: {escape(c['what_to_try'])}")
+
+
 def _summary(results: dict) -> None:
-    """Print the headline numbers: loss recovered and the top features of every SAE."""
+    """Print whether the model performs the behaviour, each SAE's quality and top features, and the checks."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -48,16 +74,39 @@ def _summary(results: dict) -> None:
         f"[bold]{escape(str(results['model']))}[/] | task {task['name']}: {task['n_prompts']} prompts | "
         f"DLA completeness error {results['dla']['completeness_max_abs_error']:.2e} logits"
     )
+    b = results.get("behaviour")
+    if b:
+        console.print(
+            ("[green]the model performs the behaviour:[/] " if b["performs"] else
+             "[bold red]WARNING: the model does NOT perform the behaviour:[/] ")
+            + f"clean top-1 accuracy {b['top1_accuracy']:.1%}, mean p(answer) {b['mean_p_answer']:.3f}, "
+            f"mean loss at P {b['mean_loss']:.3f} nats"
+        )
     for sae in results["saes"]:
-        table = Table(title=f"{sae['hook_point']}  (d_sae {sae['d_sae']}, L0 at P {sae['l0']:.1f}, loss recovered "
-                      f"{sae['loss_recovered']:.3f} vs zero / {sae.get('loss_recovered_mean_ablation') or float('nan'):.3f}"
-                      " vs mean ablation)")
+        failed = sae.get("failed_checks") or []
+        task_failed = [c for c in results.get("checks") or [] if c["scope"] == "task"]
+        if failed or task_failed:
+            console.print(
+                f"[bold red]WARNING {escape(sae['hook_point'])}:[/] {len(failed) + len(task_failed)} check(s) "
+                f"failed ({', '.join([c['id'] for c in task_failed] + failed)}); its feature ranking below cannot "
+                "support a conclusion as it stands (see the checks)"
+            )
+        ev = sae.get("explained_variance")
+        table = Table(title=(
+            f"{sae['hook_point']}  (d_sae {sae['d_sae']}, L0 at P {sae['l0']:.1f}, explained variance at P "
+            f"{'undefined' if ev is None else format(ev, '.3f')}, loss recovered "
+            f"{_ratio_text(sae, 'loss_recovered')} vs zero / {_ratio_text(sae, 'loss_recovered_mean_ablation')} "
+            "vs mean ablation)"))
         for col in ("feature", "loss increase (nats)", "±95%", "mean act", "frac active"):
             table.add_column(col, justify="right")
         for f in sae["top_features"][:8]:
             table.add_row(str(f["feature"]), f"{f['loss_increase']:.4f}", f"{f.get('loss_increase_ci95') or 0:.4f}",
                           f"{f['mean_activation']:.3f}", f"{f['fraction_active']:.3f}")
         console.print(table)
+        console.print(
+            f"  answer loss at P (nats): clean {sae['clean_loss']:.4f}, SAE spliced {sae['sae_loss']:.4f}, zero "
+            f"ablation {sae['zero_ablation_loss']:.4f}, mean ablation {sae['mean_ablation_loss'] or float('nan'):.4f}"
+        )
         if "multi_ablation" in sae:
             m = sae["multi_ablation"]
             console.print(
@@ -66,6 +115,7 @@ def _summary(results: dict) -> None:
                 f"logit {m['logit_diff']['mean']:+.3f}, rank {m['rank_diff']['mean']:+.2f} "
                 "(positive logprob/logit: the ablation hurts the answer)"
             )
+    _checks_block(console, results)
     for note in results.get("notes", []):
         console.print(f"[yellow]note:[/] {escape(note)}")
 

@@ -5,9 +5,11 @@ plotly.js is inlined once in ``<head>``; every figure is a ``Plotly.newPlot`` ca
 comes from the data is HTML-escaped (``html.escape``), including tick labels handed to plotly (plotly's JSON writer
 also escapes ``<``, ``>`` and ``/`` inside the script).
 
-Sections: header (model, task, answer tokens, example prompts with the answer highlighted); direct logit
+Sections: header (model, task, answer tokens, example prompts with the answer highlighted); checks (whether the
+model performs the behaviour, and every failed check with what to try; an SAE that fails one also carries a warning
+box over its summary and its feature ranking); direct logit
 attribution (analysis-spec F1/F2) with CIs and the completeness error; per SAE: summary table (L0, losses, loss
-recovered vs zero and vs mean ablation, with CIs), the four losses, the top features by loss increase when ablated
+recovered vs zero and vs mean ablation, with CIs, or "undefined" with the reason), the four losses, the top features by loss increase when ablated
 (analysis-spec F3) as a table and a chart, the multi-feature ablation (original - ablated), the top activating
 examples per feature (analysis-spec F14 colours, see ``tokens_html.py``); when present, the SAE-error DLA (F6),
 per-feature details (log-prob and logit boosts F16/F17, activation vs loss increase F18, DFA F7), the upstream
@@ -56,6 +58,9 @@ mark.answer { background: #ffd54f; font-weight: 700; }
 .note { color: #555; font-size: 14px; }
 .muted { color: #888; }
 code { background: #f2f2f2; padding: 0 3px; }
+.warn { background: #fff3f0; border: 1px solid #e0a090; border-left: 5px solid #c0392b; padding: 6px 12px;
+        margin: 10px 0; }
+.ok { background: #f0f8f0; border: 1px solid #9c9; border-left: 5px solid #2ca02c; padding: 6px 12px; margin: 10px 0; }
 pre.json { background: #fafafa; border: 1px solid #e3e3e3; padding: 8px; font-size: 12px; overflow-x: auto; }
 """
 
@@ -231,6 +236,62 @@ def _sae_title(i: int, sae: Mapping) -> str:
     return f"SAE {i}: {sae['hook_point']} (d_sae = {sae['d_sae']})"
 
 
+def _ratio(sae: Mapping, key: str) -> str:
+    """A loss recovered with its interval, or 'undefined: reason' (never an interval for an undefined value)."""
+    value = sae.get(key)
+    if not _finite(value):
+        reason = sae.get(f"{key}_undefined_reason")
+        return f"undefined: {reason}" if reason else "n/a"
+    return _pm(value, sae.get(f"{key}_ci95"), ".3f")
+
+
+def _behaviour_html(r: Mapping) -> str:
+    b = r.get("behaviour")
+    if not b:
+        return ""
+    text = (
+        f"clean top-1 accuracy {_num(b['top1_accuracy'], '.1%')} of {_esc(b['n_prompts'])} prompts"
+        + (f" (95% CI {_num(b['top1_accuracy_ci95'][0], '.1%')} to {_num(b['top1_accuracy_ci95'][1], '.1%')})"
+           if b.get("top1_accuracy_ci95") else "")
+        + f", mean p(answer) {_esc(_pm(b['mean_p_answer'], b.get('mean_p_answer_ci95'), '.3f'))}, mean answer loss "
+        f"at P {_esc(_pm(b['mean_loss'], b.get('mean_loss_ci95'), '.3f'))} nats"
+        + (f" (a uniform guess: {_num(b['uniform_loss'], '.2f')})" if b.get("uniform_loss") is not None else "")
+    )
+    if b["performs"]:
+        return f'<div class="ok"><b>The model performs the behaviour:</b> {text}.</div>'
+    return f'<div class="warn"><b>The model does not perform the behaviour:</b> {text}.</div>'
+
+
+def _checks_section(r: Mapping) -> str:
+    """Whether the model performs the behaviour, then every failed check with what to try."""
+    if "behaviour" not in r and "checks" not in r:
+        return ""
+    out = ['<h2 id="checks">Checks</h2>', _behaviour_html(r)]
+    checks = r.get("checks")
+    if checks is None:
+        return "\n".join(out)
+    if not checks:
+        out.append('<div class="ok">All checks passed: every SAE reconstructs its hook at the prediction '
+                   "position better than mean ablation does, with a non-negative explained variance and a defined "
+                   "loss recovered.</div>")
+        return "\n".join(out)
+    out.append(f'<p class="note">{len(checks)} warning(s). Numbers they concern cannot support a conclusion as '
+               "they stand.</p>")
+    rows = [(c["scope"], c["message"], c["what_to_try"]) for c in checks]
+    out.append(_table(["scope", "warning", "what to try"], rows, left_cols=(0, 1, 2)))
+    return "\n".join(out)
+
+
+def _sae_warning(r: Mapping, sae: Mapping) -> str:
+    """A visible box over an SAE whose checks failed (or whose task the model does not perform)."""
+    failed = [c for c in r.get("checks") or [] if c["scope"] in ("task", sae["hook_point"])]
+    if not failed:
+        return ""
+    items = "".join(f"<li>{_esc(c['message'])}. <i>Try:</i> {_esc(c['what_to_try'])}.</li>" for c in failed)
+    return (f'<div class="warn"><b>Warning: {len(failed)} check(s) failed; the feature ranking of this SAE cannot '
+            f"support a conclusion as it stands.</b><ul>{items}</ul></div>")
+
+
 def _sae_summary(sae: Mapping, fig: _Figures) -> str:
     lc = sae.get("loss_ci95") or {}
     rows = [
@@ -244,19 +305,15 @@ def _sae_summary(sae: Mapping, fig: _Figures) -> str:
         ("loss with SAE spliced in (nats)", _pm(sae["sae_loss"], lc.get("sae"))),
         ("loss with zero ablation (nats)", _pm(sae["zero_ablation_loss"], lc.get("zero"))),
         ("loss with mean ablation (nats)", _pm(sae["mean_ablation_loss"], lc.get("mean"))),
-        (
-            "loss recovered vs zero ablation",
-            _pm(sae["loss_recovered"], sae.get("loss_recovered_ci95"), ".3f"),
-        ),
-        (
-            "loss recovered vs mean ablation",
-            _pm(sae["loss_recovered_mean_ablation"], sae.get("loss_recovered_mean_ablation_ci95"), ".3f"),
-        ),
+        ("loss recovered vs zero ablation", _ratio(sae, "loss_recovered")),
+        ("loss recovered vs mean ablation", _ratio(sae, "loss_recovered_mean_ablation")),
     ]
     out = [_table(["quantity", "value (95% CI)"], rows, left_cols=(0, 1))]
     out.append(
         '<p class="note">Loss recovered = (ablated - SAE) / (ablated - clean): 1 means splicing the SAE in '
-        "costs nothing, 0 means it is as bad as ablating the layer.</p>"
+        "costs nothing, 0 means it is as bad as ablating the layer. It is undefined when the ablation does not "
+        "clearly raise the loss (a mean increase under 0.01 nats, or a 95% interval that includes 0); read the "
+        "losses above instead.</p>"
     )
     names = ["clean", "SAE", "zero ablation", "mean ablation"]
     means = [sae["clean_loss"], sae["sae_loss"], sae["zero_ablation_loss"], sae["mean_ablation_loss"]]
@@ -743,13 +800,20 @@ def build_report_html(results: Mapping) -> str:
     validate_results(results)
     fig = _Figures()
     toc = ['<li><a href="#dla">Direct logit attribution</a></li>']
-    body = [_dla_section(results, fig)]
+    checks_html = _checks_section(results)
+    if checks_html:
+        n = len(results.get("checks") or [])
+        toc.insert(0, '<li><a href="#checks">Checks</a>' + (f' <span class="muted">({n} warning(s))</span>' if n
+                                                            else "") + "</li>")
+    body = [checks_html, _dla_section(results, fig)]
     for i, sae in enumerate(results["saes"]):
         sid = f"sae-{i}"
         title = _sae_title(i, sae)
         top = ", ".join(f"f{t['feature']}" for t in _sorted_features(sae)[:5])
+        flagged = any(c["scope"] in ("task", sae["hook_point"]) for c in results.get("checks") or [])
         toc.append(
             f'<li><a href="#{sid}">{_esc(title)}</a>'
+            + (' <b style="color:#c0392b">checks failed</b>' if flagged else "")
             + (f' <span class="muted">top features: {_esc(top)}</span>' if top else "")
             + f'<ul><li><a href="#{sid}-summary">summary</a></li>'
             f'<li><a href="#{sid}-features">top features</a></li>'
@@ -767,10 +831,13 @@ def build_report_html(results: Mapping) -> str:
             )
             + "</ul></li>"
         )
+        warning = _sae_warning(results, sae)
         body.append(f'<h2 id="{sid}">{_esc(title)}</h2>')
+        body.append(warning)
         body.append(f'<h3 id="{sid}-summary">Summary</h3>')
         body.append(_sae_summary(sae, fig))
         body.append(f'<h3 id="{sid}-features">Top features</h3>')
+        body.append(warning)
         body.append(_features_section(sae, fig))
         if sae.get("feature_effects"):
             body.append(f'<h3 id="{sid}-effects">Exact effects of every active feature</h3>')

@@ -19,6 +19,12 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
                      "architecture": str},
       *"task": {*"name": str, *"n_prompts": int, *"answer_token_ids": [int, ...(>=1)],
                 "answer_tokens": [str] (same length as answer_token_ids), "example_prompts": [str]},
+      "behaviour": {                               # the clean model on the task at P (analysis/behaviour.py)
+          *"n_prompts": int, *"top1_accuracy": float, "top1_accuracy_ci95": [lo, hi] (Wilson),
+          *"mean_p_answer": float, "mean_p_answer_ci95": float, *"mean_loss": float (nats),
+          "mean_loss_ci95": float, "uniform_loss": float (nats, log d_vocab), *"performs": bool, "rule": str},
+      "checks": [{*"id": str, *"scope": "task" | hook point, *"message": str, *"what_to_try": str,
+                  "severity": str}],               # failed checks (analysis/checks.py); [] when all pass
       *"dla": {                                     # direct logit attribution to the answer (analysis-spec F1/F2)
           *"labels": [str],                         # one per component, e.g. "embed", "L0H3", "MLP1", "bias"
           *"mean": [float] (same length),           # mean over prompts, logits
@@ -30,10 +36,13 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
           *"l0": float, "explained_variance": float,
           *"clean_loss": float, *"sae_loss": float, *"zero_ablation_loss": float, *"mean_ablation_loss": float,
           "loss_ci95": {"clean"|"sae"|"zero"|"mean": float half-width},
-          *"loss_recovered": float,                 # (zero - sae) / (zero - clean)
-          "loss_recovered_ci95": [lo, hi],
-          *"loss_recovered_mean_ablation": float,   # (mean - sae) / (mean - clean)
+          *"loss_recovered": float,                 # (zero - sae) / (zero - clean); null when undefined
+          "loss_recovered_ci95": [lo, hi],          # only when defined
+          "loss_recovered_undefined_reason": str,   # only when undefined (analysis.reconstruction.loss_recovered)
+          *"loss_recovered_mean_ablation": float,   # (mean - sae) / (mean - clean); null when undefined
           "loss_recovered_mean_ablation_ci95": [lo, hi],
+          "loss_recovered_mean_ablation_undefined_reason": str,
+          "failed_checks": [str],                   # ids of this SAE's entries in results["checks"]
           "n_active_features": int,
           *"top_features": [{                       # ranked by loss increase when ablated (analysis-spec F3)
               *"feature": int (0 <= feature < d_sae), *"loss_increase": float (nats, ablated - clean),
@@ -186,6 +195,16 @@ _FEATURE_DETAIL = _Obj(
     }
 )
 
+_CHECK = _Obj(
+    {
+        "id": _req("str"),
+        "scope": _req("str"),
+        "message": _req("str"),
+        "what_to_try": _req("str"),
+        "severity": _opt("str"),
+    }
+)
+
 _SAE = _Obj(
     {
         "hook_point": _req("str"),
@@ -201,8 +220,11 @@ _SAE = _Obj(
         "loss_ci95": _opt(_Obj({k: _opt("float") for k in ("clean", "sae", "zero", "mean")})),
         "loss_recovered": _req("float"),
         "loss_recovered_ci95": _opt(_PAIR),
+        "loss_recovered_undefined_reason": _opt("str"),
         "loss_recovered_mean_ablation": _req("float"),
         "loss_recovered_mean_ablation_ci95": _opt(_PAIR),
+        "loss_recovered_mean_ablation_undefined_reason": _opt("str"),
+        "failed_checks": _opt(("list", "str", None)),
         "n_active_features": _opt("int"),
         "top_features": _req(
             (
@@ -340,6 +362,23 @@ RESULTS_SCHEMA = _Obj(
                 }
             )
         ),
+        "behaviour": _opt(
+            _Obj(
+                {
+                    "n_prompts": _req("int"),
+                    "top1_accuracy": _req("float"),
+                    "top1_accuracy_ci95": _opt(_PAIR),
+                    "mean_p_answer": _req("float"),
+                    "mean_p_answer_ci95": _opt("float"),
+                    "mean_loss": _req("float"),
+                    "mean_loss_ci95": _opt("float"),
+                    "uniform_loss": _opt("float"),
+                    "performs": _req("bool"),
+                    "rule": _opt("str"),
+                }
+            )
+        ),
+        "checks": _opt(("list", _CHECK, None)),
         "saes": _req(("list", _SAE, None)),
         "timings": _opt(("map", "float")),
         "config": _opt("dict"),
@@ -375,6 +414,9 @@ def _check(v: Any, kind: Any, path: tuple[str | int, ...]) -> None:
     elif kind == "float":
         if not _is_float(v):
             raise ResultsSchemaError(f"{where} must be a number (or null), got {_type_name(v)} ({v!r:.60}).")
+    elif kind == "bool":
+        if not isinstance(v, bool):
+            raise ResultsSchemaError(f"{where} must be true or false, got {_type_name(v)} ({v!r:.60}).")
     elif kind == "str":
         if not isinstance(v, str):
             raise ResultsSchemaError(f"{where} must be a string, got {_type_name(v)} ({v!r:.60}).")
@@ -466,6 +508,22 @@ def _validate_evidence(sae: Mapping, i: int, feature_ok) -> None:
         feature_ok(e["feature"], (*base, "activation_scaled_dla", j, "feature"))
 
 
+def _validate_loss_recovered(sae: Mapping, i: int) -> None:
+    """An undefined loss recovered (null) has a reason and no interval; a defined one has no reason."""
+    for key in ("loss_recovered", "loss_recovered_mean_ablation"):
+        value, ci, reason = sae.get(key), sae.get(f"{key}_ci95"), sae.get(f"{key}_undefined_reason")
+        undefined = value is None or (isinstance(value, float) and math.isnan(value))
+        where = f"results['saes'][{i}]"
+        if undefined and ci is not None and any(_is_float(b) and b is not None and math.isfinite(b) for b in ci):
+            raise ResultsSchemaError(
+                f"{where}['{key}'] is undefined (null) but {key}_ci95 = {ci}; an undefined ratio has no interval."
+            )
+        if not undefined and reason is not None:
+            raise ResultsSchemaError(
+                f"{where}['{key}'] = {value} but {key}_undefined_reason is set; give one or the other."
+            )
+
+
 def validate_results(d: Any) -> None:
     """Check that ``d`` is a valid results dict (schema version 1, see the module docstring).
 
@@ -499,7 +557,15 @@ def validate_results(d: Any) -> None:
     _same_length(dla, "labels", "mean", ("dla",))
     _same_length(dla, "labels", "ci95", ("dla",))
 
+    scoped = {(c["scope"], c["id"]) for c in d.get("checks", [])}
     for i, sae in enumerate(d["saes"]):
+        _validate_loss_recovered(sae, i)
+        for j, cid in enumerate(sae.get("failed_checks", [])):
+            if "checks" in d and (sae["hook_point"], cid) not in scoped:
+                raise ResultsSchemaError(
+                    f"results['saes'][{i}]['failed_checks'][{j}] = {cid!r} has no entry in results['checks'] "
+                    f"with scope {sae['hook_point']!r}."
+                )
         d_sae = sae["d_sae"]
         if d_sae <= 0 or sae["d_in"] <= 0:
             raise ResultsSchemaError(f"results['saes'][{i}]: d_in and d_sae must be positive.")

@@ -1,0 +1,122 @@
+"""Checks that say when a run's numbers cannot support a conclusion, each with what to try.
+
+A run ranks an SAE's features by how much the answer's loss rises when each is ablated. That ranking means
+something only when (1) the model performs the behaviour (:mod:`saecircuits.analysis.behaviour`), and (2) the SAE
+reconstructs the hook point at P well enough that its features stand for what the layer does there. The checks:
+
+``behaviour_not_performed`` (scope ``"task"``)
+    clean top-1 accuracy below :data:`~saecircuits.analysis.behaviour.MIN_TOP1_ACCURACY`.
+``sae_worse_than_mean_ablation``
+    splicing the SAE in at P raises the mean answer loss above that of mean-ablating the whole hook at P: the
+    SAE keeps less of what matters than a constant vector does (loss recovered vs mean ablation below 0).
+``negative_explained_variance``
+    explained variance at P below 0: the reconstruction is further from the activations than their mean is.
+``loss_recovered_undefined_zero`` / ``loss_recovered_undefined_mean``
+    loss recovered against zero / mean ablation is ill-posed
+    (:func:`saecircuits.analysis.reconstruction.loss_recovered` gives the reason).
+
+Every check is a warning: the run still reports everything, and the report and console show the warnings beside
+the numbers they concern (an SAE that fails a check has its feature ranking flagged).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from saecircuits.analysis.behaviour import MIN_TOP1_ACCURACY, BehaviourSummary
+from saecircuits.analysis.reconstruction import ReconstructionResult
+
+__all__ = ["Check", "behaviour_checks", "sae_checks"]
+
+_BETTER_SAE = (
+    "train it on more activations (--sae-tokens), with a lower --l1-coefficient or a larger --expansion-factor; "
+    "for --sae, check that it was trained on this model and hook point, on text like the prompts"
+)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One failed check.
+
+    Attributes:
+        id: stable identifier (see the module docstring).
+        scope: ``"task"`` or the SAE's hook point.
+        message: what is wrong, with the numbers.
+        what_to_try: how to get numbers that can support a conclusion.
+        severity: ``"warning"``.
+    """
+
+    id: str
+    scope: str
+    message: str
+    what_to_try: str
+    severity: str = "warning"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def behaviour_checks(b: BehaviourSummary) -> list[Check]:
+    """``[behaviour_not_performed]`` when the clean model mostly does not predict the answer, else ``[]``."""
+    if b.performs:
+        return []
+    return [Check(
+        id="behaviour_not_performed",
+        scope="task",
+        message=(
+            f"the model does not perform the behaviour: {b.describe()}; the rule is top-1 accuracy >= "
+            f"{MIN_TOP1_ACCURACY:.0%}. Features ranked below explain the loss of an answer the model does not give"
+        ),
+        what_to_try=(
+            "check the task: the answer token (a leading space, e.g. ' the' vs 'the'), the prompt format, and that "
+            "the prompts look like the model's training text; or use a model that performs the behaviour"
+        ),
+    )]
+
+
+def sae_checks(hook_point: str, rec: ReconstructionResult) -> list[Check]:
+    """The SAE checks of one SAE from its reconstruction at P (see the module docstring), in a fixed order."""
+    out = []
+    clean, sae = float(rec.clean_loss.mean()), float(rec.sae_loss.mean())
+    if rec.mean_loss is not None:
+        mean = float(rec.mean_loss.mean())
+        if sae > mean:
+            out.append(Check(
+                id="sae_worse_than_mean_ablation",
+                scope=hook_point,
+                message=(
+                    f"splicing this SAE in at P raises the answer loss from {clean:.4f} to {sae:.4f} nats, more "
+                    f"than mean-ablating the whole hook ({mean:.4f} nats): its features do not stand for what the "
+                    "layer does at P"
+                ),
+                what_to_try="use a better SAE: " + _BETTER_SAE,
+            ))
+    ev = rec.explained_variance
+    if math.isfinite(ev) and ev < 0:
+        out.append(Check(
+            id="negative_explained_variance",
+            scope=hook_point,
+            message=(
+                f"explained variance at P is {ev:.3f} (< 0): the reconstruction is further from the activations "
+                "than their mean is"
+            ),
+            what_to_try="use a better SAE: " + _BETTER_SAE,
+        ))
+    for key, lr in (("zero", rec.loss_recovered_zero), ("mean", rec.loss_recovered_mean)):
+        if lr is not None and not lr.defined:
+            out.append(Check(
+                id=f"loss_recovered_undefined_{key}",
+                scope=hook_point,
+                message=(
+                    f"loss recovered vs {key} ablation is undefined: {lr.reason}. Raw losses: clean {lr.clean:.4f}, "
+                    f"SAE {lr.spliced:.4f}, {key} ablation {lr.ablated:.4f} nats"
+                ),
+                what_to_try=(
+                    "read the raw losses instead; if the ablation barely changes the loss, this layer hardly "
+                    "affects the answer at P (pick layers whose ablation hurts); if its interval is wide, use more "
+                    "prompts (--max-prompts, a larger corpus)"
+                ),
+            ))
+    return out

@@ -1,0 +1,84 @@
+"""The checks that flag numbers which cannot support a conclusion, on hand-built inputs; the behaviour summary."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from saecircuits.analysis.behaviour import BehaviourSummary, wilson_ci95
+from saecircuits.analysis.checks import behaviour_checks, sae_checks
+from saecircuits.analysis.reconstruction import ReconstructionResult, loss_recovered
+
+HOOK = "blocks.1.mlp.hook_post"
+T = torch.float64
+
+
+def _rec(clean, sae, zero, mean, ev) -> ReconstructionResult:
+    clean, sae, zero, mean = (torch.tensor(v, dtype=T) for v in (clean, sae, zero, mean))
+    return ReconstructionResult(
+        clean_loss=clean, sae_loss=sae, zero_loss=zero, mean_loss=mean, l0=torch.ones_like(clean),
+        explained_variance=ev, loss_recovered_zero=loss_recovered(clean, sae, zero, ablation="zero ablation"),
+        loss_recovered_mean=loss_recovered(clean, sae, mean, ablation="mean ablation"),
+    )
+
+
+def test_a_good_sae_passes():
+    r = _rec([0.5, 0.4, 0.6, 0.5], [0.52, 0.41, 0.63, 0.5], [3.0, 2.5, 3.1, 2.8], [2.0, 1.9, 2.2, 2.1], 0.7)
+    assert sae_checks(HOOK, r) == []
+
+
+def test_issue_stories260k_numbers_sae_worse_than_mean_ablation_and_negative_ev():
+    """Issue 7 item 8a: splice raises 0.48 -> 0.78 nats, mean ablation 0.73, EV at P -2.9."""
+    clean = [0.40, 0.56, 0.45, 0.51]  # mean 0.48
+    sae = [0.70, 0.86, 0.75, 0.81]  # mean 0.78
+    zero = [0.80, 0.82, 0.86, 0.84]  # mean 0.83
+    mean = [0.70, 0.76, 0.71, 0.75]  # mean 0.73
+    r = _rec(clean, sae, zero, mean, -2.9)
+    # independently: loss recovered vs mean ablation is (0.73 - 0.78) / (0.73 - 0.48) = -0.2
+    assert r.loss_recovered_mean.value == pytest.approx((0.73 - 0.78) / (0.73 - 0.48), abs=1e-9)
+    checks = sae_checks(HOOK, r)
+    ids = [c.id for c in checks]
+    assert ids == ["sae_worse_than_mean_ablation", "negative_explained_variance"]
+    worse = checks[0]
+    assert worse.scope == HOOK and "0.4800 to 0.7800" in worse.message and "0.7300" in worse.message
+    assert "--l1-coefficient" in worse.what_to_try and "--sae-tokens" in worse.what_to_try
+    assert "-2.900" in checks[1].message
+
+
+def test_ill_posed_loss_recovered_is_a_check_with_the_raw_losses():
+    clean = [1.0, 2.0, 3.0]
+    r = _rec(clean, [1.3, 2.3, 3.3], [1.0001, 2.0001, 3.0001], [3.0, 4.1, 5.0], 0.2)
+    (check,) = sae_checks(HOOK, r)
+    assert check.id == "loss_recovered_undefined_zero"
+    assert "floor" in check.message and "clean 2.0000, SAE 2.3000, zero ablation 2.0001" in check.message
+    assert "raw losses" in check.what_to_try
+
+
+def test_nan_explained_variance_is_not_called_negative():
+    r = _rec([0.5, 0.4], [0.5, 0.4], [3.0, 2.9], [2.0, 2.1], float("nan"))
+    assert "negative_explained_variance" not in [c.id for c in sae_checks(HOOK, r)]
+
+
+def test_behaviour_check_and_rule():
+    loss = torch.tensor([8.5, 8.4, 8.6, 0.1])
+    b = BehaviourSummary(loss=loss, p_answer=torch.exp(-loss), top1=torch.tensor([False, False, False, True]),
+                         d_vocab=1000)
+    assert b.top1_accuracy == 0.25 and not b.performs
+    (check,) = behaviour_checks(b)
+    assert check.scope == "task" and "25.0%" in check.message and "6.91" in check.message  # log(1000)
+    d = b.to_dict()
+    assert d["mean_loss"] == pytest.approx(float(loss.mean())) and d["performs"] is False
+    assert d["top1_accuracy_ci95"] == pytest.approx(list(wilson_ci95(1, 4)))
+    good = BehaviourSummary(loss=loss, p_answer=torch.exp(-loss), top1=torch.tensor([True, True, False, False]),
+                            d_vocab=1000)
+    assert good.performs and behaviour_checks(good) == []
+
+
+def test_wilson_interval_hand_values():
+    # k = 8, n = 10: the textbook Wilson 95% interval is [0.4902, 0.9433]
+    lo, hi = wilson_ci95(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    assert wilson_ci95(0, 5)[0] == 0.0 and wilson_ci95(5, 5)[1] == pytest.approx(1.0)
+    assert all(math.isnan(v) for v in wilson_ci95(0, 0))
