@@ -126,6 +126,14 @@ def test_normalisation_scale_estimated_and_folded():
     assert raw.cfg.extra["folded_activation_scale"] == pytest.approx(tr.scale)
 
 
+def test_normalising_all_zero_activations_is_a_clear_error():
+    """The scale sqrt(d_in) / mean norm has a zero denominator: a clear error, not a ZeroDivisionError."""
+    cfg = TrainConfig(batch_size=16, total_steps=2, normalize_activations=True, n_norm_batches=1)
+    tr = SAETrainer(_sae(), iter([torch.zeros(16, D_IN)] * 2), cfg, progress=False)
+    with pytest.raises(SAEError, match="cannot be normalised"):
+        tr.train_step()
+
+
 def test_resampling_picks_the_only_badly_reconstructed_input():
     """Feature 0 never fires; the pool has one row only feature 0 could reconstruct -> p ~ err^4 must draw it."""
     d_in = 4

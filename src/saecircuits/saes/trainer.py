@@ -361,6 +361,11 @@ class SAETrainer:
         if not norms:
             raise SAEError("no activation batches to estimate the normalisation scale from")
         mean_norm = self._all_reduce(torch.stack(norms).mean().double()) / self.world_size
+        if not float(mean_norm) > 0:
+            raise SAEError(
+                f"{self.name}: the activations have mean norm {float(mean_norm):.3g}, so they cannot be normalised; "
+                "check the hook point (does it carry a signal?) or train with normalize_activations=False"
+            )
         self.scale = float(math.sqrt(self.sae.d_in) / float(mean_norm))
         self.scale_estimated = True
         return self.scale
