@@ -436,6 +436,7 @@ def analyse_sae(
         "architecture": sae.cfg.architecture,
         "l0": _round(rec.l0.float().mean()),
         "explained_variance": _round(rec.explained_variance),
+        "relative_error": _round(rec.relative_error),
         "clean_loss": _round(rec.clean_loss.mean()),
         "sae_loss": _round(rec.sae_loss.mean()),
         "zero_ablation_loss": _round(rec.zero_loss.mean()),

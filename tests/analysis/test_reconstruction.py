@@ -100,6 +100,7 @@ def test_random_sae_batched_equals_per_prompt():
     mu = mean_activation(model, task.token_ids, HOOK)
     r = reconstruction_at_prediction(model, sae, task, mean_act=mu, max_tokens=200, max_batch=5)
     assert 0 < r.l0.mean() < sae.d_sae
+    err_sq = norm_sq = 0.0
     for i in range(task.n_prompts):
         s = reconstruction_at_prediction(model, sae, task.subset([i]), mean_act=mu)
         for name in ("clean_loss", "sae_loss", "zero_loss", "mean_loss", "l0"):
@@ -110,6 +111,9 @@ def test_random_sae_batched_equals_per_prompt():
             x = model.run_with_cache(torch.tensor([t]))[1][HOOK][0, p]
             x_hat = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc) @ sae.W_dec + sae.b_dec
         assert r.sae_loss[i].item() == pytest.approx(_manual_loss(model, t, p, a, x_hat), abs=1e-5)
+        err_sq += float(((x - x_hat) ** 2).sum())
+        norm_sq += float((x**2).sum())
+    assert r.relative_error == pytest.approx(err_sq / norm_sq, rel=1e-4)
     clean, sae_l, zero = r.clean_loss, r.sae_loss, r.zero_loss
     assert r.loss_recovered_zero.value == pytest.approx(
         float((zero - sae_l).mean() / (zero - clean).mean()), rel=1e-5

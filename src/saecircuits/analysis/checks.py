@@ -100,7 +100,8 @@ def sae_checks(hook_point: str, rec: ReconstructionResult) -> list[Check]:
             scope=hook_point,
             message=(
                 f"explained variance at P is {ev:.3f} (< 0): the reconstruction is further from the activations "
-                "than their mean is"
+                "than their mean over the prompts is, so the SAE does not resolve how the prompts differ at P "
+                f"(its squared error is {rec.relative_error:.1%} of the activations' squared norm there)"
             ),
             what_to_try="use a better SAE: " + _BETTER_SAE,
         ))

@@ -257,6 +257,10 @@ class ReconstructionResult:
             one prompt). Negative: the reconstruction is further from x than the mean activation is.
         loss_recovered_zero: :func:`loss_recovered` against zero ablation (NaN with a reason when undefined).
         loss_recovered_mean: the same against mean ablation (``None`` without a mean vector).
+        relative_error: ``sum_i |x_i - x_hat_i|^2 / sum_i |x_i|^2`` at P (NaN when every x is 0). Unlike explained
+            variance it does not divide by the spread of x across prompts, which at one position can be a small
+            part of |x|^2, so it says whether a negative explained variance comes from a large error or a small
+            spread.
     """
 
     clean_loss: torch.Tensor
@@ -267,6 +271,7 @@ class ReconstructionResult:
     explained_variance: float
     loss_recovered_zero: LossRecovered
     loss_recovered_mean: LossRecovered | None
+    relative_error: float = float("nan")
 
 
 def reconstruction_at_prediction(
@@ -334,6 +339,8 @@ def reconstruction_at_prediction(
         ev = explained_variance(xs, xhats)
     except SAEError:  # activations at P do not vary (e.g. one prompt): the ratio is undefined
         ev = float("nan")
+    norm_sq = float((xs.double() ** 2).sum())
+    rel = float(((xs - xhats).double() ** 2).sum()) / norm_sq if norm_sq > 0 else float("nan")
     clean, sae_l, zero = out["clean"], out["sae"], out["zero"]
     boot = dict(n_bootstrap=n_bootstrap, seed=seed)
     lr_zero = loss_recovered(clean, sae_l, zero, ablation="zero ablation", **boot)
@@ -349,6 +356,7 @@ def reconstruction_at_prediction(
         explained_variance=ev,
         loss_recovered_zero=lr_zero,
         loss_recovered_mean=lr_mean,
+        relative_error=rel,
     )
 
 

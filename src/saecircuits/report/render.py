@@ -300,6 +300,7 @@ def _sae_summary(sae: Mapping, fig: _Figures) -> str:
         ("d_in / d_sae", f"{sae['d_in']} / {sae['d_sae']}"),
         ("L0 (mean active features per token)", _num(sae["l0"], ".2f")),
         ("explained variance", _num(sae.get("explained_variance"), ".4f")),
+        ("relative squared error |x - x_hat|^2 / |x|^2", _num(sae.get("relative_error"), ".4f")),
         ("features active on the task", sae.get("n_active_features", "n/a")),
         ("clean loss (nats)", _pm(sae["clean_loss"], lc.get("clean"))),
         ("loss with SAE spliced in (nats)", _pm(sae["sae_loss"], lc.get("sae"))),

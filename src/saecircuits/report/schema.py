@@ -33,7 +33,8 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
           *"completeness_max_abs_error": float},    # max |sum of components - answer logit| over prompts
       *"saes": [{                                   # one entry per SAE
           *"hook_point": str, *"d_in": int, *"d_sae": int, "architecture": str,
-          *"l0": float, "explained_variance": float,
+          *"l0": float, "explained_variance": float,  # at P, over prompts
+          "relative_error": float,                  # sum |x - x_hat|^2 / sum |x|^2 at P
           *"clean_loss": float, *"sae_loss": float, *"zero_ablation_loss": float, *"mean_ablation_loss": float,
           "loss_ci95": {"clean"|"sae"|"zero"|"mean": float half-width},
           *"loss_recovered": float,                 # (zero - sae) / (zero - clean); null when undefined
@@ -213,6 +214,7 @@ _SAE = _Obj(
         "architecture": _opt("str"),
         "l0": _req("float"),
         "explained_variance": _opt("float"),
+        "relative_error": _opt("float"),
         "clean_loss": _req("float"),
         "sae_loss": _req("float"),
         "zero_ablation_loss": _req("float"),
