@@ -87,14 +87,6 @@ class LossRecovered:
         """True when the ratio has a meaning (``reason is None``)."""
         return self.reason is None
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: ``value``/``ci95`` (null when undefined), ``reason``, the raw mean losses and the effect."""
-        return {
-            "value": self.value, "ci95": [self.low, self.high], "reason": self.reason, "n": self.n,
-            "clean": self.clean, "spliced": self.spliced, "ablated": self.ablated,
-            "effect": self.effect, "effect_ci95": [self.effect_low, self.effect_high], "ablation": self.ablation,
-        }
-
 
 def _weighted_mean_ci95(d: np.ndarray, w: np.ndarray) -> tuple[float, float, float]:
     """Weighted mean ``sum(w d) / sum(w)`` and its Student-t 95% interval (NaN bounds when ``n < 2``).
