@@ -90,7 +90,7 @@ class RunConfig:
     sae_paths: list[Path] = field(default_factory=list)
     sae_tokens: int = 400_000
     expansion_factor: int = 4
-    l1_coefficient: float = 0.5
+    l1_coefficient: float = 0.3
     normalize_activations: bool = True
     sae_lr: float = 2e-3
     sae_batch_size: int = 2048

@@ -183,7 +183,8 @@ def run(
     expansion_factor: Annotated[int, typer.Option(
         metavar="N", min=1, help="d_sae = expansion_factor * d_in.")] = 4,
     l1_coefficient: Annotated[float, typer.Option(
-        metavar="X", min=0.0, help="Per-token L1 coefficient (penalty mean over the batch).")] = 0.5,
+        metavar="X", min=0.0,
+        help="Per-token L1 coefficient on activations normalised to mean norm sqrt(d_in).")] = 0.3,
     all_closings: Annotated[bool, typer.Option(
         "--all-closings", show_default="off: only .\" closes",
         help='Also accept !" and ?" as the closing.')] = False,
