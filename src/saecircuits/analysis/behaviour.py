@@ -63,7 +63,7 @@ class BehaviourSummary:
     @property
     def top1_accuracy(self) -> float:
         """Fraction of prompts where the answer is the top-1 prediction (NaN without prompts)."""
-        return float(self.top1.float().mean()) if self.n_prompts else float("nan")
+        return int(self.top1.sum()) / self.n_prompts if self.n_prompts else float("nan")
 
     @property
     def performs(self) -> bool:
