@@ -41,3 +41,16 @@ def test_train_sae_writes_held_out_eval_matching_the_clean_model(tmp_path):
     scored = eval_rows[:, 1:] != tok.bos_token_id
     assert abs(float(-logp[scored].mean()) - ev["ce_clean"]) < 1e-3
     assert 0 < ev["l0"] and ev["n_eval_tokens"] > 0
+
+
+def test_eval_line_says_undefined_and_shows_no_interval():
+    from saecircuits.cli.train_sae import _eval_line
+
+    base = {"l0": 12.0, "explained_variance": 0.81, "ce_clean": 2.0, "ce_spliced": 2.3, "ce_zero": 2.0001}
+    undefined = _eval_line(base | {"loss_recovered": None, "loss_recovered_ci95": [None, None],
+                                   "loss_recovered_undefined_reason": "zero ablation barely raises the loss"})
+    assert "undefined: zero ablation barely raises the loss" in undefined and "[" not in undefined
+    assert "CE clean 2.000 / SAE 2.300 / zero 2.000 nats" in undefined
+    defined = _eval_line(base | {"loss_recovered": 0.9, "loss_recovered_ci95": [0.85, 0.93],
+                                 "loss_recovered_undefined_reason": None})
+    assert "loss recovered over whole sequences 0.900 [0.850, 0.930]" in defined
