@@ -42,9 +42,31 @@ def test_issue_stories260k_numbers_sae_worse_than_mean_ablation_and_negative_ev(
     ids = [c.id for c in checks]
     assert ids == ["sae_worse_than_mean_ablation", "negative_explained_variance"]
     worse = checks[0]
-    assert worse.scope == HOOK and "0.4800 to 0.7800" in worse.message and "0.7300" in worse.message
+    # per prompt |sae - clean| = 0.3 each; |mean - clean| = 0.30, 0.20, 0.26, 0.24 -> 0.25 on average
+    assert worse.scope == HOOK and "by 0.3000 nats" in worse.message and "(0.2500;" in worse.message
+    assert "0.4800 -> 0.7800" in worse.message and "0.4800 -> 0.7300" in worse.message
     assert "--l1-coefficient" in worse.what_to_try and "--sae-tokens" in worse.what_to_try
     assert "-2.900" in checks[1].message and "13.0% of the activations' squared norm" in checks[1].message
+
+
+def test_splice_that_lowers_the_loss_less_than_mean_ablation_is_not_worse():
+    """stories260K layer 0: mean ablation LOWERS the loss (0.478 -> 0.400) and the splice a little (-> 0.458); the
+    splice moves each prompt less than mean ablation does, so it is not flagged as worse (loss recovered is
+    undefined instead)."""
+    clean = [0.45, 0.50, 0.48, 0.482]
+    sae = [0.43, 0.48, 0.46, 0.462]
+    mean = [0.37, 0.42, 0.40, 0.412]
+    ids = [c.id for c in sae_checks(HOOK, _rec(clean, sae, [0.5, 0.6, 0.55, 0.56], mean, 0.3))]
+    assert "sae_worse_than_mean_ablation" not in ids and "loss_recovered_undefined_mean" in ids
+
+
+def test_splice_that_moves_the_loss_either_way_more_than_mean_ablation_is_worse():
+    """Per prompt the splice moves the loss by 0.2 (up or down, mean change 0), mean ablation by 0.1: flagged."""
+    clean = [1.0, 1.0, 1.0, 1.0]
+    sae = [1.2, 0.8, 1.2, 0.8]
+    mean = [1.1, 1.1, 1.1, 1.1]
+    ids = [c.id for c in sae_checks(HOOK, _rec(clean, sae, [3.0, 3.1, 3.2, 3.0], mean, 0.3))]
+    assert "sae_worse_than_mean_ablation" in ids
 
 
 def test_ill_posed_loss_recovered_is_a_check_with_the_raw_losses():

@@ -7,8 +7,11 @@ reconstructs the hook point at P well enough that its features stand for what th
 ``behaviour_not_performed`` (scope ``"task"``)
     clean top-1 accuracy below :data:`~saecircuits.analysis.behaviour.MIN_TOP1_ACCURACY`.
 ``sae_worse_than_mean_ablation``
-    splicing the SAE in at P raises the mean answer loss above that of mean-ablating the whole hook at P: the
-    SAE keeps less of what matters than a constant vector does (loss recovered vs mean ablation below 0).
+    splicing the SAE in at P changes the answer loss more than mean-ablating the whole hook at P does, measured
+    per prompt (mean over prompts of ``|spliced - clean|`` above the mean of ``|mean-ablated - clean|``): the SAE
+    perturbs what the layer does at P more than a constant vector does. Absolute changes, so a layer whose
+    ablation lowers the loss is judged the same way (with a clear loss increase from mean ablation and the same
+    sign on every prompt this is loss recovered vs mean ablation below 0).
 ``negative_explained_variance``
     explained variance at P below 0: the reconstruction is further from the activations than their mean is.
 ``loss_recovered_undefined_zero`` / ``loss_recovered_undefined_mean``
@@ -82,14 +85,16 @@ def sae_checks(hook_point: str, rec: ReconstructionResult) -> list[Check]:
     clean, sae = float(rec.clean_loss.mean()), float(rec.sae_loss.mean())
     if rec.mean_loss is not None:
         mean = float(rec.mean_loss.mean())
-        if sae > mean:
+        moved_sae = float((rec.sae_loss.double() - rec.clean_loss.double()).abs().mean())
+        moved_mean = float((rec.mean_loss.double() - rec.clean_loss.double()).abs().mean())
+        if moved_sae > moved_mean:
             out.append(Check(
                 id="sae_worse_than_mean_ablation",
                 scope=hook_point,
                 message=(
-                    f"splicing this SAE in at P raises the answer loss from {clean:.4f} to {sae:.4f} nats, more "
-                    f"than mean-ablating the whole hook ({mean:.4f} nats): its features do not stand for what the "
-                    "layer does at P"
+                    f"splicing this SAE in at P changes the answer loss by {moved_sae:.4f} nats per prompt on average "
+                    f"(mean {clean:.4f} -> {sae:.4f}), more than mean-ablating the whole hook does ({moved_mean:.4f}; "
+                    f"mean {clean:.4f} -> {mean:.4f}): its features do not stand for what the layer does at P"
                 ),
                 what_to_try="use a better SAE: " + _BETTER_SAE,
             ))
