@@ -114,6 +114,7 @@ def test_exact_sae_on_a_random_model_reports_undefined_loss_recovered_and_warns(
     printed = capsys.readouterr().out
     assert "does NOT perform the behaviour" in printed and "undefined" in printed
     assert "checks:" in printed and "try:" in printed and "WARNING blocks.1.mlp.hook_post" in printed
+    assert "WARNING [task] the model does not perform" in printed  # the scope is text, not rich markup
     html = (tmp_path / "out" / "report.html").read_text()
     assert "The model does not perform the behaviour" in html and "undefined: " in html
     assert html.count("the feature ranking of this SAE cannot support a conclusion") == 2  # summary + ranking

@@ -58,7 +58,7 @@ def _checks_block(console, results: dict) -> None:
         return
     console.print(f"[bold yellow]checks: {len(checks)} warning(s)[/]")
     for c in checks:
-        console.print(f"  [yellow]WARNING[/] [{escape(c['scope'])}] {escape(c['message'])}")
+        console.print(f"  [yellow]WARNING[/] {escape('[' + c['scope'] + ']')} {escape(c['message'])}")
         console.print(f"    try: {escape(c['what_to_try'])}")
 
 
