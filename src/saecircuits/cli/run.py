@@ -36,6 +36,13 @@ def _say(line: str) -> None:
     Console(stderr=True, soft_wrap=True).print(f"[bold cyan]saecircuits[/] {escape(line)}", highlight=False)
 
 
+def _num(value, spec: str) -> str:
+    """A number for the console, or 'n/a' when it is missing or NaN (an undefined interval is never shown as 0)."""
+    if value is None or value != value:
+        return "n/a"
+    return format(value, spec)
+
+
 def _ratio_text(sae: dict, key: str) -> str:
     """A loss recovered for the console: 'value [lo, hi]', or 'undefined' (its reason is in the checks block)."""
     value = sae.get(key)
@@ -100,18 +107,18 @@ def _summary(results: dict) -> None:
         for col in ("feature", "loss increase (nats)", "±95%", "mean act", "frac active"):
             table.add_column(col, justify="right")
         for f in sae["top_features"][:8]:
-            table.add_row(str(f["feature"]), f"{f['loss_increase']:.4f}", f"{f.get('loss_increase_ci95') or 0:.4f}",
-                          f"{f['mean_activation']:.3f}", f"{f['fraction_active']:.3f}")
+            table.add_row(str(f["feature"]), _num(f["loss_increase"], ".4f"), _num(f.get("loss_increase_ci95"), ".4f"),
+                          _num(f["mean_activation"], ".3f"), _num(f["fraction_active"], ".3f"))
         console.print(table)
         console.print(
             f"  answer loss at P (nats): clean {sae['clean_loss']:.4f}, SAE spliced {sae['sae_loss']:.4f}, zero "
-            f"ablation {sae['zero_ablation_loss']:.4f}, mean ablation {sae['mean_ablation_loss'] or float('nan'):.4f}"
+            f"ablation {sae['zero_ablation_loss']:.4f}, mean ablation {_num(sae['mean_ablation_loss'], '.4f')}"
         )
         if "multi_ablation" in sae:
             m = sae["multi_ablation"]
             console.print(
                 f"  ablating {m['features']} together, original - ablated: answer logprob "
-                f"{m['logprob_diff']['mean']:+.3f} ± {m['logprob_diff']['ci95'] or float('nan'):.3f} nats, "
+                f"{m['logprob_diff']['mean']:+.3f} ± {_num(m['logprob_diff'].get('ci95'), '.3f')} nats, "
                 f"logit {m['logit_diff']['mean']:+.3f}, rank {m['rank_diff']['mean']:+.2f} "
                 "(positive logprob/logit: the ablation hurts the answer)"
             )

@@ -1,0 +1,56 @@
+"""The console summary: the behaviour line first, undefined numbers said so (never 0 or an interval), the checks."""
+
+from __future__ import annotations
+
+import math
+
+from saecircuits.cli.run import _summary
+
+
+def _results(**sae_extra) -> dict:
+    sae = {
+        "hook_point": "blocks.1.mlp.hook_post", "d_in": 4, "d_sae": 8, "l0": 3.0, "explained_variance": None,
+        "clean_loss": 0.5, "sae_loss": 0.6, "zero_ablation_loss": 0.5001, "mean_ablation_loss": 0.9,
+        "loss_recovered": None, "loss_recovered_undefined_reason": "zero ablation barely raises the loss",
+        "loss_recovered_mean_ablation": 0.75, "loss_recovered_mean_ablation_ci95": [0.7, 0.8],
+        "top_features": [
+            {"feature": 5, "loss_increase": 0.25, "loss_increase_ci95": None, "mean_activation": 1.0,
+             "fraction_active": 0.05},
+            {"feature": 2, "loss_increase": 0.125, "loss_increase_ci95": math.nan, "mean_activation": 1.0,
+             "fraction_active": 0.05},
+        ],
+        "failed_checks": ["loss_recovered_undefined_zero"],
+    } | sae_extra
+    return {
+        "model": "m", "task": {"name": "t", "n_prompts": 20, "answer_token_ids": [1]},
+        "dla": {"labels": [], "mean": [], "completeness_max_abs_error": 1e-6},
+        "behaviour": {"n_prompts": 20, "top1_accuracy": 0.9, "mean_p_answer": 0.8, "mean_loss": 0.5,
+                      "performs": True},
+        "checks": [{"id": "loss_recovered_undefined_zero", "scope": "blocks.1.mlp.hook_post",
+                    "message": "loss recovered vs zero ablation is undefined", "what_to_try": "read the raw losses"}],
+        "saes": [sae],
+    }
+
+
+def test_undefined_numbers_are_never_printed_as_numbers(capsys):
+    _summary(_results())
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[1].startswith("the model performs the behaviour: clean top-1 accuracy 90.0%")
+    assert "explained variance at P undefined" in out
+    assert "loss recovered undefined vs zero / 0.750 [0.700, 0.800] vs mean ablation" in out
+    assert "0.0000" not in out and "nan" not in out  # an undefined feature CI is n/a, not a zero-width interval
+    assert out.count("n/a") == 2
+    assert "clean 0.5000, SAE spliced 0.6000, zero ablation 0.5001, mean ablation 0.9000" in out
+    assert "WARNING blocks.1.mlp.hook_post: 1 check(s) failed (loss_recovered_undefined_zero)" in out
+    assert "WARNING [blocks.1.mlp.hook_post] loss recovered vs zero ablation is undefined" in out
+    assert "try: read the raw losses" in out
+
+
+def test_all_checks_passed_line(capsys):
+    r = _results(failed_checks=[], loss_recovered=0.9, loss_recovered_ci95=[0.85, 0.95],
+                 loss_recovered_undefined_reason=None)
+    r["checks"] = []
+    _summary(r)
+    out = capsys.readouterr().out
+    assert "checks: all passed" in out and "WARNING" not in out and "0.900 [0.850, 0.950] vs zero" in out
