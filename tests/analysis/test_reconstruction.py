@@ -8,6 +8,7 @@ import functools
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import HOOK, exact_sae, quote_task, random_sae, tiny_neo, zero_sae
@@ -278,3 +279,20 @@ def test_issue_default_model_first_20_tinystories_prompts():
     assert (r.zero_loss - r.clean_loss).mean().item() == pytest.approx(sum(d) / len(d), abs=1e-4)
     lr = r.loss_recovered_zero
     assert not lr.defined and math.isnan(lr.value) and math.isnan(lr.low) and "lowers" in lr.reason
+
+
+def test_weighted_effect_interval_matches_a_bootstrap_of_the_weighted_mean():
+    """The ratio-estimator standard error behind the effect's interval, checked against resampling (independent)."""
+    gen = torch.Generator().manual_seed(0)
+    n = 400
+    tokens = torch.randint(5, 60, (n,), generator=gen).double()
+    clean = torch.rand(n, generator=gen, dtype=torch.float64)
+    ablated = clean + 0.2 + torch.randn(n, generator=gen, dtype=torch.float64) * 0.5
+    lr = loss_recovered(clean, clean + 0.01, ablated, weights=tokens)
+    half = (lr.effect_high - lr.effect_low) / 2
+    d = (ablated - clean).numpy()
+    w = tokens.numpy()
+    idx = np.random.default_rng(1).integers(0, n, size=(4000, n))
+    boot_sd = ((w[idx] * d[idx]).sum(1) / w[idx].sum(1)).std()
+    assert half / 1.966 == pytest.approx(boot_sd, rel=0.08)  # t(0.975, 399) = 1.966
+    assert lr.effect == pytest.approx(float((w * d).sum() / w.sum()), abs=1e-12)
