@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from saecircuits.analysis.ablation_modes import baseline_logits, check_mode
 from saecircuits.analysis.error_dla import mlp_post_layer
 from saecircuits.analysis.features import activations_or_compute, features_ablation_edit
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, bos_id_of, task_batches
@@ -36,6 +37,7 @@ __all__ = [
     "PromptBoosts",
     "WeightBoosts",
     "common_tokens",
+    "common_from_counts",
     "prompt_logprob_boosts",
     "weight_logit_boosts",
     "token_string",
@@ -55,6 +57,12 @@ def token_string(model, token_id: int) -> str:
     """The decoded string of one token (``str(id)`` when the model has no tokenizer)."""
     tok = getattr(model, "tokenizer", None)
     return tok.decode([int(token_id)]) if tok is not None else str(int(token_id))
+
+
+def common_from_counts(counts: torch.Tensor, min_count: int = 100) -> torch.Tensor:
+    """The common-token rule on token counts ``[d_vocab]``: bool ``[d_vocab]``, True where ``count > min_count``
+    (the notebook's B3 with 100; the corpus statistics pass, ``analysis.corpus_stats``, counts tokens too)."""
+    return counts > min_count
 
 
 def common_tokens(
@@ -83,7 +91,7 @@ def common_tokens(
     t = torch.tensor(ids, dtype=torch.long)
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= d_vocab):
         raise ValueError(f"token ids must lie in 0..{d_vocab - 1}; these rows are from another tokenizer")
-    return torch.bincount(t, minlength=d_vocab)[:d_vocab] > min_count
+    return common_from_counts(torch.bincount(t, minlength=d_vocab)[:d_vocab], min_count)
 
 
 def _check_mask(mask: torch.Tensor | None, d_vocab: int) -> torch.Tensor:
@@ -141,6 +149,7 @@ def prompt_logprob_boosts(
     threshold: float = 0.0,
     max_prompts: int | None = 100,
     acts: torch.Tensor | None = None,
+    mode: str = "residual",
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
 ) -> PromptBoosts:
@@ -155,14 +164,17 @@ def prompt_logprob_boosts(
         threshold: activity threshold at P (strict).
         max_prompts: at most this many active prompts, first in task order (notebook 100); ``None`` = all.
         acts: precomputed ``feature_activations`` ``[n_prompts, d_sae]``.
+        mode: ablation mode (:mod:`saecircuits.analysis.ablation_modes`); with ``"clean_effect"`` the "clean" side
+            is the SAE-spliced run.
         max_tokens, max_batch: batch budget.
 
     Returns:
         :class:`PromptBoosts`; with no active prompt the vectors are NaN and the lists empty.
 
     Raises:
-        IndexError: ``feature`` out of range. ValueError: bad ``common_tokens`` or ``acts`` shape.
+        IndexError: ``feature`` out of range. ValueError: bad ``common_tokens`` or ``acts`` shape, unknown ``mode``.
     """
+    check_mode(mode)
     k = int(feature)
     if not 0 <= k < sae.d_sae:
         raise IndexError(f"feature {k} out of range 0..{sae.d_sae - 1}")
@@ -188,12 +200,12 @@ def prompt_logprob_boosts(
     clean_sum = torch.zeros(d_vocab, dtype=torch.float64)
     abl_sum = torch.zeros(d_vocab, dtype=torch.float64)
     ans_clean = ans_abl = 0.0
-    edit = features_ablation_edit(sae, [k])
+    edit = features_ablation_edit(sae, [k], mode)
     iv = interventions_for(model)
     with torch.no_grad():
         for batch in task_batches(model, sub, max_tokens=max_tokens, max_batch=max_batch):
             clean_pass = iv.clean(batch)
-            clean = clean_pass.logits
+            clean = baseline_logits(iv, clean_pass, sae, mode)
             abl = iv.run(clean_pass, [edit])[0][:, 0]
             rows = torch.arange(len(batch.indices), device=clean.device)
             ans = batch.answer_ids.to(clean.device)
