@@ -47,7 +47,7 @@ def _story_losses(model, sae, row, k, positions, mode):
 def _acts(model, sae, row, k):
     with torch.no_grad():
         h = model.run_with_cache(torch.tensor([row]), names_filter=[HOOK])[1][HOOK][0]
-    return _encode(sae, h)[:, k] * torch.tensor([t != 0 for t in row])
+        return _encode(sae, h)[:, k] * torch.tensor([t != 0 for t in row])
 
 
 @pytest.mark.parametrize("mode", ["residual", "reconstruction"])
