@@ -106,3 +106,53 @@ def test_missing_cuda_is_a_clear_error_and_leaves_no_output_folder(tmp_path, cor
     with pytest.raises(PipelineError, match="no CUDA"):
         run_pipeline(_cfg(tmp_path, corpus, device="cuda"), model=tiny_neo(), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_pipeline_runs_the_rest_of_the_reference_study(tmp_path, corpus):
+    """The study keys are there, consistent with the first-slice numbers, and shown in the report."""
+    model = tiny_neo()
+    results = run_pipeline(_cfg(tmp_path, corpus, n_max_act_stories=3), model=model, progress=False)
+    validate_results(results)
+    html = (tmp_path / "out" / "report.html").read_text()
+    for sae in results["saes"]:
+        lc = sae["loss_comparison"]
+        clean, mean, zero, feats, spliced = lc["mean"]
+        assert clean == pytest.approx(sae["clean_loss"], abs=1e-5)
+        assert spliced == pytest.approx(sae["sae_loss"], abs=1e-5)
+        assert zero == pytest.approx(sae["zero_ablation_loss"], abs=1e-5)
+        assert mean == pytest.approx(sae["mean_ablation_loss"], abs=1e-5)
+        assert lc["features"] == sae.get("multi_ablation", {}).get("features", [])
+        cs = sae["corpus_stats"]
+        assert [f["feature"] for f in cs["features"]] == [f["feature"] for f in sae["top_features"][:2]]
+        assert cs["n_docs"] == results["corpus"]["n_docs"]
+        assert sum(cs["l0_counts"]) == cs["n_tokens"]
+        modes = sae["ablation_modes"]
+        by_feature = {f["feature"]: f for f in sae["top_features"]}
+        for row in modes["rows"]:
+            assert row["residual"]["mean"] == pytest.approx(by_feature[row["feature"]]["loss_increase"], abs=1e-5)
+        assert sae["feature_effects_info"]["ablation_mode"] == "residual"
+        assert sae["feature_effects_info"]["off_range"]["floor"] == pytest.approx(-0.17004, abs=1e-4)
+        for st in sae["max_activating_ablation"]:
+            assert st["n_stories"] <= 3 and len(st["stories"]) == st["n_stories"]
+        sid = f"sae-{results['saes'].index(sae)}"
+        for slug in ("corpus", "fiveway", "modes", "stories", "geometry", "span"):
+            assert f'id="{sid}-{slug}"' in html
+    layers = results["layer_comparison"]
+    assert [r["label"] for r in layers["runs"]][-1] == "all together"
+    for r, sae in zip(layers["runs"], results["saes"], strict=False):
+        assert r["loss_increase"]["mean"] == pytest.approx(sae["multi_ablation"]["loss_increase"]["mean"], abs=1e-5)
+    assert 'id="layers"' in html
+
+
+def test_pipeline_records_the_ablation_mode(tmp_path, corpus):
+    results = run_pipeline(_cfg(tmp_path, corpus, ablation_mode="clean_effect", n_evidence_features=1,
+                                n_max_act_stories=2), model=tiny_neo(), progress=False)
+    for sae in results["saes"]:
+        assert sae["feature_effects_info"]["ablation_mode"] == "clean_effect"
+        assert sae["loss_comparison"]["mode"] == "clean_effect"
+        if "multi_ablation" in sae:
+            assert sae["multi_ablation"]["mode"] == "clean_effect"
+        assert all(st["mode"] == "clean_effect" for st in sae["max_activating_ablation"])
+    assert results["corpus"]["ablation_mode"] == "clean_effect"
+    with pytest.raises(PipelineError, match="ablation-mode"):
+        _cfg(tmp_path, corpus, ablation_mode="zero")

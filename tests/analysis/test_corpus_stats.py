@@ -170,3 +170,27 @@ def test_bad_input_is_refused():
         corpus_feature_stats(model, saes, [[0, 10_000]])
     with pytest.raises(IndexError):
         corpus_feature_stats(model, saes, [[0, 5, 6]])[0].top_examples(10_000)
+
+
+def test_example_windows_show_the_feature_around_the_picked_position():
+    from saecircuits.analysis.corpus_stats import example_windows
+
+    model, rows, saes = tiny_neo(), _rows(), _saes()
+    sae = saes[1]
+    fs = corpus_feature_stats(model, [sae], rows, k=K)[0]
+    picks = [(j, d, p) for j in (0, 5) for d, p, _ in fs.top_examples(j, 2)]
+    picks += [(5, d, p) for d, p, _ in fs.band_examples(5, "lower", 1)]
+    exs = example_windows(model, sae, rows, picks, window_before=3, window_after=2, max_batch=2)
+    assert len(exs) == len(picks)
+    tok = model.tokenizer
+    for (j, d, p), ex in zip(picks, exs, strict=True):
+        with torch.no_grad():
+            x = model.run_with_cache(torch.tensor([rows[d]]), names_filter=[sae.hook_point])[1][sae.hook_point][0]
+            f = sae.encode(x)[:, j].clamp(min=0) * torch.tensor([t != 0 for t in rows[d]])
+        start, stop = max(0, p - 3), min(len(rows[d]), p + 3)
+        assert (ex.feature, ex.doc_index, ex.max_position, ex.window_start) == (j, d, p, start)
+        assert ex.tokens == [tok.decode([t]) for t in rows[d][start:stop]]
+        assert ex.activations == pytest.approx(f[start:stop].tolist(), abs=1e-5)
+        assert ex.max_activation == pytest.approx(float(f[p]), abs=1e-5)
+    with pytest.raises(IndexError):
+        example_windows(model, sae, rows, [(0, len(rows), 0)])

@@ -62,6 +62,7 @@ __all__ = [
     "corpus_feature_stats",
     "special_ids_of",
     "counted_token_mask",
+    "example_windows",
 ]
 
 BANDS: dict[str, float] = {"upper": 2 / 3, "middle": 1 / 3, "lower": 1 / 10}
@@ -484,3 +485,65 @@ def corpus_feature_stats(
             acc.update(reads[acc.sae.hook_point], batch.tokens, mask, docs)
     features = [acc.finish(len(token_rows), n_tokens, d_vocab, n_top_tokens) for acc in accs]
     return CorpusStats(len(token_rows), n_tokens, token_counts, features, special)
+
+
+def example_windows(
+    model,
+    sae: SAE,
+    token_rows: Sequence[Sequence[int]],
+    picks: Sequence[tuple[int, int, int]],
+    *,
+    window_before: int = 10,
+    window_after: int = 5,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+):
+    """Token windows around chosen (feature, document, position) triples, e.g. from
+    :meth:`FeatureStats.top_examples` or :meth:`FeatureStats.band_examples`, with the feature's activation per token.
+
+    One forward over the distinct documents (stops after the SAE's block). Special positions show activation 0, as
+    the statistics count them.
+
+    Args:
+        picks: ``(feature, doc, position)`` triples.
+
+    Returns:
+        list of :class:`saecircuits.analysis.examples.Example` in the order of ``picks``.
+
+    Raises:
+        IndexError: a document or position out of range.
+    """
+    from saecircuits.analysis.examples import Example, feature_activations_over_rows
+
+    picks = [(int(k), int(d), int(p)) for k, d, p in picks]
+    if any(not 0 <= d < len(token_rows) or not 0 <= p < len(token_rows[d]) for _, d, p in picks):
+        raise IndexError("a picked document or position is out of range of the corpus rows")
+    docs = sorted({d for _, d, _ in picks})
+    feats = sorted({k for k, _, _ in picks})
+    col = {k: j for j, k in enumerate(feats)}
+    special = special_ids_of(model)
+    acts: dict[int, torch.Tensor] = {}
+    rows = [token_rows[d] for d in docs]
+    for batch in row_batches(rows, pad_id_of(model), max_tokens=max_tokens, max_batch=max_batch,
+                             device=_device_of(model)):
+        a = feature_activations_over_rows(model, sae, batch.tokens, torch.tensor(feats)).cpu()
+        a = a.clamp(min=0) * counted_token_mask(batch.tokens, batch.positions + 1, special).cpu()[..., None]
+        for r, i in enumerate(batch.indices):
+            acts[docs[i]] = a[r, : int(batch.positions[r]) + 1]
+    tok = model.tokenizer
+    out = []
+    for k, d, p in picks:
+        row = list(token_rows[d])
+        start, stop = max(0, p - window_before), min(len(row), p + window_after + 1)
+        out.append(
+            Example(
+                feature=k,
+                doc_index=d,
+                max_position=p,
+                max_activation=float(acts[d][p, col[k]]),
+                window_start=start,
+                tokens=[tok.decode([t]) for t in row[start:stop]],
+                activations=acts[d][start:stop, col[k]].tolist(),
+            )
+        )
+    return out

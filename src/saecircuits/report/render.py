@@ -11,8 +11,9 @@ recovered vs zero and vs mean ablation, with CIs), the four losses, the top feat
 (analysis-spec F3) as a table and a chart, the multi-feature ablation (original - ablated), the top activating
 examples per feature (analysis-spec F14 colours, see ``tokens_html.py``); when present, the SAE-error DLA (F6),
 per-feature details (log-prob and logit boosts F16/F17, activation vs loss increase F18, DFA F7), the upstream
-ablation (F8) and the activation-scaled DLA (F20); appendix (training, timings, config,
-notes).
+ablation (F8) and the activation-scaled DLA (F20); the rest of the reference study when present (corpus
+statistics, the five-way loss comparison, the three ablation modes, ablation on max-activating stories, co-occurrence
+and decoder geometry, the span ablation, and the layer comparison); appendix (training, timings, config, notes).
 """
 
 from __future__ import annotations
@@ -703,6 +704,340 @@ def _evidence_sections(sae: Mapping, fig: _Figures, sid: str) -> list[str]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The rest of the reference study (optional keys; pipeline.study_sae / study_run)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _mci(d: Mapping | None, fmt: str = ".4f") -> str:
+    """'mean ± half (n=..)' of a MEANCI dict."""
+    if not d:
+        return "n/a"
+    n = d.get("n")
+    return _pm(d.get("mean"), d.get("ci95"), fmt) + (f" (n={n})" if n is not None else "")
+
+
+def _off_range_text(off: Mapping | None) -> str:
+    """One sentence on ablated activations below the hook's range (or why it is undefined)."""
+    if not off:
+        return ""
+    if off.get("n_with_off_range") is None:
+        return "Off-range count: undefined (this hook has no bounded range, e.g. a gated MLP)."
+    n, k = off.get("n_ablations", 0), off["n_with_off_range"]
+    frac = off.get("fraction_with_off_range")
+    return (
+        f"{k} of {n} ablated activation vectors ({_num(frac, '.1%') if _finite(frac) else 'n/a'}) have entries below "
+        f"the activation function's minimum {_num(off.get('floor'), '.4f')} ({off.get('n_off_range_entries', 0)} "
+        f"entries; lowest value {_num(off.get('min_value'), '.3f')}): states the model never produces."
+    )
+
+
+def _token_pairs(pairs: Sequence) -> str:
+    return ", ".join(f"{visible_token(t)} ({c})" for t, c in pairs) or "none"
+
+
+def _corpus_section(sae: Mapping, fig: _Figures, sid: str) -> str:
+    cs = sae["corpus_stats"]
+    out = [
+        f'<p class="note">Statistics of every feature over {_esc(cs["n_docs"])} corpus documents '
+        f"({_esc(cs['n_tokens'])} counted tokens: padding and special tokens such as BOS left out), from one streaming "
+        "pass shared by every SAE of the run. <b>Density</b> is the fraction of counted tokens where a feature "
+        "fires (f &gt; 0); a healthy SAE has most features between 1e-4 and 1e-1, a spike near 1 means dense "
+        "features, and dead features never fire. <b>Top tokens</b> are the input tokens a feature fires on above "
+        f"{_esc(_num(cs.get('token_fraction'), '.2f'))} of its corpus maximum, with counts; a high top-token share "
+        "means a token detector, a low one a context feature.</p>"
+    ]
+    out.append(
+        _table(
+            ["quantity", "value"],
+            [
+                ("documents / counted tokens", f"{cs['n_docs']} / {cs['n_tokens']}"),
+                ("L0 (mean active features per counted token)", _num(cs["l0"], ".2f")),
+                ("dead features (never fire)", cs.get("n_dead", "n/a")),
+            ],
+            left_cols=(0,),
+        )
+    )
+    edges, counts = cs.get("density_log10_edges"), cs.get("density_log10_counts")
+    if edges and counts:
+        f = go.Figure(
+            go.Bar(x=[(a + b) / 2 for a, b in zip(edges[:-1], edges[1:], strict=True)], y=counts,
+                   width=[b - a for a, b in zip(edges[:-1], edges[1:], strict=True)], marker_color="#1f77b4")
+        )
+        f.update_layout(title="Feature density over the corpus (features that fire at least once)",
+                        xaxis_title="log10 density (fraction of tokens with f > 0)", yaxis_title="features")
+        out.append(fig(f, height=320))
+    feats = cs["features"]
+    if feats:
+        rows = [
+            (
+                fe["feature"],
+                _num(fe["density"], ".2e"),
+                _num(fe["max_activation"], ".3f"),
+                _num(fe.get("mean_when_active"), ".3f"),
+                _token_pairs(fe["top_tokens"][:6]),
+                _num(fe.get("top_token_share"), ".2f"),
+            )
+            for fe in feats
+        ]
+        out.append(
+            _table(["feature", "density", "corpus max", "mean when active", "top tokens (count)", "top-token share"],
+                   rows, left_cols=(4,))
+        )
+        a_edges = cs.get("activation_log10_edges")
+        if a_edges:
+            centres = [(a + b) / 2 for a, b in zip(a_edges[:-1], a_edges[1:], strict=True)]
+            f = go.Figure(
+                [go.Scatter(x=centres, y=fe.get("activation_log10_counts", []), mode="lines", name=f"f{fe['feature']}")
+                 for fe in feats if fe.get("activation_log10_counts")]
+            )
+            f.update_layout(title="Activation histogram of the top features (tokens where each fires)",
+                            xaxis_title="log10 activation", yaxis_title="tokens")
+            out.append(fig(f, height=320))
+        out.append(
+            '<p class="note">Examples in bands of the corpus maximum (the reference study\'s upper / middle / lower '
+            "modes): documents whose maximum lies just above 2/3, 1/3 and 1/10 of the feature's maximum. What a "
+            "feature does at lower activations is often broader than its top examples suggest.</p>"
+        )
+        for fe in feats:
+            bands = fe.get("band_examples") or {}
+            if not any(bands.values()):
+                continue
+            out.append(f'<h4 id="{sid}-bands-f{int(fe["feature"])}">Feature {_esc(fe["feature"])}</h4>')
+            for band, exs in bands.items():
+                for ex in exs:
+                    mx = ex.get("max_activation")
+                    out.append(f'<div class="note">{_esc(band)} band, doc {_esc(ex.get("doc_index", "n/a"))}, '
+                               f"activation {_esc(_num(mx))}</div>")
+                    out.append(tokens_to_html(ex["tokens"], ex["activations"],
+                                              max_value=fe["max_activation"] if _finite(fe["max_activation"]) else None))
+    return "\n".join(out)
+
+
+def _five_way_section(sae: Mapping, fig: _Figures) -> str:
+    lc = sae["loss_comparison"]
+    labels, means, cis = lc["labels"], lc["mean"], lc.get("ci95")
+    diffs, dcis = lc.get("diff_vs_clean"), lc.get("diff_vs_clean_ci95")
+    out = [
+        f'<p class="note">Answer loss at the prediction position on the same {_esc(lc.get("n_prompts", "n/a"))} '
+        f"prompts under five runs of <code>{_esc(sae['hook_point'])}</code>: clean, mean- and zero-ablated at P, "
+        f"the top features {_esc(', '.join(str(x) for x in lc.get('features', [])) or '(none)')} ablated together "
+        f"({_esc(lc.get('mode', 'residual'))} mode), and the SAE spliced in. How to read it: if ablating a few features "
+        "costs about as much as ablating the whole layer, those features carry the layer's contribution to the "
+        "answer; the SAE row should sit near the clean row. Paired differences (run - clean) have tighter "
+        "intervals than the means because each prompt is compared with itself.</p>"
+    ]
+    rows = []
+    for j, lab in enumerate(labels):
+        rows.append((lab, _pm(means[j], cis[j] if cis else None),
+                     _pm(diffs[j], dcis[j] if dcis else None) if diffs else "n/a"))
+    out.append(_table(["run", "loss (nats, 95% CI)", "run - clean (nats, paired 95% CI)"], rows, left_cols=(0,)))
+    extra = []
+    if "loss_recovered" in lc:
+        extra.append(f"Loss recovered (zero vs SAE) = {_pm(lc['loss_recovered'], lc.get('loss_recovered_ci95'), '.3f')}.")
+    if lc.get("features_minus_sae"):
+        extra.append(f"Top features ablated - SAE spliced: {_mci(lc['features_minus_sae'])} nats.")
+    for key, what in (("off_range", "Top-features run"), ("sae_off_range", "SAE run")):
+        if lc.get(key):
+            extra.append(f"{what}: {_off_range_text(lc[key])}")
+    if extra:
+        out.append('<p class="note">' + " ".join(_esc(e) for e in extra) + "</p>")
+    f = go.Figure(go.Bar(x=[_esc(x) for x in labels], y=_nulls(means), error_y=_error_bars(means, cis),
+                         marker_color=["#2ca02c", "#bcbd22", "#7f7f7f", "#d62728", "#1f77b4"][: len(labels)]))
+    f.update_layout(title="Ablation loss comparison at the prediction position", yaxis_title="loss (nats)",
+                    xaxis_type="category")
+    out.append(fig(f, height=380))
+    return "\n".join(out)
+
+
+def _modes_section(sae: Mapping) -> str:
+    am = sae["ablation_modes"]
+    modes = ("residual", "reconstruction", "clean_effect")
+    desc = am.get("descriptions") or {}
+    out = [
+        '<p class="note">The same top features ablated alone in the three ablation modes (mean loss increase over the '
+        "prompts where each is active, nats, 95% CI). <b>residual</b>: the feature's decoded contribution removed, "
+        "the SAE error kept (the reference study's main ablation). <b>reconstruction</b>: the activation replaced by "
+        "the SAE reconstruction with the feature zeroed, compared with the clean run, so the SAE error's own effect "
+        "is mixed in. <b>clean_effect</b>: that same edit compared with the SAE spliced in, i.e. the feature's effect "
+        "inside the SAE's model of the layer. Large gaps between the modes mean the SAE error matters for this "
+        "behaviour.</p>"
+    ]
+    if desc:
+        out.append("<ul class=\"note\">" + "".join(f"<li><b>{_esc(m)}</b>: {_esc(desc[m])}</li>"
+                                                    for m in modes if m in desc) + "</ul>")
+    rows = [(r["feature"], *[_mci(r.get(m)) for m in modes]) for r in am["rows"]]
+    multi = am.get("multi") or {}
+    if multi:
+        rows.append(("together: " + ", ".join(str(x) for x in am.get("multi_features", [])),
+                     *[_mci(multi.get(m)) for m in modes]))
+    out.append(_table(["feature", *modes], rows, left_cols=(0,)))
+    offs = am.get("off_range") or {}
+    notes = [f"{m}: {_off_range_text(offs[m])}" for m in modes if offs.get(m)]
+    if notes:
+        out.append('<p class="note">Single-feature ablations of these features, by mode. '
+                   + " ".join(_esc(n) for n in notes) + "</p>")
+    return "\n".join(out)
+
+
+def _stories_section(sae: Mapping, fig: _Figures, sid: str) -> str:
+    out = [
+        '<p class="note">Each feature ablated on the corpus stories where it fires most. <b>Global</b>: ablated at '
+        "every position of the story, mean next-token loss over the story (ablated - clean, mean over stories). "
+        "<b>Per position</b>: ablated at one position where it is active (above the threshold, a tenth of its corpus "
+        "maximum) and the loss of predicting the next token there, mean over (story, position) pairs. A feature that "
+        "matters where it fires has a clearly positive per-position effect; the per-token view shows where in a story "
+        "the loss moves (red: the loss rose when the feature was ablated everywhere, blue: it fell).</p>"
+    ]
+    rows = [
+        (st["feature"], st.get("n_stories", "n/a"), _num(st.get("threshold"), ".3f"), _mci(st["global"]),
+         _mci(st["per_position"]), st.get("mode", "residual"))
+        for st in sae["max_activating_ablation"]
+    ]
+    out.append(_table(["feature", "stories", "threshold", "global: loss increase (nats)",
+                       "per position: loss increase (nats)", "mode"], rows))
+    for st in sae["max_activating_ablation"]:
+        k = int(st["feature"])
+        vals = st.get("position_loss_increase") or []
+        if vals:
+            f = go.Figure(go.Histogram(x=_nulls(vals), nbinsx=40, marker_color="#d62728"))
+            f.update_layout(title=f"Feature {k}: loss increase when ablated at one active position",
+                            xaxis_title="loss increase (nats)", yaxis_title="(story, position) pairs")
+            out.append(fig(f, height=300))
+        if st.get("off_range"):
+            out.append(f'<p class="note">{_esc(_off_range_text(st["off_range"]))}</p>')
+        for pt in st.get("per_token", []):
+            out.append(f'<div class="note" id="{sid}-story-f{k}-d{_esc(pt.get("doc_index", ""))}">feature {k}, '
+                       f"doc {_esc(pt.get('doc_index', 'n/a'))}: loss change per predicted token (hover: activation "
+                       "of the feature at the token)</div>")
+            extra = {"activation": pt["activation"]} if pt.get("activation") is not None else None
+            out.append(tokens_to_html(pt["tokens"], pt["loss_change"], value_name="Loss change",
+                                      extra_measures=extra))
+    return "\n".join(out)
+
+
+def _heatmap(fig: _Figures, m: Sequence, labels: Sequence[str], title: str, zmin: float, zmax: float) -> str:
+    f = go.Figure(go.Heatmap(z=[_nulls(r) for r in m], x=list(labels), y=list(labels), zmin=zmin, zmax=zmax,
+                             colorscale="RdBu", reversescale=True, texttemplate="%{z:.2f}"))
+    f.update_layout(title=title, xaxis_type="category", yaxis_type="category", yaxis_autorange="reversed")
+    return fig(f, height=360)
+
+
+def _geometry_section(sae: Mapping, fig: _Figures) -> str:
+    g = sae["feature_geometry"]
+    labels = [f"f{k}" for k in g["features"]]
+    out = [
+        '<p class="note">How the top features relate. <b>Co-occurrence at P</b>: prompts where both are active, '
+        "divided by the smaller count (1 = the rarer feature only fires together with the other) or by the larger "
+        "(1 = they fire on exactly the same prompts). <b>Decoder cosine</b> near 1: two features write the same "
+        "direction; <b>encoder cosine</b> near 1: they read the same direction. <b>Token kurtosis</b>: how "
+        "heavy-tailed the cosine of a feature's output direction with every token's unembedding is (high: it "
+        "writes towards a few tokens; near 0: no token stands out).</p>"
+    ]
+    co = g.get("cooccurrence")
+    if co:
+        out.append(_heatmap(fig, co["by_min"], labels, "Co-occurrence at P / min count", 0, 1))
+        out.append(_heatmap(fig, co["by_max"], labels, "Co-occurrence at P / max count", 0, 1))
+    for key, title in (("decoder_cosine", "Decoder cosine similarity"), ("encoder_cosine", "Encoder cosine similarity")):
+        if key in g:
+            out.append(_heatmap(fig, g[key], labels, title, -1, 1))
+    if "token_kurtosis" in g:
+        ka = g.get("token_kurtosis_all") or {}
+        out.append(_table(["feature", "token kurtosis"], [(k, _num(v, ".2f")) for k, v in
+                                                           zip(g["features"], g["token_kurtosis"], strict=True)]))
+        if ka.get("counts"):
+            e = ka["edges"]
+            f = go.Figure(go.Bar(x=[(a + b) / 2 for a, b in zip(e[:-1], e[1:], strict=True)], y=ka["counts"],
+                                 marker_color="#8c564b"))
+            f.update_layout(title=f"Token kurtosis of all {ka.get('n_features', '')} features (median "
+                                  f"{_num(ka.get('median'), '.2f')})", xaxis_title="excess kurtosis",
+                            yaxis_title="features")
+            out.append(fig(f, height=300))
+    return "\n".join(out)
+
+
+def _span_section(sae: Mapping, fig: _Figures) -> str:
+    sp = sae["span_ablation"]
+    names = {"clean": "clean", "span_zero": "only the span kept (rest zeroed)",
+             "span_mean": "only the span kept (rest mean)"}
+    out = [
+        f'<p class="note">The activation at P projected onto the span of the decoder vectors of features '
+        f"{_esc(', '.join(str(x) for x in sp['features']))} (rank {_esc(sp.get('rank', 'n/a'))}; on average "
+        f"{_esc(_num(sp.get('fraction_kept'), '.1%') if _finite(sp.get('fraction_kept')) else 'n/a')} of the "
+        "activation's squared norm lies in it), the rest zeroed or replaced by its corpus mean. If the loss stays "
+        "near clean, the behaviour runs through these few directions; compare with the zero and mean ablation of "
+        "the whole layer above.</p>"
+    ]
+    rows = []
+    for j, v in enumerate(sp["variants"]):
+        ci = sp.get("ci95")
+        dci = sp.get("diff_vs_clean_ci95")
+        rows.append((names.get(v, v), _pm(sp["mean"][j], ci[j] if ci else None),
+                     _pm(sp["diff_vs_clean"][j], dci[j] if dci else None) if sp.get("diff_vs_clean") else "n/a"))
+    out.append(_table(["run", "loss (nats, 95% CI)", "run - clean (nats, paired)"], rows, left_cols=(0,)))
+    return "\n".join(out)
+
+
+def _layer_comparison_section(r: Mapping, fig: _Figures) -> str:
+    lc = r["layer_comparison"]
+    out = [
+        '<h2 id="layers">Top features of each layer ablated, alone and together</h2>',
+        f'<p class="note">On the same {_esc(lc.get("n_prompts", "n/a"))} prompts, each SAE\'s top features ablated '
+        f"together at the prediction position ({_esc(lc.get('mode', 'residual'))} mode), then all of them at once "
+        "(the reference study compared its top layer-0 and layer-1 features this way). Loss increase and answer "
+        "log-prob drop (nats, 95% CI). The paired differences say which layer's features matter more for the "
+        "answer on the same prompts; if ablating all together costs about the sum, the layers act independently, "
+        "if about the larger one, the later features depend on the earlier ones.</p>",
+    ]
+    runs = lc["runs"]
+    rows = [(run["label"], "; ".join(", ".join(str(x) for x in fs) for fs in run.get("features", [])),
+             _mci(run["loss_increase"]), _mci(run.get("logprob_diff"))) for run in runs]
+    out.append(_table(["run", "features", "loss increase (nats)", "answer log-prob drop (nats)"], rows,
+                      left_cols=(0, 1)))
+    if lc.get("paired"):
+        out.append(_table(["a - b", "loss increase difference (nats, paired 95% CI)"],
+                          [(f"{runs[p['a']]['label']} - {runs[p['b']]['label']}", _pm(p["mean"], p.get("ci95")))
+                           for p in lc["paired"]], left_cols=(0,)))
+    if any(run.get("values") for run in runs):
+        f = go.Figure([go.Histogram(x=_nulls(run.get("values", [])), name=_esc(run["label"]), opacity=0.6,
+                                    nbinsx=40) for run in runs])
+        f.update_layout(barmode="overlay", title="Loss increase per prompt", xaxis_title="loss increase (nats)",
+                        yaxis_title="prompts")
+        out.append(fig(f, height=340))
+    return "\n".join(out)
+
+
+_STUDY = (
+    ("corpus_stats", "corpus", "Corpus statistics"),
+    ("loss_comparison", "fiveway", "Five-way loss comparison"),
+    ("ablation_modes", "modes", "Ablation modes"),
+    ("max_activating_ablation", "stories", "Ablation on max-activating stories"),
+    ("feature_geometry", "geometry", "Co-occurrence and geometry"),
+    ("span_ablation", "span", "Span of the top decoder vectors"),
+)
+
+
+def _study_sections(sae: Mapping, fig: _Figures, sid: str) -> list[str]:
+    out = []
+    for key, slug, title in _STUDY:
+        if not sae.get(key):
+            continue
+        out.append(f'<h3 id="{sid}-{slug}">{_esc(title)}</h3>')
+        if key == "corpus_stats":
+            out.append(_corpus_section(sae, fig, sid))
+        elif key == "loss_comparison":
+            out.append(_five_way_section(sae, fig))
+        elif key == "ablation_modes":
+            out.append(_modes_section(sae))
+        elif key == "max_activating_ablation":
+            out.append(_stories_section(sae, fig, sid))
+        elif key == "feature_geometry":
+            out.append(_geometry_section(sae, fig))
+        else:
+            out.append(_span_section(sae, fig))
+    return out
+
+
 def _appendix(r: Mapping) -> str:
     out = ['<h2 id="appendix">Appendix</h2>']
     timings = r.get("timings") or {}
@@ -762,7 +1097,7 @@ def build_report_html(results: Mapping) -> str:
             f'<li><a href="#{sid}-examples">activating examples</a></li>'
             + "".join(
                 f'<li><a href="#{sid}-{slug}">{_esc(title.lower())}</a></li>'
-                for key, slug, title in _EVIDENCE
+                for key, slug, title in _EVIDENCE + _STUDY
                 if sae.get(key)
             )
             + "</ul></li>"
@@ -780,6 +1115,10 @@ def build_report_html(results: Mapping) -> str:
         body.append(f'<h3 id="{sid}-examples">Activating examples</h3>')
         body.append(_examples_section(sae, sid))
         body.extend(_evidence_sections(sae, fig, sid))
+        body.extend(_study_sections(sae, fig, sid))
+    if results.get("layer_comparison"):
+        toc.append('<li><a href="#layers">Top features of each layer, alone and together</a></li>')
+        body.append(_layer_comparison_section(results, fig))
     if not results["saes"]:
         body.append('<p class="muted">No SAEs in these results.</p>')
     toc.append('<li><a href="#appendix">Appendix</a></li>')
