@@ -30,8 +30,8 @@ applied at the end. Memory therefore grows with the number of (token, feature) a
 ``token_fraction x`` the feature's maximum and of (document, feature) maxima above ``1/10`` of it, not with the corpus
 times ``d_sae``.
 
-Feature activations are taken as non-negative (every architecture in ``saecircuits.saes`` is); padding and special
-positions count as 0.
+Feature activations are non-negative (every architecture in ``saecircuits.saes`` ends in a ReLU, a TopK of ReLU
+outputs or a JumpReLU); padding and special positions count as 0.
 """
 
 from __future__ import annotations
@@ -307,23 +307,26 @@ class _Accumulator:
         with torch.no_grad():
             for r0 in range(0, b, rows):
                 m = maskf[r0 : r0 + rows]
-                f = sae.encode(x[r0 : r0 + rows].to(sae.W_enc.dtype)).float().clamp(min=0) * m[..., None]
-                active = f > 0
-                self.fire_count += active.sum((0, 1)).cpu()
-                self.activation_sum += f.double().sum((0, 1)).cpu()
-                l0 = torch.bincount(active.sum(-1)[m].cpu())
+                f = sae.encode(x[r0 : r0 + rows].to(sae.W_enc.dtype)).float()
+                f.masked_fill_(~m[..., None], 0.0)  # padding and special positions count as 0
+                mx, pos = f.max(dim=1)  # [r, d_sae]: per-document maximum and its (first) position
+                mx, pos = mx.cpu(), pos.cpu()
+                doc_max.append(mx)
+                doc_pos.append(pos)
+                self.max = torch.maximum(self.max, mx.amax(0))
+                # everything else from the sparse active entries (f > 0), never another dense reduction
+                r_i, t_i, k_i = torch.nonzero(f > 0, as_tuple=True)
+                v = f[r_i, t_i, k_i].cpu()
+                r_i, t_i, k_i = r_i.cpu(), t_i.cpu(), k_i.cpu()
+                self.fire_count += torch.bincount(k_i, minlength=d)
+                self.activation_sum.index_add_(0, k_i, v.double())
+                per_token = torch.bincount(r_i * T + t_i, minlength=m.shape[0] * T)[m.reshape(-1).cpu()]
+                l0 = torch.bincount(per_token)
                 if l0.numel() > self.l0_counts.numel():
                     l0[: self.l0_counts.numel()] += self.l0_counts
                     self.l0_counts = l0
                 else:
                     self.l0_counts[: l0.numel()] += l0
-                self.max = torch.maximum(self.max, f.amax((0, 1)).cpu())
-                mx, pos = f.max(dim=1)  # [r, d_sae]: per-document maximum and its (first) position
-                doc_max.append(mx.cpu())
-                doc_pos.append(pos.cpu())
-                r_i, t_i, k_i = torch.nonzero(active, as_tuple=True)
-                v = f[r_i, t_i, k_i].cpu()
-                r_i, t_i, k_i = r_i.cpu(), t_i.cpu(), k_i.cpu()
                 bins = ((torch.log10(v.double()) - self.lo) / self.width).floor().clamp(0, self.n_bins - 1).long()
                 self.hist.index_add_(0, k_i * self.n_bins + bins, torch.ones_like(bins))
                 keep = v > self.token_fraction * self.max[k_i]
