@@ -423,7 +423,7 @@ def corpus_feature_stats(
     bands: Mapping[str, float] = BANDS,
     hist_range: tuple[float, float] = (-4.0, 3.0),
     hist_bins: int = 70,
-    encode_floats: int = 1 << 23,
+    encode_floats: int = 1 << 24,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
     progress: bool = False,
@@ -440,7 +440,8 @@ def corpus_feature_stats(
         bands: example bands as fractions of the corpus maximum (default :data:`BANDS`); ``{}`` keeps none.
         hist_range, hist_bins: log10 range and number of the activation-histogram bins (default 1e-4 .. 1e3,
             0.1 decades per bin).
-        encode_floats: most feature activations encoded at once (rows of a batch are chunked to stay under it).
+        encode_floats: most feature activations encoded at once (rows of a batch are chunked to stay under it;
+            the default, 64 MiB of float32, is large enough for the allocator to hand each chunk back to the system).
         max_tokens, max_batch: batch budget of the forward passes (results do not depend on it).
         progress: show a progress bar over documents.
 
