@@ -614,6 +614,7 @@ def study_sae(
 
     out: dict[str, Any] = {}
     hp = sae.hook_point
+    acts = feature_activations(model, sae, task)
     ranked = [f["feature"] for f in entry.get("top_features", [])]
     chosen = entry.get("multi_ablation", {}).get("features", [])
     shown = ranked[: cfg.n_example_features]
@@ -646,7 +647,6 @@ def study_sae(
                                  "off_range": {}, "descriptions": {}}
         from saecircuits.analysis.ablation_modes import MODE_DESCRIPTIONS
 
-        acts = feature_activations(model, sae, task)
         per_mode = {m: feature_effects(model, sae, task, features=compared, acts=acts, mode=m)
                     for m in ABLATION_MODES}
         summaries = {m: e.summary().set_index("feature") for m, e in per_mode.items()}
@@ -702,7 +702,6 @@ def study_sae(
     geo = ranked[: cfg.n_geometry_features]
     if len(geo) >= 1:
         progress(f"{hp}: co-occurrence, cosines and token kurtosis of {geo}")
-        acts = feature_activations(model, sae, task)
         co = feature_cooccurrence(acts, geo)
 
         def mat(t) -> list[list[float | None]]:

@@ -140,3 +140,25 @@ def test_bad_input_is_refused():
         max_activating_ablation(model, sae, 1, [[0]], [0])
     empty = max_activating_ablation(model, sae, 1, rows, [])
     assert empty.stories.empty and empty.global_increase.n == 0
+
+
+@pytest.mark.parametrize("arch", ["gpt_neo", "llama"])
+def test_prefix_cached_positions_equal_bridge_forwards(arch, monkeypatch):
+    """The engine path (one clean pass per story, position p alone from the hook on; rotary queries for Llama)
+    equals the bridge path (full forwards with the positions as variants)."""
+    from helpers import ARCHITECTURES
+
+    model = ARCHITECTURES[arch]()
+    sae = random_sae(d_in=int(model.cfg.d_mlp), hook_point=HOOK, seed=4)
+    rows = token_rows([30, 12, 25, 40], seed=11, vocab=40)
+    k = int(torch.argmax(corpus_feature_stats(model, [sae], rows)[0].fire_count))  # the feature firing most often
+    for mode in ("residual", "clean_effect"):
+        eng = max_activating_ablation(model, sae, k, rows, [0, 1, 3], threshold=0.0, mode=mode, max_batch=2)
+        assert interventions_for(model).backend == "engine"
+        with monkeypatch.context() as m:
+            m.setattr(max_activating, "interventions_for", lambda mdl: interventions_for(mdl, backend="bridge"))
+            brg = max_activating_ablation(model, sae, k, rows, [0, 1, 3], threshold=0.0, mode=mode, max_batch=2)
+        assert len(eng.positions) == len(brg.positions) > 10
+        for col in ("clean_loss", "ablated_loss"):
+            assert eng.positions[col].tolist() == pytest.approx(brg.positions[col].tolist(), abs=1e-5)
+            assert eng.stories[col].tolist() == pytest.approx(brg.stories[col].tolist(), abs=1e-5)

@@ -11,10 +11,12 @@ For one feature ``k`` and its top-N corpus stories (from the corpus statistics p
   feature's corpus maximum).
 
 Ablations follow the chosen mode (:mod:`saecircuits.analysis.ablation_modes`; for ``"clean_effect"`` the baseline
-is the SAE spliced in at the same positions). These edits are not at a task's prediction position, so they run
-full forwards: with the engine (:class:`saecircuits.models.engine.Engine`) the layers before the SAE's hook run
-once per story and the positions to ablate become variants of the rest of the pass; without it, batched
-TransformerBridge forwards. Means come with Student-t 95% intervals over stories (global) and over
+is the SAE spliced in at the same positions). The global ablation edits every position, so it runs full forwards
+(with the engine, :class:`saecircuits.models.engine.Engine`, the layers before the SAE's hook run once for the clean
+and ablated variants; without it, batched TransformerBridge forwards). A per-position ablation at ``p`` with the loss
+at ``p`` is a prefix-cached intervention at ``p``: with the engine, one clean pass per story keeps every position's
+keys/values and residual stream, and each (story, position) pair recomputes position ``p`` alone from the hook on;
+without it, the positions become variants of full bridge forwards. Means come with Student-t 95% intervals over stories (global) and over
 (story, position) pairs (per position); the notebook printed mean and ``np.std`` only.
 """
 
@@ -136,6 +138,60 @@ def _losses_at_impl(iv, tokens, hook, fn, V, query) -> torch.Tensor:
     return (torch.logsumexp(at, -1) - at.gather(-1, targets[..., None])[..., 0]).cpu()
 
 
+def _single_position_losses(
+    iv: Interventions,
+    tokens: torch.Tensor,
+    hook: str,
+    fns: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    rows: torch.Tensor,
+    pos: torch.Tensor,
+) -> torch.Tensor:
+    """Next-token losses with ``hook`` edited at one position per pair, reusing one clean pass per story (engine).
+
+    An edit at position ``p`` changes nothing before ``p``, and the loss at ``p`` reads nothing after it: with the
+    keys/values of the clean pass (positions ``< p``) and the residual stream at ``p`` entering the hook's
+    half-block, only position ``p`` is recomputed from the hook on (the prefix-cached intervention of
+    :mod:`saecircuits.models.interventions`, at any position), through the engine's public ``forward_tokens`` /
+    ``forward_resid`` / ``logits``.
+
+    Args:
+        iv: the model's interventions (engine backend).
+        tokens: int64 ``[B, T]`` right-padded stories.
+        hook: the edited hook.
+        fns: edits ``x [N, 1, 1, *shape] -> [N, 1, 1, *shape]`` (the clean activation at ``p`` in); one loss per
+            edit and pair.
+        rows, pos: int64 ``[N]``: the story (row of ``tokens``) and position ``p`` of each pair (``p < T - 1``).
+
+    Returns:
+        float32 ``[len(fns), N]`` losses ``-log p(tokens[row, p + 1] | ...)`` (nats).
+    """
+    from saecircuits.models.engine import KVPrefix, stage_of_hook
+
+    eng = iv.engine
+    with torch.no_grad():
+        keep_kv: list = []
+        keep_resid: dict = {}
+        eng.forward_tokens(tokens, keep_kv=keep_kv, keep_resid=keep_resid)
+        start = stage_of_hook(hook, eng.n_layers)
+        T = tokens.shape[1]
+        dev = tokens.device
+        rows, pos = rows.to(dev), pos.to(dev)
+        out = torch.zeros(len(fns), rows.numel())
+        per_pair = sum(k.shape[2] * k[0, 0, 0].numel() * 2 for k, _ in keep_kv) + eng.d_vocab
+        step = max(1, MAX_FLOATS // max(1, per_pair))
+        for i in range(0, rows.numel(), step):
+            r, p = rows[i : i + step], pos[i : i + step]
+            valid = torch.arange(T, device=dev)[None] < p[:, None]
+            prefixes = [KVPrefix(k[r, 0].transpose(1, 2), v[r, 0].transpose(1, 2), valid) for k, v in keep_kv]
+            x0 = keep_resid[start][r, 0, p][:, None, None]  # [n, 1, 1, d_model]
+            target = tokens[r, p + 1]
+            for j, fn in enumerate(fns):
+                x = eng.forward_resid(x0, p[:, None], prefixes, {hook: [fn]}, start=start)
+                lg = eng.logits(x)[:, 0, 0]  # [n, d_vocab]
+                out[j, i : i + step] = (torch.logsumexp(lg, -1) - lg.gather(-1, target[:, None])[:, 0]).cpu()
+    return out
+
+
 def max_activating_ablation(
     model,
     sae: SAE,
@@ -240,12 +296,28 @@ def max_activating_ablation(
             change = torch.cat([torch.zeros(1), abl_l - clean_l])
             per_token[i] = {"doc": docs[i], "tokens": rows[i], "activation": acts[i].tolist(),
                             "loss_change": change.tolist()}
-        # per position: each position above the threshold (not the last) ablated alone, as variants
+        # per position: each position above the threshold (not the last) ablated alone
         picks = [
             [p for p in range(len(rows[i]) - 1) if float(acts[i][p]) > threshold] for i in batch.indices
         ]
         V = max((len(p) for p in picks), default=0)
         if V == 0:
+            continue
+        if iv.engine is not None:  # one clean pass per story, then position p alone from the hook on
+            pr = torch.tensor([r for r, ps in enumerate(picks) for _ in ps], dtype=torch.long)
+            pp = torch.tensor([p for ps in picks for p in ps], dtype=torch.long)
+
+            def everywhere(x: torch.Tensor) -> torch.Tensor:
+                return torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+
+            fns = [lambda x: ablate(x, everywhere(x))]
+            if mode == "clean_effect":
+                fns.append(lambda x: baseline(x, everywhere(x)))
+            got = _single_position_losses(iv, batch.tokens, hook, fns, pr, pp)
+            base = got[1] if mode == "clean_effect" else losses[pr, 0, pp]
+            for n, (r, p) in enumerate(zip(pr.tolist(), pp.tolist(), strict=True)):
+                i = batch.indices[r]
+                pos_rows.append((docs[i], p, float(acts[i][p]), float(base[n]), float(got[0, n])))
             continue
         table = torch.full((B, V), -1, dtype=torch.long)
         for r, p in enumerate(picks):
