@@ -764,8 +764,7 @@ def study_run(model, saes: list, entries: list[dict], task, cfg: RunConfig, prog
             "label": label,
             "hooks": lc.hooks if r == len(lc.hooks) else [lc.hooks[r]],
             "features": lc.features if r == len(lc.hooks) else [lc.features[r]],
-            "loss_increase": _mean_ci(lc.summary[label]["loss_increase"]),
-            "logprob_diff": _mean_ci(lc.summary[label]["logprob_diff"]),
+            "loss_increase": _mean_ci(lc.summary[label]),
             "values": [_round(v, 4) for v in lc.loss_increase[:, r].tolist()],
         })
     return {"layer_comparison": {

@@ -73,7 +73,7 @@ LAYERS = {
         {"label": "blocks.0.mlp.hook_post", "hooks": ["blocks.0.mlp.hook_post"], "features": [[1, 2]],
          "loss_increase": {"mean": 0.3141, "ci95": 0.05, "n": 120}, "values": [0.1, 0.5]},
         {"label": HOSTILE, "features": [[3]], "loss_increase": {"mean": 1.6789, "ci95": 0.1, "n": 120},
-         "logprob_diff": {"mean": 1.6789, "ci95": 0.1, "n": 120}, "values": [1.0, 2.0]},
+         "values": [1.0, 2.0]},
     ],
     "paired": [{"a": 0, "b": 1, "mean": -1.3648, "ci95": 0.12, "n": 120}],
 }

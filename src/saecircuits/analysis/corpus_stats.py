@@ -13,7 +13,9 @@ Per SAE and feature ``k`` it keeps:
 - a streaming top-k of the documents with the largest per-document maximum, with the position of that maximum
   (ties broken by the lower document index, so batching never changes the result);
 - token-wise counts (D5): how often each input token carries ``f_k > token_fraction * max_k`` (the maximum over the
-  whole corpus), kept as the ``n_top_tokens`` most frequent tokens per feature plus the total;
+  whole corpus), kept as the ``n_top_tokens`` most frequent tokens per feature plus the total (the notebook's dense
+  ``[d_sae, d_vocab]`` table was 3.3 GB and skipped the first 10 positions of every story; here every counted
+  position counts, pitfall 43);
 - the notebook's "upper / middle / lower" examples (D4): the documents whose maximum lies just above ``2/3``, ``1/3``
   and ``1/10`` of the feature's corpus maximum (the ``n`` smallest maxima that exceed it), with the fractions as real
   numbers (the notebook used ``max // 3`` on floats, which is 0 for any maximum below 3, pitfall 7).

@@ -4,8 +4,8 @@ and compared the loss increases (mean and std; histograms).
 
 For SAEs ``s_1..s_m`` (e.g. one per layer) and a feature set per SAE, on the same prompts: each set ablated alone at
 its SAE's hook at P, and all sets ablated together (one intervention with an edit per hook; a later hook's features
-are encoded from its activation after the earlier edits). Per prompt the answer's loss increase and log-prob
-difference (ablated - baseline / baseline - ablated, in the chosen mode, :mod:`saecircuits.analysis.ablation_modes`);
+are encoded from its activation after the earlier edits). Per prompt the answer's loss increase (ablated - baseline,
+nats, in the chosen mode, :mod:`saecircuits.analysis.ablation_modes`; the answer's log-prob drop is the same number);
 per run the mean with a Student-t 95% interval; per pair of runs the paired difference of the loss increases. The
 notebook printed mean and ``np.std`` only and ran batch size 1.
 """
@@ -36,8 +36,7 @@ class LayerComparison:
         hooks: each SAE's hook point; features: each SAE's ablated set; mode: the ablation mode.
         labels: one per run: each hook alone, then ``"all together"``.
         loss_increase: float32 ``[n_prompts, m + 1]`` ablated - baseline answer loss (nats), columns = ``labels``.
-        logprob_diff: float32 ``[n_prompts, m + 1]`` baseline - ablated answer log-prob (nats).
-        summary: per label, ``{"loss_increase": MeanCI, "logprob_diff": MeanCI}``.
+        summary: per label, :class:`MeanCI` of the loss increase.
         paired: ``{(a, b): MeanCI}`` of ``loss_increase[:, a] - loss_increase[:, b]`` for every pair of runs.
     """
 
@@ -46,8 +45,7 @@ class LayerComparison:
     mode: str
     labels: list[str]
     loss_increase: torch.Tensor
-    logprob_diff: torch.Tensor
-    summary: dict[str, dict[str, MeanCI]]
+    summary: dict[str, MeanCI]
     paired: dict[tuple[int, int], MeanCI]
 
 
@@ -95,28 +93,23 @@ def compare_layer_ablations(
     labels = hooks + (["all together"] if m > 1 else [])
     n = task.n_prompts
     loss_inc = torch.zeros(n, len(runs))
-    lp_diff = torch.zeros(n, len(runs))
     iv = interventions_for(model)
     for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
         rows = torch.tensor(batch.indices)
         clean = iv.clean(batch)
-        clean_m = answer_metrics(clean.logits, batch.answer_ids)
+        clean_loss = answer_metrics(clean.logits, batch.answer_ids)["loss"]
         for r, members in enumerate(runs):
             edits = [features_ablation_edit(saes[j], sets[j], mode) for j in members]
             logits, _ = iv.run(clean, edits)
-            abl = answer_metrics(logits[:, 0], batch.answer_ids)
-            base = clean_m
+            abl = answer_metrics(logits[:, 0], batch.answer_ids)["loss"]
+            base = clean_loss
             if mode == "clean_effect":
                 base = answer_metrics(iv.run(clean, [splice_edit(saes[j]) for j in members])[0][:, 0],
-                                      batch.answer_ids)
-            loss_inc[rows, r] = (abl["loss"] - base["loss"]).cpu()
-            lp_diff[rows, r] = (base["logprob"] - abl["logprob"]).cpu()
-    summary = {
-        lab: {"loss_increase": mean_ci95(loss_inc[:, r]), "logprob_diff": mean_ci95(lp_diff[:, r])}
-        for r, lab in enumerate(labels)
-    }
+                                      batch.answer_ids)["loss"]
+            loss_inc[rows, r] = (abl - base).cpu()
+    summary = {lab: mean_ci95(loss_inc[:, r]) for r, lab in enumerate(labels)}
     paired = {
         (a, b): mean_ci95(loss_inc[:, a] - loss_inc[:, b])
         for a in range(len(runs)) for b in range(a + 1, len(runs))
     }
-    return LayerComparison(hooks, sets, mode, labels, loss_inc, lp_diff, summary, paired)
+    return LayerComparison(hooks, sets, mode, labels, loss_inc, summary, paired)

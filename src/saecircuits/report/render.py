@@ -984,16 +984,15 @@ def _layer_comparison_section(r: Mapping, fig: _Figures) -> str:
         '<h2 id="layers">Top features of each layer ablated, alone and together</h2>',
         f'<p class="note">On the same {_esc(lc.get("n_prompts", "n/a"))} prompts, each SAE\'s top features ablated '
         f"together at the prediction position ({_esc(lc.get('mode', 'residual'))} mode), then all of them at once "
-        "(the reference study compared its top layer-0 and layer-1 features this way). Loss increase and answer "
-        "log-prob drop (nats, 95% CI). The paired differences say which layer's features matter more for the "
+        "(the reference study compared its top layer-0 and layer-1 features this way): the answer's loss increase "
+        "(nats, 95% CI; the same as its log-prob drop). The paired differences say which layer's features matter more for the "
         "answer on the same prompts; if ablating all together costs about the sum, the layers act independently, "
         "if about the larger one, the later features depend on the earlier ones.</p>",
     ]
     runs = lc["runs"]
     rows = [(run["label"], "; ".join(", ".join(str(x) for x in fs) for fs in run.get("features", [])),
-             _mci(run["loss_increase"]), _mci(run.get("logprob_diff"))) for run in runs]
-    out.append(_table(["run", "features", "loss increase (nats)", "answer log-prob drop (nats)"], rows,
-                      left_cols=(0, 1)))
+             _mci(run["loss_increase"])) for run in runs]
+    out.append(_table(["run", "features", "loss increase (nats, 95% CI)"], rows, left_cols=(0, 1)))
     if lc.get("paired"):
         out.append(_table(["a - b", "loss increase difference (nats, paired 95% CI)"],
                           [(f"{runs[p['a']]['label']} - {runs[p['b']]['label']}", _pm(p["mean"], p.get("ci95")))

@@ -97,8 +97,8 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
               "median": float, "n_features": int}},                                         # 8.1-8.3
           "span_ablation": {*"features": [int], *"variants": [str], *"mean": [float] (nats), "ci95": [float],
               "diff_vs_clean": [float], "diff_vs_clean_ci95": [float], "rank": int, "fraction_kept": float}}],
-      "layer_comparison": {*"runs": [{*"label": str, *"loss_increase": MEANCI, "logprob_diff": MEANCI,
-          "hooks": [str], "features": [[int]], "values": [float]}], "mode": str, "n_prompts": int,
+      "layer_comparison": {*"runs": [{*"label": str, *"loss_increase": MEANCI, "hooks": [str],
+          "features": [[int]], "values": [float]}], "mode": str, "n_prompts": int,
           "paired": [{*"a": int, *"b": int, *"mean": float, "ci95": CI, "n": int}]},       # F9/F10, nats
       "corpus": {...free-form...},
       "timings": {stage: seconds},
@@ -415,7 +415,6 @@ _LAYER_COMPARISON = _Obj(
                     {
                         "label": _req("str"),
                         "loss_increase": _req(_MEANCI),
-                        "logprob_diff": _opt(_MEANCI),
                         "hooks": _opt(("list", "str", None)),
                         "features": _opt(("list", _INTS, None)),
                         "values": _opt(_FLOATS),
