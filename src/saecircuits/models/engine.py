@@ -406,6 +406,12 @@ class Engine:
         B, F, S, H, E = q.shape
         K = self.n_kv_heads
         G = H // K
+        wants_pattern = hooks is not None and f"{name}.hook_pattern" in hooks
+        if prefix is None and not wants_pattern and bool((qpos == torch.arange(S, device=qpos.device)).all()):
+            # a whole sequence from position 0: torch's fused attention (no [S, S] pattern is materialised)
+            z = self._fused_attention(q, k, v, lw, B, F, S, H, E, G)
+            z = self._fire(hooks, f"{name}.hook_z", z.to(xn.dtype))
+            return torch.einsum("bfshe,hed->bfsd", z, lw.W_O) + lw.b_O
         qg = q.reshape(B, F, S, K, G, E).float()
         # scores against the new positions themselves: [B, F, K, G, S, S']
         own = torch.einsum("bfskge,bftke->bfkgst", qg, k.float()) * lw.scale
@@ -436,6 +442,25 @@ class Engine:
             )
         z = self._fire(hooks, f"{name}.hook_z", z.reshape(B, F, S, H, E).to(xn.dtype))
         return torch.einsum("bfshe,hed->bfsd", z, lw.W_O) + lw.b_O
+
+    @staticmethod
+    def _fused_attention(q, k, v, lw: _Layer, B, F, S, H, E, G) -> torch.Tensor:
+        """Causal (and windowed) attention of a whole sequence with ``scaled_dot_product_attention``: ``[B,F,S,H,E]``."""
+        Fk = k.shape[1]
+        qh = q.reshape(B * F, S, H, E).transpose(1, 2).float()
+        kh = k.expand(B, F, *k.shape[2:]) if Fk != F else k
+        vh = v.expand(B, F, *v.shape[2:]) if v.shape[1] != F else v
+        kh = kh.reshape(B * F, S, -1, E).transpose(1, 2).float()
+        vh = vh.reshape(B * F, S, -1, E).transpose(1, 2).float()
+        if G > 1:  # query head h reads key/value head h // G (transformers' repeat_kv)
+            kh, vh = kh.repeat_interleave(G, dim=1), vh.repeat_interleave(G, dim=1)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        if lw.window is None:
+            out = sdpa(qh, kh, vh, is_causal=True, scale=lw.scale)
+        else:
+            d = torch.arange(S, device=q.device)[:, None] - torch.arange(S, device=q.device)[None, :]
+            out = sdpa(qh, kh, vh, attn_mask=(d >= 0) & (d < lw.window), scale=lw.scale)
+        return out.transpose(1, 2).reshape(B, F, S, H, E)
 
     def _mlp(self, layer: int, xn: torch.Tensor, hooks: HookFns | None) -> torch.Tensor:
         lw = self.layers[layer]
