@@ -31,6 +31,7 @@ from saecircuits.models.hooks import (
     _device_of,
     answer_metrics,
     edit_at_positions,
+    n_ctx_of,
     pad_id_of,
     row_batches,
     run_at_positions,
@@ -155,6 +156,8 @@ def single_feature_ablation_losses(
             max_tokens=max_tokens,
             max_batch=max_batch,
             device=_device_of(model),
+            n_ctx=n_ctx_of(model),
+            what="task prompt",
         ):
             k = feats[batch.indices].to(W_dec.device)
 
