@@ -123,17 +123,21 @@ def _private_tokenizer(tokenizer: Any) -> Any:
     return copy
 
 
-def _restore_special_tokens(bridge_tokenizer: Any, original: Any) -> None:
+def _restore_special_tokens(bridge_tokenizer: Any, original: Any, vocab_size: int) -> None:
     """Undo the stand-in special tokens TransformerLens gives a tokenizer that lacks them.
 
     TransformerLens sets a missing BOS/EOS/PAD to ``<|endoftext|>``; in a vocabulary without that string its id is
-    the unknown token's, so every prompt would start with UNK (a phantom BOS). The bridge's (private) tokenizer gets
-    back the BOS and EOS of the tokenizer it was given: no BOS stays no BOS. A stand-in PAD is kept, because
-    ``bridge.to_tokens`` needs one to batch text; with right padding its id never reaches a result.
+    the unknown token's, so every prompt would start with UNK (a phantom BOS), or a new id past the model's
+    vocabulary. The bridge's (private) tokenizer gets back the BOS and EOS of the tokenizer it was given: no BOS
+    stays no BOS. A stand-in PAD is kept when it is a real id of the model (``bridge.to_tokens`` needs one to batch
+    text; with right padding its id never reaches a result) and removed when it lies past the vocabulary.
     """
     for role in _RESTORED_ROLES:
         if getattr(original, role, None) is None and getattr(bridge_tokenizer, role, None) is not None:
             setattr(bridge_tokenizer, role, None)
+    pad = getattr(bridge_tokenizer, "pad_token_id", None)
+    if getattr(original, "pad_token", None) is None and pad is not None and int(pad) >= vocab_size:
+        bridge_tokenizer.pad_token = None
 
 
 def gpt2_bpe_tokenizer(folder: str | os.PathLike[str], save_dir: str | os.PathLike[str] | None = None):
@@ -239,7 +243,7 @@ def load_hf_model(
     bridge = TransformerBridge.boot_transformers(
         name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
     )
-    _restore_special_tokens(bridge.tokenizer, hf_tokenizer)
+    _restore_special_tokens(bridge.tokenizer, hf_tokenizer, int(bridge.cfg.d_vocab))
     processing = {
         "fold_ln": fold_ln,
         "center_writing_weights": center_writing_weights,

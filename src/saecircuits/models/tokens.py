@@ -122,7 +122,8 @@ def special_token_ids(tokenizer) -> frozenset[int]:
 
     The unknown token counts only when it shares its id with BOS, EOS or PAD (as in GPT-2 BPE, where all four are
     ``<|endoftext|>``, or llama2.c, where PAD = UNK = 0): a tokenizer without byte fallback produces UNK for real
-    characters, which are data.
+    characters, which are data. (A model loaded from a tokenizer without PAD gets TransformerLens' stand-in PAD,
+    which is the UNK id when the vocabulary lacks ``<|endoftext|>``; its UNK positions then count as special.)
 
     Args:
         tokenizer: a Hugging Face tokenizer, or None (no special ids).
