@@ -41,7 +41,7 @@ def test_multi_token_answer_names_line_and_tokens(tmp_path):
         tmp_path / "t.jsonl", [{"prompt": "Mom", "answer": " said"}, {"prompt": "Mom", "answer": " smiled"}]
     )
     with pytest.raises(
-        TaskError, match=r"t\.jsonl:2.*' smiled'.*4 extra token\(s\) \['Ġs', 'm', 'il', 'ed'\]"
+        TaskError, match=r"t\.jsonl:2.*' smiled'.*4 extra token\(s\) \[' s', 'm', 'il', 'ed'\]"
     ):
         jsonl_task(path, tok)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from saecircuits.models.tokens import bos_prefix, encode_texts, special_token_ids
+from saecircuits.models.tokens import bos_prefix, encode_texts, special_token_ids, token_string
 from saecircuits.tasks.base import Task, TaskError, log_dropped
 
 __all__ = ["jsonl_task"]
@@ -90,9 +90,9 @@ def jsonl_task(
         except ValueError as err:
             raise TaskError(f"{where}: {err}") from err
         if not p_ids or full[: len(p_ids)] != p_ids or len(full) != len(p_ids) + 1:
-            tail = tokenizer.convert_ids_to_tokens(
-                full[len(p_ids) :] if full[: len(p_ids)] == p_ids else full
-            )
+            tail = [
+                token_string(tokenizer, t) for t in (full[len(p_ids) :] if full[: len(p_ids)] == p_ids else full)
+            ]
             raise TaskError(
                 f"{where}: answer {answer!r} is not exactly one token after prompt {prompt[-40:]!r}: "
                 + (
