@@ -373,7 +373,9 @@ def token_pieces(tokenizer, ids: Sequence[int], *, text_start: bool = True) -> l
     """How each token of a token sequence is shown to people: the one token-display function of the package.
 
     The pieces of a text concatenate back to its decoded text: ``"".join(p.text for p in pieces if p.kind !=
-    "special") == tokenizer.decode(ids, skip_special_tokens=True)`` for ids that start a text. Each token's bytes
+    "special") == tokenizer.decode(ids, skip_special_tokens=True)`` for ids that start a text (for byte-level BPE
+    and SentencePiece-style tokenizers; one with another decoder, e.g. word-level without a decoder, falls back to
+    decoding each token alone). Each token's bytes
     are read from the vocabulary (not by decoding it alone, which turns half a character into U+FFFD and drops a
     SentencePiece token's leading space), then grouped into UTF-8 characters: a character split over several byte
     tokens is shown once, on the piece where it starts, and a token left with no character of its own is a
