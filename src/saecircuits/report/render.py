@@ -5,7 +5,8 @@ plotly.js is inlined once in ``<head>``; every figure is a ``Plotly.newPlot`` ca
 comes from the data is HTML-escaped (``html.escape``), including tick labels handed to plotly (plotly's JSON writer
 also escapes ``<``, ``>`` and ``/`` inside the script).
 
-Sections: header (model, task, answer tokens, example prompts with the answer highlighted); direct logit
+Sections: header (model, task, answer tokens, the BOS policy, example prompts each with its own answer
+highlighted); direct logit
 attribution (analysis-spec F1/F2) with CIs and the completeness error; per SAE: summary table (L0, losses, loss
 recovered vs zero and vs mean ablation, with CIs), the four losses, the top features by loss increase when ablated
 (analysis-spec F3) as a table and a chart, the multi-feature ablation (original - ablated), the top activating
@@ -30,7 +31,7 @@ from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from saecircuits.report.schema import ci_bounds, to_jsonable, validate_results, write_text_atomic
-from saecircuits.report.tokens_html import tokens_to_html, visible_token
+from saecircuits.report.tokens_html import TOKENS_CSS, token_html, tokens_to_html, visible_token
 
 __all__ = ["render_report", "build_report_html"]
 
@@ -44,15 +45,15 @@ table.data { border-collapse: collapse; margin: 8px 0 16px; font-size: 14px; }
 table.data th, table.data td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
 table.data th { background: #f0f0f0; }
 table.data td.l, table.data th.l { text-align: left; }
+table.data td { overflow-wrap: anywhere; max-width: 40em; }
 table.data tr.sig td { background: #fff4e5; font-weight: 600; }
 nav.toc { background: #f7f7f7; border: 1px solid #ddd; padding: 8px 16px; margin: 16px 0; }
 nav.toc ul { margin: 4px 0; padding-left: 20px; }
 .prompt { white-space: pre-wrap; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px;
-          background: #fafafa; border-left: 3px solid #ccc; padding: 4px 8px; margin: 6px 0; }
-mark.answer { background: #ffd54f; font-weight: 700; }
-.tokens { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; line-height: 1.9;
-          border: 1px solid #e3e3e3; padding: 6px; margin: 4px 0 12px; }
-.tokens span.tok { padding: 2px 1px; }
+          background: #fafafa; border-left: 3px solid #ccc; padding: 4px 8px; margin: 6px 0;
+          overflow-wrap: anywhere; unicode-bidi: plaintext; }
+mark.answer { background: #ffd54f; font-weight: 700; unicode-bidi: isolate; }
+""" + TOKENS_CSS + """
 .note { color: #555; font-size: 14px; }
 .muted { color: #888; }
 code { background: #f2f2f2; padding: 0 3px; }
@@ -163,12 +164,18 @@ def _header(r: Mapping) -> str:
         if toks
         else [f"id {i}" for i in ids]
     )
+    n_prompts = f"{task['n_prompts']}"
+    if task.get("n_dropped_too_long"):
+        n_prompts += f" ({task['n_dropped_too_long']} longer than the model's context left out)"
     rows = [
         ("Model", r["model"]),
         ("Task", task["name"]),
-        ("Prompts", task["n_prompts"]),
+        ("Prompts", n_prompts),
         ("Answer token(s)", ", ".join(answers)),
     ]
+    bos = r.get("bos_policy")
+    if bos:
+        rows.append(("BOS", bos.get("statement") or ("prepended" if bos["prepended"] else "none")))
     mi = r.get("model_info") or {}
     if mi:
         rows.append(("Model shape", ", ".join(f"{k}={v}" for k, v in mi.items())))
@@ -176,13 +183,21 @@ def _header(r: Mapping) -> str:
     out.append(_table(None, rows, left_cols=(0, 1)))
     examples = task.get("example_prompts") or []
     if examples:
-        answer = toks[0] if toks else f"<id {ids[0]}>"
+        # each prompt's own answer; results.json files from before example_answers only know it when the task
+        # has a single answer token
+        own = task.get("example_answers")
+        if own is None and toks and len(toks) == 1:
+            own = [toks[0]] * len(examples)
         out.append(
             f'<p class="note">Example prompts ({min(len(examples), 5)} of {len(examples)} shown); the '
-            "highlighted text is the answer the model should predict next.</p>"
+            "highlighted text is the answer the model should predict next (whitespace shown as \u00b7).</p>"
+            if own is not None else
+            f'<p class="note">Example prompts ({min(len(examples), 5)} of {len(examples)} shown); this '
+            "results.json does not record which answer belongs to which prompt.</p>"
         )
-        for p in examples[:5]:
-            out.append(f'<div class="prompt">{_esc(p)}<mark class="answer">{_esc(answer)}</mark></div>')
+        for j, p in enumerate(examples[:5]):
+            mark = f'<mark class="answer">{token_html(own[j])}</mark>' if own is not None else ""
+            out.append(f'<div class="prompt">{_esc(p)}{mark}</div>')
     return "\n".join(out)
 
 
@@ -438,7 +453,9 @@ def _examples_section(sae: Mapping, sid: str) -> str:
     out = [
         '<p class="note">Top activating examples per feature. Token background: red for positive activation '
         "(normalised by the example's max), blue for negative; hover a token for its value. A newline is shown "
-        "as \u00b6 and whitespace as \u00b7 (analysis-spec F14).</p>"
+        "as \u00b6, a tab as \u2192 and a space as \u00b7 (analysis-spec F14). Special tokens (BOS/EOS/PAD) are "
+        "grey dashed boxes, never coloured; a character split over several byte tokens is shown on its first "
+        "token, and the narrow boxes after it hold its other bytes.</p>"
     ]
     for k in order:
         out.append(f'<h4 id="{sid}-f{k}">Feature {k}</h4>')
@@ -449,7 +466,11 @@ def _examples_section(sae: Mapping, sid: str) -> str:
                 mx = max((a for a in acts if _finite(a)), default=None)
             doc = ex.get("doc_index", "n/a")
             out.append(f'<div class="note">doc {_esc(doc)}, max activation {_esc(_num(mx))}</div>')
-            out.append(tokens_to_html(ex["tokens"], acts, max_value=mx if _finite(mx) else None))
+            out.append(
+                tokens_to_html(
+                    ex["tokens"], acts, max_value=mx if _finite(mx) else None, kinds=ex.get("token_kinds")
+                )
+            )
     return "\n".join(out)
 
 

@@ -18,7 +18,13 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
       "model_info": {"n_layers": int, "d_model": int, "d_mlp": int, "d_vocab": int, "n_heads": int,
                      "architecture": str},
       *"task": {*"name": str, *"n_prompts": int, *"answer_token_ids": [int, ...(>=1)],
-                "answer_tokens": [str] (same length as answer_token_ids), "example_prompts": [str]},
+                "answer_tokens": [str] (same length as answer_token_ids), "example_prompts": [str],
+                "example_answers": [str], "example_answer_ids": [int],   # each example prompt's OWN answer
+                "n_dropped_too_long": int},                # prompts left out: longer than the model's context
+      "bos_policy": {*"prepended": bool,            # BOS prepended to prompts and documents (False: no BOS token)
+                     *"token_id": int | null, "token": str | null, "special_token_ids": [int],
+                     *"special_positions": "excluded" | "included",   # in SAE training and mean activations
+                     "statement": str},             # the same in one sentence, for people
       *"dla": {                                     # direct logit attribution to the answer (analysis-spec F1/F2)
           *"labels": [str],                         # one per component, e.g. "embed", "L0H3", "MLP1", "bias"
           *"mean": [float] (same length),           # mean over prompts, logits
@@ -50,7 +56,8 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
               "logit_diff":   {"mean": float, "ci95": CI},   # original - ablated, answer logit
               "rank_diff":    {"mean": float, "ci95": CI}},  # original - ablated, answer rank
           "examples": [{"feature": int, "examples": [{
-              "doc_index": int, "tokens": [str], "activations": [float] (same length as tokens),
+              "doc_index": int, "tokens": [str], "activations": [float] (same length as tokens; null at a
+              special token), "token_kinds": ["text"|"continuation"|"special"] (same length as tokens),
               "max_activation": float}]}],          # top activating examples (analysis-spec F14)
           "training": {...free-form...},
           # optional per-feature / attribution evidence (analysis/evidence.py; validated when present)
@@ -75,7 +82,8 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
     }
 
 ``CI`` means either a float half-width (preferred) or a ``[lo, hi]`` pair; :func:`ci_bounds` turns either into
-bounds.
+bounds. Token strings are ``saecircuits.models.tokens.token_pieces`` / ``token_string`` (leading spaces kept; a
+character split over byte tokens shown once, on its first piece, the others ``"continuation"`` with text ``""``).
 """
 
 from __future__ import annotations
@@ -102,6 +110,7 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+TOKEN_KINDS = ("text", "continuation", "special")  # = saecircuits.models.tokens.TOKEN_KINDS (no torch import here)
 
 
 class ResultsSchemaError(ValueError):
@@ -141,6 +150,7 @@ _EXAMPLE = _Obj(
         "doc_index": _opt("int"),
         "tokens": _req(("list", "str", None)),
         "activations": _req(("list", "float", None)),
+        "token_kinds": _opt(("list", "str", None)),
         "max_activation": _opt("float"),
     }
 )
@@ -326,6 +336,21 @@ RESULTS_SCHEMA = _Obj(
                     "answer_token_ids": _req(("list", "int", None)),
                     "answer_tokens": _opt(("list", "str", None)),
                     "example_prompts": _opt(("list", "str", None)),
+                    "example_answers": _opt(("list", "str", None)),
+                    "example_answer_ids": _opt(("list", "int", None)),
+                    "n_dropped_too_long": _opt("int"),
+                }
+            )
+        ),
+        "bos_policy": _opt(
+            _Obj(
+                {
+                    "prepended": _req("bool"),
+                    "token_id": _req("int?"),
+                    "token": _opt("str?"),
+                    "special_token_ids": _opt(("list", "int", None)),
+                    "special_positions": _req("str"),
+                    "statement": _opt("str"),
                 }
             )
         ),
@@ -378,6 +403,12 @@ def _check(v: Any, kind: Any, path: tuple[str | int, ...]) -> None:
     elif kind == "str":
         if not isinstance(v, str):
             raise ResultsSchemaError(f"{where} must be a string, got {_type_name(v)} ({v!r:.60}).")
+    elif kind in ("int?", "str?"):  # nullable
+        if v is not None:
+            _check(v, kind[:-1], path)
+    elif kind == "bool":
+        if not isinstance(v, bool):
+            raise ResultsSchemaError(f"{where} must be true or false, got {_type_name(v)} ({v!r:.60}).")
     elif kind == "dict":
         if not isinstance(v, Mapping):
             raise ResultsSchemaError(f"{where} must be an object (dict), got {_type_name(v)}.")
@@ -492,6 +523,20 @@ def validate_results(d: Any) -> None:
             "results['task']['answer_token_ids'] is empty; it needs at least one token id."
         )
     _same_length(task, "answer_token_ids", "answer_tokens", ("task",))
+    _same_length(task, "example_prompts", "example_answers", ("task",))
+    _same_length(task, "example_prompts", "example_answer_ids", ("task",))
+    bos = d.get("bos_policy")
+    if bos is not None:
+        if bos["special_positions"] not in ("excluded", "included"):
+            raise ResultsSchemaError(
+                f"results['bos_policy']['special_positions'] is {bos['special_positions']!r}; "
+                "it must be 'excluded' or 'included'."
+            )
+        if bos["prepended"] != (bos["token_id"] is not None):
+            raise ResultsSchemaError(
+                "results['bos_policy']: 'prepended' must be true exactly when 'token_id' is set "
+                f"(got prepended={bos['prepended']}, token_id={bos['token_id']})."
+            )
     if task["n_prompts"] < 0:
         raise ResultsSchemaError(f"results['task']['n_prompts'] must be >= 0, got {task['n_prompts']}.")
 
@@ -521,7 +566,14 @@ def validate_results(d: Any) -> None:
         for j, fe in enumerate(sae.get("examples", [])):
             _feature_ok(fe["feature"], ("saes", i, "examples", j, "feature"))
             for m, ex in enumerate(fe["examples"]):
-                _same_length(ex, "tokens", "activations", ("saes", i, "examples", j, "examples", m))
+                where = ("saes", i, "examples", j, "examples", m)
+                _same_length(ex, "tokens", "activations", where)
+                _same_length(ex, "tokens", "token_kinds", where)
+                bad = [k for k in ex.get("token_kinds", []) if k not in TOKEN_KINDS]
+                if bad:
+                    raise ResultsSchemaError(
+                        f"{_path_str((*where, 'token_kinds'))} holds {bad[0]!r}; each kind must be one of {TOKEN_KINDS}."
+                    )
 
 
 def load_results(path: str | os.PathLike) -> dict:
