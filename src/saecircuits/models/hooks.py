@@ -273,5 +273,9 @@ def answer_metrics(logits: torch.Tensor, answer_ids: torch.Tensor) -> dict[str, 
     ans = ans.expand(*logits.shape[:-1], 1)
     logit = logits.gather(-1, ans)[..., 0]
     logprob = logit - torch.logsumexp(logits, dim=-1)
-    rank = (logits > logit[..., None]).sum(-1).float()
+    # rank 0 wherever the answer holds the maximum (most rows of a task the model performs); count elsewhere
+    rank = torch.zeros_like(logit)
+    behind = logit < logits.amax(-1)
+    if bool(behind.any()):
+        rank[behind] = (logits[behind] > logit[behind][:, None]).sum(-1).float()
     return {"loss": -logprob, "logprob": logprob, "logit": logit, "rank": rank}
