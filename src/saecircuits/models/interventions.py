@@ -149,6 +149,7 @@ class Interventions:
         n_variants: int = 1,
         read: Sequence[str] = (),
         logits: bool = True,
+        grad: bool = False,
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """Apply ``edits`` at every row's P and return the logits (and ``read`` activations) at P.
 
@@ -162,13 +163,25 @@ class Interventions:
             n_variants: ``V``; outputs are ``[B, V, ...]``.
             read: hook names to return at P.
             logits: compute the logits at P.
+            grad: keep the autograd graph of position P (the cached prefix is constant, which is exact for
+                gradients with respect to activations at P): edits may mark tensors with ``requires_grad_`` /
+                ``retain_grad`` and the caller back-propagates from the logits (attribution patching, integrated
+                gradients). Engine backend only.
 
         Returns:
             ``(logits [B, V, d_vocab] float32 or None, {hook: [B, V, *act_shape]})``.
 
         Raises:
             EngineError: a hook the engine does not fire. ValueError: an edit returned a bad shape.
+            NotImplementedError: ``grad=True`` on the bridge backend.
         """
+        if grad:
+            if self.engine is None:
+                raise NotImplementedError(
+                    f"gradients at P need the prefix-cached engine, which this model cannot use ({self.reason})"
+                )
+            with torch.enable_grad():
+                return self._engine_run(clean, list(edits), n_variants, list(read), logits, keep_graph=True)
         with torch.no_grad():
             if self.engine is None:
                 return self._bridge_run(clean, list(edits), n_variants, list(read), logits)
@@ -269,7 +282,7 @@ class Interventions:
         return fn
 
     def _engine_run(
-        self, clean: CleanPass, edits: list[Edit], V: int, read: list[str], logits: bool
+        self, clean: CleanPass, edits: list[Edit], V: int, read: list[str], logits: bool, keep_graph: bool = False
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         eng = self.engine
         if clean.kv is None:
@@ -285,7 +298,7 @@ class Interventions:
         reads: dict[str, torch.Tensor] = {}
         hooks: dict[str, list] = {}
         for name in read:
-            hooks.setdefault(name, []).append(_variant_reader(reads, name))
+            hooks.setdefault(name, []).append(_variant_reader(reads, name, detach=not keep_graph))
         for e in edits:
             hooks.setdefault(e.hook, []).append(_edit_at_single_position(e, B, V))
         qpos = pos[:, None]
@@ -339,11 +352,11 @@ def _pass_bytes(p: CleanPass) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _variant_reader(store: dict, name: str):
+def _variant_reader(store: dict, name: str, detach: bool = True):
     """Engine hook that keeps ``[B, F, 1, *shape]`` at P as ``[B, F, *shape]``."""
 
     def fn(x: torch.Tensor) -> None:
-        store[name] = x[:, :, 0].detach()
+        store[name] = x[:, :, 0].detach() if detach else x[:, :, 0]
 
     return fn
 
