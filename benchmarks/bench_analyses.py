@@ -75,10 +75,14 @@ def _gpt2_tokenizer():
     return gpt2_bpe_tokenizer(SHARED / "gpt2-bpe-tokenizer")
 
 
-def _random_neo(tok, *, d_model, n_heads, d_mlp, window, n_ctx, seed=0):
-    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+RANDOM_NEO = {
+    "gpt2bpe": dict(d_model=128, n_heads=4, d_mlp=512, window=256, n_ctx=2048),
+    "reference": dict(d_model=1024, n_heads=16, d_mlp=4096, window=256, n_ctx=2048),
+}
 
-    from saecircuits.models.load import load_hf_model
+
+def _random_neo_hf(*, d_model, n_heads, d_mlp, window, n_ctx, seed=0):
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
     cfg = GPTNeoConfig(
         vocab_size=50257, max_position_embeddings=n_ctx, hidden_size=d_model, num_layers=2, num_heads=n_heads,
@@ -86,7 +90,27 @@ def _random_neo(tok, *, d_model, n_heads, d_mlp, window, n_ctx, seed=0):
         embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0, bos_token_id=50256, eos_token_id=50256,
     )
     torch.manual_seed(seed)
-    return load_hf_model(GPTNeoForCausalLM(cfg), tok, model_name=f"random-neo-d{d_model}")
+    return GPTNeoForCausalLM(cfg).eval()
+
+
+def _random_neo(tok, **shape):
+    from saecircuits.models.load import load_hf_model
+
+    return load_hf_model(_random_neo_hf(**shape), tok, model_name=f"random-neo-d{shape['d_model']}")
+
+
+def plain_hf(name: str, model):
+    """The same network as plain ``transformers`` (no bridge, no weight processing), SDPA attention."""
+    from transformers import AutoModelForCausalLM
+
+    from saecircuits.models.load import model_provenance
+
+    if name in RANDOM_NEO:
+        hf = _random_neo_hf(**RANDOM_NEO[name])
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(model_provenance(model).hf_folder)
+    hf.config._attn_implementation = "sdpa"
+    return hf.eval()
 
 
 def load_case(name: str, args):
@@ -111,10 +135,10 @@ def load_case(name: str, args):
             model = load_model(SHARED / "stories260K" / "stories260K.bin", cache_dir=Path(args.workspace) / "models")
             label = "stories260K (Llama 5L d64, rotary + GQA, vocab 512)"
         elif name == "gpt2bpe":
-            model = _random_neo(_gpt2_tokenizer(), d_model=128, n_heads=4, d_mlp=512, window=256, n_ctx=2048)
+            model = _random_neo(_gpt2_tokenizer(), **RANDOM_NEO[name])
             label = "GPT-Neo 2L d128 random, GPT-2 BPE (vocab 50,257)"
         elif name == "reference":
-            model = _random_neo(_gpt2_tokenizer(), d_model=1024, n_heads=16, d_mlp=4096, window=256, n_ctx=2048)
+            model = _random_neo(_gpt2_tokenizer(), **RANDOM_NEO[name])
             label = "reference shape random (GPT-Neo 2L d1024 16 heads d_mlp 4096, vocab 50,257)"
         else:
             raise SystemExit(f"unknown model class {name!r}")
@@ -340,27 +364,35 @@ def bench_case(name: str, args) -> list[tuple]:
 
 def bench_forward(args) -> None:
     """One clean batched pass: bridge vs engine (the analyses' path) vs plain transformers with SDPA."""
-    import copy
+    print(f"\n== one clean pass over the prompts ({torch.get_num_threads()} thread(s)); seconds. bridge: "
+          "TransformerBridge forward (logits at every position); engine: the analyses' clean pass (keys/values "
+          "kept, logits at P only); HF: plain transformers with SDPA attention (logits at every position)")
+    print(f"   {'model':58s} {'bridge':>8s} {'engine':>8s} {'HF sdpa':>8s} {'bridge/HF':>10s} {'engine/HF':>10s}")
+    for name in args.models.split(","):
+        _forward_row(name, args)
 
+
+def _forward_row(name: str, args) -> None:
     from saecircuits.models.hooks import task_batches
 
-    print(f"\n== one clean pass over the prompts ({torch.get_num_threads()} thread(s)); seconds")
-    print(f"   {'model':58s} {'bridge':>8s} {'engine':>8s} {'HF sdpa':>8s} {'bridge/HF':>10s}")
-    for name in args.models.split(","):
-        model, task, _, label = load_case(name, args)
-        hf = copy.deepcopy(model.original_model)  # processed weights; same FLOPs as the original
-        hf.config._attn_implementation = "sdpa"
-        batches = list(task_batches(model, task))
-        iv = interventions_for(model)
+    model, task, _, label = load_case(name, args)
+    hf = plain_hf(name, model)
+    batches = list(task_batches(model, task))
+    iv = interventions_for(model)
 
-        def run(fn):
-            fn()
-            return timed(fn)[1]
+    def engine_cold():
+        iv.clear_cache()  # the clean pass itself, not a cache hit
+        return [iv.clean(b) for b in batches]
 
-        t_bridge = run(lambda: [model(b.tokens) for b in batches])
-        t_engine = run(lambda: [iv.clean(b) for b in batches])
-        t_hf = run(lambda: [hf(b.tokens) for b in batches])
-        print(f"   {label:58s} {t_bridge:8.2f} {t_engine:8.2f} {t_hf:8.2f} {t_bridge / t_hf:9.1f}x")
+    def run(fn):
+        fn()
+        return timed(fn)[1]
+
+    t_bridge = run(lambda: [model(b.tokens) for b in batches])
+    t_engine = run(engine_cold)
+    t_hf = run(lambda: [hf(b.tokens) for b in batches])
+    print(f"   {label:58s} {t_bridge:8.2f} {t_engine:8.2f} {t_hf:8.2f} {t_bridge / t_hf:9.1f}x "
+          f"{t_engine / t_hf:9.2f}x")
 
 
 def bench_memory(args) -> None:
@@ -391,13 +423,13 @@ def bench_table_2cores(args) -> None:
         model, task, _, label = load_case(name, a)
         for layer in (0, int(model.cfg.n_layers) - 1):
             sae = calibrated_sae(model, task, f"blocks.{layer}.mlp.hook_post", 2048, args.l0)
-
-            def table():
-                eff = feature_effects(model, sae, task)
-                return eff, feature_ablation_table(model, sae, task, effects=eff)
-
-            (eff, _), t = timed(table)
+            (eff, _), t = timed(lambda sae=sae, model=model, task=task: _table(model, sae, task))
             print(f"   {label:58s} layer {layer}: {eff.prompt.numel():6d} pairs in {t:6.2f} s")
+
+
+def _table(model, sae, task):
+    eff = feature_effects(model, sae, task)
+    return eff, feature_ablation_table(model, sae, task, effects=eff)
 
 
 def main() -> None:

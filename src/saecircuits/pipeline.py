@@ -60,6 +60,9 @@ class RunConfig:
             largest mean activation (the reference notebook's 100 candidates; None = all).
         n_ablate: size of the top-feature set ablated together (largest loss increases).
         n_example_features, n_examples: features shown with top activating examples, and examples per feature.
+        circuit, circuit_ig_steps: build the feature circuit across all SAEs (analysis.circuit: exact node effects
+            and edges, attribution patching and integrated gradients with this many steps, faithfulness and
+            completeness), written to ``circuit.json``; needs the prefix-cached engine.
         n_evidence_features: top features that get the per-feature evidence (prompt and weight logit boosts,
             loss increase vs activation, DFA; analysis.evidence), plus the SAE-error DLA, upstream ablation and
             activation-scaled DLA of the SAE. 0 skips all of it.
@@ -100,6 +103,8 @@ class RunConfig:
     n_example_features: int = 6
     n_examples: int = 5
     n_evidence_features: int = 3
+    circuit: bool = True
+    circuit_ig_steps: int = 10
     fold_ln: bool = True
     center_writing_weights: bool = True
     center_unembed: bool = True
@@ -542,6 +547,27 @@ def analyse_sae(
     return entry
 
 
+def _circuit_summary(cj: dict, n_nodes: int = 400) -> dict:
+    """The circuit's results.json entry: what the report draws (the whole graph is in circuit.json)."""
+    in_c = set(cj["circuit"])
+    edges = [e for e in cj["edges"] if e["in_circuit"]]
+    return {
+        "file": "circuit.json",
+        "metric": cj["metric"],
+        "n_nodes_total": cj["n_nodes_total"],
+        "n_edges_total": cj["n_edges_total"],
+        "ig_steps": cj["ig_steps"],
+        "selection": cj["selection"],
+        "agreement": cj["agreement"],
+        "faithfulness": cj["faithfulness"],
+        "virtual_weights": cj["virtual_weights"],
+        "nodes": [{k: n[k] for k in ("id", "label", "kind", "layer", "sae", "effect", "effect_ci95", "atp", "ig",
+                                     "n_active_prompts", "top_tokens")} | {"in_circuit": n["id"] in in_c}
+                  for n in cj["nodes"][:n_nodes]],
+        "edges": [{k: e[k] for k in ("source", "target", "exact", "atp", "ig", "n_prompts")} for e in edges],
+    }
+
+
 def run_pipeline(
     cfg: RunConfig,
     *,
@@ -643,6 +669,18 @@ def run_pipeline(
         t = _stage(timings, f"analyse {sae.hook_point}", t)
 
     notes = []
+    circuit_entry, circuit_json = None, None
+    if cfg.circuit and saes:
+        if iv.engine is None:
+            notes.append(f"No circuit: it needs the prefix-cached engine, which this model cannot use ({iv.reason}).")
+        else:
+            from saecircuits.analysis.circuit import find_circuit
+
+            say(f"feature circuit across {len(saes)} SAE(s): exact node effects and edges, gradient estimates")
+            circ = find_circuit(model, saes, task, ig_steps=cfg.circuit_ig_steps, progress=progress)
+            circuit_json = circ.to_json()
+            circuit_entry = _circuit_summary(circuit_json)
+            t = _stage(timings, "circuit", t)
     if task.n_dropped_too_long:
         notes.append(
             f"{task.n_dropped_too_long} prompts were longer than {min(cfg.max_prompt_tokens or n_ctx, n_ctx)} tokens "
@@ -677,6 +715,7 @@ def run_pipeline(
             "completeness_max_abs_error": float(dla.max_abs_error),
         },
         "saes": entries,
+        **({"circuit": circuit_entry} if circuit_entry is not None else {}),
         "interventions": {"backend": iv.backend, "note": iv.reason or "prefix-cached: position P recomputed alone"},
         "timings": timings | {"total": round(time.perf_counter() - t_start, 3)},
         "config": cfg.to_dict(),
@@ -685,6 +724,8 @@ def run_pipeline(
     iv.clear_cache()
     validate_results(results)
     write_json_atomic(out / "results.json", results)
+    if circuit_json is not None:
+        write_json_atomic(out / "circuit.json", circuit_json)
     render_report(results, out / "report.html")
     _stage(timings, "report", t)
     say(f"wrote {out / 'results.json'} and {out / 'report.html'}")

@@ -83,11 +83,13 @@ class Interventions:
         self.n_layers = int(model.cfg.n_layers)
         self.cache_bytes = cache_bytes
         self._passes: dict[bytes, CleanPass] = {}
+        self._reads: dict[bytes, dict[str, torch.Tensor]] = {}
         self._passes_bytes = 0
 
     def clear_cache(self) -> None:
-        """Forget the clean passes kept between calls (see :meth:`clean`)."""
+        """Forget the clean passes and corpus reads kept between calls (see :meth:`clean`, :meth:`read_all`)."""
         self._passes.clear()
+        self._reads.clear()
         self._passes_bytes = 0
 
     @property
@@ -192,9 +194,24 @@ class Interventions:
     ) -> dict[str, torch.Tensor]:
         """Activations of ``read`` at every position of right-padded ``tokens [B, T]`` -> ``{hook: [B, T, *shape]}``.
 
-        The pass stops after the last block it needs and never unembeds (corpus statistics, top examples).
+        The pass stops after the last block it needs and never unembeds (corpus statistics, top examples). Results
+        are kept between calls (keyed by the tokens and hook, within the same ``cache_bytes`` budget as clean
+        passes, never evicted), so the mean activation, the top examples and the other statistics of a run read
+        each corpus batch once.
         """
         read = list(read)
+        key = _tokens_key(tokens, read)
+        kept = self._reads.get(key)
+        if kept is not None:
+            return dict(kept)
+        out = self._read_all(tokens, read)
+        size = sum(t.numel() * t.element_size() for t in out.values())
+        if self._passes_bytes + size <= self.cache_bytes:
+            self._reads[key] = out
+            self._passes_bytes += size
+        return dict(out)
+
+    def _read_all(self, tokens: torch.Tensor, read: list[str]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             if self.engine is None:
                 store: dict[str, torch.Tensor] = {}
@@ -343,6 +360,15 @@ def _batch_key(batch: TaskBatch) -> bytes:
     for t in (batch.tokens, batch.positions):
         h.update(str(tuple(t.shape)).encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.digest()
+
+
+def _tokens_key(tokens: torch.Tensor, read: list[str]) -> bytes:
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(("\0".join(read) + str(tuple(tokens.shape))).encode())
+    h.update(tokens.detach().cpu().contiguous().numpy().tobytes())
     return h.digest()
 
 

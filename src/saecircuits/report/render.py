@@ -724,6 +724,145 @@ def _evidence_sections(sae: Mapping, fig: _Figures, sid: str) -> list[str]:
     return out
 
 
+def _stand_in(a: Mapping | None) -> str:
+    """A verdict on an estimate from its agreement with the exact values."""
+    if not a or not _finite(a.get("spearman")):
+        return "undefined (too few values)"
+    ok = a["spearman"] >= 0.9 and (a.get("top_overlap") or 0) >= 0.8 and (a.get("sign_agreement") or 0) >= 0.9
+    return "yes" if ok else "no"
+
+
+def _circuit_section(r: Mapping, fig: _Figures) -> str:
+    """Nodes and edges at P across the SAEs, exact vs estimated, and the chosen circuit's faithfulness."""
+    c = r.get("circuit")
+    if not c:
+        return ""
+    nodes = {n["id"]: n for n in c["nodes"]}
+    sel = c.get("selection") or {}
+    out = ['<h2 id="circuit">Feature circuit across layers</h2>']
+    out.append(
+        '<p class="note">Every feature active at the prediction position P in any SAE, one error node per SAE, '
+        "every attention head, MLPs without an SAE and the embeddings are nodes. A node's <b>effect</b> is the "
+        "exact drop of the answer's log-prob (nats) when it alone is ablated at P (features: their decoded "
+        "contribution removed, the SAE error kept), averaged over prompts; an <b>edge</b> u&rarr;d is the exact "
+        "drop of feature d's activation when u alone is ablated. Attribution patching (AtP) and integrated "
+        "gradients (IG, per submodule as in Sparse Feature Circuits) estimate the same numbers from gradients; "
+        f"the tables below say how well they agree with the exact values. {c.get('n_nodes_total', len(nodes))} "
+        f"nodes, {c.get('n_edges_total', '?')} non-zero edges; the full graph is in "
+        f"<code>{_esc(c.get('file', 'circuit.json'))}</code>.</p>"
+    )
+    circ = [n for n in c["nodes"] if n.get("in_circuit")]
+    if sel:
+        out.append(
+            f'<p class="note">Circuit: {_esc(sel.get("n_nodes", len(circ)))} nodes ({_esc(sel.get("rule", ""))}); '
+            f"faithfulness {_esc(_num(sel.get('faithfulness'), '.3f'))} (the answer's log-prob with every other node "
+            "mean-ablated, on the scale clean = 1, everything mean-ablated = 0), completeness "
+            f"{_esc(_num(sel.get('completeness'), '.3f'))} (what is left when the circuit itself is mean-ablated; "
+            f"0 = nothing). Edges: {_esc(sel.get('edge_rule', ''))}.</p>"
+        )
+    # the graph: columns by layer/stage, node size by |effect|, edge width by |exact|, colour by sign
+    stage_of = {}
+    for n in circ:
+        st = (n.get("layer", -1), 0 if n.get("kind") in ("head", "embed", "pos_embed") else 1)
+        stage_of[n["id"]] = st
+    if circ:
+        cols = sorted(set(stage_of.values()))
+        pos = {}
+        for ci, st in enumerate(cols):
+            members = sorted([n for n in circ if stage_of[n["id"]] == st], key=lambda n: -abs(n["effect"] or 0))
+            for k, n in enumerate(members):
+                pos[n["id"]] = (ci, -k)
+        target_x = len(cols)
+        f = go.Figure()
+        biggest = max((abs(e["exact"] or 0) for e in c["edges"]), default=0) or 1.0
+        for e in c["edges"]:
+            if e["source"] not in pos or e["target"] not in pos:
+                continue
+            (x0, y0), (x1, y1) = pos[e["source"]], pos[e["target"]]
+            v = e["exact"] or 0
+            f.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="skip", showlegend=False,
+                                   line={"width": 1 + 7 * abs(v) / biggest,
+                                         "color": "rgba(214,39,40,0.55)" if v > 0 else "rgba(31,119,180,0.55)"}))
+        top_eff = max((abs(n["effect"] or 0) for n in circ), default=0) or 1.0
+        for n in circ:  # edges into the answer: the node effects
+            x0, y0 = pos[n["id"]]
+            v = n["effect"] or 0
+            f.add_trace(go.Scatter(x=[x0, target_x], y=[y0, 0], mode="lines", hoverinfo="skip", showlegend=False,
+                                   line={"width": 1 + 5 * abs(v) / top_eff, "dash": "dot",
+                                         "color": "rgba(214,39,40,0.35)" if v > 0 else "rgba(31,119,180,0.35)"}))
+        f.add_trace(go.Scatter(
+            x=[pos[n["id"]][0] for n in circ] + [target_x], y=[pos[n["id"]][1] for n in circ] + [0],
+            mode="markers+text", text=[_esc(n["label"]) for n in circ] + ["answer"], textposition="top center",
+            marker={"size": [10 + 20 * abs(n["effect"] or 0) / top_eff for n in circ] + [24],
+                    "color": ["#d62728" if (n["effect"] or 0) > 0 else "#1f77b4" for n in circ] + ["#2ca02c"]},
+            hovertext=[_esc(f"{n['label']}: effect {_num(n['effect'])} nats; AtP {_num(n.get('atp'))}; "
+                            f"IG {_num(n.get('ig'))}; active on {n.get('n_active_prompts', '?')} prompts; "
+                            f"promotes {', '.join(visible_token(t) for t in n.get('top_tokens') or []) or 'n/a'}")
+                       for n in circ] + ["answer log-prob"],
+            hoverinfo="text", showlegend=False))
+        f.update_layout(title="Circuit at P (red: supports the answer / excites; blue: opposes / inhibits)",
+                        xaxis={"tickvals": list(range(len(cols))) + [target_x],
+                               "ticktext": [("embed" if lay < 0 else f"L{lay} {'attn' if s == 0 else 'MLP'}")
+                                            for lay, s in cols] + ["answer"]},
+                        yaxis={"visible": False})
+        out.append(fig(f, height=max(380, 60 * max(len([1 for n in circ if stage_of[n['id']] == st])
+                                                     for st in cols))))
+    rows = [(n["label"], _num(n["effect"]), _num(n.get("effect_ci95")), _num(n.get("atp")), _num(n.get("ig")),
+             "yes" if n.get("in_circuit") else "", ", ".join(visible_token(t) for t in n.get("top_tokens") or []))
+            for n in c["nodes"][:25]]
+    out.append(_table(["node", "effect (nats)", "±95%", "AtP", "IG", "in circuit", "promotes"], rows,
+                      left_cols=(0, 6)))
+    ag = c.get("agreement") or {}
+    arows = []
+    for what in ("nodes", "edges"):
+        for method in ("atp", "ig"):
+            a = (ag.get(what) or {}).get(method)
+            if a:
+                arows.append((what, method.upper(), a.get("n"), _num(a.get("spearman"), ".3f"),
+                              _num(a.get("sign_agreement"), ".3f"), _num(a.get("top_overlap"), ".2f"), _stand_in(a)))
+    if arows:
+        out.append('<p class="note">Agreement of each estimate with the exact values: Spearman rank correlation, '
+                   "share of matching signs, and the share of the exact top-20 (by magnitude) found in the "
+                   "estimate's top-20. An estimate can stand in for exact ablation here when all three are high "
+                   "(&ge; 0.9, 0.9, 0.8).</p>")
+        out.append(_table(["", "estimate", "n", "Spearman", "sign agreement", "top-20 overlap", "can stand in"],
+                          arows, left_cols=(0, 1, 6)))
+    pts = [n for n in c["nodes"] if _finite(n.get("effect"))]
+    if pts:
+        f = go.Figure()
+        for method, colour in (("atp", "#ff7f0e"), ("ig", "#9467bd")):
+            xs = [n["effect"] for n in pts if _finite(n.get(method))]
+            ys = [n[method] for n in pts if _finite(n.get(method))]
+            if xs:
+                f.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name=method.upper(), marker={"color": colour},
+                                       text=[_esc(n["label"]) for n in pts if _finite(n.get(method))]))
+        lim = max(abs(n["effect"]) for n in pts) or 1.0
+        f.add_trace(go.Scatter(x=[-lim, lim], y=[-lim, lim], mode="lines", name="estimate = exact",
+                               line={"dash": "dash", "color": "#888"}))
+        f.update_layout(title="Node effects: gradient estimates vs exact ablation", xaxis_title="exact (nats)",
+                        yaxis_title="estimate (nats)")
+        out.append(fig(f, height=420))
+    curve = c.get("faithfulness") or []
+    if curve:
+        f = go.Figure()
+        for key, name in (("faithfulness", "faithfulness (circuit alone)"),
+                          ("completeness", "completeness (circuit ablated)")):
+            f.add_trace(go.Scatter(x=[p["n_nodes"] for p in curve], y=_nulls([p.get(key) for p in curve]),
+                                   mode="lines+markers", name=name))
+        f.update_layout(title="Faithfulness and completeness vs circuit size (nodes by |exact effect|)",
+                        xaxis_title="nodes in the circuit", xaxis_type="log", yaxis_title="fraction of the effect")
+        out.append(fig(f, height=380))
+    vw = c.get("virtual_weights") or []
+    if vw:
+        out.append('<p class="note">The reference follow-up\'s weight-based edges for the strongest exact '
+                   "feature-to-feature edges: W<sub>dec</sub>W<sub>out</sub>W<sub>in</sub>W<sub>enc</sub> "
+                   "(raw, and as a cosine), ignoring norms and the MLP non-linearity.</p>")
+        out.append(_table(["source", "target", "exact edge", "prompts", "virtual (raw)", "virtual (cosine)"],
+                          [(v["source"], v["target"], _num(v["exact"]), v["n_prompts"], _num(v["virtual_raw"]),
+                            _num(v["virtual_cosine"], ".3f")) for v in vw[:15]], left_cols=(0, 1)))
+    return "\n".join(out)
+
+
 def _appendix(r: Mapping) -> str:
     out = ['<h2 id="appendix">Appendix</h2>']
     timings = r.get("timings") or {}
@@ -803,6 +942,9 @@ def build_report_html(results: Mapping) -> str:
         body.extend(_evidence_sections(sae, fig, sid))
     if not results["saes"]:
         body.append('<p class="muted">No SAEs in these results.</p>')
+    if results.get("circuit"):
+        toc.append('<li><a href="#circuit">Feature circuit across layers</a></li>')
+        body.append(_circuit_section(results, fig))
     toc.append('<li><a href="#appendix">Appendix</a></li>')
     body.append(_appendix(results))
     title = f"saecircuits report: {results['task']['name']} on {results['model']}"

@@ -76,6 +76,11 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
                                 "fraction_active_clean": [float], "fraction_active_ablated": [float]},  # F8
           "activation_scaled_dla": [{*"feature": int, *"mean_activation": float, *"dla_per_unit": float,
                                      *"scaled": float, "scaled_ln": float}]}],       # F20, logits
+      "circuit": {"selection": {...}, "agreement": {"nodes"|"edges": {"atp"|"ig": {...}}},
+                  "faithfulness": [{"n_nodes", "faithfulness", "completeness", ...}],
+                  *"nodes": [{*"id": int, *"label": str, *"effect": float, "atp": float, "ig": float,
+                              "in_circuit": bool, "top_tokens": [str], ...}],
+                  *"edges": [{*"source": int, *"target": int, *"exact": float, "atp": float, "ig": float}]},
       "timings": {stage: seconds},
       "config": {...free-form...},
       "notes": [str]
@@ -366,6 +371,47 @@ RESULTS_SCHEMA = _Obj(
             )
         ),
         "saes": _req(("list", _SAE, None)),
+        "circuit": _opt(
+            _Obj(
+                {
+                    "selection": _opt("dict"),
+                    "agreement": _opt("dict"),
+                    "faithfulness": _opt(("list", "dict", None)),
+                    "nodes": _req(
+                        (
+                            "list",
+                            _Obj(
+                                {
+                                    "id": _req("int"),
+                                    "label": _req("str"),
+                                    "effect": _req("float"),
+                                    "atp": _opt("float"),
+                                    "ig": _opt("float"),
+                                    "in_circuit": _opt("bool"),
+                                    "top_tokens": _opt(("list", "str", None)),
+                                }
+                            ),
+                            None,
+                        )
+                    ),
+                    "edges": _req(
+                        (
+                            "list",
+                            _Obj(
+                                {
+                                    "source": _req("int"),
+                                    "target": _req("int"),
+                                    "exact": _req("float"),
+                                    "atp": _opt("float"),
+                                    "ig": _opt("float"),
+                                }
+                            ),
+                            None,
+                        )
+                    ),
+                }
+            )
+        ),
         "timings": _opt(("map", "float")),
         "config": _opt("dict"),
         "notes": _opt(("list", "str", None)),
