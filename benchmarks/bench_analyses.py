@@ -28,7 +28,9 @@ Other modes:
               (:mod:`saecircuits.models.engine`, what every analysis now uses) vs plain ``transformers`` (SDPA);
   --memory    5,000 prompts and a 16,384-feature SAE on the default model: activations + exact effects of every
               active feature + the table; prints peak resident memory (``resource.getrusage``);
-  --table-2cores  the all-features ablation table of a 2,048-feature SAE over 200 prompts at 2 threads.
+  --table-2cores  the all-features ablation table of a 2,048-feature SAE over 200 prompts at 2 threads;
+  --circuit   the whole feature circuit (exact node effects and edges, AtP, IG, faithfulness) on the embedded
+              default with two 2,048-feature SAEs over 300 prompts, with the estimates' agreement.
 
 Examples:
     python benchmarks/bench_analyses.py                               # default, stories260k, gpt2bpe
@@ -432,6 +434,28 @@ def _table(model, sae, task):
     return eff, feature_ablation_table(model, sae, task, effects=eff)
 
 
+def bench_circuit(args) -> None:
+    """The whole feature circuit on the embedded default: two 2,048-feature SAEs (layers 0 and 1), 300 prompts."""
+    from saecircuits.analysis.circuit import find_circuit
+
+    a = argparse.Namespace(**vars(args))
+    a.n_prompts = 300
+    model, task, _, label = load_case("default", a)
+    saes = [calibrated_sae(model, task, f"blocks.{layer}.mlp.hook_post", 2048, args.l0, seed=layer)
+            for layer in (0, 1)]
+    interventions_for(model).clear_cache()
+    res, t = timed(lambda: find_circuit(model, saes, task, ig_steps=10))
+    ag = res.agreement
+    print(f"\n== feature circuit, {label}, 2 SAEs x 2,048 features, {task.n_prompts} prompts, "
+          f"{torch.get_num_threads()} thread(s): {t:.1f} s")
+    print(f"   {len(res.nodes)} nodes, {len(res.exact.edges)} non-zero exact edges; circuit of "
+          f"{len(res.circuit)} nodes, faithfulness {res.selection.get('faithfulness', float('nan')):.3f}")
+    for what in ("nodes", "edges"):
+        for method, a_ in ag[what].items():
+            print(f"   {what:5s} {method:3s}: Spearman {a_['spearman']:.3f}, sign agreement "
+                  f"{a_['sign_agreement']:.3f}, top-20 overlap {a_['top_overlap']:.2f} (n={a_['n']})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="default,stories260k,gpt2bpe")
@@ -450,6 +474,7 @@ def main() -> None:
     p.add_argument("--forward", action="store_true", help="also time one clean pass: bridge / engine / plain HF")
     p.add_argument("--memory", action="store_true", help="also run the 5,000-prompt x 16,384-feature memory check")
     p.add_argument("--table-2cores", action="store_true", help="also time the all-features table at 2 threads")
+    p.add_argument("--circuit", action="store_true", help="also time the whole circuit on the embedded default")
     p.add_argument("--only", action="store_true", help="run only the extra modes given")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -462,6 +487,8 @@ def main() -> None:
         bench_memory(args)
     if args.table_2cores:
         bench_table_2cores(args)
+    if args.circuit:
+        bench_circuit(args)
 
 
 if __name__ == "__main__":
