@@ -50,7 +50,8 @@ class RunConfig:
         l1_coefficient: per-token L1 coefficient of the reference notebook's ReLU SAE.
         sae_lr, sae_batch_size, seq_len: SAE training learning rate, tokens per step, packed row length.
         max_prompts: use at most this many task prompts (the first ones in corpus order).
-        max_prompt_tokens: drop prompts longer than this many tokens (default: the model's context).
+        max_prompt_tokens: drop prompts (BOS and answer included) longer than this many tokens, counted in
+            ``results.json`` (default and upper bound: the model's context).
         n_stat_docs: corpus documents used for the mean activation and top examples.
         feature_selection: which active features get their exact single-feature ablation effect at P on each
             prompt: ``"all"`` (default) or an int N (per prompt, the N with the largest |activation x DLA|).
@@ -59,6 +60,9 @@ class RunConfig:
             largest mean activation (the reference notebook's 100 candidates; None = all).
         n_ablate: size of the top-feature set ablated together (largest loss increases).
         n_example_features, n_examples: features shown with top activating examples, and examples per feature.
+        circuit, circuit_ig_steps: build the feature circuit across all SAEs (analysis.circuit: exact node effects
+            and edges, attribution patching and integrated gradients with this many steps, faithfulness and
+            completeness), written to ``circuit.json``; needs the prefix-cached engine.
         n_evidence_features: top features that get the per-feature evidence (prompt and weight logit boosts,
             loss increase vs activation, DFA; analysis.evidence), plus the SAE-error DLA, upstream ablation and
             activation-scaled DLA of the SAE; the same features get the ablation on their max-activating corpus
@@ -72,9 +76,11 @@ class RunConfig:
             reported, and whose decoder span is kept in the complement-of-span ablation.
         fold_ln, center_writing_weights, center_unembed: TransformerLens weight processing (all on by default;
             log-probs are unchanged, DLA components are expressed in the processed basis).
-        exclude_bos: the one BOS switch: BOS positions are left out of SAE training activations and of the mean
-            activation used for mean ablation (top examples always skip BOS). The reference notebook trained
-            54_serene_plasma with BOS positions and 189_giddy_water without (pitfall 33).
+        exclude_bos: the one BOS switch: special-token positions (BOS/EOS/PAD, wherever they sit in a row) are left
+            out of SAE training activations and of the mean activation used for mean ablation (top examples, token
+            counts and DFA means always skip them). The reference notebook trained 54_serene_plasma with BOS
+            positions and 189_giddy_water without (pitfall 33). BOS itself is prepended when the tokenizer has one,
+            never a stand-in; ``results.json`` states the policy under ``bos_policy``.
         device, seed: where to compute; seed of SAE training and bootstraps.
         workspace: cache folder for converted models and trained SAEs.
         model_label: name written into results.json (default: ``model``).
@@ -109,6 +115,8 @@ class RunConfig:
     n_max_act_stories: int = 20
     token_fraction: float = 0.25
     n_geometry_features: int = 5
+    circuit: bool = True
+    circuit_ig_steps: int = 10
     fold_ln: bool = True
     center_writing_weights: bool = True
     center_unembed: bool = True
@@ -278,7 +286,7 @@ def _check_sae_fits(sae, model) -> None:
 def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list[str], progress: bool) -> tuple[list, dict]:
     """Train one reference-notebook SAE per layer from one pass of the model, cached in the workspace."""
     from saecircuits.data.activations import pack_token_rows
-    from saecircuits.models.tokens import encode_documents
+    from saecircuits.models.tokens import encode_documents, special_token_ids
     from saecircuits.saes.io import load_sae
     from saecircuits.saes.trainer import TrainConfig, train_saes_on_model
 
@@ -306,6 +314,8 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
             "train": train_cfg.to_dict(),
             "expansion": cfg.expansion_factor,
             "exclude_bos": cfg.exclude_bos,
+            # special-token strings in the text are encoded as characters; "exclude" drops every special id
+            "text_encoding": "plain-characters",
             "seq_len": cfg.seq_len,
             "version": saecircuits.__version__,
         },
@@ -324,7 +334,8 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
     tok = model.tokenizer
     n_ctx = int(model.cfg.n_ctx)
     docs = encode_documents(tok, train_docs, prepend_bos=False)
-    rows = pack_token_rows(docs, min(cfg.seq_len, n_ctx), int(tok.bos_token_id), shuffle_seed=cfg.seed)
+    # documents are separated by BOS (none when the tokenizer has no BOS: no stand-in token)
+    rows = pack_token_rows(docs, min(cfg.seq_len, n_ctx), tok.bos_token_id, shuffle_seed=cfg.seed)
     needed_rows = -(-steps * cfg.sae_batch_size // rows.shape[1])
     if rows.shape[0] < needed_rows:
         logger.info("SAE training data has %d rows; they are reused for the %d rows needed", rows.shape[0], needed_rows)
@@ -337,7 +348,7 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
             hook_points,
             train_cfg,
             expansion_factor=cfg.expansion_factor,
-            bos_id=int(tok.bos_token_id),
+            bos_id=special_token_ids(tok),  # "exclude" leaves out BOS/EOS/PAD wherever they sit in a row
             bos_policy="exclude" if cfg.exclude_bos else "include",
             output_dir=tmp,
             progress=progress,
@@ -365,17 +376,66 @@ def _build_task(cfg: RunConfig, model, docs: list[str]):
     from saecircuits.tasks.closing_quote import closing_quote_task
     from saecircuits.tasks.jsonl import jsonl_task
 
-    max_tokens = cfg.max_prompt_tokens or int(model.cfg.n_ctx)
+    # prompts longer than the context (prompt + answer) are dropped and counted, for every kind of task
+    max_tokens = min(cfg.max_prompt_tokens or int(model.cfg.n_ctx), int(model.cfg.n_ctx))
     if cfg.task == "closing-quote":
         task = closing_quote_task(docs, model.tokenizer, closings=cfg.closings, max_prompts=cfg.max_prompts,
                                   max_tokens=max_tokens)
     elif cfg.task.endswith(".jsonl") or Path(cfg.task).is_file():
-        task = jsonl_task(cfg.task, model.tokenizer)
+        task = jsonl_task(cfg.task, model.tokenizer, max_tokens=max_tokens)
         if cfg.max_prompts is not None and task.n_prompts > cfg.max_prompts:
             task = task.subset(range(cfg.max_prompts))
     else:
         raise TaskError(f"unknown task {cfg.task!r}: use 'closing-quote' or the path of a .jsonl task file")
     return task
+
+
+def _bos_policy(tokenizer, exclude_special: bool) -> dict:
+    """The ``bos_policy`` entry of results.json: whether a BOS was prepended, which, and where special tokens count."""
+    from saecircuits.models.tokens import bos_prefix, special_token_ids, token_string
+
+    prefix = bos_prefix(tokenizer)  # the pipeline's policy: BOS when the tokenizer has one, never a stand-in
+    special = sorted(special_token_ids(tokenizer))
+    token = token_string(tokenizer, prefix[0]) if prefix else None
+    if prefix:
+        said = f"Every prompt and corpus document starts with the tokenizer's BOS token {token!r} (id {prefix[0]})."
+    else:
+        said = "The tokenizer has no BOS token, so nothing is prepended to prompts or documents (no stand-in token)."
+    where = (
+        "left out of SAE training activations, the mean activation used for mean ablation, top examples, token counts "
+        "and DFA means" if exclude_special else
+        "kept in SAE training activations and the mean activation (--include-bos), left out of top examples, token "
+        "counts and DFA means"
+    )
+    return {
+        "prepended": bool(prefix),
+        "token_id": prefix[0] if prefix else None,
+        "token": token,
+        "special_token_ids": special,
+        "special_positions": "excluded" if exclude_special else "included",
+        "statement": f"{said} Special-token positions (ids {special}) are {where}.",
+    }
+
+
+def _task_entry(task, tokenizer, n_show: int = 5) -> dict:
+    """The ``task`` entry of results.json: answers shown with ``models.tokens.token_string``, and the first example
+    prompts each with its OWN answer, as the text that follows the prompt (``token_pieces`` in context)."""
+    from saecircuits.models.tokens import token_pieces, token_string
+
+    answers = sorted(set(task.answer_ids))
+    shown = range(min(n_show, task.n_prompts))
+    return {
+        "name": task.name,
+        "n_prompts": task.n_prompts,
+        "n_dropped_too_long": int(task.n_dropped_too_long),
+        "answer_token_ids": answers,
+        "answer_tokens": [token_string(tokenizer, a) for a in answers],
+        "example_prompts": [task.prompts[i] for i in shown],
+        "example_answer_ids": [int(task.answer_ids[i]) for i in shown],
+        "example_answers": [
+            token_pieces(tokenizer, [*task.token_ids[i], task.answer_ids[i]])[-1].text for i in shown
+        ],
+    }
 
 
 def _round(x: float, nd: int = 6) -> float:
@@ -502,6 +562,7 @@ def analyse_sae(
                     {
                         "doc_index": int(e.doc_index),
                         "tokens": list(e.tokens),
+                        "token_kinds": list(e.token_kinds),
                         "activations": [_round(a, 4) for a in e.activations],
                         "max_activation": _round(e.max_activation, 4),
                     }
@@ -527,7 +588,9 @@ def _mean_ci(m) -> dict:
 
 
 def _token_str(model, token_id: int) -> str:
-    return model.tokenizer.decode([int(token_id)])
+    from saecircuits.models.tokens import token_string
+
+    return token_string(model.tokenizer, token_id)
 
 
 def _corpus_stats_json(model, sae, fs, stat_docs, features: list[int], cfg: RunConfig) -> dict:
@@ -565,6 +628,7 @@ def _corpus_stats_json(model, sae, fs, stat_docs, features: list[int], cfg: RunC
         by_band.setdefault((k, band), []).append({
             "doc_index": int(ex.doc_index),
             "tokens": list(ex.tokens),
+            "token_kinds": list(ex.token_kinds),
             "activations": [_round(a, 4) for a in ex.activations],
             "max_activation": _round(ex.max_activation, 4),
         })
@@ -586,6 +650,16 @@ def _corpus_stats_json(model, sae, fs, stat_docs, features: list[int], cfg: RunC
             "band_examples": {band: by_band.get((k, band), []) for band in BANDS},
         })
     return out
+
+
+def _per_token_json(model, pt: dict) -> dict:
+    """One story of the max-activating ablation's per-token view, tokens shown as everywhere (``token_pieces``)."""
+    from saecircuits.models.tokens import token_pieces
+
+    pieces = token_pieces(model.tokenizer, pt["tokens"])
+    return {"doc_index": int(pt["doc"]), "tokens": [q.text for q in pieces], "token_kinds": [q.kind for q in pieces],
+            "loss_change": [_round(v, 4) for v in pt["loss_change"]],
+            "activation": [_round(v, 4) for v in pt["activation"]]}
 
 
 def study_sae(
@@ -690,11 +764,7 @@ def study_sae(
                             for r in res.stories.itertuples()],
                 "position_loss_increase": [_round(v, 4) for v in res.positions["loss_increase"]],
                 "position_activation": [_round(v, 4) for v in res.positions["activation"]],
-                "per_token": [{"doc_index": int(pt["doc"]),
-                               "tokens": [_token_str(model, t) for t in pt["tokens"]],
-                               "loss_change": [_round(v, 4) for v in pt["loss_change"]],
-                               "activation": [_round(v, 4) for v in pt["activation"]]}
-                              for pt in res.per_token[:2]],
+                "per_token": [_per_token_json(model, pt) for pt in res.per_token[:2]],
                 "off_range": _off_range_json(res.off_range),
             })
         out["max_activating_ablation"] = stories
@@ -774,6 +844,26 @@ def study_run(model, saes: list, entries: list[dict], task, cfg: RunConfig, prog
         "paired": [{"a": a, "b": b} | _mean_ci(m) for (a, b), m in lc.paired.items()],
     }}
 
+def _circuit_summary(cj: dict, n_nodes: int = 400) -> dict:
+    """The circuit's results.json entry: what the report draws (the whole graph is in circuit.json)."""
+    in_c = set(cj["circuit"])
+    edges = [e for e in cj["edges"] if e["in_circuit"]]
+    return {
+        "file": "circuit.json",
+        "metric": cj["metric"],
+        "n_nodes_total": cj["n_nodes_total"],
+        "n_edges_total": cj["n_edges_total"],
+        "ig_steps": cj["ig_steps"],
+        "selection": cj["selection"],
+        "agreement": cj["agreement"],
+        "faithfulness": cj["faithfulness"],
+        "virtual_weights": cj["virtual_weights"],
+        "nodes": [{k: n[k] for k in ("id", "label", "kind", "layer", "sae", "effect", "effect_ci95", "atp", "ig",
+                                     "n_active_prompts", "top_tokens")} | {"in_circuit": n["id"] in in_c}
+                  for n in cj["nodes"][:n_nodes]],
+        "edges": [{k: e[k] for k in ("source", "target", "exact", "atp", "ig", "n_prompts")} for e in edges],
+    }
+
 
 def run_pipeline(
     cfg: RunConfig,
@@ -799,7 +889,7 @@ def run_pipeline(
     from saecircuits.analysis.dla import direct_logit_attribution
     from saecircuits.data.corpus import read_documents
     from saecircuits.models.load import load_model, model_provenance
-    from saecircuits.models.tokens import encode_documents
+    from saecircuits.models.tokens import encode_documents, special_token_ids
     from saecircuits.report.render import render_report
     from saecircuits.report.schema import validate_results, write_json_atomic
 
@@ -834,12 +924,15 @@ def run_pipeline(
     docs = read_documents(cfg.data)
     train_docs = read_documents(cfg.train_data) if cfg.train_data is not None else docs
     task = _build_task(cfg, model, docs)
-    answers = sorted(set(task.answer_ids))
-    say(f"task {task.name}: {task.n_prompts} prompts, answer tokens "
-        + ", ".join(repr(model.tokenizer.decode([a])) for a in answers))
+    task_entry = _task_entry(task, model.tokenizer)
+    dropped = f" ({task.n_dropped_too_long} over-long prompts dropped)" if task.n_dropped_too_long else ""
+    say(f"task {task.name}: {task.n_prompts} prompts{dropped}, answer tokens "
+        + ", ".join(repr(t) for t in task_entry["answer_tokens"]))
+    bos_policy = _bos_policy(model.tokenizer, cfg.exclude_bos)
     n_ctx = int(model.cfg.n_ctx)
+    special = special_token_ids(model.tokenizer)
     stat_docs = encode_documents(model.tokenizer, docs[: cfg.n_stat_docs], max_len=n_ctx)
-    stat_docs = [d for d in stat_docs if len(d) > 1]
+    stat_docs = [d for d in stat_docs if any(t not in special for t in d)]  # at least one text token
     t = _stage(timings, "data_and_task", t)
 
     if cfg.sae_paths:
@@ -889,12 +982,29 @@ def run_pipeline(
     t = _stage(timings, "layer comparison", t)
 
     notes = []
+    circuit_entry, circuit_json = None, None
+    if cfg.circuit and saes:
+        if iv.engine is None:
+            notes.append(f"No circuit: it needs the prefix-cached engine, which this model cannot use ({iv.reason}).")
+        else:
+            from saecircuits.analysis.circuit import find_circuit
+
+            say(f"feature circuit across {len(saes)} SAE(s): exact node effects and edges, gradient estimates")
+            circ = find_circuit(model, saes, task, ig_steps=cfg.circuit_ig_steps, progress=progress)
+            circuit_json = circ.to_json()
+            circuit_entry = _circuit_summary(circuit_json)
+            t = _stage(timings, "circuit", t)
+    if task.n_dropped_too_long:
+        notes.append(
+            f"{task.n_dropped_too_long} prompts were longer than {min(cfg.max_prompt_tokens or n_ctx, n_ctx)} tokens "
+            f"(prompt + answer; the model's context is {n_ctx}) and were left out; the results use the other "
+            f"{task.n_prompts}."
+        )
     if task.n_prompts < 20:
         notes.append(
             f"Only {task.n_prompts} prompts: means are noisy and 95% intervals are wide or undefined (n < 2). "
             "Use a larger corpus or task file."
         )
-    n_show = min(5, task.n_prompts)
     results = {
         "schema_version": 1,
         "saecircuits_version": saecircuits.__version__,
@@ -908,13 +1018,8 @@ def run_pipeline(
             "architecture": str(prov.get("architecture", "")),
         },
         "provenance": prov,
-        "task": {
-            "name": task.name,
-            "n_prompts": task.n_prompts,
-            "answer_token_ids": answers,
-            "answer_tokens": [model.tokenizer.decode([a]) for a in answers],
-            "example_prompts": [task.prompts[i] for i in range(n_show)],
-        },
+        "task": task_entry,
+        "bos_policy": bos_policy,
         "dla": {
             "labels": list(dla.labels),
             "mean": [_round(v) for v in dla.mean.tolist()],
@@ -926,6 +1031,7 @@ def run_pipeline(
         **study,
         "corpus": {"n_docs": stats.n_docs, "n_tokens": stats.n_tokens, "n_special_ids": len(stats.special_ids),
                    "ablation_mode": cfg.ablation_mode},
+        **({"circuit": circuit_entry} if circuit_entry is not None else {}),
         "interventions": {"backend": iv.backend, "note": iv.reason or "prefix-cached: position P recomputed alone"},
         "timings": timings | {"total": round(time.perf_counter() - t_start, 3)},
         "config": cfg.to_dict(),
@@ -934,6 +1040,8 @@ def run_pipeline(
     iv.clear_cache()
     validate_results(results)
     write_json_atomic(out / "results.json", results)
+    if circuit_json is not None:
+        write_json_atomic(out / "circuit.json", circuit_json)
     render_report(results, out / "report.html")
     _stage(timings, "report", t)
     say(f"wrote {out / 'results.json'} and {out / 'report.html'}")

@@ -12,6 +12,7 @@ from helpers import random_sae, tiny_neo, token_rows
 
 from saecircuits.analysis.corpus_stats import BANDS, corpus_feature_stats
 from saecircuits.models.interventions import interventions_for
+from saecircuits.models.tokens import token_pieces
 
 HOOKS = ["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"]
 K, FRACTION, N_TOP = 4, 0.25, 3
@@ -19,6 +20,9 @@ K, FRACTION, N_TOP = 4, 0.25, 3
 
 def _rows():
     rows = token_rows([9, 40, 23, 31, 17, 2, 12, 35, 28, 5, 19, 33], seed=3, vocab=25)  # repeated tokens
+    for i, r in enumerate(rows):  # no two stories share a prefix (equal prefixes would tie exactly)
+        if len(r) > 1:
+            r[1] = 30 + i
     rows[2][7] = 0  # a special token inside a story: never counted
     rows[7][20] = 0
     rows.append([0])  # a story of BOS alone: no counted token
@@ -183,14 +187,17 @@ def test_example_windows_show_the_feature_around_the_picked_position():
     exs = example_windows(model, sae, rows, picks, window_before=3, window_after=2, max_batch=2)
     assert len(exs) == len(picks)
     tok = model.tokenizer
+    assert any(rows[d][max(0, p - 3)] == 0 for _, d, p in picks)  # a window that starts at BOS
     for (j, d, p), ex in zip(picks, exs, strict=True):
         with torch.no_grad():
             x = model.run_with_cache(torch.tensor([rows[d]]), names_filter=[sae.hook_point])[1][sae.hook_point][0]
-            f = sae.encode(x)[:, j].clamp(min=0) * torch.tensor([t != 0 for t in rows[d]])
+            f = sae.encode(x)[:, j]
+        f[torch.tensor([t == 0 for t in rows[d]])] = float("nan")  # special positions are not shown as values
         start, stop = max(0, p - 3), min(len(rows[d]), p + 3)
         assert (ex.feature, ex.doc_index, ex.max_position, ex.window_start) == (j, d, p, start)
-        assert ex.tokens == [tok.decode([t]) for t in rows[d][start:stop]]
-        assert ex.activations == pytest.approx(f[start:stop].tolist(), abs=1e-5)
+        pieces = token_pieces(tok, rows[d])[start:stop]
+        assert ex.tokens == [q.text for q in pieces] and ex.token_kinds == [q.kind for q in pieces]
+        assert ex.activations == pytest.approx(f[start:stop].tolist(), abs=1e-5, nan_ok=True)
         assert ex.max_activation == pytest.approx(float(f[p]), abs=1e-5)
     with pytest.raises(IndexError):
         example_windows(model, sae, rows, [(0, len(rows), 0)])

@@ -2,7 +2,8 @@
 boosts (F17), and the common-token mask both use (B3).
 
 - :func:`common_tokens`: a token is common when it occurs more than ``min_count`` times in a corpus. Departure from
-  the notebook (pitfall 25): each row's leading BOS is not counted (the notebook counted it).
+  the notebook (pitfall 25): special tokens (BOS/EOS/PAD, anywhere in a row) are not counted (the notebook counted
+  the leading BOS), so they are never "common" and never listed.
 - :func:`prompt_logprob_boosts` (F16): on the prompts where the feature is active at P (first ``max_prompts``, the
   notebook's 100), the log-probs at P are averaged over prompts clean and with the feature ablated residual-
   preservingly at P (F3: ``x - f_k(x) W_dec[k]``, SAE error kept); ``boosts = mean clean - mean ablated`` (nats). As
@@ -26,7 +27,8 @@ import torch
 from saecircuits.analysis.ablation_modes import baseline_logits, check_mode
 from saecircuits.analysis.error_dla import mlp_post_layer
 from saecircuits.analysis.features import activations_or_compute, features_ablation_edit
-from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, bos_id_of, task_batches
+from saecircuits.models import tokens as _tokens
+from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches
 from saecircuits.models.interventions import interventions_for
 from saecircuits.models.norms import readout_of
 from saecircuits.saes.base import SAE
@@ -46,7 +48,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TokenValue:
-    """A token id, its decoded string and a value (nats or logits, as the producer says)."""
+    """A token id, its display string (``models.tokens.token_string``) and a value (nats or logits, as the producer
+    says)."""
 
     token_id: int
     token: str
@@ -54,9 +57,9 @@ class TokenValue:
 
 
 def token_string(model, token_id: int) -> str:
-    """The decoded string of one token (``str(id)`` when the model has no tokenizer)."""
-    tok = getattr(model, "tokenizer", None)
-    return tok.decode([int(token_id)]) if tok is not None else str(int(token_id))
+    """One token as shown to people, leading space kept (``models.tokens.token_string`` of the model's tokenizer;
+    ``str(id)`` when the model has no tokenizer)."""
+    return _tokens.token_string(getattr(model, "tokenizer", None), token_id)
 
 
 def common_from_counts(counts: torch.Tensor, min_count: int = 100) -> torch.Tensor:
@@ -71,10 +74,11 @@ def common_tokens(
     """Tokens occurring more than ``min_count`` times in ``token_rows`` (analysis-spec B3; the notebook used 100).
 
     Args:
-        model: anything with ``cfg.d_vocab`` (and a tokenizer for the BOS id).
+        model: anything with ``cfg.d_vocab`` (and a tokenizer for the special-token ids).
         token_rows: corpus rows of token ids.
         min_count: a token is common when its count is strictly greater.
-        exclude_bos: do not count a row's leading BOS (departure from the notebook, pitfall 25).
+        exclude_bos: do not count special tokens (BOS/EOS/PAD anywhere in a row; ``models.tokens.special_token_ids``),
+            a departure from the notebook (pitfall 25).
 
     Returns:
         bool ``[d_vocab]`` on CPU.
@@ -83,14 +87,11 @@ def common_tokens(
         ValueError: a token id outside ``0..d_vocab-1``.
     """
     d_vocab = int(model.cfg.d_vocab)
-    bos = bos_id_of(model) if exclude_bos else None
-    ids: list[int] = []
-    for row in token_rows:
-        row = list(row)
-        ids += row[1:] if (bos is not None and row and row[0] == bos) else row
-    t = torch.tensor(ids, dtype=torch.long)
+    special = _tokens.special_token_ids(getattr(model, "tokenizer", None)) if exclude_bos else frozenset()
+    t = torch.tensor([int(i) for row in token_rows for i in row], dtype=torch.long)
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= d_vocab):
         raise ValueError(f"token ids must lie in 0..{d_vocab - 1}; these rows are from another tokenizer")
+    t = t[~_tokens.special_token_mask(t, special)]
     return common_from_counts(torch.bincount(t, minlength=d_vocab)[:d_vocab], min_count)
 
 

@@ -39,7 +39,7 @@ outputs or a JumpReLU); padding and special positions count as 0.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,11 +50,13 @@ from saecircuits.models.hooks import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_TOKENS,
     _device_of,
+    n_ctx_of,
     pad_id_of,
     row_batches,
     with_progress,
 )
 from saecircuits.models.interventions import interventions_for
+from saecircuits.models.tokens import special_token_ids, special_token_mask, token_pieces
 from saecircuits.saes.base import SAE
 
 __all__ = [
@@ -71,25 +73,12 @@ BANDS: dict[str, float] = {"upper": 2 / 3, "middle": 1 / 3, "lower": 1 / 10}
 """The notebook's example bands (D4) as fractions of the feature's corpus maximum (without its floor division)."""
 
 
-def special_ids_of(model) -> list[int]:
-    """Token ids that are never text for this model's tokenizer: BOS, EOS, PAD and every registered special token.
-
-    Uses ``saecircuits.models.tokens.special_token_ids`` when the package has it (the one rule for special
-    tokens), else the tokenizer's BOS/EOS/PAD ids and ``all_special_ids``.
-    """
-    tok = getattr(model, "tokenizer", None)
-    if tok is None:
-        return []
-    try:
-        from saecircuits.models.tokens import special_token_ids  # type: ignore[attr-defined]
-    except ImportError:
-        ids = {getattr(tok, f"{n}_token_id", None) for n in ("bos", "eos", "pad")}
-        ids |= set(getattr(tok, "all_special_ids", None) or [])
-        return sorted(int(i) for i in ids if i is not None)
-    return sorted(special_token_ids(tok))
+def special_ids_of(model) -> frozenset[int]:
+    """Token ids that are never text for this model's tokenizer (``models.tokens.special_token_ids``)."""
+    return special_token_ids(getattr(model, "tokenizer", None))
 
 
-def counted_token_mask(tokens: torch.Tensor, lengths: torch.Tensor, special_ids: Sequence[int]) -> torch.Tensor:
+def counted_token_mask(tokens: torch.Tensor, lengths: torch.Tensor, special_ids: Collection[int]) -> torch.Tensor:
     """bool ``[b, T]``: real positions (``t < length``) whose token is not special (the positions statistics count).
 
     Args:
@@ -98,9 +87,7 @@ def counted_token_mask(tokens: torch.Tensor, lengths: torch.Tensor, special_ids:
         special_ids: ids to leave out (:func:`special_ids_of`).
     """
     mask = torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths.to(tokens.device)[:, None]
-    if special_ids:
-        mask &= ~torch.isin(tokens, torch.tensor(list(special_ids), dtype=tokens.dtype, device=tokens.device))
-    return mask
+    return mask & ~special_token_mask(tokens, special_ids)
 
 
 @dataclass
@@ -452,7 +439,7 @@ def corpus_feature_stats(
 
     Raises:
         ValueError: no SAE, an empty row, ``k < 1``, ``token_fraction`` outside ``[0, 1)``, a band fraction outside
-            ``(0, 1)``, or token ids outside the vocabulary.
+            ``(0, 1)``, or token ids outside the vocabulary. ContextLengthError: a row longer than the model's context.
     """
     if not saes:
         raise ValueError("corpus_feature_stats needs at least one SAE")
@@ -476,7 +463,7 @@ def corpus_feature_stats(
     token_counts = torch.zeros(d_vocab, dtype=torch.long)
     n_tokens = 0
     batches = row_batches(token_rows, pad_id_of(model), max_tokens=max_tokens, max_batch=max_batch,
-                          device=_device_of(model))
+                          device=_device_of(model), n_ctx=n_ctx_of(model), what="corpus document")
     desc = f"corpus statistics of {len(saes)} SAE(s) (documents)"
     for batch in with_progress(batches, len(token_rows), desc, progress):
         mask = counted_token_mask(batch.tokens, batch.positions + 1, special)
@@ -490,7 +477,7 @@ def corpus_feature_stats(
         for acc in accs:
             acc.update(reads[acc.sae.hook_point], batch.tokens, mask, docs)
     features = [acc.finish(len(token_rows), n_tokens, d_vocab, n_top_tokens) for acc in accs]
-    return CorpusStats(len(token_rows), n_tokens, token_counts, features, special)
+    return CorpusStats(len(token_rows), n_tokens, token_counts, features, sorted(special))
 
 
 def example_windows(
@@ -507,8 +494,9 @@ def example_windows(
     """Token windows around chosen (feature, document, position) triples, e.g. from
     :meth:`FeatureStats.top_examples` or :meth:`FeatureStats.band_examples`, with the feature's activation per token.
 
-    One forward over the distinct documents (stops after the SAE's block). Special positions show activation 0, as
-    the statistics count them.
+    One forward over the distinct documents (stops after the SAE's block). Tokens are shown as the package shows
+    every token (``models.tokens.token_pieces`` over the whole document) and special positions get activation NaN,
+    as in :func:`saecircuits.analysis.examples.top_activating_examples`.
 
     Args:
         picks: ``(feature, doc, position)`` triples.
@@ -531,16 +519,17 @@ def example_windows(
     acts: dict[int, torch.Tensor] = {}
     rows = [token_rows[d] for d in docs]
     for batch in row_batches(rows, pad_id_of(model), max_tokens=max_tokens, max_batch=max_batch,
-                             device=_device_of(model)):
+                             device=_device_of(model), n_ctx=n_ctx_of(model), what="corpus document"):
         a = feature_activations_over_rows(model, sae, batch.tokens, torch.tensor(feats)).cpu()
-        a = a.clamp(min=0) * counted_token_mask(batch.tokens, batch.positions + 1, special).cpu()[..., None]
+        counted = counted_token_mask(batch.tokens, batch.positions + 1, special).cpu()
+        a = a.masked_fill(~counted[..., None], float("nan"))
         for r, i in enumerate(batch.indices):
             acts[docs[i]] = a[r, : int(batch.positions[r]) + 1]
-    tok = model.tokenizer
+    pieces = {d: token_pieces(model.tokenizer, token_rows[d]) for d in docs}  # whole documents
     out = []
     for k, d, p in picks:
-        row = list(token_rows[d])
-        start, stop = max(0, p - window_before), min(len(row), p + window_after + 1)
+        start, stop = max(0, p - window_before), min(len(token_rows[d]), p + window_after + 1)
+        window = pieces[d][start:stop]
         out.append(
             Example(
                 feature=k,
@@ -548,8 +537,9 @@ def example_windows(
                 max_position=p,
                 max_activation=float(acts[d][p, col[k]]),
                 window_start=start,
-                tokens=[tok.decode([t]) for t in row[start:stop]],
+                tokens=[q.text for q in window],
                 activations=acts[d][start:stop, col[k]].tolist(),
+                token_kinds=[q.kind for q in window],
             )
         )
     return out

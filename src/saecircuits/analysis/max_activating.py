@@ -37,7 +37,14 @@ from saecircuits.analysis.ablation_modes import (
 )
 from saecircuits.analysis.corpus_stats import counted_token_mask, special_ids_of
 from saecircuits.analysis.stats import MeanCI, mean_ci95
-from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, _device_of, pad_id_of, row_batches
+from saecircuits.models.hooks import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_TOKENS,
+    _device_of,
+    n_ctx_of,
+    pad_id_of,
+    row_batches,
+)
 from saecircuits.models.interventions import Interventions, interventions_for
 from saecircuits.saes.base import SAE
 
@@ -226,7 +233,7 @@ def max_activating_ablation(
 
     Raises:
         IndexError: ``feature`` or a story index out of range. ValueError: an unknown ``mode``, or a story shorter
-            than two tokens.
+            than two tokens. ContextLengthError: a story longer than the model's context.
     """
     check_mode(mode)
     k = int(feature)
@@ -248,7 +255,7 @@ def max_activating_ablation(
     # pass 1: the feature's activation at every position of every story
     acts: list[torch.Tensor] = [torch.zeros(0)] * len(rows)
     batches = list(row_batches(rows, pad_id_of(model), max_tokens=max_tokens, max_batch=max_batch,
-                               device=_device_of(model)))
+                               device=_device_of(model), n_ctx=n_ctx_of(model), what="story"))
     for batch in batches:
         x = iv.read_all(batch.tokens, [hook])[hook]
         with torch.no_grad():

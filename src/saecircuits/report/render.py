@@ -5,7 +5,8 @@ plotly.js is inlined once in ``<head>``; every figure is a ``Plotly.newPlot`` ca
 comes from the data is HTML-escaped (``html.escape``), including tick labels handed to plotly (plotly's JSON writer
 also escapes ``<``, ``>`` and ``/`` inside the script).
 
-Sections: header (model, task, answer tokens, example prompts with the answer highlighted); direct logit
+Sections: header (model, task, answer tokens, the BOS policy, example prompts each with its own answer
+highlighted); direct logit
 attribution (analysis-spec F1/F2) with CIs and the completeness error; per SAE: summary table (L0, losses, loss
 recovered vs zero and vs mean ablation, with CIs), the four losses, the top features by loss increase when ablated
 (analysis-spec F3) as a table and a chart, the multi-feature ablation (original - ablated), the top activating
@@ -31,7 +32,7 @@ from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from saecircuits.report.schema import ci_bounds, to_jsonable, validate_results, write_text_atomic
-from saecircuits.report.tokens_html import tokens_to_html, visible_token
+from saecircuits.report.tokens_html import TOKENS_CSS, token_html, tokens_to_html, visible_token
 
 __all__ = ["render_report", "build_report_html"]
 
@@ -45,15 +46,15 @@ table.data { border-collapse: collapse; margin: 8px 0 16px; font-size: 14px; }
 table.data th, table.data td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
 table.data th { background: #f0f0f0; }
 table.data td.l, table.data th.l { text-align: left; }
+table.data td { overflow-wrap: anywhere; max-width: 40em; }
 table.data tr.sig td { background: #fff4e5; font-weight: 600; }
 nav.toc { background: #f7f7f7; border: 1px solid #ddd; padding: 8px 16px; margin: 16px 0; }
 nav.toc ul { margin: 4px 0; padding-left: 20px; }
 .prompt { white-space: pre-wrap; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px;
-          background: #fafafa; border-left: 3px solid #ccc; padding: 4px 8px; margin: 6px 0; }
-mark.answer { background: #ffd54f; font-weight: 700; }
-.tokens { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; line-height: 1.9;
-          border: 1px solid #e3e3e3; padding: 6px; margin: 4px 0 12px; }
-.tokens span.tok { padding: 2px 1px; }
+          background: #fafafa; border-left: 3px solid #ccc; padding: 4px 8px; margin: 6px 0;
+          overflow-wrap: anywhere; unicode-bidi: plaintext; }
+mark.answer { background: #ffd54f; font-weight: 700; unicode-bidi: isolate; }
+""" + TOKENS_CSS + """
 .note { color: #555; font-size: 14px; }
 .muted { color: #888; }
 code { background: #f2f2f2; padding: 0 3px; }
@@ -164,12 +165,18 @@ def _header(r: Mapping) -> str:
         if toks
         else [f"id {i}" for i in ids]
     )
+    n_prompts = f"{task['n_prompts']}"
+    if task.get("n_dropped_too_long"):
+        n_prompts += f" ({task['n_dropped_too_long']} longer than the model's context left out)"
     rows = [
         ("Model", r["model"]),
         ("Task", task["name"]),
-        ("Prompts", task["n_prompts"]),
+        ("Prompts", n_prompts),
         ("Answer token(s)", ", ".join(answers)),
     ]
+    bos = r.get("bos_policy")
+    if bos:
+        rows.append(("BOS", bos.get("statement") or ("prepended" if bos["prepended"] else "none")))
     mi = r.get("model_info") or {}
     if mi:
         rows.append(("Model shape", ", ".join(f"{k}={v}" for k, v in mi.items())))
@@ -177,13 +184,21 @@ def _header(r: Mapping) -> str:
     out.append(_table(None, rows, left_cols=(0, 1)))
     examples = task.get("example_prompts") or []
     if examples:
-        answer = toks[0] if toks else f"<id {ids[0]}>"
+        # each prompt's own answer; results.json files from before example_answers only know it when the task
+        # has a single answer token
+        own = task.get("example_answers")
+        if own is None and toks and len(toks) == 1:
+            own = [toks[0]] * len(examples)
         out.append(
             f'<p class="note">Example prompts ({min(len(examples), 5)} of {len(examples)} shown); the '
-            "highlighted text is the answer the model should predict next.</p>"
+            "highlighted text is the answer the model should predict next (whitespace shown as \u00b7).</p>"
+            if own is not None else
+            f'<p class="note">Example prompts ({min(len(examples), 5)} of {len(examples)} shown); this '
+            "results.json does not record which answer belongs to which prompt.</p>"
         )
-        for p in examples[:5]:
-            out.append(f'<div class="prompt">{_esc(p)}<mark class="answer">{_esc(answer)}</mark></div>')
+        for j, p in enumerate(examples[:5]):
+            mark = f'<mark class="answer">{token_html(own[j])}</mark>' if own is not None else ""
+            out.append(f'<div class="prompt">{_esc(p)}{mark}</div>')
     return "\n".join(out)
 
 
@@ -439,7 +454,9 @@ def _examples_section(sae: Mapping, sid: str) -> str:
     out = [
         '<p class="note">Top activating examples per feature. Token background: red for positive activation '
         "(normalised by the example's max), blue for negative; hover a token for its value. A newline is shown "
-        "as \u00b6 and whitespace as \u00b7 (analysis-spec F14).</p>"
+        "as \u00b6, a tab as \u2192 and a space as \u00b7 (analysis-spec F14). Special tokens (BOS/EOS/PAD) are "
+        "grey dashed boxes, never coloured; a character split over several byte tokens is shown on its first "
+        "token, and the narrow boxes after it hold its other bytes.</p>"
     ]
     for k in order:
         out.append(f'<h4 id="{sid}-f{k}">Feature {k}</h4>')
@@ -450,7 +467,11 @@ def _examples_section(sae: Mapping, sid: str) -> str:
                 mx = max((a for a in acts if _finite(a)), default=None)
             doc = ex.get("doc_index", "n/a")
             out.append(f'<div class="note">doc {_esc(doc)}, max activation {_esc(_num(mx))}</div>')
-            out.append(tokens_to_html(ex["tokens"], acts, max_value=mx if _finite(mx) else None))
+            out.append(
+                tokens_to_html(
+                    ex["tokens"], acts, max_value=mx if _finite(mx) else None, kinds=ex.get("token_kinds")
+                )
+            )
     return "\n".join(out)
 
 
@@ -810,7 +831,8 @@ def _corpus_section(sae: Mapping, fig: _Figures, sid: str) -> str:
                     out.append(f'<div class="note">{_esc(band)} band, doc {_esc(ex.get("doc_index", "n/a"))}, '
                                f"activation {_esc(_num(mx))}</div>")
                     out.append(tokens_to_html(ex["tokens"], ex["activations"],
-                                              max_value=fe["max_activation"] if _finite(fe["max_activation"]) else None))
+                                              max_value=fe["max_activation"] if _finite(fe["max_activation"]) else None,
+                                              kinds=ex.get("token_kinds")))
     return "\n".join(out)
 
 
@@ -912,7 +934,7 @@ def _stories_section(sae: Mapping, fig: _Figures, sid: str) -> str:
                        "of the feature at the token)</div>")
             extra = {"activation": pt["activation"]} if pt.get("activation") is not None else None
             out.append(tokens_to_html(pt["tokens"], pt["loss_change"], value_name="Loss change",
-                                      extra_measures=extra))
+                                      extra_measures=extra, kinds=pt.get("token_kinds")))
     return "\n".join(out)
 
 
@@ -1037,6 +1059,145 @@ def _study_sections(sae: Mapping, fig: _Figures, sid: str) -> list[str]:
     return out
 
 
+def _stand_in(a: Mapping | None) -> str:
+    """A verdict on an estimate from its agreement with the exact values."""
+    if not a or not _finite(a.get("spearman")):
+        return "undefined (too few values)"
+    ok = a["spearman"] >= 0.9 and (a.get("top_overlap") or 0) >= 0.8 and (a.get("sign_agreement") or 0) >= 0.9
+    return "yes" if ok else "no"
+
+
+def _circuit_section(r: Mapping, fig: _Figures) -> str:
+    """Nodes and edges at P across the SAEs, exact vs estimated, and the chosen circuit's faithfulness."""
+    c = r.get("circuit")
+    if not c:
+        return ""
+    nodes = {n["id"]: n for n in c["nodes"]}
+    sel = c.get("selection") or {}
+    out = ['<h2 id="circuit">Feature circuit across layers</h2>']
+    out.append(
+        '<p class="note">Every feature active at the prediction position P in any SAE, one error node per SAE, '
+        "every attention head, MLPs without an SAE and the embeddings are nodes. A node's <b>effect</b> is the "
+        "exact drop of the answer's log-prob (nats) when it alone is ablated at P (features: their decoded "
+        "contribution removed, the SAE error kept), averaged over prompts; an <b>edge</b> u&rarr;d is the exact "
+        "drop of feature d's activation when u alone is ablated. Attribution patching (AtP) and integrated "
+        "gradients (IG, per submodule as in Sparse Feature Circuits) estimate the same numbers from gradients; "
+        f"the tables below say how well they agree with the exact values. {c.get('n_nodes_total', len(nodes))} "
+        f"nodes, {c.get('n_edges_total', '?')} non-zero edges; the full graph is in "
+        f"<code>{_esc(c.get('file', 'circuit.json'))}</code>.</p>"
+    )
+    circ = [n for n in c["nodes"] if n.get("in_circuit")]
+    if sel:
+        out.append(
+            f'<p class="note">Circuit: {_esc(sel.get("n_nodes", len(circ)))} nodes ({_esc(sel.get("rule", ""))}); '
+            f"faithfulness {_esc(_num(sel.get('faithfulness'), '.3f'))} (the answer's log-prob with every other node "
+            "mean-ablated, on the scale clean = 1, everything mean-ablated = 0), completeness "
+            f"{_esc(_num(sel.get('completeness'), '.3f'))} (what is left when the circuit itself is mean-ablated; "
+            f"0 = nothing). Edges: {_esc(sel.get('edge_rule', ''))}.</p>"
+        )
+    # the graph: columns by layer/stage, node size by |effect|, edge width by |exact|, colour by sign
+    stage_of = {}
+    for n in circ:
+        st = (n.get("layer", -1), 0 if n.get("kind") in ("head", "embed", "pos_embed") else 1)
+        stage_of[n["id"]] = st
+    if circ:
+        cols = sorted(set(stage_of.values()))
+        pos = {}
+        for ci, st in enumerate(cols):
+            members = sorted([n for n in circ if stage_of[n["id"]] == st], key=lambda n: -abs(n["effect"] or 0))
+            for k, n in enumerate(members):
+                pos[n["id"]] = (ci, -k)
+        target_x = len(cols)
+        f = go.Figure()
+        biggest = max((abs(e["exact"] or 0) for e in c["edges"]), default=0) or 1.0
+        for e in c["edges"]:
+            if e["source"] not in pos or e["target"] not in pos:
+                continue
+            (x0, y0), (x1, y1) = pos[e["source"]], pos[e["target"]]
+            v = e["exact"] or 0
+            f.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="skip", showlegend=False,
+                                   line={"width": 1 + 7 * abs(v) / biggest,
+                                         "color": "rgba(214,39,40,0.55)" if v > 0 else "rgba(31,119,180,0.55)"}))
+        top_eff = max((abs(n["effect"] or 0) for n in circ), default=0) or 1.0
+        for n in circ:  # edges into the answer: the node effects
+            x0, y0 = pos[n["id"]]
+            v = n["effect"] or 0
+            f.add_trace(go.Scatter(x=[x0, target_x], y=[y0, 0], mode="lines", hoverinfo="skip", showlegend=False,
+                                   line={"width": 1 + 5 * abs(v) / top_eff, "dash": "dot",
+                                         "color": "rgba(214,39,40,0.35)" if v > 0 else "rgba(31,119,180,0.35)"}))
+        f.add_trace(go.Scatter(
+            x=[pos[n["id"]][0] for n in circ] + [target_x], y=[pos[n["id"]][1] for n in circ] + [0],
+            mode="markers+text", text=[_esc(n["label"]) for n in circ] + ["answer"], textposition="top center",
+            marker={"size": [10 + 20 * abs(n["effect"] or 0) / top_eff for n in circ] + [24],
+                    "color": ["#d62728" if (n["effect"] or 0) > 0 else "#1f77b4" for n in circ] + ["#2ca02c"]},
+            hovertext=[_esc(f"{n['label']}: effect {_num(n['effect'])} nats; AtP {_num(n.get('atp'))}; "
+                            f"IG {_num(n.get('ig'))}; active on {n.get('n_active_prompts', '?')} prompts; "
+                            f"promotes {', '.join(visible_token(t) for t in n.get('top_tokens') or []) or 'n/a'}")
+                       for n in circ] + ["answer log-prob"],
+            hoverinfo="text", showlegend=False))
+        f.update_layout(title="Circuit at P (red: supports the answer / excites; blue: opposes / inhibits)",
+                        xaxis={"tickvals": list(range(len(cols))) + [target_x],
+                               "ticktext": [("embed" if lay < 0 else f"L{lay} {'attn' if s == 0 else 'MLP'}")
+                                            for lay, s in cols] + ["answer"]},
+                        yaxis={"visible": False})
+        out.append(fig(f, height=max(380, 60 * max(len([1 for n in circ if stage_of[n['id']] == st])
+                                                     for st in cols))))
+    rows = [(n["label"], _num(n["effect"]), _num(n.get("effect_ci95")), _num(n.get("atp")), _num(n.get("ig")),
+             "yes" if n.get("in_circuit") else "", ", ".join(visible_token(t) for t in n.get("top_tokens") or []))
+            for n in c["nodes"][:25]]
+    out.append(_table(["node", "effect (nats)", "±95%", "AtP", "IG", "in circuit", "promotes"], rows,
+                      left_cols=(0, 6)))
+    ag = c.get("agreement") or {}
+    arows = []
+    for what in ("nodes", "edges"):
+        for method in ("atp", "ig"):
+            a = (ag.get(what) or {}).get(method)
+            if a:
+                arows.append((what, method.upper(), a.get("n"), _num(a.get("spearman"), ".3f"),
+                              _num(a.get("sign_agreement"), ".3f"), _num(a.get("top_overlap"), ".2f"), _stand_in(a)))
+    if arows:
+        out.append('<p class="note">Agreement of each estimate with the exact values: Spearman rank correlation, '
+                   "share of matching signs, and the share of the exact top-20 (by magnitude) found in the "
+                   "estimate's top-20. An estimate can stand in for exact ablation here when all three are high "
+                   "(&ge; 0.9, 0.9, 0.8).</p>")
+        out.append(_table(["", "estimate", "n", "Spearman", "sign agreement", "top-20 overlap", "can stand in"],
+                          arows, left_cols=(0, 1, 6)))
+    pts = [n for n in c["nodes"] if _finite(n.get("effect"))]
+    if pts:
+        f = go.Figure()
+        for method, colour in (("atp", "#ff7f0e"), ("ig", "#9467bd")):
+            xs = [n["effect"] for n in pts if _finite(n.get(method))]
+            ys = [n[method] for n in pts if _finite(n.get(method))]
+            if xs:
+                f.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name=method.upper(), marker={"color": colour},
+                                       text=[_esc(n["label"]) for n in pts if _finite(n.get(method))]))
+        lim = max(abs(n["effect"]) for n in pts) or 1.0
+        f.add_trace(go.Scatter(x=[-lim, lim], y=[-lim, lim], mode="lines", name="estimate = exact",
+                               line={"dash": "dash", "color": "#888"}))
+        f.update_layout(title="Node effects: gradient estimates vs exact ablation", xaxis_title="exact (nats)",
+                        yaxis_title="estimate (nats)")
+        out.append(fig(f, height=420))
+    curve = c.get("faithfulness") or []
+    if curve:
+        f = go.Figure()
+        for key, name in (("faithfulness", "faithfulness (circuit alone)"),
+                          ("completeness", "completeness (circuit ablated)")):
+            f.add_trace(go.Scatter(x=[p["n_nodes"] for p in curve], y=_nulls([p.get(key) for p in curve]),
+                                   mode="lines+markers", name=name))
+        f.update_layout(title="Faithfulness and completeness vs circuit size (nodes by |exact effect|)",
+                        xaxis_title="nodes in the circuit", xaxis_type="log", yaxis_title="fraction of the effect")
+        out.append(fig(f, height=380))
+    vw = c.get("virtual_weights") or []
+    if vw:
+        out.append('<p class="note">The reference follow-up\'s weight-based edges for the strongest exact '
+                   "feature-to-feature edges: W<sub>dec</sub>W<sub>out</sub>W<sub>in</sub>W<sub>enc</sub> "
+                   "(raw, and as a cosine), ignoring norms and the MLP non-linearity.</p>")
+        out.append(_table(["source", "target", "exact edge", "prompts", "virtual (raw)", "virtual (cosine)"],
+                          [(v["source"], v["target"], _num(v["exact"]), v["n_prompts"], _num(v["virtual_raw"]),
+                            _num(v["virtual_cosine"], ".3f")) for v in vw[:15]], left_cols=(0, 1)))
+    return "\n".join(out)
+
+
 def _appendix(r: Mapping) -> str:
     out = ['<h2 id="appendix">Appendix</h2>']
     timings = r.get("timings") or {}
@@ -1120,6 +1281,9 @@ def build_report_html(results: Mapping) -> str:
         body.append(_layer_comparison_section(results, fig))
     if not results["saes"]:
         body.append('<p class="muted">No SAEs in these results.</p>')
+    if results.get("circuit"):
+        toc.append('<li><a href="#circuit">Feature circuit across layers</a></li>')
+        body.append(_circuit_section(results, fig))
     toc.append('<li><a href="#appendix">Appendix</a></li>')
     body.append(_appendix(results))
     title = f"saecircuits report: {results['task']['name']} on {results['model']}"

@@ -18,7 +18,13 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
       "model_info": {"n_layers": int, "d_model": int, "d_mlp": int, "d_vocab": int, "n_heads": int,
                      "architecture": str},
       *"task": {*"name": str, *"n_prompts": int, *"answer_token_ids": [int, ...(>=1)],
-                "answer_tokens": [str] (same length as answer_token_ids), "example_prompts": [str]},
+                "answer_tokens": [str] (same length as answer_token_ids), "example_prompts": [str],
+                "example_answers": [str], "example_answer_ids": [int],   # each example prompt's OWN answer
+                "n_dropped_too_long": int},                # prompts left out: longer than the model's context
+      "bos_policy": {*"prepended": bool,            # BOS prepended to prompts and documents (False: no BOS token)
+                     *"token_id": int | null, "token": str | null, "special_token_ids": [int],
+                     *"special_positions": "excluded" | "included",   # in SAE training and mean activations
+                     "statement": str},             # the same in one sentence, for people
       *"dla": {                                     # direct logit attribution to the answer (analysis-spec F1/F2)
           *"labels": [str],                         # one per component, e.g. "embed", "L0H3", "MLP1", "bias"
           *"mean": [float] (same length),           # mean over prompts, logits
@@ -50,7 +56,8 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
               "logit_diff":   {"mean": float, "ci95": CI},   # original - ablated, answer logit
               "rank_diff":    {"mean": float, "ci95": CI}},  # original - ablated, answer rank
           "examples": [{"feature": int, "examples": [{
-              "doc_index": int, "tokens": [str], "activations": [float] (same length as tokens),
+              "doc_index": int, "tokens": [str], "activations": [float] (same length as tokens; null at a
+              special token), "token_kinds": ["text"|"continuation"|"special"] (same length as tokens),
               "max_activation": float}]}],          # top activating examples (analysis-spec F14)
           "training": {...free-form...},
           # optional per-feature / attribution evidence (analysis/evidence.py; validated when present)
@@ -89,7 +96,7 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
               "threshold": float, "n_stories": int, "stories": [{*"doc_index": int, *"clean_loss": float,
               *"ablated_loss": float, *"loss_increase": float}], "position_loss_increase": [float],
               "position_activation": [float] (same length), "per_token": [{"doc_index": int, *"tokens": [str],
-              *"loss_change": [float] (same length), "activation": [float] (same length)}],
+              "token_kinds": [str], *"loss_change": [float] (same length), "activation": [float] (same length)}],
               "off_range": OFFRANGE|null}],                                                 # F19, nats
           "feature_geometry": {*"features": [int] (S), "cooccurrence": {*"counts": SxS int, *"by_min": SxS,
               *"by_max": SxS, "threshold": float, "n_prompts": int}, "decoder_cosine": SxS, "encoder_cosine": SxS,
@@ -101,6 +108,11 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
           "features": [[int]], "values": [float]}], "mode": str, "n_prompts": int,
           "paired": [{*"a": int, *"b": int, *"mean": float, "ci95": CI, "n": int}]},       # F9/F10, nats
       "corpus": {...free-form...},
+      "circuit": {"selection": {...}, "agreement": {"nodes"|"edges": {"atp"|"ig": {...}}},
+                  "faithfulness": [{"n_nodes", "faithfulness", "completeness", ...}],
+                  *"nodes": [{*"id": int, *"label": str, *"effect": float, "atp": float, "ig": float,
+                              "in_circuit": bool, "top_tokens": [str], ...}],
+                  *"edges": [{*"source": int, *"target": int, *"exact": float, "atp": float, "ig": float}]},
       "timings": {stage: seconds},
       "config": {...free-form...},
       "notes": [str]
@@ -110,6 +122,8 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
 bounds. ``MEANCI`` is ``{*"mean": float, "ci95": CI, "n": int}``. ``OFFRANGE`` counts the ablated activations below
 the hook's minimum: ``{"floor": float, *"n_ablations": int, "n_with_off_range": int|null, "n_off_range_entries":
 int|null, "fraction_with_off_range": float, "min_value": float}`` (null counts: the hook has no bounded range).
+Token strings are ``saecircuits.models.tokens.token_pieces`` / ``token_string`` (leading spaces kept; a character
+split over byte tokens shown once, on its first piece, the others ``"continuation"`` with text ``""``).
 """
 
 from __future__ import annotations
@@ -136,6 +150,7 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+TOKEN_KINDS = ("text", "continuation", "special")  # = saecircuits.models.tokens.TOKEN_KINDS (no torch import here)
 
 
 class ResultsSchemaError(ValueError):
@@ -175,6 +190,7 @@ _EXAMPLE = _Obj(
         "doc_index": _opt("int"),
         "tokens": _req(("list", "str", None)),
         "activations": _req(("list", "float", None)),
+        "token_kinds": _opt(("list", "str", None)),
         "max_activation": _opt("float"),
     }
 )
@@ -359,6 +375,7 @@ _STORY_ABLATION = _Obj(
                     {
                         "doc_index": _opt("int"),
                         "tokens": _req(("list", "str", None)),
+                        "token_kinds": _opt(("list", "str", None)),
                         "loss_change": _req(_FLOATS),
                         "activation": _opt(_FLOATS),
                     }
@@ -584,6 +601,21 @@ RESULTS_SCHEMA = _Obj(
                     "answer_token_ids": _req(("list", "int", None)),
                     "answer_tokens": _opt(("list", "str", None)),
                     "example_prompts": _opt(("list", "str", None)),
+                    "example_answers": _opt(("list", "str", None)),
+                    "example_answer_ids": _opt(("list", "int", None)),
+                    "n_dropped_too_long": _opt("int"),
+                }
+            )
+        ),
+        "bos_policy": _opt(
+            _Obj(
+                {
+                    "prepended": _req("bool"),
+                    "token_id": _req("int?"),
+                    "token": _opt("str?"),
+                    "special_token_ids": _opt(("list", "int", None)),
+                    "special_positions": _req("str"),
+                    "statement": _opt("str"),
                 }
             )
         ),
@@ -601,6 +633,47 @@ RESULTS_SCHEMA = _Obj(
         "saes": _req(("list", _SAE, None)),
         "layer_comparison": _opt(_LAYER_COMPARISON),
         "corpus": _opt("dict"),
+        "circuit": _opt(
+            _Obj(
+                {
+                    "selection": _opt("dict"),
+                    "agreement": _opt("dict"),
+                    "faithfulness": _opt(("list", "dict", None)),
+                    "nodes": _req(
+                        (
+                            "list",
+                            _Obj(
+                                {
+                                    "id": _req("int"),
+                                    "label": _req("str"),
+                                    "effect": _req("float"),
+                                    "atp": _opt("float"),
+                                    "ig": _opt("float"),
+                                    "in_circuit": _opt("bool"),
+                                    "top_tokens": _opt(("list", "str", None)),
+                                }
+                            ),
+                            None,
+                        )
+                    ),
+                    "edges": _req(
+                        (
+                            "list",
+                            _Obj(
+                                {
+                                    "source": _req("int"),
+                                    "target": _req("int"),
+                                    "exact": _req("float"),
+                                    "atp": _opt("float"),
+                                    "ig": _opt("float"),
+                                }
+                            ),
+                            None,
+                        )
+                    ),
+                }
+            )
+        ),
         "timings": _opt(("map", "float")),
         "config": _opt("dict"),
         "notes": _opt(("list", "str", None)),
@@ -646,6 +719,12 @@ def _check(v: Any, kind: Any, path: tuple[str | int, ...]) -> None:
     elif kind == "str":
         if not isinstance(v, str):
             raise ResultsSchemaError(f"{where} must be a string, got {_type_name(v)} ({v!r:.60}).")
+    elif kind in ("int?", "str?"):  # nullable
+        if v is not None:
+            _check(v, kind[:-1], path)
+    elif kind == "bool":
+        if not isinstance(v, bool):
+            raise ResultsSchemaError(f"{where} must be true or false, got {_type_name(v)} ({v!r:.60}).")
     elif kind == "dict":
         if not isinstance(v, Mapping):
             raise ResultsSchemaError(f"{where} must be an object (dict), got {_type_name(v)}.")
@@ -739,6 +818,17 @@ def _square(m: Any, n: int, where: tuple[str | int, ...]) -> None:
         raise ResultsSchemaError(f"{_path_str(where)} must be a {n} x {n} matrix (one row and column per feature).")
 
 
+def _token_row_ok(d: Mapping, where: tuple[str | int, ...], values: str) -> None:
+    """``tokens`` aligned with ``values`` and ``token_kinds`` (when present), each kind a known one."""
+    _same_length(d, "tokens", values, where)
+    _same_length(d, "tokens", "token_kinds", where)
+    bad = [k for k in d.get("token_kinds", []) if k not in TOKEN_KINDS]
+    if bad:
+        raise ResultsSchemaError(
+            f"{_path_str((*where, 'token_kinds'))} holds {bad[0]!r}; each kind must be one of {TOKEN_KINDS}."
+        )
+
+
 def _validate_study(sae: Mapping, i: int, feature_ok) -> None:
     """Cross-field checks of the optional study keys of ``results['saes'][i]``."""
     base: tuple[str | int, ...] = ("saes", i)
@@ -759,7 +849,7 @@ def _validate_study(sae: Mapping, i: int, feature_ok) -> None:
                 raise ResultsSchemaError(f"{_path_str((*fw, 'activation_log10_counts'))} needs {n_bins} counts.")
             for band, exs in (fe.get("band_examples") or {}).items():
                 for m, ex in enumerate(exs):
-                    _same_length(ex, "tokens", "activations", (*fw, "band_examples", band, m))
+                    _token_row_ok(ex, (*fw, "band_examples", band, m), "activations")
     lc = sae.get("loss_comparison")
     if lc is not None:
         for key in ("mean", "ci95", "diff_vs_clean", "diff_vs_clean_ci95", "conditions"):
@@ -777,7 +867,7 @@ def _validate_study(sae: Mapping, i: int, feature_ok) -> None:
         feature_ok(st["feature"], (*where, "feature"))
         _same_length(st, "position_loss_increase", "position_activation", where)
         for m, pt in enumerate(st.get("per_token", [])):
-            _same_length(pt, "tokens", "loss_change", (*where, "per_token", m))
+            _token_row_ok(pt, (*where, "per_token", m), "loss_change")
             _same_length(pt, "tokens", "activation", (*where, "per_token", m))
     geo = sae.get("feature_geometry")
     if geo is not None:
@@ -838,6 +928,20 @@ def validate_results(d: Any) -> None:
             "results['task']['answer_token_ids'] is empty; it needs at least one token id."
         )
     _same_length(task, "answer_token_ids", "answer_tokens", ("task",))
+    _same_length(task, "example_prompts", "example_answers", ("task",))
+    _same_length(task, "example_prompts", "example_answer_ids", ("task",))
+    bos = d.get("bos_policy")
+    if bos is not None:
+        if bos["special_positions"] not in ("excluded", "included"):
+            raise ResultsSchemaError(
+                f"results['bos_policy']['special_positions'] is {bos['special_positions']!r}; "
+                "it must be 'excluded' or 'included'."
+            )
+        if bos["prepended"] != (bos["token_id"] is not None):
+            raise ResultsSchemaError(
+                "results['bos_policy']: 'prepended' must be true exactly when 'token_id' is set "
+                f"(got prepended={bos['prepended']}, token_id={bos['token_id']})."
+            )
     if task["n_prompts"] < 0:
         raise ResultsSchemaError(f"results['task']['n_prompts'] must be >= 0, got {task['n_prompts']}.")
 
@@ -871,7 +975,14 @@ def validate_results(d: Any) -> None:
         for j, fe in enumerate(sae.get("examples", [])):
             _feature_ok(fe["feature"], ("saes", i, "examples", j, "feature"))
             for m, ex in enumerate(fe["examples"]):
-                _same_length(ex, "tokens", "activations", ("saes", i, "examples", j, "examples", m))
+                where = ("saes", i, "examples", j, "examples", m)
+                _same_length(ex, "tokens", "activations", where)
+                _same_length(ex, "tokens", "token_kinds", where)
+                bad = [k for k in ex.get("token_kinds", []) if k not in TOKEN_KINDS]
+                if bad:
+                    raise ResultsSchemaError(
+                        f"{_path_str((*where, 'token_kinds'))} holds {bad[0]!r}; each kind must be one of {TOKEN_KINDS}."
+                    )
 
 
 def load_results(path: str | os.PathLike) -> dict:

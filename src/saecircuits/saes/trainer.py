@@ -39,7 +39,7 @@ import logging
 import math
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -773,7 +773,7 @@ def train_saes_on_model(
     *,
     expansion_factor: int = 4,
     architecture: str = "standard",
-    bos_id: int | None = None,
+    bos_id: int | Collection[int] | None = None,
     bos_policy: str = "include",
     model_batch_rows: int = 32,
     buffer_size: int | None = None,
@@ -858,7 +858,9 @@ def train_saes_on_model(
     data_settings = {
         "seq_len": int(token_rows.shape[1]),
         "n_rows": int(token_rows.shape[0]),
-        "bos_id": None if bos_id is None else int(bos_id),
+        # one id, or the set of special ids (BOS/EOS/PAD) the "exclude" policy leaves out wherever they sit
+        "bos_id": None if bos_id is None else (sorted(int(i) for i in bos_id) if isinstance(bos_id, (set, frozenset))
+                                               else int(bos_id)),
         "bos_policy": bos_policy,
         "model_batch_rows": int(model_batch_rows),
         "buffer_size": int(buffer_size or max(16 * local_batch, 2 * local_batch)),
@@ -878,7 +880,7 @@ def sequence_loss_recovered(
     saes: dict[str, SAE] | Sequence[SAE],
     token_rows: torch.Tensor,
     *,
-    bos_id: int | None,
+    bos_id: int | Collection[int] | None,
     pad_id: int | None = None,
     bos_policy: str = "exclude",
     batch_rows: int = 16,
@@ -895,13 +897,15 @@ def sequence_loss_recovered(
         model: TransformerLens model (``__call__`` returns logits ``[batch, pos, d_vocab]``, ``run_with_hooks``).
         saes: ``{name: SAE}`` or a list (named by hook point); each reads and writes ``sae.hook_point``.
         token_rows: int64 ``[n_rows, seq]``.
-        bos_id, pad_id, bos_policy: see :func:`saecircuits.data.activations.bos_keep_mask`.
+        bos_id, pad_id, bos_policy: see :func:`saecircuits.data.activations.bos_keep_mask` (``bos_id`` may be the
+            set of special ids, ``models.tokens.special_token_ids``).
         batch_rows: rows per forward pass.
 
     Returns:
         ``{name: {"ce_clean", "ce_spliced", "ce_zero", "loss_recovered", "n_tokens"}}``.
     """
     from saecircuits.data.activations import bos_keep_mask
+    from saecircuits.models.tokens import special_token_mask
 
     items = list(saes.items()) if isinstance(saes, dict) else [(s.hook_point, s) for s in saes]
     try:
@@ -919,10 +923,7 @@ def sequence_loss_recovered(
     for start in range(0, token_rows.shape[0], batch_rows):
         rows = token_rows[start : start + batch_rows].to(device)
         target = rows[:, 1:]
-        valid = torch.ones_like(target, dtype=torch.bool)
-        for special in (bos_id, pad_id):
-            if special is not None:
-                valid &= target != int(special)
+        valid = ~special_token_mask(target, bos_id) & ~special_token_mask(target, pad_id)
         keep = bos_keep_mask(rows, bos_id, bos_policy)[..., None]  # type: ignore[arg-type]
         n_tok += int(valid.sum())
         clean = ce(model(rows), rows, valid)
