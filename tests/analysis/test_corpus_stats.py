@@ -160,6 +160,10 @@ def test_common_tokens_and_density_histogram():
     counts, dead = fs.density_histogram(np.linspace(-4, 0, 9))
     assert sum(counts) + dead == saes[0].d_sae
     assert dead == int((fs.fire_count == 0).sum())
+    # the pass's mean activation is the mean-ablation vector of reconstruction.mean_activation (same positions)
+    from saecircuits.analysis.reconstruction import mean_activation
+
+    torch.testing.assert_close(fs.mean_input, mean_activation(model, rows, HOOKS[0]).float(), atol=1e-5, rtol=0)
 
 
 def test_bad_input_is_refused():
