@@ -696,7 +696,7 @@ def study_sae(
     out["corpus_stats"] = _corpus_stats_json(model, sae, fs, stat_docs, shown, cfg)
 
     progress(f"{hp}: five-way loss comparison at P")
-    lc = loss_comparison(model, sae, task, chosen, mean_act, mode=cfg.ablation_mode, seed=cfg.seed)
+    lc = loss_comparison(model, sae, task, chosen, mean_act, mode=cfg.ablation_mode)
     out["loss_comparison"] = {
         "conditions": list(CONDITIONS),
         "labels": lc.labels(),
@@ -708,8 +708,6 @@ def study_sae(
         "diff_vs_clean": [_round(lc.diffs[c].mean) for c in CONDITIONS],
         "diff_vs_clean_ci95": [_round(lc.diffs[c].half_width) for c in CONDITIONS],
         "features_minus_sae": _mean_ci(lc.features_minus_sae),
-        "loss_recovered": _round(lc.loss_recovered.value),
-        "loss_recovered_ci95": [_round(lc.loss_recovered.low), _round(lc.loss_recovered.high)],
         "off_range": _off_range_json(lc.off_range) if chosen else None,
         "sae_off_range": _off_range_json(lc.sae_off_range),
     }

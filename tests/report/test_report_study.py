@@ -32,7 +32,7 @@ STUDY = {
         "mean": [0.4321, 2.3456, 3.9876, 1.6789, 0.5678], "ci95": [0.05, 0.15, 0.2, 0.1, 0.06],
         "diff_vs_clean": [0.0, 1.9135, 3.5555, 1.2468, 0.1357], "diff_vs_clean_ci95": [0.0, 0.1, 0.2, 0.09, 0.02],
         "features_minus_sae": {"mean": 1.1111, "ci95": 0.08, "n": 120},
-        "loss_recovered": 0.9619, "loss_recovered_ci95": [0.94, 0.98], "off_range": OFF, "sae_off_range": None,
+        "off_range": OFF, "sae_off_range": None,
     },
     "ablation_modes": {
         "features": [12345, 9001], "multi_features": [12345, 9001],
@@ -97,7 +97,6 @@ def test_renders_every_study_section_with_numbers_escaped(with_study):
         "41.25",  # L0
         "2.3456",  # mean-ablation loss
         "1.9135",  # paired difference
-        "0.962",  # loss recovered
         "0.9876",  # reconstruction mode
         "37 of 120",  # off-range count
         "undefined",  # a hook without a bounded range

@@ -12,8 +12,8 @@ Per prompt, the answer loss (nats) at P under five runs, all on the same prompts
 Runs 2-5 are four variants of one prefix-cached intervention per batch (:mod:`saecircuits.models.interventions`).
 Each mean comes with a Student-t 95% interval from the actual n, and each ablation with the paired difference to
 the clean run (the per-prompt differences' mean and interval); the notebook gave ``1.96 * np.std / sqrt(n)`` bars on
-the unpaired means and a mean vector from 20 stories with BOS (pitfalls 12, 15). Loss recovered ``(zero - SAE) /
-(zero - clean)`` is given with a paired bootstrap interval.
+the unpaired means and a mean vector from 20 stories with BOS (pitfalls 12, 15). Loss recovered is left to
+:mod:`saecircuits.analysis.reconstruction` (same runs, one formula).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from saecircuits.analysis.ablation_modes import (
     activation_floor,
     check_mode,
 )
-from saecircuits.analysis.stats import MeanCI, RatioCI, bootstrap_ratio_ci, mean_ci95
+from saecircuits.analysis.stats import MeanCI, mean_ci95
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, answer_metrics, task_batches
 from saecircuits.models.interventions import Edit, interventions_for
 from saecircuits.saes.base import SAE
@@ -53,7 +53,6 @@ class LossComparison:
         diffs: per condition, :class:`MeanCI` of the paired difference ``condition - clean`` (nats; clean: 0).
         features_minus_sae: :class:`MeanCI` of ``features_ablated - sae_spliced`` per prompt (the features' effect
             inside the SAE's reconstruction when ``mode`` drops the error).
-        loss_recovered: ``(mean zero - mean SAE) / (mean zero - mean clean)`` with a paired bootstrap interval.
         off_range: edited activations of the features run that left the hook's range.
         sae_off_range: reconstructions (run 5) that left the hook's range.
     """
@@ -65,7 +64,6 @@ class LossComparison:
     means: dict[str, MeanCI]
     diffs: dict[str, MeanCI]
     features_minus_sae: MeanCI
-    loss_recovered: RatioCI
     off_range: OffRange
     sae_off_range: OffRange
 
@@ -83,8 +81,6 @@ def loss_comparison(
     mean_act: torch.Tensor,
     *,
     mode: str = "residual",
-    n_bootstrap: int = 2000,
-    seed: int = 0,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
 ) -> LossComparison:
@@ -99,7 +95,6 @@ def loss_comparison(
             or :attr:`saecircuits.analysis.corpus_stats.FeatureStats.mean_input`).
         mode: ablation mode of run 4 (``"residual"``, ``"reconstruction"`` or ``"clean_effect"``; the last two
             edit the activation the same way).
-        n_bootstrap, seed: paired bootstrap of loss recovered.
         max_tokens, max_batch: batch budget.
 
     Returns:
@@ -143,8 +138,6 @@ def loss_comparison(
         losses[:, 3] = float("nan")
     means = {c: mean_ci95(losses[:, j]) for j, c in enumerate(CONDITIONS)}
     diffs = {c: mean_ci95(losses[:, j] - losses[:, 0]) for j, c in enumerate(CONDITIONS)}
-    zero, sae_l, clean_l = losses[:, 2], losses[:, 4], losses[:, 0]
-    lr = bootstrap_ratio_ci(zero - sae_l, zero - clean_l, n_bootstrap=n_bootstrap, seed=seed)
     return LossComparison(
         hook_point=sae.hook_point,
         features=feats,
@@ -153,7 +146,6 @@ def loss_comparison(
         means=means,
         diffs=diffs,
         features_minus_sae=mean_ci95(losses[:, 3] - losses[:, 4]),
-        loss_recovered=lr,
         off_range=counter.result(),
         sae_off_range=sae_counter.result(),
     )

@@ -855,8 +855,6 @@ def _five_way_section(sae: Mapping, fig: _Figures) -> str:
                      _pm(diffs[j], dcis[j] if dcis else None) if diffs else "n/a"))
     out.append(_table(["run", "loss (nats, 95% CI)", "run - clean (nats, paired 95% CI)"], rows, left_cols=(0,)))
     extra = []
-    if "loss_recovered" in lc:
-        extra.append(f"Loss recovered (zero vs SAE) = {_pm(lc['loss_recovered'], lc.get('loss_recovered_ci95'), '.3f')}.")
     if lc.get("features_minus_sae"):
         extra.append(f"Top features ablated - SAE spliced: {_mci(lc['features_minus_sae'])} nats.")
     for key, what in (("off_range", "Top-features run"), ("sae_off_range", "SAE run")):

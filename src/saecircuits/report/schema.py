@@ -87,8 +87,8 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
                   "band_examples": {band: [example as in "examples"]}}]},
           "loss_comparison": {*"labels": [str], *"mean": [float] (nats), "ci95": [float], "diff_vs_clean": [float],
               "diff_vs_clean_ci95": [float], "conditions": [str], "features": [int], "mode": str,
-              "n_prompts": int, "features_minus_sae": MEANCI, "loss_recovered": float,
-              "loss_recovered_ci95": [lo, hi], "off_range": OFFRANGE|null, "sae_off_range": OFFRANGE|null},  # F13
+              "n_prompts": int, "features_minus_sae": MEANCI, "off_range": OFFRANGE|null,
+              "sae_off_range": OFFRANGE|null},                                                 # F13
           "ablation_modes": {*"features": [int], *"rows": [{*"feature": int, "residual"|"reconstruction"|
               "clean_effect": MEANCI}], "multi_features": [int], "multi": {mode: MEANCI + "off_range"},
               "off_range": {mode: OFFRANGE|null}, "descriptions": {mode: str}},           # F3/F4, nats
@@ -308,8 +308,6 @@ _LOSS_COMPARISON = _Obj(
         "mode": _opt("str"),
         "n_prompts": _opt("int"),
         "features_minus_sae": _opt(_MEANCI),
-        "loss_recovered": _opt("float"),
-        "loss_recovered_ci95": _opt(_PAIR),
         "off_range": _opt(_OFF_RANGE),
         "sae_off_range": _opt(_OFF_RANGE),
     }
