@@ -106,18 +106,22 @@ def test_off_range_activations_are_counted_by_hand():
     assert floor == pytest.approx(-0.17004, abs=1e-4)  # gelu_new (tanh) minimum
     eff = feature_effects(model, sae, task)
     n_any = n_entries = 0
+    depth = 0.0
     for j in range(eff.prompt.numel()):
         i, k = int(eff.prompt[j]), int(eff.feature[j])
         with torch.no_grad():
             h = model.run_with_cache(torch.tensor([task.token_ids[i]]), names_filter=[HOOK])[1][HOOK][
                 0, task.prediction_pos[i]]
-            below = _edited(sae, h, [k], "residual") < floor - 1e-6
+            e = _edited(sae, h, [k], "residual")
+        below = e < floor - 1e-6
         n_any += int(below.any())
         n_entries += int(below.sum())
+        depth += float((floor - e[below]).sum())
     off = eff.off_range
     assert off.n_ablations == eff.prompt.numel()
     assert off.n_with_off_range == n_any > 0 and off.n_off_range_entries == n_entries
     assert off.min_value < floor and 0 < off.fraction_with_off_range <= 1
+    assert off.mean_depth == pytest.approx(depth / n_entries, rel=1e-4)
     multi = ablate_features(model, sae, task, [3, 8]).off_range
     assert multi.n_ablations == task.n_prompts and multi.n_with_off_range is not None
 

@@ -149,6 +149,8 @@ class OffRange:
         n_ablations: edited activation vectors looked at (one per (prompt, ablation)).
         n_with_off_range: of those, how many have at least one entry below ``floor``.
         n_off_range_entries: entries below ``floor`` in all of them.
+        mean_depth: mean of ``floor - value`` over those entries (how far below the range they go; None when
+            undefined or there are none).
         min_value: the smallest edited entry seen (None without ablations).
     """
 
@@ -157,6 +159,7 @@ class OffRange:
     n_with_off_range: int | None
     n_off_range_entries: int | None
     min_value: float | None
+    mean_depth: float | None = None
 
     @property
     def fraction_with_off_range(self) -> float | None:
@@ -173,6 +176,7 @@ class OffRange:
             "n_with_off_range": self.n_with_off_range,
             "n_off_range_entries": self.n_off_range_entries,
             "fraction_with_off_range": self.fraction_with_off_range,
+            "mean_depth": self.mean_depth,
             "min_value": self.min_value,
         }
 
@@ -189,6 +193,7 @@ class OffRangeCounter:
         self.n = 0
         self.n_any = 0
         self.n_entries = 0
+        self.depth_sum = 0.0
         self.min_value = float("inf")
 
     def observe(self, edited: torch.Tensor, valid: torch.Tensor | None = None) -> None:
@@ -205,6 +210,7 @@ class OffRangeCounter:
                 below = e < self.floor - OFF_RANGE_TOL
                 self.n_any += int(below.any(-1).sum())
                 self.n_entries += int(below.sum())
+                self.depth_sum += float((self.floor - e[below]).double().sum())
 
     def result(self) -> OffRange:
         """The counts so far."""
@@ -215,6 +221,7 @@ class OffRangeCounter:
             n_with_off_range=self.n_any if defined else None,
             n_off_range_entries=self.n_entries if defined else None,
             min_value=self.min_value if self.n else None,
+            mean_depth=self.depth_sum / self.n_entries if defined and self.n_entries else None,
         )
 
 
@@ -225,10 +232,13 @@ def merge_off_range(parts: Sequence[OffRange]) -> OffRange:
         return OffRange(None, 0, None, None, None)
     floor = parts[0].floor
     mins = [p.min_value for p in parts if p.min_value is not None]
+    entries = sum(p.n_off_range_entries or 0 for p in parts)
+    depth = sum((p.mean_depth or 0.0) * (p.n_off_range_entries or 0) for p in parts)
     return OffRange(
         floor=floor,
         n_ablations=sum(p.n_ablations for p in parts),
         n_with_off_range=None if floor is None else sum(p.n_with_off_range or 0 for p in parts),
         n_off_range_entries=None if floor is None else sum(p.n_off_range_entries or 0 for p in parts),
         min_value=min(mins) if mins else None,
+        mean_depth=depth / entries if floor is not None and entries else None,
     )

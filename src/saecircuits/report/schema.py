@@ -121,7 +121,8 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
 ``CI`` means either a float half-width (preferred) or a ``[lo, hi]`` pair; :func:`ci_bounds` turns either into
 bounds. ``MEANCI`` is ``{*"mean": float, "ci95": CI, "n": int}``. ``OFFRANGE`` counts the ablated activations below
 the hook's minimum: ``{"floor": float, *"n_ablations": int, "n_with_off_range": int|null, "n_off_range_entries":
-int|null, "fraction_with_off_range": float, "min_value": float}`` (null counts: the hook has no bounded range).
+int|null, "fraction_with_off_range": float, "mean_depth": float, "min_value": float}`` (null counts: the hook has
+no bounded range; ``mean_depth``: mean distance below the minimum of the entries below it).
 Token strings are ``saecircuits.models.tokens.token_pieces`` / ``token_string`` (leading spaces kept; a character
 split over byte tokens shown once, on its first piece, the others ``"continuation"`` with text ``""``).
 """
@@ -246,6 +247,7 @@ _OFF_RANGE = (
             "n_with_off_range": _opt("int_or_null"),
             "n_off_range_entries": _opt("int_or_null"),
             "fraction_with_off_range": _opt("float"),
+            "mean_depth": _opt("float"),
             "min_value": _opt("float"),
         }
     ),
