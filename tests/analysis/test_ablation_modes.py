@@ -107,12 +107,13 @@ def test_off_range_activations_are_counted_by_hand():
     eff = feature_effects(model, sae, task)
     n_any = n_entries = 0
     depth = 0.0
+    with torch.no_grad():
+        hs = [model.run_with_cache(torch.tensor([task.token_ids[i]]), names_filter=[HOOK])[1][HOOK][
+            0, task.prediction_pos[i]] for i in range(task.n_prompts)]
     for j in range(eff.prompt.numel()):
         i, k = int(eff.prompt[j]), int(eff.feature[j])
         with torch.no_grad():
-            h = model.run_with_cache(torch.tensor([task.token_ids[i]]), names_filter=[HOOK])[1][HOOK][
-                0, task.prediction_pos[i]]
-            e = _edited(sae, h, [k], "residual")
+            e = _edited(sae, hs[i], [k], "residual")
         below = e < floor - 1e-6
         n_any += int(below.any())
         n_entries += int(below.sum())
