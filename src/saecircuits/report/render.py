@@ -748,7 +748,7 @@ def _off_range_text(off: Mapping | None) -> str:
     frac = off.get("fraction_with_off_range")
     depth = off.get("mean_depth")
     return (
-        f"{k} of {n} ablated activation vectors ({_num(frac, '.1%') if _finite(frac) else 'n/a'}) have entries below "
+        f"{k} of {n} edited activation vectors ({_num(frac, '.1%') if _finite(frac) else 'n/a'}) have entries below "
         f"the activation function's minimum {_num(off.get('floor'), '.4f')} ({off.get('n_off_range_entries', 0)} "
         f"entries, on average {_num(depth, '.3f')} below it; lowest value {_num(off.get('min_value'), '.3f')}): "
         "states the model never produces."
