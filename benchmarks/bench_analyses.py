@@ -28,7 +28,9 @@ Other modes:
               (:mod:`saecircuits.models.engine`, what every analysis now uses) vs plain ``transformers`` (SDPA);
   --memory    5,000 prompts and a 16,384-feature SAE on the default model: activations + exact effects of every
               active feature + the table; prints peak resident memory (``resource.getrusage``);
-  --table-2cores  the all-features ablation table of a 2,048-feature SAE over 200 prompts at 2 threads.
+  --table-2cores  the all-features ablation table of a 2,048-feature SAE over 200 prompts at 2 threads;
+  --circuit   the whole feature circuit (exact node effects and edges, AtP, IG, faithfulness) on the embedded
+              default with two 2,048-feature SAEs over 300 prompts, with the estimates' agreement.
 
 Examples:
     python benchmarks/bench_analyses.py                               # default, stories260k, gpt2bpe
@@ -75,10 +77,14 @@ def _gpt2_tokenizer():
     return gpt2_bpe_tokenizer(SHARED / "gpt2-bpe-tokenizer")
 
 
-def _random_neo(tok, *, d_model, n_heads, d_mlp, window, n_ctx, seed=0):
-    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+RANDOM_NEO = {
+    "gpt2bpe": dict(d_model=128, n_heads=4, d_mlp=512, window=256, n_ctx=2048),
+    "reference": dict(d_model=1024, n_heads=16, d_mlp=4096, window=256, n_ctx=2048),
+}
 
-    from saecircuits.models.load import load_hf_model
+
+def _random_neo_hf(*, d_model, n_heads, d_mlp, window, n_ctx, seed=0):
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
     cfg = GPTNeoConfig(
         vocab_size=50257, max_position_embeddings=n_ctx, hidden_size=d_model, num_layers=2, num_heads=n_heads,
@@ -86,7 +92,27 @@ def _random_neo(tok, *, d_model, n_heads, d_mlp, window, n_ctx, seed=0):
         embed_dropout=0.0, attention_dropout=0.0, resid_dropout=0.0, bos_token_id=50256, eos_token_id=50256,
     )
     torch.manual_seed(seed)
-    return load_hf_model(GPTNeoForCausalLM(cfg), tok, model_name=f"random-neo-d{d_model}")
+    return GPTNeoForCausalLM(cfg).eval()
+
+
+def _random_neo(tok, **shape):
+    from saecircuits.models.load import load_hf_model
+
+    return load_hf_model(_random_neo_hf(**shape), tok, model_name=f"random-neo-d{shape['d_model']}")
+
+
+def plain_hf(name: str, model):
+    """The same network as plain ``transformers`` (no bridge, no weight processing), SDPA attention."""
+    from transformers import AutoModelForCausalLM
+
+    from saecircuits.models.load import model_provenance
+
+    if name in RANDOM_NEO:
+        hf = _random_neo_hf(**RANDOM_NEO[name])
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(model_provenance(model).hf_folder)
+    hf.config._attn_implementation = "sdpa"
+    return hf.eval()
 
 
 def load_case(name: str, args):
@@ -107,14 +133,16 @@ def load_case(name: str, args):
         if not VAL.is_file():
             raise SystemExit(f"{name} needs {VAL} (../shared/data)")
         docs = read_documents(VAL)
+        if name == "reference":  # 1,000 prompts need more stories than the validation file's 220 quotes
+            docs += read_documents(SHARED / "tinystories-v2-train-head10k-lines" / "tinystories_10k.txt")
         if name == "stories260k":
             model = load_model(SHARED / "stories260K" / "stories260K.bin", cache_dir=Path(args.workspace) / "models")
             label = "stories260K (Llama 5L d64, rotary + GQA, vocab 512)"
         elif name == "gpt2bpe":
-            model = _random_neo(_gpt2_tokenizer(), d_model=128, n_heads=4, d_mlp=512, window=256, n_ctx=2048)
+            model = _random_neo(_gpt2_tokenizer(), **RANDOM_NEO[name])
             label = "GPT-Neo 2L d128 random, GPT-2 BPE (vocab 50,257)"
         elif name == "reference":
-            model = _random_neo(_gpt2_tokenizer(), d_model=1024, n_heads=16, d_mlp=4096, window=256, n_ctx=2048)
+            model = _random_neo(_gpt2_tokenizer(), **RANDOM_NEO[name])
             label = "reference shape random (GPT-Neo 2L d1024 16 heads d_mlp 4096, vocab 50,257)"
         else:
             raise SystemExit(f"unknown model class {name!r}")
@@ -190,9 +218,8 @@ def loop_mean(model, rows, hook, device):
     return total / count
 
 
-def loop_losses(model, sae, task, rows, device):
+def loop_losses(model, sae, task, mean_act, device):
     hook, out = sae.hook_point, []
-    mean_act = loop_mean(model, rows, hook, device)
     for i in range(task.n_prompts):
         tokens, a = _full(task, i, device), task.answer_ids[i]
         edits = ([], [(hook, _at_p(lambda h: sae(h)))], [(hook, _at_p(torch.zeros_like))],
@@ -283,7 +310,9 @@ def bench_case(name: str, args) -> list[tuple]:
         return mean, reconstruction_at_prediction(model, sae, task, mean_act=mean, n_bootstrap=200)
 
     (mean, rec), tb = timed(product_losses)
-    ref, tl = timed(lambda: loop_losses(model, sae, loop_task, rows, device))
+    loop_mean_act, tm = timed(lambda: loop_mean(model, rows, hook, device))  # once, not per prompt
+    ref, tl = timed(lambda: loop_losses(model, sae, loop_task, loop_mean_act, device))
+    tl = tl + tm / scale_prompts
     mine = torch.stack([rec.clean_loss, rec.sae_loss, rec.zero_loss, rec.mean_loss], 1)[: loop_task.n_prompts]
     out.append(("losses clean/SAE/zero/mean", tb, tl * scale_prompts, float((mine - ref).abs().max())))
 
@@ -340,27 +369,35 @@ def bench_case(name: str, args) -> list[tuple]:
 
 def bench_forward(args) -> None:
     """One clean batched pass: bridge vs engine (the analyses' path) vs plain transformers with SDPA."""
-    import copy
+    print(f"\n== one clean pass over the prompts ({torch.get_num_threads()} thread(s)); seconds. bridge: "
+          "TransformerBridge forward (logits at every position); engine: the analyses' clean pass (keys/values "
+          "kept, logits at P only); HF: plain transformers with SDPA attention (logits at every position)")
+    print(f"   {'model':58s} {'bridge':>8s} {'engine':>8s} {'HF sdpa':>8s} {'bridge/HF':>10s} {'engine/HF':>10s}")
+    for name in args.models.split(","):
+        _forward_row(name, args)
 
+
+def _forward_row(name: str, args) -> None:
     from saecircuits.models.hooks import task_batches
 
-    print(f"\n== one clean pass over the prompts ({torch.get_num_threads()} thread(s)); seconds")
-    print(f"   {'model':58s} {'bridge':>8s} {'engine':>8s} {'HF sdpa':>8s} {'bridge/HF':>10s}")
-    for name in args.models.split(","):
-        model, task, _, label = load_case(name, args)
-        hf = copy.deepcopy(model.original_model)  # processed weights; same FLOPs as the original
-        hf.config._attn_implementation = "sdpa"
-        batches = list(task_batches(model, task))
-        iv = interventions_for(model)
+    model, task, _, label = load_case(name, args)
+    hf = plain_hf(name, model)
+    batches = list(task_batches(model, task))
+    iv = interventions_for(model)
 
-        def run(fn):
-            fn()
-            return timed(fn)[1]
+    def engine_cold():
+        iv.clear_cache()  # the clean pass itself, not a cache hit
+        return [iv.clean(b) for b in batches]
 
-        t_bridge = run(lambda: [model(b.tokens) for b in batches])
-        t_engine = run(lambda: [iv.clean(b) for b in batches])
-        t_hf = run(lambda: [hf(b.tokens) for b in batches])
-        print(f"   {label:58s} {t_bridge:8.2f} {t_engine:8.2f} {t_hf:8.2f} {t_bridge / t_hf:9.1f}x")
+    def run(fn):
+        fn()
+        return timed(fn)[1]
+
+    t_bridge = run(lambda: [model(b.tokens) for b in batches])
+    t_engine = run(engine_cold)
+    t_hf = run(lambda: [hf(b.tokens) for b in batches])
+    print(f"   {label:58s} {t_bridge:8.2f} {t_engine:8.2f} {t_hf:8.2f} {t_bridge / t_hf:9.1f}x "
+          f"{t_engine / t_hf:9.2f}x")
 
 
 def bench_memory(args) -> None:
@@ -391,13 +428,35 @@ def bench_table_2cores(args) -> None:
         model, task, _, label = load_case(name, a)
         for layer in (0, int(model.cfg.n_layers) - 1):
             sae = calibrated_sae(model, task, f"blocks.{layer}.mlp.hook_post", 2048, args.l0)
-
-            def table():
-                eff = feature_effects(model, sae, task)
-                return eff, feature_ablation_table(model, sae, task, effects=eff)
-
-            (eff, _), t = timed(table)
+            (eff, _), t = timed(lambda sae=sae, model=model, task=task: _table(model, sae, task))
             print(f"   {label:58s} layer {layer}: {eff.prompt.numel():6d} pairs in {t:6.2f} s")
+
+
+def _table(model, sae, task):
+    eff = feature_effects(model, sae, task)
+    return eff, feature_ablation_table(model, sae, task, effects=eff)
+
+
+def bench_circuit(args) -> None:
+    """The whole feature circuit on the embedded default: two 2,048-feature SAEs (layers 0 and 1), 300 prompts."""
+    from saecircuits.analysis.circuit import find_circuit
+
+    a = argparse.Namespace(**vars(args))
+    a.n_prompts = 300
+    model, task, _, label = load_case("default", a)
+    saes = [calibrated_sae(model, task, f"blocks.{layer}.mlp.hook_post", 2048, args.l0, seed=layer)
+            for layer in (0, 1)]
+    interventions_for(model).clear_cache()
+    res, t = timed(lambda: find_circuit(model, saes, task, ig_steps=10))
+    ag = res.agreement
+    print(f"\n== feature circuit, {label}, 2 SAEs x 2,048 features, {task.n_prompts} prompts, "
+          f"{torch.get_num_threads()} thread(s): {t:.1f} s")
+    print(f"   {len(res.nodes)} nodes, {len(res.exact.edges)} non-zero exact edges; circuit of "
+          f"{len(res.circuit)} nodes, faithfulness {res.selection.get('faithfulness', float('nan')):.3f}")
+    for what in ("nodes", "edges"):
+        for method, a_ in ag[what].items():
+            print(f"   {what:5s} {method:3s}: Spearman {a_['spearman']:.3f}, sign agreement "
+                  f"{a_['sign_agreement']:.3f}, top-20 overlap {a_['top_overlap']:.2f} (n={a_['n']})")
 
 
 def main() -> None:
@@ -418,6 +477,7 @@ def main() -> None:
     p.add_argument("--forward", action="store_true", help="also time one clean pass: bridge / engine / plain HF")
     p.add_argument("--memory", action="store_true", help="also run the 5,000-prompt x 16,384-feature memory check")
     p.add_argument("--table-2cores", action="store_true", help="also time the all-features table at 2 threads")
+    p.add_argument("--circuit", action="store_true", help="also time the whole circuit on the embedded default")
     p.add_argument("--only", action="store_true", help="run only the extra modes given")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -430,6 +490,8 @@ def main() -> None:
         bench_memory(args)
     if args.table_2cores:
         bench_table_2cores(args)
+    if args.circuit:
+        bench_circuit(args)
 
 
 if __name__ == "__main__":

@@ -228,3 +228,24 @@ def quote_task(model=None):
     from saecircuits.tasks.closing_quote import closing_quote_task
 
     return closing_quote_task(STORIES, tiny_tokenizer(), closings=('."', '!"', '?"'))
+
+
+NO_BOS_WORDS = "a b c d e f g h i j k l m n o [UNK] said the ."
+
+
+def no_bos_folder(folder):
+    """A tiny GPT-Neo whose word-level tokenizer has no BOS, EOS or PAD; ``[UNK]`` is id 15."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(NO_BOS_WORDS.split())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
+    cfg = GPTNeoConfig(
+        vocab_size=len(vocab), max_position_embeddings=32, hidden_size=16, num_layers=1, num_heads=2,
+        intermediate_size=32, attention_types=[[["global"], 1]], bos_token_id=None, eos_token_id=None,
+    )
+    torch.manual_seed(0)
+    GPTNeoForCausalLM(cfg).save_pretrained(folder)
+    return folder

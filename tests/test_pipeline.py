@@ -197,3 +197,147 @@ def test_missing_cuda_is_a_clear_error_and_leaves_no_output_folder(tmp_path, cor
     with pytest.raises(PipelineError, match="no CUDA"):
         run_pipeline(_cfg(tmp_path, corpus, device="cuda"), model=tiny_neo(), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_pipeline_runs_the_rest_of_the_reference_study(tmp_path, corpus):
+    """The study keys are there, consistent with the first-slice numbers, and shown in the report."""
+    model = tiny_neo()
+    results = run_pipeline(_cfg(tmp_path, corpus, n_max_act_stories=3), model=model, progress=False)
+    validate_results(results)
+    html = (tmp_path / "out" / "report.html").read_text()
+    for sae in results["saes"]:
+        lc = sae["loss_comparison"]
+        clean, mean, zero, feats, spliced = lc["mean"]
+        assert clean == pytest.approx(sae["clean_loss"], abs=1e-5)
+        assert spliced == pytest.approx(sae["sae_loss"], abs=1e-5)
+        assert zero == pytest.approx(sae["zero_ablation_loss"], abs=1e-5)
+        assert mean == pytest.approx(sae["mean_ablation_loss"], abs=1e-5)
+        assert lc["features"] == sae.get("multi_ablation", {}).get("features", [])
+        cs = sae["corpus_stats"]
+        assert [f["feature"] for f in cs["features"]] == [f["feature"] for f in sae["top_features"][:2]]
+        assert cs["n_docs"] == results["corpus"]["n_docs"]
+        assert sum(cs["l0_counts"]) == cs["n_tokens"]
+        modes = sae["ablation_modes"]
+        by_feature = {f["feature"]: f for f in sae["top_features"]}
+        for row in modes["rows"]:
+            assert row["residual"]["mean"] == pytest.approx(by_feature[row["feature"]]["loss_increase"], abs=1e-5)
+        assert sae["feature_effects_info"]["ablation_mode"] == "residual"
+        assert sae["feature_effects_info"]["off_range"]["floor"] == pytest.approx(-0.17004, abs=1e-4)
+        for st in sae["max_activating_ablation"]:
+            assert st["n_stories"] <= 3 and len(st["stories"]) == st["n_stories"]
+        sid = f"sae-{results['saes'].index(sae)}"
+        for slug in ("corpus", "fiveway", "modes", "stories", "geometry", "span"):
+            assert f'id="{sid}-{slug}"' in html
+    layers = results["layer_comparison"]
+    assert [r["label"] for r in layers["runs"]][-1] == "all together"
+    for r, sae in zip(layers["runs"], results["saes"], strict=False):
+        assert r["loss_increase"]["mean"] == pytest.approx(sae["multi_ablation"]["loss_increase"]["mean"], abs=1e-5)
+    assert 'id="layers"' in html
+
+
+def test_pipeline_records_the_ablation_mode(tmp_path, corpus):
+    results = run_pipeline(_cfg(tmp_path, corpus, ablation_mode="clean_effect", n_evidence_features=1,
+                                n_max_act_stories=2), model=tiny_neo(), progress=False)
+    for sae in results["saes"]:
+        assert sae["feature_effects_info"]["ablation_mode"] == "clean_effect"
+        assert sae["loss_comparison"]["mode"] == "clean_effect"
+        if "multi_ablation" in sae:
+            assert sae["multi_ablation"]["mode"] == "clean_effect"
+        assert all(st["mode"] == "clean_effect" for st in sae["max_activating_ablation"])
+    assert results["corpus"]["ablation_mode"] == "clean_effect"
+    with pytest.raises(PipelineError, match="ablation-mode"):
+        _cfg(tmp_path, corpus, ablation_mode="zero")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokens in results.json and the report (issue 7 items 3, 4, 5, 6, 12)
+
+
+def test_each_example_prompt_shows_its_own_answer(tmp_path, corpus):
+    from saecircuits.report.render import build_report_html
+
+    records = [
+        {"prompt": 'Tom said, "I like the dog', "answer": '."'},
+        {"prompt": 'Sue said, "Stop', "answer": '!"'},
+        {"prompt": 'The cat said, "Can I play', "answer": '?"'},
+        {"prompt": "Mom", "answer": " said"},
+    ]
+    task_file = tmp_path / "answers.jsonl"
+    task_file.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    folder = save_sae(exact_sae(), tmp_path / "exact")
+    results = run_pipeline(_cfg(tmp_path, corpus, task=str(task_file), sae_paths=[folder]), model=tiny_neo(),
+                           progress=False)
+    task = results["task"]
+    assert task["example_prompts"] == [r["prompt"] for r in records]
+    assert task["example_answers"] == [r["answer"] for r in records]  # not the first answer for every prompt
+    tok = tiny_neo().tokenizer
+    assert task["example_answer_ids"] == [tok(r["answer"], add_special_tokens=False)["input_ids"][0] for r in records]
+    page = build_report_html(results)
+    for r, shown in zip(records, ['.&quot;', '!&quot;', '?&quot;', "\u00b7said"], strict=True):
+        prompt = r["prompt"].replace('"', "&quot;")
+        assert f'<div class="prompt">{prompt}<mark class="answer"><bdi class="tokstr">{shown}</bdi></mark></div>' in page
+
+
+def test_all_closings_examples_and_bos_policy(tmp_path, corpus):
+    folder = save_sae(exact_sae(), tmp_path / "exact")
+    results = run_pipeline(_cfg(tmp_path, corpus, sae_paths=[folder]), model=tiny_neo(), progress=False)
+    task = results["task"]
+    docs = STORIES * 3
+    # every prompt + its own answer is the start of a story, and the closings differ between prompts
+    for prompt, answer in zip(task["example_prompts"], task["example_answers"], strict=True):
+        assert any(d.startswith(prompt + answer) for d in docs) and answer in ('."', '!"', '?"')
+    assert len(set(task["example_answers"])) > 1
+    assert task["n_dropped_too_long"] == 0
+    bos = results["bos_policy"]
+    assert (bos["prepended"], bos["token_id"], bos["token"]) == (True, 0, "<|endoftext|>")
+    assert bos["special_positions"] == "excluded" and bos["special_token_ids"] == [0]
+    assert "starts with the tokenizer's BOS token '<|endoftext|>' (id 0)" in bos["statement"]
+    for sae in results["saes"]:
+        for fe in sae.get("examples", []):
+            for ex in fe["examples"]:
+                assert len(ex["token_kinds"]) == len(ex["tokens"])
+                # BOS is marked, never a value
+                for kind, value, token in zip(ex["token_kinds"], ex["activations"], ex["tokens"], strict=True):
+                    assert (kind == "special") == (token == "<|endoftext|>")
+                    if kind == "special":
+                        assert value != value or value is None  # NaN (null in results.json)
+
+
+def test_over_long_prompts_are_dropped_and_counted(tmp_path):
+    from helpers import STORIES as S
+
+    long_story = 'Tom said, "' + "the dog ran and " * 40 + 'it was fun." The end.'
+    path = tmp_path / "long.txt"
+    path.write_text("".join(f"{s}\n<|endoftext|>\n" for s in [*S * 3, long_story]), encoding="utf-8")
+    folder = save_sae(exact_sae(), tmp_path / "exact")
+    model = tiny_neo()
+    results = run_pipeline(_cfg(tmp_path, path, sae_paths=[folder]), model=model, progress=False)
+    assert results["task"]["n_dropped_too_long"] == 1
+    assert any("1 prompts were longer than 128 tokens" in n for n in results["notes"])
+
+
+def test_tokenizer_without_bos_end_to_end(tmp_path):
+    from helpers import no_bos_folder
+
+    from saecircuits.models.load import load_model
+    from saecircuits.report.render import build_report_html
+
+    model = load_model(no_bos_folder(tmp_path / "nobos"))
+    corpus = tmp_path / "words.txt"
+    corpus.write_text("\n\n".join(["a b c d e f g said the .", "h i j k the a b said .", "m n o a b c d ."] * 4))
+    task_file = tmp_path / "t.jsonl"
+    task_file.write_text("".join(json.dumps({"prompt": p, "answer": " d"}) + "\n" for p in ["a b c", "c b a", "o n"]))
+    folder = save_sae(exact_sae(d_in=32, hook_point="blocks.0.mlp.hook_post"), tmp_path / "exact")
+    results = run_pipeline(_cfg(tmp_path, corpus, task=str(task_file), sae_paths=[folder]), model=model,
+                           progress=False)
+    bos = results["bos_policy"]
+    assert (bos["prepended"], bos["token_id"], bos["token"]) == (False, None, None)
+    assert "has no BOS token, so nothing is prepended" in bos["statement"]
+    assert results["task"]["example_answer_ids"] == [3, 3, 3]
+    (sae,) = results["saes"]
+    assert sae["sae_loss"] == pytest.approx(sae["clean_loss"], abs=1e-5)
+    assert any(fe["examples"] for fe in sae["examples"])
+    for fe in sae["examples"]:
+        for ex in fe["examples"]:
+            assert "special" not in ex["token_kinds"] and "[UNK]" not in ex["tokens"]  # no phantom BOS shown
+    assert "has no BOS token" in build_report_html(results)

@@ -57,7 +57,8 @@ class RunConfig:
             ``l1_coefficient`` gives comparable sparsity on models whose activations differ in scale.
         sae_lr, sae_batch_size, seq_len: SAE training learning rate, tokens per step, packed row length.
         max_prompts: use at most this many task prompts (the first ones in corpus order).
-        max_prompt_tokens: drop prompts longer than this many tokens (default: the model's context).
+        max_prompt_tokens: drop prompts (BOS and answer included) longer than this many tokens, counted in
+            ``results.json`` (default and upper bound: the model's context).
         n_stat_docs: corpus documents used for the mean activation and top examples.
         feature_selection: which active features get their exact single-feature ablation effect at P on each
             prompt: ``"all"`` (default) or an int N (per prompt, the N with the largest |activation x DLA|).
@@ -66,14 +67,27 @@ class RunConfig:
             largest mean activation (the reference notebook's 100 candidates; None = all).
         n_ablate: size of the top-feature set ablated together (largest loss increases).
         n_example_features, n_examples: features shown with top activating examples, and examples per feature.
+        circuit, circuit_ig_steps: build the feature circuit across all SAEs (analysis.circuit: exact node effects
+            and edges, attribution patching and integrated gradients with this many steps, faithfulness and
+            completeness), written to ``circuit.json``; needs the prefix-cached engine.
         n_evidence_features: top features that get the per-feature evidence (prompt and weight logit boosts,
             loss increase vs activation, DFA; analysis.evidence), plus the SAE-error DLA, upstream ablation and
-            activation-scaled DLA of the SAE. 0 skips all of it.
+            activation-scaled DLA of the SAE; the same features get the ablation on their max-activating corpus
+            stories (analysis.max_activating). 0 skips all of it.
+        ablation_mode: how features are ablated in every ablation of the run (``"residual"``, ``"reconstruction"``
+            or ``"clean_effect"``; analysis.ablation_modes). The top features are also compared under all three.
+        n_max_act_stories: corpus stories per feature kept by the corpus statistics pass and used for the ablation on
+            max-activating stories.
+        token_fraction: token-wise counts count a feature's tokens above this fraction of its corpus maximum.
+        n_geometry_features: top features whose co-occurrence, decoder/encoder cosines and token kurtosis are
+            reported, and whose decoder span is kept in the complement-of-span ablation.
         fold_ln, center_writing_weights, center_unembed: TransformerLens weight processing (all on by default;
             log-probs are unchanged, DLA components are expressed in the processed basis).
-        exclude_bos: the one BOS switch: BOS positions are left out of SAE training activations and of the mean
-            activation used for mean ablation (top examples always skip BOS). The reference notebook trained
-            54_serene_plasma with BOS positions and 189_giddy_water without (pitfall 33).
+        exclude_bos: the one BOS switch: special-token positions (BOS/EOS/PAD, wherever they sit in a row) are left
+            out of SAE training activations and of the mean activation used for mean ablation (top examples, token
+            counts and DFA means always skip them). The reference notebook trained 54_serene_plasma with BOS
+            positions and 189_giddy_water without (pitfall 33). BOS itself is prepended when the tokenizer has one,
+            never a stand-in; ``results.json`` states the policy under ``bos_policy``.
         device, seed: where to compute; seed of SAE training and bootstraps.
         workspace: cache folder for converted models and trained SAEs.
         model_label: name written into results.json (default: ``model``).
@@ -105,6 +119,12 @@ class RunConfig:
     n_example_features: int = 6
     n_examples: int = 5
     n_evidence_features: int = 3
+    ablation_mode: str = "residual"
+    n_max_act_stories: int = 20
+    token_fraction: float = 0.25
+    n_geometry_features: int = 5
+    circuit: bool = True
+    circuit_ig_steps: int = 10
     fold_ln: bool = True
     center_writing_weights: bool = True
     center_unembed: bool = True
@@ -135,8 +155,14 @@ class RunConfig:
         at_least("--seed", self.seed, 0)
         for name, low in (("sae_batch_size", 1), ("seq_len", 2), ("n_stat_docs", 1),
                           ("n_ablate", 0), ("n_example_features", 0), ("n_examples", 1),
-                          ("n_evidence_features", 0)):
+                          ("n_evidence_features", 0), ("n_max_act_stories", 1), ("n_geometry_features", 0)):
             at_least(name, getattr(self, name), low)
+        from saecircuits.analysis.ablation_modes import ABLATION_MODES
+
+        if self.ablation_mode not in ABLATION_MODES:
+            problems.append(f"--ablation-mode must be one of {', '.join(ABLATION_MODES)} (got {self.ablation_mode!r})")
+        if not (isinstance(self.token_fraction, (int, float)) and 0 <= self.token_fraction < 1):
+            problems.append(f"token_fraction must be in [0, 1) (got {self.token_fraction!r})")
         at_least("max_prompt_tokens", self.max_prompt_tokens, 2, allow_none=True)
         at_least("max_candidates", self.max_candidates, 1, allow_none=True)
         if self.feature_selection != "all":
@@ -293,7 +319,7 @@ def sae_train_config(cfg: RunConfig) -> TrainConfig:
 def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list[str], progress: bool) -> tuple[list, dict]:
     """Train one reference-notebook SAE per layer from one pass of the model, cached in the workspace."""
     from saecircuits.data.activations import pack_token_rows
-    from saecircuits.models.tokens import encode_documents
+    from saecircuits.models.tokens import encode_documents, special_token_ids
     from saecircuits.saes.io import load_sae
     from saecircuits.saes.trainer import train_saes_on_model
 
@@ -310,6 +336,8 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
             "train": train_cfg.to_dict(),
             "expansion": cfg.expansion_factor,
             "exclude_bos": cfg.exclude_bos,
+            # special-token strings in the text are encoded as characters; "exclude" drops every special id
+            "text_encoding": "plain-characters",
             "seq_len": cfg.seq_len,
             "version": saecircuits.__version__,
         },
@@ -328,7 +356,8 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
     tok = model.tokenizer
     n_ctx = int(model.cfg.n_ctx)
     docs = encode_documents(tok, train_docs, prepend_bos=False)
-    rows = pack_token_rows(docs, min(cfg.seq_len, n_ctx), int(tok.bos_token_id), shuffle_seed=cfg.seed)
+    # documents are separated by BOS (none when the tokenizer has no BOS: no stand-in token)
+    rows = pack_token_rows(docs, min(cfg.seq_len, n_ctx), tok.bos_token_id, shuffle_seed=cfg.seed)
     needed_rows = -(-steps * cfg.sae_batch_size // rows.shape[1])
     if rows.shape[0] < needed_rows:
         logger.info("SAE training data has %d rows; they are reused for the %d rows needed", rows.shape[0], needed_rows)
@@ -341,7 +370,7 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
             hook_points,
             train_cfg,
             expansion_factor=cfg.expansion_factor,
-            bos_id=int(tok.bos_token_id),
+            bos_id=special_token_ids(tok),  # "exclude" leaves out BOS/EOS/PAD wherever they sit in a row
             bos_policy="exclude" if cfg.exclude_bos else "include",
             output_dir=tmp,
             progress=progress,
@@ -369,17 +398,66 @@ def _build_task(cfg: RunConfig, model, docs: list[str]):
     from saecircuits.tasks.closing_quote import closing_quote_task
     from saecircuits.tasks.jsonl import jsonl_task
 
-    max_tokens = cfg.max_prompt_tokens or int(model.cfg.n_ctx)
+    # prompts longer than the context (prompt + answer) are dropped and counted, for every kind of task
+    max_tokens = min(cfg.max_prompt_tokens or int(model.cfg.n_ctx), int(model.cfg.n_ctx))
     if cfg.task == "closing-quote":
         task = closing_quote_task(docs, model.tokenizer, closings=cfg.closings, max_prompts=cfg.max_prompts,
                                   max_tokens=max_tokens)
     elif cfg.task.endswith(".jsonl") or Path(cfg.task).is_file():
-        task = jsonl_task(cfg.task, model.tokenizer)
+        task = jsonl_task(cfg.task, model.tokenizer, max_tokens=max_tokens)
         if cfg.max_prompts is not None and task.n_prompts > cfg.max_prompts:
             task = task.subset(range(cfg.max_prompts))
     else:
         raise TaskError(f"unknown task {cfg.task!r}: use 'closing-quote' or the path of a .jsonl task file")
     return task
+
+
+def _bos_policy(tokenizer, exclude_special: bool) -> dict:
+    """The ``bos_policy`` entry of results.json: whether a BOS was prepended, which, and where special tokens count."""
+    from saecircuits.models.tokens import bos_prefix, special_token_ids, token_string
+
+    prefix = bos_prefix(tokenizer)  # the pipeline's policy: BOS when the tokenizer has one, never a stand-in
+    special = sorted(special_token_ids(tokenizer))
+    token = token_string(tokenizer, prefix[0]) if prefix else None
+    if prefix:
+        said = f"Every prompt and corpus document starts with the tokenizer's BOS token {token!r} (id {prefix[0]})."
+    else:
+        said = "The tokenizer has no BOS token, so nothing is prepended to prompts or documents (no stand-in token)."
+    where = (
+        "left out of SAE training activations, the mean activation used for mean ablation, top examples, token counts "
+        "and DFA means" if exclude_special else
+        "kept in SAE training activations and the mean activation (--include-bos), left out of top examples, token "
+        "counts and DFA means"
+    )
+    return {
+        "prepended": bool(prefix),
+        "token_id": prefix[0] if prefix else None,
+        "token": token,
+        "special_token_ids": special,
+        "special_positions": "excluded" if exclude_special else "included",
+        "statement": f"{said} Special-token positions (ids {special}) are {where}.",
+    }
+
+
+def _task_entry(task, tokenizer, n_show: int = 5) -> dict:
+    """The ``task`` entry of results.json: answers shown with ``models.tokens.token_string``, and the first example
+    prompts each with its OWN answer, as the text that follows the prompt (``token_pieces`` in context)."""
+    from saecircuits.models.tokens import token_pieces, token_string
+
+    answers = sorted(set(task.answer_ids))
+    shown = range(min(n_show, task.n_prompts))
+    return {
+        "name": task.name,
+        "n_prompts": task.n_prompts,
+        "n_dropped_too_long": int(task.n_dropped_too_long),
+        "answer_token_ids": answers,
+        "answer_tokens": [token_string(tokenizer, a) for a in answers],
+        "example_prompts": [task.prompts[i] for i in shown],
+        "example_answer_ids": [int(task.answer_ids[i]) for i in shown],
+        "example_answers": [
+            token_pieces(tokenizer, [*task.token_ids[i], task.answer_ids[i]])[-1].text for i in shown
+        ],
+    }
 
 
 def _round(x: float, nd: int = 6) -> float:
@@ -396,23 +474,29 @@ def _loss_recovered_keys(key: str, lr) -> dict[str, Any]:
 
 def analyse_sae(
     model, sae, task, stat_docs: list[list[int]], cfg: RunConfig, progress: Callable[[str], None],
-    bars: bool = False,
+    bars: bool = False, *, mean_act: torch.Tensor | None = None, token_counts: torch.Tensor | None = None,
 ) -> dict:
-    """All first-slice analyses of one SAE; returns its ``results.json`` entry (schema in report/schema.py)."""
+    """All first-slice analyses of one SAE; returns its ``results.json`` entry (schema in report/schema.py).
+
+    ``mean_act`` (the hook's mean activation) and ``token_counts`` (corpus token counts for the common-token mask)
+    come from the corpus statistics pass when given; otherwise they are computed here."""
     from saecircuits.analysis.ablation import ablate_features
+    from saecircuits.analysis.ablation_modes import MODE_DESCRIPTIONS
     from saecircuits.analysis.checks import sae_checks
     from saecircuits.analysis.examples import top_activating_examples
     from saecircuits.analysis.features import feature_ablation_table, feature_activations, feature_effects
     from saecircuits.analysis.reconstruction import mean_activation, reconstruction_at_prediction
 
-    progress(f"{sae.hook_point}: mean activation over {len(stat_docs)} documents")
-    mean_act = mean_activation(model, stat_docs, sae.hook_point, exclude_bos=cfg.exclude_bos, progress=bars)
+    if mean_act is None:
+        progress(f"{sae.hook_point}: mean activation over {len(stat_docs)} documents")
+        mean_act = mean_activation(model, stat_docs, sae.hook_point, exclude_bos=cfg.exclude_bos, progress=bars)
     progress(f"{sae.hook_point}: loss at the answer position (clean / SAE / zero / mean ablation)")
     rec = reconstruction_at_prediction(model, sae, task, mean_act=mean_act, seed=cfg.seed)
     acts = feature_activations(model, sae, task)
     progress(f"{sae.hook_point}: exact effect of ablating each of {int(acts.value.numel())} active "
              f"(prompt, feature) pairs at P")
-    effects = feature_effects(model, sae, task, features=cfg.feature_selection, acts=acts, progress=bars)
+    effects = feature_effects(model, sae, task, features=cfg.feature_selection, acts=acts, progress=bars,
+                              mode=cfg.ablation_mode)
     clean = effects.clean_loss
     table = feature_ablation_table(
         model, sae, task, min_fraction_active=cfg.min_fraction_active, max_candidates=cfg.max_candidates,
@@ -459,7 +543,8 @@ def analyse_sae(
             for r in effects.summary().itertuples()
         ],
         "feature_effects_info": {"selection": effects.selection, "n_pairs": int(effects.prompt.numel()),
-                                 "ablation": "residual-preserving (x - f_k W_dec[k] at P, SAE error kept)"},
+                                 "ablation": MODE_DESCRIPTIONS[effects.mode], "ablation_mode": effects.mode,
+                                 "off_range": _off_range_json(effects.off_range)},
     }
     from saecircuits.analysis.stats import mean_ci95
 
@@ -480,10 +565,12 @@ def analyse_sae(
     chosen = [f["feature"] for f in top_features if f["loss_increase"] > 0][: cfg.n_ablate]
     if chosen:
         progress(f"{sae.hook_point}: ablating features {chosen} together")
-        abl = ablate_features(model, sae, task, chosen)
+        abl = ablate_features(model, sae, task, chosen, mode=cfg.ablation_mode)
         entry["multi_ablation"] = {
             "features": chosen,
             "n_prompts": int(task.n_prompts),
+            "mode": abl.mode,
+            "off_range": _off_range_json(abl.off_range),
             **{
                 name: {"mean": _round(abl.summary[name].mean), "ci95": _round(abl.summary[name].half_width)}
                 for name in ("logprob_diff", "logit_diff", "rank_diff", "loss_increase")
@@ -495,7 +582,7 @@ def analyse_sae(
         evidence_features = [f["feature"] for f in top_features[: cfg.n_evidence_features]]
         progress(f"{sae.hook_point}: per-feature evidence for {evidence_features}")
         entry.update(feature_evidence(model, sae, task, evidence_features, stat_docs, acts=acts, clean_loss=clean,
-                                      effects=effects))
+                                      effects=effects, mode=cfg.ablation_mode, token_counts=token_counts))
     shown = [f["feature"] for f in top_features[: cfg.n_example_features]]
     if shown:
         progress(f"{sae.hook_point}: top activating examples of {len(shown)} features")
@@ -507,6 +594,7 @@ def analyse_sae(
                     {
                         "doc_index": int(e.doc_index),
                         "tokens": list(e.tokens),
+                        "token_kinds": list(e.token_kinds),
                         "activations": [_round(a, 4) for a in e.activations],
                         "max_activation": _round(e.max_activation, 4),
                     }
@@ -516,6 +604,295 @@ def analyse_sae(
             for k in shown
         ]
     return entry
+
+
+def _off_range_json(off) -> dict | None:
+    """An :class:`~saecircuits.analysis.ablation_modes.OffRange` as results.json values (None: not counted)."""
+    if off is None:
+        return None
+    d = off.to_dict()
+    return {k: (_round(v) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+def _mean_ci(m) -> dict:
+    """A :class:`~saecircuits.analysis.stats.MeanCI` as ``{"mean", "ci95" (half-width), "n"}``."""
+    return {"mean": _round(m.mean), "ci95": _round(m.half_width), "n": int(m.n)}
+
+
+def _token_str(model, token_id: int) -> str:
+    from saecircuits.models.tokens import token_string
+
+    return token_string(model.tokenizer, token_id)
+
+
+def _corpus_stats_json(model, sae, fs, stat_docs, features: list[int], cfg: RunConfig) -> dict:
+    """The ``corpus_stats`` key of an SAE entry: corpus-wide summaries and, for ``features``, the details."""
+    import numpy as np
+
+    from saecircuits.analysis.corpus_stats import BANDS, example_windows
+
+    density_edges = [float(x) for x in np.linspace(-7.0, 0.0, 29)]
+    counts, n_dead = fs.density_histogram(density_edges)
+    l0_counts = fs.l0_counts.tolist()
+    out: dict[str, Any] = {
+        "n_docs": int(fs.n_docs),
+        "n_tokens": int(fs.n_tokens),
+        "l0": _round(fs.l0),
+        "l0_counts": [int(c) for c in l0_counts],
+        "n_dead": n_dead,
+        "density_log10_edges": [_round(e) for e in density_edges],
+        "density_log10_counts": counts,
+        "activation_log10_edges": [_round(e) for e in fs.hist_edges.tolist()],
+        "token_fraction": float(fs.token_fraction),
+        "bands": {k: _round(v) for k, v in BANDS.items()},
+        "features": [],
+    }
+    picks, where = [], []
+    n_band = min(2, cfg.n_examples)
+    for k in features:
+        for band in BANDS:
+            for d, p, _ in fs.band_examples(k, band, n_band):
+                picks.append((k, d, p))
+                where.append((k, band))
+    windows = example_windows(model, sae, stat_docs, picks) if picks else []
+    by_band: dict[tuple[int, str], list] = {}
+    for (k, band), ex in zip(where, windows, strict=True):
+        by_band.setdefault((k, band), []).append({
+            "doc_index": int(ex.doc_index),
+            "tokens": list(ex.tokens),
+            "token_kinds": list(ex.token_kinds),
+            "activations": [_round(a, 4) for a in ex.activations],
+            "max_activation": _round(ex.max_activation, 4),
+        })
+    for k in features:
+        top_tokens = fs.top_token_list(k)
+        above = int(fs.above_count[k])
+        out["features"].append({
+            "feature": int(k),
+            "density": _round(float(fs.density[k])),
+            "fire_count": int(fs.fire_count[k]),
+            "max_activation": _round(float(fs.max_activation[k])),
+            "mean_when_active": _round(float(fs.mean_when_active[k])),
+            "above_count": above,
+            "top_tokens": [[_token_str(model, t), int(c)] for t, c in top_tokens],
+            "top_token_share": _round(top_tokens[0][1] / above) if top_tokens and above else None,
+            "activation_log10_counts": [int(c) for c in fs.hist[k].tolist()],
+            "top_stories": [{"doc_index": d, "position": p, "activation": _round(v, 4)}
+                            for d, p, v in fs.top_examples(k, cfg.n_max_act_stories)],
+            "band_examples": {band: by_band.get((k, band), []) for band in BANDS},
+        })
+    return out
+
+
+def _per_token_json(model, pt: dict) -> dict:
+    """One story of the max-activating ablation's per-token view, tokens shown as everywhere (``token_pieces``)."""
+    from saecircuits.models.tokens import token_pieces
+
+    pieces = token_pieces(model.tokenizer, pt["tokens"])
+    return {"doc_index": int(pt["doc"]), "tokens": [q.text for q in pieces], "token_kinds": [q.kind for q in pieces],
+            "loss_change": [_round(v, 4) for v in pt["loss_change"]],
+            "activation": [_round(v, 4) for v in pt["activation"]]}
+
+
+def study_sae(
+    model, sae, task, stat_docs: list[list[int]], entry: dict, fs, mean_act: torch.Tensor, cfg: RunConfig,
+    progress: Callable[[str], None],
+) -> dict:
+    """The reference study's remaining analyses of one SAE (issue 8): new keys of its ``results.json`` entry.
+
+    Keys (schema in report/schema.py): ``corpus_stats`` (D2-D5, F15), ``loss_comparison`` (F13), ``ablation_modes``
+    (F3 vs F4 and the clean effect, with off-range counts), ``max_activating_ablation`` (F19), ``feature_geometry``
+    (co-occurrence at P, decoder/encoder cosines, token kurtosis; 8.1-8.3) and ``span_ablation`` (8.3).
+
+    Args:
+        entry: the SAE's entry from :func:`analyse_sae` (its ranked features and multi-ablation set are used).
+        fs: the SAE's :class:`~saecircuits.analysis.corpus_stats.FeatureStats` from the run's corpus pass.
+        mean_act: the hook's mean activation (the one the mean-ablation loss used).
+    """
+    from saecircuits.analysis.ablation import ablate_features
+    from saecircuits.analysis.ablation_modes import ABLATION_MODES
+    from saecircuits.analysis.cooccurrence import feature_cooccurrence
+    from saecircuits.analysis.features import feature_activations, feature_effects
+    from saecircuits.analysis.geometry import decoder_cosines, encoder_cosines, token_kurtosis
+    from saecircuits.analysis.loss_comparison import CONDITIONS, loss_comparison
+    from saecircuits.analysis.max_activating import max_activating_ablation
+    from saecircuits.analysis.span_ablation import SPAN_VARIANTS, span_ablation
+
+    out: dict[str, Any] = {}
+    hp = sae.hook_point
+    acts = feature_activations(model, sae, task)
+    ranked = [f["feature"] for f in entry.get("top_features", [])]
+    chosen = entry.get("multi_ablation", {}).get("features", [])
+    shown = ranked[: cfg.n_example_features]
+    progress(f"{hp}: corpus statistics of {len(shown)} top features")
+    out["corpus_stats"] = _corpus_stats_json(model, sae, fs, stat_docs, shown, cfg)
+
+    progress(f"{hp}: five-way loss comparison at P")
+    lc = loss_comparison(model, sae, task, chosen, mean_act, mode=cfg.ablation_mode)
+    out["loss_comparison"] = {
+        "conditions": list(CONDITIONS),
+        "labels": lc.labels(),
+        "features": chosen,
+        "mode": lc.mode,
+        "n_prompts": int(task.n_prompts),
+        "mean": [_round(lc.means[c].mean) for c in CONDITIONS],
+        "ci95": [_round(lc.means[c].half_width) for c in CONDITIONS],
+        "diff_vs_clean": [_round(lc.diffs[c].mean) for c in CONDITIONS],
+        "diff_vs_clean_ci95": [_round(lc.diffs[c].half_width) for c in CONDITIONS],
+        "features_minus_sae": _mean_ci(lc.features_minus_sae),
+        "off_range": _off_range_json(lc.off_range) if chosen else None,
+        "sae_off_range": _off_range_json(lc.sae_off_range),
+    }
+
+    compared = ranked[:10]
+    if compared:
+        progress(f"{hp}: top features under the three ablation modes")
+        modes: dict[str, Any] = {"features": compared, "multi_features": chosen, "rows": [], "multi": {},
+                                 "off_range": {}, "descriptions": {}}
+        from saecircuits.analysis.ablation_modes import MODE_DESCRIPTIONS
+
+        per_mode = {m: feature_effects(model, sae, task, features=compared, acts=acts, mode=m)
+                    for m in ABLATION_MODES}
+        summaries = {m: e.summary().set_index("feature") for m, e in per_mode.items()}
+        for k in compared:
+            row: dict[str, Any] = {"feature": int(k)}
+            for m in ABLATION_MODES:
+                sm = summaries[m]
+                if k in sm.index:
+                    row[m] = {"mean": _round(sm.loc[k, "loss_increase"]),
+                              "ci95": _round(sm.loc[k, "loss_increase_ci95"]),
+                              "n": int(sm.loc[k, "n_active_prompts"])}
+                else:
+                    row[m] = {"mean": None, "ci95": None, "n": 0}
+            modes["rows"].append(row)
+        for m in ABLATION_MODES:
+            modes["descriptions"][m] = MODE_DESCRIPTIONS[m]
+            modes["off_range"][m] = _off_range_json(per_mode[m].off_range)
+            if chosen:
+                abl = ablate_features(model, sae, task, chosen, mode=m)
+                modes["multi"][m] = _mean_ci(abl.summary["loss_increase"]) | {
+                    "off_range": _off_range_json(abl.off_range)}
+        out["ablation_modes"] = modes
+
+    story_feats = ranked[: cfg.n_evidence_features]
+    if story_feats:
+        progress(f"{hp}: ablation of {story_feats} on their max-activating corpus stories")
+        stories = []
+        for k in story_feats:
+            docs = [d for d, _, _ in fs.top_examples(k, cfg.n_max_act_stories)]
+            res = max_activating_ablation(model, sae, k, stat_docs, docs, corpus_max=float(fs.max_activation[k]),
+                                          mode=cfg.ablation_mode)
+            stories.append({
+                "feature": int(k),
+                "mode": res.mode,
+                "threshold": _round(res.threshold),
+                "n_stories": len(docs),
+                "global": _mean_ci(res.global_increase),
+                "per_position": _mean_ci(res.position_increase),
+                "stories": [{"doc_index": int(r.doc), "clean_loss": _round(r.clean_loss),
+                             "ablated_loss": _round(r.ablated_loss), "loss_increase": _round(r.loss_increase)}
+                            for r in res.stories.itertuples()],
+                "position_loss_increase": [_round(v, 4) for v in res.positions["loss_increase"]],
+                "position_activation": [_round(v, 4) for v in res.positions["activation"]],
+                "per_token": [_per_token_json(model, pt) for pt in res.per_token[:2]],
+                "off_range": _off_range_json(res.off_range),
+            })
+        out["max_activating_ablation"] = stories
+
+    geo = ranked[: cfg.n_geometry_features]
+    if len(geo) >= 1:
+        progress(f"{hp}: co-occurrence, cosines and token kurtosis of {geo}")
+        co = feature_cooccurrence(acts, geo)
+
+        def mat(t) -> list[list[float | None]]:
+            return [[_round(v) for v in row] for row in t.tolist()]
+
+        g: dict[str, Any] = {
+            "features": geo,
+            "cooccurrence": {"threshold": 0.0, "n_prompts": co.n_prompts, "counts": co.counts.tolist(),
+                             "by_min": mat(co.by_min), "by_max": mat(co.by_max)},
+            "decoder_cosine": mat(decoder_cosines(sae, geo)),
+            "encoder_cosine": mat(encoder_cosines(sae, geo)),
+        }
+        try:
+            kurt = token_kurtosis(model, sae)
+        except ValueError as err:  # an SAE whose features do not write to the residual stream
+            logger.info("token kurtosis skipped for %s: %s", hp, err)
+        else:
+            import numpy as np
+
+            finite = kurt[torch.isfinite(kurt)].numpy()
+            edges = np.linspace(float(finite.min()), float(finite.max()) + 1e-9, 31) if finite.size else np.zeros(2)
+            g["token_kurtosis"] = [_round(float(kurt[k])) for k in geo]
+            g["token_kurtosis_all"] = {
+                "edges": [_round(e) for e in edges.tolist()],
+                "counts": np.histogram(finite, bins=edges)[0].astype(int).tolist() if finite.size else [0],
+                "median": _round(float(np.median(finite))) if finite.size else None,
+                "n_features": int(kurt.numel()),
+            }
+        out["feature_geometry"] = g
+        progress(f"{hp}: keeping only the span of the decoder vectors of {geo} at P")
+        sp = span_ablation(model, sae, task, geo, mean_act)
+        out["span_ablation"] = {
+            "features": geo,
+            "rank": sp.rank,
+            "variants": list(SPAN_VARIANTS),
+            "mean": [_round(sp.means[c].mean) for c in SPAN_VARIANTS],
+            "ci95": [_round(sp.means[c].half_width) for c in SPAN_VARIANTS],
+            "diff_vs_clean": [_round(sp.diffs[c].mean) for c in SPAN_VARIANTS],
+            "diff_vs_clean_ci95": [_round(sp.diffs[c].half_width) for c in SPAN_VARIANTS],
+            "fraction_kept": _round(sp.fraction_kept),
+        }
+    return out
+
+
+def study_run(model, saes: list, entries: list[dict], task, cfg: RunConfig, progress: Callable[[str], None]) -> dict:
+    """Run-level keys of the reference study (issue 8): ``layer_comparison`` (F9/F10), when two or more SAEs on
+    different hooks have a multi-ablation set: each SAE's set ablated alone at P and all together."""
+    from saecircuits.analysis.layer_comparison import compare_layer_ablations
+
+    pairs = [(s, e["multi_ablation"]["features"]) for s, e in zip(saes, entries, strict=True)
+             if e.get("multi_ablation", {}).get("features")]
+    hooks = [s.hook_point for s, _ in pairs]
+    if len(pairs) < 2 or len(set(hooks)) != len(hooks):
+        return {}
+    progress("comparing the top features of " + ", ".join(hooks) + " ablated alone and together")
+    lc = compare_layer_ablations(model, [s for s, _ in pairs], [f for _, f in pairs], task, mode=cfg.ablation_mode)
+    runs = []
+    for r, label in enumerate(lc.labels):
+        runs.append({
+            "label": label,
+            "hooks": lc.hooks if r == len(lc.hooks) else [lc.hooks[r]],
+            "features": lc.features if r == len(lc.hooks) else [lc.features[r]],
+            "loss_increase": _mean_ci(lc.summary[label]),
+            "values": [_round(v, 4) for v in lc.loss_increase[:, r].tolist()],
+        })
+    return {"layer_comparison": {
+        "mode": lc.mode,
+        "n_prompts": int(task.n_prompts),
+        "runs": runs,
+        "paired": [{"a": a, "b": b} | _mean_ci(m) for (a, b), m in lc.paired.items()],
+    }}
+
+def _circuit_summary(cj: dict, n_nodes: int = 400) -> dict:
+    """The circuit's results.json entry: what the report draws (the whole graph is in circuit.json)."""
+    in_c = set(cj["circuit"])
+    edges = [e for e in cj["edges"] if e["in_circuit"]]
+    return {
+        "file": "circuit.json",
+        "metric": cj["metric"],
+        "n_nodes_total": cj["n_nodes_total"],
+        "n_edges_total": cj["n_edges_total"],
+        "ig_steps": cj["ig_steps"],
+        "selection": cj["selection"],
+        "agreement": cj["agreement"],
+        "faithfulness": cj["faithfulness"],
+        "virtual_weights": cj["virtual_weights"],
+        "nodes": [{k: n[k] for k in ("id", "label", "kind", "layer", "sae", "effect", "effect_ci95", "atp", "ig",
+                                     "n_active_prompts", "top_tokens")} | {"in_circuit": n["id"] in in_c}
+                  for n in cj["nodes"][:n_nodes]],
+        "edges": [{k: e[k] for k in ("source", "target", "exact", "atp", "ig", "n_prompts")} for e in edges],
+    }
 
 
 def run_pipeline(
@@ -544,7 +921,7 @@ def run_pipeline(
     from saecircuits.analysis.dla import direct_logit_attribution
     from saecircuits.data.corpus import read_documents
     from saecircuits.models.load import load_model, model_provenance
-    from saecircuits.models.tokens import encode_documents
+    from saecircuits.models.tokens import encode_documents, special_token_ids
     from saecircuits.report.render import render_report
     from saecircuits.report.schema import validate_results, write_json_atomic
 
@@ -579,17 +956,20 @@ def run_pipeline(
     docs = read_documents(cfg.data)
     train_docs = read_documents(cfg.train_data) if cfg.train_data is not None else docs
     task = _build_task(cfg, model, docs)
-    answers = sorted(set(task.answer_ids))
-    say(f"task {task.name}: {task.n_prompts} prompts, answer tokens "
-        + ", ".join(repr(model.tokenizer.decode([a])) for a in answers))
+    task_entry = _task_entry(task, model.tokenizer)
+    dropped = f" ({task.n_dropped_too_long} over-long prompts dropped)" if task.n_dropped_too_long else ""
+    say(f"task {task.name}: {task.n_prompts} prompts{dropped}, answer tokens "
+        + ", ".join(repr(t) for t in task_entry["answer_tokens"]))
     # First: does the model perform the behaviour at all? Everything below explains the answer's loss.
     behaviour = behaviour_summary(model, task)
     checks = [c.to_dict() for c in behaviour_checks(behaviour)]
     say(("the model performs the behaviour: " if behaviour.performs else
          "WARNING: the model does NOT perform the behaviour: ") + behaviour.describe())
+    bos_policy = _bos_policy(model.tokenizer, cfg.exclude_bos)
     n_ctx = int(model.cfg.n_ctx)
+    special = special_token_ids(model.tokenizer)
     stat_docs = encode_documents(model.tokenizer, docs[: cfg.n_stat_docs], max_len=n_ctx)
-    stat_docs = [d for d in stat_docs if len(d) > 1]
+    stat_docs = [d for d in stat_docs if any(t not in special for t in d)]  # at least one text token
     t = _stage(timings, "data_and_task", t)
 
     if cfg.sae_paths:
@@ -613,9 +993,22 @@ def run_pipeline(
     dla = direct_logit_attribution(model, task, progress=progress)
     t = _stage(timings, "dla", t)
 
+    from saecircuits.analysis.corpus_stats import corpus_feature_stats
+    from saecircuits.analysis.reconstruction import mean_activation
+
+    say(f"corpus statistics of every SAE over {len(stat_docs)} documents (one pass)")
+    stats = corpus_feature_stats(model, saes, stat_docs, k=max(cfg.n_max_act_stories, cfg.n_examples),
+                                 token_fraction=cfg.token_fraction, progress=progress)
+    t = _stage(timings, "corpus_stats", t)
+
     entries = []
-    for sae in saes:
-        entry = analyse_sae(model, sae, task, stat_docs, cfg, say, bars=progress)
+    for i, sae in enumerate(saes):
+        # the corpus pass leaves out every special position; with --include-bos the mean keeps BOS
+        mean_act = stats[i].mean_input if cfg.exclude_bos else mean_activation(
+            model, stat_docs, sae.hook_point, exclude_bos=False, progress=progress)
+        entry = analyse_sae(model, sae, task, stat_docs, cfg, say, bars=progress, mean_act=mean_act,
+                            token_counts=stats.token_counts)
+        entry.update(study_sae(model, sae, task, stat_docs, entry, stats[i], mean_act, cfg, say))
         fm = training.get("final_metrics", {}).get(sae.hook_point)
         entry["training"] = {k: v for k, v in training.items() if k != "final_metrics"} | (
             {"final_metrics": fm} if fm else {})
@@ -625,13 +1018,33 @@ def run_pipeline(
             say(f"WARNING ({sae.hook_point}): {c['message']}")
         t = _stage(timings, f"analyse {sae.hook_point}", t)
 
+    study = study_run(model, saes, entries, task, cfg, say)
+    t = _stage(timings, "layer comparison", t)
+
     notes = []
+    circuit_entry, circuit_json = None, None
+    if cfg.circuit and saes:
+        if iv.engine is None:
+            notes.append(f"No circuit: it needs the prefix-cached engine, which this model cannot use ({iv.reason}).")
+        else:
+            from saecircuits.analysis.circuit import find_circuit
+
+            say(f"feature circuit across {len(saes)} SAE(s): exact node effects and edges, gradient estimates")
+            circ = find_circuit(model, saes, task, ig_steps=cfg.circuit_ig_steps, progress=progress)
+            circuit_json = circ.to_json()
+            circuit_entry = _circuit_summary(circuit_json)
+            t = _stage(timings, "circuit", t)
+    if task.n_dropped_too_long:
+        notes.append(
+            f"{task.n_dropped_too_long} prompts were longer than {min(cfg.max_prompt_tokens or n_ctx, n_ctx)} tokens "
+            f"(prompt + answer; the model's context is {n_ctx}) and were left out; the results use the other "
+            f"{task.n_prompts}."
+        )
     if task.n_prompts < 20:
         notes.append(
             f"Only {task.n_prompts} prompts: means are noisy and 95% intervals are wide or undefined (n < 2). "
             "Use a larger corpus or task file."
         )
-    n_show = min(5, task.n_prompts)
     results = {
         "schema_version": 1,
         "saecircuits_version": saecircuits.__version__,
@@ -645,15 +1058,10 @@ def run_pipeline(
             "architecture": str(prov.get("architecture", "")),
         },
         "provenance": prov,
-        "task": {
-            "name": task.name,
-            "n_prompts": task.n_prompts,
-            "answer_token_ids": answers,
-            "answer_tokens": [model.tokenizer.decode([a]) for a in answers],
-            "example_prompts": [task.prompts[i] for i in range(n_show)],
-        },
+        "task": task_entry,
         "behaviour": behaviour.to_dict(),
         "checks": checks,
+        "bos_policy": bos_policy,
         "dla": {
             "labels": list(dla.labels),
             "mean": [_round(v) for v in dla.mean.tolist()],
@@ -662,6 +1070,10 @@ def run_pipeline(
             "completeness_max_abs_error": float(dla.max_abs_error),
         },
         "saes": entries,
+        **study,
+        "corpus": {"n_docs": stats.n_docs, "n_tokens": stats.n_tokens, "n_special_ids": len(stats.special_ids),
+                   "ablation_mode": cfg.ablation_mode},
+        **({"circuit": circuit_entry} if circuit_entry is not None else {}),
         "interventions": {"backend": iv.backend, "note": iv.reason or "prefix-cached: position P recomputed alone"},
         "timings": timings | {"total": round(time.perf_counter() - t_start, 3)},
         "config": cfg.to_dict(),
@@ -670,6 +1082,8 @@ def run_pipeline(
     iv.clear_cache()
     validate_results(results)
     write_json_atomic(out / "results.json", results)
+    if circuit_json is not None:
+        write_json_atomic(out / "circuit.json", circuit_json)
     render_report(results, out / "report.html")
     _stage(timings, "report", t)
     say(f"wrote {out / 'results.json'} and {out / 'report.html'}")

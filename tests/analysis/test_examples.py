@@ -32,11 +32,15 @@ def test_matches_brute_force_and_excludes_bos():
             assert e.max_position == pos and e.max_position > 0  # never the BOS position
             assert abs(e.max_activation - value) < 1e-5
             assert e.window_start == max(0, pos - 4)
+            # ASCII stories: every piece is the token decoded alone
             assert e.tokens == [model.tokenizer.decode([t]) for t in rows[doc][e.window_start : pos + 3]]
             ref = dense[doc][e.window_start : pos + 3, f].clone()
+            kinds = ["text"] * len(ref)
             if e.window_start == 0:
-                ref[0] = 0.0
-            torch.testing.assert_close(torch.tensor(e.activations), ref, atol=1e-5, rtol=0)
+                ref[0] = float("nan")  # BOS is not data
+                kinds[0] = "special"
+            assert e.token_kinds == kinds
+            torch.testing.assert_close(torch.tensor(e.activations), ref, atol=1e-5, rtol=0, equal_nan=True)
 
 
 def test_batching_does_not_change_examples():

@@ -149,7 +149,7 @@ def test_feature_effects_cover_every_active_pair_and_equal_manual_ablations(laye
         assert float(eff.loss_increase[j]) == pytest.approx(float(lp_b - lp_a), abs=1e-5)
         assert float(eff.logprob_diff[j]) == pytest.approx(float(lp_b - lp_a), abs=1e-5)
         assert float(eff.logit_diff[j]) == pytest.approx(float(base[ans] - abl[ans]), abs=1e-5)
-        rank = lambda lg: float((lg > lg[ans]).sum())  # noqa: E731
+        rank = lambda lg, ans=ans: float((lg > lg[ans]).sum())  # noqa: E731
         assert float(eff.rank_diff[j]) == rank(base) - rank(abl)
 
 

@@ -264,3 +264,56 @@ def test_hub_name_offline_gives_clear_error(monkeypatch):
         ModelLoadError, match=r"'roneneldan/TinyStories-2Layers-33M'.*(HF_HUB_OFFLINE).*local folder"
     ):
         load_model("roneneldan/TinyStories-2Layers-33M")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A tokenizer without BOS (issue 7 item 5)
+
+def test_tokenizer_without_bos_gets_no_phantom_bos_and_stays_untouched(tmp_path):
+    from helpers import no_bos_folder
+    from transformers import PreTrainedTokenizerFast
+
+    from saecircuits.tasks.jsonl import jsonl_task
+
+    folder = no_bos_folder(tmp_path / "nobos")
+    caller_tok = PreTrainedTokenizerFast.from_pretrained(folder)
+    before = {r: getattr(caller_tok, r) for r in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    before_len = len(caller_tok)
+    assert before == {"bos_token": None, "eos_token": None, "pad_token": None, "unk_token": "[UNK]"}
+    bridge = load_model(folder, tokenizer=caller_tok)
+    # the caller's object is untouched (TransformerLens used to set its BOS/EOS/PAD to <|endoftext|> = UNK id 15)
+    assert {r: getattr(caller_tok, r) for r in before} == before and len(caller_tok) == before_len
+    assert bridge.tokenizer is not caller_tok
+    assert bridge.tokenizer.bos_token_id is None and bridge.tokenizer.eos_token_id is None
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"prompt": "a b c", "answer": " d"}\n', encoding="utf-8")
+    task = jsonl_task(path, bridge.tokenizer)
+    assert task.token_ids == [[0, 1, 2]] and task.answer_ids == [3]  # not [15, 0, 1, 2]
+    assert bridge.to_tokens("a b c").tolist() == [[0, 1, 2]]
+    # the model loaded from the folder alone behaves the same
+    assert load_model(folder).tokenizer.bos_token_id is None
+
+
+def test_tokenizer_without_any_special_token_pads_with_a_real_id(tmp_path):
+    """No BOS/EOS/PAD/UNK: TransformerLens' stand-in <|endoftext|> would be a new id past the vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM, PreTrainedTokenizerFast
+
+    from saecircuits.analysis.reconstruction import mean_activation
+    from saecircuits.models.hooks import pad_id_of
+
+    vocab = {w: i for i, w in enumerate("a b c d e f g h".split())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(tmp_path)
+    cfg = GPTNeoConfig(vocab_size=8, max_position_embeddings=16, hidden_size=16, num_layers=1, num_heads=2,
+                       intermediate_size=32, attention_types=[[["global"], 1]], bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(0)
+    GPTNeoForCausalLM(cfg).save_pretrained(tmp_path)
+    bridge = load_model(tmp_path)
+    assert bridge.tokenizer.bos_token_id is None and 0 <= pad_id_of(bridge) < 8
+    rows = [[0, 1, 2, 3], [4, 5]]
+    hook = "blocks.0.mlp.hook_post"
+    with torch.no_grad():
+        by_hand = torch.cat([bridge.run_with_cache(torch.tensor([r]))[1][hook][0] for r in rows]).mean(0)
+    torch.testing.assert_close(mean_activation(bridge, rows, hook), by_hand, atol=1e-5, rtol=1e-5)  # padded batch

@@ -51,7 +51,8 @@ def test_report_shows_the_numbers(results, tmp_path):
     # Header.
     assert "roneneldan/TinyStories-1Layer-21M" in page and "closing_quote" in page
     assert (
-        '<div class="prompt">Tom said, &quot;I like the dog<mark class="answer">.&quot;</mark></div>' in page
+        '<div class="prompt">Tom said, &quot;I like the dog<mark class="answer"><bdi class="tokstr">.&quot;</bdi>'
+        "</mark></div>" in page
     )
     assert ".&quot; (id 526)" in page and ">120<" in page
     # DLA: completeness error, the biggest component first in the summary table.

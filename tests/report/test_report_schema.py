@@ -249,3 +249,40 @@ def test_ci_bounds():
     assert ci_bounds(1.0, [0.5, 1.75]) == (0.5, 1.75)
     assert ci_bounds(1.0, None) == (None, None)
     assert ci_bounds(None, 0.1) == (None, None)
+
+
+def test_token_fields_are_validated(results):
+    """Issue 7: token kinds, each example prompt's own answer and the BOS policy are checked when present."""
+    results["task"]["example_answers"] = ['."', '."']
+    results["task"]["example_answer_ids"] = [526, 526]
+    results["task"]["n_dropped_too_long"] = 38
+    results["bos_policy"] = {"prepended": True, "token_id": 50256, "token": "<|endoftext|>",
+                             "special_token_ids": [50256], "special_positions": "excluded", "statement": "..."}
+    ex = results["saes"][0]["examples"][0]["examples"][0]
+    ex["token_kinds"] = ["special"] + ["text"] * (len(ex["tokens"]) - 1)
+    ex["activations"][0] = None
+    validate_results(results)
+    for path, value, expected in [
+        (("task", "example_answers"), ['."'], "results['task']['example_answers'] has 1 items"),
+        (("task", "example_answer_ids"), [1, 2, 3], "results['task']['example_answer_ids'] has 3 items"),
+        (("saes", 0, "examples", 0, "examples", 0, "token_kinds"), ["text"], "['token_kinds'] has 1 items"),
+        (("saes", 0, "examples", 0, "examples", 0, "token_kinds"), ["bos"] * 8, "holds 'bos'; each kind must be"),
+        (("bos_policy", "prepended"), 1, "results['bos_policy']['prepended'] must be true or false"),
+        (("bos_policy", "prepended"), False, "'prepended' must be true exactly when 'token_id' is set"),
+        (("bos_policy", "special_positions"), "some", "must be 'excluded' or 'included'"),
+        (("bos_policy", "token_id"), "50256", "results['bos_policy']['token_id'] must be an int"),
+    ]:
+        bad = json.loads(json.dumps(results))
+        _set(bad, path, value)
+        with pytest.raises(ResultsSchemaError) as e:
+            validate_results(bad)
+        assert expected in str(e.value)
+    no_bos = json.loads(json.dumps(results))
+    no_bos["bos_policy"].update(prepended=False, token_id=None, token=None)
+    validate_results(no_bos)
+
+
+def test_schema_token_kinds_match_the_token_module():
+    from saecircuits.models.tokens import TOKEN_KINDS
+
+    assert schema.TOKEN_KINDS == TOKEN_KINDS

@@ -42,7 +42,8 @@ def test_token_color_hand_worked(value, max_value, rgb, text):
         ("\n", "\u00b6"),
         ("\n\n", "\u00b6\u00b6"),
         (" hello", "\u00b7hello"),
-        ("a  \t b", "a\u00b7b"),
+        ("a  \t b", "a\u00b7\u00b7\u2192\u00b7b"),  # one symbol per character: token lengths stay exact
+        ("x\u200dy\u202e", "x<U+200D>y<U+202E>"),  # zero-width joiner and a bidi override made visible
         (" \n ", "\u00b7\u00b6\u00b7"),
         ("plain", "plain"),
         ("", ""),
@@ -58,7 +59,7 @@ def _spans(html_text):
 
 def test_tokens_to_html_colours_titles_and_order():
     out = tokens_to_html(["A", " cat", "\n"], [0.0, 2.0, 4.0], max_value=4.0)
-    assert out.startswith('<div class="tokens">') and out.endswith("</div>")
+    assert out.startswith('<div class="tokens" dir="ltr">') and out.endswith("</div>")
     spans = _spans(out)
     assert [s[2] for s in spans] == ["A", "\u00b7cat", "\u00b6"]
     assert [s[1] for s in spans] == ["Activation: 0.0000", "Activation: 2.0000", "Activation: 4.0000"]
@@ -99,3 +100,38 @@ def test_tokens_to_html_rejects_misaligned_inputs():
         tokens_to_html(["a", "b"], [1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match="extra measure 'loss' has 1 values for 2 tokens"):
         tokens_to_html(["a", "b"], [1.0, 2.0], extra_measures={"loss": [1.0]})
+
+
+def test_special_and_continuation_tokens_are_marked():
+    out = tokens_to_html(
+        ["<|endoftext|>", "caf", " 😀", "", "x"], [9.0, 1.0, 2.0, 2.0, 0.0], kinds=["special", "text", "text", "continuation", "text"]
+    )
+    # the special token: its own class, no activation colour and no value, whatever value it was given
+    special = re.findall(r'<span class="tok special" title="([^"]*)">([^<]*)</span>', out)
+    assert special == [("special token (BOS/EOS/PAD): not text, left out of the statistics", "&lt;|endoftext|&gt;")]
+    # the default max ignores the special token's value: 2 is the max, so " 😀" is full red
+    spans = _spans(out)
+    assert [s[2] for s in spans] == ["caf", "\u00b7😀", "x"]
+    assert "rgb(255, 0, 0)" in spans[1][0]
+    cont = re.findall(r'<span class="tok cont" style="([^"]*)" title="([^"]*)"></span>', out)
+    assert len(cont) == 1 and "rgb(255, 0, 0)" in cont[0][0] and "previous token" in cont[0][1]
+    with pytest.raises(ValueError, match="2 tokens but 1 token kinds"):
+        tokens_to_html(["a", "b"], [1.0, 2.0], kinds=["text"])
+
+
+def test_right_to_left_and_long_tokens_cannot_break_the_row():
+    from saecircuits.report.tokens_html import TOKENS_CSS, token_html
+
+    rtl, long = "\u0645\u0631\u062d\u0628\u0627", "x" * 500
+    out = tokens_to_html(["a", rtl, "\u202e", long], [1.0, 1.0, 1.0, 1.0])
+    assert out.startswith('<div class="tokens" dir="ltr">')  # the row runs left to right whatever its tokens
+    assert [s[2] for s in _spans(out)] == ["a", rtl, "&lt;U+202E&gt;", long]  # a bidi override is shown, not obeyed
+    assert "unicode-bidi: isolate" in TOKENS_CSS and "overflow-wrap: anywhere" in TOKENS_CSS
+    assert token_html(" \u05e9") == '<bdi class="tokstr">\u00b7\u05e9</bdi>'
+
+
+def test_report_page_embeds_the_token_css(results):
+    from saecircuits.report.render import build_report_html
+    from saecircuits.report.tokens_html import TOKENS_CSS
+
+    assert TOKENS_CSS in build_report_html(results)

@@ -5,7 +5,8 @@ ablation of all of S at once, the SAE error kept), in every batch row (the noteb
 row 0 only, pitfall 3). Per prompt we report the answer's log-prob (nats), logit and rank (number of tokens with a
 strictly higher logit; 0 = top) before and after, and the differences ``original - ablated`` (positive logprob/logit
 difference = the ablation hurts; negative rank difference = the ablation hurts, pitfall 17). Means come with Student-t
-95% intervals from the actual n with ddof=1 (the notebook used 1.96 and a global n, pitfall 15).
+95% intervals from the actual n with ddof=1 (the notebook used 1.96 and a global n, pitfall 15). ``mode`` chooses the
+reconstruction-based ablations instead (:mod:`saecircuits.analysis.ablation_modes`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
+from saecircuits.analysis.ablation_modes import (
+    OffRange,
+    OffRangeCounter,
+    activation_floor,
+    baseline_logits,
+    check_mode,
+)
 from saecircuits.analysis.features import features_ablation_edit
 from saecircuits.analysis.stats import MeanCI, mean_ci95
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, answer_metrics, task_batches
@@ -39,11 +47,16 @@ class AblationResult:
             ``ablated_rank``, and ``logprob_diff``, ``logit_diff``, ``rank_diff`` (original - ablated), ``loss_increase``
             (ablated - original loss, nats).
         summary: ``{"logprob_diff" | "logit_diff" | "rank_diff" | "loss_increase": MeanCI}``.
+        mode: the ablation mode; the "original" columns hold the baseline run (the clean run, or the SAE spliced in
+            for ``"clean_effect"``; :mod:`saecircuits.analysis.ablation_modes`).
+        off_range: how many ablated activations left the hook's range.
     """
 
     features: list[int]
     per_prompt: pd.DataFrame
     summary: dict[str, MeanCI]
+    mode: str = "residual"
+    off_range: OffRange | None = None
 
 
 def ablate_features(
@@ -52,26 +65,33 @@ def ablate_features(
     task: Task,
     features: Sequence[int],
     *,
+    mode: str = "residual",
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
 ) -> AblationResult:
     """Ablate ``features`` together at every prompt's P; answer logprob / logit / rank before and after (F10, F11).
 
+    Args:
+        mode: ``"residual"`` (default), ``"reconstruction"`` or ``"clean_effect"``
+            (:mod:`saecircuits.analysis.ablation_modes`); "before" is the baseline run of that mode.
+
     Raises:
-        ValueError: empty ``features`` or an index outside ``0..d_sae-1``.
+        ValueError: empty ``features``, an index outside ``0..d_sae-1``, or an unknown ``mode``.
     """
+    check_mode(mode)
     feats = [int(k) for k in features]
     if not feats or min(feats) < 0 or max(feats) >= sae.d_sae:
         raise ValueError(f"features must be a non-empty list of indices in 0..{sae.d_sae - 1}, got {feats}")
     n = task.n_prompts
     cols = {f"{p}{m}": torch.zeros(n) for m in ("loss", *_METRICS) for p in ("", "ablated_")}
-    edit = features_ablation_edit(sae, feats)
+    counter = OffRangeCounter(activation_floor(model, sae.hook_point))
+    edit = features_ablation_edit(sae, feats, mode, counter)
     iv = interventions_for(model)
     for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
         idx = torch.tensor(batch.indices)
         clean = iv.clean(batch)
         ablated, _ = iv.run(clean, [edit])
-        for prefix, logits in (("", clean.logits), ("ablated_", ablated[:, 0])):
+        for prefix, logits in (("", baseline_logits(iv, clean, sae, mode)), ("ablated_", ablated[:, 0])):
             for name, value in answer_metrics(logits, batch.answer_ids).items():
                 cols[f"{prefix}{name}"][idx] = value.cpu()
     df = pd.DataFrame({"prompt_index": list(range(n)), **{k: v.numpy() for k, v in cols.items()}})
@@ -81,4 +101,4 @@ def ablate_features(
     summary = {
         c: mean_ci95(df[c].to_numpy()) for c in ("logprob_diff", "logit_diff", "rank_diff", "loss_increase")
     }
-    return AblationResult(features=feats, per_prompt=df, summary=summary)
+    return AblationResult(features=feats, per_prompt=df, summary=summary, mode=mode, off_range=counter.result())

@@ -2,7 +2,8 @@
 boosts (F17), and the common-token mask both use (B3).
 
 - :func:`common_tokens`: a token is common when it occurs more than ``min_count`` times in a corpus. Departure from
-  the notebook (pitfall 25): each row's leading BOS is not counted (the notebook counted it).
+  the notebook (pitfall 25): special tokens (BOS/EOS/PAD, anywhere in a row) are not counted (the notebook counted
+  the leading BOS), so they are never "common" and never listed.
 - :func:`prompt_logprob_boosts` (F16): on the prompts where the feature is active at P (first ``max_prompts``, the
   notebook's 100), the log-probs at P are averaged over prompts clean and with the feature ablated residual-
   preservingly at P (F3: ``x - f_k(x) W_dec[k]``, SAE error kept); ``boosts = mean clean - mean ablated`` (nats). As
@@ -23,9 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
+from saecircuits.analysis.ablation_modes import baseline_logits, check_mode
 from saecircuits.analysis.error_dla import mlp_post_layer
 from saecircuits.analysis.features import activations_or_compute, features_ablation_edit
-from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, bos_id_of, task_batches
+from saecircuits.models import tokens as _tokens
+from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches
 from saecircuits.models.interventions import interventions_for
 from saecircuits.models.norms import readout_of
 from saecircuits.saes.base import SAE
@@ -36,6 +39,7 @@ __all__ = [
     "PromptBoosts",
     "WeightBoosts",
     "common_tokens",
+    "common_from_counts",
     "prompt_logprob_boosts",
     "weight_logit_boosts",
     "token_string",
@@ -44,7 +48,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TokenValue:
-    """A token id, its decoded string and a value (nats or logits, as the producer says)."""
+    """A token id, its display string (``models.tokens.token_string``) and a value (nats or logits, as the producer
+    says)."""
 
     token_id: int
     token: str
@@ -52,9 +57,15 @@ class TokenValue:
 
 
 def token_string(model, token_id: int) -> str:
-    """The decoded string of one token (``str(id)`` when the model has no tokenizer)."""
-    tok = getattr(model, "tokenizer", None)
-    return tok.decode([int(token_id)]) if tok is not None else str(int(token_id))
+    """One token as shown to people, leading space kept (``models.tokens.token_string`` of the model's tokenizer;
+    ``str(id)`` when the model has no tokenizer)."""
+    return _tokens.token_string(getattr(model, "tokenizer", None), token_id)
+
+
+def common_from_counts(counts: torch.Tensor, min_count: int = 100) -> torch.Tensor:
+    """The common-token rule on token counts ``[d_vocab]``: bool ``[d_vocab]``, True where ``count > min_count``
+    (the notebook's B3 with 100; the corpus statistics pass, ``analysis.corpus_stats``, counts tokens too)."""
+    return counts > min_count
 
 
 def common_tokens(
@@ -63,10 +74,11 @@ def common_tokens(
     """Tokens occurring more than ``min_count`` times in ``token_rows`` (analysis-spec B3; the notebook used 100).
 
     Args:
-        model: anything with ``cfg.d_vocab`` (and a tokenizer for the BOS id).
+        model: anything with ``cfg.d_vocab`` (and a tokenizer for the special-token ids).
         token_rows: corpus rows of token ids.
         min_count: a token is common when its count is strictly greater.
-        exclude_bos: do not count a row's leading BOS (departure from the notebook, pitfall 25).
+        exclude_bos: do not count special tokens (BOS/EOS/PAD anywhere in a row; ``models.tokens.special_token_ids``),
+            a departure from the notebook (pitfall 25).
 
     Returns:
         bool ``[d_vocab]`` on CPU.
@@ -75,15 +87,12 @@ def common_tokens(
         ValueError: a token id outside ``0..d_vocab-1``.
     """
     d_vocab = int(model.cfg.d_vocab)
-    bos = bos_id_of(model) if exclude_bos else None
-    ids: list[int] = []
-    for row in token_rows:
-        row = list(row)
-        ids += row[1:] if (bos is not None and row and row[0] == bos) else row
-    t = torch.tensor(ids, dtype=torch.long)
+    special = _tokens.special_token_ids(getattr(model, "tokenizer", None)) if exclude_bos else frozenset()
+    t = torch.tensor([int(i) for row in token_rows for i in row], dtype=torch.long)
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= d_vocab):
         raise ValueError(f"token ids must lie in 0..{d_vocab - 1}; these rows are from another tokenizer")
-    return torch.bincount(t, minlength=d_vocab)[:d_vocab] > min_count
+    t = t[~_tokens.special_token_mask(t, special)]
+    return common_from_counts(torch.bincount(t, minlength=d_vocab)[:d_vocab], min_count)
 
 
 def _check_mask(mask: torch.Tensor | None, d_vocab: int) -> torch.Tensor:
@@ -141,6 +150,7 @@ def prompt_logprob_boosts(
     threshold: float = 0.0,
     max_prompts: int | None = 100,
     acts: torch.Tensor | None = None,
+    mode: str = "residual",
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
 ) -> PromptBoosts:
@@ -155,14 +165,17 @@ def prompt_logprob_boosts(
         threshold: activity threshold at P (strict).
         max_prompts: at most this many active prompts, first in task order (notebook 100); ``None`` = all.
         acts: precomputed ``feature_activations`` ``[n_prompts, d_sae]``.
+        mode: ablation mode (:mod:`saecircuits.analysis.ablation_modes`); with ``"clean_effect"`` the "clean" side
+            is the SAE-spliced run.
         max_tokens, max_batch: batch budget.
 
     Returns:
         :class:`PromptBoosts`; with no active prompt the vectors are NaN and the lists empty.
 
     Raises:
-        IndexError: ``feature`` out of range. ValueError: bad ``common_tokens`` or ``acts`` shape.
+        IndexError: ``feature`` out of range. ValueError: bad ``common_tokens`` or ``acts`` shape, unknown ``mode``.
     """
+    check_mode(mode)
     k = int(feature)
     if not 0 <= k < sae.d_sae:
         raise IndexError(f"feature {k} out of range 0..{sae.d_sae - 1}")
@@ -188,12 +201,12 @@ def prompt_logprob_boosts(
     clean_sum = torch.zeros(d_vocab, dtype=torch.float64)
     abl_sum = torch.zeros(d_vocab, dtype=torch.float64)
     ans_clean = ans_abl = 0.0
-    edit = features_ablation_edit(sae, [k])
+    edit = features_ablation_edit(sae, [k], mode)
     iv = interventions_for(model)
     with torch.no_grad():
         for batch in task_batches(model, sub, max_tokens=max_tokens, max_batch=max_batch):
             clean_pass = iv.clean(batch)
-            clean = clean_pass.logits
+            clean = baseline_logits(iv, clean_pass, sae, mode)
             abl = iv.run(clean_pass, [edit])[0][:, 0]
             rows = torch.arange(len(batch.indices), device=clean.device)
             ans = batch.answer_ids.to(clean.device)

@@ -25,8 +25,8 @@ For an SAE on ``blocks.L.mlp.hook_post`` and feature k, at each prompt's predict
 
 Departures from the notebook: prompts are batched (each read at its own P) and capped with ``max_prompts`` (the
 notebook ran every activating prompt one forward each, pitfall 26); per-prompt values and t intervals are returned;
-the default mean contributions for ``inactive="mean"`` pool all real non-BOS positions of the given rows weighting
-tokens equally (the notebook averaged per-story means over 100 stories including BOS, pitfall 27). Gated MLPs
+the default mean contributions for ``inactive="mean"`` pool all real positions of the given rows except special
+tokens (BOS/EOS/PAD anywhere in a row), weighting tokens equally (the notebook averaged per-story means over 100 stories including BOS, pitfall 27). Gated MLPs
 (Llama's SwiGLU) have no single pre-activation per neuron and are refused.
 """
 
@@ -46,13 +46,14 @@ from saecircuits.models.hooks import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_TOKENS,
     _device_of,
-    bos_id_of,
+    n_ctx_of,
     pad_id_of,
     row_batches,
     task_batches,
 )
 from saecircuits.models.interventions import interventions_for
 from saecircuits.models.norms import norm_params
+from saecircuits.models.tokens import special_token_ids, special_token_mask
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
 
@@ -200,7 +201,8 @@ def mean_mlp_in_contributions(
 ) -> torch.Tensor:
     """Mean contribution of each DFA component to each neuron's pre-activation of block ``layer``'s MLP.
 
-    Every real position of every row counts once (padding never; a leading BOS not when ``exclude_bos``); each
+    Every real position of every row counts once (padding never; special tokens -- BOS/EOS/PAD anywhere in a row --
+    not when ``exclude_bos``); each
     position's components go through ln2 as a linear map with that position's cached scale, then ``W_in[layer]``.
     The notebook's ``get_mean_component_wise_mlp`` averaged per-story means including BOS (pitfall 27).
 
@@ -213,18 +215,22 @@ def mean_mlp_in_contributions(
     _check_model(model, layer)
     ln2 = norm_params(model, f"blocks.{layer}.ln2")
     reads = _reads(model, layer) + [f"blocks.{layer}.ln2.hook_scale"]
-    bos = bos_id_of(model)
+    special = special_token_ids(getattr(model, "tokenizer", None)) if exclude_bos else frozenset()
     iv = interventions_for(model)
     total: torch.Tensor | None = None
     count = 0.0
     for batch in row_batches(
-        token_rows, pad_id_of(model), max_tokens=max_tokens, max_batch=max_batch, device=_device_of(model)
+        token_rows,
+        pad_id_of(model),
+        max_tokens=max_tokens,
+        max_batch=max_batch,
+        device=_device_of(model),
+        n_ctx=n_ctx_of(model),
     ):
         captured = iv.read_all(batch.tokens, reads)
         n_pos = batch.tokens.shape[1]
         mask = torch.arange(n_pos, device=batch.tokens.device)[None] <= batch.positions[:, None]
-        if exclude_bos and bos is not None:
-            mask[:, 0] &= batch.tokens[:, 0] != bos
+        mask &= ~special_token_mask(batch.tokens, special)
         weight = mask.float() / captured[f"blocks.{layer}.ln2.hook_scale"].float().reshape(mask.shape)
         # linear in the components: sum over positions first, then W_O / centring / W_in
         summed = {n: torch.einsum("bp...,bp->...", captured[n].float(), weight) for n in reads[:-1]}
@@ -233,7 +239,7 @@ def mean_mlp_in_contributions(
         total = comps if total is None else total + comps
         count += float(mask.sum())
     if total is None or count == 0:
-        raise ValueError("mean_mlp_in_contributions needs at least one real non-BOS position in token_rows")
+        raise ValueError("mean_mlp_in_contributions needs at least one real non-special position in token_rows")
     total = ln2.linear(total, torch.ones(1))  # the scale was applied per position above
     W_in = model.W_in[layer].detach().float().to(total.device)
     return (total @ W_in / count).cpu()

@@ -16,7 +16,12 @@ from typing import Any
 
 import torch
 
-from saecircuits.analysis.boosts import common_tokens, prompt_logprob_boosts, weight_logit_boosts
+from saecircuits.analysis.boosts import (
+    common_from_counts,
+    common_tokens,
+    prompt_logprob_boosts,
+    weight_logit_boosts,
+)
 from saecircuits.analysis.dfa import direct_feature_attribution
 from saecircuits.analysis.error_dla import mlp_post_layer, sae_error_dla
 from saecircuits.analysis.features import answer_losses, feature_activations
@@ -53,6 +58,8 @@ def feature_evidence(
     acts=None,
     clean_loss: torch.Tensor | None = None,
     effects=None,
+    mode: str = "residual",
+    token_counts: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """The keys ``error_dla``, ``feature_details``, ``upstream_ablation`` and ``activation_scaled_dla`` of an SAE entry.
 
@@ -70,7 +77,12 @@ def feature_evidence(
             ``features`` not among them).
         acts, clean_loss: precomputed ``feature_activations`` / ``answer_losses`` of the task.
         effects: precomputed ``feature_effects`` holding ``features`` (their exact per-prompt ablation effects are
-            reused for the loss-vs-activation view instead of new ablations).
+            reused for the loss-vs-activation view instead of new ablations, when computed in ``mode``).
+        mode: ablation mode of the prompt boosts and the loss-vs-activation view
+            (:mod:`saecircuits.analysis.ablation_modes`).
+        token_counts: int ``[d_vocab]`` corpus token counts (from the corpus statistics pass,
+            ``analysis.corpus_stats``); the common-token mask is then ``count > min_token_count`` without another
+            pass over ``stat_rows``.
 
     Returns:
         dict with (when applicable) ``error_dla``, ``feature_details``, ``upstream_ablation``,
@@ -87,7 +99,10 @@ def feature_evidence(
         acts = feature_activations(model, sae, task)
     if clean_loss is None:
         clean_loss = answer_losses(model, task)
-    common = common_tokens(model, stat_rows, min_token_count) if stat_rows else None
+    if token_counts is not None:
+        common = common_from_counts(token_counts.cpu(), min_token_count)
+    else:
+        common = common_tokens(model, stat_rows, min_token_count) if stat_rows else None
 
     if layer is not None:
         err = sae_error_dla(model, sae, task)
@@ -100,7 +115,7 @@ def feature_evidence(
     for k in feats:
         d: dict[str, Any] = {"feature": k}
         pb = prompt_logprob_boosts(
-            model, sae, task, k, common_tokens=common, max_prompts=max_prompts_per_feature, acts=acts
+            model, sae, task, k, common_tokens=common, max_prompts=max_prompts_per_feature, acts=acts, mode=mode
         )
         d["prompt_boosts"] = {
             "boosted": _pairs(pb.boosted),
@@ -114,7 +129,7 @@ def feature_evidence(
             d["weight_boosts"] = {"top": _pairs(wb.top), "bottom": _pairs(wb.bottom)}
         lva = loss_increase_vs_activation(
             model, sae, task, k, max_prompts=max_prompts_per_feature, acts=acts, clean_loss=clean_loss,
-            effects=effects,
+            effects=effects if effects is None or effects.mode == mode else None, mode=mode,
         )
         d["loss_vs_activation"] = {
             "activation": [_f(v, 4) for v in lva.table["activation"]],

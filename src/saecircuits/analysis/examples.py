@@ -1,19 +1,23 @@
 """Top activating examples per SAE feature over a corpus, by a streaming top-k (spec D2/D4/F14).
 
 For every document (a token row) and feature we take the feature's maximum over the document's real positions,
-excluding BOS (position 0 when it is the BOS id) and padding, and keep per feature the ``k`` documents with the largest
-positive maxima in a running ``[n_features, k]`` buffer, merged batch by batch. No dense ``[n_docs, d_sae]`` array is
-stored. A second, small pass over the chosen documents reads the feature's activations in a window around the maximum.
+excluding every special-token position (BOS/EOS/PAD anywhere in the row, ``models.tokens.special_token_mask``) and
+padding, and keep per feature the ``k`` documents with the largest positive maxima in a running ``[n_features, k]``
+buffer, merged batch by batch. No dense ``[n_docs, d_sae]`` array is stored. A second, small pass over the chosen
+documents reads the feature's activations in a window around the maximum. Token strings come from
+``models.tokens.token_pieces`` over the whole document, so a character split over byte tokens is shown once and
+leading spaces are kept.
 
-Departures from the reference notebook (on purpose): BOS positions are excluded (pitfall 6); the maxima are streamed
-instead of a 4 GB pickle keyed by SAE name (pitfall 20); only documents with a positive maximum are returned.
+Departures from the reference notebook (on purpose): special-token positions are excluded (pitfall 6); the maxima
+are streamed instead of a 4 GB pickle keyed by SAE name (pitfall 20); only documents with a positive maximum are
+returned.
 Ties between equal maxima are broken by the lower document index, so results do not depend on batching.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,12 +25,13 @@ from saecircuits.models.hooks import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_TOKENS,
     _device_of,
-    bos_id_of,
+    n_ctx_of,
     pad_id_of,
     row_batches,
     with_progress,
 )
 from saecircuits.models.interventions import interventions_for
+from saecircuits.models.tokens import special_token_ids, special_token_mask, token_pieces
 from saecircuits.saes.base import SAE
 
 __all__ = ["Example", "top_activating_examples", "feature_activations_over_rows"]
@@ -42,8 +47,10 @@ class Example:
         max_position: absolute token index of the maximum in the document.
         max_activation: the feature's activation there.
         window_start: absolute token index of ``tokens[0]``.
-        tokens: token strings of the window ``[window_start, window_start + len(tokens))``.
-        activations: the feature's activation at each window token (0.0 at a BOS position).
+        tokens: token strings of the window ``[window_start, window_start + len(tokens))``
+            (``models.tokens.token_pieces``).
+        activations: the feature's activation at each window token (NaN at a special-token position: not data).
+        token_kinds: per window token, ``"text"``, ``"continuation"`` or ``"special"`` (``models.tokens.TOKEN_KINDS``).
     """
 
     feature: int
@@ -53,13 +60,13 @@ class Example:
     window_start: int
     tokens: list[str]
     activations: list[float]
+    token_kinds: list[str] = field(default_factory=list)
 
 
-def _valid_mask(tokens: torch.Tensor, lengths: torch.Tensor, bos: int | None) -> torch.Tensor:
+def _valid_mask(tokens: torch.Tensor, lengths: torch.Tensor, special: frozenset[int]) -> torch.Tensor:
+    """Real, non-special positions ``[b, pos]``: inside the row's length and not BOS/EOS/PAD (anywhere)."""
     mask = torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths[:, None]
-    if bos is not None:
-        mask[:, 0] &= tokens[:, 0] != bos
-    return mask
+    return mask & ~special_token_mask(tokens, special)
 
 
 def feature_activations_over_rows(
@@ -89,9 +96,10 @@ def top_activating_examples(
     """The ``k`` documents with the largest per-document maximum of each feature, with a token window around it.
 
     Args:
-        model: a TransformerBridge (its tokenizer gives the token strings and the BOS id).
+        model: a TransformerBridge (its tokenizer gives the token strings and the special-token ids).
         sae: any :class:`SAE`.
-        token_rows: corpus documents as token lists (BOS first, as the model sees them).
+        token_rows: corpus documents as token lists (BOS first, as the model sees them), each at most the model's
+            context long (``models.tokens.encode_documents(..., max_len=model.cfg.n_ctx)``).
         features: feature indices (default: all ``d_sae``).
         k: examples per feature.
         window_before, window_after: tokens shown before / after the maximum (clipped to the document).
@@ -103,20 +111,24 @@ def top_activating_examples(
 
     Raises:
         ValueError: ``k < 1`` or a feature index out of range.
+        ContextLengthError: a row is longer than the model's context.
     """
     feats = torch.arange(sae.d_sae) if features is None else torch.as_tensor(list(features), dtype=torch.long)
     if k < 1 or (len(feats) and (int(feats.min()) < 0 or int(feats.max()) >= sae.d_sae)):
         raise ValueError(f"need k >= 1 and feature indices in 0..{sae.d_sae - 1}")
     n_f = len(feats)
     device = _device_of(model)
-    bos = bos_id_of(model)
+    special = special_token_ids(getattr(model, "tokenizer", None))
+    n_ctx = n_ctx_of(model)
     best_val = torch.full((n_f, k), -float("inf"))
     best_doc = torch.full((n_f, k), -1, dtype=torch.long)
     best_pos = torch.zeros((n_f, k), dtype=torch.long)
-    batches = row_batches(token_rows, pad_id_of(model), max_tokens=max_tokens, max_batch=max_batch, device=device)
+    batches = row_batches(
+        token_rows, pad_id_of(model), max_tokens=max_tokens, max_batch=max_batch, device=device, n_ctx=n_ctx
+    )
     for batch in with_progress(batches, len(token_rows), f"top examples at {sae.hook_point} (documents)", progress):
         acts = feature_activations_over_rows(model, sae, batch.tokens, feats)  # [b, pos, F]
-        mask = _valid_mask(batch.tokens, batch.positions + 1, bos).to(acts.device)
+        mask = _valid_mask(batch.tokens, batch.positions + 1, special).to(acts.device)
         acts = acts.masked_fill(~mask[..., None], -float("inf"))
         doc_max, doc_pos = acts.max(dim=1)  # [b, F]
         docs = torch.tensor(batch.indices)
@@ -137,12 +149,13 @@ def top_activating_examples(
     if chosen:
         rows = [token_rows[d] for d in chosen]
         for batch in row_batches(
-            rows, pad_id_of(model), max_tokens=max_tokens, max_batch=max_batch, device=device
+            rows, pad_id_of(model), max_tokens=max_tokens, max_batch=max_batch, device=device, n_ctx=n_ctx
         ):
             acts = feature_activations_over_rows(model, sae, batch.tokens, feats).cpu()
             for r, i in enumerate(batch.indices):
                 doc_acts[chosen[i]] = acts[r, : int(batch.positions[r]) + 1]
     tok = model.tokenizer
+    pieces = {d: token_pieces(tok, token_rows[d]) for d in chosen}  # whole documents: characters are never cut
     result: dict[int, list[Example]] = {}
     for j, feature in enumerate(feats.tolist()):
         examples = []
@@ -154,8 +167,8 @@ def top_activating_examples(
             row = list(token_rows[doc])
             start, stop = max(0, pos - window_before), min(len(row), pos + window_after + 1)
             window_acts = doc_acts[doc][start:stop, j].clone()
-            if bos is not None and start == 0 and row[0] == bos:
-                window_acts[0] = 0.0
+            window_acts[special_token_mask(torch.tensor(row[start:stop]), special)] = float("nan")
+            window = pieces[doc][start:stop]
             examples.append(
                 Example(
                     feature=feature,
@@ -163,8 +176,9 @@ def top_activating_examples(
                     max_position=pos,
                     max_activation=value,
                     window_start=start,
-                    tokens=[tok.decode([t]) for t in row[start:stop]],
+                    tokens=[p.text for p in window],
                     activations=window_acts.tolist(),
+                    token_kinds=[p.kind for p in window],
                 )
             )
         result[feature] = examples

@@ -11,6 +11,10 @@ is computed by default, in batches of features that share the prompt's prefix ca
 layer onward, once per feature; for an SAE on the last layer that is one batched matmul on the residual at P. The
 ablation table (:func:`feature_ablation_table`) summarises the effects per feature.
 
+Every ablation here takes ``mode`` (:mod:`saecircuits.analysis.ablation_modes`): ``"residual"`` (above, the default),
+``"reconstruction"`` (the activation becomes the SAE reconstruction with the feature zeroed, the notebook's F4) or
+``"clean_effect"`` (that, compared with the SAE spliced in rather than with the clean run).
+
 Departures from the reference notebook (on purpose):
 - one explicit activity threshold (default 0, i.e. ``f > 0``) for the fraction active, the mean activation and the
   prompts a feature is ablated on (the notebook mixed ``f > 0.1`` and ``f > 0.17 * max``, pitfall 5);
@@ -30,6 +34,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from saecircuits.analysis.ablation_modes import (
+    OffRange,
+    OffRangeCounter,
+    ablation_base,
+    activation_floor,
+    baseline_logits,
+    check_mode,
+)
 from saecircuits.analysis.stats import t_quantile
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, answer_metrics, task_batches
 from saecircuits.models.interventions import Edit, interventions_for
@@ -41,6 +53,7 @@ __all__ = [
     "feature_activations",
     "activations_or_compute",
     "answer_losses",
+    "spliced_losses",
     "FeatureEffects",
     "feature_effects",
     "single_feature_ablation_losses",
@@ -191,24 +204,57 @@ def answer_losses(
     return out
 
 
-def features_ablation_edit(sae: SAE, features: Sequence[int]) -> Edit:
-    """Edit at ``sae.hook_point`` ablating the set ``S`` together: ``x - encode(x)[S] @ W_dec[S]`` (one variant)."""
+def spliced_losses(
+    model, sae: SAE, task: Task, *, max_tokens: int = DEFAULT_MAX_TOKENS, max_batch: int = DEFAULT_MAX_BATCH
+) -> torch.Tensor:
+    """Answer loss (nats) at P with the SAE spliced in at P (``x_P <- decode(encode(x_P))``): float32 ``[n_prompts]``,
+    task order (the baseline of the ``"clean_effect"`` ablation mode)."""
+    iv = interventions_for(model)
+    out = torch.zeros(task.n_prompts)
+    for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
+        clean = iv.clean(batch)
+        logits = baseline_logits(iv, clean, sae, "clean_effect")
+        out[torch.tensor(batch.indices)] = answer_metrics(logits, batch.answer_ids)["loss"].cpu()
+    return out
+
+
+def features_ablation_edit(
+    sae: SAE, features: Sequence[int], mode: str = "residual", counter: OffRangeCounter | None = None
+) -> Edit:
+    """Edit at ``sae.hook_point`` ablating the set ``S`` together (one variant): ``base - encode(x)[S] @ W_dec[S]``
+    with ``base = x`` (``mode="residual"``) or ``decode(encode(x))`` (``"reconstruction"``, ``"clean_effect"``; see
+    :mod:`saecircuits.analysis.ablation_modes`).
+
+    Args:
+        counter: counts the edited activations that leave the hook's range (optional).
+    """
+    check_mode(mode)
     idx = torch.as_tensor(list(features), dtype=torch.long, device=sae.W_dec.device)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         x = x.to(sae.W_dec.dtype)
-        return x - sae.encode(x)[..., idx] @ sae.W_dec[idx]
+        f = sae.encode(x)
+        out = ablation_base(sae, x, f, mode) - f[..., idx] @ sae.W_dec[idx]
+        if counter is not None:
+            counter.observe(out)
+        return out
 
     return Edit(sae.hook_point, fn)
 
 
-def one_feature_each_edit(sae: SAE, table: torch.Tensor) -> Edit:
+def one_feature_each_edit(
+    sae: SAE, table: torch.Tensor, mode: str = "residual", counter: OffRangeCounter | None = None
+) -> Edit:
     """Edit at ``sae.hook_point`` with ``V`` variants per prompt: variant ``v`` of prompt ``b`` ablates feature
-    ``table[b, v]`` alone (``x - f_k(x) W_dec[k]``); ``-1`` leaves the activation unchanged.
+    ``table[b, v]`` alone (``base - f_k(x) W_dec[k]``, ``base`` as in :func:`features_ablation_edit`); ``-1`` gives
+    the unablated ``base`` (``x`` itself in the residual mode; padding variants nobody reads).
 
     Args:
         table: int64 ``[B, V]`` feature indices (or -1).
+        mode: one of :data:`~saecircuits.analysis.ablation_modes.ABLATION_MODES`.
+        counter: counts the edited activations (valid variants only) that leave the hook's range.
     """
+    check_mode(mode)
     W_dec = sae.W_dec
     table = table.to(W_dec.device)
     valid = (table >= 0).to(W_dec.dtype)
@@ -218,7 +264,10 @@ def one_feature_each_edit(sae: SAE, table: torch.Tensor) -> Edit:
         x = x.to(W_dec.dtype)
         f = sae.encode(x)  # [B, F, d_sae], F = 1 (clean value shared by every variant) or V
         f_k = f.expand(-1, table.shape[1], -1).gather(-1, k[..., None])[..., 0] * valid  # [B, V]
-        return x - f_k[..., None] * W_dec[k]
+        out = ablation_base(sae, x, f, mode) - f_k[..., None] * W_dec[k]
+        if counter is not None:
+            counter.observe(out.expand(-1, table.shape[1], -1), table >= 0)
+        return out
 
     return Edit(sae.hook_point, fn)
 
@@ -231,12 +280,18 @@ class FeatureEffects:
         n_prompts, d_sae: of the task and SAE.
         prompt, feature: int64 ``[N]`` the pairs, ordered by prompt then feature.
         activation: float32 ``[N]`` ``f_k`` at P (SAE feature units).
-        loss_increase: ``[N]`` ablated minus clean answer loss (nats).
-        logprob_diff, logit_diff: ``[N]`` clean minus ablated answer log-prob (nats) / logit (positive = the feature
-            helped the answer).
-        rank_diff: ``[N]`` clean minus ablated rank (negative = the ablation pushed the answer down).
+        loss_increase: ``[N]`` ablated minus baseline answer loss (nats; the baseline is the clean run except in
+            the ``"clean_effect"`` mode).
+        logprob_diff, logit_diff: ``[N]`` baseline minus ablated answer log-prob (nats) / logit (positive = the
+            feature helped the answer).
+        rank_diff: ``[N]`` baseline minus ablated rank (negative = the ablation pushed the answer down).
         clean_loss: float32 ``[n_prompts]`` clean answer loss (nats).
         selection: how features were chosen (``"all_active"``, ``"top_<N>_dla"`` or ``"given"``).
+        mode: the ablation mode (:mod:`saecircuits.analysis.ablation_modes`); the differences above are measured
+            against ``baseline_loss``.
+        baseline_loss: float32 ``[n_prompts]`` answer loss of the baseline run (nats): ``clean_loss`` for the
+            ``"residual"`` and ``"reconstruction"`` modes, the SAE-spliced run's for ``"clean_effect"``.
+        off_range: how many of the ablated activations left the hook's range (None when not counted).
     """
 
     n_prompts: int
@@ -250,6 +305,9 @@ class FeatureEffects:
     rank_diff: torch.Tensor
     clean_loss: torch.Tensor
     selection: str = "all_active"
+    mode: str = "residual"
+    baseline_loss: torch.Tensor | None = None
+    off_range: OffRange | None = None
 
     def of(self, feature: int) -> pd.DataFrame:
         """Per-prompt effects of one feature: columns ``prompt_index``, ``activation``, ``loss_increase``,
@@ -331,16 +389,19 @@ def feature_effects(
     features: str | int | Sequence[int] = "all",
     threshold: float = 0.0,
     acts: FeatureActs | torch.Tensor | None = None,
+    mode: str = "residual",
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
     progress: bool = False,
 ) -> FeatureEffects:
-    """Exact single-feature ablation effects at P of every feature active on each prompt (residual-preserving).
+    """Exact single-feature ablation effects at P of every feature active on each prompt.
 
     For each prompt i and selected feature k with ``f_k > threshold`` at P, the answer metrics with
-    ``x_P <- x_P - f_k(x_P) W_dec[k]`` at ``sae.hook_point`` (the reference notebook's single-feature ablation), via
+    ``x_P <- x_P - f_k(x_P) W_dec[k]`` at ``sae.hook_point`` (``mode="residual"``, the reference notebook's
+    single-feature ablation; the other modes are in :mod:`saecircuits.analysis.ablation_modes`), via
     prefix-cached interventions: per batch of prompts one clean pass, then ``V`` features per prompt as ``V`` variants
-    of position P (chunked so ``B x V x d_vocab`` stays under :data:`MAX_LOGIT_FLOATS`).
+    of position P (chunked so ``B x V x d_vocab`` stays under :data:`MAX_LOGIT_FLOATS`). The edited activations that
+    leave the hook's range (below GELU's minimum, say) are counted in ``off_range``.
 
     Args:
         model: a TransformerBridge.
@@ -351,6 +412,7 @@ def feature_effects(
             prompt's scale); or a list of feature indices (those of them that are active).
         threshold: activity threshold (strict).
         acts: precomputed :func:`feature_activations` (avoids one pass).
+        mode: ``"residual"`` (default), ``"reconstruction"`` or ``"clean_effect"``.
         max_tokens, max_batch: prompt batch budget.
         progress: show a progress bar over (prompt, feature) pairs with an ETA.
 
@@ -358,10 +420,13 @@ def feature_effects(
         :class:`FeatureEffects`.
 
     Raises:
-        ValueError: a bad ``features`` value, or top-N selection on an SAE whose features do not write to the
-            residual stream (directly or through ``W_out``).
+        ValueError: a bad ``features`` value or ``mode``, or top-N selection on an SAE whose features do not write to
+            the residual stream (directly or through ``W_out``).
     """
     from saecircuits.models.norms import readout_of
+
+    check_mode(mode)
+    counter = OffRangeCounter(activation_floor(model, sae.hook_point))
 
     acts = activations_or_compute(model, sae, task, acts, max_tokens=max_tokens, max_batch=max_batch)
     d_vocab = int(model.cfg.d_vocab)
@@ -392,6 +457,7 @@ def feature_effects(
     bar = progress_bar(total=total, desc=f"{sae.hook_point}: (prompt, feature) ablations", enabled=progress)
     iv = interventions_for(model)
     clean_loss = torch.zeros(task.n_prompts)
+    baseline_loss = torch.zeros(task.n_prompts)
     parts: list[tuple[torch.Tensor, ...]] = []
     reads = [sae.hook_point] + (["ln_final.hook_scale"] if top_n is not None else [])
     for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
@@ -408,8 +474,9 @@ def feature_effects(
         n_act = active.sum(1)
         V = int(n_act.max()) if top_n is None else int(min(top_n, int(n_act.max())))
         idx = torch.tensor(batch.indices)
-        base = answer_metrics(clean.logits, batch.answer_ids)
-        clean_loss[idx] = base["loss"].cpu()
+        clean_loss[idx] = answer_metrics(clean.logits, batch.answer_ids)["loss"].cpu()
+        base = answer_metrics(baseline_logits(iv, clean, sae, mode), batch.answer_ids)
+        baseline_loss[idx] = base["loss"].cpu()
         if V == 0:
             continue
         order = torch.topk(score, V, dim=1)  # features by score, inactive last (-inf)
@@ -418,7 +485,7 @@ def feature_effects(
         chunk = max(1, MAX_LOGIT_FLOATS // max(1, B * d_vocab))
         for v0 in range(0, V, chunk):
             sub = table[:, v0 : v0 + chunk]
-            logits, _ = iv.run(clean, [one_feature_each_edit(sae, sub)], n_variants=sub.shape[1])
+            logits, _ = iv.run(clean, [one_feature_each_edit(sae, sub, mode, counter)], n_variants=sub.shape[1])
             m = answer_metrics(logits, batch.answer_ids)
             ok = sub >= 0
             b_idx, v_idx = torch.nonzero(ok, as_tuple=True)
@@ -451,6 +518,9 @@ def feature_effects(
         rank_diff=cols[6][order].float(),
         clean_loss=clean_loss,
         selection=selection,
+        mode=mode,
+        baseline_loss=baseline_loss,
+        off_range=counter.result(),
     )
 
 
@@ -468,20 +538,23 @@ def single_feature_ablation_losses(
     task: Task,
     pairs: Sequence[tuple[int, int]],
     *,
+    mode: str = "residual",
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
 ) -> torch.Tensor:
-    """Answer loss (nats) at P with one feature ablated residual-preservingly at P, for each (prompt, feature) pair.
+    """Answer loss (nats) at P with one feature ablated at P, for each (prompt, feature) pair.
 
-    The pairs of one prompt are variants of one prefix-cached pass. A feature inactive at P (``f_k = 0``) leaves the
-    activation exactly unchanged.
+    The pairs of one prompt are variants of one prefix-cached pass. ``mode`` as in :func:`feature_effects` (the loss
+    is the ablated run's; its baseline is up to the caller). With ``mode="residual"`` a feature inactive at P
+    (``f_k = 0``) leaves the activation exactly unchanged.
 
     Returns:
         float32 ``[n_pairs]`` in pair order.
 
     Raises:
-        IndexError: a prompt or feature index out of range.
+        IndexError: a prompt or feature index out of range. ValueError: an unknown ``mode``.
     """
+    check_mode(mode)
     if not pairs:
         return torch.zeros(0)
     prompt_idx = [int(i) for i, _ in pairs]
@@ -508,7 +581,7 @@ def single_feature_ablation_losses(
         chunk = max(1, MAX_LOGIT_FLOATS // max(1, len(rows) * d_vocab))
         for v0 in range(0, V, chunk):
             t = table[:, v0 : v0 + chunk]
-            logits, _ = iv.run(clean, [one_feature_each_edit(sae, t)], n_variants=t.shape[1])
+            logits, _ = iv.run(clean, [one_feature_each_edit(sae, t, mode)], n_variants=t.shape[1])
             loss = answer_metrics(logits, batch.answer_ids)["loss"].cpu()
             for b, r in enumerate(rows):
                 for v, j in enumerate(r[v0 : v0 + chunk]):
@@ -526,6 +599,7 @@ def feature_ablation_table(
     max_candidates: int | None = None,
     effects: FeatureEffects | None = None,
     acts: FeatureActs | torch.Tensor | None = None,
+    mode: str = "residual",
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
     progress: bool = False,
@@ -539,21 +613,22 @@ def feature_ablation_table(
         min_fraction_active: rows need the feature active on at least this fraction of prompts (notebook: 5%).
         max_candidates: keep only the top this many by mean activation over active prompts before ranking (the
             notebook's 100); None = every feature that passes ``min_fraction_active``.
-        effects: precomputed :func:`feature_effects` (else computed for all active features).
+        effects: precomputed :func:`feature_effects` (else computed for all active features in ``mode``).
         acts: precomputed :func:`feature_activations`.
+        mode: ablation mode when the effects are computed here (see :func:`feature_effects`).
         max_tokens, max_batch: batch budget.
         progress: progress bar while computing the effects.
 
     Returns:
         DataFrame with columns :data:`TABLE_COLUMNS`: ``feature``, ``loss_increase`` (mean over the feature's active
-        prompts of ablated - clean loss, nats), ``loss_increase_ci95`` (t half-width; NaN for n < 2),
+        prompts of ablated - baseline loss, nats; the baseline is the clean run except in ``"clean_effect"``), ``loss_increase_ci95`` (t half-width; NaN for n < 2),
         ``mean_activation`` (over active prompts), ``fraction_active``, ``n_prompts`` (prompts ablated on), and the
         mean ``logprob_diff``, ``logit_diff``, ``rank_diff`` (clean - ablated); sorted by ``loss_increase``
         descending. Empty (same columns) when no feature qualifies.
     """
     if effects is None:
         effects = feature_effects(
-            model, sae, task, threshold=threshold, acts=acts, max_tokens=max_tokens, max_batch=max_batch,
+            model, sae, task, threshold=threshold, acts=acts, mode=mode, max_tokens=max_tokens, max_batch=max_batch,
             progress=progress,
         )
     summary = effects.summary()

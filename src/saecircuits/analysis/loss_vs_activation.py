@@ -15,10 +15,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from saecircuits.analysis.ablation_modes import check_mode
 from saecircuits.analysis.features import (
     activations_or_compute,
     answer_losses,
     single_feature_ablation_losses,
+    spliced_losses,
 )
 from saecircuits.analysis.stats import MeanCI, mean_ci95
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS
@@ -65,6 +67,7 @@ def loss_increase_vs_activation(
     acts: torch.Tensor | None = None,
     clean_loss: torch.Tensor | None = None,
     effects=None,
+    mode: str = "residual",
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
 ) -> LossVsActivation:
@@ -78,18 +81,23 @@ def loss_increase_vs_activation(
         acts: precomputed ``feature_activations`` ``[n_prompts, d_sae]``.
         clean_loss: precomputed ``answer_losses`` ``[n_prompts]``.
         effects: precomputed :class:`~saecircuits.analysis.features.FeatureEffects` holding this feature (with the
-            same ``threshold``); its exact per-prompt effects are used instead of new ablations.
+            same ``threshold`` and ``mode``); its exact per-prompt effects are used instead of new ablations.
+        mode: ablation mode (:mod:`saecircuits.analysis.ablation_modes`); the increase is ablated - baseline.
         max_tokens, max_batch: batch budget.
 
     Returns:
         :class:`LossVsActivation` (empty table and NaNs when no prompt is active).
 
     Raises:
-        IndexError: ``feature`` out of range. ValueError: ``acts`` / ``clean_loss`` of the wrong shape.
+        IndexError: ``feature`` out of range. ValueError: ``acts`` / ``clean_loss`` of the wrong shape, an unknown
+            ``mode``, or ``effects`` computed in another mode.
     """
+    check_mode(mode)
     k = int(feature)
     if not 0 <= k < sae.d_sae:
         raise IndexError(f"feature {k} out of range 0..{sae.d_sae - 1}")
+    if effects is not None and effects.mode != mode:
+        raise ValueError(f"effects were computed with mode={effects.mode!r}, not {mode!r}; pass matching effects")
     if effects is not None:
         rows = effects.of(k).head(max_prompts) if max_prompts is not None else effects.of(k)
         table = rows[["prompt_index", "activation", "loss_increase"]].reset_index(drop=True)
@@ -101,12 +109,14 @@ def loss_increase_vs_activation(
         )
     acts = activations_or_compute(model, sae, task, acts, max_tokens=max_tokens, max_batch=max_batch)
     prompts = acts.active_prompts(k, threshold)[:max_prompts]
-    if prompts and clean_loss is None:
+    if mode == "clean_effect":  # the baseline is the SAE spliced in, not the clean run
+        clean_loss = spliced_losses(model, sae, task, max_tokens=max_tokens, max_batch=max_batch) if prompts else None
+    elif prompts and clean_loss is None:
         clean_loss = answer_losses(model, task, max_tokens=max_tokens, max_batch=max_batch)
     if clean_loss is not None and tuple(clean_loss.shape) != (task.n_prompts,):
         raise ValueError(f"clean_loss must be [n_prompts] = [{task.n_prompts}], got {list(clean_loss.shape)}")
     ablated = single_feature_ablation_losses(
-        model, sae, task, [(i, k) for i in prompts], max_tokens=max_tokens, max_batch=max_batch
+        model, sae, task, [(i, k) for i in prompts], mode=mode, max_tokens=max_tokens, max_batch=max_batch
     )
     idx = torch.tensor(prompts, dtype=torch.long)
     increase = (ablated - clean_loss[idx]) if prompts else torch.zeros(0)

@@ -8,15 +8,15 @@ the sequence-level variant of ``train-sae`` (:func:`sequence_loss_recovered`) al
 
 Departures from the reference notebook (on purpose): every edit acts on every batch row at that row's own P (the
 notebook's splice touched batch row 0 only, pitfall 3); loss recovered gets a CI (pitfall 13); the mean activation is
-token-weighted over all real positions of the given rows, BOS and padding excluded (the notebook averaged per-story
-means including BOS over 10 or 20 stories, pitfall 12). As in the notebook, zero-ablating ``mlp.hook_post`` still
-leaves the MLP's ``b_out`` in its output (pitfall 11).
+token-weighted over all real positions of the given rows, special tokens (BOS/EOS/PAD anywhere in a row) and padding
+excluded (the notebook averaged per-story means including BOS over 10 or 20 stories, pitfall 12). As in the
+notebook, zero-ablating ``mlp.hook_post`` still leaves the MLP's ``b_out`` in its output (pitfall 11).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,13 +29,14 @@ from saecircuits.models.hooks import (
     DEFAULT_MAX_TOKENS,
     _device_of,
     answer_metrics,
-    bos_id_of,
+    n_ctx_of,
     pad_id_of,
     row_batches,
     task_batches,
     with_progress,
 )
 from saecircuits.models.interventions import Edit, interventions_for
+from saecircuits.models.tokens import special_token_ids, special_token_mask
 from saecircuits.saes.base import SAE, SAEError
 from saecircuits.saes.metrics import explained_variance
 from saecircuits.tasks.base import Task
@@ -202,36 +203,41 @@ def mean_activation(
 
     Args:
         model: a TransformerBridge.
-        token_rows: token lists (e.g. corpus documents, BOS first).
+        token_rows: token lists (e.g. corpus documents, BOS first), each at most the model's context long.
         hook_point: TL hook name, e.g. ``blocks.1.mlp.hook_post``.
-        exclude_bos: skip position 0 of rows that start with the tokenizer's BOS id. Padding is always skipped.
+        exclude_bos: skip every special-token position (BOS/EOS/PAD, wherever it sits in a row; see
+            ``models.tokens.special_token_ids``); False averages every real position. Padding is always skipped.
         progress: show a progress bar over rows.
 
     Returns:
         float32 ``[*act_shape]`` (e.g. ``[d_mlp]``), on the model's device.
 
     Raises:
-        ValueError: no position is left to average.
+        ValueError: no position is left to average. ContextLengthError: a row is longer than the context.
     """
-    bos = bos_id_of(model)
+    special = special_token_ids(getattr(model, "tokenizer", None)) if exclude_bos else frozenset()
     iv = interventions_for(model)
     total: torch.Tensor | None = None
     count = 0
     batches = row_batches(
-        token_rows, pad_id_of(model), max_tokens=max_tokens, max_batch=max_batch, device=_device_of(model)
+        token_rows,
+        pad_id_of(model),
+        max_tokens=max_tokens,
+        max_batch=max_batch,
+        device=_device_of(model),
+        n_ctx=n_ctx_of(model),
     )
     for batch in with_progress(batches, len(token_rows), f"mean of {hook_point} (documents)", progress):
         lengths = batch.positions + 1
         mask = torch.arange(batch.tokens.shape[1], device=lengths.device)[None] < lengths[:, None]
-        if exclude_bos and bos is not None:
-            mask[:, 0] &= batch.tokens[:, 0] != bos
+        mask &= ~special_token_mask(batch.tokens, special)
         x = iv.read_all(batch.tokens, [hook_point])[hook_point].float()  # stops after the hook's block
         summed = x[mask.to(x.device)].sum(0)
         total = summed if total is None else total + summed
         count += int(mask.sum())
     if total is None or count == 0:
         raise ValueError(
-            "mean_activation got no token positions (empty rows, or only BOS with exclude_bos=True)"
+            "mean_activation got no token positions (empty rows, or only special tokens with exclude_bos=True)"
         )
     return total / count
 
@@ -358,7 +364,7 @@ def sequence_loss_recovered(
     saes: dict[str, SAE] | Sequence[SAE],
     token_rows: torch.Tensor,
     *,
-    bos_id: int | None,
+    bos_id: int | Collection[int] | None,
     pad_id: int | None = None,
     bos_policy: str = "exclude",
     batch_rows: int = 16,
@@ -378,7 +384,8 @@ def sequence_loss_recovered(
         model: TransformerLens model (``__call__`` returns logits ``[batch, pos, d_vocab]``, ``run_with_hooks``).
         saes: ``{name: SAE}`` or a list (named by hook point); each reads and writes ``sae.hook_point``.
         token_rows: int64 ``[n_rows, seq]``.
-        bos_id, pad_id, bos_policy: see :func:`saecircuits.data.activations.bos_keep_mask`.
+        bos_id, pad_id, bos_policy: see :func:`saecircuits.data.activations.bos_keep_mask` (``bos_id`` may be the
+            set of special ids, ``models.tokens.special_token_ids``); targets that are any of them are not scored.
         batch_rows: rows per forward pass.
         n_bootstrap, seed: the paired bootstrap over rows.
 
@@ -410,10 +417,7 @@ def sequence_loss_recovered(
     for start in range(0, token_rows.shape[0], batch_rows):
         rows = token_rows[start : start + batch_rows].to(device)
         target = rows[:, 1:]
-        valid = torch.ones_like(target, dtype=torch.bool)
-        for special in (bos_id, pad_id):
-            if special is not None:
-                valid &= target != int(special)
+        valid = ~special_token_mask(target, bos_id) & ~special_token_mask(target, pad_id)
         keep = bos_keep_mask(rows, bos_id, bos_policy)[..., None]  # type: ignore[arg-type]
         counts.append(valid.sum(-1).cpu())
         clean = row_nll(model(rows), rows, valid)

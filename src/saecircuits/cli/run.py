@@ -122,9 +122,37 @@ def _summary(results: dict) -> None:
                 f"logit {m['logit_diff']['mean']:+.3f}, rank {m['rank_diff']['mean']:+.2f} "
                 "(positive logprob/logit: the ablation hurts the answer)"
             )
+    _study_summary(console, results)
     _checks_block(console, results)
     for note in results.get("notes", []):
         console.print(f"[yellow]note:[/] {escape(note)}")
+
+
+def _study_summary(console, results: dict) -> None:
+    """The five-way loss comparison of every SAE and the top features' corpus density and top tokens."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    for sae in results["saes"]:
+        lc = sae.get("loss_comparison")
+        if lc:
+            table = Table(title=f"{sae['hook_point']}: answer loss at P (nats), {lc.get('n_prompts')} prompts")
+            for col in ("run", "loss", "±95%", "run - clean", "±95% (paired)"):
+                table.add_column(col, justify="right")
+            for j, label in enumerate(lc["labels"]):
+                cells = [lc["mean"][j], lc["ci95"][j], lc["diff_vs_clean"][j], lc["diff_vs_clean_ci95"][j]]
+                table.add_row(escape(label), *("n/a" if v is None else f"{v:.4f}" for v in cells))
+            console.print(table)
+        cs = sae.get("corpus_stats")
+        if cs and cs["features"]:
+            table = Table(title=f"{sae['hook_point']}: top features over {cs['n_docs']} corpus documents "
+                                f"(L0 {cs['l0']:.1f}, {cs.get('n_dead', 0)} dead)")
+            for col in ("feature", "density", "max", "top tokens (count)"):
+                table.add_column(col, justify="right" if col != "top tokens (count)" else "left")
+            for fe in cs["features"]:
+                toks = ", ".join(f"{t!r} ({c})" for t, c in fe["top_tokens"][:5])
+                table.add_row(str(fe["feature"]), f"{fe['density']:.2e}", f"{fe['max_activation']:.3f}", escape(toks))
+            console.print(table)
 
 
 def _threads(n: int | None) -> None:
@@ -147,6 +175,18 @@ def _feature_selection(value: str) -> str | int:
     raise typer.BadParameter(f"must be 'all' or a positive integer, got {value!r}")
 
 
+def _ablation_mode(value: str) -> str:
+    """``--ablation-mode``: residual, reconstruction or clean_effect (analysis.ablation_modes)."""
+    from saecircuits.analysis.ablation_modes import ABLATION_MODES
+
+    if value not in ABLATION_MODES:
+        raise typer.BadParameter(f"must be one of {', '.join(ABLATION_MODES)}, got {value!r}")
+    return value
+
+
+ABLATION_MODE_HELP = ("How features are ablated: 'residual' (remove their decoded part, keep the SAE error), "
+                      "'reconstruction' (SAE reconstruction without them) or 'clean_effect' (that, vs the plain "
+                      "reconstruction).")
 THREADS_HELP = "torch threads for the whole run (default: the cores this process may use)."
 SELECTION_HELP = ("Features whose exact ablation effect is computed on each prompt: 'all' active ones, or the N "
                   "with the largest |activation x DLA|.")
@@ -214,6 +254,8 @@ def run(
         help="Cache folder (converted models, trained SAEs).")] = DEFAULT_WORKSPACE,
     feature_selection: Annotated[str, typer.Option(
         metavar="all|N", callback=_feature_selection, help=SELECTION_HELP)] = "all",
+    ablation_mode: Annotated[str, typer.Option(
+        metavar="MODE", callback=_ablation_mode, help=ABLATION_MODE_HELP)] = "residual",
     threads: Annotated[int | None, typer.Option(
         metavar="N", min=1, show_default="all cores", help=THREADS_HELP)] = None,
     verbose: Annotated[bool, typer.Option(
@@ -231,7 +273,7 @@ def run(
             expansion_factor=expansion_factor, l1_coefficient=l1_coefficient, max_prompts=max_prompts,
             device=device, seed=seed, workspace=workspace, exclude_bos=not include_bos,
             fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
-            feature_selection=feature_selection,
+            feature_selection=feature_selection, ablation_mode=ablation_mode,
         )
     _threads(threads)
     _execute(cfg)

@@ -387,12 +387,13 @@ def _run(job, out: Path, *, resume: bool, progress: bool, rank: int, world: int,
     from saecircuits.data.activations import pack_token_rows
     from saecircuits.data.corpus import read_documents
     from saecircuits.models.load import load_model
-    from saecircuits.models.tokens import encode_documents
+    from saecircuits.models.tokens import encode_documents, special_token_ids
 
     bridge = load_model(job.model, device=job.train.device)
     _check_hook_points(bridge, job.hook_points)
     tok = bridge.tokenizer
-    bos_id = int(tok.bos_token_id)
+    bos_id = tok.bos_token_id  # None for a tokenizer without BOS: rows then get no separator
+    special = special_token_ids(tok)  # what bos_policy "exclude" leaves out: BOS/EOS/PAD anywhere in a row
     docs = encode_documents(tok, read_documents(job.data)[: job.max_documents], prepend_bos=False)
     seq_len = min(job.seq_len, int(bridge.cfg.n_ctx))
     rows = pack_token_rows(docs, seq_len, bos_id, shuffle_seed=job.train.seed)
@@ -425,7 +426,7 @@ def _run(job, out: Path, *, resume: bool, progress: bool, rank: int, world: int,
         sae_cfgs,
         expansion_factor=job.expansion_factor,
         architecture=job.architecture,
-        bos_id=bos_id,
+        bos_id=special,
         bos_policy=job.bos_policy,
         model_batch_rows=job.model_batch_rows,
         buffer_size=buffer,
@@ -437,11 +438,11 @@ def _run(job, out: Path, *, resume: bool, progress: bool, rank: int, world: int,
         wandb_run=wandb_run,
     )
     if rank == 0 and n_eval > 0:
-        _evaluate(bridge, saes, eval_rows, bos_id, job.bos_policy, out)
+        _evaluate(bridge, saes, eval_rows, special, job.bos_policy, out)
     return saes
 
 
-def _evaluate(bridge, saes: dict, eval_rows, bos_id: int, bos_policy: str, out: Path) -> None:
+def _evaluate(bridge, saes: dict, eval_rows, bos_id, bos_policy: str, out: Path) -> None:
     """After training, on held-out ``eval_rows [n, seq]``: loss recovered over whole sequences, L0, explained variance and shrinkage on their
     activations; written to ``out/eval.json`` (issue: metrics after training)."""
     import torch

@@ -21,21 +21,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from saecircuits.atomic import atomic_write, atomic_write_text
-from saecircuits.models.hooks import stop_layer_for
+from saecircuits.models.hooks import n_ctx_of, stop_layer_for
+from saecircuits.models.tokens import special_token_mask
 
 logger = logging.getLogger(__name__)
 
 BOSPolicy = Literal["include", "exclude", "exclude_first"]
 BOS_POLICIES: tuple[str, ...] = ("include", "exclude", "exclude_first")
 """``"include"``: every position is data (54_serene_plasma's training). ``"exclude"``: every position holding the BOS
-token (the leading column and story-boundary BOS inside rows) is dropped (modern default; pitfall 33).
+token (the leading column and story-boundary BOS inside rows) is dropped (modern default; pitfall 33); given the
+tokenizer's whole special-token set (``models.tokens.special_token_ids``), every BOS/EOS/PAD position is dropped.
 ``"exclude_first"``: only position 0 of each row is dropped, story-boundary BOS inside rows stay (189_giddy_water's
 rows of 127, analysis-spec.md B2)."""
 
@@ -49,7 +51,7 @@ class ActivationDataError(ValueError):
 def pack_token_rows(
     documents: Iterable[Sequence[int]],
     seq_len: int,
-    bos_id: int,
+    bos_id: int | None,
     *,
     leading_bos: bool = True,
     shuffle_seed: int | None = None,
@@ -59,12 +61,13 @@ def pack_token_rows(
     Every document is prefixed with ``bos_id`` and all are concatenated into one stream; the stream is cut into
     pieces of ``seq_len - 1`` tokens (``seq_len`` when ``leading_bos=False``) and, with ``leading_bos``, a BOS
     column is prepended, so each row starts with BOS as in the reference notebook. The incomplete tail is dropped.
+    A tokenizer without BOS (``bos_id=None``) gets no separator and no BOS column (no stand-in token is invented).
 
     Args:
         documents: token id lists WITHOUT BOS (one per document).
         seq_len: tokens per row (128 in the reference notebook).
-        bos_id: the BOS token id (50256 for GPT-2 BPE).
-        leading_bos: put BOS at column 0 of every row.
+        bos_id: the BOS token id (50256 for GPT-2 BPE), or None when the tokenizer has none.
+        leading_bos: put BOS at column 0 of every row (ignored without a BOS).
         shuffle_seed: if given, rows are permuted with a seeded generator (the notebook's permutation was unseeded,
             pitfall 34).
 
@@ -76,9 +79,12 @@ def pack_token_rows(
     """
     if seq_len < 2:
         raise ActivationDataError(f"seq_len must be >= 2, got {seq_len}")
+    if bos_id is None:
+        leading_bos = False
     stream: list[int] = []
     for doc in documents:
-        stream.append(int(bos_id))
+        if bos_id is not None:
+            stream.append(int(bos_id))
         stream.extend(int(t) for t in doc)
     body = seq_len - 1 if leading_bos else seq_len
     n_rows = len(stream) // body
@@ -95,16 +101,19 @@ def pack_token_rows(
     return rows
 
 
-def bos_keep_mask(tokens: torch.Tensor, bos_id: int | None, policy: BOSPolicy) -> torch.Tensor:
+def bos_keep_mask(
+    tokens: torch.Tensor, bos_id: int | Collection[int] | None, policy: BOSPolicy
+) -> torch.Tensor:
     """Which positions are data under the BOS policy.
 
     Args:
         tokens: int ``[..., pos]``.
-        bos_id: BOS token id (required when ``policy == "exclude"``).
+        bos_id: BOS token id, or the set of special ids to exclude (``models.tokens.special_token_ids``: BOS, EOS,
+            PAD), required when ``policy == "exclude"``.
         policy: one of :data:`BOS_POLICIES`.
 
     Returns:
-        bool, same shape as ``tokens``; ``False`` where the position is BOS and the policy excludes it (for
+        bool, same shape as ``tokens``; ``False`` where the position holds an excluded id, anywhere in the row (for
         ``"exclude_first"``: position 0 of every row).
 
     Raises:
@@ -120,7 +129,7 @@ def bos_keep_mask(tokens: torch.Tensor, bos_id: int | None, policy: BOSPolicy) -
         return keep
     if bos_id is None:
         raise ActivationDataError("BOS policy 'exclude' needs bos_id (the tokenizer's BOS token id)")
-    return tokens != int(bos_id)
+    return ~special_token_mask(tokens, bos_id)
 
 
 def shard_rows(token_rows: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
@@ -145,7 +154,7 @@ def model_activation_chunks(
     hook_points: Sequence[str],
     *,
     model_batch_rows: int = 32,
-    bos_id: int | None = None,
+    bos_id: int | Collection[int] | None = None,
     bos_policy: BOSPolicy = "include",
     dtype: torch.dtype = torch.float32,
     storage_device: torch.device | str = "cpu",
@@ -162,7 +171,8 @@ def model_activation_chunks(
         token_rows: int64 ``[n_rows, seq]`` (see :func:`pack_token_rows`).
         hook_points: hook names as TL spells them, e.g. ``["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"]``.
         model_batch_rows: rows per forward pass.
-        bos_id, bos_policy: which positions count as data (:func:`bos_keep_mask`).
+        bos_id, bos_policy: which positions count as data (:func:`bos_keep_mask`; ``bos_id`` may be the set of
+            special ids).
         dtype: storage dtype of the yielded activations (float32 default; bfloat16 halves memory, pitfall 33).
         storage_device: where the yielded activations live.
         epochs: passes over the rows (``None`` = forever; each epoch reshuffles rows when ``shuffle_seed`` is set).
@@ -172,13 +182,20 @@ def model_activation_chunks(
         ``{hook_point: [n_kept_positions, d_in]}`` for each chunk, positions flattened row-major.
 
     Raises:
-        ActivationDataError: empty ``hook_points``, non-2-D rows, or a hook point the model does not produce.
+        ActivationDataError: empty ``hook_points``, non-2-D rows, rows longer than the model's context, or a hook
+            point the model does not produce.
     """
     if not hook_points:
         raise ActivationDataError("give at least one hook point, e.g. 'blocks.0.mlp.hook_post'")
     if token_rows.ndim != 2 or token_rows.shape[0] == 0:
         raise ActivationDataError(
             f"token_rows must be a non-empty int tensor [n_rows, seq], got {tuple(token_rows.shape)}"
+        )
+    n_ctx = n_ctx_of(model)
+    if n_ctx is not None and token_rows.shape[1] > n_ctx:
+        raise ActivationDataError(
+            f"token rows of {token_rows.shape[1]} tokens are longer than the model's context of {n_ctx} tokens; "
+            f"pack them with seq_len <= {n_ctx}"
         )
     wanted = list(dict.fromkeys(hook_points))
     wanted_set = set(wanted)
@@ -282,7 +299,7 @@ def model_activation_batches(
     *,
     model_batch_rows: int = 32,
     buffer_size: int = 65536,
-    bos_id: int | None = None,
+    bos_id: int | Collection[int] | None = None,
     bos_policy: BOSPolicy = "include",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,

@@ -406,6 +406,12 @@ class Engine:
         B, F, S, H, E = q.shape
         K = self.n_kv_heads
         G = H // K
+        wants_pattern = hooks is not None and f"{name}.hook_pattern" in hooks
+        if prefix is None and not wants_pattern and bool((qpos == torch.arange(S, device=qpos.device)).all()):
+            # a whole sequence from position 0: torch's fused attention (no [S, S] pattern is materialised)
+            z = self._fused_attention(q, k, v, lw, B, F, S, H, E, G)
+            z = self._fire(hooks, f"{name}.hook_z", z.to(xn.dtype))
+            return torch.einsum("bfshe,hed->bfsd", z, lw.W_O) + lw.b_O
         qg = q.reshape(B, F, S, K, G, E).float()
         # scores against the new positions themselves: [B, F, K, G, S, S']
         own = torch.einsum("bfskge,bftke->bfkgst", qg, k.float()) * lw.scale
@@ -416,26 +422,63 @@ class Engine:
         own = own.masked_fill(~ok[:, None, None, None], float("-inf"))
         if prefix is None:
             pattern = torch.softmax(own, dim=-1)
-            if hooks is not None and f"{name}.hook_pattern" in hooks:
+            if wants_pattern:
                 pattern = self._fire(hooks, f"{name}.hook_pattern", pattern.reshape(B, F, H, S, S)).reshape(
                     pattern.shape
                 )
             z = torch.einsum("bfkgst,bftke->bfskge", pattern, v.float())
         else:
-            T = prefix.keys.shape[2]
-            pre = torch.einsum("bfskge,bkte->bfkgst", qg, prefix.keys.float()) * lw.scale
-            kpos = torch.arange(T, device=qpos.device)
-            dp = qpos[:, :, None] - kpos[None, None, :]  # [B, S, T]
-            okp = (dp >= 0) & prefix.valid[:, None, :]
-            if lw.window is not None:
-                okp = okp & (dp < lw.window)
-            pre = pre.masked_fill(~okp[:, None, None, None], float("-inf"))
-            pattern = torch.softmax(torch.cat([pre, own], dim=-1), dim=-1)
-            z = torch.einsum("bfkgst,bkte->bfskge", pattern[..., :T], prefix.values.float()) + torch.einsum(
-                "bfkgst,bftke->bfskge", pattern[..., T:], v.float()
-            )
+            z = self._prefix_attention(qg, own, v, prefix, qpos, lw)
         z = self._fire(hooks, f"{name}.hook_z", z.reshape(B, F, S, H, E).to(xn.dtype))
         return torch.einsum("bfshe,hed->bfsd", z, lw.W_O) + lw.b_O
+
+    @staticmethod
+    def _prefix_attention(qg, own, v, prefix: KVPrefix, qpos, lw: _Layer) -> torch.Tensor:
+        """Attention of new positions over cached keys ``< P`` and over themselves, without concatenating them.
+
+        ``qg [B, F, S, K, G, E]`` queries (G query heads per key/value head), ``own [B, F, K, G, S, S']`` the masked
+        scores against the new positions' own keys, ``v [B, F, S', K, E]``. The cached keys are shared by every
+        variant, so their scores are one batched matmul per prompt and key/value head; the two softmax parts are
+        merged with a common maximum. Returns ``z [B, F, S, K, G, E]``.
+        """
+        B, F, S, K, G, E = qg.shape
+        T = prefix.keys.shape[2]
+        qh = qg.permute(0, 3, 1, 2, 4, 5).reshape(B, K, F * S * G, E)
+        pre = torch.matmul(qh, prefix.keys.float().transpose(-1, -2)).mul_(lw.scale)  # [B, K, F*S*G, T]
+        dp = qpos[:, :, None] - torch.arange(T, device=qpos.device)[None, None, :]  # [B, S, T]
+        okp = (dp >= 0) & prefix.valid[:, None, :]
+        if lw.window is not None:
+            okp = okp & (dp < lw.window)
+        bias = torch.zeros(B, S, T, device=qg.device).masked_fill_(~okp, float("-inf"))
+        pre = pre.view(B, K, F, S, G, T).add_(bias[:, None, None, :, None, :])
+        own = own.permute(0, 2, 1, 4, 3, 5)  # [B, K, F, S, G, S']
+        top = torch.maximum(pre.amax(-1), own.amax(-1)).detach()[..., None]  # any shift gives the same softmax
+        p_pre = pre.sub_(top).exp_()
+        p_own = (own - top).exp()
+        total = p_pre.sum(-1) + p_own.sum(-1)  # [B, K, F, S, G]
+        z = torch.matmul(p_pre.view(B, K, F * S * G, T), prefix.values.float()).view(B, K, F, S, G, E)
+        z = z + torch.einsum("bkfsgt,bftke->bkfsge", p_own, v.float())
+        z = z / total[..., None]
+        return z.permute(0, 2, 3, 1, 4, 5)  # [B, F, S, K, G, E]
+
+    @staticmethod
+    def _fused_attention(q, k, v, lw: _Layer, B, F, S, H, E, G) -> torch.Tensor:
+        """Causal (and windowed) attention of a whole sequence with ``scaled_dot_product_attention``: ``[B,F,S,H,E]``."""
+        Fk = k.shape[1]
+        qh = q.reshape(B * F, S, H, E).transpose(1, 2).float()
+        kh = k.expand(B, F, *k.shape[2:]) if Fk != F else k
+        vh = v.expand(B, F, *v.shape[2:]) if v.shape[1] != F else v
+        kh = kh.reshape(B * F, S, -1, E).transpose(1, 2).float()
+        vh = vh.reshape(B * F, S, -1, E).transpose(1, 2).float()
+        if G > 1:  # query head h reads key/value head h // G (transformers' repeat_kv)
+            kh, vh = kh.repeat_interleave(G, dim=1), vh.repeat_interleave(G, dim=1)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        if lw.window is None:
+            out = sdpa(qh, kh, vh, is_causal=True, scale=lw.scale)
+        else:
+            d = torch.arange(S, device=q.device)[:, None] - torch.arange(S, device=q.device)[None, :]
+            out = sdpa(qh, kh, vh, attn_mask=(d >= 0) & (d < lw.window), scale=lw.scale)
+        return out.transpose(1, 2).reshape(B, F, S, H, E)
 
     def _mlp(self, layer: int, xn: torch.Tensor, hooks: HookFns | None) -> torch.Tensor:
         lw = self.layers[layer]

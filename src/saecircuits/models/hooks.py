@@ -17,13 +17,14 @@ from dataclasses import dataclass
 
 import torch
 
-from saecircuits.models.tokens import batches_by_length, pad_right
+from saecircuits.models.tokens import batches_by_length, check_context, pad_right
 from saecircuits.tasks.base import Task
 
 __all__ = [
     "TaskBatch",
     "pad_id_of",
     "bos_id_of",
+    "n_ctx_of",
     "row_batches",
     "task_batches",
     "with_progress",
@@ -75,6 +76,12 @@ def bos_id_of(model) -> int | None:
     return None if value is None else int(value)
 
 
+def n_ctx_of(model) -> int | None:
+    """The model's context length (``cfg.n_ctx``), or None when it does not say."""
+    value = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    return None if value is None else int(value)
+
+
 def _device_of(model) -> torch.device:
     try:
         return next(model.parameters()).device
@@ -90,6 +97,8 @@ def row_batches(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
     device: torch.device | str | None = None,
+    n_ctx: int | None = None,
+    what: str = "token row",
 ) -> Iterator[TaskBatch]:
     """Right-padded batches of arbitrary token rows, grouped by length; prediction position = last real token.
 
@@ -99,10 +108,16 @@ def row_batches(
         answer_ids: optional ``n`` answer ids (else ``-1``).
         max_tokens, max_batch: batch budget (``batches_by_length``).
         device: where the tensors go.
+        n_ctx: the model's context (:func:`n_ctx_of`); longer rows are refused before any forward pass.
+        what: what a row is, for the error message.
 
     Yields:
         :class:`TaskBatch`; every row index appears exactly once over all batches.
+
+    Raises:
+        ContextLengthError: a row is longer than ``n_ctx`` (``models.tokens.check_context``).
     """
+    check_context(token_rows, n_ctx, what)
     for idx in batches_by_length(token_rows, max_tokens=max_tokens, max_batch=max_batch):
         tokens, lengths = pad_right([token_rows[i] for i in idx], pad_id)
         answers = torch.tensor([answer_ids[i] for i in idx] if answer_ids is not None else [-1] * len(idx))
@@ -124,6 +139,8 @@ def task_batches(
         max_tokens=max_tokens,
         max_batch=max_batch,
         device=_device_of(model),
+        n_ctx=n_ctx_of(model),
+        what="task prompt",
     )
 
 
@@ -256,5 +273,9 @@ def answer_metrics(logits: torch.Tensor, answer_ids: torch.Tensor) -> dict[str, 
     ans = ans.expand(*logits.shape[:-1], 1)
     logit = logits.gather(-1, ans)[..., 0]
     logprob = logit - torch.logsumexp(logits, dim=-1)
-    rank = (logits > logit[..., None]).sum(-1).float()
+    # rank 0 wherever the answer holds the maximum (most rows of a task the model performs); count elsewhere
+    rank = torch.zeros_like(logit)
+    behind = logit < logits.amax(-1)
+    if bool(behind.any()):
+        rank[behind] = (logits[behind] > logit[behind][:, None]).sum(-1).float()
     return {"loss": -logprob, "logprob": logprob, "logit": logit, "rank": rank}

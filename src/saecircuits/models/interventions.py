@@ -83,11 +83,13 @@ class Interventions:
         self.n_layers = int(model.cfg.n_layers)
         self.cache_bytes = cache_bytes
         self._passes: dict[bytes, CleanPass] = {}
+        self._reads: dict[bytes, dict[str, torch.Tensor]] = {}
         self._passes_bytes = 0
 
     def clear_cache(self) -> None:
-        """Forget the clean passes kept between calls (see :meth:`clean`)."""
+        """Forget the clean passes and corpus reads kept between calls (see :meth:`clean`, :meth:`read_all`)."""
         self._passes.clear()
+        self._reads.clear()
         self._passes_bytes = 0
 
     @property
@@ -149,6 +151,7 @@ class Interventions:
         n_variants: int = 1,
         read: Sequence[str] = (),
         logits: bool = True,
+        grad: bool = False,
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         """Apply ``edits`` at every row's P and return the logits (and ``read`` activations) at P.
 
@@ -162,13 +165,25 @@ class Interventions:
             n_variants: ``V``; outputs are ``[B, V, ...]``.
             read: hook names to return at P.
             logits: compute the logits at P.
+            grad: keep the autograd graph of position P (the cached prefix is constant, which is exact for
+                gradients with respect to activations at P): edits may mark tensors with ``requires_grad_`` /
+                ``retain_grad`` and the caller back-propagates from the logits (attribution patching, integrated
+                gradients). Engine backend only.
 
         Returns:
             ``(logits [B, V, d_vocab] float32 or None, {hook: [B, V, *act_shape]})``.
 
         Raises:
             EngineError: a hook the engine does not fire. ValueError: an edit returned a bad shape.
+            NotImplementedError: ``grad=True`` on the bridge backend.
         """
+        if grad:
+            if self.engine is None:
+                raise NotImplementedError(
+                    f"gradients at P need the prefix-cached engine, which this model cannot use ({self.reason})"
+                )
+            with torch.enable_grad():
+                return self._engine_run(clean, list(edits), n_variants, list(read), logits, keep_graph=True)
         with torch.no_grad():
             if self.engine is None:
                 return self._bridge_run(clean, list(edits), n_variants, list(read), logits)
@@ -179,9 +194,24 @@ class Interventions:
     ) -> dict[str, torch.Tensor]:
         """Activations of ``read`` at every position of right-padded ``tokens [B, T]`` -> ``{hook: [B, T, *shape]}``.
 
-        The pass stops after the last block it needs and never unembeds (corpus statistics, top examples).
+        The pass stops after the last block it needs and never unembeds (corpus statistics, top examples). Results
+        are kept between calls (keyed by the tokens and hook, within the same ``cache_bytes`` budget as clean
+        passes, never evicted), so the mean activation, the top examples and the other statistics of a run read
+        each corpus batch once.
         """
         read = list(read)
+        key = _tokens_key(tokens, read)
+        kept = self._reads.get(key)
+        if kept is not None:
+            return dict(kept)
+        out = self._read_all(tokens, read)
+        size = sum(t.numel() * t.element_size() for t in out.values())
+        if self._passes_bytes + size <= self.cache_bytes:
+            self._reads[key] = out
+            self._passes_bytes += size
+        return dict(out)
+
+    def _read_all(self, tokens: torch.Tensor, read: list[str]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             if self.engine is None:
                 store: dict[str, torch.Tensor] = {}
@@ -269,7 +299,7 @@ class Interventions:
         return fn
 
     def _engine_run(
-        self, clean: CleanPass, edits: list[Edit], V: int, read: list[str], logits: bool
+        self, clean: CleanPass, edits: list[Edit], V: int, read: list[str], logits: bool, keep_graph: bool = False
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         eng = self.engine
         if clean.kv is None:
@@ -285,7 +315,7 @@ class Interventions:
         reads: dict[str, torch.Tensor] = {}
         hooks: dict[str, list] = {}
         for name in read:
-            hooks.setdefault(name, []).append(_variant_reader(reads, name))
+            hooks.setdefault(name, []).append(_variant_reader(reads, name, detach=not keep_graph))
         for e in edits:
             hooks.setdefault(e.hook, []).append(_edit_at_single_position(e, B, V))
         qpos = pos[:, None]
@@ -333,17 +363,26 @@ def _batch_key(batch: TaskBatch) -> bytes:
     return h.digest()
 
 
+def _tokens_key(tokens: torch.Tensor, read: list[str]) -> bytes:
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(("\0".join(read) + str(tuple(tokens.shape))).encode())
+    h.update(tokens.detach().cpu().contiguous().numpy().tobytes())
+    return h.digest()
+
+
 def _pass_bytes(p: CleanPass) -> int:
     tensors = [t for kv in (p.kv or []) for t in (kv.keys, kv.values)] + list(p.resid.values())
     tensors += [p.logits] if p.logits is not None else []
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _variant_reader(store: dict, name: str):
+def _variant_reader(store: dict, name: str, detach: bool = True):
     """Engine hook that keeps ``[B, F, 1, *shape]`` at P as ``[B, F, *shape]``."""
 
     def fn(x: torch.Tensor) -> None:
-        store[name] = x[:, :, 0].detach()
+        store[name] = x[:, :, 0].detach() if detach else x[:, :, 0]
 
     return fn
 

@@ -103,22 +103,41 @@ def model_provenance(bridge: Any) -> ModelProvenance:
 # Tokenizers
 
 
-def _reloadable_tokenizer(tokenizer: Any) -> Any:
-    """Return a tokenizer whose ``name_or_path`` is a local folder it can be reloaded from (TL reloads it).
+_RESTORED_ROLES = ("bos_token", "eos_token")
 
-    A ``PreTrainedTokenizerFast(tokenizer_object=...)`` has no such folder and makes TransformerLens fail with
-    ``KeyError: 'name_or_path'``; it is saved to a temporary folder and reloaded from there.
+
+def _private_tokenizer(tokenizer: Any) -> Any:
+    """An independent copy of ``tokenizer`` whose ``name_or_path`` is a local folder it can be reloaded from.
+
+    TransformerLens reloads the tokenizer by ``name_or_path`` (a ``PreTrainedTokenizerFast(tokenizer_object=...)`` has
+    none and fails with ``KeyError: 'name_or_path'``) and edits it in place (a missing BOS/EOS/PAD becomes
+    ``<|endoftext|>``). The copy (saved to a temporary folder and reloaded) takes those edits, so the caller's
+    tokenizer object is never modified.
     """
     from transformers import AutoTokenizer
 
-    name = getattr(tokenizer, "name_or_path", "") or ""
-    if name and Path(name).is_dir():
-        return tokenizer
     folder = tempfile.mkdtemp(prefix="saecircuits-tokenizer-")
     tokenizer.save_pretrained(folder)
-    reloaded = AutoTokenizer.from_pretrained(folder)
-    reloaded.padding_side = getattr(tokenizer, "padding_side", "right")
-    return reloaded
+    copy = AutoTokenizer.from_pretrained(folder)
+    copy.padding_side = getattr(tokenizer, "padding_side", "right")
+    return copy
+
+
+def _restore_special_tokens(bridge_tokenizer: Any, original: Any, vocab_size: int) -> None:
+    """Undo the stand-in special tokens TransformerLens gives a tokenizer that lacks them.
+
+    TransformerLens sets a missing BOS/EOS/PAD to ``<|endoftext|>``; in a vocabulary without that string its id is
+    the unknown token's, so every prompt would start with UNK (a phantom BOS), or a new id past the model's
+    vocabulary. The bridge's (private) tokenizer gets back the BOS and EOS of the tokenizer it was given: no BOS
+    stays no BOS. A stand-in PAD is kept when it is a real id of the model (``bridge.to_tokens`` needs one to batch
+    text; with right padding its id never reaches a result) and removed when it lies past the vocabulary.
+    """
+    for role in _RESTORED_ROLES:
+        if getattr(original, role, None) is None and getattr(bridge_tokenizer, role, None) is not None:
+            setattr(bridge_tokenizer, role, None)
+    pad = getattr(bridge_tokenizer, "pad_token_id", None)
+    if getattr(original, "pad_token", None) is None and pad is not None and int(pad) >= vocab_size:
+        bridge_tokenizer.pad_token = None
 
 
 def gpt2_bpe_tokenizer(folder: str | os.PathLike[str], save_dir: str | os.PathLike[str] | None = None):
@@ -202,7 +221,8 @@ def load_hf_model(
 
     Args:
         hf_model: a ``PreTrainedModel`` for causal LM (GPT-Neo, GPT-2, Llama, ...).
-        hf_tokenizer: its tokenizer; one without a local ``name_or_path`` folder is saved and reloaded first.
+        hf_tokenizer: its tokenizer; the bridge gets a private copy (the caller's object is never modified), with
+            the BOS and EOS of ``hf_tokenizer``: a tokenizer without BOS gets no stand-in BOS.
         model_name: recorded as ``bridge.cfg.model_name``; defaults to ``hf_model.config._name_or_path`` or
             ``"injected-model"``.
         provenance: used by :func:`load_model`; leave None.
@@ -219,10 +239,11 @@ def load_hf_model(
         raise ModelLoadError("load_hf_model needs the model's tokenizer (hf_tokenizer=...); none was given")
     name = model_name or getattr(hf_model.config, "_name_or_path", "") or "injected-model"
     hf_model = hf_model.to(device=device, dtype=dtype).eval()
-    tokenizer = _reloadable_tokenizer(hf_tokenizer)
+    tokenizer = _private_tokenizer(hf_tokenizer)
     bridge = TransformerBridge.boot_transformers(
         name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
     )
+    _restore_special_tokens(bridge.tokenizer, hf_tokenizer, int(bridge.cfg.d_vocab))
     processing = {
         "fold_ln": fold_ln,
         "center_writing_weights": center_writing_weights,

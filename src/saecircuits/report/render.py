@@ -5,16 +5,18 @@ plotly.js is inlined once in ``<head>``; every figure is a ``Plotly.newPlot`` ca
 comes from the data is HTML-escaped (``html.escape``), including tick labels handed to plotly (plotly's JSON writer
 also escapes ``<``, ``>`` and ``/`` inside the script).
 
-Sections: header (model, task, answer tokens, example prompts with the answer highlighted); checks (whether the
-model performs the behaviour, and every failed check with what to try; an SAE that fails one also carries a warning
-box over its summary and its feature ranking); direct logit
-attribution (analysis-spec F1/F2) with CIs and the completeness error; per SAE: summary table (L0, losses, loss
-recovered vs zero and vs mean ablation, with CIs, or "undefined" with the reason), the four losses, the top features by loss increase when ablated
-(analysis-spec F3) as a table and a chart, the multi-feature ablation (original - ablated), the top activating
-examples per feature (analysis-spec F14 colours, see ``tokens_html.py``); when present, the SAE-error DLA (F6),
-per-feature details (log-prob and logit boosts F16/F17, activation vs loss increase F18, DFA F7), the upstream
-ablation (F8) and the activation-scaled DLA (F20); appendix (training, timings, config,
-notes).
+Sections: header (model, task, answer tokens, the BOS policy, example prompts each with its own answer
+highlighted); checks (whether the model performs the behaviour, and every failed check with what to try; an SAE
+that fails one also carries a warning box over its summary and its feature ranking); direct logit attribution
+(analysis-spec F1/F2) with CIs and the completeness error; per SAE: summary table (L0, losses, loss recovered vs
+zero and vs mean ablation, with CIs, or "undefined" with the reason), the four losses, the top features by loss
+increase when ablated (analysis-spec F3) as a table and a chart, the multi-feature ablation (original - ablated),
+the top activating examples per feature (analysis-spec F14 colours, see ``tokens_html.py``); when present, the
+SAE-error DLA (F6), per-feature details (log-prob and logit boosts F16/F17, activation vs loss increase F18, DFA
+F7), the upstream ablation (F8) and the activation-scaled DLA (F20); the rest of the reference study when present
+(corpus statistics, the five-way loss comparison, the three ablation modes, ablation on max-activating stories,
+co-occurrence and decoder geometry, the span ablation, and the layer comparison); appendix (training, timings,
+config, notes).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from saecircuits.report.schema import ci_bounds, to_jsonable, validate_results, write_text_atomic
-from saecircuits.report.tokens_html import tokens_to_html, visible_token
+from saecircuits.report.tokens_html import TOKENS_CSS, token_html, tokens_to_html, visible_token
 
 __all__ = ["render_report", "build_report_html"]
 
@@ -46,15 +48,15 @@ table.data { border-collapse: collapse; margin: 8px 0 16px; font-size: 14px; }
 table.data th, table.data td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
 table.data th { background: #f0f0f0; }
 table.data td.l, table.data th.l { text-align: left; }
+table.data td { overflow-wrap: anywhere; max-width: 40em; }
 table.data tr.sig td { background: #fff4e5; font-weight: 600; }
 nav.toc { background: #f7f7f7; border: 1px solid #ddd; padding: 8px 16px; margin: 16px 0; }
 nav.toc ul { margin: 4px 0; padding-left: 20px; }
 .prompt { white-space: pre-wrap; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px;
-          background: #fafafa; border-left: 3px solid #ccc; padding: 4px 8px; margin: 6px 0; }
-mark.answer { background: #ffd54f; font-weight: 700; }
-.tokens { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; line-height: 1.9;
-          border: 1px solid #e3e3e3; padding: 6px; margin: 4px 0 12px; }
-.tokens span.tok { padding: 2px 1px; }
+          background: #fafafa; border-left: 3px solid #ccc; padding: 4px 8px; margin: 6px 0;
+          overflow-wrap: anywhere; unicode-bidi: plaintext; }
+mark.answer { background: #ffd54f; font-weight: 700; unicode-bidi: isolate; }
+""" + TOKENS_CSS + """
 .note { color: #555; font-size: 14px; }
 .muted { color: #888; }
 code { background: #f2f2f2; padding: 0 3px; }
@@ -168,12 +170,18 @@ def _header(r: Mapping) -> str:
         if toks
         else [f"id {i}" for i in ids]
     )
+    n_prompts = f"{task['n_prompts']}"
+    if task.get("n_dropped_too_long"):
+        n_prompts += f" ({task['n_dropped_too_long']} longer than the model's context left out)"
     rows = [
         ("Model", r["model"]),
         ("Task", task["name"]),
-        ("Prompts", task["n_prompts"]),
+        ("Prompts", n_prompts),
         ("Answer token(s)", ", ".join(answers)),
     ]
+    bos = r.get("bos_policy")
+    if bos:
+        rows.append(("BOS", bos.get("statement") or ("prepended" if bos["prepended"] else "none")))
     mi = r.get("model_info") or {}
     if mi:
         rows.append(("Model shape", ", ".join(f"{k}={v}" for k, v in mi.items())))
@@ -181,13 +189,21 @@ def _header(r: Mapping) -> str:
     out.append(_table(None, rows, left_cols=(0, 1)))
     examples = task.get("example_prompts") or []
     if examples:
-        answer = toks[0] if toks else f"<id {ids[0]}>"
+        # each prompt's own answer; results.json files from before example_answers only know it when the task
+        # has a single answer token
+        own = task.get("example_answers")
+        if own is None and toks and len(toks) == 1:
+            own = [toks[0]] * len(examples)
         out.append(
             f'<p class="note">Example prompts ({min(len(examples), 5)} of {len(examples)} shown); the '
-            "highlighted text is the answer the model should predict next.</p>"
+            "highlighted text is the answer the model should predict next (whitespace shown as \u00b7).</p>"
+            if own is not None else
+            f'<p class="note">Example prompts ({min(len(examples), 5)} of {len(examples)} shown); this '
+            "results.json does not record which answer belongs to which prompt.</p>"
         )
-        for p in examples[:5]:
-            out.append(f'<div class="prompt">{_esc(p)}<mark class="answer">{_esc(answer)}</mark></div>')
+        for j, p in enumerate(examples[:5]):
+            mark = f'<mark class="answer">{token_html(own[j])}</mark>' if own is not None else ""
+            out.append(f'<div class="prompt">{_esc(p)}{mark}</div>')
     return "\n".join(out)
 
 
@@ -496,7 +512,9 @@ def _examples_section(sae: Mapping, sid: str) -> str:
     out = [
         '<p class="note">Top activating examples per feature. Token background: red for positive activation '
         "(normalised by the example's max), blue for negative; hover a token for its value. A newline is shown "
-        "as \u00b6 and whitespace as \u00b7 (analysis-spec F14).</p>"
+        "as \u00b6, a tab as \u2192 and a space as \u00b7 (analysis-spec F14). Special tokens (BOS/EOS/PAD) are "
+        "grey dashed boxes, never coloured; a character split over several byte tokens is shown on its first "
+        "token, and the narrow boxes after it hold its other bytes.</p>"
     ]
     for k in order:
         out.append(f'<h4 id="{sid}-f{k}">Feature {k}</h4>')
@@ -507,7 +525,11 @@ def _examples_section(sae: Mapping, sid: str) -> str:
                 mx = max((a for a in acts if _finite(a)), default=None)
             doc = ex.get("doc_index", "n/a")
             out.append(f'<div class="note">doc {_esc(doc)}, max activation {_esc(_num(mx))}</div>')
-            out.append(tokens_to_html(ex["tokens"], acts, max_value=mx if _finite(mx) else None))
+            out.append(
+                tokens_to_html(
+                    ex["tokens"], acts, max_value=mx if _finite(mx) else None, kinds=ex.get("token_kinds")
+                )
+            )
     return "\n".join(out)
 
 
@@ -761,6 +783,479 @@ def _evidence_sections(sae: Mapping, fig: _Figures, sid: str) -> list[str]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The rest of the reference study (optional keys; pipeline.study_sae / study_run)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _mci(d: Mapping | None, fmt: str = ".4f") -> str:
+    """'mean ± half (n=..)' of a MEANCI dict."""
+    if not d:
+        return "n/a"
+    n = d.get("n")
+    return _pm(d.get("mean"), d.get("ci95"), fmt) + (f" (n={n})" if n is not None else "")
+
+
+def _off_range_text(off: Mapping | None) -> str:
+    """One sentence on ablated activations below the hook's range (or why it is undefined)."""
+    if not off:
+        return ""
+    if off.get("n_with_off_range") is None:
+        return "Off-range count: undefined (this hook has no bounded range, e.g. a gated MLP)."
+    n, k = off.get("n_ablations", 0), off["n_with_off_range"]
+    frac = off.get("fraction_with_off_range")
+    depth = off.get("mean_depth")
+    return (
+        f"{k} of {n} edited activation vectors ({_num(frac, '.1%') if _finite(frac) else 'n/a'}) have entries below "
+        f"the activation function's minimum {_num(off.get('floor'), '.4f')} ({off.get('n_off_range_entries', 0)} "
+        f"entries, on average {_num(depth, '.3f')} below it; lowest value {_num(off.get('min_value'), '.3f')}): "
+        "states the model never produces."
+    )
+
+
+def _token_pairs(pairs: Sequence) -> str:
+    return ", ".join(f"{visible_token(t)} ({c})" for t, c in pairs) or "none"
+
+
+def _corpus_section(sae: Mapping, fig: _Figures, sid: str) -> str:
+    cs = sae["corpus_stats"]
+    out = [
+        f'<p class="note">Statistics of every feature over {_esc(cs["n_docs"])} corpus documents '
+        f"({_esc(cs['n_tokens'])} counted tokens: padding and special tokens such as BOS left out), from one streaming "
+        "pass shared by every SAE of the run. <b>Density</b> is the fraction of counted tokens where a feature "
+        "fires (f &gt; 0); a healthy SAE has most features between 1e-4 and 1e-1, a spike near 1 means dense "
+        "features, and dead features never fire. <b>Top tokens</b> are the input tokens a feature fires on above "
+        f"{_esc(_num(cs.get('token_fraction'), '.2f'))} of its corpus maximum, with counts; a high top-token share "
+        "means a token detector, a low one a context feature.</p>"
+    ]
+    out.append(
+        _table(
+            ["quantity", "value"],
+            [
+                ("documents / counted tokens", f"{cs['n_docs']} / {cs['n_tokens']}"),
+                ("L0 (mean active features per counted token)", _num(cs["l0"], ".2f")),
+                ("dead features (never fire)", cs.get("n_dead", "n/a")),
+            ],
+            left_cols=(0,),
+        )
+    )
+    edges, counts = cs.get("density_log10_edges"), cs.get("density_log10_counts")
+    if edges and counts:
+        f = go.Figure(
+            go.Bar(x=[(a + b) / 2 for a, b in zip(edges[:-1], edges[1:], strict=True)], y=counts,
+                   width=[b - a for a, b in zip(edges[:-1], edges[1:], strict=True)], marker_color="#1f77b4")
+        )
+        f.update_layout(title="Feature density over the corpus (features that fire at least once)",
+                        xaxis_title="log10 density (fraction of tokens with f > 0)", yaxis_title="features")
+        out.append(fig(f, height=320))
+    feats = cs["features"]
+    if feats:
+        rows = [
+            (
+                fe["feature"],
+                _num(fe["density"], ".2e"),
+                _num(fe["max_activation"], ".3f"),
+                _num(fe.get("mean_when_active"), ".3f"),
+                _token_pairs(fe["top_tokens"][:6]),
+                _num(fe.get("top_token_share"), ".2f"),
+            )
+            for fe in feats
+        ]
+        out.append(
+            _table(["feature", "density", "corpus max", "mean when active", "top tokens (count)", "top-token share"],
+                   rows, left_cols=(4,))
+        )
+        a_edges = cs.get("activation_log10_edges")
+        if a_edges:
+            centres = [(a + b) / 2 for a, b in zip(a_edges[:-1], a_edges[1:], strict=True)]
+            f = go.Figure(
+                [go.Scatter(x=centres, y=fe.get("activation_log10_counts", []), mode="lines", name=f"f{fe['feature']}")
+                 for fe in feats if fe.get("activation_log10_counts")]
+            )
+            f.update_layout(title="Activation histogram of the top features (tokens where each fires)",
+                            xaxis_title="log10 activation", yaxis_title="tokens")
+            out.append(fig(f, height=320))
+        out.append(
+            '<p class="note">Examples in bands of the corpus maximum (the reference study\'s upper / middle / lower '
+            "modes): documents whose maximum lies just above 2/3, 1/3 and 1/10 of the feature's maximum. What a "
+            "feature does at lower activations is often broader than its top examples suggest.</p>"
+        )
+        for fe in feats:
+            bands = fe.get("band_examples") or {}
+            if not any(bands.values()):
+                continue
+            out.append(f'<h4 id="{sid}-bands-f{int(fe["feature"])}">Feature {_esc(fe["feature"])}</h4>')
+            for band, exs in bands.items():
+                for ex in exs:
+                    mx = ex.get("max_activation")
+                    out.append(f'<div class="note">{_esc(band)} band, doc {_esc(ex.get("doc_index", "n/a"))}, '
+                               f"activation {_esc(_num(mx))}</div>")
+                    out.append(tokens_to_html(ex["tokens"], ex["activations"],
+                                              max_value=fe["max_activation"] if _finite(fe["max_activation"]) else None,
+                                              kinds=ex.get("token_kinds")))
+    return "\n".join(out)
+
+
+def _five_way_section(sae: Mapping, fig: _Figures) -> str:
+    lc = sae["loss_comparison"]
+    labels, means, cis = lc["labels"], lc["mean"], lc.get("ci95")
+    diffs, dcis = lc.get("diff_vs_clean"), lc.get("diff_vs_clean_ci95")
+    out = [
+        f'<p class="note">Answer loss at the prediction position on the same {_esc(lc.get("n_prompts", "n/a"))} '
+        f"prompts under five runs of <code>{_esc(sae['hook_point'])}</code>: clean, mean- and zero-ablated at P, "
+        f"the top features {_esc(', '.join(str(x) for x in lc.get('features', [])) or '(none)')} ablated together "
+        f"({_esc(lc.get('mode', 'residual'))} mode), and the SAE spliced in. How to read it: if ablating a few features "
+        "costs about as much as ablating the whole layer, those features carry the layer's contribution to the "
+        "answer; the SAE row should sit near the clean row. Paired differences (run - clean) have tighter "
+        "intervals than the means because each prompt is compared with itself.</p>"
+    ]
+    rows = []
+    for j, lab in enumerate(labels):
+        rows.append((lab, _pm(means[j], cis[j] if cis else None),
+                     _pm(diffs[j], dcis[j] if dcis else None) if diffs else "n/a"))
+    out.append(_table(["run", "loss (nats, 95% CI)", "run - clean (nats, paired 95% CI)"], rows, left_cols=(0,)))
+    extra = []
+    if lc.get("features_minus_sae"):
+        extra.append(f"Top features ablated - SAE spliced: {_mci(lc['features_minus_sae'])} nats.")
+    for key, what in (("off_range", "Top-features run"), ("sae_off_range", "SAE run")):
+        if lc.get(key):
+            extra.append(f"{what}: {_off_range_text(lc[key])}")
+    if extra:
+        out.append('<p class="note">' + " ".join(_esc(e) for e in extra) + "</p>")
+    f = go.Figure(go.Bar(x=[_esc(x) for x in labels], y=_nulls(means), error_y=_error_bars(means, cis),
+                         marker_color=["#2ca02c", "#bcbd22", "#7f7f7f", "#d62728", "#1f77b4"][: len(labels)]))
+    f.update_layout(title="Ablation loss comparison at the prediction position", yaxis_title="loss (nats)",
+                    xaxis_type="category")
+    out.append(fig(f, height=380))
+    return "\n".join(out)
+
+
+def _modes_section(sae: Mapping) -> str:
+    am = sae["ablation_modes"]
+    modes = ("residual", "reconstruction", "clean_effect")
+    desc = am.get("descriptions") or {}
+    out = [
+        '<p class="note">The same top features ablated alone in the three ablation modes (mean loss increase over the '
+        "prompts where each is active, nats, 95% CI). <b>residual</b>: the feature's decoded contribution removed, "
+        "the SAE error kept (the reference study's main ablation). <b>reconstruction</b>: the activation replaced by "
+        "the SAE reconstruction with the feature zeroed, compared with the clean run, so the SAE error's own effect "
+        "is mixed in. <b>clean_effect</b>: that same edit compared with the SAE spliced in, i.e. the feature's effect "
+        "inside the SAE's model of the layer. Large gaps between the modes mean the SAE error matters for this "
+        "behaviour.</p>"
+    ]
+    if desc:
+        out.append("<ul class=\"note\">" + "".join(f"<li><b>{_esc(m)}</b>: {_esc(desc[m])}</li>"
+                                                    for m in modes if m in desc) + "</ul>")
+    rows = [(r["feature"], *[_mci(r.get(m)) for m in modes]) for r in am["rows"]]
+    multi = am.get("multi") or {}
+    if multi:
+        rows.append(("together: " + ", ".join(str(x) for x in am.get("multi_features", [])),
+                     *[_mci(multi.get(m)) for m in modes]))
+    out.append(_table(["feature", *modes], rows, left_cols=(0,)))
+    offs = am.get("off_range") or {}
+    notes = [f"{m}: {_off_range_text(offs[m])}" for m in modes if offs.get(m)]
+    if notes:
+        out.append('<p class="note">Single-feature ablations of these features, by mode. '
+                   + " ".join(_esc(n) for n in notes) + "</p>")
+    return "\n".join(out)
+
+
+def _stories_section(sae: Mapping, fig: _Figures, sid: str) -> str:
+    out = [
+        '<p class="note">Each feature ablated on the corpus stories where it fires most. <b>Global</b>: ablated at '
+        "every position of the story, mean next-token loss over the story (ablated - clean, mean over stories). "
+        "<b>Per position</b>: ablated at one position where it is active (above the threshold, a tenth of its corpus "
+        "maximum) and the loss of predicting the next token there, mean over (story, position) pairs. A feature that "
+        "matters where it fires has a clearly positive per-position effect; the per-token view shows where in a story "
+        "the loss moves (red: the loss rose when the feature was ablated everywhere, blue: it fell).</p>"
+    ]
+    rows = [
+        (st["feature"], st.get("n_stories", "n/a"), _num(st.get("threshold"), ".3f"), _mci(st["global"]),
+         _mci(st["per_position"]), st.get("mode", "residual"))
+        for st in sae["max_activating_ablation"]
+    ]
+    out.append(_table(["feature", "stories", "threshold", "global: loss increase (nats)",
+                       "per position: loss increase (nats)", "mode"], rows))
+    for st in sae["max_activating_ablation"]:
+        k = int(st["feature"])
+        vals = st.get("position_loss_increase") or []
+        if vals:
+            f = go.Figure(go.Histogram(x=_nulls(vals), nbinsx=40, marker_color="#d62728"))
+            f.update_layout(title=f"Feature {k}: loss increase when ablated at one active position",
+                            xaxis_title="loss increase (nats)", yaxis_title="(story, position) pairs")
+            out.append(fig(f, height=300))
+        if st.get("off_range"):
+            out.append(f'<p class="note">{_esc(_off_range_text(st["off_range"]))}</p>')
+        for pt in st.get("per_token", []):
+            out.append(f'<div class="note" id="{sid}-story-f{k}-d{_esc(pt.get("doc_index", ""))}">feature {k}, '
+                       f"doc {_esc(pt.get('doc_index', 'n/a'))}: loss change per predicted token (hover: activation "
+                       "of the feature at the token)</div>")
+            extra = {"activation": pt["activation"]} if pt.get("activation") is not None else None
+            out.append(tokens_to_html(pt["tokens"], pt["loss_change"], value_name="Loss change",
+                                      extra_measures=extra, kinds=pt.get("token_kinds")))
+    return "\n".join(out)
+
+
+def _heatmap(fig: _Figures, m: Sequence, labels: Sequence[str], title: str, zmin: float, zmax: float) -> str:
+    f = go.Figure(go.Heatmap(z=[_nulls(r) for r in m], x=list(labels), y=list(labels), zmin=zmin, zmax=zmax,
+                             colorscale="RdBu", reversescale=True, texttemplate="%{z:.2f}"))
+    f.update_layout(title=title, xaxis_type="category", yaxis_type="category", yaxis_autorange="reversed")
+    return fig(f, height=360)
+
+
+def _geometry_section(sae: Mapping, fig: _Figures) -> str:
+    g = sae["feature_geometry"]
+    labels = [f"f{k}" for k in g["features"]]
+    out = [
+        '<p class="note">How the top features relate. <b>Co-occurrence at P</b>: prompts where both are active, '
+        "divided by the smaller count (1 = the rarer feature only fires together with the other) or by the larger "
+        "(1 = they fire on exactly the same prompts). <b>Decoder cosine</b> near 1: two features write the same "
+        "direction; <b>encoder cosine</b> near 1: they read the same direction. <b>Token kurtosis</b>: how "
+        "heavy-tailed the cosine of a feature's output direction with every token's unembedding is (high: it "
+        "writes towards a few tokens; near 0: no token stands out).</p>"
+    ]
+    co = g.get("cooccurrence")
+    if co:
+        out.append(_heatmap(fig, co["by_min"], labels, "Co-occurrence at P / min count", 0, 1))
+        out.append(_heatmap(fig, co["by_max"], labels, "Co-occurrence at P / max count", 0, 1))
+    for key, title in (("decoder_cosine", "Decoder cosine similarity"), ("encoder_cosine", "Encoder cosine similarity")):
+        if key in g:
+            out.append(_heatmap(fig, g[key], labels, title, -1, 1))
+    if "token_kurtosis" in g:
+        ka = g.get("token_kurtosis_all") or {}
+        out.append(_table(["feature", "token kurtosis"], [(k, _num(v, ".2f")) for k, v in
+                                                           zip(g["features"], g["token_kurtosis"], strict=True)]))
+        if ka.get("counts"):
+            e = ka["edges"]
+            f = go.Figure(go.Bar(x=[(a + b) / 2 for a, b in zip(e[:-1], e[1:], strict=True)], y=ka["counts"],
+                                 marker_color="#8c564b"))
+            f.update_layout(title=f"Token kurtosis of all {ka.get('n_features', '')} features (median "
+                                  f"{_num(ka.get('median'), '.2f')})", xaxis_title="excess kurtosis",
+                            yaxis_title="features")
+            out.append(fig(f, height=300))
+    return "\n".join(out)
+
+
+def _span_section(sae: Mapping, fig: _Figures) -> str:
+    sp = sae["span_ablation"]
+    names = {"clean": "clean", "span_zero": "only the span kept (rest zeroed)",
+             "span_mean": "only the span kept (rest mean)"}
+    out = [
+        f'<p class="note">The activation at P projected onto the span of the decoder vectors of features '
+        f"{_esc(', '.join(str(x) for x in sp['features']))} (rank {_esc(sp.get('rank', 'n/a'))}; on average "
+        f"{_esc(_num(sp.get('fraction_kept'), '.1%') if _finite(sp.get('fraction_kept')) else 'n/a')} of the "
+        "activation's squared norm lies in it), the rest zeroed or replaced by its corpus mean. If the loss stays "
+        "near clean, the behaviour runs through these few directions; compare with the zero and mean ablation of "
+        "the whole layer above.</p>"
+    ]
+    rows = []
+    for j, v in enumerate(sp["variants"]):
+        ci = sp.get("ci95")
+        dci = sp.get("diff_vs_clean_ci95")
+        rows.append((names.get(v, v), _pm(sp["mean"][j], ci[j] if ci else None),
+                     _pm(sp["diff_vs_clean"][j], dci[j] if dci else None) if sp.get("diff_vs_clean") else "n/a"))
+    out.append(_table(["run", "loss (nats, 95% CI)", "run - clean (nats, paired)"], rows, left_cols=(0,)))
+    return "\n".join(out)
+
+
+def _layer_comparison_section(r: Mapping, fig: _Figures) -> str:
+    lc = r["layer_comparison"]
+    out = [
+        '<h2 id="layers">Top features of each layer ablated, alone and together</h2>',
+        f'<p class="note">On the same {_esc(lc.get("n_prompts", "n/a"))} prompts, each SAE\'s top features ablated '
+        f"together at the prediction position ({_esc(lc.get('mode', 'residual'))} mode), then all of them at once "
+        "(the reference study compared its top layer-0 and layer-1 features this way): the answer's loss increase "
+        "(nats, 95% CI; the same as its log-prob drop). The paired differences say which layer's features matter more for the "
+        "answer on the same prompts; if ablating all together costs about the sum, the layers act independently, "
+        "if about the larger one, the later features depend on the earlier ones.</p>",
+    ]
+    runs = lc["runs"]
+    rows = [(run["label"], "; ".join(", ".join(str(x) for x in fs) for fs in run.get("features", [])),
+             _mci(run["loss_increase"])) for run in runs]
+    out.append(_table(["run", "features", "loss increase (nats, 95% CI)"], rows, left_cols=(0, 1)))
+    if lc.get("paired"):
+        out.append(_table(["a - b", "loss increase difference (nats, paired 95% CI)"],
+                          [(f"{runs[p['a']]['label']} - {runs[p['b']]['label']}", _pm(p["mean"], p.get("ci95")))
+                           for p in lc["paired"]], left_cols=(0,)))
+    if any(run.get("values") for run in runs):
+        f = go.Figure([go.Histogram(x=_nulls(run.get("values", [])), name=_esc(run["label"]), opacity=0.6,
+                                    nbinsx=40) for run in runs])
+        f.update_layout(barmode="overlay", title="Loss increase per prompt", xaxis_title="loss increase (nats)",
+                        yaxis_title="prompts")
+        out.append(fig(f, height=340))
+    return "\n".join(out)
+
+
+_STUDY = (
+    ("corpus_stats", "corpus", "Corpus statistics"),
+    ("loss_comparison", "fiveway", "Five-way loss comparison"),
+    ("ablation_modes", "modes", "Ablation modes"),
+    ("max_activating_ablation", "stories", "Ablation on max-activating stories"),
+    ("feature_geometry", "geometry", "Co-occurrence and geometry"),
+    ("span_ablation", "span", "Span of the top decoder vectors"),
+)
+
+
+def _study_sections(sae: Mapping, fig: _Figures, sid: str) -> list[str]:
+    out = []
+    for key, slug, title in _STUDY:
+        if not sae.get(key):
+            continue
+        out.append(f'<h3 id="{sid}-{slug}">{_esc(title)}</h3>')
+        if key == "corpus_stats":
+            out.append(_corpus_section(sae, fig, sid))
+        elif key == "loss_comparison":
+            out.append(_five_way_section(sae, fig))
+        elif key == "ablation_modes":
+            out.append(_modes_section(sae))
+        elif key == "max_activating_ablation":
+            out.append(_stories_section(sae, fig, sid))
+        elif key == "feature_geometry":
+            out.append(_geometry_section(sae, fig))
+        else:
+            out.append(_span_section(sae, fig))
+    return out
+
+
+def _stand_in(a: Mapping | None) -> str:
+    """A verdict on an estimate from its agreement with the exact values."""
+    if not a or not _finite(a.get("spearman")):
+        return "undefined (too few values)"
+    ok = a["spearman"] >= 0.9 and (a.get("top_overlap") or 0) >= 0.8 and (a.get("sign_agreement") or 0) >= 0.9
+    return "yes" if ok else "no"
+
+
+def _circuit_section(r: Mapping, fig: _Figures) -> str:
+    """Nodes and edges at P across the SAEs, exact vs estimated, and the chosen circuit's faithfulness."""
+    c = r.get("circuit")
+    if not c:
+        return ""
+    nodes = {n["id"]: n for n in c["nodes"]}
+    sel = c.get("selection") or {}
+    out = ['<h2 id="circuit">Feature circuit across layers</h2>']
+    out.append(
+        '<p class="note">Every feature active at the prediction position P in any SAE, one error node per SAE, '
+        "every attention head, MLPs without an SAE and the embeddings are nodes. A node's <b>effect</b> is the "
+        "exact drop of the answer's log-prob (nats) when it alone is ablated at P (features: their decoded "
+        "contribution removed, the SAE error kept), averaged over prompts; an <b>edge</b> u&rarr;d is the exact "
+        "drop of feature d's activation when u alone is ablated. Attribution patching (AtP) and integrated "
+        "gradients (IG, per submodule as in Sparse Feature Circuits) estimate the same numbers from gradients; "
+        f"the tables below say how well they agree with the exact values. {c.get('n_nodes_total', len(nodes))} "
+        f"nodes, {c.get('n_edges_total', '?')} non-zero edges; the full graph is in "
+        f"<code>{_esc(c.get('file', 'circuit.json'))}</code>.</p>"
+    )
+    circ = [n for n in c["nodes"] if n.get("in_circuit")]
+    if sel:
+        out.append(
+            f'<p class="note">Circuit: {_esc(sel.get("n_nodes", len(circ)))} nodes ({_esc(sel.get("rule", ""))}); '
+            f"faithfulness {_esc(_num(sel.get('faithfulness'), '.3f'))} (the answer's log-prob with every other node "
+            "mean-ablated, on the scale clean = 1, everything mean-ablated = 0), completeness "
+            f"{_esc(_num(sel.get('completeness'), '.3f'))} (what is left when the circuit itself is mean-ablated; "
+            f"0 = nothing). Edges: {_esc(sel.get('edge_rule', ''))}.</p>"
+        )
+    # the graph: columns by layer/stage, node size by |effect|, edge width by |exact|, colour by sign
+    stage_of = {}
+    for n in circ:
+        st = (n.get("layer", -1), 0 if n.get("kind") in ("head", "embed", "pos_embed") else 1)
+        stage_of[n["id"]] = st
+    if circ:
+        cols = sorted(set(stage_of.values()))
+        pos = {}
+        for ci, st in enumerate(cols):
+            members = sorted([n for n in circ if stage_of[n["id"]] == st], key=lambda n: -abs(n["effect"] or 0))
+            for k, n in enumerate(members):
+                pos[n["id"]] = (ci, -k)
+        target_x = len(cols)
+        f = go.Figure()
+        biggest = max((abs(e["exact"] or 0) for e in c["edges"]), default=0) or 1.0
+        for e in c["edges"]:
+            if e["source"] not in pos or e["target"] not in pos:
+                continue
+            (x0, y0), (x1, y1) = pos[e["source"]], pos[e["target"]]
+            v = e["exact"] or 0
+            f.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="skip", showlegend=False,
+                                   line={"width": 1 + 7 * abs(v) / biggest,
+                                         "color": "rgba(214,39,40,0.55)" if v > 0 else "rgba(31,119,180,0.55)"}))
+        top_eff = max((abs(n["effect"] or 0) for n in circ), default=0) or 1.0
+        for n in circ:  # edges into the answer: the node effects
+            x0, y0 = pos[n["id"]]
+            v = n["effect"] or 0
+            f.add_trace(go.Scatter(x=[x0, target_x], y=[y0, 0], mode="lines", hoverinfo="skip", showlegend=False,
+                                   line={"width": 1 + 5 * abs(v) / top_eff, "dash": "dot",
+                                         "color": "rgba(214,39,40,0.35)" if v > 0 else "rgba(31,119,180,0.35)"}))
+        f.add_trace(go.Scatter(
+            x=[pos[n["id"]][0] for n in circ] + [target_x], y=[pos[n["id"]][1] for n in circ] + [0],
+            mode="markers+text", text=[_esc(n["label"]) for n in circ] + ["answer"], textposition="top center",
+            marker={"size": [10 + 20 * abs(n["effect"] or 0) / top_eff for n in circ] + [24],
+                    "color": ["#d62728" if (n["effect"] or 0) > 0 else "#1f77b4" for n in circ] + ["#2ca02c"]},
+            hovertext=[_esc(f"{n['label']}: effect {_num(n['effect'])} nats; AtP {_num(n.get('atp'))}; "
+                            f"IG {_num(n.get('ig'))}; active on {n.get('n_active_prompts', '?')} prompts; "
+                            f"promotes {', '.join(visible_token(t) for t in n.get('top_tokens') or []) or 'n/a'}")
+                       for n in circ] + ["answer log-prob"],
+            hoverinfo="text", showlegend=False))
+        f.update_layout(title="Circuit at P (red: supports the answer / excites; blue: opposes / inhibits)",
+                        xaxis={"tickvals": list(range(len(cols))) + [target_x],
+                               "ticktext": [("embed" if lay < 0 else f"L{lay} {'attn' if s == 0 else 'MLP'}")
+                                            for lay, s in cols] + ["answer"]},
+                        yaxis={"visible": False})
+        out.append(fig(f, height=max(380, 60 * max(len([1 for n in circ if stage_of[n['id']] == st])
+                                                     for st in cols))))
+    rows = [(n["label"], _num(n["effect"]), _num(n.get("effect_ci95")), _num(n.get("atp")), _num(n.get("ig")),
+             "yes" if n.get("in_circuit") else "", ", ".join(visible_token(t) for t in n.get("top_tokens") or []))
+            for n in c["nodes"][:25]]
+    out.append(_table(["node", "effect (nats)", "±95%", "AtP", "IG", "in circuit", "promotes"], rows,
+                      left_cols=(0, 6)))
+    ag = c.get("agreement") or {}
+    arows = []
+    for what in ("nodes", "edges"):
+        for method in ("atp", "ig"):
+            a = (ag.get(what) or {}).get(method)
+            if a:
+                arows.append((what, method.upper(), a.get("n"), _num(a.get("spearman"), ".3f"),
+                              _num(a.get("sign_agreement"), ".3f"), _num(a.get("top_overlap"), ".2f"), _stand_in(a)))
+    if arows:
+        out.append('<p class="note">Agreement of each estimate with the exact values: Spearman rank correlation, '
+                   "share of matching signs, and the share of the exact top-20 (by magnitude) found in the "
+                   "estimate's top-20. An estimate can stand in for exact ablation here when all three are high "
+                   "(&ge; 0.9, 0.9, 0.8).</p>")
+        out.append(_table(["", "estimate", "n", "Spearman", "sign agreement", "top-20 overlap", "can stand in"],
+                          arows, left_cols=(0, 1, 6)))
+    pts = [n for n in c["nodes"] if _finite(n.get("effect"))]
+    if pts:
+        f = go.Figure()
+        for method, colour in (("atp", "#ff7f0e"), ("ig", "#9467bd")):
+            xs = [n["effect"] for n in pts if _finite(n.get(method))]
+            ys = [n[method] for n in pts if _finite(n.get(method))]
+            if xs:
+                f.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name=method.upper(), marker={"color": colour},
+                                       text=[_esc(n["label"]) for n in pts if _finite(n.get(method))]))
+        lim = max(abs(n["effect"]) for n in pts) or 1.0
+        f.add_trace(go.Scatter(x=[-lim, lim], y=[-lim, lim], mode="lines", name="estimate = exact",
+                               line={"dash": "dash", "color": "#888"}))
+        f.update_layout(title="Node effects: gradient estimates vs exact ablation", xaxis_title="exact (nats)",
+                        yaxis_title="estimate (nats)")
+        out.append(fig(f, height=420))
+    curve = c.get("faithfulness") or []
+    if curve:
+        f = go.Figure()
+        for key, name in (("faithfulness", "faithfulness (circuit alone)"),
+                          ("completeness", "completeness (circuit ablated)")):
+            f.add_trace(go.Scatter(x=[p["n_nodes"] for p in curve], y=_nulls([p.get(key) for p in curve]),
+                                   mode="lines+markers", name=name))
+        f.update_layout(title="Faithfulness and completeness vs circuit size (nodes by |exact effect|)",
+                        xaxis_title="nodes in the circuit", xaxis_type="log", yaxis_title="fraction of the effect")
+        out.append(fig(f, height=380))
+    vw = c.get("virtual_weights") or []
+    if vw:
+        out.append('<p class="note">The reference follow-up\'s weight-based edges for the strongest exact '
+                   "feature-to-feature edges: W<sub>dec</sub>W<sub>out</sub>W<sub>in</sub>W<sub>enc</sub> "
+                   "(raw, and as a cosine), ignoring norms and the MLP non-linearity.</p>")
+        out.append(_table(["source", "target", "exact edge", "prompts", "virtual (raw)", "virtual (cosine)"],
+                          [(v["source"], v["target"], _num(v["exact"]), v["n_prompts"], _num(v["virtual_raw"]),
+                            _num(v["virtual_cosine"], ".3f")) for v in vw[:15]], left_cols=(0, 1)))
+    return "\n".join(out)
+
+
 def _appendix(r: Mapping) -> str:
     out = ['<h2 id="appendix">Appendix</h2>']
     timings = r.get("timings") or {}
@@ -827,7 +1322,7 @@ def build_report_html(results: Mapping) -> str:
             f'<li><a href="#{sid}-examples">activating examples</a></li>'
             + "".join(
                 f'<li><a href="#{sid}-{slug}">{_esc(title.lower())}</a></li>'
-                for key, slug, title in _EVIDENCE
+                for key, slug, title in _EVIDENCE + _STUDY
                 if sae.get(key)
             )
             + "</ul></li>"
@@ -848,8 +1343,15 @@ def build_report_html(results: Mapping) -> str:
         body.append(f'<h3 id="{sid}-examples">Activating examples</h3>')
         body.append(_examples_section(sae, sid))
         body.extend(_evidence_sections(sae, fig, sid))
+        body.extend(_study_sections(sae, fig, sid))
+    if results.get("layer_comparison"):
+        toc.append('<li><a href="#layers">Top features of each layer, alone and together</a></li>')
+        body.append(_layer_comparison_section(results, fig))
     if not results["saes"]:
         body.append('<p class="muted">No SAEs in these results.</p>')
+    if results.get("circuit"):
+        toc.append('<li><a href="#circuit">Feature circuit across layers</a></li>')
+        body.append(_circuit_section(results, fig))
     toc.append('<li><a href="#appendix">Appendix</a></li>')
     body.append(_appendix(results))
     title = f"saecircuits report: {results['task']['name']} on {results['model']}"

@@ -18,7 +18,13 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
       "model_info": {"n_layers": int, "d_model": int, "d_mlp": int, "d_vocab": int, "n_heads": int,
                      "architecture": str},
       *"task": {*"name": str, *"n_prompts": int, *"answer_token_ids": [int, ...(>=1)],
-                "answer_tokens": [str] (same length as answer_token_ids), "example_prompts": [str]},
+                "answer_tokens": [str] (same length as answer_token_ids), "example_prompts": [str],
+                "example_answers": [str], "example_answer_ids": [int],   # each example prompt's OWN answer
+                "n_dropped_too_long": int},                # prompts left out: longer than the model's context
+      "bos_policy": {*"prepended": bool,            # BOS prepended to prompts and documents (False: no BOS token)
+                     *"token_id": int | null, "token": str | null, "special_token_ids": [int],
+                     *"special_positions": "excluded" | "included",   # in SAE training and mean activations
+                     "statement": str},             # the same in one sentence, for people
       "behaviour": {                               # the clean model on the task at P (analysis/behaviour.py)
           *"n_prompts": int, *"top1_accuracy": float, "top1_accuracy_ci95": [lo, hi] (Wilson),
           *"mean_p_answer": float, "mean_p_answer_ci95": float, *"mean_loss": float (nats),
@@ -60,7 +66,8 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
               "logit_diff":   {"mean": float, "ci95": CI},   # original - ablated, answer logit
               "rank_diff":    {"mean": float, "ci95": CI}},  # original - ablated, answer rank
           "examples": [{"feature": int, "examples": [{
-              "doc_index": int, "tokens": [str], "activations": [float] (same length as tokens),
+              "doc_index": int, "tokens": [str], "activations": [float] (same length as tokens; null at a
+              special token), "token_kinds": ["text"|"continuation"|"special"] (same length as tokens),
               "max_activation": float}]}],          # top activating examples (analysis-spec F14)
           "training": {...free-form...},
           # optional per-feature / attribution evidence (analysis/evidence.py; validated when present)
@@ -78,14 +85,56 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
                                 "clean_mean_active": [float], "ablated_mean_active": [float],
                                 "fraction_active_clean": [float], "fraction_active_ablated": [float]},  # F8
           "activation_scaled_dla": [{*"feature": int, *"mean_activation": float, *"dla_per_unit": float,
-                                     *"scaled": float, "scaled_ln": float}]}],       # F20, logits
+                                     *"scaled": float, "scaled_ln": float}],       # F20, logits
+          # optional keys of the rest of the reference study (pipeline.study_sae; validated when present)
+          "corpus_stats": {*"n_docs": int, *"n_tokens": int, *"l0": float,   # D2-D5: one streaming corpus pass
+              "l0_counts": [int], "n_dead": int, "density_log10_edges": [float], "density_log10_counts": [int],
+              "activation_log10_edges": [float], "token_fraction": float, "bands": {name: fraction},
+              *"features": [{*"feature": int, *"density": float in [0, 1], *"max_activation": float,
+                  "fire_count": int, "mean_when_active": float, "above_count": int,
+                  *"top_tokens": [[str, count]], "top_token_share": float, "activation_log10_counts": [int],
+                  "top_stories": [{*"doc_index": int, *"position": int, *"activation": float}],
+                  "band_examples": {band: [example as in "examples"]}}]},
+          "loss_comparison": {*"labels": [str], *"mean": [float] (nats), "ci95": [float], "diff_vs_clean": [float],
+              "diff_vs_clean_ci95": [float], "conditions": [str], "features": [int], "mode": str,
+              "n_prompts": int, "features_minus_sae": MEANCI, "off_range": OFFRANGE|null,
+              "sae_off_range": OFFRANGE|null},                                                 # F13
+          "ablation_modes": {*"features": [int], *"rows": [{*"feature": int, "residual"|"reconstruction"|
+              "clean_effect": MEANCI}], "multi_features": [int], "multi": {mode: MEANCI + "off_range"},
+              "off_range": {mode: OFFRANGE|null}, "descriptions": {mode: str}},           # F3/F4, nats
+          "max_activating_ablation": [{*"feature": int, *"global": MEANCI, *"per_position": MEANCI, "mode": str,
+              "threshold": float, "n_stories": int, "stories": [{*"doc_index": int, *"clean_loss": float,
+              *"ablated_loss": float, *"loss_increase": float}], "position_loss_increase": [float],
+              "position_activation": [float] (same length), "per_token": [{"doc_index": int, *"tokens": [str],
+              "token_kinds": [str], *"loss_change": [float] (same length), "activation": [float] (same length)}],
+              "off_range": OFFRANGE|null}],                                                 # F19, nats
+          "feature_geometry": {*"features": [int] (S), "cooccurrence": {*"counts": SxS int, *"by_min": SxS,
+              *"by_max": SxS, "threshold": float, "n_prompts": int}, "decoder_cosine": SxS, "encoder_cosine": SxS,
+              "token_kurtosis": [float] (S), "token_kurtosis_all": {*"edges": [float], *"counts": [int],
+              "median": float, "n_features": int}},                                         # 8.1-8.3
+          "span_ablation": {*"features": [int], *"variants": [str], *"mean": [float] (nats), "ci95": [float],
+              "diff_vs_clean": [float], "diff_vs_clean_ci95": [float], "rank": int, "fraction_kept": float}}],
+      "layer_comparison": {*"runs": [{*"label": str, *"loss_increase": MEANCI, "hooks": [str],
+          "features": [[int]], "values": [float]}], "mode": str, "n_prompts": int,
+          "paired": [{*"a": int, *"b": int, *"mean": float, "ci95": CI, "n": int}]},       # F9/F10, nats
+      "corpus": {...free-form...},
+      "circuit": {"selection": {...}, "agreement": {"nodes"|"edges": {"atp"|"ig": {...}}},
+                  "faithfulness": [{"n_nodes", "faithfulness", "completeness", ...}],
+                  *"nodes": [{*"id": int, *"label": str, *"effect": float, "atp": float, "ig": float,
+                              "in_circuit": bool, "top_tokens": [str], ...}],
+                  *"edges": [{*"source": int, *"target": int, *"exact": float, "atp": float, "ig": float}]},
       "timings": {stage: seconds},
       "config": {...free-form...},
       "notes": [str]
     }
 
 ``CI`` means either a float half-width (preferred) or a ``[lo, hi]`` pair; :func:`ci_bounds` turns either into
-bounds.
+bounds. ``MEANCI`` is ``{*"mean": float, "ci95": CI, "n": int}``. ``OFFRANGE`` counts the ablated activations below
+the hook's minimum: ``{"floor": float, *"n_ablations": int, "n_with_off_range": int|null, "n_off_range_entries":
+int|null, "fraction_with_off_range": float, "mean_depth": float, "min_value": float}`` (null counts: the hook has
+no bounded range; ``mean_depth``: mean distance below the minimum of the entries below it).
+Token strings are ``saecircuits.models.tokens.token_pieces`` / ``token_string`` (leading spaces kept; a character
+split over byte tokens shown once, on its first piece, the others ``"continuation"`` with text ``""``).
 """
 
 from __future__ import annotations
@@ -112,6 +161,7 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+TOKEN_KINDS = ("text", "continuation", "special")  # = saecircuits.models.tokens.TOKEN_KINDS (no torch import here)
 
 
 class ResultsSchemaError(ValueError):
@@ -151,6 +201,7 @@ _EXAMPLE = _Obj(
         "doc_index": _opt("int"),
         "tokens": _req(("list", "str", None)),
         "activations": _req(("list", "float", None)),
+        "token_kinds": _opt(("list", "str", None)),
         "max_activation": _opt("float"),
     }
 )
@@ -203,6 +254,222 @@ _CHECK = _Obj(
         "message": _req("str"),
         "what_to_try": _req("str"),
         "severity": _opt("str"),
+    }
+)
+
+_MEANCI = _Obj({"mean": _req("float"), "ci95": _opt("ci"), "n": _opt("int")})
+_OFF_RANGE = (
+    "nullable",
+    _Obj(
+        {
+            "floor": _opt("float"),
+            "n_ablations": _req("int"),
+            "n_with_off_range": _opt("int_or_null"),
+            "n_off_range_entries": _opt("int_or_null"),
+            "fraction_with_off_range": _opt("float"),
+            "mean_depth": _opt("float"),
+            "min_value": _opt("float"),
+        }
+    ),
+)
+_FLOATS = ("list", "float", None)
+_INTS = ("list", "int", None)
+_MATRIX = ("list", _FLOATS, None)
+
+_CORPUS_STATS = _Obj(
+    {
+        "n_docs": _req("int"),
+        "n_tokens": _req("int"),
+        "l0": _req("float"),
+        "l0_counts": _opt(_INTS),
+        "n_dead": _opt("int"),
+        "density_log10_edges": _opt(_FLOATS),
+        "density_log10_counts": _opt(_INTS),
+        "activation_log10_edges": _opt(_FLOATS),
+        "token_fraction": _opt("float"),
+        "bands": _opt(("map", "float")),
+        "features": _req(
+            (
+                "list",
+                _Obj(
+                    {
+                        "feature": _req("int"),
+                        "density": _req("float"),
+                        "max_activation": _req("float"),
+                        "fire_count": _opt("int"),
+                        "mean_when_active": _opt("float"),
+                        "above_count": _opt("int"),
+                        "top_tokens": _req(_TOKEN_VALUES),
+                        "top_token_share": _opt("float"),
+                        "activation_log10_counts": _opt(_INTS),
+                        "top_stories": _opt(
+                            (
+                                "list",
+                                _Obj({"doc_index": _req("int"), "position": _req("int"), "activation": _req("float")}),
+                                None,
+                            )
+                        ),
+                        "band_examples": _opt(("map", ("list", _EXAMPLE, None))),
+                    }
+                ),
+                None,
+            )
+        ),
+    }
+)
+
+_LOSS_COMPARISON = _Obj(
+    {
+        "labels": _req(("list", "str", None)),
+        "mean": _req(_FLOATS),
+        "ci95": _opt(_FLOATS),
+        "diff_vs_clean": _opt(_FLOATS),
+        "diff_vs_clean_ci95": _opt(_FLOATS),
+        "conditions": _opt(("list", "str", None)),
+        "features": _opt(_INTS),
+        "mode": _opt("str"),
+        "n_prompts": _opt("int"),
+        "features_minus_sae": _opt(_MEANCI),
+        "off_range": _opt(_OFF_RANGE),
+        "sae_off_range": _opt(_OFF_RANGE),
+    }
+)
+
+_ABLATION_MODES = _Obj(
+    {
+        "features": _req(_INTS),
+        "rows": _req(
+            (
+                "list",
+                _Obj(
+                    {
+                        "feature": _req("int"),
+                        "residual": _opt(_MEANCI),
+                        "reconstruction": _opt(_MEANCI),
+                        "clean_effect": _opt(_MEANCI),
+                    }
+                ),
+                None,
+            )
+        ),
+        "multi_features": _opt(_INTS),
+        "multi": _opt(
+            (
+                "map",
+                _Obj({"mean": _req("float"), "ci95": _opt("ci"), "n": _opt("int"), "off_range": _opt(_OFF_RANGE)}),
+            )
+        ),
+        "off_range": _opt(("map", _OFF_RANGE)),
+        "descriptions": _opt(("map", "str")),
+    }
+)
+
+_STORY_ABLATION = _Obj(
+    {
+        "feature": _req("int"),
+        "global": _req(_MEANCI),
+        "per_position": _req(_MEANCI),
+        "mode": _opt("str"),
+        "threshold": _opt("float"),
+        "n_stories": _opt("int"),
+        "stories": _opt(
+            (
+                "list",
+                _Obj(
+                    {
+                        "doc_index": _req("int"),
+                        "clean_loss": _req("float"),
+                        "ablated_loss": _req("float"),
+                        "loss_increase": _req("float"),
+                    }
+                ),
+                None,
+            )
+        ),
+        "position_loss_increase": _opt(_FLOATS),
+        "position_activation": _opt(_FLOATS),
+        "per_token": _opt(
+            (
+                "list",
+                _Obj(
+                    {
+                        "doc_index": _opt("int"),
+                        "tokens": _req(("list", "str", None)),
+                        "token_kinds": _opt(("list", "str", None)),
+                        "loss_change": _req(_FLOATS),
+                        "activation": _opt(_FLOATS),
+                    }
+                ),
+                None,
+            )
+        ),
+        "off_range": _opt(_OFF_RANGE),
+    }
+)
+
+_GEOMETRY = _Obj(
+    {
+        "features": _req(_INTS),
+        "cooccurrence": _opt(
+            _Obj(
+                {
+                    "counts": _req(("list", _INTS, None)),
+                    "by_min": _req(_MATRIX),
+                    "by_max": _req(_MATRIX),
+                    "threshold": _opt("float"),
+                    "n_prompts": _opt("int"),
+                }
+            )
+        ),
+        "decoder_cosine": _opt(_MATRIX),
+        "encoder_cosine": _opt(_MATRIX),
+        "token_kurtosis": _opt(_FLOATS),
+        "token_kurtosis_all": _opt(
+            _Obj({"edges": _req(_FLOATS), "counts": _req(_INTS), "median": _opt("float"), "n_features": _opt("int")})
+        ),
+    }
+)
+
+_SPAN_ABLATION = _Obj(
+    {
+        "features": _req(_INTS),
+        "variants": _req(("list", "str", None)),
+        "mean": _req(_FLOATS),
+        "ci95": _opt(_FLOATS),
+        "diff_vs_clean": _opt(_FLOATS),
+        "diff_vs_clean_ci95": _opt(_FLOATS),
+        "rank": _opt("int"),
+        "fraction_kept": _opt("float"),
+    }
+)
+
+_LAYER_COMPARISON = _Obj(
+    {
+        "runs": _req(
+            (
+                "list",
+                _Obj(
+                    {
+                        "label": _req("str"),
+                        "loss_increase": _req(_MEANCI),
+                        "hooks": _opt(("list", "str", None)),
+                        "features": _opt(("list", _INTS, None)),
+                        "values": _opt(_FLOATS),
+                    }
+                ),
+                None,
+            )
+        ),
+        "mode": _opt("str"),
+        "n_prompts": _opt("int"),
+        "paired": _opt(
+            (
+                "list",
+                _Obj({"a": _req("int"), "b": _req("int"), "mean": _req("float"), "ci95": _opt("ci"),
+                      "n": _opt("int")}),
+                None,
+            )
+        ),
     }
 )
 
@@ -269,6 +536,8 @@ _SAE = _Obj(
                     "logprob_diff": _opt(_STAT),
                     "logit_diff": _opt(_STAT),
                     "rank_diff": _opt(_STAT),
+                    "mode": _opt("str"),
+                    "off_range": _opt(_OFF_RANGE),
                 }
             )
         ),
@@ -322,6 +591,12 @@ _SAE = _Obj(
                 None,
             )
         ),
+        "corpus_stats": _opt(_CORPUS_STATS),
+        "loss_comparison": _opt(_LOSS_COMPARISON),
+        "ablation_modes": _opt(_ABLATION_MODES),
+        "max_activating_ablation": _opt(("list", _STORY_ABLATION, None)),
+        "feature_geometry": _opt(_GEOMETRY),
+        "span_ablation": _opt(_SPAN_ABLATION),
     }
 )
 
@@ -350,6 +625,21 @@ RESULTS_SCHEMA = _Obj(
                     "answer_token_ids": _req(("list", "int", None)),
                     "answer_tokens": _opt(("list", "str", None)),
                     "example_prompts": _opt(("list", "str", None)),
+                    "example_answers": _opt(("list", "str", None)),
+                    "example_answer_ids": _opt(("list", "int", None)),
+                    "n_dropped_too_long": _opt("int"),
+                }
+            )
+        ),
+        "bos_policy": _opt(
+            _Obj(
+                {
+                    "prepended": _req("bool"),
+                    "token_id": _req("int?"),
+                    "token": _opt("str?"),
+                    "special_token_ids": _opt(("list", "int", None)),
+                    "special_positions": _req("str"),
+                    "statement": _opt("str"),
                 }
             )
         ),
@@ -382,6 +672,49 @@ RESULTS_SCHEMA = _Obj(
         ),
         "checks": _opt(("list", _CHECK, None)),
         "saes": _req(("list", _SAE, None)),
+        "layer_comparison": _opt(_LAYER_COMPARISON),
+        "corpus": _opt("dict"),
+        "circuit": _opt(
+            _Obj(
+                {
+                    "selection": _opt("dict"),
+                    "agreement": _opt("dict"),
+                    "faithfulness": _opt(("list", "dict", None)),
+                    "nodes": _req(
+                        (
+                            "list",
+                            _Obj(
+                                {
+                                    "id": _req("int"),
+                                    "label": _req("str"),
+                                    "effect": _req("float"),
+                                    "atp": _opt("float"),
+                                    "ig": _opt("float"),
+                                    "in_circuit": _opt("bool"),
+                                    "top_tokens": _opt(("list", "str", None)),
+                                }
+                            ),
+                            None,
+                        )
+                    ),
+                    "edges": _req(
+                        (
+                            "list",
+                            _Obj(
+                                {
+                                    "source": _req("int"),
+                                    "target": _req("int"),
+                                    "exact": _req("float"),
+                                    "atp": _opt("float"),
+                                    "ig": _opt("float"),
+                                }
+                            ),
+                            None,
+                        )
+                    ),
+                }
+            )
+        ),
         "timings": _opt(("map", "float")),
         "config": _opt("dict"),
         "notes": _opt(("list", "str", None)),
@@ -410,18 +743,29 @@ def _is_float(v: Any) -> bool:
 
 def _check(v: Any, kind: Any, path: tuple[str | int, ...]) -> None:
     where = _path_str(path)
+    if isinstance(kind, tuple) and kind[0] == "nullable":
+        if v is not None:
+            _check(v, kind[1], path)
+        return
+    if kind == "int_or_null":
+        if v is not None and not _is_int(v):
+            raise ResultsSchemaError(f"{where} must be an int or null, got {_type_name(v)} ({v!r:.60}).")
+        return
     if kind == "int":
         if not _is_int(v):
             raise ResultsSchemaError(f"{where} must be an int, got {_type_name(v)} ({v!r:.60}).")
     elif kind == "float":
         if not _is_float(v):
             raise ResultsSchemaError(f"{where} must be a number (or null), got {_type_name(v)} ({v!r:.60}).")
-    elif kind == "bool":
-        if not isinstance(v, bool):
-            raise ResultsSchemaError(f"{where} must be true or false, got {_type_name(v)} ({v!r:.60}).")
     elif kind == "str":
         if not isinstance(v, str):
             raise ResultsSchemaError(f"{where} must be a string, got {_type_name(v)} ({v!r:.60}).")
+    elif kind in ("int?", "str?"):  # nullable
+        if v is not None:
+            _check(v, kind[:-1], path)
+    elif kind == "bool":
+        if not isinstance(v, bool):
+            raise ResultsSchemaError(f"{where} must be true or false, got {_type_name(v)} ({v!r:.60}).")
     elif kind == "dict":
         if not isinstance(v, Mapping):
             raise ResultsSchemaError(f"{where} must be an object (dict), got {_type_name(v)}.")
@@ -526,6 +870,95 @@ def _validate_loss_recovered(sae: Mapping, i: int) -> None:
             )
 
 
+def _square(m: Any, n: int, where: tuple[str | int, ...]) -> None:
+    if len(m) != n or any(len(row) != n for row in m):
+        raise ResultsSchemaError(f"{_path_str(where)} must be a {n} x {n} matrix (one row and column per feature).")
+
+
+def _token_row_ok(d: Mapping, where: tuple[str | int, ...], values: str) -> None:
+    """``tokens`` aligned with ``values`` and ``token_kinds`` (when present), each kind a known one."""
+    _same_length(d, "tokens", values, where)
+    _same_length(d, "tokens", "token_kinds", where)
+    bad = [k for k in d.get("token_kinds", []) if k not in TOKEN_KINDS]
+    if bad:
+        raise ResultsSchemaError(
+            f"{_path_str((*where, 'token_kinds'))} holds {bad[0]!r}; each kind must be one of {TOKEN_KINDS}."
+        )
+
+
+def _validate_study(sae: Mapping, i: int, feature_ok) -> None:
+    """Cross-field checks of the optional study keys of ``results['saes'][i]``."""
+    base: tuple[str | int, ...] = ("saes", i)
+    cs = sae.get("corpus_stats")
+    if cs is not None:
+        where = (*base, "corpus_stats")
+        for a, b in (("density_log10_edges", "density_log10_counts"),):
+            if a in cs and b in cs and len(cs[b]) != len(cs[a]) - 1:
+                raise ResultsSchemaError(f"{_path_str((*where, b))} needs one count per bin (len({a}) - 1).")
+        n_bins = len(cs["activation_log10_edges"]) - 1 if "activation_log10_edges" in cs else None
+        for j, fe in enumerate(cs["features"]):
+            fw = (*where, "features", j)
+            feature_ok(fe["feature"], (*fw, "feature"))
+            dens = fe["density"]
+            if dens is not None and not -1e-9 <= dens <= 1 + 1e-9:
+                raise ResultsSchemaError(f"{_path_str((*fw, 'density'))} = {dens} is not in [0, 1].")
+            if n_bins is not None and "activation_log10_counts" in fe and len(fe["activation_log10_counts"]) != n_bins:
+                raise ResultsSchemaError(f"{_path_str((*fw, 'activation_log10_counts'))} needs {n_bins} counts.")
+            for band, exs in (fe.get("band_examples") or {}).items():
+                for m, ex in enumerate(exs):
+                    _token_row_ok(ex, (*fw, "band_examples", band, m), "activations")
+    lc = sae.get("loss_comparison")
+    if lc is not None:
+        for key in ("mean", "ci95", "diff_vs_clean", "diff_vs_clean_ci95", "conditions"):
+            _same_length(lc, "labels", key, (*base, "loss_comparison"))
+        for j, f in enumerate(lc.get("features", [])):
+            feature_ok(f, (*base, "loss_comparison", "features", j))
+    am = sae.get("ablation_modes")
+    if am is not None:
+        for j, f in enumerate(am["features"]):
+            feature_ok(f, (*base, "ablation_modes", "features", j))
+        for j, row in enumerate(am["rows"]):
+            feature_ok(row["feature"], (*base, "ablation_modes", "rows", j, "feature"))
+    for j, st in enumerate(sae.get("max_activating_ablation", [])):
+        where = (*base, "max_activating_ablation", j)
+        feature_ok(st["feature"], (*where, "feature"))
+        _same_length(st, "position_loss_increase", "position_activation", where)
+        for m, pt in enumerate(st.get("per_token", [])):
+            _token_row_ok(pt, (*where, "per_token", m), "loss_change")
+            _same_length(pt, "tokens", "activation", (*where, "per_token", m))
+    geo = sae.get("feature_geometry")
+    if geo is not None:
+        where = (*base, "feature_geometry")
+        n = len(geo["features"])
+        for j, f in enumerate(geo["features"]):
+            feature_ok(f, (*where, "features", j))
+        for key in ("decoder_cosine", "encoder_cosine"):
+            if key in geo:
+                _square(geo[key], n, (*where, key))
+        if "cooccurrence" in geo:
+            for key in ("counts", "by_min", "by_max"):
+                _square(geo["cooccurrence"][key], n, (*where, "cooccurrence", key))
+        _same_length(geo, "features", "token_kurtosis", where)
+        ka = geo.get("token_kurtosis_all")
+        if ka is not None and len(ka["counts"]) != len(ka["edges"]) - 1:
+            raise ResultsSchemaError(f"{_path_str((*where, 'token_kurtosis_all', 'counts'))} needs one count per bin.")
+    sp = sae.get("span_ablation")
+    if sp is not None:
+        for key in ("mean", "ci95", "diff_vs_clean", "diff_vs_clean_ci95"):
+            _same_length(sp, "variants", key, (*base, "span_ablation"))
+        for j, f in enumerate(sp["features"]):
+            feature_ok(f, (*base, "span_ablation", "features", j))
+
+
+def _validate_layer_comparison(lc: Mapping) -> None:
+    n = len(lc["runs"])
+    for j, p in enumerate(lc.get("paired", [])):
+        if not (0 <= p["a"] < n and 0 <= p["b"] < n):
+            raise ResultsSchemaError(
+                f"results['layer_comparison']['paired'][{j}] names run {p['a']} or {p['b']}; there are {n} runs."
+            )
+
+
 def validate_results(d: Any) -> None:
     """Check that ``d`` is a valid results dict (schema version 1, see the module docstring).
 
@@ -552,8 +985,25 @@ def validate_results(d: Any) -> None:
             "results['task']['answer_token_ids'] is empty; it needs at least one token id."
         )
     _same_length(task, "answer_token_ids", "answer_tokens", ("task",))
+    _same_length(task, "example_prompts", "example_answers", ("task",))
+    _same_length(task, "example_prompts", "example_answer_ids", ("task",))
+    bos = d.get("bos_policy")
+    if bos is not None:
+        if bos["special_positions"] not in ("excluded", "included"):
+            raise ResultsSchemaError(
+                f"results['bos_policy']['special_positions'] is {bos['special_positions']!r}; "
+                "it must be 'excluded' or 'included'."
+            )
+        if bos["prepended"] != (bos["token_id"] is not None):
+            raise ResultsSchemaError(
+                "results['bos_policy']: 'prepended' must be true exactly when 'token_id' is set "
+                f"(got prepended={bos['prepended']}, token_id={bos['token_id']})."
+            )
     if task["n_prompts"] < 0:
         raise ResultsSchemaError(f"results['task']['n_prompts'] must be >= 0, got {task['n_prompts']}.")
+
+    if "layer_comparison" in d:
+        _validate_layer_comparison(d["layer_comparison"])
 
     dla = d["dla"]
     _same_length(dla, "labels", "mean", ("dla",))
@@ -586,10 +1036,18 @@ def validate_results(d: Any) -> None:
         for j, f in enumerate(sae.get("multi_ablation", {}).get("features", [])):
             _feature_ok(f, ("saes", i, "multi_ablation", "features", j))
         _validate_evidence(sae, i, _feature_ok)
+        _validate_study(sae, i, _feature_ok)
         for j, fe in enumerate(sae.get("examples", [])):
             _feature_ok(fe["feature"], ("saes", i, "examples", j, "feature"))
             for m, ex in enumerate(fe["examples"]):
-                _same_length(ex, "tokens", "activations", ("saes", i, "examples", j, "examples", m))
+                where = ("saes", i, "examples", j, "examples", m)
+                _same_length(ex, "tokens", "activations", where)
+                _same_length(ex, "tokens", "token_kinds", where)
+                bad = [k for k in ex.get("token_kinds", []) if k not in TOKEN_KINDS]
+                if bad:
+                    raise ResultsSchemaError(
+                        f"{_path_str((*where, 'token_kinds'))} holds {bad[0]!r}; each kind must be one of {TOKEN_KINDS}."
+                    )
 
 
 def load_results(path: str | os.PathLike) -> dict:

@@ -4,23 +4,43 @@ Source: analysis-spec.md F14, ``clean_print_strings_as_html`` in the reference's
 a positive value v gets the background rgb(255, g, g) with g = clamp(255 * (1 - v / max)); a negative value gets
 rgb(r, r, 255) with r = clamp(255 * (1 + v / |max|)); the text is black if the background's luminance
 (0.299 R + 0.587 G + 0.114 B) / 255 > 0.5, else white; the tooltip shows the value with 4 decimals.
-Differences from the reference, on purpose: a newline is shown as the pilcrow sign and every other whitespace run
-as one middle dot (the reference used "_" for both); every token string is HTML-escaped (the reference was not);
-``max_value`` <= 0 or missing falls back to max |v| and an all-zero row is drawn white instead of dividing by 0.
+
+The token strings are ``saecircuits.models.tokens.token_pieces`` (leading spaces kept; a character split over byte
+tokens shown once, its other pieces ``"continuation"``). Differences from the reference, on purpose:
+
+- whitespace is visible character by character (the reference turned each whitespace run into one ``_``): a space
+  is a middle dot, a tab a right arrow, a newline the pilcrow sign, other whitespace a middle dot, and invisible
+  control/format characters (zero-width joiner, bidi overrides) are written ``<U+XXXX>``;
+- every token string is HTML-escaped (the reference was not);
+- a special token (BOS/EOS/PAD) is drawn as a grey dashed box, never coloured by a value; a continuation piece is a
+  narrow box coloured by its value;
+- each token is its own bidi island (``unicode-bidi: isolate`` in a left-to-right row), so right-to-left text cannot
+  reorder the row, and a very long token wraps inside the row instead of widening the page (the CSS is
+  :data:`TOKENS_CSS`);
+- ``max_value`` <= 0 or missing falls back to max |v| and an all-zero row is drawn white instead of dividing by 0.
 """
 
 from __future__ import annotations
 
 import html
 import math
-import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 
-__all__ = ["token_color", "visible_token", "tokens_to_html"]
+__all__ = ["TOKENS_CSS", "token_color", "visible_token", "token_html", "tokens_to_html"]
 
 PILCROW = "\u00b6"
 MIDDLE_DOT = "\u00b7"
-_WS_RUN = re.compile(r"[^\S\n]+")
+TAB_ARROW = "\u2192"
+
+TOKENS_CSS = """
+.tokens { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; line-height: 1.9;
+          border: 1px solid #e3e3e3; padding: 6px; margin: 4px 0 12px; overflow-wrap: anywhere; }
+.tokens span.tok, .tokstr { padding: 2px 1px; unicode-bidi: isolate; overflow-wrap: anywhere; }
+.tokens span.tok.special { color: #777; background: #f4f4f4; border: 1px dashed #999; font-size: 11px; }
+.tokens span.tok.cont::after { content: "\\00a0"; }
+"""
+"""CSS for :func:`tokens_to_html` and :func:`token_html` (the report puts it in its ``<style>``)."""
 
 
 def _clamp255(x: float) -> int:
@@ -46,9 +66,27 @@ def token_color(value: float | None, max_value: float) -> tuple[tuple[int, int, 
     return (r, g, b), ("black" if luminance > 0.5 else "white")
 
 
+def _visible_char(c: str) -> str:
+    if c == "\n":
+        return PILCROW
+    if c == "\t":
+        return TAB_ARROW
+    if c.isspace():
+        return MIDDLE_DOT
+    if unicodedata.category(c) in ("Cc", "Cf"):
+        return f"<U+{ord(c):04X}>"
+    return c
+
+
 def visible_token(token: str) -> str:
-    """The token as displayed (not yet escaped): newline -> pilcrow, any other whitespace run -> one middle dot."""
-    return _WS_RUN.sub(MIDDLE_DOT, token).replace("\n", PILCROW)
+    """The token as displayed (not yet escaped): each whitespace character visible (space and other whitespace ->
+    middle dot, tab -> right arrow, newline -> pilcrow) and invisible control/format characters as ``<U+XXXX>``."""
+    return "".join(_visible_char(c) for c in token)
+
+
+def token_html(token: str) -> str:
+    """One token string for running HTML (answer tokens, tables): visible whitespace, escaped, its own bidi island."""
+    return f'<bdi class="tokstr">{html.escape(visible_token(token), quote=True)}</bdi>'
 
 
 def _fmt(v: float | None) -> str:
@@ -62,23 +100,31 @@ def tokens_to_html(
     max_value: float | None = None,
     value_name: str = "Activation",
     extra_measures: Mapping[str, Sequence[float | None]] | None = None,
+    kinds: Sequence[str] | None = None,
 ) -> str:
     """Render tokens as a ``<div class="tokens">`` of coloured spans (joined by ``<wbr>``), a tooltip per token.
 
     Args:
-        tokens: ``[pos]`` token strings (BOS included if you want it shown). Escaped here.
+        tokens: ``[pos]`` token strings (``models.tokens.token_pieces``; BOS included if you want it shown). Escaped
+            here.
         values: ``[pos]`` value per token (e.g. feature activation in SAE units); colours come from these.
-        max_value: normalisation (e.g. the example's max activation); None or <= 0 -> max |values| (white if 0).
+        max_value: normalisation (e.g. the example's max activation); None or <= 0 -> max |values| of the non-special
+            tokens (white if 0).
         value_name: label of the value in the tooltip (the reference used "Difference").
         extra_measures: more ``name -> [pos]`` values shown in the tooltip only.
+        kinds: ``[pos]`` ``"text"``/``"continuation"``/``"special"`` (``models.tokens.TOKEN_KINDS``); None: all text.
+            A special token is drawn marked and uncoloured whatever its value.
 
     Raises:
-        ValueError: ``values`` or an extra measure is not aligned with ``tokens``.
+        ValueError: ``values``, ``kinds`` or an extra measure is not aligned with ``tokens``.
     """
     if len(values) != len(tokens):
         raise ValueError(
             f"tokens_to_html: {len(tokens)} tokens but {len(values)} values; they must be aligned."
         )
+    kinds = list(kinds) if kinds is not None else ["text"] * len(tokens)
+    if len(kinds) != len(tokens):
+        raise ValueError(f"tokens_to_html: {len(tokens)} tokens but {len(kinds)} token kinds; they must be aligned.")
     extra = dict(extra_measures or {})
     for name, vs in extra.items():
         if len(vs) != len(tokens):
@@ -86,15 +132,27 @@ def tokens_to_html(
                 f"tokens_to_html: extra measure {name!r} has {len(vs)} values for {len(tokens)} tokens."
             )
     if max_value is None or not math.isfinite(max_value) or max_value <= 0:
-        finite = [abs(v) for v in values if v is not None and math.isfinite(v)]
+        finite = [
+            abs(v) for v, k in zip(values, kinds, strict=True) if k != "special" and v is not None and math.isfinite(v)
+        ]
         max_value = max(finite, default=0.0)
     spans = []
-    for i, (tok, v) in enumerate(zip(tokens, values, strict=True)):
+    for i, (tok, v, kind) in enumerate(zip(tokens, values, kinds, strict=True)):
+        if kind == "special":
+            title = "special token (BOS/EOS/PAD): not text, left out of the statistics"
+            spans.append(
+                f'<span class="tok special" title="{html.escape(title, quote=True)}">'
+                f"{html.escape(visible_token(tok), quote=True)}</span>"
+            )
+            continue
         (r, g, b), text_color = token_color(v, max_value)
         title = f"{value_name}: {_fmt(v)}" + "".join(f", {name}: {_fmt(vs[i])}" for name, vs in extra.items())
+        if kind == "continuation":
+            title += " (more bytes of the character on the previous token)"
+        cls = "tok cont" if kind == "continuation" else "tok"
         spans.append(
-            f'<span class="tok" style="background-color: rgb({r}, {g}, {b}); color: {text_color}" '
+            f'<span class="{cls}" style="background-color: rgb({r}, {g}, {b}); color: {text_color}" '
             f'title="{html.escape(title, quote=True)}">{html.escape(visible_token(tok), quote=True)}</span>'
         )
     # <wbr> between spans: the tokens carry no real whitespace any more, so give the browser line-break points.
-    return '<div class="tokens">' + "<wbr>".join(spans) + "</div>"
+    return '<div class="tokens" dir="ltr">' + "<wbr>".join(spans) + "</div>"

@@ -39,7 +39,7 @@ import logging
 import math
 import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -784,7 +784,7 @@ def train_saes_on_model(
     *,
     expansion_factor: int = 4,
     architecture: str = "standard",
-    bos_id: int | None = None,
+    bos_id: int | Collection[int] | None = None,
     bos_policy: str = "include",
     model_batch_rows: int = 32,
     buffer_size: int | None = None,
@@ -869,7 +869,9 @@ def train_saes_on_model(
     data_settings = {
         "seq_len": int(token_rows.shape[1]),
         "n_rows": int(token_rows.shape[0]),
-        "bos_id": None if bos_id is None else int(bos_id),
+        # one id, or the set of special ids (BOS/EOS/PAD) the "exclude" policy leaves out wherever they sit
+        "bos_id": None if bos_id is None else (sorted(int(i) for i in bos_id) if isinstance(bos_id, (set, frozenset))
+                                               else int(bos_id)),
         "bos_policy": bos_policy,
         "model_batch_rows": int(model_batch_rows),
         "buffer_size": int(buffer_size or max(16 * local_batch, 2 * local_batch)),

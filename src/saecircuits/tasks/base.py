@@ -9,7 +9,10 @@ with the answer, which is the last index of ``token_ids[i]`` here.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
 
 
 class TaskError(ValueError):
@@ -26,6 +29,8 @@ class Task:
         token_ids: per prompt, the token ids the model sees (BOS first when the model uses one), answer excluded.
         answer_ids: per prompt, the id of the answer token that should follow ``token_ids[i]``.
         source_index: per prompt, the index of the corpus document it came from (for provenance).
+        n_dropped_too_long: prompts left out because prompt + answer had more tokens than the builder's
+            ``max_tokens`` (the model's context in ``saecircuits run``).
     """
 
     name: str
@@ -33,6 +38,7 @@ class Task:
     token_ids: list[list[int]]
     answer_ids: list[int]
     source_index: list[int] = field(default_factory=list)
+    n_dropped_too_long: int = 0
 
     def __post_init__(self) -> None:
         n = len(self.token_ids)
@@ -64,4 +70,32 @@ class Task:
             token_ids=[self.token_ids[i] for i in idx],
             answer_ids=[self.answer_ids[i] for i in idx],
             source_index=[self.source_index[i] for i in idx] if self.source_index else [],
+            n_dropped_too_long=self.n_dropped_too_long,
+        )
+
+    def drop_too_long(self, max_tokens: int) -> Task:
+        """This task without the prompts whose tokens plus the answer exceed ``max_tokens`` (e.g. the model's
+        ``n_ctx``), as ``saecircuits run`` builds it; the count is added to ``n_dropped_too_long``.
+
+        Raises:
+            TaskError: every prompt is too long.
+        """
+        keep = [i for i, t in enumerate(self.token_ids) if len(t) + 1 <= max_tokens]
+        dropped = self.n_prompts - len(keep)
+        if not keep:
+            raise TaskError(
+                f"task {self.name!r}: all {self.n_prompts} prompts are longer than max_tokens={max_tokens} "
+                "(prompt + answer); use shorter prompts or a model with a longer context"
+            )
+        log_dropped(self.name, dropped, max_tokens)
+        sub = self.subset(keep)
+        object.__setattr__(sub, "n_dropped_too_long", self.n_dropped_too_long + dropped)
+        return sub
+
+
+def log_dropped(name: str, n_dropped: int, max_tokens: int | None) -> None:
+    """Say (log at WARNING) how many prompts a task left out for being longer than ``max_tokens``."""
+    if n_dropped:
+        logger.warning(
+            "task %r: %d prompt(s) longer than %s tokens (prompt + answer) were dropped", name, n_dropped, max_tokens
         )

@@ -10,9 +10,12 @@ last (the position contract of tasks/base.py).
 
 Departures from the reference notebook (on purpose):
 - the notebook tokenizes one string at a time with ``model.to_tokens``; we tokenize in batches with the HF tokenizer
-  (``add_special_tokens=False``, BOS prepended by us), which gives the same ids as ``bridge.to_tokens`` (tested);
+  (plain characters, ``models.tokens.encode_texts``; BOS prepended by us), which gives the same ids as
+  ``bridge.to_tokens`` on text without special-token strings (tested); ``<|endoftext|>`` or ``<s>`` inside a story
+  stays text, as llama2.c's encoder treats it;
 - ``closings`` can include ``!"`` and ``?"`` (the notebook only uses ``."``);
-- ``max_tokens`` drops over-long prompts by token count (the later notebook version capped characters at 1600).
+- ``max_tokens`` drops over-long prompts by token count (the later notebook version capped characters at 1600), and
+  the task records how many (``Task.n_dropped_too_long``).
 As in the notebook, the closing found is the first one after the opening quote, which sometimes closes a later
 quotation (pitfall 22); ``source_index`` keeps the document index for provenance.
 """
@@ -21,22 +24,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from saecircuits.tasks.base import Task, TaskError
+from saecircuits.models.tokens import bos_prefix, encode_texts, token_pieces
+from saecircuits.tasks.base import Task, TaskError, log_dropped
 
 __all__ = ["closing_quote_task", "OPENING", "QUOTE"]
 
 OPENING = 'said, "'
 QUOTE = '"'
 _CHUNK = 256
-
-
-def _bos_id(tokenizer) -> int:
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is None:
-        raise TaskError(
-            "prepend_bos=True but the tokenizer has no bos_token_id; pass prepend_bos=False or set a BOS token"
-        )
-    return int(bos)
 
 
 def _candidate(document: str, closings: Sequence[str]) -> str | None:
@@ -59,18 +54,22 @@ def closing_quote_task(
     closings: Sequence[str] = ('."',),
     max_prompts: int | None = None,
     max_tokens: int | None = None,
-    prepend_bos: bool = True,
+    prepend_bos: bool | None = None,
     name: str = "closing-quote",
 ) -> Task:
     """Build the closing-quote task from a corpus (analysis-spec.md E1).
 
     Args:
         documents: corpus texts (e.g. TinyStories validation stories), in order.
-        tokenizer: a Hugging Face tokenizer (the model's); called as ``tokenizer(texts, add_special_tokens=False)``.
+        tokenizer: a Hugging Face tokenizer (the model's); texts are encoded as plain characters
+            (``models.tokens.encode_texts``).
         closings: closing strings, each ending with ``"``; the earliest one at or after the opening quote wins.
         max_prompts: keep at most this many prompts (the first ones in corpus order).
-        max_tokens: drop prompts whose tokenization (BOS and answer included) is longer than this.
-        prepend_bos: put the tokenizer's BOS first (as ``model.to_tokens`` does by default).
+        max_tokens: drop prompts whose tokenization (BOS and answer included) is longer than this, counted in
+            ``Task.n_dropped_too_long`` (give the model's context, ``model.cfg.n_ctx``, as ``saecircuits run``
+            does; the analyses refuse prompts longer than the context).
+        prepend_bos: True: the tokenizer's BOS first (as ``model.to_tokens``); False: none; None (default): BOS
+            when the tokenizer has one (never a stand-in token).
         name: task name.
 
     Returns:
@@ -78,12 +77,15 @@ def closing_quote_task(
         tokens without the answer, ``answer_ids`` the closing token, ``source_index`` the document index.
 
     Raises:
-        TaskError: no closing string given, a closing string that does not end with ``"``, no BOS id with
-            ``prepend_bos``, or no document yields a prompt.
+        TaskError: no closing string given, a closing string that does not end with ``"``, ``prepend_bos=True``
+            without a BOS id, or no document yields a prompt.
     """
     if not closings or any(not c.endswith(QUOTE) for c in closings):
         raise TaskError(f"closings must be non-empty strings ending with {QUOTE!r}, got {tuple(closings)!r}")
-    bos = [_bos_id(tokenizer)] if prepend_bos else []
+    try:
+        bos = bos_prefix(tokenizer, prepend_bos)
+    except ValueError as err:
+        raise TaskError(str(err)) from err
     candidates = [
         (i, text) for i, doc in enumerate(documents) if (text := _candidate(doc, closings)) is not None
     ]
@@ -92,16 +94,25 @@ def closing_quote_task(
     token_ids: list[list[int]] = []
     answer_ids: list[int] = []
     source_index: list[int] = []
+    too_long = 0
     for chunk_start in range(0, len(candidates), _CHUNK):
         chunk = candidates[chunk_start : chunk_start + _CHUNK]
-        encoded = tokenizer([text for _, text in chunk], add_special_tokens=False)["input_ids"]
+        try:
+            encoded = encode_texts(tokenizer, [text for _, text in chunk])
+        except ValueError as err:
+            raise TaskError(str(err)) from err
         for (doc_index, text), ids in zip(chunk, encoded, strict=True):
             if not ids:
                 continue
-            ids = bos + list(ids)
+            ids = bos + ids
             if max_tokens is not None and len(ids) > max_tokens:
+                too_long += 1
                 continue
-            answer_text = tokenizer.decode([ids[-1]])
+            # the answer's text as it stands in this text (a SentencePiece token keeps its leading space); the last
+            # 8 tokens hold every byte of the last character (at most 4), so the tail gives the same last piece
+            tail = ids[-8:]
+            last = token_pieces(tokenizer, tail, text_start=len(tail) == len(ids))[-1]
+            answer_text = last.text if last.kind == "text" else ""
             closing = next(c for c in closings if text.endswith(c))
             if not answer_text.endswith(QUOTE) or not closing.endswith(answer_text):
                 continue
@@ -121,6 +132,12 @@ def closing_quote_task(
             + (f" within max_tokens={max_tokens}" if max_tokens is not None else "")
             + "); check the corpus and the tokenizer"
         )
+    log_dropped(name, too_long, max_tokens)
     return Task(
-        name=name, prompts=prompts, token_ids=token_ids, answer_ids=answer_ids, source_index=source_index
+        name=name,
+        prompts=prompts,
+        token_ids=token_ids,
+        answer_ids=answer_ids,
+        source_index=source_index,
+        n_dropped_too_long=too_long,
     )

@@ -2,7 +2,9 @@
 
 The answer must be exactly one token *in context*: the tokens of ``prompt + answer`` must start with the tokens of
 ``prompt`` and have exactly one more token, which becomes the answer id. This is stricter than tokenizing the
-answer alone (BPE merges across the boundary would otherwise go unnoticed).
+answer alone (BPE merges across the boundary would otherwise go unnoticed). Prompt and answer are encoded as plain
+characters (``models.tokens.encode_texts``): ``<s>`` or ``<|endoftext|>`` inside a prompt is text, as llama2.c's
+encoder treats it, and an answer that is a special-token string is refused.
 """
 
 from __future__ import annotations
@@ -10,18 +12,29 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from saecircuits.tasks.base import Task, TaskError
+from saecircuits.models.tokens import bos_prefix, encode_texts, special_token_ids, token_string
+from saecircuits.tasks.base import Task, TaskError, log_dropped
 
 __all__ = ["jsonl_task"]
 
 
-def jsonl_task(path: str | Path, tokenizer, *, prepend_bos: bool = True, name: str | None = None) -> Task:
+def jsonl_task(
+    path: str | Path,
+    tokenizer,
+    *,
+    prepend_bos: bool | None = None,
+    max_tokens: int | None = None,
+    name: str | None = None,
+) -> Task:
     """Read a task from ``path`` (one JSON object per line; blank lines are skipped).
 
     Args:
         path: the ``.jsonl`` file.
         tokenizer: a Hugging Face tokenizer (the model's).
-        prepend_bos: put the tokenizer's BOS id first.
+        prepend_bos: True: the tokenizer's BOS id first; False: none; None (default): BOS when the tokenizer has
+            one (never a stand-in token).
+        max_tokens: drop records whose prompt + answer (BOS included) has more tokens than this, counted in
+            ``Task.n_dropped_too_long`` (give the model's context, as ``saecircuits run`` does).
         name: task name (default: the file's stem).
 
     Returns:
@@ -29,19 +42,22 @@ def jsonl_task(path: str | Path, tokenizer, *, prepend_bos: bool = True, name: s
 
     Raises:
         TaskError: unreadable file, a line that is not a JSON object with string ``prompt`` and ``answer``, an
-            answer that is not exactly one token after its prompt (the message names the line and the tokens it
-            became), or an empty file.
+            answer that is a special-token string (e.g. the BOS string), an answer that is not exactly one token
+            after its prompt (the message names the line and the tokens it became), ``prepend_bos=True`` without a
+            BOS id, or no prompt left.
     """
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as err:
         raise TaskError(f"cannot read task file {path}: {err}") from err
-    bos: list[int] = []
-    if prepend_bos:
-        if getattr(tokenizer, "bos_token_id", None) is None:
-            raise TaskError("prepend_bos=True but the tokenizer has no bos_token_id; pass prepend_bos=False")
-        bos = [int(tokenizer.bos_token_id)]
+    try:
+        bos = bos_prefix(tokenizer, prepend_bos)
+    except ValueError as err:
+        raise TaskError(str(err)) from err
+    special = special_token_ids(tokenizer)
+    special_strings = {str(t) for t in tokenizer.convert_ids_to_tokens(sorted(special))} if special else set()
+    too_long = 0
 
     prompts: list[str] = []
     token_ids: list[list[int]] = []
@@ -64,12 +80,19 @@ def jsonl_task(path: str | Path, tokenizer, *, prepend_bos: bool = True, name: s
         ):
             raise TaskError(f'{where}: each line must be an object with string fields "prompt" and "answer"')
         prompt, answer = record["prompt"], record["answer"]
-        p_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        full = list(tokenizer(prompt + answer, add_special_tokens=False)["input_ids"])
-        if not p_ids or full[: len(p_ids)] != p_ids or len(full) != len(p_ids) + 1:
-            tail = tokenizer.convert_ids_to_tokens(
-                full[len(p_ids) :] if full[: len(p_ids)] == p_ids else full
+        if answer.strip() in special_strings:
+            raise TaskError(
+                f"{where}: answer {answer!r} is the tokenizer's special token {answer.strip()!r} (BOS/EOS/PAD), "
+                "not text; give an answer the model predicts as text, e.g. ' the'"
             )
+        try:
+            p_ids, full = encode_texts(tokenizer, [prompt, prompt + answer])
+        except ValueError as err:
+            raise TaskError(f"{where}: {err}") from err
+        if not p_ids or full[: len(p_ids)] != p_ids or len(full) != len(p_ids) + 1:
+            tail = [
+                token_string(tokenizer, t) for t in (full[len(p_ids) :] if full[: len(p_ids)] == p_ids else full)
+            ]
             raise TaskError(
                 f"{where}: answer {answer!r} is not exactly one token after prompt {prompt[-40:]!r}: "
                 + (
@@ -79,16 +102,24 @@ def jsonl_task(path: str | Path, tokenizer, *, prepend_bos: bool = True, name: s
                 )
                 + "; choose an answer that is a single token in context (mind the leading space)"
             )
+        if max_tokens is not None and len(bos) + len(full) > max_tokens:
+            too_long += 1
+            continue
         prompts.append(prompt)
         token_ids.append(bos + p_ids)
         answer_ids.append(full[-1])
         source_index.append(line_no)
     if not token_ids:
-        raise TaskError(f"task file {path} holds no prompts")
+        raise TaskError(
+            f"task file {path} holds no prompts"
+            + (f" of at most max_tokens={max_tokens} tokens ({too_long} longer ones dropped)" if too_long else "")
+        )
+    log_dropped(name or path.stem, too_long, max_tokens)
     return Task(
         name=name or path.stem,
         prompts=prompts,
         token_ids=token_ids,
         answer_ids=answer_ids,
         source_index=source_index,
+        n_dropped_too_long=too_long,
     )

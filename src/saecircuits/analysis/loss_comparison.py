@@ -1,0 +1,151 @@
+"""The five-way loss comparison at the prediction position (analysis-spec F13): how much of the layer's job the top
+features and the SAE carry.
+
+Per prompt, the answer loss (nats) at P under five runs, all on the same prompts:
+
+1. clean;
+2. the hook mean-ablated at P (``x_P <- mean activation``, e.g. from the corpus statistics pass);
+3. the hook zero-ablated at P (for ``mlp.hook_post`` the MLP still adds ``b_out``, pitfall 11);
+4. the top features ablated together at P, in the chosen ablation mode (:mod:`saecircuits.analysis.ablation_modes`);
+5. the SAE spliced in at P (``x_P <- decode(encode(x_P))``).
+
+Runs 2-5 are four variants of one prefix-cached intervention per batch (:mod:`saecircuits.models.interventions`).
+Each mean comes with a Student-t 95% interval from the actual n, and each ablation with the paired difference to
+the clean run (the per-prompt differences' mean and interval); the notebook gave ``1.96 * np.std / sqrt(n)`` bars on
+the unpaired means and a mean vector from 20 stories with BOS (pitfalls 12, 15). Loss recovered is left to
+:mod:`saecircuits.analysis.reconstruction` (same runs, one formula).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from saecircuits.analysis.ablation_modes import (
+    OffRange,
+    OffRangeCounter,
+    ablation_base,
+    activation_floor,
+    check_mode,
+)
+from saecircuits.analysis.stats import MeanCI, mean_ci95
+from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, answer_metrics, task_batches
+from saecircuits.models.interventions import Edit, interventions_for
+from saecircuits.saes.base import SAE
+from saecircuits.tasks.base import Task
+
+__all__ = ["CONDITIONS", "LossComparison", "loss_comparison"]
+
+CONDITIONS = ("clean", "mean_ablation", "zero_ablation", "features_ablated", "sae_spliced")
+"""Keys of the five runs, in table order."""
+
+
+@dataclass
+class LossComparison:
+    """The five answer losses at P per prompt, and their summaries.
+
+    Attributes:
+        hook_point, features, mode: what was ablated and how (``features`` may be empty: that run is then NaN).
+        losses: float32 ``[n_prompts, 5]`` answer loss (nats) per prompt, columns in :data:`CONDITIONS` order.
+        means: per condition, :class:`MeanCI` of the loss (nats).
+        diffs: per condition, :class:`MeanCI` of the paired difference ``condition - clean`` (nats; clean: 0).
+        features_minus_sae: :class:`MeanCI` of ``features_ablated - sae_spliced`` per prompt (the features' effect
+            inside the SAE's reconstruction when ``mode`` drops the error).
+        off_range: edited activations of the features run that left the hook's range.
+        sae_off_range: reconstructions (run 5) that left the hook's range.
+    """
+
+    hook_point: str
+    features: list[int]
+    mode: str
+    losses: torch.Tensor
+    means: dict[str, MeanCI]
+    diffs: dict[str, MeanCI]
+    features_minus_sae: MeanCI
+    off_range: OffRange
+    sae_off_range: OffRange
+
+    def labels(self) -> list[str]:
+        """Readable names of the five runs."""
+        n = len(self.features)
+        return ["clean", "mean ablation", "zero ablation", f"top {n} features ablated ({self.mode})", "SAE spliced"]
+
+
+def loss_comparison(
+    model,
+    sae: SAE,
+    task: Task,
+    features: Sequence[int],
+    mean_act: torch.Tensor,
+    *,
+    mode: str = "residual",
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+) -> LossComparison:
+    """Answer loss at P: clean, mean-ablated, zero-ablated, top features ablated, SAE spliced (F13).
+
+    Args:
+        model: a TransformerBridge.
+        sae: the SAE; its ``hook_point`` is the layer ablated in runs 2-5 (at P only, every batch row).
+        task: prompts and answers.
+        features: the features ablated together in run 4 (e.g. the top of the ablation table); may be empty.
+        mean_act: ``[d_in]`` mean activation of the hook (:func:`saecircuits.analysis.reconstruction.mean_activation`
+            or :attr:`saecircuits.analysis.corpus_stats.FeatureStats.mean_input`).
+        mode: ablation mode of run 4 (``"residual"``, ``"reconstruction"`` or ``"clean_effect"``; the last two
+            edit the activation the same way).
+        max_tokens, max_batch: batch budget.
+
+    Returns:
+        :class:`LossComparison`.
+
+    Raises:
+        ValueError: ``mean_act`` of the wrong width, a feature index out of range, an unknown ``mode``.
+    """
+    check_mode(mode)
+    feats = [int(k) for k in features]
+    if feats and (min(feats) < 0 or max(feats) >= sae.d_sae):
+        raise ValueError(f"feature indices must lie in 0..{sae.d_sae - 1}, got {feats}")
+    mean_act = torch.as_tensor(mean_act)
+    if tuple(mean_act.shape) != (sae.d_in,):
+        raise ValueError(f"mean_act must be [d_in] = [{sae.d_in}] for {sae.hook_point}, got {list(mean_act.shape)}")
+    floor = activation_floor(model, sae.hook_point)
+    counter, sae_counter = OffRangeCounter(floor), OffRangeCounter(floor)
+    idx = torch.tensor(feats, dtype=torch.long, device=sae.W_dec.device)
+    mean_row = mean_act.detach().to(sae.W_dec.device, sae.W_dec.dtype)
+
+    def variants(x: torch.Tensor) -> torch.Tensor:  # [B, 1, d_in] -> [B, 4, d_in]: mean, zero, features, SAE
+        x = x.to(sae.W_dec.dtype)
+        f = sae.encode(x)
+        x_hat = sae.decode(f)
+        ablated = ablation_base(sae, x, f, mode) - f[..., idx] @ sae.W_dec[idx]
+        if feats:
+            counter.observe(ablated)
+        sae_counter.observe(x_hat)
+        return torch.cat([mean_row.expand_as(x), torch.zeros_like(x), ablated, x_hat], dim=1)
+
+    n = task.n_prompts
+    losses = torch.zeros(n, len(CONDITIONS))
+    iv = interventions_for(model)
+    for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
+        rows = torch.tensor(batch.indices)
+        clean = iv.clean(batch)
+        losses[rows, 0] = answer_metrics(clean.logits, batch.answer_ids)["loss"].cpu()
+        logits, _ = iv.run(clean, [Edit(sae.hook_point, variants)], n_variants=4)
+        losses[rows, 1:] = answer_metrics(logits, batch.answer_ids)["loss"].cpu()
+    if not feats:
+        losses[:, 3] = float("nan")
+    means = {c: mean_ci95(losses[:, j]) for j, c in enumerate(CONDITIONS)}
+    diffs = {c: mean_ci95(losses[:, j] - losses[:, 0]) for j, c in enumerate(CONDITIONS)}
+    return LossComparison(
+        hook_point=sae.hook_point,
+        features=feats,
+        mode=mode,
+        losses=losses,
+        means=means,
+        diffs=diffs,
+        features_minus_sae=mean_ci95(losses[:, 3] - losses[:, 4]),
+        off_range=counter.result(),
+        sae_off_range=sae_counter.result(),
+    )
