@@ -155,21 +155,39 @@ def test_integrated_gradients_converge_to_the_exact_submodule_ablation():
 
 
 def test_faithfulness_identities_and_agreement_statistics():
-    model, task, saes, nodes, groups = _setup()
+    model, saes, task = _wired_toy()  # mean-ablating every node clearly lowers the answer: faithfulness defined
+    nodes, groups = circuit_nodes(model, saes, [feature_activations(model, s, task) for s in saes])
     means = node_means(model, task, groups)
     order = list(range(len(nodes)))
     curve = faithfulness_curve(model, task, nodes, groups, order, [0, len(nodes)], means=means)
     # the empty circuit is everything ablated, the full circuit is the clean model
+    assert curve["m_clean"].iloc[0] - curve["m_empty"].iloc[0] > 0.1
+    assert curve["undefined_reason"].isna().all()
     assert curve["faithfulness"].iloc[0] == pytest.approx(0.0, abs=1e-6)
     assert curve["faithfulness"].iloc[1] == pytest.approx(1.0, abs=1e-5)
     assert curve["completeness"].iloc[0] == pytest.approx(1.0, abs=1e-5)
     assert curve["completeness"].iloc[1] == pytest.approx(0.0, abs=1e-6)
+    assert curve["faithfulness_ci95"].iloc[1] == pytest.approx([1.0, 1.0], abs=1e-5)
     a = agreement(np.array([3.0, -2.0, 1.0, 0.5]), np.array([30.0, -20.0, 10.0, -5.0]), top=2)
     assert a["spearman"] == pytest.approx(1.0) and a["sign_agreement"] == pytest.approx(0.75)
     assert a["top_overlap"] == 1.0
     b = agreement(np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 3.0, 2.0, 4.0]), top=1)
     assert b["spearman"] == pytest.approx(1 - 6 * 2 / (4 * 15))  # rank differences 0, 1, 1, 0
     assert b["top_overlap"] == 1.0 and b["sign_agreement"] == 1.0
+
+
+def test_faithfulness_undefined_when_ablating_everything_does_not_clearly_hurt():
+    """The random tiny model: mean-ablating every node at P does not clearly lower the answer's log-prob, so
+    faithfulness and completeness are NaN with the reason: the one loss-recovered rule, not a 1e-3 guard of its
+    own (the rule itself is tested on hand-built arrays in test_reconstruction.py)."""
+    model, task, saes, nodes, groups = _setup()
+    means = node_means(model, task, groups)
+    curve = faithfulness_curve(model, task, nodes, groups, list(range(len(nodes))), [1, len(nodes)], means=means)
+    assert curve["faithfulness"].isna().all() and curve["completeness"].isna().all()
+    reason = curve["undefined_reason"].iloc[0]
+    assert "mean-ablating every node" in reason
+    drop = curve["m_clean"].iloc[0] - curve["m_empty"].iloc[0]
+    assert drop < 0.01 or "includes 0" in reason
 
 
 def test_virtual_weights_hand_computed():

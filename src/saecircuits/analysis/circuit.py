@@ -46,6 +46,7 @@ import pandas as pd
 import torch
 
 from saecircuits.analysis.features import FeatureActs, activations_or_compute
+from saecircuits.analysis.reconstruction import loss_recovered
 from saecircuits.models.engine import stage_of_hook
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches, with_progress
 from saecircuits.models.interventions import Edit, interventions_for
@@ -752,13 +753,16 @@ def faithfulness_curve(
     With m the mean answer log-prob at P: ``m(M)`` clean, ``m(empty)`` every node mean-ablated, ``m(C)`` every
     node outside C mean-ablated, ``m(M \\ C)`` the nodes of C mean-ablated. faithfulness = (m(C) - m(empty)) /
     (m(M) - m(empty)) (1 = the circuit alone does the whole job); completeness = (m(M \\ C) - m(empty)) /
-    (m(M) - m(empty)) (what is left without the circuit; 0 = nothing, so the circuit is complete). Both are NaN
-    when ``|m(M) - m(empty)| < 1e-3`` nats (mean-ablating everything does not change the answer, so there is
-    nothing to explain). Sparse Feature Circuits, section 3.
+    (m(M) - m(empty)) (what is left without the circuit; 0 = nothing, so the circuit is complete). Sparse Feature
+    Circuits, section 3. In losses (``-m``) both are loss recovered, with "everything mean-ablated" as the
+    ablation, so they come from the one formula, :func:`saecircuits.analysis.reconstruction.loss_recovered`: NaN,
+    with ``undefined_reason`` set, when mean-ablating every node does not clearly lower the answer's log-prob
+    (a mean drop under 0.01 nats, or a 95% interval that includes 0), since there is then nothing to explain.
 
     Returns:
         DataFrame with columns ``n_nodes``, ``m_circuit``, ``m_complement_ablated``, ``faithfulness``,
-        ``completeness``, plus ``m_clean`` and ``m_empty`` (nats).
+        ``completeness`` (with ``faithfulness_ci95`` and ``completeness_ci95``, paired-bootstrap ``[lo, hi]``),
+        ``undefined_reason`` (None when defined), plus ``m_clean`` and ``m_empty`` (nats).
     """
     iv = interventions_for(model)
     means = means if means is not None else node_means(model, task, groups, max_tokens=max_tokens,
@@ -775,8 +779,9 @@ def faithfulness_curve(
         masks[1 + 2 * j] = ~inside
         masks[2 + 2 * j] = inside
     V = masks.shape[0]
-    totals = torch.zeros(V, dtype=torch.float64)
-    clean_total = 0.0
+    n = task.n_prompts
+    per_prompt = torch.zeros(n, V, dtype=torch.float64)  # answer log-prob under each variant
+    clean_lp = torch.zeros(n, dtype=torch.float64)
     for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
         clean = iv.clean(batch)
         edits = []
@@ -786,20 +791,23 @@ def faithfulness_curve(
             gm[:, where] = masks[:, g.node_of[where]]
             edits.append(_mask_edit(g, gm, means))
         logits, _ = iv.run(clean, edits, n_variants=V)
-        totals += _answer_logprob(logits, batch.answer_ids).double().sum(0).cpu()
-        clean_total += float(_answer_logprob(clean.logits[:, None], batch.answer_ids).double().sum())
-    n = task.n_prompts
-    m = totals / n
-    m_clean, m_empty = clean_total / n, float(m[0])
-    denom = m_clean - m_empty
-    ok = abs(denom) >= 1e-3
+        idx = torch.as_tensor(batch.indices)
+        per_prompt[idx] = _answer_logprob(logits, batch.answer_ids).double().cpu()
+        clean_lp[idx] = _answer_logprob(clean.logits[:, None], batch.answer_ids).double().cpu()[:, 0]
+    m = per_prompt.mean(0)
+    m_clean, m_empty = float(clean_lp.mean()), float(m[0])
     rows = []
     for j, s in enumerate(sizes):
-        mc, mr = float(m[1 + 2 * j]), float(m[2 + 2 * j])
+        # losses are -log-probs: faithfulness = (L_empty - L_C) / (L_empty - L_clean), loss recovered by C alone
+        faith = loss_recovered(-clean_lp, -per_prompt[:, 1 + 2 * j], -per_prompt[:, 0],
+                               ablation="mean-ablating every node")
+        comp = loss_recovered(-clean_lp, -per_prompt[:, 2 + 2 * j], -per_prompt[:, 0],
+                              ablation="mean-ablating every node")
         rows.append({
-            "n_nodes": s, "m_circuit": mc, "m_complement_ablated": mr,
-            "faithfulness": (mc - m_empty) / denom if ok else float("nan"),
-            "completeness": (mr - m_empty) / denom if ok else float("nan"),
+            "n_nodes": s, "m_circuit": float(m[1 + 2 * j]), "m_complement_ablated": float(m[2 + 2 * j]),
+            "faithfulness": faith.value, "faithfulness_ci95": [faith.low, faith.high],
+            "completeness": comp.value, "completeness_ci95": [comp.low, comp.high],
+            "undefined_reason": faith.reason,
             "m_clean": m_clean, "m_empty": m_empty,
         })
     return pd.DataFrame(rows)
@@ -1048,10 +1056,12 @@ def find_circuit(
         if len(reach):
             size = int(reach["n_nodes"].iloc[0])
             rule = f"smallest size with faithfulness >= {target_faithfulness}"
-        else:
-            best = curve["faithfulness"].idxmax() if curve["faithfulness"].notna().any() else len(curve) - 1
-            size = int(curve["n_nodes"].iloc[best])
+        elif curve["faithfulness"].notna().any():
+            size = int(curve["n_nodes"].iloc[curve["faithfulness"].idxmax()])
             rule = f"no swept size reaches faithfulness {target_faithfulness}: the most faithful one"
+        else:  # faithfulness is undefined: nothing to explain, so no size can be chosen by it
+            size = int(curve["n_nodes"].iloc[-1])
+            rule = f"faithfulness undefined ({curve['undefined_reason'].iloc[0]}): every node kept"
         circuit = order[:size]
         selection = {"rule": rule, "n_nodes": size}
     if len(circuit) not in set(curve["n_nodes"].tolist()):
@@ -1061,6 +1071,8 @@ def find_circuit(
     if len(row):
         selection["faithfulness"] = float(row["faithfulness"].iloc[0])
         selection["completeness"] = float(row["completeness"].iloc[0])
+        if row["undefined_reason"].iloc[0] is not None:
+            selection["undefined_reason"] = str(row["undefined_reason"].iloc[0])
     in_c = set(circuit)
     inner = {k: v for k, v in exact.edges.items() if k[0] in in_c and k[1] in in_c}
     cut = edge_fraction * max((abs(v[0]) for v in inner.values()), default=0.0)

@@ -1153,6 +1153,9 @@ def _circuit_section(r: Mapping, fig: _Figures) -> str:
             f"{_esc(_num(sel.get('completeness'), '.3f'))} (what is left when the circuit itself is mean-ablated; "
             f"0 = nothing). Edges: {_esc(sel.get('edge_rule', ''))}.</p>"
         )
+        if sel.get("undefined_reason"):
+            out.append(f'<div class="warn"><b>Faithfulness and completeness are undefined:</b> '
+                       f"{_esc(sel['undefined_reason'])}; there is no effect for a circuit to explain.</div>")
     # the graph: columns by layer/stage, node size by |effect|, edge width by |exact|, colour by sign
     stage_of = {}
     for n in circ:
