@@ -329,6 +329,7 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
     if all((f / "cfg.json").is_file() for f in folders.values()):
         logger.info("reusing SAEs from %s", cache_dir)
         info["reused"] = True
+        info["final_metrics"] = _final_metrics(cache_dir, hook_points)
         return [load_sae(folders[hp], device=cfg.device) for hp in hook_points], info
 
     tok = model.tokenizer
@@ -360,6 +361,13 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    info["final_metrics"] = _final_metrics(cache_dir, hook_points)
+    return [trained[hp] for hp in hook_points], info
+
+
+def _final_metrics(cache_dir: Path, hook_points: list[str]) -> dict:
+    """The last line of each SAE's training ``metrics.jsonl`` (L0, explained variance, shrinkage, dead/dense
+    fractions over the last training batch), also when the SAEs are reused from the cache."""
     metrics = {}
     for hp in hook_points:
         log = cache_dir / hp / "metrics.jsonl"
@@ -367,8 +375,7 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
             lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
             if lines:
                 metrics[hp] = lines[-1]
-    info["final_metrics"] = metrics
-    return [trained[hp] for hp in hook_points], info
+    return metrics
 
 
 def _build_task(cfg: RunConfig, model, docs: list[str]):
@@ -530,7 +537,14 @@ def analyse_sae(
     else:
         entry["loss_recovered_mean_ablation"] = None
 
-    chosen = [f["feature"] for f in top_features if f["loss_increase"] > 0][: cfg.n_ablate]
+    # the set ablated together: the largest effects among features whose effect is supported (95% CI above 0)
+    supported = [f["feature"] for f in top_features
+                 if f["loss_increase"] is not None and f["loss_increase_ci95"] is not None
+                 and f["loss_increase"] - f["loss_increase_ci95"] > 0]
+    chosen = supported[: cfg.n_ablate]
+    entry["multi_ablation_selection"] = {
+        "rule": f"the {cfg.n_ablate} largest loss increases among features whose 95% CI excludes 0",
+        "n_supported": len(supported), "n_ranked": len(top_features)}
     if chosen:
         progress(f"{sae.hook_point}: ablating features {chosen} together")
         abl = ablate_features(model, sae, task, chosen, mode=cfg.ablation_mode)
@@ -553,6 +567,10 @@ def analyse_sae(
                                       effects=effects, mode=cfg.ablation_mode, token_counts=token_counts))
     shown = [f["feature"] for f in top_features[: cfg.n_example_features]]
     if shown:
+        # each shown feature's activation at P on the prompts where it is active (the feature card's histogram)
+        entry["task_activations"] = [
+            {"feature": int(k), "values": [_round(v, 4) for v in acts.value[acts.feature == k].tolist()]}
+            for k in shown]
         progress(f"{sae.hook_point}: top activating examples of {len(shown)} features")
         examples = top_activating_examples(model, sae, stat_docs, shown, k=cfg.n_examples, progress=bars)
         entry["examples"] = [

@@ -263,7 +263,7 @@ def demo(
         if not sae_train.is_file():
             write_corpus(sae_train, 4000, seed=7)
     cfg = dataclasses.replace(
-        cfg, model=str(folder), model_label=f"saecircuits default (2-layer GPT-Neo, {folder.name})")
+        cfg, model=str(folder), model_label="saecircuits default (2-layer GPT-Neo)")
     _execute(cfg)
 
 

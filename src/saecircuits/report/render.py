@@ -475,16 +475,23 @@ _MULTI = (
 
 def _multi_section(sae: Mapping, fig: _Figures) -> str:
     ma = sae.get("multi_ablation")
+    sel = sae.get("multi_ablation_selection") or {}
     if not ma:
+        if sel and not sel.get("n_supported"):
+            return ('<p class="note">No multi-feature ablation: no ranked feature has a supported effect (every 95% '
+                    f"CI of the {_esc(sel.get('n_ranked', 0))} ranked features includes 0), so no set was chosen.</p>")
         return '<p class="muted">No multi-feature ablation recorded.</p>'
     feats = ma.get("features", [])
     present = [(k, label) for k, label in _MULTI if k in ma]
+    chosen_by = (f" Chosen as {_esc(sel['rule'])} ({_esc(sel.get('n_supported', '?'))} of "
+                 f"{_esc(sel.get('n_ranked', '?'))} ranked features are supported)." if sel.get("rule") else
+                 " This results.json does not say whether the set was chosen among supported features.")
     out = [
         f'<p class="note">All of the features {_esc(", ".join(str(x) for x in feats)) or "(not recorded)"} '
         f"ablated together on {_esc(ma.get('n_prompts', 'n/a'))} prompts. Sign convention: "
         "<b>original - ablated</b>. A positive log-prob or logit difference means the ablation lowered the "
         "answer; a negative rank difference means the answer's rank got worse (a larger rank number) after "
-        "the ablation. Error bars: 95% CI.</p>"
+        "the ablation. Error bars: 95% CI." + chosen_by + "</p>"
     ]
     rows = [(label, _pm(ma[k]["mean"], ma[k].get("ci95"))) for k, label in present]
     out.append(_table(["original - ablated", "mean (95% CI)"], rows, left_cols=(0,)))
