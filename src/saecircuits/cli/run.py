@@ -131,17 +131,23 @@ ABLATION_MODE_HELP = ("How features are ablated: 'residual' (remove their decode
                       "'reconstruction' (SAE reconstruction without them) or 'clean_effect' (that, vs the plain "
                       "reconstruction).")
 THREADS_HELP = "torch threads for the whole run (default: the cores this process may use)."
+EXPORT_HELP = ("Also write every figure of the report as PNG (figures/, needs kaleido and Chrome or Chromium) and "
+               "every table as CSV (tables/) beside it.")
 SELECTION_HELP = ("Features whose exact ablation effect is computed on each prompt: 'all' active ones, or the N "
                   "with the largest |activation x DLA|.")
 
 
-def _execute(cfg, model=None) -> None:
+def _execute(cfg, model=None, export: bool = False) -> None:
     from saecircuits.pipeline import run_pipeline
 
     with user_errors():
         results = run_pipeline(cfg, model=model, log=_say)
     _summary(results)
     typer.echo(f"report: {Path(cfg.out) / 'report.html'}")
+    if export:
+        from saecircuits.cli.report import run_export
+
+        run_export(results, Path(cfg.out))
 
 
 _WORKSPACE_SHOWN = "$SAECIRCUITS_WORKSPACE, else ~/.cache/saecircuits"
@@ -200,6 +206,7 @@ def run(
         metavar="MODE", callback=_ablation_mode, help=ABLATION_MODE_HELP)] = "residual",
     threads: Annotated[int | None, typer.Option(
         metavar="N", min=1, show_default="all cores", help=THREADS_HELP)] = None,
+    export: Annotated[bool, typer.Option("--export", show_default="off", help=EXPORT_HELP)] = False,
     verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", show_default="off", help="Log each stage.")] = False,
 ) -> None:
@@ -218,7 +225,7 @@ def run(
             feature_selection=feature_selection, ablation_mode=ablation_mode,
         )
     _threads(threads)
-    _execute(cfg)
+    _execute(cfg, export=export)
 
 
 @app.command("demo", cls=SaeCommand, short_help="The whole pipeline on the embedded default model.")
@@ -234,6 +241,7 @@ def demo(
     seed: Annotated[int, typer.Option(metavar="N", min=0, help="Seed of SAE training and bootstraps.")] = 0,
     threads: Annotated[int | None, typer.Option(
         metavar="N", min=1, show_default="all cores", help=THREADS_HELP)] = None,
+    export: Annotated[bool, typer.Option("--export", show_default="off", help=EXPORT_HELP)] = False,
     verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", show_default="off", help="Log each stage.")] = False,
 ) -> None:
@@ -264,7 +272,7 @@ def demo(
             write_corpus(sae_train, 4000, seed=7)
     cfg = dataclasses.replace(
         cfg, model=str(folder), model_label="saecircuits default (2-layer GPT-Neo)")
-    _execute(cfg)
+    _execute(cfg, export=export)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1603,7 +1603,7 @@ def build_report(results: Mapping) -> Report:
             "</body></html>",
         ]
     )
-    named = [(f"{div_id}-{_slug(_fig_title(f))}", f) for div_id, f in fig.figures]
+    named = [(f"{j:03d}-{_slug(_fig_title(f))}", f) for j, (_, f) in enumerate(fig.figures, 1)]
     return Report(html=page, figures=named, tables=sink.tables, bundle=bundle)
 
 
