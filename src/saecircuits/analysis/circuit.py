@@ -360,7 +360,7 @@ def exact_effects(
     *,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> ExactEffects:
     """Exact effect of ablating each node alone at P on the metric and on every later SAE's features.
 
@@ -533,7 +533,7 @@ def attribution_estimates(
     edge_downstream: int | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> Estimates:
     """Attribution patching at P: node effects from one backward pass per batch, edges from one backward pass per
     downstream feature slot (each prompt's ``j``-th active feature of each SAE).
@@ -612,7 +612,7 @@ def integrated_gradient_estimates(
     edge_targets: Sequence[int] = (),
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> Estimates:
     """Integrated gradients at P, one submodule (hook group) at a time, as Sparse Feature Circuits.
 
@@ -977,7 +977,7 @@ def find_circuit(
     sizes: Sequence[int] | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> CircuitResult:
     """The feature circuit behind the answer at P across every SAE of the run (see the module docstring).
 

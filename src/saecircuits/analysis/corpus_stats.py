@@ -415,7 +415,7 @@ def corpus_feature_stats(
     encode_floats: int = 1 << 24,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> CorpusStats:
     """Feature statistics of every SAE in ``saes`` over ``token_rows``, in one streaming pass (see the module doc).
 

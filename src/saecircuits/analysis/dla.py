@@ -85,7 +85,7 @@ def direct_logit_attribution(
     *,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> DLAResult:
     """DLA of every attention head, MLP, embedding and the attention-bias sum to the answer logit at P (F1).
 

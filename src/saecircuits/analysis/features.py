@@ -392,7 +392,7 @@ def feature_effects(
     mode: str = "residual",
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> FeatureEffects:
     """Exact single-feature ablation effects at P of every feature active on each prompt.
 
@@ -602,7 +602,7 @@ def feature_ablation_table(
     mode: str = "residual",
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> pd.DataFrame:
     """Features and the mean loss increase at P when each is ablated alone on its active prompts (the reference
     notebook's single-feature ablation table, exact for every active feature).

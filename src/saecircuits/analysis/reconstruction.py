@@ -48,7 +48,7 @@ def mean_activation(
     exclude_bos: bool = True,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> torch.Tensor:
     """Mean activation of ``hook_point`` over every real token position of ``token_rows`` (token-weighted).
 

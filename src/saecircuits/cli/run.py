@@ -118,6 +118,21 @@ def _feature_selection(value: str) -> str | int:
     raise typer.BadParameter(f"must be 'all' or a positive integer, got {value!r}")
 
 
+def _layers(values: list[str] | None) -> list[int] | str | None:
+    """``--layers``: layer numbers, or the single word 'auto'."""
+    from saecircuits.cli import InputError
+
+    if not values:
+        return None
+    if values == ["auto"]:
+        return "auto"
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise InputError(f"--layers takes layer numbers (e.g. --layers 0 1) or the word auto, got "
+                         f"{' '.join(values)}") from None
+
+
 def _ablation_mode(value: str) -> str:
     """``--ablation-mode``: residual, reconstruction or clean_effect (analysis.ablation_modes)."""
     from saecircuits.analysis.ablation_modes import ABLATION_MODES
@@ -168,9 +183,10 @@ def run(
     tokenizer: Annotated[str | None, typer.Option(
         metavar="FILE|DIR", show_default="the model's own",
         help="Tokenizer: a llama2.c tok*.bin or a Hugging Face tokenizer folder.")] = None,
-    layers: Annotated[list[int] | None, typer.Option(
-        metavar="L...", show_default="every layer",
-        help="Layers whose MLP output gets a new SAE (space-separated or repeated).")] = None,
+    layers: Annotated[list[str] | None, typer.Option(
+        metavar="L...|auto", show_default="every layer",
+        help="Layers whose MLP output gets a new SAE (space-separated or repeated), or 'auto': the 2 MLP layers "
+             "with the largest |direct logit attribution| to the answer.")] = None,
     sae: Annotated[list[Path] | None, typer.Option(
         "--sae", metavar="DIR...", show_default="none: train new SAEs",
         help="Analyse existing SAE folders (cfg.json + sae_weights.safetensors) instead.")] = None,
@@ -218,7 +234,7 @@ def run(
         cfg = RunConfig(
             model=model, data=data, out=out, train_data=train_data, tokenizer=tokenizer, task=task,
             closings=('."', '!"', '?"') if all_closings else ('."',),
-            layers=list(layers) if layers else None, sae_paths=list(sae or []), sae_tokens=sae_tokens,
+            layers=_layers(layers), sae_paths=list(sae or []), sae_tokens=sae_tokens,
             expansion_factor=expansion_factor, l1_coefficient=l1_coefficient, max_prompts=max_prompts,
             device=device, seed=seed, workspace=workspace, exclude_bos=not include_bos,
             fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
