@@ -46,6 +46,7 @@ import pandas as pd
 import torch
 
 from saecircuits.analysis.features import FeatureActs, activations_or_compute
+from saecircuits.display import NotebookDisplay
 from saecircuits.models.engine import stage_of_hook
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches, with_progress
 from saecircuits.models.interventions import Edit, interventions_for
@@ -840,7 +841,7 @@ def virtual_weights(model, sae_up: SAE, sae_down: SAE, up: Sequence[int], down: 
 
 
 @dataclass
-class CircuitResult:
+class CircuitResult(NotebookDisplay):
     """Nodes, exact and estimated effects and edges, agreement, the chosen circuit and its faithfulness curve.
 
     Attributes:
@@ -911,6 +912,27 @@ class CircuitResult:
             "virtual_weights": _clean_json(self.virtual),
             "ig_steps": None if self.ig is None else self.ig.steps,
         }
+
+    def display_title(self) -> str:
+        return (f"Feature circuit over {self.n_prompts} prompts: {len(self.nodes)} nodes, {len(self.circuit)} in the "
+                "circuit")
+
+    def to_pandas(self):
+        """One row per node: its label, kind, exact effect (nats) and the AtP / IG estimates, whether in the circuit."""
+        import pandas as pd
+
+        d = self.to_json(max_nodes=len(self.nodes), max_edges=0)
+        return pd.DataFrame([{k: n.get(k) for k in ("label", "kind", "layer", "effect", "effect_ci95", "atp", "ig",
+                                                    "n_active_prompts")} | {"in_circuit": n["id"] in set(self.circuit)}
+                             for n in d["nodes"]])
+
+    def figure(self):
+        """Exact node effects against the attribution-patching estimate."""
+        from saecircuits.display import scatter_figure
+
+        df = self.to_pandas()
+        return scatter_figure(df["effect"], df["atp"], text=df["label"], title="Node effects: AtP vs exact",
+                              xaxis="exact effect (nats)", yaxis="AtP estimate (nats)", color="#ff7f0e")
 
 
 def _f(x) -> float | None:
