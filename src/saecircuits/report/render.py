@@ -38,7 +38,15 @@ from plotly.subplots import make_subplots
 
 from saecircuits.report.browser import browser_payload, embed_json
 from saecircuits.report.schema import ci_bounds, to_jsonable, validate_results, write_text_atomic
-from saecircuits.report.summary import GLOSSARY, feature_reading, headline, model_name, supported, surprises
+from saecircuits.report.summary import (
+    GLOSSARY,
+    feature_reading,
+    headline,
+    model_name,
+    ratio_problem,
+    supported,
+    surprises,
+)
 from saecircuits.report.tokens_html import TOKENS_CSS, token_html, tokens_to_html, visible_token
 
 __all__ = ["render_report", "build_report_html", "build_report", "Report", "plotly_bundle"]
@@ -1374,10 +1382,8 @@ def _summary_section(r: Mapping) -> str:
         for i, sae in enumerate(r["saes"]):
             sup = sum(1 for t in sae.get("top_features") or []
                       if supported(t["loss_increase"], t.get("loss_increase_ci95")))
-            rows.append((f"SAE {i}: {sae['hook_point']}",
-                         _pm(sae["loss_recovered"], sae.get("loss_recovered_ci95"), ".3f"),
-                         _pm(sae.get("loss_recovered_mean_ablation"), sae.get("loss_recovered_mean_ablation_ci95"),
-                             ".3f"),
+            rows.append((f"SAE {i}: {sae['hook_point']}", _lr_cell(sae, "loss_recovered"),
+                         _lr_cell(sae, "loss_recovered_mean_ablation"),
                          _num(sae["l0"], ".1f"), sup))
         out.append(_table(["SAE", "loss recovered vs zero ablation (95% CI)", "vs mean ablation (95% CI)", "L0 at P",
                            "features with a supported effect"], rows, left_cols=(0,)))
@@ -1404,6 +1410,12 @@ def _summary_section(r: Mapping) -> str:
                    f"{_esc(_num(sel.get('completeness'), '.3f'))} (<a href=\"#circuit\">details</a>).</p>")
     out.append("</section>")
     return "\n".join(x for x in out if x)
+
+
+def _lr_cell(sae: Mapping, key: str) -> str:
+    """A loss recovered with its CI, flagged when it cannot be read as a result (:func:`summary.ratio_problem`)."""
+    text = _pm(sae.get(key), sae.get(f"{key}_ci95"), ".3f")
+    return text + (" (cannot be read: see below)" if ratio_problem(sae, key) is not None else "")
 
 
 def _html_table(headers: Sequence[str], cells_html: Sequence[Sequence[str]], plain: Sequence[Sequence[Any]]) -> str:

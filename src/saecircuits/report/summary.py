@@ -29,6 +29,7 @@ __all__ = [
     "feature_reading",
     "surprises",
     "supported",
+    "ratio_problem",
     "model_name",
     "layer_effect_share",
 ]
@@ -138,6 +139,31 @@ def _components(results: Mapping, n: int = 3) -> str:
             + (" and " if len(parts) > 1 else "") + parts[-1] + " (direct logit attribution, mean over prompts).")
 
 
+MIN_LAYER_EFFECT = 0.01
+"""Below this many nats of loss increase from ablating the layer, loss recovered divides by almost nothing."""
+
+
+def ratio_problem(sae: Mapping, key: str = "loss_recovered") -> str | None:
+    """Why the loss-recovered ratio ``key`` of an SAE entry cannot be read as a result, or None when it can.
+
+    It cannot when it is missing or not finite (the reason results.json gives, if any), when ablating the layer
+    raises the answer loss by less than :data:`MIN_LAYER_EFFECT` nats (the ratio divides by almost nothing), or
+    when its 95% interval does not contain its value or reaches below 0 (a bootstrap of a near-zero denominator)."""
+    v = sae.get(key)
+    if not _finite(v):
+        return sae.get(f"{key}_undefined_reason") or "not recorded"
+    ablated = sae.get("zero_ablation_loss" if key == "loss_recovered" else "mean_ablation_loss")
+    clean = sae.get("clean_loss")
+    if _finite(ablated) and _finite(clean) and ablated - clean < MIN_LAYER_EFFECT:
+        return (f"ablating the layer changes the answer loss by only {ablated - clean:+.3f} nats, so the ratio "
+                "divides by almost nothing")
+    lo, hi = ci_bounds(v, sae.get(f"{key}_ci95"))
+    if _finite(lo) and _finite(hi) and (lo < 0 or not lo <= v <= hi):
+        return (f"its 95% interval [{lo:.3f}, {hi:.3f}] is too wide (or does not contain the value): the layer's "
+                "ablation effect is too small or too variable on these prompts")
+    return None
+
+
 def _ranked(sae: Mapping) -> list[Mapping]:
     return sorted(sae.get("top_features") or [],
                   key=lambda t: -t["loss_increase"] if _finite(t.get("loss_increase")) else math.inf)
@@ -161,7 +187,10 @@ def _sae_sentence(sae: Mapping) -> list[str]:
     lr = sae.get("loss_recovered")
     lr_ci = sae.get("loss_recovered_ci95")
     lr_s = ""
-    if _finite(lr):
+    problem = ratio_problem(sae)
+    if problem is not None:
+        lr_s = f" (its loss recovered cannot be read: {problem})"
+    elif _finite(lr):
         lo, hi = ci_bounds(lr, lr_ci)
         lr_s = f" (its SAE recovers {lr:.3f} of the loss vs zero ablation" + (
             f", 95% CI {lo:.3f} to {hi:.3f}" if _finite(lo) and _finite(hi) else "") + ")"
@@ -246,7 +275,11 @@ def surprises(sae: Mapping, results: Mapping | None = None) -> list[str]:
     out = []
     for key, vs in (("loss_recovered", "zero"), ("loss_recovered_mean_ablation", "mean")):
         v = sae.get(key)
-        if _finite(v) and v > 1:
+        problem = ratio_problem(sae, key)
+        if _finite(v) and problem is not None:
+            out.append(f"Loss recovered vs {vs} ablation ({v:.3f}) cannot be read as a result: {problem}. Compare "
+                       "the losses themselves (clean, SAE spliced in, ablated) instead.")
+        elif _finite(v) and v > 1:
             out.append(
                 f"Loss recovered vs {vs} ablation is above 1 ({v:.3f}): with the SAE spliced in, the answer loss "
                 f"({_f(sae.get('sae_loss'))} nats) is lower than the clean model's ({_f(sae.get('clean_loss'))}). "

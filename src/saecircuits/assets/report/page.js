@@ -221,8 +221,10 @@
     for (var i = 0; i < s.rows.length; i++) { if (s.rows[i][0] === k) { row = s.rows[i]; break; } }
     this.cardBox.textContent = "";
     if (!row) { this.cardBox.appendChild(el("p", {"class": "muted"}, "Feature " + k + " has no recorded evidence in " + s.hook + ".")); return; }
+    pending = [];
     var card = buildCard(s, row, s.cards[String(k)] || {}, this.strings);
     this.cardBox.appendChild(card);
+    drawPending();
     var trs = this.tbody.querySelectorAll("tr");
     for (var j = 0; j < trs.length; j++) { trs[j].classList.toggle("current", trs[j].getAttribute("data-f") === String(k)); }
     if (history.replaceState) { history.replaceState(null, "", "#card-" + s.sid + "-f" + k); }
@@ -260,13 +262,21 @@
     return t;
   }
 
+  var pending = [];  // card plots wait until their card is in the page, so plotly can measure their width
+
   function plotBox(parent, traces, layout, height) {
     var div = el("div", {"class": "plot card-plot"});
     div.style.height = (height || 260) + "px";
     parent.appendChild(div);
     var lay = Object.assign({margin: {l: 55, r: 15, t: 40, b: 45}, height: height || 260}, layout);
-    newPlot(div, {data: traces, layout: lay});
+    pending.push(function () { newPlot(div, {data: traces, layout: lay}); });
     return div;
+  }
+
+  function drawPending() {
+    var todo = pending;
+    pending = [];
+    todo.forEach(function (f) { f(); });
   }
 
   function centres(edges) {
@@ -380,18 +390,25 @@
         });
       }, {rootMargin: "300px"});
     }
-    readJSON("sc-figs").then(function (d) {
+    var figsReady = readJSON("sc-figs").then(function (d) {
       if (d) { template = d.template || null; figs = d.figs || {}; }
       watchPlots(document);
     });
-    readJSON("sc-browser").then(function (d) {
+    var browserReady = readJSON("sc-browser").then(function (d) {
       var root = document.getElementById("feature-browser");
       if (d && root) { browser = new Browser(root, d); }
+    });
+    Promise.all([figsReady, browserReady]).then(function () {
       openTarget();
       document.documentElement.setAttribute("data-ready", "1");
     });
     window.addEventListener("hashchange", openTarget);
-    window.scReport = {renderAll: renderAll, tokenColor: tokenColor, open: function (si, k) { if (browser) { browser.open(si, k); } }};
+    window.scReport = {
+      renderAll: renderAll,
+      tokenColor: tokenColor,
+      nFigures: function () { return Object.keys(figs).length; },
+      open: function (si, k) { if (browser) { browser.open(si, k); } }
+    };
   }
 
   if (document.readyState === "loading") { document.addEventListener("DOMContentLoaded", start); } else { start(); }
