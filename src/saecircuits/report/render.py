@@ -373,6 +373,9 @@ def _sorted_features(sae: Mapping) -> list[Mapping]:
     )
 
 
+STATIC_FEATURES = 10
+"""Features whose examples, details and band examples the static sections draw; the feature browser has them all."""
+
 TOP_ROWS = 30
 """Rows of the ranked feature table and bars of its chart (every feature's effect is in the effects chart)."""
 
@@ -538,7 +541,10 @@ def _examples_section(sae: Mapping, sid: str) -> str:
         "grey dashed boxes, never coloured; a character split over several byte tokens is shown on its first "
         "token, and the narrow boxes after it hold its other bytes.</p>"
     ]
-    for k in order:
+    if len(order) > STATIC_FEATURES:
+        out.append(f'<p class="note">The first {STATIC_FEATURES} of {len(order)} features are shown here; the feature '
+                   "browser has the examples of every one.</p>")
+    for k in order[:STATIC_FEATURES]:
         out.append(f'<h4 id="{sid}-f{k}">Feature {k}</h4>')
         for ex in by_feature[k]:
             acts = ex["activations"]
@@ -797,7 +803,11 @@ def _evidence_sections(sae: Mapping, fig: _Figures, sid: str) -> list[str]:
         if key == "error_dla":
             out.append(_error_dla_section(sae, fig))
         elif key == "feature_details":
-            out += [_feature_detail(fd, fig, sid) for fd in sae["feature_details"]]
+            details = sae["feature_details"]
+            if len(details) > STATIC_FEATURES:
+                out.append(f'<p class="note">The first {STATIC_FEATURES} of {len(details)} features are shown here; '
+                           "the feature browser has the details of every one.</p>")
+            out += [_feature_detail(fd, fig, sid) for fd in details[:STATIC_FEATURES]]
         elif key == "upstream_ablation":
             out.append(_upstream_section(sae, fig))
         else:
@@ -892,7 +902,7 @@ def _corpus_section(sae: Mapping, fig: _Figures, sid: str) -> str:
             centres = [(a + b) / 2 for a, b in zip(a_edges[:-1], a_edges[1:], strict=True)]
             f = go.Figure(
                 [go.Scatter(x=centres, y=fe.get("activation_log10_counts", []), mode="lines", name=f"f{fe['feature']}")
-                 for fe in feats if fe.get("activation_log10_counts")]
+                 for fe in feats[:STATIC_FEATURES] if fe.get("activation_log10_counts")]
             )
             f.update_layout(title="Activation histogram of the top features (tokens where each fires)",
                             xaxis_title="log10 activation", yaxis_title="tokens")
@@ -902,7 +912,7 @@ def _corpus_section(sae: Mapping, fig: _Figures, sid: str) -> str:
             "modes): documents whose maximum lies just above 2/3, 1/3 and 1/10 of the feature's maximum. What a "
             "feature does at lower activations is often broader than its top examples suggest.</p>"
         )
-        for fe in feats:
+        for fe in feats[:STATIC_FEATURES]:
             bands = fe.get("band_examples") or {}
             if not any(bands.values()):
                 continue
@@ -998,7 +1008,7 @@ def _stories_section(sae: Mapping, fig: _Figures, sid: str) -> str:
     ]
     out.append(_table(["feature", "stories", "threshold", "global: loss increase (nats)",
                        "per position: loss increase (nats)", "mode"], rows))
-    for st in sae["max_activating_ablation"]:
+    for st in sae["max_activating_ablation"][:STATIC_FEATURES]:
         k = int(st["feature"])
         vals = st.get("position_loss_increase") or []
         if vals:

@@ -4,6 +4,7 @@
 (function () {
   "use strict";
   var PLOT_CONFIG = {displaylogo: false, responsive: true};
+  var CARD_PLOT_CONFIG = {displaylogo: false, responsive: true, displayModeBar: false};
   var template = null;
 
   function readJSON(id) {
@@ -39,11 +40,11 @@
 
   /* ---------------------------------------------------------------- lazy plots */
 
-  function newPlot(div, fig) {
+  function newPlot(div, fig, config) {
     var layout = Object.assign({}, fig.layout || {});
     if (template && !layout.template) { layout.template = template; }
     div.setAttribute("data-rendered", "1");
-    return Plotly.newPlot(div, fig.data || [], layout, PLOT_CONFIG);
+    return Plotly.newPlot(div, fig.data || [], layout, config || PLOT_CONFIG);
   }
 
   var figs = {};
@@ -193,7 +194,7 @@
       var tr = el("tr", {"data-f": String(r[0]), tabindex: "0"});
       tr.appendChild(el("td", null, "f" + r[0]));
       tr.appendChild(el("td", null, withCI(r[1], r[2], r[3], 4)));
-      tr.appendChild(el("td", null, r[4] === null ? "n/a" : (100 * r[4]).toFixed(0) + "%"));
+      tr.appendChild(el("td", null, r[4] === null ? "n/a" : (100 * r[4]).toFixed(r[4] < 0.1 ? 1 : 0) + "%"));
       tr.appendChild(el("td", {"class": "l"}, r[6] || ""));
       if (r[2] !== null && r[2] > 0) { tr.className = "sig"; }
       tr.addEventListener("click", function () { self.open(self.sae, r[0]); });
@@ -269,7 +270,7 @@
     div.style.height = (height || 260) + "px";
     parent.appendChild(div);
     var lay = Object.assign({margin: {l: 55, r: 15, t: 40, b: 45}, height: height || 260}, layout);
-    pending.push(function () { newPlot(div, {data: traces, layout: lay}); });
+    pending.push(function () { newPlot(div, {data: traces, layout: lay}, CARD_PLOT_CONFIG); });
     return div;
   }
 
@@ -400,6 +401,7 @@
     });
     Promise.all([figsReady, browserReady]).then(function () {
       openTarget();
+      window.scReport.readyAt = performance.now();  // ms since navigation start (the benchmark reads it)
       document.documentElement.setAttribute("data-ready", "1");
     });
     window.addEventListener("hashchange", openTarget);
