@@ -49,7 +49,7 @@ from saecircuits.report.summary import (
 )
 from saecircuits.report.tokens_html import TOKENS_CSS, token_html, tokens_to_html, visible_token
 
-__all__ = ["render_report", "build_report_html", "build_report", "Report", "plotly_bundle"]
+__all__ = ["render_report", "build_report_html", "build_report", "build_card_page", "Report", "plotly_bundle"]
 
 _CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 0 auto; max-width: 1200px;
@@ -1632,6 +1632,39 @@ def build_report(results: Mapping) -> Report:
 def _fig_title(f: go.Figure) -> str:
     t = f.layout.title
     return (t.text if t is not None and t.text else "") or "figure"
+
+
+def build_card_page(card: Mapping) -> str:
+    """A self-contained page with one feature's card (``saecircuits feature --out``), drawn by the same code as the
+    report's feature browser.
+
+    Args:
+        card: ``{"saes": [an SAE entry of results.json holding only that feature's evidence], "feature": k, ...}``
+            (:func:`saecircuits.feature_card.feature_card`).
+    """
+    sae = card["saes"][0]
+    k = int(card["feature"])
+    so = sae.get("sae_only") or {}
+    rows = [("SAE", card.get("sae_dir", "")), ("hook point", sae["hook_point"]), ("d_in / d_sae",
+                                                                                f"{sae['d_in']} / {sae['d_sae']}"),
+            ("encoder bias b_enc[k]", _num(so.get("b_enc"))), ("decoder norm |W_dec[k]|", _num(so.get("decoder_norm")))]
+    if card.get("model"):
+        rows.append(("model", card["model"]))
+    if card.get("task"):
+        rows.append(("task", f"{card['task']['name']}, {card['task']['n_prompts']} prompts"))
+    notes = "".join(f'<p class="note">{_esc(n)}</p>' for n in card.get("notes") or [])
+    if not card.get("model"):
+        notes += ('<p class="note">Only the SAE was given: add --model (weight-based logit boosts) and --data (corpus '
+                  "statistics, examples, and the feature's effect on the task prompts).</p>")
+    browser = browser_payload(card)
+    js, _ = plotly_bundle(set())
+    title = f"Feature {k} of {sae['hook_point']}"
+    return "\n".join([
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{_esc(title)}</title>",
+        f"<style>{_CSS}</style>", f'<script type="text/javascript">{js}</script>', "</head><body>",
+        f"<h1>{_esc(title)}</h1>", _table(None, rows, left_cols=(0, 1)), notes,
+        f'<div id="feature-browser" data-open="card-sae-0-f{k}"></div>',
+        embed_json("sc-browser", browser), f"<script>{_page_js()}</script>", "</body></html>"])
 
 
 def build_report_html(results: Mapping) -> str:

@@ -397,7 +397,11 @@
     });
     var browserReady = readJSON("sc-browser").then(function (d) {
       var root = document.getElementById("feature-browser");
-      if (d && root) { browser = new Browser(root, d); }
+      if (d && root) {
+        browser = new Browser(root, d);
+        var want = root.getAttribute("data-open");  // a one-feature page opens its card
+        if (want) { browser.openFromHash(want); }
+      }
     });
     Promise.all([figsReady, browserReady]).then(function () {
       openTarget();
