@@ -38,7 +38,7 @@ def test_feature_with_the_sae_alone_prints_its_card(sae_dir):
     assert res.exit_code == 0, res.output
     sae = random_sae()
     assert f"Feature 7 of {HOOK} (d_sae 96;" in res.output
-    assert f"encoder bias {round(float(sae.b_enc[7]), 6)}" in res.output  # the SAE's own value
+    assert f"encoder bias {round(float(sae.b_enc[7].detach()), 6)}" in res.output  # the SAE's own value
     assert "add --model" in res.output
 
 

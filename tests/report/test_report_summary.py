@@ -204,3 +204,11 @@ def test_static_sections_draw_the_first_features_and_the_browser_has_all(results
     assert f"The first {STATIC_FEATURES} of {STATIC_FEATURES + 2} features are shown here" in rep.html
     cards = browser_payload(results)["saes"][0]["cards"]
     assert all("ex" in cards[str(k)] for k in range(100, 100 + STATIC_FEATURES + 2))
+
+
+def test_identical_example_windows_are_shown_once(results):
+    exs = results["saes"][0]["examples"][0]["examples"]
+    exs.append(json.loads(json.dumps(exs[0])))
+    page = build_report_html(results)
+    section = page[page.index('id="sae-0-f12345"'):page.index('id="sae-0-f9001"')]
+    assert section.count("doc 17, max activation") == 1 and section.count("doc 3, max activation") == 1

@@ -546,7 +546,12 @@ def _examples_section(sae: Mapping, sid: str) -> str:
                    "browser has the examples of every one.</p>")
     for k in order[:STATIC_FEATURES]:
         out.append(f'<h4 id="{sid}-f{k}">Feature {k}</h4>')
+        seen = set()
         for ex in by_feature[k]:
+            key = (tuple(ex["tokens"]), tuple(ex["activations"]))
+            if key in seen:  # the same window twice (e.g. two top positions close together): shown once
+                continue
+            seen.add(key)
             acts = ex["activations"]
             mx = ex.get("max_activation")
             if not _finite(mx):
