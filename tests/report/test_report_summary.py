@@ -73,7 +73,9 @@ def test_ratio_problem_when_the_layer_barely_matters(results):
     sae = results["saes"][0]
     assert ratio_problem(sae) is None
     sae["zero_ablation_loss"] = sae["clean_loss"] + 0.005
-    assert ratio_problem(sae).startswith("ablating the layer changes the answer loss by only +0.005 nats")
+    assert ratio_problem(sae).startswith("ablating the layer raises the answer loss by only 0.005 nats, so the ratio")
+    sae["zero_ablation_loss"] = sae["clean_loss"] - 0.028
+    assert ratio_problem(sae).startswith("ablating the layer lowers the answer loss (by 0.028 nats), so the ratio")
     sae["zero_ablation_loss"] = 3.9876
     sae["loss_recovered"], sae["loss_recovered_ci95"] = 12.4, [-8.4, 10.1]  # bootstrap of a tiny denominator
     assert "too wide" in ratio_problem(sae)

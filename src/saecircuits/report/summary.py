@@ -155,8 +155,10 @@ def ratio_problem(sae: Mapping, key: str = "loss_recovered") -> str | None:
     ablated = sae.get("zero_ablation_loss" if key == "loss_recovered" else "mean_ablation_loss")
     clean = sae.get("clean_loss")
     if _finite(ablated) and _finite(clean) and ablated - clean < MIN_LAYER_EFFECT:
-        return (f"ablating the layer changes the answer loss by only {ablated - clean:+.3f} nats, so the ratio "
-                "divides by almost nothing")
+        d = ablated - clean
+        change = (f"ablating the layer lowers the answer loss (by {-d:.3f} nats)" if d < 0 else
+                  f"ablating the layer raises the answer loss by only {d:.3f} nats")
+        return f"{change}, so the ratio divides by almost nothing"
     lo, hi = ci_bounds(v, sae.get(f"{key}_ci95"))
     if _finite(lo) and _finite(hi) and (lo < 0 or not lo <= v <= hi):
         return (f"its 95% interval [{lo:.3f}, {hi:.3f}] is too wide (or does not contain the value): the layer's "
