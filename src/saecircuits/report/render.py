@@ -1,20 +1,27 @@
 """One self-contained HTML page from a results dict (results.json, schema version 1; see ``report/schema.py``).
 
 The page reads saved evidence only (no torch, no model), so ``saecircuits report results.json`` re-renders it.
-plotly.js is inlined once in ``<head>``; every figure is a ``Plotly.newPlot`` call on its own div. Every string that
-comes from the data is HTML-escaped (``html.escape``), including tick labels handed to plotly (plotly's JSON writer
-also escapes ``<``, ``>`` and ``/`` inside the script).
+plotly.js is inlined once in ``<head>`` (the smallest bundle that draws every figure, :func:`plotly_bundle`); every
+figure is an empty ``<div class="plot">`` whose JSON sits, with the others, in one embedded data element, and the
+page's own script (``assets/report/page.js``) draws it when it scrolls into view. The feature browser's data
+(:mod:`saecircuits.report.browser`) is embedded once too, compressed when large, and its cards are built in the
+page. Every string that comes from the data is HTML-escaped (``html.escape``) or put into the page as text
+(``textContent``), including tick labels handed to plotly; embedded JSON has every ``<`` written ``\\u003c``.
 
-Sections: header (model, task, answer tokens, the BOS policy, example prompts each with its own answer
-highlighted); direct logit
-attribution (analysis-spec F1/F2) with CIs and the completeness error; per SAE: summary table (L0, losses, loss
-recovered vs zero and vs mean ablation, with CIs), the four losses, the top features by loss increase when ablated
-(analysis-spec F3) as a table and a chart, the multi-feature ablation (original - ablated), the top activating
-examples per feature (analysis-spec F14 colours, see ``tokens_html.py``); when present, the SAE-error DLA (F6),
-per-feature details (log-prob and logit boosts F16/F17, activation vs loss increase F18, DFA F7), the upstream
-ablation (F8) and the activation-scaled DLA (F20); the rest of the reference study when present (corpus
-statistics, the five-way loss comparison, the three ablation modes, ablation on max-activating stories, co-occurrence
-and decoder geometry, the span ablation, and the layer comparison); appendix (training, timings, config, notes).
+Layout (:func:`build_report`): title; summary (headline in plain words, checks, loss recovered per SAE, top features
+with a reading, circuit; :mod:`saecircuits.report.summary`); glossary; feature browser; the run (model, task,
+answer tokens, the BOS policy, example prompts each with its own answer highlighted); then collapsible sections:
+direct logit attribution (analysis-spec F1/F2) with CIs and the completeness error; per SAE: summary table (L0 and
+explained variance at P, losses, loss recovered vs zero and vs mean ablation, with CIs; a sentence where a value
+surprises; the SAE's training quality over tokens), the top features by loss increase when ablated (analysis-spec F3)
+as a table and a chart, the exact effect of every active feature, the multi-feature ablation (original - ablated)
+and how its set was chosen, the top activating examples per feature (analysis-spec F14 colours, see
+``tokens_html.py``); when present, the SAE-error DLA (F6), per-feature details (log-prob and logit boosts F16/F17,
+activation vs loss increase F18, DFA F7), the upstream ablation (F8) and the activation-scaled DLA (F20); the rest
+of the reference study when present (corpus statistics, the five-way loss comparison, the three ablation modes,
+ablation on max-activating stories, co-occurrence and decoder geometry, the span ablation); the layer comparison;
+the circuit; appendix (training, timings, config, notes). Static sections draw the first :data:`STATIC_FEATURES`
+features; the browser has every one.
 """
 
 from __future__ import annotations

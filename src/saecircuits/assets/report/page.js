@@ -212,6 +212,7 @@
     var details = document.getElementById("browser-section");
     if (details) { details.open = true; }
     this.open(+m[1], +m[2]);
+    this.cardBox.scrollIntoView();
   };
 
   Browser.prototype.open = function (si, k) {
