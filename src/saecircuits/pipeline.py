@@ -7,9 +7,11 @@ computed by the stage modules, which document their methods. ``saecircuits run``
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -21,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import saecircuits
+from saecircuits.analysis.examples import DEFAULT_N_EXAMPLES
+from saecircuits.tasks.closing_quote import DEFAULT_MAX_PROMPTS
 
 if TYPE_CHECKING:
     from saecircuits.saes.trainer import TrainConfig
@@ -46,7 +50,9 @@ class RunConfig:
         tokenizer: tokenizer for the model (a llama2.c ``tok*.bin`` or an HF tokenizer folder); default: the model's.
         task: ``"closing-quote"`` or the path of a JSONL task file (``{"prompt": ..., "answer": ...}`` per line).
         closings: closing strings the closing-quote task accepts (``'."'``; add ``'!"'``, ``'?"'`` to widen it).
-        layers: layers whose ``blocks.{L}.mlp.hook_post`` get an SAE (default: all).
+        layers: layers whose ``blocks.{L}.mlp.hook_post`` get an SAE (default: all), or ``"auto"``: the
+            ``auto_layers`` MLP layers with the largest |mean DLA| to the answer (computed first, on the task prompts).
+        auto_layers: how many layers ``layers="auto"`` picks.
         sae_paths: existing SAEs (SAELens folders) to analyse instead of training new ones.
         sae_tokens: activations (tokens) each SAE is trained on.
         expansion_factor: ``d_sae = expansion_factor * d_in`` for new SAEs.
@@ -100,7 +106,8 @@ class RunConfig:
     tokenizer: str | None = None
     task: str = "closing-quote"
     closings: tuple[str, ...] = ('."',)
-    layers: list[int] | None = None
+    layers: list[int] | str | None = None
+    auto_layers: int = 2
     sae_paths: list[Path] = field(default_factory=list)
     sae_tokens: int = 400_000
     expansion_factor: int = 4
@@ -109,7 +116,7 @@ class RunConfig:
     sae_lr: float = 2e-3
     sae_batch_size: int = 2048
     seq_len: int = 128
-    max_prompts: int | None = 1000
+    max_prompts: int | None = DEFAULT_MAX_PROMPTS
     max_prompt_tokens: int | None = None
     n_stat_docs: int = 1000
     feature_selection: str | int = "all"
@@ -117,7 +124,7 @@ class RunConfig:
     min_fraction_active: float = 0.05
     n_ablate: int = 3
     n_example_features: int = 6
-    n_examples: int = 5
+    n_examples: int = DEFAULT_N_EXAMPLES
     n_evidence_features: int = 3
     ablation_mode: str = "residual"
     n_max_act_stories: int = 20
@@ -173,7 +180,9 @@ class RunConfig:
             problems.append(f"min_fraction_active must be in [0, 1] (got {self.min_fraction_active!r})")
         if not self.closings:
             problems.append("give at least one closing string (e.g. '.\"')")
-        if self.layers is not None:
+        if self.layers == "auto":
+            at_least("auto_layers", self.auto_layers, 1)
+        elif self.layers is not None:
             negative = [layer for layer in self.layers if layer < 0]
             if negative:
                 problems.append(f"--layers {negative}: layers are numbered from 0")
@@ -209,9 +218,13 @@ class RunConfig:
                 problems.append(f"{flag} {path}: no such file or folder")
         if self.task != "closing-quote" and not Path(self.task).is_file():
             problems.append(f"--task {self.task}: no such task file")
+        from saecircuits.saes.io import find_sae_folders
+
         for path in self.sae_paths:
             if not (Path(path) / "cfg.json").is_file():
-                problems.append(f"--sae {path}: not an SAE folder (no cfg.json)")
+                below = find_sae_folders(path) if Path(path).is_dir() else []
+                problems.append(f"--sae {path}: not an SAE folder (no cfg.json)" + (
+                    f"; the SAE folders below it are {' '.join(str(p) for p in below[:8])}" if below else ""))
         from saecircuits.models.load import looks_like_path
 
         if self.tokenizer is not None and looks_like_path(str(self.tokenizer)) \
@@ -351,6 +364,7 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
     if all((f / "cfg.json").is_file() for f in folders.values()):
         logger.info("reusing SAEs from %s", cache_dir)
         info["reused"] = True
+        info["final_metrics"] = _final_metrics(cache_dir, hook_points)
         return [load_sae(folders[hp], device=cfg.device) for hp in hook_points], info
 
     tok = model.tokenizer
@@ -382,6 +396,13 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    info["final_metrics"] = _final_metrics(cache_dir, hook_points)
+    return [trained[hp] for hp in hook_points], info
+
+
+def _final_metrics(cache_dir: Path, hook_points: list[str]) -> dict:
+    """The last line of each SAE's training ``metrics.jsonl`` (L0, explained variance, shrinkage, dead/dense
+    fractions over the last training batch), also when the SAEs are reused from the cache."""
     metrics = {}
     for hp in hook_points:
         log = cache_dir / hp / "metrics.jsonl"
@@ -389,8 +410,33 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
             lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
             if lines:
                 metrics[hp] = lines[-1]
-    info["final_metrics"] = metrics
-    return [trained[hp] for hp in hook_points], info
+    return metrics
+
+
+def auto_layers(labels: list[str], dla_mean: list[float], n: int) -> tuple[list[int], str]:
+    """``--layers auto``: the ``n`` MLP layers whose direct logit attribution to the answer has the largest |mean|.
+
+    Args:
+        labels: DLA component labels (``"MLP0"``, ``"MLP1"``, ... among them; analysis.dla).
+        dla_mean: ``[components]`` mean DLA over prompts (logits), aligned with ``labels``.
+        n: how many layers to pick (fewer if the model has fewer MLPs).
+
+    Returns:
+        ``(layers ascending, one sentence saying which were chosen and why)``.
+
+    Raises:
+        PipelineError: no ``MLP{L}`` component among ``labels``.
+    """
+    mlps = [(int(lab[3:]), float(v)) for lab, v in zip(labels, dla_mean, strict=True)
+            if lab.startswith("MLP") and lab[3:].isdigit()]
+    if not mlps:
+        raise PipelineError("--layers auto needs the MLP layers' direct logit attribution, and this model has none; "
+                            "give the layers (e.g. --layers 0 1)")
+    top = sorted(mlps, key=lambda lv: -abs(lv[1]) if math.isfinite(lv[1]) else 0.0)[:n]
+    layers = sorted(layer for layer, _ in top)
+    said = ", ".join(f"MLP{layer} {v:+.3f}" for layer, v in sorted(mlps, key=lambda lv: -abs(lv[1])))
+    return layers, (f"--layers auto chose layer(s) {', '.join(map(str, layers))}: the {len(layers)} MLP layer(s) with "
+                    f"the largest |mean direct logit attribution| to the answer (logits: {said}).")
 
 
 def _build_task(cfg: RunConfig, model, docs: list[str]):
@@ -562,7 +608,14 @@ def analyse_sae(
     entry["failed_checks"] = [c.id for c in checks]
     entry["checks"] = [c.to_dict() for c in checks]  # moved to results["checks"] by run_pipeline
 
-    chosen = [f["feature"] for f in top_features if f["loss_increase"] > 0][: cfg.n_ablate]
+    # the set ablated together: the largest effects among features whose effect is supported (95% CI above 0)
+    supported = [f["feature"] for f in top_features
+                 if f["loss_increase"] is not None and f["loss_increase_ci95"] is not None
+                 and f["loss_increase"] - f["loss_increase_ci95"] > 0]
+    chosen = supported[: cfg.n_ablate]
+    entry["multi_ablation_selection"] = {
+        "rule": f"the {cfg.n_ablate} largest loss increases among features whose 95% CI excludes 0",
+        "n_supported": len(supported), "n_ranked": len(top_features)}
     if chosen:
         progress(f"{sae.hook_point}: ablating features {chosen} together")
         abl = ablate_features(model, sae, task, chosen, mode=cfg.ablation_mode)
@@ -585,6 +638,10 @@ def analyse_sae(
                                       effects=effects, mode=cfg.ablation_mode, token_counts=token_counts))
     shown = [f["feature"] for f in top_features[: cfg.n_example_features]]
     if shown:
+        # each shown feature's activation at P on the prompts where it is active (the feature card's histogram)
+        entry["task_activations"] = [
+            {"feature": int(k), "values": [_round(v, 4) for v in acts.value[acts.feature == k].tolist()]}
+            for k in shown]
         progress(f"{sae.hook_point}: top activating examples of {len(shown)} features")
         examples = top_activating_examples(model, sae, stat_docs, shown, k=cfg.n_examples, progress=bars)
         entry["examples"] = [
@@ -945,7 +1002,7 @@ def run_pipeline(
     model_key = prov.get("weights_sha256") or cfg.model
     if prov.get("hf_folder") and Path(prov["hf_folder"]).is_dir():
         model_key = _file_digest(Path(prov["hf_folder"]))
-    if cfg.layers is not None:
+    if cfg.layers is not None and cfg.layers != "auto":
         n_layers = int(model.cfg.n_layers)
         bad = [layer for layer in cfg.layers if not 0 <= layer < n_layers]
         if bad:
@@ -972,6 +1029,18 @@ def run_pipeline(
     stat_docs = [d for d in stat_docs if any(t not in special for t in d)]  # at least one text token
     t = _stage(timings, "data_and_task", t)
 
+    from saecircuits.models.interventions import interventions_for
+
+    iv = interventions_for(model)
+    say("direct logit attribution")
+    dla = direct_logit_attribution(model, task, progress=progress)
+    t = _stage(timings, "dla", t)
+    layer_note = None
+    if cfg.layers == "auto":
+        chosen_layers, layer_note = auto_layers(list(dla.labels), dla.mean.tolist(), cfg.auto_layers)
+        say(layer_note)
+        cfg = dataclasses.replace(cfg, layers=chosen_layers)
+
     if cfg.sae_paths:
         say(f"loading {len(cfg.sae_paths)} SAE(s)")
         saes = _load_saes(list(cfg.sae_paths), cfg.device)
@@ -986,12 +1055,6 @@ def run_pipeline(
         _check_sae_fits(sae, model)
     t = _stage(timings, "saes", t)
 
-    from saecircuits.models.interventions import interventions_for
-
-    iv = interventions_for(model)
-    say("direct logit attribution")
-    dla = direct_logit_attribution(model, task, progress=progress)
-    t = _stage(timings, "dla", t)
 
     from saecircuits.analysis.corpus_stats import corpus_feature_stats
     from saecircuits.analysis.reconstruction import mean_activation
@@ -1021,7 +1084,7 @@ def run_pipeline(
     study = study_run(model, saes, entries, task, cfg, say)
     t = _stage(timings, "layer comparison", t)
 
-    notes = []
+    notes = [layer_note] if layer_note else []
     circuit_entry, circuit_json = None, None
     if cfg.circuit and saes:
         if iv.engine is None:

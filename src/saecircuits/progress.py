@@ -88,17 +88,39 @@ class LogProgress:
         self.last, self._written_n = now, self.n
 
 
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (ipykernel imported and an IPython kernel running)."""
+    if "ipykernel" not in sys.modules:
+        return False
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover
+        return False
+    shell = get_ipython()
+    return shell is not None and hasattr(shell, "kernel")
+
+
+def show_progress(enabled: bool | None, file: TextIO | None = None) -> bool:
+    """Whether a long call shows progress: ``enabled`` when given; None (the library's default) means yes on a
+    terminal or in a notebook, no elsewhere (a script whose stderr is a file, a test)."""
+    if enabled is not None:
+        return bool(enabled)
+    stream = file or sys.stderr
+    return bool(getattr(stream, "isatty", lambda: False)()) or in_notebook()
+
+
 def progress_bar(iterable: Any = None, *, total: int | None = None, initial: int = 0, desc: str = "",
-                 enabled: bool = True, file: TextIO | None = None) -> Any:
+                 enabled: bool | None = True, file: TextIO | None = None) -> Any:
     """A tqdm bar on a terminal, else a :class:`LogProgress` (whole lines, about ten per run).
 
     Args:
         iterable: optional iterable to wrap (as ``tqdm(iterable)``).
         total, initial, desc: as tqdm's.
-        enabled: False shows nothing.
+        enabled: False shows nothing; None shows progress on a terminal or in a notebook (:func:`show_progress`).
         file: the stream (default ``sys.stderr``); its ``isatty()`` decides between the two.
     """
     stream = file or sys.stderr
+    enabled = show_progress(enabled, file)
     is_tty = bool(getattr(stream, "isatty", lambda: False)())
     if enabled and is_tty:
         from tqdm.auto import tqdm

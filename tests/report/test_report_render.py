@@ -27,22 +27,32 @@ def _table_rows(page: str, section_id: str) -> list[list[str]]:
     return [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in rows if "<td" in r]
 
 
+def _json_script(page: str, element_id: str) -> dict:
+    """The JSON of a ``<script type="application/json" id=...>`` element (uncompressed in these small pages)."""
+    m = re.search(rf'<script type="application/json" id="{element_id}">(.*?)</script>', page, re.S)
+    assert m, f"no uncompressed #{element_id} element"
+    return json.loads(m.group(1))
+
+
 def test_render_writes_one_self_contained_page(results, tmp_path):
     out = render_report(results, tmp_path / "report.html")
     assert out == tmp_path / "report.html"
     page = out.read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
-    # plotly.js inlined exactly once, and nothing loaded from the network.
-    bundle = get_plotlyjs()
-    assert page.count(bundle) == 1
+    # plotly.js inlined exactly once (the cartesian bundle: these figures need no other), and nothing loaded from
+    # the network.
+    bundle, name = render_mod.plotly_bundle(set())
+    assert name.startswith("cartesian") and page.count(bundle) == 1
+    assert get_plotlyjs() not in page
     rest = page.replace(bundle, "")
     assert "cdn.plot.ly" not in rest and "<script src" not in rest and "http" not in rest
-    # One Plotly.newPlot per figure: DLA + (losses, features, multi) for SAE 0 + (losses, features) for SAE 1.
-    assert page.count("Plotly.newPlot(") == N_FIGURES
-    assert page.count("<script") == 1 + N_FIGURES
-    assert sorted(set(re.findall(r'Plotly.newPlot\(\s*"(fig\d+)"', page))) == sorted(
-        f"fig{i}" for i in range(1, N_FIGURES + 1)
-    )
+    # One lazy div per figure: DLA + (losses, features, multi) for SAE 0 + (losses, features) for SAE 1, and the
+    # figures' JSON embedded once, keyed by div id.
+    figs = _json_script(page, "sc-figs")["figs"]
+    assert sorted(figs) == sorted(f"fig{i}" for i in range(1, N_FIGURES + 1))
+    assert sorted(re.findall(r'<div class="plot" data-lazy="1" id="(fig\d+)"', page)) == sorted(figs)
+    # Scripts: plotly.js, the figures, the browser's data, the page's own code.
+    assert page.count("<script") == 4
     assert os.listdir(tmp_path) == ["report.html"]
 
 
@@ -61,14 +71,15 @@ def test_report_shows_the_numbers(results, tmp_path):
     assert dla_rows[0] == ["MLP0", "6.5000", "0.9000"] and dla_rows[1] == ["L0H0", "1.7500", "0.3000"]
     # SAE 0 summary with CIs.
     summary = dict((r[0], r[1]) for r in _table_rows(page, "sae-0-summary"))
-    assert summary["L0 (mean active features per token)"] == "23.75"
+    assert summary["L0 at P (mean active features at the prediction position, across prompts)"] == "23.75"
     assert summary["clean loss (nats)"] == "0.4321 \u00b1 0.0500"
     assert summary["loss with zero ablation (nats)"] == "3.9876 \u00b1 0.2000"
     assert summary["loss recovered vs zero ablation"] == "0.962 [0.941, 0.979]"
     assert summary["loss recovered vs mean ablation"] == "0.932 [0.901, 0.956]"
     # SAE 1 without optional keys shows n/a rather than failing.
     summary1 = dict((r[0], r[1]) for r in _table_rows(page, "sae-1-summary"))
-    assert summary1["explained variance"] == "n/a" and summary1["clean loss (nats)"] == "0.4321"
+    assert summary1["explained variance at P (across prompts)"] == "n/a"
+    assert summary1["clean loss (nats)"] == "0.4321"
     # Top features sorted by loss increase; the CI column says which exclude 0 (2077: 0.0123 +- 0.02 does not).
     feats = _table_rows(page, "sae-0-features")
     assert [r[1] for r in feats] == ["12345", "9001", "2077"]
@@ -111,8 +122,8 @@ def test_every_data_string_is_escaped(results, tmp_path):
     page = render_report(results, tmp_path / "r.html").read_text(encoding="utf-8")
     assert HOSTILE not in page
     assert "<script>alert" not in page and 'onmouseover="alert' not in page
-    # Only our own script tags: plotly.js once plus one per figure.
-    assert page.count("<script") == 1 + N_FIGURES
+    # Only our own script tags: plotly.js, the figures' and the browser's JSON, the page's code.
+    assert page.count("<script") == 4
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "a &amp; b &quot;c&quot;" in page
     assert "<title>saecircuits report: &lt;script&gt;" in page

@@ -26,6 +26,7 @@ from saecircuits.analysis.ablation_modes import (
 )
 from saecircuits.analysis.features import features_ablation_edit
 from saecircuits.analysis.stats import MeanCI, mean_ci95
+from saecircuits.display import NotebookDisplay
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, answer_metrics, task_batches
 from saecircuits.models.interventions import interventions_for
 from saecircuits.saes.base import SAE
@@ -37,7 +38,7 @@ _METRICS = ("logprob", "logit", "rank")
 
 
 @dataclass
-class AblationResult:
+class AblationResult(NotebookDisplay):
     """Per-prompt effects and summaries of ablating ``features`` together.
 
     Attributes:
@@ -57,6 +58,27 @@ class AblationResult:
     summary: dict[str, MeanCI]
     mode: str = "residual"
     off_range: OffRange | None = None
+
+    def display_title(self) -> str:
+        return (f"Features {self.features} ablated together ({self.mode} mode), original - ablated over "
+                f"{len(self.per_prompt)} prompts")
+
+    def to_pandas(self):
+        """One row per measure (``logprob_diff``, ``logit_diff``, ``rank_diff``, ``loss_increase``): mean and 95%
+        interval of original - ablated (``per_prompt`` holds the values per prompt)."""
+        import pandas as pd
+
+        from saecircuits.display import meanci_rows
+
+        return pd.DataFrame(meanci_rows(self.summary)).rename(columns={"run": "measure"})
+
+    def figure(self):
+        """Histogram of the answer log-prob drop per prompt (nats)."""
+        from saecircuits.display import histogram_figure
+
+        col = "logprob_diff" if "logprob_diff" in self.per_prompt else self.per_prompt.columns[-1]
+        return histogram_figure(self.per_prompt[col].tolist(), title=f"Features {self.features} ablated: {col} per prompt",
+                                xaxis=f"{col} (original - ablated)", yaxis="prompts")
 
 
 def ablate_features(

@@ -27,6 +27,7 @@ import torch
 from saecircuits.analysis.ablation_modes import baseline_logits, check_mode
 from saecircuits.analysis.error_dla import mlp_post_layer
 from saecircuits.analysis.features import activations_or_compute, features_ablation_edit
+from saecircuits.display import NotebookDisplay
 from saecircuits.models import tokens as _tokens
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches
 from saecircuits.models.interventions import interventions_for
@@ -113,7 +114,7 @@ def _top(model, values: torch.Tensor, eligible: torch.Tensor, n: int, largest: b
 
 
 @dataclass
-class PromptBoosts:
+class PromptBoosts(NotebookDisplay):
     """Prompt-based log-prob boosts of one feature (analysis-spec F16).
 
     Attributes:
@@ -136,6 +137,26 @@ class PromptBoosts:
     deboosted: list[TokenValue]
     answer_logprob_clean: float
     answer_logprob_ablated: float
+
+    def display_title(self) -> str:
+        return (f"Feature {self.feature}: prompt-based log-prob boosts over {len(self.prompt_indices)} prompts "
+                "(clean - ablated, nats)")
+
+    def to_pandas(self):
+        """The boosted then the deboosted tokens: ``direction``, ``token``, ``token_id``, ``value`` (nats)."""
+        import pandas as pd
+
+        return pd.DataFrame([{"direction": d, "token": t.token, "token_id": t.token_id, "value": t.value}
+                             for d, items in (("boosted", self.boosted), ("deboosted", self.deboosted))
+                             for t in items])
+
+    def figure(self):
+        """Bars of the boosted and deboosted tokens."""
+        from saecircuits.display import bar_figure
+
+        items = list(self.boosted) + list(reversed(self.deboosted))
+        return bar_figure([f"{t.token!r} ({t.token_id})" for t in items], [t.value for t in items],
+                          title=self.display_title(), yaxis="log-prob boost (nats)", color="#2ca02c")
 
 
 def prompt_logprob_boosts(
@@ -234,7 +255,7 @@ def prompt_logprob_boosts(
 
 
 @dataclass
-class WeightBoosts:
+class WeightBoosts(NotebookDisplay):
     """Weight-based logit boosts of one feature (analysis-spec F17).
 
     Attributes:
@@ -248,6 +269,24 @@ class WeightBoosts:
     boosts: torch.Tensor
     top: list[TokenValue]
     bottom: list[TokenValue]
+
+    def display_title(self) -> str:
+        return f"Feature {self.feature}: weight-based logit boosts (logits per unit activation)"
+
+    def to_pandas(self):
+        """The top then the bottom tokens: ``direction``, ``token``, ``token_id``, ``value`` (logits)."""
+        import pandas as pd
+
+        return pd.DataFrame([{"direction": d, "token": t.token, "token_id": t.token_id, "value": t.value}
+                             for d, items in (("top", self.top), ("bottom", self.bottom)) for t in items])
+
+    def figure(self):
+        """Bars of the top and bottom tokens."""
+        from saecircuits.display import bar_figure
+
+        items = list(self.top) + list(reversed(self.bottom))
+        return bar_figure([f"{t.token!r} ({t.token_id})" for t in items], [t.value for t in items],
+                          title=self.display_title(), yaxis="logits per unit activation", color="#2ca02c")
 
 
 def weight_logit_boosts(

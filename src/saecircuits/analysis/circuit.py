@@ -47,6 +47,7 @@ import torch
 
 from saecircuits.analysis.features import FeatureActs, activations_or_compute
 from saecircuits.analysis.reconstruction import loss_recovered
+from saecircuits.display import NotebookDisplay
 from saecircuits.models.engine import stage_of_hook
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches, with_progress
 from saecircuits.models.interventions import Edit, interventions_for
@@ -361,7 +362,7 @@ def exact_effects(
     *,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> ExactEffects:
     """Exact effect of ablating each node alone at P on the metric and on every later SAE's features.
 
@@ -534,7 +535,7 @@ def attribution_estimates(
     edge_downstream: int | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> Estimates:
     """Attribution patching at P: node effects from one backward pass per batch, edges from one backward pass per
     downstream feature slot (each prompt's ``j``-th active feature of each SAE).
@@ -613,7 +614,7 @@ def integrated_gradient_estimates(
     edge_targets: Sequence[int] = (),
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> Estimates:
     """Integrated gradients at P, one submodule (hook group) at a time, as Sparse Feature Circuits.
 
@@ -848,7 +849,7 @@ def virtual_weights(model, sae_up: SAE, sae_down: SAE, up: Sequence[int], down: 
 
 
 @dataclass
-class CircuitResult:
+class CircuitResult(NotebookDisplay):
     """Nodes, exact and estimated effects and edges, agreement, the chosen circuit and its faithfulness curve.
 
     Attributes:
@@ -920,6 +921,27 @@ class CircuitResult:
             "ig_steps": None if self.ig is None else self.ig.steps,
         }
 
+    def display_title(self) -> str:
+        return (f"Feature circuit over {self.n_prompts} prompts: {len(self.nodes)} nodes, {len(self.circuit)} in the "
+                "circuit")
+
+    def to_pandas(self):
+        """One row per node: its label, kind, exact effect (nats) and the AtP / IG estimates, whether in the circuit."""
+        import pandas as pd
+
+        d = self.to_json(max_nodes=len(self.nodes), max_edges=0)
+        return pd.DataFrame([{k: n.get(k) for k in ("label", "kind", "layer", "effect", "effect_ci95", "atp", "ig",
+                                                    "n_active_prompts")} | {"in_circuit": n["id"] in set(self.circuit)}
+                             for n in d["nodes"]])
+
+    def figure(self):
+        """Exact node effects against the attribution-patching estimate."""
+        from saecircuits.display import scatter_figure
+
+        df = self.to_pandas()
+        return scatter_figure(df["effect"], df["atp"], text=df["label"], title="Node effects: AtP vs exact",
+                              xaxis="exact effect (nats)", yaxis="AtP estimate (nats)", color="#ff7f0e")
+
 
 def _f(x) -> float | None:
     x = float(x)
@@ -985,7 +1007,7 @@ def find_circuit(
     sizes: Sequence[int] | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> CircuitResult:
     """The feature circuit behind the answer at P across every SAE of the run (see the module docstring).
 

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from saecircuits.analysis.boosts import common_from_counts
+from saecircuits.display import NotebookDisplay
 from saecircuits.models.hooks import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_TOKENS,
@@ -227,7 +228,7 @@ class FeatureStats:
 
 
 @dataclass
-class CorpusStats:
+class CorpusStats(NotebookDisplay):
     """The result of one pass: corpus-level counts and one :class:`FeatureStats` per SAE hook point.
 
     Attributes:
@@ -255,6 +256,36 @@ class CorpusStats:
     def common_tokens(self, min_count: int = 100) -> torch.Tensor:
         """bool ``[d_vocab]``: tokens occurring more than ``min_count`` times (B3; the notebook's 100)."""
         return common_from_counts(self.token_counts, min_count)
+
+    def display_title(self) -> str:
+        return (f"Corpus statistics of {len(self.features)} SAE(s) over {self.n_docs} documents "
+                f"({self.n_tokens} counted tokens)")
+
+    def to_pandas(self):
+        """One row per (SAE, feature) that fires at least once: ``hook_point``, ``feature``, ``density``,
+        ``max_activation``, ``mean_when_active``, sorted by density."""
+        import pandas as pd
+
+        frames = []
+        for fs in self.features:
+            dens, live = fs.density, fs.fire_count > 0
+            idx = torch.nonzero(live).flatten()
+            frames.append(pd.DataFrame({"hook_point": fs.hook_point, "feature": idx.numpy(),
+                                        "density": dens[idx].double().numpy(),
+                                        "max_activation": fs.max_activation[idx].double().numpy(),
+                                        "mean_when_active": fs.mean_when_active[idx].double().numpy()}))
+        df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        return df.sort_values("density", ascending=False, ignore_index=True) if len(df) else df
+
+    def figure(self):
+        """Histogram of log10 density of the features that fire, per SAE."""
+        import plotly.graph_objects as go
+
+        fig = go.Figure([go.Histogram(x=torch.log10(fs.density[fs.fire_count > 0]).tolist(), name=fs.hook_point,
+                                      opacity=0.6, nbinsx=40) for fs in self.features])
+        fig.update_layout(barmode="overlay", title="Feature density over the corpus", template="plotly_white",
+                          xaxis_title="log10 density (fraction of tokens with f > 0)", yaxis_title="features")
+        return fig
 
 
 class _Accumulator:
@@ -415,7 +446,7 @@ def corpus_feature_stats(
     encode_floats: int = 1 << 24,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> CorpusStats:
     """Feature statistics of every SAE in ``saes`` over ``token_rows``, in one streaming pass (see the module doc).
 

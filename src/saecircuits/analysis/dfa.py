@@ -42,6 +42,7 @@ from saecircuits.analysis.dla import _attn_bias_sum, _has_pos_embed
 from saecircuits.analysis.error_dla import mlp_post_layer
 from saecircuits.analysis.features import activations_or_compute
 from saecircuits.analysis.stats import mean_ci95
+from saecircuits.display import NotebookDisplay
 from saecircuits.models.hooks import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_TOKENS,
@@ -246,7 +247,7 @@ def mean_mlp_in_contributions(
 
 
 @dataclass
-class DFAResult:
+class DFAResult(NotebookDisplay):
     """DFA of one feature on the prompts where it is active at P.
 
     Attributes:
@@ -282,6 +283,23 @@ class DFAResult:
     def max_completeness_error(self) -> float:
         """``max completeness_error`` (NaN with no prompts)."""
         return float(self.completeness_error.max()) if self.completeness_error.numel() else float("nan")
+
+    def display_title(self) -> str:
+        return (f"Direct feature attribution of feature {self.feature} over {len(self.prompt_indices)} prompts "
+                f"(inactive neurons: {self.inactive})")
+
+    def to_pandas(self):
+        """One row per upstream component: its mean contribution to the feature's encoder pre-activation."""
+        import pandas as pd
+
+        return pd.DataFrame({"component": self.labels, "mean": self.mean.double().numpy()})
+
+    def figure(self):
+        """Bars of the mean contribution per component."""
+        from saecircuits.display import bar_figure
+
+        return bar_figure(self.labels, self.mean.tolist(), title=f"Feature {self.feature}: DFA",
+                          yaxis="contribution to pre-activation", color="#8c564b")
 
 
 def direct_feature_attribution(

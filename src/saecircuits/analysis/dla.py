@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from saecircuits.analysis.stats import mean_ci95
+from saecircuits.display import NotebookDisplay
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches, with_progress
 from saecircuits.models.interventions import interventions_for
 from saecircuits.models.norms import readout_of
@@ -31,7 +32,7 @@ __all__ = ["DLAResult", "direct_logit_attribution", "component_labels"]
 
 
 @dataclass
-class DLAResult:
+class DLAResult(NotebookDisplay):
     """DLA of each component to the answer logit.
 
     Attributes:
@@ -52,6 +53,25 @@ class DLAResult:
     ci95_high: torch.Tensor
     target_logit: torch.Tensor
     max_abs_error: float
+
+    def display_title(self) -> str:
+        return (f"Direct logit attribution to the answer: {len(self.labels)} components over "
+                f"{int(self.per_prompt.shape[0])} prompts (logits; completeness error {self.max_abs_error:.2e})")
+
+    def to_pandas(self):
+        """One row per component: ``component``, ``mean`` and its 95% interval (logits), sorted by |mean|."""
+        import pandas as pd
+
+        df = pd.DataFrame({"component": self.labels, "mean": self.mean.double().numpy(),
+                           "ci95_low": self.ci95_low.double().numpy(), "ci95_high": self.ci95_high.double().numpy()})
+        return df.reindex(df["mean"].abs().sort_values(ascending=False).index).reset_index(drop=True)
+
+    def figure(self):
+        """Bars of the mean DLA per component with 95% intervals."""
+        from saecircuits.display import bar_figure
+
+        return bar_figure(self.labels, self.mean.tolist(), low=self.ci95_low.tolist(), high=self.ci95_high.tolist(),
+                          title="Direct logit attribution to the answer", yaxis="mean DLA (logits)")
 
 
 def _has_pos_embed(model) -> bool:
@@ -85,7 +105,7 @@ def direct_logit_attribution(
     *,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> DLAResult:
     """DLA of every attention head, MLP, embedding and the attention-bias sum to the answer logit at P (F1).
 

@@ -63,6 +63,10 @@ class Example:
     token_kinds: list[str] = field(default_factory=list)
 
 
+DEFAULT_N_EXAMPLES = 5
+"""Top activating examples per feature, in the library and in the pipeline (``RunConfig.n_examples``)."""
+
+
 def _valid_mask(tokens: torch.Tensor, lengths: torch.Tensor, special: frozenset[int]) -> torch.Tensor:
     """Real, non-special positions ``[b, pos]``: inside the row's length and not BOS/EOS/PAD (anywhere)."""
     mask = torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths[:, None]
@@ -86,12 +90,12 @@ def top_activating_examples(
     token_rows: Sequence[Sequence[int]],
     features: Sequence[int] | None = None,
     *,
-    k: int = 10,
+    k: int = DEFAULT_N_EXAMPLES,
     window_before: int = 10,
     window_after: int = 5,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> dict[int, list[Example]]:
     """The ``k`` documents with the largest per-document maximum of each feature, with a token window around it.
 

@@ -43,6 +43,7 @@ from saecircuits.analysis.ablation_modes import (
     check_mode,
 )
 from saecircuits.analysis.stats import t_quantile
+from saecircuits.display import NotebookDisplay
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, answer_metrics, task_batches
 from saecircuits.models.interventions import Edit, interventions_for
 from saecircuits.saes.base import SAE
@@ -273,7 +274,7 @@ def one_feature_each_edit(
 
 
 @dataclass
-class FeatureEffects:
+class FeatureEffects(NotebookDisplay):
     """Exact effects of ablating single features at P, one entry per (prompt, active feature) pair.
 
     Attributes:
@@ -365,6 +366,24 @@ class FeatureEffects:
             drop=True
         )
 
+    def display_title(self) -> str:
+        return (f"Exact single-feature ablation at P ({self.mode} mode): {int(self.prompt.numel())} (prompt, feature) "
+                f"pairs over {self.n_prompts} prompts")
+
+    def to_pandas(self):
+        """:meth:`summary`: one row per feature, sorted by mean loss increase (nats)."""
+        return self.summary()
+
+    def figure(self):
+        """Each feature's mean loss increase (nats) against the fraction of prompts where it is active."""
+        from saecircuits.display import scatter_figure
+
+        df = self.summary()
+        return scatter_figure(df["fraction_active"], df["loss_increase"], text=[f"f{k}" for k in df["feature"]],
+                              title="Loss increase when ablated alone vs how often the feature is active",
+                              xaxis="fraction of prompts active at P", yaxis="mean loss increase (nats)",
+                              color="#1f77b4")
+
 
 def _feature_write(model, sae: SAE) -> torch.Tensor:
     """``[d_sae, d_model]``: what one unit of each feature writes into the residual stream at its layer."""
@@ -392,7 +411,7 @@ def feature_effects(
     mode: str = "residual",
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> FeatureEffects:
     """Exact single-feature ablation effects at P of every feature active on each prompt.
 
@@ -602,7 +621,7 @@ def feature_ablation_table(
     mode: str = "residual",
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> pd.DataFrame:
     """Features and the mean loss increase at P when each is ablated alone on its active prompts (the reference
     notebook's single-feature ablation table, exact for every active feature).

@@ -20,6 +20,7 @@ import torch
 from saecircuits.analysis.ablation_modes import check_mode, splice_edit
 from saecircuits.analysis.features import features_ablation_edit
 from saecircuits.analysis.stats import MeanCI, mean_ci95
+from saecircuits.display import NotebookDisplay
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, answer_metrics, task_batches
 from saecircuits.models.interventions import interventions_for
 from saecircuits.saes.base import SAE
@@ -29,7 +30,7 @@ __all__ = ["LayerComparison", "compare_layer_ablations"]
 
 
 @dataclass
-class LayerComparison:
+class LayerComparison(NotebookDisplay):
     """Feature sets of several SAEs ablated alone and together at P, on the same prompts.
 
     Attributes:
@@ -47,6 +48,25 @@ class LayerComparison:
     loss_increase: torch.Tensor
     summary: dict[str, MeanCI]
     paired: dict[tuple[int, int], MeanCI]
+
+    def display_title(self) -> str:
+        return f"Top features of {', '.join(self.hooks)} ablated alone and together ({self.mode} mode)"
+
+    def to_pandas(self):
+        """One row per run: mean loss increase (nats) with its 95% interval."""
+        import pandas as pd
+
+        from saecircuits.display import meanci_rows
+
+        return pd.DataFrame(meanci_rows(self.summary))
+
+    def figure(self):
+        """Bars of the mean loss increase per run."""
+        from saecircuits.display import bar_figure
+
+        df = self.to_pandas()
+        return bar_figure(df["run"], df["mean"].tolist(), low=df["ci95_low"].tolist(), high=df["ci95_high"].tolist(),
+                          title=self.display_title(), yaxis="loss increase (nats)", color="#9467bd")
 
 
 def compare_layer_ablations(

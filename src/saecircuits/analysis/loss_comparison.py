@@ -31,6 +31,7 @@ from saecircuits.analysis.ablation_modes import (
     check_mode,
 )
 from saecircuits.analysis.stats import MeanCI, mean_ci95
+from saecircuits.display import NotebookDisplay
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, answer_metrics, task_batches
 from saecircuits.models.interventions import Edit, interventions_for
 from saecircuits.saes.base import SAE
@@ -43,7 +44,7 @@ CONDITIONS = ("clean", "mean_ablation", "zero_ablation", "features_ablated", "sa
 
 
 @dataclass
-class LossComparison:
+class LossComparison(NotebookDisplay):
     """The five answer losses at P per prompt, and their summaries.
 
     Attributes:
@@ -71,6 +72,26 @@ class LossComparison:
         """Readable names of the five runs."""
         n = len(self.features)
         return ["clean", "mean ablation", "zero ablation", f"top {n} features ablated ({self.mode})", "SAE spliced"]
+
+    def display_title(self) -> str:
+        return f"Five-way answer loss comparison at P for {self.hook_point} ({self.mode} mode)"
+
+    def to_pandas(self):
+        """One row per run: mean answer loss and the paired difference run - clean (nats), each with its 95% interval."""
+        import pandas as pd
+
+        return pd.DataFrame([{"run": lab, "loss": self.means[c].mean, "ci95_low": self.means[c].low,
+                              "ci95_high": self.means[c].high, "minus_clean": self.diffs[c].mean,
+                              "minus_clean_ci95_low": self.diffs[c].low, "minus_clean_ci95_high": self.diffs[c].high}
+                             for c, lab in zip(CONDITIONS, self.labels(), strict=True)])
+
+    def figure(self):
+        """Bars of the five mean losses with 95% intervals."""
+        from saecircuits.display import bar_figure
+
+        df = self.to_pandas()
+        return bar_figure(df["run"], df["loss"].tolist(), low=df["ci95_low"].tolist(), high=df["ci95_high"].tolist(),
+                          title=f"Answer loss at P: {self.hook_point}", yaxis="loss (nats)")
 
 
 def loss_comparison(

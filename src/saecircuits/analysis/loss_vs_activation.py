@@ -23,6 +23,7 @@ from saecircuits.analysis.features import (
     spliced_losses,
 )
 from saecircuits.analysis.stats import MeanCI, mean_ci95
+from saecircuits.display import NotebookDisplay
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
@@ -39,7 +40,7 @@ def pearson_r(x, y) -> float:
 
 
 @dataclass
-class LossVsActivation:
+class LossVsActivation(NotebookDisplay):
     """Activation vs loss increase for one feature.
 
     Attributes:
@@ -54,6 +55,22 @@ class LossVsActivation:
     table: pd.DataFrame
     pearson_r: float
     loss_increase: MeanCI
+
+    def display_title(self) -> str:
+        return f"Feature {self.feature}: activation vs loss increase when ablated (Pearson r = {self.pearson_r:.3f})"
+
+    def to_pandas(self):
+        """One row per active prompt (``table``)."""
+        return self.table
+
+    def figure(self):
+        """Activation at P against the loss increase when ablated, one point per prompt."""
+        from saecircuits.display import scatter_figure
+
+        cols = list(self.table.columns)
+        x = "activation" if "activation" in cols else cols[0]
+        y = "loss_increase" if "loss_increase" in cols else cols[-1]
+        return scatter_figure(self.table[x], self.table[y], title=self.display_title(), xaxis=x, yaxis=f"{y} (nats)")
 
 
 def loss_increase_vs_activation(

@@ -37,6 +37,7 @@ from saecircuits.analysis.ablation_modes import (
 )
 from saecircuits.analysis.corpus_stats import counted_token_mask, special_ids_of
 from saecircuits.analysis.stats import MeanCI, mean_ci95
+from saecircuits.display import NotebookDisplay
 from saecircuits.models.hooks import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_TOKENS,
@@ -55,7 +56,7 @@ MAX_FLOATS = 1 << 24
 
 
 @dataclass
-class StoryAblation:
+class StoryAblation(NotebookDisplay):
     """Ablation of one feature on its max-activating stories.
 
     Attributes:
@@ -84,6 +85,22 @@ class StoryAblation:
     position_increase: MeanCI
     per_token: list[dict]
     off_range: OffRange
+
+    def display_title(self) -> str:
+        return (f"Feature {self.feature} ablated on its {len(self.docs)} max-activating stories ({self.mode} mode): "
+                f"global {self.global_increase.mean:.4f}, per position {self.position_increase.mean:.4f} nats")
+
+    def to_pandas(self):
+        """One row per story (``stories``: clean and ablated loss, nats)."""
+        return self.stories
+
+    def figure(self):
+        """Histogram of the loss increase when ablated at one active position."""
+        from saecircuits.display import histogram_figure
+
+        return histogram_figure(self.positions["loss_increase"].tolist(),
+                                title=f"Feature {self.feature}: loss increase when ablated at one active position",
+                                xaxis="loss increase (nats)", yaxis="(story, position) pairs")
 
 
 def _losses_at(

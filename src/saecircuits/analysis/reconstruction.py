@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from saecircuits.analysis.stats import bootstrap_ratio_ci, t_quantile
+from saecircuits.display import NotebookDisplay
 from saecircuits.models.hooks import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_TOKENS,
@@ -197,7 +198,7 @@ def mean_activation(
     exclude_bos: bool = True,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
-    progress: bool = False,
+    progress: bool | None = None,
 ) -> torch.Tensor:
     """Mean activation of ``hook_point`` over every real token position of ``token_rows`` (token-weighted).
 
@@ -243,7 +244,7 @@ def mean_activation(
 
 
 @dataclass
-class ReconstructionResult:
+class ReconstructionResult(NotebookDisplay):
     """Losses (nats) of the answer at P, per prompt in task order (``[n_prompts]`` float32), and aggregates.
 
     Attributes:
@@ -270,6 +271,44 @@ class ReconstructionResult:
     loss_recovered_zero: LossRecovered
     loss_recovered_mean: LossRecovered | None
     relative_error: float = float("nan")
+
+    def display_title(self) -> str:
+        r = self.loss_recovered_zero
+        said = f"{r.value:.3f}" if r.defined else f"undefined ({r.reason})"
+        return (f"Answer loss at P with the SAE spliced in, over {int(self.clean_loss.numel())} prompts: loss "
+                f"recovered {said} vs zero ablation")
+
+    def to_pandas(self):
+        """One row per condition (clean, SAE, zero, mean ablation): mean answer loss (nats) with its 95% interval,
+        then the loss recovered ratios with their bootstrap intervals (NaN, with the reason in ``note``, when
+        undefined)."""
+        import pandas as pd
+
+        from saecircuits.analysis.stats import mean_ci95
+
+        rows = []
+        for name, v in (("clean", self.clean_loss), ("SAE spliced in", self.sae_loss),
+                        ("zero ablation", self.zero_loss), ("mean ablation", self.mean_loss)):
+            if v is not None:
+                m = mean_ci95(v)
+                rows.append({"quantity": f"loss, {name} (nats)", "value": m.mean, "ci95_low": m.low,
+                             "ci95_high": m.high})
+        for name, r in (("loss recovered vs zero ablation", self.loss_recovered_zero),
+                        ("loss recovered vs mean ablation", self.loss_recovered_mean)):
+            if r is not None:
+                rows.append({"quantity": name, "value": r.value, "ci95_low": r.low, "ci95_high": r.high,
+                             "note": r.reason or ""})
+        return pd.DataFrame(rows)
+
+    def figure(self):
+        """Bars of the four mean answer losses with 95% intervals."""
+        from saecircuits.display import bar_figure
+
+        df = self.to_pandas()
+        df = df[df["quantity"].str.startswith("loss,")]
+        return bar_figure([q[6:-7] for q in df["quantity"]], df["value"].tolist(), low=df["ci95_low"].tolist(),
+                          high=df["ci95_high"].tolist(), title="Answer loss at the prediction position",
+                          yaxis="cross-entropy (nats)")
 
 
 def reconstruction_at_prediction(

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from saecircuits.analysis.stats import MeanCI, mean_ci95
+from saecircuits.display import NotebookDisplay
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, answer_metrics, task_batches
 from saecircuits.models.interventions import Edit, interventions_for
 from saecircuits.saes.base import SAE
@@ -49,7 +50,7 @@ def span_basis(sae: SAE, features: Sequence[int], rtol: float = 1e-6) -> torch.T
 
 
 @dataclass
-class SpanAblation:
+class SpanAblation(NotebookDisplay):
     """Answer losses at P keeping only the span of the features' decoder vectors.
 
     Attributes:
@@ -65,6 +66,26 @@ class SpanAblation:
     means: dict[str, MeanCI]
     diffs: dict[str, MeanCI]
     fraction_kept: float
+
+    def display_title(self) -> str:
+        return (f"Only the span of the decoder vectors of {self.features} kept at P (rank {self.rank}, "
+                f"{self.fraction_kept:.1%} of the squared norm)")
+
+    def to_pandas(self):
+        """One row per variant: mean answer loss (nats) with its 95% interval."""
+        import pandas as pd
+
+        from saecircuits.display import meanci_rows
+
+        return pd.DataFrame(meanci_rows(self.means)).rename(columns={"run": "variant"})
+
+    def figure(self):
+        """Bars of the mean loss per variant."""
+        from saecircuits.display import bar_figure
+
+        df = self.to_pandas()
+        return bar_figure(df["variant"], df["mean"].tolist(), low=df["ci95_low"].tolist(),
+                          high=df["ci95_high"].tolist(), title=self.display_title(), yaxis="loss (nats)")
 
 
 def span_ablation(

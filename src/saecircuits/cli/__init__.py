@@ -157,13 +157,19 @@ MULTI_VALUE_OPTIONS = ("--layers", "--sae")
 _NEGATIVE_INT = re.compile(r"-\d+")  # a value (`--layers 0 -1`, refused later with its reason), not an option
 
 
+# Sub-commands where one of those options takes a single value (`saecircuits feature --sae DIR K`).
+SINGLE_VALUE_IN = {"feature": ("--sae",)}
+
+
 def expand_multi_value_options(argv: list[str]) -> list[str]:
     """Rewrite ``--layers 0 1`` as ``--layers 0 --layers 1`` (click options take one value per flag)."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    multi = tuple(o for o in MULTI_VALUE_OPTIONS if o not in SINGLE_VALUE_IN.get(command, ()))
     out: list[str] = []
     current: str | None = None
     pending = False  # a flag seen without a value yet: keep it so click reports the missing value
     for arg in argv:
-        if arg in MULTI_VALUE_OPTIONS:
+        if arg in multi:
             if pending:
                 out.append(current)
             current, pending = arg, True

@@ -42,6 +42,8 @@ def report(
         "--out", "-o", metavar="FILE|DIR",
         help="The report file (a name ending in .html), or a folder to write report.html into (a trailing slash "
              "or a name without .html; created if missing).")] = REPORT_NAME,
+    export: Annotated[bool, typer.Option(
+        "--export", show_default="off", help=EXPORT_HELP)] = False,
 ) -> None:
     """Re-render the self-contained HTML report from a saved results.json (no model or torch needed)."""
     from saecircuits.report.render import render_report
@@ -57,3 +59,19 @@ def report(
     with user_errors():
         path = render_report(results, report_path(out))
     typer.echo(f"Wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    if export:
+        run_export(results, path.parent)
+
+
+EXPORT_HELP = ("Also write every figure as PNG (figures/, needs kaleido and Chrome or Chromium) and every table as CSV "
+               "(tables/) beside the report.")
+
+
+def run_export(results: dict, folder: Path) -> None:
+    """``--export``: the report's figures as PNG and tables as CSV in ``folder`` (one line each on stdout)."""
+    from saecircuits.report.export import export_report
+
+    with user_errors():
+        res = export_report(results, folder)
+    typer.echo(f"Wrote {res.n_tables} tables to {res.tables_dir}")
+    typer.echo(f"Wrote {res.n_figures} figures to {res.figures_dir}")

@@ -175,6 +175,21 @@ def _feature_selection(value: str) -> str | int:
     raise typer.BadParameter(f"must be 'all' or a positive integer, got {value!r}")
 
 
+def _layers(values: list[str] | None) -> list[int] | str | None:
+    """``--layers``: layer numbers, or the single word 'auto'."""
+    from saecircuits.cli import InputError
+
+    if not values:
+        return None
+    if values == ["auto"]:
+        return "auto"
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise InputError(f"--layers takes layer numbers (e.g. --layers 0 1) or the word auto, got "
+                         f"{' '.join(values)}") from None
+
+
 def _ablation_mode(value: str) -> str:
     """``--ablation-mode``: residual, reconstruction or clean_effect (analysis.ablation_modes)."""
     from saecircuits.analysis.ablation_modes import ABLATION_MODES
@@ -188,17 +203,23 @@ ABLATION_MODE_HELP = ("How features are ablated: 'residual' (remove their decode
                       "'reconstruction' (SAE reconstruction without them) or 'clean_effect' (that, vs the plain "
                       "reconstruction).")
 THREADS_HELP = "torch threads for the whole run (default: the cores this process may use)."
+EXPORT_HELP = ("Also write every figure of the report as PNG (figures/, needs kaleido and Chrome or Chromium) and "
+               "every table as CSV (tables/) beside it.")
 SELECTION_HELP = ("Features whose exact ablation effect is computed on each prompt: 'all' active ones, or the N "
                   "with the largest |activation x DLA|.")
 
 
-def _execute(cfg, model=None) -> None:
+def _execute(cfg, model=None, export: bool = False) -> None:
     from saecircuits.pipeline import run_pipeline
 
     with user_errors():
         results = run_pipeline(cfg, model=model, log=_say)
     _summary(results)
     typer.echo(f"report: {Path(cfg.out) / 'report.html'}")
+    if export:
+        from saecircuits.cli.report import run_export
+
+        run_export(results, Path(cfg.out))
 
 
 _WORKSPACE_SHOWN = "$SAECIRCUITS_WORKSPACE, else ~/.cache/saecircuits"
@@ -219,9 +240,10 @@ def run(
     tokenizer: Annotated[str | None, typer.Option(
         metavar="FILE|DIR", show_default="the model's own",
         help="Tokenizer: a llama2.c tok*.bin or a Hugging Face tokenizer folder.")] = None,
-    layers: Annotated[list[int] | None, typer.Option(
-        metavar="L...", show_default="every layer",
-        help="Layers whose MLP output gets a new SAE (space-separated or repeated).")] = None,
+    layers: Annotated[list[str] | None, typer.Option(
+        metavar="L...|auto", show_default="every layer",
+        help="Layers whose MLP output gets a new SAE (space-separated or repeated), or 'auto': the 2 MLP layers "
+             "with the largest |direct logit attribution| to the answer.")] = None,
     sae: Annotated[list[Path] | None, typer.Option(
         "--sae", metavar="DIR...", show_default="none: train new SAEs",
         help="Analyse existing SAE folders (cfg.json + sae_weights.safetensors) instead.")] = None,
@@ -258,6 +280,7 @@ def run(
         metavar="MODE", callback=_ablation_mode, help=ABLATION_MODE_HELP)] = "residual",
     threads: Annotated[int | None, typer.Option(
         metavar="N", min=1, show_default="all cores", help=THREADS_HELP)] = None,
+    export: Annotated[bool, typer.Option("--export", show_default="off", help=EXPORT_HELP)] = False,
     verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", show_default="off", help="Log each stage.")] = False,
 ) -> None:
@@ -269,14 +292,14 @@ def run(
         cfg = RunConfig(
             model=model, data=data, out=out, train_data=train_data, tokenizer=tokenizer, task=task,
             closings=('."', '!"', '?"') if all_closings else ('."',),
-            layers=list(layers) if layers else None, sae_paths=list(sae or []), sae_tokens=sae_tokens,
+            layers=_layers(layers), sae_paths=list(sae or []), sae_tokens=sae_tokens,
             expansion_factor=expansion_factor, l1_coefficient=l1_coefficient, max_prompts=max_prompts,
             device=device, seed=seed, workspace=workspace, exclude_bos=not include_bos,
             fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
             feature_selection=feature_selection, ablation_mode=ablation_mode,
         )
     _threads(threads)
-    _execute(cfg)
+    _execute(cfg, export=export)
 
 
 @app.command("demo", cls=SaeCommand, short_help="The whole pipeline on the embedded default model.")
@@ -292,6 +315,7 @@ def demo(
     seed: Annotated[int, typer.Option(metavar="N", min=0, help="Seed of SAE training and bootstraps.")] = 0,
     threads: Annotated[int | None, typer.Option(
         metavar="N", min=1, show_default="all cores", help=THREADS_HELP)] = None,
+    export: Annotated[bool, typer.Option("--export", show_default="off", help=EXPORT_HELP)] = False,
     verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", show_default="off", help="Log each stage.")] = False,
 ) -> None:
@@ -321,8 +345,8 @@ def demo(
         if not sae_train.is_file():
             write_corpus(sae_train, 4000, seed=7)
     cfg = dataclasses.replace(
-        cfg, model=str(folder), model_label=f"saecircuits default (2-layer GPT-Neo, {folder.name})")
-    _execute(cfg)
+        cfg, model=str(folder), model_label="saecircuits default (2-layer GPT-Neo)")
+    _execute(cfg, export=export)
 
 
 if __name__ == "__main__":  # pragma: no cover

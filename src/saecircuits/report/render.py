@@ -1,42 +1,64 @@
 """One self-contained HTML page from a results dict (results.json, schema version 1; see ``report/schema.py``).
 
 The page reads saved evidence only (no torch, no model), so ``saecircuits report results.json`` re-renders it.
-plotly.js is inlined once in ``<head>``; every figure is a ``Plotly.newPlot`` call on its own div. Every string that
-comes from the data is HTML-escaped (``html.escape``), including tick labels handed to plotly (plotly's JSON writer
-also escapes ``<``, ``>`` and ``/`` inside the script).
+plotly.js is inlined once in ``<head>`` (the smallest bundle that draws every figure, :func:`plotly_bundle`); every
+figure is an empty ``<div class="plot">`` whose JSON sits, with the others, in one embedded data element, and the
+page's own script (``assets/report/page.js``) draws it when it scrolls into view. The feature browser's data
+(:mod:`saecircuits.report.browser`) is embedded once too, compressed when large, and its cards are built in the
+page. Every string that comes from the data is HTML-escaped (``html.escape``) or put into the page as text
+(``textContent``), including tick labels handed to plotly; embedded JSON has every ``<`` written ``\\u003c``.
 
-Sections: header (model, task, answer tokens, the BOS policy, example prompts each with its own answer
-highlighted); checks (whether the model performs the behaviour, and every failed check with what to try; an SAE
-that fails one also carries a warning box over its summary and its feature ranking); direct logit attribution
-(analysis-spec F1/F2) with CIs and the completeness error; per SAE: summary table (L0, losses, loss recovered vs
-zero and vs mean ablation, with CIs, or "undefined" with the reason), the four losses, the top features by loss
-increase when ablated (analysis-spec F3) as a table and a chart, the multi-feature ablation (original - ablated),
-the top activating examples per feature (analysis-spec F14 colours, see ``tokens_html.py``); when present, the
-SAE-error DLA (F6), per-feature details (log-prob and logit boosts F16/F17, activation vs loss increase F18, DFA
-F7), the upstream ablation (F8) and the activation-scaled DLA (F20); the rest of the reference study when present
-(corpus statistics, the five-way loss comparison, the three ablation modes, ablation on max-activating stories,
-co-occurrence and decoder geometry, the span ablation, and the layer comparison); appendix (training, timings,
-config, notes).
+Layout (:func:`build_report`): title; summary (headline in plain words, checks, loss recovered per SAE, top features
+with a reading, circuit; :mod:`saecircuits.report.summary`); glossary; feature browser; the run (model, task,
+answer tokens, the BOS policy, example prompts each with its own answer highlighted); then collapsible sections:
+the checks (whether the model performs the behaviour, every failed check with what to try; an SAE that fails one
+also carries a warning box over its summary and its feature ranking);
+direct logit attribution (analysis-spec F1/F2) with CIs and the completeness error; per SAE: summary table (L0 and
+explained variance at P, losses, loss recovered vs zero and vs mean ablation, with CIs; a sentence where a value
+surprises; the SAE's training quality over tokens), the top features by loss increase when ablated (analysis-spec F3)
+as a table and a chart, the exact effect of every active feature, the multi-feature ablation (original - ablated)
+and how its set was chosen, the top activating examples per feature (analysis-spec F14 colours, see
+``tokens_html.py``); when present, the SAE-error DLA (F6), per-feature details (log-prob and logit boosts F16/F17,
+activation vs loss increase F18, DFA F7), the upstream ablation (F8) and the activation-scaled DLA (F20); the rest
+of the reference study when present (corpus statistics, the five-way loss comparison, the three ablation modes,
+ablation on max-activating stories, co-occurrence and decoder geometry, the span ablation); the layer comparison;
+the circuit; appendix (training, timings, config, notes). Static sections draw the first :data:`STATIC_FEATURES`
+features; the browser has every one.
 """
 
 from __future__ import annotations
 
+import contextvars
 import html
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import plotly.graph_objects as go
-from plotly.offline import get_plotlyjs
+import plotly.io as pio
+from plotly.offline import get_plotlyjs, get_plotlyjs_version
 from plotly.subplots import make_subplots
 
+from saecircuits.report.browser import browser_payload, embed_json
 from saecircuits.report.schema import ci_bounds, to_jsonable, validate_results, write_text_atomic
+from saecircuits.report.summary import (
+    GLOSSARY,
+    feature_reading,
+    headline,
+    model_name,
+    ratio_problem,
+    supported,
+    surprises,
+)
 from saecircuits.report.tokens_html import TOKENS_CSS, token_html, tokens_to_html, visible_token
 
-__all__ = ["render_report", "build_report_html"]
+__all__ = ["render_report", "build_report_html", "build_report", "build_card_page", "Report", "plotly_bundle"]
 
 _CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 0 auto; max-width: 1200px;
@@ -64,6 +86,33 @@ code { background: #f2f2f2; padding: 0 3px; }
         margin: 10px 0; }
 .ok { background: #f0f8f0; border: 1px solid #9c9; border-left: 5px solid #2ca02c; padding: 6px 12px; margin: 10px 0; }
 pre.json { background: #fafafa; border: 1px solid #e3e3e3; padding: 8px; font-size: 12px; overflow-x: auto; }
+details.section { margin-top: 28px; border-top: 1px solid #bbb; }
+details.section > summary { cursor: pointer; list-style: none; }
+details.section > summary::-webkit-details-marker { display: none; }
+details.section > summary > h2 { display: inline-block; border: none; margin: 12px 0 4px; }
+details.section > summary::before { content: "\25B8"; color: #666; margin-right: 8px; font-size: 20px; }
+details.section[open] > summary::before { content: "\25BE"; }
+section.summary { background: #f7f9fc; border: 1px solid #d5deea; padding: 4px 18px 10px; margin: 12px 0; }
+section.summary p.headline { font-size: 16px; margin: 8px 0; }
+section.summary > h2 { margin-top: 12px; }
+dl.glossary dt { font-weight: 700; margin-top: 6px; }
+dl.glossary dd { margin-left: 18px; }
+.warn { background: #fff3f0; border: 1px solid #e0a090; border-left: 5px solid #c0392b; padding: 6px 12px;
+        margin: 10px 0; }
+.surprise { background: #fffbea; border-left: 4px solid #e0b000; padding: 4px 10px; margin: 8px 0; font-size: 14px; }
+div.plot { width: 100%; }
+.fb-bar { display: flex; gap: 12px; align-items: center; margin: 8px 0; flex-wrap: wrap; }
+.fb-bar input { font-size: 15px; padding: 4px 8px; min-width: 22em; }
+.fb-wrap { display: grid; grid-template-columns: minmax(280px, 34%) minmax(0, 1fr); gap: 16px; align-items: start; }
+.fb-list { max-height: 80vh; overflow-y: auto; border: 1px solid #ddd; }
+.fb-list table.data { margin: 0; width: 100%; }
+.fb-list tr[data-f] { cursor: pointer; }
+.fb-list tr[data-f]:hover td, .fb-list tr.current td { background: #e8f0fe; }
+.fb-card { min-width: 0; }
+.fb-card .card-plots { display: grid; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr)); gap: 8px; }
+.fb-card .card-plots > div { min-width: 0; overflow: hidden; }
+.fb-card p.reading { font-size: 15px; background: #f7f9fc; padding: 4px 8px; }
+.toklist { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; overflow-wrap: anywhere; }
 """
 
 
@@ -102,6 +151,9 @@ def _table(
 ) -> str:
     """An escaped HTML table (no header row if ``headers`` is None); every header and cell is escaped here."""
     lc = set(left_cols)
+    sink = _TABLES.get()
+    if sink is not None:
+        sink.append(headers, rows)
 
     def cls(j: int) -> str:
         return ' class="l"' if j in lc else ""
@@ -119,6 +171,22 @@ def _table(
         out.append("</tr>")
     out.append("</tbody></table>")
     return "".join(out)
+
+
+class _TableSink:
+    """Every table of a page as ``(name, headers, rows)``, for the CSV export; ``where`` names the current section."""
+
+    def __init__(self) -> None:
+        self.where = "header"
+        self.tables: list[tuple[str, list[str] | None, list[list[Any]]]] = []
+
+    def append(self, headers: Sequence[str] | None, rows: Sequence[Sequence[Any]]) -> None:
+        n = sum(1 for name, _, _ in self.tables if name.startswith(self.where + "-")) + 1
+        self.tables.append((f"{self.where}-{n}", list(headers) if headers is not None else None,
+                            [list(r) for r in rows]))
+
+
+_TABLES: contextvars.ContextVar[_TableSink | None] = contextvars.ContextVar("saecircuits_report_tables", default=None)
 
 
 def _error_bars(means: Sequence[Any], cis: Sequence[Any] | None) -> dict | None:
@@ -140,20 +208,31 @@ def _nulls(vs: Sequence[Any]) -> list:
 
 
 class _Figures:
-    """Turns plotly figures into divs with stable ids; plotly.js itself is inlined once in the page head."""
+    """Collects plotly figures; each becomes an empty ``<div class="plot">`` that the page draws when it scrolls into
+    view (``assets/report/page.js``). The figures' JSON is embedded once (:meth:`payload`), their shared template
+    once, and plotly.js once in the page head."""
 
     def __init__(self) -> None:
         self.n = 0
+        self.specs: dict[str, dict] = {}
+        self.figures: list[tuple[str, go.Figure]] = []  # (div id, figure) for the PNG export
+        self.trace_types: set[str] = set()
 
     def __call__(self, fig: go.Figure, *, height: int = 380) -> str:
         self.n += 1
+        div_id = f"fig{self.n}"
         fig.update_layout(template="plotly_white", height=height, margin=dict(l=60, r=20, t=50, b=60))
-        return fig.to_html(
-            full_html=False,
-            include_plotlyjs=False,
-            div_id=f"fig{self.n}",
-            config={"displaylogo": False, "responsive": True},
-        )
+        spec = json.loads(pio.to_json(fig, validate=False))
+        spec["layout"].pop("template", None)  # the page sets the one shared template
+        self.specs[div_id] = {"data": spec.get("data", []), "layout": spec["layout"]}
+        self.figures.append((div_id, fig))
+        self.trace_types.update(str(t.get("type", "scatter")) for t in spec.get("data", []))
+        return f'<div class="plot" data-lazy="1" id="{div_id}" style="height: {int(height)}px"></div>'
+
+    def payload(self) -> dict:
+        template = json.loads(pio.to_json(go.Figure(layout={"template": "plotly_white"}), validate=False))["layout"][
+            "template"]
+        return {"template": template, "figs": self.specs}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -175,6 +254,8 @@ def _header(r: Mapping) -> str:
         n_prompts += f" ({task['n_dropped_too_long']} longer than the model's context left out)"
     rows = [
         ("Model", r["model"]),
+        *([("Model source", (r.get("provenance") or {}).get("source"))]
+          if (r.get("provenance") or {}).get("source") not in (None, r["model"]) else []),
         ("Task", task["name"]),
         ("Prompts", n_prompts),
         ("Answer token(s)", ", ".join(answers)),
@@ -185,8 +266,7 @@ def _header(r: Mapping) -> str:
     mi = r.get("model_info") or {}
     if mi:
         rows.append(("Model shape", ", ".join(f"{k}={v}" for k, v in mi.items())))
-    out = [f"<h1>SAE circuit report: {_esc(task['name'])} on {_esc(r['model'])}</h1>"]
-    out.append(_table(None, rows, left_cols=(0, 1)))
+    out = [_table(None, rows, left_cols=(0, 1))]
     examples = task.get("example_prompts") or []
     if examples:
         # each prompt's own answer; results.json files from before example_answers only know it when the task
@@ -314,9 +394,9 @@ def _sae_summary(sae: Mapping, fig: _Figures) -> str:
         ("hook point", sae["hook_point"]),
         ("architecture", sae.get("architecture", "n/a")),
         ("d_in / d_sae", f"{sae['d_in']} / {sae['d_sae']}"),
-        ("L0 (mean active features per token)", _num(sae["l0"], ".2f")),
-        ("explained variance", _num(sae.get("explained_variance"), ".4f")),
-        ("relative squared error |x - x_hat|^2 / |x|^2", _num(sae.get("relative_error"), ".4f")),
+        ("L0 at P (mean active features at the prediction position, across prompts)", _num(sae["l0"], ".2f")),
+        ("explained variance at P (across prompts)", _num(sae.get("explained_variance"), ".4f")),
+        ("relative squared error at P |x - x_hat|^2 / |x|^2", _num(sae.get("relative_error"), ".4f")),
         ("features active on the task", sae.get("n_active_features", "n/a")),
         ("clean loss (nats)", _pm(sae["clean_loss"], lc.get("clean"))),
         ("loss with SAE spliced in (nats)", _pm(sae["sae_loss"], lc.get("sae"))),
@@ -357,6 +437,9 @@ def _sorted_features(sae: Mapping) -> list[Mapping]:
         sae["top_features"], key=lambda t: -t["loss_increase"] if _finite(t["loss_increase"]) else math.inf
     )
 
+
+STATIC_FEATURES = 10
+"""Features whose examples, details and band examples the static sections draw; the feature browser has them all."""
 
 TOP_ROWS = 30
 """Rows of the ranked feature table and bars of its chart (every feature's effect is in the effects chart)."""
@@ -468,16 +551,23 @@ _MULTI = (
 
 def _multi_section(sae: Mapping, fig: _Figures) -> str:
     ma = sae.get("multi_ablation")
+    sel = sae.get("multi_ablation_selection") or {}
     if not ma:
+        if sel and not sel.get("n_supported"):
+            return ('<p class="note">No multi-feature ablation: no ranked feature has a supported effect (every 95% '
+                    f"CI of the {_esc(sel.get('n_ranked', 0))} ranked features includes 0), so no set was chosen.</p>")
         return '<p class="muted">No multi-feature ablation recorded.</p>'
     feats = ma.get("features", [])
     present = [(k, label) for k, label in _MULTI if k in ma]
+    chosen_by = (f" Chosen as {_esc(sel['rule'])} ({_esc(sel.get('n_supported', '?'))} of "
+                 f"{_esc(sel.get('n_ranked', '?'))} ranked features are supported)." if sel.get("rule") else
+                 " This results.json does not say whether the set was chosen among supported features.")
     out = [
         f'<p class="note">All of the features {_esc(", ".join(str(x) for x in feats)) or "(not recorded)"} '
         f"ablated together on {_esc(ma.get('n_prompts', 'n/a'))} prompts. Sign convention: "
         "<b>original - ablated</b>. A positive log-prob or logit difference means the ablation lowered the "
         "answer; a negative rank difference means the answer's rank got worse (a larger rank number) after "
-        "the ablation. Error bars: 95% CI.</p>"
+        "the ablation. Error bars: 95% CI." + chosen_by + "</p>"
     ]
     rows = [(label, _pm(ma[k]["mean"], ma[k].get("ci95"))) for k, label in present]
     out.append(_table(["original - ablated", "mean (95% CI)"], rows, left_cols=(0,)))
@@ -516,9 +606,17 @@ def _examples_section(sae: Mapping, sid: str) -> str:
         "grey dashed boxes, never coloured; a character split over several byte tokens is shown on its first "
         "token, and the narrow boxes after it hold its other bytes.</p>"
     ]
-    for k in order:
+    if len(order) > STATIC_FEATURES:
+        out.append(f'<p class="note">The first {STATIC_FEATURES} of {len(order)} features are shown here; the feature '
+                   "browser has the examples of every one.</p>")
+    for k in order[:STATIC_FEATURES]:
         out.append(f'<h4 id="{sid}-f{k}">Feature {k}</h4>')
+        seen = set()
         for ex in by_feature[k]:
+            key = (tuple(ex["tokens"]), tuple(ex["activations"]))
+            if key in seen:  # the same window twice (e.g. two top positions close together): shown once
+                continue
+            seen.add(key)
             acts = ex["activations"]
             mx = ex.get("max_activation")
             if not _finite(mx):
@@ -775,7 +873,11 @@ def _evidence_sections(sae: Mapping, fig: _Figures, sid: str) -> list[str]:
         if key == "error_dla":
             out.append(_error_dla_section(sae, fig))
         elif key == "feature_details":
-            out += [_feature_detail(fd, fig, sid) for fd in sae["feature_details"]]
+            details = sae["feature_details"]
+            if len(details) > STATIC_FEATURES:
+                out.append(f'<p class="note">The first {STATIC_FEATURES} of {len(details)} features are shown here; '
+                           "the feature browser has the details of every one.</p>")
+            out += [_feature_detail(fd, fig, sid) for fd in details[:STATIC_FEATURES]]
         elif key == "upstream_ablation":
             out.append(_upstream_section(sae, fig))
         else:
@@ -870,7 +972,7 @@ def _corpus_section(sae: Mapping, fig: _Figures, sid: str) -> str:
             centres = [(a + b) / 2 for a, b in zip(a_edges[:-1], a_edges[1:], strict=True)]
             f = go.Figure(
                 [go.Scatter(x=centres, y=fe.get("activation_log10_counts", []), mode="lines", name=f"f{fe['feature']}")
-                 for fe in feats if fe.get("activation_log10_counts")]
+                 for fe in feats[:STATIC_FEATURES] if fe.get("activation_log10_counts")]
             )
             f.update_layout(title="Activation histogram of the top features (tokens where each fires)",
                             xaxis_title="log10 activation", yaxis_title="tokens")
@@ -880,7 +982,7 @@ def _corpus_section(sae: Mapping, fig: _Figures, sid: str) -> str:
             "modes): documents whose maximum lies just above 2/3, 1/3 and 1/10 of the feature's maximum. What a "
             "feature does at lower activations is often broader than its top examples suggest.</p>"
         )
-        for fe in feats:
+        for fe in feats[:STATIC_FEATURES]:
             bands = fe.get("band_examples") or {}
             if not any(bands.values()):
                 continue
@@ -976,7 +1078,7 @@ def _stories_section(sae: Mapping, fig: _Figures, sid: str) -> str:
     ]
     out.append(_table(["feature", "stories", "threshold", "global: loss increase (nats)",
                        "per position: loss increase (nats)", "mode"], rows))
-    for st in sae["max_activating_ablation"]:
+    for st in sae["max_activating_ablation"][:STATIC_FEATURES]:
         k = int(st["feature"])
         vals = st.get("position_loss_increase") or []
         if vals:
@@ -1286,98 +1388,385 @@ def _appendix(r: Mapping) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Summary first: headline, checks, loss recovered, top features with a reading, circuit; glossary; browser
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _quality_rows(sae: Mapping) -> list[tuple[str, str]]:
+    """The SAE's training quality, each labelled with where it is measured (training tokens or the corpus)."""
+    fm = (sae.get("training") or {}).get("final_metrics") or {}
+    cs = sae.get("corpus_stats") or {}
+    rows = []
+    if fm:
+        n_tok = (sae.get("training") or {}).get("tokens")
+        where = f"over its last training batch ({n_tok} training tokens in all)" if n_tok else "over its last training batch"
+        rows += [
+            (f"L0 {where}", _num(fm.get("l0"), ".2f")),
+            (f"explained variance {where}", _num(fm.get("explained_variance"), ".4f")),
+            (f"shrinkage |x_hat| / |x| {where} (1 = none)", _num(fm.get("shrinkage"), ".3f")),
+            (f"dead fraction (no firing in the training window) {where}", _num(fm.get("dead_fraction"), ".3f")),
+            (f"dense fraction (firing on > 10% of tokens) {where}", _num(fm.get("dense_fraction"), ".3f")),
+        ]
+    if cs:
+        d_sae = sae.get("d_sae") or 0
+        dense = None
+        edges, counts = cs.get("density_log10_edges"), cs.get("density_log10_counts")
+        if edges and counts and d_sae:
+            dense = sum(c for lo, c in zip(edges[:-1], counts, strict=True) if lo >= -1.0) / d_sae
+        rows += [
+            (f"L0 over all {cs['n_tokens']} counted corpus tokens", _num(cs.get("l0"), ".2f")),
+            ("dead fraction over the corpus (never fires)",
+             _num(cs["n_dead"] / d_sae, ".3f") if cs.get("n_dead") is not None and d_sae else "n/a"),
+            ("dense fraction over the corpus (density >= 0.1)", _num(dense, ".3f")),
+        ]
+    return rows
+
+
+def _sae_quality(sae: Mapping) -> str:
+    rows = _quality_rows(sae)
+    if not rows:
+        return ('<p class="note">No training metrics recorded for this SAE (an SAE given with --sae); L0 and '
+                "explained variance above are at P only.</p>")
+    return ('<p class="note">The SAE\'s quality where it was trained and over the corpus (the rows above are at P, '
+            "the position this report studies):</p>" + _table(["quantity", "value"], rows, left_cols=(0,)))
+
+
+def _surprise_notes(sae: Mapping, r: Mapping) -> str:
+    return "".join(f'<p class="surprise">{_esc(t)}</p>' for t in surprises(sae, r))
+
+
+def _checks_block(r: Mapping) -> str:
+    """The checks of results.json (whether the model performs the behaviour, warnings), when it has them."""
+    checks = r.get("checks")
+    if checks is None:
+        return ""
+    if not checks:
+        return '<p class="note"><b>Checks:</b> all passed.</p>'
+    items = "".join(
+        f"<li>{_esc(c.get('scope', ''))}: {_esc(c.get('message', ''))}"
+        + (f" <i>Try:</i> {_esc(c['what_to_try'])}" if c.get("what_to_try") else "") + "</li>"
+        for c in checks if isinstance(c, Mapping))
+    return f'<div class="warn"><b>{len(checks)} check(s) failed.</b><ul>{items}</ul></div>'
+
+
+def _summary_section(r: Mapping) -> str:
+    """Summary first: the headline in plain words, the checks, loss recovered per SAE, the top features each with
+    a one-line reading, and the circuit."""
+    out = ['<section class="summary" id="summary"><h2>Summary</h2>']
+    out += [f'<p class="headline">{_esc(t)}</p>' for t in headline(r)]
+    out.append(_checks_block(r))
+    task = r["task"]
+    answers = ", ".join(visible_token(t) for t in task.get("answer_tokens") or []) or ", ".join(
+        f"id {i}" for i in task["answer_token_ids"])
+    out.append(_table(None, [("Model", model_name(r)), ("Task", task["name"]), ("Prompts", task["n_prompts"]),
+                             ("Answer token(s)", answers)], left_cols=(0, 1)))
+    if r["saes"]:
+        rows = []
+        for i, sae in enumerate(r["saes"]):
+            sup = sum(1 for t in sae.get("top_features") or []
+                      if supported(t["loss_increase"], t.get("loss_increase_ci95")))
+            rows.append((f"SAE {i}: {sae['hook_point']}", _lr_cell(sae, "loss_recovered"),
+                         _lr_cell(sae, "loss_recovered_mean_ablation"),
+                         _num(sae["l0"], ".1f"), sup))
+        out.append(_table(["SAE", "loss recovered vs zero ablation (95% CI)", "vs mean ablation (95% CI)", "L0 at P",
+                           "features with a supported effect"], rows, left_cols=(0,)))
+        for i, sae in enumerate(r["saes"]):
+            out.append(_surprise_notes(sae, r))
+            ranked = _sorted_features(sae)[:5]
+            if ranked:
+                out.append(f'<p class="note"><b>Top features of SAE {i} ({_esc(sae["hook_point"])})</b>, by loss '
+                           "increase when ablated alone at P (open any in the feature browser below):</p>")
+                rows = []
+                for t in ranked:
+                    k = int(t["feature"])
+                    rows.append((f'<a href="#card-sae-{i}-f{k}">f{k}</a>',
+                                 _esc(_pm(t["loss_increase"], t.get("loss_increase_ci95"))),
+                                 _esc(feature_reading(sae, k) or "n/a")))
+                out.append(_html_table(["feature", "loss increase (nats, 95% CI)", "reading"], rows,
+                                       [[t["feature"], _pm(t["loss_increase"], t.get("loss_increase_ci95")),
+                                         feature_reading(sae, int(t["feature"]))] for t in ranked]))
+    c = r.get("circuit")
+    if c and c.get("selection"):
+        sel = c["selection"]
+        out.append(f'<p class="note"><b>Circuit:</b> {_esc(sel.get("n_nodes", "?"))} nodes, faithfulness '
+                   f"{_esc(_num(sel.get('faithfulness'), '.3f'))}, completeness "
+                   f"{_esc(_num(sel.get('completeness'), '.3f'))} (<a href=\"#circuit\">details</a>).</p>")
+    out.append("</section>")
+    return "\n".join(x for x in out if x)
+
+
+def _lr_cell(sae: Mapping, key: str) -> str:
+    """A loss recovered with its CI, flagged when it cannot be read as a result (:func:`summary.ratio_problem`)."""
+    text = _pm(sae.get(key), sae.get(f"{key}_ci95"), ".3f")
+    return text + (" (cannot be read: see below)" if ratio_problem(sae, key) is not None else "")
+
+
+def _html_table(headers: Sequence[str], cells_html: Sequence[Sequence[str]], plain: Sequence[Sequence[Any]]) -> str:
+    """A table whose cells are ALREADY-ESCAPED HTML (links); ``plain`` is the same table as text for the export."""
+    sink = _TABLES.get()
+    if sink is not None:
+        sink.append(headers, plain)
+    out = ['<table class="data"><thead><tr>' + "".join(f'<th class="l">{_esc(h)}</th>' for h in headers)
+           + "</tr></thead><tbody>"]
+    out += ["<tr>" + "".join(f'<td class="l">{c}</td>' for c in row) + "</tr>" for row in cells_html]
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _glossary() -> str:
+    items = "".join(f"<dt>{_esc(term)}</dt><dd>{_esc(text)}</dd>" for term, text in GLOSSARY)
+    return f'<dl class="glossary">{items}</dl>'
+
+
+def _browser_section(r: Mapping) -> str:
+    n = sum(len({e["feature"] for e in sae.get("feature_effects") or []} |
+                {t["feature"] for t in sae.get("top_features") or []}) for sae in r["saes"])
+    return (
+        '<p class="note">Every feature with any evidence in this run (' + _esc(n) + " or more), sorted by its effect: "
+        "the exact loss increase when it alone is ablated at P (nats, 95% CI; highlighted rows: the interval "
+        "excludes 0). Search by feature number or by a token it fires on; a card shows what is known of the "
+        "feature: its activation histogram and density, top activating examples with tokens coloured by activation "
+        "(hover a token for its value and position), examples from lower bands, its activation on the task "
+        "prompts, log-prob and logit boosts, loss increase per prompt, and DFA.</p>"
+        '<div id="feature-browser"><noscript>The feature browser needs JavaScript.</noscript></div>'
+    )
+
+
+def _section(sid: str, title: str, body: Sequence[str] | str, *, open_: bool = False) -> str:
+    """A collapsible top-level section: ``<details>`` whose summary is the ``<h2 id=sid>`` heading."""
+    inner = body if isinstance(body, str) else "\n".join(b for b in body if b)
+    return (f'<details class="section"{" open" if open_ else ""}><summary><h2 id="{_esc(sid)}">{_esc(title)}</h2>'
+            f"</summary>\n{inner}\n</details>")
+
+
+CARTESIAN_BUNDLE_VERSION = "4.1.1"
+"""plotly.js version of the vendored cartesian bundle (``assets/report/plotly-cartesian.min.js``)."""
+CARTESIAN_TRACES = frozenset({"bar", "box", "contour", "heatmap", "histogram", "histogram2d", "histogram2dcontour",
+                              "image", "pie", "scatter", "scatterternary", "violin"})
+"""Trace types the cartesian bundle draws."""
+BROWSER_TRACES = frozenset({"bar", "histogram", "scatter"})
+"""Trace types the feature browser's cards draw (``page.js``)."""
+
+
+def plotly_bundle(trace_types: set[str] | frozenset[str]) -> tuple[str, str]:
+    """``(javascript, name)`` of the smallest plotly.js bundle that draws ``trace_types`` (plus the browser's).
+
+    The vendored cartesian bundle (1.5 MB, see ``assets/report/SOURCE.md``) when it has the same plotly.js version
+    as the installed plotly package and draws every trace type; otherwise the full bundle the plotly package ships
+    (about 4.8 MB)."""
+    needed = set(trace_types) | BROWSER_TRACES
+    if needed <= CARTESIAN_TRACES and get_plotlyjs_version() == CARTESIAN_BUNDLE_VERSION:
+        path = resources.files("saecircuits") / "assets" / "report" / "plotly-cartesian.min.js"
+        return path.read_text(encoding="utf-8"), f"cartesian {CARTESIAN_BUNDLE_VERSION}"
+    return get_plotlyjs(), f"full {get_plotlyjs_version()}"
+
+
+def _page_js() -> str:
+    return (resources.files("saecircuits") / "assets" / "report" / "page.js").read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def build_report_html(results: Mapping) -> str:
-    """The report page as a string (see the module docstring for its sections).
+@dataclass
+class Report:
+    """A built report: the page, and its figures and tables (for :mod:`saecircuits.report.export`).
+
+    Attributes:
+        html: the whole self-contained page.
+        figures: ``(name, plotly Figure)`` for every figure of the page, in page order.
+        tables: ``(name, headers or None, rows)`` for every table of the page, in page order (cells as shown).
+        bundle: which plotly.js bundle the page inlines (``"cartesian 4.1.1"`` or ``"full X"``).
+    """
+
+    html: str
+    figures: list[tuple[str, go.Figure]] = field(default_factory=list)
+    tables: list[tuple[str, list[str] | None, list[list[Any]]]] = field(default_factory=list)
+    bundle: str = ""
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-")[:60] or "figure"
+
+
+def build_report(results: Mapping) -> Report:
+    """Build the report page and collect its figures and tables.
+
+    Layout: title; summary first (headline in plain words, checks when results.json has them, loss recovered per
+    SAE with CIs, the top features each with a one-line reading, the circuit); the glossary; the feature browser
+    (every feature with any evidence, cards built lazily in the page from JSON embedded once); then the detailed
+    sections, each collapsible: direct logit attribution, one section per SAE, the layer comparison, the circuit,
+    the appendix. plotly.js is inlined once (:func:`plotly_bundle`); every figure is drawn when it scrolls into view.
 
     Raises:
         ResultsSchemaError: ``results`` does not match results.json schema version 1.
     """
     validate_results(results)
-    fig = _Figures()
-    toc = ['<li><a href="#dla">Direct logit attribution</a></li>']
-    checks_html = _checks_section(results)
-    if checks_html:
-        n = len(results.get("checks") or [])
-        toc.insert(0, '<li><a href="#checks">Checks</a>' + (f' <span class="muted">({n} warning(s))</span>' if n
-                                                            else "") + "</li>")
-    body = [checks_html, _dla_section(results, fig)]
-    for i, sae in enumerate(results["saes"]):
-        sid = f"sae-{i}"
-        title = _sae_title(i, sae)
-        top = ", ".join(f"f{t['feature']}" for t in _sorted_features(sae)[:5])
-        flagged = any(c["scope"] in ("task", sae["hook_point"]) for c in results.get("checks") or [])
-        toc.append(
-            f'<li><a href="#{sid}">{_esc(title)}</a>'
-            + (' <b style="color:#c0392b">checks failed</b>' if flagged else "")
-            + (f' <span class="muted">top features: {_esc(top)}</span>' if top else "")
-            + f'<ul><li><a href="#{sid}-summary">summary</a></li>'
-            f'<li><a href="#{sid}-features">top features</a></li>'
-            + (
-                f'<li><a href="#{sid}-effects">every active feature</a></li>'
-                if sae.get("feature_effects")
-                else ""
+    sink = _TableSink()
+    token = _TABLES.set(sink)
+    try:
+        fig = _Figures()
+        sink.where = "summary"
+        summary = _summary_section(results)
+        sink.where = "header"
+        header = _header(results)
+        toc = ['<li><a href="#summary">Summary</a></li>', '<li><a href="#glossary">Glossary</a></li>',
+               '<li><a href="#browser">Feature browser</a></li>',
+               '<li><a href="#dla">Direct logit attribution</a></li>']
+        sink.where = "checks"
+        checks_html = _checks_section(results)
+        body = []
+        if checks_html:
+            n = len(results.get("checks") or [])
+            toc.insert(3, '<li><a href="#checks">Checks</a>' + (f' <span class="muted">({n} warning(s))</span>' if n
+                                                                 else "") + "</li>")
+            body.append(_section("checks", "Checks", checks_html.replace('<h2 id="checks">Checks</h2>', "", 1),
+                                 open_=True))
+        sink.where = "dla"
+        body += [_section("dla", "Direct logit attribution", _dla_section(results, fig).replace(
+            '<h2 id="dla">Direct logit attribution</h2>', "", 1))]
+        for i, sae in enumerate(results["saes"]):
+            sid = f"sae-{i}"
+            sink.where = sid
+            title = _sae_title(i, sae)
+            top = ", ".join(f"f{t['feature']}" for t in _sorted_features(sae)[:5])
+            flagged = any(c["scope"] in ("task", sae["hook_point"]) for c in results.get("checks") or [])
+            toc.append(
+                f'<li><a href="#{sid}">{_esc(title)}</a>'
+                + (' <b style="color:#c0392b">checks failed</b>' if flagged else "")
+                + (f' <span class="muted">top features: {_esc(top)}</span>' if top else "")
+                + f'<ul><li><a href="#{sid}-summary">summary</a></li>'
+                f'<li><a href="#{sid}-features">top features</a></li>'
+                + (
+                    f'<li><a href="#{sid}-effects">every active feature</a></li>'
+                    if sae.get("feature_effects")
+                    else ""
+                )
+                + f'<li><a href="#{sid}-multi">multi-feature ablation</a></li>'
+                f'<li><a href="#{sid}-examples">activating examples</a></li>'
+                + "".join(
+                    f'<li><a href="#{sid}-{slug}">{_esc(title.lower())}</a></li>'
+                    for key, slug, title in _EVIDENCE + _STUDY
+                    if sae.get(key)
+                )
+                + "</ul></li>"
             )
-            + f'<li><a href="#{sid}-multi">multi-feature ablation</a></li>'
-            f'<li><a href="#{sid}-examples">activating examples</a></li>'
-            + "".join(
-                f'<li><a href="#{sid}-{slug}">{_esc(title.lower())}</a></li>'
-                for key, slug, title in _EVIDENCE + _STUDY
-                if sae.get(key)
-            )
-            + "</ul></li>"
-        )
-        warning = _sae_warning(results, sae)
-        body.append(f'<h2 id="{sid}">{_esc(title)}</h2>')
-        body.append(warning)
-        body.append(f'<h3 id="{sid}-summary">Summary</h3>')
-        body.append(_sae_summary(sae, fig))
-        body.append(f'<h3 id="{sid}-features">Top features</h3>')
-        body.append(warning)
-        body.append(_features_section(sae, fig))
-        if sae.get("feature_effects"):
-            body.append(f'<h3 id="{sid}-effects">Exact effects of every active feature</h3>')
-            body.append(_effects_section(sae, fig))
-        body.append(f'<h3 id="{sid}-multi">Multi-feature ablation</h3>')
-        body.append(_multi_section(sae, fig))
-        body.append(f'<h3 id="{sid}-examples">Activating examples</h3>')
-        body.append(_examples_section(sae, sid))
-        body.extend(_evidence_sections(sae, fig, sid))
-        body.extend(_study_sections(sae, fig, sid))
-    if results.get("layer_comparison"):
-        toc.append('<li><a href="#layers">Top features of each layer, alone and together</a></li>')
-        body.append(_layer_comparison_section(results, fig))
-    if not results["saes"]:
-        body.append('<p class="muted">No SAEs in these results.</p>')
-    if results.get("circuit"):
-        toc.append('<li><a href="#circuit">Feature circuit across layers</a></li>')
-        body.append(_circuit_section(results, fig))
-    toc.append('<li><a href="#appendix">Appendix</a></li>')
-    body.append(_appendix(results))
-    title = f"saecircuits report: {results['task']['name']} on {results['model']}"
-    return "\n".join(
+            warning = _sae_warning(results, sae)
+            part = [warning, f'<h3 id="{sid}-summary">Summary</h3>', _sae_summary(sae, fig),
+                    _surprise_notes(sae, results), _sae_quality(sae), f'<h3 id="{sid}-features">Top features</h3>',
+                    warning, _features_section(sae, fig)]
+            if sae.get("feature_effects"):
+                part += [f'<h3 id="{sid}-effects">Exact effects of every active feature</h3>',
+                         _effects_section(sae, fig)]
+            part += [f'<h3 id="{sid}-multi">Multi-feature ablation</h3>', _multi_section(sae, fig),
+                     f'<h3 id="{sid}-examples">Activating examples</h3>', _examples_section(sae, sid)]
+            part += _evidence_sections(sae, fig, sid)
+            part += _study_sections(sae, fig, sid)
+            body.append(_section(sid, title, part))
+        if results.get("layer_comparison"):
+            sink.where = "layers"
+            toc.append('<li><a href="#layers">Top features of each layer, alone and together</a></li>')
+            lc_html = _layer_comparison_section(results, fig)
+            lc_title = "Top features of each layer ablated, alone and together"
+            body.append(_section("layers", lc_title, lc_html.replace(f'<h2 id="layers">{lc_title}</h2>', "", 1)))
+        if not results["saes"]:
+            body.append('<p class="muted">No SAEs in these results.</p>')
+        if results.get("circuit"):
+            sink.where = "circuit"
+            toc.append('<li><a href="#circuit">Feature circuit across layers</a></li>')
+            c_html = _circuit_section(results, fig).replace('<h2 id="circuit">Feature circuit across layers</h2>', "", 1)
+            body.append(_section("circuit", "Feature circuit across layers", c_html))
+        toc.append('<li><a href="#appendix">Appendix</a></li>')
+        sink.where = "appendix"
+        body.append(_section("appendix", "Appendix", _appendix(results).replace('<h2 id="appendix">Appendix</h2>', "", 1)))
+        browser = browser_payload(results)
+        js, bundle = plotly_bundle(fig.trace_types)
+    finally:
+        _TABLES.reset(token)
+    task = results["task"]
+    name = model_name(results)
+    title = f"saecircuits report: {task['name']} on {name}"
+    page = "\n".join(
         [
             "<!DOCTYPE html>",
             '<html lang="en"><head><meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
             f"<title>{_esc(title)}</title>",
             f"<style>{_CSS}</style>",
-            f'<script type="text/javascript">{get_plotlyjs()}</script>',
+            f'<script type="text/javascript">{js}</script>',
             "</head><body>",
-            _header(results),
+            f"<h1>SAE circuit report: {_esc(task['name'])} on {_esc(name)}</h1>",
+            summary,
+            _section("glossary", "Glossary", _glossary()),
+            _section("browser", "Feature browser", _browser_section(results), open_=True).replace(
+                '<details class="section" open>', '<details class="section" open id="browser-section">', 1),
+            _section("run", "The run: model, task, prompts", header, open_=True),
             '<nav class="toc"><b>Contents</b><ul>' + "".join(toc) + "</ul></nav>",
             *body,
+            embed_json("sc-figs", fig.payload()),
+            embed_json("sc-browser", browser),
+            f"<script>{_page_js()}</script>",
             "</body></html>",
         ]
     )
+    named = [(f"{j:03d}-{_slug(_fig_title(f))}", f) for j, (_, f) in enumerate(fig.figures, 1)]
+    return Report(html=page, figures=named, tables=sink.tables, bundle=bundle)
+
+
+def _fig_title(f: go.Figure) -> str:
+    t = f.layout.title
+    return (t.text if t is not None and t.text else "") or "figure"
+
+
+def build_card_page(card: Mapping) -> str:
+    """A self-contained page with one feature's card (``saecircuits feature --out``), drawn by the same code as the
+    report's feature browser.
+
+    Args:
+        card: ``{"saes": [an SAE entry of results.json holding only that feature's evidence], "feature": k, ...}``
+            (:func:`saecircuits.feature_card.feature_card`).
+    """
+    sae = card["saes"][0]
+    k = int(card["feature"])
+    so = sae.get("sae_only") or {}
+    rows = [("SAE", card.get("sae_dir", "")), ("hook point", sae["hook_point"]), ("d_in / d_sae",
+                                                                                f"{sae['d_in']} / {sae['d_sae']}"),
+            ("encoder bias b_enc[k]", _num(so.get("b_enc"))), ("decoder norm |W_dec[k]|", _num(so.get("decoder_norm")))]
+    if card.get("model"):
+        rows.append(("model", card["model"]))
+    if card.get("task"):
+        rows.append(("task", f"{card['task']['name']}, {card['task']['n_prompts']} prompts"))
+    notes = "".join(f'<p class="note">{_esc(n)}</p>' for n in card.get("notes") or [])
+    if not card.get("model"):
+        notes += ('<p class="note">Only the SAE was given: add --model (weight-based logit boosts) and --data (corpus '
+                  "statistics, examples, and the feature's effect on the task prompts).</p>")
+    browser = browser_payload(card)
+    js, _ = plotly_bundle(set())
+    title = f"Feature {k} of {sae['hook_point']}"
+    return "\n".join([
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{_esc(title)}</title>",
+        f"<style>{_CSS}</style>", f'<script type="text/javascript">{js}</script>', "</head><body>",
+        f"<h1>{_esc(title)}</h1>", _table(None, rows, left_cols=(0, 1)), notes,
+        f'<div id="feature-browser" data-open="card-sae-0-f{k}"></div>',
+        embed_json("sc-browser", browser), f"<script>{_page_js()}</script>", "</body></html>"])
+
+
+def build_report_html(results: Mapping) -> str:
+    """The report page as a string (see :func:`build_report` for its layout).
+
+    Raises:
+        ResultsSchemaError: ``results`` does not match results.json schema version 1.
+    """
+    return build_report(results).html
 
 
 def render_report(results: Mapping, out_path: str | os.PathLike) -> Path:
     """Validate ``results`` and write the self-contained HTML report to ``out_path`` atomically.
 
-    The page inlines plotly.js once (about 4.8 MB) and needs no network to view. Reads nothing but ``results``.
+    The page inlines plotly.js once (the 1.5 MB cartesian bundle; see :func:`plotly_bundle`) and needs no network
+    to view. Reads nothing but ``results``.
 
     Raises:
         ResultsSchemaError: ``results`` does not match results.json schema version 1 (message names the key);

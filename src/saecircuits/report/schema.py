@@ -65,6 +65,8 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
               "logprob_diff": {"mean": float, "ci95": CI},   # original - ablated, answer log-prob (nats)
               "logit_diff":   {"mean": float, "ci95": CI},   # original - ablated, answer logit
               "rank_diff":    {"mean": float, "ci95": CI}},  # original - ablated, answer rank
+          "multi_ablation_selection": {"rule": str, "n_supported": int, "n_ranked": int},  # how the set was chosen
+          "task_activations": [{"feature": int, "values": [float]}],   # activation at P on the prompts where active
           "examples": [{"feature": int, "examples": [{
               "doc_index": int, "tokens": [str], "activations": [float] (same length as tokens; null at a
               special token), "token_kinds": ["text"|"continuation"|"special"] (same length as tokens),
@@ -540,6 +542,12 @@ _SAE = _Obj(
                     "off_range": _opt(_OFF_RANGE),
                 }
             )
+        ),
+        "multi_ablation_selection": _opt(
+            _Obj({"rule": _opt("str"), "n_supported": _opt("int"), "n_ranked": _opt("int")})
+        ),
+        "task_activations": _opt(
+            ("list", _Obj({"feature": _req("int"), "values": _req(("list", "float", None))}), None)
         ),
         "examples": _opt(
             ("list", _Obj({"feature": _req("int"), "examples": _req(("list", _EXAMPLE, None))}), None)
@@ -1035,6 +1043,8 @@ def validate_results(d: Any) -> None:
                 )
         for j, f in enumerate(sae.get("multi_ablation", {}).get("features", [])):
             _feature_ok(f, ("saes", i, "multi_ablation", "features", j))
+        for j, ta in enumerate(sae.get("task_activations") or []):
+            _feature_ok(ta["feature"], ("saes", i, "task_activations", j, "feature"))
         _validate_evidence(sae, i, _feature_ok)
         _validate_study(sae, i, _feature_ok)
         for j, fe in enumerate(sae.get("examples", [])):

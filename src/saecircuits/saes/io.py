@@ -515,6 +515,19 @@ def _check_weights(sae: SAE, weights: dict[str, torch.Tensor], path: Path, fix: 
             raise SAEError(f"{path}: {name} has dtype {weights[name].dtype}, expected floating point; {fix}")
 
 
+def find_sae_folders(root: str | os.PathLike, max_depth: int = 4) -> list[Path]:
+    """SAE folders (holding ``cfg.json`` and the weights) at most ``max_depth`` levels below ``root``, sorted.
+
+    A run's cache folder (``WORKSPACE/saes/<key>``) holds one per hook point: ``<hook>/sae``."""
+    root = Path(root)
+    found = []
+    for cfg in sorted(root.glob("/".join(["**"]) + f"/{CFG_FILE}")):
+        rel = cfg.parent.relative_to(root)
+        if rel.parts and len(rel.parts) <= max_depth and (cfg.parent / WEIGHTS_FILE).is_file():
+            found.append(cfg.parent)
+    return found
+
+
 def load_sae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> SAE:
     """Load an SAE folder written by :func:`save_sae` (any format version) or by SAELens 6.x onto ``device``.
 
@@ -532,6 +545,11 @@ def load_sae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> S
     cfg_path, w_path = folder / CFG_FILE, folder / WEIGHTS_FILE
     if not folder.is_dir():
         raise SAEError(f"SAE folder {folder} does not exist; pass the folder that save_sae wrote")
+    if not cfg_path.is_file():
+        below = find_sae_folders(folder)
+        if below:
+            shown = ", ".join(str(p) for p in below[:8]) + (f" (and {len(below) - 8} more)" if len(below) > 8 else "")
+            raise SAEError(f"{folder} is not an SAE folder but holds {len(below)} below it: {shown}; pass one of them")
     for p in (cfg_path, w_path):
         if not p.is_file():
             raise SAEError(

@@ -61,6 +61,22 @@ class Task:
         """Absolute index of the prediction position P of each prompt (= its last token)."""
         return [len(t) - 1 for t in self.token_ids]
 
+    def __repr__(self) -> str:
+        """A short summary (name, prompt count, answers, prompt lengths, the first prompt's end), not every prompt."""
+        n = self.n_prompts
+        answers = sorted(set(self.answer_ids))
+        shown = ", ".join(str(a) for a in answers[:5]) + (f", ... ({len(answers)} ids)" if len(answers) > 5 else "")
+        lengths = [len(t) for t in self.token_ids]
+        span = f", {min(lengths)}-{max(lengths)} tokens" if lengths else ""
+        tail = ""
+        if self.prompts:
+            end = self.prompts[0][-40:]
+            tail = f", first prompt ends {('...' if len(self.prompts[0]) > 40 else '') + end!r}"
+        dropped = f", {self.n_dropped_too_long} dropped as too long" if self.n_dropped_too_long else ""
+        return f"Task({self.name!r}: {n} prompts{span}, answer ids [{shown}]{dropped}{tail})"
+
+    __str__ = __repr__
+
     def subset(self, indices: list[int] | range) -> Task:
         """A task holding only the prompts at ``indices`` (in that order)."""
         idx = list(indices)

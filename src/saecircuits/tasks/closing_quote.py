@@ -34,6 +34,10 @@ QUOTE = '"'
 _CHUNK = 256
 
 
+DEFAULT_MAX_PROMPTS = 1000
+"""Prompts a task keeps by default (the first ones in corpus order), in the library and in ``saecircuits run``."""
+
+
 def _candidate(document: str, closings: Sequence[str]) -> str | None:
     """The prefix of ``document`` up to and including the first closing after the first ``said, "`` (or None)."""
     start = document.find(OPENING)
@@ -52,7 +56,7 @@ def closing_quote_task(
     tokenizer,
     *,
     closings: Sequence[str] = ('."',),
-    max_prompts: int | None = None,
+    max_prompts: int | None = DEFAULT_MAX_PROMPTS,
     max_tokens: int | None = None,
     prepend_bos: bool | None = None,
     name: str = "closing-quote",

@@ -1,0 +1,87 @@
+"""Notebook display of the analysis results: every result object is a :class:`NotebookDisplay`.
+
+A result renders itself in Jupyter (``_repr_html_``: a one-line title and its table, every string escaped by
+pandas), gives its numbers as a ``pandas.DataFrame`` (``.to_pandas()``) and its main plot as a plotly figure
+(``.figure()``, which Jupyter draws itself). Nothing here downloads anything.
+
+The plotting helpers draw means with their 95% intervals the way the report does (bars with error bars).
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["NotebookDisplay", "bar_figure", "scatter_figure", "histogram_figure", "meanci_rows"]
+
+
+class NotebookDisplay:
+    """Mixin: ``_repr_html_`` from :meth:`to_pandas` and :meth:`display_title`; subclasses define both and
+    :meth:`figure`."""
+
+    def display_title(self) -> str:
+        return type(self).__name__
+
+    def to_pandas(self):  # pragma: no cover - every subclass defines it
+        """The result's numbers as a ``pandas.DataFrame``."""
+        raise NotImplementedError
+
+    def figure(self):  # pragma: no cover - every subclass defines it
+        """The result's main plot as a ``plotly.graph_objects.Figure``."""
+        raise NotImplementedError
+
+    def _repr_html_(self) -> str:
+        df = self.to_pandas()
+        rows = len(df)
+        table = df.to_html(max_rows=20, float_format=lambda v: f"{v:.4g}", border=0, escape=True)
+        more = f" ({rows} rows; <code>.to_pandas()</code> has them all)" if rows > 20 else ""
+        return (f"<div><b>{html.escape(self.display_title())}</b>{more}{table}"
+                "<small><code>.figure()</code> plots it.</small></div>")
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def meanci_rows(items: dict[str, Any]) -> list[dict]:
+    """``{name: MeanCI}`` as rows ``{"run", "mean", "ci95_low", "ci95_high", "n"}``."""
+    return [{"run": k, "mean": m.mean, "ci95_low": m.low, "ci95_high": m.high, "n": m.n} for k, m in items.items()]
+
+
+def bar_figure(labels: Sequence[str], means: Sequence[float], *, low: Sequence[float] | None = None,
+               high: Sequence[float] | None = None, title: str = "", yaxis: str = "", color: str = "#1f77b4"):
+    """Bars of ``means`` with asymmetric 95% error bars from ``low``/``high`` (missing where not finite)."""
+    import plotly.graph_objects as go
+
+    err = None
+    if low is not None and high is not None:
+        err = dict(type="data", symmetric=False, visible=True,
+                   array=[h - m if _finite(h) and _finite(m) else None for m, h in zip(means, high, strict=True)],
+                   arrayminus=[m - lo if _finite(lo) and _finite(m) else None for m, lo in zip(means, low, strict=True)])
+    fig = go.Figure(go.Bar(x=[str(x) for x in labels], y=[m if _finite(m) else None for m in means], error_y=err,
+                           marker_color=color))
+    fig.update_layout(title=title, yaxis_title=yaxis, xaxis_type="category", template="plotly_white")
+    return fig
+
+
+def scatter_figure(x: Sequence[float], y: Sequence[float], *, text: Sequence[str] | None = None, title: str = "",
+                   xaxis: str = "", yaxis: str = "", color: str = "#d62728"):
+    """A scatter plot of ``(x, y)`` points, hover text ``text``."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Scatter(x=list(x), y=list(y), mode="markers", text=None if text is None else list(text),
+                               marker=dict(color=color, size=6, opacity=0.7)))
+    fig.update_layout(title=title, xaxis_title=xaxis, yaxis_title=yaxis, template="plotly_white")
+    return fig
+
+
+def histogram_figure(values: Sequence[float], *, title: str = "", xaxis: str = "", yaxis: str = "count",
+                     color: str = "#9467bd"):
+    """A histogram of the finite ``values``."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Histogram(x=[v for v in values if _finite(v)], nbinsx=40, marker_color=color))
+    fig.update_layout(title=title, xaxis_title=xaxis, yaxis_title=yaxis, template="plotly_white")
+    return fig

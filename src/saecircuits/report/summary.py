@@ -1,0 +1,308 @@
+"""The report's words: the plain-words headline, a one-line reading of a feature, and a sentence wherever a value
+surprises. Pure functions of a results dict (results.json schema version 1; ``report/schema.py``); no torch.
+
+Every function returns plain text (not HTML): the caller escapes it. Numbers are only quoted as results when they
+are finite; an interval that includes 0 is said to, and a feature whose 95% interval excludes 0 is "supported".
+
+Thresholds used in the words (and stated where they are used):
+
+- the model *performs* the behaviour when its top-1 accuracy (from the checks block, when results.json has one) is at
+  least 50%, else when the geometric-mean probability of the answer, ``exp(-mean loss)``, is at least 0.5;
+- an SAE's effect is *spread thin* when its top features ablated together raise the answer loss by less than a
+  quarter of what zero-ablating the whole layer does (:data:`SPREAD_THIN`), or when no feature's effect is
+  supported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from saecircuits.report.schema import ci_bounds
+from saecircuits.report.tokens_html import visible_token
+
+__all__ = [
+    "SPREAD_THIN",
+    "GLOSSARY",
+    "headline",
+    "feature_reading",
+    "surprises",
+    "supported",
+    "ratio_problem",
+    "model_name",
+    "layer_effect_share",
+]
+
+SPREAD_THIN = 0.25
+"""The top features together explain less than this share of the layer's zero-ablation loss increase: spread thin."""
+
+GLOSSARY: tuple[tuple[str, str], ...] = (
+    ("P", "the prediction position: the last prompt token, where the model predicts the answer. Most numbers in "
+          "this report are measured there, one value per prompt."),
+    ("DLA", "direct logit attribution: how much one component (an attention head, an MLP, the embeddings) adds to "
+            "the answer's logit directly, through the residual stream and the unembedding, at P. Units: logits."),
+    ("DFA", "direct feature attribution: the same split for an SAE feature's encoder pre-activation instead of the "
+            "answer logit: which upstream components make the feature fire."),
+    ("loss", "the answer's cross-entropy at P (minus its log-probability), in nats; lower is better."),
+    ("loss increase", "answer loss with a feature ablated minus the clean answer loss, on the prompts where the "
+                      "feature is active at P (nats). Positive: the feature helps the model give the answer."),
+    ("loss recovered", "(ablated - SAE) / (ablated - clean) of the answer loss: 1 when splicing the SAE in for the "
+                       "layer costs nothing, 0 when it is as bad as ablating the layer (zero or mean ablation)."),
+    ("zero / mean ablation", "replacing the layer's activation at P by zeros, or by its mean over the corpus tokens."),
+    ("L0", "the number of SAE features active (> 0) on one token: at P across prompts, or over all corpus tokens, "
+           "as each table says."),
+    ("explained variance", "1 - |x - x_hat|^2 / |x - mean x|^2 of the SAE's reconstruction x_hat of the layer "
+                           "activation x; at P across prompts, or over the SAE's training tokens."),
+    ("density", "the fraction of corpus tokens on which a feature fires; dead features never fire, dense ones fire "
+                "on more than a tenth of the tokens."),
+    ("95% CI", "the 95% confidence interval over prompts (t or bootstrap); 'supported' means it excludes 0."),
+)
+"""Terms the report uses, in the order the glossary lists them."""
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _f(v: Any, fmt: str = ".3f") -> str:
+    return format(v, fmt) if _finite(v) else "n/a"
+
+
+def model_name(results: Mapping) -> str:
+    """The model's name for titles: the hub name, or the last part of a local path (never a cache folder path)."""
+    name = str(results.get("model", ""))
+    if "/" in name or "\\" in name:
+        parts = [p for p in name.replace("\\", "/").split("/") if p]
+        looks_like_hub = len(parts) == 2 and not name.startswith((".", "/", "~")) and "." not in parts[0]
+        if not looks_like_hub and parts:
+            last = parts[-1]
+            return last[: -len(".bin")] if last.endswith(".bin") else last
+    return name
+
+
+def supported(mean: Any, ci: Any) -> bool:
+    """True when the 95% interval ``ci`` (half-width or ``[lo, hi]``) around ``mean`` lies above 0."""
+    lo, _ = ci_bounds(mean, ci)
+    return _finite(lo) and lo > 0
+
+
+def _interval(mean: Any, ci: Any, unit: str = "nats") -> str:
+    lo, hi = ci_bounds(mean, ci)
+    if not _finite(mean):
+        return "undefined"
+    if _finite(lo) and _finite(hi):
+        return f"{mean:.3f} {unit} (95% CI {lo:.3f} to {hi:.3f})"
+    return f"{mean:.3f} {unit} (no interval: too few prompts)"
+
+
+def _answers(task: Mapping) -> str:
+    toks = task.get("answer_tokens")
+    if toks:
+        shown = [repr(visible_token(t)) for t in toks[:4]]
+        return " or ".join(shown) + (f" (and {len(toks) - 4} more)" if len(toks) > 4 else "")
+    return f"token id(s) {', '.join(str(i) for i in task['answer_token_ids'][:4])}"
+
+
+def _clean_loss(results: Mapping) -> float | None:
+    for sae in results.get("saes", []):
+        if _finite(sae.get("clean_loss")):
+            return float(sae["clean_loss"])
+    return None
+
+
+def _performs(results: Mapping) -> str:
+    """One sentence on whether the model performs the behaviour."""
+    b = results.get("behaviour")
+    if isinstance(b, Mapping) and "performs" in b:
+        acc = b.get("top1_accuracy")
+        acc_s = f"its top-1 prediction is the answer on {acc:.0%} of the prompts" if _finite(acc) else ""
+        verdict = "The model performs the behaviour" if b["performs"] else "The model does NOT perform the behaviour"
+        return f"{verdict}{': ' + acc_s if acc_s else ''}."
+    loss = _clean_loss(results)
+    if loss is None:
+        return "Whether the model performs the behaviour is not recorded in these results."
+    p = math.exp(-loss)
+    verdict = "so it performs the behaviour" if p >= 0.5 else "so it does not reliably perform the behaviour"
+    return (f"The model's mean answer loss at P is {loss:.3f} nats: it puts probability {p:.2f} on the answer "
+            f"(geometric mean over prompts), {verdict}.")
+
+
+def _components(results: Mapping, n: int = 3) -> str:
+    dla = results.get("dla") or {}
+    labels, means = dla.get("labels") or [], dla.get("mean") or []
+    order = sorted((i for i in range(len(labels)) if _finite(means[i])), key=lambda i: -abs(means[i]))[:n]
+    if not order:
+        return ""
+    parts = [f"{labels[i]} ({means[i]:+.2f} logits)" for i in order]
+    return ("Directly, the answer's logit comes mostly from " + ", ".join(parts[:-1])
+            + (" and " if len(parts) > 1 else "") + parts[-1] + " (direct logit attribution, mean over prompts).")
+
+
+MIN_LAYER_EFFECT = 0.01
+"""Below this many nats of loss increase from ablating the layer, loss recovered divides by almost nothing."""
+
+
+def ratio_problem(sae: Mapping, key: str = "loss_recovered") -> str | None:
+    """Why the loss-recovered ratio ``key`` of an SAE entry cannot be read as a result, or None when it can.
+
+    It cannot when it is missing or not finite (the reason results.json gives, if any), when ablating the layer
+    raises the answer loss by less than :data:`MIN_LAYER_EFFECT` nats (the ratio divides by almost nothing), or
+    when its 95% interval does not contain its value or reaches below 0 (a bootstrap of a near-zero denominator)."""
+    v = sae.get(key)
+    if not _finite(v):
+        return sae.get(f"{key}_undefined_reason") or "not recorded"
+    ablated = sae.get("zero_ablation_loss" if key == "loss_recovered" else "mean_ablation_loss")
+    clean = sae.get("clean_loss")
+    if _finite(ablated) and _finite(clean) and ablated - clean < MIN_LAYER_EFFECT:
+        d = ablated - clean
+        change = (f"ablating the layer lowers the answer loss (by {-d:.3f} nats)" if d < 0 else
+                  f"ablating the layer raises the answer loss by only {d:.3f} nats")
+        return f"{change}, so the ratio divides by almost nothing"
+    lo, hi = ci_bounds(v, sae.get(f"{key}_ci95"))
+    if _finite(lo) and _finite(hi) and (lo < 0 or not lo <= v <= hi):
+        return (f"its 95% interval [{lo:.3f}, {hi:.3f}] is too wide (or does not contain the value): the layer's "
+                "ablation effect is too small or too variable on these prompts")
+    return None
+
+
+def _ranked(sae: Mapping) -> list[Mapping]:
+    return sorted(sae.get("top_features") or [],
+                  key=lambda t: -t["loss_increase"] if _finite(t.get("loss_increase")) else math.inf)
+
+
+def layer_effect_share(sae: Mapping) -> float | None:
+    """The top features' joint loss increase (``multi_ablation``) as a share of the layer's zero-ablation loss
+    increase (``zero_ablation_loss - clean_loss``); None when either is missing or the layer effect is not positive."""
+    ma = sae.get("multi_ablation") or {}
+    joint = (ma.get("loss_increase") or ma.get("logprob_diff") or {}).get("mean")
+    layer = (sae.get("zero_ablation_loss") or math.nan) - (sae.get("clean_loss") or math.nan)
+    if not (_finite(joint) and _finite(layer)) or layer <= 0:
+        return None
+    return joint / layer
+
+
+def _sae_sentence(sae: Mapping) -> list[str]:
+    hp = sae["hook_point"]
+    out = []
+    ranked = _ranked(sae)
+    lr = sae.get("loss_recovered")
+    lr_ci = sae.get("loss_recovered_ci95")
+    lr_s = ""
+    problem = ratio_problem(sae)
+    if problem is not None:
+        lr_s = f" (its loss recovered cannot be read: {problem})"
+    elif _finite(lr):
+        lo, hi = ci_bounds(lr, lr_ci)
+        lr_s = f" (its SAE recovers {lr:.3f} of the loss vs zero ablation" + (
+            f", 95% CI {lo:.3f} to {hi:.3f}" if _finite(lo) and _finite(hi) else "") + ")"
+    sup = [t for t in ranked if supported(t["loss_increase"], t.get("loss_increase_ci95"))]
+    if not ranked:
+        return [f"{hp}: no feature was active on enough prompts to rank{lr_s}."]
+    top = sup[0] if sup else ranked[0]
+    frac = top.get("fraction_active")
+    frac_s = f" on the {frac:.0%} of prompts where it is active" if _finite(frac) else ""
+    lead = (f"In {hp}{lr_s}, feature {top['feature']} matters most: ablating it alone raises the answer loss by "
+            f"{_interval(top['loss_increase'], top.get('loss_increase_ci95'))}{frac_s}")
+    rest = [t for t in sup if t is not top][:2]
+    if rest:
+        lead += "; next come " + " and ".join(
+            f"feature {t['feature']} ({_f(t['loss_increase'])} nats)" for t in rest)
+    out.append(lead + ".")
+    if not sup:
+        out.append(f"In {hp} no feature's effect is supported (every 95% CI includes 0): the effect is spread thin "
+                   "or too small to measure on these prompts.")
+        return out
+    ma = sae.get("multi_ablation") or {}
+    share = layer_effect_share(sae)
+    joint = (ma.get("loss_increase") or ma.get("logprob_diff") or {})
+    if ma.get("features") and _finite(joint.get("mean")):
+        sentence = (f"Ablating features {', '.join(str(x) for x in ma['features'])} together raises it by "
+                    f"{_interval(joint['mean'], joint.get('ci95'))}")
+        if share is not None:
+            layer = sae["zero_ablation_loss"] - sae["clean_loss"]
+            sentence += f", {share:.0%} of what zero-ablating the whole layer costs ({layer:.3f} nats)"
+        out.append(sentence + ".")
+        if share is not None and share < SPREAD_THIN:
+            out.append(f"The effect in {hp} is spread thin: the top features together carry under "
+                       f"{SPREAD_THIN:.0%} of the layer's effect, so many features each contribute a little.")
+    return out
+
+
+def headline(results: Mapping) -> list[str]:
+    """The report's headline, in plain words: the behaviour, whether the model performs it, which components carry
+    it (DLA), which features matter most and by how much (nats, 95% CI), where the effect is spread thin, and the
+    circuit when there is one. Returns plain-text sentences."""
+    task = results["task"]
+    out = [f"Behaviour: {task['name']}, on {task['n_prompts']} prompts; the model should predict {_answers(task)} "
+           "next.", _performs(results)]
+    comp = _components(results)
+    if comp:
+        out.append(comp)
+    for sae in results.get("saes", []):
+        out += _sae_sentence(sae)
+    c = results.get("circuit") or {}
+    sel = c.get("selection") or {}
+    if sel and _finite(sel.get("faithfulness")):
+        out.append(f"A circuit of {sel.get('n_nodes', '?')} nodes across the SAEs keeps {sel['faithfulness']:.0%} "
+                   f"of the answer's log-prob when everything else is mean-ablated ({sel.get('rule', '')}).")
+    return out
+
+
+def feature_reading(sae: Mapping, k: int) -> str:
+    """One line on feature ``k`` of one SAE entry: the tokens it fires on (corpus), what it boosts (prompt-based or
+    weight-based logit boosts) and its effect when ablated at P. Empty string when nothing is recorded."""
+    parts = []
+    cs = next((fe for fe in (sae.get("corpus_stats") or {}).get("features", []) if fe["feature"] == k), None)
+    if cs and cs.get("top_tokens"):
+        parts.append("fires on " + ", ".join(f"{visible_token(t)!r}" for t, _ in cs["top_tokens"][:3]))
+    fd = next((d for d in sae.get("feature_details") or [] if d["feature"] == k), None)
+    if fd:
+        pb, wb = fd.get("prompt_boosts"), fd.get("weight_boosts")
+        if pb and pb.get("boosted"):
+            parts.append("boosts " + ", ".join(f"{visible_token(t)!r}" for t, _ in pb["boosted"][:3]))
+        elif wb and wb.get("top"):
+            parts.append("writes towards " + ", ".join(f"{visible_token(t)!r}" for t, _ in wb["top"][:3]))
+    t = next((t for t in sae.get("top_features") or [] if t["feature"] == k), None)
+    if t and _finite(t.get("loss_increase")):
+        lo, hi = ci_bounds(t["loss_increase"], t.get("loss_increase_ci95"))
+        ci = f" [{lo:.3f}, {hi:.3f}]" if _finite(lo) and _finite(hi) else ""
+        parts.append(f"ablating it: {t['loss_increase']:+.3f} nats{ci}")
+    return "; ".join(parts)
+
+
+def surprises(sae: Mapping, results: Mapping | None = None) -> list[str]:
+    """A sentence for each value of one SAE entry that would surprise a reader: loss recovered above 1, mean ablation
+    hurting more than zero ablation (with which mean is used)."""
+    out = []
+    for key, vs in (("loss_recovered", "zero"), ("loss_recovered_mean_ablation", "mean")):
+        v = sae.get(key)
+        problem = ratio_problem(sae, key)
+        if _finite(v) and problem is not None:
+            out.append(f"Loss recovered vs {vs} ablation ({v:.3f}) cannot be read as a result: {problem}. Compare "
+                       "the losses themselves (clean, SAE spliced in, ablated) instead.")
+        elif _finite(v) and v > 1:
+            out.append(
+                f"Loss recovered vs {vs} ablation is above 1 ({v:.3f}): with the SAE spliced in, the answer loss "
+                f"({_f(sae.get('sae_loss'))} nats) is lower than the clean model's ({_f(sae.get('clean_loss'))}). "
+                "The SAE's reconstruction error happens to help this answer; read it as fully recovered, not as "
+                "better than the model.")
+    zero, mean = sae.get("zero_ablation_loss"), sae.get("mean_ablation_loss")
+    if _finite(zero) and _finite(mean) and mean > zero:
+        corpus = (results or {}).get("corpus") or {}
+        bos = (results or {}).get("bos_policy") or {}
+        n_tok = corpus.get("n_tokens")
+        which = (f"its mean over {n_tok} corpus tokens" if n_tok else "its mean over the corpus tokens") + (
+            ", special-token positions left out" if bos.get("special_positions") == "excluded" else
+            ", special-token positions included" if bos.get("special_positions") == "included" else "")
+        out.append(
+            f"Mean ablation hurts more than zero ablation here ({mean:.3f} vs {zero:.3f} nats). Mean ablation "
+            f"replaces the activation at P by {which}: an average over every position of every story, which at the "
+            "prediction position can lie further from the clean activation than zero does. Loss recovered is "
+            "then easier to reach against mean ablation.")
+    return out
+
+
+def reading_rows(sae: Mapping, features: Sequence[int]) -> list[tuple[int, str]]:
+    """``(feature, one-line reading)`` for each of ``features`` (see :func:`feature_reading`)."""
+    return [(k, feature_reading(sae, k)) for k in features]

@@ -1,0 +1,105 @@
+"""``saecircuits feature`` and ``--layers auto`` from the command line."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from helpers import HOOK, STORIES, random_sae, tiny_neo, tiny_neo_hf, tiny_tokenizer
+
+from saecircuits.saes.io import save_sae
+
+
+def _cli(args: list[str]):
+    from typer.testing import CliRunner
+
+    from saecircuits.cli import _register, app, expand_multi_value_options
+
+    _register()
+    return CliRunner().invoke(app, expand_multi_value_options(args))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-neo")
+    tiny_neo_hf().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def sae_dir(tmp_path):
+    return save_sae(random_sae(), tmp_path / "cache" / HOOK / "sae")
+
+
+def test_feature_with_the_sae_alone_prints_its_card(sae_dir):
+    res = _cli(["feature", "--sae", str(sae_dir), "7"])
+    assert res.exit_code == 0, res.output
+    sae = random_sae()
+    assert f"Feature 7 of {HOOK} (d_sae 96;" in res.output
+    assert f"encoder bias {round(float(sae.b_enc[7].detach()), 6)}" in res.output  # the SAE's own value
+    assert "add --model" in res.output
+
+
+def test_feature_bad_input_is_one_line_and_status_2(sae_dir, tmp_path):
+    res = _cli(["feature", "--sae", str(sae_dir), "96"])
+    assert res.exit_code == 2 and "feature 96 is out of range: this SAE has features 0..95" in res.output
+    res = _cli(["feature", "--sae", str(sae_dir.parent.parent), "3"])  # the run's cache folder
+    assert res.exit_code == 2
+    assert f"is not an SAE folder but holds 1 below it: {sae_dir}; pass one of them" in res.output
+    res = _cli(["feature", "--sae", str(sae_dir), "3", "--data", str(tmp_path / "x.txt")])
+    assert res.exit_code == 2 and "--data needs --model" in res.output
+    res = _cli(["feature", "--sae", str(sae_dir), "3", "--out", str(tmp_path / "card.txt")])
+    assert res.exit_code == 2 and "ending in .html" in res.output
+
+
+@pytest.mark.slow
+def test_feature_with_model_and_data_matches_the_library(sae_dir, model_dir, tmp_path):
+    corpus = tmp_path / "stories.txt"
+    corpus.write_text("".join(f"{s}\n<|endoftext|>\n" for s in STORIES * 3), encoding="utf-8")
+    # a feature that is active at P on some prompts
+    from saecircuits.analysis.features import feature_activations, feature_effects
+    from saecircuits.tasks.closing_quote import closing_quote_task
+
+    model, sae = tiny_neo(), random_sae()
+    task = closing_quote_task(STORIES * 3, model.tokenizer, max_tokens=int(model.cfg.n_ctx))
+    acts = feature_activations(model, sae, task)
+    k = int(torch.bincount(acts.feature, minlength=sae.d_sae).argmax())
+    expect = feature_effects(model, sae, task, features=[k]).summary().iloc[0]
+    out = tmp_path / "card.html"
+    res = _cli(["feature", "--sae", str(sae_dir), str(k), "--model", str(model_dir), "--data", str(corpus),
+                "--workspace", str(tmp_path / "ws"), "--out", str(out), "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    page = out.read_text(encoding="utf-8")
+    assert f'data-open="card-sae-0-f{k}"' in page and page.count("<script") == 3
+    res = _cli(["feature", "--sae", str(sae_dir), str(k), "--model", str(model_dir), "--data", str(corpus),
+                "--workspace", str(tmp_path / "ws"), "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    # the effect printed is the library's exact single-feature ablation (note: tiny_neo has the same weights)
+    m = re.search(r"raises the answer loss by (-?\d+\.\d{4}) nats", res.output)
+    assert m and float(m.group(1)) == pytest.approx(float(expect.loss_increase), abs=6e-5)
+    assert "corpus density" in res.output and "logit boosts (logits)" in res.output
+
+
+def test_layers_option_takes_numbers_or_auto():
+    from saecircuits.cli.run import _layers
+
+    assert _layers(["0", "1"]) == [0, 1] and _layers(["auto"]) == "auto" and _layers(None) is None
+    res = _cli(["run", "--model", "m", "--data", "d", "--out", "o", "--layers", "x"])
+    assert res.exit_code == 2 and "--layers takes layer numbers (e.g. --layers 0 1) or the word auto" in res.output
+
+
+def test_auto_layers_picks_the_largest_absolute_mlp_dla():
+    from saecircuits.pipeline import PipelineError, auto_layers
+
+    labels = ["embed", "L0H0", "MLP0", "MLP1", "MLP2", "MLP3", "MLP4", "bias"]
+    means = [9.0, -8.0, 0.9, 1.67, 2.03, -0.76, 5.28, 0.0]  # heads and embeddings are not MLP layers
+    layers, said = auto_layers(labels, means, 2)
+    assert layers == [2, 4]
+    assert said.startswith("--layers auto chose layer(s) 2, 4: the 2 MLP layer(s) with the largest |mean direct logit "
+                           "attribution| to the answer (logits: MLP4 +5.280, MLP2 +2.030, MLP1 +1.670, MLP0 +0.900, "
+                           "MLP3 -0.760)")
+    assert auto_layers(labels, [0, 0, 0, 0, 0, -3.0, 0, 0], 1)[0] == [3]  # a negative DLA counts by its size
+    with pytest.raises(PipelineError, match="needs the MLP layers"):
+        auto_layers(["embed"], [1.0], 2)
