@@ -17,3 +17,25 @@ def test_repeated_form_and_other_options_are_unchanged():
 def test_flag_without_value_is_kept_for_click_to_report():
     assert expand_multi_value_options(["run", "--layers", "--out", "x"]) == ["run", "--layers", "--out", "x"]
     assert expand_multi_value_options(["run", "--layers"]) == ["run", "--layers"]
+
+
+def test_run_and_demo_flags_reach_the_run_config(tmp_path, monkeypatch):
+    """Every circuit flag of ``run`` and ``demo`` lands in RunConfig (the pipeline's only input)."""
+    from typer.testing import CliRunner
+
+    import saecircuits.cli.run as cli_run
+    from saecircuits.cli import app
+
+    seen = []
+    monkeypatch.setattr(cli_run, "_execute", lambda cfg, export: seen.append(cfg))
+    monkeypatch.setattr(cli_run, "_threads", lambda n: None)
+    corpus = tmp_path / "stories.txt"
+    corpus.write_text('Tom said, "Hi."\n', encoding="utf-8")
+    argv = ["run", "--model", str(tmp_path), "--data", str(corpus), "--out", str(tmp_path / "o"),
+            "--workspace", str(tmp_path / "ws")]
+    for extra, want in (([], (True, 10)), (["--no-circuit", "--circuit-ig-steps", "4"], (False, 4))):
+        result = CliRunner().invoke(app, [*argv, *extra])
+        assert result.exit_code == 0, result.output
+        assert (seen[-1].circuit, seen[-1].circuit_ig_steps) == want
+    result = CliRunner().invoke(app, [*argv, "--circuit-ig-steps", "0"])
+    assert result.exit_code == 2 and "circuit-ig-steps" in result.output

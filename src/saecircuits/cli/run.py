@@ -223,6 +223,9 @@ def _execute(cfg, model=None, export: bool = False) -> None:
 
 
 _WORKSPACE_SHOWN = "$SAECIRCUITS_WORKSPACE, else ~/.cache/saecircuits"
+CIRCUIT_HELP = ("Build the feature circuit across the SAEs' layers: exact node and edge effects, attribution "
+                "patching and integrated gradients checked against them, faithfulness and completeness "
+                "(circuit.json).")
 
 
 @app.command("run", cls=SaeCommand, short_help="Find the SAE features behind a behaviour of any model.")
@@ -278,6 +281,10 @@ def run(
         metavar="all|N", callback=_feature_selection, help=SELECTION_HELP)] = "all",
     ablation_mode: Annotated[str, typer.Option(
         metavar="MODE", callback=_ablation_mode, help=ABLATION_MODE_HELP)] = "residual",
+    circuit: Annotated[bool, typer.Option(
+        "--circuit/--no-circuit", help=CIRCUIT_HELP)] = True,
+    circuit_ig_steps: Annotated[int, typer.Option(
+        metavar="N", min=1, help="Integrated-gradients steps of the circuit's gradient estimates.")] = 10,
     threads: Annotated[int | None, typer.Option(
         metavar="N", min=1, show_default="all cores", help=THREADS_HELP)] = None,
     export: Annotated[bool, typer.Option("--export", show_default="off", help=EXPORT_HELP)] = False,
@@ -296,7 +303,8 @@ def run(
             expansion_factor=expansion_factor, l1_coefficient=l1_coefficient, max_prompts=max_prompts,
             device=device, seed=seed, workspace=workspace, exclude_bos=not include_bos,
             fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
-            feature_selection=feature_selection, ablation_mode=ablation_mode,
+            feature_selection=feature_selection, ablation_mode=ablation_mode, circuit=circuit,
+            circuit_ig_steps=circuit_ig_steps,
         )
     _threads(threads)
     _execute(cfg, export=export)
@@ -313,6 +321,10 @@ def demo(
     max_prompts: Annotated[int, typer.Option(metavar="N", min=1, help="Use at most this many task prompts.")] = 300,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="cpu, cuda, cuda:1, mps.")] = "cpu",
     seed: Annotated[int, typer.Option(metavar="N", min=0, help="Seed of SAE training and bootstraps.")] = 0,
+    circuit: Annotated[bool, typer.Option(
+        "--circuit/--no-circuit", help=CIRCUIT_HELP)] = True,
+    circuit_ig_steps: Annotated[int, typer.Option(
+        metavar="N", min=1, help="Integrated-gradients steps of the circuit's gradient estimates.")] = 10,
     threads: Annotated[int | None, typer.Option(
         metavar="N", min=1, show_default="all cores", help=THREADS_HELP)] = None,
     export: Annotated[bool, typer.Option("--export", show_default="off", help=EXPORT_HELP)] = False,
@@ -336,7 +348,8 @@ def demo(
         # The settings are checked before the default model is copied or trained (the model is filled in below).
         cfg = RunConfig(
             model="saecircuits-default", data=heldout, train_data=sae_train, out=out, sae_tokens=sae_tokens,
-            device=device, seed=seed, workspace=workspace, max_prompts=max_prompts,
+            device=device, seed=seed, workspace=workspace, max_prompts=max_prompts, circuit=circuit,
+            circuit_ig_steps=circuit_ig_steps,
         )
         _say(f"workspace {workspace}")
         folder = ensure_default_model(workspace, progress=True)
