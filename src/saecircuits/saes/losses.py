@@ -26,8 +26,8 @@ name                          per-token penalty                                 
 ``sqrt`` and ``pure_sqrt`` follow the later (HEAD) reference code: no ``1e-9`` inside the square root (a
 constant offset in the logged penalty), and a square root whose gradient at exactly 0 is 0 instead of ``inf`` (the
 reference's 2023-12 NaN-gradient bug). The gradient ``1/(2 sqrt(a))`` still grows for tiny positive activations;
-that is the penalty's nature. ``hoyer_square`` keeps the reference's ``1e-9`` denominator epsilon; it is scale-invariant per row
-and bounds nothing on its own, hence the combined variants.
+that is the penalty's nature. ``hoyer_square`` keeps the reference's ``1e-9`` denominator epsilon; it is
+scale-invariant per row and bounds nothing on its own, hence the combined variants.
 
 ``decoder_norm_weighted=True`` replaces ``a_k`` by ``|f_k| * ||W_dec[k]||`` (Anthropic, "Circuits Updates - April
 2024": the penalty then cannot be dodged by shrinking ``f`` and growing the decoder row; use it without the
