@@ -91,8 +91,8 @@ details.section { margin-top: 28px; border-top: 1px solid #bbb; }
 details.section > summary { cursor: pointer; list-style: none; }
 details.section > summary::-webkit-details-marker { display: none; }
 details.section > summary > h2 { display: inline-block; border: none; margin: 12px 0 4px; }
-details.section > summary::before { content: "\25B8"; color: #666; margin-right: 8px; font-size: 20px; }
-details.section[open] > summary::before { content: "\25BE"; }
+details.section > summary::before { content: "\\25B8"; color: #666; margin-right: 8px; font-size: 20px; }
+details.section[open] > summary::before { content: "\\25BE"; }
 section.summary { background: #f7f9fc; border: 1px solid #d5deea; padding: 4px 18px 10px; margin: 12px 0; }
 section.summary p.headline { font-size: 16px; margin: 8px 0; }
 section.summary > h2 { margin-top: 12px; }
