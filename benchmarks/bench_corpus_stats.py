@@ -108,7 +108,8 @@ def bench_memory(args) -> None:
 
 
 def notebook_loop(model, sae, rows, fraction: float):
-    """The notebook's way (D2, D5): one story per forward, dense [n_docs, d_sae] maxima and [d_sae, d_vocab] counts
+    """The notebook's way (its max activations and token-wise counts): one story per forward, dense
+    [n_docs, d_sae] maxima and [d_sae, d_vocab] counts
     (here with special tokens left out, as the streaming pass does, so the numbers compare)."""
     iv = interventions_for(model)
     special = special_ids_of(model)

@@ -58,7 +58,7 @@ def test_pipeline_trains_saes_writes_valid_results_and_report(tmp_path, corpus):
         assert sae["d_sae"] == 4 * sae["d_in"]
     assert results["saes"][0]["training"]["reused"] is False
 
-    # Per-feature evidence is there, and the SAE-error DLA splits the MLP's DLA exactly (F6 identity).
+    # Per-feature evidence is there, and the SAE-error DLA splits the MLP's DLA exactly (reconstruction + error = MLP).
     layer1 = on_disk["saes"][1]
     mlp, rec, err = layer1["error_dla"]["mean"]
     assert rec + err == pytest.approx(mlp, abs=1e-4)

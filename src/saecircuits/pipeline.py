@@ -92,7 +92,7 @@ class RunConfig:
         exclude_bos: the one BOS switch: special-token positions (BOS/EOS/PAD, wherever they sit in a row) are left
             out of SAE training activations and of the mean activation used for mean ablation (top examples, token
             counts and DFA means always skip them). The reference notebook trained 54_serene_plasma with BOS
-            positions and 189_giddy_water without (pitfall 33). BOS itself is prepended when the tokenizer has one,
+            positions and 189_giddy_water without. BOS itself is prepended when the tokenizer has one,
             never a stand-in; ``results.json`` states the policy under ``bos_policy``.
         device, seed: where to compute; seed of SAE training and bootstraps.
         workspace: cache folder for converted models and trained SAEs.
@@ -755,11 +755,12 @@ def study_sae(
     model, sae, task, stat_docs: list[list[int]], entry: dict, fs, mean_act: torch.Tensor, cfg: RunConfig,
     progress: Callable[[str], None],
 ) -> dict:
-    """The reference study's remaining analyses of one SAE (issue 8): new keys of its ``results.json`` entry.
+    """The reference study's remaining analyses of one SAE: new keys of its ``results.json`` entry.
 
-    Keys (schema in report/schema.py): ``corpus_stats`` (D2-D5, F15), ``loss_comparison`` (F13), ``ablation_modes``
-    (F3 vs F4 and the clean effect, with off-range counts), ``max_activating_ablation`` (F19), ``feature_geometry``
-    (co-occurrence at P, decoder/encoder cosines, token kurtosis; 8.1-8.3) and ``span_ablation`` (8.3).
+    Keys (schema in report/schema.py): ``corpus_stats``, ``loss_comparison`` (the five-way loss comparison),
+    ``ablation_modes`` (residual-preserving vs reconstruction ablation and the clean effect, with off-range counts),
+    ``max_activating_ablation``, ``feature_geometry`` (co-occurrence at P, decoder/encoder cosines, token kurtosis)
+    and ``span_ablation``.
 
     Args:
         entry: the SAE's entry from :func:`analyse_sae` (its ranked features and multi-ablation set are used).
@@ -904,7 +905,7 @@ def study_sae(
 
 
 def study_run(model, saes: list, entries: list[dict], task, cfg: RunConfig, progress: Callable[[str], None]) -> dict:
-    """Run-level keys of the reference study (issue 8): ``layer_comparison`` (F9/F10), when two or more SAEs on
+    """Run-level keys of the reference study: ``layer_comparison``, when two or more SAEs on
     different hooks have a multi-ablation set: each SAE's set ablated alone at P and all together."""
     from saecircuits.analysis.layer_comparison import compare_layer_ablations
 

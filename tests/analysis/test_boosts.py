@@ -1,4 +1,4 @@
-"""F16/F17/B3: prompt boosts against unbatched manual ablations, weight boosts against the explicit product."""
+"""Prompt boosts against unbatched manual ablations, weight boosts against the explicit product, common tokens."""
 
 import pytest
 import torch

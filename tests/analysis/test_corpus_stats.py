@@ -109,7 +109,7 @@ def test_streaming_pass_equals_per_story_slow_path(budget):
 
 
 def test_lower_band_has_no_floor_division_pitfall():
-    """The notebook's "lower" band starts above ``max // 10``, which is 0 for every maximum below 10 (pitfall 7), so
+    """The notebook's "lower" band starts above ``max // 10``, which is 0 for every maximum below 10, so
     it returns the smallest non-zero maxima; the band here starts above a tenth of the maximum."""
     model, rows, saes = tiny_neo(), _rows(), _saes()
     sae = saes[1]

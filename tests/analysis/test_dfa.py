@@ -1,4 +1,4 @@
-"""F7: DFA by hand on a tiny input, completeness of the linearised variant, sums against the cached ln2 output."""
+"""DFA by hand on a tiny input, completeness of the linearised variant, sums against the cached ln2 output."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""F6: the SAE-error DLA against exact identities and an unbatched recomputation from hook_mlp_out."""
+"""The SAE-error DLA against exact identities and an unbatched recomputation from hook_mlp_out."""
 
 import pytest
 import torch

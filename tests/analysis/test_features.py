@@ -1,4 +1,4 @@
-"""Feature activations at P and the single-feature (F3) ablation table: manual interventions, batching, exactness."""
+"""Feature activations at P and the single-feature ablation table: manual interventions, batching, exactness."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from saecircuits.models.hooks import edit_at_positions, run_at_positions, task_b
 
 
 def _manual_ablated_loss(model, sae, tokens, pos, answer, k):
-    """Independent F3 on one prompt: h[0, pos] -= ReLU((h - b_dec) @ W_enc[:, k] + b_enc[k]) * W_dec[k]."""
+    """Independent residual-preserving ablation on one prompt:
+    h[0, pos] -= ReLU((h - b_dec) @ W_enc[:, k] + b_enc[k]) * W_dec[k]."""
 
     def hook(act, hook=None):
         act = act.clone()

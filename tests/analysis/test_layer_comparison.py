@@ -1,4 +1,4 @@
-"""Layer-0 vs layer-1 feature ablation at P (F9/F10) == exact full-prompt interventions, alone and together."""
+"""Layer-0 vs layer-1 feature ablation at P == exact full-prompt interventions, alone and together."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""F18: per-prompt loss increases equal features.py's single ablations; correlation against numpy."""
+"""Activation vs loss: per-prompt loss increases equal features.py's single ablations; correlation against numpy."""
 
 import numpy as np
 import torch

@@ -1,4 +1,4 @@
-"""Ablation on max-activating stories (F19) == single-story bridge forwards with the feature ablated by hand."""
+"""Ablation on max-activating stories == single-story bridge forwards with the feature ablated by hand."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""F20: activation-scaled DLA against the explicit product and against F6's reconstruction row."""
+"""Activation-scaled DLA against the explicit product and against the error DLA's reconstruction row."""
 
 import torch
 from helpers import quote_task, random_sae, tiny_neo

@@ -1,4 +1,4 @@
-"""F8: upstream ablation against unbatched manual interventions; a hook that does not feed the SAE changes nothing."""
+"""Upstream ablation against unbatched manual interventions; a hook that does not feed the SAE changes nothing."""
 
 import pytest
 import torch

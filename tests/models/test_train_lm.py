@@ -103,7 +103,7 @@ def test_closing_quote_prompts_hand_worked(tokenizer):
     assert answer_id == tokenizer.convert_tokens_to_ids('."')
     assert all(t[0] == tokenizer.bos_token_id for t in token_ids)
     assert tokenizer.decode(token_ids[0][1:]) + '."' == 'Once upon a time. Tom said, "Hi! I like the ball."'
-    # the first `."` after the first `said, "` may close a later quote (analysis-spec.md pitfall 22)
+    # the first `."` after the first `said, "` may close a later quote (as in the notebook)
     assert tokenizer.decode(token_ids[1][1:]).endswith("the ball is red")
 
 

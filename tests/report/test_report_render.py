@@ -210,3 +210,14 @@ def test_cli_report_bad_input(results, tmp_path):
     res = _invoke_cli(["report", str(src), "--out", str(tmp_path / "r.html")])
     assert res.exit_code == 2 and "missing the required key 'dla'" in res.output
     assert not Path(tmp_path / "r.html").exists()
+
+
+def test_section_markers_are_css_escapes_not_control_characters(results):
+    """The collapsible sections' triangles are the CSS escapes \\25B8 / \\25BE; written "\\25B8" in a plain Python
+    string, "\\25" was an octal escape and the page carried U+0015 followed by "B8"."""
+    page = build_report_html(results)
+    for js in (render_mod.plotly_bundle(set())[0], get_plotlyjs()):
+        page = page.replace(js, "")
+    assert 'summary::before { content: "\\25B8";' in page
+    assert 'summary::before { content: "\\25BE"; }' in page
+    assert not re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f]", page)

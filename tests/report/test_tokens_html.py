@@ -1,4 +1,4 @@
-"""Token heat-map spans: colours hand-worked from analysis-spec F14, visible whitespace, escaping."""
+"""Token heat-map spans: colours hand-worked from the reference notebook's renderer, visible whitespace, escaping."""
 
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ def test_registry_names():
 
 def test_init_equals_reference_notebook_and_leaves_global_rng_alone():
     # The reference AutoEncoder: torch.manual_seed(47); kaiming_uniform_(W_enc); kaiming_uniform_(W_dec);
-    # biases 0; W_dec rows normalised (analysis-spec.md 4.1). Reproduced here on the global RNG, inside fork_rng.
+    # biases 0; W_dec rows normalised (the notebook's AutoEncoder). Reproduced here on the global RNG, inside fork_rng.
     with torch.random.fork_rng():
         torch.manual_seed(47)
         w_enc = torch.empty(6, 16)

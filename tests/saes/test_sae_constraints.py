@@ -1,4 +1,4 @@
-"""Unit-norm decoder rows and parallel-gradient removal (analysis-spec.md 4.4)."""
+"""Unit-norm decoder rows and parallel-gradient removal (the reference notebook's training step)."""
 
 import torch
 

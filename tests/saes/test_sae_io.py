@@ -180,7 +180,7 @@ def test_import_reference_checkpoint(tmp_path):
     assert sae.cfg.architecture == "standard" and sae.hook_point == "blocks.1.mlp.hook_post"
     assert sae.d_in == 8 and sae.d_sae == 32 and sae.cfg.model_name == "tiny-stories-2L-33M"
     assert sae.cfg.extra["reference_config"]["reg"] == "combined_hoyer_sqrt"
-    # the reference forward (analysis-spec.md 4.2), written out independently
+    # the reference notebook's forward, written out independently
     x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
     f = torch.relu((x - state["b_dec"]) @ state["W_enc"] + state["b_enc"])
     torch.testing.assert_close(sae.encode(x), f)

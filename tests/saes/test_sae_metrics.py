@@ -62,7 +62,7 @@ def test_shrinkage_modes():
 def test_dead_dense_and_density_histogram():
     counts = torch.tensor([0, 1, 5, 10])
     assert dead_mask(counts, 10).tolist() == [True, False, False, False]
-    assert dead_mask(counts, 10, max_frequency=0.1).tolist() == [True, True, False, False]  # `<=`, pitfall 36
+    assert dead_mask(counts, 10, max_frequency=0.1).tolist() == [True, True, False, False]  # `<=`, as the notebook
     assert dead_fraction(counts, 10, 0.1) == 0.5
     assert dense_fraction(counts, 10, min_frequency=0.4) == 0.5
     assert dense_fraction(counts, 10) == 0.5  # > 10%: counts 5 and 10

@@ -1,11 +1,12 @@
-"""Ablating a set of SAE features together at the prediction position: logprob, logit and rank changes (spec F10/F11).
+"""Ablating a set of SAE features together at the prediction position: logprob, logit and rank changes.
 
-At each prompt's P the hook-point activation becomes ``x - sum_{k in S} f_k(x) W_dec[k]`` (residual-preserving F3
-ablation of all of S at once, the SAE error kept), in every batch row (the notebook computed the features from batch
-row 0 only, pitfall 3). Per prompt we report the answer's log-prob (nats), logit and rank (number of tokens with a
+The reference notebook's multi-feature ablation table. At each prompt's P the hook-point activation becomes
+``x - sum_{k in S} f_k(x) W_dec[k]`` (residual-preserving ablation of all of S at once, the SAE error kept), in every
+batch row (the notebook computed the features from batch row 0 only, correct for batch size 1 only). Per prompt we report the answer's log-prob (nats), logit and rank (number of tokens with a
 strictly higher logit; 0 = top) before and after, and the differences ``original - ablated`` (positive logprob/logit
-difference = the ablation hurts; negative rank difference = the ablation hurts, pitfall 17). Means come with Student-t
-95% intervals from the actual n with ddof=1 (the notebook used 1.96 and a global n, pitfall 15). ``mode`` chooses the
+difference = the ablation hurts; negative rank difference = the ablation hurts, as in the notebook). Means come with
+Student-t 95% intervals from the actual n with ddof=1 (the notebook used 1.96 and a global n of 200 even for 100
+prompts). ``mode`` chooses the
 reconstruction-based ablations instead (:mod:`saecircuits.analysis.ablation_modes`).
 """
 
@@ -91,7 +92,7 @@ def ablate_features(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
 ) -> AblationResult:
-    """Ablate ``features`` together at every prompt's P; answer logprob / logit / rank before and after (F10, F11).
+    """Ablate ``features`` together at every prompt's P; answer logprob / logit / rank before and after.
 
     Args:
         mode: ``"residual"`` (default), ``"reconstruction"`` or ``"clean_effect"``

@@ -1,13 +1,13 @@
 """The three ways to ablate SAE features, in one place, and the off-range activations an ablation creates.
 
-Every feature ablation of the package takes ``mode`` (analysis-spec F3/F4 and its section 12.3):
+Every feature ablation of the package takes ``mode``:
 
-- ``"residual"`` (residual-preserving, the reference notebook's F3 and the default): ``x - sum_{k in S} f_k(x)
+- ``"residual"`` (residual-preserving, the reference notebook's single-feature ablation and the default): ``x - sum_{k in S} f_k(x)
   W_dec[k]``. The SAE error ``x - x_hat`` is kept; only the features' decoded contribution is removed. Compared with
   the clean run.
-- ``"reconstruction"`` (the notebook's F4 "encoded" ablation): the activation becomes the SAE reconstruction with the
+- ``"reconstruction"`` (the notebook's "encoded" ablation): the activation becomes the SAE reconstruction with the
   features zeroed, ``decode(f with f_S := 0) = x_hat - sum_{k in S} f_k W_dec[k]``. This also drops the SAE error,
-  and it is compared with the clean run, so its effect mixes the features' effect with the error's (pitfall 9).
+  and it is compared with the clean run, so its effect mixes the features' effect with the error's.
 - ``"clean_effect"``: the same edited activation as ``"reconstruction"``, compared with the plain reconstruction
   (the SAE spliced in, ``x_hat``) instead of the clean run: the features' effect inside the SAE's own model of the
   layer, with the error's effect taken out.
@@ -18,7 +18,7 @@ and the SAE-spliced run for ``"clean_effect"`` (:func:`baseline_logits`).
 Off-range activations: an activation after a fixed elementwise function (the MLP's post-activation of a non-gated MLP,
 e.g. GELU, whose minimum is about -0.17) can only take values in that function's range. The residual-preserving
 edit subtracts decoder vectors from it and can leave values below the minimum, states the model never sees
-(pitfall 10). :func:`activation_floor` gives that minimum for a hook (None when the hook has no bounded range: gated
+(a possible reason why the notebook's three-feature ablation hurt more than zero-ablating the whole MLP). :func:`activation_floor` gives that minimum for a hook (None when the hook has no bounded range: gated
 MLPs, the residual stream), and :class:`OffRangeCounter` counts the edited activations below it.
 """
 

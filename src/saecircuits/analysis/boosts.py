@@ -1,17 +1,17 @@
-"""Which tokens an SAE feature promotes: prompt-based log-prob boosts (analysis-spec.md F16), weight-based logit
-boosts (F17), and the common-token mask both use (B3).
+"""Which tokens an SAE feature promotes: prompt-based log-prob boosts, weight-based logit
+boosts, and the common-token mask both use (the reference notebook's three token-boost steps).
 
 - :func:`common_tokens`: a token is common when it occurs more than ``min_count`` times in a corpus. Departure from
-  the notebook (pitfall 25): special tokens (BOS/EOS/PAD, anywhere in a row) are not counted (the notebook counted
+  the notebook: special tokens (BOS/EOS/PAD, anywhere in a row) are not counted (the notebook counted
   the leading BOS), so they are never "common" and never listed.
-- :func:`prompt_logprob_boosts` (F16): on the prompts where the feature is active at P (first ``max_prompts``, the
+- :func:`prompt_logprob_boosts`: on the prompts where the feature is active at P (first ``max_prompts``, the
   notebook's 100), the log-probs at P are averaged over prompts clean and with the feature ablated residual-
-  preservingly at P (F3: ``x - f_k(x) W_dec[k]``, SAE error kept); ``boosts = mean clean - mean ablated`` (nats). As
-  in the notebook, log-probs (not probabilities) are averaged (pitfall 24) and a token's boost is set to 0 where the
+  preservingly at P (``x - f_k(x) W_dec[k]``, SAE error kept); ``boosts = mean clean - mean ablated`` (nats). As
+  in the notebook, log-probs (not probabilities) are averaged and a token's boost is set to 0 where the
   averaged clean log-prob is below ``min_logprob`` or the token is rare. Top lists keep only strictly positive
   (boosted) / strictly negative (deboosted) values (the notebook kept any non-zero value in its top-15).
-- :func:`weight_logit_boosts` (F17): ``W_dec[k] @ W_out[L]`` through the final norm's centring and weight, then ``W_U``
-  ``[d_vocab]`` (logits per unit activation; no final-norm scale, no activation size, pitfall 25; see ``scaled_dla.py``
+- :func:`weight_logit_boosts`: ``W_dec[k] @ W_out[L]`` through the final norm's centring and weight, then ``W_U``
+  ``[d_vocab]`` (logits per unit activation; no final-norm scale, no activation size, as in the notebook; see ``scaled_dla.py``
   for both). The notebook's ``W_dec[k] @ W_out[L] @ W_U`` assumed ``fold_ln``; applying the norm's weight explicitly
   gives the same values under every weight-processing switch (up to a per-feature constant with ``center_unembed``).
   Rare tokens are set to 0 as in the notebook and left out of the top/bottom lists.
@@ -65,21 +65,21 @@ def token_string(model, token_id: int) -> str:
 
 def common_from_counts(counts: torch.Tensor, min_count: int = 100) -> torch.Tensor:
     """The common-token rule on token counts ``[d_vocab]``: bool ``[d_vocab]``, True where ``count > min_count``
-    (the notebook's B3 with 100; the corpus statistics pass, ``analysis.corpus_stats``, counts tokens too)."""
+    (the notebook's rule with 100; the corpus statistics pass, ``analysis.corpus_stats``, counts tokens too)."""
     return counts > min_count
 
 
 def common_tokens(
     model, token_rows: Sequence[Sequence[int]], min_count: int = 100, *, exclude_bos: bool = True
 ) -> torch.Tensor:
-    """Tokens occurring more than ``min_count`` times in ``token_rows`` (analysis-spec B3; the notebook used 100).
+    """Tokens occurring more than ``min_count`` times in ``token_rows`` (the notebook's common tokens used 100).
 
     Args:
         model: anything with ``cfg.d_vocab`` (and a tokenizer for the special-token ids).
         token_rows: corpus rows of token ids.
         min_count: a token is common when its count is strictly greater.
         exclude_bos: do not count special tokens (BOS/EOS/PAD anywhere in a row; ``models.tokens.special_token_ids``),
-            a departure from the notebook (pitfall 25).
+            a departure from the notebook, which counted the leading BOS.
 
     Returns:
         bool ``[d_vocab]`` on CPU.
@@ -115,7 +115,7 @@ def _top(model, values: torch.Tensor, eligible: torch.Tensor, n: int, largest: b
 
 @dataclass
 class PromptBoosts(NotebookDisplay):
-    """Prompt-based log-prob boosts of one feature (analysis-spec F16).
+    """Prompt-based log-prob boosts of one feature (the reference notebook's, over prompts where it is active).
 
     Attributes:
         feature: k.
@@ -175,7 +175,7 @@ def prompt_logprob_boosts(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
 ) -> PromptBoosts:
-    """Mean log-prob change at P when feature ``feature`` is ablated, on the prompts where it is active (F16).
+    """Mean log-prob change at P when feature ``feature`` is ablated, on the prompts where it is active.
 
     Args:
         model, sae, task: any SAE hook point works (the ablation is at ``sae.hook_point``).
@@ -256,7 +256,7 @@ def prompt_logprob_boosts(
 
 @dataclass
 class WeightBoosts(NotebookDisplay):
-    """Weight-based logit boosts of one feature (analysis-spec F17).
+    """Weight-based logit boosts of one feature (its decoder direction read through the unembedding, as the notebook).
 
     Attributes:
         feature: k.

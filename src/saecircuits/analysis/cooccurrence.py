@@ -1,4 +1,5 @@
-"""Co-occurrence of SAE features at the prediction position (circuit_discovery_V2 step 6, analysis-spec 8.2).
+"""Co-occurrence of SAE features at the prediction position (step 6 of ``circuit_discovery_V2.ipynb``
+beside the reference notebook).
 
 Binarise the activations of a set of features at P over the task prompts, ``B[i, j] = f_{k_j}(x_{P_i}) > tau_j``,
 count the prompts where both of two features are active, ``C = B^T B`` (the diagonal holds each feature's own

@@ -1,5 +1,5 @@
-"""Corpus-scale statistics of every SAE feature, for every SAE of a run, in one streaming pass (analysis-spec D2-D5,
-F15, B3).
+"""Corpus-scale statistics of every SAE feature, for every SAE of a run, in one streaming pass (the reference
+notebook's max activations, top examples, token-wise counts and common tokens, without its dense arrays).
 
 One forward per batch of corpus documents reads every SAE's hook point at every position (the pass stops after the
 last block it needs and never unembeds), and each SAE's features are encoded in chunks of rows so that at most
@@ -12,18 +12,18 @@ Per SAE and feature ``k`` it keeps:
 - a histogram of ``log10 f_k`` over the tokens where it fires (fixed bins, see ``hist_range``);
 - a streaming top-k of the documents with the largest per-document maximum, with the position of that maximum
   (ties broken by the lower document index, so batching never changes the result);
-- token-wise counts (D5): how often each input token carries ``f_k > token_fraction * max_k`` (the maximum over the
+- token-wise counts: how often each input token carries ``f_k > token_fraction * max_k`` (the maximum over the
   whole corpus), kept as the ``n_top_tokens`` most frequent tokens per feature plus the total (the notebook's dense
   ``[d_sae, d_vocab]`` table was 3.3 GB and skipped the first 10 positions of every story; here every counted
-  position counts, pitfall 43);
-- the notebook's "upper / middle / lower" examples (D4): the documents whose maximum lies just above ``2/3``, ``1/3``
+  position counts);
+- the notebook's "upper / middle / lower" examples: the documents whose maximum lies just above ``2/3``, ``1/3``
   and ``1/10`` of the feature's corpus maximum (the ``n`` smallest maxima that exceed it), with the fractions as real
-  numbers (the notebook used ``max // 3`` on floats, which is 0 for any maximum below 3, pitfall 7).
+  numbers (the notebook used ``max // 3`` on floats, which is 0 for any maximum below 3).
 
 Counted tokens are the real (non-padding) positions whose token is not a special token (BOS/EOS/PAD anywhere in the
-row): special positions are out of distribution for SAEs trained without them and inflate maxima (pitfall 6). The
+row): special positions are out of distribution for SAEs trained without them and inflate maxima (the notebook kept BOS). The
 pass also counts every token id over the counted positions (``token_counts``: the common/rare mask of the logit
-boosts, B3) and sums each hook's activation (its mean over counted tokens, for mean ablation).
+boosts) and sums each hook's activation (its mean over counted tokens, for mean ablation).
 
 Exact in one pass although thresholds depend on the final maximum: the running maximum never exceeds the final one,
 so every event above ``fraction x final max`` is above ``fraction x running max`` when it is seen. Token events and
@@ -71,7 +71,7 @@ __all__ = [
 ]
 
 BANDS: dict[str, float] = {"upper": 2 / 3, "middle": 1 / 3, "lower": 1 / 10}
-"""The notebook's example bands (D4) as fractions of the feature's corpus maximum (without its floor division)."""
+"""The notebook's example bands as fractions of the feature's corpus maximum (without its floor division)."""
 
 
 def special_ids_of(model) -> frozenset[int]:
@@ -108,7 +108,7 @@ class FeatureStats:
         top_value, top_doc, top_pos: ``[d_sae, k]`` the ``k`` documents with the largest per-document maximum
             (float32 value, int64 document index into the rows given, int64 absolute position of that maximum),
             in decreasing value; slots with value 0 hold no example.
-        token_fraction: the D5 threshold as a fraction of each feature's corpus maximum.
+        token_fraction: the token-count threshold as a fraction of each feature's corpus maximum.
         top_tokens, top_token_counts: int64 ``[d_sae, n_top_tokens]`` the input tokens most often above the
             threshold and their counts (most frequent first, ties by lower id; -1 / 0 pad).
         above_count: int64 ``[d_sae]`` counted tokens above the threshold (over all token ids).
@@ -254,7 +254,7 @@ class CorpusStats(NotebookDisplay):
         return self.features[key]
 
     def common_tokens(self, min_count: int = 100) -> torch.Tensor:
-        """bool ``[d_vocab]``: tokens occurring more than ``min_count`` times (B3; the notebook's 100)."""
+        """bool ``[d_vocab]``: tokens occurring more than ``min_count`` times (the notebook's 100)."""
         return common_from_counts(self.token_counts, min_count)
 
     def display_title(self) -> str:
@@ -455,7 +455,7 @@ def corpus_feature_stats(
         saes: SAEs of the model (any hook points; SAEs on the same hook share its read).
         token_rows: corpus documents as token lists (BOS first, as the model sees them); none may be empty.
         k: documents kept per feature in the top-k (the notebook's top examples read the top 10-100).
-        token_fraction: D5 threshold as a fraction of each feature's corpus maximum (notebook 0.25).
+        token_fraction: token-count threshold as a fraction of each feature's corpus maximum (notebook 0.25).
         n_top_tokens: tokens kept per feature for the token-wise counts.
         bands: example bands as fractions of the corpus maximum (default :data:`BANDS`); ``{}`` keeps none.
         hist_range, hist_bins: log10 range and number of the activation-histogram bins (default 1e-4 .. 1e3,

@@ -1,5 +1,5 @@
 """Direct feature attribution (DFA): upstream components' contributions to an SAE feature's encoder pre-activation
-through the MLP-in path (analysis-spec.md F7).
+through the MLP-in path (the reference notebook's ``direction_dla``).
 
 For an SAE on ``blocks.L.mlp.hook_post`` and feature k, at each prompt's prediction position P:
 
@@ -14,8 +14,8 @@ For an SAE on ``blocks.L.mlp.hook_post`` and feature k, at each prompt's predict
 3. Notebook variant ("identity GELU"): neurons with ``hook_post <= 0`` are inactive; their column of M is set to 0
    (``inactive="zero"``) or to the mean contribution ``mean_contrib`` (``inactive="mean"``); active neurons pass as if
    the activation function were the identity. ``dfa = M @ W_enc[:, k]`` ``[C]``. b_in, b_dec, b_enc and the GELU
-   curvature are ignored, and the target is the encoder pre-activation, not ``f_k`` (pitfall 23).
-4. Completeness report (pitfall 23): the "linearised at the actual pre-activation" variant uses ``act'(pre)`` (the
+   curvature are ignored, and the target is the encoder pre-activation, not ``f_k``.
+4. Completeness report (the notebook had none): the "linearised at the actual pre-activation" variant uses ``act'(pre)`` (the
    activation's derivative at each neuron's actual pre-activation) times each component's contribution, plus rows
    ``b_in`` (``act'(pre) * b_in``), ``act_curvature`` (``post - act'(pre) * pre``, what a tangent at ``pre`` misses),
    ``b_dec`` (``-b_dec @ W_enc[:, k]`` when the SAE subtracts b_dec from its input) and ``b_enc`` (``b_enc[k]``). Their sum
@@ -24,9 +24,9 @@ For an SAE on ``blocks.L.mlp.hook_post`` and feature k, at each prompt's predict
    first-order attribution leaves unexplained).
 
 Departures from the notebook: prompts are batched (each read at its own P) and capped with ``max_prompts`` (the
-notebook ran every activating prompt one forward each, pitfall 26); per-prompt values and t intervals are returned;
+notebook ran every activating prompt one forward each); per-prompt values and t intervals are returned;
 the default mean contributions for ``inactive="mean"`` pool all real positions of the given rows except special
-tokens (BOS/EOS/PAD anywhere in a row), weighting tokens equally (the notebook averaged per-story means over 100 stories including BOS, pitfall 27). Gated MLPs
+tokens (BOS/EOS/PAD anywhere in a row), weighting tokens equally (the notebook averaged per-story means over 100 stories including BOS). Gated MLPs
 (Llama's SwiGLU) have no single pre-activation per neuron and are refused.
 """
 
@@ -159,7 +159,7 @@ def dfa_from_components(
     inactive: str = "zero",
     mean_contrib: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The notebook's DFA arithmetic on already-normalised components (analysis-spec F7 steps 2-3).
+    """The notebook's DFA arithmetic on already-normalised components (steps 2-3 above).
 
     Args:
         normed: ``[b, C, d_model]`` components after the ln2 linear map (centred, divided by the ln2 scale).
@@ -205,7 +205,7 @@ def mean_mlp_in_contributions(
     Every real position of every row counts once (padding never; special tokens -- BOS/EOS/PAD anywhere in a row --
     not when ``exclude_bos``); each
     position's components go through ln2 as a linear map with that position's cached scale, then ``W_in[layer]``.
-    The notebook's ``get_mean_component_wise_mlp`` averaged per-story means including BOS (pitfall 27).
+    The notebook's ``get_mean_component_wise_mlp`` averaged per-story means including BOS.
 
     Returns:
         float32 ``[C, d_mlp]`` on CPU, components in :func:`dfa_component_labels` order.
@@ -316,7 +316,7 @@ def direct_feature_attribution(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
 ) -> DFAResult:
-    """DFA of every upstream component to feature ``feature``'s encoder pre-activation at P (analysis-spec F7).
+    """DFA of every upstream component to feature ``feature``'s encoder pre-activation at P (the notebook's DFA).
 
     Args:
         model: a TransformerBridge with processed weights (fold_ln), plain (non-gated) MLPs.

@@ -1,4 +1,5 @@
-"""Direct logit attribution (DLA) of every model component to the answer logit (analysis-spec.md F1).
+"""Direct logit attribution (DLA) of every model component to the answer logit (Elhage et al. 2021, "A
+Mathematical Framework for Transformer Circuits"; the reference notebook's ``DLA`` step).
 
 The residual stream at the final norm's input is the sum of the components (MLPs not expanded):
 ``embed + pos_embed + sum_l sum_h z_{l,h} W_O[l,h] + sum_l b_O[l] + sum_l mlp_out_l``. The final norm is applied as a
@@ -10,8 +11,7 @@ switch (completeness, checked per prompt and returned as ``max_abs_error``); wit
 ``b_U[answer]``, as in TransformerLens.
 
 Departures from the reference notebook: every prompt is read at its own prediction position in a right-padded batch
-(the notebook runs one prompt at a time); per-prompt values and 95% t intervals are returned, not just the mean
-(pitfall 23); ``pos_embed`` is absent for rotary models and ``bias`` is zeros for bias-free models (Llama).
+(the notebook runs one prompt at a time); per-prompt values and 95% t intervals are returned, not just the mean; ``pos_embed`` is absent for rotary models and ``bias`` is zeros for bias-free models (Llama).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def direct_logit_attribution(
     max_batch: int = DEFAULT_MAX_BATCH,
     progress: bool | None = None,
 ) -> DLAResult:
-    """DLA of every attention head, MLP, embedding and the attention-bias sum to the answer logit at P (F1).
+    """DLA of every attention head, MLP, embedding and the attention-bias sum to the answer logit at P.
 
     Args:
         model: a TransformerBridge, with any weight processing (the final norm's weight and bias are applied

@@ -1,4 +1,5 @@
-"""DLA of the SAE's MLP layer split into the SAE reconstruction and the SAE error (analysis-spec.md F6).
+"""DLA of the SAE's MLP layer split into the SAE reconstruction and the SAE error (the reference
+notebook's "remainder" DLA).
 
 For an SAE on ``blocks.L.mlp.hook_post`` and each prompt at its own prediction position P, with ``h`` the MLP
 post-activation ``[d_mlp]`` and ``x_hat = sae(h)``:
@@ -13,7 +14,7 @@ Identity: ``reconstruction + error == MLP`` per prompt (exact up to float roundi
 
 Departures from the notebook: each prompt is read at its own P in right-padded batches (the notebook ran 200 prompts
 one at a time, batch row 0, index -2); each prompt uses its own answer id; per-prompt values and t intervals are
-returned, not only the mean (pitfall 23).
+returned, not only the mean.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def sae_error_dla(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
 ) -> ErrorDLAResult:
-    """DLA of the MLP output at P split into the SAE reconstruction's and the SAE error's shares (analysis-spec F6).
+    """DLA of the MLP output at P split into the SAE reconstruction's and the SAE error's shares.
 
     Args:
         model: a TransformerBridge (any weight processing).

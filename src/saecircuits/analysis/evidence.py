@@ -1,10 +1,11 @@
 """All per-feature and attribution evidence of one SAE as JSON-ready keys of its results.json entry.
 
-:func:`feature_evidence` runs, for an SAE and a few of its top features: the SAE-error DLA (F6), per feature the
-prompt-based log-prob boosts (F16), the weight-based logit boosts (F17), activation vs loss increase (F18) and the
-DFA (F7, zero variant, with the completeness check of the linearised variant), the upstream-ablation effect on the
-features (F8) and the activation-scaled DLA (F20). Keys that need an MLP post-activation SAE (F6, F7, F8, F17, F20)
-or a plain MLP (F7) are left out when they do not apply. The schema of each key is in ``report/schema.py``.
+:func:`feature_evidence` runs, for an SAE and a few of its top features, the reference notebook's per-feature
+analyses: the SAE-error DLA, per feature the prompt-based log-prob boosts, the weight-based logit boosts, activation
+vs loss increase and the DFA (zero variant, with the completeness check of the linearised variant), the
+upstream-ablation effect on the features and the activation-scaled DLA. Keys that need an MLP post-activation SAE
+(error DLA, DFA, upstream ablation, weight boosts, scaled DLA) or a plain MLP (DFA) are left out when they do not
+apply. The schema of each key is in ``report/schema.py``.
 """
 
 from __future__ import annotations
@@ -69,8 +70,9 @@ def feature_evidence(
         task: the behaviour.
         features: the features to detail (a few top features; each costs about four passes over at most
             ``max_prompts_per_feature`` prompts).
-        stat_rows: corpus token rows (BOS-prefixed) for the common-token mask (F16/F17).
-        max_prompts_per_feature: cap on active prompts per feature for F7/F16/F18 (the notebook used 100 for F16).
+        stat_rows: corpus token rows (BOS-prefixed) for the common-token mask of the boosts.
+        max_prompts_per_feature: cap on active prompts per feature for the DFA, the prompt boosts and
+            activation vs loss (the notebook used 100 for the prompt boosts).
         min_token_count: a token is common when it occurs more than this many times in ``stat_rows`` (the notebook
             used 100 on a far larger corpus).
         n_scaled: number of features listed in ``activation_scaled_dla`` (largest ``scaled`` first, then any of

@@ -1,4 +1,5 @@
-"""Top activating examples per SAE feature over a corpus, by a streaming top-k (spec D2/D4/F14).
+"""Top activating examples per SAE feature over a corpus, by a streaming top-k (the reference notebook's
+top examples).
 
 For every document (a token row) and feature we take the feature's maximum over the document's real positions,
 excluding every special-token position (BOS/EOS/PAD anywhere in the row, ``models.tokens.special_token_mask``) and
@@ -8,8 +9,8 @@ documents reads the feature's activations in a window around the maximum. Token 
 ``models.tokens.token_pieces`` over the whole document, so a character split over byte tokens is shown once and
 leading spaces are kept.
 
-Departures from the reference notebook (on purpose): special-token positions are excluded (pitfall 6); the maxima
-are streamed instead of a 4 GB pickle keyed by SAE name (pitfall 20); only documents with a positive maximum are
+Departures from the reference notebook (on purpose): special-token positions are excluded (the notebook kept BOS);
+the maxima are streamed instead of a 4 GB pickle keyed by SAE name; only documents with a positive maximum are
 returned.
 Ties between equal maxima are broken by the lower document index, so results do not depend on batching.
 """

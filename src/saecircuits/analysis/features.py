@@ -12,16 +12,16 @@ layer onward, once per feature; for an SAE on the last layer that is one batched
 ablation table (:func:`feature_ablation_table`) summarises the effects per feature.
 
 Every ablation here takes ``mode`` (:mod:`saecircuits.analysis.ablation_modes`): ``"residual"`` (above, the default),
-``"reconstruction"`` (the activation becomes the SAE reconstruction with the feature zeroed, the notebook's F4) or
+``"reconstruction"`` (the activation becomes the SAE reconstruction with the feature zeroed, the notebook's "encoded" loss) or
 ``"clean_effect"`` (that, compared with the SAE spliced in rather than with the clean run).
 
 Departures from the reference notebook (on purpose):
 - one explicit activity threshold (default 0, i.e. ``f > 0``) for the fraction active, the mean activation and the
-  prompts a feature is ablated on (the notebook mixed ``f > 0.1`` and ``f > 0.17 * max``, pitfall 5);
+  prompts a feature is ablated on (the notebook mixed ``f > 0.1`` and ``f > 0.17 * max``);
 - every active prompt of every active feature is ablated (the notebook ablated 100 candidates on their first 200
   active prompts); table candidates need ``min_fraction_active`` (default 0.05, the notebook's 5%) so a feature seen
   on one prompt does not top the ranking on a single number;
-- activations and ablation losses use the same BOS-prefixed prompts (pitfall 4);
+- activations and ablation losses use the same BOS-prefixed prompts (the notebook measured the losses without BOS);
 - every mean comes with a t-based 95% interval and the actual n.
 """
 

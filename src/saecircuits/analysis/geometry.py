@@ -1,5 +1,6 @@
-"""Weight geometry of SAE features: cosine similarities of decoder and encoder directions (analysis-spec 8.3) and
-the token kurtosis of each feature's unembedding direction (8.1, ``get_token_kurtosis_for_decoder``).
+"""Weight geometry of SAE features: cosine similarities of decoder and encoder directions (a later version of
+the reference notebook) and the token kurtosis of each feature's unembedding direction
+(``get_token_kurtosis_for_decoder`` in the notebook's ``utils/circuit_discovery_utils.py``).
 
 - :func:`decoder_cosines` / :func:`encoder_cosines`: ``[S, S]`` cosine similarities of ``W_dec[k]`` (what feature
   ``k`` writes) / ``W_enc[:, k]`` (what it reads) for a set of features. Two features with decoder cosine near 1 write
@@ -88,7 +89,7 @@ def unembedding_directions(model) -> torch.Tensor:
 
 
 def token_kurtosis(model, sae: SAE, features: Sequence[int] | None = None) -> torch.Tensor:
-    """Excess kurtosis over the vocabulary of ``cos(direction_k, unembedding_t)`` per feature (8.1).
+    """Excess kurtosis over the vocabulary of ``cos(direction_k, unembedding_t)`` per feature.
 
     Args:
         model: a TransformerBridge (any weight processing).

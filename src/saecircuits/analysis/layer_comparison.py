@@ -1,5 +1,5 @@
-"""What ablating the top features of one layer's SAE does to the answer, compared across layers (analysis-spec F9,
-F10): the reference notebook ablated the top 6 layer-0 features and the top 3 layer-1 features on the same prompts
+"""What ablating the top features of one layer's SAE does to the answer, compared across layers: the
+reference notebook ablated the top 6 layer-0 features and the top 3 layer-1 features on the same prompts
 and compared the loss increases (mean and std; histograms).
 
 For SAEs ``s_1..s_m`` (e.g. one per layer) and a feature set per SAE, on the same prompts: each set ablated alone at
@@ -79,7 +79,7 @@ def compare_layer_ablations(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
 ) -> LayerComparison:
-    """Each SAE's feature set ablated alone at P, and all together, on every prompt (F9/F10 comparison).
+    """Each SAE's feature set ablated alone at P, and all together, on every prompt (the layer comparison).
 
     Args:
         model: a TransformerBridge.

@@ -1,18 +1,18 @@
-"""The five-way loss comparison at the prediction position (analysis-spec F13): how much of the layer's job the top
-features and the SAE carry.
+"""The five-way loss comparison at the prediction position (the reference notebook's ablation loss
+comparison): how much of the layer's job the top features and the SAE carry.
 
 Per prompt, the answer loss (nats) at P under five runs, all on the same prompts:
 
 1. clean;
 2. the hook mean-ablated at P (``x_P <- mean activation``, e.g. from the corpus statistics pass);
-3. the hook zero-ablated at P (for ``mlp.hook_post`` the MLP still adds ``b_out``, pitfall 11);
+3. the hook zero-ablated at P (for ``mlp.hook_post`` the MLP still adds ``b_out``, as in the notebook);
 4. the top features ablated together at P, in the chosen ablation mode (:mod:`saecircuits.analysis.ablation_modes`);
 5. the SAE spliced in at P (``x_P <- decode(encode(x_P))``).
 
 Runs 2-5 are four variants of one prefix-cached intervention per batch (:mod:`saecircuits.models.interventions`).
 Each mean comes with a Student-t 95% interval from the actual n, and each ablation with the paired difference to
 the clean run (the per-prompt differences' mean and interval); the notebook gave ``1.96 * np.std / sqrt(n)`` bars on
-the unpaired means and a mean vector from 20 stories with BOS (pitfalls 12, 15). Loss recovered is left to
+the unpaired means and a mean vector from 20 stories with BOS. Loss recovered is left to
 :mod:`saecircuits.analysis.reconstruction` (same runs, one formula).
 """
 
@@ -105,7 +105,7 @@ def loss_comparison(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
 ) -> LossComparison:
-    """Answer loss at P: clean, mean-ablated, zero-ablated, top features ablated, SAE spliced (F13).
+    """Answer loss at P: clean, mean-ablated, zero-ablated, top features ablated, SAE spliced.
 
     Args:
         model: a TransformerBridge.

@@ -1,7 +1,7 @@
-"""Per-prompt activation of a feature vs the loss increase when it is ablated (analysis-spec.md F18).
+"""Per-prompt activation of a feature vs the loss increase when it is ablated (the reference notebook's scatter).
 
 For every prompt where feature k is active at P (``f_k > threshold``; optionally the first ``max_prompts``), the
-activation ``f_k`` at P and the answer-loss increase (nats, ablated - clean) under the residual-preserving F3 ablation
+activation ``f_k`` at P and the answer-loss increase (nats, ablated - clean) under the residual-preserving ablation
 of k at P (``features.single_feature_ablation_losses``), with their Pearson correlation. The notebook only plotted the
 scatter; the correlation and the t interval of the mean increase are additions. Batched (the notebook ran one
 prompt per forward).
@@ -88,7 +88,7 @@ def loss_increase_vs_activation(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
 ) -> LossVsActivation:
-    """Per active prompt: ``f_k`` at P and the loss increase when k is ablated at P (analysis-spec F18).
+    """Per active prompt: ``f_k`` at P and the loss increase when k is ablated at P.
 
     Args:
         model, sae, task: the model, the SAE, the behaviour.

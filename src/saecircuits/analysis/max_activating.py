@@ -1,4 +1,5 @@
-"""Ablating a feature on the corpus stories where it fires most (analysis-spec F19): does it matter where it is active?
+"""Ablating a feature on the corpus stories where it fires most (the reference notebook's "additional ablations"):
+does it matter where it is active?
 
 For one feature ``k`` and its top-N corpus stories (from the corpus statistics pass,
 :meth:`saecircuits.analysis.corpus_stats.FeatureStats.top_examples`):
@@ -230,7 +231,7 @@ def max_activating_ablation(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
 ) -> StoryAblation:
-    """Global and per-position ablation of ``feature`` on the stories ``docs`` (F19).
+    """Global and per-position ablation of ``feature`` on the stories ``docs``.
 
     Args:
         model: a TransformerBridge.

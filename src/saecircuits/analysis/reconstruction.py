@@ -7,10 +7,10 @@ the sequence-level variant of ``train-sae`` (:func:`sequence_loss_recovered`) al
 :func:`loss_recovered`, which also decides when the ratio has no meaning (then it is NaN with a reason).
 
 Departures from the reference notebook (on purpose): every edit acts on every batch row at that row's own P (the
-notebook's splice touched batch row 0 only, pitfall 3); loss recovered gets a CI (pitfall 13); the mean activation is
-token-weighted over all real positions of the given rows, special tokens (BOS/EOS/PAD anywhere in a row) and padding
-excluded (the notebook averaged per-story means including BOS over 10 or 20 stories, pitfall 12). As in the
-notebook, zero-ablating ``mlp.hook_post`` still leaves the MLP's ``b_out`` in its output (pitfall 11).
+notebook's splice touched batch row 0 only); loss recovered gets a CI (the notebook's came from 200 prompts without
+one); the mean activation is token-weighted over all real positions of the given rows, special tokens (BOS/EOS/PAD
+anywhere in a row) and padding excluded (the notebook averaged per-story means including BOS over 10 or 20 stories).
+As in the notebook, zero-ablating ``mlp.hook_post`` still leaves the MLP's ``b_out`` in its output.
 """
 
 from __future__ import annotations
@@ -322,7 +322,7 @@ def reconstruction_at_prediction(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
 ) -> ReconstructionResult:
-    """Clean / SAE-spliced / zero-ablated / mean-ablated answer loss at each prompt's P (F2, F13).
+    """Clean / SAE-spliced / zero-ablated / mean-ablated answer loss at each prompt's P.
 
     Args:
         model: a TransformerBridge.

@@ -1,4 +1,5 @@
-"""Activation-scaled DLA of every SAE feature to the answer (analysis-spec.md F20).
+"""Activation-scaled DLA of every SAE feature to the answer (the reference notebook's DLA of each
+feature's decoder direction times its mean activation).
 
 For an SAE on ``blocks.L.mlp.hook_post`` with activations ``f_ik`` at each prompt's P and answers ``a_i``:
 
@@ -10,8 +11,8 @@ For an SAE on ``blocks.L.mlp.hook_post`` with activations ``f_ik`` at each promp
 - ``scaled_k = mean_i f_ik G[k, a_i]`` (``= mean_activation_k * dla_per_unit_k`` for a single answer id);
 - ``scaled_ln_k = mean_i f_ik G[k, a_i] / s_i`` with ``s_i`` the prompt's cached ``ln_final.hook_scale`` at P (the final
   norm as a linear map, :mod:`saecircuits.models.norms`): the feature's actual direct contribution
-  to the answer logit (pitfall 25: the notebook used no scale). Summed over k this is the DLA of ``(x_hat - b_dec)
-  @ W_out[L]``, i.e. F6's reconstruction row minus the ``b_dec`` term.
+  to the answer logit (the notebook used no scale). Summed over k this is the DLA of ``(x_hat - b_dec)
+  @ W_out[L]``, i.e. the reconstruction row of ``error_dla.py`` minus the ``b_dec`` term.
 
 Departures: per-prompt answers; the LN-scaled variant; every prompt read at its own P in batches.
 """
@@ -62,7 +63,7 @@ def activation_scaled_dla(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
 ) -> ScaledDLAResult:
-    """Mean activation, DLA per unit activation and their product for every feature (analysis-spec F20).
+    """Mean activation, DLA per unit activation and their product for every feature.
 
     Args:
         model: a TransformerBridge (any weight processing).

@@ -1,5 +1,5 @@
-"""Ablating everything but the span of the top features' decoder vectors at P (analysis-spec 8.3): is the layer's
-contribution to the answer carried by the subspace those features write?
+"""Ablating everything but the span of the top features' decoder vectors at P (a later version of the
+reference notebook): is the layer's contribution to the answer carried by the subspace those features write?
 
 With ``A = W_dec[S]^T`` (``[d_in, |S|]``) and ``Q`` an orthonormal basis of its column space (``P = Q Q^T``, the
 orthogonal projector; rank-deficient sets use the numerical rank), at each prompt's P the hook's activation ``h``

@@ -1,7 +1,7 @@
 """Small statistics helpers: t-based confidence intervals and a paired bootstrap for ratios of means.
 
 The reference notebook reports means with ``1.96 * std / sqrt(n)`` error bars, sometimes with the wrong ``n`` and a
-mix of ``ddof=0``/``ddof=1`` (analysis-spec.md pitfalls 13 and 15). Here every interval is computed from the actual
+mix of ``ddof=0``/``ddof=1``, and loss recovered without any interval. Here every interval is computed from the actual
 sample size: a Student-t interval with ``ddof=1`` for means, a seeded paired bootstrap (percentile interval) for ratios
 of means such as loss recovered. No scipy dependency: the t quantile is computed by bisection on a numerically
 integrated t CDF (accurate to about 1e-9).
@@ -89,7 +89,7 @@ def mean_ci95(x: torch.Tensor | np.ndarray | list[float]) -> MeanCI:
     """Mean and two-sided 95% Student-t interval ``mean +- t_{0.975, n-1} * std(ddof=1) / sqrt(n)``.
 
     NaNs are dropped first; ``n`` is the number of remaining values. With ``n == 0`` everything is NaN, with
-    ``n == 1`` the bounds are NaN. Departs on purpose from the notebook's ``1.96 * std / sqrt(200)`` (pitfall 15).
+    ``n == 1`` the bounds are NaN. Departs on purpose from the notebook's ``1.96 * std / sqrt(200)`` (200 even for 100 prompts).
     """
     v = _as_numpy(x)
     v = v[np.isfinite(v)]

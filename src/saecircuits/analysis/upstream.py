@@ -1,10 +1,11 @@
-"""Effect of ablating an upstream activation at P on SAE feature activations at P (analysis-spec.md F8).
+"""Effect of ablating an upstream activation at P on SAE feature activations at P (the reference notebook's
+MLP0 ablation check).
 
 For each prompt, the activation at ``ablate_hook`` is replaced at that prompt's own prediction position P (zero, or
 a mean vector), every other position untouched; the SAE's features are read at P with and without the ablation on
-the same prompts. Only P is ablated: earlier positions still feed attention (as in the notebook; pitfall 14).
+the same prompts. Only P is ablated: earlier positions still feed attention (as in the notebook).
 
-Departures from the notebook (pitfall 14): the notebook compared an unconditional mean over 100 ablated prompts with
+Departures from the notebook: the notebook compared an unconditional mean over 100 ablated prompts with
 the conditional "mean activation over above-threshold prompts" from the feature table. Here both sides are computed
 on the same prompts, both unconditionally (all prompts) and conditionally (prompts where the feature is active in
 the clean run, both clean and ablated values over those same prompts), with t intervals and the paired difference.
@@ -69,7 +70,7 @@ def upstream_ablation_effect(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
 ) -> UpstreamAblationResult:
-    """Activation of ``features`` at P clean vs with ``ablate_hook`` ablated at P (analysis-spec F8).
+    """Activation of ``features`` at P clean vs with ``ablate_hook`` ablated at P.
 
     Args:
         model: a TransformerBridge.

@@ -9,7 +9,7 @@ raw activations), ``<hook_point>/metrics.jsonl``, ``<hook_point>/checkpoint.pt``
 ``--resume`` continues a killed run from its checkpoints and ends with the same weights as an uninterrupted run.
 
 Precision: fp32 by default; ``--autocast bfloat16`` runs the SAE forward/loss under bf16 autocast (GPU tensor
-cores), ``--activation-dtype bfloat16`` stores activations in bf16 as the reference notebook did (pitfall 33).
+cores), ``--activation-dtype bfloat16`` stores activations in bf16 as the reference notebook did.
 
 Several GPUs / machines (PyTorch DDP; every rank reads its own shard of token rows, rank 0 writes)::
 

@@ -1,6 +1,7 @@
 """Activations for SAE training: packed token rows, one LM pass for many hook points, a shuffling buffer, a disk cache.
 
-The pipeline (analysis-spec.md sections 3 B2 and 4.6, SAELens ``ActivationsStore`` / ``mixing_buffer``):
+The pipeline (the reference notebook's training rows and activation buffer; SAELens ``ActivationsStore`` /
+``mixing_buffer``):
 
 1. :func:`pack_token_rows` concatenates BOS-prefixed documents into one stream and cuts it into rows of ``seq_len``
    tokens, each starting with BOS (the reference notebook's training rows; story-boundary BOS tokens stay inside rows).
@@ -36,10 +37,11 @@ logger = logging.getLogger(__name__)
 BOSPolicy = Literal["include", "exclude", "exclude_first"]
 BOS_POLICIES: tuple[str, ...] = ("include", "exclude", "exclude_first")
 """``"include"``: every position is data (54_serene_plasma's training). ``"exclude"``: every position holding the BOS
-token (the leading column and story-boundary BOS inside rows) is dropped (modern default; pitfall 33); given the
-tokenizer's whole special-token set (``models.tokens.special_token_ids``), every BOS/EOS/PAD position is dropped.
+token (the leading column and story-boundary BOS inside rows) is dropped (modern default: the analyses never read
+BOS positions); given the tokenizer's whole special-token set (``models.tokens.special_token_ids``), every
+BOS/EOS/PAD position is dropped.
 ``"exclude_first"``: only position 0 of each row is dropped, story-boundary BOS inside rows stay (189_giddy_water's
-rows of 127, analysis-spec.md B2)."""
+rows of 127)."""
 
 
 
@@ -56,7 +58,7 @@ def pack_token_rows(
     leading_bos: bool = True,
     shuffle_seed: int | None = None,
 ) -> torch.Tensor:
-    """Pack tokenised documents into rows of ``seq_len`` tokens (analysis-spec.md B2).
+    """Pack tokenised documents into rows of ``seq_len`` tokens, as the reference notebook's training data.
 
     Every document is prefixed with ``bos_id`` and all are concatenated into one stream; the stream is cut into
     pieces of ``seq_len - 1`` tokens (``seq_len`` when ``leading_bos=False``) and, with ``leading_bos``, a BOS
@@ -68,8 +70,7 @@ def pack_token_rows(
         seq_len: tokens per row (128 in the reference notebook).
         bos_id: the BOS token id (50256 for GPT-2 BPE), or None when the tokenizer has none.
         leading_bos: put BOS at column 0 of every row (ignored without a BOS).
-        shuffle_seed: if given, rows are permuted with a seeded generator (the notebook's permutation was unseeded,
-            pitfall 34).
+        shuffle_seed: if given, rows are permuted with a seeded generator (the notebook's permutation was unseeded).
 
     Returns:
         int64 ``[n_rows, seq_len]``.
@@ -173,7 +174,7 @@ def model_activation_chunks(
         model_batch_rows: rows per forward pass.
         bos_id, bos_policy: which positions count as data (:func:`bos_keep_mask`; ``bos_id`` may be the set of
             special ids).
-        dtype: storage dtype of the yielded activations (float32 default; bfloat16 halves memory, pitfall 33).
+        dtype: storage dtype of the yielded activations (float32 default; bfloat16 halves memory, as the notebook).
         storage_device: where the yielded activations live.
         epochs: passes over the rows (``None`` = forever; each epoch reshuffles rows when ``shuffle_seed`` is set).
         shuffle_seed: seed of the per-epoch row order (``None`` keeps the given order).
@@ -243,7 +244,7 @@ def shuffled_batches(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Mix activation chunks in a shuffling buffer and yield batches of ``batch_size`` rows per hook point.
 
-    The reference notebook's buffer (analysis-spec.md 4.6, SAELens ``mixing_buffer``): fill to ``buffer_size`` rows,
+    The reference notebook's buffer (SAELens ``mixing_buffer``): fill to ``buffer_size`` rows,
     shuffle (seeded), emit the first half as batches, keep the second half, refill. The same permutation is used for
     every hook point, so row ``i`` of every tensor in a batch comes from the same token. When the source ends the
     remaining rows are shuffled and emitted; a last partial batch is dropped.

@@ -1,7 +1,7 @@
 """Read a text corpus into a list of documents (stories).
 
-Accepted inputs (analysis-spec.md B1 reads the TinyStories validation parquet's ``text`` column; the local copies in
-``../shared/data`` are ``<|endoftext|>``-separated text files):
+Accepted inputs (the reference notebook read the TinyStories validation parquet's ``text`` column; TinyStories is also
+published as ``<|endoftext|>``-separated text files):
 
 - plain text (``.txt`` or any other suffix not below): split on lines that are exactly ``<|endoftext|>`` (surrounding
   whitespace ignored) when the file has such a separator, otherwise on blank lines (one or more empty lines);

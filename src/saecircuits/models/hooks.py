@@ -2,7 +2,8 @@
 
 Every analysis goes through these helpers so that one position contract holds (tasks/base.py): rows are right-padded
 (``models/tokens.py``), and each row is read *and* edited at its own absolute prediction index ``P_i`` with a gather /
-scatter, never at ``-1`` or ``-2`` and never only in batch row 0 (analysis-spec.md pitfalls 3 and 8). Hooks are
+scatter, never at ``-1`` or ``-2`` and never only in batch row 0 (the reference notebook's hooks edited batch row 0,
+correct only one prompt at a time, and the activation at index -2 pairs with the loss at index -1). Hooks are
 installed with ``model.run_with_hooks`` and removed when the call returns.
 
 Right padding cannot change a real position's value in a causal model (see ``models/tokens.py``), so a row's result

@@ -20,7 +20,7 @@ with ``TransformerBridge.boot_transformers`` and applies TransformerLens' weight
 - ``fold_value_biases``: b_V is moved into b_O (attention patterns sum to 1), as HookedTransformer did.
 
 None of these changes the model's log-probabilities (checked in tests/models/test_load.py to ~1e-4). They equal
-HookedTransformer.from_pretrained's defaults, which the reference notebook used (analysis-spec.md A1).
+HookedTransformer.from_pretrained's defaults, which the reference notebook used.
 
 Where the model came from is recorded on the bridge: :func:`model_provenance` returns a :class:`ModelProvenance`
 (source string, ``model_name``, kind, weight hash for llama2.c, the processing switches); ``bridge.cfg.model_name``

@@ -11,7 +11,7 @@ The recipe (one :class:`LMConfig`) fixes everything that determines the result:
    layer 1 local attention, ``gelu_new``, learned absolute positions, tied embeddings, no dropout), only smaller;
 4. a plain PyTorch loop over packed token rows (AdamW, linear warm-up then cosine decay, gradient clipping);
 5. evaluation: mean next-token loss on held-out stories, and the loss / accuracy / rank of ``."`` at the answer
-   position of closing-quote prompts built as in analysis-spec.md E1.
+   position of closing-quote prompts built as the reference notebook's test prompts.
 
 :func:`train_lm_to_folder` runs all of it and writes a folder loadable with
 ``GPTNeoForCausalLM.from_pretrained`` and ``PreTrainedTokenizerFast.from_pretrained`` plus ``train_info.json``.
@@ -138,7 +138,7 @@ def train_bpe_tokenizer(texts: Sequence[str], vocab_size: int, save_dir: str | o
         texts: training texts (stories, without separators).
         vocab_size: final vocabulary size including the special token.
         save_dir: when given, the tokenizer is saved there and *reloaded from there* (TransformerLens needs a
-            tokenizer with a ``name_or_path``, see environment-notes.md section 0.4).
+            tokenizer with a ``name_or_path``).
 
     Returns:
         ``transformers.PreTrainedTokenizerFast``.
@@ -327,7 +327,7 @@ def mean_loss(model, rows: torch.Tensor, batch_size: int = 32) -> float:
 
 
 def closing_quote_prompts(stories: Sequence[str], tokenizer, max_tokens: int | None = None):
-    """Closing-quote prompts as in analysis-spec.md E1 (the reference notebook's In[11]), via
+    """Closing-quote prompts as the reference notebook's test prompts (its cell In[11]), via
     :func:`saecircuits.tasks.closing_quote.closing_quote_task`.
 
     For each story containing ``said, "``: start = first occurrence + 7, end = first ``."`` at or after start;

@@ -13,13 +13,14 @@ with a reading, circuit; :mod:`saecircuits.report.summary`); glossary; feature b
 answer tokens, the BOS policy, example prompts each with its own answer highlighted); then collapsible sections:
 the checks (whether the model performs the behaviour, every failed check with what to try; an SAE that fails one
 also carries a warning box over its summary and its feature ranking);
-direct logit attribution (analysis-spec F1/F2) with CIs and the completeness error; per SAE: summary table (L0 and
+direct logit attribution (Elhage et al. 2021) with CIs and the completeness error; per SAE: summary table (L0 and
 explained variance at P, losses, loss recovered vs zero and vs mean ablation, with CIs; a sentence where a value
-surprises; the SAE's training quality over tokens), the top features by loss increase when ablated (analysis-spec F3)
-as a table and a chart, the exact effect of every active feature, the multi-feature ablation (original - ablated)
-and how its set was chosen, the top activating examples per feature (analysis-spec F14 colours, see
-``tokens_html.py``); when present, the SAE-error DLA (F6), per-feature details (log-prob and logit boosts F16/F17,
-activation vs loss increase F18, DFA F7), the upstream ablation (F8) and the activation-scaled DLA (F20); the rest
+surprises; the SAE's training quality over tokens), the top features by loss increase when ablated with the SAE
+error kept (the reference notebook's single-feature ablation table) as a table and a chart, the exact effect of every
+active feature, the multi-feature ablation (original - ablated) and how its set was chosen, the top activating
+examples per feature (the notebook's token colours, see ``tokens_html.py``); when present, the SAE-error DLA,
+per-feature details (prompt-based log-prob and weight-based logit boosts, activation vs loss increase, direct
+feature attribution), the upstream ablation and the activation-scaled DLA; the rest
 of the reference study when present (corpus statistics, the five-way loss comparison, the three ablation modes,
 ablation on max-activating stories, co-occurrence and decoder geometry, the span ablation); the layer comparison;
 the circuit; appendix (training, timings, config, notes). Static sections draw the first :data:`STATIC_FEATURES`
@@ -90,8 +91,8 @@ details.section { margin-top: 28px; border-top: 1px solid #bbb; }
 details.section > summary { cursor: pointer; list-style: none; }
 details.section > summary::-webkit-details-marker { display: none; }
 details.section > summary > h2 { display: inline-block; border: none; margin: 12px 0 4px; }
-details.section > summary::before { content: "\25B8"; color: #666; margin-right: 8px; font-size: 20px; }
-details.section[open] > summary::before { content: "\25BE"; }
+details.section > summary::before { content: "\\25B8"; color: #666; margin-right: 8px; font-size: 20px; }
+details.section[open] > summary::before { content: "\\25BE"; }
 section.summary { background: #f7f9fc; border: 1px solid #d5deea; padding: 4px 18px 10px; margin: 12px 0; }
 section.summary p.headline { font-size: 16px; margin: 8px 0; }
 section.summary > h2 { margin-top: 12px; }
@@ -602,7 +603,8 @@ def _examples_section(sae: Mapping, sid: str) -> str:
     out = [
         '<p class="note">Top activating examples per feature. Token background: red for positive activation '
         "(normalised by the example's max), blue for negative; hover a token for its value. A newline is shown "
-        "as \u00b6, a tab as \u2192 and a space as \u00b7 (analysis-spec F14). Special tokens (BOS/EOS/PAD) are "
+        "as \u00b6, a tab as \u2192 and a space as \u00b7 (the reference notebook's colours). Special tokens "
+        "(BOS/EOS/PAD) are "
         "grey dashed boxes, never coloured; a character split over several byte tokens is shown on its first "
         "token, and the narrow boxes after it hold its other bytes.</p>"
     ]
@@ -632,7 +634,7 @@ def _examples_section(sae: Mapping, sid: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Per-feature and attribution evidence (optional keys; analysis/evidence.py, analysis-spec F6 F7 F8 F16-F18 F20)
+# Per-feature and attribution evidence (optional keys; analysis/evidence.py)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -642,7 +644,8 @@ def _error_dla_section(sae: Mapping, fig: _Figures) -> str:
     out = [
         '<p class="note">Direct logit attribution (logits) of this SAE layer\'s MLP output to the answer, split into '
         "the SAE reconstruction's and the SAE error's shares (reconstruction + error = MLP; b_out excluded; final "
-        "norm applied with each prompt's cached scale; analysis-spec F6). Error bars: 95% CI over prompts.</p>"
+        "norm applied with each prompt's cached scale; the reference notebook's remainder DLA). Error bars: 95% CI "
+        "over prompts.</p>"
     ]
     out.append(
         _table(
@@ -703,7 +706,8 @@ def _feature_detail(fd: Mapping, fig: _Figures, sid: str) -> str:
                 f"{_esc(_num(pb.get('answer_logprob_ablated')))} nats."
             )
         out.append(
-            '<p class="note"><b>Prompt-based log-prob boosts</b> (analysis-spec F16): mean log-prob at the prediction '
+            '<p class="note"><b>Prompt-based log-prob boosts</b> (as in the reference notebook): mean log-prob at '
+            "the prediction "
             "position, clean - with the feature ablated, over "
             f"{_esc(pb.get('n_prompts', 'n/a'))} prompts where it is active; rare tokens and tokens with mean clean "
             f"log-prob below the cutoff are masked.{extra}</p>"
@@ -712,14 +716,15 @@ def _feature_detail(fd: Mapping, fig: _Figures, sid: str) -> str:
     wb = fd.get("weight_boosts")
     if wb:
         out.append(
-            '<p class="note"><b>Weight-based logit boosts</b> (analysis-spec F17): W_dec[k] @ W_out @ W_U, logits per '
+            '<p class="note"><b>Weight-based logit boosts</b> (the decoder direction read through the unembedding, '
+            "as in the reference notebook): W_dec[k] @ W_out @ W_U, logits per "
             "unit activation, common tokens only, no final-norm scale.</p>"
         )
         out.append(_token_value_table("top", wb["top"], "bottom", wb["bottom"], "logits"))
     lva = fd.get("loss_vs_activation")
     if lva:
         out.append(
-            '<p class="note"><b>Activation vs loss increase when ablated</b> (analysis-spec F18), one point per active '
+            '<p class="note"><b>Activation vs loss increase when ablated</b>, one point per active '
             f"prompt; Pearson r = {_esc(_num(lva.get('pearson_r'), '.3f'))}.</p>"
         )
         if lva["activation"]:
@@ -742,7 +747,8 @@ def _feature_detail(fd: Mapping, fig: _Figures, sid: str) -> str:
         comp = dfa.get("completeness_max_abs_error")
         tang = dfa.get("tangent_error_mean")
         out.append(
-            '<p class="note"><b>Direct feature attribution</b> (analysis-spec F7): each upstream component\'s '
+            '<p class="note"><b>Direct feature attribution</b> (the reference notebook\'s DFA): each upstream '
+            "component's "
             "contribution to the feature's encoder pre-activation through ln2 and W_in, inactive MLP neurons "
             f"treated as {_esc(dfa.get('variant', 'zero'))}, active ones as if GELU were the identity; "
             f"{_esc(dfa.get('n_prompts', 'n/a'))} prompts. Completeness of the linearised variant: max |sum - "
@@ -780,7 +786,8 @@ def _upstream_section(sae: Mapping, fig: _Figures) -> str:
     out = [
         f'<p class="note">Feature activations at the prediction position, clean vs with <code>{_esc(up["hook"])}'
         f"</code> {_esc(up.get('mode', 'zero'))}-ablated at that position only, on the same prompts "
-        "(analysis-spec F8). Unconditional means over all prompts, and conditional means over the prompts where the "
+        "(as in the reference notebook). Unconditional means over all prompts, and conditional means over the prompts "
+        "where the "
         "feature is active in the clean run (both columns over the same prompts).</p>"
     ]
     rows = [
@@ -840,7 +847,8 @@ def _scaled_dla_section(sae: Mapping) -> str:
     entries = sae["activation_scaled_dla"]
     has_ln = any("scaled_ln" in e for e in entries)
     out = [
-        '<p class="note">Activation-scaled DLA (analysis-spec F20): mean activation at the prediction position over '
+        '<p class="note">Activation-scaled DLA (as in the reference notebook): mean activation at the prediction '
+        "position over "
         "all prompts, the feature's direct logit effect on the answer per unit activation (W_dec[k] @ W_out @ "
         "W_U[:, answer], no norm scale), their product"
         + (", and the product through the final norm with each prompt's cached scale" if has_ln else "")

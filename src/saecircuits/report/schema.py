@@ -31,7 +31,7 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
           "mean_loss_ci95": float, "uniform_loss": float (nats, log d_vocab), *"performs": bool, "rule": str},
       "checks": [{*"id": str, *"scope": "task" | hook point, *"message": str, *"what_to_try": str,
                   "severity": str}],               # failed checks (analysis/checks.py); [] when all pass
-      *"dla": {                                     # direct logit attribution to the answer (analysis-spec F1/F2)
+      *"dla": {                                     # direct logit attribution to the answer
           *"labels": [str],                         # one per component, e.g. "embed", "L0H3", "MLP1", "bias"
           *"mean": [float] (same length),           # mean over prompts, logits
           "ci95": [float] (same length),            # half-widths
@@ -51,7 +51,7 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
           "loss_recovered_mean_ablation_undefined_reason": str,
           "failed_checks": [str],                   # ids of this SAE's entries in results["checks"]
           "n_active_features": int,
-          *"top_features": [{                       # ranked by loss increase when ablated (analysis-spec F3)
+          *"top_features": [{                       # ranked by loss increase when ablated
               *"feature": int (0 <= feature < d_sae), *"loss_increase": float (nats, ablated - clean),
               "loss_increase_ci95": CI, *"mean_activation": float, *"fraction_active": float in [0, 1],
               "n_prompts": int}],
@@ -70,26 +70,26 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
           "examples": [{"feature": int, "examples": [{
               "doc_index": int, "tokens": [str], "activations": [float] (same length as tokens; null at a
               special token), "token_kinds": ["text"|"continuation"|"special"] (same length as tokens),
-              "max_activation": float}]}],          # top activating examples (analysis-spec F14)
+              "max_activation": float}]}],          # top activating examples
           "training": {...free-form...},
           # optional per-feature / attribution evidence (analysis/evidence.py; validated when present)
-          "error_dla": {*"labels": [str], *"mean": [float], "ci95": [float]},   # F6, logits (MLP, recon, error)
+          "error_dla": {*"labels": [str], *"mean": [float], "ci95": [float]},   # logits (MLP, recon, error)
           "feature_details": [{*"feature": int,
               "prompt_boosts": {*"boosted": [[str, float]], *"deboosted": [[str, float]], "n_prompts": int,
-                                "answer_logprob_clean": float, "answer_logprob_ablated": float},  # F16, nats
-              "weight_boosts": {*"top": [[str, float]], *"bottom": [[str, float]]},   # F17, logits per unit act.
+                                "answer_logprob_clean": float, "answer_logprob_ablated": float},  # nats
+              "weight_boosts": {*"top": [[str, float]], *"bottom": [[str, float]]},   # logits per unit act.
               "loss_vs_activation": {*"activation": [float], *"loss_increase": [float] (same length),
-                                     *"pearson_r": float},                           # F18
+                                     *"pearson_r": float},
               "dfa": {*"labels": [str], *"mean": [float], "ci95": [float], "variant": str, "n_prompts": int,
-                      "completeness_max_abs_error": float, "tangent_error_mean": float}}],  # F7
+                      "completeness_max_abs_error": float, "tangent_error_mean": float}}],
           "upstream_ablation": {*"hook": str, *"features": [int], *"clean_mean": [float],
                                 *"ablated_mean": [float], "mode": str, "diff_ci95": [float],
                                 "clean_mean_active": [float], "ablated_mean_active": [float],
-                                "fraction_active_clean": [float], "fraction_active_ablated": [float]},  # F8
+                                "fraction_active_clean": [float], "fraction_active_ablated": [float]},
           "activation_scaled_dla": [{*"feature": int, *"mean_activation": float, *"dla_per_unit": float,
-                                     *"scaled": float, "scaled_ln": float}],       # F20, logits
+                                     *"scaled": float, "scaled_ln": float}],       # logits
           # optional keys of the rest of the reference study (pipeline.study_sae; validated when present)
-          "corpus_stats": {*"n_docs": int, *"n_tokens": int, *"l0": float,   # D2-D5: one streaming corpus pass
+          "corpus_stats": {*"n_docs": int, *"n_tokens": int, *"l0": float,   # one streaming corpus pass
               "l0_counts": [int], "n_dead": int, "density_log10_edges": [float], "density_log10_counts": [int],
               "activation_log10_edges": [float], "token_fraction": float, "bands": {name: fraction},
               *"features": [{*"feature": int, *"density": float in [0, 1], *"max_activation": float,
@@ -100,25 +100,25 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
           "loss_comparison": {*"labels": [str], *"mean": [float] (nats), "ci95": [float], "diff_vs_clean": [float],
               "diff_vs_clean_ci95": [float], "conditions": [str], "features": [int], "mode": str,
               "n_prompts": int, "features_minus_sae": MEANCI, "off_range": OFFRANGE|null,
-              "sae_off_range": OFFRANGE|null},                                                 # F13
+              "sae_off_range": OFFRANGE|null},
           "ablation_modes": {*"features": [int], *"rows": [{*"feature": int, "residual"|"reconstruction"|
               "clean_effect": MEANCI}], "multi_features": [int], "multi": {mode: MEANCI + "off_range"},
-              "off_range": {mode: OFFRANGE|null}, "descriptions": {mode: str}},           # F3/F4, nats
+              "off_range": {mode: OFFRANGE|null}, "descriptions": {mode: str}},           # nats
           "max_activating_ablation": [{*"feature": int, *"global": MEANCI, *"per_position": MEANCI, "mode": str,
               "threshold": float, "n_stories": int, "stories": [{*"doc_index": int, *"clean_loss": float,
               *"ablated_loss": float, *"loss_increase": float}], "position_loss_increase": [float],
               "position_activation": [float] (same length), "per_token": [{"doc_index": int, *"tokens": [str],
               "token_kinds": [str], *"loss_change": [float] (same length), "activation": [float] (same length)}],
-              "off_range": OFFRANGE|null}],                                                 # F19, nats
+              "off_range": OFFRANGE|null}],                                                 # nats
           "feature_geometry": {*"features": [int] (S), "cooccurrence": {*"counts": SxS int, *"by_min": SxS,
               *"by_max": SxS, "threshold": float, "n_prompts": int}, "decoder_cosine": SxS, "encoder_cosine": SxS,
               "token_kurtosis": [float] (S), "token_kurtosis_all": {*"edges": [float], *"counts": [int],
-              "median": float, "n_features": int}},                                         # 8.1-8.3
+              "median": float, "n_features": int}},
           "span_ablation": {*"features": [int], *"variants": [str], *"mean": [float] (nats), "ci95": [float],
               "diff_vs_clean": [float], "diff_vs_clean_ci95": [float], "rank": int, "fraction_kept": float}}],
       "layer_comparison": {*"runs": [{*"label": str, *"loss_increase": MEANCI, "hooks": [str],
           "features": [[int]], "values": [float]}], "mode": str, "n_prompts": int,
-          "paired": [{*"a": int, *"b": int, *"mean": float, "ci95": CI, "n": int}]},       # F9/F10, nats
+          "paired": [{*"a": int, *"b": int, *"mean": float, "ci95": CI, "n": int}]},       # nats
       "corpus": {...free-form...},
       "circuit": {"selection": {...}, "agreement": {"nodes"|"edges": {"atp"|"ig": {...}}},
                   "faithfulness": [{"n_nodes", "faithfulness", "completeness", ...}],

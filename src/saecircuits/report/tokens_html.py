@@ -1,6 +1,6 @@
 """Token heat-maps as HTML: one coloured span per token, as the reference notebook's renderer draws them.
 
-Source: analysis-spec.md F14, ``clean_print_strings_as_html`` in the reference's ``utils/haystack_utils.py``:
+Source: ``clean_print_strings_as_html`` in ``utils/haystack_utils.py`` of the reference notebook's repository:
 a positive value v gets the background rgb(255, g, g) with g = clamp(255 * (1 - v / max)); a negative value gets
 rgb(r, r, 255) with r = clamp(255 * (1 + v / |max|)); the text is black if the background's luminance
 (0.299 R + 0.587 G + 0.114 B) / 255 > 0.5, else white; the tooltip shows the value with 4 decimals.
@@ -48,7 +48,7 @@ def _clamp255(x: float) -> int:
 
 
 def token_color(value: float | None, max_value: float) -> tuple[tuple[int, int, int], str]:
-    """Background ``(R, G, B)`` and text colour (``"black"``/``"white"``) for one token (analysis-spec F14).
+    """Background ``(R, G, B)`` and text colour (``"black"``/``"white"``) for one token, as the reference notebook's renderer.
 
     Args:
         value: the token's value (e.g. a feature activation); None/NaN is drawn white.

@@ -1,6 +1,6 @@
 """The SAE interface every analysis uses, whatever the architecture.
 
-Parameters follow SAELens / the reference notebook (analysis-spec.md section 4.1):
+Parameters follow SAELens / the reference notebook's ``AutoEncoder`` (``sparse_coding/autoencoder.py``):
 ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``, ``b_enc [d_sae]``, ``b_dec [d_in]``.
 
 Architectures (one file each: ``relu.py``, ``topk.py``, ``batchtopk.py``, ``jumprelu.py``) subclass :class:`SAE`
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-#: seed of the reference notebook's ``AutoEncoder`` (analysis-spec.md 4.1); used when none is given.
+#: seed of the reference notebook's ``AutoEncoder``; used when none is given.
 DEFAULT_SEED = 47
 
 
@@ -206,14 +206,14 @@ class SAE(nn.Module):
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
     def initialize_(self, seed: int | None = None) -> SAE:
-        """Reference-notebook initialisation (analysis-spec.md 4.1), seeded without global RNG side effects.
+        """Reference-notebook initialisation, seeded without global RNG side effects.
 
         ``W_enc`` then ``W_dec`` are drawn with PyTorch's ``kaiming_uniform_`` defaults (``a=0``, fan-in = size of
         dim 1, i.e. d_sae for ``W_enc`` and d_in for ``W_dec``) from one local CPU ``torch.Generator`` seeded with
         ``seed`` (default ``cfg.extra["seed"]`` or 47), so with seed 47 the values equal the notebook's
         ``torch.manual_seed(47)`` construction; biases are zero and every ``W_dec`` row is then scaled to unit L2
-        norm. Unlike the notebook (pitfall 40) the process-wide RNG is untouched. The seed used is recorded in
-        ``cfg.extra["seed"]``. Returns ``self``.
+        norm. Unlike the notebook (which called ``torch.manual_seed``) the process-wide RNG is untouched. The seed
+        used is recorded in ``cfg.extra["seed"]``. Returns ``self``.
         """
         if seed is None:
             seed = int(self.cfg.extra.get("seed", DEFAULT_SEED))

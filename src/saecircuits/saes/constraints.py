@@ -1,4 +1,4 @@
-"""Unit-norm decoder rows (analysis-spec.md 4.4; Bricken et al. 2023 "Towards Monosemanticity").
+"""Unit-norm decoder rows (the reference notebook's SAE; Bricken et al. 2023 "Towards Monosemanticity").
 
 Per training step: ``loss.backward()``; :func:`remove_parallel_grad_component_` (each decoder row's gradient loses
 its component along the row, so a small step moves along the unit sphere); ``optimizer.step()``;

@@ -44,10 +44,11 @@ SAELens 6.x (``standard``: ``ReLU``; ``topk``: top-k of the pre-activations, ReL
 Tensors are folded in float64; the SAE is built in the dtype its weights are stored in (float32 at least when a
 fold was applied), so loading never rounds stored weights.
 
-Reference format (``import_reference_checkpoint``, analysis-spec.md 4.11): ``{name}.pt`` = torch state dict with
-``W_enc, W_dec, b_enc, b_dec`` (float32) and ``{name}.json`` = the training config (``layer``, ``act``,
-``expansion_factor``, ``l1_coeff``, ``reg``, optionally ``d_in``, ``model_name``, ...). Loaded with
-``torch.load(weights_only=True, map_location="cpu")``: no arbitrary unpickling, no device assumptions (pitfall 40).
+Reference format (``import_reference_checkpoint``; the reference notebook's ``load_encoder``): ``{name}.pt`` = torch
+state dict with ``W_enc, W_dec, b_enc, b_dec`` (float32) and ``{name}.json`` = the training config (``layer``,
+``act``, ``expansion_factor``, ``l1_coeff``, ``reg``, optionally ``d_in``, ``model_name``, ...). Loaded with
+``torch.load(weights_only=True, map_location="cpu")``: no arbitrary unpickling, no device assumptions (the notebook's
+``torch.load`` had no ``map_location``).
 """
 
 from __future__ import annotations
@@ -591,7 +592,7 @@ def load_sae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> S
 def import_reference_checkpoint(
     pt_path: str | os.PathLike, json_path: str | os.PathLike, *, model_name: str | None = None
 ) -> SAE:
-    """Import a reference-notebook SAE (``{name}.pt`` state dict + ``{name}.json`` config; analysis-spec.md 4.11).
+    """Import a reference-notebook SAE (``{name}.pt`` state dict + ``{name}.json`` config).
 
     The result is a ``"standard"`` (ReLU) SAE with ``apply_b_dec_to_input=True`` on the CPU, hook point
     ``blocks.{layer}.{act}``; ``d_in`` comes from the JSON when present (checked against ``W_enc``), else from

@@ -1,11 +1,11 @@
 """SAE training loss: reconstruction MSE + sparsity penalty (+ AuxK for dead latents).
 
-Conventions (analysis-spec.md 4.2-4.3, pitfalls 28, 30, 31):
+Conventions (the reference notebook's ``sparse_coding/autoencoder.py`` and ``sparse_coding/regularization.py``):
 
-* MSE per token = sum over ``d_in`` of the squared error, then the mean over the batch (reference notebook 4.2).
+* MSE per token = sum over ``d_in`` of the squared error, then the mean over the batch (as the reference notebook).
 * Every penalty is computed per token (sum over features of one batch row) and, by default, averaged over the
   batch (``batch_reduction="mean"``), so a coefficient means the same at any batch size. The reference notebook
-  summed penalties over the batch (pitfall 28): ``batch_reduction="sum"`` reproduces it, so its coefficients
+  summed penalties over the batch: ``batch_reduction="sum"`` reproduces it, so its coefficients
   (e.g. L1 3e-4 at batch 4096 for 54_serene_plasma) equal ``coefficient * batch_size`` in the per-token convention.
 
 Regularizers (``f`` = feature activations of one token, ``a_k = |f_k|``, optionally weighted by decoder norms):
@@ -23,11 +23,11 @@ name                          per-token penalty                                 
 ``none``                      no penalty                                                                0
 ============================  ======================================================================  =========
 
-``sqrt`` and ``pure_sqrt`` follow the later (HEAD) reference code: no ``1e-9`` inside the square root (pitfall 30's
-constant offset), and a square root whose gradient at exactly 0 is 0 instead of ``inf`` (the reference's 2023-12
-NaN-gradient bug). The gradient ``1/(2 sqrt(a))`` still grows for tiny positive activations (pitfall 30); that is the
-penalty's nature. ``hoyer_square`` keeps the reference's ``1e-9`` denominator epsilon; it is scale-invariant per row
-(pitfall 31) and bounds nothing on its own, hence the combined variants.
+``sqrt`` and ``pure_sqrt`` follow the later (HEAD) reference code: no ``1e-9`` inside the square root (a
+constant offset in the logged penalty), and a square root whose gradient at exactly 0 is 0 instead of ``inf`` (the
+reference's 2023-12 NaN-gradient bug). The gradient ``1/(2 sqrt(a))`` still grows for tiny positive activations;
+that is the penalty's nature. ``hoyer_square`` keeps the reference's ``1e-9`` denominator epsilon; it is
+scale-invariant per row and bounds nothing on its own, hence the combined variants.
 
 ``decoder_norm_weighted=True`` replaces ``a_k`` by ``|f_k| * ||W_dec[k]||`` (Anthropic, "Circuits Updates - April
 2024": the penalty then cannot be dodged by shrinking ``f`` and growing the decoder row; use it without the
@@ -74,7 +74,7 @@ class LossConfig:
         regularizer: a key of :data:`REGULARIZERS`.
         coefficients: one coefficient per term (two for the ``combined_*`` regularizers, none for ``none``).
         batch_reduction: ``"mean"`` (per-token coefficients, default) or ``"sum"`` (the reference notebook's
-            batch-summed penalty, pitfall 28). MSE is always averaged over the batch.
+            batch-summed penalty). MSE is always averaged over the batch.
         decoder_norm_weighted: weight each ``|f_k|`` by ``||W_dec[k]||`` in the penalty.
         aux_k: number of dead latents used by the AuxK loss (``None`` disables it; Gao et al. use d_in/2 or 512).
         aux_coefficient: weight of the AuxK loss (1/32 in Gao et al. 2024).
@@ -255,7 +255,7 @@ def sae_training_loss(
     sparsity_scale: float = 1.0,
     dead_mask: torch.Tensor | None = None,
 ) -> LossOutput:
-    """Training loss of one batch (analysis-spec.md 4.2-4.3; Gao et al. 2024 for AuxK).
+    """Training loss of one batch (the reference notebook's loss; Gao et al. 2024 for AuxK).
 
     ``total = mse + sparsity_scale * sum(penalties) + aux_coefficient * auxk``.
 

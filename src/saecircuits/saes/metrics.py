@@ -39,7 +39,7 @@ def l0(f: torch.Tensor, mask: torch.Tensor | None = None) -> float:
 
 
 def mse(x: torch.Tensor, x_hat: torch.Tensor, mask: torch.Tensor | None = None) -> float:
-    """Per-token squared error summed over ``d_in``, averaged over tokens (the training loss's MSE, spec 4.2)."""
+    """Per-token squared error summed over ``d_in``, averaged over tokens (the training loss's MSE)."""
     if x.shape != x_hat.shape:
         raise SAEError(f"x {tuple(x.shape)} and x_hat {tuple(x_hat.shape)} must have the same shape")
     d = _tokens(x - x_hat, mask)
@@ -111,7 +111,7 @@ def dead_mask(counts: torch.Tensor, n_tokens: int, max_frequency: float = 0.0) -
     """Features whose frequency in the window is ``<= max_frequency`` ([d_sae] bool).
 
     With the default 0 a feature is dead iff it never fired in the window. The reference notebook used ``<=``
-    with 1e-5 (189) or 5e-4 (54) over 10,000 / 12,500 steps (pitfall 36); pass those to reproduce it.
+    with 1e-5 (189) or 5e-4 (54) over 10,000 / 12,500 steps; pass those to reproduce it.
     """
     return feature_density(counts, n_tokens) <= max_frequency
 
@@ -149,7 +149,7 @@ class FiringCounter:
     """Per-feature firing counts over an explicit window of tokens (for dead/dense fractions and resampling).
 
     The window is everything passed to :meth:`update` since the last :meth:`reset` (a tumbling window, as the
-    reference notebook's counters, spec 4.8). ``n_tokens`` and ``n_steps`` say how long the window is.
+    reference notebook's resampling counters). ``n_tokens`` and ``n_steps`` say how long the window is.
 
     Example::
 

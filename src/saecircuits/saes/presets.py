@@ -2,11 +2,11 @@
 
 A :class:`TrainSAEJob` is everything ``saecircuits train-sae`` needs: which model and data, which hook points, the
 SAE shape and the :class:`~saecircuits.saes.trainer.TrainConfig`. ``PRESETS`` holds the settings of
-``54_serene_plasma`` and ``189_giddy_water`` from analysis-spec.md section 10, in the ORIGINAL batch-summed penalty
-convention (``batch_reduction="sum"``, pitfall 28), with the notebook's optimiser, batch, step count, resampling
-schedule, dead threshold and p ~ err^4 resampling rule (pitfall 32). What cannot be reproduced: the private,
-unseeded-shuffled token dataset (pitfall 34) and the bf16 activation buffer (pitfall 33; use
-``activation_dtype="bfloat16"`` to mimic it).
+``54_serene_plasma`` and ``189_giddy_water`` from their saved configs (printed in later versions of the reference
+notebook) and ``sparse_coding/train_autoencoder.py`` at the commits that trained them, in the ORIGINAL batch-summed
+penalty convention (``batch_reduction="sum"``), with the notebook's optimiser, batch, step count, resampling
+schedule, dead threshold and p ~ err^4 resampling rule. What cannot be reproduced: the private, unseeded-shuffled
+token dataset and the bf16 activation buffer (use ``activation_dtype="bfloat16"`` to mimic it).
 """
 
 from __future__ import annotations
@@ -130,7 +130,7 @@ def _reference_train(**overrides: Any) -> dict[str, Any]:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # analysis-spec.md section 10, column 54_serene_plasma
+    # wandb run serene-plasma-54; train_autoencoder.py at commit 6a1ac15 (2023-12-04)
     "54_serene_plasma": dict(
         hook_points=["blocks.0.mlp.hook_post"],
         architecture="standard",
@@ -149,7 +149,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             resample_pool_batches=195,  # 8e5 eval tokens
         ),
     ),
-    # analysis-spec.md section 10, column 189_giddy_water
+    # wandb run giddy-water-189; train_autoencoder.py between commits a0ebe6f and 7de2d22 (2023-12-05/06)
     "189_giddy_water": dict(
         hook_points=["blocks.1.mlp.hook_post"],
         architecture="standard",

@@ -1,6 +1,6 @@
 """ReLU ("standard") SAE: ``f = ReLU((x - b_dec) @ W_enc + b_enc)``.
 
-The reference notebook's ``AutoEncoder`` (analysis-spec.md 4.1-4.2); SAELens calls it ``"standard"``.
+The reference notebook's ``AutoEncoder`` (``sparse_coding/autoencoder.py``); SAELens calls it ``"standard"``.
 Sparsity comes from a penalty in the loss (:mod:`saecircuits.saes.losses`).
 """
 

@@ -1,19 +1,19 @@
 """SAE training: a pure trainer that never sees the language model, and a one-pass helper for many hook points.
 
 :class:`SAETrainer` (SAELens style) consumes an iterator of activation batches ``[batch, d_in]`` and applies the
-reference notebook's recipe (analysis-spec.md sections 4.4-4.8) plus the modern tricks of issue 3:
+reference notebook's recipe (``sparse_coding/train_autoencoder.py``) plus modern tricks:
 
 - loss from :func:`saecircuits.saes.losses.sae_training_loss` (MSE summed over d_in, mean over batch; penalties per
-  token, or batch-summed to reproduce the original convention, pitfall 28);
-- unit-norm decoder rows with the parallel gradient component removed (analysis-spec.md 4.4; a switch);
-- AdamW with weight decay 0 (4.5), optional linear learning-rate warm-up and linear decay, sparsity-coefficient
+  token, or batch-summed to reproduce the original convention);
+- unit-norm decoder rows with the parallel gradient component removed (a switch);
+- AdamW with weight decay 0, optional linear learning-rate warm-up and linear decay, sparsity-coefficient
   warm-up;
 - activation normalisation: a scale estimated from the first batches so the mean L2 norm of inputs is sqrt(d_in)
   (SAELens ``expected_average_only_in``), folded into the weights at the end so the saved SAE works on RAW
   activations (:meth:`SAE.fold_activation_scale_`);
-- dead-feature resampling in the notebook's style (4.8): firing counts over a window before each resample step,
+- dead-feature resampling in the notebook's style: firing counts over a window before each resample step,
   dead = count <= frequency * window * batch, inputs drawn from a pool with probability proportional to
-  ``||x - x_hat||^power`` (``power=4`` is the original rule, pitfall 32; ``2`` is Anthropic's), seeded; Adam moments
+  ``||x - x_hat||^power`` (``power=4`` is the original rule; ``2`` is Anthropic's), seeded; Adam moments
   of the resampled rows/columns reset;
 - metrics log (JSONL), progress bar with live L0/MSE (plain lines in a log file), periodic atomic checkpoints with optimiser, scheduler and RNG
   state; ``resume=True`` continues from the last checkpoint and ends with the same weights as an uninterrupted run;
@@ -27,7 +27,7 @@ bfloat16 parameters, whose Adam steps of about ``lr`` would be rounded away (8 s
 ``TrainConfig.autocast_dtype="bfloat16"`` runs the SAE forward and loss under ``torch.autocast`` (faster on GPUs with
 bf16 tensor cores, ~3 significant digits in the matmuls) while the parameters stay fp32; convert the trained SAE with
 ``.to(torch.bfloat16)`` afterwards if wanted (thresholds stay fp32). Activations may also be stored in bf16 by the
-data path (``dtype=torch.bfloat16``), as the notebook did (pitfall 33).
+data path (``dtype=torch.bfloat16``), as the notebook did.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class TrainConfig:
     Attributes:
         batch_size: activations (tokens) per optimiser step, GLOBAL over all data-parallel ranks.
         total_steps: optimiser steps.
-        lr: peak learning rate of AdamW (weight decay 0, analysis-spec.md 4.5).
+        lr: peak learning rate of AdamW (weight decay 0, as the notebook).
         betas: AdamW betas ((0.9, 0.99) in the notebook).
         lr_warmup_steps: linear warm-up from ``lr / lr_warmup_steps`` to ``lr`` (0 = none).
         lr_decay_steps: linear decay to ``lr * lr_end_factor`` over the last ``lr_decay_steps`` steps (0 = none).
@@ -83,7 +83,7 @@ class TrainConfig:
         resample_window: steps of firing counts before each resample step.
         dead_frequency: a feature is dead if it fired in at most ``dead_frequency`` of the window's tokens.
         resample_pool_batches: batches drawn from the data (and used for nothing else) as the resampling pool.
-        resample_error_power: sampling weight ``||x - x_hat||^power``; 4 = the notebook's rule (pitfall 32).
+        resample_error_power: sampling weight ``||x - x_hat||^power``; 4 = the notebook's rule.
         resample_encoder_scale: new encoder columns get this times the mean norm of the alive columns (0.2).
         dead_window_steps: steps without firing after which a feature counts as dead for AuxK and the logged
             dead fraction.
@@ -181,7 +181,7 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def _decoder_constraints() -> tuple[Callable[[SAE], Any], Callable[[SAE], Any]]:
-    """(normalize_decoder_rows_, remove_parallel_grad_component_) from ``saes.constraints`` (analysis-spec.md 4.4)."""
+    """(normalize_decoder_rows_, remove_parallel_grad_component_) from ``saes.constraints``."""
     from saecircuits.saes import constraints
 
     return constraints.normalize_decoder_rows_, constraints.remove_parallel_grad_component_
@@ -299,7 +299,7 @@ class SAETrainer:
         return [p for p in self.sae.parameters() if id(p) not in core and p.requires_grad]
 
     def _lr_factor(self, step: int) -> float:
-        """LambdaLR factor for 0-based ``step``: linear warm-up, constant, linear decay (issue 3 item 3)."""
+        """LambdaLR factor for 0-based ``step``: linear warm-up, constant, linear decay."""
         cfg = self.cfg
         f = 1.0
         if cfg.lr_warmup_steps > 0:
@@ -484,7 +484,7 @@ class SAETrainer:
     # ------------------------------------------------------------------ resampling
     @torch.no_grad()
     def resample_dead(self) -> int:
-        """Resample dead features in the notebook's style (analysis-spec.md 4.8). Returns how many were resampled.
+        """Resample dead features in the notebook's style. Returns how many were resampled.
 
         Dead: window firing count ``<= dead_frequency * resample_window * batch_size``. A pool of
         ``resample_pool_batches`` fresh batches is drawn (gathered over ranks, so all ranks agree); rows are drawn
@@ -798,7 +798,7 @@ def train_saes_on_model(
 ) -> dict[str, SAE]:
     """Train one SAE per hook point from ONE pass of the model over packed token rows (the end-to-end entry point).
 
-    Defaults give the reference notebook's SAE (analysis-spec.md 4.1-4.5): ReLU (``"standard"``), expansion 4,
+    Defaults give the reference notebook's SAE: ReLU (``"standard"``), expansion 4,
     seed-47 init, L1 penalty, unit-norm decoder rows with the parallel gradient removed, Adam lr 1e-4 betas
     (0.9, 0.99) -- set ``train_cfg.loss`` for the penalty.
 

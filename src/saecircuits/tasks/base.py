@@ -1,6 +1,6 @@
 """The task contract: prompts, the absolute prediction position, and the answer token.
 
-Every analysis reads a :class:`Task`. One position contract holds everywhere (analysis-spec.md section 12.2):
+Every analysis reads a :class:`Task`. One position contract holds everywhere:
 ``token_ids[i]`` is the BOS-prefixed prompt *without* the answer token, ``prediction_pos[i] ==
 len(token_ids[i]) - 1`` is the absolute index whose residual stream / MLP activation predicts the answer, and
 ``answer_ids[i]`` is the answer token. In the reference notebook's terms, P = L-2 of the prompt that still ends

@@ -1,4 +1,4 @@
-"""The closing-quote task: predict the token that closes ``said, "...`` (analysis-spec.md E1).
+"""The closing-quote task: predict the token that closes ``said, "...`` (the reference notebook's test prompts).
 
 For each document: find the first ``said, "``; from the opening quote on, find the first closing string (``."`` by
 default; optionally also ``!"`` and ``?"``); the prompt is the document prefix up to and including that closing.
@@ -17,7 +17,7 @@ Departures from the reference notebook (on purpose):
 - ``max_tokens`` drops over-long prompts by token count (the later notebook version capped characters at 1600), and
   the task records how many (``Task.n_dropped_too_long``).
 As in the notebook, the closing found is the first one after the opening quote, which sometimes closes a later
-quotation (pitfall 22); ``source_index`` keeps the document index for provenance.
+quotation (about 30% of the notebook's prompts); ``source_index`` keeps the document index for provenance.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def closing_quote_task(
     prepend_bos: bool | None = None,
     name: str = "closing-quote",
 ) -> Task:
-    """Build the closing-quote task from a corpus (analysis-spec.md E1).
+    """Build the closing-quote task from a corpus, as the reference notebook built its test prompts.
 
     Args:
         documents: corpus texts (e.g. TinyStories validation stories), in order.
