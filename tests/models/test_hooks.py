@@ -69,6 +69,22 @@ def test_answer_metrics_hand_worked():
     assert m2["logit"].tolist() == [1.0, 0.0]
 
 
+def test_answer_metrics_in_row_chunks_equal_the_whole_tensor_formulas():
+    """[b, V, vocab] over several row chunks, with ties, top answers and answers far behind, against log_softmax and a
+    plain count."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 7, 3001, generator=gen).round(decimals=1)  # rounding makes ties
+    answer = torch.tensor([0, 5, 17, 3000, 42])
+    logits[1, :3, 5] = logits[1, :3].amax(-1)  # the answer tied for the top on some variants
+    m = answer_metrics(logits, answer)
+    want_lp = torch.log_softmax(logits, -1).gather(-1, answer[:, None, None].expand(5, 7, 1))[..., 0]
+    torch.testing.assert_close(m["logprob"], want_lp, atol=1e-5, rtol=0)
+    a = logits.gather(-1, answer[:, None, None].expand(5, 7, 1))
+    want_rank = (logits > a).sum(-1).float()
+    assert torch.equal(m["rank"], want_rank) and (want_rank[1, :3] == 0).all() and (want_rank > 0).any()
+    assert m["rank"].shape == m["loss"].shape == (5, 7)
+
+
 def test_stop_layer_for():
     from saecircuits.models.hooks import stop_layer_for
 
