@@ -104,6 +104,19 @@ def test_exact_node_effects_and_edges_equal_full_prompt_interventions():
     assert checked_edges > 20
 
 
+def test_gradient_estimates_work_when_the_caller_disables_gradients():
+    """A notebook often runs analyses under torch.no_grad(): the estimates take their own gradients anyway."""
+    model, task, saes, nodes, groups = _setup()
+    want_atp = attribution_estimates(model, task, nodes, groups, max_batch=3)
+    want_ig = integrated_gradient_estimates(model, task, nodes, groups, steps=2, max_batch=3)
+    with torch.no_grad():
+        atp = attribution_estimates(model, task, nodes, groups, max_batch=3)
+        ig = integrated_gradient_estimates(model, task, nodes, groups, steps=2, max_batch=3)
+        assert not torch.is_grad_enabled()  # the caller's mode is left as it was
+    torch.testing.assert_close(atp.node_effect, want_atp.node_effect)
+    torch.testing.assert_close(ig.node_effect, want_ig.node_effect)
+
+
 def test_attribution_patching_equals_autograd_through_the_bridge():
     """AtP node effects = grad . activation with the gradient taken through the full-prompt bridge forward."""
     model, task, saes, nodes, groups = _setup()

@@ -61,6 +61,19 @@ def test_one_step_equals_hand_adam_step():
         torch.testing.assert_close(getattr(sae, k).detach(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_a_step_under_no_grad_trains_as_usual():
+    """Called from a notebook cell under torch.no_grad(), a training step still computes gradients."""
+    x = _batches(1)[0]
+    cfg = TrainConfig(batch_size=16, total_steps=1, lr=1e-2, loss={"regularizer": "l1", "coefficients": [0.1]})
+    a, b = _sae(), _sae()
+    SAETrainer(a, iter([x]), cfg, progress=False).train_step()
+    with torch.no_grad():
+        SAETrainer(b, iter([x]), cfg, progress=False).train_step()
+    assert not torch.equal(a.W_enc, _sae().W_enc)  # the step moved the weights
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[k], v)
+
+
 def test_decoder_rows_stay_unit_norm_after_every_step():
     sae = _sae()
     cfg = TrainConfig(

@@ -526,6 +526,7 @@ def _scatter_nodes(out: torch.Tensor, g: _Group, contrib: torch.Tensor) -> None:
     out.index_add_(0, g.node_of[where], contrib[:, where.to(contrib.device)].sum(0).cpu())
 
 
+@torch.enable_grad()  # gradients even when the caller runs under torch.no_grad()
 def attribution_estimates(
     model,
     task: Task,
@@ -604,6 +605,7 @@ def attribution_estimates(
     return Estimates(node_effect / n, {k: v / n for k, (v, _) in summed.items()}, "atp")
 
 
+@torch.enable_grad()  # gradients even when the caller runs under torch.no_grad()
 def integrated_gradient_estimates(
     model,
     task: Task,

@@ -270,6 +270,7 @@ def lr_at(step: int, cfg: LMConfig) -> float:
 # Training and evaluation
 
 
+@torch.enable_grad()  # trains even when the caller runs under torch.no_grad()
 def train_model(model, rows: torch.Tensor, cfg: LMConfig, progress: bool = True) -> list[float]:
     """Train ``model`` in place on ``rows`` [n_rows, n_ctx] for ``cfg.steps`` steps; returns the loss per step (nats).
 

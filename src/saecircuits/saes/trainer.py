@@ -371,6 +371,7 @@ class SAETrainer:
         return self.scale
 
     # ------------------------------------------------------------------ one step
+    @torch.enable_grad()  # trains even when the caller runs under torch.no_grad()
     def train_step(self) -> dict[str, float] | None:
         """One optimiser step (plus resampling / checkpoint / logging when due). Returns the metrics when logged."""
         from saecircuits.saes.losses import sae_training_loss
