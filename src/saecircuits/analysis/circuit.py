@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from saecircuits.analysis.ablation_modes import edit_dtype
 from saecircuits.analysis.features import FeatureActs, activations_or_compute
 from saecircuits.analysis.reconstruction import loss_recovered
 from saecircuits.display import NotebookDisplay
@@ -187,18 +188,20 @@ def _single_edit(group: _Group, table: torch.Tensor, means: dict | None) -> Edit
         d_sae = sae.d_sae
         W_dec = sae.W_dec
         t = table.to(W_dec.device)
-        is_feat = ((t >= 0) & (t < d_sae)).to(W_dec.dtype)
-        is_err = (t == d_sae).to(W_dec.dtype)
+        is_feat = (t >= 0) & (t < d_sae)
+        is_err = t == d_sae
         k = t.clamp(0, d_sae - 1)
 
         def fn(x: torch.Tensor) -> torch.Tensor:
-            x = x.to(W_dec.dtype)
+            # encode in the SAE's dtype; subtract (and form the error) in x's, so a bf16 SAE never rounds x itself
+            dt = edit_dtype(sae, x)
             f = sae.encode(x)  # [B, F, d_sae]
-            fk = f.expand(-1, V, -1).gather(-1, k[..., None])[..., 0]
+            x = x.to(dt)
+            fk = f.expand(-1, V, -1).gather(-1, k[..., None])[..., 0].to(dt)
             if mu is not None:
                 fk = fk - mu["f"].to(fk)[k]
-            out = x - (fk * is_feat)[..., None] * W_dec[k]
-            e = x - sae.decode(f)
+            out = x - (fk * is_feat)[..., None] * W_dec[k].to(dt)
+            e = x - sae.decode(f).to(dt)
             if mu is not None:
                 e = e - mu["e"].to(e)
             return out - is_err[..., None] * e
@@ -232,14 +235,15 @@ def _mask_edit(group: _Group, mask: torch.Tensor, means: dict) -> Edit:
     if group.kind == "sae":
         sae = group.sae
         W_dec = sae.W_dec
-        mf = mask[:, :-1].to(W_dec)[None]  # [1, V, d_sae]
-        me = mask[:, -1:].to(W_dec)[None]  # [1, V, 1]
+        mf = mask[:, :-1].to(W_dec.device)[None]  # [1, V, d_sae]
+        me = mask[:, -1:].to(W_dec.device)[None]  # [1, V, 1]
 
         def fn(x: torch.Tensor) -> torch.Tensor:
-            x = x.to(W_dec.dtype)
+            dt = edit_dtype(sae, x)  # as in _single_edit: x is never rounded to the SAE's dtype
             f = sae.encode(x)
-            delta = ((f - mu["f"].to(f)) * mf) @ W_dec
-            e = x - sae.decode(f) - mu["e"].to(x)
+            x = x.to(dt)
+            delta = ((f.to(dt) - mu["f"].to(dt)) * mf) @ W_dec.to(dt)
+            e = x - sae.decode(f).to(dt) - mu["e"].to(x)
             return x - delta - me * e
 
         return Edit(group.hook, fn)
@@ -461,18 +465,18 @@ def _tracking_edits(groups: list[_Group], store: dict, scale: dict | None = None
             sae = g.sae
 
             def fn(x: torch.Tensor, g=g, sae=sae, interp=interp) -> torch.Tensor:
-                x = x.to(sae.W_dec.dtype)
+                x = x.to(edit_dtype(sae, x))  # the error in x's dtype: decode(f) + e is x, unrounded
                 f_attached = sae.encode(x)
                 store[g.hook + "#attached"] = f_attached
                 f = f_attached.detach()
-                e = x.detach() - sae.decode(f)
+                e = x.detach() - sae.decode(f).to(x.dtype)
                 store[g.hook + "#clean"] = (f, e)
                 if interp is not None:
                     f, e = interp[None, :, None] * f, interp[None, :, None] * e
                 f, e = f.requires_grad_(True), e.requires_grad_(True)
                 store[g.hook] = (f, e)
                 through = x - x.detach() if x.requires_grad else 0.0
-                return sae.decode(f) + e + through
+                return sae.decode(f).to(e.dtype) + e + through
 
         else:
 
