@@ -259,3 +259,19 @@ def test_the_circuit_of_a_hand_wired_toy_is_found_exactly():
     assert res.selection["completeness"] == pytest.approx(0.0, abs=1e-6)  # and nothing is left without it
     assert {(labels[u], labels[d]) for u, d in res.circuit_edges} >= feature_edges
     assert res.to_json()["circuit"] == res.circuit
+
+
+def test_virtual_weight_cosine_of_a_zero_vector_is_undefined():
+    """A zero decoder row (or encoder column) has no direction: cosine NaN, raw 0; the other entries stay finite."""
+    model, _, saes, _, _ = _setup()
+    up = SAE(saes[0].cfg)
+    down = SAE(saes[1].cfg)
+    with torch.no_grad():
+        up.load_state_dict(saes[0].state_dict())
+        down.load_state_dict(saes[1].state_dict())
+        up.W_dec[3] = 0.0
+        down.W_enc[:, 5] = 0.0
+    vw = virtual_weights(model, up, down, [3, 7], [5, 6])
+    assert np.isnan(vw["cosine"][0]).all() and np.isnan(vw["cosine"][:, 0]).all()
+    assert np.isfinite(vw["cosine"][1, 1])
+    assert vw["raw"][0, 1] == 0.0 and vw["raw"][1, 0] == 0.0

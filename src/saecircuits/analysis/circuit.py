@@ -52,6 +52,7 @@ from saecircuits.display import NotebookDisplay
 from saecircuits.models.engine import stage_of_hook
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches, with_progress
 from saecircuits.models.interventions import Edit, interventions_for
+from saecircuits.models.norms import norm_params
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
 
@@ -821,31 +822,41 @@ def faithfulness_curve(
 def virtual_weights(model, sae_up: SAE, sae_down: SAE, up: Sequence[int], down: Sequence[int]) -> dict[str, np.ndarray]:
     """The reference follow-up's weight-based edges between MLP-output SAE features of two layers.
 
-    ``raw = W_dec^(a)[up] W_out^(a) W_in^(b) W_enc^(b)[:, down]`` (norms, biases and the MLP non-linearity
-    ignored) and ``cosine`` = the same with the rows of ``W_dec W_out`` and the columns of ``W_in W_enc`` normalised
-    to unit length (the notebook's C matrix, restricted to ``up x down``).
+    ``raw = write @ read`` with ``write = C (W_dec^(a)[up] W_out^(a))`` (rows) and
+    ``read = C diag(w) W_in^(b) W_enc^(b)[:, down]`` (columns): block b's ln2 as a linear map at unit scale, its
+    centring ``C`` (LayerNorm only: subtract the mean over d_model; ``C`` is a projection, so it goes on both
+    sides) and its weight ``w`` applied explicitly (:func:`saecircuits.models.norms.norm_params`). That is exactly
+    what ``fold_ln`` and ``center_writing_weights`` do to the weights, so raw and cosine are the same under every
+    weight-processing switch, and on a processed load they are the notebook's ``W_dec W_out W_in W_enc``. Biases,
+    the norm's scale and the MLP non-linearity are ignored. ``cosine`` = the same with the rows of ``write`` and
+    the columns of ``read`` normalised to unit length (the notebook's C matrix, restricted to ``up x down``); NaN
+    where either vector is zero (:func:`saecircuits.analysis.geometry.cosines`).
 
     Returns:
-        ``{"raw": [len(up), len(down)], "cosine": [...]}``.
+        ``{"raw": [len(up), len(down)], "cosine": [...]}`` (float32).
 
     Raises:
         ValueError: the SAEs are not on ``blocks.L.mlp.hook_post`` of increasing layers, or the MLP is gated.
     """
     from saecircuits.analysis.error_dla import mlp_post_layer
+    from saecircuits.analysis.geometry import cosines
 
     la, lb = mlp_post_layer(sae_up.hook_point), mlp_post_layer(sae_down.hook_point)
     if la >= lb:
         raise ValueError(f"virtual weights go from a lower layer to a higher one, got {la} -> {lb}")
     if getattr(model.cfg, "gated_mlp", False):
         raise ValueError("virtual weights through W_in need a plain MLP; this model's MLP is gated")
+    ln2 = norm_params(model, f"blocks.{lb}.ln2")
     with torch.no_grad():
         up_t, down_t = torch.as_tensor(list(up)), torch.as_tensor(list(down))
         write = sae_up.W_dec[up_t].float() @ model.W_out[la].detach().float()  # [u, d_model]
-        read = model.W_in[lb].detach().float() @ sae_down.W_enc[:, down_t].float()  # [d_model, d]
+        w_in = model.W_in[lb].detach().float() * ln2.weight.float().to(model.W_in.device)[:, None]
+        read = (w_in @ sae_down.W_enc[:, down_t].float().to(w_in.device)).to(write.device)  # [d_model, d]
+        if ln2.centre:
+            write, read = write - write.mean(-1, keepdim=True), read - read.mean(0, keepdim=True)
         raw = write @ read
-        cos = (write / write.norm(dim=1, keepdim=True).clamp_min(1e-12)) @ (
-            read / read.norm(dim=0, keepdim=True).clamp_min(1e-12))
-    return {"raw": raw.numpy(), "cosine": cos.numpy()}
+        cos = cosines(write, read.T)
+    return {"raw": raw.cpu().numpy(), "cosine": cos.float().cpu().numpy()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
