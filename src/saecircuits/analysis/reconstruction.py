@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from saecircuits.analysis.stats import bootstrap_ratio_ci, t_quantile
+from saecircuits.analysis.thresholds import MIN_ABLATION_EFFECT
 from saecircuits.display import NotebookDisplay
 from saecircuits.models.hooks import (
     DEFAULT_MAX_BATCH,
@@ -52,9 +53,6 @@ __all__ = [
     "sequence_loss_recovered",
 ]
 
-MIN_ABLATION_EFFECT = 0.01
-"""Smallest mean loss increase (nats) an ablation must cause for loss recovered to be defined (see
-:func:`loss_recovered`): 0.01 nats is a 1% change of the answer's probability."""
 
 
 @dataclass(frozen=True)
