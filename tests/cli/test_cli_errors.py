@@ -143,6 +143,7 @@ def test_train_sae_bad_settings(tmp_path, corpus):
         ([*flags, "--bos-policy", "some"], "bos_policy must be include"),
         ([*flags, "--activation-dtype", "int8"], "activation_dtype must be"),
         ([*flags, "--autocast", "fp8"], "autocast_dtype must be"),
+        ([*flags, "--autocast", "float16"], "'float16' is refused"),
         ([*flags, "--steps", "0"], "--steps"),
         ([*flags, "--lr", "0"], "lr must be positive"),
         ([*flags, "--seq-len", "1"], "--seq-len"),

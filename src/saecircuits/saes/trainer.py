@@ -91,8 +91,8 @@ class TrainConfig:
         seed: seed of the trainer's own generator (resampling); the global RNG is never touched.
         log_every: steps between metrics lines (JSONL and progress bar).
         checkpoint_every: steps between checkpoints (0 = only when a checkpoint_dir is given, at the end).
-        autocast_dtype: ``None`` (fp32) or ``"bfloat16"``/``"float16"`` autocast for forward and loss (a
-            ``"torch."`` prefix is accepted).
+        autocast_dtype: ``None`` (fp32) or ``"bfloat16"`` autocast for forward and loss (a ``"torch."`` prefix
+            is accepted); ``"float16"`` is refused (its gradients underflow without a gradient scaler).
         device: where the SAE trains (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
     """
 
@@ -135,10 +135,13 @@ class TrainConfig:
             problems.append(f"total_steps must be positive (got {self.total_steps})")
         if self.lr <= 0:
             problems.append(f"lr must be positive (got {self.lr})")
-        if self.autocast_dtype not in (None, "bfloat16", "float16"):
-            problems.append(
-                f"autocast_dtype must be None, 'bfloat16' or 'float16' (got {self.autocast_dtype!r})"
-            )
+        if self.autocast_dtype == "float16":
+            # fp16's range (min normal 6e-5) makes small gradients underflow to 0 unless a gradient scaler rescales
+            # the loss; bf16 has fp32's range, so it needs none
+            problems.append("autocast_dtype 'float16' is refused: float16 gradients underflow silently without a "
+                            "gradient scaler; use 'bfloat16' (the same speed-up, with float32's range)")
+        elif self.autocast_dtype not in (None, "bfloat16"):
+            problems.append(f"autocast_dtype must be None or 'bfloat16' (got {self.autocast_dtype!r})")
         if any(s <= 0 for s in self.resample_steps):
             problems.append(f"resample_steps must be positive step numbers (got {self.resample_steps})")
         if problems:
