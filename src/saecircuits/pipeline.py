@@ -980,6 +980,7 @@ def run_pipeline(
     from saecircuits.models.load import load_model, model_provenance
     from saecircuits.models.tokens import encode_documents, special_token_ids
     from saecircuits.report.render import render_report
+    from saecircuits.report.tokens_html import visible_token
     from saecircuits.report.schema import validate_results, write_json_atomic
 
     say = log or (lambda s: logger.info(s))
@@ -1016,7 +1017,7 @@ def run_pipeline(
     task_entry = _task_entry(task, model.tokenizer)
     dropped = f" ({task.n_dropped_too_long} over-long prompts dropped)" if task.n_dropped_too_long else ""
     say(f"task {task.name}: {task.n_prompts} prompts{dropped}, answer tokens "
-        + ", ".join(repr(t) for t in task_entry["answer_tokens"]))
+        + ", ".join(repr(visible_token(t)) for t in task_entry["answer_tokens"]))
     # First: does the model perform the behaviour at all? Everything below explains the answer's loss.
     behaviour = behaviour_summary(model, task)
     checks = [c.to_dict() for c in behaviour_checks(behaviour)]

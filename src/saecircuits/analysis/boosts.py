@@ -152,10 +152,10 @@ class PromptBoosts(NotebookDisplay):
 
     def figure(self):
         """Bars of the boosted and deboosted tokens."""
-        from saecircuits.display import bar_figure
+        from saecircuits.display import bar_figure, token_label
 
         items = list(self.boosted) + list(reversed(self.deboosted))
-        return bar_figure([f"{t.token!r} ({t.token_id})" for t in items], [t.value for t in items],
+        return bar_figure([token_label(t.token, t.token_id) for t in items], [t.value for t in items],
                           title=self.display_title(), yaxis="log-prob boost (nats)", color="#2ca02c")
 
 
@@ -282,10 +282,10 @@ class WeightBoosts(NotebookDisplay):
 
     def figure(self):
         """Bars of the top and bottom tokens."""
-        from saecircuits.display import bar_figure
+        from saecircuits.display import bar_figure, token_label
 
         items = list(self.top) + list(reversed(self.bottom))
-        return bar_figure([f"{t.token!r} ({t.token_id})" for t in items], [t.value for t in items],
+        return bar_figure([token_label(t.token, t.token_id) for t in items], [t.value for t in items],
                           title=self.display_title(), yaxis="logits per unit activation", color="#2ca02c")
 
 
