@@ -980,8 +980,8 @@ def run_pipeline(
     from saecircuits.models.load import load_model, model_provenance
     from saecircuits.models.tokens import encode_documents, special_token_ids
     from saecircuits.report.render import render_report
-    from saecircuits.report.tokens_html import visible_token
     from saecircuits.report.schema import validate_results, write_json_atomic
+    from saecircuits.report.tokens_html import visible_token
 
     say = log or (lambda s: logger.info(s))
     timings: dict[str, float] = {}
