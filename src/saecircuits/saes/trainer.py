@@ -222,6 +222,16 @@ def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
         return float("nan")
 
 
+def _shrinkage(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """:func:`saecircuits.saes.metrics.shrinkage` of a batch (the one formula); NaN for an all-zero batch."""
+    from saecircuits.saes.metrics import shrinkage
+
+    try:
+        return shrinkage(x.detach(), x_hat.detach())
+    except SAEError:
+        return float("nan")
+
+
 # --------------------------------------------------------------------------------------------------- trainer
 class SAETrainer:
     """Train one SAE on an iterator of activation batches (never sees the language model).
@@ -456,8 +466,8 @@ class SAETrainer:
             # per token, summed over d_in, in the units the SAE sees (scaled when normalize_activations)
             "mse": float((x_hat - x).pow(2).sum(-1).mean()),
             "explained_variance": explained_variance(x, x_hat),
-            # mean ||x_hat|| / ||x||: below 1 when the sparsity penalty shrinks reconstructions
-            "shrinkage": float(x_hat.norm(dim=-1).mean() / x.norm(dim=-1).mean().clamp(min=1e-12)),
+            # sum ||x_hat|| / sum ||x||: below 1 when the sparsity penalty shrinks reconstructions
+            "shrinkage": _shrinkage(x, x_hat),
             "dead_fraction": float((self.steps_since_fired >= self.cfg.dead_window_steps).float().mean()),
             "dense_fraction": float((freq > self.cfg.dense_frequency).float().mean()),
             "resampled_total": self.n_resampled_total,
