@@ -720,7 +720,7 @@ def _feature_detail(fd: Mapping, fig: _Figures, sid: str) -> str:
     if lva:
         out.append(
             '<p class="note"><b>Activation vs loss increase when ablated</b> (analysis-spec F18), one point per active '
-            f"prompt; Pearson r = {_esc(_num(lva.get('pearson_r'), '.3f'))}.</p>"
+            f"prompt; Pearson r = {_esc(_num(lva.get('pearson_r'), '.3f'))} (n = {len(lva['activation'])}).</p>"
         )
         if lva["activation"]:
             f = go.Figure(
