@@ -838,6 +838,7 @@ def train_saes_on_model(
         SAEError: hook points and configs disagree; ActivationDataError: bad rows or unknown hook point.
     """
     from saecircuits.data.activations import model_activation_batches, shard_rows
+    from saecircuits.saes.processing import record_model_processing
     from saecircuits.saes.registry import build_sae
 
     hook_points = list(hook_points)
@@ -879,6 +880,8 @@ def train_saes_on_model(
                 f"sae_cfgs hook points {[c.hook_point for c in cfgs]} must equal hook_points {hook_points} (same order)"
             )
     saes = [(c.hook_point, build_sae(c)) for c in cfgs]
+    for _, sae in saes:  # an SAE on a hook that weight processing changes records the model's switches
+        record_model_processing(sae, model)
     data_settings = {
         "seq_len": int(token_rows.shape[1]),
         "n_rows": int(token_rows.shape[0]),
