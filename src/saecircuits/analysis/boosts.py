@@ -231,7 +231,7 @@ def prompt_logprob_boosts(
             abl = iv.run(clean_pass, [edit])[0][:, 0]
             rows = torch.arange(len(batch.indices), device=clean.device)
             ans = batch.answer_ids.to(clean.device)
-            lp_c, lp_a = clean.log_softmax(-1), abl.log_softmax(-1)
+            lp_c, lp_a = clean.float().log_softmax(-1), abl.float().log_softmax(-1)  # bf16 logits: fp32 sums
             clean_sum += lp_c.double().sum(0).cpu()
             abl_sum += lp_a.double().sum(0).cpu()
             ans_clean += float(lp_c[rows, ans].double().sum())

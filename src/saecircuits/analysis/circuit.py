@@ -72,6 +72,9 @@ __all__ = [
     "Estimates",
 ]
 
+SIGN_TOLERANCE = 1e-6
+"""An exact effect counts as non-zero in :func:`agreement`'s sign agreement above this share of the largest one."""
+
 MAX_FLOATS = 1 << 24
 """Budget per chunk of variants (``B x V x (d_vocab + sum d_sae)`` floats)."""
 
@@ -693,7 +696,8 @@ def agreement(estimate: np.ndarray, exact: np.ndarray, *, top: int = 20) -> dict
 
     Returns:
         ``{"n", "spearman", "sign_agreement", "top_overlap", "top"}``: Spearman rank correlation; the fraction of
-        entries with ``|exact| > 1e-9`` whose signs agree; the share of the exact top-``top`` by magnitude found in
+        entries with ``|exact| > 1e-6 * max|exact|`` whose signs agree (relative, so float rounding noise around 0
+        never counts, whatever the scale of the effects); the share of the exact top-``top`` by magnitude found in
         the estimate's top-``top`` (NaN where undefined, e.g. fewer than 3 entries or a constant vector).
     """
     est, ex = np.asarray(estimate, dtype=np.float64), np.asarray(exact, dtype=np.float64)
@@ -703,7 +707,8 @@ def agreement(estimate: np.ndarray, exact: np.ndarray, *, top: int = 20) -> dict
         out["spearman"] = float("nan")
     else:
         out["spearman"] = float(np.corrcoef(_ranks(est), _ranks(ex))[0, 1])
-    nz = np.abs(ex) > 1e-9
+    scale = float(np.max(np.abs(ex))) if n else 0.0
+    nz = np.abs(ex) > SIGN_TOLERANCE * scale
     out["sign_agreement"] = float(np.mean(np.sign(est[nz]) == np.sign(ex[nz]))) if nz.any() else float("nan")
     k = out["top"]
     if k == 0:
