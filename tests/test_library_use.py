@@ -152,3 +152,20 @@ def test_pipeline_supported_multi_set_task_activations_auto_layers_and_reused_me
     assert again["saes"][0]["training"]["final_metrics"] == sae["training"]["final_metrics"]
     lr = again["saes"][0]["loss_recovered"]  # the same SAE, the same analyses: the same number (or undefined)
     assert lr == sae["loss_recovered"] and (lr is None) == ("loss_recovered_undefined_reason" in sae)
+
+
+def test_boost_bar_labels_are_the_shared_visible_token_and_escaped_for_plotly():
+    """Plotly renders <b>/<br> in category labels: the notebook figures escape them, and show whitespace as the
+    report and the console do (visible_token: space -> middle dot, newline -> pilcrow)."""
+    pytest.importorskip("plotly")
+    from saecircuits.analysis.boosts import PromptBoosts, TokenValue, WeightBoosts
+
+    hostile = [TokenValue(7, "<b>x</b>", 0.5), TokenValue(8, " said\n", 0.25)]
+    wb = WeightBoosts(feature=3, boosts=torch.zeros(9), top=hostile, bottom=[])
+    pb = PromptBoosts(feature=3, prompt_indices=[0], clean_logprob=torch.zeros(1), ablated_logprob=torch.zeros(1),
+                      boosts=torch.zeros(1), masked=torch.zeros(1, dtype=torch.bool), boosted=hostile, deboosted=[],
+                      answer_logprob_clean=-0.1, answer_logprob_ablated=-0.2)
+    # by hand: repr of the visible form, then the id; then html-escaped (quotes too)
+    want = ["&#x27;&lt;b&gt;x&lt;/b&gt;&#x27; (7)", "&#x27;\u00b7said\u00b6&#x27; (8)"]
+    for fig in (wb.figure(), pb.figure()):
+        assert list(fig.data[0].x) == want

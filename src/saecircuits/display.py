@@ -14,7 +14,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["NotebookDisplay", "bar_figure", "scatter_figure", "histogram_figure", "meanci_rows"]
+__all__ = ["NotebookDisplay", "bar_figure", "scatter_figure", "histogram_figure", "meanci_rows", "token_label"]
 
 
 class NotebookDisplay:
@@ -50,9 +50,25 @@ def meanci_rows(items: dict[str, Any]) -> list[dict]:
     return [{"run": k, "mean": m.mean, "ci95_low": m.low, "ci95_high": m.high, "n": m.n} for k, m in items.items()]
 
 
+def token_label(token: str, token_id: int) -> str:
+    """A token as a plot label, shown as the report and the console show it: ``repr`` of its visible form
+    (:func:`saecircuits.report.tokens_html.visible_token`: whitespace and control characters made visible), then its
+    id. Plain text; the figure helpers escape it for plotly."""
+    from saecircuits.report.tokens_html import visible_token
+
+    return f"{visible_token(token)!r} ({token_id})"
+
+
+def _plotly_text(s: Any) -> str:
+    """``s`` as text for plotly, which renders ``<b>``, ``<br>`` and other tags in labels and titles: escaped."""
+    return html.escape(str(s), quote=True)
+
+
 def bar_figure(labels: Sequence[str], means: Sequence[float], *, low: Sequence[float] | None = None,
                high: Sequence[float] | None = None, title: str = "", yaxis: str = "", color: str = "#1f77b4"):
-    """Bars of ``means`` with asymmetric 95% error bars from ``low``/``high`` (missing where not finite)."""
+    """Bars of ``means`` with asymmetric 95% error bars from ``low``/``high`` (missing where not finite).
+
+    Labels and titles are plain text: they are escaped here, since plotly renders tags such as ``<b>`` in them."""
     import plotly.graph_objects as go
 
     err = None
@@ -60,9 +76,10 @@ def bar_figure(labels: Sequence[str], means: Sequence[float], *, low: Sequence[f
         err = dict(type="data", symmetric=False, visible=True,
                    array=[h - m if _finite(h) and _finite(m) else None for m, h in zip(means, high, strict=True)],
                    arrayminus=[m - lo if _finite(lo) and _finite(m) else None for m, lo in zip(means, low, strict=True)])
-    fig = go.Figure(go.Bar(x=[str(x) for x in labels], y=[m if _finite(m) else None for m in means], error_y=err,
-                           marker_color=color))
-    fig.update_layout(title=title, yaxis_title=yaxis, xaxis_type="category", template="plotly_white")
+    fig = go.Figure(go.Bar(x=[_plotly_text(x) for x in labels], y=[m if _finite(m) else None for m in means],
+                           error_y=err, marker_color=color))
+    fig.update_layout(title=_plotly_text(title), yaxis_title=_plotly_text(yaxis), xaxis_type="category",
+                      template="plotly_white")
     return fig
 
 
@@ -71,9 +88,11 @@ def scatter_figure(x: Sequence[float], y: Sequence[float], *, text: Sequence[str
     """A scatter plot of ``(x, y)`` points, hover text ``text``."""
     import plotly.graph_objects as go
 
-    fig = go.Figure(go.Scatter(x=list(x), y=list(y), mode="markers", text=None if text is None else list(text),
+    fig = go.Figure(go.Scatter(x=list(x), y=list(y), mode="markers",
+                               text=None if text is None else [_plotly_text(t) for t in text],
                                marker=dict(color=color, size=6, opacity=0.7)))
-    fig.update_layout(title=title, xaxis_title=xaxis, yaxis_title=yaxis, template="plotly_white")
+    fig.update_layout(title=_plotly_text(title), xaxis_title=_plotly_text(xaxis), yaxis_title=_plotly_text(yaxis),
+                      template="plotly_white")
     return fig
 
 
@@ -83,5 +102,6 @@ def histogram_figure(values: Sequence[float], *, title: str = "", xaxis: str = "
     import plotly.graph_objects as go
 
     fig = go.Figure(go.Histogram(x=[v for v in values if _finite(v)], nbinsx=40, marker_color=color))
-    fig.update_layout(title=title, xaxis_title=xaxis, yaxis_title=yaxis, template="plotly_white")
+    fig.update_layout(title=_plotly_text(title), xaxis_title=_plotly_text(xaxis), yaxis_title=_plotly_text(yaxis),
+                      template="plotly_white")
     return fig

@@ -281,11 +281,16 @@ def _load_saes(paths: list[Path], device: str) -> list:
 
 
 def _check_sae_fits(sae, model) -> None:
-    """The SAE's hook point must exist in this model and its d_in must equal that hook's width.
+    """The SAE's hook point must exist in this model, its d_in must equal that hook's width, and, on a hook that
+    weight processing changes, the model must be loaded with the switches the SAE was trained under
+    (:func:`saecircuits.saes.processing.check_model_processing`).
 
     Raises:
         PipelineError: unknown hook point or a width mismatch, naming both and the fix.
+        SAEError: the SAE was trained under other weight-processing switches, naming both and the fix.
     """
+    from saecircuits.saes.processing import check_model_processing
+
     probe = torch.tensor([[int(model.tokenizer.bos_token_id or 0)]])
     try:
         _, cache = model.run_with_cache(probe, names_filter=[sae.hook_point])
@@ -302,6 +307,7 @@ def _check_sae_fits(sae, model) -> None:
             f"SAE on {sae.hook_point} has d_in={sae.d_in} but this model's {sae.hook_point} has width {width}; "
             "use an SAE trained on this model and hook point"
         )
+    check_model_processing(sae, model)
 
 
 def sae_train_config(cfg: RunConfig) -> TrainConfig:
@@ -982,6 +988,7 @@ def run_pipeline(
     from saecircuits.models.tokens import encode_documents, special_token_ids
     from saecircuits.report.render import render_report
     from saecircuits.report.schema import validate_results, write_json_atomic
+    from saecircuits.report.tokens_html import visible_token
 
     say = log or (lambda s: logger.info(s))
     timings: dict[str, float] = {}
@@ -1017,7 +1024,7 @@ def run_pipeline(
     task_entry = _task_entry(task, model.tokenizer)
     dropped = f" ({task.n_dropped_too_long} over-long prompts dropped)" if task.n_dropped_too_long else ""
     say(f"task {task.name}: {task.n_prompts} prompts{dropped}, answer tokens "
-        + ", ".join(repr(t) for t in task_entry["answer_tokens"]))
+        + ", ".join(repr(visible_token(t)) for t in task_entry["answer_tokens"]))
     # First: does the model perform the behaviour at all? Everything below explains the answer's loss.
     behaviour = behaviour_summary(model, task)
     checks = [c.to_dict() for c in behaviour_checks(behaviour)]

@@ -272,3 +272,31 @@ def test_the_circuit_of_a_hand_wired_toy_is_found_exactly():
     assert res.selection["completeness"] == pytest.approx(0.0, abs=1e-6)  # and nothing is left without it
     assert {(labels[u], labels[d]) for u, d in res.circuit_edges} >= feature_edges
     assert res.to_json()["circuit"] == res.circuit
+
+
+def test_virtual_weight_cosine_of_a_zero_vector_is_undefined():
+    """A zero decoder row (or encoder column) has no direction: cosine NaN, raw 0; the other entries stay finite."""
+    model, _, saes, _, _ = _setup()
+    up = SAE(saes[0].cfg)
+    down = SAE(saes[1].cfg)
+    with torch.no_grad():
+        up.load_state_dict(saes[0].state_dict())
+        down.load_state_dict(saes[1].state_dict())
+        up.W_dec[3] = 0.0
+        down.W_enc[:, 5] = 0.0
+    vw = virtual_weights(model, up, down, [3, 7], [5, 6])
+    assert np.isnan(vw["cosine"][0]).all() and np.isnan(vw["cosine"][:, 0]).all()
+    assert np.isfinite(vw["cosine"][1, 1])
+    assert vw["raw"][0, 1] == 0.0 and vw["raw"][1, 0] == 0.0
+
+
+def test_sign_agreement_ignores_rounding_noise_relative_to_the_largest_effect():
+    """Rounding noise far below the largest exact effect is not a sign to agree with, and the rule does not depend
+    on the effects' scale (an absolute 1e-9 threshold dropped every effect once they were all below 1e-9)."""
+    est = np.array([1.0, -1.0, 0.5, 1.0, -1.0])
+    exact = np.array([1e-4, -2e-4, 5e-5, -3e-11, 2e-11])  # last two: rounding noise, signs opposite to est
+    # by hand: only the first three count, all three agree
+    assert agreement(est, exact)["sign_agreement"] == 1.0
+    assert agreement(est, exact * 1e-6)["sign_agreement"] == 1.0
+    assert agreement(est, np.array([1e-4, -2e-4, 5e-5, -1e-8, 2e-8]))["sign_agreement"] == 0.6  # 1e-8 > 1e-6 * 2e-4
+    assert np.isnan(agreement(est, np.zeros(5))["sign_agreement"])

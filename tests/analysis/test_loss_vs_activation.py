@@ -10,7 +10,7 @@ from saecircuits.analysis.features import (
     feature_activations,
     single_feature_ablation_losses,
 )
-from saecircuits.analysis.loss_vs_activation import loss_increase_vs_activation
+from saecircuits.analysis.loss_vs_activation import loss_increase_vs_activation, pearson_r
 
 
 def test_matches_single_ablation_and_table():
@@ -29,7 +29,7 @@ def test_matches_single_ablation_and_table():
         np.testing.assert_allclose(res.table["activation"], acts[prompts, k].numpy(), atol=0)
         row = table[table["feature"] == k].iloc[0]
         assert abs(res.loss_increase.mean - row["loss_increase"]) < 1e-6
-        if len(prompts) > 1:
+        if len(prompts) > 2:
             assert (
                 abs(res.pearson_r - np.corrcoef(res.table["activation"], res.table["loss_increase"])[0, 1])
                 < 1e-9
@@ -61,3 +61,21 @@ def test_inactive_feature_gives_empty_table():
     acts = torch.zeros(task.n_prompts, sae.d_sae)
     res = loss_increase_vs_activation(model, sae, task, 3, acts=acts)
     assert len(res.table) == 0 and np.isnan(res.pearson_r) and res.loss_increase.n == 0
+
+
+def test_pearson_r_needs_three_points():
+    """Two points always lie on a line (r = +-1 whatever they are): undefined, not a perfect correlation."""
+    assert np.isnan(pearson_r([1.0, 2.0], [5.0, -3.0]))
+    assert np.isnan(pearson_r([1.0, 2.0, 3.0], [4.0, 4.0, 4.0]))  # zero variance
+    # three points, by hand: x = (0, 1, 2), y = (0, 1, 5): cov = 5/3... r = sum(dx dy) / sqrt(sum dx^2 sum dy^2)
+    # dx = (-1, 0, 1), dy = (-2, -1, 3): sum dx dy = 5, sum dx^2 = 2, sum dy^2 = 14
+    assert abs(pearson_r([0.0, 1.0, 2.0], [0.0, 1.0, 5.0]) - 5 / np.sqrt(2 * 14)) < 1e-12
+
+
+def test_two_prompts_give_an_undefined_r_shown_with_n():
+    model, task, sae = tiny_neo(), quote_task(), random_sae()
+    acts = feature_activations(model, sae, task).dense()
+    k = int(torch.argmax((acts > 0).sum(0)))
+    res = loss_increase_vs_activation(model, sae, task, k, max_prompts=2, acts=acts)
+    assert len(res.table) == 2 and np.isnan(res.pearson_r)
+    assert "Pearson r = undefined, n = 2 prompts" in res.display_title()

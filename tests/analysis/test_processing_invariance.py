@@ -96,3 +96,59 @@ def test_error_dla_scaled_dla_and_dfa_do_not_move_with_the_switches():
         else:
             for got, want in zip(values, refs, strict=True):
                 torch.testing.assert_close(got, want, atol=1e-4, rtol=0, msg=str(combo))
+
+
+def test_virtual_weights_do_not_move_with_the_switches():
+    """Virtual weights apply block b's ln2 explicitly; on the processed load they are the notebook's hand formula
+    ``W_dec W_out W_in W_enc`` (ln2's weight folded into W_in, W_out centred), under every other switch the same."""
+    from saecircuits.analysis.circuit import virtual_weights
+
+    up, down = random_sae(hook_point="blocks.0.mlp.hook_post", seed=1), random_sae(hook_point="blocks.1.mlp.hook_post",
+                                                                                  seed=2)
+    ups, downs = [3, 7, 11, 20], [5, 9, 40]
+    ref = None
+    for combo in COMBOS:
+        model = _load("gpt_neo", combo)
+        vw = virtual_weights(model, up, down, ups, downs)
+        got = torch.tensor(vw["raw"]).double(), torch.tensor(vw["cosine"]).double()
+        if combo == (True, True, True):  # the processed load: the hand formula, computed here
+            write = up.W_dec[ups].double() @ model.W_out[0].detach().double()
+            read = model.W_in[1].detach().double() @ down.W_enc[:, downs].double()
+            cos = (write / write.norm(dim=1, keepdim=True)) @ (read / read.norm(dim=0, keepdim=True))
+            torch.testing.assert_close(got[0], write @ read, atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(got[1], cos, atol=1e-5, rtol=0)
+            ref = got
+    for combo in COMBOS:
+        model = _load("gpt_neo", combo)
+        vw = virtual_weights(model, up, down, ups, downs)
+        torch.testing.assert_close(torch.tensor(vw["raw"]).double(), ref[0], atol=1e-4, rtol=1e-5, msg=str(combo))
+        torch.testing.assert_close(torch.tensor(vw["cosine"]).double(), ref[1], atol=1e-5, rtol=0, msg=str(combo))
+
+
+def test_feature_selection_and_circuit_top_tokens_do_not_move_with_the_switches():
+    """``--feature-selection N`` ranks by |activation x DLA| through the final norm: the same features under
+    fold_ln and center_writing_weights (center_unembed moves one answer logit's DLA by a per-feature constant, so
+    it is compared within each center_unembed setting); a feature node's promoted tokens are the same under all."""
+    from saecircuits.analysis.circuit import Node, _top_tokens
+    from saecircuits.analysis.features import feature_effects
+
+    task = quote_task()
+    hook = "blocks.1.mlp.hook_post"
+    sae = random_sae(hook_point=hook)
+    nodes = [Node("feature", 1, k, 0, hook) for k in range(0, 96, 7)]
+    refs: dict[bool, tuple] = {}
+    ref_tokens = None
+    for combo in COMBOS:
+        model = _load("gpt_neo", combo)
+        eff = feature_effects(model, sae, task, features=3)
+        pairs = sorted(zip(eff.prompt.tolist(), eff.feature.tolist(), strict=True))
+        assert len(pairs) == 3 * task.n_prompts
+        if combo[2] not in refs:
+            refs[combo[2]] = pairs
+        else:
+            assert pairs == refs[combo[2]], combo
+        tokens = _top_tokens(model, [sae], nodes)
+        if ref_tokens is None:
+            ref_tokens = tokens
+        else:
+            assert tokens == ref_tokens, combo

@@ -143,6 +143,7 @@ def test_train_sae_bad_settings(tmp_path, corpus):
         ([*flags, "--bos-policy", "some"], "bos_policy must be include"),
         ([*flags, "--activation-dtype", "int8"], "activation_dtype must be"),
         ([*flags, "--autocast", "fp8"], "autocast_dtype must be"),
+        ([*flags, "--autocast", "float16"], "'float16' is refused"),
         ([*flags, "--steps", "0"], "--steps"),
         ([*flags, "--lr", "0"], "lr must be positive"),
         ([*flags, "--seq-len", "1"], "--seq-len"),
@@ -186,3 +187,23 @@ def test_console_entry_point_prints_one_line_and_exits_2(tmp_path, corpus):
     assert proc.stderr.splitlines() == [
         "error: --layers chooses where NEW SAEs are trained; with --sae the SAEs' own hook points are used. "
         "Drop --layers, or drop --sae to train SAEs on those layers"]
+
+
+def test_run_on_a_model_with_offset_norms_is_refused_at_load(tmp_path, corpus):
+    """A Gemma-style (1 + weight) RMSNorm cannot be read by the attributions: refused right after the model loads,
+    one line and exit 2, not a traceback after the first analyses (issue 7 audit, gap 6)."""
+    from helpers import tiny_tokenizer
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    tok = tiny_tokenizer()
+    cfg = GemmaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    folder = tmp_path / "tiny-gemma"
+    GemmaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    err = _refused(["run", "--model", str(folder), "--data", str(corpus), "--out", str(tmp_path / "out"),
+                    "--workspace", str(tmp_path / "ws")], "(1 + weight) offset (Gemma style) are not supported",
+                   only_line=False)
+    assert "LayerNorm or plain RMSNorm" in err
+    assert not (tmp_path / "out" / "results.json").exists()

@@ -54,3 +54,19 @@ def test_all_checks_passed_line(capsys):
     _summary(r)
     out = capsys.readouterr().out
     assert "checks: all passed" in out and "WARNING" not in out and "0.900 [0.850, 0.950] vs zero" in out
+
+
+def test_user_strings_are_text_not_rich_markup_and_tokens_use_visible_token(capsys):
+    """A task named after a JSONL file 'x[red].jsonl', a hook name with brackets, and top tokens with whitespace:
+    printed as given (no markup eaten), tokens as repr(visible_token(t)) like `saecircuits feature`."""
+    r = _results(hook_point="blocks.1.mlp.hook_post[bold]")
+    r["task"]["name"] = "x[red]"
+    r["saes"][0]["loss_comparison"] = {"n_prompts": 20, "labels": ["clean"], "mean": [0.5], "ci95": [0.1],
+                                       "diff_vs_clean": [0.0], "diff_vs_clean_ci95": [0.0]}
+    r["saes"][0]["corpus_stats"] = {"n_docs": 3, "l0": 2.0, "n_dead": 0, "features": [
+        {"feature": 5, "density": 0.01, "max_activation": 4.0, "top_tokens": [[" said", 9], ["\n", 4]]}]}
+    _summary(r)
+    out = capsys.readouterr().out
+    assert "task x[red]: 20 prompts" in out
+    assert out.count("blocks.1.mlp.hook_post[bold]") >= 3  # table titles and the warning line
+    assert "'\u00b7said' (9), '\u00b6' (4)" in out

@@ -233,3 +233,35 @@ def test_stories260k_prefix_cached_ablations_equal_full_prompts(tmp_path_factory
                     fn = torch.zeros_like if n_var == 1 else (lambda xp, k=k: xp - sae.encode(xp)[k] * sae.W_dec[k])
                     ref, _ = _reference(model, task.token_ids[i], task.answer_ids[i], [(hook, fn)])
                     _check(m, b, v, ref)
+
+
+@pytest.mark.parametrize("arch", ["gpt_neo", "llama"])
+def test_bf16_model_and_bf16_sae_engine_equals_the_bridge(arch):
+    """A bfloat16 model serves the prefix-cached engine, whose logits (clean and with a bf16 SAE's feature ablated)
+    match full bridge forwards within bf16 accuracy: 2e-2 * (1 + max |logit|), the engine's own load-time check
+    (bf16 keeps 8 significant bits, so two op orders differ by ~1e-2 relative)."""
+    from helpers import HF_BUILDERS, tiny_tokenizer
+
+    from saecircuits.analysis.features import one_feature_each_edit
+    from saecircuits.models.load import load_hf_model
+
+    model = load_hf_model(HF_BUILDERS[arch](seed=4), tiny_tokenizer(), dtype=torch.bfloat16)
+    assert model.W_E.dtype == torch.bfloat16
+    hook = "blocks.1.mlp.hook_post"
+    sae = random_sae(d_in=int(model.cfg.d_mlp), d_sae=96, hook_point=hook, seed=1).to(torch.bfloat16)
+    rows = token_rows(LENGTHS, seed=5)
+    answers = torch.randint(1, 300, (len(rows),), generator=torch.Generator().manual_seed(7)).tolist()
+    fast, slow = interventions_for(model), interventions_for(model, backend="bridge")
+    assert fast.backend == "engine" and slow.backend == "bridge"
+    batch = next(row_batches(rows, 0, answer_ids=answers, max_tokens=400, max_batch=8))
+    table = torch.tensor([[0, 5, 17, -1]]).expand(len(batch.indices), 4)
+    outs = []
+    for iv in (fast, slow):
+        clean = iv.clean(batch)
+        logits, _ = iv.run(clean, [one_feature_each_edit(sae, table)], n_variants=4)
+        outs.append((clean.logits.float(), logits.float()))
+    for a, b in zip(*outs, strict=True):
+        tol = 2e-2 * (1.0 + float(b.abs().max()))
+        assert float((a - b).abs().max()) <= tol
+    # the unablated variant (-1) is the clean run on each backend
+    torch.testing.assert_close(outs[0][1][:, 3], outs[0][0], atol=2e-2 * (1 + float(outs[0][0].abs().max())), rtol=0)

@@ -80,7 +80,7 @@ def test_renders_all_evidence_sections_escaped(with_evidence):
         "0.3841",  # prompt boost
         "-0.8183",
         "0.5700",  # weight boost
-        "0.982",  # pearson r
+        "Pearson r = 0.982 (n = 3)",  # pearson r with its n (3 points)
         "3.50e-07",  # DFA completeness
         "0.6250",  # upstream ablated mean
         "0.6851",  # scaled DLA

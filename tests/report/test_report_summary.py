@@ -77,12 +77,41 @@ def test_ratio_problem_when_the_layer_barely_matters(results):
     sae["zero_ablation_loss"] = sae["clean_loss"] - 0.028
     assert ratio_problem(sae).startswith("ablating the layer lowers the answer loss (by 0.028 nats), so the ratio")
     sae["zero_ablation_loss"] = 3.9876
-    sae["loss_recovered"], sae["loss_recovered_ci95"] = 12.4, [-8.4, 10.1]  # bootstrap of a tiny denominator
-    assert "too wide" in ratio_problem(sae)
-    assert "cannot be read as a result" in surprises(sae, results)[0]
+    # one rule, loss_recovered's: the reason results.json gives is what makes the ratio unreadable
+    sae["loss_recovered"] = None
+    del sae["loss_recovered_ci95"]
+    sae["loss_recovered_undefined_reason"] = "the effect's 95% interval includes 0"
+    assert ratio_problem(sae) == "the effect's 95% interval includes 0"
     assert "its loss recovered cannot be read" in headline(results)[3]
+    assert "(cannot be read: see below)" in build_report_html(results)
+
+
+def test_a_defined_loss_recovered_with_a_wide_interval_is_a_value_as_on_the_console(results):
+    """The report used to flag a defined ratio whose interval reaches below 0 while the console and results.json
+    printed it as a value; loss_recovered's rule is the only rule now."""
+    from saecircuits.cli.run import _ratio_text
+
+    sae = results["saes"][0]
+    sae["loss_recovered"], sae["loss_recovered_ci95"] = 0.05, [-0.02, 0.12]
+    assert ratio_problem(sae) is None
+    assert _ratio_text(sae, "loss_recovered") == "0.050 [-0.020, 0.120]"
     page = build_report_html(results)
-    assert "12.400 [-8.400, 10.100] (cannot be read: see below)" in page
+    assert "0.050 [-0.020, 0.120]" in page and "0.050 [-0.020, 0.120] (cannot be read" not in page
+
+
+def test_layer_effect_share_is_undefined_when_the_layer_barely_matters(results):
+    sae = results["saes"][0]
+    # joint 1.2345 nats / layer 3.5555 nats, worked by hand
+    assert math.isclose(layer_effect_share(sae), 1.2345 / (3.9876 - 0.4321))
+    # a 1e-4-nat layer effect: 1.2345 / 1e-4 would read "1234500% of the layer"; below MIN_ABLATION_EFFECT: None
+    sae["zero_ablation_loss"] = sae["clean_loss"] + 1e-4
+    assert layer_effect_share(sae) is None
+    assert not any("of what zero-ablating the whole layer costs" in s for s in headline(results))
+    # just above the threshold but loss recovered undefined (its effect's interval includes 0): None
+    sae["zero_ablation_loss"] = sae["clean_loss"] + 0.02
+    assert math.isclose(layer_effect_share(sae), 1.2345 / 0.02, rel_tol=1e-9)
+    sae["loss_recovered"], sae["loss_recovered_undefined_reason"] = None, "the effect's 95% interval includes 0"
+    assert layer_effect_share(sae) is None
 
 
 def test_model_name_is_not_a_cache_path():

@@ -99,6 +99,14 @@ def test_training_dtype_strings():
         TrainSAEJob(activation_dtype="float64")
 
 
+def test_float16_autocast_is_refused_naming_bfloat16():
+    """fp16 gradients underflow without a GradScaler (an fp16 gradient of 1e-8 is 0): refused, naming bfloat16."""
+    assert torch.tensor(1e-8, dtype=torch.float16).item() == 0.0  # the underflow the refusal is about
+    for name in ("float16", "torch.float16"):
+        with pytest.raises(SAEError, match="'float16' is refused.*use 'bfloat16'"):
+            TrainConfig(autocast_dtype=name)
+
+
 def test_moving_one_sae_does_not_change_another_built_from_the_same_config():
     cfg = SAEConfig("jumprelu", 6, 16, HOOK)
     a, b = build_sae(cfg), build_sae(cfg)

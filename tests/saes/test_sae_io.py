@@ -111,6 +111,21 @@ def test_saelens_keys_must_agree_with_our_block(tmp_path):
         load_sae(folder)
 
 
+@pytest.mark.parametrize(("arch", "bad"), [("standard", "k"), ("topk", "threshold_init"), ("jumprelu", "k"),
+                                         ("batchtopk", "some_future_switch")])
+def test_unknown_or_misplaced_extra_keys_in_our_block_are_refused(tmp_path, arch, bad):
+    """A key our block's cfg.extra does not use for this architecture (a 'k' on a standard SAE is silently
+    ignored otherwise) is refused with the key, the architecture and the keys it does use."""
+    folder = save_sae(_sae(arch), tmp_path / arch)
+    good = json.loads((folder / "cfg.json").read_text())
+    load_sae(folder)  # what save_sae writes loads
+    changed = json.loads(json.dumps(good))
+    changed["saecircuits"]["config"]["extra"][bad] = 7
+    (folder / "cfg.json").write_text(json.dumps(changed))
+    with pytest.raises(SAEError, match=rf"extra' has keys \['{bad}'\] that a '{arch}' SAE does not use"):
+        load_sae(folder)
+
+
 def _write_v1(tmp_path, name, weights):
     folder = tmp_path / name
     folder.mkdir()

@@ -49,12 +49,31 @@ def test_l0_mse_with_mask_and_leading_dims():
 
 
 def test_shrinkage_modes():
-    x = torch.tensor([[3.0, 4.0], [0.0, 0.0]])  # zero-norm token is skipped
+    x = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
     assert shrinkage(x, 0.5 * x) == pytest.approx(0.5)
     assert shrinkage(x, 0.5 * x, mode="projection") == pytest.approx(0.5)
     x_hat = torch.tensor([[0.0, 5.0], [1.0, 1.0]])
-    assert shrinkage(x, x_hat) == pytest.approx(1.0)  # |(0,5)| / |(3,4)|
+    assert shrinkage(x, x_hat) == pytest.approx((5 + 2**0.5) / 5)  # (|(0,5)| + |(1,1)|) / (|(3,4)| + 0)
     assert shrinkage(x, x_hat, mode="projection") == pytest.approx(20 / 25)
+    with pytest.raises(SAEError, match="no token with a non-zero input norm"):
+        shrinkage(torch.zeros(2, 2), x_hat)
+
+
+def test_shrinkage_is_a_ratio_of_sums_so_tiny_tokens_do_not_dominate():
+    x = torch.tensor([[1e-6, 0.0], [10.0, 0.0]], dtype=torch.float64)
+    x_hat = torch.tensor([[1e-3, 0.0], [5.0, 0.0]], dtype=torch.float64)
+    # the old mean of per-token ratios: (1000 + 0.5) / 2 = 500.25; the ratio of sums, by hand:
+    assert shrinkage(x, x_hat) == pytest.approx((1e-3 + 5.0) / (1e-6 + 10.0), rel=1e-12)
+    assert shrinkage(x, x_hat, mode="projection") == pytest.approx((1e-9 + 50.0) / (1e-12 + 100.0), rel=1e-12)
+
+
+def test_trainer_logs_the_same_shrinkage():
+    from saecircuits.saes.trainer import _shrinkage
+
+    x = torch.tensor([[1e-6, 0.0], [10.0, 0.0]])
+    x_hat = torch.tensor([[1e-3, 0.0], [5.0, 0.0]])
+    assert _shrinkage(x, x_hat) == pytest.approx((1e-3 + 5.0) / (1e-6 + 10.0), rel=1e-6)
+    assert _shrinkage(torch.zeros(2, 2), x_hat) != _shrinkage(torch.zeros(2, 2), x_hat)  # NaN
     with pytest.raises(SAEError, match="unknown shrinkage mode"):
         shrinkage(x, x, mode="cos")
 

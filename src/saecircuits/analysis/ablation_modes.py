@@ -38,6 +38,7 @@ __all__ = [
     "MODE_DESCRIPTIONS",
     "check_mode",
     "ablation_base",
+    "edit_dtype",
     "splice_edit",
     "baseline_logits",
     "activation_floor",
@@ -69,27 +70,38 @@ def check_mode(mode: str) -> str:
     return mode
 
 
+def edit_dtype(sae: SAE, x: torch.Tensor) -> torch.dtype:
+    """The dtype an SAE edit computes in: the wider of the activation's and the SAE's.
+
+    The SAE encodes and decodes in its own dtype (as SAELens does), but what an ablation subtracts, and the SAE error,
+    are computed in this dtype, so a bfloat16 SAE on a float32 model never rounds the activation itself: ablating an
+    inactive feature leaves ``x`` bit-for-bit unchanged, and ``x - f_k W_dec[k]`` carries no rounding of ``x``.
+    """
+    return torch.promote_types(x.dtype, sae.W_dec.dtype)
+
+
 def ablation_base(sae: SAE, x: torch.Tensor, f: torch.Tensor, mode: str) -> torch.Tensor:
     """What the features' decoded contribution is subtracted from: ``x`` (residual) or ``decode(f)`` (the others).
 
     Args:
         sae: the SAE.
-        x: activations ``[..., d_in]`` in the SAE's dtype.
+        x: activations ``[..., d_in]`` in the activation's own dtype.
         f: ``sae.encode(x)`` ``[..., d_sae]``.
         mode: one of :data:`ABLATION_MODES`.
 
     Returns:
-        ``[..., d_in]``; the ablated activation is ``ablation_base(...) - sum_{k in S} f_k W_dec[k]``.
+        ``[..., d_in]`` in :func:`edit_dtype`; the ablated activation is
+        ``ablation_base(...) - sum_{k in S} f_k W_dec[k]`` (computed in that dtype).
     """
-    return x if check_mode(mode) == "residual" else sae.decode(f)
+    dt = edit_dtype(sae, x)
+    return x.to(dt) if check_mode(mode) == "residual" else sae.decode(f).to(dt)
 
 
 def splice_edit(sae: SAE) -> Edit:
     """Edit at ``sae.hook_point``: the activation at P replaced by its SAE reconstruction ``decode(encode(x))``."""
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(sae.W_dec.dtype)
-        return sae.decode(sae.encode(x))
+        return sae.decode(sae.encode(x)).to(edit_dtype(sae, x))
 
     return Edit(sae.hook_point, fn)
 

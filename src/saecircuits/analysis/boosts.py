@@ -152,10 +152,10 @@ class PromptBoosts(NotebookDisplay):
 
     def figure(self):
         """Bars of the boosted and deboosted tokens."""
-        from saecircuits.display import bar_figure
+        from saecircuits.display import bar_figure, token_label
 
         items = list(self.boosted) + list(reversed(self.deboosted))
-        return bar_figure([f"{t.token!r} ({t.token_id})" for t in items], [t.value for t in items],
+        return bar_figure([token_label(t.token, t.token_id) for t in items], [t.value for t in items],
                           title=self.display_title(), yaxis="log-prob boost (nats)", color="#2ca02c")
 
 
@@ -231,7 +231,7 @@ def prompt_logprob_boosts(
             abl = iv.run(clean_pass, [edit])[0][:, 0]
             rows = torch.arange(len(batch.indices), device=clean.device)
             ans = batch.answer_ids.to(clean.device)
-            lp_c, lp_a = clean.log_softmax(-1), abl.log_softmax(-1)
+            lp_c, lp_a = clean.float().log_softmax(-1), abl.float().log_softmax(-1)  # bf16 logits: fp32 sums
             clean_sum += lp_c.double().sum(0).cpu()
             abl_sum += lp_a.double().sum(0).cpu()
             ans_clean += float(lp_c[rows, ans].double().sum())
@@ -282,10 +282,10 @@ class WeightBoosts(NotebookDisplay):
 
     def figure(self):
         """Bars of the top and bottom tokens."""
-        from saecircuits.display import bar_figure
+        from saecircuits.display import bar_figure, token_label
 
         items = list(self.top) + list(reversed(self.bottom))
-        return bar_figure([f"{t.token!r} ({t.token_id})" for t in items], [t.value for t in items],
+        return bar_figure([token_label(t.token, t.token_id) for t in items], [t.value for t in items],
                           title=self.display_title(), yaxis="logits per unit activation", color="#2ca02c")
 
 

@@ -45,12 +45,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from saecircuits.analysis.ablation_modes import edit_dtype
 from saecircuits.analysis.features import FeatureActs, activations_or_compute
 from saecircuits.analysis.reconstruction import loss_recovered
 from saecircuits.display import NotebookDisplay
 from saecircuits.models.engine import stage_of_hook
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches, with_progress
 from saecircuits.models.interventions import Edit, interventions_for
+from saecircuits.models.norms import norm_params
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
 
@@ -69,6 +71,9 @@ __all__ = [
     "ExactEffects",
     "Estimates",
 ]
+
+SIGN_TOLERANCE = 1e-6
+"""An exact effect counts as non-zero in :func:`agreement`'s sign agreement above this share of the largest one."""
 
 MAX_FLOATS = 1 << 24
 """Budget per chunk of variants (``B x V x (d_vocab + sum d_sae)`` floats)."""
@@ -187,18 +192,20 @@ def _single_edit(group: _Group, table: torch.Tensor, means: dict | None) -> Edit
         d_sae = sae.d_sae
         W_dec = sae.W_dec
         t = table.to(W_dec.device)
-        is_feat = ((t >= 0) & (t < d_sae)).to(W_dec.dtype)
-        is_err = (t == d_sae).to(W_dec.dtype)
+        is_feat = (t >= 0) & (t < d_sae)
+        is_err = t == d_sae
         k = t.clamp(0, d_sae - 1)
 
         def fn(x: torch.Tensor) -> torch.Tensor:
-            x = x.to(W_dec.dtype)
+            # encode in the SAE's dtype; subtract (and form the error) in x's, so a bf16 SAE never rounds x itself
+            dt = edit_dtype(sae, x)
             f = sae.encode(x)  # [B, F, d_sae]
-            fk = f.expand(-1, V, -1).gather(-1, k[..., None])[..., 0]
+            x = x.to(dt)
+            fk = f.expand(-1, V, -1).gather(-1, k[..., None])[..., 0].to(dt)
             if mu is not None:
                 fk = fk - mu["f"].to(fk)[k]
-            out = x - (fk * is_feat)[..., None] * W_dec[k]
-            e = x - sae.decode(f)
+            out = x - (fk * is_feat)[..., None] * W_dec[k].to(dt)
+            e = x - sae.decode(f).to(dt)
             if mu is not None:
                 e = e - mu["e"].to(e)
             return out - is_err[..., None] * e
@@ -232,14 +239,15 @@ def _mask_edit(group: _Group, mask: torch.Tensor, means: dict) -> Edit:
     if group.kind == "sae":
         sae = group.sae
         W_dec = sae.W_dec
-        mf = mask[:, :-1].to(W_dec)[None]  # [1, V, d_sae]
-        me = mask[:, -1:].to(W_dec)[None]  # [1, V, 1]
+        mf = mask[:, :-1].to(W_dec.device)[None]  # [1, V, d_sae]
+        me = mask[:, -1:].to(W_dec.device)[None]  # [1, V, 1]
 
         def fn(x: torch.Tensor) -> torch.Tensor:
-            x = x.to(W_dec.dtype)
+            dt = edit_dtype(sae, x)  # as in _single_edit: x is never rounded to the SAE's dtype
             f = sae.encode(x)
-            delta = ((f - mu["f"].to(f)) * mf) @ W_dec
-            e = x - sae.decode(f) - mu["e"].to(x)
+            x = x.to(dt)
+            delta = ((f.to(dt) - mu["f"].to(dt)) * mf) @ W_dec.to(dt)
+            e = x - sae.decode(f).to(dt) - mu["e"].to(x)
             return x - delta - me * e
 
         return Edit(group.hook, fn)
@@ -461,18 +469,18 @@ def _tracking_edits(groups: list[_Group], store: dict, scale: dict | None = None
             sae = g.sae
 
             def fn(x: torch.Tensor, g=g, sae=sae, interp=interp) -> torch.Tensor:
-                x = x.to(sae.W_dec.dtype)
+                x = x.to(edit_dtype(sae, x))  # the error in x's dtype: decode(f) + e is x, unrounded
                 f_attached = sae.encode(x)
                 store[g.hook + "#attached"] = f_attached
                 f = f_attached.detach()
-                e = x.detach() - sae.decode(f)
+                e = x.detach() - sae.decode(f).to(x.dtype)
                 store[g.hook + "#clean"] = (f, e)
                 if interp is not None:
                     f, e = interp[None, :, None] * f, interp[None, :, None] * e
                 f, e = f.requires_grad_(True), e.requires_grad_(True)
                 store[g.hook] = (f, e)
                 through = x - x.detach() if x.requires_grad else 0.0
-                return sae.decode(f) + e + through
+                return sae.decode(f).to(e.dtype) + e + through
 
         else:
 
@@ -690,7 +698,8 @@ def agreement(estimate: np.ndarray, exact: np.ndarray, *, top: int = 20) -> dict
 
     Returns:
         ``{"n", "spearman", "sign_agreement", "top_overlap", "top"}``: Spearman rank correlation; the fraction of
-        entries with ``|exact| > 1e-9`` whose signs agree; the share of the exact top-``top`` by magnitude found in
+        entries with ``|exact| > 1e-6 * max|exact|`` whose signs agree (relative, so float rounding noise around 0
+        never counts, whatever the scale of the effects); the share of the exact top-``top`` by magnitude found in
         the estimate's top-``top`` (NaN where undefined, e.g. fewer than 3 entries or a constant vector).
     """
     est, ex = np.asarray(estimate, dtype=np.float64), np.asarray(exact, dtype=np.float64)
@@ -700,7 +709,8 @@ def agreement(estimate: np.ndarray, exact: np.ndarray, *, top: int = 20) -> dict
         out["spearman"] = float("nan")
     else:
         out["spearman"] = float(np.corrcoef(_ranks(est), _ranks(ex))[0, 1])
-    nz = np.abs(ex) > 1e-9
+    scale = float(np.max(np.abs(ex))) if n else 0.0
+    nz = np.abs(ex) > SIGN_TOLERANCE * scale
     out["sign_agreement"] = float(np.mean(np.sign(est[nz]) == np.sign(ex[nz]))) if nz.any() else float("nan")
     k = out["top"]
     if k == 0:
@@ -819,31 +829,41 @@ def faithfulness_curve(
 def virtual_weights(model, sae_up: SAE, sae_down: SAE, up: Sequence[int], down: Sequence[int]) -> dict[str, np.ndarray]:
     """The reference follow-up's weight-based edges between MLP-output SAE features of two layers.
 
-    ``raw = W_dec^(a)[up] W_out^(a) W_in^(b) W_enc^(b)[:, down]`` (norms, biases and the MLP non-linearity
-    ignored) and ``cosine`` = the same with the rows of ``W_dec W_out`` and the columns of ``W_in W_enc`` normalised
-    to unit length (the notebook's C matrix, restricted to ``up x down``).
+    ``raw = write @ read`` with ``write = C (W_dec^(a)[up] W_out^(a))`` (rows) and
+    ``read = C diag(w) W_in^(b) W_enc^(b)[:, down]`` (columns): block b's ln2 as a linear map at unit scale, its
+    centring ``C`` (LayerNorm only: subtract the mean over d_model; ``C`` is a projection, so it goes on both
+    sides) and its weight ``w`` applied explicitly (:func:`saecircuits.models.norms.norm_params`). That is exactly
+    what ``fold_ln`` and ``center_writing_weights`` do to the weights, so raw and cosine are the same under every
+    weight-processing switch, and on a processed load they are the notebook's ``W_dec W_out W_in W_enc``. Biases,
+    the norm's scale and the MLP non-linearity are ignored. ``cosine`` = the same with the rows of ``write`` and
+    the columns of ``read`` normalised to unit length (the notebook's C matrix, restricted to ``up x down``); NaN
+    where either vector is zero (:func:`saecircuits.analysis.geometry.cosines`).
 
     Returns:
-        ``{"raw": [len(up), len(down)], "cosine": [...]}``.
+        ``{"raw": [len(up), len(down)], "cosine": [...]}`` (float32).
 
     Raises:
         ValueError: the SAEs are not on ``blocks.L.mlp.hook_post`` of increasing layers, or the MLP is gated.
     """
     from saecircuits.analysis.error_dla import mlp_post_layer
+    from saecircuits.analysis.geometry import cosines
 
     la, lb = mlp_post_layer(sae_up.hook_point), mlp_post_layer(sae_down.hook_point)
     if la >= lb:
         raise ValueError(f"virtual weights go from a lower layer to a higher one, got {la} -> {lb}")
     if getattr(model.cfg, "gated_mlp", False):
         raise ValueError("virtual weights through W_in need a plain MLP; this model's MLP is gated")
+    ln2 = norm_params(model, f"blocks.{lb}.ln2")
     with torch.no_grad():
         up_t, down_t = torch.as_tensor(list(up)), torch.as_tensor(list(down))
         write = sae_up.W_dec[up_t].float() @ model.W_out[la].detach().float()  # [u, d_model]
-        read = model.W_in[lb].detach().float() @ sae_down.W_enc[:, down_t].float()  # [d_model, d]
+        w_in = model.W_in[lb].detach().float() * ln2.weight.float().to(model.W_in.device)[:, None]
+        read = (w_in @ sae_down.W_enc[:, down_t].float().to(w_in.device)).to(write.device)  # [d_model, d]
+        if ln2.centre:
+            write, read = write - write.mean(-1, keepdim=True), read - read.mean(0, keepdim=True)
         raw = write @ read
-        cos = (write / write.norm(dim=1, keepdim=True).clamp_min(1e-12)) @ (
-            read / read.norm(dim=0, keepdim=True).clamp_min(1e-12))
-    return {"raw": raw.numpy(), "cosine": cos.numpy()}
+        cos = cosines(write, read.T)
+    return {"raw": raw.cpu().numpy(), "cosine": cos.float().cpu().numpy()}
 
 
 # ----------------------------------------------------------------------------------------------------------------

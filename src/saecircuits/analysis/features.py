@@ -41,6 +41,7 @@ from saecircuits.analysis.ablation_modes import (
     activation_floor,
     baseline_logits,
     check_mode,
+    edit_dtype,
 )
 from saecircuits.analysis.stats import t_quantile
 from saecircuits.display import NotebookDisplay
@@ -233,9 +234,9 @@ def features_ablation_edit(
     idx = torch.as_tensor(list(features), dtype=torch.long, device=sae.W_dec.device)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(sae.W_dec.dtype)
+        dt = edit_dtype(sae, x)  # encode in the SAE's dtype, subtract in x's: a bf16 SAE never rounds x itself
         f = sae.encode(x)
-        out = ablation_base(sae, x, f, mode) - f[..., idx] @ sae.W_dec[idx]
+        out = ablation_base(sae, x, f, mode) - f[..., idx].to(dt) @ sae.W_dec[idx].to(dt)
         if counter is not None:
             counter.observe(out)
         return out
@@ -258,14 +259,14 @@ def one_feature_each_edit(
     check_mode(mode)
     W_dec = sae.W_dec
     table = table.to(W_dec.device)
-    valid = (table >= 0).to(W_dec.dtype)
+    valid = table >= 0
     k = table.clamp(min=0)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(W_dec.dtype)
+        dt = edit_dtype(sae, x)  # encode in the SAE's dtype, subtract in x's: a bf16 SAE never rounds x itself
         f = sae.encode(x)  # [B, F, d_sae], F = 1 (clean value shared by every variant) or V
-        f_k = f.expand(-1, table.shape[1], -1).gather(-1, k[..., None])[..., 0] * valid  # [B, V]
-        out = ablation_base(sae, x, f, mode) - f_k[..., None] * W_dec[k]
+        f_k = f.expand(-1, table.shape[1], -1).gather(-1, k[..., None])[..., 0].to(dt) * valid  # [B, V]
+        out = ablation_base(sae, x, f, mode) - f_k[..., None] * W_dec[k].to(dt)
         if counter is not None:
             counter.observe(out.expand(-1, table.shape[1], -1), table >= 0)
         return out

@@ -24,23 +24,29 @@ from saecircuits.analysis.features import _feature_write
 from saecircuits.models.norms import readout_of
 from saecircuits.saes.base import SAE
 
-__all__ = ["cosine_matrix", "decoder_cosines", "encoder_cosines", "excess_kurtosis", "token_kurtosis",
+__all__ = ["cosines", "cosine_matrix", "decoder_cosines", "encoder_cosines", "excess_kurtosis", "token_kurtosis",
            "unembedding_directions"]
 
 MAX_FLOATS = 1 << 24
 """Budget of one chunk of feature x vocabulary cosines."""
 
 
+def cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarities of every row of ``a [m, d]`` with every row of ``b [n, d]``: float64 ``[m, n]``.
+
+    A zero row has no direction, so its cosines are NaN (undefined), never 0. The one cosine formula of the package.
+    """
+    a, b = a.detach().double(), b.detach().to(a.device).double()
+    na, nb = a.norm(dim=-1), b.norm(dim=-1)
+    out = (a / na[:, None]) @ (b / nb[:, None]).T
+    out[na == 0] = float("nan")
+    out[:, nb == 0] = float("nan")
+    return out
+
+
 def cosine_matrix(vectors: torch.Tensor) -> torch.Tensor:
     """Pairwise cosine similarities of the rows of ``vectors [S, d]``: float64 ``[S, S]`` (NaN for a zero row)."""
-    v = vectors.detach().double()
-    norms = v.norm(dim=-1)
-    unit = v / norms[:, None]
-    out = unit @ unit.T
-    bad = norms == 0
-    out[bad] = float("nan")
-    out[:, bad] = float("nan")
-    return out
+    return cosines(vectors, vectors)
 
 
 def _check(sae: SAE, features: Sequence[int]) -> list[int]:

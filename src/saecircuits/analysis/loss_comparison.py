@@ -29,6 +29,7 @@ from saecircuits.analysis.ablation_modes import (
     ablation_base,
     activation_floor,
     check_mode,
+    edit_dtype,
 )
 from saecircuits.analysis.stats import MeanCI, mean_ci95
 from saecircuits.display import NotebookDisplay
@@ -134,17 +135,20 @@ def loss_comparison(
     floor = activation_floor(model, sae.hook_point)
     counter, sae_counter = OffRangeCounter(floor), OffRangeCounter(floor)
     idx = torch.tensor(feats, dtype=torch.long, device=sae.W_dec.device)
-    mean_row = mean_act.detach().to(sae.W_dec.device, sae.W_dec.dtype)
+    mean_row = mean_act.detach().to(sae.W_dec.device)
 
     def variants(x: torch.Tensor) -> torch.Tensor:  # [B, 1, d_in] -> [B, 4, d_in]: mean, zero, features, SAE
-        x = x.to(sae.W_dec.dtype)
+        # the SAE encodes in its dtype; the mean/zero variants and the subtraction stay in x's dtype (or wider), so
+        # a bf16 SAE rounds neither x nor the mean
+        dt = edit_dtype(sae, x)
         f = sae.encode(x)
-        x_hat = sae.decode(f)
-        ablated = ablation_base(sae, x, f, mode) - f[..., idx] @ sae.W_dec[idx]
+        x = x.to(dt)
+        x_hat = sae.decode(f).to(dt)
+        ablated = ablation_base(sae, x, f, mode) - f[..., idx].to(dt) @ sae.W_dec[idx].to(dt)
         if feats:
             counter.observe(ablated)
         sae_counter.observe(x_hat)
-        return torch.cat([mean_row.expand_as(x), torch.zeros_like(x), ablated, x_hat], dim=1)
+        return torch.cat([mean_row.to(x).expand_as(x), torch.zeros_like(x), ablated, x_hat], dim=1)
 
     n = task.n_prompts
     losses = torch.zeros(n, len(CONDITIONS))

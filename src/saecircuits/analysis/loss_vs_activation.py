@@ -32,9 +32,12 @@ __all__ = ["LossVsActivation", "loss_increase_vs_activation", "pearson_r"]
 
 
 def pearson_r(x, y) -> float:
-    """Pearson correlation of two equal-length samples (NaN for fewer than 2 values or zero variance)."""
+    """Pearson correlation of two equal-length samples.
+
+    NaN (undefined) for fewer than 3 values, since a line through 2 points always gives r = +-1, or when either
+    sample has zero variance."""
     a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if a.size < 2 or a.std() == 0 or b.std() == 0:
+    if a.size < 3 or a.std() == 0 or b.std() == 0:
         return float("nan")
     return float(np.corrcoef(a, b)[0, 1])
 
@@ -47,7 +50,7 @@ class LossVsActivation(NotebookDisplay):
         feature: k.
         table: DataFrame with columns ``prompt_index`` (task index), ``activation`` (``f_k`` at P), ``loss_increase``
             (nats, ablated - clean), one row per active prompt in task order.
-        pearson_r: correlation of the two columns (NaN when undefined).
+        pearson_r: correlation of the two columns (NaN when undefined: fewer than 3 prompts or no variance).
         loss_increase: :class:`MeanCI` of the loss increase.
     """
 
@@ -57,7 +60,9 @@ class LossVsActivation(NotebookDisplay):
     loss_increase: MeanCI
 
     def display_title(self) -> str:
-        return f"Feature {self.feature}: activation vs loss increase when ablated (Pearson r = {self.pearson_r:.3f})"
+        r = "undefined" if self.pearson_r != self.pearson_r else f"{self.pearson_r:.3f}"
+        return (f"Feature {self.feature}: activation vs loss increase when ablated (Pearson r = {r}, "
+                f"n = {len(self.table)} prompts)")
 
     def to_pandas(self):
         """One row per active prompt (``table``)."""

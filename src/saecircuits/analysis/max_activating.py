@@ -35,6 +35,7 @@ from saecircuits.analysis.ablation_modes import (
     ablation_base,
     activation_floor,
     check_mode,
+    edit_dtype,
 )
 from saecircuits.analysis.corpus_stats import counted_token_mask, special_ids_of
 from saecircuits.analysis.stats import MeanCI, mean_ci95
@@ -288,17 +289,17 @@ def max_activating_ablation(
 
     def ablate(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """``x [B, V, T, d]`` with k ablated (this mode) where ``where [B, V, T]`` is True."""
-        x = x.to(sae.W_dec.dtype)
+        dt = edit_dtype(sae, x)  # encode in the SAE's dtype, subtract in x's: a bf16 SAE never rounds x itself
         f = sae.encode(x)
-        out = ablation_base(sae, x, f, mode) - f[..., k : k + 1] * w_k
+        out = ablation_base(sae, x, f, mode) - f[..., k : k + 1].to(dt) * w_k.to(dt)
         counter.observe(out, where)
-        return torch.where(where[..., None], out, x)
+        return torch.where(where[..., None], out, x.to(dt))
 
     def baseline(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         if mode != "clean_effect":
             return x
-        x = x.to(sae.W_dec.dtype)
-        return torch.where(where[..., None], sae.decode(sae.encode(x)), x)
+        dt = edit_dtype(sae, x)
+        return torch.where(where[..., None], sae.decode(sae.encode(x)).to(dt), x.to(dt))
 
     story_rows, pos_rows, per_token = [], [], {}
     for batch in batches:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from saecircuits.analysis.stats import bootstrap_ratio_ci, t_quantile
+from saecircuits.analysis.thresholds import MIN_ABLATION_EFFECT
 from saecircuits.display import NotebookDisplay
 from saecircuits.models.hooks import (
     DEFAULT_MAX_BATCH,
@@ -52,9 +53,6 @@ __all__ = [
     "sequence_loss_recovered",
 ]
 
-MIN_ABLATION_EFFECT = 0.01
-"""Smallest mean loss increase (nats) an ablation must cause for loss recovered to be defined (see
-:func:`loss_recovered`): 0.01 nats is a 1% change of the answer's probability."""
 
 
 @dataclass(frozen=True)
@@ -348,8 +346,9 @@ def reconstruction_at_prediction(
     mean_row = None if mean_act is None else mean_act.detach().reshape(1, 1, -1)
 
     def variants(x: torch.Tensor) -> torch.Tensor:  # [B, 1, d_in] -> [B, V, d_in]: SAE, zero(, mean)
-        x = x.to(sae.W_dec.dtype)
-        out = [sae.decode(sae.encode(x)), torch.zeros_like(x)]
+        # zero and mean in x's dtype (or wider): a bf16 SAE must not round the mean-ablation vector
+        x = x.to(torch.promote_types(x.dtype, sae.W_dec.dtype))
+        out = [sae.decode(sae.encode(x)).to(x), torch.zeros_like(x)]
         if mean_row is not None:
             out.append(mean_row.to(x).expand_as(x))
         return torch.cat(out, dim=1)

@@ -78,7 +78,7 @@ def _summary(results: dict) -> None:
     console = Console(soft_wrap=True)  # lines are not folded at 80 columns when written to a log file
     task = results["task"]
     console.print(
-        f"[bold]{escape(str(results['model']))}[/] | task {task['name']}: {task['n_prompts']} prompts | "
+        f"[bold]{escape(str(results['model']))}[/] | task {escape(str(task['name']))}: {task['n_prompts']} prompts | "
         f"DLA completeness error {results['dla']['completeness_max_abs_error']:.2e} logits"
     )
     b = results.get("behaviour")
@@ -100,7 +100,7 @@ def _summary(results: dict) -> None:
             )
         ev = sae.get("explained_variance")
         table = Table(title=(
-            f"{sae['hook_point']}  (d_sae {sae['d_sae']}, L0 at P {sae['l0']:.1f}, explained variance at P "
+            f"{escape(sae['hook_point'])}  (d_sae {sae['d_sae']}, L0 at P {sae['l0']:.1f}, explained variance at P "
             f"{'undefined' if ev is None else format(ev, '.3f')}, loss recovered "
             f"{_ratio_text(sae, 'loss_recovered')} vs zero / {_ratio_text(sae, 'loss_recovered_mean_ablation')} "
             "vs mean ablation)"))
@@ -133,10 +133,12 @@ def _study_summary(console, results: dict) -> None:
     from rich.markup import escape
     from rich.table import Table
 
+    from saecircuits.report.tokens_html import visible_token
+
     for sae in results["saes"]:
         lc = sae.get("loss_comparison")
         if lc:
-            table = Table(title=f"{sae['hook_point']}: answer loss at P (nats), {lc.get('n_prompts')} prompts")
+            table = Table(title=f"{escape(sae['hook_point'])}: answer loss at P (nats), {lc.get('n_prompts')} prompts")
             for col in ("run", "loss", "±95%", "run - clean", "±95% (paired)"):
                 table.add_column(col, justify="right")
             for j, label in enumerate(lc["labels"]):
@@ -145,12 +147,12 @@ def _study_summary(console, results: dict) -> None:
             console.print(table)
         cs = sae.get("corpus_stats")
         if cs and cs["features"]:
-            table = Table(title=f"{sae['hook_point']}: top features over {cs['n_docs']} corpus documents "
+            table = Table(title=f"{escape(sae['hook_point'])}: top features over {cs['n_docs']} corpus documents "
                                 f"(L0 {cs['l0']:.1f}, {cs.get('n_dead', 0)} dead)")
             for col in ("feature", "density", "max", "top tokens (count)"):
                 table.add_column(col, justify="right" if col != "top tokens (count)" else "left")
             for fe in cs["features"]:
-                toks = ", ".join(f"{t!r} ({c})" for t, c in fe["top_tokens"][:5])
+                toks = ", ".join(f"{visible_token(t)!r} ({c})" for t, c in fe["top_tokens"][:5])
                 table.add_row(str(fe["feature"]), f"{fe['density']:.2e}", f"{fe['max_activation']:.3f}", escape(toks))
             console.print(table)
 

@@ -126,7 +126,7 @@ def train_sae_command(
     log_every: Annotated[int | None, typer.Option(
         "--log-every", metavar="N", min=1, show_default="10", help="Steps between metrics lines.")] = None,
     autocast: Annotated[str | None, typer.Option(
-        "--autocast", metavar="bfloat16|float16", show_default="none: fp32",
+        "--autocast", metavar="bfloat16", show_default="none: fp32",
         help="Autocast dtype of the SAE forward and loss.")] = None,
     activation_dtype: Annotated[str | None, typer.Option(
         "--activation-dtype", metavar="float32|bfloat16", show_default="float32",

@@ -199,6 +199,21 @@ def gpt2_bpe_tokenizer(folder: str | os.PathLike[str], save_dir: str | os.PathLi
 # Loading
 
 
+def _check_norms(bridge) -> None:
+    """Refuse, right after loading, a model whose norms the attributions cannot read (a Gemma-style ``(1 + weight)``
+    offset, a norm that is neither LayerNorm nor RMSNorm), instead of failing after the first analyses have run."""
+    from saecircuits.models.norms import norm_params, readout_of
+
+    readout_of(bridge)
+    for i in range(int(bridge.cfg.n_layers)):
+        for name in (f"blocks.{i}.ln1", f"blocks.{i}.ln2"):
+            try:
+                bridge.get_submodule(name)
+            except AttributeError:  # a block without this norm (parallel attention and MLP)
+                continue
+            norm_params(bridge, name)
+
+
 def load_hf_model(
     hf_model: Any,
     hf_tokenizer: Any,
@@ -261,6 +276,7 @@ def load_hf_model(
     bridge.eval()
     for p in bridge.parameters():
         p.requires_grad_(False)
+    _check_norms(bridge)
     bridge.cfg.model_name = name
     architectures = getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__]
     base = provenance or ModelProvenance(source="<injected>", model_name=name, kind="injected")

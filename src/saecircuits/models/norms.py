@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from saecircuits.models.load import ModelLoadError
+
 __all__ = ["NormParams", "module_norm_params", "norm_params", "Readout", "readout_of"]
 
 
@@ -54,10 +56,11 @@ def module_norm_params(module) -> NormParams:
     """The :class:`NormParams` of one bridge norm module (``NormalizationBridge`` / ``RMSNormalizationBridge``).
 
     Raises:
-        ValueError: a norm with a ``(1 + weight)`` offset (Gemma style), which is not supported.
+        ModelLoadError: a norm with a ``(1 + weight)`` offset (Gemma style), which is not supported.
     """
     if getattr(module, "uses_weight_offset", False):
-        raise ValueError(f"{getattr(module, 'name', module)}: norms with a (1 + weight) offset are not supported")
+        raise ModelLoadError(f"{getattr(module, 'name', module)}: norms with a (1 + weight) offset (Gemma style) are "
+                             "not supported; use a model with LayerNorm or plain RMSNorm")
     rms = bool(getattr(module, "uses_rms_norm", False))
     weight = module.weight.detach()
     comp = getattr(module, "original_component", None)
@@ -69,11 +72,12 @@ def norm_params(model, name: str) -> NormParams:
     """The :class:`NormParams` of the bridge's norm module at ``name`` (``ln_final``, ``blocks.1.ln2``, ...).
 
     Raises:
-        ValueError: a norm other than LayerNorm/RMSNorm, or one with a ``(1 + weight)`` offset (Gemma style).
+        ModelLoadError: a norm other than LayerNorm/RMSNorm, or one with a ``(1 + weight)`` offset (Gemma style).
     """
     kind = str(getattr(model.cfg, "normalization_type", "LN"))
     if not (kind.startswith("LN") or kind.startswith("RMS")):
-        raise ValueError(f"normalization_type {kind!r} is not supported (LayerNorm or RMSNorm only)")
+        raise ModelLoadError(f"normalization_type {kind!r} is not supported (LayerNorm or RMSNorm only); use a model "
+                             "with LayerNorm or RMSNorm")
     return module_norm_params(model.get_submodule(name))
 
 
@@ -127,7 +131,11 @@ class Readout:
 
 
 def readout_of(model) -> Readout:
-    """The model's :class:`Readout` (final norm + unembedding), whatever weight processing it was loaded with."""
+    """The model's :class:`Readout` (final norm + unembedding), whatever weight processing it was loaded with.
+
+    Raises:
+        ModelLoadError: the final norm is not supported (see :func:`norm_params`).
+    """
     W_U = model.W_U.detach()
     try:
         b_U = model.b_U

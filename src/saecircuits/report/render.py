@@ -717,15 +717,15 @@ def _feature_detail(fd: Mapping, fig: _Figures, sid: str) -> str:
     if wb:
         out.append(
             '<p class="note"><b>Weight-based logit boosts</b> (the decoder direction read through the unembedding, '
-            "as in the reference notebook): W_dec[k] @ W_out @ W_U, logits per "
-            "unit activation, common tokens only, no final-norm scale.</p>"
+            "as in the reference notebook): W_dec[k] @ W_out @ W_U with the final norm's centring and weight applied, "
+            "logits per unit activation, common tokens only, without the per-prompt norm scale.</p>"
         )
         out.append(_token_value_table("top", wb["top"], "bottom", wb["bottom"], "logits"))
     lva = fd.get("loss_vs_activation")
     if lva:
         out.append(
             '<p class="note"><b>Activation vs loss increase when ablated</b>, one point per active '
-            f"prompt; Pearson r = {_esc(_num(lva.get('pearson_r'), '.3f'))}.</p>"
+            f"prompt; Pearson r = {_esc(_num(lva.get('pearson_r'), '.3f'))} (n = {len(lva['activation'])}).</p>"
         )
         if lva["activation"]:
             f = go.Figure(
@@ -850,7 +850,7 @@ def _scaled_dla_section(sae: Mapping) -> str:
         '<p class="note">Activation-scaled DLA (as in the reference notebook): mean activation at the prediction '
         "position over "
         "all prompts, the feature's direct logit effect on the answer per unit activation (W_dec[k] @ W_out @ "
-        "W_U[:, answer], no norm scale), their product"
+        "W_U[:, answer] with the final norm's centring and weight, without the per-prompt norm scale), their product"
         + (", and the product through the final norm with each prompt's cached scale" if has_ln else "")
         + " (logits).</p>"
     ]
@@ -1362,7 +1362,8 @@ def _circuit_section(r: Mapping, fig: _Figures) -> str:
     if vw:
         out.append('<p class="note">The reference follow-up\'s weight-based edges for the strongest exact '
                    "feature-to-feature edges: W<sub>dec</sub>W<sub>out</sub>W<sub>in</sub>W<sub>enc</sub> "
-                   "(raw, and as a cosine), ignoring norms and the MLP non-linearity.</p>")
+                   "(raw, and as a cosine), with the second block's norm centring and weight applied, ignoring its "
+                   "per-prompt scale and the MLP non-linearity.</p>")
         out.append(_table(["source", "target", "exact edge", "prompts", "virtual (raw)", "virtual (cosine)"],
                           [(v["source"], v["target"], _num(v["exact"]), v["n_prompts"], _num(v["virtual_raw"]),
                             _num(v["virtual_cosine"], ".3f")) for v in vw[:15]], left_cols=(0, 1)))

@@ -19,6 +19,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from saecircuits.analysis.thresholds import MIN_ABLATION_EFFECT
 from saecircuits.report.schema import ci_bounds
 from saecircuits.report.tokens_html import visible_token
 
@@ -139,30 +140,24 @@ def _components(results: Mapping, n: int = 3) -> str:
             + (" and " if len(parts) > 1 else "") + parts[-1] + " (direct logit attribution, mean over prompts).")
 
 
-MIN_LAYER_EFFECT = 0.01
-"""Below this many nats of loss increase from ablating the layer, loss recovered divides by almost nothing."""
-
-
 def ratio_problem(sae: Mapping, key: str = "loss_recovered") -> str | None:
     """Why the loss-recovered ratio ``key`` of an SAE entry cannot be read as a result, or None when it can.
 
-    It cannot when it is missing or not finite (the reason results.json gives, if any), when ablating the layer
-    raises the answer loss by less than :data:`MIN_LAYER_EFFECT` nats (the ratio divides by almost nothing), or
-    when its 95% interval does not contain its value or reaches below 0 (a bootstrap of a near-zero denominator)."""
+    One rule, the one :func:`saecircuits.analysis.reconstruction.loss_recovered` applies when it computes the ratio:
+    it cannot be read when results.json gives a ``{key}_undefined_reason`` or no finite value. For files that predate
+    that field, the same threshold is applied here: ablating the layer raises the answer loss by less than
+    :data:`~saecircuits.analysis.thresholds.MIN_ABLATION_EFFECT` nats (the ratio divides by almost nothing)."""
     v = sae.get(key)
-    if not _finite(v):
-        return sae.get(f"{key}_undefined_reason") or "not recorded"
+    reason = sae.get(f"{key}_undefined_reason")
+    if reason or not _finite(v):
+        return reason or "not recorded"
     ablated = sae.get("zero_ablation_loss" if key == "loss_recovered" else "mean_ablation_loss")
     clean = sae.get("clean_loss")
-    if _finite(ablated) and _finite(clean) and ablated - clean < MIN_LAYER_EFFECT:
+    if _finite(ablated) and _finite(clean) and ablated - clean < MIN_ABLATION_EFFECT:
         d = ablated - clean
         change = (f"ablating the layer lowers the answer loss (by {-d:.3f} nats)" if d < 0 else
                   f"ablating the layer raises the answer loss by only {d:.3f} nats")
         return f"{change}, so the ratio divides by almost nothing"
-    lo, hi = ci_bounds(v, sae.get(f"{key}_ci95"))
-    if _finite(lo) and _finite(hi) and (lo < 0 or not lo <= v <= hi):
-        return (f"its 95% interval [{lo:.3f}, {hi:.3f}] is too wide (or does not contain the value): the layer's "
-                "ablation effect is too small or too variable on these prompts")
     return None
 
 
@@ -173,11 +168,17 @@ def _ranked(sae: Mapping) -> list[Mapping]:
 
 def layer_effect_share(sae: Mapping) -> float | None:
     """The top features' joint loss increase (``multi_ablation``) as a share of the layer's zero-ablation loss
-    increase (``zero_ablation_loss - clean_loss``); None when either is missing or the layer effect is not positive."""
+    increase (``zero_ablation_loss - clean_loss``).
+
+    None when either is missing, or when the layer's effect is too small to divide by: below
+    :data:`~saecircuits.analysis.thresholds.MIN_ABLATION_EFFECT` nats, or loss recovered vs zero ablation undefined
+    (the same rule as :func:`ratio_problem`; a 1e-4-nat layer effect must not become "300000% of the layer")."""
     ma = sae.get("multi_ablation") or {}
     joint = (ma.get("loss_increase") or ma.get("logprob_diff") or {}).get("mean")
     layer = (sae.get("zero_ablation_loss") or math.nan) - (sae.get("clean_loss") or math.nan)
-    if not (_finite(joint) and _finite(layer)) or layer <= 0:
+    if not (_finite(joint) and _finite(layer)) or layer < MIN_ABLATION_EFFECT:
+        return None
+    if ratio_problem(sae, "loss_recovered") is not None:
         return None
     return joint / layer
 

@@ -98,6 +98,16 @@ _ARCH_KEYS = {
     "jumprelu": frozenset(),
     "batchtopk": frozenset({"k", "rescale_acts_by_decoder_norm"}),
 }
+#: keys of ``cfg.extra`` in our own block: every architecture's, then each architecture's own. Anything else (a
+#: misplaced ``k`` on a standard SAE, a setting a newer saecircuits added) is refused rather than ignored.
+_COMMON_EXTRA = frozenset({"seed", "folded_activation_scale", "training", "saelens", "reference_config",
+                           "model_processing"})
+_EXTRA_KEYS = {
+    "standard": _COMMON_EXTRA,
+    "topk": _COMMON_EXTRA | {"k"},
+    "jumprelu": _COMMON_EXTRA | {"bandwidth", "threshold_init"},
+    "batchtopk": _COMMON_EXTRA | {"k", "threshold_lr"},
+}
 #: training-config fields that do not change encode/decode (coefficients, initialisation, sparse kernels).
 _TRAINING_ONLY_KEYS = frozenset(
     {"decoder_init_norm", "l1_coefficient", "lp_norm", "l1_warm_up_steps", "use_sparse_activations",
@@ -419,6 +429,11 @@ def _own_config(d: dict[str, Any], path: Path) -> SAEConfig:
     arch = cfg.architecture
     if arch not in _ARCH_KEYS:
         return cfg  # an architecture registered by the user: build_sae says whether it exists
+    unknown = sorted(set(cfg.extra) - _EXTRA_KEYS[arch])
+    if unknown:
+        raise _fail(path, f"'saecircuits.config.extra' has keys {unknown} that a {arch!r} SAE does not use (it uses "
+                          f"{sorted(_EXTRA_KEYS[arch])}); they may be settings of a newer saecircuits or of another "
+                          "architecture, so the SAE is not loaded: remove them or update saecircuits")
     saelens_arch = d.get("architecture")
     expected = {arch, "jumprelu"} if arch == "batchtopk" else {arch}
     # the SAELens keys are what other tools read: they must say the same as our block

@@ -71,28 +71,27 @@ def shrinkage(
 ) -> float:
     """Shrinkage of the reconstruction (< 1: ``x_hat`` systematically too small, as L1 penalties cause).
 
-    Modes (both averaged over tokens with ``||x_t|| > 0``):
-        ``"norm_ratio"`` (default): ``mean_t ||x_hat_t|| / ||x_t||``.
-        ``"projection"``: ``mean_t (x_hat_t . x_t) / ||x_t||^2``, the length of ``x_hat`` along ``x`` relative to
-        ``x`` (ignores the orthogonal error, which ``norm_ratio`` counts as length).
+    A ratio of sums over the (masked) tokens, not a mean of per-token ratios, so tokens with a tiny ``||x_t||``
+    cannot dominate (one token with ``||x|| = 1e-6`` and ``||x_hat|| = 1e-3`` would add a ratio of 1000). Modes:
+        ``"norm_ratio"`` (default): ``sum_t ||x_hat_t|| / sum_t ||x_t||``.
+        ``"projection"``: ``sum_t (x_hat_t . x_t) / sum_t ||x_t||^2``, the length of ``x_hat`` along ``x`` relative
+        to ``x`` (ignores the orthogonal error, which ``norm_ratio`` counts as length).
+    The trainer's logged ``shrinkage`` is this function (``norm_ratio``).
 
     Raises:
-        SAEError: shapes differ, unknown mode, or no token with non-zero norm.
+        SAEError: shapes differ, unknown mode, or every token has a zero input norm.
     """
     if x.shape != x_hat.shape:
         raise SAEError(f"x {tuple(x.shape)} and x_hat {tuple(x_hat.shape)} must have the same shape")
+    if mode not in ("norm_ratio", "projection"):
+        raise SAEError(f"unknown shrinkage mode {mode!r}; use 'norm_ratio' or 'projection'")
     xt, xh = _tokens(x, mask).double(), _tokens(x_hat, mask).double()
     norm = xt.norm(dim=-1)
-    keep = norm > 0
-    if not bool(keep.any()):
+    if not bool((norm > 0).any()):
         raise SAEError("shrinkage: no token with a non-zero input norm")
     if mode == "norm_ratio":
-        r = xh.norm(dim=-1)[keep] / norm[keep]
-    elif mode == "projection":
-        r = (xh * xt).sum(dim=-1)[keep] / norm[keep] ** 2
-    else:
-        raise SAEError(f"unknown shrinkage mode {mode!r}; use 'norm_ratio' or 'projection'")
-    return float(r.mean())
+        return float(xh.norm(dim=-1).sum() / norm.sum())
+    return float((xh * xt).sum() / (norm**2).sum())
 
 
 def firing_counts(f: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

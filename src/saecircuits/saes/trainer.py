@@ -91,8 +91,8 @@ class TrainConfig:
         seed: seed of the trainer's own generator (resampling); the global RNG is never touched.
         log_every: steps between metrics lines (JSONL and progress bar).
         checkpoint_every: steps between checkpoints (0 = only when a checkpoint_dir is given, at the end).
-        autocast_dtype: ``None`` (fp32) or ``"bfloat16"``/``"float16"`` autocast for forward and loss (a
-            ``"torch."`` prefix is accepted).
+        autocast_dtype: ``None`` (fp32) or ``"bfloat16"`` autocast for forward and loss (a ``"torch."`` prefix
+            is accepted); ``"float16"`` is refused (its gradients underflow without a gradient scaler).
         device: where the SAE trains (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
     """
 
@@ -135,10 +135,13 @@ class TrainConfig:
             problems.append(f"total_steps must be positive (got {self.total_steps})")
         if self.lr <= 0:
             problems.append(f"lr must be positive (got {self.lr})")
-        if self.autocast_dtype not in (None, "bfloat16", "float16"):
-            problems.append(
-                f"autocast_dtype must be None, 'bfloat16' or 'float16' (got {self.autocast_dtype!r})"
-            )
+        if self.autocast_dtype == "float16":
+            # fp16's range (min normal 6e-5) makes small gradients underflow to 0 unless a gradient scaler rescales
+            # the loss; bf16 has fp32's range, so it needs none
+            problems.append("autocast_dtype 'float16' is refused: float16 gradients underflow silently without a "
+                            "gradient scaler; use 'bfloat16' (the same speed-up, with float32's range)")
+        elif self.autocast_dtype not in (None, "bfloat16"):
+            problems.append(f"autocast_dtype must be None or 'bfloat16' (got {self.autocast_dtype!r})")
         if any(s <= 0 for s in self.resample_steps):
             problems.append(f"resample_steps must be positive step numbers (got {self.resample_steps})")
         if problems:
@@ -215,6 +218,16 @@ def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
     try:
         return ev(x.detach(), x_hat.detach())
+    except SAEError:
+        return float("nan")
+
+
+def _shrinkage(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """:func:`saecircuits.saes.metrics.shrinkage` of a batch (the one formula); NaN for an all-zero batch."""
+    from saecircuits.saes.metrics import shrinkage
+
+    try:
+        return shrinkage(x.detach(), x_hat.detach())
     except SAEError:
         return float("nan")
 
@@ -454,8 +467,8 @@ class SAETrainer:
             # per token, summed over d_in, in the units the SAE sees (scaled when normalize_activations)
             "mse": float((x_hat - x).pow(2).sum(-1).mean()),
             "explained_variance": explained_variance(x, x_hat),
-            # mean ||x_hat|| / ||x||: below 1 when the sparsity penalty shrinks reconstructions
-            "shrinkage": float(x_hat.norm(dim=-1).mean() / x.norm(dim=-1).mean().clamp(min=1e-12)),
+            # sum ||x_hat|| / sum ||x||: below 1 when the sparsity penalty shrinks reconstructions
+            "shrinkage": _shrinkage(x, x_hat),
             "dead_fraction": float((self.steps_since_fired >= self.cfg.dead_window_steps).float().mean()),
             "dense_fraction": float((freq > self.cfg.dense_frequency).float().mean()),
             "resampled_total": self.n_resampled_total,
@@ -826,6 +839,7 @@ def train_saes_on_model(
         SAEError: hook points and configs disagree; ActivationDataError: bad rows or unknown hook point.
     """
     from saecircuits.data.activations import model_activation_batches, shard_rows
+    from saecircuits.saes.processing import record_model_processing
     from saecircuits.saes.registry import build_sae
 
     hook_points = list(hook_points)
@@ -867,6 +881,8 @@ def train_saes_on_model(
                 f"sae_cfgs hook points {[c.hook_point for c in cfgs]} must equal hook_points {hook_points} (same order)"
             )
     saes = [(c.hook_point, build_sae(c)) for c in cfgs]
+    for _, sae in saes:  # an SAE on a hook that weight processing changes records the model's switches
+        record_model_processing(sae, model)
     data_settings = {
         "seq_len": int(token_rows.shape[1]),
         "n_rows": int(token_rows.shape[0]),

@@ -335,7 +335,7 @@
       plotBox(plots, [{type: "histogram", x: c.lva.l, marker: {color: "#9467bd"}, nbinsx: 30}],
               {title: {text: "Loss increase when ablated, per prompt"}, xaxis: {title: {text: "loss increase (nats)"}}, yaxis: {title: {text: "prompts"}}});
       plotBox(plots, [{type: "scatter", mode: "markers", x: c.lva.a, y: c.lva.l, marker: {color: "#d62728", size: 6, opacity: 0.7}}],
-              {title: {text: "Activation vs loss increase (r = " + fmt(c.lva.r, 2) + ")"}, xaxis: {title: {text: "activation at P"}}, yaxis: {title: {text: "loss increase (nats)"}}});
+              {title: {text: "Activation vs loss increase (r = " + fmt(c.lva.r, 2) + ", n = " + c.lva.a.length + ")"}, xaxis: {title: {text: "activation at P"}}, yaxis: {title: {text: "loss increase (nats)"}}});
     }
     if (c.dfa && c.dfa.labels.length) {
       var err = c.dfa.ci && c.dfa.ci.length === c.dfa.mean.length ? {type: "data", array: c.dfa.ci, visible: true} : undefined;
