@@ -938,6 +938,10 @@ def study_run(model, saes: list, entries: list[dict], task, cfg: RunConfig, prog
         "paired": [{"a": a, "b": b} | _mean_ci(m) for (a, b), m in lc.paired.items()],
     }}
 
+CIRCUIT_MEAN_DOCS = 300
+"""Corpus documents whose tokens give the circuit's mean-ablation values (enough for stable means, and cheap)."""
+
+
 def _circuit_summary(cj: dict, n_nodes: int = 400) -> dict:
     """The circuit's results.json entry: what the report draws (the whole graph is in circuit.json)."""
     in_c = set(cj["circuit"])
@@ -1101,7 +1105,8 @@ def run_pipeline(
             from saecircuits.analysis.circuit import find_circuit
 
             say(f"feature circuit across {len(saes)} SAE(s): exact node effects and edges, gradient estimates")
-            circ = find_circuit(model, saes, task, ig_steps=cfg.circuit_ig_steps, progress=progress)
+            circ = find_circuit(model, saes, task, ig_steps=cfg.circuit_ig_steps, progress=progress,
+                                corpus_rows=stat_docs[:CIRCUIT_MEAN_DOCS])
             circuit_json = circ.to_json()
             circuit_entry = _circuit_summary(circuit_json)
             t = _stage(timings, "circuit", t)

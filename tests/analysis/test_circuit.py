@@ -15,6 +15,7 @@ from saecircuits.analysis.circuit import (
     agreement,
     attribution_estimates,
     circuit_nodes,
+    corpus_node_means,
     exact_effects,
     faithfulness_curve,
     find_circuit,
@@ -201,6 +202,54 @@ def test_faithfulness_undefined_when_ablating_everything_does_not_clearly_hurt()
     assert "mean-ablating every node" in reason
     drop = curve["m_clean"].iloc[0] - curve["m_empty"].iloc[0]
     assert drop < 0.01 or "includes 0" in reason
+
+
+def test_corpus_node_means_equal_a_per_document_bridge_average():
+    """Every node's mean over the real tokens of corpus documents (a special id inside one is skipped), against
+    run_with_cache on each document alone."""
+    from helpers import STORIES
+
+    from saecircuits.models.tokens import encode_documents
+
+    model, task, saes, nodes, groups = _setup()
+    rows = encode_documents(model.tokenizer, STORIES[:5], max_len=int(model.cfg.n_ctx))
+    eos = model.tokenizer.eos_token_id
+    rows[2] = rows[2][:4] + [eos] + rows[2][4:]  # an inline special id: not a token of the text
+    means = corpus_node_means(model, rows, groups, max_batch=2)
+    special = {model.tokenizer.bos_token_id, eos, model.tokenizer.pad_token_id}
+    sums, n = {}, 0
+    for row in rows:
+        _, cache = model.run_with_cache(torch.tensor([row]))
+        keep = torch.tensor([t not in special for t in row])
+        n += int(keep.sum())
+        for g in groups:
+            x = cache[g.hook][0][keep].float()
+            if g.kind == "sae":
+                f = g.sae.encode(x)
+                vals = {"f": f.sum(0), "e": (x - g.sae.decode(f)).sum(0)}
+            else:
+                vals = {"x": x.sum(0)}
+            for k, v in vals.items():
+                sums[(g.hook, k)] = sums.get((g.hook, k), 0) + v
+    for (hook, k), v in sums.items():
+        got = means[hook][k] if k != "x" else means[hook]
+        torch.testing.assert_close(got, v / n, atol=1e-5, rtol=1e-4)
+
+
+def test_find_circuit_with_corpus_means_says_which_mean_it_used():
+    from helpers import STORIES
+
+    from saecircuits.models.tokens import encode_documents
+
+    model, task, saes, _, _ = _setup()
+    rows = encode_documents(model.tokenizer, STORIES, max_len=int(model.cfg.n_ctx))
+    res = find_circuit(model, saes, task, ig_steps=0, sizes=[1, 5], corpus_rows=rows, progress=False)
+    assert res.selection["mean_ablation"] == f"each node's mean over the tokens of {len(rows)} corpus documents"
+    res2 = find_circuit(model, saes, task, ig_steps=0, sizes=[1, 5], progress=False)
+    assert "at P over the task's" in res2.selection["mean_ablation"]
+    # the exact node effects do not depend on the means; the faithfulness curve does
+    torch.testing.assert_close(res.exact.node_effect, res2.exact.node_effect)
+    assert not np.allclose(res.curve["m_empty"], res2.curve["m_empty"])
 
 
 def test_virtual_weights_hand_computed():

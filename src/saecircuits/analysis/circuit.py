@@ -749,6 +749,52 @@ def node_means(model, task: Task, groups: list[_Group], *, max_tokens=DEFAULT_MA
     return {h: ({k: v / n for k, v in s.items()} if isinstance(s, dict) else s / n) for h, s in sums.items()}
 
 
+def corpus_node_means(model, token_rows: Sequence[Sequence[int]], groups: list[_Group], *,
+                      max_tokens=DEFAULT_MAX_TOKENS, max_batch=DEFAULT_MAX_BATCH, progress: bool | None = None) -> dict:
+    """Mean activation of every group over every real token of ``token_rows`` (special tokens and padding skipped),
+    in :func:`node_means`'s format: the mean-ablation baseline of faithfulness and completeness.
+
+    Why not the task's prompts at P: when every prompt has the same answer (``."`` closing a quote), their mean at P
+    is itself an "average prompt" that predicts the answer, so mean-ablating every node does not remove the
+    behaviour and faithfulness is undefined. Corpus tokens are the mean the pipeline's mean ablation uses.
+
+    Args:
+        token_rows: token lists (corpus documents, BOS first), each at most the model's context long.
+
+    Raises:
+        ValueError: no token position to average.
+    """
+    from saecircuits.models.hooks import _device_of, n_ctx_of, pad_id_of, row_batches
+    from saecircuits.models.tokens import special_token_ids, special_token_mask
+
+    iv = interventions_for(model)
+    hooks = [g.hook for g in groups]
+    special = special_token_ids(getattr(model, "tokenizer", None))
+    sums: dict[str, Any] = {}
+    count = 0
+    batches = row_batches(token_rows, pad_id_of(model), max_tokens=max_tokens, max_batch=max_batch,
+                          device=_device_of(model), n_ctx=n_ctx_of(model))
+    for batch in with_progress(batches, len(token_rows), "circuit: mean of every node over the corpus (documents)",
+                               progress):
+        lengths = batch.positions + 1
+        mask = torch.arange(batch.tokens.shape[1], device=lengths.device)[None] < lengths[:, None]
+        mask &= ~special_token_mask(batch.tokens, special)
+        reads = iv.read_all(batch.tokens, hooks)
+        with torch.no_grad():
+            for g in groups:
+                x = reads[g.hook][mask.to(reads[g.hook].device)].float()  # [n_tokens, *shape]
+                if g.kind == "sae":
+                    f = g.sae.encode(x.to(g.sae.W_dec.dtype)).float()
+                    part = {"f": f.sum(0), "e": (x - g.sae.decode(f).float()).sum(0)}
+                    sums[g.hook] = part if g.hook not in sums else {k: sums[g.hook][k] + part[k] for k in part}
+                else:
+                    sums[g.hook] = x.sum(0) + (sums[g.hook] if g.hook in sums else 0)
+        count += int(mask.sum())
+    if count == 0:
+        raise ValueError("corpus_node_means got no token positions (empty rows, or only special tokens)")
+    return {h: ({k: v / count for k, v in s.items()} if isinstance(s, dict) else s / count) for h, s in sums.items()}
+
+
 def faithfulness_curve(
     model,
     task: Task,
@@ -1027,6 +1073,7 @@ def find_circuit(
     node_threshold: float | None = None,
     edge_fraction: float = 0.1,
     sizes: Sequence[int] | None = None,
+    corpus_rows: Sequence[Sequence[int]] | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
     progress: bool | None = None,
@@ -1043,6 +1090,9 @@ def find_circuit(
         node_threshold: keep the nodes with ``|exact effect| >= node_threshold`` (nats) instead.
         edge_fraction: circuit edges are those among circuit nodes with ``|exact| >= edge_fraction x`` the largest.
         sizes: circuit sizes swept for the faithfulness/completeness curves (default 1, 2, 5, 10, 20, 50, ...).
+        corpus_rows: corpus documents (token lists); mean ablation then uses each node's mean over their tokens
+            (:func:`corpus_node_means`, what the pipeline passes). None: the mean at P over the task's prompts
+            (:func:`node_means`, as Sparse Feature Circuits on a task whose prompts have different answers).
         progress: progress bars.
 
     Returns:
@@ -1075,14 +1125,20 @@ def find_circuit(
     agree["edges"]["atp"] = agreement(np.array([atp.edges.get(k, 0.0) for k in keys]), ex_e)
     if ig is not None:
         agree["nodes"]["ig"] = agreement(ig.node_effect.numpy(), exact.node_effect.numpy())
-        ig_keys = [k for k in keys if k[1] in {d for _, d in ig.edges}]
+        ig_targets = {d for _, d in ig.edges}  # built once: a million exact edges x thousands of IG edges otherwise
+        ig_keys = [k for k in keys if k[1] in ig_targets]
         if ig_keys:
             agree["edges"]["ig"] = agreement(np.array([ig.edges.get(k, 0.0) for k in ig_keys]),
                                              np.array([exact.edges[k][0] for k in ig_keys]))
     N = len(nodes)
     if sizes is None:
         sizes = [s for s in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if s < N] + [N]
-    means = node_means(model, task, groups, **kw)
+    if corpus_rows is not None:
+        means = corpus_node_means(model, corpus_rows, groups, progress=progress, **kw)
+        mean_rule = f"each node's mean over the tokens of {len(corpus_rows)} corpus documents"
+    else:
+        means = node_means(model, task, groups, **kw)
+        mean_rule = f"each node's mean at P over the task's {task.n_prompts} prompts"
     curve = faithfulness_curve(model, task, nodes, groups, order, sizes, means=means, **kw)
     if node_threshold is not None:
         circuit = [i for i in order if abs(float(exact.node_effect[i])) >= node_threshold]
@@ -1108,6 +1164,7 @@ def find_circuit(
             rule = f"faithfulness undefined ({curve['undefined_reason'].iloc[0]}): every node kept"
         circuit = order[:size]
         selection = {"rule": rule, "n_nodes": size}
+    selection["mean_ablation"] = mean_rule
     if len(circuit) not in set(curve["n_nodes"].tolist()):
         extra = faithfulness_curve(model, task, nodes, groups, order, [len(circuit)], means=means, **kw)
         curve = pd.concat([curve, extra]).sort_values("n_nodes").reset_index(drop=True)

@@ -1261,7 +1261,9 @@ def _circuit_section(r: Mapping, fig: _Figures) -> str:
             f"faithfulness {_esc(_num(sel.get('faithfulness'), '.3f'))} (the answer's log-prob with every other node "
             "mean-ablated, on the scale clean = 1, everything mean-ablated = 0), completeness "
             f"{_esc(_num(sel.get('completeness'), '.3f'))} (what is left when the circuit itself is mean-ablated; "
-            f"0 = nothing). Edges: {_esc(sel.get('edge_rule', ''))}.</p>"
+            f"0 = nothing). Edges: {_esc(sel.get('edge_rule', ''))}."
+            + (f" Mean ablation replaces a node by {_esc(sel['mean_ablation'])}." if sel.get("mean_ablation") else "")
+            + "</p>"
         )
         if sel.get("undefined_reason"):
             out.append(f'<div class="warn"><b>Faithfulness and completeness are undefined:</b> '
