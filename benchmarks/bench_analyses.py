@@ -443,11 +443,11 @@ def bench_circuit(args) -> None:
 
     a = argparse.Namespace(**vars(args))
     a.n_prompts = 300
-    model, task, _, label = load_case("default", a)
+    model, task, rows, label = load_case("default", a)
     saes = [calibrated_sae(model, task, f"blocks.{layer}.mlp.hook_post", 2048, args.l0, seed=layer)
             for layer in (0, 1)]
     interventions_for(model).clear_cache()
-    res, t = timed(lambda: find_circuit(model, saes, task, ig_steps=10))
+    res, t = timed(lambda: find_circuit(model, saes, task, ig_steps=10, corpus_rows=rows[:300]))  # as the pipeline
     ag = res.agreement
     print(f"\n== feature circuit, {label}, 2 SAEs x 2,048 features, {task.n_prompts} prompts, "
           f"{torch.get_num_threads()} thread(s): {t:.1f} s")
