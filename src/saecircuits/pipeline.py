@@ -985,7 +985,7 @@ def run_pipeline(
         PipelineError, TaskError, ModelLoadError, SAEError: bad input, with the fix in the message.
     """
     from saecircuits.analysis.behaviour import behaviour_summary
-    from saecircuits.analysis.checks import behaviour_checks
+    from saecircuits.analysis.checks import behaviour_checks, density_checks
     from saecircuits.analysis.dla import direct_logit_attribution
     from saecircuits.data.corpus import read_documents
     from saecircuits.models.load import load_model, model_provenance
@@ -1088,6 +1088,10 @@ def run_pipeline(
         entry["training"] = {k: v for k, v in training.items() if k != "final_metrics"} | (
             {"final_metrics": fm} if fm else {})
         entries.append(entry)
+        ranked = [t["feature"] for t in entry.get("top_features") or []]
+        for c in density_checks(sae.hook_point, ranked, stats[i].density, stats[i].l0, sae.cfg.d_sae):
+            entry["checks"].append(c.to_dict())
+            entry.setdefault("failed_checks", []).append(c.id)
         for c in entry.pop("checks"):  # all checks go to one block; the entry keeps their ids (failed_checks)
             checks.append(c)
             say(f"WARNING ({sae.hook_point}): {c['message']}")

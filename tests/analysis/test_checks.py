@@ -104,3 +104,19 @@ def test_wilson_interval_hand_values():
     assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
     assert wilson_ci95(0, 5)[0] == 0.0 and wilson_ci95(5, 5)[1] == pytest.approx(1.0)
     assert all(math.isnan(v) for v in wilson_ci95(0, 0))
+
+
+def test_dense_top_features_flagged_when_most_of_the_top_five_are_dense():
+    from saecircuits.analysis.checks import density_checks
+
+    density = torch.full((10,), 0.01, dtype=torch.float64)  # as FeatureStats.density
+    density[[2, 5, 7]] = torch.tensor([0.5, 0.2, 0.101], dtype=torch.float64)
+    (c,) = density_checks("blocks.0.mlp.hook_post", [2, 5, 7, 1, 0, 9], density, l0=42.0, d_sae=10)
+    assert c.id == "dense_top_features" and c.scope == "blocks.0.mlp.hook_post"
+    assert "3 of the top 5 features are dense" in c.message and "2 (50%), 5 (20%), 7 (10%)" in c.message
+    assert "--l1-coefficient" in c.what_to_try
+    # two of five dense, or only a dense feature outside the top five: no warning
+    assert density_checks("h", [2, 5, 1, 0, 9, 7], density, l0=1.0, d_sae=10) == []
+    assert density_checks("h", [], density, l0=1.0, d_sae=10) == []
+    density[7] = 0.1  # exactly a tenth is not dense
+    assert density_checks("h", [2, 5, 7, 1, 0], density, l0=1.0, d_sae=10) == []

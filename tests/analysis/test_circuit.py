@@ -188,6 +188,12 @@ def test_faithfulness_identities_and_agreement_statistics():
     b = agreement(np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 3.0, 2.0, 4.0]), top=1)
     assert b["spearman"] == pytest.approx(1 - 6 * 2 / (4 * 15))  # rank differences 0, 1, 1, 0
     assert b["top_overlap"] == 1.0 and b["sign_agreement"] == 1.0
+    # many small entries agree, the two largest have the wrong sign: high Spearman, low top sign agreement
+    exact = np.concatenate([[10.0, -8.0], np.linspace(0.01, 0.5, 40)])
+    est = np.concatenate([[-0.1, 0.1], np.linspace(0.01, 0.5, 40)])
+    c = agreement(est, exact, top=4)
+    assert c["spearman"] > 0.8 and c["sign_agreement"] == pytest.approx(40 / 42)
+    assert c["top_sign_agreement"] == pytest.approx(0.5)  # of the exact top 4: 10, -8 wrong; 0.5, 0.4875 right
 
 
 def test_faithfulness_undefined_when_ablating_everything_does_not_clearly_hurt():

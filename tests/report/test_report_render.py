@@ -221,3 +221,13 @@ def test_section_markers_are_css_escapes_not_control_characters(results):
     assert 'summary::before { content: "\\25B8";' in page
     assert 'summary::before { content: "\\25BE"; }' in page
     assert not re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f]", page)
+
+
+def test_an_estimate_that_gets_the_largest_effects_wrong_cannot_stand_in():
+    from saecircuits.report.render import _stand_in
+
+    good = {"spearman": 0.98, "sign_agreement": 0.99, "top_overlap": 0.9}
+    assert _stand_in(good) == "yes"  # results written before top_sign_agreement existed
+    assert _stand_in(good | {"top_sign_agreement": 0.95}) == "yes"
+    assert _stand_in(good | {"top_sign_agreement": 1 / 6}) == "no"
+    assert _stand_in({"spearman": float("nan")}).startswith("undefined")

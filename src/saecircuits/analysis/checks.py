@@ -17,6 +17,10 @@ reconstructs the hook point at P well enough that its features stand for what th
 ``loss_recovered_undefined_zero`` / ``loss_recovered_undefined_mean``
     loss recovered against zero / mean ablation is ill-posed
     (:func:`saecircuits.analysis.reconstruction.loss_recovered` gives the reason).
+``dense_top_features``
+    most of the top-ranked features are dense: each fires on more than :data:`DENSE_DENSITY` of the corpus tokens.
+    A feature that fires on a tenth of all text does not stand for one concept, so the ranking names directions,
+    not readable features (the usual sign of a sparsity penalty too weak for this model).
 
 Every check is a warning: the run still reports everything, and the report and console show the warnings beside
 the numbers they concern (an SAE that fails a check has its feature ranking flagged).
@@ -31,7 +35,10 @@ from typing import Any
 from saecircuits.analysis.behaviour import MIN_TOP1_ACCURACY, BehaviourSummary
 from saecircuits.analysis.reconstruction import ReconstructionResult
 
-__all__ = ["Check", "behaviour_checks", "sae_checks"]
+__all__ = ["Check", "behaviour_checks", "sae_checks", "density_checks", "DENSE_DENSITY"]
+
+DENSE_DENSITY = 0.1
+"""A feature firing on more than this fraction of corpus tokens is dense (the report's glossary uses the same)."""
 
 _BETTER_SAE = (
     "train it on more activations (--sae-tokens), with a lower --l1-coefficient or a larger --expansion-factor; "
@@ -126,3 +133,30 @@ def sae_checks(hook_point: str, rec: ReconstructionResult) -> list[Check]:
                 ),
             ))
     return out
+
+
+def density_checks(hook_point: str, top_features: list[int], density, l0: float, d_sae: int,
+                   n_top: int = 5) -> list[Check]:
+    """``dense_top_features``: more than half of the ``n_top`` top-ranked features are dense.
+
+    Args:
+        top_features: feature indices in ranking order (largest effect first).
+        density: ``[d_sae]`` fraction of corpus tokens on which each feature fires (corpus statistics).
+        l0: mean active features per corpus token (quoted in the message).
+    """
+    top = [int(k) for k in top_features[:n_top]]
+    dense = [k for k in top if float(density[k]) > DENSE_DENSITY]
+    if not top or len(dense) * 2 <= len(top):
+        return []
+    shown = ", ".join(f"{k} ({float(density[k]):.0%})" for k in dense)
+    return [Check(
+        id="dense_top_features",
+        scope=hook_point,
+        message=(
+            f"{len(dense)} of the top {len(top)} features are dense, firing on more than {DENSE_DENSITY:.0%} of the "
+            f"corpus tokens: {shown}; the SAE's L0 is {l0:.1f} of {d_sae} features per token. Dense features "
+            "do not stand for one concept each, so the ranking names directions rather than readable features"
+        ),
+        what_to_try=("train a sparser SAE: a larger --l1-coefficient (or a TopK SAE with a small k via "
+                     "train-sae), on more activations (--sae-tokens); keep the other checks passing"),
+    )]

@@ -697,10 +697,13 @@ def agreement(estimate: np.ndarray, exact: np.ndarray, *, top: int = 20) -> dict
     """How well an estimate stands in for the exact values (same entries, same order).
 
     Returns:
-        ``{"n", "spearman", "sign_agreement", "top_overlap", "top"}``: Spearman rank correlation; the fraction of
-        entries with ``|exact| > 1e-6 * max|exact|`` whose signs agree (relative, so float rounding noise around 0
-        never counts, whatever the scale of the effects); the share of the exact top-``top`` by magnitude found in
-        the estimate's top-``top`` (NaN where undefined, e.g. fewer than 3 entries or a constant vector).
+        ``{"n", "spearman", "sign_agreement", "top_overlap", "top_sign_agreement", "top"}``: Spearman rank
+        correlation; the fraction of entries with ``|exact| > 1e-6 * max|exact|`` whose signs agree (relative, so
+        float rounding noise around 0 never counts, whatever the scale of the effects); the share of the exact
+        top-``top`` by magnitude found in the estimate's top-``top``; the fraction of the exact top-``top`` whose
+        estimate has the right sign (the largest effects are what a circuit is read from, and thousands of tiny
+        entries can hide that an estimate gets them wrong). NaN where undefined, e.g. fewer than 3 entries or a
+        constant vector.
     """
     est, ex = np.asarray(estimate, dtype=np.float64), np.asarray(exact, dtype=np.float64)
     n = int(ex.size)
@@ -714,11 +717,13 @@ def agreement(estimate: np.ndarray, exact: np.ndarray, *, top: int = 20) -> dict
     out["sign_agreement"] = float(np.mean(np.sign(est[nz]) == np.sign(ex[nz]))) if nz.any() else float("nan")
     k = out["top"]
     if k == 0:
-        out["top_overlap"] = float("nan")
+        out["top_overlap"] = out["top_sign_agreement"] = float("nan")
     else:
-        a = set(np.argsort(-np.abs(ex), kind="stable")[:k].tolist())
+        top_exact = np.argsort(-np.abs(ex), kind="stable")[:k]
+        a = set(top_exact.tolist())
         b = set(np.argsort(-np.abs(est), kind="stable")[:k].tolist())
         out["top_overlap"] = len(a & b) / k
+        out["top_sign_agreement"] = float(np.mean(np.sign(est[top_exact]) == np.sign(ex[top_exact])))
     return out
 
 
