@@ -51,7 +51,10 @@ def test_headline_spread_thin_and_behaviour_from_checks(results):
     assert math.isclose(layer_effect_share(sae), 0.5 / 3.5555)
     results["behaviour"] = {"performs": False, "top1_accuracy": 0.31}
     h = headline(results)
-    assert "The model does NOT perform the behaviour: its top-1 prediction is the answer on 31% of the prompts." in h
+    assert "The model does NOT perform the behaviour: its top-1 prediction is the answer on 31.0% of the prompts." in h
+    results["behaviour"] = {"performs": True, "top1_accuracy": 299 / 300, "n_prompts": 300}
+    h = headline(results)  # a count, never 99.7% rounded to 100%
+    assert "The model performs the behaviour: its top-1 prediction is the answer on 299 of the 300 prompts (99.7%)." in h
     assert any(s.startswith("The effect in blocks.0.mlp.hook_post is spread thin") for s in h)
 
 
@@ -64,9 +67,16 @@ def test_surprises_loss_recovered_above_one_and_mean_worse_than_zero(results):
     said = surprises(sae, results)
     assert said[0].startswith("Loss recovered vs zero ablation is above 1 (1.050): with the SAE spliced in, the answer "
                               "loss (0.568 nats) is lower than the clean model's (0.432).")
-    assert said[1].startswith("Mean ablation hurts more than zero ablation here (5.000 vs 3.988 nats). Mean ablation "
+    assert said[1].startswith("Mean ablation hurts more than zero ablation at blocks.0.mlp.hook_post (5.000 vs 3.988 "
+                              "nats). Mean ablation "
                               "replaces the activation at P by its mean over 73974 corpus tokens, special-token "
                               "positions left out")
+
+
+def test_loss_recovered_above_one_within_its_interval_is_not_a_surprise(results):
+    sae = results["saes"][0]
+    sae.update(loss_recovered=1.004, loss_recovered_ci95=[0.995, 1.012])
+    assert not any("above 1" in s for s in surprises(sae, results))
 
 
 def test_ratio_problem_when_the_layer_barely_matters(results):

@@ -275,11 +275,12 @@ def _header(r: Mapping) -> str:
         own = task.get("example_answers")
         if own is None and toks and len(toks) == 1:
             own = [toks[0]] * len(examples)
+        n_all = task.get("n_prompts", len(examples))  # results.json keeps a few examples of all the prompts
         out.append(
-            f'<p class="note">Example prompts ({min(len(examples), 5)} of {len(examples)} shown); the '
+            f'<p class="note">Example prompts ({min(len(examples), 5)} of {n_all} shown); the '
             "highlighted text is the answer the model should predict next (whitespace shown as \u00b7).</p>"
             if own is not None else
-            f'<p class="note">Example prompts ({min(len(examples), 5)} of {len(examples)} shown); this '
+            f'<p class="note">Example prompts ({min(len(examples), 5)} of {n_all} shown); this '
             "results.json does not record which answer belongs to which prompt.</p>"
         )
         for j, p in enumerate(examples[:5]):

@@ -117,7 +117,12 @@ def _performs(results: Mapping) -> str:
     b = results.get("behaviour")
     if isinstance(b, Mapping) and "performs" in b:
         acc = b.get("top1_accuracy")
-        acc_s = f"its top-1 prediction is the answer on {acc:.0%} of the prompts" if _finite(acc) else ""
+        n = b.get("n_prompts")
+        hits = round(acc * n) if _finite(acc) and isinstance(n, int) else None
+        # counts, not a rounded percentage: 299 of 300 must not read as 100%
+        acc_s = ("" if not _finite(acc) else f"its top-1 prediction is the answer on {hits} of the {n} prompts "
+                 f"({acc:.1%})" if hits is not None else f"its top-1 prediction is the answer on {acc:.1%} of the "
+                 "prompts")
         verdict = "The model performs the behaviour" if b["performs"] else "The model does NOT perform the behaviour"
         return f"{verdict}{': ' + acc_s if acc_s else ''}."
     loss = _clean_loss(results)
@@ -272,6 +277,12 @@ def feature_reading(sae: Mapping, k: int) -> str:
     return "; ".join(parts)
 
 
+def _interval_above_one(value: float, ci) -> bool:
+    """True when a ratio's 95% interval lies above 1 (or there is none): 1.004 [0.995, 1.012] is just 1."""
+    lo, _ = ci_bounds(value, ci)
+    return not _finite(lo) or lo > 1
+
+
 def surprises(sae: Mapping, results: Mapping | None = None) -> list[str]:
     """A sentence for each value of one SAE entry that would surprise a reader: loss recovered above 1, mean ablation
     hurting more than zero ablation (with which mean is used)."""
@@ -282,7 +293,7 @@ def surprises(sae: Mapping, results: Mapping | None = None) -> list[str]:
         if _finite(v) and problem is not None:
             out.append(f"Loss recovered vs {vs} ablation ({v:.3f}) cannot be read as a result: {problem}. Compare "
                        "the losses themselves (clean, SAE spliced in, ablated) instead.")
-        elif _finite(v) and v > 1:
+        elif _finite(v) and v > 1 and _interval_above_one(v, sae.get(f"{key}_ci95")):
             out.append(
                 f"Loss recovered vs {vs} ablation is above 1 ({v:.3f}): with the SAE spliced in, the answer loss "
                 f"({_f(sae.get('sae_loss'))} nats) is lower than the clean model's ({_f(sae.get('clean_loss'))}). "
@@ -297,7 +308,8 @@ def surprises(sae: Mapping, results: Mapping | None = None) -> list[str]:
             ", special-token positions left out" if bos.get("special_positions") == "excluded" else
             ", special-token positions included" if bos.get("special_positions") == "included" else "")
         out.append(
-            f"Mean ablation hurts more than zero ablation here ({mean:.3f} vs {zero:.3f} nats). Mean ablation "
+            f"Mean ablation hurts more than zero ablation at {sae.get('hook_point', 'this hook')} ({mean:.3f} vs "
+            f"{zero:.3f} nats). Mean ablation "
             f"replaces the activation at P by {which}: an average over every position of every story, which at the "
             "prediction position can lie further from the clean activation than zero does. Loss recovered is "
             "then easier to reach against mean ablation.")
