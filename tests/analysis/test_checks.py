@@ -40,7 +40,8 @@ def test_issue_stories260k_numbers_sae_worse_than_mean_ablation_and_negative_ev(
     assert r.loss_recovered_mean.value == pytest.approx((0.73 - 0.78) / (0.73 - 0.48), abs=1e-9)
     checks = sae_checks(HOOK, r)
     ids = [c.id for c in checks]
-    assert ids == ["sae_worse_than_mean_ablation", "negative_explained_variance"]
+    # loss recovered vs zero ablation: (0.83 - 0.78) / (0.83 - 0.48) = 0.14, also too weak
+    assert ids == ["sae_worse_than_mean_ablation", "negative_explained_variance", "low_loss_recovered"]
     worse = checks[0]
     # per prompt |sae - clean| = 0.3 each; |mean - clean| = 0.30, 0.20, 0.26, 0.24 -> 0.25 on average
     assert worse.scope == HOOK and "by 0.3000 nats" in worse.message and "(0.2500;" in worse.message
@@ -120,3 +121,14 @@ def test_dense_top_features_flagged_when_most_of_the_top_five_are_dense():
     assert density_checks("h", [], density, l0=1.0, d_sae=10) == []
     density[7] = 0.1  # exactly a tenth is not dense
     assert density_checks("h", [2, 5, 7, 1, 0], density, l0=1.0, d_sae=10) == []
+
+
+def test_low_loss_recovered_only_when_the_whole_interval_is_below_one_half():
+    clean = [0.40, 0.50, 0.45, 0.55, 0.48, 0.52]
+    zero = [c + 1.0 for c in clean]
+    weak = _rec(clean, [c + 0.8 for c in clean], zero, [c + 0.9 for c in clean], 0.5)
+    (c,) = [c for c in sae_checks(HOOK, weak) if c.id == "low_loss_recovered"]
+    assert weak.loss_recovered_zero.value == pytest.approx((1.0 - 0.8) / 1.0)  # by hand: 0.2 on every prompt
+    assert "is 0.200" in c.message and "--sae-tokens" in c.what_to_try
+    fine = _rec(clean, [c + 0.4 for c in clean], zero, [c + 0.9 for c in clean], 0.5)  # 0.6
+    assert "low_loss_recovered" not in [c.id for c in sae_checks(HOOK, fine)]

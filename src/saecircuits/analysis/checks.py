@@ -17,6 +17,10 @@ reconstructs the hook point at P well enough that its features stand for what th
 ``loss_recovered_undefined_zero`` / ``loss_recovered_undefined_mean``
     loss recovered against zero / mean ablation is ill-posed
     (:func:`saecircuits.analysis.reconstruction.loss_recovered` gives the reason).
+``low_loss_recovered``
+    loss recovered vs zero ablation is defined and its whole 95% interval lies below :data:`MIN_LOSS_RECOVERED`:
+    splicing the SAE in loses more than half of what the layer does for the answer, so its features leave out
+    most of the mechanism.
 ``dense_top_features``
     most of the top-ranked features are dense: each fires on more than :data:`DENSE_DENSITY` of the corpus tokens.
     A feature that fires on a tenth of all text does not stand for one concept, so the ranking names directions,
@@ -35,7 +39,10 @@ from typing import Any
 from saecircuits.analysis.behaviour import MIN_TOP1_ACCURACY, BehaviourSummary
 from saecircuits.analysis.reconstruction import ReconstructionResult
 
-__all__ = ["Check", "behaviour_checks", "sae_checks", "density_checks", "DENSE_DENSITY"]
+__all__ = ["Check", "behaviour_checks", "sae_checks", "density_checks", "DENSE_DENSITY", "MIN_LOSS_RECOVERED"]
+
+MIN_LOSS_RECOVERED = 0.5
+"""Below this loss recovered (the whole interval) the SAE is too weak for its ranking to support a conclusion."""
 
 DENSE_DENSITY = 0.1
 """A feature firing on more than this fraction of corpus tokens is dense (the report's glossary uses the same)."""
@@ -114,6 +121,19 @@ def sae_checks(hook_point: str, rec: ReconstructionResult) -> list[Check]:
                 f"explained variance at P is {ev:.3f} (< 0): the reconstruction is further from the activations "
                 "than their mean over the prompts is, so the SAE does not resolve how the prompts differ at P "
                 f"(its squared error is {rec.relative_error:.1%} of the activations' squared norm there)"
+            ),
+            what_to_try="use a better SAE: " + _BETTER_SAE,
+        ))
+    lz = rec.loss_recovered_zero
+    if lz.defined and math.isfinite(lz.value) and (lz.high if math.isfinite(lz.high) else lz.value) < MIN_LOSS_RECOVERED:
+        out.append(Check(
+            id="low_loss_recovered",
+            scope=hook_point,
+            message=(
+                f"loss recovered vs zero ablation is {lz.value:.3f} (95% CI up to {lz.high:.3f}), below "
+                f"{MIN_LOSS_RECOVERED}: with the SAE spliced in at P the answer loss is {lz.spliced:.4f} nats, "
+                f"against {lz.clean:.4f} clean and {lz.ablated:.4f} with the layer zero-ablated, so the SAE's "
+                "features leave out most of what the layer does for the answer"
             ),
             what_to_try="use a better SAE: " + _BETTER_SAE,
         ))
