@@ -231,3 +231,9 @@ def test_an_estimate_that_gets_the_largest_effects_wrong_cannot_stand_in():
     assert _stand_in(good | {"top_sign_agreement": 0.95}) == "yes"
     assert _stand_in(good | {"top_sign_agreement": 1 / 6}) == "no"
     assert _stand_in({"spearman": float("nan")}).startswith("undefined")
+
+
+def test_a_bidi_override_in_a_prompt_is_shown_not_obeyed(results):
+    results["task"]["example_prompts"][0] = 'Tom said, "\u202eevil'
+    page = build_report_html(results)
+    assert "\u202e" not in page and "&lt;U+202E&gt;evil" in page

@@ -135,3 +135,11 @@ def test_report_page_embeds_the_token_css(results):
     from saecircuits.report.tokens_html import TOKENS_CSS
 
     assert TOKENS_CSS in build_report_html(results)
+
+
+def test_visible_text_shows_bidi_controls_and_keeps_whitespace():
+    from saecircuits.report.tokens_html import visible_text
+
+    text = "Tom said, \"\u202eevil.\u200d ok\"\n\tnext"
+    assert visible_text(text) == "Tom said, \"<U+202E>evil.<U+200D> ok\"\n\tnext"
+    assert "\u202e" not in visible_text("\u202e")

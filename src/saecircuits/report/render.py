@@ -57,7 +57,7 @@ from saecircuits.report.summary import (
     supported,
     surprises,
 )
-from saecircuits.report.tokens_html import TOKENS_CSS, token_html, tokens_to_html, visible_token
+from saecircuits.report.tokens_html import TOKENS_CSS, token_html, tokens_to_html, visible_text, visible_token
 
 __all__ = ["render_report", "build_report_html", "build_report", "build_card_page", "Report", "plotly_bundle"]
 
@@ -285,7 +285,7 @@ def _header(r: Mapping) -> str:
         )
         for j, p in enumerate(examples[:5]):
             mark = f'<mark class="answer">{token_html(own[j])}</mark>' if own is not None else ""
-            out.append(f'<div class="prompt">{_esc(p)}{mark}</div>')
+            out.append(f'<div class="prompt">{_esc(visible_text(p))}{mark}</div>')
     return "\n".join(out)
 
 

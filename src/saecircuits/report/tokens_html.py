@@ -27,7 +27,7 @@ import math
 import unicodedata
 from collections.abc import Mapping, Sequence
 
-__all__ = ["TOKENS_CSS", "token_color", "visible_token", "token_html", "tokens_to_html"]
+__all__ = ["TOKENS_CSS", "token_color", "visible_token", "visible_text", "token_html", "tokens_to_html"]
 
 PILCROW = "\u00b6"
 MIDDLE_DOT = "\u00b7"
@@ -82,6 +82,13 @@ def visible_token(token: str) -> str:
     """The token as displayed (not yet escaped): each whitespace character visible (space and other whitespace ->
     middle dot, tab -> right arrow, newline -> pilcrow) and invisible control/format characters as ``<U+XXXX>``."""
     return "".join(_visible_char(c) for c in token)
+
+
+def visible_text(text: str) -> str:
+    """Running text as displayed (not yet escaped): whitespace kept as is, but invisible control/format characters
+    (bidi overrides, zero-width joiners, ...) written ``<U+XXXX>``, so a right-to-left override inside a prompt
+    cannot reverse the rest of the line."""
+    return "".join(c if c in "\n\t" or c.isspace() else _visible_char(c) for c in text)
 
 
 def token_html(token: str) -> str:
