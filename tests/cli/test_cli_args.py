@@ -39,3 +39,22 @@ def test_run_and_demo_flags_reach_the_run_config(tmp_path, monkeypatch):
         assert (seen[-1].circuit, seen[-1].circuit_ig_steps) == want
     result = CliRunner().invoke(app, [*argv, "--circuit-ig-steps", "0"])
     assert result.exit_code == 2 and "circuit-ig-steps" in result.output
+
+
+def test_demo_uses_the_l1_coefficient_tuned_for_the_embedded_default(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import saecircuits.cli.run as cli_run
+    from saecircuits.cli import app
+    from saecircuits.models.default import DEMO_L1_COEFFICIENT
+    from saecircuits.pipeline import RunConfig
+
+    seen = []
+    monkeypatch.setattr(cli_run, "_execute", lambda cfg, export: seen.append(cfg))
+    monkeypatch.setattr(cli_run, "_threads", lambda n: None)
+    argv = ["demo", "--workspace", str(tmp_path / "ws"), "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    assert seen[-1].l1_coefficient == DEMO_L1_COEFFICIENT != RunConfig.l1_coefficient
+    result = CliRunner().invoke(app, [*argv, "--l1-coefficient", "0.5", "--no-circuit"])
+    assert result.exit_code == 0 and seen[-1].l1_coefficient == 0.5 and seen[-1].circuit is False

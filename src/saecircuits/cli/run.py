@@ -320,6 +320,10 @@ def demo(
         metavar="DIR", show_default=_WORKSPACE_SHOWN,
         help="Cache folder (default model, corpora, trained SAEs).")] = DEFAULT_WORKSPACE,
     sae_tokens: Annotated[int, typer.Option(metavar="N", min=1, help="Activations each SAE is trained on.")] = 400_000,
+    l1_coefficient: Annotated[float, typer.Option(
+        metavar="X", min=0.0,
+        help="Per-token L1 coefficient on normalised activations, tuned for the embedded default (run's default, "
+             "0.3, leaves its features dense).")] = 3.0,
     max_prompts: Annotated[int, typer.Option(metavar="N", min=1, help="Use at most this many task prompts.")] = 300,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="cpu, cuda, cuda:1, mps.")] = "cpu",
     seed: Annotated[int, typer.Option(metavar="N", min=0, help="Seed of SAE training and bootstraps.")] = 0,
@@ -351,6 +355,7 @@ def demo(
         cfg = RunConfig(
             model="saecircuits-default", data=heldout, train_data=sae_train, out=out, sae_tokens=sae_tokens,
             device=device, seed=seed, workspace=workspace, max_prompts=max_prompts, circuit=circuit,
+            l1_coefficient=l1_coefficient,
             circuit_ig_steps=circuit_ig_steps,
         )
         _say(f"workspace {workspace}")
