@@ -769,21 +769,19 @@ def corpus_node_means(model, token_rows: Sequence[Sequence[int]], groups: list[_
     Raises:
         ValueError: no token position to average.
     """
+    from saecircuits.analysis.corpus_stats import counted_token_mask, special_ids_of
     from saecircuits.models.hooks import _device_of, n_ctx_of, pad_id_of, row_batches
-    from saecircuits.models.tokens import special_token_ids, special_token_mask
 
     iv = interventions_for(model)
     hooks = [g.hook for g in groups]
-    special = special_token_ids(getattr(model, "tokenizer", None))
+    special = special_ids_of(model)
     sums: dict[str, Any] = {}
     count = 0
     batches = row_batches(token_rows, pad_id_of(model), max_tokens=max_tokens, max_batch=max_batch,
                           device=_device_of(model), n_ctx=n_ctx_of(model))
     for batch in with_progress(batches, len(token_rows), "circuit: mean of every node over the corpus (documents)",
                                progress):
-        lengths = batch.positions + 1
-        mask = torch.arange(batch.tokens.shape[1], device=lengths.device)[None] < lengths[:, None]
-        mask &= ~special_token_mask(batch.tokens, special)
+        mask = counted_token_mask(batch.tokens, batch.positions + 1, special)  # the positions statistics count
         reads = iv.read_all(batch.tokens, hooks)
         with torch.no_grad():
             for g in groups:
