@@ -370,8 +370,8 @@ def _checks_section(r: Mapping) -> str:
         return "\n".join(out)
     if not checks:
         out.append('<div class="ok">All checks passed: every SAE reconstructs its hook at the prediction '
-                   "position better than mean ablation does, with a non-negative explained variance and a defined "
-                   "loss recovered.</div>")
+                   "position better than mean ablation does, with a non-negative explained variance, a defined "
+                   "loss recovered not clearly below 0.5, and top features that are not mostly dense.</div>")
         return "\n".join(out)
     out.append(f'<p class="note">{len(checks)} warning(s). Numbers they concern cannot support a conclusion as '
                "they stand.</p>")
