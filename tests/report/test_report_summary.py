@@ -65,7 +65,8 @@ def test_surprises_loss_recovered_above_one_and_mean_worse_than_zero(results):
     results["corpus"] = {"n_tokens": 73974}
     results["bos_policy"] = {"prepended": True, "special_positions": "excluded"}
     said = surprises(sae, results)
-    assert said[0].startswith("Loss recovered vs zero ablation is above 1 (1.050): with the SAE spliced in, the answer "
+    assert said[0].startswith("Loss recovered vs zero ablation at blocks.0.mlp.hook_post is above 1 (1.050): with the "
+                              "SAE spliced in, the answer "
                               "loss (0.568 nats) is lower than the clean model's (0.432).")
     assert said[1].startswith("Mean ablation hurts more than zero ablation at blocks.0.mlp.hook_post (5.000 vs 3.988 "
                               "nats). Mean ablation "

@@ -291,11 +291,13 @@ def surprises(sae: Mapping, results: Mapping | None = None) -> list[str]:
         v = sae.get(key)
         problem = ratio_problem(sae, key)
         if _finite(v) and problem is not None:
-            out.append(f"Loss recovered vs {vs} ablation ({v:.3f}) cannot be read as a result: {problem}. Compare "
+            out.append(f"Loss recovered vs {vs} ablation at {sae.get('hook_point', 'this hook')} ({v:.3f}) cannot "
+                       f"be read as a result: {problem}. Compare "
                        "the losses themselves (clean, SAE spliced in, ablated) instead.")
         elif _finite(v) and v > 1 and _interval_above_one(v, sae.get(f"{key}_ci95")):
             out.append(
-                f"Loss recovered vs {vs} ablation is above 1 ({v:.3f}): with the SAE spliced in, the answer loss "
+                f"Loss recovered vs {vs} ablation at {sae.get('hook_point', 'this hook')} is above 1 ({v:.3f}): "
+                "with the SAE spliced in, the answer loss "
                 f"({_f(sae.get('sae_loss'))} nats) is lower than the clean model's ({_f(sae.get('clean_loss'))}). "
                 "The SAE's reconstruction error happens to help this answer; read it as fully recovered, not as "
                 "better than the model.")
