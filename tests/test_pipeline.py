@@ -344,3 +344,20 @@ def test_tokenizer_without_bos_end_to_end(tmp_path):
         for ex in fe["examples"]:
             assert "special" not in ex["token_kinds"] and "[UNK]" not in ex["tokens"]  # no phantom BOS shown
     assert "has no BOS token" in build_report_html(results)
+
+
+def test_a_broken_sae_folder_fails_before_the_model_loads(tmp_path, corpus, monkeypatch):
+    import saecircuits.models.load as load_mod
+    from saecircuits.saes.base import SAEError
+
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    (folder / "cfg.json").write_text("{not json", encoding="utf-8")
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the SAE files were read")
+
+    monkeypatch.setattr(load_mod, "load_model", no_model)
+    with pytest.raises((SAEError, ValueError)) as err:
+        run_pipeline(_cfg(tmp_path, corpus, sae_paths=[folder]), progress=False)
+    assert not isinstance(err.value, AssertionError) and "broken" in str(err.value)

@@ -1000,6 +1000,10 @@ def run_pipeline(
     out = Path(cfg.out)  # created only when the results are written, so a failed run leaves no empty folder
     check_device(cfg.device)
     cfg.check_inputs()
+    preloaded = None
+    if cfg.sae_paths:  # read the SAE files first: a broken one fails in a second, not after the model loads
+        say(f"loading {len(cfg.sae_paths)} SAE(s)")
+        preloaded = _load_saes(list(cfg.sae_paths), cfg.device)
 
     if model is None:
         say(f"loading model {cfg.model}")
@@ -1053,9 +1057,8 @@ def run_pipeline(
         say(layer_note)
         cfg = dataclasses.replace(cfg, layers=chosen_layers)
 
-    if cfg.sae_paths:
-        say(f"loading {len(cfg.sae_paths)} SAE(s)")
-        saes = _load_saes(list(cfg.sae_paths), cfg.device)
+    if preloaded is not None:
+        saes = preloaded
         training = {"reused": True, "paths": [str(p) for p in cfg.sae_paths]}
     else:
         say("SAEs on " + ", ".join(HOOK_TEMPLATE.format(layer=layer) for layer in
