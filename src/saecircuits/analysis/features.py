@@ -206,6 +206,30 @@ def answer_losses(
     return out
 
 
+def variant_losses(
+    model, task: Task, edit: Edit, n_variants: int, *, max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+) -> torch.Tensor:
+    """Answer loss (nats) at P per prompt, clean and under each of ``n_variants`` variants of one edit at P.
+
+    Args:
+        edit: :class:`~saecircuits.models.interventions.Edit` whose ``fn`` maps ``[B, F, *act]`` to
+            ``[B, n_variants, *act]``.
+
+    Returns:
+        float32 ``[n_prompts, 1 + n_variants]`` in task order; column 0 is the clean loss.
+    """
+    iv = interventions_for(model)
+    out = torch.zeros(task.n_prompts, 1 + n_variants)
+    for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
+        rows = torch.tensor(batch.indices)
+        clean = iv.clean(batch)
+        out[rows, 0] = answer_metrics(clean.logits, batch.answer_ids)["loss"].cpu()
+        logits, _ = iv.run(clean, [edit], n_variants=n_variants)
+        out[rows, 1:] = answer_metrics(logits, batch.answer_ids)["loss"].cpu()
+    return out
+
+
 def spliced_losses(
     model, sae: SAE, task: Task, *, max_tokens: int = DEFAULT_MAX_TOKENS, max_batch: int = DEFAULT_MAX_BATCH
 ) -> torch.Tensor:

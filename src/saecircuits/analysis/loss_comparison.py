@@ -31,10 +31,11 @@ from saecircuits.analysis.ablation_modes import (
     check_mode,
     edit_dtype,
 )
+from saecircuits.analysis.features import variant_losses
 from saecircuits.analysis.stats import MeanCI, mean_ci95
 from saecircuits.display import NotebookDisplay
-from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, answer_metrics, task_batches
-from saecircuits.models.interventions import Edit, interventions_for
+from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS
+from saecircuits.models.interventions import Edit
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
 
@@ -150,15 +151,8 @@ def loss_comparison(
         sae_counter.observe(x_hat)
         return torch.cat([mean_row.to(x).expand_as(x), torch.zeros_like(x), ablated, x_hat], dim=1)
 
-    n = task.n_prompts
-    losses = torch.zeros(n, len(CONDITIONS))
-    iv = interventions_for(model)
-    for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
-        rows = torch.tensor(batch.indices)
-        clean = iv.clean(batch)
-        losses[rows, 0] = answer_metrics(clean.logits, batch.answer_ids)["loss"].cpu()
-        logits, _ = iv.run(clean, [Edit(sae.hook_point, variants)], n_variants=4)
-        losses[rows, 1:] = answer_metrics(logits, batch.answer_ids)["loss"].cpu()
+    losses = variant_losses(model, task, Edit(sae.hook_point, variants), 4, max_tokens=max_tokens,
+                            max_batch=max_batch)
     if not feats:
         losses[:, 3] = float("nan")
     means = {c: mean_ci95(losses[:, j]) for j, c in enumerate(CONDITIONS)}

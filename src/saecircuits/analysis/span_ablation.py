@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
+from saecircuits.analysis.features import variant_losses
 from saecircuits.analysis.stats import MeanCI, mean_ci95
 from saecircuits.display import NotebookDisplay
-from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, answer_metrics, task_batches
-from saecircuits.models.interventions import Edit, interventions_for
+from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS
+from saecircuits.models.interventions import Edit
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
 
@@ -128,15 +129,8 @@ def span_ablation(
         kept.append(((ph**2).sum(-1) / (h**2).sum(-1).clamp(min=1e-30)).reshape(-1).cpu())
         return torch.cat([ph, ph + mu_out], dim=1).to(x.dtype)
 
-    n = task.n_prompts
-    losses = torch.zeros(n, 3)
-    iv = interventions_for(model)
-    for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
-        rows = torch.tensor(batch.indices)
-        clean = iv.clean(batch)
-        losses[rows, 0] = answer_metrics(clean.logits, batch.answer_ids)["loss"].cpu()
-        logits, _ = iv.run(clean, [Edit(sae.hook_point, variants)], n_variants=2)
-        losses[rows, 1:] = answer_metrics(logits, batch.answer_ids)["loss"].cpu()
+    losses = variant_losses(model, task, Edit(sae.hook_point, variants), 2, max_tokens=max_tokens,
+                            max_batch=max_batch)
     return SpanAblation(
         features=[int(k) for k in features],
         rank=int(q.shape[1]),
