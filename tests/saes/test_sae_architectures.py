@@ -26,7 +26,7 @@ def _x(n=10, d_in=6, seed=0):
 
 
 def test_registry_names():
-    assert architectures() == ["batchtopk", "jumprelu", "standard", "topk"]
+    assert architectures() == ["batchtopk", "gated", "jumprelu", "standard", "topk"]
     with pytest.raises(SAEError, match="unknown SAE architecture 'gated'.*standard"):
         build_sae(SAEConfig("gated", 4, 8, HOOK))
 

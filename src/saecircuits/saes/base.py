@@ -89,8 +89,13 @@ class SAEConfig:
             keeps it equal to its parameters' dtype through every move (``.to``, ``.half()``, ``.bfloat16()``,
             ...). Thresholds are kept in at least float32 whatever this says (:attr:`SAE.full_precision_tensors`).
         apply_b_dec_to_input: subtract ``b_dec`` before encoding (the reference notebook does).
+        d_out: output width when it differs from ``d_in`` (transcoders: ``W_dec [d_sae, d_out]``, ``b_dec
+            [d_out]``); ``None`` means ``d_in``.
+        hook_point_out: TransformerLens hook the SAE writes when it is not ``hook_point`` (a transcoder reads the
+            MLP's input and writes ``blocks.L.hook_mlp_out``); ``None`` means ``hook_point``.
         extra: architecture-specific settings (``k`` for TopK/BatchTopK, ``threshold_lr`` for BatchTopK,
-            ``bandwidth`` and ``threshold_init`` for JumpReLU, ``seed``, training metadata, ...). Building an SAE
+            ``bandwidth`` and ``threshold_init`` for JumpReLU, ``seed``, training metadata, ...), and the maths
+            of foreign SAE families (:data:`MATHS_KEYS`). Building an SAE
             writes the value it used for every setting, defaults included, into its own copy of the config, so
             ``cfg.json`` records them all. Must be JSON-serialisable.
 
@@ -106,9 +111,15 @@ class SAEConfig:
     dtype: str = "float32"
     apply_b_dec_to_input: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    d_out: int | None = None
+    hook_point_out: str | None = None
 
     def __post_init__(self) -> None:
         self.dtype = dtype_name(self.dtype)
+        if self.d_out == self.d_in:
+            self.d_out = None
+        if self.hook_point_out == self.hook_point:
+            self.hook_point_out = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,10 +134,34 @@ class SAEConfig:
         return cls(**d)
 
 
+#: ``cfg.extra`` keys that change an SAE's maths (every architecture honours them; see :class:`SAE`):
+#: ``skip_connection`` (bool: ``W_skip [d_out, d_in]``, reconstruction ``+ x @ W_skip.T``), ``input_normalization``
+#: (``"none"`` or ``"layer_norm"``: each token is centred and divided by its unbiased std + ``input_normalization_eps``
+#: inside the SAE, OpenAI's TopK SAEs), ``reshape_activations`` (``"none"`` or ``"hook_z"``: ``[..., n_heads,
+#: d_head]`` inputs are flattened to ``d_in = n_heads * d_head``), ``topk_relu`` (bool, TopK only: ``False`` keeps
+#: negative top-k values, as circuit-tracer's TopK transcoders do).
+MATHS_KEYS = ("skip_connection", "input_normalization", "input_normalization_eps", "reshape_activations",
+              "topk_relu")
+INPUT_NORMALIZATIONS = ("none", "layer_norm")
+
+
 class SAE(nn.Module):
     """Base SAE: linear encoder, architecture-specific activation, linear decoder (ReLU by default).
 
-    Shapes: ``x [..., d_in]`` -> ``encode`` -> ``f [..., d_sae]`` -> ``decode`` -> ``x_hat [..., d_in]``.
+    Shapes: ``x [..., d_in]`` -> ``encode`` -> ``f [..., d_sae]`` -> ``decode`` -> ``x_hat [..., d_out]`` (``d_out =
+    d_in`` except for transcoders, which read ``hook_point`` and write ``hook_point_out``).
+
+    Reconstruction: ``decode(f, x) = f @ W_dec + bias(x)`` with ``bias(x) = b_dec`` for most SAEs. Two families
+    make the bias depend on the input, so :meth:`decode` then needs ``x`` (it raises without it):
+
+    * skip connections (sparsify, Gemma Scope 2 and circuit-tracer transcoders): ``bias(x) = b_dec + x @ W_skip.T``;
+    * per-token input normalisation (``input_normalization="layer_norm"``, OpenAI's TopK SAEs, whose
+      ``recons = (latents @ W_dec + pre_bias) * std(x) + mean(x)``): features are reported in activation units,
+      ``f = latents * std(x)`` (a positive per-token factor: the same features fire, ranked the same), so
+      ``f @ W_dec`` is each feature's exact share of the reconstruction and ``bias(x) = b_dec * std(x) + mean(x)``.
+
+    Either way ``x_hat = sum_k f_k W_dec[k] + bias(x)`` exactly, so removing feature ``k``'s decoded part is
+    ``- f_k W_dec[k]`` for every SAE.
     A freshly constructed SAE has all-zero parameters; call :meth:`initialize_` (``build_sae`` does). The SAE
     works on its own deep copy of ``cfg`` (moving or folding one SAE never changes another built from the same
     config).
@@ -146,17 +181,37 @@ class SAE(nn.Module):
     extra_weight_names: tuple[str, ...] = ()
     #: parameters/buffers kept in at least float32 when the rest of the SAE is float16/bfloat16.
     full_precision_tensors: tuple[str, ...] = ()
+    #: whether :mod:`saecircuits.saes.trainer` can train this architecture (inference-only ones: gated).
+    trainable: bool = True
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
-        if cfg.d_in <= 0 or cfg.d_sae <= 0:
-            raise SAEError(f"d_in and d_sae must be positive, got d_in={cfg.d_in}, d_sae={cfg.d_sae}")
+        d_out = cfg.d_out or cfg.d_in
+        if cfg.d_in <= 0 or cfg.d_sae <= 0 or d_out <= 0:
+            raise SAEError(f"d_in, d_out and d_sae must be positive, got d_in={cfg.d_in}, d_out={d_out}, "
+                           f"d_sae={cfg.d_sae}")
+        if d_out != cfg.d_in and cfg.apply_b_dec_to_input:
+            raise SAEError(f"apply_b_dec_to_input needs d_out == d_in (b_dec is subtracted from the input), got "
+                           f"d_in={cfg.d_in}, d_out={d_out}; transcoders set apply_b_dec_to_input=False")
         self.cfg = copy.deepcopy(cfg)
+        extra = self.cfg.extra
+        self.skip_connection = bool(extra.get("skip_connection", False))
+        self.input_normalization = extra.get("input_normalization", "none")
+        if self.input_normalization not in INPUT_NORMALIZATIONS:
+            raise SAEError(f"cfg.extra['input_normalization'] must be one of {INPUT_NORMALIZATIONS}, got "
+                           f"{self.input_normalization!r}")
+        self.input_normalization_eps = float(extra.get("input_normalization_eps", 1e-5))
+        self.reshape_activations = extra.get("reshape_activations", "none")
+        if self.reshape_activations not in ("none", "hook_z"):
+            raise SAEError(f"cfg.extra['reshape_activations'] must be 'none' or 'hook_z', got "
+                           f"{self.reshape_activations!r}")
         dtype = torch_dtype(cfg.dtype)
         self.W_enc = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_sae, dtype=dtype))
-        self.W_dec = nn.Parameter(torch.zeros(cfg.d_sae, cfg.d_in, dtype=dtype))
+        self.W_dec = nn.Parameter(torch.zeros(cfg.d_sae, d_out, dtype=dtype))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dtype))
+        if self.skip_connection:
+            self.W_skip = nn.Parameter(torch.zeros(d_out, cfg.d_in, dtype=dtype))
 
     @property
     def d_in(self) -> int:
@@ -167,8 +222,29 @@ class SAE(nn.Module):
         return self.cfg.d_sae
 
     @property
+    def d_out(self) -> int:
+        """Output width (``d_in`` except for transcoders)."""
+        return self.cfg.d_out or self.cfg.d_in
+
+    @property
     def hook_point(self) -> str:
+        """The hook the SAE reads (and, unless it is a transcoder, writes)."""
         return self.cfg.hook_point
+
+    @property
+    def hook_point_out(self) -> str:
+        """The hook the SAE's reconstruction stands for (``hook_point`` except for transcoders)."""
+        return self.cfg.hook_point_out or self.cfg.hook_point
+
+    @property
+    def is_transcoder(self) -> bool:
+        """Reads one hook and writes another (``hook_point`` -> ``hook_point_out``)."""
+        return self.hook_point_out != self.hook_point
+
+    @property
+    def decode_needs_input(self) -> bool:
+        """The reconstruction's bias depends on the input (skip connection, per-token normalisation)."""
+        return self.skip_connection or self.input_normalization != "none"
 
     @property
     def dtype(self) -> torch.dtype:
@@ -235,33 +311,70 @@ class SAE(nn.Module):
         """Hook for architecture-specific parameters (thresholds); called at the end of :meth:`initialize_`."""
 
     # ------------------------------------------------------------------ forward paths
-    def hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
-        """Encoder pre-activation ``(x - b_dec) @ W_enc + b_enc``: ``[..., d_in] -> [..., d_sae]``.
+    def flatten_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as ``[..., d_in]``: an attention ``hook_z`` activation ``[..., n_heads, d_head]`` is flattened
+        (``reshape_activations="hook_z"``, SAELens' ``reshape_activations``); other inputs are returned as they are.
 
         Raises:
-            SAEError: the last dimension of ``x`` is not ``d_in``.
+            SAEError: the last dimension (or, for ``hook_z``, the last two) do not make ``d_in``.
         """
+        if (self.reshape_activations == "hook_z" and x.dim() >= 2 and x.shape[-1] != self.d_in
+                and x.shape[-2] * x.shape[-1] == self.d_in):
+            x = x.flatten(-2)
         if x.shape[-1] != self.d_in:
             raise SAEError(
                 f"SAE on {self.hook_point} expects inputs of width d_in={self.d_in}, got {x.shape[-1]}; "
                 "use an SAE trained on this hook point of this model"
             )
-        x = x.to(self.W_enc.dtype)  # as SAELens' process_sae_in: inputs take the SAE's dtype
+        return x
+
+    def _encoder_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(x_in, scale)``: what the encoder multiplies (``b_dec`` already subtracted when the SAE does), in the
+        SAE's dtype, and the per-token std ``[..., 1]`` of a normalising SAE (else None)."""
+        x = self.flatten_input(x).to(self.W_enc.dtype)  # as SAELens' process_sae_in: inputs take the SAE's dtype
+        scale = None
+        if self.input_normalization == "layer_norm":
+            centred = x - x.mean(dim=-1, keepdim=True)
+            scale = centred.std(dim=-1, keepdim=True)  # unbiased, as OpenAI's LN
+            x = centred / (scale + self.input_normalization_eps)
         x_in = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+        return x_in, scale
+
+    def hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder pre-activation ``(x - b_dec) @ W_enc + b_enc``: ``[..., d_in] -> [..., d_sae]`` (``x``
+        normalised first by a normalising SAE; ``b_dec`` subtracted only with ``apply_b_dec_to_input``).
+
+        Raises:
+            SAEError: the last dimension of ``x`` is not ``d_in``.
+        """
+        x_in, _ = self._encoder_input(x)
         return x_in @ self.W_enc + self.b_enc
 
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Training path: ``(f [..., d_sae], hidden_pre [..., d_sae])`` for ``x [..., d_in]``.
 
         Differentiable (straight-through estimators where the activation is discontinuous). For BatchTopK it
-        selects over the whole batch; every other architecture gives the same ``f`` as :meth:`encode`.
+        selects over the whole batch; every other architecture gives the same ``f`` as :meth:`encode` (before the
+        per-token scale of a normalising SAE).
         """
         hidden_pre = self.hidden_pre(x)
         return torch.relu(hidden_pre), hidden_pre
 
+    def _inference_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token activations of the (normalised) input; architectures whose inference differs override it."""
+        return self.encode_with_hidden_pre(x)[0]
+
+    def _output_scale(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Per-token factor ``[..., 1]`` that puts a normalising SAE's latents in activation units (else None)."""
+        if self.input_normalization == "none":
+            return None
+        return self._encoder_input(x)[1]
+
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Inference path: feature activations ``f [..., d_sae]`` of ``x [..., d_in]`` (per token)."""
-        return self.encode_with_hidden_pre(x)[0]
+        f = self._inference_activations(x)
+        scale = self._output_scale(x)
+        return f if scale is None else f * scale
 
     def encode_features(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Activations of some features only: ``encode(x)[..., features]`` as ``[..., n]`` for ``x [..., d_in]``.
@@ -273,10 +386,10 @@ class SAE(nn.Module):
         if not self.per_feature_activation:
             return self.encode(x)[..., features.to(self.W_enc.device)]
         idx = features.to(self.W_enc.device)
-        x = x.to(self.W_enc.dtype)
-        x_in = x - self.b_dec if self.cfg.apply_b_dec_to_input else x
+        x_in, scale = self._encoder_input(x)
         pre = x_in @ self.W_enc[:, idx] + self.b_enc[idx]
-        return self._activate_columns(pre, idx)
+        f = self._activate_columns(pre, idx)
+        return f if scale is None else f * scale
 
     per_feature_activation = True
     """Each feature's activation depends on its own pre-activation only (False for TopK/BatchTopK)."""
@@ -285,37 +398,64 @@ class SAE(nn.Module):
         """The activation applied to pre-activations of ``features`` (ReLU here)."""
         return torch.relu(pre)
 
-    def decode(self, f: torch.Tensor) -> torch.Tensor:
-        """Reconstruction ``f @ W_dec + b_dec``: ``[..., d_sae] -> [..., d_in]`` (in the SAE's dtype)."""
-        return f.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
+    def decoder_bias(self, x: torch.Tensor | None = None) -> torch.Tensor:
+        """``bias(x)`` of the reconstruction (see the class docstring): ``b_dec [d_out]``, or ``[..., d_out]`` for an
+        SAE whose bias depends on its input ``x [..., d_in]``.
+
+        Raises:
+            SAEError: the SAE needs ``x`` (skip connection, per-token normalisation) and none was given.
+        """
+        if not self.decode_needs_input:
+            return self.b_dec
+        if x is None:
+            why = "a skip connection" if self.skip_connection else "per-token input normalisation"
+            raise SAEError(f"the SAE on {self.hook_point} has {why}: its reconstruction depends on its input; "
+                           "call decode(f, x) with the activations f was encoded from")
+        x = self.flatten_input(x).to(self.W_dec.dtype)
+        bias = self.b_dec
+        if self.input_normalization == "layer_norm":
+            mean = x.mean(dim=-1, keepdim=True)
+            bias = self.b_dec * (x - mean).std(dim=-1, keepdim=True) + mean
+        if self.skip_connection:
+            bias = bias + x @ self.W_skip.T
+        return bias
+
+    def decode(self, f: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruction ``f @ W_dec + bias(x)``: ``[..., d_sae] -> [..., d_out]`` (in the SAE's dtype).
+
+        ``x [..., d_in]`` (what ``f`` was encoded from) is needed only when :attr:`decode_needs_input`.
+
+        Raises:
+            SAEError: ``x`` is needed and missing.
+        """
+        return f.to(self.W_dec.dtype) @ self.W_dec + self.decoder_bias(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction ``x_hat [..., d_in]`` of ``x [..., d_in]`` (inference path)."""
-        return self.decode(self.encode(x))
+        """Reconstruction ``x_hat [..., d_out]`` of ``x [..., d_in]`` (inference path)."""
+        return self.decode(self.encode(x), x)
 
     # ------------------------------------------------------------------ weights on disk (SAELens names)
     def export_weights(self) -> dict[str, torch.Tensor]:
         """The tensors of ``sae_weights.safetensors`` in SAELens names (detached, contiguous)."""
-        return {
-            "W_enc": self.W_enc.detach().contiguous(),
-            "W_dec": self.W_dec.detach().contiguous(),
-            "b_enc": self.b_enc.detach().contiguous(),
-            "b_dec": self.b_dec.detach().contiguous(),
-        }
+        names = ("W_enc", "W_dec", "b_enc", "b_dec") + (("W_skip",) if self.skip_connection else ())
+        return {name: getattr(self, name).detach().contiguous() for name in names}
 
     def expected_weight_shapes(self) -> dict[str, tuple[int, ...]]:
         """Name -> shape of every tensor :meth:`export_weights` writes and :meth:`import_weights_` needs."""
-        return {
+        shapes = {
             "W_enc": (self.d_in, self.d_sae),
-            "W_dec": (self.d_sae, self.d_in),
+            "W_dec": (self.d_sae, self.d_out),
             "b_enc": (self.d_sae,),
-            "b_dec": (self.d_in,),
+            "b_dec": (self.d_out,),
         }
+        if self.skip_connection:
+            shapes["W_skip"] = (self.d_out, self.d_in)
+        return shapes
 
     @torch.no_grad()
     def import_weights_(self, weights: dict[str, torch.Tensor]) -> SAE:
         """Copy SAELens-named tensors into the parameters (shapes already validated by the caller)."""
-        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec") + (("W_skip",) if self.skip_connection else ()):
             getattr(self, name).copy_(weights[name])
         return self
 

@@ -2,7 +2,7 @@
 
 Training (:meth:`BatchTopKSAE.encode_with_hidden_pre`): of the ReLU'd pre-activations of the whole batch
 ``[n_tokens, d_sae]``, the ``k * n_tokens`` largest are kept (so L0 is ``k`` on average, varying per token).
-Inference (:meth:`BatchTopKSAE.encode`): a per-token JumpReLU with the stored ``threshold`` [d_sae] (one global
+Inference (:meth:`BatchTopKSAE.encode`, through ``_inference_activations``): a per-token JumpReLU with the stored ``threshold`` [d_sae] (one global
 value broadcast over features), ``f = hidden_pre * (hidden_pre > threshold)``, so features do not depend on the
 other tokens of a batch. The threshold is estimated during training, in train mode only, as an exponential moving
 average (rate ``cfg.extra["threshold_lr"]``, default 0.01, as SAELens) of the smallest kept positive activation of
@@ -77,7 +77,7 @@ class BatchTopKSAE(SAE):
             self.threshold.mul_(1 - self.threshold_lr).add_(self.threshold_lr * smallest)
         self.threshold_updates += 1
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def _inference_activations(self, x: torch.Tensor) -> torch.Tensor:
         """Inference: ``hidden_pre * (hidden_pre > threshold)`` per token, ``[..., d_in] -> [..., d_sae]``."""
         hidden_pre = self.hidden_pre(x)
         return torch.where(hidden_pre > self.threshold, torch.relu(hidden_pre), torch.zeros_like(hidden_pre))

@@ -67,7 +67,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from saecircuits.atomic import atomic_write
-from saecircuits.saes.base import SAE, SAEConfig, SAEError, dtype_name, torch_dtype
+from saecircuits.saes.base import MATHS_KEYS, SAE, SAEConfig, SAEError, dtype_name, torch_dtype
 from saecircuits.saes.registry import build_sae
 
 logger = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ FORMAT_VERSION = 2
 SAELENS_LAYOUT_VERSION = "6.0.0"
 
 _CORE = ("W_enc", "W_dec", "b_enc", "b_dec")
-_ARCHITECTURES = ("standard", "topk", "jumprelu", "batchtopk")
+_ARCHITECTURES = ("standard", "topk", "jumprelu", "batchtopk", "gated")
 
 # ---- SAELens 6.x cfg.json keys, by what they do (sae_lens/saes/*.py config dataclasses) ----
 #: SAEConfig fields every architecture has.
@@ -97,16 +97,18 @@ _ARCH_KEYS = {
     "topk": frozenset({"k", "rescale_acts_by_decoder_norm"}),
     "jumprelu": frozenset(),
     "batchtopk": frozenset({"k", "rescale_acts_by_decoder_norm"}),
+    "gated": frozenset(),
 }
 #: keys of ``cfg.extra`` in our own block: every architecture's, then each architecture's own. Anything else (a
 #: misplaced ``k`` on a standard SAE, a setting a newer saecircuits added) is refused rather than ignored.
 _COMMON_EXTRA = frozenset({"seed", "folded_activation_scale", "training", "saelens", "reference_config",
-                           "model_processing"})
+                           "model_processing", "source", "basis"}) | frozenset(MATHS_KEYS) - {"topk_relu"}
 _EXTRA_KEYS = {
     "standard": _COMMON_EXTRA,
-    "topk": _COMMON_EXTRA | {"k"},
+    "topk": _COMMON_EXTRA | {"k", "topk_relu"},
     "jumprelu": _COMMON_EXTRA | {"bandwidth", "threshold_init"},
     "batchtopk": _COMMON_EXTRA | {"k", "threshold_lr"},
+    "gated": _COMMON_EXTRA,
 }
 #: training-config fields that do not change encode/decode (coefficients, initialisation, sparse kernels).
 _TRAINING_ONLY_KEYS = frozenset(
@@ -132,6 +134,7 @@ _SAELENS_TENSORS = {
     "topk": frozenset(_CORE),
     "jumprelu": frozenset(_CORE) | {"threshold"},
     "batchtopk": frozenset(_CORE) | {"topk_threshold"},
+    "gated": frozenset({"W_enc", "W_dec", "b_dec", "b_gate", "b_mag", "r_mag"}),
 }
 
 
@@ -180,23 +183,48 @@ def sae_cfg_json(sae: SAE) -> dict[str, Any]:
             "jumprelu_bandwidth": cfg.extra.get("bandwidth"),
             "jumprelu_init_threshold": cfg.extra.get("threshold_init"),
         }
+    # SAELens writes its BatchTopK SAEs for inference as JumpReLU with the per-feature threshold
+    saelens_arch = "jumprelu" if arch == "batchtopk" else arch
+    if sae.is_transcoder or sae.skip_connection:
+        saelens_arch = _saelens_transcoder_architecture(sae)
+        metadata["hook_name_out"] = sae.hook_point_out
+        metadata["hook_head_index_out"] = None
     out: dict[str, Any] = {
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
         "dtype": dtype,
         "device": "cpu",  # where the tensors in the file live; SAELens replaces it by its device argument
         "apply_b_dec_to_input": cfg.apply_b_dec_to_input,
-        "normalize_activations": "none",
-        "reshape_activations": "none",
+        # SAELens' "layer_norm" is OpenAI's per-token normalisation (centre, divide by the unbiased std + 1e-5)
+        "normalize_activations": "layer_norm" if sae.input_normalization == "layer_norm" else "none",
+        "reshape_activations": sae.reshape_activations,
         "metadata": metadata,
-        # SAELens writes its BatchTopK SAEs for inference as JumpReLU with the per-feature threshold
-        "architecture": "jumprelu" if arch == "batchtopk" else arch,
+        "architecture": saelens_arch,
     }
+    if sae.d_out != sae.d_in or sae.is_transcoder:
+        out["d_out"] = sae.d_out
     if arch == "topk":
+        if not sae.topk_relu:
+            raise SAEError("a TopK SAE that keeps negative top-k values (topk_relu=False, circuit-tracer's TopK) has "
+                           "no SAELens 6 equivalent (its TopK applies ReLU), so it is not written in that layout")
         out["k"] = cfg.extra["k"]
         out["rescale_acts_by_decoder_norm"] = False
     out["saecircuits"] = {"format_version": FORMAT_VERSION, "config": ours}
     return out
+
+
+def _saelens_transcoder_architecture(sae: SAE) -> str:
+    """SAELens 6's name of a transcoder's inference class (``transcoder``, ``skip_transcoder``,
+    ``jumprelu_transcoder``, ``jumprelu_skip_transcoder``).
+
+    Raises:
+        SAEError: an activation SAELens has no transcoder class for (TopK, gated).
+    """
+    arch = "jumprelu" if sae.architecture == "batchtopk" else sae.architecture
+    if arch not in ("standard", "jumprelu"):
+        raise SAEError(f"SAELens 6 has no {arch!r} transcoder class, so this transcoder cannot be written in its "
+                       "layout; keep the source files")
+    return ("jumprelu_" if arch == "jumprelu" else "") + ("skip_transcoder" if sae.skip_connection else "transcoder")
 
 
 def save_sae(sae: SAE, folder: str | os.PathLike) -> Path:
@@ -436,16 +464,25 @@ def _own_config(d: dict[str, Any], path: Path) -> SAEConfig:
                           "architecture, so the SAE is not loaded: remove them or update saecircuits")
     saelens_arch = d.get("architecture")
     expected = {arch, "jumprelu"} if arch == "batchtopk" else {arch}
+    transcoder = cfg.hook_point_out is not None or bool(cfg.extra.get("skip_connection"))
+    if transcoder:
+        base = "jumprelu" if arch in ("jumprelu", "batchtopk") else arch
+        expected = {("jumprelu_" if base == "jumprelu" else "")
+                    + ("skip_transcoder" if cfg.extra.get("skip_connection") else "transcoder")}
+    metadata = d.get("metadata") or {}
     # the SAELens keys are what other tools read: they must say the same as our block
     checks: list[tuple[str, Any, Any]] = [
         ("architecture", saelens_arch, saelens_arch if saelens_arch in expected else sorted(expected)),
         ("d_in", d.get("d_in"), cfg.d_in),
         ("d_sae", d.get("d_sae"), cfg.d_sae),
+        ("d_out", d.get("d_out", cfg.d_in), cfg.d_out or cfg.d_in),
         ("apply_b_dec_to_input", d.get("apply_b_dec_to_input", True), cfg.apply_b_dec_to_input),
-        ("normalize_activations", d.get("normalize_activations") or "none", "none"),
-        ("reshape_activations", d.get("reshape_activations") or "none", "none"),
+        ("normalize_activations", d.get("normalize_activations") or "none",
+         cfg.extra.get("input_normalization", "none")),
+        ("reshape_activations", d.get("reshape_activations") or "none", cfg.extra.get("reshape_activations", "none")),
         ("rescale_acts_by_decoder_norm", bool(d.get("rescale_acts_by_decoder_norm", False)), False),
-        ("hook_name", (d.get("metadata") or {}).get("hook_name", d.get("hook_name")), cfg.hook_point),
+        ("hook_name", metadata.get("hook_name", d.get("hook_name")), cfg.hook_point),
+        ("hook_name_out", metadata.get("hook_name_out") or cfg.hook_point, cfg.hook_point_out or cfg.hook_point),
     ]
     if "k" in d:
         checks.append(("k", d["k"], cfg.extra.get("k")))
@@ -461,7 +498,8 @@ def _own_config(d: dict[str, Any], path: Path) -> SAEConfig:
                 "was changed by another tool; re-save it with save_sae, or delete the 'saecircuits' block to "
                 "read it as a plain SAELens file",
             )
-    _check_keys(d, saelens_arch, path, allowed_extra=frozenset({"saecircuits", "hook_name"}))
+    _check_keys(d, arch if transcoder else saelens_arch, path,
+                allowed_extra=frozenset({"saecircuits", "hook_name"} | ({"d_out"} if transcoder else set())))
     return cfg
 
 

@@ -1,12 +1,14 @@
 """Architecture registry: name in ``cfg.json`` -> SAE class, and :func:`build_sae`.
 
-Names follow SAELens: ``"standard"`` (ReLU), ``"topk"``, ``"batchtopk"``, ``"jumprelu"``.
+Names follow SAELens: ``"standard"`` (ReLU), ``"topk"``, ``"batchtopk"``, ``"jumprelu"``, ``"gated"`` (inference
+only).
 """
 
 from __future__ import annotations
 
 from saecircuits.saes.base import SAE, SAEConfig, SAEError
 from saecircuits.saes.batchtopk import BatchTopKSAE
+from saecircuits.saes.gated import GatedSAE
 from saecircuits.saes.jumprelu import JumpReLUSAE
 from saecircuits.saes.relu import StandardSAE
 from saecircuits.saes.topk import TopKSAE
@@ -62,5 +64,5 @@ def build_sae(cfg: SAEConfig, *, seed: int | None = None, initialize: bool = Tru
     return sae
 
 
-for _cls in (StandardSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE):
+for _cls in (StandardSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE, GatedSAE):
     register_architecture(_cls)

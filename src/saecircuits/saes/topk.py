@@ -3,6 +3,10 @@
 Per token, the ``k`` largest pre-activations are kept and ReLU'd, every other feature is 0:
 ``f = scatter(topk(hidden_pre, k).indices, ReLU(topk(hidden_pre, k).values))``. Sparsity comes from ``k``
 (``cfg.extra["k"]``), so the loss adds no penalty; pair it with AuxK (``LossConfig.aux_k``) against dead latents.
+
+ReLU before or after the top-k selection gives the same activations (sparsify takes the top k of the ReLU'd
+pre-activations; SAELens and OpenAI ReLU the top k). ``cfg.extra["topk_relu"] = False`` keeps the top-k values as
+they are, negative ones included, as circuit-tracer's TopK transcoders do (``x * gate``).
 """
 
 from __future__ import annotations
@@ -32,10 +36,14 @@ class TopKSAE(SAE):
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
         self.k = _k_from_cfg(cfg)
+        relu = cfg.extra.get("topk_relu", True)
+        if not isinstance(relu, bool):
+            raise SAEError(f"cfg.extra['topk_relu'] must be true or false, got {relu!r}")
+        self.topk_relu = relu
 
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(f, hidden_pre)``, both ``[..., d_sae]``; at most ``k`` non-zero features per token."""
         hidden_pre = self.hidden_pre(x)
         vals, idx = hidden_pre.topk(self.k, dim=-1)
-        f = torch.zeros_like(hidden_pre).scatter(-1, idx, torch.relu(vals))
+        f = torch.zeros_like(hidden_pre).scatter(-1, idx, torch.relu(vals) if self.topk_relu else vals)
         return f, hidden_pre

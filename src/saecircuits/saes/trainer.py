@@ -273,6 +273,11 @@ class SAETrainer:
                 "choose a global batch that splits evenly over the ranks"
             )
         self.local_batch = cfg.batch_size // self.world_size
+        if not sae.trainable or sae.decode_needs_input or sae.is_transcoder:
+            raise SAEError(
+                f"the {sae.architecture!r} SAE on {sae.hook_point} cannot be trained here (saecircuits trains "
+                "standard, topk, batchtopk and jumprelu SAEs that reconstruct their own input); analyse it instead"
+            )
         _check_trainable_precision(sae)
         self.device = torch.device(cfg.device)
         self.sae = sae.to(self.device)

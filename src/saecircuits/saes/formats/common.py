@@ -1,0 +1,123 @@
+"""Reading SAE files safely, and building an SAE from tensors in SAELens orientation: shared by every family.
+
+Nothing here unpickles code: ``.pt``/``.pth`` go through ``torch.load(weights_only=True)``, ``.npz`` through
+``np.load(allow_pickle=False)``; safetensors files are memory-mapped (``safe_open``), so a 16-bit file is never
+copied to float32 on the way in.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+
+from saecircuits.saes.base import SAE, SAEConfig, SAEError
+from saecircuits.saes.registry import build_sae
+
+__all__ = ["read_json", "read_safetensors", "read_torch", "read_npz", "build_from_tensors", "check_shapes"]
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``.
+
+    Raises:
+        SAEError: missing, not JSON, or not an object.
+    """
+    if not path.is_file():
+        raise SAEError(f"{path} is missing")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SAEError(f"{path} is not valid JSON ({e}); the file is corrupt") from e
+    if not isinstance(d, dict):
+        raise SAEError(f"{path} must hold a JSON object")
+    return d
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, in its stored dtype, on the CPU (memory-mapped while read).
+
+    Raises:
+        SAEError: missing, truncated or corrupt file.
+    """
+    if not path.is_file():
+        raise SAEError(f"{path} is missing")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise SAEError(f"{path} cannot be read as safetensors ({e}); the file is truncated or corrupt") from e
+
+
+def read_torch(path: Path) -> Any:
+    """A ``.pt``/``.pth`` file read with ``torch.load(weights_only=True, map_location="cpu")`` (no code is run).
+
+    Raises:
+        SAEError: missing, corrupt, or holding objects a weights-only load refuses (the message says so).
+    """
+    if not path.is_file():
+        raise SAEError(f"{path} is missing")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt / non-weights-only files
+        raise SAEError(f"{path} cannot be loaded as weights only ({type(e).__name__}: {e}); saecircuits never "
+                       "unpickles code from SAE files") from e
+
+
+def read_npz(path: Path) -> dict[str, torch.Tensor]:
+    """Every array of an ``.npz`` file (compressed or not) as CPU tensors, without pickles.
+
+    Raises:
+        SAEError: missing or corrupt file, or an object array.
+    """
+    if not path.is_file():
+        raise SAEError(f"{path} is missing")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: torch.from_numpy(np.ascontiguousarray(z[k])) for k in z.files}
+    except (ValueError, OSError, EOFError) as e:
+        raise SAEError(f"{path} cannot be read as an .npz of arrays ({e}); the file is truncated or corrupt") from e
+
+
+def check_shapes(sae: SAE, weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Every tensor the SAE needs is there, with the right shape and a floating dtype; nothing else is.
+
+    Raises:
+        SAEError: naming the tensor, its shape and the expected one.
+    """
+    expected = sae.expected_weight_shapes()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise SAEError(f"{path}: tensors do not match a {sae.architecture!r} SAE with d_in={sae.d_in}, "
+                       f"d_sae={sae.d_sae} (missing {missing}, unexpected {unexpected})")
+    for name, shape in expected.items():
+        t = weights[name]
+        if tuple(t.shape) != shape:
+            raise SAEError(f"{path}: {name} has shape {tuple(t.shape)}, expected {shape} (d_in={sae.d_in}, "
+                           f"d_sae={sae.d_sae}, d_out={sae.d_out})")
+        if not t.is_floating_point():
+            raise SAEError(f"{path}: {name} has dtype {t.dtype}, expected floating point")
+        if not bool(torch.isfinite(t).all()):
+            raise SAEError(f"{path}: {name} holds NaN or infinite values; the file is corrupt")
+
+
+def build_from_tensors(cfg: SAEConfig, weights: dict[str, torch.Tensor], path: Path,
+                       device: str | torch.device = "cpu") -> SAE:
+    """An SAE of ``cfg`` holding ``weights`` (SAELens names and orientation: ``W_enc [d_in, d_sae]``, ``W_dec
+    [d_sae, d_out]``, ``b_enc``, ``b_dec``, ``threshold``, ``W_skip [d_out, d_in]``, ...), in eval mode.
+
+    Raises:
+        SAEError: the tensors do not fit ``cfg`` (see :func:`check_shapes`), or the architecture refuses them.
+    """
+    sae = build_sae(cfg, initialize=False)
+    check_shapes(sae, weights, path)
+    try:
+        sae.import_weights_(weights)
+    except SAEError as e:
+        raise SAEError(f"{path}: {e}") from None
+    return sae.to(device).eval()
