@@ -292,21 +292,26 @@ def _check_sae_fits(sae, model) -> None:
     from saecircuits.saes.processing import check_model_processing
 
     probe = torch.tensor([[int(model.tokenizer.bos_token_id or 0)]])
+    hooks = [sae.hook_point] + ([sae.hook_point_out] if sae.is_transcoder else [])
     try:
-        _, cache = model.run_with_cache(probe, names_filter=[sae.hook_point])
-        act = cache[sae.hook_point]
+        _, cache = model.run_with_cache(probe, names_filter=hooks)
+        acts = {h: cache[h] for h in hooks}
     except Exception as err:  # noqa: BLE001 - TransformerLens raises several types for unknown names
         raise PipelineError(
-            f"the SAE reads hook point {sae.hook_point!r}, which this model does not have ({err}); "
-            "give an SAE trained on this model, with the hook name as TransformerLens spells it "
-            "(e.g. blocks.0.mlp.hook_post)"
+            f"the SAE reads {sae.hook_point!r}" + (f" and writes {sae.hook_point_out!r}" if sae.is_transcoder else "")
+            + f", which this model does not have ({err}); give an SAE trained on this model, with the hook name as "
+            "TransformerLens spells it (e.g. blocks.0.mlp.hook_post)"
         ) from err
-    width = int(act.shape[-1])
-    if width != sae.d_in:
-        raise PipelineError(
-            f"SAE on {sae.hook_point} has d_in={sae.d_in} but this model's {sae.hook_point} has width {width}; "
-            "use an SAE trained on this model and hook point"
-        )
+    for hook, want, what in ((sae.hook_point, sae.d_in, "d_in"), (sae.hook_point_out, sae.d_out, "d_out")):
+        act = acts.get(hook, acts[sae.hook_point])
+        # an attention hook_z SAE reads the heads flattened: n_heads * d_head
+        width = int(act.shape[-1] * act.shape[-2]) if sae.reshape_activations == "hook_z" else int(act.shape[-1])
+        if width != want:
+            raise PipelineError(
+                f"SAE on {hook} has {what}={want} but this model's {hook} has width {width}"
+                + (" (n_heads * d_head)" if sae.reshape_activations == "hook_z" else "")
+                + "; use an SAE trained on this model and hook point"
+            )
     check_model_processing(sae, model)
 
 
@@ -541,7 +546,8 @@ def analyse_sae(
 
     if mean_act is None:
         progress(f"{sae.hook_point}: mean activation over {len(stat_docs)} documents")
-        mean_act = mean_activation(model, stat_docs, sae.hook_point, exclude_bos=cfg.exclude_bos, progress=bars)
+        mean_act = mean_activation(model, stat_docs, sae.hook_point_out, exclude_bos=cfg.exclude_bos,
+                                   progress=bars).reshape(-1)
     progress(f"{sae.hook_point}: loss at the answer position (clean / SAE / zero / mean ablation)")
     rec = reconstruction_at_prediction(model, sae, task, mean_act=mean_act, seed=cfg.seed)
     acts = feature_activations(model, sae, task)
@@ -1082,8 +1088,9 @@ def run_pipeline(
     entries = []
     for i, sae in enumerate(saes):
         # the corpus pass leaves out every special position; with --include-bos the mean keeps BOS
-        mean_act = stats[i].mean_input if cfg.exclude_bos else mean_activation(
-            model, stat_docs, sae.hook_point, exclude_bos=False, progress=progress)
+        # (a transcoder's mean ablation replaces the MLP's output, so its mean is of the hook it writes)
+        mean_act = stats[i].mean_input if cfg.exclude_bos and not sae.is_transcoder else mean_activation(
+            model, stat_docs, sae.hook_point_out, exclude_bos=cfg.exclude_bos, progress=progress).reshape(-1)
         entry = analyse_sae(model, sae, task, stat_docs, cfg, say, bars=progress, mean_act=mean_act,
                             token_counts=stats.token_counts)
         entry.update(study_sae(model, sae, task, stat_docs, entry, stats[i], mean_act, cfg, say))

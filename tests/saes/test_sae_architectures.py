@@ -27,8 +27,8 @@ def _x(n=10, d_in=6, seed=0):
 
 def test_registry_names():
     assert architectures() == ["batchtopk", "gated", "jumprelu", "standard", "topk"]
-    with pytest.raises(SAEError, match="unknown SAE architecture 'gated'.*standard"):
-        build_sae(SAEConfig("gated", 4, 8, HOOK))
+    with pytest.raises(SAEError, match="unknown SAE architecture 'matching_pursuit'.*standard"):
+        build_sae(SAEConfig("matching_pursuit", 4, 8, HOOK))
 
 
 def test_init_equals_reference_notebook_and_leaves_global_rng_alone():

@@ -243,7 +243,8 @@ def test_bf16_saelens_file_keeps_its_dtype(tmp_path):
 @pytest.mark.parametrize(
     "change,match",
     [
-        ({"architecture": "gated"}, r"architecture 'gated' is not supported"),
+        ({"architecture": "gated"}, r"tensors do not match the cfg.json architecture \(missing \['b_gate'"),
+        ({"architecture": "matching_pursuit"}, r"architecture 'matching_pursuit' is not supported"),
         ({"normalize_activations": "constant_norm_rescale"}, r"normalize_activations='constant_norm_rescale'"),
         ({"normalize_activations": "layer_norm"}, r"normalize_activations='layer_norm'"),
         ({"reshape_activations": "hook_z"}, r"reshape_activations='hook_z'"),

@@ -107,7 +107,7 @@ def ablate_features(
         raise ValueError(f"features must be a non-empty list of indices in 0..{sae.d_sae - 1}, got {feats}")
     n = task.n_prompts
     cols = {f"{p}{m}": torch.zeros(n) for m in ("loss", *_METRICS) for p in ("", "ablated_")}
-    counter = OffRangeCounter(activation_floor(model, sae.hook_point))
+    counter = OffRangeCounter(activation_floor(model, sae.hook_point_out))
     edit = features_ablation_edit(sae, feats, mode, counter)
     iv = interventions_for(model)
     for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):

@@ -39,6 +39,7 @@ __all__ = [
     "check_mode",
     "ablation_base",
     "edit_dtype",
+    "sae_edit",
     "splice_edit",
     "baseline_logits",
     "activation_floor",
@@ -80,30 +81,62 @@ def edit_dtype(sae: SAE, x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, sae.W_dec.dtype)
 
 
-def ablation_base(sae: SAE, x: torch.Tensor, f: torch.Tensor, mode: str) -> torch.Tensor:
+def ablation_base(sae: SAE, x: torch.Tensor, f: torch.Tensor, mode: str, x_in: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """What the features' decoded contribution is subtracted from: ``x`` (residual) or ``decode(f)`` (the others).
 
     Args:
         sae: the SAE.
-        x: activations ``[..., d_in]`` in the activation's own dtype.
-        f: ``sae.encode(x)`` ``[..., d_sae]``.
+        x: the activations the SAE stands for, ``[..., d_out]`` (its output hook's), in their own dtype.
+        f: ``sae.encode(x_in)`` ``[..., d_sae]``.
         mode: one of :data:`ABLATION_MODES`.
+        x_in: what the SAE read (a transcoder's input; default ``x``), for SAEs whose reconstruction depends on it.
 
     Returns:
-        ``[..., d_in]`` in :func:`edit_dtype`; the ablated activation is
+        ``[..., d_out]`` in :func:`edit_dtype`; the ablated activation is
         ``ablation_base(...) - sum_{k in S} f_k W_dec[k]`` (computed in that dtype).
     """
     dt = edit_dtype(sae, x)
-    return x.to(dt) if check_mode(mode) == "residual" else sae.decode(f).to(dt)
+    return x.to(dt) if check_mode(mode) == "residual" else sae.decode(f, x if x_in is None else x_in).to(dt)
+
+
+def sae_edit(sae: SAE, fn) -> Edit:
+    """The :class:`Edit` that applies ``fn`` where ``sae`` writes, whatever its site.
+
+    ``fn(x_in, x) -> x'`` sees the SAE's input ``x_in [B, F, d_in]`` (what ``encode`` takes) and the activation it
+    stands for ``x [B, F', d_out]`` (the same tensor for an SAE that reads and writes one hook), flattened for an
+    attention ``hook_z`` SAE, and returns the new ``[B, F' or V, d_out]``. A transcoder's edit runs at its output
+    hook (``hook_mlp_out``) and reads its input hook in the same pass, so ablating a feature removes its decoded
+    output from the MLP's output, as when the transcoder replaces the MLP.
+    """
+
+    def out_shape(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return y.unflatten(-1, x.shape[2:]) if x.dim() > 3 else y
+
+    if sae.is_transcoder:
+
+        def edit(x: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
+            x_in = sae.flatten_input(x_in)
+            if x_in.shape[1] != x.shape[1] and x_in.shape[1] == 1:
+                x_in = x_in.expand(-1, x.shape[1], *x_in.shape[2:])
+            return out_shape(fn(x_in, x.flatten(2)), x)
+
+        return Edit(sae.hook_point_out, edit, reads=(sae.hook_point,))
+
+    def edit(x: torch.Tensor) -> torch.Tensor:
+        flat = sae.flatten_input(x)
+        return out_shape(fn(flat, flat), x)
+
+    return Edit(sae.hook_point, edit)
 
 
 def splice_edit(sae: SAE) -> Edit:
-    """Edit at ``sae.hook_point``: the activation at P replaced by its SAE reconstruction ``decode(encode(x))``."""
+    """Edit where ``sae`` writes: the activation at P replaced by its SAE reconstruction ``decode(encode(x), x)``."""
 
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        return sae.decode(sae.encode(x)).to(edit_dtype(sae, x))
+    def fn(x_in: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return sae.decode(sae.encode(x_in), x_in).to(edit_dtype(sae, x))
 
-    return Edit(sae.hook_point, fn)
+    return sae_edit(sae, fn)
 
 
 def baseline_logits(iv: Interventions, clean: CleanPass, sae: SAE, mode: str) -> torch.Tensor:

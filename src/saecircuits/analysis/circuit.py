@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from saecircuits.analysis.ablation_modes import edit_dtype
+from saecircuits.analysis.ablation_modes import edit_dtype, sae_edit
 from saecircuits.analysis.features import FeatureActs, activations_or_compute
 from saecircuits.analysis.reconstruction import loss_recovered
 from saecircuits.display import NotebookDisplay
@@ -114,10 +114,30 @@ class Node:
 class _Group:
     """Nodes that live at one hook (ablated by one edit)."""
 
-    hook: str
+    hook: str  # where the group's edit writes (a transcoder: the MLP's output)
     kind: str  # "sae", "heads", "whole"
     sae: SAE | None
     node_of: torch.Tensor  # int64 [n_group]: node id of each in-group index (-1: not a node)
+
+    @property
+    def hook_in(self) -> str:
+        """Where the group's activations are read from (an SAE's input hook; ``hook`` otherwise)."""
+        return self.sae.hook_point if self.sae is not None else self.hook
+
+
+def _sae_io(g: _Group, reads: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_in [..., d_in], x [..., d_out])`` of an SAE group from activations read at its hooks (``hook_z`` heads
+    flattened; one tensor twice for an SAE that reads and writes one hook)."""
+    x_in = g.sae.flatten_input(reads[g.hook_in])
+    if g.hook_in == g.hook:
+        return x_in, x_in
+    x = reads[g.hook]
+    return x_in, (x.flatten(-2) if x.shape[-1] != g.sae.d_out else x)
+
+
+def _group_reads(groups: Sequence[_Group]) -> list[str]:
+    """Every hook the groups' activations are read from (SAE inputs and outputs), in a stable order."""
+    return sorted({h for g in groups for h in (g.hook, g.hook_in)})
 
 
 def _stage(hook: str, n_layers: int) -> tuple[int, int]:
@@ -136,19 +156,25 @@ def circuit_nodes(model, saes: Sequence[SAE], acts: Sequence[FeatureActs]) -> tu
         ValueError: two SAEs on one hook, or ``acts`` not matching ``saes``.
     """
     n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
-    if len({s.hook_point for s in saes}) != len(saes):
-        raise ValueError("the circuit needs at most one SAE per hook point")
+    if len({s.hook_point_out for s in saes}) != len(saes):
+        raise ValueError("the circuit needs at most one SAE per hook point (the hook each SAE writes)")
     if len(acts) != len(saes):
         raise ValueError(f"got {len(acts)} FeatureActs for {len(saes)} SAEs")
-    by_hook = {s.hook_point: i for i, s in enumerate(saes)}
+    by_hook = {s.hook_point_out: i for i, s in enumerate(saes)}
+    # an SAE on a layer's MLP activations or a transcoder replacing its MLP stands for that MLP node, and one on its
+    # attention z for its head nodes (their features and error node cover what they write)
+    replaced_mlp = {int(s.hook_point_out.split(".")[1]) for s in saes
+                    if s.hook_point_out.endswith("mlp.hook_post") or (s.is_transcoder and s.hook_point_out.endswith(
+                        "hook_mlp_out"))}
     specs: list[tuple[str, str, int | None]] = [("hook_embed", "whole", None)]
     if getattr(model.cfg, "positional_embedding_type", "standard") == "standard":
         specs.append(("hook_pos_embed", "whole", None))
     for layer in range(n_layers):
-        specs.append((f"blocks.{layer}.attn.hook_z", "heads", None))
-        if f"blocks.{layer}.mlp.hook_post" not in by_hook:
+        if f"blocks.{layer}.attn.hook_z" not in by_hook:
+            specs.append((f"blocks.{layer}.attn.hook_z", "heads", None))
+        if layer not in replaced_mlp:
             specs.append((f"blocks.{layer}.mlp.hook_post", "whole", None))
-    specs += [(s.hook_point, "sae", i) for i, s in enumerate(saes)]
+    specs += [(s.hook_point_out, "sae", i) for i, s in enumerate(saes)]
     specs.sort(key=lambda t: _stage(t[0], n_layers))
     nodes: list[Node] = []
     groups: list[_Group] = []
@@ -196,21 +222,21 @@ def _single_edit(group: _Group, table: torch.Tensor, means: dict | None) -> Edit
         is_err = t == d_sae
         k = t.clamp(0, d_sae - 1)
 
-        def fn(x: torch.Tensor) -> torch.Tensor:
+        def fn(x_in: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             # encode in the SAE's dtype; subtract (and form the error) in x's, so a bf16 SAE never rounds x itself
             dt = edit_dtype(sae, x)
-            f = sae.encode(x)  # [B, F, d_sae]
+            f = sae.encode(x_in)  # [B, F, d_sae]
             x = x.to(dt)
             fk = f.expand(-1, V, -1).gather(-1, k[..., None])[..., 0].to(dt)
             if mu is not None:
                 fk = fk - mu["f"].to(fk)[k]
             out = x - (fk * is_feat)[..., None] * W_dec[k].to(dt)
-            e = x - sae.decode(f).to(dt)
+            e = x - sae.decode(f, x_in).to(dt)
             if mu is not None:
                 e = e - mu["e"].to(e)
             return out - is_err[..., None] * e
 
-        return Edit(group.hook, fn)
+        return sae_edit(sae, fn)
     n = len(group.node_of)
     onehot = torch.zeros(*table.shape, n)
     valid = table >= 0
@@ -242,15 +268,15 @@ def _mask_edit(group: _Group, mask: torch.Tensor, means: dict) -> Edit:
         mf = mask[:, :-1].to(W_dec.device)[None]  # [1, V, d_sae]
         me = mask[:, -1:].to(W_dec.device)[None]  # [1, V, 1]
 
-        def fn(x: torch.Tensor) -> torch.Tensor:
+        def fn(x_in: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             dt = edit_dtype(sae, x)  # as in _single_edit: x is never rounded to the SAE's dtype
-            f = sae.encode(x)
+            f = sae.encode(x_in)
             x = x.to(dt)
             delta = ((f.to(dt) - mu["f"].to(dt)) * mf) @ W_dec.to(dt)
-            e = x - sae.decode(f).to(dt) - mu["e"].to(x)
+            e = x - sae.decode(f, x_in).to(dt) - mu["e"].to(x)
             return x - delta - me * e
 
-        return Edit(group.hook, fn)
+        return sae_edit(sae, fn)
     m = mask.float()[None]  # [1, V, n]
 
     if group.kind == "heads":
@@ -352,7 +378,7 @@ def _variant_table(groups: list[_Group], f_clean: dict, structural: list[int]) -
             continue
         f = f_clean[g.hook].cpu()
         for b in range(B):
-            ids = g.node_of[torch.nonzero(f[b] > 0).flatten()]
+            ids = g.node_of[torch.nonzero(f[b] != 0).flatten()]
             rows[b] += ids[ids >= 0].tolist()
     V = max(len(r) for r in rows)
     table = torch.full((B, V), -1, dtype=torch.long)
@@ -386,7 +412,7 @@ def exact_effects(
     node_gid, node_local, node_stage = _node_index(nodes, groups, n_layers)
     structural = [i for i, nd in enumerate(nodes) if nd.kind != "feature"]
     sae_groups = [g for g in groups if g.kind == "sae"]
-    sae_hooks = [g.hook for g in sae_groups]
+    sae_hooks = sorted({g.hook_in for g in sae_groups})  # where each SAE's features are encoded from
     feature_budget = int(model.cfg.d_vocab) + sum(g.sae.d_sae for g in sae_groups)
     effect_sum = torch.zeros(N, dtype=torch.float64)
     effect_sq = torch.zeros(N, dtype=torch.float64)
@@ -397,7 +423,7 @@ def exact_effects(
     for batch in with_progress(batches, task.n_prompts, "circuit: exact node ablations (prompts)", progress):
         clean = iv.clean(batch, read=sae_hooks)
         with torch.no_grad():
-            f_clean = {g.hook: g.sae.encode(clean.reads[g.hook]).float() for g in sae_groups}
+            f_clean = {g.hook: g.sae.encode(clean.reads[g.hook_in]).float() for g in sae_groups}
         m_clean = _answer_logprob(clean.logits[:, None], batch.answer_ids)[:, 0]
         clean_metric[torch.tensor(batch.indices)] = m_clean.double().cpu()
         table = _variant_table(groups, f_clean, structural)
@@ -422,9 +448,9 @@ def exact_effects(
             up_stage = node_stage[safe]
             for g in sae_groups:
                 with torch.no_grad():
-                    f_abl = g.sae.encode(reads[g.hook]).float()  # [B, Vc, d_sae]
+                    f_abl = g.sae.encode(reads[g.hook_in]).float()  # [B, Vc, d_sae]
                 delta = (f_clean[g.hook][:, None] - f_abl).cpu()  # contribution of the variant's node
-                upstream = ok & (up_stage < _stage_key(g.hook, n_layers))
+                upstream = ok & (up_stage < _stage_key(g.hook_in, n_layers))
                 b_idx, v_idx, k_idx = torch.nonzero(upstream[..., None] & (delta != 0), as_tuple=True)
                 d_ids = g.node_of[k_idx]
                 keep = d_ids >= 0
@@ -468,31 +494,33 @@ def _tracking_edits(groups: list[_Group], store: dict, scale: dict | None = None
         if g.kind == "sae":
             sae = g.sae
 
-            def fn(x: torch.Tensor, g=g, sae=sae, interp=interp) -> torch.Tensor:
+            def fn(x_in: torch.Tensor, x: torch.Tensor, g=g, sae=sae, interp=interp) -> torch.Tensor:
                 x = x.to(edit_dtype(sae, x))  # the error in x's dtype: decode(f) + e is x, unrounded
-                f_attached = sae.encode(x)
+                f_attached = sae.encode(x_in)
                 store[g.hook + "#attached"] = f_attached
                 f = f_attached.detach()
-                e = x.detach() - sae.decode(f).to(x.dtype)
+                x_in = x_in.detach()  # the bias of a skip / normalising SAE is a constant of the decomposition
+                e = x.detach() - sae.decode(f, x_in).to(x.dtype)
                 store[g.hook + "#clean"] = (f, e)
                 if interp is not None:
                     f, e = interp[None, :, None] * f, interp[None, :, None] * e
                 f, e = f.requires_grad_(True), e.requires_grad_(True)
                 store[g.hook] = (f, e)
                 through = x - x.detach() if x.requires_grad else 0.0
-                return sae.decode(f).to(e.dtype) + e + through
+                return sae.decode(f, x_in).to(e.dtype) + e + through
 
-        else:
+            edits.append(sae_edit(sae, fn))
+            continue
 
-            def fn(a: torch.Tensor, g=g, interp=interp) -> torch.Tensor:
-                store[g.hook + "#clean"] = (a.detach(),)
-                if interp is not None:
-                    shape = (1, -1) + (1,) * (a.dim() - 2)
-                    a = (interp.reshape(shape).to(a) * a.detach()).requires_grad_(True)
-                else:
-                    a = _track(a)
-                store[g.hook] = (a,)
-                return a
+        def fn(a: torch.Tensor, g=g, interp=interp) -> torch.Tensor:
+            store[g.hook + "#clean"] = (a.detach(),)
+            if interp is not None:
+                shape = (1, -1) + (1,) * (a.dim() - 2)
+                a = (interp.reshape(shape).to(a) * a.detach()).requires_grad_(True)
+            else:
+                a = _track(a)
+            store[g.hook] = (a,)
+            return a
 
         edits.append(Edit(g.hook, fn))
     return edits
@@ -580,12 +608,13 @@ def attribution_estimates(
             if gd.kind != "sae":
                 continue
             f_d = store[gd.hook + "#attached"]
-            ups = [(g, ts) for g, ts in tracked[:gd_i] if _stage_key(g.hook, n_layers) < _stage_key(gd.hook, n_layers)]
+            ups = [(g, ts) for g, ts in tracked[:gd_i] if _stage_key(g.hook, n_layers) < _stage_key(gd.hook_in, n_layers)]
             if not ups:
                 continue
             fd = f_d[:, 0]  # [B, d_sae]
-            active = (fd.detach() > 0) & (gd.node_of[: gd.sae.d_sae] >= 0).to(fd.device)[None]
-            order = torch.argsort(torch.where(active, fd.detach(), torch.full_like(fd, -1.0)), dim=1, descending=True)
+            active = (fd.detach() != 0) & (gd.node_of[: gd.sae.d_sae] >= 0).to(fd.device)[None]
+            size = fd.detach().abs()
+            order = torch.argsort(torch.where(active, size, torch.full_like(size, -1.0)), dim=1, descending=True)
             n_slots = int(active.sum(1).max()) if active.any() else 0
             if edge_downstream is not None:
                 n_slots = min(n_slots, edge_downstream)
@@ -669,7 +698,7 @@ def integrated_gradient_estimates(
             _scatter_nodes(node_effect, g, _contributions(g, clean_ts, mean_gs)[:, 0])
             for t_id in targets:
                 gt = groups[int(gid[t_id])]
-                if _stage_key(gt.hook, n_layers) <= _stage_key(g.hook, n_layers):
+                if _stage_key(gt.hook_in, n_layers) <= _stage_key(g.hook, n_layers):
                     continue
                 f_d = store[gt.hook + "#attached"][..., int(local[t_id])]  # [B, steps]
                 grads = torch.autograd.grad(f_d.sum(), ts, retain_graph=True, allow_unused=True)
@@ -732,11 +761,11 @@ def node_means(model, task: Task, groups: list[_Group], *, max_tokens=DEFAULT_MA
     """Mean activation at P over the task's prompts of every group (for mean ablation).
 
     Returns:
-        ``{hook: {"f": [d_sae], "e": [d_in]}}`` for SAE groups, ``{hook: tensor}`` (``[n_heads, d_head]`` for heads,
+        ``{hook: {"f": [d_sae], "e": [d_out]}}`` for SAE groups, ``{hook: tensor}`` (``[n_heads, d_head]`` for heads,
         the activation's shape otherwise) for the rest.
     """
     iv = interventions_for(model)
-    hooks = [g.hook for g in groups]
+    hooks = _group_reads(groups)
     sums: dict[str, Any] = {}
     for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
         reads = iv.clean(batch, read=hooks).reads
@@ -744,8 +773,9 @@ def node_means(model, task: Task, groups: list[_Group], *, max_tokens=DEFAULT_MA
             for g in groups:
                 x = reads[g.hook].float()
                 if g.kind == "sae":
-                    f = g.sae.encode(x.to(g.sae.W_dec.dtype)).float()
-                    e = x - g.sae.decode(f).float()
+                    x_in, x = _sae_io(g, {h: v.float() for h, v in reads.items()})
+                    f = g.sae.encode(x_in.to(g.sae.W_dec.dtype)).float()
+                    e = x - g.sae.decode(f, x_in.to(g.sae.W_dec.dtype)).float()
                     part = {"f": f.sum(0), "e": e.sum(0)}
                     sums[g.hook] = part if g.hook not in sums else {k: sums[g.hook][k] + part[k] for k in part}
                 else:
@@ -773,7 +803,7 @@ def corpus_node_means(model, token_rows: Sequence[Sequence[int]], groups: list[_
     from saecircuits.models.hooks import _device_of, n_ctx_of, pad_id_of, row_batches
 
     iv = interventions_for(model)
-    hooks = [g.hook for g in groups]
+    hooks = _group_reads(groups)
     special = special_ids_of(model)
     sums: dict[str, Any] = {}
     count = 0
@@ -787,8 +817,10 @@ def corpus_node_means(model, token_rows: Sequence[Sequence[int]], groups: list[_
             for g in groups:
                 x = reads[g.hook][mask.to(reads[g.hook].device)].float()  # [n_tokens, *shape]
                 if g.kind == "sae":
-                    f = g.sae.encode(x.to(g.sae.W_dec.dtype)).float()
-                    part = {"f": f.sum(0), "e": (x - g.sae.decode(f).float()).sum(0)}
+                    at = {h: reads[h][mask.to(reads[h].device)].float() for h in {g.hook, g.hook_in}}
+                    x_in, x = _sae_io(g, at)
+                    f = g.sae.encode(x_in.to(g.sae.W_dec.dtype)).float()
+                    part = {"f": f.sum(0), "e": (x - g.sae.decode(f, x_in.to(g.sae.W_dec.dtype)).float()).sum(0)}
                     sums[g.hook] = part if g.hook not in sums else {k: sums[g.hook][k] + part[k] for k in part}
                 else:
                     sums[g.hook] = x.sum(0) + (sums[g.hook] if g.hook in sums else 0)

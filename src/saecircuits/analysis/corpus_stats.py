@@ -320,6 +320,7 @@ class _Accumulator:
         sae = self.sae
         b, T = tokens.shape
         d = sae.d_sae
+        x = sae.flatten_input(x)  # attention hook_z: [b, T, n_heads, d_head] -> [b, T, d_in]
         maskf = mask.to(x.device)
         self.input_sum += torch.einsum("btd,bt->d", x.float(), maskf.float()).double().cpu()
         rows = max(1, self.encode_floats // max(1, T * d))

@@ -42,6 +42,7 @@ from saecircuits.analysis.ablation_modes import (
     baseline_logits,
     check_mode,
     edit_dtype,
+    sae_edit,
 )
 from saecircuits.analysis.stats import t_quantile
 from saecircuits.display import NotebookDisplay
@@ -161,7 +162,7 @@ def feature_activations(
         clean = iv.clean(batch, read=[sae.hook_point], logits=False, cache=False)
         with torch.no_grad():
             f = sae.encode(clean.reads[sae.hook_point].to(sae.W_dec.dtype)).float().cpu()
-        r, k = torch.nonzero(f > 0, as_tuple=True)
+        r, k = torch.nonzero(f != 0, as_tuple=True)  # != 0: some families' features can be negative
         coords.append((torch.tensor(batch.indices)[r], k, f[r, k]))
     p = torch.cat([c[0] for c in coords])
     k = torch.cat([c[1] for c in coords])
@@ -257,15 +258,15 @@ def features_ablation_edit(
     check_mode(mode)
     idx = torch.as_tensor(list(features), dtype=torch.long, device=sae.W_dec.device)
 
-    def fn(x: torch.Tensor) -> torch.Tensor:
+    def fn(x_in: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         dt = edit_dtype(sae, x)  # encode in the SAE's dtype, subtract in x's: a bf16 SAE never rounds x itself
-        f = sae.encode(x)
-        out = ablation_base(sae, x, f, mode) - f[..., idx].to(dt) @ sae.W_dec[idx].to(dt)
+        f = sae.encode(x_in)
+        out = ablation_base(sae, x, f, mode, x_in) - f[..., idx].to(dt) @ sae.W_dec[idx].to(dt)
         if counter is not None:
             counter.observe(out)
         return out
 
-    return Edit(sae.hook_point, fn)
+    return sae_edit(sae, fn)
 
 
 def one_feature_each_edit(
@@ -286,16 +287,16 @@ def one_feature_each_edit(
     valid = table >= 0
     k = table.clamp(min=0)
 
-    def fn(x: torch.Tensor) -> torch.Tensor:
+    def fn(x_in: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         dt = edit_dtype(sae, x)  # encode in the SAE's dtype, subtract in x's: a bf16 SAE never rounds x itself
-        f = sae.encode(x)  # [B, F, d_sae], F = 1 (clean value shared by every variant) or V
+        f = sae.encode(x_in)  # [B, F, d_sae], F = 1 (clean value shared by every variant) or V
         f_k = f.expand(-1, table.shape[1], -1).gather(-1, k[..., None])[..., 0].to(dt) * valid  # [B, V]
-        out = ablation_base(sae, x, f, mode) - f_k[..., None] * W_dec[k].to(dt)
+        out = ablation_base(sae, x, f, mode, x_in) - f_k[..., None] * W_dec[k].to(dt)
         if counter is not None:
             counter.observe(out.expand(-1, table.shape[1], -1), table >= 0)
         return out
 
-    return Edit(sae.hook_point, fn)
+    return sae_edit(sae, fn)
 
 
 @dataclass
@@ -414,14 +415,19 @@ def _feature_write(model, sae: SAE) -> torch.Tensor:
     """``[d_sae, d_model]``: what one unit of each feature writes into the residual stream at its layer."""
     from saecircuits.analysis.error_dla import mlp_post_layer
 
-    hp = sae.hook_point
+    hp = sae.hook_point_out  # a transcoder writes the MLP's output
     if hp.endswith("mlp.hook_post"):
         return sae.W_dec.detach().float() @ model.W_out[mlp_post_layer(hp)].detach().float()
     if hp.endswith(("hook_mlp_out", "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out")):
         return sae.W_dec.detach().float()
+    if hp.endswith("attn.hook_z"):  # flattened heads [H * E] through each head's W_O
+        layer = int(hp.split(".")[1])
+        W_O = model.W_O[layer].detach().float()  # [H, E, d_model]
+        return sae.W_dec.detach().float() @ W_O.reshape(-1, W_O.shape[-1])
     raise ValueError(
         f"top-N selection by |activation x DLA| needs an SAE whose features write to the residual stream directly "
-        f"or through W_out (mlp.hook_post, hook_mlp_out, hook_resid_*); got {hp!r}. Use features='all'."
+        f"or through W_out / W_O (mlp.hook_post, attn.hook_z, hook_mlp_out, hook_resid_*); got {hp!r}. Use "
+        "features='all'."
     )
 
 
@@ -470,7 +476,7 @@ def feature_effects(
     from saecircuits.models.norms import readout_of
 
     check_mode(mode)
-    counter = OffRangeCounter(activation_floor(model, sae.hook_point))
+    counter = OffRangeCounter(activation_floor(model, sae.hook_point_out))
 
     acts = activations_or_compute(model, sae, task, acts, max_tokens=max_tokens, max_batch=max_batch)
     d_vocab = int(model.cfg.d_vocab)

@@ -30,12 +30,12 @@ from saecircuits.analysis.ablation_modes import (
     activation_floor,
     check_mode,
     edit_dtype,
+    sae_edit,
 )
 from saecircuits.analysis.features import variant_losses
 from saecircuits.analysis.stats import MeanCI, mean_ci95
 from saecircuits.display import NotebookDisplay
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS
-from saecircuits.models.interventions import Edit
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
 
@@ -114,8 +114,9 @@ def loss_comparison(
         sae: the SAE; its ``hook_point`` is the layer ablated in runs 2-5 (at P only, every batch row).
         task: prompts and answers.
         features: the features ablated together in run 4 (e.g. the top of the ablation table); may be empty.
-        mean_act: ``[d_in]`` mean activation of the hook (:func:`saecircuits.analysis.reconstruction.mean_activation`
-            or :attr:`saecircuits.analysis.corpus_stats.FeatureStats.mean_input`).
+        mean_act: ``[d_out]`` mean activation of the hook the SAE writes (``hook_point_out``: the MLP's output for a
+            transcoder, else ``hook_point``; :func:`saecircuits.analysis.reconstruction.mean_activation` or
+            :attr:`saecircuits.analysis.corpus_stats.FeatureStats.mean_input`).
         mode: ablation mode of run 4 (``"residual"``, ``"reconstruction"`` or ``"clean_effect"``; the last two
             edit the activation the same way).
         max_tokens, max_batch: batch budget.
@@ -131,27 +132,28 @@ def loss_comparison(
     if feats and (min(feats) < 0 or max(feats) >= sae.d_sae):
         raise ValueError(f"feature indices must lie in 0..{sae.d_sae - 1}, got {feats}")
     mean_act = torch.as_tensor(mean_act)
-    if tuple(mean_act.shape) != (sae.d_in,):
-        raise ValueError(f"mean_act must be [d_in] = [{sae.d_in}] for {sae.hook_point}, got {list(mean_act.shape)}")
-    floor = activation_floor(model, sae.hook_point)
+    if tuple(mean_act.shape) != (sae.d_out,):
+        raise ValueError(f"mean_act must be [d_out] = [{sae.d_out}] for {sae.hook_point_out}, got "
+                         f"{list(mean_act.shape)}")
+    floor = activation_floor(model, sae.hook_point_out)
     counter, sae_counter = OffRangeCounter(floor), OffRangeCounter(floor)
     idx = torch.tensor(feats, dtype=torch.long, device=sae.W_dec.device)
     mean_row = mean_act.detach().to(sae.W_dec.device)
 
-    def variants(x: torch.Tensor) -> torch.Tensor:  # [B, 1, d_in] -> [B, 4, d_in]: mean, zero, features, SAE
-        # the SAE encodes in its dtype; the mean/zero variants and the subtraction stay in x's dtype (or wider), so
-        # a bf16 SAE rounds neither x nor the mean
+    def variants(x_in: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # [B, 1, d] -> [B, 4, d_out]
+        # mean, zero, features, SAE. The SAE encodes in its dtype; the mean/zero variants and the subtraction stay in
+        # x's dtype (or wider), so a bf16 SAE rounds neither x nor the mean
         dt = edit_dtype(sae, x)
-        f = sae.encode(x)
+        f = sae.encode(x_in)
         x = x.to(dt)
-        x_hat = sae.decode(f).to(dt)
-        ablated = ablation_base(sae, x, f, mode) - f[..., idx].to(dt) @ sae.W_dec[idx].to(dt)
+        x_hat = sae.decode(f, x_in).to(dt)
+        ablated = ablation_base(sae, x, f, mode, x_in) - f[..., idx].to(dt) @ sae.W_dec[idx].to(dt)
         if feats:
             counter.observe(ablated)
         sae_counter.observe(x_hat)
         return torch.cat([mean_row.to(x).expand_as(x), torch.zeros_like(x), ablated, x_hat], dim=1)
 
-    losses = variant_losses(model, task, Edit(sae.hook_point, variants), 4, max_tokens=max_tokens,
+    losses = variant_losses(model, task, sae_edit(sae, variants), 4, max_tokens=max_tokens,
                             max_batch=max_batch)
     if not feats:
         losses[:, 3] = float("nan")

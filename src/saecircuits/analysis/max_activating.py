@@ -112,6 +112,7 @@ def _losses_at(
     fn: Callable[[torch.Tensor], torch.Tensor] | None,
     V: int,
     query: torch.Tensor,
+    capture: tuple[str, dict] | None = None,
 ) -> torch.Tensor:
     """Next-token losses of full forwards in which ``fn`` edits ``hook`` at any positions, as ``V`` variants.
 
@@ -124,15 +125,24 @@ def _losses_at(
         V: number of variants.
         query: int64 ``[B, V, Q]`` positions ``q`` (``0 <= q < T - 1``) whose loss ``-log p(tokens[q+1] | ...)`` is
             wanted in each variant.
+        capture: ``(hook_in, store)``: keep ``hook_in``'s clean activation ``[B, 1, T, *shape]`` in
+            ``store["x_in"]`` before ``fn`` runs (a transcoder's input).
 
     Returns:
         float32 ``[B, V, Q]`` (nats).
     """
     with torch.no_grad():
-        return _losses_at_impl(iv, tokens, hook, fn, V, query)
+        return _losses_at_impl(iv, tokens, hook, fn, V, query, capture)
 
 
-def _losses_at_impl(iv, tokens, hook, fn, V, query) -> torch.Tensor:
+def _keep(store: dict):
+    def fn(x: torch.Tensor) -> None:
+        store["x_in"] = x
+
+    return fn
+
+
+def _losses_at_impl(iv, tokens, hook, fn, V, query, capture=None) -> torch.Tensor:
     B, T = tokens.shape
     Q = query.shape[-1]
     dev = tokens.device
@@ -141,6 +151,8 @@ def _losses_at_impl(iv, tokens, hook, fn, V, query) -> torch.Tensor:
     if iv.engine is not None:
         eng = iv.engine
         hooks = {} if fn is None else {hook: [fn]}
+        if capture is not None and fn is not None:
+            hooks[capture[0]] = [_keep(capture[1])]
         resid = eng.forward_tokens(tokens, hooks)  # [B, F, T, d_model], F in {1, V}
         resid = resid.expand(B, V, T, resid.shape[-1])
         at = resid.gather(2, query[..., None].expand(B, V, Q, resid.shape[-1]))  # [B, V, Q, d_model]
@@ -157,7 +169,12 @@ def _losses_at_impl(iv, tokens, hook, fn, V, query) -> torch.Tensor:
         clean = value.reshape(B, V, *value.shape[1:])[:, :1]  # every repeat is clean up to this hook
         return fn(clean).expand(B, V, *value.shape[1:]).reshape(value.shape).to(value.dtype)
 
+    def bridge_capture(value: torch.Tensor, hook=None) -> None:
+        capture[1]["x_in"] = value.reshape(B, V, *value.shape[1:])[:, :1]
+
     fwd = [] if fn is None else [(hook, bridge_hook)]
+    if capture is not None and fn is not None:
+        fwd.insert(0, (capture[0], bridge_capture))
     logits = iv.model.run_with_hooks(rep, fwd_hooks=fwd).float()  # [B*V, T, d_vocab]
     logits = logits.reshape(B, V, T, -1)
     at = logits.gather(2, query[..., None].expand(B, V, Q, logits.shape[-1]))
@@ -171,6 +188,7 @@ def _single_position_losses(
     fns: Sequence[Callable[[torch.Tensor], torch.Tensor]],
     rows: torch.Tensor,
     pos: torch.Tensor,
+    capture: tuple[str, dict] | None = None,
 ) -> torch.Tensor:
     """Next-token losses with ``hook`` edited at one position per pair, reusing one clean pass per story (engine).
 
@@ -187,6 +205,7 @@ def _single_position_losses(
         fns: edits ``x [N, 1, 1, *shape] -> [N, 1, 1, *shape]`` (the clean activation at ``p`` in); one loss per
             edit and pair.
         rows, pos: int64 ``[N]``: the story (row of ``tokens``) and position ``p`` of each pair (``p < T - 1``).
+        capture: ``(hook_in, store)`` as in :func:`_losses_at` (the recomputation then starts at ``hook_in``).
 
     Returns:
         float32 ``[len(fns), N]`` losses ``-log p(tokens[row, p + 1] | ...)`` (nats).
@@ -199,6 +218,8 @@ def _single_position_losses(
         keep_resid: dict = {}
         eng.forward_tokens(tokens, keep_kv=keep_kv, keep_resid=keep_resid)
         start = stage_of_hook(hook, eng.n_layers)
+        if capture is not None:
+            start = min(start, stage_of_hook(capture[0], eng.n_layers))
         T = tokens.shape[1]
         dev = tokens.device
         rows, pos = rows.to(dev), pos.to(dev)
@@ -212,7 +233,10 @@ def _single_position_losses(
             x0 = keep_resid[start][r, 0, p][:, None, None]  # [n, 1, 1, d_model]
             target = tokens[r, p + 1]
             for j, fn in enumerate(fns):
-                x = eng.forward_resid(x0, p[:, None], prefixes, {hook: [fn]}, start=start)
+                hooks = {hook: [fn]}
+                if capture is not None:
+                    hooks[capture[0]] = [_keep(capture[1])]
+                x = eng.forward_resid(x0, p[:, None], prefixes, hooks, start=start)
                 lg = eng.logits(x)[:, 0, 0]  # [n, d_vocab]
                 out[j, i : i + step] = (torch.logsumexp(lg, -1) - lg.gather(-1, target[:, None])[:, 0]).cpu()
     return out
@@ -265,7 +289,9 @@ def max_activating_ablation(
     if any(len(r) < 2 for r in rows):
         raise ValueError("every story needs at least two tokens (a next token to predict)")
     iv = interventions_for(model)
-    hook = sae.hook_point
+    hook = sae.hook_point_out  # where the ablation writes (a transcoder: the MLP's output)
+    store: dict = {}
+    capture = (sae.hook_point, store) if sae.is_transcoder else None  # what it reads
     special = special_ids_of(model)
     counter = OffRangeCounter(activation_floor(model, hook))
     kt = torch.tensor([k], device=sae.W_dec.device)
@@ -276,7 +302,7 @@ def max_activating_ablation(
     batches = list(row_batches(rows, pad_id_of(model), max_tokens=max_tokens, max_batch=max_batch,
                                device=_device_of(model), n_ctx=n_ctx_of(model), what="story"))
     for batch in batches:
-        x = iv.read_all(batch.tokens, [hook])[hook]
+        x = iv.read_all(batch.tokens, [sae.hook_point])[sae.hook_point]
         with torch.no_grad():
             f = sae.encode_features(x.to(sae.W_dec.dtype), kt)[..., 0].float()
         f = f * counted_token_mask(batch.tokens, batch.positions + 1, special).to(f.device)
@@ -287,19 +313,30 @@ def max_activating_ablation(
             corpus_max = max((float(a.max()) for a in acts if a.numel()), default=0.0)
         threshold = threshold_fraction * float(corpus_max)
 
+    def inputs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_in, x)`` flattened to ``[B, V, T, d]`` (hook_z heads; a transcoder's captured input)."""
+        flat = x.flatten(3) if x.dim() > 4 else x
+        if capture is None:
+            return flat, flat
+        x_in = sae.flatten_input(store["x_in"])
+        return x_in.expand(*flat.shape[:-1], x_in.shape[-1]), flat
+
     def ablate(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         """``x [B, V, T, d]`` with k ablated (this mode) where ``where [B, V, T]`` is True."""
-        dt = edit_dtype(sae, x)  # encode in the SAE's dtype, subtract in x's: a bf16 SAE never rounds x itself
-        f = sae.encode(x)
-        out = ablation_base(sae, x, f, mode) - f[..., k : k + 1].to(dt) * w_k.to(dt)
+        x_in, flat = inputs(x)
+        dt = edit_dtype(sae, flat)  # encode in the SAE's dtype, subtract in x's: a bf16 SAE never rounds x itself
+        f = sae.encode(x_in)
+        out = ablation_base(sae, flat, f, mode, x_in) - f[..., k : k + 1].to(dt) * w_k.to(dt)
         counter.observe(out, where)
-        return torch.where(where[..., None], out, x.to(dt))
+        return torch.where(where[..., None], out, flat.to(dt)).reshape(x.shape)
 
     def baseline(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
         if mode != "clean_effect":
             return x
-        dt = edit_dtype(sae, x)
-        return torch.where(where[..., None], sae.decode(sae.encode(x)).to(dt), x.to(dt))
+        x_in, flat = inputs(x)
+        dt = edit_dtype(sae, flat)
+        spliced = sae.decode(sae.encode(x_in), x_in).to(dt)
+        return torch.where(where[..., None], spliced, flat.to(dt)).reshape(x.shape)
 
     story_rows, pos_rows, per_token = [], [], {}
     for batch in batches:
@@ -314,7 +351,7 @@ def max_activating_ablation(
             base = baseline(x, where[:, :1])
             return torch.cat([base, ablate(x, where[:, 1:])], dim=1)
 
-        losses = _losses_at(iv, batch.tokens, hook, global_fn, 2, query)  # [B, 2, T-1]
+        losses = _losses_at(iv, batch.tokens, hook, global_fn, 2, query, capture)  # [B, 2, T-1]
         for r, i in enumerate(batch.indices):
             n = int(lengths[r]) - 1
             clean_l, abl_l = losses[r, 0, :n], losses[r, 1, :n]
@@ -334,12 +371,12 @@ def max_activating_ablation(
             pp = torch.tensor([p for ps in picks for p in ps], dtype=torch.long)
 
             def everywhere(x: torch.Tensor) -> torch.Tensor:
-                return torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+                return torch.ones(x.shape[:3], dtype=torch.bool, device=x.device)
 
             fns = [lambda x: ablate(x, everywhere(x))]
             if mode == "clean_effect":
                 fns.append(lambda x: baseline(x, everywhere(x)))
-            got = _single_position_losses(iv, batch.tokens, hook, fns, pr, pp)
+            got = _single_position_losses(iv, batch.tokens, hook, fns, pr, pp, capture)
             base = got[1] if mode == "clean_effect" else losses[pr, 0, pp]
             for n, (r, p) in enumerate(zip(pr.tolist(), pp.tolist(), strict=True)):
                 i = batch.indices[r]
@@ -357,13 +394,13 @@ def max_activating_ablation(
             at.scatter_(2, sub.clamp(min=0)[..., None], (sub >= 0)[..., None])
 
             def pos_fn(x, at=at, Vc=Vc):
-                x = x.expand(-1, Vc, -1, -1)
+                x = x.expand(-1, Vc, *x.shape[2:])
                 return ablate(x, at)
 
-            abl = _losses_at(iv, batch.tokens, hook, pos_fn, Vc, sub.clamp(min=0)[..., None])[..., 0]
+            abl = _losses_at(iv, batch.tokens, hook, pos_fn, Vc, sub.clamp(min=0)[..., None], capture)[..., 0]
             if mode == "clean_effect":
-                base = _losses_at(iv, batch.tokens, hook, lambda x, at=at, Vc=Vc: baseline(x.expand(-1, Vc, -1, -1),
-                                  at), Vc, sub.clamp(min=0)[..., None])[..., 0]
+                base = _losses_at(iv, batch.tokens, hook, lambda x, at=at, Vc=Vc: baseline(
+                    x.expand(-1, Vc, *x.shape[2:]), at), Vc, sub.clamp(min=0)[..., None], capture)[..., 0]
             else:
                 base = losses[:, 0].gather(1, sub.clamp(min=0).cpu())
             for r, i in enumerate(batch.indices):

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from saecircuits.analysis.ablation_modes import sae_edit
 from saecircuits.analysis.stats import bootstrap_ratio_ci, t_quantile
 from saecircuits.analysis.thresholds import MIN_ABLATION_EFFECT
 from saecircuits.display import NotebookDisplay
@@ -37,7 +38,7 @@ from saecircuits.models.hooks import (
     task_batches,
     with_progress,
 )
-from saecircuits.models.interventions import Edit, interventions_for
+from saecircuits.models.interventions import interventions_for
 from saecircuits.models.tokens import special_token_ids, special_token_mask
 from saecircuits.saes.base import SAE, SAEError
 from saecircuits.saes.metrics import explained_variance
@@ -324,9 +325,11 @@ def reconstruction_at_prediction(
 
     Args:
         model: a TransformerBridge.
-        sae: any :class:`SAE`; its ``hook_point`` is edited (only at P, in every batch row).
+        sae: any :class:`SAE`; the hook it writes (``hook_point_out``: the MLP's output for a transcoder) is edited
+            (only at P, in every batch row).
         task: prompts and answers.
-        mean_act: ``[d_in]`` mean activation for mean ablation (from :func:`mean_activation`), or ``None`` to skip.
+        mean_act: ``[d_out]`` mean activation of that hook for mean ablation (from :func:`mean_activation`), or
+            ``None`` to skip.
         n_bootstrap, seed: paired bootstrap over prompts for the loss-recovered intervals.
         max_tokens, max_batch: batch budget.
 
@@ -334,21 +337,22 @@ def reconstruction_at_prediction(
         :class:`ReconstructionResult`.
 
     Raises:
-        ValueError: ``mean_act`` does not have ``sae.d_in`` entries.
+        ValueError: ``mean_act`` does not have ``sae.d_out`` entries.
     """
-    hook = sae.hook_point
-    if mean_act is not None and mean_act.shape[-1] != sae.d_in:
-        raise ValueError(f"mean_act has width {mean_act.shape[-1]}, the SAE on {hook} has d_in={sae.d_in}")
+    hook_in, hook_out = sae.hook_point, sae.hook_point_out
+    if mean_act is not None and mean_act.shape[-1] != sae.d_out:
+        raise ValueError(f"mean_act has width {mean_act.shape[-1]}, the SAE writing {hook_out} has "
+                         f"d_out={sae.d_out}")
     n = task.n_prompts
     out = {k: torch.zeros(n) for k in ("clean", "sae", "zero", "mean", "l0")}
-    xs, xhats = torch.zeros(n, sae.d_in), torch.zeros(n, sae.d_in)
+    xs, xhats = torch.zeros(n, sae.d_out), torch.zeros(n, sae.d_out)
 
     mean_row = None if mean_act is None else mean_act.detach().reshape(1, 1, -1)
 
-    def variants(x: torch.Tensor) -> torch.Tensor:  # [B, 1, d_in] -> [B, V, d_in]: SAE, zero(, mean)
+    def variants(x_in: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # [B, 1, d] -> [B, V, d_out]: SAE, zero(, mean)
         # zero and mean in x's dtype (or wider): a bf16 SAE must not round the mean-ablation vector
         x = x.to(torch.promote_types(x.dtype, sae.W_dec.dtype))
-        out = [sae.decode(sae.encode(x)).to(x), torch.zeros_like(x)]
+        out = [sae.decode(sae.encode(x_in), x_in).to(x), torch.zeros_like(x)]
         if mean_row is not None:
             out.append(mean_row.to(x).expand_as(x))
         return torch.cat(out, dim=1)
@@ -358,15 +362,16 @@ def reconstruction_at_prediction(
     with torch.no_grad():
         for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
             idx = torch.tensor(batch.indices)
-            clean = iv.clean(batch, read=[hook])
-            x = clean.reads[hook].float()
-            f = sae.encode(x.to(sae.W_dec.dtype))
-            x_hat = sae.decode(f).float()
+            clean = iv.clean(batch, read=sorted({hook_in, hook_out}))
+            x_in = sae.flatten_input(clean.reads[hook_in].float())
+            x = clean.reads[hook_out].float().flatten(1)
+            f = sae.encode(x_in.to(sae.W_dec.dtype))
+            x_hat = sae.decode(f, x_in.to(sae.W_dec.dtype)).float()
             xs[idx] = x.cpu()
-            out["l0"][idx] = (f > 0).sum(-1).float().cpu()
+            out["l0"][idx] = (f != 0).sum(-1).float().cpu()
             xhats[idx] = x_hat.cpu()
             out["clean"][idx] = answer_metrics(clean.logits, batch.answer_ids)["loss"].cpu()
-            logits, _ = iv.run(clean, [Edit(hook, variants)], n_variants=len(names))
+            logits, _ = iv.run(clean, [sae_edit(sae, variants)], n_variants=len(names))
             loss = answer_metrics(logits, batch.answer_ids)["loss"].cpu()
             for v, name in enumerate(names):
                 out[name][idx] = loss[:, v]
@@ -396,6 +401,50 @@ def reconstruction_at_prediction(
     )
 
 
+def full_splice_hooks(sae: SAE, keep: torch.Tensor) -> list[tuple[str, Any]]:
+    """TransformerLens forward hooks that splice ``sae`` in at every position where ``keep [B, T, 1]`` is True.
+
+    The hook the SAE writes (``hook_point_out``) gets ``decode(encode(x_in), x_in)``; for a transcoder ``x_in`` is
+    captured at its input hook earlier in the same pass; an attention ``hook_z`` SAE's output is put back in the
+    hook's ``[B, T, n_heads, d_head]`` shape.
+    """
+    store: dict[str, torch.Tensor] = {}
+
+    def capture(act: torch.Tensor, hook: Any = None) -> None:
+        store["x_in"] = act
+
+    def splice(act: torch.Tensor, hook: Any = None) -> torch.Tensor:
+        x_in = sae.flatten_input(store.get("x_in", act).float())
+        x_hat = sae(x_in).to(act.dtype)
+        if act.dim() > 3:
+            x_hat = x_hat.unflatten(-1, act.shape[2:])
+        k = keep.reshape(*keep.shape[:2], *([1] * (act.dim() - 2)))
+        return torch.where(k, x_hat, act)
+
+    hooks: list[tuple[str, Any]] = [(sae.hook_point, capture)] if sae.is_transcoder else []
+    return hooks + [(sae.hook_point_out, splice)]
+
+
+def _run_checked(model, rows: torch.Tensor, fwd_hooks: list[tuple[str, Any]]) -> torch.Tensor:
+    """``model.run_with_hooks`` that fails naming any hook that never fired (a misspelt or absent hook would
+    otherwise leave the model clean and the 'spliced' loss equal to the clean one)."""
+    fired: set[str] = set()
+
+    def mark(name, fn):
+        def hook(act, hook=None):
+            fired.add(name)
+            return fn(act, hook)
+
+        return hook
+
+    logits = model.run_with_hooks(rows, fwd_hooks=[(n, mark(n, f)) for n, f in fwd_hooks])
+    missing = sorted({n for n, _ in fwd_hooks} - fired)
+    if missing:
+        raise SAEError(f"hook(s) {missing} never fired in this model's forward pass; the SAE cannot be spliced "
+                       "there (check its hook name against model.hook_dict)")
+    return logits
+
+
 @torch.no_grad()
 def sequence_loss_recovered(
     model,
@@ -420,7 +469,8 @@ def sequence_loss_recovered(
 
     Args:
         model: TransformerLens model (``__call__`` returns logits ``[batch, pos, d_vocab]``, ``run_with_hooks``).
-        saes: ``{name: SAE}`` or a list (named by hook point); each reads and writes ``sae.hook_point``.
+        saes: ``{name: SAE}`` or a list (named by hook point); each reads ``sae.hook_point`` and writes
+            ``sae.hook_point_out`` (the same hook except for transcoders).
         token_rows: int64 ``[n_rows, seq]``.
         bos_id, pad_id, bos_policy: see :func:`saecircuits.data.activations.bos_keep_mask` (``bos_id`` may be the
             set of special ids, ``models.tokens.special_token_ids``); targets that are any of them are not scored.
@@ -462,16 +512,15 @@ def sequence_loss_recovered(
         for name, sae in items:
             sae_dev = sae.to(device)
 
-            def splice(act: torch.Tensor, hook: Any = None, _sae: SAE = sae_dev, _keep=keep) -> torch.Tensor:
-                return torch.where(_keep, _sae(act.float()).to(act.dtype), act)
-
             def zero(act: torch.Tensor, hook: Any = None, _keep=keep) -> torch.Tensor:
+                _keep = _keep.reshape(*_keep.shape, *([1] * (act.dim() - _keep.dim())))
                 return torch.where(_keep, torch.zeros_like(act), act)
 
             sums[name]["clean"].append(clean)
-            sums[name]["spliced"].append(
-                row_nll(model.run_with_hooks(rows, fwd_hooks=[(sae.hook_point, splice)]), rows, valid))
-            sums[name]["zero"].append(row_nll(model.run_with_hooks(rows, fwd_hooks=[(sae.hook_point, zero)]), rows, valid))
+            spliced = _run_checked(model, rows, full_splice_hooks(sae_dev, keep))
+            sums[name]["spliced"].append(row_nll(spliced, rows, valid))
+            zeroed = _run_checked(model, rows, [(sae.hook_point_out, zero)])
+            sums[name]["zero"].append(row_nll(zeroed, rows, valid))
     n_tok = torch.cat(counts).double() if counts else torch.zeros(0, dtype=torch.float64)
     if int(n_tok.sum()) == 0:
         raise SAEError("no scored tokens (all targets are BOS/padding); give longer rows")

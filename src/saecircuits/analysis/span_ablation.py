@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
+from saecircuits.analysis.ablation_modes import sae_edit
 from saecircuits.analysis.features import variant_losses
 from saecircuits.analysis.stats import MeanCI, mean_ci95
 from saecircuits.display import NotebookDisplay
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS
-from saecircuits.models.interventions import Edit
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
 
@@ -105,7 +105,7 @@ def span_ablation(
     Args:
         model, sae, task: the model, the SAE (its hook is edited at P), the behaviour.
         features: the top features (e.g. the top 5 of the ablation table).
-        mean_act: ``[d_in]`` mean activation of the hook (mean variant).
+        mean_act: ``[d_out]`` mean activation of the hook the SAE writes (mean variant).
         max_tokens, max_batch: batch budget.
 
     Returns:
@@ -116,20 +116,21 @@ def span_ablation(
     """
     q = span_basis(sae, features)
     mean_act = torch.as_tensor(mean_act)
-    if tuple(mean_act.shape) != (sae.d_in,):
-        raise ValueError(f"mean_act must be [d_in] = [{sae.d_in}] for {sae.hook_point}, got {list(mean_act.shape)}")
+    if tuple(mean_act.shape) != (sae.d_out,):
+        raise ValueError(f"mean_act must be [d_out] = [{sae.d_out}] for {sae.hook_point_out}, got "
+                         f"{list(mean_act.shape)}")
     dev = sae.W_dec.device
     proj = (q @ q.T).to(dev)  # float64 [d_in, d_in]
     mu_out = (mean_act.double().to(dev) - proj @ mean_act.double().to(dev))  # (I - P) mu
     kept: list[torch.Tensor] = []
 
-    def variants(x: torch.Tensor) -> torch.Tensor:  # [B, 1, d_in] -> [B, 2, d_in]
+    def variants(_x_in: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # [B, 1, d_out] -> [B, 2, d_out]
         h = x.double()
         ph = h @ proj  # P is symmetric
         kept.append(((ph**2).sum(-1) / (h**2).sum(-1).clamp(min=1e-30)).reshape(-1).cpu())
         return torch.cat([ph, ph + mu_out], dim=1).to(x.dtype)
 
-    losses = variant_losses(model, task, Edit(sae.hook_point, variants), 2, max_tokens=max_tokens,
+    losses = variant_losses(model, task, sae_edit(sae, variants), 2, max_tokens=max_tokens,
                             max_batch=max_batch)
     return SpanAblation(
         features=[int(k) for k in features],

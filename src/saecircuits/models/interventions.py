@@ -47,10 +47,14 @@ class Edit:
         fn: ``fn(x) -> x'`` with ``x`` of shape ``[B, F, *act_shape]`` (B prompts of the batch in batch order; ``F``
             is 1 while every variant still shares the value, else ``V``) returning ``[B, F or V, *act_shape]``.
             Returning ``V`` variants turns one prompt into ``V`` edited rows (one ablated feature each, say).
+            With ``reads``, ``fn(x, *values)`` also gets each named hook's value at P in the same pass (``[B, F',
+            *shape]``, after any edits at that hook), e.g. a transcoder's input when editing the MLP's output.
+        reads: hooks that fire before ``hook`` whose values ``fn`` needs (empty for most edits).
     """
 
     hook: str
-    fn: Callable[[torch.Tensor], torch.Tensor]
+    fn: Callable[..., torch.Tensor]
+    reads: tuple[str, ...] = ()
 
 
 @dataclass
@@ -305,7 +309,7 @@ class Interventions:
         if clean.kv is None:
             raise ValueError("this CleanPass has no prefix cache; call clean(batch, cache=True)")
         n = self.n_layers
-        stages = [stage_of_hook(e.hook, n) for e in edits] + [stage_of_hook(r, n) for r in read]
+        stages = [stage_of_hook(h, n) for e in edits for h in (e.hook, *e.reads)] + [stage_of_hook(r, n) for r in read]
         if not stages:
             raise ValueError("run() needs at least one edit or read hook")
         start = min(stages)
@@ -316,8 +320,11 @@ class Interventions:
         hooks: dict[str, list] = {}
         for name in read:
             hooks.setdefault(name, []).append(_variant_reader(reads, name, detach=not keep_graph))
+        captured: dict[str, torch.Tensor] = {}
         for e in edits:
-            hooks.setdefault(e.hook, []).append(_edit_at_single_position(e, B, V))
+            hooks.setdefault(e.hook, []).append(_edit_at_single_position(e, B, V, captured))
+        for name in {h for e in edits for h in e.reads}:  # after every edit there: an edit reads the edited value
+            hooks.setdefault(name, []).append(_variant_reader(captured, name, detach=not keep_graph))
         qpos = pos[:, None]
         if start[0] < 0:
             tokens_p = batch.tokens[torch.arange(B, device=pos.device), pos][:, None]
@@ -346,7 +353,10 @@ class Interventions:
         B = batch.tokens.shape[0]
         tokens = batch.tokens.repeat_interleave(V, 0)
         pos = batch.positions.repeat_interleave(V, 0)
-        fwd = [(e.hook, _edit_hook_full(e, pos, B, V)) for e in edits]
+        captured: dict[str, torch.Tensor] = {}
+        fwd = [(e.hook, _edit_hook_full(e, pos, B, V, captured)) for e in edits]
+        # after the edits of that hook (TransformerLens runs a hook's functions in order): edits read edited values
+        fwd += [(name, _capture_full(captured, name, pos, B, V)) for name in {h for e in edits for h in e.reads}]
         lg, reads = run_at_positions(self.model, tokens, pos, read=read, edits=fwd, return_logits=logits)
         out = {k: v.reshape(B, V, *v.shape[1:]) for k, v in reads.items()}
         return (None if lg is None else lg.reshape(B, V, -1)), out
@@ -400,26 +410,54 @@ def _check_edit_output(e: Edit, out: torch.Tensor, x: torch.Tensor, V: int) -> N
         )
 
 
-def _edit_at_single_position(e: Edit, B: int, V: int):
+def _read_values(e: Edit, captured: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The values of ``e.reads`` captured earlier in the pass (ValueError naming a hook that has not fired yet)."""
+    missing = [h for h in e.reads if h not in captured]
+    if missing:
+        raise ValueError(f"the edit on {e.hook} reads {missing}, which did not fire before it; an edit can read only "
+                         "hooks that run before its own")
+    return [captured[h] for h in e.reads]
+
+
+def _edit_at_single_position(e: Edit, B: int, V: int, captured: dict[str, torch.Tensor]):
     """Engine hook: activations ``[B, F, 1, *shape]`` at P -> the edit's ``[B, F', 1, *shape]``."""
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         rows = x[:, :, 0]
-        out = e.fn(rows)
+        out = e.fn(rows, *_read_values(e, captured))
         _check_edit_output(e, out, rows, V)
         return out.to(x.dtype)[:, :, None]
 
     return fn
 
 
-def _edit_hook_full(e: Edit, pos: torch.Tensor, B: int, V: int):
+def _shared(rows: torch.Tensor) -> torch.Tensor:
+    """``[B, V, *shape]`` -> ``[B, 1, *shape]`` when every variant still holds the same value, as the engine hands
+    edits (``F = 1`` until an edit makes the variants differ), so an edit that expands to ``V`` variants sees the
+    same shapes on both backends."""
+    if rows.shape[1] > 1 and bool((rows == rows[:, :1]).all()):
+        return rows[:, :1]
+    return rows
+
+
+def _capture_full(captured: dict[str, torch.Tensor], name: str, pos: torch.Tensor, B: int, V: int):
+    """Bridge hook on ``[B*V, T, *shape]`` keeping each row's value at its P as ``[B, V, *shape]``."""
+
+    def hook(value: torch.Tensor, hook=None) -> None:
+        r = torch.arange(value.shape[0], device=value.device)
+        captured[name] = _shared(value[r, pos.to(value.device)].reshape(B, V, *value.shape[2:]).detach().clone())
+
+    return hook
+
+
+def _edit_hook_full(e: Edit, pos: torch.Tensor, B: int, V: int, captured: dict[str, torch.Tensor]):
     """Bridge hook on ``[B*V, T, *shape]``: edit each row at its P with the rows viewed as ``[B, V, *shape]``."""
 
     def hook(value: torch.Tensor, hook=None) -> torch.Tensor:
         r = torch.arange(value.shape[0], device=value.device)
         p = pos.to(value.device)
-        rows = value[r, p].reshape(B, V, *value.shape[2:])
-        out = e.fn(rows)
+        rows = _shared(value[r, p].reshape(B, V, *value.shape[2:]))
+        out = e.fn(rows, *_read_values(e, captured))
         _check_edit_output(e, out, rows, V)
         new = value.clone()
         new[r, p] = _expand_variants(out, B, V).reshape(B * V, *value.shape[2:]).to(value.dtype)
