@@ -298,3 +298,20 @@ def test_bad_files(tmp_path):
     with pytest.raises(SAEError, match="activation_fn 'topk' needs"):
         load_any(folder)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["head", "kw", "sae", "wide"]  # nothing written
+
+
+def test_boolean_normalize_activations(tmp_path):
+    # SAELens < 6 wrote a bool: true means expected_average_only_in, whose factor lives in activation_scaler.json
+    w = _weights({"W_enc", "b_enc", "W_dec", "b_dec"}, dtype=torch.float64)
+    cfg = {**V5_TOPK, "activation_fn_str": "relu", "activation_fn_kwargs": {}, "normalize_activations": True,
+           "dtype": "torch.float64"}
+    folder = _write(tmp_path, cfg, w)
+    with pytest.raises(SAEError, match=r"expected_average_only_in.*activation_scaler\.json"):
+        load_sae(folder)
+    (folder / "activation_scaler.json").write_text(json.dumps({"scaling_factor": 0.5}))
+    sae = load_sae(folder)
+    x = _x()
+    W = {k: _np(v) for k, v in w.items()}
+    acts = np.maximum((0.5 * x - W["b_dec"]) @ W["W_enc"] + W["b_enc"], 0)  # SAELens feeds x * factor
+    _close(sae.encode(torch.tensor(x)), acts, 1e-10)
+    _close(sae(torch.tensor(x)), (acts @ W["W_dec"] + W["b_dec"]) / 0.5, 1e-10)

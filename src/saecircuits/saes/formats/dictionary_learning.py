@@ -44,7 +44,11 @@
   module's output; "in": its input); else ``hook=``. ``io: "in_and_out"`` (crosscoders, transcoders) is refused.
 * **Basis.** Trained through nnsight on raw Hugging Face models: ``cfg.extra["model_processing"] =
   {"center_writing_weights": False}`` (the residual stream was not centred; the only switch a residual-stream
-  value depends on), ``cfg.extra["basis"]["norm_weight_applied"] = False``.
+  value depends on); ``cfg.extra["basis"]["norm_weight_applied"]`` is True only for a dictionary on an MLP's input
+  (``io: "in"`` of ``….mlp``: the pre-MLP norm's output with its weight applied), else False.
+* **Refused.** A class the files do not determine, tensors that do not fit the class or the config's sizes, ``d ==
+  F`` without a config (a transposed matrix would fit), a negative BatchTopK threshold, ``io: "in_and_out"``,
+  anything ``torch.load(weights_only=True)`` refuses (pickled code).
 """
 
 from __future__ import annotations

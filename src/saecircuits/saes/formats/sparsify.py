@@ -28,7 +28,8 @@
   ``center_writing_weights=False`` (the residual stream was not centred). For residual-stream sites that is the only
   switch that changes the values. ``fold_ln`` is not recorded: a residual value does not depend on it, and for the
   MLP-input transcoders the norm's weight is what matters, which ``cfg.extra["basis"]["norm_weight_applied"] =
-  True`` says (the run folds or applies it). ``fold_value_biases`` changes no site sparsify reads.
+  True`` says (the run folds or applies it; for LayerNorm models such as GPT-2 and Pythia the norm's bias is
+  applied too, as the Hugging Face MLP receives it). ``fold_value_biases`` changes no site sparsify reads.
 * **Refused.** ``activation: "groupmax"`` (max within each of k groups: another architecture), ``signed: true``
   (top-k by absolute value, keeping the sign), an encoder-only file (no ``W_dec``), unknown keys, tensors whose
   shapes do not fit ``d_in``/``num_latents``.
