@@ -251,3 +251,16 @@ def test_bad_files(tmp_path):
     # unknown class
     with pytest.raises(SAEError, match="dictionary class 'CrossCoder' is not supported"):
         load_sae(_save(tmp_path / "d", _state("AutoEncoder"), {"trainer": {"dict_class": "CrossCoder"}}))
+
+
+def test_released_pythia_dictionaries_take_the_site_from_their_folders(tmp_path):
+    # saprmarks' feature-circuits dictionaries: dictionaries/pythia-70m-deduped/<site>/10_32768/ae.pt, older config
+    cfg = {"dictionary": {"dict_class": "AutoEncoder", "activation_dim": D, "dict_size": F},
+           "buffer": {"d_submodule": D, "io": "out"}}
+    for site, hook in (("resid_out_layer3", "blocks.3.hook_resid_post"), ("mlp_out_layer0", "blocks.0.hook_mlp_out"),
+                       ("attn_out_layer5", "blocks.5.hook_attn_out"), ("embed", "hook_embed")):
+        folder = _save(tmp_path / "pythia-70m-deduped" / site / "10_32768", _state("AutoEncoder"), cfg)
+        sae = load_sae(folder)
+        assert sae.hook_point == hook and sae.cfg.extra["source"]["site"] == f"{site} (folder name)"
+    with pytest.raises(SAEError, match="do not say which hook"):
+        load_sae(_save(tmp_path / "elsewhere" / "x", _state("AutoEncoder"), cfg))

@@ -41,7 +41,9 @@
   loaders do not rescale and neither do we.
 * **Site.** ``submodule_name`` (``resid_post_layer_3``, ``mlp_out_layer3``, ``attn_out_layer3``, ``embed``, or a
   Hugging Face module path such as ``model.layers.3`` / ``gpt_neox.layers.3.mlp``) with ``buffer.io`` ("out": the
-  module's output; "in": its input); else ``hook=``. ``io: "in_and_out"`` (crosscoders, transcoders) is refused.
+  module's output; "in": its input); without ``submodule_name``, a folder above ``ae.pt`` named like the first
+  four (saprmarks' released ``dictionaries/pythia-70m-deduped/resid_out_layer3/10_32768/ae.pt``); else ``hook=``.
+  ``io: "in_and_out"`` (crosscoders, transcoders) is refused.
 * **Basis.** Trained through nnsight on raw Hugging Face models: ``cfg.extra["model_processing"] =
   {"center_writing_weights": False}`` (the residual stream was not centred; the only switch a residual-stream
   value depends on); ``cfg.extra["basis"]["norm_weight_applied"]`` is True only for a dictionary on an MLP's input
@@ -306,7 +308,16 @@ def _load(path: Path, options: LoadOptions) -> SAE:
             if not options.hook:
                 raise
         source["site"] = f"{submodule} ({buffer.get('io') or 'out'})"
-    hook = resolve_hook(found, options.hook, path, what="config.json's submodule_name")
+    elif not options.hook:
+        # saprmarks' released dictionaries (feature-circuits) name the site in a folder above ae.pt:
+        # dictionaries/pythia-70m-deduped/resid_out_layer3/10_32768/ae.pt
+        for folder in (pt.parent, pt.parent.parent, pt.parent.parent.parent):
+            if folder.name in ("embed", "embed_in", "embed_tokens") or any(
+                    pattern.match(folder.name) for pattern, _ in _NAMED_SITES):
+                found = site_hook(folder.name, "out", model_name, pt)
+                source["site"] = f"{folder.name} (folder name)"
+                break
+    hook = resolve_hook(found, options.hook, path, what="config.json's submodule_name (or the folder names)")
     extra["model_processing"] = {"center_writing_weights": False}
     # an MLP's input in a Hugging Face model is the pre-MLP norm's output with its weight applied
     extra["basis"] = {"input": f"the raw Hugging Face model's {buffer.get('io') or 'out'}put of "
