@@ -243,11 +243,11 @@ def test_bf16_saelens_file_keeps_its_dtype(tmp_path):
 @pytest.mark.parametrize(
     "change,match",
     [
+        # gated, layer_norm and hook_z files load now (tests/saes/formats/test_saelens.py checks their maths)
+        ({"architecture": "abstopk"}, r"architecture 'abstopk' is not supported"),
         ({"architecture": "gated"}, r"tensors do not match the cfg.json architecture \(missing \['b_gate'"),
-        ({"architecture": "matching_pursuit"}, r"architecture 'matching_pursuit' is not supported"),
         ({"normalize_activations": "constant_norm_rescale"}, r"normalize_activations='constant_norm_rescale'"),
-        ({"normalize_activations": "layer_norm"}, r"normalize_activations='layer_norm'"),
-        ({"reshape_activations": "hook_z"}, r"reshape_activations='hook_z'"),
+        ({"reshape_activations": "hook_q"}, r"reshape_activations='hook_q'"),
         ({"metadata": {"sae_lens_version": "6.18.0", "hook_name": HOOK, "hook_head_index": 3}}, "hook_head_index=3"),
         ({"use_new_gating": True}, r"keys \['use_new_gating'\] are not understood"),
         ({"rescale_acts_by_decoder_norm": True}, r"keys \['rescale_acts_by_decoder_norm'\] are not understood"),
@@ -272,10 +272,15 @@ def test_pre6_files(tmp_path):
     sae = load_sae(folder)  # SAELens' own pre-6 conversion, with the model name kept
     assert sae.hook_point == HOOK and sae.cfg.model_name == "tiny-stories-1L-21M"
     torch.testing.assert_close(sae.encode(_x()).double(), saelens_encode(cfg, w, _x()), rtol=1e-5, atol=1e-5)
+    # training keys of SAELens < 6 are known and harmless: loaded, kept as provenance (they used to be refused)
+    (folder / "cfg.json").write_text(json.dumps({**old, "lr": 3e-4, "hook_point_layer": 0}))
+    sae = load_sae(folder)
+    assert sae.cfg.extra["saelens"]["training"] == {"lr": 3e-4, "hook_point_layer": 0}
+    torch.testing.assert_close(sae.encode(_x()).double(), saelens_encode(cfg, w, _x()), rtol=1e-5, atol=1e-5)
     for bad, match in [
         ({"activation_fn_str": "tanh-relu"}, "activation_fn 'tanh-relu' is not supported"),
         ({"finetuning_scaling_factor": True}, "finetuning_scaling_factor"),
-        ({"lr": 3e-4}, r"keys \['lr'\] are not understood.*SAELens < 6"),
+        ({"use_new_gating": True}, r"keys \['use_new_gating'\] are not understood"),
     ]:
         (folder / "cfg.json").write_text(json.dumps({**old, **bad}))
         with pytest.raises(SAEError, match=match):

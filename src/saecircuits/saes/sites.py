@@ -13,6 +13,7 @@ Hugging Face module path (block N)            TransformerLens hook
 ============================================  =====================================================
 ``layers.N`` / ``model.layers.N`` / ``h.N``   ``blocks.N.hook_resid_post`` (a decoder layer's output)
  / ``transformer.h.N`` / ``gpt_neox.layers.N``
+``layers.N.input``                            ``blocks.N.hook_resid_pre`` (a decoder layer's input)
 ``….mlp`` (output)                            ``blocks.N.hook_mlp_out`` (Gemma 2/3: after the post-MLP norm,
                                               so ``post_feedforward_layernorm.output`` maps there too)
 ``….self_attn`` / ``….attn`` / ``….attention``  ``blocks.N.hook_attn_out`` (Gemma 2/3: ``post_attention_layernorm``)
@@ -85,6 +86,8 @@ def hook_from_module_path(path: str, *, model_name: str | None = None) -> str:
         gemma = is_gemma_like(model_name)
         if rest == "":
             return f"blocks.{layer}.hook_resid_post"
+        if rest == "input":  # a decoder layer's input: the residual stream before the block
+            return f"blocks.{layer}.hook_resid_pre"
         if rest in ("mlp", "post_feedforward_layernorm") or (rest == "mlp.down_proj" and not gemma):
             return f"blocks.{layer}.hook_mlp_out"
         if rest in _ATTN or rest in ("self_attn.o_proj", "attn.c_proj", "attention.dense") or (
