@@ -19,8 +19,11 @@ Llama Scope
     ``W_dec = decoder.weight.T / s_out``, ``b_dec = decoder.bias / s_out``, so the SAE reads raw activations and its
     features are the trained SAE's. The fold is computed in float64 and stored in float32 (a bfloat16 file is
     upcast: rounding the folded weights back to bfloat16 would change the SAE; ``source["upcast_from"]`` says so).
-    ``sparsity_include_decoder_norm: true`` would gate ``pre * ||W_dec[k]||``; SAELens ignores it, which is exact
-    only when every decoder row has norm 1, so the loader checks that (within 1%) and refuses otherwise.
+    This is lm_saes' own inference path (``standardize_parameters_of_dataset_norm``: ``encoder.bias /= s_in``,
+    ``decoder.weight *= s_in / s_out``, ``decoder.bias /= s_out``, the threshold left as it is, so it gates
+    ``pre / s_in``), up to the per-SAE factor ``s_in`` on the features. In the release-era ``lm_saes`` the decoder
+    norm enters only TopK's selection (``sparsity_include_decoder_norm``); its ``jumprelu`` gates the pre-activation
+    alone, so that key does not change these SAEs (recorded in ``source``).
 
 Llama Scope R1
     Files: a folder with ``config.json`` and ``sae_weights.safetensors`` (no ``cfg.json``: that pair is SAELens').
@@ -72,7 +75,7 @@ _MATHS_KEYS = {"d_model", "d_sae", "expansion_factor", "hook_point_in", "hook_po
                "sparsity_include_decoder_norm", "dtype"}
 #: lm_saes training and provenance keys: they do not change encode/decode of the saved weights.
 _HARMLESS_KEYS = frozenset({
-    "device", "seed", "use_ddp", "tp_size", "ddp_size", "sae_pretrained_name_or_path", "strict_loading", "top_k",
+    "device", "seed", "bias_init_method", "use_ddp", "tp_size", "ddp_size", "sae_pretrained_name_or_path", "strict_loading", "top_k",
     "k_warmup_steps", "l1_coefficient", "l1_coefficient_warmup_steps", "lp", "lr", "use_ghost_grads",
     "init_decoder_norm", "init_encoder_norm", "init_encoder_with_decoder_transpose", "decoder_exactly_fixed_norm",
     "use_batch_norm_mse", "sae_type", "model_name", "model_from_pretrained_path", "dataset_path", "context_size",
@@ -192,16 +195,12 @@ def _load_files(cfg_path: Path, weights_path: Path, options: LoadOptions, *, r1:
     if bool((threshold < 0).any()):
         raise SAEError(f"{cfg_path}: a negative JumpReLU threshold lets negative pre-activations through "
                        "(pre * [pre > t]), which saecircuits' JumpReLU does not reproduce")
-    if hp.get("sparsity_include_decoder_norm", False) is True:
-        row_norms = dec.double().norm(dim=0)
-        if bool(((row_norms - 1).abs() > 1e-2).any()):
-            raise SAEError(f"{cfg_path}: sparsity_include_decoder_norm is true and the decoder rows do not all have "
-                           "norm 1, so the gate may include each row's norm; saecircuits does not guess")
     folded = s_in != 1.0 or s_out != 1.0
     dtype = full_precision_dtype(stored) if folded else stored
-    tensors = {"W_enc": (enc.double().T * s_in).to(dtype), "b_enc": enc_b.to(dtype),
-               "W_dec": (dec.double().T / s_out).to(dtype), "b_dec": (dec_b.double() / s_out).to(dtype),
-               "threshold": threshold.float()}
+    # float32 arithmetic on the exactly upcast weights (a float64 copy of a 131k-feature encoder would take 4 GB)
+    tensors = {"W_enc": enc.T.to(dtype) * s_in if s_in != 1.0 else enc.T, "b_enc": enc_b.to(dtype),
+               "W_dec": dec.T.to(dtype) / s_out if s_out != 1.0 else dec.T,
+               "b_dec": (dec_b.double() / s_out).to(dtype), "threshold": threshold.float()}
     transcoder = hook_out != hook_in
     norm_weight = False  # TransformerLens' ln2.hook_normalized is before the norm's weight
     extra: dict[str, Any] = {
