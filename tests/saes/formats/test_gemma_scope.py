@@ -90,8 +90,12 @@ def test_v1_res_site_hook_basis_and_maths(tmp_path):
 
 def test_v1_hf_cache_layout_and_mlp_site(tmp_path):
     params, x = _params()
-    root = tmp_path / "models--google--gemma-scope-9b-it-mlp" / "snapshots" / "abc123"
-    sae = load_sae(_write_npz(root / "layer_20" / "width_131k" / "average_l0_9", params))
+    repo = tmp_path / "models--google--gemma-scope-9b-it-mlp"
+    folder = repo / "snapshots" / "abc123" / "layer_20" / "width_131k" / "average_l0_9"
+    blob = _write_npz(repo / "blobs" / "tmp", params) / "params.npz"
+    folder.mkdir(parents=True)
+    (folder / "params.npz").symlink_to(blob)  # the cache links each file into blobs/
+    sae = load_sae(folder / "params.npz")
     assert sae.hook_point == "blocks.20.hook_mlp_out"
     assert sae.cfg.model_name == "google/gemma-2-9b-it"
     _check(sae, params, x)

@@ -82,6 +82,7 @@ def test_topk_file_normalises_each_token(tmp_path, postact):
     if postact == "Identity":
         sd["latent_bias"] -= 4.0  # some top-k pre-activations negative: Identity keeps them
     sae = load_sae(_write(tmp_path, sd))
+    assert sae.cfg.extra["source"]["family"] == "openai"
     assert sae.architecture == "topk" and sae.cfg.extra["input_normalization"] == "layer_norm"
     assert sae.cfg.extra["topk_relu"] is (postact == "ReLU")
     assert sae.hook_point == "blocks.6.hook_resid_post"
@@ -185,3 +186,13 @@ def test_save_and_reload_round_trips(tmp_path):
     with torch.no_grad():
         assert torch.equal(back.encode(xt), sae.encode(xt)) and torch.equal(back(xt), sae(xt))
     assert back.cfg.extra["model_processing"] == sae.cfg.extra["model_processing"]
+
+
+def test_symlinked_file_keeps_its_site(tmp_path):
+    blob = tmp_path / "blobs" / "0123abcd"
+    blob.parent.mkdir()
+    torch.save(_state_dict(), blob)
+    link = tmp_path / "resid_delta_mlp_v5_32k" / "autoencoders" / "4.pt"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(blob)
+    assert load_sae(link).hook_point == "blocks.4.hook_mlp_out"

@@ -131,7 +131,7 @@ def _v1_file(path: Path) -> Path | None:
 def _parse_v1_path(folder: Path) -> dict[str, Any]:
     """What the path says: ``site`` (res/mlp/att/transcoders/embedding), ``layer``, ``width``, ``l0``, ``release``,
     ``model_name`` (each None where the path does not say)."""
-    text = folder.resolve().as_posix() if folder.exists() else folder.as_posix()
+    text = folder.absolute().as_posix()  # not resolve(): the HF cache links files into blobs/
     text = text.replace("models--google--", "google/")
     out: dict[str, Any] = {"site": None, "layer": None, "width": None, "l0": None, "release": None,
                            "model_name": None}

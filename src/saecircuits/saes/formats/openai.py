@@ -108,7 +108,7 @@ def _load(path: Path, options: LoadOptions) -> SAE:
     dtypes = {t.dtype for t in (pre_bias, latent_bias, enc, dec)}
     if len(dtypes) != 1:
         raise SAEError(f"{path}: the tensors have mixed dtypes {sorted(str(t) for t in dtypes)}")
-    match = _PATH.search(path.resolve().as_posix())
+    match = _PATH.search(path.absolute().as_posix())  # not resolve(): HF cache files link to blobs/
     found = OPENAI_LOCATIONS[match.group("location")].format(layer=int(match.group("layer"))) if match else None
     hook = resolve_hook(found, options.hook, path, what="the path (location/autoencoders/layer.pt)")
     location = match.group("location") if match else None
