@@ -134,8 +134,9 @@ def _layer_entries(cfg: dict[str, Any]) -> dict[int, str] | None:
     return out
 
 
-def _locate(entry: str, folder: Path) -> Path | None:
-    """A listed transcoder path as a local file (see the module docstring), or None."""
+def _locate(entry: str, folder: Path, *, use_hub: bool = True) -> Path | None:
+    """A listed transcoder path as a local file (see the module docstring), or None. ``use_hub=False`` looks in the
+    set folder only (never the network)."""
     if entry.startswith("hf://"):
         rest = entry[len("hf://"):].split("?", 1)[0]
         parts = rest.split("/", 2)
@@ -143,6 +144,8 @@ def _locate(entry: str, folder: Path) -> Path | None:
         for cand in (folder / inner, folder / Path(inner).name):
             if inner and cand.is_file():
                 return cand
+        if not use_hub:
+            return None
         try:
             from saecircuits.saes import hub  # the hub module (hf:// names), where this checkout has it
         except ImportError:
@@ -183,8 +186,8 @@ def _load(path: Path, options: LoadOptions) -> SAE:
         m = _LAYER_FILE.match(path.name)
         layer = int(m.group(1)) if m else None
         if entries:
-            listed = [i for i, e in entries.items() if (_locate(e, folder) or Path("/nonexistent")).resolve()
-                      == path.resolve()]
+            listed = [i for i, e in entries.items()
+                      if (_locate(e, folder, use_hub=False) or Path("/nonexistent")).resolve() == path.resolve()]
             layer = listed[0] if listed else layer
     else:
         layer = layer_of_hook(options.hook) if options.hook else None

@@ -5,7 +5,7 @@ Gemma Scope 1 (``google/gemma-scope-{2b,9b,27b}-{pt,it}-{res,mlp,att,transcoders
     False)``), no config: the layer, width and site come from the path (the repository name says the site; the
     Hugging Face cache keeps it as ``models--google--gemma-scope-2b-pt-res``), or from ``hook=`` when the path does
     not say (a folder holding ``params.npz`` or the file itself; both must agree when both say). The token-embedding
-    SAEs live in ``embedding/width_{W}/...`` of the ``-res`` repositories.
+    SAEs live in ``embedding/width_{W}/...`` (of a ``-res`` or ``-embeddings`` repository).
     Tensors (float32): ``W_enc [d, F]``, ``W_dec [F, d]``, ``b_enc [F]``, ``b_dec [d]``, ``threshold [F]`` (some
     copies spell them ``w_enc``/``w_dec``; both are read).
 
@@ -74,7 +74,8 @@ NPZ_FILE = "params.npz"
 GS2_CONFIG = "config.json"
 GS2_WEIGHTS = "params.safetensors"
 
-_REPO = re.compile(r"gemma-scope-(?P<size>\d+b)-(?P<variant>pt|it)-(?P<site>res|mlp|att|transcoders)(?:$|[-/])")
+_REPO = re.compile(r"gemma-scope-(?P<size>\d+b)-(?P<variant>pt|it)-(?P<site>res|mlp|att|transcoders|embeddings?)"
+                   r"(?:$|[-/])")
 _SAE_DIR = re.compile(r"(?:^|/)(?:layer_(?P<layer>\d+)|(?P<embedding>embedding))/width_(?P<width>[0-9a-z]+)/"
                       r"(?P<l0>[^/]+)$")
 _V1_TENSORS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
@@ -139,7 +140,7 @@ def _parse_v1_path(folder: Path) -> dict[str, Any]:
     for m in _REPO.finditer(text):
         repo = m
     if repo is not None:
-        out["site"] = repo.group("site")
+        out["site"] = "embedding" if repo.group("site").startswith("embedding") else repo.group("site")
         out["release"] = repo.group(0).rstrip("-/")
         size, variant = repo.group("size"), repo.group("variant")
         out["model_name"] = f"google/gemma-2-{size}" + ("-it" if variant == "it" else "")
