@@ -170,6 +170,21 @@ def test_gemma_scope_npz_listed_in_a_set(tmp_path):
         np.testing.assert_allclose(sae.encode(torch.from_numpy(x)).double().numpy(), f, rtol=1e-5, atol=1e-5)
 
 
+def test_bfloat16_layer_keeps_its_dtype(tmp_path):
+    w, x = _layer(seed=3)
+    wb = {k: v.bfloat16() for k, v in w.items()}
+    sae = load_sae(_set(tmp_path / "bf", [wb]) / "layer_0.safetensors")
+    assert sae.dtype == torch.bfloat16 and sae.threshold.dtype == torch.float32
+    torch.testing.assert_close(sae.threshold, wb["activation_function.threshold"].float())
+    f_ref, _ = _forward(torch.from_numpy(x).bfloat16().float().numpy(), {k: v.float() for k, v in wb.items()},
+                        "jumprelu")
+    with torch.no_grad():
+        f = sae.encode(torch.from_numpy(x)).float().numpy()
+    same = (f != 0) == (f_ref != 0)
+    assert same.mean() > 0.95  # bf16 matmul rounding may flip a value on its threshold
+    np.testing.assert_allclose(f[same], f_ref[same], rtol=2e-2, atol=5e-2)
+
+
 def test_refusals(tmp_path):
     w, _ = _layer()
     with pytest.raises(SAEError, match="cross_layer_transcoder"):

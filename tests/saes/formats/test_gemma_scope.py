@@ -161,6 +161,9 @@ def test_v1_bad_files_are_refused(tmp_path):
         load_sae(_write_npz(base / "c", sq))
     with pytest.raises(SAEError, match="missing"):
         load_sae(_write_npz(base / "d", {k: v for k, v in params.items() if k != "threshold"}))
+    wide, _ = _params(d_out=D_OUT)
+    with pytest.raises(SAEError, match="writes what it reads"):
+        load_sae(_write_npz(base / "w", wide))
     folder = _write_npz(base / "e", params)
     data = (folder / "params.npz").read_bytes()
     (folder / "params.npz").write_bytes(data[: len(data) // 2])

@@ -308,6 +308,9 @@ def _build(weights: dict[str, torch.Tensor], file: Path, options: LoadOptions, *
         oriented(w_enc, (w_enc.shape[1], d_sae), "W_enc", file, "[d_in, d_sae]")
     d_in = w_enc.shape[0]
     refuse_square_encoder(d_in, d_sae, file)
+    if hook_out is None and d_out != d_in:
+        raise SAEError(f"{file}: b_dec has {d_out} entries but the SAE reads {d_in}-wide {hook}; an SAE (not a "
+                       "transcoder) writes what it reads")
     oriented(w_enc, (d_in, d_sae), "W_enc", file, "[d_in, d_sae]")
     oriented(weights["W_dec"], (d_sae, d_out), "W_dec", file, "[d_sae, d_out]")
     oriented(weights["threshold"], (d_sae,), "threshold", file, "[d_sae]")

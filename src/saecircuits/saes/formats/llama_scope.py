@@ -161,6 +161,9 @@ def _load_files(cfg_path: Path, weights_path: Path, options: LoadOptions, *, r1:
     dec_w = raw["decoder.weight"]
     d_out = dec_w.shape[0]
     dec = oriented(dec_w, (d_out, f), "decoder.weight", weights_path, "[d_out, d_sae] (nn.Linear)")
+    if hook_out == hook_in and d_out != d:
+        raise SAEError(f"{weights_path}: decoder.weight writes {d_out} dimensions but the SAE reads and writes "
+                       f"{hook_in} ({d}-wide)")
     dec_b = raw.get("decoder.bias", torch.zeros(d_out, dtype=dec.dtype))
     oriented(dec_b, (d_out,), "decoder.bias", weights_path, "[d_out]")
     stored = dec.dtype
