@@ -185,6 +185,36 @@ def test_bfloat16_layer_keeps_its_dtype(tmp_path):
     np.testing.assert_allclose(f[same], f_ref[same], rtol=2e-2, atol=5e-2)
 
 
+def test_gemma_scope_2_folder_listed_in_a_set(tmp_path):
+    import json
+
+    g = np.random.default_rng(1)
+    w = {"w_enc": g.normal(size=(D, F)), "w_dec": g.normal(size=(F, D)), "b_enc": g.normal(size=F),
+         "b_dec": g.normal(size=D), "threshold": g.uniform(0.05, 0.6, size=F),
+         "affine_skip_connection": g.normal(size=(D, D))}
+    folder = tmp_path / "set"
+    inner = folder / "transcoder_all" / "layer_0_width_16k_l0_small_affine"
+    inner.mkdir(parents=True)
+    save_file({k: torch.from_numpy(v).float() for k, v in w.items()}, inner / "params.safetensors")
+    (inner / "config.json").write_text(json.dumps({
+        "width": F, "model_name": "google/gemma-3-1b-pt", "architecture": "jump_relu", "l0": "small",
+        "affine_connection": True, "type": "transcoder",
+        "hf_hook_point_in": "model.layers.0.pre_feedforward_layernorm.output",
+        "hf_hook_point_out": "model.layers.0.post_feedforward_layernorm.output"}))
+    (folder / "config.yaml").write_text(yaml.safe_dump({
+        "model_kind": "transcoder_set", "feature_input_hook": "hook_resid_mid", "feature_output_hook": "hook_mlp_out",
+        "transcoders": ["hf://google/gemma-scope-2-1b-pt/transcoder_all/layer_0_width_16k_l0_small_affine/"
+                        "params.safetensors"]}))
+    sae = load_sae(folder, hook="blocks.0.hook_mlp_out")
+    assert sae.cfg.extra["source"]["version"] == 2 and sae.hook_point == "blocks.0.ln2.hook_normalized"
+    x = g.normal(size=(4, D)).astype(np.float32)
+    n = {k: torch.from_numpy(v).float().double().numpy() for k, v in w.items()}
+    pre = x.astype(np.float64) @ n["w_enc"] + n["b_enc"]
+    rec = (np.maximum(pre, 0) * (pre > n["threshold"])) @ n["w_dec"] + n["b_dec"] + x @ n["affine_skip_connection"]
+    with torch.no_grad():
+        np.testing.assert_allclose(sae(torch.from_numpy(x)).double().numpy(), rec, rtol=1e-5, atol=1e-4)
+
+
 def test_refusals(tmp_path):
     w, _ = _layer()
     with pytest.raises(SAEError, match="cross_layer_transcoder"):

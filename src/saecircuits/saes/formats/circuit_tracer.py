@@ -18,8 +18,9 @@ Tensors (a native layer file)
     ``W_enc [F, d]`` (**nn.Linear orientation**, the opposite of SAELens'), ``W_dec [F, d_out]``, ``b_enc [F]``,
     ``b_dec [d_out]``, optional ``W_skip [d_out, d]`` (applied as ``x @ W_skip.T``), optional
     ``activation_function.threshold [F]`` (JumpReLU), optional ``k`` (a scalar: TopK). A layer file that is a Gemma
-    Scope file (``.npz``, or ``special_load_fn: gemma-scope-2``) is read by :mod:`.gemma_scope` (circuit-tracer
-    computes the same maths on it: ``x * [x > t]`` equals Gemma Scope's ``relu(x) * [x > t]`` for ``t >= 0``).
+    Scope file (``.npz``; ``params.safetensors`` beside a ``config.json``; or ``special_load_fn: gemma-scope-2``) is
+    read by :mod:`.gemma_scope` (circuit-tracer computes the same maths on it: ``x * [x > t]`` equals Gemma Scope's
+    ``relu(x) * [x > t]`` for ``t >= 0``).
 
 Maths (``SingleLayerTranscoder``)
     ``pre = x @ W_enc.T + b_enc`` (no b_dec subtraction); activation: JumpReLU ``pre * [pre > threshold]`` **with no
@@ -226,7 +227,8 @@ def _load(path: Path, options: LoadOptions) -> SAE:
     special = cfg.get("special_load_fn")
     if special not in (None, "gemma-scope", "gemma-scope-2"):
         raise SAEError(f"{folder / SET_CONFIG}: special_load_fn {special!r} is not one saecircuits knows")
-    if file.suffix == ".npz" or special == "gemma-scope-2" or (special == "gemma-scope" and file.suffix == ".npz"):
+    gemma_scope_2 = file.name == "params.safetensors" and (file.parent / "config.json").is_file()
+    if file.suffix == ".npz" or special == "gemma-scope-2" or gemma_scope_2:
         return _gemma_scope_layer(file, options, hook_in, layer, cfg)
     return _native(file, options, cfg, layer=layer, hook_in=hook_in, hook_out=hook_out, weighted=weighted,
                    model_name=model_name)

@@ -189,8 +189,6 @@ def _load_v1(path: Path, options: LoadOptions) -> SAE:
     what = "the path (" + "/".join(str(v) for v in (info["release"], info["layer"]) if v is not None) + ")"
     hook = resolve_hook(found_in, options.hook, file, what=what)
     site = info["site"] if found_in else _site_of_hook(hook)
-    if site is None:
-        site = _site_of_hook(hook)
     layer = info["layer"] if found_in else layer_of_hook(hook)
     _, hook_out = _v1_hooks(site, layer)
     try:
