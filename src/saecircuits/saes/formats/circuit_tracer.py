@@ -304,14 +304,16 @@ def _native(file: Path, options: LoadOptions, cfg: dict[str, Any], *, layer: int
     elif activation in (None, "jumprelu") and threshold is not None:
         oriented(threshold, (f,), "activation_function.threshold", file, "[d_transcoder]")
         if bool((threshold < 0).any()):
-            raise SAEError(f"{file}: a negative JumpReLU threshold: circuit-tracer's JumpReLU has no ReLU (x * [x > t]), "
-                           "so it would pass negative pre-activations, which saecircuits' JumpReLU does not reproduce")
+            raise SAEError(f"{file}: a negative JumpReLU threshold: circuit-tracer's JumpReLU has no ReLU "
+                           "(x * [x > t]), so it would pass negative pre-activations, which saecircuits' JumpReLU "
+                           "does not reproduce")
         architecture = "jumprelu"
     elif activation in (None, "relu") and threshold is None and k_file is None:
         architecture = "standard"
     else:
+        has_t, has_k = threshold is not None, k_file is not None
         raise SAEError(f"{file}: activation {activation!r} does not fit the file (threshold "
-                       f"{'present' if threshold is not None else 'absent'}, k {'present' if k_file is not None else 'absent'})")
+                       f"{'present' if has_t else 'absent'}, k {'present' if has_k else 'absent'})")
     dtypes = {raw[n].dtype for n in ("W_enc", "W_dec", "b_enc", "b_dec", "W_skip") if n in raw}
     if len(dtypes) != 1:
         raise SAEError(f"{file}: the tensors have mixed dtypes {sorted(str(t) for t in dtypes)}")

@@ -14,7 +14,8 @@ Maths (Goodfire's ``SparseAutoEncoder``; SAELens' ``goodfire`` converter: ``appl
     ``recon = f @ decoder_linear.weight.T + decoder_linear.bias``.
 
 Site
-    The file name's ``-l{L}`` is the layer whose output (the residual stream after block L, ``blocks.L.hook_resid_post``)
+    The file name's ``-l{L}`` is the layer whose output (the residual stream after block L,
+    ``blocks.L.hook_resid_post``)
     the SAE reads; the model is named by the file name's prefix (``Llama-3.1-8B-Instruct`` ->
     ``meta-llama/Llama-3.1-8B-Instruct``). Without ``-l{L}`` in the name, ``hook=`` must say.
 

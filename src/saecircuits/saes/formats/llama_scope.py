@@ -75,7 +75,8 @@ _MATHS_KEYS = {"d_model", "d_sae", "expansion_factor", "hook_point_in", "hook_po
                "sparsity_include_decoder_norm", "dtype"}
 #: lm_saes training and provenance keys: they do not change encode/decode of the saved weights.
 _HARMLESS_KEYS = frozenset({
-    "device", "seed", "bias_init_method", "use_ddp", "tp_size", "ddp_size", "sae_pretrained_name_or_path", "strict_loading", "top_k",
+    "device", "seed", "bias_init_method", "use_ddp", "tp_size", "ddp_size", "sae_pretrained_name_or_path",
+    "strict_loading", "top_k",
     "k_warmup_steps", "l1_coefficient", "l1_coefficient_warmup_steps", "lp", "lr", "use_ghost_grads",
     "init_decoder_norm", "init_encoder_norm", "init_encoder_with_decoder_transpose", "decoder_exactly_fixed_norm",
     "use_batch_norm_mse", "sae_type", "model_name", "model_from_pretrained_path", "dataset_path", "context_size",
