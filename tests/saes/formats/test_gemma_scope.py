@@ -130,6 +130,10 @@ def test_v1_hook_from_user_when_path_is_silent(tmp_path):
     assert sae.hook_point == "blocks.2.hook_resid_post"
     _check(sae, params, x)
     tc = load_sae(folder, hook="blocks.2.ln2.hook_normalized")
+    layered = _write_npz(tmp_path / "layer_12" / "width_16k" / "average_l0_82", params)  # no repository name
+    assert load_sae(layered, hook="blocks.12.hook_mlp_out").hook_point == "blocks.12.hook_mlp_out"
+    with pytest.raises(SAEError, match="layer 12"):
+        load_sae(layered, hook="blocks.5.hook_mlp_out")
     assert tc.hook_point_out == "blocks.2.hook_mlp_out"
     named = _write_npz(tmp_path / "gemma-scope-2b-pt-res" / "layer_3" / "width_16k" / "average_l0_82", params)
     with pytest.raises(SAEError, match="blocks.3.hook_resid_post"):

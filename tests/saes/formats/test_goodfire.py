@@ -77,6 +77,8 @@ def test_refusals(tmp_path):
         load_sae(_write(tmp_path / "b", _sd(f=D)))
     with pytest.raises(SAEError, match="not a Goodfire SAE"):
         load_sae(_write(tmp_path / "c", {**_sd(), "threshold": torch.ones(F)}))
+    with pytest.raises(SAEError, match="not a Goodfire SAE"):
+        load_sae(_write(tmp_path / "e", {**_sd(), "encoder_linear.bias": [0.0] * F}))
     path = _write(tmp_path / "d", _sd())
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(SAEError, match="weights only"):

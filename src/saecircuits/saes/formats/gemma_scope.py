@@ -190,6 +190,9 @@ def _load_v1(path: Path, options: LoadOptions) -> SAE:
     hook = resolve_hook(found_in, options.hook, file, what=what)
     site = info["site"] if found_in else _site_of_hook(hook)
     layer = info["layer"] if found_in else layer_of_hook(hook)
+    if info["layer"] is not None and layer != info["layer"]:
+        raise SAEError(f"{file}: the path says layer {info['layer']} (layer_{info['layer']}/) but hook={hook!r} is "
+                       "another layer's; pass the hook of that layer")
     _, hook_out = _v1_hooks(site, layer)
     try:
         raw = read_npz(file)

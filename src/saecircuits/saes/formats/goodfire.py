@@ -32,6 +32,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import torch
+
 from saecircuits.saes.base import SAE, SAEConfig, SAEError, dtype_name
 from saecircuits.saes.formats import Family, LoadOptions, register_family, resolve_hook
 from saecircuits.saes.formats.common import build_from_tensors, read_torch
@@ -65,7 +67,8 @@ def _load(path: Path, options: LoadOptions) -> SAE:
     if file is None:
         raise SAEError(f"{path}: no Goodfire SAE file (…-SAE-l{{layer}}.pth) found")
     sd = read_torch(file)
-    if not isinstance(sd, dict) or set(sd) != set(_TENSORS):
+    if (not isinstance(sd, dict) or set(sd) != set(_TENSORS)
+            or not all(isinstance(v, torch.Tensor) for v in sd.values())):
         keys = sorted(sd) if isinstance(sd, dict) else type(sd).__name__
         raise SAEError(f"{file}: holds {keys}, not a Goodfire SAE state dict ({list(_TENSORS)}); saecircuits does "
                        "not know its maths")

@@ -75,6 +75,9 @@ def _load(path: Path, options: LoadOptions) -> SAE:
     if unknown:
         raise SAEError(f"{path}: entries {unknown} are not in an OpenAI sparse_autoencoder state dict "
                        f"({sorted(_TENSORS | _STATS | _OTHER)}); saecircuits does not know their maths")
+    not_tensors = sorted(k for k in _TENSORS & set(sd) if not isinstance(sd[k], torch.Tensor))
+    if not_tensors:
+        raise SAEError(f"{path}: entries {not_tensors} are not tensors; the file is not an OpenAI SAE state dict")
     missing = sorted({"pre_bias", "encoder.weight", "latent_bias"} - set(sd))
     if missing:
         raise SAEError(f"{path}: entries {missing} are missing from the OpenAI sparse_autoencoder state dict")
