@@ -36,7 +36,7 @@ import re
 
 from saecircuits.saes.base import SAEError
 
-__all__ = ["hook_from_module_path", "is_gemma_like", "OPENAI_LOCATIONS"]
+__all__ = ["hook_from_module_path", "is_gemma_like", "OPENAI_LOCATIONS", "layer_of_hook", "raw_model_processing"]
 
 #: OpenAI sparse_autoencoder locations (``sparse_autoencoder/paths.py``) -> TransformerLens hook of block L.
 OPENAI_LOCATIONS = {
@@ -105,3 +105,53 @@ def hook_from_module_path(path: str, *, model_name: str | None = None) -> str:
         "'layers.N', its 'mlp', its attention, the attention output projection's input, the MLP's input, or the "
         "token embedding); pass hook= (--hook) with the TransformerLens hook name the SAE reads"
     )
+
+
+_BLOCK_HOOK = re.compile(r"^blocks\.(\d+)\.")
+
+
+def layer_of_hook(hook: str) -> int | None:
+    """The block index of a TransformerLens hook name (``blocks.12.hook_resid_post`` -> 12), or None."""
+    m = _BLOCK_HOOK.match(hook)
+    return int(m.group(1)) if m else None
+
+
+_RESIDUAL_VALUES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_mlp_out", "hook_attn_out",
+                    "hook_embed")
+
+
+def raw_model_processing(hook_point: str, hook_point_out: str | None = None, *, value_biases: bool = True,
+                         norm_weight_applied: bool = False) -> dict[str, bool]:
+    """The TransformerLens weight-processing switches an SAE trained on an unprocessed model (a Hugging Face model,
+    or TransformerLens with every switch off) depends on, at their value there (all ``False``); for
+    ``cfg.extra["model_processing"]`` (checked by :mod:`saecircuits.saes.processing`).
+
+    Only switches that change the values at the SAE's hooks are recorded, so a model loaded with an irrelevant
+    switch on is not refused:
+
+    * residual-stream values and writes (``hook_resid_*``, ``hook_mlp_out``, ``hook_attn_out``, ``hook_embed``):
+      ``center_writing_weights`` (it removes their mean over d_model on LayerNorm models);
+    * ``attn.hook_z``: ``fold_value_biases`` (it moves ``b_V`` out of ``z``), only when the model has value biases
+      (``value_biases=False`` for Gemma, whose attention has none);
+    * ``ln2.hook_normalized`` read with the norm's weight applied (``norm_weight_applied=True``): ``fold_ln``, since
+      only an unfolded model keeps that weight apart from the MLP's input weights. TransformerLens' hook itself is
+      the norm's output before the weight under either setting, so without the weight nothing is recorded for it;
+    * the MLP's hidden activations (``mlp.hook_pre``/``mlp.hook_post``): nothing.
+
+    Args:
+        hook_point: the hook the SAE reads.
+        hook_point_out: the hook a transcoder writes (None for an SAE).
+        value_biases: whether the model's attention has value biases.
+        norm_weight_applied: whether the SAE reads ``ln2.hook_normalized`` times the norm's weight.
+    """
+    out: dict[str, bool] = {}
+    for hook in (hook_point, hook_point_out):
+        if not hook:
+            continue
+        if hook.endswith(_RESIDUAL_VALUES):
+            out["center_writing_weights"] = False
+        elif hook.endswith("attn.hook_z") and value_biases:
+            out["fold_value_biases"] = False
+        elif hook.endswith("ln2.hook_normalized") and norm_weight_applied:
+            out["fold_ln"] = False
+    return out
