@@ -234,6 +234,9 @@ class SAE(nn.Module):
     def _initialize_extra_(self) -> None:
         """Hook for architecture-specific parameters (thresholds); called at the end of :meth:`initialize_`."""
 
+    def after_optimizer_step_(self) -> None:
+        """Hook the trainer calls after every optimiser step (JumpReLU keeps its thresholds ``>= 0``)."""
+
     # ------------------------------------------------------------------ forward paths
     def hidden_pre(self, x: torch.Tensor) -> torch.Tensor:
         """Encoder pre-activation ``(x - b_dec) @ W_enc + b_enc``: ``[..., d_in] -> [..., d_sae]``.

@@ -275,7 +275,8 @@ class SAETrainer:
         self.local_batch = cfg.batch_size // self.world_size
         _check_trainable_precision(sae)
         self.device = torch.device(cfg.device)
-        self.sae = sae.to(self.device)
+        # train mode: a loaded SAE comes in eval mode, where BatchTopK would not update its threshold
+        self.sae = sae.to(self.device).train()
         self.name = name or sae.hook_point
         self._source = iter(batches)
         self._skip_target = batches
@@ -394,6 +395,7 @@ class SAETrainer:
             self.estimate_scale()
         x = self._draw()
         sae = self.sae
+        sae.train()  # even if the caller put it in eval mode between steps
         dead_mask = self.steps_since_fired >= cfg.dead_window_steps if self.loss_cfg.aux_k else None
         sparsity = self.sparsity_scale()
         if self.world_size > 1 and getattr(self.loss_cfg, "batch_reduction", "mean") == "sum":
@@ -421,6 +423,7 @@ class SAETrainer:
             self._project(sae)
         self._lr_used = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
+        sae.after_optimizer_step_()
         self.scheduler.step()
         if cfg.unit_norm_decoder:
             self._normalize(sae)
@@ -615,6 +618,12 @@ class SAETrainer:
                     f"checkpoint {path} is for {key}={theirs!r}, this run has {ours!r}; "
                     "use another checkpoint folder or the same SAE config"
                 )
+        if "log_threshold" in state["sae"]:
+            # its Adam moments are in log units: continuing would take wrong steps on the (now direct) threshold
+            raise SAEError(
+                f"checkpoint {path} trained the JumpReLU threshold as exp(log_threshold), as versions before the "
+                "threshold was trained directly did; it cannot be resumed: delete it to start over"
+            )
         self.sae.load_state_dict({k: v.to(self.device) for k, v in state["sae"].items()})
         for key in _INIT_SETTINGS:
             if key in saved_extra:
@@ -660,11 +669,13 @@ class SAETrainer:
                     )
         finally:
             bar.close()
+            self.sae.eval()  # trained: inference mode, as a loaded SAE
         return self.finished_sae()
 
     def finished_sae(self) -> SAE:
-        """A copy of the trained SAE on the CPU with the normalisation folded in (works on raw activations)."""
-        sae = copy.deepcopy(self.sae).cpu()
+        """A copy of the trained SAE on the CPU, in eval mode, with the normalisation folded in (works on raw
+        activations)."""
+        sae = copy.deepcopy(self.sae).cpu().eval()
         if self.scale != 1.0:
             sae.fold_activation_scale_(self.scale)
         sae.cfg.extra["training"] = {
@@ -772,6 +783,8 @@ def train_saes(
                 bar.set_postfix(post, refresh=False)
     finally:
         bar.close()
+        for t in trainers:
+            t.sae.eval()
     result = {}
     for t in trainers:
         sae = t.finished_sae()
