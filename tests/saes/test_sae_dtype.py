@@ -191,7 +191,7 @@ def test_trainer_refuses_low_precision_parameters():
         ("standard", {"seed": 47}),
         ("topk", {"k": 3, "seed": 47}),
         ("batchtopk", {"k": 3, "threshold_lr": 0.01, "seed": 47}),
-        ("jumprelu", {"bandwidth": 1e-3, "threshold_init": 1e-3, "seed": 47}),
+        ("jumprelu", {"bandwidth": 0.05, "threshold_init": 0.01, "seed": 47}),
     ],
 )
 def test_defaults_are_written_to_cfg_json(tmp_path, arch, recorded):
