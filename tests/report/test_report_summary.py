@@ -161,7 +161,7 @@ def test_browser_payload_lists_every_feature_sorted_by_effect(results):
     strings = p["strings"]
     first = card["ex"][0]
     assert [strings[t] for t in first["t"]] == ["<|endoftext|>", "He", "·said", ",", '·"', "Hi", '."', "¶"]
-    assert first["k"] == "tttttttt" and first["a"][6] == 4.0 and first["m"] == 4.0
+    assert first["k"] == "tttttttw" and first["a"][6] == 4.0 and first["m"] == 4.0  # the newline: a blank box
     assert HOSTILE in strings  # stored as text, escaped when embedded
 
 
