@@ -471,3 +471,30 @@ def test_continued_training_of_a_loaded_batchtopk_moves_its_threshold(tmp_path):
     tr.fit()
     torch.testing.assert_close(tr.sae.threshold, torch.full((D_SAE,), 0.99 * 0.3 + 0.01 * smallest))
     assert not tr.sae.training  # back in eval mode after training
+
+
+def test_training_metrics_name_their_explained_variance_over_tokens(tmp_path):
+    # issue 18 kind 8: results.json's explained_variance_at_p is across prompts at P; the training log's is over the
+    # batch's tokens, and now says so
+    import copy
+
+    from saecircuits.pipeline import _final_metrics
+
+    sae = _sae()
+    (x,) = _batches(1, seed=3)
+    before = copy.deepcopy(sae)
+    tr = SAETrainer(sae, iter([x]), TrainConfig(batch_size=16, total_steps=1, log_every=1), checkpoint_dir=tmp_path,
+                    progress=False)
+    tr.fit()
+    line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "explained_variance" not in line
+    with torch.no_grad():  # by hand, with the weights the step's forward pass used
+        x_hat = before(x)
+        expected = 1 - float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    assert line["explained_variance_tokens"] == pytest.approx(expected, rel=1e-5)
+    # an SAE cached by an older version logged it as "explained_variance": read under the new name
+    old = tmp_path / "cache" / "blocks.0.mlp.hook_post"
+    old.mkdir(parents=True)
+    (old / "metrics.jsonl").write_text(json.dumps({"step": 5, "explained_variance": 0.5}) + "\n")
+    assert _final_metrics(tmp_path / "cache", ["blocks.0.mlp.hook_post"]) == {
+        "blocks.0.mlp.hook_post": {"step": 5, "explained_variance_tokens": 0.5}}

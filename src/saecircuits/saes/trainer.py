@@ -469,7 +469,8 @@ class SAETrainer:
             "l0": float((f > 0).float().sum(-1).mean()),
             # per token, summed over d_in, in the units the SAE sees (scaled when normalize_activations)
             "mse": float((x_hat - x).pow(2).sum(-1).mean()),
-            "explained_variance": explained_variance(x, x_hat),
+            # over this batch's tokens (not results.json's explained_variance_at_p, across prompts at P)
+            "explained_variance_tokens": explained_variance(x, x_hat),
             # sum ||x_hat|| / sum ||x||: below 1 when the sparsity penalty shrinks reconstructions
             "shrinkage": _shrinkage(x, x_hat),
             "dead_fraction": float((self.steps_since_fired >= self.cfg.dead_window_steps).float().mean()),
@@ -665,7 +666,7 @@ class SAETrainer:
                 bar.update(1)
                 if m is not None:
                     bar.set_postfix(
-                        L0=f"{m['l0']:.1f}", MSE=f"{m['mse']:.4g}", EV=f"{m['explained_variance']:.3f}"
+                        L0=f"{m['l0']:.1f}", MSE=f"{m['mse']:.4g}", EV=f"{m['explained_variance_tokens']:.3f}"
                     )
         finally:
             bar.close()
