@@ -81,14 +81,14 @@ def test_a_stuck_figure_export_is_stopped_with_its_browser_and_the_report_is_kep
                                "b = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
                                f"open({str(pids)!r}, 'w').write(f'{{__import__(\"os\").getpid()}} {{b.pid}}'); "
                                "time.sleep(120)")
-    monkeypatch.setattr(export_mod, "FIGURE_TIMEOUT_S", 2.0)
-    monkeypatch.setattr(export_mod, "FIGURE_TIMEOUT_PER_FIGURE_S", 0.0)
+    monkeypatch.setenv("SAECIRCUITS_EXPORT_TIMEOUT", "2")
     src = write_json_atomic(tmp_path / "results.json", _RESULTS)
     start = time.monotonic()
     res = _cli(["report", str(src), "--out", str(tmp_path / "out") + "/", "--export"])
     assert time.monotonic() - start < 30
     assert res.exit_code == 2, res.output
     assert "did not finish within 2 s and was stopped" in res.output and "Traceback" not in res.output
+    assert "SAECIRCUITS_EXPORT_TIMEOUT=SECONDS" in res.output
     out = tmp_path / "out"
     assert (out / "report.html").stat().st_size > 0 and any((out / "tables").iterdir())  # kept
     assert sorted(p.name for p in out.iterdir()) == ["report.html", "tables"]  # no figures, no temporary folder
@@ -139,3 +139,14 @@ def test_the_drawing_process_gets_the_pages_figures(tmp_path, monkeypatch, resul
     expected = [json.loads(fig.to_json()) for _, fig in rep.figures]
     assert [json.loads(json.dumps(d, cls=__import__("plotly").utils.PlotlyJSONEncoder)) for d, _ in drawn] == expected
     assert all(opts == {"format": "png", "scale": 2.0} for _, opts in drawn)
+
+
+def test_the_time_limit_grows_with_the_figures_and_a_bad_setting_is_named(monkeypatch):
+    monkeypatch.delenv("SAECIRCUITS_EXPORT_TIMEOUT", raising=False)
+    assert export_mod._default_timeout(6) == export_mod.FIGURE_TIMEOUT_S + 6 * export_mod.FIGURE_TIMEOUT_PER_FIGURE_S
+    monkeypatch.setenv("SAECIRCUITS_EXPORT_TIMEOUT", "900")
+    assert export_mod._default_timeout(6) == 900.0
+    for bad in ("0", "-5", "soon", "inf"):
+        monkeypatch.setenv("SAECIRCUITS_EXPORT_TIMEOUT", bad)
+        with pytest.raises(ExportError, match="SAECIRCUITS_EXPORT_TIMEOUT must be a positive number"):
+            export_mod._default_timeout(6)

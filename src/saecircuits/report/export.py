@@ -10,7 +10,7 @@ that it finds on ``PATH`` (``chromium``, ``google-chrome``, ...) or at ``$BROWSE
 
 The figures are drawn in a child process (:mod:`saecircuits.report._draw_pngs`) in its own session, stopped with
 everything it started (Chromium included) when it runs past its time limit (:data:`FIGURE_TIMEOUT_S` plus
-:data:`FIGURE_TIMEOUT_PER_FIGURE_S` per figure): a figure with millions of points once kept kaleido waiting over
+:data:`FIGURE_TIMEOUT_PER_FIGURE_S` per figure, or ``$SAECIRCUITS_EXPORT_TIMEOUT`` seconds): a figure with millions of points once kept kaleido waiting over
 240 s, past kaleido's own 90 s timeout. A stopped export is an :class:`ExportError`; what was written before it
 (``report.html``, the tables) stays.
 """
@@ -43,6 +43,26 @@ class ExportError(ValueError):
 #: report's six figures takes a few seconds, most of it Chromium's start).
 FIGURE_TIMEOUT_S = 120.0
 FIGURE_TIMEOUT_PER_FIGURE_S = 20.0
+#: environment variable that sets the whole limit in seconds instead
+TIMEOUT_ENV = "SAECIRCUITS_EXPORT_TIMEOUT"
+
+
+def _default_timeout(n_figures: int) -> float:
+    """:data:`TIMEOUT_ENV` if set, else :data:`FIGURE_TIMEOUT_S` + :data:`FIGURE_TIMEOUT_PER_FIGURE_S` per figure.
+
+    Raises:
+        ExportError: the variable is set but not a positive number of seconds.
+    """
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return FIGURE_TIMEOUT_S + FIGURE_TIMEOUT_PER_FIGURE_S * n_figures
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ExportError(f"${TIMEOUT_ENV} must be a positive number of seconds, got {raw!r}")
+    return value
 
 
 def _kaleido_installed() -> bool:
@@ -66,7 +86,10 @@ def _run_stoppable(cmd: list[str], timeout: float) -> subprocess.CompletedProces
         out, err = proc.communicate(timeout=timeout)
     except BaseException:  # the time limit, or Ctrl-C: leave no browser behind
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
+            if hasattr(os, "killpg"):
+                os.killpg(proc.pid, signal.SIGKILL)  # the whole session: the child and its browser
+            else:  # pragma: no cover - Windows has no process groups to kill
+                proc.kill()
         except ProcessLookupError:
             pass
         proc.communicate()
@@ -121,8 +144,8 @@ def write_figures(figures, out_dir: str | os.PathLike, *, scale: float = 2.0,
     """Write each ``(name, plotly Figure)`` as ``out_dir/<name>.png`` with kaleido (one browser for all of them).
 
     Args:
-        timeout: seconds before the drawing is stopped (default :data:`FIGURE_TIMEOUT_S` +
-            :data:`FIGURE_TIMEOUT_PER_FIGURE_S` per figure).
+        timeout: seconds before the drawing is stopped (default: ``$SAECIRCUITS_EXPORT_TIMEOUT``, else
+            :data:`FIGURE_TIMEOUT_S` + :data:`FIGURE_TIMEOUT_PER_FIGURE_S` per figure).
 
     Raises:
         ExportError: kaleido is not installed, it found no Chrome/Chromium to draw with, drawing failed, or it ran
@@ -132,7 +155,7 @@ def write_figures(figures, out_dir: str | os.PathLike, *, scale: float = 2.0,
         raise ExportError('--export needs kaleido to write PNGs: pip install -e ".[export]"')
     figures = list(figures)
     if timeout is None:
-        timeout = FIGURE_TIMEOUT_S + FIGURE_TIMEOUT_PER_FIGURE_S * len(figures)
+        timeout = _default_timeout(len(figures))
     final = Path(out_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
@@ -150,7 +173,8 @@ def write_figures(figures, out_dir: str | os.PathLike, *, scale: float = 2.0,
                 raise ExportError(
                     f"--export: drawing {len(jobs)} figures with kaleido did not finish within {timeout:.0f} s and "
                     "was stopped (browser included); no figures were written. The report and the tables are "
-                    "written; a figure with very many points can take that long") from None
+                    f"written; a figure with very many points can take that long: set {TIMEOUT_ENV}=SECONDS to "
+                    "allow more") from None
             jobs_file.unlink()
             if done.returncode != 0:
                 err = " ".join((done.stderr or "").split()[-60:]) or f"exit status {done.returncode}"
