@@ -146,7 +146,7 @@ def test_pipeline_supported_multi_set_task_activations_auto_layers_and_reused_me
         t = next(t for t in ranked if t["feature"] == ta["feature"])
         assert len(ta["values"]) == t["n_prompts"]
         assert sum(ta["values"]) / len(ta["values"]) == pytest.approx(t["mean_activation"], abs=1e-3)
-    assert set(sae["training"]["final_metrics"]) >= {"explained_variance", "shrinkage", "dead_fraction"}
+    assert set(sae["training"]["final_metrics"]) >= {"explained_variance_tokens", "shrinkage", "dead_fraction"}
     again = run_pipeline(RunConfig(out=tmp_path / "b", **cfg), model=model, progress=False)
     assert again["saes"][0]["training"]["reused"] is True
     assert again["saes"][0]["training"]["final_metrics"] == sae["training"]["final_metrics"]

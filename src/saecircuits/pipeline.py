@@ -412,15 +412,17 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
 
 
 def _final_metrics(cache_dir: Path, hook_points: list[str]) -> dict:
-    """The last line of each SAE's training ``metrics.jsonl`` (L0, explained variance, shrinkage, dead/dense
-    fractions over the last training batch), also when the SAEs are reused from the cache."""
+    """The last line of each SAE's training ``metrics.jsonl`` (L0, explained variance over the batch's tokens,
+    shrinkage, dead/dense fractions over the last training batch), also when the SAEs are reused from the cache."""
+    from saecircuits.report.schema import rename_training_metrics
+
     metrics = {}
     for hp in hook_points:
         log = cache_dir / hp / "metrics.jsonl"
         if log.is_file():
             lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
             if lines:
-                metrics[hp] = lines[-1]
+                metrics[hp] = rename_training_metrics(lines[-1])  # a cached SAE may have the old name
     return metrics
 
 
@@ -577,7 +579,7 @@ def analyse_sae(
         "d_sae": int(sae.d_sae),
         "architecture": sae.cfg.architecture,
         "l0": _round(rec.l0.float().mean()),
-        "explained_variance": _round(rec.explained_variance),
+        "explained_variance_at_p": _round(rec.explained_variance),
         "relative_error": _round(rec.relative_error),
         "clean_loss": _round(rec.clean_loss.mean()),
         "sae_loss": _round(rec.sae_loss.mean()),
@@ -997,7 +999,7 @@ def run_pipeline(
     from saecircuits.models.load import load_model, model_provenance
     from saecircuits.models.tokens import encode_documents, special_token_ids
     from saecircuits.report.render import render_report
-    from saecircuits.report.schema import validate_results, write_json_atomic
+    from saecircuits.report.schema import SCHEMA_VERSION, validate_results, write_json_atomic
     from saecircuits.report.tokens_html import visible_token
 
     say = log or (lambda s: logger.info(s))
@@ -1136,7 +1138,7 @@ def run_pipeline(
             "Use a larger corpus or task file."
         )
     results = {
-        "schema_version": 1,
+        "schema_version": SCHEMA_VERSION,
         "saecircuits_version": saecircuits.__version__,
         "model": cfg.model_label or cfg.model,
         "model_info": {

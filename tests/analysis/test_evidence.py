@@ -14,7 +14,7 @@ from saecircuits.report.schema import validate_results
 
 def _results(entry_extra, d_sae):
     return {
-        "schema_version": 1,
+        "schema_version": 2,
         "model": "tiny",
         "task": {"name": "closing_quote", "n_prompts": 8, "answer_token_ids": [1]},
         "dla": {"labels": [], "mean": [], "completeness_max_abs_error": 0.0},

@@ -9,7 +9,7 @@ from saecircuits.cli.run import _summary
 
 def _results(**sae_extra) -> dict:
     sae = {
-        "hook_point": "blocks.1.mlp.hook_post", "d_in": 4, "d_sae": 8, "l0": 3.0, "explained_variance": None,
+        "hook_point": "blocks.1.mlp.hook_post", "d_in": 4, "d_sae": 8, "l0": 3.0, "explained_variance_at_p": None,
         "clean_loss": 0.5, "sae_loss": 0.6, "zero_ablation_loss": 0.5001, "mean_ablation_loss": 0.9,
         "loss_recovered": None, "loss_recovered_undefined_reason": "zero ablation barely raises the loss",
         "loss_recovered_mean_ablation": 0.75, "loss_recovered_mean_ablation_ci95": [0.7, 0.8],

@@ -17,6 +17,7 @@ from saecircuits.models.train_lm import (
     check_closing_tokens,
     closing_quote_metrics,
     closing_quote_prompts,
+    encode_stories,
     load_lm,
     lr_at,
     pack_rows,
@@ -58,6 +59,21 @@ def test_tokenizer_specials_and_single_token_closings(tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path)
     again = PreTrainedTokenizerFast.from_pretrained(tmp_path)
     assert again(text, add_special_tokens=False)["input_ids"] == enc
+
+
+def test_typed_endoftext_in_a_story_is_text_not_the_separator(tokenizer):
+    # issue 18 kind 8: encode_stories called the raw tokenizer, so "<|endoftext|>" typed in a story became the EOS id
+    # that pack_rows puts between stories; the project's rule (models.tokens.encode_texts) keeps it text
+    from saecircuits.models.tokens import encode_texts
+
+    story = "Tom wrote <|endoftext|> on the wall."
+    (ids,) = encode_stories(tokenizer, [story])
+    assert 0 not in ids  # EOS (= <|endoftext|>, id 0) appears only where pack_rows puts it
+    assert tokenizer.decode(ids) == story  # the characters are all there, as text
+    assert ids == encode_texts(tokenizer, [story])[0]
+    assert 0 in tokenizer(story, add_special_tokens=False)["input_ids"]  # what the raw call did
+    rows = pack_rows([ids], len(ids) + 2, 0)
+    assert rows[0].tolist() == [0, *ids, 0]  # one story between two separators, not two
 
 
 def test_tokenizer_without_dialogue_fails_the_closing_check():

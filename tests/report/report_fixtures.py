@@ -1,4 +1,4 @@
-"""A hand-written results dict (results.json schema version 1) for the report tests; no model, no torch.
+"""A hand-written results dict (results.json schema version 2) for the report tests; no model, no torch.
 
 A uniquely named module (not conftest.py) so `from report_fixtures import ...` cannot pick up another conftest.
 """
@@ -12,7 +12,7 @@ import pytest
 HOSTILE = "<script>alert(1)</script>"
 
 _RESULTS = {
-    "schema_version": 1,
+    "schema_version": 2,
     "saecircuits_version": "0.1.0",
     "model": "roneneldan/TinyStories-1Layer-21M",
     "model_info": {
@@ -44,7 +44,7 @@ _RESULTS = {
             "d_sae": 16384,
             "architecture": "relu",
             "l0": 23.75,
-            "explained_variance": 0.8123,
+            "explained_variance_at_p": 0.8123,
             "clean_loss": 0.4321,
             "sae_loss": 0.5678,
             "zero_ablation_loss": 3.9876,

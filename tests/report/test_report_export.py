@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 from report_chromium import _find
@@ -44,21 +48,55 @@ def test_tables_are_the_pages_tables_as_csv(tmp_path, results):
     assert rows[1][2] == "0.8765 \u00b1 0.1000"
 
 
+def _stub_drawing(monkeypatch, code: str) -> None:
+    """Draw the figures with ``python -c code`` (a stand-in for kaleido's child process)."""
+    monkeypatch.setattr(export_mod, "_kaleido_installed", lambda: True)
+    monkeypatch.setattr(export_mod, "_draw_command", lambda jobs_file: [sys.executable, "-c", code])
+
+
 def test_a_failed_figure_export_keeps_the_old_figures(tmp_path, monkeypatch, results):
     old = tmp_path / "figures"
     old.mkdir()
     (old / "001-old.png").write_bytes(b"old")
-
-    class Boom:
-        @staticmethod
-        def write_fig_from_object_sync(jobs):
-            raise RuntimeError("Chromium could not start: no browser found (simulated)")
-
-    monkeypatch.setitem(__import__("sys").modules, "kaleido", Boom)
+    _stub_drawing(monkeypatch, "import sys; sys.exit('BrowserFailedError: Chromium could not start (simulated)')")
     with pytest.raises(ExportError, match="needs Chrome or Chromium"):
         export_mod.export_report(results, tmp_path)
     assert os.listdir(old) == ["001-old.png"] and (tmp_path / "tables").is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["figures", "tables"]  # no temporary folder left
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return True
+
+
+def test_a_stuck_figure_export_is_stopped_with_its_browser_and_the_report_is_kept(tmp_path, monkeypatch):
+    # issue 18 kind 5: kaleido once waited over 240 s on a 5-million-point figure, past its own 90 s timeout
+    pids = tmp_path / "pids"
+    # the stand-in starts a "browser" (a child of its own) and hangs, as kaleido did
+    _stub_drawing(monkeypatch, "import subprocess, sys, time; "
+                               "b = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+                               f"open({str(pids)!r}, 'w').write(f'{{__import__(\"os\").getpid()}} {{b.pid}}'); "
+                               "time.sleep(120)")
+    monkeypatch.setenv("SAECIRCUITS_EXPORT_TIMEOUT", "2")
+    src = write_json_atomic(tmp_path / "results.json", _RESULTS)
+    start = time.monotonic()
+    res = _cli(["report", str(src), "--out", str(tmp_path / "out") + "/", "--export"])
+    assert time.monotonic() - start < 30
+    assert res.exit_code == 2, res.output
+    assert "did not finish within 2 s and was stopped" in res.output and "Traceback" not in res.output
+    assert "SAECIRCUITS_EXPORT_TIMEOUT=SECONDS" in res.output
+    out = tmp_path / "out"
+    assert (out / "report.html").stat().st_size > 0 and any((out / "tables").iterdir())  # kept
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "tables"]  # no figures, no temporary folder
+    for pid in map(int, pids.read_text().split()):  # the stand-in and its "browser" were both ended
+        deadline = time.monotonic() + 5
+        while not _gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(pid), pid
 
 
 def test_report_export_writes_tables_and_figures(tmp_path):
@@ -74,3 +112,41 @@ def test_report_export_writes_tables_and_figures(tmp_path):
     dla = list(csv.reader(open(tmp_path / "out" / "tables" / "dla-1.csv", encoding="utf-8")))
     assert dla[0] == ["component", "mean DLA (logits)", "95% CI half-width"]
     assert dla[1] == ["MLP0", "6.5000", "0.9000"]  # as the page shows it
+
+
+def test_the_drawing_process_gets_the_pages_figures(tmp_path, monkeypatch, results):
+    # the child process's side, run in-process with a recording kaleido: it draws exactly the page's figures
+    from saecircuits.report import _draw_pngs
+
+    drawn = []
+
+    class Recorder:
+        @staticmethod
+        def write_fig_from_object_sync(jobs):
+            for job in jobs:
+                drawn.append((job["fig"].to_plotly_json(), job["opts"]))
+                open(job["path"], "wb").write(b"\x89PNG")
+
+    def in_process(cmd, timeout):
+        monkeypatch.setitem(sys.modules, "kaleido", Recorder)
+        return subprocess.CompletedProcess(cmd, _draw_pngs.main(cmd[-1:]), "", "")
+
+    monkeypatch.setattr(export_mod, "_kaleido_installed", lambda: True)
+    monkeypatch.setattr(export_mod, "_run_stoppable", in_process)
+    rep = build_report(results)
+    folder = export_mod.write_figures(rep.figures, tmp_path / "figures")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{name}.png" for name, _ in rep.figures)
+    expected = [json.loads(fig.to_json()) for _, fig in rep.figures]
+    assert [json.loads(json.dumps(d, cls=__import__("plotly").utils.PlotlyJSONEncoder)) for d, _ in drawn] == expected
+    assert all(opts == {"format": "png", "scale": 2.0} for _, opts in drawn)
+
+
+def test_the_time_limit_grows_with_the_figures_and_a_bad_setting_is_named(monkeypatch):
+    monkeypatch.delenv("SAECIRCUITS_EXPORT_TIMEOUT", raising=False)
+    assert export_mod._default_timeout(6) == export_mod.FIGURE_TIMEOUT_S + 6 * export_mod.FIGURE_TIMEOUT_PER_FIGURE_S
+    monkeypatch.setenv("SAECIRCUITS_EXPORT_TIMEOUT", "900")
+    assert export_mod._default_timeout(6) == 900.0
+    for bad in ("0", "-5", "soon", "inf"):
+        monkeypatch.setenv("SAECIRCUITS_EXPORT_TIMEOUT", bad)
+        with pytest.raises(ExportError, match="SAECIRCUITS_EXPORT_TIMEOUT must be a positive number"):
+            export_mod._default_timeout(6)

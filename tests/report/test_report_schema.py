@@ -151,8 +151,11 @@ def test_inconsistent_values_are_named(results, path, value, expected):
 
 
 def test_wrong_schema_version_and_non_dict(results):
-    results["schema_version"] = 2
-    with pytest.raises(ResultsSchemaError, match="reads version 1 only"):
+    results["schema_version"] = 3
+    with pytest.raises(ResultsSchemaError, match="reads versions 1, 2: re-run the pipeline"):
+        validate_results(results)
+    results["schema_version"] = 1  # readable, once upgraded
+    with pytest.raises(ResultsSchemaError, match="upgrade it with .*upgrade_results"):
         validate_results(results)
     with pytest.raises(ResultsSchemaError, match="results must be a dict"):
         validate_results([results])
@@ -167,7 +170,7 @@ def test_null_floats_and_extra_keys_are_accepted(results):
 
 
 def test_write_json_atomic_roundtrip_with_nan_inf_numpy(results, tmp_path):
-    results["saes"][0]["explained_variance"] = float("nan")
+    results["saes"][0]["explained_variance_at_p"] = float("nan")
     results["saes"][0]["loss_ci95"]["zero"] = float("inf")
     # float32 holds these dyadic values exactly, so the round trip must give them back unchanged.
     results["dla"]["mean"] = np.array(results["dla"]["mean"], dtype=np.float32)
@@ -179,7 +182,7 @@ def test_write_json_atomic_roundtrip_with_nan_inf_numpy(results, tmp_path):
     text = out.read_text(encoding="utf-8")
     assert "NaN" not in text and "Infinity" not in text
     back = json.loads(text)
-    assert back["saes"][0]["explained_variance"] is None
+    assert back["saes"][0]["explained_variance_at_p"] is None
     assert back["saes"][0]["loss_ci95"]["zero"] is None
     assert back["timings"]["load_model"] is None
     assert back["dla"]["mean"] == [0.5, -0.25, 1.75, 0.125, 6.5, -0.0625]
@@ -286,3 +289,32 @@ def test_schema_token_kinds_match_the_token_module():
     from saecircuits.models.tokens import TOKEN_KINDS
 
     assert schema.TOKEN_KINDS == TOKEN_KINDS
+
+
+def test_a_version_1_results_file_still_loads_with_each_explained_variance_named(results, tmp_path):
+    # issue 18 kind 8: version 1 called both the EV at P (across prompts) and the training EV (over the batch's
+    # tokens) "explained_variance"; version 2 names each, and a version-1 file is read by renaming them
+    import copy
+
+    from saecircuits.report.render import build_report_html
+    from saecircuits.report.schema import SCHEMA_VERSION, load_results, upgrade_results
+
+    assert SCHEMA_VERSION == 2
+    v1 = copy.deepcopy(results)
+    v1["schema_version"] = 1
+    sae = v1["saes"][0]
+    sae["explained_variance"] = sae.pop("explained_variance_at_p")
+    sae["training"]["final_metrics"] = {"l0": 35.0, "explained_variance": 0.9069}
+    before = copy.deepcopy(v1)
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(v1), encoding="utf-8")
+    loaded = load_results(path)
+    assert loaded["schema_version"] == 2
+    assert loaded["saes"][0]["explained_variance_at_p"] == 0.8123 and "explained_variance" not in loaded["saes"][0]
+    assert loaded["saes"][0]["training"]["final_metrics"] == {"l0": 35.0, "explained_variance_tokens": 0.9069}
+    assert upgrade_results(v1) == loaded and v1 == before  # the caller's dict is not changed
+    # the renderer takes a version-1 dict too, and shows both numbers under their names
+    page = build_report_html(v1)
+    assert 'explained variance at P (across prompts)</td><td class="l">0.8123' in page
+    assert "0.9069" in page and page == build_report_html(loaded)
+

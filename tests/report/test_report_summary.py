@@ -161,7 +161,7 @@ def test_browser_payload_lists_every_feature_sorted_by_effect(results):
     strings = p["strings"]
     first = card["ex"][0]
     assert [strings[t] for t in first["t"]] == ["<|endoftext|>", "He", "·said", ",", '·"', "Hi", '."', "¶"]
-    assert first["k"] == "tttttttt" and first["a"][6] == 4.0 and first["m"] == 4.0
+    assert first["k"] == "tttttttw" and first["a"][6] == 4.0 and first["m"] == 4.0  # the newline: a blank box
     assert HOSTILE in strings  # stored as text, escaped when embedded
 
 
@@ -218,14 +218,14 @@ def test_multi_ablation_says_how_its_set_was_chosen(results):
 
 def test_sae_quality_labelled_with_where_it_is_measured(results):
     sae = results["saes"][0]
-    sae["training"]["final_metrics"] = {"l0": 35.0, "explained_variance": 0.9069, "shrinkage": 0.882,
+    sae["training"]["final_metrics"] = {"l0": 35.0, "explained_variance_tokens": 0.9069, "shrinkage": 0.882,
                                         "dead_fraction": 0.0, "dense_fraction": 0.0186}
     sae["corpus_stats"] = {"n_docs": 10, "n_tokens": 500, "l0": 30.25, "n_dead": 4096,
                            "density_log10_edges": [-3.0, -2.0, -1.0, 0.0], "density_log10_counts": [5, 3, 2],
                            "features": []}
     rows = dict((r[0], r[1]) for r in _rows_after(build_report_html(results), "quality where it was trained"))
     where = "over its last training batch (100000000 training tokens in all)"
-    assert rows[f"explained variance {where}"] == "0.9069"
+    assert rows[f"explained variance across tokens, {where}"] == "0.9069"
     assert rows[f"shrinkage |x_hat| / |x| {where} (1 = none)"] == "0.882"
     assert rows["L0 over all 500 counted corpus tokens"] == "30.25"
     assert rows["dead fraction over the corpus (never fires)"] == "0.250"  # 4096 / 16384

@@ -54,7 +54,7 @@ def test_visible_token(token, shown):
 
 
 def _spans(html_text):
-    return re.findall(r'<span class="tok" style="([^"]*)" title="([^"]*)">([^<]*)</span>', html_text)
+    return re.findall(r'<span class="tok(?: ws)?" style="([^"]*)" title="([^"]*)">([^<]*)</span>', html_text)
 
 
 def test_tokens_to_html_colours_titles_and_order():
@@ -62,7 +62,7 @@ def test_tokens_to_html_colours_titles_and_order():
     assert out.startswith('<div class="tokens" dir="ltr">') and out.endswith("</div>")
     spans = _spans(out)
     assert [s[2] for s in spans] == ["A", "\u00b7cat", "\u00b6"]
-    assert [s[1] for s in spans] == ["Activation: 0.0000", "Activation: 2.0000", "Activation: 4.0000"]
+    assert [s[1] for s in spans] == ["Activation: 0.0000", "Activation: 2.0000", "Activation: 4.0000 (whitespace only)"]
     assert "rgb(255, 255, 255); color: black" in spans[0][0]
     assert "rgb(255, 127, 127); color: black" in spans[1][0]
     assert "rgb(255, 0, 0); color: white" in spans[2][0]
@@ -143,3 +143,78 @@ def test_visible_text_shows_bidi_controls_and_keeps_whitespace():
     text = "Tom said, \"\u202eevil.\u200d ok\"\n\tnext"
     assert visible_text(text) == "Tom said, \"<U+202E>evil.<U+200D> ok\"\n\tnext"
     assert "\u202e" not in visible_text("\u202e")
+
+
+# ------------------------------------------------------------------ issue 18 kind 7: blank tokens are marked boxes
+def _boxes(html_text):
+    """``(class, title, text)`` of every token span of a row."""
+    return re.findall(r'<span class="(tok[^"]*)"(?: style="[^"]*")? title="([^"]*)">([^<]*)</span>', html_text)
+
+
+def test_blank_tokens_get_a_visible_marked_box():
+    tokens = ["<s>", "", " ", "\n", "\t", " \n", "Anna", " went"]
+    kinds = ["special"] + ["text"] * 7
+    out = tokens_to_html(tokens, [9.0, 2.0, 1.0, 0.5, 0.25, 0.0, 4.0, 0.0], kinds=kinds)
+    boxes = _boxes(out)
+    assert len(boxes) == len(tokens)  # one box per token, none dropped
+    cls, titles, texts = zip(*boxes, strict=True)
+    assert all(t for t in texts)  # every box has something to see
+    # the empty one shows the empty-set sign, whitespace its visible characters, each marked "ws" with a note
+    assert texts[1:6] == ("\u2205", "\u00b7", "\u00b6", "\u2192", "\u00b7\u00b6")
+    assert cls[1:6] == ("tok ws",) * 5 and cls[6:] == ("tok", "tok")
+    assert titles[1].startswith("Activation: 2.0000 (shows no text here")
+    assert titles[2] == "Activation: 1.0000 (whitespace only)"
+    # the box is at least a character wide and outlined, whatever the background colour
+    from saecircuits.report.tokens_html import TOKENS_CSS
+
+    rule = TOKENS_CSS[TOKENS_CSS.index("span.tok.ws"):]
+    assert "min-width: 1ch" in rule and "inset 0 0 0 1px" in rule and "inline-block" in rule
+    # a continuation piece ("" too) keeps its own narrow box, not the blank mark
+    cont = tokens_to_html(["\u00e9", ""], [1.0, 1.0], kinds=["text", "continuation"])
+    assert [c for c, _, _ in _boxes(cont)] == ["tok", "tok cont"]
+
+
+def test_blank_answer_tokens_are_marked_in_running_html():
+    from saecircuits.report.tokens_html import token_html
+
+    assert token_html(" ") == '<bdi class="tokstr ws" title="whitespace only">\u00b7</bdi>'
+    assert token_html("").startswith('<bdi class="tokstr ws" title="shows no text here')
+    assert token_html("x") == '<bdi class="tokstr">x</bdi>'
+
+
+def test_stories260k_lone_space_token_is_a_box(tmp_path):
+    # the issue's input: "Anna" -> [1, 410, 447, ...]; after BOS the lone space token 410 shows no text
+    from pathlib import Path
+
+    tok512 = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "stories260K" / "tok512.bin"
+    if not tok512.is_file():
+        pytest.skip(f"shared data absent: {tok512}")
+    from saecircuits.models.llama2c import build_llama2c_tokenizer, read_llama2c_tokenizer
+    from saecircuits.models.tokens import token_pieces
+
+    tok = build_llama2c_tokenizer(read_llama2c_tokenizer(tok512, 512), tmp_path)
+    ids = [1, 410, 447]
+    pieces = token_pieces(tok, ids)
+    assert pieces[1].text == "" and pieces[1].kind == "text"  # the dummy-prefix space is not part of the text
+    boxes = _boxes(tokens_to_html([p.text for p in pieces], [0.0, 3.0, 1.0], kinds=[p.kind for p in pieces]))
+    assert boxes[1][0] == "tok ws" and boxes[1][2] == "\u2205" and boxes[1][1].startswith("Activation: 3.0000")
+
+
+def test_the_feature_browser_marks_blank_tokens(results):
+    # the cards are drawn by page.js from the payload: blank tokens get the kind "w", which it draws as a marked box
+    import copy
+
+    from saecircuits.report.browser import browser_payload
+
+    r = copy.deepcopy(results)
+    fe = r["saes"][0]["examples"][0]
+    ex = fe["examples"][0]
+    n = len(ex["tokens"])
+    ex["tokens"] = ["", " ", "\n"] + ex["tokens"][3:]
+    ex["token_kinds"] = ["text", "text", "text"] + (ex.get("token_kinds") or ["text"] * n)[3:]
+    card = browser_payload(r)["saes"][0]["cards"][str(fe["feature"])]
+    assert card["ex"][0]["k"][:3] == "www"
+    from importlib.resources import files
+
+    js = files("saecircuits").joinpath("assets/report/page.js").read_text(encoding="utf-8")
+    assert 'kind === "w" ? "tok ws"' in js and '|| "\\u2205"' in js

@@ -127,16 +127,16 @@ def test_jumprelu_forward_and_straight_through_gradients():
     # d f / d pre = H(pre - theta)
     torch.testing.assert_close(x.grad, torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0]]))
     # d sum(f) / d theta_k = -(theta/eps) * #entries in the window: feature 1 has 0.6 and 0.4, feature 2 has 0.55
-    # -> [0, -4, -2]; d / d log_theta = theta * that = [0, -2, -1]
-    torch.testing.assert_close(sae.log_threshold.grad, torch.tensor([0.0, -2.0, -1.0]))
-    sae.log_threshold.grad = None
+    # -> [0, -4, -2] (the threshold is the parameter)
+    torch.testing.assert_close(sae.threshold.grad, torch.tensor([0.0, -4.0, -2.0]))
+    sae.threshold.grad = None
     x.grad = None
     step = sae.heaviside_ste(sae.hidden_pre(x))
     torch.testing.assert_close(step, torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 1.0]]))
     step.sum().backward()
     assert torch.all(x.grad == 0)  # no gradient to the pre-activation through the step
-    # d / d theta_k = -(1/eps) * count = [0, -8, -4]; times theta = 0.5
-    torch.testing.assert_close(sae.log_threshold.grad, torch.tensor([0.0, -4.0, -2.0]))
+    # d / d theta_k = -(1/eps) * count = [0, -8, -4]
+    torch.testing.assert_close(sae.threshold.grad, torch.tensor([0.0, -8.0, -4.0]))
 
 
 @pytest.mark.parametrize("arch", ["standard", "topk", "batchtopk", "jumprelu"])

@@ -134,9 +134,9 @@ def test_jumprelu_l0_penalty_and_threshold_gradient():
     out = sae_training_loss(sae, x, LossConfig("l0", (0.1,)))
     assert out.terms["l0"] == pytest.approx(0.1 * 2.0)  # two features above 0.5 in each row
     sae.zero_grad()
-    # gradient of the L0 term alone: -(c/eps) * window counts / batch, times theta for log_threshold
+    # gradient of the L0 term alone: -(c/eps) * window counts / batch
     (out.total - ((out.x_hat - x) ** 2).sum(-1).mean()).backward()
-    torch.testing.assert_close(sae.log_threshold.grad, 0.5 * 0.1 / 2 * torch.tensor([0.0, -8.0, -4.0]))
+    torch.testing.assert_close(sae.threshold.grad, 0.1 / 2 * torch.tensor([0.0, -8.0, -4.0]))
     with pytest.raises(SAEError, match="needs a JumpReLU SAE"):
         sae_training_loss(_identity_sae(), x, LossConfig("l0", (0.1,)))
 

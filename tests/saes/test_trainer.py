@@ -380,3 +380,121 @@ def test_metrics_log_has_the_log10_density_histogram(tmp_path):
         assert 0 < m["shrinkage"] < 2
         assert sum(hist) == D_SAE
         assert hist[0] >= 1
+
+
+# ------------------------------------------------------------------------------- issue 18: SAEs that must move
+def _model_activations():
+    """MLP-out activations [tokens, 64] of the tiny GPT-Neo on the fixture stories (BOS dropped)."""
+    from helpers import HOOK, SENTENCES, STORIES, tiny_neo, tiny_tokenizer
+
+    bridge, tok = tiny_neo(), tiny_tokenizer()
+    acts = []
+    with torch.no_grad():
+        for text in STORIES + SENTENCES:
+            row = [tok.bos_token_id] + tok.encode(text, add_special_tokens=False)
+            _, cache = bridge.run_with_cache(torch.tensor([row]), names_filter=[HOOK])
+            acts.append(cache[HOOK][0, 1:])
+    return torch.cat(acts), HOOK
+
+
+def test_jumprelu_l0_responds_to_its_coefficient_within_the_default_steps():
+    # issue 18 kind 4: trained as exp(log_threshold), the threshold moved by about threshold * lr per step, so in
+    # train-sae's 1,000 default steps it stayed within init * exp(steps * lr) and L0 ignored the coefficient
+    acts, hook = _model_activations()
+    defaults = TrainConfig()
+    steps, lr = defaults.total_steps, defaults.lr
+    l0, mean_threshold = {}, {}
+    for coefficient in (1e-4, 1e-1):
+        sae = build_sae(SAEConfig("jumprelu", 64, 256, hook))
+        gen = torch.Generator().manual_seed(0)
+        batches = (acts[torch.randint(0, acts.shape[0], (128,), generator=gen)] for _ in range(steps))
+        cfg = TrainConfig(batch_size=128, loss={"regularizer": "l0", "coefficients": [coefficient]}, log_every=steps)
+        trained = SAETrainer(sae, batches, cfg, progress=False).fit()
+        assert cfg.total_steps == steps and cfg.lr == lr  # train-sae's defaults
+        with torch.no_grad():
+            l0[coefficient] = float((trained.encode(acts) > 0).float().sum(-1).mean())
+        mean_threshold[coefficient] = float(trained.threshold.detach().mean())
+        assert float(trained.threshold.min()) >= 0  # clamped after every step
+    init = trained.cfg.extra["threshold_init"]
+    # the bound a log-parametrised threshold could not pass, against one that moves by about lr per step
+    assert mean_threshold[1e-1] > 5 * init * math.exp(steps * lr)
+    assert l0[1e-1] < 0.8 * l0[1e-4], l0  # clearly sparser (measured: 145 -> 100 of 256)
+
+
+def test_jumprelu_threshold_is_kept_non_negative_and_old_state_dicts_load():
+    sae = _sae(arch="jumprelu", threshold_init=0.01)
+    opt = torch.optim.SGD([sae.threshold], lr=1.0)
+    sae.threshold.grad = torch.linspace(-0.5, 0.5, D_SAE)
+    opt.step()
+    sae.after_optimizer_step_()
+    expected = (0.01 - torch.linspace(-0.5, 0.5, D_SAE)).clamp(min=0)
+    assert torch.equal(sae.threshold.detach(), expected)
+    # a state_dict from before the threshold was trained directly holds log_threshold
+    old = {k: v for k, v in sae.state_dict().items() if k != "threshold"}
+    old["log_threshold"] = torch.full((D_SAE,), math.log(0.25))
+    fresh = _sae(arch="jumprelu")
+    fresh.load_state_dict(old)
+    torch.testing.assert_close(fresh.threshold.detach(), torch.full((D_SAE,), 0.25))
+
+
+def test_a_checkpoint_with_a_log_threshold_is_refused(tmp_path):
+    sae = _sae(arch="jumprelu")
+    cfg = TrainConfig(batch_size=16, total_steps=2, checkpoint_every=1, loss={"regularizer": "l0",
+                                                                           "coefficients": [1e-3]})
+    tr = SAETrainer(sae, iter(_batches(2)), cfg, checkpoint_dir=tmp_path, progress=False)
+    tr.fit()
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    state["sae"]["log_threshold"] = state["sae"].pop("threshold").log()
+    torch.save(state, tmp_path / "checkpoint.pt")
+    with pytest.raises(SAEError, match="exp\\(log_threshold\\).*delete it"):
+        SAETrainer(_sae(arch="jumprelu"), iter(_batches(4)), cfg, checkpoint_dir=tmp_path, resume=True,
+                   progress=False)
+
+
+def test_continued_training_of_a_loaded_batchtopk_moves_its_threshold(tmp_path):
+    # issue 18 kind 4: a loaded SAE is in eval mode, where BatchTopK does not update its running threshold
+    from saecircuits.saes.io import load_sae, save_sae
+
+    sae = _sae(arch="batchtopk", k=3)
+    with torch.no_grad():
+        sae.threshold.fill_(0.3)
+    loaded = load_sae(save_sae(sae, tmp_path / "s"))
+    assert not loaded.training
+    (x,) = _batches(1, seed=5)
+    with torch.no_grad():  # the step's update, by hand: 0.99 * 0.3 + 0.01 * the smallest kept activation
+        acts = torch.relu((x - loaded.b_dec) @ loaded.W_enc + loaded.b_enc).flatten()
+        kept = acts.topk(3 * x.shape[0]).values
+        smallest = float(kept[kept > 0].min())
+    tr = SAETrainer(loaded, iter([x]), TrainConfig(batch_size=16, total_steps=1, loss={"regularizer": "none",
+                                                                                       "coefficients": []}),
+                    progress=False)
+    tr.fit()
+    torch.testing.assert_close(tr.sae.threshold, torch.full((D_SAE,), 0.99 * 0.3 + 0.01 * smallest))
+    assert not tr.sae.training  # back in eval mode after training
+
+
+def test_training_metrics_name_their_explained_variance_over_tokens(tmp_path):
+    # issue 18 kind 8: results.json's explained_variance_at_p is across prompts at P; the training log's is over the
+    # batch's tokens, and now says so
+    import copy
+
+    from saecircuits.pipeline import _final_metrics
+
+    sae = _sae()
+    (x,) = _batches(1, seed=3)
+    before = copy.deepcopy(sae)
+    tr = SAETrainer(sae, iter([x]), TrainConfig(batch_size=16, total_steps=1, log_every=1), checkpoint_dir=tmp_path,
+                    progress=False)
+    tr.fit()
+    line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "explained_variance" not in line
+    with torch.no_grad():  # by hand, with the weights the step's forward pass used
+        x_hat = before(x)
+        expected = 1 - float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    assert line["explained_variance_tokens"] == pytest.approx(expected, rel=1e-5)
+    # an SAE cached by an older version logged it as "explained_variance": read under the new name
+    old = tmp_path / "cache" / "blocks.0.mlp.hook_post"
+    old.mkdir(parents=True)
+    (old / "metrics.jsonl").write_text(json.dumps({"step": 5, "explained_variance": 0.5}) + "\n")
+    assert _final_metrics(tmp_path / "cache", ["blocks.0.mlp.hook_post"]) == {
+        "blocks.0.mlp.hook_post": {"step": 5, "explained_variance_tokens": 0.5}}

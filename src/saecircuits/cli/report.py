@@ -37,7 +37,7 @@ def report_path(out: str | Path) -> Path:
 @app.command("report", cls=SaeCommand, short_help="Re-render report.html from a saved results.json.")
 def report(
     results_json: Annotated[Path, typer.Argument(
-        metavar="RESULTS_JSON", help="results.json written by the pipeline (schema version 1).", show_default=False)],
+        metavar="RESULTS_JSON", help="results.json written by the pipeline (schema version 2, or 1).", show_default=False)],
     out: Annotated[str, typer.Option(
         "--out", "-o", metavar="FILE|DIR",
         help="The report file (a name ending in .html), or a folder to write report.html into (a trailing slash "

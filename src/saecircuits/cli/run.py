@@ -98,7 +98,7 @@ def _summary(results: dict) -> None:
                 f"failed ({', '.join([c['id'] for c in task_failed] + failed)}); its feature ranking below cannot "
                 "support a conclusion as it stands (see the checks)"
             )
-        ev = sae.get("explained_variance")
+        ev = sae.get("explained_variance_at_p")
         table = Table(title=(
             f"{escape(sae['hook_point'])}  (d_sae {sae['d_sae']}, L0 at P {sae['l0']:.1f}, explained variance at P "
             f"{'undefined' if ev is None else format(ev, '.3f')}, loss recovered "

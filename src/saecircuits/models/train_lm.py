@@ -180,7 +180,7 @@ def check_closing_tokens(tokenizer) -> dict[str, int]:
     ids: dict[str, int] = {}
     for c in CLOSINGS:
         tid = tokenizer.convert_tokens_to_ids(c)
-        enc = tokenizer(f'Tom said, "Hi{c} Then', add_special_tokens=False)["input_ids"]
+        (enc,) = encode_stories(tokenizer, [f'Tom said, "Hi{c} Then'])
         if tid is None or tid == tokenizer.unk_token_id or tid not in enc:
             raise TrainLMError(
                 f"the tokenizer does not encode {c!r} as one token (got {tokenizer.convert_ids_to_tokens(enc)}); "
@@ -235,8 +235,12 @@ def build_model(cfg: LMConfig, vocab_size: int, eos_id: int = 0):
 
 
 def encode_stories(tokenizer, stories: Sequence[str]) -> list[list[int]]:
-    """Token ids of each story (no special tokens added)."""
-    return tokenizer(list(stories), add_special_tokens=False)["input_ids"]
+    """Token ids of each story (no special tokens added), by the project's one encoding rule
+    (:func:`saecircuits.models.tokens.encode_texts`): ``<|endoftext|>`` typed inside a story is text, never the EOS
+    id that separates stories in the packed rows."""
+    from saecircuits.models.tokens import encode_texts
+
+    return encode_texts(tokenizer, stories)
 
 
 def pack_rows(docs: Sequence[Sequence[int]], n_ctx: int, eos_id: int) -> torch.Tensor:

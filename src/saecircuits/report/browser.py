@@ -16,8 +16,10 @@ largest first; features without one last). ``CARD`` holds what is known of one f
 ``bands`` (examples from lower bands of its maximum), ``task`` (activations at P on the task prompts), ``pb``/``wb``
 (prompt- and weight-based boosts), ``lva`` (activation vs loss increase per prompt), ``dfa``, ``stories`` (ablation on
 max-activating stories), ``modes`` (the three ablation modes), ``sdla`` (activation-scaled DLA), ``node`` (its
-circuit node). An example is ``{"d": doc, "t": [string index], "k": "tcs..." (text/continuation/special per token),
-"a": [value or null], "m": max}``; identical windows (same tokens and values) are kept once per feature.
+circuit node). An example is ``{"d": doc, "t": [string index], "k": "tcsw..." (text/continuation/special/blank per
+token: a blank token is a text token that is whitespace only or shows no text, drawn as a marked box, see
+:func:`saecircuits.report.tokens_html.blank_token_note`), "a": [value or null], "m": max}``; identical windows (same
+tokens and values) are kept once per feature.
 
 :func:`embed_json` writes the payload into a ``<script type="application/json">`` element, gzip-compressed and
 base64-encoded when it is large (the page inflates it with the browser's ``DecompressionStream``).
@@ -34,7 +36,7 @@ from typing import Any
 
 from saecircuits.report.schema import ci_bounds
 from saecircuits.report.summary import feature_reading
-from saecircuits.report.tokens_html import visible_token
+from saecircuits.report.tokens_html import blank_token_note, visible_token
 
 __all__ = ["browser_payload", "embed_json", "COMPRESS_ABOVE"]
 
@@ -78,7 +80,8 @@ def _example(ex: Mapping, strings: _Strings) -> dict:
     return {
         "d": ex.get("doc_index"),
         "t": [strings(t) for t in ex["tokens"]],
-        "k": "".join(_KIND_CHAR.get(k, "t") for k in kinds),
+        "k": "".join("w" if _KIND_CHAR.get(k, "t") == "t" and blank_token_note(t) else _KIND_CHAR.get(k, "t")
+                     for t, k in zip(ex["tokens"], kinds, strict=True)),
         "a": [None if k == "special" else _r(a) for a, k in zip(ex["activations"], kinds, strict=True)],
         "m": _r(ex.get("max_activation")),
     }

@@ -7,13 +7,24 @@ folder first and then moved into place, so an interrupted export leaves the prev
 kaleido (the ``export`` extra: ``pip install -e ".[export]"``) draws the figures in a headless Chrome or Chromium
 that it finds on ``PATH`` (``chromium``, ``google-chrome``, ...) or at ``$BROWSER_PATH``; on Debian,
 ``apt-get install chromium``. It downloads nothing here.
+
+The figures are drawn in a child process (:mod:`saecircuits.report._draw_pngs`) in its own session, stopped with
+everything it started (Chromium included) when it runs past its time limit (:data:`FIGURE_TIMEOUT_S` plus
+:data:`FIGURE_TIMEOUT_PER_FIGURE_S` per figure, or ``$SAECIRCUITS_EXPORT_TIMEOUT`` seconds): a figure with millions of points once kept kaleido waiting over
+240 s, past kaleido's own 90 s timeout. A stopped export is an :class:`ExportError`; what was written before it
+(``report.html``, the tables) stays.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.util
+import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +35,66 @@ __all__ = ["ExportError", "ExportResult", "export_report", "write_tables", "writ
 
 
 class ExportError(ValueError):
-    """The export cannot run: kaleido or a browser for it is missing (the message says how to install it)."""
+    """The export cannot run or did not finish: kaleido or a browser for it is missing (the message says how to
+    install it), or drawing the figures failed or ran past its time limit."""
+
+
+#: seconds the figure export may take, plus :data:`FIGURE_TIMEOUT_PER_FIGURE_S` per figure (a usual export of a
+#: report's six figures takes a few seconds, most of it Chromium's start).
+FIGURE_TIMEOUT_S = 120.0
+FIGURE_TIMEOUT_PER_FIGURE_S = 20.0
+#: environment variable that sets the whole limit in seconds instead
+TIMEOUT_ENV = "SAECIRCUITS_EXPORT_TIMEOUT"
+
+
+def _default_timeout(n_figures: int) -> float:
+    """:data:`TIMEOUT_ENV` if set, else :data:`FIGURE_TIMEOUT_S` + :data:`FIGURE_TIMEOUT_PER_FIGURE_S` per figure.
+
+    Raises:
+        ExportError: the variable is set but not a positive number of seconds.
+    """
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return FIGURE_TIMEOUT_S + FIGURE_TIMEOUT_PER_FIGURE_S * n_figures
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ExportError(f"${TIMEOUT_ENV} must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def _kaleido_installed() -> bool:
+    return importlib.util.find_spec("kaleido") is not None
+
+
+def _draw_command(jobs_file: Path) -> list[str]:
+    """The child process that draws the PNGs (a function, so tests can put a stub in its place)."""
+    return [sys.executable, "-m", "saecircuits.report._draw_pngs", str(jobs_file)]
+
+
+def _run_stoppable(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own session; past ``timeout`` seconds kill it and everything it started.
+
+    Raises:
+        subprocess.TimeoutExpired: it ran past ``timeout`` (the whole process group has been killed).
+    """
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:  # the time limit, or Ctrl-C: leave no browser behind
+        try:
+            if hasattr(os, "killpg"):
+                os.killpg(proc.pid, signal.SIGKILL)  # the whole session: the child and its browser
+            else:  # pragma: no cover - Windows has no process groups to kill
+                proc.kill()
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @dataclass
@@ -69,33 +139,50 @@ def write_tables(tables, out_dir: str | os.PathLike) -> Path:
     return final
 
 
-def write_figures(figures, out_dir: str | os.PathLike, *, scale: float = 2.0) -> Path:
+def write_figures(figures, out_dir: str | os.PathLike, *, scale: float = 2.0,
+                  timeout: float | None = None) -> Path:
     """Write each ``(name, plotly Figure)`` as ``out_dir/<name>.png`` with kaleido (one browser for all of them).
 
+    Args:
+        timeout: seconds before the drawing is stopped (default: ``$SAECIRCUITS_EXPORT_TIMEOUT``, else
+            :data:`FIGURE_TIMEOUT_S` + :data:`FIGURE_TIMEOUT_PER_FIGURE_S` per figure).
+
     Raises:
-        ExportError: kaleido is not installed, or it found no Chrome/Chromium to draw with.
+        ExportError: kaleido is not installed, it found no Chrome/Chromium to draw with, drawing failed, or it ran
+            past ``timeout`` (stopped, browser included; the previous figures folder, if any, is kept).
     """
-    try:
-        import kaleido
-    except ImportError as err:
-        raise ExportError('--export needs kaleido to write PNGs: pip install -e ".[export]"') from err
+    if not _kaleido_installed():
+        raise ExportError('--export needs kaleido to write PNGs: pip install -e ".[export]"')
+    figures = list(figures)
+    if timeout is None:
+        timeout = _default_timeout(len(figures))
     final = Path(out_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        jobs = [{"fig": fig, "path": str(tmp / f"{name}.png"), "opts": {"format": "png", "scale": scale}}
-                for name, fig in figures]
+        jobs = [{"fig": fig.to_json(), "path": str(tmp / f"{name}.png"),
+                 "opts": {"format": "png", "scale": scale}} for name, fig in figures]
         if jobs:
+            jobs_file = tmp / ".jobs.json"
+            jobs_file.write_text(json.dumps(jobs), encoding="utf-8")
             try:
-                kaleido.write_fig_from_object_sync(jobs)
-            except Exception as err:  # noqa: BLE001 - choreographer raises its own types for a missing browser
-                if "chrom" in type(err).__name__.lower() or "browser" in str(err).lower():
+                done = _run_stoppable(_draw_command(jobs_file), timeout)
+            except subprocess.TimeoutExpired:
+                raise ExportError(
+                    f"--export: drawing {len(jobs)} figures with kaleido did not finish within {timeout:.0f} s and "
+                    "was stopped (browser included); no figures were written. The report and the tables are "
+                    f"written; a figure with very many points can take that long: set {TIMEOUT_ENV}=SECONDS to "
+                    "allow more") from None
+            jobs_file.unlink()
+            if done.returncode != 0:
+                err = " ".join((done.stderr or "").split()[-60:]) or f"exit status {done.returncode}"
+                if "chrom" in err.lower() or "browser" in err.lower():
                     raise ExportError(
                         "--export draws figures with kaleido, which needs Chrome or Chromium: install it (Debian: "
-                        f"apt-get install chromium) or set BROWSER_PATH to its executable ({err})") from err
-                raise
+                        f"apt-get install chromium) or set BROWSER_PATH to its executable ({err})")
+                raise ExportError(f"--export: drawing the figures with kaleido failed: {err}")
         _swap_in(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -112,7 +199,8 @@ def export_report(results: Mapping, out_dir: str | os.PathLike, *, figures: bool
 
     Raises:
         ResultsSchemaError: ``results`` does not match the schema.
-        ExportError: figures wanted but kaleido or its browser is missing (tables are written first).
+        ExportError: figures wanted but kaleido or its browser is missing, or drawing them failed or ran past its
+            time limit (tables are written first).
     """
     rep = build_report(results)
     out = Path(out_dir)

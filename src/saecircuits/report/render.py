@@ -1,4 +1,4 @@
-"""One self-contained HTML page from a results dict (results.json, schema version 1; see ``report/schema.py``).
+"""One self-contained HTML page from a results dict (results.json, schema version 2; see ``report/schema.py``).
 
 The page reads saved evidence only (no torch, no model), so ``saecircuits report results.json`` re-renders it.
 plotly.js is inlined once in ``<head>`` (the smallest bundle that draws every figure, :func:`plotly_bundle`); every
@@ -47,7 +47,13 @@ from plotly.offline import get_plotlyjs, get_plotlyjs_version
 from plotly.subplots import make_subplots
 
 from saecircuits.report.browser import browser_payload, embed_json
-from saecircuits.report.schema import ci_bounds, to_jsonable, validate_results, write_text_atomic
+from saecircuits.report.schema import (
+    ci_bounds,
+    to_jsonable,
+    upgrade_results,
+    validate_results,
+    write_text_atomic,
+)
 from saecircuits.report.summary import (
     GLOSSARY,
     feature_reading,
@@ -397,7 +403,7 @@ def _sae_summary(sae: Mapping, fig: _Figures) -> str:
         ("architecture", sae.get("architecture", "n/a")),
         ("d_in / d_sae", f"{sae['d_in']} / {sae['d_sae']}"),
         ("L0 at P (mean active features at the prediction position, across prompts)", _num(sae["l0"], ".2f")),
-        ("explained variance at P (across prompts)", _num(sae.get("explained_variance"), ".4f")),
+        ("explained variance at P (across prompts)", _num(sae.get("explained_variance_at_p"), ".4f")),
         ("relative squared error at P |x - x_hat|^2 / |x|^2", _num(sae.get("relative_error"), ".4f")),
         ("features active on the task", sae.get("n_active_features", "n/a")),
         ("clean loss (nats)", _pm(sae["clean_loss"], lc.get("clean"))),
@@ -1420,7 +1426,7 @@ def _quality_rows(sae: Mapping) -> list[tuple[str, str]]:
         where = f"over its last training batch ({n_tok} training tokens in all)" if n_tok else "over its last training batch"
         rows += [
             (f"L0 {where}", _num(fm.get("l0"), ".2f")),
-            (f"explained variance {where}", _num(fm.get("explained_variance"), ".4f")),
+            (f"explained variance across tokens, {where}", _num(fm.get("explained_variance_tokens"), ".4f")),
             (f"shrinkage |x_hat| / |x| {where} (1 = none)", _num(fm.get("shrinkage"), ".3f")),
             (f"dead fraction (no firing in the training window) {where}", _num(fm.get("dead_fraction"), ".3f")),
             (f"dense fraction (firing on > 10% of tokens) {where}", _num(fm.get("dense_fraction"), ".3f")),
@@ -1619,8 +1625,9 @@ def build_report(results: Mapping) -> Report:
     the appendix. plotly.js is inlined once (:func:`plotly_bundle`); every figure is drawn when it scrolls into view.
 
     Raises:
-        ResultsSchemaError: ``results`` does not match results.json schema version 1.
+        ResultsSchemaError: ``results`` does not match results.json schema version 2 (or 1, upgraded).
     """
+    results = upgrade_results(results)
     validate_results(results)
     sink = _TableSink()
     token = _TABLES.set(sink)
@@ -1775,7 +1782,7 @@ def build_report_html(results: Mapping) -> str:
     """The report page as a string (see :func:`build_report` for its layout).
 
     Raises:
-        ResultsSchemaError: ``results`` does not match results.json schema version 1.
+        ResultsSchemaError: ``results`` does not match results.json schema version 2 (or 1, upgraded).
     """
     return build_report(results).html
 
@@ -1787,7 +1794,7 @@ def render_report(results: Mapping, out_path: str | os.PathLike) -> Path:
     to view. Reads nothing but ``results``.
 
     Raises:
-        ResultsSchemaError: ``results`` does not match results.json schema version 1 (message names the key);
+        ResultsSchemaError: ``results`` does not match results.json schema version 2 or 1 (message names the key);
             nothing is written then.
     Returns:
         The path written.

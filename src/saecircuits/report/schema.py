@@ -1,4 +1,4 @@
-"""results.json, version 1: what the pipeline saves and the report reads (and nothing else).
+"""results.json, version 2: what the pipeline saves and the report reads (and nothing else).
 
 The report re-renders from this file alone, so everything it shows must be in here. This module imports neither
 torch nor the model. Keys marked ``*`` are required; unknown extra keys are allowed everywhere (forward
@@ -12,7 +12,7 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
 ::
 
     {
-      *"schema_version": 1,
+      *"schema_version": 2,                          # 1 is read too (:func:`upgrade_results`)
       "saecircuits_version": str,
       *"model": str,                                # model name, e.g. "roneneldan/TinyStories-1Layer-21M"
       "model_info": {"n_layers": int, "d_model": int, "d_mlp": int, "d_vocab": int, "n_heads": int,
@@ -39,7 +39,8 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
           *"completeness_max_abs_error": float},    # max |sum of components - answer logit| over prompts
       *"saes": [{                                   # one entry per SAE
           *"hook_point": str, *"d_in": int, *"d_sae": int, "architecture": str,
-          *"l0": float, "explained_variance": float,  # at P, over prompts
+          *"l0": float,
+          "explained_variance_at_p": float,         # of the SAE's reconstruction at P, across the task prompts
           "relative_error": float,                  # sum |x - x_hat|^2 / sum |x|^2 at P
           *"clean_loss": float, *"sae_loss": float, *"zero_ablation_loss": float, *"mean_ablation_loss": float,
           "loss_ci95": {"clean"|"sae"|"zero"|"mean": float half-width},
@@ -71,7 +72,8 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
               "doc_index": int, "tokens": [str], "activations": [float] (same length as tokens; null at a
               special token), "token_kinds": ["text"|"continuation"|"special"] (same length as tokens),
               "max_activation": float}]}],          # top activating examples
-          "training": {...free-form...},
+          "training": {...free-form...; "final_metrics": the last line of its metrics.jsonl, whose
+                       "explained_variance_tokens" is over the tokens of the last training batch},
           # optional per-feature / attribution evidence (analysis/evidence.py; validated when present)
           "error_dla": {*"labels": [str], *"mean": [float], "ci95": [float]},   # logits (MLP, recon, error)
           "feature_details": [{*"feature": int,
@@ -137,6 +139,11 @@ int|null, "fraction_with_off_range": float, "mean_depth": float, "min_value": fl
 no bounded range; ``mean_depth``: mean distance below the minimum of the entries below it).
 Token strings are ``saecircuits.models.tokens.token_pieces`` / ``token_string`` (leading spaces kept; a character
 split over byte tokens shown once, on its first piece, the others ``"continuation"`` with text ``""``).
+
+Versions: 2 named the two explained variances by what they are (version 1 called both ``explained_variance``): the
+SAE entry's ``explained_variance_at_p`` (at P, across prompts) and the training metrics'
+``explained_variance_tokens`` (over the last training batch's tokens). :func:`load_results` and the renderer read a
+version-1 file by renaming them (:func:`upgrade_results`).
 """
 
 from __future__ import annotations
@@ -153,7 +160,10 @@ from saecircuits.atomic import atomic_write_text
 
 __all__ = [
     "SCHEMA_VERSION",
+    "READABLE_VERSIONS",
     "ResultsSchemaError",
+    "upgrade_results",
+    "rename_training_metrics",
     "validate_results",
     "load_results",
     "write_json_atomic",
@@ -162,12 +172,51 @@ __all__ = [
     "ci_bounds",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: versions :func:`upgrade_results` brings to :data:`SCHEMA_VERSION`
+READABLE_VERSIONS = (1, 2)
 TOKEN_KINDS = ("text", "continuation", "special")  # = saecircuits.models.tokens.TOKEN_KINDS (no torch import here)
 
 
 class ResultsSchemaError(ValueError):
-    """results.json (or the dict the pipeline built) does not match schema version 1."""
+    """results.json (or the dict the pipeline built) does not match the schema (version 2, or 1 upgraded)."""
+
+
+def rename_training_metrics(metrics: Mapping) -> dict:
+    """One training metrics line with version 1's ``explained_variance`` (over the batch's tokens) renamed
+    ``explained_variance_tokens``; a current line is returned as a copy."""
+    out = dict(metrics)
+    if "explained_variance" in out and "explained_variance_tokens" not in out:
+        out["explained_variance_tokens"] = out.pop("explained_variance")
+    return out
+
+
+def upgrade_results(d: Any) -> Any:
+    """A version-1 results dict as version 2 (a new dict; ``d`` is not changed); any other input as it is.
+
+    Version 1 called two things ``explained_variance``: ``saes[i]["explained_variance"]`` (at P, across prompts)
+    becomes ``explained_variance_at_p``, ``saes[i]["training"]["final_metrics"]["explained_variance"]`` (over a
+    training batch's tokens) becomes ``explained_variance_tokens``.
+    """
+    if not isinstance(d, Mapping) or d.get("schema_version") != 1:
+        return d
+    out = dict(d)
+    out["schema_version"] = SCHEMA_VERSION
+    saes = []
+    for sae in d.get("saes") or []:
+        if not isinstance(sae, Mapping):
+            saes.append(sae)
+            continue
+        sae = dict(sae)
+        if "explained_variance" in sae and "explained_variance_at_p" not in sae:
+            sae["explained_variance_at_p"] = sae.pop("explained_variance")
+        training = sae.get("training")
+        if isinstance(training, Mapping) and isinstance(training.get("final_metrics"), Mapping):
+            sae["training"] = {**training, "final_metrics": rename_training_metrics(training["final_metrics"])}
+        saes.append(sae)
+    if "saes" in d:
+        out["saes"] = saes
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -482,7 +531,7 @@ _SAE = _Obj(
         "d_sae": _req("int"),
         "architecture": _opt("str"),
         "l0": _req("float"),
-        "explained_variance": _opt("float"),
+        "explained_variance_at_p": _opt("float"),
         "relative_error": _opt("float"),
         "clean_loss": _req("float"),
         "sae_loss": _req("float"),
@@ -968,7 +1017,8 @@ def _validate_layer_comparison(lc: Mapping) -> None:
 
 
 def validate_results(d: Any) -> None:
-    """Check that ``d`` is a valid results dict (schema version 1, see the module docstring).
+    """Check that ``d`` is a valid results dict (schema version 2, see the module docstring; a version-1 dict must
+    go through :func:`upgrade_results` first).
 
     Checks required keys, types (bool is not a number; int is accepted where a float is expected; null is
     accepted for floats), and cross-field consistency: aligned list lengths (DLA labels/mean/ci95, answer tokens,
@@ -981,9 +1031,12 @@ def validate_results(d: Any) -> None:
     if not isinstance(d, Mapping):
         raise ResultsSchemaError(f"results must be a dict (the parsed results.json), got {_type_name(d)}.")
     if "schema_version" in d and d["schema_version"] != SCHEMA_VERSION:
+        hint = ("upgrade it with saecircuits.report.schema.upgrade_results (load_results does)"
+                if d["schema_version"] in READABLE_VERSIONS else
+                "re-run the pipeline with this saecircuits version to regenerate results.json")
         raise ResultsSchemaError(
-            f"results['schema_version'] is {d['schema_version']!r}; this saecircuits reads version "
-            f"{SCHEMA_VERSION} only. Re-run the pipeline with this saecircuits version to regenerate results.json."
+            f"results['schema_version'] is {d['schema_version']!r}; this saecircuits reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}: {hint}."
         )
     _check(d, RESULTS_SCHEMA, ())
 
@@ -1061,7 +1114,7 @@ def validate_results(d: Any) -> None:
 
 
 def load_results(path: str | os.PathLike) -> dict:
-    """Read and validate a results.json file.
+    """Read and validate a results.json file (a version-1 file is upgraded: :func:`upgrade_results`).
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -1072,6 +1125,7 @@ def load_results(path: str | os.PathLike) -> dict:
         d = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ResultsSchemaError(f"{p} is not valid JSON: {e}") from e
+    d = upgrade_results(d)
     validate_results(d)
     return d
 

@@ -1,5 +1,5 @@
 """The report's words: the plain-words headline, a one-line reading of a feature, and a sentence wherever a value
-surprises. Pure functions of a results dict (results.json schema version 1; ``report/schema.py``); no torch.
+surprises. Pure functions of a results dict (results.json schema version 2; ``report/schema.py``); no torch.
 
 Every function returns plain text (not HTML): the caller escapes it. Numbers are only quoted as results when they
 are finite; an interval that includes 0 is said to, and a feature whose 95% interval excludes 0 is "supported".

@@ -14,6 +14,11 @@ tokens shown once, its other pieces ``"continuation"``). Differences from the re
 - every token string is HTML-escaped (the reference was not);
 - a special token (BOS/EOS/PAD) is drawn as a grey dashed box, never coloured by a value; a continuation piece is a
   narrow box coloured by its value;
+- a blank token (whitespace only, or a text token that shows no text at all, such as SentencePiece's lone space
+  token at the start of a text, whose dummy-prefix space is not part of the text) is drawn as a marked box at least
+  one character wide (class ``ws``: a grey inset outline) with a tooltip saying what it is; an empty one shows
+  :data:`EMPTY_MARK`. Without this, stories260K's lone space token (id 410, 46 of the first 1,000 validation
+  stories start with it) was an empty span 2 px wide whose colour and tooltip could not be seen;
 - each token is its own bidi island (``unicode-bidi: isolate`` in a left-to-right row), so right-to-left text cannot
   reorder the row, and a very long token wraps inside the row instead of widening the page (the CSS is
   :data:`TOKENS_CSS`);
@@ -27,11 +32,14 @@ import math
 import unicodedata
 from collections.abc import Mapping, Sequence
 
-__all__ = ["TOKENS_CSS", "token_color", "visible_token", "visible_text", "token_html", "tokens_to_html"]
+__all__ = ["TOKENS_CSS", "EMPTY_MARK", "blank_token_note", "token_color", "visible_token", "visible_text",
+           "token_html", "tokens_to_html"]
 
 PILCROW = "\u00b6"
 MIDDLE_DOT = "\u00b7"
 TAB_ARROW = "\u2192"
+#: what a text token that shows no text at all is drawn as (the empty set sign)
+EMPTY_MARK = "\u2205"
 
 TOKENS_CSS = """
 .tokens { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; line-height: 1.9;
@@ -39,6 +47,8 @@ TOKENS_CSS = """
 .tokens span.tok, .tokstr { padding: 2px 1px; unicode-bidi: isolate; overflow-wrap: anywhere; }
 .tokens span.tok.special { color: #777; background: #f4f4f4; border: 1px dashed #999; font-size: 11px; }
 .tokens span.tok.cont::after { content: "\\00a0"; }
+.tokens span.tok.ws, .tokstr.ws { display: inline-block; min-width: 1ch; text-align: center; padding: 0 2px;
+          box-shadow: inset 0 0 0 1px #8a8a8a; border-radius: 2px; }
 """
 """CSS for :func:`tokens_to_html` and :func:`token_html` (the report puts it in its ``<style>``)."""
 
@@ -91,9 +101,30 @@ def visible_text(text: str) -> str:
     return "".join(c if c in "\n\t" or c.isspace() else _visible_char(c) for c in text)
 
 
+def blank_token_note(token: str) -> str | None:
+    """Why a text token needs a marked box: a note for its tooltip when it is whitespace only or empty, else None.
+
+    (A continuation piece is also ``""``; it is not a text token and has its own box.)"""
+    if token == "":
+        return "shows no text here (e.g. the lone space token at the start of a text, whose space is not part of it)"
+    if token.isspace():
+        return "whitespace only"
+    return None
+
+
+def _shown(token: str) -> str:
+    """The token as drawn in a box: visible whitespace, :data:`EMPTY_MARK` when it shows no text (not escaped)."""
+    return visible_token(token) or EMPTY_MARK
+
+
 def token_html(token: str) -> str:
-    """One token string for running HTML (answer tokens, tables): visible whitespace, escaped, its own bidi island."""
-    return f'<bdi class="tokstr">{html.escape(visible_token(token), quote=True)}</bdi>'
+    """One token string for running HTML (answer tokens, tables): visible whitespace, escaped, its own bidi island;
+    a blank token (:func:`blank_token_note`) in a marked box with the note as its tooltip."""
+    note = blank_token_note(token)
+    if note is None:
+        return f'<bdi class="tokstr">{html.escape(visible_token(token), quote=True)}</bdi>'
+    return (f'<bdi class="tokstr ws" title="{html.escape(note, quote=True)}">'
+            f"{html.escape(_shown(token), quote=True)}</bdi>")
 
 
 def _fmt(v: float | None) -> str:
@@ -154,12 +185,17 @@ def tokens_to_html(
             continue
         (r, g, b), text_color = token_color(v, max_value)
         title = f"{value_name}: {_fmt(v)}" + "".join(f", {name}: {_fmt(vs[i])}" for name, vs in extra.items())
+        cls, shown = "tok", visible_token(tok)
+        note = blank_token_note(tok) if kind != "continuation" else None
         if kind == "continuation":
             title += " (more bytes of the character on the previous token)"
-        cls = "tok cont" if kind == "continuation" else "tok"
+            cls = "tok cont"
+        elif note is not None:
+            title += f" ({note})"
+            cls, shown = "tok ws", _shown(tok)
         spans.append(
             f'<span class="{cls}" style="background-color: rgb({r}, {g}, {b}); color: {text_color}" '
-            f'title="{html.escape(title, quote=True)}">{html.escape(visible_token(tok), quote=True)}</span>'
+            f'title="{html.escape(title, quote=True)}">{html.escape(shown, quote=True)}</span>'
         )
     # <wbr> between spans: the tokens carry no real whitespace any more, so give the browser line-break points.
     return '<div class="tokens" dir="ltr">' + "<wbr>".join(spans) + "</div>"

@@ -310,6 +310,9 @@ class SAE(nn.Module):
     def _initialize_extra_(self) -> None:
         """Hook for architecture-specific parameters (thresholds); called at the end of :meth:`initialize_`."""
 
+    def after_optimizer_step_(self) -> None:
+        """Hook the trainer calls after every optimiser step (JumpReLU keeps its thresholds ``>= 0``)."""
+
     # ------------------------------------------------------------------ forward paths
     def flatten_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as ``[..., d_in]``: an attention ``hook_z`` activation ``[..., n_heads, d_head]`` is flattened

@@ -628,6 +628,11 @@ def _own_config(d: dict[str, Any], path: Path) -> SAEConfig:
     except (TypeError, SAEError) as e:
         raise _fail(path, f"the 'saecircuits.config' entry is invalid ({e}); re-save the SAE") from e
     arch = cfg.architecture
+    if arch == "jumprelu" and version == 1:
+        # format 1 recorded only what the user gave: the training settings left out were that version's defaults
+        from saecircuits.saes.jumprelu import FORMAT_1_DEFAULTS
+
+        cfg.extra = {**FORMAT_1_DEFAULTS, **cfg.extra}
     if arch not in _ARCH_KEYS:
         return cfg  # an architecture registered by the user: build_sae says whether it exists
     unknown = sorted(set(cfg.extra) - _EXTRA_KEYS[arch])

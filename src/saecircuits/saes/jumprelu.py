@@ -1,20 +1,29 @@
 """JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead: Improving Reconstruction Fidelity with JumpReLU
 Sparse Autoencoders"; SAELens ``"jumprelu"``).
 
-``f = hidden_pre * H(hidden_pre - threshold)`` with a learned per-feature ``threshold = exp(log_threshold)`` [d_sae]
-(initialised to ``cfg.extra["threshold_init"]``, default 1e-3). ``H`` has zero derivative almost everywhere, so the
+``f = hidden_pre * H(hidden_pre - threshold)`` with a learned per-feature ``threshold`` [d_sae] (initialised to
+``cfg.extra["threshold_init"]``, default 0.01). ``H`` has zero derivative almost everywhere, so the
 threshold is trained with straight-through estimators (paper section 4 / appendix J) using a rectangle kernel
-``K(u) = 1[-1/2 < u < 1/2]`` of bandwidth ``eps = cfg.extra["bandwidth"]`` (default 1e-3):
+``K(u) = 1[-1/2 < u < 1/2]`` of bandwidth ``eps = cfg.extra["bandwidth"]`` (default 0.05, SAELens 6's; on the
+paper's 1e-3 see :data:`DEFAULT_BANDWIDTH`):
 
 * JumpReLU: ``d f / d hidden_pre = H(hidden_pre - threshold)``; ``d f / d threshold = -(threshold / eps) K((hidden_pre
   - threshold) / eps)``.
 * Step (for the L0 penalty, regularizer ``"l0"``): ``d H / d hidden_pre = 0``; ``d H / d threshold = -(1 / eps)
   K((hidden_pre - threshold) / eps)``.
 
-On disk (SAELens layout) the tensor is ``threshold``; in ``state_dict`` it is the parameter ``log_threshold``, kept
-in float32 even in a bfloat16/float16 SAE: Adam moves it by about ``lr`` per step, far below bfloat16's resolution
-(2**-7 relative), so a bfloat16 threshold would never move. ``bandwidth`` and ``threshold_init`` are written into
-``cfg.extra`` (defaults included) and so into ``cfg.json``.
+The threshold itself is the trained parameter (``threshold`` on disk, in SAELens layout, and in ``state_dict``), as
+SAELens does since its PR 718 (after its issues 382, 494 and 719) and ``dictionary_learning`` did before it. The paper
+(appendix J) trains ``log(threshold)`` instead; Adam then moves the log by about ``lr`` per step, i.e. the threshold by
+about ``threshold * lr``: from the default 1e-3 at lr 1e-4, reaching 0.1 takes over 46,000 steps, so in a run of a
+few thousand steps the threshold, and with it L0, never responds to the L0 coefficient. Trained directly it moves
+by about ``lr`` per step. It is kept ``>= 0`` by :meth:`JumpReLUSAE.after_optimizer_step_` (a negative threshold
+would let negative pre-activations through as negative features), which the trainer calls after every step.
+
+The threshold is kept in float32 even in a bfloat16/float16 SAE: Adam moves it by about ``lr`` per step, far below
+bfloat16's resolution (2**-7 relative), so a bfloat16 threshold would never move. ``bandwidth`` and
+``threshold_init`` are written into ``cfg.extra`` (defaults included) and so into ``cfg.json``. A ``state_dict``
+from before the change (``log_threshold``) still loads: its ``exp`` becomes the threshold.
 """
 
 from __future__ import annotations
@@ -26,9 +35,14 @@ from torch import nn
 
 from saecircuits.saes.base import SAE, SAEConfig, SAEError, full_precision_dtype
 
-#: defaults of ``cfg.extra["bandwidth"]`` and ``cfg.extra["threshold_init"]`` (pre-activation units).
-DEFAULT_BANDWIDTH = 1e-3
-DEFAULT_THRESHOLD_INIT = 1e-3
+#: defaults of ``cfg.extra["bandwidth"]`` and ``cfg.extra["threshold_init"]`` (pre-activation units): SAELens 6's
+#: training defaults. The paper's 1e-3 bandwidth gives the threshold a gradient only from pre-activations within
+#: 5e-4 of it, so rarely that in a CPU-sized run (1,000 steps) L0 hardly responds to the L0 coefficient (SAELens
+#: issue 494); on the test model a 1,000-fold larger coefficient lowered L0 by 9% with it, by 31% with 0.05.
+DEFAULT_BANDWIDTH = 0.05
+DEFAULT_THRESHOLD_INIT = 0.01
+#: the defaults files of our format 1 (which recorded only the settings the user gave) were written with.
+FORMAT_1_DEFAULTS = {"bandwidth": 1e-3, "threshold_init": 1e-3}
 
 
 def _positive_setting(cfg: SAEConfig, key: str, default: float) -> float:
@@ -86,7 +100,7 @@ class JumpReLUSAE(SAE):
 
     architecture = "jumprelu"
     extra_weight_names = ("threshold",)
-    full_precision_tensors = ("log_threshold",)
+    full_precision_tensors = ("threshold",)
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)
@@ -95,17 +109,23 @@ class JumpReLUSAE(SAE):
         # recorded, so cfg.json holds the values used (defaults included)
         self.cfg.extra["bandwidth"] = self.bandwidth
         self.cfg.extra["threshold_init"] = self.threshold_init
-        self.log_threshold = nn.Parameter(
-            torch.zeros(cfg.d_sae, dtype=full_precision_dtype(self.W_enc.dtype))
-        )
+        #: per-feature threshold [d_sae] in pre-activation units (trained directly; see the module docstring)
+        self.threshold = nn.Parameter(torch.zeros(cfg.d_sae, dtype=full_precision_dtype(self.W_enc.dtype)))
 
     def _initialize_extra_(self) -> None:
-        self.log_threshold.fill_(math.log(self.threshold_init))
+        self.threshold.fill_(self.threshold_init)
 
-    @property
-    def threshold(self) -> torch.Tensor:
-        """Per-feature threshold ``exp(log_threshold)`` [d_sae] (in pre-activation units)."""
-        return self.log_threshold.exp()
+    @torch.no_grad()
+    def after_optimizer_step_(self) -> None:
+        """Clamp the thresholds to ``>= 0`` (an optimiser step may take one below 0)."""
+        self.threshold.clamp_(min=0.0)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # state_dicts (checkpoints) from before the threshold was trained directly hold log_threshold
+        old = state_dict.pop(prefix + "log_threshold", None)
+        if old is not None and prefix + "threshold" not in state_dict:
+            state_dict[prefix + "threshold"] = old.exp()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(f, hidden_pre)`` with ``f = hidden_pre * H(hidden_pre - threshold)`` (STE gradients)."""
@@ -120,7 +140,7 @@ class JumpReLUSAE(SAE):
         return _StepFn.apply(hidden_pre, self.threshold, self.bandwidth)
 
     def export_weights(self) -> dict[str, torch.Tensor]:
-        """SAELens-named tensors; ``threshold = exp(log_threshold) [d_sae]`` in its own (at least float32) dtype."""
+        """SAELens-named tensors; ``threshold [d_sae]`` in its own (at least float32) dtype."""
         return {**super().export_weights(), "threshold": self.threshold.detach().contiguous()}
 
     def expected_weight_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -134,24 +154,5 @@ class JumpReLUSAE(SAE):
                 "JumpReLU threshold must be finite and >= 0; the weights file is not a JumpReLU SAE's"
             )
         super().import_weights_(weights)
-        self.log_threshold.copy_(_exact_log(threshold.to(self.log_threshold.dtype)))
+        self.threshold.copy_(threshold)  # exact: the file's values are the parameter's
         return self
-
-
-def _exact_log(threshold: torch.Tensor, max_steps: int = 4) -> torch.Tensor:
-    """``log(threshold)`` nudged by a few ulps so that ``exp`` of it gives back ``threshold`` exactly where it can.
-
-    A threshold written as ``exp(log_threshold)`` then read back with a plain ``log`` can come back one ulp off,
-    which would move an on/off decision for a pre-activation sitting exactly on it; saving and reloading must
-    not change the SAE. Zero thresholds give ``-inf`` (exp gives 0 back).
-    """
-    log_t = threshold.double().log().to(threshold.dtype)
-    for _ in range(max_steps):
-        back = log_t.exp()
-        low, high = back < threshold, back > threshold
-        if not bool((low | high).any()):
-            break
-        up = torch.nextafter(log_t, torch.full_like(log_t, math.inf))
-        down = torch.nextafter(log_t, torch.full_like(log_t, -math.inf))
-        log_t = torch.where(low, up, torch.where(high, down, log_t))
-    return log_t

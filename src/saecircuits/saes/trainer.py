@@ -280,7 +280,8 @@ class SAETrainer:
             )
         _check_trainable_precision(sae)
         self.device = torch.device(cfg.device)
-        self.sae = sae.to(self.device)
+        # train mode: a loaded SAE comes in eval mode, where BatchTopK would not update its threshold
+        self.sae = sae.to(self.device).train()
         self.name = name or sae.hook_point
         self._source = iter(batches)
         self._skip_target = batches
@@ -399,6 +400,7 @@ class SAETrainer:
             self.estimate_scale()
         x = self._draw()
         sae = self.sae
+        sae.train()  # even if the caller put it in eval mode between steps
         dead_mask = self.steps_since_fired >= cfg.dead_window_steps if self.loss_cfg.aux_k else None
         sparsity = self.sparsity_scale()
         if self.world_size > 1 and getattr(self.loss_cfg, "batch_reduction", "mean") == "sum":
@@ -426,6 +428,7 @@ class SAETrainer:
             self._project(sae)
         self._lr_used = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
+        sae.after_optimizer_step_()
         self.scheduler.step()
         if cfg.unit_norm_decoder:
             self._normalize(sae)
@@ -471,7 +474,8 @@ class SAETrainer:
             "l0": float((f > 0).float().sum(-1).mean()),
             # per token, summed over d_in, in the units the SAE sees (scaled when normalize_activations)
             "mse": float((x_hat - x).pow(2).sum(-1).mean()),
-            "explained_variance": explained_variance(x, x_hat),
+            # over this batch's tokens (not results.json's explained_variance_at_p, across prompts at P)
+            "explained_variance_tokens": explained_variance(x, x_hat),
             # sum ||x_hat|| / sum ||x||: below 1 when the sparsity penalty shrinks reconstructions
             "shrinkage": _shrinkage(x, x_hat),
             "dead_fraction": float((self.steps_since_fired >= self.cfg.dead_window_steps).float().mean()),
@@ -620,6 +624,12 @@ class SAETrainer:
                     f"checkpoint {path} is for {key}={theirs!r}, this run has {ours!r}; "
                     "use another checkpoint folder or the same SAE config"
                 )
+        if "log_threshold" in state["sae"]:
+            # its Adam moments are in log units: continuing would take wrong steps on the (now direct) threshold
+            raise SAEError(
+                f"checkpoint {path} trained the JumpReLU threshold as exp(log_threshold), as versions before the "
+                "threshold was trained directly did; it cannot be resumed: delete it to start over"
+            )
         self.sae.load_state_dict({k: v.to(self.device) for k, v in state["sae"].items()})
         for key in _INIT_SETTINGS:
             if key in saved_extra:
@@ -661,15 +671,17 @@ class SAETrainer:
                 bar.update(1)
                 if m is not None:
                     bar.set_postfix(
-                        L0=f"{m['l0']:.1f}", MSE=f"{m['mse']:.4g}", EV=f"{m['explained_variance']:.3f}"
+                        L0=f"{m['l0']:.1f}", MSE=f"{m['mse']:.4g}", EV=f"{m['explained_variance_tokens']:.3f}"
                     )
         finally:
             bar.close()
+            self.sae.eval()  # trained: inference mode, as a loaded SAE
         return self.finished_sae()
 
     def finished_sae(self) -> SAE:
-        """A copy of the trained SAE on the CPU with the normalisation folded in (works on raw activations)."""
-        sae = copy.deepcopy(self.sae).cpu()
+        """A copy of the trained SAE on the CPU, in eval mode, with the normalisation folded in (works on raw
+        activations)."""
+        sae = copy.deepcopy(self.sae).cpu().eval()
         if self.scale != 1.0:
             sae.fold_activation_scale_(self.scale)
         sae.cfg.extra["training"] = {
@@ -777,6 +789,8 @@ def train_saes(
                 bar.set_postfix(post, refresh=False)
     finally:
         bar.close()
+        for t in trainers:
+            t.sae.eval()
     result = {}
     for t in trainers:
         sae = t.finished_sae()

@@ -103,17 +103,19 @@
     for (var i = 0; i < ex.t.length; i++) {
       if (i > 0) { div.appendChild(document.createElement("wbr")); }
       var kind = ex.k.charAt(i);
-      var span = el("span", null, strings[ex.t[i]]);
+      // a blank token ("w": whitespace only, or no text at all) is a marked box (tokens_html.blank_token_note)
+      var span = el("span", null, kind === "w" ? (strings[ex.t[i]] || "\u2205") : strings[ex.t[i]]);
       if (kind === "s") {
         span.className = "tok special";
         span.title = "special token (BOS/EOS/PAD), position " + i + ": not text, left out of the statistics";
       } else {
         var c = tokenColor(ex.a[i], max);
-        span.className = kind === "c" ? "tok cont" : "tok";
+        span.className = kind === "c" ? "tok cont" : kind === "w" ? "tok ws" : "tok";
         span.style.backgroundColor = c[0];
         span.style.color = c[1];
         span.title = (valueName || "Activation") + ": " + fmt(ex.a[i]) + ", position " + i +
-          (kind === "c" ? " (more bytes of the character on the previous token)" : "");
+          (kind === "c" ? " (more bytes of the character on the previous token)" :
+           kind === "w" ? (strings[ex.t[i]] ? " (whitespace only)" : " (shows no text here)") : "");
       }
       div.appendChild(span);
     }
