@@ -71,7 +71,7 @@ def feature_card(
     m = load_model(model, tokenizer=tokenizer, device=device, cache_dir=Path(workspace) / "models")
     from saecircuits.pipeline import _check_sae_fits
 
-    _check_sae_fits(sae, m)
+    sae = _check_sae_fits(sae, m)
     out["model"] = model
     try:
         from saecircuits.analysis.boosts import weight_logit_boosts

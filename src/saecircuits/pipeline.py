@@ -280,16 +280,18 @@ def _load_saes(paths: list[Path], device: str) -> list:
     return [load_sae(p, device=device) for p in paths]
 
 
-def _check_sae_fits(sae, model) -> None:
+def _check_sae_fits(sae, model):
     """The SAE's hook point must exist in this model, its d_in must equal that hook's width, and, on a hook that
     weight processing changes, the model must be loaded with the switches the SAE was trained under
-    (:func:`saecircuits.saes.processing.check_model_processing`).
+    (:func:`saecircuits.saes.processing.check_model_processing`). Returns the SAE in the model's basis
+    (:func:`saecircuits.saes.processing.adapt_to_model`: a transcoder trained on the weighted MLP input gets the
+    norm's weight folded in).
 
     Raises:
         PipelineError: unknown hook point or a width mismatch, naming both and the fix.
         SAEError: the SAE was trained under other weight-processing switches, naming both and the fix.
     """
-    from saecircuits.saes.processing import check_model_processing
+    from saecircuits.saes.processing import adapt_to_model, check_model_processing
 
     probe = torch.tensor([[int(model.tokenizer.bos_token_id or 0)]])
     hooks = [sae.hook_point] + ([sae.hook_point_out] if sae.is_transcoder else [])
@@ -313,6 +315,7 @@ def _check_sae_fits(sae, model) -> None:
                 + "; use an SAE trained on this model and hook point"
             )
     check_model_processing(sae, model)
+    return adapt_to_model(sae, model)
 
 
 def sae_train_config(cfg: RunConfig) -> TrainConfig:
@@ -1074,8 +1077,7 @@ def run_pipeline(
         saes, training = _train_or_reuse_saes(cfg, model, str(model_key), train_docs, progress)
         say(f"reused cached SAEs from {training['cache']}" if training["reused"] else
             f"trained on {training['tokens']} activations each; cached in {training['cache']}")
-    for sae in saes:
-        _check_sae_fits(sae, model)
+    saes = [_check_sae_fits(sae, model) for sae in saes]
     t = _stage(timings, "saes", t)
 
 

@@ -81,3 +81,18 @@ def test_training_on_the_model_records_the_processing():
                                TrainConfig(batch_size=32, total_steps=2), expansion_factor=2, progress=False)
     assert saes["blocks.0.hook_resid_post"].cfg.extra["model_processing"]["center_writing_weights"] is False
     assert "model_processing" not in saes["blocks.0.mlp.hook_post"].cfg.extra
+
+
+def test_center_writing_weights_does_not_count_on_rmsnorm_models():
+    # TransformerLens skips centring on RMSNorm models: a raw-model SAE must not be refused for the switch
+    import types
+
+    from saecircuits.models import load as load_mod
+    from saecircuits.saes.processing import model_processing_of
+
+    prov = load_mod.ModelProvenance(source="x", model_name="x", kind="injected",
+                                    processing={"fold_ln": True, "center_writing_weights": True})
+    for norm, expected in (("RMS", False), ("RMSPre", False), ("LN", True), ("LNPre", True)):
+        model = types.SimpleNamespace(cfg=types.SimpleNamespace(normalization_type=norm))
+        setattr(model, load_mod._PROVENANCE_ATTR, prov)
+        assert model_processing_of(model)["center_writing_weights"] is expected

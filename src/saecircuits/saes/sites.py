@@ -26,8 +26,8 @@ Hugging Face module path (block N)            TransformerLens hook
 
 Basis note: TransformerLens' ``ln2.hook_normalized`` is the norm's output *before* its learned weight (the weight
 is folded into the MLP's input weights, or multiplied after the hook). A family that reads the MLP's input with the
-weight applied (sparsify's and Gemma Scope's transcoders) records ``basis.input_norm_weight = True``; the run
-folds that weight into ``W_enc`` or refuses (:mod:`saecircuits.saes.processing`).
+weight applied (sparsify's and Gemma Scope's transcoders) records ``basis.norm_weight_applied = True``; the run
+folds that weight into ``W_enc`` or refuses (:func:`saecircuits.saes.processing.adapt_to_model`).
 """
 
 from __future__ import annotations

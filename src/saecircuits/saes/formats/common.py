@@ -8,6 +8,7 @@ copied to float32 on the way in.
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,7 @@ def read_npz(path: Path) -> dict[str, torch.Tensor]:
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: torch.from_numpy(np.ascontiguousarray(z[k])) for k in z.files}
-    except (ValueError, OSError, EOFError) as e:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise SAEError(f"{path} cannot be read as an .npz of arrays ({e}); the file is truncated or corrupt") from e
 
 
