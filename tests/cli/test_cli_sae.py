@@ -236,3 +236,28 @@ def test_whole_run_with_a_foreign_format_residual_sae(tmp_path):
     last = res.output.strip().splitlines()[-1]
     assert res.exit_code == 2 and last.startswith("error: ") and "--no-center-writing-weights" in last, res.output
     assert not (tmp_path / "o2").exists()
+
+
+def test_feature_and_run_take_hub_names(tmp_path, hf_cache, monkeypatch):
+    sae = random_sae(hook_point="blocks.6.hook_resid_pre")
+    save_sae(sae, _cached_repo(hf_cache, "jbloom/GPT2-Small-SAEs-Reformatted") / "blocks.6.hook_resid_pre")
+    name = "hf://jbloom/GPT2-Small-SAEs-Reformatted/blocks.6.hook_resid_pre"
+    res = _cli(["feature", "--sae", name, "5"])
+    assert res.exit_code == 0, res.output
+    assert f"encoder bias {round(float(sae.b_enc[5].detach()), 6)}" in res.output
+    # run keeps the name whole (a Path would fold hf:// to hf:/) and hands it to the loader
+    import saecircuits.cli.run as cli_run
+
+    seen = []
+    monkeypatch.setattr(cli_run, "_execute", lambda cfg, export: seen.append(cfg))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text('Tom said, "Hi."\n')
+    res = _cli(["run", "--model", str(tmp_path), "--data", str(corpus), "--out", str(tmp_path / "o"),
+                "--sae", name, "gpt2-small-res-jb/blocks.6.hook_resid_pre", "--hook", "auto", "blocks.6.hook_resid_pre"])
+    assert res.exit_code == 0, res.output
+    assert seen[-1].sae_paths == [name, "gpt2-small-res-jb/blocks.6.hook_resid_pre"]
+    assert seen[-1].sae_hooks == ["auto", "blocks.6.hook_resid_pre"]
+    from saecircuits.pipeline import _load_saes
+
+    loaded = _load_saes(seen[-1].sae_paths, "cpu", seen[-1].sae_hooks)
+    assert all(torch.equal(s.W_enc, sae.W_enc) for s in loaded)

@@ -109,3 +109,40 @@ def test_a_local_path_that_looks_like_a_release_stays_local(tmp_path, monkeypatc
     save_sae(random_sae(hook_point=SAE_ID), tmp_path / name)
     assert not hub.is_hub_name(name)
     assert load_sae(name).cfg.extra["source"]["path"] == name
+
+
+def test_a_cache_whose_snapshot_links_to_blobs_loads(cache):
+    """huggingface_hub's real layout: snapshot files are symbolic links to content-addressed blobs."""
+    sae = random_sae(hook_point=SAE_ID)
+    plain = save_sae(sae, cache.parent / "plain")
+    snap = _cached_repo(cache, REPO)
+    blobs = snap.parent.parent / "blobs"
+    blobs.mkdir()
+    (snap / SAE_ID).mkdir()
+    for f in plain.iterdir():
+        blob = blobs / f"blob-{f.name}"
+        blob.write_bytes(f.read_bytes())
+        (snap / SAE_ID / f.name).symlink_to(blob)
+    loaded = load_sae(f"gpt2-small-res-jb/{SAE_ID}")
+    assert torch.equal(loaded.W_dec, sae.W_dec) and torch.equal(loaded.b_enc, sae.b_enc)
+
+
+def test_file_digest_follows_links_and_ignores_bookkeeping(tmp_path):
+    """The run's digest of a folder (pipeline._file_digest) is that of its weights: a snapshot of links to blobs
+    and a plain copy agree, hidden download bookkeeping does not count, and a file's place in the folder does."""
+    from saecircuits.pipeline import _file_digest
+
+    plain = save_sae(random_sae(), tmp_path / "plain")
+    linked = tmp_path / "linked"
+    (linked / ".cache" / "huggingface").mkdir(parents=True)
+    (linked / ".cache" / "huggingface" / "x.metadata").write_text("downloaded at 12:00")
+    for f in plain.iterdir():
+        (tmp_path / f"blob-{f.name}").write_bytes(f.read_bytes())
+        (linked / f.name).symlink_to(tmp_path / f"blob-{f.name}")
+    assert _file_digest(linked) == _file_digest(plain)
+    moved = tmp_path / "moved"
+    (moved / "sub").mkdir(parents=True)
+    for f in plain.iterdir():
+        (moved / ("sub" if f.suffix == ".json" else ".") / f.name).write_bytes(f.read_bytes())
+    assert _file_digest(moved) != _file_digest(plain)
+    assert _file_digest(plain / "cfg.json") != _file_digest(plain / "sae_weights.safetensors")
