@@ -83,7 +83,8 @@ def _write_gemma_scope(folder: Path, d_in: int, d_sae: int) -> Path:
     folder.mkdir(parents=True)
     arrays = {"W_enc": (0.02 * rng.standard_normal((d_in, d_sae), dtype=np.float32)),
               "W_dec": (0.02 * rng.standard_normal((d_sae, d_in), dtype=np.float32)),
-              "b_enc": rng.standard_normal(d_sae, dtype=np.float32), "b_dec": rng.standard_normal(d_in, dtype=np.float32),
+              "b_enc": rng.standard_normal(d_sae, dtype=np.float32),
+              "b_dec": rng.standard_normal(d_in, dtype=np.float32),
               "threshold": rng.uniform(0.05, 0.5, d_sae).astype(np.float32)}
     np.savez(folder / "params.npz", **arrays)
     return folder
@@ -97,7 +98,8 @@ def _run_child(path: Path, hook: str | None, threads: int, src: str | None) -> d
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     if src:
         env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, __file__, "--child", str(path), "--threads", str(threads)] + (["--hook", hook] if hook else [])
+    cmd = [sys.executable, __file__, "--child", str(path), "--threads", str(threads)]
+    cmd += ["--hook", hook] if hook else []
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"child failed ({out.returncode}):\n{out.stderr[-3000:]}")

@@ -44,7 +44,8 @@ if not any(f.name == "i14fake" for f in families()):
 
 def _fake_arrays(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"W_enc": rng.normal(0, 0.5, (D, F)).astype(np.float32), "W_dec": rng.normal(0, 0.3, (F, D)).astype(np.float32),
+    return {"W_enc": rng.normal(0, 0.5, (D, F)).astype(np.float32),
+            "W_dec": rng.normal(0, 0.3, (F, D)).astype(np.float32),
             "b_enc": rng.normal(0, 0.2, F).astype(np.float32), "b_dec": rng.normal(0, 0.4, D).astype(np.float32)}
 
 
@@ -253,7 +254,8 @@ def test_feature_and_run_take_hub_names(tmp_path, hf_cache, monkeypatch):
     corpus = tmp_path / "c.txt"
     corpus.write_text('Tom said, "Hi."\n')
     res = _cli(["run", "--model", str(tmp_path), "--data", str(corpus), "--out", str(tmp_path / "o"),
-                "--sae", name, "gpt2-small-res-jb/blocks.6.hook_resid_pre", "--hook", "auto", "blocks.6.hook_resid_pre"])
+                "--sae", name, "gpt2-small-res-jb/blocks.6.hook_resid_pre",
+                "--hook", "auto", "blocks.6.hook_resid_pre"])
     assert res.exit_code == 0, res.output
     assert seen[-1].sae_paths == [name, "gpt2-small-res-jb/blocks.6.hook_resid_pre"]
     assert seen[-1].sae_hooks == ["auto", "blocks.6.hook_resid_pre"]

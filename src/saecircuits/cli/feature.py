@@ -99,8 +99,8 @@ def feature(
         raise InputError("--data needs --model: the corpus statistics run the model; add --model NAME|DIR|FILE")
     _threads(threads)
     with user_errors():
-        card = feature_card(sae_path(sae), k, hook=hook, model=model, data=data, task=task, tokenizer=tokenizer, workspace=workspace,
-                            device=device, max_prompts=max_prompts, log=_say)
+        card = feature_card(sae_path(sae), k, hook=hook, model=model, data=data, task=task, tokenizer=tokenizer,
+                            workspace=workspace, device=device, max_prompts=max_prompts, log=_say)
         if out is None:
             _print_card(card)
             return

@@ -70,7 +70,8 @@ _GEMMA_SCOPE_1_ID = r"layer_\d+/width_\d+[km]/average_l0_\d+"
 
 
 def _gemma_scope_1(size: str, variant: str, site: str, d_example: str) -> Release:
-    return Release(f"google/gemma-scope-{size}-{variant}-{site}", f"gemma-2-{size}" + ("-it" if variant == "it" else ""),
+    model = f"gemma-2-{size}" + ("-it" if variant == "it" else "")
+    return Release(f"google/gemma-scope-{size}-{variant}-{site}", model,
                    _GEMMA_SCOPE_1_ID, d_example)
 
 
@@ -92,7 +93,8 @@ RELEASES: dict[str, Release] = {
                                    ("2b", "pt", "transcoders"), ("9b", "pt", "res"), ("9b", "pt", "mlp"),
                                    ("9b", "pt", "att"), ("27b", "pt", "res"), ("9b", "it", "res"))},
     **{name: _sparsify(name, model) for name, model in (
-        ("sae-pythia-70m-32k", "EleutherAI/pythia-70m"), ("sae-pythia-70m-deduped-32k", "EleutherAI/pythia-70m-deduped"),
+        ("sae-pythia-70m-32k", "EleutherAI/pythia-70m"),
+        ("sae-pythia-70m-deduped-32k", "EleutherAI/pythia-70m-deduped"),
         ("sae-pythia-160m-32k", "EleutherAI/pythia-160m"),
         ("sae-pythia-160m-deduped-32k", "EleutherAI/pythia-160m-deduped"))},
 }

@@ -665,8 +665,8 @@ def build_empty_sae(cfg: SAEConfig) -> SAE:
 
     ``build_sae(cfg, initialize=False)`` fills every parameter with zeros, which makes the whole ``[d_in, d_sae]``
     and ``[d_sae, d_out]`` matrices resident before the weights are copied in; here the SAE is built on the meta
-    device and given uninitialised storage (``to_empty``), so each matrix's memory is first touched when its weights
-    are copied into it. Vectors and buffers (biases, thresholds, counters: ``[d_sae]`` at most) are zeroed, so
+    device and each tensor is then given uninitialised storage (``torch.empty``), so each matrix's memory is first
+    touched when its weights are copied into it. Vectors and buffers (biases, thresholds, counters: ``[d_sae]`` at most) are zeroed, so
     nothing an architecture's import does not write holds garbage; ``W_enc``/``W_dec``/``W_skip`` are always written.
 
     Raises:
