@@ -27,6 +27,7 @@ def feature_card(
     sae_dir: str | Path,
     feature: int,
     *,
+    hook: str | None = None,
     model: str | None = None,
     data: str | Path | None = None,
     task: str = "closing-quote",
@@ -41,15 +42,15 @@ def feature_card(
 
     Raises:
         PipelineError: ``feature`` is out of range, ``--data`` is given without ``--model``, or a bad input.
-        SAEError: ``sae_dir`` is not an SAE folder (the message lists the SAE folders below it).
+        SAEError: ``sae_dir`` is not an SAE of a family saecircuits reads (for a folder of SAE folders the message
+            lists them), or its hook is unknown (give ``hook``).
     """
     import torch
 
-    from saecircuits.pipeline import PipelineError, RunConfig, _corpus_stats_json, _round
-    from saecircuits.saes.io import load_sae
+    from saecircuits.pipeline import PipelineError, RunConfig, _corpus_stats_json, _round, load_sae_arg
 
     say = log or (lambda s: None)
-    sae = load_sae(sae_dir, device=device)
+    sae = load_sae_arg(sae_dir, hook, device)
     k = int(feature)
     if not 0 <= k < sae.d_sae:
         raise PipelineError(f"feature {k} is out of range: this SAE has features 0..{sae.d_sae - 1}")

@@ -53,7 +53,10 @@ class RunConfig:
         layers: layers whose ``blocks.{L}.mlp.hook_post`` get an SAE (default: all), or ``"auto"``: the
             ``auto_layers`` MLP layers with the largest |mean DLA| to the answer (computed first, on the task prompts).
         auto_layers: how many layers ``layers="auto"`` picks.
-        sae_paths: existing SAEs (SAELens folders) to analyse instead of training new ones.
+        sae_paths: existing SAEs to analyse instead of training new ones: folders or files of any family
+            :func:`saecircuits.saes.formats.load_sae` reads, ``hf://owner/repo/path`` or SAELens ``release/sae_id``.
+        sae_hooks: the TransformerLens hook of each of ``sae_paths`` (one per SAE; ``"auto"`` or None = what its
+            files say), for families whose files do not say it (Gemma Scope 1, Goodfire); None = all from the files.
         sae_tokens: activations (tokens) each SAE is trained on.
         expansion_factor: ``d_sae = expansion_factor * d_in`` for new SAEs.
         l1_coefficient: per-token L1 coefficient of the reference notebook's ReLU SAE, on normalised activations
@@ -109,6 +112,7 @@ class RunConfig:
     layers: list[int] | str | None = None
     auto_layers: int = 2
     sae_paths: list[Path] = field(default_factory=list)
+    sae_hooks: list[str | None] | None = None
     sae_tokens: int = 400_000
     expansion_factor: int = 4
     l1_coefficient: float = 0.3
@@ -188,6 +192,9 @@ class RunConfig:
                 problems.append(f"--layers {negative}: layers are numbered from 0")
             if len(set(self.layers)) != len(self.layers):
                 problems.append(f"--layers {list(self.layers)} names a layer twice; give each layer once")
+        if self.sae_hooks and len(self.sae_hooks) != len(self.sae_paths):
+            problems.append(f"give one --hook per --sae (got {len(self.sae_paths)} --sae and {len(self.sae_hooks)} "
+                            "--hook; 'auto' takes the hook from that SAE's files)")
         if self.sae_paths and self.layers is not None:
             problems.append(
                 "--layers chooses where NEW SAEs are trained; with --sae the SAEs' own hook points are used. "
@@ -218,12 +225,23 @@ class RunConfig:
                 problems.append(f"{flag} {path}: no such file or folder")
         if self.task != "closing-quote" and not Path(self.task).is_file():
             problems.append(f"--task {self.task}: no such task file")
+        from saecircuits.saes.base import SAEError
+        from saecircuits.saes.formats import detect_family
+        from saecircuits.saes.hub import is_hub_name
         from saecircuits.saes.io import find_sae_folders
 
         for path in self.sae_paths:
-            if not (Path(path) / "cfg.json").is_file():
+            if is_hub_name(path):
+                continue  # resolved (and its files checked) by _load_saes, before the model loads
+            if not Path(path).exists():
+                problems.append(f"--sae {path}: no such file or folder")
+                continue
+            try:
+                detect_family(Path(path))
+            except SAEError:
                 below = find_sae_folders(path) if Path(path).is_dir() else []
-                problems.append(f"--sae {path}: not an SAE folder (no cfg.json)" + (
+                problems.append(f"--sae {path}: not an SAE folder (no cfg.json) nor the files of another SAE family "
+                                "saecircuits reads (see 'saecircuits sae inspect')" + (
                     f"; the SAE folders below it are {' '.join(str(p) for p in below[:8])}" if below else ""))
         from saecircuits.models.load import looks_like_path
 
@@ -240,12 +258,30 @@ class RunConfig:
         }
 
 
+def sae_path(path: str | os.PathLike) -> str | Path:
+    """An ``--sae`` value as given: hub names (``hf://...``, ``release/sae_id``) stay text (a Path would fold the
+    ``//``), local paths become :class:`Path`."""
+    from saecircuits.saes.hub import is_hub_name
+
+    return str(path) if is_hub_name(path) else Path(path)
+
+
 def _file_digest(path: Path) -> str:
-    """sha256 of a file, or of the sorted files of a folder (names and contents)."""
+    """sha256 of a file, or of the sorted files of a folder (their paths relative to it, and contents).
+
+    Symbolic links are followed (a Hugging Face cache snapshot links its files to blobs); hidden files and folders
+    (``.cache/`` of ``huggingface-cli download --local-dir``, ``.git``) are left out, so bookkeeping does not
+    change the digest of the same weights."""
     h = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    path = Path(path)
+    if path.is_dir():
+        files = sorted((p for p in path.rglob("*")
+                        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)),
+                       key=lambda p: p.relative_to(path).as_posix())
+    else:
+        files = [path]
     for p in files:
-        h.update(p.name.encode())
+        h.update((p.relative_to(path).as_posix() if path.is_dir() else p.name).encode())
         with open(p, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
@@ -274,10 +310,40 @@ def check_device(device: str) -> None:
         raise PipelineError(f"--device {device}: MPS is not available here; use --device cpu")
 
 
-def _load_saes(paths: list[Path], device: str) -> list:
-    from saecircuits.saes.io import load_sae
+def _load_saes(paths: list[Path], device: str, hooks: list[str | None] | None = None,
+               model_name: str | None = None) -> list:
+    """The SAEs of ``--sae`` (any family, hub names included; :func:`saecircuits.saes.formats.load_sae`), with
+    ``hooks[i]`` the hook of ``paths[i]`` where its files do not say it (``None``/``"auto"``: from the files).
 
-    return [load_sae(p, device=device) for p in paths]
+    Raises:
+        SAEError: unrecognised or broken files, or an SAE whose hook is unknown (the message names the fix).
+    """
+    hooks = list(hooks) if hooks else [None] * len(paths)
+    return [load_sae_arg(p, None if h in (None, "auto") else h, device, model_name=model_name)
+            for p, h in zip(paths, hooks, strict=True)]
+
+
+def load_sae_arg(path: str | Path, hook: str | None, device: str, *, model_name: str | None = None):
+    """One ``--sae`` value loaded by :func:`saecircuits.saes.formats.load_sae` (any family, hub names included).
+
+    Raises:
+        SAEError: as ``load_sae``; for a folder that holds SAE folders below it rather than one SAE, the message
+            lists them (:func:`saecircuits.saes.io.load_sae` says so).
+    """
+    from saecircuits.saes.base import SAEError
+    from saecircuits.saes.formats import detect_family, load_sae
+    from saecircuits.saes.hub import is_hub_name
+    from saecircuits.saes.io import find_sae_folders
+    from saecircuits.saes.io import load_sae as load_saelens_folder
+
+    if not is_hub_name(path) and Path(path).is_dir():
+        try:
+            detect_family(Path(path))
+        except SAEError:
+            if find_sae_folders(path):
+                load_saelens_folder(path)  # raises, listing the SAE folders below it
+            raise
+    return load_sae(path, hook=hook, device=device, model_name=model_name)
 
 
 def _check_sae_fits(sae, model):
@@ -1014,7 +1080,7 @@ def run_pipeline(
     preloaded = None
     if cfg.sae_paths:  # read the SAE files first: a broken one fails in a second, not after the model loads
         say(f"loading {len(cfg.sae_paths)} SAE(s)")
-        preloaded = _load_saes(list(cfg.sae_paths), cfg.device)
+        preloaded = _load_saes(list(cfg.sae_paths), cfg.device, cfg.sae_hooks)
 
     if model is None:
         say(f"loading model {cfg.model}")
@@ -1070,7 +1136,8 @@ def run_pipeline(
 
     if preloaded is not None:
         saes = preloaded
-        training = {"reused": True, "paths": [str(p) for p in cfg.sae_paths]}
+        training = {"reused": True, "paths": [str(p) for p in cfg.sae_paths],
+                    "sources": [dict(s.cfg.extra.get("source") or {}) for s in saes]}
     else:
         say("SAEs on " + ", ".join(HOOK_TEMPLATE.format(layer=layer) for layer in
                                    (cfg.layers if cfg.layers is not None else range(model.cfg.n_layers))))

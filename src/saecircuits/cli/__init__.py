@@ -153,12 +153,12 @@ def _register() -> None:
 
 
 # Options that take several values after one flag (`--layers 0 1`), as well as the repeated form click supports.
-MULTI_VALUE_OPTIONS = ("--layers", "--sae")
+MULTI_VALUE_OPTIONS = ("--layers", "--sae", "--hook")
 _NEGATIVE_INT = re.compile(r"-\d+")  # a value (`--layers 0 -1`, refused later with its reason), not an option
 
 
 # Sub-commands where one of those options takes a single value (`saecircuits feature --sae DIR K`).
-SINGLE_VALUE_IN = {"feature": ("--sae",)}
+SINGLE_VALUE_IN = {"feature": ("--sae", "--hook"), "sae": ("--sae", "--hook")}
 
 
 def expand_multi_value_options(argv: list[str]) -> list[str]:

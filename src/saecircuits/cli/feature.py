@@ -61,7 +61,12 @@ def _print_card(card: dict) -> None:
 @app.command("feature", cls=SaeCommand, short_help="One feature's card: print it, or write it as a page.")
 def feature(
     k: Annotated[int, typer.Argument(metavar="K", help="The feature index.", show_default=False)],
-    sae: Annotated[Path, typer.Option("--sae", metavar="DIR", help="The SAE folder (cfg.json + weights).")],
+    sae: Annotated[str, typer.Option(
+        "--sae", metavar="PATH", help="The SAE: a folder or file of any family saecircuits reads, hf://owner/repo/path "
+                                      "or a SAELens release/sae_id.")],
+    hook: Annotated[str | None, typer.Option(
+        "--hook", metavar="HOOK", show_default="what the SAE's files say",
+        help="The TransformerLens hook the SAE reads, for SAEs whose files do not say it.")] = None,
     model: Annotated[str | None, typer.Option(
         metavar="NAME|DIR|FILE", show_default="none: the SAE alone",
         help="The model the SAE was trained on: adds the logit boosts.")] = None,
@@ -85,6 +90,7 @@ def feature(
     """One feature's card: the SAE alone, with --model its logit boosts, with --data also its corpus statistics,
     top and lower-band examples, and its activation and exact ablation effect on the task prompts."""
     from saecircuits.feature_card import feature_card
+    from saecircuits.pipeline import sae_path
     from saecircuits.report.schema import write_text_atomic
 
     if out is not None and out.suffix.lower() not in (".html", ".htm"):
@@ -93,8 +99,8 @@ def feature(
         raise InputError("--data needs --model: the corpus statistics run the model; add --model NAME|DIR|FILE")
     _threads(threads)
     with user_errors():
-        card = feature_card(sae, k, model=model, data=data, task=task, tokenizer=tokenizer, workspace=workspace,
-                            device=device, max_prompts=max_prompts, log=_say)
+        card = feature_card(sae_path(sae), k, hook=hook, model=model, data=data, task=task, tokenizer=tokenizer,
+                            workspace=workspace, device=device, max_prompts=max_prompts, log=_say)
         if out is None:
             _print_card(card)
             return

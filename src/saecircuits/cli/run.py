@@ -204,6 +204,12 @@ def _ablation_mode(value: str) -> str:
 ABLATION_MODE_HELP = ("How features are ablated: 'residual' (remove their decoded part, keep the SAE error), "
                       "'reconstruction' (SAE reconstruction without them) or 'clean_effect' (that, vs the plain "
                       "reconstruction).")
+SAE_HELP = ("Analyse existing SAEs instead: folders or files of any family saecircuits reads (SAELens, sparsify, "
+            "dictionary_learning, Gemma Scope, OpenAI, Goodfire, Llama Scope, circuit-tracer; see 'saecircuits sae "
+            "inspect'), hf://owner/repo/path or a SAELens release/sae_id (read from the Hugging Face cache; "
+            "downloaded only when online).")
+HOOK_HELP = ("The TransformerLens hook each --sae reads (one per --sae, in order; 'auto' = what its files say), for "
+             "SAEs whose files do not say it (e.g. Gemma Scope .npz, Goodfire .pth).")
 THREADS_HELP = "torch threads for the whole run (default: the cores this process may use)."
 EXPORT_HELP = ("Also write every figure of the report as PNG (figures/, needs kaleido and Chrome or Chromium) and "
                "every table as CSV (tables/) beside it.")
@@ -249,9 +255,10 @@ def run(
         metavar="L...|auto", show_default="every layer",
         help="Layers whose MLP output gets a new SAE (space-separated or repeated), or 'auto': the 2 MLP layers "
              "with the largest |direct logit attribution| to the answer.")] = None,
-    sae: Annotated[list[Path] | None, typer.Option(
-        "--sae", metavar="DIR...", show_default="none: train new SAEs",
-        help="Analyse existing SAE folders (cfg.json + sae_weights.safetensors) instead.")] = None,
+    sae: Annotated[list[str] | None, typer.Option(
+        "--sae", metavar="PATH...", show_default="none: train new SAEs", help=SAE_HELP)] = None,
+    hook: Annotated[list[str] | None, typer.Option(
+        "--hook", metavar="HOOK...", show_default="what each SAE's files say", help=HOOK_HELP)] = None,
     sae_tokens: Annotated[int, typer.Option(
         metavar="N", min=1, help="Activations each new SAE is trained on.")] = 400_000,
     expansion_factor: Annotated[int, typer.Option(
@@ -294,14 +301,15 @@ def run(
         "--verbose", "-v", show_default="off", help="Log each stage.")] = False,
 ) -> None:
     """Find the SAE features behind a behaviour of any model: train SAEs, attribute, ablate, report."""
-    from saecircuits.pipeline import RunConfig
+    from saecircuits.pipeline import RunConfig, sae_path
 
     _setup_logging(verbose)
     with user_errors():  # settings are checked here, where a bad one becomes a one-line error
         cfg = RunConfig(
             model=model, data=data, out=out, train_data=train_data, tokenizer=tokenizer, task=task,
             closings=('."', '!"', '?"') if all_closings else ('."',),
-            layers=_layers(layers), sae_paths=list(sae or []), sae_tokens=sae_tokens,
+            layers=_layers(layers), sae_paths=[sae_path(s) for s in sae or []], sae_hooks=list(hook) if hook else None,
+            sae_tokens=sae_tokens,
             expansion_factor=expansion_factor, l1_coefficient=l1_coefficient, max_prompts=max_prompts,
             device=device, seed=seed, workspace=workspace, exclude_bos=not include_bos,
             fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,

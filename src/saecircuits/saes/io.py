@@ -57,8 +57,10 @@ SAELens 6.x (``standard``: ``ReLU``; ``topk``: top-k of the pre-activations, ReL
 * ``hook_head_index`` other than null, ``constant_norm_rescale``, a pre-6 ``activation_fn`` other than
   ``relu``/``topk``, a transcoder that normalises or reshapes its input, and other architectures are refused.
 
-Tensors are folded in float64; the SAE is built in the dtype its weights are stored in (float32 at least when a
-fold was applied), so loading never rounds stored weights.
+Tensors a fold rewrites are folded in float64; the SAE is built in the dtype its weights are stored in (float32 at
+least when a fold was applied), so loading never rounds stored weights. The weights file is memory-mapped and the
+SAE's matrices are allocated unwritten (:func:`build_empty_sae`), so a bfloat16 SAE is copied once, into its own
+bfloat16 parameters: no float32 or float64 copy of its tensors is made unless a fold needs it.
 
 Reference format (``import_reference_checkpoint``; the reference notebook's ``load_encoder``): ``{name}.pt`` = torch
 state dict with ``W_enc, W_dec, b_enc, b_dec`` (float32) and ``{name}.json`` = the training config (``layer``,
@@ -81,6 +83,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from saecircuits.atomic import atomic_write
 from saecircuits.saes.base import MATHS_KEYS, SAE, SAEConfig, SAEError, dtype_name, torch_dtype
@@ -693,7 +696,12 @@ def _stored_dtype(weights: dict[str, torch.Tensor]) -> torch.dtype | None:
 
 @torch.no_grad()
 def _apply_plan(weights: dict[str, torch.Tensor], plan: _Plan, d_sae: int, path: Path) -> dict[str, torch.Tensor]:
-    """Turn SAELens tensors into ours (in float64); checks the names SAELens 6.x itself would load."""
+    """Turn SAELens tensors into ours; checks the names SAELens 6.x itself would load.
+
+    Only the tensors a fold rewrites are taken to float64 (and folded there); every other tensor is passed on as
+    it was read (memory-mapped, in its stored dtype), so a 16-bit SAE is never copied to float64 or float32 whole.
+    The threshold rewrites (broadcast, clamp at 0) are exact in any dtype.
+    """
     weights = dict(weights)
     if "scaling_factor" in weights:  # SAELens drops an all-ones one and cannot load any other
         sf = weights.pop("scaling_factor")
@@ -706,7 +714,12 @@ def _apply_plan(weights: dict[str, torch.Tensor], plan: _Plan, d_sae: int, path:
         if missing or unexpected:
             raise _fail(path, f"tensors do not match the cfg.json architecture (missing {missing}, unexpected "
                               f"{unexpected}); the weights do not belong to this cfg.json")
-    w = {k: (v.double() if v.is_floating_point() else v) for k, v in weights.items()}
+    folded = set()
+    if plan.fold_decoder_norms:
+        folded |= {"W_enc", "b_enc", "W_dec"}
+    if plan.activation_scale is not None:
+        folded |= {"W_enc", "W_dec", "b_dec"}
+    w = {k: (v.double() if k in folded and v.is_floating_point() else v) for k, v in weights.items()}
     if plan.topk_threshold:
         t = w.pop("topk_threshold")
         if t.numel() != 1:
@@ -814,10 +827,43 @@ def load_sae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> S
             )
             cfg.dtype = dtype_name(stored)
     weights = _apply_plan(weights, plan, cfg.d_sae, w_path)
-    sae = build_sae(cfg, initialize=False)
+    sae = build_empty_sae(cfg)
     _check_weights(sae, weights, w_path, "the weights do not belong to this cfg.json: re-save the SAE")
     sae.import_weights_(weights)
     return sae.to(device).eval()
+
+
+#: the weight matrices every architecture's ``import_weights_`` writes whole (``SAE.import_weights_``); they are
+#: left unwritten by :func:`build_empty_sae`, every other parameter and buffer is zeroed.
+_WRITTEN_BY_IMPORT = frozenset({"W_enc", "W_dec", "W_skip"})
+
+
+def build_empty_sae(cfg: SAEConfig) -> SAE:
+    """An SAE of ``cfg`` on the CPU, ready for ``import_weights_`` right after, without writing its big matrices.
+
+    ``build_sae(cfg, initialize=False)`` fills every parameter with zeros, which makes the whole ``[d_in, d_sae]``
+    and ``[d_sae, d_out]`` matrices resident before the weights are copied in; here the SAE is built on the meta
+    device and each tensor is then given uninitialised storage (``torch.empty``), so each matrix's memory is first
+    touched when its weights are copied into it. Vectors and buffers (biases, thresholds, counters: ``[d_sae]`` at most) are zeroed, so
+    nothing an architecture's import does not write holds garbage; ``W_enc``/``W_dec``/``W_skip`` are always written.
+
+    Raises:
+        SAEError: as :func:`~saecircuits.saes.registry.build_sae` (unknown architecture, bad sizes).
+    """
+    with torch.device("meta"):
+        sae = build_sae(cfg, initialize=False)
+    # Module.to_empty would do the same, but its first torch.empty_like of a meta tensor costs ~0.8 s (it loads
+    # torch's meta-tensor machinery); torch.empty of the same shape and dtype costs nothing.
+    for module in sae.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is None:
+                    continue
+                new = torch.empty(t.shape, dtype=t.dtype)
+                if name not in _WRITTEN_BY_IMPORT or module is not sae:
+                    new.zero_()
+                table[name] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+    return sae
 
 
 def import_reference_checkpoint(

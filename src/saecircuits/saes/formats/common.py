@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from saecircuits.saes.base import SAE, SAEConfig, SAEError
-from saecircuits.saes.registry import build_sae
+from saecircuits.saes.io import build_empty_sae
 
 __all__ = ["read_json", "read_safetensors", "read_torch", "read_npz", "build_from_tensors", "check_shapes"]
 
@@ -115,7 +115,7 @@ def build_from_tensors(cfg: SAEConfig, weights: dict[str, torch.Tensor], path: P
     Raises:
         SAEError: the tensors do not fit ``cfg`` (see :func:`check_shapes`), or the architecture refuses them.
     """
-    sae = build_sae(cfg, initialize=False)
+    sae = build_empty_sae(cfg)  # matrices unwritten until the weights are copied in (no zero-filled copy)
     check_shapes(sae, weights, path)
     try:
         sae.import_weights_(weights)
