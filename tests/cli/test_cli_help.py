@@ -105,10 +105,10 @@ def test_help_keeps_hyphenated_words_whole_even_when_narrow():
 def test_train_sae_help_lists_every_choice_whole():
     from saecircuits.saes.losses import REGULARIZERS
     from saecircuits.saes.presets import PRESETS
-    from saecircuits.saes.registry import architectures
+    from saecircuits.saes.registry import trainable_architectures
 
     text = _help("train-sae")
-    choices = [*architectures(), *REGULARIZERS, *PRESETS, "include", "exclude", "exclude_first", "mean", "sum",
+    choices = [*trainable_architectures(), *REGULARIZERS, *PRESETS, "include", "exclude", "exclude_first", "mean", "sum",
                "bfloat16", "float32"]
     missing = [c for c in choices if not _whole(c, text)]
     assert not missing, missing

@@ -19,7 +19,7 @@ def _fill(sae, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sae.named_parameters():
-            if name == "log_threshold":
+            if name == "threshold":
                 continue
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * 0.5)
     return sae
@@ -128,7 +128,7 @@ def test_round_trip(tmp_path, extra, arch, kw):
     sae = _fill(build_sae(cfg, initialize=False))
     if arch == "jumprelu":
         with torch.no_grad():
-            sae.log_threshold.fill_(-2.0)
+            sae.threshold.fill_(0.135)
     back = load_sae(save_sae(sae, tmp_path / "sae"))
     x = torch.randn(4, 8)
     torch.testing.assert_close(back.encode(x), sae.encode(x), rtol=0, atol=0)

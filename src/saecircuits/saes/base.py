@@ -296,7 +296,7 @@ class SAE(nn.Module):
         self.cfg.extra["seed"] = int(seed)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         w_enc = torch.empty(self.d_in, self.d_sae, dtype=torch.float32)
-        w_dec = torch.empty(self.d_sae, self.d_in, dtype=torch.float32)
+        w_dec = torch.empty(self.d_sae, self.d_out, dtype=torch.float32)
         nn.init.kaiming_uniform_(w_enc, generator=gen)
         nn.init.kaiming_uniform_(w_dec, generator=gen)
         w_dec /= w_dec.norm(dim=1, keepdim=True)

@@ -34,6 +34,11 @@ def architectures() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def trainable_architectures() -> list[str]:
+    """Registered architectures :mod:`saecircuits.saes.trainer` can train (gated SAEs are loaded, not trained)."""
+    return sorted(name for name, cls in _REGISTRY.items() if cls.trainable)
+
+
 def get_architecture(name: str) -> type[SAE]:
     """The SAE class registered under ``name``.
 
