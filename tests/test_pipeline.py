@@ -159,6 +159,10 @@ def test_exact_sae_on_the_default_model_recovers_all_loss_and_passes_the_checks(
     assert sae["loss_recovered"] == pytest.approx(1.0, abs=1e-5)
     assert sae["loss_recovered_ci95"] == pytest.approx([1.0, 1.0], abs=1e-5)
     assert sae["loss_recovered_mean_ablation"] == pytest.approx(1.0, abs=1e-5)
+    # over every position of the prompts too: the exact SAE changes nothing
+    assert sae["whole_sequence"]["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+    assert sae["whole_sequence"]["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert sae["whole_sequence"]["ce_sae"] == pytest.approx(sae["whole_sequence"]["ce_clean"], abs=1e-5)
     # every reconstruction check passes; the exact SAE's features are the MLP's neurons, which are dense, and the
     # density check says so
     assert sae["failed_checks"] in ([], ["dense_top_features"])
@@ -361,3 +365,25 @@ def test_a_broken_sae_folder_fails_before_the_model_loads(tmp_path, corpus, monk
     with pytest.raises((SAEError, ValueError)) as err:
         run_pipeline(_cfg(tmp_path, corpus, sae_paths=[folder]), progress=False)
     assert not isinstance(err.value, AssertionError) and "broken" in str(err.value)
+
+
+def test_an_sae_that_records_another_model_is_flagged(tmp_path, corpus):
+    """Issue 18 kind 10: the model an SAE records (cfg.json model_name) is compared with the loaded one."""
+    import dataclasses
+
+    model = tiny_neo()
+    other = exact_sae()
+    other.cfg = dataclasses.replace(other.cfg, model_name="gpt2")
+    same = exact_sae()
+    same.cfg = dataclasses.replace(same.cfg, model_name="tiny-neo")
+    cfg = _cfg(tmp_path, corpus, sae_paths=[save_sae(other, tmp_path / "other")], circuit=False,
+               n_evidence_features=0)
+    results = run_pipeline(cfg, model=model, progress=False)
+    (check,) = [c for c in results["checks"] if c["id"] == "sae_model_mismatch"]
+    assert "'gpt2'" in check["message"] and "'tiny-neo'" in check["message"]
+    assert "sae_model_mismatch" in results["saes"][0]["failed_checks"]
+    validate_results(json.loads((tmp_path / "out" / "results.json").read_text()))
+    cfg = _cfg(tmp_path, corpus, sae_paths=[save_sae(same, tmp_path / "same")], circuit=False, n_evidence_features=0,
+               out=tmp_path / "out2")
+    results = run_pipeline(cfg, model=model, progress=False)
+    assert "sae_model_mismatch" not in results["saes"][0]["failed_checks"]

@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -527,14 +527,16 @@ def _loss_recovered_keys(key: str, lr) -> dict[str, Any]:
 def analyse_sae(
     model, sae, task, stat_docs: list[list[int]], cfg: RunConfig, progress: Callable[[str], None],
     bars: bool = False, *, mean_act: torch.Tensor | None = None, token_counts: torch.Tensor | None = None,
+    model_names: Collection[str] = (),
 ) -> dict:
     """All first-slice analyses of one SAE; returns its ``results.json`` entry (schema in report/schema.py).
 
     ``mean_act`` (the hook's mean activation) and ``token_counts`` (corpus token counts for the common-token mask)
-    come from the corpus statistics pass when given; otherwise they are computed here."""
+    come from the corpus statistics pass when given; otherwise they are computed here. ``model_names``: the names the
+    loaded model goes by (weights digest, source, name), compared with the model the SAE records."""
     from saecircuits.analysis.ablation import ablate_features
     from saecircuits.analysis.ablation_modes import MODE_DESCRIPTIONS
-    from saecircuits.analysis.checks import sae_checks
+    from saecircuits.analysis.checks import model_mismatch_check, sae_checks
     from saecircuits.analysis.examples import top_activating_examples
     from saecircuits.analysis.features import feature_ablation_table, feature_activations, feature_effects
     from saecircuits.analysis.reconstruction import mean_activation, reconstruction_at_prediction
@@ -610,7 +612,21 @@ def analyse_sae(
         entry.update(_loss_recovered_keys("loss_recovered_mean_ablation", rec.loss_recovered_mean))
     else:
         entry["loss_recovered_mean_ablation"] = None
-    checks = sae_checks(sae.hook_point, rec)
+    # Whole-sequence loss recovered over every position of the prompts (answer included): unlike the answer loss at
+    # P, which sits near 1 even for an SAE from another model, it falls when the SAE does not fit the model.
+    progress(f"{sae.hook_point}: loss recovered over every position of the prompts")
+    from saecircuits.analysis.reconstruction import sequence_loss_recovered
+    from saecircuits.models.tokens import special_token_ids
+
+    seq = sequence_loss_recovered(
+        model, [sae], [[*t, a] for t, a in zip(task.token_ids, task.answer_ids, strict=True)],
+        bos_id=special_token_ids(model.tokenizer), bos_policy="exclude" if cfg.exclude_bos else "include",
+        seed=cfg.seed)[sae.hook_point]
+    entry["whole_sequence"] = _whole_sequence_json(seq)
+    checks = sae_checks(sae.hook_point, rec, sequence=seq)
+    mismatch = model_mismatch_check(sae.hook_point, sae.cfg.model_name, model_names)
+    if mismatch is not None:
+        checks.insert(0, mismatch)
     entry["failed_checks"] = [c.id for c in checks]
     entry["checks"] = [c.to_dict() for c in checks]  # moved to results["checks"] by run_pipeline
 
@@ -667,6 +683,22 @@ def analyse_sae(
             for k in shown
         ]
     return entry
+
+
+def _whole_sequence_json(seq: dict) -> dict:
+    """The ``whole_sequence`` entry of an SAE from one result of :func:`~saecircuits.analysis.reconstruction.
+    sequence_loss_recovered` on the prompts (loss recovered null with its reason when undefined)."""
+    defined = seq["loss_recovered_undefined_reason"] is None
+    ev = seq["explained_variance"]
+    out = {"loss_recovered": _round(seq["loss_recovered"]) if defined else None,
+           "explained_variance": _round(ev) if math.isfinite(ev) else None,
+           "ce_clean": _round(seq["ce_clean"]), "ce_sae": _round(seq["ce_spliced"]), "ce_zero": _round(seq["ce_zero"]),
+           "n_tokens": int(seq["n_tokens"]), "n_prompts": int(seq["n_rows"])}
+    if defined:
+        out["loss_recovered_ci95"] = [_round(v) for v in seq["loss_recovered_ci95"]]
+    else:
+        out["loss_recovered_undefined_reason"] = seq["loss_recovered_undefined_reason"]
+    return out
 
 
 def _off_range_json(off) -> dict | None:
@@ -1018,6 +1050,9 @@ def run_pipeline(
     model_key = prov.get("weights_sha256") or cfg.model
     if prov.get("hf_folder") and Path(prov["hf_folder"]).is_dir():
         model_key = _file_digest(Path(prov["hf_folder"]))
+    # every name the loaded model goes by: the model an SAE records is compared with these
+    model_names = {str(n) for n in (model_key, prov.get("model_name"), prov.get("source"), cfg.model, cfg.model_label,
+                                    getattr(model.cfg, "model_name", None)) if n}
     if cfg.layers is not None and cfg.layers != "auto":
         n_layers = int(model.cfg.n_layers)
         bad = [layer for layer in cfg.layers if not 0 <= layer < n_layers]
@@ -1085,7 +1120,7 @@ def run_pipeline(
         mean_act = stats[i].mean_input if cfg.exclude_bos else mean_activation(
             model, stat_docs, sae.hook_point, exclude_bos=False, progress=progress)
         entry = analyse_sae(model, sae, task, stat_docs, cfg, say, bars=progress, mean_act=mean_act,
-                            token_counts=stats.token_counts)
+                            token_counts=stats.token_counts, model_names=model_names)
         entry.update(study_sae(model, sae, task, stat_docs, entry, stats[i], mean_act, cfg, say))
         fm = training.get("final_metrics", {}).get(sae.hook_point)
         entry["training"] = {k: v for k, v in training.items() if k != "final_metrics"} | (

@@ -52,6 +52,15 @@ def _ratio_text(sae: dict, key: str) -> str:
     return f"{value:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
 
 
+def _seq_text(sae: dict) -> str:
+    """'; over every position of the prompts: ...' (explained variance and loss recovered), or '' (not computed)."""
+    q = sae.get("whole_sequence")
+    if not q:
+        return ""
+    return (f"; over every position of the prompts: explained variance {_num(q.get('explained_variance'), '.3f')}, "
+            f"loss recovered {_ratio_text(q, 'loss_recovered')}")
+
+
 def _checks_block(console, results: dict) -> None:
     """Every failed check with what to try, or one line saying all passed."""
     from rich.markup import escape
@@ -61,7 +70,8 @@ def _checks_block(console, results: dict) -> None:
         return
     if not checks:
         console.print("[green]checks:[/] all passed (the model performs the behaviour; every SAE reconstructs "
-                      "the hook at P better than mean ablation, with defined loss recovered)")
+                      "the hook at P better than mean ablation, with defined loss recovered, explained variance at P "
+                      "and loss recovered over every position not low, and records no other model)")
         return
     console.print(f"[bold yellow]checks: {len(checks)} warning(s)[/]")
     for c in checks:
@@ -103,7 +113,7 @@ def _summary(results: dict) -> None:
             f"{escape(sae['hook_point'])}  (d_sae {sae['d_sae']}, L0 at P {sae['l0']:.1f}, explained variance at P "
             f"{'undefined' if ev is None else format(ev, '.3f')}, loss recovered "
             f"{_ratio_text(sae, 'loss_recovered')} vs zero / {_ratio_text(sae, 'loss_recovered_mean_ablation')} "
-            "vs mean ablation)"))
+            f"vs mean ablation at P{_seq_text(sae)})"))
         for col in ("feature", "loss increase (nats)", "±95%", "mean act", "frac active"):
             table.add_column(col, justify="right")
         for f in sae["top_features"][:8]:

@@ -343,6 +343,11 @@ def _ratio(sae: Mapping, key: str) -> str:
     return _pm(value, sae.get(f"{key}_ci95"), ".3f")
 
 
+def _seq_ratio(sae: Mapping) -> str:
+    """The whole-sequence loss recovered with its interval, 'undefined: reason', or 'n/a' (not computed)."""
+    return _ratio(sae.get("whole_sequence") or {}, "loss_recovered")
+
+
 def _behaviour_html(r: Mapping) -> str:
     b = r.get("behaviour")
     if not b:
@@ -371,7 +376,9 @@ def _checks_section(r: Mapping) -> str:
     if not checks:
         out.append('<div class="ok">All checks passed: every SAE reconstructs its hook at the prediction '
                    "position better than mean ablation does, with a non-negative explained variance, a defined "
-                   "loss recovered not clearly below 0.5, and top features that are not mostly dense.</div>")
+                   "loss recovered not clearly below 0.5, an explained variance at P and a loss recovered over every "
+                   "position that are not low, top features that are not mostly dense, and no SAE recording "
+                   "another model.</div>")
         return "\n".join(out)
     out.append(f'<p class="note">{len(checks)} warning(s). Numbers they concern cannot support a conclusion as '
                "they stand.</p>")
@@ -407,12 +414,22 @@ def _sae_summary(sae: Mapping, fig: _Figures) -> str:
         ("loss recovered vs zero ablation", _ratio(sae, "loss_recovered")),
         ("loss recovered vs mean ablation", _ratio(sae, "loss_recovered_mean_ablation")),
     ]
+    q = sae.get("whole_sequence")
+    if q:
+        rows += [
+            (f"explained variance over every position of the prompts ({q.get('n_tokens', '?')} tokens)",
+             _num(q.get("explained_variance"), ".4f")),
+            (f"loss recovered over every position of the prompts (next-token loss clean {_num(q.get('ce_clean'), '.4f')},"
+             f" SAE {_num(q.get('ce_sae'), '.4f')}, zero ablation {_num(q.get('ce_zero'), '.4f')} nats)",
+             _seq_ratio(sae))]
     out = [_table(["quantity", "value (95% CI)"], rows, left_cols=(0, 1))]
     out.append(
         '<p class="note">Loss recovered = (ablated - SAE) / (ablated - clean): 1 means splicing the SAE in '
         "costs nothing, 0 means it is as bad as ablating the layer. It is undefined when the ablation does not "
         "clearly raise the loss (a mean increase under 0.01 nats, or a 95% interval that includes 0); read the "
-        "losses above instead.</p>"
+        "losses above instead. At P it sits near 1 even for a poor SAE (one position of one layer rarely "
+        "decides the answer); the explained variance at P and the loss recovered over every position are the "
+        "figures that tell a good SAE from a bad one.</p>"
     )
     names = ["clean", "SAE", "zero ablation", "mean ablation"]
     means = [sae["clean_loss"], sae["sae_loss"], sae["zero_ablation_loss"], sae["mean_ablation_loss"]]
@@ -1484,10 +1501,13 @@ def _summary_section(r: Mapping) -> str:
             sup = sum(1 for t in sae.get("top_features") or []
                       if supported(t["loss_increase"], t.get("loss_increase_ci95")))
             rows.append((f"SAE {i}: {sae['hook_point']}", _lr_cell(sae, "loss_recovered"),
-                         _lr_cell(sae, "loss_recovered_mean_ablation"),
-                         _num(sae["l0"], ".1f"), sup))
-        out.append(_table(["SAE", "loss recovered vs zero ablation (95% CI)", "vs mean ablation (95% CI)", "L0 at P",
-                           "features with a supported effect"], rows, left_cols=(0,)))
+                         _lr_cell(sae, "loss_recovered_mean_ablation"), _seq_ratio(sae),
+                         _num((sae.get("whole_sequence") or {}).get("explained_variance"), ".3f"),
+                         _num(sae.get("explained_variance"), ".3f"), _num(sae["l0"], ".1f"), sup))
+        out.append(_table(["SAE", "loss recovered at P vs zero ablation (95% CI)", "vs mean ablation (95% CI)",
+                           "loss recovered over every position (95% CI)", "explained variance over every position",
+                           "explained variance at P", "L0 at P", "features with a supported effect"], rows,
+                          left_cols=(0,)))
         for i, sae in enumerate(r["saes"]):
             out.append(_surprise_notes(sae, r))
             ranked = _sorted_features(sae)[:5]

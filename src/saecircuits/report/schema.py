@@ -49,6 +49,13 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
           *"loss_recovered_mean_ablation": float,   # (mean - sae) / (mean - clean); null when undefined
           "loss_recovered_mean_ablation_ci95": [lo, hi],
           "loss_recovered_mean_ablation_undefined_reason": str,
+          "whole_sequence": {                       # the SAE spliced in at EVERY position of the prompts (answer
+                                                    # included); tells good SAEs from bad where the figures at P cannot
+              *"loss_recovered": float,             # next-token loss recovered vs zero ablation; null when undefined
+              "loss_recovered_ci95": [lo, hi], "loss_recovered_undefined_reason": str,   # (reason when undefined)
+              *"explained_variance": float,         # over those positions (tokens), pooled; null when undefined
+              "ce_clean": float, "ce_sae": float, "ce_zero": float (nats per token), "n_tokens": int,
+              "n_prompts": int},
           "failed_checks": [str],                   # ids of this SAE's entries in results["checks"]
           "n_active_features": int,
           *"top_features": [{                       # ranked by loss increase when ablated
@@ -495,6 +502,19 @@ _SAE = _Obj(
         "loss_recovered_mean_ablation": _req("float"),
         "loss_recovered_mean_ablation_ci95": _opt(_PAIR),
         "loss_recovered_mean_ablation_undefined_reason": _opt("str"),
+        "whole_sequence": _opt(
+            _Obj(
+                {
+                    "loss_recovered": _req("float"),
+                    "loss_recovered_ci95": _opt(_PAIR),
+                    "loss_recovered_undefined_reason": _opt("str"),
+                    "explained_variance": _req("float"),
+                    **{k: _opt("float") for k in ("ce_clean", "ce_sae", "ce_zero")},
+                    "n_tokens": _opt("int"),
+                    "n_prompts": _opt("int"),
+                }
+            )
+        ),
         "failed_checks": _opt(("list", "str", None)),
         "n_active_features": _opt("int"),
         "top_features": _req(
