@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,7 +222,13 @@ def test_pipeline_runs_the_rest_of_the_reference_study(tmp_path, corpus):
         assert mean == pytest.approx(sae["mean_ablation_loss"], abs=1e-5)
         assert lc["features"] == sae.get("multi_ablation", {}).get("features", [])
         cs = sae["corpus_stats"]
-        assert [f["feature"] for f in cs["features"]] == [f["feature"] for f in sae["top_features"][:2]]
+        # every listed feature (ranked, then any other with a recorded effect) has its card's statistics; the two
+        # top-ranked ones also their stories and band examples
+        listed = list(dict.fromkeys([f["feature"] for f in sae["top_features"]]
+                                    + [e["feature"] for e in sae["feature_effects"]]))
+        assert [f["feature"] for f in cs["features"]] == listed and len(listed) > 2
+        assert [f["feature"] for f in cs["features"] if "band_examples" in f] == listed[:2]
+        assert all(f["top_examples"] for f in cs["features"] if f["fire_count"])
         assert cs["n_docs"] == results["corpus"]["n_docs"]
         assert sum(cs["l0_counts"]) == cs["n_tokens"]
         modes = sae["ablation_modes"]
@@ -387,3 +394,36 @@ def test_an_sae_that_records_another_model_is_flagged(tmp_path, corpus):
                out=tmp_path / "out2")
     results = run_pipeline(cfg, model=model, progress=False)
     assert "sae_model_mismatch" not in results["saes"][0]["failed_checks"]
+
+
+def test_every_listed_feature_gets_density_top_tokens_and_top_examples(tmp_path, corpus):
+    """Issue 18 kind 10: the browser had full cards for 6 of 191 features. A feature outside the top ones gets its
+    density and top examples, checked against the SAE's activations computed here, document by document."""
+    from saecircuits.models.tokens import encode_documents, special_token_ids
+    from saecircuits.report.browser import browser_payload
+    from saecircuits.saes.io import load_sae
+
+    model = tiny_neo()
+    results = run_pipeline(_cfg(tmp_path, corpus, n_example_features=1, circuit=False, n_evidence_features=0),
+                           model=model, progress=False)
+    sae_entry = results["saes"][1]
+    cs = {f["feature"]: f for f in sae_entry["corpus_stats"]["features"]}
+    k = next(f for f in cs if f != sae_entry["top_features"][0]["feature"] and cs[f]["fire_count"])
+    sae = load_sae(Path(sae_entry["training"]["cache"]) / sae_entry["hook_point"] / "sae")
+    special = special_token_ids(model.tokenizer)
+    docs = encode_documents(model.tokenizer, read_documents(corpus), max_len=int(model.cfg.n_ctx))
+    acts = []
+    with torch.no_grad():
+        for d in docs:
+            _, cache = model.run_with_cache(torch.tensor([d]), names_filter=[sae.hook_point])
+            f = sae.encode(cache[sae.hook_point][0])[:, k]
+            acts.append(f[torch.tensor([t not in special for t in d])])
+    a = torch.cat(acts)
+    assert cs[k]["density"] == pytest.approx(float((a > 0).double().mean()), abs=1e-6)
+    assert cs[k]["top_examples"][0]["max_activation"] == pytest.approx(float(a.max()), abs=1e-3)
+    assert cs[k]["top_tokens"]
+    # the browser: every listed feature has a card with its statistics and examples, and search text
+    payload = browser_payload(results)["saes"][1]
+    card = payload["cards"][str(k)]
+    assert card["cs"]["density"] == pytest.approx(cs[k]["density"], rel=1e-3) and card["ex"]
+    assert all(row[6] for row in payload["rows"] if cs.get(row[0], {}).get("top_tokens"))

@@ -720,8 +720,15 @@ def _token_str(model, token_id: int) -> str:
     return token_string(model.tokenizer, token_id)
 
 
-def _corpus_stats_json(model, sae, fs, stat_docs, features: list[int], cfg: RunConfig) -> dict:
-    """The ``corpus_stats`` key of an SAE entry: corpus-wide summaries and, for ``features``, the details."""
+N_CARD_EXAMPLES = 3
+"""Top corpus examples kept for every listed feature (its card in the feature browser)."""
+
+
+def _corpus_stats_json(model, sae, fs, stat_docs, features: list[int], cfg: RunConfig,
+                       detailed: Collection[int] = ()) -> dict:
+    """The ``corpus_stats`` key of an SAE entry: corpus-wide summaries and, for every one of ``features``, its
+    density, top tokens, activation histogram and top :data:`N_CARD_EXAMPLES` corpus examples (windows), all from
+    the one corpus pass; the ``detailed`` ones also get their max-activating stories and lower-band examples."""
     import numpy as np
 
     from saecircuits.analysis.corpus_stats import BANDS, example_windows
@@ -744,11 +751,16 @@ def _corpus_stats_json(model, sae, fs, stat_docs, features: list[int], cfg: RunC
     }
     picks, where = [], []
     n_band = min(2, cfg.n_examples)
+    detailed = set(detailed)
     for k in features:
-        for band in BANDS:
+        for d, p, _ in fs.top_examples(k, N_CARD_EXAMPLES):
+            picks.append((k, d, p))
+            where.append((k, "top"))
+        for band in BANDS if k in detailed else ():
             for d, p, _ in fs.band_examples(k, band, n_band):
                 picks.append((k, d, p))
                 where.append((k, band))
+    # one forward pass over the distinct documents of every pick (at most the corpus statistics documents)
     windows = example_windows(model, sae, stat_docs, picks) if picks else []
     by_band: dict[tuple[int, str], list] = {}
     for (k, band), ex in zip(where, windows, strict=True):
@@ -762,7 +774,7 @@ def _corpus_stats_json(model, sae, fs, stat_docs, features: list[int], cfg: RunC
     for k in features:
         top_tokens = fs.top_token_list(k)
         above = int(fs.above_count[k])
-        out["features"].append({
+        feature = {
             "feature": int(k),
             "density": _round(float(fs.density[k])),
             "fire_count": int(fs.fire_count[k]),
@@ -772,10 +784,13 @@ def _corpus_stats_json(model, sae, fs, stat_docs, features: list[int], cfg: RunC
             "top_tokens": [[_token_str(model, t), int(c)] for t, c in top_tokens],
             "top_token_share": _round(top_tokens[0][1] / above) if top_tokens and above else None,
             "activation_log10_counts": [int(c) for c in fs.hist[k].tolist()],
-            "top_stories": [{"doc_index": d, "position": p, "activation": _round(v, 4)}
-                            for d, p, v in fs.top_examples(k, cfg.n_max_act_stories)],
-            "band_examples": {band: by_band.get((k, band), []) for band in BANDS},
-        })
+            "top_examples": by_band.get((k, "top"), []),
+        }
+        if k in detailed:
+            feature["top_stories"] = [{"doc_index": d, "position": p, "activation": _round(v, 4)}
+                                      for d, p, v in fs.top_examples(k, cfg.n_max_act_stories)]
+            feature["band_examples"] = {band: by_band.get((k, band), []) for band in BANDS}
+        out["features"].append(feature)
     return out
 
 
@@ -820,8 +835,10 @@ def study_sae(
     ranked = [f["feature"] for f in entry.get("top_features", [])]
     chosen = entry.get("multi_ablation", {}).get("features", [])
     shown = ranked[: cfg.n_example_features]
-    progress(f"{hp}: corpus statistics of {len(shown)} top features")
-    out["corpus_stats"] = _corpus_stats_json(model, sae, fs, stat_docs, shown, cfg)
+    # every feature the browser lists (any recorded effect) gets its card's corpus statistics and top examples
+    listed = list(dict.fromkeys([*ranked, *(int(e["feature"]) for e in entry.get("feature_effects") or [])]))
+    progress(f"{hp}: corpus statistics and top examples of {len(listed)} listed features")
+    out["corpus_stats"] = _corpus_stats_json(model, sae, fs, stat_docs, listed, cfg, detailed=shown)
 
     progress(f"{hp}: five-way loss comparison at P")
     lc = loss_comparison(model, sae, task, chosen, mean_act, mode=cfg.ablation_mode)

@@ -135,6 +135,9 @@ def _sae_payload(i: int, sae: Mapping, results: Mapping, strings: _Strings) -> d
             "tokens": [[strings(t), int(n)] for t, n in fe["top_tokens"][:12]],
             "hist": list(fe.get("activation_log10_counts") or []),
         }
+        top = _dedup([_example(x, strings) for x in fe.get("top_examples") or []], seen.setdefault(k, set()))
+        if top:
+            c.setdefault("ex", []).extend(top)
         bands = {}
         for band, exs in (fe.get("band_examples") or {}).items():
             kept = _dedup([_example(x, strings) for x in exs], seen.setdefault(k, set()))

@@ -976,7 +976,10 @@ def _corpus_section(sae: Mapping, fig: _Figures, sid: str) -> str:
         f.update_layout(title="Feature density over the corpus (features that fire at least once)",
                         xaxis_title="log10 density (fraction of tokens with f > 0)", yaxis_title="features")
         out.append(fig(f, height=320))
-    feats = cs["features"]
+    feats = cs["features"][:STATIC_FEATURES]
+    if len(cs["features"]) > STATIC_FEATURES:
+        out.append(f'<p class="note">The first {STATIC_FEATURES} of {len(cs["features"])} listed features are shown '
+                   "here; the feature browser has the statistics and top examples of every one.</p>")
     if feats:
         rows = [
             (

@@ -103,7 +103,8 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
                   "fire_count": int, "mean_when_active": float, "above_count": int,
                   *"top_tokens": [[str, count]], "top_token_share": float, "activation_log10_counts": [int],
                   "top_stories": [{*"doc_index": int, *"position": int, *"activation": float}],
-                  "band_examples": {band: [example as in "examples"]}}]},
+                  "band_examples": {band: [example as in "examples"]},   # the top-ranked features only
+                  "top_examples": [example as in "examples"]}]},   # every listed feature (any recorded effect)
           "loss_comparison": {*"labels": [str], *"mean": [float] (nats), "ci95": [float], "diff_vs_clean": [float],
               "diff_vs_clean_ci95": [float], "conditions": [str], "features": [int], "mode": str,
               "n_prompts": int, "features_minus_sae": MEANCI, "off_range": OFFRANGE|null,
@@ -319,6 +320,7 @@ _CORPUS_STATS = _Obj(
                             )
                         ),
                         "band_examples": _opt(("map", ("list", _EXAMPLE, None))),
+                        "top_examples": _opt(("list", _EXAMPLE, None)),
                     }
                 ),
                 None,
@@ -935,6 +937,8 @@ def _validate_study(sae: Mapping, i: int, feature_ok) -> None:
             for band, exs in (fe.get("band_examples") or {}).items():
                 for m, ex in enumerate(exs):
                     _token_row_ok(ex, (*fw, "band_examples", band, m), "activations")
+            for m, ex in enumerate(fe.get("top_examples") or []):
+                _token_row_ok(ex, (*fw, "top_examples", m), "activations")
     lc = sae.get("loss_comparison")
     if lc is not None:
         for key in ("mean", "ci95", "diff_vs_clean", "diff_vs_clean_ci95", "conditions"):
