@@ -24,6 +24,7 @@ import torch
 
 import saecircuits
 from saecircuits.analysis.examples import DEFAULT_N_EXAMPLES
+from saecircuits.atomic import remove_dead_temps
 from saecircuits.tasks.closing_quote import DEFAULT_MAX_PROMPTS
 
 if TYPE_CHECKING:
@@ -382,6 +383,7 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
     if rows.shape[0] < needed_rows:
         logger.info("SAE training data has %d rows; they are reused for the %d rows needed", rows.shape[0], needed_rows)
     tmp = cache_dir.parent / f".{key}.tmp-{os.getpid()}"
+    remove_dead_temps(cache_dir.parent)  # what killed runs left (a SIGTERM skips the cleanup below)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         trained = train_saes_on_model(
@@ -1012,6 +1014,121 @@ def _circuit_summary(cj: dict, n_nodes: int = 400) -> dict:
     }
 
 
+def check_out_writable(out: str | os.PathLike) -> None:
+    """Fail at once, in one line, when ``--out`` cannot be written (before the model loads, not after the analysis).
+
+    The folder is not created here (a run that fails leaves no empty folder): a temporary file is written and
+    removed in ``out``, or in its nearest existing parent when ``out`` does not exist yet.
+
+    Raises:
+        PipelineError: a parent of ``out`` is a file, or the folder is not writable (read-only file system,
+            permissions), naming the folder and the reason.
+    """
+    import tempfile
+
+    out = Path(out).expanduser()
+    probe = out
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise PipelineError(f"--out {out}: {probe} is a file, so the output folder cannot be made there; "
+                            "give another --out")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".saecircuits-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        raise PipelineError(f"--out {out}: cannot write in {probe} ({err.strerror or err}); "
+                            "give a folder you can write to") from None
+
+
+class OutLock:
+    """Exclusive use of an output folder by one run: a lock file ``.<out name>.saecircuits-lock`` beside the folder
+    holding the run's pid, created with ``O_EXCL``. Another run into the same folder is refused while that pid
+    lives; a lock whose process died (SIGKILL, a crash) is taken over. Used as a context manager.
+
+    Raises (on enter):
+        PipelineError: another live run holds the folder, naming its pid and the lock file.
+    """
+
+    def __init__(self, out: str | os.PathLike):
+        out = Path(out).expanduser()
+        self.out = out
+        self.path = out.parent / f".{out.name}.saecircuits-lock"
+
+    def _holder(self, path: Path) -> int | None:
+        try:
+            text = path.read_text().split()
+            return int(text[0]) if text else None
+        except (OSError, ValueError):
+            return None
+
+    def __enter__(self) -> OutLock:
+        from saecircuits.atomic import pid_alive
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(20):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pid = self._holder(self.path)
+                if pid is None:  # just created by another run, its pid not written yet: look again
+                    time.sleep(0.05)
+                    pid = self._holder(self.path)
+                if pid is not None and pid_alive(pid):
+                    raise PipelineError(
+                        f"--out {self.out} is being written by another saecircuits run (pid {pid}; lock file "
+                        f"{self.path}); wait for it to finish, or give another --out") from None
+                # a dead run's lock: move it aside (one rename wins), then check it really was the dead one's
+                aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
+                try:
+                    os.replace(self.path, aside)
+                except FileNotFoundError:
+                    continue
+                moved = self._holder(aside)
+                if moved is None or (moved != pid and pid_alive(moved)):  # a live run's fresh lock: put it back
+                    try:
+                        os.link(aside, self.path)
+                    except FileExistsError:
+                        pass
+                os.unlink(aside)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{os.getpid()}\n")
+            return self
+        raise PipelineError(f"--out {self.out}: could not take the lock {self.path}; remove it if no run is writing")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._holder(self.path) == os.getpid():
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+
+STALE_OUTPUTS = {"circuit.json": None, "figures": ".png", "tables": ".csv"}
+"""Outputs an earlier run may have left in ``--out`` that this run may not write (``--no-circuit``, no
+``--export``): a file, or a folder of files with this suffix. Removed when this run does not write them."""
+
+
+def _remove_stale_outputs(out: Path, written: set[str]) -> list[str]:
+    """Remove the :data:`STALE_OUTPUTS` this run did not write (a folder only when it holds nothing else), so
+    ``--out`` never mixes this run's results with an earlier run's circuit, figures or tables."""
+    removed = []
+    for name, suffix in STALE_OUTPUTS.items():
+        p = out / name
+        if name in written or not p.exists():
+            continue
+        if suffix is None and p.is_file():
+            p.unlink()
+        elif suffix is not None and p.is_dir() and all(q.is_file() and q.suffix == suffix for q in p.iterdir()):
+            shutil.rmtree(p)
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
 def run_pipeline(
     cfg: RunConfig,
     *,
@@ -1020,6 +1137,10 @@ def run_pipeline(
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Run every stage and write ``cfg.out/results.json`` and ``cfg.out/report.html``.
+
+    Before any work: the settings and input files are checked, ``--out`` must be writable, and the run takes the
+    folder's lock (:class:`OutLock`: a second run into the same folder is refused). Outputs of an earlier run that
+    this one does not write (``circuit.json``, ``figures/``, ``tables/``) are removed when the results are written.
 
     Args:
         cfg: the run settings.
@@ -1033,6 +1154,15 @@ def run_pipeline(
     Raises:
         PipelineError, TaskError, ModelLoadError, SAEError: bad input, with the fix in the message.
     """
+    check_device(cfg.device)
+    cfg.check_inputs()
+    check_out_writable(cfg.out)
+    with OutLock(cfg.out):
+        return _run_pipeline(cfg, model=model, progress=progress, log=log)
+
+
+def _run_pipeline(cfg: RunConfig, *, model, progress: bool, log: Callable[[str], None] | None) -> dict:
+    """:func:`run_pipeline` once the output folder is checked and locked."""
     from saecircuits.analysis.behaviour import behaviour_summary
     from saecircuits.analysis.checks import behaviour_checks, density_checks
     from saecircuits.analysis.dla import direct_logit_attribution
@@ -1220,6 +1350,9 @@ def run_pipeline(
     if circuit_json is not None:
         write_json_atomic(out / "circuit.json", circuit_json)
     render_report(results, out / "report.html")
+    removed = _remove_stale_outputs(out, {"circuit.json"} if circuit_json is not None else set())
+    if removed:
+        say(f"removed {', '.join(removed)} of an earlier run in {out} (this run did not write them)")
     _stage(timings, "report", t)
     say(f"wrote {out / 'results.json'} and {out / 'report.html'}")
     return results
