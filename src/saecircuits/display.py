@@ -51,12 +51,12 @@ def meanci_rows(items: dict[str, Any]) -> list[dict]:
 
 
 def token_label(token: str, token_id: int) -> str:
-    """A token as a plot label, shown as the report and the console show it: ``repr`` of its visible form
-    (:func:`saecircuits.report.tokens_html.visible_token`: whitespace and control characters made visible), then its
-    id. Plain text; the figure helpers escape it for plotly."""
-    from saecircuits.report.tokens_html import visible_token
+    """A token as a plot label, shown as the report and the console show it: its visible form in quotes
+    (:func:`saecircuits.report.summary.quoted_token`: whitespace and control characters made visible, no Python
+    escapes), then its id. Plain text; the figure helpers escape it for plotly."""
+    from saecircuits.report.summary import quoted_token
 
-    return f"{visible_token(token)!r} ({token_id})"
+    return f"{quoted_token(token)} ({token_id})"
 
 
 def _plotly_text(s: Any) -> str:

@@ -1171,7 +1171,7 @@ def _run_pipeline(cfg: RunConfig, *, model, progress: bool, log: Callable[[str],
     from saecircuits.models.tokens import encode_documents, special_token_ids
     from saecircuits.report.render import render_report
     from saecircuits.report.schema import validate_results, write_json_atomic
-    from saecircuits.report.tokens_html import visible_token
+    from saecircuits.report.summary import quoted_token
 
     say = log or (lambda s: logger.info(s))
     timings: dict[str, float] = {}
@@ -1214,7 +1214,7 @@ def _run_pipeline(cfg: RunConfig, *, model, progress: bool, log: Callable[[str],
     task_entry = _task_entry(task, model.tokenizer)
     dropped = f" ({task.n_dropped_too_long} over-long prompts dropped)" if task.n_dropped_too_long else ""
     say(f"task {task.name}: {task.n_prompts} prompts{dropped}, answer tokens "
-        + ", ".join(repr(visible_token(t)) for t in task_entry["answer_tokens"]))
+        + ", ".join(quoted_token(t) for t in task_entry["answer_tokens"]))
     # First: does the model perform the behaviour at all? Everything below explains the answer's loss.
     behaviour = behaviour_summary(model, task)
     checks = [c.to_dict() for c in behaviour_checks(behaviour)]

@@ -26,7 +26,7 @@ from saecircuits.report.summary import (
 
 def test_headline_says_the_story_in_words(results):
     h = headline(results)
-    assert h[0] == "Behaviour: closing_quote, on 120 prompts; the model should predict '.\"' next."
+    assert h[0] == "Behaviour: closing_quote, on 120 prompts; the model should predict “.\"” next."
     # no checks block: p = exp(-0.4321) = 0.649 >= 0.5
     assert h[1] == ("The model's mean answer loss at P is 0.432 nats: it puts probability 0.65 on the answer "
                     "(geometric mean over prompts), so it performs the behaviour.")
@@ -137,8 +137,11 @@ def test_feature_reading(results):
     sae["corpus_stats"] = {"n_docs": 3, "n_tokens": 30, "l0": 2.0, "features": [
         {"feature": 12345, "density": 0.01, "max_activation": 4.0, "top_tokens": [[" said", 9], ["\n", 4]]}]}
     sae["feature_details"] = [{"feature": 12345, "weight_boosts": {"top": [['."', 2.0]], "bottom": []}}]
-    assert feature_reading(sae, 12345) == ("fires on '·said', '¶'; writes towards '.\"'; ablating it: +0.876 nats "
+    assert feature_reading(sae, 12345) == ("fires on “·said”, “¶”; writes towards “.\"”; ablating it: +0.876 nats "
                                            "[0.776, 0.976]")
+    # a token with both quote marks reads as itself, never as Python's repr ('.\\'"')
+    sae["feature_details"] = [{"feature": 12345, "weight_boosts": {"top": [[".'\"", 2.0]], "bottom": []}}]
+    assert "writes towards “.'\"”;" in feature_reading(sae, 12345)
     assert feature_reading(sae, 42) == ""
 
 
@@ -255,3 +258,26 @@ def test_identical_example_windows_are_shown_once(results):
     page = build_report_html(results)
     section = page[page.index('id="sae-0-f12345"'):page.index('id="sae-0-f9001"')]
     assert section.count("doc 17, max activation") == 1 and section.count("doc 3, max activation") == 1
+
+
+def test_headline_never_lists_a_negative_contributor_as_a_source(results):
+    results["dla"]["labels"] = ["embed", "MLP0", "L0H0", "MLP1"]
+    results["dla"]["mean"] = [0.1, 6.5, -3.25, 1.5]
+    h = headline(results)
+    assert h[2] == ("Directly, the answer's logit comes mostly from MLP0 (+6.50 logits) and MLP1 (+1.50 logits), "
+                    "while L0H0 (-3.25 logits) pushes it down (direct logit attribution, mean over prompts).")
+    results["dla"]["mean"] = [-0.1, -6.5, -3.25, -1.5]
+    assert headline(results)[2] == (
+        "Directly, no large component raises the answer's logit; MLP0 (-6.50 logits), L0H0 (-3.25 logits) and "
+        "MLP1 (-1.50 logits) push it down (direct logit attribution, mean over prompts).")
+
+
+def test_headline_says_what_faithfulness_means(results):
+    results["circuit"] = {"selection": {"n_nodes": 12, "faithfulness": 0.863, "rule": "nodes with |effect| > 0.01"},
+                          "nodes": [], "edges": []}
+    said = headline(results)[-1]
+    # faithfulness = (m(C) - m(empty)) / (m(all) - m(empty)): a position on the scale, not a share of the log-prob
+    assert said == ("A circuit of 12 nodes across the SAEs has faithfulness 0.863: with everything else "
+                    "mean-ablated, the answer's log-prob lies 86% of the way from its value with every node "
+                    "mean-ablated (0) to the clean model's (1) (nodes with |effect| > 0.01).")
+    assert "keeps" not in said

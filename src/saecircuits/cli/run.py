@@ -143,7 +143,7 @@ def _study_summary(console, results: dict) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from saecircuits.report.tokens_html import visible_token
+    from saecircuits.report.summary import quoted_token
 
     for sae in results["saes"]:
         lc = sae.get("loss_comparison")
@@ -162,7 +162,7 @@ def _study_summary(console, results: dict) -> None:
             for col in ("feature", "density", "max", "top tokens (count)"):
                 table.add_column(col, justify="right" if col != "top tokens (count)" else "left")
             for fe in cs["features"]:
-                toks = ", ".join(f"{visible_token(t)!r} ({c})" for t, c in fe["top_tokens"][:5])
+                toks = ", ".join(f"{quoted_token(t)} ({c})" for t, c in fe["top_tokens"][:5])
                 table.add_row(str(fe["feature"]), f"{fe['density']:.2e}", f"{fe['max_activation']:.3f}", escape(toks))
             console.print(table)
 

@@ -28,6 +28,7 @@ __all__ = [
     "GLOSSARY",
     "headline",
     "feature_reading",
+    "quoted_token",
     "surprises",
     "supported",
     "ratio_problem",
@@ -97,10 +98,16 @@ def _interval(mean: Any, ci: Any, unit: str = "nats") -> str:
     return f"{mean:.3f} {unit} (no interval: too few prompts)"
 
 
+def quoted_token(token: str) -> str:
+    """A token in running text: its visible form (:func:`~saecircuits.report.tokens_html.visible_token`) between
+    typographic quotes, never Python's ``repr`` (which escapes quotes: the token ``.'"`` would read ``'.\\'"'``)."""
+    return f"\u201c{visible_token(token)}\u201d"
+
+
 def _answers(task: Mapping) -> str:
     toks = task.get("answer_tokens")
     if toks:
-        shown = [repr(visible_token(t)) for t in toks[:4]]
+        shown = [quoted_token(t) for t in toks[:4]]
         return " or ".join(shown) + (f" (and {len(toks) - 4} more)" if len(toks) > 4 else "")
     return f"token id(s) {', '.join(str(i) for i in task['answer_token_ids'][:4])}"
 
@@ -140,9 +147,21 @@ def _components(results: Mapping, n: int = 3) -> str:
     order = sorted((i for i in range(len(labels)) if _finite(means[i])), key=lambda i: -abs(means[i]))[:n]
     if not order:
         return ""
-    parts = [f"{labels[i]} ({means[i]:+.2f} logits)" for i in order]
-    return ("Directly, the answer's logit comes mostly from " + ", ".join(parts[:-1])
-            + (" and " if len(parts) > 1 else "") + parts[-1] + " (direct logit attribution, mean over prompts).")
+    def listed(idx: list[int]) -> str:
+        parts = [f"{labels[i]} ({means[i]:+.2f} logits)" for i in idx]
+        return ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
+
+    # the largest |DLA|: the ones that raise the answer's logit are its sources, the others push it down
+    up, down = [i for i in order if means[i] > 0], [i for i in order if means[i] < 0]
+    said = []
+    if up:
+        said.append("Directly, the answer's logit comes mostly from " + listed(up))
+    if down:
+        said.append(("while " if up else "Directly, no large component raises the answer's logit; ") + listed(down)
+                    + (" push it down" if len(down) > 1 else " pushes it down"))
+    if not said:
+        return ""
+    return ", ".join(said) + " (direct logit attribution, mean over prompts)."
 
 
 def ratio_problem(sae: Mapping, key: str = "loss_recovered") -> str | None:
@@ -250,8 +269,11 @@ def headline(results: Mapping) -> list[str]:
     c = results.get("circuit") or {}
     sel = c.get("selection") or {}
     if sel and _finite(sel.get("faithfulness")):
-        out.append(f"A circuit of {sel.get('n_nodes', '?')} nodes across the SAEs keeps {sel['faithfulness']:.0%} "
-                   f"of the answer's log-prob when everything else is mean-ablated ({sel.get('rule', '')}).")
+        f = sel["faithfulness"]
+        out.append(f"A circuit of {sel.get('n_nodes', '?')} nodes across the SAEs has faithfulness {f:.3f}: with "
+                   "everything else mean-ablated, the answer's log-prob lies "
+                   f"{f:.0%} of the way from its value with every node mean-ablated (0) to the clean model's (1) "
+                   f"({sel.get('rule', '')}).")
     return out
 
 
@@ -261,14 +283,14 @@ def feature_reading(sae: Mapping, k: int) -> str:
     parts = []
     cs = next((fe for fe in (sae.get("corpus_stats") or {}).get("features", []) if fe["feature"] == k), None)
     if cs and cs.get("top_tokens"):
-        parts.append("fires on " + ", ".join(f"{visible_token(t)!r}" for t, _ in cs["top_tokens"][:3]))
+        parts.append("fires on " + ", ".join(quoted_token(t) for t, _ in cs["top_tokens"][:3]))
     fd = next((d for d in sae.get("feature_details") or [] if d["feature"] == k), None)
     if fd:
         pb, wb = fd.get("prompt_boosts"), fd.get("weight_boosts")
         if pb and pb.get("boosted"):
-            parts.append("boosts " + ", ".join(f"{visible_token(t)!r}" for t, _ in pb["boosted"][:3]))
+            parts.append("boosts " + ", ".join(quoted_token(t) for t, _ in pb["boosted"][:3]))
         elif wb and wb.get("top"):
-            parts.append("writes towards " + ", ".join(f"{visible_token(t)!r}" for t, _ in wb["top"][:3]))
+            parts.append("writes towards " + ", ".join(quoted_token(t) for t, _ in wb["top"][:3]))
     t = next((t for t in sae.get("top_features") or [] if t["feature"] == k), None)
     if t and _finite(t.get("loss_increase")):
         lo, hi = ci_bounds(t["loss_increase"], t.get("loss_increase_ci95"))
