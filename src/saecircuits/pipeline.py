@@ -987,6 +987,7 @@ def study_run(model, saes: list, entries: list[dict], task, cfg: RunConfig, prog
         "n_prompts": int(task.n_prompts),
         "runs": runs,
         "paired": [{"a": a, "b": b} | _mean_ci(m) for (a, b), m in lc.paired.items()],
+        "interaction": _mean_ci(lc.interaction),
     }}
 
 CIRCUIT_MEAN_DOCS = 300

@@ -17,6 +17,7 @@ from saecircuits.report.render import STATIC_FEATURES, build_report, build_repor
 from saecircuits.report.summary import (
     feature_reading,
     headline,
+    layer_comparison_reading,
     layer_effect_share,
     model_name,
     ratio_problem,
@@ -281,3 +282,20 @@ def test_headline_says_what_faithfulness_means(results):
                     "mean-ablated, the answer's log-prob lies 86% of the way from its value with every node "
                     "mean-ablated (0) to the clean model's (1) (nodes with |effect| > 0.01).")
     assert "keeps" not in said
+
+
+def _lc(alone, together, inter, ci):
+    runs = [{"label": f"L{i}", "loss_increase": {"mean": m, "ci95": 0.01}} for i, m in enumerate(alone)]
+    return {"runs": [*runs, {"label": "all together", "loss_increase": {"mean": together, "ci95": 0.02}}],
+            "interaction": {"mean": inter, "ci95": ci, "n": 50}}
+
+
+def test_layer_comparison_reading_says_super_sub_or_additive():
+    # 0.3 + 0.2 = 0.5 alone; together 0.9: +0.4 [0.3, 0.5] per prompt -> super-additive
+    said = layer_comparison_reading(_lc([0.3, 0.2], 0.9, 0.4, 0.1))
+    assert said.startswith("Ablated together, the layers' top features raise the answer loss by 0.900 nats, against "
+                           "0.500 for the sum of each set alone: a difference of +0.400 nats (95% CI +0.300 to +0.500)")
+    assert "Super-additive" in said
+    assert "Sub-additive" in layer_comparison_reading(_lc([0.3, 0.2], 0.35, -0.15, 0.05))
+    assert "act about independently" in layer_comparison_reading(_lc([0.3, 0.2], 0.52, 0.02, 0.05))
+    assert layer_comparison_reading({"runs": _lc([0.3, 0.2], 0.9, 0.4, 0.1)["runs"]}) == ""  # older files

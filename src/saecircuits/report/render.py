@@ -52,6 +52,7 @@ from saecircuits.report.summary import (
     GLOSSARY,
     feature_reading,
     headline,
+    layer_comparison_reading,
     model_name,
     ratio_problem,
     supported,
@@ -1204,6 +1205,9 @@ def _layer_comparison_section(r: Mapping, fig: _Figures) -> str:
     rows = [(run["label"], "; ".join(", ".join(str(x) for x in fs) for fs in run.get("features", [])),
              _mci(run["loss_increase"])) for run in runs]
     out.append(_table(["run", "features", "loss increase (nats, 95% CI)"], rows, left_cols=(0, 1)))
+    reading = layer_comparison_reading(lc)
+    if reading:
+        out.append(f'<p class="note"><b>Reading:</b> {_esc(reading)}</p>')
     if lc.get("paired"):
         out.append(_table(["a - b", "loss increase difference (nats, paired 95% CI)"],
                           [(f"{runs[p['a']]['label']} - {runs[p['b']]['label']}", _pm(p["mean"], p.get("ci95")))

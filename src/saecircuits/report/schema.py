@@ -126,7 +126,8 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
               "diff_vs_clean": [float], "diff_vs_clean_ci95": [float], "rank": int, "fraction_kept": float}}],
       "layer_comparison": {*"runs": [{*"label": str, *"loss_increase": MEANCI, "hooks": [str],
           "features": [[int]], "values": [float]}], "mode": str, "n_prompts": int,
-          "paired": [{*"a": int, *"b": int, *"mean": float, "ci95": CI, "n": int}]},       # nats
+          "paired": [{*"a": int, *"b": int, *"mean": float, "ci95": CI, "n": int}],
+          "interaction": MEANCI},   # together - sum of alone, per prompt (nats): > 0 super-, < 0 sub-additive
       "corpus": {...free-form...},
       "circuit": {"selection": {...}, "agreement": {"nodes"|"edges": {"atp"|"ig": {...}}},
                   "faithfulness": [{"n_nodes", "faithfulness", "completeness", ...}],
@@ -473,6 +474,7 @@ _LAYER_COMPARISON = _Obj(
         ),
         "mode": _opt("str"),
         "n_prompts": _opt("int"),
+        "interaction": _opt(_MEANCI),
         "paired": _opt(
             (
                 "list",

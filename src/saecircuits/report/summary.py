@@ -28,6 +28,7 @@ __all__ = [
     "GLOSSARY",
     "headline",
     "feature_reading",
+    "layer_comparison_reading",
     "quoted_token",
     "surprises",
     "supported",
@@ -102,6 +103,30 @@ def quoted_token(token: str) -> str:
     """A token in running text: its visible form (:func:`~saecircuits.report.tokens_html.visible_token`) between
     typographic quotes, never Python's ``repr`` (which escapes quotes: the token ``.'"`` would read ``'.\\'"'``)."""
     return f"\u201c{visible_token(token)}\u201d"
+
+
+def layer_comparison_reading(lc: Mapping) -> str:
+    """One sentence on how the layers' top-feature sets combine (``layer_comparison`` of results.json): the loss
+    increase of all sets ablated together against the sum of each alone, from the per-prompt ``interaction``
+    (together - sum, nats, 95% CI). Empty when it is not recorded."""
+    runs, it = lc.get("runs") or [], lc.get("interaction")
+    if len(runs) < 3 or not it or not _finite(it.get("mean")):
+        return ""
+    together = runs[-1]["loss_increase"]["mean"]
+    alone = [r["loss_increase"]["mean"] for r in runs[:-1]]
+    if not _finite(together) or not all(_finite(a) for a in alone):
+        return ""
+    lo, hi = ci_bounds(it["mean"], it.get("ci95"))
+    said = (f"Ablated together, the layers' top features raise the answer loss by {together:.3f} nats, against "
+            f"{sum(alone):.3f} for the sum of each set alone: a difference of {it['mean']:+.3f} nats")
+    said += f" (95% CI {lo:+.3f} to {hi:+.3f})" if _finite(lo) and _finite(hi) else " (no interval)"
+    if _finite(lo) and lo > 0:
+        return said + (". Super-additive: each set does more when the other is also gone, so the sets partly stand "
+                       "in for each other (redundant paths), and ablating one set alone understates what it does.")
+    if _finite(hi) and hi < 0:
+        return said + (". Sub-additive: the separate effects overlap; the later features partly depend on the "
+                       "earlier ones (or carry the same signal), so their effects are not independent.")
+    return said + ". Within the interval they add up: the sets act about independently."
 
 
 def _answers(task: Mapping) -> str:
