@@ -106,12 +106,14 @@ def test_a_folder_with_other_files_is_not_removed(tmp_path, corpus):
 def test_temporary_folders_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
     dead = _dead_pid()
     for name in (f".abc.tmp-{dead}", f".figures.tmp-{dead}", f".default-x.tmp-{dead}-k2j3", f".tables.old-{dead}",
+                 f".default-x.copy-{dead}-a1b2", f".default-x.train-{dead}-00ff",
                  f".abc.tmp-{os.getpid()}", "abc", ".abc.tmp-notapid"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "w.bin").write_bytes(b"0")
     removed = remove_dead_temps(tmp_path)
     assert sorted(p.name for p in removed) == sorted(
-        [f".abc.tmp-{dead}", f".figures.tmp-{dead}", f".default-x.tmp-{dead}-k2j3", f".tables.old-{dead}"])
+        [f".abc.tmp-{dead}", f".figures.tmp-{dead}", f".default-x.tmp-{dead}-k2j3", f".tables.old-{dead}",
+         f".default-x.copy-{dead}-a1b2", f".default-x.train-{dead}-00ff"])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".abc.tmp-{os.getpid()}", "abc", ".abc.tmp-notapid"])
 
 

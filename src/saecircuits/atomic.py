@@ -76,12 +76,13 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-_TEMP_NAME = re.compile(r"\.(?:tmp|old)-(\d+)(?:-[^/\\]*)?$")
-"""Temporary folders and files this package names ``<name>.tmp-PID`` (or ``.tmp-PID-<random>``, ``.old-PID``)."""
+_TEMP_NAME = re.compile(r"\.(?:tmp|old|copy|train)-(\d+)(?:-[^/\\]*)?$")
+"""Temporary folders and files this package names ``<name>.tmp-PID`` (or ``.tmp-PID-<random>``, ``.old-PID``,
+``.copy-PID-<random>``, ``.train-PID-<random>``)."""
 
 
 def remove_dead_temps(folder: str | os.PathLike) -> list[Path]:
-    """Remove the temporary folders and files in ``folder`` (named ``*.tmp-PID*`` / ``*.old-PID``) whose process
+    """Remove the temporary folders and files in ``folder`` (named as in :data:`_TEMP_NAME`) whose process
     is no longer alive: what a killed run (SIGTERM, SIGKILL, a power cut) left behind. A live process's are kept.
 
     Returns:

@@ -243,7 +243,8 @@ CIRCUIT_HELP = ("Build the feature circuit across the SAEs' layers: exact node a
 @app.command("run", cls=SaeCommand, short_help="Find the SAE features behind a behaviour of any model.")
 def run(
     model: Annotated[str, typer.Option(
-        metavar="NAME|DIR|FILE", help="Hub name, local Hugging Face folder, or llama2.c .bin checkpoint.")],
+        metavar="NAME|DIR|FILE", help="Hub name, local Hugging Face folder, llama2.c .bin checkpoint, or 'default' "
+                                      "(the embedded 2-layer GPT-Neo the demo uses).")],
     data: Annotated[Path, typer.Option(
         metavar="FILE", help="Corpus for prompts and statistics: text (<|endoftext|> or blank-line separated), "
                              "JSONL with 'text', or Parquet with a 'text' column.")],
