@@ -41,6 +41,19 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+
+class _OfflineKernelNotice(logging.Filter):
+    """Drops the ``kernels`` package's "Skipping publisher trust check for '...' because Hugging Face Hub is in
+    offline mode." warnings: transformers probes three optional attention kernels on every model load, so every
+    offline command printed three warnings about kernels it never uses. Other messages of that logger pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("Skipping publisher trust check") and "offline mode" in msg)
+
+
+logging.getLogger("kernels._internals.hf_hub").addFilter(_OfflineKernelNotice())
+
 _PROVENANCE_ATTR = "saecircuits_provenance"
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$|^[A-Za-z0-9][\w.-]*$")
 _WEIGHT_FILES = (
