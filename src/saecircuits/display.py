@@ -32,6 +32,15 @@ class NotebookDisplay:
         """The result's main plot as a ``plotly.graph_objects.Figure``."""
         raise NotImplementedError
 
+    def __str__(self) -> str:
+        """What ``print(result)`` shows: the title and the table (20 rows at most), not the raw tensors of the
+        dataclass fields (their ``repr`` stays available)."""
+        df = self.to_pandas()
+        rows = len(df)
+        table = df.to_string(max_rows=20, float_format=lambda v: f"{v:.4g}")
+        more = f"\n({rows} rows; .to_pandas() has them all)" if rows > 20 else ""
+        return f"{self.display_title()}\n{table}{more}\n(.figure() plots it; the fields hold the per-prompt values)"
+
     def _repr_html_(self) -> str:
         df = self.to_pandas()
         rows = len(df)
