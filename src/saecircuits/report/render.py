@@ -191,6 +191,17 @@ class _TableSink:
 _TABLES: contextvars.ContextVar[_TableSink | None] = contextvars.ContextVar("saecircuits_report_tables", default=None)
 
 
+def _set_where(fig: _Figures, where: str) -> str:
+    """Name the page part being drawn (e.g. ``sae-0-blocks-0-mlp-hook_post-f12``) for the exported figures and
+    tables, so a PNG or CSV says which SAE and feature it shows; returns the previous name (to restore)."""
+    before = fig.where
+    fig.where = where
+    sink = _TABLES.get()
+    if sink is not None:
+        sink.where = where
+    return before
+
+
 def _error_bars(means: Sequence[Any], cis: Sequence[Any] | None) -> dict | None:
     """plotly ``error_y`` for CIs given per bar as half-widths or [lo, hi] pairs (None where missing)."""
     if cis is None or all(c is None for c in cis):
@@ -216,8 +227,9 @@ class _Figures:
 
     def __init__(self) -> None:
         self.n = 0
+        self.where = "header"  # the page part being drawn (SAE and hook, feature): part of the exported file name
         self.specs: dict[str, dict] = {}
-        self.figures: list[tuple[str, go.Figure]] = []  # (div id, figure) for the PNG export
+        self.figures: list[tuple[str, go.Figure]] = []  # (where, figure) for the PNG export
         self.trace_types: set[str] = set()
 
     def __call__(self, fig: go.Figure, *, height: int = 380) -> str:
@@ -227,7 +239,7 @@ class _Figures:
         spec = json.loads(pio.to_json(fig, validate=False))
         spec["layout"].pop("template", None)  # the page sets the one shared template
         self.specs[div_id] = {"data": spec.get("data", []), "layout": spec["layout"]}
-        self.figures.append((div_id, fig))
+        self.figures.append((self.where, fig))
         self.trace_types.update(str(t.get("type", "scatter")) for t in spec.get("data", []))
         return f'<div class="plot" data-lazy="1" id="{div_id}" style="height: {int(height)}px"></div>'
 
@@ -714,6 +726,15 @@ def _token_value_table(title_a: str, a: Sequence, title_b: str, b: Sequence, uni
 
 
 def _feature_detail(fd: Mapping, fig: _Figures, sid: str) -> str:
+    k = fd["feature"]
+    before = _set_where(fig, f"{fig.where}-f{int(k)}")
+    try:
+        return _feature_detail_html(fd, fig, sid)
+    finally:
+        _set_where(fig, before)
+
+
+def _feature_detail_html(fd: Mapping, fig: _Figures, sid: str) -> str:
     k = fd["feature"]
     out = [f'<h4 id="{sid}-detail-f{k}">Feature {_esc(k)}</h4>']
     pb = fd.get("prompt_boosts")
@@ -1653,14 +1674,14 @@ def build_report(results: Mapping) -> Report:
     token = _TABLES.set(sink)
     try:
         fig = _Figures()
-        sink.where = "summary"
+        _set_where(fig, "summary")
         summary = _summary_section(results)
-        sink.where = "header"
+        _set_where(fig, "header")
         header = _header(results)
         toc = ['<li><a href="#summary">Summary</a></li>', '<li><a href="#glossary">Glossary</a></li>',
                '<li><a href="#browser">Feature browser</a></li>',
                '<li><a href="#dla">Direct logit attribution</a></li>']
-        sink.where = "checks"
+        _set_where(fig, "checks")
         checks_html = _checks_section(results)
         body = []
         if checks_html:
@@ -1669,12 +1690,12 @@ def build_report(results: Mapping) -> Report:
                                                                  else "") + "</li>")
             body.append(_section("checks", "Checks", checks_html.replace('<h2 id="checks">Checks</h2>', "", 1),
                                  open_=True))
-        sink.where = "dla"
+        _set_where(fig, "dla")
         body += [_section("dla", "Direct logit attribution", _dla_section(results, fig).replace(
             '<h2 id="dla">Direct logit attribution</h2>', "", 1))]
         for i, sae in enumerate(results["saes"]):
             sid = f"sae-{i}"
-            sink.where = sid
+            _set_where(fig, f"{sid}-{_slug(sae['hook_point'])}")
             title = _sae_title(i, sae)
             top = ", ".join(f"f{t['feature']}" for t in _sorted_features(sae)[:5])
             flagged = any(c["scope"] in ("task", sae["hook_point"]) for c in results.get("checks") or [])
@@ -1711,7 +1732,7 @@ def build_report(results: Mapping) -> Report:
             part += _study_sections(sae, fig, sid)
             body.append(_section(sid, title, part))
         if results.get("layer_comparison"):
-            sink.where = "layers"
+            _set_where(fig, "layers")
             toc.append('<li><a href="#layers">Top features of each layer, alone and together</a></li>')
             lc_html = _layer_comparison_section(results, fig)
             lc_title = "Top features of each layer ablated, alone and together"
@@ -1719,12 +1740,12 @@ def build_report(results: Mapping) -> Report:
         if not results["saes"]:
             body.append('<p class="muted">No SAEs in these results.</p>')
         if results.get("circuit"):
-            sink.where = "circuit"
+            _set_where(fig, "circuit")
             toc.append('<li><a href="#circuit">Feature circuit across layers</a></li>')
             c_html = _circuit_section(results, fig).replace('<h2 id="circuit">Feature circuit across layers</h2>', "", 1)
             body.append(_section("circuit", "Feature circuit across layers", c_html))
         toc.append('<li><a href="#appendix">Appendix</a></li>')
-        sink.where = "appendix"
+        _set_where(fig, "appendix")
         body.append(_section("appendix", "Appendix", _appendix(results).replace('<h2 id="appendix">Appendix</h2>', "", 1)))
         browser = browser_payload(results)
         js, bundle = plotly_bundle(fig.trace_types)
@@ -1756,7 +1777,7 @@ def build_report(results: Mapping) -> Report:
             "</body></html>",
         ]
     )
-    named = [(f"{j:03d}-{_slug(_fig_title(f))}", f) for j, (_, f) in enumerate(fig.figures, 1)]
+    named = [(f"{j:03d}-{where}-{_slug(_fig_title(f))}", f) for j, (where, f) in enumerate(fig.figures, 1)]
     return Report(html=page, figures=named, tables=sink.tables, bundle=bundle)
 
 
