@@ -299,3 +299,15 @@ def test_layer_comparison_reading_says_super_sub_or_additive():
     assert "Sub-additive" in layer_comparison_reading(_lc([0.3, 0.2], 0.35, -0.15, 0.05))
     assert "act about independently" in layer_comparison_reading(_lc([0.3, 0.2], 0.52, 0.02, 0.05))
     assert layer_comparison_reading({"runs": _lc([0.3, 0.2], 0.9, 0.4, 0.1)["runs"]}) == ""  # older files
+
+
+def test_glossary_explains_the_circuit_terms(results):
+    from saecircuits.report.summary import GLOSSARY
+
+    terms = dict(GLOSSARY)
+    for t in ("faithfulness", "completeness", "AtP", "IG"):
+        assert t in terms
+    assert "not a share of the log-prob" in terms["faithfulness"]
+    assert "alone" in terms["IG"] and "submodule" in terms["IG"]
+    html = build_report_html(results)
+    assert "<dt>faithfulness</dt>" in html and "<dt>IG</dt>" in html

@@ -60,6 +60,20 @@ GLOSSARY: tuple[tuple[str, str], ...] = (
     ("density", "the fraction of corpus tokens on which a feature fires; dead features never fire, dense ones fire "
                 "on more than a tenth of the tokens."),
     ("95% CI", "the 95% confidence interval over prompts (t or bootstrap); 'supported' means it excludes 0."),
+    ("faithfulness", "of a circuit C: (m(C) - m(none)) / (m(all) - m(none)), m the answer's log-prob at P with every "
+                     "node outside C mean-ablated (m(all): the clean model, m(none): every node mean-ablated). 1: the "
+                     "circuit alone does the whole job; 0: no better than everything mean-ablated. A position on "
+                     "that scale, not a share of the log-prob."),
+    ("completeness", "the same scale with the circuit's own nodes mean-ablated and the rest kept: near 0 when the "
+                     "circuit holds all that matters, near 1 when the rest can do the job without it."),
+    ("AtP", "attribution patching: a node's effect estimated from one forward and one backward pass as gradient "
+            "times the change of the node's value (first order in the ablation); fast, but misses non-linear "
+            "effects, so the report compares it with the exact effects."),
+    ("IG", "integrated gradients: the same estimate with the gradient averaged along the path from clean to "
+           "ablated. Here, as in Sparse Feature Circuits, all nodes of one submodule (one SAE's features, or one "
+           "layer's heads) move together, so a node's IG shares out the effect of ablating its whole submodule, "
+           "including the other nodes' interactions with it; it need not equal the exact effect of ablating that "
+           "node alone, which the report lists beside it."),
 )
 """Terms the report uses, in the order the glossary lists them."""
 
