@@ -15,8 +15,8 @@ largest first; features without one last). ``CARD`` holds what is known of one f
 ``reading`` (one line), ``top`` (ranked-table entry), ``cs`` (corpus statistics), ``ex`` (top activating examples),
 ``bands`` (examples from lower bands of its maximum), ``task`` (activations at P on the task prompts), ``pb``/``wb``
 (prompt- and weight-based boosts), ``lva`` (activation vs loss increase per prompt), ``dfa``, ``stories`` (ablation on
-max-activating stories), ``modes`` (the three ablation modes), ``sdla`` (activation-scaled DLA), ``node`` (its
-circuit node). An example is ``{"d": doc, "t": [string index], "k": "tcs..." (text/continuation/special per token),
+max-activating stories), ``modes`` (the three ablation modes), ``sdla`` (activation-scaled DLA), ``sub`` ([prompts
+where it is active, the cap of the per-prompt views]), ``node`` (its circuit node). An example is ``{"d": doc, "t": [string index], "k": "tcs..." (text/continuation/special per token),
 "a": [value or null], "m": max}``; identical windows (same tokens and values) are kept once per feature.
 
 :func:`embed_json` writes the payload into a ``<script type="application/json">`` element, gzip-compressed and
@@ -150,6 +150,8 @@ def _sae_payload(i: int, sae: Mapping, results: Mapping, strings: _Strings) -> d
     for fd in sae.get("feature_details") or []:
         c = card(fd["feature"])
         pb, wb, lva, dfa = fd.get("prompt_boosts"), fd.get("weight_boosts"), fd.get("loss_vs_activation"), fd.get("dfa")
+        if fd.get("n_active_prompts") is not None and fd.get("max_prompts") is not None:
+            c["sub"] = [fd["n_active_prompts"], fd["max_prompts"]]  # [active prompts, cap of the views]
         if pb:
             c["pb"] = {"up": _pairs(pb["boosted"], strings), "down": _pairs(pb["deboosted"], strings),
                        "n": pb.get("n_prompts")}

@@ -737,6 +737,10 @@ def _feature_detail(fd: Mapping, fig: _Figures, sid: str) -> str:
 def _feature_detail_html(fd: Mapping, fig: _Figures, sid: str) -> str:
     k = fd["feature"]
     out = [f'<h4 id="{sid}-detail-f{k}">Feature {_esc(k)}</h4>']
+    n_act, cap = fd.get("n_active_prompts"), fd.get("max_prompts")
+    if isinstance(n_act, int) and isinstance(cap, int) and n_act > cap:
+        out.append(f'<p class="note">The views below use the first {cap} of the {n_act} prompts where feature '
+                   f"{_esc(k)} is active (task order).</p>")
     pb = fd.get("prompt_boosts")
     if pb:
         extra = ""

@@ -82,6 +82,7 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
           # optional per-feature / attribution evidence (analysis/evidence.py; validated when present)
           "error_dla": {*"labels": [str], *"mean": [float], "ci95": [float]},   # logits (MLP, recon, error)
           "feature_details": [{*"feature": int,
+              "n_active_prompts": int, "max_prompts": int,   # the views below use the first max_prompts active
               "prompt_boosts": {*"boosted": [[str, float]], *"deboosted": [[str, float]], "n_prompts": int,
                                 "answer_logprob_clean": float, "answer_logprob_ablated": float},  # nats
               "weight_boosts": {*"top": [[str, float]], *"bottom": [[str, float]]},   # logits per unit act.
@@ -221,6 +222,8 @@ _TOKEN_VALUES = ("list", ("tokval",), None)  # [[token str, value float], ...]
 _FEATURE_DETAIL = _Obj(
     {
         "feature": _req("int"),
+        "n_active_prompts": _opt("int"),
+        "max_prompts": _opt("int"),
         "prompt_boosts": _opt(
             _Obj(
                 {

@@ -315,6 +315,10 @@
       });
       box.appendChild(kv(mt));
     }
+    if (c.sub && c.sub[0] > c.sub[1] && (c.lva || c.dfa || c.pb)) {
+      box.appendChild(el("p", {"class": "note"}, "The loss-increase, activation-vs-loss, DFA and boost views use the first " +
+        c.sub[1] + " of the " + c.sub[0] + " prompts where this feature is active (task order); the other numbers use all of them."));
+    }
     var plots = el("div", {"class": "card-plots"});
     box.appendChild(plots);
     if (cs.hist && cs.hist.length && s.act_edges.length === cs.hist.length + 1) {
