@@ -72,7 +72,11 @@
   function openTarget() {
     var id = decodeURIComponent((location.hash || "").slice(1));
     if (!id) { return; }
-    if (id.indexOf("card-") === 0 && browser) { browser.openFromHash(id); return; }
+    if (id.indexOf("card-") === 0 && browser) {
+      // a one-feature page's own card is already open at the top: no scrolling down to it
+      browser.openFromHash(id, browser.root.getAttribute("data-open") === id);
+      return;
+    }
     var t = document.getElementById(id);
     for (var p = t; p; p = p.parentElement) { if (p.tagName === "DETAILS") { p.open = true; } }
     if (t) { t.scrollIntoView(); }
@@ -206,13 +210,13 @@
     this.more.style.display = rows.length > this.nShown ? "" : "none";
   };
 
-  Browser.prototype.openFromHash = function (id) {
+  Browser.prototype.openFromHash = function (id, stay) {
     var m = /^card-sae-(\d+)-f(\d+)$/.exec(id);
     if (!m) { return; }
     var details = document.getElementById("browser-section");
     if (details) { details.open = true; }
     this.open(+m[1], +m[2]);
-    this.cardBox.scrollIntoView();
+    if (!stay) { this.cardBox.scrollIntoView(); }
   };
 
   Browser.prototype.open = function (si, k) {
@@ -405,7 +409,7 @@
       if (d && root) {
         browser = new Browser(root, d);
         var want = root.getAttribute("data-open");  // a one-feature page opens its card
-        if (want) { browser.openFromHash(want); }
+        if (want) { browser.openFromHash(want, true); }  // opened where the page starts: no scrolling
       }
     });
     Promise.all([figsReady, browserReady]).then(function () {
