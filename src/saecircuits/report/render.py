@@ -400,6 +400,15 @@ def _checks_section(r: Mapping) -> str:
     return "\n".join(out)
 
 
+def _sae_warning_again(r: Mapping, sae: Mapping) -> str:
+    """One line over the SAE's ranking pointing back to its warning box (one box per SAE, not two alike)."""
+    n = sum(1 for c in r.get("checks") or [] if c["scope"] in ("task", sae["hook_point"]))
+    if not n:
+        return ""
+    return (f'<p class="note"><b style="color:#c0392b">Warning:</b> {n} check(s) failed (listed at the top of this '
+            "SAE's section); the feature ranking of this SAE cannot support a conclusion as it stands.</p>")
+
+
 def _sae_warning(r: Mapping, sae: Mapping) -> str:
     """A visible box over an SAE whose checks failed (or whose task the model does not perform)."""
     failed = [c for c in r.get("checks") or [] if c["scope"] in ("task", sae["hook_point"])]
@@ -1729,7 +1738,7 @@ def build_report(results: Mapping) -> Report:
             warning = _sae_warning(results, sae)
             part = [warning, f'<h3 id="{sid}-summary">Summary</h3>', _sae_summary(sae, fig),
                     _surprise_notes(sae, results), _sae_quality(sae), f'<h3 id="{sid}-features">Top features</h3>',
-                    warning, _features_section(sae, fig)]
+                    _sae_warning_again(results, sae), _features_section(sae, fig)]
             if sae.get("feature_effects"):
                 part += [f'<h3 id="{sid}-effects">Exact effects of every active feature</h3>',
                          _effects_section(sae, fig)]
