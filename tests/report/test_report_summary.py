@@ -311,3 +311,15 @@ def test_glossary_explains_the_circuit_terms(results):
     assert "alone" in terms["IG"] and "submodule" in terms["IG"]
     html = build_report_html(results)
     assert "<dt>faithfulness</dt>" in html and "<dt>IG</dt>" in html
+
+
+def test_whole_sequence_quality_sits_next_to_loss_recovered(results):
+    results["saes"][0]["whole_sequence"] = {"loss_recovered": 0.8125, "loss_recovered_ci95": [0.8, 0.825],
+                                            "explained_variance": 0.3456, "ce_clean": 1.5, "ce_sae": 1.6,
+                                            "ce_zero": 2.0, "n_tokens": 900, "n_prompts": 120}
+    html = build_report_html(results)
+    summary = html[html.index('id="summary"'):html.index('id="glossary"')]
+    assert "loss recovered over every position (95% CI)" in summary
+    assert "explained variance over every position" in summary
+    assert "<td>0.812 [0.800, 0.825]</td><td>0.346</td>" in summary  # after loss recovered at P, in its row
+    assert "explained variance over every position of the prompts (900 tokens)" in html
