@@ -165,7 +165,24 @@ def test_boost_bar_labels_are_the_shared_visible_token_and_escaped_for_plotly():
     pb = PromptBoosts(feature=3, prompt_indices=[0], clean_logprob=torch.zeros(1), ablated_logprob=torch.zeros(1),
                       boosts=torch.zeros(1), masked=torch.zeros(1, dtype=torch.bool), boosted=hostile, deboosted=[],
                       answer_logprob_clean=-0.1, answer_logprob_ablated=-0.2)
-    # by hand: repr of the visible form, then the id; then html-escaped (quotes too)
-    want = ["&#x27;&lt;b&gt;x&lt;/b&gt;&#x27; (7)", "&#x27;\u00b7said\u00b6&#x27; (8)"]
+    # by hand: the visible form in typographic quotes, then the id; then html-escaped
+    want = ["\u201c&lt;b&gt;x&lt;/b&gt;\u201d (7)", "\u201c\u00b7said\u00b6\u201d (8)"]
     for fig in (wb.figure(), pb.figure()):
         assert list(fig.data[0].x) == want
+
+
+def test_print_of_a_result_shows_its_table_not_whole_tensors(capsys):
+    """Issue 18 kind 10: print(result) dumped every tensor of the dataclass."""
+    from helpers import quote_task, random_sae, tiny_neo
+
+    from saecircuits.analysis.ablation import ablate_features
+    from saecircuits.analysis.reconstruction import reconstruction_at_prediction
+
+    model, task = tiny_neo(), quote_task()
+    sae = random_sae()
+    for result in (reconstruction_at_prediction(model, sae, task), ablate_features(model, sae, task, [1, 2])):
+        print(result)
+        out = capsys.readouterr().out
+        assert out.startswith(result.display_title())
+        assert "tensor(" not in out and len(out.splitlines()) < 40
+        assert result.to_pandas().columns[0] in out

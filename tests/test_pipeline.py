@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,6 +160,10 @@ def test_exact_sae_on_the_default_model_recovers_all_loss_and_passes_the_checks(
     assert sae["loss_recovered"] == pytest.approx(1.0, abs=1e-5)
     assert sae["loss_recovered_ci95"] == pytest.approx([1.0, 1.0], abs=1e-5)
     assert sae["loss_recovered_mean_ablation"] == pytest.approx(1.0, abs=1e-5)
+    # over every position of the prompts too: the exact SAE changes nothing
+    assert sae["whole_sequence"]["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+    assert sae["whole_sequence"]["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert sae["whole_sequence"]["ce_sae"] == pytest.approx(sae["whole_sequence"]["ce_clean"], abs=1e-5)
     # every reconstruction check passes; the exact SAE's features are the MLP's neurons, which are dense, and the
     # density check says so
     assert sae["failed_checks"] in ([], ["dense_top_features"])
@@ -217,7 +222,13 @@ def test_pipeline_runs_the_rest_of_the_reference_study(tmp_path, corpus):
         assert mean == pytest.approx(sae["mean_ablation_loss"], abs=1e-5)
         assert lc["features"] == sae.get("multi_ablation", {}).get("features", [])
         cs = sae["corpus_stats"]
-        assert [f["feature"] for f in cs["features"]] == [f["feature"] for f in sae["top_features"][:2]]
+        # every listed feature (ranked, then any other with a recorded effect) has its card's statistics; the two
+        # top-ranked ones also their stories and band examples
+        listed = list(dict.fromkeys([f["feature"] for f in sae["top_features"]]
+                                    + [e["feature"] for e in sae["feature_effects"]]))
+        assert [f["feature"] for f in cs["features"]] == listed and len(listed) > 2
+        assert [f["feature"] for f in cs["features"] if "band_examples" in f] == listed[:2]
+        assert all(f["top_examples"] for f in cs["features"] if f["fire_count"])
         assert cs["n_docs"] == results["corpus"]["n_docs"]
         assert sum(cs["l0_counts"]) == cs["n_tokens"]
         modes = sae["ablation_modes"]
@@ -361,3 +372,58 @@ def test_a_broken_sae_folder_fails_before_the_model_loads(tmp_path, corpus, monk
     with pytest.raises((SAEError, ValueError)) as err:
         run_pipeline(_cfg(tmp_path, corpus, sae_paths=[folder]), progress=False)
     assert not isinstance(err.value, AssertionError) and "broken" in str(err.value)
+
+
+def test_an_sae_that_records_another_model_is_flagged(tmp_path, corpus):
+    """Issue 18 kind 10: the model an SAE records (cfg.json model_name) is compared with the loaded one."""
+    import dataclasses
+
+    model = tiny_neo()
+    other = exact_sae()
+    other.cfg = dataclasses.replace(other.cfg, model_name="gpt2")
+    same = exact_sae()
+    same.cfg = dataclasses.replace(same.cfg, model_name="tiny-neo")
+    cfg = _cfg(tmp_path, corpus, sae_paths=[save_sae(other, tmp_path / "other")], circuit=False,
+               n_evidence_features=0)
+    results = run_pipeline(cfg, model=model, progress=False)
+    (check,) = [c for c in results["checks"] if c["id"] == "sae_model_mismatch"]
+    assert "'gpt2'" in check["message"] and "'tiny-neo'" in check["message"]
+    assert "sae_model_mismatch" in results["saes"][0]["failed_checks"]
+    validate_results(json.loads((tmp_path / "out" / "results.json").read_text()))
+    cfg = _cfg(tmp_path, corpus, sae_paths=[save_sae(same, tmp_path / "same")], circuit=False, n_evidence_features=0,
+               out=tmp_path / "out2")
+    results = run_pipeline(cfg, model=model, progress=False)
+    assert "sae_model_mismatch" not in results["saes"][0]["failed_checks"]
+
+
+def test_every_listed_feature_gets_density_top_tokens_and_top_examples(tmp_path, corpus):
+    """Issue 18 kind 10: the browser had full cards for 6 of 191 features. A feature outside the top ones gets its
+    density and top examples, checked against the SAE's activations computed here, document by document."""
+    from saecircuits.models.tokens import encode_documents, special_token_ids
+    from saecircuits.report.browser import browser_payload
+    from saecircuits.saes.io import load_sae
+
+    model = tiny_neo()
+    results = run_pipeline(_cfg(tmp_path, corpus, n_example_features=1, circuit=False, n_evidence_features=0),
+                           model=model, progress=False)
+    sae_entry = results["saes"][1]
+    cs = {f["feature"]: f for f in sae_entry["corpus_stats"]["features"]}
+    k = next(f for f in cs if f != sae_entry["top_features"][0]["feature"] and cs[f]["fire_count"])
+    sae = load_sae(Path(sae_entry["training"]["cache"]) / sae_entry["hook_point"] / "sae")
+    special = special_token_ids(model.tokenizer)
+    docs = encode_documents(model.tokenizer, read_documents(corpus), max_len=int(model.cfg.n_ctx))
+    acts = []
+    with torch.no_grad():
+        for d in docs:
+            _, cache = model.run_with_cache(torch.tensor([d]), names_filter=[sae.hook_point])
+            f = sae.encode(cache[sae.hook_point][0])[:, k]
+            acts.append(f[torch.tensor([t not in special for t in d])])
+    a = torch.cat(acts)
+    assert cs[k]["density"] == pytest.approx(float((a > 0).double().mean()), abs=1e-6)
+    assert cs[k]["top_examples"][0]["max_activation"] == pytest.approx(float(a.max()), abs=1e-3)
+    assert cs[k]["top_tokens"]
+    # the browser: every listed feature has a card with its statistics and examples, and search text
+    payload = browser_payload(results)["saes"][1]
+    card = payload["cards"][str(k)]
+    assert card["cs"]["density"] == pytest.approx(cs[k]["density"], rel=1e-3) and card["ex"]
+    assert all(row[6] for row in payload["rows"] if cs.get(row[0], {}).get("top_tokens"))

@@ -8,6 +8,8 @@ uses it too).
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -55,3 +57,52 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
             fh.write(text)
 
     return atomic_write(path, write)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (ours included; one we may not signal counts as alive)."""
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+_TEMP_NAME = re.compile(r"\.(?:tmp|old|copy|train)-(\d+)(?:-[^/\\]*)?$")
+"""Temporary folders and files this package names ``<name>.tmp-PID`` (or ``.tmp-PID-<random>``, ``.old-PID``,
+``.copy-PID-<random>``, ``.train-PID-<random>``)."""
+
+
+def remove_dead_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporary folders and files in ``folder`` (named as in :data:`_TEMP_NAME`) whose process
+    is no longer alive: what a killed run (SIGTERM, SIGKILL, a power cut) left behind. A live process's are kept.
+
+    Returns:
+        the paths removed.
+    """
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:  # no such folder (nothing to clean) or unreadable
+        return removed
+    for p in entries:
+        m = _TEMP_NAME.search(p.name)
+        if m is None or pid_alive(int(m.group(1))):
+            continue
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        except OSError:
+            continue  # another run removed it first, or it cannot be removed: leave it
+        removed.append(p)
+    return removed

@@ -32,6 +32,15 @@ class NotebookDisplay:
         """The result's main plot as a ``plotly.graph_objects.Figure``."""
         raise NotImplementedError
 
+    def __str__(self) -> str:
+        """What ``print(result)`` shows: the title and the table (20 rows at most), not the raw tensors of the
+        dataclass fields (their ``repr`` stays available)."""
+        df = self.to_pandas()
+        rows = len(df)
+        table = df.to_string(max_rows=20, float_format=lambda v: f"{v:.4g}")
+        more = f"\n({rows} rows; .to_pandas() has them all)" if rows > 20 else ""
+        return f"{self.display_title()}\n{table}{more}\n(.figure() plots it; the fields hold the per-prompt values)"
+
     def _repr_html_(self) -> str:
         df = self.to_pandas()
         rows = len(df)
@@ -51,12 +60,12 @@ def meanci_rows(items: dict[str, Any]) -> list[dict]:
 
 
 def token_label(token: str, token_id: int) -> str:
-    """A token as a plot label, shown as the report and the console show it: ``repr`` of its visible form
-    (:func:`saecircuits.report.tokens_html.visible_token`: whitespace and control characters made visible), then its
-    id. Plain text; the figure helpers escape it for plotly."""
-    from saecircuits.report.tokens_html import visible_token
+    """A token as a plot label, shown as the report and the console show it: its visible form in quotes
+    (:func:`saecircuits.report.summary.quoted_token`: whitespace and control characters made visible, no Python
+    escapes), then its id. Plain text; the figure helpers escape it for plotly."""
+    from saecircuits.report.summary import quoted_token
 
-    return f"{visible_token(token)!r} ({token_id})"
+    return f"{quoted_token(token)} ({token_id})"
 
 
 def _plotly_text(s: Any) -> str:

@@ -103,7 +103,7 @@ def feature_card(
     say(f"corpus statistics over {len(stat_docs)} documents")
     stats = corpus_feature_stats(m, [sae], stat_docs, k=max(cfg.n_max_act_stories, cfg.n_examples),
                                  token_fraction=cfg.token_fraction)
-    entry["corpus_stats"] = _corpus_stats_json(m, sae, stats[0], stat_docs, [k], cfg)
+    entry["corpus_stats"] = _corpus_stats_json(m, sae, stats[0], stat_docs, [k], cfg, detailed=[k])
     examples = top_activating_examples(m, sae, stat_docs, [k], k=cfg.n_examples)
     entry["examples"] = [{"feature": k, "examples": [
         {"doc_index": int(e.doc_index), "tokens": list(e.tokens), "token_kinds": list(e.token_kinds),

@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +24,7 @@ import torch
 
 import saecircuits
 from saecircuits.analysis.examples import DEFAULT_N_EXAMPLES
+from saecircuits.atomic import remove_dead_temps
 from saecircuits.tasks.closing_quote import DEFAULT_MAX_PROMPTS
 
 if TYPE_CHECKING:
@@ -456,6 +457,7 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
     if rows.shape[0] < needed_rows:
         logger.info("SAE training data has %d rows; they are reused for the %d rows needed", rows.shape[0], needed_rows)
     tmp = cache_dir.parent / f".{key}.tmp-{os.getpid()}"
+    remove_dead_temps(cache_dir.parent)  # what killed runs left (a SIGTERM skips the cleanup below)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         trained = train_saes_on_model(
@@ -603,14 +605,16 @@ def _loss_recovered_keys(key: str, lr) -> dict[str, Any]:
 def analyse_sae(
     model, sae, task, stat_docs: list[list[int]], cfg: RunConfig, progress: Callable[[str], None],
     bars: bool = False, *, mean_act: torch.Tensor | None = None, token_counts: torch.Tensor | None = None,
+    model_names: Collection[str] = (),
 ) -> dict:
     """All first-slice analyses of one SAE; returns its ``results.json`` entry (schema in report/schema.py).
 
     ``mean_act`` (the hook's mean activation) and ``token_counts`` (corpus token counts for the common-token mask)
-    come from the corpus statistics pass when given; otherwise they are computed here."""
+    come from the corpus statistics pass when given; otherwise they are computed here. ``model_names``: the names the
+    loaded model goes by (weights digest, source, name), compared with the model the SAE records."""
     from saecircuits.analysis.ablation import ablate_features
     from saecircuits.analysis.ablation_modes import MODE_DESCRIPTIONS
-    from saecircuits.analysis.checks import sae_checks
+    from saecircuits.analysis.checks import model_mismatch_check, sae_checks
     from saecircuits.analysis.examples import top_activating_examples
     from saecircuits.analysis.features import feature_ablation_table, feature_activations, feature_effects
     from saecircuits.analysis.reconstruction import mean_activation, reconstruction_at_prediction
@@ -687,7 +691,21 @@ def analyse_sae(
         entry.update(_loss_recovered_keys("loss_recovered_mean_ablation", rec.loss_recovered_mean))
     else:
         entry["loss_recovered_mean_ablation"] = None
-    checks = sae_checks(sae.hook_point, rec)
+    # Whole-sequence loss recovered over every position of the prompts (answer included): unlike the answer loss at
+    # P, which sits near 1 even for an SAE from another model, it falls when the SAE does not fit the model.
+    progress(f"{sae.hook_point}: loss recovered over every position of the prompts")
+    from saecircuits.analysis.reconstruction import sequence_loss_recovered
+    from saecircuits.models.tokens import special_token_ids
+
+    seq = sequence_loss_recovered(
+        model, [sae], [[*t, a] for t, a in zip(task.token_ids, task.answer_ids, strict=True)],
+        bos_id=special_token_ids(model.tokenizer), bos_policy="exclude" if cfg.exclude_bos else "include",
+        seed=cfg.seed)[sae.hook_point]
+    entry["whole_sequence"] = _whole_sequence_json(seq)
+    checks = sae_checks(sae.hook_point, rec, sequence=seq)
+    mismatch = model_mismatch_check(sae.hook_point, sae.cfg.model_name, model_names)
+    if mismatch is not None:
+        checks.insert(0, mismatch)
     entry["failed_checks"] = [c.id for c in checks]
     entry["checks"] = [c.to_dict() for c in checks]  # moved to results["checks"] by run_pipeline
 
@@ -746,6 +764,22 @@ def analyse_sae(
     return entry
 
 
+def _whole_sequence_json(seq: dict) -> dict:
+    """The ``whole_sequence`` entry of an SAE from one result of :func:`~saecircuits.analysis.reconstruction.
+    sequence_loss_recovered` on the prompts (loss recovered null with its reason when undefined)."""
+    defined = seq["loss_recovered_undefined_reason"] is None
+    ev = seq["explained_variance"]
+    out = {"loss_recovered": _round(seq["loss_recovered"]) if defined else None,
+           "explained_variance": _round(ev) if math.isfinite(ev) else None,
+           "ce_clean": _round(seq["ce_clean"]), "ce_sae": _round(seq["ce_spliced"]), "ce_zero": _round(seq["ce_zero"]),
+           "n_tokens": int(seq["n_tokens"]), "n_prompts": int(seq["n_rows"])}
+    if defined:
+        out["loss_recovered_ci95"] = [_round(v) for v in seq["loss_recovered_ci95"]]
+    else:
+        out["loss_recovered_undefined_reason"] = seq["loss_recovered_undefined_reason"]
+    return out
+
+
 def _off_range_json(off) -> dict | None:
     """An :class:`~saecircuits.analysis.ablation_modes.OffRange` as results.json values (None: not counted)."""
     if off is None:
@@ -765,8 +799,15 @@ def _token_str(model, token_id: int) -> str:
     return token_string(model.tokenizer, token_id)
 
 
-def _corpus_stats_json(model, sae, fs, stat_docs, features: list[int], cfg: RunConfig) -> dict:
-    """The ``corpus_stats`` key of an SAE entry: corpus-wide summaries and, for ``features``, the details."""
+N_CARD_EXAMPLES = 3
+"""Top corpus examples kept for every listed feature (its card in the feature browser)."""
+
+
+def _corpus_stats_json(model, sae, fs, stat_docs, features: list[int], cfg: RunConfig,
+                       detailed: Collection[int] = ()) -> dict:
+    """The ``corpus_stats`` key of an SAE entry: corpus-wide summaries and, for every one of ``features``, its
+    density, top tokens, activation histogram and top :data:`N_CARD_EXAMPLES` corpus examples (windows), all from
+    the one corpus pass; the ``detailed`` ones also get their max-activating stories and lower-band examples."""
     import numpy as np
 
     from saecircuits.analysis.corpus_stats import BANDS, example_windows
@@ -789,11 +830,16 @@ def _corpus_stats_json(model, sae, fs, stat_docs, features: list[int], cfg: RunC
     }
     picks, where = [], []
     n_band = min(2, cfg.n_examples)
+    detailed = set(detailed)
     for k in features:
-        for band in BANDS:
+        for d, p, _ in fs.top_examples(k, N_CARD_EXAMPLES):
+            picks.append((k, d, p))
+            where.append((k, "top"))
+        for band in BANDS if k in detailed else ():
             for d, p, _ in fs.band_examples(k, band, n_band):
                 picks.append((k, d, p))
                 where.append((k, band))
+    # one forward pass over the distinct documents of every pick (at most the corpus statistics documents)
     windows = example_windows(model, sae, stat_docs, picks) if picks else []
     by_band: dict[tuple[int, str], list] = {}
     for (k, band), ex in zip(where, windows, strict=True):
@@ -807,7 +853,7 @@ def _corpus_stats_json(model, sae, fs, stat_docs, features: list[int], cfg: RunC
     for k in features:
         top_tokens = fs.top_token_list(k)
         above = int(fs.above_count[k])
-        out["features"].append({
+        feature = {
             "feature": int(k),
             "density": _round(float(fs.density[k])),
             "fire_count": int(fs.fire_count[k]),
@@ -817,10 +863,13 @@ def _corpus_stats_json(model, sae, fs, stat_docs, features: list[int], cfg: RunC
             "top_tokens": [[_token_str(model, t), int(c)] for t, c in top_tokens],
             "top_token_share": _round(top_tokens[0][1] / above) if top_tokens and above else None,
             "activation_log10_counts": [int(c) for c in fs.hist[k].tolist()],
-            "top_stories": [{"doc_index": d, "position": p, "activation": _round(v, 4)}
-                            for d, p, v in fs.top_examples(k, cfg.n_max_act_stories)],
-            "band_examples": {band: by_band.get((k, band), []) for band in BANDS},
-        })
+            "top_examples": by_band.get((k, "top"), []),
+        }
+        if k in detailed:
+            feature["top_stories"] = [{"doc_index": d, "position": p, "activation": _round(v, 4)}
+                                      for d, p, v in fs.top_examples(k, cfg.n_max_act_stories)]
+            feature["band_examples"] = {band: by_band.get((k, band), []) for band in BANDS}
+        out["features"].append(feature)
     return out
 
 
@@ -865,8 +914,10 @@ def study_sae(
     ranked = [f["feature"] for f in entry.get("top_features", [])]
     chosen = entry.get("multi_ablation", {}).get("features", [])
     shown = ranked[: cfg.n_example_features]
-    progress(f"{hp}: corpus statistics of {len(shown)} top features")
-    out["corpus_stats"] = _corpus_stats_json(model, sae, fs, stat_docs, shown, cfg)
+    # every feature the browser lists (any recorded effect) gets its card's corpus statistics and top examples
+    listed = list(dict.fromkeys([*ranked, *(int(e["feature"]) for e in entry.get("feature_effects") or [])]))
+    progress(f"{hp}: corpus statistics and top examples of {len(listed)} listed features")
+    out["corpus_stats"] = _corpus_stats_json(model, sae, fs, stat_docs, listed, cfg, detailed=shown)
 
     progress(f"{hp}: five-way loss comparison at P")
     lc = loss_comparison(model, sae, task, chosen, mean_act, mode=cfg.ablation_mode)
@@ -1013,6 +1064,7 @@ def study_run(model, saes: list, entries: list[dict], task, cfg: RunConfig, prog
         "n_prompts": int(task.n_prompts),
         "runs": runs,
         "paired": [{"a": a, "b": b} | _mean_ci(m) for (a, b), m in lc.paired.items()],
+        "interaction": _mean_ci(lc.interaction),
     }}
 
 CIRCUIT_MEAN_DOCS = 300
@@ -1040,6 +1092,121 @@ def _circuit_summary(cj: dict, n_nodes: int = 400) -> dict:
     }
 
 
+def check_out_writable(out: str | os.PathLike) -> None:
+    """Fail at once, in one line, when ``--out`` cannot be written (before the model loads, not after the analysis).
+
+    The folder is not created here (a run that fails leaves no empty folder): a temporary file is written and
+    removed in ``out``, or in its nearest existing parent when ``out`` does not exist yet.
+
+    Raises:
+        PipelineError: a parent of ``out`` is a file, or the folder is not writable (read-only file system,
+            permissions), naming the folder and the reason.
+    """
+    import tempfile
+
+    out = Path(out).expanduser()
+    probe = out
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise PipelineError(f"--out {out}: {probe} is a file, so the output folder cannot be made there; "
+                            "give another --out")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".saecircuits-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        raise PipelineError(f"--out {out}: cannot write in {probe} ({err.strerror or err}); "
+                            "give a folder you can write to") from None
+
+
+class OutLock:
+    """Exclusive use of an output folder by one run: a lock file ``.<out name>.saecircuits-lock`` beside the folder
+    holding the run's pid, created with ``O_EXCL``. Another run into the same folder is refused while that pid
+    lives; a lock whose process died (SIGKILL, a crash) is taken over. Used as a context manager.
+
+    Raises (on enter):
+        PipelineError: another live run holds the folder, naming its pid and the lock file.
+    """
+
+    def __init__(self, out: str | os.PathLike):
+        out = Path(out).expanduser()
+        self.out = out
+        self.path = out.parent / f".{out.name}.saecircuits-lock"
+
+    def _holder(self, path: Path) -> int | None:
+        try:
+            text = path.read_text().split()
+            return int(text[0]) if text else None
+        except (OSError, ValueError):
+            return None
+
+    def __enter__(self) -> OutLock:
+        from saecircuits.atomic import pid_alive
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(20):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pid = self._holder(self.path)
+                if pid is None:  # just created by another run, its pid not written yet: look again
+                    time.sleep(0.05)
+                    pid = self._holder(self.path)
+                if pid is not None and pid_alive(pid):
+                    raise PipelineError(
+                        f"--out {self.out} is being written by another saecircuits run (pid {pid}; lock file "
+                        f"{self.path}); wait for it to finish, or give another --out") from None
+                # a dead run's lock: move it aside (one rename wins), then check it really was the dead one's
+                aside = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
+                try:
+                    os.replace(self.path, aside)
+                except FileNotFoundError:
+                    continue
+                moved = self._holder(aside)
+                if moved is None or (moved != pid and pid_alive(moved)):  # a live run's fresh lock: put it back
+                    try:
+                        os.link(aside, self.path)
+                    except FileExistsError:
+                        pass
+                os.unlink(aside)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{os.getpid()}\n")
+            return self
+        raise PipelineError(f"--out {self.out}: could not take the lock {self.path}; remove it if no run is writing")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._holder(self.path) == os.getpid():
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+
+STALE_OUTPUTS = {"circuit.json": None, "figures": ".png", "tables": ".csv"}
+"""Outputs an earlier run may have left in ``--out`` that this run may not write (``--no-circuit``, no
+``--export``): a file, or a folder of files with this suffix. Removed when this run does not write them."""
+
+
+def _remove_stale_outputs(out: Path, written: set[str]) -> list[str]:
+    """Remove the :data:`STALE_OUTPUTS` this run did not write (a folder only when it holds nothing else), so
+    ``--out`` never mixes this run's results with an earlier run's circuit, figures or tables."""
+    removed = []
+    for name, suffix in STALE_OUTPUTS.items():
+        p = out / name
+        if name in written or not p.exists():
+            continue
+        if suffix is None and p.is_file():
+            p.unlink()
+        elif suffix is not None and p.is_dir() and all(q.is_file() and q.suffix == suffix for q in p.iterdir()):
+            shutil.rmtree(p)
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
 def run_pipeline(
     cfg: RunConfig,
     *,
@@ -1048,6 +1215,10 @@ def run_pipeline(
     log: Callable[[str], None] | None = None,
 ) -> dict:
     """Run every stage and write ``cfg.out/results.json`` and ``cfg.out/report.html``.
+
+    Before any work: the settings and input files are checked, ``--out`` must be writable, and the run takes the
+    folder's lock (:class:`OutLock`: a second run into the same folder is refused). Outputs of an earlier run that
+    this one does not write (``circuit.json``, ``figures/``, ``tables/``) are removed when the results are written.
 
     Args:
         cfg: the run settings.
@@ -1061,6 +1232,15 @@ def run_pipeline(
     Raises:
         PipelineError, TaskError, ModelLoadError, SAEError: bad input, with the fix in the message.
     """
+    check_device(cfg.device)
+    cfg.check_inputs()
+    check_out_writable(cfg.out)
+    with OutLock(cfg.out):
+        return _run_pipeline(cfg, model=model, progress=progress, log=log)
+
+
+def _run_pipeline(cfg: RunConfig, *, model, progress: bool, log: Callable[[str], None] | None) -> dict:
+    """:func:`run_pipeline` once the output folder is checked and locked."""
     from saecircuits.analysis.behaviour import behaviour_summary
     from saecircuits.analysis.checks import behaviour_checks, density_checks
     from saecircuits.analysis.dla import direct_logit_attribution
@@ -1069,7 +1249,7 @@ def run_pipeline(
     from saecircuits.models.tokens import encode_documents, special_token_ids
     from saecircuits.report.render import render_report
     from saecircuits.report.schema import SCHEMA_VERSION, validate_results, write_json_atomic
-    from saecircuits.report.tokens_html import visible_token
+    from saecircuits.report.summary import quoted_token
 
     say = log or (lambda s: logger.info(s))
     timings: dict[str, float] = {}
@@ -1095,6 +1275,9 @@ def run_pipeline(
     model_key = prov.get("weights_sha256") or cfg.model
     if prov.get("hf_folder") and Path(prov["hf_folder"]).is_dir():
         model_key = _file_digest(Path(prov["hf_folder"]))
+    # every name the loaded model goes by: the model an SAE records is compared with these
+    model_names = {str(n) for n in (model_key, prov.get("model_name"), prov.get("source"), cfg.model, cfg.model_label,
+                                    getattr(model.cfg, "model_name", None)) if n}
     if cfg.layers is not None and cfg.layers != "auto":
         n_layers = int(model.cfg.n_layers)
         bad = [layer for layer in cfg.layers if not 0 <= layer < n_layers]
@@ -1109,7 +1292,7 @@ def run_pipeline(
     task_entry = _task_entry(task, model.tokenizer)
     dropped = f" ({task.n_dropped_too_long} over-long prompts dropped)" if task.n_dropped_too_long else ""
     say(f"task {task.name}: {task.n_prompts} prompts{dropped}, answer tokens "
-        + ", ".join(repr(visible_token(t)) for t in task_entry["answer_tokens"]))
+        + ", ".join(quoted_token(t) for t in task_entry["answer_tokens"]))
     # First: does the model perform the behaviour at all? Everything below explains the answer's loss.
     behaviour = behaviour_summary(model, task)
     checks = [c.to_dict() for c in behaviour_checks(behaviour)]
@@ -1163,7 +1346,7 @@ def run_pipeline(
         mean_act = stats[i].mean_input if cfg.exclude_bos and not sae.is_transcoder else mean_activation(
             model, stat_docs, sae.hook_point_out, exclude_bos=cfg.exclude_bos, progress=progress).reshape(-1)
         entry = analyse_sae(model, sae, task, stat_docs, cfg, say, bars=progress, mean_act=mean_act,
-                            token_counts=stats.token_counts)
+                            token_counts=stats.token_counts, model_names=model_names)
         entry.update(study_sae(model, sae, task, stat_docs, entry, stats[i], mean_act, cfg, say))
         fm = training.get("final_metrics", {}).get(sae.hook_point)
         entry["training"] = {k: v for k, v in training.items() if k != "final_metrics"} | (
@@ -1246,6 +1429,9 @@ def run_pipeline(
     if circuit_json is not None:
         write_json_atomic(out / "circuit.json", circuit_json)
     render_report(results, out / "report.html")
+    removed = _remove_stale_outputs(out, {"circuit.json"} if circuit_json is not None else set())
+    if removed:
+        say(f"removed {', '.join(removed)} of an earlier run in {out} (this run did not write them)")
     _stage(timings, "report", t)
     say(f"wrote {out / 'results.json'} and {out / 'report.html'}")
     return results

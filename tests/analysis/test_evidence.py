@@ -48,8 +48,11 @@ def test_neo_evidence_is_valid_and_renders():
     json.dumps(ev, allow_nan=False)  # plain JSON, no NaN
     assert [d["feature"] for d in ev["feature_details"]] == feats
     for d in ev["feature_details"]:
-        assert set(d) == {"feature", "prompt_boosts", "weight_boosts", "loss_vs_activation", "dfa"}
-        assert len(d["loss_vs_activation"]["activation"]) == min(3, int((acts[:, d["feature"]] > 0).sum()))
+        assert set(d) == {"feature", "n_active_prompts", "max_prompts", "prompt_boosts", "weight_boosts",
+                          "loss_vs_activation", "dfa"}
+        n_active = int((acts[:, d["feature"]] > 0).sum())
+        assert d["n_active_prompts"] == n_active and d["max_prompts"] == 3  # the subset is said, not hidden
+        assert len(d["loss_vs_activation"]["activation"]) == min(3, n_active)
         assert d["dfa"]["completeness_max_abs_error"] < 1e-4
     assert ev["upstream_ablation"]["hook"] == "blocks.0.mlp.hook_post"
     assert {e["feature"] for e in ev["activation_scaled_dla"]} >= set(feats)
@@ -57,7 +60,17 @@ def test_neo_evidence_is_valid_and_renders():
     assert math.isclose(mean[1] + mean[2], mean[0], abs_tol=1e-5)
     results = _results(ev, sae.d_sae)
     validate_results(results)
-    assert 'id="sae-0-details"' in build_report_html(results)
+    html = build_report_html(results)
+    assert 'id="sae-0-details"' in html
+    subset = [d for d in ev["feature_details"] if d["n_active_prompts"] > 3]
+    assert subset  # the two most often active features of the random SAE are active on more than 3 prompts
+    for d in subset:
+        assert (f'The views below use the first 3 of the {d["n_active_prompts"]} prompts where feature '
+                f'{d["feature"]} is active') in html
+    from saecircuits.report.browser import browser_payload
+
+    cards = browser_payload(results)["saes"][0]["cards"]
+    assert cards[str(subset[0]["feature"])]["sub"] == [subset[0]["n_active_prompts"], 3]
 
 
 def test_llama_skips_dfa_but_keeps_the_rest():

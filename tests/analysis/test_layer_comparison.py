@@ -47,6 +47,10 @@ def test_alone_and_together_equal_manual_interventions():
     d = lc.paired[(0, 1)]
     assert d.mean == pytest.approx(float((lc.loss_increase[:, 0] - lc.loss_increase[:, 1]).mean()), abs=1e-6)
     assert lc.loss_increase.abs().max() > 1e-3
+    # together - (alone 0 + alone 1), per prompt, from the manual interventions' columns
+    inter = [row[2] - row[0] - row[1] for row in lc.loss_increase.double().tolist()]
+    assert lc.interaction.mean == pytest.approx(sum(inter) / len(inter), abs=1e-9)
+    assert lc.interaction.n == task.n_prompts
 
 
 def test_bad_input_is_refused():

@@ -296,3 +296,29 @@ def test_weighted_effect_interval_matches_a_bootstrap_of_the_weighted_mean():
     boot_sd = ((w[idx] * d[idx]).sum(1) / w[idx].sum(1)).std()
     assert half / 1.966 == pytest.approx(boot_sd, rel=0.08)  # t(0.975, 399) = 1.966
     assert lr.effect == pytest.approx(float((w * d).sum() / w.sum()), abs=1e-12)
+
+
+def test_sequence_loss_recovered_on_rows_of_different_lengths():
+    """Rows of different lengths (a task's prompts with their answers) are never padded: the clean loss is the
+    per-token mean of unbatched forward passes of the HF model, and an exact SAE recovers 1 (spliced == clean)."""
+    from saecircuits.data.storygen import generate_stories
+    from saecircuits.models.tokens import encode_documents
+
+    bridge = _default_model()
+    tok = bridge.tokenizer
+    rows = [r[:n] for r, n in zip(encode_documents(tok, generate_stories(7, seed=5)), (5, 9, 9, 14, 5, 20, 9),
+                                  strict=True)]
+    hook, d_mlp = "blocks.1.mlp.hook_post", int(bridge.cfg.d_mlp)
+    res = sequence_loss_recovered(bridge, [exact_sae(d_mlp, hook)], rows, bos_id=tok.bos_token_id, batch_rows=2)[hook]
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for r in rows:  # one row at a time: nothing to pad
+            logits = bridge.original_model(torch.tensor([r])).logits[0, :-1].double()
+            target = torch.tensor(r[1:])
+            keep = target != tok.bos_token_id
+            nll += float(torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum"))
+            n += int(keep.sum())
+    assert res["n_tokens"] == n and res["n_rows"] == len(rows)
+    assert res["ce_clean"] == pytest.approx(nll / n, rel=1e-5)
+    assert res["ce_spliced"] == pytest.approx(res["ce_clean"], rel=1e-5)
+    assert res["loss_recovered"] == pytest.approx(1.0, abs=1e-3)

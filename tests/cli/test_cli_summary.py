@@ -58,7 +58,7 @@ def test_all_checks_passed_line(capsys):
 
 def test_user_strings_are_text_not_rich_markup_and_tokens_use_visible_token(capsys):
     """A task named after a JSONL file 'x[red].jsonl', a hook name with brackets, and top tokens with whitespace:
-    printed as given (no markup eaten), tokens as repr(visible_token(t)) like `saecircuits feature`."""
+    printed as given (no markup eaten), tokens as quoted_token(t) (visible form in quotes) like `saecircuits feature`."""
     r = _results(hook_point="blocks.1.mlp.hook_post[bold]")
     r["task"]["name"] = "x[red]"
     r["saes"][0]["loss_comparison"] = {"n_prompts": 20, "labels": ["clean"], "mean": [0.5], "ci95": [0.1],
@@ -69,4 +69,13 @@ def test_user_strings_are_text_not_rich_markup_and_tokens_use_visible_token(caps
     out = capsys.readouterr().out
     assert "task x[red]: 20 prompts" in out
     assert out.count("blocks.1.mlp.hook_post[bold]") >= 3  # table titles and the warning line
-    assert "'\u00b7said' (9), '\u00b6' (4)" in out
+    assert "\u201c\u00b7said\u201d (9), \u201c\u00b6\u201d (4)" in out
+
+
+def test_whole_sequence_quality_is_printed_beside_loss_recovered_at_p(capsys):
+    r = _results(whole_sequence={"loss_recovered": 0.812, "loss_recovered_ci95": [0.8, 0.824],
+                                 "explained_variance": 0.345, "n_tokens": 900, "n_prompts": 20})
+    _summary(r)
+    out = capsys.readouterr().out
+    assert ("over every position of the prompts: explained variance 0.345, loss recovered 0.812 [0.800, 0.824]"
+            in out)

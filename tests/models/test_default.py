@@ -132,3 +132,21 @@ def test_shipped_checkpoint_matches_default_config_and_closes_quotes():
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[tok.bos_token_id] + ids])).logits[0, -1]
     assert logits.log_softmax(-1)[answer_id] < -5.0
+
+
+def test_model_default_names_the_embedded_model(tmp_path):
+    """Issue 18 kind 10: `--model default` failed (the embedded model had no name)."""
+    from saecircuits.models.load import load_model, model_provenance
+
+    by_name = load_model("default")
+    by_folder = load_model(shipped_model_dir())
+    prov = model_provenance(by_name)
+    assert prov.source == "default" and prov.model_name == "saecircuits-default"
+    tokens = torch.tensor([[0, 5, 17, 42, 7]])
+    with torch.no_grad():
+        assert torch.equal(by_name(tokens), by_folder(tokens))
+    # with a workspace: the demo's copy in WORKSPACE/models, made on first use
+    in_ws = load_model("saecircuits-default", cache_dir=tmp_path / "models")
+    assert model_provenance(in_ws).hf_folder == str(default_model_dir(tmp_path).resolve())
+    with torch.no_grad():
+        assert torch.equal(in_ws(tokens), by_folder(tokens))

@@ -317,3 +317,18 @@ def test_tokenizer_without_any_special_token_pads_with_a_real_id(tmp_path):
     with torch.no_grad():
         by_hand = torch.cat([bridge.run_with_cache(torch.tensor([r]))[1][hook][0] for r in rows]).mean(0)
     torch.testing.assert_close(mean_activation(bridge, rows, hook), by_hand, atol=1e-5, rtol=1e-5)  # padded batch
+
+
+def test_offline_loads_print_no_kernel_trust_warnings(caplog):
+    """Issue 18 kind 10: three 'Skipping publisher trust check ... offline mode' warnings on every offline command."""
+    import logging
+
+    from saecircuits.models.default import shipped_model_dir
+    from saecircuits.models.load import load_model
+
+    with caplog.at_level(logging.INFO):
+        load_model(shipped_model_dir())
+        logging.getLogger("kernels._internals.hf_hub").warning("another kernels message")  # others still pass
+    said = [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if "publisher trust check" in m]
+    assert "another kernels message" in said

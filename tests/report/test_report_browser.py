@@ -154,3 +154,25 @@ def test_token_colours_in_the_page_match_python(hostile_report, tmp_path):
             assert got == [f"rgb({r}, {g}, {b})", text], (v, mx)
     finally:
         driver.quit()
+
+
+@pytest.mark.slow
+def test_a_card_page_opens_at_the_top(hostile_report, tmp_path):
+    """Issue 18 kind 10: the one-feature page opened scrolled down to its card (the card is the page)."""
+    from saecircuits.report.render import build_card_page
+
+    _, results = hostile_report
+    sae = results["saes"][1]
+    k = int(sae["top_features"][0]["feature"])
+    page = tmp_path / "card.html"
+    page.write_text(build_card_page({"saes": [sae], "feature": k}), encoding="utf-8")
+    driver = start_chromium(tmp_path)
+    try:
+        driver.set_window_size(1000, 500)  # shorter than the page, so a scroll would show
+        driver.get(page.as_uri())
+        wait_for(driver, "document.documentElement.getAttribute('data-ready')")
+        assert driver.execute_script("return document.querySelector('#fb-card .card') !== null || "
+                                     "document.getElementById('fb-card').textContent.length > 0")
+        assert driver.execute_script("return window.scrollY") == 0
+    finally:
+        driver.quit()

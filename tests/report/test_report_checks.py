@@ -63,6 +63,8 @@ def test_checks_block_and_warnings_over_the_flagged_ranking(results):
     assert sae0.index("cannot support a conclusion", sae0.index('id="sae-0-features"')) < sae0.index("<table",
                                                                                     sae0.index('id="sae-0-features"'))
     assert "2 check(s) failed" in sae0
+    # one warning box per SAE; over the ranking a line points back to it (no second near-identical box)
+    assert sae0.count('<div class="warn">') == 1
     sae1 = page[page.index('<h2 id="sae-1"') :]
     assert "1 check(s) failed" in sae1
     assert page.count("checks failed</b>") == 2  # in the contents

@@ -41,8 +41,9 @@ def test_tables_are_the_pages_tables_as_csv(tmp_path, results):
     rep = build_report(results)
     folder = write_tables(rep.tables, tmp_path / "tables")
     names = sorted(p.name for p in folder.iterdir())
-    assert len(names) == len(rep.tables) and "dla-1.csv" in names and "sae-0-1.csv" in names
-    rows = list(csv.reader(open(folder / "sae-0-2.csv", encoding="utf-8")))  # the ranked features of SAE 0
+    sae0 = "sae-0-blocks-0-mlp-hook-post"  # every name says which SAE (and hook) it shows
+    assert len(names) == len(rep.tables) and "dla-1.csv" in names and f"{sae0}-1.csv" in names
+    rows = list(csv.reader(open(folder / f"{sae0}-2.csv", encoding="utf-8")))  # the ranked features of SAE 0
     assert rows[0][:3] == ["rank", "feature", "loss increase (nats, 95% CI)"]
     assert [r[1] for r in rows[1:]] == ["12345", "9001", "2077"]
     assert rows[1][2] == "0.8765 \u00b1 0.1000"
@@ -108,7 +109,8 @@ def test_report_export_writes_tables_and_figures(tmp_path):
     figures = sorted((tmp_path / "out" / "figures").iterdir())
     assert f"Wrote {len(tables)} tables" in res.output and f"Wrote {len(figures)} figures" in res.output
     assert len(figures) == 6 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in figures)
-    assert figures[0].name == "001-direct-logit-attribution-to-the-answer.png"
+    assert figures[0].name == "001-dla-direct-logit-attribution-to-the-answer.png"
+    assert all(p.name.split("-", 1)[1].startswith(("dla-", "sae-", "layers-", "circuit-")) for p in figures)
     dla = list(csv.reader(open(tmp_path / "out" / "tables" / "dla-1.csv", encoding="utf-8")))
     assert dla[0] == ["component", "mean DLA (logits)", "95% CI half-width"]
     assert dla[1] == ["MLP0", "6.5000", "0.9000"]  # as the page shows it
@@ -150,3 +152,18 @@ def test_the_time_limit_grows_with_the_figures_and_a_bad_setting_is_named(monkey
         monkeypatch.setenv("SAECIRCUITS_EXPORT_TIMEOUT", bad)
         with pytest.raises(ExportError, match="SAECIRCUITS_EXPORT_TIMEOUT must be a positive number"):
             export_mod._default_timeout(6)
+
+
+def test_figure_and_table_names_say_which_sae_and_feature(results):
+    """Issue 18 kind 10: exported names had neither the SAE nor the feature."""
+    results["saes"][0]["feature_details"] = [
+        {"feature": k, "weight_boosts": {"top": [[" a", 1.0]], "bottom": [[" b", -1.0]]}} for k in (12345, 9001)]
+    rep = build_report(results)
+    hooks = {f"sae-{i}-" + s["hook_point"].replace(".", "-").replace("_", "-") for i, s in enumerate(results["saes"])}
+    for name, _ in rep.figures:
+        part = name.split("-", 1)[1]
+        assert not part.startswith("sae-") or any(part.startswith(h) for h in hooks), name
+    details = [k for s in results["saes"] for k in (d["feature"] for d in s.get("feature_details") or [])]
+    assert details
+    for k in details:  # each feature's boost tables are named after it
+        assert any(name.endswith(f"-f{k}-1") for name, _, _ in rep.tables), k

@@ -17,6 +17,7 @@ from saecircuits.report.render import STATIC_FEATURES, build_report, build_repor
 from saecircuits.report.summary import (
     feature_reading,
     headline,
+    layer_comparison_reading,
     layer_effect_share,
     model_name,
     ratio_problem,
@@ -26,7 +27,7 @@ from saecircuits.report.summary import (
 
 def test_headline_says_the_story_in_words(results):
     h = headline(results)
-    assert h[0] == "Behaviour: closing_quote, on 120 prompts; the model should predict '.\"' next."
+    assert h[0] == "Behaviour: closing_quote, on 120 prompts; the model should predict “.\"” next."
     # no checks block: p = exp(-0.4321) = 0.649 >= 0.5
     assert h[1] == ("The model's mean answer loss at P is 0.432 nats: it puts probability 0.65 on the answer "
                     "(geometric mean over prompts), so it performs the behaviour.")
@@ -137,8 +138,11 @@ def test_feature_reading(results):
     sae["corpus_stats"] = {"n_docs": 3, "n_tokens": 30, "l0": 2.0, "features": [
         {"feature": 12345, "density": 0.01, "max_activation": 4.0, "top_tokens": [[" said", 9], ["\n", 4]]}]}
     sae["feature_details"] = [{"feature": 12345, "weight_boosts": {"top": [['."', 2.0]], "bottom": []}}]
-    assert feature_reading(sae, 12345) == ("fires on '·said', '¶'; writes towards '.\"'; ablating it: +0.876 nats "
+    assert feature_reading(sae, 12345) == ("fires on “·said”, “¶”; writes towards “.\"”; ablating it: +0.876 nats "
                                            "[0.776, 0.976]")
+    # a token with both quote marks reads as itself, never as Python's repr ('.\\'"')
+    sae["feature_details"] = [{"feature": 12345, "weight_boosts": {"top": [[".'\"", 2.0]], "bottom": []}}]
+    assert "writes towards “.'\"”;" in feature_reading(sae, 12345)
     assert feature_reading(sae, 42) == ""
 
 
@@ -255,3 +259,67 @@ def test_identical_example_windows_are_shown_once(results):
     page = build_report_html(results)
     section = page[page.index('id="sae-0-f12345"'):page.index('id="sae-0-f9001"')]
     assert section.count("doc 17, max activation") == 1 and section.count("doc 3, max activation") == 1
+
+
+def test_headline_never_lists_a_negative_contributor_as_a_source(results):
+    results["dla"]["labels"] = ["embed", "MLP0", "L0H0", "MLP1"]
+    results["dla"]["mean"] = [0.1, 6.5, -3.25, 1.5]
+    h = headline(results)
+    assert h[2] == ("Directly, the answer's logit comes mostly from MLP0 (+6.50 logits) and MLP1 (+1.50 logits), "
+                    "while L0H0 (-3.25 logits) pushes it down (direct logit attribution, mean over prompts).")
+    results["dla"]["mean"] = [-0.1, -6.5, -3.25, -1.5]
+    assert headline(results)[2] == (
+        "Directly, no large component raises the answer's logit; MLP0 (-6.50 logits), L0H0 (-3.25 logits) and "
+        "MLP1 (-1.50 logits) push it down (direct logit attribution, mean over prompts).")
+
+
+def test_headline_says_what_faithfulness_means(results):
+    results["circuit"] = {"selection": {"n_nodes": 12, "faithfulness": 0.863, "rule": "nodes with |effect| > 0.01"},
+                          "nodes": [], "edges": []}
+    said = headline(results)[-1]
+    # faithfulness = (m(C) - m(empty)) / (m(all) - m(empty)): a position on the scale, not a share of the log-prob
+    assert said == ("A circuit of 12 nodes across the SAEs has faithfulness 0.863: with everything else "
+                    "mean-ablated, the answer's log-prob lies 86% of the way from its value with every node "
+                    "mean-ablated (0) to the clean model's (1) (nodes with |effect| > 0.01).")
+    assert "keeps" not in said
+
+
+def _lc(alone, together, inter, ci):
+    runs = [{"label": f"L{i}", "loss_increase": {"mean": m, "ci95": 0.01}} for i, m in enumerate(alone)]
+    return {"runs": [*runs, {"label": "all together", "loss_increase": {"mean": together, "ci95": 0.02}}],
+            "interaction": {"mean": inter, "ci95": ci, "n": 50}}
+
+
+def test_layer_comparison_reading_says_super_sub_or_additive():
+    # 0.3 + 0.2 = 0.5 alone; together 0.9: +0.4 [0.3, 0.5] per prompt -> super-additive
+    said = layer_comparison_reading(_lc([0.3, 0.2], 0.9, 0.4, 0.1))
+    assert said.startswith("Ablated together, the layers' top features raise the answer loss by 0.900 nats, against "
+                           "0.500 for the sum of each set alone: a difference of +0.400 nats (95% CI +0.300 to +0.500)")
+    assert "Super-additive" in said
+    assert "Sub-additive" in layer_comparison_reading(_lc([0.3, 0.2], 0.35, -0.15, 0.05))
+    assert "act about independently" in layer_comparison_reading(_lc([0.3, 0.2], 0.52, 0.02, 0.05))
+    assert layer_comparison_reading({"runs": _lc([0.3, 0.2], 0.9, 0.4, 0.1)["runs"]}) == ""  # older files
+
+
+def test_glossary_explains_the_circuit_terms(results):
+    from saecircuits.report.summary import GLOSSARY
+
+    terms = dict(GLOSSARY)
+    for t in ("faithfulness", "completeness", "AtP", "IG"):
+        assert t in terms
+    assert "not a share of the log-prob" in terms["faithfulness"]
+    assert "alone" in terms["IG"] and "submodule" in terms["IG"]
+    html = build_report_html(results)
+    assert "<dt>faithfulness</dt>" in html and "<dt>IG</dt>" in html
+
+
+def test_whole_sequence_quality_sits_next_to_loss_recovered(results):
+    results["saes"][0]["whole_sequence"] = {"loss_recovered": 0.8125, "loss_recovered_ci95": [0.8, 0.825],
+                                            "explained_variance": 0.3456, "ce_clean": 1.5, "ce_sae": 1.6,
+                                            "ce_zero": 2.0, "n_tokens": 900, "n_prompts": 120}
+    html = build_report_html(results)
+    summary = html[html.index('id="summary"'):html.index('id="glossary"')]
+    assert "loss recovered over every position (95% CI)" in summary
+    assert "explained variance over every position" in summary
+    assert "<td>0.812 [0.800, 0.825]</td><td>0.346</td>" in summary  # after loss recovered at P, in its row
+    assert "explained variance over every position of the prompts (900 tokens)" in html

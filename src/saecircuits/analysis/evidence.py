@@ -115,7 +115,9 @@ def feature_evidence(
         }
     details = []
     for k in feats:
-        d: dict[str, Any] = {"feature": k}
+        # the boosts, activation vs loss and DFA use the first max_prompts_per_feature active prompts (task order)
+        d: dict[str, Any] = {"feature": k, "n_active_prompts": int((acts.feature == k).sum()),
+                             "max_prompts": int(max_prompts_per_feature)}
         pb = prompt_logprob_boosts(
             model, sae, task, k, common_tokens=common, max_prompts=max_prompts_per_feature, acts=acts, mode=mode
         )

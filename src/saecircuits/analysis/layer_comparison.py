@@ -49,6 +49,13 @@ class LayerComparison(NotebookDisplay):
     summary: dict[str, MeanCI]
     paired: dict[tuple[int, int], MeanCI]
 
+    @property
+    def interaction(self) -> MeanCI:
+        """Per prompt, the loss increase of all sets ablated together minus the sum of each set's alone (nats):
+        above 0 super-additive (the sets stand in for each other), below 0 sub-additive (they overlap, or the later
+        features depend on the earlier ones), about 0 independent. Mean with its Student-t 95% interval."""
+        return mean_ci95(self.loss_increase[:, -1].double() - self.loss_increase[:, :-1].double().sum(1))
+
     def display_title(self) -> str:
         return f"Top features of {', '.join(self.hooks)} ablated alone and together ({self.mode} mode)"
 

@@ -401,12 +401,13 @@ def reconstruction_at_prediction(
     )
 
 
-def full_splice_hooks(sae: SAE, keep: torch.Tensor) -> list[tuple[str, Any]]:
+def full_splice_hooks(sae: SAE, keep: torch.Tensor, observe=None) -> list[tuple[str, Any]]:
     """TransformerLens forward hooks that splice ``sae`` in at every position where ``keep [B, T, 1]`` is True.
 
     The hook the SAE writes (``hook_point_out``) gets ``decode(encode(x_in), x_in)``; for a transcoder ``x_in`` is
     captured at its input hook earlier in the same pass; an attention ``hook_z`` SAE's output is put back in the
-    hook's ``[B, T, n_heads, d_head]`` shape.
+    hook's ``[B, T, n_heads, d_head]`` shape. ``observe(x, x_hat)`` (optional) sees the hook's clean activation and
+    the reconstruction, both ``[B, T, d_out]``, before the splice.
     """
     store: dict[str, torch.Tensor] = {}
 
@@ -415,7 +416,10 @@ def full_splice_hooks(sae: SAE, keep: torch.Tensor) -> list[tuple[str, Any]]:
 
     def splice(act: torch.Tensor, hook: Any = None) -> torch.Tensor:
         x_in = sae.flatten_input(store.get("x_in", act).float())
-        x_hat = sae(x_in).to(act.dtype)
+        x_hat = sae(x_in)
+        if observe is not None:
+            observe(act.flatten(2) if act.dim() > 3 else act, x_hat)
+        x_hat = x_hat.to(act.dtype)
         if act.dim() > 3:
             x_hat = x_hat.unflatten(-1, act.shape[2:])
         k = keep.reshape(*keep.shape[:2], *([1] * (act.dim() - 2)))
@@ -445,11 +449,19 @@ def _run_checked(model, rows: torch.Tensor, fwd_hooks: list[tuple[str, Any]]) ->
     return logits
 
 
+def _ev_from_sums(e: dict[str, Any]) -> float:
+    """Explained variance from the running sums of :func:`sequence_loss_recovered` (NaN: no position, or x constant)."""
+    if e["n"] == 0:
+        return float("nan")
+    total = e["x2"] - float((torch.as_tensor(e["x"], dtype=torch.float64) ** 2).sum()) / e["n"]
+    return 1.0 - e["err"] / total if total > 0 else float("nan")
+
+
 @torch.no_grad()
 def sequence_loss_recovered(
     model,
     saes: dict[str, SAE] | Sequence[SAE],
-    token_rows: torch.Tensor,
+    token_rows: torch.Tensor | Sequence[Sequence[int]],
     *,
     bos_id: int | Collection[int] | None,
     pad_id: int | None = None,
@@ -471,7 +483,8 @@ def sequence_loss_recovered(
         model: TransformerLens model (``__call__`` returns logits ``[batch, pos, d_vocab]``, ``run_with_hooks``).
         saes: ``{name: SAE}`` or a list (named by hook point); each reads ``sae.hook_point`` and writes
             ``sae.hook_point_out`` (the same hook except for transcoders).
-        token_rows: int64 ``[n_rows, seq]``.
+        token_rows: int64 ``[n_rows, seq]``, or rows of different lengths (e.g. a task's prompts with their
+            answers): rows of one length are batched together, so no row is ever padded.
         bos_id, pad_id, bos_policy: see :func:`saecircuits.data.activations.bos_keep_mask` (``bos_id`` may be the
             set of special ids, ``models.tokens.special_token_ids``); targets that are any of them are not scored.
         batch_rows: rows per forward pass.
@@ -479,7 +492,9 @@ def sequence_loss_recovered(
 
     Returns:
         ``{name: {"ce_clean", "ce_spliced", "ce_zero" (nats), "loss_recovered" (NaN when undefined),
-        "loss_recovered_ci95" ([lo, hi]), "loss_recovered_undefined_reason" (str or None), "n_tokens", "n_rows"}}``.
+        "loss_recovered_ci95" ([lo, hi]), "loss_recovered_undefined_reason" (str or None), "explained_variance"
+        (over every spliced position, pooled as in :func:`saecircuits.saes.metrics.explained_variance`; NaN when
+        undefined), "n_tokens", "n_rows"}}``.
 
     Raises:
         SAEError: no scored token (every target is BOS or padding).
@@ -495,6 +510,9 @@ def sequence_loss_recovered(
         name: {"clean": [], "spliced": [], "zero": []} for name, _ in items
     }
     counts: list[torch.Tensor] = []
+    # explained variance over the spliced positions, from running sums (saes.metrics.explained_variance's formula:
+    # 1 - sum |x - x_hat|^2 / sum |x - mean x|^2, with sum |x - mean x|^2 = sum |x|^2 - |sum x|^2 / n)
+    ev_sums: dict[str, dict[str, Any]] = {name: {"err": 0.0, "x": 0.0, "x2": 0.0, "n": 0.0} for name, _ in items}
 
     def row_nll(logits: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Summed NLL (nats) of the scored targets of each row: ``[rows]`` float64."""
@@ -502,22 +520,39 @@ def sequence_loss_recovered(
         nll = -logp.gather(-1, rows[:, 1:, None]).squeeze(-1)
         return (nll.double() * valid).sum(-1).cpu()
 
-    for start in range(0, token_rows.shape[0], batch_rows):
-        rows = token_rows[start : start + batch_rows].to(device)
+    if isinstance(token_rows, torch.Tensor):
+        batches = [token_rows[s : s + batch_rows] for s in range(0, token_rows.shape[0], batch_rows)]
+    else:  # rows of different lengths: equal lengths batched together (no padding, so nothing to mask)
+        by_len: dict[int, list[Sequence[int]]] = {}
+        for r in token_rows:
+            by_len.setdefault(len(r), []).append(r)
+        batches = [torch.tensor(group[s : s + batch_rows], dtype=torch.long)
+                   for _, group in sorted(by_len.items()) for s in range(0, len(group), batch_rows)]
+    for rows in batches:
+        rows = rows.to(device)
         target = rows[:, 1:]
         valid = ~special_token_mask(target, bos_id) & ~special_token_mask(target, pad_id)
         keep = bos_keep_mask(rows, bos_id, bos_policy)[..., None]  # type: ignore[arg-type]
+        real = ~special_token_mask(rows, pad_id)[..., None]
         counts.append(valid.sum(-1).cpu())
         clean = row_nll(model(rows), rows, valid)
         for name, sae in items:
             sae_dev = sae.to(device)
+
+            def observe(act: torch.Tensor, x_hat: torch.Tensor, _keep=keep, _ev=ev_sums[name], _real=real) -> None:
+                m = (_keep & _real).double()  # the positions spliced in (padding left out)
+                x = act.double()
+                _ev["err"] += float((((x - x_hat.double()) ** 2) * m).sum())
+                _ev["x"] += (x * m).sum((0, 1)).cpu()
+                _ev["x2"] += float(((x**2) * m).sum())
+                _ev["n"] += float(m.sum())
 
             def zero(act: torch.Tensor, hook: Any = None, _keep=keep) -> torch.Tensor:
                 _keep = _keep.reshape(*_keep.shape, *([1] * (act.dim() - _keep.dim())))
                 return torch.where(_keep, torch.zeros_like(act), act)
 
             sums[name]["clean"].append(clean)
-            spliced = _run_checked(model, rows, full_splice_hooks(sae_dev, keep))
+            spliced = _run_checked(model, rows, full_splice_hooks(sae_dev, keep, observe))
             sums[name]["spliced"].append(row_nll(spliced, rows, valid))
             zeroed = _run_checked(model, rows, [(sae.hook_point_out, zero)])
             sums[name]["zero"].append(row_nll(zeroed, rows, valid))
@@ -538,6 +573,7 @@ def sequence_loss_recovered(
             "loss_recovered": lr.value,
             "loss_recovered_ci95": [lr.low, lr.high],
             "loss_recovered_undefined_reason": lr.reason,
+            "explained_variance": _ev_from_sums(ev_sums[name]),
             "n_tokens": int(n_tok.sum()),
             "n_rows": int(scored.sum()),
         }

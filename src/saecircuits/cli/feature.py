@@ -18,7 +18,7 @@ def _print_card(card: dict) -> None:
     from rich.console import Console
     from rich.markup import escape
 
-    from saecircuits.report.summary import feature_reading
+    from saecircuits.report.summary import feature_reading, quoted_token
     from saecircuits.report.tokens_html import visible_token
 
     console = Console(soft_wrap=True, highlight=False)
@@ -39,13 +39,13 @@ def _print_card(card: dict) -> None:
     cs = ((sae.get("corpus_stats") or {}).get("features") or [None])[0]
     if cs:
         console.print(f"  corpus density {cs['density']:.2e}, max activation {cs['max_activation']:.3f}; fires on "
-                      + escape(", ".join(f"{visible_token(t)!r} ({c})" for t, c in cs["top_tokens"][:8])))
+                      + escape(", ".join(f"{quoted_token(t)} ({c})" for t, c in cs["top_tokens"][:8])))
     fd = (sae.get("feature_details") or [None])[0] or {}
     for key, label, unit in (("prompt_boosts", "log-prob boosts", "nats"), ("weight_boosts", "logit boosts", "logits")):
         b = fd.get(key)
         if b:
             up = b.get("boosted") or b.get("top") or []
-            console.print(f"  {label} ({unit}): up " + escape(", ".join(f"{visible_token(t)!r} {v:+.3f}" for t, v in up[:6])))
+            console.print(f"  {label} ({unit}): up " + escape(", ".join(f"{quoted_token(t)} {v:+.3f}" for t, v in up[:6])))
     for ex in ((sae.get("examples") or [{}])[0].get("examples") or [])[:5]:
         acts = [a if a is not None else float("-inf") for a in ex["activations"]]
         j = max(range(len(acts)), key=acts.__getitem__)

@@ -52,6 +52,15 @@ def _ratio_text(sae: dict, key: str) -> str:
     return f"{value:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
 
 
+def _seq_text(sae: dict) -> str:
+    """'; over every position of the prompts: ...' (explained variance and loss recovered), or '' (not computed)."""
+    q = sae.get("whole_sequence")
+    if not q:
+        return ""
+    return (f"; over every position of the prompts: explained variance {_num(q.get('explained_variance'), '.3f')}, "
+            f"loss recovered {_ratio_text(q, 'loss_recovered')}")
+
+
 def _checks_block(console, results: dict) -> None:
     """Every failed check with what to try, or one line saying all passed."""
     from rich.markup import escape
@@ -61,7 +70,8 @@ def _checks_block(console, results: dict) -> None:
         return
     if not checks:
         console.print("[green]checks:[/] all passed (the model performs the behaviour; every SAE reconstructs "
-                      "the hook at P better than mean ablation, with defined loss recovered)")
+                      "the hook at P better than mean ablation, with defined loss recovered, explained variance at P "
+                      "and loss recovered over every position not low, and records no other model)")
         return
     console.print(f"[bold yellow]checks: {len(checks)} warning(s)[/]")
     for c in checks:
@@ -103,7 +113,7 @@ def _summary(results: dict) -> None:
             f"{escape(sae['hook_point'])}  (d_sae {sae['d_sae']}, L0 at P {sae['l0']:.1f}, explained variance at P "
             f"{'undefined' if ev is None else format(ev, '.3f')}, loss recovered "
             f"{_ratio_text(sae, 'loss_recovered')} vs zero / {_ratio_text(sae, 'loss_recovered_mean_ablation')} "
-            "vs mean ablation)"))
+            f"vs mean ablation at P{_seq_text(sae)})"))
         for col in ("feature", "loss increase (nats)", "±95%", "mean act", "frac active"):
             table.add_column(col, justify="right")
         for f in sae["top_features"][:8]:
@@ -133,7 +143,7 @@ def _study_summary(console, results: dict) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from saecircuits.report.tokens_html import visible_token
+    from saecircuits.report.summary import quoted_token
 
     for sae in results["saes"]:
         lc = sae.get("loss_comparison")
@@ -152,7 +162,7 @@ def _study_summary(console, results: dict) -> None:
             for col in ("feature", "density", "max", "top tokens (count)"):
                 table.add_column(col, justify="right" if col != "top tokens (count)" else "left")
             for fe in cs["features"]:
-                toks = ", ".join(f"{visible_token(t)!r} ({c})" for t, c in fe["top_tokens"][:5])
+                toks = ", ".join(f"{quoted_token(t)} ({c})" for t, c in fe["top_tokens"][:5])
                 table.add_row(str(fe["feature"]), f"{fe['density']:.2e}", f"{fe['max_activation']:.3f}", escape(toks))
             console.print(table)
 
@@ -239,7 +249,8 @@ CIRCUIT_HELP = ("Build the feature circuit across the SAEs' layers: exact node a
 @app.command("run", cls=SaeCommand, short_help="Find the SAE features behind a behaviour of any model.")
 def run(
     model: Annotated[str, typer.Option(
-        metavar="NAME|DIR|FILE", help="Hub name, local Hugging Face folder, or llama2.c .bin checkpoint.")],
+        metavar="NAME|DIR|FILE", help="Hub name, local Hugging Face folder, llama2.c .bin checkpoint, or 'default' "
+                                      "(the embedded 2-layer GPT-Neo the demo uses).")],
     data: Annotated[Path, typer.Option(
         metavar="FILE", help="Corpus for prompts and statistics: text (<|endoftext|> or blank-line separated), "
                              "JSONL with 'text', or Parquet with a 'text' column.")],

@@ -69,7 +69,7 @@ def train_sae_command(
         help="54_serene_plasma or 189_giddy_water: the reference notebook's two SAEs.")] = None,
     model: Annotated[str | None, typer.Option(
         "--model", metavar="NAME|DIR|FILE", show_default="none",
-        help="Hub name, Hugging Face folder or llama2.c .bin.")] = None,
+        help="Hub name, Hugging Face folder, llama2.c .bin, or 'default' (the embedded model).")] = None,
     data: Annotated[Path | None, typer.Option(
         "--data", metavar="FILE", show_default="none",
         help="Corpus: text (<|endoftext|> or blank-line separated), JSONL with 'text', or Parquet.")] = None,

@@ -23,6 +23,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+from saecircuits.atomic import remove_dead_temps
 from saecircuits.models.train_lm import (
     TRAIN_INFO,
     LMConfig,
@@ -113,10 +114,11 @@ def ensure_default_model(
             f"{final} exists but is incomplete or was trained with another configuration; delete it and retry"
         )
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temps(final.parent)  # copies and trainings of killed runs
     shipped = shipped_model_dir()
     if shipped is not None and _matches(shipped, config):
         logger.info("copying the shipped default model to %s", final)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.copy-"))
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.copy-{os.getpid()}-"))
         try:
             shutil.copytree(shipped, tmp, dirs_exist_ok=True)
             make_readable(tmp)

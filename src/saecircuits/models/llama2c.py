@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from saecircuits.atomic import remove_dead_temps
+
 logger = logging.getLogger(__name__)
 
 BOS_ID = 1
@@ -451,7 +453,8 @@ def build_llama2c_tokenizer(vocab: Llama2cVocab, save_dir: str | os.PathLike[str
 def _atomic_convert(bin_path: Path, tok_path: Path, target: Path) -> None:
     """Write the HF model + tokenizer into ``target`` via a temp folder in the same parent, then rename."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    remove_dead_temps(target.parent)  # what killed conversions left (the pid is in the name)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.tmp-{os.getpid()}-", dir=target.parent))
     cfg, _ = read_llama2c_checkpoint(bin_path)
     model = llama2c_to_hf(bin_path)
     model.save_pretrained(tmp, safe_serialization=True)

@@ -41,6 +41,19 @@ import torch
 
 logger = logging.getLogger(__name__)
 
+
+class _OfflineKernelNotice(logging.Filter):
+    """Drops the ``kernels`` package's "Skipping publisher trust check for '...' because Hugging Face Hub is in
+    offline mode." warnings: transformers probes three optional attention kernels on every model load, so every
+    offline command printed three warnings about kernels it never uses. Other messages of that logger pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("Skipping publisher trust check") and "offline mode" in msg)
+
+
+logging.getLogger("kernels._internals.hf_hub").addFilter(_OfflineKernelNotice())
+
 _PROVENANCE_ATTR = "saecircuits_provenance"
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$|^[A-Za-z0-9][\w.-]*$")
 _WEIGHT_FILES = (
@@ -296,6 +309,29 @@ def load_hf_model(
     return bridge
 
 
+DEFAULT_MODEL_NAMES = ("default", "saecircuits-default")
+"""Names of the embedded default model (a 2-layer GPT-Neo trained on generated dialogue stories, the demo's) for
+``--model``; a folder of that name in the working directory wins."""
+
+
+def default_model_folder(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The embedded default model's folder: the workspace copy (``models.default.ensure_default_model``, as the demo
+    makes it) when ``cache_dir`` (``WORKSPACE/models``) is given, else the checkpoint shipped with the package.
+
+    Raises:
+        ModelLoadError: no ``cache_dir`` and no shipped checkpoint of the current recipe.
+    """
+    from saecircuits.models.default import DEFAULT_CONFIG, _matches, ensure_default_model, shipped_model_dir
+
+    if cache_dir is not None:
+        return ensure_default_model(Path(cache_dir).parent, progress=False)
+    shipped = shipped_model_dir()
+    if shipped is None or not _matches(shipped, DEFAULT_CONFIG):
+        raise ModelLoadError("the embedded default model is not shipped with this install; run `saecircuits demo` "
+                             "once (it trains it into the workspace), then --model default")
+    return shipped
+
+
 def looks_like_path(source: str) -> bool:
     """True when ``source`` cannot be a hub id (``name`` or ``owner/name``), so it must have been meant as a path."""
     if source.startswith((".", "/", "~", "\\")) or not _HUB_NAME.match(source):
@@ -414,6 +450,9 @@ def load_model(
     switches = dict(
         fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed
     )
+    default = text in DEFAULT_MODEL_NAMES and not path.exists()
+    if default:
+        path = default_model_folder(cache_dir)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(
@@ -432,7 +471,8 @@ def load_model(
                 f"{(str(exc).splitlines() or [''])[0]}); check config.json and the weight files"
             ) from exc
         prov = ModelProvenance(
-            source=text, model_name=path.resolve().name, kind="hf_folder", hf_folder=str(path.resolve())
+            source=text, model_name=DEFAULT_MODEL_NAMES[-1] if default else path.resolve().name, kind="hf_folder",
+            hf_folder=str(path.resolve()),
         )
         return load_hf_model(
             model, tok, model_name=prov.model_name, device=device, dtype=dtype, provenance=prov, **switches

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from saecircuits.atomic import remove_dead_temps
 from saecircuits.data.storygen import EOT, GENERATOR_VERSION, generate_stories
 from saecircuits.progress import progress_bar
 
@@ -449,7 +450,8 @@ def train_lm_to_folder(out: str | os.PathLike, cfg: LMConfig, progress: bool = T
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (CLI: --overwrite) or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    remove_dead_temps(out.parent)  # what killed runs left (the pid is in the name)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
     try:
         t0 = time.perf_counter()
         logger.info("generating %d training and %d held-out stories", cfg.n_train_stories, cfg.n_heldout_stories)

@@ -15,11 +15,11 @@ largest first; features without one last). ``CARD`` holds what is known of one f
 ``reading`` (one line), ``top`` (ranked-table entry), ``cs`` (corpus statistics), ``ex`` (top activating examples),
 ``bands`` (examples from lower bands of its maximum), ``task`` (activations at P on the task prompts), ``pb``/``wb``
 (prompt- and weight-based boosts), ``lva`` (activation vs loss increase per prompt), ``dfa``, ``stories`` (ablation on
-max-activating stories), ``modes`` (the three ablation modes), ``sdla`` (activation-scaled DLA), ``node`` (its
-circuit node). An example is ``{"d": doc, "t": [string index], "k": "tcsw..." (text/continuation/special/blank per
-token: a blank token is a text token that is whitespace only or shows no text, drawn as a marked box, see
-:func:`saecircuits.report.tokens_html.blank_token_note`), "a": [value or null], "m": max}``; identical windows (same
-tokens and values) are kept once per feature.
+max-activating stories), ``modes`` (the three ablation modes), ``sdla`` (activation-scaled DLA), ``sub`` ([prompts
+where it is active, the cap of the per-prompt views]), ``node`` (its circuit node). An example is ``{"d": doc, "t":
+[string index], "k": "tcsw..." (text/continuation/special/blank per token: a blank token is a text token that is
+whitespace only or shows no text, drawn as a marked box, see :func:`saecircuits.report.tokens_html.blank_token_note`),
+"a": [value or null], "m": max}``; identical windows (same tokens and values) are kept once per feature.
 
 :func:`embed_json` writes the payload into a ``<script type="application/json">`` element, gzip-compressed and
 base64-encoded when it is large (the page inflates it with the browser's ``DecompressionStream``).
@@ -138,6 +138,9 @@ def _sae_payload(i: int, sae: Mapping, results: Mapping, strings: _Strings) -> d
             "tokens": [[strings(t), int(n)] for t, n in fe["top_tokens"][:12]],
             "hist": list(fe.get("activation_log10_counts") or []),
         }
+        top = _dedup([_example(x, strings) for x in fe.get("top_examples") or []], seen.setdefault(k, set()))
+        if top:
+            c.setdefault("ex", []).extend(top)
         bands = {}
         for band, exs in (fe.get("band_examples") or {}).items():
             kept = _dedup([_example(x, strings) for x in exs], seen.setdefault(k, set()))
@@ -150,6 +153,8 @@ def _sae_payload(i: int, sae: Mapping, results: Mapping, strings: _Strings) -> d
     for fd in sae.get("feature_details") or []:
         c = card(fd["feature"])
         pb, wb, lva, dfa = fd.get("prompt_boosts"), fd.get("weight_boosts"), fd.get("loss_vs_activation"), fd.get("dfa")
+        if fd.get("n_active_prompts") is not None and fd.get("max_prompts") is not None:
+            c["sub"] = [fd["n_active_prompts"], fd["max_prompts"]]  # [active prompts, cap of the views]
         if pb:
             c["pb"] = {"up": _pairs(pb["boosted"], strings), "down": _pairs(pb["deboosted"], strings),
                        "n": pb.get("n_prompts")}

@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from saecircuits.atomic import remove_dead_temps
 from saecircuits.report.render import build_report
 
 __all__ = ["ExportError", "ExportResult", "export_report", "write_tables", "write_figures"]
@@ -122,6 +123,7 @@ def write_tables(tables, out_dir: str | os.PathLike) -> Path:
     Returns the folder. Written into a temporary folder first, then moved into place."""
     final = Path(out_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temps(final.parent)  # what a killed export left
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -158,6 +160,7 @@ def write_figures(figures, out_dir: str | os.PathLike, *, scale: float = 2.0,
         timeout = _default_timeout(len(figures))
     final = Path(out_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temps(final.parent)  # what a killed export left
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -58,6 +58,7 @@ from saecircuits.report.summary import (
     GLOSSARY,
     feature_reading,
     headline,
+    layer_comparison_reading,
     model_name,
     ratio_problem,
     supported,
@@ -196,6 +197,17 @@ class _TableSink:
 _TABLES: contextvars.ContextVar[_TableSink | None] = contextvars.ContextVar("saecircuits_report_tables", default=None)
 
 
+def _set_where(fig: _Figures, where: str) -> str:
+    """Name the page part being drawn (e.g. ``sae-0-blocks-0-mlp-hook_post-f12``) for the exported figures and
+    tables, so a PNG or CSV says which SAE and feature it shows; returns the previous name (to restore)."""
+    before = fig.where
+    fig.where = where
+    sink = _TABLES.get()
+    if sink is not None:
+        sink.where = where
+    return before
+
+
 def _error_bars(means: Sequence[Any], cis: Sequence[Any] | None) -> dict | None:
     """plotly ``error_y`` for CIs given per bar as half-widths or [lo, hi] pairs (None where missing)."""
     if cis is None or all(c is None for c in cis):
@@ -221,8 +233,9 @@ class _Figures:
 
     def __init__(self) -> None:
         self.n = 0
+        self.where = "header"  # the page part being drawn (SAE and hook, feature): part of the exported file name
         self.specs: dict[str, dict] = {}
-        self.figures: list[tuple[str, go.Figure]] = []  # (div id, figure) for the PNG export
+        self.figures: list[tuple[str, go.Figure]] = []  # (where, figure) for the PNG export
         self.trace_types: set[str] = set()
 
     def __call__(self, fig: go.Figure, *, height: int = 380) -> str:
@@ -232,7 +245,7 @@ class _Figures:
         spec = json.loads(pio.to_json(fig, validate=False))
         spec["layout"].pop("template", None)  # the page sets the one shared template
         self.specs[div_id] = {"data": spec.get("data", []), "layout": spec["layout"]}
-        self.figures.append((div_id, fig))
+        self.figures.append((self.where, fig))
         self.trace_types.update(str(t.get("type", "scatter")) for t in spec.get("data", []))
         return f'<div class="plot" data-lazy="1" id="{div_id}" style="height: {int(height)}px"></div>'
 
@@ -349,6 +362,11 @@ def _ratio(sae: Mapping, key: str) -> str:
     return _pm(value, sae.get(f"{key}_ci95"), ".3f")
 
 
+def _seq_ratio(sae: Mapping) -> str:
+    """The whole-sequence loss recovered with its interval, 'undefined: reason', or 'n/a' (not computed)."""
+    return _ratio(sae.get("whole_sequence") or {}, "loss_recovered")
+
+
 def _behaviour_html(r: Mapping) -> str:
     b = r.get("behaviour")
     if not b:
@@ -377,13 +395,24 @@ def _checks_section(r: Mapping) -> str:
     if not checks:
         out.append('<div class="ok">All checks passed: every SAE reconstructs its hook at the prediction '
                    "position better than mean ablation does, with a non-negative explained variance, a defined "
-                   "loss recovered not clearly below 0.5, and top features that are not mostly dense.</div>")
+                   "loss recovered not clearly below 0.5, an explained variance at P and a loss recovered over every "
+                   "position that are not low, top features that are not mostly dense, and no SAE recording "
+                   "another model.</div>")
         return "\n".join(out)
     out.append(f'<p class="note">{len(checks)} warning(s). Numbers they concern cannot support a conclusion as '
                "they stand.</p>")
     rows = [(c["scope"], c["message"], c["what_to_try"]) for c in checks]
     out.append(_table(["scope", "warning", "what to try"], rows, left_cols=(0, 1, 2)))
     return "\n".join(out)
+
+
+def _sae_warning_again(r: Mapping, sae: Mapping) -> str:
+    """One line over the SAE's ranking pointing back to its warning box (one box per SAE, not two alike)."""
+    n = sum(1 for c in r.get("checks") or [] if c["scope"] in ("task", sae["hook_point"]))
+    if not n:
+        return ""
+    return (f'<p class="note"><b style="color:#c0392b">Warning:</b> {n} check(s) failed (listed at the top of this '
+            "SAE's section); the feature ranking of this SAE cannot support a conclusion as it stands.</p>")
 
 
 def _sae_warning(r: Mapping, sae: Mapping) -> str:
@@ -413,12 +442,22 @@ def _sae_summary(sae: Mapping, fig: _Figures) -> str:
         ("loss recovered vs zero ablation", _ratio(sae, "loss_recovered")),
         ("loss recovered vs mean ablation", _ratio(sae, "loss_recovered_mean_ablation")),
     ]
+    q = sae.get("whole_sequence")
+    if q:
+        rows += [
+            (f"explained variance over every position of the prompts ({q.get('n_tokens', '?')} tokens)",
+             _num(q.get("explained_variance"), ".4f")),
+            (f"loss recovered over every position of the prompts (next-token loss clean {_num(q.get('ce_clean'), '.4f')},"
+             f" SAE {_num(q.get('ce_sae'), '.4f')}, zero ablation {_num(q.get('ce_zero'), '.4f')} nats)",
+             _seq_ratio(sae))]
     out = [_table(["quantity", "value (95% CI)"], rows, left_cols=(0, 1))]
     out.append(
         '<p class="note">Loss recovered = (ablated - SAE) / (ablated - clean): 1 means splicing the SAE in '
         "costs nothing, 0 means it is as bad as ablating the layer. It is undefined when the ablation does not "
         "clearly raise the loss (a mean increase under 0.01 nats, or a 95% interval that includes 0); read the "
-        "losses above instead.</p>"
+        "losses above instead. At P it sits near 1 even for a poor SAE (one position of one layer rarely "
+        "decides the answer); the explained variance at P and the loss recovered over every position are the "
+        "figures that tell a good SAE from a bad one.</p>"
     )
     names = ["clean", "SAE", "zero ablation", "mean ablation"]
     means = [sae["clean_loss"], sae["sae_loss"], sae["zero_ablation_loss"], sae["mean_ablation_loss"]]
@@ -703,7 +742,20 @@ def _token_value_table(title_a: str, a: Sequence, title_b: str, b: Sequence, uni
 
 def _feature_detail(fd: Mapping, fig: _Figures, sid: str) -> str:
     k = fd["feature"]
+    before = _set_where(fig, f"{fig.where}-f{int(k)}")
+    try:
+        return _feature_detail_html(fd, fig, sid)
+    finally:
+        _set_where(fig, before)
+
+
+def _feature_detail_html(fd: Mapping, fig: _Figures, sid: str) -> str:
+    k = fd["feature"]
     out = [f'<h4 id="{sid}-detail-f{k}">Feature {_esc(k)}</h4>']
+    n_act, cap = fd.get("n_active_prompts"), fd.get("max_prompts")
+    if isinstance(n_act, int) and isinstance(cap, int) and n_act > cap:
+        out.append(f'<p class="note">The views below use the first {cap} of the {n_act} prompts where feature '
+                   f"{_esc(k)} is active (task order).</p>")
     pb = fd.get("prompt_boosts")
     if pb:
         extra = ""
@@ -965,7 +1017,10 @@ def _corpus_section(sae: Mapping, fig: _Figures, sid: str) -> str:
         f.update_layout(title="Feature density over the corpus (features that fire at least once)",
                         xaxis_title="log10 density (fraction of tokens with f > 0)", yaxis_title="features")
         out.append(fig(f, height=320))
-    feats = cs["features"]
+    feats = cs["features"][:STATIC_FEATURES]
+    if len(cs["features"]) > STATIC_FEATURES:
+        out.append(f'<p class="note">The first {STATIC_FEATURES} of {len(cs["features"])} listed features are shown '
+                   "here; the feature browser has the statistics and top examples of every one.</p>")
     if feats:
         rows = [
             (
@@ -1190,6 +1245,9 @@ def _layer_comparison_section(r: Mapping, fig: _Figures) -> str:
     rows = [(run["label"], "; ".join(", ".join(str(x) for x in fs) for fs in run.get("features", [])),
              _mci(run["loss_increase"])) for run in runs]
     out.append(_table(["run", "features", "loss increase (nats, 95% CI)"], rows, left_cols=(0, 1)))
+    reading = layer_comparison_reading(lc)
+    if reading:
+        out.append(f'<p class="note"><b>Reading:</b> {_esc(reading)}</p>')
     if lc.get("paired"):
         out.append(_table(["a - b", "loss increase difference (nats, paired 95% CI)"],
                           [(f"{runs[p['a']]['label']} - {runs[p['b']]['label']}", _pm(p["mean"], p.get("ci95")))
@@ -1259,7 +1317,10 @@ def _circuit_section(r: Mapping, fig: _Figures) -> str:
         "exact drop of the answer's log-prob (nats) when it alone is ablated at P (features: their decoded "
         "contribution removed, the SAE error kept), averaged over prompts; an <b>edge</b> u&rarr;d is the exact "
         "drop of feature d's activation when u alone is ablated. Attribution patching (AtP) and integrated "
-        "gradients (IG, per submodule as in Sparse Feature Circuits) estimate the same numbers from gradients; "
+        "gradients (IG, per submodule as in Sparse Feature Circuits) estimate the same numbers from gradients. "
+        "IG moves every node of a submodule from clean to ablated together, so a node's IG is its share of the "
+        "submodule's joint ablation (with the other nodes' interactions in it) and can differ from its single-node "
+        "ablation whenever the nodes interact; "
         f"the tables below say how well they agree with the exact values. {c.get('n_nodes_total', len(nodes))} "
         f"nodes, {c.get('n_edges_total', '?')} non-zero edges; the full graph is in "
         f"<code>{_esc(c.get('file', 'circuit.json'))}</code>.</p>"
@@ -1490,10 +1551,13 @@ def _summary_section(r: Mapping) -> str:
             sup = sum(1 for t in sae.get("top_features") or []
                       if supported(t["loss_increase"], t.get("loss_increase_ci95")))
             rows.append((f"SAE {i}: {sae['hook_point']}", _lr_cell(sae, "loss_recovered"),
-                         _lr_cell(sae, "loss_recovered_mean_ablation"),
-                         _num(sae["l0"], ".1f"), sup))
-        out.append(_table(["SAE", "loss recovered vs zero ablation (95% CI)", "vs mean ablation (95% CI)", "L0 at P",
-                           "features with a supported effect"], rows, left_cols=(0,)))
+                         _lr_cell(sae, "loss_recovered_mean_ablation"), _seq_ratio(sae),
+                         _num((sae.get("whole_sequence") or {}).get("explained_variance"), ".3f"),
+                         _num(sae.get("explained_variance"), ".3f"), _num(sae["l0"], ".1f"), sup))
+        out.append(_table(["SAE", "loss recovered at P vs zero ablation (95% CI)", "vs mean ablation (95% CI)",
+                           "loss recovered over every position (95% CI)", "explained variance over every position",
+                           "explained variance at P", "L0 at P", "features with a supported effect"], rows,
+                          left_cols=(0,)))
         for i, sae in enumerate(r["saes"]):
             out.append(_surprise_notes(sae, r))
             ranked = _sorted_features(sae)[:5]
@@ -1633,14 +1697,14 @@ def build_report(results: Mapping) -> Report:
     token = _TABLES.set(sink)
     try:
         fig = _Figures()
-        sink.where = "summary"
+        _set_where(fig, "summary")
         summary = _summary_section(results)
-        sink.where = "header"
+        _set_where(fig, "header")
         header = _header(results)
         toc = ['<li><a href="#summary">Summary</a></li>', '<li><a href="#glossary">Glossary</a></li>',
                '<li><a href="#browser">Feature browser</a></li>',
                '<li><a href="#dla">Direct logit attribution</a></li>']
-        sink.where = "checks"
+        _set_where(fig, "checks")
         checks_html = _checks_section(results)
         body = []
         if checks_html:
@@ -1649,12 +1713,12 @@ def build_report(results: Mapping) -> Report:
                                                                  else "") + "</li>")
             body.append(_section("checks", "Checks", checks_html.replace('<h2 id="checks">Checks</h2>', "", 1),
                                  open_=True))
-        sink.where = "dla"
+        _set_where(fig, "dla")
         body += [_section("dla", "Direct logit attribution", _dla_section(results, fig).replace(
             '<h2 id="dla">Direct logit attribution</h2>', "", 1))]
         for i, sae in enumerate(results["saes"]):
             sid = f"sae-{i}"
-            sink.where = sid
+            _set_where(fig, f"{sid}-{_slug(sae['hook_point'])}")
             title = _sae_title(i, sae)
             top = ", ".join(f"f{t['feature']}" for t in _sorted_features(sae)[:5])
             flagged = any(c["scope"] in ("task", sae["hook_point"]) for c in results.get("checks") or [])
@@ -1681,7 +1745,7 @@ def build_report(results: Mapping) -> Report:
             warning = _sae_warning(results, sae)
             part = [warning, f'<h3 id="{sid}-summary">Summary</h3>', _sae_summary(sae, fig),
                     _surprise_notes(sae, results), _sae_quality(sae), f'<h3 id="{sid}-features">Top features</h3>',
-                    warning, _features_section(sae, fig)]
+                    _sae_warning_again(results, sae), _features_section(sae, fig)]
             if sae.get("feature_effects"):
                 part += [f'<h3 id="{sid}-effects">Exact effects of every active feature</h3>',
                          _effects_section(sae, fig)]
@@ -1691,7 +1755,7 @@ def build_report(results: Mapping) -> Report:
             part += _study_sections(sae, fig, sid)
             body.append(_section(sid, title, part))
         if results.get("layer_comparison"):
-            sink.where = "layers"
+            _set_where(fig, "layers")
             toc.append('<li><a href="#layers">Top features of each layer, alone and together</a></li>')
             lc_html = _layer_comparison_section(results, fig)
             lc_title = "Top features of each layer ablated, alone and together"
@@ -1699,12 +1763,12 @@ def build_report(results: Mapping) -> Report:
         if not results["saes"]:
             body.append('<p class="muted">No SAEs in these results.</p>')
         if results.get("circuit"):
-            sink.where = "circuit"
+            _set_where(fig, "circuit")
             toc.append('<li><a href="#circuit">Feature circuit across layers</a></li>')
             c_html = _circuit_section(results, fig).replace('<h2 id="circuit">Feature circuit across layers</h2>', "", 1)
             body.append(_section("circuit", "Feature circuit across layers", c_html))
         toc.append('<li><a href="#appendix">Appendix</a></li>')
-        sink.where = "appendix"
+        _set_where(fig, "appendix")
         body.append(_section("appendix", "Appendix", _appendix(results).replace('<h2 id="appendix">Appendix</h2>', "", 1)))
         browser = browser_payload(results)
         js, bundle = plotly_bundle(fig.trace_types)
@@ -1736,7 +1800,7 @@ def build_report(results: Mapping) -> Report:
             "</body></html>",
         ]
     )
-    named = [(f"{j:03d}-{_slug(_fig_title(f))}", f) for j, (_, f) in enumerate(fig.figures, 1)]
+    named = [(f"{j:03d}-{where}-{_slug(_fig_title(f))}", f) for j, (where, f) in enumerate(fig.figures, 1)]
     return Report(html=page, figures=named, tables=sink.tables, bundle=bundle)
 
 

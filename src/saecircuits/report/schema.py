@@ -50,6 +50,13 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
           *"loss_recovered_mean_ablation": float,   # (mean - sae) / (mean - clean); null when undefined
           "loss_recovered_mean_ablation_ci95": [lo, hi],
           "loss_recovered_mean_ablation_undefined_reason": str,
+          "whole_sequence": {                       # the SAE spliced in at EVERY position of the prompts (answer
+                                                    # included); tells good SAEs from bad where the figures at P cannot
+              *"loss_recovered": float,             # next-token loss recovered vs zero ablation; null when undefined
+              "loss_recovered_ci95": [lo, hi], "loss_recovered_undefined_reason": str,   # (reason when undefined)
+              *"explained_variance": float,         # over those positions (tokens), pooled; null when undefined
+              "ce_clean": float, "ce_sae": float, "ce_zero": float (nats per token), "n_tokens": int,
+              "n_prompts": int},
           "failed_checks": [str],                   # ids of this SAE's entries in results["checks"]
           "n_active_features": int,
           *"top_features": [{                       # ranked by loss increase when ablated
@@ -77,6 +84,7 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
           # optional per-feature / attribution evidence (analysis/evidence.py; validated when present)
           "error_dla": {*"labels": [str], *"mean": [float], "ci95": [float]},   # logits (MLP, recon, error)
           "feature_details": [{*"feature": int,
+              "n_active_prompts": int, "max_prompts": int,   # the views below use the first max_prompts active
               "prompt_boosts": {*"boosted": [[str, float]], *"deboosted": [[str, float]], "n_prompts": int,
                                 "answer_logprob_clean": float, "answer_logprob_ablated": float},  # nats
               "weight_boosts": {*"top": [[str, float]], *"bottom": [[str, float]]},   # logits per unit act.
@@ -98,7 +106,8 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
                   "fire_count": int, "mean_when_active": float, "above_count": int,
                   *"top_tokens": [[str, count]], "top_token_share": float, "activation_log10_counts": [int],
                   "top_stories": [{*"doc_index": int, *"position": int, *"activation": float}],
-                  "band_examples": {band: [example as in "examples"]}}]},
+                  "band_examples": {band: [example as in "examples"]},   # the top-ranked features only
+                  "top_examples": [example as in "examples"]}]},   # every listed feature (any recorded effect)
           "loss_comparison": {*"labels": [str], *"mean": [float] (nats), "ci95": [float], "diff_vs_clean": [float],
               "diff_vs_clean_ci95": [float], "conditions": [str], "features": [int], "mode": str,
               "n_prompts": int, "features_minus_sae": MEANCI, "off_range": OFFRANGE|null,
@@ -120,7 +129,8 @@ are 95% (t or bootstrap, as computed by the analysis); ``[lo, hi]`` pairs are 95
               "diff_vs_clean": [float], "diff_vs_clean_ci95": [float], "rank": int, "fraction_kept": float}}],
       "layer_comparison": {*"runs": [{*"label": str, *"loss_increase": MEANCI, "hooks": [str],
           "features": [[int]], "values": [float]}], "mode": str, "n_prompts": int,
-          "paired": [{*"a": int, *"b": int, *"mean": float, "ci95": CI, "n": int}]},       # nats
+          "paired": [{*"a": int, *"b": int, *"mean": float, "ci95": CI, "n": int}],
+          "interaction": MEANCI},   # together - sum of alone, per prompt (nats): > 0 super-, < 0 sub-additive
       "corpus": {...free-form...},
       "circuit": {"selection": {...}, "agreement": {"nodes"|"edges": {"atp"|"ig": {...}}},
                   "faithfulness": [{"n_nodes", "faithfulness", "completeness", ...}],
@@ -261,6 +271,8 @@ _TOKEN_VALUES = ("list", ("tokval",), None)  # [[token str, value float], ...]
 _FEATURE_DETAIL = _Obj(
     {
         "feature": _req("int"),
+        "n_active_prompts": _opt("int"),
+        "max_prompts": _opt("int"),
         "prompt_boosts": _opt(
             _Obj(
                 {
@@ -361,6 +373,7 @@ _CORPUS_STATS = _Obj(
                             )
                         ),
                         "band_examples": _opt(("map", ("list", _EXAMPLE, None))),
+                        "top_examples": _opt(("list", _EXAMPLE, None)),
                     }
                 ),
                 None,
@@ -513,6 +526,7 @@ _LAYER_COMPARISON = _Obj(
         ),
         "mode": _opt("str"),
         "n_prompts": _opt("int"),
+        "interaction": _opt(_MEANCI),
         "paired": _opt(
             (
                 "list",
@@ -544,6 +558,19 @@ _SAE = _Obj(
         "loss_recovered_mean_ablation": _req("float"),
         "loss_recovered_mean_ablation_ci95": _opt(_PAIR),
         "loss_recovered_mean_ablation_undefined_reason": _opt("str"),
+        "whole_sequence": _opt(
+            _Obj(
+                {
+                    "loss_recovered": _req("float"),
+                    "loss_recovered_ci95": _opt(_PAIR),
+                    "loss_recovered_undefined_reason": _opt("str"),
+                    "explained_variance": _req("float"),
+                    **{k: _opt("float") for k in ("ce_clean", "ce_sae", "ce_zero")},
+                    "n_tokens": _opt("int"),
+                    "n_prompts": _opt("int"),
+                }
+            )
+        ),
         "failed_checks": _opt(("list", "str", None)),
         "n_active_features": _opt("int"),
         "top_features": _req(
@@ -964,6 +991,8 @@ def _validate_study(sae: Mapping, i: int, feature_ok) -> None:
             for band, exs in (fe.get("band_examples") or {}).items():
                 for m, ex in enumerate(exs):
                     _token_row_ok(ex, (*fw, "band_examples", band, m), "activations")
+            for m, ex in enumerate(fe.get("top_examples") or []):
+                _token_row_ok(ex, (*fw, "top_examples", m), "activations")
     lc = sae.get("loss_comparison")
     if lc is not None:
         for key in ("mean", "ci95", "diff_vs_clean", "diff_vs_clean_ci95", "conditions"):

@@ -28,6 +28,8 @@ __all__ = [
     "GLOSSARY",
     "headline",
     "feature_reading",
+    "layer_comparison_reading",
+    "quoted_token",
     "surprises",
     "supported",
     "ratio_problem",
@@ -58,6 +60,20 @@ GLOSSARY: tuple[tuple[str, str], ...] = (
     ("density", "the fraction of corpus tokens on which a feature fires; dead features never fire, dense ones fire "
                 "on more than a tenth of the tokens."),
     ("95% CI", "the 95% confidence interval over prompts (t or bootstrap); 'supported' means it excludes 0."),
+    ("faithfulness", "of a circuit C: (m(C) - m(none)) / (m(all) - m(none)), m the answer's log-prob at P with every "
+                     "node outside C mean-ablated (m(all): the clean model, m(none): every node mean-ablated). 1: the "
+                     "circuit alone does the whole job; 0: no better than everything mean-ablated. A position on "
+                     "that scale, not a share of the log-prob."),
+    ("completeness", "the same scale with the circuit's own nodes mean-ablated and the rest kept: near 0 when the "
+                     "circuit holds all that matters, near 1 when the rest can do the job without it."),
+    ("AtP", "attribution patching: a node's effect estimated from one forward and one backward pass as gradient "
+            "times the change of the node's value (first order in the ablation); fast, but misses non-linear "
+            "effects, so the report compares it with the exact effects."),
+    ("IG", "integrated gradients: the same estimate with the gradient averaged along the path from clean to "
+           "ablated. Here, as in Sparse Feature Circuits, all nodes of one submodule (one SAE's features, or one "
+           "layer's heads) move together, so a node's IG shares out the effect of ablating its whole submodule, "
+           "including the other nodes' interactions with it; it need not equal the exact effect of ablating that "
+           "node alone, which the report lists beside it."),
 )
 """Terms the report uses, in the order the glossary lists them."""
 
@@ -97,10 +113,40 @@ def _interval(mean: Any, ci: Any, unit: str = "nats") -> str:
     return f"{mean:.3f} {unit} (no interval: too few prompts)"
 
 
+def quoted_token(token: str) -> str:
+    """A token in running text: its visible form (:func:`~saecircuits.report.tokens_html.visible_token`) between
+    typographic quotes, never Python's ``repr`` (which escapes quotes: the token ``.'"`` would read ``'.\\'"'``)."""
+    return f"\u201c{visible_token(token)}\u201d"
+
+
+def layer_comparison_reading(lc: Mapping) -> str:
+    """One sentence on how the layers' top-feature sets combine (``layer_comparison`` of results.json): the loss
+    increase of all sets ablated together against the sum of each alone, from the per-prompt ``interaction``
+    (together - sum, nats, 95% CI). Empty when it is not recorded."""
+    runs, it = lc.get("runs") or [], lc.get("interaction")
+    if len(runs) < 3 or not it or not _finite(it.get("mean")):
+        return ""
+    together = runs[-1]["loss_increase"]["mean"]
+    alone = [r["loss_increase"]["mean"] for r in runs[:-1]]
+    if not _finite(together) or not all(_finite(a) for a in alone):
+        return ""
+    lo, hi = ci_bounds(it["mean"], it.get("ci95"))
+    said = (f"Ablated together, the layers' top features raise the answer loss by {together:.3f} nats, against "
+            f"{sum(alone):.3f} for the sum of each set alone: a difference of {it['mean']:+.3f} nats")
+    said += f" (95% CI {lo:+.3f} to {hi:+.3f})" if _finite(lo) and _finite(hi) else " (no interval)"
+    if _finite(lo) and lo > 0:
+        return said + (". Super-additive: each set does more when the other is also gone, so the sets partly stand "
+                       "in for each other (redundant paths), and ablating one set alone understates what it does.")
+    if _finite(hi) and hi < 0:
+        return said + (". Sub-additive: the separate effects overlap; the later features partly depend on the "
+                       "earlier ones (or carry the same signal), so their effects are not independent.")
+    return said + ". Within the interval they add up: the sets act about independently."
+
+
 def _answers(task: Mapping) -> str:
     toks = task.get("answer_tokens")
     if toks:
-        shown = [repr(visible_token(t)) for t in toks[:4]]
+        shown = [quoted_token(t) for t in toks[:4]]
         return " or ".join(shown) + (f" (and {len(toks) - 4} more)" if len(toks) > 4 else "")
     return f"token id(s) {', '.join(str(i) for i in task['answer_token_ids'][:4])}"
 
@@ -140,9 +186,21 @@ def _components(results: Mapping, n: int = 3) -> str:
     order = sorted((i for i in range(len(labels)) if _finite(means[i])), key=lambda i: -abs(means[i]))[:n]
     if not order:
         return ""
-    parts = [f"{labels[i]} ({means[i]:+.2f} logits)" for i in order]
-    return ("Directly, the answer's logit comes mostly from " + ", ".join(parts[:-1])
-            + (" and " if len(parts) > 1 else "") + parts[-1] + " (direct logit attribution, mean over prompts).")
+    def listed(idx: list[int]) -> str:
+        parts = [f"{labels[i]} ({means[i]:+.2f} logits)" for i in idx]
+        return ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
+
+    # the largest |DLA|: the ones that raise the answer's logit are its sources, the others push it down
+    up, down = [i for i in order if means[i] > 0], [i for i in order if means[i] < 0]
+    said = []
+    if up:
+        said.append("Directly, the answer's logit comes mostly from " + listed(up))
+    if down:
+        said.append(("while " if up else "Directly, no large component raises the answer's logit; ") + listed(down)
+                    + (" push it down" if len(down) > 1 else " pushes it down"))
+    if not said:
+        return ""
+    return ", ".join(said) + " (direct logit attribution, mean over prompts)."
 
 
 def ratio_problem(sae: Mapping, key: str = "loss_recovered") -> str | None:
@@ -250,8 +308,11 @@ def headline(results: Mapping) -> list[str]:
     c = results.get("circuit") or {}
     sel = c.get("selection") or {}
     if sel and _finite(sel.get("faithfulness")):
-        out.append(f"A circuit of {sel.get('n_nodes', '?')} nodes across the SAEs keeps {sel['faithfulness']:.0%} "
-                   f"of the answer's log-prob when everything else is mean-ablated ({sel.get('rule', '')}).")
+        f = sel["faithfulness"]
+        out.append(f"A circuit of {sel.get('n_nodes', '?')} nodes across the SAEs has faithfulness {f:.3f}: with "
+                   "everything else mean-ablated, the answer's log-prob lies "
+                   f"{f:.0%} of the way from its value with every node mean-ablated (0) to the clean model's (1) "
+                   f"({sel.get('rule', '')}).")
     return out
 
 
@@ -261,14 +322,14 @@ def feature_reading(sae: Mapping, k: int) -> str:
     parts = []
     cs = next((fe for fe in (sae.get("corpus_stats") or {}).get("features", []) if fe["feature"] == k), None)
     if cs and cs.get("top_tokens"):
-        parts.append("fires on " + ", ".join(f"{visible_token(t)!r}" for t, _ in cs["top_tokens"][:3]))
+        parts.append("fires on " + ", ".join(quoted_token(t) for t, _ in cs["top_tokens"][:3]))
     fd = next((d for d in sae.get("feature_details") or [] if d["feature"] == k), None)
     if fd:
         pb, wb = fd.get("prompt_boosts"), fd.get("weight_boosts")
         if pb and pb.get("boosted"):
-            parts.append("boosts " + ", ".join(f"{visible_token(t)!r}" for t, _ in pb["boosted"][:3]))
+            parts.append("boosts " + ", ".join(quoted_token(t) for t, _ in pb["boosted"][:3]))
         elif wb and wb.get("top"):
-            parts.append("writes towards " + ", ".join(f"{visible_token(t)!r}" for t, _ in wb["top"][:3]))
+            parts.append("writes towards " + ", ".join(quoted_token(t) for t, _ in wb["top"][:3]))
     t = next((t for t in sae.get("top_features") or [] if t["feature"] == k), None)
     if t and _finite(t.get("loss_increase")):
         lo, hi = ci_bounds(t["loss_increase"], t.get("loss_increase_ci95"))

@@ -72,7 +72,11 @@
   function openTarget() {
     var id = decodeURIComponent((location.hash || "").slice(1));
     if (!id) { return; }
-    if (id.indexOf("card-") === 0 && browser) { browser.openFromHash(id); return; }
+    if (id.indexOf("card-") === 0 && browser) {
+      // a one-feature page's own card is already open at the top: no scrolling down to it
+      browser.openFromHash(id, browser.root.getAttribute("data-open") === id);
+      return;
+    }
     var t = document.getElementById(id);
     for (var p = t; p; p = p.parentElement) { if (p.tagName === "DETAILS") { p.open = true; } }
     if (t) { t.scrollIntoView(); }
@@ -208,13 +212,13 @@
     this.more.style.display = rows.length > this.nShown ? "" : "none";
   };
 
-  Browser.prototype.openFromHash = function (id) {
+  Browser.prototype.openFromHash = function (id, stay) {
     var m = /^card-sae-(\d+)-f(\d+)$/.exec(id);
     if (!m) { return; }
     var details = document.getElementById("browser-section");
     if (details) { details.open = true; }
     this.open(+m[1], +m[2]);
-    this.cardBox.scrollIntoView();
+    if (!stay) { this.cardBox.scrollIntoView(); }
   };
 
   Browser.prototype.open = function (si, k) {
@@ -317,6 +321,10 @@
       });
       box.appendChild(kv(mt));
     }
+    if (c.sub && c.sub[0] > c.sub[1] && (c.lva || c.dfa || c.pb)) {
+      box.appendChild(el("p", {"class": "note"}, "The loss-increase, activation-vs-loss, DFA and boost views use the first " +
+        c.sub[1] + " of the " + c.sub[0] + " prompts where this feature is active (task order); the other numbers use all of them."));
+    }
     var plots = el("div", {"class": "card-plots"});
     box.appendChild(plots);
     if (cs.hist && cs.hist.length && s.act_edges.length === cs.hist.length + 1) {
@@ -403,7 +411,7 @@
       if (d && root) {
         browser = new Browser(root, d);
         var want = root.getAttribute("data-open");  // a one-feature page opens its card
-        if (want) { browser.openFromHash(want); }
+        if (want) { browser.openFromHash(want, true); }  // opened where the page starts: no scrolling
       }
     });
     Promise.all([figsReady, browserReady]).then(function () {

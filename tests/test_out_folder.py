@@ -1,0 +1,127 @@
+"""The output folder (issue 18, kind 10): an unwritable --out fails before the model loads, one run at a time
+writes a folder, outputs an earlier run left are removed, and killed runs' temporary folders are cleaned."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers import STORIES, exact_sae, tiny_neo
+
+from saecircuits.atomic import pid_alive, remove_dead_temps
+from saecircuits.pipeline import OutLock, PipelineError, RunConfig, check_out_writable, run_pipeline
+from saecircuits.saes.io import save_sae
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    assert not pid_alive(proc.pid)
+    return proc.pid
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    path = tmp_path / "stories.txt"
+    path.write_text("".join(f"{s}\n<|endoftext|>\n" for s in STORIES * 3), encoding="utf-8")
+    return path
+
+
+def _cfg(tmp_path, corpus, **kw) -> RunConfig:
+    base = dict(model="tiny-neo", data=corpus, out=tmp_path / "out", workspace=tmp_path / "ws",
+                closings=('."', '!"', '?"'), sae_paths=[save_sae(exact_sae(), tmp_path / "exact")],
+                max_candidates=5, n_example_features=1, n_examples=2, n_evidence_features=0, circuit=False)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def test_an_unwritable_out_fails_before_the_model_loads(tmp_path, corpus, monkeypatch):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(PipelineError, match="is a file"):
+        check_out_writable(tmp_path / "a-file" / "out")
+    # a read-only file system (as root, permission bits do not stop writes): /proc cannot be written
+    with pytest.raises(PipelineError, match=r"--out /proc/saecircuits-out: cannot write in /proc \(.+\)"):
+        check_out_writable("/proc/saecircuits-out")
+    check_out_writable(tmp_path / "new" / "deeper")  # does not exist yet: its parent is checked, nothing created
+    assert not (tmp_path / "new").exists()
+
+    import saecircuits.models.load as load
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(load, "load_model", never)
+    cfg = _cfg(tmp_path, corpus, out=tmp_path / "a-file" / "out", sae_paths=[])
+    with pytest.raises(PipelineError, match="is a file"):
+        run_pipeline(cfg, progress=False)
+
+
+def test_a_second_run_into_a_locked_folder_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path):
+    out = tmp_path / "out"
+    with OutLock(out) as lock:
+        assert lock.path.read_text().strip() == str(os.getpid())
+        # another live process holds it: a child that sleeps
+        pass
+    assert not lock.path.exists()  # released
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        lock.path.write_text(f"{child.pid}\n")
+        with pytest.raises(PipelineError, match=rf"being written by another saecircuits run \(pid {child.pid}"):
+            with OutLock(out):
+                pass
+    finally:
+        child.kill()
+        child.wait()
+    lock.path.write_text(f"{_dead_pid()}\n")  # its run died: taken over
+    with OutLock(out):
+        assert lock.path.read_text().strip() == str(os.getpid())
+    assert not lock.path.exists() and not list(tmp_path.glob("*.stale-*"))
+
+
+def test_a_rerun_without_the_circuit_removes_the_old_circuit_figures_and_tables(tmp_path, corpus):
+    out = tmp_path / "out"
+    (out / "figures").mkdir(parents=True)
+    (out / "figures" / "fig1-loss.png").write_bytes(b"\x89PNG")
+    (out / "tables").mkdir()
+    (out / "tables" / "summary-1.csv").write_text("a,b\n")
+    (out / "circuit.json").write_text(json.dumps({"old": True}))
+    (out / "notes.txt").write_text("mine")  # not ours: kept
+    run_pipeline(_cfg(tmp_path, corpus), model=tiny_neo(), progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "report.html", "results.json"]
+    assert not list(tmp_path.glob(".out.saecircuits-lock"))
+
+
+def test_a_folder_with_other_files_is_not_removed(tmp_path, corpus):
+    out = tmp_path / "out"
+    (out / "figures").mkdir(parents=True)
+    (out / "figures" / "my-drawing.svg").write_text("<svg/>")
+    run_pipeline(_cfg(tmp_path, corpus), model=tiny_neo(), progress=False)
+    assert (out / "figures" / "my-drawing.svg").is_file()
+
+
+def test_temporary_folders_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
+    dead = _dead_pid()
+    for name in (f".abc.tmp-{dead}", f".figures.tmp-{dead}", f".default-x.tmp-{dead}-k2j3", f".tables.old-{dead}",
+                 f".default-x.copy-{dead}-a1b2", f".default-x.train-{dead}-00ff",
+                 f".abc.tmp-{os.getpid()}", "abc", ".abc.tmp-notapid"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "w.bin").write_bytes(b"0")
+    removed = remove_dead_temps(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(
+        [f".abc.tmp-{dead}", f".figures.tmp-{dead}", f".default-x.tmp-{dead}-k2j3", f".tables.old-{dead}",
+         f".default-x.copy-{dead}-a1b2", f".default-x.train-{dead}-00ff"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".abc.tmp-{os.getpid()}", "abc", ".abc.tmp-notapid"])
+
+
+def test_a_run_cleans_the_sae_cache_of_a_killed_run(tmp_path, corpus):
+    dead = _dead_pid()
+    stale = tmp_path / "ws" / "saes" / f".0123456789abcdef.tmp-{dead}"
+    stale.mkdir(parents=True)
+    cfg = _cfg(tmp_path, corpus, sae_paths=[], sae_tokens=512, sae_batch_size=256, seq_len=32, layers=[1])
+    run_pipeline(cfg, model=tiny_neo(), progress=False)
+    assert not stale.exists()
+    assert [p.name for p in (tmp_path / "ws" / "saes").iterdir() if ".tmp-" in p.name] == []
