@@ -123,10 +123,23 @@ def refuse_square_encoder(d_in: int, d_sae: int, path: Path) -> None:
 # ----------------------------------------------------------------------------------------- Gemma Scope 1
 def _v1_file(path: Path) -> Path | None:
     if path.is_file() and path.suffix == ".npz":
-        return path
+        # params.npz, or a renamed file whose arrays are Gemma Scope's (another family may use .npz too)
+        return path if path.name == NPZ_FILE or _has_gemma_scope_arrays(path) else None
     if path.is_dir() and (path / NPZ_FILE).is_file():
         return path / NPZ_FILE
     return None
+
+
+def _has_gemma_scope_arrays(path: Path) -> bool:
+    """Whether an ``.npz`` holds W_enc, W_dec, b_enc, b_dec and threshold (any case); reads only its index."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = {n.lower() for n in z.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile):
+        return False
+    return {"w_enc", "w_dec", "b_enc", "b_dec", "threshold"} <= names
 
 
 def _parse_v1_path(folder: Path) -> dict[str, Any]:
