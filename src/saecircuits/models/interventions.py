@@ -25,15 +25,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from saecircuits.models.engine import Engine, EngineError, KVPrefix, stage_of_hook
-from saecircuits.models.hooks import TaskBatch, run_at_positions, stop_layer_for
+from saecircuits.models.hooks import TaskBatch, at_query, query_axis, run_at_positions, stop_layer_for
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Edit", "CleanPass", "Interventions", "interventions_for"]
+__all__ = ["Edit", "CleanPass", "Paired", "Interventions", "interventions_for"]
 
 _ATTR = "_saecircuits_interventions"
 
@@ -47,6 +48,9 @@ class Edit:
         fn: ``fn(x) -> x'`` with ``x`` of shape ``[B, F, *act_shape]`` (B prompts of the batch in batch order; ``F``
             is 1 while every variant still shares the value, else ``V``) returning ``[B, F or V, *act_shape]``.
             Returning ``V`` variants turns one prompt into ``V`` edited rows (one ablated feature each, say).
+            ``x`` is the edit's own copy: an in-place edit (``x += v``, ``x[...] = 0``) never reaches the kept clean
+            pass nor a read of the same hook. For ``blocks.L.attn.hook_pattern`` (``[batch, head, query, key]``)
+            ``x`` is every head's query row P: ``[B, F, n_heads, key_pos]``.
     """
 
     hook: str
@@ -60,7 +64,8 @@ class CleanPass:
     Attributes:
         batch: the right-padded batch (``tokens [B, T]``, ``positions [B]`` = each row's P, ``answer_ids [B]``).
         logits: float32 ``[B, d_vocab]`` at P (None when not asked for).
-        reads: hook name -> activation at P ``[B, *act_shape]`` (clean).
+        reads: hook name -> activation at P ``[B, *act_shape]`` (clean; the attention pattern's query row P,
+            ``[B, n_heads, key_pos]``).
         kv: per layer, cached keys/values with ``valid = t < P`` (engine backend only).
         resid: ``{(layer, 0): resid_pre, (layer, 1): resid_mid, (n_layers, 0): final resid}`` at P, ``[B, d_model]``
             (engine backend only).
@@ -71,6 +76,22 @@ class CleanPass:
     reads: dict[str, torch.Tensor]
     kv: list[KVPrefix] | None = None
     resid: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+
+class Paired(NamedTuple):
+    """An intervention and its baseline from one run (:meth:`Interventions.run_paired`).
+
+    Attributes:
+        base_logits: float32 ``[B, d_vocab]`` at P of the baseline row (None when logits were not asked for).
+        logits: float32 ``[B, V, d_vocab]`` at P of the edited rows (None likewise).
+        base_reads: hook -> ``[B, *act_shape]`` in the baseline row.
+        reads: hook -> ``[B, V, *act_shape]`` in the edited rows.
+    """
+
+    base_logits: torch.Tensor | None
+    logits: torch.Tensor | None
+    base_reads: dict[str, torch.Tensor]
+    reads: dict[str, torch.Tensor]
 
 
 class Interventions:
@@ -135,7 +156,7 @@ class Interventions:
                 if self._passes_bytes + size <= self.cache_bytes:
                     self._passes[key] = kept
                     self._passes_bytes += size
-            if kept is None or any(n.endswith("hook_pattern") for n in read):
+            if kept is None:
                 return self._engine_clean(batch, read, logits=logits, cache=cache)
             reads = {}
             if read:  # position P alone, from the cached prefix
@@ -174,8 +195,13 @@ class Interventions:
             ``(logits [B, V, d_vocab] float32 or None, {hook: [B, V, *act_shape]})``.
 
         Raises:
-            EngineError: a hook the engine does not fire. ValueError: an edit returned a bad shape.
+            EngineError (engine) / KeyError (bridge): an edited or read hook that never fires, named (an edit is
+                never silently dropped). ValueError: an edit returned a bad shape.
             NotImplementedError: ``grad=True`` on the bridge backend.
+
+        An edit's effect is ``metric(run) - metric(clean.logits)`` only up to float rounding: the clean pass and the
+        recomputation of P take different paths (about 1e-6 nats). Use :meth:`run_paired` for effects, so that an
+        edit that changes nothing gives exactly 0.
         """
         if grad:
             if self.engine is None:
@@ -189,6 +215,50 @@ class Interventions:
                 return self._bridge_run(clean, list(edits), n_variants, list(read), logits)
             return self._engine_run(clean, list(edits), n_variants, list(read), logits)
 
+    def run_paired(
+        self,
+        clean: CleanPass,
+        edits: Sequence[Edit],
+        *,
+        n_variants: int = 1,
+        base: Sequence[Edit] = (),
+        read: Sequence[str] = (),
+        logits: bool = True,
+    ) -> Paired:
+        """:meth:`run` with its baseline computed in the same run: the one path every effect is measured on.
+
+        The baseline is one more variant of the same batch (variant 0, with ``base`` edits, none = clean), so it
+        takes the same path as the edited variants (recomputed from the same hook, in the same batched kernels):
+        an edit that leaves its activation unchanged gives exactly the baseline's logits and reads, bit for bit,
+        and an effect of exactly 0. Comparing :meth:`run` with ``clean.logits`` (the full clean pass) instead
+        mixes two paths, off by float rounding (up to ~1e-6 nats).
+
+        Args:
+            clean, edits, n_variants, read, logits: as :meth:`run` (edit functions see ``F`` in ``{1, V}``).
+            base: edits of the baseline row (e.g. the SAE splice the ``"clean_effect"`` ablation mode compares
+                with); each must keep one variant.
+
+        Returns:
+            :class:`Paired`.
+
+        Raises:
+            As :meth:`run`.
+        """
+        edits, base = list(edits), list(base)
+        V = n_variants
+        hooks = list(dict.fromkeys([e.hook for e in base] + [e.hook for e in edits]))
+        paired = [
+            Edit(h, _paired_fn([e for e in base if e.hook == h], [e for e in edits if e.hook == h], V))
+            for h in hooks
+        ]
+        lg, reads = self.run(clean, paired, n_variants=1 + V, read=read, logits=logits)
+        return Paired(
+            None if lg is None else lg[:, 0],
+            None if lg is None else lg[:, 1:],
+            {k: v[:, 0] for k, v in reads.items()},
+            {k: v[:, 1:] for k, v in reads.items()},
+        )
+
     def read_all(
         self, tokens: torch.Tensor, read: Sequence[str]
     ) -> dict[str, torch.Tensor]:
@@ -197,7 +267,10 @@ class Interventions:
         The pass stops after the last block it needs and never unembeds (corpus statistics, top examples). Results
         are kept between calls (keyed by the tokens and hook, within the same ``cache_bytes`` budget as clean
         passes, never evicted), so the mean activation, the top examples and the other statistics of a run read
-        each corpus batch once.
+        each corpus batch once. The attention pattern ``[B, head, T, T]`` comes as ``[B, T(query), head, T(key)]``.
+
+        Raises:
+            EngineError (engine) / KeyError (bridge): a hook that never fired, named.
         """
         read = list(read)
         key = _tokens_key(tokens, read)
@@ -218,7 +291,7 @@ class Interventions:
 
                 def grab(name):
                     def hook(value, hook=None):
-                        store[name] = value.detach()
+                        store[name] = at_query(value, name).detach()
 
                     return hook
 
@@ -235,6 +308,7 @@ class Interventions:
             x = self.engine.forward_tokens(tokens, hooks, stop_after=last if last[0] < self.n_layers else None)
             if last[0] >= self.n_layers:
                 self.engine.logits(x, hooks)
+            _check_fired(read, store)
             return store
 
     # ------------------------------------------------------------------------------------------------------------
@@ -243,7 +317,7 @@ class Interventions:
     @staticmethod
     def _full_reader(store: dict, name: str):
         def fn(x: torch.Tensor) -> None:
-            store[name] = x[:, 0].detach()
+            store[name] = at_query(x[:, 0], name).detach()
 
         return fn
 
@@ -256,9 +330,9 @@ class Interventions:
         resid: dict[tuple[int, int], torch.Tensor] = {}
         hooks: dict[str, list] = {}
 
-        def at_p(store: dict, key):
+        def at_p(store: dict, key, name: str = ""):
             def fn(x: torch.Tensor) -> None:
-                store[key] = x[rows, 0, pos].detach()
+                store[key] = at_query(x[:, 0], name)[rows, pos].detach()
 
             return fn
 
@@ -267,7 +341,7 @@ class Interventions:
             if stage_of_hook(name, self.n_layers)[0] == self.n_layers:  # ln_final: run on the gathered rows
                 final_hooks.setdefault(name, []).append(self._squeeze_reader(reads, name))
             else:
-                hooks.setdefault(name, []).append(at_p(reads, name))
+                hooks.setdefault(name, []).append(at_p(reads, name, name))
         keep_kv: list | None = None
         if cache:
             keep_kv = []
@@ -285,6 +359,7 @@ class Interventions:
             if logits or final_hooks:
                 lg = eng.logits(final[:, None, None], final_hooks)[:, 0, 0]
         lg = lg if logits else None
+        _check_fired(read, reads)
         kv = None
         if cache:
             valid = torch.arange(T, device=pos.device)[None] < pos[:, None]
@@ -314,10 +389,11 @@ class Interventions:
         pos = batch.positions.to(batch.tokens.device)
         reads: dict[str, torch.Tensor] = {}
         hooks: dict[str, list] = {}
+        fired: set[str] = set()
         for name in read:
             hooks.setdefault(name, []).append(_variant_reader(reads, name, detach=not keep_graph))
         for e in edits:
-            hooks.setdefault(e.hook, []).append(_edit_at_single_position(e, B, V))
+            hooks.setdefault(e.hook, []).append(_edit_at_single_position(e, B, V, fired))
         qpos = pos[:, None]
         if start[0] < 0:
             tokens_p = batch.tokens[torch.arange(B, device=pos.device), pos][:, None]
@@ -334,6 +410,7 @@ class Interventions:
         if stop is None and (logits or any(s[0] == n for s in stages)):
             lg = eng.logits(x, hooks)[:, :, 0]
             lg = lg.expand(B, V, lg.shape[-1]) if logits else None
+        _check_fired(read, reads, [e.hook for e in edits], fired)
         return lg, {k: _expand_variants(v, B, V) for k, v in reads.items()}
 
     # ------------------------------------------------------------------------------------------------------------
@@ -378,11 +455,22 @@ def _pass_bytes(p: CleanPass) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _check_fired(read: Sequence[str], got: dict, edited: Sequence[str] = (), fired: set[str] = frozenset()) -> None:
+    """Refuse a read or edited hook that never fired (e.g. ``hook_rot_q`` without rotary positions), naming it."""
+    missing = [n for n in read if n not in got] + sorted(set(edited) - set(fired))
+    if missing:
+        raise EngineError(
+            f"hook(s) {missing} never fired in this model's forward pass (a read or edit there would be silently "
+            "dropped); check the names against model.hook_dict"
+        )
+
+
 def _variant_reader(store: dict, name: str, detach: bool = True):
-    """Engine hook that keeps ``[B, F, 1, *shape]`` at P as ``[B, F, *shape]``."""
+    """Engine hook that keeps ``[B, F, 1, *shape]`` at P as ``[B, F, *shape]`` (query row P for the pattern)."""
 
     def fn(x: torch.Tensor) -> None:
-        store[name] = x[:, :, 0].detach() if detach else x[:, :, 0]
+        row = at_query(x, name, 1)[:, :, 0]
+        store[name] = row.detach() if detach else row
 
     return fn
 
@@ -400,14 +488,50 @@ def _check_edit_output(e: Edit, out: torch.Tensor, x: torch.Tensor, V: int) -> N
         )
 
 
-def _edit_at_single_position(e: Edit, B: int, V: int):
-    """Engine hook: activations ``[B, F, 1, *shape]`` at P -> the edit's ``[B, F', 1, *shape]``."""
+def _edit_at_single_position(e: Edit, B: int, V: int, fired: set[str] | None = None):
+    """Engine hook: activations ``[B, F, 1, *shape]`` at P -> the edit's ``[B, F', 1, *shape]``.
+
+    The edit gets a copy of the row at P (one position: cheap): the engine's activation at the first recomputed
+    hook is a view of the kept clean residual stream, and a read of the same hook holds a view of it too, so an
+    in-place edit (``x += v``) of the activation itself would corrupt both. For the attention pattern the row is
+    query row P of every head (``[B, F, n_heads, key_pos]``).
+    """
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        rows = x[:, :, 0]
+        if fired is not None:
+            fired.add(e.hook)
+        rows = at_query(x, e.hook, 1)[:, :, 0].clone()
         out = e.fn(rows)
         _check_edit_output(e, out, rows, V)
-        return out.to(x.dtype)[:, :, None]
+        return out.to(x.dtype).unsqueeze(query_axis(e.hook) + 1)
+
+    return fn
+
+
+def _paired_fn(base: list[Edit], edits: list[Edit], V: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One hook's edit for :meth:`Interventions.run_paired`: ``[B, F, *shape]`` -> ``[B, 1 + V, *shape]``.
+
+    Variant 0 runs the ``base`` edits (in order), variants ``1..V`` the ``edits`` (in order), each on its own copy
+    of the shared value while ``F == 1``, else on its own slice of the ``1 + V`` rows.
+    """
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        if x.shape[1] == 1:
+            xb, xe = x, (x.clone() if edits else x)
+        else:
+            xb, xe = x[:, :1], x[:, 1:]
+        for e in base:
+            out = e.fn(xb)
+            _check_edit_output(e, out, xb, 1)
+            if out.shape[1] != 1:
+                raise ValueError(f"baseline edit on {e.hook} returned {out.shape[1]} variants; it must keep one")
+            xb = out
+        for e in edits:
+            out = e.fn(xe)
+            _check_edit_output(e, out, xe, V)
+            xe = out
+        return torch.cat([xb.to(x.dtype), _expand_variants(xe, B, V).to(x.dtype)], dim=1)
 
     return fn
 
@@ -418,11 +542,12 @@ def _edit_hook_full(e: Edit, pos: torch.Tensor, B: int, V: int):
     def hook(value: torch.Tensor, hook=None) -> torch.Tensor:
         r = torch.arange(value.shape[0], device=value.device)
         p = pos.to(value.device)
-        rows = value[r, p].reshape(B, V, *value.shape[2:])
+        at = at_query(value, e.hook)  # the attention pattern: query row P of every head
+        rows = at[r, p].reshape(B, V, *at.shape[2:])  # a copy: an in-place edit never reaches ``value``
         out = e.fn(rows)
         _check_edit_output(e, out, rows, V)
         new = value.clone()
-        new[r, p] = _expand_variants(out, B, V).reshape(B * V, *value.shape[2:]).to(value.dtype)
+        at_query(new, e.hook)[r, p] = _expand_variants(out, B, V).reshape(B * V, *at.shape[2:]).to(value.dtype)
         return new
 
     return hook
