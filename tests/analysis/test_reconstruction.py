@@ -296,3 +296,15 @@ def test_weighted_effect_interval_matches_a_bootstrap_of_the_weighted_mean():
     boot_sd = ((w[idx] * d[idx]).sum(1) / w[idx].sum(1)).std()
     assert half / 1.966 == pytest.approx(boot_sd, rel=0.08)  # t(0.975, 399) = 1.966
     assert lr.effect == pytest.approx(float((w * d).sum() / w.sum()), abs=1e-12)
+
+
+def test_sequence_loss_recovered_refuses_an_sae_on_a_hook_that_never_fires():
+    """A rotary model never fires hook_pos_embed: an SAE there would give ce_spliced == ce_zero == ce_clean and a
+    misleading reason; the call fails naming the hook instead (issue 18, kind 2)."""
+    from helpers import tiny_llama, token_rows
+
+    model = tiny_llama()
+    rows = torch.tensor(token_rows([12, 12, 12], seed=1))
+    sae = random_sae(d_in=int(model.cfg.d_model), d_sae=16, hook_point="hook_pos_embed")
+    with pytest.raises(KeyError, match="hook_pos_embed.*never fired"):
+        sequence_loss_recovered(model, [sae], rows, bos_id=0)

@@ -397,6 +397,25 @@ def reconstruction_at_prediction(
 
 
 @torch.no_grad()
+def _run_edited(model, rows: torch.Tensor, hook_point: str, fn) -> torch.Tensor:
+    """``model.run_with_hooks(rows)`` with ``fn`` on ``hook_point``: logits ``[rows, pos, d_vocab]``.
+
+    Raises:
+        KeyError: the hook never fired (an SAE on it would otherwise give the clean loss for every variant).
+    """
+    fired = []
+
+    def hook(act: torch.Tensor, hook: Any = None) -> torch.Tensor:
+        fired.append(True)
+        return fn(act)
+
+    logits = model.run_with_hooks(rows, fwd_hooks=[(hook_point, hook)])
+    if not fired:
+        raise KeyError(f"hook {hook_point!r} never fired in this model's forward pass, so an SAE there changes "
+                       "nothing; check the SAE's hook_point against model.hook_dict")
+    return logits
+
+
 def sequence_loss_recovered(
     model,
     saes: dict[str, SAE] | Sequence[SAE],
@@ -432,6 +451,7 @@ def sequence_loss_recovered(
         "loss_recovered_ci95" ([lo, hi]), "loss_recovered_undefined_reason" (str or None), "n_tokens", "n_rows"}}``.
 
     Raises:
+        KeyError: an SAE's hook that never fires in ``model`` (named).
         SAEError: no scored token (every target is BOS or padding).
     """
     from saecircuits.data.activations import bos_keep_mask
@@ -469,9 +489,8 @@ def sequence_loss_recovered(
                 return torch.where(_keep, torch.zeros_like(act), act)
 
             sums[name]["clean"].append(clean)
-            sums[name]["spliced"].append(
-                row_nll(model.run_with_hooks(rows, fwd_hooks=[(sae.hook_point, splice)]), rows, valid))
-            sums[name]["zero"].append(row_nll(model.run_with_hooks(rows, fwd_hooks=[(sae.hook_point, zero)]), rows, valid))
+            sums[name]["spliced"].append(row_nll(_run_edited(model, rows, sae.hook_point, splice), rows, valid))
+            sums[name]["zero"].append(row_nll(_run_edited(model, rows, sae.hook_point, zero), rows, valid))
     n_tok = torch.cat(counts).double() if counts else torch.zeros(0, dtype=torch.float64)
     if int(n_tok.sum()) == 0:
         raise SAEError("no scored tokens (all targets are BOS/padding); give longer rows")
