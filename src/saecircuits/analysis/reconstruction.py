@@ -365,9 +365,10 @@ def reconstruction_at_prediction(
             xs[idx] = x.cpu()
             out["l0"][idx] = (f > 0).sum(-1).float().cpu()
             xhats[idx] = x_hat.cpu()
-            out["clean"][idx] = answer_metrics(clean.logits, batch.answer_ids)["loss"].cpu()
-            logits, _ = iv.run(clean, [Edit(hook, variants)], n_variants=len(names))
-            loss = answer_metrics(logits, batch.answer_ids)["loss"].cpu()
+            # the clean loss in the same run as the splice and the ablations (one path for all four)
+            run = iv.run_paired(clean, [Edit(hook, variants)], n_variants=len(names))
+            out["clean"][idx] = answer_metrics(run.base_logits, batch.answer_ids)["loss"].cpu()
+            loss = answer_metrics(run.logits, batch.answer_ids)["loss"].cpu()
             for v, name in enumerate(names):
                 out[name][idx] = loss[:, v]
 

@@ -544,6 +544,8 @@ def _edit_hook_full(e: Edit, pos: torch.Tensor, B: int, V: int):
         p = pos.to(value.device)
         at = at_query(value, e.hook)  # the attention pattern: query row P of every head
         rows = at[r, p].reshape(B, V, *at.shape[2:])  # a copy: an in-place edit never reaches ``value``
+        if V > 1 and torch.equal(rows, rows[:, :1].expand_as(rows)):
+            rows = rows[:, :1]  # variants not yet split: F = 1, as the engine gives an edit
         out = e.fn(rows)
         _check_edit_output(e, out, rows, V)
         new = value.clone()
