@@ -400,3 +400,31 @@ def test_edits_and_reads_on_hooks_that_never_fire_fail_naming_the_hook(backend):
             iv.run(clean, **kwargs)
     with pytest.raises((EngineError, KeyError), match="hook_pos_embed.*never fired"):
         iv.clean(batch, read=["hook_pos_embed"])
+
+
+@pytest.mark.parametrize("backend", ["engine", "bridge"])
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_run_paired_baseline_is_the_clean_run_and_a_noop_variant_equals_it_exactly(arch, backend):
+    """run_paired: variant 0 is the clean run (or the base edits'), the edited variants the full-prompt edits, and
+    an edit that leaves the activation unchanged gives the baseline's logits and reads bit for bit."""
+    model, hook, sae, rows, answers = _setup(arch, 0)
+    iv = interventions_for(model, backend=backend)
+    down = "blocks.1.mlp.hook_post"
+    splice = Edit(hook, lambda xb: sae.decode(sae.encode(xb)))
+
+    def three(xb):  # [B, F, d] -> [B, 3, d]: unchanged, zeroed, doubled
+        return torch.cat([xb.expand(-1, 1, -1), torch.zeros_like(xb[:, :1]), 2 * xb[:, :1]], dim=1)
+
+    for batch in row_batches(rows, 0, answer_ids=answers, max_tokens=200, max_batch=4):
+        clean = iv.clean(batch)
+        run = iv.run_paired(clean, [Edit(hook, three)], n_variants=3, read=[down])
+        assert torch.equal(run.logits[:, 0], run.base_logits)
+        assert torch.equal(run.reads[down][:, 0], run.base_reads[down])
+        spliced = iv.run_paired(clean, [Edit(hook, lambda xb: xb)], base=[splice])
+        m, mb, ms = (answer_metrics(x, batch.answer_ids) for x in (run.logits, run.base_logits[:, None],
+                                                                     spliced.base_logits[:, None]))
+        for b, i in enumerate(batch.indices):
+            _check(mb, b, 0, _reference(model, rows[i], answers[i], [])[0])
+            _check(ms, b, 0, _reference(model, rows[i], answers[i], [(hook, lambda x: sae.decode(sae.encode(x)))])[0])
+            for v, fn in enumerate([lambda x: x, torch.zeros_like, lambda x: 2 * x]):
+                _check(m, b, v, _reference(model, rows[i], answers[i], [(hook, fn)])[0])

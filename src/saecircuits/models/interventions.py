@@ -22,6 +22,7 @@ unembedding, instead of all positions x all layers + ``[pos, d_vocab]`` logits.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -244,13 +245,8 @@ class Interventions:
         Raises:
             As :meth:`run`.
         """
-        edits, base = list(edits), list(base)
         V = n_variants
-        hooks = list(dict.fromkeys([e.hook for e in base] + [e.hook for e in edits]))
-        paired = [
-            Edit(h, _paired_fn([e for e in base if e.hook == h], [e for e in edits if e.hook == h], V))
-            for h in hooks
-        ]
+        paired = [_paired_edit(e, V, True) for e in base] + [_paired_edit(e, V, False) for e in edits]
         lg, reads = self.run(clean, paired, n_variants=1 + V, read=read, logits=logits)
         return Paired(
             None if lg is None else lg[:, 0],
@@ -508,32 +504,31 @@ def _edit_at_single_position(e: Edit, B: int, V: int, fired: set[str] | None = N
     return fn
 
 
-def _paired_fn(base: list[Edit], edits: list[Edit], V: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """One hook's edit for :meth:`Interventions.run_paired`: ``[B, F, *shape]`` -> ``[B, 1 + V, *shape]``.
+def _paired_edit(e: Edit, V: int, base: bool) -> Edit:
+    """``e`` for :meth:`Interventions.run_paired`: activations ``[B, F, *shape]`` -> ``[B, 1 + V, *shape]``.
 
-    Variant 0 runs the ``base`` edits (in order), variants ``1..V`` the ``edits`` (in order), each on its own copy
-    of the shared value while ``F == 1``, else on its own slice of the ``1 + V`` rows.
+    A ``base`` edit acts on variant 0 alone, any other on variants ``1..V``. While the variants still share the
+    value (``F == 1``) the edit gets its own copy and the other side keeps the value. Every other field of the
+    :class:`Edit` is kept (``dataclasses.replace``).
     """
 
-    def fn(x: torch.Tensor) -> torch.Tensor:
+    def fn(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         B = x.shape[0]
-        if x.shape[1] == 1:
-            xb, xe = x, (x.clone() if edits else x)
-        else:
-            xb, xe = x[:, :1], x[:, 1:]
-        for e in base:
-            out = e.fn(xb)
-            _check_edit_output(e, out, xb, 1)
+        shared = x.shape[1] == 1
+        if base:
+            mine = x.clone() if shared else x[:, :1]
+            out = e.fn(mine, *args, **kwargs)
+            _check_edit_output(e, out, mine, 1)
             if out.shape[1] != 1:
                 raise ValueError(f"baseline edit on {e.hook} returned {out.shape[1]} variants; it must keep one")
-            xb = out
-        for e in edits:
-            out = e.fn(xe)
-            _check_edit_output(e, out, xe, V)
-            xe = out
-        return torch.cat([xb.to(x.dtype), _expand_variants(xe, B, V).to(x.dtype)], dim=1)
+            rest = x.expand(B, V, *x.shape[2:]) if shared else x[:, 1:]
+            return torch.cat([out.to(x.dtype), rest], dim=1)
+        mine = x.clone() if shared else x[:, 1:]
+        out = e.fn(mine, *args, **kwargs)
+        _check_edit_output(e, out, mine, V)
+        return torch.cat([x[:, :1], _expand_variants(out, B, V).to(x.dtype)], dim=1)
 
-    return fn
+    return dataclasses.replace(e, fn=fn)
 
 
 def _edit_hook_full(e: Edit, pos: torch.Tensor, B: int, V: int):
