@@ -167,3 +167,20 @@ def test_stories260k_silent_ablations_and_exact_splice_give_exactly_zero(tmp_pat
     assert curve["m_circuit"].iloc[1] == curve["m_clean"].iloc[1]
     assert curve["m_complement_ablated"].iloc[0] == curve["m_clean"].iloc[0]
     assert curve["m_circuit"].iloc[0] == curve["m_empty"].iloc[0]
+
+
+@pytest.mark.parametrize("backend", ["engine", "bridge"])
+@pytest.mark.parametrize("mode", ["residual", "clean_effect"])
+def test_max_activating_ablation_of_a_silent_feature(backend, mode):
+    """Ablating a feature with a zero decoder row on its top stories: every story and position changes by 0."""
+    from helpers import token_rows
+
+    from saecircuits.analysis.max_activating import max_activating_ablation
+
+    model, _, saes = _setup(backend)
+    sae = saes[0]
+    rows = token_rows([30, 12, 25, 40, 9, 18], seed=11, vocab=40)
+    k = next(k for k in range(0, sae.d_sae, 2)
+             if max_activating_ablation(model, sae, k, rows, [0, 1, 2, 3, 4, 5], mode=mode).positions.shape[0] >= 5)
+    res = max_activating_ablation(model, sae, k, rows, [0, 1, 2, 3, 4, 5], mode=mode)
+    assert (res.positions["loss_increase"] == 0.0).all() and (res.stories["loss_increase"] == 0.0).all()
