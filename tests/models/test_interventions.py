@@ -428,3 +428,26 @@ def test_run_paired_baseline_is_the_clean_run_and_a_noop_variant_equals_it_exact
             _check(ms, b, 0, _reference(model, rows[i], answers[i], [(hook, lambda x: sae.decode(sae.encode(x)))])[0])
             for v, fn in enumerate([lambda x: x, torch.zeros_like, lambda x: 2 * x]):
                 _check(m, b, v, _reference(model, rows[i], answers[i], [(hook, fn)])[0])
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_attention_scores_at_p_are_every_heads_query_row_or_a_clear_error(arch):
+    """hook_attn_scores at P: the engine refuses it by name; the bridge reads query row P of every head (equal to
+    the unpadded prompt's run_with_cache row), or refuses where it fills the hook with the pattern (GPT-Neo)."""
+    model, _, _, rows, answers = _setup(arch, 0)
+    hook = "blocks.1.attn.hook_attn_scores"
+    batch = next(row_batches(rows, 0, answer_ids=answers, max_tokens=400, max_batch=8))
+    with pytest.raises(EngineError, match="hook_attn_scores"):
+        interventions_for(model).clean(batch, read=[hook])
+    iv = interventions_for(model, backend="bridge")
+    if arch == "gpt_neo":
+        for call in (lambda: iv.clean(batch, read=[hook]), lambda: iv.read_all(batch.tokens, [hook])):
+            with pytest.raises(ValueError, match="holds the attention pattern"):
+                call()
+        return
+    got = iv.clean(batch, read=[hook]).reads[hook]
+    for b, i in enumerate(batch.indices):
+        p = len(rows[i]) - 1
+        with torch.no_grad():
+            _, cache = model.run_with_cache(torch.tensor([rows[i]]), names_filter=[hook])
+        torch.testing.assert_close(got[b, :, : p + 1], cache[hook][0, :, p], **TOL)

@@ -227,6 +227,28 @@ def stop_layer_for(hook_points: Sequence[str], n_layers: int | None) -> int | No
     return stop
 
 
+def attn_scores_probes(read: Sequence[str]) -> list[str]:
+    """The ``hook_pattern`` hooks to read beside each ``hook_attn_scores`` in ``read`` (for :func:`check_attn_scores`)."""
+    probes = [n[: -len("hook_attn_scores")] + "hook_pattern" for n in read if n.endswith("attn.hook_attn_scores")]
+    return [n for n in dict.fromkeys(probes) if n not in read]
+
+
+def check_attn_scores(read: Sequence[str], captured: dict[str, torch.Tensor]) -> None:
+    """Refuse a ``hook_attn_scores`` read that holds the attention pattern.
+
+    A TransformerBridge that delegates attention to the Hugging Face module (GPT-Neo's) fires ``hook_attn_scores``
+    afterwards with the post-softmax weights; the scores and the pattern are never equal in a real forward.
+
+    Raises:
+        ValueError: naming the hook and what to read instead.
+    """
+    for n in read:
+        pattern = n[: -len("hook_attn_scores")] + "hook_pattern"
+        if n.endswith("attn.hook_attn_scores") and pattern in captured and torch.equal(captured[n], captured[pattern]):
+            raise ValueError(f"{n} of this model's TransformerBridge holds the attention pattern, not the scores (it "
+                             f"is fired after the HF attention); read {pattern} instead")
+
+
 def run_at_positions(
     model,
     tokens: torch.Tensor,
@@ -255,7 +277,7 @@ def run_at_positions(
     Raises:
         KeyError: a hook in ``read`` or ``edits`` that never fired (naming it), never a silently dropped edit.
         ValueError: an edit the bridge fired but discarded (``hook_pattern`` of attention it delegates to the HF
-            module, e.g. GPT-Neo's).
+            module, e.g. GPT-Neo's), or a read of ``hook_attn_scores`` that the bridge fills with the pattern.
     """
     captured: dict[str, torch.Tensor] = {}
     rows = torch.arange(tokens.shape[0], device=tokens.device)
@@ -276,7 +298,8 @@ def run_at_positions(
 
         return hook
 
-    fwd_hooks = [(name, reader(name)) for name in read] + [(n, recorded(n, fn)) for n, fn in edits]
+    probes = attn_scores_probes(read)
+    fwd_hooks = [(name, reader(name)) for name in list(read) + probes] + [(n, recorded(n, fn)) for n, fn in edits]
     kwargs = {}
     if not return_logits and not edits:  # reading only: later blocks cannot change what is read
         stop = stop_layer_for(list(read), getattr(getattr(model, "cfg", None), "n_layers", None))
@@ -300,6 +323,9 @@ def run_at_positions(
     missing = [n for n in read if n not in captured] + sorted({n for n, _ in edits} - fired)
     if missing:
         raise KeyError(f"hook(s) {missing} never fired; check the hook names against model.hook_dict")
+    check_attn_scores(read, captured)
+    for n in probes:
+        captured.pop(n, None)
     logits = None
     if return_logits:
         logits = out[rows.to(out.device), positions.to(out.device)].float()

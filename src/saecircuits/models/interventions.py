@@ -31,7 +31,15 @@ from typing import NamedTuple
 import torch
 
 from saecircuits.models.engine import Engine, EngineError, KVPrefix, stage_of_hook
-from saecircuits.models.hooks import TaskBatch, at_query, query_axis, run_at_positions, stop_layer_for
+from saecircuits.models.hooks import (
+    TaskBatch,
+    at_query,
+    attn_scores_probes,
+    check_attn_scores,
+    query_axis,
+    run_at_positions,
+    stop_layer_for,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -293,11 +301,14 @@ class Interventions:
 
                 stop = stop_layer_for(read, self.n_layers)
                 kwargs = {} if stop is None else {"stop_at_layer": stop}
-                self.model.run_with_hooks(tokens, fwd_hooks=[(n, grab(n)) for n in read], return_type=None, **kwargs)
+                probes = attn_scores_probes(read)
+                hooks = [(n, grab(n)) for n in read + probes]
+                self.model.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None, **kwargs)
                 missing = [n for n in read if n not in store]
                 if missing:
                     raise KeyError(f"hook(s) {missing} never fired; check the names against model.hook_dict")
-                return store
+                check_attn_scores(read, store)
+                return {n: store[n] for n in read}
             store = {}
             hooks = {n: [self._full_reader(store, n)] for n in read}
             last = max(stage_of_hook(n, self.n_layers) for n in read)
