@@ -10,6 +10,12 @@ alone. Edits are still written on TransformerLens hook names (``blocks.1.mlp.hoo
 meaning; many variants of an edit (one per feature, say) run as one batch of ``B x V`` rows that share the cache,
 and everything before the first edit is computed once per prompt.
 
+Three rules hold in both backends (issue 18): an edit gets its own copy of the activation at P, so an in-place edit
+(``x += v``) never corrupts the kept clean pass or a read; the attention pattern and scores (``[batch, head, query,
+key]``) are read and edited at every head's query row P; an edit or read on a hook that never fires (or whose edit
+the bridge discards) fails naming the hook. Effects are measured with :meth:`Interventions.run_paired`, whose
+baseline is a variant of the same run, so an edit that changes nothing has an effect of exactly 0.
+
 Backends: the fast path is :class:`saecircuits.models.engine.Engine` (GPT-2, GPT-Neo global/local, Llama rotary +
 GQA, self-checked against the bridge when it is built). For any model the engine refuses, the same calls run full
 TransformerBridge forwards with hooks at each row's P (exact, slower; the engine's reason is logged once).
