@@ -376,6 +376,10 @@ def test_attention_pattern_at_p_is_the_query_row_of_every_head(arch, backend):
                 continue
             logits, reads = iv.run(clean, [Edit(hook, _pattern_edit)], read=[hook])
             m = answer_metrics(logits, batch.answer_ids)
+            # the same edit as variant 1 of 2 (the pattern edit splits the variants)
+            two, _ = iv.run(clean, [Edit(hook, lambda pt: torch.cat([pt, _pattern_edit(pt)], 1))], n_variants=2)
+            torch.testing.assert_close(two[:, 1], logits[:, 0], **TOL)
+            torch.testing.assert_close(two[:, 0], clean.logits, **TOL)
             T = batch.tokens.shape[1]
             for b, i in enumerate(batch.indices):
                 ref, row = _reference_pattern_via_z(model, rows[i], answers[i], layer)

@@ -425,14 +425,14 @@ class Engine:
             pattern = torch.softmax(own, dim=-1)
             if wants_pattern:
                 pattern = self._fire(hooks, f"{name}.hook_pattern", pattern.reshape(B, F, H, S, S)).reshape(
-                    pattern.shape
-                )
+                    B, -1, K, G, S, S
+                )  # an edit may turn F = 1 into V variants
             z = torch.einsum("bfkgst,bftke->bfskge", pattern, v.float())
         elif wants_pattern:
             z = self._prefix_attention_pattern(qg, own, v, prefix, qpos, lw, hooks, f"{name}.hook_pattern")
         else:
             z = self._prefix_attention(qg, own, v, prefix, qpos, lw)
-        z = self._fire(hooks, f"{name}.hook_z", z.reshape(B, F, S, H, E).to(xn.dtype))
+        z = self._fire(hooks, f"{name}.hook_z", z.reshape(B, -1, S, H, E).to(xn.dtype))  # F may grow at the pattern
         return torch.einsum("bfshe,hed->bfsd", z, lw.W_O) + lw.b_O
 
     @staticmethod
