@@ -317,6 +317,10 @@ def test_in_place_edits_never_corrupt_the_kept_clean_pass(arch, backend):
                     torch.testing.assert_close(clean.reads[h][b], store[h], **TOL, msg=f"{name} {h}")
                     clean_ref, _ = _reference(model, rows[i], answers[i], [])
                     assert abs(float(mc["loss"][b]) - clean_ref["loss"]) <= 1e-5 * max(1.0, clean_ref["loss"])
+                # reads handed out are the caller's own: writing into them changes nothing kept
+                clean.reads[h].add_(3.0)
+                reads[h].mul_(-1.0)
+                clean.logits.add_(1.0)
 
 
 def _reference_pattern_via_z(model, row, answer, layer):

@@ -84,6 +84,9 @@ class CleanPass:
         kv: per layer, cached keys/values with ``valid = t < P`` (engine backend only).
         resid: ``{(layer, 0): resid_pre, (layer, 1): resid_mid, (n_layers, 0): final resid}`` at P, ``[B, d_model]``
             (engine backend only).
+
+    ``logits`` and ``reads`` are the caller's own tensors; ``kv`` and ``resid`` are the kept cache, shared by every
+    later call on the batch: read them, never write into them.
     """
 
     batch: TaskBatch
@@ -177,7 +180,8 @@ class Interventions:
             if read:  # position P alone, from the cached prefix
                 _, got = self._engine_run(kept, [], 1, read, logits=False)
                 reads = {k: v[:, 0] for k, v in got.items()}
-            return CleanPass(batch, kept.logits if logits else None, reads, kv=kept.kv, resid=kept.resid)
+            # the logits are the caller's own copy; kv and resid stay shared (read-only, see CleanPass)
+            return CleanPass(batch, kept.logits.clone() if logits else None, reads, kv=kept.kv, resid=kept.resid)
 
     def run(
         self,
@@ -482,8 +486,9 @@ def _variant_reader(store: dict, name: str, detach: bool = True):
     """Engine hook that keeps ``[B, F, 1, *shape]`` at P as ``[B, F, *shape]`` (query row P for the pattern)."""
 
     def fn(x: torch.Tensor) -> None:
+        # a copy: at the first recomputed hook x is a view of the kept clean residual stream
         row = at_query(x, name, 1)[:, :, 0]
-        store[name] = row.detach() if detach else row
+        store[name] = row.detach().clone() if detach else row.clone()
 
     return fn
 
