@@ -177,11 +177,12 @@ def test_faithfulness_identities_and_agreement_statistics():
     # the empty circuit is everything ablated, the full circuit is the clean model
     assert curve["m_clean"].iloc[0] - curve["m_empty"].iloc[0] > 0.1
     assert curve["undefined_reason"].isna().all()
-    assert curve["faithfulness"].iloc[0] == pytest.approx(0.0, abs=1e-6)
-    assert curve["faithfulness"].iloc[1] == pytest.approx(1.0, abs=1e-5)
-    assert curve["completeness"].iloc[0] == pytest.approx(1.0, abs=1e-5)
-    assert curve["completeness"].iloc[1] == pytest.approx(0.0, abs=1e-6)
-    assert curve["faithfulness_ci95"].iloc[1] == pytest.approx([1.0, 1.0], abs=1e-5)
+    # exactly: m(M) comes from the same run as the ablations (issue 18), so nothing ablated is m(M) bit for bit
+    assert curve["faithfulness"].iloc[0] == 0.0
+    assert curve["faithfulness"].iloc[1] == 1.0
+    assert curve["completeness"].iloc[0] == 1.0
+    assert curve["completeness"].iloc[1] == 0.0
+    assert list(curve["faithfulness_ci95"].iloc[1]) == [1.0, 1.0]
     a = agreement(np.array([3.0, -2.0, 1.0, 0.5]), np.array([30.0, -20.0, 10.0, -5.0]), top=2)
     assert a["spearman"] == pytest.approx(1.0) and a["sign_agreement"] == pytest.approx(0.75)
     assert a["top_overlap"] == 1.0

@@ -20,6 +20,7 @@ from saecircuits.analysis.reconstruction import (
     sequence_loss_recovered,
 )
 from saecircuits.analysis.stats import mean_ci95
+from saecircuits.saes.base import SAEError
 
 
 def _manual_loss(model, tokens, pos, answer, value=None, hook=HOOK):
@@ -322,3 +323,15 @@ def test_sequence_loss_recovered_on_rows_of_different_lengths():
     assert res["ce_clean"] == pytest.approx(nll / n, rel=1e-5)
     assert res["ce_spliced"] == pytest.approx(res["ce_clean"], rel=1e-5)
     assert res["loss_recovered"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_sequence_loss_recovered_refuses_an_sae_on_a_hook_that_never_fires():
+    """A rotary model never fires hook_pos_embed: an SAE there would give ce_spliced == ce_zero == ce_clean and a
+    misleading reason; the call fails naming the hook instead (issue 18, kind 2)."""
+    from helpers import tiny_llama, token_rows
+
+    model = tiny_llama()
+    rows = torch.tensor(token_rows([12, 12, 12], seed=1))
+    sae = random_sae(d_in=int(model.cfg.d_model), d_sae=16, hook_point="hook_pos_embed")
+    with pytest.raises(SAEError, match="hook_pos_embed.*never fired"):
+        sequence_loss_recovered(model, [sae], rows, bos_id=0)

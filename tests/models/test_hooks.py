@@ -92,3 +92,26 @@ def test_stop_layer_for():
     assert stop_layer_for(["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"], 2) is None  # last block: no saving
     assert stop_layer_for(["blocks.1.mlp.hook_post"], 4) == 2
     assert stop_layer_for(["hook_embed"], 2) is None
+
+
+def test_pattern_edits_at_positions_edit_query_row_p_of_every_head():
+    """edit_at_positions / run_at_positions on hook_pattern ``[b, head, query, key]``: zeroing head 1's row at P
+    zeroes its z at P exactly (z = pattern row @ v) and nothing else; reads give ``[b, head, key]``."""
+    from helpers import tiny_gpt2
+
+    model, task = tiny_gpt2(), quote_task()
+    batch = next(task_batches(model, task))
+    hook, z = "blocks.0.attn.hook_pattern", "blocks.0.attn.hook_z"
+
+    def kill_head_1(rows, idx):
+        rows = rows.clone()
+        rows[:, 1] = 0.0
+        return rows
+
+    _, clean = run_at_positions(model, batch.tokens, batch.positions, read=[hook, z])
+    edit = edit_at_positions(batch.positions, kill_head_1, hook_name=hook)
+    _, got = run_at_positions(model, batch.tokens, batch.positions, read=[z], edits=[(hook, edit)])
+    n_heads, T = int(model.cfg.n_heads), batch.tokens.shape[1]
+    assert clean[hook].shape == (len(batch.indices), n_heads, T)
+    assert bool((got[z][:, 1] == 0).all())
+    torch.testing.assert_close(got[z][:, [0, 2, 3]], clean[z][:, [0, 2, 3]], atol=1e-6, rtol=0)

@@ -265,3 +265,197 @@ def test_bf16_model_and_bf16_sae_engine_equals_the_bridge(arch):
         assert float((a - b).abs().max()) <= tol
     # the unablated variant (-1) is the clean run on each backend
     torch.testing.assert_close(outs[0][1][:, 3], outs[0][0], atol=2e-2 * (1 + float(outs[0][0].abs().max())), rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# issue 18: in-place edits, attention-pattern rows at P, hooks that never fire
+
+
+def _in_place_add(x):
+    x += 1.5
+    return x
+
+
+def _in_place_zero(x):
+    x[...] = 0
+    return x
+
+
+IN_PLACE = {"add": (_in_place_add, lambda x: x + 1.5), "zero": (_in_place_zero, torch.zeros_like),
+            "mul": (lambda x: x.mul_(-2.0), lambda x: -2.0 * x)}
+
+
+@pytest.mark.parametrize("backend", ["engine", "bridge"])
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_in_place_edits_never_corrupt_the_kept_clean_pass(arch, backend):
+    """``x += v`` at the first recomputed residual hook (a view of the kept clean residual stream in the engine),
+    ``x[...] = 0`` and ``x.mul_`` give the full-prompt numbers of the out-of-place edit, twice in a row, and the
+    batch's clean logits and reads afterwards are still the bridge's clean ones."""
+    model, hook, _, rows, answers = _setup(arch, 1)
+    iv = interventions_for(model, backend=backend)
+    batch = next(row_batches(rows, 0, answer_ids=answers, max_tokens=400, max_batch=8))
+    hooks = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", hook]
+    for name, (fn, ref_fn) in IN_PLACE.items():
+        # hook_resid_mid (where the MLP half starts from the kept stream): the bridge edits only the MLP's input
+        # there, not the residual, so the reference is the same backend's out-of-place edit
+        mid = "blocks.1.hook_resid_mid"
+        clean = iv.clean(batch)
+        want, _ = iv.run(clean, [Edit(mid, ref_fn)])
+        for _ in range(2):
+            got, _ = iv.run(iv.clean(batch), [Edit(mid, fn)])
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        for h in hooks:
+            for _ in range(2):  # the second analysis of the batch must see an intact clean pass
+                clean = iv.clean(batch, read=[h])
+                logits, reads = iv.run(clean, [Edit(h, fn)], read=[h])
+                m, mc = answer_metrics(logits, batch.answer_ids), answer_metrics(clean.logits, batch.answer_ids)
+                for b, i in enumerate(batch.indices):
+                    ref, store = _reference(model, rows[i], answers[i], [(h, ref_fn)], read=[h])
+                    _check(m, b, 0, ref)
+                    # a read of the edited hook is its value before the edit, and equals the clean read
+                    torch.testing.assert_close(reads[h][b, 0], store[h], **TOL, msg=f"{name} {h}")
+                    torch.testing.assert_close(clean.reads[h][b], store[h], **TOL, msg=f"{name} {h}")
+                    clean_ref, _ = _reference(model, rows[i], answers[i], [])
+                    assert abs(float(mc["loss"][b]) - clean_ref["loss"]) <= 1e-5 * max(1.0, clean_ref["loss"])
+                # reads handed out are the caller's own: writing into them changes nothing kept
+                clean.reads[h].add_(3.0)
+                reads[h].mul_(-1.0)
+                clean.logits.add_(1.0)
+
+
+def _reference_pattern_via_z(model, row, answer, layer):
+    """One prompt through the bridge with :func:`_pattern_edit`'s effect written on ``hook_z`` at P (independent of
+    any pattern hook: head 0's ``z`` doubled, head 1's ``z`` = its value vector at key 0); also the clean query row
+    P of ``hook_pattern`` ``[H, P + 1]``."""
+    p = len(row) - 1
+    store = {}
+    n_heads = int(model.cfg.n_heads)
+
+    def grab_v(value, hook=None):
+        store["v0"] = value[0, 0].detach().clone()  # [n_kv_heads, d_head] at key 0
+
+    def grab_pattern(value, hook=None):
+        store["row"] = value[0, :, p].detach().clone()
+
+    def edit_z(value, hook=None):
+        new = value.clone()
+        new[0, p, 0] = 2.0 * value[0, p, 0]
+        new[0, p, 1] = store["v0"][1 * store["v0"].shape[0] // n_heads]  # query head 1's key/value head
+        return new
+
+    name = f"blocks.{layer}.attn"
+    hooks = [(f"{name}.hook_v", grab_v), (f"{name}.hook_pattern", grab_pattern), (f"{name}.hook_z", edit_z)]
+    with torch.no_grad():
+        logits = model.run_with_hooks(torch.tensor([row]), fwd_hooks=hooks)
+    m = answer_metrics(logits[:, p], torch.tensor([answer]))
+    return {k: float(v[0]) for k, v in m.items()}, store["row"]
+
+
+def _pattern_edit(pt):
+    """Head 1 attends to key 0 alone; head 0's weights doubled (any key length)."""
+    pt = pt.clone()
+    pt[..., 0, :] *= 2.0
+    pt[..., 1, :] = 0.0
+    pt[..., 1, 0] = 1.0
+    return pt
+
+
+@pytest.mark.parametrize("backend", ["engine", "bridge"])
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_attention_pattern_at_p_is_the_query_row_of_every_head(arch, backend):
+    """hook_pattern at P reads and edits query row P of every head (P up to 39 with 4 heads: no IndexError, no
+    head P), under the engine's cache as in a full-prompt bridge forward."""
+    model, _, _, rows, answers = _setup(arch, 0)
+    iv = interventions_for(model, backend=backend)
+    n_heads = int(model.cfg.n_heads)
+    for layer in (0, 1):
+        hook = f"blocks.{layer}.attn.hook_pattern"
+        for batch in row_batches(rows, 0, answer_ids=answers, max_tokens=400, max_batch=4):
+            clean = iv.clean(batch, read=[hook])
+            if backend == "bridge" and arch == "gpt_neo":  # its bridge fires the pattern after using it
+                with pytest.raises(ValueError, match="hook_pattern.*discarded"):
+                    iv.run(clean, [Edit(hook, _pattern_edit)], read=[hook])
+                logits, reads = iv.run(clean, [], read=[hook])
+                torch.testing.assert_close(reads[hook][:, 0], clean.reads[hook], rtol=0, atol=0)
+                continue
+            logits, reads = iv.run(clean, [Edit(hook, _pattern_edit)], read=[hook])
+            m = answer_metrics(logits, batch.answer_ids)
+            # the same edit as variant 1 of 2 (the pattern edit splits the variants)
+            two, _ = iv.run(clean, [Edit(hook, lambda pt: torch.cat([pt, _pattern_edit(pt)], 1))], n_variants=2)
+            torch.testing.assert_close(two[:, 1], logits[:, 0], **TOL)
+            torch.testing.assert_close(two[:, 0], clean.logits, **TOL)
+            T = batch.tokens.shape[1]
+            for b, i in enumerate(batch.indices):
+                ref, row = _reference_pattern_via_z(model, rows[i], answers[i], layer)
+                p = len(rows[i])
+                for got in (clean.reads[hook][b], reads[hook][b, 0]):
+                    assert got.shape == (n_heads, T)
+                    torch.testing.assert_close(got[:, :p], row, **TOL)
+                    assert float(got[:, p:].abs().sum()) == 0.0  # keys after P
+                _check(m, b, 0, ref)
+
+
+@pytest.mark.parametrize("backend", ["engine", "bridge"])
+def test_edits_and_reads_on_hooks_that_never_fire_fail_naming_the_hook(backend):
+    """hook_pos_embed does not fire in a rotary model: an edit or read there fails, naming it (never dropped)."""
+    model = ARCHITECTURES["llama"]()
+    rows = token_rows([9, 23], seed=5)
+    iv = interventions_for(model, backend=backend)
+    batch = next(row_batches(rows, 0, answer_ids=[1, 2]))
+    clean = iv.clean(batch)
+    for kwargs in (dict(edits=[Edit("hook_pos_embed", torch.zeros_like)]), dict(edits=[], read=["hook_pos_embed"])):
+        with pytest.raises((EngineError, KeyError), match="hook_pos_embed.*never fired"):
+            iv.run(clean, **kwargs)
+    with pytest.raises((EngineError, KeyError), match="hook_pos_embed.*never fired"):
+        iv.clean(batch, read=["hook_pos_embed"])
+
+
+@pytest.mark.parametrize("backend", ["engine", "bridge"])
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_run_paired_baseline_is_the_clean_run_and_a_noop_variant_equals_it_exactly(arch, backend):
+    """run_paired: variant 0 is the clean run (or the base edits'), the edited variants the full-prompt edits, and
+    an edit that leaves the activation unchanged gives the baseline's logits and reads bit for bit."""
+    model, hook, sae, rows, answers = _setup(arch, 0)
+    iv = interventions_for(model, backend=backend)
+    down = "blocks.1.mlp.hook_post"
+    splice = Edit(hook, lambda xb: sae.decode(sae.encode(xb)))
+
+    def three(xb):  # [B, F, d] -> [B, 3, d]: unchanged, zeroed, doubled
+        return torch.cat([xb.expand(-1, 1, -1), torch.zeros_like(xb[:, :1]), 2 * xb[:, :1]], dim=1)
+
+    for batch in row_batches(rows, 0, answer_ids=answers, max_tokens=200, max_batch=4):
+        clean = iv.clean(batch)
+        run = iv.run_paired(clean, [Edit(hook, three)], n_variants=3, read=[down])
+        assert torch.equal(run.logits[:, 0], run.base_logits)
+        assert torch.equal(run.reads[down][:, 0], run.base_reads[down])
+        spliced = iv.run_paired(clean, [Edit(hook, lambda xb: xb)], base=[splice])
+        m, mb, ms = (answer_metrics(x, batch.answer_ids) for x in (run.logits, run.base_logits[:, None],
+                                                                     spliced.base_logits[:, None]))
+        for b, i in enumerate(batch.indices):
+            _check(mb, b, 0, _reference(model, rows[i], answers[i], [])[0])
+            _check(ms, b, 0, _reference(model, rows[i], answers[i], [(hook, lambda x: sae.decode(sae.encode(x)))])[0])
+            for v, fn in enumerate([lambda x: x, torch.zeros_like, lambda x: 2 * x]):
+                _check(m, b, v, _reference(model, rows[i], answers[i], [(hook, fn)])[0])
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_attention_scores_at_p_are_every_heads_query_row_or_a_clear_error(arch):
+    """hook_attn_scores at P: the engine refuses it by name; the bridge reads query row P of every head (equal to
+    the unpadded prompt's run_with_cache row), or refuses where it fills the hook with the pattern (GPT-Neo)."""
+    model, _, _, rows, answers = _setup(arch, 0)
+    hook = "blocks.1.attn.hook_attn_scores"
+    batch = next(row_batches(rows, 0, answer_ids=answers, max_tokens=400, max_batch=8))
+    with pytest.raises(EngineError, match="hook_attn_scores"):
+        interventions_for(model).clean(batch, read=[hook])
+    iv = interventions_for(model, backend="bridge")
+    if arch == "gpt_neo":
+        for call in (lambda: iv.clean(batch, read=[hook]), lambda: iv.read_all(batch.tokens, [hook])):
+            with pytest.raises(ValueError, match="holds the attention pattern"):
+                call()
+        return
+    got = iv.clean(batch, read=[hook]).reads[hook]
+    for b, i in enumerate(batch.indices):
+        p = len(rows[i]) - 1
+        with torch.no_grad():
+            _, cache = model.run_with_cache(torch.tensor([rows[i]]), names_filter=[hook])
+        torch.testing.assert_close(got[b, :, : p + 1], cache[hook][0, :, p], **TOL)

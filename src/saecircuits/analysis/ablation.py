@@ -22,7 +22,7 @@ from saecircuits.analysis.ablation_modes import (
     OffRange,
     OffRangeCounter,
     activation_floor,
-    baseline_logits,
+    baseline_edits,
     check_mode,
 )
 from saecircuits.analysis.features import features_ablation_edit
@@ -112,9 +112,9 @@ def ablate_features(
     iv = interventions_for(model)
     for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
         idx = torch.tensor(batch.indices)
-        clean = iv.clean(batch)
-        ablated, _ = iv.run(clean, [edit])
-        for prefix, logits in (("", baseline_logits(iv, clean, sae, mode)), ("ablated_", ablated[:, 0])):
+        # the baseline in the same run as the ablation: an ablation that changes nothing differs by exactly 0
+        run = iv.run_paired(iv.clean(batch), [edit], base=baseline_edits(sae, mode))
+        for prefix, logits in (("", run.base_logits), ("ablated_", run.logits[:, 0])):
             for name, value in answer_metrics(logits, batch.answer_ids).items():
                 cols[f"{prefix}{name}"][idx] = value.cpu()
     df = pd.DataFrame({"prompt_index": list(range(n)), **{k: v.numpy() for k, v in cols.items()}})

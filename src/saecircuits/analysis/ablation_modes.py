@@ -13,7 +13,9 @@ Every feature ablation of the package takes ``mode``:
   layer, with the error's effect taken out.
 
 So an ablation's *baseline* (what "ablated - baseline" is measured against) is the clean run for the first two modes
-and the SAE-spliced run for ``"clean_effect"`` (:func:`baseline_logits`).
+and the SAE-spliced run for ``"clean_effect"`` (:func:`baseline_edits`). Every effect is measured against a baseline
+computed in the same run as its ablations (:meth:`~saecircuits.models.interventions.Interventions.run_paired`), so
+an ablation that changes nothing (an inactive feature) has an effect of exactly 0.
 
 Off-range activations: an activation after a fixed elementwise function (the MLP's post-activation of a non-gated MLP,
 e.g. GELU, whose minimum is about -0.17) can only take values in that function's range. The residual-preserving
@@ -41,6 +43,7 @@ __all__ = [
     "edit_dtype",
     "sae_edit",
     "splice_edit",
+    "baseline_edits",
     "baseline_logits",
     "activation_floor",
     "OffRangeCounter",
@@ -139,10 +142,19 @@ def splice_edit(sae: SAE) -> Edit:
     return sae_edit(sae, fn)
 
 
-def baseline_logits(iv: Interventions, clean: CleanPass, sae: SAE, mode: str) -> torch.Tensor:
-    """Logits at P an ablation in ``mode`` is compared with: ``[B, d_vocab]`` float32.
+def baseline_edits(sae: SAE, mode: str) -> list[Edit]:
+    """The edits of the baseline an ablation in ``mode`` is compared with, for
+    :meth:`~saecircuits.models.interventions.Interventions.run_paired`: none (the clean run) for ``"residual"`` and
+    ``"reconstruction"``, the SAE splice for ``"clean_effect"``."""
+    return [splice_edit(sae)] if check_mode(mode) == "clean_effect" else []
 
-    The clean logits for ``"residual"`` and ``"reconstruction"``; the SAE-spliced run's for ``"clean_effect"``.
+
+def baseline_logits(iv: Interventions, clean: CleanPass, sae: SAE, mode: str) -> torch.Tensor:
+    """Logits at P an ablation in ``mode`` is compared with: ``[B, d_vocab]`` float32, on their own.
+
+    The clean logits for ``"residual"`` and ``"reconstruction"``; the SAE-spliced run's for ``"clean_effect"``. To
+    compare with an ablation, compute both in one :meth:`~Interventions.run_paired` with :func:`baseline_edits`
+    instead (same path: an ablation that changes nothing differs by exactly 0).
     """
     if check_mode(mode) != "clean_effect":
         return clean.logits

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from saecircuits.analysis.ablation_modes import baseline_logits, check_mode
+from saecircuits.analysis.ablation_modes import baseline_edits, check_mode
 from saecircuits.analysis.error_dla import mlp_post_layer
 from saecircuits.analysis.features import activations_or_compute, features_ablation_edit
 from saecircuits.display import NotebookDisplay
@@ -226,9 +226,8 @@ def prompt_logprob_boosts(
     iv = interventions_for(model)
     with torch.no_grad():
         for batch in task_batches(model, sub, max_tokens=max_tokens, max_batch=max_batch):
-            clean_pass = iv.clean(batch)
-            clean = baseline_logits(iv, clean_pass, sae, mode)
-            abl = iv.run(clean_pass, [edit])[0][:, 0]
+            run = iv.run_paired(iv.clean(batch), [edit], base=baseline_edits(sae, mode))  # one path for both
+            clean, abl = run.base_logits, run.logits[:, 0]
             rows = torch.arange(len(batch.indices), device=clean.device)
             ans = batch.answer_ids.to(clean.device)
             lp_c, lp_a = clean.float().log_softmax(-1), abl.float().log_softmax(-1)  # bf16 logits: fp32 sums

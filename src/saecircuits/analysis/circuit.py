@@ -424,11 +424,12 @@ def exact_effects(
         clean = iv.clean(batch, read=sae_hooks)
         with torch.no_grad():
             f_clean = {g.hook: g.sae.encode(clean.reads[g.hook_in]).float() for g in sae_groups}
-        m_clean = _answer_logprob(clean.logits[:, None], batch.answer_ids)[:, 0]
-        clean_metric[torch.tensor(batch.indices)] = m_clean.double().cpu()
         table = _variant_table(groups, f_clean, structural)
         B, V = table.shape
-        chunk = max(1, MAX_FLOATS // max(1, B * feature_budget))
+        chunk = max(1, MAX_FLOATS // max(1, B * feature_budget) - 1)  # + the baseline variant
+        if V == 0:  # nothing to ablate: the clean metric alone
+            m0 = _answer_logprob(clean.logits[:, None], batch.answer_ids)[:, 0]
+            clean_metric[torch.tensor(batch.indices)] = m0.double().cpu()
         for v0 in range(0, V, chunk):
             sub = table[:, v0 : v0 + chunk]
             safe = sub.clamp(min=0)
@@ -437,8 +438,16 @@ def exact_effects(
                 local = torch.where((sub >= 0) & (node_gid[safe] == gi), node_local[safe], -1)
                 if bool((local >= 0).any()):
                     edits.append(_single_edit(g, local, None))
-            logits, reads = iv.run(clean, edits, n_variants=sub.shape[1], read=sae_hooks)
-            m = _answer_logprob(logits, batch.answer_ids)  # [B, Vc]
+            # the clean metric and reads in the same run as the ablations (variant 0), so that an ablation that
+            # changes nothing has an effect of exactly 0 and no edge
+            run = iv.run_paired(clean, edits, n_variants=sub.shape[1], read=sae_hooks)
+            reads = run.reads
+            m_clean = _answer_logprob(run.base_logits[:, None], batch.answer_ids)[:, 0]
+            if v0 == 0:
+                clean_metric[torch.tensor(batch.indices)] = m_clean.double().cpu()
+            with torch.no_grad():
+                f_base = {g.hook: g.sae.encode(run.base_reads[g.hook_in]).float() for g in sae_groups}
+            m = _answer_logprob(run.logits, batch.answer_ids)  # [B, Vc]
             ok = sub >= 0
             eff = (m_clean[:, None] - m).double().cpu()
             ids = sub[ok]
@@ -449,7 +458,7 @@ def exact_effects(
             for g in sae_groups:
                 with torch.no_grad():
                     f_abl = g.sae.encode(reads[g.hook_in]).float()  # [B, Vc, d_sae]
-                delta = (f_clean[g.hook][:, None] - f_abl).cpu()  # contribution of the variant's node
+                delta = (f_base[g.hook][:, None] - f_abl).cpu()  # contribution of the variant's node
                 upstream = ok & (up_stage < _stage_key(g.hook_in, n_layers))
                 b_idx, v_idx, k_idx = torch.nonzero(upstream[..., None] & (delta != 0), as_tuple=True)
                 d_ids = g.node_of[k_idx]
@@ -884,10 +893,11 @@ def faithfulness_curve(
             where = torch.nonzero(g.node_of >= 0).flatten()
             gm[:, where] = masks[:, g.node_of[where]]
             edits.append(_mask_edit(g, gm, means))
-        logits, _ = iv.run(clean, edits, n_variants=V)
+        # m(M) in the same run as the ablations: the full circuit (nothing ablated) has faithfulness exactly 1
+        run = iv.run_paired(clean, edits, n_variants=V)
         idx = torch.as_tensor(batch.indices)
-        per_prompt[idx] = _answer_logprob(logits, batch.answer_ids).double().cpu()
-        clean_lp[idx] = _answer_logprob(clean.logits[:, None], batch.answer_ids).double().cpu()[:, 0]
+        per_prompt[idx] = _answer_logprob(run.logits, batch.answer_ids).double().cpu()
+        clean_lp[idx] = _answer_logprob(run.base_logits[:, None], batch.answer_ids).double().cpu()[:, 0]
     m = per_prompt.mean(0)
     m_clean, m_empty = float(clean_lp.mean()), float(m[0])
     rows = []

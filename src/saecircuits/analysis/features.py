@@ -39,6 +39,7 @@ from saecircuits.analysis.ablation_modes import (
     OffRangeCounter,
     ablation_base,
     activation_floor,
+    baseline_edits,
     baseline_logits,
     check_mode,
     edit_dtype,
@@ -218,16 +219,17 @@ def variant_losses(
             ``[B, n_variants, *act]``.
 
     Returns:
-        float32 ``[n_prompts, 1 + n_variants]`` in task order; column 0 is the clean loss.
+        float32 ``[n_prompts, 1 + n_variants]`` in task order; column 0 is the clean loss, computed in the same run
+        as the variants (:meth:`~saecircuits.models.interventions.Interventions.run_paired`), so a variant that
+        leaves the activation unchanged has exactly the clean loss.
     """
     iv = interventions_for(model)
     out = torch.zeros(task.n_prompts, 1 + n_variants)
     for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
         rows = torch.tensor(batch.indices)
-        clean = iv.clean(batch)
-        out[rows, 0] = answer_metrics(clean.logits, batch.answer_ids)["loss"].cpu()
-        logits, _ = iv.run(clean, [edit], n_variants=n_variants)
-        out[rows, 1:] = answer_metrics(logits, batch.answer_ids)["loss"].cpu()
+        run = iv.run_paired(iv.clean(batch), [edit], n_variants=n_variants)
+        out[rows, 0] = answer_metrics(run.base_logits, batch.answer_ids)["loss"].cpu()
+        out[rows, 1:] = answer_metrics(run.logits, batch.answer_ids)["loss"].cpu()
     return out
 
 
@@ -525,18 +527,22 @@ def feature_effects(
         V = int(n_act.max()) if top_n is None else int(min(top_n, int(n_act.max())))
         idx = torch.tensor(batch.indices)
         clean_loss[idx] = answer_metrics(clean.logits, batch.answer_ids)["loss"].cpu()
-        base = answer_metrics(baseline_logits(iv, clean, sae, mode), batch.answer_ids)
-        baseline_loss[idx] = base["loss"].cpu()
         if V == 0:
+            baseline_loss[idx] = answer_metrics(baseline_logits(iv, clean, sae, mode), batch.answer_ids)["loss"].cpu()
             continue
         order = torch.topk(score, V, dim=1)  # features by score, inactive last (-inf)
         table = torch.where(torch.isfinite(order.values), order.indices, torch.full_like(order.indices, -1))
         B = table.shape[0]
-        chunk = max(1, MAX_LOGIT_FLOATS // max(1, B * d_vocab))
+        chunk = max(1, MAX_LOGIT_FLOATS // max(1, B * d_vocab) - 1)  # + the baseline variant
         for v0 in range(0, V, chunk):
             sub = table[:, v0 : v0 + chunk]
-            logits, _ = iv.run(clean, [one_feature_each_edit(sae, sub, mode, counter)], n_variants=sub.shape[1])
-            m = answer_metrics(logits, batch.answer_ids)
+            # the baseline in the same run as the ablations: an inactive feature's effect is exactly 0
+            run = iv.run_paired(clean, [one_feature_each_edit(sae, sub, mode, counter)], n_variants=sub.shape[1],
+                                base=baseline_edits(sae, mode))
+            base = answer_metrics(run.base_logits, batch.answer_ids)
+            if v0 == 0:
+                baseline_loss[idx] = base["loss"].cpu()
+            m = answer_metrics(run.logits, batch.answer_ids)
             ok = sub >= 0
             b_idx, v_idx = torch.nonzero(ok, as_tuple=True)
             k = sub[b_idx, v_idx]
@@ -591,22 +597,27 @@ def single_feature_ablation_losses(
     mode: str = "residual",
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
-) -> torch.Tensor:
+    with_baseline: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Answer loss (nats) at P with one feature ablated at P, for each (prompt, feature) pair.
 
-    The pairs of one prompt are variants of one prefix-cached pass. ``mode`` as in :func:`feature_effects` (the loss
-    is the ablated run's; its baseline is up to the caller). With ``mode="residual"`` a feature inactive at P
-    (``f_k = 0``) leaves the activation exactly unchanged.
+    The pairs of one prompt are variants of one prefix-cached pass. ``mode`` as in :func:`feature_effects`. With
+    ``mode="residual"`` a feature inactive at P (``f_k = 0``) leaves the activation exactly unchanged.
+
+    Args:
+        with_baseline: also return each pair's baseline loss (clean, or SAE-spliced in ``"clean_effect"``) from the
+            same run as its ablation, the one to subtract: an ablation that changes nothing then differs by exactly
+            0 (the full clean pass differs from the recomputation at P by float rounding).
 
     Returns:
-        float32 ``[n_pairs]`` in pair order.
+        float32 ``[n_pairs]`` in pair order (and the baselines ``[n_pairs]`` with ``with_baseline``).
 
     Raises:
         IndexError: a prompt or feature index out of range. ValueError: an unknown ``mode``.
     """
     check_mode(mode)
     if not pairs:
-        return torch.zeros(0)
+        return (torch.zeros(0), torch.zeros(0)) if with_baseline else torch.zeros(0)
     prompt_idx = [int(i) for i, _ in pairs]
     feats = [int(k) for _, k in pairs]
     if min(prompt_idx) < 0 or max(prompt_idx) >= task.n_prompts:
@@ -620,6 +631,7 @@ def single_feature_ablation_losses(
     sub = task.subset(prompts)
     iv = interventions_for(model)
     out = torch.zeros(len(pairs))
+    base_out = torch.zeros(len(pairs))
     d_vocab = int(model.cfg.d_vocab)
     for batch in task_batches(model, sub, max_tokens=max_tokens, max_batch=max_batch):
         clean = iv.clean(batch)
@@ -628,15 +640,18 @@ def single_feature_ablation_losses(
         table = torch.full((len(rows), V), -1, dtype=torch.long)
         for b, r in enumerate(rows):
             table[b, : len(r)] = torch.tensor([feats[j] for j in r])
-        chunk = max(1, MAX_LOGIT_FLOATS // max(1, len(rows) * d_vocab))
+        chunk = max(1, MAX_LOGIT_FLOATS // max(1, len(rows) * d_vocab) - 1)  # + the baseline variant
         for v0 in range(0, V, chunk):
             t = table[:, v0 : v0 + chunk]
-            logits, _ = iv.run(clean, [one_feature_each_edit(sae, t, mode)], n_variants=t.shape[1])
-            loss = answer_metrics(logits, batch.answer_ids)["loss"].cpu()
+            run = iv.run_paired(clean, [one_feature_each_edit(sae, t, mode)], n_variants=t.shape[1],
+                                base=baseline_edits(sae, mode))
+            loss = answer_metrics(run.logits, batch.answer_ids)["loss"].cpu()
+            base = answer_metrics(run.base_logits, batch.answer_ids)["loss"].cpu()
             for b, r in enumerate(rows):
                 for v, j in enumerate(r[v0 : v0 + chunk]):
                     out[j] = loss[b, v]
-    return out
+                    base_out[j] = base[b]
+    return (out, base_out) if with_baseline else out
 
 
 def feature_ablation_table(

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from saecircuits.analysis.ablation_modes import check_mode, splice_edit
+from saecircuits.analysis.ablation_modes import baseline_edits, check_mode
 from saecircuits.analysis.features import features_ablation_edit
 from saecircuits.analysis.stats import MeanCI, mean_ci95
 from saecircuits.display import NotebookDisplay
@@ -124,15 +124,13 @@ def compare_layer_ablations(
     for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
         rows = torch.tensor(batch.indices)
         clean = iv.clean(batch)
-        clean_loss = answer_metrics(clean.logits, batch.answer_ids)["loss"]
         for r, members in enumerate(runs):
             edits = [features_ablation_edit(saes[j], sets[j], mode) for j in members]
-            logits, _ = iv.run(clean, edits)
-            abl = answer_metrics(logits[:, 0], batch.answer_ids)["loss"]
-            base = clean_loss
-            if mode == "clean_effect":
-                base = answer_metrics(iv.run(clean, [splice_edit(saes[j]) for j in members])[0][:, 0],
-                                      batch.answer_ids)["loss"]
+            # the baseline (clean, or the members' SAEs spliced in) in the same run as the ablation
+            base_edits = [e for j in members for e in baseline_edits(saes[j], mode)]
+            run = iv.run_paired(clean, edits, base=base_edits)
+            abl = answer_metrics(run.logits[:, 0], batch.answer_ids)["loss"]
+            base = answer_metrics(run.base_logits, batch.answer_ids)["loss"]
             loss_inc[rows, r] = (abl - base).cpu()
     summary = {lab: mean_ci95(loss_inc[:, r]) for r, lab in enumerate(labels)}
     paired = {

@@ -18,9 +18,7 @@ import torch
 from saecircuits.analysis.ablation_modes import check_mode
 from saecircuits.analysis.features import (
     activations_or_compute,
-    answer_losses,
     single_feature_ablation_losses,
-    spliced_losses,
 )
 from saecircuits.analysis.stats import MeanCI, mean_ci95
 from saecircuits.display import NotebookDisplay
@@ -101,7 +99,8 @@ def loss_increase_vs_activation(
         threshold: activity threshold (strict).
         max_prompts: at most this many active prompts (first in task order); ``None`` = all (the notebook).
         acts: precomputed ``feature_activations`` ``[n_prompts, d_sae]``.
-        clean_loss: precomputed ``answer_losses`` ``[n_prompts]``.
+        clean_loss: precomputed ``answer_losses`` ``[n_prompts]`` (checked; kept for compatibility: the increase is
+            measured against the baseline computed in the same run as each ablation).
         effects: precomputed :class:`~saecircuits.analysis.features.FeatureEffects` holding this feature (with the
             same ``threshold`` and ``mode``); its exact per-prompt effects are used instead of new ablations.
         mode: ablation mode (:mod:`saecircuits.analysis.ablation_modes`); the increase is ablated - baseline.
@@ -131,17 +130,16 @@ def loss_increase_vs_activation(
         )
     acts = activations_or_compute(model, sae, task, acts, max_tokens=max_tokens, max_batch=max_batch)
     prompts = acts.active_prompts(k, threshold)[:max_prompts]
-    if mode == "clean_effect":  # the baseline is the SAE spliced in, not the clean run
-        clean_loss = spliced_losses(model, sae, task, max_tokens=max_tokens, max_batch=max_batch) if prompts else None
-    elif prompts and clean_loss is None:
-        clean_loss = answer_losses(model, task, max_tokens=max_tokens, max_batch=max_batch)
     if clean_loss is not None and tuple(clean_loss.shape) != (task.n_prompts,):
         raise ValueError(f"clean_loss must be [n_prompts] = [{task.n_prompts}], got {list(clean_loss.shape)}")
-    ablated = single_feature_ablation_losses(
-        model, sae, task, [(i, k) for i in prompts], mode=mode, max_tokens=max_tokens, max_batch=max_batch
+    # each ablation minus its baseline (clean, or the SAE spliced in for "clean_effect") from the same run, so an
+    # ablation that changes nothing gives exactly 0 (a precomputed clean_loss comes from the full clean pass)
+    ablated, baseline = single_feature_ablation_losses(
+        model, sae, task, [(i, k) for i in prompts], mode=mode, max_tokens=max_tokens, max_batch=max_batch,
+        with_baseline=True,
     )
     idx = torch.tensor(prompts, dtype=torch.long)
-    increase = (ablated - clean_loss[idx]) if prompts else torch.zeros(0)
+    increase = (ablated - baseline) if prompts else torch.zeros(0)
     activation = acts.column(k)[idx] if prompts else torch.zeros(0)
     table = pd.DataFrame(
         {

@@ -236,7 +236,7 @@ def _single_position_losses(
                 hooks = {hook: [fn]}
                 if capture is not None:
                     hooks[capture[0]] = [_keep(capture[1])]
-                x = eng.forward_resid(x0, p[:, None], prefixes, hooks, start=start)
+                x = eng.forward_resid(x0.clone(), p[:, None], prefixes, hooks, start=start)
                 lg = eng.logits(x)[:, 0, 0]  # [n, d_vocab]
                 out[j, i : i + step] = (torch.logsumexp(lg, -1) - lg.gather(-1, target[:, None])[:, 0]).cpu()
     return out
@@ -373,11 +373,11 @@ def max_activating_ablation(
             def everywhere(x: torch.Tensor) -> torch.Tensor:
                 return torch.ones(x.shape[:3], dtype=torch.bool, device=x.device)
 
-            fns = [lambda x: ablate(x, everywhere(x))]
-            if mode == "clean_effect":
-                fns.append(lambda x: baseline(x, everywhere(x)))
+            # the baseline (clean, or the SAE spliced in) on the same path as the ablation: one that changes
+            # nothing has an increase of exactly 0 (the global pass's clean loss differs by float rounding)
+            fns = [lambda x: ablate(x, everywhere(x)), lambda x: baseline(x, everywhere(x))]
             got = _single_position_losses(iv, batch.tokens, hook, fns, pr, pp, capture)
-            base = got[1] if mode == "clean_effect" else losses[pr, 0, pp]
+            base = got[1]
             for n, (r, p) in enumerate(zip(pr.tolist(), pp.tolist(), strict=True)):
                 i = batch.indices[r]
                 pos_rows.append((docs[i], p, float(acts[i][p]), float(base[n]), float(got[0, n])))
@@ -398,11 +398,9 @@ def max_activating_ablation(
                 return ablate(x, at)
 
             abl = _losses_at(iv, batch.tokens, hook, pos_fn, Vc, sub.clamp(min=0)[..., None], capture)[..., 0]
-            if mode == "clean_effect":
-                base = _losses_at(iv, batch.tokens, hook, lambda x, at=at, Vc=Vc: baseline(
-                    x.expand(-1, Vc, *x.shape[2:]), at), Vc, sub.clamp(min=0)[..., None], capture)[..., 0]
-            else:
-                base = losses[:, 0].gather(1, sub.clamp(min=0).cpu())
+            # the baseline in a run of the same shape as the ablation (same path: a no-op differs by exactly 0)
+            base = _losses_at(iv, batch.tokens, hook, lambda x, at=at, Vc=Vc: baseline(
+                x.expand(-1, Vc, *x.shape[2:]), at), Vc, sub.clamp(min=0)[..., None], capture)[..., 0]
             for r, i in enumerate(batch.indices):
                 for v in range(Vc):
                     p = int(sub[r, v])

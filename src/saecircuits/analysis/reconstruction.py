@@ -370,9 +370,10 @@ def reconstruction_at_prediction(
             xs[idx] = x.cpu()
             out["l0"][idx] = (f != 0).sum(-1).float().cpu()
             xhats[idx] = x_hat.cpu()
-            out["clean"][idx] = answer_metrics(clean.logits, batch.answer_ids)["loss"].cpu()
-            logits, _ = iv.run(clean, [sae_edit(sae, variants)], n_variants=len(names))
-            loss = answer_metrics(logits, batch.answer_ids)["loss"].cpu()
+            # the clean loss in the same run as the splice and the ablations (one path for all four)
+            run = iv.run_paired(clean, [sae_edit(sae, variants)], n_variants=len(names))
+            out["clean"][idx] = answer_metrics(run.base_logits, batch.answer_ids)["loss"].cpu()
+            loss = answer_metrics(run.logits, batch.answer_ids)["loss"].cpu()
             for v, name in enumerate(names):
                 out[name][idx] = loss[:, v]
 
@@ -444,8 +445,8 @@ def _run_checked(model, rows: torch.Tensor, fwd_hooks: list[tuple[str, Any]]) ->
     logits = model.run_with_hooks(rows, fwd_hooks=[(n, mark(n, f)) for n, f in fwd_hooks])
     missing = sorted({n for n, _ in fwd_hooks} - fired)
     if missing:
-        raise SAEError(f"hook(s) {missing} never fired in this model's forward pass; the SAE cannot be spliced "
-                       "there (check its hook name against model.hook_dict)")
+        raise SAEError(f"hook(s) {missing} never fired in this model's forward pass, so an SAE there changes nothing "
+                       "(every loss would equal the clean one); check the SAE's hook names against model.hook_dict")
     return logits
 
 
@@ -497,6 +498,7 @@ def sequence_loss_recovered(
         undefined), "n_tokens", "n_rows"}}``.
 
     Raises:
+        KeyError: an SAE's hook that never fires in ``model`` (named).
         SAEError: no scored token (every target is BOS or padding).
     """
     from saecircuits.data.activations import bos_keep_mask

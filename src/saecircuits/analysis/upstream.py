@@ -132,9 +132,11 @@ def upstream_ablation_effect(
             edit = Edit(ablate_hook, lambda v: mean_value.to(v).expand_as(v))
         for batch in batches:
             cached = iv.clean(batch, logits=False)
-            _, read = iv.run(cached, [edit], read=[sae.hook_point], logits=False)
-            x = read[sae.hook_point][:, 0].to(sae.W_dec.dtype)
-            ablated[torch.tensor(batch.indices)] = sae.encode(x)[:, idx.to(x.device)].float().cpu()
+            # the clean features in the same run as the ablated ones: an ablation that changes nothing differs by 0
+            run = iv.run_paired(cached, [edit], read=[sae.hook_point], logits=False)
+            for out, x in ((clean, run.base_reads[sae.hook_point]), (ablated, run.reads[sae.hook_point][:, 0])):
+                x = x.to(sae.W_dec.dtype)
+                out[torch.tensor(batch.indices)] = sae.encode(x)[:, idx.to(x.device)].float().cpu()
     active = clean > threshold
     return UpstreamAblationResult(
         hook=ablate_hook,

@@ -30,7 +30,8 @@ bridge for each architecture, on right-padded batches.
 Tensor layout: each activation inside a call is ``[B, F, S, *shape]``: ``B`` prompts, ``F`` variants (1 while every
 variant still shares the value, ``V`` after the first edit that makes them differ), ``S`` positions computed in this
 call. Hook functions receive and return that layout (TransformerLens's ``[batch, pos, *shape]`` with ``F``
-inserted); the attention pattern is only fired when no cached prefix is used.
+inserted; the attention pattern ``[B, F, n_heads, S, keys]``); under a cached prefix the pattern is the new
+position's row over every cached key (:meth:`Engine._prefix_attention_pattern`).
 """
 
 from __future__ import annotations
@@ -424,12 +425,14 @@ class Engine:
             pattern = torch.softmax(own, dim=-1)
             if wants_pattern:
                 pattern = self._fire(hooks, f"{name}.hook_pattern", pattern.reshape(B, F, H, S, S)).reshape(
-                    pattern.shape
-                )
+                    B, -1, K, G, S, S
+                )  # an edit may turn F = 1 into V variants
             z = torch.einsum("bfkgst,bftke->bfskge", pattern, v.float())
+        elif wants_pattern:
+            z = self._prefix_attention_pattern(qg, own, v, prefix, qpos, lw, hooks, f"{name}.hook_pattern")
         else:
             z = self._prefix_attention(qg, own, v, prefix, qpos, lw)
-        z = self._fire(hooks, f"{name}.hook_z", z.reshape(B, F, S, H, E).to(xn.dtype))
+        z = self._fire(hooks, f"{name}.hook_z", z.reshape(B, -1, S, H, E).to(xn.dtype))  # F may grow at the pattern
         return torch.einsum("bfshe,hed->bfsd", z, lw.W_O) + lw.b_O
 
     @staticmethod
@@ -460,6 +463,39 @@ class Engine:
         z = z + torch.einsum("bkfsgt,bftke->bkfsge", p_own, v.float())
         z = z / total[..., None]
         return z.permute(0, 2, 3, 1, 4, 5)  # [B, F, S, K, G, E]
+
+    def _prefix_attention_pattern(
+        self, qg, own, v, prefix: KVPrefix, qpos, lw: _Layer, hooks: HookFns, hook: str
+    ) -> torch.Tensor:
+        """:meth:`_prefix_attention` with the pattern materialised and fired at ``hook``, for one new position.
+
+        The pattern is the query row of the new position over every key of the cached sequence, as the full
+        pass's ``[B, F, n_heads, 1, T]`` (cached keys ``< P``, the position's own key at column P, zeros after P
+        and outside the window), so a read or edit of ``hook_pattern`` at P sees what it sees in a full forward.
+        Returns ``z [B, F, 1, K, G, E]``.
+
+        Raises:
+            EngineError: more than one new position per prompt.
+        """
+        B, F, S, K, G, E = qg.shape
+        if S != 1:
+            raise EngineError(f"{hook} is fired under a cached prefix for one new position per prompt only")
+        T = prefix.keys.shape[2]
+        pre = torch.einsum("bfskge,bkte->bfkgst", qg, prefix.keys.float()) * lw.scale  # [B, F, K, G, 1, T]
+        dp = qpos[:, :, None] - torch.arange(T, device=qpos.device)[None, None, :]  # [B, 1, T]
+        okp = (dp > 0) & prefix.valid[:, None, :]  # column P holds the position's own key, below
+        if lw.window is not None:
+            okp = okp & (dp < lw.window)
+        pre = pre.masked_fill(~okp[:, None, None, None], float("-inf"))
+        col = qpos[:, None, None, None, :, None].expand(B, F, K, G, S, 1)
+        scores = pre.scatter(-1, col, own.expand(B, F, K, G, S, 1))
+        H = K * G
+        pattern = self._fire(hooks, hook, torch.softmax(scores, dim=-1).reshape(B, -1, H, S, T))
+        pattern = pattern.reshape(B, -1, K, G, S, T).float()
+        p_own = pattern.gather(-1, col.expand(B, pattern.shape[1], K, G, S, 1))
+        p_pre = pattern.scatter(-1, col.expand(B, pattern.shape[1], K, G, S, 1), 0.0)
+        z = torch.einsum("bfkgst,bkte->bfskge", p_pre, prefix.values.float())
+        return z + torch.einsum("bfkgst,bftke->bfskge", p_own, v.float())
 
     @staticmethod
     def _fused_attention(q, k, v, lw: _Layer, B, F, S, H, E, G) -> torch.Tensor:

@@ -13,6 +13,7 @@ is the same whether it is run alone or in a batch (tested to 1e-5).
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +32,9 @@ __all__ = [
     "with_progress",
     "edit_at_positions",
     "run_at_positions",
+    "HEAD_FIRST_HOOKS",
+    "query_axis",
+    "at_query",
     "answer_metrics",
     "DEFAULT_MAX_TOKENS",
     "DEFAULT_MAX_BATCH",
@@ -158,7 +162,7 @@ def with_progress(batches: Iterator[TaskBatch], total: int, desc: str, enabled: 
         bar.close()
 
 
-def edit_at_positions(positions: torch.Tensor, edit: EditFn) -> Callable:
+def edit_at_positions(positions: torch.Tensor, edit: EditFn, hook_name: str = "") -> Callable:
     """A hook that edits each row at its own position and leaves every other position untouched.
 
     Args:
@@ -166,6 +170,8 @@ def edit_at_positions(positions: torch.Tensor, edit: EditFn) -> Callable:
         edit: ``edit(rows, row_index) -> new_rows`` with ``rows [b, *act_shape]`` the activations of each row at its
             position and ``row_index`` int64 ``[b]`` (0..b-1); must return the same shape. Row-dependent edits
             (e.g. ablating a different feature in each row) use ``row_index`` or closures over per-row tensors.
+        hook_name: the hook it goes on; the attention pattern and scores are edited at query row P of every head
+            (:func:`query_axis`).
 
     Returns:
         A TransformerLens hook function ``(value, hook) -> value``.
@@ -175,13 +181,30 @@ def edit_at_positions(positions: torch.Tensor, edit: EditFn) -> Callable:
         rows = torch.arange(value.shape[0], device=value.device)
         pos = positions.to(value.device)
         new = value.clone()
-        new[rows, pos] = edit(value[rows, pos], rows).to(value.dtype)
+        at_query(new, hook_name)[rows, pos] = edit(at_query(value, hook_name)[rows, pos], rows).to(value.dtype)
         return new
 
     return hook
 
 
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
+
+HEAD_FIRST_HOOKS = ("attn.hook_pattern", "attn.hook_attn_scores")
+"""Hooks whose activation is ``[batch, head, query_pos, key_pos]``: the position axis is the query axis, 2."""
+
+
+def query_axis(hook_name: str) -> int:
+    """The axis of a hook's ``[batch, ...]`` activation that indexes the (query) position: 1, or 2 for the
+    attention pattern and scores (``[batch, head, query, key]``), whose row at P is every head's query row P."""
+    return 2 if hook_name.endswith(HEAD_FIRST_HOOKS) else 1
+
+
+def at_query(value: torch.Tensor, hook_name: str, axis_offset: int = 0) -> torch.Tensor:
+    """``value`` viewed with its position axis at ``1 + axis_offset`` (a view: writes go through to ``value``).
+
+    ``axis_offset`` counts extra axes after the batch axis (the engine's variant axis ``F``: 1)."""
+    q = query_axis(hook_name) + axis_offset
+    return value if q == 1 + axis_offset else value.movedim(q, 1 + axis_offset)
 
 
 def stop_layer_for(hook_points: Sequence[str], n_layers: int | None) -> int | None:
@@ -204,6 +227,28 @@ def stop_layer_for(hook_points: Sequence[str], n_layers: int | None) -> int | No
     return stop
 
 
+def attn_scores_probes(read: Sequence[str]) -> list[str]:
+    """The ``hook_pattern`` hooks to read beside each ``hook_attn_scores`` in ``read`` (for :func:`check_attn_scores`)."""
+    probes = [n[: -len("hook_attn_scores")] + "hook_pattern" for n in read if n.endswith("attn.hook_attn_scores")]
+    return [n for n in dict.fromkeys(probes) if n not in read]
+
+
+def check_attn_scores(read: Sequence[str], captured: dict[str, torch.Tensor]) -> None:
+    """Refuse a ``hook_attn_scores`` read that holds the attention pattern.
+
+    A TransformerBridge that delegates attention to the Hugging Face module (GPT-Neo's) fires ``hook_attn_scores``
+    afterwards with the post-softmax weights; the scores and the pattern are never equal in a real forward.
+
+    Raises:
+        ValueError: naming the hook and what to read instead.
+    """
+    for n in read:
+        pattern = n[: -len("hook_attn_scores")] + "hook_pattern"
+        if n.endswith("attn.hook_attn_scores") and pattern in captured and torch.equal(captured[n], captured[pattern]):
+            raise ValueError(f"{n} of this model's TransformerBridge holds the attention pattern, not the scores (it "
+                             f"is fired after the HF attention); read {pattern} instead")
+
+
 def run_at_positions(
     model,
     tokens: torch.Tensor,
@@ -216,6 +261,7 @@ def run_at_positions(
     """One forward pass; returns the logits and the named activations, each gathered at every row's position.
 
     Read hooks run before edit hooks on the same hook point, so ``read`` gives the clean value of an edited hook.
+    The attention pattern and scores (``[b, head, query, key]``) are read at each row's query row P (every head).
 
     Args:
         model: a TransformerBridge (or anything with ``run_with_hooks``).
@@ -227,29 +273,59 @@ def run_at_positions(
 
     Returns:
         ``(logits_at_positions or None, {name: activation_at_positions})``.
+
+    Raises:
+        KeyError: a hook in ``read`` or ``edits`` that never fired (naming it), never a silently dropped edit.
+        ValueError: an edit the bridge fired but discarded (``hook_pattern`` of attention it delegates to the HF
+            module, e.g. GPT-Neo's), or a read of ``hook_attn_scores`` that the bridge fills with the pattern.
     """
     captured: dict[str, torch.Tensor] = {}
     rows = torch.arange(tokens.shape[0], device=tokens.device)
 
     def reader(name: str) -> Callable:
         def hook(value: torch.Tensor, hook=None) -> None:
-            captured[name] = value[rows.to(value.device), positions.to(value.device)].detach().clone()
+            v = at_query(value, name)
+            captured[name] = v[rows.to(v.device), positions.to(v.device)].detach().clone()
 
         return hook
 
-    fwd_hooks = [(name, reader(name)) for name in read] + list(edits)
+    fired: set[str] = set()
+
+    def recorded(name: str, fn: Callable) -> Callable:
+        def hook(value: torch.Tensor, hook=None):
+            fired.add(name)
+            return fn(value, hook=hook)
+
+        return hook
+
+    probes = attn_scores_probes(read)
+    fwd_hooks = [(name, reader(name)) for name in list(read) + probes] + [(n, recorded(n, fn)) for n, fn in edits]
     kwargs = {}
     if not return_logits and not edits:  # reading only: later blocks cannot change what is read
         stop = stop_layer_for(list(read), getattr(getattr(model, "cfg", None), "n_layers", None))
         if stop is not None:
             kwargs["stop_at_layer"] = stop
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         out = model.run_with_hooks(
             tokens, fwd_hooks=fwd_hooks, return_type="logits" if return_logits else None, **kwargs
         )
-    missing = [n for n in read if n not in captured]
+    for w in caught:
+        text = str(w.message)
+        if "edit is discarded" in text:  # the bridge fired the hook after the HF module used the value
+            named = [n for n, _ in edits if n.rsplit(".", 1)[-1] in text]
+            raise ValueError(
+                f"the edit on {named or 'a hook'} is discarded by this model's TransformerBridge (it fires the hook "
+                f"after its attention has used the value); edit a hook that feeds the output, e.g. attn.hook_z. "
+                f"Bridge: {text}"
+            )
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    missing = [n for n in read if n not in captured] + sorted({n for n, _ in edits} - fired)
     if missing:
         raise KeyError(f"hook(s) {missing} never fired; check the hook names against model.hook_dict")
+    check_attn_scores(read, captured)
+    for n in probes:
+        captured.pop(n, None)
     logits = None
     if return_logits:
         logits = out[rows.to(out.device), positions.to(out.device)].float()

@@ -10,6 +10,12 @@ alone. Edits are still written on TransformerLens hook names (``blocks.1.mlp.hoo
 meaning; many variants of an edit (one per feature, say) run as one batch of ``B x V`` rows that share the cache,
 and everything before the first edit is computed once per prompt.
 
+Three rules hold in both backends (issue 18): an edit gets its own copy of the activation at P, so an in-place edit
+(``x += v``) never corrupts the kept clean pass or a read; the attention pattern and scores (``[batch, head, query,
+key]``) are read and edited at every head's query row P; an edit or read on a hook that never fires (or whose edit
+the bridge discards) fails naming the hook. Effects are measured with :meth:`Interventions.run_paired`, whose
+baseline is a variant of the same run, so an edit that changes nothing has an effect of exactly 0.
+
 Backends: the fast path is :class:`saecircuits.models.engine.Engine` (GPT-2, GPT-Neo global/local, Llama rotary +
 GQA, self-checked against the bridge when it is built). For any model the engine refuses, the same calls run full
 TransformerBridge forwards with hooks at each row's P (exact, slower; the engine's reason is logged once).
@@ -22,18 +28,28 @@ unembedding, instead of all positions x all layers + ``[pos, d_vocab]`` logits.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from saecircuits.models.engine import Engine, EngineError, KVPrefix, stage_of_hook
-from saecircuits.models.hooks import TaskBatch, run_at_positions, stop_layer_for
+from saecircuits.models.hooks import (
+    TaskBatch,
+    at_query,
+    attn_scores_probes,
+    check_attn_scores,
+    query_axis,
+    run_at_positions,
+    stop_layer_for,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Edit", "CleanPass", "Interventions", "interventions_for"]
+__all__ = ["Edit", "CleanPass", "Paired", "Interventions", "interventions_for"]
 
 _ATTR = "_saecircuits_interventions"
 
@@ -47,6 +63,9 @@ class Edit:
         fn: ``fn(x) -> x'`` with ``x`` of shape ``[B, F, *act_shape]`` (B prompts of the batch in batch order; ``F``
             is 1 while every variant still shares the value, else ``V``) returning ``[B, F or V, *act_shape]``.
             Returning ``V`` variants turns one prompt into ``V`` edited rows (one ablated feature each, say).
+            ``x`` is the edit's own copy: an in-place edit (``x += v``, ``x[...] = 0``) never reaches the kept clean
+            pass nor a read of the same hook. For ``blocks.L.attn.hook_pattern`` (``[batch, head, query, key]``)
+            ``x`` is every head's query row P: ``[B, F, n_heads, key_pos]``.
             With ``reads``, ``fn(x, *values)`` also gets each named hook's value at P in the same pass (``[B, F',
             *shape]``, after any edits at that hook), e.g. a transcoder's input when editing the MLP's output.
         reads: hooks that fire before ``hook`` whose values ``fn`` needs (empty for most edits).
@@ -64,10 +83,14 @@ class CleanPass:
     Attributes:
         batch: the right-padded batch (``tokens [B, T]``, ``positions [B]`` = each row's P, ``answer_ids [B]``).
         logits: float32 ``[B, d_vocab]`` at P (None when not asked for).
-        reads: hook name -> activation at P ``[B, *act_shape]`` (clean).
+        reads: hook name -> activation at P ``[B, *act_shape]`` (clean; the attention pattern's query row P,
+            ``[B, n_heads, key_pos]``).
         kv: per layer, cached keys/values with ``valid = t < P`` (engine backend only).
         resid: ``{(layer, 0): resid_pre, (layer, 1): resid_mid, (n_layers, 0): final resid}`` at P, ``[B, d_model]``
             (engine backend only).
+
+    ``logits`` and ``reads`` are the caller's own tensors; ``kv`` and ``resid`` are the kept cache, shared by every
+    later call on the batch: read them, never write into them.
     """
 
     batch: TaskBatch
@@ -75,6 +98,22 @@ class CleanPass:
     reads: dict[str, torch.Tensor]
     kv: list[KVPrefix] | None = None
     resid: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+
+class Paired(NamedTuple):
+    """An intervention and its baseline from one run (:meth:`Interventions.run_paired`).
+
+    Attributes:
+        base_logits: float32 ``[B, d_vocab]`` at P of the baseline row (None when logits were not asked for).
+        logits: float32 ``[B, V, d_vocab]`` at P of the edited rows (None likewise).
+        base_reads: hook -> ``[B, *act_shape]`` in the baseline row.
+        reads: hook -> ``[B, V, *act_shape]`` in the edited rows.
+    """
+
+    base_logits: torch.Tensor | None
+    logits: torch.Tensor | None
+    base_reads: dict[str, torch.Tensor]
+    reads: dict[str, torch.Tensor]
 
 
 class Interventions:
@@ -139,13 +178,14 @@ class Interventions:
                 if self._passes_bytes + size <= self.cache_bytes:
                     self._passes[key] = kept
                     self._passes_bytes += size
-            if kept is None or any(n.endswith("hook_pattern") for n in read):
+            if kept is None:
                 return self._engine_clean(batch, read, logits=logits, cache=cache)
             reads = {}
             if read:  # position P alone, from the cached prefix
                 _, got = self._engine_run(kept, [], 1, read, logits=False)
                 reads = {k: v[:, 0] for k, v in got.items()}
-            return CleanPass(batch, kept.logits if logits else None, reads, kv=kept.kv, resid=kept.resid)
+            # the logits are the caller's own copy; kv and resid stay shared (read-only, see CleanPass)
+            return CleanPass(batch, kept.logits.clone() if logits else None, reads, kv=kept.kv, resid=kept.resid)
 
     def run(
         self,
@@ -178,8 +218,13 @@ class Interventions:
             ``(logits [B, V, d_vocab] float32 or None, {hook: [B, V, *act_shape]})``.
 
         Raises:
-            EngineError: a hook the engine does not fire. ValueError: an edit returned a bad shape.
+            EngineError (engine) / KeyError (bridge): an edited or read hook that never fires, named (an edit is
+                never silently dropped). ValueError: an edit returned a bad shape.
             NotImplementedError: ``grad=True`` on the bridge backend.
+
+        An edit's effect is ``metric(run) - metric(clean.logits)`` only up to float rounding: the clean pass and the
+        recomputation of P take different paths (about 1e-6 nats). Use :meth:`run_paired` for effects, so that an
+        edit that changes nothing gives exactly 0.
         """
         if grad:
             if self.engine is None:
@@ -193,6 +238,45 @@ class Interventions:
                 return self._bridge_run(clean, list(edits), n_variants, list(read), logits)
             return self._engine_run(clean, list(edits), n_variants, list(read), logits)
 
+    def run_paired(
+        self,
+        clean: CleanPass,
+        edits: Sequence[Edit],
+        *,
+        n_variants: int = 1,
+        base: Sequence[Edit] = (),
+        read: Sequence[str] = (),
+        logits: bool = True,
+    ) -> Paired:
+        """:meth:`run` with its baseline computed in the same run: the one path every effect is measured on.
+
+        The baseline is one more variant of the same batch (variant 0, with ``base`` edits, none = clean), so it
+        takes the same path as the edited variants (recomputed from the same hook, in the same batched kernels):
+        an edit that leaves its activation unchanged gives exactly the baseline's logits and reads, bit for bit,
+        and an effect of exactly 0. Comparing :meth:`run` with ``clean.logits`` (the full clean pass) instead
+        mixes two paths, off by float rounding (up to ~1e-6 nats).
+
+        Args:
+            clean, edits, n_variants, read, logits: as :meth:`run` (edit functions see ``F`` in ``{1, V}``).
+            base: edits of the baseline row (e.g. the SAE splice the ``"clean_effect"`` ablation mode compares
+                with); each must keep one variant.
+
+        Returns:
+            :class:`Paired`.
+
+        Raises:
+            As :meth:`run`.
+        """
+        V = n_variants
+        paired = [_paired_edit(e, V, True) for e in base] + [_paired_edit(e, V, False) for e in edits]
+        lg, reads = self.run(clean, paired, n_variants=1 + V, read=read, logits=logits)
+        return Paired(
+            None if lg is None else lg[:, 0],
+            None if lg is None else lg[:, 1:],
+            {k: v[:, 0] for k, v in reads.items()},
+            {k: v[:, 1:] for k, v in reads.items()},
+        )
+
     def read_all(
         self, tokens: torch.Tensor, read: Sequence[str]
     ) -> dict[str, torch.Tensor]:
@@ -201,7 +285,10 @@ class Interventions:
         The pass stops after the last block it needs and never unembeds (corpus statistics, top examples). Results
         are kept between calls (keyed by the tokens and hook, within the same ``cache_bytes`` budget as clean
         passes, never evicted), so the mean activation, the top examples and the other statistics of a run read
-        each corpus batch once.
+        each corpus batch once. The attention pattern ``[B, head, T, T]`` comes as ``[B, T(query), head, T(key)]``.
+
+        Raises:
+            EngineError (engine) / KeyError (bridge): a hook that never fired, named.
         """
         read = list(read)
         key = _tokens_key(tokens, read)
@@ -222,23 +309,27 @@ class Interventions:
 
                 def grab(name):
                     def hook(value, hook=None):
-                        store[name] = value.detach()
+                        store[name] = at_query(value, name).detach()
 
                     return hook
 
                 stop = stop_layer_for(read, self.n_layers)
                 kwargs = {} if stop is None else {"stop_at_layer": stop}
-                self.model.run_with_hooks(tokens, fwd_hooks=[(n, grab(n)) for n in read], return_type=None, **kwargs)
+                probes = attn_scores_probes(read)
+                hooks = [(n, grab(n)) for n in read + probes]
+                self.model.run_with_hooks(tokens, fwd_hooks=hooks, return_type=None, **kwargs)
                 missing = [n for n in read if n not in store]
                 if missing:
                     raise KeyError(f"hook(s) {missing} never fired; check the names against model.hook_dict")
-                return store
+                check_attn_scores(read, store)
+                return {n: store[n] for n in read}
             store = {}
             hooks = {n: [self._full_reader(store, n)] for n in read}
             last = max(stage_of_hook(n, self.n_layers) for n in read)
             x = self.engine.forward_tokens(tokens, hooks, stop_after=last if last[0] < self.n_layers else None)
             if last[0] >= self.n_layers:
                 self.engine.logits(x, hooks)
+            _check_fired(read, store)
             return store
 
     # ------------------------------------------------------------------------------------------------------------
@@ -247,7 +338,7 @@ class Interventions:
     @staticmethod
     def _full_reader(store: dict, name: str):
         def fn(x: torch.Tensor) -> None:
-            store[name] = x[:, 0].detach()
+            store[name] = at_query(x[:, 0], name).detach()
 
         return fn
 
@@ -260,9 +351,9 @@ class Interventions:
         resid: dict[tuple[int, int], torch.Tensor] = {}
         hooks: dict[str, list] = {}
 
-        def at_p(store: dict, key):
+        def at_p(store: dict, key, name: str = ""):
             def fn(x: torch.Tensor) -> None:
-                store[key] = x[rows, 0, pos].detach()
+                store[key] = at_query(x[:, 0], name)[rows, pos].detach()
 
             return fn
 
@@ -271,7 +362,7 @@ class Interventions:
             if stage_of_hook(name, self.n_layers)[0] == self.n_layers:  # ln_final: run on the gathered rows
                 final_hooks.setdefault(name, []).append(self._squeeze_reader(reads, name))
             else:
-                hooks.setdefault(name, []).append(at_p(reads, name))
+                hooks.setdefault(name, []).append(at_p(reads, name, name))
         keep_kv: list | None = None
         if cache:
             keep_kv = []
@@ -289,6 +380,7 @@ class Interventions:
             if logits or final_hooks:
                 lg = eng.logits(final[:, None, None], final_hooks)[:, 0, 0]
         lg = lg if logits else None
+        _check_fired(read, reads)
         kv = None
         if cache:
             valid = torch.arange(T, device=pos.device)[None] < pos[:, None]
@@ -318,11 +410,12 @@ class Interventions:
         pos = batch.positions.to(batch.tokens.device)
         reads: dict[str, torch.Tensor] = {}
         hooks: dict[str, list] = {}
+        fired: set[str] = set()
         for name in read:
             hooks.setdefault(name, []).append(_variant_reader(reads, name, detach=not keep_graph))
         captured: dict[str, torch.Tensor] = {}
         for e in edits:
-            hooks.setdefault(e.hook, []).append(_edit_at_single_position(e, B, V, captured))
+            hooks.setdefault(e.hook, []).append(_edit_at_single_position(e, B, V, fired, captured))
         for name in {h for e in edits for h in e.reads}:  # after every edit there: an edit reads the edited value
             hooks.setdefault(name, []).append(_variant_reader(captured, name, detach=not keep_graph))
         qpos = pos[:, None]
@@ -341,6 +434,7 @@ class Interventions:
         if stop is None and (logits or any(s[0] == n for s in stages)):
             lg = eng.logits(x, hooks)[:, :, 0]
             lg = lg.expand(B, V, lg.shape[-1]) if logits else None
+        _check_fired(read, reads, [e.hook for e in edits], fired)
         return lg, {k: _expand_variants(v, B, V) for k, v in reads.items()}
 
     # ------------------------------------------------------------------------------------------------------------
@@ -388,11 +482,23 @@ def _pass_bytes(p: CleanPass) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def _check_fired(read: Sequence[str], got: dict, edited: Sequence[str] = (), fired: set[str] = frozenset()) -> None:
+    """Refuse a read or edited hook that never fired (e.g. ``hook_rot_q`` without rotary positions), naming it."""
+    missing = [n for n in read if n not in got] + sorted(set(edited) - set(fired))
+    if missing:
+        raise EngineError(
+            f"hook(s) {missing} never fired in this model's forward pass (a read or edit there would be silently "
+            "dropped); check the names against model.hook_dict"
+        )
+
+
 def _variant_reader(store: dict, name: str, detach: bool = True):
-    """Engine hook that keeps ``[B, F, 1, *shape]`` at P as ``[B, F, *shape]``."""
+    """Engine hook that keeps ``[B, F, 1, *shape]`` at P as ``[B, F, *shape]`` (query row P for the pattern)."""
 
     def fn(x: torch.Tensor) -> None:
-        store[name] = x[:, :, 0].detach() if detach else x[:, :, 0]
+        # a copy: at the first recomputed hook x is a view of the kept clean residual stream
+        row = at_query(x, name, 1)[:, :, 0]
+        store[name] = row.detach().clone() if detach else row.clone()
 
     return fn
 
@@ -419,14 +525,23 @@ def _read_values(e: Edit, captured: dict[str, torch.Tensor]) -> list[torch.Tenso
     return [captured[h] for h in e.reads]
 
 
-def _edit_at_single_position(e: Edit, B: int, V: int, captured: dict[str, torch.Tensor]):
-    """Engine hook: activations ``[B, F, 1, *shape]`` at P -> the edit's ``[B, F', 1, *shape]``."""
+def _edit_at_single_position(e: Edit, B: int, V: int, fired: set[str] | None = None,
+                             captured: dict[str, torch.Tensor] | None = None):
+    """Engine hook: activations ``[B, F, 1, *shape]`` at P -> the edit's ``[B, F', 1, *shape]``.
+
+    The edit gets a copy of the row at P (one position: cheap): the engine's activation at the first recomputed
+    hook is a view of the kept clean residual stream, and a read of the same hook holds a view of it too, so an
+    in-place edit (``x += v``) of the activation itself would corrupt both. For the attention pattern the row is
+    query row P of every head (``[B, F, n_heads, key_pos]``). ``e.reads`` come from ``captured``.
+    """
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        rows = x[:, :, 0]
-        out = e.fn(rows, *_read_values(e, captured))
+        if fired is not None:
+            fired.add(e.hook)
+        rows = at_query(x, e.hook, 1)[:, :, 0].clone()
+        out = e.fn(rows, *_read_values(e, captured or {}))
         _check_edit_output(e, out, rows, V)
-        return out.to(x.dtype)[:, :, None]
+        return out.to(x.dtype).unsqueeze(query_axis(e.hook) + 1)
 
     return fn
 
@@ -450,17 +565,49 @@ def _capture_full(captured: dict[str, torch.Tensor], name: str, pos: torch.Tenso
     return hook
 
 
+def _paired_edit(e: Edit, V: int, base: bool) -> Edit:
+    """``e`` for :meth:`Interventions.run_paired`: activations ``[B, F, *shape]`` -> ``[B, 1 + V, *shape]``.
+
+    A ``base`` edit acts on variant 0 alone, any other on variants ``1..V``. While the variants still share the
+    value (``F == 1``) the edit gets its own copy and the other side keeps the value. Every other field of the
+    :class:`Edit` is kept (``dataclasses.replace``).
+    """
+
+    def side(values: tuple, first: bool) -> list:
+        # values the edit reads (e.reads) split like x: variant 0 or variants 1..V, unless still shared
+        return [a if a.shape[1] == 1 else (a[:, :1] if first else a[:, 1:]) for a in values]
+
+    def fn(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        B = x.shape[0]
+        shared = x.shape[1] == 1
+        if base:
+            mine = x.clone() if shared else x[:, :1]
+            out = e.fn(mine, *side(args, True), **kwargs)
+            _check_edit_output(e, out, mine, 1)
+            if out.shape[1] != 1:
+                raise ValueError(f"baseline edit on {e.hook} returned {out.shape[1]} variants; it must keep one")
+            rest = x.expand(B, V, *x.shape[2:]) if shared else x[:, 1:]
+            return torch.cat([out.to(x.dtype), rest], dim=1)
+        mine = x.clone() if shared else x[:, 1:]
+        out = e.fn(mine, *side(args, False), **kwargs)
+        _check_edit_output(e, out, mine, V)
+        return torch.cat([x[:, :1], _expand_variants(out, B, V).to(x.dtype)], dim=1)
+
+    return dataclasses.replace(e, fn=fn)
+
+
 def _edit_hook_full(e: Edit, pos: torch.Tensor, B: int, V: int, captured: dict[str, torch.Tensor]):
     """Bridge hook on ``[B*V, T, *shape]``: edit each row at its P with the rows viewed as ``[B, V, *shape]``."""
 
     def hook(value: torch.Tensor, hook=None) -> torch.Tensor:
         r = torch.arange(value.shape[0], device=value.device)
         p = pos.to(value.device)
-        rows = _shared(value[r, p].reshape(B, V, *value.shape[2:]))
+        at = at_query(value, e.hook)  # the attention pattern: query row P of every head
+        rows = _shared(at[r, p].reshape(B, V, *at.shape[2:]))  # a copy: an in-place edit never reaches ``value``
         out = e.fn(rows, *_read_values(e, captured))
         _check_edit_output(e, out, rows, V)
         new = value.clone()
-        new[r, p] = _expand_variants(out, B, V).reshape(B * V, *value.shape[2:]).to(value.dtype)
+        at_query(new, e.hook)[r, p] = _expand_variants(out, B, V).reshape(B * V, *at.shape[2:]).to(value.dtype)
         return new
 
     return hook
