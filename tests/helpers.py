@@ -15,6 +15,7 @@ Everything is built offline in-process and cached per test session (building a b
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import tempfile
@@ -249,3 +250,20 @@ def no_bos_folder(folder):
     torch.manual_seed(0)
     GPTNeoForCausalLM(cfg).save_pretrained(folder)
     return folder
+
+
+@contextlib.contextmanager
+def analyses_on_backend(model, backend: str):
+    """Make the analyses' ``interventions_for(model)`` return ``backend`` ("engine" or "bridge") inside the block,
+    then put the model's cached interventions back (the tiny models are shared between tests)."""
+    from saecircuits.models.interventions import interventions_for
+
+    saved = model.__dict__.pop("_saecircuits_interventions", None)
+    try:
+        model.__dict__["_saecircuits_interventions"] = {"auto": interventions_for(model, backend=backend)}
+        yield
+    finally:
+        if saved is None:
+            model.__dict__.pop("_saecircuits_interventions", None)
+        else:
+            model.__dict__["_saecircuits_interventions"] = saved

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import quote_task, tiny_neo
+from helpers import analyses_on_backend, quote_task, tiny_neo
 
 from saecircuits.analysis.circuit import circuit_nodes, exact_effects
 from saecircuits.analysis.features import feature_activations, single_feature_ablation_losses
 from saecircuits.analysis.reconstruction import reconstruction_at_prediction, sequence_loss_recovered
-from saecircuits.models.interventions import interventions_for
 from saecircuits.saes.base import SAE, SAEConfig
 
 IN, OUT, Z = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out", "blocks.0.attn.hook_z"
@@ -85,12 +84,9 @@ class _Ablate:
 
 @pytest.mark.parametrize("backend", ["engine", "bridge"])
 @pytest.mark.parametrize("make", [transcoder, z_sae], ids=["transcoder", "hook_z"])
-def test_feature_ablations_equal_full_prompt_interventions(backend, make, monkeypatch):
+def test_feature_ablations_equal_full_prompt_interventions(backend, make):
     model, task, sae = tiny_neo(), quote_task(), make()
-    model.__dict__.pop("_saecircuits_interventions", None)
-    iv = interventions_for(model, backend=backend)
-    model.__dict__["_saecircuits_interventions"] = {"auto": iv}
-    try:
+    with analyses_on_backend(model, backend):
         acts = feature_activations(model, sae, task).dense()
         pairs = [(i, k) for i in range(task.n_prompts) for k in torch.nonzero(acts[i]).flatten()[:2].tolist()]
         assert len(pairs) > 5
@@ -101,8 +97,6 @@ def test_feature_ablations_equal_full_prompt_interventions(backend, make, monkey
         for i in range(task.n_prompts):
             assert float(rec.sae_loss[i]) == pytest.approx(_bridge_loss(model, task, i, _Ablate(sae, splice=True)),
                                                            abs=1e-5)
-    finally:
-        model.__dict__.pop("_saecircuits_interventions", None)
 
 
 def test_sequence_loss_recovered_splices_the_transcoder_at_every_position():

@@ -37,13 +37,29 @@ def _silent_sae(hook: str, seed: int):
     return sae
 
 
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    """_setup may make the shared tiny model's analyses use the bridge: put its interventions back afterwards."""
+    model = tiny_neo()
+    saved = model.__dict__.get("_saecircuits_interventions")
+    yield
+    if saved is None:
+        model.__dict__.pop("_saecircuits_interventions", None)
+    else:
+        model.__dict__["_saecircuits_interventions"] = saved
+
+
 @functools.cache
+def _fixtures():
+    return tiny_neo(), quote_task(), [_silent_sae(h, seed) for seed, h in enumerate(HOOKS, start=1)]
+
+
 def _setup(backend: str):
-    model, task = tiny_neo(), quote_task()
-    if backend == "bridge":  # analyses call interventions_for(model): make that the bridge backend
+    model, task, saes = _fixtures()
+    if backend == "bridge":  # analyses call interventions_for(model): make that the bridge backend (until the
+        # test ends: _restore_backend)
         model.__dict__["_saecircuits_interventions"] = {"auto": interventions_for(model, backend="bridge")}
     assert interventions_for(model).backend == backend
-    saes = [_silent_sae(h, seed) for seed, h in enumerate(HOOKS, start=1)]
     return model, task, saes
 
 
