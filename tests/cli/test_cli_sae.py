@@ -263,3 +263,15 @@ def test_feature_and_run_take_hub_names(tmp_path, hf_cache, monkeypatch):
 
     loaded = _load_saes(seen[-1].sae_paths, "cpu", seen[-1].sae_hooks)
     assert all(torch.equal(s.W_enc, sae.W_enc) for s in loaded)
+
+
+def test_families_lists_every_registered_family():
+    from saecircuits.saes.formats import families
+
+    res = _cli(["sae", "families"])
+    assert res.exit_code == 0, res.output
+    names = [f.name for f in families()]
+    assert {"saelens", "sparsify", "dictionary_learning", "gemma_scope", "openai", "goodfire", "llama_scope",
+            "circuit_tracer"} <= set(names)
+    for name in names:
+        assert name in res.output

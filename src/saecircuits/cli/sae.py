@@ -210,3 +210,22 @@ def _write_atomically(sae, out: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+@sae_app.command("families", cls=SaeCommand, short_help="The SAE families saecircuits reads, and their files.")
+def families_command() -> None:
+    """List every SAE family ``--sae`` and ``saecircuits sae inspect`` recognise, in the order they are tried, with
+    the files each one reads. The maths of each is checked against the family's own formula in
+    ``tests/saes/formats/test_<family>.py``."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from saecircuits.saes.formats import families
+
+    table = Table(title="SAE families")
+    for col in ("family", "what it is", "files"):
+        table.add_column(col)
+    for fam in families():
+        table.add_row(fam.name, escape(fam.title), escape(fam.files))
+    Console(soft_wrap=True, highlight=False).print(table)
