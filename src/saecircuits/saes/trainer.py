@@ -86,7 +86,9 @@ class TrainConfig:
         resample_error_power: sampling weight ``||x - x_hat||^power``; 4 = the notebook's rule.
         resample_encoder_scale: new encoder columns get this times the mean norm of the alive columns (0.2).
         dead_window_steps: steps without firing after which a feature counts as dead for AuxK and the logged
-            dead fraction.
+            dead fraction; ``None`` (default): :func:`dead_window_for` the run (a tenth of it, at most 1000). Until
+            the run has that many steps, the logged dead fraction counts the features that have not fired since
+            the start (metrics ``dead_window_steps`` says which window a line used).
         dense_frequency: features firing on more than this fraction of the log window's tokens count as dense.
         seed: seed of the trainer's own generator (resampling); the global RNG is never touched.
         log_every: steps between metrics lines (JSONL and progress bar).
@@ -114,7 +116,7 @@ class TrainConfig:
     resample_pool_batches: int = 10
     resample_error_power: float = 4.0
     resample_encoder_scale: float = 0.2
-    dead_window_steps: int = 1000
+    dead_window_steps: int | None = None
     dense_frequency: float = 0.1
     seed: int = 47
     log_every: int = 10
@@ -142,6 +144,10 @@ class TrainConfig:
                             "gradient scaler; use 'bfloat16' (the same speed-up, with float32's range)")
         elif self.autocast_dtype not in (None, "bfloat16"):
             problems.append(f"autocast_dtype must be None or 'bfloat16' (got {self.autocast_dtype!r})")
+        if self.dead_window_steps is not None and not (
+                isinstance(self.dead_window_steps, int) and self.dead_window_steps >= 1):
+            problems.append(f"dead_window_steps must be a positive number of steps or None (got "
+                            f"{self.dead_window_steps!r})")
         if any(s <= 0 for s in self.resample_steps):
             problems.append(f"resample_steps must be positive step numbers (got {self.resample_steps})")
         if problems:
@@ -162,6 +168,11 @@ class TrainConfig:
             raise SAEError(f"unknown TrainConfig keys {sorted(unknown)}; known keys are {sorted(known)}")
         return cls(**d)
 
+    @property
+    def dead_window(self) -> int:
+        """The dead-latent window in steps: ``dead_window_steps``, or :func:`dead_window_for` the run."""
+        return self.dead_window_steps if self.dead_window_steps is not None else dead_window_for(self.total_steps)
+
     def loss_config(self) -> Any:
         """The :class:`saecircuits.saes.losses.LossConfig` built from :attr:`loss`."""
         from saecircuits.saes.losses import LossConfig
@@ -170,6 +181,13 @@ class TrainConfig:
         if "coefficients" in d:
             d["coefficients"] = tuple(float(c) for c in d["coefficients"])
         return LossConfig(**d)
+
+
+def dead_window_for(total_steps: int) -> int:
+    """Steps without firing after which a latent counts as dead (for AuxK and the logged dead fraction) in a run of
+    ``total_steps``: a tenth of the run, at most 1000 (SAELens' default window) and at least 1, so a short run can
+    see its dead latents (a window longer than the run never finds one)."""
+    return max(1, min(1000, int(total_steps) // 10))
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -394,7 +412,7 @@ class SAETrainer:
             self.estimate_scale()
         x = self._draw()
         sae = self.sae
-        dead_mask = self.steps_since_fired >= cfg.dead_window_steps if self.loss_cfg.aux_k else None
+        dead_mask = self.steps_since_fired >= cfg.dead_window if self.loss_cfg.aux_k else None
         sparsity = self.sparsity_scale()
         if self.world_size > 1 and getattr(self.loss_cfg, "batch_reduction", "mean") == "sum":
             # batch-summed penalties: averaging gradients over ranks would divide them by world_size
@@ -457,6 +475,7 @@ class SAETrainer:
     def _metrics(self, x: torch.Tensor, out: Any) -> dict[str, float]:
         f, x_hat = out.f.detach().float(), out.x_hat.detach().float()
         freq = self.log_counts / max(self.log_tokens, 1)
+        window = min(self.cfg.dead_window, self.step)
         m = {
             "step": self.step,
             "tokens": self.step * self.cfg.batch_size,
@@ -469,7 +488,10 @@ class SAETrainer:
             "explained_variance": explained_variance(x, x_hat),
             # sum ||x_hat|| / sum ||x||: below 1 when the sparsity penalty shrinks reconstructions
             "shrinkage": _shrinkage(x, x_hat),
-            "dead_fraction": float((self.steps_since_fired >= self.cfg.dead_window_steps).float().mean()),
+            # dead: no firing in the last `window` steps; before the run has the full window, none since the start
+            # (with the full window a short run would always log 0.0)
+            "dead_fraction": float((self.steps_since_fired >= window).float().mean()),
+            "dead_window_steps": window,
             "dense_fraction": float((freq > self.cfg.dense_frequency).float().mean()),
             "resampled_total": self.n_resampled_total,
         }
@@ -798,6 +820,7 @@ def train_saes_on_model(
     *,
     expansion_factor: int = 4,
     architecture: str = "standard",
+    sae_extra: dict[str, Any] | None = None,
     bos_id: int | Collection[int] | None = None,
     bos_policy: str = "include",
     model_batch_rows: int = 32,
@@ -824,7 +847,7 @@ def train_saes_on_model(
         hook_points: e.g. ``[f"blocks.{L}.mlp.hook_post" for L in range(n_layers)]``.
         train_cfg: :class:`TrainConfig` (``batch_size`` = tokens per step over all ranks).
         sae_cfgs: one :class:`SAEConfig` per hook point (same order), or ``None`` to build ``architecture`` with
-            ``d_sae = expansion_factor * d_in``.
+            ``d_sae = expansion_factor * d_in`` and ``cfg.extra = sae_extra`` (e.g. ``{"k": 32}`` for TopK).
         bos_id, bos_policy: the BOS switch (``"include"``/``"exclude"``), see
             :func:`saecircuits.data.activations.bos_keep_mask`.
         model_batch_rows: rows per model forward; buffer_size: rows in the shuffling buffer (default
@@ -871,6 +894,7 @@ def train_saes_on_model(
                 d_sae=expansion_factor * int(first[hp].shape[-1]),
                 hook_point=hp,
                 model_name=model_name,
+                extra=dict(sae_extra or {}),
             )
             for hp in hook_points
         ]
