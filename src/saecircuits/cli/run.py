@@ -263,7 +263,7 @@ def run(
     layers: Annotated[list[str] | None, typer.Option(
         metavar="L...|auto", show_default="every layer",
         help="Layers whose MLP output gets a new SAE (space-separated or repeated), or 'auto': the 2 MLP layers "
-             "with the largest |direct logit attribution| to the answer.")] = None,
+             "whose mean ablation at the answer position raises the answer's loss the most.")] = None,
     sae: Annotated[list[Path] | None, typer.Option(
         "--sae", metavar="DIR...", show_default="none: train new SAEs",
         help="Analyse existing SAE folders (cfg.json + sae_weights.safetensors) instead.")] = None,
