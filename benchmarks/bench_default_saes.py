@@ -105,7 +105,7 @@ def main() -> None:
         extra = {} if args.sae_tokens is None else {"sae_tokens": args.sae_tokens}
         cfg = RunConfig(out=root / name / "out", workspace=root / name, sae_recipe=args.recipe,
                         max_prompts=args.prompts, n_stat_docs=args.n_docs, circuit=False, n_evidence_features=0,
-                        n_geometry_features=0, n_example_features=2, **fields, **extra)
+                        n_geometry_features=0, n_example_features=5, **fields, **extra)
         res = run_pipeline(cfg, model=model, progress=False)
         b = res.get("behaviour") or {}
         print(f"== {name}: {res['model']} | recipe {args.recipe} (k {cfg.sae_k}), {cfg.sae_tokens} activations per SAE"
@@ -126,7 +126,7 @@ def main() -> None:
                   f"{_f(cs.get('l0'), '.1f')}, dead {cs.get('n_dead')} | explained variance at P "
                   f"{_f(s.get('explained_variance'))} | loss recovered vs zero {_f(s.get('loss_recovered'))}, vs mean "
                   f"{_f(s.get('loss_recovered_mean_ablation'))} | answer loss at P clean {s['clean_loss']:.4f} SAE "
-                  f"{s['sae_loss']:.4f} zero {s['zero_loss']:.4f} mean {_f(s.get('mean_ablation_loss'), '.4f')}")
+                  f"{s['sae_loss']:.4f} zero {s['zero_ablation_loss']:.4f} mean {_f(s.get('mean_ablation_loss'), '.4f')}")
             print(f"      top-5 features' corpus density: {top_d}")
             print(f"      failed SAE checks: {', '.join(failed) if failed else 'none'}", flush=True)
     print(f"failed SAE checks in all: {failed_total}")

@@ -387,6 +387,7 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
     cache_dir = Path(cfg.workspace) / "saes" / key
     folders = {hp: cache_dir / hp / "sae" for hp in hook_points}
     info = {"tokens": steps * cfg.sae_batch_size, "steps": steps, "cache": str(cache_dir), "reused": False,
+            "recipe": cfg.sae_recipe, "architecture": architecture, "sae_extra": sae_extra,
             "train_config": train_cfg.to_dict()}
     if all((f / "cfg.json").is_file() for f in folders.values()):
         logger.info("reusing SAEs from %s", cache_dir)

@@ -69,6 +69,7 @@ def test_default_recipe_on_the_small_test_model_gives_l0_close_to_k(tmp_path):
     (sae,), info = _train_or_reuse_saes(cfg, model, "tiny-neo", STORIES * 4, progress=False)
     assert sae.cfg.architecture == "topk" and sae.cfg.extra["k"] == 6 and sae.d_sae == 4 * 64
     assert info["train_config"]["loss"]["regularizer"] == "none"
+    assert (info["recipe"], info["architecture"], info["sae_extra"]) == ("topk", "topk", {"k": 6})
 
     held_out = [d for d in encode_documents(model.tokenizer, ['Sue said, "We can go to the park now."',
                                                               "The cat was sad. The dog ran home."])]
