@@ -154,3 +154,22 @@ def test_train_sae_topk_refuses_a_penalty_it_would_not_apply_and_keeps_chosen_se
     assert res.exit_code == 0, res.output
     train = json.loads((out / "train_sae_job.json").read_text())["train"]
     assert train["lr"] == 0.0003 and train["normalize_activations"] is False
+
+
+def test_b_dec_mean_init_is_the_mean_of_the_first_scaled_batches_which_still_train():
+    gen = torch.Generator().manual_seed(0)
+    batches = [3.0 + 2.0 * torch.randn(16, 8, generator=gen) for _ in range(5)]
+    sae = build_sae(SAEConfig("topk", 8, 24, "blocks.0.mlp.hook_post", extra={"k": 4}), seed=1)
+    cfg = TrainConfig(batch_size=16, total_steps=5, lr=1e-3, loss={"regularizer": "none", "coefficients": []},
+                      normalize_activations=True, n_norm_batches=3, b_dec_init="mean")
+    tr = SAETrainer(sae, iter(batches), cfg, progress=False)
+    tr.estimate_scale()
+    got = tr.init_b_dec_().clone()
+    first = torch.cat(batches[:3]).double()
+    scale = 8**0.5 / float(torch.stack([b.norm(dim=-1).mean() for b in batches[:3]]).mean())
+    assert torch.allclose(got.double(), first.mean(0) * scale, atol=1e-5)
+    for _ in range(5):  # the peeked batches are put back: all five train, none is lost
+        tr.train_step()
+    assert tr.step == 5 and tr.batches_consumed == 5
+    with pytest.raises(SAEError, match="b_dec_init must be 'zeros' or 'mean'"):
+        TrainConfig(b_dec_init="median")

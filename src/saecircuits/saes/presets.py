@@ -229,7 +229,8 @@ def pipeline_recipe(
 
     - ``"topk"`` (the default): a TopK SAE with ``k`` active features per token (Gao et al. 2024, "Scaling and
       evaluating sparse autoencoders"), no sparsity penalty, AuxK against dead latents with a dead-latent window
-      of a tenth of the run (:func:`dead_window_for`), learning rate :data:`TOPK_LR`. Its L0 is ``k`` on every model
+      of a tenth of the run (:func:`dead_window_for`), ``b_dec`` started at the inputs' mean, learning rate
+      :data:`TOPK_LR`. Its L0 is ``k`` on every model
       whatever the scale or spread of its activations, so it needs no tuning per model.
     - ``"reference"``: the reference notebook's SAE, ReLU with a per-token L1 penalty ``l1_coefficient`` (ramped in
       over the first tenth of the run), learning rate :data:`REFERENCE_LR`. The L1 coefficient that gives a readable
@@ -257,7 +258,7 @@ def pipeline_recipe(
         log_every=max(1, steps // 50),
     )
     if recipe == "topk":
-        train = TrainConfig(lr=TOPK_LR if lr is None else lr, loss=topk_loss(), **common)
+        train = TrainConfig(lr=TOPK_LR if lr is None else lr, loss=topk_loss(), b_dec_init="mean", **common)
         return "topk", {"k": int(k)}, train
     train = TrainConfig(
         lr=REFERENCE_LR if lr is None else lr,

@@ -78,7 +78,10 @@ class TrainConfig:
             decoder_norm_weighted, aux_k, aux_coefficient).
         unit_norm_decoder: renormalise W_dec rows after every step and remove the parallel gradient component.
         normalize_activations: scale inputs so their mean L2 norm is sqrt(d_in); folded into the weights at the end.
-        n_norm_batches: batches used to estimate that scale.
+        n_norm_batches: batches used to estimate that scale (and the mean for ``b_dec_init="mean"``).
+        b_dec_init: ``"zeros"`` (the reference notebook) or ``"mean"``: before the first step ``b_dec`` is set to the
+            mean of the (scaled) inputs of the first ``n_norm_batches`` batches (SAELens ``b_dec_init_method="mean"``),
+            so the features need not spend a short run learning the activations' offset.
         resample_steps: steps (1-based, after the update) at which dead features are resampled.
         resample_window: steps of firing counts before each resample step.
         dead_frequency: a feature is dead if it fired in at most ``dead_frequency`` of the window's tokens.
@@ -110,6 +113,7 @@ class TrainConfig:
     unit_norm_decoder: bool = True
     normalize_activations: bool = False
     n_norm_batches: int = 10
+    b_dec_init: str = "zeros"
     resample_steps: tuple[int, ...] = ()
     resample_window: int = 10000
     dead_frequency: float = 1e-5
@@ -148,6 +152,8 @@ class TrainConfig:
                 isinstance(self.dead_window_steps, int) and self.dead_window_steps >= 1):
             problems.append(f"dead_window_steps must be a positive number of steps or None (got "
                             f"{self.dead_window_steps!r})")
+        if self.b_dec_init not in ("zeros", "mean"):
+            problems.append(f"b_dec_init must be 'zeros' or 'mean' (got {self.b_dec_init!r})")
         if any(s <= 0 for s in self.resample_steps):
             problems.append(f"resample_steps must be positive step numbers (got {self.resample_steps})")
         if problems:
@@ -401,6 +407,22 @@ class SAETrainer:
         self.scale_estimated = True
         return self.scale
 
+    @torch.no_grad()
+    def init_b_dec_(self) -> torch.Tensor:
+        """Set ``b_dec`` to the mean of the scaled inputs of the first ``n_norm_batches`` batches (put back and still
+        used for training; averaged over ranks under data parallelism). Returns the new ``b_dec [d_in]``."""
+        while len(self._pending) < max(1, self.cfg.n_norm_batches):
+            try:
+                self._pending.append(next(self._source))
+            except StopIteration:
+                break
+        if not self._pending:
+            raise SAEError("no activation batches to initialise b_dec from")
+        xs = [x.to(self.device, torch.float32) * self.scale for x in list(self._pending)[: max(1, self.cfg.n_norm_batches)]]
+        mean = self._all_reduce(torch.cat(xs).double().mean(0)) / self.world_size
+        self.sae.b_dec.copy_(mean.to(self.sae.b_dec.dtype))
+        return self.sae.b_dec.detach()
+
     # ------------------------------------------------------------------ one step
     @torch.enable_grad()  # trains even when the caller runs under torch.no_grad()
     def train_step(self) -> dict[str, float] | None:
@@ -410,6 +432,8 @@ class SAETrainer:
         cfg = self.cfg
         if cfg.normalize_activations and not self.scale_estimated:
             self.estimate_scale()
+        if cfg.b_dec_init == "mean" and self.step == 0:
+            self.init_b_dec_()
         x = self._draw()
         sae = self.sae
         dead_mask = self.steps_since_fired >= cfg.dead_window if self.loss_cfg.aux_k else None
