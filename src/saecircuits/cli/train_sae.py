@@ -107,7 +107,7 @@ def train_sae_command(
     batch_size: Annotated[int | None, typer.Option(
         "--batch-size", metavar="N", min=1, show_default="4096", help="Tokens per step (global).")] = None,
     lr: Annotated[float | None, typer.Option(
-        "--lr", metavar="X", show_default="0.0001: 0.001 for topk and batchtopk, as run's SAEs",
+        "--lr", metavar="X", show_default="0.0001: 0.01 for topk and batchtopk, as run's SAEs",
         help="Peak learning rate (AdamW).")] = None,
     seed: Annotated[int | None, typer.Option(
         "--seed", metavar="N", min=0, show_default="47", help="Seed of initialisation and resampling.")] = None,
