@@ -201,7 +201,8 @@ TOPK_LR = 1e-2
 """Peak learning rate of the TopK recipe, on inputs normalised to mean norm sqrt(d_in). High because the pipeline's
 runs are short (400,000 activations = 195 steps): at 1e-3, 3e-3 and 5e-3 stories260K's layer-1 SAE still had a
 negative explained variance at P (-0.89, -0.39, -0.13; 0.02 at 1e-2), and the embedded default's layer 0 had 0.74
-at 1e-3 and 0.87 at 1e-2 (benchmarks/bench_default_saes.py)."""
+at 1e-3 and 0.87 at 1e-2 (the recipe trained on 400,000 activations as in benchmarks/sweep_l1.py, evaluated at P
+on 300 prompts; benchmarks/bench_default_saes.py runs the whole pipeline with it)."""
 REFERENCE_LR = 2e-3
 """Peak learning rate of the reference recipe (ReLU + L1), on inputs normalised to mean norm sqrt(d_in)."""
 AUX_K = 256
