@@ -1,4 +1,5 @@
-"""Sweep the pipeline's L1 coefficient (activation normalisation on) across model classes; print SAE quality at P.
+"""Sweep the L1 coefficient of the pipeline's reference recipe (``--sae-recipe reference``, activation normalisation
+on) across model classes; print SAE quality at P.
 
 For each model class and layer, activations of ``blocks.{L}.mlp.hook_post`` are collected once (the pipeline's
 packing and BOS policy), then one SAE per coefficient is trained with the pipeline's own training settings
@@ -142,7 +143,7 @@ def main() -> None:
             for coef in coefs:
                 t1 = time.perf_counter()
                 cfg = RunConfig(model=name, data=VAL, out=args.workspace / "unused", workspace=args.workspace,
-                                sae_tokens=args.tokens, l1_coefficient=coef,
+                                sae_tokens=args.tokens, sae_recipe="reference", l1_coefficient=coef,
                                 normalize_activations=not args.no_normalize)
                 tcfg = sae_train_config(cfg)
                 sae = build_sae(SAEConfig("standard", d_in, cfg.expansion_factor * d_in, hook))

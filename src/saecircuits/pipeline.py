@@ -52,7 +52,8 @@ class RunConfig:
         task: ``"closing-quote"`` or the path of a JSONL task file (``{"prompt": ..., "answer": ...}`` per line).
         closings: closing strings the closing-quote task accepts (``'."'``; add ``'!"'``, ``'?"'`` to widen it).
         layers: layers whose ``blocks.{L}.mlp.hook_post`` get an SAE (default: all), or ``"auto"``: the
-            ``auto_layers`` MLP layers with the largest |mean DLA| to the answer (computed first, on the task prompts).
+            ``auto_layers`` MLP layers whose mean ablation at P raises the answer's loss the most (computed first,
+            on the task prompts; :func:`auto_layers`).
         auto_layers: how many layers ``layers="auto"`` picks.
         sae_paths: existing SAEs to analyse instead of training new ones: folders or files of any family
             :func:`saecircuits.saes.formats.load_sae` reads, ``hf://owner/repo/path`` or SAELens ``release/sae_id``.
@@ -60,12 +61,18 @@ class RunConfig:
             files say), for families whose files do not say it (Gemma Scope 1, Goodfire); None = all from the files.
         sae_tokens: activations (tokens) each SAE is trained on.
         expansion_factor: ``d_sae = expansion_factor * d_in`` for new SAEs.
-        l1_coefficient: per-token L1 coefficient of the reference notebook's ReLU SAE, on normalised activations
+        sae_recipe: how new SAEs are trained (:func:`saecircuits.saes.presets.pipeline_recipe`): ``"topk"``
+            (default: a TopK SAE with ``sae_k`` active features per token and AuxK against dead latents, the same
+            sparsity on every model without tuning) or ``"reference"`` (the reference notebook's ReLU SAE with an L1
+            penalty ``l1_coefficient``, whose sparsity depends on the model).
+        sae_k: active features per token of the ``"topk"`` recipe.
+        l1_coefficient: per-token L1 coefficient of the ``"reference"`` recipe, on normalised activations
             (see ``normalize_activations``).
         normalize_activations: train on activations scaled so their mean L2 norm is sqrt(d_in) (the scale is
             folded into the saved weights, so the SAE reads raw activations). On by default: with it one
-            ``l1_coefficient`` gives comparable sparsity on models whose activations differ in scale.
-        sae_lr, sae_batch_size, seq_len: SAE training learning rate, tokens per step, packed row length.
+            learning rate (and one ``l1_coefficient``) suits models whose activations differ in scale.
+        sae_lr, sae_batch_size, seq_len: SAE training learning rate (None: the recipe's), tokens per step, packed
+            row length.
         max_prompts: use at most this many task prompts (the first ones in corpus order).
         max_prompt_tokens: drop prompts (BOS and answer included) longer than this many tokens, counted in
             ``results.json`` (default and upper bound: the model's context).
@@ -116,9 +123,11 @@ class RunConfig:
     sae_hooks: list[str | None] | None = None
     sae_tokens: int = 400_000
     expansion_factor: int = 4
+    sae_recipe: str = "topk"
+    sae_k: int = 32
     l1_coefficient: float = 0.3
     normalize_activations: bool = True
-    sae_lr: float = 2e-3
+    sae_lr: float | None = None
     sae_batch_size: int = 2048
     seq_len: int = 128
     max_prompts: int | None = DEFAULT_MAX_PROMPTS
@@ -164,6 +173,11 @@ class RunConfig:
         at_least("--sae-tokens", self.sae_tokens, 1)
         at_least("--expansion-factor", self.expansion_factor, 1)
         at_least("--l1-coefficient", self.l1_coefficient, 0)
+        at_least("--sae-k", self.sae_k, 1)
+        from saecircuits.saes.presets import SAE_RECIPES
+
+        if self.sae_recipe not in SAE_RECIPES:
+            problems.append(f"--sae-recipe must be one of {', '.join(SAE_RECIPES)} (got {self.sae_recipe!r})")
         at_least("--seed", self.seed, 0)
         for name, low in (("sae_batch_size", 1), ("seq_len", 2), ("n_stat_docs", 1),
                           ("n_ablate", 0), ("n_example_features", 0), ("n_examples", 1),
@@ -179,7 +193,7 @@ class RunConfig:
         at_least("max_candidates", self.max_candidates, 1, allow_none=True)
         if self.feature_selection != "all":
             at_least("--feature-selection", self.feature_selection, 1)
-        if not (isinstance(self.sae_lr, (int, float)) and self.sae_lr > 0):
+        if self.sae_lr is not None and not (isinstance(self.sae_lr, (int, float)) and self.sae_lr > 0):
             problems.append(f"sae_lr must be positive (got {self.sae_lr!r})")
         if not (isinstance(self.min_fraction_active, (int, float)) and 0 <= self.min_fraction_active <= 1):
             problems.append(f"min_fraction_active must be in [0, 1] (got {self.min_fraction_active!r})")
@@ -386,32 +400,32 @@ def _check_sae_fits(sae, model):
 
 
 def sae_train_config(cfg: RunConfig) -> TrainConfig:
-    """The :class:`~saecircuits.saes.trainer.TrainConfig` of the pipeline's SAEs (the reference notebook's ReLU SAE
-    with an L1 penalty and unit-norm decoder rows) for ``cfg``: ``cfg.sae_tokens // cfg.sae_batch_size`` steps,
-    learning-rate warm-up and decay, sparsity warm-up, and activation normalisation when
-    ``cfg.normalize_activations`` (inputs scaled to mean L2 norm sqrt(d_in), folded into the saved weights), so
-    ``cfg.l1_coefficient`` means the same on every model whatever the scale of its activations.
-    """
-    from saecircuits.saes.trainer import TrainConfig
+    """The :class:`~saecircuits.saes.trainer.TrainConfig` of the pipeline's new SAEs: the recipe ``cfg.sae_recipe``
+    (:func:`saecircuits.saes.presets.pipeline_recipe`) over ``cfg.sae_tokens // cfg.sae_batch_size`` steps, with
+    activation normalisation when ``cfg.normalize_activations`` (inputs scaled to mean L2 norm sqrt(d_in), folded
+    into the saved weights)."""
+    return _recipe(cfg)[2]
 
-    steps = max(1, cfg.sae_tokens // cfg.sae_batch_size)
-    return TrainConfig(
-        batch_size=cfg.sae_batch_size,
-        total_steps=steps,
-        lr=cfg.sae_lr,
-        lr_warmup_steps=min(50, steps // 10),
-        lr_decay_steps=steps // 5,
-        sparsity_warmup_steps=steps // 10,
-        loss={"regularizer": "l1", "coefficients": [cfg.l1_coefficient]},
-        unit_norm_decoder=True,
-        normalize_activations=cfg.normalize_activations,
-        seed=cfg.seed,
-        log_every=max(1, steps // 50),
+
+def sae_architecture(cfg: RunConfig) -> tuple[str, dict[str, Any]]:
+    """``(architecture, cfg.extra settings)`` of the pipeline's new SAEs (``("topk", {"k": cfg.sae_k})`` by default;
+    ``("standard", {})`` for the reference recipe)."""
+    arch, extra, _ = _recipe(cfg)
+    return arch, extra
+
+
+def _recipe(cfg: RunConfig) -> tuple[str, dict[str, Any], TrainConfig]:
+    from saecircuits.saes.presets import pipeline_recipe
+
+    return pipeline_recipe(
+        cfg.sae_recipe, total_steps=max(1, cfg.sae_tokens // cfg.sae_batch_size), batch_size=cfg.sae_batch_size,
+        k=cfg.sae_k, l1_coefficient=cfg.l1_coefficient, lr=cfg.sae_lr,
+        normalize_activations=cfg.normalize_activations, seed=cfg.seed,
     )
 
 
 def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list[str], progress: bool) -> tuple[list, dict]:
-    """Train one reference-notebook SAE per layer from one pass of the model, cached in the workspace."""
+    """Train one SAE per layer (the recipe ``cfg.sae_recipe``) from one pass of the model, cached in the workspace."""
     from saecircuits.data.activations import pack_token_rows
     from saecircuits.models.tokens import encode_documents, special_token_ids
     from saecircuits.saes.io import load_sae
@@ -420,7 +434,12 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
     n_layers = int(model.cfg.n_layers)
     layers = list(range(n_layers)) if cfg.layers is None else list(cfg.layers)
     hook_points = [HOOK_TEMPLATE.format(layer=layer) for layer in layers]
-    train_cfg = sae_train_config(cfg)
+    architecture, sae_extra, train_cfg = _recipe(cfg)
+    d_sae = cfg.expansion_factor * int(model.cfg.d_mlp)
+    if "k" in sae_extra and sae_extra["k"] > d_sae:
+        raise PipelineError(f"--sae-k {sae_extra['k']} is more than the {d_sae} features of each SAE "
+                            f"(--expansion-factor {cfg.expansion_factor} x d_mlp {int(model.cfg.d_mlp)}); give a "
+                            "smaller --sae-k or a larger --expansion-factor")
     steps = train_cfg.total_steps
     key_blob = json.dumps(
         {
@@ -428,6 +447,8 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
             "train_data": hashlib.sha256("\x00".join(train_docs).encode()).hexdigest(),
             "hooks": hook_points,
             "train": train_cfg.to_dict(),
+            "architecture": architecture,
+            "sae_extra": sae_extra,
             "expansion": cfg.expansion_factor,
             "exclude_bos": cfg.exclude_bos,
             # special-token strings in the text are encoded as characters; "exclude" drops every special id
@@ -441,6 +462,7 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
     cache_dir = Path(cfg.workspace) / "saes" / key
     folders = {hp: cache_dir / hp / "sae" for hp in hook_points}
     info = {"tokens": steps * cfg.sae_batch_size, "steps": steps, "cache": str(cache_dir), "reused": False,
+            "recipe": cfg.sae_recipe, "architecture": architecture, "sae_extra": sae_extra,
             "train_config": train_cfg.to_dict()}
     if all((f / "cfg.json").is_file() for f in folders.values()):
         logger.info("reusing SAEs from %s", cache_dir)
@@ -466,6 +488,8 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
             hook_points,
             train_cfg,
             expansion_factor=cfg.expansion_factor,
+            architecture=architecture,
+            sae_extra=sae_extra,
             bos_id=special_token_ids(tok),  # "exclude" leaves out BOS/EOS/PAD wherever they sit in a row
             bos_policy="exclude" if cfg.exclude_bos else "include",
             output_dir=tmp,
@@ -497,30 +521,69 @@ def _final_metrics(cache_dir: Path, hook_points: list[str]) -> dict:
     return metrics
 
 
-def auto_layers(labels: list[str], dla_mean: list[float], n: int) -> tuple[list[int], str]:
-    """``--layers auto``: the ``n`` MLP layers whose direct logit attribution to the answer has the largest |mean|.
+def mlp_ablation_effects(model, task, stat_docs: list[list[int]], *, exclude_bos: bool = True,
+                         progress: bool = False) -> list:
+    """Per MLP layer ``L``: the increase in the answer's loss at P (nats) when ``blocks.L.mlp.hook_post`` is replaced,
+    at P only, by its mean activation over ``stat_docs`` (every real, non-special token; the pipeline's mean
+    ablation), as a mean over prompts with a Student-t 95% interval.
 
     Args:
-        labels: DLA component labels (``"MLP0"``, ``"MLP1"``, ... among them; analysis.dla).
-        dla_mean: ``[components]`` mean DLA over prompts (logits), aligned with ``labels``.
-        n: how many layers to pick (fewer if the model has fewer MLPs).
+        model: a TransformerBridge; task: prompts and answers; stat_docs: token rows for the mean activation.
+        exclude_bos: leave special-token positions out of the mean (the pipeline's BOS switch).
 
     Returns:
-        ``(layers ascending, one sentence saying which were chosen and why)``.
+        ``[n_layers]`` :class:`~saecircuits.analysis.stats.MeanCI` of (mean-ablated - clean) answer loss.
+    """
+    from saecircuits.analysis.features import variant_losses
+    from saecircuits.analysis.reconstruction import mean_activation
+    from saecircuits.analysis.stats import mean_ci95
+    from saecircuits.models.interventions import Edit
+
+    effects = []
+    for layer in range(int(model.cfg.n_layers)):
+        hook = HOOK_TEMPLATE.format(layer=layer)
+        mean = mean_activation(model, stat_docs, hook, exclude_bos=exclude_bos, progress=progress)
+
+        def to_mean(x: torch.Tensor, mean: torch.Tensor = mean) -> torch.Tensor:  # [B, F, d] -> [B, 1, d]
+            return mean.to(x).reshape(1, 1, -1).expand(x.shape[0], 1, -1)
+
+        losses = variant_losses(model, task, Edit(hook, to_mean), 1)
+        effects.append(mean_ci95(losses[:, 1].double() - losses[:, 0].double()))
+    return effects
+
+
+def auto_layers(increase: list[float], n: int) -> tuple[list[int], str]:
+    """``--layers auto``: the ``n`` MLP layers whose mean ablation at P raises the answer's loss the most.
+
+    The choice rests on a causal effect (:func:`mlp_ablation_effects`), not on direct logit attribution: a layer can
+    write a large logit directly while later layers undo it, and a layer whose ablation LOWERS the answer's loss
+    works against the answer, so its SAE would not explain how the model gives it.
+
+    Args:
+        increase: ``[n_layers]`` mean increase of the answer loss at P (nats) under each layer's mean ablation.
+        n: how many layers to pick (fewer if the model has fewer layers).
+
+    Returns:
+        ``(layers ascending, one sentence saying which were chosen and why)``; the sentence says so when a chosen
+        layer's ablation does not raise the loss (every layer's does not, or fewer than ``n`` do).
 
     Raises:
-        PipelineError: no ``MLP{L}`` component among ``labels``.
+        PipelineError: no layer (or only undefined effects).
     """
-    mlps = [(int(lab[3:]), float(v)) for lab, v in zip(labels, dla_mean, strict=True)
-            if lab.startswith("MLP") and lab[3:].isdigit()]
-    if not mlps:
-        raise PipelineError("--layers auto needs the MLP layers' direct logit attribution, and this model has none; "
-                            "give the layers (e.g. --layers 0 1)")
-    top = sorted(mlps, key=lambda lv: -abs(lv[1]) if math.isfinite(lv[1]) else 0.0)[:n]
-    layers = sorted(layer for layer, _ in top)
-    said = ", ".join(f"MLP{layer} {v:+.3f}" for layer, v in sorted(mlps, key=lambda lv: -abs(lv[1])))
-    return layers, (f"--layers auto chose layer(s) {', '.join(map(str, layers))}: the {len(layers)} MLP layer(s) with "
-                    f"the largest |mean direct logit attribution| to the answer (logits: {said}).")
+    effects = [(layer, float(v)) for layer, v in enumerate(increase) if math.isfinite(float(v))]
+    if not effects:
+        raise PipelineError("--layers auto needs each MLP layer's ablation effect on the answer, and none could be "
+                            "computed; give the layers (e.g. --layers 0 1)")
+    ranked = sorted(effects, key=lambda lv: -lv[1])
+    layers = sorted(layer for layer, _ in ranked[:n])
+    said = ", ".join(f"MLP{layer} {v:+.4f}" for layer, v in ranked)
+    note = (f"--layers auto chose layer(s) {', '.join(map(str, layers))}: the {len(layers)} MLP layer(s) whose mean "
+            f"ablation at P raises the answer's loss the most (mean increase over the prompts, nats: {said}).")
+    harmless = [layer for layer, v in ranked[:n] if not v > 0]
+    if harmless:
+        note += (f" Mean-ablating layer(s) {', '.join(map(str, sorted(harmless)))} does not raise the loss: their "
+                 "features are unlikely to explain the answer; consider fewer layers or other ones.")
+    return layers, note
 
 
 def _build_task(cfg: RunConfig, model, docs: list[str]):
@@ -1313,7 +1376,9 @@ def _run_pipeline(cfg: RunConfig, *, model, progress: bool, log: Callable[[str],
     t = _stage(timings, "dla", t)
     layer_note = None
     if cfg.layers == "auto":
-        chosen_layers, layer_note = auto_layers(list(dla.labels), dla.mean.tolist(), cfg.auto_layers)
+        say("mean ablation of every MLP layer at P (--layers auto)")
+        effects = mlp_ablation_effects(model, task, stat_docs, exclude_bos=cfg.exclude_bos, progress=progress)
+        chosen_layers, layer_note = auto_layers([e.mean for e in effects], cfg.auto_layers)
         say(layer_note)
         cfg = dataclasses.replace(cfg, layers=chosen_layers)
 

@@ -46,7 +46,8 @@ def test_issue_stories260k_numbers_sae_worse_than_mean_ablation_and_negative_ev(
     # per prompt |sae - clean| = 0.3 each; |mean - clean| = 0.30, 0.20, 0.26, 0.24 -> 0.25 on average
     assert worse.scope == HOOK and "by 0.3000 nats" in worse.message and "(0.2500;" in worse.message
     assert "0.4800 -> 0.7800" in worse.message and "0.4800 -> 0.7300" in worse.message
-    assert "--l1-coefficient" in worse.what_to_try and "--sae-tokens" in worse.what_to_try
+    assert "--sae-k" in worse.what_to_try and "--l1-coefficient" in worse.what_to_try
+    assert "--sae-tokens" in worse.what_to_try
     assert "-2.900" in checks[1].message and "13.0% of the activations' squared norm" in checks[1].message
 
 
@@ -115,7 +116,7 @@ def test_dense_top_features_flagged_when_most_of_the_top_five_are_dense():
     (c,) = density_checks("blocks.0.mlp.hook_post", [2, 5, 7, 1, 0, 9], density, l0=42.0, d_sae=10)
     assert c.id == "dense_top_features" and c.scope == "blocks.0.mlp.hook_post"
     assert "3 of the top 5 features are dense" in c.message and "2 (50%), 5 (20%), 7 (10%)" in c.message
-    assert "--l1-coefficient" in c.what_to_try
+    assert "a smaller --sae-k" in c.what_to_try and "a larger --l1-coefficient" in c.what_to_try
     # two of five dense, or only a dense feature outside the top five: no warning
     assert density_checks("h", [2, 5, 1, 0, 9, 7], density, l0=1.0, d_sae=10) == []
     assert density_checks("h", [], density, l0=1.0, d_sae=10) == []

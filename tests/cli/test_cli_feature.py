@@ -90,16 +90,18 @@ def test_layers_option_takes_numbers_or_auto():
     assert res.exit_code == 2 and "--layers takes layer numbers (e.g. --layers 0 1) or the word auto" in res.output
 
 
-def test_auto_layers_picks_the_largest_absolute_mlp_dla():
+def test_auto_layers_picks_the_largest_ablation_effect_not_the_largest_dla():
+    """A layer with a large |DLA| whose ablation lowers the loss (layer 3 here) is not picked: the choice is the
+    largest increase of the answer's loss, sign included."""
     from saecircuits.pipeline import PipelineError, auto_layers
 
-    labels = ["embed", "L0H0", "MLP0", "MLP1", "MLP2", "MLP3", "MLP4", "bias"]
-    means = [9.0, -8.0, 0.9, 1.67, 2.03, -0.76, 5.28, 0.0]  # heads and embeddings are not MLP layers
-    layers, said = auto_layers(labels, means, 2)
-    assert layers == [2, 4]
-    assert said.startswith("--layers auto chose layer(s) 2, 4: the 2 MLP layer(s) with the largest |mean direct logit "
-                           "attribution| to the answer (logits: MLP4 +5.280, MLP2 +2.030, MLP1 +1.670, MLP0 +0.900, "
-                           "MLP3 -0.760)")
-    assert auto_layers(labels, [0, 0, 0, 0, 0, -3.0, 0, 0], 1)[0] == [3]  # a negative DLA counts by its size
-    with pytest.raises(PipelineError, match="needs the MLP layers"):
-        auto_layers(["embed"], [1.0], 2)
+    increase = [0.02, 0.41, 0.20, -0.35, float("nan")]  # layer 4 undefined: left out
+    layers, said = auto_layers(increase, 2)
+    assert layers == [1, 2]
+    assert said == ("--layers auto chose layer(s) 1, 2: the 2 MLP layer(s) whose mean ablation at P raises the "
+                    "answer's loss the most (mean increase over the prompts, nats: MLP1 +0.4100, MLP2 +0.2000, "
+                    "MLP0 +0.0200, MLP3 -0.3500).")
+    layers, said = auto_layers([-0.1, -0.3], 1)  # no layer helps the answer: said, not hidden
+    assert layers == [0] and "Mean-ablating layer(s) 0 does not raise the loss" in said
+    with pytest.raises(PipelineError, match="needs each MLP layer's ablation effect"):
+        auto_layers([float("nan")], 2)

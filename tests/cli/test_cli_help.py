@@ -143,10 +143,14 @@ def test_shown_defaults_are_the_library_defaults():
     for flag, value in expected.items():
         assert _default_shown(blocks[flag][1]).split(":")[0] == str(value), flag
     assert tr.autocast_dtype is None and "none" in _default_shown(blocks["--autocast"][1])
+    from saecircuits.saes.presets import TOPK_LR
+
+    assert f"{TOPK_LR} for topk and batchtopk" in _default_shown(blocks["--lr"][1])
 
     run_defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
     blocks = _option_blocks(_help("run"))
-    for field in ("task", "sae_tokens", "expansion_factor", "l1_coefficient", "max_prompts", "device", "seed"):
+    for field in ("task", "sae_tokens", "expansion_factor", "sae_recipe", "sae_k", "l1_coefficient", "max_prompts",
+                  "device", "seed"):
         flag = "--" + field.replace("_", "-")
         assert _default_shown(blocks[flag][1]) == str(run_defaults[field]), flag
     for switch in ("fold_ln", "center_writing_weights", "center_unembed"):

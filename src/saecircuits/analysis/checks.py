@@ -70,7 +70,8 @@ DENSE_DENSITY = 0.1
 """A feature firing on more than this fraction of corpus tokens is dense (the report's glossary uses the same)."""
 
 _BETTER_SAE = (
-    "train it on more activations (--sae-tokens), with a lower --l1-coefficient or a larger --expansion-factor; "
+    "train it on more activations (--sae-tokens), with a larger --sae-k (--sae-recipe reference: a lower "
+    "--l1-coefficient) or a larger --expansion-factor; "
     "for --sae, check that it was trained on this model and hook point, on text like the prompts"
 )
 
@@ -261,6 +262,6 @@ def density_checks(hook_point: str, top_features: list[int], density, l0: float,
             f"corpus tokens: {shown}; the SAE's L0 is {l0:.1f} of {d_sae} features per token. Dense features "
             "do not stand for one concept each, so the ranking names directions rather than readable features"
         ),
-        what_to_try=("train a sparser SAE: a larger --l1-coefficient (or a TopK SAE with a small k via "
-                     "train-sae), on more activations (--sae-tokens); keep the other checks passing"),
+        what_to_try=("train a sparser SAE: a smaller --sae-k (--sae-recipe reference: a larger --l1-coefficient), "
+                     "on more activations (--sae-tokens); keep the other checks passing"),
     )]

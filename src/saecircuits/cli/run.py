@@ -202,6 +202,15 @@ def _layers(values: list[str] | None) -> list[int] | str | None:
                          f"{' '.join(values)}") from None
 
 
+def _sae_recipe(value: str) -> str:
+    """``--sae-recipe``: topk or reference (saes.presets.pipeline_recipe)."""
+    from saecircuits.saes.presets import SAE_RECIPES
+
+    if value not in SAE_RECIPES:
+        raise typer.BadParameter(f"must be one of {', '.join(SAE_RECIPES)}, got {value!r}")
+    return value
+
+
 def _ablation_mode(value: str) -> str:
     """``--ablation-mode``: residual, reconstruction or clean_effect (analysis.ablation_modes)."""
     from saecircuits.analysis.ablation_modes import ABLATION_MODES
@@ -223,6 +232,12 @@ HOOK_HELP = ("The TransformerLens hook each --sae reads (one per --sae, in order
 THREADS_HELP = "torch threads for the whole run (default: the cores this process may use)."
 EXPORT_HELP = ("Also write every figure of the report as PNG (figures/, needs kaleido and Chrome or Chromium) and "
                "every table as CSV (tables/) beside it.")
+# Shown defaults are RunConfig's and saes.presets' (DEFAULT_SAE_RECIPE, DEFAULT_TOPK_K); importing them here would
+# load torch for every --help. tests/cli/test_cli_help.py checks that they agree.
+SAE_RECIPE_HELP = ("How new SAEs are trained: 'topk' (TopK with --sae-k active features per token, AuxK against dead "
+                   "features: the same sparsity on any model) or 'reference' (the reference notebook's ReLU SAE with "
+                   "an L1 penalty, --l1-coefficient; its sparsity depends on the model).")
+SAE_K_HELP = "Active features per token of the topk recipe."
 SELECTION_HELP = ("Features whose exact ablation effect is computed on each prompt: 'all' active ones, or the N "
                   "with the largest |activation x DLA|.")
 
@@ -265,7 +280,7 @@ def run(
     layers: Annotated[list[str] | None, typer.Option(
         metavar="L...|auto", show_default="every layer",
         help="Layers whose MLP output gets a new SAE (space-separated or repeated), or 'auto': the 2 MLP layers "
-             "with the largest |direct logit attribution| to the answer.")] = None,
+             "whose mean ablation at the answer position raises the answer's loss the most.")] = None,
     sae: Annotated[list[str] | None, typer.Option(
         "--sae", metavar="PATH...", show_default="none: train new SAEs", help=SAE_HELP)] = None,
     hook: Annotated[list[str] | None, typer.Option(
@@ -274,9 +289,13 @@ def run(
         metavar="N", min=1, help="Activations each new SAE is trained on.")] = 400_000,
     expansion_factor: Annotated[int, typer.Option(
         metavar="N", min=1, help="d_sae = expansion_factor * d_in.")] = 4,
+    sae_recipe: Annotated[str, typer.Option(
+        metavar="topk|reference", callback=_sae_recipe, help=SAE_RECIPE_HELP)] = "topk",
+    sae_k: Annotated[int, typer.Option(metavar="K", min=1, help=SAE_K_HELP)] = 32,
     l1_coefficient: Annotated[float, typer.Option(
         metavar="X", min=0.0,
-        help="Per-token L1 coefficient on activations normalised to mean norm sqrt(d_in).")] = 0.3,
+        help="Reference recipe only: per-token L1 coefficient on activations normalised to mean norm "
+             "sqrt(d_in).")] = 0.3,
     all_closings: Annotated[bool, typer.Option(
         "--all-closings", show_default="off: only .\" closes",
         help='Also accept !" and ?" as the closing.')] = False,
@@ -321,7 +340,8 @@ def run(
             closings=('."', '!"', '?"') if all_closings else ('."',),
             layers=_layers(layers), sae_paths=[sae_path(s) for s in sae or []], sae_hooks=list(hook) if hook else None,
             sae_tokens=sae_tokens,
-            expansion_factor=expansion_factor, l1_coefficient=l1_coefficient, max_prompts=max_prompts,
+            expansion_factor=expansion_factor, sae_recipe=sae_recipe, sae_k=sae_k, l1_coefficient=l1_coefficient,
+            max_prompts=max_prompts,
             device=device, seed=seed, workspace=workspace, exclude_bos=not include_bos,
             fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
             feature_selection=feature_selection, ablation_mode=ablation_mode, circuit=circuit,
@@ -339,10 +359,13 @@ def demo(
         metavar="DIR", show_default=_WORKSPACE_SHOWN,
         help="Cache folder (default model, corpora, trained SAEs).")] = DEFAULT_WORKSPACE,
     sae_tokens: Annotated[int, typer.Option(metavar="N", min=1, help="Activations each SAE is trained on.")] = 400_000,
+    sae_recipe: Annotated[str, typer.Option(
+        metavar="topk|reference", callback=_sae_recipe, help=SAE_RECIPE_HELP)] = "topk",
+    sae_k: Annotated[int, typer.Option(metavar="K", min=1, help=SAE_K_HELP)] = 32,
     l1_coefficient: Annotated[float, typer.Option(
         metavar="X", min=0.0,
-        help="Per-token L1 coefficient on normalised activations, tuned for the embedded default (run's default, "
-             "0.3, leaves its features dense).")] = 3.0,
+        help="Reference recipe only: per-token L1 coefficient on normalised activations, tuned for the embedded "
+             "default (run's default, 0.3, leaves its features dense).")] = 3.0,
     max_prompts: Annotated[int, typer.Option(metavar="N", min=1, help="Use at most this many task prompts.")] = 300,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="cpu, cuda, cuda:1, mps.")] = "cpu",
     seed: Annotated[int, typer.Option(metavar="N", min=0, help="Seed of SAE training and bootstraps.")] = 0,
@@ -374,7 +397,7 @@ def demo(
         cfg = RunConfig(
             model="saecircuits-default", data=heldout, train_data=sae_train, out=out, sae_tokens=sae_tokens,
             device=device, seed=seed, workspace=workspace, max_prompts=max_prompts, circuit=circuit,
-            l1_coefficient=l1_coefficient,
+            sae_recipe=sae_recipe, sae_k=sae_k, l1_coefficient=l1_coefficient,
             circuit_ig_steps=circuit_ig_steps,
         )
         _say(f"workspace {workspace}")

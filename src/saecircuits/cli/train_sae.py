@@ -93,9 +93,9 @@ def train_sae_command(
         "--k", metavar="N", min=1, show_default="none",
         help="Active features per token; needed by topk and batchtopk.")] = None,
     regularizer: Annotated[str | None, typer.Option(
-        "--regularizer", metavar="NAME", show_default="l1",
+        "--regularizer", metavar="NAME", show_default="l1: none + AuxK for topk and batchtopk",
         help="Sparsity penalty: none, l1, sqrt, pure_sqrt, hoyer_square, combined_hoyer_l1, "
-             "combined_hoyer_sqrt or l0.")] = None,
+             "combined_hoyer_sqrt or l0 (topk and batchtopk take none: k sets their sparsity).")] = None,
     coefficient: Annotated[list[float] | None, typer.Option(
         "--coefficient", metavar="X", show_default="0.001",
         help="Penalty coefficient (repeat for the two of a combined_* regularizer).")] = None,
@@ -107,7 +107,8 @@ def train_sae_command(
     batch_size: Annotated[int | None, typer.Option(
         "--batch-size", metavar="N", min=1, show_default="4096", help="Tokens per step (global).")] = None,
     lr: Annotated[float | None, typer.Option(
-        "--lr", metavar="X", show_default="0.0001", help="Peak learning rate (AdamW).")] = None,
+        "--lr", metavar="X", show_default="0.0001: 0.01 for topk and batchtopk, as run's SAEs",
+        help="Peak learning rate (AdamW).")] = None,
     seed: Annotated[int | None, typer.Option(
         "--seed", metavar="N", min=0, show_default="47", help="Seed of initialisation and resampling.")] = None,
     seq_len: Annotated[int | None, typer.Option(
@@ -118,7 +119,7 @@ def train_sae_command(
     max_documents: Annotated[int | None, typer.Option(
         "--max-documents", metavar="N", min=1, show_default="all", help="Use only the first N documents.")] = None,
     normalize: Annotated[bool | None, typer.Option(
-        "--normalize/--no-normalize", show_default="no-normalize",
+        "--normalize/--no-normalize", show_default="no-normalize: normalize for topk and batchtopk, as run's SAEs",
         help="Scale activations to mean norm sqrt(d_in) while training (folded into the saved SAE).")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(
         "--checkpoint-every", metavar="N", min=0, show_default="0: only at the end",
@@ -162,15 +163,23 @@ def train_sae_command(
             if config is not None and preset_name is not None:
                 raise SAEError("give --config or --preset, not both")
             saved_job = out / JOB_FILE
+            # train settings the user chose (file or flags); the others may take the architecture's defaults
+            chosen: set[str] = set()
             if config is not None:
                 job = TrainSAEJob.from_json(config)
+                chosen |= set(json.loads(Path(config).read_text()).get("train") or {})
             elif resume and saved_job.is_file():
                 # `--out DIR --resume` alone continues the saved job; flags given with it must still match it.
                 job = TrainSAEJob.from_json(saved_job)
+                chosen |= set(job.train.to_dict())
             elif preset_name is not None:
                 job = preset(preset_name)
+                chosen |= set(job.train.to_dict())
             else:
                 job = TrainSAEJob()
+            chosen |= {key for key, val in (("lr", lr), ("normalize_activations", normalize)) if val is not None}
+            if regularizer is not None or coefficient or batch_reduction is not None:
+                chosen.add("loss")
             top = {
                 "model": model,
                 "data": str(data) if data is not None else None,
@@ -213,6 +222,7 @@ def train_sae_command(
             }.items():
                 if val is not None:
                     tr[key] = val
+            _architecture_defaults(job_d, chosen)
             job = TrainSAEJob.from_dict(job_d)
             job.train.loss_config()  # validate the loss now, not after loading the model
             _check_job_inputs(job)
@@ -277,6 +287,39 @@ def train_sae_command(
         torch.distributed.barrier()
 
 
+def _architecture_defaults(job_d: dict, chosen: set[str]) -> None:
+    """A TopK or BatchTopK job (``job_d``, :meth:`TrainSAEJob.to_dict`) gets the pipeline's TopK settings for what the
+    user did not choose (``chosen``: train keys from the file or flags): no penalty plus AuxK, the recipe's learning
+    rate and activation normalisation (:func:`saecircuits.saes.presets.pipeline_recipe`), so the job records only
+    what is applied. A sparsity penalty chosen for them is refused: it would not be applied.
+
+    Raises:
+        SAEError: a TopK/BatchTopK job with a penalty regularizer, naming the fix.
+    """
+    from saecircuits.saes.base import SAEError
+    from saecircuits.saes.presets import TOPK_LR, topk_loss
+    from saecircuits.saes.registry import get_architecture
+
+    try:
+        cls = get_architecture(job_d["architecture"])
+    except SAEError:
+        return  # reported by the dry build in _check_job_inputs
+    if cls.uses_sparsity_penalty:
+        return
+    tr = job_d["train"]
+    if "loss" not in chosen:
+        tr["loss"] = topk_loss()
+    elif tr["loss"].get("regularizer", "l1") != "none":
+        raise SAEError(
+            f"a {job_d['architecture']} SAE gets its sparsity from --k, so the {tr['loss'].get('regularizer', 'l1')} "
+            "penalty would not be applied; drop --regularizer/--coefficient (or set the regularizer to none)"
+        )
+    if "lr" not in chosen:
+        tr["lr"] = TOPK_LR
+    if "normalize_activations" not in chosen:
+        tr["normalize_activations"] = True
+
+
 def _eval_line(e: dict) -> str:
     """The held-out evaluation in one line; an undefined loss recovered is said so, with its reason."""
     lr, ci = e.get("loss_recovered"), e.get("loss_recovered_ci95") or [None, None]
@@ -286,8 +329,10 @@ def _eval_line(e: dict) -> str:
         bounds = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if None not in ci else ""
         recovered = f"loss recovered over whole sequences {lr:.3f}{bounds}"
     ev = e.get("explained_variance")
-    return (f"L0 {e['l0']:.1f}, explained variance {'undefined' if ev is None else format(ev, '.3f')}, {recovered} "
-            f"(CE clean {e['ce_clean']:.3f} / SAE {e['ce_spliced']:.3f} / zero {e['ce_zero']:.3f} nats)")
+    dead = (f", dead features {e['n_dead_on_eval']} of {e['d_sae']} ({e['dead_fraction_on_eval']:.1%} fired on none "
+            f"of {e['n_eval_tokens']} tokens)" if "n_dead_on_eval" in e else "")
+    return (f"L0 {e['l0']:.1f}, explained variance {'undefined' if ev is None else format(ev, '.3f')}{dead}, "
+            f"{recovered} (CE clean {e['ce_clean']:.3f} / SAE {e['ce_spliced']:.3f} / zero {e['ce_zero']:.3f} nats)")
 
 
 def _check_job_inputs(job) -> None:
@@ -471,6 +516,8 @@ def _evaluate(bridge, saes: dict, eval_rows, bos_id, bos_policy: str, out: Path)
             "explained_variance": float(explained_variance(x, x_hat)),
             "shrinkage": float(shrinkage(x, x_hat)),
             "dead_fraction_on_eval": float(dead_fraction(counts, x.shape[0])),
+            "n_dead_on_eval": int((counts == 0).sum()),
+            "d_sae": int(sae.d_sae),
             "n_eval_tokens": int(x.shape[0]),
         }
         logger.info("%s: %s", name, report[name])

@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_CONFIG = LMConfig()
 
 DEMO_L1_COEFFICIENT = 3.0
-"""L1 coefficient of the demo's SAEs on the embedded default (``saecircuits demo``). The cross-model default of
+"""L1 coefficient of the demo's SAEs on the embedded default with ``--sae-recipe reference`` (``saecircuits demo``;
+the default recipe, TopK, needs no coefficient). The cross-model default of
 ``run`` (0.3) leaves this model's SAEs dense: about 200 of 2,048 features per token, and top features firing on
 20-36% of corpus tokens (the ``dense_top_features`` check). At 3.0 the demo's two SAEs have an L0 of 15-20 per
 corpus token, loss recovered 1.00 vs zero and mean ablation, and pass every check; 1.0 and 2.0 still leave dense

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from saecircuits.saes.base import SAEError
-from saecircuits.saes.trainer import TrainConfig
+from saecircuits.saes.trainer import TrainConfig, dead_window_for
 
 
 @dataclass
@@ -189,3 +189,85 @@ def preset(name: str, **overrides: Any) -> TrainSAEJob:
     d.update(overrides)
     d["train"] = {**d["train"], **train_over}
     return TrainSAEJob.from_dict(d)
+
+
+# ------------------------------------------------------------------------------------ the pipeline's SAE recipes
+SAE_RECIPES = ("topk", "reference")
+"""The SAE recipes of ``saecircuits run --sae-recipe`` (:func:`pipeline_recipe`)."""
+DEFAULT_SAE_RECIPE = "topk"
+DEFAULT_TOPK_K = 32
+"""Active features per token of the default recipe (Gao et al. 2024 train GPT-2 small's SAEs with k = 32)."""
+TOPK_LR = 1e-2
+"""Peak learning rate of the TopK recipe, on inputs normalised to mean norm sqrt(d_in). High because the pipeline's
+runs are short (400,000 activations = 195 steps): at 1e-3, 3e-3 and 5e-3 stories260K's layer-1 SAE still had a
+negative explained variance at P (-0.89, -0.39, -0.13; 0.02 at 1e-2), and the embedded default's layer 0 had 0.74
+at 1e-3 and 0.87 at 1e-2 (the recipe trained on 400,000 activations as in benchmarks/sweep_l1.py, evaluated at P
+on 300 prompts; benchmarks/bench_default_saes.py runs the whole pipeline with it)."""
+REFERENCE_LR = 2e-3
+"""Peak learning rate of the reference recipe (ReLU + L1), on inputs normalised to mean norm sqrt(d_in)."""
+AUX_K = 256
+"""Dead latents the AuxK loss uses per token (SAELens takes d_in / 2: 256 at d_mlp 512; capped at the number of
+dead latents, and scaled by ``min(n_dead / aux_k, 1)``)."""
+AUX_COEFFICIENT = 1 / 32
+"""Weight of the AuxK loss (Gao et al. 2024)."""
+
+
+def topk_loss() -> dict[str, Any]:
+    """The loss of a TopK/BatchTopK SAE: no sparsity penalty (``k`` sets the sparsity) plus AuxK against dead
+    latents (:data:`AUX_K`, :data:`AUX_COEFFICIENT`)."""
+    return {"regularizer": "none", "coefficients": [], "aux_k": AUX_K, "aux_coefficient": AUX_COEFFICIENT}
+
+
+def pipeline_recipe(
+    recipe: str,
+    *,
+    total_steps: int,
+    batch_size: int,
+    k: int = DEFAULT_TOPK_K,
+    l1_coefficient: float = 0.3,
+    lr: float | None = None,
+    normalize_activations: bool = True,
+    seed: int = 0,
+) -> tuple[str, dict[str, Any], TrainConfig]:
+    """``(architecture, sae_extra, TrainConfig)`` of one of the pipeline's SAE recipes.
+
+    - ``"topk"`` (the default): a TopK SAE with ``k`` active features per token (Gao et al. 2024, "Scaling and
+      evaluating sparse autoencoders"), no sparsity penalty, AuxK against dead latents with a dead-latent window
+      of a tenth of the run (:func:`dead_window_for`), ``b_dec`` started at the inputs' mean, learning rate
+      :data:`TOPK_LR`. Its L0 is ``k`` on every model
+      whatever the scale or spread of its activations, so it needs no tuning per model.
+    - ``"reference"``: the reference notebook's SAE, ReLU with a per-token L1 penalty ``l1_coefficient`` (ramped in
+      over the first tenth of the run), learning rate :data:`REFERENCE_LR`. The L1 coefficient that gives a readable
+      L0 differs from model to model.
+
+    Both: unit-norm decoder rows with the parallel gradient component removed, Adam (0.9, 0.99), linear learning-rate
+    warm-up over ``min(50, steps / 10)`` steps and linear decay to 0 over the last fifth, and inputs scaled to mean
+    norm sqrt(d_in) when ``normalize_activations`` (folded into the saved weights).
+
+    Raises:
+        SAEError: an unknown recipe.
+    """
+    if recipe not in SAE_RECIPES:
+        raise SAEError(f"unknown SAE recipe {recipe!r}; choose one of {', '.join(SAE_RECIPES)}")
+    steps = max(1, int(total_steps))
+    common = dict(
+        batch_size=batch_size,
+        total_steps=steps,
+        lr_warmup_steps=min(50, steps // 10),
+        lr_decay_steps=steps // 5,
+        unit_norm_decoder=True,
+        normalize_activations=normalize_activations,
+        dead_window_steps=dead_window_for(steps),
+        seed=seed,
+        log_every=max(1, steps // 50),
+    )
+    if recipe == "topk":
+        train = TrainConfig(lr=TOPK_LR if lr is None else lr, loss=topk_loss(), b_dec_init="mean", **common)
+        return "topk", {"k": int(k)}, train
+    train = TrainConfig(
+        lr=REFERENCE_LR if lr is None else lr,
+        sparsity_warmup_steps=steps // 10,
+        loss={"regularizer": "l1", "coefficients": [l1_coefficient]},
+        **common,
+    )
+    return "standard", {}, train

@@ -78,7 +78,10 @@ class TrainConfig:
             decoder_norm_weighted, aux_k, aux_coefficient).
         unit_norm_decoder: renormalise W_dec rows after every step and remove the parallel gradient component.
         normalize_activations: scale inputs so their mean L2 norm is sqrt(d_in); folded into the weights at the end.
-        n_norm_batches: batches used to estimate that scale.
+        n_norm_batches: batches used to estimate that scale (and the mean for ``b_dec_init="mean"``).
+        b_dec_init: ``"zeros"`` (the reference notebook) or ``"mean"``: before the first step ``b_dec`` is set to the
+            mean of the (scaled) inputs of the first ``n_norm_batches`` batches (SAELens ``b_dec_init_method="mean"``),
+            so the features need not spend a short run learning the activations' offset.
         resample_steps: steps (1-based, after the update) at which dead features are resampled.
         resample_window: steps of firing counts before each resample step.
         dead_frequency: a feature is dead if it fired in at most ``dead_frequency`` of the window's tokens.
@@ -86,7 +89,9 @@ class TrainConfig:
         resample_error_power: sampling weight ``||x - x_hat||^power``; 4 = the notebook's rule.
         resample_encoder_scale: new encoder columns get this times the mean norm of the alive columns (0.2).
         dead_window_steps: steps without firing after which a feature counts as dead for AuxK and the logged
-            dead fraction.
+            dead fraction; ``None`` (default): :func:`dead_window_for` the run (a tenth of it, at most 1000). Until
+            the run has that many steps, the logged dead fraction counts the features that have not fired since
+            the start (metrics ``dead_window_steps`` says which window a line used).
         dense_frequency: features firing on more than this fraction of the log window's tokens count as dense.
         seed: seed of the trainer's own generator (resampling); the global RNG is never touched.
         log_every: steps between metrics lines (JSONL and progress bar).
@@ -108,13 +113,14 @@ class TrainConfig:
     unit_norm_decoder: bool = True
     normalize_activations: bool = False
     n_norm_batches: int = 10
+    b_dec_init: str = "zeros"
     resample_steps: tuple[int, ...] = ()
     resample_window: int = 10000
     dead_frequency: float = 1e-5
     resample_pool_batches: int = 10
     resample_error_power: float = 4.0
     resample_encoder_scale: float = 0.2
-    dead_window_steps: int = 1000
+    dead_window_steps: int | None = None
     dense_frequency: float = 0.1
     seed: int = 47
     log_every: int = 10
@@ -142,6 +148,12 @@ class TrainConfig:
                             "gradient scaler; use 'bfloat16' (the same speed-up, with float32's range)")
         elif self.autocast_dtype not in (None, "bfloat16"):
             problems.append(f"autocast_dtype must be None or 'bfloat16' (got {self.autocast_dtype!r})")
+        if self.dead_window_steps is not None and not (
+                isinstance(self.dead_window_steps, int) and self.dead_window_steps >= 1):
+            problems.append(f"dead_window_steps must be a positive number of steps or None (got "
+                            f"{self.dead_window_steps!r})")
+        if self.b_dec_init not in ("zeros", "mean"):
+            problems.append(f"b_dec_init must be 'zeros' or 'mean' (got {self.b_dec_init!r})")
         if any(s <= 0 for s in self.resample_steps):
             problems.append(f"resample_steps must be positive step numbers (got {self.resample_steps})")
         if problems:
@@ -162,6 +174,11 @@ class TrainConfig:
             raise SAEError(f"unknown TrainConfig keys {sorted(unknown)}; known keys are {sorted(known)}")
         return cls(**d)
 
+    @property
+    def dead_window(self) -> int:
+        """The dead-latent window in steps: ``dead_window_steps``, or :func:`dead_window_for` the run."""
+        return self.dead_window_steps if self.dead_window_steps is not None else dead_window_for(self.total_steps)
+
     def loss_config(self) -> Any:
         """The :class:`saecircuits.saes.losses.LossConfig` built from :attr:`loss`."""
         from saecircuits.saes.losses import LossConfig
@@ -170,6 +187,13 @@ class TrainConfig:
         if "coefficients" in d:
             d["coefficients"] = tuple(float(c) for c in d["coefficients"])
         return LossConfig(**d)
+
+
+def dead_window_for(total_steps: int) -> int:
+    """Steps without firing after which a latent counts as dead (for AuxK and the logged dead fraction) in a run of
+    ``total_steps``: a tenth of the run, at most 1000 (SAELens' default window) and at least 1, so a short run can
+    see its dead latents (a window longer than the run never finds one)."""
+    return max(1, min(1000, int(total_steps) // 10))
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -389,6 +413,22 @@ class SAETrainer:
         self.scale_estimated = True
         return self.scale
 
+    @torch.no_grad()
+    def init_b_dec_(self) -> torch.Tensor:
+        """Set ``b_dec`` to the mean of the scaled inputs of the first ``n_norm_batches`` batches (put back and still
+        used for training; averaged over ranks under data parallelism). Returns the new ``b_dec [d_in]``."""
+        while len(self._pending) < max(1, self.cfg.n_norm_batches):
+            try:
+                self._pending.append(next(self._source))
+            except StopIteration:
+                break
+        if not self._pending:
+            raise SAEError("no activation batches to initialise b_dec from")
+        xs = [x.to(self.device, torch.float32) * self.scale for x in list(self._pending)[: max(1, self.cfg.n_norm_batches)]]
+        mean = self._all_reduce(torch.cat(xs).double().mean(0)) / self.world_size
+        self.sae.b_dec.copy_(mean.to(self.sae.b_dec.dtype))
+        return self.sae.b_dec.detach()
+
     # ------------------------------------------------------------------ one step
     @torch.enable_grad()  # trains even when the caller runs under torch.no_grad()
     def train_step(self) -> dict[str, float] | None:
@@ -398,10 +438,12 @@ class SAETrainer:
         cfg = self.cfg
         if cfg.normalize_activations and not self.scale_estimated:
             self.estimate_scale()
+        if cfg.b_dec_init == "mean" and self.step == 0:
+            self.init_b_dec_()
         x = self._draw()
         sae = self.sae
         sae.train()  # even if the caller put it in eval mode between steps
-        dead_mask = self.steps_since_fired >= cfg.dead_window_steps if self.loss_cfg.aux_k else None
+        dead_mask = self.steps_since_fired >= cfg.dead_window if self.loss_cfg.aux_k else None
         sparsity = self.sparsity_scale()
         if self.world_size > 1 and getattr(self.loss_cfg, "batch_reduction", "mean") == "sum":
             # batch-summed penalties: averaging gradients over ranks would divide them by world_size
@@ -465,6 +507,7 @@ class SAETrainer:
     def _metrics(self, x: torch.Tensor, out: Any) -> dict[str, float]:
         f, x_hat = out.f.detach().float(), out.x_hat.detach().float()
         freq = self.log_counts / max(self.log_tokens, 1)
+        window = min(self.cfg.dead_window, self.step)
         m = {
             "step": self.step,
             "tokens": self.step * self.cfg.batch_size,
@@ -478,7 +521,10 @@ class SAETrainer:
             "explained_variance_tokens": explained_variance(x, x_hat),
             # sum ||x_hat|| / sum ||x||: below 1 when the sparsity penalty shrinks reconstructions
             "shrinkage": _shrinkage(x, x_hat),
-            "dead_fraction": float((self.steps_since_fired >= self.cfg.dead_window_steps).float().mean()),
+            # dead: no firing in the last `window` steps; before the run has the full window, none since the start
+            # (with the full window a short run would always log 0.0)
+            "dead_fraction": float((self.steps_since_fired >= window).float().mean()),
+            "dead_window_steps": window,
             "dense_fraction": float((freq > self.cfg.dense_frequency).float().mean()),
             "resampled_total": self.n_resampled_total,
         }
@@ -817,6 +863,7 @@ def train_saes_on_model(
     *,
     expansion_factor: int = 4,
     architecture: str = "standard",
+    sae_extra: dict[str, Any] | None = None,
     bos_id: int | Collection[int] | None = None,
     bos_policy: str = "include",
     model_batch_rows: int = 32,
@@ -843,7 +890,7 @@ def train_saes_on_model(
         hook_points: e.g. ``[f"blocks.{L}.mlp.hook_post" for L in range(n_layers)]``.
         train_cfg: :class:`TrainConfig` (``batch_size`` = tokens per step over all ranks).
         sae_cfgs: one :class:`SAEConfig` per hook point (same order), or ``None`` to build ``architecture`` with
-            ``d_sae = expansion_factor * d_in``.
+            ``d_sae = expansion_factor * d_in`` and ``cfg.extra = sae_extra`` (e.g. ``{"k": 32}`` for TopK).
         bos_id, bos_policy: the BOS switch (``"include"``/``"exclude"``), see
             :func:`saecircuits.data.activations.bos_keep_mask`.
         model_batch_rows: rows per model forward; buffer_size: rows in the shuffling buffer (default
@@ -890,6 +937,7 @@ def train_saes_on_model(
                 d_sae=expansion_factor * int(first[hp].shape[-1]),
                 hook_point=hp,
                 model_name=model_name,
+                extra=dict(sae_extra or {}),
             )
             for hp in hook_points
         ]
