@@ -458,7 +458,11 @@ def exact_effects(
             for g in sae_groups:
                 with torch.no_grad():
                     f_abl = g.sae.encode(reads[g.hook_in]).float()  # [B, Vc, d_sae]
-                delta = (f_base[g.hook][:, None] - f_abl).cpu()  # contribution of the variant's node
+                delta = f_base[g.hook][:, None] - f_abl  # contribution of the variant's node
+                if run.same is not None:  # a variant that is the baseline run changes no feature (encoding its
+                    # rows in another batch shape could round differently)
+                    delta = torch.where(run.same.to(delta.device)[..., None], 0.0, delta)
+                delta = delta.cpu()
                 upstream = ok & (up_stage < _stage_key(g.hook_in, n_layers))
                 b_idx, v_idx, k_idx = torch.nonzero(upstream[..., None] & (delta != 0), as_tuple=True)
                 d_ids = g.node_of[k_idx]

@@ -108,12 +108,15 @@ class Paired(NamedTuple):
         logits: float32 ``[B, V, d_vocab]`` at P of the edited rows (None likewise).
         base_reads: hook -> ``[B, *act_shape]`` in the baseline row.
         reads: hook -> ``[B, V, *act_shape]`` in the edited rows.
+        same: bool ``[B, V]``: the variant is the baseline run (every edit left it equal to the baseline row), so its
+            logits and reads are the baseline's; None when no edit split the rows (every variant is then the same).
     """
 
     base_logits: torch.Tensor | None
     logits: torch.Tensor | None
     base_reads: dict[str, torch.Tensor]
     reads: dict[str, torch.Tensor]
+    same: torch.Tensor | None = None
 
 
 class Interventions:
@@ -253,7 +256,8 @@ class Interventions:
         The baseline is one more variant of the same batch (variant 0, with ``base`` edits, none = clean), so it
         takes the same path as the edited variants (recomputed from the same hook, in the same batched kernels):
         an edit that leaves its activation unchanged gives exactly the baseline's logits and reads, bit for bit,
-        and an effect of exactly 0. Comparing :meth:`run` with ``clean.logits`` (the full clean pass) instead
+        and an effect of exactly 0 (a variant whose every edited activation equals the baseline's is given the
+        baseline's outputs, since batched kernels may round its separate row differently; see ``_PairState``). Comparing :meth:`run` with ``clean.logits`` (the full clean pass) instead
         mixes two paths, off by float rounding (up to ~1e-6 nats).
 
         Args:
@@ -268,13 +272,18 @@ class Interventions:
             As :meth:`run`.
         """
         V = n_variants
-        paired = [_paired_edit(e, V, True) for e in base] + [_paired_edit(e, V, False) for e in edits]
+        state = _PairState(frozenset(e.hook for e in base))
+        paired = [_paired_edit(e, V, True, state) for e in base] + [_paired_edit(e, V, False, state) for e in edits]
         lg, reads = self.run(clean, paired, n_variants=1 + V, read=read, logits=logits)
+        if state.same is not None and bool(state.same.any()):  # variants that are the baseline run (_PairState)
+            lg = None if lg is None else _as_base(lg, state.same)
+            reads = {k: _as_base(v, state.same) for k, v in reads.items()}
         return Paired(
             None if lg is None else lg[:, 0],
             None if lg is None else lg[:, 1:],
             {k: v[:, 0] for k, v in reads.items()},
             {k: v[:, 1:] for k, v in reads.items()},
+            state.same,
         )
 
     def read_all(
@@ -565,12 +574,28 @@ def _capture_full(captured: dict[str, torch.Tensor], name: str, pos: torch.Tenso
     return hook
 
 
-def _paired_edit(e: Edit, V: int, base: bool) -> Edit:
+@dataclass
+class _PairState:
+    """What :meth:`Interventions.run_paired` learns while its edits run.
+
+    ``same`` (bool ``[B, V]``): the variant's output equalled the baseline row's value, bit for bit, at every edit
+    site so far. Such a variant is the baseline run in exact arithmetic; only the float rounding of its separate
+    row (CPU kernels treat rows differently by their place in a batch and by thread) could tell them apart, so it is
+    re-aligned with the baseline at each later edit site and given the baseline's logits and reads at the end.
+    ``base_hooks``: hooks with a baseline edit (there the variants' inputs are not the baseline's).
+    """
+
+    base_hooks: frozenset[str]
+    same: torch.Tensor | None = None
+
+
+def _paired_edit(e: Edit, V: int, base: bool, state: _PairState) -> Edit:
     """``e`` for :meth:`Interventions.run_paired`: activations ``[B, F, *shape]`` -> ``[B, 1 + V, *shape]``.
 
     A ``base`` edit acts on variant 0 alone, any other on variants ``1..V``. While the variants still share the
     value (``F == 1``) the edit gets its own copy and the other side keeps the value. Every other field of the
-    :class:`Edit` is kept (``dataclasses.replace``).
+    :class:`Edit` is kept (``dataclasses.replace``). Variants that have matched the baseline so far are handed the
+    baseline's value (``state``).
     """
 
     def side(values: tuple, first: bool) -> list:
@@ -588,16 +613,33 @@ def _paired_edit(e: Edit, V: int, base: bool) -> Edit:
                 raise ValueError(f"baseline edit on {e.hook} returned {out.shape[1]} variants; it must keep one")
             rest = x.expand(B, V, *x.shape[2:]) if shared else x[:, 1:]
             return torch.cat([out.to(x.dtype), rest], dim=1)
-        mine = x.clone() if shared else x[:, 1:]
+        if shared:
+            mine = x.clone()
+        elif V == 1 or torch.equal(x[:, 1:], x[:, 1:2].expand_as(x[:, 1:])):
+            # the variants still share their value (only the baseline row was edited here): one row, as the
+            # baseline's edit saw it, so a no-op gives the baseline's bits
+            mine = x[:, 1:2].clone()
+        elif state.same is not None and e.hook not in state.base_hooks:
+            keep = state.same.reshape(B, V, *([1] * (x.dim() - 2))).to(x.device)
+            mine = torch.where(keep, x[:, :1], x[:, 1:])  # equal in exact arithmetic: drop the rounding noise
+        else:
+            mine = x[:, 1:]
         out = e.fn(mine, *side(args, False), **kwargs)
         _check_edit_output(e, out, mine, V)
         if shared and out.shape[1] == 1 and torch.equal(out.to(x.dtype), x):
-            # an edit that changed nothing keeps the rows shared, so the baseline and the edited run stay the same
-            # computation (split rows can differ in the last bit: CPU matmuls treat tail rows differently)
-            return x
-        return torch.cat([x[:, :1], _expand_variants(out, B, V).to(x.dtype)], dim=1)
+            return x  # an edit that changed nothing keeps the rows shared: one computation for all
+        out = _expand_variants(out, B, V).to(x.dtype)
+        same = (out == x[:, :1]).reshape(B, V, -1).all(-1)
+        state.same = same if state.same is None else state.same & same.to(state.same.device)
+        return torch.cat([x[:, :1], out], dim=1)
 
     return dataclasses.replace(e, fn=fn)
+
+
+def _as_base(t: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """``t [B, 1 + V, ...]`` with variant ``v``'s values replaced by the baseline's where ``same [B, V]``."""
+    keep = same.reshape(*same.shape, *([1] * (t.dim() - 2))).to(t.device)
+    return torch.cat([t[:, :1], torch.where(keep, t[:, :1], t[:, 1:])], dim=1)
 
 
 def _edit_hook_full(e: Edit, pos: torch.Tensor, B: int, V: int, captured: dict[str, torch.Tensor]):

@@ -262,7 +262,8 @@ def pipeline_recipe(
         log_every=max(1, steps // 50),
     )
     if recipe == "topk":
-        train = TrainConfig(lr=TOPK_LR if lr is None else lr, loss=topk_loss(), b_dec_init="mean", **common)
+        train = TrainConfig(lr=TOPK_LR if lr is None else lr, loss=topk_loss(), b_dec_init="mean",
+                            w_enc_init="decoder_transpose", **common)
         return "topk", {"k": int(k)}, train
     train = TrainConfig(
         lr=REFERENCE_LR if lr is None else lr,

@@ -82,6 +82,9 @@ class TrainConfig:
         b_dec_init: ``"zeros"`` (the reference notebook) or ``"mean"``: before the first step ``b_dec`` is set to the
             mean of the (scaled) inputs of the first ``n_norm_batches`` batches (SAELens ``b_dec_init_method="mean"``),
             so the features need not spend a short run learning the activations' offset.
+        w_enc_init: ``"kaiming"`` (the reference notebook's, from ``SAE.initialize_``) or ``"decoder_transpose"``:
+            before the first step ``W_enc`` is set to ``W_dec.T`` (Gao et al. 2024, "Scaling and evaluating sparse
+            autoencoders", section 2.4: fewer dead latents), once, so a resumed run is unchanged.
         resample_steps: steps (1-based, after the update) at which dead features are resampled.
         resample_window: steps of firing counts before each resample step.
         dead_frequency: a feature is dead if it fired in at most ``dead_frequency`` of the window's tokens.
@@ -114,6 +117,7 @@ class TrainConfig:
     normalize_activations: bool = False
     n_norm_batches: int = 10
     b_dec_init: str = "zeros"
+    w_enc_init: str = "kaiming"
     resample_steps: tuple[int, ...] = ()
     resample_window: int = 10000
     dead_frequency: float = 1e-5
@@ -154,6 +158,8 @@ class TrainConfig:
                             f"{self.dead_window_steps!r})")
         if self.b_dec_init not in ("zeros", "mean"):
             problems.append(f"b_dec_init must be 'zeros' or 'mean' (got {self.b_dec_init!r})")
+        if self.w_enc_init not in ("kaiming", "decoder_transpose"):
+            problems.append(f"w_enc_init must be 'kaiming' or 'decoder_transpose' (got {self.w_enc_init!r})")
         if any(s <= 0 for s in self.resample_steps):
             problems.append(f"resample_steps must be positive step numbers (got {self.resample_steps})")
         if problems:
@@ -440,6 +446,9 @@ class SAETrainer:
             self.estimate_scale()
         if cfg.b_dec_init == "mean" and self.step == 0:
             self.init_b_dec_()
+        if cfg.w_enc_init == "decoder_transpose" and self.step == 0:
+            with torch.no_grad():
+                self.sae.W_enc.copy_(self.sae.W_dec.T)
         x = self._draw()
         sae = self.sae
         sae.train()  # even if the caller put it in eval mode between steps
