@@ -5,8 +5,9 @@ For each model class, ``run_pipeline`` runs with the default SAE settings (``--s
 closing-quote task; the circuit, the per-feature evidence and the geometry are switched off (they do not feed any
 SAE check) and the corpus statistics use ``--n-docs`` documents. Per SAE it prints the L0 at P and over the corpus,
 the dead features, explained variance and loss recovered at P, the corpus density of the five top-ranked features,
-and every failed SAE check (``sae_worse_than_mean_ablation``, ``negative_explained_variance``,
-``low_loss_recovered``, ``loss_recovered_undefined_*``, ``dense_top_features``). ``--recipe reference`` runs the
+and every check the run raised about that SAE (``sae_worse_than_mean_ablation``, ``negative_explained_variance``,
+``low_explained_variance``, ``low_sequence_loss_recovered``, ``low_loss_recovered``, ``loss_recovered_undefined_*``,
+``sae_model_mismatch``, ``dense_top_features``). ``--recipe reference`` runs the
 reference notebook's ReLU + L1 recipe with run's default coefficient instead, for comparison.
 
 Model classes (``--models``, comma-separated):
@@ -39,8 +40,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 VAL = SHARED / "tinystories-v1-valid-first1000" / "tinystories_val.txt"
 TRAIN10K = SHARED / "tinystories-v2-train-head10k-lines" / "tinystories_10k.txt"
-SAE_CHECKS = ("sae_worse_than_mean_ablation", "negative_explained_variance", "low_loss_recovered",
-              "loss_recovered_undefined_zero", "loss_recovered_undefined_mean", "dense_top_features")
 
 
 def gpt2bpe_neo():
@@ -120,11 +119,13 @@ def main() -> None:
             dens = {f["feature"]: f.get("density") for f in cs.get("features", [])}
             top = [t["feature"] for t in s.get("top_features", [])[:5]]
             top_d = ", ".join(f"{k} {_f(dens.get(k), '.1%')}" for k in top)
-            failed = [c["id"] for c in res.get("checks", []) if c["scope"] == hook and c["id"] in SAE_CHECKS]
+            failed = [c["id"] for c in res.get("checks", []) if c["scope"] == hook]  # every check of this SAE
             failed_total += len(failed)
             print(f"   {hook}: d_sae {s['d_sae']} | L0 at P {s['l0']:.1f}, over {cs.get('n_docs')} docs "
                   f"{_f(cs.get('l0'), '.1f')}, dead {cs.get('n_dead')} | explained variance at P "
-                  f"{_f(s.get('explained_variance'))} | loss recovered vs zero {_f(s.get('loss_recovered'))}, vs mean "
+                  f"{_f(s.get('explained_variance_at_p'))}, over whole prompts "
+                  f"{_f((s.get('whole_sequence') or {}).get('explained_variance'))} | loss recovered vs zero "
+                  f"{_f(s.get('loss_recovered'))}, vs mean "
                   f"{_f(s.get('loss_recovered_mean_ablation'))} | answer loss at P clean {s['clean_loss']:.4f} SAE "
                   f"{s['sae_loss']:.4f} zero {s['zero_ablation_loss']:.4f} mean {_f(s.get('mean_ablation_loss'), '.4f')}")
             print(f"      top-5 features' corpus density: {top_d}")
