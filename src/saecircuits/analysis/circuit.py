@@ -1144,13 +1144,10 @@ def find_circuit(
         :class:`CircuitResult`.
 
     Raises:
-        NotImplementedError: the model cannot use the prefix-cached engine (gradients at P need it).
         ValueError: no SAE, or two SAEs on one hook.
     """
     if not saes:
         raise ValueError("find_circuit needs at least one SAE")
-    if interventions_for(model).engine is None:
-        raise NotImplementedError("the circuit needs the prefix-cached engine, which this model cannot use")
     acts = [activations_or_compute(model, s, task, None if acts is None else acts[i], max_tokens=max_tokens,
                                    max_batch=max_batch) for i, s in enumerate(saes)]
     nodes, groups = circuit_nodes(model, saes, acts)

@@ -66,10 +66,14 @@ _BLOCK_HOOKS = (
     ("attn.hook_q", 0),
     ("attn.hook_k", 0),
     ("attn.hook_v", 0),
+    ("attn.hook_q_normed", 0),
+    ("attn.hook_k_normed", 0),
     ("attn.hook_rot_q", 0),
     ("attn.hook_rot_k", 0),
     ("attn.hook_pattern", 0),
     ("attn.hook_z", 0),
+    ("ln1_post.hook_scale", 0),
+    ("ln1_post.hook_normalized", 0),
     ("hook_attn_out", 0),
     ("hook_resid_mid", 1),
     ("ln2.hook_scale", 1),
@@ -77,6 +81,8 @@ _BLOCK_HOOKS = (
     ("mlp.hook_pre", 1),
     ("mlp.hook_pre_linear", 1),
     ("mlp.hook_post", 1),
+    ("ln2_post.hook_scale", 1),
+    ("ln2_post.hook_normalized", 1),
     ("hook_mlp_out", 1),
     ("hook_resid_post", 1),
 )
@@ -128,8 +134,8 @@ class _Layer:
     b_V: torch.Tensor
     W_O: torch.Tensor  # [h, d_head, d_model]
     b_O: torch.Tensor  # [d_model]
-    ln1: tuple[torch.Tensor, torch.Tensor | None]
-    ln2: tuple[torch.Tensor, torch.Tensor | None]
+    ln1: tuple[torch.Tensor, torch.Tensor | None] | None  # None: no norm before attention (OLMo 2)
+    ln2: tuple[torch.Tensor, torch.Tensor | None] | None  # None: no norm before the MLP (OLMo 2; GPT-J shares ln1)
     W_in: torch.Tensor  # [d_model, d_mlp]
     b_in: torch.Tensor
     W_gate: torch.Tensor | None
@@ -137,6 +143,28 @@ class _Layer:
     b_out: torch.Tensor
     scale: float
     window: int | None
+    q_norm: torch.Tensor | None = None  # RMSNorm weight on queries: [d_head] per head, [n_heads * d_head] whole
+    k_norm: torch.Tensor | None = None  # likewise on keys ([d_head] or [n_kv_heads * d_head])
+    ln1_post: tuple[torch.Tensor, torch.Tensor | None] | None = None  # norm on the attention output (OLMo 2)
+    ln2_post: tuple[torch.Tensor, torch.Tensor | None] | None = None  # norm on the MLP output (OLMo 2)
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """How a block wires its sub-layers, read from the Hugging Face config and modules (:func:`_block_shape`).
+
+    Attributes:
+        parallel: attention and MLP both read ``resid_pre`` and add to it (GPT-NeoX / Pythia, GPT-J):
+            ``resid_post = resid_pre + attn(ln1(resid_pre)) + mlp(ln2(resid_pre))``; the block has no
+            ``hook_resid_mid`` and an edit anywhere in it recomputes the whole block at P.
+        qk_norm: RMSNorm on queries and keys before the rotation: ``"head"`` over each head's ``d_head`` (Qwen 3),
+            ``"proj"`` over the whole projection ``n_heads * d_head`` (OLMo 2), None without.
+        qk_eps: that norm's epsilon.
+    """
+
+    parallel: bool = False
+    qk_norm: str | None = None
+    qk_eps: float = 1e-6
 
 
 @dataclass
@@ -203,8 +231,10 @@ class Engine:
         W_U: torch.Tensor,
         b_U: torch.Tensor,
         n_ctx: int,
+        shape: BlockShape | None = None,
     ) -> None:
         self.layers = layers
+        self.shape = shape or BlockShape()
         self.n_layers = len(layers)
         self.norm = norm
         self.eps = eps
@@ -232,15 +262,16 @@ class Engine:
         Args:
             model: a ``TransformerBridge`` over a Hugging Face causal LM, with legacy hook names on
                 (``enable_compatibility_mode``, as :func:`saecircuits.models.load.load_model` does).
-            check: run a short random token batch through both and require equal logits (fp32: 1e-4 relative).
+            check: run a random token batch longer than every attention window through the engine and the Hugging
+                Face model and require equal log-probs (:meth:`check_against`).
 
         Returns:
             An :class:`Engine` holding detached references to the bridge's weights (no copies where TransformerLens
             returns views).
 
         Raises:
-            EngineError: a block shape the engine does not compute (parallel attention and MLP, partial rotary,
-                ALiBi, norms other than LayerNorm/RMSNorm, ...), or logits that differ from the bridge's.
+            EngineError: a block shape the engine does not compute (ALiBi, GPT-J's interleaved rotary, norms other
+                than LayerNorm/RMSNorm, ...), or log-probs that differ from the Hugging Face model's.
         """
         from transformers.activations import ACT2FN
 
@@ -249,8 +280,7 @@ class Engine:
         if hf is None:
             raise EngineError("the engine needs a TransformerBridge over a Hugging Face model (original_model)")
         hf_cfg = hf.config
-        if getattr(cfg, "parallel_attn_mlp", False):
-            raise EngineError("parallel attention + MLP blocks are not supported by the engine")
+        shape = _block_shape(model, hf)
         if getattr(cfg, "use_normalization_before_and_after", False):
             raise EngineError("blocks with norms before and after each sub-layer are not supported by the engine")
         norm_type = str(getattr(cfg, "normalization_type", "LN"))
@@ -300,10 +330,12 @@ class Engine:
                 _Layer(
                     W_Q=W_Q[layer], b_Q=b_Q[layer], W_K=W_K[layer], b_K=b_K[layer], W_V=W_V[layer], b_V=b_V[layer],
                     W_O=W_O[layer], b_O=b_O[layer],
-                    ln1=_norm_params(block.ln1), ln2=_norm_params(block.ln2),
+                    ln1=_optional_norm(block, "ln1"), ln2=_optional_norm(block, "ln2"),
                     W_in=W_in[layer], b_in=b_in[layer], W_gate=None if W_gate is None else W_gate[layer],
                     W_out=W_out[layer], b_out=b_out[layer],
                     scale=float(scaling), window=windows[layer],
+                    q_norm=_qk_norm_weight(hf_attn, "q_norm"), k_norm=_qk_norm_weight(hf_attn, "k_norm"),
+                    ln1_post=_optional_norm(block, "ln1_post"), ln2_post=_optional_norm(block, "ln2_post"),
                 )
             )
         pos_type = getattr(cfg, "positional_embedding_type", "standard")
@@ -330,29 +362,39 @@ class Engine:
             W_U=W_U,
             b_U=b_U,
             n_ctx=int(cfg.n_ctx),
+            shape=shape,
         )
         if check:
             engine.check_against(model)
         return engine
 
-    def check_against(self, model, *, seq_len: int = 24, seed: int = 0) -> float:
-        """Compare this engine's logits with the bridge's on a random 2-row batch; return the max abs difference.
+    def check_against(self, model, *, seq_len: int | None = None, seed: int = 0) -> float:
+        """Compare this engine's log-probs with the Hugging Face model's own forward (``model.original_model``, the
+        reference the bridge wraps) on a random 2-row batch; return the max abs difference (nats).
+
+        Args:
+            seq_len: tokens per row; default 24, or 16 past the widest sliding/local window of the Hugging Face
+                config so every windowed layer masks keys (a wrong window cannot pass), capped at ``n_ctx``.
 
         Raises:
             EngineError: the difference exceeds ``1e-4 * (1 + max |logit|)`` (fp32; 2e-2 for 16-bit weights).
         """
+        hf = getattr(model, "original_model", model)
+        if seq_len is None:  # the windows the Hugging Face config declares, not the engine's own reading of them
+            windows = [w for w in _layer_windows(hf, self.n_layers) if w is not None]
+            seq_len = max([24] + [w + 16 for w in windows])
         gen = torch.Generator().manual_seed(seed)
         n = min(seq_len, self.n_ctx)
         tokens = torch.randint(0, self.d_vocab, (2, n), generator=gen).to(self.W_E.device)
         with torch.no_grad():
-            ref = model(tokens, return_type="logits").float()
+            ref = hf(tokens).logits.float()
             out = self.logits(self.forward_tokens(tokens))[:, 0]
-        diff = float((out - ref).abs().max())
+        diff = float((out.log_softmax(-1) - ref.log_softmax(-1)).abs().max())
         tol = (1e-4 if self.W_E.dtype == torch.float32 else 2e-2) * (1.0 + float(ref.abs().max()))
         if not diff <= tol:
             raise EngineError(
-                f"the engine's logits differ from the bridge's by {diff:.3g} (tolerance {tol:.3g}); this model's "
-                "blocks are not of a shape the engine computes"
+                f"the engine's log-probs differ from the Hugging Face model's by {diff:.3g} (tolerance {tol:.3g}) "
+                f"on {n} tokens; this model's blocks are not of a shape the engine computes"
             )
         return diff
 
@@ -397,13 +439,20 @@ class Engine:
         q = self._fire(hooks, f"{name}.hook_q", torch.einsum("bfsd,hde->bfshe", xn, lw.W_Q) + lw.b_Q)
         k = self._fire(hooks, f"{name}.hook_k", torch.einsum("bfsd,hde->bfshe", xn, lw.W_K) + lw.b_K)
         v = self._fire(hooks, f"{name}.hook_v", torch.einsum("bfsd,hde->bfshe", xn, lw.W_V) + lw.b_V)
+        if lw.q_norm is not None:
+            q = _heads(self._fire(hooks, f"{name}.hook_q_normed", self._qk_norm(q, lw.q_norm)), q)
+        if lw.k_norm is not None:
+            k = _heads(self._fire(hooks, f"{name}.hook_k_normed", self._qk_norm(k, lw.k_norm)), k)
         if self.rotary is not None:
-            cos, sin = self.rotary(qpos)  # [B, S, d_head]
+            cos, sin = self.rotary(qpos)  # [B, S, rotary_dim]
             cos, sin = cos[:, None, :, None, :].to(q.dtype), sin[:, None, :, None, :].to(q.dtype)
-            q = self._fire(hooks, f"{name}.hook_rot_q", q * cos + _rotate_half(q) * sin)
-            k = self._fire(hooks, f"{name}.hook_rot_k", k * cos + _rotate_half(k) * sin)
+            q = self._fire(hooks, f"{name}.hook_rot_q", _apply_rotary(q, cos, sin))
+            k = self._fire(hooks, f"{name}.hook_rot_k", _apply_rotary(k, cos, sin))
         if keep_kv is not None:
             keep_kv.append((k, v))
+        F = max(q.shape[1], k.shape[1], v.shape[1])
+        if q.shape[1] != F:  # an edit of keys or values made the variants differ: every variant has its query
+            q = q.expand(q.shape[0], F, *q.shape[2:])
         B, F, S, H, E = q.shape
         K = self.n_kv_heads
         G = H // K
@@ -434,6 +483,18 @@ class Engine:
             z = self._prefix_attention(qg, own, v, prefix, qpos, lw)
         z = self._fire(hooks, f"{name}.hook_z", z.reshape(B, -1, S, H, E).to(xn.dtype))  # F may grow at the pattern
         return torch.einsum("bfshe,hed->bfsd", z, lw.W_O) + lw.b_O
+
+    def _qk_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm of queries or keys ``[B, F, S, heads, d_head]`` as the Hugging Face attention module computes it:
+        over each head (Qwen 3), or over the whole projection (OLMo 2, ``weight [heads * d_head]``). Returned as
+        ``hook_q_normed``/``hook_k_normed``: ``[B, F, S, heads, d_head]`` per head (the bridge fires it as
+        ``[batch, head, pos, d_head]``), ``[B, F, S, heads * d_head]`` over the projection (as the bridge)."""
+        dtype = x.dtype
+        h = x.float()
+        if self.shape.qk_norm == "proj":
+            h = h.flatten(-2)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.shape.qk_eps)
+        return (weight.float() * h).to(dtype)
 
     @staticmethod
     def _prefix_attention(qg, own, v, prefix: KVPrefix, qpos, lw: _Layer) -> torch.Tensor:
@@ -543,19 +604,53 @@ class Engine:
     ) -> torch.Tensor:
         lw = self.layers[layer]
         name = f"blocks.{layer}"
+        if self.shape.parallel:
+            if start_sub != 0:
+                raise EngineError("a parallel attention + MLP block is recomputed from its hook_resid_pre")
+            return self._parallel_block(layer, x, qpos, prefix, hooks, keep_kv=keep_kv, keep_resid=keep_resid)
         if start_sub == 0:
             x = self._fire(hooks, f"{name}.hook_resid_pre", x)
             if keep_resid is not None:
                 keep_resid[(layer, 0)] = x
-            xn = self._norm(x, lw.ln1, f"{name}.ln1", hooks)
-            attn = self._fire(hooks, f"{name}.hook_attn_out", self._attention(layer, xn, qpos, prefix, hooks, keep_kv))
+            xn = x if lw.ln1 is None else self._norm(x, lw.ln1, f"{name}.ln1", hooks)
+            attn = self._attention(layer, xn, qpos, prefix, hooks, keep_kv)
+            if lw.ln1_post is not None:
+                attn = self._norm(attn, lw.ln1_post, f"{name}.ln1_post", hooks)
+            attn = self._fire(hooks, f"{name}.hook_attn_out", attn)
             x = x + attn
         x = self._fire(hooks, f"{name}.hook_resid_mid", x)
         if keep_resid is not None:
             keep_resid[(layer, 1)] = x
-        xn = self._norm(x, lw.ln2, f"{name}.ln2", hooks)
-        x = x + self._fire(hooks, f"{name}.hook_mlp_out", self._mlp(layer, xn, hooks))
+        xn = x if lw.ln2 is None else self._norm(x, lw.ln2, f"{name}.ln2", hooks)
+        mlp = self._mlp(layer, xn, hooks)
+        if lw.ln2_post is not None:
+            mlp = self._norm(mlp, lw.ln2_post, f"{name}.ln2_post", hooks)
+        x = x + self._fire(hooks, f"{name}.hook_mlp_out", mlp)
         return self._fire(hooks, f"{name}.hook_resid_post", x)
+
+    def _parallel_block(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        qpos: torch.Tensor,
+        prefix: KVPrefix | None,
+        hooks: HookFns | None,
+        *,
+        keep_kv: list | None = None,
+        keep_resid: dict | None = None,
+    ) -> torch.Tensor:
+        """GPT-NeoX / GPT-J block: ``resid_pre + attn(ln1(resid_pre)) + mlp(ln2(resid_pre))`` (GPT-J: ln2 = ln1)."""
+        lw = self.layers[layer]
+        name = f"blocks.{layer}"
+        x = self._fire(hooks, f"{name}.hook_resid_pre", x)
+        if keep_resid is not None:
+            keep_resid[(layer, 0)] = x
+        xa = self._norm(x, lw.ln1, f"{name}.ln1", hooks)
+        attn = self._fire(hooks, f"{name}.hook_attn_out", self._attention(layer, xa, qpos, prefix, hooks, keep_kv))
+        xm = xa if lw.ln2 is None else self._norm(x, lw.ln2, f"{name}.ln2", hooks)
+        mlp = self._fire(hooks, f"{name}.hook_mlp_out", self._mlp(layer, xm, hooks))
+        # HF's order of the sum (GPT-NeoX: mlp + attn + resid)
+        return self._fire(hooks, f"{name}.hook_resid_post", mlp + attn + x)
 
     # ------------------------------------------------------------------------------------------------------------
     # passes
@@ -634,6 +729,62 @@ class Engine:
         return out.reshape(*xn.shape[:-1], -1).float()
 
 
+def _optional_norm(block, name: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """:func:`_norm_params` of ``block.<name>``, or None when the block has no such norm (OLMo 2 has no ln1/ln2,
+    only ln1_post/ln2_post; GPT-J's parallel block has ln1 alone)."""
+    if name not in dict(block.named_children()):
+        return None
+    return _norm_params(getattr(block, name))
+
+
+def _qk_norm_weight(hf_attn, name: str) -> torch.Tensor | None:
+    """The weight of the Hugging Face attention module's ``q_norm``/``k_norm`` RMSNorm (Qwen 3, OLMo 2), or None.
+
+    Raises:
+        EngineError: a q/k norm that is not a plain RMSNorm (a bias, or Gemma's ``(1 + weight)`` offset).
+    """
+    mod = getattr(hf_attn, name, None)
+    if mod is None:
+        return None
+    if getattr(mod, "bias", None) is not None or "gemma" in type(mod).__name__.lower():
+        raise EngineError(f"{type(mod).__name__} as {name} is not a plain RMSNorm; not supported by the engine")
+    return mod.weight.detach()
+
+
+def _block_shape(model, hf_model) -> BlockShape:
+    """The :class:`BlockShape` of a bridge's blocks, from its config and the Hugging Face attention modules.
+
+    Raises:
+        EngineError: q and k norms of different kinds, or layers that differ in shape.
+    """
+    parallel = bool(getattr(model.cfg, "parallel_attn_mlp", False))
+    hf_attn = getattr(model.blocks[0].attn, "original_component", None)
+    q_norm = getattr(hf_attn, "q_norm", None)
+    if q_norm is None:
+        return BlockShape(parallel=parallel)
+    eps = getattr(q_norm, "variance_epsilon", getattr(q_norm, "eps", None))
+    if eps is None:
+        raise EngineError(f"{type(q_norm).__name__} has no epsilon the engine can read")
+    d_head = int(model.cfg.d_head)
+    kind = "head" if q_norm.weight.shape[-1] == d_head else "proj"
+    return BlockShape(parallel=parallel, qk_norm=kind, qk_eps=float(eps))
+
+
+def _heads(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``x`` back in ``like``'s ``[..., heads, d_head]`` layout (a whole-projection q/k norm fires it flattened)."""
+    return x if x.dim() == like.dim() else x.unflatten(-1, like.shape[-2:])
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding of the first ``cos.shape[-1]`` dims of each head (all of them unless partial
+    rotary, GPT-NeoX's ``rotary_pct``); the rest pass through."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    rot, rest = x[..., :r], x[..., r:]
+    return torch.cat([rot * cos + _rotate_half(rot) * sin, rest], dim=-1)
+
+
 def _norm_params(bridge_norm) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, bias) a bridge norm applies after normalising (:func:`saecircuits.models.norms.module_norm_params`)."""
     try:
@@ -664,7 +815,7 @@ def _layer_windows(hf_model, n_layers: int) -> list[int | None]:
 
 def _rotary_fn(hf_model, d_head: int):
     """cos/sin ``[B, S, d_head]`` at absolute positions ``[B, S]`` from the Hugging Face model's own rotary module."""
-    base = getattr(hf_model, "model", hf_model)
+    base = getattr(hf_model, "model", None) or getattr(hf_model, "base_model", hf_model)  # GPT-NeoX: gpt_neox
     rotary = getattr(base, "rotary_emb", None)
     if rotary is None:
         raise EngineError("rotary model without a model-level rotary_emb module; not supported by the engine")
@@ -673,8 +824,8 @@ def _rotary_fn(hf_model, d_head: int):
     def fn(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dummy = torch.zeros(1, dtype=probe.dtype, device=pos.device)
         cos, sin = rotary(dummy, pos)
-        if cos.shape[-1] != d_head:
-            raise EngineError("partial rotary embeddings are not supported by the engine")
+        if cos.shape[-1] > d_head or cos.shape[-1] % 2:
+            raise EngineError(f"rotary embeddings of width {cos.shape[-1]} for heads of {d_head} are not supported")
         return cos, sin
 
     return fn

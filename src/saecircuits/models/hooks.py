@@ -257,6 +257,7 @@ def run_at_positions(
     read: Sequence[str] = (),
     edits: Sequence[tuple[str, Callable]] = (),
     return_logits: bool = True,
+    grad: bool = False,
 ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
     """One forward pass; returns the logits and the named activations, each gathered at every row's position.
 
@@ -270,6 +271,8 @@ def run_at_positions(
         read: hook names (TL legacy names are fine) to capture at the positions -> ``[b, *act_shape]``.
         edits: ``(hook_name, hook_fn)`` pairs, e.g. from :func:`edit_at_positions`.
         return_logits: also return the logits at the positions ``[b, d_vocab]`` (float32).
+        grad: run with autograd on, so tensors the edits mark with ``requires_grad_`` get gradients from the
+            returned logits (the bridge's own parameters stay frozen); reads are detached either way.
 
     Returns:
         ``(logits_at_positions or None, {name: activation_at_positions})``.
@@ -305,7 +308,7 @@ def run_at_positions(
         stop = stop_layer_for(list(read), getattr(getattr(model, "cfg", None), "n_layers", None))
         if stop is not None:
             kwargs["stop_at_layer"] = stop
-    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+    with torch.set_grad_enabled(grad), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = model.run_with_hooks(
             tokens, fwd_hooks=fwd_hooks, return_type="logits" if return_logits else None, **kwargs

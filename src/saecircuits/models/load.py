@@ -219,12 +219,29 @@ def _check_norms(bridge) -> None:
 
     readout_of(bridge)
     for i in range(int(bridge.cfg.n_layers)):
-        for name in (f"blocks.{i}.ln1", f"blocks.{i}.ln2"):
+        for name in (f"blocks.{i}.ln1", f"blocks.{i}.ln2", f"blocks.{i}.ln1_post", f"blocks.{i}.ln2_post"):
             try:
                 bridge.get_submodule(name)
-            except AttributeError:  # a block without this norm (parallel attention and MLP)
+            except AttributeError:  # a block without this norm (GPT-J's parallel block; OLMo 2's post-norm block)
                 continue
             norm_params(bridge, name)
+
+
+def _drop_unsupported_switches(bridge, processing: dict[str, bool]) -> None:
+    """Turn off, in ``processing``, the weight-processing switches TransformerLens cannot apply to this
+    architecture, and say so in one line (no traceback, no TransformerLens UserWarning).
+
+    Today that is ``fold_ln`` for adapters that declare ``supports_fold_ln = False`` (OLMo 2's norms come after
+    attention and the MLP, so there is no following weight to fold them into). The norms then keep their trained
+    weights, which the engine and the attributions apply explicitly (:mod:`saecircuits.models.norms`), so every
+    number means the same; :func:`model_provenance` records the switches actually applied.
+    """
+    adapter = getattr(bridge, "adapter", None)
+    if processing.get("fold_ln") and not getattr(adapter, "supports_fold_ln", True):
+        processing["fold_ln"] = False
+        logger.warning("%s: TransformerLens cannot fold this architecture's norms into the next weights; loaded "
+                       "with fold_ln off (the norms keep their weights, applied explicitly), other switches as asked",
+                       type(adapter).__name__.removesuffix("ArchitectureAdapter") or "model")
 
 
 def load_hf_model(
@@ -267,6 +284,9 @@ def load_hf_model(
         raise ModelLoadError("load_hf_model needs the model's tokenizer (hf_tokenizer=...); none was given")
     name = model_name or getattr(hf_model.config, "_name_or_path", "") or "injected-model"
     hf_model = hf_model.to(device=device, dtype=dtype).eval()
+    if not getattr(hf_model.config, "architectures", None):
+        # a model built from its config in memory names no architecture; TransformerLens picks its adapter by it
+        hf_model.config.architectures = [type(hf_model).__name__]
     tokenizer = _private_tokenizer(hf_tokenizer)
     bridge = TransformerBridge.boot_transformers(
         name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
@@ -278,6 +298,8 @@ def load_hf_model(
         "center_unembed": center_unembed,
         "fold_value_biases": fold_value_biases,
     }
+    _drop_unsupported_switches(bridge, processing)
+    fold_ln = processing["fold_ln"]
     bridge.enable_compatibility_mode(
         disable_warnings=True,
         no_processing=not any(processing.values()),

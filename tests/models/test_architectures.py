@@ -1,0 +1,258 @@
+"""GPT-NeoX (Pythia), Qwen 3, OLMo 2 and Qwen 2 on the prefix-cached engine, exactly (issue 15).
+
+Each architecture is a tiny random model built from its ``transformers`` config (2 layers, d_model 64, the test
+tokenizer; no download). Three independent references:
+
+- every hook the engine fires equals the TransformerBridge's on a right-padded batch;
+- prefix-cached interventions at P (engine) equal the bridge backend's full forwards on right-padded prompts
+  longer than the sliding window (Qwen 2/3 use an 8-token window on layer 1);
+- the exact feature effects of an SAE on ``blocks.1.mlp.hook_post`` equal a plain Hugging Face forward (a fresh
+  copy of the model, never bridged) with the ablation applied at the input of the MLP's down projection by a
+  forward pre-hook.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from helpers import quote_task, random_sae, tiny_tokenizer, token_rows
+
+from saecircuits.models.engine import Engine, layer_hook_names
+from saecircuits.models.hooks import answer_metrics, row_batches
+from saecircuits.models.interventions import Edit, interventions_for
+from saecircuits.models.load import load_hf_model, model_provenance
+from saecircuits.models.tokens import pad_right
+
+WINDOW = 8
+LENGTHS = [7, 30, 23, 17]  # beyond the 8-token sliding window
+
+
+def _common(**kw):
+    return dict(vocab_size=len(tiny_tokenizer()), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=128, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                tie_word_embeddings=False, **kw)
+
+
+def pythia_hf(seed: int = 0):
+    """GPT-NeoX as Pythia: parallel attention + MLP, a quarter of each head rotated (rotary_pct), biases."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    cfg = GPTNeoXConfig(**_common(intermediate_size=128), rotary_pct=0.25, use_parallel_residual=True,
+                        hidden_dropout=0.0, attention_dropout=0.0)
+    return _init(GPTNeoXForCausalLM, cfg, seed)
+
+
+def qwen3_hf(seed: int = 0):
+    """Qwen 3: RMSNorm on each head's queries and keys, GQA, layer 1 sliding-window."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(**_common(intermediate_size=96), num_key_value_heads=2, head_dim=16, use_sliding_window=True,
+                      sliding_window=WINDOW, layer_types=["full_attention", "sliding_attention"])
+    return _init(Qwen3ForCausalLM, cfg, seed)
+
+
+def olmo2_hf(seed: int = 0):
+    """OLMo 2: norms after attention and after the MLP (none before), q/k RMSNorms over the whole projection."""
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    cfg = Olmo2Config(**_common(intermediate_size=96), num_key_value_heads=2)
+    return _init(Olmo2ForCausalLM, cfg, seed)
+
+
+def qwen2_hf(seed: int = 0):
+    """Qwen 2: q/k/v biases, GQA, layer 1 sliding-window."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(**_common(intermediate_size=96), num_key_value_heads=2, use_sliding_window=True,
+                      sliding_window=WINDOW, layer_types=["full_attention", "sliding_attention"])
+    return _init(Qwen2ForCausalLM, cfg, seed)
+
+
+def _init(cls, cfg, seed: int):
+    torch.manual_seed(seed)
+    hf = cls(cfg).eval()
+    with torch.no_grad():  # visible logits; non-trivial norm weights and biases, so every term matters
+        for name, p in hf.named_parameters():
+            if p.dim() > 1:
+                p.mul_(4.0)
+            elif name.endswith("weight"):
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            else:
+                p.copy_(0.1 * torch.randn_like(p))
+    return hf
+
+
+BUILDERS = {"pythia": pythia_hf, "qwen3": qwen3_hf, "olmo2": olmo2_hf, "qwen2": qwen2_hf}
+
+
+def down_proj(hf, layer: int):
+    """The Hugging Face module whose input is TransformerLens's ``blocks.L.mlp.hook_post``."""
+    if hasattr(hf, "gpt_neox"):
+        return hf.gpt_neox.layers[layer].mlp.dense_4h_to_h
+    return hf.model.layers[layer].mlp.down_proj
+
+
+@functools.cache
+def bridge(arch: str):
+    return load_hf_model(BUILDERS[arch](), tiny_tokenizer())
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_engine_runs_the_architecture_and_every_hook_equals_the_bridge(arch):
+    model = bridge(arch)
+    iv = interventions_for(model)
+    assert iv.backend == "engine", iv.reason
+    engine = iv.engine
+    rows = token_rows(LENGTHS, seed=1)
+    tokens, _ = pad_right(rows, pad_id=0)
+    names = ["hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized"]
+    names += [n for layer in range(2) for n in layer_hook_names(layer) if n in model.hook_dict]
+    names = [n for n in names if n in model.hook_dict and not (n.endswith("pre_linear") and not model.cfg.gated_mlp)]
+    expected = {"pythia": "blocks.1.ln2.hook_scale", "qwen3": "blocks.1.attn.hook_q_normed",
+                "olmo2": "blocks.1.ln2_post.hook_normalized", "qwen2": "blocks.1.attn.hook_rot_k"}[arch]
+    assert expected in names
+    got: dict[str, torch.Tensor] = {}
+
+    def grab(name):
+        def fn(x):
+            got[name] = x[:, 0].clone()
+
+        return fn
+
+    hooks = {n: [grab(n)] for n in names}
+    with torch.no_grad():
+        logits = engine.logits(engine.forward_tokens(tokens, hooks), hooks)[:, 0]
+    assert set(got) == set(names)
+    for b, row in enumerate(rows):
+        n = len(row)
+        with torch.no_grad():
+            ref_logits, cache = model.run_with_cache(torch.tensor([row]))
+        torch.testing.assert_close(logits[b, :n], ref_logits[0], atol=3e-5, rtol=0)
+        for name in names:
+            if name not in cache.keys():  # in hook_dict but never fired by the bridge (GPT-NeoX's hook_rot_q)
+                continue
+            mine = got[name][b]
+            mine = mine[:, :n, :n] if name.endswith("hook_pattern") else mine[:n]
+            ref = cache[name][0]
+            if name.endswith("_normed") and ref.dim() == 3:  # per-head q/k norm: the bridge fires [head, pos, d]
+                ref = ref.transpose(0, 1)
+            torch.testing.assert_close(mine, ref, atol=3e-5, rtol=1e-5, msg=f"{arch} {name} row {b}")
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_prefix_cached_edits_equal_full_forwards_past_the_window(arch):
+    model = bridge(arch)
+    fast, slow = interventions_for(model), interventions_for(model, backend="bridge")
+    assert fast.backend == "engine" and slow.backend == "bridge"
+    rows = token_rows(LENGTHS, seed=4)
+    answers = torch.randint(1, 300, (len(rows),), generator=torch.Generator().manual_seed(3)).tolist()
+    batch = next(row_batches(rows, 0, answer_ids=answers, max_tokens=400, max_batch=8))
+    sae = random_sae(d_in=int(model.cfg.d_mlp), d_sae=96, hook_point="blocks.0.mlp.hook_post", seed=2)
+    feats = torch.arange(3)
+
+    def ablate_each(x):  # [B, F, d] -> [B, 3, d]: one feature per variant
+        f = sae.encode(x).expand(-1, 3, -1)[..., feats]  # [B, 3, 3]
+        return x - torch.einsum("bvk,kd->bvd", f * torch.eye(3), sae.W_dec.detach()[feats])
+
+    def kill_head(z):
+        z = z.clone()
+        z[..., 1, :] = 0
+        return z
+
+    # keys before Qwen 3's per-head norm (the bridge fires hook_k_normed head-first there, so it cannot edit it
+    # at P); OLMo 2's whole-projection hook_k_normed is position-first on both
+    post = {"pythia": "blocks.0.ln2.hook_normalized", "qwen3": "blocks.1.attn.hook_k",
+            "olmo2": "blocks.0.ln1_post.hook_normalized", "qwen2": "blocks.1.attn.hook_v"}[arch]
+    cases = [
+        ([Edit("blocks.0.mlp.hook_post", ablate_each)], 3, ["blocks.1.hook_resid_pre"]),
+        ([Edit("blocks.1.attn.hook_z", kill_head)], 1, ["blocks.1.mlp.hook_post"]),
+        ([Edit(post, lambda x: 0.5 * x)], 1, ["ln_final.hook_scale"]),
+        ([Edit("blocks.1.mlp.hook_post", lambda x: -x), Edit("blocks.0.hook_resid_pre", lambda x: 1.5 * x)], 1, []),
+    ]
+    if arch == "olmo2":
+        cases.append(([Edit("blocks.1.attn.hook_k_normed", lambda x: 0.7 * x)], 1, ["blocks.1.ln1_post.hook_scale"]))
+    for edits, V, read in cases:
+        outs = []
+        for iv in (fast, slow):
+            clean = iv.clean(batch)
+            outs.append(iv.run_paired(clean, edits, n_variants=V, read=read))
+        for a, b in zip(outs[0], outs[1], strict=True):
+            if isinstance(a, dict):
+                for k in a:
+                    torch.testing.assert_close(a[k], b[k], atol=3e-5, rtol=1e-5, msg=f"{arch} {k}")
+            else:
+                torch.testing.assert_close(a, b, atol=3e-5, rtol=1e-5, msg=f"{arch} {edits[0].hook}")
+        m = answer_metrics(outs[0].logits[:, 0], batch.answer_ids)
+        assert torch.isfinite(m["loss"]).all()
+
+
+@pytest.mark.parametrize("arch", sorted(BUILDERS))
+def test_feature_effects_equal_a_plain_hugging_face_forward(arch):
+    from saecircuits.analysis.features import feature_effects
+
+    model = bridge(arch)
+    assert interventions_for(model).backend == "engine"
+    hook = "blocks.1.mlp.hook_post"
+    sae = random_sae(d_in=int(model.cfg.d_mlp), d_sae=48, hook_point=hook, seed=1)
+    with torch.no_grad():
+        sae.b_enc.fill_(0.0)  # many features active at P
+    task = quote_task()
+    eff = feature_effects(model, sae, task, max_tokens=200, max_batch=4)
+    assert eff.prompt.numel() >= 10
+    raw = BUILDERS[arch]()  # same seed, never bridged
+    W_dec = sae.W_dec.detach()
+
+    def loss(i: int, k: int | None) -> float:
+        p = task.prediction_pos[i]
+
+        def pre(module, args):
+            x = args[0].clone()
+            f = sae.encode(x[0, p])
+            x[0, p] = x[0, p] - f[k] * W_dec[k]
+            return (x,)
+
+        handle = down_proj(raw, 1).register_forward_pre_hook(pre) if k is not None else None
+        try:
+            with torch.no_grad():
+                logits = raw(torch.tensor([task.token_ids[i]])).logits[0, p]
+        finally:
+            if handle is not None:
+                handle.remove()
+        return float(-logits.double().log_softmax(-1)[task.answer_ids[i]])
+
+    for j in range(0, eff.prompt.numel(), max(1, eff.prompt.numel() // 8)):
+        i, k = int(eff.prompt[j]), int(eff.feature[j])
+        ref = loss(i, k) - loss(i, None)
+        assert float(eff.loss_increase[j]) == pytest.approx(ref, abs=2e-5), (arch, i, k)
+
+
+def test_olmo2_loads_without_folding_its_post_norms_and_says_so(caplog):
+    """TransformerLens cannot fold OLMo 2's norms (they follow attention and the MLP): the model loads with
+    fold_ln off, one logged line, and the provenance records the switches actually applied."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="saecircuits.models.load"):
+        model = load_hf_model(olmo2_hf(seed=1), tiny_tokenizer())
+    assert model_provenance(model).processing["fold_ln"] is False
+    assert model_provenance(model).processing["center_unembed"] is True
+    notes = [r.getMessage() for r in caplog.records if "fold_ln off" in r.getMessage()]
+    assert len(notes) == 1 and "\n" not in notes[0]
+    Engine.from_bridge(model)  # the engine applies the unfolded norms and passes its check
+
+
+def test_gpt_j_interleaved_rotary_falls_back_with_a_one_line_note(caplog):
+    """An architecture the engine cannot compute (GPT-J rotates interleaved pairs) runs on the bridge, noted once."""
+    import logging
+
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    cfg = GPTJConfig(vocab_size=len(tiny_tokenizer()), n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64,
+                     bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = load_hf_model(_init(GPTJForCausalLM, cfg, 0), tiny_tokenizer())
+    with caplog.at_level(logging.WARNING, logger="saecircuits.models.interventions"):
+        iv = interventions_for(model)
+    assert iv.backend == "bridge" and "differ from the Hugging Face model" in iv.reason
+    notes = [r.getMessage() for r in caplog.records if "full bridge forwards" in r.getMessage()]
+    assert len(notes) == 1 and "\n" not in notes[0]
