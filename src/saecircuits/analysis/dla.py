@@ -10,6 +10,11 @@ component is that vector dotted with ``W_U[:, answer]``. The norm's bias and ``b
 switch (completeness, checked per prompt and returned as ``max_abs_error``); with ``fold_ln`` the constant is
 ``b_U[answer]``, as in TransformerLens.
 
+Block shapes: parallel attention + MLP blocks (GPT-NeoX / Pythia) write the same components. Where a norm follows
+each attention output (OLMo 2's ``ln1_post``), a head's component is its write ``z W_O`` through that norm as a
+linear map at the layer's cached ``ln1_post.hook_scale`` at P (``b_O`` likewise, in the ``bias`` row), so the heads
+still sum to ``hook_attn_out``; ``hook_mlp_out`` is already the normed MLP output.
+
 Departures from the reference notebook: every prompt is read at its own prediction position in a right-padded batch
 (the notebook runs one prompt at a time); per-prompt values and 95% t intervals are returned, not just the mean; ``pos_embed`` is absent for rotary models and ``bias`` is zeros for bias-free models (Llama).
 """
@@ -25,7 +30,7 @@ from saecircuits.analysis.stats import mean_ci95
 from saecircuits.display import NotebookDisplay
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches, with_progress
 from saecircuits.models.interventions import interventions_for
-from saecircuits.models.norms import readout_of
+from saecircuits.models.norms import optional_norm_params, readout_of
 from saecircuits.tasks.base import Task
 
 __all__ = ["DLAResult", "direct_logit_attribution", "component_labels"]
@@ -99,6 +104,17 @@ def _attn_bias_sum(model) -> torch.Tensor:
     return b_o.sum(0)
 
 
+def _attn_biases(model) -> torch.Tensor:
+    """``b_O`` per layer ``[n_layers, d_model]`` float32; zeros for bias-free models."""
+    try:
+        b_o = model.b_O
+    except AttributeError:
+        b_o = None
+    if b_o is None:
+        return torch.zeros(int(model.cfg.n_layers), int(model.cfg.d_model))
+    return b_o.detach().float()
+
+
 def direct_logit_attribution(
     model,
     task: Task,
@@ -128,8 +144,13 @@ def direct_logit_attribution(
     reads = [f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)]
     reads += [f"blocks.{layer}.hook_mlp_out" for layer in range(n_layers)]
     reads += ["hook_embed"] + (["hook_pos_embed"] if pos_embed else []) + ["ln_final.hook_scale"]
+    # OLMo 2: a norm on each attention output; at its cached scale it is linear, so the heads' writes (and b_O)
+    # through it sum to hook_attn_out exactly
+    posts = [optional_norm_params(model, f"blocks.{layer}.ln1_post") for layer in range(n_layers)]
+    reads += [f"blocks.{layer}.ln1_post.hook_scale" for layer in range(n_layers) if posts[layer] is not None]
     W_O = model.W_O.detach().float()  # [l, h, d_head, d_model]
     bias = _attn_bias_sum(model).detach().float()
+    b_O = _attn_biases(model) if any(p is not None for p in posts) else None
     iv = interventions_for(model)
 
     n = task.n_prompts
@@ -140,16 +161,27 @@ def direct_logit_attribution(
         clean = iv.clean(batch, read=reads)
         logits, acts = clean.logits, clean.reads
         parts = []
+        bias_rows = bias.to(logits.device).expand(len(batch.indices), 1, -1)
         for layer in range(n_layers):
             z = acts[f"blocks.{layer}.attn.hook_z"].float()  # [b, h, d_head]
-            parts.append(torch.einsum("bhd,hdm->bhm", z, W_O[layer]))
+            heads = torch.einsum("bhd,hdm->bhm", z, W_O[layer])
+            if posts[layer] is not None:
+                scale = acts[f"blocks.{layer}.ln1_post.hook_scale"]
+                heads = posts[layer].linear(heads, scale)
+                # this layer's b_O goes through the norm too, and the norm's own bias joins the bias row
+                b = b_O[layer].to(logits.device)
+                moved = posts[layer].linear(b.expand(len(batch.indices), 1, -1), scale) - b
+                if posts[layer].bias is not None:
+                    moved = moved + posts[layer].bias.float().to(logits.device)
+                bias_rows = bias_rows + moved
+            parts.append(heads)
         parts.append(
             torch.stack([acts[f"blocks.{layer}.hook_mlp_out"].float() for layer in range(n_layers)], 1)
         )
         parts.append(acts["hook_embed"].float()[:, None])
         if pos_embed:
             parts.append(acts["hook_pos_embed"].float()[:, None])
-        parts.append(bias.to(logits.device).expand(len(batch.indices), 1, -1))
+        parts.append(bias_rows)
         comps = torch.cat(parts, dim=1)  # [b, n_components, d_model]
         dla = readout.dla(comps, acts["ln_final.hook_scale"], batch.answer_ids)
         rows = torch.arange(len(batch.indices), device=logits.device)

@@ -368,6 +368,11 @@ class Engine:
             engine.check_against(model)
         return engine
 
+    def restart_stage(self, stage: tuple[int, int]) -> tuple[int, int]:
+        """The half-block a recomputation that must fire hooks of ``stage`` starts from: ``stage`` itself, except
+        the MLP half of a parallel block, whose MLP reads ``hook_resid_pre``: the whole block, ``(layer, 0)``."""
+        return (stage[0], 0) if self.shape.parallel and stage[1] == 1 else stage
+
     def check_against(self, model, *, seq_len: int | None = None, seed: int = 0) -> float:
         """Compare this engine's log-probs with the Hugging Face model's own forward (``model.original_model``, the
         reference the bridge wraps) on a random 2-row batch; return the max abs difference (nats).

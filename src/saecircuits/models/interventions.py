@@ -402,9 +402,7 @@ class Interventions:
         stages = [stage_of_hook(h, n) for e in edits for h in (e.hook, *e.reads)] + [stage_of_hook(r, n) for r in read]
         if not stages:
             raise ValueError("run() needs at least one edit or read hook")
-        start = min(stages)
-        if eng.shape.parallel and start[1] == 1:  # the MLP of a parallel block reads resid_pre: rerun the block
-            start = (start[0], 0)
+        start = eng.restart_stage(min(stages))
         batch = clean.batch
         B = batch.tokens.shape[0]
         pos = batch.positions.to(batch.tokens.device)

@@ -81,6 +81,17 @@ def norm_params(model, name: str) -> NormParams:
     return module_norm_params(model.get_submodule(name))
 
 
+def optional_norm_params(model, name: str) -> NormParams | None:
+    """:func:`norm_params` of the norm at ``name``, or None when the model has no such module: OLMo 2's blocks have
+    ``ln1_post``/``ln2_post`` (norms on the attention and MLP outputs) and no ``ln1``/``ln2``; most models the
+    reverse; GPT-J's parallel block has ``ln1`` alone."""
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return None
+    return norm_params(model, name)
+
+
 @dataclass(frozen=True)
 class Readout:
     """How a residual-stream vector at P becomes an answer logit: ``logit_a = ln_final(x) @ W_U[:, a] + b_U[a]``.
