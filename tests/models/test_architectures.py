@@ -354,3 +354,33 @@ def test_dfa_of_a_parallel_block_reads_resid_pre(layer):
         post = cache[hook][0, -1]
         expected = (((normed @ W_in) * (post > 0)) @ sae.W_enc[:, k]).detach()
         assert abs(float(res.per_prompt[row].sum()) - float(expected)) < 1e-4
+
+
+def test_olmo2_mlp_readouts_go_through_the_norm_on_the_mlp_output():
+    """OLMo 2 adds ln2_post(h W_out) to the residual stream. Independent reference: the final-norm readout of the
+    cached hook_mlp_out at P. The SAE-error DLA's MLP row equals it; the activation-scaled DLA of a b_dec-free SAE
+    sums to the reconstruction row; the weight boosts are the post-norm direction at unit scale."""
+    from saecircuits.analysis.boosts import weight_logit_boosts
+    from saecircuits.analysis.error_dla import sae_error_dla
+    from saecircuits.analysis.scaled_dla import activation_scaled_dla
+    from saecircuits.models.norms import readout_of
+
+    model, task = bridge("olmo2"), quote_task()
+    sae = random_sae(d_in=int(model.cfg.d_mlp), d_sae=48, hook_point="blocks.1.mlp.hook_post", seed=4)
+    with torch.no_grad():
+        sae.b_dec.zero_()
+    res = sae_error_dla(model, sae, task)
+    readout = readout_of(model)
+    expected = []
+    for toks, ans in zip(task.token_ids, task.answer_ids, strict=True):
+        _, cache = model.run_with_cache(torch.tensor([toks]))
+        out = cache["blocks.1.hook_mlp_out"][0, -1]
+        expected.append(float(readout.dla(out[None, None], cache["ln_final.hook_scale"][0, -1], torch.tensor([ans]))))
+    torch.testing.assert_close(res.per_prompt[:, 0], torch.tensor(expected), atol=2e-5, rtol=1e-5)
+    assert res.max_identity_error < 1e-5
+    scaled = activation_scaled_dla(model, sae, task)
+    assert float(scaled.scaled_ln.double().sum()) == pytest.approx(float(res.per_prompt[:, 1].mean()), abs=1e-4)
+    w = model.blocks[1].ln2_post.weight.detach()
+    direction = (sae.W_dec[3] @ model.W_out[1]).detach() * w
+    torch.testing.assert_close(weight_logit_boosts(model, sae, 3).boosts, readout.vocab_logits(direction),
+                               atol=1e-5, rtol=1e-5)

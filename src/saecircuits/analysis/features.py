@@ -419,7 +419,12 @@ def _feature_write(model, sae: SAE) -> torch.Tensor:
 
     hp = sae.hook_point_out  # a transcoder writes the MLP's output
     if hp.endswith("mlp.hook_post"):
-        return sae.W_dec.detach().float() @ model.W_out[mlp_post_layer(hp)].detach().float()
+        from saecircuits.models.norms import mlp_output_norm
+
+        layer = mlp_post_layer(hp)
+        write = sae.W_dec.detach().float() @ model.W_out[layer].detach().float()
+        post = mlp_output_norm(model, layer)  # OLMo 2: at unit scale (one factor per position, same order)
+        return write if post is None else post.linear(write, torch.ones(1))
     if hp.endswith(("hook_mlp_out", "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out")):
         return sae.W_dec.detach().float()
     if hp.endswith("attn.hook_z"):  # flattened heads [H * E] through each head's W_O

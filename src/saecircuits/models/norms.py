@@ -92,6 +92,14 @@ def optional_norm_params(model, name: str) -> NormParams | None:
     return norm_params(model, name)
 
 
+def mlp_output_norm(model, layer: int) -> NormParams | None:
+    """The norm block ``layer`` applies to its MLP's output before the residual stream (OLMo 2's ``ln2_post``; its
+    output is ``hook_mlp_out``), or None. At the position's cached ``blocks.L.ln2_post.hook_scale`` it is linear;
+    weight-based readouts use it at unit scale (the scale is one positive number per position, so it rescales a
+    position's features alike and never reorders them)."""
+    return optional_norm_params(model, f"blocks.{layer}.ln2_post")
+
+
 @dataclass(frozen=True)
 class Readout:
     """How a residual-stream vector at P becomes an answer logit: ``logit_a = ln_final(x) @ W_U[:, a] + b_U[a]``.
