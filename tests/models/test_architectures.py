@@ -384,3 +384,25 @@ def test_olmo2_mlp_readouts_go_through_the_norm_on_the_mlp_output():
     direction = (sae.W_dec[3] @ model.W_out[1]).detach() * w
     torch.testing.assert_close(weight_logit_boosts(model, sae, 3).boosts, readout.vocab_logits(direction),
                                atol=1e-5, rtol=1e-5)
+
+
+def test_a_module_layout_the_engine_cannot_read_falls_back_instead_of_a_traceback(monkeypatch, caplog):
+    """Before: a block without ln1 (OLMo 2) raised AttributeError out of the engine's construction. Any such
+    failure now means the bridge fallback with one line; backend="engine" names it as an EngineError."""
+    import logging
+
+    from saecircuits.models import engine as engine_mod
+    from saecircuits.models.engine import EngineError
+
+    model = load_hf_model(qwen2_hf(seed=5), tiny_tokenizer())
+
+    def broken(block, name):
+        raise AttributeError(f"'BlockBridge' object has no attribute {name!r}")
+
+    monkeypatch.setattr(engine_mod, "_optional_norm", broken)
+    with pytest.raises(EngineError, match="cannot read this model's modules"):
+        interventions_for(model, backend="engine")
+    with caplog.at_level(logging.WARNING, logger="saecircuits.models.interventions"):
+        iv = interventions_for(model)
+    assert iv.backend == "bridge" and "AttributeError" in iv.reason
+    assert len([r for r in caplog.records if "full bridge forwards" in r.getMessage()]) == 1

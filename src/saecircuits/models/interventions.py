@@ -646,9 +646,13 @@ def interventions_for(model, *, backend: str = "auto") -> Interventions:
     else:
         try:
             iv = Interventions(model, Engine.from_bridge(model))
-        except EngineError as err:
+        except (EngineError, AttributeError, KeyError, IndexError, TypeError, RuntimeError) as err:
+            # anything else than EngineError: a module layout the engine does not know how to read
+            if not isinstance(err, EngineError):
+                err = EngineError(f"the engine cannot read this model's modules ({err.__class__.__name__}: "
+                                  f"{(str(err).splitlines() or [''])[0]})")
             if backend == "engine":
-                raise
+                raise err
             logger.warning("prefix-cached interventions unavailable (%s); using full bridge forwards", err)
             iv = Interventions(model, None, str(err))
     cached[backend] = iv
