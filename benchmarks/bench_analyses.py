@@ -26,7 +26,7 @@ how many features are active, not on what they mean).
 Other modes:
   --forward   one clean batched pass per model class: TransformerBridge forward vs the engine's clean pass
               (:mod:`saecircuits.models.engine`, what every analysis now uses) vs plain ``transformers`` (SDPA);
-              then one row per architecture of ``--archs`` (Pythia, Qwen 3, OLMo 2, Qwen 2: random 2-layer d128
+              then one row per architecture of ``--archs`` (Pythia, GPT-J, Qwen 3, OLMo 2, Qwen 2: random 2-layer d128
               models with the GPT-2 BPE vocabulary, on the task's prompts);
   --memory    5,000 prompts and a 16,384-feature SAE on the default model: activations + exact effects of every
               active feature + the table; prints peak resident memory (``resource.getrusage``);
@@ -115,6 +115,13 @@ def _pythia_hf():
                                             use_parallel_residual=True))
 
 
+def _gptj_hf():
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    return GPTJForCausalLM(GPTJConfig(vocab_size=50257, n_embd=128, n_layer=2, n_head=4, rotary_dim=16, n_inner=512,
+                                      n_positions=2048, bos_token_id=50256, eos_token_id=50256))
+
+
 def _qwen3_hf():
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -139,6 +146,7 @@ def _qwen2_hf():
 
 ARCHS = {
     "pythia": (_pythia_hf, "Pythia (GPT-NeoX 2L d128: parallel, rotary_pct 0.25)"),
+    "gptj": (_gptj_hf, "GPT-J (2L d128: parallel, one norm, rotary_dim 16 pairs)"),
     "qwen3": (_qwen3_hf, "Qwen 3 (2L d128: q/k norms, GQA, window 256)"),
     "olmo2": (_olmo2_hf, "OLMo 2 (2L d128: post-norm, q/k norms, fold_ln off)"),
     "qwen2": (_qwen2_hf, "Qwen 2 (2L d128: q/k/v biases, GQA, window 256)"),

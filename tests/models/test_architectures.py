@@ -1,4 +1,4 @@
-"""GPT-NeoX (Pythia), Qwen 3, OLMo 2 and Qwen 2 on the prefix-cached engine, exactly (issue 15).
+"""GPT-NeoX (Pythia), GPT-J, Qwen 3, OLMo 2 and Qwen 2 on the prefix-cached engine, exactly (issue 15).
 
 Each architecture is a tiny random model built from its ``transformers`` config (2 layers, d_model 64, the test
 tokenizer; no download). Three independent references:
@@ -70,6 +70,15 @@ def qwen2_hf(seed: int = 0):
     return _init(Qwen2ForCausalLM, cfg, seed)
 
 
+def gptj_hf(seed: int = 0):
+    """GPT-J: parallel block with one norm for attention and MLP, rotary on adjacent pairs of 8 of 16 dims."""
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    cfg = GPTJConfig(vocab_size=len(tiny_tokenizer()), n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_inner=128,
+                     n_positions=128, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return _init(GPTJForCausalLM, cfg, seed)
+
+
 def _init(cls, cfg, seed: int):
     torch.manual_seed(seed)
     hf = cls(cfg).eval()
@@ -84,13 +93,15 @@ def _init(cls, cfg, seed: int):
     return hf
 
 
-BUILDERS = {"pythia": pythia_hf, "qwen3": qwen3_hf, "olmo2": olmo2_hf, "qwen2": qwen2_hf}
+BUILDERS = {"pythia": pythia_hf, "gptj": gptj_hf, "qwen3": qwen3_hf, "olmo2": olmo2_hf, "qwen2": qwen2_hf}
 
 
 def down_proj(hf, layer: int):
     """The Hugging Face module whose input is TransformerLens's ``blocks.L.mlp.hook_post``."""
     if hasattr(hf, "gpt_neox"):
         return hf.gpt_neox.layers[layer].mlp.dense_4h_to_h
+    if hasattr(hf, "transformer"):  # GPT-J
+        return hf.transformer.h[layer].mlp.fc_out
     return hf.model.layers[layer].mlp.down_proj
 
 
@@ -110,7 +121,7 @@ def test_engine_runs_the_architecture_and_every_hook_equals_the_bridge(arch):
     names = ["hook_embed", "ln_final.hook_scale", "ln_final.hook_normalized"]
     names += [n for layer in range(2) for n in layer_hook_names(layer) if n in model.hook_dict]
     names = [n for n in names if n in model.hook_dict and not (n.endswith("pre_linear") and not model.cfg.gated_mlp)]
-    expected = {"pythia": "blocks.1.ln2.hook_scale", "qwen3": "blocks.1.attn.hook_q_normed",
+    expected = {"pythia": "blocks.1.ln2.hook_scale", "gptj": "blocks.1.ln1.hook_scale", "qwen3": "blocks.1.attn.hook_q_normed",
                 "olmo2": "blocks.1.ln2_post.hook_normalized", "qwen2": "blocks.1.attn.hook_rot_k"}[arch]
     assert expected in names
     got: dict[str, torch.Tensor] = {}
@@ -163,7 +174,7 @@ def test_prefix_cached_edits_equal_full_forwards_past_the_window(arch):
 
     # keys before Qwen 3's per-head norm (the bridge fires hook_k_normed head-first there, so it cannot edit it
     # at P); OLMo 2's whole-projection hook_k_normed is position-first on both
-    post = {"pythia": "blocks.0.ln2.hook_normalized", "qwen3": "blocks.1.attn.hook_k",
+    post = {"pythia": "blocks.0.ln2.hook_normalized", "gptj": "blocks.0.ln1.hook_normalized", "qwen3": "blocks.1.attn.hook_k",
             "olmo2": "blocks.0.ln1_post.hook_normalized", "qwen2": "blocks.1.attn.hook_v"}[arch]
     cases = [
         ([Edit("blocks.0.mlp.hook_post", ablate_each)], 3, ["blocks.1.hook_resid_pre"]),
@@ -242,18 +253,18 @@ def test_olmo2_loads_without_folding_its_post_norms_and_says_so(caplog):
     Engine.from_bridge(model)  # the engine applies the unfolded norms and passes its check
 
 
-def test_gpt_j_interleaved_rotary_falls_back_with_a_one_line_note(caplog):
-    """An architecture the engine cannot compute (GPT-J rotates interleaved pairs) runs on the bridge, noted once."""
+def test_bloom_alibi_falls_back_with_a_one_line_note(caplog):
+    """An architecture the engine cannot compute (BLOOM: ALiBi positions) runs on the bridge, noted once."""
     import logging
 
-    from transformers import GPTJConfig, GPTJForCausalLM
+    from transformers import BloomConfig, BloomForCausalLM
 
-    cfg = GPTJConfig(vocab_size=len(tiny_tokenizer()), n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=64,
-                     bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = load_hf_model(_init(GPTJForCausalLM, cfg, 0), tiny_tokenizer())
+    cfg = BloomConfig(vocab_size=len(tiny_tokenizer()), hidden_size=64, n_layer=2, n_head=4, bos_token_id=0,
+                      eos_token_id=0, pad_token_id=0)
+    model = load_hf_model(_init(BloomForCausalLM, cfg, 0), tiny_tokenizer())
     with caplog.at_level(logging.WARNING, logger="saecircuits.models.interventions"):
         iv = interventions_for(model)
-    assert iv.backend == "bridge" and "differ from the Hugging Face model" in iv.reason
+    assert iv.backend == "bridge" and iv.reason
     notes = [r.getMessage() for r in caplog.records if "full bridge forwards" in r.getMessage()]
     assert len(notes) == 1 and "\n" not in notes[0]
 
@@ -330,14 +341,16 @@ def test_dla_components_sum_to_the_answer_logit(arch):
     assert float(res.per_prompt.abs().max()) > 0.1  # components carry real logits
 
 
+@pytest.mark.parametrize("arch", ["pythia", "gptj"])
 @pytest.mark.parametrize("layer", [0, 1])
-def test_dfa_of_a_parallel_block_reads_resid_pre(layer):
-    """In GPT-NeoX's parallel block the MLP of layer L reads resid_pre_L: its own layer's heads are not components.
-    Independent check: the zero-variant DFA sums to ((ln2_out @ W_in) * active) @ W_enc[:, k] from the cache."""
+def test_dfa_of_a_parallel_block_reads_resid_pre(arch, layer):
+    """In a parallel block the MLP of layer L reads resid_pre_L: its own layer's heads are not components (GPT-J:
+    through ln1, its one norm). Independent check: the zero-variant DFA sums to ((norm_out @ W_in) * active) @
+    W_enc[:, k] from the cache."""
     from saecircuits.analysis.dfa import dfa_component_labels, direct_feature_attribution
     from saecircuits.analysis.features import feature_activations
 
-    model, task = bridge("pythia"), quote_task()
+    model, task = bridge(arch), quote_task()
     hook = f"blocks.{layer}.mlp.hook_post"
     sae = random_sae(d_in=int(model.cfg.d_mlp), d_sae=32, hook_point=hook, seed=3)
     labels = dfa_component_labels(model, layer)
@@ -350,7 +363,7 @@ def test_dfa_of_a_parallel_block_reads_resid_pre(layer):
     W_in = model.W_in[layer]
     for row, i in enumerate(res.prompt_indices[:3]):
         _, cache = model.run_with_cache(torch.tensor([task.token_ids[i]]))
-        normed = cache[f"blocks.{layer}.ln2.hook_normalized"][0, -1]
+        normed = cache[f"blocks.{layer}.{'ln1' if arch == 'gptj' else 'ln2'}.hook_normalized"][0, -1]
         post = cache[hook][0, -1]
         expected = (((normed @ W_in) * (post > 0)) @ sae.W_enc[:, k]).detach()
         assert abs(float(res.per_prompt[row].sum()) - float(expected)) < 1e-4

@@ -52,7 +52,7 @@ from saecircuits.display import NotebookDisplay
 from saecircuits.models.engine import stage_of_hook
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches, with_progress
 from saecircuits.models.interventions import Edit, interventions_for
-from saecircuits.models.norms import norm_params
+from saecircuits.models.norms import mlp_input_norm, norm_params
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
 
@@ -944,7 +944,7 @@ def virtual_weights(model, sae_up: SAE, sae_down: SAE, up: Sequence[int], down: 
         raise ValueError(f"virtual weights go from a lower layer to a higher one, got {la} -> {lb}")
     if getattr(model.cfg, "gated_mlp", False):
         raise ValueError("virtual weights through W_in need a plain MLP; this model's MLP is gated")
-    ln2 = norm_params(model, f"blocks.{lb}.ln2")
+    ln2 = norm_params(model, mlp_input_norm(model, lb))  # blocks.L.ln2 (GPT-J: ln1)
     with torch.no_grad():
         up_t, down_t = torch.as_tensor(list(up)), torch.as_tensor(list(down))
         write = sae_up.W_dec[up_t].float() @ model.W_out[la].detach().float()  # [u, d_model]

@@ -54,7 +54,7 @@ from saecircuits.models.hooks import (
     task_batches,
 )
 from saecircuits.models.interventions import interventions_for
-from saecircuits.models.norms import norm_params
+from saecircuits.models.norms import mlp_input_norm, norm_params
 from saecircuits.models.tokens import special_token_ids, special_token_mask
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
@@ -221,8 +221,9 @@ def mean_mlp_in_contributions(
         ValueError: no usable position, a gated MLP, or a layer out of range.
     """
     _check_model(model, layer)
-    ln2 = norm_params(model, f"blocks.{layer}.ln2")
-    reads = _reads(model, layer) + [f"blocks.{layer}.ln2.hook_scale"]
+    ln2_name = mlp_input_norm(model, layer)  # blocks.L.ln2 (GPT-J: ln1)
+    ln2 = norm_params(model, ln2_name)
+    reads = _reads(model, layer) + [f"{ln2_name}.hook_scale"]
     special = special_token_ids(getattr(model, "tokenizer", None)) if exclude_bos else frozenset()
     iv = interventions_for(model)
     total: torch.Tensor | None = None
@@ -239,7 +240,7 @@ def mean_mlp_in_contributions(
         n_pos = batch.tokens.shape[1]
         mask = torch.arange(n_pos, device=batch.tokens.device)[None] <= batch.positions[:, None]
         mask &= ~special_token_mask(batch.tokens, special)
-        weight = mask.float() / captured[f"blocks.{layer}.ln2.hook_scale"].float().reshape(mask.shape)
+        weight = mask.float() / captured[f"{ln2_name}.hook_scale"].float().reshape(mask.shape)
         # linear in the components: sum over positions first, then W_O / centring / W_in
         summed = {n: torch.einsum("bp...,bp->...", captured[n].float(), weight) for n in reads[:-1]}
         comps = _components(model, layer, summed)  # [C, d_model] except bias (sum of weights below)
@@ -363,7 +364,8 @@ def direct_feature_attribution(
         mean_contrib = mean_mlp_in_contributions(
             model, layer, task.token_ids, max_tokens=max_tokens, max_batch=max_batch
         )
-    ln2 = norm_params(model, f"blocks.{layer}.ln2")
+    ln2_name = mlp_input_norm(model, layer)  # blocks.L.ln2 (GPT-J: ln1)
+    ln2 = norm_params(model, ln2_name)
     W_in = model.W_in[layer].detach().float()
     try:
         b_in = model.b_in[layer].detach().float()
@@ -380,7 +382,7 @@ def direct_feature_attribution(
     linear = torch.zeros(n, C + len(LINEAR_EXTRA_LABELS))
     hidden_pre = torch.zeros(n)
     reads = _reads(model, layer) + [
-        f"blocks.{layer}.ln2.hook_scale",
+        f"{ln2_name}.hook_scale",
         f"blocks.{layer}.mlp.hook_pre",
         sae.hook_point,
     ]
@@ -392,7 +394,7 @@ def direct_feature_attribution(
                 read = iv.clean(batch, read=reads, logits=False).reads
                 dev = read[sae.hook_point].device
                 comps = _components(model, layer, read)  # [b, C, d_model]
-                normed = ln2.linear(comps, read[f"blocks.{layer}.ln2.hook_scale"])
+                normed = ln2.linear(comps, read[f"{ln2_name}.hook_scale"])
                 post = read[sae.hook_point].float()
                 pre = read[f"blocks.{layer}.mlp.hook_pre"].float()
                 Wi, we = W_in.to(dev), w_enc.to(dev)

@@ -160,11 +160,13 @@ class BlockShape:
         qk_norm: RMSNorm on queries and keys before the rotation: ``"head"`` over each head's ``d_head`` (Qwen 3),
             ``"proj"`` over the whole projection ``n_heads * d_head`` (OLMo 2), None without.
         qk_eps: that norm's epsilon.
+        rotary_interleaved: rotary embeddings rotate adjacent pairs of dims (GPT-J), not the two halves.
     """
 
     parallel: bool = False
     qk_norm: str | None = None
     qk_eps: float = 1e-6
+    rotary_interleaved: bool = False
 
 
 @dataclass
@@ -451,8 +453,9 @@ class Engine:
         if self.rotary is not None:
             cos, sin = self.rotary(qpos)  # [B, S, rotary_dim]
             cos, sin = cos[:, None, :, None, :].to(q.dtype), sin[:, None, :, None, :].to(q.dtype)
-            q = self._fire(hooks, f"{name}.hook_rot_q", _apply_rotary(q, cos, sin))
-            k = self._fire(hooks, f"{name}.hook_rot_k", _apply_rotary(k, cos, sin))
+            pairs = self.shape.rotary_interleaved
+            q = self._fire(hooks, f"{name}.hook_rot_q", _apply_rotary(q, cos, sin, pairs))
+            k = self._fire(hooks, f"{name}.hook_rot_k", _apply_rotary(k, cos, sin, pairs))
         if keep_kv is not None:
             keep_kv.append((k, v))
         F = max(q.shape[1], k.shape[1], v.shape[1])
@@ -763,16 +766,17 @@ def _block_shape(model, hf_model) -> BlockShape:
         EngineError: q and k norms of different kinds, or layers that differ in shape.
     """
     parallel = bool(getattr(model.cfg, "parallel_attn_mlp", False))
+    interleaved = getattr(hf_model.config, "model_type", "") == "gptj"
     hf_attn = getattr(model.blocks[0].attn, "original_component", None)
     q_norm = getattr(hf_attn, "q_norm", None)
     if q_norm is None:
-        return BlockShape(parallel=parallel)
+        return BlockShape(parallel=parallel, rotary_interleaved=interleaved)
     eps = getattr(q_norm, "variance_epsilon", getattr(q_norm, "eps", None))
     if eps is None:
         raise EngineError(f"{type(q_norm).__name__} has no epsilon the engine can read")
     d_head = int(model.cfg.d_head)
     kind = "head" if q_norm.weight.shape[-1] == d_head else "proj"
-    return BlockShape(parallel=parallel, qk_norm=kind, qk_eps=float(eps))
+    return BlockShape(parallel=parallel, qk_norm=kind, qk_eps=float(eps), rotary_interleaved=interleaved)
 
 
 def _heads(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -780,14 +784,21 @@ def _heads(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return x if x.dim() == like.dim() else x.unflatten(-1, like.shape[-2:])
 
 
-def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rotary embedding of the first ``cos.shape[-1]`` dims of each head (all of them unless partial
-    rotary, GPT-NeoX's ``rotary_pct``); the rest pass through."""
+def _rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    """GPT-J's rotation of adjacent pairs ``(x0, x1) -> (-x1, x0)``."""
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Rotary embedding of the first ``cos.shape[-1]`` dims of each head (all of them unless partial rotary,
+    GPT-NeoX's ``rotary_pct``, GPT-J's ``rotary_dim``); the rest pass through. Rotate-half (Llama, GPT-NeoX), or
+    adjacent pairs with ``interleaved`` (GPT-J)."""
+    rotate = _rotate_every_two if interleaved else _rotate_half
     r = cos.shape[-1]
     if r == x.shape[-1]:
-        return x * cos + _rotate_half(x) * sin
+        return x * cos + rotate(x) * sin
     rot, rest = x[..., :r], x[..., r:]
-    return torch.cat([rot * cos + _rotate_half(rot) * sin, rest], dim=-1)
+    return torch.cat([rot * cos + rotate(rot) * sin, rest], dim=-1)
 
 
 def _norm_params(bridge_norm) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -826,9 +837,13 @@ def _rotary_fn(hf_model, d_head: int):
         raise EngineError("rotary model without a model-level rotary_emb module; not supported by the engine")
     probe = next(hf_model.parameters())
 
+    gptj = getattr(hf_model.config, "model_type", "") == "gptj"
+
     def fn(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dummy = torch.zeros(1, dtype=probe.dtype, device=pos.device)
         cos, sin = rotary(dummy, pos)
+        if gptj:  # GPT-J's module returns (sin, cos), one value per pair: repeat each for the pair's two dims
+            cos, sin = sin.repeat_interleave(2, -1), cos.repeat_interleave(2, -1)
         if cos.shape[-1] > d_head or cos.shape[-1] % 2:
             raise EngineError(f"rotary embeddings of width {cos.shape[-1]} for heads of {d_head} are not supported")
         return cos, sin

@@ -92,6 +92,13 @@ def optional_norm_params(model, name: str) -> NormParams | None:
     return norm_params(model, name)
 
 
+def mlp_input_norm(model, layer: int) -> str:
+    """The name of the norm block ``layer`` applies to its MLP's input: ``blocks.L.ln2``, or ``blocks.L.ln1`` in
+    GPT-J's parallel block, where one norm feeds attention and the MLP."""
+    name = f"blocks.{layer}.ln2"
+    return name if optional_norm_params(model, name) is not None else f"blocks.{layer}.ln1"
+
+
 def mlp_output_norm(model, layer: int) -> NormParams | None:
     """The norm block ``layer`` applies to its MLP's output before the residual stream (OLMo 2's ``ln2_post``; its
     output is ``hook_mlp_out``), or None. At the position's cached ``blocks.L.ln2_post.hook_scale`` it is linear;
