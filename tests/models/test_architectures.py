@@ -20,7 +20,7 @@ import torch
 from helpers import quote_task, random_sae, tiny_tokenizer, token_rows
 
 from saecircuits.models.engine import Engine, layer_hook_names
-from saecircuits.models.hooks import answer_metrics, row_batches
+from saecircuits.models.hooks import answer_metrics, at_query, row_batches
 from saecircuits.models.interventions import Edit, interventions_for
 from saecircuits.models.load import load_hf_model, model_provenance
 from saecircuits.models.tokens import pad_right
@@ -144,12 +144,10 @@ def test_engine_runs_the_architecture_and_every_hook_equals_the_bridge(arch):
         for name in names:
             if name not in cache.keys():  # in hook_dict but never fired by the bridge (GPT-NeoX's hook_rot_q)
                 continue
-            mine = got[name][b]
-            mine = mine[:, :n, :n] if name.endswith("hook_pattern") else mine[:n]
-            ref = cache[name][0]
-            if name.endswith("_normed") and ref.dim() == 3:  # per-head q/k norm: the bridge fires [head, pos, d]
-                ref = ref.transpose(0, 1)
-            torch.testing.assert_close(mine, ref, atol=3e-5, rtol=1e-5, msg=f"{arch} {name} row {b}")
+            mine = at_query(got[name][b : b + 1], name)[:, :n]  # pattern and per-head q/k norms: head first
+            mine = mine[..., :n] if name.endswith("hook_pattern") else mine
+            torch.testing.assert_close(mine, at_query(cache[name], name), atol=3e-5, rtol=1e-5,
+                                       msg=f"{arch} {name} row {b}")
 
 
 @pytest.mark.parametrize("arch", sorted(BUILDERS))
@@ -172,9 +170,9 @@ def test_prefix_cached_edits_equal_full_forwards_past_the_window(arch):
         z[..., 1, :] = 0
         return z
 
-    # keys before Qwen 3's per-head norm (the bridge fires hook_k_normed head-first there, so it cannot edit it
-    # at P); OLMo 2's whole-projection hook_k_normed is position-first on both
-    post = {"pythia": "blocks.0.ln2.hook_normalized", "gptj": "blocks.0.ln1.hook_normalized", "qwen3": "blocks.1.attn.hook_k",
+    # Qwen 3's per-head hook_k_normed is head-first ([batch, head, pos, d_head]) on both backends
+    post = {"pythia": "blocks.0.ln2.hook_normalized", "gptj": "blocks.0.ln1.hook_normalized",
+            "qwen3": "blocks.1.attn.hook_k_normed",
             "olmo2": "blocks.0.ln1_post.hook_normalized", "qwen2": "blocks.1.attn.hook_v"}[arch]
     cases = [
         ([Edit("blocks.0.mlp.hook_post", ablate_each)], 3, ["blocks.1.hook_resid_pre"]),
@@ -182,8 +180,8 @@ def test_prefix_cached_edits_equal_full_forwards_past_the_window(arch):
         ([Edit(post, lambda x: 0.5 * x)], 1, ["ln_final.hook_scale"]),
         ([Edit("blocks.1.mlp.hook_post", lambda x: -x), Edit("blocks.0.hook_resid_pre", lambda x: 1.5 * x)], 1, []),
     ]
-    if arch == "olmo2":
-        cases.append(([Edit("blocks.1.attn.hook_k_normed", lambda x: 0.7 * x)], 1, ["blocks.1.ln1_post.hook_scale"]))
+    if arch in ("olmo2", "qwen3"):
+        cases.append(([Edit("blocks.1.attn.hook_q_normed", lambda x: 0.7 * x)], 1, ["blocks.0.attn.hook_k_normed"]))
     for edits, V, read in cases:
         outs = []
         for iv in (fast, slow):

@@ -447,9 +447,9 @@ class Engine:
         k = self._fire(hooks, f"{name}.hook_k", torch.einsum("bfsd,hde->bfshe", xn, lw.W_K) + lw.b_K)
         v = self._fire(hooks, f"{name}.hook_v", torch.einsum("bfsd,hde->bfshe", xn, lw.W_V) + lw.b_V)
         if lw.q_norm is not None:
-            q = _heads(self._fire(hooks, f"{name}.hook_q_normed", self._qk_norm(q, lw.q_norm)), q)
+            q = self._fire_qk_normed(hooks, f"{name}.hook_q_normed", self._qk_norm(q, lw.q_norm), q)
         if lw.k_norm is not None:
-            k = _heads(self._fire(hooks, f"{name}.hook_k_normed", self._qk_norm(k, lw.k_norm)), k)
+            k = self._fire_qk_normed(hooks, f"{name}.hook_k_normed", self._qk_norm(k, lw.k_norm), k)
         if self.rotary is not None:
             cos, sin = self.rotary(qpos)  # [B, S, rotary_dim]
             cos, sin = cos[:, None, :, None, :].to(q.dtype), sin[:, None, :, None, :].to(q.dtype)
@@ -492,11 +492,17 @@ class Engine:
         z = self._fire(hooks, f"{name}.hook_z", z.reshape(B, -1, S, H, E).to(xn.dtype))  # F may grow at the pattern
         return torch.einsum("bfshe,hed->bfsd", z, lw.W_O) + lw.b_O
 
+    def _fire_qk_normed(self, hooks: HookFns | None, name: str, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Fire a q/k norm output in the bridge's layout (per head ``[B, F, heads, S, d_head]``, over the projection
+        ``[B, F, S, heads * d_head]``); return it as ``like``'s ``[B, F', S, heads, d_head]``."""
+        if self.shape.qk_norm == "head":
+            return self._fire(hooks, name, x.transpose(2, 3)).transpose(2, 3)
+        return _heads(self._fire(hooks, name, x), like)
+
     def _qk_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """RMSNorm of queries or keys ``[B, F, S, heads, d_head]`` as the Hugging Face attention module computes it:
         over each head (Qwen 3), or over the whole projection (OLMo 2, ``weight [heads * d_head]``). Returned as
-        ``hook_q_normed``/``hook_k_normed``: ``[B, F, S, heads, d_head]`` per head (the bridge fires it as
-        ``[batch, head, pos, d_head]``), ``[B, F, S, heads * d_head]`` over the projection (as the bridge)."""
+        ``[B, F, S, heads, d_head]`` per head, ``[B, F, S, heads * d_head]`` over the projection."""
         dtype = x.dtype
         h = x.float()
         if self.shape.qk_norm == "proj":

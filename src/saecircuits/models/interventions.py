@@ -541,7 +541,7 @@ def _edit_at_single_position(e: Edit, B: int, V: int, fired: set[str] | None = N
         rows = at_query(x, e.hook, 1)[:, :, 0].clone()
         out = e.fn(rows, *_read_values(e, captured or {}))
         _check_edit_output(e, out, rows, V)
-        return out.to(x.dtype).unsqueeze(query_axis(e.hook) + 1)
+        return out.to(x.dtype).unsqueeze(query_axis(e.hook, x.dim(), 1) + 1)
 
     return fn
 
