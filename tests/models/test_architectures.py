@@ -417,3 +417,30 @@ def test_a_module_layout_the_engine_cannot_read_falls_back_instead_of_a_tracebac
         iv = interventions_for(model)
     assert iv.backend == "bridge" and "AttributeError" in iv.reason
     assert len([r for r in caplog.records if "full bridge forwards" in r.getMessage()]) == 1
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2"])
+def test_the_load_check_crosses_the_sliding_window(arch):
+    """The engine's self-check runs past the config's sliding window (8 tokens here), so a wrong window fails it."""
+    from saecircuits.models.engine import EngineError
+
+    model = bridge(arch)
+    engine = Engine.from_bridge(model)
+    assert engine.check_against(model) < 1e-4
+    engine.layers[1].window = 100
+    with pytest.raises(EngineError, match="differ from the Hugging Face model"):
+        engine.check_against(model)
+    engine.layers[1].window = WINDOW
+
+
+def test_an_olmo2_folder_loads_and_runs_on_the_engine(tmp_path):
+    """The issue's report: `saecircuits run --model FOLDER` on OLMo 2 crashed with AttributeError ('BlockBridge'
+    object has no attribute 'ln1'). The folder now loads with fold_ln off and its interventions use the engine."""
+    from saecircuits.models.load import load_model
+
+    olmo2_hf(seed=3).save_pretrained(tmp_path / "olmo2")
+    tiny_tokenizer().save_pretrained(tmp_path / "olmo2")
+    model = load_model(tmp_path / "olmo2")
+    assert model_provenance(model).processing["fold_ln"] is False
+    assert model_provenance(model).architecture == "Olmo2ForCausalLM"
+    assert interventions_for(model).backend == "engine"
