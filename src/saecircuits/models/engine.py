@@ -70,6 +70,8 @@ _BLOCK_HOOKS = (
     ("attn.hook_rot_k", 0),
     ("attn.hook_pattern", 0),
     ("attn.hook_z", 0),
+    ("ln1_post.hook_scale", 0),
+    ("ln1_post.hook_normalized", 0),
     ("hook_attn_out", 0),
     ("hook_resid_mid", 1),
     ("ln2.hook_scale", 1),
@@ -77,6 +79,8 @@ _BLOCK_HOOKS = (
     ("mlp.hook_pre", 1),
     ("mlp.hook_pre_linear", 1),
     ("mlp.hook_post", 1),
+    ("ln2_post.hook_scale", 1),
+    ("ln2_post.hook_normalized", 1),
     ("hook_mlp_out", 1),
     ("hook_resid_post", 1),
 )
@@ -137,6 +141,15 @@ class _Layer:
     b_out: torch.Tensor
     scale: float
     window: int | None
+    # Gemma 2 / 3 (None elsewhere): norms on the attention and MLP outputs before they join the residual stream,
+    # RMSNorms of each query/key head (Gemma 3), the attention-score soft cap (Gemma 2) and a per-layer rotary
+    # (Gemma 3's local layers use their own base)
+    ln1_post: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    ln2_post: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    q_norm: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    k_norm: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    softcap: float | None = None
+    rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -203,6 +216,8 @@ class Engine:
         W_U: torch.Tensor,
         b_U: torch.Tensor,
         n_ctx: int,
+        embed_scale: float | None = None,
+        logit_softcap: float | None = None,
     ) -> None:
         self.layers = layers
         self.n_layers = len(layers)
@@ -216,6 +231,8 @@ class Engine:
         self.W_U = W_U
         self.b_U = b_U
         self.n_ctx = n_ctx
+        self.embed_scale = embed_scale  # Gemma: token embeddings times sqrt(d_model), in the weights' dtype
+        self.logit_softcap = logit_softcap  # Gemma: logits = cap * tanh(pre-cap logits / cap)
         self.d_model = W_E.shape[1]
         self.d_vocab = W_U.shape[1]
         self.n_heads = layers[0].W_Q.shape[0]
@@ -260,7 +277,8 @@ class Engine:
             norm = "RMS"
         else:
             raise EngineError(f"normalization_type {norm_type!r} is not supported by the engine")
-        act_name = getattr(hf_cfg, "activation_function", None) or getattr(hf_cfg, "hidden_act", None)
+        act_name = (getattr(hf_cfg, "activation_function", None) or getattr(hf_cfg, "hidden_activation", None)
+                    or getattr(hf_cfg, "hidden_act", None))
         if act_name not in ACT2FN:
             raise EngineError(f"MLP activation {act_name!r} is not known to transformers' ACT2FN")
         # torch's fused kernels for the functions transformers writes out op by op (same formula; the check
@@ -304,6 +322,7 @@ class Engine:
                     W_in=W_in[layer], b_in=b_in[layer], W_gate=None if W_gate is None else W_gate[layer],
                     W_out=W_out[layer], b_out=b_out[layer],
                     scale=float(scaling), window=windows[layer],
+                    **_gemma_layer_parts(block, hf_attn, hf, d_head),
                 )
             )
         pos_type = getattr(cfg, "positional_embedding_type", "standard")
@@ -330,6 +349,8 @@ class Engine:
             W_U=W_U,
             b_U=b_U,
             n_ctx=int(cfg.n_ctx),
+            embed_scale=_embed_scale(hf),
+            logit_softcap=getattr(hf_cfg, "final_logit_softcapping", None),
         )
         if check:
             engine.check_against(model)
@@ -342,7 +363,8 @@ class Engine:
             EngineError: the difference exceeds ``1e-4 * (1 + max |logit|)`` (fp32; 2e-2 for 16-bit weights).
         """
         gen = torch.Generator().manual_seed(seed)
-        n = min(seq_len, self.n_ctx)
+        windows = [lw.window for lw in self.layers if lw.window is not None]
+        n = min(max([seq_len] + [w + 8 for w in windows]), self.n_ctx)  # cross every sliding window
         tokens = torch.randint(0, self.d_vocab, (2, n), generator=gen).to(self.W_E.device)
         with torch.no_grad():
             ref = model(tokens, return_type="logits").float()
@@ -397,8 +419,13 @@ class Engine:
         q = self._fire(hooks, f"{name}.hook_q", torch.einsum("bfsd,hde->bfshe", xn, lw.W_Q) + lw.b_Q)
         k = self._fire(hooks, f"{name}.hook_k", torch.einsum("bfsd,hde->bfshe", xn, lw.W_K) + lw.b_K)
         v = self._fire(hooks, f"{name}.hook_v", torch.einsum("bfsd,hde->bfshe", xn, lw.W_V) + lw.b_V)
-        if self.rotary is not None:
-            cos, sin = self.rotary(qpos)  # [B, S, d_head]
+        if lw.q_norm is not None:  # Gemma 3: an RMSNorm over each query/key head's d_head, before the rotation
+            # (the bridge's hook_q_normed/hook_k_normed are [batch, head, pos, d_head]; not fired here: hook_rot_q/k
+            # hold the same values rotated, in the [batch, pos, head, d_head] layout of every other hook)
+            q, k = _head_rms_norm(q, lw.q_norm, self.eps), _head_rms_norm(k, lw.k_norm, self.eps)
+        rotary = lw.rotary or self.rotary
+        if rotary is not None:
+            cos, sin = rotary(qpos)  # [B, S, d_head]
             cos, sin = cos[:, None, :, None, :].to(q.dtype), sin[:, None, :, None, :].to(q.dtype)
             q = self._fire(hooks, f"{name}.hook_rot_q", q * cos + _rotate_half(q) * sin)
             k = self._fire(hooks, f"{name}.hook_rot_k", k * cos + _rotate_half(k) * sin)
@@ -408,14 +435,14 @@ class Engine:
         K = self.n_kv_heads
         G = H // K
         wants_pattern = hooks is not None and f"{name}.hook_pattern" in hooks
-        if prefix is None and not wants_pattern and bool((qpos == torch.arange(S, device=qpos.device)).all()):
+        if prefix is None and not wants_pattern and lw.softcap is None and bool((qpos == torch.arange(S, device=qpos.device)).all()):
             # a whole sequence from position 0: torch's fused attention (no [S, S] pattern is materialised)
             z = self._fused_attention(q, k, v, lw, B, F, S, H, E, G)
             z = self._fire(hooks, f"{name}.hook_z", z.to(xn.dtype))
             return torch.einsum("bfshe,hed->bfsd", z, lw.W_O) + lw.b_O
         qg = q.reshape(B, F, S, K, G, E).float()
         # scores against the new positions themselves: [B, F, K, G, S, S']
-        own = torch.einsum("bfskge,bftke->bfkgst", qg, k.float()) * lw.scale
+        own = _softcap(torch.einsum("bfskge,bftke->bfkgst", qg, k.float()) * lw.scale, lw.softcap)
         d = qpos[:, :, None] - qpos[:, None, :]  # [B, S, S'] query minus key position
         ok = d >= 0
         if lw.window is not None:
@@ -448,6 +475,7 @@ class Engine:
         T = prefix.keys.shape[2]
         qh = qg.permute(0, 3, 1, 2, 4, 5).reshape(B, K, F * S * G, E)
         pre = torch.matmul(qh, prefix.keys.float().transpose(-1, -2)).mul_(lw.scale)  # [B, K, F*S*G, T]
+        pre = _softcap(pre, lw.softcap)
         dp = qpos[:, :, None] - torch.arange(T, device=qpos.device)[None, None, :]  # [B, S, T]
         okp = (dp >= 0) & prefix.valid[:, None, :]
         if lw.window is not None:
@@ -481,7 +509,7 @@ class Engine:
         if S != 1:
             raise EngineError(f"{hook} is fired under a cached prefix for one new position per prompt only")
         T = prefix.keys.shape[2]
-        pre = torch.einsum("bfskge,bkte->bfkgst", qg, prefix.keys.float()) * lw.scale  # [B, F, K, G, 1, T]
+        pre = _softcap(torch.einsum("bfskge,bkte->bfkgst", qg, prefix.keys.float()) * lw.scale, lw.softcap)
         dp = qpos[:, :, None] - torch.arange(T, device=qpos.device)[None, None, :]  # [B, 1, T]
         okp = (dp > 0) & prefix.valid[:, None, :]  # column P holds the position's own key, below
         if lw.window is not None:
@@ -527,7 +555,10 @@ class Engine:
             lin = self._fire(hooks, f"{name}.hook_pre_linear", xn @ lw.W_in + lw.b_in)
             post = self.act(pre) * lin
         post = self._fire(hooks, f"{name}.hook_post", post)
-        return post @ lw.W_out + lw.b_out
+        out = post @ lw.W_out + lw.b_out
+        if lw.ln2_post is not None:  # Gemma: the MLP's output is normed before it joins the residual stream
+            out = self._norm(out, lw.ln2_post, f"blocks.{layer}.ln2_post", hooks)
+        return out
 
     def _block(
         self,
@@ -548,7 +579,10 @@ class Engine:
             if keep_resid is not None:
                 keep_resid[(layer, 0)] = x
             xn = self._norm(x, lw.ln1, f"{name}.ln1", hooks)
-            attn = self._fire(hooks, f"{name}.hook_attn_out", self._attention(layer, xn, qpos, prefix, hooks, keep_kv))
+            attn = self._attention(layer, xn, qpos, prefix, hooks, keep_kv)
+            if lw.ln1_post is not None:  # Gemma: the attention's output is normed before it joins the residual stream
+                attn = self._norm(attn, lw.ln1_post, f"{name}.ln1_post", hooks)
+            attn = self._fire(hooks, f"{name}.hook_attn_out", attn)
             x = x + attn
         x = self._fire(hooks, f"{name}.hook_resid_mid", x)
         if keep_resid is not None:
@@ -562,7 +596,10 @@ class Engine:
 
     def embed(self, tokens: torch.Tensor, pos: torch.Tensor, hooks: HookFns | None = None) -> torch.Tensor:
         """Residual stream entering block 0: ``[B, 1, S, d_model]`` from tokens and absolute positions ``[B, S]``."""
-        x = self._fire(hooks, "hook_embed", self.W_E[tokens][:, None])
+        x = self.W_E[tokens][:, None]
+        if self.embed_scale is not None:  # in the weights' dtype, as Hugging Face's Gemma does
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype, device=x.device)
+        x = self._fire(hooks, "hook_embed", x)
         if self.W_pos is not None:
             x = x + self._fire(hooks, "hook_pos_embed", self.W_pos[pos][:, None])
         return x
@@ -631,6 +668,8 @@ class Engine:
         flat = xn.reshape(-1, xn.shape[-1])
         # addmm adds the bias inside the matmul: a third faster than `@` then `+` with a large vocabulary
         out = torch.addmm(self.b_U.to(flat.dtype), flat, self.W_U) if self.b_U is not None else flat @ self.W_U
+        if self.logit_softcap is not None:  # Gemma: what the model outputs is the capped logit
+            out = _softcap(out, float(self.logit_softcap))
         return out.reshape(*xn.shape[:-1], -1).float()
 
 
@@ -641,6 +680,57 @@ def _norm_params(bridge_norm) -> tuple[torch.Tensor, torch.Tensor | None]:
     except ValueError as err:
         raise EngineError(str(err)) from err
     return params.weight, params.bias
+
+
+def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma's soft cap ``cap * tanh(x / cap)`` (attention scores, Gemma 2; final logits), or ``x`` when None."""
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+def _head_rms_norm(x: torch.Tensor, params, eps: float) -> torch.Tensor:
+    """RMSNorm over the last axis (``d_head``) of ``[B, F, S, heads, d_head]`` in float32, cast back (Gemma 3)."""
+    w, _ = params
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h * w).to(x.dtype)
+
+
+def _gemma_layer_parts(block, hf_attn, hf_model, d_head: int) -> dict:
+    """A block's Gemma-only :class:`_Layer` fields (nothing for other models): the post-attention and post-MLP norms
+    (``ln1_post``/``ln2_post``), per-head q/k norms, the attention soft cap and the layer's own rotary (Gemma 3's
+    sliding layers use ``rope_local_base_freq``), each read from the model's own modules and config."""
+    parts: dict = {}
+    for name in ("ln1_post", "ln2_post"):
+        if name in block._modules:
+            parts[name] = _norm_params(block._modules[name])
+    for name in ("q_norm", "k_norm"):
+        mod = getattr(block.attn, name, None)
+        if mod is None and hf_attn is not None:
+            mod = getattr(hf_attn, name, None)
+        if mod is not None:
+            parts[name] = _norm_params(mod)
+    if hf_attn is not None and getattr(hf_attn, "attn_logit_softcapping", None) is not None:
+        parts["softcap"] = float(hf_attn.attn_logit_softcapping)
+    layer_type = getattr(hf_attn, "layer_type", None)
+    if layer_type is not None and _rotary_takes_layer_type(hf_model):
+        parts["rotary"] = _rotary_fn(hf_model, d_head, layer_type=layer_type)
+    return parts
+
+
+def _embed_scale(hf_model) -> float | None:
+    """The factor Gemma multiplies token embeddings by (``embed_tokens.embed_scale``, sqrt(d_model)); None elsewhere."""
+    emb = getattr(getattr(hf_model, "model", hf_model), "embed_tokens", None)
+    emb = getattr(emb, "original_component", emb)
+    scale = getattr(emb, "embed_scale", None)
+    return None if scale is None else float(scale)
+
+
+def _rotary_takes_layer_type(hf_model) -> bool:
+    import inspect
+
+    rotary = getattr(getattr(hf_model, "model", hf_model), "rotary_emb", None)
+    rotary = getattr(rotary, "original_component", rotary)
+    return rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
 
 
 def _is_gpt_neo(hf_model) -> bool:
@@ -662,8 +752,9 @@ def _layer_windows(hf_model, n_layers: int) -> list[int | None]:
     return [int(window) if types[i] == "sliding_attention" else None for i in range(n_layers)]
 
 
-def _rotary_fn(hf_model, d_head: int):
-    """cos/sin ``[B, S, d_head]`` at absolute positions ``[B, S]`` from the Hugging Face model's own rotary module."""
+def _rotary_fn(hf_model, d_head: int, layer_type: str | None = None):
+    """cos/sin ``[B, S, d_head]`` at absolute positions ``[B, S]`` from the Hugging Face model's own rotary module
+    (for ``layer_type``'s base where the module keeps one per layer type: Gemma 3)."""
     base = getattr(hf_model, "model", hf_model)
     rotary = getattr(base, "rotary_emb", None)
     if rotary is None:
@@ -672,7 +763,7 @@ def _rotary_fn(hf_model, d_head: int):
 
     def fn(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dummy = torch.zeros(1, dtype=probe.dtype, device=pos.device)
-        cos, sin = rotary(dummy, pos)
+        cos, sin = rotary(dummy, pos) if layer_type is None else rotary(dummy, pos, layer_type)
         if cos.shape[-1] != d_head:
             raise EngineError("partial rotary embeddings are not supported by the engine")
         return cos, sin

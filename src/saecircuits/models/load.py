@@ -213,8 +213,9 @@ def gpt2_bpe_tokenizer(folder: str | os.PathLike[str], save_dir: str | os.PathLi
 
 
 def _check_norms(bridge) -> None:
-    """Refuse, right after loading, a model whose norms the attributions cannot read (a Gemma-style ``(1 + weight)``
-    offset, a norm that is neither LayerNorm nor RMSNorm), instead of failing after the first analyses have run."""
+    """Refuse, right after loading, a model whose norms the attributions cannot read (a norm that is neither
+    LayerNorm nor RMSNorm), instead of failing after the first analyses have run. Gemma's ``(1 + weight)`` norms are
+    read with their effective weight (:func:`saecircuits.models.norms.module_norm_params`)."""
     from saecircuits.models.norms import norm_params, readout_of
 
     readout_of(bridge)
@@ -225,6 +226,18 @@ def _check_norms(bridge) -> None:
             except AttributeError:  # a block without this norm (parallel attention and MLP)
                 continue
             norm_params(bridge, name)
+
+
+def _softcap_switches(hf_model: Any, center_unembed: bool) -> bool:
+    """``center_unembed`` as it can apply: off for a model whose final logits are soft-capped (Gemma 2:
+    ``final_logit_softcapping``), where shifting every logit of a position by a constant changes the capped logits'
+    log-softmax (TransformerLens turns it off too, with a bare warning); said once, in one line."""
+    cap = getattr(hf_model.config, "final_logit_softcapping", None)
+    if center_unembed and cap is not None:
+        logger.warning("center_unembed is off for this model: its final logits are soft-capped (cap %s), and "
+                       "centring W_U would change its log-probabilities", cap)
+        return False
+    return center_unembed
 
 
 def load_hf_model(
@@ -267,6 +280,9 @@ def load_hf_model(
         raise ModelLoadError("load_hf_model needs the model's tokenizer (hf_tokenizer=...); none was given")
     name = model_name or getattr(hf_model.config, "_name_or_path", "") or "injected-model"
     hf_model = hf_model.to(device=device, dtype=dtype).eval()
+    if not getattr(hf_model.config, "architectures", None):  # a model built from a config: TransformerLens picks
+        hf_model.config.architectures = [type(hf_model).__name__]  # its adapter by this name (Gemma3ForCausalLM)
+    center_unembed = _softcap_switches(hf_model, center_unembed)
     tokenizer = _private_tokenizer(hf_tokenizer)
     bridge = TransformerBridge.boot_transformers(
         name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype

@@ -1,0 +1,239 @@
+"""Gemma 2 and Gemma 3 (text) on the prefix-cached engine, exactly.
+
+Tiny random models built from their ``transformers`` configs (2 layers, d_model 64, GQA, sliding window 8 on layer 0,
+global layer 1; Gemma 2 with attention and final-logit soft caps, Gemma 3 with q/k norms and a local rope base), with
+random ``(1 + w)`` norm offsets so folding them matters. The references are independent of the engine: the
+TransformerBridge's own hooks, one-prompt unpadded bridge forwards, and a plain Hugging Face forward with the SAE edit
+applied by a forward pre-hook on the MLP's ``down_proj`` (the input of ``W_out`` is ``blocks.1.mlp.hook_post``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from helpers import STORIES, random_sae, tiny_tokenizer, token_rows
+
+from saecircuits.models.engine import Engine
+from saecircuits.models.hooks import answer_metrics, row_batches
+from saecircuits.models.interventions import Edit, interventions_for
+from saecircuits.models.load import load_hf_model
+from saecircuits.models.tokens import pad_right
+
+WINDOW = 8
+LENGTHS = [7, 30, 19, 25]  # every row but the first crosses the 8-token window
+HOOK = "blocks.1.mlp.hook_post"
+D_MLP = 128
+
+
+def tiny_gemma_hf(version: int, seed: int = 0):
+    """A fresh tiny random Gemma 2 or Gemma 3 (text) causal LM, HF only (no download)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    tok = tiny_tokenizer()
+    common = dict(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=D_MLP, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, sliding_window=WINDOW,
+        query_pre_attn_scalar=24, layer_types=["sliding_attention", "full_attention"], bos_token_id=0,
+        eos_token_id=0, pad_token_id=0,
+    )
+    if version == 2:  # small caps, so both soft caps bend the numbers visibly
+        cfg, cls = Gemma2Config(**common, attn_logit_softcapping=4.0, final_logit_softcapping=6.0), Gemma2ForCausalLM
+    else:
+        cfg, cls = Gemma3TextConfig(**common, rope_local_base_freq=100.0), Gemma3ForCausalLM
+    torch.manual_seed(seed)
+    hf = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(0.3 * torch.randn_like(p))  # the (1 + w) offsets: non-trivial, so folding matters
+            else:
+                p.mul_(3.0)
+    return hf
+
+
+@functools.cache
+def tiny_gemma(version: int):
+    """The processed bridge (load_hf_model's default switches) of :func:`tiny_gemma_hf`."""
+    return load_hf_model(tiny_gemma_hf(version), tiny_tokenizer(), model_name=f"tiny-gemma{version}")
+
+
+VERSIONS = [2, 3]
+
+
+def _all_hooks(model) -> list[str]:
+    from saecircuits.models.engine import layer_hook_names
+
+    names = ["hook_embed"]
+    for layer in range(model.cfg.n_layers):
+        names += [n for n in layer_hook_names(layer) if n in model.hook_dict]
+    return names + ["ln_final.hook_scale", "ln_final.hook_normalized"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_every_hook_equals_the_bridge_on_a_padded_batch(version):
+    model = tiny_gemma(version)
+    engine = Engine.from_bridge(model)
+    assert engine.layers[0].window == WINDOW and engine.layers[1].window is None
+    assert engine.embed_scale == pytest.approx(64**0.5)
+    rows = token_rows(LENGTHS, seed=1)
+    tokens, _ = pad_right(rows, pad_id=0)
+    names = _all_hooks(model)
+    assert {"blocks.0.ln1_post.hook_scale", "blocks.1.ln2_post.hook_normalized"} <= set(names)
+    got: dict[str, torch.Tensor] = {}
+
+    def grab(name):
+        def fn(x):
+            got[name] = x[:, 0].clone()
+
+        return fn
+
+    hooks = {n: [grab(n)] for n in names}
+    with torch.no_grad():
+        logits = engine.logits(engine.forward_tokens(tokens, hooks), hooks)[:, 0]
+    assert set(got) == set(names)  # every hook the bridge has, the engine fires
+    for b, row in enumerate(rows):
+        n = len(row)
+        with torch.no_grad():
+            ref_logits, cache = model.run_with_cache(torch.tensor([row]))
+        torch.testing.assert_close(logits[b, :n], ref_logits[0], atol=2e-5, rtol=0)
+        for name in names:
+            mine = got[name][b]
+            mine = mine[:, :n, :n] if name.endswith("hook_pattern") else mine[:n]
+            torch.testing.assert_close(mine, cache[name][0], atol=3e-5, rtol=1e-5, msg=f"gemma{version} {name} {b}")
+
+
+SWITCHES = [dict(fold_ln=True), dict(fold_ln=False, center_writing_weights=False, center_unembed=False)]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("switches", SWITCHES, ids=["default", "none"])
+def test_engine_log_probs_equal_plain_transformers(version, switches):
+    """The engine on the processed (or raw) bridge gives the unprocessed HF model's log-probs, past the window."""
+    raw = tiny_gemma_hf(version)
+    rows = token_rows([12, 30], seed=2)
+    tokens, _ = pad_right(rows, pad_id=0)
+    with torch.no_grad():
+        ref = raw(tokens).logits.log_softmax(-1)
+    bridge = load_hf_model(tiny_gemma_hf(version), tiny_tokenizer(), **switches)
+    engine = Engine.from_bridge(bridge)  # its own check runs 16 tokens, past the window of 8
+    with torch.no_grad():
+        mine = engine.logits(engine.forward_tokens(tokens))[:, 0].log_softmax(-1)
+    for b, row in enumerate(rows):
+        torch.testing.assert_close(mine[b, : len(row)], ref[b, : len(row)], atol=5e-5, rtol=0)
+
+
+def test_gemma2_load_says_center_unembed_is_off_and_records_it(caplog):
+    with caplog.at_level("WARNING", logger="saecircuits.models.load"):
+        bridge = load_hf_model(tiny_gemma_hf(2), tiny_tokenizer())
+    assert any("center_unembed is off" in r.getMessage() for r in caplog.records)
+    from saecircuits.models.load import model_provenance
+
+    assert model_provenance(bridge).processing["center_unembed"] is False
+
+
+def test_a_wrong_window_is_refused_by_the_load_check():
+    from saecircuits.models.engine import EngineError
+
+    model = tiny_gemma(2)
+    engine = Engine.from_bridge(model)
+    engine.layers[0].window = None  # pretend layer 0 were global: the default check must notice
+    with pytest.raises(EngineError, match="differ from the bridge"):
+        engine.check_against(model)
+
+
+def _reference(model, row, answer, hook, fn):
+    """One prompt, unpadded, through the bridge with ``fn`` applied at the last position of ``hook``."""
+    p = len(row) - 1
+
+    def edit(value, hook=None):
+        new = value.clone()
+        new[0, p] = fn(value[0, p])
+        return new
+
+    with torch.no_grad():
+        logits = model.run_with_hooks(torch.tensor([row]), fwd_hooks=[(hook, edit)])
+    return {k: float(v[0]) for k, v in answer_metrics(logits[:, p], torch.tensor([answer])).items()}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("hook", ["blocks.0.mlp.hook_post", "blocks.0.attn.hook_z", "blocks.1.attn.hook_v"])
+def test_prefix_cached_edits_equal_full_forwards_past_the_window(version, hook):
+    model = tiny_gemma(version)
+    iv = interventions_for(model)
+    assert iv.backend == "engine"
+    rows = token_rows([9, 30, 23, 2], seed=5)
+    answers = [5, 17, 200, 33]
+    batch = next(row_batches(rows, 0, answer_ids=answers, max_tokens=400, max_batch=8))
+    clean = iv.clean(batch)
+    fns = [lambda x: torch.zeros_like(x), lambda x: 2.0 * x]
+    for fn in fns:
+        logits, _ = iv.run(clean, [Edit(hook, lambda xb, fn=fn: fn(xb))])
+        m = answer_metrics(logits, batch.answer_ids)
+        for b, i in enumerate(batch.indices):
+            ref = _reference(model, rows[i], answers[i], hook, fn)
+            for name in ("loss", "logprob", "logit"):
+                got = float(m[name][b, 0])
+                assert abs(got - ref[name]) <= 2e-5 * max(1.0, abs(ref[name])), (name, got, ref[name])
+
+
+def _quote_task():
+    from saecircuits.tasks.closing_quote import closing_quote_task
+
+    return closing_quote_task(STORIES, tiny_tokenizer(), closings=('."', '!"', '?"'))
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_exact_feature_effects_equal_a_plain_hf_forward_edited_at_down_proj(version):
+    from saecircuits.analysis.features import feature_effects
+
+    model = tiny_gemma(version)
+    sae = random_sae(d_in=D_MLP, d_sae=48, hook_point=HOOK, seed=3)
+    task = _quote_task()
+    fx = feature_effects(model, sae, task)
+    assert len(fx.prompt) > 10
+    raw = tiny_gemma_hf(version)
+    W_dec = sae.W_dec.detach()
+    checked = 0
+    for j in range(0, len(fx.prompt), max(1, len(fx.prompt) // 12)):
+        i, k = int(fx.prompt[j]), int(fx.feature[j])
+        ids, answer = task.token_ids[i], task.answer_ids[i]
+        p = len(ids) - 1
+
+        def edit(module, args, k=k, p=p):
+            x = args[0].clone()
+            x[0, p] = x[0, p] - sae.encode(x[0, p])[k] * W_dec[k]
+            return (x,)
+
+        with torch.no_grad():
+            clean = raw(torch.tensor([ids])).logits[0, p].double().log_softmax(-1)[answer]
+            handle = raw.model.layers[1].mlp.down_proj.register_forward_pre_hook(edit)
+            try:
+                ablated = raw(torch.tensor([ids])).logits[0, p].double().log_softmax(-1)[answer]
+            finally:
+                handle.remove()
+        assert float(fx.logprob_diff[j]) == pytest.approx(float(clean - ablated), abs=2e-5)
+        checked += 1
+    assert checked >= 10
+
+
+def test_dla_sums_to_the_pre_cap_logit():
+    """Gemma 2 caps its logits: DLA attributes the pre-cap logit, and its components sum to it exactly."""
+    from saecircuits.analysis.dla import direct_logit_attribution
+
+    model = tiny_gemma(2)
+    task = _quote_task()
+    dla = direct_logit_attribution(model, task)
+    assert dla.max_abs_error < 1e-4
+    # the pre-cap logit, independently: the raw HF model's final hidden state through lm_head, without the cap
+    raw = tiny_gemma_hf(2)
+    for i in range(task.n_prompts):
+        ids, answer = task.token_ids[i], task.answer_ids[i]
+        with torch.no_grad():
+            h = raw.model(torch.tensor([ids])).last_hidden_state[0, -1]
+            pre = float(raw.lm_head(h)[answer])
+            capped = float(raw(torch.tensor([ids])).logits[0, -1, answer])
+        assert float(dla.per_prompt[i].sum()) == pytest.approx(pre, abs=1e-4)
+        assert capped == pytest.approx(6.0 * torch.tanh(torch.tensor(pre / 6.0)).item(), abs=1e-5)
+        assert abs(pre - capped) > 1e-3 or abs(pre) < 0.5  # the cap is not a no-op here
