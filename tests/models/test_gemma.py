@@ -237,3 +237,32 @@ def test_dla_sums_to_the_pre_cap_logit():
         assert float(dla.per_prompt[i].sum()) == pytest.approx(pre, abs=1e-4)
         assert capped == pytest.approx(6.0 * torch.tanh(torch.tensor(pre / 6.0)).item(), abs=1e-5)
         assert abs(pre - capped) > 1e-3 or abs(pre) < 0.5  # the cap is not a no-op here
+
+
+def test_whole_run_with_the_circuit_on_a_tiny_gemma2_folder(tmp_path):
+    """A saved tiny Gemma 2 loaded from its folder, as ``saecircuits run --model FOLDER`` does: every stage, the
+    circuit included, on the engine; DLA complete against the pre-cap logit."""
+    from saecircuits.pipeline import RunConfig, run_pipeline
+    from saecircuits.report.schema import validate_results
+    from saecircuits.saes.io import save_sae
+
+    folder = tmp_path / "gemma2"
+    tiny_gemma_hf(2).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    corpus = tmp_path / "stories.txt"
+    corpus.write_text("".join(f"{s}\n<|endoftext|>\n" for s in STORIES * 3), encoding="utf-8")
+    saes = [save_sae(random_sae(d_in=D_MLP, d_sae=48, hook_point=f"blocks.{i}.mlp.hook_post", seed=i),
+                     tmp_path / f"sae{i}") for i in (0, 1)]
+    cfg = RunConfig(model=str(folder), data=corpus, out=tmp_path / "out", workspace=tmp_path / "ws",
+                    closings=('."', '!"', '?"'), sae_paths=saes, seq_len=32, max_candidates=5,
+                    n_example_features=2, n_examples=2, seed=0)
+    results = run_pipeline(cfg, progress=False)
+    validate_results(results)
+    assert results["model_info"]["architecture"] == "Gemma2ForCausalLM"
+    assert results["interventions"]["backend"] == "engine"
+    assert results["dla"]["completeness_max_abs_error"] < 1e-4
+    assert results["dla"]["logit_soft_cap"] == 6.0 and results["dla"]["of"] == "pre-cap answer logit"
+    assert results["circuit"]["nodes"], "the circuit ran"
+    assert results["provenance"]["processing"]["center_unembed"] is False
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "<b>pre-cap</b> answer logit" in html

@@ -49,6 +49,8 @@ class DLAResult(NotebookDisplay):
         target_logit: ``[n_prompts]`` answer logit (the pre-cap logit for a soft-capped model) minus the readout constant (``b_U[answer]`` plus the final norm's
             bias read out) from the model's actual forward pass.
         max_abs_error: ``max_i |sum_c per_prompt[i, c] - target_logit[i]|`` (completeness check, logits).
+        logit_soft_cap: the model's final-logit soft cap (Gemma 2), or None; when set, every value above is of the
+            pre-cap logit (the capped ``cap * tanh(pre / cap)`` is not linear in the residual stream).
     """
 
     labels: list[str]
@@ -58,6 +60,7 @@ class DLAResult(NotebookDisplay):
     ci95_high: torch.Tensor
     target_logit: torch.Tensor
     max_abs_error: float
+    logit_soft_cap: float | None = None
 
     def display_title(self) -> str:
         return (f"Direct logit attribution to the answer: {len(self.labels)} components over "
@@ -190,4 +193,5 @@ def direct_logit_attribution(
         ci95_high=torch.tensor([s.high for s in stats], dtype=torch.float32),
         target_logit=target,
         max_abs_error=float(np.abs((per_prompt.sum(1) - target).numpy()).max()),
+        logit_soft_cap=readout.softcap,
     )
