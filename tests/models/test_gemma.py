@@ -266,3 +266,44 @@ def test_whole_run_with_the_circuit_on_a_tiny_gemma2_folder(tmp_path):
     assert results["provenance"]["processing"]["center_unembed"] is False
     html = (tmp_path / "out" / "report.html").read_text()
     assert "<b>pre-cap</b> answer logit" in html
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_readouts_pass_the_post_mlp_norm_exactly(version):
+    """SAE-error DLA's MLP row equals DLA's MLP component (read at hook_mlp_out, after ln2_post); the activation-
+    scaled DLA of all features sums to the reconstruction row (b_dec = 0); top-N selection runs."""
+    from saecircuits.analysis.dla import direct_logit_attribution
+    from saecircuits.analysis.error_dla import sae_error_dla
+    from saecircuits.analysis.features import feature_effects
+    from saecircuits.analysis.scaled_dla import activation_scaled_dla
+
+    model = tiny_gemma(version)
+    task = _quote_task()
+    sae = random_sae(d_in=D_MLP, d_sae=48, hook_point=HOOK, seed=3)
+    with torch.no_grad():
+        sae.b_dec.zero_()
+    err = sae_error_dla(model, sae, task)
+    dla = direct_logit_attribution(model, task)
+    mlp1 = dla.per_prompt[:, dla.labels.index("MLP1")]
+    torch.testing.assert_close(err.per_prompt[:, 0], mlp1, atol=1e-5, rtol=0)
+    scaled = activation_scaled_dla(model, sae, task)
+    assert float(scaled.scaled_ln.sum()) == pytest.approx(float(err.per_prompt[:, 1].mean()), abs=1e-5)
+    top = feature_effects(model, sae, task, features=2)
+    assert top.selection == "top_2_dla" and len(top.prompt) > 0
+
+
+def test_weight_boosts_equal_the_raw_hf_weights():
+    """Per-unit boosts of a feature = its decoder row through down_proj, (1 + w) of post_feedforward_layernorm and
+    of the final norm, and lm_head, all from the unprocessed Hugging Face weights (Gemma 2: W_U is not centred)."""
+    from saecircuits.analysis.boosts import weight_logit_boosts
+
+    model = tiny_gemma(2)
+    sae = random_sae(d_in=D_MLP, d_sae=48, hook_point=HOOK, seed=3)
+    raw = tiny_gemma_hf(2)
+    layer = raw.model.layers[1]
+    with torch.no_grad():
+        v = sae.W_dec[5] @ layer.mlp.down_proj.weight.T
+        v = v * (1 + layer.post_feedforward_layernorm.weight) * (1 + raw.model.norm.weight)
+        expected = v @ raw.lm_head.weight.T
+    got = weight_logit_boosts(model, sae, 5).boosts
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -20,7 +20,8 @@ import torch
 
 from saecircuits.models.load import ModelLoadError
 
-__all__ = ["NormParams", "module_norm_params", "norm_params", "post_attention_norm", "Readout", "readout_of"]
+__all__ = ["NormParams", "module_norm_params", "norm_params", "post_attention_norm", "site_post_norm", "Readout",
+           "readout_of"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,24 @@ def post_attention_norm(model, layer: int) -> NormParams | None:
     if "ln1_post" not in block._modules:
         return None
     return norm_params(model, f"blocks.{layer}.ln1_post")
+
+
+def site_post_norm(model, hook_point: str) -> tuple[NormParams, str] | None:
+    """Gemma: the norm that what an SAE site writes passes before it joins the residual stream, with the name of that
+    norm's ``hook_scale``: ``blocks.L.ln2_post`` for ``blocks.L.mlp.hook_post`` (through ``W_out``),
+    ``blocks.L.ln1_post`` for ``blocks.L.attn.hook_z`` (through ``W_O``); None for other sites and other models.
+
+    At the frozen scale ``s`` of a prompt, a write ``v`` reaches the residual stream as ``norm.linear(v, s)``
+    (``v / s * w``, RMSNorm without bias). Weight-based readouts (per unit of activation, no prompt) use ``v * w``
+    and divide by no scale, as they do for the final norm.
+    """
+    parts = hook_point.split(".")
+    if len(parts) != 4 or parts[0] != "blocks" or not parts[1].isdigit():
+        return None
+    name = {"mlp.hook_post": "ln2_post", "attn.hook_z": "ln1_post"}.get(".".join(parts[2:]))
+    if name is None or name not in model.blocks[int(parts[1])]._modules:
+        return None
+    return norm_params(model, f"blocks.{parts[1]}.{name}"), f"blocks.{parts[1]}.{name}.hook_scale"
 
 
 @dataclass(frozen=True)
