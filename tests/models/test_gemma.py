@@ -307,3 +307,36 @@ def test_weight_boosts_equal_the_raw_hf_weights():
         expected = v @ raw.lm_head.weight.T
     got = weight_logit_boosts(model, sae, 5).boosts
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_pattern_at_p_under_the_prefix_is_the_bridges_query_row(version):
+    """The soft-capped, windowed attention row at P, recomputed under the cached prefix after an edit, equals the
+    full edited bridge forward's row (layer 0 is the sliding layer: keys more than 8 back get 0)."""
+    model = tiny_gemma(version)
+    iv = interventions_for(model)
+    rows = token_rows([9, 30, 23], seed=6)
+    answers = [5, 17, 200]
+    batch = next(row_batches(rows, 0, answer_ids=answers, max_tokens=400, max_batch=8))
+    clean = iv.clean(batch)
+    hooks = ["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_pattern"]
+    edit = ("blocks.0.hook_resid_pre", lambda x: 1.5 * x)
+    _, reads = iv.run(clean, [Edit(edit[0], edit[1])], read=hooks)
+    for b, i in enumerate(batch.indices):
+        p = len(rows[i]) - 1
+        store = {}
+
+        def at_p(value, hook=None, p=p):
+            new = value.clone()
+            new[0, p] = edit[1](value[0, p])
+            return new
+
+        def grab(value, hook, store=store, p=p):
+            store[hook.name] = value[0, :, p].clone()
+
+        with torch.no_grad():
+            model.run_with_hooks(torch.tensor([rows[i]]), fwd_hooks=[(edit[0], at_p)] + [(h, grab) for h in hooks])
+        for h in hooks:
+            torch.testing.assert_close(reads[h][b, 0][:, : p + 1], store[h], atol=1e-5, rtol=0, msg=h)
+        if p >= WINDOW:
+            assert float(reads[hooks[0]][b, 0][:, : p + 1 - WINDOW].abs().sum()) == 0.0
