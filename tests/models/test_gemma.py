@@ -138,9 +138,15 @@ def test_a_wrong_window_is_refused_by_the_load_check():
 
     model = tiny_gemma(2)
     engine = Engine.from_bridge(model)
+    assert engine.check_against(model, seq_len=6) >= 0  # 6 tokens, then 16 past the window of 8
     engine.layers[0].window = None  # pretend layer 0 were global: the default check must notice
     with pytest.raises(EngineError, match="differ from the bridge"):
         engine.check_against(model)
+    # with a short first batch, the one-row check past the window (stopped at the final norm) notices it
+    with pytest.raises(EngineError, match="past the sliding window"):
+        engine.check_against(model, seq_len=6)
+    _, cache = model.run_with_cache(torch.tensor([[0, 5, 6]]))  # the stopping hook is gone again
+    assert "ln_final.hook_normalized" in cache and len(model.hook_dict["ln_final.hook_normalized"].fwd_hooks) == 0
 
 
 def _reference(model, row, answer, hook, fn):

@@ -359,12 +359,16 @@ class Engine:
     def check_against(self, model, *, seq_len: int = 24, seed: int = 0) -> float:
         """Compare this engine's logits with the bridge's on a random 2-row batch; return the max abs difference.
 
+        A model with a sliding window that ``seq_len`` tokens do not cross (Gemma 2: 4,096) is checked once more on
+        one random row of ``window + 8`` tokens (up to ``n_ctx``) at the final norm's ``hook_normalized``: the
+        bridge stops there, so no ``[tokens, d_vocab]`` logits are made (4 GB for Gemma 2), and a wrong window
+        cannot pass.
+
         Raises:
             EngineError: the difference exceeds ``1e-4 * (1 + max |logit|)`` (fp32; 2e-2 for 16-bit weights).
         """
         gen = torch.Generator().manual_seed(seed)
-        windows = [lw.window for lw in self.layers if lw.window is not None]
-        n = min(max([seq_len] + [w + 8 for w in windows]), self.n_ctx)  # cross every sliding window
+        n = min(seq_len, self.n_ctx)
         tokens = torch.randint(0, self.d_vocab, (2, n), generator=gen).to(self.W_E.device)
         with torch.no_grad():
             ref = model(tokens, return_type="logits").float()
@@ -376,7 +380,43 @@ class Engine:
                 f"the engine's logits differ from the bridge's by {diff:.3g} (tolerance {tol:.3g}); this model's "
                 "blocks are not of a shape the engine computes"
             )
+        long_n = min(max(_model_windows(model) + [lw.window or 0 for lw in self.layers]) + 8, self.n_ctx)
+        if long_n > n:
+            self._check_past_windows(model, long_n, gen)
         return diff
+
+    def _check_past_windows(self, model, n: int, gen: torch.Generator) -> None:
+        """:meth:`check_against` on one random row of ``n`` tokens, at ``ln_final.hook_normalized`` (every position).
+
+        Raises:
+            EngineError: a difference above ``1e-4 * (1 + max |value|)`` (fp32; 2e-2 for 16-bit weights).
+        """
+
+        class _Stop(Exception):
+            pass
+
+        got: dict[str, torch.Tensor] = {}
+
+        def stop(value, hook=None):
+            got["bridge"] = value.detach().float()
+            raise _Stop
+
+        tokens = torch.randint(0, self.d_vocab, (1, n), generator=gen).to(self.W_E.device)
+        with torch.no_grad():
+            try:
+                model.run_with_hooks(tokens, fwd_hooks=[("ln_final.hook_normalized", stop)])
+            except _Stop:
+                pass
+            mine = {"ln_final.hook_normalized": [lambda x: got.__setitem__("engine", x.float())]}
+            self._norm(self.forward_tokens(tokens), self.ln_final, "ln_final", mine)
+        ref, out = got["bridge"], got["engine"][:, 0]
+        diff = float((out - ref).abs().max())
+        tol = (1e-4 if self.W_E.dtype == torch.float32 else 2e-2) * (1.0 + float(ref.abs().max()))
+        if not diff <= tol:
+            raise EngineError(
+                f"the engine's final-norm activations differ from the bridge's by {diff:.3g} (tolerance {tol:.3g}) "
+                f"on {n} tokens, past the sliding window; this model's blocks are not of a shape the engine computes"
+            )
 
     # ------------------------------------------------------------------------------------------------------------
     # pieces
@@ -731,6 +771,15 @@ def _rotary_takes_layer_type(hf_model) -> bool:
     rotary = getattr(getattr(hf_model, "model", hf_model), "rotary_emb", None)
     rotary = getattr(rotary, "original_component", rotary)
     return rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
+
+
+def _model_windows(model) -> list[int]:
+    """Every window size the Hugging Face config names (``sliding_window`` unless ``use_sliding_window`` is False,
+    ``window_size``), whatever the engine made of them, so the load check crosses them all."""
+    cfg = getattr(getattr(model, "original_model", None), "config", None)
+    names = ("window_size",) if getattr(cfg, "use_sliding_window", True) is False else ("sliding_window", "window_size")
+    values = [getattr(cfg, name, None) for name in names]
+    return [int(v) for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0]
 
 
 def _is_gpt_neo(hf_model) -> bool:
