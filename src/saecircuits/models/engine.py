@@ -21,9 +21,16 @@ the model's maths once, in TransformerLens's processed basis, for the block shap
 - plain MLPs ``act(x W_in + b_in) W_out + b_out`` and gated ones ``(act(x W_gate) * (x W_in)) W_out``, with the
   activation function taken from ``transformers.activations.ACT2FN`` by the model's own config name.
 
-That covers GPT-2, GPT-Neo (global and local layers) and Llama (rotary + GQA). Every weight is read from the
-bridge after its weight processing, and :meth:`Engine.from_bridge` refuses any model whose logits it does not
-reproduce on a short check sequence, so an unsupported architecture fails loudly (the intervention layer then
+- Gemma 2 and 3 (:func:`_gemma_layer_parts`): norms with a ``(1 + w)`` offset (read with their effective weight,
+  :func:`saecircuits.models.norms.module_norm_params`), norms on the attention and MLP outputs before they join the
+  residual stream (``ln1_post``/``ln2_post``), token embeddings times ``sqrt(d_model)`` in the weights' dtype,
+  ``query_pre_attn_scalar`` (the attention module's ``scaling``), attention-score soft caps ``cap * tanh(s / cap)``
+  (Gemma 2; before the mask, as transformers), final-logit soft caps (what :meth:`Engine.logits` returns is capped),
+  per-head q/k RMSNorms and a per-layer-type rotary base (Gemma 3), alternating sliding and global layers, GeGLU.
+
+That covers GPT-2, GPT-Neo (global and local layers), Llama (rotary + GQA) and Gemma 2 / 3. Every weight is read from
+the bridge after its weight processing, and :meth:`Engine.from_bridge` refuses any model whose logits it does not
+reproduce on a check sequence that crosses every sliding window, so an unsupported architecture fails loudly (the intervention layer then
 runs full bridge forwards instead). ``tests/models/test_engine.py`` checks every hook activation against the
 bridge for each architecture, on right-padded batches.
 
