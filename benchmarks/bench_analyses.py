@@ -20,6 +20,9 @@ Model classes (``--models``, comma-separated):
               d_mlp 4096, 50,257 tokens, local window 256 on layer 1, a 16,384-feature SAE, ``--ref-prompts``
               prompts. Only the product is run in full; the loop is timed on ``--ref-loop-prompts`` prompts (and
               ``--loop-pairs`` pairs) and scaled.
+  gemma2, gemma3  random Gemma 2 / Gemma 3 (text) models, 2 layers, d_model 128, GQA, sliding window 64 on layer 0
+              (Gemma 2 with its attention and final-logit soft caps), GPT-2 BPE, TinyStories validation text; for
+              ``--forward --only`` rows (plain transformers runs Gemma 2 eager: SDPA cannot soft-cap).
 Each SAE is random with its encoder bias set per feature so the mean L0 at P is about ``--l0`` (timings depend on
 how many features are active, not on what they mean).
 
@@ -38,6 +41,7 @@ Examples:
     python benchmarks/bench_analyses.py                               # default, stories260k, gpt2bpe
     python benchmarks/bench_analyses.py --models reference --threads 2
     python benchmarks/bench_analyses.py --forward --memory --table-2cores
+    python benchmarks/bench_analyses.py --forward --only --models gemma2,gemma3
 """
 
 from __future__ import annotations
@@ -159,6 +163,24 @@ def _arch_hf(name: str):
     return ARCHS[name][0]().eval()
 
 
+RANDOM_GEMMA = {"gemma2": 2, "gemma3": 3}
+"""Random Gemma 2 / Gemma 3 (text) models, 2 layers d128 (sliding window 64 on layer 0, global layer 1), GPT-2 BPE."""
+
+
+def _random_gemma_hf(version: int, seed: int = 0):
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    shape = dict(
+        vocab_size=50257, hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=2048, sliding_window=64, query_pre_attn_scalar=32,
+        layer_types=["sliding_attention", "full_attention"], bos_token_id=50256, eos_token_id=50256, pad_token_id=50256,
+    )
+    torch.manual_seed(seed)
+    if version == 2:  # Gemma 2's own caps
+        return Gemma2ForCausalLM(Gemma2Config(**shape, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)).eval()
+    return Gemma3ForCausalLM(Gemma3TextConfig(**shape)).eval()
+
+
 def plain_hf(name: str, model):
     """The same network as plain ``transformers`` (no bridge, no weight processing), SDPA attention."""
     from transformers import AutoModelForCausalLM
@@ -169,6 +191,10 @@ def plain_hf(name: str, model):
         hf = _random_neo_hf(**RANDOM_NEO[name])
     elif name in ARCHS:
         hf = _arch_hf(name)
+    elif name in RANDOM_GEMMA:  # Gemma 2 soft-caps attention scores, which SDPA cannot: transformers runs eager
+        hf = _random_gemma_hf(RANDOM_GEMMA[name])
+        hf.config._attn_implementation = "eager" if name == "gemma2" else "sdpa"
+        return hf
     else:
         hf = AutoModelForCausalLM.from_pretrained(model_provenance(model).hf_folder)
     hf.config._attn_implementation = "sdpa"
@@ -209,6 +235,12 @@ def load_case(name: str, args):
 
             model = load_hf_model(_arch_hf(name), _gpt2_tokenizer(), model_name=f"random-{name}")
             label = ARCHS[name][1]
+        elif name in RANDOM_GEMMA:
+            from saecircuits.models.load import load_hf_model
+
+            model = load_hf_model(_random_gemma_hf(RANDOM_GEMMA[name]), _gpt2_tokenizer(), model_name=name)
+            label = {"gemma2": "Gemma 2 2L d128 random, window 64, caps (HF eager)",
+                     "gemma3": "Gemma 3 2L d128 random, window 64, q/k norms"}[name]
         else:
             raise SystemExit(f"unknown model class {name!r}")
     n_prompts = args.ref_prompts if name == "reference" else args.n_prompts

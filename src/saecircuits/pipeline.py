@@ -1413,6 +1413,8 @@ def _run_pipeline(cfg: RunConfig, *, model, progress: bool, log: Callable[[str],
             "ci95": [_round(h - m) for h, m in zip(dla.ci95_high.tolist(), dla.mean.tolist(), strict=True)],
             "answer_logit_mean": _round(dla.target_logit.mean()),
             "completeness_max_abs_error": float(dla.max_abs_error),
+            **({"logit_soft_cap": dla.logit_soft_cap, "of": "pre-cap answer logit"}
+               if dla.logit_soft_cap is not None else {}),
         },
         "saes": entries,
         **study,

@@ -213,8 +213,9 @@ def gpt2_bpe_tokenizer(folder: str | os.PathLike[str], save_dir: str | os.PathLi
 
 
 def _check_norms(bridge) -> None:
-    """Refuse, right after loading, a model whose norms the attributions cannot read (a Gemma-style ``(1 + weight)``
-    offset, a norm that is neither LayerNorm nor RMSNorm), instead of failing after the first analyses have run."""
+    """Refuse, right after loading, a model whose norms the attributions cannot read (a norm that is neither
+    LayerNorm nor RMSNorm), instead of failing after the first analyses have run. Gemma's ``(1 + weight)`` norms are
+    read with their effective weight (:func:`saecircuits.models.norms.module_norm_params`)."""
     from saecircuits.models.norms import norm_params, readout_of
 
     readout_of(bridge)
@@ -242,6 +243,18 @@ def _drop_unsupported_switches(bridge, processing: dict[str, bool]) -> None:
         logger.warning("%s: TransformerLens cannot fold this architecture's norms into the next weights; loaded "
                        "with fold_ln off (the norms keep their weights, applied explicitly), other switches as asked",
                        type(adapter).__name__.removesuffix("ArchitectureAdapter") or "model")
+
+
+def _softcap_switches(hf_model: Any, center_unembed: bool) -> bool:
+    """``center_unembed`` as it can apply: off for a model whose final logits are soft-capped (Gemma 2:
+    ``final_logit_softcapping``), where shifting every logit of a position by a constant changes the capped logits'
+    log-softmax (TransformerLens turns it off too, with a bare warning); said once, in one line."""
+    cap = getattr(hf_model.config, "final_logit_softcapping", None)
+    if center_unembed and cap is not None:
+        logger.warning("center_unembed is off for this model: its final logits are soft-capped (cap %s), and "
+                       "centring W_U would change its log-probabilities", cap)
+        return False
+    return center_unembed
 
 
 def load_hf_model(
@@ -287,6 +300,7 @@ def load_hf_model(
     if not getattr(hf_model.config, "architectures", None):
         # a model built from its config in memory names no architecture; TransformerLens picks its adapter by it
         hf_model.config.architectures = [type(hf_model).__name__]
+    center_unembed = _softcap_switches(hf_model, center_unembed)
     tokenizer = _private_tokenizer(hf_tokenizer)
     bridge = TransformerBridge.boot_transformers(
         name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
