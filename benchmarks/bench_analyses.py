@@ -20,12 +20,17 @@ Model classes (``--models``, comma-separated):
               d_mlp 4096, 50,257 tokens, local window 256 on layer 1, a 16,384-feature SAE, ``--ref-prompts``
               prompts. Only the product is run in full; the loop is timed on ``--ref-loop-prompts`` prompts (and
               ``--loop-pairs`` pairs) and scaled.
+  gemma2, gemma3  random Gemma 2 / Gemma 3 (text) models, 2 layers, d_model 128, GQA, sliding window 64 on layer 0
+              (Gemma 2 with its attention and final-logit soft caps), GPT-2 BPE, TinyStories validation text; for
+              ``--forward --only`` rows (plain transformers runs Gemma 2 eager: SDPA cannot soft-cap).
 Each SAE is random with its encoder bias set per feature so the mean L0 at P is about ``--l0`` (timings depend on
 how many features are active, not on what they mean).
 
 Other modes:
   --forward   one clean batched pass per model class: TransformerBridge forward vs the engine's clean pass
               (:mod:`saecircuits.models.engine`, what every analysis now uses) vs plain ``transformers`` (SDPA);
+              then one row per architecture of ``--archs`` (Pythia, GPT-J, Qwen 3, OLMo 2, Qwen 2: random 2-layer d128
+              models with the GPT-2 BPE vocabulary, on the task's prompts);
   --memory    5,000 prompts and a 16,384-feature SAE on the default model: activations + exact effects of every
               active feature + the table; prints peak resident memory (``resource.getrusage``);
   --table-2cores  the all-features ablation table of a 2,048-feature SAE over 200 prompts at 2 threads;
@@ -36,6 +41,7 @@ Examples:
     python benchmarks/bench_analyses.py                               # default, stories260k, gpt2bpe
     python benchmarks/bench_analyses.py --models reference --threads 2
     python benchmarks/bench_analyses.py --forward --memory --table-2cores
+    python benchmarks/bench_analyses.py --forward --only --models gemma2,gemma3
 """
 
 from __future__ import annotations
@@ -101,6 +107,80 @@ def _random_neo(tok, **shape):
     return load_hf_model(_random_neo_hf(**shape), tok, model_name=f"random-neo-d{shape['d_model']}")
 
 
+def _arch_common(**kw) -> dict:
+    return dict(vocab_size=50257, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=2048, bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=False, **kw)
+
+
+def _pythia_hf():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    return GPTNeoXForCausalLM(GPTNeoXConfig(**_arch_common(intermediate_size=512), rotary_pct=0.25,
+                                            use_parallel_residual=True))
+
+
+def _gptj_hf():
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    return GPTJForCausalLM(GPTJConfig(vocab_size=50257, n_embd=128, n_layer=2, n_head=4, rotary_dim=16, n_inner=512,
+                                      n_positions=2048, bos_token_id=50256, eos_token_id=50256))
+
+
+def _qwen3_hf():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return Qwen3ForCausalLM(Qwen3Config(**_arch_common(intermediate_size=384), num_key_value_heads=2, head_dim=32,
+                                        use_sliding_window=True, sliding_window=256,
+                                        layer_types=["full_attention", "sliding_attention"]))
+
+
+def _olmo2_hf():
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    return Olmo2ForCausalLM(Olmo2Config(**_arch_common(intermediate_size=384), num_key_value_heads=2))
+
+
+def _qwen2_hf():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(**_arch_common(intermediate_size=384), num_key_value_heads=2,
+                                        use_sliding_window=True, sliding_window=256,
+                                        layer_types=["full_attention", "sliding_attention"]))
+
+
+ARCHS = {
+    "pythia": (_pythia_hf, "Pythia (GPT-NeoX 2L d128: parallel, rotary_pct 0.25)"),
+    "gptj": (_gptj_hf, "GPT-J (2L d128: parallel, one norm, rotary_dim 16 pairs)"),
+    "qwen3": (_qwen3_hf, "Qwen 3 (2L d128: q/k norms, GQA, window 256)"),
+    "olmo2": (_olmo2_hf, "OLMo 2 (2L d128: post-norm, q/k norms, fold_ln off)"),
+    "qwen2": (_qwen2_hf, "Qwen 2 (2L d128: q/k/v biases, GQA, window 256)"),
+}
+"""Tiny random models per architecture with the GPT-2 BPE vocabulary, for ``--forward`` (``--archs``)."""
+
+
+def _arch_hf(name: str):
+    torch.manual_seed(0)
+    return ARCHS[name][0]().eval()
+
+
+RANDOM_GEMMA = {"gemma2": 2, "gemma3": 3}
+"""Random Gemma 2 / Gemma 3 (text) models, 2 layers d128 (sliding window 64 on layer 0, global layer 1), GPT-2 BPE."""
+
+
+def _random_gemma_hf(version: int, seed: int = 0):
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    shape = dict(
+        vocab_size=50257, hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=2048, sliding_window=64, query_pre_attn_scalar=32,
+        layer_types=["sliding_attention", "full_attention"], bos_token_id=50256, eos_token_id=50256, pad_token_id=50256,
+    )
+    torch.manual_seed(seed)
+    if version == 2:  # Gemma 2's own caps
+        return Gemma2ForCausalLM(Gemma2Config(**shape, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)).eval()
+    return Gemma3ForCausalLM(Gemma3TextConfig(**shape)).eval()
+
+
 def plain_hf(name: str, model):
     """The same network as plain ``transformers`` (no bridge, no weight processing), SDPA attention."""
     from transformers import AutoModelForCausalLM
@@ -109,6 +189,12 @@ def plain_hf(name: str, model):
 
     if name in RANDOM_NEO:
         hf = _random_neo_hf(**RANDOM_NEO[name])
+    elif name in ARCHS:
+        hf = _arch_hf(name)
+    elif name in RANDOM_GEMMA:  # Gemma 2 soft-caps attention scores, which SDPA cannot: transformers runs eager
+        hf = _random_gemma_hf(RANDOM_GEMMA[name])
+        hf.config._attn_implementation = "eager" if name == "gemma2" else "sdpa"
+        return hf
     else:
         hf = AutoModelForCausalLM.from_pretrained(model_provenance(model).hf_folder)
     hf.config._attn_implementation = "sdpa"
@@ -144,6 +230,17 @@ def load_case(name: str, args):
         elif name == "reference":
             model = _random_neo(_gpt2_tokenizer(), **RANDOM_NEO[name])
             label = "reference shape random (GPT-Neo 2L d1024 16 heads d_mlp 4096, vocab 50,257)"
+        elif name in ARCHS:
+            from saecircuits.models.load import load_hf_model
+
+            model = load_hf_model(_arch_hf(name), _gpt2_tokenizer(), model_name=f"random-{name}")
+            label = ARCHS[name][1]
+        elif name in RANDOM_GEMMA:
+            from saecircuits.models.load import load_hf_model
+
+            model = load_hf_model(_random_gemma_hf(RANDOM_GEMMA[name]), _gpt2_tokenizer(), model_name=name)
+            label = {"gemma2": "Gemma 2 2L d128 random, window 64, caps (HF eager)",
+                     "gemma3": "Gemma 3 2L d128 random, window 64, q/k norms"}[name]
         else:
             raise SystemExit(f"unknown model class {name!r}")
     n_prompts = args.ref_prompts if name == "reference" else args.n_prompts
@@ -373,7 +470,7 @@ def bench_forward(args) -> None:
           "TransformerBridge forward (logits at every position); engine: the analyses' clean pass (keys/values "
           "kept, logits at P only); HF: plain transformers with SDPA attention (logits at every position)")
     print(f"   {'model':58s} {'bridge':>8s} {'engine':>8s} {'HF sdpa':>8s} {'bridge/HF':>10s} {'engine/HF':>10s}")
-    for name in args.models.split(","):
+    for name in args.models.split(",") + [a for a in args.archs.split(",") if a]:
         _forward_row(name, args)
 
 
@@ -396,6 +493,8 @@ def _forward_row(name: str, args) -> None:
     t_bridge = run(lambda: [model(b.tokens) for b in batches])
     t_engine = run(engine_cold)
     t_hf = run(lambda: [hf(b.tokens) for b in batches])
+    if iv.engine is None:
+        label = f"{label} [bridge fallback]"
     print(f"   {label:58s} {t_bridge:8.2f} {t_engine:8.2f} {t_hf:8.2f} {t_bridge / t_hf:9.1f}x "
           f"{t_engine / t_hf:9.2f}x")
 
@@ -475,6 +574,8 @@ def main() -> None:
     p.add_argument("--workspace", default=os.environ.get("SAECIRCUITS_WORKSPACE",
                                                          str(Path(tempfile.gettempdir()) / "saecircuits-bench")))
     p.add_argument("--forward", action="store_true", help="also time one clean pass: bridge / engine / plain HF")
+    p.add_argument("--archs", default=",".join(ARCHS),
+                   help="--forward: also one row per architecture (tiny random models, GPT-2 BPE vocabulary)")
     p.add_argument("--memory", action="store_true", help="also run the 5,000-prompt x 16,384-feature memory check")
     p.add_argument("--table-2cores", action="store_true", help="also time the all-features table at 2 threads")
     p.add_argument("--circuit", action="store_true", help="also time the whole circuit on the embedded default")

@@ -86,7 +86,8 @@ class RunConfig:
         n_example_features, n_examples: features shown with top activating examples, and examples per feature.
         circuit, circuit_ig_steps: build the feature circuit across all SAEs (analysis.circuit: exact node effects
             and edges, attribution patching and integrated gradients with this many steps, faithfulness and
-            completeness), written to ``circuit.json``; needs the prefix-cached engine.
+            completeness), written to ``circuit.json``; on a model the prefix-cached engine cannot compute, from
+            full forwards (slower, same numbers).
         n_evidence_features: top features that get the per-feature evidence (prompt and weight logit boosts,
             loss increase vs activation, DFA; analysis.evidence), plus the SAE-error DLA, upstream ablation and
             activation-scaled DLA of the SAE; the same features get the ablation on their max-activating corpus
@@ -1432,17 +1433,17 @@ def _run_pipeline(cfg: RunConfig, *, model, progress: bool, log: Callable[[str],
     notes = [layer_note] if layer_note else []
     circuit_entry, circuit_json = None, None
     if cfg.circuit and saes:
-        if iv.engine is None:
-            notes.append(f"No circuit: it needs the prefix-cached engine, which this model cannot use ({iv.reason}).")
-        else:
-            from saecircuits.analysis.circuit import find_circuit
+        from saecircuits.analysis.circuit import find_circuit
 
-            say(f"feature circuit across {len(saes)} SAE(s): exact node effects and edges, gradient estimates")
-            circ = find_circuit(model, saes, task, ig_steps=cfg.circuit_ig_steps, progress=progress,
-                                corpus_rows=stat_docs[:CIRCUIT_MEAN_DOCS])
-            circuit_json = circ.to_json()
-            circuit_entry = _circuit_summary(circuit_json)
-            t = _stage(timings, "circuit", t)
+        if iv.engine is None:  # the same numbers from full forwards (gradients at P too), slower
+            notes.append(f"The circuit was computed with full model forwards: the prefix-cached engine cannot "
+                         f"compute this model ({iv.reason}).")
+        say(f"feature circuit across {len(saes)} SAE(s): exact node effects and edges, gradient estimates")
+        circ = find_circuit(model, saes, task, ig_steps=cfg.circuit_ig_steps, progress=progress,
+                            corpus_rows=stat_docs[:CIRCUIT_MEAN_DOCS])
+        circuit_json = circ.to_json()
+        circuit_entry = _circuit_summary(circuit_json)
+        t = _stage(timings, "circuit", t)
     if task.n_dropped_too_long:
         notes.append(
             f"{task.n_dropped_too_long} prompts were longer than {min(cfg.max_prompt_tokens or n_ctx, n_ctx)} tokens "
@@ -1477,6 +1478,8 @@ def _run_pipeline(cfg: RunConfig, *, model, progress: bool, log: Callable[[str],
             "ci95": [_round(h - m) for h, m in zip(dla.ci95_high.tolist(), dla.mean.tolist(), strict=True)],
             "answer_logit_mean": _round(dla.target_logit.mean()),
             "completeness_max_abs_error": float(dla.max_abs_error),
+            **({"logit_soft_cap": dla.logit_soft_cap, "of": "pre-cap answer logit"}
+               if dla.logit_soft_cap is not None else {}),
         },
         "saes": entries,
         **study,

@@ -101,9 +101,11 @@ def test_stop_after_and_kept_kv_shapes():
 def test_a_wrong_engine_is_refused_by_its_own_check():
     model = tiny_neo()
     engine = Engine.from_bridge(model)
-    engine.layers[1].window = None  # pretend layer 1 were global: the 40-token check must notice
-    with pytest.raises(EngineError, match="differ from the bridge"):
-        engine.check_against(model, seq_len=40)
+    engine.layers[1].window = 100  # a wrong window: the check's default length (window + 16) must notice
+    with pytest.raises(EngineError, match="differ from the Hugging Face model"):
+        engine.check_against(model)
+    engine.layers[1].window = 16
+    engine.check_against(model)
 
 
 def test_unknown_hook_names_are_refused_with_the_supported_list():

@@ -31,7 +31,7 @@ from saecircuits.display import NotebookDisplay
 from saecircuits.models import tokens as _tokens
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches
 from saecircuits.models.interventions import interventions_for
-from saecircuits.models.norms import readout_of
+from saecircuits.models.norms import readout_of, site_post_norm
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
 
@@ -315,7 +315,11 @@ def weight_logit_boosts(
     with torch.no_grad():
         W_out = model.W_out[layer].detach().float()
         d = sae.W_dec[k].detach().float().to(W_out.device)
-        boosts = readout_of(model).vocab_logits(d @ W_out).cpu()
+        write = d @ W_out
+        post = site_post_norm(model, sae.hook_point)  # Gemma/OLMo 2: ln2_post at unit scale (per unit, no prompt)
+        if post is not None:
+            write = post[0].linear(write[None], torch.ones(1, device=write.device))[0]
+        boosts = readout_of(model).vocab_logits(write).cpu()
     boosts = boosts.masked_fill(~mask, 0.0)
     return WeightBoosts(
         feature=k,

@@ -52,7 +52,7 @@ from saecircuits.display import NotebookDisplay
 from saecircuits.models.engine import stage_of_hook
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches, with_progress
 from saecircuits.models.interventions import Edit, interventions_for
-from saecircuits.models.norms import norm_params
+from saecircuits.models.norms import mlp_input_norm, norm_params
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
 
@@ -948,7 +948,7 @@ def virtual_weights(model, sae_up: SAE, sae_down: SAE, up: Sequence[int], down: 
         raise ValueError(f"virtual weights go from a lower layer to a higher one, got {la} -> {lb}")
     if getattr(model.cfg, "gated_mlp", False):
         raise ValueError("virtual weights through W_in need a plain MLP; this model's MLP is gated")
-    ln2 = norm_params(model, f"blocks.{lb}.ln2")
+    ln2 = norm_params(model, mlp_input_norm(model, lb))  # blocks.L.ln2 (GPT-J: ln1)
     with torch.no_grad():
         up_t, down_t = torch.as_tensor(list(up)), torch.as_tensor(list(down))
         write = sae_up.W_dec[up_t].float() @ model.W_out[la].detach().float()  # [u, d_model]
@@ -1148,13 +1148,10 @@ def find_circuit(
         :class:`CircuitResult`.
 
     Raises:
-        NotImplementedError: the model cannot use the prefix-cached engine (gradients at P need it).
         ValueError: no SAE, or two SAEs on one hook.
     """
     if not saes:
         raise ValueError("find_circuit needs at least one SAE")
-    if interventions_for(model).engine is None:
-        raise NotImplementedError("the circuit needs the prefix-cached engine, which this model cannot use")
     acts = [activations_or_compute(model, s, task, None if acts is None else acts[i], max_tokens=max_tokens,
                                    max_batch=max_batch) for i, s in enumerate(saes)]
     nodes, groups = circuit_nodes(model, saes, acts)

@@ -4,7 +4,8 @@ through the MLP-in path (the reference notebook's ``direction_dla``).
 For an SAE on ``blocks.L.mlp.hook_post`` and feature k, at each prompt's prediction position P:
 
 1. The residual stream entering block L's MLP (``resid_mid_L``) is split into components, MLPs not expanded:
-   every head of layers ``0..L`` (``z @ W_O[l, h]``), ``MLP0..MLP{L-1}`` (``hook_mlp_out``, ``b_out`` included), ``embed``,
+   every head of layers ``0..L`` (``0..L-1`` in a parallel attention + MLP block, GPT-NeoX / Pythia, whose MLP reads
+   ``resid_pre_L``) (``z @ W_O[l, h]``), ``MLP0..MLP{L-1}`` (``hook_mlp_out``, ``b_out`` included), ``embed``,
    ``pos_embed`` (learned positions only) and ``bias`` (``sum_{l<=L} b_O[l]``; zeros for bias-free models). Labels
    follow ``dla.py``: ``L{l}H{h}``, ``MLP{l}``, ``embed``, ``pos_embed``, ``bias``.
 2. ``ln2`` of block L is applied as a linear map with the cached ``blocks.L.ln2.hook_scale`` at P (centred over d_model
@@ -53,7 +54,7 @@ from saecircuits.models.hooks import (
     task_batches,
 )
 from saecircuits.models.interventions import interventions_for
-from saecircuits.models.norms import norm_params
+from saecircuits.models.norms import mlp_input_norm, norm_params
 from saecircuits.models.tokens import special_token_ids, special_token_mask
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
@@ -105,9 +106,15 @@ def _check_model(model, layer: int) -> None:
         raise ValueError(f"SAE layer {layer} is outside the model's 0..{model.cfg.n_layers - 1}")
 
 
+def _attn_layers_before_mlp(model, layer: int) -> int:
+    """How many layers' attention outputs the MLP of block ``layer`` reads: ``layer + 1``, or ``layer`` in a
+    parallel attention + MLP block (GPT-NeoX / Pythia), whose MLP reads ``resid_pre`` beside its own attention."""
+    return layer if getattr(model.cfg, "parallel_attn_mlp", False) else layer + 1
+
+
 def dfa_component_labels(model, layer: int) -> list[str]:
     """Labels of the components entering block ``layer``'s MLP, in output order (see the module docstring)."""
-    labels = [f"L{lay}H{h}" for lay in range(layer + 1) for h in range(model.cfg.n_heads)]
+    labels = [f"L{lay}H{h}" for lay in range(_attn_layers_before_mlp(model, layer)) for h in range(model.cfg.n_heads)]
     labels += [f"MLP{lay}" for lay in range(layer)] + ["embed"]
     if _has_pos_embed(model):
         labels.append("pos_embed")
@@ -121,11 +128,11 @@ def _bias_upto(model, layer: int) -> torch.Tensor:
         b_o = None
     if b_o is None:
         return torch.zeros_like(_attn_bias_sum(model))
-    return b_o[: layer + 1].sum(0)
+    return b_o[: _attn_layers_before_mlp(model, layer)].sum(0)
 
 
 def _reads(model, layer: int) -> list[str]:
-    reads = [f"blocks.{lay}.attn.hook_z" for lay in range(layer + 1)]
+    reads = [f"blocks.{lay}.attn.hook_z" for lay in range(_attn_layers_before_mlp(model, layer))]
     reads += [f"blocks.{lay}.hook_mlp_out" for lay in range(layer)] + ["hook_embed"]
     if _has_pos_embed(model):
         reads.append("hook_pos_embed")
@@ -136,10 +143,10 @@ def _components(model, layer: int, acts: dict[str, torch.Tensor]) -> torch.Tenso
     """Raw components ``[..., C, d_model]`` from activations read at positions (``[...]`` leading dims)."""
     W_O = model.W_O.detach().float()
     parts = []
-    for lay in range(layer + 1):
+    for lay in range(_attn_layers_before_mlp(model, layer)):
         z = acts[f"blocks.{lay}.attn.hook_z"].float()  # [..., h, d_head]
         parts.append(torch.einsum("...hd,hdm->...hm", z, W_O[lay].to(z.device)))
-    lead = parts[0].shape[:-2]
+    lead = acts["hook_embed"].shape[:-1]
     for lay in range(layer):
         parts.append(acts[f"blocks.{lay}.hook_mlp_out"].float().unsqueeze(-2))
     parts.append(acts["hook_embed"].float().unsqueeze(-2))
@@ -214,8 +221,9 @@ def mean_mlp_in_contributions(
         ValueError: no usable position, a gated MLP, or a layer out of range.
     """
     _check_model(model, layer)
-    ln2 = norm_params(model, f"blocks.{layer}.ln2")
-    reads = _reads(model, layer) + [f"blocks.{layer}.ln2.hook_scale"]
+    ln2_name = mlp_input_norm(model, layer)  # blocks.L.ln2 (GPT-J: ln1)
+    ln2 = norm_params(model, ln2_name)
+    reads = _reads(model, layer) + [f"{ln2_name}.hook_scale"]
     special = special_token_ids(getattr(model, "tokenizer", None)) if exclude_bos else frozenset()
     iv = interventions_for(model)
     total: torch.Tensor | None = None
@@ -232,7 +240,7 @@ def mean_mlp_in_contributions(
         n_pos = batch.tokens.shape[1]
         mask = torch.arange(n_pos, device=batch.tokens.device)[None] <= batch.positions[:, None]
         mask &= ~special_token_mask(batch.tokens, special)
-        weight = mask.float() / captured[f"blocks.{layer}.ln2.hook_scale"].float().reshape(mask.shape)
+        weight = mask.float() / captured[f"{ln2_name}.hook_scale"].float().reshape(mask.shape)
         # linear in the components: sum over positions first, then W_O / centring / W_in
         summed = {n: torch.einsum("bp...,bp->...", captured[n].float(), weight) for n in reads[:-1]}
         comps = _components(model, layer, summed)  # [C, d_model] except bias (sum of weights below)
@@ -356,7 +364,8 @@ def direct_feature_attribution(
         mean_contrib = mean_mlp_in_contributions(
             model, layer, task.token_ids, max_tokens=max_tokens, max_batch=max_batch
         )
-    ln2 = norm_params(model, f"blocks.{layer}.ln2")
+    ln2_name = mlp_input_norm(model, layer)  # blocks.L.ln2 (GPT-J: ln1)
+    ln2 = norm_params(model, ln2_name)
     W_in = model.W_in[layer].detach().float()
     try:
         b_in = model.b_in[layer].detach().float()
@@ -373,7 +382,7 @@ def direct_feature_attribution(
     linear = torch.zeros(n, C + len(LINEAR_EXTRA_LABELS))
     hidden_pre = torch.zeros(n)
     reads = _reads(model, layer) + [
-        f"blocks.{layer}.ln2.hook_scale",
+        f"{ln2_name}.hook_scale",
         f"blocks.{layer}.mlp.hook_pre",
         sae.hook_point,
     ]
@@ -385,7 +394,7 @@ def direct_feature_attribution(
                 read = iv.clean(batch, read=reads, logits=False).reads
                 dev = read[sae.hook_point].device
                 comps = _components(model, layer, read)  # [b, C, d_model]
-                normed = ln2.linear(comps, read[f"blocks.{layer}.ln2.hook_scale"])
+                normed = ln2.linear(comps, read[f"{ln2_name}.hook_scale"])
                 post = read[sae.hook_point].float()
                 pre = read[f"blocks.{layer}.mlp.hook_pre"].float()
                 Wi, we = W_in.to(dev), w_enc.to(dev)

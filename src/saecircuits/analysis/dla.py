@@ -10,6 +10,13 @@ component is that vector dotted with ``W_U[:, answer]``. The norm's bias and ``b
 switch (completeness, checked per prompt and returned as ``max_abs_error``); with ``fold_ln`` the constant is
 ``b_U[answer]``, as in TransformerLens.
 
+Block shapes: parallel attention + MLP blocks (GPT-NeoX / Pythia) write the same components. Where a norm follows
+each attention output (Gemma 2/3 and OLMo 2's ``ln1_post``), a head's component is its write ``z W_O`` through that
+norm as a linear map at the layer's cached ``ln1_post.hook_scale`` at P (``b_O`` likewise, in the ``bias`` row), so
+the heads still sum to ``hook_attn_out``; ``hook_mlp_out`` is already the normed MLP output. With soft-capped final
+logits (Gemma 2) a capped logit is not linear in the residual stream: the DLA there is of the **pre-cap** answer
+logit, and completeness is checked against it (``Readout.pre_cap_logit``).
+
 Departures from the reference notebook: every prompt is read at its own prediction position in a right-padded batch
 (the notebook runs one prompt at a time); per-prompt values and 95% t intervals are returned, not just the mean; ``pos_embed`` is absent for rotary models and ``bias`` is zeros for bias-free models (Llama).
 """
@@ -25,7 +32,7 @@ from saecircuits.analysis.stats import mean_ci95
 from saecircuits.display import NotebookDisplay
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches, with_progress
 from saecircuits.models.interventions import interventions_for
-from saecircuits.models.norms import readout_of
+from saecircuits.models.norms import readout_of, site_post_norm
 from saecircuits.tasks.base import Task
 
 __all__ = ["DLAResult", "direct_logit_attribution", "component_labels"]
@@ -41,9 +48,11 @@ class DLAResult(NotebookDisplay):
         per_prompt: float32 ``[n_prompts, n_components]`` (logits), prompts in task order.
         mean: ``[n_components]`` mean over prompts.
         ci95_low, ci95_high: ``[n_components]`` Student-t 95% interval of the mean (``stats.mean_ci95``).
-        target_logit: ``[n_prompts]`` answer logit minus the readout constant (``b_U[answer]`` plus the final norm's
+        target_logit: ``[n_prompts]`` answer logit (the pre-cap logit for a soft-capped model) minus the readout constant (``b_U[answer]`` plus the final norm's
             bias read out) from the model's actual forward pass.
         max_abs_error: ``max_i |sum_c per_prompt[i, c] - target_logit[i]|`` (completeness check, logits).
+        logit_soft_cap: the model's final-logit soft cap (Gemma 2), or None; when set, every value above is of the
+            pre-cap logit (the capped ``cap * tanh(pre / cap)`` is not linear in the residual stream).
     """
 
     labels: list[str]
@@ -53,6 +62,7 @@ class DLAResult(NotebookDisplay):
     ci95_high: torch.Tensor
     target_logit: torch.Tensor
     max_abs_error: float
+    logit_soft_cap: float | None = None
 
     def display_title(self) -> str:
         return (f"Direct logit attribution to the answer: {len(self.labels)} components over "
@@ -88,15 +98,20 @@ def component_labels(model) -> list[str]:
     return labels + ["bias"]
 
 
-def _attn_bias_sum(model) -> torch.Tensor:
-    """``sum_l b_O[l]`` ``[d_model]``; zeros for bias-free models (TL raises AttributeError there)."""
+def _attn_biases(model) -> torch.Tensor:
+    """``b_O`` ``[n_layers, d_model]``; zeros for bias-free models (TL raises AttributeError there)."""
     try:
         b_o = model.b_O
     except AttributeError:
         b_o = None
     if b_o is None:
-        return torch.zeros(model.cfg.d_model, device=model.W_U.device, dtype=model.W_U.dtype)
-    return b_o.sum(0)
+        return torch.zeros(model.cfg.n_layers, model.cfg.d_model, device=model.W_U.device, dtype=model.W_U.dtype)
+    return b_o
+
+
+def _attn_bias_sum(model) -> torch.Tensor:
+    """``sum_l b_O[l]`` ``[d_model]``; zeros for bias-free models (TL raises AttributeError there)."""
+    return _attn_biases(model).sum(0)
 
 
 def direct_logit_attribution(
@@ -128,8 +143,15 @@ def direct_logit_attribution(
     reads = [f"blocks.{layer}.attn.hook_z" for layer in range(n_layers)]
     reads += [f"blocks.{layer}.hook_mlp_out" for layer in range(n_layers)]
     reads += ["hook_embed"] + (["hook_pos_embed"] if pos_embed else []) + ["ln_final.hook_scale"]
+    # Gemma 2/3, OLMo 2: a norm on each attention output (ln1_post); at its cached scale it is linear, so the heads'
+    # writes (and b_O) through it sum to hook_attn_out exactly
+    posts = [site_post_norm(model, f"blocks.{layer}.attn.hook_z") for layer in range(n_layers)]
+    reads += [post[1] for post in posts if post is not None]
+    if readout.softcap is not None:
+        reads.append("ln_final.hook_normalized")
     W_O = model.W_O.detach().float()  # [l, h, d_head, d_model]
-    bias = _attn_bias_sum(model).detach().float()
+    b_O = _attn_biases(model).detach().float()  # [l, d_model]
+    bias = sum((b_O[layer] for layer in range(n_layers) if posts[layer] is None), torch.zeros_like(b_O[0]))
     iv = interventions_for(model)
 
     n = task.n_prompts
@@ -140,23 +162,36 @@ def direct_logit_attribution(
         clean = iv.clean(batch, read=reads)
         logits, acts = clean.logits, clean.reads
         parts = []
+        bias_rows = bias.to(logits.device).expand(len(batch.indices), 1, -1)
         for layer in range(n_layers):
             z = acts[f"blocks.{layer}.attn.hook_z"].float()  # [b, h, d_head]
-            parts.append(torch.einsum("bhd,hdm->bhm", z, W_O[layer]))
+            heads = torch.einsum("bhd,hdm->bhm", z, W_O[layer])
+            if posts[layer] is not None:
+                norm, scale_name = posts[layer]
+                scale = acts[scale_name]
+                heads = norm.linear(heads, scale)
+                # this layer's b_O goes through the norm too, and the norm's own bias joins the bias row
+                b = b_O[layer].to(logits.device).expand(len(batch.indices), 1, -1)
+                bias_rows = bias_rows + norm.linear(b, scale)
+                if norm.bias is not None:
+                    bias_rows = bias_rows + norm.bias.float().to(logits.device)
+            parts.append(heads)
         parts.append(
             torch.stack([acts[f"blocks.{layer}.hook_mlp_out"].float() for layer in range(n_layers)], 1)
         )
         parts.append(acts["hook_embed"].float()[:, None])
         if pos_embed:
             parts.append(acts["hook_pos_embed"].float()[:, None])
-        parts.append(bias.to(logits.device).expand(len(batch.indices), 1, -1))
+        parts.append(bias_rows)
         comps = torch.cat(parts, dim=1)  # [b, n_components, d_model]
         dla = readout.dla(comps, acts["ln_final.hook_scale"], batch.answer_ids)
         rows = torch.arange(len(batch.indices), device=logits.device)
         answers = batch.answer_ids.to(logits.device)
         idx = torch.tensor(batch.indices)
         per_prompt[idx] = dla.cpu()
-        target[idx] = (logits[rows, answers] - readout.constant(batch.answer_ids).to(logits.device)).cpu()
+        answer_logit = logits[rows, answers] if readout.softcap is None else readout.pre_cap_logit(
+            acts["ln_final.hook_normalized"], batch.answer_ids).to(logits.device)
+        target[idx] = (answer_logit - readout.constant(batch.answer_ids).to(logits.device)).cpu()
 
     stats = [mean_ci95(per_prompt[:, c]) for c in range(per_prompt.shape[1])]
     return DLAResult(
@@ -167,4 +202,5 @@ def direct_logit_attribution(
         ci95_high=torch.tensor([s.high for s in stats], dtype=torch.float32),
         target_logit=target,
         max_abs_error=float(np.abs((per_prompt.sum(1) - target).numpy()).max()),
+        logit_soft_cap=readout.softcap,
     )

@@ -8,7 +8,10 @@ post-activation ``[d_mlp]`` and ``x_hat = sae(h)``:
   ``b_out[L]`` is excluded from all three, as in the notebook, so ``MLP`` is ``hook_mlp_out - b_out``);
 - each vector goes through the final norm as a linear map with the prompt's cached ``ln_final.hook_scale`` at P
   (centred over d_model for LayerNorm, not for RMSNorm, times the norm's weight; :mod:`saecircuits.models.norms`) and
-  is dotted with ``W_U[:, answer]`` (as ``dla.py``), so the values do not depend on weight processing.
+  is dotted with ``W_U[:, answer]`` (as ``dla.py``), so the values do not depend on weight processing;
+- where a norm follows the MLP (Gemma 2/3 and OLMo 2's ``ln2_post``), each vector first goes through it as a linear
+  map at its cached ``blocks.L.ln2_post.hook_scale`` at P (:func:`saecircuits.models.norms.site_post_norm`), so
+  ``MLP`` is the DLA of ``hook_mlp_out`` (less that norm's bias, if any).
 
 Identity: ``reconstruction + error == MLP`` per prompt (exact up to float rounding).
 
@@ -27,7 +30,7 @@ import torch
 from saecircuits.analysis.stats import mean_ci95
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches
 from saecircuits.models.interventions import interventions_for
-from saecircuits.models.norms import readout_of
+from saecircuits.models.norms import readout_of, site_post_norm
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
 
@@ -100,16 +103,19 @@ def sae_error_dla(
     W_out = model.W_out[layer].detach().float()  # [d_mlp, d_model]
     per_prompt = torch.zeros(task.n_prompts, 3)
     iv = interventions_for(model)
+    post = site_post_norm(model, sae.hook_point)
     with torch.no_grad():
         for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
             acts = iv.clean(
-                batch, read=[sae.hook_point, "ln_final.hook_scale"], logits=False
+                batch, read=[sae.hook_point, "ln_final.hook_scale"] + ([post[1]] if post else []), logits=False
             ).reads
             h = acts[sae.hook_point].float()  # [b, d_mlp]
             x_hat = sae(h.to(sae.W_dec.dtype)).float().to(h.device)
             mlp = h @ W_out.to(h.device)
             rec = x_hat @ W_out.to(h.device)
             comps = torch.stack([mlp, rec, mlp - rec], 1)  # [b, 3, d_model]
+            if post is not None:  # through the norm on the MLP output, linear at its cached scale
+                comps = post[0].linear(comps, acts[post[1]])
             dla = readout.dla(comps, acts["ln_final.hook_scale"], batch.answer_ids)
             per_prompt[torch.tensor(batch.indices)] = dla.cpu()
     stats = [mean_ci95(per_prompt[:, c]) for c in range(3)]

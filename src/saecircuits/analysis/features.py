@@ -49,6 +49,7 @@ from saecircuits.analysis.stats import t_quantile
 from saecircuits.display import NotebookDisplay
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, answer_metrics, task_batches
 from saecircuits.models.interventions import Edit, interventions_for
+from saecircuits.models.norms import site_post_norm
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
 
@@ -414,7 +415,15 @@ class FeatureEffects(NotebookDisplay):
 
 
 def _feature_write(model, sae: SAE) -> torch.Tensor:
-    """``[d_sae, d_model]``: what one unit of each feature writes into the residual stream at its layer."""
+    """``[d_sae, d_model]``: what one unit of each feature writes into the residual stream at its layer (Gemma 2/3,
+    OLMo 2: through the post-MLP / post-attention norm it passes at unit scale, one factor per position that never
+    reorders its features; see :func:`saecircuits.models.norms.site_post_norm`)."""
+    write = _feature_write_raw(model, sae)
+    post = site_post_norm(model, sae.hook_point_out)
+    return write if post is None else post[0].linear(write, torch.ones(1, device=write.device))
+
+
+def _feature_write_raw(model, sae: SAE) -> torch.Tensor:
     from saecircuits.analysis.error_dla import mlp_post_layer
 
     hp = sae.hook_point_out  # a transcoder writes the MLP's output
@@ -511,7 +520,10 @@ def feature_effects(
     clean_loss = torch.zeros(task.n_prompts)
     baseline_loss = torch.zeros(task.n_prompts)
     parts: list[tuple[torch.Tensor, ...]] = []
+    post = site_post_norm(model, sae.hook_point_out)  # Gemma: the write's own norm scale divides it too
     reads = [sae.hook_point] + (["ln_final.hook_scale"] if top_n is not None else [])
+    if top_n is not None and post is not None:
+        reads.append(post[1])
     for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
         clean = iv.clean(batch, read=reads)
         with torch.no_grad():
@@ -521,7 +533,7 @@ def feature_effects(
             active &= torch.isin(torch.arange(sae.d_sae, device=f.device), given.to(f.device))[None]
         score = f.clone()
         if top_n is not None:
-            score = (f * _per_feature_dla(readout, write, clean, batch)).abs()
+            score = (f * _per_feature_dla(readout, write, clean, batch, None if post is None else post[1])).abs()
         score = score.masked_fill(~active, -float("inf"))
         n_act = active.sum(1)
         V = int(n_act.max()) if top_n is None else int(min(top_n, int(n_act.max())))
@@ -580,9 +592,12 @@ def feature_effects(
     )
 
 
-def _per_feature_dla(readout, write: torch.Tensor, clean, batch) -> torch.Tensor:
-    """``[B, d_sae]``: DLA per unit activation of every feature on each prompt's answer (final-norm scale at P)."""
+def _per_feature_dla(readout, write: torch.Tensor, clean, batch, post_scale: str | None = None) -> torch.Tensor:
+    """``[B, d_sae]``: DLA per unit activation of every feature on each prompt's answer (final-norm scale at P; times
+    the write's post-norm scale at P, read at ``post_scale``, for Gemma)."""
     scale = clean.reads["ln_final.hook_scale"].reshape(-1).float()
+    if post_scale is not None:
+        scale = scale * clean.reads[post_scale].reshape(-1).float().to(scale.device)
     normed = readout.norm.linear(write.to(scale.device), torch.ones(1))  # centred, weighted; scale applied below
     u = readout.answer_columns(batch.answer_ids).to(normed.device)  # [B, d_model]
     return (u @ normed.T) / scale[:, None]

@@ -220,6 +220,7 @@ def _single_position_losses(
         start = stage_of_hook(hook, eng.n_layers)
         if capture is not None:
             start = min(start, stage_of_hook(capture[0], eng.n_layers))
+        start = eng.restart_stage(start)
         T = tokens.shape[1]
         dev = tokens.device
         rows, pos = rows.to(dev), pos.to(dev)

@@ -14,6 +14,11 @@ For an SAE on ``blocks.L.mlp.hook_post`` with activations ``f_ik`` at each promp
   to the answer logit (the notebook used no scale). Summed over k this is the DLA of ``(x_hat - b_dec)
   @ W_out[L]``, i.e. the reconstruction row of ``error_dla.py`` minus the ``b_dec`` term.
 
+Where a norm follows the MLP (Gemma 2/3 and OLMo 2's ``ln2_post``), ``D`` goes through it at unit scale and ``s_i``
+is the product of the final norm's and that norm's cached scales at P
+(:func:`saecircuits.models.norms.site_post_norm`), so ``scaled_ln`` stays the feature's direct contribution and the
+identity with ``error_dla.py`` still holds.
+
 Departures: per-prompt answers; the LN-scaled variant; every prompt read at its own P in batches.
 """
 
@@ -26,7 +31,7 @@ import torch
 from saecircuits.analysis.error_dla import mlp_post_layer
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches
 from saecircuits.models.interventions import interventions_for
-from saecircuits.models.norms import readout_of
+from saecircuits.models.norms import readout_of, site_post_norm
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
 
@@ -80,6 +85,7 @@ def activation_scaled_dla(
     layer = mlp_post_layer(sae.hook_point)
     readout = readout_of(model)
     iv = interventions_for(model)
+    post = site_post_norm(model, sae.hook_point)  # Gemma: ln2_post's weight in G, its scale with s_i
     answers = sorted(set(int(a) for a in task.answer_ids))
     col = {a: j for j, a in enumerate(answers)}
     d_sae = sae.d_sae
@@ -89,15 +95,20 @@ def activation_scaled_dla(
     counts = torch.zeros(len(answers), dtype=torch.float64)
     with torch.no_grad():
         for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
-            read = iv.clean(batch, read=[sae.hook_point, "ln_final.hook_scale"], logits=False).reads
+            names = [sae.hook_point, "ln_final.hook_scale"] + ([post[1]] if post else [])
+            read = iv.clean(batch, read=names, logits=False).reads
             f = sae.encode(read[sae.hook_point].to(sae.W_dec.dtype)).double().cpu()  # [b, d_sae]
             s = read["ln_final.hook_scale"].double().reshape(-1).cpu()
+            if post is not None:
+                s = s * read[post[1]].double().reshape(-1).cpu()
             j = torch.tensor([col[int(a)] for a in batch.answer_ids.tolist()])
             f_sum.index_add_(0, j, f)
             f_scaled_sum.index_add_(0, j, f / s[:, None])
             counts.index_add_(0, j, torch.ones(len(j), dtype=torch.float64))
         W_out = model.W_out[layer].detach().double()
         D = sae.W_dec.detach().double().to(W_out.device) @ W_out  # [d_sae, d_model]
+        if post is not None:  # the MLP output's norm at unit scale (its scale is in s above)
+            D = post[0].linear(D, torch.ones(1, device=D.device)).double()
         if readout.norm.centre:
             D = D - D.mean(-1, keepdim=True)
         D = D * readout.norm.weight.double().to(D.device)

@@ -21,11 +21,26 @@ the model's maths once, in TransformerLens's processed basis, for the block shap
 - plain MLPs ``act(x W_in + b_in) W_out + b_out`` and gated ones ``(act(x W_gate) * (x W_in)) W_out``, with the
   activation function taken from ``transformers.activations.ACT2FN`` by the model's own config name.
 
-That covers GPT-2, GPT-Neo (global and local layers) and Llama (rotary + GQA). Every weight is read from the
-bridge after its weight processing, and :meth:`Engine.from_bridge` refuses any model whose logits it does not
-reproduce on a short check sequence, so an unsupported architecture fails loudly (the intervention layer then
-runs full bridge forwards instead). ``tests/models/test_engine.py`` checks every hook activation against the
-bridge for each architecture, on right-padded batches.
+- parallel attention + MLP blocks (GPT-NeoX / Pythia, GPT-J with one shared norm), partial rotary
+  (``rotary_pct``, ``rotary_dim``) and GPT-J's rotation of adjacent pairs (:class:`BlockShape`);
+- RMSNorms on queries and keys before the rotation, per head (Qwen 3, Gemma 3) or over the whole projection
+  (OLMo 2), fired as ``hook_q_normed``/``hook_k_normed`` in the bridge's layout; norms on the attention and MLP
+  outputs before they join the residual stream (``ln1_post``/``ln2_post``): after the pre-norms (Gemma 2 / 3) or in
+  their place (OLMo 2's post-norm blocks);
+- Gemma 2 and 3 (:func:`_gemma_layer_parts`): norms with a ``(1 + w)`` offset (read with their effective weight,
+  :func:`saecircuits.models.norms.module_norm_params`), token embeddings times ``sqrt(d_model)`` in the weights'
+  dtype, ``query_pre_attn_scalar`` (the attention module's ``scaling``), attention-score soft caps
+  ``cap * tanh(s / cap)`` (Gemma 2; before the mask, as transformers), final-logit soft caps (what
+  :meth:`Engine.logits` returns is capped), a per-layer-type rotary base (Gemma 3), alternating sliding and global
+  layers, GeGLU.
+
+That covers GPT-2, GPT-Neo (global and local layers), Llama / Mistral / Qwen 2 (rotary + GQA, sliding windows),
+GPT-NeoX / Pythia, GPT-J, Qwen 3, OLMo 2 and Gemma 2 / 3. Every weight is read from the bridge after its weight
+processing, and :meth:`Engine.from_bridge` refuses any model whose log-probs differ from the Hugging Face forward on
+a check sequence that crosses every sliding window (:meth:`Engine.check_against`), so an unsupported architecture
+fails loudly (the intervention layer then runs full bridge forwards instead). ``tests/models/test_engine.py``,
+``test_architectures.py`` and ``test_gemma.py`` check every hook activation against the bridge for each
+architecture, on right-padded batches.
 
 Tensor layout: each activation inside a call is ``[B, F, S, *shape]``: ``B`` prompts, ``F`` variants (1 while every
 variant still shares the value, ``V`` after the first edit that makes them differ), ``S`` positions computed in this
@@ -66,10 +81,14 @@ _BLOCK_HOOKS = (
     ("attn.hook_q", 0),
     ("attn.hook_k", 0),
     ("attn.hook_v", 0),
+    ("attn.hook_q_normed", 0),
+    ("attn.hook_k_normed", 0),
     ("attn.hook_rot_q", 0),
     ("attn.hook_rot_k", 0),
     ("attn.hook_pattern", 0),
     ("attn.hook_z", 0),
+    ("ln1_post.hook_scale", 0),
+    ("ln1_post.hook_normalized", 0),
     ("hook_attn_out", 0),
     ("hook_resid_mid", 1),
     ("ln2.hook_scale", 1),
@@ -77,6 +96,8 @@ _BLOCK_HOOKS = (
     ("mlp.hook_pre", 1),
     ("mlp.hook_pre_linear", 1),
     ("mlp.hook_post", 1),
+    ("ln2_post.hook_scale", 1),
+    ("ln2_post.hook_normalized", 1),
     ("hook_mlp_out", 1),
     ("hook_resid_post", 1),
 )
@@ -128,8 +149,8 @@ class _Layer:
     b_V: torch.Tensor
     W_O: torch.Tensor  # [h, d_head, d_model]
     b_O: torch.Tensor  # [d_model]
-    ln1: tuple[torch.Tensor, torch.Tensor | None]
-    ln2: tuple[torch.Tensor, torch.Tensor | None]
+    ln1: tuple[torch.Tensor, torch.Tensor | None] | None  # None: no norm before attention (OLMo 2)
+    ln2: tuple[torch.Tensor, torch.Tensor | None] | None  # None: no norm before the MLP (OLMo 2; GPT-J shares ln1)
     W_in: torch.Tensor  # [d_model, d_mlp]
     b_in: torch.Tensor
     W_gate: torch.Tensor | None
@@ -137,6 +158,36 @@ class _Layer:
     b_out: torch.Tensor
     scale: float
     window: int | None
+    q_norm: torch.Tensor | None = None  # RMSNorm weight on queries: [d_head] per head, [n_heads * d_head] whole
+    k_norm: torch.Tensor | None = None  # likewise on keys ([d_head] or [n_kv_heads * d_head])
+    # norms on the attention and MLP outputs before they join the residual stream: after ln1/ln2 (Gemma 2 / 3), in
+    # their place (OLMo 2)
+    ln1_post: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    ln2_post: tuple[torch.Tensor, torch.Tensor | None] | None = None
+    # Gemma (None elsewhere): the attention-score soft cap (Gemma 2) and a per-layer rotary (Gemma 3's local layers
+    # use their own base)
+    softcap: float | None = None
+    rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """How a block wires its sub-layers, read from the Hugging Face config and modules (:func:`_block_shape`).
+
+    Attributes:
+        parallel: attention and MLP both read ``resid_pre`` and add to it (GPT-NeoX / Pythia, GPT-J):
+            ``resid_post = resid_pre + attn(ln1(resid_pre)) + mlp(ln2(resid_pre))``; the block has no
+            ``hook_resid_mid`` and an edit anywhere in it recomputes the whole block at P.
+        qk_norm: RMSNorm on queries and keys before the rotation: ``"head"`` over each head's ``d_head`` (Qwen 3,
+            Gemma 3), ``"proj"`` over the whole projection ``n_heads * d_head`` (OLMo 2), None without.
+        qk_eps: that norm's epsilon.
+        rotary_interleaved: rotary embeddings rotate adjacent pairs of dims (GPT-J), not the two halves.
+    """
+
+    parallel: bool = False
+    qk_norm: str | None = None
+    qk_eps: float = 1e-6
+    rotary_interleaved: bool = False
 
 
 @dataclass
@@ -203,8 +254,12 @@ class Engine:
         W_U: torch.Tensor,
         b_U: torch.Tensor,
         n_ctx: int,
+        shape: BlockShape | None = None,
+        embed_scale: float | None = None,
+        logit_softcap: float | None = None,
     ) -> None:
         self.layers = layers
+        self.shape = shape or BlockShape()
         self.n_layers = len(layers)
         self.norm = norm
         self.eps = eps
@@ -216,6 +271,8 @@ class Engine:
         self.W_U = W_U
         self.b_U = b_U
         self.n_ctx = n_ctx
+        self.embed_scale = embed_scale  # Gemma: token embeddings times sqrt(d_model), in the weights' dtype
+        self.logit_softcap = logit_softcap  # Gemma: logits = cap * tanh(pre-cap logits / cap)
         self.d_model = W_E.shape[1]
         self.d_vocab = W_U.shape[1]
         self.n_heads = layers[0].W_Q.shape[0]
@@ -232,15 +289,16 @@ class Engine:
         Args:
             model: a ``TransformerBridge`` over a Hugging Face causal LM, with legacy hook names on
                 (``enable_compatibility_mode``, as :func:`saecircuits.models.load.load_model` does).
-            check: run a short random token batch through both and require equal logits (fp32: 1e-4 relative).
+            check: run a random token batch longer than every attention window through the engine and the Hugging
+                Face model and require equal log-probs (:meth:`check_against`).
 
         Returns:
             An :class:`Engine` holding detached references to the bridge's weights (no copies where TransformerLens
             returns views).
 
         Raises:
-            EngineError: a block shape the engine does not compute (parallel attention and MLP, partial rotary,
-                ALiBi, norms other than LayerNorm/RMSNorm, ...), or logits that differ from the bridge's.
+            EngineError: a block shape the engine does not compute (ALiBi, GPT-J's interleaved rotary, norms other
+                than LayerNorm/RMSNorm, ...), or log-probs that differ from the Hugging Face model's.
         """
         from transformers.activations import ACT2FN
 
@@ -249,8 +307,7 @@ class Engine:
         if hf is None:
             raise EngineError("the engine needs a TransformerBridge over a Hugging Face model (original_model)")
         hf_cfg = hf.config
-        if getattr(cfg, "parallel_attn_mlp", False):
-            raise EngineError("parallel attention + MLP blocks are not supported by the engine")
+        shape = _block_shape(model, hf)
         if getattr(cfg, "use_normalization_before_and_after", False):
             raise EngineError("blocks with norms before and after each sub-layer are not supported by the engine")
         norm_type = str(getattr(cfg, "normalization_type", "LN"))
@@ -260,7 +317,8 @@ class Engine:
             norm = "RMS"
         else:
             raise EngineError(f"normalization_type {norm_type!r} is not supported by the engine")
-        act_name = getattr(hf_cfg, "activation_function", None) or getattr(hf_cfg, "hidden_act", None)
+        act_name = (getattr(hf_cfg, "activation_function", None) or getattr(hf_cfg, "hidden_activation", None)
+                    or getattr(hf_cfg, "hidden_act", None))
         if act_name not in ACT2FN:
             raise EngineError(f"MLP activation {act_name!r} is not known to transformers' ACT2FN")
         # torch's fused kernels for the functions transformers writes out op by op (same formula; the check
@@ -300,10 +358,13 @@ class Engine:
                 _Layer(
                     W_Q=W_Q[layer], b_Q=b_Q[layer], W_K=W_K[layer], b_K=b_K[layer], W_V=W_V[layer], b_V=b_V[layer],
                     W_O=W_O[layer], b_O=b_O[layer],
-                    ln1=_norm_params(block.ln1), ln2=_norm_params(block.ln2),
+                    ln1=_optional_norm(block, "ln1"), ln2=_optional_norm(block, "ln2"),
                     W_in=W_in[layer], b_in=b_in[layer], W_gate=None if W_gate is None else W_gate[layer],
                     W_out=W_out[layer], b_out=b_out[layer],
                     scale=float(scaling), window=windows[layer],
+                    q_norm=_qk_norm_weight(block, hf_attn, "q_norm"), k_norm=_qk_norm_weight(block, hf_attn, "k_norm"),
+                    ln1_post=_optional_norm(block, "ln1_post"), ln2_post=_optional_norm(block, "ln2_post"),
+                    **_gemma_layer_parts(hf_attn, hf, d_head),
                 )
             )
         pos_type = getattr(cfg, "positional_embedding_type", "standard")
@@ -330,29 +391,52 @@ class Engine:
             W_U=W_U,
             b_U=b_U,
             n_ctx=int(cfg.n_ctx),
+            shape=shape,
+            embed_scale=_embed_scale(hf),
+            logit_softcap=getattr(hf_cfg, "final_logit_softcapping", None),
         )
         if check:
             engine.check_against(model)
         return engine
 
-    def check_against(self, model, *, seq_len: int = 24, seed: int = 0) -> float:
-        """Compare this engine's logits with the bridge's on a random 2-row batch; return the max abs difference.
+    def restart_stage(self, stage: tuple[int, int]) -> tuple[int, int]:
+        """The half-block a recomputation that must fire hooks of ``stage`` starts from: ``stage`` itself, except
+        the MLP half of a parallel block, whose MLP reads ``hook_resid_pre``: the whole block, ``(layer, 0)``."""
+        return (stage[0], 0) if self.shape.parallel and stage[1] == 1 else stage
+
+    def check_against(self, model, *, seq_len: int | None = None, seed: int = 0) -> float:
+        """Compare this engine's log-probs with the Hugging Face model's own forward (``model.original_model``, the
+        reference the bridge wraps) on random tokens; return the max abs difference (nats).
+
+        The default sequence crosses every sliding/local window the Hugging Face config names (``sliding_window``,
+        ``window_size``, per-layer ``layer_types``), not only those the engine read, so a wrong window cannot pass.
+        Only the last ``min(n, 24)`` positions (past every window) are unembedded on either side (the Hugging Face
+        forward's ``logits_to_keep``): no ``[tokens, d_vocab]`` logits for a long window and a large vocabulary
+        (Gemma 2: 4,104 x 256,000, 4 GB). Two rows; one when the sequence is longer than 64 tokens.
+
+        Args:
+            seq_len: tokens per row; default 24, or 16 past the widest window, capped at ``n_ctx``.
 
         Raises:
             EngineError: the difference exceeds ``1e-4 * (1 + max |logit|)`` (fp32; 2e-2 for 16-bit weights).
         """
+        hf = getattr(model, "original_model", model)
+        if seq_len is None:  # the windows the Hugging Face config declares, not the engine's own reading of them
+            windows = _model_windows(model) + [w for w in _layer_windows(hf, self.n_layers) if w is not None]
+            seq_len = max([24] + [w + 16 for w in windows])
         gen = torch.Generator().manual_seed(seed)
         n = min(seq_len, self.n_ctx)
-        tokens = torch.randint(0, self.d_vocab, (2, n), generator=gen).to(self.W_E.device)
+        keep = min(n, 24)
+        tokens = torch.randint(0, self.d_vocab, (2 if n <= 64 else 1, n), generator=gen).to(self.W_E.device)
         with torch.no_grad():
-            ref = model(tokens, return_type="logits").float()
-            out = self.logits(self.forward_tokens(tokens))[:, 0]
-        diff = float((out - ref).abs().max())
+            ref = _hf_last_logits(hf, tokens, keep)
+            out = self.logits(self.forward_tokens(tokens)[:, :, -keep:])[:, 0]
+        diff = float((out.log_softmax(-1) - ref.log_softmax(-1)).abs().max())
         tol = (1e-4 if self.W_E.dtype == torch.float32 else 2e-2) * (1.0 + float(ref.abs().max()))
         if not diff <= tol:
             raise EngineError(
-                f"the engine's logits differ from the bridge's by {diff:.3g} (tolerance {tol:.3g}); this model's "
-                "blocks are not of a shape the engine computes"
+                f"the engine's log-probs differ from the Hugging Face model's by {diff:.3g} (tolerance {tol:.3g}) "
+                f"on {n} tokens; this model's blocks are not of a shape the engine computes"
             )
         return diff
 
@@ -397,25 +481,34 @@ class Engine:
         q = self._fire(hooks, f"{name}.hook_q", torch.einsum("bfsd,hde->bfshe", xn, lw.W_Q) + lw.b_Q)
         k = self._fire(hooks, f"{name}.hook_k", torch.einsum("bfsd,hde->bfshe", xn, lw.W_K) + lw.b_K)
         v = self._fire(hooks, f"{name}.hook_v", torch.einsum("bfsd,hde->bfshe", xn, lw.W_V) + lw.b_V)
-        if self.rotary is not None:
-            cos, sin = self.rotary(qpos)  # [B, S, d_head]
+        if lw.q_norm is not None:
+            q = self._fire_qk_normed(hooks, f"{name}.hook_q_normed", self._qk_norm(q, lw.q_norm), q)
+        if lw.k_norm is not None:
+            k = self._fire_qk_normed(hooks, f"{name}.hook_k_normed", self._qk_norm(k, lw.k_norm), k)
+        rotary = lw.rotary or self.rotary
+        if rotary is not None:
+            cos, sin = rotary(qpos)  # [B, S, rotary_dim]
             cos, sin = cos[:, None, :, None, :].to(q.dtype), sin[:, None, :, None, :].to(q.dtype)
-            q = self._fire(hooks, f"{name}.hook_rot_q", q * cos + _rotate_half(q) * sin)
-            k = self._fire(hooks, f"{name}.hook_rot_k", k * cos + _rotate_half(k) * sin)
+            pairs = self.shape.rotary_interleaved
+            q = self._fire(hooks, f"{name}.hook_rot_q", _apply_rotary(q, cos, sin, pairs))
+            k = self._fire(hooks, f"{name}.hook_rot_k", _apply_rotary(k, cos, sin, pairs))
         if keep_kv is not None:
             keep_kv.append((k, v))
+        F = max(q.shape[1], k.shape[1], v.shape[1])
+        if q.shape[1] != F:  # an edit of keys or values made the variants differ: every variant has its query
+            q = q.expand(q.shape[0], F, *q.shape[2:])
         B, F, S, H, E = q.shape
         K = self.n_kv_heads
         G = H // K
         wants_pattern = hooks is not None and f"{name}.hook_pattern" in hooks
-        if prefix is None and not wants_pattern and bool((qpos == torch.arange(S, device=qpos.device)).all()):
+        if prefix is None and not wants_pattern and lw.softcap is None and bool((qpos == torch.arange(S, device=qpos.device)).all()):
             # a whole sequence from position 0: torch's fused attention (no [S, S] pattern is materialised)
             z = self._fused_attention(q, k, v, lw, B, F, S, H, E, G)
             z = self._fire(hooks, f"{name}.hook_z", z.to(xn.dtype))
             return torch.einsum("bfshe,hed->bfsd", z, lw.W_O) + lw.b_O
         qg = q.reshape(B, F, S, K, G, E).float()
         # scores against the new positions themselves: [B, F, K, G, S, S']
-        own = torch.einsum("bfskge,bftke->bfkgst", qg, k.float()) * lw.scale
+        own = _softcap(torch.einsum("bfskge,bftke->bfkgst", qg, k.float()) * lw.scale, lw.softcap)
         d = qpos[:, :, None] - qpos[:, None, :]  # [B, S, S'] query minus key position
         ok = d >= 0
         if lw.window is not None:
@@ -435,6 +528,24 @@ class Engine:
         z = self._fire(hooks, f"{name}.hook_z", z.reshape(B, -1, S, H, E).to(xn.dtype))  # F may grow at the pattern
         return torch.einsum("bfshe,hed->bfsd", z, lw.W_O) + lw.b_O
 
+    def _fire_qk_normed(self, hooks: HookFns | None, name: str, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Fire a q/k norm output in the bridge's layout (per head ``[B, F, heads, S, d_head]``, over the projection
+        ``[B, F, S, heads * d_head]``); return it as ``like``'s ``[B, F', S, heads, d_head]``."""
+        if self.shape.qk_norm == "head":
+            return self._fire(hooks, name, x.transpose(2, 3)).transpose(2, 3)
+        return _heads(self._fire(hooks, name, x), like)
+
+    def _qk_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """RMSNorm of queries or keys ``[B, F, S, heads, d_head]`` as the Hugging Face attention module computes it:
+        over each head (Qwen 3), or over the whole projection (OLMo 2, ``weight [heads * d_head]``). Returned as
+        ``[B, F, S, heads, d_head]`` per head, ``[B, F, S, heads * d_head]`` over the projection."""
+        dtype = x.dtype
+        h = x.float()
+        if self.shape.qk_norm == "proj":
+            h = h.flatten(-2)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.shape.qk_eps)
+        return (weight.float() * h).to(dtype)
+
     @staticmethod
     def _prefix_attention(qg, own, v, prefix: KVPrefix, qpos, lw: _Layer) -> torch.Tensor:
         """Attention of new positions over cached keys ``< P`` and over themselves, without concatenating them.
@@ -448,6 +559,7 @@ class Engine:
         T = prefix.keys.shape[2]
         qh = qg.permute(0, 3, 1, 2, 4, 5).reshape(B, K, F * S * G, E)
         pre = torch.matmul(qh, prefix.keys.float().transpose(-1, -2)).mul_(lw.scale)  # [B, K, F*S*G, T]
+        pre = _softcap(pre, lw.softcap)
         dp = qpos[:, :, None] - torch.arange(T, device=qpos.device)[None, None, :]  # [B, S, T]
         okp = (dp >= 0) & prefix.valid[:, None, :]
         if lw.window is not None:
@@ -481,7 +593,7 @@ class Engine:
         if S != 1:
             raise EngineError(f"{hook} is fired under a cached prefix for one new position per prompt only")
         T = prefix.keys.shape[2]
-        pre = torch.einsum("bfskge,bkte->bfkgst", qg, prefix.keys.float()) * lw.scale  # [B, F, K, G, 1, T]
+        pre = _softcap(torch.einsum("bfskge,bkte->bfkgst", qg, prefix.keys.float()) * lw.scale, lw.softcap)
         dp = qpos[:, :, None] - torch.arange(T, device=qpos.device)[None, None, :]  # [B, 1, T]
         okp = (dp > 0) & prefix.valid[:, None, :]  # column P holds the position's own key, below
         if lw.window is not None:
@@ -527,7 +639,7 @@ class Engine:
             lin = self._fire(hooks, f"{name}.hook_pre_linear", xn @ lw.W_in + lw.b_in)
             post = self.act(pre) * lin
         post = self._fire(hooks, f"{name}.hook_post", post)
-        return post @ lw.W_out + lw.b_out
+        return post @ lw.W_out + lw.b_out  # a norm on it (ln2_post: Gemma, OLMo 2) is applied in _block
 
     def _block(
         self,
@@ -543,26 +655,63 @@ class Engine:
     ) -> torch.Tensor:
         lw = self.layers[layer]
         name = f"blocks.{layer}"
+        if self.shape.parallel:
+            if start_sub != 0:
+                raise EngineError("a parallel attention + MLP block is recomputed from its hook_resid_pre")
+            return self._parallel_block(layer, x, qpos, prefix, hooks, keep_kv=keep_kv, keep_resid=keep_resid)
         if start_sub == 0:
             x = self._fire(hooks, f"{name}.hook_resid_pre", x)
             if keep_resid is not None:
                 keep_resid[(layer, 0)] = x
-            xn = self._norm(x, lw.ln1, f"{name}.ln1", hooks)
-            attn = self._fire(hooks, f"{name}.hook_attn_out", self._attention(layer, xn, qpos, prefix, hooks, keep_kv))
+            xn = x if lw.ln1 is None else self._norm(x, lw.ln1, f"{name}.ln1", hooks)
+            attn = self._attention(layer, xn, qpos, prefix, hooks, keep_kv)
+            if lw.ln1_post is not None:  # Gemma, OLMo 2: the attention's output is normed before it joins the stream
+                attn = self._norm(attn, lw.ln1_post, f"{name}.ln1_post", hooks)
+            attn = self._fire(hooks, f"{name}.hook_attn_out", attn)
             x = x + attn
         x = self._fire(hooks, f"{name}.hook_resid_mid", x)
         if keep_resid is not None:
             keep_resid[(layer, 1)] = x
-        xn = self._norm(x, lw.ln2, f"{name}.ln2", hooks)
-        x = x + self._fire(hooks, f"{name}.hook_mlp_out", self._mlp(layer, xn, hooks))
+        xn = x if lw.ln2 is None else self._norm(x, lw.ln2, f"{name}.ln2", hooks)
+        mlp = self._mlp(layer, xn, hooks)
+        if lw.ln2_post is not None:  # Gemma, OLMo 2: the MLP's output is normed before it joins the stream
+            mlp = self._norm(mlp, lw.ln2_post, f"{name}.ln2_post", hooks)
+        x = x + self._fire(hooks, f"{name}.hook_mlp_out", mlp)
         return self._fire(hooks, f"{name}.hook_resid_post", x)
+
+    def _parallel_block(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        qpos: torch.Tensor,
+        prefix: KVPrefix | None,
+        hooks: HookFns | None,
+        *,
+        keep_kv: list | None = None,
+        keep_resid: dict | None = None,
+    ) -> torch.Tensor:
+        """GPT-NeoX / GPT-J block: ``resid_pre + attn(ln1(resid_pre)) + mlp(ln2(resid_pre))`` (GPT-J: ln2 = ln1)."""
+        lw = self.layers[layer]
+        name = f"blocks.{layer}"
+        x = self._fire(hooks, f"{name}.hook_resid_pre", x)
+        if keep_resid is not None:
+            keep_resid[(layer, 0)] = x
+        xa = self._norm(x, lw.ln1, f"{name}.ln1", hooks)
+        attn = self._fire(hooks, f"{name}.hook_attn_out", self._attention(layer, xa, qpos, prefix, hooks, keep_kv))
+        xm = xa if lw.ln2 is None else self._norm(x, lw.ln2, f"{name}.ln2", hooks)
+        mlp = self._fire(hooks, f"{name}.hook_mlp_out", self._mlp(layer, xm, hooks))
+        # HF's order of the sum (GPT-NeoX: mlp + attn + resid)
+        return self._fire(hooks, f"{name}.hook_resid_post", mlp + attn + x)
 
     # ------------------------------------------------------------------------------------------------------------
     # passes
 
     def embed(self, tokens: torch.Tensor, pos: torch.Tensor, hooks: HookFns | None = None) -> torch.Tensor:
         """Residual stream entering block 0: ``[B, 1, S, d_model]`` from tokens and absolute positions ``[B, S]``."""
-        x = self._fire(hooks, "hook_embed", self.W_E[tokens][:, None])
+        x = self.W_E[tokens][:, None]
+        if self.embed_scale is not None:  # in the weights' dtype, as Hugging Face's Gemma does
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype, device=x.device)
+        x = self._fire(hooks, "hook_embed", x)
         if self.W_pos is not None:
             x = x + self._fire(hooks, "hook_pos_embed", self.W_pos[pos][:, None])
         return x
@@ -631,7 +780,94 @@ class Engine:
         flat = xn.reshape(-1, xn.shape[-1])
         # addmm adds the bias inside the matmul: a third faster than `@` then `+` with a large vocabulary
         out = torch.addmm(self.b_U.to(flat.dtype), flat, self.W_U) if self.b_U is not None else flat @ self.W_U
+        if self.logit_softcap is not None:  # Gemma: what the model outputs is the capped logit
+            out = _softcap(out, float(self.logit_softcap))
         return out.reshape(*xn.shape[:-1], -1).float()
+
+
+def _hf_last_logits(hf_model, tokens: torch.Tensor, keep: int) -> torch.Tensor:
+    """The Hugging Face forward's logits (soft-capped where the model caps them) at the last ``keep`` positions of
+    ``tokens [B, S]``: float32 ``[B, keep, d_vocab]``, unembedding only those where the forward takes
+    ``logits_to_keep`` (every ``*ForCausalLM`` of transformers 5)."""
+    import inspect
+
+    if "logits_to_keep" in inspect.signature(hf_model.forward).parameters:
+        logits = hf_model(tokens, logits_to_keep=keep).logits
+    else:
+        logits = hf_model(tokens).logits
+    return logits[:, -keep:].float()
+
+
+def _optional_norm(block, name: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """:func:`_norm_params` of ``block.<name>``, or None when the block has no such norm (OLMo 2 has no ln1/ln2,
+    only ln1_post/ln2_post; GPT-J's parallel block has ln1 alone)."""
+    if name not in dict(block.named_children()):
+        return None
+    return _norm_params(getattr(block, name))
+
+
+def _qk_norm_weight(block, hf_attn, name: str) -> torch.Tensor | None:
+    """The effective weight of the attention's ``q_norm``/``k_norm`` RMSNorm (Qwen 3, OLMo 2, Gemma 3), or None:
+    the bridge's module where it wraps one (Gemma 3's ``(1 + weight)`` offset read by
+    :func:`saecircuits.models.norms.module_norm_params`), else the Hugging Face module's weight.
+
+    Raises:
+        EngineError: a q/k norm with a bias (not an RMSNorm), or a Gemma-style one the bridge does not wrap.
+    """
+    mod = getattr(hf_attn, name, None)
+    if mod is None:
+        return None
+    if getattr(mod, "bias", None) is not None:
+        raise EngineError(f"{type(mod).__name__} as {name} is not a plain RMSNorm; not supported by the engine")
+    wrapped = getattr(block.attn, name, None)
+    if wrapped is not None and hasattr(wrapped, "uses_rms_norm"):
+        return _norm_params(wrapped)[0]
+    if "gemma" in type(mod).__name__.lower():
+        raise EngineError(f"{type(mod).__name__} as {name} (a (1 + weight) norm the bridge does not wrap) is not "
+                          "supported by the engine")
+    return mod.weight.detach()
+
+
+def _block_shape(model, hf_model) -> BlockShape:
+    """The :class:`BlockShape` of a bridge's blocks, from its config and the Hugging Face attention modules.
+
+    Raises:
+        EngineError: q and k norms of different kinds, or layers that differ in shape.
+    """
+    parallel = bool(getattr(model.cfg, "parallel_attn_mlp", False))
+    interleaved = getattr(hf_model.config, "model_type", "") == "gptj"
+    hf_attn = getattr(model.blocks[0].attn, "original_component", None)
+    q_norm = getattr(hf_attn, "q_norm", None)
+    if q_norm is None:
+        return BlockShape(parallel=parallel, rotary_interleaved=interleaved)
+    eps = getattr(q_norm, "variance_epsilon", getattr(q_norm, "eps", None))
+    if eps is None:
+        raise EngineError(f"{type(q_norm).__name__} has no epsilon the engine can read")
+    d_head = int(model.cfg.d_head)
+    kind = "head" if q_norm.weight.shape[-1] == d_head else "proj"
+    return BlockShape(parallel=parallel, qk_norm=kind, qk_eps=float(eps), rotary_interleaved=interleaved)
+
+
+def _heads(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``x`` back in ``like``'s ``[..., heads, d_head]`` layout (a whole-projection q/k norm fires it flattened)."""
+    return x if x.dim() == like.dim() else x.unflatten(-1, like.shape[-2:])
+
+
+def _rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    """GPT-J's rotation of adjacent pairs ``(x0, x1) -> (-x1, x0)``."""
+    return torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+
+
+def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Rotary embedding of the first ``cos.shape[-1]`` dims of each head (all of them unless partial rotary,
+    GPT-NeoX's ``rotary_pct``, GPT-J's ``rotary_dim``); the rest pass through. Rotate-half (Llama, GPT-NeoX), or
+    adjacent pairs with ``interleaved`` (GPT-J)."""
+    rotate = _rotate_every_two if interleaved else _rotate_half
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + rotate(x) * sin
+    rot, rest = x[..., :r], x[..., r:]
+    return torch.cat([rot * cos + rotate(rot) * sin, rest], dim=-1)
 
 
 def _norm_params(bridge_norm) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -641,6 +877,49 @@ def _norm_params(bridge_norm) -> tuple[torch.Tensor, torch.Tensor | None]:
     except ValueError as err:
         raise EngineError(str(err)) from err
     return params.weight, params.bias
+
+
+def _softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma's soft cap ``cap * tanh(x / cap)`` (attention scores, Gemma 2; final logits), or ``x`` when None."""
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+def _gemma_layer_parts(hf_attn, hf_model, d_head: int) -> dict:
+    """A block's Gemma-only :class:`_Layer` fields (nothing for other models): the attention soft cap (Gemma 2) and
+    the layer's own rotary (Gemma 3's sliding layers use ``rope_local_base_freq``), each read from the model's own
+    modules and config. (Its post-attention/post-MLP norms and q/k norms are read as OLMo 2's and Qwen 3's are.)"""
+    parts: dict = {}
+    if hf_attn is not None and getattr(hf_attn, "attn_logit_softcapping", None) is not None:
+        parts["softcap"] = float(hf_attn.attn_logit_softcapping)
+    layer_type = getattr(hf_attn, "layer_type", None)
+    if layer_type is not None and _rotary_takes_layer_type(hf_model):
+        parts["rotary"] = _rotary_fn(hf_model, d_head, layer_type=layer_type)
+    return parts
+
+
+def _embed_scale(hf_model) -> float | None:
+    """The factor Gemma multiplies token embeddings by (``embed_tokens.embed_scale``, sqrt(d_model)); None elsewhere."""
+    emb = getattr(getattr(hf_model, "model", hf_model), "embed_tokens", None)
+    emb = getattr(emb, "original_component", emb)
+    scale = getattr(emb, "embed_scale", None)
+    return None if scale is None else float(scale)
+
+
+def _rotary_takes_layer_type(hf_model) -> bool:
+    import inspect
+
+    rotary = getattr(getattr(hf_model, "model", hf_model), "rotary_emb", None)
+    rotary = getattr(rotary, "original_component", rotary)
+    return rotary is not None and "layer_type" in inspect.signature(rotary.forward).parameters
+
+
+def _model_windows(model) -> list[int]:
+    """Every window size the Hugging Face config names (``sliding_window`` unless ``use_sliding_window`` is False,
+    ``window_size``), whatever the engine made of them, so the load check crosses them all."""
+    cfg = getattr(getattr(model, "original_model", None), "config", None)
+    names = ("window_size",) if getattr(cfg, "use_sliding_window", True) is False else ("sliding_window", "window_size")
+    values = [getattr(cfg, name, None) for name in names]
+    return [int(v) for v in values if isinstance(v, int) and not isinstance(v, bool) and v > 0]
 
 
 def _is_gpt_neo(hf_model) -> bool:
@@ -662,19 +941,24 @@ def _layer_windows(hf_model, n_layers: int) -> list[int | None]:
     return [int(window) if types[i] == "sliding_attention" else None for i in range(n_layers)]
 
 
-def _rotary_fn(hf_model, d_head: int):
-    """cos/sin ``[B, S, d_head]`` at absolute positions ``[B, S]`` from the Hugging Face model's own rotary module."""
-    base = getattr(hf_model, "model", hf_model)
+def _rotary_fn(hf_model, d_head: int, layer_type: str | None = None):
+    """cos/sin ``[B, S, rotary_dim]`` at absolute positions ``[B, S]`` from the Hugging Face model's own rotary module
+    (for ``layer_type``'s base where the module keeps one per layer type: Gemma 3)."""
+    base = getattr(hf_model, "model", None) or getattr(hf_model, "base_model", hf_model)  # GPT-NeoX: gpt_neox
     rotary = getattr(base, "rotary_emb", None)
     if rotary is None:
         raise EngineError("rotary model without a model-level rotary_emb module; not supported by the engine")
     probe = next(hf_model.parameters())
 
+    gptj = getattr(hf_model.config, "model_type", "") == "gptj"
+
     def fn(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dummy = torch.zeros(1, dtype=probe.dtype, device=pos.device)
-        cos, sin = rotary(dummy, pos)
-        if cos.shape[-1] != d_head:
-            raise EngineError("partial rotary embeddings are not supported by the engine")
+        cos, sin = rotary(dummy, pos) if layer_type is None else rotary(dummy, pos, layer_type)
+        if gptj:  # GPT-J's module returns (sin, cos), one value per pair: repeat each for the pair's two dims
+            cos, sin = sin.repeat_interleave(2, -1), cos.repeat_interleave(2, -1)
+        if cos.shape[-1] > d_head or cos.shape[-1] % 2:
+            raise EngineError(f"rotary embeddings of width {cos.shape[-1]} for heads of {d_head} are not supported")
         return cos, sin
 
     return fn

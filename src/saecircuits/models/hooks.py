@@ -193,17 +193,27 @@ HEAD_FIRST_HOOKS = ("attn.hook_pattern", "attn.hook_attn_scores")
 """Hooks whose activation is ``[batch, head, query_pos, key_pos]``: the position axis is the query axis, 2."""
 
 
-def query_axis(hook_name: str) -> int:
+PER_HEAD_NORM_HOOKS = ("attn.hook_q_normed", "attn.hook_k_normed")
+"""Queries/keys after a q/k RMSNorm: ``[batch, head, pos, d_head]`` when the norm is per head (Qwen 3, as the bridge
+fires them), ``[batch, pos, heads * d_head]`` when it spans the projection (OLMo 2)."""
+
+
+def query_axis(hook_name: str, ndim: int | None = None, axis_offset: int = 0) -> int:
     """The axis of a hook's ``[batch, ...]`` activation that indexes the (query) position: 1, or 2 for the
-    attention pattern and scores (``[batch, head, query, key]``), whose row at P is every head's query row P."""
-    return 2 if hook_name.endswith(HEAD_FIRST_HOOKS) else 1
+    attention pattern and scores (``[batch, head, query, key]``), whose row at P is every head's query row P, and
+    for per-head q/k norm outputs (``[batch, head, pos, d_head]``: ``ndim`` 4, plus ``axis_offset``)."""
+    if hook_name.endswith(HEAD_FIRST_HOOKS):
+        return 2
+    if hook_name.endswith(PER_HEAD_NORM_HOOKS) and ndim == 4 + axis_offset:
+        return 2
+    return 1
 
 
 def at_query(value: torch.Tensor, hook_name: str, axis_offset: int = 0) -> torch.Tensor:
     """``value`` viewed with its position axis at ``1 + axis_offset`` (a view: writes go through to ``value``).
 
     ``axis_offset`` counts extra axes after the batch axis (the engine's variant axis ``F``: 1)."""
-    q = query_axis(hook_name) + axis_offset
+    q = query_axis(hook_name, value.dim(), axis_offset) + axis_offset
     return value if q == 1 + axis_offset else value.movedim(q, 1 + axis_offset)
 
 
@@ -257,6 +267,7 @@ def run_at_positions(
     read: Sequence[str] = (),
     edits: Sequence[tuple[str, Callable]] = (),
     return_logits: bool = True,
+    grad: bool = False,
 ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
     """One forward pass; returns the logits and the named activations, each gathered at every row's position.
 
@@ -270,6 +281,8 @@ def run_at_positions(
         read: hook names (TL legacy names are fine) to capture at the positions -> ``[b, *act_shape]``.
         edits: ``(hook_name, hook_fn)`` pairs, e.g. from :func:`edit_at_positions`.
         return_logits: also return the logits at the positions ``[b, d_vocab]`` (float32).
+        grad: run with autograd on, so tensors the edits mark with ``requires_grad_`` get gradients from the
+            returned logits (the bridge's own parameters stay frozen); reads are detached either way.
 
     Returns:
         ``(logits_at_positions or None, {name: activation_at_positions})``.
@@ -305,7 +318,7 @@ def run_at_positions(
         stop = stop_layer_for(list(read), getattr(getattr(model, "cfg", None), "n_layers", None))
         if stop is not None:
             kwargs["stop_at_layer"] = stop
-    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+    with torch.set_grad_enabled(grad), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = model.run_with_hooks(
             tokens, fwd_hooks=fwd_hooks, return_type="logits" if return_logits else None, **kwargs

@@ -215,7 +215,8 @@ class Interventions:
             grad: keep the autograd graph of position P (the cached prefix is constant, which is exact for
                 gradients with respect to activations at P): edits may mark tensors with ``requires_grad_`` /
                 ``retain_grad`` and the caller back-propagates from the logits (attribution patching, integrated
-                gradients). Engine backend only.
+                gradients). On the bridge backend: a full forward of every row with autograd on; the positions
+                before P do not depend on an edit at P, so the gradients are the same.
 
         Returns:
             ``(logits [B, V, d_vocab] float32 or None, {hook: [B, V, *act_shape]})``.
@@ -223,18 +224,15 @@ class Interventions:
         Raises:
             EngineError (engine) / KeyError (bridge): an edited or read hook that never fires, named (an edit is
                 never silently dropped). ValueError: an edit returned a bad shape.
-            NotImplementedError: ``grad=True`` on the bridge backend.
 
         An edit's effect is ``metric(run) - metric(clean.logits)`` only up to float rounding: the clean pass and the
         recomputation of P take different paths (about 1e-6 nats). Use :meth:`run_paired` for effects, so that an
         edit that changes nothing gives exactly 0.
         """
         if grad:
-            if self.engine is None:
-                raise NotImplementedError(
-                    f"gradients at P need the prefix-cached engine, which this model cannot use ({self.reason})"
-                )
             with torch.enable_grad():
+                if self.engine is None:
+                    return self._bridge_run(clean, list(edits), n_variants, list(read), logits, keep_graph=True)
                 return self._engine_run(clean, list(edits), n_variants, list(read), logits, keep_graph=True)
         with torch.no_grad():
             if self.engine is None:
@@ -413,7 +411,7 @@ class Interventions:
         stages = [stage_of_hook(h, n) for e in edits for h in (e.hook, *e.reads)] + [stage_of_hook(r, n) for r in read]
         if not stages:
             raise ValueError("run() needs at least one edit or read hook")
-        start = min(stages)
+        start = eng.restart_stage(min(stages))
         batch = clean.batch
         B = batch.tokens.shape[0]
         pos = batch.positions.to(batch.tokens.device)
@@ -450,7 +448,7 @@ class Interventions:
     # bridge backend (full forwards, exact, slow)
 
     def _bridge_run(
-        self, clean: CleanPass, edits: list[Edit], V: int, read: list[str], logits: bool
+        self, clean: CleanPass, edits: list[Edit], V: int, read: list[str], logits: bool, keep_graph: bool = False
     ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
         batch = clean.batch
         B = batch.tokens.shape[0]
@@ -459,8 +457,10 @@ class Interventions:
         captured: dict[str, torch.Tensor] = {}
         fwd = [(e.hook, _edit_hook_full(e, pos, B, V, captured)) for e in edits]
         # after the edits of that hook (TransformerLens runs a hook's functions in order): edits read edited values
-        fwd += [(name, _capture_full(captured, name, pos, B, V)) for name in {h for e in edits for h in e.reads}]
-        lg, reads = run_at_positions(self.model, tokens, pos, read=read, edits=fwd, return_logits=logits)
+        fwd += [(name, _capture_full(captured, name, pos, B, V, detach=not keep_graph))
+                for name in {h for e in edits for h in e.reads}]
+        lg, reads = run_at_positions(self.model, tokens, pos, read=read, edits=fwd, return_logits=logits,
+                                     grad=keep_graph)
         out = {k: v.reshape(B, V, *v.shape[1:]) for k, v in reads.items()}
         return (None if lg is None else lg.reshape(B, V, -1)), out
 
@@ -550,7 +550,7 @@ def _edit_at_single_position(e: Edit, B: int, V: int, fired: set[str] | None = N
         rows = at_query(x, e.hook, 1)[:, :, 0].clone()
         out = e.fn(rows, *_read_values(e, captured or {}))
         _check_edit_output(e, out, rows, V)
-        return out.to(x.dtype).unsqueeze(query_axis(e.hook) + 1)
+        return out.to(x.dtype).unsqueeze(query_axis(e.hook, x.dim(), 1) + 1)
 
     return fn
 
@@ -564,12 +564,15 @@ def _shared(rows: torch.Tensor) -> torch.Tensor:
     return rows
 
 
-def _capture_full(captured: dict[str, torch.Tensor], name: str, pos: torch.Tensor, B: int, V: int):
-    """Bridge hook on ``[B*V, T, *shape]`` keeping each row's value at its P as ``[B, V, *shape]``."""
+def _capture_full(captured: dict[str, torch.Tensor], name: str, pos: torch.Tensor, B: int, V: int,
+                  detach: bool = True):
+    """Bridge hook on ``[B*V, T, *shape]`` keeping each row's value at its P as ``[B, V, *shape]`` (with its
+    autograd graph when ``detach`` is False: gradients at P)."""
 
     def hook(value: torch.Tensor, hook=None) -> None:
         r = torch.arange(value.shape[0], device=value.device)
-        captured[name] = _shared(value[r, pos.to(value.device)].reshape(B, V, *value.shape[2:]).detach().clone())
+        row = value[r, pos.to(value.device)].reshape(B, V, *value.shape[2:])
+        captured[name] = _shared(row.detach().clone() if detach else row.clone())
 
     return hook
 
@@ -685,9 +688,13 @@ def interventions_for(model, *, backend: str = "auto") -> Interventions:
     else:
         try:
             iv = Interventions(model, Engine.from_bridge(model))
-        except EngineError as err:
+        except (EngineError, AttributeError, KeyError, IndexError, TypeError, RuntimeError) as err:
+            # anything else than EngineError: a module layout the engine does not know how to read
+            if not isinstance(err, EngineError):
+                err = EngineError(f"the engine cannot read this model's modules ({err.__class__.__name__}: "
+                                  f"{(str(err).splitlines() or [''])[0]})")
             if backend == "engine":
-                raise
+                raise err
             logger.warning("prefix-cached interventions unavailable (%s); using full bridge forwards", err)
             iv = Interventions(model, None, str(err))
     cached[backend] = iv

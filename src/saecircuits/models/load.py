@@ -213,18 +213,48 @@ def gpt2_bpe_tokenizer(folder: str | os.PathLike[str], save_dir: str | os.PathLi
 
 
 def _check_norms(bridge) -> None:
-    """Refuse, right after loading, a model whose norms the attributions cannot read (a Gemma-style ``(1 + weight)``
-    offset, a norm that is neither LayerNorm nor RMSNorm), instead of failing after the first analyses have run."""
+    """Refuse, right after loading, a model whose norms the attributions cannot read (a norm that is neither
+    LayerNorm nor RMSNorm), instead of failing after the first analyses have run. Gemma's ``(1 + weight)`` norms are
+    read with their effective weight (:func:`saecircuits.models.norms.module_norm_params`)."""
     from saecircuits.models.norms import norm_params, readout_of
 
     readout_of(bridge)
     for i in range(int(bridge.cfg.n_layers)):
-        for name in (f"blocks.{i}.ln1", f"blocks.{i}.ln2"):
+        for name in (f"blocks.{i}.ln1", f"blocks.{i}.ln2", f"blocks.{i}.ln1_post", f"blocks.{i}.ln2_post"):
             try:
                 bridge.get_submodule(name)
-            except AttributeError:  # a block without this norm (parallel attention and MLP)
+            except AttributeError:  # a block without this norm (GPT-J's parallel block; OLMo 2's post-norm block)
                 continue
             norm_params(bridge, name)
+
+
+def _drop_unsupported_switches(bridge, processing: dict[str, bool]) -> None:
+    """Turn off, in ``processing``, the weight-processing switches TransformerLens cannot apply to this
+    architecture, and say so in one line (no traceback, no TransformerLens UserWarning).
+
+    Today that is ``fold_ln`` for adapters that declare ``supports_fold_ln = False`` (OLMo 2's norms come after
+    attention and the MLP, so there is no following weight to fold them into). The norms then keep their trained
+    weights, which the engine and the attributions apply explicitly (:mod:`saecircuits.models.norms`), so every
+    number means the same; :func:`model_provenance` records the switches actually applied.
+    """
+    adapter = getattr(bridge, "adapter", None)
+    if processing.get("fold_ln") and not getattr(adapter, "supports_fold_ln", True):
+        processing["fold_ln"] = False
+        logger.warning("%s: TransformerLens cannot fold this architecture's norms into the next weights; loaded "
+                       "with fold_ln off (the norms keep their weights, applied explicitly), other switches as asked",
+                       type(adapter).__name__.removesuffix("ArchitectureAdapter") or "model")
+
+
+def _softcap_switches(hf_model: Any, center_unembed: bool) -> bool:
+    """``center_unembed`` as it can apply: off for a model whose final logits are soft-capped (Gemma 2:
+    ``final_logit_softcapping``), where shifting every logit of a position by a constant changes the capped logits'
+    log-softmax (TransformerLens turns it off too, with a bare warning); said once, in one line."""
+    cap = getattr(hf_model.config, "final_logit_softcapping", None)
+    if center_unembed and cap is not None:
+        logger.warning("center_unembed is off for this model: its final logits are soft-capped (cap %s), and "
+                       "centring W_U would change its log-probabilities", cap)
+        return False
+    return center_unembed
 
 
 def load_hf_model(
@@ -267,6 +297,10 @@ def load_hf_model(
         raise ModelLoadError("load_hf_model needs the model's tokenizer (hf_tokenizer=...); none was given")
     name = model_name or getattr(hf_model.config, "_name_or_path", "") or "injected-model"
     hf_model = hf_model.to(device=device, dtype=dtype).eval()
+    if not getattr(hf_model.config, "architectures", None):
+        # a model built from its config in memory names no architecture; TransformerLens picks its adapter by it
+        hf_model.config.architectures = [type(hf_model).__name__]
+    center_unembed = _softcap_switches(hf_model, center_unembed)
     tokenizer = _private_tokenizer(hf_tokenizer)
     bridge = TransformerBridge.boot_transformers(
         name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
@@ -278,6 +312,8 @@ def load_hf_model(
         "center_unembed": center_unembed,
         "fold_value_biases": fold_value_biases,
     }
+    _drop_unsupported_switches(bridge, processing)
+    fold_ln = processing["fold_ln"]
     bridge.enable_compatibility_mode(
         disable_warnings=True,
         no_processing=not any(processing.values()),

@@ -319,6 +319,13 @@ def _dla_section(r: Mapping, fig: _Figures) -> str:
         f"over prompts. Completeness check: max |sum of components - answer logit| = {_esc(_num(err, '.2e'))}"
         " logits" + (f"; mean answer logit = {_esc(_num(alm))}." if alm is not None else ".") + "</p>"
     )
+    cap = dla.get("logit_soft_cap")
+    if cap is not None:
+        out.append(
+            f'<p class="note">This model soft-caps its logits (logit = {_esc(_num(cap))} &middot; tanh(pre-cap logit / '
+            f"{_esc(_num(cap))})), which is not linear in the residual stream: every DLA here, the answer logit and "
+            "the completeness check are of the <b>pre-cap</b> answer logit.</p>"
+        )
     if labels:
         f = go.Figure(
             go.Bar(

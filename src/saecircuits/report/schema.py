@@ -735,6 +735,8 @@ RESULTS_SCHEMA = _Obj(
                     "ci95": _opt(("list", "float", None)),
                     "answer_logit_mean": _opt("float"),
                     "completeness_max_abs_error": _req("float"),
+                    "logit_soft_cap": _opt("float"),  # set: DLA of the pre-cap logit (Gemma 2)
+                    "of": _opt("str"),
                 }
             )
         ),
