@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from saecircuits.cli import _register, app, expand_multi_value_options
@@ -189,21 +190,28 @@ def test_console_entry_point_prints_one_line_and_exits_2(tmp_path, corpus):
         "Drop --layers, or drop --sae to train SAEs on those layers"]
 
 
-def test_run_on_a_model_with_offset_norms_is_refused_at_load(tmp_path, corpus):
-    """A Gemma-style (1 + weight) RMSNorm cannot be read by the attributions: refused right after the model loads,
-    one line and exit 2, not a traceback after the first analyses (issue 7 audit, gap 6)."""
+def test_a_model_with_offset_norms_loads_on_the_engine(tmp_path):
+    """Gemma-style (1 + weight) RMSNorms were refused at load (issue 7 audit, gap 6); they are now read with their
+    effective weight (issue 15): a tiny Gemma loads, and the engine passes its self-check against the Hugging Face
+    forward, which would fail on a norm read without its offset."""
     from helpers import tiny_tokenizer
     from transformers import GemmaConfig, GemmaForCausalLM
+
+    from saecircuits.models.interventions import interventions_for
+    from saecircuits.models.load import load_model
 
     tok = tiny_tokenizer()
     cfg = GemmaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
                       bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    hf = GemmaForCausalLM(cfg)
+    with torch.no_grad():  # offsets far from 0, so reading w instead of 1 + w would show
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p))
     folder = tmp_path / "tiny-gemma"
-    GemmaForCausalLM(cfg).save_pretrained(folder)
+    hf.save_pretrained(folder)
     tok.save_pretrained(folder)
-    err = _refused(["run", "--model", str(folder), "--data", str(corpus), "--out", str(tmp_path / "out"),
-                    "--workspace", str(tmp_path / "ws")], "(1 + weight) offset (Gemma style) are not supported",
-                   only_line=False)
-    assert "LayerNorm or plain RMSNorm" in err
-    assert not (tmp_path / "out" / "results.json").exists()
+    model = load_model(str(folder))
+    assert interventions_for(model, backend="engine").backend == "engine"
