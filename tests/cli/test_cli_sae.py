@@ -133,7 +133,7 @@ def test_inspect_reads_hf_names_from_the_cache_offline(tmp_path, hf_cache):
         info = json.loads(res.output)
         assert info["given"] == name and info["source"]["path"] == str(snap / "blocks.6.hook_resid_pre")
     _one_error_line(_cli(["sae", "inspect", "hf://jbloom/GPT2-Small-SAEs-Reformatted/blocks.7.hook_resid_pre"]),
-                    "not in the Hugging Face cache", "HF_HUB_OFFLINE", "huggingface-cli download")
+                    "not in the Hugging Face cache", "HF_HUB_OFFLINE", "hf download")
 
 
 # ------------------------------------------------------------------------------------------------- convert

@@ -67,7 +67,7 @@ def test_offline_and_not_cached_is_one_line_naming_the_repo_and_the_fix(cached_s
         with pytest.raises(SAEError) as err:
             hub.resolve(name)
         text = str(err.value)
-        assert "\n" not in text and "HF_HUB_OFFLINE" in text and "huggingface-cli download" in text
+        assert "\n" not in text and "HF_HUB_OFFLINE" in text and "hf download" in text
         assert (repo or "someone/other-saes") in text
 
 
@@ -79,7 +79,7 @@ def test_unreachable_hub_falls_back_to_the_cache(cached_sae, monkeypatch):
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: connection refused
     _, folder = cached_sae
     assert hub.resolve(f"hf://{REPO}/{SAE_ID}") == folder
-    with pytest.raises(SAEError, match="could not be reached.*huggingface-cli download someone/x"):
+    with pytest.raises(SAEError, match="could not be reached.*hf download someone/x"):
         hub.resolve("hf://someone/x/layer_1")
 
 

@@ -63,7 +63,7 @@ def describe(sae, given: str) -> dict[str, Any]:
     for name in ("threshold",):
         t = getattr(sae, name, None)
         if t is not None and hasattr(t, "numel") and t.numel() == sae.d_sae:
-            thresholds = {"threshold_min": float(t.min()), "threshold_max": float(t.max())}
+            thresholds = {"threshold_min": float(t.detach().min()), "threshold_max": float(t.detach().max())}
     return {
         "given": given,
         "family": source.get("family"),

@@ -8,7 +8,7 @@
   repositories that hold many (most releases hold dozens to thousands).
 * Files are downloaded only when online. With ``HF_HUB_OFFLINE`` set, or when the Hub cannot be reached, the cache
   alone is read (``local_files_only=True``); a name that is not cached is then refused with one line naming the
-  repository and the two ways to get it (unset ``HF_HUB_OFFLINE``, or ``huggingface-cli download``).
+  repository and the two ways to get it (unset ``HF_HUB_OFFLINE``, or ``hf download``).
 * ``HF_HUB_CACHE`` (read at each call) chooses the cache folder, as for ``huggingface_hub`` itself.
 
 Release names (:data:`RELEASES`) are a small table written for saecircuits, not SAELens' registry: each entry says
@@ -206,7 +206,7 @@ def _shown_cache() -> str:
 def _download_hint(name: HubName) -> str:
     include = "" if not name.path else (f" {name.path}" if name.is_file else f" --include '{name.path}/*'")
     rev = f" --revision {name.revision}" if name.revision else ""
-    return f"huggingface-cli download {name.repo}{include}{rev}"
+    return f"hf download {name.repo}{include}{rev}"
 
 
 def resolve(name: str | HubName) -> Path:
@@ -245,7 +245,7 @@ def resolve(name: str | HubName) -> Path:
     except (hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError) as err:
         # GatedRepoError is a RepositoryNotFoundError: say what the Hub said
         raise SAEError(f"{hub.text}: {type(err).__name__}: {_first_line(err)}; check the repository name and your "
-                       "access to it (huggingface-cli login for gated repositories)") from err
+                       "access to it (hf auth login for gated repositories)") from err
     except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled, hf_errors.HfHubHTTPError,
             OSError) as err:
         # not cached and offline, or the Hub unreachable: snapshot_download has already tried the cache

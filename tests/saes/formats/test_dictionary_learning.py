@@ -210,7 +210,7 @@ def test_checkpoint_file_and_sites(tmp_path):
     with pytest.raises(SAEError, match="io='in_and_out'"):
         load_sae(folder)
     (folder / "config.json").write_text(json.dumps(_config("GatedAutoEncoder")))
-    with pytest.raises(SAEError, match="blocks.3.hook_resid_post' but hook='blocks.4.hook_resid_post'"):
+    with pytest.raises(SAEError, match="blocks.3.hook_resid_post' according to .* but hook='blocks.4.hook_resid_post'"):
         load_sae(folder, hook="blocks.4.hook_resid_post")
 
 
@@ -218,7 +218,7 @@ def test_class_from_tensor_names_and_conflicts(tmp_path):
     # without config.json: JumpReLU is told by its tensors, the hook must be given
     sae = load_sae(_save(tmp_path / "a", _state("JumpReluAutoEncoder"), None), hook="blocks.0.hook_resid_post")
     assert sae.architecture == "jumprelu"
-    with pytest.raises(SAEError, match="do not say which hook"):
+    with pytest.raises(SAEError, match="which hook the SAE reads is not recorded"):
         load_sae(tmp_path / "a")
     # TopK and BatchTopK share tensor names and encode differently: the config must decide
     with pytest.raises(SAEError, match=r"fit \['AutoEncoderTopK', 'BatchTopKSAE'\]"):
@@ -262,5 +262,5 @@ def test_released_pythia_dictionaries_take_the_site_from_their_folders(tmp_path)
         folder = _save(tmp_path / "pythia-70m-deduped" / site / "10_32768", _state("AutoEncoder"), cfg)
         sae = load_sae(folder)
         assert sae.hook_point == hook and sae.cfg.extra["source"]["site"] == f"{site} (folder name)"
-    with pytest.raises(SAEError, match="do not say which hook"):
+    with pytest.raises(SAEError, match="which hook the SAE reads is not recorded"):
         load_sae(_save(tmp_path / "elsewhere" / "x", _state("AutoEncoder"), cfg))

@@ -164,7 +164,7 @@ def test_sites_hook_option_and_model_name(tmp_path):
     sae = load_sae(folder)
     assert sae.hook_point == "blocks.5.hook_mlp_out" and sae.cfg.model_name == "EleutherAI/pythia-70m"
     assert load_sae(folder, hook="blocks.5.hook_mlp_out").hook_point == "blocks.5.hook_mlp_out"
-    with pytest.raises(SAEError, match="say the SAE reads 'blocks.5.hook_mlp_out' but hook='blocks.5.hook_resid_post'"):
+    with pytest.raises(SAEError, match="reads 'blocks.5.hook_mlp_out' according to .* but hook='blocks.5.hook_resid_post'"):
         load_sae(folder, hook="blocks.5.hook_resid_post")
     renamed = _write(tmp_path, "my_sae", CFG, torch.float32)
     with pytest.raises(SAEError, match="folder name 'my_sae'.*hook="):
@@ -204,3 +204,14 @@ def test_bad_files(tmp_path):
     folder = _write(tmp_path, "layers.4", {k: v for k, v in CFG.items() if k != "d_in"}, torch.float32)
     with pytest.raises(SAEError, match="lacks 'd_in'"):
         load_sae(folder)
+
+
+def test_a_hook_that_is_not_a_transformerlens_name_is_refused(tmp_path):
+    from saecircuits.saes.formats import resolve_hook
+
+    for bad in ("blocks.0.bogus", "layers.3", "blocks.x.hook_resid_post", ""):
+        with pytest.raises(SAEError, match="is not a TransformerLens hook name"):
+            resolve_hook(None, bad, tmp_path)
+    for good in ("blocks.12.hook_resid_post", "blocks.3.mlp.hook_post", "blocks.5.attn.hook_z", "hook_embed",
+                 "blocks.0.ln2.hook_normalized"):
+        assert resolve_hook(None, good, tmp_path) == good

@@ -14,6 +14,7 @@ switches; checked against the model by :mod:`saecircuits.saes.processing`).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,18 +99,27 @@ def detect_family(path: str | os.PathLike) -> Family:
     raise SAEError(f"{p} is not an SAE saecircuits recognises. It reads: {known}")
 
 
+#: what a TransformerLens hook name looks like: ``blocks.L.<...>.hook_<name>``, or a top-level ``hook_<name>`` /
+#: ``ln_final.hook_<name>`` (a hook the model lacks is caught when the SAE meets the model).
+_HOOK_NAME = re.compile(r"^(blocks\.\d+\.([a-z0-9_]+\.)*hook_[a-z0-9_]+|hook_[a-z0-9_]+|ln_final\.hook_[a-z0-9_]+)$")
+
+
 def resolve_hook(found: str | None, given: str | None, path: Path, *, what: str = "the files") -> str:
     """The hook an SAE reads: what its files say (``found``) or what the caller gave (``given``).
 
     Raises:
-        SAEError: neither is known, or both are and differ (naming both).
+        SAEError: neither is known, both are and differ (naming both), or ``given`` is not a TransformerLens hook
+            name.
     """
+    if given is not None and not _HOOK_NAME.match(given):
+        raise SAEError(f"--hook / hook= {given!r} is not a TransformerLens hook name; give one such as "
+                       "blocks.12.hook_resid_post, blocks.3.mlp.hook_post or blocks.5.attn.hook_z")
     if found and given and found != given:
-        raise SAEError(f"{path}: {what} say the SAE reads {found!r} but hook={given!r} was given; drop --hook/hook= "
-                       "or pass the SAE of that hook")
+        raise SAEError(f"{path}: the SAE reads {found!r} according to {what}, but hook={given!r} was given; drop "
+                       "--hook/hook= or pass the SAE of that hook")
     hook = found or given
     if not hook:
-        raise SAEError(f"{path}: {what} do not say which hook the SAE reads; pass it with --hook / hook= (a "
+        raise SAEError(f"{path}: which hook the SAE reads is not recorded in {what}; pass it with --hook / hook= (a "
                        "TransformerLens hook name such as blocks.12.hook_resid_post)")
     return hook
 

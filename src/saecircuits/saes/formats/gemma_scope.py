@@ -199,7 +199,7 @@ def _load_v1(path: Path, options: LoadOptions) -> SAE:
         raise SAEError(f"{path}: no {NPZ_FILE} (Gemma Scope 1 SAEs are a params.npz file)")
     info = _parse_v1_path(file.parent)
     found_in, _ = _v1_hooks(info["site"], info["layer"])
-    what = "the path (" + "/".join(str(v) for v in (info["release"], info["layer"]) if v is not None) + ")"
+    what = "its path (a gemma-scope-*-{res,mlp,att,transcoders} repository with layer_L/... folders)"
     hook = resolve_hook(found_in, options.hook, file, what=what)
     site = info["site"] if found_in else _site_of_hook(hook)
     layer = info["layer"] if found_in else layer_of_hook(hook)
