@@ -217,11 +217,13 @@
     if (!m) { return; }
     var details = document.getElementById("browser-section");
     if (details) { details.open = true; }
-    this.open(+m[1], +m[2]);
+    // stay: the card opened where the page starts; its hash is not set either (Chrome scrolls to a fragment that
+    // appears while the page is still loading)
+    this.open(+m[1], +m[2], stay);
     if (!stay) { this.cardBox.scrollIntoView(); }
   };
 
-  Browser.prototype.open = function (si, k) {
+  Browser.prototype.open = function (si, k, keepHash) {
     var s = this.data.saes[si];
     if (!s) { return; }
     if (this.select && this.sae !== si) { this.sae = si; this.select.value = String(si); this.list(); }
@@ -235,7 +237,7 @@
     drawPending();
     var trs = this.tbody.querySelectorAll("tr");
     for (var j = 0; j < trs.length; j++) { trs[j].classList.toggle("current", trs[j].getAttribute("data-f") === String(k)); }
-    if (history.replaceState) { history.replaceState(null, "", "#card-" + s.sid + "-f" + k); }
+    if (history.replaceState && !keepHash) { history.replaceState(null, "", "#card-" + s.sid + "-f" + k); }
   };
 
   function kv(rows) {
