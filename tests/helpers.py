@@ -267,3 +267,20 @@ def analyses_on_backend(model, backend: str):
             model.__dict__.pop("_saecircuits_interventions", None)
         else:
             model.__dict__["_saecircuits_interventions"] = saved
+
+
+def engine_hooks_and_logits(engine, tokens, names):
+    """Run ``engine`` over right-padded ``tokens [B, T]`` keeping every hook in ``names``: ``({name: [B, T, ...]},
+    logits [B, T, d_vocab])`` (the engine's variant axis dropped)."""
+    got: dict = {}
+
+    def grab(name):
+        def fn(x):
+            got[name] = x[:, 0].clone()
+
+        return fn
+
+    hooks = {n: [grab(n)] for n in names}
+    with torch.no_grad():
+        logits = engine.logits(engine.forward_tokens(tokens, hooks), hooks)[:, 0]
+    return got, logits

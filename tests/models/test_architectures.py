@@ -17,7 +17,7 @@ import functools
 
 import pytest
 import torch
-from helpers import quote_task, random_sae, tiny_tokenizer, token_rows
+from helpers import engine_hooks_and_logits, quote_task, random_sae, tiny_tokenizer, token_rows
 
 from saecircuits.models.engine import Engine, layer_hook_names
 from saecircuits.models.hooks import answer_metrics, at_query, row_batches
@@ -124,17 +124,7 @@ def test_engine_runs_the_architecture_and_every_hook_equals_the_bridge(arch):
     expected = {"pythia": "blocks.1.ln2.hook_scale", "gptj": "blocks.1.ln1.hook_scale", "qwen3": "blocks.1.attn.hook_q_normed",
                 "olmo2": "blocks.1.ln2_post.hook_normalized", "qwen2": "blocks.1.attn.hook_rot_k"}[arch]
     assert expected in names
-    got: dict[str, torch.Tensor] = {}
-
-    def grab(name):
-        def fn(x):
-            got[name] = x[:, 0].clone()
-
-        return fn
-
-    hooks = {n: [grab(n)] for n in names}
-    with torch.no_grad():
-        logits = engine.logits(engine.forward_tokens(tokens, hooks), hooks)[:, 0]
+    got, logits = engine_hooks_and_logits(engine, tokens, names)
     assert set(got) == set(names)
     for b, row in enumerate(rows):
         n = len(row)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import ARCHITECTURES, HF_BUILDERS, tiny_neo, tiny_tokenizer, token_rows
+from helpers import ARCHITECTURES, HF_BUILDERS, engine_hooks_and_logits, tiny_neo, tiny_tokenizer, token_rows
 
 from saecircuits.models.engine import Engine, EngineError, layer_hook_names, stage_of_hook
 from saecircuits.models.load import load_hf_model
@@ -31,17 +31,7 @@ def test_every_hook_equals_the_bridge_on_a_padded_batch(arch):
     rows = token_rows(LENGTHS, seed=1)
     tokens, lengths = pad_right(rows, pad_id=0)
     names = [n for n in _all_hooks(model) if n in model.hook_dict]
-    got: dict[str, torch.Tensor] = {}
-
-    def grab(name):
-        def fn(x):
-            got[name] = x[:, 0].clone()
-
-        return fn
-
-    hooks = {n: [grab(n)] for n in names}
-    with torch.no_grad():
-        logits = engine.logits(engine.forward_tokens(tokens, hooks), hooks)[:, 0]
+    got, logits = engine_hooks_and_logits(engine, tokens, names)
     for b, row in enumerate(rows):
         n = len(row)
         with torch.no_grad():

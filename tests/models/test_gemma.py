@@ -13,7 +13,7 @@ import functools
 
 import pytest
 import torch
-from helpers import STORIES, random_sae, tiny_tokenizer, token_rows
+from helpers import STORIES, engine_hooks_and_logits, random_sae, tiny_tokenizer, token_rows
 
 from saecircuits.models.engine import Engine
 from saecircuits.models.hooks import answer_metrics, row_batches
@@ -81,17 +81,7 @@ def test_every_hook_equals_the_bridge_on_a_padded_batch(version):
     tokens, _ = pad_right(rows, pad_id=0)
     names = _all_hooks(model)
     assert {"blocks.0.ln1_post.hook_scale", "blocks.1.ln2_post.hook_normalized"} <= set(names)
-    got: dict[str, torch.Tensor] = {}
-
-    def grab(name):
-        def fn(x):
-            got[name] = x[:, 0].clone()
-
-        return fn
-
-    hooks = {n: [grab(n)] for n in names}
-    with torch.no_grad():
-        logits = engine.logits(engine.forward_tokens(tokens, hooks), hooks)[:, 0]
+    got, logits = engine_hooks_and_logits(engine, tokens, names)
     assert set(got) == set(names)  # every hook the bridge has, the engine fires
     for b, row in enumerate(rows):
         n = len(row)
