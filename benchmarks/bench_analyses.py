@@ -58,12 +58,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from saecircuits.analysis.ablation import ablate_features  # noqa: E402
-from saecircuits.analysis.boosts import prompt_logprob_boosts  # noqa: E402
-from saecircuits.analysis.dla import direct_logit_attribution  # noqa: E402
-from saecircuits.analysis.examples import top_activating_examples  # noqa: E402
-from saecircuits.analysis.features import feature_ablation_table, feature_activations, feature_effects  # noqa: E402
-from saecircuits.analysis.reconstruction import mean_activation, reconstruction_at_prediction  # noqa: E402
+from saecircuits.analysis.ablations.feature_effects import (  # noqa: E402
+    feature_ablation_table,
+    feature_activations,
+    feature_effects,
+)
+from saecircuits.analysis.ablations.multi_feature import ablate_features  # noqa: E402
+from saecircuits.analysis.corpus.examples import top_activating_examples  # noqa: E402
+from saecircuits.analysis.quality.reconstruction import mean_activation, reconstruction_at_prediction  # noqa: E402
+from saecircuits.analysis.readouts.boosts import prompt_logprob_boosts  # noqa: E402
+from saecircuits.analysis.readouts.dla import direct_logit_attribution  # noqa: E402
 from saecircuits.models.interventions import interventions_for  # noqa: E402
 from saecircuits.models.tokens import encode_documents  # noqa: E402
 from saecircuits.saes.base import SAE, SAEConfig  # noqa: E402

@@ -34,7 +34,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from saecircuits.analysis.corpus_stats import corpus_feature_stats, counted_token_mask, special_ids_of  # noqa: E402
+from saecircuits.analysis.corpus.statistics import corpus_feature_stats, counted_token_mask, special_ids_of  # noqa: E402
 from saecircuits.models.interventions import interventions_for  # noqa: E402
 from saecircuits.models.tokens import encode_documents  # noqa: E402
 from saecircuits.saes.base import SAE, SAEConfig  # noqa: E402

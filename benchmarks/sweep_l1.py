@@ -4,7 +4,7 @@ on) across model classes; print SAE quality at P.
 For each model class and layer, activations of ``blocks.{L}.mlp.hook_post`` are collected once (the pipeline's
 packing and BOS policy), then one SAE per coefficient is trained with the pipeline's own training settings
 (:func:`saecircuits.pipeline.sae_train_config`, only the token budget changed) and evaluated at the prediction
-position of the closing-quote task (:func:`saecircuits.analysis.reconstruction.reconstruction_at_prediction`):
+position of the closing-quote task (:func:`saecircuits.analysis.quality.reconstruction.reconstruction_at_prediction`):
 L0 at P, explained variance at P, the four losses, loss recovered vs zero and mean ablation (or why it is
 undefined). Every figure is printed; nothing is cached.
 
@@ -116,7 +116,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from saecircuits.analysis.reconstruction import mean_activation, reconstruction_at_prediction
+    from saecircuits.analysis.quality.reconstruction import mean_activation, reconstruction_at_prediction
     from saecircuits.models.tokens import encode_documents
     from saecircuits.pipeline import RunConfig, sae_train_config
     from saecircuits.saes.base import SAEConfig

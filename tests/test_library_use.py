@@ -16,14 +16,14 @@ from saecircuits.saes.io import SAEError, find_sae_folders, load_sae, save_sae
 
 
 def test_library_defaults_match_the_pipeline():
-    from saecircuits.analysis.examples import top_activating_examples
+    from saecircuits.analysis.corpus.examples import top_activating_examples
     from saecircuits.pipeline import RunConfig
     from saecircuits.tasks.closing_quote import closing_quote_task
 
     cfg = RunConfig(model="m", data="d", out="o")
     assert inspect.signature(closing_quote_task).parameters["max_prompts"].default == cfg.max_prompts == 1000
     assert inspect.signature(top_activating_examples).parameters["k"].default == cfg.n_examples == 5
-    from saecircuits.analysis.features import feature_ablation_table
+    from saecircuits.analysis.ablations.feature_effects import feature_ablation_table
 
     p = inspect.signature(feature_ablation_table).parameters
     assert p["min_fraction_active"].default == cfg.min_fraction_active
@@ -42,8 +42,8 @@ def test_long_calls_show_progress_on_a_terminal_or_in_a_notebook(monkeypatch):
     assert progress.show_progress(False, Tty()) is False and progress.show_progress(True, io.StringIO()) is True
     monkeypatch.setattr(progress, "in_notebook", lambda: True)
     assert progress.show_progress(None, io.StringIO()) is True
-    from saecircuits.analysis.dla import direct_logit_attribution
-    from saecircuits.analysis.features import feature_effects
+    from saecircuits.analysis.ablations.feature_effects import feature_effects
+    from saecircuits.analysis.readouts.dla import direct_logit_attribution
 
     for fn in (direct_logit_attribution, feature_effects):
         assert inspect.signature(fn).parameters["progress"].default is None
@@ -68,10 +68,10 @@ def test_load_sae_on_a_runs_cache_folder_lists_the_sae_folders(tmp_path):
 
 
 def test_result_objects_display_themselves():
-    from saecircuits.analysis.ablation import ablate_features
-    from saecircuits.analysis.dla import direct_logit_attribution
-    from saecircuits.analysis.features import feature_effects
-    from saecircuits.analysis.reconstruction import reconstruction_at_prediction
+    from saecircuits.analysis.ablations.feature_effects import feature_effects
+    from saecircuits.analysis.ablations.multi_feature import ablate_features
+    from saecircuits.analysis.quality.reconstruction import reconstruction_at_prediction
+    from saecircuits.analysis.readouts.dla import direct_logit_attribution
 
     model, sae, task = tiny_neo(), random_sae(), quote_task()
     dla = direct_logit_attribution(model, task)
@@ -107,7 +107,7 @@ def test_result_objects_display_themselves():
 
 
 def test_repr_html_escapes_strings():
-    from saecircuits.analysis.boosts import PromptBoosts, TokenValue
+    from saecircuits.analysis.readouts.boosts import PromptBoosts, TokenValue
 
     pb = PromptBoosts(feature=3, prompt_indices=[0], clean_logprob=torch.zeros(1), ablated_logprob=torch.zeros(1),
                       boosts=torch.zeros(1), masked=torch.zeros(1, dtype=torch.bool),
@@ -161,7 +161,7 @@ def test_boost_bar_labels_are_the_shared_visible_token_and_escaped_for_plotly():
     """Plotly renders <b>/<br> in category labels: the notebook figures escape them, and show whitespace as the
     report and the console do (visible_token: space -> middle dot, newline -> pilcrow)."""
     pytest.importorskip("plotly")
-    from saecircuits.analysis.boosts import PromptBoosts, TokenValue, WeightBoosts
+    from saecircuits.analysis.readouts.boosts import PromptBoosts, TokenValue, WeightBoosts
 
     hostile = [TokenValue(7, "<b>x</b>", 0.5), TokenValue(8, " said\n", 0.25)]
     wb = WeightBoosts(feature=3, boosts=torch.zeros(9), top=hostile, bottom=[])
@@ -178,8 +178,8 @@ def test_print_of_a_result_shows_its_table_not_whole_tensors(capsys):
     """Issue 18 kind 10: print(result) dumped every tensor of the dataclass."""
     from helpers import quote_task, random_sae, tiny_neo
 
-    from saecircuits.analysis.ablation import ablate_features
-    from saecircuits.analysis.reconstruction import reconstruction_at_prediction
+    from saecircuits.analysis.ablations.multi_feature import ablate_features
+    from saecircuits.analysis.quality.reconstruction import reconstruction_at_prediction
 
     model, task = tiny_neo(), quote_task()
     sae = random_sae()

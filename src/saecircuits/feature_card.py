@@ -75,7 +75,7 @@ def feature_card(
     sae = _check_sae_fits(sae, m)
     out["model"] = model
     try:
-        from saecircuits.analysis.boosts import weight_logit_boosts
+        from saecircuits.analysis.readouts.boosts import weight_logit_boosts
 
         wb = weight_logit_boosts(m, sae, k, top=15)
         entry["feature_details"] = [{"feature": k, "weight_boosts": {
@@ -86,8 +86,8 @@ def feature_card(
     if data is None:
         return out
 
-    from saecircuits.analysis.corpus_stats import corpus_feature_stats
-    from saecircuits.analysis.examples import top_activating_examples
+    from saecircuits.analysis.corpus.examples import top_activating_examples
+    from saecircuits.analysis.corpus.statistics import corpus_feature_stats
     from saecircuits.data.corpus import read_documents
     from saecircuits.models.tokens import encode_documents, special_token_ids
     from saecircuits.pipeline import _build_task
@@ -116,8 +116,8 @@ def feature_card(
         return out
     if tsk.n_prompts == 0:
         return out
+    from saecircuits.analysis.ablations.feature_effects import feature_activations, feature_effects
     from saecircuits.analysis.evidence import feature_evidence
-    from saecircuits.analysis.features import feature_activations, feature_effects
 
     say(f"task {tsk.name}: {tsk.n_prompts} prompts")
     acts = feature_activations(m, sae, tsk)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import saecircuits
-from saecircuits.analysis.examples import DEFAULT_N_EXAMPLES
+from saecircuits.analysis.corpus.examples import DEFAULT_N_EXAMPLES
 from saecircuits.atomic import remove_dead_temps
 from saecircuits.tasks.closing_quote import DEFAULT_MAX_PROMPTS
 
@@ -184,7 +184,7 @@ class RunConfig:
                           ("n_ablate", 0), ("n_example_features", 0), ("n_examples", 1),
                           ("n_evidence_features", 0), ("n_max_act_stories", 1), ("n_geometry_features", 0)):
             at_least(name, getattr(self, name), low)
-        from saecircuits.analysis.ablation_modes import ABLATION_MODES
+        from saecircuits.analysis.ablations.modes import ABLATION_MODES
 
         if self.ablation_mode not in ABLATION_MODES:
             problems.append(f"--ablation-mode must be one of {', '.join(ABLATION_MODES)} (got {self.ablation_mode!r})")
@@ -533,11 +533,11 @@ def mlp_ablation_effects(model, task, stat_docs: list[list[int]], *, exclude_bos
         exclude_bos: leave special-token positions out of the mean (the pipeline's BOS switch).
 
     Returns:
-        ``[n_layers]`` :class:`~saecircuits.analysis.stats.MeanCI` of (mean-ablated - clean) answer loss.
+        ``[n_layers]`` :class:`~saecircuits.analysis.statistics.MeanCI` of (mean-ablated - clean) answer loss.
     """
-    from saecircuits.analysis.features import variant_losses
-    from saecircuits.analysis.reconstruction import mean_activation
-    from saecircuits.analysis.stats import mean_ci95
+    from saecircuits.analysis.ablations.feature_effects import variant_losses
+    from saecircuits.analysis.quality.reconstruction import mean_activation
+    from saecircuits.analysis.statistics import mean_ci95
     from saecircuits.models.interventions import Edit
 
     effects = []
@@ -676,12 +676,16 @@ def analyse_sae(
     ``mean_act`` (the hook's mean activation) and ``token_counts`` (corpus token counts for the common-token mask)
     come from the corpus statistics pass when given; otherwise they are computed here. ``model_names``: the names the
     loaded model goes by (weights digest, source, name), compared with the model the SAE records."""
-    from saecircuits.analysis.ablation import ablate_features
-    from saecircuits.analysis.ablation_modes import MODE_DESCRIPTIONS
-    from saecircuits.analysis.checks import model_mismatch_check, sae_checks
-    from saecircuits.analysis.examples import top_activating_examples
-    from saecircuits.analysis.features import feature_ablation_table, feature_activations, feature_effects
-    from saecircuits.analysis.reconstruction import mean_activation, reconstruction_at_prediction
+    from saecircuits.analysis.ablations.feature_effects import (
+        feature_ablation_table,
+        feature_activations,
+        feature_effects,
+    )
+    from saecircuits.analysis.ablations.modes import MODE_DESCRIPTIONS
+    from saecircuits.analysis.ablations.multi_feature import ablate_features
+    from saecircuits.analysis.corpus.examples import top_activating_examples
+    from saecircuits.analysis.quality.checks import model_mismatch_check, sae_checks
+    from saecircuits.analysis.quality.reconstruction import mean_activation, reconstruction_at_prediction
 
     if mean_act is None:
         progress(f"{sae.hook_point}: mean activation over {len(stat_docs)} documents")
@@ -743,7 +747,7 @@ def analyse_sae(
                                  "ablation": MODE_DESCRIPTIONS[effects.mode], "ablation_mode": effects.mode,
                                  "off_range": _off_range_json(effects.off_range)},
     }
-    from saecircuits.analysis.stats import mean_ci95
+    from saecircuits.analysis.statistics import mean_ci95
 
     entry["loss_ci95"] = {
         name: _round(mean_ci95(v).half_width)
@@ -758,7 +762,7 @@ def analyse_sae(
     # Whole-sequence loss recovered over every position of the prompts (answer included): unlike the answer loss at
     # P, which sits near 1 even for an SAE from another model, it falls when the SAE does not fit the model.
     progress(f"{sae.hook_point}: loss recovered over every position of the prompts")
-    from saecircuits.analysis.reconstruction import sequence_loss_recovered
+    from saecircuits.analysis.quality.reconstruction import sequence_loss_recovered
     from saecircuits.models.tokens import special_token_ids
 
     seq = sequence_loss_recovered(
@@ -829,7 +833,7 @@ def analyse_sae(
 
 
 def _whole_sequence_json(seq: dict) -> dict:
-    """The ``whole_sequence`` entry of an SAE from one result of :func:`~saecircuits.analysis.reconstruction.
+    """The ``whole_sequence`` entry of an SAE from one result of :func:`~saecircuits.analysis.quality.reconstruction.
     sequence_loss_recovered` on the prompts (loss recovered null with its reason when undefined)."""
     defined = seq["loss_recovered_undefined_reason"] is None
     ev = seq["explained_variance"]
@@ -845,7 +849,7 @@ def _whole_sequence_json(seq: dict) -> dict:
 
 
 def _off_range_json(off) -> dict | None:
-    """An :class:`~saecircuits.analysis.ablation_modes.OffRange` as results.json values (None: not counted)."""
+    """An :class:`~saecircuits.analysis.ablations.modes.OffRange` as results.json values (None: not counted)."""
     if off is None:
         return None
     d = off.to_dict()
@@ -853,7 +857,7 @@ def _off_range_json(off) -> dict | None:
 
 
 def _mean_ci(m) -> dict:
-    """A :class:`~saecircuits.analysis.stats.MeanCI` as ``{"mean", "ci95" (half-width), "n"}``."""
+    """A :class:`~saecircuits.analysis.statistics.MeanCI` as ``{"mean", "ci95" (half-width), "n"}``."""
     return {"mean": _round(m.mean), "ci95": _round(m.half_width), "n": int(m.n)}
 
 
@@ -874,7 +878,7 @@ def _corpus_stats_json(model, sae, fs, stat_docs, features: list[int], cfg: RunC
     the one corpus pass; the ``detailed`` ones also get their max-activating stories and lower-band examples."""
     import numpy as np
 
-    from saecircuits.analysis.corpus_stats import BANDS, example_windows
+    from saecircuits.analysis.corpus.statistics import BANDS, example_windows
 
     density_edges = [float(x) for x in np.linspace(-7.0, 0.0, 29)]
     counts, n_dead = fs.density_histogram(density_edges)
@@ -960,17 +964,17 @@ def study_sae(
 
     Args:
         entry: the SAE's entry from :func:`analyse_sae` (its ranked features and multi-ablation set are used).
-        fs: the SAE's :class:`~saecircuits.analysis.corpus_stats.FeatureStats` from the run's corpus pass.
+        fs: the SAE's :class:`~saecircuits.analysis.corpus.statistics.FeatureStats` from the run's corpus pass.
         mean_act: the hook's mean activation (the one the mean-ablation loss used).
     """
-    from saecircuits.analysis.ablation import ablate_features
-    from saecircuits.analysis.ablation_modes import ABLATION_MODES
-    from saecircuits.analysis.cooccurrence import feature_cooccurrence
-    from saecircuits.analysis.features import feature_activations, feature_effects
-    from saecircuits.analysis.geometry import decoder_cosines, encoder_cosines, token_kurtosis
-    from saecircuits.analysis.loss_comparison import CONDITIONS, loss_comparison
-    from saecircuits.analysis.max_activating import max_activating_ablation
-    from saecircuits.analysis.span_ablation import SPAN_VARIANTS, span_ablation
+    from saecircuits.analysis.ablations.feature_effects import feature_activations, feature_effects
+    from saecircuits.analysis.ablations.loss_comparison import CONDITIONS, loss_comparison
+    from saecircuits.analysis.ablations.max_activating import max_activating_ablation
+    from saecircuits.analysis.ablations.modes import ABLATION_MODES
+    from saecircuits.analysis.ablations.multi_feature import ablate_features
+    from saecircuits.analysis.ablations.span import SPAN_VARIANTS, span_ablation
+    from saecircuits.analysis.corpus.cooccurrence import feature_cooccurrence
+    from saecircuits.analysis.corpus.geometry import decoder_cosines, encoder_cosines, token_kurtosis
 
     out: dict[str, Any] = {}
     hp = sae.hook_point
@@ -1005,7 +1009,7 @@ def study_sae(
         progress(f"{hp}: top features under the three ablation modes")
         modes: dict[str, Any] = {"features": compared, "multi_features": chosen, "rows": [], "multi": {},
                                  "off_range": {}, "descriptions": {}}
-        from saecircuits.analysis.ablation_modes import MODE_DESCRIPTIONS
+        from saecircuits.analysis.ablations.modes import MODE_DESCRIPTIONS
 
         per_mode = {m: feature_effects(model, sae, task, features=compared, acts=acts, mode=m)
                     for m in ABLATION_MODES}
@@ -1105,7 +1109,7 @@ def study_sae(
 def study_run(model, saes: list, entries: list[dict], task, cfg: RunConfig, progress: Callable[[str], None]) -> dict:
     """Run-level keys of the reference study: ``layer_comparison``, when two or more SAEs on
     different hooks have a multi-ablation set: each SAE's set ablated alone at P and all together."""
-    from saecircuits.analysis.layer_comparison import compare_layer_ablations
+    from saecircuits.analysis.ablations.layer_comparison import compare_layer_ablations
 
     pairs = [(s, e["multi_ablation"]["features"]) for s, e in zip(saes, entries, strict=True)
              if e.get("multi_ablation", {}).get("features")]
@@ -1305,9 +1309,9 @@ def run_pipeline(
 
 def _run_pipeline(cfg: RunConfig, *, model, progress: bool, log: Callable[[str], None] | None) -> dict:
     """:func:`run_pipeline` once the output folder is checked and locked."""
-    from saecircuits.analysis.behaviour import behaviour_summary
-    from saecircuits.analysis.checks import behaviour_checks, density_checks
-    from saecircuits.analysis.dla import direct_logit_attribution
+    from saecircuits.analysis.quality.behaviour import behaviour_summary
+    from saecircuits.analysis.quality.checks import behaviour_checks, density_checks
+    from saecircuits.analysis.readouts.dla import direct_logit_attribution
     from saecircuits.data.corpus import read_documents
     from saecircuits.models.load import load_model, model_provenance
     from saecircuits.models.tokens import encode_documents, special_token_ids
@@ -1397,8 +1401,8 @@ def _run_pipeline(cfg: RunConfig, *, model, progress: bool, log: Callable[[str],
     t = _stage(timings, "saes", t)
 
 
-    from saecircuits.analysis.corpus_stats import corpus_feature_stats
-    from saecircuits.analysis.reconstruction import mean_activation
+    from saecircuits.analysis.corpus.statistics import corpus_feature_stats
+    from saecircuits.analysis.quality.reconstruction import mean_activation
 
     say(f"corpus statistics of every SAE over {len(stat_docs)} documents (one pass)")
     stats = corpus_feature_stats(model, saes, stat_docs, k=max(cfg.n_max_act_stories, cfg.n_examples),

@@ -11,15 +11,15 @@ import pytest
 import torch
 from helpers import HOOK, quote_task, random_sae, tiny_neo
 
-from saecircuits.analysis.circuit import _mask_edit, _single_edit, circuit_nodes
-from saecircuits.analysis.features import (
+from saecircuits.analysis.ablations.feature_effects import (
     feature_activations,
     feature_effects,
     features_ablation_edit,
     one_feature_each_edit,
 )
-from saecircuits.analysis.loss_comparison import loss_comparison
-from saecircuits.analysis.reconstruction import mean_activation, reconstruction_at_prediction
+from saecircuits.analysis.ablations.loss_comparison import loss_comparison
+from saecircuits.analysis.circuit import _mask_edit, _single_edit, circuit_nodes
+from saecircuits.analysis.quality.reconstruction import mean_activation, reconstruction_at_prediction
 
 
 @functools.cache

@@ -6,8 +6,8 @@ import math
 import torch
 from helpers import quote_task, random_sae, tiny_llama, tiny_neo
 
+from saecircuits.analysis.ablations.feature_effects import feature_activations
 from saecircuits.analysis.evidence import feature_evidence
-from saecircuits.analysis.features import feature_activations
 from saecircuits.report.render import build_report_html
 from saecircuits.report.schema import validate_results
 

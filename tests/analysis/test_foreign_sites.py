@@ -8,9 +8,9 @@ import pytest
 import torch
 from helpers import analyses_on_backend, quote_task, tiny_neo
 
+from saecircuits.analysis.ablations.feature_effects import feature_activations, single_feature_ablation_losses
 from saecircuits.analysis.circuit import circuit_nodes, exact_effects
-from saecircuits.analysis.features import feature_activations, single_feature_ablation_losses
-from saecircuits.analysis.reconstruction import reconstruction_at_prediction, sequence_loss_recovered
+from saecircuits.analysis.quality.reconstruction import reconstruction_at_prediction, sequence_loss_recovered
 from saecircuits.saes.base import SAE, SAEConfig
 
 IN, OUT, Z = "blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out", "blocks.0.attn.hook_z"

@@ -14,11 +14,11 @@ import pytest
 import torch
 from helpers import HF_BUILDERS, quote_task, random_sae, tiny_tokenizer
 
-from saecircuits.analysis.boosts import weight_logit_boosts
-from saecircuits.analysis.dfa import direct_feature_attribution
-from saecircuits.analysis.dla import direct_logit_attribution
-from saecircuits.analysis.error_dla import sae_error_dla
-from saecircuits.analysis.scaled_dla import activation_scaled_dla
+from saecircuits.analysis.readouts.boosts import weight_logit_boosts
+from saecircuits.analysis.readouts.dfa import direct_feature_attribution
+from saecircuits.analysis.readouts.dla import direct_logit_attribution
+from saecircuits.analysis.readouts.error_dla import sae_error_dla
+from saecircuits.analysis.readouts.scaled_dla import activation_scaled_dla
 from saecircuits.models.load import load_hf_model
 from saecircuits.tasks.base import Task
 
@@ -129,8 +129,8 @@ def test_feature_selection_and_circuit_top_tokens_do_not_move_with_the_switches(
     """``--feature-selection N`` ranks by |activation x DLA| through the final norm: the same features under
     fold_ln and center_writing_weights (center_unembed moves one answer logit's DLA by a per-feature constant, so
     it is compared within each center_unembed setting); a feature node's promoted tokens are the same under all."""
+    from saecircuits.analysis.ablations.feature_effects import feature_effects
     from saecircuits.analysis.circuit import Node, _top_tokens
-    from saecircuits.analysis.features import feature_effects
 
     task = quote_task()
     hook = "blocks.1.mlp.hook_post"

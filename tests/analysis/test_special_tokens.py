@@ -12,10 +12,10 @@ import pytest
 import torch
 from helpers import HOOK, tiny_neo, tiny_tokenizer
 
-from saecircuits.analysis.boosts import common_tokens
-from saecircuits.analysis.dfa import mean_mlp_in_contributions
-from saecircuits.analysis.examples import top_activating_examples
-from saecircuits.analysis.reconstruction import mean_activation
+from saecircuits.analysis.corpus.examples import top_activating_examples
+from saecircuits.analysis.quality.reconstruction import mean_activation
+from saecircuits.analysis.readouts.boosts import common_tokens
+from saecircuits.analysis.readouts.dfa import mean_mlp_in_contributions
 from saecircuits.data.activations import ActivationDataError, model_activation_chunks
 from saecircuits.data.corpus import read_documents
 from saecircuits.models.tokens import ContextLengthError, encode_documents

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from saecircuits.analysis.stats import bootstrap_ratio_ci, mean_ci95, paired_bootstrap_means, t_quantile
+from saecircuits.analysis.statistics import bootstrap_ratio_ci, mean_ci95, paired_bootstrap_means, t_quantile
 
 
 @pytest.mark.parametrize(

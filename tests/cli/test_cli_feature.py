@@ -59,7 +59,7 @@ def test_feature_with_model_and_data_matches_the_library(sae_dir, model_dir, tmp
     corpus = tmp_path / "stories.txt"
     corpus.write_text("".join(f"{s}\n<|endoftext|>\n" for s in STORIES * 3), encoding="utf-8")
     # a feature that is active at P on some prompts
-    from saecircuits.analysis.features import feature_activations, feature_effects
+    from saecircuits.analysis.ablations.feature_effects import feature_activations, feature_effects
     from saecircuits.tasks.closing_quote import closing_quote_task
 
     model, sae = tiny_neo(), random_sae()

@@ -189,7 +189,7 @@ def test_prefix_cached_edits_equal_full_forwards_past_the_window(arch):
 
 @pytest.mark.parametrize("arch", sorted(BUILDERS))
 def test_feature_effects_equal_a_plain_hugging_face_forward(arch):
-    from saecircuits.analysis.features import feature_effects
+    from saecircuits.analysis.ablations.feature_effects import feature_effects
 
     model = bridge(arch)
     assert interventions_for(model).backend == "engine"
@@ -322,7 +322,7 @@ def test_a_whole_run_with_the_circuit_on_tiny_pythia(tmp_path, backend):
 def test_dla_components_sum_to_the_answer_logit(arch):
     """Parallel blocks write the same components; OLMo 2's heads go through ln1_post at its cached scale. The
     check is independent: the components plus the readout constant equal the clean answer logit per prompt."""
-    from saecircuits.analysis.dla import direct_logit_attribution
+    from saecircuits.analysis.readouts.dla import direct_logit_attribution
 
     res = direct_logit_attribution(bridge(arch), quote_task())
     assert res.max_abs_error < 1e-4, arch
@@ -335,8 +335,8 @@ def test_dfa_of_a_parallel_block_reads_resid_pre(arch, layer):
     """In a parallel block the MLP of layer L reads resid_pre_L: its own layer's heads are not components (GPT-J:
     through ln1, its one norm). Independent check: the zero-variant DFA sums to ((norm_out @ W_in) * active) @
     W_enc[:, k] from the cache."""
-    from saecircuits.analysis.dfa import dfa_component_labels, direct_feature_attribution
-    from saecircuits.analysis.features import feature_activations
+    from saecircuits.analysis.ablations.feature_effects import feature_activations
+    from saecircuits.analysis.readouts.dfa import dfa_component_labels, direct_feature_attribution
 
     model, task = bridge(arch), quote_task()
     hook = f"blocks.{layer}.mlp.hook_post"
@@ -361,9 +361,9 @@ def test_olmo2_mlp_readouts_go_through_the_norm_on_the_mlp_output():
     """OLMo 2 adds ln2_post(h W_out) to the residual stream. Independent reference: the final-norm readout of the
     cached hook_mlp_out at P. The SAE-error DLA's MLP row equals it; the activation-scaled DLA of a b_dec-free SAE
     sums to the reconstruction row; the weight boosts are the post-norm direction at unit scale."""
-    from saecircuits.analysis.boosts import weight_logit_boosts
-    from saecircuits.analysis.error_dla import sae_error_dla
-    from saecircuits.analysis.scaled_dla import activation_scaled_dla
+    from saecircuits.analysis.readouts.boosts import weight_logit_boosts
+    from saecircuits.analysis.readouts.error_dla import sae_error_dla
+    from saecircuits.analysis.readouts.scaled_dla import activation_scaled_dla
     from saecircuits.models.norms import readout_of
 
     model, task = bridge("olmo2"), quote_task()

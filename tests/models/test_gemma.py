@@ -201,7 +201,7 @@ def _quote_task():
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_exact_feature_effects_equal_a_plain_hf_forward_edited_at_down_proj(version):
-    from saecircuits.analysis.features import feature_effects
+    from saecircuits.analysis.ablations.feature_effects import feature_effects
 
     model = tiny_gemma(version)
     sae = random_sae(d_in=D_MLP, d_sae=48, hook_point=HOOK, seed=3)
@@ -235,7 +235,7 @@ def test_exact_feature_effects_equal_a_plain_hf_forward_edited_at_down_proj(vers
 
 def test_dla_sums_to_the_pre_cap_logit():
     """Gemma 2 caps its logits: DLA attributes the pre-cap logit, and its components sum to it exactly."""
-    from saecircuits.analysis.dla import direct_logit_attribution
+    from saecircuits.analysis.readouts.dla import direct_logit_attribution
 
     model = tiny_gemma(2)
     task = _quote_task()
@@ -287,10 +287,10 @@ def test_whole_run_with_the_circuit_on_a_tiny_gemma2_folder(tmp_path):
 def test_readouts_pass_the_post_mlp_norm_exactly(version):
     """SAE-error DLA's MLP row equals DLA's MLP component (read at hook_mlp_out, after ln2_post); the activation-
     scaled DLA of all features sums to the reconstruction row (b_dec = 0); top-N selection runs."""
-    from saecircuits.analysis.dla import direct_logit_attribution
-    from saecircuits.analysis.error_dla import sae_error_dla
-    from saecircuits.analysis.features import feature_effects
-    from saecircuits.analysis.scaled_dla import activation_scaled_dla
+    from saecircuits.analysis.ablations.feature_effects import feature_effects
+    from saecircuits.analysis.readouts.dla import direct_logit_attribution
+    from saecircuits.analysis.readouts.error_dla import sae_error_dla
+    from saecircuits.analysis.readouts.scaled_dla import activation_scaled_dla
 
     model = tiny_gemma(version)
     task = _quote_task()
@@ -310,7 +310,7 @@ def test_readouts_pass_the_post_mlp_norm_exactly(version):
 def test_weight_boosts_equal_the_raw_hf_weights():
     """Per-unit boosts of a feature = its decoder row through down_proj, (1 + w) of post_feedforward_layernorm and
     of the final norm, and lm_head, all from the unprocessed Hugging Face weights (Gemma 2: W_U is not centred)."""
-    from saecircuits.analysis.boosts import weight_logit_boosts
+    from saecircuits.analysis.readouts.boosts import weight_logit_boosts
 
     model = tiny_gemma(2)
     sae = random_sae(d_in=D_MLP, d_sae=48, hook_point=HOOK, seed=3)

@@ -242,7 +242,7 @@ def test_bf16_model_and_bf16_sae_engine_equals_the_bridge(arch):
     (bf16 keeps 8 significant bits, so two op orders differ by ~1e-2 relative)."""
     from helpers import HF_BUILDERS, tiny_tokenizer
 
-    from saecircuits.analysis.features import one_feature_each_edit
+    from saecircuits.analysis.ablations.feature_effects import one_feature_each_edit
     from saecircuits.models.load import load_hf_model
 
     model = load_hf_model(HF_BUILDERS[arch](seed=4), tiny_tokenizer(), dtype=torch.bfloat16)

@@ -299,7 +299,7 @@ def test_tokenizer_without_any_special_token_pads_with_a_real_id(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GPTNeoConfig, GPTNeoForCausalLM, PreTrainedTokenizerFast
 
-    from saecircuits.analysis.reconstruction import mean_activation
+    from saecircuits.analysis.quality.reconstruction import mean_activation
     from saecircuits.models.hooks import pad_id_of
 
     vocab = {w: i for i, w in enumerate("a b c d e f g h".split())}

@@ -149,7 +149,7 @@ def test_readme_library_path_on_the_default_model_and_tinystories():
     stories_file = SHARED / "tinystories-v1-valid-first1000" / "tinystories_val.txt"
     if not stories_file.exists():
         pytest.skip(f"shared data not found: {stories_file}")
-    from saecircuits.analysis.dla import direct_logit_attribution
+    from saecircuits.analysis.readouts.dla import direct_logit_attribution
     from saecircuits.data.corpus import read_documents
     from saecircuits.models.default import shipped_model_dir
     from saecircuits.models.load import load_model

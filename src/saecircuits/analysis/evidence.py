@@ -17,18 +17,18 @@ from typing import Any
 
 import torch
 
-from saecircuits.analysis.boosts import (
+from saecircuits.analysis.ablations.feature_effects import answer_losses, feature_activations
+from saecircuits.analysis.ablations.loss_vs_activation import loss_increase_vs_activation
+from saecircuits.analysis.ablations.upstream import upstream_ablation_effect
+from saecircuits.analysis.readouts.boosts import (
     common_from_counts,
     common_tokens,
     prompt_logprob_boosts,
     weight_logit_boosts,
 )
-from saecircuits.analysis.dfa import direct_feature_attribution
-from saecircuits.analysis.error_dla import mlp_post_layer, sae_error_dla
-from saecircuits.analysis.features import answer_losses, feature_activations
-from saecircuits.analysis.loss_vs_activation import loss_increase_vs_activation
-from saecircuits.analysis.scaled_dla import activation_scaled_dla
-from saecircuits.analysis.upstream import upstream_ablation_effect
+from saecircuits.analysis.readouts.dfa import direct_feature_attribution
+from saecircuits.analysis.readouts.error_dla import mlp_post_layer, sae_error_dla
+from saecircuits.analysis.readouts.scaled_dla import activation_scaled_dla
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
 
@@ -81,7 +81,7 @@ def feature_evidence(
         effects: precomputed ``feature_effects`` holding ``features`` (their exact per-prompt ablation effects are
             reused for the loss-vs-activation view instead of new ablations, when computed in ``mode``).
         mode: ablation mode of the prompt boosts and the loss-vs-activation view
-            (:mod:`saecircuits.analysis.ablation_modes`).
+            (:mod:`saecircuits.analysis.ablations.modes`).
         token_counts: int ``[d_vocab]`` corpus token counts (from the corpus statistics pass,
             ``analysis.corpus_stats``); the common-token mask is then ``count > min_token_count`` without another
             pass over ``stat_rows``.

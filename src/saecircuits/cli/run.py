@@ -213,7 +213,7 @@ def _sae_recipe(value: str) -> str:
 
 def _ablation_mode(value: str) -> str:
     """``--ablation-mode``: residual, reconstruction or clean_effect (analysis.ablation_modes)."""
-    from saecircuits.analysis.ablation_modes import ABLATION_MODES
+    from saecircuits.analysis.ablations.modes import ABLATION_MODES
 
     if value not in ABLATION_MODES:
         raise typer.BadParameter(f"must be one of {', '.join(ABLATION_MODES)}, got {value!r}")

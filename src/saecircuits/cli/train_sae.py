@@ -492,7 +492,7 @@ def _evaluate(bridge, saes: dict, eval_rows, bos_id, bos_policy: str, out: Path)
     activations; written to ``out/eval.json`` (issue: metrics after training)."""
     import torch
 
-    from saecircuits.analysis.reconstruction import sequence_loss_recovered
+    from saecircuits.analysis.quality.reconstruction import sequence_loss_recovered
     from saecircuits.atomic import atomic_write_text
     from saecircuits.data.activations import bos_keep_mask
     from saecircuits.report.schema import to_jsonable

@@ -39,6 +39,9 @@ from typing import Any, Literal
 
 import torch
 
+from saecircuits.models.errors import ModelLoadError
+from saecircuits.models.norms import norm_params, readout_of
+
 logger = logging.getLogger(__name__)
 
 
@@ -64,10 +67,6 @@ _WEIGHT_FILES = (
 )
 GPT2_EOT = "<|endoftext|>"
 GPT2_EOT_ID = 50256
-
-
-class ModelLoadError(ValueError):
-    """A model source cannot be loaded (unknown path, incomplete folder, hub unreachable, bad tokenizer)."""
 
 
 @dataclass(frozen=True)
@@ -216,7 +215,6 @@ def _check_norms(bridge) -> None:
     """Refuse, right after loading, a model whose norms the attributions cannot read (a norm that is neither
     LayerNorm nor RMSNorm), instead of failing after the first analyses have run. Gemma's ``(1 + weight)`` norms are
     read with their effective weight (:func:`saecircuits.models.norms.module_norm_params`)."""
-    from saecircuits.models.norms import norm_params, readout_of
 
     readout_of(bridge)
     for i in range(int(bridge.cfg.n_layers)):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from saecircuits.models.load import ModelLoadError
+from saecircuits.models.errors import ModelLoadError
 
 __all__ = ["NormParams", "module_norm_params", "norm_params", "optional_norm_params", "mlp_input_norm", "site_post_norm",
            "Readout", "readout_of"]

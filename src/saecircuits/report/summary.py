@@ -19,7 +19,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from saecircuits.analysis.thresholds import MIN_ABLATION_EFFECT
+from saecircuits.analysis.quality.thresholds import MIN_ABLATION_EFFECT
 from saecircuits.report.schema import ci_bounds
 from saecircuits.report.tokens_html import visible_token
 
@@ -206,10 +206,10 @@ def _components(results: Mapping, n: int = 3) -> str:
 def ratio_problem(sae: Mapping, key: str = "loss_recovered") -> str | None:
     """Why the loss-recovered ratio ``key`` of an SAE entry cannot be read as a result, or None when it can.
 
-    One rule, the one :func:`saecircuits.analysis.reconstruction.loss_recovered` applies when it computes the ratio:
+    One rule, the one :func:`saecircuits.analysis.quality.reconstruction.loss_recovered` applies when it computes the ratio:
     it cannot be read when results.json gives a ``{key}_undefined_reason`` or no finite value. For files that predate
     that field, the same threshold is applied here: ablating the layer raises the answer loss by less than
-    :data:`~saecircuits.analysis.thresholds.MIN_ABLATION_EFFECT` nats (the ratio divides by almost nothing)."""
+    :data:`~saecircuits.analysis.quality.thresholds.MIN_ABLATION_EFFECT` nats (the ratio divides by almost nothing)."""
     v = sae.get(key)
     reason = sae.get(f"{key}_undefined_reason")
     if reason or not _finite(v):
@@ -234,7 +234,7 @@ def layer_effect_share(sae: Mapping) -> float | None:
     increase (``zero_ablation_loss - clean_loss``).
 
     None when either is missing, or when the layer's effect is too small to divide by: below
-    :data:`~saecircuits.analysis.thresholds.MIN_ABLATION_EFFECT` nats, or loss recovered vs zero ablation undefined
+    :data:`~saecircuits.analysis.quality.thresholds.MIN_ABLATION_EFFECT` nats, or loss recovered vs zero ablation undefined
     (the same rule as :func:`ratio_problem`; a 1e-4-nat layer effect must not become "300000% of the layer")."""
     ma = sae.get("multi_ablation") or {}
     joint = (ma.get("loss_increase") or ma.get("logprob_diff") or {}).get("mean")

@@ -1,0 +1,1 @@
+"""Ablations: exact effects of removing features or activations at the prediction position (feature effects, the ablation modes, multi-feature, layer and loss comparisons, max-activating stories, span, upstream)."""

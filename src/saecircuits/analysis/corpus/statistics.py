@@ -1,0 +1,577 @@
+"""Corpus-scale statistics of every SAE feature, for every SAE of a run, in one streaming pass (the reference
+notebook's max activations, top examples, token-wise counts and common tokens, without its dense arrays).
+
+One forward per batch of corpus documents reads every SAE's hook point at every position (the pass stops after the
+last block it needs and never unembeds), and each SAE's features are encoded in chunks of rows so that at most
+``encode_floats`` activations exist at once. Nothing of size ``n_docs x d_sae`` or ``d_sae x d_vocab`` is ever built.
+Per SAE and feature ``k`` it keeps:
+
+- ``fire_count``: tokens with ``f_k > 0``, so the density ``fire_count / n_tokens`` (fraction of counted tokens);
+- ``activation_sum`` (the mean activation when active is ``activation_sum / fire_count``) and the corpus maximum;
+- the per-token L0 distribution (how many features fire on each counted token);
+- a histogram of ``log10 f_k`` over the tokens where it fires (fixed bins, see ``hist_range``);
+- a streaming top-k of the documents with the largest per-document maximum, with the position of that maximum
+  (ties broken by the lower document index, so batching never changes the result);
+- token-wise counts: how often each input token carries ``f_k > token_fraction * max_k`` (the maximum over the
+  whole corpus), kept as the ``n_top_tokens`` most frequent tokens per feature plus the total (the notebook's dense
+  ``[d_sae, d_vocab]`` table was 3.3 GB and skipped the first 10 positions of every story; here every counted
+  position counts);
+- the notebook's "upper / middle / lower" examples: the documents whose maximum lies just above ``2/3``, ``1/3``
+  and ``1/10`` of the feature's corpus maximum (the ``n`` smallest maxima that exceed it), with the fractions as real
+  numbers (the notebook used ``max // 3`` on floats, which is 0 for any maximum below 3).
+
+Counted tokens are the real (non-padding) positions whose token is not a special token (BOS/EOS/PAD anywhere in the
+row): special positions are out of distribution for SAEs trained without them and inflate maxima (the notebook kept BOS). The
+pass also counts every token id over the counted positions (``token_counts``: the common/rare mask of the logit
+boosts) and sums each hook's activation (its mean over counted tokens, for mean ablation).
+
+Exact in one pass although thresholds depend on the final maximum: the running maximum never exceeds the final one,
+so every event above ``fraction x final max`` is above ``fraction x running max`` when it is seen. Token events and
+band candidates are kept while they exceed the running threshold and pruned after each batch; the final threshold is
+applied at the end. Memory therefore grows with the number of (token, feature) activations above
+``token_fraction x`` the feature's maximum and of (document, feature) maxima above ``1/10`` of it, not with the corpus
+times ``d_sae``.
+
+Feature activations are non-negative (every architecture in ``saecircuits.saes`` ends in a ReLU, a TopK of ReLU
+outputs or a JumpReLU); padding and special positions count as 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from saecircuits.analysis.readouts.boosts import common_from_counts
+from saecircuits.display import NotebookDisplay
+from saecircuits.models.hooks import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_TOKENS,
+    _device_of,
+    n_ctx_of,
+    pad_id_of,
+    row_batches,
+    with_progress,
+)
+from saecircuits.models.interventions import interventions_for
+from saecircuits.models.tokens import special_token_ids, special_token_mask, token_pieces
+from saecircuits.saes.base import SAE
+
+__all__ = [
+    "BANDS",
+    "FeatureStats",
+    "CorpusStats",
+    "corpus_feature_stats",
+    "special_ids_of",
+    "counted_token_mask",
+    "example_windows",
+]
+
+BANDS: dict[str, float] = {"upper": 2 / 3, "middle": 1 / 3, "lower": 1 / 10}
+"""The notebook's example bands as fractions of the feature's corpus maximum (without its floor division)."""
+
+
+def special_ids_of(model) -> frozenset[int]:
+    """Token ids that are never text for this model's tokenizer (``models.tokens.special_token_ids``)."""
+    return special_token_ids(getattr(model, "tokenizer", None))
+
+
+def counted_token_mask(tokens: torch.Tensor, lengths: torch.Tensor, special_ids: Collection[int]) -> torch.Tensor:
+    """bool ``[b, T]``: real positions (``t < length``) whose token is not special (the positions statistics count).
+
+    Args:
+        tokens: int64 ``[b, T]`` right-padded rows.
+        lengths: int64 ``[b]`` real tokens per row.
+        special_ids: ids to leave out (:func:`special_ids_of`).
+    """
+    mask = torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths.to(tokens.device)[:, None]
+    return mask & ~special_token_mask(tokens, special_ids)
+
+
+@dataclass
+class FeatureStats:
+    """Corpus statistics of one SAE's features (see the module docstring for definitions).
+
+    Attributes:
+        hook_point, d_sae: of the SAE.
+        n_docs: documents in the pass; n_tokens: counted tokens (real, non-special positions).
+        fire_count: int64 ``[d_sae]`` counted tokens with ``f > 0``.
+        activation_sum: float64 ``[d_sae]`` sum of ``f`` over counted tokens (SAE feature units).
+        max_activation: float32 ``[d_sae]`` corpus maximum (0 for a feature that never fires).
+        l0_counts: int64 ``[max L0 + 1]``: ``l0_counts[j]`` counted tokens with exactly ``j`` active features.
+        hist_edges: float64 ``[n_bins + 1]`` bin edges in log10 units; values below the first edge are counted in
+            the first bin, values above the last in the last bin.
+        hist: int64 ``[d_sae, n_bins]`` counts of ``log10 f`` over the tokens where the feature fires.
+        top_value, top_doc, top_pos: ``[d_sae, k]`` the ``k`` documents with the largest per-document maximum
+            (float32 value, int64 document index into the rows given, int64 absolute position of that maximum),
+            in decreasing value; slots with value 0 hold no example.
+        token_fraction: the token-count threshold as a fraction of each feature's corpus maximum.
+        top_tokens, top_token_counts: int64 ``[d_sae, n_top_tokens]`` the input tokens most often above the
+            threshold and their counts (most frequent first, ties by lower id; -1 / 0 pad).
+        above_count: int64 ``[d_sae]`` counted tokens above the threshold (over all token ids).
+        input_sum: float64 ``[d_in]`` sum over counted tokens of the hook's activation.
+        bands: the example bands (name -> fraction of the maximum) the pass kept candidates for.
+    """
+
+    hook_point: str
+    d_sae: int
+    n_docs: int
+    n_tokens: int
+    fire_count: torch.Tensor
+    activation_sum: torch.Tensor
+    max_activation: torch.Tensor
+    l0_counts: torch.Tensor
+    hist_edges: torch.Tensor
+    hist: torch.Tensor
+    top_value: torch.Tensor
+    top_doc: torch.Tensor
+    top_pos: torch.Tensor
+    token_fraction: float
+    top_tokens: torch.Tensor
+    top_token_counts: torch.Tensor
+    above_count: torch.Tensor
+    input_sum: torch.Tensor
+    bands: dict[str, float] = field(default_factory=dict)
+    _band_feature: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int32), repr=False)
+    _band_doc: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int32), repr=False)
+    _band_pos: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int32), repr=False)
+    _band_value: torch.Tensor = field(default_factory=lambda: torch.zeros(0), repr=False)
+
+    @property
+    def density(self) -> torch.Tensor:
+        """float64 ``[d_sae]``: fraction of counted tokens with ``f > 0`` (NaN without counted tokens)."""
+        return self.fire_count.double() / self.n_tokens if self.n_tokens else torch.full((self.d_sae,), math.nan)
+
+    @property
+    def l0(self) -> float:
+        """Mean number of active features per counted token (NaN without counted tokens)."""
+        return float(self.fire_count.sum()) / self.n_tokens if self.n_tokens else math.nan
+
+    @property
+    def mean_when_active(self) -> torch.Tensor:
+        """float64 ``[d_sae]``: mean activation over the tokens where the feature fires (NaN where it never does)."""
+        out = self.activation_sum / self.fire_count.double()
+        return out.masked_fill(self.fire_count == 0, math.nan)
+
+    @property
+    def mean_input(self) -> torch.Tensor:
+        """float32 ``[d_in]``: mean of the hook's activation over counted tokens (a mean-ablation vector).
+
+        Raises:
+            ValueError: no counted token.
+        """
+        if not self.n_tokens:
+            raise ValueError("no counted tokens: the corpus rows hold only special tokens or padding")
+        return (self.input_sum / self.n_tokens).float()
+
+    def _check(self, feature: int) -> int:
+        k = int(feature)
+        if not 0 <= k < self.d_sae:
+            raise IndexError(f"feature {k} out of range 0..{self.d_sae - 1}")
+        return k
+
+    def top_examples(self, feature: int, n: int | None = None) -> list[tuple[int, int, float]]:
+        """``(doc, position, value)`` of the documents with the largest maximum of ``feature`` (positive only)."""
+        k = self._check(feature)
+        out = [
+            (int(d), int(p), float(v))
+            for d, p, v in zip(self.top_doc[k], self.top_pos[k], self.top_value[k], strict=True)
+            if v > 0
+        ]
+        return out[:n] if n is not None else out
+
+    def band_examples(self, feature: int, band: str, n: int) -> list[tuple[int, int, float]]:
+        """The notebook's banded examples: the ``n`` documents with the smallest maximum that still exceeds
+        ``bands[band] x`` the feature's corpus maximum, ascending, as ``(doc, position, value)``.
+
+        Raises:
+            KeyError: a band the pass did not keep. IndexError: ``feature`` out of range.
+        """
+        k = self._check(feature)
+        if band not in self.bands:
+            raise KeyError(f"band {band!r} was not kept; the pass kept {sorted(self.bands)}")
+        mx = float(self.max_activation[k])
+        if not mx > 0:
+            return []
+        sel = (self._band_feature == k) & (self._band_value > self.bands[band] * mx)
+        docs, pos, val = self._band_doc[sel].long(), self._band_pos[sel].long(), self._band_value[sel]
+        order = np.lexsort((docs.numpy(), val.numpy()))[:n]  # value ascending, then lower document first
+        return [(int(docs[i]), int(pos[i]), float(val[i])) for i in order]
+
+    def top_token_list(self, feature: int) -> list[tuple[int, int]]:
+        """``(token id, count)`` of the tokens the feature fires on most often above the threshold."""
+        k = self._check(feature)
+        return [
+            (int(t), int(c))
+            for t, c in zip(self.top_tokens[k], self.top_token_counts[k], strict=True)
+            if t >= 0 and c > 0
+        ]
+
+    def density_histogram(self, edges: Sequence[float]) -> tuple[list[int], int]:
+        """Histogram of ``log10 density`` over the features that fire at least once, and the number that never do.
+
+        Args:
+            edges: increasing bin edges (log10 units); densities outside go to the first / last bin.
+
+        Returns:
+            ``(counts [len(edges) - 1], n_dead)``.
+        """
+        d = self.density
+        alive = self.fire_count > 0
+        e = np.asarray(edges, dtype=np.float64)
+        v = np.clip(np.log10(d[alive].numpy()), e[0], e[-1])
+        counts, _ = np.histogram(v, bins=e)
+        return counts.astype(int).tolist(), int((~alive).sum())
+
+
+@dataclass
+class CorpusStats(NotebookDisplay):
+    """The result of one pass: corpus-level counts and one :class:`FeatureStats` per SAE hook point.
+
+    Attributes:
+        n_docs, n_tokens: documents and counted tokens.
+        token_counts: int64 ``[d_vocab]`` occurrences of each token id over counted positions.
+        features: one :class:`FeatureStats` per SAE, in the order the SAEs were given.
+        special_ids: the token ids left out.
+    """
+
+    n_docs: int
+    n_tokens: int
+    token_counts: torch.Tensor
+    features: list[FeatureStats]
+    special_ids: list[int]
+
+    def __getitem__(self, key: int | str) -> FeatureStats:
+        """The statistics of the ``key``-th SAE, or of the (first) SAE on hook point ``key``."""
+        if isinstance(key, str):
+            for fs in self.features:
+                if fs.hook_point == key:
+                    return fs
+            raise KeyError(f"no SAE on {key!r} in these statistics")
+        return self.features[key]
+
+    def common_tokens(self, min_count: int = 100) -> torch.Tensor:
+        """bool ``[d_vocab]``: tokens occurring more than ``min_count`` times (the notebook's 100)."""
+        return common_from_counts(self.token_counts, min_count)
+
+    def display_title(self) -> str:
+        return (f"Corpus statistics of {len(self.features)} SAE(s) over {self.n_docs} documents "
+                f"({self.n_tokens} counted tokens)")
+
+    def to_pandas(self):
+        """One row per (SAE, feature) that fires at least once: ``hook_point``, ``feature``, ``density``,
+        ``max_activation``, ``mean_when_active``, sorted by density."""
+        import pandas as pd
+
+        frames = []
+        for fs in self.features:
+            dens, live = fs.density, fs.fire_count > 0
+            idx = torch.nonzero(live).flatten()
+            frames.append(pd.DataFrame({"hook_point": fs.hook_point, "feature": idx.numpy(),
+                                        "density": dens[idx].double().numpy(),
+                                        "max_activation": fs.max_activation[idx].double().numpy(),
+                                        "mean_when_active": fs.mean_when_active[idx].double().numpy()}))
+        df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        return df.sort_values("density", ascending=False, ignore_index=True) if len(df) else df
+
+    def figure(self):
+        """Histogram of log10 density of the features that fire, per SAE."""
+        import plotly.graph_objects as go
+
+        fig = go.Figure([go.Histogram(x=torch.log10(fs.density[fs.fire_count > 0]).tolist(), name=fs.hook_point,
+                                      opacity=0.6, nbinsx=40) for fs in self.features])
+        fig.update_layout(barmode="overlay", title="Feature density over the corpus", template="plotly_white",
+                          xaxis_title="log10 density (fraction of tokens with f > 0)", yaxis_title="features")
+        return fig
+
+
+class _Accumulator:
+    """The running state of one SAE during the pass."""
+
+    def __init__(self, sae: SAE, *, k: int, token_fraction: float, bands: Mapping[str, float],
+                 hist_range: tuple[float, float], hist_bins: int, encode_floats: int) -> None:
+        d = sae.d_sae
+        self.sae = sae
+        self.k = k
+        self.token_fraction = token_fraction
+        self.bands = dict(bands)
+        self.band_floor = min(self.bands.values()) if self.bands else None
+        self.lo, self.hi = hist_range
+        self.n_bins = hist_bins
+        self.width = (self.hi - self.lo) / hist_bins
+        self.encode_floats = encode_floats
+        self.fire_count = torch.zeros(d, dtype=torch.long)
+        self.activation_sum = torch.zeros(d, dtype=torch.float64)
+        self.max = torch.zeros(d)
+        self.l0_counts = torch.zeros(1, dtype=torch.long)
+        self.hist = torch.zeros(d * hist_bins, dtype=torch.long)
+        self.top_value = torch.zeros(d, k)
+        self.top_doc = torch.full((d, k), -1, dtype=torch.long)
+        self.top_pos = torch.zeros(d, k, dtype=torch.long)
+        self.input_sum = torch.zeros(sae.d_in, dtype=torch.float64)
+        self.tok_events: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.band_events: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def update(self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, docs: torch.Tensor) -> None:
+        """One batch: ``x [b, T, d_in]`` activations, ``tokens``/``mask`` ``[b, T]``, ``docs [b]`` row indices."""
+        sae = self.sae
+        b, T = tokens.shape
+        d = sae.d_sae
+        x = sae.flatten_input(x)  # attention hook_z: [b, T, n_heads, d_head] -> [b, T, d_in]
+        maskf = mask.to(x.device)
+        self.input_sum += torch.einsum("btd,bt->d", x.float(), maskf.float()).double().cpu()
+        rows = max(1, self.encode_floats // max(1, T * d))
+        doc_max, doc_pos = [], []
+        with torch.no_grad():
+            for r0 in range(0, b, rows):
+                m = maskf[r0 : r0 + rows]
+                f = sae.encode(x[r0 : r0 + rows].to(sae.W_enc.dtype)).float()
+                f.masked_fill_(~m[..., None], 0.0)  # padding and special positions count as 0
+                mx, pos = f.max(dim=1)  # [r, d_sae]: per-document maximum and its (first) position
+                mx, pos = mx.cpu(), pos.cpu()
+                doc_max.append(mx)
+                doc_pos.append(pos)
+                self.max = torch.maximum(self.max, mx.amax(0))
+                # everything else from the sparse active entries (f > 0), never another dense reduction
+                r_i, t_i, k_i = torch.nonzero(f > 0, as_tuple=True)
+                v = f[r_i, t_i, k_i].cpu()
+                r_i, t_i, k_i = r_i.cpu(), t_i.cpu(), k_i.cpu()
+                self.fire_count += torch.bincount(k_i, minlength=d)
+                self.activation_sum.index_add_(0, k_i, v.double())
+                per_token = torch.bincount(r_i * T + t_i, minlength=m.shape[0] * T)[m.reshape(-1).cpu()]
+                l0 = torch.bincount(per_token)
+                if l0.numel() > self.l0_counts.numel():
+                    l0[: self.l0_counts.numel()] += self.l0_counts
+                    self.l0_counts = l0
+                else:
+                    self.l0_counts[: l0.numel()] += l0
+                bins = ((torch.log10(v.double()) - self.lo) / self.width).floor().clamp(0, self.n_bins - 1).long()
+                self.hist.index_add_(0, k_i * self.n_bins + bins, torch.ones_like(bins))
+                keep = v > self.token_fraction * self.max[k_i]
+                tok = tokens[r0 : r0 + rows].cpu()[r_i[keep], t_i[keep]]
+                self.tok_events.append((k_i[keep].int(), tok.int(), v[keep]))
+        dm = torch.cat(doc_max)  # [b, d_sae]
+        dp = torch.cat(doc_pos)
+        self._merge_top(dm, dp, docs)
+        if self.band_floor is not None:
+            r_i, k_i = torch.nonzero(dm > self.band_floor * self.max[None], as_tuple=True)
+            self.band_events.append((k_i.int(), docs[r_i].int(), dp[r_i, k_i].int(), dm[r_i, k_i]))
+        self._prune()
+
+    def _merge_top(self, dm: torch.Tensor, dp: torch.Tensor, docs: torch.Tensor) -> None:
+        d = self.sae.d_sae
+        val = torch.cat([self.top_value, dm.T], dim=1)  # [d_sae, k + b]
+        doc = torch.cat([self.top_doc, docs[None].expand(d, -1)], dim=1)
+        pos = torch.cat([self.top_pos, dp.T], dim=1)
+        # order by (value desc, doc asc): sort by doc first, then a stable sort by value
+        by_doc = torch.argsort(torch.where(doc < 0, torch.iinfo(torch.long).max, doc), dim=1, stable=True)
+        val, doc, pos = (t.gather(1, by_doc) for t in (val, doc, pos))
+        by_val = torch.argsort(val, dim=1, descending=True, stable=True)[:, : self.k]
+        self.top_value, self.top_doc, self.top_pos = (t.gather(1, by_val) for t in (val, doc, pos))
+
+    def _prune(self) -> None:
+        """Drop the kept events that can no longer pass the final threshold (the running maximum only grows)."""
+        if self.tok_events:
+            k, t, v = (torch.cat(c) for c in zip(*self.tok_events, strict=True))
+            keep = v > self.token_fraction * self.max[k.long()]
+            self.tok_events = [(k[keep], t[keep], v[keep])]
+        if self.band_events:
+            k, doc, pos, v = (torch.cat(c) for c in zip(*self.band_events, strict=True))
+            keep = v > self.band_floor * self.max[k.long()]
+            self.band_events = [(k[keep], doc[keep], pos[keep], v[keep])]
+
+    def finish(self, n_docs: int, n_tokens: int, d_vocab: int, n_top_tokens: int) -> FeatureStats:
+        d = self.sae.d_sae
+        self._prune()
+        top_tokens = torch.full((d, n_top_tokens), -1, dtype=torch.long)
+        top_counts = torch.zeros((d, n_top_tokens), dtype=torch.long)
+        above = torch.zeros(d, dtype=torch.long)
+        if self.tok_events:
+            k, t, _ = self.tok_events[0]
+            key = k.long() * d_vocab + t.long()
+            uniq, counts = torch.unique(key, return_counts=True)
+            feat, tok = (uniq // d_vocab).numpy(), (uniq % d_vocab).numpy()
+            cnt = counts.numpy()
+            above = torch.bincount(k.long(), minlength=d)
+            order = np.lexsort((tok, -cnt, feat))  # by feature, then count desc, then token id asc
+            feat, tok, cnt = feat[order], tok[order], cnt[order]
+            start = np.searchsorted(feat, feat, side="left")
+            rank = np.arange(len(feat)) - start
+            sel = rank < n_top_tokens
+            top_tokens[feat[sel], rank[sel]] = torch.from_numpy(tok[sel])
+            top_counts[feat[sel], rank[sel]] = torch.from_numpy(cnt[sel])
+        band = self.band_events[0] if self.band_events else (
+            torch.zeros(0, dtype=torch.int32),) * 3 + (torch.zeros(0),)
+        edges = torch.linspace(self.lo, self.hi, self.n_bins + 1, dtype=torch.float64)
+        return FeatureStats(
+            hook_point=self.sae.hook_point,
+            d_sae=d,
+            n_docs=n_docs,
+            n_tokens=n_tokens,
+            fire_count=self.fire_count,
+            activation_sum=self.activation_sum,
+            max_activation=self.max,
+            l0_counts=self.l0_counts,
+            hist_edges=edges,
+            hist=self.hist.reshape(d, self.n_bins),
+            top_value=self.top_value,
+            top_doc=self.top_doc,
+            top_pos=self.top_pos,
+            token_fraction=self.token_fraction,
+            top_tokens=top_tokens,
+            top_token_counts=top_counts,
+            above_count=above,
+            input_sum=self.input_sum,
+            bands=self.bands,
+            _band_feature=band[0],
+            _band_doc=band[1],
+            _band_pos=band[2],
+            _band_value=band[3],
+        )
+
+
+def corpus_feature_stats(
+    model,
+    saes: Sequence[SAE],
+    token_rows: Sequence[Sequence[int]],
+    *,
+    k: int = 20,
+    token_fraction: float = 0.25,
+    n_top_tokens: int = 10,
+    bands: Mapping[str, float] = BANDS,
+    hist_range: tuple[float, float] = (-4.0, 3.0),
+    hist_bins: int = 70,
+    encode_floats: int = 1 << 24,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    progress: bool | None = None,
+) -> CorpusStats:
+    """Feature statistics of every SAE in ``saes`` over ``token_rows``, in one streaming pass (see the module doc).
+
+    Args:
+        model: a TransformerBridge.
+        saes: SAEs of the model (any hook points; SAEs on the same hook share its read).
+        token_rows: corpus documents as token lists (BOS first, as the model sees them); none may be empty.
+        k: documents kept per feature in the top-k (the notebook's top examples read the top 10-100).
+        token_fraction: token-count threshold as a fraction of each feature's corpus maximum (notebook 0.25).
+        n_top_tokens: tokens kept per feature for the token-wise counts.
+        bands: example bands as fractions of the corpus maximum (default :data:`BANDS`); ``{}`` keeps none.
+        hist_range, hist_bins: log10 range and number of the activation-histogram bins (default 1e-4 .. 1e3,
+            0.1 decades per bin).
+        encode_floats: most feature activations encoded at once (rows of a batch are chunked to stay under it;
+            the default, 64 MiB of float32, is large enough for the allocator to hand each chunk back to the system).
+        max_tokens, max_batch: batch budget of the forward passes (results do not depend on it).
+        progress: show a progress bar over documents.
+
+    Returns:
+        :class:`CorpusStats`.
+
+    Raises:
+        ValueError: no SAE, an empty row, ``k < 1``, ``token_fraction`` outside ``[0, 1)``, a band fraction outside
+            ``(0, 1)``, or token ids outside the vocabulary. ContextLengthError: a row longer than the model's context.
+    """
+    if not saes:
+        raise ValueError("corpus_feature_stats needs at least one SAE")
+    if k < 1 or n_top_tokens < 1 or hist_bins < 1 or not hist_range[0] < hist_range[1]:
+        raise ValueError("need k >= 1, n_top_tokens >= 1, hist_bins >= 1 and hist_range low < high")
+    if not 0 <= token_fraction < 1:
+        raise ValueError(f"token_fraction must be in [0, 1), got {token_fraction}")
+    if any(not 0 < f < 1 for f in bands.values()):
+        raise ValueError(f"band fractions must lie in (0, 1), got {dict(bands)}")
+    if any(len(r) == 0 for r in token_rows):
+        raise ValueError("corpus rows must be non-empty token lists (drop empty documents first)")
+    d_vocab = int(model.cfg.d_vocab)
+    special = special_ids_of(model)
+    iv = interventions_for(model)
+    hooks = sorted({s.hook_point for s in saes})
+    accs = [
+        _Accumulator(s, k=k, token_fraction=token_fraction, bands=bands, hist_range=hist_range,
+                     hist_bins=hist_bins, encode_floats=encode_floats)
+        for s in saes
+    ]
+    token_counts = torch.zeros(d_vocab, dtype=torch.long)
+    n_tokens = 0
+    batches = row_batches(token_rows, pad_id_of(model), max_tokens=max_tokens, max_batch=max_batch,
+                          device=_device_of(model), n_ctx=n_ctx_of(model), what="corpus document")
+    desc = f"corpus statistics of {len(saes)} SAE(s) (documents)"
+    for batch in with_progress(batches, len(token_rows), desc, progress):
+        mask = counted_token_mask(batch.tokens, batch.positions + 1, special)
+        ids = batch.tokens[mask].cpu()
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= d_vocab):
+            raise ValueError(f"token ids must lie in 0..{d_vocab - 1}; these rows are from another tokenizer")
+        token_counts += torch.bincount(ids, minlength=d_vocab)
+        n_tokens += int(mask.sum())
+        reads = iv.read_all(batch.tokens, hooks)  # one forward for every hook point
+        docs = torch.tensor(batch.indices, dtype=torch.long)
+        for acc in accs:
+            acc.update(reads[acc.sae.hook_point], batch.tokens, mask, docs)
+    features = [acc.finish(len(token_rows), n_tokens, d_vocab, n_top_tokens) for acc in accs]
+    return CorpusStats(len(token_rows), n_tokens, token_counts, features, sorted(special))
+
+
+def example_windows(
+    model,
+    sae: SAE,
+    token_rows: Sequence[Sequence[int]],
+    picks: Sequence[tuple[int, int, int]],
+    *,
+    window_before: int = 10,
+    window_after: int = 5,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+):
+    """Token windows around chosen (feature, document, position) triples, e.g. from
+    :meth:`FeatureStats.top_examples` or :meth:`FeatureStats.band_examples`, with the feature's activation per token.
+
+    One forward over the distinct documents (stops after the SAE's block). Tokens are shown as the package shows
+    every token (``models.tokens.token_pieces`` over the whole document) and special positions get activation NaN,
+    as in :func:`saecircuits.analysis.corpus.examples.top_activating_examples`.
+
+    Args:
+        picks: ``(feature, doc, position)`` triples.
+
+    Returns:
+        list of :class:`saecircuits.analysis.corpus.examples.Example` in the order of ``picks``.
+
+    Raises:
+        IndexError: a document or position out of range.
+    """
+    from saecircuits.analysis.corpus.examples import Example, feature_activations_over_rows
+
+    picks = [(int(k), int(d), int(p)) for k, d, p in picks]
+    if any(not 0 <= d < len(token_rows) or not 0 <= p < len(token_rows[d]) for _, d, p in picks):
+        raise IndexError("a picked document or position is out of range of the corpus rows")
+    docs = sorted({d for _, d, _ in picks})
+    feats = sorted({k for k, _, _ in picks})
+    col = {k: j for j, k in enumerate(feats)}
+    special = special_ids_of(model)
+    acts: dict[int, torch.Tensor] = {}
+    rows = [token_rows[d] for d in docs]
+    for batch in row_batches(rows, pad_id_of(model), max_tokens=max_tokens, max_batch=max_batch,
+                             device=_device_of(model), n_ctx=n_ctx_of(model), what="corpus document"):
+        a = feature_activations_over_rows(model, sae, batch.tokens, torch.tensor(feats)).cpu()
+        counted = counted_token_mask(batch.tokens, batch.positions + 1, special).cpu()
+        a = a.masked_fill(~counted[..., None], float("nan"))
+        for r, i in enumerate(batch.indices):
+            acts[docs[i]] = a[r, : int(batch.positions[r]) + 1]
+    pieces = {d: token_pieces(model.tokenizer, token_rows[d]) for d in docs}  # whole documents
+    out = []
+    for k, d, p in picks:
+        start, stop = max(0, p - window_before), min(len(token_rows[d]), p + window_after + 1)
+        window = pieces[d][start:stop]
+        out.append(
+            Example(
+                feature=k,
+                doc_index=d,
+                max_position=p,
+                max_activation=float(acts[d][p, col[k]]),
+                window_start=start,
+                tokens=[q.text for q in window],
+                activations=acts[d][start:stop, col[k]].tolist(),
+                token_kinds=[q.kind for q in window],
+            )
+        )
+    return out
