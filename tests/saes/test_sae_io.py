@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from saecircuits.saes.base import SAEConfig, SAEError
-from saecircuits.saes.io import import_reference_checkpoint, load_sae, save_sae
+from saecircuits.saes.io import load_sae, save_sae
+from saecircuits.saes.reference_checkpoint import import_reference_checkpoint
 from saecircuits.saes.registry import build_sae
 
 HOOK = "blocks.1.mlp.hook_post"
