@@ -22,7 +22,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-__all__ = ["prune_graph", "node_influence", "keep_by_share", "NON_SAE_KINDS", "MIN_INFLUENCE"]
+__all__ = ["prune_graph", "node_influence", "edge_weight", "edge_scores", "keep_by_share", "NON_SAE_KINDS",
+           "MIN_INFLUENCE"]
 
 NON_SAE_KINDS = frozenset({"error", "head", "mlp", "embed", "pos_embed"})
 """Node kinds that are not SAE features: SAE error nodes, attention heads, MLPs without an SAE, embeddings."""
@@ -90,6 +91,30 @@ def _ratio(part: float, total: float) -> float | None:
     return part / total if total > MIN_INFLUENCE else None
 
 
+def edge_scores(nodes: list[dict], edges: list[dict]) -> list[float]:
+    """Each edge's score (nats), as circuit-tracer scores edges: ``|w| / (sum of |w| over the edges into its
+    destination) * influence(destination)``, the target's influence being the total influence of all non-target
+    nodes. Unlike raw weights (activation units into a feature, nats into the target) the scores are comparable.
+
+    Args:
+        nodes: node dicts (``id``, ``kind``, values); edges: edge dicts (``src``, ``dst``, values).
+
+    Returns:
+        one score >= 0 per edge, in order.
+    """
+    influence = {n["id"]: node_influence(n) for n in nodes if n["kind"] != "target"}
+    total = math.fsum(influence.values())
+    influence.update({n["id"]: total for n in nodes if n["kind"] == "target"})
+    into: dict[str, float] = {}
+    for e in edges:
+        into[e["dst"]] = into.get(e["dst"], 0.0) + edge_weight(e)
+    out = []
+    for e in edges:
+        w = edge_weight(e)
+        out.append(w / into[e["dst"]] * influence.get(e["dst"], 0.0) if w > 0 else 0.0)
+    return out
+
+
 def prune(nodes: list[dict], edges: list[dict], share: float) -> tuple[list[dict], list[dict], dict]:
     """The pruning rule on node and edge lists (per-prompt or aggregated); copies with ``in_graph`` set.
 
@@ -122,20 +147,13 @@ def prune(nodes: list[dict], edges: list[dict], share: float) -> tuple[list[dict
     kept_nodes, kept_influence, total_influence = keep_by_share(influence.items(), share)
     kept_nodes |= targets
 
-    # an edge's score (nats): its share of everything flowing into its destination, times the destination's
-    # influence (the target's is the total influence); circuit-tracer's edge scores
-    into: dict[str, float] = {}
-    for e in edges:
-        into[e["dst"]] = into.get(e["dst"], 0.0) + edge_weight(e)
-    dst_influence = {**influence, **{t: total_influence for t in targets}}
-    scores = []
-    total_edge = 0.0
-    for i, e in enumerate(edges):
-        w = edge_weight(e)
-        score = w / into[e["dst"]] * dst_influence[e["dst"]] if w > 0 else 0.0
-        total_edge += score
-        if e["src"] in kept_nodes and e["dst"] in kept_nodes:
-            scores.append((f"{i:09d}", score))
+    all_scores = edge_scores(nodes, edges)
+    total_edge = math.fsum(all_scores)
+    scores = [
+        (f"{i:09d}", score)
+        for i, (e, score) in enumerate(zip(edges, all_scores, strict=True))
+        if e["src"] in kept_nodes and e["dst"] in kept_nodes
+    ]
     kept_edge_keys, kept_edge_score, _ = keep_by_share(scores, share)
     kept_edges = {int(k) for k in kept_edge_keys}
 
