@@ -179,3 +179,17 @@ def test_positions_summary_says_when_non_sae_nodes_dominate_and_when_undefined()
             n["atp"] = 0.0
     text = positions_summary(aggregate_graphs(zero))
     assert "undefined" in text and "%" not in text
+
+
+def test_positions_summary_without_head_loadings_names_the_receiving_head():
+    graphs = _two_prompts()
+    for g in graphs:
+        for e in g["edges"]:
+            e["heads"] = None
+    # the kept edge open_quote -> head:1:3@P (label L1H3) is the only one leaving the opening quote
+    text = positions_summary(aggregate_graphs(graphs))
+    assert text.startswith("Most of the evidence (60%) comes from the opening quote, through L1H3; 40% from P itself.")
+    for g in graphs:  # no edge from the opening quote at all: nothing to name
+        g["edges"] = [e for e in g["edges"] if not e["src"].startswith("feature:0:7")]
+    text = positions_summary(aggregate_graphs(graphs))
+    assert text.startswith("Most of the evidence (60%) comes from the opening quote; 40% from P itself.")

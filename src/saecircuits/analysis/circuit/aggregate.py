@@ -19,7 +19,13 @@ import re
 
 import numpy as np
 
-from saecircuits.analysis.circuit.prune import MIN_INFLUENCE, NON_SAE_KINDS, node_influence, prune
+from saecircuits.analysis.circuit.prune import (
+    MIN_INFLUENCE,
+    NON_SAE_KINDS,
+    edge_weight,
+    node_influence,
+    prune,
+)
 from saecircuits.analysis.statistics import mean_ci95
 
 __all__ = ["aggregate_graphs", "positions_summary", "column_of", "column_phrase"]
@@ -216,7 +222,7 @@ def positions_summary(aggregated: dict, *, top: int = 3) -> str:
     A column's share is the summed influence (``|mean_exact|``, else ``|mean_atp|``, nats of log p(answer) at P) of
     its kept (``in_graph``) nodes over that of all kept nodes. "through X" names the attention head with the largest
     summed ``|mean|`` loading on the kept edges leaving that column for a later one (the head that moves the
-    evidence to P). When non-SAE nodes (heads, MLPs, embeddings, SAE errors) hold most of the kept influence, the
+    evidence to P); without head loadings, the head node receiving the largest summed kept edge weight from it. When non-SAE nodes (heads, MLPs, embeddings, SAE errors) hold most of the kept influence, the
     summary says so. A share whose denominator is ~0 (:data:`~saecircuits.analysis.circuit.prune.MIN_INFLUENCE`) is
     said to be undefined, never printed.
 
@@ -241,20 +247,26 @@ def positions_summary(aggregated: dict, *, top: int = 3) -> str:
     order = list(aggregated.get("columns", []))
     ranked = sorted(per_column.items(), key=lambda cv: (-cv[1], order.index(cv[0]) if cv[0] in order else 0))
 
-    column_of_node = {nd["id"]: nd["column"] for nd in aggregated.get("nodes", [])}
+    by_id = {nd["id"]: nd for nd in aggregated.get("nodes", [])}
 
     def through(column: str) -> str:
-        loads: dict[str, float] = {}
+        loads: dict[str, float] = {}  # head loadings of the kept edges leaving the column
+        into_heads: dict[str, float] = {}  # else: kept edges from the column into a head node elsewhere
         for e in aggregated.get("edges", []):
-            if not e.get("in_graph") or column_of_node.get(e["src"]) != column:
+            src, dst = by_id.get(e["src"]), by_id.get(e["dst"])
+            if not e.get("in_graph") or src is None or dst is None or src["column"] != column:
                 continue
-            if column_of_node.get(e["dst"]) == column:
+            if dst["column"] == column:
                 continue
             for h in e.get("heads") or []:
                 loads[h["head"]] = loads.get(h["head"], 0.0) + abs(h["mean"])
-        if not loads:
+            if dst["kind"] == "head":
+                label = str(dst.get("label") or dst["id"])
+                into_heads[label] = into_heads.get(label, 0.0) + edge_weight(e)
+        pick = loads or into_heads
+        if not pick:
             return ""
-        return f", through {max(sorted(loads), key=lambda h: loads[h])}"
+        return f", through {max(sorted(pick), key=lambda h: pick[h])}"
 
     parts = []
     for i, (column, value) in enumerate(ranked[:top]):
