@@ -15,14 +15,19 @@ Layout (so that every edge can be followed): a column per drawn position (exampl
 holding a kept node, in order, with a ``...`` gap where positions are skipped; aggregated graphs: the graph's
 ``columns``); per layer two bands (attention heads below, MLPs / SAE features / SAE errors above), embeddings below
 layer 0 and the target above the last layer; in a (band, column) cell the nodes sit on a grid of slots, so no two
-nodes share a point. Edges leave the top of their source and enter the bottom of their destination as vertical-
-tangent Bézier curves; edges within one column bow sideways so they do not run through the nodes between.
+nodes share a point. Edges leave the top of their source and enter the bottom of their destination with vertical
+tangents: an edge to the next band is one Bézier curve turning in the gap between the bands; a longer one curves into
+a gutter between columns (left of its destination's column, or right of its own column when it stays in it), climbs
+it on its own lane and curves out in the gap below its destination, so no edge runs through a node. Edges into the
+target are in nats, edges into other nodes in activation units: their widths are scaled separately (the legend says
+so).
 """
 
 from __future__ import annotations
 
 import html
 import math
+from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -388,8 +393,8 @@ def circuit_graph_html(
         top[into_target] = max(top.get(into_target, 0.0), abs(_value(e, aggregated)[0]))
     out_port: dict[str, int] = {}
     in_port: dict[str, int] = {}
-    n_out = {i: sum(1 for e in edges if e["src"] == i) for i in by_id}
-    n_in = {i: sum(1 for e in edges if e["dst"] == i) for i in by_id}
+    n_out = Counter(e["src"] for e in edges)
+    n_in = Counter(e["dst"] for e in edges)
     has_dashed = False
     paths = []
     for e, lane_a, gutter, lane_b in routes:
