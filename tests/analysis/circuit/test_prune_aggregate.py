@@ -193,3 +193,31 @@ def test_positions_summary_without_head_loadings_names_the_receiving_head():
         g["edges"] = [e for e in g["edges"] if not e["src"].startswith("feature:0:7")]
     text = positions_summary(aggregate_graphs(graphs))
     assert text.startswith("Most of the evidence (60%) comes from the opening quote; 40% from P itself.")
+
+
+def test_real_task_anchors_align_prompts_of_different_lengths_end_to_end():
+    from helpers import STORIES, tiny_tokenizer
+
+    from saecircuits.report.circuit_graph import circuit_graph_html
+    from saecircuits.tasks.closing_quote import closing_quote_task
+
+    task = closing_quote_task(STORIES, tiny_tokenizer())
+    graphs = []
+    for i, value in ((0, 1.0), (1, 3.0)):  # opening quote at 20 (P = 26) and at 9 (P = 33)
+        a = task.anchors(i)
+        p, q = a["P"], a["open_quote"]
+        t, f, h = _node("target", 2, 0, p), _node("feature", 0, 4, q, exact=value), _node("head", 1, 2, p, exact=0.5)
+        g = {"P": p, "anchors": a, "tokens": [str(x) for x in task.token_ids[i]], "nodes": [t, f, h],
+             "edges": [_edge(f, h, exact=value, heads=[{"head": "L1H2", "value": value}]), _edge(h, t, exact=0.5)]}
+        graphs.append(prune_graph(g, 0.9))
+    assert {a["open_quote"] for a in (task.anchors(0), task.anchors(1))} == {20, 9}
+    agg = aggregate_graphs(graphs)
+    assert agg["columns"] == ["open_quote", "P"]
+    f = next(n for n in agg["nodes"] if n["kind"] == "feature")
+    assert (f["id"], f["mean_exact"], f["n_prompts"]) == ("feature:0:4@open_quote", 2.0, 2)
+    text = positions_summary(agg)
+    # at 90% of 2.5 (2.25) the feature (2) and the head (0.5) are kept; edge scores: h->t 2.5, f->h 1 * 0.5
+    assert text.startswith("Most of the evidence (80%) comes from the opening quote, through L1H2; 20% from P itself.")
+    frag = circuit_graph_html(agg, kind="aggregated")
+    assert frag.count('<g class="cg-node') == 3 and frag.count('<path class="cg-edge"') == 2
+    assert "(pruned at 90%)" in text
