@@ -29,7 +29,7 @@ import html
 import math
 from collections import Counter
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from saecircuits.report.tokens_html import visible_token
 
@@ -260,7 +260,7 @@ def _legend(has_dashed: bool, kinds: list[str], aggregated: bool) -> str:
 def circuit_graph_html(
     graph: Mapping,
     *,
-    kind: str = "example",
+    kind: Literal["example", "aggregated"] = "example",
     feature_link: Callable[[int, int], str] | None = None,
 ) -> str:
     """The kept circuit graph as a self-contained HTML fragment (inline SVG + legend; offline, escaped).
