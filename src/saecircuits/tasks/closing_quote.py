@@ -25,9 +25,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from saecircuits.models.tokens import bos_prefix, encode_texts, token_pieces
-from saecircuits.tasks.base import Task, TaskError, log_dropped
+from saecircuits.tasks.base import Task, TaskError, char_to_token, log_dropped
 
-__all__ = ["closing_quote_task", "OPENING", "QUOTE"]
+__all__ = ["closing_quote_task", "closing_quote_anchors", "OPENING", "QUOTE"]
 
 OPENING = 'said, "'
 QUOTE = '"'
@@ -49,6 +49,37 @@ def _candidate(document: str, closings: Sequence[str]) -> str | None:
         return None
     end, closing = min(ends, key=lambda e: (e[0], -len(e[1])))
     return document[: end + len(closing)]
+
+
+def closing_quote_anchors(tokenizer, token_ids: list[int], prompt: str) -> dict[str, int]:
+    """The named positions of one closing-quote prompt (0-based in ``token_ids``, BOS included), P left out.
+
+    - ``"said"``: the token holding the ``s`` of the first ``said, "`` (the one :func:`_candidate` cut at);
+    - ``"open_quote"``: the token holding that opening ``"``;
+    - ``"last_word"``: the last token before P whose text has a letter or digit (P itself is usually the quotation's
+      last word, e.g. `` play`` before ``."`` in GPT-2 BPE; in llama2.c's tok512 P is the ``.`` before ``"``).
+
+    Returns:
+        the anchors found; ``{}`` when the prompt has no ``said, "`` or its tokens do not spell it back (a
+        normalizing tokenizer; the task then aligns positions by their distance from P only).
+    """
+    start = prompt.find(OPENING)
+    if start < 0:
+        return {}
+    pieces = token_pieces(tokenizer, token_ids)
+    try:
+        owner = char_to_token(tokenizer, token_ids, prompt, pieces=pieces)
+    except ValueError:
+        return {}
+    quote = start + len(OPENING) - 1
+    if quote >= len(owner):
+        return {}
+    anchors = {"open_quote": owner[quote], "said": owner[start]}
+    p = len(token_ids) - 1
+    words = [k for k in range(p) if pieces[k].kind == "text" and any(ch.isalnum() for ch in pieces[k].text)]
+    if words:
+        anchors["last_word"] = words[-1]
+    return anchors
 
 
 def closing_quote_task(
@@ -78,7 +109,9 @@ def closing_quote_task(
 
     Returns:
         A :class:`Task`: ``prompts`` are the prefixes without the answer's text, ``token_ids`` the BOS-prefixed
-        tokens without the answer, ``answer_ids`` the closing token, ``source_index`` the document index.
+        tokens without the answer, ``answer_ids`` the closing token, ``source_index`` the document index,
+        ``anchor_positions`` the ``said`` / ``open_quote`` / ``last_word`` tokens (:func:`closing_quote_anchors`;
+        ``task.anchors(i)`` adds P).
 
     Raises:
         TaskError: no closing string given, a closing string that does not end with ``"``, ``prepend_bos=True``
@@ -98,6 +131,7 @@ def closing_quote_task(
     token_ids: list[list[int]] = []
     answer_ids: list[int] = []
     source_index: list[int] = []
+    anchor_positions: list[dict[str, int]] = []
     too_long = 0
     for chunk_start in range(0, len(candidates), _CHUNK):
         chunk = candidates[chunk_start : chunk_start + _CHUNK]
@@ -124,6 +158,7 @@ def closing_quote_task(
             token_ids.append(ids[:-1])
             answer_ids.append(ids[-1])
             source_index.append(doc_index)
+            anchor_positions.append(closing_quote_anchors(tokenizer, token_ids[-1], prompts[-1]))
             if max_prompts is not None and len(token_ids) >= max_prompts:
                 break
         if max_prompts is not None and len(token_ids) >= max_prompts:
@@ -144,4 +179,5 @@ def closing_quote_task(
         answer_ids=answer_ids,
         source_index=source_index,
         n_dropped_too_long=too_long,
+        anchor_positions=anchor_positions,
     )

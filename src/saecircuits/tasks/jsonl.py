@@ -1,5 +1,9 @@
 """A task from a JSON-lines file of ``{"prompt": ..., "answer": ...}`` records.
 
+A record may name positions of its prompt, ``"anchors": {"name": char_offset}`` (0-based character offsets into
+``prompt``), to align positions across prompts of different lengths in the circuit across positions; each is mapped
+to the token that contains that character (``Task.anchors``; P, the last token, is always an anchor).
+
 The answer must be exactly one token *in context*: the tokens of ``prompt + answer`` must start with the tokens of
 ``prompt`` and have exactly one more token, which becomes the answer id. This is stricter than tokenizing the
 answer alone (BPE merges across the boundary would otherwise go unnoticed). Prompt and answer are encoded as plain
@@ -13,7 +17,7 @@ import json
 from pathlib import Path
 
 from saecircuits.models.tokens import bos_prefix, encode_texts, special_token_ids, token_string
-from saecircuits.tasks.base import Task, TaskError, log_dropped
+from saecircuits.tasks.base import Task, TaskError, char_to_token, check_anchor_name, log_dropped
 
 __all__ = ["jsonl_task"]
 
@@ -38,13 +42,15 @@ def jsonl_task(
         name: task name (default: the file's stem).
 
     Returns:
-        A :class:`Task` with ``source_index`` = 0-based line number of each record.
+        A :class:`Task` with ``source_index`` = 0-based line number of each record and ``anchor_positions`` the
+        records' anchors as token positions (``{}`` for a record without ``"anchors"``).
 
     Raises:
         TaskError: unreadable file, a line that is not a JSON object with string ``prompt`` and ``answer``, an
             answer that is a special-token string (e.g. the BOS string), an answer that is not exactly one token
             after its prompt (the message names the line and the tokens it became), ``prepend_bos=True`` without a
-            BOS id, or no prompt left.
+            BOS id, bad ``"anchors"`` (not an object of name -> integer character offset, an offset outside the
+            prompt, a reserved name ``P``/``P-d``, two names in one token, a name on P's token), or no prompt left.
     """
     path = Path(path)
     try:
@@ -63,6 +69,7 @@ def jsonl_task(
     token_ids: list[list[int]] = []
     answer_ids: list[int] = []
     source_index: list[int] = []
+    anchor_positions: list[dict[str, int]] = []
     for line_no, line in enumerate(lines):
         if not line.strip():
             continue
@@ -105,10 +112,12 @@ def jsonl_task(
         if max_tokens is not None and len(bos) + len(full) > max_tokens:
             too_long += 1
             continue
+        anchors = _anchor_tokens(tokenizer, bos + p_ids, prompt, record.get("anchors"), where)
         prompts.append(prompt)
         token_ids.append(bos + p_ids)
         answer_ids.append(full[-1])
         source_index.append(line_no)
+        anchor_positions.append(anchors)
     if not token_ids:
         raise TaskError(
             f"task file {path} holds no prompts"
@@ -122,4 +131,56 @@ def jsonl_task(
         answer_ids=answer_ids,
         source_index=source_index,
         n_dropped_too_long=too_long,
+        anchor_positions=anchor_positions,
     )
+
+
+def _anchor_tokens(tokenizer, ids: list[int], prompt: str, anchors: object, where: str) -> dict[str, int]:
+    """A record's ``"anchors"`` (``{name: char_offset}``) as token positions in ``ids`` (BOS included).
+
+    Raises:
+        TaskError: naming ``where`` (file:line), the anchor and the fix.
+    """
+    if anchors is None:
+        return {}
+    example = '"anchors": {"subject": 4}'
+    if not isinstance(anchors, dict):
+        raise TaskError(f"{where}: \"anchors\" must be an object of name -> character offset, e.g. {example}")
+    owner: list[int] | None = None
+    out: dict[str, int] = {}
+    p = len(ids) - 1
+    for name, offset in anchors.items():
+        try:
+            check_anchor_name(name)
+        except TaskError as err:
+            raise TaskError(f"{where}: {err}") from err
+        if isinstance(offset, bool) or not isinstance(offset, int):
+            raise TaskError(
+                f"{where}: anchor {name!r} must be an integer character offset into the prompt, got {offset!r}; "
+                f"e.g. {example}"
+            )
+        if not 0 <= offset < len(prompt):
+            raise TaskError(
+                f"{where}: anchor {name!r} at character {offset} is outside the prompt ({len(prompt)} characters, "
+                f"offsets 0-{len(prompt) - 1}); give the 0-based offset of a character of the prompt"
+            )
+        if owner is None:
+            try:
+                owner = char_to_token(tokenizer, ids, prompt)
+            except ValueError as err:
+                raise TaskError(f"{where}: {err}; remove this record's \"anchors\"") from err
+        pos = owner[offset]
+        piece = repr(prompt[offset])
+        if pos == p:
+            raise TaskError(
+                f"{where}: anchor {name!r} (character {offset}, {piece}) falls in the prompt's last token, which is "
+                "the prediction position P and always an anchor; point it at an earlier character"
+            )
+        same = [other for other, q in out.items() if q == pos]
+        if same:
+            raise TaskError(
+                f"{where}: anchors {same[0]!r} and {name!r} fall in the same token (position {pos}); give each "
+                "token at most one name"
+            )
+        out[name] = pos
+    return out

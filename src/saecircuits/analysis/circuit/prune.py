@@ -1,0 +1,199 @@
+"""Pruning a circuit graph to a readable one: keep the nodes and edges that carry a chosen share of the influence.
+
+Source: circuit-tracer's pruning by influence (Ameisen et al. 2025, "Circuit Tracing: Revealing Computational Graphs
+in Language Models", transformer-circuits.pub; the ``prune_graph`` of the circuit-tracer library): nodes are ranked
+by their influence on the target and the smallest set carrying a threshold share (0.8 there) is kept; then edges
+are scored by their normalized weight times the influence of the node they feed, and the smallest set carrying the
+same share is kept.
+
+Departures (on purpose): circuit-tracer's influence is the total (direct + indirect) effect read off the normalized
+adjacency matrix ``(I - A)^-1``; here each node's influence is its measured effect on the target, ``|exact|`` (the
+effect of ablating the node, an exact intervention) or ``|atp|`` where no exact value was computed, which already
+counts every path. Edges into features are in activation units and edges into the target in nats, so their raw
+weights are not comparable: as circuit-tracer, an edge's score is ``|w| / sum of |w| into its destination`` times
+the destination's influence (nats), and edges are kept by that score.
+
+Everything here is a pure function on the graph dicts of the "positions" contract (analysis/circuit/positions.py):
+no torch, no model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+__all__ = ["prune_graph", "node_influence", "edge_weight", "edge_scores", "keep_by_share", "NON_SAE_KINDS",
+           "MIN_INFLUENCE"]
+
+NON_SAE_KINDS = frozenset({"error", "head", "mlp", "embed", "pos_embed"})
+"""Node kinds that are not SAE features: SAE error nodes, attention heads, MLPs without an SAE, embeddings."""
+
+MIN_INFLUENCE = 1e-6
+"""Total influence (nats) at or below which a share of it is undefined: the denominator is ~0 and a ratio of
+rounding noise would be printed as a result."""
+
+
+def _value(exact: float | None, estimate: float | None) -> float:
+    """The value a node or edge is ranked by: ``exact`` where measured, else the estimate, else 0 (finite only)."""
+    v = exact if exact is not None else estimate
+    if v is None or not math.isfinite(v):
+        return 0.0
+    return float(v)
+
+
+def node_influence(node: dict) -> float:
+    """A node's influence on the target (nats): ``|exact|`` where available, else ``|atp|``, else 0.
+
+    Works on per-prompt nodes (``exact``/``atp``) and aggregated ones (``mean_exact``/``mean_atp``).
+    """
+    if "mean_exact" in node or "mean_atp" in node:
+        return abs(_value(node.get("mean_exact"), node.get("mean_atp")))
+    return abs(_value(node.get("exact"), node.get("atp")))
+
+
+def edge_weight(edge: dict) -> float:
+    """An edge's absolute weight: ``|exact|`` where available, else ``|atp|`` (per-prompt or aggregated ``mean_*``).
+    Units are the destination's (activation units into a feature, nats into the target)."""
+    if "mean_exact" in edge or "mean_atp" in edge:
+        return abs(_value(edge.get("mean_exact"), edge.get("mean_atp")))
+    return abs(_value(edge.get("exact"), edge.get("atp")))
+
+
+def keep_by_share(scores: Iterable[tuple[str, float]], share: float) -> tuple[set[str], float, float]:
+    """The smallest set of items whose scores sum to at least ``share`` of the total (largest scores first).
+
+    Args:
+        scores: ``(key, score >= 0)`` pairs; ties are broken by key so the result does not depend on input order.
+        share: in ``(0, 1]``.
+
+    Returns:
+        ``(kept keys, kept score, total score)``; nothing is kept when the total is 0 (no item carries any).
+    """
+    ranked = sorted(((k, s) for k, s in scores if s > 0), key=lambda ks: (-ks[1], ks[0]))
+    total = math.fsum(s for _, s in ranked)
+    kept: set[str] = set()
+    acc = 0.0
+    for key, score in ranked:
+        if acc >= share * total:
+            break
+        kept.add(key)
+        acc += score
+    return kept, acc, total
+
+
+def _check_share(share: float) -> None:
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise ValueError(f"share must be a number in (0, 1] (e.g. 0.8 keeps 80% of the influence), got {share!r}")
+
+
+def _ratio(part: float, total: float) -> float | None:
+    """``part / total``, or None (undefined) when the total is ~0 (:data:`MIN_INFLUENCE`)."""
+    return part / total if total > MIN_INFLUENCE else None
+
+
+def edge_scores(nodes: list[dict], edges: list[dict]) -> list[float]:
+    """Each edge's score (nats), as circuit-tracer scores edges: ``|w| / (sum of |w| over the edges into its
+    destination) * influence(destination)``, the target's influence being the total influence of all non-target
+    nodes. Unlike raw weights (activation units into a feature, nats into the target) the scores are comparable.
+
+    Args:
+        nodes: node dicts (``id``, ``kind``, values); edges: edge dicts (``src``, ``dst``, values).
+
+    Returns:
+        one score >= 0 per edge, in order.
+    """
+    influence = {n["id"]: node_influence(n) for n in nodes if n["kind"] != "target"}
+    total = math.fsum(influence.values())
+    influence.update({n["id"]: total for n in nodes if n["kind"] == "target"})
+    into: dict[str, float] = {}
+    for e in edges:
+        into[e["dst"]] = into.get(e["dst"], 0.0) + edge_weight(e)
+    out = []
+    for e in edges:
+        w = edge_weight(e)
+        out.append(w / into[e["dst"]] * influence.get(e["dst"], 0.0) if w > 0 else 0.0)
+    return out
+
+
+def prune(nodes: list[dict], edges: list[dict], share: float) -> tuple[list[dict], list[dict], dict]:
+    """The pruning rule on node and edge lists (per-prompt or aggregated); copies with ``in_graph`` set.
+
+    Args:
+        nodes: node dicts with ``id``, ``kind`` and values (``exact``/``atp`` or ``mean_exact``/``mean_atp``);
+            the ``kind == "target"`` node is always kept and carries no influence of its own.
+        edges: edge dicts with ``src``, ``dst`` (node ids) and values.
+        share: share of influence to keep, in ``(0, 1]``.
+
+    Returns:
+        ``(nodes, edges, pruning)``; ``pruning`` holds ``share``, ``node_share_kept`` (kept / total node influence),
+        ``edge_share_kept`` (kept / total edge score over all edges), the counts, and ``non_sae_share`` (share of
+        the kept influence held by :data:`NON_SAE_KINDS` nodes); a share whose total is ~0 is None (undefined).
+
+    Raises:
+        ValueError: ``share`` outside ``(0, 1]``, duplicate node ids, or an edge naming an unknown node.
+    """
+    _check_share(share)
+    by_id: dict[str, dict] = {}
+    for n in nodes:
+        if n["id"] in by_id:
+            raise ValueError(f"duplicate node id {n['id']!r} in the graph; node ids must be unique")
+        by_id[n["id"]] = n
+    for e in edges:
+        for end in ("src", "dst"):
+            if e[end] not in by_id:
+                raise ValueError(f"edge {e['src']!r} -> {e['dst']!r}: {end} is not a node of the graph")
+    targets = {k for k, n in by_id.items() if n["kind"] == "target"}
+    influence = {k: node_influence(n) for k, n in by_id.items() if k not in targets}
+    kept_nodes, kept_influence, total_influence = keep_by_share(influence.items(), share)
+    kept_nodes |= targets
+
+    all_scores = edge_scores(nodes, edges)
+    total_edge = math.fsum(all_scores)
+    scores = [
+        (f"{i:09d}", score)
+        for i, (e, score) in enumerate(zip(edges, all_scores, strict=True))
+        if e["src"] in kept_nodes and e["dst"] in kept_nodes
+    ]
+    kept_edge_keys, kept_edge_score, _ = keep_by_share(scores, share)
+    kept_edges = {int(k) for k in kept_edge_keys}
+
+    out_nodes = [{**n, "in_graph": n["id"] in kept_nodes} for n in nodes]
+    out_edges = [{**e, "in_graph": i in kept_edges} for i, e in enumerate(edges)]
+    non_sae = math.fsum(influence[k] for k in kept_nodes - targets if by_id[k]["kind"] in NON_SAE_KINDS)
+    pruning = {
+        "share": float(share),
+        "node_share_kept": _ratio(kept_influence, total_influence),
+        "edge_share_kept": _ratio(kept_edge_score, total_edge),
+        "n_nodes": len(nodes),
+        "n_edges": len(edges),
+        "n_nodes_kept": len(kept_nodes),
+        "n_edges_kept": len(kept_edges),
+        "non_sae_share": _ratio(non_sae, kept_influence),
+    }
+    return out_nodes, out_edges, pruning
+
+
+def prune_graph(graph: dict, share: float = 0.8) -> dict:
+    """Mark the readable part of one per-prompt circuit graph: ``in_graph`` on nodes and edges, and ``pruning``.
+
+    The rule (circuit-tracer's pruning by influence, Ameisen et al. 2025; see the module docstring): rank the nodes
+    by influence on the target (``|exact|`` in nats of log p(answer) at P where measured, else ``|atp|``), keep the
+    smallest set carrying at least ``share`` of the total; then among the edges between kept nodes (the target
+    counts as kept), keep the smallest set carrying at least ``share`` of their score, where an edge's score is its
+    share of the absolute weight flowing into its destination times the destination's influence (nats).
+
+    Args:
+        graph: a per-prompt graph of the "positions" contract: ``nodes`` (``id``, ``kind``, ``exact``, ``atp``,
+            ...), ``edges`` (``src``, ``dst``, ``exact``, ``atp``, ...), other keys kept as they are.
+        share: the share of influence to keep, in ``(0, 1]`` (default 0.8, as circuit-tracer's node threshold).
+
+    Returns:
+        A new dict (the input is not modified): the graph with ``in_graph`` set on every node and edge and
+        ``pruning`` = ``{"share", "node_share_kept", "edge_share_kept", "n_nodes", "n_edges", "n_nodes_kept",
+        "n_edges_kept", "non_sae_share"}``; shares are None (undefined) when their total is ~0.
+
+    Raises:
+        ValueError: ``share`` outside ``(0, 1]``, duplicate node ids, or an edge naming an unknown node.
+    """
+    nodes, edges, pruning = prune(list(graph.get("nodes", [])), list(graph.get("edges", [])), share)
+    return {**graph, "nodes": nodes, "edges": edges, "pruning": pruning}

@@ -1,0 +1,223 @@
+"""Pruning by influence, aggregation across prompts aligned by anchors, and the positions summary (issue 16).
+
+Every kept set, share and mean below is worked out by hand in the comments from the hand-built graphs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+
+from saecircuits.analysis.circuit.aggregate import (
+    aggregate_graphs,
+    column_of,
+    column_phrase,
+    positions_summary,
+)
+from saecircuits.analysis.circuit.prune import prune_graph
+
+
+def _node(kind, layer, index, pos, *, exact=None, atp=None, label=None):
+    return {
+        "id": f"{kind}:{layer}:{index}@{pos}", "kind": kind, "layer": layer, "pos": pos,
+        "label": label or f"{kind}{layer}.{index}", "sae": 0 if kind in ("feature", "error") else None,
+        "feature": index if kind == "feature" else None, "head": index if kind == "head" else None,
+        "activation": None, "exact": exact, "atp": atp, "ig": None, "in_graph": False,
+    }
+
+
+def _edge(src, dst, *, exact=None, atp=None, heads=None):
+    return {"src": src["id"], "dst": dst["id"], "exact": exact, "atp": atp, "heads": heads, "in_graph": False}
+
+
+def _one_prompt():
+    """P = 3; influences |exact| else |atp|: feature 3, head 1 (exact -1 wins over atp 0.5), embed 0.5 (atp only),
+    mlp 0.3, error 0.2; total 5."""
+    t = _node("target", 2, 0, 3)
+    f = _node("feature", 0, 5, 1, exact=3.0, atp=2.0)
+    h = _node("head", 1, 0, 3, exact=-1.0, atp=0.5)
+    e = _node("embed", -1, 0, 0, atp=0.5)
+    m = _node("mlp", 0, 0, 3, exact=0.3)
+    r = _node("error", 0, 0, 2, exact=0.2)
+    edges = [
+        _edge(f, h, exact=2.0),  # into h: 2 + 2 = 4, score 2/4 * infl(h)=1 -> 0.5
+        _edge(e, h, atp=2.0),  # score 0.5 (embed not kept)
+        _edge(h, t, exact=-1.0),  # into target: 1 + 2.5 + 0.5 = 4, target influence 5: score 1/4*5 = 1.25
+        _edge(f, t, exact=2.5),  # 2.5/4*5 = 3.125
+        _edge(m, t, exact=0.5),  # 0.625 (mlp not kept)
+        _edge(f, m, exact=1.0),  # into m: 1, score 1 * 0.3 = 0.3 (mlp not kept)
+    ]
+    return {"prompt_index": 0, "tokens": ["<bos>", "a", "b", "c"], "P": 3, "anchors": {"P": 3},
+            "nodes": [t, f, h, e, m, r], "edges": edges}
+
+
+def test_prune_keeps_the_smallest_set_carrying_the_share():
+    graph = _one_prompt()
+    before = copy.deepcopy(graph)
+    out = prune_graph(graph, 0.8)
+    assert graph == before  # the input is not modified
+    kept = {n["id"] for n in out["nodes"] if n["in_graph"]}
+    # 0.8 * 5 = 4: feature (3) then head (1) reach it; the target is always kept
+    assert kept == {"target:2:0@3", "feature:0:5@1", "head:1:0@3"}
+    kept_edges = {(e["src"], e["dst"]) for e in out["edges"] if e["in_graph"]}
+    # among edges between kept nodes: f->t 3.125, h->t 1.25, f->h 0.5 (total 4.875, 80% = 3.9): the first two
+    assert kept_edges == {("feature:0:5@1", "target:2:0@3"), ("head:1:0@3", "target:2:0@3")}
+    p = out["pruning"]
+    assert p["node_share_kept"] == pytest.approx(4 / 5)
+    assert p["edge_share_kept"] == pytest.approx(4.375 / 6.3)  # all edges' scores: 0.5+0.5+1.25+3.125+0.625+0.3
+    assert (p["n_nodes"], p["n_edges"], p["n_nodes_kept"], p["n_edges_kept"]) == (6, 6, 3, 2)
+    assert p["non_sae_share"] == pytest.approx(1 / 4)  # the head's 1 of the kept 4
+    assert p["share"] == 0.8
+
+
+def test_prune_share_one_keeps_every_node_with_influence_and_zero_graph_is_undefined():
+    out = prune_graph(_one_prompt(), 1.0)
+    assert all(n["in_graph"] for n in out["nodes"])
+    assert out["pruning"]["node_share_kept"] == pytest.approx(1.0)
+    zero = _one_prompt()
+    for n in zero["nodes"]:
+        n["exact"], n["atp"] = (0.0 if n["exact"] is not None else None), 0.0
+    out = prune_graph(zero)
+    assert [n["id"] for n in out["nodes"] if n["in_graph"]] == ["target:2:0@3"]
+    assert out["pruning"]["node_share_kept"] is None and out["pruning"]["non_sae_share"] is None
+
+
+@pytest.mark.parametrize("share", [0, 1.5, -0.1, True])
+def test_prune_refuses_bad_share(share):
+    with pytest.raises(ValueError, match=r"share must be a number in \(0, 1\]"):
+        prune_graph(_one_prompt(), share)
+
+
+def test_prune_refuses_edges_to_unknown_nodes():
+    graph = _one_prompt()
+    graph["edges"].append({"src": "head:9:9@1", "dst": "target:2:0@3", "exact": 1.0, "atp": None, "heads": None})
+    with pytest.raises(ValueError, match=r"'head:9:9@1' -> 'target:2:0@3': src is not a node of the graph"):
+        prune_graph(graph)
+
+
+def _two_prompts():
+    """Two prompts of different lengths; the opening quote is at 2 (P = 5) and at 3 (P = 8)."""
+    ta, fa, ha = _node("target", 2, 0, 5), _node("feature", 0, 7, 2, exact=2.0, atp=1.0), _node("head", 1, 3, 5, exact=1.0, atp=0.8, label="L1H3")
+    ea = _node("embed", -1, 0, 4, atp=0.4)
+    a = {"P": 5, "anchors": {"P": 5, "open_quote": 2}, "nodes": [ta, fa, ha, ea], "edges": [
+        _edge(fa, ha, exact=0.5, heads=[{"head": "L1H3", "value": 0.5}]), _edge(ha, ta, exact=1.0)]}
+    tb, fb, hb = _node("target", 2, 0, 8), _node("feature", 0, 7, 3, exact=4.0, atp=3.0), _node("head", 1, 3, 8, exact=3.0, atp=2.0, label="L1H3")
+    gb = _node("feature", 0, 9, 6, exact=-1.0, atp=-1.0)
+    b = {"P": 8, "anchors": {"P": 8, "open_quote": 3}, "nodes": [tb, fb, hb, gb], "edges": [
+        _edge(fb, hb, exact=1.5, heads=[{"head": "L1H3", "value": 1.0}, {"head": "L1H2", "value": 0.5}]),
+        _edge(hb, tb, exact=3.0), _edge(gb, tb, exact=-1.0)]}
+    return [a, b]
+
+
+def test_aggregate_aligns_by_anchor_and_averages_over_all_prompts():
+    agg = aggregate_graphs(_two_prompts())
+    # mean distance from P: open_quote (3 + 5) / 2 = 4, P-2: 2, P-1: 1, then P
+    assert agg["columns"] == ["open_quote", "P-2", "P-1", "P"]
+    nodes = {n["id"]: n for n in agg["nodes"]}
+    assert set(nodes) == {"target:2:0@P", "feature:0:7@open_quote", "head:1:3@P", "embed:-1:0@P-1", "feature:0:9@P-2"}
+    f = nodes["feature:0:7@open_quote"]
+    assert (f["mean_exact"], f["mean_atp"], f["n_prompts"], f["column"]) == (3.0, 2.0, 2, "open_quote")
+    # t interval with 2 values: 3 +- t_{0.975,1} * std(ddof=1) / sqrt(2) = 3 +- tan(0.475 pi) * sqrt(2) / sqrt(2)
+    half = math.tan(0.475 * math.pi)
+    assert f["ci95"] == pytest.approx([3 - half, 3 + half], rel=1e-6)
+    # absent counts 0: the embedding is only in prompt A (atp 0.4, no exact value there: mean_exact undefined)
+    e = nodes["embed:-1:0@P-1"]
+    assert (e["mean_exact"], e["ci95"], e["mean_atp"], e["n_prompts"]) == (None, None, pytest.approx(0.2), 1)
+    assert nodes["feature:0:9@P-2"]["mean_exact"] == -0.5 and nodes["feature:0:9@P-2"]["ci95"] is not None
+    edges = {(x["src"], x["dst"]): x for x in agg["edges"]}
+    fh = edges[("feature:0:7@open_quote", "head:1:3@P")]
+    assert fh["mean_exact"] == 1.0 and fh["mean_atp"] is None
+    assert fh["heads"] == [{"head": "L1H3", "mean": 0.75}, {"head": "L1H2", "mean": 0.25}]
+    assert edges[("head:1:3@P", "target:2:0@P")]["mean_exact"] == 2.0
+    assert edges[("feature:0:9@P-2", "target:2:0@P")]["mean_exact"] == -0.5
+    # pruning on the means: influences 3, 2, 0.5, 0.2 (total 5.7, 80% = 4.56): the feature and the head
+    assert {n["id"] for n in agg["nodes"] if n["in_graph"]} == {"target:2:0@P", "feature:0:7@open_quote", "head:1:3@P"}
+    assert agg["pruning"]["node_share_kept"] == pytest.approx(5 / 5.7)
+    assert agg["n_prompts"] == 2
+
+
+def test_aggregate_min_prompts_drops_rare_nodes_and_their_edges():
+    agg = aggregate_graphs(_two_prompts(), min_prompts=2)
+    assert agg["columns"] == ["open_quote", "P"]
+    assert {n["id"] for n in agg["nodes"]} == {"target:2:0@P", "feature:0:7@open_quote", "head:1:3@P"}
+    assert len(agg["edges"]) == 2
+
+
+def test_column_of_and_phrases():
+    anchors = {"P": 9, "open_quote": 3, "said": 1}
+    assert [column_of(p, 9, anchors) for p in (1, 3, 5, 8, 9)] == ["said", "open_quote", "P-4", "P-1", "P"]
+    with pytest.raises(ValueError, match="after the prediction position"):
+        column_of(10, 9, anchors)
+    assert column_phrase("P-1") == "1 token before P" and column_phrase("P-4") == "4 tokens before P"
+    assert column_phrase("open_quote") == "the opening quote" and column_phrase("subj") == "the anchor 'subj'"
+
+
+def test_positions_summary_names_columns_heads_and_shares():
+    text = positions_summary(aggregate_graphs(_two_prompts()))
+    # kept influence: open_quote 3, P 2 (total 5); the kept edge open_quote -> P loads L1H3 0.75, L1H2 0.25
+    assert text.startswith("Most of the evidence (60%) comes from the opening quote, through L1H3; 40% from P itself.")
+    assert "SAE features hold 60% of the kept circuit's influence." in text
+    assert "The kept graph holds 3 of 5 nodes, carrying 88% of the influence (pruned at 80%)." in text
+
+
+def test_positions_summary_says_when_non_sae_nodes_dominate_and_when_undefined():
+    graphs = _two_prompts()
+    for g in graphs:  # make the head carry most: |head| 3 and 9 -> mean 6 vs the feature's 3
+        for n in g["nodes"]:
+            if n["kind"] == "head":
+                n["exact"] *= 3
+    # influences 6, 3, 0.5, 0.2 (total 9.7, 80% = 7.76): head and feature kept; head 6 of the kept 9
+    text = positions_summary(aggregate_graphs(graphs))
+    assert text.startswith("Most of the evidence (67%) comes from P itself; 33% from the opening quote, through L1H3.")
+    assert "Most of the kept circuit's influence (67%) sits in non-SAE nodes" in text
+    zero = _two_prompts()
+    for g in zero:
+        for n in g["nodes"]:
+            n["exact"] = 0.0 if n["exact"] is not None else None
+            n["atp"] = 0.0
+    text = positions_summary(aggregate_graphs(zero))
+    assert "undefined" in text and "%" not in text
+
+
+def test_positions_summary_without_head_loadings_names_the_receiving_head():
+    graphs = _two_prompts()
+    for g in graphs:
+        for e in g["edges"]:
+            e["heads"] = None
+    # the kept edge open_quote -> head:1:3@P (label L1H3) is the only one leaving the opening quote
+    text = positions_summary(aggregate_graphs(graphs))
+    assert text.startswith("Most of the evidence (60%) comes from the opening quote, through L1H3; 40% from P itself.")
+    for g in graphs:  # no edge from the opening quote at all: nothing to name
+        g["edges"] = [e for e in g["edges"] if not e["src"].startswith("feature:0:7")]
+    text = positions_summary(aggregate_graphs(graphs))
+    assert text.startswith("Most of the evidence (60%) comes from the opening quote; 40% from P itself.")
+
+
+def test_real_task_anchors_align_prompts_of_different_lengths_end_to_end():
+    from helpers import STORIES, tiny_tokenizer
+
+    from saecircuits.report.circuit_graph import circuit_graph_html
+    from saecircuits.tasks.closing_quote import closing_quote_task
+
+    task = closing_quote_task(STORIES, tiny_tokenizer())
+    graphs = []
+    for i, value in ((0, 1.0), (1, 3.0)):  # opening quote at 20 (P = 26) and at 9 (P = 33)
+        a = task.anchors(i)
+        p, q = a["P"], a["open_quote"]
+        t, f, h = _node("target", 2, 0, p), _node("feature", 0, 4, q, exact=value), _node("head", 1, 2, p, exact=0.5)
+        g = {"P": p, "anchors": a, "tokens": [str(x) for x in task.token_ids[i]], "nodes": [t, f, h],
+             "edges": [_edge(f, h, exact=value, heads=[{"head": "L1H2", "value": value}]), _edge(h, t, exact=0.5)]}
+        graphs.append(prune_graph(g, 0.9))
+    assert {a["open_quote"] for a in (task.anchors(0), task.anchors(1))} == {20, 9}
+    agg = aggregate_graphs(graphs)
+    assert agg["columns"] == ["open_quote", "P"]
+    f = next(n for n in agg["nodes"] if n["kind"] == "feature")
+    assert (f["id"], f["mean_exact"], f["n_prompts"]) == ("feature:0:4@open_quote", 2.0, 2)
+    text = positions_summary(agg)
+    # at 90% of 2.5 (2.25) the feature (2) and the head (0.5) are kept; edge scores: h->t 2.5, f->h 1 * 0.5
+    assert text.startswith("Most of the evidence (80%) comes from the opening quote, through L1H2; 20% from P itself.")
+    frag = circuit_graph_html(agg, kind="aggregated")
+    assert frag.count('<g class="cg-node') == 3 and frag.count('<path class="cg-edge"') == 2
+    assert "(pruned at 90%)" in text
