@@ -25,14 +25,15 @@ class CorpusFeature(ResultsModel):
     fire_count: Int = opt("number of tokens where it is active")
     max_activation: Float = req("largest activation over the corpus (SAE feature units)")
     mean_when_active: Float = opt("mean activation where active (SAE feature units)")
-    above_count: Int = opt("tokens above the band threshold")
-    top_tokens: list[TokenValue] = req("[token, count] pairs of the tokens it fires on most")
-    top_token_share: Float = opt("share of its firings on its top token, in [0, 1]")
+    above_count: Int = opt("tokens where it is above token_fraction x its corpus maximum")
+    top_tokens: list[TokenValue] = req("[token, count] pairs: the input tokens most often above the threshold")
+    top_token_share: Float = opt("top token's count / above_count, in [0, 1]; null when none")
     activation_log10_counts: list[Int] = opt("histogram of log10 activation, one count per bin of "
                                              "activation_log10_edges")
     top_examples: list[Example] = opt("top activating examples (every listed feature with a recorded effect)")
-    top_stories: list[TopStory] = opt("where it fires most")
-    band_examples: dict[str, list[Example]] = opt("examples per activation band (the top-ranked features only)")
+    top_stories: list[TopStory] = opt("where it fires most (the shown top-ranked features only)")
+    band_examples: dict[str, list[Example]] = opt("band name -> examples near that fraction of its maximum (the "
+                                                  "shown top-ranked features only)")
 
 
 class CorpusStats(ResultsModel):
@@ -41,13 +42,14 @@ class CorpusStats(ResultsModel):
     n_docs: Int = req("documents read")
     n_tokens: Int = req("tokens read (special positions left out)")
     l0: Float = req("mean active features per token over the corpus")
-    l0_counts: list[Int] = opt("histogram of per-token L0")
+    l0_counts: list[Int] = opt("l0_counts[j]: tokens with exactly j active features, shape [max L0 + 1]")
     n_dead: Int = opt("features never active over the corpus")
     density_log10_edges: list[Float] = opt("bin edges of log10 density, shape [B + 1]")
     density_log10_counts: list[Int] = opt("features per log10-density bin, shape [B]")
     activation_log10_edges: list[Float] = opt("bin edges of log10 activation, shape [B' + 1]")
-    token_fraction: Float = opt("the band threshold as a fraction of the max activation")
-    bands: dict[str, Float] = opt("band name -> fraction of the max activation")
+    token_fraction: Float = opt("token counts count a feature's tokens above this fraction of its corpus maximum")
+    bands: dict[str, Float] = opt("example band name -> fraction of a feature's corpus maximum, e.g. "
+                                  "{'upper': 0.667, 'middle': 0.333, 'lower': 0.1}")
     features: list[CorpusFeature] = req("the listed features")
 
     @model_validator(mode="after")

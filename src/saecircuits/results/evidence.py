@@ -30,10 +30,11 @@ class ErrorDLA(LabelledValues):
 
 
 class PromptBoosts(ResultsModel):
-    """The tokens whose log-prob at P rises / falls most when the feature is ablated, over the task's prompts."""
+    """Prompt-based log-prob boosts: per token, mean log-prob at P clean - feature ablated (nats), over the first
+    ``n_prompts`` prompts where the feature is active (rare tokens masked)."""
 
-    boosted: list[TokenValue] = req("[token, mean log-prob change (nats)] pairs the feature raises")
-    deboosted: list[TokenValue] = req("[token, mean log-prob change (nats)] pairs the feature lowers")
+    boosted: list[TokenValue] = req("[token, boost (nats)] pairs with a positive boost, largest first")
+    deboosted: list[TokenValue] = req("[token, boost (nats)] pairs with a negative boost, largest magnitude first")
     n_prompts: Int = opt("prompts averaged")
     answer_logprob_clean: Float = opt("mean answer log-prob, clean (nats)")
     answer_logprob_ablated: Float = opt("mean answer log-prob, feature ablated (nats)")
@@ -64,10 +65,12 @@ class DFA(LabelledValues):
     """Direct feature attribution: which components write the feature's pre-activation at P (``labels`` [C],
     ``mean`` [C], ``ci95`` [C], in pre-activation units)."""
 
-    variant: Str = opt("how the attribution is linearised")
+    variant: Str = opt("inactive neurons' columns: 'zero' or 'mean' (the identity-GELU variant)")
     n_prompts: Int = opt("prompts averaged")
-    completeness_max_abs_error: Float = opt("max |sum of components - pre-activation| over prompts")
-    tangent_error_mean: Float = opt("mean error of the linearisation")
+    completeness_max_abs_error: Float = opt("max over prompts of |sum of the linearised variant's rows - the SAE's "
+                                            "pre-activation| (float rounding when the decomposition is right)")
+    tangent_error_mean: Float = opt("mean of the same without the activation-curvature row: what a first-order "
+                                    "attribution leaves unexplained")
 
     @model_validator(mode="after")
     def _aligned(self) -> DFA:
@@ -91,13 +94,13 @@ class UpstreamAblation(ResultsModel):
     """The effect on this SAE's features of ablating an upstream hook (lists aligned with ``features``, [K])."""
 
     hook: Str = req("the ablated upstream hook")
-    mode: Str = opt("the ablation: 'zero', 'mean', ...")
+    mode: Str = opt("the upstream ablation: 'zero' or 'mean'")
     features: list[Int] = req("this SAE's features, shape [K]")
     clean_mean: list[Float] = req("mean activation at P, clean, shape [K] (SAE feature units)")
     ablated_mean: list[Float] = req("mean activation at P, upstream ablated, shape [K]")
-    diff_ci95: list[Float] = opt("95% CI half-width of ablated - clean, shape [K]")
-    clean_mean_active: list[Float] = opt("mean where active, clean, shape [K]")
-    ablated_mean_active: list[Float] = opt("mean where active, ablated, shape [K]")
+    diff_ci95: list[Float] = opt("95% CI half-width of ablated - clean (paired, all prompts), shape [K]")
+    clean_mean_active: list[Float] = opt("mean over the prompts where active in the clean run, clean, shape [K]")
+    ablated_mean_active: list[Float] = opt("mean over the same prompts, upstream ablated, shape [K]")
     fraction_active_clean: list[Float] = opt("fraction of prompts active, clean, shape [K]")
     fraction_active_ablated: list[Float] = opt("fraction of prompts active, ablated, shape [K]")
 

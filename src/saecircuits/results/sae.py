@@ -116,9 +116,9 @@ class MultiAblation(ResultsModel):
 class MultiAblationSelection(ResultsModel):
     """How the jointly ablated set was chosen."""
 
-    rule: Str = opt("the rule, in words")
-    n_supported: Int = opt("features whose single ablation clearly raised the loss")
-    n_ranked: Int = opt("features ranked")
+    rule: Str = opt("the rule, in words, e.g. the largest loss increases among features whose 95% CI excludes 0")
+    n_supported: Int = opt("features whose loss increase's 95% CI is above 0")
+    n_ranked: Int = opt("features in top_features")
 
 
 class TaskActivations(ResultsModel):

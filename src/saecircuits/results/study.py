@@ -24,21 +24,25 @@ from saecircuits.results._base import (
 
 
 class LossComparison(ResultsModel):
-    """The answer loss at P under each condition (clean, SAE, the features alone, zero/mean ablation), aligned
-    with ``labels`` [C]."""
+    """The answer loss at P under five runs on the same prompts (analysis/ablations/loss_comparison.py): clean, the
+    hook mean-ablated, zero-ablated, the chosen features ablated together, the SAE spliced in; aligned with
+    ``labels`` [C]."""
 
-    conditions: list[Str] = opt("machine names of the conditions, shape [C]")
+    conditions: list[Str] = opt("machine names, shape [C]: 'clean', 'mean_ablation', 'zero_ablation', "
+                                "'features_ablated', 'sae_spliced'")
     labels: list[Str] = req("condition labels, shape [C]")
-    features: list[Int] = opt("the features kept in the 'features alone' condition")
+    features: list[Int] = opt("the features ablated in 'features_ablated' (the multi-ablation set)")
     mode: Str = opt("the ablation mode")
     n_prompts: Int = opt("prompts averaged")
     mean: list[Float] = req("mean answer loss per condition, shape [C] (nats)")
     ci95: list[Float] = opt("95% CI half-widths, shape [C] (nats)")
     diff_vs_clean: list[Float] = opt("mean loss - clean loss, paired per prompt, shape [C] (nats)")
     diff_vs_clean_ci95: list[Float] = opt("95% CI half-widths of diff_vs_clean, shape [C] (nats)")
-    features_minus_sae: MeanCI = opt("features-alone loss - SAE loss, paired (nats)")
-    off_range: OffRange | None = opt("ablated activations below the hook's minimum; null: no bounded range")
-    sae_off_range: OffRange | None = opt("the same for the SAE condition")
+    features_minus_sae: MeanCI = opt("features_ablated - sae_spliced loss per prompt (nats): the features' effect "
+                                     "inside the SAE's reconstruction when the mode drops the error")
+    off_range: OffRange | None = opt("the features run's edited activations below the hook's minimum; null: no "
+                                     "features chosen")
+    sae_off_range: OffRange | None = opt("the same for the SAE-spliced run")
 
     @model_validator(mode="after")
     def _aligned(self) -> LossComparison:
@@ -48,12 +52,14 @@ class LossComparison(ResultsModel):
 
 
 class ModeRow(ResultsModel):
-    """One feature's ablation effect (answer loss increase, nats) under each mode."""
+    """One feature's ablation effect (answer loss increase at P, nats; mean null and n 0 where the feature is never
+    active) under each mode."""
 
     feature: Int = req("feature index")
-    residual: MeanCI = opt("the feature's decoder contribution removed from the residual (nats)")
-    reconstruction: MeanCI = opt("the feature removed from the SAE reconstruction (nats)")
-    clean_effect: MeanCI = opt("the effect on the clean model (nats)")
+    residual: MeanCI = opt("residual-preserving: x - f_k W_dec[k] at P (SAE error kept), vs the clean run (nats)")
+    reconstruction: MeanCI = opt("decode(f with the feature zeroed) at P (SAE error dropped), vs the clean run "
+                                 "(nats)")
+    clean_effect: MeanCI = opt("decode(f with the feature zeroed) vs decode(f) (the SAE spliced in) at P (nats)")
 
 
 class ModeMulti(MeanCI):
@@ -63,7 +69,7 @@ class ModeMulti(MeanCI):
 
 
 class AblationModes(ResultsModel):
-    """The features' effects under each ablation mode (nats)."""
+    """The top features' effects under each ablation mode: 'residual', 'reconstruction', 'clean_effect' (nats)."""
 
     features: list[Int] = req("features compared")
     multi_features: list[Int] = opt("the features ablated together")
@@ -74,7 +80,8 @@ class AblationModes(ResultsModel):
 
 
 class StoryLoss(ResultsModel):
-    """A corpus story's loss with the feature ablated."""
+    """A corpus story's mean next-token loss over its counted positions, clean and with the feature ablated at all
+    of them."""
 
     doc_index: Int = req("document index")
     clean_loss: Float = req("mean next-token loss, clean (nats)")
@@ -100,18 +107,23 @@ class PerTokenLoss(ResultsModel):
 
 
 class MaxActivatingAblation(ResultsModel):
-    """A feature ablated on the corpus stories where it fires most (nats)."""
+    """A feature ablated on the corpus stories where it fires most (analysis/ablations/max_activating.py; nats):
+    globally (at every counted position of a story at once) and per position (at one position p where it is above
+    ``threshold``, the loss of predicting the token after p)."""
 
     feature: Int = req("feature index")
     mode: Str = opt("the ablation mode")
-    threshold: Float = opt("activation threshold for 'active'")
+    threshold: Float = opt("absolute per-position threshold, 0.1 x the corpus maximum (SAE feature units)")
     n_stories: Int = opt("stories used")
-    global_: MeanCI = Field(..., alias="global", description="loss increase over all positions of the stories (nats)")
-    per_position: MeanCI = req("loss increase at the positions where the feature is active (nats)")
-    stories: list[StoryLoss] = opt("per story")
-    position_loss_increase: list[Float] = opt("loss increase by position after the firing, shape [D] (nats)")
-    position_activation: list[Float] = opt("mean activation by the same positions, shape [D]")
-    per_token: list[PerTokenLoss] = opt("per-token loss changes of a few stories")
+    global_: MeanCI = Field(..., alias="global", description=(
+        "next-token loss increase with the feature ablated at every counted position, mean over stories (nats)"))
+    per_position: MeanCI = req("loss increase of the token after p with the feature ablated at p alone, mean over "
+                               "(story, position) pairs above threshold (nats)")
+    stories: list[StoryLoss] = opt("per story, the global ablation")
+    position_loss_increase: list[Float] = opt("per (story, position) pair above threshold: the loss increase, "
+                                              "shape [Q] (nats)")
+    position_activation: list[Float] = opt("the feature's activation at those pairs, shape [Q] (SAE feature units)")
+    per_token: list[PerTokenLoss] = opt("per-token loss changes of the global ablation, first stories")
     off_range: OffRange | None = opt("ablated activations below the hook's minimum; null: no bounded range")
 
     @model_validator(mode="after")
@@ -125,7 +137,7 @@ class Cooccurrence(ResultsModel):
 
     threshold: Float = opt("activation threshold for 'active'")
     n_prompts: Int = opt("prompts counted")
-    counts: list[list[Int]] = req("prompts where both are active, S x S")
+    counts: list[list[Int]] = req("prompts where both are active at P, S x S")
     by_min: list[list[Float]] = req("counts / min(count_i, count_j), S x S")
     by_max: list[list[Float]] = req("counts / max(count_i, count_j), S x S")
 
@@ -166,16 +178,18 @@ class FeatureGeometry(ResultsModel):
 
 
 class SpanAblation(ResultsModel):
-    """The features ablated over spans of positions (variants aligned with ``mean``, [V]; nats)."""
+    """Only the span of the features' decoder vectors kept at P (analysis/ablations/span.py): the answer loss per
+    variant, aligned with ``variants`` [V] (nats)."""
 
     features: list[Int] = req("the ablated features")
-    rank: Int = opt("rank of the low-rank variant")
-    variants: list[Str] = req("span variants, shape [V]")
+    rank: Int = opt("dimension of the span of the features' decoder vectors")
+    variants: list[Str] = req("'clean', 'span_zero', 'span_mean', shape [V]")
     mean: list[Float] = req("mean answer loss per variant, shape [V] (nats)")
     ci95: list[Float] = opt("95% CI half-widths, shape [V] (nats)")
     diff_vs_clean: list[Float] = opt("loss - clean loss, paired, shape [V] (nats)")
     diff_vs_clean_ci95: list[Float] = opt("95% CI half-widths of diff_vs_clean, shape [V] (nats)")
-    fraction_kept: Float = opt("fraction of the effect kept")
+    fraction_kept: Float = opt("mean over prompts of |P h|^2 / |h|^2: the share of the activation's squared norm in "
+                               "the span, in [0, 1]")
 
     @model_validator(mode="after")
     def _aligned(self) -> SpanAblation:
