@@ -226,3 +226,23 @@ def test_validation_is_the_models(results):
         Results.model_validate(bad)
     assert str(a.value) == str(b.value) == "results['saes'][0]['top_features'][1]['fraction_active'] = 1.5 is not in [0, 1]."
     assert math.isnan(Results.model_validate({**results, "timings": {"x": float("nan")}}).timings["x"])
+
+
+def test_cli_report_reads_through_the_models_and_renders_the_same_page(results, tmp_path):
+    """``saecircuits report`` loads with Results.load and renders the dumped dict: the page is the one the dict itself
+    gives (every optional section, the circuit with positions, an int where a number is expected, an extra key)."""
+    from typer.testing import CliRunner
+
+    import saecircuits.cli.report  # noqa: F401  (registers the sub-command)
+    from saecircuits.cli import app
+    from saecircuits.report.render import build_report_html
+    from saecircuits.report.schema import write_json_atomic
+
+    d = _with_positions(results)
+    d["saes"][0]["l0"] = 24
+    d["saes"][0]["some_future_key"] = [1, 2]
+    src = write_json_atomic(tmp_path / "results.json", d)
+    out = tmp_path / "report.html"
+    res = CliRunner().invoke(app, ["report", str(src), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.read_text(encoding="utf-8") == build_report_html(json.loads(src.read_text(encoding="utf-8")))
