@@ -13,6 +13,7 @@ from helpers import STORIES, exact_sae, tiny_neo
 from saecircuits.data.corpus import read_documents
 from saecircuits.pipeline import PipelineError, RunConfig, run_pipeline
 from saecircuits.report.schema import validate_results
+from saecircuits.results import Results
 from saecircuits.saes.io import save_sae
 
 
@@ -31,6 +32,18 @@ def _cfg(tmp_path, corpus, **kw) -> RunConfig:
     return RunConfig(**base)
 
 
+def _shipped_schema_accepts(results: dict) -> None:
+    """The package's results.schema.json accepts ``results`` (when jsonschema is installed: the dev extra)."""
+    try:
+        import jsonschema
+    except ImportError:
+        return
+    from saecircuits.results.reference import SCHEMA_PATH
+
+    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text(encoding="utf-8")))
+    assert [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(results)] == []
+
+
 def _answer_loss_by_hand(model, token_ids, answer_id) -> float:
     """-log p(answer | prompt) from one unbatched forward pass of the raw tokens."""
     with torch.no_grad():
@@ -44,6 +57,11 @@ def test_pipeline_trains_saes_writes_valid_results_and_report(tmp_path, corpus):
     out = tmp_path / "out"
     on_disk = json.loads((out / "results.json").read_text())
     validate_results(on_disk)
+    # the typed models read a real results.json (circuit included) and give back exactly the file's text
+    typed = Results.model_validate(on_disk)
+    assert json.dumps(typed.to_json_dict(), indent=1, ensure_ascii=False) + "\n" == (out / "results.json").read_text()
+    assert typed.circuit is not None and typed.saes[1].error_dla.labels == on_disk["saes"][1]["error_dla"]["labels"]
+    _shipped_schema_accepts(on_disk)
     assert (out / "report.html").stat().st_size > 100_000  # plotly.js inlined
     assert [s["hook_point"] for s in on_disk["saes"]] == ["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"]
     assert on_disk["dla"]["completeness_max_abs_error"] < 1e-3

@@ -47,12 +47,14 @@ def report(
 ) -> None:
     """Re-render the self-contained HTML report from a saved results.json (no model or torch needed)."""
     from saecircuits.report.render import render_report
-    from saecircuits.report.schema import ResultsSchemaError, load_results
+    from saecircuits.results import Results, ResultsSchemaError
 
     if not results_json.is_file():
         raise InputError(f"{results_json} does not exist or is not a file")
     try:
-        results = load_results(results_json)  # before --out is created: a bad file leaves nothing behind
+        # typed and validated (a version-1 file upgraded) before --out is created: a bad file leaves nothing behind;
+        # the renderer reads the plain dict, which the models give back exactly
+        results = Results.load(results_json).to_json_dict()
     except ResultsSchemaError as err:
         msg = str(err) if str(results_json) in str(err) else f"{results_json} is not a valid results file: {err}"
         raise InputError(msg) from err
