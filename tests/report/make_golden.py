@@ -60,9 +60,8 @@ class _Page(HTMLParser):
             tag, a = self._raw
             if tag == "style":
                 self.style.append(data)
-            elif "id" in a:
-                text, attrs = self.scripts.get(a["id"], ({}, ""))[1], a
-                self.scripts[a["id"]] = (attrs, text + data)
+            elif "id" in a:  # embedded JSON (the parser may hand its text over in pieces)
+                self.scripts[a["id"]] = (a, self.scripts.get(a["id"], ({}, ""))[1] + data)
             return
         text = " ".join(data.split())
         if text:
