@@ -1,8 +1,8 @@
 """Write ``tests/report/data/report_golden.json``: what the report shows for the fixture results, for
 ``test_report_templates.py``.
 
-For each input (the fixture results of ``report_fixtures.py``, and a fuller one with the study, evidence, failed
-checks and a circuit), the page is reduced by :func:`extract` to:
+For each input (:func:`inputs`: the fixture results of ``report_fixtures.py``, a fuller one with the study,
+evidence, failed checks and a circuit, and one taking the page's other branches), the page is reduced by :func:`extract` to:
 
 - ``events``: the page as a stream of start tags (with every attribute, ``data-*`` included), end tags and text
   nodes, each text whitespace-normalised, whitespace-only text dropped, character references resolved, the contents
@@ -16,7 +16,9 @@ Run from the repository root, ONLY when a change of the page is intended (the go
 
     PYTHONPATH=src python tests/report/make_golden.py
 
-It was first generated from the f-string renderer at commit 196d82c, before the report moved to Jinja2 templates.
+It was generated from the f-string renderer at commit 196d82c, before the report moved to Jinja2 templates (this
+script, run with that commit's ``src`` on PYTHONPATH). The inputs include ``STUDY``, ``EVIDENCE``, ``LAYERS`` and
+``_flagged`` of the study, evidence and checks tests: a change there needs the golden regenerated too.
 """
 
 from __future__ import annotations
@@ -90,7 +92,9 @@ def extract(page: str) -> dict:
 
 
 def inputs() -> dict[str, dict]:
-    """The fixture results, and the same with every optional part (study, evidence, checks, circuit)."""
+    """The fixture results; the same with every optional part (study, evidence, checks, circuit); and that with
+    the other branches of the page (checks passed, no DLA components, a soft cap, no supported feature for the
+    multi-feature ablation, capped feature details, an undefined faithfulness, more hostile strings)."""
     sys.path.insert(0, str(HERE))
     import report_fixtures
     from test_report_checks import _flagged
@@ -103,7 +107,24 @@ def inputs() -> dict[str, dict]:
     full["saes"][0].update(copy.deepcopy(EVIDENCE))
     full["layer_comparison"] = copy.deepcopy(LAYERS)
     full["circuit"] = copy.deepcopy(CIRCUIT)
-    return {"fixture": base, "full": full}
+    edges = copy.deepcopy(full)
+    edges["checks"] = []
+    edges["behaviour"]["performs"] = True
+    s0 = edges["saes"][0]
+    s0.update(loss_recovered=0.9, failed_checks=[])
+    del s0["loss_recovered_undefined_reason"]
+    edges["dla"].update(labels=[], mean=[], ci95=[], logit_soft_cap=30.0)
+    del edges["dla"]["answer_logit_mean"]
+    del s0["multi_ablation"]
+    s0["multi_ablation_selection"] = {"n_supported": 0, "n_ranked": 7, "rule": HOSTILE}
+    detail = s0["feature_details"][0]
+    detail.update(n_active_prompts=50, max_prompts=20)
+    detail["prompt_boosts"].update(boosted=[], deboosted=[])
+    s0["feature_details"] = [dict(copy.deepcopy(detail), feature=k) for k in range(12)]
+    edges["circuit"]["selection"]["undefined_reason"] = HOSTILE
+    edges["task"].update(name=HOSTILE, example_prompts=[HOSTILE + " 'q' &", "a\tb\nc \u202e"], n_dropped_too_long=3)
+    edges["model"] = HOSTILE
+    return {"fixture": base, "full": full, "edges": edges}
 
 
 HOSTILE = "<script>alert(1)</script>"
@@ -144,8 +165,21 @@ def golden() -> dict:
     return {name: extract(build_report_html(r)) for name, r in inputs().items()}
 
 
+def dump(g: dict) -> str:
+    """The golden as JSON, one event per line and each embedded data element on one line (readable diffs)."""
+    def one(v) -> str:
+        return json.dumps(v, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+    parts = []
+    for name, x in sorted(g.items()):
+        events = ",\n".join(one(e) for e in x["events"])
+        data = ",\n".join(f"{one(k)}: {one(v)}" for k, v in sorted(x["data"].items()))
+        parts.append(f'{one(name)}: {{"style": {one(x["style"])},\n"data": {{\n{data}}},\n"events": [\n{events}]}}')
+    return "{\n" + ",\n".join(parts) + "}\n"
+
+
 if __name__ == "__main__":
     GOLDEN.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(golden(), ensure_ascii=False, indent=0, sort_keys=True) + "\n"
+    text = dump(golden())
     GOLDEN.write_text(text, encoding="utf-8")
     print(f"wrote {GOLDEN} ({len(text) / 1e3:.0f} kB)")

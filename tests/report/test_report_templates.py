@@ -2,8 +2,8 @@
 (apart from whitespace and the spelling of character references), same figures, same embedded data, same CSS.
 
 The golden, ``tests/report/data/report_golden.json``, is the extraction (:func:`make_golden.extract`, not the whole
-page) of the pages the f-string renderer built at commit 196d82c for the fixture results and a fuller variant
-(study, evidence, failed checks, a circuit). Regenerate it with ``PYTHONPATH=src python tests/report/make_golden.py``
+page) of the pages the f-string renderer built at commit 196d82c for the fixture results, a fuller variant (study,
+evidence, failed checks, a circuit) and one that takes the page's other branches (:func:`make_golden.inputs`). Regenerate it with ``PYTHONPATH=src python tests/report/make_golden.py``
 ONLY when a change of the page is intended, and say so in the commit; a failure here otherwise means the page
 changed by accident.
 """
@@ -46,3 +46,20 @@ def test_extract_sees_a_change_of_text_markup_and_data():
     assert extract(page.replace("Direct logit attribution to the answer", "x", 1))["data"] != base["data"]
     # whitespace between and inside text is not a change
     assert extract(page.replace("</p>", "</p>\n  \n", 3))["events"] == base["events"]
+
+
+def test_templates_escape_every_value():
+    """Escaping is the templates' default and no template switches it off (no ``|safe``, no ``autoescape``): the
+    fragments built by trusted code are marked safe in Python (render.py, sections/*.py) with a comment saying why."""
+    from saecircuits.report.render import templates
+
+    env = templates()
+    assert env.autoescape is True
+    names = env.list_templates()
+    assert "base.html.j2" in names and "report.html.j2" in names
+    for name in names:
+        source = env.loader.get_source(env, name)[0]
+        assert "|safe" not in source.replace(" ", "") and "autoescape" not in source, name
+    # html.escape's spelling, the page's own since before the templates (the hostile-string tests look for it)
+    assert env.from_string("<p title='{{ x }}'>{{ x }}</p>").render(x="<b> & \"d\" 's'") == (
+        "<p title='&lt;b&gt; &amp; &quot;d&quot; &#x27;s&#x27;'>&lt;b&gt; &amp; &quot;d&quot; &#x27;s&#x27;</p>")
