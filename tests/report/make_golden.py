@@ -2,13 +2,14 @@
 ``test_report_templates.py``.
 
 For each input (:func:`inputs`: the fixture results of ``report_fixtures.py``, a fuller one with the study,
-evidence, failed checks and a circuit, and one taking the page's other branches), the page is reduced by :func:`extract` to:
+evidence, failed checks and a circuit, and one taking the page's other branches), the page is reduced by
+:func:`extract` to:
 
 - ``events``: the page as a stream of start tags (with every attribute, ``data-*`` included), end tags and text
   nodes, each text whitespace-normalised, whitespace-only text dropped, character references resolved, the contents
   of ``<script>`` and ``<style>`` left out (so the page's markup and visible text, apart from whitespace and the
   spelling of character references);
-- ``figures``: every plotly figure's JSON (``sc-figs``; the shared plotly template, which belongs to the installed
+- ``data``: every plotly figure's JSON (``sc-figs``; the shared plotly template, which belongs to the installed
   plotly, only as a hash) and the feature browser's data (``sc-browser``, decoded when compressed);
 - ``style``: the SHA-256 of the page's CSS.
 
