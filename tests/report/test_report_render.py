@@ -161,7 +161,9 @@ def test_figure_failure_writes_nothing(results, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("plotly failed (simulated)")
 
-    monkeypatch.setattr(render_mod, "make_subplots", boom)  # the multi-ablation figure, late in the page
+    from saecircuits.report.sections import sae as sae_section
+
+    monkeypatch.setattr(sae_section, "make_subplots", boom)  # the multi-ablation figure, late in the page
     with pytest.raises(RuntimeError, match="plotly failed"):
         render_report(results, tmp_path / "report.html")
     assert os.listdir(tmp_path) == []
