@@ -61,6 +61,11 @@ def _flag(name: str) -> str:
     return FLAGS.get(base, "--" + base.replace("_", "-")) + (" " + name.split(" ", 1)[1] if " " in name else "")
 
 
+def _file(path: Path, suffix: str) -> Path:
+    """``path`` with ``suffix`` added (not replacing: an item's value is named ``entries.0``)."""
+    return path.with_name(path.name + suffix)
+
+
 def _to_json(value: Any) -> str:
     def default(o: Any) -> Any:
         if hasattr(o, "tolist"):  # numpy / torch scalars and arrays
@@ -73,11 +78,11 @@ def _to_json(value: Any) -> str:
 
 
 def _save_json(path: Path, value: Any, ctx: RunContext) -> None:
-    atomic_write_text(path.with_suffix(".json"), _to_json(value))
+    atomic_write_text(_file(path, ".json"), _to_json(value))
 
 
 def _load_json(path: Path, ctx: RunContext) -> Any:
-    return json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+    return json.loads(_file(path, ".json").read_text(encoding="utf-8"))
 
 
 def _save_task(path: Path, task, ctx: RunContext) -> None:
@@ -125,7 +130,7 @@ def _save_corpus_stats(path: Path, stats, ctx: RunContext) -> None:
 
     blob = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats) if f.name != "features"}
     blob["features"] = [{f.name: getattr(fs, f.name) for f in dataclasses.fields(fs)} for fs in stats.features]
-    atomic_write(path.with_suffix(".pt"), lambda tmp: torch.save(blob, tmp))
+    atomic_write(_file(path, ".pt"), lambda tmp: torch.save(blob, tmp))
 
 
 def _load_corpus_stats(path: Path, ctx: RunContext):
@@ -133,7 +138,7 @@ def _load_corpus_stats(path: Path, ctx: RunContext):
 
     from saecircuits.analysis.corpus.statistics import CorpusStats, FeatureStats
 
-    blob = torch.load(path.with_suffix(".pt"), weights_only=True)
+    blob = torch.load(_file(path, ".pt"), weights_only=True)
     blob["features"] = [FeatureStats(**fs) for fs in blob["features"]]
     return CorpusStats(**blob)
 

@@ -33,6 +33,17 @@ STAGES = (SAE_FILES, MODEL, CORPUS, TASK, DLA, LAYERS, SAES, CORPUS_STATS, ANALY
 loads."""
 
 
+def _bad_input(err: BaseException) -> bool:
+    """What ``saecircuits run`` reports as a bad setting or input file (the project's own ``ValueError``s, an input
+    file that is missing, unreadable or not JSON), after which a checkpoint is of no use."""
+    import json
+
+    if isinstance(err, ValueError) and type(err).__module__.startswith("saecircuits."):
+        return True
+    return isinstance(err, (json.JSONDecodeError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+                            PermissionError))
+
+
 def run_pipeline(
     cfg: RunConfig,
     *,
@@ -48,7 +59,8 @@ def run_pipeline(
     this one does not write (``circuit.json``, ``figures/``, ``tables/``) are removed when the results are written.
 
     After each stage the runner checkpoints what it wrote in ``cfg.out``'s work area
-    (:class:`~saecircuits.pipeline.checkpoint.Checkpoint`); the work area is removed when the run completes.
+    (:class:`~saecircuits.pipeline.checkpoint.Checkpoint`); the work area is removed when the run completes, and
+    when it fails on a bad setting or input file (then a run that made ``cfg.out`` leaves no folder behind).
 
     Args:
         cfg: the run settings.
@@ -71,13 +83,25 @@ def run_pipeline(
     check_out_writable(cfg.out)
     with OutLock(cfg.out):
         say = log or (lambda s: logger.info(s))
+        out = Path(cfg.out).expanduser()
+        existed = out.exists()
         ctx = RunContext(cfg=cfg, say=say, bars=progress, model=model)
         checkpoint = Checkpoint(cfg.out, cfg, resume=resume)
         if resume:
             done = checkpoint.finished_stages
             say(f"resuming: stages {', '.join(done)} finished in {Path(cfg.out)}" if done else
                 f"--resume: no checkpoint in {Path(cfg.out)}; starting from the first stage")
-        values, _ = run_stages(STAGES, ctx, checkpoint)
+        try:
+            values, _ = run_stages(STAGES, ctx, checkpoint)
+        except BaseException as err:
+            if _bad_input(err):  # the same settings would fail again: keep nothing (no folder the run made)
+                checkpoint.remove()
+                if not existed and out.is_dir() and not any(out.iterdir()):
+                    out.rmdir()
+            elif checkpoint.dir.is_dir():
+                say(f"the finished stages are kept in {checkpoint.dir}; once the cause is fixed, run again with "
+                    "--resume to go on from there")
+            raise
         checkpoint.remove()
         say(f"wrote {Path(cfg.out) / 'results.json'} and {Path(cfg.out) / 'report.html'}")
         return values["results"]

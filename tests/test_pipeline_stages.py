@@ -1,0 +1,134 @@
+"""The pipeline as declared stages (issue 19 item 3): the stage list is consistent, and ``saecircuits run --resume``
+goes on from the checkpoint of a run that failed late, without running its finished stages again, to the same
+results.json as an uninterrupted run; a resume under other settings is refused, naming them."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from collections import Counter
+
+import pytest
+from helpers import STORIES, tiny_neo_hf, tiny_tokenizer
+from typer.testing import CliRunner
+
+import saecircuits.pipeline.run as pipeline_run
+from saecircuits.cli import _register, app, expand_multi_value_options
+from saecircuits.pipeline import STAGES
+from saecircuits.pipeline.checkpoint import CHECKPOINT_DIR
+from saecircuits.pipeline.stages import Stage, check_declarations
+
+
+def test_every_read_is_written_by_an_earlier_stage_and_matches_the_stage_function():
+    check_declarations(STAGES)  # raises on the first inconsistency
+    written: set[str] = set()
+    for stage in STAGES:
+        assert set(stage.reads) <= written, (stage.name, set(stage.reads) - written)
+        assert not set(stage.writes) & written, (stage.name, set(stage.writes) & written)
+        written |= set(stage.writes)
+        # the function takes exactly the declared reads, by name (so a read it uses but does not declare fails)
+        params = inspect.signature(stage.run).parameters.values()
+        assert {p.name for p in params if p.kind is p.KEYWORD_ONLY} == set(stage.reads), stage.name
+    assert "results" in written
+    assert [s.name for s in STAGES].count("circuit") == 1
+
+
+def test_the_declaration_check_fails_on_an_undeclared_or_late_read():
+    def f(ctx, *, x):
+        return {"y": x}
+
+    with pytest.raises(ValueError, match="reads 'x', which no earlier stage writes"):
+        check_declarations([Stage("a", f, reads=("x",), writes=("y",)), Stage("b", f, writes=("x",))])
+    with pytest.raises(ValueError, match="writes 'x', which an earlier stage already wrote"):
+        check_declarations([Stage("a", f, writes=("x",)), Stage("b", f, writes=("x",))])
+
+
+@pytest.fixture()
+def inputs(tmp_path):
+    model_dir = tmp_path / "model"
+    tiny_neo_hf().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    corpus = tmp_path / "stories.txt"
+    corpus.write_text("".join(f"{s}\n<|endoftext|>\n" for s in STORIES * 3), encoding="utf-8")
+    return model_dir, corpus
+
+
+def _run(model_dir, corpus, out, ws, *extra: str):
+    _register()
+    args = ["run", "--model", str(model_dir), "--data", str(corpus), "--out", str(out), "--workspace", str(ws),
+            "--all-closings", "--sae-tokens", "2048", "--circuit-ig-steps", "2", "--threads", "1", *extra]
+    return CliRunner().invoke(app, expand_multi_value_options(args))
+
+
+def _counting(monkeypatch, fail: str | None = None) -> Counter:
+    """Replace the pipeline's stages with ones that count their calls; stage ``fail`` raises on its first call."""
+    calls: Counter = Counter()
+
+    def wrap(stage: Stage) -> Stage:
+        def run(*args, **kwargs):
+            calls[stage.name] += 1
+            if stage.name == fail:
+                raise RuntimeError(f"{fail} stage failed (test)")
+            return stage.run(*args, **kwargs)
+
+        run.__signature__ = inspect.signature(stage.run)  # type: ignore[attr-defined]
+        return dataclasses.replace(stage, run=run)
+
+    monkeypatch.setattr(pipeline_run, "STAGES", tuple(wrap(s) for s in STAGES))
+    return calls
+
+
+def _without_timings(out, ws) -> dict:
+    """results.json without its timings and the run's own output and workspace folders."""
+    results = json.loads((out / "results.json").read_text().replace(str(ws), "WORKSPACE"))
+    results.pop("timings")
+    results["config"].pop("out")
+    return results
+
+
+def test_a_run_that_failed_in_the_circuit_stage_resumes_without_rerunning_the_finished_stages(
+        tmp_path, inputs, monkeypatch):
+    model_dir, corpus = inputs
+    # each run trains its SAEs (the same seed: the same SAEs) in its own workspace
+    whole = _run(model_dir, corpus, tmp_path / "whole", tmp_path / "ws-whole")
+    assert whole.exit_code == 0, whole.output
+    assert not (tmp_path / "whole" / CHECKPOINT_DIR).exists()  # removed when the run completes
+
+    out, ws = tmp_path / "out", tmp_path / "ws"
+    calls = _counting(monkeypatch, fail="circuit")
+    failed = _run(model_dir, corpus, out, ws)
+    assert failed.exit_code != 0 and "circuit stage failed" in str(failed.exception)
+    assert not (out / "results.json").exists() and (out / CHECKPOINT_DIR / "manifest.json").is_file()
+    assert calls["circuit"] == 1 and calls["analyse"] == 2  # one call per SAE
+
+    calls = _counting(monkeypatch)
+    resumed = _run(model_dir, corpus, out, ws, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    # only the model is loaded again (it lives in memory only); every other finished stage is read back
+    assert dict(calls) == {"load_model": 1, "circuit": 1, "report": 1}
+    assert _without_timings(out, ws) == _without_timings(tmp_path / "whole", tmp_path / "ws-whole")
+    assert json.loads((out / "circuit.json").read_text()) == json.loads(
+        (tmp_path / "whole" / "circuit.json").read_text())
+    timings = json.loads((out / "results.json").read_text())["timings"]
+    assert {"corpus_stats", "analyse blocks.0.mlp.hook_post", "circuit"} <= set(timings)
+    assert not (out / CHECKPOINT_DIR).exists()
+
+
+def test_a_resume_under_other_settings_is_refused_naming_them(tmp_path, inputs, monkeypatch):
+    model_dir, corpus = inputs
+    out, ws = tmp_path / "out", tmp_path / "ws"
+    calls = _counting(monkeypatch, fail="dla")
+    assert _run(model_dir, corpus, out, ws).exit_code != 0
+    assert calls["task"] == 1
+
+    refused = _run(model_dir, corpus, out, ws, "--resume", "--circuit-ig-steps", "3", "--sae-k", "16")
+    assert refused.exit_code == 2, refused.output
+    line = refused.output.strip().splitlines()[-1]
+    assert line.startswith("error: --resume:") and "--circuit-ig-steps: 2 in the checkpoint, 3 now" in line
+    assert "--sae-k: 32 in the checkpoint, 16 now" in line and "--data" not in line
+
+    corpus.write_text(corpus.read_text() + "One more story.\n", encoding="utf-8")  # same path, other contents
+    refused = _run(model_dir, corpus, out, ws, "--resume")
+    assert refused.exit_code == 2 and "--data (file contents)" in refused.output.strip().splitlines()[-1]
+    assert calls["dla"] == 1 and calls["load_model"] == 1  # refused before any stage ran again
