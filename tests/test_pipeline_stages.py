@@ -61,14 +61,14 @@ def _run(model_dir, corpus, out, ws, *extra: str):
     return CliRunner().invoke(app, expand_multi_value_options(args))
 
 
-def _counting(monkeypatch, fail: str | None = None) -> Counter:
-    """Replace the pipeline's stages with ones that count their calls; stage ``fail`` raises on its first call."""
+def _counting(monkeypatch, fail: str | None = None, on_call: int = 1) -> Counter:
+    """Replace the pipeline's stages with ones that count their calls; stage ``fail`` raises on call ``on_call``."""
     calls: Counter = Counter()
 
     def wrap(stage: Stage) -> Stage:
         def run(*args, **kwargs):
             calls[stage.name] += 1
-            if stage.name == fail:
+            if stage.name == fail and calls[stage.name] == on_call:
                 raise RuntimeError(f"{fail} stage failed (test)")
             return stage.run(*args, **kwargs)
 
@@ -105,8 +105,9 @@ def test_a_run_that_failed_in_the_circuit_stage_resumes_without_rerunning_the_fi
     calls = _counting(monkeypatch)
     resumed = _run(model_dir, corpus, out, ws, "--resume")
     assert resumed.exit_code == 0, resumed.output
-    # only the model is loaded again (it lives in memory only); every other finished stage is read back
-    assert dict(calls) == {"load_model": 1, "circuit": 1, "report": 1}
+    # only the model and the corpora are loaded again (they live in memory only); every other finished stage is
+    # read back from the checkpoint
+    assert dict(calls) == {"load_model": 1, "corpus": 1, "circuit": 1, "report": 1}
     assert _without_timings(out, ws) == _without_timings(tmp_path / "whole", tmp_path / "ws-whole")
     assert json.loads((out / "circuit.json").read_text()) == json.loads(
         (tmp_path / "whole" / "circuit.json").read_text())
@@ -132,3 +133,18 @@ def test_a_resume_under_other_settings_is_refused_naming_them(tmp_path, inputs, 
     refused = _run(model_dir, corpus, out, ws, "--resume")
     assert refused.exit_code == 2 and "--data (file contents)" in refused.output.strip().splitlines()[-1]
     assert calls["dla"] == 1 and calls["load_model"] == 1  # refused before any stage ran again
+
+
+def test_a_run_that_failed_on_its_second_sae_resumes_from_that_sae(tmp_path, inputs, monkeypatch):
+    model_dir, corpus = inputs
+    out, ws = tmp_path / "out", tmp_path / "ws"
+    calls = _counting(monkeypatch, fail="analyse", on_call=2)
+    assert _run(model_dir, corpus, out, ws, "--no-circuit").exit_code != 0
+    assert calls["analyse"] == 2
+    calls = _counting(monkeypatch)
+    resumed = _run(model_dir, corpus, out, ws, "--no-circuit", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert calls["analyse"] == 1 and calls["saes"] == calls["corpus_stats"] == 0  # the first SAE's entry is read back
+    results = json.loads((out / "results.json").read_text())
+    assert [s["hook_point"] for s in results["saes"]] == ["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"]
+    assert {"analyse blocks.0.mlp.hook_post", "analyse blocks.1.mlp.hook_post"} <= set(results["timings"])

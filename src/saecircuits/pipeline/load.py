@@ -125,4 +125,6 @@ def _corpus(ctx: RunContext) -> dict:
 SAE_FILES = Stage("sae_files", _sae_files, writes=("given_saes",), codecs={"given_saes": "saes"})
 MODEL = Stage("load_model", _model, writes=("model", "provenance", "model_key", "model_names"),
               codecs={"model": "memory"}, check=("model_key",))
-CORPUS = Stage("corpus", _corpus, writes=("docs", "train_docs"))
+# the corpora are read again on resume rather than copied into the checkpoint (the checkpoint is keyed by their
+# contents, so they are the same documents)
+CORPUS = Stage("corpus", _corpus, writes=("docs", "train_docs"), codecs={"docs": "memory", "train_docs": "memory"})

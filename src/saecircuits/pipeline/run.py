@@ -68,7 +68,7 @@ def run_pipeline(
         progress: show progress bars.
         log: called with one line per stage (the CLI prints them).
         resume: go on from the checkpoint a failed run with the same settings left in ``cfg.out``: its finished
-            stages are not run again (the model is loaded again). Without a checkpoint the run starts from the
+            stages are not run again (the model and the corpora are loaded again). Without a checkpoint the run starts from the
             first stage.
 
     Returns:
