@@ -148,3 +148,50 @@ def test_a_run_that_failed_on_its_second_sae_resumes_from_that_sae(tmp_path, inp
     results = json.loads((out / "results.json").read_text())
     assert [s["hook_point"] for s in results["saes"]] == ["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"]
     assert {"analyse blocks.0.mlp.hook_post", "analyse blocks.1.mlp.hook_post"} <= set(results["timings"])
+
+
+def test_the_checkpoint_gives_back_saes_of_every_kind_and_the_corpus_statistics_exactly(tmp_path):
+    """SAEs (JumpReLU with its threshold, a skip transcoder, a hook_z SAE in bfloat16) and corpus statistics go
+    through the checkpoint's safe formats and come back equal: the same tensors, configs and outputs."""
+    import torch
+    from helpers import random_sae, tiny_neo
+
+    from saecircuits.analysis.corpus.statistics import corpus_feature_stats
+    from saecircuits.pipeline import RunConfig
+    from saecircuits.pipeline.checkpoint import CODECS
+    from saecircuits.pipeline.stages import RunContext
+    from saecircuits.saes.base import SAEConfig
+    from saecircuits.saes.registry import build_sae
+
+    ctx = RunContext(cfg=RunConfig(model="m", data=tmp_path, out=tmp_path / "out"), say=print)
+    jump = build_sae(SAEConfig("jumprelu", d_in=8, d_sae=16, hook_point="blocks.0.mlp.hook_post"), seed=1)
+    with torch.no_grad():
+        jump.threshold.uniform_(0.0, 0.5)
+    skip = build_sae(SAEConfig("topk", d_in=8, d_sae=12, hook_point="blocks.0.ln2.hook_normalized", d_out=6,
+                               hook_point_out="blocks.0.hook_mlp_out", apply_b_dec_to_input=False,
+                               extra={"k": 3, "skip_connection": True}), seed=2)
+    z = build_sae(SAEConfig("standard", d_in=8, d_sae=10, hook_point="blocks.1.attn.hook_z", dtype="bfloat16",
+                            extra={"reshape_activations": "hook_z"}), seed=3)
+    save, load = CODECS["saes"]
+    save(tmp_path / "saes", [jump, skip, z], ctx)
+    back = load(tmp_path / "saes", ctx)
+    x = torch.randn(5, 8)
+    for a, b in zip([jump, skip, z], back, strict=True):
+        assert type(a) is type(b) and a.cfg == b.cfg
+        assert a.state_dict().keys() == b.state_dict().keys()
+        assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
+        assert torch.equal(a.encode(x), b.encode(x))
+    save(tmp_path / "none", None, ctx)
+    assert load(tmp_path / "none", ctx) is None
+
+    model = tiny_neo()
+    rows = [[1, 5, 9, 13, 2], [1, 7, 7, 30, 41, 8], [1, 3]]
+    stats = corpus_feature_stats(model, [random_sae()], rows, k=2)
+    CODECS["corpus_stats"][0](tmp_path / "stats", stats, ctx)
+    again = CODECS["corpus_stats"][1](tmp_path / "stats", ctx)
+    assert (again.n_docs, again.n_tokens, again.special_ids) == (stats.n_docs, stats.n_tokens, stats.special_ids)
+    assert torch.equal(again.token_counts, stats.token_counts)
+    for a, b in zip(stats.features, again.features, strict=True):
+        for name, value in vars(a).items():
+            other = getattr(b, name)
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, name

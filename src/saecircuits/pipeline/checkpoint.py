@@ -67,11 +67,18 @@ def _file(path: Path, suffix: str) -> Path:
 
 
 def _to_json(value: Any) -> str:
+    """``value`` as JSON, NaN and infinities kept (results.json turns them into null when it is written)."""
+    import os
+
     def default(o: Any) -> Any:
         if hasattr(o, "tolist"):  # numpy / torch scalars and arrays
             return o.tolist()
         if isinstance(o, (set, frozenset)):
             return sorted(o)
+        if isinstance(o, os.PathLike):
+            return os.fspath(o)
+        if dataclasses.is_dataclass(o) and not isinstance(o, type):
+            return dataclasses.asdict(o)
         raise TypeError(f"cannot checkpoint a {type(o).__name__} as JSON")
 
     return json.dumps(value, default=default, allow_nan=True)
