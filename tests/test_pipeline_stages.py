@@ -129,10 +129,16 @@ def test_a_resume_under_other_settings_is_refused_naming_them(tmp_path, inputs, 
     assert line.startswith("error: --resume:") and "--circuit-ig-steps: 2 in the checkpoint, 3 now" in line
     assert "--sae-k: 32 in the checkpoint, 16 now" in line and "--data" not in line
 
+    tiny_neo_hf(seed=1).save_pretrained(model_dir)  # the same --model folder, other weights
+    refused = _run(model_dir, corpus, out, ws, "--resume")
+    assert refused.exit_code == 2 and "gives another model_key" in refused.output.strip().splitlines()[-1]
+    assert calls["load_model"] == 2 and calls["dla"] == 1
+    tiny_neo_hf().save_pretrained(model_dir)
+
     corpus.write_text(corpus.read_text() + "One more story.\n", encoding="utf-8")  # same path, other contents
     refused = _run(model_dir, corpus, out, ws, "--resume")
     assert refused.exit_code == 2 and "--data (file contents)" in refused.output.strip().splitlines()[-1]
-    assert calls["dla"] == 1 and calls["load_model"] == 1  # refused before any stage ran again
+    assert calls["dla"] == 1 and calls["load_model"] == 2  # refused before any stage ran again
 
 
 def test_a_run_that_failed_on_its_second_sae_resumes_from_that_sae(tmp_path, inputs, monkeypatch):

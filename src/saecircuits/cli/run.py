@@ -379,6 +379,7 @@ def demo(
     threads: Annotated[int | None, typer.Option(
         metavar="N", min=1, show_default="all cores", help=THREADS_HELP)] = None,
     export: Annotated[bool, typer.Option("--export", show_default="off", help=EXPORT_HELP)] = False,
+    resume: Annotated[bool, typer.Option("--resume", show_default="off", help=RESUME_HELP)] = False,
     verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", show_default="off", help="Log each stage.")] = False,
 ) -> None:
@@ -411,7 +412,7 @@ def demo(
             write_corpus(sae_train, 4000, seed=7)
     cfg = dataclasses.replace(
         cfg, model=str(folder), model_label="saecircuits default (2-layer GPT-Neo)")
-    _execute(cfg, export=export)
+    _execute(cfg, export=export, resume=resume)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -60,7 +60,8 @@ def run_pipeline(
 
     After each stage the runner checkpoints what it wrote in ``cfg.out``'s work area
     (:class:`~saecircuits.pipeline.checkpoint.Checkpoint`); the work area is removed when the run completes, and
-    when it fails on a bad setting or input file (then a run that made ``cfg.out`` leaves no folder behind).
+    when a fresh run fails on a bad setting or input file (then a run that made ``cfg.out`` leaves no folder
+    behind); a resumed run keeps it.
 
     Args:
         cfg: the run settings.
@@ -94,7 +95,7 @@ def run_pipeline(
         try:
             values, _ = run_stages(STAGES, ctx, checkpoint)
         except BaseException as err:
-            if _bad_input(err):  # the same settings would fail again: keep nothing (no folder the run made)
+            if _bad_input(err) and not checkpoint.resumed:  # would fail again: keep nothing (no folder it made)
                 checkpoint.remove()
                 if not existed and out.is_dir() and not any(out.iterdir()):
                     out.rmdir()
