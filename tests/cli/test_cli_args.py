@@ -27,7 +27,7 @@ def test_run_and_demo_flags_reach_the_run_config(tmp_path, monkeypatch):
     from saecircuits.cli import app
 
     seen = []
-    monkeypatch.setattr(cli_run, "_execute", lambda cfg, export: seen.append(cfg))
+    monkeypatch.setattr(cli_run, "_execute", lambda cfg, export, resume=False: seen.append(cfg))
     monkeypatch.setattr(cli_run, "_threads", lambda n: None)
     corpus = tmp_path / "stories.txt"
     corpus.write_text('Tom said, "Hi."\n', encoding="utf-8")
@@ -50,7 +50,7 @@ def test_demo_uses_the_l1_coefficient_tuned_for_the_embedded_default(tmp_path, m
     from saecircuits.pipeline import RunConfig
 
     seen = []
-    monkeypatch.setattr(cli_run, "_execute", lambda cfg, export: seen.append(cfg))
+    monkeypatch.setattr(cli_run, "_execute", lambda cfg, export, resume=False: seen.append(cfg))
     monkeypatch.setattr(cli_run, "_threads", lambda n: None)
     argv = ["demo", "--workspace", str(tmp_path / "ws"), "--out", str(tmp_path / "o")]
     result = CliRunner().invoke(app, argv)

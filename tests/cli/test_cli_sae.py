@@ -250,7 +250,7 @@ def test_feature_and_run_take_hub_names(tmp_path, hf_cache, monkeypatch):
     import saecircuits.cli.run as cli_run
 
     seen = []
-    monkeypatch.setattr(cli_run, "_execute", lambda cfg, export: seen.append(cfg))
+    monkeypatch.setattr(cli_run, "_execute", lambda cfg, export, resume=False: seen.append(cfg))
     corpus = tmp_path / "c.txt"
     corpus.write_text('Tom said, "Hi."\n')
     res = _cli(["run", "--model", str(tmp_path), "--data", str(corpus), "--out", str(tmp_path / "o"),

@@ -242,11 +242,11 @@ SELECTION_HELP = ("Features whose exact ablation effect is computed on each prom
                   "with the largest |activation x DLA|.")
 
 
-def _execute(cfg, model=None, export: bool = False) -> None:
+def _execute(cfg, model=None, export: bool = False, resume: bool = False) -> None:
     from saecircuits.pipeline import run_pipeline
 
     with user_errors():
-        results = run_pipeline(cfg, model=model, log=_say)
+        results = run_pipeline(cfg, model=model, log=_say, resume=resume)
     _summary(results)
     typer.echo(f"report: {Path(cfg.out) / 'report.html'}")
     if export:
@@ -256,6 +256,8 @@ def _execute(cfg, model=None, export: bool = False) -> None:
 
 
 _WORKSPACE_SHOWN = "$SAECIRCUITS_WORKSPACE, else ~/.cache/saecircuits"
+RESUME_HELP = ("Go on from where a failed run into the same --out stopped: the stages it finished are read back from "
+               "its checkpoint, not run again (refused when a setting differs).")
 CIRCUIT_HELP = ("Build the feature circuit across the SAEs' layers: exact node and edge effects, attribution "
                 "patching and integrated gradients checked against them, faithfulness and completeness "
                 "(circuit.json).")
@@ -327,6 +329,7 @@ def run(
     threads: Annotated[int | None, typer.Option(
         metavar="N", min=1, show_default="all cores", help=THREADS_HELP)] = None,
     export: Annotated[bool, typer.Option("--export", show_default="off", help=EXPORT_HELP)] = False,
+    resume: Annotated[bool, typer.Option("--resume", show_default="off", help=RESUME_HELP)] = False,
     verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", show_default="off", help="Log each stage.")] = False,
 ) -> None:
@@ -348,7 +351,7 @@ def run(
             circuit_ig_steps=circuit_ig_steps,
         )
     _threads(threads)
-    _execute(cfg, export=export)
+    _execute(cfg, export=export, resume=resume)
 
 
 @app.command("demo", cls=SaeCommand, short_help="The whole pipeline on the embedded default model.")
@@ -376,6 +379,7 @@ def demo(
     threads: Annotated[int | None, typer.Option(
         metavar="N", min=1, show_default="all cores", help=THREADS_HELP)] = None,
     export: Annotated[bool, typer.Option("--export", show_default="off", help=EXPORT_HELP)] = False,
+    resume: Annotated[bool, typer.Option("--resume", show_default="off", help=RESUME_HELP)] = False,
     verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", show_default="off", help="Log each stage.")] = False,
 ) -> None:
@@ -408,7 +412,7 @@ def demo(
             write_corpus(sae_train, 4000, seed=7)
     cfg = dataclasses.replace(
         cfg, model=str(folder), model_label="saecircuits default (2-layer GPT-Neo)")
-    _execute(cfg, export=export)
+    _execute(cfg, export=export, resume=resume)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,54 @@
+"""Stage ``circuit``: the feature circuit across all SAEs (:func:`saecircuits.analysis.circuit.find_circuit`), and
+its ``results.json`` summary (the whole graph goes to ``circuit.json``)."""
+
+from __future__ import annotations
+
+from saecircuits.pipeline.stages import RunContext, Stage
+
+CIRCUIT_MEAN_DOCS = 300
+"""Corpus documents whose tokens give the circuit's mean-ablation values (enough for stable means, and cheap)."""
+
+
+def _circuit_summary(cj: dict, n_nodes: int = 400) -> dict:
+    """The circuit's results.json entry: what the report draws (the whole graph is in circuit.json)."""
+    in_c = set(cj["circuit"])
+    edges = [e for e in cj["edges"] if e["in_circuit"]]
+    return {
+        "file": "circuit.json",
+        "metric": cj["metric"],
+        "n_nodes_total": cj["n_nodes_total"],
+        "n_edges_total": cj["n_edges_total"],
+        "ig_steps": cj["ig_steps"],
+        "selection": cj["selection"],
+        "agreement": cj["agreement"],
+        "faithfulness": cj["faithfulness"],
+        "virtual_weights": cj["virtual_weights"],
+        "nodes": [{k: n[k] for k in ("id", "label", "kind", "layer", "sae", "effect", "effect_ci95", "atp", "ig",
+                                     "n_active_prompts", "top_tokens")} | {"in_circuit": n["id"] in in_c}
+                  for n in cj["nodes"][:n_nodes]],
+        "edges": [{k: e[k] for k in ("source", "target", "exact", "atp", "ig", "n_prompts")} for e in edges],
+    }
+
+
+def _circuit(ctx: RunContext, *, model, saes: list, task, stat_docs: list[list[int]]) -> dict:
+    """``circuit_json`` (circuit.json), ``circuit_entry`` (its results.json summary) and ``circuit_note`` (when
+    computed from full forwards); all None with ``--no-circuit`` or no SAE."""
+    cfg = ctx.cfg
+    if not (cfg.circuit and saes):
+        return {"circuit_json": None, "circuit_entry": None, "circuit_note": None}
+    from saecircuits.analysis.circuit import find_circuit
+    from saecircuits.models.interventions import interventions_for
+
+    iv, note = interventions_for(model), None
+    if iv.engine is None:  # the same numbers from full forwards (gradients at P too), slower
+        note = (f"The circuit was computed with full model forwards: the prefix-cached engine cannot "
+                f"compute this model ({iv.reason}).")
+    ctx.say(f"feature circuit across {len(saes)} SAE(s): exact node effects and edges, gradient estimates")
+    circ = find_circuit(model, saes, task, ig_steps=cfg.circuit_ig_steps, progress=ctx.bars,
+                        corpus_rows=stat_docs[:CIRCUIT_MEAN_DOCS])
+    circuit_json = circ.to_json()
+    return {"circuit_json": circuit_json, "circuit_entry": _circuit_summary(circuit_json), "circuit_note": note}
+
+
+CIRCUIT = Stage("circuit", _circuit, reads=("model", "saes", "task", "stat_docs"),
+                writes=("circuit_json", "circuit_entry", "circuit_note"))

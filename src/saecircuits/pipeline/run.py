@@ -1,0 +1,108 @@
+"""The end-to-end job as a list of declared stages: model + corpus + behaviour -> SAEs -> features -> causal tests
+-> results.json + report.html.
+
+:data:`STAGES` is the pipeline; :func:`run_pipeline` checks the settings and the output folder, takes its lock and
+walks the list with the one runner (:func:`saecircuits.pipeline.stages.run_stages`), which times, logs and
+checkpoints every stage. Every number is computed by the analysis modules, which document their methods.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from saecircuits.pipeline.checkpoint import Checkpoint
+from saecircuits.pipeline.circuit import CIRCUIT
+from saecircuits.pipeline.config import RunConfig, check_device
+from saecircuits.pipeline.corpus import CORPUS_STATS
+from saecircuits.pipeline.dla import DLA, LAYERS
+from saecircuits.pipeline.layer_comparison import LAYER_COMPARISON
+from saecircuits.pipeline.load import CORPUS, MODEL, SAE_FILES
+from saecircuits.pipeline.outputs import REPORT, OutLock, check_out_writable
+from saecircuits.pipeline.per_sae import ANALYSE
+from saecircuits.pipeline.saes import SAES
+from saecircuits.pipeline.stages import RunContext, run_stages
+from saecircuits.pipeline.task import TASK
+
+logger = logging.getLogger(__name__)
+
+STAGES = (SAE_FILES, MODEL, CORPUS, TASK, DLA, LAYERS, SAES, CORPUS_STATS, ANALYSE, LAYER_COMPARISON, CIRCUIT,
+          REPORT)
+"""The pipeline, in order. The SAE files are read first: a broken one fails in a second, not after the model
+loads."""
+
+
+def _bad_input(err: BaseException) -> bool:
+    """What ``saecircuits run`` reports as a bad setting or input file (the project's own ``ValueError``s, an input
+    file that is missing, unreadable or not JSON), after which a checkpoint is of no use."""
+    import json
+
+    if isinstance(err, ValueError) and type(err).__module__.startswith("saecircuits."):
+        return True
+    return isinstance(err, (json.JSONDecodeError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+                            PermissionError))
+
+
+def run_pipeline(
+    cfg: RunConfig,
+    *,
+    model=None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    resume: bool = False,
+) -> dict:
+    """Run every stage and write ``cfg.out/results.json`` and ``cfg.out/report.html``.
+
+    Before any work: the settings and input files are checked, ``--out`` must be writable, and the run takes the
+    folder's lock (:class:`OutLock`: a second run into the same folder is refused). Outputs of an earlier run that
+    this one does not write (``circuit.json``, ``figures/``, ``tables/``) are removed when the results are written.
+
+    After each stage the runner checkpoints what it wrote in ``cfg.out``'s work area
+    (:class:`~saecircuits.pipeline.checkpoint.Checkpoint`); the work area is removed when the run completes, and
+    when a fresh run fails on a bad setting or input file (then a run that made ``cfg.out`` leaves no folder
+    behind); a resumed run keeps it.
+
+    Args:
+        cfg: the run settings.
+        model: an already-loaded TransformerBridge (skips loading ``cfg.model``; used by the demo and tests).
+        progress: show progress bars.
+        log: called with one line per stage (the CLI prints them).
+        resume: go on from the checkpoint a failed run with the same settings left in ``cfg.out``: its finished
+            stages are not run again (the model and the corpora are loaded again). Without a checkpoint the run starts from the
+            first stage.
+
+    Returns:
+        The results dict written to ``results.json`` (schema: saecircuits.report.schema).
+
+    Raises:
+        PipelineError, TaskError, ModelLoadError, SAEError: bad input, with the fix in the message; ``resume`` with
+            a checkpoint written under other settings (naming them).
+    """
+    check_device(cfg.device)
+    cfg.check_inputs()
+    check_out_writable(cfg.out)
+    with OutLock(cfg.out):
+        say = log or (lambda s: logger.info(s))
+        out = Path(cfg.out).expanduser()
+        existed = out.exists()
+        ctx = RunContext(cfg=cfg, say=say, bars=progress, model=model)
+        checkpoint = Checkpoint(cfg.out, cfg, resume=resume)
+        if resume:
+            done = checkpoint.finished_stages
+            say(f"resuming: stages {', '.join(done)} finished in {Path(cfg.out)}" if done else
+                f"--resume: no checkpoint in {Path(cfg.out)}; starting from the first stage")
+        try:
+            values, _ = run_stages(STAGES, ctx, checkpoint)
+        except BaseException as err:
+            if _bad_input(err) and not checkpoint.resumed:  # would fail again: keep nothing (no folder it made)
+                checkpoint.remove()
+                if not existed and out.is_dir() and not any(out.iterdir()):
+                    out.rmdir()
+            elif checkpoint.dir.is_dir():
+                say(f"the finished stages are kept in {checkpoint.dir}; once the cause is fixed, run again with "
+                    "--resume to go on from there")
+            raise
+        checkpoint.remove()
+        say(f"wrote {Path(cfg.out) / 'results.json'} and {Path(cfg.out) / 'report.html'}")
+        return values["results"]
