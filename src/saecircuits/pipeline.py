@@ -1316,8 +1316,9 @@ def _run_pipeline(cfg: RunConfig, *, model, progress: bool, log: Callable[[str],
     from saecircuits.models.load import load_model, model_provenance
     from saecircuits.models.tokens import encode_documents, special_token_ids
     from saecircuits.report.render import render_report
-    from saecircuits.report.schema import SCHEMA_VERSION, validate_results, write_json_atomic
+    from saecircuits.report.schema import SCHEMA_VERSION, write_json_atomic
     from saecircuits.report.summary import quoted_token
+    from saecircuits.results import Results
 
     say = log or (lambda s: logger.info(s))
     timings: dict[str, float] = {}
@@ -1496,11 +1497,11 @@ def _run_pipeline(cfg: RunConfig, *, model, progress: bool, log: Callable[[str],
         "notes": notes,
     }
     iv.clear_cache()
-    validate_results(results)
+    typed = Results.model_validate(results)  # validated once, before anything is written; the report reads it
     write_json_atomic(out / "results.json", results)
     if circuit_json is not None:
         write_json_atomic(out / "circuit.json", circuit_json)
-    render_report(results, out / "report.html")
+    render_report(typed, out / "report.html")
     removed = _remove_stale_outputs(out, {"circuit.json"} if circuit_json is not None else set())
     if removed:
         say(f"removed {', '.join(removed)} of an earlier run in {out} (this run did not write them)")
