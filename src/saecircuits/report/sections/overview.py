@@ -58,9 +58,9 @@ def summary(r: Results) -> dict[str, Any]:
         for i, sae in enumerate(r.saes):
             sup = sum(1 for t in sae.top_features if supported(t.loss_increase, t.loss_increase_ci95))
             ws = sae.whole_sequence
-            # TODO(lead): "explained_variance" is version 1's name of explained_variance_at_p (upgrade_results
-            # renames it), so this column reads n/a for every version-2 file; kept as it was, the page must not
-            # change here
+            # NOTE: "explained_variance" is version 1's name of explained_variance_at_p (upgrade_results renames
+            # it), so this column reads n/a for every version-2 file (an extra key, never written); kept as the
+            # page had it until the page is meant to change (the golden test)
             rows.append((f"SAE {i}: {sae.hook_point}", lr_cell(sae, "loss_recovered"),
                          lr_cell(sae, "loss_recovered_mean_ablation"), seq_ratio(sae),
                          num(ws.explained_variance if ws is not None else None, ".3f"),
