@@ -422,5 +422,6 @@ def surprises(sae: SaeEntry | Mapping, results: Results | Mapping | None = None)
 
 def reading_rows(sae: SaeEntry | Mapping, features: Sequence[int]) -> list[tuple[int, str]]:
     """``(feature, one-line reading)`` for each of ``features`` (see :func:`feature_reading`)."""
-    sae = _sae(sae) if "top_features" in sae else sae  # a whole entry typed once; a card's entry as it is
+    if isinstance(sae, Mapping) and "top_features" in sae:
+        sae = SaeEntry.model_validate(sae)  # a whole entry, typed once; a card's partial entry is read per feature
     return [(k, feature_reading(sae, k)) for k in features]

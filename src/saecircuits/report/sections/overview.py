@@ -11,7 +11,16 @@ from typing import Any
 
 from markupsafe import Markup
 
-from saecircuits.report.sections.common import Link, given, num, pm, seq_ratio, sorted_features, table
+from saecircuits.report.sections.common import (
+    Link,
+    given,
+    num,
+    otherwise,
+    pm,
+    seq_ratio,
+    sorted_features,
+    table,
+)
 from saecircuits.report.summary import (
     feature_reading,
     headline,
@@ -83,7 +92,7 @@ def summary(r: Results) -> dict[str, Any]:
     c = r.circuit
     if c is not None and given(c.selection):
         sel = c.selection
-        out["circuit"] = {"n_nodes": sel.n_nodes if sel.n_nodes is not None else "?",
+        out["circuit"] = {"n_nodes": otherwise(sel.n_nodes, "?"),
                           "faithfulness": num(sel.faithfulness, ".3f"), "completeness": num(sel.completeness, ".3f")}
     return out
 
