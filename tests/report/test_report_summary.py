@@ -50,10 +50,14 @@ def test_headline_spread_thin_and_behaviour_from_checks(results):
     sae = results["saes"][0]
     sae["multi_ablation"]["logprob_diff"] = {"mean": 0.5, "ci95": 0.1}  # 0.5 / 3.5555 = 14% < 25%
     assert math.isclose(layer_effect_share(sae), 0.5 / 3.5555)
-    results["behaviour"] = {"performs": False, "top1_accuracy": 0.31}
+    # the summary reads validated results: a behaviour block has every required key
+    results["behaviour"] = {"performs": False, "top1_accuracy": 0.31, "n_prompts": 100, "mean_p_answer": 0.3,
+                            "mean_loss": 1.5}
     h = headline(results)
-    assert "The model does NOT perform the behaviour: its top-1 prediction is the answer on 31.0% of the prompts." in h
-    results["behaviour"] = {"performs": True, "top1_accuracy": 299 / 300, "n_prompts": 300}
+    assert "The model does NOT perform the behaviour: its top-1 prediction is the answer on 31 of the 100 prompts " \
+           "(31.0%)." in h
+    results["behaviour"] = {"performs": True, "top1_accuracy": 299 / 300, "n_prompts": 300, "mean_p_answer": 0.9,
+                            "mean_loss": 0.1}
     h = headline(results)  # a count, never 99.7% rounded to 100%
     assert "The model performs the behaviour: its top-1 prediction is the answer on 299 of the 300 prompts (99.7%)." in h
     assert any(s.startswith("The effect in blocks.0.mlp.hook_post is spread thin") for s in h)
@@ -64,7 +68,7 @@ def test_surprises_loss_recovered_above_one_and_mean_worse_than_zero(results):
     assert surprises(sae, results) == []
     sae.update(loss_recovered=1.05, loss_recovered_ci95=[1.01, 1.09], mean_ablation_loss=5.0)
     results["corpus"] = {"n_tokens": 73974}
-    results["bos_policy"] = {"prepended": True, "special_positions": "excluded"}
+    results["bos_policy"] = {"prepended": True, "token_id": 50256, "special_positions": "excluded"}
     said = surprises(sae, results)
     assert said[0].startswith("Loss recovered vs zero ablation at blocks.0.mlp.hook_post is above 1 (1.050): with the "
                               "SAE spliced in, the answer "
@@ -123,6 +127,7 @@ def test_layer_effect_share_is_undefined_when_the_layer_barely_matters(results):
     sae["zero_ablation_loss"] = sae["clean_loss"] + 0.02
     assert math.isclose(layer_effect_share(sae), 1.2345 / 0.02, rel_tol=1e-9)
     sae["loss_recovered"], sae["loss_recovered_undefined_reason"] = None, "the effect's 95% interval includes 0"
+    del sae["loss_recovered_ci95"]  # an undefined ratio has no interval (the summary reads validated entries)
     assert layer_effect_share(sae) is None
 
 
@@ -264,6 +269,7 @@ def test_identical_example_windows_are_shown_once(results):
 def test_headline_never_lists_a_negative_contributor_as_a_source(results):
     results["dla"]["labels"] = ["embed", "MLP0", "L0H0", "MLP1"]
     results["dla"]["mean"] = [0.1, 6.5, -3.25, 1.5]
+    del results["dla"]["ci95"]  # aligned with the labels or absent (the summary reads validated results)
     h = headline(results)
     assert h[2] == ("Directly, the answer's logit comes mostly from MLP0 (+6.50 logits) and MLP1 (+1.50 logits), "
                     "while L0H0 (-3.25 logits) pushes it down (direct logit attribution, mean over prompts).")

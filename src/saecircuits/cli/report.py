@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from saecircuits.cli import InputError, SaeCommand, app, user_errors
+
+if TYPE_CHECKING:
+    from saecircuits.results import Results
 
 REPORT_NAME = "report.html"
 
@@ -52,9 +55,9 @@ def report(
     if not results_json.is_file():
         raise InputError(f"{results_json} does not exist or is not a file")
     try:
-        # typed and validated (a version-1 file upgraded) before --out is created: a bad file leaves nothing behind;
-        # the renderer reads the plain dict, which the models give back exactly
-        results = Results.load(results_json).to_json_dict()
+        # typed and validated once (a version-1 file upgraded) before --out is created: a bad file leaves nothing
+        # behind; the renderer and the export read the typed results as they are
+        results = Results.load(results_json)
     except ResultsSchemaError as err:
         msg = str(err) if str(results_json) in str(err) else f"{results_json} is not a valid results file: {err}"
         raise InputError(msg) from err
@@ -69,7 +72,7 @@ EXPORT_HELP = ("Also write every figure as PNG (figures/, needs kaleido and Chro
                "(tables/) beside the report.")
 
 
-def run_export(results: dict, folder: Path) -> None:
+def run_export(results: Results, folder: Path) -> None:
     """``--export``: the report's figures as PNG and tables as CSV in ``folder`` (one line each on stdout)."""
     from saecircuits.report.export import export_report
 

@@ -138,7 +138,8 @@ def _report(ctx: RunContext, *, model, provenance: dict, task, task_entry: dict,
 
     from saecircuits.models.interventions import interventions_for
     from saecircuits.report.render import render_report
-    from saecircuits.report.schema import SCHEMA_VERSION, validate_results, write_json_atomic
+    from saecircuits.report.schema import SCHEMA_VERSION, write_json_atomic
+    from saecircuits.results import Results
 
     cfg, say = ctx.cfg, ctx.say
     if layers != cfg.layers:  # the --layers auto choice is the run's setting
@@ -188,11 +189,11 @@ def _report(ctx: RunContext, *, model, provenance: dict, task, task_entry: dict,
         "notes": notes,
     }
     iv.clear_cache()
-    validate_results(results)
+    typed = Results.model_validate(results)  # validated once, before anything is written; the report reads it
     write_json_atomic(out / "results.json", results)
     if circuit_json is not None:
         write_json_atomic(out / "circuit.json", circuit_json)
-    render_report(results, out / "report.html")
+    render_report(typed, out / "report.html")
     removed = _remove_stale_outputs(out, {"circuit.json"} if circuit_json is not None else set())
     if removed:
         say(f"removed {', '.join(removed)} of an earlier run in {out} (this run did not write them)")

@@ -37,6 +37,7 @@ from typing import Any
 from saecircuits.report.schema import ci_bounds
 from saecircuits.report.summary import feature_reading
 from saecircuits.report.tokens_html import blank_token_note, visible_token
+from saecircuits.results import Results, SaeEntry
 
 __all__ = ["browser_payload", "embed_json", "COMPRESS_ABOVE"]
 
@@ -110,7 +111,7 @@ def _meanci(d: Mapping | None) -> list | None:
     return [_r(d.get("mean")), _r(lo), _r(hi), d.get("n")]
 
 
-def _sae_payload(i: int, sae: Mapping, results: Mapping, strings: _Strings) -> dict:
+def _sae_payload(i: int, sae: Mapping, results: Mapping, strings: _Strings, reader: SaeEntry | Mapping) -> dict:
     cards: dict[int, dict] = {}
 
     def card(k: int) -> dict:
@@ -183,7 +184,7 @@ def _sae_payload(i: int, sae: Mapping, results: Mapping, strings: _Strings) -> d
                                    bool(n.get("in_circuit"))]
     rows = []
     for k, c in cards.items():
-        reading = feature_reading(sae, k)
+        reading = feature_reading(reader, k)
         if reading:
             c["reading"] = reading
         e = effects.get(k)
@@ -207,10 +208,16 @@ def _sae_payload(i: int, sae: Mapping, results: Mapping, strings: _Strings) -> d
     return out
 
 
-def browser_payload(results: Mapping) -> dict:
-    """The feature browser's payload (layout in the module docstring) from a validated results dict."""
+def browser_payload(results: Results | Mapping) -> dict:
+    """The feature browser's payload (layout in the module docstring) from the typed results, or a validated results
+    dict (or a feature card, which holds one partial SAE entry)."""
     strings = _Strings()
-    saes = [_sae_payload(i, sae, results, strings) for i, sae in enumerate(results["saes"])]
+    if isinstance(results, Results):  # the payload is built from the plain JSON; the readings from the typed entries
+        readers, results = results.saes, results.to_json_dict()
+    else:
+        readers = results["saes"]
+    saes = [_sae_payload(i, sae, results, strings, reader)
+            for i, (sae, reader) in enumerate(zip(results["saes"], readers, strict=True))]
     return {"strings": strings.items, "saes": saes}
 
 

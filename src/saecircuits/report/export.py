@@ -31,6 +31,7 @@ from pathlib import Path
 
 from saecircuits.atomic import remove_dead_temps
 from saecircuits.report.render import build_report
+from saecircuits.results import Results
 
 __all__ = ["ExportError", "ExportResult", "export_report", "write_tables", "write_figures"]
 
@@ -193,7 +194,7 @@ def write_figures(figures, out_dir: str | os.PathLike, *, scale: float = 2.0,
     return final
 
 
-def export_report(results: Mapping, out_dir: str | os.PathLike, *, figures: bool = True,
+def export_report(results: Results | Mapping, out_dir: str | os.PathLike, *, figures: bool = True,
                   tables: bool = True) -> ExportResult:
     """Write every figure of the report as PNG (``out_dir/figures``) and every table as CSV (``out_dir/tables``).
 
@@ -201,7 +202,7 @@ def export_report(results: Mapping, out_dir: str | os.PathLike, *, figures: bool
     feature browser's cards, which the page builds in the browser.
 
     Raises:
-        ResultsSchemaError: ``results`` does not match the schema.
+        ResultsSchemaError: a dict ``results`` does not match the schema (typed results are read as they are).
         ExportError: figures wanted but kaleido or its browser is missing, or drawing them failed or ran past its
             time limit (tables are written first).
     """

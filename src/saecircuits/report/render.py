@@ -1,4 +1,5 @@
-"""One self-contained HTML page from a results dict (results.json, schema version 2; see ``report/schema.py``).
+"""One self-contained HTML page from the typed results (:class:`saecircuits.results.Results`; a results dict,
+results.json schema version 2 or 1, is validated into it once).
 
 The page reads saved evidence only (no torch, no model), so ``saecircuits report results.json`` re-renders it.
 plotly.js is inlined once in ``<head>`` (the smallest bundle that draws every figure, :func:`plotly_bundle`); every
@@ -12,7 +13,8 @@ report, one template per section) with autoescaping on, so every string from the
 only fragments built by trusted code are marked safe (the inlined scripts, the embedded JSON with every ``<``
 written ``\\u003c``, the token heat-maps of :mod:`saecircuits.report.tokens_html`, which escape every token). The
 section modules (:mod:`saecircuits.report.sections`) compute what each part shows: formatted numbers, table rows,
-figure specs (whose labels are HTML-escaped for plotly, which renders HTML in them).
+figure specs (whose labels are HTML-escaped for plotly, which renders HTML in them); they read the typed models'
+attributes, never dict keys.
 
 Layout (:func:`build_report`): title; summary (headline in plain words, checks, loss recovered per SAE, top features
 with a reading, circuit; :mod:`saecircuits.report.summary`); glossary; feature browser; the run (model, task,
@@ -51,7 +53,7 @@ from markupsafe import Markup
 from plotly.offline import get_plotlyjs, get_plotlyjs_version
 
 from saecircuits.report.browser import browser_payload, embed_json
-from saecircuits.report.schema import upgrade_results, validate_results, write_text_atomic
+from saecircuits.report.schema import write_text_atomic
 from saecircuits.report.sections import circuit as circuit_section
 from saecircuits.report.sections import dla as dla_section
 from saecircuits.report.sections import evidence, overview, study
@@ -67,9 +69,11 @@ from saecircuits.report.sections.common import (
     set_where,
     sorted_features,
     table,
+    typed_results,
 )
 from saecircuits.report.summary import GLOSSARY, model_name
 from saecircuits.report.tokens_html import TOKENS_CSS
+from saecircuits.results import Results, SaeEntry
 
 __all__ = ["render_report", "build_report_html", "build_report", "build_card_page", "Report", "plotly_bundle",
            "STATIC_FEATURES"]
@@ -163,10 +167,10 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-")[:60] or "figure"
 
 
-def _sae_context(results: Mapping, i: int, sae: Mapping, fig: Figures) -> dict[str, Any]:
+def _sae_context(results: Results, i: int, sae: SaeEntry, fig: Figures) -> dict[str, Any]:
     """One SAE's section and its line in the contents."""
     sid = f"sae-{i}"
-    set_where(fig, f"{sid}-{_slug(sae['hook_point'])}")
+    set_where(fig, f"{sid}-{_slug(sae.hook_point)}")
     part = sae_section.sae_part(results, sae, fig)
     part["evidence"] = evidence.evidence_parts(sae, fig)
     part["study"] = study.study_parts(sae, fig)
@@ -174,13 +178,13 @@ def _sae_context(results: Mapping, i: int, sae: Mapping, fig: Figures) -> dict[s
         sid=sid,
         title=sae_section.sae_title(i, sae),
         flagged=bool(part["failed"]),
-        top=", ".join(f"f{t['feature']}" for t in sorted_features(sae)[:5]),
+        top=", ".join(f"f{t.feature}" for t in sorted_features(sae)[:5]),
         parts=part["evidence"] + part["study"],  # the contents' links, in page order
     )
     return part
 
 
-def build_report(results: Mapping) -> Report:
+def build_report(results: Results | Mapping) -> Report:
     """Build the report page and collect its figures and tables.
 
     Layout: title; summary first (headline in plain words, checks when results.json has them, loss recovered per
@@ -189,11 +193,12 @@ def build_report(results: Mapping) -> Report:
     sections, each collapsible: direct logit attribution, one section per SAE, the layer comparison, the circuit,
     the appendix. plotly.js is inlined once (:func:`plotly_bundle`); every figure is drawn when it scrolls into view.
 
+    Args:
+        results: the typed results (read as they are), or a results dict (validated once, version 1 upgraded).
     Raises:
-        ResultsSchemaError: ``results`` does not match results.json schema version 2 (or 1, upgraded).
+        ResultsSchemaError: a dict ``results`` does not match results.json schema version 2 (or 1, upgraded).
     """
-    results = upgrade_results(results)
-    validate_results(results)
+    results = typed_results(results)
     sink = TableSink()
     token = TABLES.set(sink)
     try:
@@ -207,13 +212,13 @@ def build_report(results: Mapping) -> Report:
         ctx["checks"] = overview.checks(results)
         set_where(fig, "dla")
         ctx["dla"] = dla_section.dla(results, fig)
-        ctx["saes"] = [_sae_context(results, i, sae, fig) for i, sae in enumerate(results["saes"])]
+        ctx["saes"] = [_sae_context(results, i, sae, fig) for i, sae in enumerate(results.saes)]
         ctx["layers"] = None
-        if results.get("layer_comparison"):
+        if results.layer_comparison is not None:
             set_where(fig, "layers")
             ctx["layers"] = study.layers(results, fig)
         ctx["circuit"] = None
-        if results.get("circuit"):
+        if results.circuit is not None:
             set_where(fig, "circuit")
             ctx["circuit"] = circuit_section.circuit(results, fig)
         set_where(fig, "appendix")
@@ -222,13 +227,12 @@ def build_report(results: Mapping) -> Report:
         js, bundle = plotly_bundle(fig.trace_types)
     finally:
         TABLES.reset(token)
-    task = results["task"]
     name = model_name(results)
     page = templates().get_template("report.html.j2").render(
         **ctx,
         **_scripts(js),
-        title=f"saecircuits report: {task['name']} on {name}",
-        task_name=task["name"],
+        title=f"saecircuits report: {results.task.name} on {name}",
+        task_name=results.task.name,
         model=name,
         glossary=GLOSSARY,
         n_browser=overview.n_browser_features(results),
@@ -274,24 +278,25 @@ def build_card_page(card: Mapping) -> str:
     )
 
 
-def build_report_html(results: Mapping) -> str:
+def build_report_html(results: Results | Mapping) -> str:
     """The report page as a string (see :func:`build_report` for its layout).
 
     Raises:
-        ResultsSchemaError: ``results`` does not match results.json schema version 2 (or 1, upgraded).
+        ResultsSchemaError: a dict ``results`` does not match results.json schema version 2 (or 1, upgraded).
     """
     return build_report(results).html
 
 
-def render_report(results: Mapping, out_path: str | os.PathLike) -> Path:
-    """Validate ``results`` and write the self-contained HTML report to ``out_path`` atomically.
+def render_report(results: Results | Mapping, out_path: str | os.PathLike) -> Path:
+    """Write the self-contained HTML report of ``results`` (typed, or a dict validated once) to ``out_path``
+    atomically.
 
     The page inlines plotly.js once (the 1.5 MB cartesian bundle; see :func:`plotly_bundle`) and needs no network
     to view. Reads nothing but ``results``.
 
     Raises:
-        ResultsSchemaError: ``results`` does not match results.json schema version 2 or 1 (message names the key);
-            nothing is written then.
+        ResultsSchemaError: a dict ``results`` does not match results.json schema version 2 or 1 (message names the
+            key); nothing is written then.
     Returns:
         The path written.
     """

@@ -1,5 +1,6 @@
 """The report's words: the plain-words headline, a one-line reading of a feature, and a sentence wherever a value
-surprises. Pure functions of a results dict (results.json schema version 2; ``report/schema.py``); no torch.
+surprises. Pure functions of the typed results (:class:`saecircuits.results.Results` and its parts; a plain dict
+is validated into them first, which checks it: pass the typed objects where speed matters); no torch.
 
 Every function returns plain text (not HTML): the caller escapes it. Numbers are only quoted as results when they
 are finite; an interval that includes 0 is said to, and a feature whose 95% interval excludes 0 is "supported".
@@ -22,6 +23,10 @@ from typing import Any
 from saecircuits.analysis.quality.thresholds import MIN_ABLATION_EFFECT
 from saecircuits.report.schema import ci_bounds
 from saecircuits.report.tokens_html import visible_token
+from saecircuits.results import LayerComparison, Results, SaeEntry
+from saecircuits.results.corpus import CorpusStats
+from saecircuits.results.evidence import FeatureDetail
+from saecircuits.results.sae import TopFeature
 
 __all__ = [
     "SPREAD_THIN",
@@ -86,9 +91,19 @@ def _f(v: Any, fmt: str = ".3f") -> str:
     return format(v, fmt) if _finite(v) else "n/a"
 
 
-def model_name(results: Mapping) -> str:
+def _results(results: Results | Mapping) -> Results:
+    """``results`` typed: a dict is validated (and upgraded from version 1); raises ResultsSchemaError."""
+    return results if isinstance(results, Results) else Results.from_dict(results)
+
+
+def _sae(sae: SaeEntry | Mapping) -> SaeEntry:
+    """One SAE entry typed: a dict is validated (raises pydantic's ValidationError when it is not an entry)."""
+    return sae if isinstance(sae, SaeEntry) else SaeEntry.model_validate(sae)
+
+
+def model_name(results: Results | Mapping) -> str:
     """The model's name for titles: the hub name, or the last part of a local path (never a cache folder path)."""
-    name = str(results.get("model", ""))
+    name = str(results.model if isinstance(results, Results) else results.get("model", ""))
     if "/" in name or "\\" in name:
         parts = [p for p in name.replace("\\", "/").split("/") if p]
         looks_like_hub = len(parts) == 2 and not name.startswith((".", "/", "~")) and "." not in parts[0]
@@ -119,20 +134,22 @@ def quoted_token(token: str) -> str:
     return f"\u201c{visible_token(token)}\u201d"
 
 
-def layer_comparison_reading(lc: Mapping) -> str:
+def layer_comparison_reading(lc: LayerComparison | Mapping) -> str:
     """One sentence on how the layers' top-feature sets combine (``layer_comparison`` of results.json): the loss
     increase of all sets ablated together against the sum of each alone, from the per-prompt ``interaction``
     (together - sum, nats, 95% CI). Empty when it is not recorded."""
-    runs, it = lc.get("runs") or [], lc.get("interaction")
-    if len(runs) < 3 or not it or not _finite(it.get("mean")):
+    if not isinstance(lc, LayerComparison):
+        lc = LayerComparison.model_validate(lc)
+    runs, it = lc.runs, lc.interaction
+    if len(runs) < 3 or it is None or not _finite(it.mean):
         return ""
-    together = runs[-1]["loss_increase"]["mean"]
-    alone = [r["loss_increase"]["mean"] for r in runs[:-1]]
+    together = runs[-1].loss_increase.mean
+    alone = [r.loss_increase.mean for r in runs[:-1]]
     if not _finite(together) or not all(_finite(a) for a in alone):
         return ""
-    lo, hi = ci_bounds(it["mean"], it.get("ci95"))
+    lo, hi = ci_bounds(it.mean, it.ci95)
     said = (f"Ablated together, the layers' top features raise the answer loss by {together:.3f} nats, against "
-            f"{sum(alone):.3f} for the sum of each set alone: a difference of {it['mean']:+.3f} nats")
+            f"{sum(alone):.3f} for the sum of each set alone: a difference of {it.mean:+.3f} nats")
     said += f" (95% CI {lo:+.3f} to {hi:+.3f})" if _finite(lo) and _finite(hi) else " (no interval)"
     if _finite(lo) and lo > 0:
         return said + (". Super-additive: each set does more when the other is also gone, so the sets partly stand "
@@ -143,33 +160,33 @@ def layer_comparison_reading(lc: Mapping) -> str:
     return said + ". Within the interval they add up: the sets act about independently."
 
 
-def _answers(task: Mapping) -> str:
-    toks = task.get("answer_tokens")
+def _answers(task) -> str:
+    toks = task.answer_tokens
     if toks:
         shown = [quoted_token(t) for t in toks[:4]]
         return " or ".join(shown) + (f" (and {len(toks) - 4} more)" if len(toks) > 4 else "")
-    return f"token id(s) {', '.join(str(i) for i in task['answer_token_ids'][:4])}"
+    return f"token id(s) {', '.join(str(i) for i in task.answer_token_ids[:4])}"
 
 
-def _clean_loss(results: Mapping) -> float | None:
-    for sae in results.get("saes", []):
-        if _finite(sae.get("clean_loss")):
-            return float(sae["clean_loss"])
+def _clean_loss(results: Results) -> float | None:
+    for sae in results.saes:
+        if _finite(sae.clean_loss):
+            return float(sae.clean_loss)
     return None
 
 
-def _performs(results: Mapping) -> str:
+def _performs(results: Results) -> str:
     """One sentence on whether the model performs the behaviour."""
-    b = results.get("behaviour")
-    if isinstance(b, Mapping) and "performs" in b:
-        acc = b.get("top1_accuracy")
-        n = b.get("n_prompts")
+    b = results.behaviour
+    if b is not None:
+        acc = b.top1_accuracy
+        n = b.n_prompts
         hits = round(acc * n) if _finite(acc) and isinstance(n, int) else None
         # counts, not a rounded percentage: 299 of 300 must not read as 100%
         acc_s = ("" if not _finite(acc) else f"its top-1 prediction is the answer on {hits} of the {n} prompts "
                  f"({acc:.1%})" if hits is not None else f"its top-1 prediction is the answer on {acc:.1%} of the "
                  "prompts")
-        verdict = "The model performs the behaviour" if b["performs"] else "The model does NOT perform the behaviour"
+        verdict = "The model performs the behaviour" if b.performs else "The model does NOT perform the behaviour"
         return f"{verdict}{': ' + acc_s if acc_s else ''}."
     loss = _clean_loss(results)
     if loss is None:
@@ -180,9 +197,8 @@ def _performs(results: Mapping) -> str:
             f"(geometric mean over prompts), {verdict}.")
 
 
-def _components(results: Mapping, n: int = 3) -> str:
-    dla = results.get("dla") or {}
-    labels, means = dla.get("labels") or [], dla.get("mean") or []
+def _components(results: Results, n: int = 3) -> str:
+    labels, means = results.dla.labels, results.dla.mean
     order = sorted((i for i in range(len(labels)) if _finite(means[i])), key=lambda i: -abs(means[i]))[:n]
     if not order:
         return ""
@@ -203,19 +219,20 @@ def _components(results: Mapping, n: int = 3) -> str:
     return ", ".join(said) + " (direct logit attribution, mean over prompts)."
 
 
-def ratio_problem(sae: Mapping, key: str = "loss_recovered") -> str | None:
+def ratio_problem(sae: SaeEntry | Mapping, key: str = "loss_recovered") -> str | None:
     """Why the loss-recovered ratio ``key`` of an SAE entry cannot be read as a result, or None when it can.
 
     One rule, the one :func:`saecircuits.analysis.quality.reconstruction.loss_recovered` applies when it computes the ratio:
     it cannot be read when results.json gives a ``{key}_undefined_reason`` or no finite value. For files that predate
     that field, the same threshold is applied here: ablating the layer raises the answer loss by less than
     :data:`~saecircuits.analysis.quality.thresholds.MIN_ABLATION_EFFECT` nats (the ratio divides by almost nothing)."""
-    v = sae.get(key)
-    reason = sae.get(f"{key}_undefined_reason")
+    sae = _sae(sae)
+    v = getattr(sae, key)
+    reason = getattr(sae, f"{key}_undefined_reason")
     if reason or not _finite(v):
         return reason or "not recorded"
-    ablated = sae.get("zero_ablation_loss" if key == "loss_recovered" else "mean_ablation_loss")
-    clean = sae.get("clean_loss")
+    ablated = sae.zero_ablation_loss if key == "loss_recovered" else sae.mean_ablation_loss
+    clean = sae.clean_loss
     if _finite(ablated) and _finite(clean) and ablated - clean < MIN_ABLATION_EFFECT:
         d = ablated - clean
         change = (f"ablating the layer lowers the answer loss (by {-d:.3f} nats)" if d < 0 else
@@ -224,21 +241,27 @@ def ratio_problem(sae: Mapping, key: str = "loss_recovered") -> str | None:
     return None
 
 
-def _ranked(sae: Mapping) -> list[Mapping]:
-    return sorted(sae.get("top_features") or [],
-                  key=lambda t: -t["loss_increase"] if _finite(t.get("loss_increase")) else math.inf)
+def _ranked(sae: SaeEntry) -> list:
+    return sorted(sae.top_features, key=lambda t: -t.loss_increase if _finite(t.loss_increase) else math.inf)
 
 
-def layer_effect_share(sae: Mapping) -> float | None:
+def _joint(sae: SaeEntry):
+    """The top features' joint effect (a ``Stat``: the loss increase, else the log-prob difference), or None."""
+    ma = sae.multi_ablation
+    return None if ma is None else ma.loss_increase or ma.logprob_diff
+
+
+def layer_effect_share(sae: SaeEntry | Mapping) -> float | None:
     """The top features' joint loss increase (``multi_ablation``) as a share of the layer's zero-ablation loss
     increase (``zero_ablation_loss - clean_loss``).
 
     None when either is missing, or when the layer's effect is too small to divide by: below
     :data:`~saecircuits.analysis.quality.thresholds.MIN_ABLATION_EFFECT` nats, or loss recovered vs zero ablation undefined
     (the same rule as :func:`ratio_problem`; a 1e-4-nat layer effect must not become "300000% of the layer")."""
-    ma = sae.get("multi_ablation") or {}
-    joint = (ma.get("loss_increase") or ma.get("logprob_diff") or {}).get("mean")
-    layer = (sae.get("zero_ablation_loss") or math.nan) - (sae.get("clean_loss") or math.nan)
+    sae = _sae(sae)
+    st = _joint(sae)
+    joint = st.mean if st is not None else None
+    layer = (sae.zero_ablation_loss or math.nan) - (sae.clean_loss or math.nan)
     if not (_finite(joint) and _finite(layer)) or layer < MIN_ABLATION_EFFECT:
         return None
     if ratio_problem(sae, "loss_recovered") is not None:
@@ -246,12 +269,12 @@ def layer_effect_share(sae: Mapping) -> float | None:
     return joint / layer
 
 
-def _sae_sentence(sae: Mapping) -> list[str]:
-    hp = sae["hook_point"]
+def _sae_sentence(sae: SaeEntry) -> list[str]:
+    hp = sae.hook_point
     out = []
     ranked = _ranked(sae)
-    lr = sae.get("loss_recovered")
-    lr_ci = sae.get("loss_recovered_ci95")
+    lr = sae.loss_recovered
+    lr_ci = sae.loss_recovered_ci95
     lr_s = ""
     problem = ratio_problem(sae)
     if problem is not None:
@@ -260,31 +283,30 @@ def _sae_sentence(sae: Mapping) -> list[str]:
         lo, hi = ci_bounds(lr, lr_ci)
         lr_s = f" (its SAE recovers {lr:.3f} of the loss vs zero ablation" + (
             f", 95% CI {lo:.3f} to {hi:.3f}" if _finite(lo) and _finite(hi) else "") + ")"
-    sup = [t for t in ranked if supported(t["loss_increase"], t.get("loss_increase_ci95"))]
+    sup = [t for t in ranked if supported(t.loss_increase, t.loss_increase_ci95)]
     if not ranked:
         return [f"{hp}: no feature was active on enough prompts to rank{lr_s}."]
     top = sup[0] if sup else ranked[0]
-    frac = top.get("fraction_active")
+    frac = top.fraction_active
     frac_s = f" on the {frac:.0%} of prompts where it is active" if _finite(frac) else ""
-    lead = (f"In {hp}{lr_s}, feature {top['feature']} matters most: ablating it alone raises the answer loss by "
-            f"{_interval(top['loss_increase'], top.get('loss_increase_ci95'))}{frac_s}")
+    lead = (f"In {hp}{lr_s}, feature {top.feature} matters most: ablating it alone raises the answer loss by "
+            f"{_interval(top.loss_increase, top.loss_increase_ci95)}{frac_s}")
     rest = [t for t in sup if t is not top][:2]
     if rest:
         lead += "; next come " + " and ".join(
-            f"feature {t['feature']} ({_f(t['loss_increase'])} nats)" for t in rest)
+            f"feature {t.feature} ({_f(t.loss_increase)} nats)" for t in rest)
     out.append(lead + ".")
     if not sup:
         out.append(f"In {hp} no feature's effect is supported (every 95% CI includes 0): the effect is spread thin "
                    "or too small to measure on these prompts.")
         return out
-    ma = sae.get("multi_ablation") or {}
     share = layer_effect_share(sae)
-    joint = (ma.get("loss_increase") or ma.get("logprob_diff") or {})
-    if ma.get("features") and _finite(joint.get("mean")):
-        sentence = (f"Ablating features {', '.join(str(x) for x in ma['features'])} together raises it by "
-                    f"{_interval(joint['mean'], joint.get('ci95'))}")
+    joint = _joint(sae)
+    if sae.multi_ablation is not None and sae.multi_ablation.features and joint is not None and _finite(joint.mean):
+        sentence = (f"Ablating features {', '.join(str(x) for x in sae.multi_ablation.features)} together raises it "
+                    f"by {_interval(joint.mean, joint.ci95)}")
         if share is not None:
-            layer = sae["zero_ablation_loss"] - sae["clean_loss"]
+            layer = sae.zero_ablation_loss - sae.clean_loss
             sentence += f", {share:.0%} of what zero-ablating the whole layer costs ({layer:.3f} nats)"
         out.append(sentence + ".")
         if share is not None and share < SPREAD_THIN:
@@ -293,48 +315,63 @@ def _sae_sentence(sae: Mapping) -> list[str]:
     return out
 
 
-def headline(results: Mapping) -> list[str]:
+def headline(results: Results | Mapping) -> list[str]:
     """The report's headline, in plain words: the behaviour, whether the model performs it, which components carry
     it (DLA), which features matter most and by how much (nats, 95% CI), where the effect is spread thin, and the
     circuit when there is one. Returns plain-text sentences."""
-    task = results["task"]
-    out = [f"Behaviour: {task['name']}, on {task['n_prompts']} prompts; the model should predict {_answers(task)} "
+    results = _results(results)
+    task = results.task
+    out = [f"Behaviour: {task.name}, on {task.n_prompts} prompts; the model should predict {_answers(task)} "
            "next.", _performs(results)]
     comp = _components(results)
     if comp:
         out.append(comp)
-    for sae in results.get("saes", []):
+    for sae in results.saes:
         out += _sae_sentence(sae)
-    c = results.get("circuit") or {}
-    sel = c.get("selection") or {}
-    if sel and _finite(sel.get("faithfulness")):
-        f = sel["faithfulness"]
-        out.append(f"A circuit of {sel.get('n_nodes', '?')} nodes across the SAEs has faithfulness {f:.3f}: with "
+    sel = results.circuit.selection if results.circuit is not None else None
+    if sel is not None and _finite(sel.faithfulness):
+        f = sel.faithfulness
+        n_nodes = sel.n_nodes if sel.n_nodes is not None else "?"
+        out.append(f"A circuit of {n_nodes} nodes across the SAEs has faithfulness {f:.3f}: with "
                    "everything else mean-ablated, the answer's log-prob lies "
                    f"{f:.0%} of the way from its value with every node mean-ablated (0) to the clean model's (1) "
-                   f"({sel.get('rule', '')}).")
+                   f"({sel.rule or ''}).")
     return out
 
 
-def feature_reading(sae: Mapping, k: int) -> str:
+def feature_reading(sae: SaeEntry | Mapping, k: int) -> str:
     """One line on feature ``k`` of one SAE entry: the tokens it fires on (corpus), what it boosts (prompt-based or
-    weight-based logit boosts) and its effect when ablated at P. Empty string when nothing is recorded."""
+    weight-based logit boosts) and its effect when ablated at P. Empty string when nothing is recorded.
+
+    ``sae`` may be a dict holding only some keys (a feature card's entry, :mod:`saecircuits.feature_card`): the
+    three it reads are validated alone then."""
+    if isinstance(sae, SaeEntry):
+        return _reading(sae.corpus_stats, sae.feature_details, sae.top_features, k)
+    cs, fds, tops = sae.get("corpus_stats"), sae.get("feature_details"), sae.get("top_features")
+    return _reading(CorpusStats.model_validate(cs) if cs is not None else None,
+                    [FeatureDetail.model_validate(d) for d in fds] if fds is not None else None,
+                    [TopFeature.model_validate(t) for t in tops] if tops is not None else None, k)
+
+
+def _reading(corpus_stats: CorpusStats | None, feature_details: list[FeatureDetail] | None,
+             top_features: list[TopFeature] | None, k: int) -> str:
     parts = []
-    cs = next((fe for fe in (sae.get("corpus_stats") or {}).get("features", []) if fe["feature"] == k), None)
-    if cs and cs.get("top_tokens"):
-        parts.append("fires on " + ", ".join(quoted_token(t) for t, _ in cs["top_tokens"][:3]))
-    fd = next((d for d in sae.get("feature_details") or [] if d["feature"] == k), None)
-    if fd:
-        pb, wb = fd.get("prompt_boosts"), fd.get("weight_boosts")
-        if pb and pb.get("boosted"):
-            parts.append("boosts " + ", ".join(quoted_token(t) for t, _ in pb["boosted"][:3]))
-        elif wb and wb.get("top"):
-            parts.append("writes towards " + ", ".join(quoted_token(t) for t, _ in wb["top"][:3]))
-    t = next((t for t in sae.get("top_features") or [] if t["feature"] == k), None)
-    if t and _finite(t.get("loss_increase")):
-        lo, hi = ci_bounds(t["loss_increase"], t.get("loss_increase_ci95"))
+    listed = corpus_stats.features if corpus_stats is not None else []
+    cs = next((fe for fe in listed if fe.feature == k), None)
+    if cs is not None and cs.top_tokens:
+        parts.append("fires on " + ", ".join(quoted_token(t) for t, _ in cs.top_tokens[:3]))
+    fd = next((d for d in feature_details or [] if d.feature == k), None)
+    if fd is not None:
+        pb, wb = fd.prompt_boosts, fd.weight_boosts
+        if pb is not None and pb.boosted:
+            parts.append("boosts " + ", ".join(quoted_token(t) for t, _ in pb.boosted[:3]))
+        elif wb is not None and wb.top:
+            parts.append("writes towards " + ", ".join(quoted_token(t) for t, _ in wb.top[:3]))
+    t = next((t for t in top_features or [] if t.feature == k), None)
+    if t is not None and _finite(t.loss_increase):
+        lo, hi = ci_bounds(t.loss_increase, t.loss_increase_ci95)
         ci = f" [{lo:.3f}, {hi:.3f}]" if _finite(lo) and _finite(hi) else ""
-        parts.append(f"ablating it: {t['loss_increase']:+.3f} nats{ci}")
+        parts.append(f"ablating it: {t.loss_increase:+.3f} nats{ci}")
     return "; ".join(parts)
 
 
@@ -344,34 +381,38 @@ def _interval_above_one(value: float, ci) -> bool:
     return not _finite(lo) or lo > 1
 
 
-def surprises(sae: Mapping, results: Mapping | None = None) -> list[str]:
+def surprises(sae: SaeEntry | Mapping, results: Results | Mapping | None = None) -> list[str]:
     """A sentence for each value of one SAE entry that would surprise a reader: loss recovered above 1, mean ablation
     hurting more than zero ablation (with which mean is used)."""
+    sae = _sae(sae)
+    results = _results(results) if results is not None else None
+    hp = sae.hook_point
     out = []
     for key, vs in (("loss_recovered", "zero"), ("loss_recovered_mean_ablation", "mean")):
-        v = sae.get(key)
+        v = getattr(sae, key)
         problem = ratio_problem(sae, key)
         if _finite(v) and problem is not None:
-            out.append(f"Loss recovered vs {vs} ablation at {sae.get('hook_point', 'this hook')} ({v:.3f}) cannot "
+            out.append(f"Loss recovered vs {vs} ablation at {hp} ({v:.3f}) cannot "
                        f"be read as a result: {problem}. Compare "
                        "the losses themselves (clean, SAE spliced in, ablated) instead.")
-        elif _finite(v) and v > 1 and _interval_above_one(v, sae.get(f"{key}_ci95")):
+        elif _finite(v) and v > 1 and _interval_above_one(v, getattr(sae, f"{key}_ci95")):
             out.append(
-                f"Loss recovered vs {vs} ablation at {sae.get('hook_point', 'this hook')} is above 1 ({v:.3f}): "
+                f"Loss recovered vs {vs} ablation at {hp} is above 1 ({v:.3f}): "
                 "with the SAE spliced in, the answer loss "
-                f"({_f(sae.get('sae_loss'))} nats) is lower than the clean model's ({_f(sae.get('clean_loss'))}). "
+                f"({_f(sae.sae_loss)} nats) is lower than the clean model's ({_f(sae.clean_loss)}). "
                 "The SAE's reconstruction error happens to help this answer; read it as fully recovered, not as "
                 "better than the model.")
-    zero, mean = sae.get("zero_ablation_loss"), sae.get("mean_ablation_loss")
+    zero, mean = sae.zero_ablation_loss, sae.mean_ablation_loss
     if _finite(zero) and _finite(mean) and mean > zero:
-        corpus = (results or {}).get("corpus") or {}
-        bos = (results or {}).get("bos_policy") or {}
+        corpus = (results.corpus if results is not None else None) or {}
+        bos = results.bos_policy if results is not None else None
+        special = bos.special_positions if bos is not None else None
         n_tok = corpus.get("n_tokens")
         which = (f"its mean over {n_tok} corpus tokens" if n_tok else "its mean over the corpus tokens") + (
-            ", special-token positions left out" if bos.get("special_positions") == "excluded" else
-            ", special-token positions included" if bos.get("special_positions") == "included" else "")
+            ", special-token positions left out" if special == "excluded" else
+            ", special-token positions included" if special == "included" else "")
         out.append(
-            f"Mean ablation hurts more than zero ablation at {sae.get('hook_point', 'this hook')} ({mean:.3f} vs "
+            f"Mean ablation hurts more than zero ablation at {hp} ({mean:.3f} vs "
             f"{zero:.3f} nats). Mean ablation "
             f"replaces the activation at P by {which}: an average over every position of every story, which at the "
             "prediction position can lie further from the clean activation than zero does. Loss recovered is "
@@ -379,6 +420,8 @@ def surprises(sae: Mapping, results: Mapping | None = None) -> list[str]:
     return out
 
 
-def reading_rows(sae: Mapping, features: Sequence[int]) -> list[tuple[int, str]]:
+def reading_rows(sae: SaeEntry | Mapping, features: Sequence[int]) -> list[tuple[int, str]]:
     """``(feature, one-line reading)`` for each of ``features`` (see :func:`feature_reading`)."""
+    if isinstance(sae, Mapping) and "top_features" in sae:
+        sae = SaeEntry.model_validate(sae)  # a whole entry, typed once; a card's partial entry is read per feature
     return [(k, feature_reading(sae, k)) for k in features]

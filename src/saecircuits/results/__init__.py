@@ -12,7 +12,8 @@ Typed access (no torch imported)::
     r = Results.load("runs/demo/results.json")          # validated; a version-1 file is upgraded
     r.saes[0].feature_effects[0].mean_loss_increase     # nats
     r.saes[0].loss_recovered                            # None when undefined (then r.saes[0].loss_recovered_undefined_reason)
-    r.to_json_dict()                                    # exactly the dict read (what the renderer takes)
+    r.to_json_dict()                                    # exactly the dict read
+    render_report(r, "report.html")                     # saecircuits.report.render reads the typed results
     r.save("copy/results.json")                         # atomic write, NaN -> null
 
 One module per section: :mod:`~saecircuits.results.run` (model, task, BOS, behaviour, checks),

@@ -2,7 +2,9 @@
 page's embedded data and the PNG export), and the name of the page part being drawn.
 
 A section module computes what to show (formatted numbers, table rows, figure specs) and its template
-(``assets/report/templates``) shows it; the templates escape every string, so nothing here builds HTML.
+(``assets/report/templates``) shows it; the templates escape every string, so nothing here builds HTML. Sections
+read the typed results (:class:`saecircuits.results.Results` and its parts): an optional key absent from the file is
+``None``; :func:`given` and :func:`has` tell apart what a plain dict did (an empty block, a key present as null).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import contextvars
 import html
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,12 +21,46 @@ import plotly.graph_objects as go
 import plotly.io as pio
 
 from saecircuits.report.schema import ci_bounds
+from saecircuits.results import MeanCI, OffRange, ResultsModel, SaeEntry
+from saecircuits.results.top import Results
 
 STATIC_FEATURES = 10
 """Features whose examples, details and band examples the static sections draw; the feature browser has them all."""
 
 TOP_ROWS = 30
 """Rows of the ranked feature table and bars of its chart (every feature's effect is in the effects chart)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading the typed results
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def typed_results(results: Results | Any) -> Results:
+    """``results`` as a :class:`~saecircuits.results.Results`: a Results as it is, a dict validated once (a
+    version-1 dict upgraded first).
+
+    Raises:
+        ResultsSchemaError: the dict does not match results.json schema version 2 (or 1); the message names the key.
+    """
+    return results if isinstance(results, Results) else Results.from_dict(results)
+
+
+def given(block: ResultsModel | None) -> bool:
+    """True when an optional block is in the file and not empty (``{}`` in the file shows nothing, as it did when
+    the page read dicts: a model is always truthy)."""
+    return block is not None and bool(block.model_fields_set)
+
+
+def otherwise(value: Any, default: Any) -> Any:
+    """``value``, or ``default`` when the file does not give it (for an optional key that cannot be null, as
+    ``dict.get(key, default)`` read it)."""
+    return default if value is None else value
+
+
+def has(block: ResultsModel, key: str) -> bool:
+    """True when the file gives ``key`` in ``block``, even as null (an absent optional key reads as None too)."""
+    return key in block.model_fields_set
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -49,48 +85,46 @@ def pm(mean: Any, ci: Any, fmt: str = ".4f") -> str:
     return f"{num(mean, fmt)} \u00b1 {num(ci, fmt)}"
 
 
-def mci(d: Mapping | None, fmt: str = ".4f") -> str:
-    """'mean ± half (n=..)' of a MEANCI dict."""
-    if not d:
+def mci(d: MeanCI | None, fmt: str = ".4f") -> str:
+    """'mean ± half (n=..)' of a mean with its CI (``MEANCI``)."""
+    if d is None:
         return "n/a"
-    n = d.get("n")
-    return pm(d.get("mean"), d.get("ci95"), fmt) + (f" (n={n})" if n is not None else "")
+    return pm(d.mean, d.ci95, fmt) + (f" (n={d.n})" if d.n is not None else "")
 
 
-def ratio(sae: Mapping, key: str) -> str:
-    """A loss recovered with its interval, or 'undefined: reason' (never an interval for an undefined value)."""
-    value = sae.get(key)
+def ratio(block: ResultsModel, key: str) -> str:
+    """A loss recovered (``key`` of an SAE entry or its whole_sequence) with its interval, or 'undefined: reason'
+    (never an interval for an undefined value)."""
+    value = getattr(block, key)
     if not finite(value):
-        reason = sae.get(f"{key}_undefined_reason")
+        reason = getattr(block, f"{key}_undefined_reason")
         return f"undefined: {reason}" if reason else "n/a"
-    return pm(value, sae.get(f"{key}_ci95"), ".3f")
+    return pm(value, getattr(block, f"{key}_ci95"), ".3f")
 
 
-def seq_ratio(sae: Mapping) -> str:
+def seq_ratio(sae: SaeEntry) -> str:
     """The whole-sequence loss recovered with its interval, 'undefined: reason', or 'n/a' (not computed)."""
-    return ratio(sae.get("whole_sequence") or {}, "loss_recovered")
+    return ratio(sae.whole_sequence, "loss_recovered") if sae.whole_sequence is not None else "n/a"
 
 
-def sorted_features(sae: Mapping) -> list[Mapping]:
-    """The SAE's top features, largest loss increase first (undefined ones last)."""
-    return sorted(
-        sae["top_features"], key=lambda t: -t["loss_increase"] if finite(t["loss_increase"]) else math.inf
-    )
+def sorted_features(sae: SaeEntry) -> list:
+    """The SAE's top features (``TopFeature``), largest loss increase first (undefined ones last)."""
+    return sorted(sae.top_features, key=lambda t: -t.loss_increase if finite(t.loss_increase) else math.inf)
 
 
-def off_range_text(off: Mapping | None) -> str:
+def off_range_text(off: OffRange | None) -> str:
     """One sentence on ablated activations below the hook's range (or why it is undefined)."""
-    if not off:
+    if off is None:
         return ""
-    if off.get("n_with_off_range") is None:
+    if off.n_with_off_range is None:
         return "Off-range count: undefined (this hook has no bounded range, e.g. a gated MLP)."
-    n, k = off.get("n_ablations", 0), off["n_with_off_range"]
-    frac = off.get("fraction_with_off_range")
-    depth = off.get("mean_depth")
+    frac = off.fraction_with_off_range
+    entries = off.n_off_range_entries if has(off, "n_off_range_entries") else 0
     return (
-        f"{k} of {n} edited activation vectors ({num(frac, '.1%') if finite(frac) else 'n/a'}) have entries below "
-        f"the activation function's minimum {num(off.get('floor'), '.4f')} ({off.get('n_off_range_entries', 0)} "
-        f"entries, on average {num(depth, '.3f')} below it; lowest value {num(off.get('min_value'), '.3f')}): "
+        f"{off.n_with_off_range} of {off.n_ablations} edited activation vectors "
+        f"({num(frac, '.1%') if finite(frac) else 'n/a'}) have entries below "
+        f"the activation function's minimum {num(off.floor, '.4f')} ({entries} "
+        f"entries, on average {num(off.mean_depth, '.3f')} below it; lowest value {num(off.min_value, '.3f')}): "
         "states the model never produces."
     )
 

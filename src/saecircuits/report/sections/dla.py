@@ -7,22 +7,22 @@ Templates: ``dla.html.j2``, ``appendix.html.j2``.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from typing import Any
 
 import plotly.graph_objects as go
 
 from saecircuits.report.schema import to_jsonable
 from saecircuits.report.sections.common import Figures, error_bars, finite, nulls, num, plotly_text, table
+from saecircuits.results import Results
 
 
-def dla(r: Mapping, fig: Figures) -> dict[str, Any]:
+def dla(r: Results, fig: Figures) -> dict[str, Any]:
     """Mean DLA per component with 95% CIs (a bar chart and the eight largest by |mean|)."""
-    d = r["dla"]
-    labels, means, cis = d["labels"], d["mean"], d.get("ci95")
-    alm, cap = d.get("answer_logit_mean"), d.get("logit_soft_cap")
+    d = r.dla
+    labels, means, cis = d.labels, d.mean, d.ci95
+    alm, cap = d.answer_logit_mean, d.logit_soft_cap
     out: dict[str, Any] = {
-        "error": num(d["completeness_max_abs_error"], ".2e"),
+        "error": num(d.completeness_max_abs_error, ".2e"),
         "answer_logit": num(alm) if alm is not None else None,
         "soft_cap": num(cap) if cap is not None else None,
         "plot": None,
@@ -53,16 +53,17 @@ def dla(r: Mapping, fig: Figures) -> dict[str, Any]:
     return out
 
 
-def appendix(r: Mapping) -> dict[str, Any]:
+def appendix(r: Results) -> dict[str, Any]:
     """Timings, each SAE's training record and the config (as indented JSON), notes, the schema version."""
-    timings = r.get("timings") or {}
+    timings = r.timings or {}
     return {
         "timings": table(["stage", "seconds"], [(k, num(v, ".1f")) for k, v in timings.items()], left_cols=(0,))
         if timings else None,
-        "training": [{"i": i, "hook_point": sae["hook_point"], "json": json.dumps(to_jsonable(sae["training"]), indent=1)}
-                     for i, sae in enumerate(r["saes"]) if sae.get("training")],
-        "config": json.dumps(to_jsonable(r["config"]), indent=1) if r.get("config") else None,
-        "notes": r.get("notes") or [],
-        "schema_version": r["schema_version"],
-        "version": r.get("saecircuits_version"),
+        # training and config are free-form records, shown as saved
+        "training": [{"i": i, "hook_point": sae.hook_point, "json": json.dumps(to_jsonable(sae.training), indent=1)}
+                     for i, sae in enumerate(r.saes) if sae.training],
+        "config": json.dumps(to_jsonable(r.config), indent=1) if r.config else None,
+        "notes": r.notes or [],
+        "schema_version": r.schema_version,
+        "version": r.saecircuits_version,
     }

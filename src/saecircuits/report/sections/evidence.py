@@ -7,7 +7,7 @@ Template: ``evidence.html.j2``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import plotly.graph_objects as go
@@ -16,14 +16,18 @@ from saecircuits.report.sections.common import (
     STATIC_FEATURES,
     Figures,
     error_bars,
+    has,
     nulls,
     num,
+    otherwise,
     plotly_text,
     pm,
     set_where,
     table,
 )
 from saecircuits.report.tokens_html import visible_token
+from saecircuits.results import SaeEntry
+from saecircuits.results.evidence import FeatureDetail
 
 EVIDENCE = (
     ("error_dla", "errdla", "SAE error DLA"),
@@ -34,10 +38,10 @@ EVIDENCE = (
 """(key of the SAE entry, anchor slug, heading) of each part, in page order."""
 
 
-def error_dla(sae: Mapping, fig: Figures) -> dict[str, Any]:
+def error_dla(sae: SaeEntry, fig: Figures) -> dict[str, Any]:
     """The MLP's DLA split into the SAE reconstruction's and the SAE error's shares (table and chart)."""
-    e = sae["error_dla"]
-    labels, means, cis = e["labels"], e["mean"], e.get("ci95")
+    e = sae.error_dla
+    labels, means, cis = e.labels, e.mean, e.ci95
     tab = table(
         ["part", "mean DLA (logits, 95% CI)"],
         [(lab, pm(m, cis[j] if cis else None)) for j, (lab, m) in enumerate(zip(labels, means, strict=True))],
@@ -77,9 +81,9 @@ def _token_value_table(title_a: str, a: Sequence, title_b: str, b: Sequence, uni
     return table([title_a, unit, title_b, unit], rows, left_cols=(0, 2)) if rows else None
 
 
-def feature_detail(fd: Mapping, fig: Figures) -> dict[str, Any]:
+def feature_detail(fd: FeatureDetail, fig: Figures) -> dict[str, Any]:
     """One feature's details; its figures and tables are named after the feature for the export."""
-    k = fd["feature"]
+    k = fd.feature
     before = set_where(fig, f"{fig.where}-f{int(k)}")
     try:
         return _feature_detail(fd, fig)
@@ -87,33 +91,33 @@ def feature_detail(fd: Mapping, fig: Figures) -> dict[str, Any]:
         set_where(fig, before)
 
 
-def _feature_detail(fd: Mapping, fig: Figures) -> dict[str, Any]:
-    k = fd["feature"]
-    n_act, cap = fd.get("n_active_prompts"), fd.get("max_prompts")
+def _feature_detail(fd: FeatureDetail, fig: Figures) -> dict[str, Any]:
+    k = fd.feature
+    n_act, cap = fd.n_active_prompts, fd.max_prompts
     out: dict[str, Any] = {
         "feature": k,
         "capped": {"n": cap, "of": n_act} if isinstance(n_act, int) and isinstance(cap, int) and n_act > cap else None,
         "prompt_boosts": None, "weight_boosts": None, "loss_vs_activation": None, "dfa": None,
     }
-    pb = fd.get("prompt_boosts")
-    if pb:
+    pb = fd.prompt_boosts
+    if pb is not None:
         out["prompt_boosts"] = {
-            "n_prompts": pb.get("n_prompts", "n/a"),
-            "logprob": {"clean": num(pb.get("answer_logprob_clean")), "ablated": num(pb.get("answer_logprob_ablated"))}
-            if "answer_logprob_clean" in pb else None,
-            "table": _token_value_table("boosted", pb["boosted"], "deboosted", pb["deboosted"], "nats"),
+            "n_prompts": otherwise(pb.n_prompts, "n/a"),
+            "logprob": {"clean": num(pb.answer_logprob_clean), "ablated": num(pb.answer_logprob_ablated)}
+            if has(pb, "answer_logprob_clean") else None,
+            "table": _token_value_table("boosted", pb.boosted, "deboosted", pb.deboosted, "nats"),
         }
-    wb = fd.get("weight_boosts")
-    if wb:
-        out["weight_boosts"] = {"table": _token_value_table("top", wb["top"], "bottom", wb["bottom"], "logits")}
-    lva = fd.get("loss_vs_activation")
-    if lva:
+    wb = fd.weight_boosts
+    if wb is not None:
+        out["weight_boosts"] = {"table": _token_value_table("top", wb.top, "bottom", wb.bottom, "logits")}
+    lva = fd.loss_vs_activation
+    if lva is not None:
         plot = None
-        if lva["activation"]:
+        if lva.activation:
             f = go.Figure(
                 go.Scatter(
-                    x=nulls(lva["activation"]),
-                    y=nulls(lva["loss_increase"]),
+                    x=nulls(lva.activation),
+                    y=nulls(lva.loss_increase),
                     mode="markers",
                     marker=dict(color="#d62728", size=6, opacity=0.7),
                 )
@@ -124,16 +128,15 @@ def _feature_detail(fd: Mapping, fig: Figures) -> dict[str, Any]:
                 yaxis_title="loss increase when ablated (nats)",
             )
             plot = fig(f, height=320)
-        out["loss_vs_activation"] = {"r": num(lva.get("pearson_r"), ".3f"), "n": len(lva["activation"]),
-                                     "plot": plot}
-    dfa = fd.get("dfa")
-    if dfa:
+        out["loss_vs_activation"] = {"r": num(lva.pearson_r, ".3f"), "n": len(lva.activation), "plot": plot}
+    dfa = fd.dfa
+    if dfa is not None:
         plot = None
-        if dfa["labels"]:
-            means, cis = dfa["mean"], dfa.get("ci95")
+        if dfa.labels:
+            means, cis = dfa.mean, dfa.ci95
             f = go.Figure(
                 go.Bar(
-                    x=[plotly_text(s) for s in dfa["labels"]],
+                    x=[plotly_text(s) for s in dfa.labels],
                     y=nulls(means),
                     error_y=error_bars(means, cis),
                     marker_color="#8c564b",
@@ -146,19 +149,19 @@ def _feature_detail(fd: Mapping, fig: Figures) -> dict[str, Any]:
                 xaxis_type="category",
             )
             plot = fig(f, height=340)
-        out["dfa"] = {"variant": dfa.get("variant", "zero"), "n_prompts": dfa.get("n_prompts", "n/a"),
-                      "completeness": num(dfa.get("completeness_max_abs_error"), ".2e"),
-                      "tangent": num(dfa.get("tangent_error_mean"), ".3f"), "plot": plot}
+        out["dfa"] = {"variant": otherwise(dfa.variant, "zero"), "n_prompts": otherwise(dfa.n_prompts, "n/a"),
+                      "completeness": num(dfa.completeness_max_abs_error, ".2e"),
+                      "tangent": num(dfa.tangent_error_mean, ".3f"), "plot": plot}
     return out
 
 
-def upstream(sae: Mapping, fig: Figures) -> dict[str, Any]:
+def upstream(sae: SaeEntry, fig: Figures) -> dict[str, Any]:
     """Feature activations at P, clean vs with an upstream hook ablated (table and chart)."""
-    up = sae["upstream_ablation"]
-    feats = up["features"]
+    up = sae.upstream_ablation
+    feats = up.features
 
     def col(key: str) -> list:
-        v = up.get(key)
+        v = getattr(up, key)
         return v if v is not None and len(v) == len(feats) else [None] * len(feats)
 
     rows = [
@@ -186,33 +189,33 @@ def upstream(sae: Mapping, fig: Figures) -> dict[str, Any]:
         yaxis_title="mean activation",
         xaxis_type="category",
     )
-    return {"hook": up["hook"], "mode": up.get("mode", "zero"), "table": tab, "plot": fig(f, height=320)}
+    return {"hook": up.hook, "mode": otherwise(up.mode, "zero"), "table": tab, "plot": fig(f, height=320)}
 
 
-def scaled_dla(sae: Mapping) -> dict[str, Any]:
+def scaled_dla(sae: SaeEntry) -> dict[str, Any]:
     """Mean activation times DLA per unit activation, per feature (and through the final norm when recorded)."""
-    entries = sae["activation_scaled_dla"]
-    has_ln = any("scaled_ln" in e for e in entries)
+    entries = sae.activation_scaled_dla
+    has_ln = any(has(e, "scaled_ln") for e in entries)
     headers = ["feature", "mean activation", "DLA per unit", "scaled"] + (["scaled (norm)"] if has_ln else [])
     rows = [
-        (e["feature"], num(e["mean_activation"]), num(e["dla_per_unit"]), num(e["scaled"]))
-        + ((num(e.get("scaled_ln")),) if has_ln else ())
+        (e.feature, num(e.mean_activation), num(e.dla_per_unit), num(e.scaled))
+        + ((num(e.scaled_ln),) if has_ln else ())
         for e in entries
     ]
     return {"has_ln": has_ln, "table": table(headers, rows)}
 
 
-def evidence_parts(sae: Mapping, fig: Figures) -> list[dict[str, Any]]:
+def evidence_parts(sae: SaeEntry, fig: Figures) -> list[dict[str, Any]]:
     """The SAE's evidence parts that results.json has, in page order, each ``{key, slug, title, ...}``."""
     out = []
     for key, slug, title in EVIDENCE:
-        if not sae.get(key):
+        if not getattr(sae, key):  # absent, or an empty list
             continue
         part: dict[str, Any] = {"key": key, "slug": slug, "title": title}
         if key == "error_dla":
             part.update(error_dla(sae, fig))
         elif key == "feature_details":
-            details = sae["feature_details"]
+            details = sae.feature_details
             part.update(n_features=len(details), static=STATIC_FEATURES,
                         details=[feature_detail(fd, fig) for fd in details[:STATIC_FEATURES]])
         elif key == "upstream_ablation":

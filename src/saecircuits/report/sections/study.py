@@ -7,7 +7,7 @@ Templates: ``study.html.j2``, ``layers.html.j2``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import plotly.graph_objects as go
@@ -23,12 +23,14 @@ from saecircuits.report.sections.common import (
     nulls,
     num,
     off_range_text,
+    otherwise,
     plotly_text,
     pm,
     table,
 )
 from saecircuits.report.summary import layer_comparison_reading
 from saecircuits.report.tokens_html import tokens_to_html, visible_token
+from saecircuits.results import Results, SaeEntry
 
 STUDY = (
     ("corpus_stats", "corpus", "Corpus statistics"),
@@ -47,23 +49,23 @@ def _token_pairs(pairs: Sequence) -> str:
     return ", ".join(f"{visible_token(t)} ({c})" for t, c in pairs) or "none"
 
 
-def corpus(sae: Mapping, fig: Figures) -> dict[str, Any]:
+def corpus(sae: SaeEntry, fig: Figures) -> dict[str, Any]:
     """Density and activation histograms, per-feature statistics and examples in bands of the corpus maximum."""
-    cs = sae["corpus_stats"]
+    cs = sae.corpus_stats
     out: dict[str, Any] = {
-        "n_docs": cs["n_docs"], "n_tokens": cs["n_tokens"], "token_fraction": num(cs.get("token_fraction"), ".2f"),
+        "n_docs": cs.n_docs, "n_tokens": cs.n_tokens, "token_fraction": num(cs.token_fraction, ".2f"),
         "table": table(
             ["quantity", "value"],
             [
-                ("documents / counted tokens", f"{cs['n_docs']} / {cs['n_tokens']}"),
-                ("L0 (mean active features per counted token)", num(cs["l0"], ".2f")),
-                ("dead features (never fire)", cs.get("n_dead", "n/a")),
+                ("documents / counted tokens", f"{cs.n_docs} / {cs.n_tokens}"),
+                ("L0 (mean active features per counted token)", num(cs.l0, ".2f")),
+                ("dead features (never fire)", otherwise(cs.n_dead, "n/a")),
             ],
             left_cols=(0,),
         ),
-        "density_plot": None, "n_features": len(cs["features"]), "static": STATIC_FEATURES, "features": None,
+        "density_plot": None, "n_features": len(cs.features), "static": STATIC_FEATURES, "features": None,
     }
-    edges, counts = cs.get("density_log10_edges"), cs.get("density_log10_counts")
+    edges, counts = cs.density_log10_edges, cs.density_log10_counts
     if edges and counts:
         f = go.Figure(
             go.Bar(x=[(a + b) / 2 for a, b in zip(edges[:-1], edges[1:], strict=True)], y=counts,
@@ -72,12 +74,12 @@ def corpus(sae: Mapping, fig: Figures) -> dict[str, Any]:
         f.update_layout(title="Feature density over the corpus (features that fire at least once)",
                         xaxis_title="log10 density (fraction of tokens with f > 0)", yaxis_title="features")
         out["density_plot"] = fig(f, height=320)
-    feats = cs["features"][:STATIC_FEATURES]
+    feats = cs.features[:STATIC_FEATURES]
     if not feats:
         return out
     rows = [
-        (fe["feature"], num(fe["density"], ".2e"), num(fe["max_activation"], ".3f"),
-         num(fe.get("mean_when_active"), ".3f"), _token_pairs(fe["top_tokens"][:6]), num(fe.get("top_token_share"), ".2f"))
+        (fe.feature, num(fe.density, ".2e"), num(fe.max_activation, ".3f"),
+         num(fe.mean_when_active, ".3f"), _token_pairs(fe.top_tokens[:6]), num(fe.top_token_share, ".2f"))
         for fe in feats
     ]
     part: dict[str, Any] = {
@@ -86,64 +88,63 @@ def corpus(sae: Mapping, fig: Figures) -> dict[str, Any]:
         "activation_plot": None,
         "bands": [],
     }
-    a_edges = cs.get("activation_log10_edges")
+    a_edges = cs.activation_log10_edges
     if a_edges:
         centres = [(a + b) / 2 for a, b in zip(a_edges[:-1], a_edges[1:], strict=True)]
         f = go.Figure(
-            [go.Scatter(x=centres, y=fe.get("activation_log10_counts", []), mode="lines", name=f"f{fe['feature']}")
-             for fe in feats if fe.get("activation_log10_counts")]
+            [go.Scatter(x=centres, y=fe.activation_log10_counts, mode="lines", name=f"f{fe.feature}")
+             for fe in feats if fe.activation_log10_counts]
         )
         f.update_layout(title="Activation histogram of the top features (tokens where each fires)",
                         xaxis_title="log10 activation", yaxis_title="tokens")
         part["activation_plot"] = fig(f, height=320)
     for fe in feats:
-        bands = fe.get("band_examples") or {}
+        bands = fe.band_examples or {}
         if not any(bands.values()):
             continue
-        mx = fe["max_activation"] if finite(fe["max_activation"]) else None
-        part["bands"].append({"feature": fe["feature"], "slug": int(fe["feature"]), "examples": [
-            {"band": band, "doc": ex.get("doc_index", "n/a"), "max": num(ex.get("max_activation")),
+        mx = fe.max_activation if finite(fe.max_activation) else None
+        part["bands"].append({"feature": fe.feature, "slug": int(fe.feature), "examples": [
+            {"band": band, "doc": otherwise(ex.doc_index, "n/a"), "max": num(ex.max_activation),
              # tokens_to_html escapes every token itself (report/tokens_html.py): trusted HTML, shown as is
-             "tokens": Markup(tokens_to_html(ex["tokens"], ex["activations"], max_value=mx,
-                                             kinds=ex.get("token_kinds")))}
+             "tokens": Markup(tokens_to_html(ex.tokens, ex.activations, max_value=mx, kinds=ex.token_kinds))}
             for band, exs in bands.items() for ex in exs]})
     out["features"] = part
     return out
 
 
-def five_way(sae: Mapping, fig: Figures) -> dict[str, Any]:
+def five_way(sae: SaeEntry, fig: Figures) -> dict[str, Any]:
     """The answer loss under clean, mean- and zero-ablated, top features ablated, and SAE spliced runs."""
-    lc = sae["loss_comparison"]
-    labels, means, cis = lc["labels"], lc["mean"], lc.get("ci95")
-    diffs, dcis = lc.get("diff_vs_clean"), lc.get("diff_vs_clean_ci95")
+    lc = sae.loss_comparison
+    labels, means, cis = lc.labels, lc.mean, lc.ci95
+    diffs, dcis = lc.diff_vs_clean, lc.diff_vs_clean_ci95
     rows = [(lab, pm(means[j], cis[j] if cis else None), pm(diffs[j], dcis[j] if dcis else None) if diffs else "n/a")
             for j, lab in enumerate(labels)]
     tab = table(["run", "loss (nats, 95% CI)", "run - clean (nats, paired 95% CI)"], rows, left_cols=(0,))
     extra = []
-    if lc.get("features_minus_sae"):
-        extra.append(f"Top features ablated - SAE spliced: {mci(lc['features_minus_sae'])} nats.")
-    for key, what in (("off_range", "Top-features run"), ("sae_off_range", "SAE run")):
-        if lc.get(key):
-            extra.append(f"{what}: {off_range_text(lc[key])}")
+    if lc.features_minus_sae is not None:
+        extra.append(f"Top features ablated - SAE spliced: {mci(lc.features_minus_sae)} nats.")
+    for off, what in ((lc.off_range, "Top-features run"), (lc.sae_off_range, "SAE run")):
+        if off is not None:
+            extra.append(f"{what}: {off_range_text(off)}")
     f = go.Figure(go.Bar(x=[plotly_text(x) for x in labels], y=nulls(means), error_y=error_bars(means, cis),
                          marker_color=["#2ca02c", "#bcbd22", "#7f7f7f", "#d62728", "#1f77b4"][: len(labels)]))
     f.update_layout(title="Ablation loss comparison at the prediction position", yaxis_title="loss (nats)",
                     xaxis_type="category")
-    return {"n_prompts": lc.get("n_prompts", "n/a"), "hook_point": sae["hook_point"],
-            "features": ", ".join(str(x) for x in lc.get("features", [])) or "(none)",
-            "mode": lc.get("mode", "residual"), "table": tab, "extra": " ".join(extra), "plot": fig(f, height=380)}
+    return {"n_prompts": otherwise(lc.n_prompts, "n/a"), "hook_point": sae.hook_point,
+            "features": ", ".join(str(x) for x in lc.features or []) or "(none)",
+            "mode": otherwise(lc.mode, "residual"), "table": tab, "extra": " ".join(extra), "plot": fig(f, height=380)}
 
 
-def modes(sae: Mapping) -> dict[str, Any]:
+def modes(sae: SaeEntry) -> dict[str, Any]:
     """The top features ablated alone in the three ablation modes (and together), with off-range notes."""
-    am = sae["ablation_modes"]
-    desc = am.get("descriptions") or {}
-    rows = [(r["feature"], *[mci(r.get(m)) for m in ABLATION_MODES]) for r in am["rows"]]
-    multi = am.get("multi") or {}
+    am = sae.ablation_modes
+    desc = am.descriptions or {}
+    rows = [(r.feature, *[mci(getattr(r, m)) for m in ABLATION_MODES]) for r in am.rows]
+    multi = am.multi or {}
     if multi:
-        rows.append(("together: " + ", ".join(str(x) for x in am.get("multi_features", [])),
+        rows.append(("together: " + ", ".join(str(x) for x in am.multi_features or []),
                      *[mci(multi.get(m)) for m in ABLATION_MODES]))
-    offs = am.get("off_range") or {}
+    offs = am.off_range or {}
     return {
         "descriptions": [(m, desc[m]) for m in ABLATION_MODES if m in desc] if desc else None,
         "table": table(["feature", *ABLATION_MODES], rows, left_cols=(0,)),
@@ -151,18 +152,18 @@ def modes(sae: Mapping) -> dict[str, Any]:
     }
 
 
-def stories(sae: Mapping, fig: Figures) -> dict[str, Any]:
+def stories(sae: SaeEntry, fig: Figures) -> dict[str, Any]:
     """Each feature ablated on the corpus stories where it fires most: global and per-position effects, the
     per-position histogram and the loss change per token."""
-    entries = sae["max_activating_ablation"]
+    entries = sae.max_activating_ablation
     tab = table(["feature", "stories", "threshold", "global: loss increase (nats)",
                  "per position: loss increase (nats)", "mode"],
-                [(st["feature"], st.get("n_stories", "n/a"), num(st.get("threshold"), ".3f"), mci(st["global"]),
-                  mci(st["per_position"]), st.get("mode", "residual")) for st in entries])
+                [(st.feature, otherwise(st.n_stories, "n/a"), num(st.threshold, ".3f"), mci(st.global_),
+                  mci(st.per_position), otherwise(st.mode, "residual")) for st in entries])
     shown = []
     for st in entries[:STATIC_FEATURES]:
-        k = int(st["feature"])
-        vals = st.get("position_loss_increase") or []
+        k = int(st.feature)
+        vals = st.position_loss_increase or []
         plot: Plot | None = None
         if vals:
             f = go.Figure(go.Histogram(x=nulls(vals), nbinsx=40, marker_color="#d62728"))
@@ -170,14 +171,14 @@ def stories(sae: Mapping, fig: Figures) -> dict[str, Any]:
                             xaxis_title="loss increase (nats)", yaxis_title="(story, position) pairs")
             plot = fig(f, height=300)
         tokens = []
-        for pt in st.get("per_token", []):
-            extra = {"activation": pt["activation"]} if pt.get("activation") is not None else None
-            tokens.append({"anchor": pt.get("doc_index", ""), "doc": pt.get("doc_index", "n/a"),
+        for pt in st.per_token or []:
+            extra = {"activation": pt.activation} if pt.activation is not None else None
+            tokens.append({"anchor": otherwise(pt.doc_index, ""), "doc": otherwise(pt.doc_index, "n/a"),
                            # tokens_to_html escapes every token itself (report/tokens_html.py): trusted HTML
-                           "tokens": Markup(tokens_to_html(pt["tokens"], pt["loss_change"], value_name="Loss change",
-                                                           extra_measures=extra, kinds=pt.get("token_kinds")))})
-        shown.append({"feature": k, "plot": plot, "off_range": off_range_text(st["off_range"])
-                      if st.get("off_range") else None, "per_token": tokens})
+                           "tokens": Markup(tokens_to_html(pt.tokens, pt.loss_change, value_name="Loss change",
+                                                           extra_measures=extra, kinds=pt.token_kinds))})
+        shown.append({"feature": k, "plot": plot, "off_range": off_range_text(st.off_range)
+                      if st.off_range is not None else None, "per_token": tokens})
     return {"table": tab, "features": shown}
 
 
@@ -188,57 +189,56 @@ def _heatmap(fig: Figures, m: Sequence, labels: Sequence[str], title: str, zmin:
     return fig(f, height=360)
 
 
-def geometry(sae: Mapping, fig: Figures) -> dict[str, Any]:
+def geometry(sae: SaeEntry, fig: Figures) -> dict[str, Any]:
     """Co-occurrence at P and decoder/encoder cosines of the top features (heat-maps), token kurtosis."""
-    g = sae["feature_geometry"]
-    labels = [f"f{k}" for k in g["features"]]
+    g = sae.feature_geometry
+    labels = [f"f{k}" for k in g.features]
     plots = []
-    co = g.get("cooccurrence")
-    if co:
-        plots.append(_heatmap(fig, co["by_min"], labels, "Co-occurrence at P / min count", 0, 1))
-        plots.append(_heatmap(fig, co["by_max"], labels, "Co-occurrence at P / max count", 0, 1))
+    co = g.cooccurrence
+    if co is not None:
+        plots.append(_heatmap(fig, co.by_min, labels, "Co-occurrence at P / min count", 0, 1))
+        plots.append(_heatmap(fig, co.by_max, labels, "Co-occurrence at P / max count", 0, 1))
     for key, title in (("decoder_cosine", "Decoder cosine similarity"), ("encoder_cosine", "Encoder cosine similarity")):
-        if key in g:
-            plots.append(_heatmap(fig, g[key], labels, title, -1, 1))
+        if getattr(g, key) is not None:
+            plots.append(_heatmap(fig, getattr(g, key), labels, title, -1, 1))
     out: dict[str, Any] = {"plots": plots, "kurtosis": None, "kurtosis_plot": None}
-    if "token_kurtosis" in g:
-        ka = g.get("token_kurtosis_all") or {}
+    if g.token_kurtosis is not None:
+        ka = g.token_kurtosis_all
         out["kurtosis"] = table(["feature", "token kurtosis"],
-                                [(k, num(v, ".2f")) for k, v in zip(g["features"], g["token_kurtosis"], strict=True)])
-        if ka.get("counts"):
-            e = ka["edges"]
-            f = go.Figure(go.Bar(x=[(a + b) / 2 for a, b in zip(e[:-1], e[1:], strict=True)], y=ka["counts"],
+                                [(k, num(v, ".2f")) for k, v in zip(g.features, g.token_kurtosis, strict=True)])
+        if ka is not None and ka.counts:
+            e = ka.edges
+            f = go.Figure(go.Bar(x=[(a + b) / 2 for a, b in zip(e[:-1], e[1:], strict=True)], y=ka.counts,
                                  marker_color="#8c564b"))
-            f.update_layout(title=f"Token kurtosis of all {ka.get('n_features', '')} features (median "
-                                  f"{num(ka.get('median'), '.2f')})", xaxis_title="excess kurtosis",
+            f.update_layout(title=f"Token kurtosis of all {otherwise(ka.n_features, '')} features (median "
+                                  f"{num(ka.median, '.2f')})", xaxis_title="excess kurtosis",
                             yaxis_title="features")
             out["kurtosis_plot"] = fig(f, height=300)
     return out
 
 
-def span(sae: Mapping) -> dict[str, Any]:
+def span(sae: SaeEntry) -> dict[str, Any]:
     """The activation at P projected onto the span of the top features' decoder vectors, the rest zeroed or mean."""
-    sp = sae["span_ablation"]
+    sp = sae.span_ablation
     names = {"clean": "clean", "span_zero": "only the span kept (rest zeroed)",
              "span_mean": "only the span kept (rest mean)"}
     rows = []
-    for j, v in enumerate(sp["variants"]):
-        ci = sp.get("ci95")
-        dci = sp.get("diff_vs_clean_ci95")
-        rows.append((names.get(v, v), pm(sp["mean"][j], ci[j] if ci else None),
-                     pm(sp["diff_vs_clean"][j], dci[j] if dci else None) if sp.get("diff_vs_clean") else "n/a"))
+    ci, dci = sp.ci95, sp.diff_vs_clean_ci95
+    for j, v in enumerate(sp.variants):
+        rows.append((names.get(v, v), pm(sp.mean[j], ci[j] if ci else None),
+                     pm(sp.diff_vs_clean[j], dci[j] if dci else None) if sp.diff_vs_clean else "n/a"))
     return {
-        "features": ", ".join(str(x) for x in sp["features"]), "rank": sp.get("rank", "n/a"),
-        "fraction_kept": num(sp.get("fraction_kept"), ".1%") if finite(sp.get("fraction_kept")) else "n/a",
+        "features": ", ".join(str(x) for x in sp.features), "rank": otherwise(sp.rank, "n/a"),
+        "fraction_kept": num(sp.fraction_kept, ".1%") if finite(sp.fraction_kept) else "n/a",
         "table": table(["run", "loss (nats, 95% CI)", "run - clean (nats, paired)"], rows, left_cols=(0,)),
     }
 
 
-def study_parts(sae: Mapping, fig: Figures) -> list[dict[str, Any]]:
+def study_parts(sae: SaeEntry, fig: Figures) -> list[dict[str, Any]]:
     """The SAE's study parts that results.json has, in page order, each ``{key, slug, title, ...}``."""
     out = []
     for key, slug, title in STUDY:
-        if not sae.get(key):
+        if not getattr(sae, key):  # absent, or an empty list
             continue
         part: dict[str, Any] = {"key": key, "slug": slug, "title": title}
         if key == "corpus_stats":
@@ -257,24 +257,24 @@ def study_parts(sae: Mapping, fig: Figures) -> list[dict[str, Any]]:
     return out
 
 
-def layers(r: Mapping, fig: Figures) -> dict[str, Any]:
+def layers(r: Results, fig: Figures) -> dict[str, Any]:
     """Each SAE's top features ablated together, then all at once: loss increases, paired differences, a reading."""
-    lc = r["layer_comparison"]
-    runs = lc["runs"]
+    lc = r.layer_comparison
+    runs = lc.runs
     out: dict[str, Any] = {
-        "n_prompts": lc.get("n_prompts", "n/a"), "mode": lc.get("mode", "residual"),
+        "n_prompts": otherwise(lc.n_prompts, "n/a"), "mode": otherwise(lc.mode, "residual"),
         "table": table(["run", "features", "loss increase (nats, 95% CI)"],
-                       [(run["label"], "; ".join(", ".join(str(x) for x in fs) for fs in run.get("features", [])),
-                         mci(run["loss_increase"])) for run in runs], left_cols=(0, 1)),
+                       [(run.label, "; ".join(", ".join(str(x) for x in fs) for fs in run.features or []),
+                         mci(run.loss_increase)) for run in runs], left_cols=(0, 1)),
         "reading": layer_comparison_reading(lc),
         "paired": None, "plot": None,
     }
-    if lc.get("paired"):
+    if lc.paired:
         out["paired"] = table(["a - b", "loss increase difference (nats, paired 95% CI)"],
-                              [(f"{runs[p['a']]['label']} - {runs[p['b']]['label']}", pm(p["mean"], p.get("ci95")))
-                               for p in lc["paired"]], left_cols=(0,))
-    if any(run.get("values") for run in runs):
-        f = go.Figure([go.Histogram(x=nulls(run.get("values", [])), name=plotly_text(run["label"]), opacity=0.6,
+                              [(f"{runs[p.a].label} - {runs[p.b].label}", pm(p.mean, p.ci95))
+                               for p in lc.paired], left_cols=(0,))
+    if any(run.values for run in runs):
+        f = go.Figure([go.Histogram(x=nulls(run.values or []), name=plotly_text(run.label), opacity=0.6,
                                     nbinsx=40) for run in runs])
         f.update_layout(barmode="overlay", title="Loss increase per prompt", xaxis_title="loss increase (nats)",
                         yaxis_title="prompts")
