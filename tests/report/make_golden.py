@@ -20,6 +20,9 @@ Run from the repository root, ONLY when a change of the page is intended (the go
 It was generated from the f-string renderer at commit 196d82c, before the report moved to Jinja2 templates (this
 script, run with that commit's ``src`` on PYTHONPATH). The inputs include ``STUDY``, ``EVIDENCE``, ``LAYERS`` and
 ``_flagged`` of the study, evidence and checks tests: a change there needs the golden regenerated too.
+
+Intended changes since: the summary table's "explained variance at P" column reads ``explained_variance_at_p``
+(it showed n/a for every schema-2 file); regenerated with that one cell changed in each input.
 """
 
 from __future__ import annotations

@@ -239,3 +239,19 @@ def test_a_bidi_override_in_a_prompt_is_shown_not_obeyed(results):
     results["task"]["example_prompts"][0] = 'Tom said, "\u202eevil'
     page = build_report_html(results)
     assert "\u202e" not in page and "&lt;U+202E&gt;evil" in page
+
+
+def test_summary_table_shows_explained_variance_at_p(results):
+    """The run summary's "explained variance at P" column reads results.json's ``explained_variance_at_p`` (schema
+    2's name). It read version 1's ``explained_variance``, which upgrade_results renames, so every version-2 file
+    showed n/a there; the right value is the fixture's own number, rounded to 3 places."""
+    page = build_report_html(results)
+    start = page.index('id="summary"')
+    table = page[page.index("<table", start): page.index("</table>", page.index("<table", page.index("<table", start) + 1))]
+    header = re.findall(r"<th[^>]*>(.*?)</th>", table)
+    col = header.index("explained variance at P")
+    rows = [re.findall(r"<td[^>]*>(.*?)</td>", r) for r in re.findall(r"<tr[^>]*>(.*?)</tr>", table, re.S) if "<td" in r]
+    sae_rows = [r for r in rows if r and r[0].startswith("SAE 0")]
+    assert sae_rows, "no SAE row in the summary table"
+    want = f"{results['saes'][0]['explained_variance_at_p']:.3f}"
+    assert sae_rows[0][col] == want

@@ -67,13 +67,10 @@ def summary(r: Results) -> dict[str, Any]:
         for i, sae in enumerate(r.saes):
             sup = sum(1 for t in sae.top_features if supported(t.loss_increase, t.loss_increase_ci95))
             ws = sae.whole_sequence
-            # NOTE: "explained_variance" is version 1's name of explained_variance_at_p (upgrade_results renames
-            # it), so this column reads n/a for every version-2 file (an extra key, never written); kept as the
-            # page had it until the page is meant to change (the golden test)
             rows.append((f"SAE {i}: {sae.hook_point}", lr_cell(sae, "loss_recovered"),
                          lr_cell(sae, "loss_recovered_mean_ablation"), seq_ratio(sae),
                          num(ws.explained_variance if ws is not None else None, ".3f"),
-                         num((sae.model_extra or {}).get("explained_variance"), ".3f"), num(sae.l0, ".1f"), sup))
+                         num(sae.explained_variance_at_p, ".3f"), num(sae.l0, ".1f"), sup))
         out["saes"] = table(["SAE", "loss recovered at P vs zero ablation (95% CI)", "vs mean ablation (95% CI)",
                              "loss recovered over every position (95% CI)", "explained variance over every position",
                              "explained variance at P", "L0 at P", "features with a supported effect"], rows,
