@@ -22,7 +22,10 @@ script, run with that commit's ``src`` on PYTHONPATH). The inputs include ``STUD
 ``_flagged`` of the study, evidence and checks tests: a change there needs the golden regenerated too.
 
 Intended changes since: the summary table's "explained variance at P" column reads ``explained_variance_at_p``
-(it showed n/a for every schema-2 file); regenerated with that one cell changed in each input.
+(it showed n/a for every schema-2 file); regenerated with that one cell changed in each input. The circuit at P is
+drawn by ``report/circuit_graph.py`` (layers up, a legend) instead of the plotly graph that put every node of a stage
+on one line; regenerated with the circuit section changed (and the later figures renumbered) in the inputs that have
+a circuit.
 """
 
 from __future__ import annotations

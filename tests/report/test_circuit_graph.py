@@ -152,3 +152,17 @@ def test_drawing_does_not_import_torch():
     code = ("import sys; import saecircuits.report.circuit_graph; "
             "bad = [m for m in ('torch', 'transformer_lens', 'transformers') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_an_edge_that_does_not_go_up_the_layers_is_left_out():
+    """A malformed edge (a node into itself, or into a lower layer) is not drawn and does not break the drawing."""
+    g = {"tokens": ["a", "b"], "P": 1, "anchors": {}, "nodes": [
+        {"id": "embed:-1:0@0", "kind": "embed", "layer": -1, "pos": 0, "label": "emb", "exact": 1.0, "in_graph": True},
+        {"id": "feature:0:7@1", "kind": "feature", "layer": 0, "pos": 1, "label": "S0:f7", "sae": 0, "feature": 7,
+         "exact": 0.5, "in_graph": True},
+        {"id": "target:1:0@1", "kind": "target", "layer": 1, "pos": 1, "label": "t", "in_graph": True}],
+        "edges": [{"src": "embed:-1:0@0", "dst": "embed:-1:0@0", "exact": 2.0, "in_graph": True},
+                  {"src": "feature:0:7@1", "dst": "embed:-1:0@0", "exact": 1.0, "in_graph": True},
+                  {"src": "feature:0:7@1", "dst": "target:1:0@1", "exact": 0.5, "in_graph": True}]}
+    frag = circuit_graph_html(g)
+    assert frag.count('class="cg-edge"') == 1

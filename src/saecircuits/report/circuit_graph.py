@@ -304,6 +304,9 @@ def circuit_graph_html(
     for n in sorted(nodes, key=lambda n: (-abs(_value(n, aggregated)[0]), n["id"])):
         cells.setdefault((_band(n, n_layers), col_index[col_key(n)]), []).append(n)
     cell_of = {n["id"]: bc for bc, members in cells.items() for n in members}
+    # information flows up the layers: an edge that does not end in a higher band (a malformed graph, e.g. a node
+    # into itself) cannot be drawn as such and is left out rather than drawn misleadingly
+    edges = [e for e in edges if cell_of[e["dst"]][0] > cell_of[e["src"]][0]]
     n_bands = 2 * n_layers + 2
     n_cols = len(cols)
     per_row = {c: 1 for c in range(n_cols)}

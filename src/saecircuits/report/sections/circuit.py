@@ -6,14 +6,16 @@ Template: ``circuit.html.j2`` (its block ``circuit_drawing`` is where the drawin
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import plotly.graph_objects as go
+from markupsafe import Markup
 
+from saecircuits.report.circuit_graph import circuit_graph_html
 from saecircuits.report.sections.common import (
     Figures,
-    Plot,
     finite,
     given,
     nulls,
@@ -40,55 +42,98 @@ def stand_in(a: EstimateAgreement | Mapping | None) -> str:
     return "yes" if ok else "no"
 
 
-def drawing(c: Circuit, fig: Figures) -> Plot | None:
-    """The circuit's nodes as a plotly graph: columns by layer/stage, node size by |effect|, edge width by |exact|,
-    colour by sign; None when no node is in the circuit."""
+def feature_link(sae: int, feature: int) -> str:
+    """The page's anchor of a feature's card (the feature browser opens it)."""
+    return f"#card-sae-{sae}-f{feature}"
+
+
+def _feature_of(label: str) -> int | None:
+    """The feature index in an at-P node label such as ``'S0:f576'``."""
+    m = re.search(r":f(\d+)$", label)
+    return int(m.group(1)) if m else None
+
+
+def _head_of(label: str) -> int | None:
+    m = re.fullmatch(r"L\d+H(\d+)", label)
+    return int(m.group(1)) if m else None
+
+
+def at_p_graph(c: Circuit) -> dict[str, Any] | None:
+    """The circuit at P (its ``in_circuit`` nodes and the exact edges between them) as one-position graph in the
+    "positions" format :func:`~saecircuits.report.circuit_graph.circuit_graph_html` draws, the node effects as
+    exact edges into the target (nats); None when no node is in the circuit."""
     circ = [n for n in c.nodes if n.in_circuit]
     if not circ:
         return None
-    stage_of = {}
+    n_layers = max([otherwise(n.layer, -1) for n in circ] + [0]) + 1
+    target = f"target:{n_layers}:0@0"
+    nodes: list[dict[str, Any]] = [{"id": target, "kind": "target", "layer": n_layers, "pos": 0,
+                                    "label": "log p(answer)", "in_graph": True}]
+    ids: dict[int, str] = {}
     for n in circ:
-        stage_of[n.id] = (otherwise(n.layer, -1), 0 if n.kind in ("head", "embed", "pos_embed") else 1)
-    cols = sorted(set(stage_of.values()))
-    pos = {}
-    for ci, st in enumerate(cols):
-        members = sorted([n for n in circ if stage_of[n.id] == st], key=lambda n: -abs(n.effect or 0))
-        for k, n in enumerate(members):
-            pos[n.id] = (ci, -k)
-    target_x = len(cols)
-    f = go.Figure()
-    biggest = max((abs(e.exact or 0) for e in c.edges), default=0) or 1.0
-    for e in c.edges:
-        if e.source not in pos or e.target not in pos:
-            continue
-        (x0, y0), (x1, y1) = pos[e.source], pos[e.target]
-        v = e.exact or 0
-        f.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", hoverinfo="skip", showlegend=False,
-                               line={"width": 1 + 7 * abs(v) / biggest,
-                                     "color": "rgba(214,39,40,0.55)" if v > 0 else "rgba(31,119,180,0.55)"}))
-    top_eff = max((abs(n.effect or 0) for n in circ), default=0) or 1.0
-    for n in circ:  # edges into the answer: the node effects
-        x0, y0 = pos[n.id]
-        v = n.effect or 0
-        f.add_trace(go.Scatter(x=[x0, target_x], y=[y0, 0], mode="lines", hoverinfo="skip", showlegend=False,
-                               line={"width": 1 + 5 * abs(v) / top_eff, "dash": "dot",
-                                     "color": "rgba(214,39,40,0.35)" if v > 0 else "rgba(31,119,180,0.35)"}))
-    f.add_trace(go.Scatter(
-        x=[pos[n.id][0] for n in circ] + [target_x], y=[pos[n.id][1] for n in circ] + [0],
-        mode="markers+text", text=[plotly_text(n.label) for n in circ] + ["answer"], textposition="top center",
-        marker={"size": [10 + 20 * abs(n.effect or 0) / top_eff for n in circ] + [24],
-                "color": ["#d62728" if (n.effect or 0) > 0 else "#1f77b4" for n in circ] + ["#2ca02c"]},
-        hovertext=[plotly_text(f"{n.label}: effect {num(n.effect)} nats; AtP {num(n.atp)}; "
-                               f"IG {num(n.ig)}; active on {otherwise(n.n_active_prompts, '?')} prompts; "
-                               f"promotes {', '.join(visible_token(t) for t in n.top_tokens or []) or 'n/a'}")
-                   for n in circ] + ["answer log-prob"],
-        hoverinfo="text", showlegend=False))
-    f.update_layout(title="Circuit at P (red: supports the answer / excites; blue: opposes / inhibits)",
-                    xaxis={"tickvals": list(range(len(cols))) + [target_x],
-                           "ticktext": [("embed" if lay < 0 else f"L{lay} {'attn' if s == 0 else 'MLP'}")
-                                        for lay, s in cols] + ["answer"]},
-                    yaxis={"visible": False})
-    return fig(f, height=max(380, 60 * max(len([1 for n in circ if stage_of[n.id] == st]) for st in cols)))
+        kind = n.kind or "feature"
+        sae = n.sae if n.sae is not None and n.sae >= 0 else None
+        feature = _feature_of(n.label) if kind == "feature" else None
+        head = _head_of(n.label) if kind == "head" else None
+        ids[n.id] = f"{kind}:{otherwise(n.layer, -1)}:{n.id}@0"
+        nodes.append({"id": ids[n.id], "kind": kind, "layer": otherwise(n.layer, -1), "pos": 0, "label": n.label,
+                      "sae": sae, "feature": feature, "head": head, "exact": n.effect, "atp": n.atp, "ig": n.ig,
+                      "in_graph": True})
+    edges = [{"src": ids[e.source], "dst": ids[e.target], "exact": e.exact, "atp": e.atp, "in_graph": True}
+             for e in c.edges if e.source in ids and e.target in ids and finite(e.exact) and e.exact != 0]
+    edges += [{"src": ids[n.id], "dst": target, "exact": n.effect, "atp": n.atp, "in_graph": True}
+              for n in circ if finite(n.effect)]
+    return {"tokens": ["P"], "P": 0, "anchors": {}, "nodes": nodes, "edges": edges}
+
+
+def _graph_html(graph: Mapping[str, Any] | None, kind: str) -> Markup | None:
+    # circuit_graph_html escapes every string it puts in the fragment (its module docstring), so it is trusted
+    return None if graph is None else Markup(circuit_graph_html(graph, kind=kind, feature_link=feature_link))
+
+
+def _dump(model) -> dict[str, Any] | None:
+    return None if model is None else model.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+
+def positions(c: Circuit, n_examples: int = 3) -> dict[str, Any] | None:
+    """The circuit across positions (issue 16): the summary sentence, the aggregated graph (anchors as columns),
+    a few per-prompt graphs, faithfulness/completeness and the estimates' agreement by distance from P; None when
+    the results have no "positions" block."""
+    p = getattr(c, "positions", None)
+    if p is None:
+        return None
+    out: dict[str, Any] = {
+        "summary": p.summary, "target": p.target, "share": p.share, "n_prompts": p.n_prompts,
+        "n_exact": p.n_exact_interventions,
+        "faithfulness": _mean_interval(p.faithfulness), "completeness": _mean_interval(p.completeness),
+        "aggregated": _graph_html(_dump(p.aggregated), "aggregated") if given(p.aggregated) else None,
+        "examples": [], "by_distance": None,
+    }
+    for ex in (p.examples or [])[:n_examples]:
+        d = _dump(ex)
+        pr = ex.pruning
+        out["examples"].append({
+            "prompt_index": ex.prompt_index,
+            "prompt": "".join(visible_token(t) for t in (ex.tokens or [])[: (ex.P or 0) + 1]),
+            "kept": (f"{pr.n_nodes_kept} of {pr.n_nodes} nodes, {pr.n_edges_kept} of {pr.n_edges} edges"
+                     if pr is not None and pr.n_nodes is not None else None),
+            "non_sae": num(pr.non_sae_share, ".0%") if pr is not None and finite(pr.non_sae_share) else None,
+            "html": _graph_html(d, "example"),
+        })
+    ag = p.agreement
+    if ag is not None and ag.by_distance:
+        out["by_distance"] = table(["distance from P (tokens) or anchor", "n", "Spearman", "sign agreement",
+                                    "top-k overlap"],
+                                   [(b.distance, b.n, num(b.spearman, ".3f"), num(b.sign, ".3f"), num(b.top_k, ".2f"))
+                                    for b in ag.by_distance], left_cols=(0,))
+    return out
+
+
+def _mean_interval(m) -> str | None:
+    if m is None or not finite(m.mean):
+        return None
+    ci = m.ci95
+    return num(m.mean, ".3f") + (f" [{num(ci[0], '.3f')}, {num(ci[1], '.3f')}]" if ci else "")
 
 
 def circuit(r: Results, fig: Figures) -> dict[str, Any]:
@@ -106,7 +151,8 @@ def circuit(r: Results, fig: Figures) -> dict[str, Any]:
             "edge_rule": otherwise(sel.edge_rule, ""), "mean_ablation": sel.mean_ablation,
             "undefined_reason": sel.undefined_reason,
         } if given(sel) else None,
-        "drawing": drawing(c, fig),
+        "drawing": _graph_html(at_p_graph(c), "example"),
+        "positions": positions(c),
         "nodes": table(["node", "effect (nats)", "±95%", "AtP", "IG", "in circuit", "promotes"],
                        [(n.label, num(n.effect), num(n.effect_ci95), num(n.atp), num(n.ig),
                          "yes" if n.in_circuit else "", ", ".join(visible_token(t) for t in n.top_tokens or []))

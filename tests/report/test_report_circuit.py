@@ -1,0 +1,62 @@
+"""The report's circuit section: the circuit at P and the circuit across positions drawn by circuit_graph_html."""
+
+from __future__ import annotations
+
+import copy
+
+from test_results_models import CIRCUIT, POSITIONS
+
+from saecircuits.report.render import build_report_html
+from saecircuits.report.sections.circuit import at_p_graph, feature_link
+from saecircuits.results import Results
+
+
+def _circuit(results: dict, circuit: dict) -> dict:
+    r = copy.deepcopy(results)
+    r["circuit"] = copy.deepcopy(circuit)
+    return r
+
+
+AT_P = {**CIRCUIT,
+        "nodes": [{"id": 0, "label": "embed", "kind": "embed", "layer": -1, "sae": -1, "effect": 1.5,
+                   "in_circuit": True},
+                  {"id": 1, "label": "L0H3", "kind": "head", "layer": 0, "sae": -1, "effect": 0.75, "in_circuit": True},
+                  {"id": 2, "label": "S0:f576", "kind": "feature", "layer": 0, "sae": 0, "effect": -0.25,
+                   "in_circuit": True},
+                  {"id": 3, "label": "S0:err", "kind": "error", "layer": 0, "sae": 0, "effect": 0.01,
+                   "in_circuit": False}],
+        "edges": [{"source": 0, "target": 1, "exact": 2.0}, {"source": 1, "target": 2, "exact": -0.5},
+                  {"source": 0, "target": 3, "exact": 1.0}, {"source": 0, "target": 2, "exact": 0.0}]}
+
+
+def test_at_p_graph_holds_the_circuit_nodes_their_effects_and_exact_edges(results):
+    """Hand-counted: 3 nodes in the circuit + the target; edges: the two nonzero exact edges between circuit nodes
+    (the edge into the node outside it and the zero edge left out) and one effect edge per node into the target."""
+    c = Results.model_validate(_circuit(results, AT_P)).circuit
+    g = at_p_graph(c)
+    kinds = sorted(n["kind"] for n in g["nodes"])
+    assert kinds == ["embed", "feature", "head", "target"]
+    feat = next(n for n in g["nodes"] if n["kind"] == "feature")
+    assert (feat["sae"], feat["feature"]) == (0, 576) and feature_link(0, 576) == "#card-sae-0-f576"
+    head = next(n for n in g["nodes"] if n["kind"] == "head")
+    assert head["head"] == 3
+    target = next(n["id"] for n in g["nodes"] if n["kind"] == "target")
+    into_target = sorted(e["exact"] for e in g["edges"] if e["dst"] == target)
+    assert into_target == [-0.25, 0.75, 1.5]
+    assert sorted(e["exact"] for e in g["edges"] if e["dst"] != target) == [-0.5, 2.0]
+
+
+def test_the_page_draws_the_circuit_at_p_and_across_positions(results):
+    r = _circuit(results, {**AT_P, "positions": copy.deepcopy(POSITIONS)})
+    page = build_report_html(r)
+    assert "The circuit at P" in page
+    assert page.count("solid: exact value") == 3  # legends: the circuit at P, the aggregated graph, the example
+    assert "Where the evidence comes from" in page
+    assert POSITIONS["summary"] in page
+    assert 'href="#card-sae-0-f576"' in page and 'href="#card-sae-0-f7"' in page
+    assert "Prompt 0" in page
+
+
+def test_no_positions_block_no_positions_section(results):
+    page = build_report_html(_circuit(results, AT_P))
+    assert "The circuit at P" in page and "Where the evidence comes from" not in page
