@@ -68,7 +68,7 @@ def at_p_graph(c: Circuit) -> dict[str, Any] | None:
     n_layers = max([otherwise(n.layer, -1) for n in circ] + [0]) + 1
     target = f"target:{n_layers}:0@0"
     nodes: list[dict[str, Any]] = [{"id": target, "kind": "target", "layer": n_layers, "pos": 0,
-                                    "label": "log p(answer)", "in_graph": True}]
+                                    "label": "answer", "in_graph": True}]
     ids: dict[int, str] = {}
     for n in circ:
         kind = n.kind or "feature"
