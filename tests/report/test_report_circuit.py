@@ -60,3 +60,13 @@ def test_the_page_draws_the_circuit_at_p_and_across_positions(results):
 def test_no_positions_block_no_positions_section(results):
     page = build_report_html(_circuit(results, AT_P))
     assert "The circuit at P" in page and "Where the evidence comes from" not in page
+
+
+def test_a_circuit_held_mostly_by_non_sae_nodes_says_so(results):
+    """AT_P's circuit: |1.5| (embed) + |0.75| (head) of 2.5 in total are non-SAE nodes: 90%, said; a circuit whose
+    feature holds most of the effect gets no such note."""
+    page = build_report_html(_circuit(results, AT_P))
+    assert "Mostly not SAE features:</b> 90%" in page
+    mostly_features = copy.deepcopy(AT_P)
+    mostly_features["nodes"][2]["effect"] = -5.0
+    assert "Mostly not SAE features" not in build_report_html(_circuit(results, mostly_features))

@@ -129,6 +129,16 @@ def positions(c: Circuit, n_examples: int = 3) -> dict[str, Any] | None:
     return out
 
 
+def _non_sae_share(circ) -> str | None:
+    """The share of the circuit's |exact effect| held by nodes that are not SAE features (heads, MLPs without an SAE,
+    embeddings, SAE errors), as a percentage, when it is the majority; None otherwise or when undefined."""
+    total = sum(abs(n.effect) for n in circ if finite(n.effect))
+    if total <= 1e-9:
+        return None
+    other = sum(abs(n.effect) for n in circ if finite(n.effect) and (n.kind or "feature") != "feature")
+    return f"{other / total:.0%}" if other / total > 0.5 else None
+
+
 def _mean_interval(m) -> str | None:
     if m is None or not finite(m.mean):
         return None
@@ -153,6 +163,7 @@ def circuit(r: Results, fig: Figures) -> dict[str, Any]:
         } if given(sel) else None,
         "drawing": _graph_html(at_p_graph(c), "example"),
         "positions": positions(c),
+        "non_sae": _non_sae_share(circ),
         "nodes": table(["node", "effect (nats)", "±95%", "AtP", "IG", "in circuit", "promotes"],
                        [(n.label, num(n.effect), num(n.effect_ci95), num(n.atp), num(n.ig),
                          "yes" if n.in_circuit else "", ", ".join(visible_token(t) for t in n.top_tokens or []))
