@@ -5,7 +5,7 @@ analyses: the SAE-error DLA, per feature the prompt-based log-prob boosts, the w
 vs loss increase and the DFA (zero variant, with the completeness check of the linearised variant), the
 upstream-ablation effect on the features and the activation-scaled DLA. Keys that need an MLP post-activation SAE
 (error DLA, DFA, upstream ablation, weight boosts, scaled DLA) or a plain MLP (DFA) are left out when they do not
-apply. The schema of each key is in ``report/schema.py``.
+apply. The schema of each key is in :mod:`saecircuits.results` (docs/results.md).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ def analyse_sae(
     bars: bool = False, *, mean_act: torch.Tensor | None = None, token_counts: torch.Tensor | None = None,
     model_names: Collection[str] = (),
 ) -> dict:
-    """All first-slice analyses of one SAE; returns its ``results.json`` entry (schema in report/schema.py).
+    """All first-slice analyses of one SAE; returns its ``results.json`` entry (schema: saecircuits.results, docs/results.md).
 
     ``mean_act`` (the hook's mean activation) and ``token_counts`` (corpus token counts for the common-token mask)
     come from the corpus statistics pass when given; otherwise they are computed here. ``model_names``: the names the
@@ -205,7 +205,7 @@ def study_sae(
 ) -> dict:
     """The reference study's remaining analyses of one SAE: new keys of its ``results.json`` entry.
 
-    Keys (schema in report/schema.py): ``corpus_stats``, ``loss_comparison`` (the five-way loss comparison),
+    Keys (schema: saecircuits.results, docs/results.md): ``corpus_stats``, ``loss_comparison`` (the five-way loss comparison),
     ``ablation_modes`` (residual-preserving vs reconstruction ablation and the clean effect, with off-range counts),
     ``max_activating_ablation``, ``feature_geometry`` (co-occurrence at P, decoder/encoder cosines, token kurtosis)
     and ``span_ablation``.
