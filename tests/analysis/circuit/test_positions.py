@@ -1,0 +1,207 @@
+"""The circuit across positions: exact effects at positions before P against full-prompt bridge interventions (GPT-Neo
+with a local layer on prompts longer than its window, GPT-2, Llama with rotary), padding-free batching, AtP against
+autograd through the bridge, and the head-loading identity (the parts sum to the AtP edge)."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from helpers import ARCHITECTURES, quote_task, random_sae
+
+from saecircuits.analysis.circuit.positions import (
+    PromptNodes,
+    attribution_edges,
+    clean_cache,
+    engine_of,
+    exact_node_effects,
+    head_loadings,
+    node_attributions,
+    position_groups,
+)
+from saecircuits.models.hooks import task_batches
+
+
+@functools.cache
+def _setup(arch: str):
+    model = ARCHITECTURES[arch]()
+    d_mlp = int(model.cfg.d_mlp)
+    saes = [random_sae(d_in=d_mlp, hook_point="blocks.0.mlp.hook_post", seed=1),
+            random_sae(d_in=d_mlp, hook_point="blocks.1.mlp.hook_post", seed=2)]
+    return model, quote_task(), saes, position_groups(model, saes)
+
+
+def _bridge_ablate(model, pg, task, i, gi, local, t, read=None):
+    """Prompt i alone, unpadded, through the bridge with node (gi, local) ablated at position t: (answer log-prob,
+    SAE codes of group ``read`` at every position)."""
+    g = pg.groups[gi]
+    store = {}
+
+    def edit(v, hook=None):
+        v = v.clone()
+        x = v[0, t]
+        if g.kind == "sae":
+            sae = g.sae
+            if local < sae.d_sae:
+                v[0, t] = x - sae.encode(x)[local] * sae.W_dec[local]
+            else:
+                v[0, t] = sae.decode(sae.encode(x))
+        elif g.kind == "heads":
+            v[0, t, local] = 0
+        else:
+            v[0, t] = 0
+        return v
+
+    def grab(v, hook=None):
+        store["x"] = v[0].detach().clone()
+
+    hooks = [(g.hook, edit)] + ([(pg.groups[read].hook_in, grab)] if read is not None else [])
+    with torch.no_grad():
+        lg = model.run_with_hooks(torch.tensor([task.token_ids[i]]), fwd_hooks=hooks)
+    p = task.prediction_pos[i]
+    codes = pg.groups[read].sae.encode(store["x"]) if read is not None else None
+    return float(lg[0, p].float().log_softmax(-1)[task.answer_ids[i]]), codes
+
+
+def _pick_nodes(pg, clean, contrib, b, n=6):
+    """A spread of nodes of prompt b: every group at positions P, P-1, P-5, P-12, 0 (features: the most active)."""
+    P = int(clean.batch.positions[b])
+    gi, loc, pos = [], [], []
+    for t in sorted({P, max(0, P - 1), max(0, P - 5), max(0, P - 12), 0}):
+        for g_i, c in enumerate(contrib):
+            row = c[b, t]
+            if pg.groups[g_i].kind == "sae":
+                active = torch.nonzero(row[:-1] != 0).flatten()
+                picks = active[:2].tolist() + [len(row) - 1]
+            else:
+                picks = [len(row) - 1]
+            for k in picks:
+                gi.append(g_i)
+                loc.append(k)
+                pos.append(t)
+    return PromptNodes(torch.tensor(gi), torch.tensor(loc), torch.tensor(pos))
+
+
+@pytest.mark.parametrize("arch", ["gpt_neo", "gpt2", "llama"])
+def test_exact_effects_at_earlier_positions_equal_full_prompt_interventions(arch):
+    model, task, saes, pg = _setup(arch)
+    eng = engine_of(model)
+    assert max(task.prediction_pos) > 16  # longer than tiny_neo's local window
+    batch = next(iter(task_batches(model, task, max_batch=3)))
+    assert len(set(batch.positions.tolist())) > 1  # right padding
+    clean = clean_cache(eng, batch)
+    _, contrib = node_attributions(eng, pg, batch)
+    nodes = [_pick_nodes(pg, clean, contrib, b) for b in range(len(batch.indices))]
+    down_gi = next(i for i, g in enumerate(pg.groups) if g.sae is saes[1])
+    down = []
+    for b in range(len(batch.indices)):
+        P = int(batch.positions[b])
+        feats = torch.nonzero(contrib[down_gi][b, :, :-1] != 0)  # (t, k) of every feature with a gradient
+        feats = feats[feats[:, 0] <= P][:40]
+        down.append(PromptNodes(torch.full((len(feats),), down_gi), feats[:, 1], feats[:, 0]))
+    effects, edges, n_runs = exact_node_effects(eng, pg, clean, nodes, down)
+    assert n_runs == sum(len(n.gi) for n in nodes)
+    checked = 0
+    for b, i in enumerate(batch.indices):
+        m0, c0 = _bridge_ablate(model, pg, task, i, 0, 0, 0, read=down_gi)  # a reference run with embed@0 ablated
+        base, cb = None, None
+        with torch.no_grad():
+            lg, cache = model.run_with_cache(torch.tensor([task.token_ids[i]]))
+        base = float(lg[0, task.prediction_pos[i]].float().log_softmax(-1)[task.answer_ids[i]])
+        cb = saes[1].encode(cache[pg.groups[down_gi].hook_in][0])
+        for a in range(len(nodes[b].gi)):
+            gi, loc, t = (int(nodes[b].gi[a]), int(nodes[b].local[a]), int(nodes[b].pos[a]))
+            m1, c1 = _bridge_ablate(model, pg, task, i, gi, loc, t, read=down_gi)
+            assert float(effects[b][a]) == pytest.approx(base - m1, abs=2e-5), (arch, gi, loc, t)
+            for c in range(len(down[b].gi)):
+                td, kd = int(down[b].pos[c]), int(down[b].local[c])
+                if td < t or pg.stage[gi] >= pg.stage_in[down_gi]:
+                    continue
+                want = float((cb[td, kd] - c1[td, kd]).detach())
+                got = edges[b].get((a, c), 0.0)
+                assert got == pytest.approx(want, abs=2e-5), (arch, gi, loc, t, td, kd)
+                checked += abs(want) > 1e-4
+    assert checked > 10
+
+
+def test_right_padding_never_changes_a_number():
+    """Batched (right-padded, max_batch=4) and one prompt at a time give the same AtP and exact effects."""
+    model, task, saes, pg = _setup("gpt_neo")
+    eng = engine_of(model)
+
+    def run(max_batch):
+        out = {}
+        for batch in task_batches(model, task, max_batch=max_batch):
+            clean = clean_cache(eng, batch)
+            _, contrib = node_attributions(eng, pg, batch)
+            nodes = [_pick_nodes(pg, clean, contrib, b) for b in range(len(batch.indices))]
+            effects, _, _ = exact_node_effects(eng, pg, clean, nodes)
+            for b, i in enumerate(batch.indices):
+                atp = torch.stack([contrib[int(g)][b, int(t), int(k)] for g, k, t in
+                                   zip(nodes[b].gi, nodes[b].local, nodes[b].pos, strict=True)])
+                out[i] = (effects[b], atp)
+        return out
+
+    one, many = run(1), run(4)
+    for i in one:
+        torch.testing.assert_close(many[i][0], one[i][0], atol=1e-5, rtol=1e-5)  # float32 rounding of another batch shape
+        torch.testing.assert_close(many[i][1], one[i][1], atol=1e-5, rtol=1e-5)
+
+
+def test_atp_at_earlier_positions_equals_autograd_through_the_bridge():
+    model, task, saes, pg = _setup("gpt2")
+    eng = engine_of(model)
+    batch = next(iter(task_batches(model, task, max_batch=3)))
+    _, contrib = node_attributions(eng, pg, batch)
+    gi = next(i for i, g in enumerate(pg.groups) if g.hook == "blocks.0.attn.hook_z")
+    for b, i in enumerate(batch.indices):
+        p = task.prediction_pos[i]
+        box = {}
+
+        def hook(v, hook=None, box=box):
+            leaf = v.detach().clone().requires_grad_(True)
+            box["z"] = leaf
+            return leaf
+
+        lg = model.run_with_hooks(torch.tensor([task.token_ids[i]]), fwd_hooks=[(pg.groups[gi].hook, hook)])
+        m = lg[0, p].float().log_softmax(-1)[task.answer_ids[i]]
+        (gz,) = torch.autograd.grad(m, [box["z"]])
+        want = (gz * box["z"]).sum(-1)[0].detach().double()  # [T, H]
+        torch.testing.assert_close(contrib[gi][b, : p + 1], want[: p + 1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gpt_neo", "llama"])
+def test_head_loadings_sum_to_the_atp_edge(arch):
+    model, task, saes, pg = _setup(arch)
+    eng = engine_of(model)
+    batch = next(iter(task_batches(model, task, max_batch=2)))
+    clean = clean_cache(eng, batch)
+    tr, contrib = node_attributions(eng, pg, batch)
+    down_gi = next(i for i, g in enumerate(pg.groups) if g.sae is saes[1])
+    up, down, targets = [], [], []
+    for b in range(len(batch.indices)):
+        P = int(batch.positions[b])
+        nd = _pick_nodes(pg, clean, contrib, b)
+        early = nd.pos < P
+        up.append(PromptNodes(nd.gi[early], nd.local[early], nd.pos[early]))
+        k = int(torch.nonzero(contrib[down_gi][b, P, :-1] != 0).flatten()[0])
+        down.append(PromptNodes(torch.tensor([down_gi]), torch.tensor([k]), torch.tensor([P])))
+        targets.append([0, -1])
+    atp = attribution_edges(pg, tr, up, down)
+    loads = head_loadings(eng, pg, clean, tr, up, down, targets)
+    n = 0
+    for b in range(len(up)):
+        for a in range(len(up[b].gi)):
+            parts = loads[b].get((a, 0))
+            want = atp[b].get((a, 0))
+            if want is None:
+                continue
+            assert parts is not None
+            assert sum(parts) == pytest.approx(want, abs=1e-5, rel=1e-4)
+            # into the target: the parts sum to the node's AtP effect (grad of m . a)
+            u = up[b]
+            node_atp = float(contrib[int(u.gi[a])][b, int(u.pos[a]), int(u.local[a])])
+            assert sum(loads[b][(a, -1)]) == pytest.approx(node_atp, abs=1e-5, rel=1e-4)
+            n += (abs(want) > 1e-4) + (abs(node_atp) > 1e-4)
+    assert n > 3
