@@ -205,3 +205,125 @@ def test_head_loadings_sum_to_the_atp_edge(arch):
             assert sum(loads[b][(a, -1)]) == pytest.approx(node_atp, abs=1e-5, rel=1e-4)
             n += (abs(want) > 1e-4) + (abs(node_atp) > 1e-4)
     assert n > 3
+
+
+def test_position_means_equal_a_run_with_cache_average():
+    """Each group's mean over the task's prompts and every position <= P, against run_with_cache per prompt."""
+    from saecircuits.analysis.circuit.position_graph import position_means
+
+    model, task, saes, pg = _setup("gpt_neo")
+    means = position_means(model, pg, task, max_batch=3)
+    sums, n = {}, 0
+    for i, row in enumerate(task.token_ids):
+        P = task.prediction_pos[i]
+        with torch.no_grad():
+            _, cache = model.run_with_cache(torch.tensor([row]))
+        n += P + 1
+        for gi, g in enumerate(pg.groups):
+            x = cache[g.hook][0, : P + 1].float()
+            if g.kind == "sae":
+                f = g.sae.encode(x)
+                vals = {"f": f.sum(0), "e": (x - g.sae.decode(f)).sum(0)}
+            else:
+                vals = {"x": x.sum(0)}
+            for k, v in vals.items():
+                sums[(gi, k)] = sums.get((gi, k), 0) + v
+    for (gi, k), v in sums.items():
+        got = means[gi][k] if k != "x" else means[gi]
+        torch.testing.assert_close(got, (v / n).detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_mean_ablation_at_every_position_equals_bridge_hooks():
+    """The faithfulness run's variants against full-prompt bridge runs: 'everything mean-ablated' sets each group's
+    activation at every position <= P to its mean (an SAE's output to decode(mean f) + mean error), and 'circuit
+    ablated' mean-ablates only the circuit's nodes (a head at one position, a feature at another)."""
+    from saecircuits.analysis.circuit.position_graph import _faithfulness_batch, position_means
+
+    model, task, saes, pg = _setup("gpt_neo")
+    eng = engine_of(model)
+    means = position_means(model, pg, task, max_batch=3)
+    batch = next(iter(task_batches(model, task, max_batch=3)))
+    head_gi = next(i for i, g in enumerate(pg.groups) if g.kind == "heads")
+    sae_gi = next(i for i, g in enumerate(pg.groups) if g.sae is saes[1])
+    graphs, keys, circuits = [], [], []
+    for i in batch.indices:
+        P = task.prediction_pos[i]
+        f = saes[1].encode(model.run_with_cache(torch.tensor([task.token_ids[i]]))[1][saes[1].hook_point][0, P - 2])
+        k = int(torch.argmax(f))
+        circ = [(head_gi, 2, P - 3), (sae_gi, k, P - 2)]
+        circuits.append(circ)
+        nodes = [{"id": f"n{j}", "kind": "x", "pos": t, "in_graph": True} for j, (_, _, t) in enumerate(circ)]
+        graphs.append({"nodes": nodes})
+        keys.append({f"n{j}": c for j, c in enumerate(circ)})
+    got = _faithfulness_batch(eng, pg, batch, graphs, keys, means)
+    for b, i in enumerate(batch.indices):
+        P = task.prediction_pos[i]
+
+        def everything(g, gi, P=P):
+            mu = means[gi]
+
+            def hook(v, hook=None):
+                v = v.clone()
+                if g.kind == "sae":
+                    v[0, : P + 1] = (g.sae.decode(mu["f"]) + mu["e"]).to(v)
+                else:
+                    v[0, : P + 1] = mu.to(v)
+                return v
+            return hook
+
+        def circuit(g, gi, circ=circuits[b]):
+            mu = means[gi]
+
+            def hook(v, hook=None):
+                v = v.clone()
+                for cg, k, t in circ:
+                    if cg != gi:
+                        continue
+                    if g.kind == "sae":
+                        f = g.sae.encode(v[0, t])
+                        v[0, t] = v[0, t] - (f[k] - mu["f"][k]) * g.sae.W_dec[k]
+                    else:
+                        v[0, t, k] = mu[k]
+                return v
+            return hook
+
+        for col, make in ((1, everything), (3, circuit)):
+            with torch.no_grad():
+                lg = model.run_with_hooks(torch.tensor([task.token_ids[i]]),
+                                          fwd_hooks=[(g.hook, make(g, gi)) for gi, g in enumerate(pg.groups)])
+            want = float(lg[0, P].float().log_softmax(-1)[task.answer_ids[i]])
+            assert float(got[b, col]) == pytest.approx(want, abs=2e-5), (b, col)
+        with torch.no_grad():
+            lg = model(torch.tensor([task.token_ids[i]]))
+        assert float(got[b, 0]) == pytest.approx(float(lg[0, P].float().log_softmax(-1)[task.answer_ids[i]]),
+                                                  abs=2e-5)
+
+
+def test_position_circuit_follows_the_contract():
+    """Keys, units and identities of the "positions" dict: every node of an example has an exact effect, the
+    target edges carry the node effects, head loadings sum to the AtP edge, the reduced copy keeps in_graph items."""
+    import json
+
+    from saecircuits.analysis.circuit.position_graph import position_circuit, reduced_positions
+
+    model, task, saes, pg = _setup("gpt_neo")
+    out = position_circuit(model, saes, task, top_exact=30, n_examples=3, max_batch=3, progress=False)
+    json.dumps(out, allow_nan=False)
+    assert out["n_prompts"] == task.n_prompts and len(out["examples"]) == 3
+    assert out["n_exact_interventions"] == 30 * task.n_prompts
+    assert {"nodes", "edges", "by_distance"} <= set(out["agreement"])
+    for g in out["examples"]:
+        nodes = {n["id"]: n for n in g["nodes"]}
+        assert sum(n["kind"] == "target" for n in nodes.values()) == 1
+        assert all(n["exact"] is not None for n in nodes.values() if n["kind"] != "target")
+        assert all(n["pos"] <= g["P"] for n in nodes.values())
+        assert len(g["tokens"]) == g["P"] + 1 and g["anchors"]["P"] == g["P"]
+        for e in g["edges"]:
+            if e["dst"].startswith("target:"):
+                assert e["exact"] == nodes[e["src"]]["exact"] and e["atp"] == nodes[e["src"]]["atp"]
+            if e["heads"]:
+                assert nodes[e["src"]]["pos"] < nodes[e["dst"]]["pos"]
+                assert sum(h["value"] for h in e["heads"]) == pytest.approx(e["atp"], abs=1e-4, rel=1e-3)
+    red = reduced_positions(out)
+    assert all(n["in_graph"] for g in red["examples"] for n in g["nodes"])
+    assert all(e["in_graph"] for g in red["examples"] for e in g["edges"])
