@@ -1447,6 +1447,14 @@ def _run_pipeline(cfg: RunConfig, *, model, progress: bool, log: Callable[[str],
                             corpus_rows=stat_docs[:CIRCUIT_MEAN_DOCS])
         circuit_json = circ.to_json()
         circuit_entry = _circuit_summary(circuit_json)
+        if iv.engine is not None:  # across positions (issue 16): positions t..P recomputed by the engine
+            from saecircuits.analysis.circuit.position_graph import position_circuit, reduced_positions
+
+            say("circuit across positions: nodes at every position, exact effects, edges, head loadings")
+            circuit_json["positions"] = position_circuit(model, saes, task, progress=progress)
+            circuit_entry["positions"] = reduced_positions(circuit_json["positions"])
+        else:
+            notes.append("The circuit across positions needs the prefix-cached engine; it was left out.")
         t = _stage(timings, "circuit", t)
     if task.n_dropped_too_long:
         notes.append(

@@ -766,6 +766,7 @@ RESULTS_SCHEMA = _Obj(
                     "selection": _opt("dict"),
                     "agreement": _opt("dict"),
                     "faithfulness": _opt(("list", "dict", None)),
+                    "positions": _opt("dict"),  # the circuit across positions (issue 16; its keys: circuit.json)
                     "nodes": _req(
                         (
                             "list",
