@@ -168,7 +168,7 @@ def position_circuit(
     pairs = {"nodes": ([], [], []), "edges": ([], [], [])}  # (atp, exact, distance) pooled over prompts
     n_runs = 0
     faith_rows = []
-    batches = task_batches(model, task, **kw)
+    batches = _bounded(task_batches(model, task, **kw), _floats_per_token(eng, pg))
     for batch in with_progress(batches, task.n_prompts, "circuit across positions (prompts)", progress):
         clean = clean_cache(eng, batch)
         tr, contrib = node_attributions(eng, pg, batch)
@@ -201,6 +201,29 @@ def position_circuit(
         faith_rows.append(_faithfulness_batch(eng, pg, batch, [graphs[i] for i in batch.indices], keys, means))
         del tr, contrib
     return _assemble(task, graphs, pairs, faith_rows, share, n_runs, n_examples)
+
+
+GRAPH_FLOATS = 1 << 26
+"""Budget (floats) of one tracked forward's autograd graph: the rows of a batch are split so that ``rows x T x``
+:func:`_floats_per_token` stays under it (a 500-token prompt with two 16k-feature SAEs: a few rows at a time)."""
+
+
+def _floats_per_token(engine, pg: PositionGroups) -> int:
+    """Floats the tracked forward keeps per position: SAE codes (encoded, leaf, gradient), errors, heads, MLPs."""
+    sae = sum(3 * g.sae.d_sae + 2 * g.sae.d_out for g in pg.groups if g.kind == "sae")
+    return sae + engine.n_layers * (24 * engine.d_model + 4 * engine.layers[0].W_in.shape[-1])
+
+
+def _bounded(batches, per_token: int):
+    """Split each task batch into row chunks whose tracked forward fits :data:`GRAPH_FLOATS`."""
+    from saecircuits.models.hooks import TaskBatch
+
+    for batch in batches:
+        B, T = batch.tokens.shape
+        step = max(1, GRAPH_FLOATS // max(1, T * per_token))
+        for r0 in range(0, B, step):
+            sl = slice(r0, r0 + step)
+            yield TaskBatch(batch.indices[sl], batch.tokens[sl], batch.positions[sl], batch.answer_ids[sl])
 
 
 def _graph(pg, describe, heads, c: PromptNodes, atp, exact, ex_edges, at_edges, loads, feat_idx, tr, b, P, n_layers,

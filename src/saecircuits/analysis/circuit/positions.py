@@ -393,42 +393,65 @@ def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges) -
 # AtP edges and head loadings
 
 
-def _slot_targets(tr: Tracked, down: list[PromptNodes], j: int, dev) -> torch.Tensor | None:
-    """Sum over prompts of each prompt's ``j``-th downstream feature (with its graph); None when none has one."""
-    parts = []
-    for b, dn in enumerate(down):
-        if j < len(dn.gi):
-            f = tr.attached[int(dn.gi[j])]
-            parts.append(f[b, 0, int(dn.pos[j]), int(dn.local[j])])
-    return torch.stack(parts).sum() if parts else None
+def _gather(contrib: Sequence[torch.Tensor], b: int, nodes: PromptNodes) -> torch.Tensor:
+    """``contrib[gi][b, pos, local]`` of every node of one prompt: float64 ``[n]``."""
+    out = torch.zeros(len(nodes.gi), dtype=torch.float64)
+    for gi in torch.unique(nodes.gi).tolist():
+        m = nodes.gi == gi
+        out[m] = contrib[gi][b, nodes.pos[m], nodes.local[m]]
+    return out
+
+
+SLOTS_PER_BACKWARD = 16
+"""Downstream slots whose gradients one batched backward pass computes (``torch.autograd.grad(...,
+is_grads_batched=True)``: a vmap over the grad outputs)."""
 
 
 @torch.enable_grad()
 def attribution_edges(pg: PositionGroups, tr: Tracked, up: list[PromptNodes], down: list[PromptNodes]
                       ) -> list[dict[tuple[int, int], float]]:
     """AtP edges ``grad_u f_d . a_u`` from every ``up`` node into every ``down`` feature of each prompt (``u`` at an
-    earlier stage, ``pos(u) <= pos(d)``), one backward pass per downstream slot for the whole batch.
+    earlier stage, ``pos(u) <= pos(d)``). Slot ``j`` is each prompt's ``j``-th downstream feature; the gradients of
+    :data:`SLOTS_PER_BACKWARD` slots come from one batched backward pass over the whole batch (a loop of single
+    backward passes where the batched one is not supported).
 
     Returns:
-        per prompt ``{(i_u, i_d): estimate}`` (activation units).
+        per prompt ``{(i_u, i_d): estimate}`` (activation units; every valid pair, 0 included).
     """
     out: list[dict] = [{} for _ in up]
     flat = tr.flat()
     n_slots = max((len(dn.gi) for dn in down), default=0)
+    up_stage = [torch.tensor([pg.stage[int(g)] for g in u.gi], dtype=torch.long) for u in up]
+    # per slot, the downstream activations of every prompt: [n_slots, B] (0 where a prompt has no such slot)
+    rows = []
     for j in range(n_slots):
-        target = _slot_targets(tr, down, j, None)
-        if target is None:
-            continue
-        grads = torch.autograd.grad(target, flat, retain_graph=True, allow_unused=True)
-        contrib = tr.contributions(pg, grads)
-        for b, (u, dn) in enumerate(zip(up, down, strict=True)):
-            if j >= len(dn.gi):
-                continue
-            st_d = pg.stage_in[int(dn.gi[j])]
-            for a in range(len(u.gi)):
-                gi, t = int(u.gi[a]), int(u.pos[a])
-                if pg.stage[gi] < st_d and t <= int(dn.pos[j]):
-                    out[b][(a, j)] = float(contrib[gi][b, t, int(u.local[a])])
+        parts = []
+        for b, dn in enumerate(down):
+            if j < len(dn.gi):
+                parts.append(tr.attached[int(dn.gi[j])][b, 0, int(dn.pos[j]), int(dn.local[j])])
+            else:
+                parts.append(tr.m[b] * 0.0)
+        rows.append(torch.stack(parts))
+    for j0 in range(0, n_slots, SLOTS_PER_BACKWARD):
+        block = torch.stack(rows[j0 : j0 + SLOTS_PER_BACKWARD]).sum(1)  # [n_block]: slot sums over prompts
+        eye = torch.eye(len(block), dtype=block.dtype)
+        try:
+            grads = torch.autograd.grad(block, flat, grad_outputs=eye, retain_graph=True, allow_unused=True,
+                                        is_grads_batched=True)
+            per_slot = [[None if g is None else g[i] for g in grads] for i in range(len(block))]
+        except RuntimeError:  # an op without a batching rule: one backward per slot
+            per_slot = [torch.autograd.grad(block[i], flat, retain_graph=True, allow_unused=True)
+                        for i in range(len(block))]
+        for i, grads_j in enumerate(per_slot):
+            j = j0 + i
+            contrib = tr.contributions(pg, grads_j)
+            for b, (u, dn) in enumerate(zip(up, down, strict=True)):
+                if j >= len(dn.gi):
+                    continue
+                ok = (up_stage[b] < pg.stage_in[int(dn.gi[j])]) & (u.pos <= int(dn.pos[j]))
+                vals = _gather(contrib, b, u)
+                for a in torch.nonzero(ok).flatten().tolist():
+                    out[b][(a, j)] = float(vals[a])
     return out
 
 
@@ -503,12 +526,7 @@ def head_loadings(engine, pg: PositionGroups, clean: CleanCache, tr: Tracked, up
                 contrib = tr.contributions(pg, torch.autograd.grad(s, flat, retain_graph=True, allow_unused=True))
                 col = layer * K + kh
                 for i, (b, w) in enumerate(zip(have, which, strict=True)):
-                    p_b = int(pd[i])
-                    u = up[b]
-                    for a in range(len(u.gi)):
-                        if int(u.pos[a]) >= p_b:
-                            continue
-                        key = (a, w)
-                        row = out[b].setdefault(key, [0.0] * (engine.n_layers * K))
-                        row[col] = float(contrib[int(u.gi[a])][b, int(u.pos[a]), int(u.local[a])])
+                    vals = _gather(contrib, b, up[b])
+                    for a in torch.nonzero(up[b].pos < int(pd[i])).flatten().tolist():
+                        out[b].setdefault((a, w), [0.0] * (engine.n_layers * K))[col] = float(vals[a])
     return out
