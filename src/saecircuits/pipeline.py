@@ -87,7 +87,8 @@ class RunConfig:
         circuit, circuit_ig_steps: build the feature circuit across all SAEs (analysis.circuit: exact node effects
             and edges, attribution patching and integrated gradients with this many steps, faithfulness and
             completeness), written to ``circuit.json``; on a model the prefix-cached engine cannot compute, from
-            full forwards (slower, same numbers).
+            full forwards (slower, same numbers). With the engine, also the circuit across positions
+            (analysis.circuit.position_graph) under circuit.json's ``"positions"``.
         n_evidence_features: top features that get the per-feature evidence (prompt and weight logit boosts,
             loss increase vs activation, DFA; analysis.evidence), plus the SAE-error DLA, upstream ablation and
             activation-scaled DLA of the SAE; the same features get the ablation on their max-activating corpus

@@ -348,8 +348,10 @@ def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges) -
     stages = []
     for gi, tab in tables.items():
         if bool((tab >= 0).any()):
-            _first_position(_single_edit(pg.groups[gi], tab, None), hooks)
-            stages.append(stage_of_hook(pg.groups[gi].hook, engine.n_layers))
+            g = pg.groups[gi]
+            _first_position(_single_edit(g, tab, None), hooks)
+            # from the earlier of the hook edited and the one it reads (a transcoder's input)
+            stages.append(min(stage_of_hook(h, engine.n_layers) for h in (g.hook, g.hook_in)))
     reads: dict = {}
     if down is not None:
         for gi, g in enumerate(pg.groups):
