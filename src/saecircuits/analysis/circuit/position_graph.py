@@ -5,7 +5,8 @@ values by distance from P, and the faithfulness / completeness of the pruned cir
 
 Per prompt, the graph holds the ``top_exact`` nodes with the largest ``|AtP|`` over every position ``t <= P`` (every
 one with its exact effect), the target ``log p(answer)`` at P, and the edges among them: ``u -> d`` for a feature
-``d`` at ``p_d >= pos(u)`` of a later stage (exact and AtP), ``u -> target`` (the node's exact effect and AtP).
+``d`` at ``p_d >= pos(u)`` of a later stage (exact; AtP into the ``edge_targets`` features of largest ``|exact|``),
+``u -> target`` (the node's exact effect and AtP).
 Edges of both zero exact value and zero AtP are dropped, and at most ``max_edges`` (largest ``max(|exact|, |atp|)``)
 are kept per prompt. Edges between positions into the target and into the ``head_targets`` features of largest
 ``|exact|`` carry head loadings that sum to their AtP value. The graph is then pruned (circuit-tracer's rule,
@@ -125,6 +126,7 @@ def position_circuit(
     share: float = 0.8,
     ig_steps: int = 0,
     means: dict | None = None,
+    edge_targets: int = 50,
     head_targets: int = 10,
     max_edges: int = 500,
     max_batch: int = DEFAULT_MAX_BATCH,
@@ -141,6 +143,8 @@ def position_circuit(
         share: pruning share (``prune_graph``).
         ig_steps: integrated gradients across positions are not computed (agreement ``"ig"`` is None).
         means: per group index, the mean-ablation values (:func:`position_means`; computed when None).
+        edge_targets: features per prompt (largest ``|exact|``) whose incoming edges get AtP estimates (one
+            backward pass each; exact edges go into every feature of the graph).
         head_targets: features per prompt (largest ``|exact|``) whose incoming edges get head loadings (and the
             target always).
         max_edges: edges kept per prompt before pruning.
@@ -181,11 +185,15 @@ def position_circuit(
         down = [PromptNodes(c.gi[i], c.local[i], c.pos[i]) for c, i in zip(chosen, feat_idx, strict=True)]
         effects, ex_edges, runs = exact_node_effects(eng, pg, clean, list(chosen), down)
         n_runs += runs
-        at_edges = attribution_edges(pg, tr, list(chosen), down)
-        targets = []
-        for b in range(B):
-            order = torch.argsort(effects[b][feat_idx[b]].abs().nan_to_num(0.0), descending=True)[:head_targets]
-            targets.append([-1] + order.tolist())
+        # AtP edges into the edge_targets features of largest |exact| (one backward pass each), head loadings into
+        # the first head_targets of them and into the target
+        ranked = [torch.argsort(effects[b][feat_idx[b]].abs().nan_to_num(0.0), descending=True, stable=True)
+                  for b in range(B)]
+        sel = [r[:edge_targets] for r in ranked]
+        at_sel = attribution_edges(pg, tr, list(chosen), [PromptNodes(d.gi[s], d.local[s], d.pos[s])
+                                                          for d, s in zip(down, sel, strict=True)])
+        at_edges = [{(a, int(s[j])): v for (a, j), v in e.items()} for e, s in zip(at_sel, sel, strict=True)]
+        targets = [[-1] + r[:head_targets].tolist() for r in ranked]
         loads = head_loadings(eng, pg, clean, tr, list(chosen), down, targets)
         keys: list[dict] = []
         for b, i in enumerate(batch.indices):
@@ -254,14 +262,15 @@ def _graph(pg, describe, heads, c: PromptNodes, atp, exact, ex_edges, at_edges, 
         return [{"head": h, "value": _f(v)} for h, v in zip(heads, parts, strict=True) if v != 0.0]
 
     edges = []
-    for (a, j), v in at_edges.items():  # every valid pair has an AtP entry (0 allowed); exact 0 where unrecorded
-        e = ex_edges.get((a, j), 0.0)
+    for (a, j), v in at_edges.items():  # every valid pair into an estimated feature (0 allowed); exact 0 unrecorded
         pairs["edges"][0].append(v)
-        pairs["edges"][1].append(e)
+        pairs["edges"][1].append(ex_edges.get((a, j), 0.0))
         pairs["edges"][2].append(P - int(c.pos[int(feat_idx[j])]))
-        if v == 0.0 and e == 0.0:
+    for a, j in sorted(set(at_edges) | set(ex_edges)):
+        v, e = at_edges.get((a, j)), ex_edges.get((a, j), 0.0)
+        if not v and e == 0.0:
             continue
-        edges.append({"src": ids[a], "dst": ids[int(feat_idx[j])], "exact": _f(e), "atp": _f(v),
+        edges.append({"src": ids[a], "dst": ids[int(feat_idx[j])], "exact": _f(e), "atp": None if v is None else _f(v),
                       "heads": head_list((a, j)), "in_graph": False})
     for a in range(len(c.gi)):
         edges.append({"src": ids[a], "dst": target, "exact": _f(exact[a]), "atp": _f(atp[a]),

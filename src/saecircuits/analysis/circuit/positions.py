@@ -214,6 +214,42 @@ class Tracked:
     def flat(self) -> list[torch.Tensor]:
         return [t for ts in self.leaves for t in ts]
 
+    def gathered(self, pg: PositionGroups, grads: Sequence[torch.Tensor | None], b: int, nodes: PromptNodes
+                 ) -> torch.Tensor:
+        """``grad . activation`` of the given nodes of prompt ``b`` alone: float64 ``[n]`` (what
+        :meth:`contributions` holds at those entries, without forming the whole ``[B, T, n_local]`` tensors)."""
+        out = torch.zeros(len(nodes.gi), dtype=torch.float64)
+        offsets = [0]
+        for ts in self.leaves:
+            offsets.append(offsets[-1] + len(ts))
+        for gi in torch.unique(nodes.gi).tolist():
+            m = nodes.gi == gi
+            t, k = nodes.pos[m], nodes.local[m]
+            ts, gs = self.leaves[gi], grads[offsets[gi] : offsets[gi + 1]]
+            g = pg.groups[gi]
+            with torch.no_grad():
+                if g.kind == "sae":
+                    (f, e), (gf, ge) = ts, gs
+                    d_sae = g.sae.d_sae
+                    is_f = k < d_sae
+                    vals = torch.zeros(len(t), dtype=torch.float64)
+                    kf = k.clamp(max=d_sae - 1)
+                    if gf is not None:
+                        vals += torch.where(is_f, (gf[b, 0, t, kf] * f[b, 0, t, kf]).double().cpu(), 0.0)
+                    if ge is not None:
+                        vals += torch.where(is_f, 0.0, (ge[b, 0, t] * e[b, 0, t]).double().sum(-1).cpu())
+                else:
+                    (a,), (ga,) = ts, gs
+                    if ga is None:
+                        continue
+                    prod = (ga[b, 0, t] * a[b, 0, t]).double()
+                    if g.kind == "heads":
+                        vals = prod[torch.arange(len(t)), k].sum(-1).cpu()
+                    else:
+                        vals = prod.reshape(len(t), -1).sum(-1).cpu()
+            out[m] = vals
+        return out
+
     def contributions(self, pg: PositionGroups, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
         """``grad . activation`` per group ``[B, T, n_local]`` (float64, on the CPU) from grads of :meth:`flat`."""
         out, i = [], 0
@@ -372,19 +408,20 @@ def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges) -
         effects[b][s] = m[i, 0] - m[i, 1 : 1 + len(s)]
     if down is None:
         return
-    codes = {}
-    for gi, x_in in reads.items():
-        g = pg.groups[gi]
-        codes[gi] = g.sae.encode(g.sae.flatten_input(x_in)).float()  # [n, F, S, d_sae]
     for i, (b, s) in enumerate(zip(rows, sel, strict=True)):
         dn = down[b]
         t_b = int(P[i]) - d
         up_stage = torch.tensor([pg.stage[int(g)] for g in nodes[b].gi[s]])
-        for gi, f in codes.items():
+        for gi, x_in in reads.items():
             want = torch.nonzero((dn.gi == gi) & (dn.pos >= t_b)).flatten()
-            if not len(want):
+            if not len(want) or pg.stage_in[gi] <= int(up_stage.min()):  # no edge can reach this SAE's nodes
                 continue
-            fi = f[i].expand(V, *f.shape[2:])[:, (dn.pos[want] - t_b).to(dev), dn.local[want].to(dev)]  # [V, w]
+            # encode only the positions that hold downstream nodes (the SAE encoder is most of the cost)
+            where, col = torch.unique(dn.pos[want] - t_b, return_inverse=True)
+            g = pg.groups[gi]
+            xi = x_in[i, :, where.to(dev)]
+            f = g.sae.encode(g.sae.flatten_input(xi)).float()  # [F, n_where, d_sae]
+            fi = f.expand(V, *f.shape[1:])[:, col.to(dev), dn.local[want].to(dev)]  # [V, w]
             delta = (fi[:1] - fi[1 : 1 + len(s)]).double().cpu()  # [len(s), w]
             ok = (up_stage < pg.stage_in[gi])[:, None] & (delta != 0)
             for a, c in torch.nonzero(ok).tolist():
@@ -404,18 +441,13 @@ def _gather(contrib: Sequence[torch.Tensor], b: int, nodes: PromptNodes) -> torc
     return out
 
 
-SLOTS_PER_BACKWARD = 16
-"""Downstream slots whose gradients one batched backward pass computes (``torch.autograd.grad(...,
-is_grads_batched=True)``: a vmap over the grad outputs)."""
-
-
 @torch.enable_grad()
 def attribution_edges(pg: PositionGroups, tr: Tracked, up: list[PromptNodes], down: list[PromptNodes]
                       ) -> list[dict[tuple[int, int], float]]:
     """AtP edges ``grad_u f_d . a_u`` from every ``up`` node into every ``down`` feature of each prompt (``u`` at an
-    earlier stage, ``pos(u) <= pos(d)``). Slot ``j`` is each prompt's ``j``-th downstream feature; the gradients of
-    :data:`SLOTS_PER_BACKWARD` slots come from one batched backward pass over the whole batch (a loop of single
-    backward passes where the batched one is not supported).
+    earlier stage, ``pos(u) <= pos(d)``). Slot ``j`` is each prompt's ``j``-th downstream feature: one backward pass
+    per slot for the whole batch. (A batched backward over slots, ``is_grads_batched=True``, was 8x slower on CPU
+    for the demo model, so the passes run one after another on the retained graph.)
 
     Returns:
         per prompt ``{(i_u, i_d): estimate}`` (activation units; every valid pair, 0 included).
@@ -424,36 +456,17 @@ def attribution_edges(pg: PositionGroups, tr: Tracked, up: list[PromptNodes], do
     flat = tr.flat()
     n_slots = max((len(dn.gi) for dn in down), default=0)
     up_stage = [torch.tensor([pg.stage[int(g)] for g in u.gi], dtype=torch.long) for u in up]
-    # per slot, the downstream activations of every prompt: [n_slots, B] (0 where a prompt has no such slot)
-    rows = []
     for j in range(n_slots):
-        parts = []
-        for b, dn in enumerate(down):
-            if j < len(dn.gi):
-                parts.append(tr.attached[int(dn.gi[j])][b, 0, int(dn.pos[j]), int(dn.local[j])])
-            else:
-                parts.append(tr.m[b] * 0.0)
-        rows.append(torch.stack(parts))
-    for j0 in range(0, n_slots, SLOTS_PER_BACKWARD):
-        block = torch.stack(rows[j0 : j0 + SLOTS_PER_BACKWARD]).sum(1)  # [n_block]: slot sums over prompts
-        eye = torch.eye(len(block), dtype=block.dtype)
-        try:
-            grads = torch.autograd.grad(block, flat, grad_outputs=eye, retain_graph=True, allow_unused=True,
-                                        is_grads_batched=True)
-            per_slot = [[None if g is None else g[i] for g in grads] for i in range(len(block))]
-        except RuntimeError:  # an op without a batching rule: one backward per slot
-            per_slot = [torch.autograd.grad(block[i], flat, retain_graph=True, allow_unused=True)
-                        for i in range(len(block))]
-        for i, grads_j in enumerate(per_slot):
-            j = j0 + i
-            contrib = tr.contributions(pg, grads_j)
-            for b, (u, dn) in enumerate(zip(up, down, strict=True)):
-                if j >= len(dn.gi):
-                    continue
-                ok = (up_stage[b] < pg.stage_in[int(dn.gi[j])]) & (u.pos <= int(dn.pos[j]))
-                vals = _gather(contrib, b, u)
-                for a in torch.nonzero(ok).flatten().tolist():
-                    out[b][(a, j)] = float(vals[a])
+        have = [b for b, dn in enumerate(down) if j < len(dn.gi)]
+        target = torch.stack([tr.attached[int(down[b].gi[j])][b, 0, int(down[b].pos[j]), int(down[b].local[j])]
+                              for b in have]).sum()
+        grads = torch.autograd.grad(target, flat, retain_graph=True, allow_unused=True)
+        for b in have:
+            u, dn = up[b], down[b]
+            ok = (up_stage[b] < pg.stage_in[int(dn.gi[j])]) & (u.pos <= int(dn.pos[j]))
+            vals = tr.gathered(pg, grads, b, u)
+            for a in torch.nonzero(ok).flatten().tolist():
+                out[b][(a, j)] = float(vals[a])
     return out
 
 
@@ -525,10 +538,10 @@ def head_loadings(engine, pg: PositionGroups, clean: CleanCache, tr: Tracked, up
                     s = s + (v[r, 0, :, kh].float() * gv[:, kh].float()).sum()
                 if not torch.is_tensor(s) or not s.requires_grad:
                     continue
-                contrib = tr.contributions(pg, torch.autograd.grad(s, flat, retain_graph=True, allow_unused=True))
+                grads = torch.autograd.grad(s, flat, retain_graph=True, allow_unused=True)
                 col = layer * K + kh
                 for i, (b, w) in enumerate(zip(have, which, strict=True)):
-                    vals = _gather(contrib, b, up[b])
+                    vals = tr.gathered(pg, grads, b, up[b])
                     for a in torch.nonzero(up[b].pos < int(pd[i])).flatten().tolist():
                         out[b].setdefault((a, w), [0.0] * (engine.n_layers * K))[col] = float(vals[a])
     return out
