@@ -409,6 +409,8 @@ def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges) -
     if down is None:
         return
     for i, (b, s) in enumerate(zip(rows, sel, strict=True)):
+        if not len(s):  # this row's variants at distance d were all in earlier chunks
+            continue
         dn = down[b]
         t_b = int(P[i]) - d
         up_stage = torch.tensor([pg.stage[int(g)] for g in nodes[b].gi[s]])
@@ -430,15 +432,6 @@ def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges) -
 
 # ----------------------------------------------------------------------------------------------------------------
 # AtP edges and head loadings
-
-
-def _gather(contrib: Sequence[torch.Tensor], b: int, nodes: PromptNodes) -> torch.Tensor:
-    """``contrib[gi][b, pos, local]`` of every node of one prompt: float64 ``[n]``."""
-    out = torch.zeros(len(nodes.gi), dtype=torch.float64)
-    for gi in torch.unique(nodes.gi).tolist():
-        m = nodes.gi == gi
-        out[m] = contrib[gi][b, nodes.pos[m], nodes.local[m]]
-    return out
 
 
 @torch.enable_grad()
