@@ -125,8 +125,11 @@ def test_exact_effects_at_earlier_positions_equal_full_prompt_interventions(arch
     assert checked > 10
 
 
-def test_right_padding_never_changes_a_number():
-    """Batched (right-padded, max_batch=4) and one prompt at a time give the same AtP and exact effects."""
+def test_right_padding_never_changes_a_number(monkeypatch):
+    """Batched (right-padded, max_batch=4, variants split into chunks of one) and one prompt at a time give the same
+    AtP and exact effects."""
+    import saecircuits.analysis.circuit.positions as positions
+
     model, task, saes, pg = _setup("gpt_neo")
     eng = engine_of(model)
 
@@ -136,17 +139,25 @@ def test_right_padding_never_changes_a_number():
             clean = clean_cache(eng, batch)
             _, contrib = node_attributions(eng, pg, batch)
             nodes = [_pick_nodes(pg, clean, contrib, b) for b in range(len(batch.indices))]
-            effects, _, _ = exact_node_effects(eng, pg, clean, nodes)
+            feats = [(n.local < torch.tensor([pg.n_local(int(g)) - 1 if pg.groups[int(g)].kind == "sae" else 0
+                                              for g in n.gi])) for n in nodes]
+            down = [PromptNodes(n.gi[f], n.local[f], n.pos[f]) for n, f in zip(nodes, feats, strict=True)]
+            effects, edges, _ = exact_node_effects(eng, pg, clean, nodes, down)
             for b, i in enumerate(batch.indices):
                 atp = torch.stack([contrib[int(g)][b, int(t), int(k)] for g, k, t in
                                    zip(nodes[b].gi, nodes[b].local, nodes[b].pos, strict=True)])
-                out[i] = (effects[b], atp)
+                keys = sorted(edges[b])
+                out[i] = (effects[b], atp, keys, torch.tensor([edges[b][k] for k in keys]))
         return out
 
-    one, many = run(1), run(4)
+    one = run(1)
+    monkeypatch.setattr(positions, "MAX_FLOATS", 1)  # one variant per chunk: rows run out of variants early
+    many = run(4)
     for i in one:
         torch.testing.assert_close(many[i][0], one[i][0], atol=1e-5, rtol=1e-5)  # float32 rounding of another batch shape
         torch.testing.assert_close(many[i][1], one[i][1], atol=1e-5, rtol=1e-5)
+        assert many[i][2] == one[i][2] and len(one[i][2]) > 0
+        torch.testing.assert_close(many[i][3], one[i][3], atol=1e-5, rtol=1e-5)
 
 
 def test_atp_at_earlier_positions_equals_autograd_through_the_bridge():
