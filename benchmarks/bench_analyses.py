@@ -562,6 +562,34 @@ def bench_circuit(args) -> None:
                   f"{a_['sign_agreement']:.3f}, top-20 overlap {a_['top_overlap']:.2f} (n={a_['n']})")
 
 
+def bench_positions(args) -> None:
+    """The circuit across positions (issue 16) next to today's circuit at P, same case as ``--circuit``."""
+    from saecircuits.analysis.circuit import find_circuit
+    from saecircuits.analysis.circuit.position_graph import position_circuit
+
+    a = argparse.Namespace(**vars(args))
+    a.n_prompts = 300
+    model, task, rows, label = load_case("default", a)
+    saes = [calibrated_sae(model, task, f"blocks.{layer}.mlp.hook_post", 2048, args.l0, seed=layer)
+            for layer in (0, 1)]
+    lengths = [p + 1 for p in task.prediction_pos]
+    print(f"\n== circuit across positions, {label}, 2 SAEs x 2,048 features, {task.n_prompts} prompts "
+          f"(P+1 = {min(lengths)}..{max(lengths)} tokens, mean {sum(lengths) / len(lengths):.0f}), "
+          f"{torch.get_num_threads()} thread(s)")
+    interventions_for(model).clear_cache()
+    _, t_p = timed(lambda: find_circuit(model, saes, task, ig_steps=10, corpus_rows=rows[:300]))
+    print(f"   today's circuit at P (find_circuit, as the pipeline): {t_p:.1f} s")
+    pos, t = timed(lambda: position_circuit(model, saes, task, top_exact=args.top_exact, progress=False))
+    ag = pos["agreement"]
+    print(f"   position_circuit (top_exact={args.top_exact}): {t:.1f} s ({t / t_p:.2f}x), "
+          f"{pos['n_exact_interventions']} exact interventions")
+    for what in ("nodes", "edges"):
+        a_ = ag[what]["atp"]
+        print(f"   {what:5s} atp: Spearman {a_['spearman']}, sign {a_['sign_agreement']}, top-20 {a_['top_overlap']} "
+              f"(n={a_['n']})")
+    print(f"   faithfulness {pos['faithfulness']}, completeness {pos['completeness']}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="default,stories260k,gpt2bpe")
@@ -583,6 +611,8 @@ def main() -> None:
     p.add_argument("--memory", action="store_true", help="also run the 5,000-prompt x 16,384-feature memory check")
     p.add_argument("--table-2cores", action="store_true", help="also time the all-features table at 2 threads")
     p.add_argument("--circuit", action="store_true", help="also time the whole circuit on the embedded default")
+    p.add_argument("--positions", action="store_true", help="also time the circuit across positions (issue 16)")
+    p.add_argument("--top-exact", type=int, default=200, help="--positions: nodes per prompt with exact effects")
     p.add_argument("--only", action="store_true", help="run only the extra modes given")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -597,6 +627,8 @@ def main() -> None:
         bench_table_2cores(args)
     if args.circuit:
         bench_circuit(args)
+    if args.positions:
+        bench_positions(args)
 
 
 if __name__ == "__main__":

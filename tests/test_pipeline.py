@@ -83,6 +83,11 @@ def test_pipeline_trains_saes_writes_valid_results_and_report(tmp_path, corpus):
     assert rec + err == pytest.approx(mlp, abs=1e-4)
     assert "upstream_ablation" in layer1 and "upstream_ablation" not in on_disk["saes"][0]
     assert {d["feature"] for d in layer1["feature_details"]} <= {f["feature"] for f in layer1["top_features"]}
+    # the circuit across positions (issue 16): whole in circuit.json, pruned examples in results.json
+    positions = json.loads((out / "circuit.json").read_text())["positions"]
+    assert positions["n_prompts"] == on_disk["task"]["n_prompts"] and positions["examples"]
+    kept = on_disk["circuit"]["positions"]["examples"][0]
+    assert kept["nodes"] and all(n["in_graph"] for n in kept["nodes"])
 
     # A second run reuses the cached SAEs.
     again = run_pipeline(_cfg(tmp_path, corpus, out=tmp_path / "out2"), model=model, progress=False)

@@ -21,6 +21,7 @@ from saecircuits.results._base import (
     Pair,
     ResultsModel,
     Str,
+    StrOrNull,
     opt,
     req,
 )
@@ -42,8 +43,8 @@ class EstimateAgreement(ResultsModel):
 class EstimatesAgreement(ResultsModel):
     """Agreement of each estimate with the exact values."""
 
-    atp: EstimateAgreement = opt("attribution patching (one gradient)")
-    ig: EstimateAgreement = opt("integrated gradients")
+    atp: EstimateAgreement | None = opt("attribution patching (one gradient); null: not computed")
+    ig: EstimateAgreement | None = opt("integrated gradients; null: not computed (the circuit across positions has no IG)")
 
 
 class DistanceAgreement(ResultsModel):
@@ -61,7 +62,8 @@ class PositionsAgreement(ResultsModel):
 
     nodes: EstimatesAgreement = opt("node effects: 'atp', 'ig'")
     edges: EstimatesAgreement = opt("edges: 'atp'")
-    by_distance: list[DistanceAgreement] = opt("per distance from P or anchor")
+    by_distance: list[DistanceAgreement] = opt("node effects, per distance from P (0..15, then '16+')")
+    edges_by_distance: list[DistanceAgreement] = opt("edges, per distance of the source from P")
 
 
 class MeanInterval(ResultsModel):
@@ -69,6 +71,7 @@ class MeanInterval(ResultsModel):
 
     mean: Float = opt("mean over prompts; null when undefined")
     ci95: Pair | None = opt("95% interval [lo, hi]; null when undefined")
+    undefined_reason: StrOrNull = opt("why the value is undefined (null when defined)")
 
 
 class HeadMean(ResultsModel):
@@ -187,5 +190,7 @@ class Positions(ResultsModel):
     agreement: PositionsAgreement = opt("agreement of the gradient estimates with the exact values")
     faithfulness: MeanInterval = opt("faithfulness of the pruned graphs, mean over prompts")
     completeness: MeanInterval = opt("completeness of the pruned graphs, mean over prompts")
+    means: Str = opt("what a node is mean-ablated to, in words")
+    head_loading: Str = opt("how head loadings are defined, in words")
     aggregated: AggregatedGraph = opt("the graph aggregated over prompts")
     examples: list[PromptGraph] = opt("per-prompt graphs")

@@ -144,22 +144,17 @@ def _stage(hook: str, n_layers: int) -> tuple[int, int]:
     return stage_of_hook(hook, n_layers)
 
 
-def circuit_nodes(model, saes: Sequence[SAE], acts: Sequence[FeatureActs]) -> tuple[list[Node], list[_Group]]:
-    """The circuit's nodes (see the module docstring) and the hook groups they live in, in execution order.
-
-    Args:
-        model: a TransformerBridge.
-        saes: the run's SAEs (at most one per hook).
-        acts: per SAE, its :class:`FeatureActs` at P on the task (features active on a prompt become nodes).
+def _group_specs(model, saes: Sequence[SAE]) -> list[tuple[str, str, int | None]]:
+    """``(hook, kind, sae index)`` of every node group in execution order: embeddings, heads (``"heads"``) and
+    MLPs without an SAE (``"whole"``), each SAE (``"sae"``). Shared by :func:`circuit_nodes` and the circuit across
+    positions (:mod:`saecircuits.analysis.circuit.positions`).
 
     Raises:
-        ValueError: two SAEs on one hook, or ``acts`` not matching ``saes``.
+        ValueError: two SAEs on one hook.
     """
-    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    n_layers = int(model.cfg.n_layers)
     if len({s.hook_point_out for s in saes}) != len(saes):
         raise ValueError("the circuit needs at most one SAE per hook point (the hook each SAE writes)")
-    if len(acts) != len(saes):
-        raise ValueError(f"got {len(acts)} FeatureActs for {len(saes)} SAEs")
     by_hook = {s.hook_point_out: i for i, s in enumerate(saes)}
     # an SAE on a layer's MLP activations or a transcoder replacing its MLP stands for that MLP node, and one on its
     # attention z for its head nodes (their features and error node cover what they write)
@@ -176,6 +171,24 @@ def circuit_nodes(model, saes: Sequence[SAE], acts: Sequence[FeatureActs]) -> tu
             specs.append((f"blocks.{layer}.mlp.hook_post", "whole", None))
     specs += [(s.hook_point_out, "sae", i) for i, s in enumerate(saes)]
     specs.sort(key=lambda t: _stage(t[0], n_layers))
+    return specs
+
+
+def circuit_nodes(model, saes: Sequence[SAE], acts: Sequence[FeatureActs]) -> tuple[list[Node], list[_Group]]:
+    """The circuit's nodes (see the module docstring) and the hook groups they live in, in execution order.
+
+    Args:
+        model: a TransformerBridge.
+        saes: the run's SAEs (at most one per hook).
+        acts: per SAE, its :class:`FeatureActs` at P on the task (features active on a prompt become nodes).
+
+    Raises:
+        ValueError: two SAEs on one hook, or ``acts`` not matching ``saes``.
+    """
+    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    if len(acts) != len(saes):
+        raise ValueError(f"got {len(acts)} FeatureActs for {len(saes)} SAEs")
+    specs = _group_specs(model, saes)
     nodes: list[Node] = []
     groups: list[_Group] = []
     for hook, kind, si in specs:

@@ -1,0 +1,540 @@
+"""The circuit across positions: nodes at every position ``t <= P``, their effects on the answer at P, edges between
+positions, and the attention heads an edge between positions runs through.
+
+Method sources:
+- Sparse Feature Circuits (Marks et al. 2024): SAE features and one error node per SAE as nodes at every position of
+  the prompt, node and edge effects by attribution patching (AtP: Nanda 2023; Kramar et al. 2024, "AtP*"), checked
+  here against exact ablations;
+- circuit-tracer attribution graphs (Ameisen et al. 2025, "Circuit Tracing"): nodes at every position, edges into
+  a later position through attention, pruning by influence on the target, per-head attention attributions ("head
+  loadings") of an edge between positions.
+
+Conventions (per prompt; P its prediction position; ``m`` = log p(answer) at P, nats):
+- node ``(group, index, t)``: a feature of an SAE at position ``t`` (active there: ``f != 0``), an SAE's error node,
+  a head's ``hook_z`` slice, an MLP without an SAE (``mlp.hook_post``), the token and position embeddings, each at
+  every position ``t <= P``; ablating it (exact effects) is as in :mod:`saecircuits.analysis.circuit` (feature
+  ``x - f_k W_dec[k]``, error ``x -> x_hat``, head / MLP / embedding -> 0), at position ``t`` alone;
+- node effect ``m(clean) - m(node ablated)`` (nats, positive: supports the answer);
+- edge ``u -> d`` (``u`` at ``s``, ``d`` a feature of a later stage at ``p_d >= s``): ``f_d(clean) - f_d(u
+  ablated)`` (activation units); ``u -> target``: ``u``'s node effect (nats);
+- AtP: ``effect(u) ~ grad_u m . a_u``, ``edge(u, d) ~ grad_u f_d . a_u`` (the gradient with respect to every
+  position's activations at once: one backward pass per prompt batch for the node effects, one per downstream
+  slot for the edges);
+- exact effects by a prefix-cached intervention at position ``t``: the clean pass keeps every position's keys /
+  values and residual stream; an ablation at ``t`` recomputes positions ``t..P`` only, from the edited hook's
+  half-block on, attending to the cached keys/values of positions ``< t`` (local layers keep their window; rotary
+  queries get their own positions). Every prompt of a batch ablates its own nodes at distance ``d = P - t`` as
+  variants of one run, variant 0 being the clean recomputation (so an ablation that changes nothing is exactly 0).
+
+Head loadings (:func:`head_loadings`): position ``p_d`` sees the earlier positions only through the keys and values
+of each layer's attention, so ``f_d`` at ``p_d`` is a function ``G(x_{p_d}, {k_{t,L,j}, v_{t,L,j}: t < p_d})`` of
+its own embedding and the earlier positions' keys/values (``j`` a key/value head). By the chain rule, for ``u`` at
+``s < p_d``, ``grad_u f_d . a_u = sum_{L, j} sum_{t < p_d} (dG/dk_{t,L,j} . dk_{t,L,j}/du + dG/dv . dv/du) . a_u``:
+the AtP edge splits into one part per (layer, key/value head), and the parts sum to it exactly (an identity, tested).
+This is circuit-tracer's attention attribution (edges between positions split by the head whose QK/OV they pass,
+with the attention patterns frozen at first order). With grouped-query attention a key/value head serves several
+query heads and the loading is per key/value head (``L1KV0``); otherwise per head (``L1H3``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from saecircuits.analysis.ablations.modes import edit_dtype
+from saecircuits.analysis.circuit import (
+    MAX_FLOATS,
+    _answer_logprob,
+    _contributions,
+    _Group,
+    _group_specs,
+    _single_edit,
+    _stage_key,
+    _track,
+)
+from saecircuits.models.engine import EngineError, KVPrefix, stage_of_hook
+from saecircuits.models.hooks import TaskBatch
+from saecircuits.models.interventions import Edit, interventions_for
+from saecircuits.saes.base import SAE
+
+__all__ = ["PositionGroups", "position_groups", "CleanCache", "clean_cache", "node_attributions",
+           "exact_node_effects", "attribution_edges", "head_loadings", "engine_of"]
+
+
+@dataclass
+class PositionGroups:
+    """Every node group of the model and SAEs (one per hook), in execution order.
+
+    Attributes:
+        groups: :class:`saecircuits.analysis.circuit._Group` per hook; ``node_of = arange(n_local)`` (every in-group
+            index is a node at every position: SAE features ``0..d_sae-1`` and the error ``d_sae``, heads, or 0).
+        names: per group, the node kind of its in-group indices (``"sae"``, ``"head"``, ``"embed"``, ``"pos_embed"``,
+            ``"mlp"``).
+        layer: per group, the block of its hook (-1 for the embeddings).
+        stage: per group, the execution-order key of the hook it writes; stage_in: of the hook it is read from.
+        sae_index: per group, the index of its SAE in the run (-1 otherwise).
+    """
+
+    groups: list[_Group]
+    names: list[str]
+    layer: list[int]
+    stage: list[int]
+    stage_in: list[int]
+    sae_index: list[int]
+
+    def n_local(self, gi: int) -> int:
+        return len(self.groups[gi].node_of)
+
+
+def position_groups(model, saes: Sequence[SAE]) -> PositionGroups:
+    """The node groups (see :class:`PositionGroups`). Raises ValueError: two SAEs on one hook."""
+    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    groups, names, layer, stage, stage_in, sae_index = [], [], [], [], [], []
+    for hook, kind, si in _group_specs(model, saes):
+        sae = saes[si] if si is not None else None
+        n = sae.d_sae + 1 if sae is not None else n_heads if kind == "heads" else 1
+        g = _Group(hook, kind, sae, torch.arange(n))
+        groups.append(g)
+        names.append("sae" if sae is not None else "head" if kind == "heads" else
+                     {"hook_embed": "embed", "hook_pos_embed": "pos_embed"}.get(hook, "mlp"))
+        layer.append(stage_of_hook(hook, n_layers)[0])
+        stage.append(_stage_key(hook, n_layers))
+        stage_in.append(_stage_key(g.hook_in, n_layers))
+        sae_index.append(-1 if si is None else si)
+    return PositionGroups(groups, names, layer, stage, stage_in, sae_index)
+
+
+def engine_of(model):
+    """The prefix-cached engine of ``model``. Raises EngineError: a model the engine cannot compute (the circuit
+    across positions recomputes positions ``t..P`` with it; the bridge has no such path)."""
+    iv = interventions_for(model)
+    if iv.engine is None:
+        raise EngineError(f"the circuit across positions needs the prefix-cached engine, unavailable here ({iv.reason})")
+    return iv.engine
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# hooks on whole sequences ([B, F, S, *shape])
+
+
+def _box(store: dict, key):
+    def fn(x: torch.Tensor) -> None:
+        store[key] = x
+
+    return fn
+
+
+def _add_sae_hook(hooks: dict, g: _Group, fn) -> None:
+    """At ``g.hook``: ``x -> fn(x_in, x)`` with ``x_in [B, F, S, d_in]`` read at ``g.hook_in`` in the same pass and
+    ``x [B, F, S, d_out]`` (``hook_z`` flattened and restored)."""
+    sae = g.sae
+    box: dict = {}
+    if g.hook_in != g.hook:
+        hooks.setdefault(g.hook_in, []).append(_box(box, "x"))
+
+    def at(x: torch.Tensor) -> torch.Tensor:
+        x_in = sae.flatten_input(box["x"] if g.hook_in != g.hook else x)
+        flat = x.flatten(-2) if x.shape[-1] != sae.d_out else x
+        F = max(x_in.shape[1], flat.shape[1])
+        x_in, flat = (t.expand(t.shape[0], F, *t.shape[2:]) for t in (x_in, flat))
+        out = fn(x_in, flat)
+        return out.unflatten(-1, x.shape[-2:]) if flat.dim() != x.dim() else out
+
+    hooks.setdefault(g.hook, []).append(at)
+
+
+def _first_position(e: Edit, hooks: dict) -> None:
+    """Apply an at-P :class:`Edit` (``[B, F, *shape] -> [B, V, *shape]``) to the first computed position of a
+    ``[B, F, S, *shape]`` recomputation, leaving the later positions to the model."""
+    box: dict = {}
+    for r in e.reads:
+        hooks.setdefault(r, []).append(_box(box, r))
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        first = e.fn(x[:, :, 0].clone(), *[box[r][:, :, 0] for r in e.reads]).to(x.dtype)
+        V = max(first.shape[1], x.shape[1])
+        first = first.expand(x.shape[0], V, *first.shape[2:])
+        rest = x[:, :, 1:]
+        rest = rest.expand(x.shape[0], V, *rest.shape[2:])
+        return torch.cat([first[:, :, None], rest], dim=2)
+
+    hooks.setdefault(e.hook, []).append(fn)
+
+
+def _at_positions(x: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """``x [B, F, T, *shape]`` -> ``[len(rows), F, *shape]`` at ``(rows[i], pos[i])``."""
+    return x[rows, :, pos]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the clean pass and attribution patching
+
+
+@dataclass
+class CleanCache:
+    """One clean full forward of a batch (no gradient): keys/values ``[B, 1, T, n_kv, d_head]`` per layer and the
+    residual stream ``{(layer, sub): [B, 1, T, d_model]}`` at every position, and the answer log-prob ``m [B]``."""
+
+    batch: TaskBatch
+    kv: list
+    resid: dict
+    m: torch.Tensor
+
+
+def clean_cache(engine, batch: TaskBatch) -> CleanCache:
+    with torch.no_grad():
+        kv: list = []
+        resid: dict = {}
+        x = engine.forward_tokens(batch.tokens, keep_kv=kv, keep_resid=resid)
+        rows = torch.arange(x.shape[0], device=x.device)
+        lg = engine.logits(x[rows, :, batch.positions.to(x.device)])  # [B, 1, d_vocab]
+        m = _answer_logprob(lg, batch.answer_ids)[:, 0]
+    return CleanCache(batch, kv, resid, m)
+
+
+@dataclass
+class Tracked:
+    """The autograd graph of one tracked forward of a batch (:func:`node_attributions`).
+
+    Attributes:
+        leaves: per group, the tensors whose gradients give contributions (``(f, e)`` for an SAE, ``(a,)`` else),
+            ``[B, 1, T, ...]``.
+        attached: per SAE group, ``encode(x_in)`` with its graph to upstream leaves ``[B, 1, T, d_sae]``.
+        kv: per layer ``(k, v)`` ``[B, 1, T, n_kv, d_head]`` with their graph (for head loadings).
+        m: ``[B]`` the answer log-prob at P.
+    """
+
+    leaves: list[tuple]
+    attached: dict[int, torch.Tensor]
+    kv: list
+    m: torch.Tensor
+
+    def flat(self) -> list[torch.Tensor]:
+        return [t for ts in self.leaves for t in ts]
+
+    def gathered(self, pg: PositionGroups, grads: Sequence[torch.Tensor | None], b: int, nodes: PromptNodes
+                 ) -> torch.Tensor:
+        """``grad . activation`` of the given nodes of prompt ``b`` alone: float64 ``[n]`` (what
+        :meth:`contributions` holds at those entries, without forming the whole ``[B, T, n_local]`` tensors)."""
+        out = torch.zeros(len(nodes.gi), dtype=torch.float64)
+        offsets = [0]
+        for ts in self.leaves:
+            offsets.append(offsets[-1] + len(ts))
+        for gi in torch.unique(nodes.gi).tolist():
+            m = nodes.gi == gi
+            t, k = nodes.pos[m], nodes.local[m]
+            ts, gs = self.leaves[gi], grads[offsets[gi] : offsets[gi + 1]]
+            g = pg.groups[gi]
+            with torch.no_grad():
+                if g.kind == "sae":
+                    (f, e), (gf, ge) = ts, gs
+                    d_sae = g.sae.d_sae
+                    is_f = k < d_sae
+                    vals = torch.zeros(len(t), dtype=torch.float64)
+                    kf = k.clamp(max=d_sae - 1)
+                    if gf is not None:
+                        vals += torch.where(is_f, (gf[b, 0, t, kf] * f[b, 0, t, kf]).double().cpu(), 0.0)
+                    if ge is not None:
+                        vals += torch.where(is_f, 0.0, (ge[b, 0, t] * e[b, 0, t]).double().sum(-1).cpu())
+                else:
+                    (a,), (ga,) = ts, gs
+                    if ga is None:
+                        continue
+                    prod = (ga[b, 0, t] * a[b, 0, t]).double()
+                    if g.kind == "heads":
+                        vals = prod[torch.arange(len(t)), k].sum(-1).cpu()
+                    else:
+                        vals = prod.reshape(len(t), -1).sum(-1).cpu()
+            out[m] = vals
+        return out
+
+    def contributions(self, pg: PositionGroups, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+        """``grad . activation`` per group ``[B, T, n_local]`` (float64, on the CPU) from grads of :meth:`flat`."""
+        out, i = [], 0
+        for g, ts in zip(pg.groups, self.leaves, strict=True):
+            gs = tuple(torch.zeros_like(t) if x is None else x for t, x in zip(ts, grads[i : i + len(ts)], strict=True))
+            i += len(ts)
+            out.append(_contributions(g, ts, gs)[:, 0].cpu())
+        return out
+
+
+@torch.enable_grad()
+def tracked_forward(engine, pg: PositionGroups, batch: TaskBatch) -> Tracked:
+    """A forward of every position exposing each group's activation to autograd, unchanged in value up to float
+    rounding: SAE outputs rebuilt as ``decode(f) + e`` from leaves ``f``, ``e`` plus a straight-through
+    ``x - x.detach()`` (Sparse Feature Circuits' decomposition, as :func:`..._tracking_edits` at P)."""
+    leaves: list = [None] * len(pg.groups)
+    attached: dict = {}
+    hooks: dict = {}
+    for gi, g in enumerate(pg.groups):
+        if g.kind == "sae":
+            sae = g.sae
+
+            def fn(x_in, x, gi=gi, sae=sae):
+                x = x.to(edit_dtype(sae, x))
+                attached[gi] = sae.encode(x_in)
+                f = attached[gi].detach().requires_grad_(True)
+                e = (x.detach() - sae.decode(f.detach(), x_in.detach()).to(x.dtype)).requires_grad_(True)
+                leaves[gi] = (f, e)
+                through = x - x.detach() if x.requires_grad else 0.0
+                return sae.decode(f, x_in.detach()).to(e.dtype) + e + through
+
+            _add_sae_hook(hooks, g, fn)
+        else:
+            def fn(a, gi=gi):
+                a = _track(a)
+                leaves[gi] = (a,)
+                return a
+
+            hooks.setdefault(g.hook, []).append(fn)
+    kv: list = []
+    x = engine.forward_tokens(batch.tokens, hooks, keep_kv=kv)
+    rows = torch.arange(x.shape[0], device=x.device)
+    lg = engine.logits(x[rows, :, batch.positions.to(x.device)])
+    m = _answer_logprob(lg, batch.answer_ids)[:, 0]
+    return Tracked(leaves, attached, kv, m)
+
+
+@torch.enable_grad()
+def node_attributions(engine, pg: PositionGroups, batch: TaskBatch) -> tuple[Tracked, list[torch.Tensor]]:
+    """AtP node effects at every position with one backward pass: ``grad_a m . a`` per group ``[B, T, n_local]``
+    (nats; 0 at padding positions after each row's P, where the gradient is 0). Returns the tracked forward too."""
+    tr = tracked_forward(engine, pg, batch)
+    flat = tr.flat()
+    grads = torch.autograd.grad(tr.m.sum(), flat, retain_graph=True, allow_unused=True)
+    return tr, tr.contributions(pg, grads)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# exact node effects and edges by intervention at position t
+
+
+@dataclass
+class PromptNodes:
+    """One prompt's chosen nodes (int64 ``[n]`` each): group, in-group index, position."""
+
+    gi: torch.Tensor
+    local: torch.Tensor
+    pos: torch.Tensor
+
+
+def _per_position_floats(engine, T: int, pg: PositionGroups) -> int:
+    """Floats per recomputed position and variant (activations, scores over T keys, SAE codes): the chunk budget."""
+    sae = sum(g.sae.d_sae for g in pg.groups if g.kind == "sae")
+    return 8 * engine.d_model + engine.n_heads * T + sae + 64
+
+
+def exact_node_effects(
+    engine, pg: PositionGroups, clean: CleanCache, nodes: list[PromptNodes], down: list[PromptNodes] | None = None,
+) -> tuple[list[torch.Tensor], list[dict[tuple[int, int], float]], int]:
+    """Exact effect of ablating each chosen node alone at its position, and its exact edges into ``down`` nodes.
+
+    Per distance ``d`` from P, the rows with nodes at ``t = P - d`` recompute positions ``t..P`` (``d + 1``
+    positions) from the earliest edited half-block on, one variant per node plus the clean variant 0.
+
+    Args:
+        nodes: per prompt of the batch (batch order), the nodes to ablate.
+        down: per prompt, the feature nodes whose change is read (edges ``u -> d`` for ``d`` at ``p_d >= t`` of a
+            later stage); None = no edges.
+
+    Returns:
+        ``(effects, edges, n_interventions)``: per prompt float64 ``[n]`` (nats); per prompt ``{(i_u, i_d):
+        f_d(clean) - f_d(u ablated)}`` (indices into ``nodes[b]`` and ``down[b]``, non-zero values only); the
+        number of ablations run.
+    """
+    batch = clean.batch
+    B, T = batch.tokens.shape
+    P = batch.positions.cpu()
+    effects = [torch.full((len(n.gi),), float("nan"), dtype=torch.float64) for n in nodes]
+    edges: list[dict] = [{} for _ in nodes]
+    dist = [P[b] - n.pos for b, n in enumerate(nodes)]
+    all_d = sorted({int(x) for dd in dist for x in dd.tolist()})
+    per_pos = _per_position_floats(engine, T, pg)
+    n_runs = 0
+    with torch.no_grad():
+        for d in all_d:
+            rows = [b for b in range(B) if bool((dist[b] == d).any())]
+            which = [torch.nonzero(dist[b] == d).flatten() for b in rows]
+            V = max(len(w) for w in which)
+            chunk = max(1, MAX_FLOATS // max(1, len(rows) * (d + 1) * per_pos) - 1)
+            for v0 in range(0, V, chunk):
+                sel = [w[v0 : v0 + chunk] for w in which]
+                n_runs += sum(len(s) for s in sel)
+                _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges)
+    return effects, edges, n_runs
+
+
+def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges) -> None:
+    batch = clean.batch
+    dev = batch.tokens.device
+    T = batch.tokens.shape[1]
+    n, V = len(rows), 1 + max(len(s) for s in sel)  # variant 0: clean
+    r = torch.tensor(rows, device=dev)
+    P = batch.positions.to(dev)[r]
+    t0 = P - d
+    S = d + 1
+    qpos = t0[:, None] + torch.arange(S, device=dev)[None]
+    tables = {gi: torch.full((n, V), -1, dtype=torch.long) for gi in range(len(pg.groups))}
+    for i, (b, s) in enumerate(zip(rows, sel, strict=True)):
+        for j, k in enumerate(s.tolist()):
+            tables[int(nodes[b].gi[k])][i, 1 + j] = int(nodes[b].local[k])
+    hooks: dict = {}
+    stages = []
+    for gi, tab in tables.items():
+        if bool((tab >= 0).any()):
+            g = pg.groups[gi]
+            _first_position(_single_edit(g, tab, None), hooks)
+            # from the earlier of the hook edited and the one it reads (a transcoder's input)
+            stages.append(min(stage_of_hook(h, engine.n_layers) for h in (g.hook, g.hook_in)))
+    reads: dict = {}
+    if down is not None:
+        for gi, g in enumerate(pg.groups):
+            if g.kind == "sae":
+                hooks.setdefault(g.hook_in, []).append(_box(reads, gi))
+    start = engine.restart_stage(min(stages))
+    valid = torch.arange(T, device=dev)[None] < t0[:, None]
+    prefixes = [KVPrefix(k[r, 0].transpose(1, 2), v[r, 0].transpose(1, 2), valid) for k, v in clean.kv]
+    if start[0] < 0:
+        x0 = engine.embed(batch.tokens[r[:, None], qpos], qpos, hooks)
+        start = (0, 0)
+    else:
+        x0 = clean.resid[start][r[:, None], 0, qpos][:, None]  # [n, 1, S, d_model]
+    x = engine.forward_resid(x0, qpos, prefixes, hooks, start=start)
+    lg = engine.logits(x[:, :, -1])  # [n, F, d_vocab]
+    m = _answer_logprob(lg.expand(n, V, lg.shape[-1]), batch.answer_ids.to(dev)[r]).double().cpu()
+    for i, (b, s) in enumerate(zip(rows, sel, strict=True)):
+        effects[b][s] = m[i, 0] - m[i, 1 : 1 + len(s)]
+    if down is None:
+        return
+    for i, (b, s) in enumerate(zip(rows, sel, strict=True)):
+        if not len(s):  # this row's variants at distance d were all in earlier chunks
+            continue
+        dn = down[b]
+        t_b = int(P[i]) - d
+        up_stage = torch.tensor([pg.stage[int(g)] for g in nodes[b].gi[s]])
+        for gi, x_in in reads.items():
+            want = torch.nonzero((dn.gi == gi) & (dn.pos >= t_b)).flatten()
+            if not len(want) or pg.stage_in[gi] <= int(up_stage.min()):  # no edge can reach this SAE's nodes
+                continue
+            # encode only the positions that hold downstream nodes (the SAE encoder is most of the cost)
+            where, col = torch.unique(dn.pos[want] - t_b, return_inverse=True)
+            g = pg.groups[gi]
+            xi = x_in[i, :, where.to(dev)]
+            f = g.sae.encode(g.sae.flatten_input(xi)).float()  # [F, n_where, d_sae]
+            fi = f.expand(V, *f.shape[1:])[:, col.to(dev), dn.local[want].to(dev)]  # [V, w]
+            delta = (fi[:1] - fi[1 : 1 + len(s)]).double().cpu()  # [len(s), w]
+            ok = (up_stage < pg.stage_in[gi])[:, None] & (delta != 0)
+            for a, c in torch.nonzero(ok).tolist():
+                edges[b][(int(s[a]), int(want[c]))] = float(delta[a, c])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# AtP edges and head loadings
+
+
+@torch.enable_grad()
+def attribution_edges(pg: PositionGroups, tr: Tracked, up: list[PromptNodes], down: list[PromptNodes]
+                      ) -> list[dict[tuple[int, int], float]]:
+    """AtP edges ``grad_u f_d . a_u`` from every ``up`` node into every ``down`` feature of each prompt (``u`` at an
+    earlier stage, ``pos(u) <= pos(d)``). Slot ``j`` is each prompt's ``j``-th downstream feature: one backward pass
+    per slot for the whole batch. (A batched backward over slots, ``is_grads_batched=True``, was 8x slower on CPU
+    for the demo model, so the passes run one after another on the retained graph.)
+
+    Returns:
+        per prompt ``{(i_u, i_d): estimate}`` (activation units; every valid pair, 0 included).
+    """
+    out: list[dict] = [{} for _ in up]
+    flat = tr.flat()
+    n_slots = max((len(dn.gi) for dn in down), default=0)
+    up_stage = [torch.tensor([pg.stage[int(g)] for g in u.gi], dtype=torch.long) for u in up]
+    for j in range(n_slots):
+        have = [b for b, dn in enumerate(down) if j < len(dn.gi)]
+        target = torch.stack([tr.attached[int(down[b].gi[j])][b, 0, int(down[b].pos[j]), int(down[b].local[j])]
+                              for b in have]).sum()
+        grads = torch.autograd.grad(target, flat, retain_graph=True, allow_unused=True)
+        for b in have:
+            u, dn = up[b], down[b]
+            ok = (up_stage[b] < pg.stage_in[int(dn.gi[j])]) & (u.pos <= int(dn.pos[j]))
+            vals = tr.gathered(pg, grads, b, u)
+            for a in torch.nonzero(ok).flatten().tolist():
+                out[b][(a, j)] = float(vals[a])
+    return out
+
+
+def head_labels(engine) -> list[str]:
+    """Labels of the (layer, key/value head) parts of a head loading: ``L1H3``, or ``L1KV0`` under grouped-query
+    attention."""
+    K = engine.n_kv_heads
+    tag = "H" if K == engine.n_heads else "KV"
+    return [f"L{layer}{tag}{j}" for layer in range(engine.n_layers) for j in range(K)]
+
+
+@torch.enable_grad()
+def head_loadings(engine, pg: PositionGroups, clean: CleanCache, tr: Tracked, up: list[PromptNodes],
+                  down: list[PromptNodes], targets: list[list[int]]) -> list[dict[tuple[int, int], list[float]]]:
+    """Per-(layer, key/value head) parts of the AtP edges ``u -> d`` between positions (``pos(u) < pos(d)``), for
+    the downstream nodes ``targets[b]`` (indices into ``down[b]``; -1 = the target m at P). See the module
+    docstring: the parts sum to the AtP edge exactly.
+
+    Per slot: position ``p_d`` is recomputed from leaves holding the clean keys/values of positions ``< p_d``; one
+    backward gives ``dG/dk``, ``dG/dv``; then one backward per (layer, key/value head) from
+    ``sum_t dG/dk_t . k_t + dG/dv_t . v_t`` through the tracked forward gives each upstream node's part.
+
+    Returns:
+        per prompt ``{(i_u, i_d): [part per head_labels(engine) entry]}`` (``i_d = -1`` for the target).
+    """
+    batch = clean.batch
+    dev = batch.tokens.device
+    T = batch.tokens.shape[1]
+    out: list[dict] = [{} for _ in up]
+    flat = tr.flat()
+    K = engine.n_kv_heads
+    n_slots = max((len(t) for t in targets), default=0)
+    for j in range(n_slots):
+        have = [b for b in range(len(up)) if j < len(targets[b])]
+        r = torch.tensor(have, device=dev)
+        which = [targets[b][j] for b in have]
+        pd = torch.tensor([int(batch.positions[b]) if w < 0 else int(down[b].pos[w]) for b, w in zip(have, which,
+                                                                                                         strict=True)],
+                          device=dev)
+        leaves = [(k[r, 0].transpose(1, 2).detach().requires_grad_(True),
+                   v[r, 0].transpose(1, 2).detach().requires_grad_(True)) for k, v in clean.kv]
+        valid = torch.arange(T, device=dev)[None] < pd[:, None]
+        prefixes = [KVPrefix(k, v, valid) for k, v in leaves]
+        reads: dict = {}
+        hooks: dict = {}
+        for gi, g in enumerate(pg.groups):
+            if g.kind == "sae":
+                hooks.setdefault(g.hook_in, []).append(_box(reads, gi))
+        x0 = engine.embed(batch.tokens[r, pd][:, None], pd[:, None], hooks)
+        x = engine.forward_resid(x0, pd[:, None], prefixes, hooks, start=(0, 0))
+        parts = []
+        for i, (b, w) in enumerate(zip(have, which, strict=True)):
+            if w < 0:
+                lg = engine.logits(x[i : i + 1, :, -1])
+                parts.append(_answer_logprob(lg, batch.answer_ids[b : b + 1].to(dev))[0, 0])
+            else:
+                g = pg.groups[int(down[b].gi[w])]
+                f = g.sae.encode(g.sae.flatten_input(reads[int(down[b].gi[w])][i, 0, 0]))
+                parts.append(f[int(down[b].local[w])])
+        gkv = torch.autograd.grad(torch.stack(parts).sum(), [t for kv in leaves for t in kv], allow_unused=True)
+        for layer, (k, v) in enumerate(tr.kv):
+            gk = gkv[2 * layer]
+            gv = gkv[2 * layer + 1]
+            for kh in range(K):
+                s = 0.0
+                if gk is not None:
+                    s = s + (k[r, 0, :, kh].float() * gk[:, kh].float()).sum()
+                if gv is not None:
+                    s = s + (v[r, 0, :, kh].float() * gv[:, kh].float()).sum()
+                if not torch.is_tensor(s) or not s.requires_grad:
+                    continue
+                grads = torch.autograd.grad(s, flat, retain_graph=True, allow_unused=True)
+                col = layer * K + kh
+                for i, (b, w) in enumerate(zip(have, which, strict=True)):
+                    vals = tr.gathered(pg, grads, b, up[b])
+                    for a in torch.nonzero(up[b].pos < int(pd[i])).flatten().tolist():
+                        out[b].setdefault((a, w), [0.0] * (engine.n_layers * K))[col] = float(vals[a])
+    return out
