@@ -17,9 +17,14 @@ Model classes (``--models``, comma-separated):
   gpt2bpe     a random 2-layer GPT-Neo (d_model 128, d_mlp 512, global + local) with the GPT-2 BPE tokenizer
               (50,257 tokens), TinyStories validation text;
   reference   the reference model's shape with random weights: GPT-Neo, 2 layers, d_model 1024, 16 heads,
-              d_mlp 4096, 50,257 tokens, local window 256 on layer 1, a 16,384-feature SAE, ``--ref-prompts``
-              prompts. Only the product is run in full; the loop is timed on ``--ref-loop-prompts`` prompts (and
-              ``--loop-pairs`` pairs) and scaled.
+              d_mlp 4096, 50,257 tokens, local window 256 on layer 1. By default the scale run of issue 17: the
+              analyses of a run one by one (DLA, corpus statistics over ``--ref-stories`` stories, per SAE the
+              activations, every pair's exact effect, the table and the losses at P, the circuit) with two
+              ``--ref-d-sae`` SAEs over ``--ref-prompts`` prompts, the table's matmul rate against the machine's
+              fp32 matmul rate, the growth with the prompt count (``--scale-prompts``) and d_sae (``--scale-d-sae``),
+              and the peak memory of the corpus statistics over ``--memory-stories`` stories (a fresh process).
+              With ``--ref-compare``: the product-vs-loop comparison, one 16,384-feature SAE, the loop timed on
+              ``--ref-loop-prompts`` prompts (and ``--loop-pairs`` pairs) and scaled.
   gemma2, gemma3  random Gemma 2 / Gemma 3 (text) models, 2 layers, d_model 128, GQA, sliding window 64 on layer 0
               (Gemma 2 with its attention and final-logit soft caps), GPT-2 BPE, TinyStories validation text; for
               ``--forward --only`` rows (plain transformers runs Gemma 2 eager: SDPA cannot soft-cap).
@@ -39,7 +44,7 @@ Other modes:
 
 Examples:
     python benchmarks/bench_analyses.py                               # default, stories260k, gpt2bpe
-    python benchmarks/bench_analyses.py --models reference --threads 2
+    python benchmarks/bench_analyses.py --models reference --threads 2   # issue 17: scale run, scaling, memory
     python benchmarks/bench_analyses.py --forward --memory --table-2cores
     python benchmarks/bench_analyses.py --forward --only --models gemma2,gemma3
 """
@@ -268,6 +273,7 @@ def calibrated_sae(model, task, hook: str, d_sae: int, l0: float, seed: int = 0)
 
         xs = torch.cat([iv.clean(b, read=[hook], logits=False, cache=False).reads[hook].float()
                         for b in task_batches(model, task.subset(range(min(200, task.n_prompts))))])
+        sae.to(xs.device)
         pre = (xs - sae.b_dec) @ sae.W_enc
         q = max(0.0, min(1.0, 1 - l0 / d_sae))
         sae.b_enc.copy_(-torch.quantile(pre, q, dim=0))
@@ -590,6 +596,198 @@ def bench_positions(args) -> None:
     print(f"   faithfulness {pos['faithfulness']}, completeness {pos['completeness']}")
 
 
+# --------------------------------------------------------------------------------------------------------------
+# the reference scale (issue 17 items 3 and 5): the whole run, the table's matmul rate, scaling, corpus memory
+
+
+def matmul_rate(seconds: float = 2.0, device: str = "cpu") -> float:
+    """fp32 GFLOP/s of this machine at the current thread count: ``[2048, 1024] @ [1024, 4096]`` repeated for
+    ``seconds`` (the reference shape's MLP matmul; what the table's rate is compared with)."""
+    a, b = torch.randn(2048, 1024, device=device), torch.randn(1024, 4096, device=device)
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    a @ b
+    sync()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    sync()
+    return 2 * 2048 * 1024 * 4096 * n / (time.perf_counter() - start) / 1e9
+
+
+def table_flops(model, sae, n_pairs: int) -> float:
+    """Matmul FLOPs the all-features table cannot avoid: per (prompt, feature) pair, position P from the SAE's write
+    onward (``W_out`` for an MLP SAE, then every later block's attention projections and MLP at P) and the
+    unembedding at P; attention over the prefix and the norms are left out (a lower bound)."""
+    cfg = model.cfg
+    d, m, v, n = int(cfg.d_model), int(cfg.d_mlp), int(cfg.d_vocab), int(cfg.n_layers)
+    layer = int(sae.hook_point.split(".")[1])
+    per = (m * d if sae.hook_point.endswith("mlp.hook_post") else 0) + (n - 1 - layer) * (4 * d * d + 2 * d * m)
+    return 2.0 * n_pairs * (per + d * v)
+
+
+def _stories(n: int) -> list[str]:
+    """``n`` TinyStories documents from ../shared/data (validation, then the v2 and v1 train heads), cycled when the
+    files hold fewer distinct stories."""
+    from saecircuits.data.corpus import read_documents
+
+    docs = read_documents(VAL) + read_documents(SHARED / "tinystories-v2-train-head10k-lines" / "tinystories_10k.txt")
+    docs += read_documents(SHARED / "tinystories-v1-train-first5000-lowercased" / "tinystories.txt")
+    return [docs[i % len(docs)] for i in range(n)]
+
+
+def _reference_setup(args, n_prompts: int, n_stories: int):
+    from saecircuits.models.load import load_hf_model
+    from saecircuits.tasks.closing_quote import closing_quote_task
+
+    model = load_hf_model(_random_neo_hf(**RANDOM_NEO["reference"]), _gpt2_tokenizer(), model_name="random-neo-d1024",
+                          device=args.device)
+    docs = _stories(max(n_stories, 4 * n_prompts))
+    task = closing_quote_task(docs, model.tokenizer, max_prompts=n_prompts, max_tokens=int(model.cfg.n_ctx))
+    rows = [r for r in encode_documents(model.tokenizer, docs[:n_stories], max_len=int(model.cfg.n_ctx))
+            if len(r) > 1]
+    return model, task, rows
+
+
+def _prompt_analyses(model, sae, task):
+    """Activations at P, the exact effect of every active feature and the table, for one SAE: (seconds, pairs)."""
+    start = time.perf_counter()
+    with torch.no_grad():
+        acts = feature_activations(model, sae, task)
+        eff = feature_effects(model, sae, task, acts=acts)
+        feature_ablation_table(model, sae, task, effects=eff)
+    return time.perf_counter() - start, int(eff.prompt.numel())
+
+
+def bench_reference(args) -> None:
+    """Issue 17 item 3: the analyses of a run at the reference shape, one by one (not through the pipeline):
+    DLA; per SAE the activations at P, the exact effect of every active feature and its table, the SAE losses at P
+    (clean / spliced / zero / mean, mean from the corpus pass); the corpus statistics of both SAEs; the circuit."""
+    from saecircuits.analysis.circuit import find_circuit
+    from saecircuits.analysis.corpus.statistics import corpus_feature_stats
+
+    model, task, rows = _reference_setup(args, args.ref_prompts, args.ref_stories)
+    hooks = [f"blocks.{layer}.mlp.hook_post" for layer in (0, 1)]
+    saes = [calibrated_sae(model, task, h, args.ref_d_sae, args.l0, seed=i) for i, h in enumerate(hooks)]
+    print(f"\n== reference scale: random GPT-Neo 2L d1024 16 heads d_mlp 4096 vocab 50,257; {task.n_prompts} prompts; "
+          f"two {args.ref_d_sae:,}-feature SAEs ({', '.join(hooks)}), L0 at P ~{args.l0:g}; corpus statistics over "
+          f"{len(rows)} stories; {torch.get_num_threads()} thread(s); analyses one by one (not the pipeline)")
+    rate_before = matmul_rate(device=args.device)
+    times: list[tuple[str, float]] = []
+
+    def step(what: str, t: float) -> None:  # printed as it ends: a long run shows its figures on the way
+        times.append((what, t))
+        print(f"   {what:78s} {t:9.1f} s", flush=True)
+
+    interventions_for(model).clear_cache()
+    _, t = timed(lambda: direct_logit_attribution(model, task))
+    step("DLA", t)
+    stats, t = timed(lambda: corpus_feature_stats(model, saes, rows, k=20))
+    step(f"corpus statistics, 2 SAEs, {len(rows)} stories", t)
+    table_s, table_flop, pairs = 0.0, 0.0, 0
+    for sae, fs in zip(saes, stats.features, strict=True):
+        (t_tab, n_pairs), _ = timed(lambda sae=sae: _prompt_analyses(model, sae, task))
+        step(f"{sae.hook_point}: activations + effects of all {n_pairs} pairs + table", t_tab)
+        table_s, table_flop, pairs = table_s + t_tab, table_flop + table_flops(model, sae, n_pairs), pairs + n_pairs
+        _, t = timed(lambda sae=sae, fs=fs: reconstruction_at_prediction(model, sae, task, mean_act=fs.mean_input,
+                                                                          n_bootstrap=200))
+        step(f"{sae.hook_point}: losses clean/SAE/zero/mean at P", t)
+    table_rate = table_flop / table_s / 1e9
+    print(f"   all-features tables: {pairs} pairs, {table_flop / 1e12:.2f} TFLOP of unavoidable matmul in "
+          f"{table_s:.1f} s = {table_rate:.1f} GFLOP/s = {100 * table_rate / rate_before:.0f}% of the matmul rate "
+          f"measured before the run, {rate_before:.1f} GFLOP/s (target >= 50%)", flush=True)
+    res, t = timed(lambda: find_circuit(model, saes, task, ig_steps=10, corpus_rows=rows[:300]))
+    step(f"circuit ({len(res.nodes)} nodes, exact edges, AtP, IG, faithfulness)", t)
+    rate_after = matmul_rate(device=args.device)
+    total = sum(t for _, t in times)
+    print(f"   {'whole run':78s} {total:9.1f} s  ({total / 60:.1f} min; target < 10 min at 2 threads)")
+    rate = max(rate_before, rate_after)
+    print(f"   fp32 matmul rate (2048x1024 @ 1024x4096): {rate_before:.1f} GFLOP/s before, {rate_after:.1f} after; "
+          f"the tables ran at {100 * table_rate / rate:.0f}% of the larger")
+
+
+def bench_scaling(args) -> None:
+    """Issue 17 item 3: how the prompt-side analyses (activations, every pair's effect, table; one SAE on layer 0)
+    grow with the prompt count and with d_sae; near-linear means time per prompt (per feature) stays flat."""
+    counts = [int(x) for x in args.scale_prompts.split(",")]
+    sizes = [int(x) for x in args.scale_d_sae.split(",")]
+    model, task, _ = _reference_setup(args, max(counts), 0)
+    hook = "blocks.0.mlp.hook_post"
+    print(f"\n== scaling at the reference shape ({torch.get_num_threads()} thread(s)): activations + effects of every "
+          f"active pair + table, one SAE on {hook}, L0 ~{args.l0:g}")
+    sae = calibrated_sae(model, task, hook, args.ref_d_sae, args.l0)
+    base = None
+    for n in counts:
+        sub = task.subset(range(min(n, task.n_prompts)))
+        interventions_for(model).clear_cache()
+        t, pairs = _prompt_analyses(model, sae, sub)
+        per = t / sub.n_prompts
+        base = base or per
+        print(f"   {sub.n_prompts:6d} prompts, d_sae {args.ref_d_sae:6d}: {pairs:7d} pairs {t:8.1f} s  "
+              f"{1e3 * per:7.1f} ms/prompt ({per / base:.2f}x the first)")
+    sub = task.subset(range(min(counts[0], task.n_prompts)))
+    first = None
+    for d in sizes:
+        sae = calibrated_sae(model, task, hook, d, args.l0)  # calibrated on up to 200 prompts: L0 ~ --l0 at any d
+        interventions_for(model).clear_cache()
+        t, pairs = _prompt_analyses(model, sae, sub)
+        first = first or (t, d, pairs)
+        print(f"   {sub.n_prompts:6d} prompts, d_sae {d:6d}: {pairs:7d} pairs {t:8.1f} s  time {t / first[0]:.2f}x, "
+              f"d_sae {d / first[1]:.0f}x, pairs {pairs / max(1, first[2]):.2f}x the first")
+
+
+def bench_corpus_memory(args) -> None:
+    """Issue 17 item 5: corpus statistics over ``--memory-stories`` stories with two ``--ref-d-sae`` SAEs at the
+    reference shape, in a fresh process so the peak resident memory (``resource.getrusage``) is this pass's."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, __file__, "--corpus-memory-child", "--only", "--threads", str(args.threads),
+           "--device", args.device,
+           "--memory-stories", str(args.memory_stories), "--ref-d-sae", str(args.ref_d_sae), "--l0", str(args.l0)]
+    subprocess.run(cmd, check=True)
+
+
+def _corpus_memory_child(args) -> None:
+    from saecircuits.analysis.corpus.statistics import corpus_feature_stats
+
+    model, task, rows = _reference_setup(args, 50, args.memory_stories)
+    saes = [calibrated_sae(model, task, f"blocks.{layer}.mlp.hook_post", args.ref_d_sae, args.l0, seed=layer)
+            for layer in (0, 1)]
+    before = _status_mib("VmRSS")
+    reset = _reset_peak_rss()  # the model's loading peak is not the pass's
+    stats, t = timed(lambda: corpus_feature_stats(model, saes, rows, k=20))
+    peak = _status_mib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gpu = (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+           if args.device.startswith("cuda") else "")
+    print(f"\n== corpus statistics memory: {len(rows)} stories ({stats.n_tokens:,} counted tokens), two "
+          f"{args.ref_d_sae:,}-feature SAEs, reference shape, {torch.get_num_threads()} thread(s): {t:.1f} s")
+    print(f"   peak resident memory during the pass {peak:.0f} MiB = {peak / 1024:.2f} GiB (target < 4 GiB; "
+          f"{before:.0f} MiB resident before it: model, tokenizer, stories, SAEs; whole process peak "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
+          f"{'' if reset else ', which is what the first figure is: /proc/self/clear_refs was refused'}){gpu}")
+
+
+def _status_mib(field: str) -> float:
+    """``VmRSS`` / ``VmHWM`` (peak) of this process from /proc/self/status, in MiB (NaN off Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak resident memory (Linux: ``5`` to /proc/self/clear_refs); False where refused."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="default,stories260k,gpt2bpe")
@@ -614,11 +812,26 @@ def main() -> None:
     p.add_argument("--positions", action="store_true", help="also time the circuit across positions (issue 16)")
     p.add_argument("--top-exact", type=int, default=200, help="--positions: nodes per prompt with exact effects")
     p.add_argument("--only", action="store_true", help="run only the extra modes given")
+    p.add_argument("--ref-stories", type=int, default=2000, help="reference: stories of the corpus statistics")
+    p.add_argument("--ref-compare", action="store_true",
+                   help="reference: the product-vs-loop comparison of the other model classes instead of the scale run")
+    p.add_argument("--scale-prompts", default="250,500,1000,2000", help="reference: prompt counts of the scaling rows")
+    p.add_argument("--scale-d-sae", default="4096,16384,65536", help="reference: d_sae of the scaling rows")
+    p.add_argument("--memory-stories", type=int, default=20000, help="reference: stories of the corpus memory check")
+    p.add_argument("--device", default="cpu", help="reference scale run: cpu or cuda (the other modes run on cpu)")
+    p.add_argument("--corpus-memory-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.corpus_memory_child:
+        return _corpus_memory_child(args)
     if not args.only:
         for name in args.models.split(","):
-            bench_case(name, args)
+            if name == "reference" and not args.ref_compare:  # issue 17: the scale run, scaling, corpus memory
+                bench_reference(args)
+                bench_scaling(args)
+                bench_corpus_memory(args)
+            else:
+                bench_case(name, args)
     if args.forward:
         bench_forward(args)
     if args.memory:

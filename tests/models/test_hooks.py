@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import HOOK, quote_task, tiny_neo
 
@@ -69,9 +70,22 @@ def test_answer_metrics_hand_worked():
     assert m2["logit"].tolist() == [1.0, 0.0]
 
 
-def test_answer_metrics_in_row_chunks_equal_the_whole_tensor_formulas():
+@pytest.mark.parametrize("threads", [1, 3])
+def test_answer_metrics_in_row_chunks_equal_the_whole_tensor_formulas(threads):
     """[b, V, vocab] over several row chunks, with ties, top answers and answers far behind, against log_softmax and a
-    plain count."""
+    plain count; with several threads (each reducing its own span of rows) and in inference mode too."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_answer_metrics()
+        with torch.inference_mode():
+            _check_answer_metrics()
+    finally:
+        torch.set_num_threads(before)
+    assert torch.get_num_threads() == before
+
+
+def _check_answer_metrics():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 7, 3001, generator=gen).round(decimals=1)  # rounding makes ties
     answer = torch.tensor([0, 5, 17, 3000, 42])

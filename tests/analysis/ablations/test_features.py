@@ -204,3 +204,39 @@ def test_effects_summary_equals_per_feature_statistics():
         else:
             assert row.loss_increase_ci95 != row.loss_increase_ci95  # NaN
         assert row.mean_activation == pytest.approx(float(eff.activation[sel].mean()), abs=1e-6)
+
+
+@pytest.mark.parametrize("hook", ["blocks.0.mlp.hook_post", "blocks.1.hook_resid_post"])
+def test_feature_effects_in_small_runs_and_logit_chunks_equal_full_prompt_ablations(monkeypatch, hook):
+    """Runs of a few variant rows whose logits are reduced 5 rows at a time (the engine path that reads the final
+    residual and unembeds in chunks; an SAE on the last ``hook_resid_post`` takes the logits from the run) equal a
+    full-prompt bridge forward with the feature ablated at P, and the default budgets bit for bit."""
+    import saecircuits.analysis.ablations.single_feature as sf
+
+    model, task = tiny_neo(), quote_task()
+    d_in = int(model.cfg.d_model) if "resid" in hook else int(model.cfg.d_mlp)
+    sae = random_sae(d_in, 48, hook_point=hook, seed=4)
+    default = feature_effects(model, sae, task, max_batch=4)
+    width = max(int(model.cfg.d_mlp), int(model.cfg.n_heads) * max(len(t) for t in task.token_ids))
+    monkeypatch.setattr(sf, "MAX_RUN_FLOATS", 7 * width)  # 7 rows per run: 1 variant per prompt at 4 prompts
+    monkeypatch.setattr(sf, "MAX_LOGIT_FLOATS", 5 * int(model.cfg.d_vocab))
+    small = feature_effects(model, sae, task, max_batch=4)
+    assert torch.equal(small.prompt, default.prompt) and torch.equal(small.feature, default.feature)
+    for name in ("loss_increase", "logit_diff", "rank_diff"):
+        torch.testing.assert_close(getattr(small, name), getattr(default, name), atol=1e-5, rtol=0)
+    for j in range(0, len(small.prompt), 5):
+        i, k = int(small.prompt[j]), int(small.feature[j])
+        toks, pos, ans = task.token_ids[i], task.prediction_pos[i], task.answer_ids[i]
+
+        def hook_fn(act, hook=None, k=k, pos=pos):
+            act = act.clone()
+            h = act[0, pos]
+            act[0, pos] = h - torch.relu((h - sae.b_dec) @ sae.W_enc[:, k] + sae.b_enc[k]) * sae.W_dec[k]
+            return act
+
+        with torch.no_grad():
+            base = model(torch.tensor([toks]))[0, pos].float()
+            abl = model.run_with_hooks(torch.tensor([toks]), fwd_hooks=[(hook, hook_fn)])[0, pos].float()
+        lp_b, lp_a = base.log_softmax(-1)[ans], abl.log_softmax(-1)[ans]
+        assert float(small.loss_increase[j]) == pytest.approx(float(lp_b - lp_a), abs=1e-5)
+        assert float(small.logit_diff[j]) == pytest.approx(float(base[ans] - abl[ans]), abs=1e-5)

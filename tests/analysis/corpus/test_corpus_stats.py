@@ -3,6 +3,7 @@ dense per-story arrays, plain sorting and counting)."""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 import numpy as np
@@ -205,3 +206,91 @@ def test_example_windows_show_the_feature_around_the_picked_position():
         assert ex.max_activation == pytest.approx(float(f[p]), abs=1e-5)
     with pytest.raises(IndexError):
         example_windows(model, sae, rows, [(0, len(rows), 0)])
+
+
+def _assert_same_stats(got, want):
+    """Every count equal, every float to 1e-6 relative, the same top-k / band / token examples."""
+    assert (got.n_docs, got.n_tokens) == (want.n_docs, want.n_tokens)
+    assert got.token_counts.tolist() == want.token_counts.tolist()
+    for g, w in zip(got.features, want.features, strict=True):
+        for name in ("fire_count", "l0_counts", "hist", "top_doc", "top_pos", "top_tokens", "top_token_counts",
+                     "above_count"):
+            assert getattr(g, name).tolist() == getattr(w, name).tolist(), name
+        for name in ("activation_sum", "max_activation", "input_sum", "top_value"):
+            torch.testing.assert_close(getattr(g, name), getattr(w, name), rtol=1e-6, atol=0)
+        for j in range(w.d_sae):
+            for band in BANDS:
+                gb, wb = g.band_examples(j, band, K), w.band_examples(j, band, K)
+                assert [(d, p) for d, p, _ in gb] == [(d, p) for d, p, _ in wb]
+                assert [v for *_, v in gb] == pytest.approx([v for *_, v in wb], rel=1e-6, abs=0)
+
+
+def _shard_kwargs(max_batch=3):
+    return dict(k=K, token_fraction=FRACTION, n_top_tokens=N_TOP, max_tokens=60, max_batch=max_batch)
+
+
+def test_merged_shards_equal_the_single_pass():
+    """13 documents over 3 uneven shards (i % 3: 5, 4, 4 documents), merged in any order, == one pass."""
+    from saecircuits.analysis.corpus.statistics import corpus_partial_stats, merge_corpus_partials
+
+    model, rows, saes = tiny_neo(), _rows(), _saes()
+    rows[5] = list(rows[4])  # two equal documents: their maxima tie exactly across shards 1 and 2
+    want = corpus_feature_stats(model, saes, rows, **_shard_kwargs())
+    tied = want[0].top_value[:, :-1] == want[0].top_value[:, 1:]
+    assert bool((tied & (want[0].top_value[:, 1:] > 0)).any())  # the tie reaches some top-k
+    parts = [corpus_partial_stats(model, saes, rows, docs=range(r, len(rows), 3), **_shard_kwargs())
+             for r in range(3)]
+    assert [p.docs for p in parts] == [5, 4, 4]
+    _assert_same_stats(merge_corpus_partials(parts[::-1]).finish(), want)
+    with pytest.raises(ValueError, match="disjoint"):
+        merge_corpus_partials(parts + parts[:1])
+    with pytest.raises(ValueError, match="settings"):
+        merge_corpus_partials([parts[0], corpus_partial_stats(model, saes, rows, docs=[1], k=K + 1)])
+
+
+def _gloo_worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        rows = _rows()
+        rows[5] = list(rows[4])
+        stats = corpus_feature_stats(tiny_neo(), _saes(), rows, **_shard_kwargs(max_batch=1))
+        out = {"n_tokens": torch.tensor(stats.n_tokens), "token_counts": stats.token_counts}
+        for i, fs in enumerate(stats.features):
+            for name in ("fire_count", "l0_counts", "hist", "top_doc", "top_pos", "top_tokens", "above_count",
+                         "top_token_counts", "activation_sum", "max_activation", "input_sum", "top_value",
+                         "_band_feature", "_band_doc", "_band_pos", "_band_value"):
+                out[f"{i}.{name}"] = getattr(fs, name)
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_gloo_equals_one_process(tmp_path):
+    """A real 2-rank gloo run (13 documents: 7 and 6 per rank) returns the single-process statistics on both
+    ranks."""
+    import torch.multiprocessing as mp
+
+    from saecircuits.analysis.corpus.statistics import FeatureStats
+
+    mp.spawn(_gloo_worker, args=(str(tmp_path / "rdzv"), str(tmp_path)), nprocs=2, join=True)
+    rows = _rows()
+    rows[5] = list(rows[4])
+    # one document per forward on both sides: the float32 activations of a row then do not depend on which rows
+    # share its batch (padded batches of other shapes move them by ~1e-6 relative), so 1e-6 tests the merge
+    want = corpus_feature_stats(tiny_neo(), _saes(), rows, **_shard_kwargs(max_batch=1))
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert int(got["n_tokens"]) == want.n_tokens
+        feats = []
+        for i, w in enumerate(want.features):
+            kw = {name: got[f"{i}.{name}"] for name in (
+                "fire_count", "l0_counts", "hist", "top_doc", "top_pos", "top_tokens", "above_count",
+                "top_token_counts", "activation_sum", "input_sum", "top_value",
+                "_band_feature", "_band_doc", "_band_pos", "_band_value")}
+            feats.append(FeatureStats(hook_point=w.hook_point, d_sae=w.d_sae, n_docs=w.n_docs, n_tokens=w.n_tokens,
+                                      max_activation=got[f"{i}.max_activation"], hist_edges=w.hist_edges,
+                                      token_fraction=w.token_fraction, bands=w.bands, **kw))
+        _assert_same_stats(type(want)(want.n_docs, want.n_tokens, got["token_counts"], feats, want.special_ids),
+                           want)

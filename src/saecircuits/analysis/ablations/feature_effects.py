@@ -1,7 +1,8 @@
-"""SAE feature activations at the prediction position, and the exact effect of ablating each active feature alone.
+"""The exact effect of ablating each active feature alone at the prediction position, for every prompt, and its table.
 
-Activations: ``f = sae.encode(x_P)`` at every prompt's own P, kept sparse (:class:`FeatureActs`: only ``f > 0``), so a
-16,384-feature SAE over thousands of prompts never holds a dense ``[n_prompts, d_sae]`` array.
+Activations at P (:class:`FeatureActs`, :func:`feature_activations`) live in
+:mod:`saecircuits.analysis.ablations.activations_at_p`, the single-feature edits and paired loss runs in
+:mod:`saecircuits.analysis.ablations.single_feature`; both are importable from here as before.
 
 Exact effects (:func:`feature_effects`): for each prompt and each feature k active at its P, the answer's loss, log-prob,
 logit and rank at P with k ablated residual-preservingly at P, ``x_P - f_k(x_P) W_dec[k]`` (the SAE error is kept; only
@@ -9,7 +10,9 @@ the feature's decoded contribution is removed, the reference notebook's ablation
 is computed by default, in batches of features that share the prompt's prefix cache
 (:mod:`saecircuits.models.interventions`): one clean pass per batch of prompts, then only position P from the SAE's
 layer onward, once per feature; for an SAE on the last layer that is one batched matmul on the residual at P. The
-ablation table (:func:`feature_ablation_table`) summarises the effects per feature.
+logits of the variants are made and reduced to the answer's metrics a chunk of rows at a time, so one run holds
+every variant of a batch of prompts (see ``single_feature._paired_answer_metrics``). The ablation table
+(:func:`feature_ablation_table`) summarises the effects per feature.
 
 Every ablation here takes ``mode`` (:mod:`saecircuits.analysis.ablations.modes`): ``"residual"`` (above, the default),
 ``"reconstruction"`` (the activation becomes the SAE reconstruction with the feature zeroed, the notebook's "encoded" loss) or
@@ -34,21 +37,36 @@ import numpy as np
 import pandas as pd
 import torch
 
+from saecircuits.analysis.ablations.activations_at_p import (  # noqa: F401  (re-exported: the names' old home)
+    FeatureActs,
+    activations_or_compute,
+    feature_activations,
+)
 from saecircuits.analysis.ablations.modes import (
     OffRange,
     OffRangeCounter,
-    ablation_base,
     activation_floor,
     baseline_edits,
     baseline_logits,
     check_mode,
-    edit_dtype,
-    sae_edit,
+)
+from saecircuits.analysis.ablations.single_feature import (  # noqa: F401  (re-exported)
+    MAX_LOGIT_FLOATS,
+    MAX_RUN_FLOATS,
+    _final_resid_hook,
+    _paired_answer_metrics,
+    _rows_per_run,
+    answer_losses,
+    features_ablation_edit,
+    one_feature_each_edit,
+    single_feature_ablation_losses,
+    spliced_losses,
+    variant_losses,
 )
 from saecircuits.analysis.statistics import t_quantile
 from saecircuits.display import NotebookDisplay
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, answer_metrics, task_batches
-from saecircuits.models.interventions import Edit, interventions_for
+from saecircuits.models.interventions import interventions_for
 from saecircuits.models.norms import site_post_norm
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
@@ -79,227 +97,6 @@ TABLE_COLUMNS = [
     "logit_diff",
     "rank_diff",
 ]
-
-MAX_LOGIT_FLOATS = 1 << 24
-"""Budget for one chunk of edited logits (``B x V x d_vocab`` floats, 64 MB): the feature chunk size follows."""
-
-
-@dataclass
-class FeatureActs:
-    """SAE feature activations at each prompt's P, sparse: the ``f > 0`` entries only, ordered by prompt then feature.
-
-    Attributes:
-        n_prompts, d_sae: the dense shape ``[n_prompts, d_sae]``.
-        prompt, feature: int64 ``[nnz]`` coordinates; value: float32 ``[nnz]`` activations (SAE feature units).
-    """
-
-    n_prompts: int
-    d_sae: int
-    prompt: torch.Tensor
-    feature: torch.Tensor
-    value: torch.Tensor
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.n_prompts, self.d_sae)
-
-    @classmethod
-    def from_dense(cls, acts: torch.Tensor) -> FeatureActs:
-        """From a dense ``[n_prompts, d_sae]`` tensor (entries ``<= 0`` dropped)."""
-        acts = acts.detach().float().cpu()
-        p, k = torch.nonzero(acts > 0, as_tuple=True)
-        return cls(acts.shape[0], acts.shape[1], p, k, acts[p, k])
-
-    def dense(self) -> torch.Tensor:
-        """float32 ``[n_prompts, d_sae]`` (for small tasks and tests)."""
-        out = torch.zeros(self.n_prompts, self.d_sae)
-        out[self.prompt, self.feature] = self.value
-        return out
-
-    def columns(self, features: Sequence[int]) -> torch.Tensor:
-        """float32 ``[n_prompts, len(features)]``: the activations of ``features`` on every prompt (0 = inactive)."""
-        feats = torch.as_tensor(list(features), dtype=torch.long)
-        out = torch.zeros(self.n_prompts, len(feats))
-        for j, k in enumerate(feats.tolist()):
-            sel = self.feature == k
-            out[self.prompt[sel], j] = self.value[sel]
-        return out
-
-    def column(self, feature: int) -> torch.Tensor:
-        """float32 ``[n_prompts]``: feature ``feature`` on every prompt."""
-        return self.columns([feature])[:, 0]
-
-    def count(self, threshold: float = 0.0) -> torch.Tensor:
-        """int64 ``[d_sae]``: prompts with ``f > threshold`` per feature."""
-        return torch.bincount(self.feature[self.value > threshold], minlength=self.d_sae)
-
-    def sum(self, threshold: float = 0.0) -> torch.Tensor:
-        """float32 ``[d_sae]``: sum over prompts of the activations above ``threshold``."""
-        keep = self.value > threshold
-        return torch.zeros(self.d_sae).index_add_(0, self.feature[keep], self.value[keep])
-
-    def l0(self) -> torch.Tensor:
-        """float32 ``[n_prompts]``: active features per prompt."""
-        return torch.bincount(self.prompt, minlength=self.n_prompts).float()
-
-    def active_prompts(self, feature: int, threshold: float = 0.0) -> list[int]:
-        """Prompt indices (ascending) where ``f_feature > threshold``."""
-        sel = (self.feature == feature) & (self.value > threshold)
-        return sorted(self.prompt[sel].tolist())
-
-
-def feature_activations(
-    model, sae: SAE, task: Task, *, max_tokens: int = DEFAULT_MAX_TOKENS, max_batch: int = DEFAULT_MAX_BATCH
-) -> FeatureActs:
-    """SAE feature activations at each prompt's prediction position (the notebook's feature-activation table).
-
-    One clean pass per batch that stops after the SAE's layer (no unembedding).
-
-    Returns:
-        :class:`FeatureActs` (sparse; ``.dense()`` gives ``[n_prompts, d_sae]``), prompts in task order.
-    """
-    iv = interventions_for(model)
-    coords: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
-        clean = iv.clean(batch, read=[sae.hook_point], logits=False, cache=False)
-        with torch.no_grad():
-            f = sae.encode(clean.reads[sae.hook_point].to(sae.W_dec.dtype)).float().cpu()
-        r, k = torch.nonzero(f != 0, as_tuple=True)  # != 0: some families' features can be negative
-        coords.append((torch.tensor(batch.indices)[r], k, f[r, k]))
-    p = torch.cat([c[0] for c in coords])
-    k = torch.cat([c[1] for c in coords])
-    v = torch.cat([c[2] for c in coords])
-    order = torch.argsort(p * sae.d_sae + k)
-    return FeatureActs(task.n_prompts, sae.d_sae, p[order], k[order], v[order])
-
-
-def activations_or_compute(
-    model,
-    sae: SAE,
-    task: Task,
-    acts: FeatureActs | torch.Tensor | None,
-    *,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-    max_batch: int = DEFAULT_MAX_BATCH,
-) -> FeatureActs:
-    """``acts`` (precomputed :func:`feature_activations`, or a dense tensor) checked against the task and SAE, or
-    computed when None.
-
-    Raises:
-        ValueError: ``acts`` of the wrong shape.
-    """
-    if acts is None:
-        return feature_activations(model, sae, task, max_tokens=max_tokens, max_batch=max_batch)
-    if tuple(acts.shape) != (task.n_prompts, sae.d_sae):
-        raise ValueError(
-            f"acts must be [n_prompts, d_sae] = [{task.n_prompts}, {sae.d_sae}], got {list(acts.shape)}"
-        )
-    return acts if isinstance(acts, FeatureActs) else FeatureActs.from_dense(acts)
-
-
-def answer_losses(
-    model, task: Task, *, max_tokens: int = DEFAULT_MAX_TOKENS, max_batch: int = DEFAULT_MAX_BATCH
-) -> torch.Tensor:
-    """Clean loss (nats) of the answer at P per prompt: float32 ``[n_prompts]`` in task order (logits at P only)."""
-    iv = interventions_for(model)
-    out = torch.zeros(task.n_prompts)
-    for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
-        clean = iv.clean(batch)
-        out[torch.tensor(batch.indices)] = answer_metrics(clean.logits, batch.answer_ids)["loss"].cpu()
-    return out
-
-
-def variant_losses(
-    model, task: Task, edit: Edit, n_variants: int, *, max_tokens: int = DEFAULT_MAX_TOKENS,
-    max_batch: int = DEFAULT_MAX_BATCH,
-) -> torch.Tensor:
-    """Answer loss (nats) at P per prompt, clean and under each of ``n_variants`` variants of one edit at P.
-
-    Args:
-        edit: :class:`~saecircuits.models.interventions.Edit` whose ``fn`` maps ``[B, F, *act]`` to
-            ``[B, n_variants, *act]``.
-
-    Returns:
-        float32 ``[n_prompts, 1 + n_variants]`` in task order; column 0 is the clean loss, computed in the same run
-        as the variants (:meth:`~saecircuits.models.interventions.Interventions.run_paired`), so a variant that
-        leaves the activation unchanged has exactly the clean loss.
-    """
-    iv = interventions_for(model)
-    out = torch.zeros(task.n_prompts, 1 + n_variants)
-    for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
-        rows = torch.tensor(batch.indices)
-        run = iv.run_paired(iv.clean(batch), [edit], n_variants=n_variants)
-        out[rows, 0] = answer_metrics(run.base_logits, batch.answer_ids)["loss"].cpu()
-        out[rows, 1:] = answer_metrics(run.logits, batch.answer_ids)["loss"].cpu()
-    return out
-
-
-def spliced_losses(
-    model, sae: SAE, task: Task, *, max_tokens: int = DEFAULT_MAX_TOKENS, max_batch: int = DEFAULT_MAX_BATCH
-) -> torch.Tensor:
-    """Answer loss (nats) at P with the SAE spliced in at P (``x_P <- decode(encode(x_P))``): float32 ``[n_prompts]``,
-    task order (the baseline of the ``"clean_effect"`` ablation mode)."""
-    iv = interventions_for(model)
-    out = torch.zeros(task.n_prompts)
-    for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
-        clean = iv.clean(batch)
-        logits = baseline_logits(iv, clean, sae, "clean_effect")
-        out[torch.tensor(batch.indices)] = answer_metrics(logits, batch.answer_ids)["loss"].cpu()
-    return out
-
-
-def features_ablation_edit(
-    sae: SAE, features: Sequence[int], mode: str = "residual", counter: OffRangeCounter | None = None
-) -> Edit:
-    """Edit at ``sae.hook_point`` ablating the set ``S`` together (one variant): ``base - encode(x)[S] @ W_dec[S]``
-    with ``base = x`` (``mode="residual"``) or ``decode(encode(x))`` (``"reconstruction"``, ``"clean_effect"``; see
-    :mod:`saecircuits.analysis.ablations.modes`).
-
-    Args:
-        counter: counts the edited activations that leave the hook's range (optional).
-    """
-    check_mode(mode)
-    idx = torch.as_tensor(list(features), dtype=torch.long, device=sae.W_dec.device)
-
-    def fn(x_in: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        dt = edit_dtype(sae, x)  # encode in the SAE's dtype, subtract in x's: a bf16 SAE never rounds x itself
-        f = sae.encode(x_in)
-        out = ablation_base(sae, x, f, mode, x_in) - f[..., idx].to(dt) @ sae.W_dec[idx].to(dt)
-        if counter is not None:
-            counter.observe(out)
-        return out
-
-    return sae_edit(sae, fn)
-
-
-def one_feature_each_edit(
-    sae: SAE, table: torch.Tensor, mode: str = "residual", counter: OffRangeCounter | None = None
-) -> Edit:
-    """Edit at ``sae.hook_point`` with ``V`` variants per prompt: variant ``v`` of prompt ``b`` ablates feature
-    ``table[b, v]`` alone (``base - f_k(x) W_dec[k]``, ``base`` as in :func:`features_ablation_edit`); ``-1`` gives
-    the unablated ``base`` (``x`` itself in the residual mode; padding variants nobody reads).
-
-    Args:
-        table: int64 ``[B, V]`` feature indices (or -1).
-        mode: one of :data:`~saecircuits.analysis.ablations.modes.ABLATION_MODES`.
-        counter: counts the edited activations (valid variants only) that leave the hook's range.
-    """
-    check_mode(mode)
-    W_dec = sae.W_dec
-    table = table.to(W_dec.device)
-    valid = table >= 0
-    k = table.clamp(min=0)
-
-    def fn(x_in: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        dt = edit_dtype(sae, x)  # encode in the SAE's dtype, subtract in x's: a bf16 SAE never rounds x itself
-        f = sae.encode(x_in)  # [B, F, d_sae], F = 1 (clean value shared by every variant) or V
-        f_k = f.expand(-1, table.shape[1], -1).gather(-1, k[..., None])[..., 0].to(dt) * valid  # [B, V]
-        out = ablation_base(sae, x, f, mode, x_in) - f_k[..., None] * W_dec[k].to(dt)
-        if counter is not None:
-            counter.observe(out.expand(-1, table.shape[1], -1), table >= 0)
-        return out
-
-    return sae_edit(sae, fn)
 
 
 @dataclass
@@ -461,7 +258,9 @@ def feature_effects(
     ``x_P <- x_P - f_k(x_P) W_dec[k]`` at ``sae.hook_point`` (``mode="residual"``, the reference notebook's
     single-feature ablation; the other modes are in :mod:`saecircuits.analysis.ablations.modes`), via
     prefix-cached interventions: per batch of prompts one clean pass, then ``V`` features per prompt as ``V`` variants
-    of position P (chunked so ``B x V x d_vocab`` stays under :data:`MAX_LOGIT_FLOATS`). The edited activations that
+    of position P (runs of at most :data:`MAX_RUN_FLOATS` activation floats, their logits reduced
+    :data:`MAX_LOGIT_FLOATS` at a time; without the engine, runs of ``B x V x d_vocab`` logits up to
+    :data:`MAX_LOGIT_FLOATS`). The edited activations that
     leave the hook's range (below GELU's minimum, say) are counted in ``off_range``.
 
     Args:
@@ -524,6 +323,8 @@ def feature_effects(
     reads = [sae.hook_point] + (["ln_final.hook_scale"] if top_n is not None else [])
     if top_n is not None and post is not None:
         reads.append(post[1])
+    final = _final_resid_hook(iv, sae)
+    rows_per_run = _rows_per_run(model, task, d_vocab, final)
     for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
         clean = iv.clean(batch, read=reads)
         with torch.no_grad():
@@ -545,16 +346,14 @@ def feature_effects(
         order = torch.topk(score, V, dim=1)  # features by score, inactive last (-inf)
         table = torch.where(torch.isfinite(order.values), order.indices, torch.full_like(order.indices, -1))
         B = table.shape[0]
-        chunk = max(1, MAX_LOGIT_FLOATS // max(1, B * d_vocab) - 1)  # + the baseline variant
+        chunk = max(1, rows_per_run // max(1, B) - 1)  # + the baseline variant
         for v0 in range(0, V, chunk):
             sub = table[:, v0 : v0 + chunk]
             # the baseline in the same run as the ablations: an inactive feature's effect is exactly 0
-            run = iv.run_paired(clean, [one_feature_each_edit(sae, sub, mode, counter)], n_variants=sub.shape[1],
-                                base=baseline_edits(sae, mode))
-            base = answer_metrics(run.base_logits, batch.answer_ids)
+            base, m = _paired_answer_metrics(iv, clean, [one_feature_each_edit(sae, sub, mode, counter)],
+                                             sub.shape[1], baseline_edits(sae, mode), final)
             if v0 == 0:
                 baseline_loss[idx] = base["loss"].cpu()
-            m = answer_metrics(run.logits, batch.answer_ids)
             ok = sub >= 0
             b_idx, v_idx = torch.nonzero(ok, as_tuple=True)
             k = sub[b_idx, v_idx]
@@ -601,72 +400,6 @@ def _per_feature_dla(readout, write: torch.Tensor, clean, batch, post_scale: str
     normed = readout.norm.linear(write.to(scale.device), torch.ones(1))  # centred, weighted; scale applied below
     u = readout.answer_columns(batch.answer_ids).to(normed.device)  # [B, d_model]
     return (u @ normed.T) / scale[:, None]
-
-
-def single_feature_ablation_losses(
-    model,
-    sae: SAE,
-    task: Task,
-    pairs: Sequence[tuple[int, int]],
-    *,
-    mode: str = "residual",
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-    max_batch: int = DEFAULT_MAX_BATCH,
-    with_baseline: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Answer loss (nats) at P with one feature ablated at P, for each (prompt, feature) pair.
-
-    The pairs of one prompt are variants of one prefix-cached pass. ``mode`` as in :func:`feature_effects`. With
-    ``mode="residual"`` a feature inactive at P (``f_k = 0``) leaves the activation exactly unchanged.
-
-    Args:
-        with_baseline: also return each pair's baseline loss (clean, or SAE-spliced in ``"clean_effect"``) from the
-            same run as its ablation, the one to subtract: an ablation that changes nothing then differs by exactly
-            0 (the full clean pass differs from the recomputation at P by float rounding).
-
-    Returns:
-        float32 ``[n_pairs]`` in pair order (and the baselines ``[n_pairs]`` with ``with_baseline``).
-
-    Raises:
-        IndexError: a prompt or feature index out of range. ValueError: an unknown ``mode``.
-    """
-    check_mode(mode)
-    if not pairs:
-        return (torch.zeros(0), torch.zeros(0)) if with_baseline else torch.zeros(0)
-    prompt_idx = [int(i) for i, _ in pairs]
-    feats = [int(k) for _, k in pairs]
-    if min(prompt_idx) < 0 or max(prompt_idx) >= task.n_prompts:
-        raise IndexError(f"prompt index out of range 0..{task.n_prompts - 1}")
-    if min(feats) < 0 or max(feats) >= sae.d_sae:
-        raise IndexError(f"feature index out of range 0..{sae.d_sae - 1}")
-    per_prompt: dict[int, list[int]] = {}
-    for j, i in enumerate(prompt_idx):
-        per_prompt.setdefault(i, []).append(j)
-    prompts = sorted(per_prompt)
-    sub = task.subset(prompts)
-    iv = interventions_for(model)
-    out = torch.zeros(len(pairs))
-    base_out = torch.zeros(len(pairs))
-    d_vocab = int(model.cfg.d_vocab)
-    for batch in task_batches(model, sub, max_tokens=max_tokens, max_batch=max_batch):
-        clean = iv.clean(batch)
-        rows = [per_prompt[prompts[i]] for i in batch.indices]
-        V = max(len(r) for r in rows)
-        table = torch.full((len(rows), V), -1, dtype=torch.long)
-        for b, r in enumerate(rows):
-            table[b, : len(r)] = torch.tensor([feats[j] for j in r])
-        chunk = max(1, MAX_LOGIT_FLOATS // max(1, len(rows) * d_vocab) - 1)  # + the baseline variant
-        for v0 in range(0, V, chunk):
-            t = table[:, v0 : v0 + chunk]
-            run = iv.run_paired(clean, [one_feature_each_edit(sae, t, mode)], n_variants=t.shape[1],
-                                base=baseline_edits(sae, mode))
-            loss = answer_metrics(run.logits, batch.answer_ids)["loss"].cpu()
-            base = answer_metrics(run.base_logits, batch.answer_ids)["loss"].cpu()
-            for b, r in enumerate(rows):
-                for v, j in enumerate(r[v0 : v0 + chunk]):
-                    out[j] = loss[b, v]
-                    base_out[j] = base[b]
-    return (out, base_out) if with_baseline else out
 
 
 def feature_ablation_table(

@@ -39,7 +39,7 @@ outputs or a JumpReLU); padding and special positions count as 0.
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,6 +65,9 @@ __all__ = [
     "FeatureStats",
     "CorpusStats",
     "corpus_feature_stats",
+    "CorpusPartial",
+    "corpus_partial_stats",
+    "merge_corpus_partials",
     "special_ids_of",
     "counted_token_mask",
     "example_windows",
@@ -288,6 +291,67 @@ class CorpusStats(NotebookDisplay):
         return fig
 
 
+_SUMMED = ("fire_count", "activation_sum", "hist", "input_sum")
+"""State tensors of one SAE that shards add (counts, float64 sums, histogram counts)."""
+_TOK_KEYS = ("tok_feature", "tok_token", "tok_value")
+_BAND_KEYS = ("band_feature", "band_doc", "band_pos", "band_value")
+
+
+def _no_events(n: int) -> tuple[torch.Tensor, ...]:
+    """Empty event columns: ``n - 1`` int32 columns and a float32 value column."""
+    return (torch.zeros(0, dtype=torch.int32),) * (n - 1) + (torch.zeros(0),)
+
+
+def _top_k(val: torch.Tensor, doc: torch.Tensor, pos: torch.Tensor, k: int):
+    """The ``k`` best candidates per feature row by (value desc, document asc); empty slots (doc -1) last.
+
+    ``val``/``doc``/``pos``: ``[d_sae, n]``. One order for the batch merge and the shard merge, so neither batching
+    nor sharding changes which of two equal maxima is kept."""
+    # sort by doc first, then a stable sort by value
+    by_doc = torch.argsort(torch.where(doc < 0, torch.iinfo(torch.long).max, doc), dim=1, stable=True)
+    val, doc, pos = (t.gather(1, by_doc) for t in (val, doc, pos))
+    by_val = torch.argsort(val, dim=1, descending=True, stable=True)[:, :k]
+    return tuple(t.gather(1, by_val) for t in (val, doc, pos))
+
+
+def _pad_sum(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum of 1-d count vectors of different lengths (zero-padded at the end)."""
+    out = torch.zeros(max(len(p) for p in parts), dtype=parts[0].dtype)
+    for p in parts:
+        out[: len(p)] += p
+    return out
+
+
+def _merge_states(states: Sequence[Mapping[str, torch.Tensor]], *, k: int, token_fraction: float,
+                  band_floor: float | None) -> dict[str, torch.Tensor]:
+    """One SAE's running states of disjoint document shards -> the state of one pass over their union.
+
+    Exact: counts, histograms and sums add (float64 sums only reorder), maxima take the maximum, the top-k is
+    re-selected by (value desc, document asc) from the union of the shards' top-k (each shard's top-k holds every
+    document of the union's top-k that it saw), and the token / band events are pruned again by the merged maximum
+    (a shard kept every event above its own threshold, which is never above the merged one)."""
+    out = {name: torch.stack([s[name] for s in states]).sum(0) for name in _SUMMED}
+    out["max"] = torch.stack([s["max"] for s in states]).amax(0)
+    out["l0_counts"] = _pad_sum([s["l0_counts"] for s in states])
+    _merge_selections(out, states, k=k, token_fraction=token_fraction, band_floor=band_floor)
+    return out
+
+
+def _merge_selections(out: dict[str, torch.Tensor], states: Sequence[Mapping[str, torch.Tensor]], *, k: int,
+                      token_fraction: float, band_floor: float | None) -> None:
+    """Into ``out`` (which holds the merged ``max``): the top-k and the events of :func:`_merge_states`."""
+    out["top_value"], out["top_doc"], out["top_pos"] = _top_k(
+        *(torch.cat([s[name] for s in states], dim=1) for name in ("top_value", "top_doc", "top_pos")), k)
+    tok = [torch.cat([s[key] for s in states]) for key in _TOK_KEYS]
+    keep = tok[2] > token_fraction * out["max"][tok[0].long()]
+    out.update((key, c[keep]) for key, c in zip(_TOK_KEYS, tok, strict=True))
+    band = [torch.cat([s[key] for s in states]) for key in _BAND_KEYS]
+    if band_floor is not None:
+        keep = band[3] > band_floor * out["max"][band[0].long()]
+        band = [c[keep] for c in band]
+    out.update(zip(_BAND_KEYS, band, strict=True))
+
+
 class _Accumulator:
     """The running state of one SAE during the pass."""
 
@@ -363,14 +427,12 @@ class _Accumulator:
 
     def _merge_top(self, dm: torch.Tensor, dp: torch.Tensor, docs: torch.Tensor) -> None:
         d = self.sae.d_sae
-        val = torch.cat([self.top_value, dm.T], dim=1)  # [d_sae, k + b]
-        doc = torch.cat([self.top_doc, docs[None].expand(d, -1)], dim=1)
-        pos = torch.cat([self.top_pos, dp.T], dim=1)
-        # order by (value desc, doc asc): sort by doc first, then a stable sort by value
-        by_doc = torch.argsort(torch.where(doc < 0, torch.iinfo(torch.long).max, doc), dim=1, stable=True)
-        val, doc, pos = (t.gather(1, by_doc) for t in (val, doc, pos))
-        by_val = torch.argsort(val, dim=1, descending=True, stable=True)[:, : self.k]
-        self.top_value, self.top_doc, self.top_pos = (t.gather(1, by_val) for t in (val, doc, pos))
+        self.top_value, self.top_doc, self.top_pos = _top_k(
+            torch.cat([self.top_value, dm.T], dim=1),  # [d_sae, k + b]
+            torch.cat([self.top_doc, docs[None].expand(d, -1)], dim=1),
+            torch.cat([self.top_pos, dp.T], dim=1),
+            self.k,
+        )
 
     def _prune(self) -> None:
         """Drop the kept events that can no longer pass the final threshold (the running maximum only grows)."""
@@ -383,13 +445,36 @@ class _Accumulator:
             keep = v > self.band_floor * self.max[k.long()]
             self.band_events = [(k[keep], doc[keep], pos[keep], v[keep])]
 
+    def settings(self) -> tuple:
+        """What two states must share to be merged: the SAE's hook point and size and the pass's settings."""
+        return (self.sae.hook_point, self.sae.d_sae, self.k, self.token_fraction, sorted(self.bands.items()),
+                self.lo, self.hi, self.n_bins)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The pruned running state as CPU tensors (the keys of :data:`_STATE_KEYS`; events flattened)."""
+        self._prune()
+        tok = self.tok_events[0] if self.tok_events else _no_events(3)
+        band = self.band_events[0] if self.band_events else _no_events(4)
+        out = {name: getattr(self, name) for name in _SUMMED + ("max", "l0_counts", "top_value", "top_doc",
+                                                                   "top_pos")}
+        out.update(zip(_TOK_KEYS, tok, strict=True))
+        out.update(zip(_BAND_KEYS, band, strict=True))
+        return out
+
+    def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Replace the running state by ``state`` (of :meth:`state` or :func:`_merge_states`)."""
+        for name in _SUMMED + ("max", "l0_counts", "top_value", "top_doc", "top_pos"):
+            setattr(self, name, state[name])
+        self.tok_events = [tuple(state[key] for key in _TOK_KEYS)]
+        self.band_events = [tuple(state[key] for key in _BAND_KEYS)]
+
     def finish(self, n_docs: int, n_tokens: int, d_vocab: int, n_top_tokens: int) -> FeatureStats:
         d = self.sae.d_sae
         self._prune()
         top_tokens = torch.full((d, n_top_tokens), -1, dtype=torch.long)
         top_counts = torch.zeros((d, n_top_tokens), dtype=torch.long)
         above = torch.zeros(d, dtype=torch.long)
-        if self.tok_events:
+        if self.tok_events and len(self.tok_events[0][0]):
             k, t, _ = self.tok_events[0]
             key = k.long() * d_vocab + t.long()
             uniq, counts = torch.unique(key, return_counts=True)
@@ -403,8 +488,7 @@ class _Accumulator:
             sel = rank < n_top_tokens
             top_tokens[feat[sel], rank[sel]] = torch.from_numpy(tok[sel])
             top_counts[feat[sel], rank[sel]] = torch.from_numpy(cnt[sel])
-        band = self.band_events[0] if self.band_events else (
-            torch.zeros(0, dtype=torch.int32),) * 3 + (torch.zeros(0),)
+        band = self.band_events[0] if self.band_events else _no_events(4)
         edges = torch.linspace(self.lo, self.hi, self.n_bins + 1, dtype=torch.float64)
         return FeatureStats(
             hook_point=self.sae.hook_point,
@@ -448,8 +532,15 @@ def corpus_feature_stats(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
     progress: bool | None = None,
+    shard: bool | None = None,
 ) -> CorpusStats:
     """Feature statistics of every SAE in ``saes`` over ``token_rows``, in one streaming pass (see the module doc).
+
+    Under ``torch.distributed`` (a process group initialised with more than one rank, every rank calling with the
+    same rows and SAEs) each rank reads the documents ``i`` with ``i % world_size == rank``; counts, sums and
+    histograms are summed with ``all_reduce``, maxima reduced by ``MAX``, and the top-k and the thresholded events
+    gathered as tensors and merged (:func:`merge_corpus_partials`). Every rank returns the statistics of the whole
+    corpus, equal to one process's (float64 sums up to summation order).
 
     Args:
         model: a TransformerBridge.
@@ -465,6 +556,8 @@ def corpus_feature_stats(
             the default, 64 MiB of float32, is large enough for the allocator to hand each chunk back to the system).
         max_tokens, max_batch: batch budget of the forward passes (results do not depend on it).
         progress: show a progress bar over documents.
+        shard: split the documents over the ranks of the initialised process group (default: when one with more
+            than one rank is initialised); ``False`` makes every rank read every document.
 
     Returns:
         :class:`CorpusStats`.
@@ -472,6 +565,74 @@ def corpus_feature_stats(
     Raises:
         ValueError: no SAE, an empty row, ``k < 1``, ``token_fraction`` outside ``[0, 1)``, a band fraction outside
             ``(0, 1)``, or token ids outside the vocabulary. ContextLengthError: a row longer than the model's context.
+    """
+    world, rank = _process_group()
+    shard = world > 1 if shard is None else shard and world > 1
+    docs = range(rank, len(token_rows), world) if shard else None
+    partial = corpus_partial_stats(
+        model, saes, token_rows, docs=docs, k=k, token_fraction=token_fraction, n_top_tokens=n_top_tokens,
+        bands=bands, hist_range=hist_range, hist_bins=hist_bins, encode_floats=encode_floats,
+        max_tokens=max_tokens, max_batch=max_batch, progress=progress)
+    if shard:
+        partial = _all_reduce_partial(partial)
+    return partial.finish()
+
+
+@dataclass
+class CorpusPartial:
+    """The mergeable state of a pass over a subset (a shard) of the corpus documents
+    (:func:`corpus_partial_stats`); :func:`merge_corpus_partials` joins disjoint shards, :meth:`finish` gives the
+    statistics.
+
+    Attributes:
+        n_docs: documents of the whole corpus (document indices refer to it).
+        docs: how many documents this state covers.
+        n_tokens: counted tokens of those documents.
+        token_counts: int64 ``[d_vocab]`` counts of each token id over them.
+        states: per SAE, the running state as CPU tensors (counts, sums, histogram, top-k, thresholded events).
+        special_ids: the token ids left out.
+    """
+
+    n_docs: int
+    docs: int
+    n_tokens: int
+    token_counts: torch.Tensor
+    states: list[dict[str, torch.Tensor]]
+    special_ids: list[int]
+    n_top_tokens: int
+    _accs: list[_Accumulator] = field(repr=False, default_factory=list)
+
+    def finish(self) -> CorpusStats:
+        """The statistics of the documents covered (thresholds applied with the merged maxima)."""
+        features = []
+        for acc, st in zip(self._accs, self.states, strict=True):
+            acc.load_state(st)
+            features.append(acc.finish(self.n_docs, self.n_tokens, len(self.token_counts), self.n_top_tokens))
+        return CorpusStats(self.n_docs, self.n_tokens, self.token_counts, features, self.special_ids)
+
+
+def corpus_partial_stats(
+    model,
+    saes: Sequence[SAE],
+    token_rows: Sequence[Sequence[int]],
+    *,
+    docs: Iterable[int] | None = None,
+    k: int = 20,
+    token_fraction: float = 0.25,
+    n_top_tokens: int = 10,
+    bands: Mapping[str, float] = BANDS,
+    hist_range: tuple[float, float] = (-4.0, 3.0),
+    hist_bins: int = 70,
+    encode_floats: int = 1 << 24,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    progress: bool | None = None,
+) -> CorpusPartial:
+    """The pass of :func:`corpus_feature_stats` over the documents ``docs`` (indices into ``token_rows``; default
+    all), as a mergeable :class:`CorpusPartial` (arguments as there).
+
+    Raises:
+        ValueError: as :func:`corpus_feature_stats`, or a document index out of range or repeated.
     """
     if not saes:
         raise ValueError("corpus_feature_stats needs at least one SAE")
@@ -483,6 +644,9 @@ def corpus_feature_stats(
         raise ValueError(f"band fractions must lie in (0, 1), got {dict(bands)}")
     if any(len(r) == 0 for r in token_rows):
         raise ValueError("corpus rows must be non-empty token lists (drop empty documents first)")
+    index = list(range(len(token_rows))) if docs is None else [int(i) for i in docs]
+    if any(not 0 <= i < len(token_rows) for i in index) or len(set(index)) != len(index):
+        raise ValueError(f"docs must be distinct document indices in 0..{len(token_rows) - 1}")
     d_vocab = int(model.cfg.d_vocab)
     special = special_ids_of(model)
     iv = interventions_for(model)
@@ -494,10 +658,12 @@ def corpus_feature_stats(
     ]
     token_counts = torch.zeros(d_vocab, dtype=torch.long)
     n_tokens = 0
-    batches = row_batches(token_rows, pad_id_of(model), max_tokens=max_tokens, max_batch=max_batch,
-                          device=_device_of(model), n_ctx=n_ctx_of(model), what="corpus document")
+    global_index = torch.tensor(index, dtype=torch.long)
+    batches = row_batches([token_rows[i] for i in index], pad_id_of(model), max_tokens=max_tokens,
+                          max_batch=max_batch, device=_device_of(model), n_ctx=n_ctx_of(model),
+                          what="corpus document")
     desc = f"corpus statistics of {len(saes)} SAE(s) (documents)"
-    for batch in with_progress(batches, len(token_rows), desc, progress):
+    for batch in with_progress(batches, len(index), desc, progress):
         mask = counted_token_mask(batch.tokens, batch.positions + 1, special)
         ids = batch.tokens[mask].cpu()
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= d_vocab):
@@ -505,11 +671,95 @@ def corpus_feature_stats(
         token_counts += torch.bincount(ids, minlength=d_vocab)
         n_tokens += int(mask.sum())
         reads = iv.read_all(batch.tokens, hooks)  # one forward for every hook point
-        docs = torch.tensor(batch.indices, dtype=torch.long)
+        rows = global_index[torch.tensor(batch.indices, dtype=torch.long)]  # document indices of the corpus
         for acc in accs:
-            acc.update(reads[acc.sae.hook_point], batch.tokens, mask, docs)
-    features = [acc.finish(len(token_rows), n_tokens, d_vocab, n_top_tokens) for acc in accs]
-    return CorpusStats(len(token_rows), n_tokens, token_counts, features, sorted(special))
+            acc.update(reads[acc.sae.hook_point], batch.tokens, mask, rows)
+    return CorpusPartial(len(token_rows), len(index), n_tokens, token_counts, [acc.state() for acc in accs],
+                         sorted(special), n_top_tokens, accs)
+
+
+def merge_corpus_partials(parts: Sequence[CorpusPartial]) -> CorpusPartial:
+    """The state of one pass over the union of disjoint shards (exact: see :func:`_merge_states`; ties in the
+    top-k broken by the lower document index as in one pass, so the result equals the single-process pass).
+
+    Raises:
+        ValueError: no part, or parts of different corpora, SAEs or settings.
+    """
+    if not parts:
+        raise ValueError("merge_corpus_partials needs at least one partial state")
+    first = parts[0]
+    for p in parts[1:]:
+        if (p.n_docs, p.n_top_tokens, len(p.token_counts)) != (first.n_docs, first.n_top_tokens,
+                                                               len(first.token_counts)) or [
+                a.settings() for a in p._accs] != [a.settings() for a in first._accs]:
+            raise ValueError("partial states of different corpora, SAEs or settings cannot be merged")
+    if sum(p.docs for p in parts) > first.n_docs:
+        raise ValueError("the partial states cover more documents than the corpus has: shards must be disjoint")
+    states = [
+        _merge_states([p.states[j] for p in parts], k=acc.k, token_fraction=acc.token_fraction,
+                      band_floor=acc.band_floor)
+        for j, acc in enumerate(first._accs)
+    ]
+    return CorpusPartial(first.n_docs, sum(p.docs for p in parts), sum(p.n_tokens for p in parts),
+                         torch.stack([p.token_counts for p in parts]).sum(0), states, first.special_ids,
+                         first.n_top_tokens, first._accs)
+
+
+def _process_group() -> tuple[int, int]:
+    """``(world size, rank)`` of the initialised default process group, ``(1, 0)`` without one."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _all_reduce_partial(partial: CorpusPartial) -> CorpusPartial:
+    """Every rank's :class:`CorpusPartial` -> the merged one, on every rank, by tensor collectives only
+    (``all_reduce`` for counts, sums and maxima; ``all_gather`` of padded tensors for the top-k and the events).
+    NCCL process groups communicate through the current CUDA device, others (gloo) through the CPU."""
+    dist = torch.distributed
+    world = dist.get_world_size()
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        x = t.to(dev).clone()
+        dist.all_reduce(x, op=op)
+        return x.cpu()
+
+    def gather(t: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``t`` (same trailing shape; the first dimension may differ)."""
+        n = torch.tensor([t.shape[0]], device=dev)
+        ns = [torch.zeros_like(n) for _ in range(world)]
+        dist.all_gather(ns, n)
+        m = max(int(x) for x in ns)
+        buf = torch.zeros((m, *t.shape[1:]), dtype=t.dtype, device=dev)
+        buf[: t.shape[0]] = t.to(dev)
+        out = [torch.empty_like(buf) for _ in range(world)]
+        dist.all_gather(out, buf)
+        return [o[: int(x)].cpu() for o, x in zip(out, ns, strict=True)]
+
+    states = []
+    for acc, st in zip(partial._accs, partial.states, strict=True):
+        merged = {name: reduce(st[name]) for name in _SUMMED}
+        merged["max"] = reduce(st["max"], dist.ReduceOp.MAX)
+        n_l0 = int(reduce(torch.tensor([len(st["l0_counts"])]), dist.ReduceOp.MAX))
+        merged["l0_counts"] = reduce(_pad_sum([st["l0_counts"], torch.zeros(n_l0, dtype=torch.long)]))
+        # prune by the merged maximum before sending (the merge prunes again; this only saves traffic)
+        keep = st["tok_value"] > acc.token_fraction * merged["max"][st["tok_feature"].long()]
+        local = {key: st[key][keep] for key in _TOK_KEYS}
+        keep = (st["band_value"] > acc.band_floor * merged["max"][st["band_feature"].long()]
+                if acc.band_floor is not None else torch.ones(len(st["band_value"]), dtype=torch.bool))
+        local.update((key, st[key][keep]) for key in _BAND_KEYS)
+        local.update((name, st[name]) for name in ("top_value", "top_doc", "top_pos"))
+        gathered = {key: gather(t) for key, t in local.items()}
+        per_rank = [{key: g[r] for key, g in gathered.items()} for r in range(world)]
+        _merge_selections(merged, per_rank, k=acc.k, token_fraction=acc.token_fraction,
+                          band_floor=acc.band_floor)
+        states.append(merged)
+    n_tokens = int(reduce(torch.tensor([partial.n_tokens])))
+    docs = int(reduce(torch.tensor([partial.docs])))
+    return CorpusPartial(partial.n_docs, docs, n_tokens, reduce(partial.token_counts), states,
+                         partial.special_ids, partial.n_top_tokens, partial._accs)
 
 
 def example_windows(
