@@ -1,0 +1,305 @@
+"""Gradient estimates of the node effects and edges (attribution patching, Nanda 2023 / Syed et al. 2023; integrated
+gradients per submodule, Sundararajan et al. 2017 as Sparse Feature Circuits) and their agreement with the exact
+values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from saecircuits.analysis.ablations.modes import edit_dtype, sae_edit
+from saecircuits.analysis.circuit.exact import _Edges
+from saecircuits.analysis.circuit.nodes import Node, _answer_logprob, _Group, _node_index, _stage_key
+from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches, with_progress
+from saecircuits.models.interventions import Edit, interventions_for
+from saecircuits.tasks.base import Task
+
+SIGN_TOLERANCE = 1e-6
+"""An exact effect counts as non-zero in :func:`agreement`'s sign agreement above this share of the largest one."""
+
+
+def _track(t: torch.Tensor) -> torch.Tensor:
+    """Make ``t`` keep its gradient: a leaf that requires grad, or a retained non-leaf."""
+    if t.requires_grad:
+        t.retain_grad()
+        return t
+    return t.detach().requires_grad_(True)
+
+
+def _tracking_edits(groups: list[_Group], store: dict, scale: dict | None = None) -> list[Edit]:
+    """Edits that expose every node's activation to autograd, unchanged in value.
+
+    At an SAE hook the output is rebuilt as ``decode(f) + e`` from two leaves, ``f = encode(x)`` and
+    ``e = x - decode(f)`` (SFC's decomposition: the gradient of a feature goes through its decoder row only, the
+    error's is the output's), plus a straight-through ``x - x.detach()`` so that everything upstream still gets
+    its total derivative; ``store[hook + "#attached"]`` keeps ``encode(x)`` with its graph to upstream nodes (the
+    targets of edge gradients). Heads' z, MLP outputs and embeddings are tracked as they are. With ``scale`` (IG),
+    the group named in ``scale`` has its activations replaced by ``(1 - alpha_v) a`` for each variant ``v``.
+    """
+    edits = []
+    for g in groups:
+        interp = None if scale is None else scale.get(g.hook)
+        if g.kind == "sae":
+            sae = g.sae
+
+            def fn(x_in: torch.Tensor, x: torch.Tensor, g=g, sae=sae, interp=interp) -> torch.Tensor:
+                x = x.to(edit_dtype(sae, x))  # the error in x's dtype: decode(f) + e is x, unrounded
+                f_attached = sae.encode(x_in)
+                store[g.hook + "#attached"] = f_attached
+                f = f_attached.detach()
+                x_in = x_in.detach()  # the bias of a skip / normalising SAE is a constant of the decomposition
+                e = x.detach() - sae.decode(f, x_in).to(x.dtype)
+                store[g.hook + "#clean"] = (f, e)
+                if interp is not None:
+                    f, e = interp[None, :, None] * f, interp[None, :, None] * e
+                f, e = f.requires_grad_(True), e.requires_grad_(True)
+                store[g.hook] = (f, e)
+                through = x - x.detach() if x.requires_grad else 0.0
+                return sae.decode(f, x_in).to(e.dtype) + e + through
+
+            edits.append(sae_edit(sae, fn))
+            continue
+
+        def fn(a: torch.Tensor, g=g, interp=interp) -> torch.Tensor:
+            store[g.hook + "#clean"] = (a.detach(),)
+            if interp is not None:
+                shape = (1, -1) + (1,) * (a.dim() - 2)
+                a = (interp.reshape(shape).to(a) * a.detach()).requires_grad_(True)
+            else:
+                a = _track(a)
+            store[g.hook] = (a,)
+            return a
+
+        edits.append(Edit(g.hook, fn))
+    return edits
+
+
+def _contributions(g: _Group, tensors: tuple, grads: tuple) -> torch.Tensor:
+    """``grad . activation`` per in-group index: ``[B, F, n_group]`` (float64)."""
+    with torch.no_grad():
+        if g.kind == "sae":
+            (f, e), (gf, ge) = tensors, grads
+            feat = (gf * f).double()
+            err = (ge * e).double().sum(-1, keepdim=True)
+            return torch.cat([feat, err], dim=-1)
+        (a,), (ga,) = tensors, grads
+        if g.kind == "heads":
+            return (ga * a).double().sum(-1)
+        return (ga * a).double().sum(-1, keepdim=True)
+
+
+@dataclass
+class Estimates:
+    """Gradient estimates in the same units and signs as :class:`ExactEffects` (means over all prompts).
+
+    Attributes:
+        node_effect: float64 ``[N]``.
+        edges: ``{(u, d): mean estimated contribution of u to f_d}``.
+        method: ``"atp"`` or ``"ig"`` (with ``steps``).
+    """
+
+    node_effect: torch.Tensor
+    edges: dict[tuple[int, int], float]
+    method: str
+    steps: int = 1
+
+
+def _scatter_nodes(out: torch.Tensor, g: _Group, contrib: torch.Tensor) -> None:
+    """Add per-prompt contributions ``[B, n_group]`` of group ``g`` into node totals ``out [N]``."""
+    where = torch.nonzero(g.node_of >= 0).flatten()
+    out.index_add_(0, g.node_of[where], contrib[:, where.to(contrib.device)].sum(0).cpu())
+
+
+@torch.enable_grad()  # gradients even when the caller runs under torch.no_grad()
+def attribution_estimates(
+    model,
+    task: Task,
+    nodes: list[Node],
+    groups: list[_Group],
+    *,
+    edge_downstream: int | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    progress: bool | None = None,
+) -> Estimates:
+    """Attribution patching at P: node effects from one backward pass per batch, edges from one backward pass per
+    downstream feature slot (each prompt's ``j``-th active feature of each SAE).
+
+    Args:
+        edge_downstream: estimate edges into at most this many active features per prompt and SAE (largest
+            activation first); None = all.
+
+    Returns:
+        :class:`Estimates` (method ``"atp"``).
+    """
+    iv = interventions_for(model)
+    n_layers = int(model.cfg.n_layers)
+    N = len(nodes)
+    node_effect = torch.zeros(N, dtype=torch.float64)
+    edges = _Edges()
+    batches = task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch)
+    for batch in with_progress(batches, task.n_prompts, "circuit: attribution patching (prompts)", progress):
+        clean = iv.clean(batch)
+        store: dict = {}
+        logits, _ = iv.run(clean, _tracking_edits(groups, store), grad=True)
+        m = _answer_logprob(logits, batch.answer_ids)  # [B, 1]
+        tracked = [(g, store[g.hook]) for g in groups]
+        flat = [t for _, ts in tracked for t in ts]
+        grads = torch.autograd.grad(m.sum(), flat, retain_graph=True, allow_unused=True)
+        i = 0
+        for g, ts in tracked:
+            gs = tuple(torch.zeros_like(t) if gr is None else gr for t, gr in zip(ts, grads[i : i + len(ts)], strict=True))
+            i += len(ts)
+            _scatter_nodes(node_effect, g, _contributions(g, ts, gs)[:, 0])
+        # edges: d_f(downstream)/d(upstream) . upstream, one backward per downstream slot
+        for gd_i, (gd, _) in enumerate(tracked):
+            if gd.kind != "sae":
+                continue
+            f_d = store[gd.hook + "#attached"]
+            ups = [(g, ts) for g, ts in tracked[:gd_i] if _stage_key(g.hook, n_layers) < _stage_key(gd.hook_in, n_layers)]
+            if not ups:
+                continue
+            fd = f_d[:, 0]  # [B, d_sae]
+            active = (fd.detach() != 0) & (gd.node_of[: gd.sae.d_sae] >= 0).to(fd.device)[None]
+            size = fd.detach().abs()
+            order = torch.argsort(torch.where(active, size, torch.full_like(size, -1.0)), dim=1, descending=True)
+            n_slots = int(active.sum(1).max()) if active.any() else 0
+            if edge_downstream is not None:
+                n_slots = min(n_slots, edge_downstream)
+            up_flat = [t for _, ts in ups for t in ts]
+            for j in range(n_slots):
+                k = order[:, j]
+                valid = active.gather(1, k[:, None])[:, 0]
+                if not bool(valid.any()):
+                    continue
+                target = (fd.gather(1, k[:, None])[:, 0] * valid).sum()
+                gr = torch.autograd.grad(target, up_flat, retain_graph=True, allow_unused=True)
+                i = 0
+                d_ids = gd.node_of[k.cpu()]
+                for g, ts in ups:
+                    gs = tuple(torch.zeros_like(t) if x is None else x for t, x in zip(ts, gr[i : i + len(ts)], strict=True))
+                    i += len(ts)
+                    c = _contributions(g, ts, gs)[:, 0].cpu()  # [B, n_group]
+                    where = torch.nonzero(g.node_of >= 0).flatten()
+                    vals = c[:, where]
+                    b_idx, w_idx = torch.nonzero((vals != 0) & valid.cpu()[:, None], as_tuple=True)
+                    edges.add(g.node_of[where[w_idx]], d_ids[b_idx], vals[b_idx, w_idx])
+        del store, logits
+    n = task.n_prompts
+    summed = edges.summed(N)
+    return Estimates(node_effect / n, {k: v / n for k, (v, _) in summed.items()}, "atp")
+
+
+@torch.enable_grad()  # gradients even when the caller runs under torch.no_grad()
+def integrated_gradient_estimates(
+    model,
+    task: Task,
+    nodes: list[Node],
+    groups: list[_Group],
+    *,
+    steps: int = 10,
+    edge_targets: Sequence[int] = (),
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    progress: bool | None = None,
+) -> Estimates:
+    """Integrated gradients at P, one submodule (hook group) at a time, as Sparse Feature Circuits.
+
+    For each group its nodes go from clean (alpha 0) to ablated (alpha 1) together as ``(1 - alpha) a`` at the
+    midpoints ``alpha = (i + 0.5) / steps`` (one run with ``steps`` variants), every later node recomputed; the mean
+    gradient times the clean activation estimates each node's effect. Edge estimates into the feature nodes
+    ``edge_targets`` use the same runs with the downstream activation as the metric.
+
+    Args:
+        steps: interpolation points (more = closer to the path integral).
+        edge_targets: feature node ids whose incoming edges are estimated (each costs one backward per group).
+
+    Returns:
+        :class:`Estimates` (method ``"ig"``).
+
+    Raises:
+        ValueError: ``steps < 1``.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    iv = interventions_for(model)
+    n_layers = int(model.cfg.n_layers)
+    N = len(nodes)
+    alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps
+    node_effect = torch.zeros(N, dtype=torch.float64)
+    edges = _Edges()
+    targets = [int(t) for t in edge_targets]
+    gid, local, _ = _node_index(nodes, groups, n_layers)
+    batches = task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch)
+    for batch in with_progress(batches, task.n_prompts, "circuit: integrated gradients (prompts)", progress):
+        clean = iv.clean(batch)
+        for g in groups:
+            store: dict = {}
+            scale = {g.hook: 1 - alphas}
+            logits, _ = iv.run(clean, _tracking_edits(groups, store, scale=scale), n_variants=steps, grad=True)
+            m = _answer_logprob(logits, batch.answer_ids)  # [B, steps]
+            ts = store[g.hook]
+            grads = torch.autograd.grad(m.sum(), ts, retain_graph=bool(targets), allow_unused=True)
+            gs = tuple(torch.zeros_like(t) if x is None else x for t, x in zip(ts, grads, strict=True))
+            clean_ts = store[g.hook + "#clean"]  # the clean activation a, [B, 1, ...]
+            mean_gs = tuple(x.mean(1, keepdim=True) for x in gs)
+            _scatter_nodes(node_effect, g, _contributions(g, clean_ts, mean_gs)[:, 0])
+            for t_id in targets:
+                gt = groups[int(gid[t_id])]
+                if _stage_key(gt.hook_in, n_layers) <= _stage_key(g.hook, n_layers):
+                    continue
+                f_d = store[gt.hook + "#attached"][..., int(local[t_id])]  # [B, steps]
+                grads = torch.autograd.grad(f_d.sum(), ts, retain_graph=True, allow_unused=True)
+                gs = tuple(torch.zeros_like(t) if x is None else x for t, x in zip(ts, grads, strict=True))
+                c = _contributions(g, clean_ts, tuple(x.mean(1, keepdim=True) for x in gs))[:, 0].cpu()
+                where = torch.nonzero(g.node_of >= 0).flatten()
+                vals = c[:, where]
+                b_idx, w_idx = torch.nonzero(vals != 0, as_tuple=True)
+                edges.add(g.node_of[where[w_idx]], torch.full_like(b_idx, t_id), vals[b_idx, w_idx])
+            del store, logits
+    n = task.n_prompts
+    summed = edges.summed(N)
+    return Estimates(node_effect / n, {k: v / n for k, (v, _) in summed.items()}, "ig", steps)
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    return pd.Series(x).rank(method="average").to_numpy()
+
+
+def agreement(estimate: np.ndarray, exact: np.ndarray, *, top: int = 20) -> dict[str, float]:
+    """How well an estimate stands in for the exact values (same entries, same order).
+
+    Returns:
+        ``{"n", "spearman", "sign_agreement", "top_overlap", "top_sign_agreement", "top"}``: Spearman rank
+        correlation; the fraction of entries with ``|exact| > 1e-6 * max|exact|`` whose signs agree (relative, so
+        float rounding noise around 0 never counts, whatever the scale of the effects); the share of the exact
+        top-``top`` by magnitude found in the estimate's top-``top``; the fraction of the exact top-``top`` whose
+        estimate has the right sign (the largest effects are what a circuit is read from, and thousands of tiny
+        entries can hide that an estimate gets them wrong). NaN where undefined, e.g. fewer than 3 entries or a
+        constant vector.
+    """
+    est, ex = np.asarray(estimate, dtype=np.float64), np.asarray(exact, dtype=np.float64)
+    n = int(ex.size)
+    out = {"n": n, "top": int(min(top, n))}
+    if n < 3 or np.std(est) == 0 or np.std(ex) == 0:
+        out["spearman"] = float("nan")
+    else:
+        out["spearman"] = float(np.corrcoef(_ranks(est), _ranks(ex))[0, 1])
+    scale = float(np.max(np.abs(ex))) if n else 0.0
+    nz = np.abs(ex) > SIGN_TOLERANCE * scale
+    out["sign_agreement"] = float(np.mean(np.sign(est[nz]) == np.sign(ex[nz]))) if nz.any() else float("nan")
+    k = out["top"]
+    if k == 0:
+        out["top_overlap"] = out["top_sign_agreement"] = float("nan")
+    else:
+        top_exact = np.argsort(-np.abs(ex), kind="stable")[:k]
+        a = set(top_exact.tolist())
+        b = set(np.argsort(-np.abs(est), kind="stable")[:k].tolist())
+        out["top_overlap"] = len(a & b) / k
+        out["top_sign_agreement"] = float(np.mean(np.sign(est[top_exact]) == np.sign(ex[top_exact])))
+    return out

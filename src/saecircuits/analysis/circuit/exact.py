@@ -1,0 +1,184 @@
+"""Exact node effects and edges at P: every node ablated alone, batched as variants of position P by the prefix-
+cached interventions (Sparse Feature Circuits' quantities, measured instead of estimated).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from saecircuits.analysis.circuit.nodes import (
+    Node,
+    _answer_logprob,
+    _Group,
+    _node_index,
+    _single_edit,
+    _stage_key,
+)
+from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches, with_progress
+from saecircuits.models.interventions import interventions_for
+from saecircuits.saes.base import SAE
+from saecircuits.tasks.base import Task
+
+MAX_FLOATS = 1 << 24
+"""Budget per chunk of variants (``B x V x (d_vocab + sum d_sae)`` floats)."""
+
+
+@dataclass
+class _Edges:
+    """Edges accumulated as flat arrays: upstream node, downstream node, summed contribution, prompts seen."""
+
+    up: list[torch.Tensor] = field(default_factory=list)
+    down: list[torch.Tensor] = field(default_factory=list)
+    value: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, up: torch.Tensor, down: torch.Tensor, value: torch.Tensor) -> None:
+        self.up.append(up.long().cpu())
+        self.down.append(down.long().cpu())
+        self.value.append(value.double().cpu())
+
+    def summed(self, n_nodes: int) -> dict[tuple[int, int], tuple[float, int]]:
+        """``{(u, d): (sum over prompts, number of prompts with a non-zero value)}``."""
+        if not self.up:
+            return {}
+        u, d, v = torch.cat(self.up), torch.cat(self.down), torch.cat(self.value)
+        key = u * n_nodes + d
+        uniq, inv = torch.unique(key, return_inverse=True)
+        total = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, v)
+        count = torch.zeros(len(uniq), dtype=torch.long).index_add_(0, inv, (v != 0).long())
+        return {
+            (int(k // n_nodes), int(k % n_nodes)): (float(t), int(c))
+            for k, t, c in zip(uniq.tolist(), total.tolist(), count.tolist(), strict=True)
+        }
+
+
+@dataclass
+class ExactEffects:
+    """Exact node effects and edges (means over all prompts; see the module docstring for signs and units).
+
+    Attributes:
+        node_effect: float64 ``[N]`` mean of ``m(clean) - m(node ablated)`` (nats).
+        node_effect_sq: ``[N]`` mean of its square (for intervals).
+        node_active: int64 ``[N]`` prompts where the node was present (active features; every prompt otherwise).
+        edges: ``{(u, d): (mean contribution of u to f_d, prompts with a non-zero change)}``.
+        clean_metric: float64 ``[n_prompts]`` clean answer log-prob.
+    """
+
+    node_effect: torch.Tensor
+    node_effect_sq: torch.Tensor
+    node_active: torch.Tensor
+    edges: dict[tuple[int, int], tuple[float, int]]
+    clean_metric: torch.Tensor
+
+
+def _variant_table(groups: list[_Group], f_clean: dict, structural: list[int]) -> torch.Tensor:
+    """int64 ``[B, V]``: per prompt, the nodes ablated one per variant (structural nodes, then its active features;
+    -1 pads)."""
+    B = next(iter(f_clean.values())).shape[0] if f_clean else 1
+    rows: list[list[int]] = [list(structural) for _ in range(B)]
+    for g in groups:
+        if g.kind != "sae":
+            continue
+        f = f_clean[g.hook].cpu()
+        for b in range(B):
+            ids = g.node_of[torch.nonzero(f[b] != 0).flatten()]
+            rows[b] += ids[ids >= 0].tolist()
+    V = max(len(r) for r in rows)
+    table = torch.full((B, V), -1, dtype=torch.long)
+    for b, r in enumerate(rows):
+        table[b, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return table
+
+
+def exact_effects(
+    model,
+    saes: Sequence[SAE],
+    task: Task,
+    nodes: list[Node],
+    groups: list[_Group],
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    progress: bool | None = None,
+) -> ExactEffects:
+    """Exact effect of ablating each node alone at P on the metric and on every later SAE's features.
+
+    One prefix-cached run per chunk of variants: variant v of prompt b ablates one node (each prompt's own active
+    features plus every structural node), reading the metric and every SAE hook at P.
+
+    Returns:
+        :class:`ExactEffects`.
+    """
+    iv = interventions_for(model)
+    n_layers = int(model.cfg.n_layers)
+    N = len(nodes)
+    node_gid, node_local, node_stage = _node_index(nodes, groups, n_layers)
+    structural = [i for i, nd in enumerate(nodes) if nd.kind != "feature"]
+    sae_groups = [g for g in groups if g.kind == "sae"]
+    sae_hooks = sorted({g.hook_in for g in sae_groups})  # where each SAE's features are encoded from
+    feature_budget = int(model.cfg.d_vocab) + sum(g.sae.d_sae for g in sae_groups)
+    effect_sum = torch.zeros(N, dtype=torch.float64)
+    effect_sq = torch.zeros(N, dtype=torch.float64)
+    present = torch.zeros(N, dtype=torch.long)
+    clean_metric = torch.zeros(task.n_prompts, dtype=torch.float64)
+    edges = _Edges()
+    batches = task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch)
+    for batch in with_progress(batches, task.n_prompts, "circuit: exact node ablations (prompts)", progress):
+        clean = iv.clean(batch, read=sae_hooks)
+        with torch.no_grad():
+            f_clean = {g.hook: g.sae.encode(clean.reads[g.hook_in]).float() for g in sae_groups}
+        table = _variant_table(groups, f_clean, structural)
+        B, V = table.shape
+        chunk = max(1, MAX_FLOATS // max(1, B * feature_budget) - 1)  # + the baseline variant
+        if V == 0:  # nothing to ablate: the clean metric alone
+            m0 = _answer_logprob(clean.logits[:, None], batch.answer_ids)[:, 0]
+            clean_metric[torch.tensor(batch.indices)] = m0.double().cpu()
+        for v0 in range(0, V, chunk):
+            sub = table[:, v0 : v0 + chunk]
+            safe = sub.clamp(min=0)
+            edits = []
+            for gi, g in enumerate(groups):
+                local = torch.where((sub >= 0) & (node_gid[safe] == gi), node_local[safe], -1)
+                if bool((local >= 0).any()):
+                    edits.append(_single_edit(g, local, None))
+            # the clean metric and reads in the same run as the ablations (variant 0), so that an ablation that
+            # changes nothing has an effect of exactly 0 and no edge
+            run = iv.run_paired(clean, edits, n_variants=sub.shape[1], read=sae_hooks)
+            reads = run.reads
+            m_clean = _answer_logprob(run.base_logits[:, None], batch.answer_ids)[:, 0]
+            if v0 == 0:
+                clean_metric[torch.tensor(batch.indices)] = m_clean.double().cpu()
+            with torch.no_grad():
+                f_base = {g.hook: g.sae.encode(run.base_reads[g.hook_in]).float() for g in sae_groups}
+            m = _answer_logprob(run.logits, batch.answer_ids)  # [B, Vc]
+            ok = sub >= 0
+            eff = (m_clean[:, None] - m).double().cpu()
+            ids = sub[ok]
+            effect_sum.index_add_(0, ids, eff[ok])
+            effect_sq.index_add_(0, ids, eff[ok] ** 2)
+            present.index_add_(0, ids, torch.ones_like(ids))
+            up_stage = node_stage[safe]
+            for g in sae_groups:
+                with torch.no_grad():
+                    f_abl = g.sae.encode(reads[g.hook_in]).float()  # [B, Vc, d_sae]
+                delta = f_base[g.hook][:, None] - f_abl  # contribution of the variant's node
+                if run.same is not None:  # a variant that is the baseline run changes no feature (encoding its
+                    # rows in another batch shape could round differently)
+                    delta = torch.where(run.same.to(delta.device)[..., None], 0.0, delta)
+                delta = delta.cpu()
+                upstream = ok & (up_stage < _stage_key(g.hook_in, n_layers))
+                b_idx, v_idx, k_idx = torch.nonzero(upstream[..., None] & (delta != 0), as_tuple=True)
+                d_ids = g.node_of[k_idx]
+                keep = d_ids >= 0
+                edges.add(sub[b_idx, v_idx][keep], d_ids[keep], delta[b_idx, v_idx, k_idx][keep])
+    n = task.n_prompts
+    summed = edges.summed(N)
+    return ExactEffects(
+        node_effect=effect_sum / n,
+        node_effect_sq=effect_sq / n,
+        node_active=present,
+        edges={k: (v / n, c) for k, (v, c) in summed.items()},
+        clean_metric=clean_metric,
+    )

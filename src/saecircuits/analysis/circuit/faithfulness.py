@@ -1,0 +1,184 @@
+"""Faithfulness and completeness of circuits of growing size, by mean ablation (Sparse Feature Circuits, Marks et
+al. 2024), and the node means they ablate to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+
+from saecircuits.analysis.circuit.nodes import (
+    Node,
+    _answer_logprob,
+    _Group,
+    _group_reads,
+    _mask_edit,
+    _sae_io,
+)
+from saecircuits.analysis.quality.reconstruction import loss_recovered
+from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches, with_progress
+from saecircuits.models.interventions import interventions_for
+from saecircuits.tasks.base import Task
+
+
+def node_means(model, task: Task, groups: list[_Group], *, max_tokens=DEFAULT_MAX_TOKENS,
+               max_batch=DEFAULT_MAX_BATCH) -> dict:
+    """Mean activation at P over the task's prompts of every group (for mean ablation).
+
+    Returns:
+        ``{hook: {"f": [d_sae], "e": [d_out]}}`` for SAE groups, ``{hook: tensor}`` (``[n_heads, d_head]`` for heads,
+        the activation's shape otherwise) for the rest.
+    """
+    iv = interventions_for(model)
+    hooks = _group_reads(groups)
+    sums: dict[str, Any] = {}
+    for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
+        reads = iv.clean(batch, read=hooks).reads
+        with torch.no_grad():
+            for g in groups:
+                x = reads[g.hook].float()
+                if g.kind == "sae":
+                    x_in, x = _sae_io(g, {h: v.float() for h, v in reads.items()})
+                    f = g.sae.encode(x_in.to(g.sae.W_dec.dtype)).float()
+                    e = x - g.sae.decode(f, x_in.to(g.sae.W_dec.dtype)).float()
+                    part = {"f": f.sum(0), "e": e.sum(0)}
+                    sums[g.hook] = part if g.hook not in sums else {k: sums[g.hook][k] + part[k] for k in part}
+                else:
+                    sums[g.hook] = x.sum(0) + (sums[g.hook] if g.hook in sums else 0)
+    n = task.n_prompts
+    return {h: ({k: v / n for k, v in s.items()} if isinstance(s, dict) else s / n) for h, s in sums.items()}
+
+
+def corpus_node_means(model, token_rows: Sequence[Sequence[int]], groups: list[_Group], *,
+                      max_tokens=DEFAULT_MAX_TOKENS, max_batch=DEFAULT_MAX_BATCH, progress: bool | None = None) -> dict:
+    """Mean activation of every group over every real token of ``token_rows`` (special tokens and padding skipped),
+    in :func:`node_means`'s format: the mean-ablation baseline of faithfulness and completeness.
+
+    Why not the task's prompts at P: when every prompt has the same answer (``."`` closing a quote), their mean at P
+    is itself an "average prompt" that predicts the answer, so mean-ablating every node does not remove the
+    behaviour and faithfulness is undefined. Corpus tokens are the mean the pipeline's mean ablation uses.
+
+    Args:
+        token_rows: token lists (corpus documents, BOS first), each at most the model's context long.
+
+    Raises:
+        ValueError: no token position to average.
+    """
+    from saecircuits.analysis.corpus.statistics import counted_token_mask, special_ids_of
+    from saecircuits.models.hooks import _device_of, n_ctx_of, pad_id_of, row_batches
+
+    iv = interventions_for(model)
+    hooks = _group_reads(groups)
+    special = special_ids_of(model)
+    sums: dict[str, Any] = {}
+    count = 0
+    batches = row_batches(token_rows, pad_id_of(model), max_tokens=max_tokens, max_batch=max_batch,
+                          device=_device_of(model), n_ctx=n_ctx_of(model))
+    for batch in with_progress(batches, len(token_rows), "circuit: mean of every node over the corpus (documents)",
+                               progress):
+        mask = counted_token_mask(batch.tokens, batch.positions + 1, special)  # the positions statistics count
+        reads = iv.read_all(batch.tokens, hooks)
+        with torch.no_grad():
+            for g in groups:
+                x = reads[g.hook][mask.to(reads[g.hook].device)].float()  # [n_tokens, *shape]
+                if g.kind == "sae":
+                    at = {h: reads[h][mask.to(reads[h].device)].float() for h in {g.hook, g.hook_in}}
+                    x_in, x = _sae_io(g, at)
+                    f = g.sae.encode(x_in.to(g.sae.W_dec.dtype)).float()
+                    part = {"f": f.sum(0), "e": (x - g.sae.decode(f, x_in.to(g.sae.W_dec.dtype)).float()).sum(0)}
+                    sums[g.hook] = part if g.hook not in sums else {k: sums[g.hook][k] + part[k] for k in part}
+                else:
+                    sums[g.hook] = x.sum(0) + (sums[g.hook] if g.hook in sums else 0)
+        count += int(mask.sum())
+    if count == 0:
+        raise ValueError("corpus_node_means got no token positions (empty rows, or only special tokens)")
+    return {h: ({k: v / count for k, v in s.items()} if isinstance(s, dict) else s / count) for h, s in sums.items()}
+
+
+def faithfulness_curve(
+    model,
+    task: Task,
+    nodes: list[Node],
+    groups: list[_Group],
+    order: Sequence[int],
+    sizes: Sequence[int],
+    *,
+    means: dict | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+) -> pd.DataFrame:
+    """Faithfulness and completeness of the circuits made of the first ``n`` nodes of ``order`` for each ``n``.
+
+    With m the mean answer log-prob at P: ``m(M)`` clean, ``m(empty)`` every node mean-ablated, ``m(C)`` every
+    node outside C mean-ablated, ``m(M \\ C)`` the nodes of C mean-ablated. faithfulness = (m(C) - m(empty)) /
+    (m(M) - m(empty)) (1 = the circuit alone does the whole job); completeness = (m(M \\ C) - m(empty)) /
+    (m(M) - m(empty)) (what is left without the circuit; 0 = nothing, so the circuit is complete). Sparse Feature
+    Circuits, section 3. In losses (``-m``) both are loss recovered, with "everything mean-ablated" as the
+    ablation, so they come from the one formula, :func:`saecircuits.analysis.quality.reconstruction.loss_recovered`: NaN,
+    with ``undefined_reason`` set, when mean-ablating every node does not clearly lower the answer's log-prob
+    (a mean drop under 0.01 nats, or a 95% interval that includes 0), since there is then nothing to explain.
+
+    Returns:
+        DataFrame with columns ``n_nodes``, ``m_circuit``, ``m_complement_ablated``, ``faithfulness``,
+        ``completeness`` (with ``faithfulness_ci95`` and ``completeness_ci95``, paired-bootstrap ``[lo, hi]``),
+        ``undefined_reason`` (None when defined), plus ``m_clean`` and ``m_empty`` (nats).
+    """
+    iv = interventions_for(model)
+    means = means if means is not None else node_means(model, task, groups, max_tokens=max_tokens,
+                                                       max_batch=max_batch)
+    N = len(nodes)
+    sizes = [int(s) for s in sizes]
+    # variant 0: everything ablated; then per size: outside C ablated, C ablated
+    masks = torch.zeros(1 + 2 * len(sizes), N, dtype=torch.bool)
+    masks[0] = True
+    order_t = torch.as_tensor(list(order), dtype=torch.long)
+    for j, s in enumerate(sizes):
+        inside = torch.zeros(N, dtype=torch.bool)
+        inside[order_t[:s]] = True
+        masks[1 + 2 * j] = ~inside
+        masks[2 + 2 * j] = inside
+    V = masks.shape[0]
+    n = task.n_prompts
+    per_prompt = torch.zeros(n, V, dtype=torch.float64)  # answer log-prob under each variant
+    clean_lp = torch.zeros(n, dtype=torch.float64)
+    for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
+        clean = iv.clean(batch)
+        edits = []
+        for g in groups:
+            gm = torch.zeros(V, len(g.node_of), dtype=torch.bool)
+            where = torch.nonzero(g.node_of >= 0).flatten()
+            gm[:, where] = masks[:, g.node_of[where]]
+            edits.append(_mask_edit(g, gm, means))
+        # m(M) in the same run as the ablations: the full circuit (nothing ablated) has faithfulness exactly 1
+        run = iv.run_paired(clean, edits, n_variants=V)
+        idx = torch.as_tensor(batch.indices)
+        per_prompt[idx] = _answer_logprob(run.logits, batch.answer_ids).double().cpu()
+        clean_lp[idx] = _answer_logprob(run.base_logits[:, None], batch.answer_ids).double().cpu()[:, 0]
+    m = per_prompt.mean(0)
+    m_clean, m_empty = float(clean_lp.mean()), float(m[0])
+    rows = []
+    for j, s in enumerate(sizes):
+        # losses are -log-probs: faithfulness = (L_empty - L_C) / (L_empty - L_clean), loss recovered by C alone
+        faith = loss_recovered(-clean_lp, -per_prompt[:, 1 + 2 * j], -per_prompt[:, 0],
+                               ablation="mean-ablating every node")
+        comp = loss_recovered(-clean_lp, -per_prompt[:, 2 + 2 * j], -per_prompt[:, 0],
+                              ablation="mean-ablating every node")
+        rows.append({
+            "n_nodes": s, "m_circuit": float(m[1 + 2 * j]), "m_complement_ablated": float(m[2 + 2 * j]),
+            "faithfulness": faith.value, "faithfulness_ci95": [faith.low, faith.high],
+            "completeness": comp.value, "completeness_ci95": [comp.low, comp.high],
+            "undefined_reason": faith.reason,
+            "m_clean": m_clean, "m_empty": m_empty,
+        })
+    return pd.DataFrame(rows)
+
+
+def _ci95(mean: torch.Tensor, mean_sq: torch.Tensor, n: int) -> torch.Tensor:
+    """Half-width of a normal-approximation 95% interval of a mean over ``n`` prompts from its first two moments."""
+    if n < 2:
+        return torch.full_like(mean, float("nan"))
+    var = (mean_sq - mean**2).clamp_min(0) * n / (n - 1)
+    return 1.96 * (var / n).sqrt()

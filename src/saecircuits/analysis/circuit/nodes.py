@@ -1,0 +1,263 @@
+"""The circuit's nodes at P: which features, errors, heads, MLPs and embeddings are nodes, how each is grouped by
+hook, and the edits that ablate one node or a mask of nodes (the conventions are in the package docstring).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from saecircuits.analysis.ablations.feature_effects import FeatureActs
+from saecircuits.analysis.ablations.modes import edit_dtype, sae_edit
+from saecircuits.models.engine import stage_of_hook
+from saecircuits.models.interventions import Edit
+from saecircuits.saes.base import SAE
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node of the circuit graph at P.
+
+    Attributes:
+        kind: ``"embed"``, ``"pos_embed"``, ``"head"``, ``"mlp"``, ``"feature"`` or ``"error"``.
+        layer: block of the node's hook (-1 for embeddings).
+        index: head or feature index (-1 otherwise).
+        sae: index of the node's SAE in the run (-1 for nodes without one).
+        hook: TransformerLens hook name the node lives at.
+    """
+
+    kind: str
+    layer: int
+    index: int
+    sae: int
+    hook: str
+
+    @property
+    def label(self) -> str:
+        if self.kind == "feature":
+            return f"S{self.sae}:f{self.index}"
+        if self.kind == "error":
+            return f"S{self.sae}:err"
+        if self.kind == "head":
+            return f"L{self.layer}H{self.index}"
+        if self.kind == "mlp":
+            return f"MLP{self.layer}"
+        return self.kind
+
+
+@dataclass
+class _Group:
+    """Nodes that live at one hook (ablated by one edit)."""
+
+    hook: str  # where the group's edit writes (a transcoder: the MLP's output)
+    kind: str  # "sae", "heads", "whole"
+    sae: SAE | None
+    node_of: torch.Tensor  # int64 [n_group]: node id of each in-group index (-1: not a node)
+
+    @property
+    def hook_in(self) -> str:
+        """Where the group's activations are read from (an SAE's input hook; ``hook`` otherwise)."""
+        return self.sae.hook_point if self.sae is not None else self.hook
+
+
+def _sae_io(g: _Group, reads: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_in [..., d_in], x [..., d_out])`` of an SAE group from activations read at its hooks (``hook_z`` heads
+    flattened; one tensor twice for an SAE that reads and writes one hook)."""
+    x_in = g.sae.flatten_input(reads[g.hook_in])
+    if g.hook_in == g.hook:
+        return x_in, x_in
+    x = reads[g.hook]
+    return x_in, (x.flatten(-2) if x.shape[-1] != g.sae.d_out else x)
+
+
+def _group_reads(groups: Sequence[_Group]) -> list[str]:
+    """Every hook the groups' activations are read from (SAE inputs and outputs), in a stable order."""
+    return sorted({h for g in groups for h in (g.hook, g.hook_in)})
+
+
+def _stage(hook: str, n_layers: int) -> tuple[int, int]:
+    return stage_of_hook(hook, n_layers)
+
+
+def _group_specs(model, saes: Sequence[SAE]) -> list[tuple[str, str, int | None]]:
+    """``(hook, kind, sae index)`` of every node group in execution order: embeddings, heads (``"heads"``) and
+    MLPs without an SAE (``"whole"``), each SAE (``"sae"``). Shared by :func:`circuit_nodes` and the circuit across
+    positions (:mod:`saecircuits.analysis.circuit.positions`).
+
+    Raises:
+        ValueError: two SAEs on one hook.
+    """
+    n_layers = int(model.cfg.n_layers)
+    if len({s.hook_point_out for s in saes}) != len(saes):
+        raise ValueError("the circuit needs at most one SAE per hook point (the hook each SAE writes)")
+    by_hook = {s.hook_point_out: i for i, s in enumerate(saes)}
+    # an SAE on a layer's MLP activations or a transcoder replacing its MLP stands for that MLP node, and one on its
+    # attention z for its head nodes (their features and error node cover what they write)
+    replaced_mlp = {int(s.hook_point_out.split(".")[1]) for s in saes
+                    if s.hook_point_out.endswith("mlp.hook_post") or (s.is_transcoder and s.hook_point_out.endswith(
+                        "hook_mlp_out"))}
+    specs: list[tuple[str, str, int | None]] = [("hook_embed", "whole", None)]
+    if getattr(model.cfg, "positional_embedding_type", "standard") == "standard":
+        specs.append(("hook_pos_embed", "whole", None))
+    for layer in range(n_layers):
+        if f"blocks.{layer}.attn.hook_z" not in by_hook:
+            specs.append((f"blocks.{layer}.attn.hook_z", "heads", None))
+        if layer not in replaced_mlp:
+            specs.append((f"blocks.{layer}.mlp.hook_post", "whole", None))
+    specs += [(s.hook_point_out, "sae", i) for i, s in enumerate(saes)]
+    specs.sort(key=lambda t: _stage(t[0], n_layers))
+    return specs
+
+
+def circuit_nodes(model, saes: Sequence[SAE], acts: Sequence[FeatureActs]) -> tuple[list[Node], list[_Group]]:
+    """The circuit's nodes (see the module docstring) and the hook groups they live in, in execution order.
+
+    Args:
+        model: a TransformerBridge.
+        saes: the run's SAEs (at most one per hook).
+        acts: per SAE, its :class:`FeatureActs` at P on the task (features active on a prompt become nodes).
+
+    Raises:
+        ValueError: two SAEs on one hook, or ``acts`` not matching ``saes``.
+    """
+    n_layers, n_heads = int(model.cfg.n_layers), int(model.cfg.n_heads)
+    if len(acts) != len(saes):
+        raise ValueError(f"got {len(acts)} FeatureActs for {len(saes)} SAEs")
+    specs = _group_specs(model, saes)
+    nodes: list[Node] = []
+    groups: list[_Group] = []
+    for hook, kind, si in specs:
+        stage_layer = _stage(hook, n_layers)[0]
+        if kind == "whole":
+            name = "embed" if hook == "hook_embed" else "pos_embed" if hook == "hook_pos_embed" else "mlp"
+            ids = [len(nodes)]
+            nodes.append(Node(name, stage_layer, -1, -1, hook))
+        elif kind == "heads":
+            ids = list(range(len(nodes), len(nodes) + n_heads))
+            nodes += [Node("head", stage_layer, h, -1, hook) for h in range(n_heads)]
+        else:
+            sae = saes[si]
+            active = torch.nonzero(acts[si].count() > 0).flatten().tolist()
+            node_of = torch.full((sae.d_sae + 1,), -1, dtype=torch.long)
+            for k in active:
+                node_of[k] = len(nodes)
+                nodes.append(Node("feature", stage_layer, int(k), si, hook))
+            node_of[sae.d_sae] = len(nodes)
+            nodes.append(Node("error", stage_layer, -1, si, hook))
+            groups.append(_Group(hook, "sae", sae, node_of))
+            continue
+        groups.append(_Group(hook, kind, None, torch.tensor(ids, dtype=torch.long)))
+    return nodes, groups
+
+
+def _single_edit(group: _Group, table: torch.Tensor, means: dict | None) -> Edit:
+    """Variant ``v`` of prompt ``b`` ablates in-group index ``table[b, v]`` (-1: nothing) of ``group``.
+
+    Zero ablation when ``means`` is None, else mean ablation (``means[group.hook]``).
+    """
+    V = table.shape[1]
+    mu = None if means is None else means[group.hook]
+    if group.kind == "sae":
+        sae = group.sae
+        d_sae = sae.d_sae
+        W_dec = sae.W_dec
+        t = table.to(W_dec.device)
+        is_feat = (t >= 0) & (t < d_sae)
+        is_err = t == d_sae
+        k = t.clamp(0, d_sae - 1)
+
+        def fn(x_in: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            # encode in the SAE's dtype; subtract (and form the error) in x's, so a bf16 SAE never rounds x itself
+            dt = edit_dtype(sae, x)
+            f = sae.encode(x_in)  # [B, F, d_sae]
+            x = x.to(dt)
+            fk = f.expand(-1, V, -1).gather(-1, k[..., None])[..., 0].to(dt)
+            if mu is not None:
+                fk = fk - mu["f"].to(fk)[k]
+            out = x - (fk * is_feat)[..., None] * W_dec[k].to(dt)
+            e = x - sae.decode(f, x_in).to(dt)
+            if mu is not None:
+                e = e - mu["e"].to(e)
+            return out - is_err[..., None] * e
+
+        return sae_edit(sae, fn)
+    n = len(group.node_of)
+    onehot = torch.zeros(*table.shape, n)
+    valid = table >= 0
+    onehot[valid] = torch.nn.functional.one_hot(table[valid], n).float()
+
+    if group.kind == "heads":
+
+        def fn(z: torch.Tensor) -> torch.Tensor:  # [B, F, H, E]
+            m = onehot.to(z)[..., None]
+            target = 0.0 if mu is None else mu.to(z)[None, None]
+            return z * (1 - m) + m * target
+
+        return Edit(group.hook, fn)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:  # whole activation
+        m = onehot[..., 0].to(x)[..., None]
+        target = 0.0 if mu is None else mu.to(x)[None, None]
+        return x * (1 - m) + m * target
+
+    return Edit(group.hook, fn)
+
+
+def _mask_edit(group: _Group, mask: torch.Tensor, means: dict) -> Edit:
+    """Variant ``v`` mean-ablates every in-group index where ``mask[v]`` is True (``mask [V, n_group]``)."""
+    mu = means[group.hook]
+    if group.kind == "sae":
+        sae = group.sae
+        W_dec = sae.W_dec
+        mf = mask[:, :-1].to(W_dec.device)[None]  # [1, V, d_sae]
+        me = mask[:, -1:].to(W_dec.device)[None]  # [1, V, 1]
+
+        def fn(x_in: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            dt = edit_dtype(sae, x)  # as in _single_edit: x is never rounded to the SAE's dtype
+            f = sae.encode(x_in)
+            x = x.to(dt)
+            delta = ((f.to(dt) - mu["f"].to(dt)) * mf) @ W_dec.to(dt)
+            e = x - sae.decode(f, x_in).to(dt) - mu["e"].to(x)
+            return x - delta - me * e
+
+        return sae_edit(sae, fn)
+    m = mask.float()[None]  # [1, V, n]
+
+    if group.kind == "heads":
+
+        def fn(z: torch.Tensor) -> torch.Tensor:
+            mm = m.to(z)[..., None]
+            return z * (1 - mm) + mm * mu.to(z)[None, None]
+
+        return Edit(group.hook, fn)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        mm = m[..., :1].to(x)
+        return x * (1 - mm) + mm * mu.to(x)[None, None]
+
+    return Edit(group.hook, fn)
+
+
+def _answer_logprob(logits: torch.Tensor, answer_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, V, d_vocab]`` -> answer log-prob ``[B, V]`` (nats)."""
+    ans = answer_ids.to(logits.device)[:, None, None].expand(*logits.shape[:2], 1)
+    return logits.float().log_softmax(-1).gather(-1, ans)[..., 0]
+
+
+def _stage_key(hook: str, n_layers: int) -> int:
+    layer, sub = _stage(hook, n_layers)
+    return 2 * layer + sub
+
+
+def _node_index(nodes: list[Node], groups: list[_Group], n_layers: int):
+    """Per node: its group index, its index inside the group, and its execution-order key (int64 ``[N]`` each)."""
+    gid = torch.full((len(nodes),), -1, dtype=torch.long)
+    local = torch.full((len(nodes),), -1, dtype=torch.long)
+    for gi, g in enumerate(groups):
+        where = torch.nonzero(g.node_of >= 0).flatten()
+        gid[g.node_of[where]] = gi
+        local[g.node_of[where]] = where
+    stage = torch.tensor([_stage_key(nd.hook, n_layers) for nd in nodes], dtype=torch.long)
+    return gid, local, stage
