@@ -34,6 +34,10 @@ times ``d_sae``.
 
 Feature activations are non-negative (every architecture in ``saecircuits.saes`` ends in a ReLU, a TopK of ReLU
 outputs or a JumpReLU); padding and special positions count as 0.
+
+Why one module of ~830 lines: the streaming state (:class:`_Accumulator`), the exact merge of two states (shards of
+documents, batches) and its ``torch.distributed`` reduction must keep the same fields and the same tie rules, or a
+sharded pass stops equalling the single pass; they are kept side by side for that.
 """
 
 from __future__ import annotations
