@@ -17,7 +17,7 @@ Model classes (``--models``, comma-separated):
               file for the SAEs, validation stories for the prompts, ``--layers auto``);
   gpt2bpe     a GPT-Neo 2L (d_model 128, d_mlp 512, global + local attention) with the GPT-2 BPE tokenizer
               (50,257 tokens), TRAINED by the package's LM trainer on the 10k-line TinyStories file
-              (:func:`gpt2bpe_neo`: 250 steps, about 8 CPU minutes the first time, then reused from
+              (:func:`gpt2bpe_neo`: 250 steps, about 13 CPU minutes the first time, then reused from
               ``--model-cache``), the same files as stories260k, both layers. A random model would not do: it does
               not perform the task, and zero-ablating one of its MLPs can lower the loss, which leaves loss
               recovered undefined whatever the SAE.
@@ -47,7 +47,10 @@ TRAIN10K = SHARED / "tinystories-v2-train-head10k-lines" / "tinystories_10k.txt"
 
 GPT2BPE_STEPS = 250
 """Optimiser steps of the GPT-2-tokenizer GPT-Neo (8 rows of 256 tokens each: 512,000 tokens, 1.5 passes over the
-10k-line file; about 8 CPU minutes on one core, most of it the 50,257-way output layer)."""
+10k-line file; about 3 s a step on one idle core, most of it the 50,257-way output layer). In fp32 the loss falls
+from 10.86 to about 6 in the first 40 steps; that 250 steps give the closing-quote behaviour is not yet measured:
+the benchmark prints the clean top-1 accuracy, and ``train_info.json`` in the cached folder holds the closing-quote
+accuracy on the validation prompts."""
 
 
 def gpt2bpe_recipe():
@@ -105,7 +108,7 @@ def gpt2bpe_neo(cache: Path) -> Path:
     )
 
     cfg = gpt2bpe_recipe()
-    files = {"train": _sha256(TRAIN10K), "heldout": _sha256(VAL), "autocast": "bfloat16"}
+    files = {"train": _sha256(TRAIN10K), "heldout": _sha256(VAL)}
     key = hashlib.sha256(json.dumps([cfg.to_dict(), files], sort_keys=True).encode()).hexdigest()[:16]
     final = cache / f"neo-gpt2bpe-{key}"
     if (final / TRAIN_INFO).is_file():
@@ -123,10 +126,9 @@ def gpt2bpe_neo(cache: Path) -> Path:
         model = build_model(cfg, vocab_size=len(tok), eos_id=eos)
         print(f"training the GPT-2-tokenizer GPT-Neo ({cfg.steps} steps of {cfg.batch_size} x {cfg.n_ctx} tokens) "
               f"into {final}", flush=True)
-        # bf16 autocast (weights and optimiser stay fp32): the output layer's matmuls run about 1.6x faster on a CPU
-        # with AVX-512 bf16
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            losses = train_model(model, rows, cfg, progress=False)
+        # fp32: under torch.autocast(bfloat16) this model does not learn (loss 10.86 -> 10.61 in 40 steps, against
+        # 10.86 -> 6.2 in fp32; measured with this recipe)
+        losses = train_model(model, rows, cfg, progress=False)
         prompts, answer_id, _ = closing_quote_prompts(heldout, tok, max_tokens=cfg.n_ctx)
         info = dict(
             config=cfg.to_dict(), data_sha256=files, seed=cfg.seed, steps=cfg.steps,
