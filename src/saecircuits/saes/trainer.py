@@ -22,6 +22,11 @@ reference notebook's recipe (``sparse_coding/train_autoencoder.py``) plus modern
 
 :func:`train_saes_on_model` feeds several trainers from ONE pass of the model over packed token rows.
 
+The module is split by idea: the settings (:mod:`saecircuits.saes.train_config`), the training step, metrics and
+resampling (here), checkpoints (:mod:`saecircuits.saes.train_checkpoint`), data-parallel plumbing
+(:mod:`saecircuits.saes.train_ddp`) and several SAEs from one stream (:mod:`saecircuits.saes.train_many`). Every
+name imported from this module before the split still is (``TrainConfig``, ``train_saes_on_model``, ...).
+
 Precision: parameters, optimiser and inputs are fp32 (or fp64); :class:`SAETrainer` refuses an SAE with float16 or
 bfloat16 parameters, whose Adam steps of about ``lr`` would be rounded away (8 significant bits). For speed,
 ``TrainConfig.autocast_dtype="bfloat16"`` runs the SAE forward and loss under ``torch.autocast`` (faster on GPUs with
@@ -33,186 +38,27 @@ data path (``dtype=torch.bfloat16``), as the notebook did.
 from __future__ import annotations
 
 import copy
-import itertools
 import json
 import logging
 import math
 import os
 from collections import deque
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from saecircuits.atomic import atomic_write, atomic_write_text
-from saecircuits.saes.base import SAE, SAEConfig, SAEError
+from saecircuits.saes.base import SAE, SAEError
+from saecircuits.saes.train_checkpoint import CHECKPOINT_NAME, METRICS_NAME, CheckpointMixin
+from saecircuits.saes.train_config import TrainConfig, dead_window_for
+from saecircuits.saes.train_ddp import all_gather_rows, all_reduce_, average_gradients_, dist_info
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoint.pt"
-#: cfg.extra settings that steer training steps: a resumed run must have the same.
-_RESUME_SETTINGS = ("k", "bandwidth", "threshold_lr")
-#: cfg.extra settings of the initialisation only: a resumed run takes the checkpoint's (its weights come from them).
-_INIT_SETTINGS = ("seed", "threshold_init")
-METRICS_NAME = "metrics.jsonl"
-
-
-# --------------------------------------------------------------------------------------------------- config
-@dataclass
-class TrainConfig:
-    """Everything the trainer needs besides the SAE and the data (typed; JSON round-trip with ``to_dict``/``from_dict``).
-
-    Attributes:
-        batch_size: activations (tokens) per optimiser step, GLOBAL over all data-parallel ranks.
-        total_steps: optimiser steps.
-        lr: peak learning rate of AdamW (weight decay 0, as the notebook).
-        betas: AdamW betas ((0.9, 0.99) in the notebook).
-        lr_warmup_steps: linear warm-up from ``lr / lr_warmup_steps`` to ``lr`` (0 = none).
-        lr_decay_steps: linear decay to ``lr * lr_end_factor`` over the last ``lr_decay_steps`` steps (0 = none).
-        lr_end_factor: final learning rate as a fraction of ``lr``.
-        sparsity_warmup_steps: the penalty coefficients ramp linearly from 0 to their value (0 = none).
-        loss: ``saecircuits.saes.losses.LossConfig`` fields as a dict (regularizer, coefficients, batch_reduction,
-            decoder_norm_weighted, aux_k, aux_coefficient).
-        unit_norm_decoder: renormalise W_dec rows after every step and remove the parallel gradient component.
-        normalize_activations: scale inputs so their mean L2 norm is sqrt(d_in); folded into the weights at the end.
-        n_norm_batches: batches used to estimate that scale (and the mean for ``b_dec_init="mean"``).
-        b_dec_init: ``"zeros"`` (the reference notebook) or ``"mean"``: before the first step ``b_dec`` is set to the
-            mean of the (scaled) inputs of the first ``n_norm_batches`` batches (SAELens ``b_dec_init_method="mean"``),
-            so the features need not spend a short run learning the activations' offset.
-        w_enc_init: ``"kaiming"`` (the reference notebook's, from ``SAE.initialize_``) or ``"decoder_transpose"``:
-            before the first step ``W_enc`` is set to ``W_dec.T`` (Gao et al. 2024, "Scaling and evaluating sparse
-            autoencoders", section 2.4: fewer dead latents), once, so a resumed run is unchanged.
-        resample_steps: steps (1-based, after the update) at which dead features are resampled.
-        resample_window: steps of firing counts before each resample step.
-        dead_frequency: a feature is dead if it fired in at most ``dead_frequency`` of the window's tokens.
-        resample_pool_batches: batches drawn from the data (and used for nothing else) as the resampling pool.
-        resample_error_power: sampling weight ``||x - x_hat||^power``; 4 = the notebook's rule.
-        resample_encoder_scale: new encoder columns get this times the mean norm of the alive columns (0.2).
-        dead_window_steps: steps without firing after which a feature counts as dead for AuxK and the logged
-            dead fraction; ``None`` (default): :func:`dead_window_for` the run (a tenth of it, at most 1000). Until
-            the run has that many steps, the logged dead fraction counts the features that have not fired since
-            the start (metrics ``dead_window_steps`` says which window a line used).
-        dense_frequency: features firing on more than this fraction of the log window's tokens count as dense.
-        seed: seed of the trainer's own generator (resampling); the global RNG is never touched.
-        log_every: steps between metrics lines (JSONL and progress bar).
-        checkpoint_every: steps between checkpoints (0 = only when a checkpoint_dir is given, at the end).
-        autocast_dtype: ``None`` (fp32) or ``"bfloat16"`` autocast for forward and loss (a ``"torch."`` prefix
-            is accepted); ``"float16"`` is refused (its gradients underflow without a gradient scaler).
-        device: where the SAE trains (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
-    """
-
-    batch_size: int = 4096
-    total_steps: int = 1000
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.99)
-    lr_warmup_steps: int = 0
-    lr_decay_steps: int = 0
-    lr_end_factor: float = 0.0
-    sparsity_warmup_steps: int = 0
-    loss: dict[str, Any] = field(default_factory=lambda: {"regularizer": "l1", "coefficients": [1e-3]})
-    unit_norm_decoder: bool = True
-    normalize_activations: bool = False
-    n_norm_batches: int = 10
-    b_dec_init: str = "zeros"
-    w_enc_init: str = "kaiming"
-    resample_steps: tuple[int, ...] = ()
-    resample_window: int = 10000
-    dead_frequency: float = 1e-5
-    resample_pool_batches: int = 10
-    resample_error_power: float = 4.0
-    resample_encoder_scale: float = 0.2
-    dead_window_steps: int | None = None
-    dense_frequency: float = 0.1
-    seed: int = 47
-    log_every: int = 10
-    checkpoint_every: int = 0
-    autocast_dtype: str | None = None
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
-        self.resample_steps = tuple(int(s) for s in self.resample_steps)
-        self.loss = dict(self.loss)
-        if isinstance(self.autocast_dtype, str):  # "torch.bfloat16" names the same dtype
-            self.autocast_dtype = self.autocast_dtype.strip().removeprefix("torch.")
-        problems = []
-        if self.batch_size <= 0:
-            problems.append(f"batch_size must be positive (got {self.batch_size})")
-        if self.total_steps <= 0:
-            problems.append(f"total_steps must be positive (got {self.total_steps})")
-        if self.lr <= 0:
-            problems.append(f"lr must be positive (got {self.lr})")
-        if self.autocast_dtype == "float16":
-            # fp16's range (min normal 6e-5) makes small gradients underflow to 0 unless a gradient scaler rescales
-            # the loss; bf16 has fp32's range, so it needs none
-            problems.append("autocast_dtype 'float16' is refused: float16 gradients underflow silently without a "
-                            "gradient scaler; use 'bfloat16' (the same speed-up, with float32's range)")
-        elif self.autocast_dtype not in (None, "bfloat16"):
-            problems.append(f"autocast_dtype must be None or 'bfloat16' (got {self.autocast_dtype!r})")
-        if self.dead_window_steps is not None and not (
-                isinstance(self.dead_window_steps, int) and self.dead_window_steps >= 1):
-            problems.append(f"dead_window_steps must be a positive number of steps or None (got "
-                            f"{self.dead_window_steps!r})")
-        if self.b_dec_init not in ("zeros", "mean"):
-            problems.append(f"b_dec_init must be 'zeros' or 'mean' (got {self.b_dec_init!r})")
-        if self.w_enc_init not in ("kaiming", "decoder_transpose"):
-            problems.append(f"w_enc_init must be 'kaiming' or 'decoder_transpose' (got {self.w_enc_init!r})")
-        if any(s <= 0 for s in self.resample_steps):
-            problems.append(f"resample_steps must be positive step numbers (got {self.resample_steps})")
-        if problems:
-            raise SAEError("bad TrainConfig: " + "; ".join(problems))
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["betas"] = list(self.betas)
-        d["resample_steps"] = list(self.resample_steps)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Build from a dict (e.g. a JSON file); unknown keys raise :class:`SAEError` listing the known ones."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise SAEError(f"unknown TrainConfig keys {sorted(unknown)}; known keys are {sorted(known)}")
-        return cls(**d)
-
-    @property
-    def dead_window(self) -> int:
-        """The dead-latent window in steps: ``dead_window_steps``, or :func:`dead_window_for` the run."""
-        return self.dead_window_steps if self.dead_window_steps is not None else dead_window_for(self.total_steps)
-
-    def loss_config(self) -> Any:
-        """The :class:`saecircuits.saes.losses.LossConfig` built from :attr:`loss`."""
-        from saecircuits.saes.losses import LossConfig
-
-        d = dict(self.loss)
-        if "coefficients" in d:
-            d["coefficients"] = tuple(float(c) for c in d["coefficients"])
-        return LossConfig(**d)
-
-
-def dead_window_for(total_steps: int) -> int:
-    """Steps without firing after which a latent counts as dead (for AuxK and the logged dead fraction) in a run of
-    ``total_steps``: a tenth of the run, at most 1000 (SAELens' default window) and at least 1, so a short run can
-    see its dead latents (a window longer than the run never finds one)."""
-    return max(1, min(1000, int(total_steps) // 10))
-
 
 # --------------------------------------------------------------------------------------------------- helpers
-def _dist_info() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
 def _decoder_constraints() -> tuple[Callable[[SAE], Any], Callable[[SAE], Any]]:
     """(normalize_decoder_rows_, remove_parallel_grad_component_) from ``saes.constraints``."""
     from saecircuits.saes import constraints
@@ -263,7 +109,7 @@ def _shrinkage(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 
 # --------------------------------------------------------------------------------------------------- trainer
-class SAETrainer:
+class SAETrainer(CheckpointMixin):
     """Train one SAE on an iterator of activation batches (never sees the language model).
 
     Args:
@@ -296,7 +142,7 @@ class SAETrainer:
         name: str | None = None,
     ) -> None:
         self.cfg = cfg
-        self.rank, self.world_size = _dist_info()
+        self.rank, self.world_size = dist_info()
         if cfg.batch_size % self.world_size:
             raise SAEError(
                 f"batch_size {cfg.batch_size} is not divisible by the world size {self.world_size}; "
@@ -388,9 +234,7 @@ class SAETrainer:
         return x.to(self.device, torch.float32) * self.scale
 
     def _all_reduce(self, t: torch.Tensor, op: Any = None) -> torch.Tensor:
-        if self.world_size > 1:
-            torch.distributed.all_reduce(t, op=op or torch.distributed.ReduceOp.SUM)
-        return t
+        return all_reduce_(t, self.world_size, op)
 
     @torch.no_grad()
     def estimate_scale(self) -> float:
@@ -466,15 +310,7 @@ class SAETrainer:
             out = sae_training_loss(sae, x, self.loss_cfg, sparsity_scale=sparsity, dead_mask=dead_mask)
         self.optimizer.zero_grad(set_to_none=True)
         out.total.backward()
-        if self.world_size > 1:
-            grads = [p.grad for p in self.optimizer.param_groups[0]["params"] if p.grad is not None]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            self._all_reduce(flat)
-            flat /= self.world_size
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
+        average_gradients_(self.optimizer.param_groups[0]["params"], self.world_size)
         if cfg.unit_norm_decoder:
             self._project(sae)
         self._lr_used = self.optimizer.param_groups[0]["lr"]
@@ -577,12 +413,7 @@ class SAETrainer:
         dead = torch.nonzero(self.window_counts <= threshold).flatten()
         pool = []
         for _ in range(max(1, cfg.resample_pool_batches)):
-            x = self._draw()
-            if self.world_size > 1:
-                parts = [torch.empty_like(x) for _ in range(self.world_size)]
-                torch.distributed.all_gather(parts, x)
-                x = torch.cat(parts)
-            pool.append(x)
+            pool.append(all_gather_rows(self._draw(), self.world_size))
         if dead.numel() == 0:
             return 0
         x = torch.cat(pool)
@@ -614,103 +445,6 @@ class SAETrainer:
         self.n_resampled_total += n
         logger.info("%s: resampled %d dead features at step %d", self.name, n, self.step)
         return n
-
-    # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly (tensors and plain values only: loads with ``weights_only=True``)."""
-        return {
-            "format": "saecircuits-sae-train-checkpoint-v1",
-            "sae_cfg": json.dumps(self.sae.cfg.to_dict()),
-            "train_cfg": json.dumps(self.cfg.to_dict()),
-            "sae": {k: v.detach().cpu() for k, v in self.sae.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "step": self.step,
-            "batches_consumed": self.batches_consumed,
-            "scale": self.scale,
-            "scale_estimated": self.scale_estimated,
-            "window_counts": self.window_counts.cpu(),
-            "log_counts": self.log_counts.cpu(),
-            "log_tokens": self.log_tokens,
-            "steps_since_fired": self.steps_since_fired.cpu(),
-            "n_resampled_total": self.n_resampled_total,
-        }
-
-    def save_checkpoint(self) -> Path | None:
-        """Write ``checkpoint_dir/checkpoint.pt`` atomically (rank 0; other ranks wait at a barrier)."""
-        if self.checkpoint_dir is None:
-            return None
-        path = self.checkpoint_dir / CHECKPOINT_NAME
-        if self.rank == 0:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_torch_save(self.state_dict(), path)
-        if self.world_size > 1:
-            torch.distributed.barrier()
-        return path
-
-    def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Restore a checkpoint written by :meth:`save_checkpoint` and skip the batches the run had consumed.
-
-        The SAE's initialisation settings (``seed``, ``threshold_init``) become the checkpoint's, since its
-        weights come from them.
-
-        Raises:
-            SAEError: unreadable file, or a checkpoint for a different SAE (architecture, sizes, hook point,
-                ``apply_b_dec_to_input``, dtype, ``k``, ``bandwidth``, ``threshold_lr``).
-        """
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unreadable file is the same problem for the user
-            raise SAEError(f"cannot read checkpoint {path}: {err}; delete it to start over") from err
-        saved_cfg = json.loads(state["sae_cfg"])
-        mine = self.sae.cfg.to_dict()
-        pairs = [(key, saved_cfg.get(key), mine.get(key)) for key in
-                 ("architecture", "d_in", "d_sae", "hook_point", "apply_b_dec_to_input", "dtype")]
-        # architecture settings: a resumed run must keep them (checkpoints from before they were all recorded
-        # may lack some; those are not compared)
-        saved_extra, my_extra = saved_cfg.get("extra", {}), mine["extra"]
-        pairs += [(f"extra[{key!r}]", saved_extra[key], my_extra.get(key)) for key in _RESUME_SETTINGS
-                  if key in saved_extra]
-        for key, theirs, ours in pairs:
-            if theirs != ours:
-                raise SAEError(
-                    f"checkpoint {path} is for {key}={theirs!r}, this run has {ours!r}; "
-                    "use another checkpoint folder or the same SAE config"
-                )
-        if "log_threshold" in state["sae"]:
-            # its Adam moments are in log units: continuing would take wrong steps on the (now direct) threshold
-            raise SAEError(
-                f"checkpoint {path} trained the JumpReLU threshold as exp(log_threshold), as versions before the "
-                "threshold was trained directly did; it cannot be resumed: delete it to start over"
-            )
-        self.sae.load_state_dict({k: v.to(self.device) for k, v in state["sae"].items()})
-        for key in _INIT_SETTINGS:
-            if key in saved_extra:
-                self.sae.cfg.extra[key] = saved_extra[key]
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.generator.set_state(state["generator"])
-        self.step = int(state["step"])
-        self.scale = float(state["scale"])
-        self.scale_estimated = bool(state["scale_estimated"])
-        self.window_counts = state["window_counts"].to(self.device)
-        self.log_counts = state["log_counts"].to(self.device)
-        self.log_tokens = int(state["log_tokens"])
-        self.steps_since_fired = state["steps_since_fired"].to(self.device)
-        self.n_resampled_total = int(state["n_resampled_total"])
-        n_skip = int(state["batches_consumed"])
-        skip = getattr(self._skip_target, "skip", None)
-        if callable(skip):
-            skip(n_skip)
-        else:
-            for _ in range(n_skip):
-                next(self._source)
-        self.batches_consumed = n_skip
-        if self.rank == 0 and self.checkpoint_dir is not None:
-            _truncate_metrics(self.checkpoint_dir / METRICS_NAME, self.step)
-        logger.info("%s: resumed from %s at step %d", self.name, path, self.step)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> SAE:
@@ -747,20 +481,6 @@ class SAETrainer:
         return sae
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics lines written after ``step`` (they belong to the killed part of the run)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            continue
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
-
-
 def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
     # A tqdm bar on a terminal; whole lines (about ten per run) in a log file.
     from saecircuits.progress import progress_bar
@@ -768,210 +488,10 @@ def _progress(total: int, initial: int, desc: str, enabled: bool) -> Any:
     return progress_bar(total=total, initial=initial, desc=desc, enabled=enabled)
 
 
-# --------------------------------------------------------------------------------------------------- one LM pass
-def _key_view(shared: Iterator[dict[str, torch.Tensor]], key: str) -> Iterator[torch.Tensor]:
-    for batch in shared:
-        yield batch[key]
+# the names this module had before the split, for ``from saecircuits.saes.trainer import ...``
+from saecircuits.saes.train_many import train_saes, train_saes_on_model  # noqa: E402  (train_many imports SAETrainer lazily)
 
-
-class _MultiSource:
-    """Tee one iterator of ``{hook: batch}`` into one iterator per (trainer, hook)."""
-
-    def __init__(self, shared: Iterator[dict[str, torch.Tensor]], keys: Sequence[str]) -> None:
-        tees = itertools.tee(shared, len(keys))
-        self.views = [_key_view(t, k) for t, k in zip(tees, keys, strict=True)]
-
-
-def train_saes(
-    batches: Iterable[dict[str, torch.Tensor]],
-    saes: dict[str, SAE] | Sequence[tuple[str, SAE]],
-    train_cfg: TrainConfig,
-    *,
-    output_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    wandb_run: Any = None,
-    data_settings: dict[str, Any] | None = None,
-) -> dict[str, SAE]:
-    """Train several SAEs in lock-step from ONE stream of multi-hook batches ``{hook_point: [batch, d_in]}``.
-
-    Each entry of ``saes`` is ``(name, sae)``; the SAE reads ``batch[sae.hook_point]``, so several SAEs may share a
-    hook point (a hyper-parameter sweep). Every SAE gets its own :class:`SAETrainer` with checkpoints and metrics in
-    ``output_dir/<name>/`` and, at the end, the SAELens folder ``output_dir/<name>/sae/`` (rank 0).
-    ``data_settings`` (JSON-serialisable: how the batches were made, e.g. the BOS policy) is recorded in every
-    SAE's ``cfg.extra["training"]["data"]`` beside the train config, so ``cfg.json`` says how it was trained.
-
-    Returns:
-        ``{name: trained SAE}`` (normalisation folded, on the CPU).
-    """
-    from saecircuits.saes.io import save_sae
-
-    items = list(saes.items()) if isinstance(saes, dict) else list(saes)
-    if not items:
-        raise SAEError("give at least one SAE to train")
-    names = [n for n, _ in items]
-    if len(set(names)) != len(names):
-        raise SAEError(f"SAE names must be unique, got {names}")
-    source = _MultiSource(iter(batches), [s.hook_point for _, s in items])
-    out_root = Path(output_dir) if output_dir is not None else None
-    trainers = [
-        SAETrainer(
-            sae,
-            view,
-            train_cfg,
-            checkpoint_dir=(out_root / _safe(name)) if out_root is not None else None,
-            resume=resume,
-            progress=False,
-            wandb_run=wandb_run,
-            name=name,
-        )
-        for (name, sae), view in zip(items, source.views, strict=True)
-    ]
-    rank, _ = _dist_info()
-    start = min(t.step for t in trainers)
-    bar = _progress(train_cfg.total_steps, start, "train SAEs", progress and rank == 0)
-    try:
-        for _ in range(start, train_cfg.total_steps):
-            post = {}
-            for t in trainers:
-                if t.step < train_cfg.total_steps:
-                    t.train_step()
-                if t.last_metrics:
-                    short = t.name.replace("blocks.", "b").replace(".mlp.hook_post", "")
-                    post[short] = f"L0 {t.last_metrics['l0']:.1f} MSE {t.last_metrics['mse']:.3g}"
-            bar.update(1)
-            if post:
-                bar.set_postfix(post, refresh=False)
-    finally:
-        bar.close()
-        for t in trainers:
-            t.sae.eval()
-    result = {}
-    for t in trainers:
-        sae = t.finished_sae()
-        if data_settings:
-            sae.cfg.extra["training"]["data"] = dict(data_settings)
-        result[t.name] = sae
-        if out_root is not None and rank == 0:
-            folder = out_root / _safe(t.name) / "sae"
-            save_sae(sae, folder)
-            logger.info("%s: SAE written to %s", t.name, folder)
-    return result
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
-
-
-def train_saes_on_model(
-    model: Any,
-    token_rows: torch.Tensor,
-    hook_points: Sequence[str],
-    train_cfg: TrainConfig,
-    sae_cfgs: SAEConfig | Sequence[SAEConfig] | None = None,
-    *,
-    expansion_factor: int = 4,
-    architecture: str = "standard",
-    sae_extra: dict[str, Any] | None = None,
-    bos_id: int | Collection[int] | None = None,
-    bos_policy: str = "include",
-    model_batch_rows: int = 32,
-    buffer_size: int | None = None,
-    activation_dtype: torch.dtype = torch.float32,
-    output_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    progress: bool = True,
-    shard: bool = True,
-    model_name: str = "",
-    wandb_run: Any = None,
-) -> dict[str, SAE]:
-    """Train one SAE per hook point from ONE pass of the model over packed token rows (the end-to-end entry point).
-
-    Defaults give the reference notebook's SAE: ReLU (``"standard"``), expansion 4,
-    seed-47 init, L1 penalty, unit-norm decoder rows with the parallel gradient removed, Adam lr 1e-4 betas
-    (0.9, 0.99) -- set ``train_cfg.loss`` for the penalty.
-
-    Args:
-        model: TransformerLens ``TransformerBridge`` (or anything with ``run_with_cache``), ``d_in`` is read from
-            the first batch.
-        token_rows: int64 ``[n_rows, seq]`` (:func:`saecircuits.data.activations.pack_token_rows`); rows repeat
-            (reshuffled, seeded) until ``total_steps`` is reached. Under torchrun each rank takes its own shard.
-        hook_points: e.g. ``[f"blocks.{L}.mlp.hook_post" for L in range(n_layers)]``.
-        train_cfg: :class:`TrainConfig` (``batch_size`` = tokens per step over all ranks).
-        sae_cfgs: one :class:`SAEConfig` per hook point (same order), or ``None`` to build ``architecture`` with
-            ``d_sae = expansion_factor * d_in`` and ``cfg.extra = sae_extra`` (e.g. ``{"k": 32}`` for TopK).
-        bos_id, bos_policy: the BOS switch (``"include"``/``"exclude"``), see
-            :func:`saecircuits.data.activations.bos_keep_mask`.
-        model_batch_rows: rows per model forward; buffer_size: rows in the shuffling buffer (default
-            ``max(16 * local batch, 2 * local batch)``).
-        activation_dtype: storage dtype of activations (fp32 default; bf16 documented option).
-        output_dir: checkpoints, metrics and ``<hook>/sae/`` SAELens folders; resume: continue from its checkpoints.
-
-    Returns:
-        ``{hook_point: SAE}`` on the CPU, working on raw activations.
-
-    Raises:
-        SAEError: hook points and configs disagree; ActivationDataError: bad rows or unknown hook point.
-    """
-    from saecircuits.data.activations import model_activation_batches, shard_rows
-    from saecircuits.saes.processing import record_model_processing
-    from saecircuits.saes.registry import build_sae
-
-    hook_points = list(hook_points)
-    if len(set(hook_points)) != len(hook_points):
-        raise SAEError(f"hook points must be unique, got {hook_points} (use train_saes for sweeps)")
-    rank, world = _dist_info()
-    rows = shard_rows(token_rows, rank, world) if (shard and world > 1) else token_rows
-    local_batch = train_cfg.batch_size // world
-    batches = model_activation_batches(
-        model,
-        rows,
-        hook_points,
-        local_batch,
-        model_batch_rows=model_batch_rows,
-        buffer_size=buffer_size or max(16 * local_batch, 2 * local_batch),
-        bos_id=bos_id,
-        bos_policy=bos_policy,  # type: ignore[arg-type]
-        dtype=activation_dtype,
-        seed=train_cfg.seed,
-        epochs=None,
-    )
-    if sae_cfgs is None:
-        first = next(batches)
-        batches = itertools.chain([first], batches)
-        cfgs = [
-            SAEConfig(
-                architecture=architecture,
-                d_in=int(first[hp].shape[-1]),
-                d_sae=expansion_factor * int(first[hp].shape[-1]),
-                hook_point=hp,
-                model_name=model_name,
-                extra=dict(sae_extra or {}),
-            )
-            for hp in hook_points
-        ]
-    else:
-        cfgs = [sae_cfgs] if isinstance(sae_cfgs, SAEConfig) else list(sae_cfgs)
-        if [c.hook_point for c in cfgs] != hook_points:
-            raise SAEError(
-                f"sae_cfgs hook points {[c.hook_point for c in cfgs]} must equal hook_points {hook_points} (same order)"
-            )
-    saes = [(c.hook_point, build_sae(c)) for c in cfgs]
-    for _, sae in saes:  # an SAE on a hook that weight processing changes records the model's switches
-        record_model_processing(sae, model)
-    data_settings = {
-        "seq_len": int(token_rows.shape[1]),
-        "n_rows": int(token_rows.shape[0]),
-        # one id, or the set of special ids (BOS/EOS/PAD) the "exclude" policy leaves out wherever they sit
-        "bos_id": None if bos_id is None else (sorted(int(i) for i in bos_id) if isinstance(bos_id, (set, frozenset))
-                                               else int(bos_id)),
-        "bos_policy": bos_policy,
-        "model_batch_rows": int(model_batch_rows),
-        "buffer_size": int(buffer_size or max(16 * local_batch, 2 * local_batch)),
-        "activation_dtype": str(activation_dtype).removeprefix("torch."),
-        "world_size": int(world),
-    }
-    return train_saes(
-        batches, saes, train_cfg, output_dir=output_dir, resume=resume, progress=progress, wandb_run=wandb_run,
-        data_settings=data_settings,
-    )
+__all__ = [
+    "SAETrainer", "TrainConfig", "dead_window_for", "explained_variance", "train_saes",
+    "train_saes_on_model", "CHECKPOINT_NAME", "METRICS_NAME",
+]

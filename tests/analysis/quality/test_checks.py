@@ -51,6 +51,27 @@ def test_issue_stories260k_numbers_sae_worse_than_mean_ablation_and_negative_ev(
     assert "-2.900" in checks[1].message and "13.0% of the activations' squared norm" in checks[1].message
 
 
+def test_negative_ev_says_how_little_the_prompts_differ_at_p():
+    """stories260K layer 1 (issue 18): P is '.' in every prompt, so the activations at P differ from their mean by
+    only ~9% of their squared norm, and an SAE whose squared error is ~9% of it everywhere has EV at P near 0. The
+    message's spread must equal sum |x - mean|^2 / sum |x|^2 computed directly from the activations."""
+    from saecircuits.saes.metrics import explained_variance
+
+    gen = torch.Generator().manual_seed(0)
+    common = torch.randn(16, dtype=T, generator=gen) * 3
+    xs = common + 0.3 * torch.randn(40, 16, dtype=T, generator=gen)  # one direction shared by every prompt
+    xhats = xs + 0.35 * torch.randn(40, 16, dtype=T, generator=gen)
+    ev = explained_variance(xs, xhats)
+    rel = float(((xs - xhats) ** 2).sum() / (xs ** 2).sum())
+    spread = float(((xs - xs.mean(0)) ** 2).sum() / (xs ** 2).sum())  # directly, not from ev and rel
+    assert ev < 0
+    r = _rec([0.5, 0.4, 0.6, 0.5], [0.52, 0.41, 0.63, 0.5], [3.0, 2.5, 3.1, 2.8], [2.0, 1.9, 2.2, 2.1], ev, rel=rel)
+    (check,) = sae_checks(HOOK, r)
+    assert check.id == "negative_explained_variance"
+    assert f"differ from their mean at P by {spread:.1%} of it" in check.message
+    assert f"{rel:.1%} of the activations' squared norm" in check.message
+
+
 def test_splice_that_lowers_the_loss_less_than_mean_ablation_is_not_worse():
     """stories260K layer 0: mean ablation LOWERS the loss (0.478 -> 0.400) and the splice a little (-> 0.458); the
     splice moves each prompt less than mean ablation does, so it is not flagged as worse (loss recovered is

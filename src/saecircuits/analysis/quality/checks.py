@@ -139,13 +139,19 @@ def sae_checks(hook_point: str, rec: ReconstructionResult, sequence: dict | None
             ))
     ev = rec.explained_variance
     if math.isfinite(ev) and ev < 0:
+        # EV = 1 - SSE / V and relative_error = SSE / N (N: the activations' squared norm summed over the prompts),
+        # so V / N = relative_error / (1 - EV): how much the prompts differ at P, on the scale of the error
+        spread = rec.relative_error / (1 - ev)
+        spread_text = "" if not math.isfinite(spread) else (
+            f"; the prompts' activations differ from their mean at P by {spread:.1%} of it, so an SAE has to "
+            "reconstruct P more finely than that (a P that is the same token in every prompt varies little)")
         out.append(Check(
             id="negative_explained_variance",
             scope=hook_point,
             message=(
                 f"explained variance at P is {ev:.3f} (< 0): the reconstruction is further from the activations "
                 "than their mean over the prompts is, so the SAE does not resolve how the prompts differ at P "
-                f"(its squared error is {rec.relative_error:.1%} of the activations' squared norm there)"
+                f"(its squared error is {rec.relative_error:.1%} of the activations' squared norm there{spread_text})"
             ),
             what_to_try="use a better SAE: " + _BETTER_SAE,
         ))
