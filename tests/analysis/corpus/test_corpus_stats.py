@@ -3,6 +3,7 @@ dense per-story arrays, plain sorting and counting)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 
@@ -209,7 +210,7 @@ def test_example_windows_show_the_feature_around_the_picked_position():
 
 
 def _assert_same_stats(got, want):
-    """Every count equal, every float to 1e-6 relative, the same top-k / band / token examples."""
+    """Every count equal, every float to 1e-5 relative, the same top-k / band / token examples."""
     assert (got.n_docs, got.n_tokens) == (want.n_docs, want.n_tokens)
     assert got.token_counts.tolist() == want.token_counts.tolist()
     for g, w in zip(got.features, want.features, strict=True):
@@ -217,12 +218,27 @@ def _assert_same_stats(got, want):
                      "above_count"):
             assert getattr(g, name).tolist() == getattr(w, name).tolist(), name
         for name in ("activation_sum", "max_activation", "input_sum", "top_value"):
-            torch.testing.assert_close(getattr(g, name), getattr(w, name), rtol=1e-6, atol=0)
+            # 1e-5 relative (issue 17's bar): the two sides may run the forward by different paths (the prefix
+            # engine of a model another test already used, or a fresh bridge), float32 apart by ~1e-6 (1e-6 absolute for
+            # activations near 0)
+            torch.testing.assert_close(getattr(g, name), getattr(w, name), rtol=1e-5, atol=1e-6)
         for j in range(w.d_sae):
             for band in BANDS:
                 gb, wb = g.band_examples(j, band, K), w.band_examples(j, band, K)
                 assert [(d, p) for d, p, _ in gb] == [(d, p) for d, p, _ in wb]
-                assert [v for *_, v in gb] == pytest.approx([v for *_, v in wb], rel=1e-6, abs=0)
+                assert [v for *_, v in gb] == pytest.approx([v for *_, v in wb], rel=1e-5, abs=1e-6)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Selections (top-k order among exact ties) need bit-identical rows in both runs: a multi-threaded float32
+    matmul rounds a row differently with the batch's shape (~1e-7), which can break a tie the merge must keep."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _shard_kwargs(max_batch=3):
@@ -235,11 +251,12 @@ def test_merged_shards_equal_the_single_pass():
 
     model, rows, saes = tiny_neo(), _rows(), _saes()
     rows[5] = list(rows[4])  # two equal documents: their maxima tie exactly across shards 1 and 2
-    want = corpus_feature_stats(model, saes, rows, **_shard_kwargs())
+    with _one_thread():
+        want = corpus_feature_stats(model, saes, rows, **_shard_kwargs())
+        parts = [corpus_partial_stats(model, saes, rows, docs=range(r, len(rows), 3), **_shard_kwargs())
+                 for r in range(3)]
     tied = want[0].top_value[:, :-1] == want[0].top_value[:, 1:]
     assert bool((tied & (want[0].top_value[:, 1:] > 0)).any())  # the tie reaches some top-k
-    parts = [corpus_partial_stats(model, saes, rows, docs=range(r, len(rows), 3), **_shard_kwargs())
-             for r in range(3)]
     assert [p.docs for p in parts] == [5, 4, 4]
     _assert_same_stats(merge_corpus_partials(parts[::-1]).finish(), want)
     with pytest.raises(ValueError, match="disjoint"):
@@ -279,7 +296,8 @@ def test_two_process_gloo_equals_one_process(tmp_path):
     rows[5] = list(rows[4])
     # one document per forward on both sides: the float32 activations of a row then do not depend on which rows
     # share its batch (padded batches of other shapes move them by ~1e-6 relative), so 1e-6 tests the merge
-    want = corpus_feature_stats(tiny_neo(), _saes(), rows, **_shard_kwargs(max_batch=1))
+    with _one_thread():  # as the workers
+        want = corpus_feature_stats(tiny_neo(), _saes(), rows, **_shard_kwargs(max_batch=1))
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert int(got["n_tokens"]) == want.n_tokens
