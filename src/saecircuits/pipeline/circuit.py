@@ -28,7 +28,7 @@ def _circuit_summary(cj: dict, n_nodes: int = 400) -> dict:
         "agreement": cj["agreement"],
         "faithfulness": cj["faithfulness"],
         "virtual_weights": cj["virtual_weights"],
-        "nodes": [{k: n[k] for k in ("id", "label", "kind", "layer", "sae", "effect", "effect_ci95", "atp", "ig",
+        "nodes": [{k: n[k] for k in ("id", "label", "kind", "layer", "index", "sae", "effect", "effect_ci95", "atp", "ig",
                                      "n_active_prompts", "top_tokens")} | {"in_circuit": n["id"] in in_c}
                   for n in cj["nodes"][:n_nodes]],
         "edges": [{k: e[k] for k in ("source", "target", "exact", "atp", "ig", "n_prompts")} for e in edges],

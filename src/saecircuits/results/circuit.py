@@ -76,6 +76,7 @@ class CircuitNode(ResultsModel):
     label: Str = req("label, e.g. 'S0:f576', 'L0H3', 'embed'")
     kind: Str = opt("'feature', 'error', 'head', 'mlp', 'embed', ...")
     layer: Int = opt("layer (-1 for the embeddings)")
+    index: Int = opt("feature index (feature nodes) or head index (head nodes); -1 otherwise")
     sae: Int = opt("index into results['saes'] (-1: not an SAE node)")
     effect: Float = req("exact effect: clean - ablated answer log-prob at P (nats)")
     effect_ci95: Float = opt("95% CI half-width of effect (nats)")

@@ -6,7 +6,6 @@ Template: ``circuit.html.j2`` (its block ``circuit_drawing`` is where the drawin
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,17 +46,6 @@ def feature_link(sae: int, feature: int) -> str:
     return f"#card-sae-{sae}-f{feature}"
 
 
-def _feature_of(label: str) -> int | None:
-    """The feature index in an at-P node label such as ``'S0:f576'``."""
-    m = re.search(r":f(\d+)$", label)
-    return int(m.group(1)) if m else None
-
-
-def _head_of(label: str) -> int | None:
-    m = re.fullmatch(r"L\d+H(\d+)", label)
-    return int(m.group(1)) if m else None
-
-
 def at_p_graph(c: Circuit) -> dict[str, Any] | None:
     """The circuit at P (its ``in_circuit`` nodes and the exact edges between them) as one-position graph in the
     "positions" format :func:`~saecircuits.report.circuit_graph.circuit_graph_html` draws, the node effects as
@@ -73,8 +61,9 @@ def at_p_graph(c: Circuit) -> dict[str, Any] | None:
     for n in circ:
         kind = n.kind or "feature"
         sae = n.sae if n.sae is not None and n.sae >= 0 else None
-        feature = _feature_of(n.label) if kind == "feature" else None
-        head = _head_of(n.label) if kind == "head" else None
+        index = n.index if n.index is not None and n.index >= 0 else None  # absent in results before it was written
+        feature = index if kind == "feature" else None
+        head = index if kind == "head" else None
         ids[n.id] = f"{kind}:{otherwise(n.layer, -1)}:{n.id}@0"
         nodes.append({"id": ids[n.id], "kind": kind, "layer": otherwise(n.layer, -1), "pos": 0, "label": n.label,
                       "sae": sae, "feature": feature, "head": head, "exact": n.effect, "atp": n.atp, "ig": n.ig,
