@@ -445,7 +445,9 @@ class Engine:
         for fn in hooks.get(name, ()):
             out = fn(x)
             if out is not None:
-                x = out
+                # an edit computed in float32 (an SAE's, edit_dtype) goes back into a bf16 stream in the stream's
+                # dtype, as the bridge's own hooks do (models.hooks), so the next matmul sees one dtype
+                x = out if out.dtype == x.dtype else out.to(x.dtype)
         return x
 
     def _norm(self, x: torch.Tensor, params, prefix: str, hooks: HookFns | None) -> torch.Tensor:
