@@ -4,10 +4,12 @@ reaches the model loader from the CLI, and is recorded in results.json."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
 from helpers import NO_CUDA, STORIES, tiny_neo_hf, tiny_tokenizer
+from torch.overrides import TorchFunctionMode
 
 from saecircuits.pipeline import PipelineError, RunConfig, run_pipeline
 
@@ -22,6 +24,36 @@ def model_folder(tmp_path_factory):
     tiny_neo_hf().save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+class Low16Reductions(TorchFunctionMode):
+    """Records where an analysis reduces 16-bit tensors: every sum, mean, log-sum-exp, softmax, matmul ... whose
+    operand is bfloat16/float16, called from saecircuits code outside :mod:`saecircuits.models` (the forward, its
+    hooks and the metrics, which upcast themselves) and outside a library forward (transformers, TransformerLens),
+    as ``{"file.py:line op"}``. Elementwise edits (``x * (1 - m) + m * mu``) are not reductions: they write back
+    into the 16-bit stream."""
+
+    REDUCTIONS = frozenset({
+        "sum", "mean", "nansum", "nanmean", "logsumexp", "log_softmax", "softmax", "std", "var", "cumsum", "prod",
+        "einsum", "matmul", "__matmul__", "mm", "bmm", "addmm", "dot", "norm", "linalg_vector_norm", "index_add_",
+        "index_add", "scatter_add_", "scatter_add", "quantile"})
+
+    def __init__(self):
+        super().__init__()
+        self.sites: set[str] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in self.REDUCTIONS and any(
+                isinstance(t, torch.Tensor) and t.dtype in (torch.bfloat16, torch.float16)
+                for t in (*args, *kwargs.values(), *(x for a in args if isinstance(a, (list, tuple)) for x in a))):
+            frame = sys._getframe(1)
+            while frame is not None and "/torch/" in frame.f_code.co_filename:
+                frame = frame.f_back
+            name = frame.f_code.co_filename if frame is not None else ""
+            if "/saecircuits/" in name and "/saecircuits/models/" not in name:
+                self.sites.add(f"{name.split('/saecircuits/')[-1]}:{frame.f_lineno} {func.__name__}")
+        return func(*args, **kwargs)
 
 
 def _cfg(tmp_path, model_folder, name: str, **kw) -> RunConfig:
@@ -57,12 +89,15 @@ def test_a_bf16_run_agrees_with_the_float32_run_within_bf16_accuracy(tmp_path, m
     One step, not the engine's worst case for a single value (:func:`rounding_tolerance`, 2 (L + 1) steps): these
     are means over prompts, and effects are differences taken on one path, whose rounding errors do not add up in
     one direction (measured: at most 0.18 of a step, the SAE-spliced loss). A bf16 run that trains its own SAEs
-    keys them apart from the float32 ones."""
+    keys them apart from the float32 ones. No analysis reduces the bf16 activations in bf16
+    (:class:`Low16Reductions`)."""
     f32 = run_pipeline(_cfg(tmp_path, model_folder, "f32", device=device), progress=False)
     cache = f32["saes"][0]["training"]["cache"]
     folders = [f"{cache}/{s['hook_point']}/sae" for s in f32["saes"]]
-    bf16 = run_pipeline(_cfg(tmp_path, model_folder, "bf16", device=device, dtype="bfloat16", sae_paths=folders),
-                        progress=False)
+    with Low16Reductions() as low:
+        bf16 = run_pipeline(_cfg(tmp_path, model_folder, "bf16", device=device, dtype="bfloat16", sae_paths=folders),
+                            progress=False)
+    assert not low.sites, sorted(low.sites)
     a = json.loads((tmp_path / "f32" / "results.json").read_text())
     b = json.loads((tmp_path / "bf16" / "results.json").read_text())
     assert (a["model_info"]["dtype"], b["model_info"]["dtype"]) == ("float32", "bfloat16")
