@@ -81,8 +81,11 @@ def _model(ctx: RunContext) -> dict:
     """The model (``ctx.model`` when one was given), its provenance, the digest that keys the SAE cache, and every
     name it goes by (the model an SAE records is compared with these).
 
+    The model is loaded in ``cfg.dtype`` (None: float32); a given model keeps its own dtype.
+
     Raises:
-        PipelineError: ``--layers`` names a layer the model does not have.
+        PipelineError: ``--layers`` names a layer the model does not have, or the given model's dtype is not
+            ``cfg.dtype``.
     """
     import torch
 
