@@ -172,3 +172,22 @@ def test_dtype_flags_reach_the_run_config_and_the_feature_card(tmp_path, monkeyp
     assert bad.exit_code == 2 and "float32, bfloat16, float16" in bad.output
     CliRunner().invoke(app, ["feature", "3", "--sae", str(tmp_path), "--dtype", "bfloat16"])  # the card is empty
     assert cards[-1]["dtype"] == "bfloat16"
+
+
+def test_a_float16_overflow_stops_the_run_naming_the_cause(tmp_path):
+    """float16's largest value is 65,504: a model whose activations pass it gives inf/NaN logits, and the run stops
+    at the first number (the clean answer loss) instead of reporting NaN effects."""
+    from saecircuits.models.load import load_hf_model
+
+    corpus = tmp_path / "stories.txt"
+    corpus.write_text("".join(f"{s}\n<|endoftext|>\n" for s in STORIES * 3), encoding="utf-8")
+    hf = tiny_neo_hf()
+    with torch.no_grad():
+        hf.transformer.h[0].mlp.c_proj.weight.mul_(1e5)  # the first MLP writes values past 65,504
+    model = load_hf_model(hf, tiny_tokenizer(), dtype=torch.float16)
+    cfg = RunConfig(model="tiny", data=corpus, out=tmp_path / "o", workspace=tmp_path / "ws", sae_tokens=256,
+                    sae_batch_size=256, closings=('."', '!"', '?"'), dtype="float16", circuit=False)
+    with pytest.raises(PipelineError, match=r"not finite on \d+ of \d+ prompts in float16: its activations overflow "
+                                            r"float16 \(largest value 65504\); use --dtype bfloat16"):
+        run_pipeline(cfg, model=model, progress=False)
+    assert not (tmp_path / "o" / "results.json").exists()

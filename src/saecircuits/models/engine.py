@@ -426,6 +426,9 @@ class Engine:
         with torch.no_grad():
             ref = _hf_last_logits(hf, tokens, keep)
             out = self.logits(self.forward_tokens(tokens)[:, :, -keep:])[:, 0]
+        if not bool(torch.isfinite(ref).all()):  # the model itself fails (float16 overflow), not the engine's shape
+            raise EngineError(f"the Hugging Face model's own logits are not finite (inf/NaN) in "
+                              f"{str(self.W_E.dtype).removeprefix('torch.')} on {n} random tokens")
         diff = float((out.log_softmax(-1) - ref.log_softmax(-1)).abs().max())
         tol = (1e-4 if self.W_E.dtype == torch.float32 else 2e-2) * (1.0 + float(ref.abs().max()))
         if not diff <= tol:
