@@ -190,6 +190,44 @@ ARCHITECTURES = {"gpt_neo": tiny_neo, "gpt2": tiny_gpt2, "llama": tiny_llama}
 HF_BUILDERS = {"gpt_neo": tiny_neo_hf, "gpt2": tiny_gpt2_hf, "llama": tiny_llama_hf}
 """The block shapes the prefix-cached engine must reproduce (GPT-Neo global + local, GPT-2, Llama rotary + GQA)."""
 
+NO_CUDA = ("no CUDA device here (torch.cuda.is_available() is False); benchmarks/gpu_check.sh runs these on a GPU")
+
+
+def _precision(device: str, dtype: torch.dtype):
+    import pytest
+
+    marks = [pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)] if device == "cuda" else []
+    return pytest.param(device, dtype, id=f"{device}-{str(dtype).removeprefix('torch.')}", marks=marks)
+
+
+PRECISIONS = [_precision(d, t) for d in ("cpu", "cuda") for t in (torch.float32, torch.bfloat16)]
+"""``(device, dtype)`` parameters of the engine's exactness tests, ids ``cpu-float32`` ... ``cuda-bfloat16`` (the
+CUDA ones skip, saying why, where there is no GPU; ``pytest -k cuda`` selects them)."""
+
+
+@functools.cache
+def tiny_model(arch: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """The tiny bridge of ``arch`` on ``device`` in ``dtype``: ``ARCHITECTURES[arch]()`` itself on CPU in float32,
+    else the same weights (seed 0) loaded by ``load_hf_model`` in ``dtype`` on ``device``."""
+    if device == "cpu" and dtype == torch.float32:
+        return ARCHITECTURES[arch]()
+    from saecircuits.models.load import load_hf_model
+
+    return load_hf_model(HF_BUILDERS[arch](0), tiny_tokenizer(), device=device, dtype=dtype)
+
+
+def rounding_tolerance(dtype: torch.dtype, scale: float, n_layers: int) -> float:
+    """How far two computations of one ``n_layers``-block forward in ``dtype`` may differ when they order or fuse
+    their operations differently (the engine against the bridge, a GPU kernel against a CPU one), for values of
+    size up to ``scale`` (the largest |value| of the reference tensor).
+
+    Each path rounds every residual-stream write and sum to ``dtype`` (relative error ``eps / 2``, ``eps`` =
+    ``torch.finfo(dtype).eps``, 2**-7 for bfloat16): two per block (attention, MLP) and one more for the embedding
+    and the unembedding. The two paths' roundings differ by at most ``eps`` each and add up in the worst case, so
+    ``2 * (n_layers + 1) * eps * scale``. Measured on the tiny models in bfloat16: at most 2.7 eps * scale (GPT-Neo's
+    attention pattern), under half this bound for 2 layers."""
+    return 2 * (n_layers + 1) * torch.finfo(dtype).eps * scale
+
 
 def token_rows(lengths, seed: int = 0, vocab: int = 300) -> list[list[int]]:
     """Random token rows starting with BOS (id 0) of the given lengths (longer than tiny_neo's 16-token window)."""

@@ -34,6 +34,7 @@ def feature_card(
     tokenizer: str | None = None,
     workspace: str | Path = ".saecircuits",
     device: str = "cpu",
+    dtype: str = "float32",
     n_docs: int = 1000,
     max_prompts: int | None = None,
     log: Callable[[str], None] | None = None,
@@ -48,8 +49,11 @@ def feature_card(
     import torch
 
     from saecircuits.pipeline import PipelineError, RunConfig, _corpus_stats_json, _round, load_sae_arg
+    from saecircuits.pipeline.config import check_device, check_dtype
 
     say = log or (lambda s: None)
+    check_device(device)
+    check_dtype(dtype, device)
     sae = load_sae_arg(sae_dir, hook, device)
     k = int(feature)
     if not 0 <= k < sae.d_sae:
@@ -69,7 +73,8 @@ def feature_card(
     from saecircuits.models.load import load_model
 
     say(f"loading model {model}")
-    m = load_model(model, tokenizer=tokenizer, device=device, cache_dir=Path(workspace) / "models")
+    m = load_model(model, tokenizer=tokenizer, device=device, dtype=getattr(torch, dtype),
+                   cache_dir=Path(workspace) / "models")
     from saecircuits.pipeline import _check_sae_fits
 
     sae = _check_sae_fits(sae, m)
@@ -93,7 +98,7 @@ def feature_card(
     from saecircuits.pipeline import _build_task
 
     cfg = RunConfig(model=model, data=Path(data), out=Path(workspace) / "feature-card", task=task,
-                    workspace=Path(workspace), device=device,
+                    workspace=Path(workspace), device=device, dtype=dtype,
                     **({"max_prompts": max_prompts} if max_prompts is not None else {}))
     cfg.check_inputs()
     docs = read_documents(data)

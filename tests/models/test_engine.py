@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import ARCHITECTURES, HF_BUILDERS, engine_hooks_and_logits, tiny_neo, tiny_tokenizer, token_rows
+from helpers import (
+    ARCHITECTURES,
+    HF_BUILDERS,
+    PRECISIONS,
+    engine_hooks_and_logits,
+    rounding_tolerance,
+    tiny_model,
+    tiny_neo,
+    tiny_tokenizer,
+    token_rows,
+)
 
 from saecircuits.models.engine import Engine, EngineError, layer_hook_names, stage_of_hook
 from saecircuits.models.load import load_hf_model
@@ -24,19 +34,31 @@ def _all_hooks(model) -> list[str]:
     return names + ["ln_final.hook_scale", "ln_final.hook_normalized"]
 
 
+@pytest.mark.parametrize(("device", "dtype"), PRECISIONS)
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_every_hook_equals_the_bridge_on_a_padded_batch(arch):
-    model = ARCHITECTURES[arch]()
+def test_every_hook_equals_the_bridge_on_a_padded_batch(arch, device, dtype):
+    """Every hook and the logits of the engine on a padded batch equal one-prompt bridge forwards: to 2e-5 in
+    float32; in bfloat16 (both paths in bf16) within :func:`rounding_tolerance` of each tensor's size."""
+    model = tiny_model(arch, device, dtype)
     engine = Engine.from_bridge(model)
     rows = token_rows(LENGTHS, seed=1)
     tokens, lengths = pad_right(rows, pad_id=0)
     names = [n for n in _all_hooks(model) if n in model.hook_dict]
-    got, logits = engine_hooks_and_logits(engine, tokens, names)
+    got, logits = engine_hooks_and_logits(engine, tokens.to(device), names)
+    n_layers = int(model.cfg.n_layers)
+
+    def close(mine, ref, msg):
+        if dtype == torch.float32:
+            return torch.testing.assert_close(mine, ref, atol=2e-5, rtol=0, msg=msg)
+        mine, ref = mine.float(), ref.float()
+        tol = rounding_tolerance(dtype, float(ref.abs().max()), n_layers)
+        assert float((mine - ref).abs().max()) <= tol, f"{msg}: {float((mine - ref).abs().max()):.3g} > {tol:.3g}"
+
     for b, row in enumerate(rows):
         n = len(row)
         with torch.no_grad():
-            ref_logits, cache = model.run_with_cache(torch.tensor([row]))
-        torch.testing.assert_close(logits[b, :n], ref_logits[0], atol=2e-5, rtol=0)
+            ref_logits, cache = model.run_with_cache(torch.tensor([row], device=device))
+        close(logits[b, :n], ref_logits[0], f"{arch} logits row {b}")
         for name in names:
             ref = cache[name][0]
             mine = got[name][b]
@@ -44,7 +66,7 @@ def test_every_hook_equals_the_bridge_on_a_padded_batch(arch):
                 mine = mine[:, :n, :n]
             else:
                 mine = mine[:n]
-            torch.testing.assert_close(mine, ref, atol=2e-5, rtol=0, msg=f"{arch} {name} row {b}")
+            close(mine, ref, f"{arch} {name} row {b}")
 
 
 SWITCHES = [
@@ -86,6 +108,25 @@ def test_stop_after_and_kept_kv_shapes():
     k, v = kv[0]
     assert k.shape == (2, 1, 10, model.cfg.n_heads, model.cfg.d_head)
     torch.testing.assert_close(k[:, 0], cache["blocks.0.attn.hook_k"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("device", "dtype"), PRECISIONS)
+def test_a_hook_returning_float32_in_a_bf16_stream_continues_in_the_streams_dtype(device, dtype):
+    """An engine hook may return float32 (an SAE edit computed in edit_dtype): the stream goes on in the model's
+    dtype, as a bridge forward whose hook casts back, instead of failing at the next matmul (the bf16 pipeline's
+    max-activating ablation did: "expected m1 and m2 to have the same dtype")."""
+    model = tiny_model("gpt_neo", device, dtype)
+    engine = Engine.from_bridge(model)
+    tokens = torch.tensor(token_rows([20], seed=3), device=device)
+    hook = "blocks.0.mlp.hook_post"
+    with torch.no_grad():
+        resid = engine.forward_tokens(tokens, {hook: [lambda x: x.float() * 2 + 1]})
+        mine = engine.logits(resid)[:, 0]
+        ref = model.run_with_hooks(tokens, fwd_hooks=[(hook, lambda x, hook: (x.float() * 2 + 1).to(x.dtype))])
+    assert resid.dtype == dtype
+    tol = 2e-5 if dtype == torch.float32 else rounding_tolerance(dtype, float(ref.float().abs().max()),
+                                                                 int(model.cfg.n_layers))
+    assert float((mine - ref.float()).abs().max()) <= tol
 
 
 def test_a_wrong_engine_is_refused_by_its_own_check():

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from saecircuits.cli import InputError, SaeCommand, app, user_errors
-from saecircuits.cli.run import DEFAULT_WORKSPACE, THREADS_HELP, _say, _threads
+from saecircuits.cli.run import DEFAULT_WORKSPACE, DTYPE_HELP, THREADS_HELP, _dtype, _say, _threads
 
 _WORKSPACE_SHOWN = "$SAECIRCUITS_WORKSPACE, else ~/.cache/saecircuits"
 
@@ -84,6 +84,8 @@ def feature(
     workspace: Annotated[Path, typer.Option(
         metavar="DIR", show_default=_WORKSPACE_SHOWN, help="Cache folder (converted models).")] = DEFAULT_WORKSPACE,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="cpu, cuda, cuda:1, mps.")] = "cpu",
+    dtype: Annotated[str, typer.Option(
+        metavar="float32|bfloat16|float16", callback=_dtype, help=DTYPE_HELP)] = "float32",
     threads: Annotated[int | None, typer.Option(
         metavar="N", min=1, show_default="all cores", help=THREADS_HELP)] = None,
 ) -> None:
@@ -100,7 +102,8 @@ def feature(
     _threads(threads)
     with user_errors():
         card = feature_card(sae_path(sae), k, hook=hook, model=model, data=data, task=task, tokenizer=tokenizer,
-                            workspace=workspace, device=device, max_prompts=max_prompts, log=_say)
+                            workspace=workspace, device=device, dtype=dtype, max_prompts=max_prompts,
+                            log=_say)
         if out is None:
             _print_card(card)
             return

@@ -261,6 +261,18 @@ RESUME_HELP = ("Go on from where a failed run into the same --out stopped: the s
 CIRCUIT_HELP = ("Build the feature circuit across the SAEs' layers: exact node and edge effects, attribution "
                 "patching and integrated gradients checked against them, faithfulness and completeness "
                 "(circuit.json).")
+DTYPE_HELP = ("dtype the model is loaded and run in: float32, bfloat16 or float16 (the 16-bit ones are meant for "
+              "GPUs). SAEs keep their own dtype (new ones float32); every reported number is reduced in float32 or "
+              "float64. results.json records it (model_info.dtype).")
+
+
+def _dtype(value: str) -> str:
+    """``--dtype``: one of pipeline.config.MODEL_DTYPES (float16 on a CPU is checked by RunConfig)."""
+    from saecircuits.pipeline.config import MODEL_DTYPES
+
+    if value not in MODEL_DTYPES:
+        raise typer.BadParameter(f"must be one of {', '.join(MODEL_DTYPES)}, got {value!r}")
+    return value
 
 
 @app.command("run", cls=SaeCommand, short_help="Find the SAE features behind a behaviour of any model.")
@@ -314,6 +326,8 @@ def run(
         "--include-bos", show_default="off",
         help="Keep BOS positions in SAE training and in the mean activation.")] = False,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="cpu, cuda, cuda:1, mps.")] = "cpu",
+    dtype: Annotated[str, typer.Option(
+        metavar="float32|bfloat16|float16", callback=_dtype, help=DTYPE_HELP)] = "float32",
     seed: Annotated[int, typer.Option(metavar="N", min=0, help="Seed of SAE training and bootstraps.")] = 0,
     workspace: Annotated[Path, typer.Option(
         metavar="DIR", show_default=_WORKSPACE_SHOWN,
@@ -345,7 +359,7 @@ def run(
             sae_tokens=sae_tokens,
             expansion_factor=expansion_factor, sae_recipe=sae_recipe, sae_k=sae_k, l1_coefficient=l1_coefficient,
             max_prompts=max_prompts,
-            device=device, seed=seed, workspace=workspace, exclude_bos=not include_bos,
+            device=device, dtype=dtype, seed=seed, workspace=workspace, exclude_bos=not include_bos,
             fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
             feature_selection=feature_selection, ablation_mode=ablation_mode, circuit=circuit,
             circuit_ig_steps=circuit_ig_steps,
@@ -371,6 +385,8 @@ def demo(
              "default (run's default, 0.3, leaves its features dense).")] = 3.0,
     max_prompts: Annotated[int, typer.Option(metavar="N", min=1, help="Use at most this many task prompts.")] = 300,
     device: Annotated[str, typer.Option(metavar="DEVICE", help="cpu, cuda, cuda:1, mps.")] = "cpu",
+    dtype: Annotated[str, typer.Option(
+        metavar="float32|bfloat16|float16", callback=_dtype, help=DTYPE_HELP)] = "float32",
     seed: Annotated[int, typer.Option(metavar="N", min=0, help="Seed of SAE training and bootstraps.")] = 0,
     circuit: Annotated[bool, typer.Option(
         "--circuit/--no-circuit", help=CIRCUIT_HELP)] = True,
@@ -400,7 +416,7 @@ def demo(
         # The settings are checked before the default model is copied or trained (the model is filled in below).
         cfg = RunConfig(
             model="saecircuits-default", data=heldout, train_data=sae_train, out=out, sae_tokens=sae_tokens,
-            device=device, seed=seed, workspace=workspace, max_prompts=max_prompts, circuit=circuit,
+            device=device, dtype=dtype, seed=seed, workspace=workspace, max_prompts=max_prompts, circuit=circuit,
             sae_recipe=sae_recipe, sae_k=sae_k, l1_coefficient=l1_coefficient,
             circuit_ig_steps=circuit_ig_steps,
         )

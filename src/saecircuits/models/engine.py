@@ -426,6 +426,9 @@ class Engine:
         with torch.no_grad():
             ref = _hf_last_logits(hf, tokens, keep)
             out = self.logits(self.forward_tokens(tokens)[:, :, -keep:])[:, 0]
+        if not bool(torch.isfinite(ref).all()):  # the model itself fails (float16 overflow), not the engine's shape
+            raise EngineError(f"the Hugging Face model's own logits are not finite (inf/NaN) in "
+                              f"{str(self.W_E.dtype).removeprefix('torch.')} on {n} random tokens")
         diff = float((out.log_softmax(-1) - ref.log_softmax(-1)).abs().max())
         tol = (1e-4 if self.W_E.dtype == torch.float32 else 2e-2) * (1.0 + float(ref.abs().max()))
         if not diff <= tol:
@@ -445,7 +448,9 @@ class Engine:
         for fn in hooks.get(name, ()):
             out = fn(x)
             if out is not None:
-                x = out
+                # an edit computed in float32 (an SAE's, edit_dtype) goes back into a bf16 stream in the stream's
+                # dtype, as the bridge's own hooks do (models.hooks), so the next matmul sees one dtype
+                x = out if out.dtype == x.dtype else out.to(x.dtype)
         return x
 
     def _norm(self, x: torch.Tensor, params, prefix: str, hooks: HookFns | None) -> torch.Tensor:

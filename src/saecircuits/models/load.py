@@ -99,6 +99,12 @@ class ModelProvenance:
         return asdict(self)
 
 
+def model_dtype(model: Any) -> str:
+    """The name (``"float32"``, ``"bfloat16"``, ``"float16"``) of a model's weight dtype, which its activations
+    come out in: the dtype of its token embedding ``W_E``."""
+    return str(model.W_E.dtype).removeprefix("torch.")
+
+
 def model_provenance(bridge: Any) -> ModelProvenance:
     """The :class:`ModelProvenance` recorded by :func:`load_model` / :func:`load_hf_model`.
 

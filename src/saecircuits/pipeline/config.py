@@ -87,6 +87,11 @@ class RunConfig:
             positions and 189_giddy_water without. BOS itself is prepended when the tokenizer has one,
             never a stand-in; ``results.json`` states the policy under ``bos_policy``.
         device, seed: where to compute; seed of SAE training and bootstraps.
+        dtype: the model's dtype, ``"float32"``, ``"bfloat16"`` or ``"float16"``, for a model the run loads (None:
+            float32); a model handed to :func:`run_pipeline` keeps its own (naming another here is refused). The
+            activations come out in it; SAEs keep their own dtype (new SAEs are trained and kept in float32), and
+            every reported number (log-probs, losses, effects, DLA sums, bootstraps) is reduced in float32 or
+            float64 from them. ``results.json`` records it under ``model_info.dtype``.
         workspace: cache folder for converted models and trained SAEs.
         model_label: name written into results.json (default: ``model``).
     """
@@ -132,6 +137,7 @@ class RunConfig:
     center_unembed: bool = True
     exclude_bos: bool = True
     device: str = "cpu"
+    dtype: str | None = None
     seed: int = 0
     workspace: Path = Path(".saecircuits")
     model_label: str | None = None
@@ -204,6 +210,7 @@ class RunConfig:
             problems.append(f"--workspace {self.workspace} is a file; give a folder (it is created if missing)")
         try:
             check_device(self.device)
+            check_dtype(self.dtype, self.device)
         except PipelineError as err:
             problems.append(str(err))
         if problems:
@@ -275,3 +282,28 @@ def check_device(device: str) -> None:
         )
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise PipelineError(f"--device {device}: MPS is not available here; use --device cpu")
+
+
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+"""The dtypes ``--dtype`` loads a model in."""
+
+
+def check_dtype(dtype: str | None, device: str = "cpu") -> None:
+    """Fail early, with the fix, when ``--dtype`` is not one of :data:`MODEL_DTYPES` or cannot compute on ``device``
+    (float16 on a CPU whose torch build has no float16 matmul, softmax or layer norm: probed here, in microseconds).
+
+    Raises:
+        PipelineError: an unknown dtype, or float16 that does not work on this CPU build.
+    """
+    if dtype is None:
+        return
+    if dtype not in MODEL_DTYPES:
+        raise PipelineError(f"--dtype {dtype!r} is not one of {', '.join(MODEL_DTYPES)}")
+    if dtype == "float16" and torch.device(device).type == "cpu":
+        x = torch.ones(2, 4, dtype=torch.float16)
+        try:
+            torch.nn.functional.layer_norm(x @ x.T, (2,)).log_softmax(-1)
+        except RuntimeError as err:
+            raise PipelineError(
+                f"--dtype float16 does not compute on the CPU with torch {torch.__version__} ({err}); "
+                "use --dtype bfloat16 or float32 on the CPU, or float16 on a GPU") from err

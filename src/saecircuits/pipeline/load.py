@@ -81,17 +81,26 @@ def _model(ctx: RunContext) -> dict:
     """The model (``ctx.model`` when one was given), its provenance, the digest that keys the SAE cache, and every
     name it goes by (the model an SAE records is compared with these).
 
+    The model is loaded in ``cfg.dtype`` (None: float32); a given model keeps its own dtype.
+
     Raises:
-        PipelineError: ``--layers`` names a layer the model does not have.
+        PipelineError: ``--layers`` names a layer the model does not have, or the given model's dtype is not
+            ``cfg.dtype``.
     """
-    from saecircuits.models.load import load_model, model_provenance
+    import torch
+
+    from saecircuits.models.load import load_model, model_dtype, model_provenance
 
     cfg, model = ctx.cfg, ctx.model
     if model is None:
-        ctx.say(f"loading model {cfg.model}")
+        ctx.say(f"loading model {cfg.model}" + (f" in {cfg.dtype}" if cfg.dtype not in (None, "float32") else ""))
         model = load_model(cfg.model, tokenizer=cfg.tokenizer, device=cfg.device,
+                           dtype=getattr(torch, cfg.dtype or "float32"),
                            cache_dir=Path(cfg.workspace) / "models", fold_ln=cfg.fold_ln,
                            center_writing_weights=cfg.center_writing_weights, center_unembed=cfg.center_unembed)
+    elif cfg.dtype is not None and model_dtype(model) != cfg.dtype:
+        raise PipelineError(f"the model given is in {model_dtype(model)} but dtype={cfg.dtype!r}: leave dtype None "
+                            f"(the model's own), or convert the model (load_model(..., dtype=torch.{cfg.dtype}))")
     try:
         prov = model_provenance(model).to_dict()
     except Exception:  # noqa: BLE001 - injected bridges carry no provenance

@@ -137,6 +137,7 @@ def _report(ctx: RunContext, *, model, provenance: dict, task, task_entry: dict,
     import dataclasses
 
     from saecircuits.models.interventions import interventions_for
+    from saecircuits.models.load import model_dtype
     from saecircuits.report.render import render_report
     from saecircuits.report.schema import SCHEMA_VERSION, write_json_atomic
     from saecircuits.results import Results
@@ -171,6 +172,8 @@ def _report(ctx: RunContext, *, model, provenance: dict, task, task_entry: dict,
             "d_vocab": int(model.cfg.d_vocab),
             "n_heads": int(model.cfg.n_heads),
             "architecture": str(provenance.get("architecture", "")),
+            "dtype": model_dtype(model),
+            "device": str(model.W_E.device),
         },
         "provenance": provenance,
         "task": task_entry,

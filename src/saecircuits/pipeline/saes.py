@@ -91,6 +91,7 @@ def _recipe(cfg: RunConfig) -> tuple[str, dict[str, Any], TrainConfig]:
 def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list[str], progress: bool) -> tuple[list, dict]:
     """Train one SAE per layer (the recipe ``cfg.sae_recipe``) from one pass of the model, cached in the workspace."""
     from saecircuits.data.activations import pack_token_rows
+    from saecircuits.models.load import model_dtype
     from saecircuits.models.tokens import encode_documents, special_token_ids
     from saecircuits.saes.io import load_sae
     from saecircuits.saes.trainer import train_saes_on_model
@@ -105,6 +106,7 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
                             f"(--expansion-factor {cfg.expansion_factor} x d_mlp {int(model.cfg.d_mlp)}); give a "
                             "smaller --sae-k or a larger --expansion-factor")
     steps = train_cfg.total_steps
+    dtype = model_dtype(model)
     key_blob = json.dumps(
         {
             "model": model_key,
@@ -119,6 +121,8 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
             "text_encoding": "plain-characters",
             "seq_len": cfg.seq_len,
             "version": saecircuits.__version__,
+            # a 16-bit model's activations are another training set (float32 keys are as before it was keyed)
+            **({"model_dtype": dtype} if dtype != "float32" else {}),
         },
         sort_keys=True,
     )

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from saecircuits.pipeline.config import RunConfig
+import torch
+
+from saecircuits.pipeline.config import PipelineError, RunConfig
 from saecircuits.pipeline.stages import RunContext, Stage
 
 
@@ -92,6 +94,15 @@ def _task(ctx: RunContext, *, model, docs: list[str]) -> dict:
     say(f"task {task.name}: {task.n_prompts} prompts{dropped}, answer tokens "
         + ", ".join(quoted_token(t) for t in task_entry["answer_tokens"]))
     behaviour = behaviour_summary(model, task)
+    bad = int((~torch.isfinite(behaviour.loss)).sum())
+    if bad:  # every number after this one would be NaN: stop with the likely cause
+        from saecircuits.models.load import model_dtype
+
+        dtype = model_dtype(model)
+        why = (f"its activations overflow {dtype} (largest value {torch.finfo(getattr(torch, dtype)).max:.0f}); "
+               "use --dtype bfloat16 or float32" if dtype == "float16" else "check the model's weights")
+        raise PipelineError(f"the model's answer loss at P is not finite on {bad} of {task.n_prompts} prompts in "
+                            f"{dtype}: {why}")
     checks = [c.to_dict() for c in behaviour_checks(behaviour)]
     say(("the model performs the behaviour: " if behaviour.performs else
          "WARNING: the model does NOT perform the behaviour: ") + behaviour.describe())

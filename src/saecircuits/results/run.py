@@ -31,6 +31,9 @@ class ModelInfo(ResultsModel):
     d_vocab: Int = opt("vocabulary size")
     n_heads: Int = opt("attention heads per layer")
     architecture: Str = opt("Hugging Face architecture name, e.g. 'GPTNeoForCausalLM' ('' when unknown)")
+    dtype: Str = opt("dtype of the model's weights and activations ('float32', 'bfloat16', 'float16'); every "
+                     "reported number is reduced in float32 or float64 from them")
+    device: Str = opt("where the model computed, e.g. 'cpu' or 'cuda:0'")
 
 
 class Task(ResultsModel):

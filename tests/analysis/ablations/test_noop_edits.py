@@ -4,7 +4,8 @@ Each analysis compares its edits with a baseline computed in the same run (``Int
 value is an identity: a feature whose decoder row is zero is ablated as ``x - f_k * 0 = x`` (bit for bit), an exact
 SAE splices ``x`` back, a one-prompt mean is that prompt's own value. Before the fix the baseline came from the full
 clean pass and the edits from the recomputation at P, so these effects were float noise (up to ~1e-6 nats), never
-exactly 0. Both intervention backends.
+exactly 0. Both intervention backends, on the model in float32 and in bfloat16 (exactly 0 there too: the float32 SAE
+edit of a bf16 activation gives it back bit for bit), on the CPU and, where there is one, the GPU.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import functools
 
 import pytest
 import torch
-from helpers import exact_sae, quote_task, random_sae, tiny_neo
+from helpers import PRECISIONS, exact_sae, quote_task, random_sae, tiny_model
 
 from saecircuits.analysis.ablations.feature_effects import (
     feature_activations,
@@ -33,18 +34,22 @@ from saecircuits.models.interventions import Edit, interventions_for
 HOOKS = ("blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post")
 
 
-def _silent_sae(hook: str, seed: int):
+def _silent_sae(hook: str, seed: int, device: str = "cpu"):
     """Random SAE whose even features have a zero decoder row: ablating one of them leaves ``x`` bit for bit."""
     sae = random_sae(hook_point=hook, seed=seed)
     with torch.no_grad():
         sae.W_dec[0::2] = 0.0
-    return sae
+    return sae.to(device)
 
 
 @pytest.fixture(autouse=True)
-def _restore_backend():
+def _restore_backend(request):
     """_setup may make the shared tiny model's analyses use the bridge: put its interventions back afterwards."""
-    model = tiny_neo()
+    params = getattr(request.node, "callspec", None)
+    precision = (params.params.get("device", "cpu"), params.params.get("dtype", torch.float32)) if params else None
+    if precision is None or (precision[0] == "cuda" and not torch.cuda.is_available()):
+        precision = ("cpu", torch.float32)
+    model = tiny_model("gpt_neo", *precision)
     saved = model.__dict__.get("_saecircuits_interventions")
     yield
     if saved is None:
@@ -54,12 +59,13 @@ def _restore_backend():
 
 
 @functools.cache
-def _fixtures():
-    return tiny_neo(), quote_task(), [_silent_sae(h, seed) for seed, h in enumerate(HOOKS, start=1)]
+def _fixtures(device: str = "cpu", dtype: torch.dtype = torch.float32):
+    return (tiny_model("gpt_neo", device, dtype), quote_task(),
+            [_silent_sae(h, seed, device) for seed, h in enumerate(HOOKS, start=1)])
 
 
-def _setup(backend: str):
-    model, task, saes = _fixtures()
+def _setup(backend: str, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    model, task, saes = _fixtures(device, dtype)
     if backend == "bridge":  # analyses call interventions_for(model): make that the bridge backend (until the
         # test ends: _restore_backend)
         model.__dict__["_saecircuits_interventions"] = {"auto": interventions_for(model, backend="bridge")}
@@ -76,8 +82,9 @@ def _active_even(model, task, sae) -> list[int]:
 
 @pytest.mark.parametrize("backend", ["engine", "bridge"])
 @pytest.mark.parametrize("mode", ["residual", "clean_effect"])
-def test_feature_effects_ablation_boosts_and_loss_vs_activation(backend, mode):
-    model, task, saes = _setup(backend)
+@pytest.mark.parametrize(("device", "dtype"), PRECISIONS)
+def test_feature_effects_ablation_boosts_and_loss_vs_activation(backend, mode, device, dtype):
+    model, task, saes = _setup(backend, device, dtype)
     sae = saes[1]
     even = _active_even(model, task, sae)
     eff = feature_effects(model, sae, task, mode=mode)
@@ -98,13 +105,14 @@ def test_feature_effects_ablation_boosts_and_loss_vs_activation(backend, mode):
 
 
 @pytest.mark.parametrize("backend", ["engine", "bridge"])
-def test_layer_comparison_loss_comparison_and_variant_losses(backend):
-    model, task, saes = _setup(backend)
+@pytest.mark.parametrize(("device", "dtype"), PRECISIONS)
+def test_layer_comparison_loss_comparison_and_variant_losses(backend, device, dtype):
+    model, task, saes = _setup(backend, device, dtype)
     sets = [_active_even(model, task, s)[:3] for s in saes]
     comp = compare_layer_ablations(model, saes, sets, task)
     assert bool((comp.loss_increase == 0.0).all())  # each alone and all together
     sae = saes[1]
-    lc = loss_comparison(model, sae, task, sets[1], torch.zeros(sae.d_in))
+    lc = loss_comparison(model, sae, task, sets[1], torch.zeros(sae.d_in, device=device))
     assert lc.diffs["features_ablated"].mean == 0.0
     # variant_losses (loss comparison, span ablation): identity variants equal the clean column exactly
     losses = variant_losses(model, task, Edit(sae.hook_point, lambda x: x.expand(-1, 3, -1)), 3)
@@ -112,16 +120,18 @@ def test_layer_comparison_loss_comparison_and_variant_losses(backend):
 
 
 @pytest.mark.parametrize("backend", ["engine", "bridge"])
-def test_loss_recovered_at_p_with_an_exact_sae(backend):
-    model, task, _ = _setup(backend)
-    res = reconstruction_at_prediction(model, exact_sae(64, HOOKS[1]), task)
+@pytest.mark.parametrize(("device", "dtype"), PRECISIONS)
+def test_loss_recovered_at_p_with_an_exact_sae(backend, device, dtype):
+    model, task, _ = _setup(backend, device, dtype)
+    res = reconstruction_at_prediction(model, exact_sae(64, HOOKS[1]).to(device), task)
     assert bool((res.sae_loss == res.clean_loss).all())
 
 
 @pytest.mark.parametrize("backend", ["engine", "bridge"])
-def test_upstream_mean_ablation_of_a_single_prompt_changes_nothing(backend):
+@pytest.mark.parametrize(("device", "dtype"), PRECISIONS)
+def test_upstream_mean_ablation_of_a_single_prompt_changes_nothing(backend, device, dtype):
     """Mean-ablating the upstream hook over a one-prompt task writes the prompt's own value back."""
-    model, task, saes = _setup(backend)
+    model, task, saes = _setup(backend, device, dtype)
     one = task.subset([2])
     iv = interventions_for(model)
     from saecircuits.models.hooks import task_batches
@@ -135,8 +145,9 @@ def test_upstream_mean_ablation_of_a_single_prompt_changes_nothing(backend):
 
 
 @pytest.mark.parametrize("backend", ["engine", "bridge"])
-def test_circuit_silent_nodes_have_exactly_zero_effect_and_no_edges(backend):
-    model, task, saes = _setup(backend)
+@pytest.mark.parametrize(("device", "dtype"), PRECISIONS)
+def test_circuit_silent_nodes_have_exactly_zero_effect_and_no_edges(backend, device, dtype):
+    model, task, saes = _setup(backend, device, dtype)
     nodes, groups = circuit_nodes(model, saes, [feature_activations(model, s, task) for s in saes])
     ex = exact_effects(model, saes, task, nodes, groups)
     silent = [i for i, nd in enumerate(nodes) if nd.kind == "feature" and nd.index % 2 == 0]
@@ -191,13 +202,14 @@ def test_stories260k_silent_ablations_and_exact_splice_give_exactly_zero(tmp_pat
 
 @pytest.mark.parametrize("backend", ["engine", "bridge"])
 @pytest.mark.parametrize("mode", ["residual", "clean_effect"])
-def test_max_activating_ablation_of_a_silent_feature(backend, mode):
+@pytest.mark.parametrize(("device", "dtype"), PRECISIONS)
+def test_max_activating_ablation_of_a_silent_feature(backend, mode, device, dtype):
     """Ablating a feature with a zero decoder row on its top stories: every story and position changes by 0."""
     from helpers import token_rows
 
     from saecircuits.analysis.ablations.max_activating import max_activating_ablation
 
-    model, _, saes = _setup(backend)
+    model, _, saes = _setup(backend, device, dtype)
     sae = saes[0]
     rows = token_rows([30, 12, 25, 40, 9, 18], seed=11, vocab=40)
     k = next(k for k in range(0, sae.d_sae, 2)

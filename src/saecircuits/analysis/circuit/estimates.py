@@ -80,17 +80,18 @@ def _tracking_edits(groups: list[_Group], store: dict, scale: dict | None = None
 
 
 def _contributions(g: _Group, tensors: tuple, grads: tuple) -> torch.Tensor:
-    """``grad . activation`` per in-group index: ``[B, F, n_group]`` (float64)."""
+    """``grad . activation`` per in-group index: ``[B, F, n_group]`` (float64; products taken in float64 too, so a
+    bf16 model's activations and gradients are never multiplied in bf16)."""
     with torch.no_grad():
         if g.kind == "sae":
             (f, e), (gf, ge) = tensors, grads
-            feat = (gf * f).double()
-            err = (ge * e).double().sum(-1, keepdim=True)
+            feat = gf.double() * f.double()
+            err = (ge.double() * e.double()).sum(-1, keepdim=True)
             return torch.cat([feat, err], dim=-1)
         (a,), (ga,) = tensors, grads
         if g.kind == "heads":
-            return (ga * a).double().sum(-1)
-        return (ga * a).double().sum(-1, keepdim=True)
+            return (ga.double() * a.double()).sum(-1)
+        return (ga.double() * a.double()).sum(-1, keepdim=True)
 
 
 @dataclass
@@ -247,7 +248,7 @@ def integrated_gradient_estimates(
             grads = torch.autograd.grad(m.sum(), ts, retain_graph=bool(targets), allow_unused=True)
             gs = tuple(torch.zeros_like(t) if x is None else x for t, x in zip(ts, grads, strict=True))
             clean_ts = store[g.hook + "#clean"]  # the clean activation a, [B, 1, ...]
-            mean_gs = tuple(x.mean(1, keepdim=True) for x in gs)
+            mean_gs = tuple(x.float().mean(1, keepdim=True) for x in gs)  # over the steps, in float32 (bf16 models)
             _scatter_nodes(node_effect, g, _contributions(g, clean_ts, mean_gs)[:, 0])
             for t_id in targets:
                 gt = groups[int(gid[t_id])]
@@ -256,7 +257,7 @@ def integrated_gradient_estimates(
                 f_d = store[gt.hook + "#attached"][..., int(local[t_id])]  # [B, steps]
                 grads = torch.autograd.grad(f_d.sum(), ts, retain_graph=True, allow_unused=True)
                 gs = tuple(torch.zeros_like(t) if x is None else x for t, x in zip(ts, grads, strict=True))
-                c = _contributions(g, clean_ts, tuple(x.mean(1, keepdim=True) for x in gs))[:, 0].cpu()
+                c = _contributions(g, clean_ts, tuple(x.float().mean(1, keepdim=True) for x in gs))[:, 0].cpu()
                 where = torch.nonzero(g.node_of >= 0).flatten()
                 vals = c[:, where]
                 b_idx, w_idx = torch.nonzero(vals != 0, as_tuple=True)

@@ -235,14 +235,14 @@ class Tracked:
                     vals = torch.zeros(len(t), dtype=torch.float64)
                     kf = k.clamp(max=d_sae - 1)
                     if gf is not None:
-                        vals += torch.where(is_f, (gf[b, 0, t, kf] * f[b, 0, t, kf]).double().cpu(), 0.0)
+                        vals += torch.where(is_f, (gf[b, 0, t, kf].double() * f[b, 0, t, kf].double()).cpu(), 0.0)
                     if ge is not None:
-                        vals += torch.where(is_f, 0.0, (ge[b, 0, t] * e[b, 0, t]).double().sum(-1).cpu())
+                        vals += torch.where(is_f, 0.0, (ge[b, 0, t].double() * e[b, 0, t].double()).sum(-1).cpu())
                 else:
                     (a,), (ga,) = ts, gs
                     if ga is None:
                         continue
-                    prod = (ga[b, 0, t] * a[b, 0, t]).double()
+                    prod = ga[b, 0, t].double() * a[b, 0, t].double()  # in float64: never a bf16 product
                     if g.kind == "heads":
                         vals = prod[torch.arange(len(t)), k].sum(-1).cpu()
                     else:

@@ -128,7 +128,7 @@ def _bias_upto(model, layer: int) -> torch.Tensor:
         b_o = None
     if b_o is None:
         return torch.zeros_like(_attn_bias_sum(model))
-    return b_o[: _attn_layers_before_mlp(model, layer)].sum(0)
+    return b_o[: _attn_layers_before_mlp(model, layer)].float().sum(0)  # float32 sum of a bf16 model's biases
 
 
 def _reads(model, layer: int) -> list[str]:

@@ -110,8 +110,9 @@ def _attn_biases(model) -> torch.Tensor:
 
 
 def _attn_bias_sum(model) -> torch.Tensor:
-    """``sum_l b_O[l]`` ``[d_model]``; zeros for bias-free models (TL raises AttributeError there)."""
-    return _attn_biases(model).sum(0)
+    """``sum_l b_O[l]`` ``[d_model]`` (float32: a bf16 model's biases are summed in float32); zeros for bias-free
+    models (TL raises AttributeError there)."""
+    return _attn_biases(model).float().sum(0)
 
 
 def direct_logit_attribution(
