@@ -168,13 +168,15 @@ def _study_summary(console, results: dict) -> None:
 
 
 def _threads(n: int | None) -> None:
-    """Set torch's intra-op thread count once for the whole run (default: every core this process may use).
+    """Set torch's intra-op thread count once for the whole run (default: every core this process may use; under
+    torchrun its share, the cores over the ranks of this machine, ``LOCAL_WORLD_SIZE``).
 
     Two processes that each take every core slow each other several times over; give each its share."""
     import torch
 
     if n is None:
         n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(max(1, n))
 
 
@@ -243,10 +245,17 @@ SELECTION_HELP = ("Features whose exact ablation effect is computed on each prom
 
 
 def _execute(cfg, model=None, export: bool = False, resume: bool = False) -> None:
+    from saecircuits.distributed import ShardError, launch_rank
     from saecircuits.pipeline import run_pipeline
 
-    with user_errors():
-        results = run_pipeline(cfg, model=model, log=_say, resume=resume)
+    try:
+        with user_errors():
+            results = run_pipeline(cfg, model=model, log=_say, resume=resume)
+    except ShardError as err:  # another rank of a sharded run died: one line, no traceback
+        typer.echo(f"Error: {err}", err=True)
+        raise typer.Exit(1) from None
+    if launch_rank() != 0:  # a sharded run: rank 0 prints and writes
+        return
     _summary(results)
     typer.echo(f"report: {Path(cfg.out) / 'report.html'}")
     if export:
