@@ -39,6 +39,16 @@ class _Edges:
         self.down.append(down.long().cpu())
         self.value.append(value.double().cpu())
 
+    def gathered(self, what: str = "edge contributions") -> _Edges:
+        """Every rank's contributions of a sharded run, in rank order (``self`` in one process)."""
+        from saecircuits.distributed import gather_rows, world
+
+        if world()[1] <= 1:
+            return self
+        empty = {"up": torch.long, "down": torch.long, "value": torch.float64}
+        return _Edges(*([gather_rows(torch.cat(getattr(self, name)) if getattr(self, name)
+                                     else torch.zeros(0, dtype=dtype), what)] for name, dtype in empty.items()))
+
     def summed(self, n_nodes: int) -> dict[tuple[int, int], tuple[float, int]]:
         """``{(u, d): (sum over prompts, number of prompts with a non-zero value)}``."""
         if not self.up:
@@ -118,7 +128,7 @@ def exact_effects(
     Returns:
         :class:`ExactEffects`.
     """
-    from saecircuits.distributed import gather_rows, is_sharded, is_writer, my_batches, sum_disjoint
+    from saecircuits.distributed import is_sharded, is_writer, my_batches, sum_disjoint
 
     iv = interventions_for(model)
     n_layers = int(model.cfg.n_layers)
@@ -189,10 +199,7 @@ def exact_effects(
         effect_sum, effect_sq = sum_disjoint(effect_sum, "node effects"), sum_disjoint(effect_sq, "node effects")
         present = sum_disjoint(present, "node counts")
         clean_metric = sum_disjoint(clean_metric, "clean metrics")
-        cat = {"up": torch.cat(edges.up) if edges.up else torch.zeros(0, dtype=torch.long),
-               "down": torch.cat(edges.down) if edges.down else torch.zeros(0, dtype=torch.long),
-               "value": torch.cat(edges.value) if edges.value else torch.zeros(0, dtype=torch.float64)}
-        edges = _Edges(*([gather_rows(cat[name], "edge contributions")] for name in ("up", "down", "value")))
+        edges = edges.gathered("exact edges")
     n = task.n_prompts
     summed = edges.summed(N)
     return ExactEffects(

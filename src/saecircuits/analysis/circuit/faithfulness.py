@@ -19,6 +19,7 @@ from saecircuits.analysis.circuit.nodes import (
     _sae_io,
 )
 from saecircuits.analysis.quality.reconstruction import loss_recovered
+from saecircuits.distributed import is_sharded, my_batches, sum_disjoint
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches, with_progress
 from saecircuits.models.interventions import interventions_for
 from saecircuits.tasks.base import Task
@@ -109,6 +110,7 @@ def faithfulness_curve(
     means: dict | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
+    shard: bool | None = None,
 ) -> pd.DataFrame:
     """Faithfulness and completeness of the circuits made of the first ``n`` nodes of ``order`` for each ``n``.
 
@@ -120,6 +122,10 @@ def faithfulness_curve(
     ablation, so they come from the one formula, :func:`saecircuits.analysis.quality.reconstruction.loss_recovered`: NaN,
     with ``undefined_reason`` set, when mean-ablating every node does not clearly lower the answer's log-prob
     (a mean drop under 0.01 nats, or a 95% interval that includes 0), since there is then nothing to explain.
+
+    ``shard``: split the prompt batches over the ranks of a sharded run (:mod:`saecircuits.distributed`; default:
+    when a process group with more than one rank is initialised); the per-prompt log-probs are gathered, so every
+    rank returns one process's curve (its bootstrap intervals from the same values and seed).
 
     Returns:
         DataFrame with columns ``n_nodes``, ``m_circuit``, ``m_complement_ablated``, ``faithfulness``,
@@ -144,7 +150,8 @@ def faithfulness_curve(
     n = task.n_prompts
     per_prompt = torch.zeros(n, V, dtype=torch.float64)  # answer log-prob under each variant
     clean_lp = torch.zeros(n, dtype=torch.float64)
-    for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
+    sharded = is_sharded(shard)
+    for batch in my_batches(task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch), sharded):
         clean = iv.clean(batch)
         edits = []
         for g in groups:
@@ -157,6 +164,9 @@ def faithfulness_curve(
         idx = torch.as_tensor(batch.indices)
         per_prompt[idx] = _answer_logprob(run.logits, batch.answer_ids).double().cpu()
         clean_lp[idx] = _answer_logprob(run.base_logits[:, None], batch.answer_ids).double().cpu()[:, 0]
+    if sharded:  # every rank's prompts (each rank's rows are 0 at the others' prompts)
+        per_prompt = sum_disjoint(per_prompt, "faithfulness log-probs")
+        clean_lp = sum_disjoint(clean_lp, "faithfulness clean log-probs")
     m = per_prompt.mean(0)
     m_clean, m_empty = float(clean_lp.mean()), float(m[0])
     rows = []
