@@ -56,6 +56,18 @@ def _analyses() -> dict[str, torch.Tensor]:
     return out
 
 
+def _corpus_means() -> dict[str, torch.Tensor]:
+    """The circuit's mean-ablation values over corpus rows (the task's prompts as documents, 2 per batch)."""
+    from saecircuits.analysis.ablations.feature_effects import feature_activations
+    from saecircuits.analysis.circuit import circuit_nodes, corpus_node_means
+
+    model, task = tiny_neo(), _task()
+    saes = [random_sae(hook_point=h, seed=i + 1) for i, h in enumerate(HOOKS)]
+    _, groups = circuit_nodes(model, saes, [feature_activations(model, s, task) for s in saes])
+    means = corpus_node_means(model, task.token_ids, groups, max_batch=MAX_BATCH)
+    return {f"cm.{h}.{k}": t for h, m in means.items() for k, t in (m.items() if isinstance(m, dict) else [("", m)])}
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
@@ -75,6 +87,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         out = _analyses()
         distributed.my_batches = real
         out["seen"] = torch.tensor(seen, dtype=torch.long)
+        out.update(_corpus_means())
         # the helpers: uneven row counts (rank 1 has none), bool rows, disjoint sums, minima, JSON from rank 0
         rows = torch.arange(6.0).reshape(3, 2) + 10 * rank if rank == 0 else torch.zeros(0, 2)
         out["gathered"] = distributed.gather_rows(rows)
@@ -98,7 +111,7 @@ def test_two_gloo_ranks_split_the_prompts_and_gather_one_process_values(tmp_path
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers: then a prompt's floats depend only on its batch, the same batches
     try:
-        want = _analyses()
+        want = _analyses() | _corpus_means()
     finally:
         torch.set_num_threads(threads)
     got = [torch.load(Path(tmp_path) / f"rank{r}.pt", weights_only=True) for r in range(2)]
@@ -112,6 +125,8 @@ def test_two_gloo_ranks_split_the_prompts_and_gather_one_process_values(tmp_path
             if name.startswith(("fe.", "circuit", "exact.node_active", "exact.edge_keys", "atp.edge_keys",
                                 "ig.edge_keys")):
                 assert torch.equal(g[name], w), name  # same batches: bit-equal values, equal counts and keys
+            elif name.startswith("cm."):  # float32 sums over the corpus tokens in another order
+                assert torch.allclose(g[name], w, rtol=1e-5, atol=1e-6), name
             else:  # float64 sums over the prompts in another order
                 assert torch.allclose(g[name], w, rtol=1e-12, atol=1e-15, equal_nan=True), name
         assert g["gathered"].tolist() == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]

@@ -122,6 +122,30 @@ def collective(what: str) -> Iterator[None]:
                          "were written.") from err
 
 
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Inside, in a sharded run, SIGTERM raises :class:`ShardError` instead of ending the process at once, so the
+    run unwinds as on any error (temp files removed, the lock released). torchrun stops every rank with SIGTERM
+    when one fails. Nothing changes in one process or outside the main thread."""
+    import signal
+    import threading
+
+    if world()[1] <= 1 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        rank, size = world()
+        raise ShardError(f"sharded run: rank {rank} of {size} was stopped (SIGTERM: torchrun stops every rank when "
+                         "one fails; see the failed rank's error). No results were written.")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _device() -> torch.device:
     dist = torch.distributed
     if dist.get_backend() == "nccl":

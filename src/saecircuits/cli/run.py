@@ -405,6 +405,9 @@ def demo(
     # SAEs train on a fresh stream (its own seed), the prompts come from the LM's held-out stories.
     sae_train = corpora / "default-sae-train-seed7-n4000.txt"
     _threads(threads)
+    from saecircuits import distributed
+
+    distributed.init_from_env(device)  # under torchrun: rank 0 prepares the workspace, the others wait for it
     with user_errors():
         # The settings are checked before the default model is copied or trained (the model is filled in below).
         cfg = RunConfig(
@@ -413,12 +416,15 @@ def demo(
             sae_recipe=sae_recipe, sae_k=sae_k, l1_coefficient=l1_coefficient,
             circuit_ig_steps=circuit_ig_steps,
         )
-        _say(f"workspace {workspace}")
-        folder = ensure_default_model(workspace, progress=True)
-        if not heldout.is_file():
-            write_corpus(heldout, DEFAULT_CONFIG.n_heldout_stories, seed=DEFAULT_CONFIG.heldout_seed)
-        if not sae_train.is_file():
-            write_corpus(sae_train, 4000, seed=7)
+        if distributed.is_writer():
+            _say(f"workspace {workspace}")
+            ensure_default_model(workspace, progress=True)
+            if not heldout.is_file():
+                write_corpus(heldout, DEFAULT_CONFIG.n_heldout_stories, seed=DEFAULT_CONFIG.heldout_seed)
+            if not sae_train.is_file():
+                write_corpus(sae_train, 4000, seed=7)
+        distributed.barrier("the workspace rank 0 prepares")
+        folder = ensure_default_model(workspace, progress=False)
     cfg = dataclasses.replace(
         cfg, model=str(folder), model_label="saecircuits default (2-layer GPT-Neo)")
     _execute(cfg, export=export, resume=resume)

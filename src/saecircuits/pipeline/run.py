@@ -63,6 +63,12 @@ def run_pipeline(
     when a fresh run fails on a bad setting or input file (then a run that made ``cfg.out`` leaves no folder
     behind); a resumed run keeps it.
 
+    Under torchrun (``WORLD_SIZE`` > 1; or with a process group the caller initialised) the run is sharded
+    (:mod:`saecircuits.distributed`): every rank runs every stage on the same settings, the corpus pass and the
+    exact effects, gradient estimates and faithfulness curve split the task's prompt batches over the ranks and
+    gather them, so every rank holds one process's values; rank 0 alone takes the lock, checkpoints and writes.
+    The other ranks return the same results dict and write nothing.
+
     Args:
         cfg: the run settings.
         model: an already-loaded TransformerBridge (skips loading ``cfg.model``; used by the demo and tests).
@@ -77,7 +83,8 @@ def run_pipeline(
 
     Raises:
         PipelineError, TaskError, ModelLoadError, SAEError: bad input, with the fix in the message; ``resume`` with
-            a checkpoint written under other settings (naming them).
+            a checkpoint written under other settings (naming them); ``resume`` in a sharded run.
+        ShardError: another rank of a sharded run died, stopped or timed out (nothing was written).
     """
     from saecircuits import distributed
 
@@ -103,6 +110,7 @@ def _run(cfg: RunConfig, *, model, progress: bool, log: Callable[[str], None] | 
         raise PipelineError("--resume is not supported in a sharded run (torchrun): resume the failed run in one "
                             "process (saecircuits run --resume ... without torchrun), or run again without --resume")
     with contextlib.ExitStack() as stack:
+        stack.enter_context(distributed.sigterm_raises())
         problem = None
         if writer:  # rank 0 alone writes --out (and takes its lock); the others learn whether it can
             try:

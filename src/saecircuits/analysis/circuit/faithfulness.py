@@ -19,7 +19,7 @@ from saecircuits.analysis.circuit.nodes import (
     _sae_io,
 )
 from saecircuits.analysis.quality.reconstruction import loss_recovered
-from saecircuits.distributed import is_sharded, my_batches, sum_disjoint
+from saecircuits.distributed import is_sharded, is_writer, my_batches, reduce, sum_disjoint, world
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches, with_progress
 from saecircuits.models.interventions import interventions_for
 from saecircuits.tasks.base import Task
@@ -54,7 +54,8 @@ def node_means(model, task: Task, groups: list[_Group], *, max_tokens=DEFAULT_MA
 
 
 def corpus_node_means(model, token_rows: Sequence[Sequence[int]], groups: list[_Group], *,
-                      max_tokens=DEFAULT_MAX_TOKENS, max_batch=DEFAULT_MAX_BATCH, progress: bool | None = None) -> dict:
+                      max_tokens=DEFAULT_MAX_TOKENS, max_batch=DEFAULT_MAX_BATCH, progress: bool | None = None,
+                      shard: bool | None = None) -> dict:
     """Mean activation of every group over every real token of ``token_rows`` (special tokens and padding skipped),
     in :func:`node_means`'s format: the mean-ablation baseline of faithfulness and completeness.
 
@@ -64,6 +65,9 @@ def corpus_node_means(model, token_rows: Sequence[Sequence[int]], groups: list[_
 
     Args:
         token_rows: token lists (corpus documents, BOS first), each at most the model's context long.
+        shard: split the document batches over the ranks of a sharded run (default: when a process group with
+            more than one rank is initialised); the sums and the count are reduced (float32 sums in another
+            order: ~1e-7 relative).
 
     Raises:
         ValueError: no token position to average.
@@ -76,10 +80,14 @@ def corpus_node_means(model, token_rows: Sequence[Sequence[int]], groups: list[_
     special = special_ids_of(model)
     sums: dict[str, Any] = {}
     count = 0
-    batches = row_batches(token_rows, pad_id_of(model), max_tokens=max_tokens, max_batch=max_batch,
-                          device=_device_of(model), n_ctx=n_ctx_of(model))
-    for batch in with_progress(batches, len(token_rows), "circuit: mean of every node over the corpus (documents)",
-                               progress):
+    batches = list(row_batches(token_rows, pad_id_of(model), max_tokens=max_tokens, max_batch=max_batch,
+                               device=_device_of(model), n_ctx=n_ctx_of(model)))
+    # every rank needs a batch (its sums then hold every group, the same tensors on every rank)
+    sharded = is_sharded(shard) and len(batches) >= world()[1]
+    batches = list(my_batches(batches, sharded))
+    for batch in with_progress(iter(batches), sum(len(b.indices) for b in batches),
+                               "circuit: mean of every node over the corpus (documents)",
+                               progress if is_writer() else False):
         mask = counted_token_mask(batch.tokens, batch.positions + 1, special)  # the positions statistics count
         reads = iv.read_all(batch.tokens, hooks)
         with torch.no_grad():
@@ -94,6 +102,10 @@ def corpus_node_means(model, token_rows: Sequence[Sequence[int]], groups: list[_
                 else:
                     sums[g.hook] = x.sum(0) + (sums[g.hook] if g.hook in sums else 0)
         count += int(mask.sum())
+    if sharded:  # every rank's sums and count (every rank holds every group's sums: same shapes)
+        sums = {h: ({k: reduce(v, what="corpus node means") for k, v in x.items()} if isinstance(x, dict)
+                    else reduce(x, what="corpus node means")) for h, x in sums.items()}
+        count = int(reduce(torch.tensor([count]), what="corpus token count"))
     if count == 0:
         raise ValueError("corpus_node_means got no token positions (empty rows, or only special tokens)")
     return {h: ({k: v / count for k, v in s.items()} if isinstance(s, dict) else s / count) for h, s in sums.items()}
