@@ -120,3 +120,47 @@ def test_a_rank_killed_mid_run_leaves_no_results(tmp_path):
     assert not (out / "results.json").exists() and not (out / "report.html").exists()
     assert not (out / "circuit.json").exists()
     assert not list(out.rglob("*.tmp")) if out.exists() else True
+
+
+@pytest.mark.slow
+def test_torchrun_saecircuits_run_writes_one_process_results_from_rank_0(tmp_path):
+    """The real command, ``torchrun --nproc_per_node 2 ... saecircuits run``: the process group comes from
+    torchrun's environment (gloo), rank 0 alone prints and writes, and results.json equals a one-process run's
+    (the same CLI in this process at one thread, which trained the SAEs the sharded run reuses)."""
+    import subprocess
+    import sys
+
+    from helpers import tiny_neo_hf, tiny_tokenizer
+    from typer.testing import CliRunner
+
+    from saecircuits.cli import _register, app, expand_multi_value_options
+
+    model_dir = tmp_path / "model"
+    tiny_neo_hf().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    kw = _cfg_kw(tmp_path, "x")
+    args = ["run", "--model", str(model_dir), "--data", str(kw["data"]), "--workspace", str(tmp_path / "ws"),
+            "--all-closings", "--sae-tokens", "2048", "--no-circuit"]
+    _register()
+    threads = torch.get_num_threads()
+    try:
+        res = CliRunner().invoke(app, expand_multi_value_options([*args, "--out", str(tmp_path / "one"),
+                                                                  "--threads", "1"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert res.exit_code == 0, res.output
+    script = tmp_path / "entry.py"
+    script.write_text("import sys\nfrom saecircuits.cli import main\nsys.argv[0] = 'saecircuits'\nmain()\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *args,
+         "--out", str(tmp_path / "two"), "--threads", "1"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("report: ") == 1  # rank 0's summary only
+    assert "sharded run: 2 ranks (gloo)" in proc.stdout + proc.stderr
+    one = json.loads((tmp_path / "one" / "results.json").read_text())
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert two["saes"][0]["training"]["reused"] is True
+    assert _differences(two, one) == []
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["report.html", "results.json"]
