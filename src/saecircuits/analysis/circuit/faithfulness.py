@@ -19,7 +19,15 @@ from saecircuits.analysis.circuit.nodes import (
     _sae_io,
 )
 from saecircuits.analysis.quality.reconstruction import loss_recovered
-from saecircuits.distributed import is_sharded, is_writer, my_batches, reduce, sum_disjoint, world
+from saecircuits.distributed import (
+    gather_rows,
+    is_sharded,
+    is_writer,
+    my_batches,
+    reduce,
+    sum_disjoint,
+    world,
+)
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches, with_progress
 from saecircuits.models.interventions import interventions_for
 from saecircuits.tasks.base import Task
@@ -66,8 +74,8 @@ def corpus_node_means(model, token_rows: Sequence[Sequence[int]], groups: list[_
     Args:
         token_rows: token lists (corpus documents, BOS first), each at most the model's context long.
         shard: split the document batches over the ranks of a sharded run (default: when a process group with
-            more than one rank is initialised); the sums and the count are reduced (float32 sums in another
-            order: ~1e-7 relative).
+            more than one rank is initialised); each batch's sums are gathered and added up in one process's
+            batch order, so the means are one process's, bit for bit.
 
     Raises:
         ValueError: no token position to average.
@@ -84,12 +92,15 @@ def corpus_node_means(model, token_rows: Sequence[Sequence[int]], groups: list[_
                                device=_device_of(model), n_ctx=n_ctx_of(model)))
     # every rank needs a batch (its sums then hold every group, the same tensors on every rank)
     sharded = is_sharded(shard) and len(batches) >= world()[1]
-    batches = list(my_batches(batches, sharded))
-    for batch in with_progress(iter(batches), sum(len(b.indices) for b in batches),
+    numbered = list(my_batches(enumerate(batches), sharded))  # (index in one process's order, batch)
+    parts: list[dict[str, Any]] = []  # sharded: each batch's sums, added up below in one process's order
+    mine = [batch for _, batch in numbered]
+    for batch in with_progress(iter(mine), sum(len(b.indices) for b in mine),
                                "circuit: mean of every node over the corpus (documents)",
                                progress if is_writer() else False):
         mask = counted_token_mask(batch.tokens, batch.positions + 1, special)  # the positions statistics count
         reads = iv.read_all(batch.tokens, hooks)
+        part: dict[str, Any] = {}
         with torch.no_grad():
             for g in groups:
                 x = reads[g.hook][mask.to(reads[g.hook].device)].float()  # [n_tokens, *shape]
@@ -97,18 +108,44 @@ def corpus_node_means(model, token_rows: Sequence[Sequence[int]], groups: list[_
                     at = {h: reads[h][mask.to(reads[h].device)].float() for h in {g.hook, g.hook_in}}
                     x_in, x = _sae_io(g, at)
                     f = g.sae.encode(x_in.to(g.sae.W_dec.dtype)).float()
-                    part = {"f": f.sum(0), "e": (x - g.sae.decode(f, x_in.to(g.sae.W_dec.dtype)).float()).sum(0)}
-                    sums[g.hook] = part if g.hook not in sums else {k: sums[g.hook][k] + part[k] for k in part}
+                    part[g.hook] = {"f": f.sum(0),
+                                    "e": (x - g.sae.decode(f, x_in.to(g.sae.W_dec.dtype)).float()).sum(0)}
                 else:
-                    sums[g.hook] = x.sum(0) + (sums[g.hook] if g.hook in sums else 0)
+                    part[g.hook] = x.sum(0)
+        if sharded:
+            parts.append(part)
+        else:
+            sums = _add_sums(sums, part)
         count += int(mask.sum())
-    if sharded:  # every rank's sums and count (every rank holds every group's sums: same shapes)
-        sums = {h: ({k: reduce(v, what="corpus node means") for k, v in x.items()} if isinstance(x, dict)
-                    else reduce(x, what="corpus node means")) for h, x in sums.items()}
+    if sharded:  # every rank's batch sums, added in one process's batch order: the same float32 sums
+        order = torch.argsort(gather_rows(torch.tensor([b for b, _ in numbered]), "corpus batch numbers"))
+        flat = {(h, k): gather_rows(torch.stack([(p[h] if k is None else p[h][k]) for p in parts]),
+                                    "corpus node sums")[order]
+                for h, v in parts[0].items() for k in (v if isinstance(v, dict) else [None])}
+        for j in range(len(order)):
+            part = {}
+            for (h, k), t in flat.items():
+                part.setdefault(h, {})
+                if k is None:
+                    part[h] = t[j]
+                else:
+                    part[h][k] = t[j]
+            sums = _add_sums(sums, part)
         count = int(reduce(torch.tensor([count]), what="corpus token count"))
     if count == 0:
         raise ValueError("corpus_node_means got no token positions (empty rows, or only special tokens)")
     return {h: ({k: v / count for k, v in s.items()} if isinstance(s, dict) else s / count) for h, s in sums.items()}
+
+
+def _add_sums(sums: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """``sums`` plus one batch's ``part`` (``{hook: tensor or {"f", "e"}}``), in the one order of every pass."""
+    out = dict(sums)
+    for h, v in part.items():
+        if isinstance(v, dict):
+            out[h] = v if h not in sums else {k: sums[h][k] + v[k] for k in v}
+        else:
+            out[h] = v + (sums[h] if h in sums else 0)
+    return out
 
 
 def faithfulness_curve(
