@@ -120,6 +120,11 @@ def test_a_rank_killed_mid_run_leaves_no_results(tmp_path):
     assert not (out / "results.json").exists() and not (out / "report.html").exists()
     assert not (out / "circuit.json").exists()
     assert not list(out.rglob("*.tmp")) if out.exists() else True
+    # before that, the SAEs were trained data-parallel and cached by rank 0 alone: one cache folder, no temp folder
+    cached = list((tmp_path / "ws" / "saes").iterdir())
+    assert [p.name.startswith(".") for p in cached] == [False]
+    assert sorted(p.parent.parent.name for p in cached[0].glob("*/sae/cfg.json")) == ["blocks.0.mlp.hook_post",
+                                                                             "blocks.1.mlp.hook_post"]
 
 
 @pytest.mark.slow
