@@ -57,7 +57,8 @@ def _analyses() -> dict[str, torch.Tensor]:
 
 
 def _corpus_means() -> dict[str, torch.Tensor]:
-    """The circuit's mean-ablation values over corpus rows (the task's prompts as documents, 2 per batch)."""
+    """The circuit's mean-ablation values and the top activating examples over corpus rows (the task's prompts as
+    documents, 2 per batch)."""
     from saecircuits.analysis.ablations.feature_effects import feature_activations
     from saecircuits.analysis.circuit import circuit_nodes, corpus_node_means
 
@@ -65,7 +66,14 @@ def _corpus_means() -> dict[str, torch.Tensor]:
     saes = [random_sae(hook_point=h, seed=i + 1) for i, h in enumerate(HOOKS)]
     _, groups = circuit_nodes(model, saes, [feature_activations(model, s, task) for s in saes])
     means = corpus_node_means(model, task.token_ids, groups, max_batch=MAX_BATCH)
-    return {f"cm.{h}.{k}": t for h, m in means.items() for k, t in (m.items() if isinstance(m, dict) else [("", m)])}
+    out = {f"cm.{h}.{k}": t for h, m in means.items() for k, t in (m.items() if isinstance(m, dict) else [("", m)])}
+    from saecircuits.analysis.corpus.examples import top_activating_examples
+
+    examples = top_activating_examples(model, saes[1], task.token_ids, range(40), k=3, max_batch=MAX_BATCH)
+    out["ex.top"] = torch.tensor([[e.doc_index, e.max_position, e.max_activation, torch.tensor(e.activations).nansum()]
+                                  for f in range(40) for e in examples[f]], dtype=torch.float64)
+    out["ex.n"] = torch.tensor([len(examples[f]) for f in range(40)])
+    return out
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -123,7 +131,7 @@ def test_two_gloo_ranks_split_the_prompts_and_gather_one_process_values(tmp_path
     for g in got:
         for name, w in want.items():
             if name.startswith(("fe.", "circuit", "exact.node_active", "exact.edge_keys", "atp.edge_keys",
-                                "ig.edge_keys", "cm.")):
+                                "ig.edge_keys", "cm.", "ex.")):
                 # same batches: bit-equal values, equal counts and keys; the corpus means' float32 batch sums
                 # are added in one process's order
                 assert torch.equal(g[name], w), name
