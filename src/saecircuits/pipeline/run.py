@@ -148,8 +148,9 @@ def _run(cfg: RunConfig, *, model, progress: bool, log: Callable[[str], None] | 
                 if not existed and out.is_dir() and not any(out.iterdir()):
                     out.rmdir()
             elif checkpoint.dir.is_dir():
+                how = "--resume" if size == 1 else "--resume in one process (without torchrun)"
                 say(f"the finished stages are kept in {checkpoint.dir}; once the cause is fixed, run again with "
-                    "--resume to go on from there")
+                    f"{how} to go on from there")
             raise
         if checkpoint is not None:
             checkpoint.remove()
