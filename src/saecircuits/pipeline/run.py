@@ -132,7 +132,7 @@ def _run(cfg: RunConfig, *, model, progress: bool, log: Callable[[str], None] | 
         # rank 0 checkpoints (a failed sharded run can be resumed in one process); the others keep none
         checkpoint = Checkpoint(cfg.out, cfg, resume=resume) if writer else None
         if size > 1:
-            say(f"sharded run: {size} ranks ({torch_backend()}); the task's prompts of the exact effects and the "
+            say(f"sharded run: {size} ranks ({_backend()}); the task's prompts of the exact effects and the "
                 "corpus documents are split over them, rank 0 writes")
         if resume and checkpoint is not None:
             done = checkpoint.finished_stages
@@ -158,7 +158,7 @@ def _run(cfg: RunConfig, *, model, progress: bool, log: Callable[[str], None] | 
         return values["results"]
 
 
-def torch_backend() -> str:
+def _backend() -> str:
     """The process group's backend (``gloo``, ``nccl``)."""
     import torch
 

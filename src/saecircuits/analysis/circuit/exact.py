@@ -121,9 +121,9 @@ def exact_effects(
 
     ``shard``: split the prompt batches over the ranks of a sharded run (:mod:`saecircuits.distributed`; default:
     when a process group with more than one rank is initialised, every rank calling with the same arguments). Each
-    rank computes the batches ``b % world_size == rank`` of the single-process batching; the float64 sums, counts
-    and per-edge contributions are reduced, so every rank returns one process's result (sums in another order:
-    float64 rounding, ~1e-16 relative).
+    rank computes the batches ``b % world_size == rank`` of the single-process batching; the float64 sums and counts
+    are reduced and the per-edge contributions gathered, so every rank returns one process's result (sums in
+    another order: float64 rounding, ~1e-16 relative).
 
     Returns:
         :class:`ExactEffects`.
