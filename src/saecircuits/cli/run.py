@@ -342,7 +342,11 @@ def run(
     verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", show_default="off", help="Log each stage.")] = False,
 ) -> None:
-    """Find the SAE features behind a behaviour of any model: train SAEs, attribute, ablate, report."""
+    """Find the SAE features behind a behaviour of any model: train SAEs, attribute, ablate, report.
+
+    Under torchrun (torchrun --nproc_per_node N --no-python saecircuits run ...) the exact effects, the circuit at P and
+    the corpus passes are split over the ranks, with the numbers of one process; rank 0 writes.
+    """
     from saecircuits.pipeline import RunConfig, sae_path
 
     _setup_logging(verbose)
