@@ -168,13 +168,15 @@ def _study_summary(console, results: dict) -> None:
 
 
 def _threads(n: int | None) -> None:
-    """Set torch's intra-op thread count once for the whole run (default: every core this process may use).
+    """Set torch's intra-op thread count once for the whole run (default: every core this process may use; under
+    torchrun its share, the cores over the ranks of this machine, ``LOCAL_WORLD_SIZE``).
 
     Two processes that each take every core slow each other several times over; give each its share."""
     import torch
 
     if n is None:
         n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(max(1, n))
 
 
@@ -243,10 +245,17 @@ SELECTION_HELP = ("Features whose exact ablation effect is computed on each prom
 
 
 def _execute(cfg, model=None, export: bool = False, resume: bool = False) -> None:
+    from saecircuits.distributed import ShardError, launch_rank
     from saecircuits.pipeline import run_pipeline
 
-    with user_errors():
-        results = run_pipeline(cfg, model=model, log=_say, resume=resume)
+    try:
+        with user_errors():
+            results = run_pipeline(cfg, model=model, log=_say, resume=resume)
+    except ShardError as err:  # another rank of a sharded run died: one line, no traceback
+        typer.echo(f"Error: {err}", err=True)
+        raise typer.Exit(1) from None
+    if launch_rank() != 0:  # a sharded run: rank 0 prints and writes
+        return
     _summary(results)
     typer.echo(f"report: {Path(cfg.out) / 'report.html'}")
     if export:
@@ -347,7 +356,11 @@ def run(
     verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", show_default="off", help="Log each stage.")] = False,
 ) -> None:
-    """Find the SAE features behind a behaviour of any model: train SAEs, attribute, ablate, report."""
+    """Find the SAE features behind a behaviour of any model: train SAEs, attribute, ablate, report.
+
+    Under torchrun (torchrun --nproc_per_node N --no-python saecircuits run ...) the exact effects, the circuit at P and
+    the corpus passes are split over the ranks, with the numbers of one process; rank 0 writes.
+    """
     from saecircuits.pipeline import RunConfig, sae_path
 
     _setup_logging(verbose)
@@ -412,6 +425,9 @@ def demo(
     # SAEs train on a fresh stream (its own seed), the prompts come from the LM's held-out stories.
     sae_train = corpora / "default-sae-train-seed7-n4000.txt"
     _threads(threads)
+    from saecircuits import distributed
+
+    distributed.init_from_env(device)  # under torchrun: rank 0 prepares the workspace, the others wait for it
     with user_errors():
         # The settings are checked before the default model is copied or trained (the model is filled in below).
         cfg = RunConfig(
@@ -420,12 +436,15 @@ def demo(
             sae_recipe=sae_recipe, sae_k=sae_k, l1_coefficient=l1_coefficient,
             circuit_ig_steps=circuit_ig_steps,
         )
-        _say(f"workspace {workspace}")
-        folder = ensure_default_model(workspace, progress=True)
-        if not heldout.is_file():
-            write_corpus(heldout, DEFAULT_CONFIG.n_heldout_stories, seed=DEFAULT_CONFIG.heldout_seed)
-        if not sae_train.is_file():
-            write_corpus(sae_train, 4000, seed=7)
+        if distributed.is_writer():
+            _say(f"workspace {workspace}")
+            ensure_default_model(workspace, progress=True)
+            if not heldout.is_file():
+                write_corpus(heldout, DEFAULT_CONFIG.n_heldout_stories, seed=DEFAULT_CONFIG.heldout_seed)
+            if not sae_train.is_file():
+                write_corpus(sae_train, 4000, seed=7)
+        distributed.barrier("the workspace rank 0 prepares")
+        folder = ensure_default_model(workspace, progress=False)
     cfg = dataclasses.replace(
         cfg, model=str(folder), model_label="saecircuits default (2-layer GPT-Neo)")
     _execute(cfg, export=export, resume=resume)

@@ -133,9 +133,13 @@ def _report(ctx: RunContext, *, model, provenance: dict, task, task_entry: dict,
             sae_checks: list, layer_comparison: dict | None, corpus_stats, circuit_entry: dict | None,
             circuit_json: dict | None, circuit_note: str | None) -> dict:
     """``results``: the results dict, validated and written to ``results.json`` (with ``circuit.json`` and
-    ``report.html``); outputs of an earlier run that this one did not write are removed."""
+    ``report.html``); outputs of an earlier run that this one did not write are removed.
+
+    In a sharded run every rank first waits for the others (a rank that died fails the run here with
+    :class:`~saecircuits.distributed.ShardError`, before anything is written); then rank 0 alone writes."""
     import dataclasses
 
+    from saecircuits import distributed
     from saecircuits.models.interventions import interventions_for
     from saecircuits.models.load import model_dtype
     from saecircuits.report.render import render_report
@@ -192,6 +196,9 @@ def _report(ctx: RunContext, *, model, provenance: dict, task, task_entry: dict,
         "notes": notes,
     }
     iv.clear_cache()
+    distributed.barrier("the end of every rank's stages")
+    if not distributed.is_writer():
+        return {"results": results}
     typed = Results.model_validate(results)  # validated once, before anything is written; the report reads it
     write_json_atomic(out / "results.json", results)
     if circuit_json is not None:

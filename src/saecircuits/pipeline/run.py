@@ -14,7 +14,7 @@ from pathlib import Path
 
 from saecircuits.pipeline.checkpoint import Checkpoint
 from saecircuits.pipeline.circuit import CIRCUIT
-from saecircuits.pipeline.config import RunConfig, check_device
+from saecircuits.pipeline.config import PipelineError, RunConfig, check_device
 from saecircuits.pipeline.corpus import CORPUS_STATS
 from saecircuits.pipeline.dla import DLA, LAYERS
 from saecircuits.pipeline.layer_comparison import LAYER_COMPARISON
@@ -63,6 +63,12 @@ def run_pipeline(
     when a fresh run fails on a bad setting or input file (then a run that made ``cfg.out`` leaves no folder
     behind); a resumed run keeps it.
 
+    Under torchrun (``WORLD_SIZE`` > 1; or with a process group the caller initialised) the run is sharded
+    (:mod:`saecircuits.distributed`): every rank runs every stage on the same settings, the corpus pass and the
+    exact effects, gradient estimates and faithfulness curve split the task's prompt batches over the ranks and
+    gather them, so every rank holds one process's values; rank 0 alone takes the lock, checkpoints and writes.
+    The other ranks return the same results dict and write nothing.
+
     Args:
         cfg: the run settings.
         model: an already-loaded TransformerBridge (skips loading ``cfg.model``; used by the demo and tests).
@@ -77,32 +83,83 @@ def run_pipeline(
 
     Raises:
         PipelineError, TaskError, ModelLoadError, SAEError: bad input, with the fix in the message; ``resume`` with
-            a checkpoint written under other settings (naming them).
+            a checkpoint written under other settings (naming them); ``resume`` in a sharded run.
+        ShardError: another rank of a sharded run died, stopped or timed out (nothing was written).
     """
+    from saecircuits import distributed
+
     check_device(cfg.device)
     cfg.check_inputs()
-    check_out_writable(cfg.out)
-    with OutLock(cfg.out):
+    owns_group = distributed.init_from_env(cfg.device)
+    try:
+        return _run(cfg, model=model, progress=progress, log=log, resume=resume)
+    finally:
+        if owns_group:
+            distributed.shutdown()
+
+
+def _run(cfg: RunConfig, *, model, progress: bool, log: Callable[[str], None] | None, resume: bool) -> dict:
+    """:func:`run_pipeline` after the settings are checked and the process group (if any) is up."""
+    import contextlib
+
+    from saecircuits import distributed
+
+    rank, size = distributed.world()
+    writer = rank == 0
+    if size > 1 and resume:
+        raise PipelineError("--resume is not supported in a sharded run (torchrun): resume the failed run in one "
+                            "process (saecircuits run --resume ... without torchrun), or run again without --resume")
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(distributed.sigterm_raises())
+        problem = None
+        if writer:  # rank 0 alone writes --out (and takes its lock); the others learn whether it can
+            try:
+                check_out_writable(cfg.out)
+                stack.enter_context(OutLock(cfg.out))
+            except PipelineError as err:
+                if size == 1:
+                    raise
+                problem = str(err)
+        problem = distributed.broadcast_json(problem, "the output folder check")
+        if problem is not None:
+            raise PipelineError(problem)
         say = log or (lambda s: logger.info(s))
+        if not writer:  # one status line per stage, from rank 0
+            say = lambda s: logger.debug("rank %d: %s", rank, s)  # noqa: E731
         out = Path(cfg.out).expanduser()
         existed = out.exists()
-        ctx = RunContext(cfg=cfg, say=say, bars=progress, model=model)
-        checkpoint = Checkpoint(cfg.out, cfg, resume=resume)
-        if resume:
+        ctx = RunContext(cfg=cfg, say=say, bars=progress and writer, model=model)
+        # rank 0 checkpoints (a failed sharded run can be resumed in one process); the others keep none
+        checkpoint = Checkpoint(cfg.out, cfg, resume=resume) if writer else None
+        if size > 1:
+            say(f"sharded run: {size} ranks ({_backend()}); the task's prompts of the exact effects and the "
+                "corpus documents are split over them, rank 0 writes")
+        if resume and checkpoint is not None:
             done = checkpoint.finished_stages
             say(f"resuming: stages {', '.join(done)} finished in {Path(cfg.out)}" if done else
                 f"--resume: no checkpoint in {Path(cfg.out)}; starting from the first stage")
         try:
             values, _ = run_stages(STAGES, ctx, checkpoint)
         except BaseException as err:
+            if checkpoint is None:
+                raise
             if _bad_input(err) and not checkpoint.resumed:  # would fail again: keep nothing (no folder it made)
                 checkpoint.remove()
                 if not existed and out.is_dir() and not any(out.iterdir()):
                     out.rmdir()
             elif checkpoint.dir.is_dir():
+                how = "--resume" if size == 1 else "--resume in one process (without torchrun)"
                 say(f"the finished stages are kept in {checkpoint.dir}; once the cause is fixed, run again with "
-                    "--resume to go on from there")
+                    f"{how} to go on from there")
             raise
-        checkpoint.remove()
-        say(f"wrote {Path(cfg.out) / 'results.json'} and {Path(cfg.out) / 'report.html'}")
+        if checkpoint is not None:
+            checkpoint.remove()
+            say(f"wrote {Path(cfg.out) / 'results.json'} and {Path(cfg.out) / 'report.html'}")
         return values["results"]
+
+
+def _backend() -> str:
+    """The process group's backend (``gloo``, ``nccl``)."""
+    import torch
+
+    return str(torch.distributed.get_backend())

@@ -89,7 +89,12 @@ def _recipe(cfg: RunConfig) -> tuple[str, dict[str, Any], TrainConfig]:
 
 
 def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list[str], progress: bool) -> tuple[list, dict]:
-    """Train one SAE per layer (the recipe ``cfg.sae_recipe``) from one pass of the model, cached in the workspace."""
+    """Train one SAE per layer (the recipe ``cfg.sae_recipe``) from one pass of the model, cached in the workspace.
+
+    In a sharded run (torchrun) rank 0 decides whether the cache is reused; training is data-parallel over the
+    ranks (as ``saecircuits train-sae``: each rank reads its own rows, so the SAEs are not bit-equal to one
+    process's), rank 0 writes the cache and every rank keeps the trained SAEs (equal on every rank)."""
+    from saecircuits import distributed
     from saecircuits.data.activations import pack_token_rows
     from saecircuits.models.load import model_dtype
     from saecircuits.models.tokens import encode_documents, special_token_ids
@@ -132,10 +137,12 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
     info = {"tokens": steps * cfg.sae_batch_size, "steps": steps, "cache": str(cache_dir), "reused": False,
             "recipe": cfg.sae_recipe, "architecture": architecture, "sae_extra": sae_extra,
             "train_config": train_cfg.to_dict()}
-    if all((f / "cfg.json").is_file() for f in folders.values()):
+    writer = distributed.is_writer()
+    if distributed.broadcast_json(all((f / "cfg.json").is_file() for f in folders.values()), "the SAE cache check"):
         logger.info("reusing SAEs from %s", cache_dir)
         info["reused"] = True
-        info["final_metrics"] = _final_metrics(cache_dir, hook_points)
+        info["final_metrics"] = distributed.broadcast_json(_final_metrics(cache_dir, hook_points) if writer else None,
+                                                           "the SAEs' training metrics")
         return [load_sae(folders[hp], device=cfg.device) for hp in hook_points], info
 
     tok = model.tokenizer
@@ -147,8 +154,9 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
     if rows.shape[0] < needed_rows:
         logger.info("SAE training data has %d rows; they are reused for the %d rows needed", rows.shape[0], needed_rows)
     tmp = cache_dir.parent / f".{key}.tmp-{os.getpid()}"
-    remove_dead_temps(cache_dir.parent)  # what killed runs left (a SIGTERM skips the cleanup below)
-    shutil.rmtree(tmp, ignore_errors=True)
+    if writer:
+        remove_dead_temps(cache_dir.parent)  # what killed runs left (a SIGTERM skips the cleanup below)
+        shutil.rmtree(tmp, ignore_errors=True)
     try:
         trained = train_saes_on_model(
             model,
@@ -164,13 +172,16 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
             progress=progress,
             model_name=model_key,
         )
-        if cache_dir.exists():
-            shutil.rmtree(cache_dir)
-        os.replace(tmp, cache_dir)
+        if writer:  # (the other ranks of a sharded run write nothing)
+            if cache_dir.exists():
+                shutil.rmtree(cache_dir)
+            os.replace(tmp, cache_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if writer:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    info["final_metrics"] = _final_metrics(cache_dir, hook_points)
+    info["final_metrics"] = distributed.broadcast_json(_final_metrics(cache_dir, hook_points) if writer else None,
+                                                       "the SAEs' training metrics")
     return [trained[hp] for hp in hook_points], info
 
 

@@ -251,6 +251,7 @@ def feature_effects(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
     progress: bool | None = None,
+    shard: bool | None = None,
 ) -> FeatureEffects:
     """Exact single-feature ablation effects at P of every feature active on each prompt.
 
@@ -275,6 +276,10 @@ def feature_effects(
         mode: ``"residual"`` (default), ``"reconstruction"`` or ``"clean_effect"``.
         max_tokens, max_batch: prompt batch budget.
         progress: show a progress bar over (prompt, feature) pairs with an ETA.
+        shard: split the prompt batches over the ranks of a sharded run (:mod:`saecircuits.distributed`; default:
+            when a process group with more than one rank is initialised, every rank calling with the same
+            arguments). Each rank computes the batches ``b % world_size == rank`` of the single-process batching;
+            the pairs and per-prompt losses are gathered, so every rank returns exactly one process's result.
 
     Returns:
         :class:`FeatureEffects`.
@@ -283,6 +288,7 @@ def feature_effects(
         ValueError: a bad ``features`` value or ``mode``, or top-N selection on an SAE whose features do not write to
             the residual stream (directly or through ``W_out``).
     """
+    from saecircuits.distributed import gather_rows, is_sharded, is_writer, my_batches, sum_disjoint
     from saecircuits.models.norms import readout_of
 
     check_mode(mode)
@@ -310,11 +316,16 @@ def feature_effects(
     keep = acts.value > threshold
     if given is not None:
         keep &= torch.isin(acts.feature, given)
-    per_prompt = torch.bincount(acts.prompt[keep], minlength=task.n_prompts)
+    sharded = is_sharded(shard)
+    # this rank's share of the single-process batches (all of them in one process)
+    batches = list(my_batches(task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch), sharded))
+    mine = torch.tensor([i for b in batches for i in b.indices], dtype=torch.long)
+    per_prompt = torch.bincount(acts.prompt[keep], minlength=task.n_prompts)[mine]
     total = int(per_prompt.sum() if top_n is None else per_prompt.clamp(max=top_n).sum())
     from saecircuits.progress import progress_bar
 
-    bar = progress_bar(total=total, desc=f"{sae.hook_point}: (prompt, feature) ablations", enabled=progress)
+    bar = progress_bar(total=total, desc=f"{sae.hook_point}: (prompt, feature) ablations",
+                       enabled=progress and is_writer())
     iv = interventions_for(model)
     clean_loss = torch.zeros(task.n_prompts)
     baseline_loss = torch.zeros(task.n_prompts)
@@ -325,7 +336,7 @@ def feature_effects(
         reads.append(post[1])
     final = _final_resid_hook(iv, sae)
     rows_per_run = _rows_per_run(model, task, d_vocab, final)
-    for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
+    for batch in batches:
         clean = iv.clean(batch, read=reads)
         with torch.no_grad():
             f = sae.encode(clean.reads[sae.hook_point].to(sae.W_dec.dtype)).float()  # [B, d_sae]
@@ -371,7 +382,13 @@ def feature_effects(
             bar.update(int(ok.sum()))
     bar.close()
     cols = [torch.cat([p[j] for p in parts]) if parts else torch.zeros(0) for j in range(7)]
-    prompt, feature = cols[0].long(), cols[1].long()
+    cols = [c.long() if j < 2 else c.float() for j, c in enumerate(cols)]
+    if sharded:  # every rank's pairs (the order below is one process's) and its prompts' losses (0 elsewhere)
+        cols = [gather_rows(c, f"{sae.hook_point}: feature effects") for c in cols]
+        clean_loss = sum_disjoint(clean_loss, f"{sae.hook_point}: clean losses")
+        baseline_loss = sum_disjoint(baseline_loss, f"{sae.hook_point}: baseline losses")
+        counter.merge_ranks()
+    prompt, feature = cols[0], cols[1]
     order = torch.argsort(prompt * sae.d_sae + feature)
     return FeatureEffects(
         n_prompts=task.n_prompts,

@@ -269,6 +269,18 @@ class OffRangeCounter:
                 self.n_entries += int(below.sum())
                 self.depth_sum += float((self.floor - e[below]).double().sum())
 
+    def merge_ranks(self) -> None:
+        """Replace the counts by their totals over the ranks of a sharded run (each rank counted its own prompts;
+        nothing in one process). Raises :class:`saecircuits.distributed.ShardError` when a rank is gone."""
+        from saecircuits.distributed import reduce, world
+
+        if world()[1] <= 1:
+            return
+        counts = reduce(torch.tensor([self.n, self.n_any, self.n_entries], dtype=torch.long), what="off-range counts")
+        self.n, self.n_any, self.n_entries = (int(c) for c in counts)
+        self.depth_sum = float(reduce(torch.tensor([self.depth_sum], dtype=torch.float64), what="off-range depths"))
+        self.min_value = float(reduce(torch.tensor([self.min_value], dtype=torch.float64), "min", "off-range minima"))
+
     def result(self) -> OffRange:
         """The counts so far."""
         defined = self.floor is not None

@@ -15,6 +15,7 @@ import torch
 from saecircuits.analysis.ablations.modes import edit_dtype, sae_edit
 from saecircuits.analysis.circuit.exact import _Edges
 from saecircuits.analysis.circuit.nodes import Node, _answer_logprob, _Group, _node_index, _stage_key
+from saecircuits.distributed import is_sharded, is_writer, my_batches, sum_disjoint
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches, with_progress
 from saecircuits.models.interventions import Edit, interventions_for
 from saecircuits.tasks.base import Task
@@ -127,6 +128,7 @@ def attribution_estimates(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
     progress: bool | None = None,
+    shard: bool | None = None,
 ) -> Estimates:
     """Attribution patching at P: node effects from one backward pass per batch, edges from one backward pass per
     downstream feature slot (each prompt's ``j``-th active feature of each SAE).
@@ -134,6 +136,9 @@ def attribution_estimates(
     Args:
         edge_downstream: estimate edges into at most this many active features per prompt and SAE (largest
             activation first); None = all.
+        shard: split the prompt batches over the ranks of a sharded run, as
+            :func:`~saecircuits.analysis.circuit.exact.exact_effects` (default: when a process group with more than
+            one rank is initialised); every rank returns one process's estimates (float64 sums in another order).
 
     Returns:
         :class:`Estimates` (method ``"atp"``).
@@ -143,8 +148,10 @@ def attribution_estimates(
     N = len(nodes)
     node_effect = torch.zeros(N, dtype=torch.float64)
     edges = _Edges()
-    batches = task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch)
-    for batch in with_progress(batches, task.n_prompts, "circuit: attribution patching (prompts)", progress):
+    sharded = is_sharded(shard)
+    batches = list(my_batches(task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch), sharded))
+    for batch in with_progress(iter(batches), sum(len(b.indices) for b in batches),
+                               "circuit: attribution patching (prompts)", progress if is_writer() else False):
         clean = iv.clean(batch)
         store: dict = {}
         logits, _ = iv.run(clean, _tracking_edits(groups, store), grad=True)
@@ -191,6 +198,8 @@ def attribution_estimates(
                     b_idx, w_idx = torch.nonzero((vals != 0) & valid.cpu()[:, None], as_tuple=True)
                     edges.add(g.node_of[where[w_idx]], d_ids[b_idx], vals[b_idx, w_idx])
         del store, logits
+    if sharded:  # every rank's sums and edge contributions
+        node_effect, edges = sum_disjoint(node_effect, "AtP node estimates"), edges.gathered("AtP edge estimates")
     n = task.n_prompts
     summed = edges.summed(N)
     return Estimates(node_effect / n, {k: v / n for k, (v, _) in summed.items()}, "atp")
@@ -208,6 +217,7 @@ def integrated_gradient_estimates(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
     progress: bool | None = None,
+    shard: bool | None = None,
 ) -> Estimates:
     """Integrated gradients at P, one submodule (hook group) at a time, as Sparse Feature Circuits.
 
@@ -219,6 +229,7 @@ def integrated_gradient_estimates(
     Args:
         steps: interpolation points (more = closer to the path integral).
         edge_targets: feature node ids whose incoming edges are estimated (each costs one backward per group).
+        shard: split the prompt batches over the ranks of a sharded run, as :func:`attribution_estimates`.
 
     Returns:
         :class:`Estimates` (method ``"ig"``).
@@ -236,8 +247,10 @@ def integrated_gradient_estimates(
     edges = _Edges()
     targets = [int(t) for t in edge_targets]
     gid, local, _ = _node_index(nodes, groups, n_layers)
-    batches = task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch)
-    for batch in with_progress(batches, task.n_prompts, "circuit: integrated gradients (prompts)", progress):
+    sharded = is_sharded(shard)
+    batches = list(my_batches(task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch), sharded))
+    for batch in with_progress(iter(batches), sum(len(b.indices) for b in batches),
+                               "circuit: integrated gradients (prompts)", progress if is_writer() else False):
         clean = iv.clean(batch)
         for g in groups:
             store: dict = {}
@@ -263,6 +276,8 @@ def integrated_gradient_estimates(
                 b_idx, w_idx = torch.nonzero(vals != 0, as_tuple=True)
                 edges.add(g.node_of[where[w_idx]], torch.full_like(b_idx, t_id), vals[b_idx, w_idx])
             del store, logits
+    if sharded:  # every rank's sums and edge contributions
+        node_effect, edges = sum_disjoint(node_effect, "IG node estimates"), edges.gathered("IG edge estimates")
     n = task.n_prompts
     summed = edges.summed(N)
     return Estimates(node_effect / n, {k: v / n for k, (v, _) in summed.items()}, "ig", steps)

@@ -39,6 +39,16 @@ class _Edges:
         self.down.append(down.long().cpu())
         self.value.append(value.double().cpu())
 
+    def gathered(self, what: str = "edge contributions") -> _Edges:
+        """Every rank's contributions of a sharded run, in rank order (``self`` in one process)."""
+        from saecircuits.distributed import gather_rows, world
+
+        if world()[1] <= 1:
+            return self
+        empty = {"up": torch.long, "down": torch.long, "value": torch.float64}
+        return _Edges(*([gather_rows(torch.cat(getattr(self, name)) if getattr(self, name)
+                                     else torch.zeros(0, dtype=dtype), what)] for name, dtype in empty.items()))
+
     def summed(self, n_nodes: int) -> dict[tuple[int, int], tuple[float, int]]:
         """``{(u, d): (sum over prompts, number of prompts with a non-zero value)}``."""
         if not self.up:
@@ -102,15 +112,24 @@ def exact_effects(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
     progress: bool | None = None,
+    shard: bool | None = None,
 ) -> ExactEffects:
     """Exact effect of ablating each node alone at P on the metric and on every later SAE's features.
 
     One prefix-cached run per chunk of variants: variant v of prompt b ablates one node (each prompt's own active
     features plus every structural node), reading the metric and every SAE hook at P.
 
+    ``shard``: split the prompt batches over the ranks of a sharded run (:mod:`saecircuits.distributed`; default:
+    when a process group with more than one rank is initialised, every rank calling with the same arguments). Each
+    rank computes the batches ``b % world_size == rank`` of the single-process batching; the float64 sums and counts
+    are reduced and the per-edge contributions gathered, so every rank returns one process's result (sums in
+    another order: float64 rounding, ~1e-16 relative).
+
     Returns:
         :class:`ExactEffects`.
     """
+    from saecircuits.distributed import is_sharded, is_writer, my_batches, sum_disjoint
+
     iv = interventions_for(model)
     n_layers = int(model.cfg.n_layers)
     N = len(nodes)
@@ -124,8 +143,11 @@ def exact_effects(
     present = torch.zeros(N, dtype=torch.long)
     clean_metric = torch.zeros(task.n_prompts, dtype=torch.float64)
     edges = _Edges()
-    batches = task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch)
-    for batch in with_progress(batches, task.n_prompts, "circuit: exact node ablations (prompts)", progress):
+    sharded = is_sharded(shard)
+    batches = list(my_batches(task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch), sharded))
+    n_mine = sum(len(b.indices) for b in batches)
+    for batch in with_progress(iter(batches), n_mine, "circuit: exact node ablations (prompts)",
+                               progress if is_writer() else False):
         clean = iv.clean(batch, read=sae_hooks)
         with torch.no_grad():
             f_clean = {g.hook: g.sae.encode(clean.reads[g.hook_in]).float() for g in sae_groups}
@@ -173,6 +195,11 @@ def exact_effects(
                 d_ids = g.node_of[k_idx]
                 keep = d_ids >= 0
                 edges.add(sub[b_idx, v_idx][keep], d_ids[keep], delta[b_idx, v_idx, k_idx][keep])
+    if sharded:  # every rank's sums, counts and edge contributions (its prompts' clean metric, 0 elsewhere)
+        effect_sum, effect_sq = sum_disjoint(effect_sum, "node effects"), sum_disjoint(effect_sq, "node effects")
+        present = sum_disjoint(present, "node counts")
+        clean_metric = sum_disjoint(clean_metric, "clean metrics")
+        edges = edges.gathered("exact edges")
     n = task.n_prompts
     summed = edges.summed(N)
     return ExactEffects(

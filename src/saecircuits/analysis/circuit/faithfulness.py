@@ -19,6 +19,15 @@ from saecircuits.analysis.circuit.nodes import (
     _sae_io,
 )
 from saecircuits.analysis.quality.reconstruction import loss_recovered
+from saecircuits.distributed import (
+    gather_rows,
+    is_sharded,
+    is_writer,
+    my_batches,
+    reduce,
+    sum_disjoint,
+    world,
+)
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches, with_progress
 from saecircuits.models.interventions import interventions_for
 from saecircuits.tasks.base import Task
@@ -53,7 +62,8 @@ def node_means(model, task: Task, groups: list[_Group], *, max_tokens=DEFAULT_MA
 
 
 def corpus_node_means(model, token_rows: Sequence[Sequence[int]], groups: list[_Group], *,
-                      max_tokens=DEFAULT_MAX_TOKENS, max_batch=DEFAULT_MAX_BATCH, progress: bool | None = None) -> dict:
+                      max_tokens=DEFAULT_MAX_TOKENS, max_batch=DEFAULT_MAX_BATCH, progress: bool | None = None,
+                      shard: bool | None = None) -> dict:
     """Mean activation of every group over every real token of ``token_rows`` (special tokens and padding skipped),
     in :func:`node_means`'s format: the mean-ablation baseline of faithfulness and completeness.
 
@@ -63,6 +73,9 @@ def corpus_node_means(model, token_rows: Sequence[Sequence[int]], groups: list[_
 
     Args:
         token_rows: token lists (corpus documents, BOS first), each at most the model's context long.
+        shard: split the document batches over the ranks of a sharded run (default: when a process group with
+            more than one rank is initialised); each batch's sums are gathered and added up in one process's
+            batch order, so the means are one process's, bit for bit.
 
     Raises:
         ValueError: no token position to average.
@@ -75,12 +88,19 @@ def corpus_node_means(model, token_rows: Sequence[Sequence[int]], groups: list[_
     special = special_ids_of(model)
     sums: dict[str, Any] = {}
     count = 0
-    batches = row_batches(token_rows, pad_id_of(model), max_tokens=max_tokens, max_batch=max_batch,
-                          device=_device_of(model), n_ctx=n_ctx_of(model))
-    for batch in with_progress(batches, len(token_rows), "circuit: mean of every node over the corpus (documents)",
-                               progress):
+    batches = list(row_batches(token_rows, pad_id_of(model), max_tokens=max_tokens, max_batch=max_batch,
+                               device=_device_of(model), n_ctx=n_ctx_of(model)))
+    # every rank needs a batch (its sums then hold every group, the same tensors on every rank)
+    sharded = is_sharded(shard) and len(batches) >= world()[1]
+    numbered = list(my_batches(enumerate(batches), sharded))  # (index in one process's order, batch)
+    parts: list[dict[str, Any]] = []  # sharded: each batch's sums, added up below in one process's order
+    mine = [batch for _, batch in numbered]
+    for batch in with_progress(iter(mine), sum(len(b.indices) for b in mine),
+                               "circuit: mean of every node over the corpus (documents)",
+                               progress if is_writer() else False):
         mask = counted_token_mask(batch.tokens, batch.positions + 1, special)  # the positions statistics count
         reads = iv.read_all(batch.tokens, hooks)
+        part: dict[str, Any] = {}
         with torch.no_grad():
             for g in groups:
                 x = reads[g.hook][mask.to(reads[g.hook].device)].float()  # [n_tokens, *shape]
@@ -88,14 +108,44 @@ def corpus_node_means(model, token_rows: Sequence[Sequence[int]], groups: list[_
                     at = {h: reads[h][mask.to(reads[h].device)].float() for h in {g.hook, g.hook_in}}
                     x_in, x = _sae_io(g, at)
                     f = g.sae.encode(x_in.to(g.sae.W_dec.dtype)).float()
-                    part = {"f": f.sum(0), "e": (x - g.sae.decode(f, x_in.to(g.sae.W_dec.dtype)).float()).sum(0)}
-                    sums[g.hook] = part if g.hook not in sums else {k: sums[g.hook][k] + part[k] for k in part}
+                    part[g.hook] = {"f": f.sum(0),
+                                    "e": (x - g.sae.decode(f, x_in.to(g.sae.W_dec.dtype)).float()).sum(0)}
                 else:
-                    sums[g.hook] = x.sum(0) + (sums[g.hook] if g.hook in sums else 0)
+                    part[g.hook] = x.sum(0)
+        if sharded:
+            parts.append(part)
+        else:
+            sums = _add_sums(sums, part)
         count += int(mask.sum())
+    if sharded:  # every rank's batch sums, added in one process's batch order: the same float32 sums
+        order = torch.argsort(gather_rows(torch.tensor([b for b, _ in numbered]), "corpus batch numbers"))
+        flat = {(h, k): gather_rows(torch.stack([(p[h] if k is None else p[h][k]) for p in parts]),
+                                    "corpus node sums")[order]
+                for h, v in parts[0].items() for k in (v if isinstance(v, dict) else [None])}
+        for j in range(len(order)):
+            part = {}
+            for (h, k), t in flat.items():
+                part.setdefault(h, {})
+                if k is None:
+                    part[h] = t[j]
+                else:
+                    part[h][k] = t[j]
+            sums = _add_sums(sums, part)
+        count = int(reduce(torch.tensor([count]), what="corpus token count"))
     if count == 0:
         raise ValueError("corpus_node_means got no token positions (empty rows, or only special tokens)")
     return {h: ({k: v / count for k, v in s.items()} if isinstance(s, dict) else s / count) for h, s in sums.items()}
+
+
+def _add_sums(sums: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """``sums`` plus one batch's ``part`` (``{hook: tensor or {"f", "e"}}``), in the one order of every pass."""
+    out = dict(sums)
+    for h, v in part.items():
+        if isinstance(v, dict):
+            out[h] = v if h not in sums else {k: sums[h][k] + v[k] for k in v}
+        else:
+            out[h] = v + (sums[h] if h in sums else 0)
+    return out
 
 
 def faithfulness_curve(
@@ -109,6 +159,7 @@ def faithfulness_curve(
     means: dict | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
+    shard: bool | None = None,
 ) -> pd.DataFrame:
     """Faithfulness and completeness of the circuits made of the first ``n`` nodes of ``order`` for each ``n``.
 
@@ -120,6 +171,10 @@ def faithfulness_curve(
     ablation, so they come from the one formula, :func:`saecircuits.analysis.quality.reconstruction.loss_recovered`: NaN,
     with ``undefined_reason`` set, when mean-ablating every node does not clearly lower the answer's log-prob
     (a mean drop under 0.01 nats, or a 95% interval that includes 0), since there is then nothing to explain.
+
+    ``shard``: split the prompt batches over the ranks of a sharded run (:mod:`saecircuits.distributed`; default:
+    when a process group with more than one rank is initialised); the per-prompt log-probs are gathered, so every
+    rank returns one process's curve (its bootstrap intervals from the same values and seed).
 
     Returns:
         DataFrame with columns ``n_nodes``, ``m_circuit``, ``m_complement_ablated``, ``faithfulness``,
@@ -144,7 +199,8 @@ def faithfulness_curve(
     n = task.n_prompts
     per_prompt = torch.zeros(n, V, dtype=torch.float64)  # answer log-prob under each variant
     clean_lp = torch.zeros(n, dtype=torch.float64)
-    for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
+    sharded = is_sharded(shard)
+    for batch in my_batches(task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch), sharded):
         clean = iv.clean(batch)
         edits = []
         for g in groups:
@@ -157,6 +213,9 @@ def faithfulness_curve(
         idx = torch.as_tensor(batch.indices)
         per_prompt[idx] = _answer_logprob(run.logits, batch.answer_ids).double().cpu()
         clean_lp[idx] = _answer_logprob(run.base_logits[:, None], batch.answer_ids).double().cpu()[:, 0]
+    if sharded:  # every rank's prompts (each rank's rows are 0 at the others' prompts)
+        per_prompt = sum_disjoint(per_prompt, "faithfulness log-probs")
+        clean_lp = sum_disjoint(clean_lp, "faithfulness clean log-probs")
     m = per_prompt.mean(0)
     m_clean, m_empty = float(clean_lp.mean()), float(m[0])
     rows = []

@@ -85,6 +85,14 @@ def feature_activations_over_rows(
         return sae.encode_features(x, features).float()
 
 
+def _keep_top(val: torch.Tensor, doc: torch.Tensor, pos: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """The ``k`` best candidates per row (``[F, n]`` each) by (value desc, doc asc); doc -1 (no candidate) last."""
+    by_doc = torch.argsort(torch.where(doc < 0, torch.iinfo(torch.long).max, doc), dim=1, stable=True)
+    val, doc, pos = (t.gather(1, by_doc) for t in (val, doc, pos))
+    by_val = torch.argsort(val, dim=1, descending=True, stable=True)[:, :k]
+    return tuple(t.gather(1, by_val) for t in (val, doc, pos))
+
+
 def top_activating_examples(
     model,
     sae: SAE,
@@ -97,6 +105,7 @@ def top_activating_examples(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
     progress: bool | None = None,
+    shard: bool | None = None,
 ) -> dict[int, list[Example]]:
     """The ``k`` documents with the largest per-document maximum of each feature, with a token window around it.
 
@@ -110,6 +119,10 @@ def top_activating_examples(
         window_before, window_after: tokens shown before / after the maximum (clipped to the document).
         max_tokens, max_batch: batch budget (results do not depend on it).
         progress: show a progress bar over documents.
+        shard: split the first pass's document batches over the ranks of a sharded run
+            (:mod:`saecircuits.distributed`; default: when a process group with more than one rank is initialised):
+            every rank's top ``k`` are gathered and merged by the same (value desc, document asc) order, which
+            gives one process's top ``k``; the windows are read on every rank.
 
     Returns:
         ``{feature: [Example, ...]}`` in decreasing ``max_activation``; features that never fire get ``[]``.
@@ -128,10 +141,14 @@ def top_activating_examples(
     best_val = torch.full((n_f, k), -float("inf"))
     best_doc = torch.full((n_f, k), -1, dtype=torch.long)
     best_pos = torch.zeros((n_f, k), dtype=torch.long)
-    batches = row_batches(
+    from saecircuits.distributed import gather_rows, is_sharded, is_writer, my_batches
+
+    sharded = is_sharded(shard)
+    batches = list(my_batches(row_batches(
         token_rows, pad_id_of(model), max_tokens=max_tokens, max_batch=max_batch, device=device, n_ctx=n_ctx
-    )
-    for batch in with_progress(batches, len(token_rows), f"top examples at {sae.hook_point} (documents)", progress):
+    ), sharded))
+    for batch in with_progress(iter(batches), sum(len(b.indices) for b in batches),
+                               f"top examples at {sae.hook_point} (documents)", progress if is_writer() else False):
         acts = feature_activations_over_rows(model, sae, batch.tokens, feats)  # [b, pos, F]
         mask = _valid_mask(batch.tokens, batch.positions + 1, special).to(acts.device)
         acts = acts.masked_fill(~mask[..., None], -float("inf"))
@@ -140,13 +157,11 @@ def top_activating_examples(
         cand_val = torch.cat([best_val, doc_max.T.cpu()], dim=1)  # [F, k + b]
         cand_doc = torch.cat([best_doc, docs[None].expand(n_f, -1)], dim=1)
         cand_pos = torch.cat([best_pos, doc_pos.T.cpu()], dim=1)
-        # order by (value desc, doc asc): sort by doc first, then a stable sort by value
-        by_doc = torch.argsort(
-            torch.where(cand_doc < 0, torch.iinfo(torch.long).max, cand_doc), dim=1, stable=True
-        )
-        cand_val, cand_doc, cand_pos = (t.gather(1, by_doc) for t in (cand_val, cand_doc, cand_pos))
-        by_val = torch.argsort(cand_val, dim=1, descending=True, stable=True)[:, :k]
-        best_val, best_doc, best_pos = (t.gather(1, by_val) for t in (cand_val, cand_doc, cand_pos))
+        best_val, best_doc, best_pos = _keep_top(cand_val, cand_doc, cand_pos, k)
+    if sharded:  # every rank's top k: the top k of their union is one process's (one total order)
+        cand_val, cand_doc, cand_pos = (gather_rows(t.T.contiguous(), f"top examples at {sae.hook_point}").T
+                                        for t in (best_val, best_doc, best_pos))  # [F, world * k]
+        best_val, best_doc, best_pos = _keep_top(cand_val, cand_doc, cand_pos, k)
 
     # second pass: windows around the maxima, one forward over the distinct chosen documents
     chosen = sorted({int(d) for d, v in zip(best_doc.flatten(), best_val.flatten(), strict=True) if v > 0})

@@ -541,7 +541,9 @@ def corpus_feature_stats(
     """Feature statistics of every SAE in ``saes`` over ``token_rows``, in one streaming pass (see the module doc).
 
     Under ``torch.distributed`` (a process group initialised with more than one rank, every rank calling with the
-    same rows and SAEs) each rank reads the documents ``i`` with ``i % world_size == rank``; counts, sums and
+    same rows and SAEs) each rank reads the batches ``b`` with ``b % world_size == rank`` of the batches one process
+    makes (:func:`saecircuits.distributed.my_batches`: every document's activations come from the batch shape one
+    process uses, so no value moves across a histogram edge or a threshold); counts, sums and
     histograms are summed with ``all_reduce``, maxima reduced by ``MAX``, and the top-k and the thresholded events
     gathered as tensors and merged (:func:`merge_corpus_partials`). Every rank returns the statistics of the whole
     corpus, equal to one process's (float64 sums up to summation order).
@@ -572,11 +574,10 @@ def corpus_feature_stats(
     """
     world, rank = _process_group()
     shard = world > 1 if shard is None else shard and world > 1
-    docs = range(rank, len(token_rows), world) if shard else None
     partial = corpus_partial_stats(
-        model, saes, token_rows, docs=docs, k=k, token_fraction=token_fraction, n_top_tokens=n_top_tokens,
+        model, saes, token_rows, k=k, token_fraction=token_fraction, n_top_tokens=n_top_tokens,
         bands=bands, hist_range=hist_range, hist_bins=hist_bins, encode_floats=encode_floats,
-        max_tokens=max_tokens, max_batch=max_batch, progress=progress)
+        max_tokens=max_tokens, max_batch=max_batch, progress=progress if rank == 0 else False, shard=shard)
     if shard:
         partial = _all_reduce_partial(partial)
     return partial.finish()
@@ -631,9 +632,13 @@ def corpus_partial_stats(
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
     progress: bool | None = None,
+    shard: bool = False,
 ) -> CorpusPartial:
     """The pass of :func:`corpus_feature_stats` over the documents ``docs`` (indices into ``token_rows``; default
     all), as a mergeable :class:`CorpusPartial` (arguments as there).
+
+    ``shard``: only this rank's share of the batches one process makes of ``docs``
+    (:func:`saecircuits.distributed.my_batches`), so every document is read in the batch one process reads it in.
 
     Raises:
         ValueError: as :func:`corpus_feature_stats`, or a document index out of range or repeated.
@@ -666,8 +671,14 @@ def corpus_partial_stats(
     batches = row_batches([token_rows[i] for i in index], pad_id_of(model), max_tokens=max_tokens,
                           max_batch=max_batch, device=_device_of(model), n_ctx=n_ctx_of(model),
                           what="corpus document")
+    n_read = len(index)
+    if shard:
+        from saecircuits.distributed import my_batches
+
+        batches = list(my_batches(batches, True))
+        n_read = sum(len(b.indices) for b in batches)
     desc = f"corpus statistics of {len(saes)} SAE(s) (documents)"
-    for batch in with_progress(batches, len(index), desc, progress):
+    for batch in with_progress(iter(batches), n_read, desc, progress):
         mask = counted_token_mask(batch.tokens, batch.positions + 1, special)
         ids = batch.tokens[mask].cpu()
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= d_vocab):
@@ -678,7 +689,7 @@ def corpus_partial_stats(
         rows = global_index[torch.tensor(batch.indices, dtype=torch.long)]  # document indices of the corpus
         for acc in accs:
             acc.update(reads[acc.sae.hook_point], batch.tokens, mask, rows)
-    return CorpusPartial(len(token_rows), len(index), n_tokens, token_counts, [acc.state() for acc in accs],
+    return CorpusPartial(len(token_rows), n_read, n_tokens, token_counts, [acc.state() for acc in accs],
                          sorted(special), n_top_tokens, accs)
 
 
