@@ -425,6 +425,21 @@ def test_position_circuit_follows_the_contract():
     red = reduced_positions(out)
     assert all(n["in_graph"] for g in red["examples"] for n in g["nodes"])
     assert all(e["in_graph"] for g in red["examples"] for e in g["edges"])
+    # results.json's typed model declares every key (no extras) and round-trips the reduced copy exactly
+    from saecircuits.results.positions import Positions
+
+    red = json.loads(json.dumps(red))
+    typed = Positions.model_validate(red)
+    assert typed.to_json_dict() == red
+
+    def no_extras(m):
+        assert not (m.__pydantic_extra__ or {}), (type(m).__name__, list(m.__pydantic_extra__))
+        for name in type(m).model_fields:
+            for v in (lambda x: x if isinstance(x, list) else [x])(getattr(m, name)):
+                if hasattr(type(v), "model_fields"):
+                    no_extras(v)
+
+    no_extras(typed)
 
 
 def _copying_toy():
