@@ -212,5 +212,6 @@ class Positions(ResultsModel):
     means: Str = opt("what a node is mean-ablated to, in words")
     head_loading: Str = opt("how head loadings are defined, in words")
     values: Str = opt("which values are exact and which estimated, in words")
+    example_nodes: Str = opt("which nodes the example prompts' graphs hold (all measured exactly), in words")
     aggregated: AggregatedGraph = opt("the graph aggregated over prompts")
     examples: list[PromptGraph] = opt("per-prompt graphs")

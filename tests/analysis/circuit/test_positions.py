@@ -292,6 +292,9 @@ def test_mean_ablation_at_every_position_equals_bridge_hooks():
         graphs.append({"nodes": nodes})
         keys.append({f"n{j}": c for j, c in enumerate(circ)})
     got = _faithfulness_batch(eng, pg, batch, graphs, keys, means)
+    # a second circuit in the same forward (columns 4, 5): here the first one again, so the same numbers
+    again = _faithfulness_batch(eng, pg, batch, graphs, keys, means, more=[(graphs, keys)])
+    torch.testing.assert_close(again[:, 4:], got[:, 2:], atol=1e-5, rtol=1e-5)
     for b, i in enumerate(batch.indices):
         P = task.prediction_pos[i]
 
@@ -407,8 +410,11 @@ def test_position_circuit_follows_the_contract():
     assert verified and all(n["values"] == "estimated" and n["mean_exact"] is None and not n["in_graph"]
                             for n in agg["nodes"] if n["kind"] != "target" and n not in verified)
     assert all(n["mean_exact"] is not None and n["ci95"] is not None for n in verified)
-    # the example prompts' top 30 nodes, then every candidate on every prompt holding it
-    assert out["n_exact_interventions"] == 30 * 3 + sum(n["n_prompts"] for n in verified)
+    # the example prompts' nodes (the top 30 by |AtP| and every node within 2 of P), then every candidate on every
+    # prompt holding it
+    n_ex = [len(g["nodes"]) - 1 for g in out["examples"]]
+    assert min(n_ex) > 30 and "top 30 nodes by |AtP| and every node at most 2 positions" in out["example_nodes"]
+    assert out["n_exact_interventions"] == sum(n_ex) + sum(n["n_prompts"] for n in verified)
     assert {"nodes", "edges", "by_distance"} <= set(out["agreement"])
     for g in out["examples"]:
         nodes = {n["id"]: n for n in g["nodes"]}

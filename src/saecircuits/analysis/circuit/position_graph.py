@@ -3,18 +3,34 @@ values by distance from P, and the faithfulness / completeness of the pruned cir
 ``"positions"`` entry of ``circuit.json`` (issue 16's contract). The computations are in
 :mod:`saecircuits.analysis.circuit.positions` (see its docstring for definitions, units and sources).
 
-Per prompt, the graph holds the ``top_exact`` nodes with the largest ``|AtP|`` over every position ``t <= P`` (every
-one with its exact effect), the target ``log p(answer)`` at P, and the edges among them: ``u -> d`` for a feature
-``d`` at ``p_d >= pos(u)`` of a later stage (exact; AtP into the ``edge_targets`` features of largest ``|exact|``),
-``u -> target`` (the node's exact effect and AtP).
-Edges of both zero exact value and zero AtP are dropped, and at most ``max_edges`` (largest ``max(|exact|, |atp|)``)
-are kept per prompt. Edges between positions into the target and into the ``head_targets`` features of largest
-``|exact|`` carry head loadings that sum to their AtP value. The graph is then pruned (circuit-tracer's rule,
-``prune_graph``) and the pruned graphs (their ``in_graph`` nodes and edges) are aggregated over all prompts
-(``aggregate_graphs``: a node outside a prompt's pruned graph counts 0 for that prompt).
+Four passes over the task (prompts batched by length, so little padding is computed):
+
+A. every prompt: one clean pass, one tracked pass and ONE backward give the AtP value of every node at every
+   position ``t <= P`` (features where active); the head loadings of the top nodes' edges into the target; a graph
+   of the ``top_exact`` nodes by ``|AtP|`` (estimates only), pruned on them;
+B. the ``n_examples`` example prompts (the task's first): the ``top_exact`` nodes by ``|AtP|`` plus every node within
+   ``screen_distance`` of P, each with its exact effect (a prefix-cached intervention at its position), exact edges
+   among them, AtP edges into the ``edge_targets`` features of largest ``|exact|``, head loadings into the target
+   and the ``head_targets`` features of largest ``|exact|``; pruned on the exact values. These graphs replace pass
+   A's for those prompts, and are the ``"examples"``;
+C. the pruned graphs of all prompts are aggregated (``aggregate_graphs``: positions aligned by the task's anchors,
+   a node outside a prompt's pruned graph counts 0 there); the nodes the aggregate keeps (the candidates) are then
+   measured exactly on EVERY prompt where they exist (their column's position; a feature where active), with the
+   exact edges among them: the aggregated graph's ``mean_exact`` (mean over all prompts, 0 where absent, t-based
+   95% interval) and ``mean_atp`` (the same mean of AtP); it is pruned again on those exact means. Nodes the
+   aggregate did not keep stay as estimates (``values = "estimated"``, no exact mean);
+D. faithfulness and completeness on every prompt (below), of its own pruned graph and of the aggregated one.
+
+Per-prompt graph: the nodes, the target ``log p(answer)`` at P, and the edges: ``u -> d`` for a feature ``d`` at
+``p_d >= pos(u)`` of a later stage (exact; AtP into the ``edge_targets`` features), ``u -> target`` (the node's
+effect, exact where measured, and AtP). Edges of both zero exact value and zero AtP are dropped, and at most
+``max_edges`` (largest ``max(|exact|, |atp|)``) are kept per prompt. Head loadings sum to the edge's AtP value.
+Pruning: circuit-tracer's rule (``prune_graph``), the embeddings pruned apart as the graph's inputs (see
+:mod:`saecircuits.analysis.circuit.prune`).
 
 Faithfulness and completeness (Sparse Feature Circuits' definitions, over all positions): the answer's log-prob when
-every node outside each prompt's pruned circuit is mean-ablated at every position ``<= P`` (faithfulness) or the
+every node outside a circuit (each prompt's pruned graph; the aggregated graph's kept nodes mapped into each prompt)
+is mean-ablated at every position ``<= P`` (faithfulness) or the
 circuit's nodes are (completeness), relative to the clean model and to every node mean-ablated; "every node" is every
 SAE feature and error, head, MLP and embedding at every position (so "everything ablated" is every group's
 activation at its mean). Means: per node, over the task's prompts and every position ``<= P`` of each (one mean per
@@ -155,6 +171,7 @@ def position_circuit(
     edge_targets: int = 50,
     head_targets: int = 10,
     max_edges: int = 500,
+    screen_distance: int = 2,
     max_batch: int = DEFAULT_MAX_BATCH,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     progress: bool | None = None,
@@ -176,6 +193,9 @@ def position_circuit(
         head_targets: features per example prompt (largest ``|exact|``) whose incoming edges get head loadings (the
             target always, on every prompt).
         max_edges: edges kept per prompt before pruning.
+        screen_distance: on the example prompts, every node at most this many positions before P is measured
+            exactly too (besides the top_exact by ``|AtP|``): AtP misses large exact effects there, and an
+            intervention that recomputes a few positions is cheap. -1: the top_exact alone.
         timings: filled with the seconds of each pass when given.
 
     Returns:
@@ -247,7 +267,8 @@ def position_circuit(
         ex_task = task.subset(range(n_ex))
         for batch in with_progress(_bounded(_by_length(model, ex_task, **kw), per_token), n_ex,
                                    "circuit across positions: exact effects, example prompts", progress):
-            n_runs += _example_batch(eng, ctx, batch, base, top_exact, edge_targets, head_targets, graphs)
+            n_runs += _example_batch(eng, ctx, batch, base, top_exact, screen_distance, edge_targets, head_targets,
+                                     graphs)
     lap("B: examples, exact")
 
     # the aggregate of the pruned graphs chooses the candidates; each is then measured exactly on every prompt
@@ -276,7 +297,10 @@ def position_circuit(
         faith_rows.append(m[:, :4])
         agg_rows.append(m[:, [0, 1, 4, 5]])
     lap("D: faithfulness")
-    return _assemble(task, graphs, pairs, faith_rows, agg_rows, share, n_runs, n_ex, aggregated, ver)
+    rule = f"the top {top_exact} nodes by |AtP|" + (
+        f" and every node at most {screen_distance} positions before P" if screen_distance >= 0 else "")
+    return _assemble(task, graphs, pairs, faith_rows, agg_rows, share, n_runs, n_ex, aggregated, ver,
+                     f"each example prompt's graph: {rule}, each measured exactly")
 
 
 def _kept(aggregated: dict, node_id: str) -> bool:
@@ -309,18 +333,22 @@ class _Ctx:
                 "P": P, "anchors": _anchors(self.task, int(i), P), **g}
 
 
-def _example_batch(eng, ctx: _Ctx, batch, base, top_exact, edge_targets, head_targets, graphs) -> int:
+def _example_batch(eng, ctx: _Ctx, batch, base, top_exact, screen_distance, edge_targets, head_targets, graphs
+                   ) -> int:
     """Pass B on one batch of example prompts: their graphs (exact node effects, edges, head loadings) into
-    ``graphs``; returns the number of exact interventions."""
+    ``graphs``; the nodes are the top_exact by ``|AtP|`` and every node within ``screen_distance`` of P (in rank
+    order); returns the number of exact interventions."""
     pg = ctx.pg
     clean = clean_cache(eng, batch)
     tr, contrib = node_attributions(eng, pg, batch, base)
     B = len(batch.indices)
     chosen, atps = [], []
     for b in range(B):
-        keys, atp = _candidates(pg, tr, contrib, b, int(batch.positions[b]))
-        chosen.append(PromptNodes(keys[:top_exact, 0], keys[:top_exact, 1], keys[:top_exact, 2]))
-        atps.append(atp[:top_exact])
+        P = int(batch.positions[b])
+        keys, atp = _candidates(pg, tr, contrib, b, P)
+        pick = (torch.arange(len(keys)) < top_exact) | (keys[:, 2] >= P - screen_distance)
+        chosen.append(PromptNodes(keys[pick, 0], keys[pick, 1], keys[pick, 2]))
+        atps.append(atp[pick])
     is_feat = [torch.tensor([pg.groups[int(g)].kind == "sae" and int(k) < pg.groups[int(g)].sae.d_sae
                              for g, k in zip(c.gi, c.local, strict=True)], dtype=torch.bool) for c in chosen]
     feat_idx = [torch.nonzero(m).flatten() for m in is_feat]
@@ -559,7 +587,8 @@ def _faith_stats(rows: list[torch.Tensor]) -> dict:
     return stats
 
 
-def _assemble(task, graphs, pairs, faith_rows, agg_rows, share, n_runs, n_examples, aggregated, ver) -> dict:
+def _assemble(task, graphs, pairs, faith_rows, agg_rows, share, n_runs, n_examples, aggregated, ver, example_rule
+              ) -> dict:
     na, ne, nd = pairs["nodes"]
     ea, ee, ed = pairs["edges"]
     here = ver.here
@@ -580,6 +609,7 @@ def _assemble(task, graphs, pairs, faith_rows, agg_rows, share, n_runs, n_exampl
         "head_loading": "per (layer, key/value head): first-order parts of the AtP edge through the keys/values of "
                         "earlier positions; they sum to the edge's AtP value (circuit-tracer's attention attribution)",
         "values": VALUES_NOTE.format(n_examples=n_examples, n_prompts=task.n_prompts),
+        "example_nodes": example_rule,
         "aggregated": aggregated, "examples": graphs[:n_examples],
     }
 
