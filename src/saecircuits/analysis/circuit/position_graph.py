@@ -538,22 +538,31 @@ def _graph(pg, describe, heads, c: PromptNodes, atp, exact, ex_edges, at_edges, 
             return None
         return [{"head": h, "value": _f(v)} for h, v in zip(heads, parts, strict=True) if v != 0.0]
 
-    edges = []
     for (a, j), v in at_edges.items():  # every valid pair into an estimated feature (0 allowed); exact 0 unrecorded
         pairs["edges"][0].append(v)
         pairs["edges"][1].append(ex_edges.get((a, j), 0.0))
         pairs["edges"][2].append(P - int(c.pos[int(feat_idx[j])]))
+    # the max_edges largest by max(|exact|, |atp|) (ties in order: edges into features by (source, destination),
+    # then into the target); dicts only for those (an early node's exact edges reach nearly every later feature)
+    cand = []
     for a, j in sorted(set(at_edges) | set(ex_edges)):
         v, e = at_edges.get((a, j)), ex_edges.get((a, j), 0.0)
-        if not v and e == 0.0:
-            continue
-        edges.append({"src": ids[a], "dst": ids[int(feat_idx[j])], "exact": _f(e), "atp": None if v is None else _f(v),
-                      "heads": head_list((a, j)), "in_graph": False})
-    for a in range(len(c.gi)):
-        edges.append({"src": ids[a], "dst": target, "exact": _f(exact[a]), "atp": _f(atp[a]),
-                      "heads": head_list((a, -1)), "in_graph": False})
-    edges.sort(key=lambda e: -max(abs(e["exact"] or 0.0), abs(e["atp"] or 0.0)))
-    return {"nodes": nodes, "edges": edges[:max_edges]}
+        if v or e != 0.0:
+            cand.append((max(abs(v or 0.0), abs(e)), a, j))
+    cand += [(max(abs(float(exact[a])) if math.isfinite(float(exact[a])) else 0.0, abs(float(atp[a]))), a, -1)
+             for a in range(len(c.gi))]
+    order = sorted(range(len(cand)), key=lambda i: -cand[i][0])[:max_edges]
+    edges = []
+    for i in order:
+        _, a, j = cand[i]
+        if j < 0:
+            edges.append({"src": ids[a], "dst": target, "exact": _f(exact[a]), "atp": _f(atp[a]),
+                          "heads": head_list((a, -1)), "in_graph": False})
+        else:
+            v = at_edges.get((a, j))
+            edges.append({"src": ids[a], "dst": ids[int(feat_idx[j])], "exact": _f(ex_edges.get((a, j), 0.0)),
+                          "atp": None if v is None else _f(v), "heads": head_list((a, j)), "in_graph": False})
+    return {"nodes": nodes, "edges": edges}
 
 
 def _agreement_json(a: dict) -> dict:

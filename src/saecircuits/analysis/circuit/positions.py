@@ -448,8 +448,8 @@ def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges, v
             fi = f.expand(V, *f.shape[1:])[:, col.to(dev), dn.local[want].to(dev)]  # [V, w]
             delta = (fi[:1] - fi[1 : 1 + len(s)]).double().cpu()  # [len(s), w]
             ok = (up_stage < pg.stage_in[gi])[:, None] & (delta != 0)
-            for a, c in torch.nonzero(ok).tolist():
-                edges[b][(int(s[a]), int(want[c]))] = float(delta[a, c])
+            a, c = torch.nonzero(ok, as_tuple=True)  # (python floats in bulk: one tensor index per edge is slow)
+            edges[b].update(zip(zip(s[a].tolist(), want[c].tolist(), strict=True), delta[a, c].tolist(), strict=True))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -480,8 +480,8 @@ def attribution_edges(pg: PositionGroups, tr: Tracked, up: list[PromptNodes], do
             u, dn = up[b], down[b]
             ok = (up_stage[b] < pg.stage_in[int(dn.gi[j])]) & (u.pos <= int(dn.pos[j]))
             vals = tr.gathered(pg, grads, b, u)
-            for a in torch.nonzero(ok).flatten().tolist():
-                out[b][(a, j)] = float(vals[a])
+            a = torch.nonzero(ok).flatten()
+            out[b].update(zip([(x, j) for x in a.tolist()], vals[a].tolist(), strict=True))
     return out
 
 
@@ -557,6 +557,7 @@ def head_loadings(engine, pg: PositionGroups, clean: CleanCache, tr: Tracked, up
                 col = layer * K + kh
                 for i, (b, w) in enumerate(zip(have, which, strict=True)):
                     vals = tr.gathered(pg, grads, b, up[b])
-                    for a in torch.nonzero(up[b].pos < int(pd[i])).flatten().tolist():
-                        out[b].setdefault((a, w), [0.0] * (engine.n_layers * K))[col] = float(vals[a])
+                    a = torch.nonzero(up[b].pos < int(pd[i])).flatten()
+                    for x, val in zip(a.tolist(), vals[a].tolist(), strict=True):
+                        out[b].setdefault((x, w), [0.0] * (engine.n_layers * K))[col] = val
     return out
