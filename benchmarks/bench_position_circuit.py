@@ -127,8 +127,10 @@ def long_task(model, n_prompts: int, n_tokens: int):
             joined.append(cur)
             cur = ""
     task = closing_quote_task(joined, model.tokenizer, closings=['."'], max_tokens=int(model.cfg.n_ctx))
-    # keep the longest prompts: the quote closing last in each joined text
-    order = sorted(range(task.n_prompts), key=lambda i: -len(task.token_ids[i]))[:n_prompts]
+    # the shortest prompts of at least n_tokens tokens (else the longest)
+    long = sorted((i for i in range(task.n_prompts) if len(task.token_ids[i]) >= n_tokens),
+                  key=lambda i: len(task.token_ids[i]))
+    order = (long or sorted(range(task.n_prompts), key=lambda i: -len(task.token_ids[i])))[:n_prompts]
     return task.subset(order)
 
 

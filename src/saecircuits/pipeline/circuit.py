@@ -7,10 +7,10 @@ from __future__ import annotations
 from saecircuits.pipeline.stages import RunContext, Stage
 
 POSITION_KW = dict(n_examples=20, top_exact=200, head_targets=10, screen_distance=2)
-"""The circuit across positions as the pipeline runs it, on every prompt of the task (AtP at every position on each,
-exact effects of the top 200 nodes by |AtP| and of every node within 2 of P on the 20 example prompts, and of the
-aggregated graph's nodes on every prompt;
-measured on the demo with benchmarks/bench_position_circuit.py)."""
+"""The circuit across positions as the pipeline runs it, on every prompt of the task: AtP at every position of each;
+exact effects of the top 200 nodes by |AtP| and of every node within 2 positions of P on the 20 example prompts;
+exact effects of the aggregated graph's nodes on every prompt (time measured on the demo with
+benchmarks/bench_position_circuit.py)."""
 
 CIRCUIT_MEAN_DOCS = 300
 """Corpus documents whose tokens give the circuit's mean-ablation values (enough for stable means, and cheap)."""

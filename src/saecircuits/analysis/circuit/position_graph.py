@@ -300,7 +300,7 @@ def position_circuit(
     rule = f"the top {top_exact} nodes by |AtP|" + (
         f" and every node at most {screen_distance} positions before P" if screen_distance >= 0 else "")
     return _assemble(task, graphs, pairs, faith_rows, agg_rows, share, n_runs, n_ex, aggregated, ver,
-                     f"each example prompt's graph: {rule}, each measured exactly")
+                     f"{rule}, each measured exactly")
 
 
 def _kept(aggregated: dict, node_id: str) -> bool:
