@@ -530,3 +530,16 @@ def test_a_hand_wired_copying_circuit_is_recovered_exactly():
     assert out["completeness"]["mean"] < 0.05
     assert 0.1 < out["faithfulness"]["mean"] <= 1.0
     assert out["aggregated"]["faithfulness"]["mean"] is not None  # the aggregated circuit on every prompt
+
+
+def test_column_position_inverts_column_of():
+    """The aggregated graph's columns map back to one position per prompt (what the exact verification ablates):
+    the inverse of column_of, None where a prompt has no such position."""
+    from saecircuits.analysis.circuit.aggregate import column_of
+    from saecircuits.analysis.circuit.position_graph import _column_position
+
+    P, anchors = 9, {"P": 9, "open_quote": 3, "said": 1}
+    for pos in range(P + 1):
+        assert _column_position(column_of(pos, P, anchors), P, anchors) == pos
+    assert _column_position("P-6", P, anchors) is None  # position 3 is the opening quote's column here
+    assert _column_position("P-12", P, anchors) is None and _column_position("last_word", P, anchors) is None

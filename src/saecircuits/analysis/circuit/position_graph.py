@@ -152,9 +152,10 @@ class _Candidates:
     def find(self, keys: torch.Tensor) -> torch.Tensor:
         """Index of each key ``[n, 3]`` in the candidates, -1 where absent (an inactive feature)."""
         c = _code(keys)
-        i = torch.searchsorted(self.codes, c).clamp(max=max(0, len(self.codes) - 1))
-        return torch.where((len(self.codes) > 0) & (self.codes[i] == c), i, -1) if len(self.codes) else \
-            torch.full_like(c, -1)
+        if not len(self.codes):
+            return torch.full_like(c, -1)
+        i = torch.searchsorted(self.codes, c).clamp(max=len(self.codes) - 1)
+        return torch.where(self.codes[i] == c, i, -1)
 
 
 def position_circuit(
