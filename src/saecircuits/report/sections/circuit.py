@@ -97,7 +97,7 @@ def positions(c: Circuit, n_examples: int = 3) -> dict[str, Any] | None:
         "faithfulness": _mean_interval(p.faithfulness), "completeness": _mean_interval(p.completeness),
         "aggregated": _graph_html(_dump(p.aggregated), "aggregated") if given(p.aggregated) else None,
         "examples": [], "by_distance": None,
-        "values": getattr(p, "values", None), "example_nodes": getattr(p, "example_nodes", None),
+        "exact_note": getattr(p, "values", None), "example_nodes": getattr(p, "example_nodes", None),
         "agg_faithfulness": None, "agg_completeness": None,
     }
     agg = p.aggregated if given(p.aggregated) else None
