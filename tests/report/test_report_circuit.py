@@ -55,6 +55,20 @@ def test_the_page_draws_the_circuit_at_p_and_across_positions(results):
     assert POSITIONS["summary"] in page
     assert 'href="#card-sae-0-f576"' in page and 'href="#card-sae-0-f7"' in page
     assert "Prompt 0" in page
+    assert "What is exact" not in page  # written before the "values" key: no such note
+
+
+def test_the_page_says_which_position_values_are_exact(results):
+    pos = copy.deepcopy(POSITIONS)
+    pos["values"] = "Exact: the example prompts' nodes <and> the aggregated nodes marked exact."
+    pos["example_nodes"] = "the top 200 nodes by |AtP|, each measured exactly"
+    page = build_report_html(_circuit(results, {**AT_P, "positions": pos}))
+    import html
+
+    assert "nodes &lt;and&gt; the aggregated" in page  # escaped
+    assert ("What is exact: Exact: the example prompts' nodes <and> the aggregated nodes marked exact. The "
+            "example prompts' graphs hold the top 200 nodes by |AtP|, each measured exactly.") in html.unescape(page)
+    assert "object at 0x" not in page  # a dict key named like a dict method renders the method, not the value
 
 
 def test_no_positions_block_no_positions_section(results):

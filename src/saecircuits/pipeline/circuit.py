@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from saecircuits.pipeline.stages import RunContext, Stage
 
-POSITION_PROMPTS = 60
-"""Prompts (the task's first) of the circuit across positions: exact effects at every position cost ~2x the whole
-circuit at P per prompt (1 thread, quiet machine), so the pipeline bounds it; the report says how many it covers."""
+POSITION_KW = dict(n_examples=20, top_exact=200, head_targets=10, screen_distance=2)
+"""The circuit across positions as the pipeline runs it, on every prompt of the task: AtP at every position of each;
+exact effects of the top 200 nodes by |AtP| and of every node within 2 positions of P on the 20 example prompts;
+exact effects of the aggregated graph's nodes on every prompt (time measured on the demo with
+benchmarks/bench_position_circuit.py)."""
 
 CIRCUIT_MEAN_DOCS = 300
 """Corpus documents whose tokens give the circuit's mean-ablation values (enough for stable means, and cheap)."""
@@ -57,16 +59,8 @@ def _circuit(ctx: RunContext, *, model, saes: list, task, stat_docs: list[list[i
         from saecircuits.analysis.circuit.position_graph import position_circuit, reduced_positions
 
         ctx.say("circuit across positions: nodes at every position, exact effects, edges, head loadings")
-        # 100 exact nodes per prompt, head loadings into 5 features + the target: on the demo ~2x find_circuit's
-        # CPU time (200 / 10: ~4x)
-        ptask = task if task.n_prompts <= POSITION_PROMPTS else task.subset(range(POSITION_PROMPTS))
-        circuit_json["positions"] = position_circuit(model, saes, ptask, top_exact=100, head_targets=5,
-                                                     progress=ctx.bars)
+        circuit_json["positions"] = position_circuit(model, saes, task, progress=ctx.bars, **POSITION_KW)
         entry["positions"] = reduced_positions(circuit_json["positions"])
-        if ptask.n_prompts < task.n_prompts:
-            note = (note + " " if note else "") + (
-                f"The circuit across positions covers the first {ptask.n_prompts} of the {task.n_prompts} prompts "
-                "(its exact effects at every position cost several times the circuit at P).")
     else:
         note = (note + " " if note else "") + ("The circuit across positions needs the prefix-cached engine; it "
                                                "was left out.")

@@ -64,6 +64,9 @@ class PositionsAgreement(ResultsModel):
     edges: EstimatesAgreement = opt("edges: 'atp'")
     by_distance: list[DistanceAgreement] = opt("node effects, per distance from P (0..15, then '16+')")
     edges_by_distance: list[DistanceAgreement] = opt("edges, per distance of the source from P")
+    aggregated_nodes: EstimateAgreement | None = opt(
+        "AtP against exact for the aggregated graph's measured nodes, on every prompt holding them")
+    pairs: Str = opt("which values the agreements compare, in words")
 
 
 class MeanInterval(ResultsModel):
@@ -102,8 +105,10 @@ class AggregatedNode(ResultsModel):
     mean_exact: Float = opt("mean exact effect over ALL prompts (absent counts 0; nats); null: not computed")
     ci95: Pair | None = opt("95% interval [lo, hi] of mean_exact (t-based); null when undefined")
     mean_atp: Float = opt("mean AtP estimate over all prompts (nats)")
-    n_prompts: Int = opt("prompts where the node appears")
+    n_prompts: Int = opt("prompts where the node appears (measured nodes: where it exists, a feature where active)")
     in_graph: Bool = opt("kept by pruning")
+    values: Str = opt("'exact': mean_exact is the mean exact effect over every prompt (0 where the node does not "
+                      "exist), ci95 its interval; 'estimated': no exact mean, mean_atp only")
 
 
 class AggregatedEdge(ResultsModel):
@@ -115,14 +120,6 @@ class AggregatedEdge(ResultsModel):
     mean_atp: Float = opt("mean AtP estimate; null: not computed")
     heads: list[HeadMean] | None = opt("mean head loadings; null: not a head-mediated edge")
     in_graph: Bool = opt("kept by pruning")
-
-
-class AggregatedGraph(ResultsModel):
-    """The graph aggregated over prompts, nodes in columns (positions relative to P, or named anchors)."""
-
-    columns: list[Str] = opt("left to right: anchors by mean position, offsets 'P-d' in order, 'P' last")
-    nodes: list[AggregatedNode] = opt("aggregated nodes")
-    edges: list[AggregatedEdge] = opt("aggregated edges")
 
 
 class PromptNode(ResultsModel):
@@ -158,13 +155,35 @@ class Pruning(ResultsModel):
     """What pruning kept of one prompt's graph (circuit-tracer style: nodes carrying >= share of the influence)."""
 
     share: Float = opt("the influence share kept, e.g. 0.8")
-    node_share_kept: Float = opt("share of node influence kept")
+    node_share_kept: Float = opt("share of the internal nodes' influence kept (features, errors, heads, MLPs)")
+    input_share_kept: Float = opt("share of the embedding nodes' influence kept (pruned apart, as the inputs)")
+    n_inputs_kept: IntOrNull = opt("embedding nodes kept")
     edge_share_kept: Float = opt("share of edge weight kept")
     n_nodes: Int = opt("nodes before pruning")
     n_edges: Int = opt("edges before pruning")
     n_nodes_kept: Int = opt("nodes kept")
     n_edges_kept: Int = opt("edges kept")
     non_sae_share: Float = opt("share of kept influence held by non-SAE nodes (heads, MLPs, embeds, errors)")
+
+
+class Candidates(ResultsModel):
+    """The aggregated graph's nodes measured exactly on every prompt."""
+
+    n: Int = opt("how many")
+    rule: Str = opt("how they were chosen, in words")
+
+
+class AggregatedGraph(ResultsModel):
+    """The graph aggregated over prompts, nodes in columns (positions relative to P, or named anchors)."""
+
+    columns: list[Str] = opt("left to right: anchors by mean position, offsets 'P-d' in order, 'P' last")
+    nodes: list[AggregatedNode] = opt("aggregated nodes")
+    edges: list[AggregatedEdge] = opt("aggregated edges")
+    pruning: Pruning | None = opt("what pruning kept, on the mean values")
+    n_prompts: Int = opt("prompts aggregated")
+    candidates: Candidates | None = opt("the nodes measured exactly on every prompt")
+    faithfulness: MeanInterval | None = opt("faithfulness of the kept nodes, mapped to every prompt")
+    completeness: MeanInterval | None = opt("completeness of the kept nodes, mapped to every prompt")
 
 
 class PromptGraph(ResultsModel):
@@ -192,5 +211,7 @@ class Positions(ResultsModel):
     completeness: MeanInterval = opt("completeness of the pruned graphs, mean over prompts")
     means: Str = opt("what a node is mean-ablated to, in words")
     head_loading: Str = opt("how head loadings are defined, in words")
+    values: Str = opt("which values are exact and which estimated, in words")
+    example_nodes: Str = opt("which nodes the example prompts' graphs hold (all measured exactly), in words")
     aggregated: AggregatedGraph = opt("the graph aggregated over prompts")
     examples: list[PromptGraph] = opt("per-prompt graphs")

@@ -38,7 +38,8 @@ def _setup():
     return model, task, saes, nodes, groups
 
 
-def _ablate_fn(node, saes):
+def _ablate_fn(node, saes, means=None):
+    """The node's ablation at P written out by hand: an embedding to its mean (``means[hook]``), heads/MLPs to 0."""
     if node.kind == "feature":
         sae, k = saes[node.sae], node.index
         return lambda x: x - sae.encode(x)[k] * sae.W_dec[k]
@@ -51,6 +52,9 @@ def _ablate_fn(node, saes):
             z[h] = 0
             return z
         return fn
+    if node.kind in ("embed", "pos_embed"):
+        mu = means[node.hook]
+        return lambda x: mu.to(x).expand_as(x).clone()
     return torch.zeros_like
 
 
@@ -79,16 +83,19 @@ def _bridge(model, task, i, edits, read=()):
 
 def test_exact_node_effects_and_edges_equal_full_prompt_interventions():
     model, task, saes, nodes, groups = _setup()
-    ex = exact_effects(model, saes, task, nodes, groups, max_batch=3)
+    # the embeddings are ablated to a mean (here over a few corpus rows, as the pipeline's corpus means)
+    means = corpus_node_means(model, task.token_ids[:4], groups)
+    ex = exact_effects(model, saes, task, nodes, groups, means=means, max_batch=3)
     n = task.n_prompts
     down = saes[1]
     checked_edges = 0
+    assert [nodes[i].kind for i in (0, 1)] == ["embed", "pos_embed"]
     for nid in [0, 1, 2, 5, 10] + [i for i, nd in enumerate(nodes) if nd.kind in ("feature", "error")][::15]:
         nd = nodes[nid]
         effect, edge = 0.0, {}
         for i in range(n):
             m0, s0 = _bridge(model, task, i, [], read=[down.hook_point])
-            m1, s1 = _bridge(model, task, i, [(nd.hook, _ablate_fn(nd, saes))], read=[down.hook_point])
+            m1, s1 = _bridge(model, task, i, [(nd.hook, _ablate_fn(nd, saes, means))], read=[down.hook_point])
             effect += (m0 - m1) / n
             if nd.layer < 1 or (nd.layer == 1 and nd.kind == "head"):
                 with torch.no_grad():
@@ -166,6 +173,40 @@ def test_integrated_gradients_converge_to_the_exact_submodule_ablation():
         errors.append(abs(float(ig.node_effect[ids].sum()) - exact))
     assert errors[1] < 2e-3 * max(1.0, abs(exact))
     assert errors[1] < errors[0]
+
+
+def test_embeddings_are_mean_ablated_in_atp_and_ig():
+    """The embedding nodes' estimates are of their mean ablation: AtP = grad . (a - mean) with the gradient taken
+    through the bridge, and IG of the token embedding (one node: its submodule) tends to the exact effect of setting
+    it to its mean at P (the straight path from a to the mean)."""
+    model, task, saes, nodes, groups = _setup()
+    means = corpus_node_means(model, task.token_ids[:4], groups)
+    atp = attribution_estimates(model, task, nodes, groups, means=means, max_batch=3)
+    ig = integrated_gradient_estimates(model, task, nodes, groups, steps=32, means=means, max_batch=3)
+    embed = next(i for i, nd in enumerate(nodes) if nd.kind == "embed")
+    mu = means["hook_embed"]
+    want_atp, exact = 0.0, 0.0
+    for i in range(task.n_prompts):
+        p = task.prediction_pos[i]
+        box = {}
+
+        def hook(v, hook=None, p=p, box=box):
+            leaf = v[0, p].detach().clone().requires_grad_(True)
+            box["a"] = leaf
+            v = v.clone()
+            v[0, p] = leaf
+            return v
+
+        lg = model.run_with_hooks(torch.tensor([task.token_ids[i]]), fwd_hooks=[("hook_embed", hook)])
+        m = lg[0, p].float().log_softmax(-1)[task.answer_ids[i]]
+        (g,) = torch.autograd.grad(m, [box["a"]])
+        want_atp += float((g * (box["a"] - mu)).sum().detach()) / task.n_prompts
+        m0, _ = _bridge(model, task, i, [])
+        m1, _ = _bridge(model, task, i, [("hook_embed", lambda x: mu.to(x).expand_as(x).clone())])
+        exact += (m0 - m1) / task.n_prompts
+    assert abs(exact) > 1e-3
+    assert float(atp.node_effect[embed]) == pytest.approx(want_atp, abs=1e-5)
+    assert float(ig.node_effect[embed]) == pytest.approx(exact, abs=2e-3 * max(1.0, abs(exact)))
 
 
 def test_faithfulness_identities_and_agreement_statistics():
@@ -254,8 +295,11 @@ def test_find_circuit_with_corpus_means_says_which_mean_it_used():
     assert res.selection["mean_ablation"] == f"each node's mean over the tokens of {len(rows)} corpus documents"
     res2 = find_circuit(model, saes, task, ig_steps=0, sizes=[1, 5], progress=False)
     assert "at P over the task's" in res2.selection["mean_ablation"]
-    # the exact node effects do not depend on the means; the faithfulness curve does
-    torch.testing.assert_close(res.exact.node_effect, res2.exact.node_effect)
+    # the exact node effects do not depend on the means but for the embeddings' (mean-ablated with the same means
+    # as faithfulness); the faithfulness curve does
+    emb = torch.tensor([nd.kind in ("embed", "pos_embed") for nd in res.nodes])
+    torch.testing.assert_close(res.exact.node_effect[~emb], res2.exact.node_effect[~emb])
+    assert not torch.allclose(res.exact.node_effect[emb], res2.exact.node_effect[emb])
     assert not np.allclose(res.curve["m_empty"], res2.curve["m_empty"])
 
 

@@ -10,8 +10,10 @@ import pytest
 import torch
 from helpers import ARCHITECTURES, quote_task, random_sae
 
+from saecircuits.analysis.circuit.position_graph import position_means
 from saecircuits.analysis.circuit.positions import (
     PromptNodes,
+    ablation_baselines,
     attribution_edges,
     clean_cache,
     engine_of,
@@ -32,10 +34,19 @@ def _setup(arch: str):
     return model, quote_task(), saes, position_groups(model, saes)
 
 
-def _bridge_ablate(model, pg, task, i, gi, local, t, read=None):
+@functools.cache
+def _baselines(arch: str):
+    """The embeddings' mean-ablation values (:func:`ablation_baselines` of the task's position means)."""
+    model, task, _, pg = _setup(arch)
+    return ablation_baselines(pg, position_means(model, pg, task, max_batch=3))
+
+
+def _bridge_ablate(model, pg, task, i, gi, local, t, read=None, base=None):
     """Prompt i alone, unpadded, through the bridge with node (gi, local) ablated at position t: (answer log-prob,
-    SAE codes of group ``read`` at every position)."""
+    SAE codes of group ``read`` at every position). An embedding (``base[gi]``) is set to its mean, written out here
+    by hand; other non-SAE nodes to 0."""
     g = pg.groups[gi]
+    base = base or {}
     store = {}
 
     def edit(v, hook=None):
@@ -49,6 +60,8 @@ def _bridge_ablate(model, pg, task, i, gi, local, t, read=None):
                 v[0, t] = sae.decode(sae.encode(x))
         elif g.kind == "heads":
             v[0, t, local] = 0
+        elif gi in base:
+            v[0, t] = base[gi]
         else:
             v[0, t] = 0
         return v
@@ -91,7 +104,7 @@ def test_exact_effects_at_earlier_positions_equal_full_prompt_interventions(arch
     batch = next(iter(task_batches(model, task, max_batch=3)))
     assert len(set(batch.positions.tolist())) > 1  # right padding
     clean = clean_cache(eng, batch)
-    _, contrib = node_attributions(eng, pg, batch)
+    _, contrib = node_attributions(eng, pg, batch, _baselines(arch))
     nodes = [_pick_nodes(pg, clean, contrib, b) for b in range(len(batch.indices))]
     down_gi = next(i for i, g in enumerate(pg.groups) if g.sae is saes[1])
     down = []
@@ -100,20 +113,21 @@ def test_exact_effects_at_earlier_positions_equal_full_prompt_interventions(arch
         feats = torch.nonzero(contrib[down_gi][b, :, :-1] != 0)  # (t, k) of every feature with a gradient
         feats = feats[feats[:, 0] <= P][:40]
         down.append(PromptNodes(torch.full((len(feats),), down_gi), feats[:, 1], feats[:, 0]))
-    effects, edges, n_runs = exact_node_effects(eng, pg, clean, nodes, down)
+    base = _baselines(arch)
+    assert {pg.groups[gi].hook for gi in base} >= {"hook_embed"}  # the embeddings are mean-ablated
+    effects, edges, n_runs = exact_node_effects(eng, pg, clean, nodes, down, baselines=base)
     assert n_runs == sum(len(n.gi) for n in nodes)
-    checked = 0
+    checked, embeds = 0, 0
     for b, i in enumerate(batch.indices):
-        m0, c0 = _bridge_ablate(model, pg, task, i, 0, 0, 0, read=down_gi)  # a reference run with embed@0 ablated
-        base, cb = None, None
         with torch.no_grad():
             lg, cache = model.run_with_cache(torch.tensor([task.token_ids[i]]))
-        base = float(lg[0, task.prediction_pos[i]].float().log_softmax(-1)[task.answer_ids[i]])
+        m_clean = float(lg[0, task.prediction_pos[i]].float().log_softmax(-1)[task.answer_ids[i]])
         cb = saes[1].encode(cache[pg.groups[down_gi].hook_in][0])
         for a in range(len(nodes[b].gi)):
             gi, loc, t = (int(nodes[b].gi[a]), int(nodes[b].local[a]), int(nodes[b].pos[a]))
-            m1, c1 = _bridge_ablate(model, pg, task, i, gi, loc, t, read=down_gi)
-            assert float(effects[b][a]) == pytest.approx(base - m1, abs=2e-5), (arch, gi, loc, t)
+            m1, c1 = _bridge_ablate(model, pg, task, i, gi, loc, t, read=down_gi, base=base)
+            assert float(effects[b][a]) == pytest.approx(m_clean - m1, abs=2e-5), (arch, gi, loc, t)
+            embeds += gi in base and t < task.prediction_pos[i] and abs(m_clean - m1) > 1e-4
             for c in range(len(down[b].gi)):
                 td, kd = int(down[b].pos[c]), int(down[b].local[c])
                 if td < t or pg.stage[gi] >= pg.stage_in[down_gi]:
@@ -122,6 +136,7 @@ def test_exact_effects_at_earlier_positions_equal_full_prompt_interventions(arch
                 got = edges[b].get((a, c), 0.0)
                 assert got == pytest.approx(want, abs=2e-5), (arch, gi, loc, t, td, kd)
                 checked += abs(want) > 1e-4
+    assert embeds >= 4  # mean-ablated embeddings before P, with a visible effect, were compared
     assert checked > 10
 
 
@@ -130,19 +145,20 @@ def test_right_padding_never_changes_a_number(monkeypatch):
     AtP and exact effects."""
     import saecircuits.analysis.circuit.positions as positions
 
-    model, task, saes, pg = _setup("gpt_neo")
+    arch = "gpt_neo"
+    model, task, saes, pg = _setup(arch)
     eng = engine_of(model)
 
     def run(max_batch):
         out = {}
         for batch in task_batches(model, task, max_batch=max_batch):
             clean = clean_cache(eng, batch)
-            _, contrib = node_attributions(eng, pg, batch)
+            _, contrib = node_attributions(eng, pg, batch, _baselines(arch))
             nodes = [_pick_nodes(pg, clean, contrib, b) for b in range(len(batch.indices))]
             feats = [(n.local < torch.tensor([pg.n_local(int(g)) - 1 if pg.groups[int(g)].kind == "sae" else 0
                                               for g in n.gi])) for n in nodes]
             down = [PromptNodes(n.gi[f], n.local[f], n.pos[f]) for n, f in zip(nodes, feats, strict=True)]
-            effects, edges, _ = exact_node_effects(eng, pg, clean, nodes, down)
+            effects, edges, _ = exact_node_effects(eng, pg, clean, nodes, down, baselines=_baselines("gpt_neo"))
             for b, i in enumerate(batch.indices):
                 atp = torch.stack([contrib[int(g)][b, int(t), int(k)] for g, k, t in
                                    zip(nodes[b].gi, nodes[b].local, nodes[b].pos, strict=True)])
@@ -169,10 +185,11 @@ def test_right_padding_never_changes_a_number(monkeypatch):
 
 
 def test_atp_at_earlier_positions_equals_autograd_through_the_bridge():
-    model, task, saes, pg = _setup("gpt2")
+    arch = "gpt2"
+    model, task, saes, pg = _setup(arch)
     eng = engine_of(model)
     batch = next(iter(task_batches(model, task, max_batch=3)))
-    _, contrib = node_attributions(eng, pg, batch)
+    _, contrib = node_attributions(eng, pg, batch, _baselines(arch))
     gi = next(i for i, g in enumerate(pg.groups) if g.hook == "blocks.0.attn.hook_z")
     for b, i in enumerate(batch.indices):
         p = task.prediction_pos[i]
@@ -196,7 +213,7 @@ def test_head_loadings_sum_to_the_atp_edge(arch):
     eng = engine_of(model)
     batch = next(iter(task_batches(model, task, max_batch=2)))
     clean = clean_cache(eng, batch)
-    tr, contrib = node_attributions(eng, pg, batch)
+    tr, contrib = node_attributions(eng, pg, batch, _baselines(arch))
     down_gi = next(i for i, g in enumerate(pg.groups) if g.sae is saes[1])
     up, down, targets = [], [], []
     for b in range(len(batch.indices)):
@@ -275,6 +292,9 @@ def test_mean_ablation_at_every_position_equals_bridge_hooks():
         graphs.append({"nodes": nodes})
         keys.append({f"n{j}": c for j, c in enumerate(circ)})
     got = _faithfulness_batch(eng, pg, batch, graphs, keys, means)
+    # a second circuit in the same forward (columns 4, 5): here the first one again, so the same numbers
+    again = _faithfulness_batch(eng, pg, batch, graphs, keys, means, more=[(graphs, keys)])
+    torch.testing.assert_close(again[:, 4:], got[:, 2:], atol=1e-5, rtol=1e-5)
     for b, i in enumerate(batch.indices):
         P = task.prediction_pos[i]
 
@@ -318,18 +338,83 @@ def test_mean_ablation_at_every_position_equals_bridge_hooks():
                                                   abs=2e-5)
 
 
+@functools.cache
+def _positions_out():
+    from saecircuits.analysis.circuit.position_graph import position_circuit
+
+    model, task, saes, _ = _setup("gpt_neo")
+    return position_circuit(model, saes, task, top_exact=30, n_examples=3, max_batch=3, progress=False)
+
+
+def test_aggregated_nodes_carry_exact_means_over_every_prompt():
+    """Each aggregated node marked exact: its mean over ALL prompts of a full-prompt bridge ablation at its column's
+    position in each prompt (0 where the prompt lacks the position, or the feature is inactive there), the mean
+    ablation of an embedding written out by hand; the AtP mean beside it; and its edge into the target."""
+    from saecircuits.analysis.circuit.aggregate import column_of
+
+    model, task, saes, pg = _setup("gpt_neo")
+    out = _positions_out()
+    base = _baselines("gpt_neo")
+    verified = [n for n in out["aggregated"]["nodes"] if n.get("values") == "exact"]
+    kinds = {n["kind"] for n in verified}
+    assert len(verified) >= 3
+    checked = 0
+    for nd in sorted(verified, key=lambda n: -abs(n["mean_exact"]))[:4] + [n for n in verified
+                                                                          if n["kind"] in ("embed", "pos_embed")][:2]:
+        kind, layer, index = nd["id"].rpartition("@")[0].split(":")
+        gi = next(g for g in range(len(pg.groups)) if pg.layer[g] == int(layer) and (
+            pg.names[g] == kind or (pg.names[g] == "sae" and kind in ("feature", "error"))))
+        local = pg.groups[gi].sae.d_sae if kind == "error" else int(index)
+        vals, present = [], 0
+        for i in range(task.n_prompts):
+            P = task.prediction_pos[i]
+            anchors = {**task.anchors(i), "P": P}
+            pos = [t for t in range(P + 1) if column_of(t, P, anchors) == nd["column"]]
+            if not pos:
+                vals.append(0.0)
+                continue
+            t = pos[0]
+            if kind == "feature":
+                with torch.no_grad():
+                    _, cache = model.run_with_cache(torch.tensor([task.token_ids[i]]))
+                if float(pg.groups[gi].sae.encode(cache[pg.groups[gi].hook_in][0, t])[local]) == 0:
+                    vals.append(0.0)
+                    continue
+            with torch.no_grad():
+                lg = model(torch.tensor([task.token_ids[i]]))
+            m0 = float(lg[0, P].float().log_softmax(-1)[task.answer_ids[i]])
+            m1, _ = _bridge_ablate(model, pg, task, i, gi, local, t, base=base)
+            vals.append(m0 - m1)
+            present += 1
+        assert nd["n_prompts"] == present, nd["id"]
+        assert nd["mean_exact"] == pytest.approx(sum(vals) / len(vals), abs=2e-5, rel=1e-4), nd["id"]
+        into = [e for e in out["aggregated"]["edges"] if e["src"] == nd["id"] and e["dst"].startswith("target:")]
+        assert len(into) == 1 and into[0]["mean_exact"] == nd["mean_exact"]
+        checked += 1
+    assert checked >= 3 and kinds
+
+
 def test_position_circuit_follows_the_contract():
     """Keys, units and identities of the "positions" dict: every node of an example has an exact effect, the
     target edges carry the node effects, head loadings sum to the AtP edge, the reduced copy keeps in_graph items."""
     import json
 
-    from saecircuits.analysis.circuit.position_graph import position_circuit, reduced_positions
+    from saecircuits.analysis.circuit.position_graph import reduced_positions
 
     model, task, saes, pg = _setup("gpt_neo")
-    out = position_circuit(model, saes, task, top_exact=30, n_examples=3, max_batch=3, progress=False)
+    out = _positions_out()
     json.dumps(out, allow_nan=False)
     assert out["n_prompts"] == task.n_prompts and len(out["examples"]) == 3
-    assert out["n_exact_interventions"] == 30 * task.n_prompts
+    agg = out["aggregated"]
+    verified = [n for n in agg["nodes"] if n.get("values") == "exact"]
+    assert verified and all(n["values"] == "estimated" and n["mean_exact"] is None and not n["in_graph"]
+                            for n in agg["nodes"] if n["kind"] != "target" and n not in verified)
+    assert all(n["mean_exact"] is not None and n["ci95"] is not None for n in verified)
+    # the example prompts' nodes (the top 30 by |AtP| and every node within 2 of P), then every candidate on every
+    # prompt holding it
+    n_ex = [len(g["nodes"]) - 1 for g in out["examples"]]
+    assert min(n_ex) > 30 and "top 30 nodes by |AtP| and every node at most 2 positions" in out["example_nodes"]
+    assert out["n_exact_interventions"] == sum(n_ex) + sum(n["n_prompts"] for n in verified)
     assert {"nodes", "edges", "by_distance"} <= set(out["agreement"])
     for g in out["examples"]:
         nodes = {n["id"]: n for n in g["nodes"]}
@@ -346,6 +431,21 @@ def test_position_circuit_follows_the_contract():
     red = reduced_positions(out)
     assert all(n["in_graph"] for g in red["examples"] for n in g["nodes"])
     assert all(e["in_graph"] for g in red["examples"] for e in g["edges"])
+    # results.json's typed model declares every key (no extras) and round-trips the reduced copy exactly
+    from saecircuits.results.positions import Positions
+
+    red = json.loads(json.dumps(red))
+    typed = Positions.model_validate(red)
+    assert typed.to_json_dict() == red
+
+    def no_extras(m):
+        assert not (m.__pydantic_extra__ or {}), (type(m).__name__, list(m.__pydantic_extra__))
+        for name in type(m).model_fields:
+            for v in (lambda x: x if isinstance(x, list) else [x])(getattr(m, name)):
+                if hasattr(type(v), "model_fields"):
+                    no_extras(v)
+
+    no_extras(typed)
 
 
 def _copying_toy():
@@ -425,6 +525,21 @@ def test_a_hand_wired_copying_circuit_is_recovered_exactly():
         assert nodes[feat]["in_graph"] and edge["in_graph"]
     # without the pruned circuits the answer is gone (mean ablation at every position); with them alone it is
     # partly kept: mean-ablating the features at the other positions writes their mean (half A, half B) into the
-    # keys and values L1H0 reads, which dilutes the copy
+    # keys and values L1H0 reads, which dilutes the copy, and so does mean-ablating the filler tokens' embeddings
+    # (their mean holds some of A's dimensions, which after the norm fires MLP0's neurons there)
     assert out["completeness"]["mean"] < 0.05
-    assert 0.2 < out["faithfulness"]["mean"] <= 1.0
+    assert 0.1 < out["faithfulness"]["mean"] <= 1.0
+    assert out["aggregated"]["faithfulness"]["mean"] is not None  # the aggregated circuit on every prompt
+
+
+def test_column_position_inverts_column_of():
+    """The aggregated graph's columns map back to one position per prompt (what the exact verification ablates):
+    the inverse of column_of, None where a prompt has no such position."""
+    from saecircuits.analysis.circuit.aggregate import column_of
+    from saecircuits.analysis.circuit.position_graph import _column_position
+
+    P, anchors = 9, {"P": 9, "open_quote": 3, "said": 1}
+    for pos in range(P + 1):
+        assert _column_position(column_of(pos, P, anchors), P, anchors) == pos
+    assert _column_position("P-6", P, anchors) is None  # position 3 is the opening quote's column here
+    assert _column_position("P-12", P, anchors) is None and _column_position("last_word", P, anchors) is None

@@ -59,16 +59,19 @@ def test_prune_keeps_the_smallest_set_carrying_the_share():
     out = prune_graph(graph, 0.8)
     assert graph == before  # the input is not modified
     kept = {n["id"] for n in out["nodes"] if n["in_graph"]}
-    # 0.8 * 5 = 4: feature (3) then head (1) reach it; the target is always kept
-    assert kept == {"target:2:0@3", "feature:0:5@1", "head:1:0@3"}
+    # internal nodes 3 + 1 + 0.3 + 0.2 = 4.5, 0.8 * 4.5 = 3.6: feature (3) then head (1) reach it; the embedding
+    # is pruned apart, as an input (0.5 of 0.5 inputs: kept); the target is always kept
+    assert kept == {"target:2:0@3", "feature:0:5@1", "head:1:0@3", "embed:-1:0@0"}
     kept_edges = {(e["src"], e["dst"]) for e in out["edges"] if e["in_graph"]}
-    # among edges between kept nodes: f->t 3.125, h->t 1.25, f->h 0.5 (total 4.875, 80% = 3.9): the first two
+    # among edges between kept nodes: f->t 3.125, h->t 1.25, f->h 0.5, e->h 0.5 (total 5.375, 80% = 4.3): the
+    # first two
     assert kept_edges == {("feature:0:5@1", "target:2:0@3"), ("head:1:0@3", "target:2:0@3")}
     p = out["pruning"]
-    assert p["node_share_kept"] == pytest.approx(4 / 5)
+    assert p["node_share_kept"] == pytest.approx(4 / 4.5)
+    assert p["input_share_kept"] == 1.0 and p["n_inputs_kept"] == 1
     assert p["edge_share_kept"] == pytest.approx(4.375 / 6.3)  # all edges' scores: 0.5+0.5+1.25+3.125+0.625+0.3
-    assert (p["n_nodes"], p["n_edges"], p["n_nodes_kept"], p["n_edges_kept"]) == (6, 6, 3, 2)
-    assert p["non_sae_share"] == pytest.approx(1 / 4)  # the head's 1 of the kept 4
+    assert (p["n_nodes"], p["n_edges"], p["n_nodes_kept"], p["n_edges_kept"]) == (6, 6, 4, 2)
+    assert p["non_sae_share"] == pytest.approx(1.5 / 4.5)  # the head's 1 and the embedding's 0.5 of the kept 4.5
     assert p["share"] == 0.8
 
 
@@ -132,9 +135,11 @@ def test_aggregate_aligns_by_anchor_and_averages_over_all_prompts():
     assert fh["heads"] == [{"head": "L1H3", "mean": 0.75}, {"head": "L1H2", "mean": 0.25}]
     assert edges[("head:1:3@P", "target:2:0@P")]["mean_exact"] == 2.0
     assert edges[("feature:0:9@P-2", "target:2:0@P")]["mean_exact"] == -0.5
-    # pruning on the means: influences 3, 2, 0.5, 0.2 (total 5.7, 80% = 4.56): the feature and the head
-    assert {n["id"] for n in agg["nodes"] if n["in_graph"]} == {"target:2:0@P", "feature:0:7@open_quote", "head:1:3@P"}
-    assert agg["pruning"]["node_share_kept"] == pytest.approx(5 / 5.7)
+    # pruning on the means: internal influences 3, 2, 0.5 (total 5.5, 80% = 4.4): the feature and the head; the
+    # embedding (0.2) apart, as the only input
+    assert {n["id"] for n in agg["nodes"] if n["in_graph"]} == {"target:2:0@P", "feature:0:7@open_quote", "head:1:3@P",
+                                                                 "embed:-1:0@P-1"}
+    assert agg["pruning"]["node_share_kept"] == pytest.approx(5 / 5.5)
     assert agg["n_prompts"] == 2
 
 
@@ -156,10 +161,12 @@ def test_column_of_and_phrases():
 
 def test_positions_summary_names_columns_heads_and_shares():
     text = positions_summary(aggregate_graphs(_two_prompts()))
-    # kept influence: open_quote 3, P 2 (total 5); the kept edge open_quote -> P loads L1H3 0.75, L1H2 0.25
-    assert text.startswith("Most of the evidence (60%) comes from the opening quote, through L1H3; 40% from P itself.")
-    assert "SAE features hold 60% of the kept circuit's influence." in text
-    assert "The kept graph holds 3 of 5 nodes, carrying 88% of the influence (pruned at 80%)." in text
+    # kept influence: open_quote 3, P 2, the embedding at P-1 0.2 (total 5.2); the kept edge open_quote -> P loads
+    # L1H3 0.75, L1H2 0.25
+    assert text.startswith("Most of the evidence (58%) comes from the opening quote, through L1H3; 38% from P itself; "
+                           "4% from 1 token before P.")
+    assert "SAE features hold 58% of the kept circuit's influence." in text
+    assert "The kept graph holds 4 of 5 nodes, carrying 91% of the influence (pruned at 80%)." in text
 
 
 def test_positions_summary_says_when_non_sae_nodes_dominate_and_when_undefined():
@@ -168,10 +175,13 @@ def test_positions_summary_says_when_non_sae_nodes_dominate_and_when_undefined()
         for n in g["nodes"]:
             if n["kind"] == "head":
                 n["exact"] *= 3
-    # influences 6, 3, 0.5, 0.2 (total 9.7, 80% = 7.76): head and feature kept; head 6 of the kept 9
+    # internal influences 6, 3, 0.5 (total 9.5, 80% = 7.6): head and feature kept, and the embedding (0.2) as the
+    # only input; head 6 and embedding 0.2 of the kept 9.2
     text = positions_summary(aggregate_graphs(graphs))
-    assert text.startswith("Most of the evidence (67%) comes from P itself; 33% from the opening quote, through L1H3.")
-    assert "Most of the kept circuit's influence (67%) sits in non-SAE nodes" in text
+    assert text.startswith("Most of the evidence (65%) comes from P itself; 33% from the opening quote, through L1H3; "
+                           "2% from 1 token before P.")
+    assert ("Most of the kept circuit's influence (67%) sits in non-SAE nodes (token and position embeddings 2%; "
+            "attention heads, MLPs and SAE errors 65%)") in text
     zero = _two_prompts()
     for g in zero:
         for n in g["nodes"]:
@@ -188,11 +198,11 @@ def test_positions_summary_without_head_loadings_names_the_receiving_head():
             e["heads"] = None
     # the kept edge open_quote -> head:1:3@P (label L1H3) is the only one leaving the opening quote
     text = positions_summary(aggregate_graphs(graphs))
-    assert text.startswith("Most of the evidence (60%) comes from the opening quote, through L1H3; 40% from P itself.")
+    assert text.startswith("Most of the evidence (58%) comes from the opening quote, through L1H3; 38% from P itself;")
     for g in graphs:  # no edge from the opening quote at all: nothing to name
         g["edges"] = [e for e in g["edges"] if not e["src"].startswith("feature:0:7")]
     text = positions_summary(aggregate_graphs(graphs))
-    assert text.startswith("Most of the evidence (60%) comes from the opening quote; 40% from P itself.")
+    assert text.startswith("Most of the evidence (58%) comes from the opening quote; 38% from P itself;")
 
 
 def test_real_task_anchors_align_prompts_of_different_lengths_end_to_end():

@@ -21,13 +21,17 @@ Conventions (all at each prompt's own P, means over the task's prompts):
   slice), each MLP without an SAE (``mlp.hook_post``), and per SAE every feature active at P on at least one prompt
   and its error node;
 - ablating a node (exact effects): a feature ``k`` becomes ``x - f_k(x) W_dec[k]`` (the SAE error kept, as the
-  ablation table), the error node ``x -> x_hat(x)``, a head's z slice, an MLP's ``hook_post`` or an embedding -> 0;
+  ablation table), the error node ``x -> x_hat(x)``, a head's z slice or an MLP's ``hook_post`` -> 0, and the token
+  or position embedding -> its mean (the means faithfulness uses; zero is off-distribution for an embedding:
+  :data:`~saecircuits.analysis.circuit.nodes.MEAN_ABLATED_HOOKS`);
 - metric m: the answer's log-prob at P (nats); a node's effect is ``m(clean) - m(node ablated)`` (positive: the node
   supports the answer);
 - edge ``u -> d`` (d a feature of a later SAE): ``f_d(clean) - f_d(u ablated)`` (positive: u excites d), mean over
   all prompts (0 where u is inactive);
-- AtP: ``effect(u) ~ grad_u m . a_u`` and ``edge(u, d) ~ grad_u f_d . a_u`` (first order in the ablation ``a_u -> 0``);
-- IG (per submodule, as SFC): the submodule's nodes go from clean to ablated together, ``a(alpha) = (1 - alpha) a``,
+- AtP: ``effect(u) ~ grad_u m . a_u`` and ``edge(u, d) ~ grad_u f_d . a_u`` (first order in the ablation ``a_u -> 0``;
+  ``a_u - mean`` in place of ``a_u`` for the embeddings);
+- IG (per submodule, as SFC): the submodule's nodes go from clean to ablated together, ``a(alpha) = (1 - alpha) a``
+  (embeddings: ``mean + (1 - alpha) (a - mean)``),
   gradients averaged over ``steps`` midpoints; ``effect(u) ~ mean_alpha grad_u m(alpha) . a_u``. Summed over a
   submodule this converges to the exact effect of ablating the whole submodule (completeness), not to the sum of
   single-node effects;
@@ -56,6 +60,7 @@ from saecircuits.analysis.circuit.faithfulness import (  # noqa: F401
     node_means,
 )
 from saecircuits.analysis.circuit.nodes import (  # noqa: F401
+    MEAN_ABLATED_HOOKS,
     Node,
     _answer_logprob,
     _Group,
@@ -63,6 +68,7 @@ from saecircuits.analysis.circuit.nodes import (  # noqa: F401
     _mask_edit,
     _single_edit,
     _stage_key,
+    ablation_values,
     circuit_nodes,
 )
 from saecircuits.analysis.circuit.result import (  # noqa: F401

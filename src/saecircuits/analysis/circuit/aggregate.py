@@ -20,6 +20,7 @@ import re
 import numpy as np
 
 from saecircuits.analysis.circuit.prune import (
+    INPUT_KINDS,
     MIN_INFLUENCE,
     NON_SAE_KINDS,
     edge_weight,
@@ -223,7 +224,8 @@ def positions_summary(aggregated: dict, *, top: int = 3) -> str:
     its kept (``in_graph``) nodes over that of all kept nodes. "through X" names the attention head with the largest
     summed ``|mean|`` loading on the kept edges leaving that column for a later one (the head that moves the
     evidence to P); without head loadings, the head node receiving the largest summed kept edge weight from it. When non-SAE nodes (heads, MLPs, embeddings, SAE errors) hold most of the kept influence, the
-    summary says so. A share whose denominator is ~0 (:data:`~saecircuits.analysis.circuit.prune.MIN_INFLUENCE`) is
+    summary says so, with the embeddings' part (they are pruned apart from the other nodes, as the graph's inputs:
+    :mod:`.prune`). A share whose denominator is ~0 (:data:`~saecircuits.analysis.circuit.prune.MIN_INFLUENCE`) is
     said to be undefined, never printed.
 
     Args:
@@ -283,10 +285,12 @@ def positions_summary(aggregated: dict, *, top: int = 3) -> str:
         text = text[:-1] + f"; the rest from {rest} other position{'s' if rest != 1 else ''}."
 
     non_sae = math.fsum(influence[nd["id"]] for nd in kept if nd["kind"] in NON_SAE_KINDS) / total
+    inputs = math.fsum(influence[nd["id"]] for nd in kept if nd["kind"] in INPUT_KINDS) / total
     if non_sae > 0.5:
         text += (
-            f" Most of the kept circuit's influence ({_pct(non_sae)}) sits in non-SAE nodes (attention heads, MLPs, "
-            "embeddings, SAE errors), so the SAE features explain less than half of it."
+            f" Most of the kept circuit's influence ({_pct(non_sae)}) sits in non-SAE nodes (token and position "
+            f"embeddings {_pct(inputs)}; attention heads, MLPs and SAE errors {_pct(non_sae - inputs)}), so the SAE "
+            "features explain less than half of it."
         )
     else:
         text += f" SAE features hold {_pct(1 - non_sae)} of the kept circuit's influence."

@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from saecircuits.analysis.ablations.modes import edit_dtype, sae_edit
-from saecircuits.analysis.circuit.exact import _Edges
+from saecircuits.analysis.circuit.exact import _Edges, _embedding_values
 from saecircuits.analysis.circuit.nodes import Node, _answer_logprob, _Group, _node_index, _stage_key
 from saecircuits.distributed import is_sharded, is_writer, my_batches, sum_disjoint
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches, with_progress
@@ -32,7 +32,8 @@ def _track(t: torch.Tensor) -> torch.Tensor:
     return t.detach().requires_grad_(True)
 
 
-def _tracking_edits(groups: list[_Group], store: dict, scale: dict | None = None) -> list[Edit]:
+def _tracking_edits(groups: list[_Group], store: dict, scale: dict | None = None, baselines: dict | None = None
+                    ) -> list[Edit]:
     """Edits that expose every node's activation to autograd, unchanged in value.
 
     At an SAE hook the output is rebuilt as ``decode(f) + e`` from two leaves, ``f = encode(x)`` and
@@ -40,7 +41,9 @@ def _tracking_edits(groups: list[_Group], store: dict, scale: dict | None = None
     error's is the output's), plus a straight-through ``x - x.detach()`` so that everything upstream still gets
     its total derivative; ``store[hook + "#attached"]`` keeps ``encode(x)`` with its graph to upstream nodes (the
     targets of edge gradients). Heads' z, MLP outputs and embeddings are tracked as they are. With ``scale`` (IG),
-    the group named in ``scale`` has its activations replaced by ``(1 - alpha_v) a`` for each variant ``v``.
+    the group named in ``scale`` has its activations replaced by ``(1 - alpha_v) a`` for each variant ``v``, or
+    ``mu + (1 - alpha_v) (a - mu)`` for a mean-ablated group (``baselines[hook] = mu``,
+    :func:`~.nodes.ablation_values`): the straight path from clean to ablated.
     """
     edits = []
     for g in groups:
@@ -66,11 +69,14 @@ def _tracking_edits(groups: list[_Group], store: dict, scale: dict | None = None
             edits.append(sae_edit(sae, fn))
             continue
 
-        def fn(a: torch.Tensor, g=g, interp=interp) -> torch.Tensor:
+        mu = None if baselines is None else baselines.get(g.hook)
+
+        def fn(a: torch.Tensor, g=g, interp=interp, mu=mu) -> torch.Tensor:
             store[g.hook + "#clean"] = (a.detach(),)
             if interp is not None:
                 shape = (1, -1) + (1,) * (a.dim() - 2)
-                a = (interp.reshape(shape).to(a) * a.detach()).requires_grad_(True)
+                base = 0.0 if mu is None else mu.to(a)
+                a = (base + interp.reshape(shape).to(a) * (a.detach() - base)).requires_grad_(True)
             else:
                 a = _track(a)
             store[g.hook] = (a,)
@@ -80,9 +86,11 @@ def _tracking_edits(groups: list[_Group], store: dict, scale: dict | None = None
     return edits
 
 
-def _contributions(g: _Group, tensors: tuple, grads: tuple) -> torch.Tensor:
+def _contributions(g: _Group, tensors: tuple, grads: tuple, baseline: torch.Tensor | None = None) -> torch.Tensor:
     """``grad . activation`` per in-group index: ``[B, F, n_group]`` (float64; products taken in float64 too, so a
-    bf16 model's activations and gradients are never multiplied in bf16)."""
+    bf16 model's activations and gradients are never multiplied in bf16); ``grad . (activation - baseline)`` for a
+    mean-ablated group (``baseline`` its mean, :func:`~.nodes.ablation_values`): the first-order change when the
+    node is set to ``baseline``."""
     with torch.no_grad():
         if g.kind == "sae":
             (f, e), (gf, ge) = tensors, grads
@@ -90,6 +98,8 @@ def _contributions(g: _Group, tensors: tuple, grads: tuple) -> torch.Tensor:
             err = (ge.double() * e.double()).sum(-1, keepdim=True)
             return torch.cat([feat, err], dim=-1)
         (a,), (ga,) = tensors, grads
+        if baseline is not None:  # subtracted in float64 too
+            a = a.double() - baseline.double()
         if g.kind == "heads":
             return (ga.double() * a.double()).sum(-1)
         return (ga.double() * a.double()).sum(-1, keepdim=True)
@@ -125,6 +135,7 @@ def attribution_estimates(
     groups: list[_Group],
     *,
     edge_downstream: int | None = None,
+    means: dict | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
     progress: bool | None = None,
@@ -136,6 +147,7 @@ def attribution_estimates(
     Args:
         edge_downstream: estimate edges into at most this many active features per prompt and SAE (largest
             activation first); None = all.
+        means: as :func:`~saecircuits.analysis.circuit.exact_effects`'s (the embeddings' ablation values).
         shard: split the prompt batches over the ranks of a sharded run, as
             :func:`~saecircuits.analysis.circuit.exact.exact_effects` (default: when a process group with more than
             one rank is initialised); every rank returns one process's estimates (float64 sums in another order).
@@ -146,6 +158,7 @@ def attribution_estimates(
     iv = interventions_for(model)
     n_layers = int(model.cfg.n_layers)
     N = len(nodes)
+    base = _embedding_values(model, task, groups, means, max_tokens=max_tokens, max_batch=max_batch)
     node_effect = torch.zeros(N, dtype=torch.float64)
     edges = _Edges()
     sharded = is_sharded(shard)
@@ -163,7 +176,7 @@ def attribution_estimates(
         for g, ts in tracked:
             gs = tuple(torch.zeros_like(t) if gr is None else gr for t, gr in zip(ts, grads[i : i + len(ts)], strict=True))
             i += len(ts)
-            _scatter_nodes(node_effect, g, _contributions(g, ts, gs)[:, 0])
+            _scatter_nodes(node_effect, g, _contributions(g, ts, gs, base.get(g.hook))[:, 0])
         # edges: d_f(downstream)/d(upstream) . upstream, one backward per downstream slot
         for gd_i, (gd, _) in enumerate(tracked):
             if gd.kind != "sae":
@@ -192,7 +205,7 @@ def attribution_estimates(
                 for g, ts in ups:
                     gs = tuple(torch.zeros_like(t) if x is None else x for t, x in zip(ts, gr[i : i + len(ts)], strict=True))
                     i += len(ts)
-                    c = _contributions(g, ts, gs)[:, 0].cpu()  # [B, n_group]
+                    c = _contributions(g, ts, gs, base.get(g.hook))[:, 0].cpu()  # [B, n_group]
                     where = torch.nonzero(g.node_of >= 0).flatten()
                     vals = c[:, where]
                     b_idx, w_idx = torch.nonzero((vals != 0) & valid.cpu()[:, None], as_tuple=True)
@@ -214,6 +227,7 @@ def integrated_gradient_estimates(
     *,
     steps: int = 10,
     edge_targets: Sequence[int] = (),
+    means: dict | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
     progress: bool | None = None,
@@ -229,6 +243,7 @@ def integrated_gradient_estimates(
     Args:
         steps: interpolation points (more = closer to the path integral).
         edge_targets: feature node ids whose incoming edges are estimated (each costs one backward per group).
+        means: as :func:`~saecircuits.analysis.circuit.exact_effects`'s (the embeddings go to their mean).
         shard: split the prompt batches over the ranks of a sharded run, as :func:`attribution_estimates`.
 
     Returns:
@@ -247,6 +262,7 @@ def integrated_gradient_estimates(
     edges = _Edges()
     targets = [int(t) for t in edge_targets]
     gid, local, _ = _node_index(nodes, groups, n_layers)
+    base = _embedding_values(model, task, groups, means, max_tokens=max_tokens, max_batch=max_batch)
     sharded = is_sharded(shard)
     batches = list(my_batches(task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch), sharded))
     for batch in with_progress(iter(batches), sum(len(b.indices) for b in batches),
@@ -255,14 +271,14 @@ def integrated_gradient_estimates(
         for g in groups:
             store: dict = {}
             scale = {g.hook: 1 - alphas}
-            logits, _ = iv.run(clean, _tracking_edits(groups, store, scale=scale), n_variants=steps, grad=True)
+            logits, _ = iv.run(clean, _tracking_edits(groups, store, scale=scale, baselines=base), n_variants=steps, grad=True)
             m = _answer_logprob(logits, batch.answer_ids)  # [B, steps]
             ts = store[g.hook]
             grads = torch.autograd.grad(m.sum(), ts, retain_graph=bool(targets), allow_unused=True)
             gs = tuple(torch.zeros_like(t) if x is None else x for t, x in zip(ts, grads, strict=True))
             clean_ts = store[g.hook + "#clean"]  # the clean activation a, [B, 1, ...]
             mean_gs = tuple(x.float().mean(1, keepdim=True) for x in gs)  # over the steps, in float32 (bf16 models)
-            _scatter_nodes(node_effect, g, _contributions(g, clean_ts, mean_gs)[:, 0])
+            _scatter_nodes(node_effect, g, _contributions(g, clean_ts, mean_gs, base.get(g.hook))[:, 0])
             for t_id in targets:
                 gt = groups[int(gid[t_id])]
                 if _stage_key(gt.hook_in, n_layers) <= _stage_key(g.hook, n_layers):
@@ -270,7 +286,8 @@ def integrated_gradient_estimates(
                 f_d = store[gt.hook + "#attached"][..., int(local[t_id])]  # [B, steps]
                 grads = torch.autograd.grad(f_d.sum(), ts, retain_graph=True, allow_unused=True)
                 gs = tuple(torch.zeros_like(t) if x is None else x for t, x in zip(ts, grads, strict=True))
-                c = _contributions(g, clean_ts, tuple(x.float().mean(1, keepdim=True) for x in gs))[:, 0].cpu()
+                c = _contributions(g, clean_ts, tuple(x.float().mean(1, keepdim=True) for x in gs),
+                                   base.get(g.hook))[:, 0].cpu()
                 where = torch.nonzero(g.node_of >= 0).flatten()
                 vals = c[:, where]
                 b_idx, w_idx = torch.nonzero(vals != 0, as_tuple=True)

@@ -16,6 +16,7 @@ from saecircuits.analysis.circuit.nodes import (
     _node_index,
     _single_edit,
     _stage_key,
+    ablation_values,
 )
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches, with_progress
 from saecircuits.models.interventions import interventions_for
@@ -102,6 +103,16 @@ def _variant_table(groups: list[_Group], f_clean: dict, structural: list[int]) -
     return table
 
 
+def _embedding_values(model, task: Task, groups: list[_Group], means: dict | None, **kw) -> dict:
+    """:func:`~.nodes.ablation_values` of ``means``, or of the embeddings' means at P over the task's prompts."""
+    if means is None:
+        from saecircuits.analysis.circuit.faithfulness import node_means
+        from saecircuits.analysis.circuit.nodes import MEAN_ABLATED_HOOKS
+
+        means = node_means(model, task, [g for g in groups if g.hook in MEAN_ABLATED_HOOKS], **kw)
+    return ablation_values(groups, means)
+
+
 def exact_effects(
     model,
     saes: Sequence[SAE],
@@ -109,6 +120,7 @@ def exact_effects(
     nodes: list[Node],
     groups: list[_Group],
     *,
+    means: dict | None = None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
     progress: bool | None = None,
@@ -119,11 +131,15 @@ def exact_effects(
     One prefix-cached run per chunk of variants: variant v of prompt b ablates one node (each prompt's own active
     features plus every structural node), reading the metric and every SAE hook at P.
 
-    ``shard``: split the prompt batches over the ranks of a sharded run (:mod:`saecircuits.distributed`; default:
-    when a process group with more than one rank is initialised, every rank calling with the same arguments). Each
-    rank computes the batches ``b % world_size == rank`` of the single-process batching; the float64 sums and counts
-    are reduced and the per-edge contributions gathered, so every rank returns one process's result (sums in
-    another order: float64 rounding, ~1e-16 relative).
+    Args:
+        means: ``{hook: mean}`` of the groups (:func:`~saecircuits.analysis.circuit.node_means`'s format): the token
+            and position embeddings are ablated to their mean (:func:`~.nodes.ablation_values`); None: their mean at
+            P over the task's prompts.
+        shard: split the prompt batches over the ranks of a sharded run (:mod:`saecircuits.distributed`; default:
+            when a process group with more than one rank is initialised, every rank calling with the same
+            arguments). Each rank computes the batches ``b % world_size == rank`` of the single-process batching;
+            the float64 sums and counts are reduced and the per-edge contributions gathered, so every rank returns
+            one process's result (sums in another order: float64 rounding, ~1e-16 relative).
 
     Returns:
         :class:`ExactEffects`.
@@ -133,6 +149,7 @@ def exact_effects(
     iv = interventions_for(model)
     n_layers = int(model.cfg.n_layers)
     N = len(nodes)
+    values = _embedding_values(model, task, groups, means, max_tokens=max_tokens, max_batch=max_batch)
     node_gid, node_local, node_stage = _node_index(nodes, groups, n_layers)
     structural = [i for i, nd in enumerate(nodes) if nd.kind != "feature"]
     sae_groups = [g for g in groups if g.kind == "sae"]
@@ -164,7 +181,7 @@ def exact_effects(
             for gi, g in enumerate(groups):
                 local = torch.where((sub >= 0) & (node_gid[safe] == gi), node_local[safe], -1)
                 if bool((local >= 0).any()):
-                    edits.append(_single_edit(g, local, None))
+                    edits.append(_single_edit(g, local, values))
             # the clean metric and reads in the same run as the ablations (variant 0), so that an ablation that
             # changes nothing has an effect of exactly 0 and no edge
             run = iv.run_paired(clean, edits, n_variants=sub.shape[1], read=sae_hooks)

@@ -3,18 +3,34 @@ values by distance from P, and the faithfulness / completeness of the pruned cir
 ``"positions"`` entry of ``circuit.json`` (issue 16's contract). The computations are in
 :mod:`saecircuits.analysis.circuit.positions` (see its docstring for definitions, units and sources).
 
-Per prompt, the graph holds the ``top_exact`` nodes with the largest ``|AtP|`` over every position ``t <= P`` (every
-one with its exact effect), the target ``log p(answer)`` at P, and the edges among them: ``u -> d`` for a feature
-``d`` at ``p_d >= pos(u)`` of a later stage (exact; AtP into the ``edge_targets`` features of largest ``|exact|``),
-``u -> target`` (the node's exact effect and AtP).
-Edges of both zero exact value and zero AtP are dropped, and at most ``max_edges`` (largest ``max(|exact|, |atp|)``)
-are kept per prompt. Edges between positions into the target and into the ``head_targets`` features of largest
-``|exact|`` carry head loadings that sum to their AtP value. The graph is then pruned (circuit-tracer's rule,
-``prune_graph``) and the pruned graphs (their ``in_graph`` nodes and edges) are aggregated over all prompts
-(``aggregate_graphs``: a node outside a prompt's pruned graph counts 0 for that prompt).
+Four passes over the task (prompts batched by length, so little padding is computed):
+
+A. every prompt: one clean pass, one tracked pass and ONE backward give the AtP value of every node at every
+   position ``t <= P`` (features where active); the head loadings of the top nodes' edges into the target; a graph
+   of the ``top_exact`` nodes by ``|AtP|`` (estimates only), pruned on them;
+B. the ``n_examples`` example prompts (the task's first): the ``top_exact`` nodes by ``|AtP|`` plus every node within
+   ``screen_distance`` of P, each with its exact effect (a prefix-cached intervention at its position), exact edges
+   among them, AtP edges into the ``edge_targets`` features of largest ``|exact|``, head loadings into the target
+   and the ``head_targets`` features of largest ``|exact|``; pruned on the exact values. These graphs replace pass
+   A's for those prompts, and are the ``"examples"``;
+C. the pruned graphs of all prompts are aggregated (``aggregate_graphs``: positions aligned by the task's anchors,
+   a node outside a prompt's pruned graph counts 0 there); the nodes the aggregate keeps (the candidates) are then
+   measured exactly on EVERY prompt where they exist (their column's position; a feature where active), with the
+   exact edges among them: the aggregated graph's ``mean_exact`` (mean over all prompts, 0 where absent, t-based
+   95% interval) and ``mean_atp`` (the same mean of AtP); it is pruned again on those exact means. Nodes the
+   aggregate did not keep stay as estimates (``values = "estimated"``, no exact mean);
+D. faithfulness and completeness on every prompt (below), of its own pruned graph and of the aggregated one.
+
+Per-prompt graph: the nodes, the target ``log p(answer)`` at P, and the edges: ``u -> d`` for a feature ``d`` at
+``p_d >= pos(u)`` of a later stage (exact; AtP into the ``edge_targets`` features), ``u -> target`` (the node's
+effect, exact where measured, and AtP). Edges of both zero exact value and zero AtP are dropped, and at most
+``max_edges`` (largest ``max(|exact|, |atp|)``) are kept per prompt. Head loadings sum to the edge's AtP value.
+Pruning: circuit-tracer's rule (``prune_graph``), the embeddings pruned apart as the graph's inputs (see
+:mod:`saecircuits.analysis.circuit.prune`).
 
 Faithfulness and completeness (Sparse Feature Circuits' definitions, over all positions): the answer's log-prob when
-every node outside each prompt's pruned circuit is mean-ablated at every position ``<= P`` (faithfulness) or the
+every node outside a circuit (each prompt's pruned graph; the aggregated graph's kept nodes mapped into each prompt)
+is mean-ablated at every position ``<= P`` (faithfulness) or the
 circuit's nodes are (completeness), relative to the clean model and to every node mean-ablated; "every node" is every
 SAE feature and error, head, MLP and embedding at every position (so "everything ablated" is every group's
 activation at its mean). Means: per node, over the task's prompts and every position ``<= P`` of each (one mean per
@@ -26,6 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,6 +52,7 @@ from saecircuits.analysis.circuit.aggregate import aggregate_graphs, positions_s
 from saecircuits.analysis.circuit.positions import (
     PositionGroups,
     PromptNodes,
+    ablation_baselines,
     attribution_edges,
     clean_cache,
     engine_of,
@@ -92,23 +110,52 @@ def _f(x) -> float | None:
     return float(f"{x:.6g}") if math.isfinite(x) else None
 
 
-def _choose(pg: PositionGroups, tr, contrib, b: int, P: int, top: int) -> tuple[PromptNodes, torch.Tensor]:
-    """The ``top`` nodes of prompt ``b`` by ``|AtP|`` over positions ``<= P`` (features only where active)."""
-    scores, keys = [], []
+def _candidates(pg: PositionGroups, tr, contrib, b: int, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every node of prompt ``b`` at positions ``<= P`` (features only where active; errors, heads, MLPs and
+    embeddings everywhere): keys int64 ``[n, 3]`` = (group, in-group index, position) ranked by ``|AtP|`` (largest
+    first, ties in key order), and their AtP values float64 ``[n]`` (signed, nats)."""
+    scores, keys, vals = [], [], []
     for gi, c in enumerate(contrib):
-        s = c[b, : P + 1].abs().clone()  # [P+1, n_local]
+        v = c[b, : P + 1]  # [P+1, n_local]
+        s = v.abs().clone()
         if pg.groups[gi].kind == "sae":
             f = tr.leaves[gi][0][b, 0, : P + 1].detach().cpu()
             inactive = torch.cat([f == 0, torch.zeros(P + 1, 1, dtype=torch.bool)], dim=-1)
             s[inactive] = -1.0
         t, k = torch.nonzero(s >= 0, as_tuple=True)
         scores.append(s[t, k])
+        vals.append(v[t, k])
         keys.append(torch.stack([torch.full_like(t, gi), k, t], dim=1))
-    scores, keys = torch.cat(scores), torch.cat(keys)
-    order = torch.argsort(scores, descending=True, stable=True)[:top]
-    k = keys[order]
-    atp = torch.stack([contrib[int(g)][b, int(t), int(i)] for g, i, t in k.tolist()]) if len(k) else torch.zeros(0)
-    return PromptNodes(k[:, 0], k[:, 1], k[:, 2]), atp.double()
+    order = torch.argsort(torch.cat(scores), descending=True, stable=True)
+    return torch.cat(keys)[order], torch.cat(vals)[order].double()
+
+
+def _code(keys: torch.Tensor) -> torch.Tensor:
+    """One int64 per (group, in-group index, position) key ``[n, 3]`` (a lookup key; indices < 2^20 positions and
+    2^22 in-group indices)."""
+    return (keys[:, 0] << 42) | (keys[:, 1] << 20) | keys[:, 2]
+
+
+@dataclass
+class _Candidates:
+    """One prompt's every node and its AtP value, kept (sorted by code) for the aggregated graph's verification."""
+
+    codes: torch.Tensor  # int64 [n], sorted
+    atp: torch.Tensor  # float64 [n]
+
+    @classmethod
+    def of(cls, keys: torch.Tensor, atp: torch.Tensor) -> _Candidates:
+        codes = _code(keys)
+        order = torch.argsort(codes)
+        return cls(codes[order], atp[order].float())
+
+    def find(self, keys: torch.Tensor) -> torch.Tensor:
+        """Index of each key ``[n, 3]`` in the candidates, -1 where absent (an inactive feature)."""
+        c = _code(keys)
+        if not len(self.codes):
+            return torch.full_like(c, -1)
+        i = torch.searchsorted(self.codes, c).clamp(max=len(self.codes) - 1)
+        return torch.where(self.codes[i] == c, i, -1)
 
 
 def position_circuit(
@@ -125,33 +172,43 @@ def position_circuit(
     edge_targets: int = 50,
     head_targets: int = 10,
     max_edges: int = 500,
+    screen_distance: int = 2,
     max_batch: int = DEFAULT_MAX_BATCH,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     progress: bool | None = None,
+    timings: dict | None = None,
 ) -> dict:
     """The circuit across positions (see the module docstring): issue 16's ``"positions"`` dict.
 
     Args:
         model, saes, task: the model (the prefix-cached engine must compute it), its SAEs, the behaviour.
         acts: accepted for the contract's signature; unused (each position's features are encoded here).
-        n_examples: per-prompt graphs kept in ``"examples"`` (the first prompts); all prompts are aggregated.
-        top_exact: nodes per prompt (largest ``|AtP|``) that get exact effects and make the graph.
+        n_examples: the example prompts (the task's first): exact node effects, edges and head loadings, per-prompt
+            graphs in ``"examples"``. Every prompt is aggregated.
+        top_exact: nodes per prompt (largest ``|AtP|``) in its graph (exact effects on the example prompts).
         share: pruning share (``prune_graph``).
         ig_steps: integrated gradients across positions are not computed (agreement ``"ig"`` is None).
         means: per group index, the mean-ablation values (:func:`position_means`; computed when None).
-        edge_targets: features per prompt (largest ``|exact|``) whose incoming edges get AtP estimates (one
+        edge_targets: features per example prompt (largest ``|exact|``) whose incoming edges get AtP estimates (one
             backward pass each; exact edges go into every feature of the graph).
-        head_targets: features per prompt (largest ``|exact|``) whose incoming edges get head loadings (and the
-            target always).
+        head_targets: features per example prompt (largest ``|exact|``) whose incoming edges get head loadings (the
+            target always, on every prompt).
         max_edges: edges kept per prompt before pruning.
+        screen_distance: on the example prompts, every node at most this many positions before P is measured
+            exactly too (besides the top_exact by ``|AtP|``): AtP misses large exact effects there, and an
+            intervention that recomputes a few positions is cheap. -1: the top_exact alone.
+        timings: filled with the seconds of each pass when given.
 
     Returns:
         ``{"target", "share", "n_prompts", "n_exact_interventions", "summary", "agreement", "faithfulness",
-        "completeness", "aggregated", "examples", "head_loading": str}`` (plain JSON types, non-finite -> None).
+        "completeness", "aggregated", "examples", "means", "head_loading", "values"}`` (plain JSON types, non-finite
+        -> None).
 
     Raises:
         EngineError: a model the prefix-cached engine cannot compute. ValueError: no SAE, two SAEs on one hook.
     """
+    import time
+
     if not saes:
         raise ValueError("position_circuit needs at least one SAE")
     eng = engine_of(model)
@@ -159,54 +216,263 @@ def position_circuit(
     describe = _node_ids(pg, saes)
     heads = head_labels(eng)
     n_layers = int(model.cfg.n_layers)
-    from saecircuits.models.tokens import token_string
+    timings = {} if timings is None else timings
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = timings.get(name, 0.0) + now - clock
+        clock = now
 
     kw = dict(max_tokens=max_tokens, max_batch=max_batch)
     if means is None:
         means = position_means(model, pg, task, **kw)
-    graphs: list[dict | None] = [None] * task.n_prompts
-    pairs = {"nodes": ([], [], []), "edges": ([], [], [])}  # (atp, exact, distance) pooled over prompts
-    n_runs = 0
-    faith_rows = []
-    batches = _bounded(task_batches(model, task, **kw), _floats_per_token(eng, pg))
-    for batch in with_progress(batches, task.n_prompts, "circuit across positions (prompts)", progress):
+    base = ablation_baselines(pg, means)
+    lap("means")
+    n = task.n_prompts
+    n_ex = min(n_examples, n)
+    graphs: list[dict | None] = [None] * n
+    cands: list[_Candidates | None] = [None] * n
+    ident: dict[str, tuple[int, int]] = {}  # node identity "kind:layer:index" -> (group, in-group index)
+    pairs = {"nodes": ([], [], []), "edges": ([], [], [])}  # (atp, exact, distance) over the example prompts
+    per_token = _floats_per_token(eng, pg)
+    ctx = _Ctx(model, task, pg, describe, heads, n_layers, max_edges, pairs, ident, share)
+
+    # pass A, every prompt: AtP of every node at every position (one backward per batch) and the head loadings of
+    # the top nodes' edges into the target; a graph of the top_exact nodes by |AtP| for every non-example prompt
+    for batch in with_progress(_bounded(_by_length(model, task, **kw), per_token), n,
+                               "circuit across positions: AtP at every position (prompts)", progress):
         clean = clean_cache(eng, batch)
-        tr, contrib = node_attributions(eng, pg, batch)
+        tr, contrib = node_attributions(eng, pg, batch, base)
         B = len(batch.indices)
-        chosen, atps = zip(*[_choose(pg, tr, contrib, b, int(batch.positions[b]), top_exact) for b in range(B)],
-                           strict=True)
-        is_feat = [torch.tensor([pg.groups[int(g)].kind == "sae" and int(k) < pg.groups[int(g)].sae.d_sae
-                                 for g, k in zip(c.gi, c.local, strict=True)], dtype=torch.bool) for c in chosen]
-        feat_idx = [torch.nonzero(m).flatten() for m in is_feat]
-        down = [PromptNodes(c.gi[i], c.local[i], c.pos[i]) for c, i in zip(chosen, feat_idx, strict=True)]
-        effects, ex_edges, runs = exact_node_effects(eng, pg, clean, list(chosen), down)
-        n_runs += runs
-        # AtP edges into the edge_targets features of largest |exact| (one backward pass each), head loadings into
-        # the first head_targets of them and into the target
-        ranked = [torch.argsort(effects[b][feat_idx[b]].abs().nan_to_num(0.0), descending=True, stable=True)
-                  for b in range(B)]
-        sel = [r[:edge_targets] for r in ranked]
-        at_sel = attribution_edges(pg, tr, list(chosen), [PromptNodes(d.gi[s], d.local[s], d.pos[s])
-                                                          for d, s in zip(down, sel, strict=True)])
-        at_edges = [{(a, int(s[j])): v for (a, j), v in e.items()} for e, s in zip(at_sel, sel, strict=True)]
-        targets = [[-1] + r[:head_targets].tolist() for r in ranked]
-        loads = head_loadings(eng, pg, clean, tr, list(chosen), down, targets)
-        keys: list[dict] = []
+        ranked = [_candidates(pg, tr, contrib, b, int(batch.positions[b])) for b in range(B)]
         for b, i in enumerate(batch.indices):
+            cands[i] = _Candidates.of(*ranked[b])
+        top = [PromptNodes(k[:top_exact, 0], k[:top_exact, 1], k[:top_exact, 2]) for k, _ in ranked]
+        rest = [b for b, i in enumerate(batch.indices) if i >= n_ex]
+        loads = head_loadings(eng, pg, clean, tr, top, top, [[-1] if b in set(rest) else [] for b in range(B)])
+        for b in rest:
+            i = int(batch.indices[b])
             P = int(batch.positions[b])
-            c = chosen[b]
-            g = _graph(pg, describe, heads, c, atps[b], effects[b], ex_edges[b], at_edges[b], loads[b], feat_idx[b],
-                       tr, b, P, n_layers, max_edges, pairs)
-            # keys in the order results.json's PromptGraph declares them (the file round-trips exactly)
-            g = {"prompt_index": int(i),
-                 "tokens": [token_string(model.tokenizer, int(t)) for t in task.token_ids[i][: P + 1]],
-                 "P": P, "anchors": _anchors(task, int(i), P), **g}
+            atp = ranked[b][1][:top_exact]
+            g = ctx.graph(i, P, top[b], atp, torch.full_like(atp, float("nan")), {}, {}, loads[b],
+                          torch.zeros(0, dtype=torch.long), tr, b)
             graphs[i] = prune_graph(g, share)
-            keys.append({nd["id"]: (int(gi), int(k), int(t)) for nd, gi, k, t in
-                         zip(g["nodes"], c.gi, c.local, c.pos, strict=False)})
-        faith_rows.append(_faithfulness_batch(eng, pg, batch, [graphs[i] for i in batch.indices], keys, means))
-        del tr, contrib
-    return _assemble(task, graphs, pairs, faith_rows, share, n_runs, n_examples)
+        del tr, contrib, clean
+    lap("A: AtP, every prompt")
+
+    # pass B, the example prompts: exact effects of their top_exact nodes, exact and AtP edges, head loadings
+    n_runs = 0
+    if n_ex:
+        ex_task = task.subset(range(n_ex))
+        for batch in with_progress(_bounded(_by_length(model, ex_task, **kw), per_token), n_ex,
+                                   "circuit across positions: exact effects, example prompts", progress):
+            n_runs += _example_batch(eng, ctx, batch, base, top_exact, screen_distance, edge_targets, head_targets,
+                                     graphs)
+    lap("B: examples, exact")
+
+    # the aggregate of the pruned graphs chooses the candidates; each is then measured exactly on every prompt
+    aggregated = aggregate_graphs([_in_graph(g) for g in graphs], share=share)
+    cand_nodes = [nd for nd in aggregated["nodes"] if nd.get("in_graph") and nd["kind"] != "target"]
+    where = [(ident[nd["id"].rpartition("@")[0]], nd["column"]) for nd in cand_nodes]
+    ver = _Verification(len(cand_nodes), n)
+    for batch in with_progress(_by_length(model, task, **kw), n, "circuit across positions: exact, every prompt",
+                               progress):
+        n_runs += ver.run(eng, pg, batch, [_anchors(task, int(i), int(batch.positions[b]))
+                                           for b, i in enumerate(batch.indices)], where, cands, base)
+    lap("C: aggregated graph, exact on every prompt")
+    aggregated = _verified_graph(aggregated, cand_nodes, ver, share, n)
+
+    # faithfulness and completeness on every prompt: of its own pruned graph (exact values on the example prompts,
+    # AtP on the others), and of the aggregated graph's kept nodes where the prompt holds them
+    kept = [j for j, nd in enumerate(cand_nodes) if _kept(aggregated, nd["id"])]
+    faith_rows, agg_rows = [], []
+    for batch in _by_length(model, task, **kw):
+        own = [graphs[int(i)] for i in batch.indices]
+        keys = [{nd["id"]: (*ident[nd["id"].rpartition("@")[0]], int(nd["pos"])) for nd in g["nodes"]
+                 if nd["kind"] != "target"} for g in own]
+        agg_keys = [{str(j): ver.present[int(i)][j] for j in kept if j in ver.present[int(i)]} for i in batch.indices]
+        pseudo = [{"nodes": [{"id": k, "kind": "x", "in_graph": True} for k in kk]} for kk in agg_keys]
+        m = _faithfulness_batch(eng, pg, batch, own, keys, means, more=[(pseudo, agg_keys)])  # [B, 6]
+        faith_rows.append(m[:, :4])
+        agg_rows.append(m[:, [0, 1, 4, 5]])
+    lap("D: faithfulness")
+    rule = f"the top {top_exact} nodes by |AtP|" + (
+        f" and every node at most {screen_distance} positions before P" if screen_distance >= 0 else "")
+    return _assemble(task, graphs, pairs, faith_rows, agg_rows, share, n_runs, n_ex, aggregated, ver,
+                     f"{rule}, each measured exactly")
+
+
+def _kept(aggregated: dict, node_id: str) -> bool:
+    return any(nd["id"] == node_id and nd.get("in_graph") for nd in aggregated["nodes"])
+
+
+@dataclass
+class _Ctx:
+    """What building a per-prompt graph needs (see :meth:`graph`)."""
+
+    model: object
+    task: Task
+    pg: PositionGroups
+    describe: object
+    heads: list[str]
+    n_layers: int
+    max_edges: int
+    pairs: dict
+    ident: dict
+    share: float
+
+    def graph(self, i, P, c, atp, exact, ex_edges, at_edges, loads, feat_idx, tr, b) -> dict:
+        from saecircuits.models.tokens import token_string
+
+        g = _graph(self.pg, self.describe, self.heads, c, atp, exact, ex_edges, at_edges, loads, feat_idx, tr, b, P,
+                   self.n_layers, self.max_edges, self.pairs, self.ident)
+        # keys in the order results.json's PromptGraph declares them (the file round-trips exactly)
+        return {"prompt_index": int(i),
+                "tokens": [token_string(self.model.tokenizer, int(t)) for t in self.task.token_ids[i][: P + 1]],
+                "P": P, "anchors": _anchors(self.task, int(i), P), **g}
+
+
+def _example_batch(eng, ctx: _Ctx, batch, base, top_exact, screen_distance, edge_targets, head_targets, graphs
+                   ) -> int:
+    """Pass B on one batch of example prompts: their graphs (exact node effects, edges, head loadings) into
+    ``graphs``; the nodes are the top_exact by ``|AtP|`` and every node within ``screen_distance`` of P (in rank
+    order); returns the number of exact interventions."""
+    pg = ctx.pg
+    clean = clean_cache(eng, batch)
+    tr, contrib = node_attributions(eng, pg, batch, base)
+    B = len(batch.indices)
+    chosen, atps = [], []
+    for b in range(B):
+        P = int(batch.positions[b])
+        keys, atp = _candidates(pg, tr, contrib, b, P)
+        pick = (torch.arange(len(keys)) < top_exact) | (keys[:, 2] >= P - screen_distance)
+        chosen.append(PromptNodes(keys[pick, 0], keys[pick, 1], keys[pick, 2]))
+        atps.append(atp[pick])
+    is_feat = [torch.tensor([pg.groups[int(g)].kind == "sae" and int(k) < pg.groups[int(g)].sae.d_sae
+                             for g, k in zip(c.gi, c.local, strict=True)], dtype=torch.bool) for c in chosen]
+    feat_idx = [torch.nonzero(m).flatten() for m in is_feat]
+    down = [PromptNodes(c.gi[i], c.local[i], c.pos[i]) for c, i in zip(chosen, feat_idx, strict=True)]
+    effects, ex_edges, runs = exact_node_effects(eng, pg, clean, chosen, down, baselines=base)
+    # AtP edges into the edge_targets features of largest |exact| (one backward pass each), head loadings into the
+    # first head_targets of them and into the target
+    ranked = [torch.argsort(effects[b][feat_idx[b]].abs().nan_to_num(0.0), descending=True, stable=True)
+              for b in range(B)]
+    sel = [r[:edge_targets] for r in ranked]
+    at_sel = attribution_edges(pg, tr, chosen, [PromptNodes(d.gi[s], d.local[s], d.pos[s])
+                                                for d, s in zip(down, sel, strict=True)])
+    at_edges = [{(a, int(s[j])): v for (a, j), v in e.items()} for e, s in zip(at_sel, sel, strict=True)]
+    targets = [[-1] + r[:head_targets].tolist() for r in ranked]
+    loads = head_loadings(eng, pg, clean, tr, chosen, down, targets)
+    for b, i in enumerate(batch.indices):
+        P = int(batch.positions[b])
+        g = ctx.graph(int(i), P, chosen[b], atps[b], effects[b], ex_edges[b], at_edges[b], loads[b], feat_idx[b], tr,
+                      b)
+        graphs[int(i)] = prune_graph(g, ctx.share)
+    return runs
+
+
+def _column_position(column: str, P: int, anchors: dict[str, int]) -> int | None:
+    """The position of an aggregated column in one prompt (:func:`~.aggregate.column_of`'s inverse), None when the
+    prompt has no such position (an anchor it lacks, an offset before its first token or on one of its anchors)."""
+    from saecircuits.analysis.circuit.aggregate import column_of
+
+    if column == "P":
+        return P
+    if column in anchors:
+        pos = int(anchors[column])
+    elif column.startswith("P-") and column[2:].isdigit():
+        pos = P - int(column[2:])
+    else:
+        return None
+    if pos < 0 or pos > P or column_of(pos, P, anchors) != column:
+        return None
+    return pos
+
+
+class _Verification:
+    """Exact effects (nats), AtP values and exact edges of the aggregated graph's candidate nodes on every prompt
+    where each exists (at its column's position; a feature only where active)."""
+
+    def __init__(self, n_nodes: int, n_prompts: int):
+        self.exact = torch.zeros(n_prompts, n_nodes, dtype=torch.float64)  # absent: 0
+        self.atp = torch.zeros(n_prompts, n_nodes, dtype=torch.float64)
+        self.here = torch.zeros(n_prompts, n_nodes, dtype=torch.bool)
+        self.edges: dict[tuple[int, int], torch.Tensor] = {}  # (j_u, j_d) -> [n_prompts]
+        self.present: list[dict[int, tuple[int, int, int]]] = [{} for _ in range(n_prompts)]
+        self.n_prompts = n_prompts
+
+    def run(self, eng, pg, batch, anchors, where, cands, base) -> int:
+        clean = clean_cache(eng, batch)
+        nodes, down, js, js_down = [], [], [], []
+        for b, i in enumerate(batch.indices):
+            i, P = int(i), int(batch.positions[b])
+            rows = []
+            for j, ((gi, k), column) in enumerate(where):
+                pos = _column_position(column, P, anchors[b])
+                if pos is not None:
+                    rows.append((j, gi, k, pos))
+            keys = torch.tensor([[gi, k, t] for _, gi, k, t in rows], dtype=torch.long).reshape(-1, 3)
+            at = cands[i].find(keys)
+            rows = [r for r, a in zip(rows, at.tolist(), strict=True) if a >= 0]
+            for (j, gi, k, t), a in zip(rows, at[at >= 0].tolist(), strict=True):
+                self.here[i, j] = True
+                self.atp[i, j] = float(cands[i].atp[a])
+                self.present[i][j] = (gi, k, t)
+            t_ = torch.tensor([r[1:] for r in rows], dtype=torch.long).reshape(-1, 3)
+            nodes.append(PromptNodes(t_[:, 0], t_[:, 1], t_[:, 2]))
+            js.append([r[0] for r in rows])
+            feat = [a for a, r in enumerate(rows) if pg.groups[r[1]].kind == "sae" and r[2] < pg.groups[r[1]].sae.d_sae]
+            down.append(PromptNodes(t_[feat, 0], t_[feat, 1], t_[feat, 2]))
+            js_down.append([rows[a][0] for a in feat])
+        effects, edges, runs = exact_node_effects(eng, pg, clean, nodes, down, baselines=base)
+        for b, i in enumerate(batch.indices):
+            i = int(i)
+            for a, j in enumerate(js[b]):
+                self.exact[i, j] = float(effects[b][a])
+            for (a, c), v in edges[b].items():
+                key = (js[b][a], js_down[b][c])
+                self.edges.setdefault(key, torch.zeros(self.n_prompts, dtype=torch.float64))[i] = v
+        return runs
+
+
+def _verified_graph(aggregated: dict, cand: list[dict], ver: _Verification, share: float, n: int) -> dict:
+    """The aggregated graph with the candidates' exact means over every prompt, pruned again on them: candidates
+    (the nodes the aggregate of the pruned per-prompt graphs kept) carry ``mean_exact`` with its 95% interval and
+    the AtP mean beside it, ``values = "exact"``; other nodes are out of the graph with ``values = "estimated"``
+    (no exact mean). Edges: among candidates, into the target (the exact node effect) and into features (exact,
+    means over every prompt, 0 where either end is absent)."""
+    from saecircuits.analysis.circuit.prune import prune
+    from saecircuits.analysis.statistics import mean_ci95
+
+    ids = [nd["id"] for nd in cand]
+    old_edges = {(e["src"], e["dst"]): e for e in aggregated["edges"]}
+    target = next((nd for nd in aggregated["nodes"] if nd["kind"] == "target"), None)
+    nodes = []
+    for j, nd in enumerate(cand):
+        vec = ver.exact[:, j].numpy()
+        m = mean_ci95(vec)
+        ci = [_f(m.low), _f(m.high)] if math.isfinite(m.low) and math.isfinite(m.high) else None
+        nodes.append({**nd, "mean_exact": _f(m.mean), "ci95": ci, "mean_atp": _f(float(ver.atp[:, j].mean())),
+                      "n_prompts": int(ver.here[:, j].sum()), "values": "exact"})
+    edges = []
+    if target is not None:
+        for j, nd in enumerate(nodes):
+            old = old_edges.get((ids[j], target["id"]))
+            edges.append({"src": ids[j], "dst": target["id"], "mean_exact": nd["mean_exact"], "mean_atp": nd["mean_atp"],
+                          "heads": old.get("heads") if old else None})
+    for (ju, jd), vec in sorted(ver.edges.items()):
+        edges.append({"src": ids[ju], "dst": ids[jd], "mean_exact": _f(float(vec.mean())), "mean_atp": None,
+                      "heads": None})
+    nodes, edges, pruning = prune(nodes + ([target] if target is not None else []), edges, share)
+    rest = [{**nd, "mean_exact": None, "ci95": None, "values": "estimated", "in_graph": False}
+            for nd in aggregated["nodes"] if nd["id"] not in set(ids) and nd["kind"] != "target"]
+    order = {c: k for k, c in enumerate(aggregated["columns"])}
+    nodes = sorted(nodes + rest, key=lambda nd: (order.get(nd["column"], 0), nd["layer"], nd["id"]))
+    return {**aggregated, "nodes": nodes, "edges": edges, "pruning": pruning,
+            "candidates": {"n": len(cand), "rule": "the nodes the aggregate of the prompts' pruned graphs kept "
+                                                   "(exact values on the example prompts, AtP on the others)"}}
 
 
 GRAPH_FLOATS = 1 << 26
@@ -218,6 +484,16 @@ def _floats_per_token(engine, pg: PositionGroups) -> int:
     """Floats the tracked forward keeps per position: SAE codes (encoded, leaf, gradient), errors, heads, MLPs."""
     sae = sum(3 * g.sae.d_sae + 2 * g.sae.d_out for g in pg.groups if g.kind == "sae")
     return sae + engine.n_layers * (24 * engine.d_model + 4 * engine.layers[0].W_in.shape[-1])
+
+
+def _by_length(model, task: Task, **kw):
+    """:func:`task_batches` over the prompts sorted by length, each batch's ``indices`` those of ``task``: every
+    pass here computes every position, so batching prompts of similar length saves the padding's work."""
+    from saecircuits.models.hooks import TaskBatch
+
+    order = sorted(range(task.n_prompts), key=lambda i: (len(task.token_ids[i]), i))
+    for batch in task_batches(model, task.subset(order), **kw):
+        yield TaskBatch([order[int(i)] for i in batch.indices], batch.tokens, batch.positions, batch.answer_ids)
 
 
 def _bounded(batches, per_token: int):
@@ -233,21 +509,25 @@ def _bounded(batches, per_token: int):
 
 
 def _graph(pg, describe, heads, c: PromptNodes, atp, exact, ex_edges, at_edges, loads, feat_idx, tr, b, P, n_layers,
-           max_edges, pairs) -> dict:
+           max_edges, pairs, ident) -> dict:
+    """One prompt's graph dict (nodes ``c`` with their AtP and exact values, NaN exact = not measured; edges into
+    the target and between nodes); agreement pairs of the measured nodes and edges are added to ``pairs``."""
     ids = []
     nodes = []
     for a in range(len(c.gi)):
         gi, k, t = int(c.gi[a]), int(c.local[a]), int(c.pos[a])
         kind, label, index, si, feat, head = describe(gi, k)
+        ident[f"{kind}:{pg.layer[gi]}:{index}"] = (gi, k)
         nid = f"{kind}:{pg.layer[gi]}:{index}@{t}"
         ids.append(nid)
         act = _f(tr.leaves[gi][0][b, 0, t, k].detach()) if kind == "feature" else None
         nodes.append({"id": nid, "kind": kind, "layer": pg.layer[gi], "pos": t, "label": label, "sae": si,
                       "feature": feat, "head": head, "activation": act, "exact": _f(exact[a]), "atp": _f(atp[a]),
                       "ig": None, "in_graph": False})
-        pairs["nodes"][0].append(float(atp[a]))
-        pairs["nodes"][1].append(float(exact[a]))
-        pairs["nodes"][2].append(P - t)
+        if math.isfinite(float(exact[a])):
+            pairs["nodes"][0].append(float(atp[a]))
+            pairs["nodes"][1].append(float(exact[a]))
+            pairs["nodes"][2].append(P - t)
     target = f"target:{n_layers}:0@{P}"
     nodes.append({"id": target, "kind": "target", "layer": n_layers, "pos": P, "label": "log p(answer)", "sae": None,
                   "feature": None, "head": None, "activation": None, "exact": None, "atp": None, "ig": None,
@@ -259,22 +539,31 @@ def _graph(pg, describe, heads, c: PromptNodes, atp, exact, ex_edges, at_edges, 
             return None
         return [{"head": h, "value": _f(v)} for h, v in zip(heads, parts, strict=True) if v != 0.0]
 
-    edges = []
     for (a, j), v in at_edges.items():  # every valid pair into an estimated feature (0 allowed); exact 0 unrecorded
         pairs["edges"][0].append(v)
         pairs["edges"][1].append(ex_edges.get((a, j), 0.0))
         pairs["edges"][2].append(P - int(c.pos[int(feat_idx[j])]))
+    # the max_edges largest by max(|exact|, |atp|) (ties in order: edges into features by (source, destination),
+    # then into the target); dicts only for those (an early node's exact edges reach nearly every later feature)
+    cand = []
     for a, j in sorted(set(at_edges) | set(ex_edges)):
         v, e = at_edges.get((a, j)), ex_edges.get((a, j), 0.0)
-        if not v and e == 0.0:
-            continue
-        edges.append({"src": ids[a], "dst": ids[int(feat_idx[j])], "exact": _f(e), "atp": None if v is None else _f(v),
-                      "heads": head_list((a, j)), "in_graph": False})
-    for a in range(len(c.gi)):
-        edges.append({"src": ids[a], "dst": target, "exact": _f(exact[a]), "atp": _f(atp[a]),
-                      "heads": head_list((a, -1)), "in_graph": False})
-    edges.sort(key=lambda e: -max(abs(e["exact"] or 0.0), abs(e["atp"] or 0.0)))
-    return {"nodes": nodes, "edges": edges[:max_edges]}
+        if v or e != 0.0:
+            cand.append((max(abs(v or 0.0), abs(e)), a, j))
+    cand += [(max(abs(float(exact[a])) if math.isfinite(float(exact[a])) else 0.0, abs(float(atp[a]))), a, -1)
+             for a in range(len(c.gi))]
+    order = sorted(range(len(cand)), key=lambda i: -cand[i][0])[:max_edges]
+    edges = []
+    for i in order:
+        _, a, j = cand[i]
+        if j < 0:
+            edges.append({"src": ids[a], "dst": target, "exact": _f(exact[a]), "atp": _f(atp[a]),
+                          "heads": head_list((a, -1)), "in_graph": False})
+        else:
+            v = at_edges.get((a, j))
+            edges.append({"src": ids[a], "dst": ids[int(feat_idx[j])], "exact": _f(ex_edges.get((a, j), 0.0)),
+                          "atp": None if v is None else _f(v), "heads": head_list((a, j)), "in_graph": False})
+    return {"nodes": nodes, "edges": edges}
 
 
 def _agreement_json(a: dict) -> dict:
@@ -294,13 +583,10 @@ def _by_distance(atp: list, exact: list, dist: list) -> list[dict]:
     return out
 
 
-def _assemble(task, graphs, pairs, faith_rows, share, n_runs, n_examples) -> dict:
-    na, ne, nd = pairs["nodes"]
-    ea, ee, ed = pairs["edges"]
-    agree = {"nodes": {"atp": _agreement_json(agreement(np.array(na), np.array(ne))), "ig": None},
-             "edges": {"atp": _agreement_json(agreement(np.array(ea), np.array(ee)))},
-             "by_distance": _by_distance(na, ne, nd), "edges_by_distance": _by_distance(ea, ee, ed)}
-    m = torch.cat([r for r in faith_rows]) if faith_rows else torch.zeros(0, 4)
+def _faith_stats(rows: list[torch.Tensor]) -> dict:
+    """Faithfulness and completeness (loss recovered, paired-bootstrap intervals) from :func:`_faithfulness_batch`
+    rows."""
+    m = torch.cat(rows) if rows else torch.zeros(0, 4)
     stats = {}
     for name, col in (("faithfulness", 2), ("completeness", 3)):
         lr = loss_recovered(-m[:, 0], -m[:, col], -m[:, 1], ablation="mean-ablating every node at every position")
@@ -308,18 +594,45 @@ def _assemble(task, graphs, pairs, faith_rows, share, n_runs, n_examples) -> dic
         stats[name] = {"mean": _f(lr.value) if ok else None,
                        "ci95": [_f(lr.low), _f(lr.high)] if ok and math.isfinite(lr.low) else None,
                        "undefined_reason": lr.reason}
-    # the pruned circuits are averaged (a node or edge outside a prompt's pruned graph counts 0 there): the
-    # aggregate says which nodes the prompts' circuits share, and stays small
-    aggregated = aggregate_graphs([_in_graph(g) for g in graphs], share=share)
+    return stats
+
+
+def _assemble(task, graphs, pairs, faith_rows, agg_rows, share, n_runs, n_examples, aggregated, ver, example_rule
+              ) -> dict:
+    na, ne, nd = pairs["nodes"]
+    ea, ee, ed = pairs["edges"]
+    here = ver.here
+    agree = {"nodes": {"atp": _agreement_json(agreement(np.array(na), np.array(ne))), "ig": None},
+             "edges": {"atp": _agreement_json(agreement(np.array(ea), np.array(ee)))},
+             "by_distance": _by_distance(na, ne, nd), "edges_by_distance": _by_distance(ea, ee, ed),
+             "aggregated_nodes": _agreement_json(agreement(ver.atp[here].numpy(), ver.exact[here].numpy())),
+             "pairs": f"nodes and edges: the {n_examples} example prompts' graphs (their top nodes by |AtP|, every one "
+                      "measured); aggregated_nodes: the aggregated graph's candidates on every prompt holding them"}
+    stats = _faith_stats(faith_rows)
+    aggregated = {**aggregated, **{f"{k}": v for k, v in _faith_stats(agg_rows).items()}}
     return {
         "target": TARGET, "share": share, "n_prompts": task.n_prompts, "n_exact_interventions": int(n_runs),
         "summary": positions_summary(aggregated), "agreement": agree,
         "faithfulness": stats["faithfulness"], "completeness": stats["completeness"],
-        "means": "per node over the task's prompts and every position <= P of each",
+        "means": "per node over the task's prompts and every position <= P of each; the token and position "
+                 "embeddings' single ablations (exact effects, edges, AtP) set them to these means too",
         "head_loading": "per (layer, key/value head): first-order parts of the AtP edge through the keys/values of "
                         "earlier positions; they sum to the edge's AtP value (circuit-tracer's attention attribution)",
+        "values": VALUES_NOTE.format(n_examples=n_examples, n_prompts=task.n_prompts),
+        "example_nodes": example_rule,
         "aggregated": aggregated, "examples": graphs[:n_examples],
     }
+
+
+VALUES_NOTE = (
+    "Exact: every node of the {n_examples} example prompts' graphs (node effects, edges into features; edges into "
+    "the target are the node effects), and the aggregated graph's nodes marked values='exact' (mean over all "
+    "{n_prompts} prompts of the exact effect where the node exists, 0 elsewhere, with a t-based 95% interval) with "
+    "their edges' mean_exact. Estimated: every atp / mean_atp value, head loadings, and the aggregated nodes marked "
+    "values='estimated' (no exact mean). Faithfulness / completeness (exact mean ablation at every position, every "
+    "prompt): of each prompt's own pruned graph (top level), and of the aggregated graph's kept nodes where each "
+    "prompt holds them (aggregated.faithfulness / aggregated.completeness)."
+)
 
 
 def _in_graph(g: dict) -> dict:
@@ -377,40 +690,48 @@ def position_means(model, pg: PositionGroups, task: Task, *, max_tokens=DEFAULT_
     return {gi: ({k: v / count for k, v in s.items()} if isinstance(s, dict) else s / count) for gi, s in sums.items()}
 
 
-def _faithfulness_batch(engine, pg: PositionGroups, batch, graphs: list[dict], keys: list[dict], means: dict
-                        ) -> torch.Tensor:
+def _faithfulness_batch(engine, pg: PositionGroups, batch, graphs: list[dict], keys: list[dict], means: dict,
+                        more: Sequence[tuple[list[dict], list[dict]]] = ()) -> torch.Tensor:
     """Answer log-prob ``[B, 4]``: clean, every node mean-ablated, every node outside the pruned circuit mean-ablated,
     the circuit's nodes mean-ablated (all at every position ``<= P``), as variants of one full forward per chunk of
-    prompts (``keys[b]``: node id -> ``(group, in-group index, position)``)."""
+    prompts (``keys[b]``: node id -> ``(group, in-group index, position)``). ``more``: further ``(graphs, keys)``
+    circuits, two more columns each (outside ablated, circuit ablated) from the same forward."""
     from saecircuits.analysis.circuit import MAX_FLOATS
     from saecircuits.models.hooks import TaskBatch
 
     B, T = batch.tokens.shape
-    per_row = 4 * T * (sum(pg.n_local(gi) for gi in range(len(pg.groups))) + engine.d_model * 8)
+    V = 4 + 2 * len(more)
+    per_row = V * T * (sum(pg.n_local(gi) for gi in range(len(pg.groups))) + engine.d_model * 8)
     step = max(1, MAX_FLOATS // per_row)
     out = []
     for r0 in range(0, B, step):
         sl = slice(r0, r0 + step)
         sub = TaskBatch(batch.indices[sl], batch.tokens[sl], batch.positions[sl], batch.answer_ids[sl])
-        out.append(_faithfulness_rows(engine, pg, sub, graphs[sl], keys[sl], means))
+        out.append(_faithfulness_rows(engine, pg, sub, [(graphs[sl], keys[sl])] + [(g[sl], k[sl]) for g, k in more],
+                                      means))
     return torch.cat(out)
 
 
-def _faithfulness_rows(engine, pg, batch, graphs, keys, means) -> torch.Tensor:
+def _faithfulness_rows(engine, pg, batch, circuits, means) -> torch.Tensor:
     from saecircuits.analysis.circuit.positions import _add_sae_hook
 
     B, T = batch.tokens.shape
     dev = batch.tokens.device
-    inside = {gi: torch.zeros(B, T, pg.n_local(gi), dtype=torch.bool) for gi in range(len(pg.groups))}
-    for b, g in enumerate(graphs):
-        for n in g["nodes"]:
-            if n["in_graph"] and n["kind"] != "target":
-                gi, k, t = keys[b][n["id"]]
-                inside[gi][b, t, k] = True
+    insides = []
+    for graphs, keys in circuits:
+        inside = {gi: torch.zeros(B, T, pg.n_local(gi), dtype=torch.bool) for gi in range(len(pg.groups))}
+        for b, g in enumerate(graphs):
+            for n in g["nodes"]:
+                if n["in_graph"] and n["kind"] != "target":
+                    gi, k, t = keys[b][n["id"]]
+                    inside[gi][b, t, k] = True
+        insides.append(inside)
     hooks: dict = {}
     for gi, grp in enumerate(pg.groups):
-        c = inside[gi].to(dev)
-        m = torch.stack([torch.zeros_like(c), torch.ones_like(c), ~c, c], dim=1).float()  # [B, 4, T, n]
+        cs = [inside[gi].to(dev) for inside in insides]
+        c = cs[0]
+        m = torch.stack([torch.zeros_like(c), torch.ones_like(c)] + [x for c in cs for x in (~c, c)],
+                        dim=1).float()  # [B, V, T, n]
         mu = means[gi]
         if grp.kind == "sae":
             sae = grp.sae
@@ -437,5 +758,5 @@ def _faithfulness_rows(engine, pg, batch, graphs, keys, means) -> torch.Tensor:
     with torch.no_grad():
         x = engine.forward_tokens(batch.tokens, hooks)
         rows = torch.arange(B, device=dev)
-        lg = engine.logits(x[rows, :, batch.positions.to(dev)])  # [B, 4, d_vocab]
+        lg = engine.logits(x[rows, :, batch.positions.to(dev)])  # [B, V, d_vocab]
         return _answer_logprob(lg, batch.answer_ids).double().cpu()

@@ -13,11 +13,13 @@ Conventions (per prompt; P its prediction position; ``m`` = log p(answer) at P, 
 - node ``(group, index, t)``: a feature of an SAE at position ``t`` (active there: ``f != 0``), an SAE's error node,
   a head's ``hook_z`` slice, an MLP without an SAE (``mlp.hook_post``), the token and position embeddings, each at
   every position ``t <= P``; ablating it (exact effects) is as in :mod:`saecircuits.analysis.circuit` (feature
-  ``x - f_k W_dec[k]``, error ``x -> x_hat``, head / MLP / embedding -> 0), at position ``t`` alone;
+  ``x - f_k W_dec[k]``, error ``x -> x_hat``, head / MLP -> 0, token / position embedding -> its mean over the
+  task's prompts and positions, :func:`ablation_baselines`), at position ``t`` alone;
 - node effect ``m(clean) - m(node ablated)`` (nats, positive: supports the answer);
 - edge ``u -> d`` (``u`` at ``s``, ``d`` a feature of a later stage at ``p_d >= s``): ``f_d(clean) - f_d(u
   ablated)`` (activation units); ``u -> target``: ``u``'s node effect (nats);
-- AtP: ``effect(u) ~ grad_u m . a_u``, ``edge(u, d) ~ grad_u f_d . a_u`` (the gradient with respect to every
+- AtP: ``effect(u) ~ grad_u m . a_u``, ``edge(u, d) ~ grad_u f_d . a_u`` (``a_u - mean`` for the embeddings; the
+  gradient with respect to every
   position's activations at once: one backward pass per prompt batch for the node effects, one per downstream
   slot for the edges);
 - exact effects by a prefix-cached intervention at position ``t``: the clean pass keeps every position's keys /
@@ -53,6 +55,7 @@ from saecircuits.analysis.circuit import (
     _single_edit,
     _stage_key,
     _track,
+    ablation_values,
 )
 from saecircuits.models.engine import EngineError, KVPrefix, stage_of_hook
 from saecircuits.models.hooks import TaskBatch
@@ -60,7 +63,7 @@ from saecircuits.models.interventions import Edit, interventions_for
 from saecircuits.saes.base import SAE
 
 __all__ = ["PositionGroups", "position_groups", "CleanCache", "clean_cache", "node_attributions",
-           "exact_node_effects", "attribution_edges", "head_loadings", "engine_of"]
+           "exact_node_effects", "attribution_edges", "head_loadings", "engine_of", "ablation_baselines"]
 
 
 @dataclass
@@ -104,6 +107,15 @@ def position_groups(model, saes: Sequence[SAE]) -> PositionGroups:
         stage_in.append(_stage_key(g.hook_in, n_layers))
         sae_index.append(-1 if si is None else si)
     return PositionGroups(groups, names, layer, stage, stage_in, sae_index)
+
+
+def ablation_baselines(pg: PositionGroups, means: dict) -> dict[int, torch.Tensor]:
+    """Per group index, the value a single-node ablation writes where it is not 0 / an SAE edit: the token and
+    position embeddings' means (:func:`saecircuits.analysis.circuit.nodes.ablation_values`, the rule the circuit at
+    P uses too), from ``means`` (:func:`~saecircuits.analysis.circuit.position_graph.position_means`, per group
+    index). Raises ValueError: a mean missing."""
+    by_hook = ablation_values(pg.groups, {g.hook: means[gi] for gi, g in enumerate(pg.groups) if gi in means})
+    return {gi: by_hook[g.hook] for gi, g in enumerate(pg.groups) if g.hook in by_hook}
 
 
 def engine_of(model):
@@ -204,12 +216,14 @@ class Tracked:
         attached: per SAE group, ``encode(x_in)`` with its graph to upstream leaves ``[B, 1, T, d_sae]``.
         kv: per layer ``(k, v)`` ``[B, 1, T, n_kv, d_head]`` with their graph (for head loadings).
         m: ``[B]`` the answer log-prob at P.
+        baselines: :func:`ablation_baselines` (``grad . (a - mean)`` for those groups).
     """
 
     leaves: list[tuple]
     attached: dict[int, torch.Tensor]
     kv: list
     m: torch.Tensor
+    baselines: dict
 
     def flat(self) -> list[torch.Tensor]:
         return [t for ts in self.leaves for t in ts]
@@ -242,7 +256,10 @@ class Tracked:
                     (a,), (ga,) = ts, gs
                     if ga is None:
                         continue
-                    prod = ga[b, 0, t].double() * a[b, 0, t].double()  # in float64: never a bf16 product
+                    a_t = a[b, 0, t].double()  # products in float64: never a bf16 product
+                    if gi in self.baselines:
+                        a_t = a_t - self.baselines[gi].double()
+                    prod = ga[b, 0, t].double() * a_t
                     if g.kind == "heads":
                         vals = prod[torch.arange(len(t)), k].sum(-1).cpu()
                     else:
@@ -253,15 +270,15 @@ class Tracked:
     def contributions(self, pg: PositionGroups, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
         """``grad . activation`` per group ``[B, T, n_local]`` (float64, on the CPU) from grads of :meth:`flat`."""
         out, i = [], 0
-        for g, ts in zip(pg.groups, self.leaves, strict=True):
+        for gi, (g, ts) in enumerate(zip(pg.groups, self.leaves, strict=True)):
             gs = tuple(torch.zeros_like(t) if x is None else x for t, x in zip(ts, grads[i : i + len(ts)], strict=True))
             i += len(ts)
-            out.append(_contributions(g, ts, gs)[:, 0].cpu())
+            out.append(_contributions(g, ts, gs, self.baselines.get(gi))[:, 0].cpu())
         return out
 
 
 @torch.enable_grad()
-def tracked_forward(engine, pg: PositionGroups, batch: TaskBatch) -> Tracked:
+def tracked_forward(engine, pg: PositionGroups, batch: TaskBatch, baselines: dict) -> Tracked:
     """A forward of every position exposing each group's activation to autograd, unchanged in value up to float
     rounding: SAE outputs rebuilt as ``decode(f) + e`` from leaves ``f``, ``e`` plus a straight-through
     ``x - x.detach()`` (Sparse Feature Circuits' decomposition, as :func:`..._tracking_edits` at P)."""
@@ -294,14 +311,16 @@ def tracked_forward(engine, pg: PositionGroups, batch: TaskBatch) -> Tracked:
     rows = torch.arange(x.shape[0], device=x.device)
     lg = engine.logits(x[rows, :, batch.positions.to(x.device)])
     m = _answer_logprob(lg, batch.answer_ids)[:, 0]
-    return Tracked(leaves, attached, kv, m)
+    return Tracked(leaves, attached, kv, m, baselines)
 
 
 @torch.enable_grad()
-def node_attributions(engine, pg: PositionGroups, batch: TaskBatch) -> tuple[Tracked, list[torch.Tensor]]:
+def node_attributions(engine, pg: PositionGroups, batch: TaskBatch, baselines: dict
+                      ) -> tuple[Tracked, list[torch.Tensor]]:
     """AtP node effects at every position with one backward pass: ``grad_a m . a`` per group ``[B, T, n_local]``
-    (nats; 0 at padding positions after each row's P, where the gradient is 0). Returns the tracked forward too."""
-    tr = tracked_forward(engine, pg, batch)
+    (``grad_a m . (a - mean)`` for the groups of ``baselines``, :func:`ablation_baselines`; nats; 0 at padding
+    positions after each row's P, where the gradient is 0). Returns the tracked forward too."""
+    tr = tracked_forward(engine, pg, batch, baselines)
     flat = tr.flat()
     grads = torch.autograd.grad(tr.m.sum(), flat, retain_graph=True, allow_unused=True)
     return tr, tr.contributions(pg, grads)
@@ -328,6 +347,7 @@ def _per_position_floats(engine, T: int, pg: PositionGroups) -> int:
 
 def exact_node_effects(
     engine, pg: PositionGroups, clean: CleanCache, nodes: list[PromptNodes], down: list[PromptNodes] | None = None,
+    *, baselines: dict,
 ) -> tuple[list[torch.Tensor], list[dict[tuple[int, int], float]], int]:
     """Exact effect of ablating each chosen node alone at its position, and its exact edges into ``down`` nodes.
 
@@ -338,6 +358,7 @@ def exact_node_effects(
         nodes: per prompt of the batch (batch order), the nodes to ablate.
         down: per prompt, the feature nodes whose change is read (edges ``u -> d`` for ``d`` at ``p_d >= t`` of a
             later stage); None = no edges.
+        baselines: :func:`ablation_baselines` (the embeddings are set to their mean).
 
     Returns:
         ``(effects, edges, n_interventions)``: per prompt float64 ``[n]`` (nats); per prompt ``{(i_u, i_d):
@@ -352,6 +373,7 @@ def exact_node_effects(
     dist = [P[b] - n.pos for b, n in enumerate(nodes)]
     all_d = sorted({int(x) for dd in dist for x in dd.tolist()})
     per_pos = _per_position_floats(engine, T, pg)
+    values = {pg.groups[gi].hook: v for gi, v in baselines.items()}  # _single_edit's {hook: value}
     n_runs = 0
     with torch.no_grad():
         for d in all_d:
@@ -362,11 +384,11 @@ def exact_node_effects(
             for v0 in range(0, V, chunk):
                 sel = [w[v0 : v0 + chunk] for w in which]
                 n_runs += sum(len(s) for s in sel)
-                _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges)
+                _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges, values)
     return effects, edges, n_runs
 
 
-def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges) -> None:
+def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges, values) -> None:
     batch = clean.batch
     dev = batch.tokens.device
     T = batch.tokens.shape[1]
@@ -385,7 +407,7 @@ def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges) -
     for gi, tab in tables.items():
         if bool((tab >= 0).any()):
             g = pg.groups[gi]
-            _first_position(_single_edit(g, tab, None), hooks)
+            _first_position(_single_edit(g, tab, values), hooks)
             # from the earlier of the hook edited and the one it reads (a transcoder's input)
             stages.append(min(stage_of_hook(h, engine.n_layers) for h in (g.hook, g.hook_in)))
     reads: dict = {}
@@ -426,8 +448,8 @@ def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges) -
             fi = f.expand(V, *f.shape[1:])[:, col.to(dev), dn.local[want].to(dev)]  # [V, w]
             delta = (fi[:1] - fi[1 : 1 + len(s)]).double().cpu()  # [len(s), w]
             ok = (up_stage < pg.stage_in[gi])[:, None] & (delta != 0)
-            for a, c in torch.nonzero(ok).tolist():
-                edges[b][(int(s[a]), int(want[c]))] = float(delta[a, c])
+            a, c = torch.nonzero(ok, as_tuple=True)  # (python floats in bulk: one tensor index per edge is slow)
+            edges[b].update(zip(zip(s[a].tolist(), want[c].tolist(), strict=True), delta[a, c].tolist(), strict=True))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -458,8 +480,8 @@ def attribution_edges(pg: PositionGroups, tr: Tracked, up: list[PromptNodes], do
             u, dn = up[b], down[b]
             ok = (up_stage[b] < pg.stage_in[int(dn.gi[j])]) & (u.pos <= int(dn.pos[j]))
             vals = tr.gathered(pg, grads, b, u)
-            for a in torch.nonzero(ok).flatten().tolist():
-                out[b][(a, j)] = float(vals[a])
+            a = torch.nonzero(ok).flatten()
+            out[b].update(zip([(x, j) for x in a.tolist()], vals[a].tolist(), strict=True))
     return out
 
 
@@ -535,6 +557,7 @@ def head_loadings(engine, pg: PositionGroups, clean: CleanCache, tr: Tracked, up
                 col = layer * K + kh
                 for i, (b, w) in enumerate(zip(have, which, strict=True)):
                     vals = tr.gathered(pg, grads, b, up[b])
-                    for a in torch.nonzero(up[b].pos < int(pd[i])).flatten().tolist():
-                        out[b].setdefault((a, w), [0.0] * (engine.n_layers * K))[col] = float(vals[a])
+                    a = torch.nonzero(up[b].pos < int(pd[i])).flatten()
+                    for x, val in zip(a.tolist(), vals[a].tolist(), strict=True):
+                        out[b].setdefault((x, w), [0.0] * (engine.n_layers * K))[col] = val
     return out

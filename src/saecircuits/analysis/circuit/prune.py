@@ -13,6 +13,16 @@ counts every path. Edges into features are in activation units and edges into th
 weights are not comparable: as circuit-tracer, an edge's score is ``|w| / sum of |w| into its destination`` times
 the destination's influence (nats), and edges are kept by that score.
 
+Embedding nodes are the graph's inputs and are pruned apart (a decision, issue 16): circuit-tracer keeps its token
+nodes out of the pruning altogether and prunes features and errors by influence. Here the token and position
+embeddings (mean-ablated, so their effects are on-distribution) can carry more influence than every feature
+together (on the demo, the token embedding at P carries about 2.7 nats, the features at most 0.05 each); ranked
+with the rest they would fill the kept graph with one embedding node per position. So the share is applied twice
+with the same rule: to the internal nodes (features, errors, heads, MLPs), and separately to the embedding nodes
+(the inputs that carry ``share`` of the embeddings' influence: which tokens and positions the answer reads). The
+pruning record says both shares, and ``non_sae_share`` (over every kept node, embeddings included) still says when
+non-SAE nodes dominate the kept graph.
+
 Everything here is a pure function on the graph dicts of the "positions" contract (analysis/circuit/positions.py):
 no torch, no model.
 """
@@ -23,10 +33,13 @@ import math
 from collections.abc import Iterable
 
 __all__ = ["prune_graph", "node_influence", "edge_weight", "edge_scores", "keep_by_share", "NON_SAE_KINDS",
-           "MIN_INFLUENCE"]
+           "INPUT_KINDS", "MIN_INFLUENCE"]
 
 NON_SAE_KINDS = frozenset({"error", "head", "mlp", "embed", "pos_embed"})
 """Node kinds that are not SAE features: SAE error nodes, attention heads, MLPs without an SAE, embeddings."""
+
+INPUT_KINDS = frozenset({"embed", "pos_embed"})
+"""The graph's input nodes, pruned apart from the internal ones (see the module docstring)."""
 
 MIN_INFLUENCE = 1e-6
 """Total influence (nats) at or below which a share of it is undefined: the denominator is ~0 and a ratio of
@@ -125,9 +138,11 @@ def prune(nodes: list[dict], edges: list[dict], share: float) -> tuple[list[dict
         share: share of influence to keep, in ``(0, 1]``.
 
     Returns:
-        ``(nodes, edges, pruning)``; ``pruning`` holds ``share``, ``node_share_kept`` (kept / total node influence),
-        ``edge_share_kept`` (kept / total edge score over all edges), the counts, and ``non_sae_share`` (share of
-        the kept influence held by :data:`NON_SAE_KINDS` nodes); a share whose total is ~0 is None (undefined).
+        ``(nodes, edges, pruning)``; ``pruning`` holds ``share``, ``node_share_kept`` (kept / total influence of
+        the internal nodes), ``input_share_kept`` and ``n_inputs_kept`` (the same for the embedding nodes, pruned
+        apart: :data:`INPUT_KINDS`), ``edge_share_kept`` (kept / total edge score over all edges), the counts, and
+        ``non_sae_share`` (share of the kept influence, embeddings included, held by :data:`NON_SAE_KINDS` nodes);
+        a share whose total is ~0 is None (undefined).
 
     Raises:
         ValueError: ``share`` outside ``(0, 1]``, duplicate node ids, or an edge naming an unknown node.
@@ -144,8 +159,12 @@ def prune(nodes: list[dict], edges: list[dict], share: float) -> tuple[list[dict
                 raise ValueError(f"edge {e['src']!r} -> {e['dst']!r}: {end} is not a node of the graph")
     targets = {k for k, n in by_id.items() if n["kind"] == "target"}
     influence = {k: node_influence(n) for k, n in by_id.items() if k not in targets}
-    kept_nodes, kept_influence, total_influence = keep_by_share(influence.items(), share)
-    kept_nodes |= targets
+    # internal nodes and inputs (embeddings) are each kept by the same rule, apart (module docstring)
+    kept_nodes, kept_influence, total_influence = keep_by_share(
+        ((k, v) for k, v in influence.items() if by_id[k]["kind"] not in INPUT_KINDS), share)
+    kept_inputs, kept_input_influence, total_input = keep_by_share(
+        ((k, v) for k, v in influence.items() if by_id[k]["kind"] in INPUT_KINDS), share)
+    kept_nodes |= kept_inputs | targets
 
     all_scores = edge_scores(nodes, edges)
     total_edge = math.fsum(all_scores)
@@ -163,12 +182,14 @@ def prune(nodes: list[dict], edges: list[dict], share: float) -> tuple[list[dict
     pruning = {
         "share": float(share),
         "node_share_kept": _ratio(kept_influence, total_influence),
+        "input_share_kept": _ratio(kept_input_influence, total_input),
+        "n_inputs_kept": len(kept_inputs),
         "edge_share_kept": _ratio(kept_edge_score, total_edge),
         "n_nodes": len(nodes),
         "n_edges": len(edges),
         "n_nodes_kept": len(kept_nodes),
         "n_edges_kept": len(kept_edges),
-        "non_sae_share": _ratio(non_sae, kept_influence),
+        "non_sae_share": _ratio(non_sae, kept_influence + kept_input_influence),
     }
     return out_nodes, out_edges, pruning
 
@@ -178,7 +199,8 @@ def prune_graph(graph: dict, share: float = 0.8) -> dict:
 
     The rule (circuit-tracer's pruning by influence, Ameisen et al. 2025; see the module docstring): rank the nodes
     by influence on the target (``|exact|`` in nats of log p(answer) at P where measured, else ``|atp|``), keep the
-    smallest set carrying at least ``share`` of the total; then among the edges between kept nodes (the target
+    smallest set carrying at least ``share`` of the total (the embedding nodes apart from the others, by the same
+    rule); then among the edges between kept nodes (the target
     counts as kept), keep the smallest set carrying at least ``share`` of their score, where an edge's score is its
     share of the absolute weight flowing into its destination times the destination's influence (nats).
 

@@ -238,7 +238,9 @@ def find_circuit(
         sizes: circuit sizes swept for the faithfulness/completeness curves (default 1, 2, 5, 10, 20, 50, ...).
         corpus_rows: corpus documents (token lists); mean ablation then uses each node's mean over their tokens
             (:func:`corpus_node_means`, what the pipeline passes). None: the mean at P over the task's prompts
-            (:func:`node_means`, as Sparse Feature Circuits on a task whose prompts have different answers).
+            (:func:`node_means`, as Sparse Feature Circuits on a task whose prompts have different answers). The
+            same means are what the token and position embedding nodes are ablated to in their exact effects, edges
+            and estimates (:data:`~saecircuits.analysis.circuit.nodes.MEAN_ABLATED_HOOKS`).
         progress: progress bars.
 
     Returns:
@@ -253,14 +255,22 @@ def find_circuit(
                                    max_batch=max_batch) for i, s in enumerate(saes)]
     nodes, groups = circuit_nodes(model, saes, acts)
     kw = dict(max_tokens=max_tokens, max_batch=max_batch)
-    exact = exact_effects(model, saes, task, nodes, groups, progress=progress, **kw)
-    atp = attribution_estimates(model, task, nodes, groups, progress=progress, **kw)
+    # one set of means for everything mean-ablated: the embedding nodes' single ablations (exact, AtP, IG) and
+    # faithfulness / completeness
+    if corpus_rows is not None:
+        means = corpus_node_means(model, corpus_rows, groups, progress=progress, **kw)
+        mean_rule = f"each node's mean over the tokens of {len(corpus_rows)} corpus documents"
+    else:
+        means = node_means(model, task, groups, **kw)
+        mean_rule = f"each node's mean at P over the task's {task.n_prompts} prompts"
+    exact = exact_effects(model, saes, task, nodes, groups, means=means, progress=progress, **kw)
+    atp = attribution_estimates(model, task, nodes, groups, means=means, progress=progress, **kw)
     order = torch.argsort(exact.node_effect.abs(), descending=True).tolist()
     ig = None
     if ig_steps > 0:
         targets = [i for i in order if nodes[i].kind == "feature" and nodes[i].sae > 0
                    or (nodes[i].kind == "feature" and _stage_key(nodes[i].hook, int(model.cfg.n_layers)) > 0)]
-        ig = integrated_gradient_estimates(model, task, nodes, groups, steps=ig_steps,
+        ig = integrated_gradient_estimates(model, task, nodes, groups, steps=ig_steps, means=means,
                                            edge_targets=targets[:ig_edge_targets], progress=progress, **kw)
     agree = {"nodes": {"atp": agreement(atp.node_effect.numpy(), exact.node_effect.numpy())}, "edges": {}}
     keys = list(exact.edges)
@@ -276,12 +286,6 @@ def find_circuit(
     N = len(nodes)
     if sizes is None:
         sizes = [s for s in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if s < N] + [N]
-    if corpus_rows is not None:
-        means = corpus_node_means(model, corpus_rows, groups, progress=progress, **kw)
-        mean_rule = f"each node's mean over the tokens of {len(corpus_rows)} corpus documents"
-    else:
-        means = node_means(model, task, groups, **kw)
-        mean_rule = f"each node's mean at P over the task's {task.n_prompts} prompts"
     curve = faithfulness_curve(model, task, nodes, groups, order, sizes, means=means, **kw)
     if node_threshold is not None:
         circuit = [i for i in order if abs(float(exact.node_effect[i])) >= node_threshold]

@@ -97,7 +97,13 @@ def positions(c: Circuit, n_examples: int = 3) -> dict[str, Any] | None:
         "faithfulness": _mean_interval(p.faithfulness), "completeness": _mean_interval(p.completeness),
         "aggregated": _graph_html(_dump(p.aggregated), "aggregated") if given(p.aggregated) else None,
         "examples": [], "by_distance": None,
+        "exact_note": getattr(p, "values", None), "example_nodes": getattr(p, "example_nodes", None),
+        "agg_faithfulness": None, "agg_completeness": None,
     }
+    agg = p.aggregated if given(p.aggregated) else None
+    if agg is not None and getattr(agg, "faithfulness", None) is not None:
+        out["agg_faithfulness"] = _mean_interval(agg.faithfulness)
+        out["agg_completeness"] = _mean_interval(agg.completeness) if agg.completeness is not None else None
     for ex in (p.examples or [])[:n_examples]:
         d = _dump(ex)
         pr = ex.pruning
