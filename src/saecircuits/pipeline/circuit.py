@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from saecircuits.pipeline.stages import RunContext, Stage
 
-POSITION_KW = dict(n_examples=20, top_exact=200, head_targets=10, screen_distance=2)
+POSITION_KW = dict(n_examples=20, top_exact=200, edge_targets=20, head_targets=5, screen_distance=2, max_candidates=100)
 """The circuit across positions as the pipeline runs it, on every prompt of the task: AtP at every position of each;
-exact effects of the top 200 nodes by |AtP| and of every node within 2 positions of P on the 20 example prompts;
-exact effects of the aggregated graph's nodes on every prompt (time measured on the demo with
-benchmarks/bench_position_circuit.py)."""
+exact effects of the top 200 nodes by |AtP| and of every node within 2 positions of P on the 20 example prompts,
+with AtP edges into their 20 features of largest exact effect and head loadings into 5; exact effects of the
+aggregated graph's nodes on every prompt (its inputs and its 100 most influential internal nodes). The stage's time
+against the circuit at P is measured on the demo with benchmarks/bench_position_circuit.py."""
 
 CIRCUIT_MEAN_DOCS = 300
 """Corpus documents whose tokens give the circuit's mean-ablation values (enough for stable means, and cheap)."""

@@ -231,3 +231,22 @@ def test_real_task_anchors_align_prompts_of_different_lengths_end_to_end():
     frag = circuit_graph_html(agg, kind="aggregated")
     assert frag.count('<g class="cg-node') == 3 and frag.count('<path class="cg-edge"') == 2
     assert "(pruned at 90%)" in text
+
+
+def test_the_exact_pass_over_every_prompt_takes_every_input_and_the_most_influential_internal_nodes():
+    """``max_candidates`` bounds the internal nodes measured exactly on every prompt (largest |mean_exact| else
+    |mean_atp|, ties by id); every kept input node is measured; nodes outside the aggregate's graph never are."""
+    from saecircuits.analysis.circuit.position_graph import _choose_candidates
+
+    def node(nid, kind, atp, in_graph=True, exact=None):
+        return {"id": nid, "kind": kind, "mean_atp": atp, "mean_exact": exact, "in_graph": in_graph}
+
+    agg = {"nodes": [node("embed:-1:0@P", "embed", 0.001), node("pos_embed:-1:0@said", "pos_embed", 0.0),
+                     node("feature:0:1@P", "feature", 0.5), node("feature:0:2@P", "feature", -0.9),
+                     node("head:1:3@said", "head", 0.2, exact=-0.7), node("feature:1:4@P", "feature", 0.4),
+                     node("feature:1:5@P", "feature", 5.0, in_graph=False),
+                     node("target:2:0@P", "target", None)]}
+    got = [nd["id"] for nd in _choose_candidates(agg, 2)]
+    assert got == ["embed:-1:0@P", "pos_embed:-1:0@said", "feature:0:2@P", "head:1:3@said"]
+    assert [nd["id"] for nd in _choose_candidates(agg, None)] == [
+        "embed:-1:0@P", "pos_embed:-1:0@said", "feature:0:1@P", "feature:0:2@P", "head:1:3@said", "feature:1:4@P"]

@@ -173,6 +173,7 @@ def position_circuit(
     head_targets: int = 10,
     max_edges: int = 500,
     screen_distance: int = 2,
+    max_candidates: int | None = 100,
     max_batch: int = DEFAULT_MAX_BATCH,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     progress: bool | None = None,
@@ -197,6 +198,10 @@ def position_circuit(
         screen_distance: on the example prompts, every node at most this many positions before P is measured
             exactly too (besides the top_exact by ``|AtP|``): AtP misses large exact effects there, and an
             intervention that recomputes a few positions is cheap. -1: the top_exact alone.
+        max_candidates: at most this many internal nodes (features, errors, heads, MLPs) of the aggregate's pruned
+            graph are measured exactly on every prompt, those of largest aggregated influence
+            (:func:`~saecircuits.analysis.circuit.prune.node_influence`); every input node it kept is. None: all.
+            The exact pass over every prompt costs in proportion to them (most of the stage's time on the demo).
         timings: filled with the seconds of each pass when given.
 
     Returns:
@@ -274,7 +279,7 @@ def position_circuit(
 
     # the aggregate of the pruned graphs chooses the candidates; each is then measured exactly on every prompt
     aggregated = aggregate_graphs([_in_graph(g) for g in graphs], share=share)
-    cand_nodes = [nd for nd in aggregated["nodes"] if nd.get("in_graph") and nd["kind"] != "target"]
+    cand_nodes = _choose_candidates(aggregated, max_candidates)
     where = [(ident[nd["id"].rpartition("@")[0]], nd["column"]) for nd in cand_nodes]
     ver = _Verification(len(cand_nodes), n)
     for batch in with_progress(_by_length(model, task, **kw), n, "circuit across positions: exact, every prompt",
@@ -282,7 +287,7 @@ def position_circuit(
         n_runs += ver.run(eng, pg, batch, [_anchors(task, int(i), int(batch.positions[b]))
                                            for b, i in enumerate(batch.indices)], where, cands, base)
     lap("C: aggregated graph, exact on every prompt")
-    aggregated = _verified_graph(aggregated, cand_nodes, ver, share, n)
+    aggregated = _verified_graph(aggregated, cand_nodes, ver, share, n, max_candidates)
 
     # faithfulness and completeness on every prompt: of its own pruned graph (exact values on the example prompts,
     # AtP on the others), and of the aggregated graph's kept nodes where the prompt holds them
@@ -302,6 +307,19 @@ def position_circuit(
         f" and every node at most {screen_distance} positions before P" if screen_distance >= 0 else "")
     return _assemble(task, graphs, pairs, faith_rows, agg_rows, share, n_runs, n_ex, aggregated, ver,
                      f"{rule}, each measured exactly")
+
+
+def _choose_candidates(aggregated: dict, max_candidates: int | None) -> list[dict]:
+    """The aggregate's kept nodes to measure exactly on every prompt: every input (embedding) node, and the
+    ``max_candidates`` internal ones of largest influence (ties by id), in the aggregate's order."""
+    from saecircuits.analysis.circuit.prune import INPUT_KINDS, node_influence
+
+    kept = [nd for nd in aggregated["nodes"] if nd.get("in_graph") and nd["kind"] != "target"]
+    internal = [nd for nd in kept if nd["kind"] not in INPUT_KINDS]
+    if max_candidates is not None and len(internal) > max_candidates:
+        chosen = {nd["id"] for nd in sorted(internal, key=lambda nd: (-node_influence(nd), nd["id"]))[:max_candidates]}
+        kept = [nd for nd in kept if nd["kind"] in INPUT_KINDS or nd["id"] in chosen]
+    return kept
 
 
 def _kept(aggregated: dict, node_id: str) -> bool:
@@ -437,7 +455,8 @@ class _Verification:
         return runs
 
 
-def _verified_graph(aggregated: dict, cand: list[dict], ver: _Verification, share: float, n: int) -> dict:
+def _verified_graph(aggregated: dict, cand: list[dict], ver: _Verification, share: float, n: int,
+                    max_candidates: int | None = None) -> dict:
     """The aggregated graph with the candidates' exact means over every prompt, pruned again on them: candidates
     (the nodes the aggregate of the pruned per-prompt graphs kept) carry ``mean_exact`` with its 95% interval and
     the AtP mean beside it, ``values = "exact"``; other nodes are out of the graph with ``values = "estimated"``
@@ -472,7 +491,9 @@ def _verified_graph(aggregated: dict, cand: list[dict], ver: _Verification, shar
     nodes = sorted(nodes + rest, key=lambda nd: (order.get(nd["column"], 0), nd["layer"], nd["id"]))
     return {**aggregated, "nodes": nodes, "edges": edges, "pruning": pruning,
             "candidates": {"n": len(cand), "rule": "the nodes the aggregate of the prompts' pruned graphs kept "
-                                                   "(exact values on the example prompts, AtP on the others)"}}
+                                                   "(exact values on the example prompts, AtP on the others)" + (
+                "" if max_candidates is None else f": every input node and the {max_candidates} internal nodes of "
+                                                  "largest aggregated influence")}}
 
 
 GRAPH_FLOATS = 1 << 26
