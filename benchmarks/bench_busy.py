@@ -121,7 +121,7 @@ def worker(args: argparse.Namespace) -> None:
         for i, sae in enumerate(saes):
             t0 = time.perf_counter()
             entry = analyse_sae(model, sae, task, rows, cfg, quiet, mean_act=stats[i].mean_input,
-                                token_counts=stats.token_counts)
+                                token_counts=stats.token_counts, fs=stats[i])
             study_sae(model, sae, task, rows, entry, stats[i], stats[i].mean_input, cfg, quiet)
             t[f"sae{i}"] = time.perf_counter() - t0
         if args.circuit:
