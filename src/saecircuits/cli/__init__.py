@@ -187,8 +187,26 @@ def expand_multi_value_options(argv: list[str]) -> list[str]:
     return out
 
 
+WAIT_POLICY_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+"""OpenMP settings of how an idle thread waits; when the user sets any of them, the CLI leaves the wait alone."""
+
+
+def threading_defaults(environ: dict[str, str] | None = None) -> None:
+    """Make torch's OpenMP threads sleep while they wait (``OMP_WAIT_POLICY=PASSIVE``) unless the user chose a wait
+    (any of :data:`WAIT_POLICY_VARS` set). Call before torch is imported: OpenMP reads it when it loads.
+
+    Why: by default libgomp (torch's OpenMP on Linux) spins up to 300,000 rounds before a waiting thread sleeps, at
+    every barrier and between parallel regions. Beside another CPU-bound process the spinning threads take the
+    cores the working ones need: the cached demo at 2 threads ran 6x slower beside one busy process on 2 cores.
+    Sleeping waits cost little when the machine is quiet (``benchmarks/bench_busy.py`` measures both)."""
+    env = os.environ if environ is None else environ
+    if not any(env.get(name) for name in WAIT_POLICY_VARS):
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    threading_defaults()  # before any command imports torch
     _register()
     app(args=argv, prog_name="saecircuits")

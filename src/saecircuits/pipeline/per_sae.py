@@ -26,13 +26,16 @@ logger = logging.getLogger(__name__)
 def analyse_sae(
     model, sae, task, stat_docs: list[list[int]], cfg: RunConfig, progress: Callable[[str], None],
     bars: bool = False, *, mean_act: torch.Tensor | None = None, token_counts: torch.Tensor | None = None,
-    model_names: Collection[str] = (),
+    model_names: Collection[str] = (), fs=None,
 ) -> dict:
     """All first-slice analyses of one SAE; returns its ``results.json`` entry (schema: saecircuits.results, docs/results.md).
 
     ``mean_act`` (the hook's mean activation) and ``token_counts`` (corpus token counts for the common-token mask)
-    come from the corpus statistics pass when given; otherwise they are computed here. ``model_names``: the names the
-    loaded model goes by (weights digest, source, name), compared with the model the SAE records."""
+    come from the corpus statistics pass when given; otherwise they are computed here. ``fs``: the SAE's
+    :class:`~saecircuits.analysis.corpus.statistics.FeatureStats` over ``stat_docs``; when given (and it kept
+    ``cfg.n_examples`` documents per feature) the top activating examples are read from it, not from another pass
+    over the corpus. ``model_names``: the names the loaded model goes by (weights digest, source, name), compared
+    with the model the SAE records."""
     from saecircuits.analysis.ablations.feature_effects import (
         feature_ablation_table,
         feature_activations,
@@ -169,7 +172,12 @@ def analyse_sae(
             {"feature": int(k), "values": [_round(v, 4) for v in acts.value[acts.feature == k].tolist()]}
             for k in shown]
         progress(f"{sae.hook_point}: top activating examples of {len(shown)} features")
-        examples = top_activating_examples(model, sae, stat_docs, shown, k=cfg.n_examples, progress=bars)
+        if fs is not None and fs.top_doc.shape[1] >= cfg.n_examples:  # the corpus pass's top-k: no second pass
+            from saecircuits.analysis.corpus.statistics import top_examples_from_stats
+
+            examples = top_examples_from_stats(model, sae, stat_docs, fs, shown, k=cfg.n_examples)
+        else:
+            examples = top_activating_examples(model, sae, stat_docs, shown, k=cfg.n_examples, progress=bars)
         entry["examples"] = [
             {
                 "feature": int(k),
@@ -367,7 +375,7 @@ def _analyse(ctx: RunContext, i: int, sae, *, model, saes: list, task, stat_docs
     mean_act = stats[i].mean_input if cfg.exclude_bos and not sae.is_transcoder else mean_activation(
         model, stat_docs, sae.hook_point_out, exclude_bos=cfg.exclude_bos, progress=ctx.bars).reshape(-1)
     entry = analyse_sae(model, sae, task, stat_docs, cfg, ctx.say, bars=ctx.bars, mean_act=mean_act,
-                        token_counts=stats.token_counts, model_names=model_names)
+                        token_counts=stats.token_counts, model_names=model_names, fs=stats[i])
     entry.update(study_sae(model, sae, task, stat_docs, entry, stats[i], mean_act, cfg, ctx.say))
     fm = training.get("final_metrics", {}).get(sae.hook_point)
     entry["training"] = {k: v for k, v in training.items() if k != "final_metrics"} | (

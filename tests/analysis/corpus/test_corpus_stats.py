@@ -209,6 +209,41 @@ def test_example_windows_show_the_feature_around_the_picked_position():
         example_windows(model, sae, rows, [(0, len(rows), 0)])
 
 
+@pytest.mark.parametrize("architecture", ["standard", "topk"])
+def test_top_examples_from_the_corpus_pass_equal_a_pass_of_their_own(architecture):
+    """The pipeline reads each shown feature's top examples from the corpus pass's top-k (issue 17: no second pass
+    over the corpus per SAE); they must be what ``top_activating_examples`` finds by its own pass."""
+    from saecircuits.analysis.corpus.examples import top_activating_examples
+    from saecircuits.analysis.corpus.statistics import top_examples_from_stats
+    from saecircuits.saes.base import SAEConfig
+    from saecircuits.saes.registry import build_sae
+
+    model, rows = tiny_neo(), _rows()
+    sae = _saes()[1]
+    if architecture == "topk":  # features compete: examples need the whole encoding
+        topk = build_sae(SAEConfig("topk", sae.d_in, sae.d_sae, sae.hook_point, extra={"k": 8}))
+        topk.load_state_dict(sae.state_dict(), strict=False)
+        sae = topk
+    with torch.no_grad():
+        sae.b_enc[0] = -1e3  # a feature that never fires: no examples
+    features = list(range(sae.d_sae))
+    with _one_thread():  # a selection among near-equal maxima: the same float rounding on both sides
+        fs = corpus_feature_stats(model, [sae], rows, k=K, max_batch=3)[0]
+        got = top_examples_from_stats(model, sae, rows, fs, features, k=3, window_before=4, window_after=2)
+        want = top_activating_examples(model, sae, rows, features, k=3, window_before=4, window_after=2)
+    assert list(got) == features and got[0] == [] and sum(bool(got[f]) for f in features) > len(features) // 2
+    for f in features:
+        assert [(e.doc_index, e.max_position, e.window_start, e.tokens, e.token_kinds) for e in got[f]] == [
+            (e.doc_index, e.max_position, e.window_start, e.tokens, e.token_kinds) for e in want[f]]
+        for a, b in zip(got[f], want[f], strict=True):
+            assert a.max_activation == pytest.approx(b.max_activation, rel=1e-5, abs=1e-6)
+            assert a.activations == pytest.approx(b.activations, rel=1e-5, abs=1e-6, nan_ok=True)
+    with pytest.raises(ValueError, match="documents the corpus pass kept"):
+        top_examples_from_stats(model, sae, rows, fs, features, k=K + 1)
+    with pytest.raises(ValueError, match="cover"):
+        top_examples_from_stats(model, sae, rows[:-1], fs, features, k=2)
+
+
 def _assert_same_stats(got, want):
     """Every count equal, every float to 1e-5 relative, the same top-k / band / token examples."""
     assert (got.n_docs, got.n_tokens) == (want.n_docs, want.n_tokens)

@@ -777,6 +777,56 @@ def _all_reduce_partial(partial: CorpusPartial) -> CorpusPartial:
                          partial.special_ids, partial.n_top_tokens, partial._accs)
 
 
+def top_examples_from_stats(
+    model,
+    sae: SAE,
+    token_rows: Sequence[Sequence[int]],
+    fs: FeatureStats,
+    features: Sequence[int],
+    *,
+    k: int,
+    window_before: int = 10,
+    window_after: int = 5,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+):
+    """What :func:`saecircuits.analysis.corpus.examples.top_activating_examples` returns for ``features``, read
+    from a corpus pass instead of a pass of its own: ``fs`` (this SAE's statistics over the same ``token_rows``)
+    holds the same top-k, the documents with the largest per-document maxima over the same counted positions with
+    ties to the lower document, so the examples are the same documents, positions and maxima; only the windows need
+    a forward, over the chosen documents (:func:`example_windows`).
+
+    Args:
+        fs: the SAE's :class:`FeatureStats` from :func:`corpus_feature_stats` over ``token_rows``.
+        features: feature indices; k: examples per feature (at most the pass's ``k``).
+
+    Returns:
+        ``{feature: [Example, ...]}`` in decreasing ``max_activation`` (the pass's value); features that never fire
+        get ``[]``.
+
+    Raises:
+        ValueError: ``k`` above the documents the pass kept per feature, or ``fs`` from another number of rows.
+    """
+    if not 1 <= k <= fs.top_doc.shape[1]:
+        raise ValueError(f"k must be in 1..{fs.top_doc.shape[1]} (the documents the corpus pass kept per feature), "
+                         f"got {k}")
+    if fs.n_docs != len(token_rows):
+        raise ValueError(f"the corpus statistics cover {fs.n_docs} documents but {len(token_rows)} rows were given")
+    tops = {int(f): fs.top_examples(int(f), k) for f in features}
+    picks = [(f, d, p) for f, top in tops.items() for d, p, _ in top]
+    windows = iter(example_windows(model, sae, token_rows, picks, window_before=window_before,
+                                   window_after=window_after, max_tokens=max_tokens, max_batch=max_batch)
+                   if picks else [])
+    out = {}
+    for f, top in tops.items():
+        out[f] = []
+        for _, _, value in top:
+            ex = next(windows)
+            ex.max_activation = value  # the pass's maximum, which chose the document (as top_activating_examples)
+            out[f].append(ex)
+    return out
+
+
 def example_windows(
     model,
     sae: SAE,
@@ -804,7 +854,7 @@ def example_windows(
     Raises:
         IndexError: a document or position out of range.
     """
-    from saecircuits.analysis.corpus.examples import Example, feature_activations_over_rows
+    from saecircuits.analysis.corpus.examples import Example
 
     picks = [(int(k), int(d), int(p)) for k, d, p in picks]
     if any(not 0 <= d < len(token_rows) or not 0 <= p < len(token_rows[d]) for _, d, p in picks):
@@ -812,16 +862,26 @@ def example_windows(
     docs = sorted({d for _, d, _ in picks})
     feats = sorted({k for k, _, _ in picks})
     col = {k: j for j, k in enumerate(feats)}
+    # only the windows' positions are encoded (the corpus pass encoded every position already; encoding dominates)
+    shown = {d: torch.zeros(len(token_rows[d]), dtype=torch.bool) for d in docs}
+    for _, d, p in picks:
+        shown[d][max(0, p - window_before) : p + window_after + 1] = True
     special = special_ids_of(model)
+    iv = interventions_for(model)
     acts: dict[int, torch.Tensor] = {}
     rows = [token_rows[d] for d in docs]
     for batch in row_batches(rows, pad_id_of(model), max_tokens=max_tokens, max_batch=max_batch,
                              device=_device_of(model), n_ctx=n_ctx_of(model), what="corpus document"):
-        a = feature_activations_over_rows(model, sae, batch.tokens, torch.tensor(feats)).cpu()
-        counted = counted_token_mask(batch.tokens, batch.positions + 1, special).cpu()
-        a = a.masked_fill(~counted[..., None], float("nan"))
+        lengths = [int(n) + 1 for n in batch.positions]
+        want = counted_token_mask(batch.tokens, batch.positions + 1, special).cpu()
         for r, i in enumerate(batch.indices):
-            acts[docs[i]] = a[r, : int(batch.positions[r]) + 1]
+            want[r, : lengths[r]] &= shown[docs[i]]
+        x = iv.read_all(batch.tokens, [sae.hook_point])[sae.hook_point]
+        a = torch.full((*want.shape, len(feats)), float("nan"))  # NaN: special, padding or outside every window
+        with torch.no_grad():
+            a[want] = sae.encode_features(x[want.to(x.device)], torch.tensor(feats)).float().cpu()
+        for r, i in enumerate(batch.indices):
+            acts[docs[i]] = a[r, : lengths[r]]
     pieces = {d: token_pieces(model.tokenizer, token_rows[d]) for d in docs}  # whole documents
     out = []
     for k, d, p in picks:
