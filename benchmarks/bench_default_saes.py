@@ -54,8 +54,8 @@ GPT2BPE_STEPS = 1000
 tokens, about 1.9 passes over the mixed data). See :func:`gpt2bpe_neo` for the recipe.
 
 NOT ENOUGH YET (measured 7 December, 1 thread on a shared 2-core machine at load 8 to 12: 2,675 s for the 1,000
-compact steps, about 0.4 s a step, and 541 s for the 30 full-vocabulary steps; 3,217 s in all, about 6 times the idle
-figures): train loss 2.03 nats (compact) / 2.16 (full vocabulary), held-out TinyStories loss 4.20, and on the 215
+compact steps, 2.7 s a step, and 541 s for the 30 full-vocabulary steps, 18 s a step, where an idle core took 2.6 s;
+3,217 s in all): train loss 2.03 nats (compact) / 2.16 (full vocabulary), held-out TinyStories loss 4.20, and on the 215
 validation closing-quote prompts a top-1 accuracy of 8.4% (loss 3.44 nats, mean rank of ``."`` 251), below
 ``behaviour_not_performed``'s 50%: the model ends the sentence with ``.`` (the argmax on 140 of 215 prompts;
 ``."`` on 18) without tracking the open quotation mark in real stories. Earlier recipe, for comparison: 250
@@ -64,8 +64,8 @@ holds these figures. Next to try: more TinyStories text relative to the generate
 
 GPT2BPE_FULL_VOCAB_STEPS = 30
 """Steps of the second phase, over the full 50,257-token output layer (lr 1e-3): they push the logits of the
-tokens the data never shows down (about 2.6 s a step on one idle core, against about 0.45 s on the compact
-vocabulary)."""
+tokens the data never shows down (2.6 s a step on one idle core; 18 s against 2.7 s for a compact step
+at load 8 to 12)."""
 
 GPT2BPE_GENERATED_STORIES = 6000
 """Generated dialogue stories (:func:`saecircuits.data.storygen.generate_stories`, stream 0, the embedded default's
