@@ -120,6 +120,7 @@ def main() -> None:
     from saecircuits.models.tokens import encode_documents
     from saecircuits.pipeline import RunConfig, sae_train_config
     from saecircuits.saes.base import SAEConfig
+    from saecircuits.saes.presets import pipeline_d_sae
     from saecircuits.saes.registry import build_sae
     from saecircuits.saes.trainer import SAETrainer
     from saecircuits.tasks.closing_quote import closing_quote_task
@@ -146,7 +147,7 @@ def main() -> None:
                                 sae_tokens=args.tokens, sae_recipe="reference", l1_coefficient=coef,
                                 normalize_activations=not args.no_normalize)
                 tcfg = sae_train_config(cfg)
-                sae = build_sae(SAEConfig("standard", d_in, cfg.expansion_factor * d_in, hook))
+                sae = build_sae(SAEConfig("standard", d_in, pipeline_d_sae(d_in, cfg.expansion_factor), hook))
                 trainer = SAETrainer(sae, batches_from(acts[hook], tcfg.batch_size, 0), tcfg, progress=False)
                 sae = trainer.fit()
                 m = trainer.last_metrics or {}

@@ -125,7 +125,7 @@ def test_pipeline_supported_multi_set_task_activations_auto_layers_and_reused_me
     corpus = tmp_path / "stories.txt"
     corpus.write_text("".join(f"{s}\n<|endoftext|>\n" for s in STORIES * 3), encoding="utf-8")
     cfg = dict(model="tiny-neo", data=corpus, workspace=tmp_path / "ws", closings=('."', '!"', '?"'), sae_tokens=2048,
-               sae_batch_size=256, seq_len=32, max_candidates=8, n_example_features=2, n_examples=2,
+               expansion_factor=4, sae_batch_size=256, seq_len=32, max_candidates=8, n_example_features=2, n_examples=2,
                n_evidence_features=1, n_geometry_features=0, circuit=False, layers="auto", auto_layers=1, seed=0)
     model = tiny_neo()
     first = run_pipeline(RunConfig(out=tmp_path / "a", **cfg), model=model, progress=False)

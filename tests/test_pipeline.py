@@ -26,7 +26,7 @@ def corpus(tmp_path):
 
 def _cfg(tmp_path, corpus, **kw) -> RunConfig:
     base = dict(model="tiny-neo", data=corpus, out=tmp_path / "out", workspace=tmp_path / "ws",
-                closings=('."', '!"', '?"'), sae_tokens=2048, sae_batch_size=256, seq_len=32,
+                closings=('."', '!"', '?"'), sae_tokens=2048, sae_batch_size=256, seq_len=32, expansion_factor=4,
                 max_candidates=5, n_example_features=2, n_examples=2, seed=0)
     base.update(kw)
     return RunConfig(**base)

@@ -149,10 +149,15 @@ def test_shown_defaults_are_the_library_defaults():
 
     run_defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
     blocks = _option_blocks(_help("run"))
-    for field in ("task", "sae_tokens", "expansion_factor", "sae_recipe", "sae_k", "l1_coefficient", "max_prompts",
+    for field in ("task", "sae_tokens", "sae_recipe", "sae_k", "l1_coefficient", "max_prompts",
                   "device", "seed"):
         flag = "--" + field.replace("_", "-")
         assert _default_shown(blocks[flag][1]) == str(run_defaults[field]), flag
+    from saecircuits.saes.presets import DEFAULT_EXPANSION_FACTOR, MIN_D_SAE
+
+    assert run_defaults["expansion_factor"] is None  # the rule of pipeline_d_sae, shown as such
+    assert _default_shown(blocks["--expansion-factor"][1]).startswith(
+        f"max({DEFAULT_EXPANSION_FACTOR} x d_in, {MIN_D_SAE})")
     for switch in ("fold_ln", "center_writing_weights", "center_unembed"):
         flag = "--" + switch.replace("_", "-")
         assert _default_shown(blocks[flag][1]) == (flag[2:] if run_defaults[switch] else "no-" + flag[2:])

@@ -40,7 +40,7 @@ def hostile_report(tmp_path_factory):
     corpus = tmp / "stories.txt"
     corpus.write_text("".join(f"{s}\n<|endoftext|>\n" for s in stories * 2), encoding="utf-8")
     cfg = RunConfig(model="tiny-neo", data=corpus, out=tmp / "out", workspace=tmp / "ws",
-                    closings=('."', '!"', '?"'), sae_tokens=2048, sae_batch_size=256, seq_len=32,
+                    closings=('."', '!"', '?"'), sae_tokens=2048, sae_batch_size=256, seq_len=32, expansion_factor=4,
                     max_candidates=5, n_example_features=3, n_examples=3, seed=0, circuit_ig_steps=2)
     results = run_pipeline(cfg, model=tiny_neo(), progress=False)
     sae = results["saes"][1]

@@ -65,7 +65,8 @@ def test_default_recipe_on_the_small_test_model_gives_l0_close_to_k(tmp_path):
     from saecircuits.pipeline import _train_or_reuse_saes
 
     model = tiny_neo()
-    cfg = _run_config(tmp_path, sae_tokens=16_384, sae_batch_size=256, seq_len=32, sae_k=6, layers=[1])
+    cfg = _run_config(tmp_path, sae_tokens=16_384, sae_batch_size=256, seq_len=32, sae_k=6, layers=[1],
+                      expansion_factor=4)
     (sae,), info = _train_or_reuse_saes(cfg, model, "tiny-neo", STORIES * 4, progress=False)
     assert sae.cfg.architecture == "topk" and sae.cfg.extra["k"] == 6 and sae.d_sae == 4 * 64
     assert info["train_config"]["loss"]["regularizer"] == "none"
@@ -79,6 +80,41 @@ def test_default_recipe_on_the_small_test_model_gives_l0_close_to_k(tmp_path):
     assert float(l0.mean()) >= 0.8 * 6 and float(l0.max()) <= 6
     final = info["final_metrics"][sae.hook_point]
     assert 0.8 * 6 <= final["l0"] <= 6
+
+
+def test_default_dictionary_size_is_four_per_dimension_with_a_floor_of_2048_features():
+    """The pipeline's default d_sae (issue 18 kind 9: stories260K's 688-feature SAE on layer 1 reconstructed P worse
+    than the prompts' mean): max(4 x d_in, 2048), worked by hand for the models the README runs; an explicit
+    expansion factor is taken as given, and nonsense is refused."""
+    from saecircuits.saes.presets import pipeline_d_sae
+
+    assert pipeline_d_sae(172) == 2048  # stories260K: 4 x 172 = 688 < 2048
+    assert pipeline_d_sae(512) == 2048  # the embedded default and the GPT-2-tokenizer GPT-Neo: 4 x 512, unchanged
+    assert pipeline_d_sae(1024) == 4096  # the reference shape: 4 x 1024 > 2048
+    assert pipeline_d_sae(513) == 2052 and pipeline_d_sae(511) == 2048  # the floor binds below 512 only
+    assert pipeline_d_sae(172, expansion_factor=4) == 688 and pipeline_d_sae(64, expansion_factor=2) == 128
+    with pytest.raises(SAEError, match="must be >= 1"):
+        pipeline_d_sae(172, expansion_factor=0)
+
+
+def test_pipeline_trains_the_default_dictionary_size_and_an_explicit_expansion_factor(tmp_path):
+    """_train_or_reuse_saes builds SAEs of pipeline_d_sae features: the tiny model's d_mlp 64 gets 2,048 by default
+    (the floor) and 3 x 64 = 192 with --expansion-factor 3; the two are cached under different keys."""
+    from helpers import STORIES, tiny_neo
+
+    from saecircuits.pipeline import PipelineError, _train_or_reuse_saes
+
+    model = tiny_neo()
+    small = dict(sae_tokens=512, sae_batch_size=256, seq_len=32, sae_k=4, layers=[0])
+    (default,), info = _train_or_reuse_saes(_run_config(tmp_path, **small), model, "tiny-neo", STORIES,
+                                            progress=False)
+    (explicit,), info3 = _train_or_reuse_saes(_run_config(tmp_path, expansion_factor=3, **small), model, "tiny-neo",
+                                              STORIES, progress=False)
+    assert int(model.cfg.d_mlp) == 64 and (default.d_in, default.d_sae) == (64, 2048)
+    assert (explicit.d_in, explicit.d_sae) == (64, 192) and info3["cache"] != info["cache"]
+    with pytest.raises(PipelineError, match="more than the 2048 features of each SAE \\(the default max"):
+        _train_or_reuse_saes(_run_config(tmp_path, **{**small, "sae_k": 4096}), model, "tiny-neo", STORIES,
+                             progress=False)
 
 
 # ------------------------------------------------------------------------------------------ the dead-latent window

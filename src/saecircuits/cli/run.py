@@ -310,8 +310,9 @@ def run(
         "--hook", metavar="HOOK...", show_default="what each SAE's files say", help=HOOK_HELP)] = None,
     sae_tokens: Annotated[int, typer.Option(
         metavar="N", min=1, help="Activations each new SAE is trained on.")] = 400_000,
-    expansion_factor: Annotated[int, typer.Option(
-        metavar="N", min=1, help="d_sae = expansion_factor * d_in.")] = 4,
+    expansion_factor: Annotated[int | None, typer.Option(
+        metavar="N", min=1, show_default="max(4 x d_in, 2048) features",
+        help="d_sae = expansion_factor * d_in.")] = None,
     sae_recipe: Annotated[str, typer.Option(
         metavar="topk|reference", callback=_sae_recipe, help=SAE_RECIPE_HELP)] = "topk",
     sae_k: Annotated[int, typer.Option(metavar="K", min=1, help=SAE_K_HELP)] = 32,

@@ -40,7 +40,9 @@ class RunConfig:
         sae_hooks: the TransformerLens hook of each of ``sae_paths`` (one per SAE; ``"auto"`` or None = what its
             files say), for families whose files do not say it (Gemma Scope 1, Goodfire); None = all from the files.
         sae_tokens: activations (tokens) each SAE is trained on.
-        expansion_factor: ``d_sae = expansion_factor * d_in`` for new SAEs.
+        expansion_factor: ``d_sae = expansion_factor * d_in`` for new SAEs; None (default):
+            ``max(4 * d_in, 2048)`` (:func:`saecircuits.saes.presets.pipeline_d_sae`: a small model's SAEs get
+            2,048 features rather than 4 per dimension).
         sae_recipe: how new SAEs are trained (:func:`saecircuits.saes.presets.pipeline_recipe`): ``"topk"``
             (default: a TopK SAE with ``sae_k`` active features per token and AuxK against dead latents, the same
             sparsity on every model without tuning) or ``"reference"`` (the reference notebook's ReLU SAE with an L1
@@ -108,7 +110,7 @@ class RunConfig:
     sae_paths: list[Path] = field(default_factory=list)
     sae_hooks: list[str | None] | None = None
     sae_tokens: int = 400_000
-    expansion_factor: int = 4
+    expansion_factor: int | None = None
     sae_recipe: str = "topk"
     sae_k: int = 32
     l1_coefficient: float = 0.3
@@ -158,7 +160,7 @@ class RunConfig:
 
         at_least("--max-prompts", self.max_prompts, 1, allow_none=True)
         at_least("--sae-tokens", self.sae_tokens, 1)
-        at_least("--expansion-factor", self.expansion_factor, 1)
+        at_least("--expansion-factor", self.expansion_factor, 1, allow_none=True)
         at_least("--l1-coefficient", self.l1_coefficient, 0)
         at_least("--sae-k", self.sae_k, 1)
         from saecircuits.saes.presets import SAE_RECIPES

@@ -99,16 +99,18 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
     from saecircuits.models.load import model_dtype
     from saecircuits.models.tokens import encode_documents, special_token_ids
     from saecircuits.saes.io import load_sae
+    from saecircuits.saes.presets import pipeline_d_sae
     from saecircuits.saes.trainer import train_saes_on_model
 
     n_layers = int(model.cfg.n_layers)
     layers = list(range(n_layers)) if cfg.layers is None else list(cfg.layers)
     hook_points = [HOOK_TEMPLATE.format(layer=layer) for layer in layers]
     architecture, sae_extra, train_cfg = _recipe(cfg)
-    d_sae = cfg.expansion_factor * int(model.cfg.d_mlp)
+    d_sae = pipeline_d_sae(int(model.cfg.d_mlp), cfg.expansion_factor)
     if "k" in sae_extra and sae_extra["k"] > d_sae:
-        raise PipelineError(f"--sae-k {sae_extra['k']} is more than the {d_sae} features of each SAE "
-                            f"(--expansion-factor {cfg.expansion_factor} x d_mlp {int(model.cfg.d_mlp)}); give a "
+        how = ("the default max(4 x d_mlp, 2048)" if cfg.expansion_factor is None
+               else f"--expansion-factor {cfg.expansion_factor} x d_mlp {int(model.cfg.d_mlp)}")
+        raise PipelineError(f"--sae-k {sae_extra['k']} is more than the {d_sae} features of each SAE ({how}); give a "
                             "smaller --sae-k or a larger --expansion-factor")
     steps = train_cfg.total_steps
     dtype = model_dtype(model)
@@ -120,7 +122,7 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
             "train": train_cfg.to_dict(),
             "architecture": architecture,
             "sae_extra": sae_extra,
-            "expansion": cfg.expansion_factor,
+            "d_sae": d_sae,
             "exclude_bos": cfg.exclude_bos,
             # special-token strings in the text are encoded as characters; "exclude" drops every special id
             "text_encoding": "plain-characters",
@@ -163,7 +165,7 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
             rows,
             hook_points,
             train_cfg,
-            expansion_factor=cfg.expansion_factor,
+            d_sae=d_sae,
             architecture=architecture,
             sae_extra=sae_extra,
             bos_id=special_token_ids(tok),  # "exclude" leaves out BOS/EOS/PAD wherever they sit in a row

@@ -128,6 +128,7 @@ def train_saes_on_model(
     sae_cfgs: SAEConfig | Sequence[SAEConfig] | None = None,
     *,
     expansion_factor: int = 4,
+    d_sae: int | None = None,
     architecture: str = "standard",
     sae_extra: dict[str, Any] | None = None,
     bos_id: int | Collection[int] | None = None,
@@ -156,7 +157,8 @@ def train_saes_on_model(
         hook_points: e.g. ``[f"blocks.{L}.mlp.hook_post" for L in range(n_layers)]``.
         train_cfg: :class:`TrainConfig` (``batch_size`` = tokens per step over all ranks).
         sae_cfgs: one :class:`SAEConfig` per hook point (same order), or ``None`` to build ``architecture`` with
-            ``d_sae = expansion_factor * d_in`` and ``cfg.extra = sae_extra`` (e.g. ``{"k": 32}`` for TopK).
+            ``d_sae`` features (None: ``expansion_factor * d_in``) and ``cfg.extra = sae_extra`` (e.g.
+            ``{"k": 32}`` for TopK).
         bos_id, bos_policy: the BOS switch (``"include"``/``"exclude"``), see
             :func:`saecircuits.data.activations.bos_keep_mask`.
         model_batch_rows: rows per model forward; buffer_size: rows in the shuffling buffer (default
@@ -200,7 +202,7 @@ def train_saes_on_model(
             SAEConfig(
                 architecture=architecture,
                 d_in=int(first[hp].shape[-1]),
-                d_sae=expansion_factor * int(first[hp].shape[-1]),
+                d_sae=int(d_sae) if d_sae is not None else expansion_factor * int(first[hp].shape[-1]),
                 hook_point=hp,
                 model_name=model_name,
                 extra=dict(sae_extra or {}),
