@@ -61,8 +61,8 @@ def _cfg(tmp_path, model_folder, name: str, **kw) -> RunConfig:
     if not corpus.exists():
         corpus.write_text("".join(f"{s}\n<|endoftext|>\n" for s in STORIES * 3), encoding="utf-8")
     base = dict(model=str(model_folder), data=corpus, out=tmp_path / name, workspace=tmp_path / "ws",
-                closings=('."', '!"', '?"'), sae_tokens=2048, sae_batch_size=256, seq_len=32,
-                max_candidates=5, n_example_features=2, n_examples=2, seed=0)
+                closings=('."', '!"', '?"'), sae_tokens=2048, sae_batch_size=256, seq_len=32, expansion_factor=4,
+                max_candidates=5, n_example_features=2, n_examples=2, seed=0)  # 4 x d_in: the tiny SAEs' size
     return RunConfig(**(base | kw))
 
 
