@@ -32,6 +32,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from saecircuits.cli import threading_defaults  # noqa: E402
+
+threading_defaults()  # as the CLI: OpenMP threads sleep while they wait (set before torch loads)
+
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
