@@ -189,13 +189,13 @@ def reduce(t: torch.Tensor, op: str = "sum", what: str = "totals") -> torch.Tens
     return x.to(t.device)
 
 
-def gather_rows(t: torch.Tensor, what: str = "per-prompt values") -> torch.Tensor:
-    """``[n_r, ...]`` on rank ``r`` -> the rows of every rank concatenated in rank order (``t`` in one process).
+def gather_parts(t: torch.Tensor, what: str = "per-prompt values") -> list[torch.Tensor]:
+    """``[n_r, ...]`` on rank ``r`` -> every rank's tensor, in rank order (``[t]`` in one process).
 
     The ranks may hold different numbers of rows (same trailing shape and dtype): the counts are gathered first,
     then one ``all_gather`` of tensors padded to the largest count. Bool tensors travel as uint8."""
     if world()[1] <= 1:
-        return t
+        return [t]
     size = world()[1]
     dev = _device()
     as_bool = t.dtype == torch.bool
@@ -209,8 +209,16 @@ def gather_rows(t: torch.Tensor, what: str = "per-prompt values") -> torch.Tenso
         buf[: x.shape[0]] = x
         parts = [torch.empty_like(buf) for _ in range(size)]
         torch.distributed.all_gather(parts, buf)
-    out = torch.cat([p[: int(c)] for p, c in zip(parts, ns, strict=True)]).to(t.device)
-    return out.bool() if as_bool else out
+    out = [p[: int(c)].to(t.device) for p, c in zip(parts, ns, strict=True)]
+    return [o.bool() for o in out] if as_bool else out
+
+
+def gather_rows(t: torch.Tensor, what: str = "per-prompt values") -> torch.Tensor:
+    """``[n_r, ...]`` on rank ``r`` -> the rows of every rank concatenated in rank order (``t`` in one process);
+    see :func:`gather_parts`."""
+    if world()[1] <= 1:
+        return t
+    return torch.cat(gather_parts(t, what))
 
 
 def barrier(what: str) -> None:

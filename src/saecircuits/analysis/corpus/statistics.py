@@ -572,8 +572,10 @@ def corpus_feature_stats(
         ValueError: no SAE, an empty row, ``k < 1``, ``token_fraction`` outside ``[0, 1)``, a band fraction outside
             ``(0, 1)``, or token ids outside the vocabulary. ContextLengthError: a row longer than the model's context.
     """
-    world, rank = _process_group()
-    shard = world > 1 if shard is None else shard and world > 1
+    from saecircuits.distributed import is_sharded, world
+
+    rank = world()[0]
+    shard = is_sharded(shard)
     partial = corpus_partial_stats(
         model, saes, token_rows, k=k, token_fraction=token_fraction, n_top_tokens=n_top_tokens,
         bands=bands, hist_range=hist_range, hist_bins=hist_bins, encode_floats=encode_floats,
@@ -720,45 +722,24 @@ def merge_corpus_partials(parts: Sequence[CorpusPartial]) -> CorpusPartial:
                          first.n_top_tokens, first._accs)
 
 
-def _process_group() -> tuple[int, int]:
-    """``(world size, rank)`` of the initialised default process group, ``(1, 0)`` without one."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
 def _all_reduce_partial(partial: CorpusPartial) -> CorpusPartial:
     """Every rank's :class:`CorpusPartial` -> the merged one, on every rank, by tensor collectives only
     (``all_reduce`` for counts, sums and maxima; ``all_gather`` of padded tensors for the top-k and the events).
     NCCL process groups communicate through the current CUDA device, others (gloo) through the CPU."""
-    dist = torch.distributed
-    world = dist.get_world_size()
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    from saecircuits.distributed import gather_parts, reduce, world
 
-    def reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-        x = t.to(dev).clone()
-        dist.all_reduce(x, op=op)
-        return x.cpu()
+    size = world()[1]
 
     def gather(t: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's ``t`` (same trailing shape; the first dimension may differ)."""
-        n = torch.tensor([t.shape[0]], device=dev)
-        ns = [torch.zeros_like(n) for _ in range(world)]
-        dist.all_gather(ns, n)
-        m = max(int(x) for x in ns)
-        buf = torch.zeros((m, *t.shape[1:]), dtype=t.dtype, device=dev)
-        buf[: t.shape[0]] = t.to(dev)
-        out = [torch.empty_like(buf) for _ in range(world)]
-        dist.all_gather(out, buf)
-        return [o[: int(x)].cpu() for o, x in zip(out, ns, strict=True)]
+        return [p.cpu() for p in gather_parts(t, "corpus statistics")]
 
     states = []
     for acc, st in zip(partial._accs, partial.states, strict=True):
-        merged = {name: reduce(st[name]) for name in _SUMMED}
-        merged["max"] = reduce(st["max"], dist.ReduceOp.MAX)
-        n_l0 = int(reduce(torch.tensor([len(st["l0_counts"])]), dist.ReduceOp.MAX))
-        merged["l0_counts"] = reduce(_pad_sum([st["l0_counts"], torch.zeros(n_l0, dtype=torch.long)]))
+        merged = {name: reduce(st[name], what="corpus statistics") for name in _SUMMED}
+        merged["max"] = reduce(st["max"], "max", "corpus statistics")
+        n_l0 = int(reduce(torch.tensor([len(st["l0_counts"])]), "max", "corpus statistics"))
+        merged["l0_counts"] = reduce(_pad_sum([st["l0_counts"], torch.zeros(n_l0, dtype=torch.long)]),
+                                     what="corpus statistics")
         # prune by the merged maximum before sending (the merge prunes again; this only saves traffic)
         keep = st["tok_value"] > acc.token_fraction * merged["max"][st["tok_feature"].long()]
         local = {key: st[key][keep] for key in _TOK_KEYS}
@@ -767,13 +748,13 @@ def _all_reduce_partial(partial: CorpusPartial) -> CorpusPartial:
         local.update((key, st[key][keep]) for key in _BAND_KEYS)
         local.update((name, st[name]) for name in ("top_value", "top_doc", "top_pos"))
         gathered = {key: gather(t) for key, t in local.items()}
-        per_rank = [{key: g[r] for key, g in gathered.items()} for r in range(world)]
+        per_rank = [{key: g[r] for key, g in gathered.items()} for r in range(size)]
         _merge_selections(merged, per_rank, k=acc.k, token_fraction=acc.token_fraction,
                           band_floor=acc.band_floor)
         states.append(merged)
-    n_tokens = int(reduce(torch.tensor([partial.n_tokens])))
-    docs = int(reduce(torch.tensor([partial.docs])))
-    return CorpusPartial(partial.n_docs, docs, n_tokens, reduce(partial.token_counts), states,
+    n_tokens = int(reduce(torch.tensor([partial.n_tokens]), what="corpus statistics"))
+    docs = int(reduce(torch.tensor([partial.docs]), what="corpus statistics"))
+    return CorpusPartial(partial.n_docs, docs, n_tokens, reduce(partial.token_counts, what="corpus statistics"), states,
                          partial.special_ids, partial.n_top_tokens, partial._accs)
 
 
