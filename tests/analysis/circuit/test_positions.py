@@ -543,3 +543,60 @@ def test_column_position_inverts_column_of():
         assert _column_position(column_of(pos, P, anchors), P, anchors) == pos
     assert _column_position("P-6", P, anchors) is None  # position 3 is the opening quote's column here
     assert _column_position("P-12", P, anchors) is None and _column_position("last_word", P, anchors) is None
+
+
+def test_piece_width_minimises_the_variants_computed():
+    """Hand-worked: prompts with 1, 1, 1 and 30 nodes at one distance. Width w costs sum(ceil(c / w) * (1 + w))
+    variants (each row adds its clean variant): w = 30 (one row per prompt, padded to the largest) 124, w = 1 66,
+    w = 2 54, w = 3 52, w = 4 55, w = 5 54; the cap bounds it."""
+    from saecircuits.analysis.circuit.positions import _piece_width
+
+    assert _piece_width([1, 1, 1, 30], cap=100) == 3
+    assert _piece_width([1, 1, 1, 30], cap=2) == 2
+    assert _piece_width([4, 4], cap=100) == 4  # even counts: one row per prompt
+
+
+def test_a_prompt_with_many_nodes_at_one_distance_fills_several_rows(monkeypatch):
+    """One prompt with a dozen active features at P - 3, the others with one per SAE there: the many are
+    split into rows of their own (the same prompt in several rows of one recomputation), and every effect still
+    equals the full-prompt bridge intervention."""
+    import saecircuits.analysis.circuit.positions as positions
+
+    arch = "gpt_neo"
+    model, task, saes, pg = _setup(arch)
+    eng = engine_of(model)
+    base = _baselines(arch)
+    batch = next(iter(task_batches(model, task, max_batch=3)))
+    clean = clean_cache(eng, batch)
+    _, contrib = node_attributions(eng, pg, batch, base)
+    nodes = []
+    for b in range(len(batch.indices)):
+        t = int(batch.positions[b]) - 3
+        gi, loc = [], []
+        for g_i, c in enumerate(contrib):
+            if pg.groups[g_i].kind == "sae":
+                active = torch.nonzero(c[b, t, :-1] != 0).flatten().tolist()
+                picks = active[:12] if b == 0 else active[:1]
+                gi += [g_i] * len(picks)
+                loc += picks
+        nodes.append(PromptNodes(torch.tensor(gi), torch.tensor(loc), torch.full((len(gi),), t)))
+    assert len(nodes[0].gi) >= 8 and all(1 <= len(n.gi) <= 2 for n in nodes[1:])
+    rows_seen = []
+    real = positions._exact_chunk
+
+    def spy(engine, pg_, clean_, rows, *args):
+        rows_seen.append(list(rows))
+        return real(engine, pg_, clean_, rows, *args)
+
+    monkeypatch.setattr(positions, "_exact_chunk", spy)
+    effects, _, n_runs = exact_node_effects(eng, pg, clean, nodes, None, baselines=base)
+    assert n_runs == sum(len(n.gi) for n in nodes)
+    assert any(r.count(0) > 1 for r in rows_seen)  # prompt 0 filled several rows
+    for b, i in enumerate(batch.indices):
+        with torch.no_grad():
+            lg = model(torch.tensor([task.token_ids[i]]))
+        m_clean = float(lg[0, task.prediction_pos[i]].float().log_softmax(-1)[task.answer_ids[i]])
+        for a in range(len(nodes[b].gi)):
+            m1, _ = _bridge_ablate(model, pg, task, i, int(nodes[b].gi[a]), int(nodes[b].local[a]),
+                                   int(nodes[b].pos[a]), base=base)
+            assert float(effects[b][a]) == pytest.approx(m_clean - m1, abs=2e-5)

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -340,15 +340,21 @@ class _Ctx:
     pairs: dict
     ident: dict
     share: float
+    strings: dict = field(default_factory=dict)  # token id -> token_string (the same tokens recur in every prompt)
 
-    def graph(self, i, P, c, atp, exact, ex_edges, at_edges, loads, feat_idx, tr, b) -> dict:
+    def token(self, t: int) -> str:
         from saecircuits.models.tokens import token_string
 
+        if t not in self.strings:
+            self.strings[t] = token_string(self.model.tokenizer, t)
+        return self.strings[t]
+
+    def graph(self, i, P, c, atp, exact, ex_edges, at_edges, loads, feat_idx, tr, b) -> dict:
         g = _graph(self.pg, self.describe, self.heads, c, atp, exact, ex_edges, at_edges, loads, feat_idx, tr, b, P,
                    self.n_layers, self.max_edges, self.pairs, self.ident)
         # keys in the order results.json's PromptGraph declares them (the file round-trips exactly)
         return {"prompt_index": int(i),
-                "tokens": [token_string(self.model.tokenizer, int(t)) for t in self.task.token_ids[i][: P + 1]],
+                "tokens": [self.token(int(t)) for t in self.task.token_ids[i][: P + 1]],
                 "P": P, "anchors": _anchors(self.task, int(i), P), **g}
 
 
@@ -758,10 +764,14 @@ def _faithfulness_rows(engine, pg, batch, circuits, means) -> torch.Tensor:
             sae = grp.sae
 
             def fn(x_in, x, sae=sae, m=m, mu=mu):
-                f = sae.encode(x_in)
-                e = x.float() - sae.decode(f, x_in).float() - mu["e"].float()
-                delta = ((f.float() - mu["f"].float()) * m[..., :-1]) @ sae.W_dec.float()
-                return (x.float() - delta - m[..., -1:] * e).to(x.dtype)
+                # x - ((f - mu_f) * m_f) @ W_dec - m_e * e, with the error e = x - f @ W_dec - bias - mu_e: both
+                # products with W_dec in one, ((f - mu_f) * m_f - m_e * f) @ W_dec (the decoder is most of the cost)
+                f = sae.encode(x_in).float()
+                me = m[..., -1:]
+                coef = (f - mu["f"].float()) * m[..., :-1] - me * f
+                xf = x.float()
+                e0 = xf - sae.decoder_bias(x_in).float() - mu["e"].float()  # e + f @ W_dec
+                return (xf - me * e0 - coef @ sae.W_dec.float()).to(x.dtype)
 
             _add_sae_hook(hooks, grp, fn)
         elif grp.kind == "heads":

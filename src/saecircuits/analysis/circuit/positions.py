@@ -212,7 +212,10 @@ class Tracked:
 
     Attributes:
         leaves: per group, the tensors whose gradients give contributions (``(f, e)`` for an SAE, ``(a,)`` else),
-            ``[B, 1, T, ...]``.
+            ``[B, 1, T, ...]``. An SAE's ``f`` is not an autograd leaf: the output is ``decode(f) + e``, linear in
+            ``f``, so ``grad_f = grad_e @ W_dec^T`` (:meth:`feature_grad`), formed only where it is read (a backward
+            pass through every ``[d_out] -> [d_sae]`` decoder transpose cost most of the head loadings' and edges'
+            backward passes).
         attached: per SAE group, ``encode(x_in)`` with its graph to upstream leaves ``[B, 1, T, d_sae]``.
         kv: per layer ``(k, v)`` ``[B, 1, T, n_kv, d_head]`` with their graph (for head loadings).
         m: ``[B]`` the answer log-prob at P.
@@ -226,34 +229,42 @@ class Tracked:
     baselines: dict
 
     def flat(self) -> list[torch.Tensor]:
-        return [t for ts in self.leaves for t in ts]
+        """The autograd leaves, one per group: an SAE's error ``e``, else the activation ``a``; ``grads`` below
+        are ``torch.autograd.grad(..., flat())``."""
+        return [ts[-1] for ts in self.leaves]
+
+    @staticmethod
+    def feature_grad(g, ge: torch.Tensor) -> torch.Tensor:
+        """``grad_f = grad_e @ W_dec^T`` ``[..., d_sae]`` of an SAE group (``decode`` is ``f @ W_dec + bias``; in
+        the SAE's dtype, as autograd through ``decode`` forms it)."""
+        W = g.sae.W_dec
+        return (ge.to(W.dtype) @ W.T).to(ge.dtype)
 
     def gathered(self, pg: PositionGroups, grads: Sequence[torch.Tensor | None], b: int, nodes: PromptNodes
                  ) -> torch.Tensor:
         """``grad . activation`` of the given nodes of prompt ``b`` alone: float64 ``[n]`` (what
         :meth:`contributions` holds at those entries, without forming the whole ``[B, T, n_local]`` tensors)."""
         out = torch.zeros(len(nodes.gi), dtype=torch.float64)
-        offsets = [0]
-        for ts in self.leaves:
-            offsets.append(offsets[-1] + len(ts))
         for gi in torch.unique(nodes.gi).tolist():
             m = nodes.gi == gi
             t, k = nodes.pos[m], nodes.local[m]
-            ts, gs = self.leaves[gi], grads[offsets[gi] : offsets[gi + 1]]
+            ts, gs = self.leaves[gi], grads[gi]
             g = pg.groups[gi]
             with torch.no_grad():
                 if g.kind == "sae":
-                    (f, e), (gf, ge) = ts, gs
+                    (f, e), ge = ts, gs
                     d_sae = g.sae.d_sae
                     is_f = k < d_sae
                     vals = torch.zeros(len(t), dtype=torch.float64)
                     kf = k.clamp(max=d_sae - 1)
-                    if gf is not None:
-                        vals += torch.where(is_f, (gf[b, 0, t, kf].double() * f[b, 0, t, kf].double()).cpu(), 0.0)
                     if ge is not None:
+                        # grad_f at these (t, k) alone: grad_e[t] . W_dec[k] (:meth:`feature_grad`)
+                        W = g.sae.W_dec
+                        gf = (ge[b, 0, t].to(W.dtype) * W[kf.to(W.device)]).sum(-1)
+                        vals += torch.where(is_f, (gf.to(ge.dtype).double() * f[b, 0, t, kf].double()).cpu(), 0.0)
                         vals += torch.where(is_f, 0.0, (ge[b, 0, t].double() * e[b, 0, t].double()).sum(-1).cpu())
                 else:
-                    (a,), (ga,) = ts, gs
+                    (a,), ga = ts, gs
                     if ga is None:
                         continue
                     a_t = a[b, 0, t].double()  # products in float64: never a bf16 product
@@ -269,10 +280,10 @@ class Tracked:
 
     def contributions(self, pg: PositionGroups, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
         """``grad . activation`` per group ``[B, T, n_local]`` (float64, on the CPU) from grads of :meth:`flat`."""
-        out, i = [], 0
-        for gi, (g, ts) in enumerate(zip(pg.groups, self.leaves, strict=True)):
-            gs = tuple(torch.zeros_like(t) if x is None else x for t, x in zip(ts, grads[i : i + len(ts)], strict=True))
-            i += len(ts)
+        out = []
+        for gi, (g, ts, x) in enumerate(zip(pg.groups, self.leaves, grads, strict=True)):
+            x = torch.zeros_like(ts[-1]) if x is None else x
+            gs = (self.feature_grad(g, x), x) if g.kind == "sae" else (x,)
             out.append(_contributions(g, ts, gs, self.baselines.get(gi))[:, 0].cpu())
         return out
 
@@ -280,7 +291,7 @@ class Tracked:
 @torch.enable_grad()
 def tracked_forward(engine, pg: PositionGroups, batch: TaskBatch, baselines: dict) -> Tracked:
     """A forward of every position exposing each group's activation to autograd, unchanged in value up to float
-    rounding: SAE outputs rebuilt as ``decode(f) + e`` from leaves ``f``, ``e`` plus a straight-through
+    rounding: SAE outputs rebuilt as ``decode(f) + e`` from ``f`` and the leaf ``e`` plus a straight-through
     ``x - x.detach()`` (Sparse Feature Circuits' decomposition, as :func:`..._tracking_edits` at P)."""
     leaves: list = [None] * len(pg.groups)
     attached: dict = {}
@@ -292,11 +303,13 @@ def tracked_forward(engine, pg: PositionGroups, batch: TaskBatch, baselines: dic
             def fn(x_in, x, gi=gi, sae=sae):
                 x = x.to(edit_dtype(sae, x))
                 attached[gi] = sae.encode(x_in)
-                f = attached[gi].detach().requires_grad_(True)
-                e = (x.detach() - sae.decode(f.detach(), x_in.detach()).to(x.dtype)).requires_grad_(True)
+                f = attached[gi].detach()
+                with torch.no_grad():
+                    rec = sae.decode(f, x_in.detach()).to(x.dtype)
+                e = (x.detach() - rec).requires_grad_(True)
                 leaves[gi] = (f, e)
                 through = x - x.detach() if x.requires_grad else 0.0
-                return sae.decode(f, x_in.detach()).to(e.dtype) + e + through
+                return rec + e + through
 
             _add_sae_hook(hooks, g, fn)
         else:
@@ -352,7 +365,9 @@ def exact_node_effects(
     """Exact effect of ablating each chosen node alone at its position, and its exact edges into ``down`` nodes.
 
     Per distance ``d`` from P, the rows with nodes at ``t = P - d`` recompute positions ``t..P`` (``d + 1``
-    positions) from the earliest edited half-block on, one variant per node plus the clean variant 0.
+    positions) from the earliest edited half-block on, one variant per node plus the clean variant 0; a row is a
+    piece of one prompt's nodes at ``d`` (:func:`_piece_width`: prompts with few nodes there do not pad to the
+    prompt with most).
 
     Args:
         nodes: per prompt of the batch (batch order), the nodes to ablate.
@@ -377,15 +392,32 @@ def exact_node_effects(
     n_runs = 0
     with torch.no_grad():
         for d in all_d:
-            rows = [b for b in range(B) if bool((dist[b] == d).any())]
-            which = [torch.nonzero(dist[b] == d).flatten() for b in rows]
-            V = max(len(w) for w in which)
-            chunk = max(1, MAX_FLOATS // max(1, len(rows) * (d + 1) * per_pos) - 1)
-            for v0 in range(0, V, chunk):
-                sel = [w[v0 : v0 + chunk] for w in which]
-                n_runs += sum(len(s) for s in sel)
-                _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges, values)
+            which = [(b, torch.nonzero(dist[b] == d).flatten()) for b in range(B)]
+            which = [(b, w) for b, w in which if len(w)]
+            per_variant = (d + 1) * per_pos
+            width = _piece_width([len(w) for _, w in which], max(1, MAX_FLOATS // per_variant - 1))
+            # rows of the recomputation: pieces of at most `width` nodes of one prompt (a prompt may fill several)
+            pieces = [(b, w[j : j + width]) for b, w in which for j in range(0, len(w), width)]
+            step = max(1, MAX_FLOATS // ((width + 1) * per_variant))
+            for r0 in range(0, len(pieces), step):
+                part = pieces[r0 : r0 + step]
+                n_runs += sum(len(s) for _, s in part)
+                _exact_chunk(engine, pg, clean, [b for b, _ in part], [s for _, s in part], d, nodes, down, effects,
+                             edges, values)
     return effects, edges, n_runs
+
+
+def _piece_width(counts: list[int], cap: int) -> int:
+    """Variants per row (besides the clean one) for prompts with ``counts`` nodes at one distance: every row
+    computes ``1 + width`` variants, so one prompt with many nodes beside many with a few would make the few pad
+    to the many; a prompt's nodes are split into pieces of ``width`` instead, ``width`` (at most ``cap``)
+    minimising the variants computed, ``sum(ceil(c / width) * (1 + width))`` (ties: the wider, fewer rows)."""
+    best, best_cost = 1, None
+    for w in range(1, min(max(counts), cap) + 1):
+        cost = sum(-(-c // w) * (1 + w) for c in counts)
+        if best_cost is None or cost <= best_cost:
+            best, best_cost = w, cost
+    return best
 
 
 def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges, values) -> None:
@@ -430,22 +462,34 @@ def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges, v
         effects[b][s] = m[i, 0] - m[i, 1 : 1 + len(s)]
     if down is None:
         return
+    # per SAE group read: the rows' positions holding downstream nodes, encoded in one call (the encoder is most of
+    # the cost; one call per row was many small products)
+    jobs: dict[int, list] = {gi: [] for gi in reads}
     for i, (b, s) in enumerate(zip(rows, sel, strict=True)):
         if not len(s):  # this row's variants at distance d were all in earlier chunks
             continue
         dn = down[b]
         t_b = int(P[i]) - d
         up_stage = torch.tensor([pg.stage[int(g)] for g in nodes[b].gi[s]])
-        for gi, x_in in reads.items():
+        for gi in reads:
             want = torch.nonzero((dn.gi == gi) & (dn.pos >= t_b)).flatten()
             if not len(want) or pg.stage_in[gi] <= int(up_stage.min()):  # no edge can reach this SAE's nodes
                 continue
-            # encode only the positions that hold downstream nodes (the SAE encoder is most of the cost)
+            # encode only the positions that hold downstream nodes
             where, col = torch.unique(dn.pos[want] - t_b, return_inverse=True)
-            g = pg.groups[gi]
-            xi = x_in[i, :, where.to(dev)]
-            f = g.sae.encode(g.sae.flatten_input(xi)).float()  # [F, n_where, d_sae]
-            fi = f.expand(V, *f.shape[1:])[:, col.to(dev), dn.local[want].to(dev)]  # [V, w]
+            jobs[gi].append((i, b, s, up_stage, want, where, col))
+    for gi, items in jobs.items():
+        if not items:
+            continue
+        g = pg.groups[gi]
+        x_in = reads[gi]
+        xi = torch.cat([x_in[i, :, where.to(dev)] for i, _, _, _, _, where, _ in items], dim=1)  # [F, sum w, d_in]
+        f_all = g.sae.encode(g.sae.flatten_input(xi)).float()  # [F, sum n_where, d_sae]
+        o = 0
+        for _, b, s, up_stage, want, where, col in items:
+            f = f_all[:, o : o + len(where)]
+            o += len(where)
+            fi = f.expand(V, *f.shape[1:])[:, col.to(dev), down[b].local[want].to(dev)]  # [V, w]
             delta = (fi[:1] - fi[1 : 1 + len(s)]).double().cpu()  # [len(s), w]
             ok = (up_stage < pg.stage_in[gi])[:, None] & (delta != 0)
             a, c = torch.nonzero(ok, as_tuple=True)  # (python floats in bulk: one tensor index per edge is slow)
