@@ -720,28 +720,45 @@ def position_means(model, pg: PositionGroups, task: Task, *, max_tokens=DEFAULT_
 def _faithfulness_batch(engine, pg: PositionGroups, batch, graphs: list[dict], keys: list[dict], means: dict,
                         more: Sequence[tuple[list[dict], list[dict]]] = ()) -> torch.Tensor:
     """Answer log-prob ``[B, 4]``: clean, every node mean-ablated, every node outside the pruned circuit mean-ablated,
-    the circuit's nodes mean-ablated (all at every position ``<= P``), as variants of one full forward per chunk of
-    prompts (``keys[b]``: node id -> ``(group, in-group index, position)``). ``more``: further ``(graphs, keys)``
-    circuits, two more columns each (outside ablated, circuit ablated) from the same forward."""
+    the circuit's nodes mean-ablated (all at every position ``<= P``), the last two as variants of one full forward
+    per chunk of prompts (``keys[b]``: node id -> ``(group, in-group index, position)``). ``more``: further
+    ``(graphs, keys)`` circuits, two more columns each (outside ablated, circuit ablated) from the same forward.
+
+    The clean column is a forward without hooks (the variant with nothing ablated is the clean model). With every
+    node mean-ablated, every group's activation at every position ``<= P`` is its mean: the residual stream at P is a
+    sum of constants, the same in every prompt (attention outputs are ablated, so neither the other positions nor
+    the attention pattern reach P); that column is one forward of one position, read at each prompt's answer."""
     from saecircuits.analysis.circuit import MAX_FLOATS
     from saecircuits.models.hooks import TaskBatch
 
     B, T = batch.tokens.shape
-    V = 4 + 2 * len(more)
+    V = 2 + 2 * len(more)
     per_row = V * T * (sum(pg.n_local(gi) for gi in range(len(pg.groups))) + engine.d_model * 8)
     step = max(1, MAX_FLOATS // per_row)
+    dev = batch.tokens.device
+    with torch.no_grad():  # every node ablated: one position, every group at its mean
+        ones = {gi: torch.ones(1, 1, 1, pg.n_local(gi), device=dev) for gi in range(len(pg.groups))}
+        x = engine.forward_tokens(batch.tokens[:1, :1], _mask_hooks(pg, ones, means))
+        everything = engine.logits(x[:, :, 0])  # [1, 1, d_vocab]
     out = []
     for r0 in range(0, B, step):
         sl = slice(r0, r0 + step)
         sub = TaskBatch(batch.indices[sl], batch.tokens[sl], batch.positions[sl], batch.answer_ids[sl])
-        out.append(_faithfulness_rows(engine, pg, sub, [(graphs[sl], keys[sl])] + [(g[sl], k[sl]) for g, k in more],
-                                      means))
+        rows = _faithfulness_rows(engine, pg, sub, [(graphs[sl], keys[sl])] + [(g[sl], k[sl]) for g, k in more],
+                                  means)
+        n = len(sub.indices)
+        with torch.no_grad():
+            x = engine.forward_tokens(sub.tokens)
+            lg = engine.logits(x[torch.arange(n, device=dev), :, sub.positions.to(dev)])  # [n, 1, d_vocab]
+            clean = _answer_logprob(lg, sub.answer_ids).double().cpu()
+            empty = _answer_logprob(everything.expand(n, 1, everything.shape[-1]), sub.answer_ids).double().cpu()
+        out.append(torch.cat([clean, empty, rows], dim=1))
     return torch.cat(out)
 
 
 def _faithfulness_rows(engine, pg, batch, circuits, means) -> torch.Tensor:
-    from saecircuits.analysis.circuit.positions import _add_sae_hook
-
+    """Answer log-prob ``[B, 2 * len(circuits)]``: per circuit, every node outside it mean-ablated, then its nodes
+    mean-ablated, at every position ``<= P`` (variants of one forward)."""
     B, T = batch.tokens.shape
     dev = batch.tokens.device
     insides = []
@@ -753,12 +770,25 @@ def _faithfulness_rows(engine, pg, batch, circuits, means) -> torch.Tensor:
                     gi, k, t = keys[b][n["id"]]
                     inside[gi][b, t, k] = True
         insides.append(inside)
+    masks = {}
+    for gi in range(len(pg.groups)):
+        cs = [inside[gi].to(dev) for inside in insides]
+        masks[gi] = torch.stack([x for c in cs for x in (~c, c)], dim=1).float()  # [B, V, T, n]
+    with torch.no_grad():
+        x = engine.forward_tokens(batch.tokens, _mask_hooks(pg, masks, means))
+        rows = torch.arange(B, device=dev)
+        lg = engine.logits(x[rows, :, batch.positions.to(dev)])  # [B, V, d_vocab]
+        return _answer_logprob(lg, batch.answer_ids).double().cpu()
+
+
+def _mask_hooks(pg, masks: dict, means: dict) -> dict:
+    """Hooks that mean-ablate, per group ``gi``, the in-group indices where ``masks[gi]`` ``[B, V, T, n]`` is 1 (an
+    SAE's last index: its error)."""
+    from saecircuits.analysis.circuit.positions import _add_sae_hook
+
     hooks: dict = {}
     for gi, grp in enumerate(pg.groups):
-        cs = [inside[gi].to(dev) for inside in insides]
-        c = cs[0]
-        m = torch.stack([torch.zeros_like(c), torch.ones_like(c)] + [x for c in cs for x in (~c, c)],
-                        dim=1).float()  # [B, V, T, n]
+        m = masks[gi]
         mu = means[gi]
         if grp.kind == "sae":
             sae = grp.sae
@@ -786,8 +816,4 @@ def _faithfulness_rows(engine, pg, batch, circuits, means) -> torch.Tensor:
                 return x * (1 - mm) + mm * mu.to(x)
 
             hooks.setdefault(grp.hook, []).append(fn)
-    with torch.no_grad():
-        x = engine.forward_tokens(batch.tokens, hooks)
-        rows = torch.arange(B, device=dev)
-        lg = engine.logits(x[rows, :, batch.positions.to(dev)])  # [B, V, d_vocab]
-        return _answer_logprob(lg, batch.answer_ids).double().cpu()
+    return hooks
