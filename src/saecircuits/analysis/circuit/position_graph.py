@@ -204,6 +204,11 @@ def position_circuit(
             The exact pass over every prompt costs in proportion to them (most of the stage's time on the demo).
         timings: filled with the seconds of each pass when given.
 
+    Sharded (a torch.distributed process group, :mod:`saecircuits.distributed`): the means and passes A, C and D
+    take this rank's batches of the one-process batching (A, C and D the same ones, so a prompt's candidates and
+    graph stay on its rank), pass B its batches of the example prompts; the graphs, exact values and faithfulness
+    rows are gathered, and every rank returns one process's dict (the same batches: the same floats).
+
     Returns:
         ``{"target", "share", "n_prompts", "n_exact_interventions", "summary", "agreement", "faithfulness",
         "completeness", "aggregated", "examples", "means", "head_loading", "values"}`` (plain JSON types, non-finite
@@ -230,7 +235,10 @@ def position_circuit(
         timings[name] = timings.get(name, 0.0) + now - clock
         clock = now
 
+    from saecircuits.distributed import is_writer, my_batches, reduce, sum_disjoint
+
     kw = dict(max_tokens=max_tokens, max_batch=max_batch)
+    shown = progress if is_writer() else False
     if means is None:
         means = position_means(model, pg, task, **kw)
     base = ablation_baselines(pg, means)
@@ -240,14 +248,17 @@ def position_circuit(
     graphs: list[dict | None] = [None] * n
     cands: list[_Candidates | None] = [None] * n
     ident: dict[str, tuple[int, int]] = {}  # node identity "kind:layer:index" -> (group, in-group index)
-    pairs = {"nodes": ([], [], []), "edges": ([], [], [])}  # (atp, exact, distance) over the example prompts
     per_token = _floats_per_token(eng, pg)
-    ctx = _Ctx(model, task, pg, describe, heads, n_layers, max_edges, pairs, ident, share)
+    ctx = _Ctx(model, task, pg, describe, heads, n_layers, max_edges, {}, ident, share)
+    # sharded (torchrun): passes A, C and D take this rank's batches of the one-process batching (the same prompts
+    # in each pass: C reads A's candidates, D the prompt's own graph), pass B its batches of the example prompts
+    mine = list(my_batches(_by_length(model, task, **kw)))
+    n_mine = sum(len(b.indices) for b in mine)
 
     # pass A, every prompt: AtP of every node at every position (one backward per batch) and the head loadings of
     # the top nodes' edges into the target; a graph of the top_exact nodes by |AtP| for every non-example prompt
-    for batch in with_progress(_bounded(_by_length(model, task, **kw), per_token), n,
-                               "circuit across positions: AtP at every position (prompts)", progress):
+    for batch in with_progress(_bounded(iter(mine), per_token), n_mine,
+                               "circuit across positions: AtP at every position (prompts)", shown):
         clean = clean_cache(eng, batch)
         tr, contrib = node_attributions(eng, pg, batch, base)
         B = len(batch.indices)
@@ -271,10 +282,19 @@ def position_circuit(
     n_runs = 0
     if n_ex:
         ex_task = task.subset(range(n_ex))
-        for batch in with_progress(_bounded(_by_length(model, ex_task, **kw), per_token), n_ex,
-                                   "circuit across positions: exact effects, example prompts", progress):
+        ex_all = list(_bounded(_by_length(model, ex_task, **kw), per_token))
+        ex_batches = list(my_batches(iter(ex_all)))
+        for batch in with_progress(iter(ex_batches), sum(len(b.indices) for b in ex_batches),
+                                   "circuit across positions: exact effects, example prompts", shown):
             n_runs += _example_batch(eng, ctx, batch, base, top_exact, screen_distance, edge_targets, head_targets,
                                      graphs)
+    _share_graphs(graphs, ident, ctx.prompt_pairs, n_ex)
+    # the agreement pairs in one process's order (pass B's batches in turn)
+    pairs = {"nodes": ([], [], []), "edges": ([], [], [])}  # (atp, exact, distance) over the example prompts
+    for i in [int(i) for b in (ex_all if n_ex else []) for i in b.indices]:
+        for what, cols in ctx.prompt_pairs.get(i, {}).items():
+            for col, vals in zip(pairs[what], cols, strict=True):
+                col.extend(vals)
     lap("B: examples, exact")
 
     # the aggregate of the pruned graphs chooses the candidates; each is then measured exactly on every prompt
@@ -282,31 +302,68 @@ def position_circuit(
     cand_nodes = _choose_candidates(aggregated, max_candidates)
     where = [(ident[nd["id"].rpartition("@")[0]], nd["column"]) for nd in cand_nodes]
     ver = _Verification(len(cand_nodes), n)
-    for batch in with_progress(_by_length(model, task, **kw), n, "circuit across positions: exact, every prompt",
-                               progress):
+    for batch in with_progress(iter(mine), n_mine, "circuit across positions: exact, every prompt", shown):
         n_runs += ver.run(eng, pg, batch, [_anchors(task, int(i), int(batch.positions[b]))
                                            for b, i in enumerate(batch.indices)], where, cands, base)
+    ver.gather()
+    n_runs = int(reduce(torch.tensor([n_runs], dtype=torch.long), what="exact intervention counts"))
     lap("C: aggregated graph, exact on every prompt")
     aggregated = _verified_graph(aggregated, cand_nodes, ver, share, n, max_candidates)
 
     # faithfulness and completeness on every prompt: of its own pruned graph (exact values on the example prompts,
     # AtP on the others), and of the aggregated graph's kept nodes where the prompt holds them
     kept = [j for j, nd in enumerate(cand_nodes) if _kept(aggregated, nd["id"])]
-    faith_rows, agg_rows = [], []
-    for batch in _by_length(model, task, **kw):
+    faith = torch.zeros(n, 6, dtype=torch.float64)  # per prompt (each on the rank that computed it; 0 elsewhere)
+    for batch in mine:
         own = [graphs[int(i)] for i in batch.indices]
         keys = [{nd["id"]: (*ident[nd["id"].rpartition("@")[0]], int(nd["pos"])) for nd in g["nodes"]
                  if nd["kind"] != "target"} for g in own]
         agg_keys = [{str(j): ver.present[int(i)][j] for j in kept if j in ver.present[int(i)]} for i in batch.indices]
         pseudo = [{"nodes": [{"id": k, "kind": "x", "in_graph": True} for k in kk]} for kk in agg_keys]
-        m = _faithfulness_batch(eng, pg, batch, own, keys, means, more=[(pseudo, agg_keys)])  # [B, 6]
-        faith_rows.append(m[:, :4])
-        agg_rows.append(m[:, [0, 1, 4, 5]])
+        faith[torch.as_tensor(batch.indices, dtype=torch.long)] = _faithfulness_batch(
+            eng, pg, batch, own, keys, means, more=[(pseudo, agg_keys)])  # [B, 6]
+    # the rows in one process's order (the prompts by length): the bootstrap resamples them with fixed seeds
+    faith = sum_disjoint(faith, "faithfulness rows")[[i for b in _by_length(model, task, **kw) for i in b.indices]]
+    faith_rows, agg_rows = [faith[:, :4]], [faith[:, [0, 1, 4, 5]]]
     lap("D: faithfulness")
     rule = f"the top {top_exact} nodes by |AtP|" + (
         f" and every node at most {screen_distance} positions before P" if screen_distance >= 0 else "")
     return _assemble(task, graphs, pairs, faith_rows, agg_rows, share, n_runs, n_ex, aggregated, ver,
                      f"{rule}, each measured exactly")
+
+
+def _gather_json(obj, what: str) -> list:
+    """Every rank's JSON-serialisable ``obj`` in rank order (``[obj]`` in one process), sent as UTF-8 JSON bytes
+    through :func:`~saecircuits.distributed.gather_parts` (tensors only, nothing pickled; floats round-trip
+    exactly)."""
+    import json
+
+    from saecircuits.distributed import gather_parts, world
+
+    if world()[1] <= 1:
+        return [obj]
+    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8)
+    return [json.loads(p.numpy().tobytes().decode()) for p in gather_parts(data, what)]
+
+
+def _share_graphs(graphs: list, ident: dict, prompt_pairs: dict, n_ex: int) -> None:
+    """Sharded: every rank's per-prompt graphs onto every rank, in place (the example prompts' whole, the others'
+    pruned graphs, all the aggregate and the faithfulness of other ranks' prompts read), with the node identities
+    and the agreement pairs. Nothing in one process."""
+    from saecircuits.distributed import world
+
+    if world()[1] <= 1:
+        return
+    mine = {"graphs": [[i, g if i < n_ex else _in_graph(g)] for i, g in enumerate(graphs) if g is not None],
+            "ident": [[k, *v] for k, v in ident.items()], "pairs": [[i, p] for i, p in prompt_pairs.items()]}
+    for part in _gather_json(mine, "the circuit across positions' per-prompt graphs"):
+        for i, g in part["graphs"]:
+            if graphs[i] is None:
+                graphs[i] = g
+        for k, gi, local in part["ident"]:
+            ident[k] = (gi, local)
+        for i, p in part["pairs"]:
+            prompt_pairs.setdefault(int(i), p)
 
 
 def _choose_candidates(aggregated: dict, max_candidates: int | None) -> list[dict]:
@@ -337,7 +394,7 @@ class _Ctx:
     heads: list[str]
     n_layers: int
     max_edges: int
-    pairs: dict
+    prompt_pairs: dict  # prompt index -> its agreement pairs (_graph's ``pairs``), where it has any
     ident: dict
     share: float
     strings: dict = field(default_factory=dict)  # token id -> token_string (the same tokens recur in every prompt)
@@ -350,8 +407,11 @@ class _Ctx:
         return self.strings[t]
 
     def graph(self, i, P, c, atp, exact, ex_edges, at_edges, loads, feat_idx, tr, b) -> dict:
+        pairs = {"nodes": ([], [], []), "edges": ([], [], [])}
         g = _graph(self.pg, self.describe, self.heads, c, atp, exact, ex_edges, at_edges, loads, feat_idx, tr, b, P,
-                   self.n_layers, self.max_edges, self.pairs, self.ident)
+                   self.n_layers, self.max_edges, pairs, self.ident)
+        if pairs["nodes"][0] or pairs["edges"][0]:
+            self.prompt_pairs[int(i)] = pairs
         # keys in the order results.json's PromptGraph declares them (the file round-trips exactly)
         return {"prompt_index": int(i),
                 "tokens": [self.token(int(t)) for t in self.task.token_ids[i][: P + 1]],
@@ -459,6 +519,25 @@ class _Verification:
                 key = (js[b][a], js_down[b][c])
                 self.edges.setdefault(key, torch.zeros(self.n_prompts, dtype=torch.float64))[i] = v
         return runs
+
+    def gather(self) -> None:
+        """Sharded: every rank's prompts' values onto every rank (each prompt was measured on one rank, 0
+        elsewhere: disjoint sums, exact). Nothing in one process."""
+        from saecircuits.distributed import gather_rows, sum_disjoint, world
+
+        if world()[1] <= 1:
+            return
+        what = "the aggregated graph's exact values"
+        self.exact, self.atp = sum_disjoint(self.exact, what), sum_disjoint(self.atp, what)
+        self.here = sum_disjoint(self.here.long(), what) > 0
+        keys = torch.tensor(sorted(self.edges), dtype=torch.long).reshape(-1, 2)
+        union = torch.unique(gather_rows(keys, what), dim=0)
+        vals = torch.zeros(len(union), self.n_prompts, dtype=torch.float64)
+        for r, (ju, jd) in enumerate(union.tolist()):
+            if (ju, jd) in self.edges:
+                vals[r] = self.edges[(ju, jd)]
+        vals = sum_disjoint(vals, what)
+        self.edges = {(ju, jd): vals[r] for r, (ju, jd) in enumerate(union.tolist())}
 
 
 def _verified_graph(aggregated: dict, cand: list[dict], ver: _Verification, share: float, n: int,
@@ -689,32 +768,82 @@ def position_means(model, pg: PositionGroups, task: Task, *, max_tokens=DEFAULT_
     [d_sae], "e": [d_out]}}`` for SAE groups (codes and error), ``{gi: tensor}`` (a head group's ``[n_heads,
     d_head]``, else the activation's shape) for the rest."""
     from saecircuits.analysis.circuit.positions import _add_sae_hook
+    from saecircuits.distributed import my_batches
 
     engine = engine_of(model)
-    sums: dict = {}
-    count = 0
+    parts: list[dict] = []  # per batch (this rank's, sharded), per group: its sums over the batch's positions
+    counts: list[int] = []
     with torch.no_grad():
-        for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
+        for batch in my_batches(task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch)):
             mask = _valid_positions(batch)
+            part: dict = {}
             hooks: dict = {}
             for gi, g in enumerate(pg.groups):
                 if g.kind == "sae":
-                    def fn(x_in, x, gi=gi, sae=g.sae, mask=mask):
+                    def fn(x_in, x, gi=gi, sae=g.sae, mask=mask, part=part):
                         f = sae.encode(x_in)
                         e = x[:, 0][mask].float() - sae.decode(f, x_in)[:, 0][mask].float()
-                        part = {"f": f[:, 0][mask].float().sum(0), "e": e.sum(0)}
-                        sums[gi] = part if gi not in sums else {k: sums[gi][k] + part[k] for k in part}
+                        part[gi] = {"f": f[:, 0][mask].float().sum(0), "e": e.sum(0)}
                         return x
 
                     _add_sae_hook(hooks, g, fn)
                 else:
-                    def fn(a, gi=gi, mask=mask):
-                        sums[gi] = a[:, 0][mask].float().sum(0) + (sums[gi] if gi in sums else 0)
+                    def fn(a, gi=gi, mask=mask, part=part):
+                        part[gi] = a[:, 0][mask].float().sum(0)
 
                     hooks.setdefault(g.hook, []).append(fn)
             engine.forward_tokens(batch.tokens, hooks)
-            count += int(mask.sum())
+            parts.append(part)
+            counts.append(int(mask.sum()))
+    parts, counts = _parts_in_batch_order(parts, counts)
+    sums: dict = {}
+    for part in parts:  # added batch by batch, in one process's order (float32 sums: the order is the rounding)
+        for gi, v in part.items():
+            if isinstance(v, dict):
+                sums[gi] = v if gi not in sums else {k: sums[gi][k] + v[k] for k in v}
+            else:
+                sums[gi] = v + (sums[gi] if gi in sums else 0)
+    count = sum(counts)
     return {gi: ({k: v / count for k, v in s.items()} if isinstance(s, dict) else s / count) for gi, s in sums.items()}
+
+
+def _parts_in_batch_order(parts: list[dict], counts: list[int]) -> tuple[list[dict], list[int]]:
+    """Sharded: every rank's per-batch sums (rank ``r`` holds batches ``b % world_size == r``,
+    :func:`~saecircuits.distributed.my_batches`) as one process's list of batches; as given in one process."""
+    from saecircuits.distributed import broadcast_json, gather_parts, world
+
+    rank, size = world()
+    if size <= 1:
+        return parts, counts
+    what = "the circuit across positions' mean activations"
+    # one float32 row per batch: every group's sums flattened in group order (the shapes are the same on every rank)
+    layout = [(gi, k, v.shape) for gi, x in sorted(parts[0].items()) for k, v in
+              (sorted(x.items()) if isinstance(x, dict) else [(None, x)])] if parts else []
+    shapes = broadcast_json([[gi, k, list(sh)] for gi, k, sh in layout] if rank == 0 else None, what)
+    width = sum(math.prod(sh) for _, _, sh in shapes)
+    dev = next((v if torch.is_tensor(v) else v["f"]).device for v in parts[0].values()) if parts and parts[0] \
+        else torch.device("cpu")
+    rows = torch.zeros(len(parts), width, dtype=torch.float32, device=dev)
+    for r, part in enumerate(parts):
+        if shapes:
+            rows[r] = torch.cat([(part[gi][k] if k is not None else part[gi]).flatten().float()
+                                 for gi, k, _ in shapes])
+    got = gather_parts(rows, what)
+    got_counts = gather_parts(torch.tensor(counts, dtype=torch.long), what)
+    n_batches = sum(len(g) for g in got)
+    out_parts, out_counts = [], []
+    for b in range(n_batches):
+        row, o, part = got[b % size][b // size], 0, {}
+        for gi, k, sh in shapes:
+            v = row[o : o + math.prod(sh)].reshape(sh)
+            o += math.prod(sh)
+            if k is None:
+                part[gi] = v
+            else:
+                part.setdefault(gi, {})[k] = v
+        out_parts.append(part)
+        out_counts.append(int(got_counts[b % size][b // size]))
+    return out_parts, out_counts
 
 
 def _faithfulness_batch(engine, pg: PositionGroups, batch, graphs: list[dict], keys: list[dict], means: dict,
