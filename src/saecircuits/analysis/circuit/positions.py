@@ -216,17 +216,24 @@ class Tracked:
             ``f``, so ``grad_f = grad_e @ W_dec^T`` (:meth:`feature_grad`), formed only where it is read (a backward
             pass through every ``[d_out] -> [d_sae]`` decoder transpose cost most of the head loadings' and edges'
             backward passes).
-        attached: per SAE group, ``encode(x_in)`` with its graph to upstream leaves ``[B, 1, T, d_sae]``.
+        inputs: per SAE group, its input ``x_in`` with its graph to upstream leaves ``[B, 1, T, d_in]``: a
+            feature's value with that graph is :meth:`feature` (encoding one position, not every position with a
+            graph: the edges' backward passes then cross the encoder at one position each).
         kv: per layer ``(k, v)`` ``[B, 1, T, n_kv, d_head]`` with their graph (for head loadings).
         m: ``[B]`` the answer log-prob at P.
         baselines: :func:`ablation_baselines` (``grad . (a - mean)`` for those groups).
     """
 
     leaves: list[tuple]
-    attached: dict[int, torch.Tensor]
+    inputs: dict[int, torch.Tensor]
     kv: list
     m: torch.Tensor
     baselines: dict
+
+    def feature(self, pg: PositionGroups, gi: int, b: int, t: int, k: int) -> torch.Tensor:
+        """``f_k`` of SAE group ``gi`` at prompt ``b``, position ``t`` (a scalar with its graph to the leaves)."""
+        sae = pg.groups[gi].sae
+        return sae.encode(self.inputs[gi][b, 0, t][None])[0, k]
 
     def flat(self) -> list[torch.Tensor]:
         """The autograd leaves, one per group: an SAE's error ``e``, else the activation ``a``; ``grads`` below
@@ -294,7 +301,7 @@ def tracked_forward(engine, pg: PositionGroups, batch: TaskBatch, baselines: dic
     rounding: SAE outputs rebuilt as ``decode(f) + e`` from ``f`` and the leaf ``e`` plus a straight-through
     ``x - x.detach()`` (Sparse Feature Circuits' decomposition, as :func:`..._tracking_edits` at P)."""
     leaves: list = [None] * len(pg.groups)
-    attached: dict = {}
+    inputs: dict = {}
     hooks: dict = {}
     for gi, g in enumerate(pg.groups):
         if g.kind == "sae":
@@ -302,10 +309,10 @@ def tracked_forward(engine, pg: PositionGroups, batch: TaskBatch, baselines: dic
 
             def fn(x_in, x, gi=gi, sae=sae):
                 x = x.to(edit_dtype(sae, x))
-                attached[gi] = sae.encode(x_in)
-                f = attached[gi].detach()
+                inputs[gi] = x_in
                 with torch.no_grad():
-                    rec = sae.decode(f, x_in.detach()).to(x.dtype)
+                    f = sae.encode(x_in)
+                    rec = sae.decode(f, x_in).to(x.dtype)
                 e = (x.detach() - rec).requires_grad_(True)
                 leaves[gi] = (f, e)
                 through = x - x.detach() if x.requires_grad else 0.0
@@ -324,7 +331,7 @@ def tracked_forward(engine, pg: PositionGroups, batch: TaskBatch, baselines: dic
     rows = torch.arange(x.shape[0], device=x.device)
     lg = engine.logits(x[rows, :, batch.positions.to(x.device)])
     m = _answer_logprob(lg, batch.answer_ids)[:, 0]
-    return Tracked(leaves, attached, kv, m, baselines)
+    return Tracked(leaves, inputs, kv, m, baselines)
 
 
 @torch.enable_grad()
@@ -517,7 +524,7 @@ def attribution_edges(pg: PositionGroups, tr: Tracked, up: list[PromptNodes], do
     up_stage = [torch.tensor([pg.stage[int(g)] for g in u.gi], dtype=torch.long) for u in up]
     for j in range(n_slots):
         have = [b for b, dn in enumerate(down) if j < len(dn.gi)]
-        target = torch.stack([tr.attached[int(down[b].gi[j])][b, 0, int(down[b].pos[j]), int(down[b].local[j])]
+        target = torch.stack([tr.feature(pg, int(down[b].gi[j]), b, int(down[b].pos[j]), int(down[b].local[j]))
                               for b in have]).sum()
         grads = torch.autograd.grad(target, flat, retain_graph=True, allow_unused=True)
         for b in have:
