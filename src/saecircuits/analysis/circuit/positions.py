@@ -247,14 +247,20 @@ class Tracked:
         W = g.sae.W_dec
         return (ge.to(W.dtype) @ W.T).to(ge.dtype)
 
-    def gathered(self, pg: PositionGroups, grads: Sequence[torch.Tensor | None], b: int, nodes: PromptNodes
-                 ) -> torch.Tensor:
-        """``grad . activation`` of the given nodes of prompt ``b`` alone: float64 ``[n]`` (what
-        :meth:`contributions` holds at those entries, without forming the whole ``[B, T, n_local]`` tensors)."""
-        out = torch.zeros(len(nodes.gi), dtype=torch.float64)
-        for gi in torch.unique(nodes.gi).tolist():
-            m = nodes.gi == gi
-            t, k = nodes.pos[m], nodes.local[m]
+    def gathered(self, pg: PositionGroups, grads: Sequence[torch.Tensor | None], rows: Sequence[int],
+                 nodes: Sequence[PromptNodes]) -> list[torch.Tensor]:
+        """``grad . activation`` of the given nodes of prompts ``rows`` (``nodes[i]`` of prompt ``rows[i]``): per
+        prompt float64 ``[n_i]`` (what :meth:`contributions` holds at those entries, without forming the whole
+        ``[B, T, n_local]`` tensors; every prompt's nodes in one indexing per group)."""
+        sizes = [len(n.gi) for n in nodes]
+        gis = torch.cat([n.gi for n in nodes]) if nodes else torch.zeros(0, dtype=torch.long)
+        ks = torch.cat([n.local for n in nodes]) if nodes else gis
+        ts_ = torch.cat([n.pos for n in nodes]) if nodes else gis
+        bs = torch.repeat_interleave(torch.tensor(list(rows), dtype=torch.long), torch.tensor(sizes, dtype=torch.long))
+        out = torch.zeros(len(gis), dtype=torch.float64)
+        for gi in torch.unique(gis).tolist():
+            m = gis == gi
+            b, t, k = bs[m], ts_[m], ks[m]
             ts, gs = self.leaves[gi], grads[gi]
             g = pg.groups[gi]
             with torch.no_grad():
@@ -267,9 +273,10 @@ class Tracked:
                     if ge is not None:
                         # grad_f at these (t, k) alone: grad_e[t] . W_dec[k] (:meth:`feature_grad`)
                         W = g.sae.W_dec
-                        gf = (ge[b, 0, t].to(W.dtype) * W[kf.to(W.device)]).sum(-1)
+                        g_e = ge[b, 0, t]
+                        gf = (g_e.to(W.dtype) * W[kf.to(W.device)]).sum(-1)
                         vals += torch.where(is_f, (gf.to(ge.dtype).double() * f[b, 0, t, kf].double()).cpu(), 0.0)
-                        vals += torch.where(is_f, 0.0, (ge[b, 0, t].double() * e[b, 0, t].double()).sum(-1).cpu())
+                        vals += torch.where(is_f, 0.0, (g_e.double() * e[b, 0, t].double()).sum(-1).cpu())
                 else:
                     (a,), ga = ts, gs
                     if ga is None:
@@ -283,7 +290,7 @@ class Tracked:
                     else:
                         vals = prod.reshape(len(t), -1).sum(-1).cpu()
             out[m] = vals
-        return out
+        return list(out.split(sizes))
 
     def contributions(self, pg: PositionGroups, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
         """``grad . activation`` per group ``[B, T, n_local]`` (float64, on the CPU) from grads of :meth:`flat`."""
@@ -527,10 +534,9 @@ def attribution_edges(pg: PositionGroups, tr: Tracked, up: list[PromptNodes], do
         target = torch.stack([tr.feature(pg, int(down[b].gi[j]), b, int(down[b].pos[j]), int(down[b].local[j]))
                               for b in have]).sum()
         grads = torch.autograd.grad(target, flat, retain_graph=True, allow_unused=True)
-        for b in have:
+        for b, vals in zip(have, tr.gathered(pg, grads, have, [up[b] for b in have]), strict=True):
             u, dn = up[b], down[b]
             ok = (up_stage[b] < pg.stage_in[int(dn.gi[j])]) & (u.pos <= int(dn.pos[j]))
-            vals = tr.gathered(pg, grads, b, u)
             a = torch.nonzero(ok).flatten()
             out[b].update(zip([(x, j) for x in a.tolist()], vals[a].tolist(), strict=True))
     return out
@@ -606,8 +612,8 @@ def head_loadings(engine, pg: PositionGroups, clean: CleanCache, tr: Tracked, up
                     continue
                 grads = torch.autograd.grad(s, flat, retain_graph=True, allow_unused=True)
                 col = layer * K + kh
-                for i, (b, w) in enumerate(zip(have, which, strict=True)):
-                    vals = tr.gathered(pg, grads, b, up[b])
+                every = tr.gathered(pg, grads, have, [up[b] for b in have])
+                for i, (b, w, vals) in enumerate(zip(have, which, every, strict=True)):
                     a = torch.nonzero(up[b].pos < int(pd[i])).flatten()
                     for x, val in zip(a.tolist(), vals[a].tolist(), strict=True):
                         out[b].setdefault((x, w), [0.0] * (engine.n_layers * K))[col] = val
