@@ -781,9 +781,14 @@ def position_means(model, pg: PositionGroups, task: Task, *, max_tokens=DEFAULT_
             for gi, g in enumerate(pg.groups):
                 if g.kind == "sae":
                     def fn(x_in, x, gi=gi, sae=g.sae, mask=mask, part=part):
-                        f = sae.encode(x_in)
-                        e = x[:, 0][mask].float() - sae.decode(f, x_in)[:, 0][mask].float()
-                        part[gi] = {"f": f[:, 0][mask].float().sum(0), "e": e.sum(0)}
+                        xi = x_in[:, 0][mask]
+                        f = sae.encode(xi).double().sum(0)
+                        # the error's sum by linearity, sum(x) - sum(f) @ W_dec - sum(bias), in float64: one
+                        # product per batch, not a decoder product per position
+                        bias = sae.decoder_bias(xi).double().sum(0) if sae.decode_needs_input else \
+                            sae.b_dec.double() * len(xi)
+                        e = x[:, 0][mask].double().sum(0) - f @ sae.W_dec.double() - bias
+                        part[gi] = {"f": f.float(), "e": e.float()}
                         return x
 
                     _add_sae_hook(hooks, g, fn)
