@@ -171,3 +171,38 @@ def test_training_from_sparse_codes_reaches_the_dense_paths_quality(monkeypatch)
     assert abs(ev_s - ev_d) <= 0.02
     assert abs(l0_s - l0_d) <= 0.3
     assert abs(m_s["dead_fraction"] - m_d["dead_fraction"]) <= 0.05
+
+
+@pytest.mark.parametrize("arch", ["standard", "jumprelu"])
+def test_dense_training_b_dec_gradient_through_the_encoder_equals_autograd(arch):
+    """SAE.hidden_pre in training takes b_dec's encoder gradient as -W_enc @ sum_b grad (no [batch, d_sae] x
+    [d_sae, d_in] matmul): the pre-activations are the same floats as the plain formula, and every gradient of a
+    ReLU + L1 loss equals plain autograd through x - b_dec; with x needing a gradient too, x's gradient is right."""
+    gen = torch.Generator().manual_seed(5)
+    sae = build_sae(SAEConfig(arch, 10, 40, HOOK, dtype="float64"), seed=2)
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.randn(10, generator=gen, dtype=torch.float64))
+        sae.b_enc.copy_(torch.randn(40, generator=gen, dtype=torch.float64) * 0.1)
+    x = torch.randn(32, 10, generator=gen, dtype=torch.float64)
+
+    def plain(x):
+        pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+        if arch == "jumprelu":
+            from saecircuits.saes.jumprelu import _JumpReLUFn
+
+            f = _JumpReLUFn.apply(pre, sae.threshold, sae.bandwidth)
+        else:
+            f = torch.relu(pre)
+        return pre, ((f @ sae.W_dec + sae.b_dec - x) ** 2).sum(-1).mean() + 1e-2 * f.sum(-1).mean()
+
+    pre_plain, loss_plain = plain(x)
+    expected = torch.autograd.grad(loss_plain, [getattr(sae, n) for n in PARAMS], allow_unused=True)
+    with torch.enable_grad():
+        assert torch.equal(sae.hidden_pre(x), pre_plain)  # the same floats
+    out = sae_training_loss(sae, x, LossConfig("l1", (1e-2,)))
+    got = torch.autograd.grad(out.total, [getattr(sae, n) for n in PARAMS], allow_unused=True)
+    for name, g, e in zip(PARAMS, got, expected, strict=True):
+        torch.testing.assert_close(g, e, msg=name)
+    xg = x.clone().requires_grad_(True)  # an input that needs a gradient takes autograd's path
+    gx = torch.autograd.grad(sae_training_loss(sae, xg, LossConfig("l1", (1e-2,))).total, xg)[0]
+    torch.testing.assert_close(gx, torch.autograd.grad(plain(xg)[1], xg)[0])
