@@ -351,7 +351,7 @@ def sae_training_loss(
         from saecircuits.saes.sparse_codes import sparse_decode
 
         acts, idx, hidden_pre = encode_sparse(x)
-        x_hat = sparse_decode(acts, idx, sae.W_dec) + sae.b_dec
+        x_hat = sparse_decode(acts, idx, sae.W_dec) + sae.decoder_bias()
         f = None  # no penalty needs the dense features; LossOutput.f builds them if a caller asks
         codes = (acts.detach(), idx)
     else:
