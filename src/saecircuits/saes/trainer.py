@@ -6,6 +6,8 @@ reference notebook's recipe (``sparse_coding/train_autoencoder.py``) plus modern
 - loss from :func:`saecircuits.saes.losses.sae_training_loss` (MSE summed over d_in, mean over batch; penalties per
   token, or batch-summed to reproduce the original convention);
 - unit-norm decoder rows with the parallel gradient component removed (a switch);
+- TopK SAEs train from their sparse codes (:mod:`saecircuits.saes.sparse_codes`: the decode and the encoder's
+  backward touch the ``k`` selected features per token only);
 - AdamW with weight decay 0, optional linear learning-rate warm-up and linear decay, sparsity-coefficient
   warm-up;
 - activation normalisation: a scale estimated from the first batches so the mean L2 norm of inputs is sqrt(d_in)
