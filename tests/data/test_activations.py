@@ -54,7 +54,8 @@ def test_bos_mask_and_shards():
 
 
 def test_one_pass_equals_separate_full_forwards():
-    """Both hook points from one (stop_at_layer) pass == a full forward cached per hook; BOS positions dropped."""
+    """Both hook points from one (stop_at_layer) pass == a full forward cached per hook; BOS positions dropped; the
+    pass reading the last block ends there (no final norm, no unembedding)."""
     from helpers import tiny_neo
 
     bridge = tiny_neo()
@@ -65,16 +66,20 @@ def test_one_pass_equals_separate_full_forwards():
     hooks = ["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"]
     calls = []
     original = bridge.run_with_cache
+    original_hooks = bridge.run_with_hooks
+    unembedded = []
+    bridge.unembed.register_forward_hook(lambda *a: unembedded.append(1))
 
     def counting(*a, **k):
         calls.append(k.get("stop_at_layer"))
-        return original(*a, **k)
+        return original_hooks(*a, **k)
 
-    bridge.run_with_cache = counting
+    bridge.run_with_hooks = counting
     chunks = list(
         model_activation_chunks(bridge, rows, hooks, model_batch_rows=3, bos_id=0, bos_policy="exclude")
     )
     assert len(calls) == 2  # ceil(5 / 3) forwards serve both hook points
+    assert not unembedded  # each ended after block 1's MLP
     keep = (rows != 0).reshape(-1)
     for hp in hooks:
         _, cache = original(rows)

@@ -288,13 +288,13 @@ def test_train_saes_on_model_one_pass_two_layers(tmp_path):
         [tok.encode(s, add_special_tokens=False) for s in STORIES] * 3, 16, tok.bos_token_id
     )
     calls = []
-    original = bridge.run_with_cache
+    original = bridge.run_with_hooks  # the data path's forward (reading hooks, ended after the last one)
 
     def counting(*args, **kwargs):
         calls.append(kwargs.get("stop_at_layer"))
         return original(*args, **kwargs)
 
-    bridge.run_with_cache = counting
+    bridge.run_with_hooks = counting
     hooks = ["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"]
     cfg = TrainConfig(
         batch_size=64,
@@ -334,7 +334,7 @@ def test_train_saes_on_model_one_pass_two_layers(tmp_path):
         assert training["data"]["bos_policy"] == "exclude" and training["data"]["bos_id"] == tok.bos_token_id
         assert training["data"]["seq_len"] == rows.shape[1] and training["data"]["activation_dtype"] == "float32"
         assert loaded.cfg.extra["seed"] == 47
-        _, cache = original(rows[:2], names_filter=[hp])
+        _, cache = bridge.run_with_cache(rows[:2], names_filter=[hp])
         act = cache[hp].reshape(-1, 64)
         torch.testing.assert_close(loaded(act), sae(act))
         assert explained_variance(act, sae(act)) > 0.5  # works on RAW activations (scale folded)

@@ -6,7 +6,8 @@ The pipeline (the reference notebook's training rows and activation buffer; SAEL
 1. :func:`pack_token_rows` concatenates BOS-prefixed documents into one stream and cuts it into rows of ``seq_len``
    tokens, each starting with BOS (the reference notebook's training rows; story-boundary BOS tokens stay inside rows).
 2. :func:`model_activation_chunks` runs the language model ONCE per chunk of rows and returns the activations of
-   every requested hook point (``run_with_cache`` with an exact ``names_filter`` and ``stop_at_layer``), flattened
+   every requested hook point (``run_with_hooks`` reading exactly those hooks, ending the forward after the last of
+   them), flattened
    over (row, position). The BOS policy (:data:`BOS_POLICIES`) is the single switch deciding whether BOS positions
    are part of the data; :func:`bos_keep_mask` applies the same switch anywhere else (statistics, analysis).
 3. :func:`shuffled_batches` mixes the chunks in a seeded buffer (refill half, shuffle, emit half) and yields
@@ -164,11 +165,12 @@ def model_activation_chunks(
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Run the model once per chunk of rows and yield the activations of all ``hook_points`` from that ONE pass.
 
-    Uses ``model.run_with_cache(tokens, names_filter=<exact set>, stop_at_layer=<last needed block + 1>)`` (a
-    TransformerLens ``TransformerBridge`` or ``HookedTransformer``), under ``torch.no_grad``.
+    Uses ``model.run_with_hooks(tokens, fwd_hooks=<a reader per hook point>, stop_at_layer=<last needed block + 1>)``
+    (a TransformerLens ``TransformerBridge`` or ``HookedTransformer``) under ``torch.no_grad``, ended as soon as every
+    hook point has been read (:func:`_read_hooks`: the final norm and the unembedding never run).
 
     Args:
-        model: TransformerLens model; must accept ``run_with_cache``.
+        model: TransformerLens model; must accept ``run_with_hooks`` and have a ``hook_dict``.
         token_rows: int64 ``[n_rows, seq]`` (see :func:`pack_token_rows`).
         hook_points: hook names as TL spells them, e.g. ``["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"]``.
         model_batch_rows: rows per forward pass.
@@ -199,7 +201,6 @@ def model_activation_chunks(
             f"pack them with seq_len <= {n_ctx}"
         )
     wanted = list(dict.fromkeys(hook_points))
-    wanted_set = set(wanted)
     n_layers = getattr(getattr(model, "cfg", None), "n_layers", None)
     stop = _stop_layer(wanted, n_layers)
     try:
@@ -214,11 +215,7 @@ def model_activation_chunks(
             idx = slice(start, start + model_batch_rows)
             rows = token_rows[order[idx]] if order is not None else token_rows[idx]
             keep = bos_keep_mask(rows, bos_id, bos_policy).reshape(-1)
-            kwargs: dict[str, Any] = {"names_filter": lambda name: name in wanted_set}
-            if stop is not None:
-                kwargs["stop_at_layer"] = stop
-            with torch.no_grad():
-                _, cache = model.run_with_cache(rows.to(device), **kwargs)
+            cache = _read_hooks(model, rows.to(device), wanted, stop)
             out: dict[str, torch.Tensor] = {}
             for hp in wanted:
                 try:
@@ -232,6 +229,42 @@ def model_activation_chunks(
                 out[hp] = act.to(device=storage_device, dtype=dtype)
             yield out
         epoch += 1
+
+
+class _AllRead(Exception):
+    """Raised by the hook that captured the last activation a forward needs, to skip the rest of the model."""
+
+
+def _read_hooks(model: Any, tokens: torch.Tensor, wanted: Sequence[str], stop: int | None) -> dict[str, torch.Tensor]:
+    """``{hook: activation}`` of one no-grad forward that ends once every hook in ``wanted`` has fired.
+
+    ``stop_at_layer`` skips the blocks after the last one read, but not the final norm and the unembedding when the
+    last block is read (TransformerLens stops only at a block's start): with GPT-2's 50,257-token vocabulary the
+    unembedding was nine tenths of the forward of a 2-layer d_model 128 model reading both MLPs. The forward is
+    therefore ended by an exception from the hook that captures the last wanted activation (each hook's first
+    firing is kept). A hook name the model lacks leaves that hook out of the result.
+    """
+    store: dict[str, torch.Tensor] = {}
+
+    def grab(name: str):
+        def hook(value: torch.Tensor, hook: Any = None) -> None:
+            store.setdefault(name, value.detach())
+            if len(store) == len(wanted):
+                raise _AllRead
+
+        return hook
+
+    known = getattr(model, "hook_dict", None)
+    names = [n for n in wanted if known is None or n in known]
+    kwargs: dict[str, Any] = {"return_type": None}
+    if stop is not None:
+        kwargs["stop_at_layer"] = stop
+    with torch.no_grad():
+        try:
+            model.run_with_hooks(tokens, fwd_hooks=[(n, grab(n)) for n in names], **kwargs)
+        except _AllRead:
+            pass
+    return store
 
 
 # --------------------------------------------------------------------------------------------------- shuffling buffer

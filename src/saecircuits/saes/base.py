@@ -347,10 +347,21 @@ class SAE(nn.Module):
         """Encoder pre-activation ``(x - b_dec) @ W_enc + b_enc``: ``[..., d_in] -> [..., d_sae]`` (``x``
         normalised first by a normalising SAE; ``b_dec`` subtracted only with ``apply_b_dec_to_input``).
 
+        When ``b_dec`` needs a gradient and ``x`` does not (training), ``b_dec``'s gradient through the encoder is
+        taken as ``-W_enc @ sum_b grad_pre[b]`` instead of autograd's ``grad_pre @ W_enc^T`` summed over the batch
+        (a ``[batch, d_sae] x [d_sae, d_in]`` matmul, a sixth of a ReLU SAE's training step): the values are the same
+        floats either way.
+
         Raises:
             SAEError: the last dimension of ``x`` is not ``d_in``.
         """
         x_in, _ = self._encoder_input(x)
+        if (self.cfg.apply_b_dec_to_input and self.input_normalization == "none" and torch.is_grad_enabled()
+                and self.b_dec.requires_grad and not x.requires_grad):
+            # x_in detached, plus a bias term that is exactly 0 in value ((b - b) @ W_enc) and carries b_dec's
+            # gradient -W_enc @ grad.sum(0): a matrix-vector product where autograd would multiply matrices
+            zero = (self.b_dec.detach() - self.b_dec).to(self.W_enc.dtype) @ self.W_enc
+            return x_in.detach() @ self.W_enc + (self.b_enc + zero)
         return x_in @ self.W_enc + self.b_enc
 
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

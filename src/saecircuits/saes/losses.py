@@ -114,16 +114,43 @@ class LossOutput:
     Attributes:
         total: scalar loss to backpropagate.
         terms: float value of every term (``mse``, the penalty terms by name, ``auxk``) and ``total``.
-        f: feature activations ``[batch, d_sae]`` (training path).
+        f: feature activations ``[batch, d_sae]`` (training path). From sparse codes it is built from ``codes`` on
+            first use, without gradient (those SAEs take no penalty on ``f``).
         x_hat: reconstruction ``[batch, d_in]``.
-        hidden_pre: encoder pre-activations ``[batch, d_sae]``.
+        hidden_pre: encoder pre-activations ``[batch, d_sae]`` (without gradient from sparse codes).
+        codes: ``(acts [batch, k], idx [batch, k])`` when the loss was computed from sparse codes (else None):
+            ``f = scatter(idx, acts)``.
     """
 
     total: torch.Tensor
     terms: dict[str, float]
-    f: torch.Tensor
+    dense_f: torch.Tensor | None
     x_hat: torch.Tensor
     hidden_pre: torch.Tensor | None = field(default=None, repr=False)
+    codes: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _counts: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    @property
+    def f(self) -> torch.Tensor:
+        if self.dense_f is None:
+            acts, idx = self.codes  # type: ignore[misc]
+            with torch.no_grad():
+                self.dense_f = torch.zeros_like(self.hidden_pre).scatter_(-1, idx, acts.to(self.hidden_pre.dtype))
+        return self.dense_f
+
+    def firing_counts(self) -> torch.Tensor:
+        """``[d_sae]`` float64: on how many of the batch's tokens each feature fired (``f > 0``); computed once.
+        Their sum over features divided by the batch is the batch's L0."""
+        if self._counts is None:
+            with torch.no_grad():
+                if self.codes is not None:
+                    acts, idx = self.codes
+                    n = self.hidden_pre.shape[-1]  # type: ignore[union-attr]
+                    self._counts = torch.bincount(idx[acts > 0], minlength=n).to(torch.float64)
+                else:
+                    # a float32 column sum (exact for batches under 2**24 tokens) is much faster than a bool one
+                    self._counts = (self.f.detach() > 0).to(torch.float32).sum(0).to(torch.float64)
+        return self._counts
 
 
 # ---------------------------------------------------------------------------------------------- penalties
@@ -216,6 +243,18 @@ def sparsity_penalties(
     }
 
 
+def _auxk_select(hidden_pre: torch.Tensor, dead_mask: torch.Tensor, aux_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, indices)`` ``[batch, min(aux_k, n_dead)]`` of the largest pre-activations among the dead latents
+    (indices into ``d_sae``; ``n_dead >= 1``). Selected among the dead columns only: with no more dead latents than
+    ``aux_k`` they are all taken, without a top-k."""
+    dead = torch.nonzero(dead_mask).flatten()
+    sub = hidden_pre.detach().index_select(-1, dead)
+    if dead.numel() <= aux_k:
+        return sub, dead.expand(*sub.shape)
+    vals, pos = sub.topk(aux_k, dim=-1)
+    return vals, dead[pos]
+
+
 def auxk_loss(
     sae: SAE,
     x: torch.Tensor,
@@ -238,12 +277,36 @@ def auxk_loss(
     n_dead = int(dead_mask.sum())
     if n_dead == 0:
         return hidden_pre.new_zeros(())
-    k = min(aux_k, n_dead)
+    _, idx = _auxk_select(hidden_pre, dead_mask, aux_k)
     residual = (x - x_hat).detach()
-    masked = torch.where(dead_mask, hidden_pre, torch.full_like(hidden_pre, -math.inf))
-    vals, idx = masked.topk(k, dim=-1)
-    f_aux = torch.zeros_like(hidden_pre).scatter(-1, idx, torch.relu(vals))
+    f_aux = torch.zeros_like(hidden_pre).scatter(-1, idx, torch.relu(hidden_pre.gather(-1, idx)))
     e_hat = f_aux @ sae.W_dec
+    scale = min(n_dead / aux_k, 1.0)
+    return scale * ((e_hat - residual) ** 2).sum(dim=-1).mean()
+
+
+def auxk_loss_sparse(
+    sae: SAE,
+    x: torch.Tensor,
+    x_hat: torch.Tensor,
+    hidden_pre: torch.Tensor,
+    dead_mask: torch.Tensor,
+    aux_k: int,
+) -> torch.Tensor:
+    """:func:`auxk_loss` computed from the selected latents only (:mod:`saecircuits.saes.sparse_codes`): the same
+    value and gradients, with ``hidden_pre [batch, d_sae]`` a non-differentiable copy (e.g. from
+    :meth:`~saecircuits.saes.topk.TopKSAE.encode_sparse`); the gradient reaches ``W_enc``, ``b_enc`` and ``b_dec``
+    through the selected encoder columns."""
+    from saecircuits.saes.sparse_codes import selected_pre_activations, sparse_decode
+
+    n_dead = int(dead_mask.sum())
+    if n_dead == 0:
+        return hidden_pre.new_zeros(())
+    vals, idx = _auxk_select(hidden_pre, dead_mask, aux_k)
+    x_in, _ = sae._encoder_input(x)
+    pre = selected_pre_activations(x_in, sae.W_enc, sae.b_enc, idx.contiguous(), vals)
+    e_hat = sparse_decode(torch.relu(pre), idx.contiguous(), sae.W_dec)
+    residual = (x - x_hat).detach()
     scale = min(n_dead / aux_k, 1.0)
     return scale * ((e_hat - residual) ** 2).sum(dim=-1).mean()
 
@@ -254,6 +317,8 @@ def sae_training_loss(
     cfg: LossConfig,
     sparsity_scale: float = 1.0,
     dead_mask: torch.Tensor | None = None,
+    *,
+    sparse: bool = True,
 ) -> LossOutput:
     """Training loss of one batch (the reference notebook's loss; Gao et al. 2024 for AuxK).
 
@@ -265,6 +330,9 @@ def sae_training_loss(
         cfg: the loss configuration.
         sparsity_scale: multiplies the penalty terms (the trainer's coefficient warm-up), not MSE or AuxK.
         dead_mask: ``[d_sae]`` bool of dead latents for AuxK (ignored when ``cfg.aux_k`` is None).
+        sparse: for an SAE with :meth:`encode_sparse` (TopK), decode and backpropagate from the ``k`` selected
+            features per token (:mod:`saecircuits.saes.sparse_codes`; the same loss and gradients up to float
+            summation order, several times faster); ``False`` runs the dense path (``f @ W_dec``).
 
     Returns:
         :class:`LossOutput`; ``terms`` holds ``mse``, each penalty (already times coefficient, before
@@ -278,8 +346,19 @@ def sae_training_loss(
         raise SAEError(
             f"training batches must be [batch, d_in], got shape {tuple(x.shape)}; flatten batch/pos"
         )
-    f, hidden_pre = sae.encode_with_hidden_pre(x)
-    x_hat = sae.decode(f)
+    encode_sparse = getattr(sae, "encode_sparse", None) if sparse else None
+    if encode_sparse is not None and not sae.decode_needs_input and not sae.uses_sparsity_penalty:
+        from saecircuits.saes.sparse_codes import sparse_decode
+
+        acts, idx, hidden_pre = encode_sparse(x)
+        x_hat = sparse_decode(acts, idx, sae.W_dec) + sae.decoder_bias()
+        f = None  # no penalty needs the dense features; LossOutput.f builds them if a caller asks
+        codes = (acts.detach(), idx)
+    else:
+        codes = None
+        encode_sparse = None
+        f, hidden_pre = sae.encode_with_hidden_pre(x)
+        x_hat = sae.decode(f)
     mse = ((x_hat - x) ** 2).sum(dim=-1).mean()
     penalties = sparsity_penalties(sae, f, hidden_pre, cfg)
     total = mse
@@ -292,11 +371,13 @@ def sae_training_loss(
                 f"dead_mask must be a bool tensor of shape ({sae.d_sae},), got {dead_mask.dtype} "
                 f"{tuple(dead_mask.shape)}"
             )
-        aux = auxk_loss(sae, x, x_hat, hidden_pre, dead_mask.to(hidden_pre.device), cfg.aux_k)
+        aux = (auxk_loss if encode_sparse is None else auxk_loss_sparse)(
+            sae, x, x_hat, hidden_pre, dead_mask.to(hidden_pre.device), cfg.aux_k
+        )
         total = total + cfg.aux_coefficient * aux
         named["auxk"] = aux
     named["total"] = total
     # one device->host transfer for all logged values (one GPU sync per step, not one per term)
     values = torch.stack([v.detach().float().reshape(()) for v in named.values()]).tolist()
     terms = dict(zip(named, values, strict=True))
-    return LossOutput(total=total, terms=terms, f=f, x_hat=x_hat, hidden_pre=hidden_pre)
+    return LossOutput(total=total, terms=terms, dense_f=f, x_hat=x_hat, hidden_pre=hidden_pre, codes=codes)

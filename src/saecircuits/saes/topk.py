@@ -44,6 +44,30 @@ class TopKSAE(SAE):
     def encode_with_hidden_pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(f, hidden_pre)``, both ``[..., d_sae]``; at most ``k`` non-zero features per token."""
         hidden_pre = self.hidden_pre(x)
-        vals, idx = hidden_pre.topk(self.k, dim=-1)
-        f = torch.zeros_like(hidden_pre).scatter(-1, idx, torch.relu(vals) if self.topk_relu else vals)
+        vals, idx = self._select(hidden_pre)
+        f = torch.zeros_like(hidden_pre).scatter(-1, idx, self._activate(vals))
         return f, hidden_pre
+
+    def _select(self, hidden_pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values, indices)`` ``[..., k]`` of the ``k`` largest pre-activations per token (the one selection)."""
+        return hidden_pre.topk(self.k, dim=-1)
+
+    def _activate(self, vals: torch.Tensor) -> torch.Tensor:
+        return torch.relu(vals) if self.topk_relu else vals
+
+    def encode_sparse(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The training path in sparse form: ``(acts [batch, k], idx [batch, k], hidden_pre [batch, d_sae])``.
+
+        ``scatter(idx, acts)`` is :meth:`encode_with_hidden_pre`'s ``f`` (the same selection and values);
+        ``acts`` is differentiable in ``W_enc``, ``b_enc`` and ``b_dec`` through the selected encoder columns only
+        (:func:`saecircuits.saes.sparse_codes.selected_pre_activations`), ``hidden_pre`` carries no gradient.
+        For ``x [batch, d_in]`` of an SAE whose decode needs no input (the trainer's SAEs).
+        """
+        from saecircuits.saes.sparse_codes import selected_pre_activations
+
+        with torch.no_grad():
+            hidden_pre = self.hidden_pre(x)
+        vals, idx = self._select(hidden_pre)
+        x_in, _ = self._encoder_input(x)
+        pre = selected_pre_activations(x_in, self.W_enc, self.b_enc, idx, vals)
+        return self._activate(pre), idx, hidden_pre

@@ -6,6 +6,8 @@ reference notebook's recipe (``sparse_coding/train_autoencoder.py``) plus modern
 - loss from :func:`saecircuits.saes.losses.sae_training_loss` (MSE summed over d_in, mean over batch; penalties per
   token, or batch-summed to reproduce the original convention);
 - unit-norm decoder rows with the parallel gradient component removed (a switch);
+- TopK SAEs train from their sparse codes (:mod:`saecircuits.saes.sparse_codes`: the decode and the encoder's
+  backward touch the ``k`` selected features per token only);
 - AdamW with weight decay 0, optional linear learning-rate warm-up and linear decay, sparsity-coefficient
   warm-up;
 - activation normalisation: a scale estimated from the first batches so the mean L2 norm of inputs is sqrt(d_in)
@@ -322,7 +324,7 @@ class SAETrainer(CheckpointMixin):
         self.step += 1
 
         with torch.no_grad():
-            fired = (out.f.detach() > 0).to(torch.float64).sum(0)
+            fired = out.firing_counts().clone()
             self._all_reduce(fired)
             self.window_counts += fired
             self.log_counts += fired
@@ -350,7 +352,7 @@ class SAETrainer(CheckpointMixin):
 
     @torch.no_grad()
     def _metrics(self, x: torch.Tensor, out: Any) -> dict[str, float]:
-        f, x_hat = out.f.detach().float(), out.x_hat.detach().float()
+        x_hat = out.x_hat.detach().float()
         freq = self.log_counts / max(self.log_tokens, 1)
         window = min(self.cfg.dead_window, self.step)
         m = {
@@ -359,7 +361,7 @@ class SAETrainer(CheckpointMixin):
             "lr": self._lr_used,  # the rate of this step's update
             "sparsity_scale": self.sparsity_scale(self.step - 1),
             "loss": float(out.total.detach()),
-            "l0": float((f > 0).float().sum(-1).mean()),
+            "l0": float(out.firing_counts().sum() / x.shape[0]),  # this rank's batch
             # per token, summed over d_in, in the units the SAE sees (scaled when normalize_activations)
             "mse": float((x_hat - x).pow(2).sum(-1).mean()),
             # over this batch's tokens (not results.json's explained_variance_at_p, across prompts at P)
