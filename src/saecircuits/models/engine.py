@@ -784,4 +784,27 @@ class Engine:
             out = _softcap(out, float(self.logit_softcap))
         return out.reshape(*xn.shape[:-1], -1).float()
 
+    def next_token_losses(self, resid: torch.Tensor, tokens: torch.Tensor, max_floats: int = 1 << 24) -> torch.Tensor:
+        """Next-token losses ``-log p(tokens[:, t + 1])`` (nats) from the residual stream entering the final norm.
+
+        Args:
+            resid: ``[B, T, d_model]`` (every position of ``tokens``).
+            tokens: int64 ``[B, T]``.
+            max_floats: most logits held at once: positions are unembedded in chunks of ``max_floats // d_vocab``
+                rows, so no ``[B, T, d_vocab]`` tensor is ever built (with GPT-2's vocabulary it would be most of a
+                pass's memory traffic).
+
+        Returns:
+            float32 ``[B, T - 1]`` (position ``t`` scores ``tokens[:, t + 1]``; the caller masks padding).
+        """
+        B, T = tokens.shape
+        flat = resid[:, :-1].reshape(-1, resid.shape[-1])
+        target = tokens[:, 1:].reshape(-1, 1).to(flat.device)
+        out = torch.empty(flat.shape[0], device=flat.device)
+        step = max(1, max_floats // self.d_vocab)
+        for i in range(0, flat.shape[0], step):
+            lg = self.logits(flat[i : i + step])
+            out[i : i + step] = torch.logsumexp(lg, -1) - lg.gather(-1, target[i : i + step])[:, 0]
+        return out.reshape(B, T - 1)
+
 
