@@ -34,6 +34,22 @@ def _all_hooks(model) -> list[str]:
     return names + ["ln_final.hook_scale", "ln_final.hook_normalized"]
 
 
+def test_next_token_losses_equal_the_bridges_log_softmax_whatever_the_chunk():
+    """Engine.next_token_losses (log-sum-exp minus the target logit, unembedded in chunks) against the bridge's
+    full logits through log_softmax; the chunk size (here 1, 3 and every row at once) changes float rounding only."""
+    model = tiny_neo()
+    engine = Engine.from_bridge(model)
+    tokens, _ = pad_right(token_rows([10, 7, 10]), pad_id=0)
+    with torch.no_grad():
+        resid = engine.forward_tokens(tokens)[:, 0]
+        want = -torch.log_softmax(model(tokens)[:, :-1].double(), -1).gather(-1, tokens[:, 1:, None])[..., 0]
+        got = {rows: engine.next_token_losses(resid, tokens, max_floats=rows * engine.d_vocab) for rows in (1, 3, 27)}
+    assert got[1].shape == (3, 9)
+    torch.testing.assert_close(got[1].double(), want, atol=1e-5, rtol=0)
+    for rows in (3, 27):  # a one-row chunk may take another BLAS kernel: float rounding only
+        torch.testing.assert_close(got[rows], got[1], atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize(("device", "dtype"), PRECISIONS)
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_every_hook_equals_the_bridge_on_a_padded_batch(arch, device, dtype):

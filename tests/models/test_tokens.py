@@ -143,6 +143,13 @@ def test_unfinished_character_becomes_one_replacement_char():
     assert _text(cut) == tok.decode(ids[:-1]) == "x\ufffd"
     # two continuation bytes with no lead byte: each is invalid on its own, as in decode()
     assert _text(token_pieces(tok, ids[2:4])) == tok.decode(ids[2:4]) == "\ufffd\ufffd"
+    # an ASCII token while a character is pending (the fast path for ASCII tokens must not take it): the cut
+    # character is one U+FFFD on the piece where it started, the ASCII token keeps its own text
+    # (then the emoji's last two bytes have no lead byte: two more U+FFFD, never a completed 😀)
+    mixed = [*ids[:3], ids[0], *ids[3:]]
+    assert token_pieces(tok, mixed) == [TokenPiece("x"), TokenPiece("\ufffd"), TokenPiece("", "continuation"),
+                                        TokenPiece("x"), TokenPiece("\ufffd"), TokenPiece("\ufffd")]
+    assert _text(token_pieces(tok, mixed)) == tok.decode(mixed) == "x\ufffdx\ufffd\ufffd"
 
 
 # ---------------------------------------------------------------------------------------------------------------

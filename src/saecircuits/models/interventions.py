@@ -287,6 +287,32 @@ class Interventions:
             state.same,
         )
 
+    def token_losses(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Clean next-token losses at every position of right-padded ``tokens [B, T]``: float32 ``[B, T - 1]``,
+        ``-log p(tokens[:, t + 1] | tokens[:, :t + 1])`` in nats (targets that are padding included: the caller masks
+        them).
+
+        Kept between calls like :meth:`read_all` (keyed by the tokens), so analyses that score the same rows clean
+        (loss recovered over whole prompts, once per SAE) run the model and its ``[T, d_vocab]`` unembedding once.
+        The engine unembeds in chunks (:meth:`~saecircuits.models.engine.Engine.next_token_losses`); the bridge
+        backend takes the log-softmax of its full logits.
+        """
+        key = _tokens_key(tokens, ["\0next-token losses"])
+        kept = self._reads.get(key)
+        if kept is not None:
+            return kept["losses"].clone()
+        with torch.no_grad():
+            if self.engine is None:
+                logits = self.model(tokens)
+                out = -torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, tokens[:, 1:, None])[..., 0]
+            else:
+                out = self.engine.next_token_losses(self.engine.forward_tokens(tokens)[:, 0], tokens)
+        size = out.numel() * out.element_size()
+        if self._passes_bytes + size <= self.cache_bytes:
+            self._reads[key] = {"losses": out}
+            self._passes_bytes += size
+        return out.clone()
+
     def read_all(
         self, tokens: torch.Tensor, read: Sequence[str]
     ) -> dict[str, torch.Tensor]:

@@ -412,6 +412,9 @@ def token_pieces(tokenizer, ids: Sequence[int], *, text_start: bool = True) -> l
             decoder.reset()
             texts[i] = str(tokenizer.convert_ids_to_tokens(ids[i]))
             continue
+        if b.isascii() and not pending():  # each byte is a whole character: nothing pends, no owner changes
+            texts[i] += b.decode("ascii")
+            continue
         for byte in b:
             was_pending = pending()
             text = decoder.decode(bytes([byte]))

@@ -62,3 +62,16 @@ def test_token_kurtosis_is_the_notebooks_number_under_every_switch():
         np.testing.assert_allclose(got.numpy(), ref, atol=1e-4, rtol=1e-4)
     sub = token_kurtosis(model, sae, [3, 0])
     np.testing.assert_allclose(sub.numpy(), ref[[3, 0]], atol=1e-4, rtol=1e-4)
+
+
+def test_excess_kurtosis_matches_numpy_moments_and_leaves_its_input_alone():
+    """The in-place squaring (c^2, then c^4) against numpy's moments of a heavy-tailed float64 sample, which must
+    come back unchanged."""
+    x = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) ** 3
+    before = x.clone()
+    got = excess_kurtosis(x)
+    a = x.numpy()
+    c = a - a.mean(-1, keepdims=True)
+    want = (c**4).mean(-1) / (c**2).mean(-1) ** 2 - 3.0
+    assert got.numpy() == pytest.approx(want, rel=1e-12)
+    assert torch.equal(x, before)

@@ -335,3 +335,52 @@ def test_sequence_loss_recovered_refuses_an_sae_on_a_hook_that_never_fires():
     sae = random_sae(d_in=int(model.cfg.d_model), d_sae=16, hook_point="hook_pos_embed")
     with pytest.raises(SAEError, match="hook_pos_embed.*never fired"):
         sequence_loss_recovered(model, [sae], rows, bos_id=0)
+
+
+def test_sequence_loss_recovered_engine_path_matches_bridge_forwards_with_hooks():
+    """The engine path (clean losses kept between calls, spliced / zero runs started at the SAE's half-block,
+    chunked unembedding) against full bridge forwards with the splice and the zero ablation written out by hand, on
+    an MLP SAE at layer 0 and an attention hook_z SAE; a second call per SAE reuses the kept clean losses and gives
+    the same numbers as one call on both SAEs."""
+    from saecircuits.models.interventions import interventions_for
+    from saecircuits.saes.base import SAE, SAEConfig
+
+    model = tiny_neo()
+    assert interventions_for(model).engine is not None
+    gen = torch.Generator().manual_seed(4)
+    rows = torch.randint(1, int(model.cfg.d_vocab), (3, 11), generator=gen)
+    rows[:, 0] = 0
+    mlp0 = random_sae(hook_point="blocks.0.mlp.hook_post", seed=2)
+    n_heads, d_head = int(model.cfg.n_heads), int(model.cfg.d_head)
+    z = SAE(SAEConfig("standard", d_in=n_heads * d_head, d_sae=96, hook_point="blocks.1.attn.hook_z",
+                      extra={"reshape_activations": "hook_z"}))
+    z.import_weights_(random_sae(d_in=n_heads * d_head, seed=3).export_weights())
+    interventions_for(model).clear_cache()
+    together = sequence_loss_recovered(model, [mlp0, z], rows, bos_id=0, n_bootstrap=10)
+    for sae in (mlp0, z):
+        alone = sequence_loss_recovered(model, [sae], rows, bos_id=0, n_bootstrap=10)[sae.hook_point]
+        for key in ("ce_clean", "ce_spliced", "ce_zero", "explained_variance", "n_tokens"):
+            assert alone[key] == together[sae.hook_point][key]
+
+        def splice(act, hook=None, sae=sae):
+            x = act.flatten(2)
+            x_hat = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc) @ sae.W_dec + sae.b_dec
+            x_hat = x_hat.reshape(act.shape)
+            x_hat[:, 0] = act[:, 0]  # BOS keeps its activation (bos_policy "exclude")
+            return x_hat
+
+        def zero(act, hook=None):
+            out = torch.zeros_like(act)
+            out[:, 0] = act[:, 0]
+            return out
+
+        def ce(hooks):
+            with torch.no_grad():
+                logits = model.run_with_hooks(rows, fwd_hooks=hooks).double()
+            return float(-torch.log_softmax(logits[:, :-1], -1).gather(-1, rows[:, 1:, None]).mean())
+
+        got = together[sae.hook_point]
+        assert got["ce_clean"] == pytest.approx(ce([]), rel=1e-5)
+        assert got["ce_spliced"] == pytest.approx(ce([(sae.hook_point, splice)]), rel=1e-5)
+        assert got["ce_zero"] == pytest.approx(ce([(sae.hook_point, zero)]), rel=1e-5)
+        assert got["ce_zero"] != pytest.approx(got["ce_clean"], rel=1e-3)  # the hook matters on this model

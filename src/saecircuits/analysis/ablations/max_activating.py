@@ -40,6 +40,7 @@ from saecircuits.analysis.ablations.modes import (
 from saecircuits.analysis.corpus.statistics import counted_token_mask, special_ids_of
 from saecircuits.analysis.statistics import MeanCI, mean_ci95
 from saecircuits.display import NotebookDisplay
+from saecircuits.models.engine import UNEMBED_CHUNK_FLOATS
 from saecircuits.models.hooks import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_TOKENS,
@@ -158,7 +159,7 @@ def _losses_at_impl(iv, tokens, hook, fn, V, query, capture=None) -> torch.Tenso
         at = resid.gather(2, query[..., None].expand(B, V, Q, resid.shape[-1]))  # [B, V, Q, d_model]
         flat, tgt = at.reshape(-1, at.shape[-1]), targets.reshape(-1)
         out = torch.empty(flat.shape[0])
-        step = max(1, MAX_FLOATS // eng.d_vocab)
+        step = max(1, UNEMBED_CHUNK_FLOATS // eng.d_vocab)
         for i in range(0, flat.shape[0], step):
             lg = eng.logits(flat[i : i + step])
             out[i : i + step] = (torch.logsumexp(lg, -1) - lg.gather(-1, tgt[i : i + step, None])[:, 0]).cpu()

@@ -21,6 +21,7 @@ from saecircuits.analysis.ablations.modes import (
     edit_dtype,
     sae_edit,
 )
+from saecircuits.models.engine import UNEMBED_CHUNK_FLOATS
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, answer_metrics, task_batches
 from saecircuits.models.interventions import Edit, interventions_for
 from saecircuits.saes.base import SAE
@@ -185,7 +186,8 @@ def _paired_answer_metrics(iv, clean, edits: list[Edit], n_variants: int, base: 
     variants ``[B, V]`` from one :meth:`~saecircuits.models.interventions.Interventions.run_paired`.
 
     With the engine (``final`` from :func:`_final_resid_hook`, the last residual hook) the run stops at the final
-    residual stream and the logits are made and reduced :data:`MAX_LOGIT_FLOATS` at a time, so ``B x V x d_vocab``
+    residual stream and the logits are made and reduced in chunks of
+    :data:`~saecircuits.models.engine.UNEMBED_CHUNK_FLOATS`, so ``B x V x d_vocab``
     logits never exist at once and one run can hold every variant of a batch (fewer runs: the shared part of each
     run, its baseline row and the SAE encoding at P, is computed once per batch, not once per logit-sized chunk);
     the logits are the engine's own (``Engine.logits``: final norm, unembedding, soft cap). A variant the run marks as the baseline
@@ -200,7 +202,7 @@ def _paired_answer_metrics(iv, clean, edits: list[Edit], n_variants: int, base: 
     resid = torch.cat([run.base_reads[final][:, None], run.reads[final]], dim=1)  # [B, 1 + V, d_model]
     flat = resid.reshape(B * (1 + n_variants), -1)
     ans = clean.batch.answer_ids.to(flat.device).repeat_interleave(1 + n_variants)
-    step = max(1, MAX_LOGIT_FLOATS // int(iv.engine.W_U.shape[-1]))
+    step = max(1, UNEMBED_CHUNK_FLOATS // int(iv.engine.W_U.shape[-1]))  # reduced in heap-sized chunks
     parts = []
     with torch.no_grad():
         for s in range(0, flat.shape[0], step):

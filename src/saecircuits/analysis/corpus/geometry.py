@@ -78,9 +78,10 @@ def excess_kurtosis(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Population excess kurtosis ``m4 / m2^2 - 3`` along ``dim`` (``m_j``: central moments with 1/n; as
     ``scipy.stats.kurtosis`` with its defaults). NaN where the values are constant."""
     x = x.double()
-    c = x - x.mean(dim, keepdim=True)
-    m2 = (c**2).mean(dim)
-    m4 = (c**4).mean(dim)
+    c = x - x.mean(dim, keepdim=True)  # a new tensor: the in-place squarings below never touch x
+    c.mul_(c)  # c^2 and then c^4 by squaring in place: no pow(c, 4) (a transcendental per element), one buffer
+    m2 = c.mean(dim)
+    m4 = c.mul_(c).mean(dim)
     return torch.where(m2 > 0, m4 / m2.clamp(min=1e-300) ** 2 - 3.0, torch.full_like(m2, float("nan")))
 
 

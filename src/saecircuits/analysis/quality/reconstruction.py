@@ -450,6 +450,55 @@ def _run_checked(model, rows: torch.Tensor, fwd_hooks: list[tuple[str, Any]]) ->
     return logits
 
 
+def _engine_starts(iv, saes: Sequence[SAE]) -> list[tuple[int, int]] | None:
+    """Per SAE, the engine half-block its whole-sequence runs start from (the earlier of the hooks
+    it reads and writes); None when the model has no engine or an SAE sits outside the blocks (embeddings, final
+    norm), where full bridge forwards are run instead."""
+    from saecircuits.models.engine import EngineError, stage_of_hook
+
+    eng = iv.engine
+    if eng is None:
+        return None
+    out = []
+    for sae in saes:
+        try:
+            stage = min(stage_of_hook(n, eng.n_layers) for n in (sae.hook_point, sae.hook_point_out))
+        except EngineError:
+            return None
+        if not 0 <= stage[0] < eng.n_layers:
+            return None
+        out.append(eng.restart_stage(stage))
+    return out
+
+
+def _engine_run_checked(eng, rows: torch.Tensor, x0: torch.Tensor, start: tuple[int, int],
+                        fwd_hooks: list[tuple[str, Any]]) -> torch.Tensor:
+    """Next-token losses ``[B, T - 1]`` (float32, nats) of ``rows`` with TransformerLens-style ``fwd_hooks`` (``fn(act
+    [B, T, *shape]) -> act``), run by the engine from half-block ``start`` on the clean residual stream there (``x0
+    [B, 1, T, d_model]``); fails as :func:`_run_checked` when a hook never fired."""
+    fired: set[str] = set()
+
+    def adapt(name, fn):
+        def hook(x: torch.Tensor) -> torch.Tensor | None:  # the engine's [B, F, T, *shape]; F is 1 before any edit
+            fired.add(name)
+            out = fn(x[:, 0])
+            return None if out is None else out[:, None]
+
+        return hook
+
+    hooks: dict[str, list] = {}
+    for name, fn in fwd_hooks:
+        hooks.setdefault(name, []).append(adapt(name, fn))
+    B, T = rows.shape
+    pos = torch.arange(T, device=rows.device).expand(B, T)
+    x = eng.forward_resid(x0, pos, None, hooks, start=start)
+    missing = sorted(set(hooks) - fired)
+    if missing:
+        raise SAEError(f"hook(s) {missing} never fired in this model's forward pass, so an SAE there changes nothing "
+                       "(every loss would equal the clean one); check the SAE's hook names against model.hook_dict")
+    return eng.next_token_losses(x[:, 0], rows)
+
+
 def _ev_from_sums(e: dict[str, Any]) -> float:
     """Explained variance from the running sums of :func:`sequence_loss_recovered` (NaN: no position, or x constant)."""
     if e["n"] == 0:
@@ -480,6 +529,12 @@ def sequence_loss_recovered(
     Positions the BOS policy excludes keep their original activation; targets that are BOS or padding are not
     scored. Not comparable with the single-position numbers of :func:`reconstruction_at_prediction`.
 
+    With the engine backend (:mod:`saecircuits.models.interventions`) the clean losses of a batch come from
+    :meth:`~saecircuits.models.interventions.Interventions.token_losses` (computed once and kept, so calling once per
+    SAE costs one clean pass in all), the spliced and zero-ablated runs start at the SAE's half-block from the clean
+    residual stream there, and the vocabulary is unembedded in chunks; other models (or an SAE on the embeddings or
+    the final norm) run full bridge forwards.
+
     Args:
         model: TransformerLens model (``__call__`` returns logits ``[batch, pos, d_vocab]``, ``run_with_hooks``).
         saes: ``{name: SAE}`` or a list (named by hook point); each reads ``sae.hook_point`` and writes
@@ -504,6 +559,8 @@ def sequence_loss_recovered(
     from saecircuits.data.activations import bos_keep_mask
 
     items = list(saes.items()) if isinstance(saes, dict) else [(s.hook_point, s) for s in saes]
+    iv = interventions_for(model)
+    starts = _engine_starts(iv, [sae for _, sae in items])
     try:
         device = next(model.parameters()).device
     except (AttributeError, StopIteration):
@@ -537,8 +594,12 @@ def sequence_loss_recovered(
         keep = bos_keep_mask(rows, bos_id, bos_policy)[..., None]  # type: ignore[arg-type]
         real = ~special_token_mask(rows, pad_id)[..., None]
         counts.append(valid.sum(-1).cpu())
-        clean = row_nll(model(rows), rows, valid)
-        for name, sae in items:
+        if starts is not None:
+            clean = (iv.token_losses(rows).double() * valid).sum(-1).cpu()
+            prefix: dict[tuple[int, int], dict] = {}  # the clean residual stream at each SAE's start, per batch
+        else:
+            clean = row_nll(model(rows), rows, valid)
+        for j, (name, sae) in enumerate(items):
             sae_dev = sae.to(device)
 
             def observe(act: torch.Tensor, x_hat: torch.Tensor, _keep=keep, _ev=ev_sums[name], _real=real) -> None:
@@ -554,6 +615,18 @@ def sequence_loss_recovered(
                 return torch.where(_keep, torch.zeros_like(act), act)
 
             sums[name]["clean"].append(clean)
+            if starts is not None:
+                start = starts[j]
+                if start not in prefix:
+                    kept: dict = {}
+                    iv.engine.forward_tokens(rows, keep_resid=kept, stop_after=start)
+                    prefix[start] = kept
+                x0 = prefix[start][start]
+                for key, fwd in (("spliced", full_splice_hooks(sae_dev, keep, observe)),
+                                 ("zero", [(sae.hook_point_out, zero)])):
+                    nll = _engine_run_checked(iv.engine, rows, x0, start, fwd)
+                    sums[name][key].append((nll.double() * valid).sum(-1).cpu())
+                continue
             spliced = _run_checked(model, rows, full_splice_hooks(sae_dev, keep, observe))
             sums[name]["spliced"].append(row_nll(spliced, rows, valid))
             zeroed = _run_checked(model, rows, [(sae.hook_point_out, zero)])
