@@ -22,7 +22,9 @@ Model classes (``--models``, comma-separated):
               activations, every pair's exact effect, the table and the losses at P, the circuit) with two
               ``--ref-d-sae`` SAEs over ``--ref-prompts`` prompts, the table's matmul rate against the machine's
               fp32 matmul rate, the growth with the prompt count (``--scale-prompts``) and d_sae (``--scale-d-sae``),
-              and the peak memory of the corpus statistics over ``--memory-stories`` stories (a fresh process).
+              and the peak memory of the corpus statistics over each of ``--memory-stories`` story counts (fresh
+              processes, stories cut to ``--memory-story-tokens``); ``--ref-parts`` picks the parts, ``--dtype``
+              the model's and SAEs' dtype; every stage prints its matmul lower bound over the measured rate.
               With ``--ref-compare``: the product-vs-loop comparison, one 16,384-feature SAE, the loop timed on
               ``--ref-loop-prompts`` prompts (and ``--loop-pairs`` pairs) and scaled.
   gemma2, gemma3  random Gemma 2 / Gemma 3 (text) models, 2 layers, d_model 128, GQA, sliding window 64 on layer 0
@@ -263,8 +265,13 @@ def load_case(name: str, args):
     return model, task, rows, label
 
 
-def calibrated_sae(model, task, hook: str, d_sae: int, l0: float, seed: int = 0) -> SAE:
-    """A random ReLU SAE whose encoder bias puts each feature's firing rate at P near ``l0 / d_sae``."""
+def calibrated_sae(model, task, hook: str, d_sae: int, l0: float, seed: int = 0, dtype: str = "float32") -> SAE:
+    """A random ReLU SAE whose encoder bias puts the mean L0 at P near ``l0`` (in ``dtype``).
+
+    Each feature's threshold is its pre-activation's mean + ``z`` standard deviations at P over up to 200 prompts,
+    one ``z`` for all features, bisected so that the mean L0 over those prompts is ``l0``. (A per-feature empirical
+    quantile at ``1 - l0 / d_sae`` needs many more than ``d_sae / l0`` prompts: over 200 it let every feature fire on
+    about one of them, an L0 of ``d_sae / 200``, 82 for 16,384 features, whatever ``l0`` asked.)"""
     d_in = int(model.cfg.d_mlp)
     gen = torch.Generator().manual_seed(seed)
     sae = SAE(SAEConfig("standard", d_in=d_in, d_sae=d_sae, hook_point=hook))
@@ -279,9 +286,13 @@ def calibrated_sae(model, task, hook: str, d_sae: int, l0: float, seed: int = 0)
                         for b in task_batches(model, task.subset(range(min(200, task.n_prompts))))])
         sae.to(xs.device)
         pre = (xs - sae.b_dec) @ sae.W_enc
-        q = max(0.0, min(1.0, 1 - l0 / d_sae))
-        sae.b_enc.copy_(-torch.quantile(pre, q, dim=0))
-    return sae
+        std = (pre - pre.mean(0)) / pre.std(0).clamp_min(1e-12)  # [prompts, d_sae]
+        lo, hi = -10.0, 10.0  # mean L0 falls as z rises
+        for _ in range(50):
+            z = (lo + hi) / 2
+            lo, hi = (z, hi) if float((std > z).sum(1).float().mean()) > l0 else (lo, z)
+        sae.b_enc.copy_(-(pre.mean(0) + hi * pre.std(0)))
+    return sae if dtype == "float32" else sae.to(getattr(torch, dtype))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -604,10 +615,11 @@ def bench_positions(args) -> None:
 # the reference scale (issue 17 items 3 and 5): the whole run, the table's matmul rate, scaling, corpus memory
 
 
-def matmul_rate(seconds: float = 2.0, device: str = "cpu") -> float:
-    """fp32 GFLOP/s of this machine at the current thread count: ``[2048, 1024] @ [1024, 4096]`` repeated for
-    ``seconds`` (the reference shape's MLP matmul; what the table's rate is compared with)."""
-    a, b = torch.randn(2048, 1024, device=device), torch.randn(1024, 4096, device=device)
+def matmul_rate(seconds: float = 2.0, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of this machine at the current thread count in ``dtype``: ``[2048, 1024] @ [1024, 4096]`` repeated for
+    ``seconds`` (the reference shape's MLP matmul; what the table's rate and the stages' lower bounds use)."""
+    a = torch.randn(2048, 1024, device=device).to(dtype)
+    b = torch.randn(1024, 4096, device=device).to(dtype)
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     a @ b
     sync()
@@ -619,6 +631,13 @@ def matmul_rate(seconds: float = 2.0, device: str = "cpu") -> float:
     return 2 * 2048 * 1024 * 4096 * n / (time.perf_counter() - start) / 1e9
 
 
+def _block_flops(model) -> float:
+    """Matmul FLOPs of one block per token: the attention projections (q, k, v, o) and the MLP's two matmuls
+    (attention scores and norms left out)."""
+    d, m = int(model.cfg.d_model), int(model.cfg.d_mlp)
+    return 2.0 * (4 * d * d + 2 * d * m)
+
+
 def table_flops(model, sae, n_pairs: int) -> float:
     """Matmul FLOPs the all-features table cannot avoid: per (prompt, feature) pair, position P from the SAE's write
     onward (``W_out`` for an MLP SAE, then every later block's attention projections and MLP at P) and the
@@ -626,8 +645,37 @@ def table_flops(model, sae, n_pairs: int) -> float:
     cfg = model.cfg
     d, m, v, n = int(cfg.d_model), int(cfg.d_mlp), int(cfg.d_vocab), int(cfg.n_layers)
     layer = int(sae.hook_point.split(".")[1])
-    per = (m * d if sae.hook_point.endswith("mlp.hook_post") else 0) + (n - 1 - layer) * (4 * d * d + 2 * d * m)
-    return 2.0 * n_pairs * (per + d * v)
+    per = 2.0 * (m * d if sae.hook_point.endswith("mlp.hook_post") else 0) + (n - 1 - layer) * _block_flops(model)
+    return n_pairs * (per + 2.0 * d * v)
+
+
+def stage_flops(model, saes, task, rows, pairs: list[int]) -> dict[str, float]:
+    """Lower bounds of the matmul FLOPs of each stage of :func:`bench_reference` (what no implementation of the
+    analysis can skip; attention scores, norms, elementwise work and the SAE decoders are left out):
+
+    - DLA: one forward of every prompt token through every block;
+    - corpus statistics: one forward of every story token through the blocks up to the last SAE's, and each SAE's
+      encoder on every token, ``2 x d_in x d_sae`` per token and SAE;
+    - per SAE, activations + effects + table: one forward of the prompt tokens up to the SAE's block, its encoder at
+      P and :func:`table_flops` of its pairs;
+    - per SAE, the losses at P: 4 variants (clean, spliced, zero, mean) per prompt from the SAE's write to the logits;
+    - the circuit: its exact node effects alone cover every active (prompt, feature) pair of both SAEs
+      (:func:`table_flops`); edges, AtP, IG and faithfulness are left out.
+    """
+    prompt_tok = sum(len(t) for t in task.token_ids)
+    story_tok = sum(len(r) for r in rows)
+    n_blocks = int(model.cfg.n_layers)
+    last = max(int(s.hook_point.split(".")[1]) for s in saes)
+    out = {"DLA": prompt_tok * n_blocks * _block_flops(model),
+           "corpus": story_tok * ((last + 1) * _block_flops(model) + sum(2.0 * s.d_in * s.d_sae for s in saes))}
+    for sae, n_pairs in zip(saes, pairs, strict=True):
+        layer = int(sae.hook_point.split(".")[1])
+        out[f"{sae.hook_point} table"] = (prompt_tok * (layer + 1) * _block_flops(model)
+                                          + task.n_prompts * 2.0 * sae.d_in * sae.d_sae
+                                          + table_flops(model, sae, n_pairs))
+        out[f"{sae.hook_point} losses"] = table_flops(model, sae, 4 * task.n_prompts)
+    out["circuit"] = sum(table_flops(model, s, n) for s, n in zip(saes, pairs, strict=True))
+    return out
 
 
 def _stories(n: int) -> list[str]:
@@ -640,16 +688,18 @@ def _stories(n: int) -> list[str]:
     return [docs[i % len(docs)] for i in range(n)]
 
 
-def _reference_setup(args, n_prompts: int, n_stories: int):
+def _reference_setup(args, n_prompts: int, n_stories: int, story_tokens: int | None = None):
+    """The reference-shape model in ``--dtype``, ``n_prompts`` closing-quote prompts and ``n_stories`` corpus rows
+    (each cut to its first ``story_tokens`` tokens when given)."""
     from saecircuits.models.load import load_hf_model
     from saecircuits.tasks.closing_quote import closing_quote_task
 
     model = load_hf_model(_random_neo_hf(**RANDOM_NEO["reference"]), _gpt2_tokenizer(), model_name="random-neo-d1024",
-                          device=args.device)
-    docs = _stories(max(n_stories, 4 * n_prompts))
+                          device=args.device, dtype=getattr(torch, args.dtype))
+    docs = _stories(max(n_stories, 6 * n_prompts))  # about one closing quote in 4.5 stories (4 gave 892 of 1,000)
     task = closing_quote_task(docs, model.tokenizer, max_prompts=n_prompts, max_tokens=int(model.cfg.n_ctx))
-    rows = [r for r in encode_documents(model.tokenizer, docs[:n_stories], max_len=int(model.cfg.n_ctx))
-            if len(r) > 1]
+    max_len = int(model.cfg.n_ctx) if story_tokens is None else min(int(model.cfg.n_ctx), story_tokens)
+    rows = [r for r in encode_documents(model.tokenizer, docs[:n_stories], max_len=max_len) if len(r) > 1]
     return model, task, rows
 
 
@@ -663,51 +713,98 @@ def _prompt_analyses(model, sae, task):
     return time.perf_counter() - start, int(eff.prompt.numel())
 
 
+def _uptime() -> str:
+    """``uptime``'s load averages (other jobs on a shared machine inflate every time printed next to it)."""
+    try:
+        return "load average " + ", ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "load average unknown"
+
+
 def bench_reference(args) -> None:
     """Issue 17 item 3: the analyses of a run at the reference shape, one by one (not through the pipeline):
     DLA; per SAE the activations at P, the exact effect of every active feature and its table, the SAE losses at P
-    (clean / spliced / zero / mean, mean from the corpus pass); the corpus statistics of both SAEs; the circuit."""
+    (clean / spliced / zero / mean, mean from the corpus pass); the corpus statistics of both SAEs; the circuit.
+
+    Each stage is printed with its matmul lower bound (:func:`stage_flops`) over the matmul rate measured in the
+    run's dtype; the sum of the bounds says whether the 10-minute target is reachable at all on this machine."""
     from saecircuits.analysis.circuit import find_circuit
     from saecircuits.analysis.corpus.statistics import corpus_feature_stats
 
+    dtype = getattr(torch, args.dtype)
     model, task, rows = _reference_setup(args, args.ref_prompts, args.ref_stories)
+    if args.ref_cache_mib:  # the clean passes kept between analyses (512 MiB by default: ~200 prompts at this shape)
+        interventions_for(model).cache_bytes = args.ref_cache_mib << 20
     hooks = [f"blocks.{layer}.mlp.hook_post" for layer in (0, 1)]
-    saes = [calibrated_sae(model, task, h, args.ref_d_sae, args.l0, seed=i) for i, h in enumerate(hooks)]
-    print(f"\n== reference scale: random GPT-Neo 2L d1024 16 heads d_mlp 4096 vocab 50,257; {task.n_prompts} prompts; "
-          f"two {args.ref_d_sae:,}-feature SAEs ({', '.join(hooks)}), L0 at P ~{args.l0:g}; corpus statistics over "
-          f"{len(rows)} stories; {torch.get_num_threads()} thread(s); analyses one by one (not the pipeline)")
-    rate_before = matmul_rate(device=args.device)
-    times: list[tuple[str, float]] = []
+    saes = [calibrated_sae(model, task, h, args.ref_d_sae, args.l0, seed=i, dtype=args.dtype)
+            for i, h in enumerate(hooks)]
+    print(f"\n== reference scale, {args.dtype} model and SAEs: random GPT-Neo 2L d1024 16 heads d_mlp 4096 vocab "
+          f"50,257; {task.n_prompts} prompts ({sum(len(t) for t in task.token_ids):,} tokens); two "
+          f"{args.ref_d_sae:,}-feature SAEs ({', '.join(hooks)}), L0 at P asked ~{args.l0:g}; corpus statistics over "
+          f"{len(rows)} stories ({sum(len(r) for r in rows):,} tokens); {torch.get_num_threads()} thread(s); analyses "
+          f"one by one (not the pipeline); clean-pass cache {interventions_for(model).cache_bytes >> 20} MiB; "
+          f"{_uptime()}")
+    rate32 = matmul_rate(device=args.device)
+    rate = rate32 if dtype == torch.float32 else matmul_rate(device=args.device, dtype=dtype)
+    print(f"   matmul rate (2048x1024 @ 1024x4096) before the run: fp32 {rate32:.1f} GFLOP/s"
+          + ("" if dtype == torch.float32 else f", {args.dtype} {rate:.1f} GFLOP/s"), flush=True)
+    times: list[tuple[str, float, float]] = []
 
-    def step(what: str, t: float) -> None:  # printed as it ends: a long run shows its figures on the way
-        times.append((what, t))
-        print(f"   {what:78s} {t:9.1f} s", flush=True)
+    def step(what: str, t: float, flop: float) -> None:  # printed as it ends: a long run shows its figures on the way
+        times.append((what, t, flop))
+        print(f"   {what:70s} {t:8.1f} s  (matmul lower bound {flop / 1e12:7.2f} TFLOP = {flop / rate / 1e9:7.1f} s "
+              f"at {rate:.0f} GFLOP/s; {_uptime()})", flush=True)
 
+    expect = stage_flops(model, saes, task, rows, [int(args.l0 * task.n_prompts)] * len(saes))
+    bound = sum(expect.values()) / rate / 1e9
+    print(f"   before the run: the stages' matmul lower bounds (pairs estimated as L0 x prompts) add up to "
+          f"{sum(expect.values()) / 1e12:.1f} TFLOP = {bound:.0f} s at {rate:.0f} GFLOP/s ({args.dtype}); corpus "
+          f"statistics alone {expect['corpus'] / 1e12:.1f} TFLOP = {expect['corpus'] / rate / 1e9:.0f} s"
+          + (": the 10-minute target is out of reach on this machine in this dtype" if bound > 600 else ""), flush=True)
     interventions_for(model).clear_cache()
     _, t = timed(lambda: direct_logit_attribution(model, task))
-    step("DLA", t)
+    step("DLA", t, expect["DLA"])
     stats, t = timed(lambda: corpus_feature_stats(model, saes, rows, k=20))
-    step(f"corpus statistics, 2 SAEs, {len(rows)} stories", t)
-    table_s, table_flop, pairs = 0.0, 0.0, 0
+    step(f"corpus statistics, 2 SAEs, {len(rows)} stories", t, expect["corpus"])
+    table_s, table_flop, stage_flop, pairs = 0.0, 0.0, 0.0, []
     for sae, fs in zip(saes, stats.features, strict=True):
         (t_tab, n_pairs), _ = timed(lambda sae=sae: _prompt_analyses(model, sae, task))
-        step(f"{sae.hook_point}: activations + effects of all {n_pairs} pairs + table", t_tab)
-        table_s, table_flop, pairs = table_s + t_tab, table_flop + table_flops(model, sae, n_pairs), pairs + n_pairs
+        pairs.append(n_pairs)
+        flop = stage_flops(model, [sae], task, [], [n_pairs])[f"{sae.hook_point} table"]
+        step(f"{sae.hook_point}: activations + effects of all {n_pairs} pairs (L0 at P "
+             f"{n_pairs / task.n_prompts:.1f}) + table", t_tab, flop)
+        table_s, table_flop, stage_flop = table_s + t_tab, table_flop + table_flops(model, sae, n_pairs), stage_flop + flop
         _, t = timed(lambda sae=sae, fs=fs: reconstruction_at_prediction(model, sae, task, mean_act=fs.mean_input,
                                                                           n_bootstrap=200))
-        step(f"{sae.hook_point}: losses clean/SAE/zero/mean at P", t)
+        step(f"{sae.hook_point}: losses clean/SAE/zero/mean at P", t, table_flops(model, sae, 4 * task.n_prompts))
     table_rate = table_flop / table_s / 1e9
-    print(f"   all-features tables: {pairs} pairs, {table_flop / 1e12:.2f} TFLOP of unavoidable matmul in "
-          f"{table_s:.1f} s = {table_rate:.1f} GFLOP/s = {100 * table_rate / rate_before:.0f}% of the matmul rate "
-          f"measured before the run, {rate_before:.1f} GFLOP/s (target >= 50%)", flush=True)
-    res, t = timed(lambda: find_circuit(model, saes, task, ig_steps=10, corpus_rows=rows[:300]))
-    step(f"circuit ({len(res.nodes)} nodes, exact edges, AtP, IG, faithfulness)", t)
-    rate_after = matmul_rate(device=args.device)
-    total = sum(t for _, t in times)
-    print(f"   {'whole run':78s} {total:9.1f} s  ({total / 60:.1f} min; target < 10 min at 2 threads)")
-    rate = max(rate_before, rate_after)
-    print(f"   fp32 matmul rate (2048x1024 @ 1024x4096): {rate_before:.1f} GFLOP/s before, {rate_after:.1f} after; "
-          f"the tables ran at {100 * table_rate / rate:.0f}% of the larger")
+    print(f"   all-features tables: {sum(pairs)} pairs, {table_flop / 1e12:.2f} TFLOP of unavoidable matmul in "
+          f"{table_s:.1f} s = {table_rate:.1f} GFLOP/s = {100 * table_rate / rate:.0f}% of the {args.dtype} matmul "
+          f"rate measured before the run, {rate:.1f} GFLOP/s (target >= 50%)", flush=True)
+    # the pairs are not the stage's only unavoidable work: each prompt's prefix must be run once (to the SAE's block)
+    # for its key/value cache, as much matmul as ~40 pairs at this shape
+    print(f"   with the prompts' one unavoidable prefix forward and encoder at P counted too: "
+          f"{stage_flop / 1e12:.2f} TFLOP in {table_s:.1f} s = {stage_flop / table_s / 1e9:.1f} GFLOP/s = "
+          f"{100 * stage_flop / table_s / 1e9 / rate:.0f}% of the matmul rate", flush=True)
+    n_circ = min(task.n_prompts, args.ref_circuit_prompts or task.n_prompts)
+    sub = task.subset(range(n_circ))
+    res, t = timed(lambda: find_circuit(model, saes, sub, ig_steps=10, corpus_rows=rows[:300]))
+    scale = task.n_prompts / n_circ  # the circuit's work is per prompt (its corpus means aside): scaled linearly
+    step(f"circuit ({len(res.nodes)} nodes, exact edges, AtP, IG, faithfulness)"
+         + (f" on {n_circ} prompts x {scale:.1f}" if n_circ < task.n_prompts else ""), t * scale,
+         stage_flops(model, saes, task, [], pairs)["circuit"])
+    if n_circ < task.n_prompts:
+        print(f"      the circuit ran on the first {n_circ} prompts in {t:.1f} s; the line above scales it to "
+              f"{task.n_prompts} (--ref-circuit-prompts; at this shape it costs seconds per prompt on 2 cores)")
+    rate_after = matmul_rate(device=args.device, dtype=dtype)
+    total = sum(t for _, t, _ in times)
+    flop = sum(f for _, _, f in times)
+    print(f"   {'whole run':70s} {total:8.1f} s  ({total / 60:.1f} min; target < 10 min at 2 threads); matmul lower "
+          f"bound {flop / 1e12:.1f} TFLOP = {flop / rate / 1e9:.0f} s at {rate:.0f} GFLOP/s"
+          + (" > 600 s: the target is physically out of reach in this dtype on this machine" if flop / rate / 1e9 > 600
+             else ""))
+    print(f"   {args.dtype} matmul rate (2048x1024 @ 1024x4096): {rate:.1f} GFLOP/s before, {rate_after:.1f} after; "
+          f"the tables ran at {100 * table_rate / max(rate, rate_after):.0f}% of the larger; {_uptime()}")
 
 
 def bench_scaling(args) -> None:
@@ -717,9 +814,9 @@ def bench_scaling(args) -> None:
     sizes = [int(x) for x in args.scale_d_sae.split(",")]
     model, task, _ = _reference_setup(args, max(counts), 0)
     hook = "blocks.0.mlp.hook_post"
-    print(f"\n== scaling at the reference shape ({torch.get_num_threads()} thread(s)): activations + effects of every "
-          f"active pair + table, one SAE on {hook}, L0 ~{args.l0:g}")
-    sae = calibrated_sae(model, task, hook, args.ref_d_sae, args.l0)
+    print(f"\n== scaling at the reference shape ({args.dtype}, {torch.get_num_threads()} thread(s)): activations + "
+          f"effects of every active pair + table, one SAE on {hook}, L0 ~{args.l0:g}; {_uptime()}")
+    sae = calibrated_sae(model, task, hook, args.ref_d_sae, args.l0, dtype=args.dtype)
     base = None
     for n in counts:
         sub = task.subset(range(min(n, task.n_prompts)))
@@ -728,48 +825,61 @@ def bench_scaling(args) -> None:
         per = t / sub.n_prompts
         base = base or per
         print(f"   {sub.n_prompts:6d} prompts, d_sae {args.ref_d_sae:6d}: {pairs:7d} pairs {t:8.1f} s  "
-              f"{1e3 * per:7.1f} ms/prompt ({per / base:.2f}x the first)")
+              f"{1e3 * per:7.1f} ms/prompt ({per / base:.2f}x the first); {_uptime()}", flush=True)
     sub = task.subset(range(min(counts[0], task.n_prompts)))
     first = None
     for d in sizes:
-        sae = calibrated_sae(model, task, hook, d, args.l0)  # calibrated on up to 200 prompts: L0 ~ --l0 at any d
+        sae = calibrated_sae(model, task, hook, d, args.l0, dtype=args.dtype)  # L0 ~ --l0 at any d
         interventions_for(model).clear_cache()
         t, pairs = _prompt_analyses(model, sae, sub)
         first = first or (t, d, pairs)
         print(f"   {sub.n_prompts:6d} prompts, d_sae {d:6d}: {pairs:7d} pairs {t:8.1f} s  time {t / first[0]:.2f}x, "
-              f"d_sae {d / first[1]:.0f}x, pairs {pairs / max(1, first[2]):.2f}x the first")
+              f"d_sae {d / first[1]:.0f}x, pairs {pairs / max(1, first[2]):.2f}x the first; {_uptime()}", flush=True)
 
 
 def bench_corpus_memory(args) -> None:
-    """Issue 17 item 5: corpus statistics over ``--memory-stories`` stories with two ``--ref-d-sae`` SAEs at the
-    reference shape, in a fresh process so the peak resident memory (``resource.getrusage``) is this pass's."""
+    """Issue 17 item 5: corpus statistics with two ``--ref-d-sae`` SAEs at the reference shape over each story count
+    of ``--memory-stories`` (each story cut to its first ``--memory-story-tokens`` tokens, 0 = whole), each in a
+    fresh process so the peak resident memory (``resource.getrusage``) is that pass's. Resident memory flat in the
+    story count is what the check shows: the pass's state is ``d_sae``-sized except its kept events (tokens above
+    ``token_fraction x`` a feature's maximum, documents above ``1/10`` of it), which are counted and printed."""
     import subprocess
     import sys
 
-    cmd = [sys.executable, __file__, "--corpus-memory-child", "--only", "--threads", str(args.threads),
-           "--device", args.device,
-           "--memory-stories", str(args.memory_stories), "--ref-d-sae", str(args.ref_d_sae), "--l0", str(args.l0)]
-    subprocess.run(cmd, check=True)
+    for n in [int(x) for x in args.memory_stories.split(",")]:
+        cmd = [sys.executable, __file__, "--corpus-memory-child", "--only", "--threads", str(args.threads),
+               "--device", args.device, "--dtype", args.dtype, "--memory-stories", str(n),
+               "--memory-story-tokens", str(args.memory_story_tokens), "--ref-d-sae", str(args.ref_d_sae),
+               "--l0", str(args.l0)]
+        subprocess.run(cmd, check=True)
 
 
 def _corpus_memory_child(args) -> None:
     from saecircuits.analysis.corpus.statistics import corpus_feature_stats
 
-    model, task, rows = _reference_setup(args, 50, args.memory_stories)
-    saes = [calibrated_sae(model, task, f"blocks.{layer}.mlp.hook_post", args.ref_d_sae, args.l0, seed=layer)
-            for layer in (0, 1)]
+    n_stories = int(args.memory_stories)
+    model, task, rows = _reference_setup(args, 50, n_stories, args.memory_story_tokens or None)
+    saes = [calibrated_sae(model, task, f"blocks.{layer}.mlp.hook_post", args.ref_d_sae, args.l0, seed=layer,
+                           dtype=args.dtype) for layer in (0, 1)]
     before = _status_mib("VmRSS")
     reset = _reset_peak_rss()  # the model's loading peak is not the pass's
     stats, t = timed(lambda: corpus_feature_stats(model, saes, rows, k=20))
     peak = _status_mib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu = (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
            if args.device.startswith("cuda") else "")
-    print(f"\n== corpus statistics memory: {len(rows)} stories ({stats.n_tokens:,} counted tokens), two "
-          f"{args.ref_d_sae:,}-feature SAEs, reference shape, {torch.get_num_threads()} thread(s): {t:.1f} s")
+    cut = (f"each cut to its first {args.memory_story_tokens} tokens" if args.memory_story_tokens
+           else "whole stories")
+    events = ", ".join(f"{fs.hook_point}: {int(fs.above_count.sum()):,} token events, {len(fs._band_value):,} band "
+                       f"events" for fs in stats.features)
+    print(f"\n== corpus statistics memory: {len(rows)} stories ({cut}; {stats.n_tokens:,} counted tokens), two "
+          f"{args.ref_d_sae:,}-feature {args.dtype} SAEs, reference shape, {torch.get_num_threads()} thread(s): "
+          f"{t:.1f} s; {_uptime()}")
     print(f"   peak resident memory during the pass {peak:.0f} MiB = {peak / 1024:.2f} GiB (target < 4 GiB; "
-          f"{before:.0f} MiB resident before it: model, tokenizer, stories, SAEs; whole process peak "
+          f"{before:.0f} MiB resident before it: model, tokenizer, stories, SAEs; so the pass's own "
+          f"{peak - before:.0f} MiB; whole process peak "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
           f"{'' if reset else ', which is what the first figure is: /proc/self/clear_refs was refused'}){gpu}")
+    print(f"   kept at the end (the part that grows with the corpus): {events}", flush=True)
 
 
 def _status_mib(field: str) -> float:
@@ -817,11 +927,22 @@ def main() -> None:
     p.add_argument("--top-exact", type=int, default=200, help="--positions: nodes per prompt with exact effects")
     p.add_argument("--only", action="store_true", help="run only the extra modes given")
     p.add_argument("--ref-stories", type=int, default=2000, help="reference: stories of the corpus statistics")
+    p.add_argument("--ref-cache-mib", type=int, default=0,
+                   help="reference: clean-pass cache kept between analyses, MiB (0: the product's 512 MiB)")
+    p.add_argument("--ref-circuit-prompts", type=int, default=0,
+                   help="reference: run the circuit on the first this many prompts and scale its time (0: all)")
     p.add_argument("--ref-compare", action="store_true",
                    help="reference: the product-vs-loop comparison of the other model classes instead of the scale run")
     p.add_argument("--scale-prompts", default="250,500,1000,2000", help="reference: prompt counts of the scaling rows")
     p.add_argument("--scale-d-sae", default="4096,16384,65536", help="reference: d_sae of the scaling rows")
-    p.add_argument("--memory-stories", type=int, default=20000, help="reference: stories of the corpus memory check")
+    p.add_argument("--memory-stories", default="2000,20000",
+                   help="reference: story counts of the corpus memory check (one fresh process each)")
+    p.add_argument("--memory-story-tokens", type=int, default=32,
+                   help="reference memory check: stories cut to their first this many tokens (0: whole stories)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="reference: the model's and the SAEs' dtype (the product's --dtype)")
+    p.add_argument("--ref-parts", default="run,scaling,memory",
+                   help="reference: which parts to run (run = the whole run, scaling, memory), comma-separated")
     p.add_argument("--device", default="cpu", help="reference scale run: cpu or cuda (the other modes run on cpu)")
     p.add_argument("--corpus-memory-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -831,9 +952,15 @@ def main() -> None:
     if not args.only:
         for name in args.models.split(","):
             if name == "reference" and not args.ref_compare:  # issue 17: the scale run, scaling, corpus memory
-                bench_reference(args)
-                bench_scaling(args)
-                bench_corpus_memory(args)
+                parts = args.ref_parts.split(",")
+                if unknown := set(parts) - {"run", "scaling", "memory"}:
+                    raise SystemExit(f"--ref-parts: unknown part(s) {sorted(unknown)}; use run, scaling, memory")
+                if "run" in parts:
+                    bench_reference(args)
+                if "scaling" in parts:
+                    bench_scaling(args)
+                if "memory" in parts:
+                    bench_corpus_memory(args)
             else:
                 bench_case(name, args)
     if args.forward:
