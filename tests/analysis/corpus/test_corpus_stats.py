@@ -375,12 +375,15 @@ def _budget_kwargs(budget, **kw):
     return _shard_kwargs(**kw) | dict(max_event_bytes=budget, n_band_examples=N_BAND)
 
 
-def test_second_pass_equals_the_one_pass_result():
+@pytest.mark.parametrize("compact_min", [1, 1 << 20])
+def test_second_pass_equals_the_one_pass_result(monkeypatch, compact_min):
     """Over budget from the first batch (0 bytes) or mid-pass (half of what one pass keeps): every statistic equals
     the one-pass result (no budget), band examples of every band included; the kept events never pass the budget
-    at a batch's end."""
+    at a batch's end. ``compact_min`` 1 merges the second pass's table and selection after (nearly) every batch,
+    the default once at the end."""
     from saecircuits.analysis.corpus.statistics import _Accumulator, corpus_partial_stats
 
+    monkeypatch.setattr(_Accumulator, "compact_min", compact_min)
     model, rows, saes = tiny_neo(), _rows(), _saes()
     with _one_thread():
         one = corpus_partial_stats(model, saes, rows, **_budget_kwargs(None))

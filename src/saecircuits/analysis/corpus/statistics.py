@@ -432,6 +432,10 @@ def _merge_selections(out: dict[str, torch.Tensor], states: Sequence[Mapping[str
 class _Accumulator:
     """The running state of one SAE during the pass."""
 
+    compact_min = 1 << 20
+    """The second pass merges its pending token keys / band candidates into the table / selection once they
+    outnumber both this and what is kept (amortised: each merge at least doubles what it adds)."""
+
     def __init__(self, sae: SAE, *, k: int, token_fraction: float, bands: Mapping[str, float],
                  hist_range: tuple[float, float], hist_bins: int, encode_floats: int,
                  n_band_examples: int = DEFAULT_N_BAND_EXAMPLES) -> None:
@@ -461,6 +465,8 @@ class _Accumulator:
         self.tok_key = torch.zeros(0, dtype=torch.long)  # the second pass's token table (see _TABLE_KEYS)
         self.tok_count = torch.zeros(0, dtype=torch.long)
         self.band_n = 0  # > 0: band events are the second pass's selection of n per feature and band
+        self._pending_keys: list[torch.Tensor] = []  # second pass: token keys / band candidates not yet merged
+        self._pending_band: list[tuple[torch.Tensor, ...]] = []
 
     def event_bytes(self) -> int:
         """Bytes of the kept events (token events and band candidates, as pruned after the last batch)."""
@@ -566,16 +572,28 @@ class _Accumulator:
                 r_i, t_i, k_i = r_i.cpu(), t_i.cpu(), k_i.cpu()
                 keep = v > self.token_fraction * maxima[k_i]  # the expression _prune applies with the final max
                 keys.append(_tok_key(k_i[keep], tokens[r0 : r0 + rows].cpu()[r_i[keep], t_i[keep]]))
-        new = torch.cat(keys)
-        self.tok_key, self.tok_count = _count_keys(torch.cat([self.tok_key, new]),
-                                                   torch.cat([self.tok_count, torch.ones(len(new), dtype=torch.long)]))
+        self._pending_keys.append(torch.cat(keys))
         if self.band_floor is not None:
             dm, dp = torch.cat(doc_max), torch.cat(doc_pos)
             r_i, k_i = torch.nonzero(dm > self.band_floor * maxima[None], as_tuple=True)  # as the first pass keeps
-            new_band = (k_i.int(), docs[r_i].int(), dp[r_i, k_i].int(), dm[r_i, k_i])
-            band = [torch.cat(c) for c in zip(self.band_events[0] if self.band_events else _no_events(4), new_band,
-                                              strict=True)]
+            self._pending_band.append((k_i.int(), docs[r_i].int(), dp[r_i, k_i].int(), dm[r_i, k_i]))
+        self.compact(maxima)
+
+    def compact(self, maxima: torch.Tensor, force: bool = False) -> None:
+        """Merge the second pass's pending keys into the token table and its pending band candidates into the
+        selection: when they outnumber what is kept and ``compact_min`` (or ``force``, at the end of the pass)."""
+        n = sum(len(c) for c in self._pending_keys)
+        if n and (force or n > max(len(self.tok_key), self.compact_min)):
+            self.tok_key, self.tok_count = _count_keys(
+                torch.cat([self.tok_key, *self._pending_keys]),
+                torch.cat([self.tok_count, torch.ones(n, dtype=torch.long)]))
+            self._pending_keys = []
+        n = sum(len(c[0]) for c in self._pending_band)
+        kept = self.band_events[0] if self.band_events else _no_events(4)
+        if n and (force or n > max(len(kept[0]), self.compact_min)):
+            band = [torch.cat(c) for c in zip(kept, *self._pending_band, strict=True)]
             self.band_events = [tuple(_select_bands(band, maxima, self.bands, self.n_band_examples))]
+            self._pending_band = []
         self.band_n = self.n_band_examples
 
     def select_events(self, state: Mapping[str, torch.Tensor], maxima: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -814,8 +832,8 @@ class CorpusPartial:
             rows = global_index[torch.tensor(batch.indices, dtype=torch.long)]
             for acc, mx in zip(self._accs, maxima, strict=True):
                 acc.recount(reads[acc.sae.hook_point], batch.tokens, mask, rows, mx)
-        for acc in self._accs:
-            acc.band_n = acc.n_band_examples  # also without band candidates or documents
+        for acc, mx in zip(self._accs, maxima, strict=True):
+            acc.compact(mx, force=True)  # also sets band_n without band candidates or documents
         self.states = [acc.state() for acc in self._accs]
         self.overflowed = False
 
