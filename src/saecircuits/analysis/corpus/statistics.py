@@ -30,7 +30,12 @@ so every event above ``fraction x final max`` is above ``fraction x running max`
 band candidates are kept while they exceed the running threshold and pruned after each batch; the final threshold is
 applied at the end. Memory therefore grows with the number of (token, feature) activations above
 ``token_fraction x`` the feature's maximum and of (document, feature) maxima above ``1/10`` of it, not with the corpus
-times ``d_sae``.
+times ``d_sae``; and only up to ``max_event_bytes`` (default 256 MiB): past it the pass stops keeping events,
+finishes its counts, maxima, top-k and histograms, and reads the same batches a second time with the final maxima
+known, collecting only what the results read: the count of each (feature, token) pair above ``token_fraction x max``
+(16 bytes per distinct pair, at most ``d_sae x`` the distinct tokens) and, per feature and band, the
+``n_band_examples`` smallest document maxima above the band's fraction (ties to the lower document). The results are
+the same; :meth:`FeatureStats.band_examples` then answers up to ``n_band_examples`` examples.
 
 Feature activations are non-negative (every architecture in ``saecircuits.saes`` ends in a ReLU, a TopK of ReLU
 outputs or a JumpReLU); padding and special positions count as 0.
