@@ -76,6 +76,7 @@ from saecircuits.analysis.ablations.feature_effects import (  # noqa: E402
 )
 from saecircuits.analysis.ablations.multi_feature import ablate_features  # noqa: E402
 from saecircuits.analysis.corpus.examples import top_activating_examples  # noqa: E402
+from saecircuits.analysis.corpus.statistics import DEFAULT_MAX_EVENT_BYTES  # noqa: E402
 from saecircuits.analysis.quality.reconstruction import mean_activation, reconstruction_at_prediction  # noqa: E402
 from saecircuits.analysis.readouts.boosts import prompt_logprob_boosts  # noqa: E402
 from saecircuits.analysis.readouts.dla import direct_logit_attribution  # noqa: E402
@@ -842,7 +843,8 @@ def bench_corpus_memory(args) -> None:
     of ``--memory-stories`` (each story cut to its first ``--memory-story-tokens`` tokens, 0 = whole), each in a
     fresh process so the peak resident memory (``resource.getrusage``) is that pass's. Resident memory flat in the
     story count is what the check shows: the pass's state is ``d_sae``-sized except its kept events (tokens above
-    ``token_fraction x`` a feature's maximum, documents above ``1/10`` of it), which are counted and printed."""
+    ``token_fraction x`` a feature's maximum, documents above ``1/10`` of it), which are counted and printed, and
+    which the pass bounds by ``--memory-event-bytes`` (past it, a second pass over the rows; printed)."""
     import subprocess
     import sys
 
@@ -850,7 +852,7 @@ def bench_corpus_memory(args) -> None:
         cmd = [sys.executable, __file__, "--corpus-memory-child", "--only", "--threads", str(args.threads),
                "--device", args.device, "--dtype", args.dtype, "--memory-stories", str(n),
                "--memory-story-tokens", str(args.memory_story_tokens), "--ref-d-sae", str(args.ref_d_sae),
-               "--l0", str(args.l0)]
+               "--l0", str(args.l0), "--memory-event-bytes", str(args.memory_event_bytes)]
         subprocess.run(cmd, check=True)
 
 
@@ -863,7 +865,8 @@ def _corpus_memory_child(args) -> None:
                            dtype=args.dtype) for layer in (0, 1)]
     before = _status_mib("VmRSS")
     reset = _reset_peak_rss()  # the model's loading peak is not the pass's
-    stats, t = timed(lambda: corpus_feature_stats(model, saes, rows, k=20))
+    budget = args.memory_event_bytes if args.memory_event_bytes >= 0 else None
+    stats, t = timed(lambda: corpus_feature_stats(model, saes, rows, k=20, max_event_bytes=budget))
     peak = _status_mib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu = (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
            if args.device.startswith("cuda") else "")
@@ -879,7 +882,10 @@ def _corpus_memory_child(args) -> None:
           f"{peak - before:.0f} MiB; whole process peak "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
           f"{'' if reset else ', which is what the first figure is: /proc/self/clear_refs was refused'}){gpu}")
-    print(f"   kept at the end (the part that grows with the corpus): {events}", flush=True)
+    two = bool(stats.features[0].band_n)
+    print(f"   kept at the end: {events}; event budget "
+          f"{'none' if budget is None else f'{budget / 2**20:.0f} MiB'}: "
+          f"{'over it, so a second pass read the rows again' if two else 'within it, one pass'}", flush=True)
 
 
 def _status_mib(field: str) -> float:
@@ -937,6 +943,8 @@ def main() -> None:
     p.add_argument("--scale-d-sae", default="4096,16384,65536", help="reference: d_sae of the scaling rows")
     p.add_argument("--memory-stories", default="2000,20000",
                    help="reference: story counts of the corpus memory check (one fresh process each)")
+    p.add_argument("--memory-event-bytes", type=int, default=DEFAULT_MAX_EVENT_BYTES,
+                   help="reference memory check: the corpus pass's max_event_bytes (-1: no budget)")
     p.add_argument("--memory-story-tokens", type=int, default=32,
                    help="reference memory check: stories cut to their first this many tokens (0: whole stories)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],

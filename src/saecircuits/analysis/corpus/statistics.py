@@ -30,7 +30,12 @@ so every event above ``fraction x final max`` is above ``fraction x running max`
 band candidates are kept while they exceed the running threshold and pruned after each batch; the final threshold is
 applied at the end. Memory therefore grows with the number of (token, feature) activations above
 ``token_fraction x`` the feature's maximum and of (document, feature) maxima above ``1/10`` of it, not with the corpus
-times ``d_sae``.
+times ``d_sae``; and only up to ``max_event_bytes`` (default 256 MiB): past it the pass stops keeping events,
+finishes its counts, maxima, top-k and histograms, and reads the same batches a second time with the final maxima
+known, collecting only what the results read: the count of each (feature, token) pair above ``token_fraction x max``
+(16 bytes per distinct pair, at most ``d_sae x`` the distinct tokens) and, per feature and band, the
+``n_band_examples`` smallest document maxima above the band's fraction (ties to the lower document). The results are
+the same; :meth:`FeatureStats.band_examples` then answers up to ``n_band_examples`` examples.
 
 Feature activations are non-negative (every architecture in ``saecircuits.saes`` ends in a ReLU, a TopK of ReLU
 outputs or a JumpReLU); padding and special positions count as 0.
@@ -121,6 +126,8 @@ class FeatureStats:
         above_count: int64 ``[d_sae]`` counted tokens above the threshold (over all token ids).
         input_sum: float64 ``[d_in]`` sum over counted tokens of the hook's activation.
         bands: the example bands (name -> fraction of the maximum) the pass kept candidates for.
+        band_n: 0 when every band candidate was kept (any ``n`` of :meth:`band_examples`), else the examples kept
+            per feature and band by a second pass (the largest ``n`` :meth:`band_examples` answers).
     """
 
     hook_point: str
@@ -146,6 +153,7 @@ class FeatureStats:
     _band_doc: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int32), repr=False)
     _band_pos: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int32), repr=False)
     _band_value: torch.Tensor = field(default_factory=lambda: torch.zeros(0), repr=False)
+    band_n: int = 0
 
     @property
     def density(self) -> torch.Tensor:
@@ -195,11 +203,16 @@ class FeatureStats:
         ``bands[band] x`` the feature's corpus maximum, ascending, as ``(doc, position, value)``.
 
         Raises:
-            KeyError: a band the pass did not keep. IndexError: ``feature`` out of range.
+            KeyError: a band the pass did not keep. IndexError: ``feature`` out of range. ValueError: ``n`` above
+                the examples a second pass kept (``band_n``).
         """
         k = self._check(feature)
         if band not in self.bands:
             raise KeyError(f"band {band!r} was not kept; the pass kept {sorted(self.bands)}")
+        if self.band_n and n > self.band_n:
+            raise ValueError(f"the corpus pass kept {self.band_n} band examples per feature (it read the rows twice "
+                             f"to stay in its memory budget); ask for n <= {self.band_n} or pass a larger "
+                             f"n_band_examples")
         mx = float(self.max_activation[k])
         if not mx > 0:
             return []
@@ -299,6 +312,56 @@ _SUMMED = ("fire_count", "activation_sum", "hist", "input_sum")
 """State tensors of one SAE that shards add (counts, float64 sums, histogram counts)."""
 _TOK_KEYS = ("tok_feature", "tok_token", "tok_value")
 _BAND_KEYS = ("band_feature", "band_doc", "band_pos", "band_value")
+_TABLE_KEYS = ("tok_key", "tok_count")
+"""The second pass's token table: int64 ``(feature << 32) | token`` keys (ascending, distinct) and their counts."""
+_EVENT_BYTES = {"tok": 12, "band": 16}
+"""Bytes of one kept token event (feature, token int32, value float32) and one band event (+ document, position)."""
+DEFAULT_MAX_EVENT_BYTES = 256 << 20
+"""Default budget of the kept events (256 MiB over all SAEs of a pass); above it the pass reads the rows twice."""
+DEFAULT_N_BAND_EXAMPLES = 10
+"""Band examples kept per feature and band when the pass reads the rows twice (``band_examples``' largest ``n``)."""
+
+
+def _tok_key(feature: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """int64 ``(feature << 32) | token``: one key per (feature, token) pair, ordered by feature then token."""
+    return (feature.long() << 32) | token.long()
+
+
+def _count_keys(keys: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct ``keys`` (ascending) and the summed ``counts`` of each."""
+    uniq, inv = torch.unique(keys, return_inverse=True)
+    return uniq, torch.zeros(len(uniq), dtype=torch.long).index_add_(0, inv, counts.long())
+
+
+def _band_threshold(frac: float, maxima: torch.Tensor) -> torch.Tensor:
+    """float32 ``frac x max`` rounded once from float64: the threshold :meth:`FeatureStats.band_examples` applies
+    (a float32 tensor compared with the Python float ``frac * max``)."""
+    return (frac * maxima.double()).float()
+
+
+def _select_bands(band: Sequence[torch.Tensor], maxima: torch.Tensor, bands: Mapping[str, float],
+                  n: int) -> list[torch.Tensor]:
+    """Of band events ``(feature, doc, pos, value)``: those among the ``n`` smallest (value, then document,
+    ascending) above ``frac x max`` of their feature for some band ``frac``, i.e. every example
+    :meth:`FeatureStats.band_examples` returns for any ``n' <= n``. Each document appears once per feature, so
+    (value, document) orders the events of a feature strictly and the selection is exact.
+
+    Returns:
+        the kept events as the same four columns, ordered by feature, value and document (at most
+        ``len(bands) x n`` per feature)."""
+    f, doc, pos, v = band
+    if not len(v):
+        return list(band)
+    order = torch.from_numpy(np.lexsort((doc.numpy(), v.numpy(), f.numpy())))
+    f, doc, pos, v = (c[order] for c in (f, doc, pos, v))
+    keep = torch.zeros(len(v), dtype=torch.bool)
+    fl = f.long()
+    for frac in bands.values():
+        idx = torch.nonzero(v > _band_threshold(frac, maxima)[fl]).flatten()
+        fa = fl[idx]  # sorted: the events are ordered by feature
+        rank = torch.arange(len(idx)) - torch.searchsorted(fa, fa, side="left")
+        keep[idx[rank < n]] = True
+    return [f[keep], doc[keep], pos[keep], v[keep]]
 
 
 def _no_events(n: int) -> tuple[torch.Tensor, ...]:
@@ -326,41 +389,61 @@ def _pad_sum(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def _merge_states(states: Sequence[Mapping[str, torch.Tensor]], *, k: int, token_fraction: float,
-                  band_floor: float | None) -> dict[str, torch.Tensor]:
-    """One SAE's running states of disjoint document shards -> the state of one pass over their union.
+def _merge_states(states: Sequence[Mapping[str, torch.Tensor]], acc: _Accumulator) -> dict[str, torch.Tensor]:
+    """One SAE's running states of disjoint document shards -> the state of one pass over their union (``acc``:
+    the settings: ``k``, ``token_fraction``, ``bands``).
 
     Exact: counts, histograms and sums add (float64 sums only reorder), maxima take the maximum, the top-k is
     re-selected by (value desc, document asc) from the union of the shards' top-k (each shard's top-k holds every
     document of the union's top-k that it saw), and the token / band events are pruned again by the merged maximum
-    (a shard kept every event above its own threshold, which is never above the merged one)."""
+    (a shard kept every event above its own threshold, which is never above the merged one). States of a second
+    pass (``band_n > 0``: token tables and band selections made with the final maxima) add their tables and
+    re-select the band examples from the union of the shards' selections; a state still holding events is
+    turned into that form first (:meth:`_Accumulator.select_events`)."""
     out = {name: torch.stack([s[name] for s in states]).sum(0) for name in _SUMMED}
     out["max"] = torch.stack([s["max"] for s in states]).amax(0)
     out["l0_counts"] = _pad_sum([s["l0_counts"] for s in states])
-    _merge_selections(out, states, k=k, token_fraction=token_fraction, band_floor=band_floor)
+    _merge_selections(out, states, acc)
     return out
 
 
-def _merge_selections(out: dict[str, torch.Tensor], states: Sequence[Mapping[str, torch.Tensor]], *, k: int,
-                      token_fraction: float, band_floor: float | None) -> None:
+def _merge_selections(out: dict[str, torch.Tensor], states: Sequence[Mapping[str, torch.Tensor]],
+                      acc: _Accumulator) -> None:
     """Into ``out`` (which holds the merged ``max``): the top-k and the events of :func:`_merge_states`."""
     out["top_value"], out["top_doc"], out["top_pos"] = _top_k(
-        *(torch.cat([s[name] for s in states], dim=1) for name in ("top_value", "top_doc", "top_pos")), k)
+        *(torch.cat([s[name] for s in states], dim=1) for name in ("top_value", "top_doc", "top_pos")), acc.k)
+    n_sel = max(int(s["band_n"]) for s in states)
+    if n_sel:  # second-pass form: every shard's table and selection made with the final maxima
+        states = [s if int(s["band_n"]) else acc.select_events(s, out["max"]) for s in states]
+        out["tok_key"], out["tok_count"] = _count_keys(torch.cat([s["tok_key"] for s in states]),
+                                                       torch.cat([s["tok_count"] for s in states]))
+        out.update(zip(_TOK_KEYS, _no_events(3), strict=True))
+        band = [torch.cat([s[key] for s in states]) for key in _BAND_KEYS]
+        out.update(zip(_BAND_KEYS, _select_bands(band, out["max"], acc.bands, n_sel), strict=True))
+        out["band_n"] = torch.tensor(n_sel)
+        return
     tok = [torch.cat([s[key] for s in states]) for key in _TOK_KEYS]
-    keep = tok[2] > token_fraction * out["max"][tok[0].long()]
+    keep = tok[2] > acc.token_fraction * out["max"][tok[0].long()]
     out.update((key, c[keep]) for key, c in zip(_TOK_KEYS, tok, strict=True))
     band = [torch.cat([s[key] for s in states]) for key in _BAND_KEYS]
-    if band_floor is not None:
-        keep = band[3] > band_floor * out["max"][band[0].long()]
+    if acc.band_floor is not None:
+        keep = band[3] > acc.band_floor * out["max"][band[0].long()]
         band = [c[keep] for c in band]
     out.update(zip(_BAND_KEYS, band, strict=True))
+    out["tok_key"], out["tok_count"] = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    out["band_n"] = torch.tensor(0)
 
 
 class _Accumulator:
     """The running state of one SAE during the pass."""
 
+    compact_min = 1 << 20
+    """The second pass merges its pending token keys / band candidates into the table / selection once they
+    outnumber both this and what is kept (amortised: each merge at least doubles what it adds)."""
+
     def __init__(self, sae: SAE, *, k: int, token_fraction: float, bands: Mapping[str, float],
-                 hist_range: tuple[float, float], hist_bins: int, encode_floats: int) -> None:
+                 hist_range: tuple[float, float], hist_bins: int, encode_floats: int,
+                 n_band_examples: int = DEFAULT_N_BAND_EXAMPLES) -> None:
         d = sae.d_sae
         self.sae = sae
         self.k = k
@@ -382,6 +465,24 @@ class _Accumulator:
         self.input_sum = torch.zeros(sae.d_in, dtype=torch.float64)
         self.tok_events: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.band_events: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.n_band_examples = n_band_examples
+        self.keeping = True  # False once the pass is over its event budget: the second pass collects instead
+        self.tok_key = torch.zeros(0, dtype=torch.long)  # the second pass's token table (see _TABLE_KEYS)
+        self.tok_count = torch.zeros(0, dtype=torch.long)
+        self.band_n = 0  # > 0: band events are the second pass's selection of n per feature and band
+        self._pending_keys: list[torch.Tensor] = []  # second pass: token keys / band candidates not yet merged
+        self._pending_band: list[tuple[torch.Tensor, ...]] = []
+
+    def event_bytes(self) -> int:
+        """Bytes of the kept events (token events and band candidates, as pruned after the last batch)."""
+        return (sum(len(e[0]) for e in self.tok_events) * _EVENT_BYTES["tok"]
+                + sum(len(e[0]) for e in self.band_events) * _EVENT_BYTES["band"])
+
+    def drop_events(self) -> None:
+        """Stop keeping events (over budget): counts, maxima, top-k and histograms go on; a second pass with the
+        final maxima (:meth:`recount`) collects what the events gave."""
+        self.keeping = False
+        self.tok_events, self.band_events = [], []
 
     def update(self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, docs: torch.Tensor) -> None:
         """One batch: ``x [b, T, d_in]`` activations, ``tokens``/``mask`` ``[b, T]``, ``docs [b]`` row indices."""
@@ -418,13 +519,14 @@ class _Accumulator:
                     self.l0_counts[: l0.numel()] += l0
                 bins = ((torch.log10(v.double()) - self.lo) / self.width).floor().clamp(0, self.n_bins - 1).long()
                 self.hist.index_add_(0, k_i * self.n_bins + bins, torch.ones_like(bins))
-                keep = v > self.token_fraction * self.max[k_i]
-                tok = tokens[r0 : r0 + rows].cpu()[r_i[keep], t_i[keep]]
-                self.tok_events.append((k_i[keep].int(), tok.int(), v[keep]))
+                if self.keeping:
+                    keep = v > self.token_fraction * self.max[k_i]
+                    tok = tokens[r0 : r0 + rows].cpu()[r_i[keep], t_i[keep]]
+                    self.tok_events.append((k_i[keep].int(), tok.int(), v[keep]))
         dm = torch.cat(doc_max)  # [b, d_sae]
         dp = torch.cat(doc_pos)
         self._merge_top(dm, dp, docs)
-        if self.band_floor is not None:
+        if self.band_floor is not None and self.keeping:
             r_i, k_i = torch.nonzero(dm > self.band_floor * self.max[None], as_tuple=True)
             self.band_events.append((k_i.int(), docs[r_i].int(), dp[r_i, k_i].int(), dm[r_i, k_i]))
         self._prune()
@@ -449,10 +551,78 @@ class _Accumulator:
             keep = v > self.band_floor * self.max[k.long()]
             self.band_events = [(k[keep], doc[keep], pos[keep], v[keep])]
 
+    def recount(self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, docs: torch.Tensor,
+                maxima: torch.Tensor) -> None:
+        """One batch of the second pass (arguments as :meth:`update`; ``maxima``: float32 ``[d_sae]`` the final
+        corpus maxima): adds the (feature, token) pairs above ``token_fraction x max`` to the token table and keeps
+        the band examples (:func:`_select_bands`). The same batches and encode chunks as the first pass, so the
+        same activations. Memory: the table (16 bytes per distinct (feature, token) pair above the threshold, at
+        most ``d_sae x`` the distinct tokens) and ``len(bands) x n_band_examples`` band events per feature."""
+        sae = self.sae
+        b, T = tokens.shape
+        x = sae.flatten_input(x)
+        maskf = mask.to(x.device)
+        rows = max(1, self.encode_floats // max(1, T * sae.d_sae))
+        keys, doc_max, doc_pos = [], [], []
+        with torch.no_grad():
+            for r0 in range(0, b, rows):
+                m = maskf[r0 : r0 + rows]
+                f = sae.encode(x[r0 : r0 + rows].to(sae.W_enc.dtype)).float()
+                f.masked_fill_(~m[..., None], 0.0)
+                mx, pos = f.max(dim=1)
+                doc_max.append(mx.cpu())
+                doc_pos.append(pos.cpu())
+                r_i, t_i, k_i = torch.nonzero(f > 0, as_tuple=True)
+                v = f[r_i, t_i, k_i].cpu()
+                r_i, t_i, k_i = r_i.cpu(), t_i.cpu(), k_i.cpu()
+                keep = v > self.token_fraction * maxima[k_i]  # the expression _prune applies with the final max
+                keys.append(_tok_key(k_i[keep], tokens[r0 : r0 + rows].cpu()[r_i[keep], t_i[keep]]))
+        self._pending_keys.append(torch.cat(keys))
+        if self.band_floor is not None:
+            dm, dp = torch.cat(doc_max), torch.cat(doc_pos)
+            r_i, k_i = torch.nonzero(dm > self.band_floor * maxima[None], as_tuple=True)  # as the first pass keeps
+            self._pending_band.append((k_i.int(), docs[r_i].int(), dp[r_i, k_i].int(), dm[r_i, k_i]))
+        self.compact(maxima)
+
+    def compact(self, maxima: torch.Tensor, force: bool = False) -> None:
+        """Merge the second pass's pending keys into the token table and its pending band candidates into the
+        selection: when they outnumber what is kept and ``compact_min`` (or ``force``, at the end of the pass)."""
+        n = sum(len(c) for c in self._pending_keys)
+        if n and (force or n > max(len(self.tok_key), self.compact_min)):
+            self.tok_key, self.tok_count = _count_keys(
+                torch.cat([self.tok_key, *self._pending_keys]),
+                torch.cat([self.tok_count, torch.ones(n, dtype=torch.long)]))
+            self._pending_keys = []
+        n = sum(len(c[0]) for c in self._pending_band)
+        kept = self.band_events[0] if self.band_events else _no_events(4)
+        if n and (force or n > max(len(kept[0]), self.compact_min)):
+            band = [torch.cat(c) for c in zip(kept, *self._pending_band, strict=True)]
+            self.band_events = [tuple(_select_bands(band, maxima, self.bands, self.n_band_examples))]
+            self._pending_band = []
+        self.band_n = self.n_band_examples
+
+    def select_events(self, state: Mapping[str, torch.Tensor], maxima: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A state that kept its events (of :meth:`state`) in the second pass's form with the final ``maxima``:
+        its token table and band selection, what :meth:`recount` over its documents would give."""
+        out = dict(state)
+        k, t, v = (state[key] for key in _TOK_KEYS)
+        keep = v > self.token_fraction * maxima[k.long()]
+        out["tok_key"], out["tok_count"] = _count_keys(
+            torch.cat([state["tok_key"], _tok_key(k[keep], t[keep])]),
+            torch.cat([state["tok_count"], torch.ones(int(keep.sum()), dtype=torch.long)]))
+        out.update(zip(_TOK_KEYS, _no_events(3), strict=True))
+        band = [state[key] for key in _BAND_KEYS]
+        if self.band_floor is not None:
+            keep = band[3] > self.band_floor * maxima[band[0].long()]
+            band = [c[keep] for c in band]
+        out.update(zip(_BAND_KEYS, _select_bands(band, maxima, self.bands, self.n_band_examples), strict=True))
+        out["band_n"] = torch.tensor(self.n_band_examples)
+        return out
+
     def settings(self) -> tuple:
         """What two states must share to be merged: the SAE's hook point and size and the pass's settings."""
         return (self.sae.hook_point, self.sae.d_sae, self.k, self.token_fraction, sorted(self.bands.items()),
-                self.lo, self.hi, self.n_bins)
+                self.lo, self.hi, self.n_bins, self.n_band_examples)
 
     def state(self) -> dict[str, torch.Tensor]:
         """The pruned running state as CPU tensors (the keys of :data:`_STATE_KEYS`; events flattened)."""
@@ -463,6 +633,7 @@ class _Accumulator:
                                                                    "top_pos")}
         out.update(zip(_TOK_KEYS, tok, strict=True))
         out.update(zip(_BAND_KEYS, band, strict=True))
+        out["tok_key"], out["tok_count"], out["band_n"] = self.tok_key, self.tok_count, torch.tensor(self.band_n)
         return out
 
     def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -471,6 +642,7 @@ class _Accumulator:
             setattr(self, name, state[name])
         self.tok_events = [tuple(state[key] for key in _TOK_KEYS)]
         self.band_events = [tuple(state[key] for key in _BAND_KEYS)]
+        self.tok_key, self.tok_count, self.band_n = state["tok_key"], state["tok_count"], int(state["band_n"])
 
     def finish(self, n_docs: int, n_tokens: int, d_vocab: int, n_top_tokens: int) -> FeatureStats:
         d = self.sae.d_sae
@@ -478,13 +650,15 @@ class _Accumulator:
         top_tokens = torch.full((d, n_top_tokens), -1, dtype=torch.long)
         top_counts = torch.zeros((d, n_top_tokens), dtype=torch.long)
         above = torch.zeros(d, dtype=torch.long)
+        uniq, counts = self.tok_key, self.tok_count  # the second pass's table, or empty
         if self.tok_events and len(self.tok_events[0][0]):
             k, t, _ = self.tok_events[0]
-            key = k.long() * d_vocab + t.long()
-            uniq, counts = torch.unique(key, return_counts=True)
-            feat, tok = (uniq // d_vocab).numpy(), (uniq % d_vocab).numpy()
+            uniq, counts = _count_keys(torch.cat([uniq, _tok_key(k, t)]),
+                                       torch.cat([counts, torch.ones(len(k), dtype=torch.long)]))
+        if len(uniq):
+            feat, tok = (uniq >> 32).numpy(), (uniq & 0xFFFFFFFF).numpy()
             cnt = counts.numpy()
-            above = torch.bincount(k.long(), minlength=d)
+            above = torch.zeros(d, dtype=torch.long).index_add_(0, uniq >> 32, counts)
             order = np.lexsort((tok, -cnt, feat))  # by feature, then count desc, then token id asc
             feat, tok, cnt = feat[order], tok[order], cnt[order]
             start = np.searchsorted(feat, feat, side="left")
@@ -518,6 +692,7 @@ class _Accumulator:
             _band_doc=band[1],
             _band_pos=band[2],
             _band_value=band[3],
+            band_n=self.band_n,
         )
 
 
@@ -537,6 +712,8 @@ def corpus_feature_stats(
     max_batch: int = DEFAULT_MAX_BATCH,
     progress: bool | None = None,
     shard: bool | None = None,
+    max_event_bytes: int | None = DEFAULT_MAX_EVENT_BYTES,
+    n_band_examples: int = DEFAULT_N_BAND_EXAMPLES,
 ) -> CorpusStats:
     """Feature statistics of every SAE in ``saes`` over ``token_rows``, in one streaming pass (see the module doc).
 
@@ -564,13 +741,25 @@ def corpus_feature_stats(
         progress: show a progress bar over documents.
         shard: split the documents over the ranks of the initialised process group (default: when one with more
             than one rank is initialised); ``False`` makes every rank read every document.
+        max_event_bytes: memory budget of the kept token events and band candidates over all SAEs (default
+            :data:`DEFAULT_MAX_EVENT_BYTES`, 256 MiB; ``None``: no budget). While they fit the pass is the one pass
+            above. Past it the pass drops them, finishes its counts, maxima, top-k and histograms, then reads the
+            rows a second time (same batches) with the final maxima known, collecting only the (feature, token)
+            counts above ``token_fraction x max`` and ``n_band_examples`` band examples per feature and band:
+            the same statistics, with memory bounded by ``d_sae x`` the distinct tokens and ``d_sae x len(bands) x
+            n_band_examples`` instead of growing with the corpus. Sharded, the ranks decide together: one rank
+            over its budget makes every rank read its documents again (the others' kept events give the same
+            tables without a forward).
+        n_band_examples: band examples per feature and band a second pass keeps (the largest ``n``
+            :meth:`FeatureStats.band_examples` then answers; without a second pass every one is kept).
 
     Returns:
         :class:`CorpusStats`.
 
     Raises:
         ValueError: no SAE, an empty row, ``k < 1``, ``token_fraction`` outside ``[0, 1)``, a band fraction outside
-            ``(0, 1)``, or token ids outside the vocabulary. ContextLengthError: a row longer than the model's context.
+            ``(0, 1)``, ``n_band_examples < 1``, a negative ``max_event_bytes``, or token ids outside the
+            vocabulary. ContextLengthError: a row longer than the model's context.
     """
     from saecircuits.distributed import is_sharded, world
 
@@ -579,9 +768,22 @@ def corpus_feature_stats(
     partial = corpus_partial_stats(
         model, saes, token_rows, k=k, token_fraction=token_fraction, n_top_tokens=n_top_tokens,
         bands=bands, hist_range=hist_range, hist_bins=hist_bins, encode_floats=encode_floats,
-        max_tokens=max_tokens, max_batch=max_batch, progress=progress if rank == 0 else False, shard=shard)
+        max_tokens=max_tokens, max_batch=max_batch, progress=progress if rank == 0 else False, shard=shard,
+        max_event_bytes=max_event_bytes, n_band_examples=n_band_examples)
     if shard:
+        from saecircuits.distributed import reduce
+
+        # collective: any rank over budget -> every rank's state takes the second pass's form (merged maxima)
+        if int(reduce(torch.tensor([int(partial.overflowed)]), "max", "corpus statistics")):
+            maxima = [reduce(st["max"], "max", "corpus statistics") for st in partial.states]
+            if partial.overflowed:
+                partial.second_pass(model, token_rows, maxima)
+            else:
+                partial.states = [acc.select_events(st, mx)
+                                  for acc, st, mx in zip(partial._accs, partial.states, maxima, strict=True)]
         partial = _all_reduce_partial(partial)
+    elif partial.overflowed:
+        partial.second_pass(model, token_rows, [st["max"] for st in partial.states])
     return partial.finish()
 
 
@@ -608,9 +810,47 @@ class CorpusPartial:
     special_ids: list[int]
     n_top_tokens: int
     _accs: list[_Accumulator] = field(repr=False, default_factory=list)
+    overflowed: bool = False
+    _read: tuple = field(repr=False, default=())  # (document indices, max_tokens, max_batch, shard) of the pass
+
+    def second_pass(self, model, token_rows: Sequence[Sequence[int]], maxima: Sequence[torch.Tensor]) -> None:
+        """Read this state's documents again (the same batches) with the final corpus maxima ``maxima`` (one
+        float32 ``[d_sae]`` per SAE: this state's own when it covers the corpus, else the merged ones of every
+        shard) and put each SAE's token table and band selection into the state (:meth:`_Accumulator.recount`).
+        Needed when the pass went over ``max_event_bytes`` (``overflowed``)."""
+        index, max_tokens, max_batch, shard = self._read
+        if len(token_rows) != self.n_docs:
+            raise ValueError(f"the state covers a corpus of {self.n_docs} documents but {len(token_rows)} rows "
+                             f"were given")
+        special = frozenset(self.special_ids)
+        iv = interventions_for(model)
+        hooks = sorted({a.sae.hook_point for a in self._accs})
+        for acc, st in zip(self._accs, self.states, strict=True):
+            acc.load_state(st)
+            acc.tok_events, acc.band_events = [], []
+            acc.tok_key, acc.tok_count = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        global_index = torch.tensor(index, dtype=torch.long)
+        batches, n_read = _pass_batches(model, token_rows, index, max_tokens, max_batch, shard)
+        for batch in batches:
+            mask = counted_token_mask(batch.tokens, batch.positions + 1, special)
+            reads = iv.read_all(batch.tokens, hooks)
+            rows = global_index[torch.tensor(batch.indices, dtype=torch.long)]
+            for acc, mx in zip(self._accs, maxima, strict=True):
+                acc.recount(reads[acc.sae.hook_point], batch.tokens, mask, rows, mx)
+        for acc, mx in zip(self._accs, maxima, strict=True):
+            acc.compact(mx, force=True)  # also sets band_n without band candidates or documents
+        self.states = [acc.state() for acc in self._accs]
+        self.overflowed = False
 
     def finish(self) -> CorpusStats:
-        """The statistics of the documents covered (thresholds applied with the merged maxima)."""
+        """The statistics of the documents covered (thresholds applied with the merged maxima).
+
+        Raises:
+            ValueError: the pass went over its event budget and :meth:`second_pass` has not run.
+        """
+        if self.overflowed:
+            raise ValueError("this corpus pass went over max_event_bytes: run second_pass(model, token_rows, "
+                             "maxima) or merge_corpus_partials(parts, model=..., token_rows=...) first")
         features = []
         for acc, st in zip(self._accs, self.states, strict=True):
             acc.load_state(st)
@@ -635,12 +875,18 @@ def corpus_partial_stats(
     max_batch: int = DEFAULT_MAX_BATCH,
     progress: bool | None = None,
     shard: bool = False,
+    max_event_bytes: int | None = DEFAULT_MAX_EVENT_BYTES,
+    n_band_examples: int = DEFAULT_N_BAND_EXAMPLES,
 ) -> CorpusPartial:
     """The pass of :func:`corpus_feature_stats` over the documents ``docs`` (indices into ``token_rows``; default
     all), as a mergeable :class:`CorpusPartial` (arguments as there).
 
     ``shard``: only this rank's share of the batches one process makes of ``docs``
     (:func:`saecircuits.distributed.my_batches`), so every document is read in the batch one process reads it in.
+
+    When the kept events pass ``max_event_bytes`` the state stops keeping them and comes back ``overflowed``:
+    :meth:`CorpusPartial.second_pass` with the final maxima (or :func:`merge_corpus_partials` given the model and
+    rows) completes it.
 
     Raises:
         ValueError: as :func:`corpus_feature_stats`, or a document index out of range or repeated.
@@ -655,6 +901,9 @@ def corpus_partial_stats(
         raise ValueError(f"band fractions must lie in (0, 1), got {dict(bands)}")
     if any(len(r) == 0 for r in token_rows):
         raise ValueError("corpus rows must be non-empty token lists (drop empty documents first)")
+    if n_band_examples < 1 or (max_event_bytes is not None and max_event_bytes < 0):
+        raise ValueError(f"need n_band_examples >= 1 and max_event_bytes >= 0 (or None), got {n_band_examples} "
+                         f"and {max_event_bytes}")
     index = list(range(len(token_rows))) if docs is None else [int(i) for i in docs]
     if any(not 0 <= i < len(token_rows) for i in index) or len(set(index)) != len(index):
         raise ValueError(f"docs must be distinct document indices in 0..{len(token_rows) - 1}")
@@ -664,21 +913,14 @@ def corpus_partial_stats(
     hooks = sorted({s.hook_point for s in saes})
     accs = [
         _Accumulator(s, k=k, token_fraction=token_fraction, bands=bands, hist_range=hist_range,
-                     hist_bins=hist_bins, encode_floats=encode_floats)
+                     hist_bins=hist_bins, encode_floats=encode_floats, n_band_examples=n_band_examples)
         for s in saes
     ]
     token_counts = torch.zeros(d_vocab, dtype=torch.long)
     n_tokens = 0
     global_index = torch.tensor(index, dtype=torch.long)
-    batches = row_batches([token_rows[i] for i in index], pad_id_of(model), max_tokens=max_tokens,
-                          max_batch=max_batch, device=_device_of(model), n_ctx=n_ctx_of(model),
-                          what="corpus document")
-    n_read = len(index)
-    if shard:
-        from saecircuits.distributed import my_batches
-
-        batches = list(my_batches(batches, True))
-        n_read = sum(len(b.indices) for b in batches)
+    batches, n_read = _pass_batches(model, token_rows, index, max_tokens, max_batch, shard)
+    overflowed = False
     desc = f"corpus statistics of {len(saes)} SAE(s) (documents)"
     for batch in with_progress(iter(batches), n_read, desc, progress):
         mask = counted_token_mask(batch.tokens, batch.positions + 1, special)
@@ -691,16 +933,39 @@ def corpus_partial_stats(
         rows = global_index[torch.tensor(batch.indices, dtype=torch.long)]  # document indices of the corpus
         for acc in accs:
             acc.update(reads[acc.sae.hook_point], batch.tokens, mask, rows)
+        if (not overflowed and max_event_bytes is not None
+                and sum(acc.event_bytes() for acc in accs) > max_event_bytes):
+            overflowed = True  # every SAE stops keeping events: one second pass serves them all
+            for acc in accs:
+                acc.drop_events()
     return CorpusPartial(len(token_rows), n_read, n_tokens, token_counts, [acc.state() for acc in accs],
-                         sorted(special), n_top_tokens, accs)
+                         sorted(special), n_top_tokens, accs, overflowed, (index, max_tokens, max_batch, shard))
 
 
-def merge_corpus_partials(parts: Sequence[CorpusPartial]) -> CorpusPartial:
+def _pass_batches(model, token_rows, index: list[int], max_tokens: int, max_batch: int, shard: bool):
+    """The batches of documents ``index`` a pass reads (this rank's share when ``shard``) and their documents."""
+    batches = row_batches([token_rows[i] for i in index], pad_id_of(model), max_tokens=max_tokens,
+                          max_batch=max_batch, device=_device_of(model), n_ctx=n_ctx_of(model),
+                          what="corpus document")
+    if not shard:
+        return batches, len(index)
+    from saecircuits.distributed import my_batches
+
+    batches = list(my_batches(batches, True))
+    return batches, sum(len(b.indices) for b in batches)
+
+
+def merge_corpus_partials(parts: Sequence[CorpusPartial], *, model=None,
+                          token_rows: Sequence[Sequence[int]] | None = None) -> CorpusPartial:
     """The state of one pass over the union of disjoint shards (exact: see :func:`_merge_states`; ties in the
     top-k broken by the lower document index as in one pass, so the result equals the single-process pass).
 
+    A part that went over its event budget (``overflowed``) reads its documents again with the merged maxima
+    (:meth:`CorpusPartial.second_pass`), which needs ``model`` and ``token_rows``.
+
     Raises:
-        ValueError: no part, or parts of different corpora, SAEs or settings.
+        ValueError: no part, parts of different corpora, SAEs or settings, or an overflowed part without
+            ``model`` and ``token_rows``.
     """
     if not parts:
         raise ValueError("merge_corpus_partials needs at least one partial state")
@@ -712,11 +977,15 @@ def merge_corpus_partials(parts: Sequence[CorpusPartial]) -> CorpusPartial:
             raise ValueError("partial states of different corpora, SAEs or settings cannot be merged")
     if sum(p.docs for p in parts) > first.n_docs:
         raise ValueError("the partial states cover more documents than the corpus has: shards must be disjoint")
-    states = [
-        _merge_states([p.states[j] for p in parts], k=acc.k, token_fraction=acc.token_fraction,
-                      band_floor=acc.band_floor)
-        for j, acc in enumerate(first._accs)
-    ]
+    if any(p.overflowed for p in parts):
+        if model is None or token_rows is None:
+            raise ValueError("a partial state went over max_event_bytes: pass model= and token_rows= so it can "
+                             "read its documents again with the merged maxima")
+        maxima = [torch.stack([p.states[j]["max"] for p in parts]).amax(0) for j in range(len(first._accs))]
+        for p in parts:
+            if p.overflowed:
+                p.second_pass(model, token_rows, maxima)
+    states = [_merge_states([p.states[j] for p in parts], acc) for j, acc in enumerate(first._accs)]
     return CorpusPartial(first.n_docs, sum(p.docs for p in parts), sum(p.n_tokens for p in parts),
                          torch.stack([p.token_counts for p in parts]).sum(0), states, first.special_ids,
                          first.n_top_tokens, first._accs)
@@ -746,11 +1015,10 @@ def _all_reduce_partial(partial: CorpusPartial) -> CorpusPartial:
         keep = (st["band_value"] > acc.band_floor * merged["max"][st["band_feature"].long()]
                 if acc.band_floor is not None else torch.ones(len(st["band_value"]), dtype=torch.bool))
         local.update((key, st[key][keep]) for key in _BAND_KEYS)
-        local.update((name, st[name]) for name in ("top_value", "top_doc", "top_pos"))
+        local.update((name, st[name]) for name in ("top_value", "top_doc", "top_pos") + _TABLE_KEYS)
         gathered = {key: gather(t) for key, t in local.items()}
-        per_rank = [{key: g[r] for key, g in gathered.items()} for r in range(size)]
-        _merge_selections(merged, per_rank, k=acc.k, token_fraction=acc.token_fraction,
-                          band_floor=acc.band_floor)
+        per_rank = [{key: g[r] for key, g in gathered.items()} | {"band_n": st["band_n"]} for r in range(size)]
+        _merge_selections(merged, per_rank, acc)
         states.append(merged)
     n_tokens = int(reduce(torch.tensor([partial.n_tokens]), what="corpus statistics"))
     docs = int(reduce(torch.tensor([partial.docs]), what="corpus statistics"))
