@@ -98,6 +98,7 @@ def positions(c: Circuit, n_examples: int = 3) -> dict[str, Any] | None:
         "aggregated": _graph_html(_dump(p.aggregated), "aggregated") if given(p.aggregated) else None,
         "examples": [], "by_distance": None,
         "exact_note": getattr(p, "values", None), "example_nodes": getattr(p, "example_nodes", None),
+        "views": getattr(p, "views", None),
         "agg_faithfulness": None, "agg_completeness": None,
     }
     agg = p.aggregated if given(p.aggregated) else None
