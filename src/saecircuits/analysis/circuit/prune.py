@@ -25,10 +25,12 @@ non-SAE nodes dominate the kept graph.
 
 Paths to the target (issue 16): the two thresholds alone leave kept nodes without any kept edge (on the demo's
 aggregated graph 20 of 30 kept nodes: their edges into the target are small next to the embeddings' and fall under
-the edge threshold), and a reader expects every kept node to reach the target. circuit-tracer drops edges touching
-dropped nodes and then nodes left without a kept outgoing edge, to a fixed point: here that would drop the nodes the
+the edge threshold), and a reader expects every kept node to reach the target. circuit-tracer (``prune_graph``)
+drops edges touching dropped nodes and then feature and error nodes left without a kept outgoing edge (and features
+without a kept incoming one), to a fixed point, its token nodes always kept: here that would drop the nodes the
 node threshold just kept for their influence (every SAE feature of the demo's graph), and the kept share shown would
-no longer be the one the threshold chose. So a kept node without a kept path to the target first gets its strongest
+no longer be the one the threshold chose. (Its incoming-edge rule is not applied: edges into features are measured
+only into some features, so a feature's lack of a kept incoming edge says little.) So a kept node without a kept path to the target first gets its strongest
 outgoing edge (largest score) to a kept node that has one (:func:`_connect`; every node has an edge into the target,
 its node effect, so in these graphs every kept node with a nonzero effect is connected); only a node that still has
 no path (no edge of positive score to a connected node) is dropped, circuit-tracer's fixed point, with the edges
