@@ -103,6 +103,12 @@ def test_hover_titles_carry_values_and_head_loadings():
     assert f"{edge['heads'][0]['head']} {edge['heads'][0]['value']:+.4g}" in frag
     node = next(n for n in graph["nodes"] if n["kind"] == "feature" and n["exact"] is not None)
     assert f"exact effect: {node['exact']:+.4g} nats" in frag
+    # loadings are parts of the AtP value: when its sign disagrees with the exact edge the routing is not known
+    assert "head loadings (parts of the AtP estimate): " in frag
+    assert "the routing is not determined" not in frag or any(
+        e["heads"] and e["exact"] and e["atp"] and (e["exact"] > 0) != (e["atp"] > 0) for e in graph["edges"])
+    edge["atp"] = -edge["exact"]
+    assert "the routing is not determined" in circuit_graph_html(graph, kind="example")
 
 
 def test_aggregated_graph_uses_its_columns_in_order():

@@ -84,3 +84,19 @@ def test_a_circuit_held_mostly_by_non_sae_nodes_says_so(results):
     mostly_features = copy.deepcopy(AT_P)
     mostly_features["nodes"][2]["effect"] = -5.0
     assert "Mostly not SAE features" not in build_report_html(_circuit(results, mostly_features))
+
+
+def test_the_page_says_the_views_and_the_edges_the_cap_left_out(results):
+    """Issue 16: the note on what each faithfulness view measures is shown (escaped), and an example whose edge list
+    hit the cap says how many edges it left out; one that did not says nothing of it."""
+    import html
+
+    pos = copy.deepcopy(POSITIONS)
+    pos["views"] = "The three faithfulness figures measure different circuits: <P>, each prompt, aggregated."
+    pos["examples"][0]["edge_cap"] = {"max_edges": 500, "n_left_out": 37, "rule": "every target edge kept"}
+    page = build_report_html(_circuit(results, {**AT_P, "positions": pos}))
+    assert "circuits: &lt;P&gt;, each" in page
+    assert "(37 weaker edges between nodes left out before pruning by the cap of 500)" in html.unescape(page)
+    pos["examples"][0]["edge_cap"]["n_left_out"] = 0
+    page = build_report_html(_circuit(results, {**AT_P, "positions": pos}))
+    assert "left out before pruning by the cap" not in page

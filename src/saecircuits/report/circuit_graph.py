@@ -157,8 +157,11 @@ def _edge_title(e: Mapping, nodes: Mapping[str, Mapping], aggregated: bool) -> s
     heads = e.get("heads") or []
     if heads:
         key = "mean" if aggregated else "value"
-        lines.append("head loadings: " + ", ".join(f"{h['head']} {_fmt(h.get(key))}" for h in heads[:8])
+        lines.append("head loadings (parts of the AtP estimate): "
+                     + ", ".join(f"{h['head']} {_fmt(h.get(key))}" for h in heads[:8])
                      + (f", ... ({len(heads)} heads)" if len(heads) > 8 else ""))
+        if exact and atp and (exact > 0) != (atp > 0):  # issue 16: the loadings then say nothing of the routing
+            lines.append("the AtP estimate has the opposite sign to the exact value: the routing is not determined")
     return "\n".join(lines)
 
 

@@ -108,7 +108,8 @@ class AggregatedNode(ResultsModel):
     n_prompts: Int = opt("prompts where the node appears (measured nodes: where it exists, a feature where active)")
     in_graph: Bool = opt("kept by pruning")
     values: Str = opt("'exact': mean_exact is the mean exact effect over every prompt (0 where the node does not "
-                      "exist), ci95 its interval; 'estimated': no exact mean, mean_atp only")
+                      "exist), ci95 its interval; 'estimated': no exact mean, mean_atp only; 'target': the target "
+                      "node, log p(answer) at P, with no value of its own (its incoming edges are the node effects)")
 
 
 class AggregatedEdge(ResultsModel):
@@ -163,6 +164,9 @@ class Pruning(ResultsModel):
     n_edges: Int = opt("edges before pruning")
     n_nodes_kept: Int = opt("nodes kept")
     n_edges_kept: Int = opt("edges kept")
+    n_edges_for_paths: IntOrNull = opt("edges added so that every kept node has a kept path to the target (its "
+                                       "strongest outgoing edge toward it)")
+    n_nodes_without_path: IntOrNull = opt("nodes the thresholds kept but dropped for having no path to the target")
     non_sae_share: Float = opt("share of kept influence held by non-SAE nodes (heads, MLPs, embeds, errors)")
 
 
@@ -186,6 +190,14 @@ class AggregatedGraph(ResultsModel):
     completeness: MeanInterval | None = opt("completeness of the kept nodes, mapped to every prompt")
 
 
+class EdgeCap(ResultsModel):
+    """How one prompt's edge list was capped before pruning."""
+
+    max_edges: Int = opt("edges between nodes kept at most (every node's edge into the target is kept besides)")
+    n_left_out: Int = opt("edges between nodes left out by the cap")
+    rule: Str = opt("the cap's rule, in words")
+
+
 class PromptGraph(ResultsModel):
     """One prompt's graph (in results.json: pruned to its in_graph items)."""
 
@@ -195,6 +207,7 @@ class PromptGraph(ResultsModel):
     anchors: dict[str, Int] = opt("anchor name -> token position; 'P' always present")
     nodes: list[PromptNode] = opt("nodes")
     edges: list[PromptEdge] = opt("edges")
+    edge_cap: EdgeCap | None = opt("the cap on the edges between nodes and how many it left out")
     pruning: Pruning = opt("what pruning kept")
 
 
@@ -213,5 +226,7 @@ class Positions(ResultsModel):
     head_loading: Str = opt("how head loadings are defined, in words")
     values: Str = opt("which values are exact and which estimated, in words")
     example_nodes: Str = opt("which nodes the example prompts' graphs hold (all measured exactly), in words")
+    views: Str = opt("what the faithfulness of the circuit at P, of each prompt's graph and of the aggregated graph "
+                     "each measure, in words")
     aggregated: AggregatedGraph = opt("the graph aggregated over prompts")
     examples: list[PromptGraph] = opt("per-prompt graphs")

@@ -428,6 +428,26 @@ def test_position_circuit_follows_the_contract():
             if e["heads"]:
                 assert nodes[e["src"]]["pos"] < nodes[e["dst"]]["pos"]
                 assert sum(h["value"] for h in e["heads"]) == pytest.approx(e["atp"], abs=1e-4, rel=1e-3)
+    # every node's edge into the target is in the file (one per node, never capped), the cap says what it left out
+    for g in out["examples"] + [out["aggregated"]]:
+        target = next(n["id"] for n in g["nodes"] if n["kind"] == "target")
+        into = [e["src"] for e in g["edges"] if e["dst"] == target]
+        assert sorted(into) == sorted(n["id"] for n in g["nodes"] if n["kind"] != "target"
+                                      and n.get("values") != "estimated")
+        # every kept node has a kept path to the target (issue 16: most kept nodes had no kept edge)
+        kept = {n["id"] for n in g["nodes"] if n["in_graph"]}
+        kept_edges = [(e["src"], e["dst"]) for e in g["edges"] if e["in_graph"]]
+        assert all(s in kept and d in kept for s, d in kept_edges)
+        seen = {target}
+        while more := {s for s, d in kept_edges if d in seen} - seen:
+            seen |= more
+        assert seen == kept, kept - seen
+    for g in out["examples"]:
+        cap = g["edge_cap"]
+        others = sum(1 for e in g["edges"] if not e["dst"].startswith("target:"))
+        assert cap["max_edges"] == 500 and others <= 500 and (cap["n_left_out"] == 0 or others == 500)
+    assert next(n for n in agg["nodes"] if n["kind"] == "target")["values"] == "target"
+    assert "selection.faithfulness" in out["views"] and "aggregated.faithfulness" in out["views"]
     red = reduced_positions(out)
     assert all(n["in_graph"] for g in red["examples"] for n in g["nodes"])
     assert all(e["in_graph"] for g in red["examples"] for e in g["edges"])

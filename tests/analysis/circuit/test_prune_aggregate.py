@@ -64,27 +64,128 @@ def test_prune_keeps_the_smallest_set_carrying_the_share():
     assert kept == {"target:2:0@3", "feature:0:5@1", "head:1:0@3", "embed:-1:0@0"}
     kept_edges = {(e["src"], e["dst"]) for e in out["edges"] if e["in_graph"]}
     # among edges between kept nodes: f->t 3.125, h->t 1.25, f->h 0.5, e->h 0.5 (total 5.375, 80% = 4.3): the
-    # first two
-    assert kept_edges == {("feature:0:5@1", "target:2:0@3"), ("head:1:0@3", "target:2:0@3")}
+    # first two; the embedding is then left without a path to the target, so it gets its only edge e->h
+    assert kept_edges == {("feature:0:5@1", "target:2:0@3"), ("head:1:0@3", "target:2:0@3"),
+                          ("embed:-1:0@0", "head:1:0@3")}
     p = out["pruning"]
     assert p["node_share_kept"] == pytest.approx(4 / 4.5)
     assert p["input_share_kept"] == 1.0 and p["n_inputs_kept"] == 1
-    assert p["edge_share_kept"] == pytest.approx(4.375 / 6.3)  # all edges' scores: 0.5+0.5+1.25+3.125+0.625+0.3
-    assert (p["n_nodes"], p["n_edges"], p["n_nodes_kept"], p["n_edges_kept"]) == (6, 6, 4, 2)
+    assert p["edge_share_kept"] == pytest.approx(4.875 / 6.3)  # all edges' scores: 0.5+0.5+1.25+3.125+0.625+0.3
+    assert (p["n_nodes"], p["n_edges"], p["n_nodes_kept"], p["n_edges_kept"]) == (6, 6, 4, 3)
+    assert (p["n_edges_for_paths"], p["n_nodes_without_path"]) == (1, 0)
     assert p["non_sae_share"] == pytest.approx(1.5 / 4.5)  # the head's 1 and the embedding's 0.5 of the kept 4.5
     assert p["share"] == 0.8
 
 
 def test_prune_share_one_keeps_every_node_with_influence_and_zero_graph_is_undefined():
     out = prune_graph(_one_prompt(), 1.0)
-    assert all(n["in_graph"] for n in out["nodes"])
-    assert out["pruning"]["node_share_kept"] == pytest.approx(1.0)
+    # every node but the error, which has no edge at all (no path to the target: dropped, its 0.2 of 4.5 out)
+    assert [n["id"] for n in out["nodes"] if not n["in_graph"]] == ["error:0:0@2"]
+    assert out["pruning"]["node_share_kept"] == pytest.approx(4.3 / 4.5)
     zero = _one_prompt()
     for n in zero["nodes"]:
         n["exact"], n["atp"] = (0.0 if n["exact"] is not None else None), 0.0
     out = prune_graph(zero)
     assert [n["id"] for n in out["nodes"] if n["in_graph"]] == ["target:2:0@3"]
     assert out["pruning"]["node_share_kept"] is None and out["pruning"]["non_sae_share"] is None
+
+
+def _paths(graph):
+    """Kept nodes without a kept path to the target, by walking kept edges backwards from it."""
+    kept = {n["id"] for n in graph["nodes"] if n["in_graph"]}
+    edges = [(e["src"], e["dst"]) for e in graph["edges"] if e["in_graph"]]
+    assert all(s in kept and d in kept for s, d in edges)  # no kept edge touches a dropped node
+    seen = {n["id"] for n in graph["nodes"] if n["kind"] == "target"}
+    while True:
+        more = {s for s, d in edges if d in seen} - seen
+        if not more:
+            return kept - seen
+        seen |= more
+
+
+def _chain():
+    """P = 2, by hand: embedding e (pos 0) -> feature a (pos 1) -> head h (P) -> target, every node with its edge
+    into the target (its effect). Influences: h 4, a 1, e 2 (the only input); internal total 5, 80% = 4 -> h only?
+    No: keep_by_share stops once 4 >= 4, so h alone; with share 0.9 (4.5) a is kept too."""
+    t = _node("target", 2, 0, 2)
+    e = _node("embed", -1, 0, 0, exact=2.0)
+    a = _node("feature", 0, 1, 1, exact=1.0)
+    h = _node("head", 1, 0, 2, exact=4.0)
+    edges = [
+        _edge(e, t, exact=2.0),  # into target: 2 + 1 + 4 = 7, target influence 7: score 2
+        _edge(a, t, exact=1.0),  # score 1
+        _edge(h, t, exact=4.0),  # score 4
+        _edge(e, a, exact=0.5),  # into a: 0.5, score 0.5/0.5 * 1 = 1
+        _edge(a, h, exact=3.0),  # into h: 3 + 1 = 4, score 3/4 * 4 = 3
+        _edge(e, h, exact=1.0),  # score 1/4 * 4 = 1
+    ]
+    return {"P": 2, "anchors": {"P": 2}, "nodes": [t, e, a, h], "edges": edges}
+
+
+def test_prune_gives_every_kept_node_its_strongest_edge_toward_the_target():
+    out = prune_graph(_chain(), 0.9)
+    kept = {n["id"] for n in out["nodes"] if n["in_graph"]}
+    assert kept == {"target:2:0@2", "embed:-1:0@0", "feature:0:1@1", "head:1:0@2"}
+    # edge scores 4 (h->t), 3 (a->h), 2 (e->t), 1, 1, 1 (total 12, 90% = 10.8): h->t, a->h, e->t reach 9, then the
+    # ties by order: a->t (10), e->a (11) -> five edges kept, every node already connected; nothing added
+    kept_edges = {(e["src"], e["dst"]) for e in out["edges"] if e["in_graph"]}
+    assert ("embed:-1:0@0", "head:1:0@2") not in kept_edges and len(kept_edges) == 5
+    assert out["pruning"]["n_edges_for_paths"] == 0 and not _paths(out)
+    out = prune_graph(_chain(), 0.5)
+    # internal 5, 50% = 2.5: h (4); input e (2); edges between kept nodes: h->t 4, e->t 2, e->h 1 (total 12, 50% =
+    # 6): h->t and e->t -> e connected through its own edge to the target
+    assert {n["id"] for n in out["nodes"] if n["in_graph"]} == {"target:2:0@2", "embed:-1:0@0", "head:1:0@2"}
+    assert {(e["src"], e["dst"]) for e in out["edges"] if e["in_graph"]} == {
+        ("head:1:0@2", "target:2:0@2"), ("embed:-1:0@0", "target:2:0@2")}
+    assert not _paths(out)
+
+
+def test_prune_connects_nodes_whose_target_edge_falls_under_the_edge_threshold():
+    # the demo's failure: a large embedding effect takes the edge share, the features' edges into the target fall
+    # under it. e: 20 (input), features f1 (pos 1) 1.0 and f2 (pos 2) 0.9, head h (P) 0.1
+    t = _node("target", 2, 0, 3)
+    e = _node("embed", -1, 0, 3, exact=20.0)
+    f1 = _node("feature", 0, 1, 1, exact=1.0)
+    f2 = _node("feature", 0, 2, 2, exact=0.9)
+    h = _node("head", 1, 0, 3, exact=0.1)
+    edges = [_edge(e, t, exact=20.0), _edge(f1, t, exact=1.0), _edge(f2, t, exact=0.9), _edge(h, t, exact=0.1),
+             _edge(f1, f2, exact=2.0),  # into f2: 2 + 1 = 3, score 2/3 * 0.9 = 0.6
+             _edge(h, f2, exact=1.0)]  # score 1/3 * 0.9 = 0.3 (h is not kept)
+    graph = {"P": 3, "anchors": {"P": 3}, "nodes": [t, e, f1, f2, h], "edges": edges}
+    out = prune_graph(graph, 0.8)
+    # internal 2.0, 80% = 1.6: f1 then f2 (1.9); e the input. Scores into the target (total 22 in, influence 22):
+    # e 20, f1 1, f2 0.9, h 0.1; edges between kept nodes: e->t 20, f1->t 1, f2->t 0.9, f1->f2 0.6 (22.5, 80% = 18):
+    # e->t alone. f1's strongest edge is f1->t (1 > 0.6), f2's is f2->t: both added
+    kept_edges = {(x["src"], x["dst"]) for x in out["edges"] if x["in_graph"]}
+    assert kept_edges == {("embed:-1:0@3", "target:2:0@3"), ("feature:0:1@1", "target:2:0@3"),
+                          ("feature:0:2@2", "target:2:0@3")}
+    p = out["pruning"]
+    assert (p["n_nodes_kept"], p["n_edges_kept"], p["n_edges_for_paths"], p["n_nodes_without_path"]) == (4, 3, 2, 0)
+    assert p["node_share_kept"] == pytest.approx(1.9 / 2.0)
+    assert p["edge_share_kept"] == pytest.approx(21.9 / 22.9)  # all scores: 20 + 1 + 0.9 + 0.1 + 0.6 + 0.3
+    assert not _paths(out)
+
+
+def test_prune_waits_for_the_strongest_edge_and_drops_nodes_without_any_path():
+    # a's strongest edge goes to b (score 3), b's only edge goes to the target: a gets a->b, not its weaker a->t.
+    # c has influence but no edge at all (its effect edge was not recorded): dropped, as circuit-tracer drops a node
+    # without an outgoing edge, with its share counted out
+    t = _node("target", 2, 0, 2)
+    a = _node("feature", 0, 1, 0, exact=1.0)
+    b = _node("feature", 1, 2, 1, exact=1.0)
+    c = _node("feature", 1, 3, 1, exact=1.0)
+    edges = [_edge(a, t, exact=0.1), _edge(b, t, exact=1.0),  # into target 1.1, influence 3: 0.27, 2.73
+             _edge(a, b, exact=5.0)]  # into b: 5, score 1 * 1 = 1
+    graph = {"P": 2, "anchors": {"P": 2}, "nodes": [t, a, b, c], "edges": edges}
+    out = prune_graph(graph, 0.5)
+    # internal 3, 50% = 1.5: a and b (ties by id); edges: b->t 2.73 of 4 total (>= 2): b->t only; a waits for b
+    kept_edges = {(x["src"], x["dst"]) for x in out["edges"] if x["in_graph"]}
+    assert kept_edges == {("feature:1:2@1", "target:2:0@2"), ("feature:0:1@0", "feature:1:2@1")}
+    out = prune_graph(graph, 1.0)
+    kept = {n["id"] for n in out["nodes"] if n["in_graph"]}
+    assert "feature:1:3@1" not in kept and out["pruning"]["n_nodes_without_path"] == 1
+    assert out["pruning"]["node_share_kept"] == pytest.approx(2 / 3)
+    assert not _paths(out)
 
 
 @pytest.mark.parametrize("share", [0, 1.5, -0.1, True])
@@ -105,7 +206,8 @@ def _two_prompts():
     ta, fa, ha = _node("target", 2, 0, 5), _node("feature", 0, 7, 2, exact=2.0, atp=1.0), _node("head", 1, 3, 5, exact=1.0, atp=0.8, label="L1H3")
     ea = _node("embed", -1, 0, 4, atp=0.4)
     a = {"P": 5, "anchors": {"P": 5, "open_quote": 2}, "nodes": [ta, fa, ha, ea], "edges": [
-        _edge(fa, ha, exact=0.5, heads=[{"head": "L1H3", "value": 0.5}]), _edge(ha, ta, exact=1.0)]}
+        _edge(fa, ha, exact=0.5, heads=[{"head": "L1H3", "value": 0.5}]), _edge(ha, ta, exact=1.0),
+        _edge(ea, ta, atp=0.4)]}
     tb, fb, hb = _node("target", 2, 0, 8), _node("feature", 0, 7, 3, exact=4.0, atp=3.0), _node("head", 1, 3, 8, exact=3.0, atp=2.0, label="L1H3")
     gb = _node("feature", 0, 9, 6, exact=-1.0, atp=-1.0)
     b = {"P": 8, "anchors": {"P": 8, "open_quote": 3}, "nodes": [tb, fb, hb, gb], "edges": [
@@ -143,6 +245,23 @@ def test_aggregate_aligns_by_anchor_and_averages_over_all_prompts():
     assert agg["n_prompts"] == 2
 
 
+def test_aggregate_orders_anchor_columns_by_their_distance_in_every_prompt():
+    # stories260K's failure: `said` is 2 tokens before the opening quote in every prompt, but the prompt holding a
+    # node at the quote is long (quote at P-38) and the one holding a node at `said` short (`said` at P-5): a mean
+    # over the prompts holding nodes put the quote (38) before `said` (5). Over every prompt naming them: `said`
+    # (40 + 5) / 2 = 22.5, the quote (38 + 3) / 2 = 20.5
+    ta, fa = _node("target", 2, 0, 50), _node("feature", 0, 1, 12, exact=1.0)
+    tb, fb = _node("target", 2, 0, 10), _node("feature", 0, 2, 5, exact=1.0)
+    graphs = [{"P": 50, "anchors": {"P": 50, "said": 10, "open_quote": 12}, "nodes": [ta, fa],
+               "edges": [_edge(fa, ta, exact=1.0)]},
+              {"P": 10, "anchors": {"P": 10, "said": 5, "open_quote": 7}, "nodes": [tb, fb],
+               "edges": [_edge(fb, tb, exact=1.0)]}]
+    assert aggregate_graphs(graphs)["columns"] == ["said", "open_quote", "P"]
+    # offsets sit by their distance among the anchors: P-21 between `said` (22.5) and the quote (20.5)
+    graphs[0]["nodes"].append(_node("feature", 0, 3, 29, exact=0.5))  # pos 29 of the long prompt: P-21
+    assert aggregate_graphs(graphs)["columns"] == ["said", "P-21", "open_quote", "P"]
+
+
 def test_aggregate_min_prompts_drops_rare_nodes_and_their_edges():
     agg = aggregate_graphs(_two_prompts(), min_prompts=2)
     assert agg["columns"] == ["open_quote", "P"]
@@ -163,8 +282,8 @@ def test_positions_summary_names_columns_heads_and_shares():
     text = positions_summary(aggregate_graphs(_two_prompts()))
     # kept influence: open_quote 3, P 2, the embedding at P-1 0.2 (total 5.2); the kept edge open_quote -> P loads
     # L1H3 0.75, L1H2 0.25
-    assert text.startswith("Most of the evidence (58%) comes from the opening quote, through L1H3; 38% from P itself; "
-                           "4% from 1 token before P.")
+    assert text.startswith("Most of the evidence (58%) comes from the opening quote, through L1H3 (the routing is an AtP "
+                           "estimate); 38% from P itself; 4% from 1 token before P.")
     assert "SAE features hold 58% of the kept circuit's influence." in text
     assert "The kept graph holds 4 of 5 nodes, carrying 91% of the influence (pruned at 80%)." in text
 
@@ -178,8 +297,8 @@ def test_positions_summary_says_when_non_sae_nodes_dominate_and_when_undefined()
     # internal influences 6, 3, 0.5 (total 9.5, 80% = 7.6): head and feature kept, and the embedding (0.2) as the
     # only input; head 6 and embedding 0.2 of the kept 9.2
     text = positions_summary(aggregate_graphs(graphs))
-    assert text.startswith("Most of the evidence (65%) comes from P itself; 33% from the opening quote, through L1H3; "
-                           "2% from 1 token before P.")
+    assert text.startswith("Most of the evidence (65%) comes from P itself; 33% from the opening quote, through L1H3 (the "
+                           "routing is an AtP estimate); 2% from 1 token before P.")
     assert ("Most of the kept circuit's influence (67%) sits in non-SAE nodes (token and position embeddings 2%; "
             "attention heads, MLPs and SAE errors 65%)") in text
     zero = _two_prompts()
@@ -191,6 +310,30 @@ def test_positions_summary_says_when_non_sae_nodes_dominate_and_when_undefined()
     assert "undefined" in text and "%" not in text
 
 
+def test_positions_summary_names_no_head_when_the_estimate_has_the_wrong_sign():
+    # the demo's "10% from `said`, through L1H3": exact edge +0.315, its AtP -0.117, L1H3's loading -0.052. The
+    # loadings split the AtP value, so they say nothing of the exact edge's routing: no head is named
+    graphs = _two_prompts()
+    for g in graphs:
+        for e in g["edges"]:
+            if e["heads"]:
+                e["atp"] = -0.1
+                e["heads"] = [{"head": "L1H3", "value": -0.1}]
+    text = positions_summary(aggregate_graphs(graphs))
+    assert text.startswith("Most of the evidence (58%) comes from the opening quote (the head routing is not "
+                           "determined: the AtP estimate of its edge has the opposite sign to the exact value); ")
+    assert "L1H3" not in text
+    # signs agree but the head loads against the edge (AtP +0.3 = L1H3 -0.1 + L1H2 +0.4): L1H2 carries it
+    for g in graphs:
+        for e in g["edges"]:
+            if e["heads"]:
+                e["atp"] = 0.3
+                e["heads"] = [{"head": "L1H3", "value": -0.1}, {"head": "L1H2", "value": 0.4}]
+    text = positions_summary(aggregate_graphs(graphs))
+    assert text.startswith("Most of the evidence (58%) comes from the opening quote, through L1H2 (the routing is an "
+                           "AtP estimate); ")
+
+
 def test_positions_summary_without_head_loadings_names_the_receiving_head():
     graphs = _two_prompts()
     for g in graphs:
@@ -199,8 +342,10 @@ def test_positions_summary_without_head_loadings_names_the_receiving_head():
     # the kept edge open_quote -> head:1:3@P (label L1H3) is the only one leaving the opening quote
     text = positions_summary(aggregate_graphs(graphs))
     assert text.startswith("Most of the evidence (58%) comes from the opening quote, through L1H3; 38% from P itself;")
-    for g in graphs:  # no edge from the opening quote at all: nothing to name
-        g["edges"] = [e for e in g["edges"] if not e["src"].startswith("feature:0:7")]
+    for g in graphs:  # no edge from the opening quote but the feature's own edge into the target: nothing to name
+        f, t = (next(n for n in g["nodes"] if n["kind"] == k) for k in ("feature", "target"))
+        g["edges"] = [e for e in g["edges"] if not e["src"].startswith("feature:0:7")] + [
+            _edge(f, t, exact=f["exact"])]
     text = positions_summary(aggregate_graphs(graphs))
     assert text.startswith("Most of the evidence (58%) comes from the opening quote; 38% from P itself;")
 
@@ -227,7 +372,8 @@ def test_real_task_anchors_align_prompts_of_different_lengths_end_to_end():
     assert (f["id"], f["mean_exact"], f["n_prompts"]) == ("feature:0:4@open_quote", 2.0, 2)
     text = positions_summary(agg)
     # at 90% of 2.5 (2.25) the feature (2) and the head (0.5) are kept; edge scores: h->t 2.5, f->h 1 * 0.5
-    assert text.startswith("Most of the evidence (80%) comes from the opening quote, through L1H2; 20% from P itself.")
+    assert text.startswith("Most of the evidence (80%) comes from the opening quote, through L1H2 (the routing is an AtP "
+                           "estimate); 20% from P itself.")
     frag = circuit_graph_html(agg, kind="aggregated")
     assert frag.count('<g class="cg-node') == 3 and frag.count('<path class="cg-edge"') == 2
     assert "(pruned at 90%)" in text

@@ -58,6 +58,19 @@ def column_of(pos: int, p: int, anchors: dict[str, int]) -> str:
     return f"P-{p - pos}"
 
 
+def _typical_distance(column: str, anchor_distances: dict[str, list[int]]) -> float:
+    """A column's typical distance from P (tokens): ``d`` for ``"P-d"``, 0 for ``"P"``, and for an anchor its median
+    distance over EVERY prompt that names it (taken from the prompts' ``anchors``, not from the prompts holding a
+    node there: which prompts hold nodes differs by column, and a mean over different prompts put the opening quote
+    before `said` on stories260K although `said` is 2 tokens earlier in every prompt; issue 16)."""
+    if column == "P":
+        return 0.0
+    m = _OFFSET.fullmatch(column)
+    if m:
+        return float(m.group(1))
+    return float(np.median(anchor_distances[column])) if column in anchor_distances else 0.0
+
+
 def _identity(node_id: str) -> str:
     """``kind:layer:index`` of a per-prompt node id ``kind:layer:index@pos``."""
     head, sep, _ = node_id.rpartition("@")
@@ -95,8 +108,8 @@ def aggregate_graphs(graphs: list[dict], *, min_prompts: int = 1, share: float |
     Returns:
         ``{"columns": [...], "nodes": [...], "edges": [...], "pruning": {...}, "n_prompts": int}``:
 
-        - ``columns``: left to right by mean distance from P over the prompts that have them (anchors and
-          ``"P-d"`` offsets alike, a tie puts the anchor first), ``"P"`` last;
+        - ``columns``: left to right by typical distance from P (:func:`_typical_distance`: an anchor's median
+          distance over every prompt naming it, ``d`` for ``"P-d"``; a tie puts the anchor first), ``"P"`` last;
         - nodes ``{"id": "kind:layer:index@column", "kind", "layer", "column", "label", "sae", "feature", "head",
           "mean_exact", "ci95", "mean_atp", "n_prompts", "in_graph"}``: means in nats over ALL prompts (absent = 0);
           ``mean_exact`` (and its ``ci95``, t-based) is None when a prompt holding the node has no exact value for
@@ -120,27 +133,26 @@ def aggregate_graphs(graphs: list[dict], *, min_prompts: int = 1, share: float |
 
     node_vals: dict[str, dict] = {}  # aggregated id -> {"meta": node, "exact": [..n], "atp": [..n], "present": [..n]}
     edge_vals: dict[tuple[str, str], dict] = {}
-    distances: dict[str, list[int]] = {}
+    anchor_distances: dict[str, list[int]] = {}  # anchor -> its distance from P in every prompt that names it
     for g_index, graph in enumerate(graphs):
         p = int(graph["P"])
         anchors = {k: int(v) for k, v in (graph.get("anchors") or {}).items()}
+        for name, q in anchors.items():
+            if q <= p:
+                anchor_distances.setdefault(name, []).append(p - q)
         local: dict[str, str] = {}
-        seen: dict[str, int] = {}
         for node in graph["nodes"]:
             column = column_of(int(node["pos"]), p, anchors)
             key = f"{_identity(node['id'])}@{column}"
             if key in local.values():
                 raise ValueError(f"prompt {g_index}: two nodes map to {key!r}; node ids must be unique per position")
             local[node["id"]] = key
-            seen[column] = p - int(node["pos"])
             slot = node_vals.setdefault(
                 key, {"meta": node, "column": column, "exact": [None] * n, "atp": [None] * n, "present": [False] * n}
             )
             slot["present"][g_index] = True
             slot["exact"][g_index] = node.get("exact")
             slot["atp"][g_index] = node.get("atp")
-        for column, d in seen.items():
-            distances.setdefault(column, []).append(d)
         for edge in graph.get("edges", []):
             try:
                 key = (local[edge["src"]], local[edge["dst"]])
@@ -183,8 +195,8 @@ def aggregate_graphs(graphs: list[dict], *, min_prompts: int = 1, share: float |
         edges.append({"src": src, "dst": dst, "mean_exact": mean_exact, "mean_atp": mean_atp, "heads": heads})
 
     used = {nd["column"] for nd in nodes}
-    mean_distance = {c: float(np.mean(distances[c])) for c in used}
-    columns = sorted(used, key=lambda c: (c == "P", -mean_distance[c], bool(_OFFSET.fullmatch(c)), c))
+    columns = sorted(used, key=lambda c: (c == "P", -_typical_distance(c, anchor_distances),
+                                          bool(_OFFSET.fullmatch(c)), c))
     nodes.sort(key=lambda nd: (columns.index(nd["column"]), nd["layer"], nd["id"]))
     nodes, edges, pruning = prune(nodes, edges, share)
     return {"columns": columns, "nodes": nodes, "edges": edges, "pruning": pruning, "n_prompts": n}
@@ -222,8 +234,12 @@ def positions_summary(aggregated: dict, *, top: int = 3) -> str:
 
     A column's share is the summed influence (``|mean_exact|``, else ``|mean_atp|``, nats of log p(answer) at P) of
     its kept (``in_graph``) nodes over that of all kept nodes. "through X" names the attention head with the largest
-    summed ``|mean|`` loading on the kept edges leaving that column for a later one (the head that moves the
-    evidence to P); without head loadings, the head node receiving the largest summed kept edge weight from it. When non-SAE nodes (heads, MLPs, embeddings, SAE errors) hold most of the kept influence, the
+    summed loading, signed toward each edge's effect (the exact value's sign, else the AtP's), on the kept edges
+    leaving that column for a later one (the head that moves the evidence to P), and says that this routing is an
+    estimate (head loadings split the AtP value of an edge, not the exact one); an edge whose AtP value has the
+    opposite sign to its exact value names no head (issue 16: the demo's "through L1H3" came from such an edge), and
+    when no edge is left the routing is said to be not determined. Without head loadings, the head node receiving
+    the largest summed kept edge weight from the column is named. When non-SAE nodes (heads, MLPs, embeddings, SAE errors) hold most of the kept influence, the
     summary says so, with the embeddings' part (they are pruned apart from the other nodes, as the graph's inputs:
     :mod:`.prune`). A share whose denominator is ~0 (:data:`~saecircuits.analysis.circuit.prune.MIN_INFLUENCE`) is
     said to be undefined, never printed.
@@ -252,23 +268,34 @@ def positions_summary(aggregated: dict, *, top: int = 3) -> str:
     by_id = {nd["id"]: nd for nd in aggregated.get("nodes", [])}
 
     def through(column: str) -> str:
-        loads: dict[str, float] = {}  # head loadings of the kept edges leaving the column
+        loads: dict[str, float] = {}  # head loadings of the kept edges leaving the column, toward each edge's sign
         into_heads: dict[str, float] = {}  # else: kept edges from the column into a head node elsewhere
+        opposite = False  # a loaded edge whose AtP value has the opposite sign to its exact value
         for e in aggregated.get("edges", []):
             src, dst = by_id.get(e["src"]), by_id.get(e["dst"])
             if not e.get("in_graph") or src is None or dst is None or src["column"] != column:
                 continue
             if dst["column"] == column:
                 continue
-            for h in e.get("heads") or []:
-                loads[h["head"]] = loads.get(h["head"], 0.0) + abs(h["mean"])
+            exact, atp = e.get("mean_exact"), e.get("mean_atp")
+            if e.get("heads") and exact and atp and (exact > 0) != (atp > 0):
+                opposite = True  # the loadings split the AtP value: they say nothing of the exact edge's routing
+            elif e.get("heads"):
+                sign = 1.0 if (exact if exact is not None else atp or 0.0) >= 0 else -1.0
+                for h in e["heads"]:
+                    loads[h["head"]] = loads.get(h["head"], 0.0) + sign * h["mean"]
             if dst["kind"] == "head":
                 label = str(dst.get("label") or dst["id"])
                 into_heads[label] = into_heads.get(label, 0.0) + edge_weight(e)
-        pick = loads or into_heads
-        if not pick:
-            return ""
-        return f", through {max(sorted(pick), key=lambda h: pick[h])}"
+        loads = {h: v for h, v in loads.items() if v > 0}
+        if loads:
+            return f", through {max(sorted(loads), key=lambda h: loads[h])} (the routing is an AtP estimate)"
+        if opposite:
+            return (" (the head routing is not determined: the AtP estimate of its edge has the opposite sign to "
+                    "the exact value)")
+        if into_heads:
+            return f", through {max(sorted(into_heads), key=lambda h: into_heads[h])}"
+        return ""
 
     parts = []
     for i, (column, value) in enumerate(ranked[:top]):

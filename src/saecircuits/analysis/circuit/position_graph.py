@@ -23,8 +23,9 @@ D. faithfulness and completeness on every prompt (below), of its own pruned grap
 
 Per-prompt graph: the nodes, the target ``log p(answer)`` at P, and the edges: ``u -> d`` for a feature ``d`` at
 ``p_d >= pos(u)`` of a later stage (exact; AtP into the ``edge_targets`` features), ``u -> target`` (the node's
-effect, exact where measured, and AtP). Edges of both zero exact value and zero AtP are dropped, and at most
-``max_edges`` (largest ``max(|exact|, |atp|)``) are kept per prompt. Head loadings sum to the edge's AtP value.
+effect, exact where measured, and AtP; one per node, always in the graph). Edges between nodes of both zero exact
+value and zero AtP are dropped, and at most ``max_edges`` of them (largest ``max(|exact|, |atp|)``) are kept per
+prompt; the graph's ``edge_cap`` says the cap and how many were left out. Head loadings sum to the edge's AtP value.
 Pruning: circuit-tracer's rule (``prune_graph``), the embeddings pruned apart as the graph's inputs (see
 :mod:`saecircuits.analysis.circuit.prune`).
 
@@ -194,7 +195,8 @@ def position_circuit(
             backward pass each; exact edges go into every feature of the graph).
         head_targets: features per example prompt (largest ``|exact|``) whose incoming edges get head loadings (the
             target always, on every prompt).
-        max_edges: edges kept per prompt before pruning.
+        max_edges: edges between nodes kept per prompt before pruning (every node's edge into the target is kept
+            besides; each graph's ``edge_cap`` records the cap and how many were left out).
         screen_distance: on the example prompts, every node at most this many positions before P is measured
             exactly too (besides the top_exact by ``|AtP|``): AtP misses large exact effects there, and an
             intervention that recomputes a few positions is cheap. -1: the top_exact alone.
@@ -569,6 +571,8 @@ def _verified_graph(aggregated: dict, cand: list[dict], ver: _Verification, shar
     for (ju, jd), vec in sorted(ver.edges.items()):
         edges.append({"src": ids[ju], "dst": ids[jd], "mean_exact": _f(float(vec.mean())), "mean_atp": None,
                       "heads": None})
+    if target is not None:  # no value of its own: the answer's log-prob that every other value is measured on
+        target = {**target, "values": "target"}
     nodes, edges, pruning = prune(nodes + ([target] if target is not None else []), edges, share)
     rest = [{**nd, "mean_exact": None, "ci95": None, "values": "estimated", "in_graph": False}
             for nd in aggregated["nodes"] if nd["id"] not in set(ids) and nd["kind"] != "target"]
@@ -649,16 +653,18 @@ def _graph(pg, describe, heads, c: PromptNodes, atp, exact, ex_edges, at_edges, 
         pairs["edges"][0].append(v)
         pairs["edges"][1].append(ex_edges.get((a, j), 0.0))
         pairs["edges"][2].append(P - int(c.pos[int(feat_idx[j])]))
-    # the max_edges largest by max(|exact|, |atp|) (ties in order: edges into features by (source, destination),
-    # then into the target); dicts only for those (an early node's exact edges reach nearly every later feature)
+    # every node's edge into the target (its effect: one per node, never capped), then the max_edges largest other
+    # edges by max(|exact|, |atp|) (ties in order of (source, destination)); dicts only for those (an early node's
+    # exact edges reach nearly every later feature)
     cand = []
     for a, j in sorted(set(at_edges) | set(ex_edges)):
         v, e = at_edges.get((a, j)), ex_edges.get((a, j), 0.0)
         if v or e != 0.0:
             cand.append((max(abs(v or 0.0), abs(e)), a, j))
-    cand += [(max(abs(float(exact[a])) if math.isfinite(float(exact[a])) else 0.0, abs(float(atp[a]))), a, -1)
-             for a in range(len(c.gi))]
-    order = sorted(range(len(cand)), key=lambda i: -cand[i][0])[:max_edges]
+    order = sorted(range(len(cand)), key=lambda i: -cand[i][0])
+    n_left_out = max(0, len(order) - max_edges)
+    cand += [(0.0, a, -1) for a in range(len(c.gi))]
+    order = order[:max_edges] + list(range(len(cand) - len(c.gi), len(cand)))
     edges = []
     for i in order:
         _, a, j = cand[i]
@@ -669,7 +675,10 @@ def _graph(pg, describe, heads, c: PromptNodes, atp, exact, ex_edges, at_edges, 
             v = at_edges.get((a, j))
             edges.append({"src": ids[a], "dst": ids[int(feat_idx[j])], "exact": _f(ex_edges.get((a, j), 0.0)),
                           "atp": None if v is None else _f(v), "heads": head_list((a, j)), "in_graph": False})
-    return {"nodes": nodes, "edges": edges}
+    return {"nodes": nodes, "edges": edges,
+            "edge_cap": {"max_edges": int(max_edges), "n_left_out": n_left_out,
+                         "rule": "every node's edge into the target (its effect) is kept; of the other edges, the "
+                                 "max_edges largest by max(|exact|, |atp|)"}}
 
 
 def _agreement_json(a: dict) -> dict:
@@ -725,7 +734,7 @@ def _assemble(task, graphs, pairs, faith_rows, agg_rows, share, n_runs, n_exampl
         "head_loading": "per (layer, key/value head): first-order parts of the AtP edge through the keys/values of "
                         "earlier positions; they sum to the edge's AtP value (circuit-tracer's attention attribution)",
         "values": VALUES_NOTE.format(n_examples=n_examples, n_prompts=task.n_prompts),
-        "example_nodes": example_rule,
+        "example_nodes": example_rule, "views": VIEWS_NOTE,
         "aggregated": aggregated, "examples": graphs[:n_examples],
     }
 
@@ -738,6 +747,16 @@ VALUES_NOTE = (
     "values='estimated' (no exact mean). Faithfulness / completeness (exact mean ablation at every position, every "
     "prompt): of each prompt's own pruned graph (top level), and of the aggregated graph's kept nodes where each "
     "prompt holds them (aggregated.faithfulness / aggregated.completeness)."
+)
+
+VIEWS_NOTE = (
+    "The three faithfulness figures measure different circuits: the circuit at P (circuit.json's "
+    "selection.faithfulness) mean-ablates nodes at P only (to their means over corpus tokens), every earlier "
+    "position left clean, so whatever earlier tokens carry is kept for free; each prompt's own pruned graph (this "
+    "entry's faithfulness; pruned on exact values for the example prompts, on AtP for the others) keeps its nodes at "
+    "their positions and mean-ablates every other node at every position; the aggregated graph (aggregated.faithfulness) keeps one set "
+    "of nodes for all prompts, placed at their column's position where a prompt holds them, so what is particular "
+    "to a prompt is ablated: it is the strictest of the three, and the one that says how general the circuit is."
 )
 
 

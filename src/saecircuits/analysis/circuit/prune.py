@@ -23,6 +23,20 @@ with the same rule: to the internal nodes (features, errors, heads, MLPs), and s
 pruning record says both shares, and ``non_sae_share`` (over every kept node, embeddings included) still says when
 non-SAE nodes dominate the kept graph.
 
+Paths to the target (issue 16): the two thresholds alone leave kept nodes without any kept edge (on the demo's
+aggregated graph 20 of 30 kept nodes: their edges into the target are small next to the embeddings' and fall under
+the edge threshold), and a reader expects every kept node to reach the target. circuit-tracer (``prune_graph``)
+drops edges touching dropped nodes and then feature and error nodes left without a kept outgoing edge (and features
+without a kept incoming one), to a fixed point, its token nodes always kept: here that would drop the nodes the
+node threshold just kept for their influence (every SAE feature of the demo's graph), and the kept share shown would
+no longer be the one the threshold chose. (Its incoming-edge rule is not applied: edges into features are measured
+only into some features, so a feature's lack of a kept incoming edge says little.) So a kept node without a kept path to the target first gets its strongest
+outgoing edge (largest score) to a kept node that has one (:func:`_connect`; every node has an edge into the target,
+its node effect, so in these graphs every kept node with a nonzero effect is connected); only a node that still has
+no path (no edge of positive score to a connected node) is dropped, circuit-tracer's fixed point, with the edges
+touching it. The shares are computed on the final kept sets; ``n_edges_for_paths`` and ``n_nodes_without_path``
+say what this step added and dropped.
+
 Everything here is a pure function on the graph dicts of the "positions" contract (analysis/circuit/positions.py):
 no torch, no model.
 """
@@ -128,6 +142,62 @@ def edge_scores(nodes: list[dict], edges: list[dict]) -> list[float]:
     return out
 
 
+def _connect(edges: list[dict], scores: list[float], kept_nodes: set[str], kept_edges: set[int],
+             targets: set[str]) -> tuple[set[str], set[int], int]:
+    """Give every kept node a kept path to the target, else drop it (the module docstring's "Paths to the target").
+
+    Repeats until nothing changes: the nodes with a kept path to a target (``connected``) are found backwards from
+    the targets; each other kept node whose strongest outgoing edge to a kept node (largest score, ties by edge
+    order) ends at a connected node gets that edge; when no node can, the one node with the strongest edge into
+    the connected set gets it (so a node waits while its strongest edge's end may still be connected). Then the
+    nodes still without a path are dropped with every edge touching them (circuit-tracer's fixed point: a node
+    without a kept outgoing edge is dropped, and so on).
+
+    Args:
+        edges: the graph's edges (``src``, ``dst``); scores: their scores (:func:`edge_scores`), in order.
+        kept_nodes, kept_edges: ids and edge indices kept by the thresholds; targets: the target ids (kept).
+
+    Returns:
+        ``(kept node ids, kept edge indices, number of edges added)``.
+    """
+    kept_edges = {i for i in kept_edges if edges[i]["src"] in kept_nodes and edges[i]["dst"] in kept_nodes}
+    out_edges: dict[str, list[int]] = {}
+    for i, e in enumerate(edges):
+        if e["src"] in kept_nodes and e["dst"] in kept_nodes and e["src"] != e["dst"] and scores[i] > 0:
+            out_edges.setdefault(e["src"], []).append(i)
+    best = {k: min(v, key=lambda i: (-scores[i], i)) for k, v in out_edges.items()}
+
+    def reach() -> set[str]:
+        into: dict[str, list[str]] = {}
+        for i in kept_edges:
+            into.setdefault(edges[i]["dst"], []).append(edges[i]["src"])
+        seen, stack = set(targets), list(targets)
+        while stack:
+            for src in into.get(stack.pop(), []):
+                if src not in seen:
+                    seen.add(src)
+                    stack.append(src)
+        return seen
+
+    n_added = 0
+    while True:
+        connected = reach()
+        pending = sorted(kept_nodes - connected)
+        add = [best[k] for k in pending if k in best and edges[best[k]]["dst"] in connected]
+        if not add:
+            to_connected = [
+                (-scores[i], i) for k in pending for i in out_edges.get(k, []) if edges[i]["dst"] in connected
+            ]
+            if not to_connected:
+                break
+            add = [min(to_connected)[1]]
+        kept_edges.update(add)
+        n_added += len(add)
+    kept_nodes = kept_nodes & connected
+    kept_edges = {i for i in kept_edges if edges[i]["src"] in kept_nodes and edges[i]["dst"] in kept_nodes}
+    return kept_nodes, kept_edges, n_added
+
+
 def prune(nodes: list[dict], edges: list[dict], share: float) -> tuple[list[dict], list[dict], dict]:
     """The pruning rule on node and edge lists (per-prompt or aggregated); copies with ``in_graph`` set.
 
@@ -140,7 +210,8 @@ def prune(nodes: list[dict], edges: list[dict], share: float) -> tuple[list[dict
     Returns:
         ``(nodes, edges, pruning)``; ``pruning`` holds ``share``, ``node_share_kept`` (kept / total influence of
         the internal nodes), ``input_share_kept`` and ``n_inputs_kept`` (the same for the embedding nodes, pruned
-        apart: :data:`INPUT_KINDS`), ``edge_share_kept`` (kept / total edge score over all edges), the counts, and
+        apart: :data:`INPUT_KINDS`), ``edge_share_kept`` (kept / total edge score over all edges), the counts,
+        ``n_edges_for_paths`` / ``n_nodes_without_path`` (what :func:`_connect` added and dropped) and
         ``non_sae_share`` (share of the kept influence, embeddings included, held by :data:`NON_SAE_KINDS` nodes);
         a share whose total is ~0 is None (undefined).
 
@@ -173,8 +244,15 @@ def prune(nodes: list[dict], edges: list[dict], share: float) -> tuple[list[dict
         for i, (e, score) in enumerate(zip(edges, all_scores, strict=True))
         if e["src"] in kept_nodes and e["dst"] in kept_nodes
     ]
-    kept_edge_keys, kept_edge_score, _ = keep_by_share(scores, share)
+    kept_edge_keys, _, _ = keep_by_share(scores, share)
     kept_edges = {int(k) for k in kept_edge_keys}
+    n_before = len(kept_nodes)
+    kept_nodes, kept_edges, n_added = _connect(edges, all_scores, kept_nodes, kept_edges, targets)
+    n_without_path = n_before - len(kept_nodes)
+    kept_influence = math.fsum(v for k, v in influence.items() if k in kept_nodes and k not in kept_inputs)
+    kept_inputs &= kept_nodes
+    kept_input_influence = math.fsum(influence[k] for k in kept_inputs)
+    kept_edge_score = math.fsum(all_scores[i] for i in kept_edges)
 
     out_nodes = [{**n, "in_graph": n["id"] in kept_nodes} for n in nodes]
     out_edges = [{**e, "in_graph": i in kept_edges} for i, e in enumerate(edges)]
@@ -189,6 +267,8 @@ def prune(nodes: list[dict], edges: list[dict], share: float) -> tuple[list[dict
         "n_edges": len(edges),
         "n_nodes_kept": len(kept_nodes),
         "n_edges_kept": len(kept_edges),
+        "n_edges_for_paths": n_added,
+        "n_nodes_without_path": n_without_path,
         "non_sae_share": _ratio(non_sae, kept_influence + kept_input_influence),
     }
     return out_nodes, out_edges, pruning
@@ -202,7 +282,9 @@ def prune_graph(graph: dict, share: float = 0.8) -> dict:
     smallest set carrying at least ``share`` of the total (the embedding nodes apart from the others, by the same
     rule); then among the edges between kept nodes (the target
     counts as kept), keep the smallest set carrying at least ``share`` of their score, where an edge's score is its
-    share of the absolute weight flowing into its destination times the destination's influence (nats).
+    share of the absolute weight flowing into its destination times the destination's influence (nats); finally
+    a kept node without a kept path to the target gets its strongest outgoing edge toward it, and a node that has
+    none is dropped (module docstring, "Paths to the target").
 
     Args:
         graph: a per-prompt graph of the "positions" contract: ``nodes`` (``id``, ``kind``, ``exact``, ``atp``,
@@ -211,8 +293,7 @@ def prune_graph(graph: dict, share: float = 0.8) -> dict:
 
     Returns:
         A new dict (the input is not modified): the graph with ``in_graph`` set on every node and edge and
-        ``pruning`` = ``{"share", "node_share_kept", "edge_share_kept", "n_nodes", "n_edges", "n_nodes_kept",
-        "n_edges_kept", "non_sae_share"}``; shares are None (undefined) when their total is ~0.
+        ``pruning`` (:func:`prune`'s record); shares are None (undefined) when their total is ~0.
 
     Raises:
         ValueError: ``share`` outside ``(0, 1]``, duplicate node ids, or an edge naming an unknown node.

@@ -98,6 +98,7 @@ def positions(c: Circuit, n_examples: int = 3) -> dict[str, Any] | None:
         "aggregated": _graph_html(_dump(p.aggregated), "aggregated") if given(p.aggregated) else None,
         "examples": [], "by_distance": None,
         "exact_note": getattr(p, "values", None), "example_nodes": getattr(p, "example_nodes", None),
+        "views": getattr(p, "views", None),
         "agg_faithfulness": None, "agg_completeness": None,
     }
     agg = p.aggregated if given(p.aggregated) else None
@@ -111,6 +112,9 @@ def positions(c: Circuit, n_examples: int = 3) -> dict[str, Any] | None:
             "prompt_index": ex.prompt_index,
             "prompt": "".join(visible_token(t) for t in (ex.tokens or [])[: (ex.P or 0) + 1]),
             "kept": (f"{pr.n_nodes_kept} of {pr.n_nodes} nodes, {pr.n_edges_kept} of {pr.n_edges} edges"
+                     + (f" ({cap.n_left_out} weaker edges between nodes left out before pruning by the cap of "
+                        f"{cap.max_edges})" if (cap := getattr(ex, "edge_cap", None)) is not None
+                        and cap.n_left_out else "")
                      if pr is not None and pr.n_nodes is not None else None),
             "non_sae": num(pr.non_sae_share, ".0%") if pr is not None and finite(pr.non_sae_share) else None,
             "html": _graph_html(d, "example"),
