@@ -112,6 +112,22 @@ def test_inspect_prints_what_the_sae_is(tmp_path):
     assert info["source"]["path"] == str(folder)
 
 
+def test_a_folder_with_config_but_no_weights_names_the_missing_file(tmp_path):
+    """cfg.json without its weights (a copy that stopped half-way) is told the weights file it lacks, not the list
+    of every family; the same holds for the model's run (--sae) and for a Gemma Scope 2 / Llama Scope R1 config."""
+    folder = save_sae(random_sae(), tmp_path / "sae")
+    (folder / "sae_weights.safetensors").unlink()
+    for args in (["sae", "inspect", str(folder)], ["feature", "0", "--sae", str(folder)]):
+        line = _one_error_line(_cli(args), "sae_weights.safetensors")
+        assert "cfg.json" in line and "sae.safetensors (EleutherAI sparsify)" in line
+        assert "not an SAE saecircuits recognises" not in line
+    other = tmp_path / "gs2"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    line = _one_error_line(_cli(["sae", "inspect", str(other)]), "params.safetensors")
+    assert "config.json" in line and "sae_weights.safetensors (Llama Scope" in line and "ae.pt" in line
+
+
 def test_inspect_a_family_without_hook_needs_hook(tmp_path):
     path = _write_fake(tmp_path / f"sae{FAKE_SUFFIX}")
     _one_error_line(_cli(["sae", "inspect", str(path)]), "--hook")
