@@ -238,7 +238,9 @@ def train_sae_command(
 
     created_out = not out.exists()
     with user_errors():
-        out.mkdir(parents=True, exist_ok=True)
+        from saecircuits.pipeline.outputs import make_out_folder
+
+        make_out_folder(out)
     job_path = out / JOB_FILE
     fresh = not job_path.exists()
     if not fresh:
