@@ -255,6 +255,24 @@ def test_whole_run_with_a_foreign_format_residual_sae(tmp_path):
     assert not (tmp_path / "o2").exists()
 
 
+def test_run_refuses_an_sae_of_a_missing_hook_before_any_analysis(tmp_path):
+    """An SAE of blocks.7 on a 2-layer model is refused right after the model loads: no task, no DLA, no output."""
+    model_dir = tmp_path / "model"
+    tiny_neo_hf().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    corpus = tmp_path / "stories.txt"
+    corpus.write_text("".join(f"{s}\n<|endoftext|>\n" for s in STORIES * 3), encoding="utf-8")
+    folder = save_sae(random_sae(hook_point="blocks.7.mlp.hook_post"), tmp_path / "sae")
+    res = _cli(["run", "--model", str(model_dir), "--data", str(corpus), "--out", str(tmp_path / "o"),
+                "--workspace", str(tmp_path / "ws"), "--sae", str(folder), "--max-prompts", "20"])
+    last = res.output.strip().splitlines()[-1]
+    assert res.exit_code == 2 and last.startswith("error: ") and "blocks.7.mlp.hook_post" in last, res.output
+    assert "this model does not have" in last
+    for later in ("saecircuits task", "direct logit attribution", "corpus statistics"):
+        assert later not in res.output, res.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_feature_and_run_take_hub_names(tmp_path, hf_cache, monkeypatch):
     sae = random_sae(hook_point="blocks.6.hook_resid_pre")
     save_sae(sae, _cached_repo(hf_cache, "jbloom/GPT2-Small-SAEs-Reformatted") / "blocks.6.hook_resid_pre")
