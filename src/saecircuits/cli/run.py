@@ -270,6 +270,14 @@ RESUME_HELP = ("Go on from where a failed run into the same --out stopped: the s
 CIRCUIT_HELP = ("Build the feature circuit across the SAEs' layers: exact node and edge effects, attribution "
                 "patching and integrated gradients checked against them, faithfulness and completeness "
                 "(circuit.json).")
+POSITION_CIRCUIT_HELP = ("With the circuit: also build it across positions (nodes at every position of the prompts, "
+                        "exact effects, edges, head loadings), most of the circuit stage's time. --no-position-circuit "
+                        "keeps only the circuit at the answer position; circuit.json then says why it has no "
+                        "\"positions\".")
+TASK_HELP = ("'closing-quote', or a JSONL task file, one {\"prompt\": ..., \"answer\": ...} per line; a line may add "
+             "\"anchors\": {\"name\": char_offset} (0-based character offsets into the prompt) to align the named "
+             "tokens across prompts in the circuit across positions (a prompt without anchors is aligned by "
+             "distance from P).")
 DTYPE_HELP = ("dtype the model is loaded and run in: float32, bfloat16 or float16 (the 16-bit ones are meant for "
               "GPUs). SAEs keep their own dtype (new ones float32); every reported number is reduced in float32 or "
               "float64. results.json records it (model_info.dtype).")
@@ -294,7 +302,7 @@ def run(
                              "JSONL with 'text', or Parquet with a 'text' column.")],
     out: Annotated[Path, typer.Option(metavar="DIR", help="Output folder for results.json and report.html.")],
     task: Annotated[str, typer.Option(
-        metavar="TASK", help="'closing-quote', or a JSONL task file ({prompt, answer} per line).")] = "closing-quote",
+        metavar="TASK", help=TASK_HELP)] = "closing-quote",
     train_data: Annotated[Path | None, typer.Option(
         metavar="FILE", show_default="the --data corpus", help="Corpus the SAEs are trained on.")] = None,
     tokenizer: Annotated[str | None, typer.Option(
@@ -350,6 +358,8 @@ def run(
         "--circuit/--no-circuit", help=CIRCUIT_HELP)] = True,
     circuit_ig_steps: Annotated[int, typer.Option(
         metavar="N", min=1, help="Integrated-gradients steps of the circuit's gradient estimates.")] = 10,
+    position_circuit: Annotated[bool, typer.Option(
+        "--position-circuit/--no-position-circuit", help=POSITION_CIRCUIT_HELP)] = True,
     threads: Annotated[int | None, typer.Option(
         metavar="N", min=1, show_default="all cores", help=THREADS_HELP)] = None,
     export: Annotated[bool, typer.Option("--export", show_default="off", help=EXPORT_HELP)] = False,
@@ -376,7 +386,7 @@ def run(
             device=device, dtype=dtype, seed=seed, workspace=workspace, exclude_bos=not include_bos,
             fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
             feature_selection=feature_selection, ablation_mode=ablation_mode, circuit=circuit,
-            circuit_ig_steps=circuit_ig_steps,
+            circuit_ig_steps=circuit_ig_steps, position_circuit=position_circuit,
         )
     _threads(threads)
     _execute(cfg, export=export, resume=resume)
@@ -406,6 +416,8 @@ def demo(
         "--circuit/--no-circuit", help=CIRCUIT_HELP)] = True,
     circuit_ig_steps: Annotated[int, typer.Option(
         metavar="N", min=1, help="Integrated-gradients steps of the circuit's gradient estimates.")] = 10,
+    position_circuit: Annotated[bool, typer.Option(
+        "--position-circuit/--no-position-circuit", help=POSITION_CIRCUIT_HELP)] = True,
     threads: Annotated[int | None, typer.Option(
         metavar="N", min=1, show_default="all cores", help=THREADS_HELP)] = None,
     export: Annotated[bool, typer.Option("--export", show_default="off", help=EXPORT_HELP)] = False,
@@ -435,7 +447,7 @@ def demo(
             model="saecircuits-default", data=heldout, train_data=sae_train, out=out, sae_tokens=sae_tokens,
             device=device, dtype=dtype, seed=seed, workspace=workspace, max_prompts=max_prompts, circuit=circuit,
             sae_recipe=sae_recipe, sae_k=sae_k, l1_coefficient=l1_coefficient,
-            circuit_ig_steps=circuit_ig_steps,
+            circuit_ig_steps=circuit_ig_steps, position_circuit=position_circuit,
         )
         if distributed.is_writer():
             _say(f"workspace {workspace}")

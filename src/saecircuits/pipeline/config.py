@@ -70,6 +70,9 @@ class RunConfig:
             and edges, attribution patching and integrated gradients with this many steps, faithfulness and
             completeness), written to ``circuit.json``; on a model the prefix-cached engine cannot compute, from
             full forwards (slower, same numbers).
+        position_circuit: with ``circuit``, also build the circuit across positions
+            (:func:`saecircuits.analysis.circuit.position_graph.position_circuit`, most of the circuit stage's time);
+            False: circuit.json has no ``"positions"`` and its ``"positions_left_out"`` says why.
         n_evidence_features: top features that get the per-feature evidence (prompt and weight logit boosts,
             loss increase vs activation, DFA; analysis.evidence), plus the SAE-error DLA, upstream ablation and
             activation-scaled DLA of the SAE; the same features get the ablation on their max-activating corpus
@@ -134,6 +137,7 @@ class RunConfig:
     n_geometry_features: int = 5
     circuit: bool = True
     circuit_ig_steps: int = 10
+    position_circuit: bool = True
     fold_ln: bool = True
     center_writing_weights: bool = True
     center_unembed: bool = True

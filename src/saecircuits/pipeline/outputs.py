@@ -200,6 +200,10 @@ def _report(ctx: RunContext, *, model, provenance: dict, task, task_entry: dict,
             f"(prompt + answer; the model's context is {n_ctx}) and were left out; the results use the other "
             f"{task.n_prompts}."
         )
+    from saecircuits.pipeline.task import _anchors_note
+
+    if _anchors_note(task):
+        notes.append(_anchors_note(task))
     if task.n_prompts < 20:
         notes.append(
             f"Only {task.n_prompts} prompts: means are noisy and 95% intervals are wide or undefined (n < 2). "
