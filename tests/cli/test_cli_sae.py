@@ -117,7 +117,10 @@ def test_a_folder_with_config_but_no_weights_names_the_missing_file(tmp_path):
     of every family; the same holds for the model's run (--sae) and for a Gemma Scope 2 / Llama Scope R1 config."""
     folder = save_sae(random_sae(), tmp_path / "sae")
     (folder / "sae_weights.safetensors").unlink()
-    for args in (["sae", "inspect", str(folder)], ["feature", "0", "--sae", str(folder)]):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text('Tom said, "Hi."\n')
+    run = ["run", "--model", str(tmp_path), "--data", str(corpus), "--out", str(tmp_path / "o"), "--sae", str(folder)]
+    for args in (["sae", "inspect", str(folder)], ["feature", "0", "--sae", str(folder)], run):
         line = _one_error_line(_cli(args), "sae_weights.safetensors")
         assert "cfg.json" in line and "sae.safetensors (EleutherAI sparsify)" in line
         assert "not an SAE saecircuits recognises" not in line

@@ -235,7 +235,7 @@ class RunConfig:
         if self.task != "closing-quote" and not Path(self.task).is_file():
             problems.append(f"--task {self.task}: no such task file")
         from saecircuits.saes.base import SAEError
-        from saecircuits.saes.formats import detect_family
+        from saecircuits.saes.formats import detect_family, missing_weights
         from saecircuits.saes.hub import is_hub_name
         from saecircuits.saes.io import find_sae_folders
 
@@ -248,6 +248,9 @@ class RunConfig:
             try:
                 detect_family(Path(path))
             except SAEError:
+                if missing_weights(Path(path)):  # a config without its weights: name the missing file
+                    problems.append(f"--sae {missing_weights(Path(path))}")
+                    continue
                 below = find_sae_folders(path) if Path(path).is_dir() else []
                 problems.append(f"--sae {path}: not an SAE folder (no cfg.json) nor the files of another SAE family "
                                 "saecircuits reads (see 'saecircuits sae inspect')" + (

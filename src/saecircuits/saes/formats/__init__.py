@@ -23,7 +23,8 @@ import torch
 
 from saecircuits.saes.base import SAE, SAEError
 
-__all__ = ["Family", "LoadOptions", "families", "register_family", "detect_family", "load_sae", "resolve_hook"]
+__all__ = ["Family", "LoadOptions", "families", "register_family", "detect_family", "load_sae", "resolve_hook",
+           "missing_weights"]
 
 
 @dataclass(frozen=True)
@@ -99,14 +100,14 @@ def detect_family(path: str | os.PathLike) -> Family:
     for family in families():
         if family.detect(p):
             return family
-    missing = _missing_weights(p)
+    missing = missing_weights(p)
     if missing:
         raise SAEError(missing)
     known = "; ".join(f"{f.title}: {f.files}" for f in families())
     raise SAEError(f"{p} is not an SAE saecircuits recognises. It reads: {known}")
 
 
-def _missing_weights(p: Path) -> str | None:
+def missing_weights(p: Path) -> str | None:
     """The one-line error for a folder that holds a family's config file but not its weights file (naming the
     weights file of every family whose config file it holds), or None when it holds no family's config file."""
     if not p.is_dir():
