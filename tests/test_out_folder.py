@@ -3,6 +3,7 @@ writes a folder, outputs an earlier run left are removed, and killed runs' tempo
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ from helpers import STORIES, exact_sae, tiny_neo
 
 from saecircuits.atomic import pid_alive, remove_dead_temps
 from saecircuits.pipeline import OutLock, PipelineError, RunConfig, check_out_writable, run_pipeline
+from saecircuits.pipeline.outputs import make_out_folder, why_not_writable
 from saecircuits.saes.io import save_sae
 
 
@@ -44,8 +46,19 @@ def test_an_unwritable_out_fails_before_the_model_loads(tmp_path, corpus, monkey
     with pytest.raises(PipelineError, match="is a file"):
         check_out_writable(tmp_path / "a-file" / "out")
     # a read-only file system (as root, permission bits do not stop writes): /proc cannot be written
-    with pytest.raises(PipelineError, match=r"--out /proc/saecircuits-out: cannot write in /proc \(.+\)"):
+    # /proc answers ENOENT to a new entry: said as the folder not being creatable there, not as "No such file"
+    with pytest.raises(PipelineError, match=r"--out /proc/saecircuits-out: the folder cannot be created: /proc does "
+                                            r"not accept new files or folders \(a virtual file system"):
         check_out_writable("/proc/saecircuits-out")
+    with pytest.raises(PipelineError, match="--out /proc/a/b: the folder cannot be created: /proc does not accept"):
+        make_out_folder("/proc/a/b")
+    with pytest.raises(PipelineError, match="--out /proc: cannot write in the folder: /proc does not accept"):
+        check_out_writable("/proc")
+    # the other reasons, from the errno the file system gives (as root, permission bits cannot be tested for real)
+    for code, reason in ((errno.EACCES, "you have no permission to create files in"),
+                         (errno.EROFS, "is on a read-only file system"), (errno.ENOSPC, "the disk holding")):
+        assert reason in why_not_writable(tmp_path, OSError(code, os.strerror(code)))
+    assert make_out_folder(tmp_path / "made" / "here").is_dir()
     check_out_writable(tmp_path / "new" / "deeper")  # does not exist yet: its parent is checked, nothing created
     assert not (tmp_path / "new").exists()
 

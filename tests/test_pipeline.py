@@ -453,3 +453,38 @@ def test_every_listed_feature_gets_density_top_tokens_and_top_examples(tmp_path,
     card = payload["cards"][str(k)]
     assert card["cs"]["density"] == pytest.approx(cs[k]["density"], rel=1e-3) and card["ex"]
     assert all(row[6] for row in payload["rows"] if cs.get(row[0], {}).get("top_tokens"))
+
+
+def test_no_position_circuit_and_a_task_file_with_anchors_on_some_lines(tmp_path, corpus):
+    """--no-position-circuit: circuit.json has the circuit at P but no "positions", and says why; the report still
+    renders. A task file where 1 of 3 lines names anchors is accepted with a note counting the 2 without."""
+    model = tiny_neo()
+    lines = [{"prompt": 'Tom said, "I want to play', "answer": '."', "anchors": {"speaker": 0}},
+             {"prompt": 'Mom said, "Go to bed', "answer": '."'},
+             {"prompt": 'Sue said, "Look at the dog', "answer": '."'}]
+    path = tmp_path / "task.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    folder = save_sae(exact_sae(), tmp_path / "exact")
+    said: list[str] = []
+    results = run_pipeline(_cfg(tmp_path, corpus, task=str(path), sae_paths=[folder], position_circuit=False),
+                           model=model, progress=False, log=said.append)
+    out = tmp_path / "out"
+    circuit = json.loads((out / "circuit.json").read_text())
+    assert circuit["nodes"] and "positions" not in circuit
+    assert "--no-position-circuit" in circuit["positions_left_out"]
+    assert "positions" not in results["circuit"]
+    assert any("--no-position-circuit" in n for n in results["notes"])
+    assert not any(s.startswith("circuit across positions") for s in said)  # position_circuit was not run
+    assert (out / "report.html").stat().st_size > 100_000
+    validate_results(json.loads((out / "results.json").read_text()))
+    # the anchors note: counted from the file (2 lines without "anchors"), said at once and kept in the notes
+    (note,) = [n for n in results["notes"] if '"anchors"' in n]
+    assert note.startswith("2 of 3 prompts") and "distance from P" in note
+    assert any(s == f"note: {note}" for s in said)
+    from saecircuits.pipeline.task import _anchors_note
+    from saecircuits.tasks.jsonl import jsonl_task
+
+    for every in (True, False):  # all lines or none with anchors: no note
+        path.write_text("".join(json.dumps({**r, "anchors": {"speaker": 0}} if every else
+                                           {k: v for k, v in r.items() if k != "anchors"}) + "\n" for r in lines))
+        assert _anchors_note(jsonl_task(path, model.tokenizer)) is None

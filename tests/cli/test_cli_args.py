@@ -33,10 +33,11 @@ def test_run_and_demo_flags_reach_the_run_config(tmp_path, monkeypatch):
     corpus.write_text('Tom said, "Hi."\n', encoding="utf-8")
     argv = ["run", "--model", str(tmp_path), "--data", str(corpus), "--out", str(tmp_path / "o"),
             "--workspace", str(tmp_path / "ws")]
-    for extra, want in (([], (True, 10)), (["--no-circuit", "--circuit-ig-steps", "4"], (False, 4))):
+    for extra, want in (([], (True, 10, True)), (["--no-circuit", "--circuit-ig-steps", "4"], (False, 4, True)),
+                        (["--no-position-circuit"], (True, 10, False))):
         result = CliRunner().invoke(app, [*argv, *extra])
         assert result.exit_code == 0, result.output
-        assert (seen[-1].circuit, seen[-1].circuit_ig_steps) == want
+        assert (seen[-1].circuit, seen[-1].circuit_ig_steps, seen[-1].position_circuit) == want
     result = CliRunner().invoke(app, [*argv, "--circuit-ig-steps", "0"])
     assert result.exit_code == 2 and "circuit-ig-steps" in result.output
 
@@ -58,3 +59,6 @@ def test_demo_uses_the_l1_coefficient_tuned_for_the_embedded_default(tmp_path, m
     assert seen[-1].l1_coefficient == DEMO_L1_COEFFICIENT != RunConfig.l1_coefficient
     result = CliRunner().invoke(app, [*argv, "--l1-coefficient", "0.5", "--no-circuit"])
     assert result.exit_code == 0 and seen[-1].l1_coefficient == 0.5 and seen[-1].circuit is False
+    assert seen[-1].position_circuit is True
+    result = CliRunner().invoke(app, [*argv, "--no-position-circuit"])
+    assert result.exit_code == 0 and seen[-1].circuit is True and seen[-1].position_circuit is False

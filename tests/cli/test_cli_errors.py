@@ -171,6 +171,19 @@ def test_report_bad_settings(tmp_path):
     _refused(["report", "--bogus"], "No such option")
 
 
+def test_an_out_folder_that_cannot_be_created_says_why(tmp_path):
+    # /proc takes no new entries (ENOENT): the folder cannot be created there, said before any training
+    line = _refused(["train-lm", "--out", "/proc/saecircuits-x", "--steps", "1"],
+                    "the folder cannot be created: /proc does not accept new files")
+    assert "No such file" not in line
+    from saecircuits.cli.report import report_path
+    from saecircuits.pipeline import PipelineError
+
+    for out in ("/proc/saecircuits-x", "/proc/saecircuits-x/r.html"):  # report --out, a folder or a file in one
+        with pytest.raises(PipelineError, match="--out /proc/saecircuits-x: the folder cannot be created: /proc"):
+            report_path(out)
+
+
 def test_negative_numbers_after_a_multi_value_option_are_values():
     assert expand_multi_value_options(["run", "--layers", "0", "-1", "-v"]) == [
         "run", "--layers", "0", "--layers", "-1", "-v"]

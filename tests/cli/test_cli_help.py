@@ -162,3 +162,13 @@ def test_shown_defaults_are_the_library_defaults():
         flag = "--" + switch.replace("_", "-")
         assert _default_shown(blocks[flag][1]) == (flag[2:] if run_defaults[switch] else "no-" + flag[2:])
     assert run_defaults["exclude_bos"] is True and _default_shown(blocks["--include-bos"][1]) == "off"
+
+
+def test_task_help_shows_the_jsonl_line_with_anchors_and_position_circuit_is_documented():
+    blocks = _option_blocks(_help("run"))
+    task = blocks["--task"][1]
+    for text in ('{"prompt": ..., "answer": ...}', '"anchors": {"name": char_offset}', "distance from P"):
+        assert text in task, (text, task)
+    for name in ("run", "demo"):
+        entry = _option_blocks(_help(name))["--no-position-circuit"][1]
+        assert "circuit.json" in entry and "answer position" in entry, entry

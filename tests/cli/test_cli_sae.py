@@ -112,6 +112,25 @@ def test_inspect_prints_what_the_sae_is(tmp_path):
     assert info["source"]["path"] == str(folder)
 
 
+def test_a_folder_with_config_but_no_weights_names_the_missing_file(tmp_path):
+    """cfg.json without its weights (a copy that stopped half-way) is told the weights file it lacks, not the list
+    of every family; the same holds for the model's run (--sae) and for a Gemma Scope 2 / Llama Scope R1 config."""
+    folder = save_sae(random_sae(), tmp_path / "sae")
+    (folder / "sae_weights.safetensors").unlink()
+    corpus = tmp_path / "c.txt"
+    corpus.write_text('Tom said, "Hi."\n')
+    run = ["run", "--model", str(tmp_path), "--data", str(corpus), "--out", str(tmp_path / "o"), "--sae", str(folder)]
+    for args in (["sae", "inspect", str(folder)], ["feature", "0", "--sae", str(folder)], run):
+        line = _one_error_line(_cli(args), "sae_weights.safetensors")
+        assert "cfg.json" in line and "sae.safetensors (EleutherAI sparsify)" in line
+        assert "not an SAE saecircuits recognises" not in line
+    other = tmp_path / "gs2"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    line = _one_error_line(_cli(["sae", "inspect", str(other)]), "params.safetensors")
+    assert "config.json" in line and "sae_weights.safetensors (Llama Scope" in line and "ae.pt" in line
+
+
 def test_inspect_a_family_without_hook_needs_hook(tmp_path):
     path = _write_fake(tmp_path / f"sae{FAKE_SUFFIX}")
     _one_error_line(_cli(["sae", "inspect", str(path)]), "--hook")
@@ -237,6 +256,24 @@ def test_whole_run_with_a_foreign_format_residual_sae(tmp_path):
     last = res.output.strip().splitlines()[-1]
     assert res.exit_code == 2 and last.startswith("error: ") and "--no-center-writing-weights" in last, res.output
     assert not (tmp_path / "o2").exists()
+
+
+def test_run_refuses_an_sae_of_a_missing_hook_before_any_analysis(tmp_path):
+    """An SAE of blocks.7 on a 2-layer model is refused right after the model loads: no task, no DLA, no output."""
+    model_dir = tmp_path / "model"
+    tiny_neo_hf().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    corpus = tmp_path / "stories.txt"
+    corpus.write_text("".join(f"{s}\n<|endoftext|>\n" for s in STORIES * 3), encoding="utf-8")
+    folder = save_sae(random_sae(hook_point="blocks.7.mlp.hook_post"), tmp_path / "sae")
+    res = _cli(["run", "--model", str(model_dir), "--data", str(corpus), "--out", str(tmp_path / "o"),
+                "--workspace", str(tmp_path / "ws"), "--sae", str(folder), "--max-prompts", "20"])
+    last = res.output.strip().splitlines()[-1]
+    assert res.exit_code == 2 and last.startswith("error: ") and "blocks.7.mlp.hook_post" in last, res.output
+    assert "this model does not have" in last
+    for later in ("saecircuits task", "direct logit attribution", "corpus statistics"):
+        assert later not in res.output, res.output
+    assert not (tmp_path / "o").exists()
 
 
 def test_feature_and_run_take_hub_names(tmp_path, hf_cache, monkeypatch):

@@ -79,3 +79,20 @@ def test_whole_sequence_quality_is_printed_beside_loss_recovered_at_p(capsys):
     out = capsys.readouterr().out
     assert ("over every position of the prompts: explained variance 0.345, loss recovered 0.812 [0.800, 0.824]"
             in out)
+
+
+def test_a_number_that_rounds_to_zero_is_printed_without_a_sign(capsys):
+    """The top-features ablation's rank change of -0.001 once printed "rank -0.00": a zero carries no sign."""
+    from saecircuits.cli import num
+
+    multi = {"features": [5, 2], "logprob_diff": {"mean": 0.045, "ci95": 0.006},
+             "logit_diff": {"mean": -0.0004, "ci95": None}, "rank_diff": {"mean": -0.001}}
+    _summary(_results(multi_ablation=multi))
+    out = capsys.readouterr().out
+    assert "answer logprob +0.045 ± 0.006 nats, logit 0.000, rank 0.00 (positive" in out, out
+    assert "-0.00" not in out and "+0.00 " not in out
+    # the formatter itself: only a value that rounds to zero loses its sign; n/a for missing or NaN
+    cases = [(-0.001, "+.2f", "0.00"), (0.001, "+.2f", "0.00"), (-0.004, ".2f", "0.00"), (-0.005001, "+.2f", "-0.01"),
+             (0.353, "+.3f", "+0.353"), (-0.0, ".2e", "0.00e+00"), (-1e-9, ".2e", "-1.00e-09"),
+             (-0.00001, ".1%", "0.0%"), (-math.inf, "+.2f", "-inf"), (None, ".3f", "n/a"), (math.nan, ".3f", "n/a")]
+    assert [num(v, spec) for v, spec, _ in cases] == [want for _, _, want in cases]

@@ -64,6 +64,19 @@ class SaeCommand(TyperCommand):
     context_class = _Context
 
 
+def num(value: Any, spec: str) -> str:
+    """A number for the console: ``format(value, spec)``, or 'n/a' when it is missing or NaN (an undefined interval is
+    never shown as 0). A value that rounds to zero is printed without a sign ("0.00", not "-0.00" or "+0.00"): the
+    sign of a number too small to show means nothing."""
+    if value is None or value != value:
+        return "n/a"
+    text = format(value, spec)
+    mantissa = text.split("e")[0].split("E")[0]
+    if text[:1] in "+-" and not any(c in "123456789" for c in mantissa) and "inf" not in text:
+        return text[1:]
+    return text
+
+
 def one_line(message: str) -> str:
     """``message`` with its whitespace runs (newlines included) collapsed to single spaces."""
     return " ".join(str(message).split())

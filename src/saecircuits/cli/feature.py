@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from saecircuits.cli import InputError, SaeCommand, app, user_errors
+from saecircuits.cli import InputError, SaeCommand, app, num, user_errors
 from saecircuits.cli.run import DEFAULT_WORKSPACE, DTYPE_HELP, THREADS_HELP, _dtype, _say, _threads
 
 _WORKSPACE_SHOWN = "$SAECIRCUITS_WORKSPACE, else ~/.cache/saecircuits"
@@ -30,27 +30,29 @@ def _print_card(card: dict) -> None:
     eff = (sae.get("feature_effects") or [None])[0]
     if eff:
         ci = eff.get("ci95")
-        console.print(f"  ablating it at P raises the answer loss by {eff['mean_loss_increase']:.4f} nats"
-                      + (f" ± {ci:.4f} (95% CI)" if ci is not None else " (no interval: one prompt)")
+        console.print(f"  ablating it at P raises the answer loss by {num(eff['mean_loss_increase'], '.4f')} nats"
+                      + (f" ± {num(ci, '.4f')} (95% CI)" if ci is not None else " (no interval: one prompt)")
                       + f", on the {eff['n_active_prompts']} prompts where it is active "
-                      f"({eff['fraction_active']:.0%} of {card['task']['n_prompts']})")
+                      f"({num(eff['fraction_active'], '.0%')} of {card['task']['n_prompts']})")
     if reading:
         console.print(f"  {escape(reading)}")
     cs = ((sae.get("corpus_stats") or {}).get("features") or [None])[0]
     if cs:
-        console.print(f"  corpus density {cs['density']:.2e}, max activation {cs['max_activation']:.3f}; fires on "
+        console.print(f"  corpus density {num(cs['density'], '.2e')}, max activation "
+                      f"{num(cs['max_activation'], '.3f')}; fires on "
                       + escape(", ".join(f"{quoted_token(t)} ({c})" for t, c in cs["top_tokens"][:8])))
     fd = (sae.get("feature_details") or [None])[0] or {}
     for key, label, unit in (("prompt_boosts", "log-prob boosts", "nats"), ("weight_boosts", "logit boosts", "logits")):
         b = fd.get(key)
         if b:
             up = b.get("boosted") or b.get("top") or []
-            console.print(f"  {label} ({unit}): up " + escape(", ".join(f"{quoted_token(t)} {v:+.3f}" for t, v in up[:6])))
+            console.print(f"  {label} ({unit}): up "
+                          + escape(", ".join(f"{quoted_token(t)} {num(v, '+.3f')}" for t, v in up[:6])))
     for ex in ((sae.get("examples") or [{}])[0].get("examples") or [])[:5]:
         acts = [a if a is not None else float("-inf") for a in ex["activations"]]
         j = max(range(len(acts)), key=acts.__getitem__)
         text = "".join(f"[[{visible_token(t)}]]" if i == j else visible_token(t) for i, t in enumerate(ex["tokens"]))
-        console.print(f"  doc {ex['doc_index']} (max {ex['max_activation']:.3f}): {escape(text)}")
+        console.print(f"  doc {ex['doc_index']} (max {num(ex['max_activation'], '.3f')}): {escape(text)}")
     for note in card.get("notes") or []:
         console.print(f"  [yellow]note:[/] {escape(note)}")
     if not card.get("model"):

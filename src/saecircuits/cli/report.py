@@ -22,6 +22,7 @@ def report_path(out: str | Path) -> Path:
 
     Raises:
         InputError: ``out`` is an existing file without ``.html``, or a folder is wanted where a file exists.
+        PipelineError: the folder cannot be created (naming why).
     """
     text = str(out)
     path = Path(text).expanduser()
@@ -29,12 +30,15 @@ def report_path(out: str | Path) -> Path:
     if is_file_name and not path.is_dir():
         if path.parent.exists() and not path.parent.is_dir():
             raise InputError(f"--out {out}: {path.parent} is a file, not a folder")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from saecircuits.pipeline.outputs import make_out_folder
+
+        make_out_folder(path.parent)
         return path
     if path.exists() and not path.is_dir():
         raise InputError(f"--out {out} is an existing file without .html; give a name ending in .html, or a folder")
-    path.mkdir(parents=True, exist_ok=True)
-    return path / REPORT_NAME
+    from saecircuits.pipeline.outputs import make_out_folder
+
+    return make_out_folder(path) / REPORT_NAME
 
 
 @app.command("report", cls=SaeCommand, short_help="Re-render report.html from a saved results.json.")

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from saecircuits.cli import SaeCommand, app, user_errors
+from saecircuits.cli import SaeCommand, app, num, user_errors
 
 DEFAULT_WORKSPACE = Path(os.environ.get("SAECIRCUITS_WORKSPACE", Path.home() / ".cache" / "saecircuits"))
 
@@ -36,20 +36,13 @@ def _say(line: str) -> None:
     Console(stderr=True, soft_wrap=True).print(f"[bold cyan]saecircuits[/] {escape(line)}", highlight=False)
 
 
-def _num(value, spec: str) -> str:
-    """A number for the console, or 'n/a' when it is missing or NaN (an undefined interval is never shown as 0)."""
-    if value is None or value != value:
-        return "n/a"
-    return format(value, spec)
-
-
 def _ratio_text(sae: dict, key: str) -> str:
     """A loss recovered for the console: 'value [lo, hi]', or 'undefined' (its reason is in the checks block)."""
     value = sae.get(key)
     if value is None or value != value:  # null or NaN: undefined, so no interval either
         return "undefined"
     lo, hi = sae.get(f"{key}_ci95") or (None, None)
-    return f"{value:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
+    return num(value, '.3f') + (f" [{num(lo, '.3f')}, {num(hi, '.3f')}]" if lo is not None and hi is not None else "")
 
 
 def _seq_text(sae: dict) -> str:
@@ -57,7 +50,7 @@ def _seq_text(sae: dict) -> str:
     q = sae.get("whole_sequence")
     if not q:
         return ""
-    return (f"; over every position of the prompts: explained variance {_num(q.get('explained_variance'), '.3f')}, "
+    return (f"; over every position of the prompts: explained variance {num(q.get('explained_variance'), '.3f')}, "
             f"loss recovered {_ratio_text(q, 'loss_recovered')}")
 
 
@@ -89,15 +82,16 @@ def _summary(results: dict) -> None:
     task = results["task"]
     console.print(
         f"[bold]{escape(str(results['model']))}[/] | task {escape(str(task['name']))}: {task['n_prompts']} prompts | "
-        f"DLA completeness error {results['dla']['completeness_max_abs_error']:.2e} logits"
+        f"DLA completeness error {num(results['dla']['completeness_max_abs_error'], '.2e')} logits"
     )
     b = results.get("behaviour")
     if b:
         console.print(
             ("[green]the model performs the behaviour:[/] " if b["performs"] else
              "[bold red]WARNING: the model does NOT perform the behaviour:[/] ")
-            + f"clean top-1 accuracy {b['top1_accuracy']:.1%}, mean p(answer) {b['mean_p_answer']:.3f}, "
-            f"mean loss at P {b['mean_loss']:.3f} nats"
+            + f"clean top-1 accuracy {num(b['top1_accuracy'], '.1%')}, mean p(answer) "
+            f"{num(b['mean_p_answer'], '.3f')}, "
+            f"mean loss at P {num(b['mean_loss'], '.3f')} nats"
         )
     for sae in results["saes"]:
         failed = sae.get("failed_checks") or []
@@ -110,26 +104,27 @@ def _summary(results: dict) -> None:
             )
         ev = sae.get("explained_variance_at_p")
         table = Table(title=(
-            f"{escape(sae['hook_point'])}  (d_sae {sae['d_sae']}, L0 at P {sae['l0']:.1f}, explained variance at P "
-            f"{'undefined' if ev is None else format(ev, '.3f')}, loss recovered "
+            f"{escape(sae['hook_point'])}  (d_sae {sae['d_sae']}, L0 at P {num(sae['l0'], '.1f')}, explained "
+            f"variance at P {'undefined' if ev is None else num(ev, '.3f')}, loss recovered "
             f"{_ratio_text(sae, 'loss_recovered')} vs zero / {_ratio_text(sae, 'loss_recovered_mean_ablation')} "
             f"vs mean ablation at P{_seq_text(sae)})"))
         for col in ("feature", "loss increase (nats)", "±95%", "mean act", "frac active"):
             table.add_column(col, justify="right")
         for f in sae["top_features"][:8]:
-            table.add_row(str(f["feature"]), _num(f["loss_increase"], ".4f"), _num(f.get("loss_increase_ci95"), ".4f"),
-                          _num(f["mean_activation"], ".3f"), _num(f["fraction_active"], ".3f"))
+            table.add_row(str(f["feature"]), num(f["loss_increase"], ".4f"), num(f.get("loss_increase_ci95"), ".4f"),
+                          num(f["mean_activation"], ".3f"), num(f["fraction_active"], ".3f"))
         console.print(table)
         console.print(
-            f"  answer loss at P (nats): clean {sae['clean_loss']:.4f}, SAE spliced {sae['sae_loss']:.4f}, zero "
-            f"ablation {sae['zero_ablation_loss']:.4f}, mean ablation {_num(sae['mean_ablation_loss'], '.4f')}"
+            f"  answer loss at P (nats): clean {num(sae['clean_loss'], '.4f')}, SAE spliced "
+            f"{num(sae['sae_loss'], '.4f')}, zero "
+            f"ablation {num(sae['zero_ablation_loss'], '.4f')}, mean ablation {num(sae['mean_ablation_loss'], '.4f')}"
         )
         if "multi_ablation" in sae:
             m = sae["multi_ablation"]
             console.print(
                 f"  ablating {m['features']} together, original - ablated: answer logprob "
-                f"{m['logprob_diff']['mean']:+.3f} ± {_num(m['logprob_diff'].get('ci95'), '.3f')} nats, "
-                f"logit {m['logit_diff']['mean']:+.3f}, rank {m['rank_diff']['mean']:+.2f} "
+                f"{num(m['logprob_diff']['mean'], '+.3f')} ± {num(m['logprob_diff'].get('ci95'), '.3f')} nats, "
+                f"logit {num(m['logit_diff']['mean'], '+.3f')}, rank {num(m['rank_diff']['mean'], '+.2f')} "
                 "(positive logprob/logit: the ablation hurts the answer)"
             )
     _study_summary(console, results)
@@ -153,17 +148,18 @@ def _study_summary(console, results: dict) -> None:
                 table.add_column(col, justify="right")
             for j, label in enumerate(lc["labels"]):
                 cells = [lc["mean"][j], lc["ci95"][j], lc["diff_vs_clean"][j], lc["diff_vs_clean_ci95"][j]]
-                table.add_row(escape(label), *("n/a" if v is None else f"{v:.4f}" for v in cells))
+                table.add_row(escape(label), *("n/a" if v is None else num(v, '.4f') for v in cells))
             console.print(table)
         cs = sae.get("corpus_stats")
         if cs and cs["features"]:
             table = Table(title=f"{escape(sae['hook_point'])}: top features over {cs['n_docs']} corpus documents "
-                                f"(L0 {cs['l0']:.1f}, {cs.get('n_dead', 0)} dead)")
+                                f"(L0 {num(cs['l0'], '.1f')}, {cs.get('n_dead', 0)} dead)")
             for col in ("feature", "density", "max", "top tokens (count)"):
                 table.add_column(col, justify="right" if col != "top tokens (count)" else "left")
             for fe in cs["features"]:
                 toks = ", ".join(f"{quoted_token(t)} ({c})" for t, c in fe["top_tokens"][:5])
-                table.add_row(str(fe["feature"]), f"{fe['density']:.2e}", f"{fe['max_activation']:.3f}", escape(toks))
+                table.add_row(str(fe["feature"]), num(fe["density"], ".2e"), num(fe["max_activation"], ".3f"),
+                              escape(toks))
             console.print(table)
 
 
@@ -270,6 +266,14 @@ RESUME_HELP = ("Go on from where a failed run into the same --out stopped: the s
 CIRCUIT_HELP = ("Build the feature circuit across the SAEs' layers: exact node and edge effects, attribution "
                 "patching and integrated gradients checked against them, faithfulness and completeness "
                 "(circuit.json).")
+POSITION_CIRCUIT_HELP = ("With the circuit: also build it across positions (nodes at every position of the prompts, "
+                        "exact effects, edges, head loadings), most of the circuit stage's time. --no-position-circuit "
+                        "keeps only the circuit at the answer position; circuit.json then says why it has no "
+                        "\"positions\".")
+TASK_HELP = ("'closing-quote', or a JSONL task file, one {\"prompt\": ..., \"answer\": ...} per line; a line may add "
+             "\"anchors\": {\"name\": char_offset} (0-based character offsets into the prompt) to align the named "
+             "tokens across prompts in the circuit across positions (a prompt without anchors is aligned by "
+             "distance from P).")
 DTYPE_HELP = ("dtype the model is loaded and run in: float32, bfloat16 or float16 (the 16-bit ones are meant for "
               "GPUs). SAEs keep their own dtype (new ones float32); every reported number is reduced in float32 or "
               "float64. results.json records it (model_info.dtype).")
@@ -294,7 +298,7 @@ def run(
                              "JSONL with 'text', or Parquet with a 'text' column.")],
     out: Annotated[Path, typer.Option(metavar="DIR", help="Output folder for results.json and report.html.")],
     task: Annotated[str, typer.Option(
-        metavar="TASK", help="'closing-quote', or a JSONL task file ({prompt, answer} per line).")] = "closing-quote",
+        metavar="TASK", help=TASK_HELP)] = "closing-quote",
     train_data: Annotated[Path | None, typer.Option(
         metavar="FILE", show_default="the --data corpus", help="Corpus the SAEs are trained on.")] = None,
     tokenizer: Annotated[str | None, typer.Option(
@@ -350,6 +354,8 @@ def run(
         "--circuit/--no-circuit", help=CIRCUIT_HELP)] = True,
     circuit_ig_steps: Annotated[int, typer.Option(
         metavar="N", min=1, help="Integrated-gradients steps of the circuit's gradient estimates.")] = 10,
+    position_circuit: Annotated[bool, typer.Option(
+        "--position-circuit/--no-position-circuit", help=POSITION_CIRCUIT_HELP)] = True,
     threads: Annotated[int | None, typer.Option(
         metavar="N", min=1, show_default="all cores", help=THREADS_HELP)] = None,
     export: Annotated[bool, typer.Option("--export", show_default="off", help=EXPORT_HELP)] = False,
@@ -376,7 +382,7 @@ def run(
             device=device, dtype=dtype, seed=seed, workspace=workspace, exclude_bos=not include_bos,
             fold_ln=fold_ln, center_writing_weights=center_writing_weights, center_unembed=center_unembed,
             feature_selection=feature_selection, ablation_mode=ablation_mode, circuit=circuit,
-            circuit_ig_steps=circuit_ig_steps,
+            circuit_ig_steps=circuit_ig_steps, position_circuit=position_circuit,
         )
     _threads(threads)
     _execute(cfg, export=export, resume=resume)
@@ -406,6 +412,8 @@ def demo(
         "--circuit/--no-circuit", help=CIRCUIT_HELP)] = True,
     circuit_ig_steps: Annotated[int, typer.Option(
         metavar="N", min=1, help="Integrated-gradients steps of the circuit's gradient estimates.")] = 10,
+    position_circuit: Annotated[bool, typer.Option(
+        "--position-circuit/--no-position-circuit", help=POSITION_CIRCUIT_HELP)] = True,
     threads: Annotated[int | None, typer.Option(
         metavar="N", min=1, show_default="all cores", help=THREADS_HELP)] = None,
     export: Annotated[bool, typer.Option("--export", show_default="off", help=EXPORT_HELP)] = False,
@@ -435,7 +443,7 @@ def demo(
             model="saecircuits-default", data=heldout, train_data=sae_train, out=out, sae_tokens=sae_tokens,
             device=device, dtype=dtype, seed=seed, workspace=workspace, max_prompts=max_prompts, circuit=circuit,
             sae_recipe=sae_recipe, sae_k=sae_k, l1_coefficient=l1_coefficient,
-            circuit_ig_steps=circuit_ig_steps,
+            circuit_ig_steps=circuit_ig_steps, position_circuit=position_circuit,
         )
         if distributed.is_writer():
             _say(f"workspace {workspace}")

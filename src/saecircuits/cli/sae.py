@@ -187,7 +187,9 @@ def _write_atomically(sae, out: Path) -> Path:
     from saecircuits.saes.io import CFG_FILE, load_sae, save_sae
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    from saecircuits.pipeline.outputs import make_out_folder
+
+    make_out_folder(out.parent, "OUT")
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
     tmp.mkdir()  # (not mkdtemp: the folder gets the umask's permissions, as any folder the user makes)
     try:

@@ -77,6 +77,10 @@ def train_lm_command(
         cfg = dataclasses.replace(DEFAULT_CONFIG, **overrides)
         if out is not None and out.exists() and not overwrite:
             raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it, or choose another --out")
+        if out is not None:
+            from saecircuits.pipeline.outputs import check_out_writable
+
+            check_out_writable(out)  # before the training, not after it
         if workspace is not None and workspace.exists() and not workspace.is_dir():
             raise NotADirectoryError(f"--workspace {workspace} is a file; give a folder")
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -31,7 +31,7 @@ from typing import Annotated
 
 import typer
 
-from saecircuits.cli import InputError, SaeCommand, app, user_errors
+from saecircuits.cli import InputError, SaeCommand, app, num, user_errors
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +238,9 @@ def train_sae_command(
 
     created_out = not out.exists()
     with user_errors():
-        out.mkdir(parents=True, exist_ok=True)
+        from saecircuits.pipeline.outputs import make_out_folder
+
+        make_out_folder(out)
     job_path = out / JOB_FILE
     fresh = not job_path.exists()
     if not fresh:
@@ -326,13 +328,15 @@ def _eval_line(e: dict) -> str:
     if lr is None:
         recovered = f"loss recovered over whole sequences undefined: {e.get('loss_recovered_undefined_reason')}"
     else:
-        bounds = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if None not in ci else ""
-        recovered = f"loss recovered over whole sequences {lr:.3f}{bounds}"
+        bounds = f" [{num(ci[0], '.3f')}, {num(ci[1], '.3f')}]" if None not in ci else ""
+        recovered = f"loss recovered over whole sequences {num(lr, '.3f')}{bounds}"
     ev = e.get("explained_variance")
-    dead = (f", dead features {e['n_dead_on_eval']} of {e['d_sae']} ({e['dead_fraction_on_eval']:.1%} fired on none "
+    dead = (f", dead features {e['n_dead_on_eval']} of {e['d_sae']} ({num(e['dead_fraction_on_eval'], '.1%')} "
+            "fired on none "
             f"of {e['n_eval_tokens']} tokens)" if "n_dead_on_eval" in e else "")
-    return (f"L0 {e['l0']:.1f}, explained variance {'undefined' if ev is None else format(ev, '.3f')}{dead}, "
-            f"{recovered} (CE clean {e['ce_clean']:.3f} / SAE {e['ce_spliced']:.3f} / zero {e['ce_zero']:.3f} nats)")
+    return (f"L0 {num(e['l0'], '.1f')}, explained variance {'undefined' if ev is None else num(ev, '.3f')}{dead}, "
+            f"{recovered} (CE clean {num(e['ce_clean'], '.3f')} / SAE {num(e['ce_spliced'], '.3f')} / zero "
+            f"{num(e['ce_zero'], '.3f')} nats)")
 
 
 def _check_job_inputs(job) -> None:

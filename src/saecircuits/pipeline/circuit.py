@@ -56,7 +56,12 @@ def _circuit(ctx: RunContext, *, model, saes: list, task, stat_docs: list[list[i
                         corpus_rows=stat_docs[:CIRCUIT_MEAN_DOCS])
     circuit_json = circ.to_json()
     entry = _circuit_summary(circuit_json)
-    if iv.engine is not None:  # across positions (issue 16): positions t..P recomputed by the engine
+    if not cfg.position_circuit:  # --no-position-circuit: the circuit at P alone (circuit.json says why)
+        why = ("The circuit across positions was not built (--no-position-circuit): only the circuit at the answer "
+               "position P is reported.")
+        circuit_json["positions_left_out"] = why
+        note = (note + " " if note else "") + why
+    elif iv.engine is not None:  # across positions (issue 16): positions t..P recomputed by the engine
         from saecircuits.analysis.circuit.position_graph import position_circuit, reduced_positions
 
         ctx.say("circuit across positions: nodes at every position, exact effects, edges, head loadings")

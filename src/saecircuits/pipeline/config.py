@@ -70,6 +70,9 @@ class RunConfig:
             and edges, attribution patching and integrated gradients with this many steps, faithfulness and
             completeness), written to ``circuit.json``; on a model the prefix-cached engine cannot compute, from
             full forwards (slower, same numbers).
+        position_circuit: with ``circuit``, also build the circuit across positions
+            (:func:`saecircuits.analysis.circuit.position_graph.position_circuit`, most of the circuit stage's time);
+            False: circuit.json has no ``"positions"`` and its ``"positions_left_out"`` says why.
         n_evidence_features: top features that get the per-feature evidence (prompt and weight logit boosts,
             loss increase vs activation, DFA; analysis.evidence), plus the SAE-error DLA, upstream ablation and
             activation-scaled DLA of the SAE; the same features get the ablation on their max-activating corpus
@@ -134,6 +137,7 @@ class RunConfig:
     n_geometry_features: int = 5
     circuit: bool = True
     circuit_ig_steps: int = 10
+    position_circuit: bool = True
     fold_ln: bool = True
     center_writing_weights: bool = True
     center_unembed: bool = True
@@ -231,7 +235,7 @@ class RunConfig:
         if self.task != "closing-quote" and not Path(self.task).is_file():
             problems.append(f"--task {self.task}: no such task file")
         from saecircuits.saes.base import SAEError
-        from saecircuits.saes.formats import detect_family
+        from saecircuits.saes.formats import detect_family, missing_weights
         from saecircuits.saes.hub import is_hub_name
         from saecircuits.saes.io import find_sae_folders
 
@@ -244,6 +248,9 @@ class RunConfig:
             try:
                 detect_family(Path(path))
             except SAEError:
+                if missing_weights(Path(path)):  # a config without its weights: name the missing file
+                    problems.append(f"--sae {missing_weights(Path(path))}")
+                    continue
                 below = find_sae_folders(path) if Path(path).is_dir() else []
                 problems.append(f"--sae {path}: not an SAE folder (no cfg.json) nor the files of another SAE family "
                                 "saecircuits reads (see 'saecircuits sae inspect')" + (

@@ -77,15 +77,19 @@ def _sae_files(ctx: RunContext) -> dict:
     return {"given_saes": _load_saes(list(cfg.sae_paths), cfg.device, cfg.sae_hooks)}
 
 
-def _model(ctx: RunContext) -> dict:
+def _model(ctx: RunContext, *, given_saes: list | None = None) -> dict:
     """The model (``ctx.model`` when one was given), its provenance, the digest that keys the SAE cache, and every
     name it goes by (the model an SAE records is compared with these).
 
-    The model is loaded in ``cfg.dtype`` (None: float32); a given model keeps its own dtype.
+    The model is loaded in ``cfg.dtype`` (None: float32); a given model keeps its own dtype. The given SAEs
+    (``--sae``) are checked against it here, before the task and any analysis run (stage ``saes`` puts them in the
+    model's basis later; the check is one forward of one token per SAE).
 
     Raises:
-        PipelineError: ``--layers`` names a layer the model does not have, or the given model's dtype is not
-            ``cfg.dtype``.
+        PipelineError: ``--layers`` names a layer the model does not have, the given model's dtype is not
+            ``cfg.dtype``, or a given SAE's hook point is not in the model or has another width
+            (:func:`saecircuits.pipeline.saes._check_sae_fits`).
+        SAEError: a given SAE was trained under other weight-processing switches.
     """
     import torch
 
@@ -117,6 +121,11 @@ def _model(ctx: RunContext) -> dict:
         bad = [layer for layer in cfg.layers if not 0 <= layer < n_layers]
         if bad:
             raise PipelineError(f"--layers {bad} out of range: the model has layers 0..{n_layers - 1}")
+    if given_saes:
+        from saecircuits.pipeline.saes import _check_sae_fits
+
+        for sae in given_saes:
+            _check_sae_fits(sae, model)
     return {"model": model, "provenance": prov, "model_key": str(model_key), "model_names": sorted(model_names)}
 
 
@@ -132,7 +141,7 @@ def _corpus(ctx: RunContext) -> dict:
 
 
 SAE_FILES = Stage("sae_files", _sae_files, writes=("given_saes",), codecs={"given_saes": "saes"})
-MODEL = Stage("load_model", _model, writes=("model", "provenance", "model_key", "model_names"),
+MODEL = Stage("load_model", _model, reads=("given_saes",), writes=("model", "provenance", "model_key", "model_names"),
               codecs={"model": "memory"}, check=("model_key",))
 # the corpora are read again on resume rather than copied into the checkpoint (the checkpoint is keyed by their
 # contents, so they are the same documents)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -11,6 +12,45 @@ from pathlib import Path
 import saecircuits
 from saecircuits.pipeline.config import PipelineError
 from saecircuits.pipeline.stages import RunContext, Stage
+
+
+def why_not_writable(folder: Path, err: OSError) -> str:
+    """Why no file or folder can be made in the existing folder ``folder``, from the ``OSError`` that said so.
+
+    A virtual file system such as /proc or /sys answers "No such file or directory" (ENOENT) to creating an entry
+    in a folder that does exist; that is reported as what it is, not as a missing folder.
+    """
+    if err.errno == errno.ENOENT and folder.is_dir():
+        return f"{folder} does not accept new files or folders (a virtual file system such as /proc or /sys)"
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return f"you have no permission to create files in {folder}"
+    if err.errno == errno.EROFS:
+        return f"{folder} is on a read-only file system"
+    if err.errno == errno.ENOSPC:
+        return f"the disk holding {folder} is full"
+    return f"{folder}: {err.strerror or err}"
+
+
+def make_out_folder(out: str | os.PathLike, option: str = "--out") -> Path:
+    """Create the output folder ``out`` (and its parents) if missing and return it.
+
+    Raises:
+        PipelineError: it cannot be created, in one line naming the folder and the reason (see
+            :func:`why_not_writable`).
+    """
+    out = Path(out).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        probe = out
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise PipelineError(f"{option} {out}: {probe} is a file, so the folder cannot be created there; give "
+                                f"another {option}") from None
+        raise PipelineError(f"{option} {out}: the folder cannot be created: {why_not_writable(probe, err)}; give "
+                            "a folder you can write to") from None
+    return out
 
 
 def check_out_writable(out: str | os.PathLike) -> None:
@@ -37,8 +77,9 @@ def check_out_writable(out: str | os.PathLike) -> None:
         os.close(fd)
         os.unlink(tmp)
     except OSError as err:
-        raise PipelineError(f"--out {out}: cannot write in {probe} ({err.strerror or err}); "
-                            "give a folder you can write to") from None
+        what = "cannot write in the folder" if probe == out else "the folder cannot be created"
+        raise PipelineError(f"--out {out}: {what}: {why_not_writable(probe, err)}; give a folder you can write "
+                            "to") from None
 
 
 class OutLock:
@@ -159,6 +200,10 @@ def _report(ctx: RunContext, *, model, provenance: dict, task, task_entry: dict,
             f"(prompt + answer; the model's context is {n_ctx}) and were left out; the results use the other "
             f"{task.n_prompts}."
         )
+    from saecircuits.pipeline.task import _anchors_note
+
+    if _anchors_note(task):
+        notes.append(_anchors_note(task))
     if task.n_prompts < 20:
         notes.append(
             f"Only {task.n_prompts} prompts: means are noisy and 95% intervals are wide or undefined (n < 2). "

@@ -30,6 +30,18 @@ def _build_task(cfg: RunConfig, model, docs: list[str]):
     return task
 
 
+def _anchors_note(task) -> str | None:
+    """The note for a task file where some prompts name anchors and others do not (accepted: a prompt without
+    anchors is aligned by distance from P alone), or None when every prompt or none names anchors."""
+    named = [bool(a) for a in task.anchor_positions] if task.anchor_positions else []
+    n_without = named.count(False)
+    if not any(named) or not n_without:
+        return None
+    return (f"{n_without} of {task.n_prompts} prompts of the task file name no \"anchors\": in the circuit across "
+            "positions their positions count only by distance from P (P-1, P-2, ...), while the others' named "
+            "positions get their own columns; give every line \"anchors\" to align them all.")
+
+
 def _bos_policy(tokenizer, exclude_special: bool) -> dict:
     """The ``bos_policy`` entry of results.json: whether a BOS was prepended, which, and where special tokens count."""
     from saecircuits.models.tokens import bos_prefix, special_token_ids, token_string
@@ -93,6 +105,8 @@ def _task(ctx: RunContext, *, model, docs: list[str]) -> dict:
     dropped = f" ({task.n_dropped_too_long} over-long prompts dropped)" if task.n_dropped_too_long else ""
     say(f"task {task.name}: {task.n_prompts} prompts{dropped}, answer tokens "
         + ", ".join(quoted_token(t) for t in task_entry["answer_tokens"]))
+    if _anchors_note(task):
+        say(f"note: {_anchors_note(task)}")
     behaviour = behaviour_summary(model, task)
     bad = int((~torch.isfinite(behaviour.loss)).sum())
     if bad:  # every number after this one would be NaN: stop with the likely cause

@@ -23,7 +23,8 @@ import torch
 
 from saecircuits.saes.base import SAE, SAEError
 
-__all__ = ["Family", "LoadOptions", "families", "register_family", "detect_family", "load_sae", "resolve_hook"]
+__all__ = ["Family", "LoadOptions", "families", "register_family", "detect_family", "load_sae", "resolve_hook",
+           "missing_weights"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class Family:
         detect: ``detect(path) -> bool``, from file names and, at most, small config files (never the weights).
         load: ``load(path, options) -> SAE`` (on ``options.device``, eval mode).
         files: the files it reads, for error messages (e.g. ``"cfg.json + sae.safetensors"``).
+        pairs: its folder layouts as ``(config file, weights file)`` paths inside the folder, so that a folder with
+            the config but not the weights is told which weights file is missing (rather than that no family
+            recognises it).
     """
 
     name: str
@@ -60,6 +64,7 @@ class Family:
     detect: Callable[[Path], bool]
     load: Callable[[Path, LoadOptions], SAE]
     files: str
+    pairs: tuple[tuple[str, str], ...] = ()
 
 
 _FAMILIES: list[Family] = []
@@ -95,8 +100,29 @@ def detect_family(path: str | os.PathLike) -> Family:
     for family in families():
         if family.detect(p):
             return family
+    missing = missing_weights(p)
+    if missing:
+        raise SAEError(missing)
     known = "; ".join(f"{f.title}: {f.files}" for f in families())
     raise SAEError(f"{p} is not an SAE saecircuits recognises. It reads: {known}")
+
+
+def missing_weights(p: Path) -> str | None:
+    """The one-line error for a folder that holds a family's config file but not its weights file (naming the
+    weights file of every family whose config file it holds), or None when it holds no family's config file."""
+    if not p.is_dir():
+        return None
+    found: dict[str, list[str]] = {}
+    for family in families():
+        for config, weights in family.pairs:
+            if (p / config).is_file() and not (p / weights).exists():
+                found.setdefault(config, []).append(f"{weights} ({family.title})")
+    if not found:
+        return None
+    config, expected = next(iter(found.items()))
+    return (f"{p} has {config} but no weights file beside it: expected {' or '.join(expected)}. Put the weights "
+            f"file saved with {config} into {p} (a download or copy that stopped half-way leaves only the config), "
+            "or pass the folder that holds both")
 
 
 #: what a TransformerLens hook name looks like: ``blocks.L.<...>.hook_<name>``, or a top-level ``hook_<name>`` /

@@ -330,4 +330,5 @@ def _load(path: Path, options: LoadOptions) -> SAE:
 
 
 register_family(Family("dictionary_learning", "saprmarks dictionary_learning", _detect, _load,
-                       "a trainer folder with ae.pt (+ config.json), or an ae.pt / checkpoints/ae_N.pt file"))
+                       "a trainer folder with ae.pt (+ config.json), or an ae.pt / checkpoints/ae_N.pt file",
+                       pairs=(("config.json", "ae.pt"),)))

@@ -383,4 +383,4 @@ def _load(path: Path, options: LoadOptions) -> SAE:
 
 register_family(Family("gemma_scope", "Gemma Scope 1 and 2", _detect, _load,
                        "params.npz (Gemma Scope 1; a folder or the file), or a folder with config.json + "
-                       "params.safetensors (Gemma Scope 2)"))
+                       "params.safetensors (Gemma Scope 2)", pairs=((GS2_CONFIG, GS2_WEIGHTS),)))

@@ -227,4 +227,5 @@ def _load_files(cfg_path: Path, weights_path: Path, options: LoadOptions, *, r1:
 
 register_family(Family("llama_scope", "Llama Scope (and R1)", _detect, _load,
                        f"a folder with {HYPERPARAMS} + {CHECKPOINT.as_posix()} (Llama Scope R1: {R1_CONFIG} + "
-                       f"{R1_WEIGHTS})"))
+                       f"{R1_WEIGHTS})",
+                       pairs=((HYPERPARAMS, CHECKPOINT.as_posix()), (R1_CONFIG, R1_WEIGHTS))))

@@ -76,4 +76,5 @@ def _load(path: Path, options: LoadOptions) -> SAE:
 
 
 register_family(Family("saelens", "SAELens (v1 to v6) and saecircuits", _detect, _load,
-                       "a folder with cfg.json + sae_weights.safetensors"))
+                       "a folder with cfg.json + sae_weights.safetensors",
+                       pairs=((io.CFG_FILE, io.WEIGHTS_FILE),)))

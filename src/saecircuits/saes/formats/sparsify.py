@@ -193,4 +193,5 @@ def _load(path: Path, options: LoadOptions) -> SAE:
 
 
 register_family(Family("sparsify", "EleutherAI sparsify", _detect, _load,
-                       "a hookpoint folder (e.g. layers.3) with cfg.json + sae.safetensors"))
+                       "a hookpoint folder (e.g. layers.3) with cfg.json + sae.safetensors",
+                       pairs=((CFG_FILE, WEIGHTS_FILE),)))
