@@ -37,7 +37,11 @@ def _dense_reference(sae, x, dead, aux_k, aux_coefficient):
 
 
 @pytest.mark.parametrize("case", ["random", "ties_and_zeros"])
-@pytest.mark.parametrize("aux_k", [3, 40])  # more dead latents than aux_k (a top-k among them) and fewer (all taken)
+# 32 dead latents: aux_k 3 gathers the selected rows (a top-k among them); 16 multiplies over the dead columns with a
+# top-k mask (AUXK_DENSE_RATIO); 40 takes them all. In float32 the hand-written reference's own rounding of the
+# pre-activations can flip a near-tie at the top-k boundary (aux_k 10, 12 or 20 here, on either path): 3 and 16 have
+# none
+@pytest.mark.parametrize("aux_k", [3, 16, 40])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_sparse_loss_equals_dense_loss_and_gradients(dtype, aux_k, case):
     gen = torch.Generator().manual_seed(3)

@@ -285,6 +285,12 @@ def auxk_loss(
     return scale * ((e_hat - residual) ** 2).sum(dim=-1).mean()
 
 
+AUXK_DENSE_RATIO = 4
+""":func:`auxk_loss_sparse` multiplies over the dead columns densely when ``aux_k * AUXK_DENSE_RATIO >= n_dead``
+(a dense product of ``n_dead`` columns outran gathering ``aux_k`` rows per token up to about this ratio on a CPU:
+1.3-1.9x faster steps for 100 to 1,000 dead of 2,048 latents at aux_k 256, d_in 512, batch 2,048, 2 threads)."""
+
+
 def auxk_loss_sparse(
     sae: SAE,
     x: torch.Tensor,
@@ -302,10 +308,21 @@ def auxk_loss_sparse(
     n_dead = int(dead_mask.sum())
     if n_dead == 0:
         return hidden_pre.new_zeros(())
-    vals, idx = _auxk_select(hidden_pre, dead_mask, aux_k)
     x_in, _ = sae._encoder_input(x)
-    pre = selected_pre_activations(x_in, sae.W_enc, sae.b_enc, idx.contiguous(), vals)
-    e_hat = sparse_decode(torch.relu(pre), idx.contiguous(), sae.W_dec)
+    if aux_k * AUXK_DENSE_RATIO >= n_dead:
+        # aux_k is a large share of the dead latents (256 of ~700 on the demo): matmuls over the dead columns do
+        # n_dead / aux_k times the multiply-adds of the gathered rows but run far faster per multiply-add on a CPU
+        dead = torch.nonzero(dead_mask).flatten()
+        pre = x_in @ sae.W_enc.index_select(1, dead) + sae.b_enc.index_select(0, dead)  # [batch, n_dead]
+        f = torch.relu(pre)
+        if n_dead > aux_k:  # selected on hidden_pre, as the other paths: float32 rounding never changes the choice
+            chosen = hidden_pre.detach().index_select(-1, dead).topk(aux_k, dim=-1).indices
+            f = f * torch.zeros_like(f, dtype=torch.bool).scatter_(-1, chosen, True)
+        e_hat = f @ sae.W_dec.index_select(0, dead)
+    else:
+        vals, idx = _auxk_select(hidden_pre, dead_mask, aux_k)
+        pre = selected_pre_activations(x_in, sae.W_enc, sae.b_enc, idx.contiguous(), vals)
+        e_hat = sparse_decode(torch.relu(pre), idx.contiguous(), sae.W_dec)
     residual = (x - x_hat).detach()
     scale = min(n_dead / aux_k, 1.0)
     return scale * ((e_hat - residual) ** 2).sum(dim=-1).mean()
