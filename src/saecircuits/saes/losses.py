@@ -243,16 +243,23 @@ def sparsity_penalties(
     }
 
 
-def _auxk_select(hidden_pre: torch.Tensor, dead_mask: torch.Tensor, aux_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(values, indices)`` ``[batch, min(aux_k, n_dead)]`` of the largest pre-activations among the dead latents
-    (indices into ``d_sae``; ``n_dead >= 1``). Selected among the dead columns only: with no more dead latents than
-    ``aux_k`` they are all taken, without a top-k."""
+def _auxk_choice(hidden_pre: torch.Tensor, dead_mask: torch.Tensor, aux_k: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """AuxK's choice among the dead latents (``n_dead >= 1``): ``(dead, values, pos)`` with ``dead [n_dead]`` their
+    indices into ``d_sae`` and ``values, pos [batch, aux_k]`` the largest pre-activations among them and their
+    positions in ``dead``; ``pos`` is None and ``values [batch, n_dead]`` all of them when ``n_dead <= aux_k``."""
     dead = torch.nonzero(dead_mask).flatten()
     sub = hidden_pre.detach().index_select(-1, dead)
     if dead.numel() <= aux_k:
-        return sub, dead.expand(*sub.shape)
+        return dead, sub, None
     vals, pos = sub.topk(aux_k, dim=-1)
-    return vals, dead[pos]
+    return dead, vals, pos
+
+
+def _auxk_select(hidden_pre: torch.Tensor, dead_mask: torch.Tensor, aux_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, indices)`` ``[batch, min(aux_k, n_dead)]`` of :func:`_auxk_choice`, indices into ``d_sae``."""
+    dead, vals, pos = _auxk_choice(hidden_pre, dead_mask, aux_k)
+    return vals, (dead.expand(*vals.shape) if pos is None else dead[pos])
 
 
 def auxk_loss(
@@ -312,12 +319,11 @@ def auxk_loss_sparse(
     if aux_k * AUXK_DENSE_RATIO >= n_dead:
         # aux_k is a large share of the dead latents (256 of ~700 on the demo): matmuls over the dead columns do
         # n_dead / aux_k times the multiply-adds of the gathered rows but run far faster per multiply-add on a CPU
-        dead = torch.nonzero(dead_mask).flatten()
+        dead, _, pos = _auxk_choice(hidden_pre, dead_mask, aux_k)  # chosen on hidden_pre, as the other paths
         pre = x_in @ sae.W_enc.index_select(1, dead) + sae.b_enc.index_select(0, dead)  # [batch, n_dead]
         f = torch.relu(pre)
-        if n_dead > aux_k:  # selected on hidden_pre, as the other paths: float32 rounding never changes the choice
-            chosen = hidden_pre.detach().index_select(-1, dead).topk(aux_k, dim=-1).indices
-            f = f * torch.zeros_like(f, dtype=torch.bool).scatter_(-1, chosen, True)
+        if pos is not None:
+            f = f * torch.zeros_like(f, dtype=torch.bool).scatter_(-1, pos, True)
         e_hat = f @ sae.W_dec.index_select(0, dead)
     else:
         vals, idx = _auxk_select(hidden_pre, dead_mask, aux_k)
