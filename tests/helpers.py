@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import tempfile
 
@@ -322,3 +323,22 @@ def engine_hooks_and_logits(engine, tokens, names):
     with torch.no_grad():
         logits = engine.logits(engine.forward_tokens(tokens, hooks), hooks)[:, 0]
     return got, logits
+
+
+def json_differences(a, b, path: str = "", skip=lambda path, key: False) -> list[str]:
+    """Where two JSON trees differ: floats beyond 1e-5 relative (1e-6 absolute near 0), anything else unequal
+    (counts, strings, structure), as ``"path: a vs b"``; ``skip(path, key)`` leaves a dict entry out. What the
+    sharded tests hold a torchrun run's files to against one process's."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{path}: keys {sorted(set(a) ^ set(b))}"]
+        return [d for k in a if not skip(path, k) for d in json_differences(a[k], b[k], f"{path}/{k}", skip)]
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{path}: {len(a)} vs {len(b)} items"]
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True))
+                for d in json_differences(x, y, f"{path}[{i}]", skip)]
+    if isinstance(a, float) and isinstance(b, float):
+        ok = (math.isnan(a) and math.isnan(b)) or abs(a - b) <= max(1e-6, 1e-5 * abs(b))
+        return [] if ok else [f"{path}: {a} vs {b}"]
+    return [] if type(a) is type(b) and a == b else [f"{path}: {a!r} vs {b!r}"]

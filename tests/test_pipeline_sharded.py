@@ -4,7 +4,6 @@ dies ends the run with a clear error and no results."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 from datetime import timedelta
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import STORIES, tiny_neo
+from helpers import STORIES, json_differences, tiny_neo
 
 from saecircuits.pipeline import RunConfig, run_pipeline
 
@@ -66,22 +65,10 @@ def _spawn(tmp_path: Path, cfg_kw: dict, die: dict[int, str]) -> list[int | None
     return [p.exitcode for p in procs]
 
 
-def _differences(a, b, path: str = "") -> list[str]:
-    """Where two results.json values differ: floats beyond 1e-5 relative (1e-6 absolute near 0), anything else
-    unequal (counts, strings, structure); :data:`SKIP_KEYS` and the output folder are left out."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        if set(a) != set(b):
-            return [f"{path}: keys {sorted(set(a) ^ set(b))}"]
-        return [d for k in a if k not in SKIP_KEYS and not (path == "/config" and k == "out")
-                for d in _differences(a[k], b[k], f"{path}/{k}")]
-    if isinstance(a, list) and isinstance(b, list):
-        if len(a) != len(b):
-            return [f"{path}: {len(a)} vs {len(b)} items"]
-        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _differences(x, y, f"{path}[{i}]")]
-    if isinstance(a, float) and isinstance(b, float):
-        ok = (math.isnan(a) and math.isnan(b)) or abs(a - b) <= max(1e-6, 1e-5 * abs(b))
-        return [] if ok else [f"{path}: {a} vs {b}"]
-    return [] if type(a) is type(b) and a == b else [f"{path}: {a!r} vs {b!r}"]
+def _differences(a, b) -> list[str]:
+    """Where two results.json values differ (:func:`helpers.json_differences`); :data:`SKIP_KEYS` and the output
+    folder are left out."""
+    return json_differences(a, b, skip=lambda path, k: k in SKIP_KEYS or (path == "/config" and k == "out"))
 
 
 @pytest.mark.slow

@@ -4,13 +4,12 @@ B the example prompts' batches, and every rank ends with one process's ``"positi
 from __future__ import annotations
 
 import json
-import math
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import STORIES, random_sae, tiny_neo, tiny_tokenizer
+from helpers import STORIES, json_differences, random_sae, tiny_neo, tiny_tokenizer
 
 HOOKS = ("blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post")
 KW = dict(n_examples=3, top_exact=40, edge_targets=3, head_targets=2, max_candidates=12, max_batch=2)
@@ -49,22 +48,6 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _differences(a, b, path: str = "") -> list[str]:
-    """Floats beyond 1e-5 relative (1e-6 absolute near 0), anything else unequal."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        if set(a) != set(b):
-            return [f"{path}: keys {sorted(set(a) ^ set(b))}"]
-        return [d for k in a for d in _differences(a[k], b[k], f"{path}/{k}")]
-    if isinstance(a, list) and isinstance(b, list):
-        if len(a) != len(b):
-            return [f"{path}: {len(a)} vs {len(b)} items"]
-        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _differences(x, y, f"{path}[{i}]")]
-    if isinstance(a, float) and isinstance(b, float):
-        ok = (math.isnan(a) and math.isnan(b)) or abs(a - b) <= max(1e-6, 1e-5 * abs(b))
-        return [] if ok else [f"{path}: {a} vs {b}"]
-    return [] if type(a) is type(b) and a == b else [f"{path}: {a!r} vs {b!r}"]
-
-
 @pytest.mark.slow
 def test_two_gloo_ranks_give_one_process_position_circuit(tmp_path):
     import torch.multiprocessing as mp
@@ -86,4 +69,4 @@ def test_two_gloo_ranks_give_one_process_position_circuit(tmp_path):
     assert want["n_exact_interventions"] > 0 and len(want["examples"]) == KW["n_examples"]
     assert any(nd.get("values") == "exact" for nd in want["aggregated"]["nodes"])
     for g in got:
-        assert _differences(g["positions"], want) == []
+        assert json_differences(g["positions"], want) == []
