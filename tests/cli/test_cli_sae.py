@@ -232,13 +232,19 @@ def test_run_checks_one_hook_per_sae(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_whole_run_with_a_foreign_format_residual_sae(tmp_path):
-    """`saecircuits run` end to end on a tiny GPT-Neo with an SAE of another family on the residual stream."""
+def _model_and_corpus(tmp_path):
+    """A saved tiny GPT-Neo folder (model + tokenizer) and a corpus file of the test stories."""
     model_dir = tmp_path / "model"
     tiny_neo_hf().save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
     corpus = tmp_path / "stories.txt"
     corpus.write_text("".join(f"{s}\n<|endoftext|>\n" for s in STORIES * 3), encoding="utf-8")
+    return model_dir, corpus
+
+
+def test_whole_run_with_a_foreign_format_residual_sae(tmp_path):
+    """`saecircuits run` end to end on a tiny GPT-Neo with an SAE of another family on the residual stream."""
+    model_dir, corpus = _model_and_corpus(tmp_path)
     path = _write_fake(tmp_path / f"sae{FAKE_SUFFIX}", seed=2)
     out = tmp_path / "out"
     res = _cli(["run", "--model", str(model_dir), "--data", str(corpus), "--out", str(out),
@@ -260,11 +266,7 @@ def test_whole_run_with_a_foreign_format_residual_sae(tmp_path):
 
 def test_run_refuses_an_sae_of_a_missing_hook_before_any_analysis(tmp_path):
     """An SAE of blocks.7 on a 2-layer model is refused right after the model loads: no task, no DLA, no output."""
-    model_dir = tmp_path / "model"
-    tiny_neo_hf().save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
-    corpus = tmp_path / "stories.txt"
-    corpus.write_text("".join(f"{s}\n<|endoftext|>\n" for s in STORIES * 3), encoding="utf-8")
+    model_dir, corpus = _model_and_corpus(tmp_path)
     folder = save_sae(random_sae(hook_point="blocks.7.mlp.hook_post"), tmp_path / "sae")
     res = _cli(["run", "--model", str(model_dir), "--data", str(corpus), "--out", str(tmp_path / "o"),
                 "--workspace", str(tmp_path / "ws"), "--sae", str(folder), "--max-prompts", "20"])

@@ -180,7 +180,8 @@ class Candidates(ResultsModel):
 class AggregatedGraph(ResultsModel):
     """The graph aggregated over prompts, nodes in columns (positions relative to P, or named anchors)."""
 
-    columns: list[Str] = opt("left to right: anchors by mean position, offsets 'P-d' in order, 'P' last")
+    columns: list[Str] = opt("left to right by typical distance from P (an anchor's median distance over every prompt "
+                               "naming it, d for 'P-d'; a tie puts the anchor first), 'P' last")
     nodes: list[AggregatedNode] = opt("aggregated nodes")
     edges: list[AggregatedEdge] = opt("aggregated edges")
     pruning: Pruning | None = opt("what pruning kept, on the mean values")
