@@ -96,13 +96,13 @@ __all__ = [
 ]
 
 HookFns = Mapping[str, Sequence[Callable[[torch.Tensor], torch.Tensor | None]]]
+"""Hook name -> functions called in order on the activation; a function returns the new value or None (read)."""
 
 UNEMBED_CHUNK_FLOATS = 1 << 22
 """Logits made and reduced at once when many rows are unembedded (16 MB of float32: 83 rows of GPT-2's 50,257-token
 vocabulary). Below glibc's largest mmap threshold (32 MB) a chunk's buffers are reused from the heap; a 64 MB chunk
 is a fresh mmap each time, whose page faults made unembedding plus log-sum-exp 1.4x slower (measured at 2 threads).
 The chunk size changes the values by float rounding at most (the BLAS kernel may depend on the rows)."""
-"""Hook name -> functions called in order on the activation; a function returns the new value or None (read)."""
 
 # Hook names of one block, in execution order, and the sub-block ("attn" = 0, "mlp" = 1) each belongs to.
 _BLOCK_HOOKS = (
@@ -791,27 +791,42 @@ class Engine:
             out = _softcap(out, float(self.logit_softcap))
         return out.reshape(*xn.shape[:-1], -1).float()
 
+    def losses(self, resid: torch.Tensor, targets: torch.Tensor, max_floats: int = UNEMBED_CHUNK_FLOATS
+               ) -> torch.Tensor:
+        """``-log p(target)`` (nats) of each row of the residual stream entering the final norm.
+
+        Args:
+            resid: ``[N, d_model]``.
+            targets: int64 ``[N]`` token ids.
+            max_floats: most logits held at once (:data:`UNEMBED_CHUNK_FLOATS`): rows are unembedded in chunks of
+                ``max_floats // d_vocab``, so no ``[N, d_vocab]`` tensor is built for large ``N``.
+
+        Returns:
+            float32 ``[N]`` on ``resid``'s device.
+        """
+        targets = targets.reshape(-1, 1).to(resid.device)
+        out = torch.empty(resid.shape[0], device=resid.device)
+        step = max(1, max_floats // self.d_vocab)
+        for i in range(0, resid.shape[0], step):
+            lg = self.logits(resid[i : i + step])
+            out[i : i + step] = torch.logsumexp(lg, -1) - lg.gather(-1, targets[i : i + step])[:, 0]
+        return out
+
     def next_token_losses(self, resid: torch.Tensor, tokens: torch.Tensor,
                           max_floats: int = UNEMBED_CHUNK_FLOATS) -> torch.Tensor:
-        """Next-token losses ``-log p(tokens[:, t + 1])`` (nats) from the residual stream entering the final norm.
+        """Next-token losses ``-log p(tokens[:, t + 1])`` (nats) from the residual stream entering the final norm
+        (:meth:`losses` of every position but the last).
 
         Args:
             resid: ``[B, T, d_model]`` (every position of ``tokens``).
             tokens: int64 ``[B, T]``.
-            max_floats: most logits held at once (:data:`UNEMBED_CHUNK_FLOATS`): positions are unembedded in
-                chunks of ``max_floats // d_vocab`` rows, so no ``[B, T, d_vocab]`` tensor is ever built.
+            max_floats: as :meth:`losses`.
 
         Returns:
             float32 ``[B, T - 1]`` (position ``t`` scores ``tokens[:, t + 1]``; the caller masks padding).
         """
         B, T = tokens.shape
-        flat = resid[:, :-1].reshape(-1, resid.shape[-1])
-        target = tokens[:, 1:].reshape(-1, 1).to(flat.device)
-        out = torch.empty(flat.shape[0], device=flat.device)
-        step = max(1, max_floats // self.d_vocab)
-        for i in range(0, flat.shape[0], step):
-            lg = self.logits(flat[i : i + step])
-            out[i : i + step] = torch.logsumexp(lg, -1) - lg.gather(-1, target[i : i + step])[:, 0]
+        out = self.losses(resid[:, :-1].reshape(-1, resid.shape[-1]), tokens[:, 1:], max_floats)
         return out.reshape(B, T - 1)
 
 

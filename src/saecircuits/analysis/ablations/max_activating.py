@@ -40,7 +40,6 @@ from saecircuits.analysis.ablations.modes import (
 from saecircuits.analysis.corpus.statistics import counted_token_mask, special_ids_of
 from saecircuits.analysis.statistics import MeanCI, mean_ci95
 from saecircuits.display import NotebookDisplay
-from saecircuits.models.engine import UNEMBED_CHUNK_FLOATS
 from saecircuits.models.hooks import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_TOKENS,
@@ -157,13 +156,7 @@ def _losses_at_impl(iv, tokens, hook, fn, V, query, capture=None) -> torch.Tenso
         resid = eng.forward_tokens(tokens, hooks)  # [B, F, T, d_model], F in {1, V}
         resid = resid.expand(B, V, T, resid.shape[-1])
         at = resid.gather(2, query[..., None].expand(B, V, Q, resid.shape[-1]))  # [B, V, Q, d_model]
-        flat, tgt = at.reshape(-1, at.shape[-1]), targets.reshape(-1)
-        out = torch.empty(flat.shape[0])
-        step = max(1, UNEMBED_CHUNK_FLOATS // eng.d_vocab)
-        for i in range(0, flat.shape[0], step):
-            lg = eng.logits(flat[i : i + step])
-            out[i : i + step] = (torch.logsumexp(lg, -1) - lg.gather(-1, tgt[i : i + step, None])[:, 0]).cpu()
-        return out.reshape(B, V, Q)
+        return eng.losses(at.reshape(-1, at.shape[-1]), targets.reshape(-1)).cpu().reshape(B, V, Q)
     rep = tokens.repeat_interleave(V, 0)
 
     def bridge_hook(value: torch.Tensor, hook=None) -> torch.Tensor:
@@ -239,8 +232,7 @@ def _single_position_losses(
                 if capture is not None:
                     hooks[capture[0]] = [_keep(capture[1])]
                 x = eng.forward_resid(x0.clone(), p[:, None], prefixes, hooks, start=start)
-                lg = eng.logits(x)[:, 0, 0]  # [n, d_vocab]
-                out[j, i : i + step] = (torch.logsumexp(lg, -1) - lg.gather(-1, target[:, None])[:, 0]).cpu()
+                out[j, i : i + step] = eng.losses(x[:, 0, 0], target).cpu()
     return out
 
 
