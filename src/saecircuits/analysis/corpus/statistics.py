@@ -484,6 +484,24 @@ class _Accumulator:
         self.keeping = False
         self.tok_events, self.band_events = [], []
 
+    def _active(self, x: torch.Tensor, mask: torch.Tensor):
+        """The SAE's codes of one batch in encode chunks of about ``encode_floats``, for both passes (the same chunks,
+        so the same activations): per chunk of rows from ``r0``, ``(r0, mask [r, T], doc max [r, d_sae], its (first)
+        position, and the active entries (f > 0) as rows, positions, features and values)``, on the CPU. Padding and
+        special positions (``mask`` False) count as 0; everything past the maxima comes from the sparse entries,
+        never another dense reduction."""
+        sae = self.sae
+        b, T = mask.shape
+        rows = max(1, self.encode_floats // max(1, T * sae.d_sae))
+        for r0 in range(0, b, rows):
+            m = mask[r0 : r0 + rows]
+            f = sae.encode(x[r0 : r0 + rows].to(sae.W_enc.dtype)).float()
+            f.masked_fill_(~m[..., None], 0.0)
+            mx, pos = f.max(dim=1)  # [r, d_sae]
+            r_i, t_i, k_i = torch.nonzero(f > 0, as_tuple=True)
+            v = f[r_i, t_i, k_i].cpu()
+            yield r0, m, mx.cpu(), pos.cpu(), r_i.cpu(), t_i.cpu(), k_i.cpu(), v
+
     def update(self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, docs: torch.Tensor) -> None:
         """One batch: ``x [b, T, d_in]`` activations, ``tokens``/``mask`` ``[b, T]``, ``docs [b]`` row indices."""
         sae = self.sae
@@ -492,22 +510,13 @@ class _Accumulator:
         x = sae.flatten_input(x)  # attention hook_z: [b, T, n_heads, d_head] -> [b, T, d_in]
         maskf = mask.to(x.device)
         self.input_sum += torch.einsum("btd,bt->d", x.float(), maskf.float()).double().cpu()
-        rows = max(1, self.encode_floats // max(1, T * d))
         doc_max, doc_pos = [], []
+        tokens_cpu = tokens.cpu()
         with torch.no_grad():
-            for r0 in range(0, b, rows):
-                m = maskf[r0 : r0 + rows]
-                f = sae.encode(x[r0 : r0 + rows].to(sae.W_enc.dtype)).float()
-                f.masked_fill_(~m[..., None], 0.0)  # padding and special positions count as 0
-                mx, pos = f.max(dim=1)  # [r, d_sae]: per-document maximum and its (first) position
-                mx, pos = mx.cpu(), pos.cpu()
+            for r0, m, mx, pos, r_i, t_i, k_i, v in self._active(x, maskf):
                 doc_max.append(mx)
                 doc_pos.append(pos)
                 self.max = torch.maximum(self.max, mx.amax(0))
-                # everything else from the sparse active entries (f > 0), never another dense reduction
-                r_i, t_i, k_i = torch.nonzero(f > 0, as_tuple=True)
-                v = f[r_i, t_i, k_i].cpu()
-                r_i, t_i, k_i = r_i.cpu(), t_i.cpu(), k_i.cpu()
                 self.fire_count += torch.bincount(k_i, minlength=d)
                 self.activation_sum.index_add_(0, k_i, v.double())
                 per_token = torch.bincount(r_i * T + t_i, minlength=m.shape[0] * T)[m.reshape(-1).cpu()]
@@ -521,7 +530,7 @@ class _Accumulator:
                 self.hist.index_add_(0, k_i * self.n_bins + bins, torch.ones_like(bins))
                 if self.keeping:
                     keep = v > self.token_fraction * self.max[k_i]
-                    tok = tokens[r0 : r0 + rows].cpu()[r_i[keep], t_i[keep]]
+                    tok = tokens_cpu[r0 + r_i[keep], t_i[keep]]
                     self.tok_events.append((k_i[keep].int(), tok.int(), v[keep]))
         dm = torch.cat(doc_max)  # [b, d_sae]
         dp = torch.cat(doc_pos)
@@ -562,21 +571,14 @@ class _Accumulator:
         b, T = tokens.shape
         x = sae.flatten_input(x)
         maskf = mask.to(x.device)
-        rows = max(1, self.encode_floats // max(1, T * sae.d_sae))
         keys, doc_max, doc_pos = [], [], []
+        tokens_cpu = tokens.cpu()
         with torch.no_grad():
-            for r0 in range(0, b, rows):
-                m = maskf[r0 : r0 + rows]
-                f = sae.encode(x[r0 : r0 + rows].to(sae.W_enc.dtype)).float()
-                f.masked_fill_(~m[..., None], 0.0)
-                mx, pos = f.max(dim=1)
-                doc_max.append(mx.cpu())
-                doc_pos.append(pos.cpu())
-                r_i, t_i, k_i = torch.nonzero(f > 0, as_tuple=True)
-                v = f[r_i, t_i, k_i].cpu()
-                r_i, t_i, k_i = r_i.cpu(), t_i.cpu(), k_i.cpu()
+            for r0, _, mx, pos, r_i, t_i, k_i, v in self._active(x, maskf):
+                doc_max.append(mx)
+                doc_pos.append(pos)
                 keep = v > self.token_fraction * maxima[k_i]  # the expression _prune applies with the final max
-                keys.append(_tok_key(k_i[keep], tokens[r0 : r0 + rows].cpu()[r_i[keep], t_i[keep]]))
+                keys.append(_tok_key(k_i[keep], tokens_cpu[r0 + r_i[keep], t_i[keep]]))
         self._pending_keys.append(torch.cat(keys))
         if self.band_floor is not None:
             dm, dp = torch.cat(doc_max), torch.cat(doc_pos)
