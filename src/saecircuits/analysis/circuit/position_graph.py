@@ -502,10 +502,11 @@ class _Verification:
             keys = torch.tensor([[gi, k, t] for _, gi, k, t in rows], dtype=torch.long).reshape(-1, 3)
             at = cands[i].find(keys)
             rows = [r for r, a in zip(rows, at.tolist(), strict=True) if a >= 0]
-            for (j, gi, k, t), a in zip(rows, at[at >= 0].tolist(), strict=True):
-                self.here[i, j] = True
-                self.atp[i, j] = float(cands[i].atp[a])
-                self.present[i][j] = (gi, k, t)
+            if rows:
+                j_here = [r[0] for r in rows]
+                self.here[i, j_here] = True
+                self.atp[i, j_here] = cands[i].atp[at[at >= 0]].double()
+                self.present[i].update((j, (gi, k, t)) for j, gi, k, t in rows)
             t_ = torch.tensor([r[1:] for r in rows], dtype=torch.long).reshape(-1, 3)
             nodes.append(PromptNodes(t_[:, 0], t_[:, 1], t_[:, 2]))
             js.append([r[0] for r in rows])
@@ -513,13 +514,20 @@ class _Verification:
             down.append(PromptNodes(t_[feat, 0], t_[feat, 1], t_[feat, 2]))
             js_down.append([rows[a][0] for a in feat])
         effects, edges, runs = exact_node_effects(eng, pg, clean, nodes, down, baselines=base)
+        by_edge: dict[tuple[int, int], tuple[list, list]] = {}  # (j_u, j_d) -> (prompts, values), set once below
         for b, i in enumerate(batch.indices):
             i = int(i)
-            for a, j in enumerate(js[b]):
-                self.exact[i, j] = float(effects[b][a])
+            if js[b]:
+                self.exact[i, js[b]] = effects[b].to(self.exact.dtype)
+            ju, jd = js[b], js_down[b]
             for (a, c), v in edges[b].items():
-                key = (js[b][a], js_down[b][c])
-                self.edges.setdefault(key, torch.zeros(self.n_prompts, dtype=torch.float64))[i] = v
+                rows, vals = by_edge.setdefault((ju[a], jd[c]), ([], []))
+                rows.append(i)
+                vals.append(v)
+        for key, (rows, vals) in by_edge.items():
+            if key not in self.edges:
+                self.edges[key] = torch.zeros(self.n_prompts, dtype=torch.float64)
+            self.edges[key][rows] = torch.tensor(vals, dtype=torch.float64)
         return runs
 
     def gather(self) -> None:
@@ -624,19 +632,22 @@ def _graph(pg, describe, heads, c: PromptNodes, atp, exact, ex_edges, at_edges, 
     the target and between nodes); agreement pairs of the measured nodes and edges are added to ``pairs``."""
     ids = []
     nodes = []
-    for a in range(len(c.gi)):
-        gi, k, t = int(c.gi[a]), int(c.local[a]), int(c.pos[a])
+    gis, ks, ts = c.gi.tolist(), c.local.tolist(), c.pos.tolist()  # python values in bulk (per-element reads are slow)
+    exact_l, atp_l = exact.tolist(), atp.tolist()
+    acts = _activations(pg, tr, b, c)
+    fidx = feat_idx.tolist()
+    for a, (gi, k, t) in enumerate(zip(gis, ks, ts, strict=True)):
         kind, label, index, si, feat, head = describe(gi, k)
         ident[f"{kind}:{pg.layer[gi]}:{index}"] = (gi, k)
         nid = f"{kind}:{pg.layer[gi]}:{index}@{t}"
         ids.append(nid)
-        act = _f(tr.leaves[gi][0][b, 0, t, k].detach()) if kind == "feature" else None
+        act = _f(acts[a]) if kind == "feature" else None
         nodes.append({"id": nid, "kind": kind, "layer": pg.layer[gi], "pos": t, "label": label, "sae": si,
-                      "feature": feat, "head": head, "activation": act, "exact": _f(exact[a]), "atp": _f(atp[a]),
-                      "ig": None, "in_graph": False})
-        if math.isfinite(float(exact[a])):
-            pairs["nodes"][0].append(float(atp[a]))
-            pairs["nodes"][1].append(float(exact[a]))
+                      "feature": feat, "head": head, "activation": act, "exact": _f(exact_l[a]),
+                      "atp": _f(atp_l[a]), "ig": None, "in_graph": False})
+        if math.isfinite(exact_l[a]):
+            pairs["nodes"][0].append(atp_l[a])
+            pairs["nodes"][1].append(exact_l[a])
             pairs["nodes"][2].append(P - t)
     target = f"target:{n_layers}:0@{P}"
     nodes.append({"id": target, "kind": "target", "layer": n_layers, "pos": P, "label": "log p(answer)", "sae": None,
@@ -652,7 +663,7 @@ def _graph(pg, describe, heads, c: PromptNodes, atp, exact, ex_edges, at_edges, 
     for (a, j), v in at_edges.items():  # every valid pair into an estimated feature (0 allowed); exact 0 unrecorded
         pairs["edges"][0].append(v)
         pairs["edges"][1].append(ex_edges.get((a, j), 0.0))
-        pairs["edges"][2].append(P - int(c.pos[int(feat_idx[j])]))
+        pairs["edges"][2].append(P - ts[fidx[j]])
     # every node's edge into the target (its effect: one per node, never capped), then the max_edges largest other
     # edges by max(|exact|, |atp|) (ties in order of (source, destination)); dicts only for those (an early node's
     # exact edges reach nearly every later feature)
@@ -669,16 +680,31 @@ def _graph(pg, describe, heads, c: PromptNodes, atp, exact, ex_edges, at_edges, 
     for i in order:
         _, a, j = cand[i]
         if j < 0:
-            edges.append({"src": ids[a], "dst": target, "exact": _f(exact[a]), "atp": _f(atp[a]),
+            edges.append({"src": ids[a], "dst": target, "exact": nodes[a]["exact"], "atp": nodes[a]["atp"],
                           "heads": head_list((a, -1)), "in_graph": False})
         else:
             v = at_edges.get((a, j))
-            edges.append({"src": ids[a], "dst": ids[int(feat_idx[j])], "exact": _f(ex_edges.get((a, j), 0.0)),
+            edges.append({"src": ids[a], "dst": ids[fidx[j]], "exact": _f(ex_edges.get((a, j), 0.0)),
                           "atp": None if v is None else _f(v), "heads": head_list((a, j)), "in_graph": False})
     return {"nodes": nodes, "edges": edges,
             "edge_cap": {"max_edges": int(max_edges), "n_left_out": n_left_out,
                          "rule": "every node's edge into the target (its effect) is kept; of the other edges, the "
                                  "max_edges largest by max(|exact|, |atp|)"}}
+
+
+def _activations(pg: PositionGroups, tr, b: int, c: PromptNodes) -> list[float]:
+    """Prompt ``b``'s SAE code ``f`` at each node of ``c`` (a feature's activation; NaN for other nodes), read per
+    group in one indexing."""
+    out = torch.full((len(c.gi),), float("nan"), dtype=torch.float64)
+    for gi, g in enumerate(pg.groups):
+        if g.kind != "sae":
+            continue
+        m = (c.gi == gi) & (c.local < g.sae.d_sae)
+        if bool(m.any()):
+            f = tr.leaves[gi][0]
+            with torch.no_grad():
+                out[m] = f[b, 0, c.pos[m].to(f.device), c.local[m].to(f.device)].double().cpu()
+    return out.tolist()
 
 
 def _agreement_json(a: dict) -> dict:

@@ -444,10 +444,11 @@ def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges, v
     t0 = P - d
     S = d + 1
     qpos = t0[:, None] + torch.arange(S, device=dev)[None]
-    tables = {gi: torch.full((n, V), -1, dtype=torch.long) for gi in range(len(pg.groups))}
+    lists = [[[-1] * V for _ in range(n)] for _ in pg.groups]  # built in python, one tensor per group below
     for i, (b, s) in enumerate(zip(rows, sel, strict=True)):
-        for j, k in enumerate(s.tolist()):
-            tables[int(nodes[b].gi[k])][i, 1 + j] = int(nodes[b].local[k])
+        for j, (gi, k) in enumerate(zip(nodes[b].gi[s].tolist(), nodes[b].local[s].tolist(), strict=True)):
+            lists[gi][i][1 + j] = k
+    tables = {gi: torch.tensor(t, dtype=torch.long) for gi, t in enumerate(lists)}
     hooks: dict = {}
     stages = []
     for gi, tab in tables.items():
@@ -599,6 +600,10 @@ def head_loadings(engine, pg: PositionGroups, clean: CleanCache, tr: Tracked, up
                 f = g.sae.encode(g.sae.flatten_input(reads[int(down[b].gi[w])][i, 0, 0]))
                 parts.append(f[int(down[b].local[w])])
         gkv = torch.autograd.grad(torch.stack(parts).sum(), [t for kv in leaves for t in kv], allow_unused=True)
+        # per prompt: its upstream nodes before p_d and their parts, one column per (layer, key/value head)
+        before = [torch.nonzero(up[b].pos < int(pd[i])).flatten() for i, b in enumerate(have)]
+        table = [torch.zeros(len(a), engine.n_layers * K, dtype=torch.float64) for a in before]
+        filled = False
         for layer, (k, v) in enumerate(tr.kv):
             gk = gkv[2 * layer]
             gv = gkv[2 * layer + 1]
@@ -613,8 +618,10 @@ def head_loadings(engine, pg: PositionGroups, clean: CleanCache, tr: Tracked, up
                 grads = torch.autograd.grad(s, flat, retain_graph=True, allow_unused=True)
                 col = layer * K + kh
                 every = tr.gathered(pg, grads, have, [up[b] for b in have])
-                for i, (b, w, vals) in enumerate(zip(have, which, every, strict=True)):
-                    a = torch.nonzero(up[b].pos < int(pd[i])).flatten()
-                    for x, val in zip(a.tolist(), vals[a].tolist(), strict=True):
-                        out[b].setdefault((x, w), [0.0] * (engine.n_layers * K))[col] = val
+                for i, vals in enumerate(every):
+                    table[i][:, col] = vals[before[i]]
+                filled = True
+        if filled:
+            for b, w, a, tab in zip(have, which, before, table, strict=True):
+                out[b].update(zip(((x, w) for x in a.tolist()), tab.tolist(), strict=True))
     return out
