@@ -272,7 +272,8 @@ def test_position_means_equal_a_run_with_cache_average():
 def test_mean_ablation_at_every_position_equals_bridge_hooks():
     """The faithfulness run's variants against full-prompt bridge runs: 'everything mean-ablated' sets each group's
     activation at every position <= P to its mean (an SAE's output to decode(mean f) + mean error), and 'circuit
-    ablated' mean-ablates only the circuit's nodes (a head at one position, a feature at another)."""
+    ablated' mean-ablates only the circuit's nodes (a head at one position, a feature at another), 'outside ablated'
+    every node but them."""
     from saecircuits.analysis.circuit.position_graph import _faithfulness_batch, position_means
 
     model, task, saes, pg = _setup("gpt_neo")
@@ -326,7 +327,24 @@ def test_mean_ablation_at_every_position_equals_bridge_hooks():
                 return v
             return hook
 
-        for col, make in ((1, everything), (3, circuit)):
+        def outside(g, gi, P=P, circ=circuits[b]):  # every node but the circuit's at its mean
+            mu = means[gi]
+
+            def hook(v, hook=None):
+                clean = v.clone()
+                v = everything(g, gi)(v)
+                for cg, k, t in circ:
+                    if cg != gi:
+                        continue
+                    if g.kind == "sae":
+                        f = g.sae.encode(clean[0, t])
+                        v[0, t] = v[0, t] + (f[k] - mu["f"][k]) * g.sae.W_dec[k]
+                    else:
+                        v[0, t, k] = clean[0, t, k]
+                return v
+            return hook
+
+        for col, make in ((1, everything), (2, outside), (3, circuit)):
             with torch.no_grad():
                 lg = model.run_with_hooks(torch.tensor([task.token_ids[i]]),
                                           fwd_hooks=[(g.hook, make(g, gi)) for gi, g in enumerate(pg.groups)])

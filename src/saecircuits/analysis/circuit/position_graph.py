@@ -973,14 +973,27 @@ def _mask_hooks(pg, masks: dict, means: dict) -> dict:
             sae = grp.sae
 
             def fn(x_in, x, sae=sae, m=m, mu=mu):
-                # x - ((f - mu_f) * m_f) @ W_dec - m_e * e, with the error e = x - f @ W_dec - bias - mu_e: both
-                # products with W_dec in one, ((f - mu_f) * m_f - m_e * f) @ W_dec (the decoder is most of the cost)
-                f = sae.encode(x_in).float()
-                me = m[..., -1:]
-                coef = (f - mu["f"].float()) * m[..., :-1] - me * f
+                # x - ((f - mu_f) * m_f) @ W_dec - m_e * (e - mu_e), with the error e = x - f @ W_dec - bias. A row
+                # (prompt, variant, position) with nothing ablated is x; with everything ablated it is the constant
+                # bias + mu_f @ W_dec + mu_e: neither needs the code f, so only rows with some nodes ablated and
+                # some not (the positions holding a circuit's nodes) are encoded
                 xf = x.float()
-                e0 = xf - sae.decoder_bias(x_in).float() - mu["e"].float()  # e + f @ W_dec
-                return (xf - me * e0 - coef @ sae.W_dec.float()).to(x.dtype)
+                on = m.sum(-1)  # [B, V, T]
+                full, mixed = on == m.shape[-1], (on > 0) & (on < m.shape[-1])
+                out = xf.clone()
+                if bool(full.any()):
+                    const = mu["f"].float() @ sae.W_dec.float() + mu["e"].float()
+                    bias = sae.decoder_bias(x_in[full] if sae.decode_needs_input else None).float()
+                    out[full] = bias + const
+                if bool(mixed.any()):
+                    xi, xm, mm = x_in[mixed], xf[mixed], m[mixed]
+                    f = sae.encode(xi).float()
+                    me = mm[..., -1:]
+                    # both products with W_dec in one, ((f - mu_f) * m_f - m_e * f) @ W_dec (the decoder's cost)
+                    coef = (f - mu["f"].float()) * mm[..., :-1] - me * f
+                    e0 = xm - sae.decoder_bias(xi).float() - mu["e"].float()  # e - mu_e + f @ W_dec
+                    out[mixed] = xm - me * e0 - coef @ sae.W_dec.float()
+                return out.to(x.dtype)
 
             _add_sae_hook(hooks, grp, fn)
         elif grp.kind == "heads":
