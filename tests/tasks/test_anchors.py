@@ -57,6 +57,25 @@ def test_closing_quote_anchors_on_real_gpt2_bpe():
 
 
 @pytest.mark.shared_data
+@pytest.mark.shared_data
+def test_closing_quote_anchors_follow_a_later_quotation_and_its_own_said():
+    tok = _gpt2_tokenizer()
+    docs = ['He said, "Is it yours?" Jack smiled. "No," said Jack, "I like the drum." Then he left.',
+            'Tom said, "Hi!" Mom asked, "Are you hungry."']
+    task = closing_quote_task(docs, tok)
+    # 0 <|endoftext|> 1 He 2 ' said' 3 , 4 ' "' 5 Is ... 8 ?" 9 ' Jack' 10 ' smiled' 11 . 12 ' "' 13 No 14 ,"
+    # 15 ' said' 16 ' Jack' 17 , 18 ' "' 19 I 20 ' like' 21 ' the' 22 ' drum' (answer '."'): the answer closes the
+    # third quotation, opened at 18 after 'said Jack,'
+    pieces = [p.text for p in token_pieces(tok, task.token_ids[0])]
+    assert pieces[15:20] == [" said", " Jack", ",", ' "', "I"] and pieces[12] == ' "' and len(pieces) == 23
+    assert task.anchors(0) == {"P": 22, "open_quote": 18, "said": 15, "last_word": 21}
+    # the quotation the answer closes follows 'asked': no 'said' anchor (the first quotation's is not this one's)
+    pieces = [p.text for p in token_pieces(tok, task.token_ids[1])]
+    # 0 <|endoftext|> 1 Tom 2 ' said' 3 , 4 ' "' 5 Hi 6 !" 7 ' Mom' 8 ' asked' 9 , 10 ' "' 11 Are 12 ' you' 13 ' hungry'
+    assert pieces[8:11] == [" asked", ",", ' "'] and pieces[-1] == " hungry" and len(pieces) == 14
+    assert task.anchors(1) == {"P": 13, "open_quote": 10, "last_word": 12}
+
+
 def test_empty_quotation_keeps_one_name_per_position():
     tok = _gpt2_tokenizer()
     task = closing_quote_task(['Tom said, "." Then he left.'], tok)
@@ -65,15 +84,17 @@ def test_empty_quotation_keeps_one_name_per_position():
     assert task.anchors(0) == {"P": 4, "said": 2}
 
 
-def test_closing_quote_anchors_on_tiny_tokenizer_take_the_first_said():
+def test_closing_quote_anchors_on_tiny_tokenizer_mark_the_quotation_the_answer_closes():
     tok = tiny_tokenizer()
     task = closing_quote_task(STORIES, tok)
     pieces = [p.text for p in token_pieces(tok, task.token_ids[1])]
-    # 'The dog ran. Sue said, "Stop!" The dog said, "Why?" Sue said, "It is late': three 'said's; the anchors are
-    # the first one (where the task's opening was found), the last word piece before P ('e' of ' l|at|e') is 'at'
-    assert pieces[6:10] == [" Sue", " said", ",", ' "'] and pieces[17] == " said" and pieces[24] == " said"
+    # 'The dog ran. Sue said, "Stop!" The dog said, "Why?" Sue said, "It is late': three 'said's; the task was cut at
+    # the first, but the answer closes the third quotation, so the anchors are its 'said' and opening quote; the
+    # last word piece before P ('e' of ' l|at|e') is 'at'
+    assert pieces[6:10] == [" Sue", " said", ",", ' "'] and pieces[17] == " said"
+    assert pieces[23:27] == [" Sue", " said", ",", ' "']
     assert pieces[-3:] == [" l", "at", "e"]
-    assert task.anchors(1) == {"P": 33, "open_quote": 9, "said": 7, "last_word": 32}
+    assert task.anchors(1) == {"P": 33, "open_quote": 26, "said": 24, "last_word": 32}
     # every prompt has all four anchors, at distinct positions, and subset / drop_too_long carry them along
     assert all(len(task.anchors(i)) == 4 for i in range(task.n_prompts))
     sub = task.subset([3, 1])

@@ -17,7 +17,8 @@ Departures from the reference notebook (on purpose):
 - ``max_tokens`` drops over-long prompts by token count (the later notebook version capped characters at 1600), and
   the task records how many (``Task.n_dropped_too_long``).
 As in the notebook, the closing found is the first one after the opening quote, which sometimes closes a later
-quotation (about 30% of the notebook's prompts); ``source_index`` keeps the document index for provenance.
+quotation (about 30% of the notebook's prompts); ``source_index`` keeps the document index for provenance. The
+anchors (:func:`closing_quote_anchors`) mark the quotation the answer closes, not the one the prompt was cut at.
 """
 
 from __future__ import annotations
@@ -52,10 +53,15 @@ def _candidate(document: str, closings: Sequence[str]) -> str | None:
 
 
 def closing_quote_anchors(tokenizer, token_ids: list[int], prompt: str) -> dict[str, int]:
-    """The named positions of one closing-quote prompt (0-based in ``token_ids``, BOS included), P left out.
+    """The named positions of one closing-quote prompt (0-based in ``token_ids``, BOS included), P left out. They
+    mark the quotation the answer closes, which is not always the one the task was cut at: the first closing after
+    the first ``said, "`` often closes a later quotation (``He said, "Is it yours?" ... said Jack, "I like the``).
 
-    - ``"said"``: the token holding the ``s`` of the first ``said, "`` (the one :func:`_candidate` cut at);
-    - ``"open_quote"``: the token holding that opening ``"``;
+    - ``"open_quote"``: the token holding that quotation's opening ``"`` (the last ``"`` of the prompt: quotes
+      alternate, and the answer closes the one still open);
+    - ``"said"``: the token holding the ``s`` of the last word ``said`` between the quotation before it (or the
+      prompt's start) and that opening quote (``said, "``, ``said Jack, "``); absent when that quotation is not
+      introduced by ``said`` (``asked``, ``replied``);
     - ``"last_word"``: the last token before P whose text has a letter or digit (P itself is usually the quotation's
       last word, e.g. `` play`` before ``."`` in GPT-2 BPE; in llama2.c's tok512 P is the ``.`` before ``"``).
 
@@ -63,18 +69,23 @@ def closing_quote_anchors(tokenizer, token_ids: list[int], prompt: str) -> dict[
         the anchors found; ``{}`` when the prompt has no ``said, "`` or its tokens do not spell it back (a
         normalizing tokenizer; the task then aligns positions by their distance from P only).
     """
-    start = prompt.find(OPENING)
-    if start < 0:
+    import re
+
+    if prompt.find(OPENING) < 0:
         return {}
     pieces = token_pieces(tokenizer, token_ids)
     try:
         owner = char_to_token(tokenizer, token_ids, prompt, pieces=pieces)
     except ValueError:
         return {}
-    quote = start + len(OPENING) - 1
-    if quote >= len(owner):
+    quote = prompt.rfind(QUOTE)
+    if quote < 0 or quote >= len(owner):
         return {}
-    anchors = {"open_quote": owner[quote], "said": owner[start]}
+    anchors = {"open_quote": owner[quote]}
+    before = prompt.rfind(QUOTE, 0, quote) + 1  # after the previous quotation's closing quote (or 0)
+    said = [m.start() for m in re.finditer(r"\bsaid\b", prompt[before:quote])]
+    if said:
+        anchors["said"] = owner[before + said[-1]]
     p = len(token_ids) - 1
     words = [k for k in range(p) if pieces[k].kind == "text" and any(ch.isalnum() for ch in pieces[k].text)]
     if words:

@@ -358,14 +358,14 @@ def test_real_task_anchors_align_prompts_of_different_lengths_end_to_end():
 
     task = closing_quote_task(STORIES, tiny_tokenizer())
     graphs = []
-    for i, value in ((0, 1.0), (1, 3.0)):  # opening quote at 20 (P = 26) and at 9 (P = 33)
+    for i, value in ((0, 1.0), (1, 3.0)):  # opening quote at 20 (P = 26) and at 26 (P = 33)
         a = task.anchors(i)
         p, q = a["P"], a["open_quote"]
         t, f, h = _node("target", 2, 0, p), _node("feature", 0, 4, q, exact=value), _node("head", 1, 2, p, exact=0.5)
         g = {"P": p, "anchors": a, "tokens": [str(x) for x in task.token_ids[i]], "nodes": [t, f, h],
              "edges": [_edge(f, h, exact=value, heads=[{"head": "L1H2", "value": value}]), _edge(h, t, exact=0.5)]}
         graphs.append(prune_graph(g, 0.9))
-    assert {a["open_quote"] for a in (task.anchors(0), task.anchors(1))} == {20, 9}
+    assert [(a["open_quote"], a["P"]) for a in (task.anchors(0), task.anchors(1))] == [(20, 26), (26, 33)]
     agg = aggregate_graphs(graphs)
     assert agg["columns"] == ["open_quote", "P"]
     f = next(n for n in agg["nodes"] if n["kind"] == "feature")
