@@ -104,7 +104,7 @@ class AggregatedNode(ResultsModel):
     head: IntOrNull = opt("head index; null: not a head")
     mean_exact: Float = opt("mean exact effect over ALL prompts (absent counts 0; nats); null: not computed")
     ci95: Pair | None = opt("95% interval [lo, hi] of mean_exact (t-based); null when undefined")
-    mean_atp: Float = opt("mean AtP estimate over all prompts (nats)")
+    mean_atp: Float = opt("mean AtP estimate over all prompts (nats); null for the target")
     n_prompts: Int = opt("prompts where the node appears (measured nodes: where it exists, a feature where active)")
     in_graph: Bool = opt("kept by pruning")
     values: Str = opt("'exact': mean_exact is the mean exact effect over every prompt (0 where the node does not "

@@ -321,7 +321,8 @@ def test_positions_summary_names_no_head_when_the_estimate_has_the_wrong_sign():
                 e["heads"] = [{"head": "L1H3", "value": -0.1}]
     text = positions_summary(aggregate_graphs(graphs))
     assert text.startswith("Most of the evidence (58%) comes from the opening quote (the head routing is not "
-                           "determined: the AtP estimate of its edge has the opposite sign to the exact value); ")
+                           "determined: the AtP estimates of 100% of its edges' exact weight have the opposite sign "
+                           "to the exact values); ")
     assert "L1H3" not in text
     # signs agree but the head loads against the edge (AtP +0.3 = L1H3 -0.1 + L1H2 +0.4): L1H2 carries it
     for g in graphs:
@@ -332,6 +333,33 @@ def test_positions_summary_names_no_head_when_the_estimate_has_the_wrong_sign():
     text = positions_summary(aggregate_graphs(graphs))
     assert text.startswith("Most of the evidence (58%) comes from the opening quote, through L1H2 (the routing is an "
                            "AtP estimate); ")
+
+
+def test_positions_summary_names_no_head_when_the_heavier_edges_have_the_wrong_sign():
+    # a new user's run: "22% from `said`, through L1H3", where embed@said's edge into the target (exact +0.731, AtP
+    # -0.102) carried the column and the head came from a small edge whose signs agreed (exact -0.0094)
+    def with_embedding(embed_exact):
+        graphs = _two_prompts()
+        for g in graphs:
+            t = next(n for n in g["nodes"] if n["kind"] == "target")
+            q = g["anchors"]["open_quote"]
+            emb = _node("embed", -1, 0, q, exact=embed_exact, atp=-0.2)
+            g["nodes"].append(emb)
+            g["edges"].append(_edge(emb, t, exact=embed_exact, atp=-0.2, heads=[{"head": "L1H0", "value": -0.2}]))
+            for e in g["edges"]:  # the feature's edge: signs agree, L1H3 carries it
+                if e["src"].startswith("feature:0:7"):
+                    e["atp"] = 0.3
+                    e["heads"] = [{"head": "L1H3", "value": 0.3}]
+        return positions_summary(aggregate_graphs(graphs))
+
+    # the embedding's edge (exact 5, AtP -0.2) outweighs the feature's (mean exact 1): nothing is named
+    text = with_embedding(5.0)
+    assert "(the head routing is not determined: the AtP estimates of 83% of its edges' exact weight have the " \
+           "opposite sign to the exact values)" in text
+    assert "L1H3" not in text and "L1H0" not in text
+    # a small opposite edge (exact 0.1) beside the agreeing one: the agreeing edge's head is named
+    text = with_embedding(0.1)
+    assert "through L1H3 (the routing is an AtP estimate)" in text
 
 
 def test_positions_summary_without_head_loadings_names_the_receiving_head():
@@ -396,3 +424,19 @@ def test_the_exact_pass_over_every_prompt_takes_every_input_and_the_most_influen
     assert got == ["embed:-1:0@P", "pos_embed:-1:0@said", "feature:0:2@P", "head:1:3@said"]
     assert [nd["id"] for nd in _choose_candidates(agg, None)] == [
         "embed:-1:0@P", "pos_embed:-1:0@said", "feature:0:1@P", "feature:0:2@P", "head:1:3@said", "feature:1:4@P"]
+
+
+def test_positions_summary_ends_with_the_aggregated_faithfulness():
+    """The influence shares rank positions; the sentence ends with the kept graph's faithfulness (interval to 2
+    decimals), a clause when it is below 0.5, the reason when undefined, and nothing when it was not computed."""
+    agg = aggregate_graphs(_two_prompts())
+    base = positions_summary(agg)
+    assert "faithfulness" not in base
+    low = positions_summary({**agg, "faithfulness": {"mean": 0.296, "ci95": [0.248, 0.341], "undefined_reason": None}})
+    assert low == base + (" Its faithfulness (every other node mean-ablated at every position of every prompt) is 0.30 "
+                          "[0.25, 0.34]: the kept graph alone does not reproduce the behaviour.")
+    high = positions_summary({**agg, "faithfulness": {"mean": 0.83, "ci95": None, "undefined_reason": None}})
+    assert high.endswith(" is 0.83.")
+    undefined = positions_summary({**agg, "faithfulness": {"mean": None, "ci95": None,
+                                                           "undefined_reason": "mean ablation does not hurt"}})
+    assert undefined.endswith(" Its faithfulness is undefined: mean ablation does not hurt.")

@@ -180,7 +180,8 @@ def aggregate_graphs(graphs: list[dict], *, min_prompts: int = 1, share: float |
             "id": key, "kind": meta["kind"], "layer": int(meta["layer"]), "column": slot["column"],
             "label": meta.get("label", key), "sae": meta.get("sae"), "feature": meta.get("feature"),
             "head": meta.get("head"), "mean_exact": mean_exact, "ci95": ci,
-            "mean_atp": _mean_estimate(slot["atp"]), "n_prompts": count,
+            # the target has no value of its own (every other value is measured on it): no AtP mean either
+            "mean_atp": None if meta["kind"] == "target" else _mean_estimate(slot["atp"]), "n_prompts": count,
         })
     kept_ids = {nd["id"] for nd in nodes}
     edges = []
@@ -236,13 +237,16 @@ def positions_summary(aggregated: dict, *, top: int = 3) -> str:
     its kept (``in_graph``) nodes over that of all kept nodes. "through X" names the attention head with the largest
     summed loading, signed toward each edge's effect (the exact value's sign, else the AtP's), on the kept edges
     leaving that column for a later one (the head that moves the evidence to P), and says that this routing is an
-    estimate (head loadings split the AtP value of an edge, not the exact one); an edge whose AtP value has the
-    opposite sign to its exact value names no head (issue 16: the demo's "through L1H3" came from such an edge), and
-    when no edge is left the routing is said to be not determined. Without head loadings, the head node receiving
-    the largest summed kept edge weight from the column is named. When non-SAE nodes (heads, MLPs, embeddings, SAE errors) hold most of the kept influence, the
-    summary says so, with the embeddings' part (they are pruned apart from the other nodes, as the graph's inputs:
-    :mod:`.prune`). A share whose denominator is ~0 (:data:`~saecircuits.analysis.circuit.prune.MIN_INFLUENCE`) is
-    said to be undefined, never printed.
+    estimate (head loadings split the AtP value of an edge, not the exact one); only edges whose AtP value has the
+    exact value's sign count, and when edges of the opposite sign carry at least as much of the column's loaded edge
+    weight (``|exact|``) the routing is said to be not determined, with no head named (issue 16: the demo's "through
+    L1H3" came from such an edge, and a new user's from a small agreeing edge beside a large opposite one). Without
+    head loadings, the head node receiving the largest summed kept edge weight from the column is named. When
+    non-SAE nodes (heads, MLPs, embeddings, SAE errors) hold most of the kept influence, the summary says so, with
+    the embeddings' part (they are pruned apart from the other nodes, as the graph's inputs: :mod:`.prune`). The
+    aggregated graph's faithfulness follows when ``aggregated`` has it (with a clause when it is below 0.5: shares
+    of influence rank positions, they do not say the kept graph reproduces the behaviour). A share whose denominator
+    is ~0 (:data:`~saecircuits.analysis.circuit.prune.MIN_INFLUENCE`) is said to be undefined, never printed.
 
     Args:
         aggregated: the output of :func:`aggregate_graphs`.
@@ -268,9 +272,12 @@ def positions_summary(aggregated: dict, *, top: int = 3) -> str:
     by_id = {nd["id"]: nd for nd in aggregated.get("nodes", [])}
 
     def through(column: str) -> str:
-        loads: dict[str, float] = {}  # head loadings of the kept edges leaving the column, toward each edge's sign
+        # the head loadings split an edge's AtP value: they say which head carries an edge only where its AtP value
+        # has the exact value's sign; a head is named when such edges carry more of the column's loaded edges'
+        # weight (|exact|) than edges of the opposite sign, from those edges' loadings alone
+        loads: dict[str, float] = {}  # head loadings of the agreeing edges leaving the column, toward each edge's sign
         into_heads: dict[str, float] = {}  # else: kept edges from the column into a head node elsewhere
-        opposite = False  # a loaded edge whose AtP value has the opposite sign to its exact value
+        agree = opposite = 0.0  # weight of the loaded edges whose AtP sign agrees with / opposes the exact value
         for e in aggregated.get("edges", []):
             src, dst = by_id.get(e["src"]), by_id.get(e["dst"])
             if not e.get("in_graph") or src is None or dst is None or src["column"] != column:
@@ -279,8 +286,9 @@ def positions_summary(aggregated: dict, *, top: int = 3) -> str:
                 continue
             exact, atp = e.get("mean_exact"), e.get("mean_atp")
             if e.get("heads") and exact and atp and (exact > 0) != (atp > 0):
-                opposite = True  # the loadings split the AtP value: they say nothing of the exact edge's routing
+                opposite += edge_weight(e)
             elif e.get("heads"):
+                agree += edge_weight(e)
                 sign = 1.0 if (exact if exact is not None else atp or 0.0) >= 0 else -1.0
                 for h in e["heads"]:
                     loads[h["head"]] = loads.get(h["head"], 0.0) + sign * h["mean"]
@@ -288,11 +296,11 @@ def positions_summary(aggregated: dict, *, top: int = 3) -> str:
                 label = str(dst.get("label") or dst["id"])
                 into_heads[label] = into_heads.get(label, 0.0) + edge_weight(e)
         loads = {h: v for h, v in loads.items() if v > 0}
+        if opposite and opposite >= agree:
+            return (f" (the head routing is not determined: the AtP estimates of {_pct(opposite / (opposite + agree))}"
+                    " of its edges' exact weight have the opposite sign to the exact values)")
         if loads:
             return f", through {max(sorted(loads), key=lambda h: loads[h])} (the routing is an AtP estimate)"
-        if opposite:
-            return (" (the head routing is not determined: the AtP estimate of its edge has the opposite sign to "
-                    "the exact value)")
         if into_heads:
             return f", through {max(sorted(into_heads), key=lambda h: into_heads[h])}"
         return ""
@@ -328,4 +336,14 @@ def positions_summary(aggregated: dict, *, top: int = 3) -> str:
     carried = f", carrying {_pct(kept_share)} of the influence" if kept_share is not None else ""
     pruned_at = f" (pruned at {_pct(pruning['share'])})" if pruning.get("share") is not None else ""
     text += f" The kept graph holds {n_kept} of {len(aggregated.get('nodes', []))} nodes{carried}{pruned_at}."
+    # the influence shares rank positions; whether the kept graph reproduces the behaviour is its faithfulness
+    faith = aggregated.get("faithfulness") or {}
+    if faith.get("mean") is not None:
+        ci = faith.get("ci95")
+        interval = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and None not in ci else ""
+        text += (f" Its faithfulness (every other node mean-ablated at every position of every prompt) is "
+                 f"{faith['mean']:.2f}{interval}")
+        text += ": the kept graph alone does not reproduce the behaviour." if faith["mean"] < 0.5 else "."
+    elif faith.get("undefined_reason"):
+        text += f" Its faithfulness is undefined: {faith['undefined_reason']}."
     return text
