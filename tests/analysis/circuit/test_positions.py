@@ -638,3 +638,28 @@ def test_a_prompt_with_many_nodes_at_one_distance_fills_several_rows(monkeypatch
             m1, _ = _bridge_ablate(model, pg, task, i, int(nodes[b].gi[a]), int(nodes[b].local[a]),
                                    int(nodes[b].pos[a]), base=base)
             assert float(effects[b][a]) == pytest.approx(m_clean - m1, abs=2e-5)
+
+
+
+def test_edge_agreement_pairs_carry_the_source_distance_from_p():
+    """The agreement pairs of an example prompt's edges are binned (``agreement.edges_by_distance``) by the SOURCE's
+    distance from P (how far the evidence travels; binned by the destination, nearly every edge sat at distance 0):
+    three hand-placed nodes, two AtP edges into the feature at P."""
+    from types import SimpleNamespace
+
+    from saecircuits.analysis.circuit.position_graph import _graph, _node_ids
+
+    model, task, saes, pg = _setup("gpt_neo")
+    gi = next(i for i, g in enumerate(pg.groups) if g.sae is saes[1])
+    heads = next(i for i, g in enumerate(pg.groups) if g.kind == "heads")
+    P = 9
+    # nodes: a head at P-7, a feature at P-2, a feature at P (the destination)
+    c = PromptNodes(torch.tensor([heads, gi, gi]), torch.tensor([1, 5, 6]), torch.tensor([P - 7, P - 2, P]))
+    f = torch.zeros(1, 1, P + 1, saes[1].d_sae)
+    tr = SimpleNamespace(leaves=[(f, None) if g.kind == "sae" else (None,) for g in pg.groups])
+    pairs = {"nodes": ([], [], []), "edges": ([], [], [])}
+    _graph(pg, _node_ids(pg, saes), [], c, torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64),
+           torch.tensor([0.5, 0.6, 0.7], dtype=torch.float64), {(0, 0): 0.25, (1, 0): -0.5},
+           {(0, 0): 0.2, (1, 0): -0.4}, {}, torch.tensor([2]), tr, 0, P, 2, 500, pairs, {})
+    assert pairs["edges"] == ([0.2, -0.4], [0.25, -0.5], [7, 2])
+    assert pairs["nodes"][2] == [7, 2, 0]

@@ -663,7 +663,7 @@ def _graph(pg, describe, heads, c: PromptNodes, atp, exact, ex_edges, at_edges, 
     for (a, j), v in at_edges.items():  # every valid pair into an estimated feature (0 allowed); exact 0 unrecorded
         pairs["edges"][0].append(v)
         pairs["edges"][1].append(ex_edges.get((a, j), 0.0))
-        pairs["edges"][2].append(P - ts[fidx[j]])
+        pairs["edges"][2].append(P - ts[a])  # by the source's distance from P (how far the evidence travels)
     # every node's edge into the target (its effect: one per node, never capped), then the max_edges largest other
     # edges by max(|exact|, |atp|) (ties in order of (source, destination)); dicts only for those (an early node's
     # exact edges reach nearly every later feature)
