@@ -100,3 +100,22 @@ def test_the_page_says_the_views_and_the_edges_the_cap_left_out(results):
     pos["examples"][0]["edge_cap"]["n_left_out"] = 0
     page = build_report_html(_circuit(results, {**AT_P, "positions": pos}))
     assert "left out before pruning by the cap" not in page
+
+
+def test_the_page_says_how_many_example_graphs_it_draws(results):
+    """The page draws the first 3 example graphs and says so when circuit.json holds more (a new user counted 3
+    drawn of 20 without a word); with 3 or fewer it names them all."""
+    import html
+
+    pos = copy.deepcopy(POSITIONS)
+    n = len(pos["examples"])
+    assert n <= 3
+    page = html.unescape(build_report_html(_circuit(results, {**AT_P, "positions": pos})))
+    assert f"Per-prompt graphs: the {n} example prompts." in page
+    pos["examples"] = [copy.deepcopy(pos["examples"][0]) for _ in range(5)]
+    for i, ex in enumerate(pos["examples"]):
+        ex["prompt_index"] = i
+    page = html.unescape(build_report_html(_circuit(results, {**AT_P, "positions": pos})))
+    assert ("Per-prompt graphs: the first 3 of the 5 example prompts are drawn here; circuit.json has every one under "
+            "positions.examples.") in page
+    assert page.count("<h4>Prompt ") == 3

@@ -96,7 +96,7 @@ def positions(c: Circuit, n_examples: int = 3) -> dict[str, Any] | None:
         "n_exact": p.n_exact_interventions,
         "faithfulness": _mean_interval(p.faithfulness), "completeness": _mean_interval(p.completeness),
         "aggregated": _graph_html(_dump(p.aggregated), "aggregated") if given(p.aggregated) else None,
-        "examples": [], "by_distance": None,
+        "examples": [], "n_examples_all": len(p.examples or []), "by_distance": None,
         "exact_note": getattr(p, "values", None), "example_nodes": getattr(p, "example_nodes", None),
         "views": getattr(p, "views", None),
         "agg_faithfulness": None, "agg_completeness": None,
