@@ -96,3 +96,25 @@ def test_a_number_that_rounds_to_zero_is_printed_without_a_sign(capsys):
              (0.353, "+.3f", "+0.353"), (-0.0, ".2e", "0.00e+00"), (-1e-9, ".2e", "-1.00e-09"),
              (-0.00001, ".1%", "0.0%"), (-math.inf, "+.2f", "-inf"), (None, ".3f", "n/a"), (math.nan, ".3f", "n/a")]
     assert [num(v, spec) for v, spec, _ in cases] == [want for _, _, want in cases]
+
+
+def test_the_corpus_table_is_capped_and_the_circuit_is_summarised(capsys):
+    """A new user's demo printed ~1,300 lines of corpus-statistics rows and nothing of the circuit: the console now
+    shows CONSOLE_FEATURES rows per SAE with a line for the rest, then the circuit at P and across positions."""
+    from saecircuits.cli.run import CONSOLE_FEATURES
+
+    r = _results()
+    feats = [{"feature": k, "density": 0.01, "max_activation": 4.0, "top_tokens": [[" said", 9]]} for k in range(30)]
+    r["saes"][0]["corpus_stats"] = {"n_docs": 3, "l0": 2.0, "n_dead": 0, "features": feats}
+    r["circuit"] = {"file": "circuit.json", "selection": {"rule": "smallest size with faithfulness >= 0.8",
+                                                          "n_nodes": 20, "faithfulness": 0.802253,
+                                                          "completeness": -0.009681},
+                    "positions": {"summary": "Most of the evidence (63%) comes from P itself."}}
+    _summary(r)
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if "\u201c\u00b7said\u201d (9)" in line]
+    assert len(rows) == CONSOLE_FEATURES < 30
+    assert f"... and {30 - CONSOLE_FEATURES} more features: the report's feature browser and results.json" in out
+    assert ("circuit at P: 20 nodes (smallest size with faithfulness >= 0.8), faithfulness 0.802, completeness "
+            "-0.010; the whole graph is in circuit.json") in out
+    assert "circuit across positions: Most of the evidence (63%) comes from P itself." in out

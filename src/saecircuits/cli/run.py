@@ -133,6 +133,10 @@ def _summary(results: dict) -> None:
         console.print(f"[yellow]note:[/] {escape(note)}")
 
 
+CONSOLE_FEATURES = 8
+"""Features per SAE in the console's corpus table (the report and results.json hold every listed feature)."""
+
+
 def _study_summary(console, results: dict) -> None:
     """The five-way loss comparison of every SAE and the top features' corpus density and top tokens."""
     from rich.markup import escape
@@ -156,11 +160,33 @@ def _study_summary(console, results: dict) -> None:
                                 f"(L0 {num(cs['l0'], '.1f')}, {cs.get('n_dead', 0)} dead)")
             for col in ("feature", "density", "max", "top tokens (count)"):
                 table.add_column(col, justify="right" if col != "top tokens (count)" else "left")
-            for fe in cs["features"]:
+            for fe in cs["features"][:CONSOLE_FEATURES]:
                 toks = ", ".join(f"{quoted_token(t)} ({c})" for t, c in fe["top_tokens"][:5])
                 table.add_row(str(fe["feature"]), num(fe["density"], ".2e"), num(fe["max_activation"], ".3f"),
                               escape(toks))
             console.print(table)
+            if len(cs["features"]) > CONSOLE_FEATURES:
+                console.print(f"  ... and {len(cs['features']) - CONSOLE_FEATURES} more features: the report's "
+                              "feature browser and results.json have every one")
+    _circuit_summary(console, results)
+
+
+def _circuit_summary(console, results: dict) -> None:
+    """The circuit in two lines: its size and faithfulness at P, and where across positions the evidence comes from
+    (the words of circuit.json's positions summary)."""
+    from rich.markup import escape
+
+    c = results.get("circuit")
+    if not c:
+        return
+    sel = c.get("selection") or {}
+    if sel.get("n_nodes") is not None:
+        console.print(f"circuit at P: {sel['n_nodes']} nodes ({escape(str(sel.get('rule', '')))}), faithfulness "
+                      f"{num(sel.get('faithfulness'), '.3f')}, completeness {num(sel.get('completeness'), '.3f')}; "
+                      f"the whole graph is in {escape(str(c.get('file', 'circuit.json')))}")
+    pos = c.get("positions")
+    if pos and pos.get("summary"):
+        console.print(f"circuit across positions: {escape(pos['summary'])}")
 
 
 def _threads(n: int | None) -> None:
