@@ -412,6 +412,26 @@ def test_aggregated_nodes_carry_exact_means_over_every_prompt():
     assert checked >= 3 and kinds
 
 
+def test_the_embeddings_at_every_anchor_column_are_measured_exactly():
+    """AtP underestimates the embeddings (the demo's at P: exact 2.45 nats, AtP 0.078), so the AtP-pruned graphs
+    that choose the aggregated graph's candidates can drop them: the token and position embeddings at every anchor
+    column and P are measured on every prompt anyway, each against the bridge in the test above when among its
+    picks; here, that every one is there, exact, on every prompt holding its column."""
+    model, task, saes, pg = _setup("gpt_neo")
+    out = _positions_out()
+    nodes = {n["id"]: n for n in out["aggregated"]["nodes"]}
+    named = [c for c in out["aggregated"]["columns"] if not c.startswith("P-")]
+    assert "P" in named and len(named) >= 3
+    kinds = [k for k in ("embed", "pos_embed") if k in pg.names]
+    for column in named:
+        n_here = sum(1 for i in range(task.n_prompts) if column == "P" or column in task.anchors(i))
+        for kind in kinds:
+            nd = nodes[f"{kind}:-1:0@{column}"]
+            assert nd["values"] == "exact" and nd["mean_exact"] is not None, nd["id"]
+            assert nd["n_prompts"] == n_here, nd["id"]
+    assert "the token and position embeddings at every anchor column" in out["aggregated"]["candidates"]["rule"]
+
+
 def test_position_circuit_follows_the_contract():
     """Keys, units and identities of the "positions" dict: every node of an example has an exact effect, the
     target edges carry the node effects, head loadings sum to the AtP edge, the reduced copy keeps in_graph items."""
