@@ -207,10 +207,22 @@ def _single_edit(group: _Group, table: torch.Tensor, means: dict | None) -> Edit
             if mu is not None:
                 fk = fk - mu["f"].to(fk)[k]
             out = x - (fk * is_feat)[..., None] * W_dec[k].to(dt)
-            e = x - sae.decode(f, x_in).to(dt)
+            if not bool(is_err.any()):
+                return out
+            if x.shape[1] == 1:  # the variants share x: one error per prompt
+                e = x - sae.decode(f, x_in).to(dt)
+                if mu is not None:
+                    e = e - mu["e"].to(e)
+                return out - is_err[..., None] * e
+            # the error only where a variant ablates it (one row per prompt), not a dense decode of every variant
+            b, v = torch.nonzero(is_err, as_tuple=True)
+            vi = v if f.shape[1] > 1 else torch.zeros_like(v)  # a transcoder's input may still be shared
+            e = x[b, v] - sae.decode(f[b, vi], x_in[b, vi]).to(dt)
             if mu is not None:
                 e = e - mu["e"].to(e)
-            return out - is_err[..., None] * e
+            out = out.clone()
+            out[b, v] = out[b, v] - e
+            return out
 
         return sae_edit(sae, fn)
     n = len(group.node_of)
