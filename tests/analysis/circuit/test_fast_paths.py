@@ -1,6 +1,9 @@
-"""The gradient estimates' fast path (sparse codes decoded from their active rows of W_dec, edge targets encoded
-from their own encoder columns) against autograd through the full-prompt bridge with dense SAEs, per model
-architecture and per SAE activation (ReLU: one column per feature; TopK: selected over every feature; with a skip
+"""The circuit's fast paths against full-prompt bridge computations with dense SAEs, per model architecture and per
+SAE activation: the gradient estimates (sparse codes decoded from their active rows of W_dec, edge targets encoded
+from their own encoder columns) against autograd; the exact effects and edges (only the rows of variants that
+ablate a node of a group encoded at its edit, only the rows upstream of an SAE encoded for its edges) against
+interventions; the node means, top tokens and virtual weights against their per-row / per-feature computations. Per
+SAE activation (ReLU: one column per feature; TopK: selected over every feature; with a skip
 connection and per-token input normalisation, whose reconstruction bias depends on the input)."""
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from saecircuits.analysis.ablations.feature_effects import feature_activations
 from saecircuits.analysis.circuit import (
     attribution_estimates,
     circuit_nodes,
+    exact_effects,
     integrated_gradient_estimates,
+    node_means,
 )
 from saecircuits.saes.base import SAEConfig
 from saecircuits.saes.registry import build_sae
@@ -185,3 +190,75 @@ def test_circuit_top_tokens_and_virtual_table_equal_their_one_feature_computatio
         vw = virtual_weights(model, saes[u.sae], saes[d.sae], [u.index], [d.index])
         assert row["virtual_raw"] == pytest.approx(float(vw["raw"][0, 0]), rel=1e-5, abs=1e-6)
         assert row["virtual_cosine"] == pytest.approx(float(vw["cosine"][0, 0]), rel=1e-5, abs=1e-6)
+
+
+def _bridge_ablated(model, task, i, hook, fn, read):
+    """Prompt ``i`` through the bridge with ``fn`` applied at ``hook`` at P: (answer log-prob, ``read`` at P)."""
+    p = task.prediction_pos[i]
+    got = {}
+
+    def edit(v, hook=None):
+        v = v.clone()
+        v[0, p] = fn(v[0, p])
+        return v
+
+    def grab(v, hook=None):
+        got["x"] = v[0, p].detach().clone()
+
+    hooks = [(read, grab)] + ([(hook, edit)] if hook else [])
+    with torch.no_grad():
+        lg = model.run_with_hooks(torch.tensor([task.token_ids[i]]), fwd_hooks=hooks)
+    return float(lg[0, p].float().log_softmax(-1)[task.answer_ids[i]]), got["x"]
+
+
+def _ablation(nd, saes, means):
+    if nd.kind == "feature":
+        sae, k = saes[nd.sae], nd.index
+        return lambda x: x - sae.encode(x)[k] * sae.W_dec[k]
+    if nd.kind == "error":
+        sae = saes[nd.sae]
+        return lambda x: sae.decode(sae.encode(x), x)
+    if nd.kind == "head":
+        def zero_head(z, h=nd.index):
+            z = z.clone()
+            z[h] = 0
+            return z
+        return zero_head
+    if nd.kind in ("embed", "pos_embed"):
+        return lambda x: means[nd.hook].to(x).expand_as(x).clone()
+    return torch.zeros_like
+
+
+@pytest.mark.parametrize("sae_arch", ["standard", "topk_skip_ln"])
+@pytest.mark.parametrize("arch", ["gpt_neo", "gpt2", "llama"])
+def test_exact_node_effects_and_edges_equal_full_prompt_interventions(arch, sae_arch):
+    """Exact effects of embeddings, heads, both SAEs' features and errors, and their edges into SAE 1's features,
+    against each node ablated alone in a full bridge forward (the downstream codes encoded from the bridge's
+    activation)."""
+    model, task, saes, nodes, groups, _ = _setup(arch, sae_arch)
+    means = node_means(model, task, groups)
+    ex = exact_effects(model, saes, task, nodes, groups, means=means, max_batch=3)
+    n, down = task.n_prompts, saes[1]
+    node_of1 = {nd.index: j for j, nd in enumerate(nodes) if nd.sae == 1 and nd.kind == "feature"}
+    picked = [j for j, nd in enumerate(nodes) if nd.kind in ("embed", "pos_embed", "error")]
+    picked += [j for j, nd in enumerate(nodes) if nd.kind == "head"][::3]
+    picked += [j for j, nd in enumerate(nodes) if nd.kind == "feature"][::3]
+    checked = 0
+    for j in picked:
+        nd = nodes[j]
+        effect, edge = 0.0, {}
+        for i in range(n):
+            m0, x0 = _bridge_ablated(model, task, i, None, None, down.hook_point)
+            m1, x1 = _bridge_ablated(model, task, i, nd.hook, _ablation(nd, saes, means), down.hook_point)
+            effect += (m0 - m1) / n
+            if nd.sae != 1:  # upstream of SAE 1: its edges into SAE 1's features
+                with torch.no_grad():
+                    delta = down.encode(x0) - down.encode(x1)
+                for k in torch.nonzero(delta).flatten().tolist():
+                    edge[k] = edge.get(k, 0.0) + float(delta[k]) / n
+        assert float(ex.node_effect[j]) == pytest.approx(effect, abs=1e-5, rel=1e-4), nd.label
+        for k, v in edge.items():
+            if k in node_of1 and abs(v) > 1e-6:
+                assert ex.edges[(j, node_of1[k])][0] == pytest.approx(v, abs=1e-5, rel=1e-4), (nd.label, k)
+                checked += 1
+    assert checked >= 5

@@ -201,27 +201,39 @@ def _single_edit(group: _Group, table: torch.Tensor, means: dict | None) -> Edit
         def fn(x_in: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             # encode in the SAE's dtype; subtract (and form the error) in x's, so a bf16 SAE never rounds x itself
             dt = edit_dtype(sae, x)
-            f = sae.encode(x_in)  # [B, F, d_sae]
             x = x.to(dt)
-            fk = f.expand(-1, V, -1).gather(-1, k[..., None])[..., 0].to(dt)
-            if mu is not None:
-                fk = fk - mu["f"].to(fk)[k]
-            out = x - (fk * is_feat)[..., None] * W_dec[k].to(dt)
-            if not bool(is_err.any()):
-                return out
-            if x.shape[1] == 1:  # the variants share x: one error per prompt
+            if x.shape[1] == 1 and x_in.shape[1] == 1:  # the variants share x: one code per prompt
+                f = sae.encode(x_in)  # [B, 1, d_sae]
+                fk = f.expand(-1, V, -1).gather(-1, k[..., None])[..., 0].to(dt)
+                if mu is not None:
+                    fk = fk - mu["f"].to(fk)[k]
+                out = x - (fk * is_feat)[..., None] * W_dec[k].to(dt)
+                if not bool(is_err.any()):
+                    return out
                 e = x - sae.decode(f, x_in).to(dt)
                 if mu is not None:
                     e = e - mu["e"].to(e)
                 return out - is_err[..., None] * e
-            # the error only where a variant ablates it (one row per prompt), not a dense decode of every variant
-            b, v = torch.nonzero(is_err, as_tuple=True)
-            vi = v if f.shape[1] > 1 else torch.zeros_like(v)  # a transcoder's input may still be shared
-            e = x[b, v] - sae.decode(f[b, vi], x_in[b, vi]).to(dt)
+            # the variants differ (an earlier node ablated): only the rows whose variant ablates a node of this group
+            # are encoded (a feature's code, the error's decode); every other row is x as it is
+            out = x.expand(x.shape[0], V, *x.shape[2:]).clone()
+            b, v = torch.nonzero(is_feat | is_err, as_tuple=True)
+            if not len(b):
+                return out
+            xi = x_in[b, v if x_in.shape[1] > 1 else torch.zeros_like(v)]
+            f = sae.encode(xi)  # [n, d_sae]
+            kk = k[b, v]
+            fk = f.gather(-1, kk[:, None])[:, 0].to(dt)
             if mu is not None:
-                e = e - mu["e"].to(e)
-            out = out.clone()
-            out[b, v] = out[b, v] - e
+                fk = fk - mu["f"].to(fk)[kk]
+            rows = out[b, v] - (fk * is_feat[b, v])[:, None] * W_dec[kk].to(dt)
+            err = is_err[b, v]
+            if bool(err.any()):
+                e = rows[err] - sae.decode(f[err], xi[err]).to(dt)
+                if mu is not None:
+                    e = e - mu["e"].to(e)
+                rows[err] = rows[err] - e
+            out[b, v] = rows
             return out
 
         return sae_edit(sae, fn)
