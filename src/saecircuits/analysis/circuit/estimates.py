@@ -18,7 +18,7 @@ from saecircuits.analysis.circuit.nodes import Node, _answer_logprob, _Group, _n
 from saecircuits.distributed import is_sharded, is_writer, my_batches, sum_disjoint
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches, with_progress
 from saecircuits.models.interventions import Edit, interventions_for
-from saecircuits.saes.sparse_codes import sparse_decode
+from saecircuits.saes.sparse_codes import nonzero_codes, sparse_decode
 from saecircuits.tasks.base import Task
 
 SIGN_TOLERANCE = 1e-6
@@ -33,23 +33,15 @@ def _track(t: torch.Tensor) -> torch.Tensor:
     return t.detach().requires_grad_(True)
 
 
-def _sparse_codes(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(values, idx)`` ``[..., m]`` of codes ``f [..., d_sae]``: each row's non-zero entries (``m`` = the most of any
-    row; shorter rows padded with zero values at other zero entries), so that ``scatter(idx, values) = f``."""
-    m = max(1, int((f != 0).sum(-1).max())) if f.numel() else 1
-    idx = torch.topk(f.abs(), min(m, f.shape[-1]), dim=-1).indices
-    return f.gather(-1, idx), idx
-
-
 def _tracking_edits(groups: list[_Group], store: dict, scale: dict | None = None, baselines: dict | None = None,
-                    attach: dict | None = None) -> list[Edit]:
+                    attach: dict | None = None, tracked: set[str] | None = None) -> list[Edit]:
     """Edits that expose every node's activation to autograd, unchanged in value.
 
     At an SAE hook the output is rebuilt as ``decode(f) + e`` from two leaves, the codes ``f = encode(x)`` and
     ``e = x - decode(f)`` (SFC's decomposition: the gradient of a feature goes through its decoder row only, the
     error's is the output's), plus a straight-through ``x - x.detach()`` so that everything upstream still gets
     its total derivative. The codes are tracked sparsely: ``store[hook] = (values, e)`` with ``values [B, F, m]``
-    the non-zero codes at ``store[hook + "#idx"]`` (:func:`_sparse_codes`), decoded from those rows of ``W_dec``
+    the non-zero codes at ``store[hook + "#idx"]`` (:func:`~saecircuits.saes.sparse_codes.nonzero_codes`), decoded from those rows of ``W_dec``
     alone, so that a gradient costs ``m`` dot products instead of a dense ``[d_out] x [d_out, d_sae]`` product; a
     feature that is 0 contributes ``grad x 0 = 0`` either way. ``store[hook + "#f"]`` is the dense code (detached).
     ``store[hook + "#attached"] = (cols, a)`` keeps ``a = encode(x)[..., cols]`` with its graph to upstream nodes
@@ -59,7 +51,9 @@ def _tracking_edits(groups: list[_Group], store: dict, scale: dict | None = None
     ``[d_sae] x [d_sae, d_in]`` product. Heads' z, MLP outputs and embeddings are tracked as they are. With
     ``scale`` (IG), the group named in ``scale`` has its activations replaced by ``(1 - alpha_v) a`` for each
     variant ``v``, or ``mu + (1 - alpha_v) (a - mu)`` for a mean-ablated group (``baselines[hook] = mu``,
-    :func:`~.nodes.ablation_values`): the straight path from clean to ablated.
+    :func:`~.nodes.ablation_values`): the straight path from clean to ablated. With ``tracked`` (hooks), an SAE group
+    not in it is left as it is (its value ``x`` and its graph, what ``decode(f) + e + x - x.detach()`` equals up to
+    float rounding), keeping only its ``#attached`` columns: IG needs no code of a group it does not scale.
     """
     edits = []
     for g in groups:
@@ -69,6 +63,10 @@ def _tracking_edits(groups: list[_Group], store: dict, scale: dict | None = None
             cols_given = None if attach is None else attach.get(g.hook)
 
             def fn(x_in: torch.Tensor, x: torch.Tensor, g=g, sae=sae, interp=interp, cols=cols_given) -> torch.Tensor:
+                if tracked is not None and g.hook not in tracked:
+                    if cols is not None and len(cols):
+                        store[g.hook + "#attached"] = (cols, sae.encode_features(x_in, cols))
+                    return x
                 x = x.to(edit_dtype(sae, x))  # the error in x's dtype: decode(f) + e is x, unrounded
                 with torch.no_grad():
                     f = sae.encode(x_in)
@@ -79,7 +77,7 @@ def _tracking_edits(groups: list[_Group], store: dict, scale: dict | None = None
                 if len(cols):
                     store[g.hook + "#attached"] = (cols, sae.encode_features(x_in, cols))
                 x_in = x_in.detach()  # the bias of a skip / normalising SAE is a constant of the decomposition
-                vals, idx = _sparse_codes(f)
+                vals, idx = nonzero_codes(f)
                 bias = sae.decoder_bias(x_in if sae.decode_needs_input else None)
 
                 def decode(v: torch.Tensor) -> torch.Tensor:  # sum_j v_j W_dec[idx_j] + bias, rows [B, F, m]
@@ -312,7 +310,7 @@ def integrated_gradient_estimates(
         for g in groups:
             store: dict = {}
             scale = {g.hook: 1 - alphas}
-            edits = _tracking_edits(groups, store, scale=scale, baselines=base, attach=attach)
+            edits = _tracking_edits(groups, store, scale=scale, baselines=base, attach=attach, tracked={g.hook})
             logits, _ = iv.run(clean, edits, n_variants=steps, grad=True)
             m = _answer_logprob(logits, batch.answer_ids)  # [B, steps]
             ts = store[g.hook]
