@@ -14,6 +14,7 @@ from saecircuits.analysis.ablations.modes import edit_dtype, sae_edit
 from saecircuits.models.engine import stage_of_hook
 from saecircuits.models.interventions import Edit
 from saecircuits.saes.base import SAE
+from saecircuits.saes.sparse_codes import nonzero_codes, sparse_decode
 
 
 @dataclass(frozen=True)
@@ -272,8 +273,21 @@ def _mask_edit(group: _Group, mask: torch.Tensor, means: dict) -> Edit:
             dt = edit_dtype(sae, x)  # as in _single_edit: x is never rounded to the SAE's dtype
             f = sae.encode(x_in)
             x = x.to(dt)
-            delta = ((f.to(dt) - mu["f"].to(dt)) * mf) @ W_dec.to(dt)
-            e = x - sae.decode(f, x_in).to(dt) - mu["e"].to(x)
+            W = W_dec.to(dt)
+            # ((f - mu_f) * mask) @ W_dec as (f * mask) @ W_dec, decoded from each row's active codes only, minus
+            # (mu_f * mask) @ W_dec, one row per variant: no dense [rows, d_sae] x [d_sae, d_out] product
+            vals, idx = nonzero_codes(f)  # [B, F, m]
+            B, V = f.shape[0], mf.shape[1]
+            idx_v = idx.expand(B, V, idx.shape[-1])
+            on = mf.expand(B, V, mf.shape[-1]).gather(-1, idx_v)
+            kept = sparse_decode((vals.to(dt) * on).flatten(0, 1), idx_v.flatten(0, 1), W).unflatten(0, (B, V))
+            delta = kept - (mu["f"].to(dt) * mf[0]) @ W
+            if W_dec.dtype in (torch.float32, torch.float64):
+                recon = sparse_decode(vals.flatten(0, 1), idx.flatten(0, 1), W).unflatten(0, idx.shape[:2])
+                recon = recon + sae.decoder_bias(x_in if sae.decode_needs_input else None).to(dt)
+            else:  # a bf16 SAE's reconstruction is its own decode, rounded once, as the dense matmul rounds it
+                recon = sae.decode(f, x_in).to(dt)
+            e = x - recon - mu["e"].to(x)
             return x - delta - me * e
 
         return sae_edit(sae, fn)
