@@ -285,3 +285,34 @@ def test_mask_edit_equals_the_dense_mean_ablation(sae_arch):
         want = x - delta - mask[None, :, -1:] * (x - sae.decode(f, x) - mu["e"])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(got[:, 0], x[:, 0])  # nothing ablated: x itself, bit for bit
+
+
+@pytest.mark.parametrize("sae_arch", ["standard", "topk_skip_ln"])
+def test_single_edit_on_differing_rows_equals_each_row_ablated_alone(sae_arch):
+    """The single-node SAE edit on variants whose activations differ (some rows equal, some not; features, the
+    error and nothing ablated), against each row's ablation written out: ``x - f_k W_dec[k]``, ``decode(f, x)``,
+    ``x``."""
+    from saecircuits.analysis.circuit.nodes import _single_edit
+
+    _, _, saes, _, groups, _ = _setup("llama", sae_arch)
+    g = next(g for g in groups if g.kind == "sae")
+    sae, d_sae = g.sae, g.sae.d_sae
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 5, sae.d_in, generator=gen)
+    x[0, 2] = x[0, 1]  # two variants of prompt 0 see one activation, the others their own
+    with torch.no_grad():
+        f = sae.encode(x)
+    k0, k1 = int(torch.nonzero(f[0, 1])[0]), int(torch.nonzero(f[1, 3])[-1])
+    table = torch.tensor([[-1, k0, d_sae, k0, -1], [d_sae, -1, -1, k1, 5]])
+    with torch.no_grad():
+        got = _single_edit(g, table, None).fn(x)
+    for b in range(2):
+        for v in range(5):
+            t, xr = int(table[b, v]), x[b, v]
+            if t < 0:
+                want = xr
+            elif t == d_sae:
+                want = sae.decode(f[b, v], xr)
+            else:
+                want = xr - f[b, v, t] * sae.W_dec[t]
+            torch.testing.assert_close(got[b, v], want, atol=1e-5, rtol=1e-5, msg=f"prompt {b} variant {v}")

@@ -216,13 +216,18 @@ def _single_edit(group: _Group, table: torch.Tensor, means: dict | None) -> Edit
                     e = e - mu["e"].to(e)
                 return out - is_err[..., None] * e
             # the variants differ (an earlier node ablated): only the rows whose variant ablates a node of this group
-            # are encoded (a feature's code, the error's decode); every other row is x as it is
+            # need a code (a feature's value, the error's decode); every other row is x as it is. Those rows mostly
+            # hold one value per prompt (nothing upstream of the group ablated in them), so each distinct input row
+            # is encoded once
             out = x.expand(x.shape[0], V, *x.shape[2:]).clone()
             b, v = torch.nonzero(is_feat | is_err, as_tuple=True)
             if not len(b):
                 return out
             xi = x_in[b, v if x_in.shape[1] > 1 else torch.zeros_like(v)]
-            f = sae.encode(xi)  # [n, d_sae]
+            first = torch.searchsorted(b, b)  # b is sorted: the first row of each prompt
+            src = torch.where((xi == xi[first]).flatten(1).all(-1), first, torch.arange(len(b), device=b.device))
+            uniq, inv = torch.unique(src, return_inverse=True)
+            f = sae.encode(xi[uniq])[inv]  # [n, d_sae]
             kk = k[b, v]
             fk = f.gather(-1, kk[:, None])[:, 0].to(dt)
             if mu is not None:
