@@ -41,6 +41,15 @@ def sparse_decode(acts: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -
     return F.embedding_bag(idx, weight, per_sample_weights=acts.to(weight.dtype), mode="sum")
 
 
+def nonzero_codes(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, idx)`` ``[..., m]`` of codes ``f [..., d_sae]``: each row's non-zero entries, ``m`` the most of any
+    row (at least 1), shorter rows padded with zero values at zero entries, so that ``scatter(idx, values) = f`` and
+    ``sparse_decode(values, idx, W_dec) = f @ W_dec`` up to the order of float summation."""
+    m = max(1, int((f != 0).sum(-1).max())) if f.numel() else 1
+    idx = torch.topk(f.abs(), min(m, f.shape[-1]), dim=-1).indices
+    return f.gather(-1, idx), idx
+
+
 class _SelectedPreActivations(torch.autograd.Function):
     """``pre[b, j] = x_in[b] . W_enc[:, idx[b, j]] + b_enc[idx[b, j]]`` with the values given (see
     :func:`selected_pre_activations`); backward from the selected columns only."""

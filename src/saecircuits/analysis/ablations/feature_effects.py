@@ -211,27 +211,29 @@ class FeatureEffects(NotebookDisplay):
                               color="#1f77b4")
 
 
-def _feature_write(model, sae: SAE) -> torch.Tensor:
+def _feature_write(model, sae: SAE, features: torch.Tensor | None = None) -> torch.Tensor:
     """``[d_sae, d_model]``: what one unit of each feature writes into the residual stream at its layer (Gemma 2/3,
     OLMo 2: through the post-MLP / post-attention norm it passes at unit scale, one factor per position that never
-    reorders its features; see :func:`saecircuits.models.norms.site_post_norm`)."""
-    write = _feature_write_raw(model, sae)
+    reorders its features; see :func:`saecircuits.models.norms.site_post_norm`). With ``features`` (int64 ``[n]``):
+    those rows only, ``[n, d_model]`` (each row is computed on its own, so a few features cost a few rows)."""
+    write = _feature_write_raw(model, sae, features)
     post = site_post_norm(model, sae.hook_point_out)
     return write if post is None else post[0].linear(write, torch.ones(1, device=write.device))
 
 
-def _feature_write_raw(model, sae: SAE) -> torch.Tensor:
+def _feature_write_raw(model, sae: SAE, features: torch.Tensor | None = None) -> torch.Tensor:
     from saecircuits.analysis.readouts.error_dla import mlp_post_layer
 
     hp = sae.hook_point_out  # a transcoder writes the MLP's output
+    W_dec = sae.W_dec.detach() if features is None else sae.W_dec.detach()[features.to(sae.W_dec.device)]
     if hp.endswith("mlp.hook_post"):
-        return sae.W_dec.detach().float() @ model.W_out[mlp_post_layer(hp)].detach().float()
+        return W_dec.float() @ model.W_out[mlp_post_layer(hp)].detach().float()
     if hp.endswith(("hook_mlp_out", "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out")):
-        return sae.W_dec.detach().float()
+        return W_dec.float()
     if hp.endswith("attn.hook_z"):  # flattened heads [H * E] through each head's W_O
         layer = int(hp.split(".")[1])
         W_O = model.W_O[layer].detach().float()  # [H, E, d_model]
-        return sae.W_dec.detach().float() @ W_O.reshape(-1, W_O.shape[-1])
+        return W_dec.float() @ W_O.reshape(-1, W_O.shape[-1])
     raise ValueError(
         f"top-N selection by |activation x DLA| needs an SAE whose features write to the residual stream directly "
         f"or through W_out / W_O (mlp.hook_post, attn.hook_z, hook_mlp_out, hook_resid_*); got {hp!r}. Use "

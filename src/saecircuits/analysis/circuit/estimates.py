@@ -18,6 +18,7 @@ from saecircuits.analysis.circuit.nodes import Node, _answer_logprob, _Group, _n
 from saecircuits.distributed import is_sharded, is_writer, my_batches, sum_disjoint
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches, with_progress
 from saecircuits.models.interventions import Edit, interventions_for
+from saecircuits.saes.sparse_codes import nonzero_codes, sparse_decode
 from saecircuits.tasks.base import Task
 
 SIGN_TOLERANCE = 1e-6
@@ -32,39 +33,67 @@ def _track(t: torch.Tensor) -> torch.Tensor:
     return t.detach().requires_grad_(True)
 
 
-def _tracking_edits(groups: list[_Group], store: dict, scale: dict | None = None, baselines: dict | None = None
-                    ) -> list[Edit]:
+def _tracking_edits(groups: list[_Group], store: dict, scale: dict | None = None, baselines: dict | None = None,
+                    attach: dict | None = None, tracked: set[str] | None = None) -> list[Edit]:
     """Edits that expose every node's activation to autograd, unchanged in value.
 
-    At an SAE hook the output is rebuilt as ``decode(f) + e`` from two leaves, ``f = encode(x)`` and
+    At an SAE hook the output is rebuilt as ``decode(f) + e`` from two leaves, the codes ``f = encode(x)`` and
     ``e = x - decode(f)`` (SFC's decomposition: the gradient of a feature goes through its decoder row only, the
     error's is the output's), plus a straight-through ``x - x.detach()`` so that everything upstream still gets
-    its total derivative; ``store[hook + "#attached"]`` keeps ``encode(x)`` with its graph to upstream nodes (the
-    targets of edge gradients). Heads' z, MLP outputs and embeddings are tracked as they are. With ``scale`` (IG),
-    the group named in ``scale`` has its activations replaced by ``(1 - alpha_v) a`` for each variant ``v``, or
-    ``mu + (1 - alpha_v) (a - mu)`` for a mean-ablated group (``baselines[hook] = mu``,
-    :func:`~.nodes.ablation_values`): the straight path from clean to ablated.
+    its total derivative. The codes are tracked sparsely: ``store[hook] = (values, e)`` with ``values [B, F, m]``
+    the non-zero codes at ``store[hook + "#idx"]`` (:func:`~saecircuits.saes.sparse_codes.nonzero_codes`), decoded from those rows of ``W_dec``
+    alone, so that a gradient costs ``m`` dot products instead of a dense ``[d_out] x [d_out, d_sae]`` product; a
+    feature that is 0 contributes ``grad x 0 = 0`` either way. ``store[hook + "#f"]`` is the dense code (detached).
+    ``store[hook + "#attached"] = (cols, a)`` keeps ``a = encode(x)[..., cols]`` with its graph to upstream nodes
+    (the targets of edge gradients), for the feature columns ``attach[hook]`` (default: the group's node features
+    active on some row), computed as those encoder columns alone where the SAE's activation is per feature
+    (:meth:`~saecircuits.saes.base.SAE.encode_features`): an edge's backward then goes through one column, not a
+    ``[d_sae] x [d_sae, d_in]`` product. Heads' z, MLP outputs and embeddings are tracked as they are. With
+    ``scale`` (IG), the group named in ``scale`` has its activations replaced by ``(1 - alpha_v) a`` for each
+    variant ``v``, or ``mu + (1 - alpha_v) (a - mu)`` for a mean-ablated group (``baselines[hook] = mu``,
+    :func:`~.nodes.ablation_values`): the straight path from clean to ablated. With ``tracked`` (hooks), an SAE group
+    not in it is left as it is (its value ``x`` and its graph, what ``decode(f) + e + x - x.detach()`` equals up to
+    float rounding), keeping only its ``#attached`` columns: IG needs no code of a group it does not scale.
     """
     edits = []
     for g in groups:
         interp = None if scale is None else scale.get(g.hook)
         if g.kind == "sae":
             sae = g.sae
+            cols_given = None if attach is None else attach.get(g.hook)
 
-            def fn(x_in: torch.Tensor, x: torch.Tensor, g=g, sae=sae, interp=interp) -> torch.Tensor:
+            def fn(x_in: torch.Tensor, x: torch.Tensor, g=g, sae=sae, interp=interp, cols=cols_given) -> torch.Tensor:
+                if tracked is not None and g.hook not in tracked:
+                    if cols is not None and len(cols):
+                        store[g.hook + "#attached"] = (cols, sae.encode_features(x_in, cols))
+                    return x
                 x = x.to(edit_dtype(sae, x))  # the error in x's dtype: decode(f) + e is x, unrounded
-                f_attached = sae.encode(x_in)
-                store[g.hook + "#attached"] = f_attached
-                f = f_attached.detach()
+                with torch.no_grad():
+                    f = sae.encode(x_in)
+                store[g.hook + "#f"] = f
+                if cols is None:  # the node features active on some row
+                    on = (f != 0).reshape(-1, f.shape[-1]).any(0) & (g.node_of[: sae.d_sae] >= 0).to(f.device)
+                    cols = torch.nonzero(on).flatten()
+                if len(cols):
+                    store[g.hook + "#attached"] = (cols, sae.encode_features(x_in, cols))
                 x_in = x_in.detach()  # the bias of a skip / normalising SAE is a constant of the decomposition
-                e = x.detach() - sae.decode(f, x_in).to(x.dtype)
-                store[g.hook + "#clean"] = (f, e)
+                vals, idx = nonzero_codes(f)
+                bias = sae.decoder_bias(x_in if sae.decode_needs_input else None)
+
+                def decode(v: torch.Tensor) -> torch.Tensor:  # sum_j v_j W_dec[idx_j] + bias, rows [B, F, m]
+                    rows = sparse_decode(v.reshape(-1, v.shape[-1]), idx.expand_as(v).reshape(-1, v.shape[-1]),
+                                         sae.W_dec)
+                    return rows.reshape(*v.shape[:-1], -1) + bias
+
+                e = x.detach() - decode(vals).to(x.dtype)
+                store[g.hook + "#idx"] = idx
+                store[g.hook + "#clean"] = (vals, e)
                 if interp is not None:
-                    f, e = interp[None, :, None] * f, interp[None, :, None] * e
-                f, e = f.requires_grad_(True), e.requires_grad_(True)
-                store[g.hook] = (f, e)
+                    vals, e = interp[None, :, None] * vals, interp[None, :, None] * e
+                vals, e = vals.requires_grad_(True), e.requires_grad_(True)
+                store[g.hook] = (vals, e)
                 through = x - x.detach() if x.requires_grad else 0.0
-                return sae.decode(f, x_in).to(e.dtype) + e + through
+                return decode(vals).to(e.dtype) + e + through
 
             edits.append(sae_edit(sae, fn))
             continue
@@ -86,15 +115,20 @@ def _tracking_edits(groups: list[_Group], store: dict, scale: dict | None = None
     return edits
 
 
-def _contributions(g: _Group, tensors: tuple, grads: tuple, baseline: torch.Tensor | None = None) -> torch.Tensor:
+def _contributions(g: _Group, tensors: tuple, grads: tuple, baseline: torch.Tensor | None = None,
+                   idx: torch.Tensor | None = None) -> torch.Tensor:
     """``grad . activation`` per in-group index: ``[B, F, n_group]`` (float64; products taken in float64 too, so a
     bf16 model's activations and gradients are never multiplied in bf16); ``grad . (activation - baseline)`` for a
     mean-ablated group (``baseline`` its mean, :func:`~.nodes.ablation_values`): the first-order change when the
-    node is set to ``baseline``."""
+    node is set to ``baseline``. ``idx``: an SAE group's codes are sparse, ``[B, F, m]`` at these feature indices
+    (:func:`_tracking_edits`); the features elsewhere contribute 0."""
     with torch.no_grad():
         if g.kind == "sae":
             (f, e), (gf, ge) = tensors, grads
             feat = gf.double() * f.double()
+            if idx is not None:  # padded entries have f = 0, so they add 0
+                dense = torch.zeros(*feat.shape[:-1], g.sae.d_sae, dtype=feat.dtype, device=feat.device)
+                feat = dense.scatter_add_(-1, idx.to(feat.device).expand_as(feat), feat)
             err = (ge.double() * e.double()).sum(-1, keepdim=True)
             return torch.cat([feat, err], dim=-1)
         (a,), (ga,) = tensors, grads
@@ -176,16 +210,18 @@ def attribution_estimates(
         for g, ts in tracked:
             gs = tuple(torch.zeros_like(t) if gr is None else gr for t, gr in zip(ts, grads[i : i + len(ts)], strict=True))
             i += len(ts)
-            _scatter_nodes(node_effect, g, _contributions(g, ts, gs, base.get(g.hook))[:, 0])
+            _scatter_nodes(node_effect, g, _contributions(g, ts, gs, base.get(g.hook), store.get(g.hook + "#idx"))[:, 0])
         # edges: d_f(downstream)/d(upstream) . upstream, one backward per downstream slot
         for gd_i, (gd, _) in enumerate(tracked):
             if gd.kind != "sae":
                 continue
-            f_d = store[gd.hook + "#attached"]
             ups = [(g, ts) for g, ts in tracked[:gd_i] if _stage_key(g.hook, n_layers) < _stage_key(gd.hook_in, n_layers)]
-            if not ups:
+            if not ups or gd.hook + "#attached" not in store:
                 continue
-            fd = f_d[:, 0]  # [B, d_sae]
+            cols, attached = store[gd.hook + "#attached"]  # the active node features' codes, with their graph
+            col_of = torch.zeros(gd.sae.d_sae, dtype=torch.long, device=cols.device)
+            col_of[cols] = torch.arange(len(cols), device=cols.device)
+            fd = store[gd.hook + "#f"][:, 0]  # [B, d_sae] (detached)
             active = (fd.detach() != 0) & (gd.node_of[: gd.sae.d_sae] >= 0).to(fd.device)[None]
             size = fd.detach().abs()
             order = torch.argsort(torch.where(active, size, torch.full_like(size, -1.0)), dim=1, descending=True)
@@ -198,14 +234,14 @@ def attribution_estimates(
                 valid = active.gather(1, k[:, None])[:, 0]
                 if not bool(valid.any()):
                     continue
-                target = (fd.gather(1, k[:, None])[:, 0] * valid).sum()
+                target = (attached[:, 0].gather(1, col_of[k][:, None].to(attached.device))[:, 0] * valid).sum()
                 gr = torch.autograd.grad(target, up_flat, retain_graph=True, allow_unused=True)
                 i = 0
                 d_ids = gd.node_of[k.cpu()]
                 for g, ts in ups:
                     gs = tuple(torch.zeros_like(t) if x is None else x for t, x in zip(ts, gr[i : i + len(ts)], strict=True))
                     i += len(ts)
-                    c = _contributions(g, ts, gs, base.get(g.hook))[:, 0].cpu()  # [B, n_group]
+                    c = _contributions(g, ts, gs, base.get(g.hook), store.get(g.hook + "#idx"))[:, 0].cpu()  # [B, n]
                     where = torch.nonzero(g.node_of >= 0).flatten()
                     vals = c[:, where]
                     b_idx, w_idx = torch.nonzero((vals != 0) & valid.cpu()[:, None], as_tuple=True)
@@ -262,6 +298,9 @@ def integrated_gradient_estimates(
     edges = _Edges()
     targets = [int(t) for t in edge_targets]
     gid, local, _ = _node_index(nodes, groups, n_layers)
+    # the encoder columns whose graph the edge targets need, per SAE hook (an empty set where none)
+    attach = {g.hook: torch.tensor(sorted({int(local[t]) for t in targets if int(gid[t]) == gi}), dtype=torch.long)
+              for gi, g in enumerate(groups) if g.kind == "sae"}
     base = _embedding_values(model, task, groups, means, max_tokens=max_tokens, max_batch=max_batch)
     sharded = is_sharded(shard)
     batches = list(my_batches(task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch), sharded))
@@ -271,23 +310,26 @@ def integrated_gradient_estimates(
         for g in groups:
             store: dict = {}
             scale = {g.hook: 1 - alphas}
-            logits, _ = iv.run(clean, _tracking_edits(groups, store, scale=scale, baselines=base), n_variants=steps, grad=True)
+            edits = _tracking_edits(groups, store, scale=scale, baselines=base, attach=attach, tracked={g.hook})
+            logits, _ = iv.run(clean, edits, n_variants=steps, grad=True)
             m = _answer_logprob(logits, batch.answer_ids)  # [B, steps]
             ts = store[g.hook]
             grads = torch.autograd.grad(m.sum(), ts, retain_graph=bool(targets), allow_unused=True)
             gs = tuple(torch.zeros_like(t) if x is None else x for t, x in zip(ts, grads, strict=True))
             clean_ts = store[g.hook + "#clean"]  # the clean activation a, [B, 1, ...]
             mean_gs = tuple(x.float().mean(1, keepdim=True) for x in gs)  # over the steps, in float32 (bf16 models)
-            _scatter_nodes(node_effect, g, _contributions(g, clean_ts, mean_gs, base.get(g.hook))[:, 0])
+            idx = store.get(g.hook + "#idx")
+            _scatter_nodes(node_effect, g, _contributions(g, clean_ts, mean_gs, base.get(g.hook), idx)[:, 0])
             for t_id in targets:
                 gt = groups[int(gid[t_id])]
                 if _stage_key(gt.hook_in, n_layers) <= _stage_key(g.hook, n_layers):
                     continue
-                f_d = store[gt.hook + "#attached"][..., int(local[t_id])]  # [B, steps]
+                cols, attached = store[gt.hook + "#attached"]
+                f_d = attached[..., int(torch.nonzero(cols == int(local[t_id]))[0, 0])]  # [B, steps]
                 grads = torch.autograd.grad(f_d.sum(), ts, retain_graph=True, allow_unused=True)
                 gs = tuple(torch.zeros_like(t) if x is None else x for t, x in zip(ts, grads, strict=True))
                 c = _contributions(g, clean_ts, tuple(x.float().mean(1, keepdim=True) for x in gs),
-                                   base.get(g.hook))[:, 0].cpu()
+                                   base.get(g.hook), idx)[:, 0].cpu()
                 where = torch.nonzero(g.node_of >= 0).flatten()
                 vals = c[:, where]
                 b_idx, w_idx = torch.nonzero(vals != 0, as_tuple=True)

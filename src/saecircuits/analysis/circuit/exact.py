@@ -189,8 +189,6 @@ def exact_effects(
             m_clean = _answer_logprob(run.base_logits[:, None], batch.answer_ids)[:, 0]
             if v0 == 0:
                 clean_metric[torch.tensor(batch.indices)] = m_clean.double().cpu()
-            with torch.no_grad():
-                f_base = {g.hook: g.sae.encode(run.base_reads[g.hook_in]).float() for g in sae_groups}
             m = _answer_logprob(run.logits, batch.answer_ids)  # [B, Vc]
             ok = sub >= 0
             eff = (m_clean[:, None] - m).double().cpu()
@@ -200,18 +198,25 @@ def exact_effects(
             present.index_add_(0, ids, torch.ones_like(ids))
             up_stage = node_stage[safe]
             for g in sae_groups:
-                with torch.no_grad():
-                    f_abl = g.sae.encode(reads[g.hook_in]).float()  # [B, Vc, d_sae]
-                delta = f_base[g.hook][:, None] - f_abl  # contribution of the variant's node
+                # edges into g come from the variants whose node is upstream of it: only their rows are encoded
+                upstream = ok & (up_stage < _stage_key(g.hook_in, n_layers))
                 if run.same is not None:  # a variant that is the baseline run changes no feature (encoding its
                     # rows in another batch shape could round differently)
-                    delta = torch.where(run.same.to(delta.device)[..., None], 0.0, delta)
-                delta = delta.cpu()
-                upstream = ok & (up_stage < _stage_key(g.hook_in, n_layers))
-                b_idx, v_idx, k_idx = torch.nonzero(upstream[..., None] & (delta != 0), as_tuple=True)
+                    upstream = upstream & ~run.same.cpu()
+                b_up, v_up = torch.nonzero(upstream, as_tuple=True)
+                if not len(b_up):
+                    continue
+                x_up = reads[g.hook_in]
+                x_up = x_up[b_up.to(x_up.device), v_up.to(x_up.device)]
+                with torch.no_grad():  # the baseline's rows and the upstream variants' in one encode (one pass
+                    # over W_enc: a few rows cost about as much as a hundred)
+                    f_both = g.sae.encode(torch.cat([run.base_reads[g.hook_in].to(x_up), x_up])).float()
+                f_base, f_abl = f_both[:B], f_both[B:]  # [B, d_sae], [n, d_sae]
+                delta = (f_base[b_up.to(f_abl.device)] - f_abl).cpu()  # contribution of the variant's node
+                r_idx, k_idx = torch.nonzero(delta != 0, as_tuple=True)
                 d_ids = g.node_of[k_idx]
                 keep = d_ids >= 0
-                edges.add(sub[b_idx, v_idx][keep], d_ids[keep], delta[b_idx, v_idx, k_idx][keep])
+                edges.add(sub[b_up[r_idx], v_up[r_idx]][keep], d_ids[keep], delta[r_idx, k_idx][keep])
     if sharded:  # every rank's sums, counts and edge contributions (its prompts' clean metric, 0 elsewhere)
         effect_sum, effect_sq = sum_disjoint(effect_sum, "node effects"), sum_disjoint(effect_sq, "node effects")
         present = sum_disjoint(present, "node counts")

@@ -50,15 +50,27 @@ def node_means(model, task: Task, groups: list[_Group], *, max_tokens=DEFAULT_MA
             for g in groups:
                 x = reads[g.hook].float()
                 if g.kind == "sae":
-                    x_in, x = _sae_io(g, {h: v.float() for h, v in reads.items()})
-                    f = g.sae.encode(x_in.to(g.sae.W_dec.dtype)).float()
-                    e = x - g.sae.decode(f, x_in.to(g.sae.W_dec.dtype)).float()
-                    part = {"f": f.sum(0), "e": e.sum(0)}
+                    part = _sae_sums(g.sae, *_sae_io(g, {h: v.float() for h, v in reads.items()}))
                     sums[g.hook] = part if g.hook not in sums else {k: sums[g.hook][k] + part[k] for k in part}
                 else:
                     sums[g.hook] = x.sum(0) + (sums[g.hook] if g.hook in sums else 0)
     n = task.n_prompts
     return {h: ({k: v / n for k, v in s.items()} if isinstance(s, dict) else s / n) for h, s in sums.items()}
+
+
+def _sae_sums(sae, x_in: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{"f": sum of encode(x_in), "e": sum of the errors x - decode(f, x_in)}`` over the rows of ``x_in [n, d_in]``,
+    ``x [n, d_out]`` (float32).
+
+    The decode is affine in ``f`` (``f @ W_dec + bias(x_in)``), so the errors' sum is ``sum x - (sum f) @ W_dec -
+    sum bias``: one vector-matrix product instead of decoding every row (a dense ``[n, d_sae] x [d_sae, d_out]``
+    matmul, as costly as the encode). Equal to summing the per-row errors up to float rounding.
+    """
+    x_in = x_in.to(sae.W_dec.dtype)
+    f_sum = sae.encode(x_in).float().sum(0)
+    bias = sae.decoder_bias(x_in if sae.decode_needs_input else None).float()
+    bias_sum = bias.sum(0) if bias.dim() > 1 else bias * x.shape[0]
+    return {"f": f_sum, "e": x.sum(0) - f_sum @ sae.W_dec.detach().float() - bias_sum}
 
 
 def corpus_node_means(model, token_rows: Sequence[Sequence[int]], groups: list[_Group], *,
@@ -106,10 +118,7 @@ def corpus_node_means(model, token_rows: Sequence[Sequence[int]], groups: list[_
                 x = reads[g.hook][mask.to(reads[g.hook].device)].float()  # [n_tokens, *shape]
                 if g.kind == "sae":
                     at = {h: reads[h][mask.to(reads[h].device)].float() for h in {g.hook, g.hook_in}}
-                    x_in, x = _sae_io(g, at)
-                    f = g.sae.encode(x_in.to(g.sae.W_dec.dtype)).float()
-                    part[g.hook] = {"f": f.sum(0),
-                                    "e": (x - g.sae.decode(f, x_in.to(g.sae.W_dec.dtype)).float()).sum(0)}
+                    part[g.hook] = _sae_sums(g.sae, *_sae_io(g, at))
                 else:
                     part[g.hook] = x.sum(0)
         if sharded:

@@ -14,6 +14,7 @@ from saecircuits.analysis.ablations.modes import edit_dtype, sae_edit
 from saecircuits.models.engine import stage_of_hook
 from saecircuits.models.interventions import Edit
 from saecircuits.saes.base import SAE
+from saecircuits.saes.sparse_codes import nonzero_codes, sparse_decode
 
 
 @dataclass(frozen=True)
@@ -201,16 +202,45 @@ def _single_edit(group: _Group, table: torch.Tensor, means: dict | None) -> Edit
         def fn(x_in: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             # encode in the SAE's dtype; subtract (and form the error) in x's, so a bf16 SAE never rounds x itself
             dt = edit_dtype(sae, x)
-            f = sae.encode(x_in)  # [B, F, d_sae]
             x = x.to(dt)
-            fk = f.expand(-1, V, -1).gather(-1, k[..., None])[..., 0].to(dt)
+            if x.shape[1] == 1 and x_in.shape[1] == 1:  # the variants share x: one code per prompt
+                f = sae.encode(x_in)  # [B, 1, d_sae]
+                fk = f.expand(-1, V, -1).gather(-1, k[..., None])[..., 0].to(dt)
+                if mu is not None:
+                    fk = fk - mu["f"].to(fk)[k]
+                out = x - (fk * is_feat)[..., None] * W_dec[k].to(dt)
+                if not bool(is_err.any()):
+                    return out
+                e = x - sae.decode(f, x_in).to(dt)
+                if mu is not None:
+                    e = e - mu["e"].to(e)
+                return out - is_err[..., None] * e
+            # the variants differ (an earlier node ablated): only the rows whose variant ablates a node of this group
+            # need a code (a feature's value, the error's decode); every other row is x as it is. Those rows mostly
+            # hold one value per prompt (nothing upstream of the group ablated in them), so each distinct input row
+            # is encoded once
+            out = x.expand(x.shape[0], V, *x.shape[2:]).clone()
+            b, v = torch.nonzero(is_feat | is_err, as_tuple=True)
+            if not len(b):
+                return out
+            xi = x_in[b, v if x_in.shape[1] > 1 else torch.zeros_like(v)]
+            first = torch.searchsorted(b, b)  # b is sorted: the first row of each prompt
+            src = torch.where((xi == xi[first]).flatten(1).all(-1), first, torch.arange(len(b), device=b.device))
+            uniq, inv = torch.unique(src, return_inverse=True)
+            f = sae.encode(xi[uniq])[inv]  # [n, d_sae]
+            kk = k[b, v]
+            fk = f.gather(-1, kk[:, None])[:, 0].to(dt)
             if mu is not None:
-                fk = fk - mu["f"].to(fk)[k]
-            out = x - (fk * is_feat)[..., None] * W_dec[k].to(dt)
-            e = x - sae.decode(f, x_in).to(dt)
-            if mu is not None:
-                e = e - mu["e"].to(e)
-            return out - is_err[..., None] * e
+                fk = fk - mu["f"].to(fk)[kk]
+            rows = out[b, v] - (fk * is_feat[b, v])[:, None] * W_dec[kk].to(dt)
+            err = is_err[b, v]
+            if bool(err.any()):
+                e = rows[err] - sae.decode(f[err], xi[err]).to(dt)
+                if mu is not None:
+                    e = e - mu["e"].to(e)
+                rows[err] = rows[err] - e
+            out[b, v] = rows
+            return out
 
         return sae_edit(sae, fn)
     n = len(group.node_of)
@@ -248,8 +278,21 @@ def _mask_edit(group: _Group, mask: torch.Tensor, means: dict) -> Edit:
             dt = edit_dtype(sae, x)  # as in _single_edit: x is never rounded to the SAE's dtype
             f = sae.encode(x_in)
             x = x.to(dt)
-            delta = ((f.to(dt) - mu["f"].to(dt)) * mf) @ W_dec.to(dt)
-            e = x - sae.decode(f, x_in).to(dt) - mu["e"].to(x)
+            W = W_dec.to(dt)
+            # ((f - mu_f) * mask) @ W_dec as (f * mask) @ W_dec, decoded from each row's active codes only, minus
+            # (mu_f * mask) @ W_dec, one row per variant: no dense [rows, d_sae] x [d_sae, d_out] product
+            vals, idx = nonzero_codes(f)  # [B, F, m]
+            B, V = f.shape[0], mf.shape[1]
+            idx_v = idx.expand(B, V, idx.shape[-1])
+            on = mf.expand(B, V, mf.shape[-1]).gather(-1, idx_v)
+            kept = sparse_decode((vals.to(dt) * on).flatten(0, 1), idx_v.flatten(0, 1), W).unflatten(0, (B, V))
+            delta = kept - (mu["f"].to(dt) * mf[0]) @ W
+            if W_dec.dtype in (torch.float32, torch.float64):
+                recon = sparse_decode(vals.flatten(0, 1), idx.flatten(0, 1), W).unflatten(0, idx.shape[:2])
+                recon = recon + sae.decoder_bias(x_in if sae.decode_needs_input else None).to(dt)
+            else:  # a bf16 SAE's reconstruction is its own decode, rounded once, as the dense matmul rounds it
+                recon = sae.decode(f, x_in).to(dt)
+            e = x - recon - mu["e"].to(x)
             return x - delta - me * e
 
         return sae_edit(sae, fn)

@@ -193,14 +193,15 @@ def _top_tokens(model, saes: Sequence[SAE], nodes: list[Node], k: int = 5) -> di
         ids = [i for i, nd in enumerate(nodes) if nd.kind == "feature" and nd.sae == si]
         if not ids:
             continue
-        try:
-            write = _feature_write(model, sae)
+        feats = torch.tensor([nodes[i].index for i in ids])
+        try:  # the node features' rows only (not all d_sae)
+            with torch.no_grad():
+                write = _feature_write(model, sae, feats)
         except ValueError:
             continue
-        feats = torch.tensor([nodes[i].index for i in ids])
         for j0 in range(0, len(ids), 256):
             with torch.no_grad():
-                logits = readout.vocab_logits(write[feats[j0 : j0 + 256]])
+                logits = readout.vocab_logits(write[j0 : j0 + 256])
             top = torch.topk(logits, k, dim=-1).indices
             for i, row in zip(ids[j0 : j0 + 256], top.tolist(), strict=True):
                 out[i] = [token_string(model.tokenizer, t) for t in row]
@@ -336,13 +337,27 @@ def _virtual_table(model, saes: Sequence[SAE], nodes: list[Node], exact: ExactEf
     pairs = [(k, v) for k, v in exact.edges.items()
              if nodes[k[0]].kind == "feature" and nodes[k[1]].kind == "feature"]
     pairs.sort(key=lambda kv: -abs(kv[1][0]))
-    rows = []
-    for (u, d), (val, n) in pairs[:top]:
-        nu, nd = nodes[u], nodes[d]
+    pairs = pairs[:top]
+    # one virtual_weights call per pair of SAEs, over all their features in the table: each entry is its own row
+    # times its own column, so the same values as one call per pair (the model's stacked weights are read once)
+    tables: dict[tuple[int, int], tuple[dict, dict, dict] | None] = {}
+    for (su, sd) in dict.fromkeys((nodes[u].sae, nodes[d].sae) for (u, d), _ in pairs):
+        up = list(dict.fromkeys(nodes[u].index for (u, d), _ in pairs if (nodes[u].sae, nodes[d].sae) == (su, sd)))
+        down = list(dict.fromkeys(nodes[d].index for (u, d), _ in pairs if (nodes[u].sae, nodes[d].sae) == (su, sd)))
         try:
-            vw = virtual_weights(model, saes[nu.sae], saes[nd.sae], [nu.index], [nd.index])
+            vw = virtual_weights(model, saes[su], saes[sd], up, down)
         except ValueError:
+            tables[(su, sd)] = None
             continue
+        tables[(su, sd)] = (vw, {k: i for i, k in enumerate(up)}, {k: j for j, k in enumerate(down)})
+    rows = []
+    for (u, d), (val, n) in pairs:
+        nu, nd = nodes[u], nodes[d]
+        table = tables[(nu.sae, nd.sae)]
+        if table is None:
+            continue
+        vw, row_of, col_of = table
+        i, j = row_of[nu.index], col_of[nd.index]
         rows.append({"source": nu.label, "target": nd.label, "exact": val, "n_prompts": n,
-                     "virtual_raw": float(vw["raw"][0, 0]), "virtual_cosine": float(vw["cosine"][0, 0])})
+                     "virtual_raw": float(vw["raw"][i, j]), "virtual_cosine": float(vw["cosine"][i, j])})
     return rows
