@@ -108,6 +108,7 @@ def test_the_corpus_table_is_capped_and_the_circuit_is_summarised(capsys):
     r["saes"][0]["corpus_stats"] = {"n_docs": 3, "l0": 2.0, "n_dead": 0, "features": feats}
     r["circuit"] = {"file": "circuit.json", "selection": {"rule": "smallest size with faithfulness >= 0.8",
                                                           "n_nodes": 20, "faithfulness": 0.802253,
+                                                          "faithfulness_ci95": [0.76338, 0.83848],
                                                           "completeness": -0.009681},
                     "positions": {"summary": "Most of the evidence (63%) comes from P itself."}}
     _summary(r)
@@ -115,6 +116,6 @@ def test_the_corpus_table_is_capped_and_the_circuit_is_summarised(capsys):
     rows = [line for line in out.splitlines() if "\u201c\u00b7said\u201d (9)" in line]
     assert len(rows) == CONSOLE_FEATURES < 30
     assert f"... and {30 - CONSOLE_FEATURES} more features: the report's feature browser and results.json" in out
-    assert ("circuit at P: 20 nodes (smallest size with faithfulness >= 0.8), faithfulness 0.802, completeness "
-            "-0.010; the whole graph is in circuit.json") in out
+    assert ("circuit at P: 20 nodes (smallest size with faithfulness >= 0.8), faithfulness 0.802 [0.763, 0.838], "
+            "completeness -0.010; the whole graph is in circuit.json") in out
     assert "circuit across positions: Most of the evidence (63%) comes from P itself." in out

@@ -119,3 +119,19 @@ def test_the_page_says_how_many_example_graphs_it_draws(results):
     assert ("Per-prompt graphs: the first 3 of the 5 example prompts are drawn here; circuit.json has every one under "
             "positions.examples.") in page
     assert page.count("<h4>Prompt ") == 3
+
+
+def test_the_chosen_circuit_shows_its_faithfulness_interval(results):
+    """The size is chosen on the point estimate, so the page gives the interval beside it (a new user found 0.802
+    shown alone while its interval [0.763, 0.838] reaches below the 0.8 target); without one, the value alone."""
+    import html
+
+    at_p = copy.deepcopy(AT_P)
+    at_p["selection"] = {**at_p["selection"], "faithfulness": 0.802253, "faithfulness_ci95": [0.76338, 0.83848],
+                         "completeness": -0.009681, "completeness_ci95": [-0.037732, 0.015651]}
+    page = html.unescape(build_report_html(_circuit(results, at_p)))
+    assert "faithfulness 0.802 [0.763, 0.838] (the answer's log-prob" in page
+    assert "completeness -0.010 [-0.038, 0.016] (what is left" in page
+    at_p["selection"].pop("faithfulness_ci95")
+    page = html.unescape(build_report_html(_circuit(results, at_p)))
+    assert "faithfulness 0.802 (the answer's log-prob" in page

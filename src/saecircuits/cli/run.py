@@ -181,8 +181,12 @@ def _circuit_summary(console, results: dict) -> None:
         return
     sel = c.get("selection") or {}
     if sel.get("n_nodes") is not None:
+        def with_ci(key: str) -> str:
+            ci = sel.get(f"{key}_ci95")
+            return num(sel.get(key), ".3f") + (f" [{num(ci[0], '.3f')}, {num(ci[1], '.3f')}]" if ci else "")
+
         console.print(f"circuit at P: {sel['n_nodes']} nodes ({escape(str(sel.get('rule', '')))}), faithfulness "
-                      f"{num(sel.get('faithfulness'), '.3f')}, completeness {num(sel.get('completeness'), '.3f')}; "
+                      f"{with_ci('faithfulness')}, completeness {with_ci('completeness')}; "
                       f"the whole graph is in {escape(str(c.get('file', 'circuit.json')))}")
     pos = c.get("positions")
     if pos and pos.get("summary"):

@@ -31,7 +31,9 @@ class CircuitSelection(ResultsModel):
     n_nodes: Int = opt("nodes in the circuit")
     mean_ablation: Str = opt("what a node is mean-ablated to, in words")
     faithfulness: Float = opt("faithfulness of the chosen circuit")
+    faithfulness_ci95: Pair | None = opt("its paired-bootstrap 95% interval [lo, hi]; null when undefined")
     completeness: Float = opt("completeness of the chosen circuit")
+    completeness_ci95: Pair | None = opt("its paired-bootstrap 95% interval [lo, hi]; null when undefined")
     undefined_reason: Str = opt("why faithfulness is undefined, when it is")
     edge_rule: Str = opt("the edge rule, in words")
 

@@ -370,6 +370,11 @@ def test_the_circuit_of_a_hand_wired_toy_is_found_exactly():
     assert {labels[i] for i in res.circuit} == effective
     assert res.selection["faithfulness"] == pytest.approx(1.0, abs=1e-6)  # the circuit alone does everything
     assert res.selection["completeness"] == pytest.approx(0.0, abs=1e-6)  # and nothing is left without it
+    # the chosen size's intervals are the curve's at that size (here every prompt gives 1 and 0: zero-width)
+    row = res.curve[res.curve["n_nodes"] == len(res.circuit)].iloc[0]
+    assert res.selection["faithfulness_ci95"] == [float(x) for x in row["faithfulness_ci95"]]
+    assert res.selection["faithfulness_ci95"] == pytest.approx([1.0, 1.0], abs=1e-6)
+    assert res.selection["completeness_ci95"] == pytest.approx([0.0, 0.0], abs=1e-6)
     assert {(labels[u], labels[d]) for u, d in res.circuit_edges} >= feature_edges
     assert res.to_json()["circuit"] == res.circuit
 

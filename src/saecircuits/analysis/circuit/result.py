@@ -320,6 +320,11 @@ def find_circuit(
     if len(row):
         selection["faithfulness"] = float(row["faithfulness"].iloc[0])
         selection["completeness"] = float(row["completeness"].iloc[0])
+        # the size is chosen on the point estimate: the intervals say how firmly it reaches the target
+        for key in ("faithfulness_ci95", "completeness_ci95"):
+            ci = row[key].iloc[0] if key in row else None
+            if ci is not None and len(ci) == 2 and all(math.isfinite(float(x)) for x in ci):
+                selection[key] = [float(ci[0]), float(ci[1])]
         if row["undefined_reason"].iloc[0] is not None:
             selection["undefined_reason"] = str(row["undefined_reason"].iloc[0])
     in_c = set(circuit)

@@ -145,6 +145,14 @@ def _mean_interval(m) -> str | None:
     return num(m.mean, ".3f") + (f" [{num(ci[0], '.3f')}, {num(ci[1], '.3f')}]" if ci else "")
 
 
+def _with_interval(value, ci) -> str:
+    """``0.802 [0.763, 0.838]``; the value alone without a finite interval (results.json files from before it)."""
+    text = num(value, ".3f")
+    if ci is not None and len(ci) == 2 and all(finite(x) for x in ci) and finite(value):
+        text += f" [{num(ci[0], '.3f')}, {num(ci[1], '.3f')}]"
+    return text
+
+
 def circuit(r: Results, fig: Figures) -> dict[str, Any]:
     """Nodes and edges at P across the SAEs, exact vs estimated, and the chosen circuit's faithfulness."""
     c = r.circuit
@@ -156,7 +164,8 @@ def circuit(r: Results, fig: Figures) -> dict[str, Any]:
         "file": otherwise(c.file, "circuit.json"),
         "selection": {
             "n_nodes": otherwise(sel.n_nodes, len(circ)), "rule": otherwise(sel.rule, ""),
-            "faithfulness": num(sel.faithfulness, ".3f"), "completeness": num(sel.completeness, ".3f"),
+            "faithfulness": _with_interval(sel.faithfulness, getattr(sel, "faithfulness_ci95", None)),
+            "completeness": _with_interval(sel.completeness, getattr(sel, "completeness_ci95", None)),
             "edge_rule": otherwise(sel.edge_rule, ""), "mean_ablation": sel.mean_ablation,
             "undefined_reason": sel.undefined_reason,
         } if given(sel) else None,
