@@ -41,6 +41,7 @@ node, not per position). Intervals: the paired bootstrap of
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -698,14 +699,16 @@ def _graph(pg, describe, heads, c: PromptNodes, atp, exact, ex_edges, at_edges, 
     # edges by max(|exact|, |atp|) (ties in order of (source, destination)); dicts only for those (an early node's
     # exact edges reach nearly every later feature)
     cand = []
-    for a, j in sorted(set(at_edges) | set(ex_edges)):
+    for a, j in set(at_edges) | set(ex_edges):
         v, e = at_edges.get((a, j)), ex_edges.get((a, j), 0.0)
         if v or e != 0.0:
-            cand.append((max(abs(v or 0.0), abs(e)), a, j))
-    order = sorted(range(len(cand)), key=lambda i: -cand[i][0])
-    n_left_out = max(0, len(order) - max_edges)
-    cand += [(0.0, a, -1) for a in range(len(c.gi))]
-    order = order[:max_edges] + list(range(len(cand) - len(c.gi), len(cand)))
+            cand.append((-max(abs(v or 0.0), abs(e)), a, j))
+    n_left_out = max(0, len(cand) - max_edges)
+    # the max_edges largest, ties in (source, destination) order, without sorting the rest (an example prompt has
+    # tens of thousands of exact edges)
+    top = heapq.nsmallest(max_edges, cand)
+    cand = top + [(0.0, a, -1) for a in range(len(c.gi))]
+    order = range(len(cand))
     edges = []
     for i in order:
         _, a, j = cand[i]

@@ -494,21 +494,28 @@ def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges, v
             where, col = torch.unique(dn.pos[want] - t_b, return_inverse=True)
             jobs[gi].append((i, b, s, up_stage, want, where, col))
     for gi, items in jobs.items():
-        if not items:
+        x_in = reads[gi]  # [n, F, S, d_in]; F = 1 when no variant differs before this hook (then no edge)
+        if not items or x_in.shape[1] == 1:
             continue
         g = pg.groups[gi]
-        x_in = reads[gi]
-        xi = torch.cat([x_in[i, :, where.to(dev)] for i, _, _, _, _, where, _ in items], dim=1)  # [F, sum w, d_in]
-        f_all = g.sae.encode(g.sae.flatten_input(xi)).float()  # [F, sum n_where, d_sae]
+        # per row, only the clean variant and those ablating a node upstream of this SAE's input are encoded (the
+        # others cannot move its codes; rows padded to V variants are not encoded either)
+        parts, blocks = [], []
+        for i, _, _, up_stage, _, where, _ in items:
+            up = torch.nonzero(up_stage < pg.stage_in[gi]).flatten()
+            vrows = torch.cat([torch.zeros(1, dtype=torch.long), 1 + up]).to(dev)
+            parts.append(x_in[i, vrows][:, where.to(dev)].reshape(-1, x_in.shape[-1]))  # [v * w, d_in]
+            blocks.append((up, len(vrows), len(where)))
+        f_all = g.sae.encode(g.sae.flatten_input(torch.cat(parts))).float()  # [sum v * w, d_sae]
         o = 0
-        for _, b, s, up_stage, want, where, col in items:
-            f = f_all[:, o : o + len(where)]
-            o += len(where)
-            fi = f.expand(V, *f.shape[1:])[:, col.to(dev), down[b].local[want].to(dev)]  # [V, w]
-            delta = (fi[:1] - fi[1 : 1 + len(s)]).double().cpu()  # [len(s), w]
-            ok = (up_stage < pg.stage_in[gi])[:, None] & (delta != 0)
-            a, c = torch.nonzero(ok, as_tuple=True)  # (python floats in bulk: one tensor index per edge is slow)
-            edges[b].update(zip(zip(s[a].tolist(), want[c].tolist(), strict=True), delta[a, c].tolist(), strict=True))
+        for (_, b, s, _, want, _, col), (up, nv, nw) in zip(items, blocks, strict=True):
+            f = f_all[o : o + nv * nw].reshape(nv, nw, -1)
+            o += nv * nw
+            fi = f[:, col.to(dev), down[b].local[want].to(dev)]  # [v, w]
+            delta = (fi[:1] - fi[1:]).double().cpu()  # [len(up), w]
+            a, c = torch.nonzero(delta != 0, as_tuple=True)  # (python floats in bulk: one tensor index per edge is slow)
+            edges[b].update(zip(zip(s[up[a]].tolist(), want[c].tolist(), strict=True), delta[a, c].tolist(),
+                                strict=True))
 
 
 # ----------------------------------------------------------------------------------------------------------------
