@@ -504,9 +504,10 @@ def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges, v
         for i, _, _, up_stage, _, where, _ in items:
             up = torch.nonzero(up_stage < pg.stage_in[gi]).flatten()
             vrows = torch.cat([torch.zeros(1, dtype=torch.long), 1 + up]).to(dev)
-            parts.append(x_in[i, vrows][:, where.to(dev)].reshape(-1, x_in.shape[-1]))  # [v * w, d_in]
+            xs = g.sae.flatten_input(x_in[i, vrows][:, where.to(dev)])  # [v, w, d_in] (an attention hook_z flattened)
+            parts.append(xs.reshape(-1, xs.shape[-1]))  # [v * w, d_in]
             blocks.append((up, len(vrows), len(where)))
-        f_all = g.sae.encode(g.sae.flatten_input(torch.cat(parts))).float()  # [sum v * w, d_sae]
+        f_all = g.sae.encode(torch.cat(parts)).float()  # [sum v * w, d_sae]
         o = 0
         for (_, b, s, _, want, _, col), (up, nv, nw) in zip(items, blocks, strict=True):
             f = f_all[o : o + nv * nw].reshape(nv, nw, -1)
