@@ -135,3 +135,15 @@ def test_the_chosen_circuit_shows_its_faithfulness_interval(results):
     at_p["selection"].pop("faithfulness_ci95")
     page = html.unescape(build_report_html(_circuit(results, at_p)))
     assert "faithfulness 0.802 (the answer's log-prob" in page
+
+
+def test_the_positions_faithfulness_says_which_graph_it_is_of(results):
+    """The top-level positions faithfulness is the mean over prompts of each prompt's own pruned graph, not the
+    aggregated graph's (a reviewer read the two side by side as one circuit's): the label says so."""
+    import html
+
+    pos = copy.deepcopy(POSITIONS)
+    pos["faithfulness"] = {"mean": 0.62, "ci95": [0.574, 0.666], "undefined_reason": None}
+    page = html.unescape(build_report_html(_circuit(results, {**AT_P, "positions": pos})))
+    assert ("Faithfulness of each prompt's own pruned graph (mean over the prompts; every other node mean-ablated at "
+            "every position): 0.620") in page

@@ -285,7 +285,11 @@ def test_positions_summary_names_columns_heads_and_shares():
     assert text.startswith("Most of the evidence (58%) comes from the opening quote, through L1H3 (the routing is an AtP "
                            "estimate); 38% from P itself; 4% from 1 token before P.")
     assert "SAE features hold 58% of the kept circuit's influence." in text
-    assert "The kept graph holds 4 of 5 nodes, carrying 91% of the influence (pruned at 80%)." in text
+    assert "The kept graph holds 3 of 4 nodes, carrying 91% of the influence (pruned at 80%)." in text  # no target
+    # after the exact pass the share is of the measured candidates' exact influence, and it says so
+    text = positions_summary({**aggregate_graphs(_two_prompts()), "candidates": {"n": 3, "rule": "r"}})
+    assert ("The kept graph holds 3 of the 3 nodes measured exactly on every prompt (4 nodes in all), carrying 91% of "
+            "their exact influence (pruned at 80%).") in text
 
 
 def test_positions_summary_says_when_non_sae_nodes_dominate_and_when_undefined():

@@ -231,7 +231,8 @@ def positions_summary(aggregated: dict, *, top: int = 3) -> str:
     """Say in words which positions carry the evidence in the aggregated graph.
 
     E.g. "Most of the evidence (62%) comes from the opening quote, through L1H3; 25% from P itself; 8% from the last
-    word before P. The kept graph holds 14 of 230 nodes, carrying 81% of the influence (pruned at 80%)."
+    word before P. The kept graph holds 14 of 230 nodes, carrying 81% of the influence (pruned at 80%)." After the
+    exact verification (``aggregated["candidates"]``) the count and share are of the nodes measured exactly.
 
     A column's share is the summed influence (``|mean_exact|``, else ``|mean_atp|``, nats of log p(answer) at P) of
     its kept (``in_graph``) nodes over that of all kept nodes. "through X" names the attention head with the largest
@@ -331,11 +332,18 @@ def positions_summary(aggregated: dict, *, top: int = 3) -> str:
         text += f" SAE features hold {_pct(1 - non_sae)} of the kept circuit's influence."
 
     pruning = aggregated.get("pruning") or {}
-    n_kept = sum(1 for nd in aggregated.get("nodes", []) if nd.get("in_graph"))
+    nodes = [nd for nd in aggregated.get("nodes", []) if nd["kind"] != "target"]
+    n_kept = sum(1 for nd in nodes if nd.get("in_graph"))
     kept_share = pruning.get("node_share_kept")
-    carried = f", carrying {_pct(kept_share)} of the influence" if kept_share is not None else ""
     pruned_at = f" (pruned at {_pct(pruning['share'])})" if pruning.get("share") is not None else ""
-    text += f" The kept graph holds {n_kept} of {len(aggregated.get('nodes', []))} nodes{carried}{pruned_at}."
+    measured = (aggregated.get("candidates") or {}).get("n")
+    if measured is not None:  # pruned on the exact means of the measured nodes: the share is of theirs alone
+        carried = f", carrying {_pct(kept_share)} of their exact influence" if kept_share is not None else ""
+        text += (f" The kept graph holds {n_kept} of the {measured} nodes measured exactly on every prompt "
+                 f"({len(nodes)} nodes in all){carried}{pruned_at}.")
+    else:
+        carried = f", carrying {_pct(kept_share)} of the influence" if kept_share is not None else ""
+        text += f" The kept graph holds {n_kept} of {len(nodes)} nodes{carried}{pruned_at}."
     # the influence shares rank positions; whether the kept graph reproduces the behaviour is its faithfulness
     faith = aggregated.get("faithfulness") or {}
     if faith.get("mean") is not None:
