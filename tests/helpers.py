@@ -342,3 +342,25 @@ def json_differences(a, b, path: str = "", skip=lambda path, key: False) -> list
         ok = (math.isnan(a) and math.isnan(b)) or abs(a - b) <= max(1e-6, 1e-5 * abs(b))
         return [] if ok else [f"{path}: {a} vs {b}"]
     return [] if type(a) is type(b) and a == b else [f"{path}: {a!r} vs {b!r}"]
+
+
+def ablate_node_by_hand(node, saes, means=None):
+    """A circuit node's single ablation at one position, written out by hand for bridge hooks (the independent
+    side of the circuit tests): a feature's decoder row times its code removed, an SAE error replaced by the
+    reconstruction (``decode(f, x)``: the bias of a skip / normalising SAE depends on x), a head's z zeroed, an
+    embedding set to its mean (``means[hook]``), anything else zeroed."""
+    if node.kind == "feature":
+        sae, k = saes[node.sae], node.index
+        return lambda x: x - sae.encode(x)[k] * sae.W_dec[k]
+    if node.kind == "error":
+        sae = saes[node.sae]
+        return lambda x: sae.decode(sae.encode(x), x)
+    if node.kind == "head":
+        def zero_head(z, h=node.index):
+            z = z.clone()
+            z[h] = 0
+            return z
+        return zero_head
+    if node.kind in ("embed", "pos_embed"):
+        return lambda x: means[node.hook].to(x).expand_as(x).clone()
+    return torch.zeros_like

@@ -9,7 +9,7 @@ import functools
 import numpy as np
 import pytest
 import torch
-from helpers import quote_task, random_sae, tiny_neo, tiny_tokenizer
+from helpers import ablate_node_by_hand, quote_task, random_sae, tiny_neo, tiny_tokenizer
 
 from saecircuits.analysis.ablations.feature_effects import feature_activations
 from saecircuits.analysis.circuit import (
@@ -36,26 +36,6 @@ def _setup():
     acts = [feature_activations(model, s, task) for s in saes]
     nodes, groups = circuit_nodes(model, saes, acts)
     return model, task, saes, nodes, groups
-
-
-def _ablate_fn(node, saes, means=None):
-    """The node's ablation at P written out by hand: an embedding to its mean (``means[hook]``), heads/MLPs to 0."""
-    if node.kind == "feature":
-        sae, k = saes[node.sae], node.index
-        return lambda x: x - sae.encode(x)[k] * sae.W_dec[k]
-    if node.kind == "error":
-        sae = saes[node.sae]
-        return lambda x: sae.decode(sae.encode(x))
-    if node.kind == "head":
-        def fn(z, h=node.index):
-            z = z.clone()
-            z[h] = 0
-            return z
-        return fn
-    if node.kind in ("embed", "pos_embed"):
-        mu = means[node.hook]
-        return lambda x: mu.to(x).expand_as(x).clone()
-    return torch.zeros_like
 
 
 def _bridge(model, task, i, edits, read=()):
@@ -95,7 +75,7 @@ def test_exact_node_effects_and_edges_equal_full_prompt_interventions():
         effect, edge = 0.0, {}
         for i in range(n):
             m0, s0 = _bridge(model, task, i, [], read=[down.hook_point])
-            m1, s1 = _bridge(model, task, i, [(nd.hook, _ablate_fn(nd, saes, means))], read=[down.hook_point])
+            m1, s1 = _bridge(model, task, i, [(nd.hook, ablate_node_by_hand(nd, saes, means))], read=[down.hook_point])
             effect += (m0 - m1) / n
             if nd.layer < 1 or (nd.layer == 1 and nd.kind == "head"):
                 with torch.no_grad():

@@ -12,7 +12,7 @@ import functools
 
 import pytest
 import torch
-from helpers import quote_task, tiny_model
+from helpers import ablate_node_by_hand, quote_task, tiny_model
 
 from saecircuits.analysis.ablations.feature_effects import feature_activations
 from saecircuits.analysis.circuit import (
@@ -211,24 +211,6 @@ def _bridge_ablated(model, task, i, hook, fn, read):
     return float(lg[0, p].float().log_softmax(-1)[task.answer_ids[i]]), got["x"]
 
 
-def _ablation(nd, saes, means):
-    if nd.kind == "feature":
-        sae, k = saes[nd.sae], nd.index
-        return lambda x: x - sae.encode(x)[k] * sae.W_dec[k]
-    if nd.kind == "error":
-        sae = saes[nd.sae]
-        return lambda x: sae.decode(sae.encode(x), x)
-    if nd.kind == "head":
-        def zero_head(z, h=nd.index):
-            z = z.clone()
-            z[h] = 0
-            return z
-        return zero_head
-    if nd.kind in ("embed", "pos_embed"):
-        return lambda x: means[nd.hook].to(x).expand_as(x).clone()
-    return torch.zeros_like
-
-
 @pytest.mark.parametrize("sae_arch", ["standard", "topk_skip_ln"])
 @pytest.mark.parametrize("arch", ["gpt_neo", "gpt2", "llama"])
 def test_exact_node_effects_and_edges_equal_full_prompt_interventions(arch, sae_arch):
@@ -249,7 +231,7 @@ def test_exact_node_effects_and_edges_equal_full_prompt_interventions(arch, sae_
         effect, edge = 0.0, {}
         for i in range(n):
             m0, x0 = _bridge_ablated(model, task, i, None, None, down.hook_point)
-            m1, x1 = _bridge_ablated(model, task, i, nd.hook, _ablation(nd, saes, means), down.hook_point)
+            m1, x1 = _bridge_ablated(model, task, i, nd.hook, ablate_node_by_hand(nd, saes, means), down.hook_point)
             effect += (m0 - m1) / n
             if nd.sae != 1:  # upstream of SAE 1: its edges into SAE 1's features
                 with torch.no_grad():
