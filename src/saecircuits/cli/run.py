@@ -37,7 +37,8 @@ def _say(line: str) -> None:
 
 
 def _ratio_text(sae: dict, key: str) -> str:
-    """A loss recovered for the console: 'value [lo, hi]', or 'undefined' (its reason is in the checks block)."""
+    """A ratio for the console (loss recovered, faithfulness): 'value [lo, hi]' from ``key`` and ``key_ci95``, or
+    'undefined' (its reason is in the checks block or the circuit's record)."""
     value = sae.get(key)
     if value is None or value != value:  # null or NaN: undefined, so no interval either
         return "undefined"
@@ -181,12 +182,8 @@ def _circuit_summary(console, results: dict) -> None:
         return
     sel = c.get("selection") or {}
     if sel.get("n_nodes") is not None:
-        def with_ci(key: str) -> str:
-            ci = sel.get(f"{key}_ci95")
-            return num(sel.get(key), ".3f") + (f" [{num(ci[0], '.3f')}, {num(ci[1], '.3f')}]" if ci else "")
-
         console.print(f"circuit at P: {sel['n_nodes']} nodes ({escape(str(sel.get('rule', '')))}), faithfulness "
-                      f"{with_ci('faithfulness')}, completeness {with_ci('completeness')}; "
+                      f"{_ratio_text(sel, 'faithfulness')}, completeness {_ratio_text(sel, 'completeness')}; "
                       f"the whole graph is in {escape(str(c.get('file', 'circuit.json')))}")
     pos = c.get("positions")
     if pos and pos.get("summary"):

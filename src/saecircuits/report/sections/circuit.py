@@ -141,8 +141,7 @@ def _non_sae_share(circ) -> str | None:
 def _mean_interval(m) -> str | None:
     if m is None or not finite(m.mean):
         return None
-    ci = m.ci95
-    return num(m.mean, ".3f") + (f" [{num(ci[0], '.3f')}, {num(ci[1], '.3f')}]" if ci else "")
+    return _with_interval(m.mean, m.ci95)
 
 
 def _with_interval(value, ci) -> str:
