@@ -493,3 +493,40 @@ def test_attention_scores_at_p_are_every_heads_query_row_or_a_clear_error(arch):
         with torch.no_grad():
             _, cache = model.run_with_cache(torch.tensor([rows[i]]), names_filter=[hook])
         torch.testing.assert_close(got[b, :, : p + 1], cache[hook][0, :, p], **TOL)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_a_subset_batch_is_assembled_from_the_kept_rows_and_equals_its_own_pass(arch, monkeypatch):
+    """A batch whose prompts were all rows of kept clean passes (reordered, cut from batches of other lengths) is
+    served from those rows without a forward, and its logits, reads and edited runs at P equal a fresh clean pass of
+    the same batch (a new cache) and the full-prompt bridge forwards."""
+    model, hook, sae, rows, answers = _setup(arch, 1)
+    pick = [5, 1, 4, 2]  # lengths 2, 40, 17, 23: from three kept batches, in another order
+    sub = next(row_batches([rows[i] for i in pick], 0, answer_ids=[answers[i] for i in pick], max_tokens=400,
+                           max_batch=8))
+
+    def edit(x):
+        return x - sae.encode(x)[..., :8] @ sae.W_dec[:8]
+
+    iv = interventions_for(model)
+    iv.clear_cache()  # the straightforward computation: the batch's own clean pass
+    want_clean = iv.clean(sub, read=[hook])
+    want, want_reads = iv.run(want_clean, [Edit(hook, edit)], read=["blocks.1.hook_resid_post"])
+    iv.clear_cache()
+    for batch in row_batches(rows, 0, answer_ids=answers, max_tokens=200, max_batch=2):
+        iv.clean(batch)  # kept: pairs of rows, each batch padded to its own length
+
+    def no_forward(*a, **k):
+        raise AssertionError("a batch of kept rows was run again")
+
+    monkeypatch.setattr(iv, "_engine_clean", no_forward)
+    got_clean = iv.clean(sub, read=[hook])
+    got, got_reads = iv.run(got_clean, [Edit(hook, edit)], read=["blocks.1.hook_resid_post"])
+    torch.testing.assert_close(got_clean.logits, want_clean.logits, **TOL)
+    torch.testing.assert_close(got_clean.reads[hook], want_clean.reads[hook], **TOL)
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(got_reads["blocks.1.hook_resid_post"], want_reads["blocks.1.hook_resid_post"], **TOL)
+    m = answer_metrics(got, sub.answer_ids)
+    for b, i in enumerate(sub.indices):
+        ref, _ = _reference(model, rows[pick[i]], answers[pick[i]], [(hook, edit)])
+        _check(m, b, 0, ref)
