@@ -530,3 +530,31 @@ def test_a_subset_batch_is_assembled_from_the_kept_rows_and_equals_its_own_pass(
     for b, i in enumerate(sub.indices):
         ref, _ = _reference(model, rows[pick[i]], answers[pick[i]], [(hook, edit)])
         _check(m, b, 0, ref)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_read_all_copies_the_rows_a_kept_read_holds_and_runs_the_others(arch, monkeypatch):
+    """Rows of a read that kept reads hold with the same tokens (cut from longer padded batches, a subset of their
+    hooks) are copied; a row padded beyond its kept batch's length and a row never read are run, alone: every
+    activation equals a fresh read of the whole batch, padding positions included."""
+    from saecircuits.models.tokens import pad_right
+
+    model, hook, _, rows, _ = _setup(arch, 1)
+    hooks = ["blocks.0.hook_resid_post", hook]
+    iv = interventions_for(model)
+    iv.clear_cache()
+    kept_rows = rows[:5]  # lengths 9, 40, 23, 31, 17; rows[5] (length 2) is never read before
+    for pair in ([1, 4], [2, 3], [0]):  # padded to 40, 31 and 9
+        iv.read_all(pad_right([kept_rows[i] for i in pair], 0)[0], hooks)
+    # 31 (kept at width 31), 17 (kept at width 40), 2 (never read), 9 (kept at width 9 < 31: run again)
+    tokens = pad_right([rows[3], rows[4], rows[5], rows[0]], 0)[0]
+    calls = []
+    run = iv._read_all
+    monkeypatch.setattr(iv, "_read_all", lambda t, r: calls.append(t.shape) or run(t, r))
+    got = iv.read_all(tokens, [hook])
+    assert calls == [(2, 31)]  # only the rows no kept read holds at this width
+    monkeypatch.undo()
+    iv.clear_cache()
+    want = iv.read_all(tokens, [hook])
+    torch.testing.assert_close(got[hook], want[hook], **TOL)
+    assert got[hook].shape == want[hook].shape == (4, 31, int(model.cfg.d_mlp))

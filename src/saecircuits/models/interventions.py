@@ -41,6 +41,7 @@ import torch
 
 from saecircuits.models.engine import Engine, EngineError, KVPrefix, stage_of_hook
 from saecircuits.models.hooks import (
+    HEAD_FIRST_HOOKS,
     TaskBatch,
     at_query,
     attn_scores_probes,
@@ -134,6 +135,8 @@ class Interventions:
         self._passes: dict[bytes, CleanPass] = {}
         self._rows: dict[bytes, tuple[bytes, int]] = {}  # a kept row (its tokens to P, P) -> (its pass, its row)
         self._reads: dict[bytes, dict[str, torch.Tensor]] = {}
+        self._read_tokens: dict[bytes, torch.Tensor] = {}  # the tokens of each kept read (CPU)
+        self._read_rows: dict[bytes, list[tuple[bytes, int]]] = {}  # a row's tokens -> (kept read, its row)
         self._passes_bytes = 0
 
     def clear_cache(self) -> None:
@@ -141,6 +144,8 @@ class Interventions:
         self._passes.clear()
         self._rows.clear()
         self._reads.clear()
+        self._read_tokens.clear()
+        self._read_rows.clear()
         self._passes_bytes = 0
 
     @property
@@ -371,6 +376,10 @@ class Interventions:
         are kept between calls (keyed by the tokens and hook, within the same ``cache_bytes`` budget as clean
         passes, never evicted), so the mean activation, the top examples and the other statistics of a run read
         each corpus batch once. The attention pattern ``[B, head, T, T]`` comes as ``[B, T(query), head, T(key)]``.
+        A row that a kept read holds with the same tokens (its padding included, up to this batch's length) is
+        copied from it rather than run again (top examples re-read documents of the corpus pass, in other batches):
+        attention is causal, so a position's activations depend only on the tokens up to it. Only the other rows
+        are run, as a batch of their own (not kept). Attention pattern and score reads are always run.
 
         Raises:
             EngineError (engine) / KeyError (bridge): a hook that never fired, named.
@@ -380,12 +389,62 @@ class Interventions:
         kept = self._reads.get(key)
         if kept is not None:
             return dict(kept)
+        reuse = not any(n.endswith(HEAD_FIRST_HOOKS) for n in read)  # those have a key axis of length T too
+        got = self._read_from_kept_rows(tokens, read) if reuse and self._read_rows else None
+        if got is not None:
+            return got
         out = self._read_all(tokens, read)
         size = sum(t.numel() * t.element_size() for t in out.values())
         if self._passes_bytes + size <= self.cache_bytes:
             self._reads[key] = out
             self._passes_bytes += size
+            if reuse:
+                cpu = tokens.cpu()
+                self._read_tokens[key] = cpu
+                for r in range(cpu.shape[0]):
+                    self._read_rows.setdefault(self._read_row_key(cpu[r]), []).append((key, r))
         return dict(out)
+
+    def _read_row_key(self, row: torch.Tensor) -> bytes:
+        """Content key of one right-padded row of a read: its tokens without the trailing pad ids (the same
+        document padded to other lengths has the same key; a match is then checked token by token)."""
+        import hashlib
+
+        from saecircuits.models.hooks import pad_id_of
+
+        real = (row != pad_id_of(self.model)).nonzero()
+        n = int(real[-1]) + 1 if real.numel() else 0
+        return hashlib.blake2b(row[:n].contiguous().numpy().tobytes(), digest_size=16).digest()
+
+    def _read_from_kept_rows(self, tokens: torch.Tensor, read: list[str]) -> dict[str, torch.Tensor] | None:
+        """:meth:`read_all` of ``tokens`` with each row a kept read holds (the same tokens, at least as long) copied
+        from it and the others run as one batch; None when no row is kept."""
+        cpu = tokens.cpu()
+        B, T = cpu.shape
+        found: list[tuple[bytes, int] | None] = []
+        for r in range(B):
+            hit = None
+            for k, s in self._read_rows.get(self._read_row_key(cpu[r]), ()):
+                src = self._read_tokens[k]
+                if src.shape[1] >= T and all(n in self._reads[k] for n in read) and torch.equal(src[s, :T], cpu[r]):
+                    hit = (k, s)
+                    break
+            found.append(hit)
+        if all(f is None for f in found):
+            return None
+        missed = [r for r, f in enumerate(found) if f is None]
+        fresh = self._read_all(tokens[torch.tensor(missed, device=tokens.device)], read) if missed else {}
+        out = {}
+        for name in read:
+            ref = next(self._reads[f[0]][name] for f in found if f is not None)
+            x = ref.new_empty(B, T, *ref.shape[2:])
+            for r, f in enumerate(found):
+                if f is not None:
+                    x[r] = self._reads[f[0]][name][f[1], :T]
+            if missed:
+                x[torch.tensor(missed, device=x.device)] = fresh[name]
+            out[name] = x
+        return out
 
     def _read_all(self, tokens: torch.Tensor, read: list[str]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
