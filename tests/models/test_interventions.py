@@ -493,3 +493,68 @@ def test_attention_scores_at_p_are_every_heads_query_row_or_a_clear_error(arch):
         with torch.no_grad():
             _, cache = model.run_with_cache(torch.tensor([rows[i]]), names_filter=[hook])
         torch.testing.assert_close(got[b, :, : p + 1], cache[hook][0, :, p], **TOL)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_a_subset_batch_is_assembled_from_the_kept_rows_and_equals_its_own_pass(arch, monkeypatch):
+    """A batch whose prompts were all rows of kept clean passes (reordered, cut from batches of other lengths) is
+    served from those rows without a forward, and its logits, reads and edited runs at P equal a fresh clean pass of
+    the same batch (a new cache) and the full-prompt bridge forwards."""
+    model, hook, sae, rows, answers = _setup(arch, 1)
+    pick = [5, 1, 4, 2]  # lengths 2, 40, 17, 23: from three kept batches, in another order
+    sub = next(row_batches([rows[i] for i in pick], 0, answer_ids=[answers[i] for i in pick], max_tokens=400,
+                           max_batch=8))
+
+    def edit(x):
+        return x - sae.encode(x)[..., :8] @ sae.W_dec[:8]
+
+    iv = interventions_for(model)
+    iv.clear_cache()  # the straightforward computation: the batch's own clean pass
+    want_clean = iv.clean(sub, read=[hook])
+    want, want_reads = iv.run(want_clean, [Edit(hook, edit)], read=["blocks.1.hook_resid_post"])
+    iv.clear_cache()
+    for batch in row_batches(rows, 0, answer_ids=answers, max_tokens=200, max_batch=2):
+        iv.clean(batch)  # kept: pairs of rows, each batch padded to its own length
+
+    def no_forward(*a, **k):
+        raise AssertionError("a batch of kept rows was run again")
+
+    monkeypatch.setattr(iv, "_engine_clean", no_forward)
+    got_clean = iv.clean(sub, read=[hook])
+    got, got_reads = iv.run(got_clean, [Edit(hook, edit)], read=["blocks.1.hook_resid_post"])
+    torch.testing.assert_close(got_clean.logits, want_clean.logits, **TOL)
+    torch.testing.assert_close(got_clean.reads[hook], want_clean.reads[hook], **TOL)
+    torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(got_reads["blocks.1.hook_resid_post"], want_reads["blocks.1.hook_resid_post"], **TOL)
+    m = answer_metrics(got, sub.answer_ids)
+    for b, i in enumerate(sub.indices):
+        ref, _ = _reference(model, rows[pick[i]], answers[pick[i]], [(hook, edit)])
+        _check(m, b, 0, ref)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_read_all_copies_the_rows_a_kept_read_holds_and_runs_the_others(arch, monkeypatch):
+    """Rows of a read that kept reads hold with the same tokens (cut from longer padded batches, a subset of their
+    hooks) are copied; a row padded beyond its kept batch's length and a row never read are run, alone: every
+    activation equals a fresh read of the whole batch, padding positions included."""
+    from saecircuits.models.tokens import pad_right
+
+    model, hook, _, rows, _ = _setup(arch, 1)
+    hooks = ["blocks.0.hook_resid_post", hook]
+    iv = interventions_for(model)
+    iv.clear_cache()
+    kept_rows = rows[:5]  # lengths 9, 40, 23, 31, 17; rows[5] (length 2) is never read before
+    for pair in ([1, 4], [2, 3], [0]):  # padded to 40, 31 and 9
+        iv.read_all(pad_right([kept_rows[i] for i in pair], 0)[0], hooks)
+    # 31 (kept at width 31), 17 (kept at width 40), 2 (never read), 9 (kept at width 9 < 31: run again)
+    tokens = pad_right([rows[3], rows[4], rows[5], rows[0]], 0)[0]
+    calls = []
+    run = iv._read_all
+    monkeypatch.setattr(iv, "_read_all", lambda t, r: calls.append(t.shape) or run(t, r))
+    got = iv.read_all(tokens, [hook])
+    assert calls == [(2, 31)]  # only the rows no kept read holds at this width
+    monkeypatch.undo()
+    iv.clear_cache()
+    want = iv.read_all(tokens, [hook])
+    torch.testing.assert_close(got[hook], want[hook], **TOL)
+    assert got[hook].shape == want[hook].shape == (4, 31, int(model.cfg.d_mlp))

@@ -179,3 +179,32 @@ def test_encode_features_equals_selecting_columns_of_encode(arch):
         full = sae.encode(x)
         torch.testing.assert_close(sae.encode_features(x, feats), full[..., feats], atol=1e-6, rtol=0)
     assert (full > 0).any()
+
+
+@pytest.mark.parametrize("extra", [{}, {"topk_relu": False}, {"input_normalization": "layer_norm"},
+                                   {"skip_connection": True}, {"reshape_activations": "hook_z"}],
+                         ids=["plain", "no-relu", "layer-norm", "skip", "hook_z"])
+def test_topk_forward_from_the_selected_features_equals_the_dense_decode(extra):
+    """TopK's reconstruction decoded from its k selected features (a weighted sum of k decoder rows) equals
+    ``decode(encode(x), x)`` (the [.., d_sae] code times W_dec), on a [batch, pos, d_in] input, and so do the
+    gradients it passes to x, W_dec and W_enc."""
+    d_in = 16
+    cfg = SAEConfig("topk", d_in, 40, "blocks.0.attn.hook_z" if extra.get("reshape_activations") else HOOK,
+                    extra={"k": 5, **extra})
+    sae = build_sae(cfg, seed=2)
+    with torch.no_grad():
+        sae.b_enc.copy_(torch.linspace(-0.5, 0.5, 40))
+        sae.b_dec.copy_(torch.linspace(-0.3, 0.3, d_in))
+        if sae.skip_connection:
+            sae.W_skip.copy_(0.1 * torch.randn(d_in, d_in, generator=torch.Generator().manual_seed(4)))
+    shape = (3, 7, 4, 4) if extra.get("reshape_activations") else (3, 7, d_in)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    got = sae(x)
+    want = sae.decode(sae.encode(x), x)
+    assert got.shape == want.shape == (3, 7, d_in)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    w = torch.randn(3, 7, d_in, generator=torch.Generator().manual_seed(5))
+    g_got = torch.autograd.grad((got * w).sum(), (x, sae.W_dec, sae.W_enc))
+    g_want = torch.autograd.grad((want * w).sum(), (x, sae.W_dec, sae.W_enc))
+    for a, b in zip(g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

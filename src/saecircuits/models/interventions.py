@@ -41,6 +41,7 @@ import torch
 
 from saecircuits.models.engine import Engine, EngineError, KVPrefix, stage_of_hook
 from saecircuits.models.hooks import (
+    HEAD_FIRST_HOOKS,
     TaskBatch,
     at_query,
     attn_scores_probes,
@@ -132,13 +133,19 @@ class Interventions:
         self.n_layers = int(model.cfg.n_layers)
         self.cache_bytes = cache_bytes
         self._passes: dict[bytes, CleanPass] = {}
+        self._rows: dict[bytes, tuple[bytes, int]] = {}  # a kept row (its tokens to P, P) -> (its pass, its row)
         self._reads: dict[bytes, dict[str, torch.Tensor]] = {}
+        self._read_tokens: dict[bytes, torch.Tensor] = {}  # the tokens of each kept read (CPU)
+        self._read_rows: dict[bytes, list[tuple[bytes, int]]] = {}  # a row's tokens -> (kept read, its row)
         self._passes_bytes = 0
 
     def clear_cache(self) -> None:
         """Forget the clean passes and corpus reads kept between calls (see :meth:`clean`, :meth:`read_all`)."""
         self._passes.clear()
+        self._rows.clear()
         self._reads.clear()
+        self._read_tokens.clear()
+        self._read_rows.clear()
         self._passes_bytes = 0
 
     @property
@@ -164,6 +171,9 @@ class Interventions:
         tokens and positions, until ``cache_bytes`` (512 MiB) is used; later calls on the same batch then compute
         their ``read`` activations by running position P alone from the cache. Batches that do not fit are
         recomputed each time (never evicted, so a run's first batches stay cached). :meth:`clear_cache` frees it.
+        A batch of prompts that are all rows of kept passes (a subset of the task: the prompts where a feature is
+        active, say) is assembled from those rows instead of run again: a row's clean pass depends only on its own
+        tokens up to P (attention is causal, and the padding after P is never read), not on the rows beside it.
 
         Returns:
             :class:`CleanPass`.
@@ -179,11 +189,16 @@ class Interventions:
             key = _batch_key(batch)
             kept = self._passes.get(key)
             if kept is None and cache:
+                kept = self._from_kept_rows(batch)
+            if kept is None and cache:
                 kept = self._engine_clean(batch, [], logits=True, cache=True)
                 size = _pass_bytes(kept)
                 if self._passes_bytes + size <= self.cache_bytes:
                     self._passes[key] = kept
                     self._passes_bytes += size
+                    tokens, pos = batch.tokens.cpu(), batch.positions.cpu()
+                    for r in range(tokens.shape[0]):
+                        self._rows.setdefault(_row_key(tokens[r], int(pos[r])), (key, r))
             if kept is None:
                 return self._engine_clean(batch, read, logits=logits, cache=cache)
             reads = {}
@@ -192,6 +207,45 @@ class Interventions:
                 reads = {k: v[:, 0] for k, v in got.items()}
             # the logits are the caller's own copy; kv and resid stay shared (read-only, see CleanPass)
             return CleanPass(batch, kept.logits.clone() if logits else None, reads, kv=kept.kv, resid=kept.resid)
+
+    def _from_kept_rows(self, batch: TaskBatch) -> CleanPass | None:
+        """The clean pass of ``batch`` (logits at P, keys/values, residual stream at P) gathered from the rows of kept
+        passes, or None when a row of it is in none. Each row's keys/values are cut or zero-padded to the batch's
+        length: only positions ``< P`` are read (``valid``), and those are the row's own."""
+        if not self._rows:
+            return None
+        tokens, pos = batch.tokens.cpu(), batch.positions.cpu()
+        B, T = tokens.shape
+        where = [self._rows.get(_row_key(tokens[r], int(pos[r]))) for r in range(B)]
+        if any(w is None for w in where):
+            return None
+        groups: dict[bytes, tuple[list[int], list[int]]] = {}  # kept pass -> (rows of this batch, rows there)
+        for r, (k, j) in enumerate(where):
+            groups.setdefault(k, ([], []))[0].append(r)
+            groups[k][1].append(j)
+        first = self._passes[where[0][0]]
+        dev = batch.tokens.device
+        kv = []
+        for layer, ref in enumerate(first.kv or []):
+            keys = ref.keys.new_zeros(B, *ref.keys.shape[1:2], T, ref.keys.shape[-1])
+            values = ref.values.new_zeros(B, *ref.values.shape[1:2], T, ref.values.shape[-1])
+            for k, (dst, src) in groups.items():
+                got = self._passes[k].kv[layer]  # type: ignore[index]
+                m = min(T, got.keys.shape[2])
+                d, s = torch.tensor(dst, device=dev), torch.tensor(src, device=dev)
+                keys[d, :, :m] = got.keys[s, :, :m]
+                values[d, :, :m] = got.values[s, :, :m]
+            kv.append(KVPrefix(keys, values, torch.arange(T, device=dev)[None] < batch.positions.to(dev)[:, None]))
+
+        def gather(get) -> torch.Tensor:
+            ref = get(first)
+            out = ref.new_empty(B, *ref.shape[1:])
+            for k, (dst, src) in groups.items():
+                out[torch.tensor(dst, device=dev)] = get(self._passes[k])[torch.tensor(src, device=dev)]
+            return out
+
+        resid = {stage: gather(lambda p, stage=stage: p.resid[stage]) for stage in first.resid}
+        return CleanPass(batch, gather(lambda p: p.logits), {}, kv=kv, resid=resid)
 
     def run(
         self,
@@ -322,6 +376,10 @@ class Interventions:
         are kept between calls (keyed by the tokens and hook, within the same ``cache_bytes`` budget as clean
         passes, never evicted), so the mean activation, the top examples and the other statistics of a run read
         each corpus batch once. The attention pattern ``[B, head, T, T]`` comes as ``[B, T(query), head, T(key)]``.
+        A row that a kept read holds with the same tokens (its padding included, up to this batch's length) is
+        copied from it rather than run again (top examples re-read documents of the corpus pass, in other batches):
+        attention is causal, so a position's activations depend only on the tokens up to it. Only the other rows
+        are run, as a batch of their own (not kept). Attention pattern and score reads are always run.
 
         Raises:
             EngineError (engine) / KeyError (bridge): a hook that never fired, named.
@@ -331,12 +389,62 @@ class Interventions:
         kept = self._reads.get(key)
         if kept is not None:
             return dict(kept)
+        reuse = not any(n.endswith(HEAD_FIRST_HOOKS) for n in read)  # those have a key axis of length T too
+        got = self._read_from_kept_rows(tokens, read) if reuse and self._read_rows else None
+        if got is not None:
+            return got
         out = self._read_all(tokens, read)
         size = sum(t.numel() * t.element_size() for t in out.values())
         if self._passes_bytes + size <= self.cache_bytes:
             self._reads[key] = out
             self._passes_bytes += size
+            if reuse:
+                cpu = tokens.cpu()
+                self._read_tokens[key] = cpu
+                for r in range(cpu.shape[0]):
+                    self._read_rows.setdefault(self._read_row_key(cpu[r]), []).append((key, r))
         return dict(out)
+
+    def _read_row_key(self, row: torch.Tensor) -> bytes:
+        """Content key of one right-padded row of a read: its tokens without the trailing pad ids (the same
+        document padded to other lengths has the same key; a match is then checked token by token)."""
+        import hashlib
+
+        from saecircuits.models.hooks import pad_id_of
+
+        real = (row != pad_id_of(self.model)).nonzero()
+        n = int(real[-1]) + 1 if real.numel() else 0
+        return hashlib.blake2b(row[:n].contiguous().numpy().tobytes(), digest_size=16).digest()
+
+    def _read_from_kept_rows(self, tokens: torch.Tensor, read: list[str]) -> dict[str, torch.Tensor] | None:
+        """:meth:`read_all` of ``tokens`` with each row a kept read holds (the same tokens, at least as long) copied
+        from it and the others run as one batch; None when no row is kept."""
+        cpu = tokens.cpu()
+        B, T = cpu.shape
+        found: list[tuple[bytes, int] | None] = []
+        for r in range(B):
+            hit = None
+            for k, s in self._read_rows.get(self._read_row_key(cpu[r]), ()):
+                src = self._read_tokens[k]
+                if src.shape[1] >= T and all(n in self._reads[k] for n in read) and torch.equal(src[s, :T], cpu[r]):
+                    hit = (k, s)
+                    break
+            found.append(hit)
+        if all(f is None for f in found):
+            return None
+        missed = [r for r, f in enumerate(found) if f is None]
+        fresh = self._read_all(tokens[torch.tensor(missed, device=tokens.device)], read) if missed else {}
+        out = {}
+        for name in read:
+            ref = next(self._reads[f[0]][name] for f in found if f is not None)
+            x = ref.new_empty(B, T, *ref.shape[2:])
+            for r, f in enumerate(found):
+                if f is not None:
+                    x[r] = self._reads[f[0]][name][f[1], :T]
+            if missed:
+                x[torch.tensor(missed, device=x.device)] = fresh[name]
+            out[name] = x
+        return out
 
     def _read_all(self, tokens: torch.Tensor, read: list[str]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
@@ -502,6 +610,16 @@ def _batch_key(batch: TaskBatch) -> bytes:
     for t in (batch.tokens, batch.positions):
         h.update(str(tuple(t.shape)).encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.digest()
+
+
+def _row_key(tokens: torch.Tensor, position: int) -> bytes:
+    """Content key of one row of a batch: its tokens up to its prediction position P, and P."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{position}:{tokens.dtype}".encode())
+    h.update(tokens[: position + 1].contiguous().numpy().tobytes())
     return h.digest()
 
 

@@ -90,6 +90,24 @@ def test_global_and_per_position_equal_single_story_interventions(mode):
     assert res.off_range.n_ablations > n_pairs
 
 
+def test_story_activations_read_in_the_global_pass_equal_a_pass_of_their_own():
+    """Without a threshold or corpus maximum the stories' activations get a pass of their own (the threshold is 0.1
+    of their maximum); with the same maximum given they are read in the global ablation pass: both equal the
+    activations encoded by hand, so the threshold, the per-token activations and the picked positions agree."""
+    model, sae, rows = _setup()
+    k, docs = 5, [3, 0, 2]
+    own = max_activating_ablation(model, sae, k, rows, docs, max_tokens=60, max_batch=2)
+    acts = [_acts(model, sae, rows[d], k) for d in docs]
+    top = max(float(a.max()) for a in acts)
+    assert top > 0 and own.threshold == pytest.approx(0.1 * top, rel=1e-5)
+    read = max_activating_ablation(model, sae, k, rows, docs, corpus_max=top, max_tokens=60, max_batch=2)
+    for res in (own, read):
+        for j, a in enumerate(acts):
+            assert res.per_token[j]["activation"] == pytest.approx(a.tolist(), abs=1e-5)
+    assert list(read.positions["position"]) == list(own.positions["position"]) and len(own.positions) > 0
+    assert read.positions["ablated_loss"].tolist() == pytest.approx(own.positions["ablated_loss"].tolist(), abs=1e-6)
+
+
 def test_clean_effect_compares_with_the_spliced_story():
     model, sae, rows = _setup()
     k, docs = 5, [0, 3]

@@ -300,8 +300,8 @@ def test_weighted_effect_interval_matches_a_bootstrap_of_the_weighted_mean():
 
 
 def test_sequence_loss_recovered_on_rows_of_different_lengths():
-    """Rows of different lengths (a task's prompts with their answers) are never padded: the clean loss is the
-    per-token mean of unbatched forward passes of the HF model, and an exact SAE recovers 1 (spliced == clean)."""
+    """Rows of different lengths (a task's prompts with their answers), batched and right-padded: the clean loss is
+    the per-token mean of unbatched forward passes of the HF model, and an exact SAE recovers 1 (spliced == clean)."""
     from saecircuits.data.storygen import generate_stories
     from saecircuits.models.tokens import encode_documents
 
@@ -323,6 +323,54 @@ def test_sequence_loss_recovered_on_rows_of_different_lengths():
     assert res["ce_clean"] == pytest.approx(nll / n, rel=1e-5)
     assert res["ce_spliced"] == pytest.approx(res["ce_clean"], rel=1e-5)
     assert res["loss_recovered"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_sequence_loss_recovered_pads_rows_of_different_lengths_without_changing_a_number():
+    """Rows of different lengths batched together (right-padded) give the losses and explained variance of each
+    row run alone through the bridge with the splice / zero ablation written out by hand (BOS positions kept),
+    pooled per token."""
+    model = tiny_neo()
+    gen = torch.Generator().manual_seed(8)
+    rows = []
+    for n in (7, 12, 3, 12, 9, 16, 5):
+        r = torch.randint(2, int(model.cfg.d_vocab), (n,), generator=gen)
+        r[0] = 1  # BOS: not the padding's id, so only the lengths can mask the padding
+        r[n // 2] = 1  # a BOS inside the row too (excluded from splicing and scoring)
+        rows.append(r.tolist())
+    sae = random_sae(hook_point=HOOK, seed=6)
+    got = sequence_loss_recovered(model, [sae], rows, bos_id=1, batch_rows=3, n_bootstrap=10)[HOOK]
+    nll = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
+    err = x2 = n_pos = 0.0
+    xsum = torch.zeros(sae.d_in, dtype=torch.float64)
+    n_tok = 0
+    for r in rows:  # one row at a time: nothing padded
+        t = torch.tensor([r])
+        keep = (t != 1)[..., None]
+        seen = {}
+
+        def splice(act, hook=None, keep=keep, seen=seen):
+            seen["x"], seen["x_hat"] = act, sae(act)
+            return torch.where(keep, seen["x_hat"], act)
+
+        def zero(act, hook=None, keep=keep):
+            return torch.where(keep, torch.zeros_like(act), act)
+
+        target, valid = t[0, 1:], t[0, 1:] != 1
+        for name, hooks in (("clean", []), ("spliced", [(HOOK, splice)]), ("zero", [(HOOK, zero)])):
+            with torch.no_grad():
+                logits = model.run_with_hooks(t, fwd_hooks=hooks)[0, :-1].double()
+            nll[name] += float(torch.nn.functional.cross_entropy(logits[valid], target[valid], reduction="sum"))
+        n_tok += int(valid.sum())
+        x, x_hat, m = seen["x"][0].double(), seen["x_hat"][0].double(), keep[0].double()
+        err += float((((x - x_hat) ** 2) * m).sum())
+        x2 += float(((x**2) * m).sum())
+        xsum += (x * m).sum(0)
+        n_pos += float(m.sum())
+    assert got["n_tokens"] == n_tok and got["n_rows"] == len(rows)
+    for name in nll:
+        assert got[f"ce_{name}"] == pytest.approx(nll[name] / n_tok, rel=1e-5)
+    assert got["explained_variance"] == pytest.approx(1 - err / (x2 - float((xsum**2).sum()) / n_pos), rel=1e-5)
+    assert got["ce_zero"] != pytest.approx(got["ce_clean"], rel=1e-3)  # the hook matters on this model
 
 
 def test_sequence_loss_recovered_refuses_an_sae_on_a_hook_that_never_fires():

@@ -291,17 +291,23 @@ def max_activating_ablation(
     kt = torch.tensor([k], device=sae.W_dec.device)
     w_k = sae.W_dec[k]
 
-    # pass 1: the feature's activation at every position of every story
+    # the feature's activation at every position of every story: read by the global pass below, which encodes the
+    # clean activation there anyway; a pass of its own only when the threshold needs the stories' maximum
     acts: list[torch.Tensor] = [torch.zeros(0)] * len(rows)
     batches = list(row_batches(rows, pad_id_of(model), max_tokens=max_tokens, max_batch=max_batch,
                                device=_device_of(model), n_ctx=n_ctx_of(model), what="story"))
-    for batch in batches:
-        x = iv.read_all(batch.tokens, [sae.hook_point])[sae.hook_point]
-        with torch.no_grad():
-            f = sae.encode_features(x.to(sae.W_dec.dtype), kt)[..., 0].float()
-        f = f * counted_token_mask(batch.tokens, batch.positions + 1, special).to(f.device)
+
+    def keep_acts(batch, f: torch.Tensor) -> None:
+        """``acts`` of the batch's stories from ``f [B, T]`` (the feature at each position; 0 where not counted)."""
+        f = f.float() * counted_token_mask(batch.tokens, batch.positions + 1, special).to(f.device)
         for r, i in enumerate(batch.indices):
             acts[i] = f[r, : len(rows[i])].cpu()
+
+    if threshold is None and corpus_max is None:
+        for batch in batches:
+            x = iv.read_all(batch.tokens, [sae.hook_point])[sae.hook_point]
+            with torch.no_grad():
+                keep_acts(batch, sae.encode_features(x.to(sae.W_dec.dtype), kt)[..., 0])
     if threshold is None:
         if corpus_max is None:
             corpus_max = max((float(a.max()) for a in acts if a.numel()), default=0.0)
@@ -315,11 +321,14 @@ def max_activating_ablation(
         x_in = sae.flatten_input(store["x_in"])
         return x_in.expand(*flat.shape[:-1], x_in.shape[-1]), flat
 
-    def ablate(x: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-        """``x [B, V, T, d]`` with k ablated (this mode) where ``where [B, V, T]`` is True."""
+    def ablate(x: torch.Tensor, where: torch.Tensor, batch=None) -> torch.Tensor:
+        """``x [B, V, T, d]`` with k ablated (this mode) where ``where [B, V, T]`` is True; with ``batch`` (``x`` the
+        clean activation, ``V`` = 1), the feature's activations are kept in ``acts``."""
         x_in, flat = inputs(x)
         dt = edit_dtype(sae, flat)  # encode in the SAE's dtype, subtract in x's: a bf16 SAE never rounds x itself
         f = sae.encode(x_in)
+        if batch is not None:
+            keep_acts(batch, f[:, 0, :, k])
         out = ablation_base(sae, flat, f, mode, x_in) - f[..., k : k + 1].to(dt) * w_k.to(dt)
         counter.observe(out, where)
         return torch.where(where[..., None], out, flat.to(dt)).reshape(x.shape)
@@ -341,9 +350,9 @@ def max_activating_ablation(
         where = counted[:, None].expand(B, 2, T).clone()
         query = torch.arange(T - 1, device=batch.tokens.device).expand(B, 2, T - 1)
 
-        def global_fn(x, where=where):
+        def global_fn(x, where=where, batch=batch):
             base = baseline(x, where[:, :1])
-            return torch.cat([base, ablate(x, where[:, 1:])], dim=1)
+            return torch.cat([base, ablate(x, where[:, 1:], batch)], dim=1)
 
         losses = _losses_at(iv, batch.tokens, hook, global_fn, 2, query, capture)  # [B, 2, T-1]
         for r, i in enumerate(batch.indices):

@@ -540,7 +540,8 @@ def sequence_loss_recovered(
         saes: ``{name: SAE}`` or a list (named by hook point); each reads ``sae.hook_point`` and writes
             ``sae.hook_point_out`` (the same hook except for transcoders).
         token_rows: int64 ``[n_rows, seq]``, or rows of different lengths (e.g. a task's prompts with their
-            answers): rows of one length are batched together, so no row is ever padded.
+            answers), batched in order of length and right-padded (positions after a row's end are never spliced,
+            scored or counted, and attention is causal, so the padding changes nothing).
         bos_id, pad_id, bos_policy: see :func:`saecircuits.data.activations.bos_keep_mask` (``bos_id`` may be the
             set of special ids, ``models.tokens.special_token_ids``); targets that are any of them are not scored.
         batch_rows: rows per forward pass.
@@ -579,20 +580,29 @@ def sequence_loss_recovered(
         nll = -logp.gather(-1, rows[:, 1:, None]).squeeze(-1)
         return (nll.double() * valid).sum(-1).cpu()
 
+    # (rows [B, T], lengths [B] or None): a tensor's rows as they are; rows of different lengths in order of length
+    # (shortest first, ties in the given order: the order the bootstrap sees), right-padded per batch of
+    # `batch_rows`. Attention is causal, so padding after a row's end changes none of its positions; the padded
+    # positions are never spliced, scored or counted.
+    batches: list[tuple[torch.Tensor, torch.Tensor | None]]
     if isinstance(token_rows, torch.Tensor):
-        batches = [token_rows[s : s + batch_rows] for s in range(0, token_rows.shape[0], batch_rows)]
-    else:  # rows of different lengths: equal lengths batched together (no padding, so nothing to mask)
-        by_len: dict[int, list[Sequence[int]]] = {}
-        for r in token_rows:
-            by_len.setdefault(len(r), []).append(r)
-        batches = [torch.tensor(group[s : s + batch_rows], dtype=torch.long)
-                   for _, group in sorted(by_len.items()) for s in range(0, len(group), batch_rows)]
-    for rows in batches:
+        batches = [(token_rows[s : s + batch_rows], None) for s in range(0, token_rows.shape[0], batch_rows)]
+    else:
+        from saecircuits.models.tokens import pad_right
+
+        ordered = sorted(token_rows, key=len)
+        batches = [pad_right(ordered[s : s + batch_rows], 0 if pad_id is None else int(pad_id))
+                   for s in range(0, len(ordered), batch_rows)]
+    for rows, lengths in batches:
         rows = rows.to(device)
         target = rows[:, 1:]
         valid = ~special_token_mask(target, bos_id) & ~special_token_mask(target, pad_id)
         keep = bos_keep_mask(rows, bos_id, bos_policy)[..., None]  # type: ignore[arg-type]
         real = ~special_token_mask(rows, pad_id)[..., None]
+        if lengths is not None:
+            inside = torch.arange(rows.shape[1], device=device)[None] < lengths.to(device)[:, None]  # [B, T]
+            valid = valid & inside[:, 1:]
+            keep, real = keep & inside[..., None], real & inside[..., None]
         counts.append(valid.sum(-1).cpu())
         if starts is not None:
             clean = (iv.token_losses(rows).double() * valid).sum(-1).cpu()
