@@ -57,6 +57,7 @@ from saecircuits.analysis.circuit import (
     _track,
     ablation_values,
 )
+from saecircuits.analysis.circuit.estimates import attached_features
 from saecircuits.models.engine import EngineError, KVPrefix, stage_of_hook
 from saecircuits.models.hooks import TaskBatch
 from saecircuits.models.interventions import Edit, interventions_for
@@ -233,7 +234,7 @@ class Tracked:
     def feature(self, pg: PositionGroups, gi: int, b: int, t: int, k: int) -> torch.Tensor:
         """``f_k`` of SAE group ``gi`` at prompt ``b``, position ``t`` (a scalar with its graph to the leaves)."""
         sae = pg.groups[gi].sae
-        return sae.encode(self.inputs[gi][b, 0, t][None])[0, k]
+        return attached_features(sae, self.inputs[gi][b, 0, t][None], torch.tensor([k]))[0, 0]
 
     def flat(self) -> list[torch.Tensor]:
         """The autograd leaves, one per group: an SAE's error ``e``, else the activation ``a``; ``grads`` below
@@ -605,8 +606,8 @@ def head_loadings(engine, pg: PositionGroups, clean: CleanCache, tr: Tracked, up
                 parts.append(_answer_logprob(lg, batch.answer_ids[b : b + 1].to(dev))[0, 0])
             else:
                 g = pg.groups[int(down[b].gi[w])]
-                f = g.sae.encode(g.sae.flatten_input(reads[int(down[b].gi[w])][i, 0, 0]))
-                parts.append(f[int(down[b].local[w])])
+                x_in = g.sae.flatten_input(reads[int(down[b].gi[w])][i, 0, 0])
+                parts.append(attached_features(g.sae, x_in[None], torch.tensor([int(down[b].local[w])]))[0, 0])
         gkv = torch.autograd.grad(torch.stack(parts).sum(), [t for kv in leaves for t in kv], allow_unused=True)
         # per prompt: its upstream nodes before p_d and their parts, one column per (layer, key/value head)
         before = [torch.nonzero(up[b].pos < int(pd[i])).flatten() for i, b in enumerate(have)]
