@@ -683,3 +683,48 @@ def test_edge_agreement_pairs_carry_the_source_distance_from_p():
            {(0, 0): 0.2, (1, 0): -0.4}, {}, torch.tensor([2]), tr, 0, P, 2, 500, pairs, {})
     assert pairs["edges"] == ([0.2, -0.4], [0.25, -0.5], [7, 2])
     assert pairs["nodes"][2] == [7, 2, 0]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_sae_contributions_at_every_position_equal_the_dense_products(arch):
+    """Pass A's SAE contributions (float64 products at the active features only) against the dense products of
+    every feature's gradient and code (the circuit at P's ``_contributions``): the same floats where a feature is
+    active and for the error; the inactive features, never nodes, hold 0."""
+    from saecircuits.analysis.circuit import _contributions
+
+    model, task, saes, pg = _setup(arch)
+    eng = engine_of(model)
+    batch = next(iter(task_batches(model, task, max_batch=3)))
+    tr, contrib = node_attributions(eng, pg, batch, _baselines(arch))
+    with torch.enable_grad():
+        grads = torch.autograd.grad(tr.m.sum(), tr.flat(), retain_graph=True, allow_unused=True)
+    n_sae = 0
+    for gi, g in enumerate(pg.groups):
+        if g.kind != "sae":
+            continue
+        n_sae += 1
+        f, e = tr.leaves[gi]
+        dense = _contributions(g, (f, e), (tr.feature_grad(g, grads[gi]), grads[gi]))[:, 0]  # [B, T, d_sae + 1]
+        active = torch.cat([f[:, 0] != 0, torch.ones_like(f[:, 0, :, :1], dtype=torch.bool)], dim=-1)
+        assert bool(active[..., :-1].any()) and not bool(active[..., :-1].all())
+        assert torch.equal(contrib[gi][active], dense[active])
+        assert bool((contrib[gi][~active] == 0).all())
+    assert n_sae == len(saes)
+
+
+def test_faithfulness_clean_column_from_the_clean_pass_equals_its_own_forward():
+    """Pass D's clean column taken from pass C's clean pass of the batch (``clean_m``) against the forward it
+    replaces: the same numbers in every column."""
+    from saecircuits.analysis.circuit.position_graph import _faithfulness_batch
+
+    model, task, saes, pg = _setup("gpt_neo")
+    eng = engine_of(model)
+    means = position_means(model, pg, task, max_batch=3)
+    batch = next(iter(task_batches(model, task, max_batch=3)))
+    sae_gi = next(i for i, g in enumerate(pg.groups) if g.kind == "sae")
+    graphs = [{"nodes": [{"id": "n0", "kind": "x", "pos": 1, "in_graph": True}]} for _ in batch.indices]
+    keys = [{"n0": (sae_gi, saes[0].d_sae, 1)} for _ in batch.indices]  # the error node at position 1
+    want = _faithfulness_batch(eng, pg, batch, graphs, keys, means)
+    got = _faithfulness_batch(eng, pg, batch, graphs, keys, means, clean_m=clean_cache(eng, batch).m)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert bool((want[:, 0] != want[:, 1]).all())  # the clean column is not the everything-ablated one

@@ -324,8 +324,10 @@ def position_circuit(
                  if nd["kind"] != "target"} for g in own]
         agg_keys = [{str(j): ver.present[int(i)][j] for j in kept if j in ver.present[int(i)]} for i in batch.indices]
         pseudo = [{"nodes": [{"id": k, "kind": "x", "in_graph": True} for k in kk]} for kk in agg_keys]
-        faith[torch.as_tensor(batch.indices, dtype=torch.long)] = _faithfulness_batch(
-            eng, pg, batch, own, keys, means, more=[(pseudo, agg_keys)])  # [B, 6]
+        idx = torch.as_tensor(batch.indices, dtype=torch.long)
+        # the clean column: pass C's clean pass of this very batch (its rows' answer log-probs), not a forward more
+        faith[idx] = _faithfulness_batch(eng, pg, batch, own, keys, means, more=[(pseudo, agg_keys)],
+                                         clean_m=ver.clean_m[idx])  # [B, 6]
     # the rows in one process's order (the prompts by length): the bootstrap resamples them with fixed seeds
     faith = sum_disjoint(faith, "faithfulness rows")[[i for b in _by_length(model, task, **kw) for i in b.indices]]
     faith_rows, agg_rows = [faith[:, :4]], [faith[:, [0, 1, 4, 5]]]
@@ -518,9 +520,13 @@ class _Verification:
         self.edges: dict[tuple[int, int], torch.Tensor] = {}  # (j_u, j_d) -> [n_prompts]
         self.present: list[dict[int, tuple[int, int, int]]] = [{} for _ in range(n_prompts)]
         self.n_prompts = n_prompts
+        # each prompt's clean answer log-prob (nats) from its batch's clean pass, on the rank that ran it (NaN
+        # elsewhere): the faithfulness pass's clean column, over the same batches
+        self.clean_m = torch.full((n_prompts,), float("nan"), dtype=torch.float64)
 
     def run(self, eng, pg, batch, anchors, where, cands, base) -> int:
         clean = clean_cache(eng, batch)
+        self.clean_m[torch.as_tensor(batch.indices, dtype=torch.long)] = clean.m.double().cpu()
         nodes, down, js, js_down = [], [], [], []
         for b, i in enumerate(batch.indices):
             i, P = int(i), int(batch.positions[b])
@@ -930,7 +936,8 @@ def _parts_in_batch_order(parts: list[dict], counts: list[int]) -> tuple[list[di
 
 
 def _faithfulness_batch(engine, pg: PositionGroups, batch, graphs: list[dict], keys: list[dict], means: dict,
-                        more: Sequence[tuple[list[dict], list[dict]]] = ()) -> torch.Tensor:
+                        more: Sequence[tuple[list[dict], list[dict]]] = (), clean_m: torch.Tensor | None = None
+                        ) -> torch.Tensor:
     """Answer log-prob ``[B, 4]``: clean, every node mean-ablated, every node outside the pruned circuit mean-ablated,
     the circuit's nodes mean-ablated (all at every position ``<= P``), the last two as variants of one full forward
     per chunk of prompts (``keys[b]``: node id -> ``(group, in-group index, position)``). ``more``: further
@@ -939,7 +946,9 @@ def _faithfulness_batch(engine, pg: PositionGroups, batch, graphs: list[dict], k
     The clean column is a forward without hooks (the variant with nothing ablated is the clean model). With every
     node mean-ablated, every group's activation at every position ``<= P`` is its mean: the residual stream at P is a
     sum of constants, the same in every prompt (attention outputs are ablated, so neither the other positions nor
-    the attention pattern reach P); that column is one forward of one position, read at each prompt's answer."""
+    the attention pattern reach P); that column is one forward of one position, read at each prompt's answer.
+    ``clean_m``: the rows' clean answer log-probs ``[B]`` when the caller has them (:func:`clean_cache`'s ``m`` of
+    this batch: the same forward), else computed here."""
     from saecircuits.analysis.circuit import MAX_FLOATS
     from saecircuits.models.hooks import TaskBatch
 
@@ -960,9 +969,12 @@ def _faithfulness_batch(engine, pg: PositionGroups, batch, graphs: list[dict], k
                                   means)
         n = len(sub.indices)
         with torch.no_grad():
-            x = engine.forward_tokens(sub.tokens)
-            lg = engine.logits(x[torch.arange(n, device=dev), :, sub.positions.to(dev)])  # [n, 1, d_vocab]
-            clean = _answer_logprob(lg, sub.answer_ids).double().cpu()
+            if clean_m is not None:
+                clean = clean_m[sl].double().cpu()[:, None]
+            else:
+                x = engine.forward_tokens(sub.tokens)
+                lg = engine.logits(x[torch.arange(n, device=dev), :, sub.positions.to(dev)])  # [n, 1, d_vocab]
+                clean = _answer_logprob(lg, sub.answer_ids).double().cpu()
             empty = _answer_logprob(everything.expand(n, 1, everything.shape[-1]), sub.answer_ids).double().cpu()
         out.append(torch.cat([clean, empty, rows], dim=1))
     return torch.cat(out)

@@ -294,13 +294,32 @@ class Tracked:
         return list(out.split(sizes))
 
     def contributions(self, pg: PositionGroups, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
-        """``grad . activation`` per group ``[B, T, n_local]`` (float64, on the CPU) from grads of :meth:`flat`."""
+        """``grad . activation`` per group ``[B, T, n_local]`` (float64, on the CPU) from grads of :meth:`flat`; an
+        SAE feature's entry only where it is active (0 elsewhere, :meth:`_sae_contributions`)."""
         out = []
         for gi, (g, ts, x) in enumerate(zip(pg.groups, self.leaves, grads, strict=True)):
             x = torch.zeros_like(ts[-1]) if x is None else x
-            gs = (self.feature_grad(g, x), x) if g.kind == "sae" else (x,)
-            out.append(_contributions(g, ts, gs, self.baselines.get(gi))[:, 0].cpu())
+            if g.kind == "sae":  # the features' products where they are active only (the rest are read as absent)
+                out.append(self._sae_contributions(g, ts, x))
+                continue
+            out.append(_contributions(g, (ts[0],), (x,), self.baselines.get(gi))[:, 0].cpu())
         return out
+
+    def _sae_contributions(self, g, ts: tuple, ge: torch.Tensor) -> torch.Tensor:
+        """An SAE group's ``[B, T, d_sae + 1]`` of :meth:`contributions`: ``grad_f . f`` (float64 products) at the
+        active features, 0 at the inactive ones (a TopK SAE's ``d_sae - k`` zeros per position: no float64 copy of
+        the dense codes and gradients), the error's ``grad_e . e`` last. The active entries and the error are
+        :func:`~saecircuits.analysis.circuit.estimates._contributions`' floats; the inactive ones are never read
+        (a feature is a node where it is active, :func:`~.position_graph._candidates`)."""
+        f, e = ts
+        with torch.no_grad():
+            gf = self.feature_grad(g, ge)[:, 0]  # [B, T, d_sae]
+            f0 = f[:, 0]
+            b, t, k = torch.nonzero(f0, as_tuple=True)
+            out = torch.zeros(*f0.shape[:-1], f0.shape[-1] + 1, dtype=torch.float64, device=f0.device)
+            out[b, t, k] = gf[b, t, k].double() * f0[b, t, k].double()
+            out[..., -1] = (ge[:, 0].double() * e[:, 0].double()).sum(-1)
+        return out.cpu()
 
 
 @torch.enable_grad()
