@@ -728,3 +728,46 @@ def test_faithfulness_clean_column_from_the_clean_pass_equals_its_own_forward():
     got = _faithfulness_batch(eng, pg, batch, graphs, keys, means, clean_m=clean_cache(eng, batch).m)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
     assert bool((want[:, 0] != want[:, 1]).all())  # the clean column is not the everything-ablated one
+
+
+def test_largest_edges_equal_the_heap_over_every_edge():
+    """A prompt's capped edges (arrays, ``_largest_edges``) against ``heapq.nsmallest`` over ``(-max(|atp|,
+    |exact|), source, destination)`` of every edge with a non-zero value: the same edges in the same order, ties
+    included, and the same count left out."""
+    import heapq
+    import random
+
+    from saecircuits.analysis.circuit.position_graph import _largest_edges
+
+    rng = random.Random(0)
+    levels = [0.0, 0.5, -0.5, 0.25, 1e-3, -2.0]  # few values: many ties
+    for trial in range(20):
+        ex = {(rng.randrange(30), rng.randrange(12)): rng.choice(levels) for _ in range(rng.randrange(0, 200))}
+        at = {(rng.randrange(30), rng.randrange(12)): rng.choice(levels) for _ in range(rng.randrange(0, 60))}
+        cand = []
+        for a, j in set(at) | set(ex):
+            v, e = at.get((a, j)), ex.get((a, j), 0.0)
+            if v or e != 0.0:
+                cand.append((-max(abs(v or 0.0), abs(e)), a, j))
+        cap = rng.choice([0, 5, 40, 1000])
+        got, left = _largest_edges(at, ex, cap)
+        assert got == heapq.nsmallest(cap, cand), trial
+        assert left == max(0, len(cand) - cap)
+
+
+def test_json_floats_of_a_list_equal_each_float_rounded_alone():
+    """The graph's floats formatted a list at a time (``_fs``) against one at a time (``_f``): the same 6
+    significant digits, signed zeros, and None for inf and NaN."""
+    import math
+    import random
+
+    from saecircuits.analysis.circuit.position_graph import _f, _fs
+
+    rng = random.Random(1)
+    xs = [rng.gauss(0, 10 ** rng.randint(-12, 12)) for _ in range(5000)]
+    xs += [0.0, -0.0, float("nan"), float("inf"), -float("inf"), 5e-324, 1.7976931348623157e308, 123456.5, 0.1]
+    got, want = _fs(xs), [_f(x) for x in xs]
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert (g is None and w is None) or (g == w and math.copysign(1, g) == math.copysign(1, w)), (g, w)
+    assert _fs([]) == []

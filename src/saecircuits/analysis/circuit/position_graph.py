@@ -41,7 +41,6 @@ node, not per position). Intervals: the paired bootstrap of
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -110,6 +109,12 @@ def _f(x) -> float | None:
     """A JSON float: 6 significant digits (circuit.json stays small), None when not finite."""
     x = float(x)
     return float(f"{x:.6g}") if math.isfinite(x) else None
+
+
+def _fs(xs: Sequence[float]) -> list[float | None]:
+    """:func:`_f` of every float of ``xs`` (one string format for the list: a graph has thousands of values)."""
+    out = [float(x) for x in ("%.6g " * len(xs) % tuple(xs)).split()]
+    return [x if x - x == 0.0 else None for x in out]  # inf and NaN -> None
 
 
 def _candidates(pg: PositionGroups, tr, contrib, b: int, P: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -671,17 +676,17 @@ def _graph(pg, describe, heads, c: PromptNodes, atp, exact, ex_edges, at_edges, 
     nodes = []
     gis, ks, ts = c.gi.tolist(), c.local.tolist(), c.pos.tolist()  # python values in bulk (per-element reads are slow)
     exact_l, atp_l = exact.tolist(), atp.tolist()
-    acts = _activations(pg, tr, b, c)
+    exact_f, atp_f, acts_f = _fs(exact_l), _fs(atp_l), _fs(_activations(pg, tr, b, c))
     fidx = feat_idx.tolist()
     for a, (gi, k, t) in enumerate(zip(gis, ks, ts, strict=True)):
         kind, label, index, si, feat, head = describe(gi, k)
         ident[f"{kind}:{pg.layer[gi]}:{index}"] = (gi, k)
         nid = f"{kind}:{pg.layer[gi]}:{index}@{t}"
         ids.append(nid)
-        act = _f(acts[a]) if kind == "feature" else None
+        act = acts_f[a] if kind == "feature" else None
         nodes.append({"id": nid, "kind": kind, "layer": pg.layer[gi], "pos": t, "label": label, "sae": si,
-                      "feature": feat, "head": head, "activation": act, "exact": _f(exact_l[a]),
-                      "atp": _f(atp_l[a]), "ig": None, "in_graph": False})
+                      "feature": feat, "head": head, "activation": act, "exact": exact_f[a],
+                      "atp": atp_f[a], "ig": None, "in_graph": False})
         if math.isfinite(exact_l[a]):
             pairs["nodes"][0].append(atp_l[a])
             pairs["nodes"][1].append(exact_l[a])
@@ -695,7 +700,7 @@ def _graph(pg, describe, heads, c: PromptNodes, atp, exact, ex_edges, at_edges, 
         parts = loads.get(key)
         if parts is None:
             return None
-        return [{"head": h, "value": _f(v)} for h, v in zip(heads, parts, strict=True) if v != 0.0]
+        return [{"head": h, "value": f} for h, v, f in zip(heads, parts, _fs(parts), strict=True) if v != 0.0]
 
     for (a, j), v in at_edges.items():  # every valid pair into an estimated feature (0 allowed); exact 0 unrecorded
         pairs["edges"][0].append(v)
@@ -704,15 +709,7 @@ def _graph(pg, describe, heads, c: PromptNodes, atp, exact, ex_edges, at_edges, 
     # every node's edge into the target (its effect: one per node, never capped), then the max_edges largest other
     # edges by max(|exact|, |atp|) (ties in order of (source, destination)); dicts only for those (an early node's
     # exact edges reach nearly every later feature)
-    cand = []
-    for a, j in set(at_edges) | set(ex_edges):
-        v, e = at_edges.get((a, j)), ex_edges.get((a, j), 0.0)
-        if v or e != 0.0:
-            cand.append((-max(abs(v or 0.0), abs(e)), a, j))
-    n_left_out = max(0, len(cand) - max_edges)
-    # the max_edges largest, ties in (source, destination) order, without sorting the rest (an example prompt has
-    # tens of thousands of exact edges)
-    top = heapq.nsmallest(max_edges, cand)
+    top, n_left_out = _largest_edges(at_edges, ex_edges, max_edges)
     cand = top + [(0.0, a, -1) for a in range(len(c.gi))]
     order = range(len(cand))
     edges = []
@@ -729,6 +726,27 @@ def _graph(pg, describe, heads, c: PromptNodes, atp, exact, ex_edges, at_edges, 
             "edge_cap": {"max_edges": int(max_edges), "n_left_out": n_left_out,
                          "rule": "every node's edge into the target (its effect) is kept; of the other edges, the "
                                  "max_edges largest by max(|exact|, |atp|)"}}
+
+
+def _largest_edges(at_edges: dict, ex_edges: dict, max_edges: int) -> tuple[list[tuple[float, int, int]], int]:
+    """The ``max_edges`` largest edges ``(a, j)`` of one prompt by ``max(|atp|, |exact|)`` among those with a
+    non-zero AtP or exact value, as ``(-size, a, j)`` in increasing order (ties in (source, destination) order),
+    and how many were left out. In arrays: an example prompt has tens of thousands of exact edges (what a Python
+    loop and ``heapq.nsmallest`` over ``(-size, a, j)`` tuples gave, the same selection and order)."""
+    only_at = [k for k in at_edges if k not in ex_edges]
+    keys = list(ex_edges) + only_at
+    if not keys:
+        return [], 0
+    aj = np.array(keys, dtype=np.int64).reshape(-1, 2)
+    e = np.concatenate([np.fromiter(ex_edges.values(), np.float64, len(ex_edges)), np.zeros(len(only_at))])
+    v = np.array([at_edges.get(k, 0.0) for k in keys], dtype=np.float64)
+    keep = (v != 0) | (e != 0)
+    av, ae = np.abs(v[keep]), np.abs(e[keep])
+    size = -np.where(ae > av, ae, av)  # Python's max(|v|, |e|): the first unless the second is larger
+    a, j = aj[keep, 0], aj[keep, 1]
+    order = np.lexsort((j, a, size))[:max_edges]
+    top = list(zip(size[order].tolist(), a[order].tolist(), j[order].tolist(), strict=True))
+    return top, max(0, int(keep.sum()) - max_edges)
 
 
 def _activations(pg: PositionGroups, tr, b: int, c: PromptNodes) -> list[float]:

@@ -464,11 +464,14 @@ def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges, v
     t0 = P - d
     S = d + 1
     qpos = t0[:, None] + torch.arange(S, device=dev)[None]
-    lists = [[[-1] * V for _ in range(n)] for _ in pg.groups]  # built in python, one tensor per group below
-    for i, (b, s) in enumerate(zip(rows, sel, strict=True)):
-        for j, (gi, k) in enumerate(zip(nodes[b].gi[s].tolist(), nodes[b].local[s].tolist(), strict=True)):
-            lists[gi][i][1 + j] = k
-    tables = {gi: torch.tensor(t, dtype=torch.long) for gi, t in enumerate(lists)}
+    # per group, int64 [n, V]: row i's j-th node (its in-group index) at variant 1 + j where it is of that group
+    tab = torch.full((len(pg.groups), n, V), -1, dtype=torch.long)
+    lens = torch.tensor([len(s) for s in sel], dtype=torch.long)
+    tab[torch.cat([nodes[b].gi[s] for b, s in zip(rows, sel, strict=True)]),
+        torch.repeat_interleave(torch.arange(n), lens),
+        1 + torch.cat([torch.arange(int(m)) for m in lens])] = torch.cat(
+        [nodes[b].local[s] for b, s in zip(rows, sel, strict=True)])
+    tables = dict(enumerate(tab))
     hooks: dict = {}
     stages = []
     for gi, tab in tables.items():
@@ -500,12 +503,13 @@ def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges, v
     # per SAE group read: the rows' positions holding downstream nodes, encoded in one call (the encoder is most of
     # the cost; one call per row was many small products)
     jobs: dict[int, list] = {gi: [] for gi in reads}
+    stage_of = torch.tensor(pg.stage, dtype=torch.long)
     for i, (b, s) in enumerate(zip(rows, sel, strict=True)):
         if not len(s):  # this row's variants at distance d were all in earlier chunks
             continue
         dn = down[b]
         t_b = int(P[i]) - d
-        up_stage = torch.tensor([pg.stage[int(g)] for g in nodes[b].gi[s]])
+        up_stage = stage_of[nodes[b].gi[s]]
         for gi in reads:
             want = torch.nonzero((dn.gi == gi) & (dn.pos >= t_b)).flatten()
             if not len(want) or pg.stage_in[gi] <= int(up_stage.min()):  # no edge can reach this SAE's nodes
@@ -557,7 +561,8 @@ def attribution_edges(pg: PositionGroups, tr: Tracked, up: list[PromptNodes], do
     out: list[dict] = [{} for _ in up]
     flat = tr.flat()
     n_slots = max((len(dn.gi) for dn in down), default=0)
-    up_stage = [torch.tensor([pg.stage[int(g)] for g in u.gi], dtype=torch.long) for u in up]
+    stage_of = torch.tensor(pg.stage, dtype=torch.long)
+    up_stage = [stage_of[u.gi] for u in up]
     for j in range(n_slots):
         have = [b for b, dn in enumerate(down) if j < len(dn.gi)]
         target = torch.stack([tr.feature(pg, int(down[b].gi[j]), b, int(down[b].pos[j]), int(down[b].local[j]))
