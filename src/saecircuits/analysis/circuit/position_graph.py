@@ -555,20 +555,31 @@ class _Verification:
             down.append(PromptNodes(t_[feat, 0], t_[feat, 1], t_[feat, 2]))
             js_down.append([rows[a][0] for a in feat])
         effects, edges, runs = exact_node_effects(eng, pg, clean, nodes, down, baselines=base)
-        by_edge: dict[tuple[int, int], tuple[list, list]] = {}  # (j_u, j_d) -> (prompts, values), set once below
+        # every prompt's edges as arrays (candidate up, candidate down, prompt, value), then one row per edge: a
+        # prompt holds thousands of edges, and each is one (prompt, edge) entry, set once
+        ups, dns, prompts, vals = [], [], [], []
         for b, i in enumerate(batch.indices):
             i = int(i)
             if js[b]:
                 self.exact[i, js[b]] = effects[b].to(self.exact.dtype)
-            ju, jd = js[b], js_down[b]
-            for (a, c), v in edges[b].items():
-                rows, vals = by_edge.setdefault((ju[a], jd[c]), ([], []))
-                rows.append(i)
-                vals.append(v)
-        for key, (rows, vals) in by_edge.items():
-            if key not in self.edges:
-                self.edges[key] = torch.zeros(self.n_prompts, dtype=torch.float64)
-            self.edges[key][rows] = torch.tensor(vals, dtype=torch.float64)
+            if edges[b]:
+                ac = np.array(list(edges[b]), dtype=np.int64).reshape(-1, 2)
+                ups.append(np.asarray(js[b], dtype=np.int64)[ac[:, 0]])
+                dns.append(np.asarray(js_down[b], dtype=np.int64)[ac[:, 1]])
+                prompts.append(np.full(len(ac), i, dtype=np.int64))
+                vals.append(np.fromiter(edges[b].values(), np.float64, len(ac)))
+        if ups:
+            K = len(where)
+            keys, inv = np.unique(np.concatenate(ups) * K + np.concatenate(dns), return_inverse=True)
+            table = torch.zeros(len(keys), self.n_prompts, dtype=torch.float64)
+            table[torch.from_numpy(inv.reshape(-1)), torch.from_numpy(np.concatenate(prompts))] = torch.from_numpy(
+                np.concatenate(vals))
+            mine = torch.as_tensor([int(i) for i in batch.indices], dtype=torch.long)
+            for r, code in enumerate(keys.tolist()):
+                key = (code // K, code % K)
+                if key not in self.edges:
+                    self.edges[key] = torch.zeros(self.n_prompts, dtype=torch.float64)
+                self.edges[key][mine] = table[r, mine]
         return runs
 
     def gather(self) -> None:
