@@ -771,3 +771,43 @@ def test_json_floats_of_a_list_equal_each_float_rounded_alone():
     for g, w in zip(got, want, strict=True):
         assert (g is None and w is None) or (g == w and math.copysign(1, g) == math.copysign(1, w)), (g, w)
     assert _fs([]) == []
+
+
+def test_aggregated_edges_carry_exact_means_over_every_prompt():
+    """The aggregated graph's edges between candidates (pass C's exact edges, stored per batch from arrays): each
+    edge's mean over ALL prompts of ``f_d(clean) - f_d(u ablated)`` through full-prompt bridge runs, the source
+    ablated at its column's position and the downstream code read at its own, 0 where a prompt lacks either node
+    (no such position, or a feature inactive there)."""
+    from saecircuits.analysis.circuit.aggregate import column_of
+
+    model, task, saes, pg = _setup("gpt_neo")
+    out = _positions_out()
+    base = _baselines("gpt_neo")
+
+    def node(nid):
+        ident, _, column = nid.partition("@")
+        kind, layer, index = ident.split(":")
+        gi = next(g for g in range(len(pg.groups)) if pg.layer[g] == int(layer) and (
+            pg.names[g] == kind or (pg.names[g] == "sae" and kind in ("feature", "error"))))
+        return kind, gi, (pg.groups[gi].sae.d_sae if kind == "error" else int(index)), column
+
+    edges = [e for e in out["aggregated"]["edges"] if not e["dst"].startswith("target:") and e["mean_exact"]]
+    assert edges, "no exact edge between candidates"
+    for e in sorted(edges, key=lambda e: -abs(e["mean_exact"]))[:2]:
+        (ku, gu, lu, cu), (_, gd, ld, cd) = node(e["src"]), node(e["dst"])
+        vals = []
+        for i in range(task.n_prompts):
+            P = task.prediction_pos[i]
+            anchors = {**task.anchors(i), "P": P}
+            tu = [t for t in range(P + 1) if column_of(t, P, anchors) == cu]
+            td = [t for t in range(P + 1) if column_of(t, P, anchors) == cd]
+            with torch.no_grad():
+                _, cache = model.run_with_cache(torch.tensor([task.token_ids[i]]))
+                f_clean = pg.groups[gd].sae.encode(cache[pg.groups[gd].hook_in][0])  # [T, d_sae]
+                f_up = pg.groups[gu].sae.encode(cache[pg.groups[gu].hook_in][0]) if ku == "feature" else None
+            if not tu or not td or float(f_clean[td[0], ld]) == 0 or (f_up is not None and float(f_up[tu[0], lu]) == 0):
+                vals.append(0.0)
+                continue
+            _, codes = _bridge_ablate(model, pg, task, i, gu, lu, tu[0], read=gd, base=base)
+            vals.append(float((f_clean[td[0], ld] - codes[td[0], ld]).detach()))
+        assert e["mean_exact"] == pytest.approx(sum(vals) / len(vals), abs=2e-5, rel=1e-4), (e["src"], e["dst"])
