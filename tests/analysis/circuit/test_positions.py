@@ -811,3 +811,40 @@ def test_aggregated_edges_carry_exact_means_over_every_prompt():
             _, codes = _bridge_ablate(model, pg, task, i, gu, lu, tu[0], read=gd, base=base)
             vals.append(float((f_clean[td[0], ld] - codes[td[0], ld]).detach()))
         assert e["mean_exact"] == pytest.approx(sum(vals) / len(vals), abs=2e-5, rel=1e-4), (e["src"], e["dst"])
+
+
+def test_atp_edges_over_several_slots_equal_the_dense_contributions():
+    """AtP edges into several downstream features per prompt (the gather plan built once and reused over the slots;
+    one prompt with fewer slots than the other) against the dense contributions of each target's own backward
+    pass (every node's ``grad . activation`` at every position, :meth:`Tracked.contributions`)."""
+    from saecircuits.analysis.circuit.positions import PromptNodes
+
+    arch = "gpt2"
+    model, task, saes, pg = _setup(arch)
+    eng = engine_of(model)
+    batch = next(iter(task_batches(model, task, max_batch=3)))
+    clean = clean_cache(eng, batch)
+    tr, contrib = node_attributions(eng, pg, batch, _baselines(arch))
+    down_gi = next(i for i, g in enumerate(pg.groups) if g.sae is saes[1])
+    up, down = [], []
+    for b in range(len(batch.indices)):
+        P = int(batch.positions[b])
+        up.append(_pick_nodes(pg, clean, contrib, b))
+        ks = torch.nonzero(contrib[down_gi][b, P, :-1] != 0).flatten()[: 3 if b == 0 else 2]
+        down.append(PromptNodes(torch.full_like(ks, down_gi), ks, torch.full_like(ks, P)))
+    atp = attribution_edges(pg, tr, up, down)
+    n = 0
+    for b in range(len(up)):
+        for j in range(len(down[b].gi)):
+            with torch.enable_grad():
+                target = tr.feature(pg, down_gi, b, int(down[b].pos[j]), int(down[b].local[j]))
+                grads = torch.autograd.grad(target, tr.flat(), retain_graph=True, allow_unused=True)
+            dense = tr.contributions(pg, grads)
+            for a in range(len(up[b].gi)):
+                gi, k, t = int(up[b].gi[a]), int(up[b].local[a]), int(up[b].pos[a])
+                if (a, j) not in atp[b]:
+                    assert pg.stage[gi] >= pg.stage_in[down_gi]  # only pairs that cannot be edges are left out
+                    continue
+                assert atp[b][(a, j)] == pytest.approx(float(dense[gi][b, t, k]), abs=1e-6, rel=1e-5), (b, a, j)
+                n += abs(float(dense[gi][b, t, k])) > 1e-6
+    assert n > 10 and len(down[0].gi) > len(down[1].gi)

@@ -248,43 +248,66 @@ class Tracked:
         W = g.sae.W_dec
         return (ge.to(W.dtype) @ W.T).to(ge.dtype)
 
-    def gathered(self, pg: PositionGroups, grads: Sequence[torch.Tensor | None], rows: Sequence[int],
-                 nodes: Sequence[PromptNodes]) -> list[torch.Tensor]:
-        """``grad . activation`` of the given nodes of prompts ``rows`` (``nodes[i]`` of prompt ``rows[i]``): per
-        prompt float64 ``[n_i]`` (what :meth:`contributions` holds at those entries, without forming the whole
-        ``[B, T, n_local]`` tensors; every prompt's nodes in one indexing per group)."""
+    def gather_plan(self, pg: PositionGroups, rows: Sequence[int], nodes: Sequence[PromptNodes]) -> list:
+        """What :meth:`gathered` reads besides the gradients, for the nodes ``nodes[i]`` of prompts ``rows[i]``:
+        their indices per group, and the activations (float64) and decoder rows they multiply. The same for every
+        gradient of one slot (a head loading takes one per layer and key/value head), so built once per slot."""
         sizes = [len(n.gi) for n in nodes]
         gis = torch.cat([n.gi for n in nodes]) if nodes else torch.zeros(0, dtype=torch.long)
         ks = torch.cat([n.local for n in nodes]) if nodes else gis
         ts_ = torch.cat([n.pos for n in nodes]) if nodes else gis
         bs = torch.repeat_interleave(torch.tensor(list(rows), dtype=torch.long), torch.tensor(sizes, dtype=torch.long))
-        out = torch.zeros(len(gis), dtype=torch.float64)
+        parts = []
         for gi in torch.unique(gis).tolist():
             m = gis == gi
             b, t, k = bs[m], ts_[m], ks[m]
-            ts, gs = self.leaves[gi], grads[gi]
+            ts = self.leaves[gi]
             g = pg.groups[gi]
             with torch.no_grad():
                 if g.kind == "sae":
-                    (f, e), ge = ts, gs
+                    f, e = ts
                     d_sae = g.sae.d_sae
                     is_f = k < d_sae
-                    vals = torch.zeros(len(t), dtype=torch.float64)
                     kf = k.clamp(max=d_sae - 1)
-                    if ge is not None:
-                        # grad_f at these (t, k) alone: grad_e[t] . W_dec[k] (:meth:`feature_grad`)
-                        W = g.sae.W_dec
-                        g_e = ge[b, 0, t]
-                        gf = (g_e.to(W.dtype) * W[kf.to(W.device)]).sum(-1)
-                        vals += torch.where(is_f, (gf.to(ge.dtype).double() * f[b, 0, t, kf].double()).cpu(), 0.0)
-                        vals += torch.where(is_f, 0.0, (g_e.double() * e[b, 0, t].double()).sum(-1).cpu())
+                    W = g.sae.W_dec
+                    acts = (W[kf.to(W.device)], f[b, 0, t, kf].double(), e[b, 0, t].double())
                 else:
-                    (a,), ga = ts, gs
-                    if ga is None:
-                        continue
+                    (a,) = ts
+                    is_f = None
                     a_t = a[b, 0, t].double()  # products in float64: never a bf16 product
                     if gi in self.baselines:
                         a_t = a_t - self.baselines[gi].double()
+                    acts = (a_t,)
+            parts.append((gi, m, b, t, k, is_f, acts))
+        return [sizes, len(gis), parts]
+
+    def gathered(self, pg: PositionGroups, grads: Sequence[torch.Tensor | None], rows: Sequence[int],
+                 nodes: Sequence[PromptNodes], plan: list | None = None) -> list[torch.Tensor]:
+        """``grad . activation`` of the given nodes of prompts ``rows`` (``nodes[i]`` of prompt ``rows[i]``): per
+        prompt float64 ``[n_i]`` (what :meth:`contributions` holds at those entries, without forming the whole
+        ``[B, T, n_local]`` tensors; every prompt's nodes in one indexing per group). ``plan``: their
+        :meth:`gather_plan` when the caller reuses it over several gradients (built here otherwise)."""
+        sizes, n, parts = self.gather_plan(pg, rows, nodes) if plan is None else plan
+        out = torch.zeros(n, dtype=torch.float64)
+        for gi, m, b, t, k, is_f, acts in parts:
+            gs = grads[gi]
+            g = pg.groups[gi]
+            with torch.no_grad():
+                if g.kind == "sae":
+                    ge = gs
+                    W_k, f_k, e_t = acts
+                    vals = torch.zeros(len(t), dtype=torch.float64)
+                    if ge is not None:
+                        # grad_f at these (t, k) alone: grad_e[t] . W_dec[k] (:meth:`feature_grad`)
+                        g_e = ge[b, 0, t]
+                        gf = (g_e.to(W_k.dtype) * W_k).sum(-1)
+                        vals += torch.where(is_f, (gf.to(ge.dtype).double() * f_k).cpu(), 0.0)
+                        vals += torch.where(is_f, 0.0, (g_e.double() * e_t).sum(-1).cpu())
+                else:
+                    ga = gs
+                    if ga is None:
+                        continue
+                    (a_t,) = acts
                     prod = ga[b, 0, t].double() * a_t
                     if g.kind == "heads":
                         vals = prod[torch.arange(len(t)), k].sum(-1).cpu()
@@ -563,12 +586,15 @@ def attribution_edges(pg: PositionGroups, tr: Tracked, up: list[PromptNodes], do
     n_slots = max((len(dn.gi) for dn in down), default=0)
     stage_of = torch.tensor(pg.stage, dtype=torch.long)
     up_stage = [stage_of[u.gi] for u in up]
+    plan = None
     for j in range(n_slots):
         have = [b for b, dn in enumerate(down) if j < len(dn.gi)]
         target = torch.stack([tr.feature(pg, int(down[b].gi[j]), b, int(down[b].pos[j]), int(down[b].local[j]))
                               for b in have]).sum()
         grads = torch.autograd.grad(target, flat, retain_graph=True, allow_unused=True)
-        for b, vals in zip(have, tr.gathered(pg, grads, have, [up[b] for b in have]), strict=True):
+        if plan is None or plan[0] != have:  # the prompts with a j-th slot: the same ones over most slots
+            plan = (have, tr.gather_plan(pg, have, [up[b] for b in have]))
+        for b, vals in zip(have, tr.gathered(pg, grads, have, [up[b] for b in have], plan[1]), strict=True):
             u, dn = up[b], down[b]
             ok = (up_stage[b] < pg.stage_in[int(dn.gi[j])]) & (u.pos <= int(dn.pos[j]))
             a = torch.nonzero(ok).flatten()
@@ -635,6 +661,7 @@ def head_loadings(engine, pg: PositionGroups, clean: CleanCache, tr: Tracked, up
         gkv = torch.autograd.grad(torch.stack(parts).sum(), [t for kv in leaves for t in kv], allow_unused=True)
         # per prompt: its upstream nodes before p_d and their parts, one column per (layer, key/value head)
         before = [torch.nonzero(up[b].pos < int(pd[i])).flatten() for i, b in enumerate(have)]
+        plan = tr.gather_plan(pg, have, [up[b] for b in have])  # one per slot: every head's gradient reads it
         table = [torch.zeros(len(a), engine.n_layers * K, dtype=torch.float64) for a in before]
         filled = False
         for layer, (k, v) in enumerate(tr.kv):
@@ -650,7 +677,7 @@ def head_loadings(engine, pg: PositionGroups, clean: CleanCache, tr: Tracked, up
                     continue
                 grads = torch.autograd.grad(s, flat, retain_graph=True, allow_unused=True)
                 col = layer * K + kh
-                every = tr.gathered(pg, grads, have, [up[b] for b in have])
+                every = tr.gathered(pg, grads, have, [up[b] for b in have], plan)
                 for i, vals in enumerate(every):
                     table[i][:, col] = vals[before[i]]
                 filled = True
