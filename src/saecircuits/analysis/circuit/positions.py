@@ -555,15 +555,27 @@ def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges, v
             parts.append(xs.reshape(-1, xs.shape[-1]))  # [v * w, d_in]
             blocks.append((up, len(vrows), len(where)))
         f_all = g.sae.encode(torch.cat(parts)).float()  # [sum v * w, d_sae]
+        # every item's (variant, downstream node) entries read from f_all in one indexing: per item, the rows
+        # o + v * nw + col (its clean variant v = 0 and each upstream variant), the columns its nodes' features
         o = 0
+        clean_at, var_at, feat, b_of, u_of, d_of = [], [], [], [], [], []
         for (_, b, s, _, want, _, col), (up, nv, nw) in zip(items, blocks, strict=True):
-            f = f_all[o : o + nv * nw].reshape(nv, nw, -1)
+            w = len(want)
+            var_at.append((o + nw * (1 + torch.arange(nv - 1))[:, None] + col[None]).flatten())  # [(nv-1) * w]
+            clean_at.append((o + col).repeat(nv - 1))
+            feat.append(down[b].local[want].repeat(nv - 1))
+            b_of.append(torch.full(((nv - 1) * w,), b, dtype=torch.long))
+            u_of.append(s[up].repeat_interleave(w))
+            d_of.append(want.repeat(nv - 1))
             o += nv * nw
-            fi = f[:, col.to(dev), down[b].local[want].to(dev)]  # [v, w]
-            delta = (fi[:1] - fi[1:]).double().cpu()  # [len(up), w]
-            a, c = torch.nonzero(delta != 0, as_tuple=True)  # (python floats in bulk: one tensor index per edge is slow)
-            edges[b].update(zip(zip(s[up[a]].tolist(), want[c].tolist(), strict=True), delta[a, c].tolist(),
-                                strict=True))
+        feat_t = torch.cat(feat).to(dev)
+        # f_d(clean) - f_d(u ablated) per entry: the elementwise float32 difference, then float64 (as per item)
+        delta = (f_all[torch.cat(clean_at).to(dev), feat_t] - f_all[torch.cat(var_at).to(dev), feat_t]).double().cpu()
+        nz = torch.nonzero(delta != 0).flatten()  # (python floats in bulk: one tensor index per edge is slow)
+        b_nz, u_nz, d_nz, v_nz = torch.cat(b_of)[nz], torch.cat(u_of)[nz], torch.cat(d_of)[nz], delta[nz]
+        for b in dict.fromkeys(b_nz.tolist()):  # each row's edges in entry order
+            m = b_nz == b
+            edges[b].update(zip(zip(u_nz[m].tolist(), d_nz[m].tolist(), strict=True), v_nz[m].tolist(), strict=True))
 
 
 # ----------------------------------------------------------------------------------------------------------------
