@@ -298,3 +298,27 @@ def test_single_edit_on_differing_rows_equals_each_row_ablated_alone(sae_arch):
             else:
                 want = xr - f[b, v, t] * sae.W_dec[t]
             torch.testing.assert_close(got[b, v], want, atol=1e-5, rtol=1e-5, msg=f"prompt {b} variant {v}")
+
+
+@pytest.mark.parametrize("extra", [{}, {"topk_relu": False}, {"skip_connection": True, "input_normalization": "layer_norm"}])
+def test_attached_features_equal_the_dense_encode_in_value_and_gradient(extra):
+    """The edge targets' codes (:func:`~saecircuits.analysis.circuit.estimates.attached_features`: a plain TopK
+    SAE's gradient through the selected columns alone) against ``encode_features`` (the dense encode with its
+    graph): the same values, and for a target of one column per row (as every caller's) the same gradient, bit for
+    bit, on rows where the column is selected and where it is not."""
+    from saecircuits.analysis.circuit.estimates import attached_features
+
+    sae = build_sae(SAEConfig("topk", d_in=16, d_sae=40, hook_point=HOOKS[0], extra={"k": 5} | extra), seed=3)
+    x = torch.randn(6, 3, 16, generator=torch.Generator().manual_seed(0))
+    f = sae.encode(x)
+    cols = torch.tensor([int(torch.argmax((f != 0).sum((0, 1)).float())), 7, 21])
+    for j in range(len(cols)):
+        with torch.enable_grad():
+            xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+            got, want = attached_features(sae, xa, cols), sae.encode_features(xb, cols)
+            assert torch.equal(got, want)
+            ga, = torch.autograd.grad(got[..., j].sum(), xa)
+            gb, = torch.autograd.grad(want[..., j].sum(), xb)
+        assert torch.equal(ga, gb), j
+    assert bool((f[..., cols[0]] != 0).any()) and bool((f[..., cols[0]] == 0).any())  # both kinds of rows
+    assert torch.equal(attached_features(sae, x, cols, f), sae.encode_features(x, cols))  # no graph: the value

@@ -683,3 +683,168 @@ def test_edge_agreement_pairs_carry_the_source_distance_from_p():
            {(0, 0): 0.2, (1, 0): -0.4}, {}, torch.tensor([2]), tr, 0, P, 2, 500, pairs, {})
     assert pairs["edges"] == ([0.2, -0.4], [0.25, -0.5], [7, 2])
     assert pairs["nodes"][2] == [7, 2, 0]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_sae_contributions_at_every_position_equal_the_dense_products(arch):
+    """Pass A's SAE contributions (float64 products at the active features only) against the dense products of
+    every feature's gradient and code (the circuit at P's ``_contributions``): the same floats where a feature is
+    active and for the error; the inactive features, never nodes, hold 0."""
+    from saecircuits.analysis.circuit import _contributions
+
+    model, task, saes, pg = _setup(arch)
+    eng = engine_of(model)
+    batch = next(iter(task_batches(model, task, max_batch=3)))
+    tr, contrib = node_attributions(eng, pg, batch, _baselines(arch))
+    with torch.enable_grad():
+        grads = torch.autograd.grad(tr.m.sum(), tr.flat(), retain_graph=True, allow_unused=True)
+    n_sae = 0
+    for gi, g in enumerate(pg.groups):
+        if g.kind != "sae":
+            continue
+        n_sae += 1
+        f, e = tr.leaves[gi]
+        dense = _contributions(g, (f, e), (tr.feature_grad(g, grads[gi]), grads[gi]))[:, 0]  # [B, T, d_sae + 1]
+        active = torch.cat([f[:, 0] != 0, torch.ones_like(f[:, 0, :, :1], dtype=torch.bool)], dim=-1)
+        assert bool(active[..., :-1].any()) and not bool(active[..., :-1].all())
+        assert torch.equal(contrib[gi][active], dense[active])
+        assert bool((contrib[gi][~active] == 0).all())
+    assert n_sae == len(saes)
+
+
+def test_faithfulness_clean_column_from_the_clean_pass_equals_its_own_forward():
+    """Pass D's clean column taken from pass C's clean pass of the batch (``clean_m``) against the forward it
+    replaces: the same numbers in every column."""
+    from saecircuits.analysis.circuit.position_graph import _faithfulness_batch
+
+    model, task, saes, pg = _setup("gpt_neo")
+    eng = engine_of(model)
+    means = position_means(model, pg, task, max_batch=3)
+    batch = next(iter(task_batches(model, task, max_batch=3)))
+    sae_gi = next(i for i, g in enumerate(pg.groups) if g.kind == "sae")
+    graphs = [{"nodes": [{"id": "n0", "kind": "x", "pos": 1, "in_graph": True}]} for _ in batch.indices]
+    keys = [{"n0": (sae_gi, saes[0].d_sae, 1)} for _ in batch.indices]  # the error node at position 1
+    want = _faithfulness_batch(eng, pg, batch, graphs, keys, means)
+    got = _faithfulness_batch(eng, pg, batch, graphs, keys, means, clean_m=clean_cache(eng, batch).m)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert bool((want[:, 0] != want[:, 1]).all())  # the clean column is not the everything-ablated one
+
+
+def test_largest_edges_equal_the_heap_over_every_edge():
+    """A prompt's capped edges (arrays, ``_largest_edges``) against ``heapq.nsmallest`` over ``(-max(|atp|,
+    |exact|), source, destination)`` of every edge with a non-zero value: the same edges in the same order, ties
+    included, and the same count left out."""
+    import heapq
+    import random
+
+    from saecircuits.analysis.circuit.position_graph import _largest_edges
+
+    rng = random.Random(0)
+    levels = [0.0, 0.5, -0.5, 0.25, 1e-3, -2.0]  # few values: many ties
+    for trial in range(20):
+        ex = {(rng.randrange(30), rng.randrange(12)): rng.choice(levels) for _ in range(rng.randrange(0, 200))}
+        at = {(rng.randrange(30), rng.randrange(12)): rng.choice(levels) for _ in range(rng.randrange(0, 60))}
+        cand = []
+        for a, j in set(at) | set(ex):
+            v, e = at.get((a, j)), ex.get((a, j), 0.0)
+            if v or e != 0.0:
+                cand.append((-max(abs(v or 0.0), abs(e)), a, j))
+        cap = rng.choice([0, 5, 40, 1000])
+        got, left = _largest_edges(at, ex, cap)
+        assert got == heapq.nsmallest(cap, cand), trial
+        assert left == max(0, len(cand) - cap)
+
+
+def test_json_floats_of_a_list_equal_each_float_rounded_alone():
+    """The graph's floats formatted a list at a time (``_fs``) against one at a time (``_f``): the same 6
+    significant digits, signed zeros, and None for inf and NaN."""
+    import math
+    import random
+
+    from saecircuits.analysis.circuit.position_graph import _f, _fs
+
+    rng = random.Random(1)
+    xs = [rng.gauss(0, 10 ** rng.randint(-12, 12)) for _ in range(5000)]
+    xs += [0.0, -0.0, float("nan"), float("inf"), -float("inf"), 5e-324, 1.7976931348623157e308, 123456.5, 0.1]
+    got, want = _fs(xs), [_f(x) for x in xs]
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert (g is None and w is None) or (g == w and math.copysign(1, g) == math.copysign(1, w)), (g, w)
+    assert _fs([]) == []
+
+
+def test_aggregated_edges_carry_exact_means_over_every_prompt():
+    """The aggregated graph's edges between candidates (pass C's exact edges, stored per batch from arrays): each
+    edge's mean over ALL prompts of ``f_d(clean) - f_d(u ablated)`` through full-prompt bridge runs, the source
+    ablated at its column's position and the downstream code read at its own, 0 where a prompt lacks either node
+    (no such position, or a feature inactive there)."""
+    from saecircuits.analysis.circuit.aggregate import column_of
+
+    model, task, saes, pg = _setup("gpt_neo")
+    out = _positions_out()
+    base = _baselines("gpt_neo")
+
+    def node(nid):
+        ident, _, column = nid.partition("@")
+        kind, layer, index = ident.split(":")
+        gi = next(g for g in range(len(pg.groups)) if pg.layer[g] == int(layer) and (
+            pg.names[g] == kind or (pg.names[g] == "sae" and kind in ("feature", "error"))))
+        return kind, gi, (pg.groups[gi].sae.d_sae if kind == "error" else int(index)), column
+
+    edges = [e for e in out["aggregated"]["edges"] if not e["dst"].startswith("target:") and e["mean_exact"]]
+    assert edges, "no exact edge between candidates"
+    for e in sorted(edges, key=lambda e: -abs(e["mean_exact"]))[:2]:
+        (ku, gu, lu, cu), (_, gd, ld, cd) = node(e["src"]), node(e["dst"])
+        vals = []
+        for i in range(task.n_prompts):
+            P = task.prediction_pos[i]
+            anchors = {**task.anchors(i), "P": P}
+            tu = [t for t in range(P + 1) if column_of(t, P, anchors) == cu]
+            td = [t for t in range(P + 1) if column_of(t, P, anchors) == cd]
+            with torch.no_grad():
+                _, cache = model.run_with_cache(torch.tensor([task.token_ids[i]]))
+                f_clean = pg.groups[gd].sae.encode(cache[pg.groups[gd].hook_in][0])  # [T, d_sae]
+                f_up = pg.groups[gu].sae.encode(cache[pg.groups[gu].hook_in][0]) if ku == "feature" else None
+            if not tu or not td or float(f_clean[td[0], ld]) == 0 or (f_up is not None and float(f_up[tu[0], lu]) == 0):
+                vals.append(0.0)
+                continue
+            _, codes = _bridge_ablate(model, pg, task, i, gu, lu, tu[0], read=gd, base=base)
+            vals.append(float((f_clean[td[0], ld] - codes[td[0], ld]).detach()))
+        assert e["mean_exact"] == pytest.approx(sum(vals) / len(vals), abs=2e-5, rel=1e-4), (e["src"], e["dst"])
+
+
+def test_atp_edges_over_several_slots_equal_the_dense_contributions():
+    """AtP edges into several downstream features per prompt (the gather plan built once and reused over the slots;
+    one prompt with fewer slots than the other) against the dense contributions of each target's own backward
+    pass (every node's ``grad . activation`` at every position, :meth:`Tracked.contributions`)."""
+    from saecircuits.analysis.circuit.positions import PromptNodes
+
+    arch = "gpt2"
+    model, task, saes, pg = _setup(arch)
+    eng = engine_of(model)
+    batch = next(iter(task_batches(model, task, max_batch=3)))
+    clean = clean_cache(eng, batch)
+    tr, contrib = node_attributions(eng, pg, batch, _baselines(arch))
+    down_gi = next(i for i, g in enumerate(pg.groups) if g.sae is saes[1])
+    up, down = [], []
+    for b in range(len(batch.indices)):
+        P = int(batch.positions[b])
+        up.append(_pick_nodes(pg, clean, contrib, b))
+        ks = torch.nonzero(contrib[down_gi][b, P, :-1] != 0).flatten()[: 3 if b == 0 else 2]
+        down.append(PromptNodes(torch.full_like(ks, down_gi), ks, torch.full_like(ks, P)))
+    atp = attribution_edges(pg, tr, up, down)
+    n = 0
+    for b in range(len(up)):
+        for j in range(len(down[b].gi)):
+            with torch.enable_grad():
+                target = tr.feature(pg, down_gi, b, int(down[b].pos[j]), int(down[b].local[j]))
+                grads = torch.autograd.grad(target, tr.flat(), retain_graph=True, allow_unused=True)
+            dense = tr.contributions(pg, grads)
+            for a in range(len(up[b].gi)):
+                gi, k, t = int(up[b].gi[a]), int(up[b].local[a]), int(up[b].pos[a])
+                if (a, j) not in atp[b]:
+                    assert pg.stage[gi] >= pg.stage_in[down_gi]  # only pairs that cannot be edges are left out
+                    continue
+                assert atp[b][(a, j)] == pytest.approx(float(dense[gi][b, t, k]), abs=1e-6, rel=1e-5), (b, a, j)
+                n += abs(float(dense[gi][b, t, k])) > 1e-6
+    assert n > 10 and len(down[0].gi) > len(down[1].gi)

@@ -444,3 +444,14 @@ def test_positions_summary_ends_with_the_aggregated_faithfulness():
     undefined = positions_summary({**agg, "faithfulness": {"mean": None, "ci95": None,
                                                            "undefined_reason": "mean ablation does not hurt"}})
     assert undefined.endswith(" Its faithfulness is undefined: mean ablation does not hurt.")
+
+
+def test_aggregate_refuses_two_nodes_of_one_prompt_at_one_column():
+    """A prompt whose graph names one node twice at a position (or two ids mapping to one aggregated column id) is
+    refused, whichever of its nodes comes first."""
+    graphs = _two_prompts()
+    dup = dict(graphs[1]["nodes"][1])
+    graphs[1] = {**graphs[1], "nodes": graphs[1]["nodes"] + [dup]}
+    with pytest.raises(ValueError, match="two nodes map to 'feature:0:7@open_quote'"):
+        aggregate_graphs(graphs)
+    assert aggregate_graphs(_two_prompts())["n_prompts"] == 2  # each node once: accepted

@@ -141,12 +141,14 @@ def aggregate_graphs(graphs: list[dict], *, min_prompts: int = 1, share: float |
             if q <= p:
                 anchor_distances.setdefault(name, []).append(p - q)
         local: dict[str, str] = {}
+        keys: set[str] = set()  # local's values (a set: a membership test per node)
         for node in graph["nodes"]:
             column = column_of(int(node["pos"]), p, anchors)
             key = f"{_identity(node['id'])}@{column}"
-            if key in local.values():
+            if key in keys:
                 raise ValueError(f"prompt {g_index}: two nodes map to {key!r}; node ids must be unique per position")
             local[node["id"]] = key
+            keys.add(key)
             slot = node_vals.setdefault(
                 key, {"meta": node, "column": column, "exact": [None] * n, "atp": [None] * n, "present": [False] * n}
             )

@@ -33,6 +33,44 @@ def _track(t: torch.Tensor) -> torch.Tensor:
     return t.detach().requires_grad_(True)
 
 
+def _narrow_topk(sae) -> bool:
+    """Whether :func:`attached_features` may carry a TopK SAE's gradient through the selected columns alone: the
+    plain TopK activation (ReLU of the selected pre-activations, no input normalisation), whose derivative with
+    respect to the input is ``W_enc[:, k]`` where feature ``k`` is non-zero and 0 elsewhere."""
+    from saecircuits.saes.base import SAE
+    from saecircuits.saes.topk import TopKSAE
+
+    cls = type(sae)
+    return (isinstance(sae, TopKSAE) and sae.topk_relu and sae.input_normalization == "none"
+            and cls.encode is SAE.encode and cls._inference_activations is SAE._inference_activations
+            and cls.encode_with_hidden_pre is TopKSAE.encode_with_hidden_pre and cls._activate is TopKSAE._activate)
+
+
+def attached_features(sae, x_in: torch.Tensor, cols: torch.Tensor, f: torch.Tensor | None = None) -> torch.Tensor:
+    """``encode(x_in)[..., cols]`` ``[..., n]`` with its graph to ``x_in``: the targets of the edge gradients.
+
+    :meth:`~saecircuits.saes.base.SAE.encode_features` for every SAE but the plain TopK one, which encodes every
+    feature with its graph (its top-k compares them): each edge's backward pass then crossed a dense ``[d_sae] x
+    [d_sae, d_in]`` product. Here the value is the code computed without a graph (``f``, the caller's
+    ``encode(x_in)`` when it has it) plus ``z - z.detach()`` (exactly 0) with ``z = (x_in - b_dec) @ W_enc[:, cols]``
+    gated by ``f != 0``: the same derivative (``W_enc[:, k]`` where the feature is selected and positive, else 0,
+    as autograd's scatter / ReLU backward gives), through ``n`` columns. The same floats as the dense path for a
+    target that is one column per row (every caller here): its gradient row has one non-zero entry either way.
+    """
+    cols = cols.to(sae.W_enc.device)
+    if not _narrow_topk(sae):
+        return sae.encode_features(x_in, cols)
+    if f is None:
+        with torch.no_grad():
+            f = sae.encode(x_in)
+    vals = f.detach()[..., cols]  # encode_features' value (encode(x_in)[..., cols] for a TopK SAE)
+    if not (torch.is_grad_enabled() and x_in.requires_grad):
+        return vals
+    x_enc, _ = sae._encoder_input(x_in)
+    z = (x_enc @ sae.W_enc.detach()[:, cols]) * (vals != 0).to(x_enc.dtype)
+    return vals + (z - z.detach()).to(vals.dtype)
+
+
 def _tracking_edits(groups: list[_Group], store: dict, scale: dict | None = None, baselines: dict | None = None,
                     attach: dict | None = None, tracked: set[str] | None = None) -> list[Edit]:
     """Edits that expose every node's activation to autograd, unchanged in value.
@@ -65,7 +103,7 @@ def _tracking_edits(groups: list[_Group], store: dict, scale: dict | None = None
             def fn(x_in: torch.Tensor, x: torch.Tensor, g=g, sae=sae, interp=interp, cols=cols_given) -> torch.Tensor:
                 if tracked is not None and g.hook not in tracked:
                     if cols is not None and len(cols):
-                        store[g.hook + "#attached"] = (cols, sae.encode_features(x_in, cols))
+                        store[g.hook + "#attached"] = (cols, attached_features(sae, x_in, cols))
                     return x
                 x = x.to(edit_dtype(sae, x))  # the error in x's dtype: decode(f) + e is x, unrounded
                 with torch.no_grad():
@@ -75,7 +113,7 @@ def _tracking_edits(groups: list[_Group], store: dict, scale: dict | None = None
                     on = (f != 0).reshape(-1, f.shape[-1]).any(0) & (g.node_of[: sae.d_sae] >= 0).to(f.device)
                     cols = torch.nonzero(on).flatten()
                 if len(cols):
-                    store[g.hook + "#attached"] = (cols, sae.encode_features(x_in, cols))
+                    store[g.hook + "#attached"] = (cols, attached_features(sae, x_in, cols, f))
                 x_in = x_in.detach()  # the bias of a skip / normalising SAE is a constant of the decomposition
                 vals, idx = nonzero_codes(f)
                 bias = sae.decoder_bias(x_in if sae.decode_needs_input else None)

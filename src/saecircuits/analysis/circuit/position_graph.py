@@ -41,7 +41,6 @@ node, not per position). Intervals: the paired bootstrap of
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -110,6 +109,12 @@ def _f(x) -> float | None:
     """A JSON float: 6 significant digits (circuit.json stays small), None when not finite."""
     x = float(x)
     return float(f"{x:.6g}") if math.isfinite(x) else None
+
+
+def _fs(xs: Sequence[float]) -> list[float | None]:
+    """:func:`_f` of every float of ``xs`` (one string format for the list: a graph has thousands of values)."""
+    out = [float(x) for x in ("%.6g " * len(xs) % tuple(xs)).split()]
+    return [x if x - x == 0.0 else None for x in out]  # inf and NaN -> None
 
 
 def _candidates(pg: PositionGroups, tr, contrib, b: int, P: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -324,8 +329,10 @@ def position_circuit(
                  if nd["kind"] != "target"} for g in own]
         agg_keys = [{str(j): ver.present[int(i)][j] for j in kept if j in ver.present[int(i)]} for i in batch.indices]
         pseudo = [{"nodes": [{"id": k, "kind": "x", "in_graph": True} for k in kk]} for kk in agg_keys]
-        faith[torch.as_tensor(batch.indices, dtype=torch.long)] = _faithfulness_batch(
-            eng, pg, batch, own, keys, means, more=[(pseudo, agg_keys)])  # [B, 6]
+        idx = torch.as_tensor(batch.indices, dtype=torch.long)
+        # the clean column: pass C's clean pass of this very batch (its rows' answer log-probs), not a forward more
+        faith[idx] = _faithfulness_batch(eng, pg, batch, own, keys, means, more=[(pseudo, agg_keys)],
+                                         clean_m=ver.clean_m[idx])  # [B, 6]
     # the rows in one process's order (the prompts by length): the bootstrap resamples them with fixed seeds
     faith = sum_disjoint(faith, "faithfulness rows")[[i for b in _by_length(model, task, **kw) for i in b.indices]]
     faith_rows, agg_rows = [faith[:, :4]], [faith[:, [0, 1, 4, 5]]]
@@ -518,9 +525,13 @@ class _Verification:
         self.edges: dict[tuple[int, int], torch.Tensor] = {}  # (j_u, j_d) -> [n_prompts]
         self.present: list[dict[int, tuple[int, int, int]]] = [{} for _ in range(n_prompts)]
         self.n_prompts = n_prompts
+        # each prompt's clean answer log-prob (nats) from its batch's clean pass, on the rank that ran it (NaN
+        # elsewhere): the faithfulness pass's clean column, over the same batches
+        self.clean_m = torch.full((n_prompts,), float("nan"), dtype=torch.float64)
 
     def run(self, eng, pg, batch, anchors, where, cands, base) -> int:
         clean = clean_cache(eng, batch)
+        self.clean_m[torch.as_tensor(batch.indices, dtype=torch.long)] = clean.m.double().cpu()
         nodes, down, js, js_down = [], [], [], []
         for b, i in enumerate(batch.indices):
             i, P = int(i), int(batch.positions[b])
@@ -544,20 +555,31 @@ class _Verification:
             down.append(PromptNodes(t_[feat, 0], t_[feat, 1], t_[feat, 2]))
             js_down.append([rows[a][0] for a in feat])
         effects, edges, runs = exact_node_effects(eng, pg, clean, nodes, down, baselines=base)
-        by_edge: dict[tuple[int, int], tuple[list, list]] = {}  # (j_u, j_d) -> (prompts, values), set once below
+        # every prompt's edges as arrays (candidate up, candidate down, prompt, value), then one row per edge: a
+        # prompt holds thousands of edges, and each is one (prompt, edge) entry, set once
+        ups, dns, prompts, vals = [], [], [], []
         for b, i in enumerate(batch.indices):
             i = int(i)
             if js[b]:
                 self.exact[i, js[b]] = effects[b].to(self.exact.dtype)
-            ju, jd = js[b], js_down[b]
-            for (a, c), v in edges[b].items():
-                rows, vals = by_edge.setdefault((ju[a], jd[c]), ([], []))
-                rows.append(i)
-                vals.append(v)
-        for key, (rows, vals) in by_edge.items():
-            if key not in self.edges:
-                self.edges[key] = torch.zeros(self.n_prompts, dtype=torch.float64)
-            self.edges[key][rows] = torch.tensor(vals, dtype=torch.float64)
+            if edges[b]:
+                ac = np.array(list(edges[b]), dtype=np.int64).reshape(-1, 2)
+                ups.append(np.asarray(js[b], dtype=np.int64)[ac[:, 0]])
+                dns.append(np.asarray(js_down[b], dtype=np.int64)[ac[:, 1]])
+                prompts.append(np.full(len(ac), i, dtype=np.int64))
+                vals.append(np.fromiter(edges[b].values(), np.float64, len(ac)))
+        if ups:
+            K = len(where)
+            keys, inv = np.unique(np.concatenate(ups) * K + np.concatenate(dns), return_inverse=True)
+            table = torch.zeros(len(keys), self.n_prompts, dtype=torch.float64)
+            table[torch.from_numpy(inv.reshape(-1)), torch.from_numpy(np.concatenate(prompts))] = torch.from_numpy(
+                np.concatenate(vals))
+            mine = torch.as_tensor([int(i) for i in batch.indices], dtype=torch.long)
+            for r, code in enumerate(keys.tolist()):
+                key = (code // K, code % K)
+                if key not in self.edges:
+                    self.edges[key] = torch.zeros(self.n_prompts, dtype=torch.float64)
+                self.edges[key][mine] = table[r, mine]
         return runs
 
     def gather(self) -> None:
@@ -665,17 +687,17 @@ def _graph(pg, describe, heads, c: PromptNodes, atp, exact, ex_edges, at_edges, 
     nodes = []
     gis, ks, ts = c.gi.tolist(), c.local.tolist(), c.pos.tolist()  # python values in bulk (per-element reads are slow)
     exact_l, atp_l = exact.tolist(), atp.tolist()
-    acts = _activations(pg, tr, b, c)
+    exact_f, atp_f, acts_f = _fs(exact_l), _fs(atp_l), _fs(_activations(pg, tr, b, c))
     fidx = feat_idx.tolist()
     for a, (gi, k, t) in enumerate(zip(gis, ks, ts, strict=True)):
         kind, label, index, si, feat, head = describe(gi, k)
         ident[f"{kind}:{pg.layer[gi]}:{index}"] = (gi, k)
         nid = f"{kind}:{pg.layer[gi]}:{index}@{t}"
         ids.append(nid)
-        act = _f(acts[a]) if kind == "feature" else None
+        act = acts_f[a] if kind == "feature" else None
         nodes.append({"id": nid, "kind": kind, "layer": pg.layer[gi], "pos": t, "label": label, "sae": si,
-                      "feature": feat, "head": head, "activation": act, "exact": _f(exact_l[a]),
-                      "atp": _f(atp_l[a]), "ig": None, "in_graph": False})
+                      "feature": feat, "head": head, "activation": act, "exact": exact_f[a],
+                      "atp": atp_f[a], "ig": None, "in_graph": False})
         if math.isfinite(exact_l[a]):
             pairs["nodes"][0].append(atp_l[a])
             pairs["nodes"][1].append(exact_l[a])
@@ -689,7 +711,7 @@ def _graph(pg, describe, heads, c: PromptNodes, atp, exact, ex_edges, at_edges, 
         parts = loads.get(key)
         if parts is None:
             return None
-        return [{"head": h, "value": _f(v)} for h, v in zip(heads, parts, strict=True) if v != 0.0]
+        return [{"head": h, "value": f} for h, v, f in zip(heads, parts, _fs(parts), strict=True) if v != 0.0]
 
     for (a, j), v in at_edges.items():  # every valid pair into an estimated feature (0 allowed); exact 0 unrecorded
         pairs["edges"][0].append(v)
@@ -698,15 +720,7 @@ def _graph(pg, describe, heads, c: PromptNodes, atp, exact, ex_edges, at_edges, 
     # every node's edge into the target (its effect: one per node, never capped), then the max_edges largest other
     # edges by max(|exact|, |atp|) (ties in order of (source, destination)); dicts only for those (an early node's
     # exact edges reach nearly every later feature)
-    cand = []
-    for a, j in set(at_edges) | set(ex_edges):
-        v, e = at_edges.get((a, j)), ex_edges.get((a, j), 0.0)
-        if v or e != 0.0:
-            cand.append((-max(abs(v or 0.0), abs(e)), a, j))
-    n_left_out = max(0, len(cand) - max_edges)
-    # the max_edges largest, ties in (source, destination) order, without sorting the rest (an example prompt has
-    # tens of thousands of exact edges)
-    top = heapq.nsmallest(max_edges, cand)
+    top, n_left_out = _largest_edges(at_edges, ex_edges, max_edges)
     cand = top + [(0.0, a, -1) for a in range(len(c.gi))]
     order = range(len(cand))
     edges = []
@@ -723,6 +737,27 @@ def _graph(pg, describe, heads, c: PromptNodes, atp, exact, ex_edges, at_edges, 
             "edge_cap": {"max_edges": int(max_edges), "n_left_out": n_left_out,
                          "rule": "every node's edge into the target (its effect) is kept; of the other edges, the "
                                  "max_edges largest by max(|exact|, |atp|)"}}
+
+
+def _largest_edges(at_edges: dict, ex_edges: dict, max_edges: int) -> tuple[list[tuple[float, int, int]], int]:
+    """The ``max_edges`` largest edges ``(a, j)`` of one prompt by ``max(|atp|, |exact|)`` among those with a
+    non-zero AtP or exact value, as ``(-size, a, j)`` in increasing order (ties in (source, destination) order),
+    and how many were left out. In arrays: an example prompt has tens of thousands of exact edges (what a Python
+    loop and ``heapq.nsmallest`` over ``(-size, a, j)`` tuples gave, the same selection and order)."""
+    only_at = [k for k in at_edges if k not in ex_edges]
+    keys = list(ex_edges) + only_at
+    if not keys:
+        return [], 0
+    aj = np.array(keys, dtype=np.int64).reshape(-1, 2)
+    e = np.concatenate([np.fromiter(ex_edges.values(), np.float64, len(ex_edges)), np.zeros(len(only_at))])
+    v = np.array([at_edges.get(k, 0.0) for k in keys], dtype=np.float64)
+    keep = (v != 0) | (e != 0)
+    av, ae = np.abs(v[keep]), np.abs(e[keep])
+    size = -np.where(ae > av, ae, av)  # Python's max(|v|, |e|): the first unless the second is larger
+    a, j = aj[keep, 0], aj[keep, 1]
+    order = np.lexsort((j, a, size))[:max_edges]
+    top = list(zip(size[order].tolist(), a[order].tolist(), j[order].tolist(), strict=True))
+    return top, max(0, int(keep.sum()) - max_edges)
 
 
 def _activations(pg: PositionGroups, tr, b: int, c: PromptNodes) -> list[float]:
@@ -930,7 +965,8 @@ def _parts_in_batch_order(parts: list[dict], counts: list[int]) -> tuple[list[di
 
 
 def _faithfulness_batch(engine, pg: PositionGroups, batch, graphs: list[dict], keys: list[dict], means: dict,
-                        more: Sequence[tuple[list[dict], list[dict]]] = ()) -> torch.Tensor:
+                        more: Sequence[tuple[list[dict], list[dict]]] = (), clean_m: torch.Tensor | None = None
+                        ) -> torch.Tensor:
     """Answer log-prob ``[B, 4]``: clean, every node mean-ablated, every node outside the pruned circuit mean-ablated,
     the circuit's nodes mean-ablated (all at every position ``<= P``), the last two as variants of one full forward
     per chunk of prompts (``keys[b]``: node id -> ``(group, in-group index, position)``). ``more``: further
@@ -939,7 +975,9 @@ def _faithfulness_batch(engine, pg: PositionGroups, batch, graphs: list[dict], k
     The clean column is a forward without hooks (the variant with nothing ablated is the clean model). With every
     node mean-ablated, every group's activation at every position ``<= P`` is its mean: the residual stream at P is a
     sum of constants, the same in every prompt (attention outputs are ablated, so neither the other positions nor
-    the attention pattern reach P); that column is one forward of one position, read at each prompt's answer."""
+    the attention pattern reach P); that column is one forward of one position, read at each prompt's answer.
+    ``clean_m``: the rows' clean answer log-probs ``[B]`` when the caller has them (:func:`clean_cache`'s ``m`` of
+    this batch: the same forward), else computed here."""
     from saecircuits.analysis.circuit import MAX_FLOATS
     from saecircuits.models.hooks import TaskBatch
 
@@ -960,9 +998,12 @@ def _faithfulness_batch(engine, pg: PositionGroups, batch, graphs: list[dict], k
                                   means)
         n = len(sub.indices)
         with torch.no_grad():
-            x = engine.forward_tokens(sub.tokens)
-            lg = engine.logits(x[torch.arange(n, device=dev), :, sub.positions.to(dev)])  # [n, 1, d_vocab]
-            clean = _answer_logprob(lg, sub.answer_ids).double().cpu()
+            if clean_m is not None:
+                clean = clean_m[sl].double().cpu()[:, None]
+            else:
+                x = engine.forward_tokens(sub.tokens)
+                lg = engine.logits(x[torch.arange(n, device=dev), :, sub.positions.to(dev)])  # [n, 1, d_vocab]
+                clean = _answer_logprob(lg, sub.answer_ids).double().cpu()
             empty = _answer_logprob(everything.expand(n, 1, everything.shape[-1]), sub.answer_ids).double().cpu()
         out.append(torch.cat([clean, empty, rows], dim=1))
     return torch.cat(out)

@@ -57,6 +57,7 @@ from saecircuits.analysis.circuit import (
     _track,
     ablation_values,
 )
+from saecircuits.analysis.circuit.estimates import attached_features
 from saecircuits.models.engine import EngineError, KVPrefix, stage_of_hook
 from saecircuits.models.hooks import TaskBatch
 from saecircuits.models.interventions import Edit, interventions_for
@@ -233,7 +234,7 @@ class Tracked:
     def feature(self, pg: PositionGroups, gi: int, b: int, t: int, k: int) -> torch.Tensor:
         """``f_k`` of SAE group ``gi`` at prompt ``b``, position ``t`` (a scalar with its graph to the leaves)."""
         sae = pg.groups[gi].sae
-        return sae.encode(self.inputs[gi][b, 0, t][None])[0, k]
+        return attached_features(sae, self.inputs[gi][b, 0, t][None], torch.tensor([k]))[0, 0]
 
     def flat(self) -> list[torch.Tensor]:
         """The autograd leaves, one per group: an SAE's error ``e``, else the activation ``a``; ``grads`` below
@@ -247,43 +248,66 @@ class Tracked:
         W = g.sae.W_dec
         return (ge.to(W.dtype) @ W.T).to(ge.dtype)
 
-    def gathered(self, pg: PositionGroups, grads: Sequence[torch.Tensor | None], rows: Sequence[int],
-                 nodes: Sequence[PromptNodes]) -> list[torch.Tensor]:
-        """``grad . activation`` of the given nodes of prompts ``rows`` (``nodes[i]`` of prompt ``rows[i]``): per
-        prompt float64 ``[n_i]`` (what :meth:`contributions` holds at those entries, without forming the whole
-        ``[B, T, n_local]`` tensors; every prompt's nodes in one indexing per group)."""
+    def gather_plan(self, pg: PositionGroups, rows: Sequence[int], nodes: Sequence[PromptNodes]) -> list:
+        """What :meth:`gathered` reads besides the gradients, for the nodes ``nodes[i]`` of prompts ``rows[i]``:
+        their indices per group, and the activations (float64) and decoder rows they multiply. The same for every
+        gradient of one slot (a head loading takes one per layer and key/value head), so built once per slot."""
         sizes = [len(n.gi) for n in nodes]
         gis = torch.cat([n.gi for n in nodes]) if nodes else torch.zeros(0, dtype=torch.long)
         ks = torch.cat([n.local for n in nodes]) if nodes else gis
         ts_ = torch.cat([n.pos for n in nodes]) if nodes else gis
         bs = torch.repeat_interleave(torch.tensor(list(rows), dtype=torch.long), torch.tensor(sizes, dtype=torch.long))
-        out = torch.zeros(len(gis), dtype=torch.float64)
+        parts = []
         for gi in torch.unique(gis).tolist():
             m = gis == gi
             b, t, k = bs[m], ts_[m], ks[m]
-            ts, gs = self.leaves[gi], grads[gi]
+            ts = self.leaves[gi]
             g = pg.groups[gi]
             with torch.no_grad():
                 if g.kind == "sae":
-                    (f, e), ge = ts, gs
+                    f, e = ts
                     d_sae = g.sae.d_sae
                     is_f = k < d_sae
-                    vals = torch.zeros(len(t), dtype=torch.float64)
                     kf = k.clamp(max=d_sae - 1)
-                    if ge is not None:
-                        # grad_f at these (t, k) alone: grad_e[t] . W_dec[k] (:meth:`feature_grad`)
-                        W = g.sae.W_dec
-                        g_e = ge[b, 0, t]
-                        gf = (g_e.to(W.dtype) * W[kf.to(W.device)]).sum(-1)
-                        vals += torch.where(is_f, (gf.to(ge.dtype).double() * f[b, 0, t, kf].double()).cpu(), 0.0)
-                        vals += torch.where(is_f, 0.0, (g_e.double() * e[b, 0, t].double()).sum(-1).cpu())
+                    W = g.sae.W_dec
+                    acts = (W[kf.to(W.device)], f[b, 0, t, kf].double(), e[b, 0, t].double())
                 else:
-                    (a,), ga = ts, gs
-                    if ga is None:
-                        continue
+                    (a,) = ts
+                    is_f = None
                     a_t = a[b, 0, t].double()  # products in float64: never a bf16 product
                     if gi in self.baselines:
                         a_t = a_t - self.baselines[gi].double()
+                    acts = (a_t,)
+            parts.append((gi, m, b, t, k, is_f, acts))
+        return [sizes, len(gis), parts]
+
+    def gathered(self, pg: PositionGroups, grads: Sequence[torch.Tensor | None], rows: Sequence[int],
+                 nodes: Sequence[PromptNodes], plan: list | None = None) -> list[torch.Tensor]:
+        """``grad . activation`` of the given nodes of prompts ``rows`` (``nodes[i]`` of prompt ``rows[i]``): per
+        prompt float64 ``[n_i]`` (what :meth:`contributions` holds at those entries, without forming the whole
+        ``[B, T, n_local]`` tensors; every prompt's nodes in one indexing per group). ``plan``: their
+        :meth:`gather_plan` when the caller reuses it over several gradients (built here otherwise)."""
+        sizes, n, parts = self.gather_plan(pg, rows, nodes) if plan is None else plan
+        out = torch.zeros(n, dtype=torch.float64)
+        for gi, m, b, t, k, is_f, acts in parts:
+            gs = grads[gi]
+            g = pg.groups[gi]
+            with torch.no_grad():
+                if g.kind == "sae":
+                    ge = gs
+                    W_k, f_k, e_t = acts
+                    vals = torch.zeros(len(t), dtype=torch.float64)
+                    if ge is not None:
+                        # grad_f at these (t, k) alone: grad_e[t] . W_dec[k] (:meth:`feature_grad`)
+                        g_e = ge[b, 0, t]
+                        gf = (g_e.to(W_k.dtype) * W_k).sum(-1)
+                        vals += torch.where(is_f, (gf.to(ge.dtype).double() * f_k).cpu(), 0.0)
+                        vals += torch.where(is_f, 0.0, (g_e.double() * e_t).sum(-1).cpu())
+                else:
+                    ga = gs
+                    if ga is None:
+                        continue
+                    (a_t,) = acts
                     prod = ga[b, 0, t].double() * a_t
                     if g.kind == "heads":
                         vals = prod[torch.arange(len(t)), k].sum(-1).cpu()
@@ -293,13 +317,32 @@ class Tracked:
         return list(out.split(sizes))
 
     def contributions(self, pg: PositionGroups, grads: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
-        """``grad . activation`` per group ``[B, T, n_local]`` (float64, on the CPU) from grads of :meth:`flat`."""
+        """``grad . activation`` per group ``[B, T, n_local]`` (float64, on the CPU) from grads of :meth:`flat`; an
+        SAE feature's entry only where it is active (0 elsewhere, :meth:`_sae_contributions`)."""
         out = []
         for gi, (g, ts, x) in enumerate(zip(pg.groups, self.leaves, grads, strict=True)):
             x = torch.zeros_like(ts[-1]) if x is None else x
-            gs = (self.feature_grad(g, x), x) if g.kind == "sae" else (x,)
-            out.append(_contributions(g, ts, gs, self.baselines.get(gi))[:, 0].cpu())
+            if g.kind == "sae":  # the features' products where they are active only (the rest are read as absent)
+                out.append(self._sae_contributions(g, ts, x))
+                continue
+            out.append(_contributions(g, (ts[0],), (x,), self.baselines.get(gi))[:, 0].cpu())
         return out
+
+    def _sae_contributions(self, g, ts: tuple, ge: torch.Tensor) -> torch.Tensor:
+        """An SAE group's ``[B, T, d_sae + 1]`` of :meth:`contributions`: ``grad_f . f`` (float64 products) at the
+        active features, 0 at the inactive ones (a TopK SAE's ``d_sae - k`` zeros per position: no float64 copy of
+        the dense codes and gradients), the error's ``grad_e . e`` last. The active entries and the error are
+        :func:`~saecircuits.analysis.circuit.estimates._contributions`' floats; the inactive ones are never read
+        (a feature is a node where it is active, :func:`~.position_graph._candidates`)."""
+        f, e = ts
+        with torch.no_grad():
+            gf = self.feature_grad(g, ge)[:, 0]  # [B, T, d_sae]
+            f0 = f[:, 0]
+            b, t, k = torch.nonzero(f0, as_tuple=True)
+            out = torch.zeros(*f0.shape[:-1], f0.shape[-1] + 1, dtype=torch.float64, device=f0.device)
+            out[b, t, k] = gf[b, t, k].double() * f0[b, t, k].double()
+            out[..., -1] = (ge[:, 0].double() * e[:, 0].double()).sum(-1)
+        return out.cpu()
 
 
 @torch.enable_grad()
@@ -444,11 +487,14 @@ def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges, v
     t0 = P - d
     S = d + 1
     qpos = t0[:, None] + torch.arange(S, device=dev)[None]
-    lists = [[[-1] * V for _ in range(n)] for _ in pg.groups]  # built in python, one tensor per group below
-    for i, (b, s) in enumerate(zip(rows, sel, strict=True)):
-        for j, (gi, k) in enumerate(zip(nodes[b].gi[s].tolist(), nodes[b].local[s].tolist(), strict=True)):
-            lists[gi][i][1 + j] = k
-    tables = {gi: torch.tensor(t, dtype=torch.long) for gi, t in enumerate(lists)}
+    # per group, int64 [n, V]: row i's j-th node (its in-group index) at variant 1 + j where it is of that group
+    tab = torch.full((len(pg.groups), n, V), -1, dtype=torch.long)
+    lens = torch.tensor([len(s) for s in sel], dtype=torch.long)
+    tab[torch.cat([nodes[b].gi[s] for b, s in zip(rows, sel, strict=True)]),
+        torch.repeat_interleave(torch.arange(n), lens),
+        1 + torch.cat([torch.arange(int(m)) for m in lens])] = torch.cat(
+        [nodes[b].local[s] for b, s in zip(rows, sel, strict=True)])
+    tables = dict(enumerate(tab))
     hooks: dict = {}
     stages = []
     for gi, tab in tables.items():
@@ -480,12 +526,13 @@ def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges, v
     # per SAE group read: the rows' positions holding downstream nodes, encoded in one call (the encoder is most of
     # the cost; one call per row was many small products)
     jobs: dict[int, list] = {gi: [] for gi in reads}
+    stage_of = torch.tensor(pg.stage, dtype=torch.long)
     for i, (b, s) in enumerate(zip(rows, sel, strict=True)):
         if not len(s):  # this row's variants at distance d were all in earlier chunks
             continue
         dn = down[b]
         t_b = int(P[i]) - d
-        up_stage = torch.tensor([pg.stage[int(g)] for g in nodes[b].gi[s]])
+        up_stage = stage_of[nodes[b].gi[s]]
         for gi in reads:
             want = torch.nonzero((dn.gi == gi) & (dn.pos >= t_b)).flatten()
             if not len(want) or pg.stage_in[gi] <= int(up_stage.min()):  # no edge can reach this SAE's nodes
@@ -508,15 +555,27 @@ def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges, v
             parts.append(xs.reshape(-1, xs.shape[-1]))  # [v * w, d_in]
             blocks.append((up, len(vrows), len(where)))
         f_all = g.sae.encode(torch.cat(parts)).float()  # [sum v * w, d_sae]
+        # every item's (variant, downstream node) entries read from f_all in one indexing: per item, the rows
+        # o + v * nw + col (its clean variant v = 0 and each upstream variant), the columns its nodes' features
         o = 0
+        clean_at, var_at, feat, b_of, u_of, d_of = [], [], [], [], [], []
         for (_, b, s, _, want, _, col), (up, nv, nw) in zip(items, blocks, strict=True):
-            f = f_all[o : o + nv * nw].reshape(nv, nw, -1)
+            w = len(want)
+            var_at.append((o + nw * (1 + torch.arange(nv - 1))[:, None] + col[None]).flatten())  # [(nv-1) * w]
+            clean_at.append((o + col).repeat(nv - 1))
+            feat.append(down[b].local[want].repeat(nv - 1))
+            b_of.append(torch.full(((nv - 1) * w,), b, dtype=torch.long))
+            u_of.append(s[up].repeat_interleave(w))
+            d_of.append(want.repeat(nv - 1))
             o += nv * nw
-            fi = f[:, col.to(dev), down[b].local[want].to(dev)]  # [v, w]
-            delta = (fi[:1] - fi[1:]).double().cpu()  # [len(up), w]
-            a, c = torch.nonzero(delta != 0, as_tuple=True)  # (python floats in bulk: one tensor index per edge is slow)
-            edges[b].update(zip(zip(s[up[a]].tolist(), want[c].tolist(), strict=True), delta[a, c].tolist(),
-                                strict=True))
+        feat_t = torch.cat(feat).to(dev)
+        # f_d(clean) - f_d(u ablated) per entry: the elementwise float32 difference, then float64 (as per item)
+        delta = (f_all[torch.cat(clean_at).to(dev), feat_t] - f_all[torch.cat(var_at).to(dev), feat_t]).double().cpu()
+        nz = torch.nonzero(delta != 0).flatten()  # (python floats in bulk: one tensor index per edge is slow)
+        b_nz, u_nz, d_nz, v_nz = torch.cat(b_of)[nz], torch.cat(u_of)[nz], torch.cat(d_of)[nz], delta[nz]
+        for b in dict.fromkeys(b_nz.tolist()):  # each row's edges in entry order
+            m = b_nz == b
+            edges[b].update(zip(zip(u_nz[m].tolist(), d_nz[m].tolist(), strict=True), v_nz[m].tolist(), strict=True))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -537,13 +596,17 @@ def attribution_edges(pg: PositionGroups, tr: Tracked, up: list[PromptNodes], do
     out: list[dict] = [{} for _ in up]
     flat = tr.flat()
     n_slots = max((len(dn.gi) for dn in down), default=0)
-    up_stage = [torch.tensor([pg.stage[int(g)] for g in u.gi], dtype=torch.long) for u in up]
+    stage_of = torch.tensor(pg.stage, dtype=torch.long)
+    up_stage = [stage_of[u.gi] for u in up]
+    plan = None
     for j in range(n_slots):
         have = [b for b, dn in enumerate(down) if j < len(dn.gi)]
         target = torch.stack([tr.feature(pg, int(down[b].gi[j]), b, int(down[b].pos[j]), int(down[b].local[j]))
                               for b in have]).sum()
         grads = torch.autograd.grad(target, flat, retain_graph=True, allow_unused=True)
-        for b, vals in zip(have, tr.gathered(pg, grads, have, [up[b] for b in have]), strict=True):
+        if plan is None or plan[0] != have:  # the prompts with a j-th slot: the same ones over most slots
+            plan = (have, tr.gather_plan(pg, have, [up[b] for b in have]))
+        for b, vals in zip(have, tr.gathered(pg, grads, have, [up[b] for b in have], plan[1]), strict=True):
             u, dn = up[b], down[b]
             ok = (up_stage[b] < pg.stage_in[int(dn.gi[j])]) & (u.pos <= int(dn.pos[j]))
             a = torch.nonzero(ok).flatten()
@@ -605,11 +668,12 @@ def head_loadings(engine, pg: PositionGroups, clean: CleanCache, tr: Tracked, up
                 parts.append(_answer_logprob(lg, batch.answer_ids[b : b + 1].to(dev))[0, 0])
             else:
                 g = pg.groups[int(down[b].gi[w])]
-                f = g.sae.encode(g.sae.flatten_input(reads[int(down[b].gi[w])][i, 0, 0]))
-                parts.append(f[int(down[b].local[w])])
+                x_in = g.sae.flatten_input(reads[int(down[b].gi[w])][i, 0, 0])
+                parts.append(attached_features(g.sae, x_in[None], torch.tensor([int(down[b].local[w])]))[0, 0])
         gkv = torch.autograd.grad(torch.stack(parts).sum(), [t for kv in leaves for t in kv], allow_unused=True)
         # per prompt: its upstream nodes before p_d and their parts, one column per (layer, key/value head)
         before = [torch.nonzero(up[b].pos < int(pd[i])).flatten() for i, b in enumerate(have)]
+        plan = tr.gather_plan(pg, have, [up[b] for b in have])  # one per slot: every head's gradient reads it
         table = [torch.zeros(len(a), engine.n_layers * K, dtype=torch.float64) for a in before]
         filled = False
         for layer, (k, v) in enumerate(tr.kv):
@@ -625,7 +689,7 @@ def head_loadings(engine, pg: PositionGroups, clean: CleanCache, tr: Tracked, up
                     continue
                 grads = torch.autograd.grad(s, flat, retain_graph=True, allow_unused=True)
                 col = layer * K + kh
-                every = tr.gathered(pg, grads, have, [up[b] for b in have])
+                every = tr.gathered(pg, grads, have, [up[b] for b in have], plan)
                 for i, vals in enumerate(every):
                     table[i][:, col] = vals[before[i]]
                 filled = True
