@@ -23,7 +23,10 @@ Model classes (``--models``, comma-separated):
               ``--ref-d-sae`` SAEs over ``--ref-prompts`` prompts, the table's matmul rate against the machine's
               fp32 matmul rate, the growth with the prompt count (``--scale-prompts``) and d_sae (``--scale-d-sae``),
               and the peak memory of the corpus statistics over each of ``--memory-stories`` story counts (fresh
-              processes, stories cut to ``--memory-story-tokens``); ``--ref-parts`` picks the parts, ``--dtype``
+              processes, stories cut to ``--memory-story-tokens``); ``memory-full`` (not in the default parts): the
+              same pass over ``--memory-full-stories`` whole stories with a narrow random GPT-Neo of the reference's
+              tokenizer (``--memory-width``), printing the reference-shape weights to add; ``--ref-parts`` picks the
+              parts, ``--dtype``
               the model's and SAEs' dtype; every stage prints its matmul lower bound over the measured rate.
               With ``--ref-compare``: the product-vs-loop comparison, one 16,384-feature SAE, the loop timed on
               ``--ref-loop-prompts`` prompts (and ``--loop-pairs`` pairs) and scaled.
@@ -900,6 +903,11 @@ def _corpus_memory_child(args) -> None:
                            dtype=args.dtype) for layer in (0, 1)]
     dtype = getattr(torch, args.dtype)
     weights = [sum(p.numel() * p.element_size() for p in m.parameters()) / 2**20 for m in (model, *saes)]
+    from saecircuits.analysis.corpus.statistics import _Accumulator
+
+    table: dict[str, int] = {}  # the second pass's (feature, token) table per SAE: the part growing with the corpus
+    state = _Accumulator.state
+    _Accumulator.state = lambda self: table.__setitem__(self.sae.hook_point, len(self.tok_key)) or state(self)
     before = _status_mib("VmRSS")
     reset = _reset_peak_rss()  # the model's loading peak is not the pass's
     budget = args.memory_event_bytes if args.memory_event_bytes >= 0 else None
@@ -929,6 +937,9 @@ def _corpus_memory_child(args) -> None:
           f"{'none' if budget is None else f'{budget / 2**20:.0f} MiB'}: "
           f"{'over it, so a second pass read the rows again' if two else 'within it, one pass'}; the "
           f"statistics returned hold {held:.0f} MiB of tensors", flush=True)
+    if two:
+        print("   the second pass's token tables (16 bytes per distinct (feature, token) pair above the threshold): "
+              + ", ".join(f"{h}: {n:,} pairs" for h, n in table.items()), flush=True)
     print(f"   weights in this process: model {weights[0]:.0f} MiB, SAEs {sum(weights[1:]):.0f} MiB", flush=True)
     if shape is not None:
         ref = RANDOM_NEO["reference"]

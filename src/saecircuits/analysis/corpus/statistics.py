@@ -2,8 +2,9 @@
 notebook's max activations, top examples, token-wise counts and common tokens, without its dense arrays).
 
 One forward per batch of corpus documents reads every SAE's hook point at every position (the pass stops after the
-last block it needs and never unembeds), and each SAE's features are encoded in chunks of rows so that at most
-``encode_floats`` activations exist at once. Nothing of size ``n_docs x d_sae`` or ``d_sae x d_vocab`` is ever built.
+last block it needs and never unembeds, and its activations are not kept in the interventions' cache), and each
+SAE's features are encoded in chunks of rows so that at most ``encode_floats`` activations exist at once. Nothing of
+size ``n_docs x d_sae`` or ``d_sae x d_vocab`` is ever built.
 Per SAE and feature ``k`` it keeps:
 
 - ``fire_count``: tokens with ``f_k > 0``, so the density ``fire_count / n_tokens`` (fraction of counted tokens);
