@@ -459,7 +459,7 @@ def test_top_k_merged_in_feature_blocks_equals_one_block(monkeypatch):
     _assert_equal_stats(got, want)
 
 
-def test_a_batch_already_in_the_cache_is_read_from_it():
+def test_a_batch_already_in_the_cache_is_read_from_it(monkeypatch):
     """The pass adds nothing to the interventions' cache but reads a batch another analysis cached (same values)."""
     from saecircuits.models.hooks import pad_id_of, row_batches
 
@@ -474,7 +474,7 @@ def test_a_batch_already_in_the_cache_is_read_from_it():
         assert len(iv._reads) == 1
         calls = []
         real = iv._read_all
-        iv._read_all = lambda tokens, read: calls.append(1) or real(tokens, read)
+        monkeypatch.setattr(iv, "_read_all", lambda tokens, read: calls.append(1) or real(tokens, read))
         got = corpus_feature_stats(model, saes, rows, **_budget_kwargs(None))
     n_batches = sum(1 for _ in row_batches(rows, 0, max_tokens=60, max_batch=3))
     assert len(calls) == n_batches - 1 and len(iv._reads) == 1
