@@ -23,7 +23,10 @@ Model classes (``--models``, comma-separated):
               ``--ref-d-sae`` SAEs over ``--ref-prompts`` prompts, the table's matmul rate against the machine's
               fp32 matmul rate, the growth with the prompt count (``--scale-prompts``) and d_sae (``--scale-d-sae``),
               and the peak memory of the corpus statistics over each of ``--memory-stories`` story counts (fresh
-              processes, stories cut to ``--memory-story-tokens``); ``--ref-parts`` picks the parts, ``--dtype``
+              processes, stories cut to ``--memory-story-tokens``); ``memory-full`` (not in the default parts): the
+              same pass over ``--memory-full-stories`` whole stories with a narrow random GPT-Neo of the reference's
+              tokenizer (``--memory-width``), printing the reference-shape weights to add; ``--ref-parts`` picks the
+              parts, ``--dtype``
               the model's and SAEs' dtype; every stage prints its matmul lower bound over the measured rate.
               With ``--ref-compare``: the product-vs-loop comparison, one 16,384-feature SAE, the loop timed on
               ``--ref-loop-prompts`` prompts (and ``--loop-pairs`` pairs) and scaled.
@@ -689,13 +692,15 @@ def _stories(n: int) -> list[str]:
     return [docs[i % len(docs)] for i in range(n)]
 
 
-def _reference_setup(args, n_prompts: int, n_stories: int, story_tokens: int | None = None):
-    """The reference-shape model in ``--dtype``, ``n_prompts`` closing-quote prompts and ``n_stories`` corpus rows
-    (each cut to its first ``story_tokens`` tokens when given)."""
+def _reference_setup(args, n_prompts: int, n_stories: int, story_tokens: int | None = None, shape=None):
+    """The reference-shape model (or a random GPT-Neo of ``shape``, :data:`RANDOM_NEO`'s keys) in ``--dtype``,
+    ``n_prompts`` closing-quote prompts and ``n_stories`` corpus rows (each cut to its first ``story_tokens``
+    tokens when given)."""
     from saecircuits.models.load import load_hf_model
     from saecircuits.tasks.closing_quote import closing_quote_task
 
-    model = load_hf_model(_random_neo_hf(**RANDOM_NEO["reference"]), _gpt2_tokenizer(), model_name="random-neo-d1024",
+    shape = shape or RANDOM_NEO["reference"]
+    model = load_hf_model(_random_neo_hf(**shape), _gpt2_tokenizer(), model_name=f"random-neo-d{shape['d_model']}",
                           device=args.device, dtype=getattr(torch, args.dtype))
     docs = _stories(max(n_stories, 6 * n_prompts))  # about one closing quote in 4.5 stories (4 gave 892 of 1,000)
     task = closing_quote_task(docs, model.tokenizer, max_prompts=n_prompts, max_tokens=int(model.cfg.n_ctx))
@@ -838,7 +843,7 @@ def bench_scaling(args) -> None:
               f"d_sae {d / first[1]:.0f}x, pairs {pairs / max(1, first[2]):.2f}x the first; {_uptime()}", flush=True)
 
 
-def bench_corpus_memory(args) -> None:
+def bench_corpus_memory(args, full: bool = False) -> None:
     """Issue 17 item 5: corpus statistics with two ``--ref-d-sae`` SAEs at the reference shape over each story count
     of ``--memory-stories`` (each story cut to its first ``--memory-story-tokens`` tokens, 0 = whole), each in a
     fresh process so the peak resident memory (``resource.getrusage``) is that pass's. Resident memory flat in the
@@ -848,21 +853,61 @@ def bench_corpus_memory(args) -> None:
     import subprocess
     import sys
 
-    for n in [int(x) for x in args.memory_stories.split(",")]:
-        cmd = [sys.executable, __file__, "--corpus-memory-child", "--only", "--threads", str(args.threads),
-               "--device", args.device, "--dtype", args.dtype, "--memory-stories", str(n),
-               "--memory-story-tokens", str(args.memory_story_tokens), "--ref-d-sae", str(args.ref_d_sae),
-               "--l0", str(args.l0), "--memory-event-bytes", str(args.memory_event_bytes)]
-        subprocess.run(cmd, check=True)
+    widths = [""] if not full else [args.memory_width]
+    stories = args.memory_stories if not full else args.memory_full_stories
+    for width in widths:
+        for n in [int(x) for x in stories.split(",")]:
+            cmd = [sys.executable, __file__, "--corpus-memory-child", "--only", "--threads", str(args.threads),
+                   "--device", args.device, "--dtype", args.dtype, "--memory-stories", str(n),
+                   "--memory-story-tokens", "0" if full else str(args.memory_story_tokens),
+                   "--ref-d-sae", str(args.ref_d_sae), "--l0", str(args.l0),
+                   "--memory-event-bytes", str(args.memory_event_bytes), "--memory-width", width]
+            subprocess.run(cmd, check=True)
+
+
+def bench_corpus_memory_full(args) -> None:
+    """Issue 17 item 5 at full story length (``--ref-parts memory-full``): the corpus statistics of two
+    ``--ref-d-sae`` SAEs over ``--memory-full-stories`` whole stories, on a random GPT-Neo with the reference's
+    GPT-2 tokenizer (so the same tokens per story and the same 50,257-token vocabulary) but ``--memory-width``
+    d_model,d_mlp, the SAEs on both MLP hook_post (d_in = d_mlp) calibrated to ``--l0`` as at the reference shape.
+
+    Why narrower: the pass's own memory (counts, histograms, top-k, the kept events and the per-batch codes) depends
+    on d_sae, the stories, their tokens and how often the features fire, not on d_in; d_in sets the weights, which
+    are printed for the reference shape so that a reader can add them, and the batch's activations. At the
+    reference shape the same pass is about 1 PFLOP of encoder matmuls (hours on 2 cores)."""
+    bench_corpus_memory(args, full=True)
+
+
+def _neo_weight_bytes(shape: dict, dtype: torch.dtype) -> int:
+    """Bytes of a random GPT-Neo's parameters of ``shape`` (built on the meta device: nothing allocated)."""
+    with torch.device("meta"):
+        hf = _random_neo_hf(**shape)
+    return sum(p.numel() for p in hf.parameters()) * torch.tensor([], dtype=dtype).element_size()
+
+
+def _sae_weight_bytes(d_in: int, d_sae: int, dtype: torch.dtype) -> int:
+    """Bytes of one standard SAE's parameters (W_enc, W_dec, b_enc, b_dec)."""
+    return (2 * d_in * d_sae + d_sae + d_in) * torch.tensor([], dtype=dtype).element_size()
 
 
 def _corpus_memory_child(args) -> None:
     from saecircuits.analysis.corpus.statistics import corpus_feature_stats
 
     n_stories = int(args.memory_stories)
-    model, task, rows = _reference_setup(args, 50, n_stories, args.memory_story_tokens or None)
+    shape = None
+    if args.memory_width:
+        d_model, d_mlp = (int(x) for x in args.memory_width.split(","))
+        shape = dict(d_model=d_model, n_heads=4, d_mlp=d_mlp, window=256, n_ctx=2048)
+    model, task, rows = _reference_setup(args, 50, n_stories, args.memory_story_tokens or None, shape=shape)
     saes = [calibrated_sae(model, task, f"blocks.{layer}.mlp.hook_post", args.ref_d_sae, args.l0, seed=layer,
                            dtype=args.dtype) for layer in (0, 1)]
+    dtype = getattr(torch, args.dtype)
+    weights = [sum(p.numel() * p.element_size() for p in m.parameters()) / 2**20 for m in (model, *saes)]
+    from saecircuits.analysis.corpus.statistics import _Accumulator
+
+    table: dict[str, int] = {}  # the second pass's (feature, token) table per SAE: the part growing with the corpus
+    state = _Accumulator.state
+    _Accumulator.state = lambda self: table.__setitem__(self.sae.hook_point, len(self.tok_key)) or state(self)
     before = _status_mib("VmRSS")
     reset = _reset_peak_rss()  # the model's loading peak is not the pass's
     budget = args.memory_event_bytes if args.memory_event_bytes >= 0 else None
@@ -874,10 +919,15 @@ def _corpus_memory_child(args) -> None:
            else "whole stories")
     events = ", ".join(f"{fs.hook_point}: {int(fs.above_count.sum()):,} token events, {len(fs._band_value):,} band "
                        f"events" for fs in stats.features)
-    print(f"\n== corpus statistics memory: {len(rows)} stories ({cut}; {stats.n_tokens:,} counted tokens), two "
-          f"{args.ref_d_sae:,}-feature {args.dtype} SAEs, reference shape, {torch.get_num_threads()} thread(s): "
+    held = sum(v.numel() * v.element_size() for fs in stats.features for v in vars(fs).values()
+               if isinstance(v, torch.Tensor)) / 2**20
+    where = "reference shape" if shape is None else (f"random GPT-Neo d_model {shape['d_model']}, d_mlp "
+                                                     f"{shape['d_mlp']}, GPT-2 tokenizer")
+    print(f"\n== corpus statistics memory: {len(rows):,} stories ({cut}; {stats.n_tokens:,} counted tokens), two "
+          f"{args.ref_d_sae:,}-feature {args.dtype} SAEs, {where}, {torch.get_num_threads()} thread(s): "
           f"{t:.1f} s; {_uptime()}")
-    print(f"   peak resident memory during the pass {peak:.0f} MiB = {peak / 1024:.2f} GiB (target < 4 GiB; "
+    print(f"   peak resident memory during the pass {peak:.0f} MiB = {peak / 1024:.2f} GiB "
+          f"({'under' if peak < 4096 else 'OVER'} the 4 GiB target; "
           f"{before:.0f} MiB resident before it: model, tokenizer, stories, SAEs; so the pass's own "
           f"{peak - before:.0f} MiB; whole process peak "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
@@ -885,7 +935,24 @@ def _corpus_memory_child(args) -> None:
     two = bool(stats.features[0].band_n)
     print(f"   kept at the end: {events}; event budget "
           f"{'none' if budget is None else f'{budget / 2**20:.0f} MiB'}: "
-          f"{'over it, so a second pass read the rows again' if two else 'within it, one pass'}", flush=True)
+          f"{'over it, so a second pass read the rows again' if two else 'within it, one pass'}; the "
+          f"statistics returned hold {held:.0f} MiB of tensors", flush=True)
+    if two:
+        print("   the second pass's token tables (16 bytes per distinct (feature, token) pair above the threshold): "
+              + ", ".join(f"{h}: {n:,} pairs" for h, n in table.items()), flush=True)
+    print(f"   weights in this process: model {weights[0]:.0f} MiB, SAEs {sum(weights[1:]):.0f} MiB", flush=True)
+    if shape is not None:
+        ref = RANDOM_NEO["reference"]
+        ref_model = _neo_weight_bytes(ref, dtype) / 2**20
+        ref_saes = 2 * _sae_weight_bytes(ref["d_mlp"], args.ref_d_sae, dtype) / 2**20
+        # the largest batch's activations of both hooks (max_tokens positions) at d_mlp 4096 instead of this d_mlp
+        reads = 2 * 8192 * (ref["d_mlp"] - shape["d_mlp"]) * torch.tensor([], dtype=dtype).element_size() / 2**20
+        est = peak - sum(weights) + ref_model + ref_saes + reads
+        print(f"   at the reference shape the weights are model {ref_model:.0f} MiB + two SAEs {ref_saes:.0f} MiB "
+              f"(d_in {ref['d_mlp']}) and one batch's two hook reads up to {reads:.0f} MiB more: this peak with "
+              f"them instead of these is about {est:.0f} MiB = {est / 1024:.2f} GiB "
+              f"({'under' if est < 4096 else 'OVER'} 4 GiB; not counting the wider forward's other temporaries)",
+              flush=True)
 
 
 def _status_mib(field: str) -> float:
@@ -947,6 +1014,10 @@ def main() -> None:
                    help="reference memory check: the corpus pass's max_event_bytes (-1: no budget)")
     p.add_argument("--memory-story-tokens", type=int, default=32,
                    help="reference memory check: stories cut to their first this many tokens (0: whole stories)")
+    p.add_argument("--memory-width", default="64,128",
+                   help="reference memory-full part: d_model,d_mlp of the narrow random GPT-Neo (SAE d_in = d_mlp)")
+    p.add_argument("--memory-full-stories", default="20000",
+                   help="reference memory-full part: whole-story counts (one fresh process each)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="reference: the model's and the SAEs' dtype (the product's --dtype)")
     p.add_argument("--ref-parts", default="run,scaling,memory",
@@ -961,14 +1032,17 @@ def main() -> None:
         for name in args.models.split(","):
             if name == "reference" and not args.ref_compare:  # issue 17: the scale run, scaling, corpus memory
                 parts = args.ref_parts.split(",")
-                if unknown := set(parts) - {"run", "scaling", "memory"}:
-                    raise SystemExit(f"--ref-parts: unknown part(s) {sorted(unknown)}; use run, scaling, memory")
+                if unknown := set(parts) - {"run", "scaling", "memory", "memory-full"}:
+                    raise SystemExit(f"--ref-parts: unknown part(s) {sorted(unknown)}; use run, scaling, memory, "
+                                     f"memory-full")
                 if "run" in parts:
                     bench_reference(args)
                 if "scaling" in parts:
                     bench_scaling(args)
                 if "memory" in parts:
                     bench_corpus_memory(args)
+                if "memory-full" in parts:
+                    bench_corpus_memory_full(args)
             else:
                 bench_case(name, args)
     if args.forward:

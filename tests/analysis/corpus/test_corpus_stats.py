@@ -137,15 +137,17 @@ def test_lower_band_has_no_floor_division_pitfall():
 def test_one_forward_per_batch_for_every_hook_point(monkeypatch):
     model, rows, saes = tiny_neo(), _rows(), _saes()
     iv = interventions_for(model)
+    iv.clear_cache()  # the test model is shared: other tests' reads may be cached
     calls = []
-    real = iv.read_all
+    real = iv._read_all  # the pass reads without filling the interventions' cache (statistics._read_once)
 
     def counting(tokens, read):
         calls.append(list(read))
         return real(tokens, read)
 
-    monkeypatch.setattr(iv, "read_all", counting)
+    monkeypatch.setattr(iv, "_read_all", counting)
     corpus_feature_stats(model, saes, rows, max_tokens=80, max_batch=4)
+    assert not iv._reads  # nothing of the corpus stays in the cache
     from saecircuits.models.hooks import row_batches
 
     n_batches = sum(1 for _ in row_batches(rows, 0, max_tokens=80, max_batch=4))
@@ -441,3 +443,56 @@ def test_merged_overflowed_shards_equal_the_single_pass():
             for n in range(1, N_BAND + 1):
                 _assert_same_stats(got, want, n)
             assert [fs.band_n for fs in got.features] == [N_BAND] * len(saes)
+
+
+def test_top_k_merged_in_feature_blocks_equals_one_block(monkeypatch):
+    """The top-k merged 7 features at a time (96 features: 13 full blocks and a short one, batches of 3 documents)
+    == merged all at once, every statistic bit-equal (each feature's row is sorted on its own)."""
+    from saecircuits.analysis.corpus.statistics import _Accumulator
+
+    model, rows, saes = tiny_neo(), _rows(), _saes()
+    with _one_thread():
+        want = corpus_feature_stats(model, saes, rows, **_budget_kwargs(None))
+        monkeypatch.setattr(_Accumulator, "top_block", 7)
+        got = corpus_feature_stats(model, saes, rows, **_budget_kwargs(None))
+    assert saes[0].d_sae % 7 and saes[0].d_sae > 7
+    _assert_equal_stats(got, want)
+
+
+def test_a_batch_already_in_the_cache_is_read_from_it(monkeypatch):
+    """The pass adds nothing to the interventions' cache but reads a batch another analysis cached (same values)."""
+    from saecircuits.models.hooks import pad_id_of, row_batches
+
+    model, rows, saes = tiny_neo(), _rows(), _saes()
+    iv = interventions_for(model)
+    iv.clear_cache()  # the test model is shared: other tests' reads may be cached
+    with _one_thread():
+        want = corpus_feature_stats(model, saes, rows, **_budget_kwargs(None))
+        assert not iv._reads
+        first = next(iter(row_batches(rows, pad_id_of(model), max_tokens=60, max_batch=3)))
+        iv.read_all(first.tokens, HOOKS)
+        assert len(iv._reads) == 1
+        calls = []
+        real = iv._read_all
+        monkeypatch.setattr(iv, "_read_all", lambda tokens, read: calls.append(1) or real(tokens, read))
+        got = corpus_feature_stats(model, saes, rows, **_budget_kwargs(None))
+    n_batches = sum(1 for _ in row_batches(rows, 0, max_tokens=60, max_batch=3))
+    assert len(calls) == n_batches - 1 and len(iv._reads) == 1
+    _assert_equal_stats(got, want)
+
+
+def test_doc_max_from_active_entries_equals_the_dense_max():
+    """``_doc_max`` from the positive entries == ``f.max(dim=1)``: ties inside a row go to the first position, a
+    feature that never fires in a row gets value 0 at position 0, rows of padding alone too."""
+    from saecircuits.analysis.corpus.statistics import _doc_max
+
+    gen = torch.Generator().manual_seed(0)
+    f = torch.relu(torch.randn(5, 7, 11, generator=gen)).round(decimals=1)  # rounding makes ties
+    f[:, :, 3] = 0.0  # never fires
+    f[4] = 0.0  # a row of padding alone
+    f[1, 2, 5] = f[1, 5, 5] = f[1, :, 5].max() + 1  # an exact tie at the maximum: the first position wins
+    r_i, t_i, k_i = torch.nonzero(f > 0, as_tuple=True)
+    mx, pos = _doc_max(r_i, t_i, k_i, f[r_i, t_i, k_i], 5, 11)
+    want_mx, want_pos = f.max(dim=1)
+    assert torch.equal(mx, want_mx) and torch.equal(pos, want_pos)
+    assert int(pos[1, 5]) == 2 and int(pos[0, 3]) == 0
