@@ -368,7 +368,7 @@ class Interventions:
         return out.clone()
 
     def read_all(
-        self, tokens: torch.Tensor, read: Sequence[str]
+        self, tokens: torch.Tensor, read: Sequence[str], *, keep: bool = True
     ) -> dict[str, torch.Tensor]:
         """Activations of ``read`` at every position of right-padded ``tokens [B, T]`` -> ``{hook: [B, T, *shape]}``.
 
@@ -377,9 +377,11 @@ class Interventions:
         passes, never evicted), so the mean activation, the top examples and the other statistics of a run read
         each corpus batch once. The attention pattern ``[B, head, T, T]`` comes as ``[B, T(query), head, T(key)]``.
         A row that a kept read holds with the same tokens (its padding included, up to this batch's length) is
-        copied from it rather than run again (top examples re-read documents of the corpus pass, in other batches):
+        copied from it rather than run again (one SAE's top examples re-read documents another's read, in other batches):
         attention is causal, so a position's activations depend only on the tokens up to it. Only the other rows
         are run, as a batch of their own (not kept). Attention pattern and score reads are always run.
+        ``keep=False`` reads without adding the result to the cache (what is already kept is still used): for a
+        pass that reads each batch once, whose reads would otherwise fill the cache the prompts' clean passes need.
 
         Raises:
             EngineError (engine) / KeyError (bridge): a hook that never fired, named.
@@ -395,7 +397,7 @@ class Interventions:
             return got
         out = self._read_all(tokens, read)
         size = sum(t.numel() * t.element_size() for t in out.values())
-        if self._passes_bytes + size <= self.cache_bytes:
+        if keep and self._passes_bytes + size <= self.cache_bytes:
             self._reads[key] = out
             self._passes_bytes += size
             if reuse:

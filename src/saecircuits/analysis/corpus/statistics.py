@@ -870,7 +870,7 @@ class CorpusPartial:
         batches, n_read = _pass_batches(model, token_rows, index, max_tokens, max_batch, shard)
         for batch in batches:
             mask = counted_token_mask(batch.tokens, batch.positions + 1, special)
-            reads = _read_once(iv, batch.tokens, hooks)
+            reads = iv.read_all(batch.tokens, hooks, keep=False)
             rows = global_index[torch.tensor(batch.indices, dtype=torch.long)]
             for acc, mx in zip(self._accs, maxima, strict=True):
                 acc.recount(reads[acc.sae.hook_point], batch.tokens, mask, rows, mx)
@@ -966,7 +966,10 @@ def corpus_partial_stats(
             raise ValueError(f"token ids must lie in 0..{d_vocab - 1}; these rows are from another tokenizer")
         token_counts += torch.bincount(ids, minlength=d_vocab)
         n_tokens += int(mask.sum())
-        reads = _read_once(iv, batch.tokens, hooks)  # one forward for every hook point
+        # One forward for every hook point, not kept: kept, the corpus batches' activations ([b, T, d_mlp] per hook)
+        # filled the shared 512 MiB read cache, never evicted (at the reference shape 512 MiB resident from the pass
+        # on), and the prompts' clean passes of every later analysis no longer fitted in it.
+        reads = iv.read_all(batch.tokens, hooks, keep=False)
         rows = global_index[torch.tensor(batch.indices, dtype=torch.long)]  # document indices of the corpus
         for acc in accs:
             acc.update(reads[acc.sae.hook_point], batch.tokens, mask, rows)
@@ -977,19 +980,6 @@ def corpus_partial_stats(
                 acc.drop_events()
     return CorpusPartial(len(token_rows), n_read, n_tokens, token_counts, [acc.state() for acc in accs],
                          sorted(special), n_top_tokens, accs, overflowed, (index, max_tokens, max_batch, shard))
-
-
-def _read_once(iv, tokens: torch.Tensor, hooks: list[str]) -> dict[str, torch.Tensor]:
-    """``iv.read_all(tokens, hooks)`` without keeping the result in the interventions' cache (one forward).
-
-    The pass reads each batch once (a second pass reads it once more). Kept, the corpus batches' activations
-    (``[b, T, d_mlp]`` per hook) filled the shared 512 MiB cache, which is never evicted: at the reference shape
-    with two MLP hooks that was 512 MiB resident from the pass on, and the prompts' clean passes of every later
-    analysis no longer fitted in the cache. A batch some other analysis already cached is still read from it."""
-    from saecircuits.models.interventions import _tokens_key
-
-    kept = iv._reads.get(_tokens_key(tokens, list(hooks)))
-    return dict(kept) if kept is not None else iv._read_all(tokens, list(hooks))
 
 
 def _pass_batches(model, token_rows, index: list[int], max_tokens: int, max_batch: int, shard: bool):
