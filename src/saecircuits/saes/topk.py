@@ -84,9 +84,9 @@ class TopKSAE(SAE):
         """
         from saecircuits.saes.sparse_codes import selected_pre_activations
 
-        with torch.no_grad():
-            hidden_pre = self.hidden_pre(x)
-        vals, idx = self._select(hidden_pre, sort=False)  # the decode sums over them: any order
         x_in, _ = self._encoder_input(x)
+        with torch.no_grad():  # hidden_pre(x)'s x_in @ W_enc + b_enc, the bias added in the matmul (one pass less)
+            hidden_pre = torch.addmm(self.b_enc, x_in, self.W_enc)
+        vals, idx = self._select(hidden_pre, sort=False)  # the decode sums over them: any order
         pre = selected_pre_activations(x_in, self.W_enc, self.b_enc, idx, vals)
         return self._activate(pre), idx, hidden_pre
