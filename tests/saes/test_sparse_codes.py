@@ -210,3 +210,31 @@ def test_dense_training_b_dec_gradient_through_the_encoder_equals_autograd(arch)
     xg = x.clone().requires_grad_(True)  # an input that needs a gradient takes autograd's path
     gx = torch.autograd.grad(sae_training_loss(sae, xg, LossConfig("l1", (1e-2,))).total, xg)[0]
     torch.testing.assert_close(gx, torch.autograd.grad(plain(xg)[1], xg)[0])
+
+
+@pytest.mark.parametrize("input_needs_grad", [False, True])
+def test_auxk_dead_pre_activations_take_the_encodes_values_and_autograds_gradients(input_needs_grad):
+    """AuxK's dense path over the dead columns reuses the encode's pre-activations (no forward matmul) and gives
+    b_dec its gradient as a matrix-vector product: the values are the encode's columns exactly, and every gradient
+    (W_enc, b_enc, b_dec; x's when it needs one) equals plain autograd through x - b_dec, in float64."""
+    from saecircuits.saes.losses import _dead_pre_activations
+
+    gen = torch.Generator().manual_seed(11)
+    sae = build_sae(SAEConfig("topk", 6, 20, HOOK, extra={"k": 3}, dtype="float64"), seed=4)
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.randn(6, generator=gen, dtype=torch.float64))
+        sae.b_enc.copy_(torch.randn(20, generator=gen, dtype=torch.float64))
+    x = torch.randn(9, 6, generator=gen, dtype=torch.float64).requires_grad_(input_needs_grad)
+    dead = torch.tensor([1, 4, 5, 13, 19])
+    g = torch.randn(9, 5, generator=gen, dtype=torch.float64)
+    wrt = [sae.W_enc, sae.b_enc, sae.b_dec] + ([x] if input_needs_grad else [])
+    plain = (x - sae.b_dec) @ sae.W_enc[:, dead] + sae.b_enc[dead]
+    expected = torch.autograd.grad((plain * g).sum(), wrt)
+    with torch.no_grad():
+        hidden_pre = sae.hidden_pre(x)
+    x_in, _ = sae._encoder_input(x)
+    got = _dead_pre_activations(sae, x, x_in, dead, hidden_pre)
+    assert torch.equal(got.detach(), hidden_pre[:, dead])  # the encode's values, not a second matmul's
+    for name, a, e in zip(["W_enc", "b_enc", "b_dec", "x"], torch.autograd.grad((got * g).sum(), wrt), expected,
+                          strict=False):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=name)

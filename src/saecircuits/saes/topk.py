@@ -66,9 +66,10 @@ class TopKSAE(SAE):
                                                 mode="sum")
         return out.reshape(*idx.shape[:-1], out.shape[-1]) + self.decoder_bias(x)
 
-    def _select(self, hidden_pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(values, indices)`` ``[..., k]`` of the ``k`` largest pre-activations per token (the one selection)."""
-        return hidden_pre.topk(self.k, dim=-1)
+    def _select(self, hidden_pre: torch.Tensor, *, sort: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(values, indices)`` ``[..., k]`` of the ``k`` largest pre-activations per token (the one selection);
+        ``sort=False`` leaves them in any order (the same set; faster)."""
+        return hidden_pre.topk(self.k, dim=-1, sorted=sort)
 
     def _activate(self, vals: torch.Tensor) -> torch.Tensor:
         return torch.relu(vals) if self.topk_relu else vals
@@ -83,9 +84,9 @@ class TopKSAE(SAE):
         """
         from saecircuits.saes.sparse_codes import selected_pre_activations
 
-        with torch.no_grad():
-            hidden_pre = self.hidden_pre(x)
-        vals, idx = self._select(hidden_pre)
         x_in, _ = self._encoder_input(x)
+        with torch.no_grad():  # hidden_pre(x)'s x_in @ W_enc + b_enc, the bias added in the matmul (one pass less)
+            hidden_pre = torch.addmm(self.b_enc, x_in, self.W_enc)
+        vals, idx = self._select(hidden_pre, sort=False)  # the decode sums over them: any order
         pre = selected_pre_activations(x_in, self.W_enc, self.b_enc, idx, vals)
         return self._activate(pre), idx, hidden_pre
