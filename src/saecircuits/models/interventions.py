@@ -173,7 +173,9 @@ class Interventions:
         recomputed each time (never evicted, so a run's first batches stay cached). :meth:`clear_cache` frees it.
         A batch of prompts that are all rows of kept passes (a subset of the task: the prompts where a feature is
         active, say) is assembled from those rows instead of run again: a row's clean pass depends only on its own
-        tokens up to P (attention is causal, and the padding after P is never read), not on the rows beside it.
+        tokens up to P (attention is causal, and the padding after P is never read), not on the rows beside it. It
+        equals the batch's own pass up to float rounding (its rows' matmuls ran in other batch shapes), so a
+        value can differ in its last bits with what ran before it in the same process.
 
         Returns:
             :class:`CleanPass`.
