@@ -115,12 +115,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 def test_two_gloo_ranks_split_the_prompts_and_gather_one_process_values(tmp_path):
     import torch.multiprocessing as mp
 
-    from saecircuits.models.interventions import interventions_for
-
     mp.spawn(_worker, args=(str(tmp_path / "rdzv"), str(tmp_path)), nprocs=2, join=True)
-    # one process from an empty cache, as each spawned rank starts: the shared test model keeps earlier tests'
-    # clean passes, and a batch assembled from their rows equals its own pass only up to float rounding
-    interventions_for(tiny_neo()).clear_cache()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers: then a prompt's floats depend only on its batch, the same batches
     try:
