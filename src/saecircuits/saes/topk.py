@@ -49,11 +49,13 @@ class TopKSAE(SAE):
         return f, hidden_pre
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Reconstruction ``decode(encode(x), x)`` ``[..., d_out]`` of ``x [..., d_in]``, decoded from the ``k`` selected
-        features alone: per token the sum of their ``k`` decoder rows weighted by their activations
-        (``embedding_bag``) instead of the ``[..., d_sae]`` code times ``W_dec``, ``d_sae / k`` times less work (the
-        whole-prompt splices of loss recovered). The same value up to the order of the float sum; a 16-bit SAE takes
+        """Reconstruction ``decode(encode(x), x)`` ``[..., d_out]`` of ``x [..., d_in]``, decoded from the ``k``
+        selected features alone: per token the sum of their ``k`` decoder rows weighted by their activations
+        (:func:`~saecircuits.saes.sparse_codes.sparse_decode`) instead of the ``[..., d_sae]`` code times ``W_dec``,
+        ``d_sae / k`` times less work (the whole-prompt splices of loss recovered). The same value up to the order of the float sum; a 16-bit SAE takes
         the dense decode, whose rounding in its dtype is the one SAELens' files are checked against."""
+        from saecircuits.saes.sparse_codes import sparse_decode
+
         if self.W_dec.dtype not in (torch.float32, torch.float64):
             return super().forward(x)
         vals, idx = self._select(self.hidden_pre(x))
@@ -61,9 +63,7 @@ class TopKSAE(SAE):
         scale = self._output_scale(x)  # a normalising SAE's latents in activation units, as encode
         if scale is not None:
             vals = vals * scale
-        out = torch.nn.functional.embedding_bag(idx.reshape(-1, self.k), self.W_dec,
-                                                per_sample_weights=vals.reshape(-1, self.k).to(self.W_dec.dtype),
-                                                mode="sum")
+        out = sparse_decode(vals.reshape(-1, self.k), idx.reshape(-1, self.k), self.W_dec)
         return out.reshape(*idx.shape[:-1], out.shape[-1]) + self.decoder_bias(x)
 
     def _select(self, hidden_pre: torch.Tensor, *, sort: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
