@@ -52,8 +52,9 @@ class TopKSAE(SAE):
         """Reconstruction ``decode(encode(x), x)`` ``[..., d_out]`` of ``x [..., d_in]``, decoded from the ``k``
         selected features alone: per token the sum of their ``k`` decoder rows weighted by their activations
         (:func:`~saecircuits.saes.sparse_codes.sparse_decode`) instead of the ``[..., d_sae]`` code times ``W_dec``,
-        ``d_sae / k`` times less work (the whole-prompt splices of loss recovered). The same value up to the order of the float sum; a 16-bit SAE takes
-        the dense decode, whose rounding in its dtype is the one SAELens' files are checked against."""
+        ``d_sae / k`` times less work (the whole-prompt splices of loss recovered). The same value up to the order of
+        the float sum; a 16-bit SAE takes the dense decode, whose rounding in its dtype is the one SAELens' files are
+        checked against."""
         from saecircuits.saes.sparse_codes import sparse_decode
 
         if self.W_dec.dtype not in (torch.float32, torch.float64):
