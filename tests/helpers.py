@@ -108,17 +108,11 @@ def tiny_neo_hf(seed: int = 0):
     return hf
 
 
-BOOTED: list = []
-"""Every bridge :func:`_boot` made (the cached tiny models are shared by the tests of a process; conftest.py empties
-their intervention caches before each test)."""
-
-
 def _boot(name: str, hf):
     from transformer_lens import TransformerBridge
 
     bridge = TransformerBridge.boot_transformers(name, hf_model=hf, tokenizer=tiny_tokenizer())
     bridge.enable_compatibility_mode()
-    BOOTED.append(bridge)
     return bridge
 
 
