@@ -5,6 +5,7 @@ autograd through the bridge, and the head-loading identity (the parts sum to the
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -848,3 +849,135 @@ def test_atp_edges_over_several_slots_equal_the_dense_contributions():
                 assert atp[b][(a, j)] == pytest.approx(float(dense[gi][b, t, k]), abs=1e-6, rel=1e-5), (b, a, j)
                 n += abs(float(dense[gi][b, t, k])) > 1e-6
     assert n > 10 and len(down[0].gi) > len(down[1].gi)
+
+
+def _per_row_chunk_edges(pg, rows, sel, d, P, nodes, down, reads, edges, dev):
+    """The per-row loop :func:`~saecircuits.analysis.circuit.positions._chunk_edges` replaced (the old path, kept
+    here as its reference): per SAE group read and row, that row's clean and upstream variants at its downstream
+    positions encoded, then each (variant, downstream node) entry read."""
+    jobs: dict[int, list] = {gi: [] for gi in reads}
+    stage_of = torch.tensor(pg.stage, dtype=torch.long)
+    for i, (b, s) in enumerate(zip(rows, sel, strict=True)):
+        if not len(s):
+            continue
+        dn = down[b]
+        t_b = int(P[i]) - d
+        up_stage = stage_of[nodes[b].gi[s]]
+        for gi in reads:
+            want = torch.nonzero((dn.gi == gi) & (dn.pos >= t_b)).flatten()
+            if not len(want) or pg.stage_in[gi] <= int(up_stage.min()):
+                continue
+            where, col = torch.unique(dn.pos[want] - t_b, return_inverse=True)
+            jobs[gi].append((i, b, s, up_stage, want, where, col))
+    for gi, items in jobs.items():
+        x_in = reads[gi]
+        if not items or x_in.shape[1] == 1:
+            continue
+        g = pg.groups[gi]
+        parts, blocks = [], []
+        for i, _, _, up_stage, _, where, _ in items:
+            up = torch.nonzero(up_stage < pg.stage_in[gi]).flatten()
+            vrows = torch.cat([torch.zeros(1, dtype=torch.long), 1 + up]).to(dev)
+            xs = g.sae.flatten_input(x_in[i, vrows][:, where.to(dev)])
+            parts.append(xs.reshape(-1, xs.shape[-1]))
+            blocks.append((up, len(vrows), len(where)))
+        f_all = g.sae.encode(torch.cat(parts)).float()
+        o = 0
+        clean_at, var_at, feat, b_of, u_of, d_of = [], [], [], [], [], []
+        for (_, b, s, _, want, _, col), (up, nv, nw) in zip(items, blocks, strict=True):
+            w = len(want)
+            var_at.append((o + nw * (1 + torch.arange(nv - 1))[:, None] + col[None]).flatten())
+            clean_at.append((o + col).repeat(nv - 1))
+            feat.append(down[b].local[want].repeat(nv - 1))
+            b_of.append(torch.full(((nv - 1) * w,), b, dtype=torch.long))
+            u_of.append(s[up].repeat_interleave(w))
+            d_of.append(want.repeat(nv - 1))
+            o += nv * nw
+        feat_t = torch.cat(feat).to(dev)
+        delta = (f_all[torch.cat(clean_at).to(dev), feat_t] - f_all[torch.cat(var_at).to(dev), feat_t]).double().cpu()
+        nz = torch.nonzero(delta != 0).flatten()
+        b_nz, u_nz, d_nz, v_nz = torch.cat(b_of)[nz], torch.cat(u_of)[nz], torch.cat(d_of)[nz], delta[nz]
+        for b in dict.fromkeys(b_nz.tolist()):
+            m = b_nz == b
+            edges[b].update(zip(zip(u_nz[m].tolist(), d_nz[m].tolist(), strict=True), v_nz[m].tolist(), strict=True))
+
+
+@pytest.mark.parametrize("arch", ["gpt_neo", "llama"])
+def test_chunk_edges_in_arrays_equal_the_per_row_loop(arch, monkeypatch):
+    """The exact edges read in array operations (``_chunk_edges``) against the per-row loop they replace: the same
+    edges, values bit for bit, in the same order, with downstream features of both SAEs, nodes at several distances
+    and one prompt whose many nodes at one distance fill several rows (pieces) of one recomputation."""
+    import saecircuits.analysis.circuit.positions as positions
+
+    model, task, saes, pg = _setup(arch)
+    eng = engine_of(model)
+    base = _baselines(arch)
+    batch = next(iter(task_batches(model, task, max_batch=3)))
+    clean = clean_cache(eng, batch)
+    _, contrib = node_attributions(eng, pg, batch, base)
+    nodes, down = [], []
+    for b in range(len(batch.indices)):
+        P = int(batch.positions[b])
+        n = _pick_nodes(pg, clean, contrib, b)
+        gi, loc, pos = n.gi.tolist(), n.local.tolist(), n.pos.tolist()
+        # a dozen features of each SAE at P - 3 besides on prompt 0, one on the others: several pieces there
+        for g_i, c in enumerate(contrib):
+            if pg.groups[g_i].kind == "sae":
+                active = torch.nonzero(c[b, P - 3, :-1] != 0).flatten().tolist()[: 12 if b == 0 else 1]
+                gi, loc, pos = gi + [g_i] * len(active), loc + active, pos + [P - 3] * len(active)
+        nodes.append(PromptNodes(torch.tensor(gi), torch.tensor(loc), torch.tensor(pos)))
+        dg, dl, dp = [], [], []
+        for g_i, c in enumerate(contrib):
+            if pg.groups[g_i].kind == "sae":
+                tk = torch.nonzero(c[b, : P + 1, :-1] != 0)[::7]  # every 7th active (position, feature)
+                dg, dl, dp = dg + [g_i] * len(tk), dl + tk[:, 1].tolist(), dp + tk[:, 0].tolist()
+        down.append(PromptNodes(torch.tensor(dg), torch.tensor(dl), torch.tensor(dp)))
+    rows_seen = []
+    real = positions._exact_chunk
+
+    def spy(engine, pg_, clean_, rows, *args):
+        rows_seen.append(list(rows))
+        return real(engine, pg_, clean_, rows, *args)
+
+    monkeypatch.setattr(positions, "_exact_chunk", spy)
+    eff_new, edges_new, _ = exact_node_effects(eng, pg, clean, nodes, down, baselines=base)
+    monkeypatch.setattr(positions, "_chunk_edges", _per_row_chunk_edges)
+    eff_old, edges_old, _ = exact_node_effects(eng, pg, clean, nodes, down, baselines=base)
+    assert any(r.count(0) > 1 for r in rows_seen)  # prompt 0 filled several rows of one recomputation
+    for b in range(len(nodes)):
+        assert torch.equal(eff_new[b], eff_old[b])
+        assert list(edges_new[b].items()) == list(edges_old[b].items())  # keys, values and order
+    into = {int(down[b].gi[j]) for b in range(len(down)) for (_, j) in edges_new[b]}
+    assert len(into) == 2 and sum(len(e) for e in edges_new) > 50  # edges into both SAEs' features
+
+
+def test_gathered_products_equal_the_dense_contributions():
+    """``Tracked.gathered`` (features and errors apart: a feature's ``grad_e . W_dec[k]`` times its code, an error's
+    ``grad_e . e``) against the dense contributions of the same gradient (:meth:`Tracked.contributions`, the feature
+    gradient by the decoder's matmul): the errors and the other groups bit for bit, the features to float32
+    rounding; no negative zero (the sum into zeros it replaced gave +0.0)."""
+    arch = "gpt2"
+    model, task, saes, pg = _setup(arch)
+    eng = engine_of(model)
+    batch = next(iter(task_batches(model, task, max_batch=3)))
+    clean = clean_cache(eng, batch)
+    tr, contrib = node_attributions(eng, pg, batch, _baselines(arch))
+    rows = list(range(len(batch.indices)))
+    nodes = [_pick_nodes(pg, clean, contrib, b) for b in rows]
+    with torch.enable_grad():
+        grads = torch.autograd.grad(tr.m.sum(), tr.flat(), retain_graph=True, allow_unused=True)
+    got = tr.gathered(pg, grads, rows, nodes)
+    n_f = n_e = 0
+    for b in rows:
+        for a in range(len(nodes[b].gi)):
+            gi, k, t = int(nodes[b].gi[a]), int(nodes[b].local[a]), int(nodes[b].pos[a])
+            want = float(contrib[gi][b, t, k])
+            g = pg.groups[gi]
+            if g.kind == "sae" and k < g.sae.d_sae:
+                assert float(got[b][a]) == pytest.approx(want, rel=1e-5, abs=1e-9)
+                n_f += 1
+            else:
+                assert float(got[b][a]) == want
+                n_e += g.kind == "sae"
+            assert math.copysign(1.0, float(got[b][a])) > 0 or float(got[b][a]) != 0.0
+    assert n_f > 5 and n_e > 5

@@ -707,11 +707,16 @@ def _graph(pg, describe, heads, c: PromptNodes, atp, exact, ex_edges, at_edges, 
                   "feature": None, "head": None, "activation": None, "exact": None, "atp": None, "ig": None,
                   "in_graph": True})
 
+    # every loading's JSON floats in one string format (an example prompt has tens of thousands of loadings)
+    load_fs = _fs([v for parts in loads.values() for v in parts])
+    at = {key: j * len(heads) for j, key in enumerate(loads)}
+
     def head_list(key):
-        parts = loads.get(key)
-        if parts is None:
+        j = at.get(key)
+        if j is None:
             return None
-        return [{"head": h, "value": f} for h, v, f in zip(heads, parts, _fs(parts), strict=True) if v != 0.0]
+        return [{"head": h, "value": f} for h, v, f in zip(heads, loads[key], load_fs[j : j + len(heads)], strict=True)
+                if v != 0.0]
 
     for (a, j), v in at_edges.items():  # every valid pair into an estimated feature (0 allowed); exact 0 unrecorded
         pairs["edges"][0].append(v)

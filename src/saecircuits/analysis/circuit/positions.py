@@ -266,11 +266,13 @@ class Tracked:
             with torch.no_grad():
                 if g.kind == "sae":
                     f, e = ts
-                    d_sae = g.sae.d_sae
-                    is_f = k < d_sae
-                    kf = k.clamp(max=d_sae - 1)
+                    is_f = k < g.sae.d_sae
+                    # the features' and the errors' entries apart: a feature reads its decoder row and code, an
+                    # error its error vector (not every node both)
+                    fi, ei = torch.nonzero(is_f).flatten(), torch.nonzero(~is_f).flatten()
                     W = g.sae.W_dec
-                    acts = (W[kf.to(W.device)], f[b, 0, t, kf].double(), e[b, 0, t].double())
+                    acts = (fi, ei, W[k[fi].to(W.device)], f[b[fi], 0, t[fi], k[fi]].double(),
+                            e[b[ei], 0, t[ei]].double())
                 else:
                     (a,) = ts
                     is_f = None
@@ -289,20 +291,21 @@ class Tracked:
         :meth:`gather_plan` when the caller reuses it over several gradients (built here otherwise)."""
         sizes, n, parts = self.gather_plan(pg, rows, nodes) if plan is None else plan
         out = torch.zeros(n, dtype=torch.float64)
-        for gi, m, b, t, k, is_f, acts in parts:
+        for gi, m, b, t, k, _, acts in parts:
             gs = grads[gi]
             g = pg.groups[gi]
             with torch.no_grad():
                 if g.kind == "sae":
                     ge = gs
-                    W_k, f_k, e_t = acts
+                    fi, ei, W_k, f_k, e_t = acts
                     vals = torch.zeros(len(t), dtype=torch.float64)
                     if ge is not None:
-                        # grad_f at these (t, k) alone: grad_e[t] . W_dec[k] (:meth:`feature_grad`)
-                        g_e = ge[b, 0, t]
-                        gf = (g_e.to(W_k.dtype) * W_k).sum(-1)
-                        vals += torch.where(is_f, (gf.to(ge.dtype).double() * f_k).cpu(), 0.0)
-                        vals += torch.where(is_f, 0.0, (g_e.double() * e_t).sum(-1).cpu())
+                        # grad_f at these (t, k) alone: grad_e[t] . W_dec[k] (:meth:`feature_grad`); "+ 0.0" as
+                        # the sum into zeros this replaces (-0.0 -> 0.0)
+                        g_f = ge[b[fi], 0, t[fi]]
+                        gf = (g_f.to(W_k.dtype) * W_k).sum(-1)
+                        vals[fi] = (gf.to(ge.dtype).double() * f_k).cpu() + 0.0
+                        vals[ei] = (ge[b[ei], 0, t[ei]].double() * e_t).sum(-1).cpu() + 0.0
                 else:
                     ga = gs
                     if ga is None:
@@ -447,10 +450,15 @@ def exact_node_effects(
     per_pos = _per_position_floats(engine, T, pg)
     values = {pg.groups[gi].hook: v for gi, v in baselines.items()}  # _single_edit's {hook: value}
     n_runs = 0
+    # per prompt, its nodes' indices by distance (increasing indices at each distance), in one sort per prompt
+    by_d: list[dict[int, torch.Tensor]] = []
+    for dd in dist:
+        order = torch.argsort(dd, stable=True)
+        keys, counts = torch.unique_consecutive(dd[order], return_counts=True)
+        by_d.append(dict(zip(keys.tolist(), order.split(counts.tolist()), strict=True)))
     with torch.no_grad():
         for d in all_d:
-            which = [(b, torch.nonzero(dist[b] == d).flatten()) for b in range(B)]
-            which = [(b, w) for b, w in which if len(w)]
+            which = [(b, by_d[b][d]) for b in range(B) if d in by_d[b]]
             per_variant = (d + 1) * per_pos
             width = _piece_width([len(w) for _, w in which], max(1, MAX_FLOATS // per_variant - 1))
             # rows of the recomputation: pieces of at most `width` nodes of one prompt (a prompt may fill several)
@@ -492,7 +500,7 @@ def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges, v
     lens = torch.tensor([len(s) for s in sel], dtype=torch.long)
     tab[torch.cat([nodes[b].gi[s] for b, s in zip(rows, sel, strict=True)]),
         torch.repeat_interleave(torch.arange(n), lens),
-        1 + torch.cat([torch.arange(int(m)) for m in lens])] = torch.cat(
+        1 + _ragged_arange(lens)] = torch.cat(
         [nodes[b].local[s] for b, s in zip(rows, sel, strict=True)])
     tables = dict(enumerate(tab))
     hooks: dict = {}
@@ -523,59 +531,100 @@ def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges, v
         effects[b][s] = m[i, 0] - m[i, 1 : 1 + len(s)]
     if down is None:
         return
-    # per SAE group read: the rows' positions holding downstream nodes, encoded in one call (the encoder is most of
-    # the cost; one call per row was many small products)
-    jobs: dict[int, list] = {gi: [] for gi in reads}
+    _chunk_edges(pg, rows, sel, d, P.cpu(), nodes, down, reads, edges, dev)
+
+
+def _ragged_arange(lengths: torch.Tensor) -> torch.Tensor:
+    """``cat([arange(n) for n in lengths])`` in array operations (int64 ``[sum(lengths)]``)."""
+    total = int(lengths.sum())
+    starts = torch.cumsum(lengths, 0) - lengths
+    return torch.arange(total) - torch.repeat_interleave(starts, lengths, output_size=total)
+
+
+def _chunk_edges(pg, rows, sel, d, P, nodes, down, reads, edges, dev) -> None:
+    """The exact edges of one :func:`_exact_chunk`: ``f_d(clean) - f_d(u ablated)`` for every row's ablated node
+    ``u`` and its prompt's downstream features ``d`` at positions ``>= t`` of SAE groups whose input ``u`` precedes,
+    non-zero ones into ``edges[b]``. Per SAE group read, the positions holding downstream nodes of the clean variant
+    and of the variants ablating an upstream node are encoded in one call (the encoder is most of the cost), every
+    row's entries built and read in array operations (``P``: the rows' prediction positions, CPU).
+
+    Row ``i``'s encoded block is variant-major (its clean variant 0, then each upstream variant in node order) over
+    its distinct downstream positions in increasing order, the blocks in row order: the rows the per-row loop this
+    replaces encoded, in its order."""
+    n = len(rows)
+    t0 = P - d  # [n] the first recomputed position of each row
     stage_of = torch.tensor(pg.stage, dtype=torch.long)
-    for i, (b, s) in enumerate(zip(rows, sel, strict=True)):
-        if not len(s):  # this row's variants at distance d were all in earlier chunks
-            continue
-        dn = down[b]
-        t_b = int(P[i]) - d
-        up_stage = stage_of[nodes[b].gi[s]]
-        for gi in reads:
-            want = torch.nonzero((dn.gi == gi) & (dn.pos >= t_b)).flatten()
-            if not len(want) or pg.stage_in[gi] <= int(up_stage.min()):  # no edge can reach this SAE's nodes
-                continue
-            # encode only the positions that hold downstream nodes
-            where, col = torch.unique(dn.pos[want] - t_b, return_inverse=True)
-            jobs[gi].append((i, b, s, up_stage, want, where, col))
-    for gi, items in jobs.items():
+    # every row's ablated nodes (row order, then the row's order = its variants 1, 2, ...)
+    n_up = torch.tensor([len(s) for s in sel], dtype=torch.long)
+    u_row = torch.repeat_interleave(torch.arange(n), n_up)
+    u_var = 1 + _ragged_arange(n_up)  # the variant ablating it
+    u_node = torch.cat(list(sel))  # index into nodes[b]
+    u_stage = torch.cat([stage_of[nodes[b].gi[s]] for b, s in zip(rows, sel, strict=True)])
+    # every row's prompt's downstream features at positions >= the row's t
+    n_dn = torch.tensor([len(down[b].gi) for b in rows], dtype=torch.long)
+    d_row = torch.repeat_interleave(torch.arange(n), n_dn)
+    d_node = _ragged_arange(n_dn)  # index into down[b]
+    d_gi = torch.cat([down[b].gi for b in rows])
+    d_rel = torch.cat([down[b].pos for b in rows]) - t0[d_row]
+    d_local = torch.cat([down[b].local for b in rows])
+    b_of_row = torch.tensor(rows, dtype=torch.long)
+    for gi in list(reads):
         x_in = reads[gi]  # [n, F, S, d_in]; F = 1 when no variant differs before this hook (then no edge)
-        if not items or x_in.shape[1] == 1:
+        if x_in.shape[1] == 1:
             continue
-        g = pg.groups[gi]
+        S = x_in.shape[2]
         # per row, only the clean variant and those ablating a node upstream of this SAE's input are encoded (the
         # others cannot move its codes; rows padded to V variants are not encoded either)
-        parts, blocks = [], []
-        for i, _, _, up_stage, _, where, _ in items:
-            up = torch.nonzero(up_stage < pg.stage_in[gi]).flatten()
-            vrows = torch.cat([torch.zeros(1, dtype=torch.long), 1 + up]).to(dev)
-            xs = g.sae.flatten_input(x_in[i, vrows][:, where.to(dev)])  # [v, w, d_in] (an attention hook_z flattened)
-            parts.append(xs.reshape(-1, xs.shape[-1]))  # [v * w, d_in]
-            blocks.append((up, len(vrows), len(where)))
-        f_all = g.sae.encode(torch.cat(parts)).float()  # [sum v * w, d_sae]
-        # every item's (variant, downstream node) entries read from f_all in one indexing: per item, the rows
-        # o + v * nw + col (its clean variant v = 0 and each upstream variant), the columns its nodes' features
-        o = 0
-        clean_at, var_at, feat, b_of, u_of, d_of = [], [], [], [], [], []
-        for (_, b, s, _, want, _, col), (up, nv, nw) in zip(items, blocks, strict=True):
-            w = len(want)
-            var_at.append((o + nw * (1 + torch.arange(nv - 1))[:, None] + col[None]).flatten())  # [(nv-1) * w]
-            clean_at.append((o + col).repeat(nv - 1))
-            feat.append(down[b].local[want].repeat(nv - 1))
-            b_of.append(torch.full(((nv - 1) * w,), b, dtype=torch.long))
-            u_of.append(s[up].repeat_interleave(w))
-            d_of.append(want.repeat(nv - 1))
-            o += nv * nw
-        feat_t = torch.cat(feat).to(dev)
-        # f_d(clean) - f_d(u ablated) per entry: the elementwise float32 difference, then float64 (as per item)
-        delta = (f_all[torch.cat(clean_at).to(dev), feat_t] - f_all[torch.cat(var_at).to(dev), feat_t]).double().cpu()
+        ok = u_stage < pg.stage_in[gi]
+        want = (d_gi == gi) & (d_rel >= 0)
+        has_up = torch.bincount(u_row[ok], minlength=n) > 0
+        has_dn = torch.bincount(d_row[want], minlength=n) > 0
+        item = has_up & has_dn  # rows with entries in this group
+        if not bool(item.any()):
+            continue
+        ok &= item[u_row]
+        want &= item[d_row]
+        up_row, up_var, up_node = u_row[ok], u_var[ok], u_node[ok]
+        w_row, w_rel, w_node, w_local = d_row[want], d_rel[want], d_node[want], d_local[want]
+        # each row's distinct downstream positions, increasing, and each wanted node's column among them
+        where, col = torch.unique(w_row * S + w_rel, return_inverse=True)
+        where_row = where // S
+        nu = torch.bincount(up_row, minlength=n)  # upstream variants per row
+        nw = torch.bincount(where_row, minlength=n)  # distinct positions per row
+        nd = torch.bincount(w_row, minlength=n)  # wanted downstream nodes per row
+        col = col - (torch.cumsum(nw, 0) - nw)[w_row]
+        size = (1 + nu) * nw  # encoded rows per row (0 where not an item)
+        o = torch.cumsum(size, 0) - size  # each row's offset into the encoded rows
+        # the encoded rows: per row, variant slot v (0 = clean, k = its k-th upstream variant), position column c
+        e_row = torch.repeat_interleave(torch.arange(n), size)
+        r = _ragged_arange(size)
+        v, c = r // nw[e_row], r % nw[e_row]
+        up_start = torch.cumsum(nu, 0) - nu
+        vrow = torch.where(v > 0, up_var[(up_start[e_row] + v - 1).clamp(min=0, max=max(len(up_var) - 1, 0))], 0)
+        pos = where[(torch.cumsum(nw, 0) - nw)[e_row] + c] % S
+        xs = pg.groups[gi].sae.flatten_input(x_in[e_row.to(dev), vrow.to(dev), pos.to(dev)])
+        f_all = pg.groups[gi].sae.encode(xs).float()  # [sum size, d_sae]
+        # entries: per row, each upstream variant (slot 1..) x each wanted downstream node (node order)
+        cnt = nu * nd
+        q = torch.repeat_interleave(torch.arange(n), cnt)
+        r = _ragged_arange(cnt)
+        vi, di = r // nd[q], r % nd[q]
+        dn_at = (torch.cumsum(nd, 0) - nd)[q] + di
+        clean_at = o[q] + col[dn_at]
+        var_at = clean_at + nw[q] * (1 + vi)
+        feat = w_local[dn_at].to(dev)
+        # f_d(clean) - f_d(u ablated) per entry: the elementwise float32 difference, then float64
+        delta = (f_all[clean_at.to(dev), feat] - f_all[var_at.to(dev), feat]).double().cpu()
         nz = torch.nonzero(delta != 0).flatten()  # (python floats in bulk: one tensor index per edge is slow)
-        b_nz, u_nz, d_nz, v_nz = torch.cat(b_of)[nz], torch.cat(u_of)[nz], torch.cat(d_of)[nz], delta[nz]
-        for b in dict.fromkeys(b_nz.tolist()):  # each row's edges in entry order
-            m = b_nz == b
-            edges[b].update(zip(zip(u_nz[m].tolist(), d_nz[m].tolist(), strict=True), v_nz[m].tolist(), strict=True))
+        b_nz = b_of_row[q[nz]].tolist()
+        u_nz = up_node[up_start[q[nz]] + vi[nz]].tolist()
+        d_nz = w_node[dn_at[nz]].tolist()
+        v_nz = delta[nz].tolist()
+        a = 0
+        for z in range(1, len(b_nz) + 1):  # each prompt's entries are contiguous (its rows are), in entry order
+            if z == len(b_nz) or b_nz[z] != b_nz[a]:
+                edges[b_nz[a]].update(zip(zip(u_nz[a:z], d_nz[a:z], strict=True), v_nz[a:z], strict=True))
+                a = z
 
 
 # ----------------------------------------------------------------------------------------------------------------
