@@ -981,3 +981,46 @@ def test_gathered_products_equal_the_dense_contributions():
                 n_e += g.kind == "sae"
             assert math.copysign(1.0, float(got[b][a])) > 0 or float(got[b][a]) != 0.0
     assert n_f > 5 and n_e > 5
+
+
+def _per_prompt_candidates(pg, tr, contrib, b, P):
+    """The per-prompt, per-group candidates that ``_batch_candidates`` replaced (the old path, its reference)."""
+    scores, keys, vals = [], [], []
+    for gi, c in enumerate(contrib):
+        v = c[b, : P + 1]
+        s = v.abs().clone()
+        if pg.groups[gi].kind == "sae":
+            f = tr.leaves[gi][0][b, 0, : P + 1].detach().cpu()
+            s[torch.cat([f == 0, torch.zeros(P + 1, 1, dtype=torch.bool)], dim=-1)] = -1.0
+        t, k = torch.nonzero(s >= 0, as_tuple=True)
+        scores.append(s[t, k])
+        vals.append(v[t, k])
+        keys.append(torch.stack([torch.full_like(t, gi), k, t], dim=1))
+    order = torch.argsort(torch.cat(scores), descending=True, stable=True)
+    return torch.cat(keys)[order], torch.cat(vals)[order].double()
+
+
+def test_batch_candidates_equal_the_per_prompt_ranking():
+    """Every prompt's candidate nodes found in one pass over the batch (``_batch_candidates``) against the
+    per-prompt ranking it replaced: the same keys in the same order (ties included: a zero-gradient error ties at
+    0) and the same AtP values; features only where active, nothing after a padded row's P, a NaN never a node."""
+    from saecircuits.analysis.circuit.position_graph import _batch_candidates
+
+    model, task, saes, pg = _setup("gpt_neo")
+    eng = engine_of(model)
+    batch = next(iter(task_batches(model, task, max_batch=3)))
+    assert len(set(batch.positions.tolist())) > 1  # right padding
+    tr, contrib = node_attributions(eng, pg, batch, _baselines("gpt_neo"))
+    contrib = [c.clone() for c in contrib]
+    contrib[0][0, 1, 0] = float("nan")  # a NaN contribution is dropped by both
+    got = _batch_candidates(pg, tr, contrib, batch.positions)
+    for b in range(len(batch.indices)):
+        P = int(batch.positions[b])
+        keys, vals = _per_prompt_candidates(pg, tr, contrib, b, P)
+        assert torch.equal(got[b][0], keys) and torch.equal(got[b][1], vals)
+        assert int(keys[:, 2].max()) == P and len(keys) < sum(c.shape[-1] for c in contrib) * (P + 1)
+        for gi, g in enumerate(pg.groups):
+            if g.kind == "sae":
+                m = (keys[:, 0] == gi) & (keys[:, 1] < g.sae.d_sae)
+                f = tr.leaves[gi][0][b, 0]
+                assert bool((f[keys[m, 2], keys[m, 1]] != 0).all())

@@ -117,24 +117,31 @@ def _fs(xs: Sequence[float]) -> list[float | None]:
     return [x if x - x == 0.0 else None for x in out]  # inf and NaN -> None
 
 
-def _candidates(pg: PositionGroups, tr, contrib, b: int, P: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every node of prompt ``b`` at positions ``<= P`` (features only where active; errors, heads, MLPs and
-    embeddings everywhere): keys int64 ``[n, 3]`` = (group, in-group index, position) ranked by ``|AtP|`` (largest
-    first, ties in key order), and their AtP values float64 ``[n]`` (signed, nats)."""
-    scores, keys, vals = [], [], []
+def _batch_candidates(pg: PositionGroups, tr, contrib, positions) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per prompt of a batch (``positions``: each row's P), every node at positions ``<= P`` (features only where
+    active; errors, heads, MLPs and embeddings everywhere): keys int64 ``[n, 3]`` = (group, in-group index,
+    position) ranked by ``|AtP|`` (largest first, ties in key order), and their AtP values float64 ``[n]`` (signed,
+    nats). Each group's entries are found in one pass over the batch, not one per prompt and group."""
+    B = len(positions)
+    P = torch.as_tensor(positions, dtype=torch.long).cpu()
+    per_group = []  # per group: (keys, |AtP|, AtP) of the kept entries in (prompt, position, index) order, by prompt
     for gi, c in enumerate(contrib):
-        v = c[b, : P + 1]  # [P+1, n_local]
-        s = v.abs().clone()
+        T = c.shape[1]
+        keep = (torch.arange(T)[None, :] <= P[:, None])[..., None] & (c.abs() >= 0)  # not NaN, as s >= 0 in one
         if pg.groups[gi].kind == "sae":
-            f = tr.leaves[gi][0][b, 0, : P + 1].detach().cpu()
-            inactive = torch.cat([f == 0, torch.zeros(P + 1, 1, dtype=torch.bool)], dim=-1)
-            s[inactive] = -1.0
-        t, k = torch.nonzero(s >= 0, as_tuple=True)
-        scores.append(s[t, k])
-        vals.append(v[t, k])
-        keys.append(torch.stack([torch.full_like(t, gi), k, t], dim=1))
-    order = torch.argsort(torch.cat(scores), descending=True, stable=True)
-    return torch.cat(keys)[order], torch.cat(vals)[order].double()
+            f = tr.leaves[gi][0][:, 0].detach().cpu()
+            keep &= torch.cat([f != 0, torch.ones(*f.shape[:-1], 1, dtype=torch.bool)], dim=-1)
+        b, t, k = torch.nonzero(keep, as_tuple=True)
+        v = c[b, t, k]
+        n_b = torch.bincount(b, minlength=B).tolist()
+        per_group.append((torch.stack([torch.full_like(t, gi), k, t], dim=1).split(n_b), v.abs().split(n_b),
+                          v.split(n_b)))
+    out = []
+    for r in range(B):
+        order = torch.argsort(torch.cat([s[r] for _, s, _ in per_group]), descending=True, stable=True)
+        out.append((torch.cat([k[r] for k, _, _ in per_group])[order],
+                    torch.cat([v[r] for _, _, v in per_group])[order].double()))
+    return out
 
 
 def _code(keys: torch.Tensor) -> torch.Tensor:
@@ -270,7 +277,7 @@ def position_circuit(
         clean = clean_cache(eng, batch)
         tr, contrib = node_attributions(eng, pg, batch, base)
         B = len(batch.indices)
-        ranked = [_candidates(pg, tr, contrib, b, int(batch.positions[b])) for b in range(B)]
+        ranked = _batch_candidates(pg, tr, contrib, batch.positions)
         for b, i in enumerate(batch.indices):
             cands[i] = _Candidates.of(*ranked[b])
         top = [PromptNodes(k[:top_exact, 0], k[:top_exact, 1], k[:top_exact, 2]) for k, _ in ranked]
@@ -467,9 +474,8 @@ def _example_batch(eng, ctx: _Ctx, batch, base, top_exact, screen_distance, edge
     tr, contrib = node_attributions(eng, pg, batch, base)
     B = len(batch.indices)
     chosen, atps = [], []
-    for b in range(B):
+    for b, (keys, atp) in enumerate(_batch_candidates(pg, tr, contrib, batch.positions)):
         P = int(batch.positions[b])
-        keys, atp = _candidates(pg, tr, contrib, b, P)
         pick = (torch.arange(len(keys)) < top_exact) | (keys[:, 2] >= P - screen_distance)
         chosen.append(PromptNodes(keys[pick, 0], keys[pick, 1], keys[pick, 2]))
         atps.append(atp[pick])
