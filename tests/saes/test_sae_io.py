@@ -73,6 +73,28 @@ def test_missing_and_corrupt_files(tmp_path):
         load_sae(folder)
 
 
+@pytest.mark.parametrize("plain_saelens", [False, True])
+@pytest.mark.parametrize(("name", "bad"), [("W_dec", float("nan")), ("W_enc", float("inf")),
+                                           ("b_enc", float("-inf")), ("threshold", float("nan"))])
+def test_nan_or_infinite_weights_are_refused(tmp_path, plain_saelens, name, bad):
+    # A NaN weight made the run write null losses with "checks: all passed"; every other family was refused already
+    # (formats.common.check_shapes), and the SAELens / saecircuits folder must be too, through both loaders.
+    from saecircuits.saes.formats import load_sae as load_any
+
+    folder = save_sae(_sae("jumprelu"), tmp_path / "s")
+    if plain_saelens:
+        cfg = json.loads((folder / "cfg.json").read_text())
+        del cfg["saecircuits"]
+        (folder / "cfg.json").write_text(json.dumps(cfg))
+    assert torch.isfinite(load_sae(folder).W_dec).all()  # the file as saved loads
+    w = load_file(str(folder / "sae_weights.safetensors"))
+    w[name].view(-1)[3] = bad
+    save_file(w, str(folder / "sae_weights.safetensors"))
+    for load in (load_sae, load_any):
+        with pytest.raises(SAEError, match=rf"sae_weights\.safetensors: {name} holds NaN or infinite values"):
+            load(folder)
+
+
 def test_wrong_shapes_and_missing_tensor(tmp_path):
     folder = save_sae(_sae(), tmp_path / "s")
     cfg = json.loads((folder / "cfg.json").read_text())

@@ -281,6 +281,10 @@ def check_weights(sae: SAE, weights: dict[str, torch.Tensor], path: Path, fix: s
             )
         if not weights[name].is_floating_point():
             raise SAEError(f"{path}: {name} has dtype {weights[name].dtype}, expected floating point; {fix}")
+        # as formats.common.check_shapes does for the other families: a NaN or inf weight gives NaN losses that the
+        # report would show as undefined with every check passed
+        if not bool(torch.isfinite(weights[name]).all()):
+            raise SAEError(f"{path}: {name} holds NaN or infinite values; the file is corrupt: re-save the SAE")
 
 
 def find_sae_folders(root: str | os.PathLike, max_depth: int = 4) -> list[Path]:
