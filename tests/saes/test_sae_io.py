@@ -1,6 +1,7 @@
 """SAELens layout round trips, clear errors for bad files, reference-checkpoint import."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,19 @@ def test_nan_or_infinite_weights_are_refused(tmp_path, plain_saelens, name, bad)
     for load in (load_sae, load_any):
         with pytest.raises(SAEError, match=rf"sae_weights\.safetensors: {name} holds NaN or infinite values"):
             load(folder)
+
+
+@pytest.mark.parametrize("k", [0, 17])
+def test_a_topk_k_outside_1_to_d_sae_names_the_file(tmp_path, k):
+    # the error named cfg.extra['k'] and SAEConfig but not the cfg.json the bad k came from
+    folder = save_sae(_sae("topk"), tmp_path / "s")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    del cfg["saecircuits"]
+    cfg["k"] = k
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(SAEError, match=rf"^{re.escape(str(folder / 'cfg.json'))}: topk SAE needs an integer .* in "
+                                       rf"1\.\.d_sae=16, got {k}"):
+        load_sae(folder)
 
 
 def test_wrong_shapes_and_missing_tensor(tmp_path):

@@ -354,7 +354,10 @@ def load_sae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> S
             )
             cfg.dtype = dtype_name(stored)
     weights = _apply_plan(weights, plan, cfg.d_sae, w_path)
-    sae = build_empty_sae(cfg)
+    try:
+        sae = build_empty_sae(cfg)
+    except SAEError as e:  # e.g. a topk k outside 1..d_sae: say which file holds it
+        raise SAEError(f"{cfg_path}: {e}") from None
     check_weights(sae, weights, w_path, "the weights do not belong to this cfg.json: re-save the SAE")
     sae.import_weights_(weights)
     return sae.to(device).eval()

@@ -115,7 +115,10 @@ def build_from_tensors(cfg: SAEConfig, weights: dict[str, torch.Tensor], path: P
     Raises:
         SAEError: the tensors do not fit ``cfg`` (see :func:`check_shapes`), or the architecture refuses them.
     """
-    sae = build_empty_sae(cfg)  # matrices unwritten until the weights are copied in (no zero-filled copy)
+    try:
+        sae = build_empty_sae(cfg)  # matrices unwritten until the weights are copied in (no zero-filled copy)
+    except SAEError as e:  # e.g. a topk k outside 1..d_sae: say which file holds it
+        raise SAEError(f"{path}: {e}") from None
     check_shapes(sae, weights, path)
     try:
         sae.import_weights_(weights)
