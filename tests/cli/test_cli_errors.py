@@ -247,3 +247,19 @@ def test_more_threads_than_cores_is_refused_by_every_command(tmp_path, corpus):
     assert not out.exists() and not ws.exists() and not (tmp_path / "m").exists()
     check_threads(cores)  # as many threads as cores, and the default, are fine
     check_threads(None)
+
+
+def test_two_saes_on_one_hook_with_the_circuit_are_refused_before_the_model_loads(tmp_path, corpus):
+    # this was a ValueError traceback (exit 1) from the circuit stage, after every other analysis had run
+    from saecircuits.saes.base import SAEConfig
+    from saecircuits.saes.io import save_sae
+    from saecircuits.saes.registry import build_sae
+
+    paths = [save_sae(build_sae(SAEConfig("standard", 512, 64, "blocks.0.mlp.hook_post"), seed=s), tmp_path / f"s{s}")
+             for s in (1, 2)]
+    out = tmp_path / "out"
+    line = _refused(["run", "--model", MODEL, "--data", str(corpus), "--out", str(out), "--workspace",
+                     str(tmp_path / "ws"), "--sae", str(paths[0]), "--sae", str(paths[1])],
+                    "both write blocks.0.mlp.hook_post; the circuit takes at most one SAE per hook", only_line=False)
+    assert f"--sae {paths[0]} and --sae {paths[1]}" in line and "--no-circuit" in line
+    assert not out.exists()
