@@ -170,6 +170,8 @@ def _remove_stale_outputs(out: Path, written: set[str], *, earlier_run: bool = T
     unless ``earlier_run`` (:func:`earlier_run_in`, asked before this run wrote ``results.json``)."""
     if not earlier_run:
         return []
+    from saecircuits.report.export import foreign_files
+
     removed = []
     for name, suffix in STALE_OUTPUTS.items():
         p = out / name
@@ -177,7 +179,7 @@ def _remove_stale_outputs(out: Path, written: set[str], *, earlier_run: bool = T
             continue
         if suffix is None and p.is_file():
             p.unlink()
-        elif suffix is not None and p.is_dir() and all(q.is_file() and q.suffix == suffix for q in p.iterdir()):
+        elif suffix is not None and p.is_dir() and not foreign_files(p):  # an export's names only, no file of yours
             shutil.rmtree(p)
         else:
             continue

@@ -115,11 +115,16 @@ class ExportResult:
 _EXPORT_NAMES = re.compile(r"^(\d{3}-[a-z0-9-]+\.png|[a-z0-9-]+-\d+\.csv)$")
 
 
+def foreign_files(folder: Path) -> list[str]:
+    """The names in ``folder`` that an export does not write (sorted); ``[]`` for an earlier export's folder."""
+    return sorted(p.name for p in folder.iterdir() if not (p.is_file() and _EXPORT_NAMES.match(p.name)))
+
+
 def _check_replaceable(final: Path) -> None:
     """Raises ExportError when ``final`` is a file, or a folder holding a file an export does not write (the user's
     own ``figures/``, say, which the swap used to delete with the rest)."""
     if final.is_dir():
-        foreign = sorted(p.name for p in final.iterdir() if not (p.is_file() and _EXPORT_NAMES.match(p.name)))
+        foreign = foreign_files(final)
         if foreign:
             raise ExportError(
                 f"--export: {final} holds files an export did not write ({', '.join(foreign[:3])}"
