@@ -65,8 +65,12 @@ def read_torch(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt / non-weights-only files
-        raise SAEError(f"{path} cannot be loaded as weights only ({type(e).__name__}: {e}); saecircuits never "
-                       "unpickles code from SAE files") from e
+        # torch's message goes on to advise weights_only=False ("will likely succeed"): the one thing never done
+        # here, so only its first sentence is kept
+        reason = str(e).split(". ", 1)[0].strip()
+        raise SAEError(f"{path} cannot be loaded as weights only ({type(e).__name__}: {reason}): it is not a torch "
+                       "weights file, it is truncated, or it holds pickled objects; saecircuits never unpickles code "
+                       "from SAE files") from e
 
 
 def read_npz(path: Path) -> dict[str, torch.Tensor]:
