@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import time
@@ -157,11 +156,13 @@ def earlier_run_in(out: Path) -> bool:
 
     Only then are the :data:`STALE_OUTPUTS` there an earlier run's: a folder of the user's own ``figures/``,
     ``tables/`` or ``circuit.json`` given as ``--out`` was emptied of them."""
+    # its head only (a results.json can be hundreds of MB): the pipeline writes "saecircuits_version" second
     try:
-        d = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        with open(out / "results.json", "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
         return False
-    return isinstance(d, dict) and "saecircuits_version" in d
+    return head.lstrip().startswith(b"{") and b'"saecircuits_version"' in head
 
 
 def _remove_stale_outputs(out: Path, written: set[str], *, earlier_run: bool = True) -> list[str]:
