@@ -98,14 +98,34 @@ def test_a_second_run_into_a_locked_folder_is_refused_and_a_dead_runs_lock_is_ta
 def test_a_rerun_without_the_circuit_removes_the_old_circuit_figures_and_tables(tmp_path, corpus):
     out = tmp_path / "out"
     (out / "figures").mkdir(parents=True)
-    (out / "figures" / "fig1-loss.png").write_bytes(b"\x89PNG")
+    (out / "figures" / "001-loss.png").write_bytes(b"\x89PNG")  # an export's names
     (out / "tables").mkdir()
     (out / "tables" / "summary-1.csv").write_text("a,b\n")
     (out / "circuit.json").write_text(json.dumps({"old": True}))
+    (out / "results.json").write_text(json.dumps({"schema_version": 2, "saecircuits_version": "0.1.0"}))
     (out / "notes.txt").write_text("mine")  # not ours: kept
     run_pipeline(_cfg(tmp_path, corpus), model=tiny_neo(), progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "report.html", "results.json"]
     assert not list(tmp_path.glob(".out.saecircuits-lock"))
+
+
+def test_a_users_own_figures_tables_and_circuit_json_are_kept_where_no_run_was(tmp_path, corpus):
+    # `run --out` into a folder of the user's own (no earlier run's results.json) deleted figures/*.png,
+    # tables/*.csv and circuit.json that saecircuits never wrote
+    out = tmp_path / "out"
+    (out / "figures").mkdir(parents=True)
+    (out / "figures" / "my_plot.png").write_bytes(b"\x89PNG mine")
+    (out / "tables").mkdir()
+    (out / "tables" / "my_data.csv").write_text("a,b\n")
+    (out / "circuit.json").write_text(json.dumps({"mine": True}))
+    (out / "results.json").write_text(json.dumps({"my": "own results"}))  # not a saecircuits results.json
+    run_pipeline(_cfg(tmp_path, corpus), model=tiny_neo(), progress=False)
+    assert (out / "figures" / "my_plot.png").read_bytes() == b"\x89PNG mine"
+    assert (out / "tables" / "my_data.csv").read_text() == "a,b\n"
+    assert json.loads((out / "circuit.json").read_text()) == {"mine": True}
+    # a second run finds the first one's results.json: a figures/ or tables/ with a file of the user's is still kept
+    run_pipeline(_cfg(tmp_path, corpus), model=tiny_neo(), progress=False)
+    assert (out / "figures" / "my_plot.png").is_file() and (out / "tables" / "my_data.csv").is_file()
 
 
 def test_a_folder_with_other_files_is_not_removed(tmp_path, corpus):

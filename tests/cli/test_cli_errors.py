@@ -228,3 +228,38 @@ def test_a_model_with_offset_norms_loads_on_the_engine(tmp_path):
     tok.save_pretrained(folder)
     model = load_model(str(folder))
     assert interventions_for(model, backend="engine").backend == "engine"
+
+
+def test_more_threads_than_cores_is_refused_by_every_command(tmp_path, corpus):
+    # `run --threads 1000` on 2 cores ran 4x slower than --threads 1 and loaded the shared machine, without a word
+    from saecircuits.cli import check_threads
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    too_many = ["--threads", str(cores + 1)]
+    expected = f"--threads {cores + 1} is more than the {cores} core(s) this process may use; pass --threads {cores}"
+    out, ws = tmp_path / "out", tmp_path / "ws"
+    for args in (["run", "--model", MODEL, "--data", str(corpus), "--out", str(out), "--workspace", str(ws)],
+                 ["demo", "--out", str(out), "--workspace", str(ws)],
+                 ["feature", "--sae", str(tmp_path / "absent"), "0"],
+                 ["train-lm", "--out", str(tmp_path / "m")],
+                 ["train-sae", "--out", str(tmp_path / "run"), "--model", MODEL, "--data", str(corpus)]):
+        _refused(args + too_many, expected)
+    assert not out.exists() and not ws.exists() and not (tmp_path / "m").exists()
+    check_threads(cores)  # as many threads as cores, and the default, are fine
+    check_threads(None)
+
+
+def test_two_saes_on_one_hook_with_the_circuit_are_refused_before_the_model_loads(tmp_path, corpus):
+    # this was a ValueError traceback (exit 1) from the circuit stage, after every other analysis had run
+    from saecircuits.saes.base import SAEConfig
+    from saecircuits.saes.io import save_sae
+    from saecircuits.saes.registry import build_sae
+
+    paths = [save_sae(build_sae(SAEConfig("standard", 512, 64, "blocks.0.mlp.hook_post"), seed=s), tmp_path / f"s{s}")
+             for s in (1, 2)]
+    out = tmp_path / "out"
+    line = _refused(["run", "--model", MODEL, "--data", str(corpus), "--out", str(out), "--workspace",
+                     str(tmp_path / "ws"), "--sae", str(paths[0]), "--sae", str(paths[1])],
+                    "both write blocks.0.mlp.hook_post; the circuit takes at most one SAE per hook", only_line=False)
+    assert f"--sae {paths[0]} and --sae {paths[1]}" in line and "--no-circuit" in line
+    assert not out.exists()

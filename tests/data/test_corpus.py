@@ -66,6 +66,28 @@ def test_parquet_and_missing_column(tmp_path):
         read_documents(g)
 
 
+def test_parquet_that_is_corrupt_or_whose_text_is_not_strings(tmp_path):
+    # a corrupt file was a pyarrow traceback; an int 'text' column was reported as "no non-empty documents"
+    import pandas as pd
+
+    good = tmp_path / "good.parquet"
+    pd.DataFrame({"text": ["one story", "another"]}).to_parquet(good)
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(good.read_bytes()[:-20])
+    with pytest.raises(CorpusError, match=r"cut\.parquet cannot be read as Parquet \(.*\); the file is truncated"):
+        read_documents(cut)
+    ints = tmp_path / "ints.parquet"
+    pd.DataFrame({"text": [1, 2]}).to_parquet(ints)
+    with pytest.raises(CorpusError, match=r"ints\.parquet: the 'text' column holds int64, expected strings"):
+        read_documents(ints)
+    large = tmp_path / "large.parquet"  # large_string is a string column too
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": pa.array(["x y", None], type=pa.large_string())}), large)
+    assert read_documents(large) == ["x y"]
+
+
 def test_folder_with_one_file_and_ambiguous_folder(tmp_path):
     (tmp_path / "notes.md").write_text("ignored")
     (tmp_path / "c.txt").write_text("s1\n<|endoftext|>\ns2")

@@ -248,6 +248,16 @@ def test_tokenizer_file_errors(tmp_path):
     (tmp_path / "cut.bin").write_bytes((tmp_path / "t.bin").read_bytes()[:-3])
     with pytest.raises(Llama2cError, match="invalid length|truncated"):
         read_llama2c_tokenizer(tmp_path / "cut.bin")
+    # a folder (e.g. a Hugging Face or GPT-2 tokenizer folder) was reported as "tokenizer not found"
+    (tmp_path / "hf_tok").mkdir()
+    w = _random_weights(SMALL)
+    _write_checkpoint(tmp_path / "m.bin", SMALL, w)
+    for call in (lambda: read_llama2c_tokenizer(tmp_path / "hf_tok"),
+                 lambda: convert_llama2c(tmp_path / "m.bin", tmp_path / "hf_tok", cache_dir=tmp_path / "c")):
+        with pytest.raises(Llama2cError, match=r"hf_tok is a folder; a llama2.c checkpoint needs its tokenizer file"):
+            call()
+    with pytest.raises(FileNotFoundError, match="llama2.c tokenizer not found"):
+        read_llama2c_tokenizer(tmp_path / "absent.bin")
 
 
 def test_conversion_cache_is_keyed_by_content(tmp_path):

@@ -25,7 +25,8 @@ Intended changes since: the summary table's "explained variance at P" column rea
 (it showed n/a for every schema-2 file); regenerated with that one cell changed in each input. The circuit at P is
 drawn by ``report/circuit_graph.py`` (layers up, a legend) instead of the plotly graph that put every node of a stage
 on one line; regenerated with the circuit section changed (and the later figures renumbered) in the inputs that have
-a circuit.
+a circuit. The summary's sentence for an SAE none of whose features has an interval (each on fewer than 2 prompts)
+says so instead of "every 95% CI includes 0"; regenerated with that sentence changed.
 """
 
 from __future__ import annotations

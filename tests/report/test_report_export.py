@@ -49,6 +49,30 @@ def test_tables_are_the_pages_tables_as_csv(tmp_path, results):
     assert rows[1][2] == "0.8765 \u00b1 0.1000"
 
 
+def test_an_export_never_replaces_a_folder_of_the_users_own_files(tmp_path, monkeypatch, results):
+    # `--export` swapped the user's own figures/ or tables/ for the export's, deleting my_plot.png with the rest
+    rep = build_report(results)
+    mine = tmp_path / "tables"
+    mine.mkdir()
+    (mine / "my_data.csv").write_text("a,b\n")
+    with pytest.raises(ExportError, match=r"tables holds files an export did not write \(my_data\.csv\); move"):
+        write_tables(rep.tables, mine)
+    assert os.listdir(mine) == ["my_data.csv"] and (mine / "my_data.csv").read_text() == "a,b\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tables"]  # nothing written beside it
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    (figures / "my_plot.png").write_bytes(b"mine")
+    monkeypatch.setattr(export_mod, "_kaleido_installed", lambda: True)  # refused before any drawing
+    monkeypatch.setattr(export_mod, "_draw_command", lambda jobs_file: pytest.fail("drew into the user's folder"))
+    with pytest.raises(ExportError, match=r"figures holds files an export did not write \(my_plot\.png\)"):
+        export_mod.write_figures(rep.figures, figures)
+    assert (figures / "my_plot.png").read_bytes() == b"mine"
+    # an earlier export (its own names only) is replaced as before
+    other = tmp_path / "export2"
+    first = write_tables(rep.tables, other / "tables")
+    assert sorted(p.name for p in write_tables(rep.tables[:1], first).iterdir()) == [f"{rep.tables[0][0]}.csv"]
+
+
 def _stub_drawing(monkeypatch, code: str) -> None:
     """Draw the figures with ``python -c code`` (a stand-in for kaleido's child process)."""
     monkeypatch.setattr(export_mod, "_kaleido_installed", lambda: True)

@@ -42,8 +42,20 @@ def test_headline_says_the_story_in_words(results):
     assert h[4] == ("Ablating features 12345, 9001, 2077 together raises it by 1.234 nats (95% CI 1.124 to 1.345), "
                     "35% of what zero-ablating the whole layer costs (3.555 nats).")
     assert not any("spread thin" in s and "blocks.0.mlp" in s for s in h)
-    # SAE 1: its only feature has no interval, so nothing is supported
-    assert any(s.startswith("In blocks.0.hook_resid_post no feature's effect is supported") for s in h)
+    # SAE 1: its only feature has no interval, so nothing is supported; said as such, not as "every 95% CI
+    # includes 0" (there is no interval to include it)
+    assert "In blocks.0.hook_resid_post no feature's effect has a 95% interval: each is measured on fewer than 2 " \
+        "prompts; use more prompts (--max-prompts, a larger corpus) to tell which are supported." in h
+    assert not any("every 95% CI includes 0" in s for s in h)
+
+
+def test_headline_says_every_interval_includes_zero_only_when_there_are_intervals(results):
+    # with an interval that includes 0 (0.05 +- 0.08 -> [-0.03, 0.13]) the feature is measured but not supported
+    results["saes"][1]["top_features"][0]["loss_increase_ci95"] = 0.08
+    h = headline(results)
+    assert ("In blocks.0.hook_resid_post no feature's effect is supported (every 95% CI includes 0): the effect is "
+            "spread thin or too small to measure on these prompts.") in h
+    assert not any("has a 95% interval" in s for s in h)
 
 
 def test_headline_spread_thin_and_behaviour_from_checks(results):

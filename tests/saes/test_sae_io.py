@@ -1,6 +1,7 @@
 """SAELens layout round trips, clear errors for bad files, reference-checkpoint import."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,41 @@ def test_missing_and_corrupt_files(tmp_path):
         load_sae(folder)
     (folder / "cfg.json").unlink()
     with pytest.raises(SAEError, match=r"cfg\.json is missing"):
+        load_sae(folder)
+
+
+@pytest.mark.parametrize("plain_saelens", [False, True])
+@pytest.mark.parametrize(("name", "bad"), [("W_dec", float("nan")), ("W_enc", float("inf")),
+                                           ("b_enc", float("-inf")), ("threshold", float("nan"))])
+def test_nan_or_infinite_weights_are_refused(tmp_path, plain_saelens, name, bad):
+    # A NaN weight made the run write null losses with "checks: all passed"; every other family was refused already
+    # (formats.common.check_shapes), and the SAELens / saecircuits folder must be too, through both loaders.
+    from saecircuits.saes.formats import load_sae as load_any
+
+    folder = save_sae(_sae("jumprelu"), tmp_path / "s")
+    if plain_saelens:
+        cfg = json.loads((folder / "cfg.json").read_text())
+        del cfg["saecircuits"]
+        (folder / "cfg.json").write_text(json.dumps(cfg))
+    assert torch.isfinite(load_sae(folder).W_dec).all()  # the file as saved loads
+    w = load_file(str(folder / "sae_weights.safetensors"))
+    w[name].view(-1)[3] = bad
+    save_file(w, str(folder / "sae_weights.safetensors"))
+    for load in (load_sae, load_any):
+        with pytest.raises(SAEError, match=rf"sae_weights\.safetensors: {name} holds NaN or infinite values"):
+            load(folder)
+
+
+@pytest.mark.parametrize("k", [0, 17])
+def test_a_topk_k_outside_1_to_d_sae_names_the_file(tmp_path, k):
+    # the error named cfg.extra['k'] and SAEConfig but not the cfg.json the bad k came from
+    folder = save_sae(_sae("topk"), tmp_path / "s")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    del cfg["saecircuits"]
+    cfg["k"] = k
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(SAEError, match=rf"^{re.escape(str(folder / 'cfg.json'))}: topk SAE needs an integer .* in "
+                                       rf"1\.\.d_sae=16, got {k}"):
         load_sae(folder)
 
 

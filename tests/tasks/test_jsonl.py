@@ -66,6 +66,16 @@ def test_bad_lines_and_empty_file(tmp_path):
         jsonl_task(tmp_path / "missing.jsonl", tok)
 
 
+def test_empty_prompt_or_answer_is_named_as_such(tmp_path):
+    # an empty prompt was reported as "the prompt's tokens are not a prefix ...", an empty answer as "0 extra tokens"
+    tok = tiny_tokenizer()
+    with pytest.raises(TaskError, match=r'e\.jsonl:2: "prompt" is empty; give the text the model reads'):
+        jsonl_task(_write(tmp_path / "e.jsonl", [{"prompt": "Mom", "answer": " said"},
+                                                 {"prompt": "", "answer": " said"}]), tok)
+    with pytest.raises(TaskError, match=r'f\.jsonl:1: "answer" is empty; give the one token'):
+        jsonl_task(_write(tmp_path / "f.jsonl", [{"prompt": "Mom", "answer": ""}]), tok)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Special tokens in text (issue 7 item 3) and over-long prompts (item 6)
 

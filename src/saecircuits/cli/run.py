@@ -197,9 +197,11 @@ def _threads(n: int | None) -> None:
     Two processes that each take every core slow each other several times over; give each its share."""
     import torch
 
+    from saecircuits.cli import check_threads, usable_cores
+
+    check_threads(n)
     if n is None:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        n //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        n = usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.set_num_threads(max(1, n))
 
 
@@ -254,7 +256,7 @@ SAE_HELP = ("Analyse existing SAEs instead: folders or files of any family saeci
             "downloaded only when online).")
 HOOK_HELP = ("The TransformerLens hook each --sae reads (one per --sae, in order; 'auto' = what its files say), for "
              "SAEs whose files do not say it (e.g. Gemma Scope .npz, Goodfire .pth).")
-THREADS_HELP = "torch threads for the whole run (default: the cores this process may use)."
+THREADS_HELP = "torch threads for the whole run, at most the cores this process may use (default: all of them)."
 EXPORT_HELP = ("Also write every figure of the report as PNG (figures/, needs kaleido and Chrome or Chromium) and "
                "every table as CSV (tables/) beside it.")
 # Shown defaults are RunConfig's and saes.presets' (DEFAULT_SAE_RECIPE, DEFAULT_TOPK_K); importing them here would

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from saecircuits.cli import InputError, SaeCommand, app, user_errors
+from saecircuits.cli import InputError, SaeCommand, app, check_threads, user_errors
 
 
 # Shown defaults are LMConfig's (models/train_lm.py); importing it here would load torch for every --help.
@@ -84,6 +84,7 @@ def train_lm_command(
         if workspace is not None and workspace.exists() and not workspace.is_dir():
             raise NotADirectoryError(f"--workspace {workspace} is a file; give a folder")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    check_threads(threads)
     torch.set_num_threads(threads)
     with user_errors():
         if out is not None:

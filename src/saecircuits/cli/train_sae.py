@@ -31,7 +31,7 @@ from typing import Annotated
 
 import typer
 
-from saecircuits.cli import InputError, SaeCommand, app, num, user_errors
+from saecircuits.cli import InputError, SaeCommand, app, check_threads, num, user_errors
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +230,7 @@ def train_sae_command(
             raise SAEError(f"a train-sae setting has the wrong type ({err}); check the --config file") from err
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    check_threads(threads)
     if threads is not None:
         torch.set_num_threads(threads)
     rank, world, dev = _setup_distributed(job.device)

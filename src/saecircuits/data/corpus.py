@@ -68,12 +68,29 @@ def _read_jsonl(path: Path) -> list[str]:
 
 
 def _read_parquet(path: Path) -> list[str]:
+    """The ``text`` column's strings, null rows skipped.
+
+    Raises:
+        CorpusError: not a readable Parquet file (pyarrow's reason), no ``text`` column, or a ``text`` column that
+            does not hold strings (it was read as "no non-empty documents").
+    """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    cols = pq.read_schema(path).names
-    if "text" not in cols:
-        raise CorpusError(f"{path} has no 'text' column (columns: {cols}); rename the text column to 'text'")
-    texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    try:
+        schema = pq.read_schema(path)
+        if "text" not in schema.names:
+            raise CorpusError(f"{path} has no 'text' column (columns: {schema.names}); rename the text column to "
+                              "'text'")
+        kind = schema.field("text").type
+        is_view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow >= 16
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or is_view(kind)):
+            raise CorpusError(f"{path}: the 'text' column holds {kind}, expected strings; write the documents' text "
+                              "as a string column")
+        texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    except (pa.ArrowException, OSError) as err:
+        raise CorpusError(f"{path} cannot be read as Parquet ({err}); the file is truncated or not Parquet: give "
+                          "a text, .jsonl or .parquet corpus") from err
     return [t for t in texts if isinstance(t, str)]
 
 
@@ -89,7 +106,8 @@ def read_documents(path: str | os.PathLike[str]) -> list[str]:
     Raises:
         FileNotFoundError: ``path`` does not exist.
         CorpusError: a folder with zero or several corpus files, a text file that is not UTF-8, a JSONL line
-            without a string ``text``, a parquet file without a ``text`` column, or no non-empty document at all.
+            without a string ``text``, a parquet file that cannot be read or has no string ``text`` column, or no
+            non-empty document at all.
     """
     p = Path(path).expanduser()
     if not p.exists():

@@ -304,8 +304,7 @@ def read_llama2c_tokenizer(path: str | os.PathLike[str], vocab_size: int | None 
             count different from ``vocab_size``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"llama2.c tokenizer not found: {path}")
+    _check_tokenizer_file(path)
     data = path.read_bytes()
     if len(data) < 4:
         raise Llama2cError(f"{path} is too short to be a llama2.c tokenizer")
@@ -495,6 +494,16 @@ def find_llama2c_tokenizer(bin_path: str | os.PathLike[str]) -> Path:
     return cands[0]
 
 
+def _check_tokenizer_file(path: Path) -> None:
+    """Raises FileNotFoundError when ``path`` does not exist, Llama2cError when it is a folder (e.g. a Hugging Face
+    tokenizer folder given with a llama2.c checkpoint, which was reported as "not found")."""
+    if path.is_dir():
+        raise Llama2cError(f"the llama2.c tokenizer {path} is a folder; a llama2.c checkpoint needs its tokenizer "
+                           "file, a tok*.bin (e.g. --tokenizer ../shared/data/stories260K/tok512.bin)")
+    if not path.is_file():
+        raise FileNotFoundError(f"llama2.c tokenizer not found: {path}")
+
+
 def convert_llama2c(
     bin_path: str | os.PathLike[str],
     tokenizer_path: str | os.PathLike[str] | None = None,
@@ -515,8 +524,7 @@ def convert_llama2c(
     bin_path = Path(bin_path)
     read_llama2c_checkpoint(bin_path)  # validate early: clear error before anything is written
     tok_path = Path(tokenizer_path) if tokenizer_path is not None else find_llama2c_tokenizer(bin_path)
-    if not tok_path.is_file():
-        raise FileNotFoundError(f"llama2.c tokenizer not found: {tok_path}")
+    _check_tokenizer_file(tok_path)
     base = Path(cache_dir) if cache_dir is not None else Path(tempfile.mkdtemp(prefix="saecircuits-llama2c-"))
     key = f"llama2c-{sha256_file(bin_path)[:16]}-{sha256_file(tok_path)[:8]}-v{_CONVERTER_VERSION}"
     target = base / key

@@ -45,14 +45,15 @@ def mlp_ablation_effects(model, task, stat_docs: list[list[int]], *, exclude_bos
         ``[n_layers]`` :class:`~saecircuits.analysis.statistics.MeanCI` of (mean-ablated - clean) answer loss.
     """
     from saecircuits.analysis.ablations.feature_effects import variant_losses
-    from saecircuits.analysis.quality.reconstruction import mean_activation
+    from saecircuits.analysis.quality.reconstruction import mean_activations
     from saecircuits.analysis.statistics import mean_ci95
     from saecircuits.models.interventions import Edit
 
+    hooks = [HOOK_TEMPLATE.format(layer=layer) for layer in range(int(model.cfg.n_layers))]
+    means = mean_activations(model, stat_docs, hooks, exclude_bos=exclude_bos, progress=progress)  # one pass
     effects = []
-    for layer in range(int(model.cfg.n_layers)):
-        hook = HOOK_TEMPLATE.format(layer=layer)
-        mean = mean_activation(model, stat_docs, hook, exclude_bos=exclude_bos, progress=progress)
+    for hook in hooks:
+        mean = means[hook]
 
         def to_mean(x: torch.Tensor, mean: torch.Tensor = mean) -> torch.Tensor:  # [B, F, d] -> [B, 1, d]
             return mean.to(x).reshape(1, 1, -1).expand(x.shape[0], 1, -1)

@@ -69,12 +69,26 @@ def load_sae_arg(path: str | Path, hook: str | None, device: str, *, model_name:
 
 
 def _sae_files(ctx: RunContext) -> dict:
-    """The SAEs of ``--sae`` (None: new SAEs are trained by the ``saes`` stage)."""
+    """The SAEs of ``--sae`` (None: new SAEs are trained by the ``saes`` stage).
+
+    Raises:
+        SAEError: as :func:`_load_saes`.
+        PipelineError: with the circuit on, two of them write the same hook (the circuit takes one SAE per hook).
+    """
     cfg = ctx.cfg
     if not cfg.sae_paths:
         return {"given_saes": None}
     ctx.say(f"loading {len(cfg.sae_paths)} SAE(s)")
-    return {"given_saes": _load_saes(list(cfg.sae_paths), cfg.device, cfg.sae_hooks)}
+    saes = _load_saes(list(cfg.sae_paths), cfg.device, cfg.sae_hooks)
+    if cfg.circuit:  # said now, not as a traceback from the circuit stage after every other analysis has run
+        first: dict[str, Path] = {}
+        for path, sae in zip(cfg.sae_paths, saes, strict=True):
+            if sae.hook_point_out in first:
+                raise PipelineError(f"--sae {first[sae.hook_point_out]} and --sae {path} both write "
+                                    f"{sae.hook_point_out}; the circuit takes at most one SAE per hook: drop one, or "
+                                    "pass --no-circuit to analyse each alone")
+            first[sae.hook_point_out] = path
+    return {"given_saes": saes}
 
 
 def _model(ctx: RunContext, *, given_saes: list | None = None) -> dict:

@@ -151,9 +151,28 @@ STALE_OUTPUTS = {"circuit.json": None, "figures": ".png", "tables": ".csv"}
 ``--export``): a file, or a folder of files with this suffix. Removed when this run does not write them."""
 
 
-def _remove_stale_outputs(out: Path, written: set[str]) -> list[str]:
+def earlier_run_in(out: Path) -> bool:
+    """Whether ``out`` holds the ``results.json`` of an earlier saecircuits run (call before this run writes its own).
+
+    Only then are the :data:`STALE_OUTPUTS` there an earlier run's: a folder of the user's own ``figures/``,
+    ``tables/`` or ``circuit.json`` given as ``--out`` was emptied of them."""
+    # its head only (a results.json can be hundreds of MB): the pipeline writes "saecircuits_version" second
+    try:
+        with open(out / "results.json", "rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    return head.lstrip().startswith(b"{") and b'"saecircuits_version"' in head
+
+
+def _remove_stale_outputs(out: Path, written: set[str], *, earlier_run: bool = True) -> list[str]:
     """Remove the :data:`STALE_OUTPUTS` this run did not write (a folder only when it holds nothing else), so
-    ``--out`` never mixes this run's results with an earlier run's circuit, figures or tables."""
+    ``--out`` never mixes this run's results with an earlier run's circuit, figures or tables. Nothing is removed
+    unless ``earlier_run`` (:func:`earlier_run_in`, asked before this run wrote ``results.json``)."""
+    if not earlier_run:
+        return []
+    from saecircuits.report.export import foreign_files
+
     removed = []
     for name, suffix in STALE_OUTPUTS.items():
         p = out / name
@@ -161,7 +180,7 @@ def _remove_stale_outputs(out: Path, written: set[str]) -> list[str]:
             continue
         if suffix is None and p.is_file():
             p.unlink()
-        elif suffix is not None and p.is_dir() and all(q.is_file() and q.suffix == suffix for q in p.iterdir()):
+        elif suffix is not None and p.is_dir() and not foreign_files(p):  # an export's names only, no file of yours
             shutil.rmtree(p)
         else:
             continue
@@ -245,11 +264,13 @@ def _report(ctx: RunContext, *, model, provenance: dict, task, task_entry: dict,
     if not distributed.is_writer():
         return {"results": results}
     typed = Results.model_validate(results)  # validated once, before anything is written; the report reads it
+    earlier = earlier_run_in(out)
     write_json_atomic(out / "results.json", results)
     if circuit_json is not None:
         write_json_atomic(out / "circuit.json", circuit_json)
     render_report(typed, out / "report.html")
-    removed = _remove_stale_outputs(out, {"circuit.json"} if circuit_json is not None else set())
+    removed = _remove_stale_outputs(out, {"circuit.json"} if circuit_json is not None else set(),
+                                    earlier_run=earlier)
     if removed:
         say(f"removed {', '.join(removed)} of an earlier run in {out} (this run did not write them)")
     return {"results": results}

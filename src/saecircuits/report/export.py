@@ -21,6 +21,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -109,8 +110,37 @@ class ExportResult:
     n_tables: int
 
 
+#: the names an export writes (``render.build_report``: figures ``NNN-<slug>``, tables ``<slug>-N``): a folder
+#: holding any other file is not an earlier export and is never replaced.
+_EXPORT_NAMES = re.compile(r"^(\d{3}-[a-z0-9-]+\.png|[a-z0-9-]+-\d+\.csv)$")
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """The names in ``folder`` that an export does not write (sorted); ``[]`` for an earlier export's folder."""
+    return sorted(p.name for p in folder.iterdir() if not (p.is_file() and _EXPORT_NAMES.match(p.name)))
+
+
+def _check_replaceable(final: Path) -> None:
+    """Raises ExportError when ``final`` is a file, or a folder holding a file an export does not write (the user's
+    own ``figures/``, say, which the swap used to delete with the rest)."""
+    if final.is_dir():
+        foreign = foreign_files(final)
+        if foreign:
+            raise ExportError(
+                f"--export: {final} holds files an export did not write ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}); move them away or export to another folder, so that they "
+                "are not replaced")
+    elif final.exists():
+        raise ExportError(f"--export: {final} is a file; move it away or export to another folder")
+
+
 def _swap_in(tmp: Path, final: Path) -> None:
-    """Replace ``final`` (a folder) by ``tmp`` with one rename, the old folder removed after."""
+    """Replace ``final`` (a folder) by ``tmp`` with one rename, the old folder removed after.
+
+    Raises:
+        ExportError: ``final`` is not an earlier export (:func:`_check_replaceable`).
+    """
+    _check_replaceable(final)
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
         os.replace(final, old)
@@ -121,8 +151,12 @@ def _swap_in(tmp: Path, final: Path) -> None:
 def write_tables(tables, out_dir: str | os.PathLike) -> Path:
     """Write each ``(name, headers or None, rows)`` as ``out_dir/<name>.csv`` (UTF-8, header row when given).
 
-    Returns the folder. Written into a temporary folder first, then moved into place."""
+    Returns the folder. Written into a temporary folder first, then moved into place.
+
+    Raises:
+        ExportError: ``out_dir`` is not an earlier export (:func:`_check_replaceable`)."""
     final = Path(out_dir)
+    _check_replaceable(final)  # before the work, not after it
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_temps(final.parent)  # what a killed export left
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
@@ -152,7 +186,8 @@ def write_figures(figures, out_dir: str | os.PathLike, *, scale: float = 2.0,
 
     Raises:
         ExportError: kaleido is not installed, it found no Chrome/Chromium to draw with, drawing failed, or it ran
-            past ``timeout`` (stopped, browser included; the previous figures folder, if any, is kept).
+            past ``timeout`` (stopped, browser included; the previous figures folder, if any, is kept), or
+            ``out_dir`` is not an earlier export (:func:`_check_replaceable`).
     """
     if not _kaleido_installed():
         raise ExportError('--export needs kaleido to write PNGs: pip install -e ".[export]"')
@@ -160,6 +195,7 @@ def write_figures(figures, out_dir: str | os.PathLike, *, scale: float = 2.0,
     if timeout is None:
         timeout = _default_timeout(len(figures))
     final = Path(out_dir)
+    _check_replaceable(final)  # before the work, not after it
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_temps(final.parent)  # what a killed export left
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")

@@ -297,8 +297,12 @@ def _sae_sentence(sae: SaeEntry) -> list[str]:
             f"feature {t.feature} ({_f(t.loss_increase)} nats)" for t in rest)
     out.append(lead + ".")
     if not sup:
-        out.append(f"In {hp} no feature's effect is supported (every 95% CI includes 0): the effect is spread thin "
-                   "or too small to measure on these prompts.")
+        if not any(_finite(ci_bounds(t.loss_increase, t.loss_increase_ci95)[0]) for t in ranked):  # n < 2 each
+            out.append(f"In {hp} no feature's effect has a 95% interval: each is measured on fewer than 2 prompts; "
+                       "use more prompts (--max-prompts, a larger corpus) to tell which are supported.")
+        else:
+            out.append(f"In {hp} no feature's effect is supported (every 95% CI includes 0): the effect is spread "
+                       "thin or too small to measure on these prompts.")
         return out
     share = layer_effect_share(sae)
     joint = _joint(sae)

@@ -281,6 +281,10 @@ def check_weights(sae: SAE, weights: dict[str, torch.Tensor], path: Path, fix: s
             )
         if not weights[name].is_floating_point():
             raise SAEError(f"{path}: {name} has dtype {weights[name].dtype}, expected floating point; {fix}")
+        # as formats.common.check_shapes does for the other families: a NaN or inf weight gives NaN losses that the
+        # report would show as undefined with every check passed
+        if not bool(torch.isfinite(weights[name]).all()):
+            raise SAEError(f"{path}: {name} holds NaN or infinite values; the file is corrupt: re-save the SAE")
 
 
 def find_sae_folders(root: str | os.PathLike, max_depth: int = 4) -> list[Path]:
@@ -350,7 +354,10 @@ def load_sae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> S
             )
             cfg.dtype = dtype_name(stored)
     weights = _apply_plan(weights, plan, cfg.d_sae, w_path)
-    sae = build_empty_sae(cfg)
+    try:
+        sae = build_empty_sae(cfg)
+    except SAEError as e:  # e.g. a topk k outside 1..d_sae: say which file holds it
+        raise SAEError(f"{cfg_path}: {e}") from None
     check_weights(sae, weights, w_path, "the weights do not belong to this cfg.json: re-save the SAE")
     sae.import_weights_(weights)
     return sae.to(device).eval()

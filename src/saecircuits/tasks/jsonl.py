@@ -47,9 +47,9 @@ def jsonl_task(
 
     Raises:
         TaskError: unreadable file, a line that is not a JSON object with string ``prompt`` and ``answer``, an
-            answer that is a special-token string (e.g. the BOS string), an answer that is not exactly one token
-            after its prompt (the message names the line and the tokens it became), ``prepend_bos=True`` without a
-            BOS id, bad ``"anchors"`` (not an object of name -> integer character offset, an offset outside the
+            empty prompt or answer, an answer that is a special-token string (e.g. the BOS string), an answer that
+            is not exactly one token after its prompt (the message names the line and the tokens it became),
+            ``prepend_bos=True`` without a BOS id, bad ``"anchors"`` (not an object of name -> integer character offset, an offset outside the
             prompt, a reserved name ``P``/``P-d``, two names in one token, a name on P's token), or no prompt left.
     """
     path = Path(path)
@@ -87,6 +87,10 @@ def jsonl_task(
         ):
             raise TaskError(f'{where}: each line must be an object with string fields "prompt" and "answer"')
         prompt, answer = record["prompt"], record["answer"]
+        for field, value, fix in (("prompt", prompt, "the text the model reads before it predicts the answer"),
+                                  ("answer", answer, "the one token the model should predict after the prompt")):
+            if not value:  # else the error below blames tokenisation ("not a prefix", "0 extra tokens")
+                raise TaskError(f'{where}: "{field}" is empty; give {fix}')
         if answer.strip() in special_strings:
             raise TaskError(
                 f"{where}: answer {answer!r} is the tokenizer's special token {answer.strip()!r} (BOS/EOS/PAD), "

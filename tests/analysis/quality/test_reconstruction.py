@@ -96,6 +96,25 @@ def test_mean_activation_excludes_bos_and_padding():
     assert not torch.allclose(mu, with_bos)
 
 
+@pytest.mark.parametrize("read_bytes", [512 << 20, 1])  # every hook in one pass; one pass per hook
+def test_mean_activations_of_several_hooks_equal_each_hooks_own_mean(monkeypatch, read_bytes):
+    # --layers auto read every MLP layer's mean with one corpus pass per layer; one pass now reads them all
+    from saecircuits.analysis.quality import reconstruction as rec
+
+    monkeypatch.setattr(rec, "READ_BYTES", read_bytes)
+    model, task = tiny_neo(), quote_task()
+    rows = task.token_ids[:5]
+    hooks = ["blocks.1.mlp.hook_post", "blocks.0.mlp.hook_post", "blocks.0.hook_resid_post"]
+    means = rec.mean_activations(model, rows, hooks, max_tokens=40, max_batch=2)
+    assert list(means) == hooks
+    with torch.no_grad():  # independent: the bridge's own cache, every real position but BOS
+        caches = [model.run_with_cache(torch.tensor([t]))[1] for t in rows]
+    for hook in hooks:
+        torch.testing.assert_close(means[hook], torch.cat([c[hook][0, 1:] for c in caches]).mean(0), atol=1e-5,
+                                   rtol=0)
+        assert torch.equal(means[hook], mean_activation(model, rows, hook, max_tokens=40, max_batch=2))
+
+
 def test_random_sae_batched_equals_per_prompt():
     model, sae = tiny_neo(), random_sae()
     task = _promoted_task(model, quote_task())

@@ -190,8 +190,16 @@ def test_pickled_code_is_refused(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(_config("AutoEncoder")))
     torch.save({"step": 1, "ae": {}, "config": Opaque()}, folder / "ae.pt")
-    with pytest.raises(SAEError, match="cannot be loaded as weights only"):
+    with pytest.raises(SAEError, match="cannot be loaded as weights only") as err:
         load_sae(folder)
+    # torch's own advice to retry with weights_only=False (unsafe, and never done here) is not passed on
+    assert "weights_only" not in str(err.value) and "likely succeed" not in str(err.value)
+    assert str(err.value).endswith("saecircuits never unpickles code from SAE files")
+    (folder / "ae.pt").write_bytes(b"not a torch file at all")
+    with pytest.raises(SAEError, match=r"ae\.pt cannot be loaded as weights only \(.*\): it is not a torch weights "
+                                       r"file, it is truncated, or it holds pickled objects") as err:
+        load_sae(folder)
+    assert "weights_only" not in str(err.value)
 
 
 def test_checkpoint_file_and_sites(tmp_path):

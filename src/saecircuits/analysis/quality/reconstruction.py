@@ -215,9 +215,49 @@ def mean_activation(
     Raises:
         ValueError: no position is left to average. ContextLengthError: a row is longer than the context.
     """
+    return mean_activations(model, token_rows, [hook_point], exclude_bos=exclude_bos, max_tokens=max_tokens,
+                            max_batch=max_batch, progress=progress)[hook_point]
+
+
+#: the most bytes of float32 activations one batch of :func:`mean_activations` reads at once (over its hooks).
+READ_BYTES = 512 << 20
+
+
+def mean_activations(
+    model,
+    token_rows: Sequence[Sequence[int]],
+    hook_points: Sequence[str],
+    *,
+    exclude_bos: bool = True,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    progress: bool | None = None,
+) -> dict[str, torch.Tensor]:
+    """:func:`mean_activation` of several hooks from ONE pass over ``token_rows``: each batch's forward reads every
+    hook (it stops after the last one's block), with the same batches, masks and sums as one pass per hook, so each
+    mean is the one :func:`mean_activation` gives. ``--layers auto`` reads every MLP layer's mean: one pass per
+    layer ran the first blocks once per layer (5 passes, 15 block forwards per batch on stories260K, instead of 5).
+
+    Returns:
+        ``{hook: float32 [*act_shape]}`` on the model's device.
+
+    Raises:
+        ValueError: no position is left to average. ContextLengthError: a row is longer than the context.
+    """
+    hook_points = list(dict.fromkeys(hook_points))
+    # a batch's reads of all of them at once must stay small: group the hooks so that each pass holds at most
+    # READ_BYTES of float32 reads per batch (the widest width a hook can have, d_mlp, assumed for each)
+    width = max(int(getattr(model.cfg, "d_mlp", None) or 0), int(model.cfg.d_model))
+    per_pass = max(1, READ_BYTES // (max_tokens * width * 4))
+    if len(hook_points) > per_pass:
+        out: dict[str, torch.Tensor] = {}
+        for i in range(0, len(hook_points), per_pass):
+            out.update(mean_activations(model, token_rows, hook_points[i:i + per_pass], exclude_bos=exclude_bos,
+                                        max_tokens=max_tokens, max_batch=max_batch, progress=progress))
+        return out
     special = special_token_ids(getattr(model, "tokenizer", None)) if exclude_bos else frozenset()
     iv = interventions_for(model)
-    total: torch.Tensor | None = None
+    totals: dict[str, torch.Tensor] = {}
     count = 0
     batches = row_batches(
         token_rows,
@@ -227,19 +267,22 @@ def mean_activation(
         device=_device_of(model),
         n_ctx=n_ctx_of(model),
     )
-    for batch in with_progress(batches, len(token_rows), f"mean of {hook_point} (documents)", progress):
+    what = hook_points[0] if len(hook_points) == 1 else f"{len(hook_points)} hooks"
+    for batch in with_progress(batches, len(token_rows), f"mean of {what} (documents)", progress):
         lengths = batch.positions + 1
         mask = torch.arange(batch.tokens.shape[1], device=lengths.device)[None] < lengths[:, None]
         mask &= ~special_token_mask(batch.tokens, special)
-        x = iv.read_all(batch.tokens, [hook_point])[hook_point].float()  # stops after the hook's block
-        summed = x[mask.to(x.device)].sum(0)
-        total = summed if total is None else total + summed
+        reads = iv.read_all(batch.tokens, hook_points)  # stops after the last hook's block
+        for hook in hook_points:
+            x = reads[hook].float()
+            summed = x[mask.to(x.device)].sum(0)
+            totals[hook] = summed if hook not in totals else totals[hook] + summed
         count += int(mask.sum())
-    if total is None or count == 0:
+    if not totals or count == 0:
         raise ValueError(
             "mean_activation got no token positions (empty rows, or only special tokens with exclude_bos=True)"
         )
-    return total / count
+    return {hook: totals[hook] / count for hook in hook_points}
 
 
 @dataclass

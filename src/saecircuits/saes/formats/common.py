@@ -65,8 +65,12 @@ def read_torch(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt / non-weights-only files
-        raise SAEError(f"{path} cannot be loaded as weights only ({type(e).__name__}: {e}); saecircuits never "
-                       "unpickles code from SAE files") from e
+        # torch's message goes on to advise weights_only=False ("will likely succeed"): the one thing never done
+        # here, so only its first sentence is kept
+        reason = str(e).split(". ", 1)[0].strip()
+        raise SAEError(f"{path} cannot be loaded as weights only ({type(e).__name__}: {reason}): it is not a torch "
+                       "weights file, it is truncated, or it holds pickled objects; saecircuits never unpickles code "
+                       "from SAE files") from e
 
 
 def read_npz(path: Path) -> dict[str, torch.Tensor]:
@@ -115,7 +119,10 @@ def build_from_tensors(cfg: SAEConfig, weights: dict[str, torch.Tensor], path: P
     Raises:
         SAEError: the tensors do not fit ``cfg`` (see :func:`check_shapes`), or the architecture refuses them.
     """
-    sae = build_empty_sae(cfg)  # matrices unwritten until the weights are copied in (no zero-filled copy)
+    try:
+        sae = build_empty_sae(cfg)  # matrices unwritten until the weights are copied in (no zero-filled copy)
+    except SAEError as e:  # e.g. a topk k outside 1..d_sae: say which file holds it
+        raise SAEError(f"{path}: {e}") from None
     check_shapes(sae, weights, path)
     try:
         sae.import_weights_(weights)
