@@ -12,7 +12,7 @@ import functools
 
 import pytest
 import torch
-from helpers import ablate_node_by_hand, quote_task, tiny_model
+from helpers import ablate_node_by_hand, analyses_on_backend, quote_task, tiny_model
 
 from saecircuits.analysis.ablations.feature_effects import feature_activations
 from saecircuits.analysis.circuit import (
@@ -322,3 +322,69 @@ def test_attached_features_equal_the_dense_encode_in_value_and_gradient(extra):
         assert torch.equal(ga, gb), j
     assert bool((f[..., cols[0]] != 0).any()) and bool((f[..., cols[0]] == 0).any())  # both kinds of rows
     assert torch.equal(attached_features(sae, x, cols, f), sae.encode_features(x, cols))  # no graph: the value
+
+
+@pytest.mark.parametrize("sae_arch", ["standard", "topk_skip_ln"])
+@pytest.mark.parametrize("arch", ["gpt_neo", "llama"])
+def test_exact_effects_in_one_variant_chunks_from_node_columns_equal_the_bridge_backend(arch, sae_arch, monkeypatch):
+    """Exact effects and edges computed one variant per run, the metric unembedded from the last residual stream a
+    few rows at a time and the edges of a per-feature SAE encoded from its node features' columns alone (the
+    engine), against the bridge backend's (full forwards, the log-softmax of the logits, every feature encoded,
+    many variants per run)."""
+    from saecircuits.analysis.circuit import exact as exact_module
+
+    model, task, saes, nodes, groups, _ = _setup(arch, sae_arch)
+    means = node_means(model, task, groups)
+    with analyses_on_backend(model, "bridge"):
+        want = exact_effects(model, saes, task, nodes, groups, means=means, max_batch=3)
+    monkeypatch.setattr(exact_module, "MAX_FLOATS", 1)
+    monkeypatch.setattr(exact_module, "COLUMN_SHARE", 1.0)
+    sae_groups = [g for g in groups if g.kind == "sae"]
+    assert all((exact_module._node_columns(g) is not None) == (sae_arch == "standard") for g in sae_groups)
+    got = exact_effects(model, saes, task, nodes, groups, means=means, max_batch=3)
+    torch.testing.assert_close(got.clean_metric, want.clean_metric, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(got.node_effect, want.node_effect, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got.node_effect_sq, want.node_effect_sq, atol=1e-5, rtol=1e-4)
+    assert torch.equal(got.node_active, want.node_active)
+    assert len(want.edges) > 20
+    for key in set(got.edges) | set(want.edges):
+        g_v, g_n = got.edges.get(key, (0.0, 0))
+        w_v, w_n = want.edges.get(key, (0.0, 0))
+        assert g_v == pytest.approx(w_v, abs=1e-6, rel=1e-4), key
+        if abs(w_v) > 1e-4:
+            assert g_n == w_n, key
+
+
+def test_batched_grads_equal_one_backward_pass_per_target(monkeypatch):
+    """:func:`~saecircuits.analysis.circuit.estimates._batched_grads` (stacked vector-Jacobian products, a batch
+    at a time) against one ``autograd.grad`` per target, through a sparse decode, a layer norm, a GELU and a
+    non-leaf input (as :func:`_track` leaves a tensor that upstream nodes feed), with targets on two outputs and an
+    input that does not reach them."""
+    from saecircuits.analysis.circuit import estimates
+    from saecircuits.analysis.circuit.estimates import _batched_grads, _track
+    from saecircuits.saes.sparse_codes import sparse_decode
+
+    monkeypatch.setattr(estimates, "GRAD_BATCH", 3)
+    gen = torch.Generator().manual_seed(0)
+    W, W2 = torch.randn(20, 8, generator=gen), torch.randn(8, 6, generator=gen)
+    with torch.enable_grad():
+        vals = torch.randn(4, 3, generator=gen).requires_grad_(True)
+        idx = torch.randint(0, 20, (4, 3), generator=gen)
+        up = torch.randn(4, 8, generator=gen).requires_grad_(True)
+        h = _track(torch.nn.functional.layer_norm(up * 2.0, (8,)))  # a non-leaf node
+        unused = torch.randn(4, 2).requires_grad_(True)
+        x = sparse_decode(vals, idx, W) + h
+        out1 = torch.nn.functional.gelu(x @ W2)  # [4, 6]
+        out2 = (x**2).sum(-1, keepdim=True)  # [4, 1]
+        n = 7
+        sel1 = torch.rand(n, 4, 6, generator=gen)
+        sel2 = torch.rand(n, 4, 1, generator=gen)
+        sel2[3] = 0
+        got = list(_batched_grads([out1, out2], [sel1, sel2], [vals, h, unused]))
+        assert len(got) == n
+        for j in range(n):
+            want = torch.autograd.grad((out1 * sel1[j]).sum() + (out2 * sel2[j]).sum(), [vals, h, unused],
+                                       retain_graph=True, allow_unused=True)
+            torch.testing.assert_close(got[j][0], want[0], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(got[j][1], want[1], atol=1e-6, rtol=1e-5)
+            assert want[2] is None and torch.equal(got[j][2], torch.zeros_like(unused))
