@@ -388,3 +388,18 @@ def test_batched_grads_equal_one_backward_pass_per_target(monkeypatch):
             torch.testing.assert_close(got[j][0], want[0], atol=1e-6, rtol=1e-5)
             torch.testing.assert_close(got[j][1], want[1], atol=1e-6, rtol=1e-5)
             assert want[2] is None and torch.equal(got[j][2], torch.zeros_like(unused))
+
+
+@pytest.mark.parametrize("arch", ["gpt_neo", "llama"])
+def test_feature_activations_of_several_saes_equal_each_ones_own_pass(arch):
+    """One clean pass for both SAEs (it runs past SAE 0's layer) against each SAE's own
+    :func:`feature_activations` (a pass that stops after its layer): the same activations, bit for bit; and
+    find_circuit's nodes from them equal the nodes from the per-SAE activations."""
+    from saecircuits.analysis.ablations.activations_at_p import feature_activations_of
+
+    model, task, saes, nodes, _, acts = _setup(arch, "standard")
+    both = feature_activations_of(model, saes, task)
+    for a, b in zip(acts, both, strict=True):
+        assert (a.n_prompts, a.d_sae) == (b.n_prompts, b.d_sae)
+        assert torch.equal(a.prompt, b.prompt) and torch.equal(a.feature, b.feature) and torch.equal(a.value, b.value)
+    assert circuit_nodes(model, saes, both)[0] == nodes
