@@ -355,41 +355,6 @@ def test_exact_effects_in_one_variant_chunks_from_node_columns_equal_the_bridge_
             assert g_n == w_n, key
 
 
-def test_batched_grads_equal_one_backward_pass_per_target(monkeypatch):
-    """:func:`~saecircuits.analysis.circuit.estimates._batched_grads` (stacked vector-Jacobian products, a batch
-    at a time) against one ``autograd.grad`` per target, through a sparse decode, a layer norm, a GELU and a
-    non-leaf input (as :func:`_track` leaves a tensor that upstream nodes feed), with targets on two outputs and an
-    input that does not reach them."""
-    from saecircuits.analysis.circuit import estimates
-    from saecircuits.analysis.circuit.estimates import _batched_grads, _track
-    from saecircuits.saes.sparse_codes import sparse_decode
-
-    monkeypatch.setattr(estimates, "GRAD_BATCH", 3)
-    gen = torch.Generator().manual_seed(0)
-    W, W2 = torch.randn(20, 8, generator=gen), torch.randn(8, 6, generator=gen)
-    with torch.enable_grad():
-        vals = torch.randn(4, 3, generator=gen).requires_grad_(True)
-        idx = torch.randint(0, 20, (4, 3), generator=gen)
-        up = torch.randn(4, 8, generator=gen).requires_grad_(True)
-        h = _track(torch.nn.functional.layer_norm(up * 2.0, (8,)))  # a non-leaf node
-        unused = torch.randn(4, 2).requires_grad_(True)
-        x = sparse_decode(vals, idx, W) + h
-        out1 = torch.nn.functional.gelu(x @ W2)  # [4, 6]
-        out2 = (x**2).sum(-1, keepdim=True)  # [4, 1]
-        n = 7
-        sel1 = torch.rand(n, 4, 6, generator=gen)
-        sel2 = torch.rand(n, 4, 1, generator=gen)
-        sel2[3] = 0
-        got = list(_batched_grads([out1, out2], [sel1, sel2], [vals, h, unused]))
-        assert len(got) == n
-        for j in range(n):
-            want = torch.autograd.grad((out1 * sel1[j]).sum() + (out2 * sel2[j]).sum(), [vals, h, unused],
-                                       retain_graph=True, allow_unused=True)
-            torch.testing.assert_close(got[j][0], want[0], atol=1e-6, rtol=1e-5)
-            torch.testing.assert_close(got[j][1], want[1], atol=1e-6, rtol=1e-5)
-            assert want[2] is None and torch.equal(got[j][2], torch.zeros_like(unused))
-
-
 @pytest.mark.parametrize("arch", ["gpt_neo", "llama"])
 def test_feature_activations_of_several_saes_equal_each_ones_own_pass(arch):
     """One clean pass for both SAEs (it runs past SAE 0's layer) against each SAE's own

@@ -5,7 +5,7 @@ values.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,10 +26,9 @@ SIGN_TOLERANCE = 1e-6
 
 
 def _track(t: torch.Tensor) -> torch.Tensor:
-    """Make ``t`` an input of ``torch.autograd.grad``: a leaf that requires grad, or the non-leaf itself (no
-    ``.grad`` is kept on it: every caller takes its gradients from ``autograd.grad``, and a batched backward pass,
-    :func:`_batched_grads`, could not add its stacked gradients into one ``.grad``)."""
+    """Make ``t`` keep its gradient: a leaf that requires grad, or a retained non-leaf."""
     if t.requires_grad:
+        t.retain_grad()
         return t
     return t.detach().requires_grad_(True)
 
@@ -194,35 +193,6 @@ class Estimates:
     steps: int = 1
 
 
-GRAD_BATCH = 32
-"""Vector-Jacobian products taken in one backward pass (:func:`_batched_grads`)."""
-
-
-def _batched_grads(outputs: Sequence[torch.Tensor], selectors: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
-                   *, retain_graph: bool = True) -> Iterator[tuple[torch.Tensor, ...]]:
-    """``grad(sum_o (outputs[o] * selectors[o][j]).sum(), inputs)`` for every ``j``: one backward pass per
-    :data:`GRAD_BATCH` of them instead of one each (``torch.autograd.grad`` with ``is_grads_batched``: the Jacobian's
-    products with a stack of vectors, one batched matmul per layer where a loop multiplies one vector at a time).
-
-    Args:
-        outputs: tensors of the graph (the targets' codes).
-        selectors: per output, ``[n, *outputs[o].shape]``: the weight of each entry in target ``j`` (its row ``j``).
-        inputs: the leaves whose gradients are wanted.
-        retain_graph: keep the graph after the last batch (for more backward passes).
-
-    Yields:
-        per target, the gradients of the inputs (zeros where an input does not reach the target): the same values as
-        one backward pass per target up to float rounding.
-    """
-    n = selectors[0].shape[0]
-    for j0 in range(0, n, GRAD_BATCH):
-        last = j0 + GRAD_BATCH >= n
-        gr = torch.autograd.grad(list(outputs), list(inputs), [sel[j0 : j0 + GRAD_BATCH] for sel in selectors],
-                                 retain_graph=retain_graph or not last, allow_unused=True, is_grads_batched=True)
-        for j in range(min(GRAD_BATCH, n - j0)):
-            yield tuple(torch.zeros_like(t) if x is None else x[j] for t, x in zip(inputs, gr, strict=True))
-
-
 def _scatter_nodes(out: torch.Tensor, g: _Group, contrib: torch.Tensor) -> None:
     """Add per-prompt contributions ``[B, n_group]`` of group ``g`` into node totals ``out [N]``."""
     where = torch.nonzero(g.node_of >= 0).flatten()
@@ -297,21 +267,17 @@ def attribution_estimates(
             if edge_downstream is not None:
                 n_slots = min(n_slots, edge_downstream)
             up_flat = [t for _, ts in ups for t in ts]
-            # slot j's target: each prompt's j-th active feature (none where the prompt has fewer), all slots'
-            # gradients from batched backward passes
-            slots = [j for j in range(n_slots) if bool(active.gather(1, order[:, j : j + 1]).any())]
-            sel = torch.zeros(len(slots), *attached.shape, dtype=attached.dtype, device=attached.device)
-            rows = torch.arange(attached.shape[0], device=attached.device)
-            for s_i, j in enumerate(slots):
-                k = order[:, j]
-                sel[s_i, rows, 0, col_of[k].to(attached.device)] = active.gather(1, k[:, None])[:, 0].to(sel)
-            for j, gr in zip(slots, _batched_grads([attached], [sel], up_flat), strict=True):
+            for j in range(n_slots):
                 k = order[:, j]
                 valid = active.gather(1, k[:, None])[:, 0]
+                if not bool(valid.any()):
+                    continue
+                target = (attached[:, 0].gather(1, col_of[k][:, None].to(attached.device))[:, 0] * valid).sum()
+                gr = torch.autograd.grad(target, up_flat, retain_graph=True, allow_unused=True)
                 i = 0
                 d_ids = gd.node_of[k.cpu()]
                 for g, ts in ups:
-                    gs = gr[i : i + len(ts)]
+                    gs = tuple(torch.zeros_like(t) if x is None else x for t, x in zip(ts, gr[i : i + len(ts)], strict=True))
                     i += len(ts)
                     c = _contributions(g, ts, gs, base.get(g.hook), store.get(g.hook + "#idx"))[:, 0].cpu()  # [B, n]
                     where = torch.nonzero(g.node_of >= 0).flatten()
@@ -392,17 +358,14 @@ def integrated_gradient_estimates(
             mean_gs = tuple(x.float().mean(1, keepdim=True) for x in gs)  # over the steps, in float32 (bf16 models)
             idx = store.get(g.hook + "#idx")
             _scatter_nodes(node_effect, g, _contributions(g, clean_ts, mean_gs, base.get(g.hook), idx)[:, 0])
-            # the edge targets downstream of g: each one's summed code f_d [B, steps], all in batched backward passes
-            live = [t for t in targets if _stage_key(groups[int(gid[t])].hook_in, n_layers) > _stage_key(g.hook, n_layers)]
-            hooks = list(dict.fromkeys(groups[int(gid[t])].hook for t in live))
-            outs = [store[h + "#attached"][1] for h in hooks]
-            sels = [torch.zeros(len(live), *a.shape, dtype=a.dtype, device=a.device) for a in outs]
-            for j, t_id in enumerate(live):
-                h = hooks.index(groups[int(gid[t_id])].hook)
-                cols = store[groups[int(gid[t_id])].hook + "#attached"][0]
-                sels[h][j, ..., int(torch.nonzero(cols == int(local[t_id]))[0, 0])] = 1
-            grads_of = _batched_grads(outs, sels, ts, retain_graph=False) if live else ()
-            for t_id, gs in zip(live, grads_of, strict=True):
+            for t_id in targets:
+                gt = groups[int(gid[t_id])]
+                if _stage_key(gt.hook_in, n_layers) <= _stage_key(g.hook, n_layers):
+                    continue
+                cols, attached = store[gt.hook + "#attached"]
+                f_d = attached[..., int(torch.nonzero(cols == int(local[t_id]))[0, 0])]  # [B, steps]
+                grads = torch.autograd.grad(f_d.sum(), ts, retain_graph=True, allow_unused=True)
+                gs = tuple(torch.zeros_like(t) if x is None else x for t, x in zip(ts, grads, strict=True))
                 c = _contributions(g, clean_ts, tuple(x.float().mean(1, keepdim=True) for x in gs),
                                    base.get(g.hook), idx)[:, 0].cpu()
                 where = torch.nonzero(g.node_of >= 0).flatten()
