@@ -709,14 +709,23 @@ def _reference_setup(args, n_prompts: int, n_stories: int, story_tokens: int | N
     return model, task, rows
 
 
-def _prompt_analyses(model, sae, task):
-    """Activations at P, the exact effect of every active feature and the table, for one SAE: (seconds, pairs)."""
+def _prompt_analyses(model, sae, task, keep: list | None = None):
+    """Activations at P, the exact effect of every active feature and the table, for one SAE: (seconds, pairs).
+    ``keep``: a list the activations are appended to (the circuit reads them, as in the pipeline)."""
     start = time.perf_counter()
     with torch.no_grad():
         acts = feature_activations(model, sae, task)
         eff = feature_effects(model, sae, task, acts=acts)
         feature_ablation_table(model, sae, task, effects=eff)
+    if keep is not None:
+        keep.append(acts)
     return time.perf_counter() - start, int(eff.prompt.numel())
+
+
+def _first_prompts(acts, n: int):
+    """``acts`` (:class:`FeatureActs`) of the first ``n`` prompts (those of ``task.subset(range(n))``)."""
+    keep = acts.prompt < n
+    return type(acts)(n, acts.d_sae, acts.prompt[keep], acts.feature[keep], acts.value[keep])
 
 
 def _uptime() -> str:
@@ -772,9 +781,9 @@ def bench_reference(args) -> None:
     step("DLA", t, expect["DLA"])
     stats, t = timed(lambda: corpus_feature_stats(model, saes, rows, k=20))
     step(f"corpus statistics, 2 SAEs, {len(rows)} stories", t, expect["corpus"])
-    table_s, table_flop, stage_flop, pairs = 0.0, 0.0, 0.0, []
+    table_s, table_flop, stage_flop, pairs, acts = 0.0, 0.0, 0.0, [], []
     for sae, fs in zip(saes, stats.features, strict=True):
-        (t_tab, n_pairs), _ = timed(lambda sae=sae: _prompt_analyses(model, sae, task))
+        (t_tab, n_pairs), _ = timed(lambda sae=sae: _prompt_analyses(model, sae, task, acts))
         pairs.append(n_pairs)
         flop = stage_flops(model, [sae], task, [], [n_pairs])[f"{sae.hook_point} table"]
         step(f"{sae.hook_point}: activations + effects of all {n_pairs} pairs (L0 at P "
@@ -794,7 +803,9 @@ def bench_reference(args) -> None:
           f"{100 * stage_flop / table_s / 1e9 / rate:.0f}% of the matmul rate", flush=True)
     n_circ = min(task.n_prompts, args.ref_circuit_prompts or task.n_prompts)
     sub = task.subset(range(n_circ))
-    res, t = timed(lambda: find_circuit(model, saes, sub, ig_steps=10, corpus_rows=rows[:300]))
+    # the activations at P the per-SAE analyses computed, as the pipeline passes them
+    res, t = timed(lambda: find_circuit(model, saes, sub, acts=[_first_prompts(a, n_circ) for a in acts],
+                                        ig_steps=10, corpus_rows=rows[:300]))
     scale = task.n_prompts / n_circ  # the circuit's work is per prompt (its corpus means aside): scaled linearly
     step(f"circuit ({len(res.nodes)} nodes, exact edges, AtP, IG, faithfulness)"
          + (f" on {n_circ} prompts x {scale:.1f}" if n_circ < task.n_prompts else ""), t * scale,

@@ -201,3 +201,21 @@ def test_the_checkpoint_gives_back_saes_of_every_kind_and_the_corpus_statistics_
         for name, value in vars(a).items():
             other = getattr(b, name)
             assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, name
+
+
+def test_the_checkpoint_gives_back_feature_activations_exactly(tmp_path):
+    """The analyse stage's feature activations at P (what the circuit stage reads) through the checkpoint's safe
+    format: the same shape and tensors."""
+    import torch
+
+    from saecircuits.analysis.ablations.activations_at_p import FeatureActs
+    from saecircuits.pipeline import RunConfig
+    from saecircuits.pipeline.checkpoint import CODECS
+    from saecircuits.pipeline.stages import RunContext
+
+    ctx = RunContext(cfg=RunConfig(model="m", data=tmp_path, out=tmp_path / "out"), say=print)
+    acts = FeatureActs.from_dense(torch.relu(torch.randn(5, 12, generator=torch.Generator().manual_seed(0))))
+    CODECS["feature_acts"][0](tmp_path / "acts", acts, ctx)
+    back = CODECS["feature_acts"][1](tmp_path / "acts", ctx)
+    assert (back.n_prompts, back.d_sae) == (5, 12)
+    assert all(torch.equal(getattr(back, k), getattr(acts, k)) for k in ("prompt", "feature", "value"))

@@ -2,7 +2,8 @@
 ``saecircuits run --resume`` goes on from the first unfinished stage.
 
 Safe formats only (nothing is ever unpickled): JSON; SAEs as their config (JSON) and weights (safetensors);
-corpus statistics as ``torch.save`` of tensors and numbers, read back with ``weights_only=True``. Every file is
+corpus statistics and feature activations at P as ``torch.save`` of tensors and numbers, read back with
+``weights_only=True``. Every file is
 written atomically, and the manifest (``manifest.json``: settings, finished stages, saved values) after the
 values it names, so a run killed mid-write leaves a checkpoint that names only complete files.
 
@@ -150,8 +151,25 @@ def _load_corpus_stats(path: Path, ctx: RunContext):
     return CorpusStats(**blob)
 
 
+def _save_feature_acts(path: Path, acts, ctx: RunContext) -> None:
+    """A :class:`~saecircuits.analysis.ablations.activations_at_p.FeatureActs` as its tensors and shape."""
+    import torch
+
+    blob = {f.name: getattr(acts, f.name) for f in dataclasses.fields(acts)}
+    atomic_write(_file(path, ".pt"), lambda tmp: torch.save(blob, tmp))
+
+
+def _load_feature_acts(path: Path, ctx: RunContext):
+    import torch
+
+    from saecircuits.analysis.ablations.activations_at_p import FeatureActs
+
+    return FeatureActs(**torch.load(_file(path, ".pt"), weights_only=True))
+
+
 CODECS = {"json": (_save_json, _load_json), "task": (_save_task, _load_task), "saes": (_save_saes, _load_saes),
-          "corpus_stats": (_save_corpus_stats, _load_corpus_stats)}
+          "corpus_stats": (_save_corpus_stats, _load_corpus_stats),
+          "feature_acts": (_save_feature_acts, _load_feature_acts)}
 """How a run-state value is written to and read from the checkpoint (``"memory"``: never written)."""
 
 

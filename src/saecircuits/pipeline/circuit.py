@@ -38,9 +38,10 @@ def _circuit_summary(cj: dict, n_nodes: int = 400) -> dict:
     }
 
 
-def _circuit(ctx: RunContext, *, model, saes: list, task, stat_docs: list[list[int]]) -> dict:
+def _circuit(ctx: RunContext, *, model, saes: list, task, stat_docs: list[list[int]], prompt_acts: list) -> dict:
     """``circuit_json`` (circuit.json), ``circuit_entry`` (its results.json summary) and ``circuit_note`` (when
-    computed from full forwards); all None with ``--no-circuit`` or no SAE."""
+    computed from full forwards); all None with ``--no-circuit`` or no SAE. ``prompt_acts``: each SAE's feature
+    activations at P from the analyse stage (the circuit's nodes), not computed again."""
     cfg = ctx.cfg
     if not (cfg.circuit and saes):
         return {"circuit_json": None, "circuit_entry": None, "circuit_note": None}
@@ -52,7 +53,7 @@ def _circuit(ctx: RunContext, *, model, saes: list, task, stat_docs: list[list[i
         note = (f"The circuit was computed with full model forwards: the prefix-cached engine cannot "
                 f"compute this model ({iv.reason}).")
     ctx.say(f"feature circuit across {len(saes)} SAE(s): exact node effects and edges, gradient estimates")
-    circ = find_circuit(model, saes, task, ig_steps=cfg.circuit_ig_steps, progress=ctx.bars,
+    circ = find_circuit(model, saes, task, acts=prompt_acts, ig_steps=cfg.circuit_ig_steps, progress=ctx.bars,
                         corpus_rows=stat_docs[:CIRCUIT_MEAN_DOCS])
     circuit_json = circ.to_json()
     entry = _circuit_summary(circuit_json)
@@ -73,5 +74,5 @@ def _circuit(ctx: RunContext, *, model, saes: list, task, stat_docs: list[list[i
     return {"circuit_json": circuit_json, "circuit_entry": entry, "circuit_note": note}
 
 
-CIRCUIT = Stage("circuit", _circuit, reads=("model", "saes", "task", "stat_docs"),
+CIRCUIT = Stage("circuit", _circuit, reads=("model", "saes", "task", "stat_docs", "prompt_acts"),
                 writes=("circuit_json", "circuit_entry", "circuit_note"))

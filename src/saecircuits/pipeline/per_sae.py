@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 def analyse_sae(
     model, sae, task, stat_docs: list[list[int]], cfg: RunConfig, progress: Callable[[str], None],
     bars: bool = False, *, mean_act: torch.Tensor | None = None, token_counts: torch.Tensor | None = None,
-    model_names: Collection[str] = (), fs=None,
+    model_names: Collection[str] = (), fs=None, acts=None,
 ) -> dict:
     """All first-slice analyses of one SAE; returns its ``results.json`` entry (schema: saecircuits.results, docs/results.md).
 
@@ -35,7 +35,8 @@ def analyse_sae(
     :class:`~saecircuits.analysis.corpus.statistics.FeatureStats` over ``stat_docs``; when given (and it kept
     ``cfg.n_examples`` documents per feature) the top activating examples are read from it, not from another pass
     over the corpus. ``model_names``: the names the loaded model goes by (weights digest, source, name), compared
-    with the model the SAE records."""
+    with the model the SAE records. ``acts``: the SAE's
+    :func:`~saecircuits.analysis.ablations.feature_effects.feature_activations` on ``task`` (computed when None)."""
     from saecircuits.analysis.ablations.feature_effects import (
         feature_ablation_table,
         feature_activations,
@@ -53,7 +54,7 @@ def analyse_sae(
                                    progress=bars).reshape(-1)
     progress(f"{sae.hook_point}: loss at the answer position (clean / SAE / zero / mean ablation)")
     rec = reconstruction_at_prediction(model, sae, task, mean_act=mean_act, seed=cfg.seed)
-    acts = feature_activations(model, sae, task)
+    acts = feature_activations(model, sae, task) if acts is None else acts
     progress(f"{sae.hook_point}: exact effect of ablating each of {int(acts.value.numel())} active "
              f"(prompt, feature) pairs at P")
     effects = feature_effects(model, sae, task, features=cfg.feature_selection, acts=acts, progress=bars,
@@ -209,7 +210,7 @@ def _per_token_json(model, pt: dict) -> dict:
 
 def study_sae(
     model, sae, task, stat_docs: list[list[int]], entry: dict, fs, mean_act: torch.Tensor, cfg: RunConfig,
-    progress: Callable[[str], None],
+    progress: Callable[[str], None], *, acts=None,
 ) -> dict:
     """The reference study's remaining analyses of one SAE: new keys of its ``results.json`` entry.
 
@@ -222,6 +223,8 @@ def study_sae(
         entry: the SAE's entry from :func:`analyse_sae` (its ranked features and multi-ablation set are used).
         fs: the SAE's :class:`~saecircuits.analysis.corpus.statistics.FeatureStats` from the run's corpus pass.
         mean_act: the hook's mean activation (the one the mean-ablation loss used).
+        acts: the SAE's :func:`~saecircuits.analysis.ablations.feature_effects.feature_activations` on ``task``
+            (computed when None).
     """
     from saecircuits.analysis.ablations.feature_effects import feature_activations, feature_effects
     from saecircuits.analysis.ablations.loss_comparison import CONDITIONS, loss_comparison
@@ -234,7 +237,7 @@ def study_sae(
 
     out: dict[str, Any] = {}
     hp = sae.hook_point
-    acts = feature_activations(model, sae, task)
+    acts = feature_activations(model, sae, task) if acts is None else acts
     ranked = [f["feature"] for f in entry.get("top_features", [])]
     chosen = entry.get("multi_ablation", {}).get("features", [])
     shown = ranked[: cfg.n_example_features]
@@ -364,8 +367,10 @@ def study_sae(
 
 def _analyse(ctx: RunContext, i: int, sae, *, model, saes: list, task, stat_docs: list[list[int]], corpus_stats,
              training: dict, model_names: list[str]) -> dict:
-    """SAE ``i``'s ``results.json`` entry (``entry``) and its checks (``checks``, which results.json keeps in one
-    block: the entry keeps their ids under ``failed_checks``)."""
+    """SAE ``i``'s ``results.json`` entry (``entry``), its checks (``checks``, which results.json keeps in one
+    block: the entry keeps their ids under ``failed_checks``) and its feature activations at P (``prompt_acts``,
+    computed once for its analyses and the circuit stage)."""
+    from saecircuits.analysis.ablations.feature_effects import feature_activations
     from saecircuits.analysis.quality.checks import density_checks
     from saecircuits.analysis.quality.reconstruction import mean_activation
 
@@ -374,9 +379,10 @@ def _analyse(ctx: RunContext, i: int, sae, *, model, saes: list, task, stat_docs
     # (a transcoder's mean ablation replaces the MLP's output, so its mean is of the hook it writes)
     mean_act = stats[i].mean_input if cfg.exclude_bos and not sae.is_transcoder else mean_activation(
         model, stat_docs, sae.hook_point_out, exclude_bos=cfg.exclude_bos, progress=ctx.bars).reshape(-1)
+    acts = feature_activations(model, sae, task)
     entry = analyse_sae(model, sae, task, stat_docs, cfg, ctx.say, bars=ctx.bars, mean_act=mean_act,
-                        token_counts=stats.token_counts, model_names=model_names, fs=stats[i])
-    entry.update(study_sae(model, sae, task, stat_docs, entry, stats[i], mean_act, cfg, ctx.say))
+                        token_counts=stats.token_counts, model_names=model_names, fs=stats[i], acts=acts)
+    entry.update(study_sae(model, sae, task, stat_docs, entry, stats[i], mean_act, cfg, ctx.say, acts=acts))
     fm = training.get("final_metrics", {}).get(sae.hook_point)
     entry["training"] = {k: v for k, v in training.items() if k != "final_metrics"} | (
         {"final_metrics": fm} if fm else {})
@@ -387,9 +393,10 @@ def _analyse(ctx: RunContext, i: int, sae, *, model, saes: list, task, stat_docs
     checks = entry.pop("checks")  # all checks go to one block; the entry keeps their ids (failed_checks)
     for c in checks:
         ctx.say(f"WARNING ({sae.hook_point}): {c['message']}")
-    return {"entries": entry, "sae_checks": checks}
+    return {"entries": entry, "sae_checks": checks, "prompt_acts": acts}
 
 
 ANALYSE = Stage("analyse", _analyse, reads=("saes", "model", "task", "stat_docs", "corpus_stats", "training",
                                             "model_names"),
-                writes=("entries", "sae_checks"), each="saes", label=lambda sae: sae.hook_point)
+                writes=("entries", "sae_checks", "prompt_acts"), codecs={"prompt_acts": "feature_acts"}, each="saes",
+                label=lambda sae: sae.hook_point)

@@ -12,7 +12,7 @@ import functools
 
 import pytest
 import torch
-from helpers import ablate_node_by_hand, quote_task, tiny_model
+from helpers import ablate_node_by_hand, analyses_on_backend, quote_task, tiny_model
 
 from saecircuits.analysis.ablations.feature_effects import feature_activations
 from saecircuits.analysis.circuit import (
@@ -322,3 +322,49 @@ def test_attached_features_equal_the_dense_encode_in_value_and_gradient(extra):
         assert torch.equal(ga, gb), j
     assert bool((f[..., cols[0]] != 0).any()) and bool((f[..., cols[0]] == 0).any())  # both kinds of rows
     assert torch.equal(attached_features(sae, x, cols, f), sae.encode_features(x, cols))  # no graph: the value
+
+
+@pytest.mark.parametrize("sae_arch", ["standard", "topk_skip_ln"])
+@pytest.mark.parametrize("arch", ["gpt_neo", "llama"])
+def test_exact_effects_in_one_variant_chunks_from_node_columns_equal_the_bridge_backend(arch, sae_arch, monkeypatch):
+    """Exact effects and edges computed one variant per run, the metric unembedded from the last residual stream a
+    few rows at a time and the edges of a per-feature SAE encoded from its node features' columns alone (the
+    engine), against the bridge backend's (full forwards, the log-softmax of the logits, every feature encoded,
+    many variants per run)."""
+    from saecircuits.analysis.circuit import exact as exact_module
+
+    model, task, saes, nodes, groups, _ = _setup(arch, sae_arch)
+    means = node_means(model, task, groups)
+    with analyses_on_backend(model, "bridge"):
+        want = exact_effects(model, saes, task, nodes, groups, means=means, max_batch=3)
+    monkeypatch.setattr(exact_module, "MAX_FLOATS", 1)
+    monkeypatch.setattr(exact_module, "COLUMN_SHARE", 1.0)
+    sae_groups = [g for g in groups if g.kind == "sae"]
+    assert all((exact_module._node_columns(g) is not None) == (sae_arch == "standard") for g in sae_groups)
+    got = exact_effects(model, saes, task, nodes, groups, means=means, max_batch=3)
+    torch.testing.assert_close(got.clean_metric, want.clean_metric, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(got.node_effect, want.node_effect, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got.node_effect_sq, want.node_effect_sq, atol=1e-5, rtol=1e-4)
+    assert torch.equal(got.node_active, want.node_active)
+    assert len(want.edges) > 20
+    for key in set(got.edges) | set(want.edges):
+        g_v, g_n = got.edges.get(key, (0.0, 0))
+        w_v, w_n = want.edges.get(key, (0.0, 0))
+        assert g_v == pytest.approx(w_v, abs=1e-6, rel=1e-4), key
+        if abs(w_v) > 1e-4:
+            assert g_n == w_n, key
+
+
+@pytest.mark.parametrize("arch", ["gpt_neo", "llama"])
+def test_feature_activations_of_several_saes_equal_each_ones_own_pass(arch):
+    """One clean pass for both SAEs (it runs past SAE 0's layer) against each SAE's own
+    :func:`feature_activations` (a pass that stops after its layer): the same activations, bit for bit; and
+    find_circuit's nodes from them equal the nodes from the per-SAE activations."""
+    from saecircuits.analysis.ablations.activations_at_p import feature_activations_of
+
+    model, task, saes, nodes, _, acts = _setup(arch, "standard")
+    both = feature_activations_of(model, saes, task)
+    for a, b in zip(acts, both, strict=True):
+        assert (a.n_prompts, a.d_sae) == (b.n_prompts, b.d_sae)
+        assert torch.equal(a.prompt, b.prompt) and torch.equal(a.feature, b.feature) and torch.equal(a.value, b.value)
+    assert circuit_nodes(model, saes, both)[0] == nodes

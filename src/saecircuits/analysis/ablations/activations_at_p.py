@@ -14,7 +14,7 @@ from saecircuits.models.interventions import interventions_for
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
 
-__all__ = ["FeatureActs", "feature_activations", "activations_or_compute"]
+__all__ = ["FeatureActs", "feature_activations", "feature_activations_of", "activations_or_compute"]
 
 
 @dataclass
@@ -91,19 +91,37 @@ def feature_activations(
     Returns:
         :class:`FeatureActs` (sparse; ``.dense()`` gives ``[n_prompts, d_sae]``), prompts in task order.
     """
+    return feature_activations_of(model, [sae], task, max_tokens=max_tokens, max_batch=max_batch)[0]
+
+
+def feature_activations_of(
+    model, saes: Sequence[SAE], task: Task, *, max_tokens: int = DEFAULT_MAX_TOKENS, max_batch: int = DEFAULT_MAX_BATCH
+) -> list[FeatureActs]:
+    """:func:`feature_activations` of several SAEs from one clean pass per batch (it stops after the last SAE's
+    layer): each SAE's activations are those of its own call, bit for bit (a layer's activations are computed the
+    same whether or not later layers run).
+
+    Returns:
+        one :class:`FeatureActs` per SAE.
+    """
     iv = interventions_for(model)
-    coords: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    hooks = list(dict.fromkeys(s.hook_point for s in saes))
+    coords: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = [[] for _ in saes]
     for batch in task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch):
-        clean = iv.clean(batch, read=[sae.hook_point], logits=False, cache=False)
-        with torch.no_grad():
-            f = sae.encode(clean.reads[sae.hook_point].to(sae.W_dec.dtype)).float().cpu()
-        r, k = torch.nonzero(f != 0, as_tuple=True)  # != 0: some families' features can be negative
-        coords.append((torch.tensor(batch.indices)[r], k, f[r, k]))
-    p = torch.cat([c[0] for c in coords])
-    k = torch.cat([c[1] for c in coords])
-    v = torch.cat([c[2] for c in coords])
-    order = torch.argsort(p * sae.d_sae + k)
-    return FeatureActs(task.n_prompts, sae.d_sae, p[order], k[order], v[order])
+        clean = iv.clean(batch, read=hooks, logits=False, cache=False)
+        for i, sae in enumerate(saes):
+            with torch.no_grad():
+                f = sae.encode(clean.reads[sae.hook_point].to(sae.W_dec.dtype)).float().cpu()
+            r, k = torch.nonzero(f != 0, as_tuple=True)  # != 0: some families' features can be negative
+            coords[i].append((torch.tensor(batch.indices)[r], k, f[r, k]))
+    out = []
+    for sae, parts in zip(saes, coords, strict=True):
+        p = torch.cat([c[0] for c in parts])
+        k = torch.cat([c[1] for c in parts])
+        v = torch.cat([c[2] for c in parts])
+        order = torch.argsort(p * sae.d_sae + k)
+        out.append(FeatureActs(task.n_prompts, sae.d_sae, p[order], k[order], v[order]))
+    return out
 
 
 def activations_or_compute(

@@ -12,8 +12,10 @@ import torch
 from saecircuits.analysis.circuit.nodes import (
     Node,
     _answer_logprob,
+    _final_read,
     _Group,
     _node_index,
+    _paired_answer_logprob,
     _single_edit,
     _stage_key,
     ablation_values,
@@ -24,7 +26,14 @@ from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
 
 MAX_FLOATS = 1 << 24
-"""Budget per chunk of variants (``B x V x (d_vocab + sum d_sae)`` floats)."""
+"""Budget per chunk of variants: ``B x V x (d_model + sum of the SAEs' d_in + the largest d_sae)`` floats (the
+final residual stream, the SAE inputs read, the codes of the edge rows; with ``d_vocab`` for the logits in place of
+``d_model`` on the bridge backend, whose runs return them)."""
+
+COLUMN_SHARE = 0.5
+"""The edges into an SAE's features are encoded from its node features' encoder columns alone when they are at most
+this share of ``d_sae`` (and its activation is per feature): a gathered ``[d_in, n]`` block of ``W_enc`` costs more
+than it saves when ``n`` is near ``d_sae``."""
 
 
 @dataclass
@@ -84,17 +93,34 @@ class ExactEffects:
     clean_metric: torch.Tensor
 
 
-def _variant_table(groups: list[_Group], f_clean: dict, structural: list[int]) -> torch.Tensor:
+def _node_columns(g: _Group) -> torch.Tensor | None:
+    """int64 ``[n]``: the feature columns of SAE group ``g`` that are nodes (ascending), when encoding those alone
+    is exact and cheaper (:data:`COLUMN_SHARE`); None: encode every feature (a TopK SAE compares them all)."""
+    cols = torch.nonzero(g.node_of[: g.sae.d_sae] >= 0).flatten()
+    if not g.sae.per_feature_activation or len(cols) > COLUMN_SHARE * g.sae.d_sae:
+        return None
+    return cols
+
+
+def _encode_columns(sae: SAE, x: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor:
+    """``encode(x)`` ``[..., d_sae]``, or its columns ``cols`` ``[..., n]`` (:meth:`~SAE.encode_features`)."""
+    return sae.encode(x) if cols is None else sae.encode_features(x, cols)
+
+
+def _variant_table(groups: list[_Group], f_clean: dict, structural: list[int], cols: dict | None = None
+                   ) -> torch.Tensor:
     """int64 ``[B, V]``: per prompt, the nodes ablated one per variant (structural nodes, then its active features;
-    -1 pads)."""
+    -1 pads). ``f_clean[hook]`` holds the codes of the columns ``cols[hook]`` (None or absent: every feature)."""
     B = next(iter(f_clean.values())).shape[0] if f_clean else 1
     rows: list[list[int]] = [list(structural) for _ in range(B)]
     for g in groups:
         if g.kind != "sae":
             continue
         f = f_clean[g.hook].cpu()
+        c = None if cols is None else cols.get(g.hook)
         for b in range(B):
-            ids = g.node_of[torch.nonzero(f[b] != 0).flatten()]
+            k = torch.nonzero(f[b] != 0).flatten()
+            ids = g.node_of[k if c is None else c[k]]
             rows[b] += ids[ids >= 0].tolist()
     V = max(len(r) for r in rows)
     table = torch.full((B, V), -1, dtype=torch.long)
@@ -129,7 +155,11 @@ def exact_effects(
     """Exact effect of ablating each node alone at P on the metric and on every later SAE's features.
 
     One prefix-cached run per chunk of variants: variant v of prompt b ablates one node (each prompt's own active
-    features plus every structural node), reading the metric and every SAE hook at P.
+    features plus every structural node), reading the metric and every SAE hook at P. The metric is unembedded a
+    few rows at a time (:func:`~.nodes._paired_answer_logprob`), so a chunk holds as many variants as its
+    activations allow (:data:`MAX_FLOATS`; each chunk re-runs the baseline and re-encodes its rows), and the edges
+    into an SAE whose activation is per feature are encoded from its node features' columns alone
+    (:data:`COLUMN_SHARE`).
 
     Args:
         means: ``{hook: mean}`` of the groups (:func:`~saecircuits.analysis.circuit.node_means`'s format): the token
@@ -154,7 +184,11 @@ def exact_effects(
     structural = [i for i, nd in enumerate(nodes) if nd.kind != "feature"]
     sae_groups = [g for g in groups if g.kind == "sae"]
     sae_hooks = sorted({g.hook_in for g in sae_groups})  # where each SAE's features are encoded from
-    feature_budget = int(model.cfg.d_vocab) + sum(g.sae.d_sae for g in sae_groups)
+    final = _final_read(iv)  # the metric from the last residual stream, unembedded in row chunks (engine)
+    reads = sae_hooks + ([final] if final is not None else [])
+    cols = {g.hook: _node_columns(g) for g in sae_groups}
+    feature_budget = ((int(model.cfg.d_vocab) if final is None else int(model.cfg.d_model))
+                      + sum(g.sae.d_in for g in sae_groups) + max((g.sae.d_sae for g in sae_groups), default=0))
     effect_sum = torch.zeros(N, dtype=torch.float64)
     effect_sq = torch.zeros(N, dtype=torch.float64)
     present = torch.zeros(N, dtype=torch.long)
@@ -167,8 +201,9 @@ def exact_effects(
                                progress if is_writer() else False):
         clean = iv.clean(batch, read=sae_hooks)
         with torch.no_grad():
-            f_clean = {g.hook: g.sae.encode(clean.reads[g.hook_in]).float() for g in sae_groups}
-        table = _variant_table(groups, f_clean, structural)
+            f_clean = {g.hook: _encode_columns(g.sae, clean.reads[g.hook_in], cols[g.hook]).float()
+                       for g in sae_groups}
+        table = _variant_table(groups, f_clean, structural, cols)
         B, V = table.shape
         chunk = max(1, MAX_FLOATS // max(1, B * feature_budget) - 1)  # + the baseline variant
         if V == 0:  # nothing to ablate: the clean metric alone
@@ -184,12 +219,10 @@ def exact_effects(
                     edits.append(_single_edit(g, local, values))
             # the clean metric and reads in the same run as the ablations (variant 0), so that an ablation that
             # changes nothing has an effect of exactly 0 and no edge
-            run = iv.run_paired(clean, edits, n_variants=sub.shape[1], read=sae_hooks)
-            reads = run.reads
-            m_clean = _answer_logprob(run.base_logits[:, None], batch.answer_ids)[:, 0]
+            run = iv.run_paired(clean, edits, n_variants=sub.shape[1], read=reads, logits=final is None)
+            m_clean, m = _paired_answer_logprob(iv, run, final, batch.answer_ids)  # [B], [B, Vc]
             if v0 == 0:
                 clean_metric[torch.tensor(batch.indices)] = m_clean.double().cpu()
-            m = _answer_logprob(run.logits, batch.answer_ids)  # [B, Vc]
             ok = sub >= 0
             eff = (m_clean[:, None] - m).double().cpu()
             ids = sub[ok]
@@ -206,15 +239,16 @@ def exact_effects(
                 b_up, v_up = torch.nonzero(upstream, as_tuple=True)
                 if not len(b_up):
                     continue
-                x_up = reads[g.hook_in]
+                x_up = run.reads[g.hook_in]
                 x_up = x_up[b_up.to(x_up.device), v_up.to(x_up.device)]
+                c = cols[g.hook]
                 with torch.no_grad():  # the baseline's rows and the upstream variants' in one encode (one pass
                     # over W_enc: a few rows cost about as much as a hundred)
-                    f_both = g.sae.encode(torch.cat([run.base_reads[g.hook_in].to(x_up), x_up])).float()
-                f_base, f_abl = f_both[:B], f_both[B:]  # [B, d_sae], [n, d_sae]
+                    f_both = _encode_columns(g.sae, torch.cat([run.base_reads[g.hook_in].to(x_up), x_up]), c).float()
+                f_base, f_abl = f_both[:B], f_both[B:]  # [B, d_sae or n], [n_up, d_sae or n]
                 delta = (f_base[b_up.to(f_abl.device)] - f_abl).cpu()  # contribution of the variant's node
                 r_idx, k_idx = torch.nonzero(delta != 0, as_tuple=True)
-                d_ids = g.node_of[k_idx]
+                d_ids = g.node_of[k_idx if c is None else c[k_idx]]
                 keep = d_ids >= 0
                 edges.add(sub[b_up[r_idx], v_up[r_idx]][keep], d_ids[keep], delta[r_idx, k_idx][keep])
     if sharded:  # every rank's sums, counts and edge contributions (its prompts' clean metric, 0 elsewhere)

@@ -12,10 +12,11 @@ import torch
 
 from saecircuits.analysis.circuit.nodes import (
     Node,
-    _answer_logprob,
+    _final_read,
     _Group,
     _group_reads,
     _mask_edit,
+    _paired_answer_logprob,
     _sae_io,
 )
 from saecircuits.analysis.quality.reconstruction import loss_recovered
@@ -209,6 +210,7 @@ def faithfulness_curve(
     per_prompt = torch.zeros(n, V, dtype=torch.float64)  # answer log-prob under each variant
     clean_lp = torch.zeros(n, dtype=torch.float64)
     sharded = is_sharded(shard)
+    final = _final_read(iv)  # the metric unembedded a few rows at a time: no [B, V, d_vocab] logits
     for batch in my_batches(task_batches(model, task, max_tokens=max_tokens, max_batch=max_batch), sharded):
         clean = iv.clean(batch)
         edits = []
@@ -218,10 +220,11 @@ def faithfulness_curve(
             gm[:, where] = masks[:, g.node_of[where]]
             edits.append(_mask_edit(g, gm, means))
         # m(M) in the same run as the ablations: the full circuit (nothing ablated) has faithfulness exactly 1
-        run = iv.run_paired(clean, edits, n_variants=V)
+        run = iv.run_paired(clean, edits, n_variants=V, read=[final] if final else [], logits=final is None)
         idx = torch.as_tensor(batch.indices)
-        per_prompt[idx] = _answer_logprob(run.logits, batch.answer_ids).double().cpu()
-        clean_lp[idx] = _answer_logprob(run.base_logits[:, None], batch.answer_ids).double().cpu()[:, 0]
+        m_clean, m = _paired_answer_logprob(iv, run, final, batch.answer_ids)
+        per_prompt[idx] = m.double().cpu()
+        clean_lp[idx] = m_clean.double().cpu()
     if sharded:  # every rank's prompts (each rank's rows are 0 at the others' prompts)
         per_prompt = sum_disjoint(per_prompt, "faithfulness log-probs")
         clean_lp = sum_disjoint(clean_lp, "faithfulness clean log-probs")

@@ -319,6 +319,45 @@ def _answer_logprob(logits: torch.Tensor, answer_ids: torch.Tensor) -> torch.Ten
     return logits.float().log_softmax(-1).gather(-1, ans)[..., 0]
 
 
+def _final_read(iv) -> str | None:
+    """The hook whose value at P :func:`_paired_answer_logprob` unembeds (the engine's last residual stream, which
+    its logits are computed from), or None on the bridge backend (the run's logits are used)."""
+    return None if iv.engine is None else f"blocks.{iv.n_layers - 1}.hook_resid_post"
+
+
+UNEMBED_ROWS_FLOATS = 1 << 23
+"""Logits made at once by :func:`_paired_answer_logprob` (32 MB of float32: 166 rows of GPT-2's vocabulary)."""
+
+
+def _paired_answer_logprob(iv, run, final: str | None, answer_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Answer log-probs (nats) of a :meth:`~saecircuits.models.interventions.Interventions.run_paired` run: ``(base
+    [B], variants [B, V])``.
+
+    With ``final`` (:func:`_final_read`; the run read it with ``logits=False``) the rows' residual streams are
+    unembedded by the engine (:meth:`~saecircuits.models.engine.Engine.logits`, the final norm and unembedding of
+    its own logits) :data:`UNEMBED_ROWS_FLOATS` at a time, each chunk's answer log-prob taken as
+    :func:`_answer_logprob` takes it from a run's logits: no ``[B, V, d_vocab]`` tensor is built, so a chunk of
+    variants is bounded by its activations, not its logits. Else the run's logits (:func:`_answer_logprob`). A
+    variant that is the baseline run (``run.same``) gets the baseline's value, so an ablation that changes nothing
+    has an effect of exactly 0 whichever rows its unembedding was chunked with.
+    """
+    if final is None:
+        base = _answer_logprob(run.base_logits[:, None], answer_ids)[:, 0]
+        var = _answer_logprob(run.logits, answer_ids)
+    else:
+        rows = run.reads[final]  # [B, V, d_model]
+        B, V = rows.shape[:2]
+        resid = torch.cat([run.base_reads[final][:, None], rows], 1).reshape(B * (1 + V), -1)
+        answers = answer_ids.to(resid.device).repeat_interleave(1 + V)
+        step = max(1, UNEMBED_ROWS_FLOATS // int(iv.model.cfg.d_vocab))
+        lp = torch.cat([_answer_logprob(iv.engine.logits(resid[i : i + step])[:, None], answers[i : i + step])[:, 0]
+                        for i in range(0, resid.shape[0], step)]).reshape(B, 1 + V)
+        base, var = lp[:, 0], lp[:, 1:]
+    if run.same is not None:
+        var = torch.where(run.same.to(var.device), base[:, None], var)
+    return base, var
+
+
 def _stage_key(hook: str, n_layers: int) -> int:
     layer, sub = _stage(hook, n_layers)
     return 2 * layer + sub

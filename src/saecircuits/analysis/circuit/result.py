@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from saecircuits.analysis.ablations.activations_at_p import feature_activations_of
 from saecircuits.analysis.ablations.feature_effects import FeatureActs, activations_or_compute
 from saecircuits.analysis.circuit.estimates import (
     Estimates,
@@ -183,11 +184,17 @@ def _clean_json(obj):
 
 
 def _top_tokens(model, saes: Sequence[SAE], nodes: list[Node], k: int = 5) -> dict[int, list[str]]:
+    """Per feature node id, the ``k`` tokens its decoder direction promotes most (see :class:`CircuitResult`)."""
+    import dataclasses
+
     from saecircuits.analysis.ablations.feature_effects import _feature_write
     from saecircuits.models.norms import readout_of
     from saecircuits.models.tokens import token_string
 
     readout = readout_of(model)
+    # W_U in float32 once (vocab_logits multiplies in float32: a bf16 model's W_U was converted for every chunk)
+    readout = dataclasses.replace(readout, W_U=readout.W_U.float())
+    shown: dict[int, str] = {}  # each token's string once (nodes share their top tokens)
     out: dict[int, list[str]] = {}
     for si, sae in enumerate(saes):
         ids = [i for i, nd in enumerate(nodes) if nd.kind == "feature" and nd.sae == si]
@@ -204,7 +211,7 @@ def _top_tokens(model, saes: Sequence[SAE], nodes: list[Node], k: int = 5) -> di
                 logits = readout.vocab_logits(write[j0 : j0 + 256])
             top = torch.topk(logits, k, dim=-1).indices
             for i, row in zip(ids[j0 : j0 + 256], top.tolist(), strict=True):
-                out[i] = [token_string(model.tokenizer, t) for t in row]
+                out[i] = [shown[t] if t in shown else shown.setdefault(t, token_string(model.tokenizer, t)) for t in row]
     return out
 
 
@@ -229,7 +236,10 @@ def find_circuit(
 
     Args:
         model, saes, task: the model, its SAEs (one per hook), the behaviour.
-        acts: per SAE, :func:`~saecircuits.analysis.ablations.feature_effects.feature_activations` (computed when None).
+        acts: per SAE, :func:`~saecircuits.analysis.ablations.feature_effects.feature_activations` (what the
+            pipeline passes: the per-SAE analyses computed them); those missing (None, or None entries) are
+            computed, from one clean pass per batch for all of them
+            (:func:`~saecircuits.analysis.ablations.activations_at_p.feature_activations_of`).
         ig_steps: integrated-gradients steps (0 skips IG).
         ig_edge_targets: IG edge estimates into this many downstream feature nodes (largest exact effect).
         target_faithfulness: without ``node_threshold``, the circuit is the smallest swept size whose faithfulness
@@ -248,12 +258,18 @@ def find_circuit(
         :class:`CircuitResult`.
 
     Raises:
-        ValueError: no SAE, or two SAEs on one hook.
+        ValueError: no SAE, two SAEs on one hook, or ``acts`` not one per SAE.
     """
     if not saes:
         raise ValueError("find_circuit needs at least one SAE")
-    acts = [activations_or_compute(model, s, task, None if acts is None else acts[i], max_tokens=max_tokens,
-                                   max_batch=max_batch) for i, s in enumerate(saes)]
+    given = list(acts) if acts is not None else [None] * len(saes)
+    if len(given) != len(saes):
+        raise ValueError(f"got {len(given)} FeatureActs for {len(saes)} SAEs: pass one per SAE (or None)")
+    missing = [i for i, a in enumerate(given) if a is None]
+    computed = dict(zip(missing, feature_activations_of(model, [saes[i] for i in missing], task, max_tokens=max_tokens,
+                                                        max_batch=max_batch) if missing else [], strict=True))
+    acts = [computed[i] if i in computed else activations_or_compute(model, s, task, given[i]) for i, s in
+            enumerate(saes)]
     nodes, groups = circuit_nodes(model, saes, acts)
     kw = dict(max_tokens=max_tokens, max_batch=max_batch)
     # one set of means for everything mean-ablated: the embedding nodes' single ablations (exact, AtP, IG) and
