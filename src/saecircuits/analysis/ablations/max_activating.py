@@ -172,7 +172,7 @@ def _losses_at_impl(iv, tokens, hook, fn, V, query, capture=None) -> torch.Tenso
     logits = iv.model.run_with_hooks(rep, fwd_hooks=fwd).float()  # [B*V, T, d_vocab]
     logits = logits.reshape(B, V, T, -1)
     at = logits.gather(2, query[..., None].expand(B, V, Q, logits.shape[-1]))
-    return (torch.logsumexp(at, -1) - at.gather(-1, targets[..., None])[..., 0]).cpu()
+    return (-at.log_softmax(-1).gather(-1, targets[..., None])[..., 0]).cpu()  # as Engine.losses
 
 
 def _single_position_losses(
