@@ -353,7 +353,7 @@ def test_over_long_prompts_are_dropped_and_counted(tmp_path):
     model = tiny_neo()
     results = run_pipeline(_cfg(tmp_path, path, sae_paths=[folder]), model=model, progress=False)
     assert results["task"]["n_dropped_too_long"] == 1
-    assert any("1 prompts were longer than 128 tokens" in n for n in results["notes"])
+    assert any("1 prompt was longer than 128 tokens" in n for n in results["notes"])
 
 
 def test_tokenizer_without_bos_end_to_end(tmp_path):

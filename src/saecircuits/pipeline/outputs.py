@@ -151,6 +151,11 @@ STALE_OUTPUTS = {"circuit.json": None, "figures": ".png", "tables": ".csv"}
 ``--export``): a file, or a folder of files with this suffix. Removed when this run does not write them."""
 
 
+def _count(n: int, noun: str) -> str:
+    """``"1 prompt"``, ``"3 prompts"``: a count with its noun in the right number."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def earlier_run_in(out: Path) -> bool:
     """Whether ``out`` holds the ``results.json`` of an earlier saecircuits run (call before this run writes its own).
 
@@ -215,7 +220,8 @@ def _report(ctx: RunContext, *, model, provenance: dict, task, task_entry: dict,
     notes = [n for n in (layer_note, circuit_note) if n]
     if task.n_dropped_too_long:
         notes.append(
-            f"{task.n_dropped_too_long} prompts were longer than {min(cfg.max_prompt_tokens or n_ctx, n_ctx)} tokens "
+            f"{_count(task.n_dropped_too_long, 'prompt')} {'was' if task.n_dropped_too_long == 1 else 'were'} longer "
+            f"than {min(cfg.max_prompt_tokens or n_ctx, n_ctx)} tokens "
             f"(prompt + answer; the model's context is {n_ctx}) and were left out; the results use the other "
             f"{task.n_prompts}."
         )
@@ -225,7 +231,7 @@ def _report(ctx: RunContext, *, model, provenance: dict, task, task_entry: dict,
         notes.append(_anchors_note(task))
     if task.n_prompts < 20:
         notes.append(
-            f"Only {task.n_prompts} prompts: means are noisy and 95% intervals are wide or undefined (n < 2). "
+            f"Only {_count(task.n_prompts, 'prompt')}: means are noisy and 95% intervals are wide or undefined (n < 2). "
             "Use a larger corpus or task file."
         )
     stats = corpus_stats

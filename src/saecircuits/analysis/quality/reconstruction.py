@@ -168,7 +168,7 @@ def loss_recovered(
     nan = float("nan")
     reason = None
     if n < 2:
-        reason = f"{n} unit(s): at least 2 are needed to tell whether {ablation} hurts the loss"
+        reason = f"{n} {'unit' if n == 1 else 'units'}: at least 2 are needed to tell whether {ablation} hurts the loss"
     elif effect < min_effect:
         reason = (
             f"{ablation} {'lowers' if effect < 0 else 'barely raises'} the loss (ablated - clean = {effect:.4g} "
