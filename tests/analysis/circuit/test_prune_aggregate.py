@@ -303,7 +303,7 @@ def test_positions_summary_says_when_non_sae_nodes_dominate_and_when_undefined()
     text = positions_summary(aggregate_graphs(graphs))
     assert text.startswith("Most of the evidence (65%) comes from P itself; 33% from the opening quote, through L1H3 (the "
                            "routing is an AtP estimate); 2% from 1 token before P.")
-    assert ("Most of the kept circuit's influence (67%) sits in non-SAE nodes (token and position embeddings 2%; "
+    assert ("Most of the kept circuit's influence (67%) sits in non-SAE nodes (token embeddings 2%; "
             "attention heads, MLPs and SAE errors 65%)") in text
     zero = _two_prompts()
     for g in zero:
@@ -312,6 +312,19 @@ def test_positions_summary_says_when_non_sae_nodes_dominate_and_when_undefined()
             n["atp"] = 0.0
     text = positions_summary(aggregate_graphs(zero))
     assert "undefined" in text and "%" not in text
+
+
+def test_the_summary_names_position_embeddings_only_where_the_model_has_them():
+    # a rotary model (Llama, Gemma, Qwen) has no position-embedding node: its graph's inputs are token embeddings
+    graphs = _two_prompts()
+    for g in graphs:  # the head carries most, as above, so the summary breaks the non-SAE share down
+        for n in g["nodes"]:
+            if n["kind"] == "head":
+                n["exact"] *= 3
+    assert "non-SAE nodes (token embeddings 2%;" in positions_summary(aggregate_graphs(graphs))
+    for g in graphs:  # a learned position embedding (GPT-2, GPT-Neo), carrying nothing here
+        g["nodes"].append(_node("pos_embed", -1, 0, 4, exact=0.0, atp=0.0))
+    assert "non-SAE nodes (token and position embeddings 2%;" in positions_summary(aggregate_graphs(graphs))
 
 
 def test_positions_summary_names_no_head_when_the_estimate_has_the_wrong_sign():

@@ -24,6 +24,7 @@ from saecircuits.analysis.circuit.prune import (
     MIN_INFLUENCE,
     NON_SAE_KINDS,
     edge_weight,
+    inputs_phrase,
     node_influence,
     prune,
 )
@@ -326,8 +327,9 @@ def positions_summary(aggregated: dict, *, top: int = 3) -> str:
     inputs = math.fsum(influence[nd["id"]] for nd in kept if nd["kind"] in INPUT_KINDS) / total
     if non_sae > 0.5:
         text += (
-            f" Most of the kept circuit's influence ({_pct(non_sae)}) sits in non-SAE nodes (token and position "
-            f"embeddings {_pct(inputs)}; attention heads, MLPs and SAE errors {_pct(non_sae - inputs)}), so the SAE "
+            f" Most of the kept circuit's influence ({_pct(non_sae)}) sits in non-SAE nodes "
+            f"({inputs_phrase(nd['kind'] for nd in aggregated.get('nodes', []))} {_pct(inputs)}; attention heads, "
+            f"MLPs and SAE errors {_pct(non_sae - inputs)}), so the SAE "
             "features explain less than half of it."
         )
     else:

@@ -63,7 +63,7 @@ from saecircuits.analysis.circuit.positions import (
     node_attributions,
     position_groups,
 )
-from saecircuits.analysis.circuit.prune import prune_graph
+from saecircuits.analysis.circuit.prune import inputs_phrase, prune_graph
 from saecircuits.analysis.quality.reconstruction import loss_recovered
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches, with_progress
 from saecircuits.saes.base import SAE
@@ -649,7 +649,8 @@ def _verified_graph(aggregated: dict, cand: list[dict], ver: _Verification, shar
                                                    "(exact values on the example prompts, AtP on the others)" + (
                 "" if max_candidates is None else f": every input node and the {max_candidates} internal nodes of "
                                                   "largest aggregated influence") + (
-                "; and the token and position embeddings at every anchor column and P (AtP underestimates them)")}}
+                f"; and the {inputs_phrase(nd['kind'] for nd in nodes)} at every anchor column and P (AtP "
+                "underestimates them)")}}
 
 
 GRAPH_FLOATS = 1 << 26

@@ -55,6 +55,12 @@ NON_SAE_KINDS = frozenset({"error", "head", "mlp", "embed", "pos_embed"})
 INPUT_KINDS = frozenset({"embed", "pos_embed"})
 """The graph's input nodes, pruned apart from the internal ones (see the module docstring)."""
 
+
+def inputs_phrase(kinds) -> str:
+    """The input nodes of a graph whose node kinds are ``kinds``, in words: "token and position embeddings", or
+    "token embeddings" for a model without a learned position embedding (rotary ones: Llama, Gemma, Qwen)."""
+    return "token and position embeddings" if "pos_embed" in set(kinds) else "token embeddings"
+
 MIN_INFLUENCE = 1e-6
 """Total influence (nats) at or below which a share of it is undefined: the denominator is ~0 and a ratio of
 rounding noise would be printed as a result."""
