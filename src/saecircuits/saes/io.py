@@ -264,27 +264,32 @@ def _stored_dtype(weights: dict[str, torch.Tensor]) -> torch.dtype | None:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def check_weights(sae: SAE, weights: dict[str, torch.Tensor], path: Path, fix: str) -> None:
+def check_weights(sae: SAE, weights: dict[str, torch.Tensor], path: Path, fix: str | None = None) -> None:
+    """Every tensor ``sae`` needs is in ``weights``, with its shape, a floating dtype and finite values; nothing else
+    is. One check for every family (:func:`saecircuits.saes.formats.common.check_shapes` is this one): a NaN or inf
+    weight gives NaN losses that the report would show as undefined with every check passed.
+
+    Raises:
+        SAEError: naming the file, the tensor, its shape and the expected one (and ``fix``, what to do).
+    """
+    then = f"; {fix}" if fix else ""
     expected = sae.expected_weight_shapes()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
         raise SAEError(
-            f"{path}: tensors do not match a {sae.architecture!r} SAE (missing {missing}, unexpected "
-            f"{unexpected}); {fix}"
+            f"{path}: tensors do not match a {sae.architecture!r} SAE with d_in={sae.d_in}, d_sae={sae.d_sae} "
+            f"(missing {missing}, unexpected {unexpected}){then}"
         )
     for name, shape in expected.items():
-        if tuple(weights[name].shape) != shape:
-            raise SAEError(
-                f"{path}: {name} has shape {tuple(weights[name].shape)}, expected {shape} for d_in={sae.d_in}, "
-                f"d_sae={sae.d_sae}; {fix}"
-            )
-        if not weights[name].is_floating_point():
-            raise SAEError(f"{path}: {name} has dtype {weights[name].dtype}, expected floating point; {fix}")
-        # as formats.common.check_shapes does for the other families: a NaN or inf weight gives NaN losses that the
-        # report would show as undefined with every check passed
-        if not bool(torch.isfinite(weights[name]).all()):
-            raise SAEError(f"{path}: {name} holds NaN or infinite values; the file is corrupt: re-save the SAE")
+        t = weights[name]
+        if tuple(t.shape) != shape:
+            raise SAEError(f"{path}: {name} has shape {tuple(t.shape)}, expected {shape} (d_in={sae.d_in}, "
+                           f"d_sae={sae.d_sae}, d_out={sae.d_out}){then}")
+        if not t.is_floating_point():
+            raise SAEError(f"{path}: {name} has dtype {t.dtype}, expected floating point{then}")
+        if not bool(torch.isfinite(t).all()):
+            raise SAEError(f"{path}: {name} holds NaN or infinite values; the file is corrupt{then}")
 
 
 def find_sae_folders(root: str | os.PathLike, max_depth: int = 4) -> list[Path]:

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from saecircuits.saes.base import SAE, SAEConfig, SAEError
-from saecircuits.saes.io import build_empty_sae
+from saecircuits.saes.io import build_empty_sae, check_weights
 
 __all__ = ["read_json", "read_safetensors", "read_torch", "read_npz", "build_from_tensors", "check_shapes"]
 
@@ -89,26 +89,13 @@ def read_npz(path: Path) -> dict[str, torch.Tensor]:
 
 
 def check_shapes(sae: SAE, weights: dict[str, torch.Tensor], path: Path) -> None:
-    """Every tensor the SAE needs is there, with the right shape and a floating dtype; nothing else is.
+    """Every tensor the SAE needs is there, with the right shape, a floating dtype and finite values; nothing else is
+    (:func:`saecircuits.saes.io.check_weights`, the one check of every family).
 
     Raises:
         SAEError: naming the tensor, its shape and the expected one.
     """
-    expected = sae.expected_weight_shapes()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        raise SAEError(f"{path}: tensors do not match a {sae.architecture!r} SAE with d_in={sae.d_in}, "
-                       f"d_sae={sae.d_sae} (missing {missing}, unexpected {unexpected})")
-    for name, shape in expected.items():
-        t = weights[name]
-        if tuple(t.shape) != shape:
-            raise SAEError(f"{path}: {name} has shape {tuple(t.shape)}, expected {shape} (d_in={sae.d_in}, "
-                           f"d_sae={sae.d_sae}, d_out={sae.d_out})")
-        if not t.is_floating_point():
-            raise SAEError(f"{path}: {name} has dtype {t.dtype}, expected floating point")
-        if not bool(torch.isfinite(t).all()):
-            raise SAEError(f"{path}: {name} holds NaN or infinite values; the file is corrupt")
+    check_weights(sae, weights, path)
 
 
 def build_from_tensors(cfg: SAEConfig, weights: dict[str, torch.Tensor], path: Path,
