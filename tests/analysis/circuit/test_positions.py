@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import ARCHITECTURES, quote_task, random_sae
 
+import saecircuits.analysis.circuit.positions as positions
 from saecircuits.analysis.circuit.position_graph import position_means
 from saecircuits.analysis.circuit.positions import (
     PromptNodes,
@@ -76,6 +77,19 @@ def _bridge_ablate(model, pg, task, i, gi, local, t, read=None, base=None):
     p = task.prediction_pos[i]
     codes = pg.groups[read].sae.encode(store["x"]) if read is not None else None
     return float(lg[0, p].float().log_softmax(-1)[task.answer_ids[i]]), codes
+
+
+def _spy_on_exact_chunks(monkeypatch) -> list[list[int]]:
+    """The prompt rows of every recomputation ``positions._exact_chunk`` runs from now on (appended as they run)."""
+    rows_seen: list[list[int]] = []
+    real = positions._exact_chunk
+
+    def spy(engine, pg_, clean_, rows, *args):
+        rows_seen.append(list(rows))
+        return real(engine, pg_, clean_, rows, *args)
+
+    monkeypatch.setattr(positions, "_exact_chunk", spy)
+    return rows_seen
 
 
 def _pick_nodes(pg, clean, contrib, b, n=6):
@@ -144,8 +158,6 @@ def test_exact_effects_at_earlier_positions_equal_full_prompt_interventions(arch
 def test_right_padding_never_changes_a_number(monkeypatch):
     """Batched (right-padded, max_batch=4, variants split into chunks of one) and one prompt at a time give the same
     AtP and exact effects."""
-    import saecircuits.analysis.circuit.positions as positions
-
     arch = "gpt_neo"
     model, task, saes, pg = _setup(arch)
     eng = engine_of(model)
@@ -619,8 +631,6 @@ def test_a_prompt_with_many_nodes_at_one_distance_fills_several_rows(monkeypatch
     """One prompt with a dozen active features at P - 3, the others with one per SAE there: the many are
     split into rows of their own (the same prompt in several rows of one recomputation), and every effect still
     equals the full-prompt bridge intervention."""
-    import saecircuits.analysis.circuit.positions as positions
-
     arch = "gpt_neo"
     model, task, saes, pg = _setup(arch)
     eng = engine_of(model)
@@ -640,14 +650,7 @@ def test_a_prompt_with_many_nodes_at_one_distance_fills_several_rows(monkeypatch
                 loc += picks
         nodes.append(PromptNodes(torch.tensor(gi), torch.tensor(loc), torch.full((len(gi),), t)))
     assert len(nodes[0].gi) >= 8 and all(1 <= len(n.gi) <= 2 for n in nodes[1:])
-    rows_seen = []
-    real = positions._exact_chunk
-
-    def spy(engine, pg_, clean_, rows, *args):
-        rows_seen.append(list(rows))
-        return real(engine, pg_, clean_, rows, *args)
-
-    monkeypatch.setattr(positions, "_exact_chunk", spy)
+    rows_seen = _spy_on_exact_chunks(monkeypatch)
     effects, _, n_runs = exact_node_effects(eng, pg, clean, nodes, None, baselines=base)
     assert n_runs == sum(len(n.gi) for n in nodes)
     assert any(r.count(0) > 1 for r in rows_seen)  # prompt 0 filled several rows
@@ -907,8 +910,6 @@ def test_chunk_edges_in_arrays_equal_the_per_row_loop(arch, monkeypatch):
     """The exact edges read in array operations (``_chunk_edges``) against the per-row loop they replace: the same
     edges, values bit for bit, in the same order, with downstream features of both SAEs, nodes at several distances
     and one prompt whose many nodes at one distance fill several rows (pieces) of one recomputation."""
-    import saecircuits.analysis.circuit.positions as positions
-
     model, task, saes, pg = _setup(arch)
     eng = engine_of(model)
     base = _baselines(arch)
@@ -932,14 +933,7 @@ def test_chunk_edges_in_arrays_equal_the_per_row_loop(arch, monkeypatch):
                 tk = torch.nonzero(c[b, : P + 1, :-1] != 0)[::7]  # every 7th active (position, feature)
                 dg, dl, dp = dg + [g_i] * len(tk), dl + tk[:, 1].tolist(), dp + tk[:, 0].tolist()
         down.append(PromptNodes(torch.tensor(dg), torch.tensor(dl), torch.tensor(dp)))
-    rows_seen = []
-    real = positions._exact_chunk
-
-    def spy(engine, pg_, clean_, rows, *args):
-        rows_seen.append(list(rows))
-        return real(engine, pg_, clean_, rows, *args)
-
-    monkeypatch.setattr(positions, "_exact_chunk", spy)
+    rows_seen = _spy_on_exact_chunks(monkeypatch)
     eff_new, edges_new, _ = exact_node_effects(eng, pg, clean, nodes, down, baselines=base)
     monkeypatch.setattr(positions, "_chunk_edges", _per_row_chunk_edges)
     eff_old, edges_old, _ = exact_node_effects(eng, pg, clean, nodes, down, baselines=base)
