@@ -333,11 +333,10 @@ def _paired_answer_logprob(iv, run, final: str | None, answer_ids: torch.Tensor)
     """Answer log-probs (nats) of a :meth:`~saecircuits.models.interventions.Interventions.run_paired` run: ``(base
     [B], variants [B, V])``.
 
-    With ``final`` (:func:`_final_read`; the run read it with ``logits=False``) the rows' residual streams are
-    unembedded by the engine (:meth:`~saecircuits.models.engine.Engine.logits`, the final norm and unembedding of
-    its own logits) :data:`UNEMBED_ROWS_FLOATS` at a time, each chunk's answer log-prob taken as
-    :func:`_answer_logprob` takes it from a run's logits: no ``[B, V, d_vocab]`` tensor is built, so a chunk of
-    variants is bounded by its activations, not its logits. Else the run's logits (:func:`_answer_logprob`). A
+    With ``final`` (:func:`_final_read`; the run read it with ``logits=False``) the rows' residual streams go through
+    :meth:`~saecircuits.models.engine.Engine.losses` (the final norm and unembedding of the engine's own logits, and
+    the log-softmax :func:`_answer_logprob` takes) :data:`UNEMBED_ROWS_FLOATS` logits at a time: no ``[B, V,
+    d_vocab]`` tensor is built, so a chunk of variants is bounded by its activations, not its logits. Else the run's logits (:func:`_answer_logprob`). A
     variant that is the baseline run (``run.same``) gets the baseline's value, so an ablation that changes nothing
     has an effect of exactly 0 whichever rows its unembedding was chunked with.
     """
@@ -349,9 +348,7 @@ def _paired_answer_logprob(iv, run, final: str | None, answer_ids: torch.Tensor)
         B, V = rows.shape[:2]
         resid = torch.cat([run.base_reads[final][:, None], rows], 1).reshape(B * (1 + V), -1)
         answers = answer_ids.to(resid.device).repeat_interleave(1 + V)
-        step = max(1, UNEMBED_ROWS_FLOATS // int(iv.model.cfg.d_vocab))
-        lp = torch.cat([_answer_logprob(iv.engine.logits(resid[i : i + step])[:, None], answers[i : i + step])[:, 0]
-                        for i in range(0, resid.shape[0], step)]).reshape(B, 1 + V)
+        lp = -iv.engine.losses(resid, answers, max_floats=UNEMBED_ROWS_FLOATS).reshape(B, 1 + V)
         base, var = lp[:, 0], lp[:, 1:]
     if run.same is not None:
         var = torch.where(run.same.to(var.device), base[:, None], var)
