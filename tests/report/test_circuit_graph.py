@@ -86,6 +86,19 @@ def test_legend_explains_colours_dashes_and_widths():
     assert "this graph has none" in circuit_graph_html(exact_only, kind="example")
 
 
+def test_legend_names_a_position_embedding_only_where_the_graph_has_one():
+    # a rotary model (Llama, Gemma, Qwen) has token embedding nodes only
+    graph = demo_graph()
+    rotary = {**graph, "nodes": [n for n in graph["nodes"] if n["kind"] != "pos_embed"]}
+    rotary["edges"] = [e for e in graph["edges"] if {e["src"], e["dst"]} <= {n["id"] for n in rotary["nodes"]}]
+    assert any(n["kind"] == "embed" for n in rotary["nodes"])
+    frag = circuit_graph_html(rotary, kind="example")
+    assert "token embedding</span>" in frag and "position embedding" not in frag
+    learned = {**graph, "nodes": graph["nodes"] + [{**next(n for n in graph["nodes"] if n["kind"] == "embed"),
+                                                    "id": "pos_embed:-1:0@0", "kind": "pos_embed"}]}
+    assert "token / position embedding</span>" in circuit_graph_html(learned, kind="example")
+
+
 def test_feature_nodes_link_to_their_cards_and_others_do_not():
     graph = demo_graph()
     frag = circuit_graph_html(graph, kind="example", feature_link=lambda sae, f: f"#feature-{sae}-{f}")

@@ -46,8 +46,10 @@ _KIND_FILL = {
 }
 _KIND_NAME = {
     "feature": "SAE feature (click: its card)", "error": "SAE error", "head": "attention head", "mlp": "MLP",
-    "embed": "token / position embedding", "target": "target: log p(answer) at P",
+    "embed": "token embedding", "pos_embed": "token / position embedding", "target": "target: log p(answer) at P",
 }
+"""Legend names; one entry for both embeddings (one shape), named "pos_embed" where the graph has a position
+embedding node ("embed" alone on a rotary model: Llama, Gemma, Qwen)."""
 _SLOT_W = 62  # px between node centres in a cell
 _SLOT_H = 36
 _LANE = 3.0  # px between parallel edge lanes in a gutter
@@ -459,8 +461,10 @@ def circuit_graph_html(
         out.append(f'<g class="{cls}" data-id="{_esc(n["id"])}" data-kind="{_esc(n["kind"])}" data-x="{x:.1f}" '
                    f'data-y="{yy:.1f}">{body}</g>')
     out.append("</svg>")
-    kinds = [k for k in ("feature", "error", "head", "mlp", "embed", "target") if any(
-        n["kind"] == k or (k == "embed" and n["kind"] == "pos_embed") for n in nodes)]
+    present = {n["kind"] for n in nodes}
+    kinds = [k for k in ("feature", "error", "head", "mlp", "embed", "target") if k in present
+             or (k == "embed" and "pos_embed" in present)]
+    kinds = ["pos_embed" if k == "embed" and "pos_embed" in present else k for k in kinds]
     out.append(_legend(has_dashed, kinds, aggregated))
     out.append("</div>")
     return f"<style>{_CSS}</style>" + "".join(out) + f"<script>{_SCRIPT}</script>"
