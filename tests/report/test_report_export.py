@@ -162,7 +162,10 @@ def test_the_drawing_process_gets_the_pages_figures(tmp_path, monkeypatch, resul
     rep = build_report(results)
     folder = export_mod.write_figures(rep.figures, tmp_path / "figures")
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"{name}.png" for name, _ in rep.figures)
-    expected = [json.loads(fig.to_json()) for _, fig in rep.figures]
+    # each figure as the page draws it: the page's template in its layout (set on a copy the way plotly sets it)
+    expected = [json.loads(__import__("plotly").graph_objects.Figure(fig).update_layout(template="plotly_white")
+                           .to_json()) for _, fig in rep.figures]
+    assert all(e["layout"]["template"]["layout"]["plot_bgcolor"] == "white" for e in expected)
     assert [json.loads(json.dumps(d, cls=__import__("plotly").utils.PlotlyJSONEncoder)) for d, _ in drawn] == expected
     assert all(opts == {"format": "png", "scale": 2.0} for _, opts in drawn)
 

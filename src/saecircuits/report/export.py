@@ -32,6 +32,7 @@ from pathlib import Path
 
 from saecircuits.atomic import remove_dead_temps
 from saecircuits.report.render import build_report
+from saecircuits.report.sections.common import page_template, with_page_template
 from saecircuits.results import Results
 
 __all__ = ["ExportError", "ExportResult", "export_report", "write_tables", "write_figures"]
@@ -178,7 +179,8 @@ def write_tables(tables, out_dir: str | os.PathLike) -> Path:
 
 def write_figures(figures, out_dir: str | os.PathLike, *, scale: float = 2.0,
                   timeout: float | None = None) -> Path:
-    """Write each ``(name, plotly Figure)`` as ``out_dir/<name>.png`` with kaleido (one browser for all of them).
+    """Write each ``(name, plotly Figure)`` as ``out_dir/<name>.png`` with kaleido (one browser for all of them), drawn
+    with the page's template (:func:`~saecircuits.report.sections.common.with_page_template`).
 
     Args:
         timeout: seconds before the drawing is stopped (default: ``$SAECIRCUITS_EXPORT_TIMEOUT``, else
@@ -202,7 +204,8 @@ def write_figures(figures, out_dir: str | os.PathLike, *, scale: float = 2.0,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        jobs = [{"fig": fig.to_json(), "path": str(tmp / f"{name}.png"),
+        template = page_template()
+        jobs = [{"fig": with_page_template(fig, template), "path": str(tmp / f"{name}.png"),
                  "opts": {"format": "png", "scale": scale}} for name, fig in figures]
         if jobs:
             jobs_file = tmp / ".jobs.json"

@@ -224,6 +224,26 @@ class Plot:
     height: int
 
 
+PAGE_TEMPLATE = "plotly_white"
+"""The plotly template of every figure: embedded once in the page (:meth:`Figures.payload`), put into each figure
+only when it is drawn to a PNG (:func:`with_page_template`; setting it on every figure cost a validation of the
+whole template per figure, about a third of building the page)."""
+
+
+def page_template() -> dict:
+    """:data:`PAGE_TEMPLATE` as plotly JSON (the ``layout.template`` value)."""
+    return json.loads(pio.to_json(go.Figure(layout={"template": PAGE_TEMPLATE}), validate=False))["layout"][
+        "template"]
+
+
+def with_page_template(fig: go.Figure, template: dict | None = None) -> str:
+    """``fig.to_json()`` with the page's template (``template``: :func:`page_template`, computed when None) in its
+    layout: the figure as the page draws it, for the PNG export."""
+    spec = json.loads(fig.to_json())
+    spec.setdefault("layout", {})["template"] = page_template() if template is None else template
+    return json.dumps(spec)
+
+
 class Figures:
     """Collects plotly figures; each becomes a :class:`Plot` on the page. The figures' JSON is embedded once
     (:meth:`payload`), their shared template once, and plotly.js once in the page head."""
@@ -238,7 +258,7 @@ class Figures:
     def __call__(self, fig: go.Figure, *, height: int = 380) -> Plot:
         self.n += 1
         div_id = f"fig{self.n}"
-        fig.update_layout(template="plotly_white", height=height, margin=dict(l=60, r=20, t=50, b=60))
+        fig.update_layout(height=height, margin=dict(l=60, r=20, t=50, b=60))  # the template: see PAGE_TEMPLATE
         spec = json.loads(pio.to_json(fig, validate=False))
         spec["layout"].pop("template", None)  # the page sets the one shared template
         self.specs[div_id] = {"data": spec.get("data", []), "layout": spec["layout"]}
@@ -247,9 +267,7 @@ class Figures:
         return Plot(div_id, int(height))
 
     def payload(self) -> dict:
-        template = json.loads(pio.to_json(go.Figure(layout={"template": "plotly_white"}), validate=False))["layout"][
-            "template"]
-        return {"template": template, "figs": self.specs}
+        return {"template": page_template(), "figs": self.specs}
 
 
 def set_where(fig: Figures, where: str) -> str:
