@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 import types
@@ -69,18 +70,21 @@ def main() -> None:
     times: dict[str, list[float]] = {}
     for rep in range(args.reps):
         print(f"rep {rep + 1}", flush=True)
-        _, t = timed("corpus statistics pass alone", lambda: corpus_feature_stats(model, saes, rows, progress=False))
-        times.setdefault("alone", []).append(t)
-        stats, t = timed("corpus statistics pass + the circuit's hook sums (now)",
-                         lambda: corpus_feature_stats(model, saes, rows, progress=False, mean_hooks=hooks))
-        times.setdefault("with sums", []).append(t)
+        for which in ("alone", "with sums")[:: 1 if rep % 2 == 0 else -1]:  # alternating which runs first
+            if which == "alone":
+                _, t = timed("corpus statistics pass alone",
+                             lambda: corpus_feature_stats(model, saes, rows, progress=False))
+            else:
+                stats, t = timed("corpus statistics pass + the circuit's hook sums (now)",
+                                 lambda: corpus_feature_stats(model, saes, rows, progress=False, mean_hooks=hooks))
+            times.setdefault(which, []).append(t)
         new, t = timed("circuit means from the pass's sums (now)",
                        lambda stats=stats: corpus_stats_node_means(model, stats, saes, groups, rows))
         times.setdefault("from sums", []).append(t)
         old, t = timed("circuit means by a pass of their own (before)",
                        lambda: corpus_node_means(model, rows, groups, progress=False))
         times.setdefault("own pass", []).append(t)
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
     print(f"medians: pass alone {med['alone']:.1f} s, with the sums {med['with sums']:.1f} s "
           f"(+{med['with sums'] - med['alone']:.1f} s, x{med['with sums'] / med['alone']:.3f}), means from the sums "
           f"{med['from sums']:.2f} s; the former own pass {med['own pass']:.1f} s "
