@@ -575,7 +575,7 @@ def bench_circuit(args) -> None:
     saes = [calibrated_sae(model, task, f"blocks.{layer}.mlp.hook_post", 2048, args.l0, seed=layer)
             for layer in (0, 1)]
     interventions_for(model).clear_cache()
-    res, t = timed(lambda: find_circuit(model, saes, task, ig_steps=10, corpus_rows=rows[:300]))  # as the pipeline
+    res, t = timed(lambda: find_circuit(model, saes, task, ig_steps=10, corpus_rows=rows[:300]))  # own corpus means pass
     ag = res.agreement
     print(f"\n== feature circuit, {label}, 2 SAEs x 2,048 features, {task.n_prompts} prompts, "
           f"{torch.get_num_threads()} thread(s): {t:.1f} s")
@@ -603,7 +603,7 @@ def bench_positions(args) -> None:
           f"{torch.get_num_threads()} thread(s)")
     interventions_for(model).clear_cache()
     _, t_p = timed(lambda: find_circuit(model, saes, task, ig_steps=10, corpus_rows=rows[:300]))
-    print(f"   today's circuit at P (find_circuit, as the pipeline): {t_p:.1f} s")
+    print(f"   today's circuit at P (find_circuit, corpus means from a pass of their own): {t_p:.1f} s")
     pos, t = timed(lambda: position_circuit(model, saes, task, top_exact=args.top_exact, progress=False))
     ag = pos["agreement"]
     print(f"   position_circuit (top_exact={args.top_exact}): {t:.1f} s ({t / t_p:.2f}x), "

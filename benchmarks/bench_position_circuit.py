@@ -78,10 +78,11 @@ def timed(fn):
 
 
 def bench_time(args) -> None:
-    from saecircuits.analysis.circuit import find_circuit
+    from saecircuits.analysis.circuit import corpus_mean_hooks, find_circuit
     from saecircuits.analysis.circuit.position_graph import position_circuit
+    from saecircuits.analysis.corpus.statistics import corpus_feature_stats
     from saecircuits.models.interventions import interventions_for
-    from saecircuits.pipeline.circuit import CIRCUIT_MEAN_DOCS, POSITION_KW
+    from saecircuits.pipeline.circuit import POSITION_KW
 
     model, saes, task, rows = demo_case(Path(args.workspace), args.n_prompts)
     lengths = [p + 1 for p in task.prediction_pos]
@@ -89,8 +90,10 @@ def bench_time(args) -> None:
           f"{', '.join(f'{s.hook_point} ({s.d_sae})' for s in saes)}; {task.n_prompts} prompts (P+1 = "
           f"{min(lengths)}..{max(lengths)} tokens, mean {sum(lengths) / len(lengths):.0f}); "
           f"{torch.get_num_threads()} thread(s)", flush=True)
+    # as the pipeline: the corpus means come from the corpus statistics pass (not timed here: the corpus stage's)
+    stats = corpus_feature_stats(model, saes, rows, mean_hooks=corpus_mean_hooks(model, saes), progress=False)
     interventions_for(model).clear_cache()
-    circ, t_p = timed(lambda: find_circuit(model, saes, task, ig_steps=10, corpus_rows=rows[:CIRCUIT_MEAN_DOCS],
+    circ, t_p = timed(lambda: find_circuit(model, saes, task, ig_steps=10, corpus_rows=rows, corpus_stats=stats,
                                            progress=False))
     print(f"   find_circuit (the circuit at P, as the pipeline): {t_p:.1f} s", flush=True)
     timings: dict = {}

@@ -67,6 +67,15 @@ def _corpus_means() -> dict[str, torch.Tensor]:
     _, groups = circuit_nodes(model, saes, [feature_activations(model, s, task) for s in saes])
     means = corpus_node_means(model, task.token_ids, groups, max_batch=MAX_BATCH)
     out = {f"cm.{h}.{k}": t for h, m in means.items() for k, t in (m.items() if isinstance(m, dict) else [("", m)])}
+    # the same means from the corpus statistics pass's sums (the pipeline's way): its float64 hook sums all-reduced
+    from saecircuits.analysis.circuit import corpus_mean_hooks, corpus_stats_node_means
+    from saecircuits.analysis.corpus.statistics import corpus_feature_stats
+
+    stats = corpus_feature_stats(model, saes, task.token_ids, k=2, max_batch=MAX_BATCH,
+                                 mean_hooks=corpus_mean_hooks(model, saes))
+    out |= {f"hs.{h}": t for h, t in stats.hook_sums.items()}
+    means = corpus_stats_node_means(model, stats, saes, groups, task.token_ids)
+    out |= {f"sm.{h}.{k}": t for h, m in means.items() for k, t in (m.items() if isinstance(m, dict) else [("", m)])}
     from saecircuits.analysis.corpus.examples import top_activating_examples
 
     examples = top_activating_examples(model, saes[1], task.token_ids, range(40), k=3, max_batch=MAX_BATCH)
@@ -135,6 +144,8 @@ def test_two_gloo_ranks_split_the_prompts_and_gather_one_process_values(tmp_path
                 # same batches: bit-equal values, equal counts and keys; the corpus means' float32 batch sums
                 # are added in one process's order
                 assert torch.equal(g[name], w), name
+            elif name.startswith("sm."):  # float32 means of float64 sums added in another order: to rounding
+                torch.testing.assert_close(g[name], w, rtol=1e-6, atol=1e-7, msg=name)
             else:  # float64 sums over the prompts in another order
                 assert torch.allclose(g[name], w, rtol=1e-12, atol=1e-15, equal_nan=True), name
         assert g["gathered"].tolist() == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]

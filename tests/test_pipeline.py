@@ -51,9 +51,34 @@ def _answer_loss_by_hand(model, token_ids, answer_id) -> float:
     return float(-torch.log_softmax(logits.double(), -1)[answer_id])
 
 
-def test_pipeline_trains_saes_writes_valid_results_and_report(tmp_path, corpus):
+def test_pipeline_trains_saes_writes_valid_results_and_report(tmp_path, corpus, monkeypatch):
+    import saecircuits.analysis.circuit as circuit_mod
+    import saecircuits.models.hooks as hooks
+
+    # spy: the circuit stage batches no corpus document (its means come from the corpus statistics pass's sums,
+    # over every document that pass read), so it encodes none
+    in_circuit, batched, passes = [], [], []
+    real_rows, real_find = hooks.row_batches, circuit_mod.find_circuit
+
+    def rows_spy(rows, *a, **kw):  # the prompts are batched too: only the corpus rows themselves count
+        batched.extend([rows is in_circuit[-1]] if in_circuit else [])
+        return real_rows(rows, *a, **kw)
+
+    def find_spy(*a, **kw):
+        passes.append((kw["corpus_stats"], len(kw["corpus_rows"])))
+        in_circuit.append(kw["corpus_rows"])
+        try:
+            return real_find(*a, **kw)
+        finally:
+            in_circuit.pop()
+
+    monkeypatch.setattr(hooks, "row_batches", rows_spy)
+    monkeypatch.setattr(circuit_mod, "find_circuit", find_spy)
     model = tiny_neo()
     results = run_pipeline(_cfg(tmp_path, corpus), model=model, progress=False)
+    assert len(passes) == 1 and batched and not any(batched)
+    stats, n_rows = passes[0]
+    assert stats.n_docs == n_rows and {"hook_embed", "blocks.0.attn.hook_z"} <= set(stats.hook_sums)
     out = tmp_path / "out"
     on_disk = json.loads((out / "results.json").read_text())
     validate_results(on_disk)

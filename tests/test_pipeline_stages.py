@@ -192,11 +192,14 @@ def test_the_checkpoint_gives_back_saes_of_every_kind_and_the_corpus_statistics_
 
     model = tiny_neo()
     rows = [[1, 5, 9, 13, 2], [1, 7, 7, 30, 41, 8], [1, 3]]
-    stats = corpus_feature_stats(model, [random_sae()], rows, k=2)
+    # with the sums of other hooks (the circuit's corpus means): carried too, so a resumed circuit encodes nothing
+    stats = corpus_feature_stats(model, [random_sae()], rows, k=2, mean_hooks=["hook_embed", "blocks.1.attn.hook_z"])
     CODECS["corpus_stats"][0](tmp_path / "stats", stats, ctx)
     again = CODECS["corpus_stats"][1](tmp_path / "stats", ctx)
     assert (again.n_docs, again.n_tokens, again.special_ids) == (stats.n_docs, stats.n_tokens, stats.special_ids)
     assert torch.equal(again.token_counts, stats.token_counts)
+    assert sorted(again.hook_sums) == ["blocks.1.attn.hook_z", "hook_embed"]
+    assert all(torch.equal(again.hook_sums[h], t) for h, t in stats.hook_sums.items())
     for a, b in zip(stats.features, again.features, strict=True):
         for name, value in vars(a).items():
             other = getattr(b, name)

@@ -11,7 +11,7 @@ Modules: :mod:`.config` (RunConfig), :mod:`.stages` (the Stage declaration and t
 (numbers as results.json writes them) and :mod:`.run` (the stage list).
 """
 
-from saecircuits.pipeline.circuit import CIRCUIT_MEAN_DOCS, _circuit_summary
+from saecircuits.pipeline.circuit import _circuit_summary
 from saecircuits.pipeline.config import HOOK_TEMPLATE, PipelineError, RunConfig, check_device, sae_path
 from saecircuits.pipeline.corpus import N_CARD_EXAMPLES, _corpus_stats_json
 from saecircuits.pipeline.dla import auto_layers, mlp_ablation_effects
@@ -31,7 +31,7 @@ from saecircuits.pipeline.task import _bos_policy, _build_task, _task_entry
 from saecircuits.pipeline.values import _round
 
 __all__ = [
-    "CIRCUIT_MEAN_DOCS", "HOOK_TEMPLATE", "N_CARD_EXAMPLES", "STAGES", "STALE_OUTPUTS", "OutLock", "PipelineError",
+    "HOOK_TEMPLATE", "N_CARD_EXAMPLES", "STAGES", "STALE_OUTPUTS", "OutLock", "PipelineError",
     "RunConfig", "_bos_policy", "_build_task", "_check_sae_fits", "_circuit_summary", "_corpus_stats_json",
     "_file_digest", "_final_metrics", "_load_saes", "_remove_stale_outputs", "_round", "_task_entry",
     "_train_or_reuse_saes", "analyse_sae", "auto_layers", "check_device", "check_out_writable", "load_sae_arg",

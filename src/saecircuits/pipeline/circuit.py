@@ -13,10 +13,6 @@ with AtP edges into their 20 features of largest exact effect and head loadings 
 aggregated graph's nodes on every prompt (its inputs and its 100 most influential internal nodes). The stage's time
 against the circuit at P is measured on the demo with benchmarks/bench_position_circuit.py."""
 
-CIRCUIT_MEAN_DOCS = 300
-"""Corpus documents whose tokens give the circuit's mean-ablation values (enough for stable means, and cheap)."""
-
-
 def _circuit_summary(cj: dict, n_nodes: int = 400) -> dict:
     """The circuit's results.json entry: what the report draws (the whole graph is in circuit.json)."""
     in_c = set(cj["circuit"])
@@ -38,10 +34,13 @@ def _circuit_summary(cj: dict, n_nodes: int = 400) -> dict:
     }
 
 
-def _circuit(ctx: RunContext, *, model, saes: list, task, stat_docs: list[list[int]], prompt_acts: list) -> dict:
+def _circuit(ctx: RunContext, *, model, saes: list, task, stat_docs: list[list[int]], corpus_stats,
+             prompt_acts: list) -> dict:
     """``circuit_json`` (circuit.json), ``circuit_entry`` (its results.json summary) and ``circuit_note`` (when
     computed from full forwards); all None with ``--no-circuit`` or no SAE. ``prompt_acts``: each SAE's feature
-    activations at P from the analyse stage (the circuit's nodes), not computed again."""
+    activations at P from the analyse stage (the circuit's nodes), not computed again. The mean-ablation values are
+    each node's mean over every token the corpus statistics count (all of ``stat_docs``), from the sums that pass
+    kept (``corpus_stats``), not from an encode of their own."""
     cfg = ctx.cfg
     if not (cfg.circuit and saes):
         return {"circuit_json": None, "circuit_entry": None, "circuit_note": None}
@@ -54,7 +53,7 @@ def _circuit(ctx: RunContext, *, model, saes: list, task, stat_docs: list[list[i
                 f"compute this model ({iv.reason}).")
     ctx.say(f"feature circuit across {len(saes)} SAE(s): exact node effects and edges, gradient estimates")
     circ = find_circuit(model, saes, task, acts=prompt_acts, ig_steps=cfg.circuit_ig_steps, progress=ctx.bars,
-                        corpus_rows=stat_docs[:CIRCUIT_MEAN_DOCS])
+                        corpus_rows=stat_docs, corpus_stats=corpus_stats)
     circuit_json = circ.to_json()
     entry = _circuit_summary(circuit_json)
     if not cfg.position_circuit:  # --no-position-circuit: the circuit at P alone (circuit.json says why)
@@ -74,5 +73,5 @@ def _circuit(ctx: RunContext, *, model, saes: list, task, stat_docs: list[list[i
     return {"circuit_json": circuit_json, "circuit_entry": entry, "circuit_note": note}
 
 
-CIRCUIT = Stage("circuit", _circuit, reads=("model", "saes", "task", "stat_docs", "prompt_acts"),
+CIRCUIT = Stage("circuit", _circuit, reads=("model", "saes", "task", "stat_docs", "corpus_stats", "prompt_acts"),
                 writes=("circuit_json", "circuit_entry", "circuit_note"))

@@ -1,5 +1,5 @@
 """Stage ``corpus_stats``: one pass over the corpus documents for every SAE (densities, top examples, token counts,
-the hook's mean activation), and the ``corpus_stats`` entry of an SAE built from it."""
+the hook's mean activation, and the sums the circuit's mean ablation needs), and the ``corpus_stats`` entry of an SAE built from it."""
 
 from __future__ import annotations
 
@@ -85,13 +85,21 @@ def _corpus_stats_json(model, sae, fs, stat_docs, features: list[int], cfg: RunC
 
 
 def _corpus_stats(ctx: RunContext, *, model, saes: list, stat_docs: list[list[int]]) -> dict:
-    """:func:`~saecircuits.analysis.corpus.statistics.corpus_feature_stats` of every SAE over ``stat_docs``."""
+    """:func:`~saecircuits.analysis.corpus.statistics.corpus_feature_stats` of every SAE over ``stat_docs``; with
+    the circuit on, the same forward also sums the hooks of the circuit's node groups
+    (:func:`~saecircuits.analysis.circuit.corpus_mean_hooks`: its mean-ablation values over these documents, so the
+    circuit stage encodes no corpus document)."""
     from saecircuits.analysis.corpus.statistics import corpus_feature_stats
 
     cfg = ctx.cfg
+    mean_hooks: list[str] = []
+    if cfg.circuit and saes:
+        from saecircuits.analysis.circuit import corpus_mean_hooks
+
+        mean_hooks = corpus_mean_hooks(model, saes)
     ctx.say(f"corpus statistics of every SAE over {len(stat_docs)} documents (one pass)")
     stats = corpus_feature_stats(model, saes, stat_docs, k=max(cfg.n_max_act_stories, cfg.n_examples),
-                                 token_fraction=cfg.token_fraction, progress=ctx.bars)
+                                 token_fraction=cfg.token_fraction, progress=ctx.bars, mean_hooks=mean_hooks)
     return {"corpus_stats": stats}
 
 

@@ -17,6 +17,8 @@ from saecircuits.models.interventions import interventions_for
 from saecircuits.models.tokens import token_pieces
 
 HOOKS = ["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"]
+MEAN_HOOKS = ["hook_embed", "blocks.0.attn.hook_z", "blocks.1.hook_mlp_out"]
+"""Other hooks whose sums the shard / merge / second-pass tests ask the pass for (``mean_hooks``)."""
 K, FRACTION, N_TOP = 4, 0.25, 3
 
 
@@ -108,6 +110,30 @@ def test_streaming_pass_equals_per_story_slow_path(budget):
             top = slow["tokens"][j]
             assert fs.top_token_list(j) == top[:N_TOP]
             assert int(fs.above_count[j]) == sum(c for _, c in top)
+
+
+@pytest.mark.parametrize("budget", [dict(max_tokens=60, max_batch=3, encode_floats=500), dict()])
+def test_hook_means_equal_per_story_bridge_averages(budget):
+    """``mean_hooks``: each hook's mean over the counted tokens (special tokens and padding skipped; the hook's own
+    shape per token, ``[n_heads, d_head]`` for ``hook_z``) against one unbatched bridge forward per story; and a
+    hook not asked for is a clear error."""
+    model, rows, saes = tiny_neo(), _rows(), _saes()
+    stats = corpus_feature_stats(model, saes[:1], rows, k=K, mean_hooks=MEAN_HOOKS, **budget)
+    sums, n = {}, 0
+    for row in rows:
+        with torch.no_grad():
+            cache = model.run_with_cache(torch.tensor([row]), names_filter=MEAN_HOOKS)[1]
+        counted = torch.tensor([t != 0 for t in row])
+        n += int(counted.sum())
+        for h in MEAN_HOOKS:
+            sums[h] = sums.get(h, 0) + cache[h][0][counted].double().sum(0)
+    assert stats.n_tokens == n and sorted(stats.hook_sums) == sorted(MEAN_HOOKS)
+    for h in MEAN_HOOKS:
+        assert stats.hook_mean(h).dtype == torch.float32
+        torch.testing.assert_close(stats.hook_mean(h).double(), sums[h] / n, atol=1e-5, rtol=1e-5)
+    assert stats.hook_mean("blocks.0.attn.hook_z").shape == (int(model.cfg.n_heads), int(model.cfg.d_head))
+    with pytest.raises(KeyError, match="mean_hooks"):
+        stats.hook_mean("blocks.0.hook_resid_post")
 
 
 def test_lower_band_has_no_floor_division_pitfall():
@@ -250,6 +276,9 @@ def _assert_same_stats(got, want, n_band=K):
     """Every count equal, every float to 1e-5 relative, the same top-k / band / token examples."""
     assert (got.n_docs, got.n_tokens) == (want.n_docs, want.n_tokens)
     assert got.token_counts.tolist() == want.token_counts.tolist()
+    assert sorted(got.hook_sums) == sorted(want.hook_sums)
+    for h, t in want.hook_sums.items():
+        torch.testing.assert_close(got.hook_sums[h], t, rtol=1e-5, atol=1e-6)
     for g, w in zip(got.features, want.features, strict=True):
         for name in ("fire_count", "l0_counts", "hist", "top_doc", "top_pos", "top_tokens", "top_token_counts",
                      "above_count"):
@@ -279,7 +308,8 @@ def _one_thread():
 
 
 def _shard_kwargs(max_batch=3):
-    return dict(k=K, token_fraction=FRACTION, n_top_tokens=N_TOP, max_tokens=60, max_batch=max_batch)
+    return dict(k=K, token_fraction=FRACTION, n_top_tokens=N_TOP, max_tokens=60, max_batch=max_batch,
+                mean_hooks=MEAN_HOOKS)
 
 
 def test_merged_shards_equal_the_single_pass():
@@ -312,6 +342,7 @@ def _gloo_worker(rank: int, init_file: str, out_dir: str, budgets=None) -> None:
         kw = _shard_kwargs(max_batch=1) | (dict(max_event_bytes=budgets[rank], n_band_examples=K) if budgets else {})
         stats = corpus_feature_stats(tiny_neo(), _saes(), rows, **kw)
         out = {"n_tokens": torch.tensor(stats.n_tokens), "token_counts": stats.token_counts}
+        out.update((f"sum.{h}", t) for h, t in stats.hook_sums.items())
         for i, fs in enumerate(stats.features):
             for name in ("fire_count", "l0_counts", "hist", "top_doc", "top_pos", "top_tokens", "above_count",
                          "top_token_counts", "activation_sum", "max_activation", "input_sum", "top_value",
@@ -350,7 +381,8 @@ def test_two_process_gloo_equals_one_process(tmp_path, budgets):
             feats.append(FeatureStats(hook_point=w.hook_point, d_sae=w.d_sae, n_docs=w.n_docs, n_tokens=w.n_tokens,
                                       max_activation=got[f"{i}.max_activation"], hist_edges=w.hist_edges,
                                       token_fraction=w.token_fraction, bands=w.bands, **kw))
-        _assert_same_stats(type(want)(want.n_docs, want.n_tokens, got["token_counts"], feats, want.special_ids),
+        sums = {k.removeprefix("sum."): t for k, t in got.items() if k.startswith("sum.")}
+        _assert_same_stats(type(want)(want.n_docs, want.n_tokens, got["token_counts"], feats, want.special_ids, sums),
                            want)
 
 
@@ -363,6 +395,7 @@ def _assert_equal_stats(got, want, n_band=N_BAND):
     """:func:`_assert_same_stats`, plus every float bit-equal and the band examples of every ``n <= n_band``
     (same process, same batches: the same activations)."""
     _assert_same_stats(got, want, n_band)
+    assert all(torch.equal(got.hook_sums[h], t) for h, t in want.hook_sums.items())
     for g, w in zip(got.features, want.features, strict=True):
         for name in ("activation_sum", "max_activation", "input_sum", "top_value"):
             assert torch.equal(getattr(g, name), getattr(w, name)), name
@@ -470,7 +503,7 @@ def test_a_batch_already_in_the_cache_is_read_from_it(monkeypatch):
         want = corpus_feature_stats(model, saes, rows, **_budget_kwargs(None))
         assert not iv._reads
         first = next(iter(row_batches(rows, pad_id_of(model), max_tokens=60, max_batch=3)))
-        iv.read_all(first.tokens, HOOKS)
+        iv.read_all(first.tokens, HOOKS + MEAN_HOOKS)  # every hook the pass reads
         assert len(iv._reads) == 1
         calls = []
         real = iv._read_all

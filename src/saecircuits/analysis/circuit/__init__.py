@@ -55,7 +55,9 @@ from saecircuits.analysis.circuit.exact import (  # noqa: F401
     exact_effects,
 )
 from saecircuits.analysis.circuit.faithfulness import (  # noqa: F401
+    corpus_mean_hooks,
     corpus_node_means,
+    corpus_stats_node_means,
     faithfulness_curve,
     node_means,
 )
@@ -90,6 +92,9 @@ __all__ = [
     "virtual_weights",
     "find_circuit",
     "node_means",
+    "corpus_node_means",
+    "corpus_mean_hooks",
+    "corpus_stats_node_means",
     "ExactEffects",
     "Estimates",
 ]

@@ -15,6 +15,7 @@ from saecircuits.analysis.circuit.nodes import (
     _final_read,
     _Group,
     _group_reads,
+    _group_specs,
     _mask_edit,
     _paired_answer_logprob,
     _sae_io,
@@ -55,8 +56,19 @@ def node_means(model, task: Task, groups: list[_Group], *, max_tokens=DEFAULT_MA
                     sums[g.hook] = part if g.hook not in sums else {k: sums[g.hook][k] + part[k] for k in part}
                 else:
                     sums[g.hook] = x.sum(0) + (sums[g.hook] if g.hook in sums else 0)
-    n = task.n_prompts
-    return {h: ({k: v / n for k, v in s.items()} if isinstance(s, dict) else s / n) for h, s in sums.items()}
+    return _means_of(sums, task.n_prompts)
+
+
+def _means_of(sums: dict[str, Any], count: int) -> dict:
+    """``{hook: tensor or {"f", "e"}}`` sums over ``count`` rows -> the means, in the one format of every pass."""
+    return {h: ({k: v / count for k, v in s.items()} if isinstance(s, dict) else s / count) for h, s in sums.items()}
+
+
+def _sae_error(sae, f: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``x - f @ W_dec - bias`` (float32): the SAE error of one row, or of sums or means of rows (the decode
+    ``f @ W_dec + bias(x_in)`` is affine in ``f``, so the error of a sum is the sum of the errors, up to rounding).
+    The one formula of the error node's mean, whichever pass gives the sums."""
+    return x - f @ sae.W_dec.detach().float() - bias
 
 
 def _sae_sums(sae, x_in: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -71,7 +83,7 @@ def _sae_sums(sae, x_in: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tenso
     f_sum = sae.encode(x_in).float().sum(0)
     bias = sae.decoder_bias(x_in if sae.decode_needs_input else None).float()
     bias_sum = bias.sum(0) if bias.dim() > 1 else bias * x.shape[0]
-    return {"f": f_sum, "e": x.sum(0) - f_sum @ sae.W_dec.detach().float() - bias_sum}
+    return {"f": f_sum, "e": _sae_error(sae, f_sum, x.sum(0), bias_sum)}
 
 
 def corpus_node_means(model, token_rows: Sequence[Sequence[int]], groups: list[_Group], *,
@@ -144,7 +156,89 @@ def corpus_node_means(model, token_rows: Sequence[Sequence[int]], groups: list[_
         count = int(reduce(torch.tensor([count]), what="corpus token count"))
     if count == 0:
         raise ValueError("corpus_node_means got no token positions (empty rows, or only special tokens)")
-    return {h: ({k: v / count for k, v in s.items()} if isinstance(s, dict) else s / count) for h, s in sums.items()}
+    return _means_of(sums, count)
+
+
+def corpus_mean_hooks(model, saes: Sequence) -> list[str]:
+    """The hooks whose sums a corpus statistics pass must keep (``mean_hooks`` of
+    :func:`~saecircuits.analysis.corpus.statistics.corpus_feature_stats`) for :func:`corpus_stats_node_means` to
+    give the circuit's corpus means without a pass of its own: the embeddings', heads' and MLPs' hooks (the node
+    groups without an SAE) and each transcoder's output hook (an SAE's input hook is summed by the pass anyway).
+
+    A function of the model and the SAEs only: the circuit's groups are, whichever features become nodes
+    (:func:`~saecircuits.analysis.circuit.nodes.circuit_nodes`), so a pipeline knows them before the corpus pass.
+    An SAE whose decoder bias depends on its input needs none (its means are computed the old way).
+
+    Raises:
+        ValueError: two SAEs on one hook.
+    """
+    hooks = {h for h, kind, _ in _group_specs(model, saes) if kind != "sae"}
+    hooks |= {s.hook_point_out for s in saes if s.is_transcoder and not s.decode_needs_input}
+    return sorted(hooks)
+
+
+def corpus_stats_node_means(model, stats, saes: Sequence, groups: list[_Group],
+                            token_rows: Sequence[Sequence[int]] | None = None, *, max_tokens=DEFAULT_MAX_TOKENS,
+                            max_batch=DEFAULT_MAX_BATCH, progress: bool | None = None,
+                            shard: bool | None = None) -> dict:
+    """:func:`corpus_node_means` of ``groups`` (same format, float32, on the model's / SAE's device) from a corpus
+    statistics pass over the same documents (:class:`~saecircuits.analysis.corpus.statistics.CorpusStats`, run
+    over ``saes`` in this order with ``mean_hooks=corpus_mean_hooks(model, saes)``), without encoding a token again.
+
+    Over the pass's ``n`` counted tokens (the positions :func:`corpus_node_means` averages): an SAE group's mean
+    ``f`` is ``activation_sum / n``; its mean error is ``mean x - (mean f) @ W_dec - b_dec`` (:func:`_sae_error`:
+    the decode is affine in ``f`` with a constant bias), with ``x`` the SAE's input (``input_sum``) or, for a
+    transcoder, its output hook (``hook_sums``); every other group's mean is its hook's mean (``hook_sums``).
+
+    Computed the old way instead, by :func:`corpus_node_means` over ``token_rows`` (a forward and an encode of
+    those groups): an SAE whose decoder bias depends on its input (``decode_needs_input``: under per-token
+    normalisation the mean of ``bias(x)`` is not ``bias(mean x)``, and the sums do not give it), and a group whose
+    hook the pass did not keep (a pass run without ``mean_hooks``, e.g. one checkpointed before it kept them).
+
+    Raises:
+        ValueError: ``stats`` not of these SAEs or not over ``token_rows``, a group needing the old way without
+            ``token_rows``, or no counted token.
+    """
+    feats = stats.features
+    if len(feats) != len(saes) or any((fs.hook_point, fs.d_sae) != (s.hook_point, s.d_sae)
+                                      for fs, s in zip(feats, saes, strict=False)):
+        raise ValueError("the corpus statistics are not of these SAEs: run the pass over the circuit's SAEs, in the "
+                         "same order")
+    if token_rows is not None and stats.n_docs != len(token_rows):
+        raise ValueError(f"the corpus statistics cover {stats.n_docs} documents but {len(token_rows)} rows were "
+                         f"given: pass the rows of that pass")
+    if not stats.n_tokens:
+        raise ValueError("corpus_stats_node_means got no token positions (empty rows, or only special tokens)")
+    from saecircuits.models.hooks import _device_of
+
+    device = _device_of(model)
+    means: dict[str, Any] = {}
+    old: list[_Group] = []  # groups the sums cannot give exactly
+    for g in groups:
+        if g.kind != "sae":
+            if g.hook not in stats.hook_sums:
+                old.append(g)
+                continue
+            means[g.hook] = stats.hook_mean(g.hook).to(device)
+            continue
+        sae = g.sae
+        if sae.decode_needs_input or (g.hook != g.hook_in and g.hook not in stats.hook_sums):
+            old.append(g)
+            continue
+        fs = feats[next(i for i, s in enumerate(saes) if s is sae)]
+        dev = sae.W_dec.device
+        f = (fs.activation_sum / stats.n_tokens).float().to(dev)
+        out = fs.mean_input if g.hook == g.hook_in else stats.hook_mean(g.hook)
+        _, x = _sae_io(g, {g.hook_in: fs.mean_input[None], g.hook: out[None]})  # [1, d_out], as corpus_node_means
+        means[g.hook] = {"f": f, "e": _sae_error(sae, f, x[0].to(dev), sae.decoder_bias().detach().float())}
+    if old:
+        if token_rows is None:
+            raise ValueError(f"the means of {[g.hook for g in old]} need a pass over the corpus rows (an SAE whose "
+                             f"decoder bias depends on its input, or a hook the corpus pass did not keep): pass "
+                             f"token_rows")
+        means |= corpus_node_means(model, token_rows, old, max_tokens=max_tokens, max_batch=max_batch,
+                                   progress=progress, shard=shard)
+    return {g.hook: means[g.hook] for g in groups}
 
 
 def _add_sums(sums: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:

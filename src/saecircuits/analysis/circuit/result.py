@@ -22,7 +22,13 @@ from saecircuits.analysis.circuit.estimates import (
     integrated_gradient_estimates,
 )
 from saecircuits.analysis.circuit.exact import ExactEffects, exact_effects
-from saecircuits.analysis.circuit.faithfulness import _ci95, corpus_node_means, faithfulness_curve, node_means
+from saecircuits.analysis.circuit.faithfulness import (
+    _ci95,
+    corpus_node_means,
+    corpus_stats_node_means,
+    faithfulness_curve,
+    node_means,
+)
 from saecircuits.analysis.circuit.nodes import Node, _stage_key, circuit_nodes
 from saecircuits.display import NotebookDisplay
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS
@@ -228,6 +234,7 @@ def find_circuit(
     edge_fraction: float = 0.1,
     sizes: Sequence[int] | None = None,
     corpus_rows: Sequence[Sequence[int]] | None = None,
+    corpus_stats=None,
     max_tokens: int = DEFAULT_MAX_TOKENS,
     max_batch: int = DEFAULT_MAX_BATCH,
     progress: bool | None = None,
@@ -252,13 +259,19 @@ def find_circuit(
             (:func:`node_means`, as Sparse Feature Circuits on a task whose prompts have different answers). The
             same means are what the token and position embedding nodes are ablated to in their exact effects, edges
             and estimates (:data:`~saecircuits.analysis.circuit.nodes.MEAN_ABLATED_HOOKS`).
+        corpus_stats: a :class:`~saecircuits.analysis.corpus.statistics.CorpusStats` of ``saes`` over
+            ``corpus_rows`` run with ``mean_hooks=``:func:`~saecircuits.analysis.circuit.corpus_mean_hooks`
+            (what the pipeline passes): the same corpus means, from that pass's sums instead of a pass of their
+            own (:func:`~saecircuits.analysis.circuit.corpus_stats_node_means`; ``corpus_rows`` is then read only
+            for an SAE whose decoder bias depends on its input).
         progress: progress bars.
 
     Returns:
         :class:`CircuitResult`.
 
     Raises:
-        ValueError: no SAE, two SAEs on one hook, or ``acts`` not one per SAE.
+        ValueError: no SAE, two SAEs on one hook, ``acts`` not one per SAE, or ``corpus_stats`` not of ``saes``
+            over ``corpus_rows``.
     """
     if not saes:
         raise ValueError("find_circuit needs at least one SAE")
@@ -274,7 +287,10 @@ def find_circuit(
     kw = dict(max_tokens=max_tokens, max_batch=max_batch)
     # one set of means for everything mean-ablated: the embedding nodes' single ablations (exact, AtP, IG) and
     # faithfulness / completeness
-    if corpus_rows is not None:
+    if corpus_stats is not None:
+        means = corpus_stats_node_means(model, corpus_stats, saes, groups, corpus_rows, progress=progress, **kw)
+        mean_rule = f"each node's mean over the tokens of {corpus_stats.n_docs} corpus documents"
+    elif corpus_rows is not None:
         means = corpus_node_means(model, corpus_rows, groups, progress=progress, **kw)
         mean_rule = f"each node's mean over the tokens of {len(corpus_rows)} corpus documents"
     else:

@@ -24,7 +24,9 @@ Per SAE and feature ``k`` it keeps:
 Counted tokens are the real (non-padding) positions whose token is not a special token (BOS/EOS/PAD anywhere in the
 row): special positions are out of distribution for SAEs trained without them and inflate maxima (the notebook kept BOS). The
 pass also counts every token id over the counted positions (``token_counts``: the common/rare mask of the logit
-boosts) and sums each hook's activation (its mean over counted tokens, for mean ablation).
+boosts) and sums each SAE's input hook over the counted positions (its mean, for mean ablation); ``mean_hooks``
+asks for the same sums of other hooks, read in the same forward (:meth:`CorpusStats.hook_mean`: the circuit's
+mean-ablation values come from them, without a pass of their own).
 
 Exact in one pass although thresholds depend on the final maximum: the running maximum never exceeds the final one,
 so every event above ``fraction x final max`` is above ``fraction x running max`` when it is seen. Token events and
@@ -257,6 +259,8 @@ class CorpusStats(NotebookDisplay):
         token_counts: int64 ``[d_vocab]`` occurrences of each token id over counted positions.
         features: one :class:`FeatureStats` per SAE, in the order the SAEs were given.
         special_ids: the token ids left out.
+        hook_sums: float64 sum over counted tokens of each ``mean_hooks`` hook's activation (the hook's shape per
+            token); :meth:`hook_mean` gives the means.
     """
 
     n_docs: int
@@ -264,6 +268,21 @@ class CorpusStats(NotebookDisplay):
     token_counts: torch.Tensor
     features: list[FeatureStats]
     special_ids: list[int]
+    hook_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def hook_mean(self, hook: str) -> torch.Tensor:
+        """float32 mean of ``hook``'s activation over the counted tokens (the hook's shape per token, e.g.
+        ``[n_heads, d_head]`` for an attention ``hook_z``), from the sums of a pass run with ``mean_hooks``.
+
+        Raises:
+            KeyError: the pass did not keep this hook's sum. ValueError: no counted token.
+        """
+        if hook not in self.hook_sums:
+            raise KeyError(f"the corpus pass kept no sum of {hook!r} (it kept {sorted(self.hook_sums)}): run it "
+                           f"with mean_hooks=[{hook!r}, ...]")
+        if not self.n_tokens:
+            raise ValueError("no counted tokens: the corpus rows hold only special tokens or padding")
+        return (self.hook_sums[hook] / self.n_tokens).float()
 
     def __getitem__(self, key: int | str) -> FeatureStats:
         """The statistics of the ``key``-th SAE, or of the (first) SAE on hook point ``key``."""
@@ -457,6 +476,20 @@ def _merge_selections(out: dict[str, torch.Tensor], states: Sequence[Mapping[str
     out["band_n"] = torch.tensor(0)
 
 
+def _masked_sum(x: torch.Tensor, mask: torch.Tensor, chunk_floats: int) -> torch.Tensor:
+    """float64 CPU sum of ``x [b, T, ...]`` over the positions where ``mask [b, T]`` holds (shape ``x.shape[2:]``),
+    in row chunks of about ``chunk_floats`` values (``x.float()`` of a whole bfloat16 batch would copy all of it):
+    each chunk summed in float32 by one einsum, the chunks added in float64."""
+    b, T = mask.shape
+    flat = x.reshape(b, T, -1)
+    maskf = mask.to(x.device)
+    out = torch.zeros(flat.shape[-1], dtype=torch.float64)
+    rows = max(1, chunk_floats // max(1, T * flat.shape[-1]))
+    for r0 in range(0, b, rows):
+        out += torch.einsum("btd,bt->d", flat[r0 : r0 + rows].float(), maskf[r0 : r0 + rows].float()).double().cpu()
+    return out.reshape(x.shape[2:])
+
+
 class _Accumulator:
     """The running state of one SAE during the pass."""
 
@@ -532,10 +565,7 @@ class _Accumulator:
         d = sae.d_sae
         x = sae.flatten_input(x)  # attention hook_z: [b, T, n_heads, d_head] -> [b, T, d_in]
         maskf = mask.to(x.device)
-        rows = max(1, self.encode_floats // max(1, T * x.shape[-1]))
-        for r0 in range(0, b, rows):  # in row chunks: x.float() of a bfloat16 batch would copy all of [b, T, d_in]
-            self.input_sum += torch.einsum("btd,bt->d", x[r0 : r0 + rows].float(),
-                                           maskf[r0 : r0 + rows].float()).double().cpu()
+        self.input_sum += _masked_sum(x, mask, self.encode_floats)
         doc_max, doc_pos = [], []
         tokens_cpu = tokens.cpu()
         with torch.no_grad():
@@ -751,6 +781,7 @@ def corpus_feature_stats(
     shard: bool | None = None,
     max_event_bytes: int | None = DEFAULT_MAX_EVENT_BYTES,
     n_band_examples: int = DEFAULT_N_BAND_EXAMPLES,
+    mean_hooks: Collection[str] = (),
 ) -> CorpusStats:
     """Feature statistics of every SAE in ``saes`` over ``token_rows``, in one streaming pass (see the module doc).
 
@@ -789,6 +820,10 @@ def corpus_feature_stats(
             tables without a forward).
         n_band_examples: band examples per feature and band a second pass keeps (the largest ``n``
             :meth:`FeatureStats.band_examples` then answers; without a second pass every one is kept).
+        mean_hooks: other hooks whose activations are summed over the counted tokens in the same forward (float64,
+            :attr:`CorpusStats.hook_sums`; :meth:`CorpusStats.hook_mean` gives their means): e.g. the circuit's
+            mean-ablation values (:func:`saecircuits.analysis.circuit.corpus_mean_hooks`). Reading a deeper hook
+            makes the forward run to its block.
 
     Returns:
         :class:`CorpusStats`.
@@ -806,7 +841,7 @@ def corpus_feature_stats(
         model, saes, token_rows, k=k, token_fraction=token_fraction, n_top_tokens=n_top_tokens,
         bands=bands, hist_range=hist_range, hist_bins=hist_bins, encode_floats=encode_floats,
         max_tokens=max_tokens, max_batch=max_batch, progress=progress if rank == 0 else False, shard=shard,
-        max_event_bytes=max_event_bytes, n_band_examples=n_band_examples)
+        max_event_bytes=max_event_bytes, n_band_examples=n_band_examples, mean_hooks=mean_hooks)
     if shard:
         from saecircuits.distributed import reduce
 
@@ -837,6 +872,8 @@ class CorpusPartial:
         token_counts: int64 ``[d_vocab]`` counts of each token id over them.
         states: per SAE, the running state as CPU tensors (counts, sums, histogram, top-k, thresholded events).
         special_ids: the token ids left out.
+        mean_hooks: the hooks whose sums the pass keeps; hook_sums: float64 sum of each over the counted tokens
+            (a hook is missing until a batch was read).
     """
 
     n_docs: int
@@ -849,6 +886,8 @@ class CorpusPartial:
     _accs: list[_Accumulator] = field(repr=False, default_factory=list)
     overflowed: bool = False
     _read: tuple = field(repr=False, default=())  # (document indices, max_tokens, max_batch, shard) of the pass
+    mean_hooks: tuple[str, ...] = ()
+    hook_sums: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def second_pass(self, model, token_rows: Sequence[Sequence[int]], maxima: Sequence[torch.Tensor]) -> None:
         """Read this state's documents again (the same batches) with the final corpus maxima ``maxima`` (one
@@ -892,7 +931,8 @@ class CorpusPartial:
         for acc, st in zip(self._accs, self.states, strict=True):
             acc.load_state(st)
             features.append(acc.finish(self.n_docs, self.n_tokens, len(self.token_counts), self.n_top_tokens))
-        return CorpusStats(self.n_docs, self.n_tokens, self.token_counts, features, self.special_ids)
+        return CorpusStats(self.n_docs, self.n_tokens, self.token_counts, features, self.special_ids,
+                           dict(self.hook_sums))
 
 
 def corpus_partial_stats(
@@ -914,6 +954,7 @@ def corpus_partial_stats(
     shard: bool = False,
     max_event_bytes: int | None = DEFAULT_MAX_EVENT_BYTES,
     n_band_examples: int = DEFAULT_N_BAND_EXAMPLES,
+    mean_hooks: Collection[str] = (),
 ) -> CorpusPartial:
     """The pass of :func:`corpus_feature_stats` over the documents ``docs`` (indices into ``token_rows``; default
     all), as a mergeable :class:`CorpusPartial` (arguments as there).
@@ -947,7 +988,9 @@ def corpus_partial_stats(
     d_vocab = int(model.cfg.d_vocab)
     special = special_ids_of(model)
     iv = interventions_for(model)
-    hooks = sorted({s.hook_point for s in saes})
+    mean_hooks = tuple(sorted(set(mean_hooks)))
+    hooks = sorted({s.hook_point for s in saes} | set(mean_hooks))
+    hook_sums: dict[str, torch.Tensor] = {}
     accs = [
         _Accumulator(s, k=k, token_fraction=token_fraction, bands=bands, hist_range=hist_range,
                      hist_bins=hist_bins, encode_floats=encode_floats, n_band_examples=n_band_examples)
@@ -973,13 +1016,17 @@ def corpus_partial_stats(
         rows = global_index[torch.tensor(batch.indices, dtype=torch.long)]  # document indices of the corpus
         for acc in accs:
             acc.update(reads[acc.sae.hook_point], batch.tokens, mask, rows)
+        for h in mean_hooks:
+            part = _masked_sum(reads[h], mask, encode_floats)
+            hook_sums[h] = hook_sums[h] + part if h in hook_sums else part
         if (not overflowed and max_event_bytes is not None
                 and sum(acc.event_bytes() for acc in accs) > max_event_bytes):
             overflowed = True  # every SAE stops keeping events: one second pass serves them all
             for acc in accs:
                 acc.drop_events()
     return CorpusPartial(len(token_rows), n_read, n_tokens, token_counts, [acc.state() for acc in accs],
-                         sorted(special), n_top_tokens, accs, overflowed, (index, max_tokens, max_batch, shard))
+                         sorted(special), n_top_tokens, accs, overflowed, (index, max_tokens, max_batch, shard),
+                         mean_hooks, hook_sums)
 
 
 def _pass_batches(model, token_rows, index: list[int], max_tokens: int, max_batch: int, shard: bool):
@@ -1013,7 +1060,7 @@ def merge_corpus_partials(parts: Sequence[CorpusPartial], *, model=None,
     for p in parts[1:]:
         if (p.n_docs, p.n_top_tokens, len(p.token_counts)) != (first.n_docs, first.n_top_tokens,
                                                                len(first.token_counts)) or [
-                a.settings() for a in p._accs] != [a.settings() for a in first._accs]:
+                a.settings() for a in p._accs] != [a.settings() for a in first._accs] or p.mean_hooks != first.mean_hooks:
             raise ValueError("partial states of different corpora, SAEs or settings cannot be merged")
     if sum(p.docs for p in parts) > first.n_docs:
         raise ValueError("the partial states cover more documents than the corpus has: shards must be disjoint")
@@ -1026,16 +1073,18 @@ def merge_corpus_partials(parts: Sequence[CorpusPartial], *, model=None,
             if p.overflowed:
                 p.second_pass(model, token_rows, maxima)
     states = [_merge_states([p.states[j] for p in parts], acc) for j, acc in enumerate(first._accs)]
+    hook_sums = {h: torch.stack([p.hook_sums[h] for p in parts if h in p.hook_sums]).sum(0)
+                 for h in first.mean_hooks if any(h in p.hook_sums for p in parts)}
     return CorpusPartial(first.n_docs, sum(p.docs for p in parts), sum(p.n_tokens for p in parts),
                          torch.stack([p.token_counts for p in parts]).sum(0), states, first.special_ids,
-                         first.n_top_tokens, first._accs)
+                         first.n_top_tokens, first._accs, mean_hooks=first.mean_hooks, hook_sums=hook_sums)
 
 
 def _all_reduce_partial(partial: CorpusPartial) -> CorpusPartial:
     """Every rank's :class:`CorpusPartial` -> the merged one, on every rank, by tensor collectives only
     (``all_reduce`` for counts, sums and maxima; ``all_gather`` of padded tensors for the top-k and the events).
     NCCL process groups communicate through the current CUDA device, others (gloo) through the CPU."""
-    from saecircuits.distributed import gather_parts, reduce, world
+    from saecircuits.distributed import broadcast_json, gather_parts, reduce, world
 
     size = world()[1]
 
@@ -1062,8 +1111,14 @@ def _all_reduce_partial(partial: CorpusPartial) -> CorpusPartial:
         states.append(merged)
     n_tokens = int(reduce(torch.tensor([partial.n_tokens]), what="corpus statistics"))
     docs = int(reduce(torch.tensor([partial.docs]), what="corpus statistics"))
+    # the hook sums' shapes from rank 0 (it reads the first batch, so it has every hook another rank has); a rank
+    # without a batch adds zeros
+    shapes = broadcast_json({h: list(t.shape) for h, t in partial.hook_sums.items()}, "corpus hook sums' shapes")
+    hook_sums = {h: reduce(partial.hook_sums.get(h, torch.zeros(shapes[h], dtype=torch.float64)),
+                           what="corpus hook sums") for h in sorted(shapes)}
     return CorpusPartial(partial.n_docs, docs, n_tokens, reduce(partial.token_counts, what="corpus statistics"), states,
-                         partial.special_ids, partial.n_top_tokens, partial._accs)
+                         partial.special_ids, partial.n_top_tokens, partial._accs, mean_hooks=partial.mean_hooks,
+                         hook_sums=hook_sums)
 
 
 def top_examples_from_stats(
