@@ -1,5 +1,6 @@
 """Stage ``corpus_stats``: one pass over the corpus documents for every SAE (densities, top examples, token counts,
-the hook's mean activation, and the sums the circuit's mean ablation needs), and the ``corpus_stats`` entry of an SAE built from it."""
+the hook's mean activation, and the sums the circuit's mean ablation needs), and the ``corpus_stats`` entry of an
+SAE built from it."""
 
 from __future__ import annotations
 

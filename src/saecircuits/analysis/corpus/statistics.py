@@ -1058,9 +1058,10 @@ def merge_corpus_partials(parts: Sequence[CorpusPartial], *, model=None,
         raise ValueError("merge_corpus_partials needs at least one partial state")
     first = parts[0]
     for p in parts[1:]:
-        if (p.n_docs, p.n_top_tokens, len(p.token_counts)) != (first.n_docs, first.n_top_tokens,
-                                                               len(first.token_counts)) or [
-                a.settings() for a in p._accs] != [a.settings() for a in first._accs] or p.mean_hooks != first.mean_hooks:
+        same_corpus = (p.n_docs, p.n_top_tokens, len(p.token_counts)) == (first.n_docs, first.n_top_tokens,
+                                                                          len(first.token_counts))
+        same_settings = [a.settings() for a in p._accs] == [a.settings() for a in first._accs]
+        if not (same_corpus and same_settings and p.mean_hooks == first.mean_hooks):
             raise ValueError("partial states of different corpora, SAEs or settings cannot be merged")
     if sum(p.docs for p in parts) > first.n_docs:
         raise ValueError("the partial states cover more documents than the corpus has: shards must be disjoint")
