@@ -16,7 +16,7 @@ every downstream feature's activation (edges) when one node is ablated alone, ba
 estimates are then compared with those exact values (rank correlation, sign agreement, top-20 overlap), so a report
 can say which estimate can stand in for exact ablation on this model and task.
 
-Conventions (all at each prompt's own P, means over the task's prompts):
+Conventions (all at each prompt's own P):
 - nodes: ``embed`` (``hook_embed``), ``pos_embed`` (learned positions), each attention head (``attn.hook_z``, head
   slice), each MLP without an SAE (``mlp.hook_post``), and per SAE every feature active at P on at least one prompt
   and its error node;
@@ -35,7 +35,10 @@ Conventions (all at each prompt's own P, means over the task's prompts):
   gradients averaged over ``steps`` midpoints; ``effect(u) ~ mean_alpha grad_u m(alpha) . a_u``. Summed over a
   submodule this converges to the exact effect of ablating the whole submodule (completeness), not to the sum of
   single-node effects;
-- faithfulness/completeness use mean ablation (node -> its mean at P over the task's prompts), as SFC.
+- faithfulness/completeness use mean ablation, as SFC: a node -> its mean over the tokens of corpus documents
+  (what the pipeline uses, from its corpus statistics pass: :func:`corpus_stats_node_means`), or, without a
+  corpus, its mean at P over the task's prompts (:func:`node_means`; when every prompt has the same answer that
+  mean itself predicts it, so faithfulness can be undefined).
 """
 
 from __future__ import annotations
