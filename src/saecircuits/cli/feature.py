@@ -9,6 +9,7 @@ import typer
 
 from saecircuits.cli import InputError, SaeCommand, app, num, user_errors
 from saecircuits.cli.run import DEFAULT_WORKSPACE, DTYPE_HELP, THREADS_HELP, _dtype, _say, _threads
+from saecircuits.display import percent
 
 _WORKSPACE_SHOWN = "$SAECIRCUITS_WORKSPACE, else ~/.cache/saecircuits"
 
@@ -33,7 +34,7 @@ def _print_card(card: dict) -> None:
         console.print(f"  ablating it at P raises the answer loss by {num(eff['mean_loss_increase'], '.4f')} nats"
                       + (f" ± {num(ci, '.4f')} (95% CI)" if ci is not None else " (no interval: one prompt)")
                       + f", on the {eff['n_active_prompts']} prompts where it is active "
-                      f"({num(eff['fraction_active'], '.0%')} of {card['task']['n_prompts']})")
+                      f"({percent(eff['fraction_active'])} of {card['task']['n_prompts']})")
     if reading:
         console.print(f"  {escape(reading)}")
     cs = ((sae.get("corpus_stats") or {}).get("features") or [None])[0]

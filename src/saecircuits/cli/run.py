@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from saecircuits.cli import SaeCommand, app, num, user_errors
+from saecircuits.display import percent
 
 DEFAULT_WORKSPACE = Path(os.environ.get("SAECIRCUITS_WORKSPACE", Path.home() / ".cache" / "saecircuits"))
 
@@ -90,7 +91,7 @@ def _summary(results: dict) -> None:
         console.print(
             ("[green]the model performs the behaviour:[/] " if b["performs"] else
              "[bold red]WARNING: the model does NOT perform the behaviour:[/] ")
-            + f"clean top-1 accuracy {num(b['top1_accuracy'], '.1%')}, mean p(answer) "
+            + f"clean top-1 accuracy {percent(b['top1_accuracy'], 1)}, mean p(answer) "
             f"{num(b['mean_p_answer'], '.3f')}, "
             f"mean loss at P {num(b['mean_loss'], '.3f')} nats"
         )

@@ -32,6 +32,7 @@ from typing import Annotated
 import typer
 
 from saecircuits.cli import InputError, SaeCommand, app, check_threads, num, user_errors
+from saecircuits.display import percent
 
 logger = logging.getLogger(__name__)
 
@@ -332,7 +333,7 @@ def _eval_line(e: dict) -> str:
         bounds = f" [{num(ci[0], '.3f')}, {num(ci[1], '.3f')}]" if None not in ci else ""
         recovered = f"loss recovered over whole sequences {num(lr, '.3f')}{bounds}"
     ev = e.get("explained_variance")
-    dead = (f", dead features {e['n_dead_on_eval']} of {e['d_sae']} ({num(e['dead_fraction_on_eval'], '.1%')} "
+    dead = (f", dead features {e['n_dead_on_eval']} of {e['d_sae']} ({percent(e['dead_fraction_on_eval'], 1)} "
             "fired on none "
             f"of {e['n_eval_tokens']} tokens)" if "n_dead_on_eval" in e else "")
     return (f"L0 {num(e['l0'], '.1f')}, explained variance {'undefined' if ev is None else num(ev, '.3f')}{dead}, "

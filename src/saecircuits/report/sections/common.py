@@ -20,6 +20,7 @@ from typing import Any
 import plotly.graph_objects as go
 import plotly.io as pio
 
+from saecircuits.display import percent
 from saecircuits.report.schema import ci_bounds
 from saecircuits.results import MeanCI, OffRange, ResultsModel, SaeEntry
 from saecircuits.results.top import Results
@@ -134,7 +135,7 @@ def off_range_text(off: OffRange | None) -> str:
     entries = off.n_off_range_entries if has(off, "n_off_range_entries") else 0
     return (
         f"{off.n_with_off_range} of {off.n_ablations} edited activation vectors "
-        f"({num(frac, '.1%') if finite(frac) else 'n/a'}) have entries below "
+        f"({percent(frac, 1)}) have entries below "
         f"the activation function's minimum {num(off.floor, '.4f')} ({entries} "
         f"entries, on average {num(off.mean_depth, '.3f')} below it; lowest value {num(off.min_value, '.3f')}): "
         "states the model never produces."

@@ -13,6 +13,7 @@ from typing import Any
 import plotly.graph_objects as go
 from markupsafe import Markup
 
+from saecircuits.display import percent
 from saecircuits.report.sections.common import (
     OFF_RANGE_UNDEFINED,
     STATIC_FEATURES,
@@ -231,7 +232,7 @@ def span(sae: SaeEntry) -> dict[str, Any]:
                      pm(sp.diff_vs_clean[j], dci[j] if dci else None) if sp.diff_vs_clean else "n/a"))
     return {
         "features": ", ".join(str(x) for x in sp.features), "rank": otherwise(sp.rank, "n/a"),
-        "fraction_kept": num(sp.fraction_kept, ".1%") if finite(sp.fraction_kept) else "n/a",
+        "fraction_kept": percent(sp.fraction_kept, 1),
         "table": table(["run", "loss (nats, 95% CI)", "run - clean (nats, paired)"], rows, left_cols=(0,)),
     }
 
