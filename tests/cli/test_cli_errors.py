@@ -92,6 +92,35 @@ def test_run_bad_settings(tmp_path, corpus):
     assert not out.exists() and not (tmp_path / "ws" / "saes").exists()
 
 
+def test_run_refuses_a_bad_task_file_before_the_model_loads(tmp_path, corpus):
+    """A new user's report: a bad --task file failed only after the model and corpus loaded. What needs no tokenizer
+    is checked first: the model named here does not exist, so reaching it would be a different error."""
+    base = ["run", "--model", str(tmp_path / "no-model"), "--data", str(corpus), "--out", str(tmp_path / "out")]
+    ok = '{"prompt": "Tom said, \\"Hi", "answer": "."}'
+    cases = [
+        ("notjson.jsonl", ok + "\n{prompt: 1}\n", "notjson.jsonl:2: not valid JSON"),
+        ("nokey.jsonl", '{"prompt": "Tom said"}\n', 'nokey.jsonl:1: each line must be an object with string fields'),
+        ("type.jsonl", '{"prompt": "Tom", "answer": 5}\n', "type.jsonl:1: each line must be an object"),
+        ("empty.jsonl", '\n{"prompt": "", "answer": "."}\n', 'empty.jsonl:2: "prompt" is empty'),
+        ("blank.jsonl", "\n\n", "holds no prompts"),
+        # "Tom" has 3 characters: offsets 0-2
+        ("anchor.jsonl", '{"prompt": "Tom", "answer": ".", "anchors": {"subject": 3}}\n',
+         "anchor.jsonl:1: anchor 'subject' at character 3 is outside the prompt (3 characters, offsets 0-2)"),
+        ("offset.jsonl", '{"prompt": "Tom", "answer": ".", "anchors": {"subject": "T"}}\n',
+         "anchor 'subject' must be an integer character offset"),
+        ("reserved.jsonl", '{"prompt": "Tom", "answer": ".", "anchors": {"P-1": 0}}\n', "is reserved"),
+    ]
+    for name, text, expected in cases:
+        _refused(base + ["--task", _file(tmp_path, name, text)], expected)
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00junk")
+    _refused(base + ["--task", str(binary)], "is not UTF-8 text")
+    # a good file passes the early check: the run goes on to the (missing) model
+    _refused(base + ["--task", _file(tmp_path, "good.jsonl", ok + "\n")], "neither an existing folder/file",
+             only_line=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_demo_bad_settings_are_refused_before_the_model_is_made(tmp_path):
     ws = tmp_path / "ws"
     base = ["demo", "--workspace", str(ws), "--out", str(tmp_path / "out")]

@@ -234,6 +234,14 @@ class RunConfig:
                 problems.append(f"{flag} {path}: no such file or folder")
         if self.task != "closing-quote" and not Path(self.task).is_file():
             problems.append(f"--task {self.task}: no such task file")
+        elif self.task != "closing-quote":  # what needs no tokenizer, before the model and corpus load
+            from saecircuits.tasks.base import TaskError
+            from saecircuits.tasks.jsonl import read_records
+
+            try:
+                read_records(self.task)
+            except TaskError as err:
+                problems.append(f"--task {err}")
         from saecircuits.saes.base import SAEError
         from saecircuits.saes.formats import detect_family, missing_weights
         from saecircuits.saes.hub import is_hub_name
