@@ -185,8 +185,9 @@ def test_train_sae_bad_settings(tmp_path, corpus):
     assert not out.exists()
     # Found once the model is loaded: one line, exit 2, and no half-made run left behind (a corrected command
     # must not be refused with "already holds a run").
-    _refused([*flags, "--hook-point", "blocks.9.mlp.hook_post"], "no hook point ['blocks.9.mlp.hook_post']",
-             only_line=False)
+    line = _refused([*flags, "--hook-point", "blocks.9.mlp.hook_post"], "no hook 'blocks.9.mlp.hook_post'",
+                    only_line=False)
+    assert "valid hooks include blocks.1.mlp.hook_post" in line and "--hook-point NAME" in line
     assert not out.exists()
     out.mkdir()
     (out / "train_sae_job.json").write_text(json.dumps({}))

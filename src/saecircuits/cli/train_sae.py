@@ -377,12 +377,13 @@ def _check_job_inputs(job) -> None:
 
 
 def _check_hook_points(bridge, hook_points: list[str]) -> None:
+    from saecircuits.models.hooks import unknown_hook_message, unknown_hooks
     from saecircuits.saes.base import SAEError
 
-    unknown = [hp for hp in hook_points if hp not in bridge.hook_dict]
+    unknown = unknown_hooks(bridge, hook_points)
     if unknown:
-        raise SAEError(f"this model has no hook point {unknown}; e.g. blocks.0.mlp.hook_post "
-                       f"(layers 0..{int(bridge.cfg.n_layers) - 1})")
+        raise SAEError(unknown_hook_message(bridge, unknown, "set it with --hook-point NAME (or --layer L for "
+                                                            "blocks.L.mlp.hook_post)"))
 
 
 def _remove_unstarted_run(out: Path, created_out: bool) -> None:
