@@ -65,7 +65,14 @@ import torch
 
 from saecircuits.saes.base import SAE, SAEConfig, SAEError, dtype_name
 from saecircuits.saes.formats import Family, LoadOptions, register_family, resolve_hook
-from saecircuits.saes.formats.common import build_from_tensors, read_json, read_npz, read_safetensors
+from saecircuits.saes.formats.common import (
+    build_from_tensors,
+    check_floating,
+    one_dtype,
+    read_json,
+    read_npz,
+    read_safetensors,
+)
 from saecircuits.saes.sites import hook_from_module_path, layer_of_hook, raw_model_processing
 
 __all__ = ["oriented", "refuse_square_encoder", "NPZ_FILE", "GS2_CONFIG", "GS2_WEIGHTS"]
@@ -328,10 +335,8 @@ def _build(weights: dict[str, torch.Tensor], file: Path, options: LoadOptions, *
     oriented(w_enc, (d_in, d_sae), "W_enc", file, "[d_in, d_sae]")
     oriented(weights["W_dec"], (d_sae, d_out), "W_dec", file, "[d_sae, d_out]")
     oriented(weights["threshold"], (d_sae,), "threshold", file, "[d_sae]")
-    dtypes = {t.dtype for k, t in weights.items() if k != "threshold"}
-    if len(dtypes) != 1:
-        raise SAEError(f"{file}: the tensors have mixed dtypes {sorted(str(t) for t in dtypes)}")
-    dtype = dtypes.pop()
+    check_floating({"threshold": weights["threshold"]}, file)
+    dtype = one_dtype({k: t for k, t in weights.items() if k != "threshold"}, file)
     threshold = weights["threshold"].float()
     n_negative = int((threshold < 0).sum())
     if n_negative:  # relu(pre) * [pre > t] == relu(pre) == pre * [pre > 0] for t < 0: exact
