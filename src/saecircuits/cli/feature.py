@@ -102,6 +102,12 @@ def feature(
         raise InputError(f"--out {out}: give a file name ending in .html")
     if data is not None and model is None:
         raise InputError("--data needs --model: the corpus statistics run the model; add --model NAME|DIR|FILE")
+    # options the card would otherwise ignore without a word (found by trying them)
+    if task != "closing-quote" and data is None:
+        raise InputError(f"--task {task} needs --data (and --model): the feature's effect on the task is measured "
+                         "beside the corpus statistics; add --data FILE, or drop --task")
+    if tokenizer is not None and model is None:
+        raise InputError("--tokenizer needs --model: it is the tokenizer of a llama2.c --model checkpoint")
     _threads(threads)
     with user_errors():
         card = feature_card(sae_path(sae), k, hook=hook, model=model, data=data, task=task, tokenizer=tokenizer,
