@@ -60,6 +60,7 @@ def test_run_bad_settings(tmp_path, corpus):
         (["--sae-tokens", "-5"], "--sae-tokens"),
         (["--expansion-factor", "0"], "--expansion-factor"),
         (["--l1-coefficient", "-1"], "--l1-coefficient"),
+        (["--l1-coefficient", "inf"], "--l1-coefficient must be a finite number >= 0 (got inf)"),
         (["--seed", "-1"], "--seed"),
         (["--seed", "x"], "--seed"),
         (["--layers", "0", "0"], "names a layer twice"),
@@ -138,7 +139,10 @@ def test_train_lm_bad_settings(tmp_path):
     _refused(["train-lm", *out, "--workspace", str(tmp_path / "ws")], "give exactly one")
     _refused(["train-lm", *out, "--n-heads", "0"], "--n-heads")
     _refused(["train-lm", *out, "--d-model", "15", "--n-heads", "2"], "not divisible")
-    _refused(["train-lm", *out, "--lr", "-1"], "lr must be positive")
+    _refused(["train-lm", *out, "--lr", "-1"], "lr must be a positive finite number")
+    # NaN passed `lr <= 0` and reached torch's bare "ValueError: Invalid learning rate" (found by trying it)
+    _refused(["train-lm", *out, "--lr", "nan"], "lr must be a positive finite number, got nan")
+    _refused(["train-lm", *out, "--lr", "inf"], "lr must be a positive finite number, got inf")
     _refused(["train-lm", *out, "--vocab-size", "10"], "--vocab-size")
     _refused(["train-lm", *out, "--threads", "0"], "--threads")
     _refused(["train-lm", *out, *small, "--n-tokenizer-stories", "50"], "n_tokenizer_stories must be <=")
@@ -175,7 +179,8 @@ def test_train_sae_bad_settings(tmp_path, corpus):
         ([*flags, "--autocast", "fp8"], "autocast_dtype must be"),
         ([*flags, "--autocast", "float16"], "'float16' is refused"),
         ([*flags, "--steps", "0"], "--steps"),
-        ([*flags, "--lr", "0"], "lr must be positive"),
+        ([*flags, "--lr", "0"], "lr must be a positive finite number"),
+        ([*flags, "--lr", "nan"], "lr must be a positive finite number (got nan)"),
         ([*flags, "--seq-len", "1"], "--seq-len"),
         ([*flags, "--threads", "0"], "--threads"),
         ([*base, "--activation-cache", str(tmp_path)], "no manifest.json"),

@@ -105,8 +105,9 @@ class LMConfig:
             )
         for name in ("n_train_stories", "n_heldout_stories", "n_tokenizer_stories", "d_model", "n_heads",
                      "d_mlp", "n_ctx", "window_size", "steps", "batch_size", "lr"):
-            if getattr(self, name) <= 0:
-                raise TrainLMError(f"{name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):  # `<= 0` let a NaN --lr through to torch's bare error
+                raise TrainLMError(f"{name} must be a positive finite number, got {value}")
         if self.d_model % self.n_heads:  # after the sign checks: n_heads=0 would divide by zero
             raise TrainLMError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.vocab_size < 300:
