@@ -527,6 +527,6 @@ def _evaluate(bridge, saes: dict, eval_rows, bos_id, bos_policy: str, out: Path)
             "d_sae": int(sae.d_sae),
             "n_eval_tokens": int(x.shape[0]),
         }
-        logger.info("%s: %s", name, report[name])
+        logger.debug("%s: %s", name, report[name])  # the console says it in words; eval.json has it all
     # NaN (an undefined loss recovered) is written as null: JSON has no NaN
     atomic_write_text(out / "eval.json", json.dumps(to_jsonable(report), indent=1, allow_nan=False))
