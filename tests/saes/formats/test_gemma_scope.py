@@ -265,6 +265,9 @@ def test_v2_refusals(tmp_path):
         load_sae(_write_gs2(tmp_path / "d", params, _gs2_cfg(affine_connection=True)))
     with pytest.raises(SAEError, match="architecture"):
         load_sae(_write_gs2(tmp_path / "e", params, _gs2_cfg(architecture="topk")))
+    # a config.json of another width than the weights (found by trying it: loaded without a word)
+    with pytest.raises(SAEError, match=f"width is {F + 1} but params.safetensors holds {F} features"):
+        load_sae(_write_gs2(tmp_path / "w", params, _gs2_cfg(width=F + 1)))
     folder = _write_gs2(tmp_path / "f", params, _gs2_cfg())
     data = (folder / "params.safetensors").read_bytes()
     (folder / "params.safetensors").write_bytes(data[:-40])

@@ -294,6 +294,12 @@ def _load_v2(path: Path, options: LoadOptions) -> SAE:
     missing = sorted(set(_V1_TENSORS) - set(weights))
     if missing:
         raise SAEError(f"{folder / GS2_WEIGHTS}: tensors {missing} are missing")
+    width = d.get("width")  # the number of features (an integer; anything else is left unchecked, as it was):
+    # a config of another width than the weights' was loaded silently
+    if isinstance(width, int) and not isinstance(width, bool) and "b_enc" in weights \
+            and weights["b_enc"].dim() == 1 and width != weights["b_enc"].shape[0]:
+        raise SAEError(f"{cfg_path}: width is {width} but {GS2_WEIGHTS} holds {weights['b_enc'].shape[0]} features "
+                       "(b_enc); the config and the weights belong to different SAEs")
     affine = d.get("affine_connection", False)
     if not isinstance(affine, bool):
         raise SAEError(f"{cfg_path}: affine_connection must be true or false, got {affine!r}")
