@@ -56,11 +56,17 @@ def test_run_bad_settings(tmp_path, corpus):
     sae_dir.mkdir()
     cases = [
         (["--sae", str(sae_dir), "--layers", "0"], "--layers chooses where NEW SAEs are trained"),  # the report
+        # options this run would not use were silently ignored (found by trying them): refused, named
+        (["--sae", str(sae_dir), "--sae-k", "16", "--train-data", str(corpus)],
+         "--sae-k does nothing here (no SAE is trained when --sae gives them): drop it; --train-data does nothing"),
+        (["--l1-coefficient", "1"], "--l1-coefficient does nothing here (it is the reference recipe's penalty"),
+        (["--sae-recipe", "reference", "--sae-k", "8"], "--sae-k does nothing here (it is the topk recipe's"),
+        (["--no-circuit", "--circuit-ig-steps", "3"], "--circuit-ig-steps does nothing here (--no-circuit builds"),
         (["--max-prompts", "0"], "--max-prompts"),
         (["--sae-tokens", "-5"], "--sae-tokens"),
         (["--expansion-factor", "0"], "--expansion-factor"),
-        (["--l1-coefficient", "-1"], "--l1-coefficient"),
-        (["--l1-coefficient", "inf"], "--l1-coefficient must be a finite number >= 0 (got inf)"),
+        (["--sae-recipe", "reference", "--l1-coefficient", "-1"], "--l1-coefficient"),
+        (["--sae-recipe", "reference", "--l1-coefficient", "inf"], "--l1-coefficient must be a finite number >= 0 (got inf)"),
         (["--seed", "-1"], "--seed"),
         (["--seed", "x"], "--seed"),
         (["--layers", "0", "0"], "names a layer twice"),
