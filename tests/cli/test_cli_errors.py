@@ -81,6 +81,8 @@ def test_run_bad_settings(tmp_path, corpus):
     for extra, expected in cases:
         _refused(base + extra, expected)
     _refused(["run", "--model", MODEL, "--data", str(tmp_path / "absent.txt"), "--out", str(out)], "--data")
+    _refused(["run", "--model", str(tmp_path / "no-model"), "--data", _file(tmp_path, "empty.txt", ""), "--out",
+              str(out)], "--data " + str(tmp_path / "empty.txt") + ": the file is empty")  # before the model loads
     _refused(["run", "--data", str(corpus), "--out", str(out)], "Missing option '--model'")
     _refused(["run", "--model", MODEL, "--data", str(corpus), "--out", str(corpus)], "is a file")
     _refused(["run", "--model", str(tmp_path / "no-model"), "--data", str(corpus), "--out", str(out)],

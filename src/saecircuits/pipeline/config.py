@@ -235,6 +235,9 @@ class RunConfig:
         for flag, path in (("--data", self.data), ("--train-data", self.train_data)):
             if path is not None and not Path(path).expanduser().exists():
                 problems.append(f"{flag} {path}: no such file or folder")
+            elif path is not None and Path(path).expanduser().is_file() and Path(path).expanduser().stat().st_size == 0:
+                # found only after the model loaded otherwise ("contains no non-empty documents")
+                problems.append(f"{flag} {path}: the file is empty; give a corpus of stories")
         if self.task != "closing-quote" and not Path(self.task).is_file():
             problems.append(f"--task {self.task}: no such task file")
         elif self.task != "closing-quote":  # what needs no tokenizer, before the model and corpus load
