@@ -130,6 +130,19 @@ def test_run_refuses_a_bad_task_file_before_the_model_loads(tmp_path, corpus):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_empty_argument_is_refused_not_read_as_the_current_folder(tmp_path, corpus, monkeypatch):
+    """`--out ""` wrote results.json and report.html into the current folder, `--sae ""` listed every SAE below it
+    (an empty path is "."; found by trying it): refused before any work, naming the option."""
+    monkeypatch.chdir(tmp_path)
+    run = ["run", "--model", MODEL, "--data", str(corpus)]
+    _refused([*run, "--out", ""], "--out is given an empty value")
+    _refused([*run, "--out="], "--out is given an empty value")
+    _refused(["feature", "3", "--sae", ""], "--sae is given an empty value")
+    _refused(["sae", "inspect", ""], "an argument is given an empty value")
+    _refused(["report", ""], "an argument is given an empty value")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stories.txt"]
+
+
 def test_demo_bad_settings_are_refused_before_the_model_is_made(tmp_path):
     ws = tmp_path / "ws"
     base = ["demo", "--workspace", str(ws), "--out", str(tmp_path / "out")]

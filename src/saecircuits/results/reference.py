@@ -150,6 +150,8 @@ MAX_PROBLEMS = 20
 def check_file(path: str | Path) -> list[str]:
     """The problems of one run's results.json (``path``: the file or its run directory) against the schema, one
     sentence each; [] when it is valid. Nothing is raised: a missing or unreadable file is a problem too."""
+    if not str(path).strip():  # Path("") is the current folder
+        return ["the path is empty; pass a run's results.json or its run directory"]
     p = Path(path)
     if p.is_dir():
         p = p / "results.json"
