@@ -56,8 +56,9 @@ def inputs(tmp_path):
 
 def _run(model_dir, corpus, out, ws, *extra: str):
     _register()
+    circuit = [] if "--no-circuit" in extra else ["--circuit-ig-steps", "2"]  # refused as unused with --no-circuit
     args = ["run", "--model", str(model_dir), "--data", str(corpus), "--out", str(out), "--workspace", str(ws),
-            "--all-closings", "--sae-tokens", "2048", "--expansion-factor", "4", "--circuit-ig-steps", "2", "--threads", "1", *extra]
+            "--all-closings", "--sae-tokens", "2048", "--expansion-factor", "4", *circuit, "--threads", "1", *extra]
     return CliRunner().invoke(app, expand_multi_value_options(args))
 
 
