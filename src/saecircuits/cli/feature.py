@@ -100,6 +100,14 @@ def feature(
 
     if out is not None and out.suffix.lower() not in (".html", ".htm"):
         raise InputError(f"--out {out}: give a file name ending in .html")
+    if out is not None:  # before the work; they failed after it with a bare OSError naming a temporary file
+        if out.is_dir():
+            raise InputError(f"--out {out} is a folder; give a file name ending in .html")
+        above = out.parent
+        while not above.exists() and above.parent != above:
+            above = above.parent
+        if not above.is_dir():
+            raise InputError(f"--out {out}: {above} is a file, so the page cannot be written below it")
     if data is not None and model is None:
         raise InputError("--data needs --model: the corpus statistics run the model; add --model NAME|DIR|FILE")
     # options the card would otherwise ignore without a word (found by trying them)
