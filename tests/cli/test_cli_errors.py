@@ -168,6 +168,8 @@ def test_train_lm_bad_settings(tmp_path):
     _refused(["train-lm", *out, "--threads", "0"], "--threads")
     _refused(["train-lm", *out, *small, "--n-tokenizer-stories", "50"], "n_tokenizer_stories must be <=")
     _refused(["train-lm", "--workspace", _file(tmp_path, "ws.txt", "x")], "is a file")
+    # a file as --out was told to "pass --overwrite", which then refused it as a file (found by trying it)
+    _refused(["train-lm", "--out", _file(tmp_path, "m.txt", "x")], "m.txt is a file; give a folder name")
     (tmp_path / "m").mkdir()
     _refused(["train-lm", *out], "--overwrite")
 
