@@ -56,8 +56,9 @@ def inputs(tmp_path):
 
 def _run(model_dir, corpus, out, ws, *extra: str):
     _register()
+    circuit = [] if "--no-circuit" in extra else ["--circuit-ig-steps", "2"]  # refused as unused with --no-circuit
     args = ["run", "--model", str(model_dir), "--data", str(corpus), "--out", str(out), "--workspace", str(ws),
-            "--all-closings", "--sae-tokens", "2048", "--expansion-factor", "4", "--circuit-ig-steps", "2", "--threads", "1", *extra]
+            "--all-closings", "--sae-tokens", "2048", "--expansion-factor", "4", *circuit, "--threads", "1", *extra]
     return CliRunner().invoke(app, expand_multi_value_options(args))
 
 
@@ -139,6 +140,31 @@ def test_a_resume_under_other_settings_is_refused_naming_them(tmp_path, inputs, 
     refused = _run(model_dir, corpus, out, ws, "--resume")
     assert refused.exit_code == 2 and "--data (file contents)" in refused.output.strip().splitlines()[-1]
     assert calls["dla"] == 1 and calls["load_model"] == 2  # refused before any stage ran again
+
+
+def test_a_damaged_checkpoint_is_refused_in_one_line_naming_the_file(tmp_path, inputs, monkeypatch):
+    """A checkpoint file cut short or removed (a run killed by the OS, a full disk, a hand edit) gave a JSON error
+    without context, or torch's traceback (found by trying it): one line naming the file and the fix."""
+    model_dir, corpus = inputs
+    out, ws = tmp_path / "out", tmp_path / "ws"
+    _counting(monkeypatch, fail="dla")
+    assert _run(model_dir, corpus, out, ws).exit_code != 0
+    ckpt = out / CHECKPOINT_DIR
+    manifest, task = (ckpt / "manifest.json").read_text(), (ckpt / "task.json").read_text()
+    for damage, named in [(lambda: (ckpt / "task.json").write_text(task[: len(task) // 2]), "(task: JSONDecodeError"),
+                          (lambda: (ckpt / "task.json").unlink(), "(task: FileNotFoundError"),
+                          (lambda: (ckpt / "manifest.json").write_text(manifest[:100]), "(manifest.json: "),
+                          (lambda: (ckpt / "manifest.json").write_text("[]"), "(manifest.json: not a checkpoint")]:
+        damage()
+        refused = _run(model_dir, corpus, out, ws, "--resume")
+        line = refused.output.strip().splitlines()[-1]
+        assert refused.exit_code == 2 and isinstance(refused.exception, SystemExit), refused.output
+        assert line.startswith(f"error: --resume: the checkpoint in {ckpt} is damaged {named}"), refused.output
+        assert line.endswith("run again without --resume to start over")
+        (ckpt / "manifest.json").write_text(manifest)
+        (ckpt / "task.json").write_text(task)
+    _counting(monkeypatch)
+    assert _run(model_dir, corpus, out, ws, "--resume").exit_code == 0  # the repaired checkpoint resumes
 
 
 def test_a_run_that_failed_on_its_second_sae_resumes_from_that_sae(tmp_path, inputs, monkeypatch):

@@ -14,7 +14,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["NotebookDisplay", "bar_figure", "scatter_figure", "histogram_figure", "meanci_rows", "token_label"]
+__all__ = ["NotebookDisplay", "bar_figure", "scatter_figure", "histogram_figure", "meanci_rows", "percent",
+           "token_label"]
 
 
 class NotebookDisplay:
@@ -52,6 +53,24 @@ class NotebookDisplay:
 
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def percent(x: Any, decimals: int = 0) -> str:
+    """A share (1 = 100%) as a percentage with ``decimals`` decimals for a sentence, never rounded to a claim it
+    does not make: a nonzero share that would round to 0 is "<1%" (decimals 0; "<0.1%" with 1; ">-1%" when
+    negative), not "0%", and one short of the whole that would round to 100 is ">99%" (">99.9%"), not "100%";
+    exactly 0 and 1 stay "0%" and "100%"; not a finite number: "n/a". Every rounded percentage of the summaries
+    (the report's headline and notes, the circuit's position summary, the console) goes through it."""
+    if not _finite(x):
+        return "n/a"
+    x = float(x)
+    text = f"{100 * x:.{decimals}f}"
+    step = 10.0 ** -decimals  # the smallest percentage shown
+    if x != 0 and float(text) == 0:
+        return f"<{step:g}%" if x > 0 else f">-{step:g}%"
+    if x < 1 and float(text) == 100:
+        return f">{100 - step:g}%"
+    return text + "%"
 
 
 def meanci_rows(items: dict[str, Any]) -> list[dict]:

@@ -33,8 +33,8 @@ def test_run_and_demo_flags_reach_the_run_config(tmp_path, monkeypatch):
     corpus.write_text('Tom said, "Hi."\n', encoding="utf-8")
     argv = ["run", "--model", str(tmp_path), "--data", str(corpus), "--out", str(tmp_path / "o"),
             "--workspace", str(tmp_path / "ws")]
-    for extra, want in (([], (True, 10, True)), (["--no-circuit", "--circuit-ig-steps", "4"], (False, 4, True)),
-                        (["--no-position-circuit"], (True, 10, False))):
+    for extra, want in (([], (True, 10, True)), (["--no-circuit"], (False, 10, True)),
+                        (["--circuit-ig-steps", "4"], (True, 4, True)), (["--no-position-circuit"], (True, 10, False))):
         result = CliRunner().invoke(app, [*argv, *extra])
         assert result.exit_code == 0, result.output
         assert (seen[-1].circuit, seen[-1].circuit_ig_steps, seen[-1].position_circuit) == want

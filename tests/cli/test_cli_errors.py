@@ -56,10 +56,17 @@ def test_run_bad_settings(tmp_path, corpus):
     sae_dir.mkdir()
     cases = [
         (["--sae", str(sae_dir), "--layers", "0"], "--layers chooses where NEW SAEs are trained"),  # the report
+        # options this run would not use were silently ignored (found by trying them): refused, named
+        (["--sae", str(sae_dir), "--sae-k", "16", "--train-data", str(corpus)],
+         "--sae-k does nothing here (no SAE is trained when --sae gives them): drop it; --train-data does nothing"),
+        (["--l1-coefficient", "1"], "--l1-coefficient does nothing here (it is the reference recipe's penalty"),
+        (["--sae-recipe", "reference", "--sae-k", "8"], "--sae-k does nothing here (it is the topk recipe's"),
+        (["--no-circuit", "--circuit-ig-steps", "3"], "--circuit-ig-steps does nothing here (--no-circuit builds"),
         (["--max-prompts", "0"], "--max-prompts"),
         (["--sae-tokens", "-5"], "--sae-tokens"),
         (["--expansion-factor", "0"], "--expansion-factor"),
-        (["--l1-coefficient", "-1"], "--l1-coefficient"),
+        (["--sae-recipe", "reference", "--l1-coefficient", "-1"], "--l1-coefficient"),
+        (["--sae-recipe", "reference", "--l1-coefficient", "inf"], "--l1-coefficient must be a finite number >= 0 (got inf)"),
         (["--seed", "-1"], "--seed"),
         (["--seed", "x"], "--seed"),
         (["--layers", "0", "0"], "names a layer twice"),
@@ -74,6 +81,8 @@ def test_run_bad_settings(tmp_path, corpus):
     for extra, expected in cases:
         _refused(base + extra, expected)
     _refused(["run", "--model", MODEL, "--data", str(tmp_path / "absent.txt"), "--out", str(out)], "--data")
+    _refused(["run", "--model", str(tmp_path / "no-model"), "--data", _file(tmp_path, "empty.txt", ""), "--out",
+              str(out)], "--data " + str(tmp_path / "empty.txt") + ": the file is empty")  # before the model loads
     _refused(["run", "--data", str(corpus), "--out", str(out)], "Missing option '--model'")
     _refused(["run", "--model", MODEL, "--data", str(corpus), "--out", str(corpus)], "is a file")
     _refused(["run", "--model", str(tmp_path / "no-model"), "--data", str(corpus), "--out", str(out)],
@@ -90,6 +99,48 @@ def test_run_bad_settings(tmp_path, corpus):
     # Found once the model is loaded (it has layers 0..1): still one line, exit 2.
     _refused(base + ["--layers", "7"], "out of range: the model has layers 0..1", only_line=False)
     assert not out.exists() and not (tmp_path / "ws" / "saes").exists()
+
+
+def test_run_refuses_a_bad_task_file_before_the_model_loads(tmp_path, corpus):
+    """A new user's report: a bad --task file failed only after the model and corpus loaded. What needs no tokenizer
+    is checked first: the model named here does not exist, so reaching it would be a different error."""
+    base = ["run", "--model", str(tmp_path / "no-model"), "--data", str(corpus), "--out", str(tmp_path / "out")]
+    ok = '{"prompt": "Tom said, \\"Hi", "answer": "."}'
+    cases = [
+        ("notjson.jsonl", ok + "\n{prompt: 1}\n", "notjson.jsonl:2: not valid JSON"),
+        ("nokey.jsonl", '{"prompt": "Tom said"}\n', 'nokey.jsonl:1: each line must be an object with string fields'),
+        ("type.jsonl", '{"prompt": "Tom", "answer": 5}\n', "type.jsonl:1: each line must be an object"),
+        ("empty.jsonl", '\n{"prompt": "", "answer": "."}\n', 'empty.jsonl:2: "prompt" is empty'),
+        ("blank.jsonl", "\n\n", "holds no prompts"),
+        # "Tom" has 3 characters: offsets 0-2
+        ("anchor.jsonl", '{"prompt": "Tom", "answer": ".", "anchors": {"subject": 3}}\n',
+         "anchor.jsonl:1: anchor 'subject' at character 3 is outside the prompt (3 characters, offsets 0-2)"),
+        ("offset.jsonl", '{"prompt": "Tom", "answer": ".", "anchors": {"subject": "T"}}\n',
+         "anchor 'subject' must be an integer character offset"),
+        ("reserved.jsonl", '{"prompt": "Tom", "answer": ".", "anchors": {"P-1": 0}}\n', "is reserved"),
+    ]
+    for name, text, expected in cases:
+        _refused(base + ["--task", _file(tmp_path, name, text)], expected)
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00junk")
+    _refused(base + ["--task", str(binary)], "is not UTF-8 text")
+    # a good file passes the early check: the run goes on to the (missing) model
+    _refused(base + ["--task", _file(tmp_path, "good.jsonl", ok + "\n")], "neither an existing folder/file",
+             only_line=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_argument_is_refused_not_read_as_the_current_folder(tmp_path, corpus, monkeypatch):
+    """`--out ""` wrote results.json and report.html into the current folder, `--sae ""` listed every SAE below it
+    (an empty path is "."; found by trying it): refused before any work, naming the option."""
+    monkeypatch.chdir(tmp_path)
+    run = ["run", "--model", MODEL, "--data", str(corpus)]
+    _refused([*run, "--out", ""], "--out is given an empty value")
+    _refused([*run, "--out="], "--out is given an empty value")
+    _refused(["feature", "3", "--sae", ""], "--sae is given an empty value")
+    _refused(["sae", "inspect", ""], "an argument is given an empty value")
+    _refused(["report", ""], "an argument is given an empty value")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stories.txt"]
 
 
 def test_demo_bad_settings_are_refused_before_the_model_is_made(tmp_path):
@@ -109,11 +160,16 @@ def test_train_lm_bad_settings(tmp_path):
     _refused(["train-lm", *out, "--workspace", str(tmp_path / "ws")], "give exactly one")
     _refused(["train-lm", *out, "--n-heads", "0"], "--n-heads")
     _refused(["train-lm", *out, "--d-model", "15", "--n-heads", "2"], "not divisible")
-    _refused(["train-lm", *out, "--lr", "-1"], "lr must be positive")
+    _refused(["train-lm", *out, "--lr", "-1"], "lr must be a positive finite number")
+    # NaN passed `lr <= 0` and reached torch's bare "ValueError: Invalid learning rate" (found by trying it)
+    _refused(["train-lm", *out, "--lr", "nan"], "lr must be a positive finite number, got nan")
+    _refused(["train-lm", *out, "--lr", "inf"], "lr must be a positive finite number, got inf")
     _refused(["train-lm", *out, "--vocab-size", "10"], "--vocab-size")
     _refused(["train-lm", *out, "--threads", "0"], "--threads")
     _refused(["train-lm", *out, *small, "--n-tokenizer-stories", "50"], "n_tokenizer_stories must be <=")
     _refused(["train-lm", "--workspace", _file(tmp_path, "ws.txt", "x")], "is a file")
+    # a file as --out was told to "pass --overwrite", which then refused it as a file (found by trying it)
+    _refused(["train-lm", "--out", _file(tmp_path, "m.txt", "x")], "m.txt is a file; give a folder name")
     (tmp_path / "m").mkdir()
     _refused(["train-lm", *out], "--overwrite")
 
@@ -146,7 +202,8 @@ def test_train_sae_bad_settings(tmp_path, corpus):
         ([*flags, "--autocast", "fp8"], "autocast_dtype must be"),
         ([*flags, "--autocast", "float16"], "'float16' is refused"),
         ([*flags, "--steps", "0"], "--steps"),
-        ([*flags, "--lr", "0"], "lr must be positive"),
+        ([*flags, "--lr", "0"], "lr must be a positive finite number"),
+        ([*flags, "--lr", "nan"], "lr must be a positive finite number (got nan)"),
         ([*flags, "--seq-len", "1"], "--seq-len"),
         ([*flags, "--threads", "0"], "--threads"),
         ([*base, "--activation-cache", str(tmp_path)], "no manifest.json"),
@@ -156,8 +213,9 @@ def test_train_sae_bad_settings(tmp_path, corpus):
     assert not out.exists()
     # Found once the model is loaded: one line, exit 2, and no half-made run left behind (a corrected command
     # must not be refused with "already holds a run").
-    _refused([*flags, "--hook-point", "blocks.9.mlp.hook_post"], "no hook point ['blocks.9.mlp.hook_post']",
-             only_line=False)
+    line = _refused([*flags, "--hook-point", "blocks.9.mlp.hook_post"], "no hook 'blocks.9.mlp.hook_post'",
+                    only_line=False)
+    assert "valid hooks include blocks.1.mlp.hook_post" in line and "--hook-point NAME" in line
     assert not out.exists()
     out.mkdir()
     (out / "train_sae_job.json").write_text(json.dumps({}))

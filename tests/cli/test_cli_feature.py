@@ -52,6 +52,21 @@ def test_feature_bad_input_is_one_line_and_status_2(sae_dir, tmp_path):
     assert res.exit_code == 2 and "--data needs --model" in res.output
     res = _cli(["feature", "--sae", str(sae_dir), "3", "--out", str(tmp_path / "card.txt")])
     assert res.exit_code == 2 and "ending in .html" in res.output
+    # a folder named *.html, or a file where a folder is needed: one line before any work (they were bare
+    # OSErrors naming a temporary file, found by trying them)
+    (tmp_path / "d.html").mkdir()
+    res = _cli(["feature", "--sae", str(sae_dir), "3", "--out", str(tmp_path / "d.html")])
+    assert res.exit_code == 2 and f"--out {tmp_path / 'd.html'} is a folder" in res.output
+    (tmp_path / "f.txt").write_text("x")
+    res = _cli(["feature", "--sae", str(sae_dir), "3", "--out", str(tmp_path / "f.txt" / "sub" / "card.html")])
+    assert res.exit_code == 2 and f"{tmp_path / 'f.txt'} is a file, so the page cannot be written" in res.output
+    # options that were silently ignored (the card printed without them): refused, naming what they need
+    task = tmp_path / "t.jsonl"
+    task.write_text('{"prompt": "Tom said, \\"Hi", "answer": "."}\n', encoding="utf-8")
+    res = _cli(["feature", "--sae", str(sae_dir), "3", "--task", str(task)])
+    assert res.exit_code == 2 and f"--task {task} needs --data" in res.output
+    res = _cli(["feature", "--sae", str(sae_dir), "3", "--tokenizer", str(tmp_path / "tok.bin")])
+    assert res.exit_code == 2 and "--tokenizer needs --model" in res.output
 
 
 @pytest.mark.slow

@@ -272,7 +272,10 @@ def test_run_refuses_an_sae_of_a_missing_hook_before_any_analysis(tmp_path):
                 "--workspace", str(tmp_path / "ws"), "--sae", str(folder), "--max-prompts", "20"])
     last = res.output.strip().splitlines()[-1]
     assert res.exit_code == 2 and last.startswith("error: ") and "blocks.7.mlp.hook_post" in last, res.output
-    assert "this model does not have" in last
+    # a new user's report: name the hook, a few valid ones (the nearest spelling first: the same site one block
+    # down, blocks.1, then block 0) and the option that sets it
+    assert "this model has no hook 'blocks.7.mlp.hook_post' (its blocks are 0..1)" in last
+    assert "valid hooks include blocks.1.mlp.hook_post, blocks.0.mlp.hook_post" in last and "--hook HOOK" in last
     for later in ("saecircuits task", "direct logit attribution", "corpus statistics"):
         assert later not in res.output, res.output
     assert not (tmp_path / "o").exists()

@@ -90,7 +90,9 @@ def test_one_pass_equals_separate_full_forwards():
     # only layer 0 needed -> the model stops after block 0
     list(model_activation_chunks(bridge, rows, hooks[:1], model_batch_rows=5))
     assert calls[-1] == 1
-    with pytest.raises(ActivationDataError, match="no activation for hook point"):
+    # a hook the model lacks: named, with valid ones (the same site's name by spelling first) and the option
+    with pytest.raises(ActivationDataError, match=r"no hook 'blocks.0.mlp.hook_typo' .*valid hooks include "
+                                                  r"blocks.0.mlp.hook_.*--hook-point"):
         list(model_activation_chunks(bridge, rows, ["blocks.0.mlp.hook_typo"]))
 
 

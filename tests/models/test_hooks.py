@@ -6,7 +6,13 @@ import pytest
 import torch
 from helpers import HOOK, quote_task, tiny_neo
 
-from saecircuits.models.hooks import answer_metrics, edit_at_positions, run_at_positions, task_batches
+from saecircuits.models.hooks import (
+    answer_metrics,
+    edit_at_positions,
+    run_at_positions,
+    task_batches,
+    unknown_hook_message,
+)
 
 
 def test_batches_cover_every_prompt_once_with_own_positions():
@@ -129,3 +135,20 @@ def test_pattern_edits_at_positions_edit_query_row_p_of_every_head():
     assert clean[hook].shape == (len(batch.indices), n_heads, T)
     assert bool((got[z][:, 1] == 0).all())
     torch.testing.assert_close(got[z][:, [0, 2, 3]], clean[z][:, [0, 2, 3]], atol=1e-6, rtol=0)
+
+
+def test_a_hook_the_model_lacks_is_named_with_valid_ones_and_the_fix():
+    """A new user's report: the error for a missing hook named neither valid hooks nor the option that sets it."""
+    model, task = tiny_neo(), quote_task()
+    batch = next(task_batches(model, task))
+    # a misspelt site: the nearest names by spelling are the real site in block 1, then block 0 (one edit more)
+    with pytest.raises(KeyError) as err:
+        run_at_positions(model, batch.tokens, batch.positions, read=["blocks.1.mlp.hook_psot"])
+    text = str(err.value)
+    assert "no hook 'blocks.1.mlp.hook_psot' (its blocks are 0..1)" in text
+    assert "valid hooks include blocks.1.mlp.hook_post" in text
+    # every suggestion is a hook of the model, and the fix is said
+    said = unknown_hook_message(model, ["blocks.9.nothing"], "set it with --hook HOOK")
+    suggested = said.split("valid hooks include ")[1].split(" (all:")[0].split(", ")
+    assert suggested and all(h in model.hook_dict for h in suggested)
+    assert said.endswith("; set it with --hook HOOK")

@@ -180,6 +180,17 @@ def test_existing_out_is_refused_and_failed_runs_leave_nothing(tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
+def test_too_few_heldout_stories_are_refused_before_training(tmp_path, monkeypatch):
+    """With too few held-out stories there is no closing-quote prompt to evaluate on: said naming the option, before
+    the training it would waste (it was found only after training; found by trying --n-heldout-stories 5)."""
+    trained = []
+    monkeypatch.setattr(tl, "train_model", lambda *a, **k: trained.append(1) or [0.0])
+    # n_ctx 2 holds no prompt with its answer whatever the stories: 'said, "' alone is more than 2 tokens
+    with pytest.raises(TrainLMError, match=r"hold no closing-quote prompt .* give more --n-heldout-stories"):
+        train_lm_to_folder(tmp_path / "m", dataclasses.replace(TINY, n_ctx=2), progress=False)
+    assert trained == [] and not (tmp_path / "m").exists()
+
+
 def test_cli_train_lm(tmp_path):
     from typer.testing import CliRunner
 

@@ -214,6 +214,24 @@ def test_cli_report_bad_input(results, tmp_path):
     assert not Path(tmp_path / "r.html").exists()
 
 
+def test_cli_report_reads_a_run_folder_and_points_to_the_full_check(results, tmp_path):
+    """`saecircuits report runs/demo` (the run's --out folder) was refused as "does not exist or is not a file"
+    (found by trying it); a file with several problems names the first and the command that lists them all."""
+    run = tmp_path / "run"
+    write_json_atomic(run / "results.json", results)
+    out = tmp_path / "r.html"
+    res = _invoke_cli(["report", str(run), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert out.read_text(encoding="utf-8") == build_report_html(results)
+    res = _invoke_cli(["report", str(tmp_path), "--out", str(tmp_path / "x.html")])
+    assert res.exit_code == 2 and "is a folder without results.json" in res.output
+    del results["dla"], results["model"]  # two problems
+    bad = write_json_atomic(tmp_path / "bad.json", results)
+    res = _invoke_cli(["report", str(bad), "--out", str(tmp_path / "y.html")])
+    assert res.exit_code == 2 and f"python -m saecircuits.results --check {bad}" in res.output
+    assert not (tmp_path / "x.html").exists() and not (tmp_path / "y.html").exists()
+
+
 def test_section_markers_are_css_escapes_not_control_characters(results):
     """The collapsible sections' triangles are the CSS escapes \\25B8 / \\25BE; written "\\25B8" in a plain Python
     string, "\\25" was an octal escape and the page carried U+0015 followed by "B8"."""

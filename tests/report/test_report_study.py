@@ -111,6 +111,25 @@ def test_renders_every_study_section_with_numbers_escaped(with_study):
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
 
 
+def test_undefined_off_range_said_once_per_sae(with_study):
+    """A hook without a bounded range leaves every off-range record of the SAE undefined (its floor is the hook's):
+    the page says so once, not after each of the five ablation records that carry it (a new user's report)."""
+    und = {"floor": None, "n_ablations": 5, "n_with_off_range": None}
+    sae = with_study["saes"][0]
+    sae["loss_comparison"]["off_range"] = und
+    sae["loss_comparison"]["sae_off_range"] = und
+    sae["ablation_modes"]["off_range"] = {m: und for m in ("residual", "reconstruction", "clean_effect")}
+    sae["max_activating_ablation"][0]["off_range"] = und
+    validate_results(with_study)
+    page = build_report_html(with_study)
+    assert page.count("Off-range count") == 1, "one sentence for the SAE's five undefined records"
+    assert "37 of 120" not in page  # no counts left over
+    # a defined record beside an undefined one keeps its sentence, and the undefined one is still said once
+    sae["ablation_modes"]["off_range"]["residual"] = OFF
+    page = build_report_html(with_study)
+    assert page.count("Off-range count") == 1 and page.count("37 of 120") == 1
+
+
 def test_study_sections_absent_without_keys(results):
     page = build_report_html(results)
     for slug in ("corpus", "fiveway", "modes", "stories", "geometry", "span"):

@@ -49,6 +49,18 @@ def test_headline_says_the_story_in_words(results):
     assert not any("every 95% CI includes 0" in s for s in h)
 
 
+def test_headline_never_rounds_a_share_to_0_or_100_percent(results):
+    # a feature active on 1 of 300 prompts (0.33%) and a circuit at 0.998 of the way: "0%" and "100%" would say
+    # "never active" and "all the way"; the shares are said as "<1%" and ">99%"
+    top = next(t for t in results["saes"][0]["top_features"] if t["feature"] == 12345)
+    top["fraction_active"] = 1 / 300
+    results["circuit"] = {"selection": {"n_nodes": 3, "faithfulness": 0.998, "rule": "r"}, "nodes": [], "edges": []}
+    h = headline(results)
+    assert "on the <1% of prompts where it is active" in h[3]
+    assert "lies >99% of the way" in h[-1]
+    assert not any(" 0% " in s or " 100% " in s for s in h)
+
+
 def test_headline_says_every_interval_includes_zero_only_when_there_are_intervals(results):
     # with an interval that includes 0 (0.05 +- 0.08 -> [-0.03, 0.13]) the feature is measured but not supported
     results["saes"][1]["top_features"][0]["loss_increase_ci95"] = 0.08

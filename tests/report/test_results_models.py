@@ -186,6 +186,40 @@ def test_the_shipped_schema_and_docs_are_generated_from_the_models():
     assert missing == []
 
 
+def test_check_validates_a_runs_file_naming_every_problem(results, tmp_path, capsys):
+    """``python -m saecircuits.results --check FILE|RUN_DIR ...``: a new user expected it to validate a run's file
+    (it only compared the generated schema). One line per problem, naming the key; exit 1 when any file fails."""
+    run = tmp_path / "run"
+    run.mkdir()
+    good = run / "results.json"
+    good.write_text(json.dumps(results), encoding="utf-8")
+    bad_dict = copy.deepcopy(results)
+    bad_dict["saes"][0]["l0"] = "23.75"  # two problems, both the schema's (checked against it below when installed)
+    del bad_dict["saes"][0]["top_features"][0]["loss_increase"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(bad_dict), encoding="utf-8")
+    (tmp_path / "torn.json").write_text('{"schema_version": 2, "saes": [', encoding="utf-8")
+
+    assert ref.main(["--check", str(good), str(run)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"{good}: valid (results.json schema version 2)", f"{run}: valid (results.json schema version 2)"]
+
+    assert ref.main(["--check", str(good), str(bad), str(tmp_path / "torn.json"), str(tmp_path / "nope.json")]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("valid (results.json schema version 2)")
+    bad_lines = [line for line in out if line.startswith(f"{bad}: ")]
+    assert len(bad_lines) == 2  # each problem its own line, not the first and a count
+    assert any("results['saes'][0]['l0']" in line for line in bad_lines)
+    assert any("results['saes'][0]['top_features'][0] is missing the required key 'loss_increase'" in line
+               for line in bad_lines)
+    assert any(line.startswith(f"{tmp_path / 'torn.json'}: not valid JSON") for line in out)
+    assert any(line.startswith(f"{tmp_path / 'nope.json'}: no such file") for line in out)
+    jsonschema = pytest.importorskip("jsonschema")  # the shipped schema agrees: the good file passes, two errors
+    validator = jsonschema.Draft202012Validator(json.loads(ref.SCHEMA_PATH.read_text(encoding="utf-8")))
+    assert not list(validator.iter_errors(json.loads(good.read_text(encoding="utf-8"))))
+    assert len(list(validator.iter_errors(bad_dict))) == 2
+
+
 def test_json_schema_accepts_a_results_dict_and_names_the_field_of_a_broken_one(results):
     jsonschema = pytest.importorskip("jsonschema")
     schema = json.loads(ref.SCHEMA_PATH.read_text(encoding="utf-8"))

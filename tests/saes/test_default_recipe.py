@@ -52,7 +52,7 @@ def test_bad_recipe_or_k_is_refused_naming_the_flag(tmp_path):
 
     with pytest.raises(PipelineError, match="--sae-recipe must be one of topk, reference"):
         _run_config(tmp_path, sae_recipe="l1")
-    with pytest.raises(PipelineError, match="--sae-k must be a number >= 1"):
+    with pytest.raises(PipelineError, match="--sae-k must be a finite number >= 1"):
         _run_config(tmp_path, sae_k=0)
 
 

@@ -84,6 +84,23 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
     assert cut_log[-1]["loss"] == pytest.approx(full_log[-1]["loss"], rel=1e-5)
 
 
+def test_a_run_killed_before_its_first_checkpoint_resumes_with_one_metrics_line_per_step(tmp_path):
+    """Killed after metrics lines but before any checkpoint (or with the checkpoint deleted, as the corrupt-file
+    error says to), a resumed run starts at step 0: its log repeated the killed run's steps (found by trying it).
+    The resumed log must equal an uninterrupted run's, step for step."""
+    data = _data()
+    full = tmp_path / "full"
+    SAETrainer(_sae(), iter(data), _cfg(), checkpoint_dir=full, progress=False).fit()
+    cut = tmp_path / "cut"
+    with pytest.raises(Killed):  # log_every 3, checkpoint_every 5: killed at batch 4, after the step-3 line
+        SAETrainer(_sae(), _killing(data, after=4), _cfg(), checkpoint_dir=cut, progress=False).fit()
+    assert not (cut / CHECKPOINT_NAME).exists() and (cut / METRICS_NAME).read_text().strip()
+    SAETrainer(_sae(), iter(data), _cfg(), checkpoint_dir=cut, resume=True, progress=False).fit()
+    full_log = [json.loads(s)["step"] for s in (full / METRICS_NAME).read_text().splitlines()]
+    cut_log = [json.loads(s)["step"] for s in (cut / METRICS_NAME).read_text().splitlines()]
+    assert cut_log == full_log and len(set(cut_log)) == len(cut_log)
+
+
 def test_resume_refuses_a_checkpoint_of_another_sae(tmp_path):
     SAETrainer(_sae(), iter(_data()), _cfg(), checkpoint_dir=tmp_path, progress=False).fit()
     wider = build_sae(SAEConfig("standard", D_IN, 2 * D_SAE, "blocks.0.mlp.hook_post"))

@@ -59,9 +59,20 @@ class _Context(TyperCommand.context_class):  # type: ignore[name-defined,misc]
 
 
 class SaeCommand(TyperCommand):
-    """The class of every sub-command (``@app.command(..., cls=SaeCommand)``): plain help as described above."""
+    """The class of every sub-command (``@app.command(..., cls=SaeCommand)``): plain help as described above, and
+    no empty argument (:meth:`parse_args`)."""
 
     context_class = _Context
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:  # noqa: ANN001
+        """Refuse an empty value (``--out ""``, ``--sae=``): as a path it is the current folder, so ``--out ""``
+        wrote results.json and report.html into it, and ``--sae ""`` listed every SAE below it (found by trying it);
+        no option of saecircuits takes an empty value."""
+        for i, arg in enumerate(args):
+            if arg == "" or (arg.startswith("--") and arg.endswith("=")):
+                where = arg[:-1] if arg else (args[i - 1] if i and args[i - 1].startswith("-") else "an argument")
+                raise UsageError(f"{where} is given an empty value; give a path, a name or a number", ctx=ctx)
+        return super().parse_args(ctx, args)
 
 
 def num(value: Any, spec: str) -> str:

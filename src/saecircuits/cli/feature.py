@@ -9,6 +9,7 @@ import typer
 
 from saecircuits.cli import InputError, SaeCommand, app, num, user_errors
 from saecircuits.cli.run import DEFAULT_WORKSPACE, DTYPE_HELP, THREADS_HELP, _dtype, _say, _threads
+from saecircuits.display import percent
 
 _WORKSPACE_SHOWN = "$SAECIRCUITS_WORKSPACE, else ~/.cache/saecircuits"
 
@@ -33,7 +34,7 @@ def _print_card(card: dict) -> None:
         console.print(f"  ablating it at P raises the answer loss by {num(eff['mean_loss_increase'], '.4f')} nats"
                       + (f" ± {num(ci, '.4f')} (95% CI)" if ci is not None else " (no interval: one prompt)")
                       + f", on the {eff['n_active_prompts']} prompts where it is active "
-                      f"({num(eff['fraction_active'], '.0%')} of {card['task']['n_prompts']})")
+                      f"({percent(eff['fraction_active'])} of {card['task']['n_prompts']})")
     if reading:
         console.print(f"  {escape(reading)}")
     cs = ((sae.get("corpus_stats") or {}).get("features") or [None])[0]
@@ -99,8 +100,22 @@ def feature(
 
     if out is not None and out.suffix.lower() not in (".html", ".htm"):
         raise InputError(f"--out {out}: give a file name ending in .html")
+    if out is not None:  # before the work; they failed after it with a bare OSError naming a temporary file
+        if out.is_dir():
+            raise InputError(f"--out {out} is a folder; give a file name ending in .html")
+        above = out.parent
+        while not above.exists() and above.parent != above:
+            above = above.parent
+        if not above.is_dir():
+            raise InputError(f"--out {out}: {above} is a file, so the page cannot be written below it")
     if data is not None and model is None:
         raise InputError("--data needs --model: the corpus statistics run the model; add --model NAME|DIR|FILE")
+    # options the card would otherwise ignore without a word (found by trying them)
+    if task != "closing-quote" and data is None:
+        raise InputError(f"--task {task} needs --data (and --model): the feature's effect on the task is measured "
+                         "beside the corpus statistics; add --data FILE, or drop --task")
+    if tokenizer is not None and model is None:
+        raise InputError("--tokenizer needs --model: it is the tokenizer of a llama2.c --model checkpoint")
     _threads(threads)
     with user_errors():
         card = feature_card(sae_path(sae), k, hook=hook, model=model, data=data, task=task, tokenizer=tokenizer,

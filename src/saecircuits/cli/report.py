@@ -44,7 +44,8 @@ def report_path(out: str | Path) -> Path:
 @app.command("report", cls=SaeCommand, short_help="Re-render report.html from a saved results.json.")
 def report(
     results_json: Annotated[Path, typer.Argument(
-        metavar="RESULTS_JSON", help="results.json written by the pipeline (schema version 2, or 1).", show_default=False)],
+        metavar="RESULTS_JSON", help="results.json written by the pipeline (schema version 2, or 1), or the run's "
+                                     "--out folder.", show_default=False)],
     out: Annotated[str, typer.Option(
         "--out", "-o", metavar="FILE|DIR",
         help="The report file (a name ending in .html), or a folder to write report.html into (a trailing slash "
@@ -56,14 +57,21 @@ def report(
     from saecircuits.report.render import render_report
     from saecircuits.results import Results, ResultsSchemaError
 
-    if not results_json.is_file():
-        raise InputError(f"{results_json} does not exist or is not a file")
+    if results_json.is_dir():  # a run's folder: its results.json (what `run --out` wrote)
+        if not (results_json / "results.json").is_file():
+            raise InputError(f"{results_json} is a folder without results.json; give a run's results.json or the "
+                             "--out folder of a run")
+        results_json = results_json / "results.json"
+    elif not results_json.is_file():
+        raise InputError(f"{results_json} does not exist; give a run's results.json or the --out folder of a run")
     try:
         # typed and validated once (a version-1 file upgraded) before --out is created: a bad file leaves nothing
         # behind; the renderer and the export read the typed results as they are
         results = Results.load(results_json)
     except ResultsSchemaError as err:
         msg = str(err) if str(results_json) in str(err) else f"{results_json} is not a valid results file: {err}"
+        if "more problem" in msg:  # the message names the first; the checker lists every one
+            msg += f" List them all with: python -m saecircuits.results --check {results_json}"
         raise InputError(msg) from err
     with user_errors():
         path = render_report(results, report_path(out))

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from saecircuits.cli import SaeCommand, app, num, user_errors
+from saecircuits.display import percent
 
 DEFAULT_WORKSPACE = Path(os.environ.get("SAECIRCUITS_WORKSPACE", Path.home() / ".cache" / "saecircuits"))
 
@@ -90,7 +91,7 @@ def _summary(results: dict) -> None:
         console.print(
             ("[green]the model performs the behaviour:[/] " if b["performs"] else
              "[bold red]WARNING: the model does NOT perform the behaviour:[/] ")
-            + f"clean top-1 accuracy {num(b['top1_accuracy'], '.1%')}, mean p(answer) "
+            + f"clean top-1 accuracy {percent(b['top1_accuracy'], 1)}, mean p(answer) "
             f"{num(b['mean_p_answer'], '.3f')}, "
             f"mean loss at P {num(b['mean_loss'], '.3f')} nats"
         )
@@ -317,8 +318,37 @@ def _dtype(value: str) -> str:
     return value
 
 
+def _unused_options(ctx: typer.Context, *, sae_given: bool, recipe: str, circuit: bool) -> None:
+    """Refuse options given on the command line that this run would not use (they were silently ignored: a user
+    who sets --l1-coefficient with the topk recipe, or --sae-k beside --sae, believes it changed something).
+
+    Raises:
+        InputError: naming each such option and why it does nothing here.
+    """
+    from saecircuits.cli import InputError
+
+    def given(name: str) -> bool:  # by name: typer may carry its own copy of click's ParameterSource enum
+        return getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"
+
+    training = ("sae_tokens", "expansion_factor", "sae_recipe", "sae_k", "l1_coefficient", "train_data")
+    unused = []
+    if sae_given:
+        unused += [(n, "no SAE is trained when --sae gives them") for n in training if given(n)]
+    elif recipe == "topk" and given("l1_coefficient"):
+        unused.append(("l1_coefficient", "it is the reference recipe's penalty; add --sae-recipe reference"))
+    elif recipe == "reference" and given("sae_k"):
+        unused.append(("sae_k", "it is the topk recipe's sparsity; the reference recipe's is --l1-coefficient"))
+    if not circuit:
+        unused += [(n, "--no-circuit builds no circuit") for n in ("circuit_ig_steps",)
+                   if given(n)]
+    if unused:
+        raise InputError("; ".join(f"--{n.replace('_', '-')} does nothing here ({why}): drop it"
+                                   for n, why in unused))
+
+
 @app.command("run", cls=SaeCommand, short_help="Find the SAE features behind a behaviour of any model.")
 def run(
+    ctx: typer.Context,
     model: Annotated[str, typer.Option(
         metavar="NAME|DIR|FILE", help="Hub name, local Hugging Face folder, llama2.c .bin checkpoint, or 'default' "
                                       "(the embedded 2-layer GPT-Neo the demo uses).")],
@@ -400,6 +430,7 @@ def run(
     from saecircuits.pipeline import RunConfig, sae_path
 
     _setup_logging(verbose)
+    _unused_options(ctx, sae_given=bool(sae), recipe=sae_recipe, circuit=circuit)
     with user_errors():  # settings are checked here, where a bad one becomes a one-line error
         cfg = RunConfig(
             model=model, data=data, out=out, train_data=train_data, tokenizer=tokenizer, task=task,

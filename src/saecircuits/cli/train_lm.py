@@ -75,6 +75,8 @@ def train_lm_command(
     ).items() if v is not None}
     with user_errors():
         cfg = dataclasses.replace(DEFAULT_CONFIG, **overrides)
+        if out is not None and out.exists() and not out.is_dir():  # --overwrite would not replace a file either
+            raise FileExistsError(f"--out {out} is a file; give a folder name for the model")
         if out is not None and out.exists() and not overwrite:
             raise FileExistsError(f"--out {out} exists; pass --overwrite to replace it, or choose another --out")
         if out is not None:

@@ -32,6 +32,7 @@ from typing import Annotated
 import typer
 
 from saecircuits.cli import InputError, SaeCommand, app, check_threads, num, user_errors
+from saecircuits.display import percent
 
 logger = logging.getLogger(__name__)
 
@@ -332,7 +333,7 @@ def _eval_line(e: dict) -> str:
         bounds = f" [{num(ci[0], '.3f')}, {num(ci[1], '.3f')}]" if None not in ci else ""
         recovered = f"loss recovered over whole sequences {num(lr, '.3f')}{bounds}"
     ev = e.get("explained_variance")
-    dead = (f", dead features {e['n_dead_on_eval']} of {e['d_sae']} ({num(e['dead_fraction_on_eval'], '.1%')} "
+    dead = (f", dead features {e['n_dead_on_eval']} of {e['d_sae']} ({percent(e['dead_fraction_on_eval'], 1)} "
             "fired on none "
             f"of {e['n_eval_tokens']} tokens)" if "n_dead_on_eval" in e else "")
     return (f"L0 {num(e['l0'], '.1f')}, explained variance {'undefined' if ev is None else num(ev, '.3f')}{dead}, "
@@ -376,12 +377,13 @@ def _check_job_inputs(job) -> None:
 
 
 def _check_hook_points(bridge, hook_points: list[str]) -> None:
+    from saecircuits.models.hooks import unknown_hook_message, unknown_hooks
     from saecircuits.saes.base import SAEError
 
-    unknown = [hp for hp in hook_points if hp not in bridge.hook_dict]
+    unknown = unknown_hooks(bridge, hook_points)
     if unknown:
-        raise SAEError(f"this model has no hook point {unknown}; e.g. blocks.0.mlp.hook_post "
-                       f"(layers 0..{int(bridge.cfg.n_layers) - 1})")
+        raise SAEError(unknown_hook_message(bridge, unknown, "set it with --hook-point NAME (or --layer L for "
+                                                            "blocks.L.mlp.hook_post)"))
 
 
 def _remove_unstarted_run(out: Path, created_out: bool) -> None:
@@ -525,6 +527,6 @@ def _evaluate(bridge, saes: dict, eval_rows, bos_id, bos_policy: str, out: Path)
             "d_sae": int(sae.d_sae),
             "n_eval_tokens": int(x.shape[0]),
         }
-        logger.info("%s: %s", name, report[name])
+        logger.debug("%s: %s", name, report[name])  # the console says it in words; eval.json has it all
     # NaN (an undefined loss recovered) is written as null: JSON has no NaN
     atomic_write_text(out / "eval.json", json.dumps(to_jsonable(report), indent=1, allow_nan=False))

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 
 from saecircuits.atomic import atomic_write, atomic_write_text
-from saecircuits.models.hooks import n_ctx_of, stop_layer_for
+from saecircuits.models.hooks import n_ctx_of, stop_layer_for, unknown_hook_message, unknown_hooks
 from saecircuits.models.tokens import special_token_mask
 
 logger = logging.getLogger(__name__)
@@ -221,6 +221,9 @@ def model_activation_chunks(
                 try:
                     act = cache[hp]
                 except KeyError as err:
+                    if unknown_hooks(model, [hp]):  # name it with a few valid hooks (models.hooks, one message)
+                        raise ActivationDataError(unknown_hook_message(
+                            model, [hp], "give a hook it has (hook_points=, --hook-point in train-sae)")) from err
                     raise ActivationDataError(
                         f"the model produced no activation for hook point {hp!r}; check the name "
                         f"(e.g. 'blocks.0.mlp.hook_post') and the layer count"

@@ -38,6 +38,8 @@ __all__ = [
     "answer_metrics",
     "DEFAULT_MAX_TOKENS",
     "DEFAULT_MAX_BATCH",
+    "unknown_hooks",
+    "unknown_hook_message",
 ]
 
 DEFAULT_MAX_TOKENS = 8192
@@ -45,6 +47,32 @@ DEFAULT_MAX_TOKENS = 8192
 DEFAULT_MAX_BATCH = 64
 
 EditFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+_COMMON_SITES = ("hook_resid_pre", "hook_resid_post", "hook_mlp_out", "hook_attn_out", "mlp.hook_post", "attn.hook_z")
+
+
+def unknown_hooks(model, hooks: Sequence[str]) -> list[str]:
+    """The names of ``hooks`` that ``model.hook_dict`` lacks ([] when the model has no ``hook_dict`` to ask)."""
+    known = getattr(model, "hook_dict", None)
+    return [] if known is None else [h for h in hooks if h not in known]
+
+
+def unknown_hook_message(model, hooks: Sequence[str], fix: str, n: int = 4) -> str:
+    """One line for hooks the model lacks: names them and the model's layers, lists a few valid hooks (the closest
+    in spelling to the first one, by :func:`difflib.get_close_matches`, else the common sites of block 0) and ends
+    with ``fix``: the option or argument that sets the hook, e.g. "give the hook the SAE reads with --hook HOOK"."""
+    import difflib
+
+    names = list(getattr(model, "hook_dict", None) or [])
+    near = difflib.get_close_matches(hooks[0], names, n=n, cutoff=0.6) if hooks and names else []
+    if not near:
+        near = [h for h in (f"blocks.0.{s}" for s in _COMMON_SITES) if h in names][:n]
+    cfg = getattr(model, "cfg", None)
+    n_layers = getattr(cfg, "n_layers", None)
+    layers = f" (its blocks are 0..{int(n_layers) - 1})" if isinstance(n_layers, int) and n_layers > 0 else ""
+    missing = ", ".join(repr(h) for h in hooks)
+    return (f"this model has no hook {missing}{layers}"
+            + (f"; valid hooks include {', '.join(near)} (all: model.hook_dict)" if near else "") + f"; {fix}")
 
 
 @dataclass
@@ -288,10 +316,14 @@ def run_at_positions(
         ``(logits_at_positions or None, {name: activation_at_positions})``.
 
     Raises:
-        KeyError: a hook in ``read`` or ``edits`` that never fired (naming it), never a silently dropped edit.
+        KeyError: a hook in ``read`` or ``edits`` the model lacks (naming it and a few valid ones:
+            :func:`unknown_hook_message`) or that never fired (naming it), never a silently dropped edit.
         ValueError: an edit the bridge fired but discarded (``hook_pattern`` of attention it delegates to the HF
             module, e.g. GPT-Neo's), or a read of ``hook_attn_scores`` that the bridge fills with the pattern.
     """
+    unknown = unknown_hooks(model, [*read, *(n for n, _ in edits)])
+    if unknown:  # before the bridge's own "does not exist", which names no valid hook
+        raise KeyError(unknown_hook_message(model, unknown, "check the hook names"))
     captured: dict[str, torch.Tensor] = {}
     rows = torch.arange(tokens.shape[0], device=tokens.device)
 

@@ -105,8 +105,9 @@ class LMConfig:
             )
         for name in ("n_train_stories", "n_heldout_stories", "n_tokenizer_stories", "d_model", "n_heads",
                      "d_mlp", "n_ctx", "window_size", "steps", "batch_size", "lr"):
-            if getattr(self, name) <= 0:
-                raise TrainLMError(f"{name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):  # `<= 0` let a NaN --lr through to torch's bare error
+                raise TrainLMError(f"{name} must be a positive finite number, got {value}")
         if self.d_model % self.n_heads:  # after the sign checks: n_heads=0 would divide by zero
             raise TrainLMError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.vocab_size < 300:
@@ -461,11 +462,18 @@ def train_lm_to_folder(out: str | os.PathLike, cfg: LMConfig, progress: bool = T
         eos = tokenizer.eos_token_id
         rows = pack_rows(encode_stories(tokenizer, train_stories), cfg.n_ctx, eos)
         heldout_rows = pack_rows(encode_stories(tokenizer, heldout_stories), cfg.n_ctx, eos)
+        # the evaluation prompts need only the tokenizer: found before training, so that too few held-out stories
+        # fail now, not after the training they would have wasted
+        prompts, answer_id, _ = closing_quote_prompts(heldout_stories, tokenizer, max_tokens=cfg.n_ctx)
+        if not prompts:
+            raise TrainLMError(
+                f"the {cfg.n_heldout_stories} held-out stories hold no closing-quote prompt ('said, \"' ... '.\"' "
+                f"within n_ctx={cfg.n_ctx} tokens) to evaluate the model on; give more --n-heldout-stories "
+                "(default 600)")
         model = build_model(cfg, vocab_size=len(tokenizer), eos_id=eos)
         t_train = time.perf_counter()
         losses = train_model(model, rows, cfg, progress=progress)
         train_s = time.perf_counter() - t_train
-        prompts, answer_id, _ = closing_quote_prompts(heldout_stories, tokenizer, max_tokens=cfg.n_ctx)
         cq = closing_quote_metrics(model, prompts, answer_id, pad_id=eos)
         info = dict(
             config=cfg.to_dict(),

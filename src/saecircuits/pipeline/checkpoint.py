@@ -183,7 +183,8 @@ class Checkpoint:
             removed and the run starts over.
 
     Raises:
-        PipelineError: ``resume`` and the checkpoint was written under other settings (naming each of them).
+        PipelineError: ``resume`` and the checkpoint was written under other settings (naming each of them), or its
+            manifest is damaged (:meth:`damaged`).
     """
 
     def __init__(self, out: str | Path, cfg: RunConfig, *, resume: bool) -> None:
@@ -194,7 +195,13 @@ class Checkpoint:
                                          "values": {}}
         self.resumed = False
         if resume and manifest.is_file():
-            saved = json.loads(manifest.read_text(encoding="utf-8"))
+            try:
+                saved = json.loads(manifest.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as err:  # ValueError: bad JSON or bad UTF-8
+                raise self.damaged("manifest.json", err) from None
+            if not isinstance(saved, dict) or not isinstance(saved.get("stages"), dict) \
+                    or not isinstance(saved.get("values"), dict):
+                raise self.damaged("manifest.json", "not a checkpoint manifest")
             if saved.get("version") != CHECKPOINT_VERSION:
                 raise PipelineError(f"--resume: the checkpoint in {self.dir} was written by another saecircuits "
                                     "version; run again without --resume")
@@ -202,6 +209,13 @@ class Checkpoint:
             self.manifest, self.resumed = saved, True
         elif self.dir.exists():
             shutil.rmtree(self.dir)
+
+    def damaged(self, what: str, err: BaseException | str) -> PipelineError:
+        """The one-line error for a checkpoint file that cannot be read back (a run killed by the OS mid-write, a
+        disk that filled up, a file edited or removed by hand): names the file and the fix."""
+        reason = err if isinstance(err, str) else f"{type(err).__name__}: {str(err).split('. ')[0].strip()}"
+        return PipelineError(f"--resume: the checkpoint in {self.dir} is damaged ({what}: {reason}); run again "
+                             "without --resume to start over")
 
     def _refuse_other_settings(self, saved: dict[str, Any]) -> None:
         differ = [k for k in sorted(set(saved) | set(self.key)) if saved.get(k) != self.key.get(k)]
@@ -258,13 +272,21 @@ class Checkpoint:
 
         Raises:
             KeyError: the checkpoint holds no such value.
+            PipelineError: its file is missing or cannot be read back (:meth:`damaged`).
         """
         codec = self.manifest["values"].get(name)
         if codec is None:
             raise KeyError(f"the checkpoint in {self.dir} holds no value {name!r}")
         if isinstance(codec, dict):
             return [self.load_value(f"{name}.{i}", ctx) for i in range(codec["items"])]
-        return CODECS[codec][1](self.dir / name, ctx)
+        if codec not in CODECS:
+            raise self.damaged("manifest.json", f"unknown codec {codec!r} for {name!r}")
+        try:
+            return CODECS[codec][1](self.dir / name, ctx)
+        except PipelineError:
+            raise
+        except Exception as err:  # noqa: BLE001 - json, torch, safetensors and the dataclasses raise several types
+            raise self.damaged(name, err) from None
 
     def check_value(self, stage: str, name: str, value: Any) -> None:
         """Refuse the resume when a stage that ran again produced another ``name`` than the checkpoint holds."""

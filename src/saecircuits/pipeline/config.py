@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -159,8 +160,9 @@ class RunConfig:
         def at_least(flag: str, value: Any, low: int | float, allow_none: bool = False) -> None:
             if value is None and allow_none:
                 return
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
-                problems.append(f"{flag} must be a number >= {low} (got {value!r})")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low \
+                    or not math.isfinite(value):
+                problems.append(f"{flag} must be a finite number >= {low} (got {value!r})")
 
         at_least("--max-prompts", self.max_prompts, 1, allow_none=True)
         at_least("--sae-tokens", self.sae_tokens, 1)
@@ -186,8 +188,9 @@ class RunConfig:
         at_least("max_candidates", self.max_candidates, 1, allow_none=True)
         if self.feature_selection != "all":
             at_least("--feature-selection", self.feature_selection, 1)
-        if self.sae_lr is not None and not (isinstance(self.sae_lr, (int, float)) and self.sae_lr > 0):
-            problems.append(f"sae_lr must be positive (got {self.sae_lr!r})")
+        if self.sae_lr is not None and not (isinstance(self.sae_lr, (int, float)) and math.isfinite(self.sae_lr)
+                                            and self.sae_lr > 0):
+            problems.append(f"sae_lr must be a positive finite number (got {self.sae_lr!r})")
         if not (isinstance(self.min_fraction_active, (int, float)) and 0 <= self.min_fraction_active <= 1):
             problems.append(f"min_fraction_active must be in [0, 1] (got {self.min_fraction_active!r})")
         if not self.closings:
@@ -232,8 +235,19 @@ class RunConfig:
         for flag, path in (("--data", self.data), ("--train-data", self.train_data)):
             if path is not None and not Path(path).expanduser().exists():
                 problems.append(f"{flag} {path}: no such file or folder")
+            elif path is not None and Path(path).expanduser().is_file() and Path(path).expanduser().stat().st_size == 0:
+                # found only after the model loaded otherwise ("contains no non-empty documents")
+                problems.append(f"{flag} {path}: the file is empty; give a corpus of stories")
         if self.task != "closing-quote" and not Path(self.task).is_file():
             problems.append(f"--task {self.task}: no such task file")
+        elif self.task != "closing-quote":  # what needs no tokenizer, before the model and corpus load
+            from saecircuits.tasks.base import TaskError
+            from saecircuits.tasks.jsonl import read_records
+
+            try:
+                read_records(self.task)
+            except TaskError as err:
+                problems.append(f"--task {err}")
         from saecircuits.saes.base import SAEError
         from saecircuits.saes.formats import detect_family, missing_weights
         from saecircuits.saes.hub import is_hub_name

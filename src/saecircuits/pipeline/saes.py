@@ -36,10 +36,19 @@ def _check_sae_fits(sae, model):
         PipelineError: unknown hook point or a width mismatch, naming both and the fix.
         SAEError: the SAE was trained under other weight-processing switches, naming both and the fix.
     """
+    from saecircuits.models.hooks import unknown_hook_message, unknown_hooks
     from saecircuits.saes.processing import adapt_to_model, check_model_processing
 
     probe = torch.tensor([[int(model.tokenizer.bos_token_id or 0)]])
     hooks = [sae.hook_point] + ([sae.hook_point_out] if sae.is_transcoder else [])
+    if unknown_hooks(model, hooks):  # a new user's report: name the hook, a few valid ones and the option
+        raise PipelineError(
+            f"the SAE {'reads and writes' if sae.is_transcoder else 'reads'} {', '.join(hooks)}: "
+            + unknown_hook_message(model, unknown_hooks(model, hooks),
+                                   "where the SAE's files do not name its hook, set it with --hook HOOK (one per "
+                                   "--sae; hook= in Python); where they do, the SAE was trained on another model: "
+                                   "use one trained on this model")
+        )
     try:
         _, cache = model.run_with_cache(probe, names_filter=hooks)
         acts = {h: cache[h] for h in hooks}

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from saecircuits.analysis.quality.thresholds import MIN_ABLATION_EFFECT
+from saecircuits.display import percent
 from saecircuits.report.schema import ci_bounds
 from saecircuits.report.tokens_html import visible_token
 from saecircuits.results import LayerComparison, Results, SaeEntry
@@ -184,7 +185,7 @@ def _performs(results: Results) -> str:
         hits = round(acc * n) if _finite(acc) and isinstance(n, int) else None
         # counts, not a rounded percentage: 299 of 300 must not read as 100%
         acc_s = ("" if not _finite(acc) else f"its top-1 prediction is the answer on {hits} of the {n} prompts "
-                 f"({acc:.1%})" if hits is not None else f"its top-1 prediction is the answer on {acc:.1%} of the "
+                 f"({percent(acc, 1)})" if hits is not None else f"its top-1 prediction is the answer on {percent(acc, 1)} of the "
                  "prompts")
         verdict = "The model performs the behaviour" if b.performs else "The model does NOT perform the behaviour"
         return f"{verdict}{': ' + acc_s if acc_s else ''}."
@@ -288,7 +289,7 @@ def _sae_sentence(sae: SaeEntry) -> list[str]:
         return [f"{hp}: no feature was active on enough prompts to rank{lr_s}."]
     top = sup[0] if sup else ranked[0]
     frac = top.fraction_active
-    frac_s = f" on the {frac:.0%} of prompts where it is active" if _finite(frac) else ""
+    frac_s = f" on the {percent(frac)} of prompts where it is active" if _finite(frac) else ""
     lead = (f"In {hp}{lr_s}, feature {top.feature} matters most: ablating it alone raises the answer loss by "
             f"{_interval(top.loss_increase, top.loss_increase_ci95)}{frac_s}")
     rest = [t for t in sup if t is not top][:2]
@@ -311,7 +312,7 @@ def _sae_sentence(sae: SaeEntry) -> list[str]:
                     f"by {_interval(joint.mean, joint.ci95)}")
         if share is not None:
             layer = sae.zero_ablation_loss - sae.clean_loss
-            sentence += f", {share:.0%} of what zero-ablating the whole layer costs ({layer:.3f} nats)"
+            sentence += f", {percent(share)} of what zero-ablating the whole layer costs ({layer:.3f} nats)"
         out.append(sentence + ".")
         if share is not None and share < SPREAD_THIN:
             out.append(f"The effect in {hp} is spread thin: the top features together carry under "
@@ -338,7 +339,7 @@ def headline(results: Results | Mapping) -> list[str]:
         n_nodes = sel.n_nodes if sel.n_nodes is not None else "?"
         out.append(f"A circuit of {n_nodes} nodes across the SAEs has faithfulness {f:.3f}: with "
                    "everything else mean-ablated, the answer's log-prob lies "
-                   f"{f:.0%} of the way from its value with every node mean-ablated (0) to the clean model's (1) "
+                   f"{percent(f)} of the way from its value with every node mean-ablated (0) to the clean model's (1) "
                    f"({sel.rule or ''}).")
     return out
 

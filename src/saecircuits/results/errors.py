@@ -79,6 +79,11 @@ def _message(err: Mapping[str, Any]) -> str:
     return f"{where}: {err['msg']} (got {inp!r:.60})."
 
 
+def schema_messages(exc: ValidationError) -> list[str]:
+    """Every error of ``exc`` as its one-line sentence (``python -m saecircuits.results --check FILE``)."""
+    return [_message(err) for err in exc.errors()]
+
+
 def schema_error(exc: ValidationError) -> ResultsSchemaError:
     """``exc`` as one :class:`ResultsSchemaError`: its first error, and how many more there are."""
     errors = exc.errors()

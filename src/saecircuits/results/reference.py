@@ -2,7 +2,8 @@
 
 ``python -m saecircuits.results --write-schema`` writes ``src/saecircuits/assets/results.schema.json`` (shipped in
 the package) and ``docs/results.md`` (in a source checkout); ``--check`` exits 1 when either is stale (a test runs
-the same comparison).
+the same comparison). ``--check runs/demo/results.json`` (or a run directory; several may be given) validates a run's
+file against the schema instead: one line per problem, naming its key, and exit 1 when any file fails.
 """
 
 from __future__ import annotations
@@ -142,17 +143,58 @@ def outputs() -> dict[Path, str]:
     return out
 
 
+MAX_PROBLEMS = 20
+"""Problems listed per file by ``--check FILE`` (then how many more)."""
+
+
+def check_file(path: str | Path) -> list[str]:
+    """The problems of one run's results.json (``path``: the file or its run directory) against the schema, one
+    sentence each; [] when it is valid. Nothing is raised: a missing or unreadable file is a problem too."""
+    if not str(path).strip():  # Path("") is the current folder
+        return ["the path is empty; pass a run's results.json or its run directory"]
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.json"
+    if not p.is_file():
+        return [f"no such file: {p} (pass a run's results.json or its run directory)"]
+    try:
+        d = json.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        return [f"not UTF-8 text ({e.reason} at byte {e.start}): is it a results.json?"]
+    except json.JSONDecodeError as e:
+        return [f"not valid JSON: {e}"]
+    except OSError as e:
+        return [f"cannot be read: {e.strerror or e}"]
+    return Results.problems(d)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``--write-schema``: write the files; ``--check``: exit 1 naming each stale one."""
+    """``--write-schema``: write the files; ``--check``: exit 1 naming each stale one; ``--check FILE ...``: exit 1
+    naming each problem of each file."""
     parser = argparse.ArgumentParser(prog="python -m saecircuits.results", description=__doc__.split("\n\n")[0])
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--write-schema", action="store_true", help="write the JSON Schema and docs/results.md")
-    group.add_argument("--check", action="store_true", help="exit 1 when a generated file is stale")
+    group.add_argument("--check", nargs="*", metavar="RESULTS",
+                       help="without a path: exit 1 when a generated file is stale; with paths (a run's results.json "
+                            "or its run directory): validate each against the schema, one line per problem, exit 1 "
+                            "when any fails")
     args = parser.parse_args(argv)
+    if args.check:
+        failed = 0
+        for path in args.check:
+            problems = check_file(path)
+            failed += bool(problems)
+            if not problems:
+                print(f"{path}: valid (results.json schema version {SCHEMA_VERSION})")
+            for text in problems[:MAX_PROBLEMS]:
+                print(f"{path}: {text}")
+            if len(problems) > MAX_PROBLEMS:
+                print(f"{path}: ... and {len(problems) - MAX_PROBLEMS} more problems")
+        return 1 if failed else 0
     from saecircuits.atomic import atomic_write_text
 
     stale = [p for p, text in outputs().items() if not p.is_file() or p.read_text(encoding="utf-8") != text]
-    if args.check:
+    if args.check is not None:
         for p in stale:
             print(f"{p} is stale: run `{COMMAND}`")
         return 1 if stale else 0

@@ -17,6 +17,7 @@ from saecircuits.results.errors import (
     SCHEMA_VERSION,
     ResultsSchemaError,
     schema_error,
+    schema_messages,
     upgrade_results,
     version_message,
 )
@@ -106,6 +107,16 @@ class Results(ResultsModel):
             ResultsSchemaError: as :meth:`model_validate`.
         """
         return cls.model_validate(upgrade_results(d))
+
+    @classmethod
+    def problems(cls, d: Any) -> list[str]:
+        """Every way the parsed results dict ``d`` (version 2, or 1 upgraded) fails the schema, one sentence each
+        naming its key (the messages of :meth:`model_validate`, all of them rather than the first); [] when valid."""
+        try:
+            super().model_validate(upgrade_results(d))
+        except ValidationError as e:
+            return schema_messages(e)
+        return []
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Results:

@@ -338,6 +338,10 @@ def load_sae(folder: str | os.PathLike, device: str | torch.device = "cpu") -> S
         raise SAEError(f"{cfg_path} is not valid JSON ({e}); the file is corrupt: re-save the SAE") from e
     if not isinstance(d, dict):
         raise SAEError(f"{cfg_path} must hold a JSON object; re-save the SAE")
+    for key in ("metadata", "saecircuits"):  # read with .get() below: a list there raised AttributeError
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise SAEError(f"{cfg_path}: '{key}' must be a JSON object, got {type(d[key]).__name__}; the file is not "
+                           "an SAE config: re-save the SAE")
     if "saecircuits" in d:
         cfg, plan = _own_config(d, cfg_path), _Plan()
     else:

@@ -33,7 +33,7 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int) -> None:
     """Drop metrics lines written after ``step`` (they belong to the killed part of the run)."""
     if not path.exists():
         return
@@ -98,7 +98,9 @@ class CheckpointMixin:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unreadable file is the same problem for the user
-            raise SAEError(f"cannot read checkpoint {path}: {err}; delete it to start over") from err
+            reason = str(err).split(". ")[0].strip()  # torch's message goes on for several sentences
+            raise SAEError(f"cannot read checkpoint {path} ({type(err).__name__}: {reason}); delete it to start "
+                           "this SAE over") from err
         saved_cfg = json.loads(state["sae_cfg"])
         mine = self.sae.cfg.to_dict()
         pairs = [(key, saved_cfg.get(key), mine.get(key)) for key in
@@ -144,5 +146,5 @@ class CheckpointMixin:
                 next(self._source)
         self.batches_consumed = n_skip
         if self.rank == 0 and self.checkpoint_dir is not None:
-            _truncate_metrics(self.checkpoint_dir / METRICS_NAME, self.step)
+            truncate_metrics(self.checkpoint_dir / METRICS_NAME, self.step)
         logger.info("%s: resumed from %s at step %d", self.name, path, self.step)

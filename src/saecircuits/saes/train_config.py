@@ -7,6 +7,7 @@ TrainConfig`` keeps working).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -95,8 +96,8 @@ class TrainConfig:
             problems.append(f"batch_size must be positive (got {self.batch_size})")
         if self.total_steps <= 0:
             problems.append(f"total_steps must be positive (got {self.total_steps})")
-        if self.lr <= 0:
-            problems.append(f"lr must be positive (got {self.lr})")
+        if not (math.isfinite(self.lr) and self.lr > 0):  # `lr <= 0` let NaN through to torch's bare ValueError
+            problems.append(f"lr must be a positive finite number (got {self.lr})")
         if self.autocast_dtype == "float16":
             # fp16's range (min normal 6e-5) makes small gradients underflow to 0 unless a gradient scaler rescales
             # the loss; bf16 has fp32's range, so it needs none

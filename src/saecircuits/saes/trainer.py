@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from saecircuits.saes.base import SAE, SAEError
-from saecircuits.saes.train_checkpoint import CHECKPOINT_NAME, METRICS_NAME, CheckpointMixin
+from saecircuits.saes.train_checkpoint import CHECKPOINT_NAME, METRICS_NAME, CheckpointMixin, truncate_metrics
 from saecircuits.saes.train_config import TrainConfig, dead_window_for
 from saecircuits.saes.train_ddp import all_gather_rows, all_reduce_, average_gradients_, dist_info
 
@@ -189,6 +189,10 @@ class SAETrainer(CheckpointMixin):
             self._normalize, self._project = _decoder_constraints()
         if resume and self.checkpoint_dir is not None and (self.checkpoint_dir / CHECKPOINT_NAME).exists():
             self.load_checkpoint(self.checkpoint_dir / CHECKPOINT_NAME)
+        elif self.rank == 0 and self.checkpoint_dir is not None:
+            # starting at step 0: metrics lines already there belong to a run killed before its first checkpoint
+            # (or removed); kept, the resumed log would repeat their steps
+            truncate_metrics(self.checkpoint_dir / METRICS_NAME, 0)
 
     # ------------------------------------------------------------------ schedules
     def _extra_params(self) -> list[nn.Parameter]:

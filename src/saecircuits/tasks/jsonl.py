@@ -19,7 +19,82 @@ from pathlib import Path
 from saecircuits.models.tokens import bos_prefix, encode_texts, special_token_ids, token_string
 from saecircuits.tasks.base import Task, TaskError, char_to_token, check_anchor_name, log_dropped
 
-__all__ = ["jsonl_task"]
+__all__ = ["jsonl_task", "read_records"]
+
+_EXAMPLE_ANCHORS = '"anchors": {"subject": 4}'
+
+
+def read_records(path: str | Path) -> list[tuple[int, dict]]:
+    """Read and check what can be checked of a task file without a tokenizer: the file is readable UTF-8, each
+    non-blank line is a JSON object with non-empty string ``prompt`` and ``answer``, its ``"anchors"`` (if any) an
+    object of valid names -> integer character offsets inside the prompt, and at least one record. ``saecircuits
+    run`` calls it (``RunConfig.check_inputs``) before the model and corpus load, so a bad file fails in a second;
+    :func:`jsonl_task` calls it first too.
+
+    Returns:
+        ``(0-based line number, record)`` of each record, in file order.
+
+    Raises:
+        TaskError: the first problem, naming ``file:line`` and the fix.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise TaskError(f"task file {path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8 "
+                        'JSON lines, one {"prompt": ..., "answer": ...} per line') from err
+    except OSError as err:
+        raise TaskError(f"cannot read task file {path}: {err}") from err
+    out = []
+    for line_no, line in enumerate(lines):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no + 1}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise TaskError(
+                f'{where}: not valid JSON ({err.msg}); each line must be {{"prompt": ..., "answer": ...}}'
+            ) from err
+        if (
+            not isinstance(record, dict)
+            or not isinstance(record.get("prompt"), str)
+            or not isinstance(record.get("answer"), str)
+        ):
+            raise TaskError(f'{where}: each line must be an object with string fields "prompt" and "answer"')
+        for field, fix in (("prompt", "the text the model reads before it predicts the answer"),
+                           ("answer", "the one token the model should predict after the prompt")):
+            if not record[field]:  # else the tokenizer's check blames tokenisation ("not a prefix", "0 extra tokens")
+                raise TaskError(f'{where}: "{field}" is empty; give {fix}')
+        _check_anchors(record["prompt"], record.get("anchors"), where)
+        out.append((line_no, record))
+    if not out:
+        raise TaskError(f"task file {path} holds no prompts; give one {{\"prompt\": ..., \"answer\": ...}} per line")
+    return out
+
+
+def _check_anchors(prompt: str, anchors: object, where: str) -> None:
+    """A record's ``"anchors"`` without the tokenizer: an object of valid names -> integer character offsets inside
+    ``prompt``. Raises :class:`TaskError` naming ``where`` (file:line), the anchor and the fix."""
+    if anchors is None:
+        return
+    if not isinstance(anchors, dict):
+        raise TaskError(f"{where}: \"anchors\" must be an object of name -> character offset, e.g. {_EXAMPLE_ANCHORS}")
+    for name, offset in anchors.items():
+        try:
+            check_anchor_name(name)
+        except TaskError as err:
+            raise TaskError(f"{where}: {err}") from err
+        if isinstance(offset, bool) or not isinstance(offset, int):
+            raise TaskError(
+                f"{where}: anchor {name!r} must be an integer character offset into the prompt, got {offset!r}; "
+                f"e.g. {_EXAMPLE_ANCHORS}"
+            )
+        if not 0 <= offset < len(prompt):
+            raise TaskError(
+                f"{where}: anchor {name!r} at character {offset} is outside the prompt ({len(prompt)} characters, "
+                f"offsets 0-{len(prompt) - 1}); give the 0-based offset of a character of the prompt"
+            )
 
 
 def jsonl_task(
@@ -53,10 +128,7 @@ def jsonl_task(
             prompt, a reserved name ``P``/``P-d``, two names in one token, a name on P's token), or no prompt left.
     """
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise TaskError(f"cannot read task file {path}: {err}") from err
+    records = read_records(path)
     try:
         bos = bos_prefix(tokenizer, prepend_bos)
     except ValueError as err:
@@ -70,27 +142,9 @@ def jsonl_task(
     answer_ids: list[int] = []
     source_index: list[int] = []
     anchor_positions: list[dict[str, int]] = []
-    for line_no, line in enumerate(lines):
-        if not line.strip():
-            continue
+    for line_no, record in records:  # checked without the tokenizer (read_records); here what needs it
         where = f"{path}:{line_no + 1}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TaskError(
-                f'{where}: not valid JSON ({err.msg}); each line must be {{"prompt": ..., "answer": ...}}'
-            ) from err
-        if (
-            not isinstance(record, dict)
-            or not isinstance(record.get("prompt"), str)
-            or not isinstance(record.get("answer"), str)
-        ):
-            raise TaskError(f'{where}: each line must be an object with string fields "prompt" and "answer"')
         prompt, answer = record["prompt"], record["answer"]
-        for field, value, fix in (("prompt", prompt, "the text the model reads before it predicts the answer"),
-                                  ("answer", answer, "the one token the model should predict after the prompt")):
-            if not value:  # else the error below blames tokenisation ("not a prefix", "0 extra tokens")
-                raise TaskError(f'{where}: "{field}" is empty; give {fix}')
         if answer.strip() in special_strings:
             raise TaskError(
                 f"{where}: answer {answer!r} is the tokenizer's special token {answer.strip()!r} (BOS/EOS/PAD), "
@@ -140,34 +194,18 @@ def jsonl_task(
 
 
 def _anchor_tokens(tokenizer, ids: list[int], prompt: str, anchors: object, where: str) -> dict[str, int]:
-    """A record's ``"anchors"`` (``{name: char_offset}``) as token positions in ``ids`` (BOS included).
+    """A record's ``"anchors"`` (``{name: char_offset}``, already checked by :func:`_check_anchors`) as token
+    positions in ``ids`` (BOS included).
 
     Raises:
-        TaskError: naming ``where`` (file:line), the anchor and the fix.
+        TaskError: naming ``where`` (file:line), the anchor and the fix (two names in one token, a name on P).
     """
     if anchors is None:
         return {}
-    example = '"anchors": {"subject": 4}'
-    if not isinstance(anchors, dict):
-        raise TaskError(f"{where}: \"anchors\" must be an object of name -> character offset, e.g. {example}")
     owner: list[int] | None = None
     out: dict[str, int] = {}
     p = len(ids) - 1
     for name, offset in anchors.items():
-        try:
-            check_anchor_name(name)
-        except TaskError as err:
-            raise TaskError(f"{where}: {err}") from err
-        if isinstance(offset, bool) or not isinstance(offset, int):
-            raise TaskError(
-                f"{where}: anchor {name!r} must be an integer character offset into the prompt, got {offset!r}; "
-                f"e.g. {example}"
-            )
-        if not 0 <= offset < len(prompt):
-            raise TaskError(
-                f"{where}: anchor {name!r} at character {offset} is outside the prompt ({len(prompt)} characters, "
-                f"offsets 0-{len(prompt) - 1}); give the 0-based offset of a character of the prompt"
-            )
         if owner is None:
             try:
                 owner = char_to_token(tokenizer, ids, prompt)

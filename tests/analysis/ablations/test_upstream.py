@@ -78,7 +78,8 @@ def test_errors():
     model, task, sae = tiny_neo(), quote_task(), random_sae()
     with pytest.raises(ValueError, match="own hook point"):
         upstream_ablation_effect(model, sae, task, FEATS, sae.hook_point)
-    with pytest.raises(ValueError, match="not a hook"):
+    # named with valid hooks and the argument that sets it (the one unknown-hook message)
+    with pytest.raises(ValueError, match=r"no hook 'blocks.0.mlp.hook_nope' .*valid hooks include .*ablate_hook="):
         upstream_ablation_effect(model, sae, task, FEATS, "blocks.0.mlp.hook_nope")
     with pytest.raises(ValueError, match="mode"):
         upstream_ablation_effect(model, sae, task, FEATS, mode="resample")

@@ -292,6 +292,33 @@ def test_positions_summary_names_columns_heads_and_shares():
             "their exact influence (pruned at 80%).") in text
 
 
+def test_positions_summary_names_no_position_whose_share_rounds_to_zero():
+    # a new user's summary said "0% from 10 tokens before P". Kept influences (nats, by hand): a feature at P 10, one
+    # at P-3 2, the token embedding at P-10 0.02; total 12.02, so P 83.2%, P-3 16.6%, P-10 0.17% (rounds to 0%)
+    def node(kind, column, exact):
+        return {"id": f"{kind}@{column}", "kind": kind, "column": column, "in_graph": True, "mean_exact": exact,
+                "label": kind}
+
+    agg = {"columns": ["P-10", "P-3", "P"], "nodes": [node("feature", "P", 10.0), node("feature", "P-3", 2.0),
+                                                       node("embed", "P-10", 0.02)], "edges": []}
+    text = positions_summary(agg)
+    assert text.startswith("Most of the evidence (83%) comes from P itself; 17% from 3 tokens before P; the rest from "
+                           "1 other position.")
+    assert "0%" not in text and "10 tokens before P" not in text
+    # the SAE features' share 12 / 12.02 = 99.8% is not rounded up to the whole
+    assert "SAE features hold >99% of the kept circuit's influence." in text
+
+
+def test_percent_never_rounds_a_share_to_a_claim():
+    from saecircuits.display import percent
+
+    # the rounding boundaries by hand: 0.4% and 0.5% round to 0 (half to even), 0.6% to 1; 99.5% rounds to 100
+    assert [percent(x) for x in (0.0, 0.004, 0.005, 0.006, 0.5, 0.994, 0.995, 1.0)] == [
+        "0%", "<1%", "<1%", "1%", "50%", "99%", ">99%", "100%"]
+    assert percent(-0.001) == ">-1%" and percent(0.0004, 1) == "<0.1%" and percent(0.0006, 1) == "0.1%"
+    assert percent(0.9996, 1) == ">99.9%" and percent(float("nan")) == "n/a" and percent(None) == "n/a"
+
+
 def test_positions_summary_says_when_non_sae_nodes_dominate_and_when_undefined():
     graphs = _two_prompts()
     for g in graphs:  # make the head carry most: |head| 3 and 9 -> mean 6 vs the feature's 3

@@ -256,6 +256,17 @@ def test_bad_files(tmp_path):
     (folder / "ae.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(SAEError, match="cannot be loaded as weights only"):
         load_sae(folder)
+    # a transposed decoder ([F, d] where nn.Linear stores [d, F]): refused by name, not a broadcasting error from
+    # the decoder-norm fold of the AutoEncoder (found by trying it)
+    s = _state("AutoEncoder")
+    s["decoder.weight"] = s["decoder.weight"].T.copy()
+    with pytest.raises(SAEError, match=r"decoder.weight has shape \(40, 12\), the transpose of"):
+        load_sae(_save(tmp_path / "t", s, _config("AutoEncoder")))
+    # an integer weight is refused, not cast into weights (the k buffer of a TopK is an integer and stays allowed)
+    s = _state("AutoEncoder")
+    s["encoder.bias"] = np.arange(F, dtype=np.int64)
+    with pytest.raises(SAEError, match="encoder.bias has dtype torch.int64, expected floating point"):
+        load_sae(_save(tmp_path / "i", s, _config("AutoEncoder")))
     # unknown class
     with pytest.raises(SAEError, match="dictionary class 'CrossCoder' is not supported"):
         load_sae(_save(tmp_path / "d", _state("AutoEncoder"), {"trainer": {"dict_class": "CrossCoder"}}))

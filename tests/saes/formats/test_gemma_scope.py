@@ -168,6 +168,11 @@ def test_v1_bad_files_are_refused(tmp_path):
     wide, _ = _params(d_out=D_OUT)
     with pytest.raises(SAEError, match="writes what it reads"):
         load_sae(_write_npz(base / "w", wide))
+    # an array of strings raised torch's TypeError (found by trying it): refused naming the array
+    with pytest.raises(SAEError, match="array 'b_enc' holds <U1 values, not numbers"):
+        load_sae(_write_npz(base / "s", {**params, "b_enc": np.array(["a"] * F)}))
+    with pytest.raises(SAEError, match="W_enc has dtype torch.int32, expected floating point"):
+        load_sae(_write_npz(base / "i", {**params, "W_enc": params["W_enc"].astype(np.int32)}))
     folder = _write_npz(base / "e", params)
     data = (folder / "params.npz").read_bytes()
     (folder / "params.npz").write_bytes(data[: len(data) // 2])
@@ -260,6 +265,9 @@ def test_v2_refusals(tmp_path):
         load_sae(_write_gs2(tmp_path / "d", params, _gs2_cfg(affine_connection=True)))
     with pytest.raises(SAEError, match="architecture"):
         load_sae(_write_gs2(tmp_path / "e", params, _gs2_cfg(architecture="topk")))
+    # a config.json of another width than the weights (found by trying it: loaded without a word)
+    with pytest.raises(SAEError, match=f"width is {F + 1} but params.safetensors holds {F} features"):
+        load_sae(_write_gs2(tmp_path / "w", params, _gs2_cfg(width=F + 1)))
     folder = _write_gs2(tmp_path / "f", params, _gs2_cfg())
     data = (folder / "params.safetensors").read_bytes()
     (folder / "params.safetensors").write_bytes(data[:-40])

@@ -79,6 +79,9 @@ def test_refusals(tmp_path):
         load_sae(_write(tmp_path / "c", {**_sd(), "threshold": torch.ones(F)}))
     with pytest.raises(SAEError, match="not a Goodfire SAE"):
         load_sae(_write(tmp_path / "e", {**_sd(), "encoder_linear.bias": [0.0] * F}))
+    # integer weights throughout: not "mixed dtypes" (there are none) but the integer tensor, named
+    with pytest.raises(SAEError, match="encoder_linear.weight has dtype torch.int8, expected floating point"):
+        load_sae(_write(tmp_path / "i", {k: v.to(torch.int8) for k, v in _sd().items()}))
     path = _write(tmp_path / "d", _sd())
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(SAEError, match="weights only"):

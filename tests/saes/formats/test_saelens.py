@@ -300,6 +300,19 @@ def test_bad_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["head", "kw", "sae", "wide"]  # nothing written
 
 
+def test_a_metadata_that_is_not_an_object_is_refused(tmp_path):
+    """cfg.json's "metadata" as a list raised AttributeError from a .get() (found by trying it)."""
+    from helpers import random_sae
+
+    folder = save_sae(random_sae(), tmp_path / "sae")
+    d = json.loads((folder / "cfg.json").read_text())
+    d.pop("saecircuits")  # a plain SAELens folder
+    d["metadata"] = ["blocks.1.mlp.hook_post"]
+    (folder / "cfg.json").write_text(json.dumps(d))
+    with pytest.raises(SAEError, match="'metadata' must be a JSON object, got list"):
+        load_sae(folder)
+
+
 def test_boolean_normalize_activations(tmp_path):
     # SAELens < 6 wrote a bool: true means expected_average_only_in, whose factor lives in activation_scaler.json
     w = _weights({"W_enc", "b_enc", "W_dec", "b_dec"}, dtype=torch.float64)

@@ -204,6 +204,13 @@ def test_bad_files(tmp_path):
     folder = _write(tmp_path, "layers.4", {k: v for k, v in CFG.items() if k != "d_in"}, torch.float32)
     with pytest.raises(SAEError, match="lacks 'd_in'"):
         load_sae(folder)
+    # an integer tensor was cast into float weights and loaded (found by trying it): refused, naming it
+    folder = _write(tmp_path, "layers.5", CFG, torch.float32)
+    w = load_file(str(folder / "sae.safetensors"))
+    w["encoder.weight"] = torch.ones_like(w["encoder.weight"], dtype=torch.int32)
+    save_file(w, str(folder / "sae.safetensors"))
+    with pytest.raises(SAEError, match="encoder.weight has dtype torch.int32, expected floating point"):
+        load_sae(folder)
 
 
 def test_a_hook_that_is_not_a_transformerlens_name_is_refused(tmp_path):

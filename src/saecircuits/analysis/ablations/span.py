@@ -24,7 +24,7 @@ import torch
 from saecircuits.analysis.ablations.feature_effects import variant_losses
 from saecircuits.analysis.ablations.modes import sae_edit
 from saecircuits.analysis.statistics import MeanCI, mean_ci95
-from saecircuits.display import NotebookDisplay
+from saecircuits.display import NotebookDisplay, percent
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
@@ -70,7 +70,7 @@ class SpanAblation(NotebookDisplay):
 
     def display_title(self) -> str:
         return (f"Only the span of the decoder vectors of {self.features} kept at P (rank {self.rank}, "
-                f"{self.fraction_kept:.1%} of the squared norm)")
+                f"{percent(self.fraction_kept, 1)} of the squared norm)")
 
     def to_pandas(self):
         """One row per variant: mean answer loss (nats) with its 95% interval."""

@@ -20,7 +20,13 @@ from dataclasses import dataclass
 import torch
 
 from saecircuits.analysis.statistics import MeanCI, mean_ci95
-from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches
+from saecircuits.models.hooks import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_TOKENS,
+    task_batches,
+    unknown_hook_message,
+    unknown_hooks,
+)
 from saecircuits.models.interventions import Edit, interventions_for
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
@@ -101,9 +107,8 @@ def upstream_ablation_effect(
             f"ablate_hook {ablate_hook!r} is the SAE's own hook point; ablate an upstream hook "
             "(e.g. blocks.0.mlp.hook_post for an SAE on layer 1)"
         )
-    hook_dict = getattr(model, "hook_dict", None)
-    if hook_dict is not None and ablate_hook not in hook_dict:
-        raise ValueError(f"ablate_hook {ablate_hook!r} is not a hook of this model; see model.hook_dict")
+    if unknown_hooks(model, [ablate_hook]):
+        raise ValueError(unknown_hook_message(model, [ablate_hook], "pass one of its hooks as ablate_hook="))
     idx = torch.tensor(feats)
     n = task.n_prompts
     clean = torch.zeros(n, len(feats))

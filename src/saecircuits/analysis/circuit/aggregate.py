@@ -29,6 +29,7 @@ from saecircuits.analysis.circuit.prune import (
     prune,
 )
 from saecircuits.analysis.statistics import mean_ci95
+from saecircuits.display import percent as _pct
 
 __all__ = ["aggregate_graphs", "positions_summary", "column_of", "column_phrase"]
 
@@ -226,10 +227,6 @@ def column_phrase(column: str) -> str:
     return f"the anchor {column!r}"
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.0f}%"
-
-
 def positions_summary(aggregated: dict, *, top: int = 3) -> str:
     """Say in words which positions carry the evidence in the aggregated graph.
 
@@ -309,8 +306,11 @@ def positions_summary(aggregated: dict, *, top: int = 3) -> str:
             return f", through {max(sorted(into_heads), key=lambda h: into_heads[h])}"
         return ""
 
+    # a position whose share rounds to 0% is not named as a contribution ("0% from 10 tokens before P", a new
+    # user's report): it joins "the rest"; the first is never left out (its share is at least 1 / columns)
+    named = [cv for i, cv in enumerate(ranked[:top]) if i == 0 or not _pct(cv[1] / total).startswith("<")]
     parts = []
-    for i, (column, value) in enumerate(ranked[:top]):
+    for i, (column, value) in enumerate(named):
         share = value / total
         where = column_phrase(column)
         if i == 0:
@@ -319,7 +319,7 @@ def positions_summary(aggregated: dict, *, top: int = 3) -> str:
         else:
             parts.append(f"{_pct(share)} from {where}{'' if column == 'P' else through(column)}")
     text = "; ".join(parts) + "."
-    rest = len(ranked) - min(top, len(ranked))
+    rest = len(ranked) - len(named)
     if rest:
         text = text[:-1] + f"; the rest from {rest} other position{'s' if rest != 1 else ''}."
 

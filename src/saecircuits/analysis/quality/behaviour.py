@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from saecircuits.analysis.statistics import mean_ci95
+from saecircuits.display import percent
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, answer_metrics, task_batches
 from saecircuits.models.interventions import interventions_for
 from saecircuits.tasks.base import Task
@@ -73,7 +74,7 @@ class BehaviourSummary:
     def describe(self) -> str:
         """One line: accuracy, mean p(answer), mean loss and the uniform-guess loss."""
         return (
-            f"clean top-1 accuracy {self.top1_accuracy:.1%} ({int(self.top1.sum())} of {self.n_prompts} prompts), "
+            f"clean top-1 accuracy {percent(self.top1_accuracy, 1)} ({int(self.top1.sum())} of {self.n_prompts} prompts), "
             f"mean p(answer) {float(self.p_answer.mean()):.3f}, mean loss at P {float(self.loss.mean()):.3f} nats "
             f"(a uniform guess: {math.log(self.d_vocab):.2f})"
         )

@@ -52,6 +52,7 @@ from typing import Any
 
 from saecircuits.analysis.quality.behaviour import MIN_TOP1_ACCURACY, BehaviourSummary
 from saecircuits.analysis.quality.reconstruction import ReconstructionResult
+from saecircuits.display import percent
 
 __all__ = ["Check", "behaviour_checks", "sae_checks", "density_checks", "model_mismatch_check", "DENSE_DENSITY",
            "MIN_LOSS_RECOVERED", "MIN_EXPLAINED_VARIANCE", "MIN_SEQUENCE_LOSS_RECOVERED"]
@@ -143,7 +144,7 @@ def sae_checks(hook_point: str, rec: ReconstructionResult, sequence: dict | None
         # so V / N = relative_error / (1 - EV): how much the prompts differ at P, on the scale of the error
         spread = rec.relative_error / (1 - ev)
         spread_text = "" if not math.isfinite(spread) else (
-            f"; the prompts' activations differ from their mean at P by {spread:.1%} of it, so an SAE has to "
+            f"; the prompts' activations differ from their mean at P by {percent(spread, 1)} of it, so an SAE has to "
             "reconstruct P more finely than that (a P that is the same token in every prompt varies little)")
         out.append(Check(
             id="negative_explained_variance",
@@ -151,7 +152,7 @@ def sae_checks(hook_point: str, rec: ReconstructionResult, sequence: dict | None
             message=(
                 f"explained variance at P is {ev:.3f} (< 0): the reconstruction is further from the activations "
                 "than their mean over the prompts is, so the SAE does not resolve how the prompts differ at P "
-                f"(its squared error is {rec.relative_error:.1%} of the activations' squared norm there{spread_text})"
+                f"(its squared error is {percent(rec.relative_error, 1)} of the activations' squared norm there{spread_text})"
             ),
             what_to_try="use a better SAE: " + _BETTER_SAE,
         ))

@@ -36,6 +36,8 @@ from saecircuits.models.hooks import (
     pad_id_of,
     row_batches,
     task_batches,
+    unknown_hook_message,
+    unknown_hooks,
     with_progress,
 )
 from saecircuits.models.interventions import interventions_for
@@ -477,6 +479,10 @@ def _run_checked(model, rows: torch.Tensor, fwd_hooks: list[tuple[str, Any]]) ->
     """``model.run_with_hooks`` that fails naming any hook that never fired (a misspelt or absent hook would
     otherwise leave the model clean and the 'spliced' loss equal to the clean one)."""
     fired: set[str] = set()
+    unknown = unknown_hooks(model, [n for n, _ in fwd_hooks])
+    if unknown:
+        raise SAEError(unknown_hook_message(model, unknown, "set the hook the SAE reads with --hook HOOK (hook= when "
+                                                            "loading it) where its files do not name it"))
 
     def mark(name, fn):
         def hook(act, hook=None):

@@ -38,6 +38,16 @@
     return fmt(m, d) + " [" + fmt(lo, d) + ", " + fmt(hi, d) + "]";
   }
 
+  // a share in [0, 1] as a percentage (one decimal below 10%), never rounded to a claim it does not make: a nonzero
+  // share that would show as 0 is "<0.1%", one short of the whole that would show as 100 is ">99%" (as
+  // saecircuits.display.percent says them in the summaries)
+  function pct(x) {
+    var d = x < 0.1 ? 1 : 0, t = (100 * x).toFixed(d);
+    if (x > 0 && Number(t) === 0) { return "<0.1%"; }
+    if (x < 1 && Number(t) === 100) { return ">99%"; }
+    return t + "%";
+  }
+
   /* ---------------------------------------------------------------- lazy plots */
 
   function newPlot(div, fig, config) {
@@ -200,7 +210,7 @@
       var tr = el("tr", {"data-f": String(r[0]), tabindex: "0"});
       tr.appendChild(el("td", null, "f" + r[0]));
       tr.appendChild(el("td", null, withCI(r[1], r[2], r[3], 4)));
-      tr.appendChild(el("td", null, r[4] === null ? "n/a" : (100 * r[4]).toFixed(r[4] < 0.1 ? 1 : 0) + "%"));
+      tr.appendChild(el("td", null, r[4] === null ? "n/a" : pct(r[4])));
       tr.appendChild(el("td", {"class": "l"}, r[6] || ""));
       if (r[2] !== null && r[2] > 0) { tr.className = "sig"; }
       tr.addEventListener("click", function () { self.open(self.sae, r[0]); });

@@ -12,6 +12,7 @@ from typing import Any
 import plotly.graph_objects as go
 from markupsafe import Markup
 
+from saecircuits.display import percent
 from saecircuits.report.circuit_graph import circuit_graph_html
 from saecircuits.report.sections.common import (
     Figures,
@@ -116,7 +117,7 @@ def positions(c: Circuit, n_examples: int = 3) -> dict[str, Any] | None:
                         f"{cap.max_edges})" if (cap := getattr(ex, "edge_cap", None)) is not None
                         and cap.n_left_out else "")
                      if pr is not None and pr.n_nodes is not None else None),
-            "non_sae": num(pr.non_sae_share, ".0%") if pr is not None and finite(pr.non_sae_share) else None,
+            "non_sae": percent(pr.non_sae_share) if pr is not None and finite(pr.non_sae_share) else None,
             "html": _graph_html(d, "example"),
         })
     ag = p.agreement
@@ -135,7 +136,7 @@ def _non_sae_share(circ) -> str | None:
     if total <= 1e-9:
         return None
     other = sum(abs(n.effect) for n in circ if finite(n.effect) and (n.kind or "feature") != "feature")
-    return f"{other / total:.0%}" if other / total > 0.5 else None
+    return percent(other / total) if other / total > 0.5 else None
 
 
 def _mean_interval(m) -> str | None:

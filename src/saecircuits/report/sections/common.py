@@ -20,6 +20,7 @@ from typing import Any
 import plotly.graph_objects as go
 import plotly.io as pio
 
+from saecircuits.display import percent
 from saecircuits.report.schema import ci_bounds
 from saecircuits.results import MeanCI, OffRange, ResultsModel, SaeEntry
 from saecircuits.results.top import Results
@@ -112,17 +113,29 @@ def sorted_features(sae: SaeEntry) -> list:
     return sorted(sae.top_features, key=lambda t: -t.loss_increase if finite(t.loss_increase) else math.inf)
 
 
+OFF_RANGE_UNDEFINED = (
+    "Off-range counts: undefined for this hook (it has no bounded range, e.g. a gated MLP, so an edited "
+    "activation cannot leave it)."
+)
+"""Said once per SAE (report/sections/study.py ``study_parts``): the floor is a property of the hook, so every
+off-range count of the SAE is undefined together."""
+
+
+def off_range_undefined(off: OffRange | None) -> bool:
+    """Whether ``off`` was recorded but has no counts (its hook has no bounded range)."""
+    return off is not None and off.n_with_off_range is None
+
+
 def off_range_text(off: OffRange | None) -> str:
-    """One sentence on ablated activations below the hook's range (or why it is undefined)."""
-    if off is None:
+    """One sentence on ablated activations below the hook's range; "" when not recorded or undefined (the
+    undefined case is :data:`OFF_RANGE_UNDEFINED`, said once per SAE)."""
+    if off is None or off_range_undefined(off):
         return ""
-    if off.n_with_off_range is None:
-        return "Off-range count: undefined (this hook has no bounded range, e.g. a gated MLP)."
     frac = off.fraction_with_off_range
     entries = off.n_off_range_entries if has(off, "n_off_range_entries") else 0
     return (
         f"{off.n_with_off_range} of {off.n_ablations} edited activation vectors "
-        f"({num(frac, '.1%') if finite(frac) else 'n/a'}) have entries below "
+        f"({percent(frac, 1)}) have entries below "
         f"the activation function's minimum {num(off.floor, '.4f')} ({entries} "
         f"entries, on average {num(off.mean_depth, '.3f')} below it; lowest value {num(off.min_value, '.3f')}): "
         "states the model never produces."

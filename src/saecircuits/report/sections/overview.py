@@ -11,6 +11,7 @@ from typing import Any
 
 from markupsafe import Markup
 
+from saecircuits.display import percent
 from saecircuits.report.sections.common import (
     Link,
     given,
@@ -145,8 +146,8 @@ def behaviour_text(r: Results) -> dict[str, Any] | None:
         return None
     ci = b.top1_accuracy_ci95
     text = (
-        f"clean top-1 accuracy {num(b.top1_accuracy, '.1%')} of {b.n_prompts} prompts"
-        + (f" (95% CI {num(ci[0], '.1%')} to {num(ci[1], '.1%')})" if ci else "")
+        f"clean top-1 accuracy {percent(b.top1_accuracy, 1)} of {b.n_prompts} prompts"
+        + (f" (95% CI {percent(ci[0], 1)} to {percent(ci[1], 1)})" if ci else "")
         + f", mean p(answer) {pm(b.mean_p_answer, b.mean_p_answer_ci95, '.3f')}, mean answer loss "
         f"at P {pm(b.mean_loss, b.mean_loss_ci95, '.3f')} nats"
         + (f" (a uniform guess: {num(b.uniform_loss, '.2f')})" if b.uniform_loss is not None else "")

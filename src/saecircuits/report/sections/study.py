@@ -13,7 +13,9 @@ from typing import Any
 import plotly.graph_objects as go
 from markupsafe import Markup
 
+from saecircuits.display import percent
 from saecircuits.report.sections.common import (
+    OFF_RANGE_UNDEFINED,
     STATIC_FEATURES,
     Figures,
     Plot,
@@ -23,6 +25,7 @@ from saecircuits.report.sections.common import (
     nulls,
     num,
     off_range_text,
+    off_range_undefined,
     otherwise,
     plotly_text,
     pm,
@@ -124,8 +127,8 @@ def five_way(sae: SaeEntry, fig: Figures) -> dict[str, Any]:
     if lc.features_minus_sae is not None:
         extra.append(f"Top features ablated - SAE spliced: {mci(lc.features_minus_sae)} nats.")
     for off, what in ((lc.off_range, "Top-features run"), (lc.sae_off_range, "SAE run")):
-        if off is not None:
-            extra.append(f"{what}: {off_range_text(off)}")
+        if text := off_range_text(off):
+            extra.append(f"{what}: {text}")
     f = go.Figure(go.Bar(x=[plotly_text(x) for x in labels], y=nulls(means), error_y=error_bars(means, cis),
                          marker_color=["#2ca02c", "#bcbd22", "#7f7f7f", "#d62728", "#1f77b4"][: len(labels)]))
     f.update_layout(title="Ablation loss comparison at the prediction position", yaxis_title="loss (nats)",
@@ -148,7 +151,7 @@ def modes(sae: SaeEntry) -> dict[str, Any]:
     return {
         "descriptions": [(m, desc[m]) for m in ABLATION_MODES if m in desc] if desc else None,
         "table": table(["feature", *ABLATION_MODES], rows, left_cols=(0,)),
-        "off_range": " ".join(f"{m}: {off_range_text(offs[m])}" for m in ABLATION_MODES if offs.get(m)),
+        "off_range": " ".join(f"{m}: {off_range_text(offs[m])}" for m in ABLATION_MODES if off_range_text(offs.get(m))),
     }
 
 
@@ -177,8 +180,8 @@ def stories(sae: SaeEntry, fig: Figures) -> dict[str, Any]:
                            # tokens_to_html escapes every token itself (report/tokens_html.py): trusted HTML
                            "tokens": Markup(tokens_to_html(pt.tokens, pt.loss_change, value_name="Loss change",
                                                            extra_measures=extra, kinds=pt.token_kinds))})
-        shown.append({"feature": k, "plot": plot, "off_range": off_range_text(st.off_range)
-                      if st.off_range is not None else None, "per_token": tokens})
+        shown.append({"feature": k, "plot": plot, "off_range": off_range_text(st.off_range) or None,
+                      "per_token": tokens})
     return {"table": tab, "features": shown}
 
 
@@ -229,18 +232,32 @@ def span(sae: SaeEntry) -> dict[str, Any]:
                      pm(sp.diff_vs_clean[j], dci[j] if dci else None) if sp.diff_vs_clean else "n/a"))
     return {
         "features": ", ".join(str(x) for x in sp.features), "rank": otherwise(sp.rank, "n/a"),
-        "fraction_kept": num(sp.fraction_kept, ".1%") if finite(sp.fraction_kept) else "n/a",
+        "fraction_kept": percent(sp.fraction_kept, 1),
         "table": table(["run", "loss (nats, 95% CI)", "run - clean (nats, paired)"], rows, left_cols=(0,)),
     }
 
 
+def _off_ranges(sae: SaeEntry, key: str) -> list:
+    """The off-range records (``OffRange`` or None) of one study part of the SAE."""
+    if key == "loss_comparison":
+        return [sae.loss_comparison.off_range, sae.loss_comparison.sae_off_range]
+    if key == "ablation_modes":
+        return list((sae.ablation_modes.off_range or {}).values())
+    if key == "max_activating_ablation":
+        return [st.off_range for st in sae.max_activating_ablation]
+    return []
+
+
 def study_parts(sae: SaeEntry, fig: Figures) -> list[dict[str, Any]]:
-    """The SAE's study parts that results.json has, in page order, each ``{key, slug, title, ...}``."""
+    """The SAE's study parts that results.json has, in page order, each ``{key, slug, title, ...}``. An undefined
+    off-range count (a hook without a bounded range) is said once, in the first part that has one
+    (``range_note``), not after every ablation."""
     out = []
+    said_undefined = False
     for key, slug, title in STUDY:
         if not getattr(sae, key):  # absent, or an empty list
             continue
-        part: dict[str, Any] = {"key": key, "slug": slug, "title": title}
+        part: dict[str, Any] = {"key": key, "slug": slug, "title": title, "range_note": None}
         if key == "corpus_stats":
             part.update(corpus(sae, fig))
         elif key == "loss_comparison":
@@ -253,6 +270,9 @@ def study_parts(sae: SaeEntry, fig: Figures) -> list[dict[str, Any]]:
             part.update(geometry(sae, fig))
         else:
             part.update(span(sae))
+        if not said_undefined and any(off_range_undefined(o) for o in _off_ranges(sae, key)):
+            part["range_note"] = OFF_RANGE_UNDEFINED
+            said_undefined = True
         out.append(part)
     return out
 

@@ -55,7 +55,7 @@ from typing import Any
 
 from saecircuits.saes.base import SAE, SAEConfig, SAEError, dtype_name
 from saecircuits.saes.formats import Family, LoadOptions, register_family
-from saecircuits.saes.formats.common import build_from_tensors, read_safetensors
+from saecircuits.saes.formats.common import build_from_tensors, one_dtype, read_safetensors
 from saecircuits.saes.formats.gemma_scope import oriented, refuse_square_encoder
 from saecircuits.saes.sites import hook_from_module_path, layer_of_hook, raw_model_processing
 
@@ -314,10 +314,7 @@ def _native(file: Path, options: LoadOptions, cfg: dict[str, Any], *, layer: int
         has_t, has_k = threshold is not None, k_file is not None
         raise SAEError(f"{file}: activation {activation!r} does not fit the file (threshold "
                        f"{'present' if has_t else 'absent'}, k {'present' if has_k else 'absent'})")
-    dtypes = {raw[n].dtype for n in ("W_enc", "W_dec", "b_enc", "b_dec", "W_skip") if n in raw}
-    if len(dtypes) != 1:
-        raise SAEError(f"{file}: the tensors have mixed dtypes {sorted(str(t) for t in dtypes)}")
-    dtype = dtypes.pop()
+    dtype = one_dtype({n: raw[n] for n in ("W_enc", "W_dec", "b_enc", "b_dec", "W_skip") if n in raw}, file)
     tensors = {"W_enc": w_enc.T, "W_dec": raw["W_dec"], "b_enc": b_enc, "b_dec": b_dec}
     if threshold is not None and architecture == "jumprelu":
         tensors["threshold"] = threshold.float()

@@ -19,7 +19,8 @@ from safetensors import SafetensorError, safe_open
 from saecircuits.saes.base import SAE, SAEConfig, SAEError
 from saecircuits.saes.io import build_empty_sae, check_weights
 
-__all__ = ["read_json", "read_safetensors", "read_torch", "read_npz", "build_from_tensors", "check_shapes"]
+__all__ = ["read_json", "read_safetensors", "read_torch", "read_npz", "build_from_tensors", "check_shapes",
+           "check_floating", "one_dtype"]
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -83,9 +84,39 @@ def read_npz(path: Path) -> dict[str, torch.Tensor]:
         raise SAEError(f"{path} is missing")
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {k: torch.from_numpy(np.ascontiguousarray(z[k])) for k in z.files}
+            arrays = {k: z[k] for k in z.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise SAEError(f"{path} cannot be read as an .npz of arrays ({e}); the file is truncated or corrupt") from e
+    for k, a in arrays.items():
+        if a.dtype.kind not in "biufc":  # strings, bytes, dates: torch has no tensor of them
+            raise SAEError(f"{path}: array {k!r} holds {a.dtype} values, not numbers; the file is not an SAE's weights")
+    return {k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in arrays.items()}
+
+
+def check_floating(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Every tensor of ``tensors`` (name in the file -> tensor) is floating point, before a family casts or folds
+    them (a cast would turn an integer or boolean tensor into weights silently).
+
+    Raises:
+        SAEError: naming the tensor and its dtype.
+    """
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            raise SAEError(f"{path}: {name} has dtype {t.dtype}, expected floating point; the file is not an SAE's "
+                           "weights (or is corrupt)")
+
+
+def one_dtype(tensors: dict[str, torch.Tensor], path: Path) -> torch.dtype:
+    """The one floating dtype of ``tensors`` (name in the file -> tensor), for families whose own code keeps one.
+
+    Raises:
+        SAEError: a tensor that is not floating point (:func:`check_floating`), or mixed dtypes (naming them).
+    """
+    check_floating(tensors, path)
+    dtypes = {t.dtype for t in tensors.values()}
+    if len(dtypes) != 1:
+        raise SAEError(f"{path}: the tensors have mixed dtypes {sorted(str(t) for t in dtypes)}")
+    return dtypes.pop()
 
 
 def check_shapes(sae: SAE, weights: dict[str, torch.Tensor], path: Path) -> None:

@@ -63,7 +63,8 @@ import torch
 
 from saecircuits.saes.base import SAE, SAEConfig, SAEError, dtype_name
 from saecircuits.saes.formats import Family, LoadOptions, register_family, resolve_hook
-from saecircuits.saes.formats.common import build_from_tensors, read_json, read_torch
+from saecircuits.saes.formats.common import build_from_tensors, check_floating, read_json, read_torch
+from saecircuits.saes.formats.gemma_scope import oriented
 from saecircuits.saes.sites import hook_from_module_path
 
 __all__ = ["CLASSES", "site_hook"]
@@ -230,9 +231,13 @@ def _load(path: Path, options: LoadOptions) -> SAE:
 
     extra: dict[str, Any] = {}
     apply_b_dec = True
+    check_floating({k: v for k, v in tensors.items() if k not in ("k", "group_sizes")}, pt)  # integer buffers
     if cls in ("AutoEncoder", "AutoEncoderNew", "AutoEncoderTopK", "BatchTopKSAE", "GatedAutoEncoder"):
+        # the decoder is checked here, before the folds below use it (the encoder gave d and F)
+        oriented(t("decoder.weight"), (d_in, d_sae), "decoder.weight", pt, "[activation_dim, dict_size] (nn.Linear)")
         w = {"W_enc": t("encoder.weight").T, "W_dec": t("decoder.weight").T}
     else:
+        oriented(t("W_dec"), (d_sae, d_in), "W_dec", pt, "[dict_size, activation_dim]")
         w = {"W_enc": t("W_enc"), "W_dec": t("W_dec")}
     if cls == "AutoEncoder":
         arch, w["b_enc"], w["b_dec"] = "standard", t("encoder.bias"), t("bias")

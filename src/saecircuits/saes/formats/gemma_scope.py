@@ -65,7 +65,14 @@ import torch
 
 from saecircuits.saes.base import SAE, SAEConfig, SAEError, dtype_name
 from saecircuits.saes.formats import Family, LoadOptions, register_family, resolve_hook
-from saecircuits.saes.formats.common import build_from_tensors, read_json, read_npz, read_safetensors
+from saecircuits.saes.formats.common import (
+    build_from_tensors,
+    check_floating,
+    one_dtype,
+    read_json,
+    read_npz,
+    read_safetensors,
+)
 from saecircuits.saes.sites import hook_from_module_path, layer_of_hook, raw_model_processing
 
 __all__ = ["oriented", "refuse_square_encoder", "NPZ_FILE", "GS2_CONFIG", "GS2_WEIGHTS"]
@@ -287,6 +294,12 @@ def _load_v2(path: Path, options: LoadOptions) -> SAE:
     missing = sorted(set(_V1_TENSORS) - set(weights))
     if missing:
         raise SAEError(f"{folder / GS2_WEIGHTS}: tensors {missing} are missing")
+    width = d.get("width")  # the number of features (an integer; anything else is left unchecked, as it was):
+    # a config of another width than the weights' was loaded silently
+    if isinstance(width, int) and not isinstance(width, bool) and "b_enc" in weights \
+            and weights["b_enc"].dim() == 1 and width != weights["b_enc"].shape[0]:
+        raise SAEError(f"{cfg_path}: width is {width} but {GS2_WEIGHTS} holds {weights['b_enc'].shape[0]} features "
+                       "(b_enc); the config and the weights belong to different SAEs")
     affine = d.get("affine_connection", False)
     if not isinstance(affine, bool):
         raise SAEError(f"{cfg_path}: affine_connection must be true or false, got {affine!r}")
@@ -328,10 +341,8 @@ def _build(weights: dict[str, torch.Tensor], file: Path, options: LoadOptions, *
     oriented(w_enc, (d_in, d_sae), "W_enc", file, "[d_in, d_sae]")
     oriented(weights["W_dec"], (d_sae, d_out), "W_dec", file, "[d_sae, d_out]")
     oriented(weights["threshold"], (d_sae,), "threshold", file, "[d_sae]")
-    dtypes = {t.dtype for k, t in weights.items() if k != "threshold"}
-    if len(dtypes) != 1:
-        raise SAEError(f"{file}: the tensors have mixed dtypes {sorted(str(t) for t in dtypes)}")
-    dtype = dtypes.pop()
+    check_floating({"threshold": weights["threshold"]}, file)
+    dtype = one_dtype({k: t for k, t in weights.items() if k != "threshold"}, file)
     threshold = weights["threshold"].float()
     n_negative = int((threshold < 0).sum())
     if n_negative:  # relu(pre) * [pre > t] == relu(pre) == pre * [pre > 0] for t < 0: exact

@@ -36,7 +36,7 @@ import torch
 
 from saecircuits.saes.base import SAE, SAEConfig, SAEError, dtype_name
 from saecircuits.saes.formats import Family, LoadOptions, register_family, resolve_hook
-from saecircuits.saes.formats.common import build_from_tensors, read_torch
+from saecircuits.saes.formats.common import build_from_tensors, one_dtype, read_torch
 from saecircuits.saes.formats.gemma_scope import oriented, refuse_square_encoder
 from saecircuits.saes.sites import raw_model_processing
 
@@ -79,9 +79,7 @@ def _load(path: Path, options: LoadOptions) -> SAE:
     refuse_square_encoder(d, f, file)
     enc = oriented(sd["encoder_linear.weight"], (f, d), "encoder_linear.weight", file, "[d_sae, d] (nn.Linear)")
     dec = oriented(sd["decoder_linear.weight"], (d, f), "decoder_linear.weight", file, "[d, d_sae] (nn.Linear)")
-    dtypes = {t.dtype for t in sd.values()}
-    if len(dtypes) != 1:
-        raise SAEError(f"{file}: the tensors have mixed dtypes {sorted(str(t) for t in dtypes)}")
+    dtype = one_dtype(sd, file)
     m = _NAME.match(file.name)
     found = f"blocks.{int(m.group('layer'))}.hook_resid_post" if m else None
     hook = resolve_hook(found, options.hook, file, what="the file name (-l{layer})")
@@ -91,7 +89,7 @@ def _load(path: Path, options: LoadOptions) -> SAE:
              "source": {"family": "goodfire", "path": str(file), "site": "resid_post" if m else None,
                         "layer": int(m.group("layer")) if m else None}}
     cfg = SAEConfig(architecture="standard", d_in=d, d_sae=f, hook_point=hook, model_name=model_name,
-                    dtype=dtype_name(dtypes.pop()), apply_b_dec_to_input=False, extra=extra)
+                    dtype=dtype_name(dtype), apply_b_dec_to_input=False, extra=extra)
     return build_from_tensors(cfg, {"W_enc": enc.T, "W_dec": dec.T, "b_enc": enc_b, "b_dec": dec_b}, file,
                               options.device)
 

@@ -48,7 +48,7 @@ import torch
 
 from saecircuits.saes.base import SAE, SAEConfig, SAEError, dtype_name
 from saecircuits.saes.formats import Family, LoadOptions, register_family, resolve_hook
-from saecircuits.saes.formats.common import build_from_tensors, read_torch
+from saecircuits.saes.formats.common import build_from_tensors, one_dtype, read_torch
 from saecircuits.saes.formats.gemma_scope import oriented, refuse_square_encoder
 from saecircuits.saes.sites import OPENAI_LOCATIONS, raw_model_processing
 
@@ -108,9 +108,7 @@ def _load(path: Path, options: LoadOptions) -> SAE:
     tied = "decoder.weight" not in sd
     dec = enc.T if tied else oriented(sd["decoder.weight"], (d, f), "decoder.weight", path,
                                       "[d, n_latents] (nn.Linear)")
-    dtypes = {t.dtype for t in (pre_bias, latent_bias, enc, dec)}
-    if len(dtypes) != 1:
-        raise SAEError(f"{path}: the tensors have mixed dtypes {sorted(str(t) for t in dtypes)}")
+    dtype = one_dtype({"pre_bias": pre_bias, "latent_bias": latent_bias, "encoder.weight": enc, "decoder.weight": dec}, path)
     match = _PATH.search(path.absolute().as_posix())  # not resolve(): HF cache files link to blobs/
     found = OPENAI_LOCATIONS[match.group("location")].format(layer=int(match.group("layer"))) if match else None
     hook = resolve_hook(found, options.hook, path, what="the path (location/autoencoders/layer.pt)")
@@ -124,7 +122,7 @@ def _load(path: Path, options: LoadOptions) -> SAE:
                        "layer": int(match.group("layer")) if match else None, "activation": activation,
                        "tied_decoder": tied}
     cfg = SAEConfig(architecture=architecture, d_in=d, d_sae=f, hook_point=hook,
-                    model_name=options.model_name or "gpt2", dtype=dtype_name(dtypes.pop()),
+                    model_name=options.model_name or "gpt2", dtype=dtype_name(dtype),
                     apply_b_dec_to_input=True, extra=extra)
     tensors = {"W_enc": enc.T, "W_dec": dec.T, "b_enc": latent_bias, "b_dec": pre_bias}
     return build_from_tensors(cfg, tensors, path, options.device)

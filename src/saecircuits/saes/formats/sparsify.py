@@ -42,7 +42,7 @@ from typing import Any
 
 from saecircuits.saes.base import SAE, SAEConfig, SAEError, dtype_name
 from saecircuits.saes.formats import Family, LoadOptions, register_family, resolve_hook
-from saecircuits.saes.formats.common import build_from_tensors, read_json, read_safetensors
+from saecircuits.saes.formats.common import build_from_tensors, check_floating, read_json, read_safetensors
 from saecircuits.saes.sites import hook_from_module_path
 
 __all__ = ["CFG_FILE", "WEIGHTS_FILE", "hookpoint_folders"]
@@ -170,6 +170,7 @@ def _load(path: Path, options: LoadOptions) -> SAE:
         if tuple(raw[name].shape) != shape:
             raise SAEError(f"{w_path}: {name} has shape {tuple(raw[name].shape)}, expected {shape} (d_in={d_in}, "
                            f"num_latents={num_latents}; sparsify stores encoder.weight as [num_latents, d_in])")
+    check_floating(raw, w_path)  # before the cast below, which would make an integer tensor weights
     dtype = raw[sorted(raw)[0]].dtype  # sparsify builds the coder in the dtype of the file's first tensor
     weights = {"W_enc": raw["encoder.weight"].T.contiguous(), "b_enc": raw["encoder.bias"], "W_dec": raw["W_dec"],
                "b_dec": raw["b_dec"]}
