@@ -181,12 +181,17 @@ def ablation_values(groups: Sequence[_Group], means: dict) -> dict:
     return out
 
 
-def _single_edit(group: _Group, table: torch.Tensor, means: dict | None) -> Edit:
+def _single_edit(group: _Group, table: torch.Tensor, means: dict | None, memo: dict | None = None) -> Edit:
     """Variant ``v`` of prompt ``b`` ablates in-group index ``table[b, v]`` (-1: nothing) of ``group``.
 
     Zero ablation when ``means`` is None or holds no value for ``group.hook``, else mean ablation
     (``means[group.hook]``); the circuit passes :func:`ablation_values` (embeddings to their mean, the rest as the
     package docstring says).
+
+    ``memo``: a dict kept across the runs of one batch (the chunks of its variants). An SAE group whose variants
+    share their input there (nothing upstream ablated) encodes it once: a later run whose input equals the kept one
+    bit for bit reuses its codes and reconstruction (the same values the encode would give), so each chunk does not
+    pay a dense ``[B, d_in] x [d_in, d_sae]`` encode again.
     """
     V = table.shape[1]
     mu = None if means is None else means.get(group.hook)
@@ -204,14 +209,27 @@ def _single_edit(group: _Group, table: torch.Tensor, means: dict | None) -> Edit
             dt = edit_dtype(sae, x)
             x = x.to(dt)
             if x.shape[1] == 1 and x_in.shape[1] == 1:  # the variants share x: one code per prompt
-                f = sae.encode(x_in)  # [B, 1, d_sae]
+                kept = None if memo is None else memo.get("x_in")
+                if kept is not None and kept.shape == x_in.shape and torch.equal(kept, x_in):
+                    f = memo["f"]
+                else:
+                    f = sae.encode(x_in)  # [B, 1, d_sae]
+                    if memo is not None:
+                        memo.clear()
+                        memo.update(x_in=x_in.detach().clone(), f=f)
                 fk = f.expand(-1, V, -1).gather(-1, k[..., None])[..., 0].to(dt)
                 if mu is not None:
                     fk = fk - mu["f"].to(fk)[k]
                 out = x - (fk * is_feat)[..., None] * W_dec[k].to(dt)
                 if not bool(is_err.any()):
                     return out
-                e = x - sae.decode(f, x_in).to(dt)
+                if memo is None:
+                    recon = sae.decode(f, x_in)
+                elif "recon" in memo:
+                    recon = memo["recon"]
+                else:
+                    recon = memo["recon"] = sae.decode(f, x_in)
+                e = x - recon.to(dt)
                 if mu is not None:
                     e = e - mu["e"].to(e)
                 return out - is_err[..., None] * e
@@ -329,16 +347,23 @@ UNEMBED_ROWS_FLOATS = 1 << 23
 """Logits made at once by :func:`_paired_answer_logprob` (32 MB of float32: 166 rows of GPT-2's vocabulary)."""
 
 
-def _paired_answer_logprob(iv, run, final: str | None, answer_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _paired_answer_logprob(iv, run, final: str | None, answer_ids: torch.Tensor, base: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Answer log-probs (nats) of a :meth:`~saecircuits.models.interventions.Interventions.run_paired` run: ``(base
     [B], variants [B, V])``.
 
     With ``final`` (:func:`_final_read`; the run read it with ``logits=False``) the rows' residual streams go through
     :meth:`~saecircuits.models.engine.Engine.losses` (the final norm and unembedding of the engine's own logits, and
     the log-softmax :func:`_answer_logprob` takes) :data:`UNEMBED_ROWS_FLOATS` logits at a time: no ``[B, V,
-    d_vocab]`` tensor is built, so a chunk of variants is bounded by its activations, not its logits. Else the run's logits (:func:`_answer_logprob`). A
-    variant that is the baseline run (``run.same``) gets the baseline's value, so an ablation that changes nothing
-    has an effect of exactly 0 whichever rows its unembedding was chunked with.
+    d_vocab]`` tensor is built, so a chunk of variants is bounded by its activations, not its logits. Else the run's
+    logits (:func:`_answer_logprob`). A variant that is the baseline run (``run.same``) gets the baseline's value,
+    so an ablation that changes nothing has an effect of exactly 0 whichever rows its unembedding was chunked with;
+    on the engine such a variant (a padding slot of a variant table, say) is not unembedded at all: a row's
+    log-softmax over the vocabulary is most of what a variant costs at GPT-2's vocabulary.
+
+    ``base``: float32 ``[B]``, the baseline's log-probs from an earlier run of the same batch (another chunk of its
+    variants, whose baseline row is the same clean run at P): returned as the base, its rows not unembedded again
+    (engine only; the recomputed baseline differs from it by float rounding at most).
     """
     if final is None:
         base = _answer_logprob(run.base_logits[:, None], answer_ids)[:, 0]
@@ -346,10 +371,21 @@ def _paired_answer_logprob(iv, run, final: str | None, answer_ids: torch.Tensor)
     else:
         rows = run.reads[final]  # [B, V, d_model]
         B, V = rows.shape[:2]
-        resid = torch.cat([run.base_reads[final][:, None], rows], 1).reshape(B * (1 + V), -1)
-        answers = answer_ids.to(resid.device).repeat_interleave(1 + V)
-        lp = -iv.engine.losses(resid, answers, max_floats=UNEMBED_ROWS_FLOATS).reshape(B, 1 + V)
-        base, var = lp[:, 0], lp[:, 1:]
+        dev = rows.device
+        # only the variants that differ from the baseline run are unembedded (the others get its value below)
+        need = torch.ones(B, V, dtype=torch.bool) if run.same is None else ~run.same.cpu()
+        b_idx, v_idx = torch.nonzero(need, as_tuple=True)
+        ans = answer_ids.to(dev)
+        resid, answers = rows[b_idx.to(dev), v_idx.to(dev)], ans[b_idx.to(dev)]
+        if base is None:
+            resid, answers = torch.cat([run.base_reads[final], resid]), torch.cat([ans, answers])
+        lp = -iv.engine.losses(resid, answers, max_floats=UNEMBED_ROWS_FLOATS)
+        if base is None:
+            base, lp = lp[:B], lp[B:]
+        base = base.to(lp)
+        var = base[:, None].expand(B, V).clone()
+        var[need.to(dev)] = lp
+        return base, var
     if run.same is not None:
         var = torch.where(run.same.to(var.device), base[:, None], var)
     return base, var
