@@ -445,3 +445,34 @@ def test_paired_answer_logprob_unembeds_only_the_variants_that_differ(arch, monk
     base2, var2 = _paired_answer_logprob(iv, run, final, batch.answer_ids, base)
     assert sum(rows) == int((~run.same).sum())
     assert torch.equal(base2, base) and torch.equal(var2, var)
+
+
+def test_lockstep_runs_each_batch_clean_pass_once_and_gives_each_analysis_its_own_result(monkeypatch):
+    """Exact effects and AtP walked together (:func:`find_circuit`'s lockstep) with no cache budget: one clean pass
+    per batch for both, where each alone makes its own, and the same results as each computed alone."""
+    from saecircuits.analysis.circuit.estimates import _atp_steps
+    from saecircuits.analysis.circuit.exact import _exact_steps
+    from saecircuits.analysis.circuit.nodes import lockstep
+    from saecircuits.models.hooks import task_batches
+    from saecircuits.models.interventions import interventions_for
+
+    model, task, saes, nodes, groups, _ = _setup("gpt_neo", "standard")
+    means = node_means(model, task, groups)
+    iv = interventions_for(model)
+    iv.clear_cache()
+    monkeypatch.setattr(iv, "cache_bytes", 0)
+    passes = []
+    make = iv._engine_clean
+    monkeypatch.setattr(iv, "_engine_clean", lambda *a, **k: passes.append(1) or make(*a, **k))
+    n_batches = len(list(task_batches(model, task, max_batch=3)))
+    assert n_batches > 1
+    want_ex = exact_effects(model, saes, task, nodes, groups, means=means, max_batch=3)
+    want_atp = attribution_estimates(model, task, nodes, groups, means=means, max_batch=3)
+    assert len(passes) == 2 * n_batches
+    passes.clear()
+    got_ex, got_atp = lockstep(iv, _exact_steps(model, saes, task, nodes, groups, means=means, max_batch=3),
+                               _atp_steps(model, task, nodes, groups, means=means, max_batch=3))
+    assert len(passes) == n_batches
+    assert iv._last is None  # nothing kept after the block
+    assert torch.equal(got_ex.node_effect, want_ex.node_effect) and got_ex.edges == want_ex.edges
+    assert torch.equal(got_atp.node_effect, want_atp.node_effect) and got_atp.edges == want_atp.edges

@@ -19,6 +19,7 @@ from saecircuits.analysis.circuit.nodes import (
     _single_edit,
     _stage_key,
     ablation_values,
+    drain,
 )
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches, with_progress
 from saecircuits.models.interventions import interventions_for
@@ -175,6 +176,25 @@ def exact_effects(
     Returns:
         :class:`ExactEffects`.
     """
+    return drain(_exact_steps(model, saes, task, nodes, groups, means=means, max_tokens=max_tokens,
+                              max_batch=max_batch, progress=progress, shard=shard))
+
+
+def _exact_steps(
+    model,
+    saes: Sequence[SAE],
+    task: Task,
+    nodes: list[Node],
+    groups: list[_Group],
+    *,
+    means: dict | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    progress: bool | None = None,
+    shard: bool | None = None,
+):
+    """:func:`exact_effects` one prompt batch per step: a generator whose return value is the result (for
+    :func:`~saecircuits.analysis.circuit.nodes.lockstep`)."""
     from saecircuits.distributed import is_sharded, is_writer, my_batches, sum_disjoint
 
     iv = interventions_for(model)
@@ -255,6 +275,7 @@ def exact_effects(
                 d_ids = g.node_of[k_idx if c is None else c[k_idx]]
                 keep = d_ids >= 0
                 edges.add(sub[b_up[r_idx], v_up[r_idx]][keep], d_ids[keep], delta[r_idx, k_idx][keep])
+        yield
     if sharded:  # every rank's sums, counts and edge contributions (its prompts' clean metric, 0 elsewhere)
         effect_sum, effect_sq = sum_disjoint(effect_sum, "node effects"), sum_disjoint(effect_sq, "node effects")
         present = sum_disjoint(present, "node counts")

@@ -406,3 +406,31 @@ def _node_index(nodes: list[Node], groups: list[_Group], n_layers: int):
         local[g.node_of[where]] = where
     stage = torch.tensor([_stage_key(nd.hook, n_layers) for nd in nodes], dtype=torch.long)
     return gid, local, stage
+
+
+def drain(steps):
+    """Run a step generator (``_exact_steps``, ...) to its end: its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
+def lockstep(iv, *steps) -> list:
+    """Run step generators that walk the same prompt batches in the same order one batch each in turn, inside
+    :meth:`~saecircuits.models.interventions.Interventions.keeping_last_pass`: a batch's clean pass is made once
+    for all of them, where each analysis alone would make it again once the cache budget is full (a thousand
+    prompts at the reference shape). Each result is the one its generator gives alone (the same batches, the same
+    clean passes). Returns the results in order."""
+    out: list = [None] * len(steps)
+    live = dict(enumerate(steps))
+    with iv.keeping_last_pass():
+        while live:
+            for i, gen in list(live.items()):
+                try:
+                    next(gen)
+                except StopIteration as stop:
+                    out[i] = stop.value
+                    del live[i]
+    return out
