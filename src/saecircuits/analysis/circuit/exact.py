@@ -157,11 +157,11 @@ def exact_effects(
 
     One prefix-cached run per chunk of variants: variant v of prompt b ablates one node (each prompt's own active
     features plus every structural node), reading the metric and every SAE hook at P. The metric is unembedded a
-    few rows at a time (:func:`~.nodes._paired_answer_logprob`: the baseline once per batch, and only the variants
-    that differ from it), so a chunk holds as many variants as its activations allow (:data:`MAX_FLOATS`; each
-    chunk re-runs the baseline and re-encodes its rows for the edges; the codes of an SAE's shared input are kept
-    across chunks), and the edges into an SAE whose activation is per feature are encoded from its node features'
-    columns alone (:data:`COLUMN_SHARE`).
+    few rows at a time (:func:`~.nodes._paired_answer_logprob`: the baseline and only the variants that differ from
+    it), so a chunk holds as many variants as its activations allow (:data:`MAX_FLOATS`; each chunk re-runs the
+    baseline and re-encodes its rows for the edges; the codes of an SAE's shared input are kept across chunks), and
+    the edges into an SAE whose activation is per feature are encoded from its node features' columns alone
+    (:data:`COLUMN_SHARE`).
 
     Args:
         means: ``{hook: mean}`` of the groups (:func:`~saecircuits.analysis.circuit.node_means`'s format): the token
@@ -228,7 +228,6 @@ def _exact_steps(
         B, V = table.shape
         chunk = max(1, MAX_FLOATS // max(1, B * feature_budget) - 1)  # + the baseline variant
         memos: dict[int, dict] = {gi: {} for gi in range(len(groups))}  # per group, its codes kept across chunks
-        m_clean = None  # the baseline's metric, from the first chunk
         if V == 0:  # nothing to ablate: the clean metric alone
             m0 = _answer_logprob(clean.logits[:, None], batch.answer_ids)[:, 0]
             clean_metric[torch.tensor(batch.indices)] = m0.double().cpu()
@@ -243,8 +242,9 @@ def _exact_steps(
             # the clean metric and reads in the same run as the ablations (variant 0), so that an ablation that
             # changes nothing has an effect of exactly 0 and no edge
             run = iv.run_paired(clean, edits, n_variants=sub.shape[1], read=reads, logits=final is None)
-            # the baseline unembedded once per batch: every chunk's baseline row is the same clean run at P
-            m_clean, m = _paired_answer_logprob(iv, run, final, batch.answer_ids, m_clean)
+            # each chunk's own baseline (not the first chunk's): a chunk restarts at its earliest edited hook, and the
+            # recomputed baseline differs between restart points by the rounding of the path (bf16: ~5e-4 nats)
+            m_clean, m = _paired_answer_logprob(iv, run, final, batch.answer_ids)  # [B], [B, Vc]
             if v0 == 0:
                 clean_metric[torch.tensor(batch.indices)] = m_clean.double().cpu()
             ok = sub >= 0

@@ -347,8 +347,7 @@ UNEMBED_ROWS_FLOATS = 1 << 23
 """Logits made at once by :func:`_paired_answer_logprob` (32 MB of float32: 166 rows of GPT-2's vocabulary)."""
 
 
-def _paired_answer_logprob(iv, run, final: str | None, answer_ids: torch.Tensor, base: torch.Tensor | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+def _paired_answer_logprob(iv, run, final: str | None, answer_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Answer log-probs (nats) of a :meth:`~saecircuits.models.interventions.Interventions.run_paired` run: ``(base
     [B], variants [B, V])``.
 
@@ -360,10 +359,6 @@ def _paired_answer_logprob(iv, run, final: str | None, answer_ids: torch.Tensor,
     so an ablation that changes nothing has an effect of exactly 0 whichever rows its unembedding was chunked with;
     on the engine such a variant (a padding slot of a variant table, say) is not unembedded at all: a row's
     log-softmax over the vocabulary is most of what a variant costs at GPT-2's vocabulary.
-
-    ``base``: float32 ``[B]``, the baseline's log-probs from an earlier run of the same batch (another chunk of its
-    variants, whose baseline row is the same clean run at P): returned as the base, its rows not unembedded again
-    (engine only; the recomputed baseline differs from it by float rounding at most).
     """
     if final is None:
         base = _answer_logprob(run.base_logits[:, None], answer_ids)[:, 0]
@@ -376,13 +371,10 @@ def _paired_answer_logprob(iv, run, final: str | None, answer_ids: torch.Tensor,
         need = torch.ones(B, V, dtype=torch.bool) if run.same is None else ~run.same.cpu()
         b_idx, v_idx = torch.nonzero(need, as_tuple=True)
         ans = answer_ids.to(dev)
-        resid, answers = rows[b_idx.to(dev), v_idx.to(dev)], ans[b_idx.to(dev)]
-        if base is None:
-            resid, answers = torch.cat([run.base_reads[final], resid]), torch.cat([ans, answers])
+        resid = torch.cat([run.base_reads[final], rows[b_idx.to(dev), v_idx.to(dev)]])
+        answers = torch.cat([ans, ans[b_idx.to(dev)]])
         lp = -iv.engine.losses(resid, answers, max_floats=UNEMBED_ROWS_FLOATS)
-        if base is None:
-            base, lp = lp[:B], lp[B:]
-        base = base.to(lp)
+        base, lp = lp[:B], lp[B:]
         var = base[:, None].expand(B, V).clone()
         var[need.to(dev)] = lp
         return base, var
