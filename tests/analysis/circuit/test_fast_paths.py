@@ -406,7 +406,7 @@ def test_single_edit_reuses_its_kept_codes_only_for_the_same_input(sae_arch, mon
 def test_paired_answer_logprob_unembeds_only_the_variants_that_differ(arch, monkeypatch):
     """The metric of a paired run with no-op variants (padding slots: ``table`` -1) from the last residual stream,
     unembedding only the baseline and the variants that differ from it, against the log-softmax of the same run's
-    full logits."""
+    full logits; with a ``memo``, the baseline is unembedded again only when its residual stream changed."""
     from saecircuits.analysis.circuit.nodes import (
         _answer_logprob,
         _final_read,
@@ -441,6 +441,19 @@ def test_paired_answer_logprob_unembeds_only_the_variants_that_differ(arch, monk
     torch.testing.assert_close(base, m_base, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(var, m_var, atol=1e-5, rtol=1e-5)
     assert torch.equal(var[run.same], base[:, None].expand_as(var)[run.same])  # no-ops: exactly the baseline
+    memo: dict = {}
+    n_differ = int((~run.same).sum())
+    for r, n_rows in ((run, B + n_differ), (run, n_differ), (run._replace(base_reads={
+            final: run.base_reads[final].flip(-1)}), B + n_differ)):
+        rows.clear()
+        b, v = _paired_answer_logprob(iv, r, final, batch.answer_ids, memo)
+        assert sum(rows) == n_rows
+        torch.testing.assert_close(v[~r.same], m_var[~r.same], atol=1e-5, rtol=1e-5)
+        if r is run:
+            assert torch.equal(b, base) and torch.equal(v, var)
+        else:  # a baseline that changed is unembedded: its own value, not the kept one
+            assert not torch.allclose(b, base)
+            assert torch.equal(v[r.same], b[:, None].expand_as(v)[r.same])
 
 
 def test_lockstep_runs_each_batch_clean_pass_once_and_gives_each_analysis_its_own_result(monkeypatch):

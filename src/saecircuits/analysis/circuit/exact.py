@@ -228,6 +228,7 @@ def _exact_steps(
         B, V = table.shape
         chunk = max(1, MAX_FLOATS // max(1, B * feature_budget) - 1)  # + the baseline variant
         memos: dict[int, dict] = {gi: {} for gi in range(len(groups))}  # per group, its codes kept across chunks
+        base_memo: dict = {}  # the baseline's metric, kept across chunks
         if V == 0:  # nothing to ablate: the clean metric alone
             m0 = _answer_logprob(clean.logits[:, None], batch.answer_ids)[:, 0]
             clean_metric[torch.tensor(batch.indices)] = m0.double().cpu()
@@ -242,9 +243,10 @@ def _exact_steps(
             # the clean metric and reads in the same run as the ablations (variant 0), so that an ablation that
             # changes nothing has an effect of exactly 0 and no edge
             run = iv.run_paired(clean, edits, n_variants=sub.shape[1], read=reads, logits=final is None)
-            # each chunk's own baseline (not the first chunk's): a chunk restarts at its earliest edited hook, and the
-            # recomputed baseline differs between restart points by the rounding of the path (bf16: ~5e-4 nats)
-            m_clean, m = _paired_answer_logprob(iv, run, final, batch.answer_ids)  # [B], [B, Vc]
+            # each chunk's own baseline: a chunk restarts at its earliest edited hook, and the baseline recomputed
+            # from another restart point differs by the rounding of the path (bf16: ~5e-4 nats); its unembedding
+            # is reused only where its residual stream is the same bit for bit
+            m_clean, m = _paired_answer_logprob(iv, run, final, batch.answer_ids, base_memo)  # [B], [B, Vc]
             if v0 == 0:
                 clean_metric[torch.tensor(batch.indices)] = m_clean.double().cpu()
             ok = sub >= 0

@@ -347,7 +347,8 @@ UNEMBED_ROWS_FLOATS = 1 << 23
 """Logits made at once by :func:`_paired_answer_logprob` (32 MB of float32: 166 rows of GPT-2's vocabulary)."""
 
 
-def _paired_answer_logprob(iv, run, final: str | None, answer_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _paired_answer_logprob(iv, run, final: str | None, answer_ids: torch.Tensor, memo: dict | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Answer log-probs (nats) of a :meth:`~saecircuits.models.interventions.Interventions.run_paired` run: ``(base
     [B], variants [B, V])``.
 
@@ -359,6 +360,11 @@ def _paired_answer_logprob(iv, run, final: str | None, answer_ids: torch.Tensor)
     so an ablation that changes nothing has an effect of exactly 0 whichever rows its unembedding was chunked with;
     on the engine such a variant (a padding slot of a variant table, say) is not unembedded at all: a row's
     log-softmax over the vocabulary is most of what a variant costs at GPT-2's vocabulary.
+
+    ``memo``: a dict kept across the runs of one batch (the chunks of its variants): a run whose baseline residual
+    stream equals the kept one bit for bit reuses its log-probs (the same input, so the same values) instead of
+    unembedding the baseline again; one restarted from another hook is unembedded, so effects stay paired with
+    their own run's baseline.
     """
     if final is None:
         base = _answer_logprob(run.base_logits[:, None], answer_ids)[:, 0]
@@ -371,10 +377,19 @@ def _paired_answer_logprob(iv, run, final: str | None, answer_ids: torch.Tensor)
         need = torch.ones(B, V, dtype=torch.bool) if run.same is None else ~run.same.cpu()
         b_idx, v_idx = torch.nonzero(need, as_tuple=True)
         ans = answer_ids.to(dev)
-        resid = torch.cat([run.base_reads[final], rows[b_idx.to(dev), v_idx.to(dev)]])
-        answers = torch.cat([ans, ans[b_idx.to(dev)]])
+        base_resid = run.base_reads[final]
+        kept = None if memo is None else memo.get("resid")
+        reuse = kept is not None and kept.shape == base_resid.shape and torch.equal(kept, base_resid)
+        resid, answers = rows[b_idx.to(dev), v_idx.to(dev)], ans[b_idx.to(dev)]
+        if not reuse:
+            resid, answers = torch.cat([base_resid, resid]), torch.cat([ans, answers])
         lp = -iv.engine.losses(resid, answers, max_floats=UNEMBED_ROWS_FLOATS)
-        base, lp = lp[:B], lp[B:]
+        if reuse:
+            base = memo["lp"]
+        else:
+            base, lp = lp[:B], lp[B:]
+            if memo is not None:
+                memo.update(resid=base_resid.detach().clone(), lp=base)
         var = base[:, None].expand(B, V).clone()
         var[need.to(dev)] = lp
         return base, var
