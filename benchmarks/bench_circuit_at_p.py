@@ -12,6 +12,7 @@ edges, relative to the largest value of each.
 Examples:
     python benchmarks/bench_circuit_at_p.py --baseline 6f6c1c5 --prompts 16 --dtype float32 --threads 2
     python benchmarks/bench_circuit_at_p.py --baseline 6f6c1c5 --prompts 16 --dtype bfloat16 --corpus-rows 100
+    python benchmarks/bench_circuit_at_p.py --baseline 6f6c1c5 --prompts 64 --cache-mib 0
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import sys, time, types
 tree, dtype, n, rows_n, threads, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+cache_mib = int(sys.argv[7])
 sys.path.insert(0, tree + "/benchmarks")
 from saecircuits.cli import threading_defaults
 threading_defaults()
@@ -41,6 +43,10 @@ args = types.SimpleNamespace(device="cpu", dtype=dtype)
 model, task, rows = B._reference_setup(args, n, max(rows_n, 1))
 saes = [B.calibrated_sae(model, task, f"blocks.{l}.mlp.hook_post", 16384, 40, seed=l, dtype=dtype) for l in (0, 1)]
 sub = task.subset(range(min(n, task.n_prompts)))
+if cache_mib >= 0:  # the interventions' clean-pass cache budget (1,000 prompts overflow the default 512 MiB)
+    from saecircuits.models.interventions import interventions_for
+    interventions_for(model).clear_cache()
+    interventions_for(model).cache_bytes = cache_mib << 20
 load = open("/proc/loadavg").read().split()[0]
 t0 = time.perf_counter()
 res = find_circuit(model, saes, sub, ig_steps=10, corpus_rows=rows[:rows_n] if rows_n else None)
@@ -58,7 +64,7 @@ def _run(src: Path, out: Path, args: argparse.Namespace) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     env.update(PYTHONPATH=str(src / "src"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     cmd = [sys.executable, "-c", CHILD, str(src), args.dtype, str(args.prompts), str(args.corpus_rows),
-           str(args.threads), str(out)]
+           str(args.threads), str(out), str(args.cache_mib)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(f"error: the run from {src} failed:\n{proc.stderr[-3000:]}")
@@ -81,6 +87,9 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--corpus-rows", type=int, default=0, help="corpus rows for the means (0: the task's means at P)")
+    ap.add_argument("--cache-mib", type=int, default=-1,
+                    help="the interventions' clean-pass cache budget in MiB for find_circuit (default: the library's, "
+                         "512; 0 emulates 1,000 prompts, whose clean passes mostly overflow it)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-circuit-"))
     trees = {"this checkout": ROOT}
@@ -91,7 +100,8 @@ def main() -> None:
                        capture_output=True)
         trees = {f"baseline {args.baseline}": base, **trees}
     print(f"find_circuit at the reference shape, {args.dtype}, {args.prompts} prompts, {args.corpus_rows} corpus rows,"
-          f" {args.threads} threads, {args.reps} run(s) each; load average {os.getloadavg()[0]:.2f}", flush=True)
+          f" clean-pass cache {'default' if args.cache_mib < 0 else f'{args.cache_mib} MiB'}, {args.threads} threads,"
+          f" {args.reps} run(s) each; load average {os.getloadavg()[0]:.2f}", flush=True)
     runs: dict[str, list[dict]] = {name: [] for name in trees}
     try:
         for rep in range(args.reps):

@@ -31,6 +31,7 @@ rules; side by side, a change of one rule is made (and reviewed) in both at once
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
@@ -138,9 +139,25 @@ class Interventions:
         self._read_tokens: dict[bytes, torch.Tensor] = {}  # the tokens of each kept read (CPU)
         self._read_rows: dict[bytes, list[tuple[bytes, int]]] = {}  # a row's tokens -> (kept read, its row)
         self._passes_bytes = 0
+        self._last: tuple[bytes, CleanPass] | None = None  # the latest pass beyond the budget (keeping_last_pass)
+        self._keep_last = 0
+
+    @contextlib.contextmanager
+    def keeping_last_pass(self):
+        """Within this block, the latest clean pass that did not fit the cache budget is kept until the next one is
+        computed, so analyses that step through the same batches in lockstep (each one batch, then the next one the
+        same batch) run each batch's clean pass once: one pass more held at a time, never a growing cache."""
+        self._keep_last += 1
+        try:
+            yield self
+        finally:
+            self._keep_last -= 1
+            if not self._keep_last:
+                self._last = None
 
     def clear_cache(self) -> None:
         """Forget the clean passes and corpus reads kept between calls (see :meth:`clean`, :meth:`read_all`)."""
+        self._last = None
         self._passes.clear()
         self._rows.clear()
         self._reads.clear()
@@ -190,9 +207,12 @@ class Interventions:
                 return CleanPass(batch, lg, reads)
             key = _batch_key(batch)
             kept = self._passes.get(key)
+            if kept is None and cache and self._last is not None and self._last[0] == key:
+                kept = self._last[1]
             if kept is None and cache:
                 kept = self._from_kept_rows(batch)
             if kept is None and cache:
+                self._last = None  # (its memory free before the next pass is made)
                 kept = self._engine_clean(batch, [], logits=True, cache=True)
                 size = _pass_bytes(kept)
                 if self._passes_bytes + size <= self.cache_bytes:
@@ -201,6 +221,8 @@ class Interventions:
                     tokens, pos = batch.tokens.cpu(), batch.positions.cpu()
                     for r in range(tokens.shape[0]):
                         self._rows.setdefault(_row_key(tokens[r], int(pos[r])), (key, r))
+                elif self._keep_last:
+                    self._last = (key, kept)
             if kept is None:
                 return self._engine_clean(batch, read, logits=logits, cache=cache)
             reads = {}

@@ -368,3 +368,120 @@ def test_feature_activations_of_several_saes_equal_each_ones_own_pass(arch):
         assert (a.n_prompts, a.d_sae) == (b.n_prompts, b.d_sae)
         assert torch.equal(a.prompt, b.prompt) and torch.equal(a.feature, b.feature) and torch.equal(a.value, b.value)
     assert circuit_nodes(model, saes, both)[0] == nodes
+
+
+@pytest.mark.parametrize("sae_arch", ["standard", "topk_skip_ln"])
+def test_single_edit_reuses_its_kept_codes_only_for_the_same_input(sae_arch, monkeypatch):
+    """An SAE edit whose variants share their input, given a ``memo`` kept across runs: the second run on the same
+    input encodes nothing, a run on another input encodes it; every output equals each row's ablation written out
+    (``x - f_k W_dec[k]``, ``decode(f, x)``, ``x``)."""
+    from saecircuits.analysis.circuit.nodes import _single_edit
+
+    _, _, saes, _, groups, _ = _setup("llama", sae_arch)
+    g = next(g for g in groups if g.kind == "sae")
+    sae, d_sae = g.sae, g.sae.d_sae
+    gen = torch.Generator().manual_seed(3)
+    xa, xb = torch.randn(2, 1, sae.d_in, generator=gen), torch.randn(2, 1, sae.d_in, generator=gen)
+    with torch.no_grad():
+        fa, fb = sae.encode(xa), sae.encode(xb)
+    ka, kb = int(torch.nonzero(fa[0, 0])[0]), int(torch.nonzero(fa[1, 0])[-1])
+    table = torch.tensor([[ka, d_sae, -1], [d_sae, kb, -1]])
+    calls = []
+    encode = type(sae).encode
+    monkeypatch.setattr(type(sae), "encode", lambda self, x: calls.append(1) or encode(self, x))
+    memo: dict = {}
+    edit = _single_edit(g, table, None, memo)
+    for x, f, n_calls in ((xa, fa, 1), (xa.clone(), fa, 1), (xb, fb, 2), (xa, fa, 3)):
+        with torch.no_grad():
+            got = edit.fn(x)
+        assert len(calls) == n_calls
+        for b in range(2):
+            for v in range(3):
+                t, xr = int(table[b, v]), x[b, 0]
+                want = xr if t < 0 else sae.decode(f[b, 0], xr) if t == d_sae else xr - f[b, 0, t] * sae.W_dec[t]
+                torch.testing.assert_close(got[b, v], want, atol=1e-5, rtol=1e-5, msg=f"prompt {b} variant {v}")
+
+
+@pytest.mark.parametrize("arch", ["gpt_neo", "llama"])
+def test_paired_answer_logprob_unembeds_only_the_variants_that_differ(arch, monkeypatch):
+    """The metric of a paired run with no-op variants (padding slots: ``table`` -1) from the last residual stream,
+    unembedding only the baseline and the variants that differ from it, against the log-softmax of the same run's
+    full logits; with a ``memo``, the baseline is unembedded again only when its residual stream changed."""
+    from saecircuits.analysis.circuit.nodes import (
+        _answer_logprob,
+        _final_read,
+        _paired_answer_logprob,
+        _single_edit,
+    )
+    from saecircuits.models.hooks import task_batches
+    from saecircuits.models.interventions import interventions_for
+
+    model, task, saes, _, groups, _ = _setup(arch, "standard")
+    iv = interventions_for(model)
+    final = _final_read(iv)
+    assert final is not None
+    batch = next(iter(task_batches(model, task, max_batch=3)))
+    clean = iv.clean(batch)
+    g = next(g for g in groups if g.kind == "sae")
+    B = len(batch.indices)
+    table = torch.full((B, 4), -1, dtype=torch.long)
+    table[:, 0] = g.sae.d_sae  # the error node
+    table[0, 2] = 0
+    edits = [_single_edit(g, table, None)]
+    want = iv.run_paired(clean, edits, n_variants=4, read=[final], logits=True)
+    m_base = _answer_logprob(want.base_logits[:, None], batch.answer_ids)[:, 0]
+    m_var = _answer_logprob(want.logits, batch.answer_ids)
+    assert want.same is not None and int(want.same.sum()) >= 2 * B - 1  # variants 1 and 3 (and 2 but for prompt 0)
+    rows = []
+    losses = type(iv.engine).losses
+    monkeypatch.setattr(type(iv.engine), "losses", lambda self, r, *a, **k: rows.append(len(r)) or losses(self, r, *a, **k))
+    run = iv.run_paired(clean, edits, n_variants=4, read=[final], logits=False)
+    base, var = _paired_answer_logprob(iv, run, final, batch.answer_ids)
+    assert sum(rows) == B + int((~run.same).sum())
+    torch.testing.assert_close(base, m_base, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(var, m_var, atol=1e-5, rtol=1e-5)
+    assert torch.equal(var[run.same], base[:, None].expand_as(var)[run.same])  # no-ops: exactly the baseline
+    memo: dict = {}
+    n_differ = int((~run.same).sum())
+    for r, n_rows in ((run, B + n_differ), (run, n_differ), (run._replace(base_reads={
+            final: run.base_reads[final].flip(-1)}), B + n_differ)):
+        rows.clear()
+        b, v = _paired_answer_logprob(iv, r, final, batch.answer_ids, memo)
+        assert sum(rows) == n_rows
+        torch.testing.assert_close(v[~r.same], m_var[~r.same], atol=1e-5, rtol=1e-5)
+        if r is run:
+            assert torch.equal(b, base) and torch.equal(v, var)
+        else:  # a baseline that changed is unembedded: its own value, not the kept one
+            assert not torch.allclose(b, base)
+            assert torch.equal(v[r.same], b[:, None].expand_as(v)[r.same])
+
+
+def test_lockstep_runs_each_batch_clean_pass_once_and_gives_each_analysis_its_own_result(monkeypatch):
+    """Exact effects and AtP walked together (:func:`find_circuit`'s lockstep) with no cache budget: one clean pass
+    per batch for both, where each alone makes its own, and the same results as each computed alone."""
+    from saecircuits.analysis.circuit.estimates import _atp_steps
+    from saecircuits.analysis.circuit.exact import _exact_steps
+    from saecircuits.analysis.circuit.nodes import lockstep
+    from saecircuits.models.hooks import task_batches
+    from saecircuits.models.interventions import interventions_for
+
+    model, task, saes, nodes, groups, _ = _setup("gpt_neo", "standard")
+    means = node_means(model, task, groups)
+    iv = interventions_for(model)
+    iv.clear_cache()
+    monkeypatch.setattr(iv, "cache_bytes", 0)
+    passes = []
+    make = iv._engine_clean
+    monkeypatch.setattr(iv, "_engine_clean", lambda *a, **k: passes.append(1) or make(*a, **k))
+    n_batches = len(list(task_batches(model, task, max_batch=3)))
+    assert n_batches > 1
+    want_ex = exact_effects(model, saes, task, nodes, groups, means=means, max_batch=3)
+    want_atp = attribution_estimates(model, task, nodes, groups, means=means, max_batch=3)
+    assert len(passes) == 2 * n_batches
+    passes.clear()
+    got_ex, got_atp = lockstep(iv, _exact_steps(model, saes, task, nodes, groups, means=means, max_batch=3),
+                               _atp_steps(model, task, nodes, groups, means=means, max_batch=3))
+    assert len(passes) == n_batches
+    assert iv._last is None  # nothing kept after the block
+    assert torch.equal(got_ex.node_effect, want_ex.node_effect) and got_ex.edges == want_ex.edges
+    assert torch.equal(got_atp.node_effect, want_atp.node_effect) and got_atp.edges == want_atp.edges

@@ -14,7 +14,7 @@ import torch
 
 from saecircuits.analysis.ablations.modes import edit_dtype, sae_edit
 from saecircuits.analysis.circuit.exact import _Edges, _embedding_values
-from saecircuits.analysis.circuit.nodes import Node, _answer_logprob, _Group, _node_index, _stage_key
+from saecircuits.analysis.circuit.nodes import Node, _answer_logprob, _Group, _node_index, _stage_key, drain
 from saecircuits.distributed import is_sharded, is_writer, my_batches, sum_disjoint
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches, with_progress
 from saecircuits.models.interventions import Edit, interventions_for
@@ -227,6 +227,26 @@ def attribution_estimates(
     Returns:
         :class:`Estimates` (method ``"atp"``).
     """
+    return drain(_atp_steps(model, task, nodes, groups, edge_downstream=edge_downstream, means=means,
+                            max_tokens=max_tokens, max_batch=max_batch, progress=progress, shard=shard))
+
+
+@torch.enable_grad()  # gradients even when the caller runs under torch.no_grad()
+def _atp_steps(
+    model,
+    task: Task,
+    nodes: list[Node],
+    groups: list[_Group],
+    *,
+    edge_downstream: int | None = None,
+    means: dict | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    progress: bool | None = None,
+    shard: bool | None = None,
+):
+    """:func:`attribution_estimates` one prompt batch per step: a generator whose return value is the result (for
+    :func:`~saecircuits.analysis.circuit.nodes.lockstep`)."""
     iv = interventions_for(model)
     n_layers = int(model.cfg.n_layers)
     N = len(nodes)
@@ -285,6 +305,7 @@ def attribution_estimates(
                     b_idx, w_idx = torch.nonzero((vals != 0) & valid.cpu()[:, None], as_tuple=True)
                     edges.add(g.node_of[where[w_idx]], d_ids[b_idx], vals[b_idx, w_idx])
         del store, logits
+        yield
     if sharded:  # every rank's sums and edge contributions
         node_effect, edges = sum_disjoint(node_effect, "AtP node estimates"), edges.gathered("AtP edge estimates")
     n = task.n_prompts
@@ -326,6 +347,27 @@ def integrated_gradient_estimates(
     Raises:
         ValueError: ``steps < 1``.
     """
+    return drain(_ig_steps(model, task, nodes, groups, steps=steps, edge_targets=edge_targets, means=means,
+                           max_tokens=max_tokens, max_batch=max_batch, progress=progress, shard=shard))
+
+
+@torch.enable_grad()  # gradients even when the caller runs under torch.no_grad()
+def _ig_steps(
+    model,
+    task: Task,
+    nodes: list[Node],
+    groups: list[_Group],
+    *,
+    steps: int = 10,
+    edge_targets: Sequence[int] = (),
+    means: dict | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    progress: bool | None = None,
+    shard: bool | None = None,
+):
+    """:func:`integrated_gradient_estimates` one prompt batch per step: a generator whose return value is the result
+    (for :func:`~saecircuits.analysis.circuit.nodes.lockstep`)."""
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     iv = interventions_for(model)
@@ -373,6 +415,7 @@ def integrated_gradient_estimates(
                 b_idx, w_idx = torch.nonzero(vals != 0, as_tuple=True)
                 edges.add(g.node_of[where[w_idx]], torch.full_like(b_idx, t_id), vals[b_idx, w_idx])
             del store, logits
+        yield
     if sharded:  # every rank's sums and edge contributions
         node_effect, edges = sum_disjoint(node_effect, "IG node estimates"), edges.gathered("IG edge estimates")
     n = task.n_prompts

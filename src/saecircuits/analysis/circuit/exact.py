@@ -19,6 +19,7 @@ from saecircuits.analysis.circuit.nodes import (
     _single_edit,
     _stage_key,
     ablation_values,
+    drain,
 )
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS, task_batches, with_progress
 from saecircuits.models.interventions import interventions_for
@@ -156,9 +157,10 @@ def exact_effects(
 
     One prefix-cached run per chunk of variants: variant v of prompt b ablates one node (each prompt's own active
     features plus every structural node), reading the metric and every SAE hook at P. The metric is unembedded a
-    few rows at a time (:func:`~.nodes._paired_answer_logprob`), so a chunk holds as many variants as its
-    activations allow (:data:`MAX_FLOATS`; each chunk re-runs the baseline and re-encodes its rows), and the edges
-    into an SAE whose activation is per feature are encoded from its node features' columns alone
+    few rows at a time (:func:`~.nodes._paired_answer_logprob`: the baseline and only the variants that differ from
+    it), so a chunk holds as many variants as its activations allow (:data:`MAX_FLOATS`; each chunk re-runs the
+    baseline and re-encodes its rows for the edges; the codes of an SAE's shared input are kept across chunks), and
+    the edges into an SAE whose activation is per feature are encoded from its node features' columns alone
     (:data:`COLUMN_SHARE`).
 
     Args:
@@ -174,6 +176,25 @@ def exact_effects(
     Returns:
         :class:`ExactEffects`.
     """
+    return drain(_exact_steps(model, saes, task, nodes, groups, means=means, max_tokens=max_tokens,
+                              max_batch=max_batch, progress=progress, shard=shard))
+
+
+def _exact_steps(
+    model,
+    saes: Sequence[SAE],
+    task: Task,
+    nodes: list[Node],
+    groups: list[_Group],
+    *,
+    means: dict | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    progress: bool | None = None,
+    shard: bool | None = None,
+):
+    """:func:`exact_effects` one prompt batch per step: a generator whose return value is the result (for
+    :func:`~saecircuits.analysis.circuit.nodes.lockstep`)."""
     from saecircuits.distributed import is_sharded, is_writer, my_batches, sum_disjoint
 
     iv = interventions_for(model)
@@ -206,6 +227,8 @@ def exact_effects(
         table = _variant_table(groups, f_clean, structural, cols)
         B, V = table.shape
         chunk = max(1, MAX_FLOATS // max(1, B * feature_budget) - 1)  # + the baseline variant
+        memos: dict[int, dict] = {gi: {} for gi in range(len(groups))}  # per group, its codes kept across chunks
+        base_memo: dict = {}  # the baseline's metric, kept across chunks
         if V == 0:  # nothing to ablate: the clean metric alone
             m0 = _answer_logprob(clean.logits[:, None], batch.answer_ids)[:, 0]
             clean_metric[torch.tensor(batch.indices)] = m0.double().cpu()
@@ -216,11 +239,14 @@ def exact_effects(
             for gi, g in enumerate(groups):
                 local = torch.where((sub >= 0) & (node_gid[safe] == gi), node_local[safe], -1)
                 if bool((local >= 0).any()):
-                    edits.append(_single_edit(g, local, values))
+                    edits.append(_single_edit(g, local, values, memos[gi]))
             # the clean metric and reads in the same run as the ablations (variant 0), so that an ablation that
             # changes nothing has an effect of exactly 0 and no edge
             run = iv.run_paired(clean, edits, n_variants=sub.shape[1], read=reads, logits=final is None)
-            m_clean, m = _paired_answer_logprob(iv, run, final, batch.answer_ids)  # [B], [B, Vc]
+            # each chunk's own baseline: a chunk restarts at its earliest edited hook, and the baseline recomputed
+            # from another restart point differs by the rounding of the path (bf16: ~5e-4 nats); its unembedding
+            # is reused only where its residual stream is the same bit for bit
+            m_clean, m = _paired_answer_logprob(iv, run, final, batch.answer_ids, base_memo)  # [B], [B, Vc]
             if v0 == 0:
                 clean_metric[torch.tensor(batch.indices)] = m_clean.double().cpu()
             ok = sub >= 0
@@ -251,6 +277,7 @@ def exact_effects(
                 d_ids = g.node_of[k_idx if c is None else c[k_idx]]
                 keep = d_ids >= 0
                 edges.add(sub[b_up[r_idx], v_up[r_idx]][keep], d_ids[keep], delta[r_idx, k_idx][keep])
+        yield
     if sharded:  # every rank's sums, counts and edge contributions (its prompts' clean metric, 0 elsewhere)
         effect_sum, effect_sq = sum_disjoint(effect_sum, "node effects"), sum_disjoint(effect_sq, "node effects")
         present = sum_disjoint(present, "node counts")

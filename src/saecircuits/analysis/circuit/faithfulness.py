@@ -19,6 +19,7 @@ from saecircuits.analysis.circuit.nodes import (
     _mask_edit,
     _paired_answer_logprob,
     _sae_io,
+    drain,
 )
 from saecircuits.analysis.quality.reconstruction import loss_recovered
 from saecircuits.distributed import (
@@ -285,6 +286,25 @@ def faithfulness_curve(
         ``completeness`` (with ``faithfulness_ci95`` and ``completeness_ci95``, paired-bootstrap ``[lo, hi]``),
         ``undefined_reason`` (None when defined), plus ``m_clean`` and ``m_empty`` (nats).
     """
+    return drain(_faithfulness_steps(model, task, nodes, groups, order, sizes, means=means, max_tokens=max_tokens,
+                                     max_batch=max_batch, shard=shard))
+
+
+def _faithfulness_steps(
+    model,
+    task: Task,
+    nodes: list[Node],
+    groups: list[_Group],
+    order: Sequence[int],
+    sizes: Sequence[int],
+    *,
+    means: dict | None = None,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    shard: bool | None = None,
+):
+    """:func:`faithfulness_curve` one prompt batch per step: a generator whose return value is the result (for
+    :func:`~saecircuits.analysis.circuit.nodes.lockstep`)."""
     iv = interventions_for(model)
     means = means if means is not None else node_means(model, task, groups, max_tokens=max_tokens,
                                                        max_batch=max_batch)
@@ -319,6 +339,7 @@ def faithfulness_curve(
         m_clean, m = _paired_answer_logprob(iv, run, final, batch.answer_ids)
         per_prompt[idx] = m.double().cpu()
         clean_lp[idx] = m_clean.double().cpu()
+        yield
     if sharded:  # every rank's prompts (each rank's rows are 0 at the others' prompts)
         per_prompt = sum_disjoint(per_prompt, "faithfulness log-probs")
         clean_lp = sum_disjoint(clean_lp, "faithfulness clean log-probs")

@@ -181,12 +181,17 @@ def ablation_values(groups: Sequence[_Group], means: dict) -> dict:
     return out
 
 
-def _single_edit(group: _Group, table: torch.Tensor, means: dict | None) -> Edit:
+def _single_edit(group: _Group, table: torch.Tensor, means: dict | None, memo: dict | None = None) -> Edit:
     """Variant ``v`` of prompt ``b`` ablates in-group index ``table[b, v]`` (-1: nothing) of ``group``.
 
     Zero ablation when ``means`` is None or holds no value for ``group.hook``, else mean ablation
     (``means[group.hook]``); the circuit passes :func:`ablation_values` (embeddings to their mean, the rest as the
     package docstring says).
+
+    ``memo``: a dict kept across the runs of one batch (the chunks of its variants). An SAE group whose variants
+    share their input there (nothing upstream ablated) encodes it once: a later run whose input equals the kept one
+    bit for bit reuses its codes and reconstruction (the same values the encode would give), so each chunk does not
+    pay a dense ``[B, d_in] x [d_in, d_sae]`` encode again.
     """
     V = table.shape[1]
     mu = None if means is None else means.get(group.hook)
@@ -204,14 +209,27 @@ def _single_edit(group: _Group, table: torch.Tensor, means: dict | None) -> Edit
             dt = edit_dtype(sae, x)
             x = x.to(dt)
             if x.shape[1] == 1 and x_in.shape[1] == 1:  # the variants share x: one code per prompt
-                f = sae.encode(x_in)  # [B, 1, d_sae]
+                kept = None if memo is None else memo.get("x_in")
+                if kept is not None and kept.shape == x_in.shape and torch.equal(kept, x_in):
+                    f = memo["f"]
+                else:
+                    f = sae.encode(x_in)  # [B, 1, d_sae]
+                    if memo is not None:
+                        memo.clear()
+                        memo.update(x_in=x_in.detach().clone(), f=f)
                 fk = f.expand(-1, V, -1).gather(-1, k[..., None])[..., 0].to(dt)
                 if mu is not None:
                     fk = fk - mu["f"].to(fk)[k]
                 out = x - (fk * is_feat)[..., None] * W_dec[k].to(dt)
                 if not bool(is_err.any()):
                     return out
-                e = x - sae.decode(f, x_in).to(dt)
+                if memo is None:
+                    recon = sae.decode(f, x_in)
+                elif "recon" in memo:
+                    recon = memo["recon"]
+                else:
+                    recon = memo["recon"] = sae.decode(f, x_in)
+                e = x - recon.to(dt)
                 if mu is not None:
                     e = e - mu["e"].to(e)
                 return out - is_err[..., None] * e
@@ -329,16 +347,24 @@ UNEMBED_ROWS_FLOATS = 1 << 23
 """Logits made at once by :func:`_paired_answer_logprob` (32 MB of float32: 166 rows of GPT-2's vocabulary)."""
 
 
-def _paired_answer_logprob(iv, run, final: str | None, answer_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _paired_answer_logprob(iv, run, final: str | None, answer_ids: torch.Tensor, memo: dict | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Answer log-probs (nats) of a :meth:`~saecircuits.models.interventions.Interventions.run_paired` run: ``(base
     [B], variants [B, V])``.
 
     With ``final`` (:func:`_final_read`; the run read it with ``logits=False``) the rows' residual streams go through
     :meth:`~saecircuits.models.engine.Engine.losses` (the final norm and unembedding of the engine's own logits, and
     the log-softmax :func:`_answer_logprob` takes) :data:`UNEMBED_ROWS_FLOATS` logits at a time: no ``[B, V,
-    d_vocab]`` tensor is built, so a chunk of variants is bounded by its activations, not its logits. Else the run's logits (:func:`_answer_logprob`). A
-    variant that is the baseline run (``run.same``) gets the baseline's value, so an ablation that changes nothing
-    has an effect of exactly 0 whichever rows its unembedding was chunked with.
+    d_vocab]`` tensor is built, so a chunk of variants is bounded by its activations, not its logits. Else the run's
+    logits (:func:`_answer_logprob`). A variant that is the baseline run (``run.same``) gets the baseline's value,
+    so an ablation that changes nothing has an effect of exactly 0 whichever rows its unembedding was chunked with;
+    on the engine such a variant (a padding slot of a variant table, say) is not unembedded at all: a row's
+    log-softmax over the vocabulary is most of what a variant costs at GPT-2's vocabulary.
+
+    ``memo``: a dict kept across the runs of one batch (the chunks of its variants): a run whose baseline residual
+    stream equals the kept one bit for bit reuses its log-probs (the same input, so the same values) instead of
+    unembedding the baseline again; one restarted from another hook is unembedded, so effects stay paired with
+    their own run's baseline.
     """
     if final is None:
         base = _answer_logprob(run.base_logits[:, None], answer_ids)[:, 0]
@@ -346,10 +372,27 @@ def _paired_answer_logprob(iv, run, final: str | None, answer_ids: torch.Tensor)
     else:
         rows = run.reads[final]  # [B, V, d_model]
         B, V = rows.shape[:2]
-        resid = torch.cat([run.base_reads[final][:, None], rows], 1).reshape(B * (1 + V), -1)
-        answers = answer_ids.to(resid.device).repeat_interleave(1 + V)
-        lp = -iv.engine.losses(resid, answers, max_floats=UNEMBED_ROWS_FLOATS).reshape(B, 1 + V)
-        base, var = lp[:, 0], lp[:, 1:]
+        dev = rows.device
+        # only the variants that differ from the baseline run are unembedded (the others get its value below)
+        need = torch.ones(B, V, dtype=torch.bool) if run.same is None else ~run.same.cpu()
+        b_idx, v_idx = torch.nonzero(need, as_tuple=True)
+        ans = answer_ids.to(dev)
+        base_resid = run.base_reads[final]
+        kept = None if memo is None else memo.get("resid")
+        reuse = kept is not None and kept.shape == base_resid.shape and torch.equal(kept, base_resid)
+        resid, answers = rows[b_idx.to(dev), v_idx.to(dev)], ans[b_idx.to(dev)]
+        if not reuse:
+            resid, answers = torch.cat([base_resid, resid]), torch.cat([ans, answers])
+        lp = -iv.engine.losses(resid, answers, max_floats=UNEMBED_ROWS_FLOATS)
+        if reuse:
+            base = memo["lp"]
+        else:
+            base, lp = lp[:B], lp[B:]
+            if memo is not None:
+                memo.update(resid=base_resid.detach().clone(), lp=base)
+        var = base[:, None].expand(B, V).clone()
+        var[need.to(dev)] = lp
+        return base, var
     if run.same is not None:
         var = torch.where(run.same.to(var.device), base[:, None], var)
     return base, var
@@ -370,3 +413,31 @@ def _node_index(nodes: list[Node], groups: list[_Group], n_layers: int):
         local[g.node_of[where]] = where
     stage = torch.tensor([_stage_key(nd.hook, n_layers) for nd in nodes], dtype=torch.long)
     return gid, local, stage
+
+
+def drain(steps):
+    """Run a step generator (``_exact_steps``, ...) to its end: its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
+def lockstep(iv, *steps) -> list:
+    """Run step generators that walk the same prompt batches in the same order one batch each in turn, inside
+    :meth:`~saecircuits.models.interventions.Interventions.keeping_last_pass`: a batch's clean pass is made once
+    for all of them, where each analysis alone would make it again once the cache budget is full (a thousand
+    prompts at the reference shape). Each result is the one its generator gives alone (the same batches, the same
+    clean passes). Returns the results in order."""
+    out: list = [None] * len(steps)
+    live = dict(enumerate(steps))
+    with iv.keeping_last_pass():
+        while live:
+            for i, gen in list(live.items()):
+                try:
+                    next(gen)
+                except StopIteration as stop:
+                    out[i] = stop.value
+                    del live[i]
+    return out

@@ -15,23 +15,20 @@ import torch
 
 from saecircuits.analysis.ablations.activations_at_p import feature_activations_of
 from saecircuits.analysis.ablations.feature_effects import FeatureActs, activations_or_compute
-from saecircuits.analysis.circuit.estimates import (
-    Estimates,
-    agreement,
-    attribution_estimates,
-    integrated_gradient_estimates,
-)
-from saecircuits.analysis.circuit.exact import ExactEffects, exact_effects
+from saecircuits.analysis.circuit.estimates import Estimates, _atp_steps, _ig_steps, agreement
+from saecircuits.analysis.circuit.exact import ExactEffects, _exact_steps
 from saecircuits.analysis.circuit.faithfulness import (
     _ci95,
+    _faithfulness_steps,
     corpus_node_means,
     corpus_stats_node_means,
     faithfulness_curve,
     node_means,
 )
-from saecircuits.analysis.circuit.nodes import Node, _stage_key, circuit_nodes
+from saecircuits.analysis.circuit.nodes import Node, _stage_key, circuit_nodes, drain, lockstep
 from saecircuits.display import NotebookDisplay
 from saecircuits.models.hooks import DEFAULT_MAX_BATCH, DEFAULT_MAX_TOKENS
+from saecircuits.models.interventions import interventions_for
 from saecircuits.models.norms import mlp_input_norm, norm_params
 from saecircuits.saes.base import SAE
 from saecircuits.tasks.base import Task
@@ -296,15 +293,25 @@ def find_circuit(
     else:
         means = node_means(model, task, groups, **kw)
         mean_rule = f"each node's mean at P over the task's {task.n_prompts} prompts"
-    exact = exact_effects(model, saes, task, nodes, groups, means=means, progress=progress, **kw)
-    atp = attribution_estimates(model, task, nodes, groups, means=means, progress=progress, **kw)
+    # the analyses that need the same inputs walk the prompt batches together, one clean pass per batch for all
+    # (each alone would run it again where the interventions' cache budget is full: most of 1,000 prompts)
+    iv = interventions_for(model)
+    exact, atp = lockstep(iv, _exact_steps(model, saes, task, nodes, groups, means=means, progress=progress, **kw),
+                          _atp_steps(model, task, nodes, groups, means=means, progress=progress, **kw))
     order = torch.argsort(exact.node_effect.abs(), descending=True).tolist()
+    N = len(nodes)
+    if sizes is None:
+        sizes = [s for s in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if s < N] + [N]
+    curve_steps = _faithfulness_steps(model, task, nodes, groups, order, sizes, means=means, **kw)
     ig = None
     if ig_steps > 0:
         targets = [i for i in order if nodes[i].kind == "feature" and nodes[i].sae > 0
                    or (nodes[i].kind == "feature" and _stage_key(nodes[i].hook, int(model.cfg.n_layers)) > 0)]
-        ig = integrated_gradient_estimates(model, task, nodes, groups, steps=ig_steps, means=means,
-                                           edge_targets=targets[:ig_edge_targets], progress=progress, **kw)
+        ig, curve = lockstep(iv, _ig_steps(model, task, nodes, groups, steps=ig_steps, means=means,
+                                           edge_targets=targets[:ig_edge_targets], progress=progress, **kw),
+                             curve_steps)
+    else:
+        curve = drain(curve_steps)
     agree = {"nodes": {"atp": agreement(atp.node_effect.numpy(), exact.node_effect.numpy())}, "edges": {}}
     keys = list(exact.edges)
     ex_e = np.array([exact.edges[k][0] for k in keys])
@@ -316,10 +323,6 @@ def find_circuit(
         if ig_keys:
             agree["edges"]["ig"] = agreement(np.array([ig.edges.get(k, 0.0) for k in ig_keys]),
                                              np.array([exact.edges[k][0] for k in ig_keys]))
-    N = len(nodes)
-    if sizes is None:
-        sizes = [s for s in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if s < N] + [N]
-    curve = faithfulness_curve(model, task, nodes, groups, order, sizes, means=means, **kw)
     if node_threshold is not None:
         circuit = [i for i in order if abs(float(exact.node_effect[i])) >= node_threshold]
         selection = {"rule": f"|exact effect| >= {node_threshold} nats", "n_nodes": len(circuit)}
