@@ -158,3 +158,33 @@ def test_a_run_cleans_the_sae_cache_of_a_killed_run(tmp_path, corpus):
     run_pipeline(cfg, model=tiny_neo(), progress=False)
     assert not stale.exists()
     assert [p.name for p in (tmp_path / "ws" / "saes").iterdir() if ".tmp-" in p.name] == []
+
+
+def test_the_sae_cache_is_keyed_by_the_training_code(tmp_path, corpus, monkeypatch):
+    """SAEs trained by other training code are not reused (the package version alone stayed the same while the
+    training code changed, and a workspace kept SAEs that a fresh one would not train)."""
+    import shutil
+
+    import saecircuits.pipeline.saes as pipeline_saes
+
+    src = pipeline_saes.Path(pipeline_saes.saecircuits.__file__).parent
+    copy = tmp_path / "pkg"
+    for pattern in pipeline_saes.TRAINING_SOURCES:
+        for path in src.glob(pattern):
+            (copy / path.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, copy / path.relative_to(src))
+    (copy / "report").mkdir()
+    (copy / "report" / "x.py").write_text("# not training code\n")
+    assert pipeline_saes.training_code_digest(copy) == pipeline_saes.training_code_digest()
+    (copy / "saes" / "trainer.py").write_text((copy / "saes" / "trainer.py").read_text() + "\n# changed\n")
+    assert pipeline_saes.training_code_digest(copy) != pipeline_saes.training_code_digest()
+
+    def run(code: str) -> dict:
+        monkeypatch.setattr(pipeline_saes, "training_code_digest", lambda: code)
+        cfg = _cfg(tmp_path, corpus, sae_paths=[], sae_tokens=512, sae_batch_size=256, seq_len=32, layers=[1],
+                   circuit=False, out=tmp_path / f"out-{code}")
+        return run_pipeline(cfg, model=tiny_neo(), progress=False)["saes"][0]["training"]
+
+    first, other, again = run("a"), run("b"), run("b")
+    assert not first["reused"] and not other["reused"] and again["reused"]
+    assert first["cache"] != other["cache"] == again["cache"]

@@ -97,6 +97,26 @@ def _recipe(cfg: RunConfig) -> tuple[str, dict[str, Any], TrainConfig]:
     )
 
 
+TRAINING_SOURCES = ("saes/*.py", "data/activations.py")
+"""The package's source files (globs under ``src/saecircuits``) that decide what a trained SAE is: the SAE classes,
+losses, trainer and saving, and the activations it reads. Their digest is part of the SAE cache key."""
+
+
+def training_code_digest(root: Path | None = None) -> str:
+    """SHA-256 (16 hex digits) of the :data:`TRAINING_SOURCES` files under ``root`` (default: this package), each
+    as its relative path and bytes in path order.
+
+    Part of the SAE cache key: the package version alone did not change when the training code did, so a workspace
+    reused SAEs trained by older code while a fresh one trained different ones (same key, W_enc differing by up to
+    1.1 on the demo)."""
+    root = Path(saecircuits.__file__).parent if root is None else Path(root)
+    h = hashlib.sha256()
+    for path in sorted({p for pattern in TRAINING_SOURCES for p in root.glob(pattern) if p.is_file()}):
+        h.update(path.relative_to(root).as_posix().encode() + b"\x00")
+        h.update(path.read_bytes() + b"\x00")
+    return h.hexdigest()[:16]
+
+
 def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list[str], progress: bool) -> tuple[list, dict]:
     """Train one SAE per layer (the recipe ``cfg.sae_recipe``) from one pass of the model, cached in the workspace.
 
@@ -137,6 +157,7 @@ def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list
             "text_encoding": "plain-characters",
             "seq_len": cfg.seq_len,
             "version": saecircuits.__version__,
+            "training_code": training_code_digest(),
             # a 16-bit model's activations are another training set (float32 keys are as before it was keyed)
             **({"model_dtype": dtype} if dtype != "float32" else {}),
         },
