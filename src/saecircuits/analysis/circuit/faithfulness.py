@@ -66,10 +66,11 @@ def _means_of(sums: dict[str, Any], count: int) -> dict:
 
 
 def _sae_error(sae, f: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``x - f @ W_dec - bias`` (float32): the SAE error of one row, or of sums or means of rows (the decode
-    ``f @ W_dec + bias(x_in)`` is affine in ``f``, so the error of a sum is the sum of the errors, up to rounding).
-    The one formula of the error node's mean, whichever pass gives the sums."""
-    return x - f @ sae.W_dec.detach().float() - bias
+    """``x - f @ W_dec - bias`` in ``f``'s dtype (float32, or float64 for the circuit across positions' means): the
+    SAE error of one row, or of sums or means of rows (the decode ``f @ W_dec + bias(x_in)`` is affine in ``f``, so
+    the error of a sum is the sum of the errors, up to rounding). The one formula of the error node's mean,
+    whichever pass gives the sums."""
+    return x - f @ sae.W_dec.detach().to(f.dtype) - bias
 
 
 def _sae_sums(sae, x_in: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:

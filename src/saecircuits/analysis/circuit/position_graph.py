@@ -50,6 +50,7 @@ import torch
 
 from saecircuits.analysis.circuit import _answer_logprob, agreement
 from saecircuits.analysis.circuit.aggregate import aggregate_graphs, positions_summary
+from saecircuits.analysis.circuit.faithfulness import _sae_error
 from saecircuits.analysis.circuit.positions import (
     PositionGroups,
     PromptNodes,
@@ -912,7 +913,7 @@ def position_means(model, pg: PositionGroups, task: Task, *, max_tokens=DEFAULT_
                         # product per batch, not a decoder product per position
                         bias = sae.decoder_bias(xi).double().sum(0) if sae.decode_needs_input else \
                             sae.b_dec.double() * len(xi)
-                        e = x[:, 0][mask].double().sum(0) - f @ sae.W_dec.double() - bias
+                        e = _sae_error(sae, f, x[:, 0][mask].double().sum(0), bias)
                         part[gi] = {"f": f.float(), "e": e.float()}
                         return x
 
