@@ -140,6 +140,14 @@ def test_a_resume_under_other_settings_is_refused_naming_them(tmp_path, inputs, 
     refused = _run(model_dir, corpus, out, ws, "--resume")
     assert refused.exit_code == 2 and "--data (file contents)" in refused.output.strip().splitlines()[-1]
     assert calls["dla"] == 1 and calls["load_model"] == 2  # refused before any stage ran again
+    corpus.write_text(corpus.read_text().removesuffix("One more story.\n"), encoding="utf-8")
+
+    # other saecircuits code under the same version: its stage values are not mixed with this code's
+    monkeypatch.setattr("saecircuits.pipeline.checkpoint.source_digest", lambda patterns: "0123456789abcdef")
+    refused = _run(model_dir, corpus, out, ws, "--resume")
+    line = refused.output.strip().splitlines()[-1]
+    assert refused.exit_code == 2 and "the saecircuits code (a digest of its source)" in line, refused.output
+    assert "'0123456789abcdef' now" in line and calls["dla"] == 1
 
 
 def test_a_damaged_checkpoint_is_refused_in_one_line_naming_the_file(tmp_path, inputs, monkeypatch):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import saecircuits
 from saecircuits.atomic import atomic_write, atomic_write_text
-from saecircuits.pipeline.config import PipelineError, RunConfig
+from saecircuits.pipeline.config import PipelineError, RunConfig, source_digest
 
 if TYPE_CHECKING:
     from saecircuits.pipeline.stages import RunContext, Stage
@@ -38,18 +38,21 @@ NOT_KEYED = ("out", "workspace")
 """Settings that do not change any result: a resume may change them (the checkpoint lives in ``out``)."""
 
 FLAGS = {"exclude_bos": "--include-bos", "closings": "--all-closings", "sae_paths": "--sae", "sae_hooks": "--hook",
-         "model": "--model", "data": "--data", "train_data": "--train-data", "task": "--task"}
+         "model": "--model", "data": "--data", "train_data": "--train-data", "task": "--task",
+         "saecircuits_code": "the saecircuits code (a digest of its source)"}
 """The CLI flag of a setting whose flag is not its field name with dashes."""
 
 
 def config_key(cfg: RunConfig) -> dict[str, Any]:
-    """The settings a checkpoint is valid for: ``cfg`` (less :data:`NOT_KEYED`), the package version, and the
-    sha256 of the corpora and the task file (a changed input file is a different run)."""
+    """The settings a checkpoint is valid for: ``cfg`` (less :data:`NOT_KEYED`), the package version and a digest
+    of its source (values written by other code are not mixed with this code's), and the sha256 of the corpora and
+    the task file (a changed input file is a different run)."""
     from saecircuits.pipeline.load import _file_digest
 
     key = {k: v for k, v in cfg.to_dict().items() if k not in NOT_KEYED}
     key = json.loads(json.dumps(key))  # tuples as lists, as read back from the manifest
     key["saecircuits_version"] = saecircuits.__version__
+    key["saecircuits_code"] = source_digest(("**/*.py",))
     for name, path in (("data", cfg.data), ("train_data", cfg.train_data),
                        ("task", cfg.task if cfg.task != "closing-quote" else None)):
         if path is not None and Path(path).expanduser().exists():

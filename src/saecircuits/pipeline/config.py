@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,21 @@ HOOK_TEMPLATE = "blocks.{layer}.mlp.hook_post"
 class PipelineError(ValueError):
     """The run cannot start: bad input files, an SAE that does not fit the model, an unknown task."""
 
+
+
+def source_digest(patterns: Sequence[str], root: Path | None = None) -> str:
+    """SHA-256 (16 hex digits) of this package's source files matching ``patterns`` (globs under ``root``, default
+    the installed ``saecircuits`` folder), each as its relative path and bytes, in path order: a key part for what
+    the package's code makes (the SAE cache, a run's checkpoint), which its version alone does not capture while the
+    code changes under one version."""
+    import saecircuits
+
+    root = Path(saecircuits.__file__).parent if root is None else Path(root)
+    h = hashlib.sha256()
+    for path in sorted({p for pattern in patterns for p in root.glob(pattern) if p.is_file()}):
+        h.update(path.relative_to(root).as_posix().encode() + b"\x00")
+        h.update(path.read_bytes() + b"\x00")
+    return h.hexdigest()[:16]
 
 @dataclass
 class RunConfig:

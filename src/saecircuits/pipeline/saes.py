@@ -16,7 +16,7 @@ import torch
 
 import saecircuits
 from saecircuits.atomic import remove_dead_temps
-from saecircuits.pipeline.config import HOOK_TEMPLATE, PipelineError, RunConfig
+from saecircuits.pipeline.config import HOOK_TEMPLATE, PipelineError, RunConfig, source_digest
 from saecircuits.pipeline.stages import RunContext, Stage
 
 if TYPE_CHECKING:
@@ -103,18 +103,11 @@ losses, trainer and saving, and the activations it reads. Their digest is part o
 
 
 def training_code_digest(root: Path | None = None) -> str:
-    """SHA-256 (16 hex digits) of the :data:`TRAINING_SOURCES` files under ``root`` (default: this package), each
-    as its relative path and bytes in path order.
-
-    Part of the SAE cache key: the package version alone did not change when the training code did, so a workspace
-    reused SAEs trained by older code while a fresh one trained different ones (same key, W_enc differing by up to
-    1.1 on the demo)."""
-    root = Path(saecircuits.__file__).parent if root is None else Path(root)
-    h = hashlib.sha256()
-    for path in sorted({p for pattern in TRAINING_SOURCES for p in root.glob(pattern) if p.is_file()}):
-        h.update(path.relative_to(root).as_posix().encode() + b"\x00")
-        h.update(path.read_bytes() + b"\x00")
-    return h.hexdigest()[:16]
+    """:func:`~saecircuits.pipeline.config.source_digest` of :data:`TRAINING_SOURCES` (``root``: default this
+    package). Part of the SAE cache key: the package version alone did not change when the training code did, so a
+    workspace reused SAEs trained by older code while a fresh one trained different ones (same key, W_enc differing
+    by up to 1.1 on the demo)."""
+    return source_digest(TRAINING_SOURCES, root)
 
 
 def _train_or_reuse_saes(cfg: RunConfig, model, model_key: str, train_docs: list[str], progress: bool) -> tuple[list, dict]:
