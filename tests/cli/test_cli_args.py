@@ -57,7 +57,7 @@ def test_demo_uses_the_l1_coefficient_tuned_for_the_embedded_default(tmp_path, m
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 0, result.output
     assert seen[-1].l1_coefficient == DEMO_L1_COEFFICIENT != RunConfig.l1_coefficient
-    result = CliRunner().invoke(app, [*argv, "--l1-coefficient", "0.5", "--no-circuit"])
+    result = CliRunner().invoke(app, [*argv, "--sae-recipe", "reference", "--l1-coefficient", "0.5", "--no-circuit"])
     assert result.exit_code == 0 and seen[-1].l1_coefficient == 0.5 and seen[-1].circuit is False
     assert seen[-1].position_circuit is True
     result = CliRunner().invoke(app, [*argv, "--no-position-circuit"])

@@ -148,7 +148,11 @@ def test_demo_bad_settings_are_refused_before_the_model_is_made(tmp_path):
     base = ["demo", "--workspace", str(ws), "--out", str(tmp_path / "out")]
     for extra, expected in [(["--max-prompts", "0"], "--max-prompts"), (["--sae-tokens", "0"], "--sae-tokens"),
                             (["--seed", "-2"], "--seed"), (["--device", "nope"], "not a torch device"),
-                            (["--out", _file(tmp_path, "f.txt", "x")], "is a file")]:
+                            (["--out", _file(tmp_path, "f.txt", "x")], "is a file"),
+                            # options the demo would not use were silently ignored (as run's, now refused)
+                            (["--l1-coefficient", "1"], "--l1-coefficient does nothing here (it is the reference"),
+                            (["--sae-recipe", "reference", "--sae-k", "8"], "--sae-k does nothing here"),
+                            (["--no-circuit", "--circuit-ig-steps", "3"], "--circuit-ig-steps does nothing here")]:
         _refused(base + extra, expected)
     assert not ws.exists()  # nothing copied, trained or generated
 

@@ -450,6 +450,7 @@ def run(
 
 @app.command("demo", cls=SaeCommand, short_help="The whole pipeline on the embedded default model.")
 def demo(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option(metavar="DIR", help="Output folder for results.json and report.html.")] = Path(
         "runs/demo"),
     workspace: Annotated[Path, typer.Option(
@@ -489,6 +490,7 @@ def demo(
     from saecircuits.pipeline import RunConfig
 
     _setup_logging(verbose)
+    _unused_options(ctx, sae_given=False, recipe=sae_recipe, circuit=circuit)
     corpora = Path(workspace) / "data"
     heldout = corpora / f"default-heldout-seed{DEFAULT_CONFIG.heldout_seed}-n{DEFAULT_CONFIG.n_heldout_stories}.txt"
     # SAEs train on a fresh stream (its own seed), the prompts come from the LM's held-out stories.
