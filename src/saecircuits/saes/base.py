@@ -390,6 +390,24 @@ class SAE(nn.Module):
         scale = self._output_scale(x)
         return f if scale is None else f * scale
 
+    def active_entries(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """The positive entries of :meth:`encode` as ``torch.nonzero(f > 0, as_tuple=True) + (values,)``.
+
+        Args:
+            x: ``[*lead, d_in]``; mask: bool ``[*lead]`` (False rows count as all-zero codes), or None.
+
+        Returns:
+            one int64 index tensor ``[n]`` per dimension of ``f = encode(x)`` (the ``lead`` ones, then the feature),
+            in ``torch.nonzero``'s row-major order, and the float32 values ``f[...]`` there ``[n]``; exactly what the
+            dense code gives (an architecture whose codes are sparse by construction overrides this to skip the
+            dense ``[*lead, d_sae]`` code).
+        """
+        f = self.encode(x).float()
+        if mask is not None:
+            f.masked_fill_(~mask[..., None], 0.0)
+        idx = torch.nonzero(f > 0, as_tuple=True)
+        return (*idx, f[idx])
+
     def encode_features(self, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """Activations of some features only: ``encode(x)[..., features]`` as ``[..., n]`` for ``x [..., d_in]``.
 

@@ -551,11 +551,8 @@ class _Accumulator:
         rows = max(1, self.encode_floats // max(1, T * sae.d_sae))
         for r0 in range(0, b, rows):
             m = mask[r0 : r0 + rows]
-            f = sae.encode(x[r0 : r0 + rows].to(sae.W_enc.dtype)).float()
-            f.masked_fill_(~m[..., None], 0.0)
-            r_i, t_i, k_i = torch.nonzero(f > 0, as_tuple=True)
-            v = f[r_i, t_i, k_i]
-            mx, pos = _doc_max(r_i, t_i, k_i, v, f.shape[0], sae.d_sae)  # f.max(dim=1), from the active entries
+            r_i, t_i, k_i, v = sae.active_entries(x[r0 : r0 + rows].to(sae.W_enc.dtype), m)
+            mx, pos = _doc_max(r_i, t_i, k_i, v, m.shape[0], sae.d_sae)  # f.max(dim=1), from the active entries
             yield r0, m, mx.cpu(), pos.cpu(), r_i.cpu(), t_i.cpu(), k_i.cpu(), v.cpu()
 
     def update(self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, docs: torch.Tensor) -> None:
