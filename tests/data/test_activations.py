@@ -120,6 +120,55 @@ def test_shuffled_batches_permute_and_keep_hooks_aligned():
         next(shuffled_batches(iter(chunks), 10, buffer_size=15))
 
 
+def _plain_shuffled_batches(chunks, batch_size, buffer_size, seed):
+    """The mixing buffer as its docstring says it: concatenate to >= buffer_size rows, permute (the seeded
+    generator), emit the first half (all when the source ended) as batches, keep the rest."""
+    gen = torch.Generator().manual_seed(seed)
+    source, buf, exhausted = iter(chunks), None, False
+    while True:
+        pieces = [buf] if buf is not None else []
+        have = 0 if buf is None else buf["a"].shape[0]
+        while have < buffer_size and not exhausted:
+            try:
+                chunk = next(source)
+            except StopIteration:
+                exhausted = True
+                break
+            pieces.append(chunk)
+            have += chunk["a"].shape[0]
+        if not pieces or have < batch_size:
+            return
+        perm = torch.randperm(have, generator=gen)
+        merged = {k: torch.cat([p[k] for p in pieces])[perm] for k in pieces[0]}
+        n_emit = have if exhausted else max(batch_size, (have // 2) // batch_size * batch_size)
+        n_emit = n_emit // batch_size * batch_size
+        for s in range(0, n_emit, batch_size):
+            yield {k: v[s : s + batch_size] for k, v in merged.items()}
+        if exhausted:
+            return
+        buf = {k: v[n_emit:] for k, v in merged.items()}
+
+
+@pytest.mark.parametrize("sizes", [[25] * 6, [7, 0, 31, 90, 3, 12, 40, 5], [120, 1, 1, 200]])
+def test_shuffled_batches_reused_buffer_equals_concatenate_and_permute(sizes):
+    # the buffer reuses two tensors (rows copied in, kept half permuted into the other) instead of concatenating and
+    # permuting into new ones: the batches must be exactly those of the plain computation, chunk sizes that vary
+    # (an empty chunk, chunks longer than the first, which grow the buffer) included
+    g = torch.Generator().manual_seed(0)
+    chunks = []
+    for n in sizes:
+        ids = torch.randn(n, 3, generator=g)
+        chunks.append({"a": ids, "b": torch.randn(n, 2, generator=g).double()})
+    got = list(shuffled_batches(iter(chunks), 10, buffer_size=40, seed=5))
+    want = list(_plain_shuffled_batches(chunks, 10, 40, 5))
+    assert len(got) == len(want) == sum(sizes) // 10 and len(got) > 0
+    for a, b in zip(got, want, strict=True):
+        assert list(a) == ["a", "b"] and a["b"].dtype == torch.float64
+        assert torch.equal(a["a"], b["a"]) and torch.equal(a["b"], b["b"])
+    held = got[0]["a"].clone()  # a batch a consumer keeps is its own tensor, not a view of the reused buffer
+    assert torch.equal(got[0]["a"], held) and got[0]["a"].data_ptr() != got[-1]["a"].data_ptr()
+
+
 def test_activation_cache_roundtrip_and_rank_shards(tmp_path):
     chunks = _chunks(n_chunks=4, rows=25)
     write_activation_cache(iter(chunks), tmp_path / "cache", shard_rows=50)

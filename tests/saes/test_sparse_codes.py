@@ -238,3 +238,68 @@ def test_auxk_dead_pre_activations_take_the_encodes_values_and_autograds_gradien
     for name, a, e in zip(["W_enc", "b_enc", "b_dec", "x"], torch.autograd.grad((got * g).sum(), wrt), expected,
                           strict=False):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12, msg=name)
+
+
+# 30 dead: a top-k among them (8; a token has up to 8 positive dead latents), or all of them (40)
+@pytest.mark.parametrize("aux_k", [8, 40])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_auxk_from_positive_dead_pre_activations_equals_dense(dtype, aux_k, monkeypatch):
+    """When the dead latents' positive pre-activations are few and each token has at most aux_k of them, AuxK is
+    computed from those (token, latent) pairs alone: the loss and every gradient equal the dense AuxK (sparse=False)
+    and the loss written out with dense matrices."""
+    from saecircuits.saes import losses
+
+    monkeypatch.setattr(losses, "AUXK_SPARSE_RATIO", 1)  # take the pairs whenever each token's count fits
+    gen = torch.Generator().manual_seed(5)
+    d_in, d_sae, k, batch = 12, 48, 5, 64
+    sae = build_sae(SAEConfig("topk", d_in, d_sae, HOOK, extra={"k": k}, dtype=str(dtype).removeprefix("torch.")),
+                    seed=2)
+    dead = torch.zeros(d_sae, dtype=torch.bool)
+    dead[torch.randperm(d_sae, generator=gen)[:30]] = True
+    x = torch.randn(batch, d_in, generator=gen, dtype=dtype).relu()
+    with torch.no_grad():
+        sae.b_dec.copy_(torch.randn(d_in, generator=gen) * 0.1)
+        pre = (x - sae.b_dec) @ sae.W_enc
+        # dead biases that leave about one positive dead pre-activation per token, several on some tokens
+        sae.b_enc[dead] = -pre[:, dead].quantile(1 - 1.2 / 30, dim=0)
+        hidden_pre = sae.hidden_pre(x)
+    positive = losses._auxk_positive(hidden_pre, dead, aux_k)
+    assert positive is not None  # the pairs path is taken
+    rows, cols = positive
+    per_token = torch.bincount(rows, minlength=batch)
+    assert rows.numel() > 10 and 5 <= per_token.max() <= 8 and (per_token == 0).any()  # several on a token, or none
+    assert dead[cols].all() and (hidden_pre[rows, cols] > 0).all()
+    assert rows.numel() == int(((hidden_pre > 0) & dead).sum())
+    loss_cfg = LossConfig("none", (), aux_k=aux_k, aux_coefficient=0.5)
+    pairs_out, pairs_g = _grads(sae, x, loss_cfg, dead, sparse=True)
+    dense_out, dense_g = _grads(sae, x, loss_cfg, dead, sparse=False)
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    assert pairs_out.terms["auxk"] > 0
+    torch.testing.assert_close(pairs_out.total, dense_out.total, **tol)
+    for name in PARAMS:
+        torch.testing.assert_close(pairs_g[name], dense_g[name], **tol, msg=name)
+    sae.zero_grad(set_to_none=True)
+    ref_total, _ = _dense_reference(sae, x, dead, aux_k, 0.5)
+    ref_total.backward()
+    torch.testing.assert_close(pairs_out.total.detach(), ref_total.detach(), **tol)
+    for name in PARAMS:
+        torch.testing.assert_close(pairs_g[name], getattr(sae, name).grad, **tol, msg=name)
+
+
+def test_auxk_positive_pairs_only_when_the_top_k_choice_keeps_them_all(monkeypatch):
+    from saecircuits.saes import losses
+    from saecircuits.saes.losses import _auxk_positive
+
+    monkeypatch.setattr(losses, "AUXK_SPARSE_RATIO", 1)
+    dead = torch.tensor([True, True, True, False, True])
+    hidden_pre = torch.tensor([[0.5, -1.0, -2.0, 3.0, -0.1],   # one positive dead latent (0); 3 is alive
+                               [-1.0, -1.0, -1.0, -1.0, -1.0],  # none
+                               [0.2, 0.3, -1.0, 1.0, 0.0]])     # two (0 and 1); 4 is exactly 0: ReLU gives 0
+    rows, cols = _auxk_positive(hidden_pre, dead, 2)
+    assert rows.tolist() == [0, 2, 2] and cols.tolist() == [0, 0, 1]
+    # aux_k 1 of 4 dead latents: the top-1 choice on token 2 drops one of its two positive latents
+    assert _auxk_positive(hidden_pre, dead, 1) is None
+    # more pairs than batch * min(n_dead, aux_k) / AUXK_SPARSE_RATIO: the dense paths
+    assert _auxk_positive(hidden_pre, dead, 2) is not None
+    monkeypatch.setattr(losses, "AUXK_SPARSE_RATIO", 3)  # 3 pairs * 3 > 3 tokens * 2
+    assert _auxk_positive(hidden_pre, dead, 2) is None

@@ -214,7 +214,8 @@ def model_activation_chunks(
         for start in range(0, token_rows.shape[0], model_batch_rows):
             idx = slice(start, start + model_batch_rows)
             rows = token_rows[order[idx]] if order is not None else token_rows[idx]
-            keep = bos_keep_mask(rows, bos_id, bos_policy).reshape(-1)
+            # the kept positions as indices: index_select copies rows, much faster than a boolean-mask index
+            keep = bos_keep_mask(rows, bos_id, bos_policy).reshape(-1).nonzero().flatten()
             cache = _read_hooks(model, rows.to(device), wanted, stop)
             out: dict[str, torch.Tensor] = {}
             for hp in wanted:
@@ -228,7 +229,7 @@ def model_activation_chunks(
                         f"the model produced no activation for hook point {hp!r}; check the name "
                         f"(e.g. 'blocks.0.mlp.hook_post') and the layer count"
                     ) from err
-                act = act.reshape(-1, act.shape[-1])[keep.to(act.device)]
+                act = act.reshape(-1, act.shape[-1]).index_select(0, keep.to(act.device))
                 out[hp] = act.to(device=storage_device, dtype=dtype)
             yield out
         epoch += 1
@@ -299,33 +300,48 @@ def shuffled_batches(
             f"buffer_size ({buffer_size}) must be at least 2 * batch_size ({2 * batch_size})"
         )
     gen = torch.Generator().manual_seed(int(seed))
-    buf: dict[str, torch.Tensor] | None = None
     source = iter(chunks)
     exhausted = False
+    # The buffer's rows are rows [0, have) of `store`; `spare` (the same capacity) receives the kept half after each
+    # emission, then the two swap. Reusing them instead of concatenating and permuting into new tensors every round
+    # copies each row once in and once out and avoids allocating (and page-faulting in) fresh buffer-sized tensors,
+    # which cost more than the copies on a CPU. The values are those of ``cat(pieces)[perm]`` split into batches.
+    store: dict[str, torch.Tensor] = {}
+    spare: dict[str, torch.Tensor] = {}
+    have = 0
     while True:
-        pieces: list[dict[str, torch.Tensor]] = [buf] if buf is not None else []
-        have = 0 if buf is None else next(iter(buf.values())).shape[0]
         while have < buffer_size and not exhausted:
             try:
                 chunk = next(source)
             except StopIteration:
                 exhausted = True
                 break
-            pieces.append(chunk)
-            have += next(iter(chunk.values())).shape[0]
-        if not pieces or have < batch_size:
+            n = next(iter(chunk.values())).shape[0]
+            if not store:
+                store = {k: v.new_empty((buffer_size + 2 * n, *v.shape[1:])) for k, v in chunk.items()}
+                spare = {k: torch.empty_like(v) for k, v in store.items()}
+            if have + n > next(iter(store.values())).shape[0]:  # a chunk longer than the first: grow both
+                cap = max(have + n, 3 * next(iter(store.values())).shape[0] // 2)
+                store = {k: torch.cat([v[:have], v.new_empty((cap - have, *v.shape[1:]))]) for k, v in store.items()}
+                spare = {k: torch.empty_like(v) for k, v in store.items()}
+            for k, v in store.items():
+                v[have : have + n].copy_(chunk[k])
+            have += n
+        if have < batch_size or not store:
             return
-        keys = list(pieces[0].keys())
-        merged = {k: torch.cat([p[k] for p in pieces]) for k in keys}
         perm = torch.randperm(have, generator=gen)
-        merged = {k: v[perm.to(v.device)] for k, v in merged.items()}
+        perms = {k: perm.to(v.device) for k, v in store.items()}
         n_emit = have if exhausted else max(batch_size, (have // 2) // batch_size * batch_size)
         n_emit = n_emit // batch_size * batch_size
         for s in range(0, n_emit, batch_size):
-            yield {k: v[s : s + batch_size] for k, v in merged.items()}
+            # a new tensor per batch (never a view of the reused buffer, which a consumer may hold on to)
+            yield {k: v.index_select(0, perms[k][s : s + batch_size]) for k, v in store.items()}
         if exhausted:
             return
-        buf = {k: v[n_emit:] for k, v in merged.items()}
+        for k, v in store.items():
+            torch.index_select(v, 0, perms[k][n_emit:], out=spare[k][: have - n_emit])
+        store, spare = spare, store
+        have -= n_emit
 
 
 def model_activation_batches(

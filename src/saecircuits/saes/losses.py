@@ -244,23 +244,77 @@ def sparsity_penalties(
 
 
 def _auxk_choice(hidden_pre: torch.Tensor, dead_mask: torch.Tensor, aux_k: int
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """AuxK's choice among the dead latents (``n_dead >= 1``): ``(dead, values, pos)`` with ``dead [n_dead]`` their
-    indices into ``d_sae`` and ``values, pos [batch, aux_k]`` the largest pre-activations among them and their
-    positions in ``dead``; ``pos`` is None and ``values [batch, n_dead]`` all of them when ``n_dead <= aux_k``."""
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """AuxK's choice among the dead latents (``n_dead >= 1``): ``(dead, values, pos, sub)`` with ``dead [n_dead]``
+    their indices into ``d_sae``, ``sub [batch, n_dead]`` their pre-activations (``hidden_pre``'s columns ``dead``)
+    and ``values, pos [batch, aux_k]`` the largest of them and their positions in ``dead``; ``pos`` is None and
+    ``values`` is ``sub`` (all of them) when ``n_dead <= aux_k``."""
     dead = torch.nonzero(dead_mask).flatten()
     sub = hidden_pre.detach().index_select(-1, dead)
     if dead.numel() <= aux_k:
-        return dead, sub, None
+        return dead, sub, None, sub
     # unsorted: the same set (every caller sums over it or masks with it), about half the time of a sorted top-k
     vals, pos = sub.topk(aux_k, dim=-1, sorted=False)
-    return dead, vals, pos
+    return dead, vals, pos, sub
 
 
 def _auxk_select(hidden_pre: torch.Tensor, dead_mask: torch.Tensor, aux_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values, indices)`` ``[batch, min(aux_k, n_dead)]`` of :func:`_auxk_choice`, indices into ``d_sae``."""
-    dead, vals, pos = _auxk_choice(hidden_pre, dead_mask, aux_k)
+    dead, vals, pos, _ = _auxk_choice(hidden_pre, dead_mask, aux_k)
     return vals, (dead.expand(*vals.shape) if pos is None else dead[pos])
+
+
+AUXK_SPARSE_RATIO = 16
+""":func:`auxk_loss_sparse` computes from the dead latents' positive pre-activations alone (:func:`_auxk_positive`)
+when each token has at most ``aux_k`` of them and there are at most ``batch * min(n_dead, aux_k) /
+AUXK_SPARSE_RATIO`` in all: a dead latent rarely has a positive pre-activation (0.1 to 0.2 per token of 700 dead
+on the demo's SAEs), and ReLU makes every other one contribute exactly 0 to the value and the gradients."""
+
+
+def _auxk_positive(hidden_pre: torch.Tensor, dead_mask: torch.Tensor, aux_k: int
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(rows, cols)`` ``[nnz]``: the (token, latent) pairs of the dead latents' positive pre-activations, when AuxK
+    keeps every one of them and they are few enough (:data:`AUXK_SPARSE_RATIO`); else None.
+
+    With at most ``aux_k`` positive dead pre-activations on a token, its top ``aux_k`` among the dead latents holds
+    all of them (a positive value outranks every other), and ReLU maps the rest of the choice to 0: AuxK's features
+    are exactly ``relu`` of these pairs, the other choices adding 0 to the reconstruction and getting no gradient.
+    """
+    positive = torch.nonzero((hidden_pre.detach() > 0) & dead_mask)  # [nnz, 2], row-major
+    batch, n_dead = hidden_pre.shape[0], int(dead_mask.sum())
+    if positive.shape[0] * AUXK_SPARSE_RATIO > batch * min(n_dead, aux_k):
+        return None
+    rows, cols = positive.unbind(1)
+    if n_dead > aux_k and rows.numel() and int(torch.bincount(rows).max()) > aux_k:
+        return None  # a token with more positive dead latents than aux_k: the top-k choice drops some
+    return rows, cols
+
+
+class _PairPreActivations(torch.autograd.Function):
+    """``pre[i] = x_in[rows[i]] . W_enc[:, cols[i]] + b_enc[cols[i]]`` ``[nnz]`` with the values given (the dense
+    encode's entries); backward as autograd's through that formula, touching those rows and columns only."""
+
+    @staticmethod
+    def forward(ctx, x_in, w_enc, b_enc, rows, cols, values):  # type: ignore[override]
+        ctx.save_for_backward(x_in, w_enc, rows, cols)
+        ctx.d_sae = b_enc.shape[0]
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x_in, w_enc, rows, cols = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad = grad.to(w_enc.dtype).unsqueeze(-1)  # [nnz, 1]
+        grad_x = grad_w = grad_b = None
+        if need_x:  # grad_x[rows[i]] += grad[i] * W_enc[:, cols[i]]
+            src = grad * w_enc.detach().index_select(1, cols).t()
+            grad_x = torch.zeros(x_in.shape, dtype=src.dtype, device=src.device).index_add_(0, rows, src)
+        if need_w:  # grad W_enc[:, cols[i]] += grad[i] * x_in[rows[i]]
+            src = grad * x_in.detach().to(w_enc.dtype).index_select(0, rows)
+            grad_w = torch.zeros_like(w_enc).index_add_(1, cols, src.t())
+        if need_b:
+            grad_b = grad.new_zeros(ctx.d_sae).index_add_(0, cols, grad.squeeze(-1))
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def auxk_loss(
@@ -331,10 +385,11 @@ class _DeadPreActivations(torch.autograd.Function):
 
 
 def _dead_pre_activations(sae: SAE, x: torch.Tensor, x_in: torch.Tensor, dead: torch.Tensor,
-                          hidden_pre: torch.Tensor) -> torch.Tensor:
-    """The pre-activations of the ``dead`` latents ``[batch, n_dead]`` (values: ``hidden_pre``'s columns),
-    differentiable in ``W_enc``, ``b_enc`` and ``x_in`` (so ``b_dec``) as ``x_in @ W_enc[:, dead] + b_enc[dead]``."""
-    values = hidden_pre.detach().index_select(-1, dead).to(sae.W_enc.dtype)
+                          hidden_pre: torch.Tensor, sub: torch.Tensor | None = None) -> torch.Tensor:
+    """The pre-activations of the ``dead`` latents ``[batch, n_dead]`` (values: ``hidden_pre``'s columns, or ``sub``
+    when the caller has them already), differentiable in ``W_enc``, ``b_enc`` and ``x_in`` (so ``b_dec``) as
+    ``x_in @ W_enc[:, dead] + b_enc[dead]``."""
+    values = (hidden_pre.detach().index_select(-1, dead) if sub is None else sub).to(sae.W_enc.dtype)
     if (sae.cfg.apply_b_dec_to_input and sae.input_normalization == "none" and not x.requires_grad
             and sae.b_dec.requires_grad):
         return _DeadPreActivations.apply(x_in.detach(), sae.W_enc, sae.b_enc, sae.b_dec, dead, values)
@@ -352,20 +407,35 @@ def auxk_loss_sparse(
     """:func:`auxk_loss` computed from the selected latents only (:mod:`saecircuits.saes.sparse_codes`): the same
     value and gradients, with ``hidden_pre [batch, d_sae]`` a non-differentiable copy (e.g. from
     :meth:`~saecircuits.saes.topk.TopKSAE.encode_sparse`); the gradient reaches ``W_enc``, ``b_enc`` and ``b_dec``
-    through the selected encoder columns."""
+    through the selected encoder columns.
+
+    Three ways, by the dead latents' numbers: from the few (token, latent) pairs with a positive pre-activation
+    (:func:`_auxk_positive`, the usual case in training: ReLU zeroes the rest of AuxK's choice), with matmuls over
+    the dead columns (:data:`AUXK_DENSE_RATIO`), or from ``aux_k`` gathered rows per token. The same value and
+    gradients up to the order of float summation."""
     from saecircuits.saes.sparse_codes import selected_pre_activations, sparse_decode
 
     n_dead = int(dead_mask.sum())
     if n_dead == 0:
         return hidden_pre.new_zeros(())
     x_in, _ = sae._encoder_input(x)
-    if aux_k * AUXK_DENSE_RATIO >= n_dead:
+    residual = (x - x_hat).detach()
+    positive = _auxk_positive(hidden_pre, dead_mask, aux_k)
+    if positive is not None:
+        # the few (token, dead latent) pairs with a positive pre-activation are AuxK's only non-zero features: their
+        # decoder rows summed per token, instead of matmuls over [batch, n_dead] entries that are almost all 0
+        rows, cols = positive
+        pre = _PairPreActivations.apply(x_in, sae.W_enc, sae.b_enc, rows, cols,
+                                        hidden_pre.detach()[rows, cols].to(sae.W_enc.dtype))
+        src = torch.relu(pre).unsqueeze(-1) * sae.W_dec.index_select(0, cols)
+        e_hat = torch.zeros(residual.shape, dtype=src.dtype, device=src.device).index_add(0, rows, src)
+    elif aux_k * AUXK_DENSE_RATIO >= n_dead:
         # aux_k is a large share of the dead latents (256 of ~700 on the demo): matmuls over the dead columns do
         # n_dead / aux_k times the multiply-adds of the gathered rows but run far faster per multiply-add on a CPU
-        dead, _, pos = _auxk_choice(hidden_pre, dead_mask, aux_k)  # chosen on hidden_pre, as the other paths
+        dead, _, pos, sub = _auxk_choice(hidden_pre, dead_mask, aux_k)  # chosen on hidden_pre, as the other paths
         # the dead columns' pre-activations are hidden_pre's (the encode computed them): no matmul forward, and
         # b_dec's gradient as a matrix-vector product where the input is x - b_dec (see _DeadPreActivations)
-        pre = _dead_pre_activations(sae, x, x_in, dead, hidden_pre)  # [batch, n_dead]
+        pre = _dead_pre_activations(sae, x, x_in, dead, hidden_pre, sub)  # [batch, n_dead]
         f = torch.relu(pre)
         if pos is not None:
             f = f * torch.zeros_like(f, dtype=torch.bool).scatter_(-1, pos, True)
@@ -374,7 +444,6 @@ def auxk_loss_sparse(
         vals, idx = _auxk_select(hidden_pre, dead_mask, aux_k)
         pre = selected_pre_activations(x_in, sae.W_enc, sae.b_enc, idx.contiguous(), vals)
         e_hat = sparse_decode(torch.relu(pre), idx.contiguous(), sae.W_dec)
-    residual = (x - x_hat).detach()
     scale = min(n_dead / aux_k, 1.0)
     return scale * ((e_hat - residual) ** 2).sum(dim=-1).mean()
 

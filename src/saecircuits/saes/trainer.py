@@ -357,6 +357,8 @@ class SAETrainer(CheckpointMixin):
     @torch.no_grad()
     def _metrics(self, x: torch.Tensor, out: Any) -> dict[str, float]:
         x_hat = out.x_hat.detach().float()
+        # the float64 metrics convert once (their functions' .double() then returns these tensors as they are)
+        x64, x_hat64 = x.detach().double(), x_hat.double()
         freq = self.log_counts / max(self.log_tokens, 1)
         window = min(self.cfg.dead_window, self.step)
         m = {
@@ -369,9 +371,9 @@ class SAETrainer(CheckpointMixin):
             # per token, summed over d_in, in the units the SAE sees (scaled when normalize_activations)
             "mse": float((x_hat - x).pow(2).sum(-1).mean()),
             # over this batch's tokens (not results.json's explained_variance_at_p, across prompts at P)
-            "explained_variance_tokens": explained_variance(x, x_hat),
+            "explained_variance_tokens": explained_variance(x64, x_hat64),
             # sum ||x_hat|| / sum ||x||: below 1 when the sparsity penalty shrinks reconstructions
-            "shrinkage": _shrinkage(x, x_hat),
+            "shrinkage": _shrinkage(x64, x_hat64),
             # dead: no firing in the last `window` steps; before the run has the full window, none since the start
             # (with the full window a short run would always log 0.0)
             "dead_fraction": float((self.steps_since_fired >= window).float().mean()),
