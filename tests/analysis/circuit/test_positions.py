@@ -1018,3 +1018,115 @@ def test_batch_candidates_equal_the_per_prompt_ranking():
                 m = (keys[:, 0] == gi) & (keys[:, 1] < g.sae.d_sae)
                 f = tr.leaves[gi][0][b, 0]
                 assert bool((f[keys[m, 2], keys[m, 1]] != 0).all())
+
+
+@pytest.mark.parametrize("arch", ["gpt_neo", "llama"])
+def test_node_contributions_equal_the_dense_contributions_at_the_nodes(arch):
+    """Pass A's node entries (``Tracked.node_contributions``: active features and errors of each SAE, every index of
+    the other groups, at positions <= P; no dense tensor) against the dense contributions of
+    ``node_attributions``: exactly the entries of the nodes (features where active, nothing after a padded row's
+    P) in (prompt, position, index) order, holding the same floats; and ranked, the same candidates as
+    ``_batch_candidates`` of the dense tensors (keys, order with ties, values: bit for bit)."""
+    from saecircuits.analysis.circuit.position_graph import _batch_candidates, _ranked_entries
+    from saecircuits.analysis.circuit.positions import node_attribution_entries
+
+    model, task, saes, pg = _setup(arch)
+    eng = engine_of(model)
+    for batch in task_batches(model, task, max_batch=3):
+        P = batch.positions
+        tr, contrib = node_attributions(eng, pg, batch, _baselines(arch))
+        tr2, entries = node_attribution_entries(eng, pg, batch, _baselines(arch))
+        assert len(entries) == len(contrib)
+        for gi, (c, (b, t, k, v)) in enumerate(zip(contrib, entries, strict=True)):
+            want = torch.arange(c.shape[1])[None, :, None] <= P[:, None, None]
+            want = want.expand(c.shape).clone()
+            if pg.groups[gi].kind == "sae":
+                f = tr.leaves[gi][0][:, 0]
+                want[..., :-1] &= f != 0
+            wb, wt, wk = torch.nonzero(want, as_tuple=True)  # (b, t, k) order
+            assert torch.equal(b, wb) and torch.equal(t, wt) and torch.equal(k, wk)
+            assert torch.equal(v, c[wb, wt, wk])
+        got = _ranked_entries(entries, len(P))
+        ref = _batch_candidates(pg, tr, contrib, P)
+        for (k1, v1), (k2, v2) in zip(got, ref, strict=True):
+            assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    assert any(len(set(b.positions.tolist())) > 1 for b in task_batches(model, task, max_batch=3))  # padding
+
+
+def test_ranked_entries_drop_nan_and_break_ties_by_group_then_position():
+    """The ranking of a hand-made batch: |AtP| largest first per prompt, equal |AtP| in (group, position, index)
+    order (the order of the per-prompt concatenation it replaced), a NaN never a node, a prompt without entries
+    empty."""
+    from saecircuits.analysis.circuit.position_graph import _ranked_entries
+
+    L = torch.tensor
+    entries = [  # group 0: prompt 0 at (t, k) = (0, 0), (1, 0); prompt 2 at (0, 0)
+        (L([0, 0, 2]), L([0, 1, 0]), L([0, 0, 0]), L([0.5, -2.0, float("nan")], dtype=torch.float64)),
+        # group 1: prompt 0 at (0, 1), (0, 3); prompt 2 at (1, 2)
+        (L([0, 0, 2]), L([0, 0, 1]), L([1, 3, 2]), L([-0.5, 2.0, 1.0], dtype=torch.float64)),
+    ]
+    got = _ranked_entries(entries, 3)
+    assert got[0][0].tolist() == [[0, 0, 1], [1, 3, 0], [0, 0, 0], [1, 1, 0]]  # |2| ties: group 0 first; |0.5| too
+    assert got[0][1].tolist() == [-2.0, 2.0, 0.5, -0.5]
+    assert got[1][0].shape == (0, 3) and got[1][1].shape == (0,)
+    assert got[2][0].tolist() == [[1, 2, 1]] and got[2][1].tolist() == [1.0]
+
+
+def test_faithfulness_rows_with_sparse_sae_masks_equal_the_dense_masks():
+    """Pass D's forward with each SAE's mask held as its circuit nodes (``_SaeMask``: the ablated count per row,
+    dense rows only where a position is mixed) against the dense ``[B, V, T, d_sae + 1]`` float masks it replaced
+    (built here as before, through the same hooks): the same answer log-probs, bit for bit; two circuits, features
+    and errors, several nodes at one position, a node listed twice, nodes out of the graph ignored."""
+    import random
+
+    from saecircuits.analysis.circuit.nodes import _answer_logprob
+    from saecircuits.analysis.circuit.position_graph import _faithfulness_rows, _mask_hooks
+
+    model, task, saes, pg = _setup("gpt_neo")
+    eng = engine_of(model)
+    means = position_means(model, pg, task, max_batch=3)
+    batch = next(iter(task_batches(model, task, max_batch=3)))
+    B, T = batch.tokens.shape
+    rng = random.Random(0)
+    circuits = []
+    for _ in range(2):
+        graphs, keys = [], []
+        for b in range(B):
+            P = int(batch.positions[b])
+            nodes, kk = [], {}
+            for j in range(12):
+                gi = rng.randrange(len(pg.groups))
+                k = rng.randrange(pg.n_local(gi)) if j % 3 else pg.n_local(gi) - 1  # SAE errors too
+                t = rng.choice([P, P - 1, rng.randrange(P + 1)])
+                nodes.append({"id": f"n{j}", "kind": "x", "in_graph": j != 5})
+                kk[f"n{j}"] = (gi, k, t)
+            nodes.append({"id": "n12", "kind": "x", "in_graph": True})  # n3 again: one node listed twice
+            kk["n12"] = kk["n3"]
+            graphs.append({"nodes": nodes})
+            keys.append(kk)
+        circuits.append((graphs, keys))
+    got = _faithfulness_rows(eng, pg, batch, circuits, means)
+    # the dense masks as before
+    masks = {}
+    for gi in range(len(pg.groups)):
+        cs = []
+        for graphs, keys in circuits:
+            inside = torch.zeros(B, T, pg.n_local(gi), dtype=torch.bool)
+            for b, g in enumerate(graphs):
+                for n in g["nodes"]:
+                    g_i, k, t = keys[b][n["id"]]
+                    if n["in_graph"] and g_i == gi:
+                        inside[b, t, k] = True
+            cs.append(inside)
+        masks[gi] = torch.stack([x for c in cs for x in (~c, c)], dim=1).float()
+    sae_mixed = 0
+    for gi, g in enumerate(pg.groups):
+        if g.kind == "sae":
+            on = masks[gi].sum(-1)
+            sae_mixed += int(((on > 0) & (on < pg.n_local(gi))).sum())
+    assert sae_mixed > 4
+    with torch.no_grad():
+        x = eng.forward_tokens(batch.tokens, _mask_hooks(pg, masks, means))
+        lg = eng.logits(x[torch.arange(B), :, batch.positions])
+        want = _answer_logprob(lg, batch.answer_ids).double()
+    assert torch.equal(got, want)

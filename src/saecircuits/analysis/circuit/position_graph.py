@@ -61,6 +61,7 @@ from saecircuits.analysis.circuit.positions import (
     exact_node_effects,
     head_labels,
     head_loadings,
+    node_attribution_entries,
     node_attributions,
     position_groups,
 )
@@ -122,27 +123,37 @@ def _batch_candidates(pg: PositionGroups, tr, contrib, positions) -> list[tuple[
     """Per prompt of a batch (``positions``: each row's P), every node at positions ``<= P`` (features only where
     active; errors, heads, MLPs and embeddings everywhere): keys int64 ``[n, 3]`` = (group, in-group index,
     position) ranked by ``|AtP|`` (largest first, ties in key order), and their AtP values float64 ``[n]`` (signed,
-    nats). Each group's entries are found in one pass over the batch, not one per prompt and group."""
-    B = len(positions)
+    nats), from the dense contributions ``contrib`` (:func:`node_attributions`); :func:`_ranked_entries` of the
+    same entries :meth:`~.positions.Tracked.node_contributions` gives."""
     P = torch.as_tensor(positions, dtype=torch.long).cpu()
-    per_group = []  # per group: (keys, |AtP|, AtP) of the kept entries in (prompt, position, index) order, by prompt
+    entries = []
     for gi, c in enumerate(contrib):
         T = c.shape[1]
-        keep = (torch.arange(T)[None, :] <= P[:, None])[..., None] & (c.abs() >= 0)  # not NaN, as s >= 0 in one
+        keep = (torch.arange(T)[None, :] <= P[:, None])[..., None].expand(c.shape)
         if pg.groups[gi].kind == "sae":
             f = tr.leaves[gi][0][:, 0].detach().cpu()
-            keep &= torch.cat([f != 0, torch.ones(*f.shape[:-1], 1, dtype=torch.bool)], dim=-1)
+            keep = keep & torch.cat([f != 0, torch.ones(*f.shape[:-1], 1, dtype=torch.bool)], dim=-1)
         b, t, k = torch.nonzero(keep, as_tuple=True)
-        v = c[b, t, k]
-        n_b = torch.bincount(b, minlength=B).tolist()
-        per_group.append((torch.stack([torch.full_like(t, gi), k, t], dim=1).split(n_b), v.abs().split(n_b),
-                          v.split(n_b)))
-    out = []
-    for r in range(B):
-        order = torch.argsort(torch.cat([s[r] for _, s, _ in per_group]), descending=True, stable=True)
-        out.append((torch.cat([k[r] for k, _, _ in per_group])[order],
-                    torch.cat([v[r] for _, _, v in per_group])[order].double()))
-    return out
+        entries.append((b, t, k, c[b, t, k]))
+    return _ranked_entries(entries, len(P))
+
+
+def _ranked_entries(entries, B: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per prompt ``b < B``, its nodes ranked by ``|AtP|`` (largest first; ties in the order of group, then
+    position and in-group index), from per-group entries ``(b, t, k, value)`` in ``(b, t, k)`` order
+    (:meth:`~.positions.Tracked.node_contributions`): keys int64 ``[n, 3]`` = (group, in-group index, position)
+    and the AtP values float64 ``[n]``. A NaN value is never a node. The whole batch in two stable sorts (by
+    ``|AtP|``, then by prompt: each prompt's entries keep the first sort's order), not one per prompt."""
+    gis = torch.cat([torch.full_like(b, gi) for gi, (b, _, _, _) in enumerate(entries)])
+    bs, ts, ks, vs = (torch.cat([e[j] for e in entries]) for j in range(4))
+    ok = vs.abs() >= 0  # not NaN
+    if not bool(ok.all()):
+        gis, bs, ts, ks, vs = gis[ok], bs[ok], ts[ok], ks[ok], vs[ok]
+    order = torch.argsort(vs.abs(), descending=True, stable=True)
+    order = order[torch.argsort(bs[order], stable=True)]
+    counts = torch.bincount(bs, minlength=B).tolist()
+    keys = torch.stack([gis, ks, ts], dim=1)[order]
+    return list(zip(keys.split(counts), vs[order].split(counts), strict=True))
 
 
 def _code(keys: torch.Tensor) -> torch.Tensor:
@@ -276,9 +287,9 @@ def position_circuit(
     for batch in with_progress(_bounded(iter(mine), per_token), n_mine,
                                "circuit across positions: AtP at every position (prompts)", shown):
         clean = clean_cache(eng, batch)
-        tr, contrib = node_attributions(eng, pg, batch, base)
+        tr, entries = node_attribution_entries(eng, pg, batch, base)
         B = len(batch.indices)
-        ranked = _batch_candidates(pg, tr, contrib, batch.positions)
+        ranked = _ranked_entries(entries, B)
         for b, i in enumerate(batch.indices):
             cands[i] = _Candidates.of(*ranked[b])
         top = [PromptNodes(k[:top_exact, 0], k[:top_exact, 1], k[:top_exact, 2]) for k, _ in ranked]
@@ -291,7 +302,7 @@ def position_circuit(
             g = ctx.graph(i, P, top[b], atp, torch.full_like(atp, float("nan")), {}, {}, loads[b],
                           torch.zeros(0, dtype=torch.long), tr, b)
             graphs[i] = prune_graph(g, share)
-        del tr, contrib, clean
+        del tr, entries, clean
     lap("A: AtP, every prompt")
 
     # pass B, the example prompts: exact effects of their top_exact nodes, exact and AtP edges, head loadings
@@ -1027,24 +1038,72 @@ def _faithfulness_rows(engine, pg, batch, circuits, means) -> torch.Tensor:
     mean-ablated, at every position ``<= P`` (variants of one forward)."""
     B, T = batch.tokens.shape
     dev = batch.tokens.device
-    insides = []
-    for graphs, keys in circuits:
-        inside = {gi: torch.zeros(B, T, pg.n_local(gi), dtype=torch.bool) for gi in range(len(pg.groups))}
+    # per group, every circuit's nodes (b, t, k) in one list: the masks are built from them in array operations
+    at: list[list[list[tuple[int, int, int]]]] = [[[] for _ in pg.groups] for _ in circuits]
+    for j, (graphs, keys) in enumerate(circuits):
         for b, g in enumerate(graphs):
+            kb = keys[b]
             for n in g["nodes"]:
                 if n["in_graph"] and n["kind"] != "target":
-                    gi, k, t = keys[b][n["id"]]
-                    inside[gi][b, t, k] = True
-        insides.append(inside)
+                    gi, k, t = kb[n["id"]]
+                    at[j][gi].append((b, t, k))
     masks = {}
     for gi in range(len(pg.groups)):
-        cs = [inside[gi].to(dev) for inside in insides]
+        n = pg.n_local(gi)
+        nodes = [torch.tensor(c[gi], dtype=torch.long).reshape(-1, 3) for c in at]
+        if pg.groups[gi].kind == "sae":
+            masks[gi] = _SaeMask(nodes, B, T, n, dev)
+            continue
+        cs = []
+        for x in nodes:
+            inside = torch.zeros(B, T, n, dtype=torch.bool)
+            inside[x[:, 0], x[:, 1], x[:, 2]] = True
+            cs.append(inside.to(dev))
         masks[gi] = torch.stack([x for c in cs for x in (~c, c)], dim=1).float()  # [B, V, T, n]
     with torch.no_grad():
         x = engine.forward_tokens(batch.tokens, _mask_hooks(pg, masks, means))
         rows = torch.arange(B, device=dev)
         lg = engine.logits(x[rows, :, batch.positions.to(dev)])  # [B, V, d_vocab]
         return _answer_logprob(lg, batch.answer_ids).double().cpu()
+
+
+class _SaeMask:
+    """An SAE group's mask of :func:`_faithfulness_rows` without its dense ``[B, V, T, d_sae + 1]`` floats (a
+    circuit holds a few of an SAE's indices per position): variant ``2j`` ablates every index outside circuit ``j``,
+    variant ``2j + 1`` its indices. ``on`` ``[B, V, T]``: the indices ablated per row (what the dense mask's sum
+    was, exact small integers); :meth:`rows`: the dense mask's rows where asked (0. / 1., the same floats)."""
+
+    def __init__(self, nodes: list[torch.Tensor], B: int, T: int, n: int, dev):
+        self.n, self.B, self.T = n, B, T
+        self.nodes = []  # per circuit, its distinct (b, t, k) as int64 [m, 3]
+        on = torch.zeros(B, 2 * len(nodes), T)
+        for j, x in enumerate(nodes):
+            code = torch.unique((x[:, 0] * T + x[:, 1]) * n + x[:, 2])  # a node listed twice is one index
+            x = torch.stack([code // (T * n), code // n % T, code % n], dim=1)
+            self.nodes.append(x)
+            cnt = torch.bincount(x[:, 0] * T + x[:, 1], minlength=B * T).reshape(B, T).float()
+            on[:, 2 * j] = n - cnt
+            on[:, 2 * j + 1] = cnt
+        self.on = on.to(dev)
+        self.shape = (B, 2 * len(nodes), T, n)
+
+    def rows(self, mixed: torch.Tensor) -> torch.Tensor:
+        """The dense mask at the rows ``mixed`` ``[B, V, T]`` (bool) selects, in that indexing's order: float
+        ``[n_rows, n]``."""
+        dev = mixed.device
+        row = torch.full(mixed.shape, -1, dtype=torch.long, device=dev)
+        n_rows = int(mixed.sum())
+        row[mixed] = torch.arange(n_rows, device=dev)
+        out = torch.zeros(n_rows, self.n, device=dev)
+        for j, x in enumerate(self.nodes):
+            x = x.to(dev)
+            for v in (2 * j, 2 * j + 1):
+                r = row[x[:, 0], v, x[:, 1]]
+                ok = r >= 0
+                out[r[ok], x[ok, 2]] = 1.0
+        complement = torch.nonzero(mixed, as_tuple=True)[1] % 2 == 0  # variant 2j: outside circuit j ablated
+        out[complement] = 1.0 - out[complement]
+        return out
 
 
 def _mask_hooks(pg, masks: dict, means: dict) -> dict:
@@ -1065,7 +1124,7 @@ def _mask_hooks(pg, masks: dict, means: dict) -> dict:
                 # bias + mu_f @ W_dec + mu_e: neither needs the code f, so only rows with some nodes ablated and
                 # some not (the positions holding a circuit's nodes) are encoded
                 xf = x.float()
-                on = m.sum(-1)  # [B, V, T]
+                on = m.on if isinstance(m, _SaeMask) else m.sum(-1)  # [B, V, T]
                 full, mixed = on == m.shape[-1], (on > 0) & (on < m.shape[-1])
                 out = xf.clone()
                 if bool(full.any()):
@@ -1073,7 +1132,7 @@ def _mask_hooks(pg, masks: dict, means: dict) -> dict:
                     bias = sae.decoder_bias(x_in[full] if sae.decode_needs_input else None).float()
                     out[full] = bias + const
                 if bool(mixed.any()):
-                    xi, xm, mm = x_in[mixed], xf[mixed], m[mixed]
+                    xi, xm, mm = x_in[mixed], xf[mixed], m.rows(mixed) if isinstance(m, _SaeMask) else m[mixed]
                     f = sae.encode(xi).float()
                     me = mm[..., -1:]
                     # both products with W_dec in one, ((f - mu_f) * m_f - m_e * f) @ W_dec (the decoder's cost)
