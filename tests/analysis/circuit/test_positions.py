@@ -1130,3 +1130,24 @@ def test_faithfulness_rows_with_sparse_sae_masks_equal_the_dense_masks():
         lg = eng.logits(x[torch.arange(B), :, batch.positions])
         want = _answer_logprob(lg, batch.answer_ids).double()
     assert torch.equal(got, want)
+
+
+def test_batch_activations_equal_the_per_prompt_reads():
+    """Pass A's node activations read for the whole batch at once (``_batch_activations``) against the per-prompt
+    read (``_activations``): the same floats (NaN for nodes that are not features), prompts of different lengths."""
+    from saecircuits.analysis.circuit.position_graph import _activations, _batch_activations, _ranked_entries
+    from saecircuits.analysis.circuit.positions import node_attribution_entries
+
+    model, task, saes, pg = _setup("gpt_neo")
+    eng = engine_of(model)
+    batch = next(iter(task_batches(model, task, max_batch=3)))
+    tr, entries = node_attribution_entries(eng, pg, batch, _baselines("gpt_neo"))
+    ranked = _ranked_entries(entries, len(batch.indices))
+    rows = [2, 0]
+    cs = [PromptNodes(ranked[b][0][:40, 0], ranked[b][0][:40, 1], ranked[b][0][:40, 2]) for b in rows]
+    got = _batch_activations(pg, tr, rows, cs)
+    for b, c, g in zip(rows, cs, got, strict=True):
+        want = _activations(pg, tr, b, c)
+        assert len(g) == len(want) == 40
+        assert all((x == y) or (math.isnan(x) and math.isnan(y)) for x, y in zip(g, want, strict=True))
+        assert any(math.isnan(x) for x in g) and any(not math.isnan(x) for x in g)

@@ -115,8 +115,10 @@ def _f(x) -> float | None:
 
 def _fs(xs: Sequence[float]) -> list[float | None]:
     """:func:`_f` of every float of ``xs`` (one string format for the list: a graph has thousands of values)."""
-    out = [float(x) for x in ("%.6g " * len(xs) % tuple(xs)).split()]
-    return [x if x - x == 0.0 else None for x in out]  # inf and NaN -> None
+    text = "%.6g " * len(xs) % tuple(xs)
+    out = list(map(float, text.split()))
+    # inf and NaN -> None (only they print with an "n": "inf", "nan")
+    return [x if x - x == 0.0 else None for x in out] if "n" in text else out
 
 
 def _batch_candidates(pg: PositionGroups, tr, contrib, positions) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -295,12 +297,13 @@ def position_circuit(
         top = [PromptNodes(k[:top_exact, 0], k[:top_exact, 1], k[:top_exact, 2]) for k, _ in ranked]
         rest = [b for b, i in enumerate(batch.indices) if i >= n_ex]
         loads = head_loadings(eng, pg, clean, tr, top, top, [[-1] if b in set(rest) else [] for b in range(B)])
-        for b in rest:
+        acts = _batch_activations(pg, tr, rest, [top[b] for b in rest])
+        for b, act in zip(rest, acts, strict=True):
             i = int(batch.indices[b])
             P = int(batch.positions[b])
             atp = ranked[b][1][:top_exact]
             g = ctx.graph(i, P, top[b], atp, torch.full_like(atp, float("nan")), {}, {}, loads[b],
-                          torch.zeros(0, dtype=torch.long), tr, b)
+                          torch.zeros(0, dtype=torch.long), tr, b, acts=act)
             graphs[i] = prune_graph(g, share)
         del tr, entries, clean
     lap("A: AtP, every prompt")
@@ -464,10 +467,10 @@ class _Ctx:
             self.strings[t] = token_string(self.model.tokenizer, t)
         return self.strings[t]
 
-    def graph(self, i, P, c, atp, exact, ex_edges, at_edges, loads, feat_idx, tr, b) -> dict:
+    def graph(self, i, P, c, atp, exact, ex_edges, at_edges, loads, feat_idx, tr, b, acts=None) -> dict:
         pairs = {"nodes": ([], [], []), "edges": ([], [], [])}
         g = _graph(self.pg, self.describe, self.heads, c, atp, exact, ex_edges, at_edges, loads, feat_idx, tr, b, P,
-                   self.n_layers, self.max_edges, pairs, self.ident)
+                   self.n_layers, self.max_edges, pairs, self.ident, acts)
         if pairs["nodes"][0] or pairs["edges"][0]:
             self.prompt_pairs[int(i)] = pairs
         # keys in the order results.json's PromptGraph declares them (the file round-trips exactly)
@@ -699,14 +702,16 @@ def _bounded(batches, per_token: int):
 
 
 def _graph(pg, describe, heads, c: PromptNodes, atp, exact, ex_edges, at_edges, loads, feat_idx, tr, b, P, n_layers,
-           max_edges, pairs, ident) -> dict:
+           max_edges, pairs, ident, acts=None) -> dict:
     """One prompt's graph dict (nodes ``c`` with their AtP and exact values, NaN exact = not measured; edges into
-    the target and between nodes); agreement pairs of the measured nodes and edges are added to ``pairs``."""
+    the target and between nodes); agreement pairs of the measured nodes and edges are added to ``pairs``.
+    ``acts``: the nodes' :func:`_activations` when the caller read them for its whole batch."""
     ids = []
     nodes = []
     gis, ks, ts = c.gi.tolist(), c.local.tolist(), c.pos.tolist()  # python values in bulk (per-element reads are slow)
     exact_l, atp_l = exact.tolist(), atp.tolist()
-    exact_f, atp_f, acts_f = _fs(exact_l), _fs(atp_l), _fs(_activations(pg, tr, b, c))
+    exact_f, atp_f = _fs(exact_l), _fs(atp_l)
+    acts_f = _fs(_activations(pg, tr, b, c) if acts is None else acts)
     fidx = feat_idx.tolist()
     for a, (gi, k, t) in enumerate(zip(gis, ks, ts, strict=True)):
         kind, label, index, si, feat, head = describe(gi, k)
@@ -797,6 +802,26 @@ def _activations(pg: PositionGroups, tr, b: int, c: PromptNodes) -> list[float]:
             with torch.no_grad():
                 out[m] = f[b, 0, c.pos[m].to(f.device), c.local[m].to(f.device)].double().cpu()
     return out.tolist()
+
+
+def _batch_activations(pg: PositionGroups, tr, rows: Sequence[int], cs: Sequence[PromptNodes]) -> list[list[float]]:
+    """:func:`_activations` of the nodes ``cs[i]`` of prompts ``rows[i]``, every prompt's read per group in one
+    indexing (the same floats)."""
+    sizes = [len(c.gi) for c in cs]
+    if not cs:
+        return []
+    gis, ks, ts = (torch.cat([getattr(c, a) for c in cs]) for a in ("gi", "local", "pos"))
+    bs = torch.repeat_interleave(torch.tensor(list(rows), dtype=torch.long), torch.tensor(sizes, dtype=torch.long))
+    out = torch.full((len(gis),), float("nan"), dtype=torch.float64)
+    for gi, g in enumerate(pg.groups):
+        if g.kind != "sae":
+            continue
+        m = (gis == gi) & (ks < g.sae.d_sae)
+        if bool(m.any()):
+            f = tr.leaves[gi][0]
+            with torch.no_grad():
+                out[m] = f[bs[m].to(f.device), 0, ts[m].to(f.device), ks[m].to(f.device)].double().cpu()
+    return [x.tolist() for x in out.split(sizes)]
 
 
 def _agreement_json(a: dict) -> dict:
