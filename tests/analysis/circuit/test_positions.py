@@ -1151,3 +1151,53 @@ def test_batch_activations_equal_the_per_prompt_reads():
         assert len(g) == len(want) == 40
         assert all((x == y) or (math.isnan(x) and math.isnan(y)) for x, y in zip(g, want, strict=True))
         assert any(math.isnan(x) for x in g) and any(not math.isnan(x) for x in g)
+
+
+@pytest.mark.parametrize("with_edges", [False, True])
+def test_graph_pruned_part_alone_equals_the_pruned_whole_graph(with_edges):
+    """A graph built with ``share`` (pass A: its pruned part alone, pruning run on the ids and values, only the kept
+    nodes and edges built) against the whole graph pruned by ``prune_graph`` and cut to its kept part
+    (``_in_graph``): the same dicts, key order included, and the same node identities and agreement pairs; pass A's
+    star graph (estimates, head loadings into the target) and a graph with exact values and edges between nodes."""
+    import json
+
+    from saecircuits.analysis.circuit.position_graph import (
+        _batch_activations,
+        _Ctx,
+        _in_graph,
+        _node_ids,
+        _ranked_entries,
+    )
+    from saecircuits.analysis.circuit.positions import head_labels, node_attribution_entries
+    from saecircuits.analysis.circuit.prune import prune_graph
+
+    model, task, saes, pg = _setup("gpt_neo")
+    eng = engine_of(model)
+    batch = next(iter(task_batches(model, task, max_batch=3)))
+    B = len(batch.indices)
+    clean = clean_cache(eng, batch)
+    tr, entries = node_attribution_entries(eng, pg, batch, _baselines("gpt_neo"))
+    ranked = _ranked_entries(entries, B)
+    top = [PromptNodes(k[:30, 0], k[:30, 1], k[:30, 2]) for k, _ in ranked]
+    loads = head_loadings(eng, pg, clean, tr, top, top, [[-1]] * B)
+    acts = _batch_activations(pg, tr, range(B), top)
+    ctxs = [_Ctx(model, task, pg, _node_ids(pg, saes), head_labels(eng), 2, 7, {}, {}, 0.8) for _ in range(2)]
+    n_kept = n_all = 0
+    for b in range(B):
+        i, P = int(batch.indices[b]), int(batch.positions[b])
+        atp = ranked[b][1][:30]
+        exact, ex_edges, at_edges, fidx = torch.full_like(atp, float("nan")), {}, {}, torch.zeros(0, dtype=torch.long)
+        if with_edges:  # exact values on some nodes, edges into the features among them (capped at 7)
+            exact = torch.where(torch.arange(30) % 3 == 0, atp * 1.5, exact)
+            fidx = torch.tensor([a for a in range(30) if pg.groups[int(top[b].gi[a])].kind == "sae"][:4])
+            ex_edges = {(a, j): 0.1 * (a - j) for a in range(10) for j in range(len(fidx)) if a != j}
+            at_edges = {(a, j): 0.05 * (a + j) for a in range(12) for j in range(len(fidx))}
+        args = (i, P, top[b], atp, exact, ex_edges, at_edges, loads[b], fidx, tr, b)
+        whole = prune_graph(ctxs[0].graph(*args), 0.8)
+        part = ctxs[1].graph(*args, acts=acts[b], share=0.8)
+        assert json.dumps(part) == json.dumps(_in_graph(whole))
+        n_kept += len(part["nodes"])
+        n_all += len(whole["nodes"])
+    assert 0 < n_kept < n_all
+    assert ctxs[0].ident == ctxs[1].ident and ctxs[0].prompt_pairs == ctxs[1].prompt_pairs
+    assert bool(ctxs[0].prompt_pairs) == with_edges

@@ -302,9 +302,9 @@ def position_circuit(
             i = int(batch.indices[b])
             P = int(batch.positions[b])
             atp = ranked[b][1][:top_exact]
-            g = ctx.graph(i, P, top[b], atp, torch.full_like(atp, float("nan")), {}, {}, loads[b],
-                          torch.zeros(0, dtype=torch.long), tr, b, acts=act)
-            graphs[i] = prune_graph(g, share)
+            # its pruned part alone: nothing else of a non-example prompt's graph is read
+            graphs[i] = ctx.graph(i, P, top[b], atp, torch.full_like(atp, float("nan")), {}, {}, loads[b],
+                                  torch.zeros(0, dtype=torch.long), tr, b, acts=act, share=share)
         del tr, entries, clean
     lap("A: AtP, every prompt")
 
@@ -467,10 +467,11 @@ class _Ctx:
             self.strings[t] = token_string(self.model.tokenizer, t)
         return self.strings[t]
 
-    def graph(self, i, P, c, atp, exact, ex_edges, at_edges, loads, feat_idx, tr, b, acts=None) -> dict:
+    def graph(self, i, P, c, atp, exact, ex_edges, at_edges, loads, feat_idx, tr, b, acts=None, share=None) -> dict:
+        """The prompt's graph (:func:`_graph`; with ``share``, its pruned part alone)."""
         pairs = {"nodes": ([], [], []), "edges": ([], [], [])}
         g = _graph(self.pg, self.describe, self.heads, c, atp, exact, ex_edges, at_edges, loads, feat_idx, tr, b, P,
-                   self.n_layers, self.max_edges, pairs, self.ident, acts)
+                   self.n_layers, self.max_edges, pairs, self.ident, acts, share)
         if pairs["nodes"][0] or pairs["edges"][0]:
             self.prompt_pairs[int(i)] = pairs
         # keys in the order results.json's PromptGraph declares them (the file round-trips exactly)
@@ -702,12 +703,15 @@ def _bounded(batches, per_token: int):
 
 
 def _graph(pg, describe, heads, c: PromptNodes, atp, exact, ex_edges, at_edges, loads, feat_idx, tr, b, P, n_layers,
-           max_edges, pairs, ident, acts=None) -> dict:
+           max_edges, pairs, ident, acts=None, share: float | None = None) -> dict:
     """One prompt's graph dict (nodes ``c`` with their AtP and exact values, NaN exact = not measured; edges into
     the target and between nodes); agreement pairs of the measured nodes and edges are added to ``pairs``.
-    ``acts``: the nodes' :func:`_activations` when the caller read them for its whole batch."""
+    ``acts``: the nodes' :func:`_activations` when the caller read them for its whole batch. ``share``: return
+    the pruned graph's kept part alone (``_in_graph(prune_graph(graph, share))``, the same dicts): pruning reads
+    ids, kinds and values only, so it runs on those, and only the kept nodes and edges are built in full (pass A's
+    graphs, of which nothing else is read)."""
     ids = []
-    nodes = []
+    rows = []  # per node: its dict's fields but exact / atp
     gis, ks, ts = c.gi.tolist(), c.local.tolist(), c.pos.tolist()  # python values in bulk (per-element reads are slow)
     exact_l, atp_l = exact.tolist(), atp.tolist()
     exact_f, atp_f = _fs(exact_l), _fs(atp_l)
@@ -718,18 +722,22 @@ def _graph(pg, describe, heads, c: PromptNodes, atp, exact, ex_edges, at_edges, 
         ident[f"{kind}:{pg.layer[gi]}:{index}"] = (gi, k)
         nid = f"{kind}:{pg.layer[gi]}:{index}@{t}"
         ids.append(nid)
-        act = acts_f[a] if kind == "feature" else None
-        nodes.append({"id": nid, "kind": kind, "layer": pg.layer[gi], "pos": t, "label": label, "sae": si,
-                      "feature": feat, "head": head, "activation": act, "exact": exact_f[a],
-                      "atp": atp_f[a], "ig": None, "in_graph": False})
+        rows.append((kind, pg.layer[gi], t, label, si, feat, head, acts_f[a] if kind == "feature" else None))
         if math.isfinite(exact_l[a]):
             pairs["nodes"][0].append(atp_l[a])
             pairs["nodes"][1].append(exact_l[a])
             pairs["nodes"][2].append(P - t)
     target = f"target:{n_layers}:0@{P}"
-    nodes.append({"id": target, "kind": "target", "layer": n_layers, "pos": P, "label": "log p(answer)", "sae": None,
-                  "feature": None, "head": None, "activation": None, "exact": None, "atp": None, "ig": None,
-                  "in_graph": True})
+
+    def node(a: int, in_graph: bool) -> dict:
+        kind, layer, t, label, si, feat, head, act = rows[a]
+        return {"id": ids[a], "kind": kind, "layer": layer, "pos": t, "label": label, "sae": si, "feature": feat,
+                "head": head, "activation": act, "exact": exact_f[a], "atp": atp_f[a], "ig": None,
+                "in_graph": in_graph}
+
+    target_node = {"id": target, "kind": "target", "layer": n_layers, "pos": P, "label": "log p(answer)", "sae": None,
+                   "feature": None, "head": None, "activation": None, "exact": None, "atp": None, "ig": None,
+                   "in_graph": True}
 
     # every loading's JSON floats in one string format (an example prompt has tens of thousands of loadings)
     load_fs = _fs([v for parts in loads.values() for v in parts])
@@ -750,22 +758,37 @@ def _graph(pg, describe, heads, c: PromptNodes, atp, exact, ex_edges, at_edges, 
     # edges by max(|exact|, |atp|) (ties in order of (source, destination)); dicts only for those (an early node's
     # exact edges reach nearly every later feature)
     top, n_left_out = _largest_edges(at_edges, ex_edges, max_edges)
-    cand = top + [(0.0, a, -1) for a in range(len(c.gi))]
-    order = range(len(cand))
-    edges = []
-    for i in order:
-        _, a, j = cand[i]
+    cand = [(a, j) for _, a, j in top] + [(a, -1) for a in range(len(c.gi))]
+    ends, values = [], []  # per edge: (src, dst), (exact, atp)
+    for a, j in cand:
         if j < 0:
-            edges.append({"src": ids[a], "dst": target, "exact": nodes[a]["exact"], "atp": nodes[a]["atp"],
-                          "heads": head_list((a, -1)), "in_graph": False})
+            ends.append((ids[a], target))
+            values.append((exact_f[a], atp_f[a]))
         else:
             v = at_edges.get((a, j))
-            edges.append({"src": ids[a], "dst": ids[fidx[j]], "exact": _f(ex_edges.get((a, j), 0.0)),
-                          "atp": None if v is None else _f(v), "heads": head_list((a, j)), "in_graph": False})
-    return {"nodes": nodes, "edges": edges,
-            "edge_cap": {"max_edges": int(max_edges), "n_left_out": n_left_out,
-                         "rule": "every node's edge into the target (its effect) is kept; of the other edges, the "
-                                 "max_edges largest by max(|exact|, |atp|)"}}
+            ends.append((ids[a], ids[fidx[j]]))
+            values.append((_f(ex_edges.get((a, j), 0.0)), None if v is None else _f(v)))
+
+    def edge(i: int, in_graph: bool) -> dict:
+        (src, dst), (ex, atp_v) = ends[i], values[i]
+        return {"src": src, "dst": dst, "exact": ex, "atp": atp_v, "heads": head_list(cand[i]), "in_graph": in_graph}
+
+    edge_cap = {"max_edges": int(max_edges), "n_left_out": n_left_out,
+                "rule": "every node's edge into the target (its effect) is kept; of the other edges, the max_edges "
+                        "largest by max(|exact|, |atp|)"}
+    if share is None:
+        return {"nodes": [node(a, False) for a in range(len(ids))] + [target_node],
+                "edges": [edge(i, False) for i in range(len(cand))], "edge_cap": edge_cap}
+    from saecircuits.analysis.circuit.prune import prune
+
+    kept_nodes, kept_edges, pruning = prune(
+        [{"id": ids[a], "kind": rows[a][0], "exact": exact_f[a], "atp": atp_f[a]} for a in range(len(ids))]
+        + [{"id": target, "kind": "target", "exact": None, "atp": None}],
+        [{"src": src, "dst": dst, "exact": ex, "atp": atp_v} for (src, dst), (ex, atp_v) in zip(ends, values,
+                                                                                              strict=True)], share)
+    return {"nodes": [node(a, True) for a in range(len(ids)) if kept_nodes[a]["in_graph"]] + [target_node],
+            "edges": [edge(i, True) for i in range(len(cand)) if kept_edges[i]["in_graph"]], "edge_cap": edge_cap,
+            "pruning": pruning}
 
 
 def _largest_edges(at_edges: dict, ex_edges: dict, max_edges: int) -> tuple[list[tuple[float, int, int]], int]:
