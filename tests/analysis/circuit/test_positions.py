@@ -1201,3 +1201,23 @@ def test_graph_pruned_part_alone_equals_the_pruned_whole_graph(with_edges):
     assert 0 < n_kept < n_all
     assert ctxs[0].ident == ctxs[1].ident and ctxs[0].prompt_pairs == ctxs[1].prompt_pairs
     assert bool(ctxs[0].prompt_pairs) == with_edges
+
+
+def test_candidates_of_a_batch_equal_each_prompts_own():
+    """Pass A's candidates sorted by code for the whole batch (``_Candidates.many``) against each prompt's own sort
+    (``_Candidates.of``): the same codes and AtP values in the same order, an empty prompt included."""
+    from saecircuits.analysis.circuit.position_graph import _Candidates, _ranked_entries
+    from saecircuits.analysis.circuit.positions import node_attribution_entries
+
+    model, task, saes, pg = _setup("gpt_neo")
+    eng = engine_of(model)
+    batch = next(iter(task_batches(model, task, max_batch=3)))
+    _, entries = node_attribution_entries(eng, pg, batch, _baselines("gpt_neo"))
+    ranked = _ranked_entries(entries, len(batch.indices))
+    ranked.append((torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, dtype=torch.float64)))
+    got = _Candidates.many(ranked)
+    assert len(got) == len(ranked)
+    for (k, v), c in zip(ranked, got, strict=True):
+        want = _Candidates.of(k, v)
+        assert torch.equal(c.codes, want.codes) and torch.equal(c.atp, want.atp)
+        assert bool((c.codes[1:] > c.codes[:-1]).all())

@@ -177,6 +177,20 @@ class _Candidates:
         order = torch.argsort(codes)
         return cls(codes[order], atp[order].float())
 
+    @classmethod
+    def many(cls, ranked: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[_Candidates]:
+        """:meth:`of` of every prompt's ``(keys, atp)`` of a batch in two sorts for the batch (by code, then by
+        prompt, stable: codes are distinct within a prompt, so each prompt's order is its own sort's)."""
+        counts = [len(k) for k, _ in ranked]
+        if not ranked:
+            return []
+        codes = _code(torch.cat([k for k, _ in ranked]))
+        atp = torch.cat([v for _, v in ranked])
+        prompt = torch.repeat_interleave(torch.arange(len(ranked)), torch.tensor(counts, dtype=torch.long))
+        order = torch.argsort(codes, stable=True)
+        order = order[torch.argsort(prompt[order], stable=True)]
+        return [cls(c, v) for c, v in zip(codes[order].split(counts), atp[order].float().split(counts), strict=True)]
+
     def find(self, keys: torch.Tensor) -> torch.Tensor:
         """Index of each key ``[n, 3]`` in the candidates, -1 where absent (an inactive feature)."""
         c = _code(keys)
@@ -292,8 +306,8 @@ def position_circuit(
         tr, entries = node_attribution_entries(eng, pg, batch, base)
         B = len(batch.indices)
         ranked = _ranked_entries(entries, B)
-        for b, i in enumerate(batch.indices):
-            cands[i] = _Candidates.of(*ranked[b])
+        for i, cand in zip(batch.indices, _Candidates.many(ranked), strict=True):
+            cands[i] = cand
         top = [PromptNodes(k[:top_exact, 0], k[:top_exact, 1], k[:top_exact, 2]) for k, _ in ranked]
         rest = [b for b, i in enumerate(batch.indices) if i >= n_ex]
         loads = head_loadings(eng, pg, clean, tr, top, top, [[-1] if b in set(rest) else [] for b in range(B)])
