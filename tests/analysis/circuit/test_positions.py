@@ -1075,7 +1075,8 @@ def test_ranked_entries_drop_nan_and_break_ties_by_group_then_position():
 def test_faithfulness_rows_with_sparse_sae_masks_equal_the_dense_masks():
     """Pass D's forward with each SAE's mask held as its circuit nodes (``_SaeMask``: the ablated count per row,
     dense rows only where a position is mixed) against the dense ``[B, V, T, d_sae + 1]`` float masks it replaced
-    (built here as before, through the same hooks): the same answer log-probs, bit for bit; two circuits, features
+    (built here as before, through the same hooks and through the hooks as they were, ``_old_mask_hooks``): the
+    same answer log-probs, bit for bit; two circuits, features
     and errors, several nodes at one position, a node listed twice, nodes out of the graph ignored."""
     import random
 
@@ -1124,12 +1125,50 @@ def test_faithfulness_rows_with_sparse_sae_masks_equal_the_dense_masks():
         if g.kind == "sae":
             on = masks[gi].sum(-1)
             sae_mixed += int(((on > 0) & (on < pg.n_local(gi))).sum())
-    assert sae_mixed > 4
+    assert sae_mixed > 4 and any(bool((masks[gi].sum(-1) == pg.n_local(gi)).any()) for gi, g in
+                                 enumerate(pg.groups) if g.kind == "sae")  # fully ablated rows too
     with torch.no_grad():
         x = eng.forward_tokens(batch.tokens, _mask_hooks(pg, masks, means))
         lg = eng.logits(x[torch.arange(B), :, batch.positions])
         want = _answer_logprob(lg, batch.answer_ids).double()
-    assert torch.equal(got, want)
+        x = eng.forward_tokens(batch.tokens, _old_mask_hooks(pg, masks, means))
+        lg = eng.logits(x[torch.arange(B), :, batch.positions])
+        old = _answer_logprob(lg, batch.answer_ids).double()
+    assert torch.equal(got, want) and torch.equal(got, old)
+
+
+def _old_mask_hooks(pg, masks, means):
+    """The faithfulness hooks as they were (an SAE's output copied, then the fully ablated rows written): the
+    reference of the sparse masks and of writing the constant rows in the copying pass."""
+    hooks: dict = {}
+    for gi, grp in enumerate(pg.groups):
+        m, mu = masks[gi], means[gi]
+        if grp.kind == "sae":
+            def fn(x_in, x, sae=grp.sae, m=m, mu=mu):
+                xf = x.float()
+                on = m.sum(-1)
+                full, mixed = on == m.shape[-1], (on > 0) & (on < m.shape[-1])
+                out = xf.clone()
+                if bool(full.any()):
+                    const = mu["f"].float() @ sae.W_dec.float() + mu["e"].float()
+                    out[full] = sae.decoder_bias(x_in[full] if sae.decode_needs_input else None).float() + const
+                if bool(mixed.any()):
+                    xi, xm, mm = x_in[mixed], xf[mixed], m[mixed]
+                    f = sae.encode(xi).float()
+                    me = mm[..., -1:]
+                    coef = (f - mu["f"].float()) * mm[..., :-1] - me * f
+                    e0 = xm - sae.decoder_bias(xi).float() - mu["e"].float()
+                    out[mixed] = xm - me * e0 - coef @ sae.W_dec.float()
+                return out.to(x.dtype)
+
+            positions._add_sae_hook(hooks, grp, fn)
+        elif grp.kind == "heads":
+            hooks.setdefault(grp.hook, []).append(
+                lambda z, m=m, mu=mu: z * (1 - m[..., None].to(z)) + m[..., None].to(z) * mu.to(z))
+        else:
+            hooks.setdefault(grp.hook, []).append(
+                lambda x, m=m, mu=mu: x * (1 - m[..., :1].to(x)) + m[..., :1].to(x) * mu.to(x))
+    return hooks
 
 
 def test_batch_activations_equal_the_per_prompt_reads():

@@ -793,15 +793,15 @@ def _graph(pg, describe, heads, c: PromptNodes, atp, exact, ex_edges, at_edges, 
     if share is None:
         return {"nodes": [node(a, False) for a in range(len(ids))] + [target_node],
                 "edges": [edge(i, False) for i in range(len(cand))], "edge_cap": edge_cap}
-    from saecircuits.analysis.circuit.prune import prune
+    from saecircuits.analysis.circuit.prune import kept_by_pruning
 
-    kept_nodes, kept_edges, pruning = prune(
+    kept_nodes, kept_edges, pruning = kept_by_pruning(
         [{"id": ids[a], "kind": rows[a][0], "exact": exact_f[a], "atp": atp_f[a]} for a in range(len(ids))]
         + [{"id": target, "kind": "target", "exact": None, "atp": None}],
         [{"src": src, "dst": dst, "exact": ex, "atp": atp_v} for (src, dst), (ex, atp_v) in zip(ends, values,
                                                                                               strict=True)], share)
-    return {"nodes": [node(a, True) for a in range(len(ids)) if kept_nodes[a]["in_graph"]] + [target_node],
-            "edges": [edge(i, True) for i in range(len(cand)) if kept_edges[i]["in_graph"]], "edge_cap": edge_cap,
+    return {"nodes": [node(a, True) for a in range(len(ids)) if ids[a] in kept_nodes] + [target_node],
+            "edges": [edge(i, True) for i in range(len(cand)) if i in kept_edges], "edge_cap": edge_cap,
             "pruning": pruning}
 
 
@@ -1188,11 +1188,15 @@ def _mask_hooks(pg, masks: dict, means: dict) -> dict:
                 xf = x.float()
                 on = m.on if isinstance(m, _SaeMask) else m.sum(-1)  # [B, V, T]
                 full, mixed = on == m.shape[-1], (on > 0) & (on < m.shape[-1])
-                out = xf.clone()
-                if bool(full.any()):
+                if not bool(full.any()):
+                    out = xf.clone()
+                elif sae.decode_needs_input:
                     const = mu["f"].float() @ sae.W_dec.float() + mu["e"].float()
-                    bias = sae.decoder_bias(x_in[full] if sae.decode_needs_input else None).float()
-                    out[full] = bias + const
+                    out = xf.clone()
+                    out[full] = sae.decoder_bias(x_in[full]).float() + const
+                else:  # one [d_out] constant: written in the pass that copies x (not a copy, then a masked write)
+                    const = mu["f"].float() @ sae.W_dec.float() + mu["e"].float()
+                    out = torch.where(full[..., None], sae.decoder_bias(None).float() + const, xf)
                 if bool(mixed.any()):
                     xi, xm, mm = x_in[mixed], xf[mixed], m.rows(mixed) if isinstance(m, _SaeMask) else m[mixed]
                     f = sae.encode(xi).float()

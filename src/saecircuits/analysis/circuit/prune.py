@@ -46,8 +46,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-__all__ = ["prune_graph", "node_influence", "edge_weight", "edge_scores", "keep_by_share", "NON_SAE_KINDS",
-           "INPUT_KINDS", "MIN_INFLUENCE"]
+__all__ = ["prune_graph", "kept_by_pruning", "node_influence", "edge_weight", "edge_scores", "keep_by_share",
+           "NON_SAE_KINDS", "INPUT_KINDS", "MIN_INFLUENCE"]
 
 NON_SAE_KINDS = frozenset({"error", "head", "mlp", "embed", "pos_embed"})
 """Node kinds that are not SAE features: SAE error nodes, attention heads, MLPs without an SAE, embeddings."""
@@ -230,6 +230,15 @@ def prune(nodes: list[dict], edges: list[dict], share: float) -> tuple[list[dict
     Raises:
         ValueError: ``share`` outside ``(0, 1]``, duplicate node ids, or an edge naming an unknown node.
     """
+    kept_nodes, kept_edges, pruning = kept_by_pruning(nodes, edges, share)
+    out_nodes = [{**n, "in_graph": n["id"] in kept_nodes} for n in nodes]
+    out_edges = [{**e, "in_graph": i in kept_edges} for i, e in enumerate(edges)]
+    return out_nodes, out_edges, pruning
+
+
+def kept_by_pruning(nodes: list[dict], edges: list[dict], share: float) -> tuple[set[str], set[int], dict]:
+    """:func:`prune`'s decision without its copies: ``(kept node ids, kept edge indices, pruning)``, for a caller
+    that builds only the kept nodes and edges. Raises as :func:`prune`."""
     _check_share(share)
     by_id: dict[str, dict] = {}
     for n in nodes:
@@ -265,8 +274,6 @@ def prune(nodes: list[dict], edges: list[dict], share: float) -> tuple[list[dict
     kept_input_influence = math.fsum(influence[k] for k in kept_inputs)
     kept_edge_score = math.fsum(all_scores[i] for i in kept_edges)
 
-    out_nodes = [{**n, "in_graph": n["id"] in kept_nodes} for n in nodes]
-    out_edges = [{**e, "in_graph": i in kept_edges} for i, e in enumerate(edges)]
     non_sae = math.fsum(influence[k] for k in kept_nodes - targets if by_id[k]["kind"] in NON_SAE_KINDS)
     pruning = {
         "share": float(share),
@@ -282,7 +289,7 @@ def prune(nodes: list[dict], edges: list[dict], share: float) -> tuple[list[dict
         "n_nodes_without_path": n_without_path,
         "non_sae_share": _ratio(non_sae, kept_influence + kept_input_influence),
     }
-    return out_nodes, out_edges, pruning
+    return kept_nodes, kept_edges, pruning
 
 
 def prune_graph(graph: dict, share: float = 0.8) -> dict:
