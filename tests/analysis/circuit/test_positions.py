@@ -1018,3 +1018,245 @@ def test_batch_candidates_equal_the_per_prompt_ranking():
                 m = (keys[:, 0] == gi) & (keys[:, 1] < g.sae.d_sae)
                 f = tr.leaves[gi][0][b, 0]
                 assert bool((f[keys[m, 2], keys[m, 1]] != 0).all())
+
+
+@pytest.mark.parametrize("arch", ["gpt_neo", "llama"])
+def test_node_contributions_equal_the_dense_contributions_at_the_nodes(arch):
+    """Pass A's node entries (``Tracked.node_contributions``: active features and errors of each SAE, every index of
+    the other groups, at positions <= P; no dense tensor) against the dense contributions of
+    ``node_attributions``: exactly the entries of the nodes (features where active, nothing after a padded row's
+    P) in (prompt, position, index) order, holding the same floats; and ranked, the same candidates as
+    ``_batch_candidates`` of the dense tensors (keys, order with ties, values: bit for bit)."""
+    from saecircuits.analysis.circuit.position_graph import _batch_candidates, _ranked_entries
+    from saecircuits.analysis.circuit.positions import node_attribution_entries
+
+    model, task, saes, pg = _setup(arch)
+    eng = engine_of(model)
+    for batch in task_batches(model, task, max_batch=3):
+        P = batch.positions
+        tr, contrib = node_attributions(eng, pg, batch, _baselines(arch))
+        tr2, entries = node_attribution_entries(eng, pg, batch, _baselines(arch))
+        assert len(entries) == len(contrib)
+        for gi, (c, (b, t, k, v)) in enumerate(zip(contrib, entries, strict=True)):
+            want = torch.arange(c.shape[1])[None, :, None] <= P[:, None, None]
+            want = want.expand(c.shape).clone()
+            if pg.groups[gi].kind == "sae":
+                f = tr.leaves[gi][0][:, 0]
+                want[..., :-1] &= f != 0
+            wb, wt, wk = torch.nonzero(want, as_tuple=True)  # (b, t, k) order
+            assert torch.equal(b, wb) and torch.equal(t, wt) and torch.equal(k, wk)
+            assert torch.equal(v, c[wb, wt, wk])
+        got = _ranked_entries(entries, len(P))
+        ref = _batch_candidates(pg, tr, contrib, P)
+        for (k1, v1), (k2, v2) in zip(got, ref, strict=True):
+            assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    assert any(len(set(b.positions.tolist())) > 1 for b in task_batches(model, task, max_batch=3))  # padding
+
+
+def test_ranked_entries_drop_nan_and_break_ties_by_group_then_position():
+    """The ranking of a hand-made batch: |AtP| largest first per prompt, equal |AtP| in (group, position, index)
+    order (the order of the per-prompt concatenation it replaced), a NaN never a node, a prompt without entries
+    empty."""
+    from saecircuits.analysis.circuit.position_graph import _ranked_entries
+
+    L = torch.tensor
+    entries = [  # group 0: prompt 0 at (t, k) = (0, 0), (1, 0); prompt 2 at (0, 0)
+        (L([0, 0, 2]), L([0, 1, 0]), L([0, 0, 0]), L([0.5, -2.0, float("nan")], dtype=torch.float64)),
+        # group 1: prompt 0 at (0, 1), (0, 3); prompt 2 at (1, 2)
+        (L([0, 0, 2]), L([0, 0, 1]), L([1, 3, 2]), L([-0.5, 2.0, 1.0], dtype=torch.float64)),
+    ]
+    got = _ranked_entries(entries, 3)
+    assert got[0][0].tolist() == [[0, 0, 1], [1, 3, 0], [0, 0, 0], [1, 1, 0]]  # |2| ties: group 0 first; |0.5| too
+    assert got[0][1].tolist() == [-2.0, 2.0, 0.5, -0.5]
+    assert got[1][0].shape == (0, 3) and got[1][1].shape == (0,)
+    assert got[2][0].tolist() == [[1, 2, 1]] and got[2][1].tolist() == [1.0]
+
+
+def test_faithfulness_rows_with_sparse_sae_masks_equal_the_dense_masks():
+    """Pass D's forward with each SAE's mask held as its circuit nodes (``_SaeMask``: the ablated count per row,
+    dense rows only where a position is mixed) against the dense ``[B, V, T, d_sae + 1]`` float masks it replaced
+    (built here as before, through the same hooks and through the hooks as they were, ``_old_mask_hooks``): the
+    same answer log-probs, bit for bit; two circuits, features
+    and errors, several nodes at one position, a node listed twice, nodes out of the graph ignored."""
+    import random
+
+    from saecircuits.analysis.circuit.nodes import _answer_logprob
+    from saecircuits.analysis.circuit.position_graph import _faithfulness_rows, _mask_hooks
+
+    model, task, saes, pg = _setup("gpt_neo")
+    eng = engine_of(model)
+    means = position_means(model, pg, task, max_batch=3)
+    batch = next(iter(task_batches(model, task, max_batch=3)))
+    B, T = batch.tokens.shape
+    rng = random.Random(0)
+    circuits = []
+    for _ in range(2):
+        graphs, keys = [], []
+        for b in range(B):
+            P = int(batch.positions[b])
+            nodes, kk = [], {}
+            for j in range(12):
+                gi = rng.randrange(len(pg.groups))
+                k = rng.randrange(pg.n_local(gi)) if j % 3 else pg.n_local(gi) - 1  # SAE errors too
+                t = rng.choice([P, P - 1, rng.randrange(P + 1)])
+                nodes.append({"id": f"n{j}", "kind": "x", "in_graph": j != 5})
+                kk[f"n{j}"] = (gi, k, t)
+            nodes.append({"id": "n12", "kind": "x", "in_graph": True})  # n3 again: one node listed twice
+            kk["n12"] = kk["n3"]
+            graphs.append({"nodes": nodes})
+            keys.append(kk)
+        circuits.append((graphs, keys))
+    got = _faithfulness_rows(eng, pg, batch, circuits, means)
+    # the dense masks as before
+    masks = {}
+    for gi in range(len(pg.groups)):
+        cs = []
+        for graphs, keys in circuits:
+            inside = torch.zeros(B, T, pg.n_local(gi), dtype=torch.bool)
+            for b, g in enumerate(graphs):
+                for n in g["nodes"]:
+                    g_i, k, t = keys[b][n["id"]]
+                    if n["in_graph"] and g_i == gi:
+                        inside[b, t, k] = True
+            cs.append(inside)
+        masks[gi] = torch.stack([x for c in cs for x in (~c, c)], dim=1).float()
+    sae_mixed = 0
+    for gi, g in enumerate(pg.groups):
+        if g.kind == "sae":
+            on = masks[gi].sum(-1)
+            sae_mixed += int(((on > 0) & (on < pg.n_local(gi))).sum())
+    assert sae_mixed > 4 and any(bool((masks[gi].sum(-1) == pg.n_local(gi)).any()) for gi, g in
+                                 enumerate(pg.groups) if g.kind == "sae")  # fully ablated rows too
+    with torch.no_grad():
+        x = eng.forward_tokens(batch.tokens, _mask_hooks(pg, masks, means))
+        lg = eng.logits(x[torch.arange(B), :, batch.positions])
+        want = _answer_logprob(lg, batch.answer_ids).double()
+        x = eng.forward_tokens(batch.tokens, _old_mask_hooks(pg, masks, means))
+        lg = eng.logits(x[torch.arange(B), :, batch.positions])
+        old = _answer_logprob(lg, batch.answer_ids).double()
+    assert torch.equal(got, want) and torch.equal(got, old)
+
+
+def _old_mask_hooks(pg, masks, means):
+    """The faithfulness hooks as they were (an SAE's output copied, then the fully ablated rows written): the
+    reference of the sparse masks and of writing the constant rows in the copying pass."""
+    hooks: dict = {}
+    for gi, grp in enumerate(pg.groups):
+        m, mu = masks[gi], means[gi]
+        if grp.kind == "sae":
+            def fn(x_in, x, sae=grp.sae, m=m, mu=mu):
+                xf = x.float()
+                on = m.sum(-1)
+                full, mixed = on == m.shape[-1], (on > 0) & (on < m.shape[-1])
+                out = xf.clone()
+                if bool(full.any()):
+                    const = mu["f"].float() @ sae.W_dec.float() + mu["e"].float()
+                    out[full] = sae.decoder_bias(x_in[full] if sae.decode_needs_input else None).float() + const
+                if bool(mixed.any()):
+                    xi, xm, mm = x_in[mixed], xf[mixed], m[mixed]
+                    f = sae.encode(xi).float()
+                    me = mm[..., -1:]
+                    coef = (f - mu["f"].float()) * mm[..., :-1] - me * f
+                    e0 = xm - sae.decoder_bias(xi).float() - mu["e"].float()
+                    out[mixed] = xm - me * e0 - coef @ sae.W_dec.float()
+                return out.to(x.dtype)
+
+            positions._add_sae_hook(hooks, grp, fn)
+        elif grp.kind == "heads":
+            hooks.setdefault(grp.hook, []).append(
+                lambda z, m=m, mu=mu: z * (1 - m[..., None].to(z)) + m[..., None].to(z) * mu.to(z))
+        else:
+            hooks.setdefault(grp.hook, []).append(
+                lambda x, m=m, mu=mu: x * (1 - m[..., :1].to(x)) + m[..., :1].to(x) * mu.to(x))
+    return hooks
+
+
+def test_batch_activations_equal_the_per_prompt_reads():
+    """Pass A's node activations read for the whole batch at once (``_batch_activations``) against the per-prompt
+    read (``_activations``): the same floats (NaN for nodes that are not features), prompts of different lengths."""
+    from saecircuits.analysis.circuit.position_graph import _activations, _batch_activations, _ranked_entries
+    from saecircuits.analysis.circuit.positions import node_attribution_entries
+
+    model, task, saes, pg = _setup("gpt_neo")
+    eng = engine_of(model)
+    batch = next(iter(task_batches(model, task, max_batch=3)))
+    tr, entries = node_attribution_entries(eng, pg, batch, _baselines("gpt_neo"))
+    ranked = _ranked_entries(entries, len(batch.indices))
+    rows = [2, 0]
+    cs = [PromptNodes(ranked[b][0][:40, 0], ranked[b][0][:40, 1], ranked[b][0][:40, 2]) for b in rows]
+    got = _batch_activations(pg, tr, rows, cs)
+    for b, c, g in zip(rows, cs, got, strict=True):
+        want = _activations(pg, tr, b, c)
+        assert len(g) == len(want) == 40
+        assert all((x == y) or (math.isnan(x) and math.isnan(y)) for x, y in zip(g, want, strict=True))
+        assert any(math.isnan(x) for x in g) and any(not math.isnan(x) for x in g)
+
+
+@pytest.mark.parametrize("with_edges", [False, True])
+def test_graph_pruned_part_alone_equals_the_pruned_whole_graph(with_edges):
+    """A graph built with ``share`` (pass A: its pruned part alone, pruning run on the ids and values, only the kept
+    nodes and edges built) against the whole graph pruned by ``prune_graph`` and cut to its kept part
+    (``_in_graph``): the same dicts, key order included, and the same node identities and agreement pairs; pass A's
+    star graph (estimates, head loadings into the target) and a graph with exact values and edges between nodes."""
+    import json
+
+    from saecircuits.analysis.circuit.position_graph import (
+        _batch_activations,
+        _Ctx,
+        _in_graph,
+        _node_ids,
+        _ranked_entries,
+    )
+    from saecircuits.analysis.circuit.positions import head_labels, node_attribution_entries
+    from saecircuits.analysis.circuit.prune import prune_graph
+
+    model, task, saes, pg = _setup("gpt_neo")
+    eng = engine_of(model)
+    batch = next(iter(task_batches(model, task, max_batch=3)))
+    B = len(batch.indices)
+    clean = clean_cache(eng, batch)
+    tr, entries = node_attribution_entries(eng, pg, batch, _baselines("gpt_neo"))
+    ranked = _ranked_entries(entries, B)
+    top = [PromptNodes(k[:30, 0], k[:30, 1], k[:30, 2]) for k, _ in ranked]
+    loads = head_loadings(eng, pg, clean, tr, top, top, [[-1]] * B)
+    acts = _batch_activations(pg, tr, range(B), top)
+    ctxs = [_Ctx(model, task, pg, _node_ids(pg, saes), head_labels(eng), 2, 7, {}, {}, 0.8) for _ in range(2)]
+    n_kept = n_all = 0
+    for b in range(B):
+        i, P = int(batch.indices[b]), int(batch.positions[b])
+        atp = ranked[b][1][:30]
+        exact, ex_edges, at_edges, fidx = torch.full_like(atp, float("nan")), {}, {}, torch.zeros(0, dtype=torch.long)
+        if with_edges:  # exact values on some nodes, edges into the features among them (capped at 7)
+            exact = torch.where(torch.arange(30) % 3 == 0, atp * 1.5, exact)
+            fidx = torch.tensor([a for a in range(30) if pg.groups[int(top[b].gi[a])].kind == "sae"][:4])
+            ex_edges = {(a, j): 0.1 * (a - j) for a in range(10) for j in range(len(fidx)) if a != j}
+            at_edges = {(a, j): 0.05 * (a + j) for a in range(12) for j in range(len(fidx))}
+        args = (i, P, top[b], atp, exact, ex_edges, at_edges, loads[b], fidx, tr, b)
+        whole = prune_graph(ctxs[0].graph(*args), 0.8)
+        part = ctxs[1].graph(*args, acts=acts[b], share=0.8)
+        assert json.dumps(part) == json.dumps(_in_graph(whole))
+        n_kept += len(part["nodes"])
+        n_all += len(whole["nodes"])
+    assert 0 < n_kept < n_all
+    assert ctxs[0].ident == ctxs[1].ident and ctxs[0].prompt_pairs == ctxs[1].prompt_pairs
+    assert bool(ctxs[0].prompt_pairs) == with_edges
+
+
+def test_candidates_of_a_batch_equal_each_prompts_own():
+    """Pass A's candidates sorted by code for the whole batch (``_Candidates.many``) against each prompt's own sort
+    (``_Candidates.of``): the same codes and AtP values in the same order, an empty prompt included."""
+    from saecircuits.analysis.circuit.position_graph import _Candidates, _ranked_entries
+    from saecircuits.analysis.circuit.positions import node_attribution_entries
+
+    model, task, saes, pg = _setup("gpt_neo")
+    eng = engine_of(model)
+    batch = next(iter(task_batches(model, task, max_batch=3)))
+    _, entries = node_attribution_entries(eng, pg, batch, _baselines("gpt_neo"))
+    ranked = _ranked_entries(entries, len(batch.indices))
+    ranked.append((torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, dtype=torch.float64)))
+    got = _Candidates.many(ranked)
+    assert len(got) == len(ranked)
+    for (k, v), c in zip(ranked, got, strict=True):
+        want = _Candidates.of(k, v)
+        assert torch.equal(c.codes, want.codes) and torch.equal(c.atp, want.atp)
+        assert bool((c.codes[1:] > c.codes[:-1]).all())

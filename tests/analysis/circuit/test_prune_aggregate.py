@@ -495,3 +495,102 @@ def test_aggregate_refuses_two_nodes_of_one_prompt_at_one_column():
     with pytest.raises(ValueError, match="two nodes map to 'feature:0:7@open_quote'"):
         aggregate_graphs(graphs)
     assert aggregate_graphs(_two_prompts())["n_prompts"] == 2  # each node once: accepted
+
+
+def _list_means(graphs):
+    """The aggregate's per-node and per-edge means computed as before its per-prompt dicts: every value in a list of
+    one entry per prompt (None / 0 where absent), ``np.mean`` and ``mean_ci95`` over those lists."""
+    import numpy as np
+
+    from saecircuits.analysis.statistics import mean_ci95
+
+    n = len(graphs)
+    nodes, edges = {}, {}
+    for g_index, g in enumerate(graphs):
+        local = {}
+        for nd in g["nodes"]:
+            key = f"{nd['id'].rpartition('@')[0]}@{column_of(nd['pos'], g['P'], g['anchors'])}"
+            local[nd["id"]] = key
+            slot = nodes.setdefault(key, {"exact": [None] * n, "atp": [None] * n, "present": [False] * n})
+            slot["present"][g_index], slot["exact"][g_index], slot["atp"][g_index] = True, nd["exact"], nd["atp"]
+        for e in g["edges"]:
+            slot = edges.setdefault((local[e["src"]], local[e["dst"]]),
+                                    {"exact": [None] * n, "atp": [None] * n, "present": [False] * n, "heads": {}})
+            slot["present"][g_index], slot["exact"][g_index], slot["atp"][g_index] = True, e["exact"], e["atp"]
+            for h in e["heads"] or []:
+                slot["heads"].setdefault(h["head"], [0.0] * n)[g_index] = float(h["value"])
+
+    def mean_or_none(vals, present):
+        if any(p and v is None for v, p in zip(vals, present, strict=True)):
+            return None, None
+        vec = [float(v) if p else 0.0 for v, p in zip(vals, present, strict=True)]
+        return (None, None) if not all(math.isfinite(v) for v in vec) else (float(np.mean(vec)), vec)
+
+    def estimate(vals):
+        return float(np.mean([float(v) if v is not None and math.isfinite(v) else 0.0 for v in vals]))
+
+    out_nodes = {}
+    for key, s in nodes.items():
+        m, vec = mean_or_none(s["exact"], s["present"])
+        ci = None
+        if vec is not None:
+            c = mean_ci95(vec)
+            ci = [c.low, c.high] if math.isfinite(c.low) and math.isfinite(c.high) else None
+        out_nodes[key] = (m, ci, estimate(s["atp"]), sum(s["present"]))
+    out_edges = {key: (mean_or_none(s["exact"], s["present"])[0],
+                       estimate(s["atp"]) if any(v is not None for v in s["atp"]) else None,
+                       {h: float(np.mean(v)) for h, v in s["heads"].items()}) for key, s in edges.items()}
+    return out_nodes, out_edges
+
+
+def test_aggregate_means_equal_the_means_over_per_prompt_lists():
+    """The aggregate's values, kept per node as ``{prompt: value}`` of the prompts holding it, against the means over
+    one list entry per prompt (0 where absent) it replaced: the same floats (mean, interval, AtP mean, head means),
+    on random graphs where nodes are in some prompts only, some exact values are missing or not finite."""
+    import random
+
+    rng = random.Random(3)
+    graphs = []
+    for i in range(7):
+        P = 6 + i % 3
+        t = _node("target", 2, 0, P)
+        nodes = [t]
+        for j in range(6):
+            if rng.random() < 0.4:
+                continue
+            ex = rng.choice([None, rng.gauss(0, 1), rng.gauss(0, 1), float("nan") if j == 5 else 0.5])
+            nodes.append(_node("feature", 0, j, P - j % 4, exact=ex, atp=rng.choice([None, rng.gauss(0, 1)])))
+        edges = [_edge(nd, t, exact=nd["exact"], atp=nd["atp"],
+                       heads=[{"head": f"L0H{h}", "value": rng.gauss(0, 1)} for h in range(rng.randrange(3))] or None)
+                 for nd in nodes[1:]]
+        graphs.append({"P": P, "anchors": {"P": P}, "nodes": nodes, "edges": edges})
+    agg = aggregate_graphs(graphs, share=0.8)
+    want_nodes, want_edges = _list_means(graphs)
+    assert len(agg["nodes"]) == len(want_nodes) and len(agg["edges"]) == len(want_edges)
+    n_exact = 0
+    for nd in agg["nodes"]:
+        m, ci, atp, count = want_nodes[nd["id"]]
+        assert nd["mean_exact"] == m and nd["ci95"] == ci and nd["n_prompts"] == count
+        assert nd["mean_atp"] == (None if nd["kind"] == "target" else atp)
+        n_exact += m is not None and nd["kind"] != "target"
+    assert n_exact >= 2 and any(nd["mean_exact"] is None and nd["kind"] != "target" for nd in agg["nodes"])
+    for e in agg["edges"]:
+        m, atp, heads = want_edges[(e["src"], e["dst"])]
+        assert e["mean_exact"] == m and e["mean_atp"] == atp
+        assert {h["head"]: h["mean"] for h in e["heads"] or []} == heads
+
+
+def test_keep_by_share_with_edge_indices_keeps_what_the_padded_string_keys_kept():
+    """Pruning ranks edges by score with ties broken by edge index (int keys); the zero-padded strings it keyed them
+    by before sort the same way: the same kept edges and sums on random scores with many ties."""
+    import random
+
+    from saecircuits.analysis.circuit.prune import keep_by_share
+
+    rng = random.Random(5)
+    for _ in range(50):
+        scores = [rng.choice([0.0, 0.25, 0.5, 1.0, rng.random()]) for _ in range(rng.randrange(1, 40))]
+        share = rng.choice([0.3, 0.5, 0.8, 1.0])
+        got = keep_by_share(list(enumerate(scores)), share)
+        want = keep_by_share([(f"{i:09d}", s) for i, s in enumerate(scores)], share)
+        assert got[0] == {int(k) for k in want[0]} and got[1:] == want[1:]

@@ -81,19 +81,33 @@ def _identity(node_id: str) -> str:
     return head
 
 
-def _mean_or_none(values: list[float | None], present: list[bool]) -> tuple[float | None, list[float] | None]:
-    """Mean over all prompts (absent = 0) and the per-prompt vector; None when a present value is missing."""
-    if any(p and v is None for v, p in zip(values, present, strict=True)):
+def _mean_or_none(values: dict[int, float | None], n: int) -> tuple[float | None, np.ndarray | None]:
+    """Mean over all ``n`` prompts (absent = 0) and the per-prompt vector, from ``{prompt: value}`` of the prompts
+    holding the item; None when a present value is missing or a value is not finite."""
+    if any(v is None for v in values.values()):
         return None, None
-    vec = [float(v) if p else 0.0 for v, p in zip(values, present, strict=True)]
-    if not all(math.isfinite(v) for v in vec):
+    vec = np.zeros(n)
+    if values:
+        vec[list(values)] = [float(v) for v in values.values()]
+    if not np.isfinite(vec).all():
         return None, None
     return float(np.mean(vec)), vec
 
 
-def _mean_estimate(values: list[float | None]) -> float:
-    """Mean of an estimate over all prompts; absent (or not estimated, or non-finite) counts 0."""
-    return float(np.mean([float(v) if v is not None and math.isfinite(v) else 0.0 for v in values]))
+def _mean_estimate(values: dict[int, float | None], n: int) -> float:
+    """Mean of an estimate over all ``n`` prompts from ``{prompt: value}``; absent (or not estimated, or
+    non-finite) counts 0."""
+    vec = np.zeros(n)
+    if values:
+        vec[list(values)] = [float(v) if v is not None and math.isfinite(v) else 0.0 for v in values.values()]
+    return float(np.mean(vec))
+
+
+def _spread(values: dict[int, float], n: int) -> np.ndarray:
+    """``{prompt: value}`` as float64 ``[n]``, 0 elsewhere."""
+    vec = np.zeros(n)
+    vec[list(values)] = list(values.values())
+    return vec
 
 
 def aggregate_graphs(graphs: list[dict], *, min_prompts: int = 1, share: float | None = None) -> dict:
@@ -133,7 +147,9 @@ def aggregate_graphs(graphs: list[dict], *, min_prompts: int = 1, share: float |
     if share is None:
         share = float((graphs[0].get("pruning") or {}).get("share", 0.8))
 
-    node_vals: dict[str, dict] = {}  # aggregated id -> {"meta": node, "exact": [..n], "atp": [..n], "present": [..n]}
+    # aggregated id -> {"meta": node, "column", "exact": {prompt: value}, "atp": {prompt: value}} (the prompts
+    # holding it: a node is in a few of the prompts, so no per-prompt lists)
+    node_vals: dict[str, dict] = {}
     edge_vals: dict[tuple[str, str], dict] = {}
     anchor_distances: dict[str, list[int]] = {}  # anchor -> its distance from P in every prompt that names it
     for g_index, graph in enumerate(graphs):
@@ -151,10 +167,9 @@ def aggregate_graphs(graphs: list[dict], *, min_prompts: int = 1, share: float |
                 raise ValueError(f"prompt {g_index}: two nodes map to {key!r}; node ids must be unique per position")
             local[node["id"]] = key
             keys.add(key)
-            slot = node_vals.setdefault(
-                key, {"meta": node, "column": column, "exact": [None] * n, "atp": [None] * n, "present": [False] * n}
-            )
-            slot["present"][g_index] = True
+            slot = node_vals.get(key)
+            if slot is None:
+                slot = node_vals[key] = {"meta": node, "column": column, "exact": {}, "atp": {}}
             slot["exact"][g_index] = node.get("exact")
             slot["atp"][g_index] = node.get("atp")
         for edge in graph.get("edges", []):
@@ -162,20 +177,24 @@ def aggregate_graphs(graphs: list[dict], *, min_prompts: int = 1, share: float |
                 key = (local[edge["src"]], local[edge["dst"]])
             except KeyError as err:
                 raise ValueError(f"prompt {g_index}: edge names node {err.args[0]!r}, which the graph does not hold") from None
-            slot = edge_vals.setdefault(key, {"exact": [None] * n, "atp": [None] * n, "present": [False] * n, "heads": {}})
-            slot["present"][g_index] = True
+            slot = edge_vals.get(key)
+            if slot is None:
+                slot = edge_vals[key] = {"exact": {}, "atp": {}, "heads": {}}
             slot["exact"][g_index] = edge.get("exact")
             slot["atp"][g_index] = edge.get("atp")
             for h in edge.get("heads") or []:
-                slot["heads"].setdefault(h["head"], [0.0] * n)[g_index] = float(h["value"])
+                hv = slot["heads"].get(h["head"])
+                if hv is None:
+                    hv = slot["heads"][h["head"]] = {}
+                hv[g_index] = float(h["value"])
 
     nodes = []
     for key, slot in node_vals.items():
-        count = sum(slot["present"])
+        count = len(slot["exact"])
         if count < min_prompts:
             continue
         meta = slot["meta"]
-        mean_exact, vec = _mean_or_none(slot["exact"], slot["present"])
+        mean_exact, vec = _mean_or_none(slot["exact"], n)
         ci = None
         if vec is not None:
             m = mean_ci95(vec)
@@ -185,17 +204,18 @@ def aggregate_graphs(graphs: list[dict], *, min_prompts: int = 1, share: float |
             "label": meta.get("label", key), "sae": meta.get("sae"), "feature": meta.get("feature"),
             "head": meta.get("head"), "mean_exact": mean_exact, "ci95": ci,
             # the target has no value of its own (every other value is measured on it): no AtP mean either
-            "mean_atp": None if meta["kind"] == "target" else _mean_estimate(slot["atp"]), "n_prompts": count,
+            "mean_atp": None if meta["kind"] == "target" else _mean_estimate(slot["atp"], n), "n_prompts": count,
         })
     kept_ids = {nd["id"] for nd in nodes}
     edges = []
     for (src, dst), slot in edge_vals.items():
         if src not in kept_ids or dst not in kept_ids:
             continue
-        mean_exact, _ = _mean_or_none(slot["exact"], slot["present"])
-        mean_atp = _mean_estimate(slot["atp"]) if any(v is not None for v in slot["atp"]) else None
+        mean_exact, _ = _mean_or_none(slot["exact"], n)
+        mean_atp = _mean_estimate(slot["atp"], n) if any(v is not None for v in slot["atp"].values()) else None
         heads = sorted(
-            ({"head": h, "mean": float(np.mean(v))} for h, v in slot["heads"].items()), key=lambda h: -abs(h["mean"])
+            ({"head": h, "mean": float(np.mean(_spread(v, n)))} for h, v in slot["heads"].items()),
+            key=lambda h: -abs(h["mean"])
         ) or None
         edges.append({"src": src, "dst": dst, "mean_exact": mean_exact, "mean_atp": mean_atp, "heads": heads})
 

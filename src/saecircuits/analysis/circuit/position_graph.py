@@ -61,6 +61,7 @@ from saecircuits.analysis.circuit.positions import (
     exact_node_effects,
     head_labels,
     head_loadings,
+    node_attribution_entries,
     node_attributions,
     position_groups,
 )
@@ -114,35 +115,47 @@ def _f(x) -> float | None:
 
 def _fs(xs: Sequence[float]) -> list[float | None]:
     """:func:`_f` of every float of ``xs`` (one string format for the list: a graph has thousands of values)."""
-    out = [float(x) for x in ("%.6g " * len(xs) % tuple(xs)).split()]
-    return [x if x - x == 0.0 else None for x in out]  # inf and NaN -> None
+    text = "%.6g " * len(xs) % tuple(xs)
+    out = list(map(float, text.split()))
+    # inf and NaN -> None (only they print with an "n": "inf", "nan")
+    return [x if x - x == 0.0 else None for x in out] if "n" in text else out
 
 
 def _batch_candidates(pg: PositionGroups, tr, contrib, positions) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per prompt of a batch (``positions``: each row's P), every node at positions ``<= P`` (features only where
     active; errors, heads, MLPs and embeddings everywhere): keys int64 ``[n, 3]`` = (group, in-group index,
     position) ranked by ``|AtP|`` (largest first, ties in key order), and their AtP values float64 ``[n]`` (signed,
-    nats). Each group's entries are found in one pass over the batch, not one per prompt and group."""
-    B = len(positions)
+    nats), from the dense contributions ``contrib`` (:func:`node_attributions`); :func:`_ranked_entries` of the
+    same entries :meth:`~.positions.Tracked.node_contributions` gives."""
     P = torch.as_tensor(positions, dtype=torch.long).cpu()
-    per_group = []  # per group: (keys, |AtP|, AtP) of the kept entries in (prompt, position, index) order, by prompt
+    entries = []
     for gi, c in enumerate(contrib):
         T = c.shape[1]
-        keep = (torch.arange(T)[None, :] <= P[:, None])[..., None] & (c.abs() >= 0)  # not NaN, as s >= 0 in one
+        keep = (torch.arange(T)[None, :] <= P[:, None])[..., None].expand(c.shape)
         if pg.groups[gi].kind == "sae":
             f = tr.leaves[gi][0][:, 0].detach().cpu()
-            keep &= torch.cat([f != 0, torch.ones(*f.shape[:-1], 1, dtype=torch.bool)], dim=-1)
+            keep = keep & torch.cat([f != 0, torch.ones(*f.shape[:-1], 1, dtype=torch.bool)], dim=-1)
         b, t, k = torch.nonzero(keep, as_tuple=True)
-        v = c[b, t, k]
-        n_b = torch.bincount(b, minlength=B).tolist()
-        per_group.append((torch.stack([torch.full_like(t, gi), k, t], dim=1).split(n_b), v.abs().split(n_b),
-                          v.split(n_b)))
-    out = []
-    for r in range(B):
-        order = torch.argsort(torch.cat([s[r] for _, s, _ in per_group]), descending=True, stable=True)
-        out.append((torch.cat([k[r] for k, _, _ in per_group])[order],
-                    torch.cat([v[r] for _, _, v in per_group])[order].double()))
-    return out
+        entries.append((b, t, k, c[b, t, k]))
+    return _ranked_entries(entries, len(P))
+
+
+def _ranked_entries(entries, B: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per prompt ``b < B``, its nodes ranked by ``|AtP|`` (largest first; ties in the order of group, then
+    position and in-group index), from per-group entries ``(b, t, k, value)`` in ``(b, t, k)`` order
+    (:meth:`~.positions.Tracked.node_contributions`): keys int64 ``[n, 3]`` = (group, in-group index, position)
+    and the AtP values float64 ``[n]``. A NaN value is never a node. The whole batch in two stable sorts (by
+    ``|AtP|``, then by prompt: each prompt's entries keep the first sort's order), not one per prompt."""
+    gis = torch.cat([torch.full_like(b, gi) for gi, (b, _, _, _) in enumerate(entries)])
+    bs, ts, ks, vs = (torch.cat([e[j] for e in entries]) for j in range(4))
+    ok = vs.abs() >= 0  # not NaN
+    if not bool(ok.all()):
+        gis, bs, ts, ks, vs = gis[ok], bs[ok], ts[ok], ks[ok], vs[ok]
+    order = torch.argsort(vs.abs(), descending=True, stable=True)
+    order = order[torch.argsort(bs[order], stable=True)]
+    counts = torch.bincount(bs, minlength=B).tolist()
+    keys = torch.stack([gis, ks, ts], dim=1)[order]
+    return list(zip(keys.split(counts), vs[order].split(counts), strict=True))
 
 
 def _code(keys: torch.Tensor) -> torch.Tensor:
@@ -163,6 +176,20 @@ class _Candidates:
         codes = _code(keys)
         order = torch.argsort(codes)
         return cls(codes[order], atp[order].float())
+
+    @classmethod
+    def many(cls, ranked: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[_Candidates]:
+        """:meth:`of` of every prompt's ``(keys, atp)`` of a batch in two sorts for the batch (by code, then by
+        prompt, stable: codes are distinct within a prompt, so each prompt's order is its own sort's)."""
+        counts = [len(k) for k, _ in ranked]
+        if not ranked:
+            return []
+        codes = _code(torch.cat([k for k, _ in ranked]))
+        atp = torch.cat([v for _, v in ranked])
+        prompt = torch.repeat_interleave(torch.arange(len(ranked)), torch.tensor(counts, dtype=torch.long))
+        order = torch.argsort(codes, stable=True)
+        order = order[torch.argsort(prompt[order], stable=True)]
+        return [cls(c, v) for c, v in zip(codes[order].split(counts), atp[order].float().split(counts), strict=True)]
 
     def find(self, keys: torch.Tensor) -> torch.Tensor:
         """Index of each key ``[n, 3]`` in the candidates, -1 where absent (an inactive feature)."""
@@ -276,22 +303,23 @@ def position_circuit(
     for batch in with_progress(_bounded(iter(mine), per_token), n_mine,
                                "circuit across positions: AtP at every position (prompts)", shown):
         clean = clean_cache(eng, batch)
-        tr, contrib = node_attributions(eng, pg, batch, base)
+        tr, entries = node_attribution_entries(eng, pg, batch, base)
         B = len(batch.indices)
-        ranked = _batch_candidates(pg, tr, contrib, batch.positions)
-        for b, i in enumerate(batch.indices):
-            cands[i] = _Candidates.of(*ranked[b])
+        ranked = _ranked_entries(entries, B)
+        for i, cand in zip(batch.indices, _Candidates.many(ranked), strict=True):
+            cands[i] = cand
         top = [PromptNodes(k[:top_exact, 0], k[:top_exact, 1], k[:top_exact, 2]) for k, _ in ranked]
         rest = [b for b, i in enumerate(batch.indices) if i >= n_ex]
         loads = head_loadings(eng, pg, clean, tr, top, top, [[-1] if b in set(rest) else [] for b in range(B)])
-        for b in rest:
+        acts = _batch_activations(pg, tr, rest, [top[b] for b in rest])
+        for b, act in zip(rest, acts, strict=True):
             i = int(batch.indices[b])
             P = int(batch.positions[b])
             atp = ranked[b][1][:top_exact]
-            g = ctx.graph(i, P, top[b], atp, torch.full_like(atp, float("nan")), {}, {}, loads[b],
-                          torch.zeros(0, dtype=torch.long), tr, b)
-            graphs[i] = prune_graph(g, share)
-        del tr, contrib, clean
+            # its pruned part alone: nothing else of a non-example prompt's graph is read
+            graphs[i] = ctx.graph(i, P, top[b], atp, torch.full_like(atp, float("nan")), {}, {}, loads[b],
+                                  torch.zeros(0, dtype=torch.long), tr, b, acts=act, share=share)
+        del tr, entries, clean
     lap("A: AtP, every prompt")
 
     # pass B, the example prompts: exact effects of their top_exact nodes, exact and AtP edges, head loadings
@@ -453,10 +481,11 @@ class _Ctx:
             self.strings[t] = token_string(self.model.tokenizer, t)
         return self.strings[t]
 
-    def graph(self, i, P, c, atp, exact, ex_edges, at_edges, loads, feat_idx, tr, b) -> dict:
+    def graph(self, i, P, c, atp, exact, ex_edges, at_edges, loads, feat_idx, tr, b, acts=None, share=None) -> dict:
+        """The prompt's graph (:func:`_graph`; with ``share``, its pruned part alone)."""
         pairs = {"nodes": ([], [], []), "edges": ([], [], [])}
         g = _graph(self.pg, self.describe, self.heads, c, atp, exact, ex_edges, at_edges, loads, feat_idx, tr, b, P,
-                   self.n_layers, self.max_edges, pairs, self.ident)
+                   self.n_layers, self.max_edges, pairs, self.ident, acts, share)
         if pairs["nodes"][0] or pairs["edges"][0]:
             self.prompt_pairs[int(i)] = pairs
         # keys in the order results.json's PromptGraph declares them (the file round-trips exactly)
@@ -688,32 +717,41 @@ def _bounded(batches, per_token: int):
 
 
 def _graph(pg, describe, heads, c: PromptNodes, atp, exact, ex_edges, at_edges, loads, feat_idx, tr, b, P, n_layers,
-           max_edges, pairs, ident) -> dict:
+           max_edges, pairs, ident, acts=None, share: float | None = None) -> dict:
     """One prompt's graph dict (nodes ``c`` with their AtP and exact values, NaN exact = not measured; edges into
-    the target and between nodes); agreement pairs of the measured nodes and edges are added to ``pairs``."""
+    the target and between nodes); agreement pairs of the measured nodes and edges are added to ``pairs``.
+    ``acts``: the nodes' :func:`_activations` when the caller read them for its whole batch. ``share``: return
+    the pruned graph's kept part alone (``_in_graph(prune_graph(graph, share))``, the same dicts): pruning reads
+    ids, kinds and values only, so it runs on those, and only the kept nodes and edges are built in full (pass A's
+    graphs, of which nothing else is read)."""
     ids = []
-    nodes = []
+    rows = []  # per node: its dict's fields but exact / atp
     gis, ks, ts = c.gi.tolist(), c.local.tolist(), c.pos.tolist()  # python values in bulk (per-element reads are slow)
     exact_l, atp_l = exact.tolist(), atp.tolist()
-    exact_f, atp_f, acts_f = _fs(exact_l), _fs(atp_l), _fs(_activations(pg, tr, b, c))
+    exact_f, atp_f = _fs(exact_l), _fs(atp_l)
+    acts_f = _fs(_activations(pg, tr, b, c) if acts is None else acts)
     fidx = feat_idx.tolist()
     for a, (gi, k, t) in enumerate(zip(gis, ks, ts, strict=True)):
         kind, label, index, si, feat, head = describe(gi, k)
         ident[f"{kind}:{pg.layer[gi]}:{index}"] = (gi, k)
         nid = f"{kind}:{pg.layer[gi]}:{index}@{t}"
         ids.append(nid)
-        act = acts_f[a] if kind == "feature" else None
-        nodes.append({"id": nid, "kind": kind, "layer": pg.layer[gi], "pos": t, "label": label, "sae": si,
-                      "feature": feat, "head": head, "activation": act, "exact": exact_f[a],
-                      "atp": atp_f[a], "ig": None, "in_graph": False})
+        rows.append((kind, pg.layer[gi], t, label, si, feat, head, acts_f[a] if kind == "feature" else None))
         if math.isfinite(exact_l[a]):
             pairs["nodes"][0].append(atp_l[a])
             pairs["nodes"][1].append(exact_l[a])
             pairs["nodes"][2].append(P - t)
     target = f"target:{n_layers}:0@{P}"
-    nodes.append({"id": target, "kind": "target", "layer": n_layers, "pos": P, "label": "log p(answer)", "sae": None,
-                  "feature": None, "head": None, "activation": None, "exact": None, "atp": None, "ig": None,
-                  "in_graph": True})
+
+    def node(a: int, in_graph: bool) -> dict:
+        kind, layer, t, label, si, feat, head, act = rows[a]
+        return {"id": ids[a], "kind": kind, "layer": layer, "pos": t, "label": label, "sae": si, "feature": feat,
+                "head": head, "activation": act, "exact": exact_f[a], "atp": atp_f[a], "ig": None,
+                "in_graph": in_graph}
+
+    target_node = {"id": target, "kind": "target", "layer": n_layers, "pos": P, "label": "log p(answer)", "sae": None,
+                   "feature": None, "head": None, "activation": None, "exact": None, "atp": None, "ig": None,
+                   "in_graph": True}
 
     # every loading's JSON floats in one string format (an example prompt has tens of thousands of loadings)
     load_fs = _fs([v for parts in loads.values() for v in parts])
@@ -734,22 +772,37 @@ def _graph(pg, describe, heads, c: PromptNodes, atp, exact, ex_edges, at_edges, 
     # edges by max(|exact|, |atp|) (ties in order of (source, destination)); dicts only for those (an early node's
     # exact edges reach nearly every later feature)
     top, n_left_out = _largest_edges(at_edges, ex_edges, max_edges)
-    cand = top + [(0.0, a, -1) for a in range(len(c.gi))]
-    order = range(len(cand))
-    edges = []
-    for i in order:
-        _, a, j = cand[i]
+    cand = [(a, j) for _, a, j in top] + [(a, -1) for a in range(len(c.gi))]
+    ends, values = [], []  # per edge: (src, dst), (exact, atp)
+    for a, j in cand:
         if j < 0:
-            edges.append({"src": ids[a], "dst": target, "exact": nodes[a]["exact"], "atp": nodes[a]["atp"],
-                          "heads": head_list((a, -1)), "in_graph": False})
+            ends.append((ids[a], target))
+            values.append((exact_f[a], atp_f[a]))
         else:
             v = at_edges.get((a, j))
-            edges.append({"src": ids[a], "dst": ids[fidx[j]], "exact": _f(ex_edges.get((a, j), 0.0)),
-                          "atp": None if v is None else _f(v), "heads": head_list((a, j)), "in_graph": False})
-    return {"nodes": nodes, "edges": edges,
-            "edge_cap": {"max_edges": int(max_edges), "n_left_out": n_left_out,
-                         "rule": "every node's edge into the target (its effect) is kept; of the other edges, the "
-                                 "max_edges largest by max(|exact|, |atp|)"}}
+            ends.append((ids[a], ids[fidx[j]]))
+            values.append((_f(ex_edges.get((a, j), 0.0)), None if v is None else _f(v)))
+
+    def edge(i: int, in_graph: bool) -> dict:
+        (src, dst), (ex, atp_v) = ends[i], values[i]
+        return {"src": src, "dst": dst, "exact": ex, "atp": atp_v, "heads": head_list(cand[i]), "in_graph": in_graph}
+
+    edge_cap = {"max_edges": int(max_edges), "n_left_out": n_left_out,
+                "rule": "every node's edge into the target (its effect) is kept; of the other edges, the max_edges "
+                        "largest by max(|exact|, |atp|)"}
+    if share is None:
+        return {"nodes": [node(a, False) for a in range(len(ids))] + [target_node],
+                "edges": [edge(i, False) for i in range(len(cand))], "edge_cap": edge_cap}
+    from saecircuits.analysis.circuit.prune import kept_by_pruning
+
+    kept_nodes, kept_edges, pruning = kept_by_pruning(
+        [{"id": ids[a], "kind": rows[a][0], "exact": exact_f[a], "atp": atp_f[a]} for a in range(len(ids))]
+        + [{"id": target, "kind": "target", "exact": None, "atp": None}],
+        [{"src": src, "dst": dst, "exact": ex, "atp": atp_v} for (src, dst), (ex, atp_v) in zip(ends, values,
+                                                                                              strict=True)], share)
+    return {"nodes": [node(a, True) for a in range(len(ids)) if ids[a] in kept_nodes] + [target_node],
+            "edges": [edge(i, True) for i in range(len(cand)) if i in kept_edges], "edge_cap": edge_cap,
+            "pruning": pruning}
 
 
 def _largest_edges(at_edges: dict, ex_edges: dict, max_edges: int) -> tuple[list[tuple[float, int, int]], int]:
@@ -786,6 +839,26 @@ def _activations(pg: PositionGroups, tr, b: int, c: PromptNodes) -> list[float]:
             with torch.no_grad():
                 out[m] = f[b, 0, c.pos[m].to(f.device), c.local[m].to(f.device)].double().cpu()
     return out.tolist()
+
+
+def _batch_activations(pg: PositionGroups, tr, rows: Sequence[int], cs: Sequence[PromptNodes]) -> list[list[float]]:
+    """:func:`_activations` of the nodes ``cs[i]`` of prompts ``rows[i]``, every prompt's read per group in one
+    indexing (the same floats)."""
+    sizes = [len(c.gi) for c in cs]
+    if not cs:
+        return []
+    gis, ks, ts = (torch.cat([getattr(c, a) for c in cs]) for a in ("gi", "local", "pos"))
+    bs = torch.repeat_interleave(torch.tensor(list(rows), dtype=torch.long), torch.tensor(sizes, dtype=torch.long))
+    out = torch.full((len(gis),), float("nan"), dtype=torch.float64)
+    for gi, g in enumerate(pg.groups):
+        if g.kind != "sae":
+            continue
+        m = (gis == gi) & (ks < g.sae.d_sae)
+        if bool(m.any()):
+            f = tr.leaves[gi][0]
+            with torch.no_grad():
+                out[m] = f[bs[m].to(f.device), 0, ts[m].to(f.device), ks[m].to(f.device)].double().cpu()
+    return [x.tolist() for x in out.split(sizes)]
 
 
 def _agreement_json(a: dict) -> dict:
@@ -1027,24 +1100,72 @@ def _faithfulness_rows(engine, pg, batch, circuits, means) -> torch.Tensor:
     mean-ablated, at every position ``<= P`` (variants of one forward)."""
     B, T = batch.tokens.shape
     dev = batch.tokens.device
-    insides = []
-    for graphs, keys in circuits:
-        inside = {gi: torch.zeros(B, T, pg.n_local(gi), dtype=torch.bool) for gi in range(len(pg.groups))}
+    # per group, every circuit's nodes (b, t, k) in one list: the masks are built from them in array operations
+    at: list[list[list[tuple[int, int, int]]]] = [[[] for _ in pg.groups] for _ in circuits]
+    for j, (graphs, keys) in enumerate(circuits):
         for b, g in enumerate(graphs):
+            kb = keys[b]
             for n in g["nodes"]:
                 if n["in_graph"] and n["kind"] != "target":
-                    gi, k, t = keys[b][n["id"]]
-                    inside[gi][b, t, k] = True
-        insides.append(inside)
+                    gi, k, t = kb[n["id"]]
+                    at[j][gi].append((b, t, k))
     masks = {}
     for gi in range(len(pg.groups)):
-        cs = [inside[gi].to(dev) for inside in insides]
+        n = pg.n_local(gi)
+        nodes = [torch.tensor(c[gi], dtype=torch.long).reshape(-1, 3) for c in at]
+        if pg.groups[gi].kind == "sae":
+            masks[gi] = _SaeMask(nodes, B, T, n, dev)
+            continue
+        cs = []
+        for x in nodes:
+            inside = torch.zeros(B, T, n, dtype=torch.bool)
+            inside[x[:, 0], x[:, 1], x[:, 2]] = True
+            cs.append(inside.to(dev))
         masks[gi] = torch.stack([x for c in cs for x in (~c, c)], dim=1).float()  # [B, V, T, n]
     with torch.no_grad():
         x = engine.forward_tokens(batch.tokens, _mask_hooks(pg, masks, means))
         rows = torch.arange(B, device=dev)
         lg = engine.logits(x[rows, :, batch.positions.to(dev)])  # [B, V, d_vocab]
         return _answer_logprob(lg, batch.answer_ids).double().cpu()
+
+
+class _SaeMask:
+    """An SAE group's mask of :func:`_faithfulness_rows` without its dense ``[B, V, T, d_sae + 1]`` floats (a
+    circuit holds a few of an SAE's indices per position): variant ``2j`` ablates every index outside circuit ``j``,
+    variant ``2j + 1`` its indices. ``on`` ``[B, V, T]``: the indices ablated per row (what the dense mask's sum
+    was, exact small integers); :meth:`rows`: the dense mask's rows where asked (0. / 1., the same floats)."""
+
+    def __init__(self, nodes: list[torch.Tensor], B: int, T: int, n: int, dev):
+        self.n, self.B, self.T = n, B, T
+        self.nodes = []  # per circuit, its distinct (b, t, k) as int64 [m, 3]
+        on = torch.zeros(B, 2 * len(nodes), T)
+        for j, x in enumerate(nodes):
+            code = torch.unique((x[:, 0] * T + x[:, 1]) * n + x[:, 2])  # a node listed twice is one index
+            x = torch.stack([code // (T * n), code // n % T, code % n], dim=1)
+            self.nodes.append(x)
+            cnt = torch.bincount(x[:, 0] * T + x[:, 1], minlength=B * T).reshape(B, T).float()
+            on[:, 2 * j] = n - cnt
+            on[:, 2 * j + 1] = cnt
+        self.on = on.to(dev)
+        self.shape = (B, 2 * len(nodes), T, n)
+
+    def rows(self, mixed: torch.Tensor) -> torch.Tensor:
+        """The dense mask at the rows ``mixed`` ``[B, V, T]`` (bool) selects, in that indexing's order: float
+        ``[n_rows, n]``."""
+        dev = mixed.device
+        row = torch.full(mixed.shape, -1, dtype=torch.long, device=dev)
+        n_rows = int(mixed.sum())
+        row[mixed] = torch.arange(n_rows, device=dev)
+        out = torch.zeros(n_rows, self.n, device=dev)
+        for j, x in enumerate(self.nodes):
+            x = x.to(dev)
+            for v in (2 * j, 2 * j + 1):
+                r = row[x[:, 0], v, x[:, 1]]
+                ok = r >= 0
+                out[r[ok], x[ok, 2]] = 1.0
+        complement = torch.nonzero(mixed, as_tuple=True)[1] % 2 == 0  # variant 2j: outside circuit j ablated
+        out[complement] = 1.0 - out[complement]
+        return out
 
 
 def _mask_hooks(pg, masks: dict, means: dict) -> dict:
@@ -1065,15 +1186,19 @@ def _mask_hooks(pg, masks: dict, means: dict) -> dict:
                 # bias + mu_f @ W_dec + mu_e: neither needs the code f, so only rows with some nodes ablated and
                 # some not (the positions holding a circuit's nodes) are encoded
                 xf = x.float()
-                on = m.sum(-1)  # [B, V, T]
+                on = m.on if isinstance(m, _SaeMask) else m.sum(-1)  # [B, V, T]
                 full, mixed = on == m.shape[-1], (on > 0) & (on < m.shape[-1])
-                out = xf.clone()
-                if bool(full.any()):
+                if not bool(full.any()):
+                    out = xf.clone()
+                elif sae.decode_needs_input:
                     const = mu["f"].float() @ sae.W_dec.float() + mu["e"].float()
-                    bias = sae.decoder_bias(x_in[full] if sae.decode_needs_input else None).float()
-                    out[full] = bias + const
+                    out = xf.clone()
+                    out[full] = sae.decoder_bias(x_in[full]).float() + const
+                else:  # one [d_out] constant: written in the pass that copies x (not a copy, then a masked write)
+                    const = mu["f"].float() @ sae.W_dec.float() + mu["e"].float()
+                    out = torch.where(full[..., None], sae.decoder_bias(None).float() + const, xf)
                 if bool(mixed.any()):
-                    xi, xm, mm = x_in[mixed], xf[mixed], m[mixed]
+                    xi, xm, mm = x_in[mixed], xf[mixed], m.rows(mixed) if isinstance(m, _SaeMask) else m[mixed]
                     f = sae.encode(xi).float()
                     me = mm[..., -1:]
                     # both products with W_dec in one, ((f - mu_f) * m_f - m_e * f) @ W_dec (the decoder's cost)

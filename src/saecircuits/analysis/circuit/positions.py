@@ -64,7 +64,8 @@ from saecircuits.models.interventions import Edit, interventions_for
 from saecircuits.saes.base import SAE
 
 __all__ = ["PositionGroups", "position_groups", "CleanCache", "clean_cache", "node_attributions",
-           "exact_node_effects", "attribution_edges", "head_loadings", "engine_of", "ablation_baselines"]
+           "node_attribution_entries", "exact_node_effects", "attribution_edges", "head_loadings", "engine_of",
+           "ablation_baselines"]
 
 
 @dataclass
@@ -331,6 +332,55 @@ class Tracked:
             out.append(_contributions(g, (ts[0],), (x,), self.baselines.get(gi))[:, 0].cpu())
         return out
 
+    def node_contributions(self, pg: PositionGroups, grads: Sequence[torch.Tensor | None], positions
+                           ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The entries of :meth:`contributions` that are nodes, at positions ``t <= P`` (``positions``: each row's
+        P): per group ``(b, t, k, value)`` (int64, int64, int64, float64 ``[n]``, on the CPU) in ``(b, t, k)``
+        order, an SAE's active features (``f != 0``) and its error (``k = d_sae``, after the position's features),
+        every index of the other groups. The same floats at the same entries as :meth:`contributions` (the same
+        float64 products, NaN included), without its dense ``[B, T, d_sae + 1]`` float64 tensor per SAE (a TopK
+        SAE's codes are ``k / d_sae`` non-zero: the zeros, their absolute values and the search for the active
+        ones over them were most of pass A's time after the forward and backward passes)."""
+        P = torch.as_tensor(positions, dtype=torch.long).cpu()
+        out = []
+        for gi, (g, ts, x) in enumerate(zip(pg.groups, self.leaves, grads, strict=True)):
+            x = torch.zeros_like(ts[-1]) if x is None else x
+            if g.kind != "sae":
+                c = _contributions(g, (ts[0],), (x,), self.baselines.get(gi))[:, 0].cpu()
+                valid = torch.arange(c.shape[1])[None, :, None] <= P[:, None, None]
+                b, t, k = torch.nonzero(valid.expand(c.shape), as_tuple=True)
+                out.append((b, t, k, c[b, t, k]))
+                continue
+            f, e = ts
+            with torch.no_grad():
+                gf = self.feature_grad(g, x)[:, 0]  # [B, T, d_sae], as :meth:`_sae_contributions`
+                f0 = f[:, 0]
+                Pd = P.to(f0.device)
+                b, t, k = torch.nonzero(f0, as_tuple=True)
+                ok = t <= Pd[b]
+                b, t, k = b[ok], t[ok], k[ok]
+                v_f = (gf[b, t, k].double() * f0[b, t, k].double()).cpu()
+                err = (x[:, 0].double() * e[:, 0].double()).sum(-1)  # [B, T]
+                eb, et = torch.nonzero(torch.arange(f0.shape[1], device=f0.device)[None] <= Pd[:, None],
+                                       as_tuple=True)
+                v_e = err[eb, et].cpu()
+            b, t, k, eb, et = b.cpu(), t.cpu(), k.cpu(), eb.cpu(), et.cpu()
+            # interleave: the valid positions in (b, t) order (row b's are t = 0..P_b), each position's features
+            # then its error; the error at position p lands after every feature at positions <= p and p errors
+            n_pos = len(eb)
+            at = torch.cumsum(P + 1, 0) - (P + 1)  # each row's first valid position's index
+            p_f = at[b] + t
+            i_f = torch.arange(len(b)) + p_f
+            i_e = torch.cumsum(torch.bincount(p_f, minlength=n_pos), 0) + torch.arange(n_pos)
+            n = len(b) + n_pos
+            bb, tt, kk = (torch.empty(n, dtype=torch.long) for _ in range(3))
+            vv = torch.empty(n, dtype=torch.float64)
+            bb[i_f], tt[i_f], kk[i_f], vv[i_f] = b, t, k, v_f
+            bb[i_e], tt[i_e], vv[i_e] = eb, et, v_e
+            kk[i_e] = g.sae.d_sae
+            out.append((bb, tt, kk, vv))
+        return out
+
     def _sae_contributions(self, g, ts: tuple, ge: torch.Tensor) -> torch.Tensor:
         """An SAE group's ``[B, T, d_sae + 1]`` of :meth:`contributions`: ``grad_f . f`` (float64 products) at the
         active features, 0 at the inactive ones (a TopK SAE's ``d_sae - k`` zeros per position: no float64 copy of
@@ -397,6 +447,16 @@ def node_attributions(engine, pg: PositionGroups, batch: TaskBatch, baselines: d
     flat = tr.flat()
     grads = torch.autograd.grad(tr.m.sum(), flat, retain_graph=True, allow_unused=True)
     return tr, tr.contributions(pg, grads)
+
+
+@torch.enable_grad()
+def node_attribution_entries(engine, pg: PositionGroups, batch: TaskBatch, baselines: dict
+                             ) -> tuple[Tracked, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """:func:`node_attributions` at the nodes alone (:meth:`Tracked.node_contributions`: per group ``(b, t, k,
+    value)`` at positions ``<= P``, features where active): the same floats, no dense tensors."""
+    tr = tracked_forward(engine, pg, batch, baselines)
+    grads = torch.autograd.grad(tr.m.sum(), tr.flat(), retain_graph=True, allow_unused=True)
+    return tr, tr.node_contributions(pg, grads, batch.positions)
 
 
 # ----------------------------------------------------------------------------------------------------------------

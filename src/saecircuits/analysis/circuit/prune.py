@@ -46,8 +46,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-__all__ = ["prune_graph", "node_influence", "edge_weight", "edge_scores", "keep_by_share", "NON_SAE_KINDS",
-           "INPUT_KINDS", "MIN_INFLUENCE"]
+__all__ = ["prune_graph", "kept_by_pruning", "node_influence", "edge_weight", "edge_scores", "keep_by_share",
+           "NON_SAE_KINDS", "INPUT_KINDS", "MIN_INFLUENCE"]
 
 NON_SAE_KINDS = frozenset({"error", "head", "mlp", "embed", "pos_embed"})
 """Node kinds that are not SAE features: SAE error nodes, attention heads, MLPs without an SAE, embeddings."""
@@ -92,11 +92,12 @@ def edge_weight(edge: dict) -> float:
     return abs(_value(edge.get("exact"), edge.get("atp")))
 
 
-def keep_by_share(scores: Iterable[tuple[str, float]], share: float) -> tuple[set[str], float, float]:
+def keep_by_share(scores: Iterable[tuple[str | int, float]], share: float) -> tuple[set, float, float]:
     """The smallest set of items whose scores sum to at least ``share`` of the total (largest scores first).
 
     Args:
-        scores: ``(key, score >= 0)`` pairs; ties are broken by key so the result does not depend on input order.
+        scores: ``(key, score >= 0)`` pairs (keys of one comparable type: node ids, edge indices); ties are broken
+            by key so the result does not depend on input order.
         share: in ``(0, 1]``.
 
     Returns:
@@ -104,7 +105,7 @@ def keep_by_share(scores: Iterable[tuple[str, float]], share: float) -> tuple[se
     """
     ranked = sorted(((k, s) for k, s in scores if s > 0), key=lambda ks: (-ks[1], ks[0]))
     total = math.fsum(s for _, s in ranked)
-    kept: set[str] = set()
+    kept: set = set()
     acc = 0.0
     for key, score in ranked:
         if acc >= share * total:
@@ -136,16 +137,21 @@ def edge_scores(nodes: list[dict], edges: list[dict]) -> list[float]:
         one score >= 0 per edge, in order.
     """
     influence = {n["id"]: node_influence(n) for n in nodes if n["kind"] != "target"}
+    targets = [n["id"] for n in nodes if n["kind"] == "target"]
+    return _edge_scores(influence, targets, edges, [edge_weight(e) for e in edges])
+
+
+def _edge_scores(influence: dict[str, float], targets: Iterable[str], edges: list[dict], weights: list[float]
+                 ) -> list[float]:
+    """:func:`edge_scores` from the non-target nodes' influences, the target ids and the edges' weights
+    (:func:`edge_weight`), each computed once by the caller."""
     total = math.fsum(influence.values())
-    influence.update({n["id"]: total for n in nodes if n["kind"] == "target"})
+    influence = {**influence, **{t: total for t in targets}}
     into: dict[str, float] = {}
-    for e in edges:
-        into[e["dst"]] = into.get(e["dst"], 0.0) + edge_weight(e)
-    out = []
-    for e in edges:
-        w = edge_weight(e)
-        out.append(w / into[e["dst"]] * influence.get(e["dst"], 0.0) if w > 0 else 0.0)
-    return out
+    for e, w in zip(edges, weights, strict=True):
+        into[e["dst"]] = into.get(e["dst"], 0.0) + w
+    return [w / into[e["dst"]] * influence.get(e["dst"], 0.0) if w > 0 else 0.0
+            for e, w in zip(edges, weights, strict=True)]
 
 
 def _connect(edges: list[dict], scores: list[float], kept_nodes: set[str], kept_edges: set[int],
@@ -224,6 +230,15 @@ def prune(nodes: list[dict], edges: list[dict], share: float) -> tuple[list[dict
     Raises:
         ValueError: ``share`` outside ``(0, 1]``, duplicate node ids, or an edge naming an unknown node.
     """
+    kept_nodes, kept_edges, pruning = kept_by_pruning(nodes, edges, share)
+    out_nodes = [{**n, "in_graph": n["id"] in kept_nodes} for n in nodes]
+    out_edges = [{**e, "in_graph": i in kept_edges} for i, e in enumerate(edges)]
+    return out_nodes, out_edges, pruning
+
+
+def kept_by_pruning(nodes: list[dict], edges: list[dict], share: float) -> tuple[set[str], set[int], dict]:
+    """:func:`prune`'s decision without its copies: ``(kept node ids, kept edge indices, pruning)``, for a caller
+    that builds only the kept nodes and edges. Raises as :func:`prune`."""
     _check_share(share)
     by_id: dict[str, dict] = {}
     for n in nodes:
@@ -243,15 +258,14 @@ def prune(nodes: list[dict], edges: list[dict], share: float) -> tuple[list[dict
         ((k, v) for k, v in influence.items() if by_id[k]["kind"] in INPUT_KINDS), share)
     kept_nodes |= kept_inputs | targets
 
-    all_scores = edge_scores(nodes, edges)
+    all_scores = _edge_scores(influence, targets, edges, [edge_weight(e) for e in edges])
     total_edge = math.fsum(all_scores)
-    scores = [
-        (f"{i:09d}", score)
+    scores = [  # keyed by edge index (ties in edge order)
+        (i, score)
         for i, (e, score) in enumerate(zip(edges, all_scores, strict=True))
         if e["src"] in kept_nodes and e["dst"] in kept_nodes
     ]
-    kept_edge_keys, _, _ = keep_by_share(scores, share)
-    kept_edges = {int(k) for k in kept_edge_keys}
+    kept_edges, _, _ = keep_by_share(scores, share)
     n_before = len(kept_nodes)
     kept_nodes, kept_edges, n_added = _connect(edges, all_scores, kept_nodes, kept_edges, targets)
     n_without_path = n_before - len(kept_nodes)
@@ -260,8 +274,6 @@ def prune(nodes: list[dict], edges: list[dict], share: float) -> tuple[list[dict
     kept_input_influence = math.fsum(influence[k] for k in kept_inputs)
     kept_edge_score = math.fsum(all_scores[i] for i in kept_edges)
 
-    out_nodes = [{**n, "in_graph": n["id"] in kept_nodes} for n in nodes]
-    out_edges = [{**e, "in_graph": i in kept_edges} for i, e in enumerate(edges)]
     non_sae = math.fsum(influence[k] for k in kept_nodes - targets if by_id[k]["kind"] in NON_SAE_KINDS)
     pruning = {
         "share": float(share),
@@ -277,7 +289,7 @@ def prune(nodes: list[dict], edges: list[dict], share: float) -> tuple[list[dict
         "n_nodes_without_path": n_without_path,
         "non_sae_share": _ratio(non_sae, kept_influence + kept_input_influence),
     }
-    return out_nodes, out_edges, pruning
+    return kept_nodes, kept_edges, pruning
 
 
 def prune_graph(graph: dict, share: float = 0.8) -> dict:
