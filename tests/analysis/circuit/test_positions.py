@@ -1018,3 +1018,49 @@ def test_batch_candidates_equal_the_per_prompt_ranking():
                 m = (keys[:, 0] == gi) & (keys[:, 1] < g.sae.d_sae)
                 f = tr.leaves[gi][0][b, 0]
                 assert bool((f[keys[m, 2], keys[m, 1]] != 0).all())
+
+
+@pytest.mark.parametrize("arch", ["gpt_neo", "llama"])
+def test_last_mlp_half_at_the_positions_read_equals_every_position(arch, monkeypatch):
+    """The recomputations run the last block's MLP half only at the positions read (P, the edited one, the
+    downstream features' of SAEs read there): the same exact effects and edges as the recomputation of every
+    position (float32 rounding of another matmul shape), the same edge keys; and the restriction did apply."""
+    model, task, saes, pg = _setup(arch)
+    eng = engine_of(model)
+    base = _baselines(arch)
+    batch = next(iter(task_batches(model, task, max_batch=3)))
+    clean = clean_cache(eng, batch)
+    tr, contrib = node_attributions(eng, pg, batch, base)
+    nodes = [_pick_nodes(pg, clean, contrib, b) for b in range(len(batch.indices))]  # every group, 5 distances
+    down = []
+    for b in range(len(batch.indices)):
+        P = int(batch.positions[b])
+        dg, dl, dp = [], [], []
+        for g_i in range(len(pg.groups)):
+            if pg.groups[g_i].kind == "sae":  # a few active features at P, P - 2, P - 7 (the last SAE's too)
+                f = tr.leaves[g_i][0][b, 0].detach()
+                for t in (P - 7, P - 2, P):
+                    ks = torch.nonzero(f[t] != 0).flatten()[:4].tolist()
+                    dg, dl, dp = dg + [g_i] * len(ks), dl + ks, dp + [t] * len(ks)
+        down.append(PromptNodes(torch.tensor(dg), torch.tensor(dl), torch.tensor(dp)))
+    kept = []
+    real = positions._last_half_positions
+
+    def spy(*args):
+        cols = real(*args)
+        kept.append(None if cols is None else (len(cols), args[4] + 1))  # (kept, every position)
+        return cols
+
+    monkeypatch.setattr(positions, "_last_half_positions", spy)
+    eff_new, edges_new, _ = exact_node_effects(eng, pg, clean, nodes, down, baselines=base)
+    assert any(k is not None and k[0] < k[1] for k in kept)  # some recomputation kept fewer positions
+    monkeypatch.setattr(positions, "_last_half_positions", lambda *args: None)
+    eff_old, edges_old, _ = exact_node_effects(eng, pg, clean, nodes, down, baselines=base)
+    for b in range(len(nodes)):
+        torch.testing.assert_close(eff_new[b], eff_old[b], atol=1e-5, rtol=1e-5)
+        assert list(edges_new[b]) == list(edges_old[b])
+        torch.testing.assert_close(torch.tensor(list(edges_new[b].values())),
+                                   torch.tensor(list(edges_old[b].values())), atol=1e-5, rtol=1e-5)
+    last_sae = next(i for i, g in enumerate(pg.groups) if g.sae is saes[1])
+    into = [(b, j) for b in range(len(down)) for (_, j) in edges_new[b] if int(down[b].gi[j]) == last_sae]
+    assert any(int(down[b].pos[j]) < int(batch.positions[b]) for b, j in into)  # the last SAE read before P

@@ -504,19 +504,24 @@ def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges, v
         [nodes[b].local[s] for b, s in zip(rows, sel, strict=True)])
     tables = dict(enumerate(tab))
     hooks: dict = {}
-    stages = []
+    stages, edited = [], []
     for gi, tab in tables.items():
         if bool((tab >= 0).any()):
             g = pg.groups[gi]
+            edited.append(gi)
             _first_position(_single_edit(g, tab, values), hooks)
             # from the earlier of the hook edited and the one it reads (a transcoder's input)
             stages.append(min(stage_of_hook(h, engine.n_layers) for h in (g.hook, g.hook_in)))
+    start = engine.restart_stage(min(stages))
+    cols = _last_half_positions(engine, pg, rows, edited, d, down, t0.cpu(), start)
     reads: dict = {}
     if down is not None:
         for gi, g in enumerate(pg.groups):
             if g.kind == "sae":
-                hooks.setdefault(g.hook_in, []).append(_box(reads, gi))
-    start = engine.restart_stage(min(stages))
+                late = cols is not None and stage_of_hook(g.hook_in, engine.n_layers) >= (engine.n_layers - 1, 1)
+                hooks.setdefault(g.hook_in, []).append(_box_at(reads, gi, cols, S) if late else _box(reads, gi))
+    if cols is not None:  # before any other hook there: every later hook sees the kept positions only
+        hooks.setdefault(f"blocks.{engine.n_layers - 1}.hook_resid_mid", []).insert(0, _keep_positions(cols))
     valid = torch.arange(T, device=dev)[None] < t0[:, None]
     prefixes = [KVPrefix(k[r, 0].transpose(1, 2), v[r, 0].transpose(1, 2), valid) for k, v in clean.kv]
     if start[0] < 0:
@@ -532,6 +537,51 @@ def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges, v
     if down is None:
         return
     _chunk_edges(pg, rows, sel, d, P.cpu(), nodes, down, reads, edges, dev)
+
+
+def _last_half_positions(engine, pg, rows, edited, d, down, t0, start) -> torch.Tensor | None:
+    """The recomputed positions (relative to each row's first, ``0..d``) the last block's MLP half must compute:
+    the answer's position P (``d``), the edited one (0) when a group of that half is edited (``edited``: the
+    groups with nodes ablated), and the downstream features' positions of SAEs read in that half (``t0``: each
+    row's first position, CPU); None when that is every position (or the block is parallel, or the recomputation
+    starts after that half).
+
+    Nothing after the last block's attention mixes positions, so its MLP half at any other position feeds nothing
+    that is read (the answer at P, the edges' SAE codes): computing it at these positions alone gives each of them
+    what the whole recomputation gives (the same per-position operations on the same inputs)."""
+    last = (engine.n_layers - 1, 1)
+    if engine.shape.parallel or engine.n_layers < 1 or start > last or d == 0:
+        return None
+    need = torch.zeros(d + 1, dtype=torch.bool)
+    need[d] = True
+    need[0] = any(max(stage_of_hook(h, engine.n_layers) for h in (pg.groups[gi].hook, pg.groups[gi].hook_in)) >= last
+                  for gi in edited)
+    late = [gi for gi, g in enumerate(pg.groups) if g.kind == "sae" and stage_of_hook(g.hook_in, engine.n_layers) >= last]
+    if down is not None and late:
+        sizes = torch.tensor([len(down[b].gi) for b in rows], dtype=torch.long)
+        rel = torch.cat([down[b].pos for b in rows]) - torch.repeat_interleave(t0, sizes)
+        ok = torch.isin(torch.cat([down[b].gi for b in rows]), torch.tensor(late)) & (rel >= 0) & (rel <= d)
+        need[rel[ok]] = True
+    return None if bool(need.all()) else torch.nonzero(need).flatten()
+
+
+def _keep_positions(cols: torch.Tensor):
+    """A hook keeping the positions ``cols`` (sorted, relative) of a ``[B, F, S, *shape]`` activation."""
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, cols.to(x.device)]
+
+    return fn
+
+
+def _box_at(store: dict, key, cols: torch.Tensor, S: int):
+    """:func:`_box` of an activation computed at the positions ``cols`` only: stored at those of ``S`` positions
+    (the others zero, never read)."""
+    def fn(x: torch.Tensor) -> None:
+        full = x.new_zeros(*x.shape[:2], S, *x.shape[3:])
+        full[:, :, cols.to(x.device)] = x
+        store[key] = full
+
+    return fn
 
 
 def _ragged_arange(lengths: torch.Tensor) -> torch.Tensor:
