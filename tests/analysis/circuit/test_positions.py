@@ -1021,10 +1021,11 @@ def test_batch_candidates_equal_the_per_prompt_ranking():
 
 
 @pytest.mark.parametrize("arch", ["gpt_neo", "llama"])
-def test_last_mlp_half_at_the_positions_read_equals_every_position(arch, monkeypatch):
-    """The recomputations run the last block's MLP half only at the positions read (P, the edited one, the
-    downstream features' of SAEs read there): the same exact effects and edges as the recomputation of every
-    position (float32 rounding of another matmul shape), the same edge keys; and the restriction did apply."""
+def test_last_block_at_the_positions_read_equals_every_position(arch, monkeypatch):
+    """The recomputations run the last block (queries, attention output, MLP half) only at the positions read (P,
+    the edited one, the downstream features' of SAEs read there): the same exact effects and edges as the
+    recomputation of every position (float32 rounding of another matmul shape), the same edge keys; and the
+    restriction did apply."""
     model, task, saes, pg = _setup(arch)
     eng = engine_of(model)
     base = _baselines(arch)
@@ -1044,17 +1045,17 @@ def test_last_mlp_half_at_the_positions_read_equals_every_position(arch, monkeyp
                     dg, dl, dp = dg + [g_i] * len(ks), dl + ks, dp + [t] * len(ks)
         down.append(PromptNodes(torch.tensor(dg), torch.tensor(dl), torch.tensor(dp)))
     kept = []
-    real = positions._last_half_positions
+    real = positions._last_block_positions
 
     def spy(*args):
         cols = real(*args)
         kept.append(None if cols is None else (len(cols), args[4] + 1))  # (kept, every position)
         return cols
 
-    monkeypatch.setattr(positions, "_last_half_positions", spy)
+    monkeypatch.setattr(positions, "_last_block_positions", spy)
     eff_new, edges_new, _ = exact_node_effects(eng, pg, clean, nodes, down, baselines=base)
     assert any(k is not None and k[0] < k[1] for k in kept)  # some recomputation kept fewer positions
-    monkeypatch.setattr(positions, "_last_half_positions", lambda *args: None)
+    monkeypatch.setattr(positions, "_last_block_positions", lambda *args: None)
     eff_old, edges_old, _ = exact_node_effects(eng, pg, clean, nodes, down, baselines=base)
     for b in range(len(nodes)):
         torch.testing.assert_close(eff_new[b], eff_old[b], atol=1e-5, rtol=1e-5)

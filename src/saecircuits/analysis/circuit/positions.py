@@ -513,15 +513,12 @@ def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges, v
             # from the earlier of the hook edited and the one it reads (a transcoder's input)
             stages.append(min(stage_of_hook(h, engine.n_layers) for h in (g.hook, g.hook_in)))
     start = engine.restart_stage(min(stages))
-    cols = _last_half_positions(engine, pg, rows, edited, d, down, t0.cpu(), start)
+    cols = _last_block_positions(engine, pg, rows, edited, d, down, t0.cpu(), start)
     reads: dict = {}
     if down is not None:
         for gi, g in enumerate(pg.groups):
             if g.kind == "sae":
-                late = cols is not None and stage_of_hook(g.hook_in, engine.n_layers) >= (engine.n_layers - 1, 1)
-                hooks.setdefault(g.hook_in, []).append(_box_at(reads, gi, cols, S) if late else _box(reads, gi))
-    if cols is not None:  # before any other hook there: every later hook sees the kept positions only
-        hooks.setdefault(f"blocks.{engine.n_layers - 1}.hook_resid_mid", []).insert(0, _keep_positions(cols))
+                hooks.setdefault(g.hook_in, []).append(_box(reads, gi) if cols is None else _box_at(reads, gi, cols, S))
     valid = torch.arange(T, device=dev)[None] < t0[:, None]
     prefixes = [KVPrefix(k[r, 0].transpose(1, 2), v[r, 0].transpose(1, 2), valid) for k, v in clean.kv]
     if start[0] < 0:
@@ -529,8 +526,8 @@ def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges, v
         start = (0, 0)
     else:
         x0 = clean.resid[start][r[:, None], 0, qpos][:, None]  # [n, 1, S, d_model]
-    x = engine.forward_resid(x0, qpos, prefixes, hooks, start=start)
-    lg = engine.logits(x[:, :, -1])  # [n, F, d_vocab]
+    x = engine.forward_resid(x0, qpos, prefixes, hooks, start=start, last_positions=cols)
+    lg = engine.logits(x[:, :, -1])  # [n, F, d_vocab] (P: the last position kept)
     m = _answer_logprob(lg.expand(n, V, lg.shape[-1]), batch.answer_ids.to(dev)[r]).double().cpu()
     for i, (b, s) in enumerate(zip(rows, sel, strict=True)):
         effects[b][s] = m[i, 0] - m[i, 1 : 1 + len(s)]
@@ -539,18 +536,20 @@ def _exact_chunk(engine, pg, clean, rows, sel, d, nodes, down, effects, edges, v
     _chunk_edges(pg, rows, sel, d, P.cpu(), nodes, down, reads, edges, dev)
 
 
-def _last_half_positions(engine, pg, rows, edited, d, down, t0, start) -> torch.Tensor | None:
-    """The recomputed positions (relative to each row's first, ``0..d``) the last block's MLP half must compute:
-    the answer's position P (``d``), the edited one (0) when a group of that half is edited (``edited``: the
-    groups with nodes ablated), and the downstream features' positions of SAEs read in that half (``t0``: each
-    row's first position, CPU); None when that is every position (or the block is parallel, or the recomputation
-    starts after that half).
+def _last_block_positions(engine, pg, rows, edited, d, down, t0, start) -> torch.Tensor | None:
+    """The recomputed positions (relative to each row's first, ``0..d``) where the last block must compute its
+    queries, attention output and MLP half (``forward_resid``'s ``last_positions``): the answer's position P
+    (``d``), the edited one (0) when a group of the last block is edited (``edited``: the groups with nodes
+    ablated), and the downstream features' positions of SAEs read in the last block (``t0``: each row's first
+    position, CPU); None when that is every position (or the block is parallel, or the recomputation starts after
+    it).
 
-    Nothing after the last block's attention mixes positions, so its MLP half at any other position feeds nothing
-    that is read (the answer at P, the edges' SAE codes): computing it at these positions alone gives each of them
-    what the whole recomputation gives (the same per-position operations on the same inputs)."""
-    last = (engine.n_layers - 1, 1)
-    if engine.shape.parallel or engine.n_layers < 1 or start > last or d == 0:
+    Nothing after the last block's attention mixes positions, so at any other position its output feeds nothing
+    that is read (the answer at P, the edges' SAE codes): each kept position gets what the recomputation of every
+    position gives it (the same per-position operations on the same inputs, up to float32 rounding of another
+    matmul shape), and the last block's work is that of the kept positions (its keys and values aside)."""
+    last = (engine.n_layers - 1, 0)
+    if engine.shape.parallel or engine.n_layers < 1 or start > (engine.n_layers - 1, 1) or d == 0:
         return None
     need = torch.zeros(d + 1, dtype=torch.bool)
     need[d] = True
@@ -565,18 +564,13 @@ def _last_half_positions(engine, pg, rows, edited, d, down, t0, start) -> torch.
     return None if bool(need.all()) else torch.nonzero(need).flatten()
 
 
-def _keep_positions(cols: torch.Tensor):
-    """A hook keeping the positions ``cols`` (sorted, relative) of a ``[B, F, S, *shape]`` activation."""
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        return x[:, :, cols.to(x.device)]
-
-    return fn
-
-
 def _box_at(store: dict, key, cols: torch.Tensor, S: int):
-    """:func:`_box` of an activation computed at the positions ``cols`` only: stored at those of ``S`` positions
-    (the others zero, never read)."""
+    """:func:`_box` of an activation of a recomputation whose last block keeps the positions ``cols`` of ``S``: as
+    it is where it has every position, else stored at those positions (the others zero, never read)."""
     def fn(x: torch.Tensor) -> None:
+        if x.shape[2] == S:
+            store[key] = x
+            return
         full = x.new_zeros(*x.shape[:2], S, *x.shape[3:])
         full[:, :, cols.to(x.device)] = x
         store[key] = full
