@@ -1065,3 +1065,17 @@ def test_last_block_at_the_positions_read_equals_every_position(arch, monkeypatc
     last_sae = next(i for i, g in enumerate(pg.groups) if g.sae is saes[1])
     into = [(b, j) for b in range(len(down)) for (_, j) in edges_new[b] if int(down[b].gi[j]) == last_sae]
     assert any(int(down[b].pos[j]) < int(batch.positions[b]) for b, j in into)  # the last SAE read before P
+
+
+def test_index_helpers_equal_torch_repeat_interleave():
+    """``_repeat`` (numpy) and ``_ragged_arange`` against torch's ``repeat_interleave`` and a loop: the same int64
+    values, zero counts and empty inputs included."""
+    gen = torch.Generator().manual_seed(0)
+    for n in (0, 1, 7, 50):
+        counts = torch.randint(0, 5, (n,), generator=gen)
+        values = torch.randint(-100, 100, (n,), generator=gen)
+        got = positions._repeat(values, counts)
+        assert got.dtype == torch.long and torch.equal(got, torch.repeat_interleave(values, counts))
+        ragged = positions._ragged_arange(counts)
+        want = torch.cat([torch.arange(int(c)) for c in counts]) if n else torch.zeros(0, dtype=torch.long)
+        assert torch.equal(ragged, want)
