@@ -1079,3 +1079,38 @@ def test_index_helpers_equal_torch_repeat_interleave():
         ragged = positions._ragged_arange(counts)
         want = torch.cat([torch.arange(int(c)) for c in counts]) if n else torch.zeros(0, dtype=torch.long)
         assert torch.equal(ragged, want)
+
+
+def test_prefix_up_to_the_latest_first_position_equals_the_whole_cache(monkeypatch):
+    """The recomputations' cached prefix cut after the rows' latest first recomputed position (the later cached
+    positions are masked for every row) gives the exact effects and edges of the whole cache (float32 rounding of
+    another reduction length), the same edge keys; and the cut did shorten some prefix."""
+    arch = "llama"
+    model, task, saes, pg = _setup(arch)
+    eng = engine_of(model)
+    base = _baselines(arch)
+    batch = next(iter(task_batches(model, task, max_batch=3)))
+    clean = clean_cache(eng, batch)
+    _, contrib = node_attributions(eng, pg, batch, base)
+    nodes = [_pick_nodes(pg, clean, contrib, b) for b in range(len(batch.indices))]
+    feats = [torch.tensor([pg.groups[int(g)].kind == "sae" and int(k) < pg.groups[int(g)].sae.d_sae
+                           for g, k in zip(n.gi, n.local, strict=True)]) for n in nodes]
+    down = [PromptNodes(n.gi[f], n.local[f], n.pos[f]) for n, f in zip(nodes, feats, strict=True)]
+    T = batch.tokens.shape[1]
+    lengths = []
+    real = positions._prefix_length
+
+    def spy(t0, T_):
+        lengths.append(real(t0, T_))
+        return lengths[-1]
+
+    monkeypatch.setattr(positions, "_prefix_length", spy)
+    eff_new, edges_new, _ = exact_node_effects(eng, pg, clean, nodes, down, baselines=base)
+    assert min(lengths) < T
+    monkeypatch.setattr(positions, "_prefix_length", lambda t0, T_: T_)
+    eff_old, edges_old, _ = exact_node_effects(eng, pg, clean, nodes, down, baselines=base)
+    for b in range(len(nodes)):
+        torch.testing.assert_close(eff_new[b], eff_old[b], atol=1e-5, rtol=1e-5)
+        assert list(edges_new[b]) == list(edges_old[b]) and len(edges_new[b]) > 0
+        torch.testing.assert_close(torch.tensor(list(edges_new[b].values())),
+                                   torch.tensor(list(edges_old[b].values())), atol=1e-5, rtol=1e-5)
