@@ -36,7 +36,7 @@ from pathlib import Path
 import bench_position_circuit as BP
 import saecircuits.analysis.circuit.position_graph as PGm
 from saecircuits.pipeline.circuit import POSITION_KW
-model, saes, task, rows = BP.demo_case(Path({workspace!r}), {n_prompts})
+model, saes, task, rows = BP.demo_case(Path({workspace!r}), {n_prompts}, Path({sae_root!r}))
 timings = {{}}
 cpu = {{"B cpu": 0.0, "C cpu": 0.0}}  # this process's CPU seconds in passes B and C (less sensitive to other load)
 def _cpu(fn, key):
@@ -59,7 +59,7 @@ json.dump({{"timings": timings, "load": os.getloadavg(), "src": PGm.__file__, "p
 
 def run_one(src: Path, out: Path, args) -> dict:
     code = RUNNER.format(bench=str(ROOT / "benchmarks"), threads=args.threads, workspace=args.workspace,
-                         n_prompts=args.n_prompts, out=str(out))
+                         n_prompts=args.n_prompts, sae_root=str(args.sae_root), out=str(out))
     env = {**os.environ, "PYTHONPATH": str(src)}
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
     return json.loads(out.read_text())
@@ -129,7 +129,13 @@ def main() -> None:
     ap.add_argument("--atol", type=float, default=1e-5,
                     help="absolute tolerance: float32 rounding of log-probs of a few nats and activations of a few units "
                          "(the circuit's own batching tests use 1e-5)")
+    ap.add_argument("--sae-root", default=None,
+                    help="the workspace's saes/<key> directory (default: the first by name, chosen once: a demo run "
+                         "beside this one may add another)")
     args = ap.parse_args()
+    if args.sae_root is None:
+        args.sae_root = sorted((Path(args.workspace) / "saes").glob("*/blocks.0.mlp.hook_post/sae"))[0].parents[1]
+    print(f"SAEs: {args.sae_root}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
         base.mkdir()
@@ -161,7 +167,7 @@ def main() -> None:
               f"{len(d['values'])} float(s) beyond rtol {args.rtol} and atol {args.atol}; {d['rel']} beyond rtol "
               f"{args.rtol} alone, {d['digit']} by more than one unit of their 6th (last written) digit; max |difference| {d['max_abs']:.3g}; {d['order']} node/edge list(s) in another "
               f"order (near-equal values swapped); this tree's runs identical to each other: {same}")
-        for x in (d["other"] + d["values"])[:20]:
+        for x in d["other"][:20] + d["values"][:10]:
             print("   ", x)
 
 
