@@ -47,8 +47,9 @@ def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def demo_case(workspace: Path, n_prompts: int = 300):
-    """(model, saes, task, corpus rows) of the demo's cached workspace."""
+def demo_case(workspace: Path, n_prompts: int = 300, sae_root: Path | None = None):
+    """(model, saes, task, corpus rows) of the demo's cached workspace (``sae_root``: its ``saes/<key>`` directory
+    to use; default the first by name)."""
     from saecircuits.data.corpus import read_documents
     from saecircuits.models.load import load_model
     from saecircuits.models.tokens import encode_documents, special_token_ids
@@ -61,7 +62,7 @@ def demo_case(workspace: Path, n_prompts: int = 300):
     if not (models and sae_dirs and data):
         raise SystemExit(f"no cached demo workspace under {workspace}: run `saecircuits demo` first")
     model = load_model(models[0])
-    root = sae_dirs[0].parents[1]
+    root = Path(sae_root) if sae_root is not None else sae_dirs[0].parents[1]
     saes = [load_sae(root / f"blocks.{layer}.mlp.hook_post" / "sae") for layer in (0, 1)]
     docs = read_documents(data[0])
     n_ctx = int(model.cfg.n_ctx)

@@ -164,3 +164,38 @@ def test_unknown_hook_names_are_refused_with_the_supported_list():
         stage_of_hook("blocks.0.attn.hook_result", 2)
     with pytest.raises(EngineError):
         stage_of_hook("blocks.5.mlp.hook_post", 2)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_last_positions_equal_every_position_read_there(arch):
+    """``forward_resid(last_positions=...)``: the last block at some positions only gives what the whole pass gives
+    at those positions (the queries there, keys and values everywhere), from the embeddings, from the last block's
+    MLP half, and over a cached prefix (the keys/values of earlier positions, local windows and rotary included);
+    hooks of the last block from ``hook_q`` on see the kept positions."""
+    from saecircuits.models.engine import KVPrefix
+
+    model = ARCHITECTURES[arch]()
+    engine = Engine.from_bridge(model)
+    tokens, _ = pad_right(token_rows([40, 33]), pad_id=0)
+    B, S = tokens.shape
+    L = engine.n_layers
+    keep = torch.tensor([0, 5, 17, 30, S - 1])
+    pos = torch.arange(S).expand(B, S)
+    seen = {}
+    hooks = {f"blocks.{L - 1}.mlp.hook_post": [lambda x: seen.__setitem__("post", x.shape[2])]}
+    with torch.no_grad():
+        kv, resid = [], {}
+        full = engine.forward_tokens(tokens, keep_kv=kv, keep_resid=resid)
+        x0 = engine.embed(tokens, pos)
+        part = engine.forward_resid(x0, pos, None, hooks, last_positions=keep)
+        torch.testing.assert_close(part, full[:, :, keep], atol=1e-5, rtol=1e-5)
+        assert seen["post"] == len(keep)
+        mid = engine.forward_resid(resid[(L - 1, 1)], pos, None, start=(L - 1, 1), last_positions=keep)
+        torch.testing.assert_close(mid, full[:, :, keep], atol=1e-5, rtol=1e-5)
+        # positions 12..S-1 recomputed over the cached keys/values of 0..11
+        t0 = 12
+        prefixes = [KVPrefix(k[:, 0].transpose(1, 2), v[:, 0].transpose(1, 2), torch.arange(S)[None] < t0)
+                    for k, v in kv]
+        rel = torch.tensor([0, 4, S - 1 - t0])
+        got = engine.forward_resid(resid[(0, 0)][:, :, t0:], pos[:, t0:], prefixes, last_positions=rel)
+        torch.testing.assert_close(got, full[:, :, t0 + rel], atol=1e-5, rtol=1e-5)

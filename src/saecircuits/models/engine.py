@@ -481,11 +481,16 @@ class Engine:
         prefix: KVPrefix | None,
         hooks: HookFns | None,
         keep_kv: list | None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Attention of block ``layer`` for the positions in ``xn [B, F, S, d_model]`` at absolute ``qpos [B, S]``."""
+        """Attention of block ``layer`` for the positions in ``xn [B, F, S, d_model]`` at absolute ``qpos [B, S]``.
+
+        ``keep``: int64 ``[S']`` indices into ``S`` (increasing): queries (and the output ``[B, F, S', d_model]``)
+        at those positions only, keys and values at every position (the hooks from ``hook_q`` on see ``S'``)."""
         lw = self.layers[layer]
         name = f"blocks.{layer}.attn"
-        q = self._fire(hooks, f"{name}.hook_q", torch.einsum("bfsd,hde->bfshe", xn, lw.W_Q) + lw.b_Q)
+        xq, qpos_q = (xn, qpos) if keep is None else (xn[:, :, keep], qpos[:, keep])
+        q = self._fire(hooks, f"{name}.hook_q", torch.einsum("bfsd,hde->bfshe", xq, lw.W_Q) + lw.b_Q)
         k = self._fire(hooks, f"{name}.hook_k", torch.einsum("bfsd,hde->bfshe", xn, lw.W_K) + lw.b_K)
         v = self._fire(hooks, f"{name}.hook_v", torch.einsum("bfsd,hde->bfshe", xn, lw.W_V) + lw.b_V)
         if lw.q_norm is not None:
@@ -496,8 +501,9 @@ class Engine:
         if rotary is not None:
             cos, sin = rotary(qpos)  # [B, S, rotary_dim]
             cos, sin = cos[:, None, :, None, :].to(q.dtype), sin[:, None, :, None, :].to(q.dtype)
+            cq, sq = (cos, sin) if keep is None else (cos[:, :, keep], sin[:, :, keep])
             pairs = self.shape.rotary_interleaved
-            q = self._fire(hooks, f"{name}.hook_rot_q", _apply_rotary(q, cos, sin, pairs))
+            q = self._fire(hooks, f"{name}.hook_rot_q", _apply_rotary(q, cq, sq, pairs))
             k = self._fire(hooks, f"{name}.hook_rot_k", _apply_rotary(k, cos, sin, pairs))
         if keep_kv is not None:
             keep_kv.append((k, v))
@@ -508,7 +514,9 @@ class Engine:
         K = self.n_kv_heads
         G = H // K
         wants_pattern = hooks is not None and f"{name}.hook_pattern" in hooks
-        if prefix is None and not wants_pattern and lw.softcap is None and bool((qpos == torch.arange(S, device=qpos.device)).all()):
+        if wants_pattern and keep is not None:
+            raise EngineError(f"{name}.hook_pattern is fired for every query position only (no kept positions)")
+        if keep is None and prefix is None and not wants_pattern and lw.softcap is None and bool((qpos == torch.arange(S, device=qpos.device)).all()):
             # a whole sequence from position 0: torch's fused attention (no [S, S] pattern is materialised)
             z = self._fused_attention(q, k, v, lw, B, F, S, H, E, G)
             z = self._fire(hooks, f"{name}.hook_z", z.to(xn.dtype))
@@ -516,7 +524,7 @@ class Engine:
         qg = q.reshape(B, F, S, K, G, E).float()
         # scores against the new positions themselves: [B, F, K, G, S, S']
         own = _softcap(torch.einsum("bfskge,bftke->bfkgst", qg, k.float()) * lw.scale, lw.softcap)
-        d = qpos[:, :, None] - qpos[:, None, :]  # [B, S, S'] query minus key position
+        d = qpos_q[:, :, None] - qpos[:, None, :]  # [B, S, S'] query minus key position
         ok = d >= 0
         if lw.window is not None:
             ok = ok & (d < lw.window)
@@ -531,7 +539,7 @@ class Engine:
         elif wants_pattern:
             z = self._prefix_attention_pattern(qg, own, v, prefix, qpos, lw, hooks, f"{name}.hook_pattern")
         else:
-            z = self._prefix_attention(qg, own, v, prefix, qpos, lw)
+            z = self._prefix_attention(qg, own, v, prefix, qpos_q, lw)
         z = self._fire(hooks, f"{name}.hook_z", z.reshape(B, -1, S, H, E).to(xn.dtype))  # F may grow at the pattern
         return torch.einsum("bfshe,hed->bfsd", z, lw.W_O) + lw.b_O
 
@@ -659,10 +667,13 @@ class Engine:
         start_sub: int = 0,
         keep_kv: list | None = None,
         keep_resid: dict | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         lw = self.layers[layer]
         name = f"blocks.{layer}"
         if self.shape.parallel:
+            if keep is not None:
+                raise EngineError("a parallel attention + MLP block is computed at every position (no kept positions)")
             if start_sub != 0:
                 raise EngineError("a parallel attention + MLP block is recomputed from its hook_resid_pre")
             return self._parallel_block(layer, x, qpos, prefix, hooks, keep_kv=keep_kv, keep_resid=keep_resid)
@@ -671,11 +682,13 @@ class Engine:
             if keep_resid is not None:
                 keep_resid[(layer, 0)] = x
             xn = x if lw.ln1 is None else self._norm(x, lw.ln1, f"{name}.ln1", hooks)
-            attn = self._attention(layer, xn, qpos, prefix, hooks, keep_kv)
+            attn = self._attention(layer, xn, qpos, prefix, hooks, keep_kv, keep)
             if lw.ln1_post is not None:  # Gemma, OLMo 2: the attention's output is normed before it joins the stream
                 attn = self._norm(attn, lw.ln1_post, f"{name}.ln1_post", hooks)
             attn = self._fire(hooks, f"{name}.hook_attn_out", attn)
-            x = x + attn
+            x = (x if keep is None else x[:, :, keep]) + attn
+        elif keep is not None:
+            x = x[:, :, keep]
         x = self._fire(hooks, f"{name}.hook_resid_mid", x)
         if keep_resid is not None:
             keep_resid[(layer, 1)] = x
@@ -761,6 +774,7 @@ class Engine:
         stop_after: tuple[int, int] | None = None,
         keep_kv: list | None = None,
         keep_resid: dict | None = None,
+        last_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run from half-block ``start`` with the residual stream ``x [B, F, S, d_model]`` at positions ``qpos [B, S]``.
 
@@ -769,13 +783,20 @@ class Engine:
                 whole sequence).
             start: ``(layer, 0)`` starts at block ``layer``'s ``hook_resid_pre``; ``(layer, 1)`` at its
                 ``hook_resid_mid`` (attention skipped); ``(n_layers, 0)`` runs nothing.
+            last_positions: int64 ``[S']`` indices into ``S`` (increasing): the last block computes its queries,
+                attention output and MLP half at those positions only (its keys and values at every position), and
+                the result is ``[B, F, S', d_model]``: nothing after the last attention mixes positions, so the
+                others are not needed to read these. Hooks of the last block from ``hook_q`` on see ``S'``
+                positions. Raises EngineError for a parallel block or a ``hook_pattern`` there.
         """
         layer, sub = start
         while layer < self.n_layers:
             if stop_after is not None and (layer, sub) > stop_after:
                 return x
             prefix = None if prefixes is None else prefixes[layer]
-            x = self._block(layer, x, qpos, prefix, hooks, start_sub=sub, keep_kv=keep_kv, keep_resid=keep_resid)
+            keep = last_positions if layer == self.n_layers - 1 else None
+            x = self._block(layer, x, qpos, prefix, hooks, start_sub=sub, keep_kv=keep_kv, keep_resid=keep_resid,
+                            keep=keep)
             if stop_after is not None and stop_after[0] == layer:
                 return x
             layer, sub = layer + 1, 0

@@ -1260,3 +1260,98 @@ def test_candidates_of_a_batch_equal_each_prompts_own():
         want = _Candidates.of(k, v)
         assert torch.equal(c.codes, want.codes) and torch.equal(c.atp, want.atp)
         assert bool((c.codes[1:] > c.codes[:-1]).all())
+
+
+def test_last_block_at_the_positions_read_equals_every_position(arch, monkeypatch):
+    """The recomputations run the last block (queries, attention output, MLP half) only at the positions read (P,
+    the edited one, the downstream features' of SAEs read there): the same exact effects and edges as the
+    recomputation of every position (float32 rounding of another matmul shape), the same edge keys; and the
+    restriction did apply."""
+    model, task, saes, pg = _setup(arch)
+    eng = engine_of(model)
+    base = _baselines(arch)
+    batch = next(iter(task_batches(model, task, max_batch=3)))
+    clean = clean_cache(eng, batch)
+    tr, contrib = node_attributions(eng, pg, batch, base)
+    nodes = [_pick_nodes(pg, clean, contrib, b) for b in range(len(batch.indices))]  # every group, 5 distances
+    down = []
+    for b in range(len(batch.indices)):
+        P = int(batch.positions[b])
+        dg, dl, dp = [], [], []
+        for g_i in range(len(pg.groups)):
+            if pg.groups[g_i].kind == "sae":  # a few active features at P, P - 2, P - 7 (the last SAE's too)
+                f = tr.leaves[g_i][0][b, 0].detach()
+                for t in (P - 7, P - 2, P):
+                    ks = torch.nonzero(f[t] != 0).flatten()[:4].tolist()
+                    dg, dl, dp = dg + [g_i] * len(ks), dl + ks, dp + [t] * len(ks)
+        down.append(PromptNodes(torch.tensor(dg), torch.tensor(dl), torch.tensor(dp)))
+    kept = []
+    real = positions._last_block_positions
+
+    def spy(*args):
+        cols = real(*args)
+        kept.append(None if cols is None else (len(cols), args[4] + 1))  # (kept, every position)
+        return cols
+
+    monkeypatch.setattr(positions, "_last_block_positions", spy)
+    eff_new, edges_new, _ = exact_node_effects(eng, pg, clean, nodes, down, baselines=base)
+    assert any(k is not None and k[0] < k[1] for k in kept)  # some recomputation kept fewer positions
+    monkeypatch.setattr(positions, "_last_block_positions", lambda *args: None)
+    eff_old, edges_old, _ = exact_node_effects(eng, pg, clean, nodes, down, baselines=base)
+    for b in range(len(nodes)):
+        torch.testing.assert_close(eff_new[b], eff_old[b], atol=1e-5, rtol=1e-5)
+        assert list(edges_new[b]) == list(edges_old[b])
+        torch.testing.assert_close(torch.tensor(list(edges_new[b].values())),
+                                   torch.tensor(list(edges_old[b].values())), atol=1e-5, rtol=1e-5)
+    last_sae = next(i for i, g in enumerate(pg.groups) if g.sae is saes[1])
+    into = [(b, j) for b in range(len(down)) for (_, j) in edges_new[b] if int(down[b].gi[j]) == last_sae]
+    assert any(int(down[b].pos[j]) < int(batch.positions[b]) for b, j in into)  # the last SAE read before P
+
+
+def test_index_helpers_equal_torch_repeat_interleave():
+    """``_repeat`` (numpy) and ``_ragged_arange`` against torch's ``repeat_interleave`` and a loop: the same int64
+    values, zero counts and empty inputs included."""
+    gen = torch.Generator().manual_seed(0)
+    for n in (0, 1, 7, 50):
+        counts = torch.randint(0, 5, (n,), generator=gen)
+        values = torch.randint(-100, 100, (n,), generator=gen)
+        got = positions._repeat(values, counts)
+        assert got.dtype == torch.long and torch.equal(got, torch.repeat_interleave(values, counts))
+        ragged = positions._ragged_arange(counts)
+        want = torch.cat([torch.arange(int(c)) for c in counts]) if n else torch.zeros(0, dtype=torch.long)
+        assert torch.equal(ragged, want)
+
+
+def test_prefix_up_to_the_latest_first_position_equals_the_whole_cache(monkeypatch):
+    """The recomputations' cached prefix cut after the rows' latest first recomputed position (the later cached
+    positions are masked for every row) gives the exact effects and edges of the whole cache (float32 rounding of
+    another reduction length), the same edge keys; and the cut did shorten some prefix."""
+    arch = "llama"
+    model, task, saes, pg = _setup(arch)
+    eng = engine_of(model)
+    base = _baselines(arch)
+    batch = next(iter(task_batches(model, task, max_batch=3)))
+    clean = clean_cache(eng, batch)
+    _, contrib = node_attributions(eng, pg, batch, base)
+    nodes = [_pick_nodes(pg, clean, contrib, b) for b in range(len(batch.indices))]
+    feats = [torch.tensor([pg.groups[int(g)].kind == "sae" and int(k) < pg.groups[int(g)].sae.d_sae
+                           for g, k in zip(n.gi, n.local, strict=True)]) for n in nodes]
+    down = [PromptNodes(n.gi[f], n.local[f], n.pos[f]) for n, f in zip(nodes, feats, strict=True)]
+    T = batch.tokens.shape[1]
+    lengths = []
+    real = positions._prefix_length
+
+    def spy(t0, T_):
+        lengths.append(real(t0, T_))
+        return lengths[-1]
+
+    monkeypatch.setattr(positions, "_prefix_length", spy)
+    eff_new, edges_new, _ = exact_node_effects(eng, pg, clean, nodes, down, baselines=base)
+    assert min(lengths) < T
+    monkeypatch.setattr(positions, "_prefix_length", lambda t0, T_: T_)
+    eff_old, edges_old, _ = exact_node_effects(eng, pg, clean, nodes, down, baselines=base)
+    for b in range(len(nodes)):
+        torch.testing.assert_close(eff_new[b], eff_old[b], atol=1e-5, rtol=1e-5)
+        assert list(edges_new[b]) == list(edges_old[b]) and len(edges_new[b]) > 0
+        torch.testing.assert_close(torch.tensor(list(edges_new[b].values())),
+                                   torch.tensor(list(edges_old[b].values())), atol=1e-5, rtol=1e-5)
