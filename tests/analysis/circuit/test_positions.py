@@ -1262,6 +1262,7 @@ def test_candidates_of_a_batch_equal_each_prompts_own():
         assert bool((c.codes[1:] > c.codes[:-1]).all())
 
 
+@pytest.mark.parametrize("arch", ["gpt_neo", "llama"])
 def test_last_block_at_the_positions_read_equals_every_position(arch, monkeypatch):
     """The recomputations run the last block (queries, attention output, MLP half) only at the positions read (P,
     the edited one, the downstream features' of SAEs read there): the same exact effects and edges as the
