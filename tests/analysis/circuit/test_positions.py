@@ -43,6 +43,19 @@ def _baselines(arch: str):
     return ablation_baselines(pg, position_means(model, pg, task, max_batch=3))
 
 
+def _first_batch(arch: str):
+    """What most tests start from: ``_setup(arch)``, the engine, the embeddings' baselines, the task's first batch
+    of 3 prompts, its clean cache and its tracked AtP pass: ``(model, task, saes, pg, eng, base, batch, clean, tr,
+    contrib)``."""
+    model, task, saes, pg = _setup(arch)
+    eng = engine_of(model)
+    base = _baselines(arch)
+    batch = next(iter(task_batches(model, task, max_batch=3)))
+    clean = clean_cache(eng, batch)
+    tr, contrib = node_attributions(eng, pg, batch, base)
+    return model, task, saes, pg, eng, base, batch, clean, tr, contrib
+
+
 def _bridge_ablate(model, pg, task, i, gi, local, t, read=None, base=None):
     """Prompt i alone, unpadded, through the bridge with node (gi, local) ablated at position t: (answer log-prob,
     SAE codes of group ``read`` at every position). An embedding (``base[gi]``) is set to its mean, written out here
@@ -632,12 +645,7 @@ def test_a_prompt_with_many_nodes_at_one_distance_fills_several_rows(monkeypatch
     split into rows of their own (the same prompt in several rows of one recomputation), and every effect still
     equals the full-prompt bridge intervention."""
     arch = "gpt_neo"
-    model, task, saes, pg = _setup(arch)
-    eng = engine_of(model)
-    base = _baselines(arch)
-    batch = next(iter(task_batches(model, task, max_batch=3)))
-    clean = clean_cache(eng, batch)
-    _, contrib = node_attributions(eng, pg, batch, base)
+    model, task, saes, pg, eng, base, batch, clean, tr, contrib = _first_batch(arch)
     nodes = []
     for b in range(len(batch.indices)):
         t = int(batch.positions[b]) - 3
@@ -824,11 +832,7 @@ def test_atp_edges_over_several_slots_equal_the_dense_contributions():
     from saecircuits.analysis.circuit.positions import PromptNodes
 
     arch = "gpt2"
-    model, task, saes, pg = _setup(arch)
-    eng = engine_of(model)
-    batch = next(iter(task_batches(model, task, max_batch=3)))
-    clean = clean_cache(eng, batch)
-    tr, contrib = node_attributions(eng, pg, batch, _baselines(arch))
+    model, task, saes, pg, eng, base, batch, clean, tr, contrib = _first_batch(arch)
     down_gi = next(i for i, g in enumerate(pg.groups) if g.sae is saes[1])
     up, down = [], []
     for b in range(len(batch.indices)):
@@ -910,12 +914,7 @@ def test_chunk_edges_in_arrays_equal_the_per_row_loop(arch, monkeypatch):
     """The exact edges read in array operations (``_chunk_edges``) against the per-row loop they replace: the same
     edges, values bit for bit, in the same order, with downstream features of both SAEs, nodes at several distances
     and one prompt whose many nodes at one distance fill several rows (pieces) of one recomputation."""
-    model, task, saes, pg = _setup(arch)
-    eng = engine_of(model)
-    base = _baselines(arch)
-    batch = next(iter(task_batches(model, task, max_batch=3)))
-    clean = clean_cache(eng, batch)
-    _, contrib = node_attributions(eng, pg, batch, base)
+    model, task, saes, pg, eng, base, batch, clean, tr, contrib = _first_batch(arch)
     nodes, down = [], []
     for b in range(len(batch.indices)):
         P = int(batch.positions[b])
@@ -951,11 +950,7 @@ def test_gathered_products_equal_the_dense_contributions():
     gradient by the decoder's matmul): the errors and the other groups bit for bit, the features to float32
     rounding; no negative zero (the sum into zeros it replaced gave +0.0)."""
     arch = "gpt2"
-    model, task, saes, pg = _setup(arch)
-    eng = engine_of(model)
-    batch = next(iter(task_batches(model, task, max_batch=3)))
-    clean = clean_cache(eng, batch)
-    tr, contrib = node_attributions(eng, pg, batch, _baselines(arch))
+    model, task, saes, pg, eng, base, batch, clean, tr, contrib = _first_batch(arch)
     rows = list(range(len(batch.indices)))
     nodes = [_pick_nodes(pg, clean, contrib, b) for b in rows]
     with torch.enable_grad():
@@ -1268,12 +1263,7 @@ def test_last_block_at_the_positions_read_equals_every_position(arch, monkeypatc
     the edited one, the downstream features' of SAEs read there): the same exact effects and edges as the
     recomputation of every position (float32 rounding of another matmul shape), the same edge keys; and the
     restriction did apply."""
-    model, task, saes, pg = _setup(arch)
-    eng = engine_of(model)
-    base = _baselines(arch)
-    batch = next(iter(task_batches(model, task, max_batch=3)))
-    clean = clean_cache(eng, batch)
-    tr, contrib = node_attributions(eng, pg, batch, base)
+    model, task, saes, pg, eng, base, batch, clean, tr, contrib = _first_batch(arch)
     nodes = [_pick_nodes(pg, clean, contrib, b) for b in range(len(batch.indices))]  # every group, 5 distances
     down = []
     for b in range(len(batch.indices)):
@@ -1328,12 +1318,7 @@ def test_prefix_up_to_the_latest_first_position_equals_the_whole_cache(monkeypat
     positions are masked for every row) gives the exact effects and edges of the whole cache (float32 rounding of
     another reduction length), the same edge keys; and the cut did shorten some prefix."""
     arch = "llama"
-    model, task, saes, pg = _setup(arch)
-    eng = engine_of(model)
-    base = _baselines(arch)
-    batch = next(iter(task_batches(model, task, max_batch=3)))
-    clean = clean_cache(eng, batch)
-    _, contrib = node_attributions(eng, pg, batch, base)
+    model, task, saes, pg, eng, base, batch, clean, tr, contrib = _first_batch(arch)
     nodes = [_pick_nodes(pg, clean, contrib, b) for b in range(len(batch.indices))]
     feats = [torch.tensor([pg.groups[int(g)].kind == "sae" and int(k) < pg.groups[int(g)].sae.d_sae
                            for g, k in zip(n.gi, n.local, strict=True)]) for n in nodes]
