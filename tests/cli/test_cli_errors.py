@@ -196,6 +196,9 @@ def test_train_sae_bad_settings(tmp_path, corpus):
         ([*base, "--model", str(tmp_path / "absent-model"), "--data", str(corpus)], "--model"),
         ([*flags, "--architecture", "foo"], "unknown SAE architecture 'foo'"),
         ([*flags, "--architecture", "topk"], "needs an integer cfg.extra['k']"),
+        # k was recorded in a ReLU SAE's cfg.json and ignored (found by looking for options like demo's)
+        ([*flags, "--k", "8"], "k=8 does nothing for a standard SAE"),
+        ([*flags, "--architecture", "jumprelu", "--k", "8"], "k=8 does nothing for a jumprelu SAE"),
         ([*flags, "--device", "nope"], "not a torch device"),
         ([*flags, "--regularizer", "foo"], "unknown regularizer 'foo'"),
         ([*flags, "--regularizer", "combined_hoyer_sqrt", "--coefficient", "1"], "takes 2 coefficient(s)"),

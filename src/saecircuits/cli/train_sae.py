@@ -372,8 +372,11 @@ def _check_job_inputs(job) -> None:
             raise SAEError(f"--data {job.data}: no such file or folder")
     k = job.sae_extra.get("k")
     d_sae = job.d_sae or max(job.expansion_factor, k if isinstance(k, int) and k > 0 else 1)
-    build_sae(SAEConfig(job.architecture, 1, d_sae, job.hook_points[0], extra=dict(job.sae_extra)),
-              initialize=False)
+    sae = build_sae(SAEConfig(job.architecture, 1, d_sae, job.hook_points[0], extra=dict(job.sae_extra)),
+                    initialize=False)
+    if k is not None and not hasattr(sae, "k"):  # it was recorded in cfg.json and silently not applied
+        raise SAEError(f"k={k} does nothing for a {job.architecture} SAE (topk and batchtopk take k): drop --k "
+                       "(or 'k' from the config's sae_extra), or choose --architecture topk")
 
 
 def _check_hook_points(bridge, hook_points: list[str]) -> None:
